@@ -1,0 +1,80 @@
+"""The `snatgw` command: a table of verbs, one module each under snatgw.cli.commands.
+
+Each verb module defines ``HELP`` (one line), ``register(parser)`` to add its arguments, and
+``run(args) -> int``.  Errors derived from SnatgwError are printed once, here, and mapped to
+their exit code (snatgw.errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import SnatgwError
+
+#: verb -> module under snatgw.cli.commands, in the order `snatgw --help` lists them
+VERBS = {
+    "check": "check",
+    "explain": "explain",
+    "run": "run",
+    "reload": "reload",
+    "conns": "conns",
+    "stats": "stats",
+    "adm": "adm",
+    "export": "export",
+    "import-iptables": "import_iptables",
+    "lab": "lab",
+    "demo": "demo",
+    "bench": "bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snatgw", description="multi-ISP source-NAT gateway")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"snatgw {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, modname in VERBS.items():
+        try:
+            mod = importlib.import_module(f".commands.{modname}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.commands.{modname}":
+                continue  # verb not built yet
+            raise
+        p = sub.add_parser(verb, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           add_help=getattr(mod, "ADD_HELP", True))
+        mod.register(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # `snatgw adm` takes ipvsadm's own flags verbatim: hand them over untouched.
+    if argv and argv[0] == "adm":
+        from .commands import adm
+
+        try:
+            return adm.main(argv[1:])
+        except SnatgwError as e:
+            print(f"snatgw adm: {e}", file=sys.stderr)
+            return e.exit_code
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except SnatgwError as e:
+        print(f"snatgw {args.verb}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

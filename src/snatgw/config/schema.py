@@ -1,0 +1,50 @@
+"""The parsed configuration as frozen values: settings of snatgw's own, and the rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ..layout import DEFAULT_TIMEOUTS, MAX_SESSIONS, PORT_MAX, PORT_MIN, PORT_TRIES_MODEL, CtState
+from ..rules import RuleSet
+
+BACKENDS = ("bpf", "nft")
+
+#: timeout keywords of the settings block -> state
+TIMEOUT_NAMES: dict[str, CtState] = {
+    "tcp_" + s.name.lower(): s for s in CtState if s not in (CtState.UDP, CtState.ICMP)
+} | {"udp": CtState.UDP, "icmp": CtState.ICMP}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """snatgw's own settings (the `snatgw { ... }` block).  Defaults follow the original,
+    except the ESTABLISHED timeout (spec: 7440 s, RFC 5382)."""
+
+    inside: tuple[str, ...] = ()  # interfaces facing the internal networks
+    outside: tuple[str, ...] = ()  # uplinks; SNAT addresses are local addresses of these
+    port_min: int = PORT_MIN
+    port_max: int = PORT_MAX
+    port_tries: int = PORT_TRIES_MODEL
+    max_sessions: int = MAX_SESSIONS
+    unmatched_drop: bool = False  # `unmatched drop`: the original's drop of no-rule flows
+    backend: str = "bpf"
+    timeouts: tuple[tuple[int, int], ...] = tuple((int(k), v) for k, v in DEFAULT_TIMEOUTS.items())
+    gc_interval: float = 1.0  # seconds between session expiry sweeps
+    control_socket: str = "/run/snatgw/control.sock"
+    pin_dir: str = "/sys/fs/bpf/snatgw"
+
+    def timeout(self, state: int) -> int:
+        return dict(self.timeouts)[int(state)]
+
+    def with_timeouts(self, **by_name: int) -> "Settings":
+        t = dict(self.timeouts)
+        for name, secs in by_name.items():
+            t[int(TIMEOUT_NAMES[name])] = int(secs)
+        return replace(self, timeouts=tuple(sorted(t.items())))
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    rules: RuleSet
+    settings: Settings = field(default_factory=Settings)
+    source: str | None = None  # file name it came from

@@ -1,0 +1,461 @@
+"""The single source of truth shared by the Python model, the control plane and the BPF C.
+
+Everything that both sides must agree on lives here, once: reason codes (counted drops and
+passes), verdicts, TCP states and the state machine table, algorithm ids, default sizes, map
+names and the byte layouts of map keys and values.  ``python -m snatgw.layout`` (or
+``write_header``) generates ``datapath/bpf/prog/include/snat_layout.h``; a test checks that the
+generated file is current and that the compiled object's BTF has the same sizes and offsets.
+
+Numbers are stable: never renumber a reason or a state; retire one as ``UNUSED_n``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+# --------------------------------------------------------------------------- verdicts
+
+
+class Verdict(enum.IntEnum):
+    """What a datapath does with a packet."""
+
+    PASS = 0  # hand to the kernel stack unchanged (TC_ACT_OK)
+    DROP = 1  # drop (TC_ACT_SHOT); always counted with a reason
+    REDIRECT = 2  # translated and sent out of ``ifindex`` toward ``nexthop``
+    PASS_TRANSLATED = 3  # translated, then handed to the kernel (it routes/fragments)
+
+
+class Reason(enum.IntEnum):
+    """Why a packet got its verdict.  Counted per reason (per-CPU array in BPF)."""
+
+    XLATE_NEW = 0  # first packet of a new session, translated
+    XLATE_OUT = 1  # established outbound packet translated
+    XLATE_IN = 2  # reply translated back
+    XLATE_ICMP_ERR_IN = 3  # ICMP error from outside about a session, translated back
+    XLATE_ICMP_ERR_OUT = 4  # ICMP error from inside about a reply, translated out
+    XLATE_FRAG = 5  # non-first fragment of a remembered datagram, address rewritten
+    PASS_NOT_IPV4 = 6  # not IPv4: left to the kernel
+    PASS_LOCAL = 7  # to or from the gateway itself
+    PASS_NO_RULE = 8  # new flow that matches no rule: normal routing
+    PASS_PROTO = 9  # protocol snatgw does not translate (GRE, ESP, ...)
+    PASS_TTL = 10  # TTL would expire: the kernel sends time-exceeded
+    PASS_FRAG_NEEDED = 11  # over the egress MTU with DF: the kernel sends frag-needed
+    PASS_NO_ROUTE = 12  # the FIB has no route: the kernel answers
+    PASS_NO_SESSION_IN = 13  # outside packet with no mapping: not let in (kernel, local)
+    PASS_ICMP_OTHER = 14  # ICMP that is neither echo request nor an error about a session
+    DROP_MALFORMED = 15  # truncated or inconsistent headers
+    DROP_NO_SESSION = 16  # TCP non-SYN that matches a rule but has no session
+    DROP_PORT_EXHAUSTED = 17  # no free port within the bounded search
+    DROP_TABLE_FULL = 18  # the session table is full: new flow refused
+    DROP_FRAG_UNKNOWN = 19  # non-first fragment with no remembered first fragment
+    DROP_UNMATCHED = 20  # no rule and the setting `unmatched drop`
+    DROP_BAD_CHECKSUM = 21  # ICMP error with a wrong checksum (the original dropped these)
+
+
+REASON_MAX = 32  # size of the per-reason counter array; > max(Reason)
+
+#: reasons that are not drops but still worth a glance in ``snatgw stats``
+PASS_REASONS = frozenset(r for r in Reason if r.name.startswith("PASS_"))
+DROP_REASONS = frozenset(r for r in Reason if r.name.startswith("DROP_"))
+
+# --------------------------------------------------------------------------- protocols
+
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+
+ICMP_ECHOREPLY = 0
+ICMP_DEST_UNREACH = 3
+ICMP_SOURCE_QUENCH = 4
+ICMP_ECHO = 8
+ICMP_TIME_EXCEEDED = 11
+ICMP_PARAMETERPROB = 12
+ICMP_ERROR_TYPES = (ICMP_DEST_UNREACH, ICMP_SOURCE_QUENCH, ICMP_TIME_EXCEEDED, ICMP_PARAMETERPROB)
+
+TCP_FIN = 0x01
+TCP_SYN = 0x02
+TCP_RST = 0x04
+TCP_ACK = 0x10
+
+# --------------------------------------------------------------------------- algorithms
+
+
+class Algo(enum.IntEnum):
+    """SNAT address selection; numbers as the original's netlink ALGO attribute."""
+
+    SDH = 0  # hash(src, dst)
+    SH = 1  # hash(src)
+    RANDOM = 2  # hash(src, dst, sport): deterministic, despite the name
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+# --------------------------------------------------------------------------- TCP states
+
+
+class CtState(enum.IntEnum):
+    """Session states.  TCP uses the original's IPVS states; UDP and ICMP have one each."""
+
+    NONE = 0
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT = 4
+    TIME_WAIT = 5
+    CLOSE = 6
+    CLOSE_WAIT = 7
+    LAST_ACK = 8
+    LISTEN = 9
+    SYNACK = 10
+    UDP = 11
+    ICMP = 12
+
+
+TCP_STATE_COUNT = 11  # NONE..SYNACK
+
+
+class TcpEvent(enum.IntEnum):
+    """Event of a TCP segment, chosen by priority RST > SYN > FIN > ACK (reference §3.3)."""
+
+    SYN = 0
+    FIN = 1
+    ACK = 2
+    RST = 3
+
+
+class TcpTable(enum.IntEnum):
+    """Which row set: IN = inside->outside, OUT = replies, IN_ONLY = outbound before a reply."""
+
+    IN = 0
+    OUT = 1
+    IN_ONLY = 2
+
+
+_S = {
+    "NO": CtState.NONE, "ES": CtState.ESTABLISHED, "SS": CtState.SYN_SENT,
+    "SR": CtState.SYN_RECV, "FW": CtState.FIN_WAIT, "TW": CtState.TIME_WAIT,
+    "CL": CtState.CLOSE, "CW": CtState.CLOSE_WAIT, "LA": CtState.LAST_ACK,
+    "LI": CtState.LISTEN, "SA": CtState.SYNACK,
+}  # fmt: skip
+
+# Rows: (table, event) -> next state by current state NONE..SYNACK (reference §3.3, verbatim).
+_TCP_ROWS = {
+    (TcpTable.IN, TcpEvent.SYN): "SR ES ES SR SR SR SR SR SR SR SR",
+    (TcpTable.IN, TcpEvent.FIN): "CL CW SS TW TW TW CL CW LA LI TW",
+    (TcpTable.IN, TcpEvent.ACK): "CL ES SS ES FW TW CL CW CL LI ES",
+    (TcpTable.IN, TcpEvent.RST): "CL CL CL SR CL CL CL CL LA LI SR",
+    (TcpTable.OUT, TcpEvent.SYN): "SS ES SS SR SS SS SS SS SS LI SR",
+    (TcpTable.OUT, TcpEvent.FIN): "TW FW SS TW FW TW CL TW LA LI TW",
+    (TcpTable.OUT, TcpEvent.ACK): "ES ES SS ES FW TW CL CW LA ES ES",
+    (TcpTable.OUT, TcpEvent.RST): "CL CL SS CL CL TW CL CL CL CL CL",
+    (TcpTable.IN_ONLY, TcpEvent.SYN): "SR ES ES SR SR SR SR SR SR SR SR",
+    (TcpTable.IN_ONLY, TcpEvent.FIN): "CL FW SS TW FW TW CL CW LA LI TW",
+    (TcpTable.IN_ONLY, TcpEvent.ACK): "CL ES SS ES FW TW CL CW CL LI ES",
+    (TcpTable.IN_ONLY, TcpEvent.RST): "CL CL CL SR CL CL CL CL LA LI CL",
+}
+
+#: TCP_FSM[table][event][state] -> next state
+TCP_FSM: tuple[tuple[tuple[int, ...], ...], ...] = tuple(
+    tuple(
+        tuple(int(_S[c]) for c in _TCP_ROWS[(table, event)].split())
+        for event in TcpEvent
+    )
+    for table in TcpTable
+)
+
+
+def tcp_event(flags: int) -> TcpEvent | None:
+    """The event of a segment by priority RST > SYN > FIN > ACK; None when no flag is set
+    (the original then moves the state to CLOSE)."""
+    if flags & TCP_RST:
+        return TcpEvent.RST
+    if flags & TCP_SYN:
+        return TcpEvent.SYN
+    if flags & TCP_FIN:
+        return TcpEvent.FIN
+    if flags & TCP_ACK:
+        return TcpEvent.ACK
+    return None
+
+
+def tcp_next_state(state: int, table: TcpTable, flags: int) -> int:
+    event = tcp_event(flags)
+    if event is None:
+        return int(CtState.CLOSE)
+    return TCP_FSM[table][event][state]
+
+
+# --------------------------------------------------------------------------- defaults
+
+PORT_MIN = 5000  # the original's fullnat_lport_min
+PORT_MAX = 65535  # fullnat_lport_max
+PORT_TRIES_MODEL = 10000  # the original's bound on the port search
+PORT_TRIES_BPF = 64  # the eBPF datapath's bound (compile-time SNAT_PORT_TRIES)
+MAX_RULES = 16384  # rule slots in the BPF rules array
+MAX_SESSIONS = 262144  # default session table size (each session = 2 map entries)
+MAX_FRAGS = 8192  # remembered first fragments
+FRAG_TIMEOUT = 30  # seconds a first fragment is remembered
+
+#: default timeouts in seconds, by state (spec: the original's, except ESTABLISHED)
+DEFAULT_TIMEOUTS: dict[CtState, int] = {
+    CtState.NONE: 2,
+    CtState.ESTABLISHED: 7440,
+    CtState.SYN_SENT: 3,
+    CtState.SYN_RECV: 30,
+    CtState.FIN_WAIT: 7,
+    CtState.TIME_WAIT: 7,
+    CtState.CLOSE: 3,
+    CtState.CLOSE_WAIT: 7,
+    CtState.LAST_ACK: 7,
+    CtState.LISTEN: 120,
+    CtState.SYNACK: 30,
+    CtState.UDP: 300,
+    CtState.ICMP: 120,
+}
+
+# --------------------------------------------------------------------------- map layouts
+
+PIN_DIR = "/sys/fs/bpf/snatgw"
+
+#: map names as in the BPF object (and as pinned under PIN_DIR)
+MAP_RULES = "snat_rules"  # ARRAY  u32 slot -> struct snat_rule (priority order)
+MAP_CONFIG = "snat_config"  # ARRAY  u32 0 -> struct snat_cfg
+MAP_CT = "snat_ct"  # HASH   struct ct_key -> struct ct_entry (both directions)
+MAP_FRAGS = "snat_frags"  # LRU    struct frag_key -> struct frag_entry
+MAP_REASONS = "snat_reasons"  # PERCPU_ARRAY u32 reason -> u64 packets
+MAP_RULE_STATS = "snat_rule_stats"  # PERCPU_HASH u32 rule_id -> struct rule_stats
+
+CT_DIR_OUT = 0  # key of the outbound direction: (inside src, remote, sport, dport)
+CT_DIR_IN = 1  # key of the reply direction: (remote, SNAT addr, rport, SNAT port)
+
+RULE_F_GW = 0x1  # rule names a gw to match
+RULE_F_OIF = 0x2  # rule names an oif to match
+RULE_F_NEW_GW = 0x4  # rule overrides the next hop
+
+CT_F_REPLIED = 0x1  # a reply has been seen (TCP leaves the IN_ONLY rows)
+CT_F_NEW_GW = 0x2  # session's nexthop comes from new_gw
+
+CFG_F_UNMATCHED_DROP = 0x1  # `unmatched drop`: no-rule flows are dropped
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    ctype: str  # C type as written in the header
+    fmt: str  # struct module code (little-endian host; 'n' suffix for network order bytes)
+    comment: str = ""
+
+
+_SIZES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__be16": 2, "__be32": 4}
+_FMT = {"__u8": "B", "__u16": "H", "__u32": "I", "__u64": "Q", "__be16": "2s", "__be32": "4s"}
+
+
+@dataclass(frozen=True)
+class Struct:
+    """A C struct declared once; ``pack``/``unpack`` read and write map bytes.
+
+    Big-endian fields (``__be16``/``__be32``) travel as raw bytes so that addresses and ports
+    stay in wire order, exactly as the BPF program stores them."""
+
+    name: str
+    doc: str
+    fields: tuple[tuple[str, str, str], ...]  # (name, ctype, comment); ctype may be "struct x"
+
+    @property
+    def fmt(self) -> str:
+        out = "<"
+        for _, ctype, _ in self.fields:
+            if ctype.startswith("struct "):
+                out += f"{STRUCTS[ctype[7:]].size}s"
+            else:
+                out += _FMT[ctype]
+        return out
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize(self.fmt)
+
+    def offsets(self) -> dict[str, int]:
+        off, res = 0, {}
+        for name, ctype, _ in self.fields:
+            res[name] = off
+            off += STRUCTS[ctype[7:]].size if ctype.startswith("struct ") else _SIZES[ctype]
+        return res
+
+    def pack(self, **values) -> bytes:
+        args = []
+        for name, ctype, _ in self.fields:
+            v = values.get(name, 0)
+            if ctype.startswith("struct "):
+                v = v if isinstance(v, bytes) else bytes(STRUCTS[ctype[7:]].size)
+            elif ctype.startswith("__be"):
+                n = _SIZES[ctype]
+                v = v if isinstance(v, bytes) else int(v).to_bytes(n, "big")
+            args.append(v)
+        return struct.pack(self.fmt, *args)
+
+    def unpack(self, data: bytes) -> dict:
+        vals = struct.unpack(self.fmt, data[: self.size])
+        out = {}
+        for (name, ctype, _), v in zip(self.fields, vals):
+            if ctype.startswith("__be"):
+                v = int.from_bytes(v, "big")
+            out[name] = v
+        return out
+
+
+# Field order is chosen so that every field is naturally aligned and no padding is implied:
+# the header carries _Static_assert on each size, and the BTF test checks each offset.
+STRUCTS: dict[str, Struct] = {}
+
+
+def _declare(s: Struct) -> Struct:
+    STRUCTS[s.name] = s
+    return s
+
+
+CT_KEY = _declare(Struct("ct_key", "one direction of a session (wire order)", (
+    ("saddr", "__be32", "source address"),
+    ("daddr", "__be32", "destination address"),
+    ("sport", "__be16", "source port; ICMP echo: identifier on the inside side, else 0"),
+    ("dport", "__be16", "destination port; ICMP echo: identifier on the SNAT side, else 0"),
+    ("proto", "__u8", "IPPROTO_*"),
+    ("dir", "__u8", "CT_DIR_OUT or CT_DIR_IN"),
+    ("pad", "__u16", "zero"),
+)))  # fmt: skip
+
+CT_ENTRY = _declare(Struct("ct_entry", "a session direction: its rewrite and where it goes", (
+    ("peer", "struct ct_key", "the key of the other direction"),
+    ("rw_addr", "__be32", "OUT: new source (SNAT addr); IN: new destination (inside host)"),
+    ("rw_port", "__be16", "OUT: new source port; IN: new destination port"),
+    ("state", "__u8", "enum ct_state (kept in the OUT entry)"),
+    ("flags", "__u8", "CT_F_*"),
+    ("ifindex", "__u32", "egress device: OUT the uplink, IN the inside device"),
+    ("nexthop", "__be32", "OUT: next hop (route gw or new_gw); 0 = the destination"),
+    ("rule_id", "__u32", "id of the rule that created the session"),
+    ("mtu", "__u32", "egress MTU seen at creation"),
+    ("last_seen", "__u64", "bpf_ktime_get_ns() of the last packet in this direction"),
+    ("created", "__u64", "bpf_ktime_get_ns() at creation"),
+    ("packets", "__u64", "packets in this direction"),
+    ("bytes", "__u64", "bytes in this direction"),
+)))  # fmt: skip
+
+SNAT_RULE = _declare(Struct("snat_rule", "a compiled rule, one per slot in priority order", (
+    ("src_net", "__be32", "from: network"),
+    ("src_mask", "__be32", "from: netmask"),
+    ("dst_net", "__be32", "to: network"),
+    ("dst_mask", "__be32", "to: netmask"),
+    ("gw", "__be32", "route next hop to match (RULE_F_GW)"),
+    ("new_gw", "__be32", "next-hop override (RULE_F_NEW_GW)"),
+    ("oif", "__u32", "egress ifindex to match (RULE_F_OIF); 0xffffffff: device absent"),
+    ("pool_min", "__u32", "first SNAT address, host order"),
+    ("pool_max", "__u32", "last SNAT address, host order"),
+    ("rule_id", "__u32", "stable id for counters"),
+    ("algo", "__u8", "enum algo"),
+    ("flags", "__u8", "RULE_F_*"),
+    ("pad", "__u16", "zero"),
+)))  # fmt: skip
+
+SNAT_CFG = _declare(Struct("snat_cfg", "global settings the datapath reads per new flow", (
+    ("nrules", "__u32", "slots in use in snat_rules"),
+    ("flags", "__u32", "CFG_F_*"),
+    ("port_min", "__u16", "first SNAT port"),
+    ("port_max", "__u16", "last SNAT port"),
+    ("port_tries", "__u32", "bound of the port search (<= SNAT_PORT_TRIES)"),
+)))  # fmt: skip
+
+FRAG_KEY = _declare(Struct("frag_key", "a datagram whose first fragment was translated", (
+    ("saddr", "__be32", "source as received"),
+    ("daddr", "__be32", "destination as received"),
+    ("id", "__be16", "IP identification"),
+    ("proto", "__u8", "IPPROTO_*"),
+    ("pad", "__u8", "zero"),
+)))  # fmt: skip
+
+FRAG_ENTRY = _declare(Struct("frag_entry", "the address rewrite for later fragments", (
+    ("saddr", "__be32", "new source"),
+    ("daddr", "__be32", "new destination"),
+    ("ifindex", "__u32", "egress device"),
+    ("nexthop", "__be32", "next hop; 0 = the destination"),
+    ("created", "__u64", "bpf_ktime_get_ns()"),
+)))  # fmt: skip
+
+RULE_STATS = _declare(Struct("rule_stats", "per-rule counters (per CPU)", (
+    ("packets", "__u64", "packets translated by the rule's sessions"),
+    ("bytes", "__u64", "bytes translated"),
+    ("sessions", "__u64", "sessions created"),
+)))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- header
+
+HEADER_PATH = Path(__file__).parent / "datapath" / "bpf" / "prog" / "include" / "snat_layout.h"
+
+
+def render_header() -> str:
+    """The C header twin of this module (generated; never edit it by hand)."""
+    out = [
+        "/* GENERATED by snatgw.layout (python -m snatgw.layout): do not edit. */",
+        "/* Shared layouts, constants and reason codes of the snatgw datapath. */",
+        "#pragma once",
+        "#include <linux/types.h>",
+        "",
+    ]
+    for n, v in [
+        ("SNAT_PORT_MIN", PORT_MIN), ("SNAT_PORT_MAX", PORT_MAX),
+        ("SNAT_MAX_RULES", MAX_RULES), ("SNAT_MAX_SESSIONS", MAX_SESSIONS),
+        ("SNAT_MAX_FRAGS", MAX_FRAGS),
+    ]:  # fmt: skip
+        out += [f"#ifndef {n}", f"#define {n} {v}", "#endif"]
+    out += ["#ifndef SNAT_PORT_TRIES", f"#define SNAT_PORT_TRIES {PORT_TRIES_BPF} /* port search bound */", "#endif"]
+    consts = {
+        "CT_DIR_OUT": CT_DIR_OUT, "CT_DIR_IN": CT_DIR_IN,
+        "RULE_F_GW": RULE_F_GW, "RULE_F_OIF": RULE_F_OIF, "RULE_F_NEW_GW": RULE_F_NEW_GW,
+        "CT_F_REPLIED": CT_F_REPLIED, "CT_F_NEW_GW": CT_F_NEW_GW,
+        "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "REASON_MAX": REASON_MAX,
+        "TCP_STATE_COUNT": TCP_STATE_COUNT,
+    }  # fmt: skip
+    out.append("")
+    out += [f"#define {k} {v}" for k, v in consts.items()]
+    for enum_cls, prefix in [
+        (Verdict, "VERDICT_"), (Reason, "REASON_"), (Algo, "ALGO_"), (CtState, "CT_"),
+        (TcpEvent, "TCP_EV_"), (TcpTable, "TCP_TBL_"),
+    ]:  # fmt: skip
+        out.append("")
+        out.append(f"enum {prefix.lower().rstrip('_')} {{")
+        out += [f"\t{prefix}{m.name} = {int(m)}," for m in enum_cls]
+        out.append("};")
+    out.append("")
+    out.append("/* tcp_fsm[table][event][state] -> next state (reference §3.3) */")
+    out.append(f"static const __u8 tcp_fsm[3][4][{TCP_STATE_COUNT}] = {{")
+    for t in TCP_FSM:
+        out.append("\t{")
+        for row in t:
+            out.append("\t\t{" + ", ".join(str(x) for x in row) + "},")
+        out.append("\t},")
+    out.append("};")
+    for s in STRUCTS.values():
+        out.append("")
+        out.append(f"/* {s.doc} */")
+        out.append(f"struct {s.name} {{")
+        for name, ctype, comment in s.fields:
+            out.append(f"\t{ctype} {name}; /* {comment} */")
+        out.append("};")
+        out.append(f'_Static_assert(sizeof(struct {s.name}) == {s.size}, "{s.name} size");')
+    out.append("")
+    return "\n".join(out)
+
+
+def write_header(path: Path = HEADER_PATH) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_header())
+    return path
+
+
+if __name__ == "__main__":
+    print(write_header())

@@ -1,0 +1,346 @@
+"""Rules: the SNAT rule, its address pool, validation, priority order and matching.
+
+A rule (lvs-snat's "snat_rule") matches new flows by source net, destination net, and the
+route's egress device and next hop; it names a SNAT pool, the algorithm that picks from it,
+and optionally a next-hop override (new_gw).  Identity for add/edit/delete and duplicate
+detection is (from, to, gw, oif).
+
+Priority (spec "Matching order"), one total order, most specific first:
+  1. source prefix length, longest first;
+  2. destination prefix length, longest first;
+  3. route conditions: both oif and gw, then one of them, then neither;
+  4. definition order.
+A rule matches when every condition it names holds (oif compared exactly).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import zlib
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Iterable, NamedTuple
+
+from .errors import RuleError
+from .layout import Algo
+
+ANY_NET = IPv4Network("0.0.0.0/0")
+IFNAMSIZ = 16  # oif names are at most 15 characters
+
+
+def parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Network:
+    """``A.B.C.D[/len]`` -> network.  No ``/len`` means a host (/32); host bits are an error."""
+    text = text.strip()
+    if ":" in text:
+        raise RuleError(f"IPv6 is not supported: {text!r}", field_name, where)
+    addr, _, plen = text.partition("/")
+    try:
+        ip = IPv4Address(addr)
+    except ValueError:
+        raise RuleError(f"expected an IPv4 address A.B.C.D[/len], got {text!r}", field_name, where) from None
+    if plen:
+        if not plen.isdigit() or not 0 <= int(plen) <= 32:
+            raise RuleError(f"prefix length must be 0..32, got {plen!r}", field_name, where)
+        length = int(plen)
+    else:
+        length = 32
+    try:
+        return IPv4Network(f"{ip}/{length}")
+    except ValueError:
+        net = IPv4Network(f"{ip}/{length}", strict=False)
+        raise RuleError(
+            f"{text} has host bits set; did you mean {net}?", field_name, where
+        ) from None
+
+
+def parse_addr(text: str, field_name: str, where: str | None = None) -> IPv4Address:
+    text = text.strip()
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise RuleError(f"expected an IPv4 address A.B.C.D, got {text!r}", field_name, where) from None
+
+
+def parse_algo(text: str, where: str | None = None) -> Algo:
+    try:
+        return Algo[text.strip().upper()]
+    except KeyError:
+        raise RuleError(
+            f"unknown ip select algo {text.strip()!r}, should be one of [sh, sdh, random]", "algo", where
+        ) from None
+
+
+def parse_oif(text: str, where: str | None = None) -> str:
+    name = text.strip()
+    if not name or len(name) >= IFNAMSIZ or any(c in name for c in "/ \t"):
+        raise RuleError(f"expected an interface name of 1..15 characters, got {name!r}", "oif", where)
+    return name
+
+
+@dataclass(frozen=True, order=True)
+class Pool:
+    """A SNAT address range [first, last], inclusive."""
+
+    first: IPv4Address
+    last: IPv4Address
+
+    @classmethod
+    def parse(cls, text: str, where: str | None = None) -> "Pool":
+        text = text.strip()
+        if not text:
+            raise RuleError("empty pool: expected A or A-B", "snat_ip", where)
+        lo, sep, hi = text.partition("-")
+        first = parse_addr(lo, "snat_ip", where)
+        last = parse_addr(hi, "snat_ip", where) if sep else first
+        if int(last) < int(first):
+            raise RuleError(f"max ip smaller than min ip in {text!r}", "snat_ip", where)
+        return cls(first, last)
+
+    @property
+    def size(self) -> int:
+        return int(self.last) - int(self.first) + 1
+
+    def __contains__(self, addr: IPv4Address) -> bool:
+        return int(self.first) <= int(addr) <= int(self.last)
+
+    def addresses(self) -> Iterable[IPv4Address]:
+        return (IPv4Address(i) for i in range(int(self.first), int(self.last) + 1))
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
+
+    def short(self) -> str:
+        """As ipvsadm lists it: ``a`` when a single address, else ``a-b``."""
+        return str(self.first) if self.first == self.last else str(self)
+
+
+class Route(NamedTuple):
+    """What the FIB says for a destination: the egress device and the next hop
+    (for an on-link destination the next hop is the destination itself)."""
+
+    oif: str
+    gw: IPv4Address
+
+
+@dataclass(frozen=True)
+class Rule:
+    src: IPv4Network
+    pool: Pool
+    dst: IPv4Network = ANY_NET
+    gw: IPv4Address | None = None
+    oif: str | None = None
+    new_gw: IPv4Address | None = None
+    algo: Algo = Algo.SDH
+    where: str | None = field(default=None, compare=False)  # "file:line" of its definition
+
+    @property
+    def identity(self) -> tuple:
+        return (self.src, self.dst, self.gw, self.oif)
+
+    @property
+    def rule_id(self) -> int:
+        """Stable id (counters, sessions): crc32 of the identity, never 0."""
+        return zlib.crc32(self.identity_text().encode()) or 1
+
+    def identity_text(self) -> str:
+        return f"from {self.src} to {self.dst} gw {self.gw or '-'} oif {self.oif or '-'}"
+
+    def route_specificity(self) -> int:
+        return (self.gw is not None) + (self.oif is not None)
+
+    def match(self, src: IPv4Address, dst: IPv4Address, route: Route | None) -> str | None:
+        """None when the rule matches; otherwise why not, in words."""
+        if src not in self.src:
+            return f"source {src} not in from {self.src}"
+        if dst not in self.dst:
+            return f"destination {dst} not in to {self.dst}"
+        if self.oif is not None and (route is None or route.oif != self.oif):
+            return f"route leaves via {route.oif if route else 'nothing'}, rule wants oif {self.oif}"
+        if self.gw is not None and (route is None or route.gw != self.gw):
+            return f"route next hop is {route.gw if route else 'none'}, rule wants gw {self.gw}"
+        return None
+
+    def covers(self, other: "Rule") -> bool:
+        """True when every packet ``other`` matches is matched by self too."""
+        return (
+            other.src.subnet_of(self.src)
+            and other.dst.subnet_of(self.dst)
+            and (self.gw is None or self.gw == other.gw)
+            and (self.oif is None or self.oif == other.oif)
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "from": str(self.src),
+            "to": str(self.dst),
+            "gw": str(self.gw) if self.gw else None,
+            "oif": self.oif,
+            "new_gw": str(self.new_gw) if self.new_gw else None,
+            "snat_ip": str(self.pool),
+            "algo": self.algo.label,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str | None = None) -> "Rule":
+        return cls(
+            src=parse_net(d["from"], "from", where),
+            dst=parse_net(d.get("to") or "0.0.0.0/0", "to", where),
+            gw=parse_addr(d["gw"], "gw", where) if d.get("gw") else None,
+            oif=parse_oif(d["oif"], where) if d.get("oif") else None,
+            new_gw=parse_addr(d["new_gw"], "new_gw", where) if d.get("new_gw") else None,
+            pool=Pool.parse(d["snat_ip"], where),
+            algo=parse_algo(d.get("algo") or "sdh", where),
+            where=where,
+        )
+
+    def describe(self) -> str:
+        parts = [f"from {self.src}"]
+        if self.dst != ANY_NET:
+            parts.append(f"to {self.dst}")
+        if self.gw:
+            parts.append(f"gw {self.gw}")
+        if self.oif:
+            parts.append(f"oif {self.oif}")
+        if self.new_gw:
+            parts.append(f"new_gw {self.new_gw}")
+        parts.append(f"snat_ip {self.pool.short()}")
+        parts.append(f"algo {self.algo.label}")
+        return " ".join(parts)
+
+
+def priority_key(rule: Rule, seq: int) -> tuple:
+    return (-rule.src.prefixlen, -rule.dst.prefixlen, -rule.route_specificity(), seq)
+
+
+class RuleSet:
+    """Rules in priority order.  Built from rules in definition order; refuses duplicates."""
+
+    def __init__(self, rules: Iterable[Rule] = ()):
+        defined = list(rules)
+        seen: dict[tuple, Rule] = {}
+        for r in defined:
+            if r.identity in seen:
+                first = seen[r.identity]
+                raise RuleError(
+                    f"duplicate rule: same from/to/gw/oif as the rule at {first.where or '?'} "
+                    f"({r.identity_text()}); edit that rule instead of adding another",
+                    "snat_rule",
+                    r.where,
+                )
+            seen[r.identity] = r
+        ids: dict[int, Rule] = {}
+        for r in defined:
+            if r.rule_id in ids:  # pragma: no cover - crc32 collision of two identities
+                raise RuleError(f"rule id collision with {ids[r.rule_id].identity_text()}", "snat_rule", r.where)
+            ids[r.rule_id] = r
+        order = sorted(range(len(defined)), key=lambda i: priority_key(defined[i], i))
+        self.rules: tuple[Rule, ...] = tuple(defined[i] for i in order)
+        self.defined: tuple[Rule, ...] = tuple(defined)
+
+    def __iter__(self):
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RuleSet) and self.rules == other.rules
+
+    def match(self, src: IPv4Address, dst: IPv4Address, route: Route | None) -> Rule | None:
+        for r in self.rules:
+            if r.match(src, dst, route) is None:
+                return r
+        return None
+
+    def explain(self, src, dst, route) -> tuple[Rule | None, list[tuple[Rule, str]]]:
+        """The matching rule and, for every rule before it and after, why it did not win."""
+        winner = None
+        why: list[tuple[Rule, str]] = []
+        for r in self.rules:
+            reason = r.match(src, dst, route)
+            if reason is None and winner is None:
+                winner = r
+                why.append((r, "MATCH"))
+            elif reason is None:
+                why.append((r, f"would match, but {winner.describe()!r} comes first"))
+            else:
+                why.append((r, reason))
+        return winner, why
+
+    def shadowed(self) -> list[tuple[Rule, Rule]]:
+        """(rule, earlier rule that always matches first) for rules that can never match."""
+        out = []
+        for i, r in enumerate(self.rules):
+            for e in self.rules[:i]:
+                if e.covers(r):
+                    out.append((r, e))
+                    break
+        return out
+
+    def by_identity(self, identity: tuple) -> Rule | None:
+        for r in self.rules:
+            if r.identity == identity:
+                return r
+        return None
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def jhash_3words(a: int, b: int, c: int, initval: int = 0) -> int:
+    """Bob Jenkins' lookup2 as in Linux 2.6.32 include/linux/jhash.h (not today's lookup3)."""
+    m = 0xFFFFFFFF
+    a = (a + 0x9E3779B9) & m
+    b = (b + 0x9E3779B9) & m
+    c = (c + initval) & m
+    a = (a - b - c) & m; a ^= c >> 13
+    b = (b - c - a) & m; b ^= (a << 8) & m
+    c = (c - a - b) & m; c ^= b >> 13
+    a = (a - b - c) & m; a ^= c >> 12
+    b = (b - c - a) & m; b ^= (a << 16) & m
+    c = (c - a - b) & m; c ^= b >> 5
+    a = (a - b - c) & m; a ^= c >> 3
+    b = (b - c - a) & m; b ^= (a << 10) & m
+    c = (c - a - b) & m; c ^= b >> 15
+    return c  # fmt: skip
+
+
+def raw_addr(addr: IPv4Address) -> int:
+    """An address's 4 wire bytes read as a little-endian u32 (1.2.3.4 -> 0x04030201)."""
+    return int.from_bytes(addr.packed, "little")
+
+
+def raw_port(port: int) -> int:
+    """A port's 2 wire bytes read as a little-endian u16 (40000 = 0x9C40 -> 0x409C)."""
+    return ((port & 0xFF) << 8) | (port >> 8)
+
+
+def select_addr(pool: Pool, algo: Algo, src: IPv4Address, dst: IPv4Address, sport: int) -> IPv4Address:
+    """The SNAT address, exactly as lvs-snat chose it (spec "Choosing the SNAT address")."""
+    n = pool.size
+    if n == 1:
+        return pool.first
+    if algo == Algo.SH:
+        k = (raw_addr(src), 0, 0)
+    elif algo == Algo.SDH:
+        k = (raw_addr(src), raw_addr(dst), 0)
+    else:
+        p = raw_port(sport)
+        k = (raw_addr(src), raw_addr(dst), (p << 16) | p)
+    h = jhash_3words(*k)
+    return IPv4Address(int(pool.first) + ((h * n) >> 32))
+
+
+def port_candidates(sport: int, port_min: int, port_max: int, tries: int) -> Iterable[int]:
+    """The original's port search: start at the raw source port, try min + ((c + i) mod n)."""
+    n = port_max - port_min + 1
+    c = raw_port(sport)
+    for i in range(1, tries + 1):
+        yield port_min + ((c + i) % n)
+
+
+__all__ = [
+    "ANY_NET", "Pool", "Route", "Rule", "RuleSet", "parse_net", "parse_addr", "parse_algo",
+    "parse_oif", "select_addr", "port_candidates", "jhash_3words", "raw_addr", "raw_port",
+    "priority_key", "ipaddress",
+]  # fmt: skip
