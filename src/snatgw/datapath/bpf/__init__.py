@@ -1,0 +1,1 @@
+"""The eBPF TC datapath: libbpf binding, loader, typed maps and the BpfBackend."""

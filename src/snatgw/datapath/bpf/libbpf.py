@@ -1,0 +1,585 @@
+"""A thin ctypes binding to Debian's libbpf.so.1 (v1.1.x) and small Pythonic wrappers on it.
+
+Struct layouts follow /usr/include/bpf/{libbpf,bpf}.h of libbpf 1.1.2.  Every failing call
+raises ``LibbpfError`` (a ``BackendError``) carrying ``errno`` and the errno text.
+
+Stable API (other modules and the bpf-C tests rely on it; only add to it):
+
+    obj = BpfObject.open(path)              # bpf_object__open_file; nothing in the kernel yet
+    obj.set_max_entries(name, n)            # before load
+    obj.set_pin_path(name, path)            # before load: libbpf reuses a compatible pin or pins
+    obj.reuse_fd(name, fd)                  # before load: use an existing map instead
+    obj.load()                              # verifier; maps created (or reused)
+    obj.prog_fd(name) -> int                # program fd by function name (KeyError if absent)
+    obj.map(name) -> Map                    # a map of the object (fd owned by the object)
+    obj.map_names() / obj.program_names()
+    obj.close()                             # also a context manager
+
+    m = Map.open_pinned(path, readonly=False)   # own fd; m.close()
+    m = Map.from_fd(fd, owned=False)        # reads type/key/value sizes from the kernel
+    m.key_size, m.value_size, m.max_entries, m.type, m.name, m.fd, m.percpu
+    m.get(key) -> bytes | None              # per-CPU maps: ncpus * round8(value_size) bytes
+    m.get_percpu(key) -> list[bytes] | None # per-CPU maps: one value per possible CPU
+    m.put(key, value, flags=BPF_ANY)        # per-CPU maps: value may be one value (copied to all)
+    m.delete(key) -> bool                   # False when the key was absent
+    m.keys() / m.items() / len(m)           # snapshot iteration (keys first, then lookups)
+    m.items_batch(chunk=1024)               # bpf_map_lookup_batch, falls back to items()
+    m.pin(path)
+
+    test_run(prog_fd, data, ctx=None, repeat=1) -> (retval, data_out, ctx_out, duration_ns)
+    tc_hook_create(ifindex, point) -> bool(created) ; tc_hook_destroy(ifindex, point)
+    tc_attach(ifindex, point, prog_fd, handle=0, priority=0, replace=False)
+        -> (handle, priority, prog_id)
+    tc_detach(ifindex, point, handle, priority) ; tc_query(...) -> prog_id | None
+    obj_pin(fd, path) ; obj_get(path, readonly=False) -> fd ; map_info(fd) -> MapInfo
+    num_possible_cpus() ; set_print(logger=None)     # libbpf messages -> Python logging
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import errno as _errno
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+from ...errors import BackendError
+
+log = logging.getLogger("snatgw.libbpf")
+
+# map types (linux/bpf.h enum bpf_map_type)
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_HASH = 5
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+PERCPU_TYPES = frozenset({BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
+                          BPF_MAP_TYPE_LRU_PERCPU_HASH})  # fmt: skip
+MAP_TYPE_NAMES = {
+    BPF_MAP_TYPE_HASH: "hash", BPF_MAP_TYPE_ARRAY: "array",
+    BPF_MAP_TYPE_PERCPU_HASH: "percpu_hash", BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
+    BPF_MAP_TYPE_LRU_HASH: "lru_hash", BPF_MAP_TYPE_LRU_PERCPU_HASH: "lru_percpu_hash",
+}  # fmt: skip
+
+# map update flags
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+# file flags of bpf_obj_get_opts
+BPF_F_RDONLY = 1 << 3
+BPF_F_WRONLY = 1 << 4
+
+# enum bpf_tc_attach_point
+BPF_TC_INGRESS = 1 << 0
+BPF_TC_EGRESS = 1 << 1
+BPF_TC_CUSTOM = 1 << 2
+BPF_TC_F_REPLACE = 1 << 0
+
+# TC verdicts
+TC_ACT_UNSPEC = -1
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
+
+
+class LibbpfError(BackendError):
+    """A libbpf call failed; ``errno`` holds the (positive) error number."""
+
+    def __init__(self, what: str, err: int):
+        self.errno = err
+        self.what = what
+        super().__init__(f"{what}: {os.strerror(err)} (errno {err}: {_errno.errorcode.get(err, '?')})")
+
+
+# --------------------------------------------------------------------------- C structs
+
+
+class TcHook(C.Structure):
+    _fields_ = [("sz", C.c_size_t), ("ifindex", C.c_int), ("attach_point", C.c_int),
+                ("parent", C.c_uint32)]  # fmt: skip
+
+
+class TcOpts(C.Structure):
+    _fields_ = [("sz", C.c_size_t), ("prog_fd", C.c_int), ("flags", C.c_uint32),
+                ("prog_id", C.c_uint32), ("handle", C.c_uint32), ("priority", C.c_uint32)]  # fmt: skip
+
+
+class RunOpts(C.Structure):
+    _fields_ = [
+        ("sz", C.c_size_t), ("data_in", C.c_void_p), ("data_out", C.c_void_p),
+        ("data_size_in", C.c_uint32), ("data_size_out", C.c_uint32),
+        ("ctx_in", C.c_void_p), ("ctx_out", C.c_void_p),
+        ("ctx_size_in", C.c_uint32), ("ctx_size_out", C.c_uint32),
+        ("retval", C.c_uint32), ("repeat", C.c_int), ("duration", C.c_uint32),
+        ("flags", C.c_uint32), ("cpu", C.c_uint32), ("batch_size", C.c_uint32),
+    ]  # fmt: skip
+
+
+class MapBatchOpts(C.Structure):
+    _fields_ = [("sz", C.c_size_t), ("elem_flags", C.c_uint64), ("flags", C.c_uint64)]
+
+
+class ObjGetOpts(C.Structure):
+    _fields_ = [("sz", C.c_size_t), ("file_flags", C.c_uint32)]
+
+
+class _MapInfo(C.Structure):
+    _fields_ = [
+        ("type", C.c_uint32), ("id", C.c_uint32), ("key_size", C.c_uint32),
+        ("value_size", C.c_uint32), ("max_entries", C.c_uint32), ("map_flags", C.c_uint32),
+        ("name", C.c_char * 16), ("ifindex", C.c_uint32), ("btf_vmlinux_value_type_id", C.c_uint32),
+        ("netns_dev", C.c_uint64), ("netns_ino", C.c_uint64), ("btf_id", C.c_uint32),
+        ("btf_key_type_id", C.c_uint32), ("btf_value_type_id", C.c_uint32), ("pad", C.c_uint32),
+        ("map_extra", C.c_uint64),
+    ]  # fmt: skip
+
+
+assert C.sizeof(TcHook) == 24 and C.sizeof(TcOpts) == 32 and C.sizeof(RunOpts) == 80
+assert C.sizeof(ObjGetOpts) == 16 and C.sizeof(_MapInfo) == 88
+
+# --------------------------------------------------------------------------- library
+
+_P = C.c_void_p
+_PRINT_FN = C.CFUNCTYPE(C.c_int, C.c_int, C.c_char_p, C.c_void_p)
+_SIGS = {
+    "bpf_object__open_file": (_P, [C.c_char_p, _P]),
+    "bpf_object__load": (C.c_int, [_P]),
+    "bpf_object__close": (None, [_P]),
+    "bpf_object__find_program_by_name": (_P, [_P, C.c_char_p]),
+    "bpf_object__find_map_by_name": (_P, [_P, C.c_char_p]),
+    "bpf_object__next_map": (_P, [_P, _P]),
+    "bpf_object__next_program": (_P, [_P, _P]),
+    "bpf_program__fd": (C.c_int, [_P]),
+    "bpf_program__name": (C.c_char_p, [_P]),
+    "bpf_program__set_autoload": (C.c_int, [_P, C.c_bool]),
+    "bpf_map__fd": (C.c_int, [_P]),
+    "bpf_map__name": (C.c_char_p, [_P]),
+    "bpf_map__set_max_entries": (C.c_int, [_P, C.c_uint32]),
+    "bpf_map__max_entries": (C.c_uint32, [_P]),
+    "bpf_map__set_pin_path": (C.c_int, [_P, C.c_char_p]),
+    "bpf_map__reuse_fd": (C.c_int, [_P, C.c_int]),
+    "bpf_obj_pin": (C.c_int, [C.c_int, C.c_char_p]),
+    "bpf_obj_get": (C.c_int, [C.c_char_p]),
+    "bpf_obj_get_opts": (C.c_int, [C.c_char_p, _P]),
+    "bpf_obj_get_info_by_fd": (C.c_int, [C.c_int, _P, C.POINTER(C.c_uint32)]),
+    "bpf_map_update_elem": (C.c_int, [C.c_int, _P, _P, C.c_uint64]),
+    "bpf_map_lookup_elem": (C.c_int, [C.c_int, _P, _P]),
+    "bpf_map_delete_elem": (C.c_int, [C.c_int, _P]),
+    "bpf_map_get_next_key": (C.c_int, [C.c_int, _P, _P]),
+    "bpf_map_lookup_batch": (C.c_int, [C.c_int, _P, _P, _P, _P, C.POINTER(C.c_uint32), _P]),
+    "bpf_prog_test_run_opts": (C.c_int, [C.c_int, _P]),
+    "bpf_tc_hook_create": (C.c_int, [_P]),
+    "bpf_tc_hook_destroy": (C.c_int, [_P]),
+    "bpf_tc_attach": (C.c_int, [_P, _P]),
+    "bpf_tc_detach": (C.c_int, [_P, _P]),
+    "bpf_tc_query": (C.c_int, [_P, _P]),
+    "libbpf_set_print": (_P, [_PRINT_FN]),
+    "libbpf_num_possible_cpus": (C.c_int, []),
+}
+
+_lib: C.CDLL | None = None
+_print_cb = None  # keeps the ctypes callback alive
+
+
+def lib() -> C.CDLL:
+    """The loaded libbpf with argument types set (loaded on first use)."""
+    global _lib
+    if _lib is None:
+        try:
+            dll = C.CDLL("libbpf.so.1", use_errno=True)
+        except OSError as e:
+            raise BackendError(f"libbpf.so.1 not found: install libbpf1 ({e})") from None
+        for name, (res, args) in _SIGS.items():
+            fn = getattr(dll, name)
+            fn.restype, fn.argtypes = res, args
+        _lib = dll
+        set_print()
+    return _lib
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise LibbpfError(what, -ret if ret != -1 else (C.get_errno() or _errno.EPERM))
+    return ret
+
+
+def _ptr_or_raise(ptr, what: str):
+    if not ptr:
+        raise LibbpfError(what, C.get_errno() or _errno.ENOENT)
+    return ptr
+
+
+def set_print(logger: logging.Logger | None = None) -> None:
+    """Route libbpf's messages to ``logger`` (default ``snatgw.libbpf``): WARN->warning,
+    INFO->info, DEBUG->debug.  x86_64/aarch64-linux only format through vsnprintf(va_list)."""
+    global _print_cb
+    logger = logger or log
+    libc = C.CDLL(None)
+    vsnprintf = libc.vsnprintf
+    vsnprintf.argtypes = [C.c_char_p, C.c_size_t, C.c_char_p, C.c_void_p]
+    levels = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+    def cb(level, fmt, args):
+        lvl = levels.get(level, logging.DEBUG)
+        if not logger.isEnabledFor(lvl):
+            return 0
+        buf = C.create_string_buffer(2048)
+        vsnprintf(buf, len(buf), fmt, args)
+        logger.log(lvl, "%s", buf.value.decode(errors="replace").rstrip())
+        return 0
+
+    _print_cb = _PRINT_FN(cb)
+    (_lib or lib()).libbpf_set_print(_print_cb)
+
+
+_ncpus: int | None = None
+
+
+def num_possible_cpus() -> int:
+    global _ncpus
+    if _ncpus is None:
+        _ncpus = _check(lib().libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+    return _ncpus
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(lib().bpf_obj_pin(fd, path.encode()), f"bpf_obj_pin {path}")
+
+
+def obj_get(path: str, readonly: bool = False) -> int:
+    """Open a pinned object; the caller owns (and closes) the returned fd."""
+    if readonly:
+        opts = ObjGetOpts(sz=C.sizeof(ObjGetOpts), file_flags=BPF_F_RDONLY)
+        return _check(lib().bpf_obj_get_opts(path.encode(), C.byref(opts)), f"bpf_obj_get {path}")
+    return _check(lib().bpf_obj_get(path.encode()), f"bpf_obj_get {path}")
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    map_flags: int
+    name: str
+
+    @property
+    def type_name(self) -> str:
+        return MAP_TYPE_NAMES.get(self.type, str(self.type))
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _MapInfo()
+    n = C.c_uint32(C.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, C.byref(info), C.byref(n)), "bpf_obj_get_info_by_fd")
+    return MapInfo(info.type, info.id, info.key_size, info.value_size, info.max_entries,
+                   info.map_flags, info.name.decode(errors="replace"))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- maps
+
+
+def _round8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+class Map:
+    """A BPF map by fd, with byte keys and values (see snatgw.layout for their codecs)."""
+
+    def __init__(self, fd: int, info: MapInfo, owned: bool = False, path: str | None = None):
+        self.fd, self.info, self.owned, self.path = fd, info, owned, path
+        self.name, self.type = info.name, info.type
+        self.key_size, self.value_size, self.max_entries = info.key_size, info.value_size, info.max_entries
+        self.percpu = info.type in PERCPU_TYPES
+        self._vlen = _round8(self.value_size) * num_possible_cpus() if self.percpu else self.value_size
+
+    @classmethod
+    def from_fd(cls, fd: int, owned: bool = False) -> "Map":
+        return cls(fd, map_info(fd), owned)
+
+    @classmethod
+    def open_pinned(cls, path: str, readonly: bool = False) -> "Map":
+        fd = obj_get(path, readonly)
+        try:
+            return cls(fd, map_info(fd), owned=True, path=path)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        if self.owned and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Map({self.name!r}, {MAP_TYPE_NAMES.get(self.type, self.type)}, fd={self.fd})"
+
+    def _key(self, key: bytes | int):
+        if isinstance(key, int):
+            key = key.to_bytes(self.key_size, "little")
+        if len(key) != self.key_size:
+            raise BackendError(f"map {self.name}: key is {len(key)} bytes, expected {self.key_size}")
+        return C.create_string_buffer(bytes(key), self.key_size)
+
+    def get(self, key: bytes | int) -> bytes | None:
+        k, v = self._key(key), C.create_string_buffer(self._vlen)
+        ret = lib().bpf_map_lookup_elem(self.fd, k, v)
+        if ret < 0:
+            if -ret == _errno.ENOENT:
+                return None
+            _check(ret, f"lookup in map {self.name}")
+        return v.raw
+
+    def get_percpu(self, key: bytes | int) -> list[bytes] | None:
+        raw = self.get(key)
+        if raw is None:
+            return None
+        step = _round8(self.value_size)
+        return [raw[i : i + self.value_size] for i in range(0, len(raw), step)]
+
+    def put(self, key: bytes | int, value: bytes, flags: int = BPF_ANY) -> None:
+        value = bytes(value)
+        if self.percpu and len(value) == self.value_size:
+            value = value.ljust(_round8(self.value_size), b"\0") * num_possible_cpus()
+        if len(value) != self._vlen:
+            raise BackendError(f"map {self.name}: value is {len(value)} bytes, expected {self._vlen}")
+        k, v = self._key(key), C.create_string_buffer(value, self._vlen)
+        _check(lib().bpf_map_update_elem(self.fd, k, v, flags), f"update of map {self.name}")
+
+    def delete(self, key: bytes | int) -> bool:
+        ret = lib().bpf_map_delete_elem(self.fd, self._key(key))
+        if ret < 0 and -ret == _errno.ENOENT:
+            return False
+        _check(ret, f"delete in map {self.name}")
+        return True
+
+    def keys(self) -> list[bytes]:
+        """A snapshot of the keys (a hash map restarts iteration if the current key vanishes,
+        so keys are collected first; entries deleted meanwhile are skipped by items())."""
+        out, cur, nxt = [], None, C.create_string_buffer(self.key_size)
+        seen: set[bytes] = set()
+        for _ in range(self.max_entries + 1):
+            ret = lib().bpf_map_get_next_key(self.fd, cur, nxt)
+            if ret < 0:
+                if -ret == _errno.ENOENT:
+                    break
+                _check(ret, f"iteration of map {self.name}")
+            k = nxt.raw
+            if k in seen:  # restarted after a concurrent delete: stop, we have the rest
+                break
+            seen.add(k)
+            out.append(k)
+            cur = C.create_string_buffer(k, self.key_size)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        for k in self.keys():
+            v = self.get(k)
+            if v is not None:
+                yield k, v
+
+    def items_batch(self, chunk: int = 1024) -> Iterator[tuple[bytes, bytes]]:
+        """bpf_map_lookup_batch (one syscall per chunk); falls back to items() if unsupported."""
+        keys = C.create_string_buffer(self.key_size * chunk)
+        vals = C.create_string_buffer(self._vlen * chunk)
+        inb, outb = None, C.create_string_buffer(max(self.key_size, 8))
+        opts = MapBatchOpts(sz=C.sizeof(MapBatchOpts))
+        while True:
+            n = C.c_uint32(chunk)
+            ret = lib().bpf_map_lookup_batch(self.fd, inb, outb, keys, vals, C.byref(n), C.byref(opts))
+            err = -ret if ret < 0 else 0
+            if err and err not in (_errno.ENOENT,):
+                if inb is None and err in (_errno.EINVAL, _errno.ENOTSUP, 524):  # 524: ENOTSUPP
+                    yield from self.items()
+                    return
+                _check(ret, f"batch lookup in map {self.name}")
+            raw_k, raw_v = keys.raw, vals.raw
+            for i in range(n.value):
+                yield (raw_k[i * self.key_size : (i + 1) * self.key_size],
+                       raw_v[i * self._vlen : (i + 1) * self._vlen])  # fmt: skip
+            if err == _errno.ENOENT:
+                return
+            inb = C.create_string_buffer(outb.raw, len(outb))
+
+    def pin(self, path: str) -> None:
+        obj_pin(self.fd, path)
+
+
+# --------------------------------------------------------------------------- objects
+
+
+class BpfObject:
+    """A BPF ELF object: open, adjust maps, load, then programs and maps by name."""
+
+    def __init__(self, ptr, path: str):
+        self._ptr, self.path, self.loaded = ptr, path, False
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "BpfObject":
+        path = os.fspath(path)
+        ptr = lib().bpf_object__open_file(path.encode(), None)
+        return cls(_ptr_or_raise(ptr, f"bpf_object__open_file {path}"), path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _alive(self):
+        if not self._ptr:
+            raise BackendError(f"BPF object {self.path} is closed")
+        return self._ptr
+
+    def _map_ptr(self, name: str):
+        p = lib().bpf_object__find_map_by_name(self._alive(), name.encode())
+        if not p:
+            raise KeyError(f"{self.path}: no map named {name!r}")
+        return p
+
+    def _prog_ptr(self, name: str):
+        p = lib().bpf_object__find_program_by_name(self._alive(), name.encode())
+        if not p:
+            raise KeyError(f"{self.path}: no program named {name!r}")
+        return p
+
+    def map_names(self) -> list[str]:
+        out, p = [], None
+        while p := lib().bpf_object__next_map(self._alive(), p):
+            out.append(lib().bpf_map__name(p).decode())
+        return out
+
+    def program_names(self) -> list[str]:
+        out, p = [], None
+        while p := lib().bpf_object__next_program(self._alive(), p):
+            out.append(lib().bpf_program__name(p).decode())
+        return out
+
+    def set_max_entries(self, name: str, n: int) -> None:
+        _check(lib().bpf_map__set_max_entries(self._map_ptr(name), n), f"set_max_entries {name}")
+
+    def max_entries(self, name: str) -> int:
+        return lib().bpf_map__max_entries(self._map_ptr(name))
+
+    def set_pin_path(self, name: str, path: str | None) -> None:
+        _check(lib().bpf_map__set_pin_path(self._map_ptr(name), path.encode() if path else None),
+               f"set_pin_path {name}")  # fmt: skip
+
+    def reuse_fd(self, name: str, fd: int) -> None:
+        _check(lib().bpf_map__reuse_fd(self._map_ptr(name), fd), f"reuse_fd {name}")
+
+    def set_autoload(self, prog: str, on: bool) -> None:
+        _check(lib().bpf_program__set_autoload(self._prog_ptr(prog), on), f"set_autoload {prog}")
+
+    def load(self) -> None:
+        _check(lib().bpf_object__load(self._alive()), f"bpf_object__load {self.path}")
+        self.loaded = True
+
+    def prog_fd(self, name: str) -> int:
+        return _check(lib().bpf_program__fd(self._prog_ptr(name)), f"program fd {name}")
+
+    def map_fd(self, name: str) -> int:
+        return _check(lib().bpf_map__fd(self._map_ptr(name)), f"map fd {name}")
+
+    def map(self, name: str) -> Map:
+        """The loaded map ``name``; its fd belongs to the object (valid until close())."""
+        return Map.from_fd(self.map_fd(name), owned=False)
+
+    def close(self) -> None:
+        if self._ptr:
+            lib().bpf_object__close(self._ptr)
+            self._ptr = None
+
+
+# --------------------------------------------------------------------------- test run
+
+
+def test_run(prog_fd: int, data: bytes, ctx: bytes | None = None, repeat: int = 1,
+             data_out_size: int | None = None) -> tuple[int, bytes, bytes | None, int]:  # fmt: skip
+    """BPF_PROG_TEST_RUN: run ``prog_fd`` on ``data`` (a whole Ethernet frame for TC).
+    Returns (retval, data_out, ctx_out or None, average duration in ns)."""
+    din = C.create_string_buffer(bytes(data), len(data))
+    out_sz = data_out_size or len(data) + 4096
+    dout = C.create_string_buffer(out_sz)
+    o = RunOpts(sz=C.sizeof(RunOpts), data_in=C.cast(din, C.c_void_p),
+                    data_out=C.cast(dout, C.c_void_p), data_size_in=len(data),
+                    data_size_out=out_sz, repeat=max(1, int(repeat)))  # fmt: skip
+    cin = cout = None
+    if ctx is not None:
+        cin = C.create_string_buffer(bytes(ctx), len(ctx))
+        cout = C.create_string_buffer(len(ctx))
+        o.ctx_in, o.ctx_out = C.cast(cin, C.c_void_p), C.cast(cout, C.c_void_p)
+        o.ctx_size_in = o.ctx_size_out = len(ctx)
+    _check(lib().bpf_prog_test_run_opts(prog_fd, C.byref(o)), "bpf_prog_test_run_opts")
+    ctx_out = cout.raw[: o.ctx_size_out] if cout is not None else None
+    return int(C.c_int32(o.retval).value), dout.raw[: o.data_size_out], ctx_out, int(o.duration)
+
+
+# --------------------------------------------------------------------------- TC
+
+
+def _hook(ifindex: int, point: int) -> TcHook:
+    return TcHook(sz=C.sizeof(TcHook), ifindex=ifindex, attach_point=point)
+
+
+def tc_hook_create(ifindex: int, point: int = BPF_TC_INGRESS) -> bool:
+    """Create the clsact qdisc on ``ifindex`` (either point creates it); False if it existed."""
+    ret = lib().bpf_tc_hook_create(C.byref(_hook(ifindex, point)))
+    if ret < 0 and -ret == _errno.EEXIST:
+        return False
+    _check(ret, f"bpf_tc_hook_create ifindex {ifindex}")
+    return True
+
+
+def tc_hook_destroy(ifindex: int, point: int = BPF_TC_INGRESS | BPF_TC_EGRESS) -> None:
+    """INGRESS|EGRESS removes the whole clsact qdisc; one point flushes that point's filters."""
+    ret = lib().bpf_tc_hook_destroy(C.byref(_hook(ifindex, point)))
+    if ret < 0 and -ret in (_errno.ENOENT, _errno.EINVAL, _errno.ENODEV):
+        return
+    _check(ret, f"bpf_tc_hook_destroy ifindex {ifindex}")
+
+
+def tc_attach(ifindex: int, point: int, prog_fd: int, handle: int = 0, priority: int = 0,
+              replace: bool = False) -> tuple[int, int, int]:  # fmt: skip
+    """Attach a direct-action cls_bpf filter; returns (handle, priority, prog_id)."""
+    o = TcOpts(sz=C.sizeof(TcOpts), prog_fd=prog_fd, handle=handle, priority=priority,
+               flags=BPF_TC_F_REPLACE if replace else 0)  # fmt: skip
+    _check(lib().bpf_tc_attach(C.byref(_hook(ifindex, point)), C.byref(o)),
+           f"bpf_tc_attach ifindex {ifindex}")  # fmt: skip
+    return o.handle, o.priority, o.prog_id
+
+
+def tc_detach(ifindex: int, point: int, handle: int, priority: int) -> bool:
+    """Remove our filter (handle, priority); False if it was already gone."""
+    o = TcOpts(sz=C.sizeof(TcOpts), handle=handle, priority=priority)
+    ret = lib().bpf_tc_detach(C.byref(_hook(ifindex, point)), C.byref(o))
+    if ret < 0 and -ret in (_errno.ENOENT, _errno.ENODEV, _errno.EINVAL):
+        return False
+    _check(ret, f"bpf_tc_detach ifindex {ifindex}")
+    return True
+
+
+def tc_query(ifindex: int, point: int, handle: int, priority: int) -> int | None:
+    """The prog id of filter (handle, priority), or None when there is none."""
+    o = TcOpts(sz=C.sizeof(TcOpts), handle=handle, priority=priority)
+    ret = lib().bpf_tc_query(C.byref(_hook(ifindex, point)), C.byref(o))
+    if ret < 0 and -ret in (_errno.ENOENT, _errno.EINVAL, _errno.ENODEV):
+        return None
+    _check(ret, f"bpf_tc_query ifindex {ifindex}")
+    return o.prog_id
+
+
+test_run.__test__ = False  # not a pytest test when imported into a test module
