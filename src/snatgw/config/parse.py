@@ -1,0 +1,475 @@
+"""The keepalived-style config parser: text -> GatewayConfig, and render_config back to text.
+
+Grammar (keepalived's, as lvs-snat's keepalived and the seed write it; `#` and `!` start a
+comment to end of line; a keyword's value is on the keyword's line; several keywords may share
+a line; `{` may open on the same line or the next; `;` separates like a line end)::
+
+    snatgw {                                  # snatgw's own settings, all optional
+        inside lan40 lan50                    # one or more interface names
+        outside eth1 eth2
+        port_range 5000-65535                 # or a single port
+        port_tries 10000
+        max_sessions 262144
+        unmatched pass|drop
+        backend bpf|nft
+        timeout tcp_established 7440          # any name of schema.TIMEOUT_NAMES, seconds
+        gc_interval 1                         # seconds
+        control_socket /run/snatgw/control.sock
+        pin_dir /sys/fs/bpf/snatgw
+    }
+    virtual_server fwmark 1 {                 # the SNAT service
+        snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh }
+    }
+
+Other keepalived blocks (global_defs, vrrp_*, other virtual_servers, real_server and the
+usual virtual_server options inside fwmark 1) are skipped with a warning, so a whole
+keepalived.conf can be read.  Every error is a ConfigError "file:line: field: message".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import ConfigError, RuleError
+from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_net, parse_oif
+from .schema import BACKENDS, TIMEOUT_NAMES, GatewayConfig, Settings
+
+log = logging.getLogger("snatgw.config")
+
+#: snat_rule keywords, in the order render_config writes them
+RULE_KEYWORDS = ("from", "to", "gw", "oif", "new_gw", "snat_ip", "algo")
+#: snatgw block keywords
+SETTINGS_KEYWORDS = (
+    "inside", "outside", "port_range", "port_tries", "max_sessions", "unmatched", "backend",
+    "timeout", "gc_interval", "control_socket", "pin_dir",
+)  # fmt: skip
+#: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
+KEEPALIVED_VS_OPTIONS = frozenset(
+    "delay_loop lb_algo lvs_sched lb_kind lvs_method protocol persistence_timeout "
+    "persistence_granularity virtualhost sorry_server sorry_server_inhibit alpha omega quorum "
+    "hysteresis quorum_up quorum_down ha_suspend ops syn_proxy laddr_group_name "
+    "local_address_group est_timeout abs_priority inhibit_on_failure retry delay_before_retry "
+    "ip_family virtualhost".split()
+)
+TIMEOUT_BY_STATE = {int(v): k for k, v in TIMEOUT_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+    line: int
+    eol: bool = False  # a line end (or `;`): ends a keyword's values
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def tokenize(text: str) -> list[Token]:
+    """Words and braces with their line numbers; comments dropped; a line end is a token."""
+    out: list[Token] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        cut = [i for i in (raw.find("#"), raw.find("!")) if i >= 0]
+        line = raw[: min(cut)] if cut else raw
+        for sep in "{};":
+            line = line.replace(sep, f" {sep} ")
+        for word in line.split():
+            out.append(Token(";", n, eol=True) if word == ";" else Token(word, n))
+        out.append(Token("", n, eol=True))
+    return out
+
+
+class _Cursor:
+    """Walks the tokens; knows the file name for "file:line" messages."""
+
+    def __init__(self, tokens: list[Token], filename: str):
+        self.toks = tokens
+        self.i = 0
+        self.filename = filename
+
+    def where(self, line: int) -> str:
+        return f"{self.filename}:{line}"
+
+    def error(self, line: int, field: str | None, msg: str) -> ConfigError:
+        return ConfigError(msg, field, self.where(line))
+
+    def skip_eol(self) -> None:
+        while self.i < len(self.toks) and self.toks[self.i].eol:
+            self.i += 1
+
+    def peek(self) -> Token | None:
+        self.skip_eol()
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def next(self) -> Token | None:
+        t = self.peek()
+        if t is not None:
+            self.i += 1
+        return t
+
+    def values(self) -> list[Token]:
+        """The rest of the current line up to a brace (a keyword's arguments)."""
+        out = []
+        while self.i < len(self.toks):
+            t = self.toks[self.i]
+            if t.eol or t.text in "{}":
+                break
+            out.append(t)
+            self.i += 1
+        return out
+
+    def open_brace(self, keyword: Token) -> None:
+        """Expect `{` on the keyword's line or the next non-blank one."""
+        t = self.peek()
+        if t is None or t.text != "{":
+            got = f"{t.text!r}" if t else "end of file"
+            raise self.error(keyword.line, keyword.text, f"expected '{{' to open the block, got {got}")
+        self.i += 1
+
+    def skip_block(self, opener: Token) -> None:
+        """Skip to the `}` matching an already consumed `{`."""
+        depth = 1
+        while depth:
+            t = self.next()
+            if t is None:
+                raise self.error(opener.line, opener.text, "block opened here is never closed (missing '}')")
+            depth += {"{": 1, "}": -1}.get(t.text, 0)
+
+    def maybe_block(self) -> bool:
+        """True (and consumes it) when the next token is `{`, on this line or the next."""
+        t = self.peek()
+        if t is not None and t.text == "{":
+            self.i += 1
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_file(path: str | Path, warnings: list[str] | None = None) -> GatewayConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config: {e.strerror or e}", None, str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text ({e.reason} at byte {e.start})", None, str(path)) from None
+    return parse_text(text, str(path), warnings)
+
+
+def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None = None) -> GatewayConfig:
+    """Parse config text.  Warnings (skipped blocks) go to ``warnings`` when given, else to the log."""
+    warn = warnings.append if warnings is not None else log.warning
+    cur = _Cursor(tokenize(text), filename)
+    rules: list[Rule] = []
+    settings = Settings()
+    seen: dict[str, Token] = {}
+    while (t := cur.next()) is not None:
+        if t.text == "}":
+            raise cur.error(t.line, None, "unexpected '}' with no block open")
+        if t.text == "{":
+            raise cur.error(t.line, None, "unexpected '{' with no keyword before it")
+        args = cur.values()
+        if t.text == "snatgw":
+            _once(cur, seen, t)
+            _no_args(cur, t, args)
+            cur.open_brace(t)
+            settings = _parse_settings(cur, t)
+        elif t.text == "virtual_server" and [a.text for a in args] == ["fwmark", "1"]:
+            _once(cur, seen, t, "virtual_server fwmark 1")
+            cur.open_brace(t)
+            rules.extend(_parse_service(cur, t, warn))
+        else:
+            label = " ".join([t.text] + [a.text for a in args])
+            if cur.maybe_block():
+                cur.skip_block(t)
+                warn(f"{cur.where(t.line)}: skipped keepalived block '{label}' (not the SNAT service)")
+            else:
+                warn(f"{cur.where(t.line)}: skipped keepalived line '{label}'")
+    try:
+        ruleset = RuleSet(rules)
+    except ConfigError:
+        raise
+    except RuleError as e:
+        raise ConfigError(e.message, e.field, e.where) from None
+    return GatewayConfig(rules=ruleset, settings=settings, source=filename)
+
+
+def _once(cur: _Cursor, seen: dict[str, Token], t: Token, label: str | None = None) -> None:
+    label = label or t.text
+    if label in seen:
+        raise cur.error(t.line, t.text, f"a second '{label}' block; the first is at {cur.where(seen[label].line)}")
+    seen[label] = t
+
+
+def _no_args(cur: _Cursor, t: Token, args: list[Token]) -> None:
+    if args:
+        raise cur.error(t.line, t.text, f"expected '{{' after {t.text}, got {args[0].text!r}")
+
+
+def _parse_service(cur: _Cursor, opener: Token, warn) -> list[Rule]:
+    """Body of `virtual_server fwmark 1 { ... }` up to its `}`."""
+    rules = []
+    while True:
+        t = cur.next()
+        if t is None:
+            raise cur.error(opener.line, "virtual_server", "block opened here is never closed (missing '}')")
+        if t.text == "}":
+            return rules
+        if t.text == "{":
+            raise cur.error(t.line, None, "unexpected '{' with no keyword before it")
+        args = cur.values()
+        if t.text == "snat_rule":
+            _no_args(cur, t, args)
+            cur.open_brace(t)
+            rules.append(_parse_rule(cur, t))
+        elif t.text == "real_server" or t.text in KEEPALIVED_VS_OPTIONS:
+            if cur.maybe_block():
+                cur.skip_block(t)
+            warn(f"{cur.where(t.line)}: skipped '{t.text}' in virtual_server fwmark 1 (means nothing to SNAT)")
+        else:
+            raise cur.error(
+                t.line, t.text,
+                "unknown keyword in virtual_server fwmark 1; expected snat_rule "
+                "(keepalived's real_server and virtual_server options are skipped)",
+            )  # fmt: skip
+
+
+def _parse_rule(cur: _Cursor, opener: Token) -> Rule:
+    """Body of `snat_rule { ... }` up to its `}`: keyword value pairs."""
+    vals: dict[str, Token] = {}
+    where = cur.where(opener.line)
+    while True:
+        t = cur.next()
+        if t is None:
+            raise cur.error(opener.line, "snat_rule", "block opened here is never closed (missing '}')")
+        if t.text == "}":
+            break
+        if t.text in ("{", "snat_rule", "virtual_server", "snatgw"):
+            raise cur.error(opener.line, "snat_rule", f"block opened here is not closed before line {t.line} "
+                            "(missing '}')")
+        if t.text not in RULE_KEYWORDS:
+            raise cur.error(t.line, t.text, f"unknown snat_rule keyword; expected one of {', '.join(RULE_KEYWORDS)}")
+        if t.text in vals:
+            raise cur.error(t.line, t.text, f"given twice in one snat_rule (first at line {vals[t.text].line})")
+        args = cur.values()
+        if not args:
+            raise cur.error(t.line, t.text, "expected a value on the same line")
+        if len(args) > 1 and args[1].text not in RULE_KEYWORDS:
+            raise cur.error(t.line, t.text, f"expected one value, got also {args[1].text!r}")
+        cur.i -= len(args) - 1  # the rest of the line is the next keywords
+        vals[t.text] = args[0]
+    missing = [k for k in ("from", "snat_ip") if k not in vals]
+    if missing:
+        raise cur.error(opener.line, "snat_rule", f"missing {' and '.join(missing)} (required)")
+
+    def at(k: str) -> str:
+        return cur.where(vals[k].line)
+
+    try:
+        return Rule(
+            src=parse_net(vals["from"].text, "from", at("from")),
+            dst=parse_net(vals["to"].text, "to", at("to")) if "to" in vals else ANY_NET,
+            gw=parse_addr(vals["gw"].text, "gw", at("gw")) if "gw" in vals else None,
+            oif=parse_oif(vals["oif"].text, at("oif")) if "oif" in vals else None,
+            new_gw=parse_addr(vals["new_gw"].text, "new_gw", at("new_gw")) if "new_gw" in vals else None,
+            pool=Pool.parse(vals["snat_ip"].text, at("snat_ip")),
+            algo=parse_algo(vals["algo"].text, at("algo")) if "algo" in vals else Rule.algo,
+            where=where,
+        )
+    except ConfigError:
+        raise
+    except RuleError as e:
+        raise ConfigError(e.message, e.field, e.where) from None
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _int(cur: _Cursor, t: Token, v: Token, lo: int, hi: int | None = None) -> int:
+    rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+    if not v.text.isdigit() or int(v.text) < lo or (hi is not None and int(v.text) > hi):
+        raise cur.error(v.line, t.text, f"expected an integer {rng}, got {v.text!r}")
+    return int(v.text)
+
+
+def _choice(cur: _Cursor, t: Token, v: Token, choices: tuple[str, ...]) -> str:
+    if v.text not in choices:
+        raise cur.error(v.line, t.text, f"expected one of {', '.join(choices)}, got {v.text!r}")
+    return v.text
+
+
+def _path(cur: _Cursor, t: Token, v: Token) -> str:
+    if not v.text.startswith("/"):
+        raise cur.error(v.line, t.text, f"expected an absolute path, got {v.text!r}")
+    return v.text
+
+
+def _ifaces(cur: _Cursor, t: Token, args: list[Token]) -> tuple[str, ...]:
+    if not args:
+        raise cur.error(t.line, t.text, "expected one or more interface names on the same line")
+    names = []
+    for a in args:
+        try:
+            names.append(parse_oif(a.text, cur.where(a.line)))
+        except RuleError as e:
+            raise cur.error(a.line, t.text, e.message) from None
+        if names.count(a.text) > 1:
+            raise cur.error(a.line, t.text, f"interface {a.text!r} listed twice")
+    return tuple(names)
+
+
+def _parse_settings(cur: _Cursor, opener: Token) -> Settings:
+    """Body of `snatgw { ... }` up to its `}`."""
+    s = Settings()
+    given: dict[str, Token] = {}
+    while True:
+        t = cur.next()
+        if t is None:
+            raise cur.error(opener.line, "snatgw", "block opened here is never closed (missing '}')")
+        if t.text == "}":
+            break
+        if t.text in ("{", "snat_rule", "virtual_server", "snatgw"):
+            raise cur.error(opener.line, "snatgw", f"block opened here is not closed before line {t.line} "
+                            "(missing '}')")
+        if t.text not in SETTINGS_KEYWORDS:
+            raise cur.error(t.line, t.text, f"unknown snatgw keyword; expected one of {', '.join(SETTINGS_KEYWORDS)}")
+        if t.text in ("inside", "outside"):
+            args = []
+            while cur.i < len(cur.toks):  # interface names run to the line end or the next keyword
+                a = cur.toks[cur.i]
+                if a.eol or a.text in "{}" or a.text in SETTINGS_KEYWORDS:
+                    break
+                args.append(a)
+                cur.i += 1
+        else:
+            arity = 2 if t.text == "timeout" else 1
+            args = cur.values()
+            if len(args) > arity and args[arity].text in SETTINGS_KEYWORDS:  # several on a line
+                cur.i -= len(args) - arity
+                args = args[:arity]
+            if len(args) != arity:
+                what = "a name and seconds" if arity == 2 else "a value"
+                raise cur.error(t.line, t.text, f"expected {what} on the same line, got {len(args)} words")
+        key = t.text if t.text != "timeout" else f"timeout {args[0].text}"
+        if key in given:
+            raise cur.error(t.line, t.text, f"given twice (first at line {given[key].line})")
+        given[key] = t
+        s = _apply_setting(cur, s, t, args)
+    return s
+
+
+def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Settings:
+    k, v = t.text, args[0] if args else None
+    if k in ("inside", "outside"):
+        return replace(s, **{k: _ifaces(cur, t, args)})
+    if k == "port_range":
+        lo, sep, hi = v.text.partition("-")
+        a = _int(cur, t, Token(lo, v.line), 1, 65535)
+        b = _int(cur, t, Token(hi, v.line), 1, 65535) if sep else a
+        if b < a:
+            raise cur.error(v.line, k, f"expected MIN-MAX with MIN <= MAX, got {v.text!r}")
+        return replace(s, port_min=a, port_max=b)
+    if k == "port_tries":
+        return replace(s, port_tries=_int(cur, t, v, 1, 65536))
+    if k == "max_sessions":
+        return replace(s, max_sessions=_int(cur, t, v, 1, 1 << 31))
+    if k == "unmatched":
+        return replace(s, unmatched_drop=_choice(cur, t, v, ("pass", "drop")) == "drop")
+    if k == "backend":
+        return replace(s, backend=_choice(cur, t, v, BACKENDS))
+    if k == "timeout":
+        name = _choice(cur, t, v, tuple(TIMEOUT_NAMES))
+        return s.with_timeouts(**{name: _int(cur, t, args[1], 1, 1 << 31)})
+    if k == "gc_interval":
+        try:
+            secs = float(v.text)
+        except ValueError:
+            secs = math.nan
+        if not (math.isfinite(secs) and 0 < secs <= 3600):
+            raise cur.error(v.line, k, f"expected seconds, a number > 0 and <= 3600, got {v.text!r}")
+        return replace(s, gc_interval=secs)
+    if k == "control_socket":
+        return replace(s, control_socket=_path(cur, t, v))
+    assert k == "pin_dir"
+    return replace(s, pin_dir=_path(cur, t, v))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def settings_as_dict(s: Settings) -> dict:
+    """Settings as plain JSON values, timeouts by keyword name."""
+    return {
+        "inside": list(s.inside),
+        "outside": list(s.outside),
+        "port_range": f"{s.port_min}-{s.port_max}",
+        "port_tries": s.port_tries,
+        "max_sessions": s.max_sessions,
+        "unmatched": "drop" if s.unmatched_drop else "pass",
+        "backend": s.backend,
+        "timeout": {TIMEOUT_BY_STATE[st]: secs for st, secs in s.timeouts},
+        "gc_interval": s.gc_interval,
+        "control_socket": s.control_socket,
+        "pin_dir": s.pin_dir,
+    }
+
+
+def _fmt_num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def render_settings(s: Settings, full: bool = False) -> list[str]:
+    """`snatgw { }` body lines: only what differs from the defaults unless ``full``."""
+    d, base = settings_as_dict(s), settings_as_dict(Settings())
+    lines = []
+    for k in SETTINGS_KEYWORDS:
+        if k == "timeout":
+            for name, secs in d["timeout"].items():
+                if full or base["timeout"].get(name) != secs:
+                    lines.append(f"timeout {name} {secs}")
+            continue
+        if not full and d[k] == base[k]:
+            continue
+        if k in ("inside", "outside"):
+            if d[k]:
+                lines.append(f"{k} {' '.join(d[k])}")
+        elif k == "gc_interval":
+            lines.append(f"{k} {_fmt_num(s.gc_interval)}")
+        else:
+            lines.append(f"{k} {d[k]}")
+    return lines
+
+
+def render_rule(r: Rule) -> str:
+    """One `snat_rule { ... }` line, every keyword the rule sets (`to` only when not 0/0)."""
+    d = r.as_dict()
+    parts = [f"from {d['from']}"]
+    if r.dst != ANY_NET:
+        parts.append(f"to {d['to']}")
+    for k in ("gw", "oif", "new_gw"):
+        if d[k]:
+            parts.append(f"{k} {d[k]}")
+    parts += [f"snat_ip {r.pool.short()}", f"algo {d['algo']}"]
+    return "snat_rule { " + "  ".join(parts) + " }"
+
+
+def render_config(cfg: GatewayConfig, full_settings: bool = False) -> str:
+    """Config text that parses back to the same rules (definition order) and settings."""
+    out = []
+    body = render_settings(cfg.settings, full_settings)
+    if body:
+        out += ["snatgw {"] + [f"    {line}" for line in body] + ["}", ""]
+    out.append("virtual_server fwmark 1 {")
+    out += [f"    {render_rule(r)}" for r in cfg.rules.defined]
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+__all__ = [
+    "parse_text", "parse_file", "render_config", "render_rule", "render_settings",
+    "settings_as_dict", "tokenize", "RULE_KEYWORDS", "SETTINGS_KEYWORDS",
+]  # fmt: skip
