@@ -130,12 +130,23 @@ class _Cursor:
 
     def skip_block(self, opener: Token) -> None:
         """Skip to the `}` matching an already consumed `{`."""
-        depth = 1
-        while depth:
-            t = self.next()
-            if t is None:
-                raise self.error(opener.line, opener.text, "block opened here is never closed (missing '}')")
-            depth += {"{": 1, "}": -1}.get(t.text, 0)
+        # openers of the blocks still open; the first word of the latest statement
+        stack, head, at_start = [opener], None, True
+        while stack:
+            if self.i >= len(self.toks):
+                o = stack[-1]  # the innermost unclosed block is the useful one to name
+                raise self.error(o.line, o.text, "block opened here is never closed (missing '}')")
+            t = self.toks[self.i]
+            self.i += 1
+            if t.text == "{":
+                stack.append(head or t)
+                head = None
+            elif t.text == "}":
+                stack.pop()
+                head = None
+            elif not t.eol and at_start:
+                head = t
+            at_start = t.eol or t.text in "{}"
 
     def maybe_block(self) -> bool:
         """True (and consumes it) when the next token is `{`, on this line or the next."""

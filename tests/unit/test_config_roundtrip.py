@@ -1,0 +1,92 @@
+"""render_config then parse_text gives back the same RuleSet (priority order and fields) and the
+same Settings, for generated configs (hypothesis)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from snatgw.config.parse import RULE_KEYWORDS, SETTINGS_KEYWORDS, parse_text, render_config
+from snatgw.config.schema import TIMEOUT_NAMES, GatewayConfig, Settings
+from snatgw.layout import Algo
+from snatgw.rules import Pool, Rule, RuleSet
+
+RESERVED = set(RULE_KEYWORDS) | set(SETTINGS_KEYWORDS)
+
+ifname = st.from_regex(r"\A[a-z][a-z0-9_.-]{0,14}\Z").filter(lambda s: s not in RESERVED)
+addr = st.integers(0, 2**32 - 1).map(IPv4Address)
+
+
+@st.composite
+def nets(draw):
+    plen = draw(st.integers(0, 32))
+    a = draw(st.integers(0, 2**32 - 1))
+    return IPv4Network((a >> (32 - plen) << (32 - plen) if plen else 0, plen))
+
+
+@st.composite
+def pools(draw):
+    a = draw(st.integers(0, 2**32 - 1))
+    b = draw(st.integers(a, min(a + 1000, 2**32 - 1)))
+    return Pool(IPv4Address(a), IPv4Address(b))
+
+
+rules = st.builds(
+    Rule,
+    src=nets(),
+    pool=pools(),
+    dst=nets(),
+    gw=st.none() | addr,
+    oif=st.none() | ifname,
+    new_gw=st.none() | addr,
+    algo=st.sampled_from(list(Algo)),
+)
+
+
+@st.composite
+def rulesets(draw):
+    defined = draw(st.lists(rules, max_size=8, unique_by=lambda r: r.identity))
+    return RuleSet(defined)
+
+
+path = st.from_regex(r"\A(/[A-Za-z0-9_.-]{1,12}){1,4}\Z")
+
+
+@st.composite
+def settings_values(draw):
+    lo = draw(st.integers(1, 65535))
+    hi = draw(st.integers(lo, 65535))
+    s = Settings(
+        inside=tuple(draw(st.lists(ifname, max_size=3, unique=True))),
+        outside=tuple(draw(st.lists(ifname, max_size=3, unique=True))),
+        port_min=lo,
+        port_max=hi,
+        port_tries=draw(st.integers(1, 65536)),
+        max_sessions=draw(st.integers(1, 2**31)),
+        unmatched_drop=draw(st.booleans()),
+        backend=draw(st.sampled_from(["bpf", "nft"])),
+        gc_interval=draw(st.floats(0.001, 3600) | st.integers(1, 3600).map(float)),
+        control_socket=draw(path),
+        pin_dir=draw(path),
+    )
+    changed = draw(st.dictionaries(st.sampled_from(sorted(TIMEOUT_NAMES)), st.integers(1, 2**31)))
+    return s.with_timeouts(**changed) if changed else s
+
+
+@settings(max_examples=200, deadline=None)
+@given(rulesets(), settings_values(), st.booleans())
+def test_render_then_parse_gives_same_rules_and_settings(rs, s, full):
+    """Rendering a config and parsing the text again yields an equal RuleSet and Settings."""
+    text = render_config(GatewayConfig(rules=rs, settings=s), full_settings=full)
+    back = parse_text(text, "r.conf", [])
+    assert back.rules == rs
+    assert [r.identity for r in back.rules.defined] == [r.identity for r in rs.defined]
+    assert back.settings == s
+
+
+def test_render_of_default_settings_has_no_settings_block():
+    """A config with default settings renders as the SNAT service alone."""
+    text = render_config(GatewayConfig(rules=RuleSet()))
+    assert "snatgw" not in text and text.startswith("virtual_server fwmark 1 {")
