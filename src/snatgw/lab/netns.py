@@ -1,0 +1,94 @@
+"""Network-namespace plumbing for the lab: running commands in a namespace (nsenter --net only,
+so the host mount namespace and bpffs stay visible), and opening sockets inside a namespace
+from this process (setns on the calling thread, then back), which the lab's clients use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import subprocess
+import threading
+
+from ..errors import EXIT_BACKEND, SnatgwError
+
+NETNS_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_setns_lock = threading.Lock()
+
+
+class LabError(SnatgwError):
+    """The lab could not be built, used or taken down."""
+
+    exit_code = EXIT_BACKEND
+
+
+def ns_path(ns: str) -> str:
+    return os.path.join(NETNS_DIR, ns)
+
+
+def nsenter(ns: str | None, *cmd: str) -> list[str]:
+    """argv that runs ``cmd`` in network namespace ``ns`` (None: here)."""
+    argv = [str(c) for c in cmd]
+    return argv if ns is None else ["nsenter", f"--net={ns_path(ns)}", "--"] + argv
+
+
+def run(argv: list[str], check: bool = True, timeout: float = 30.0,
+        input: str | None = None) -> subprocess.CompletedProcess:
+    """Run argv, capture text output; with ``check`` a failure raises LabError with stderr."""
+    try:
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
+    except subprocess.TimeoutExpired:
+        raise LabError(f"{' '.join(argv)}: no answer within {timeout:g} s") from None
+    except FileNotFoundError:
+        raise LabError(f"{argv[0]}: command not found (run `make setup`)") from None
+    if check and cp.returncode != 0:
+        msg = (cp.stderr or cp.stdout).strip()
+        raise LabError(f"{' '.join(argv)}: exit {cp.returncode}: {msg}")
+    return cp
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise LabError(f"setns: {os.strerror(e)}")
+
+
+@contextlib.contextmanager
+def in_netns(ns: str):
+    """Run the body with this thread in network namespace ``ns``; always switch back."""
+    with _setns_lock:
+        home = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            try:
+                target = os.open(ns_path(ns), os.O_RDONLY)
+            except FileNotFoundError:
+                raise LabError(f"network namespace {ns} does not exist") from None
+            try:
+                _setns(target)
+            finally:
+                os.close(target)
+            try:
+                yield
+            finally:
+                _setns(home)
+        finally:
+            os.close(home)
+
+
+def ns_socket(ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
+              proto: int = 0) -> socket.socket:
+    """A socket that lives in network namespace ``ns`` (it stays there after we switch back)."""
+    with in_netns(ns):
+        return socket.socket(family, type, proto)
+
+
+def list_netns() -> list[str]:
+    try:
+        return sorted(os.listdir(NETNS_DIR))
+    except FileNotFoundError:
+        return []
