@@ -1,0 +1,107 @@
+"""`snatgw lab up|down|status|exec`: the multi-ISP network-namespace lab (docs/lab.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ...lab.netns import LabError, nsenter
+from ...lab.topology import NODES, Lab, down_all, leftover_prefixes, list_labs
+
+HELP = "build, inspect and remove the multi-ISP netns lab (up, down, status, exec)"
+DESCRIPTION = """\
+The lab: namespaces <P>-in40 <P>-in50 (inside hosts), <P>-gw (the gateway), <P>-isp1 <P>-isp2
+(ISP routers) and <P>-net (servers 203.0.113.10, 198.51.100.10).  State: /run/snatgw/lab/NAME.json.
+
+  snatgw lab up [--name N] [--prefix P]
+  snatgw lab status [--name N] [--json]
+  snatgw lab exec [--name N] NODE -- CMD...      (nodes: in40 in50 gw isp1 isp2 net)
+  snatgw lab down [--name N | --all]
+"""
+
+
+def register(p) -> None:
+    sub = p.add_subparsers(dest="lab_verb", metavar="up|down|status|exec", required=True)
+    up = sub.add_parser("up", help="build the lab")
+    up.add_argument("--name", default="default")
+    up.add_argument("--prefix", help="namespace prefix, 'sg' + up to 10 of [a-z0-9] (default sg + 4 hex)")
+    down = sub.add_parser("down", help="remove the lab (namespaces, links, pins, socket, state)")
+    g = down.add_mutually_exclusive_group()
+    g.add_argument("--name", default=None)
+    g.add_argument("--all", action="store_true", help="every lab, and leftovers found by prefix")
+    st = sub.add_parser("status", help="namespaces, addresses, routes, gateway")
+    st.add_argument("--name", default=None)
+    st.add_argument("--json", action="store_true")
+    ex = sub.add_parser("exec", help="run a command in a lab node's network namespace")
+    ex.add_argument("--name", default="default")
+    ex.add_argument("node", choices=NODES)
+    ex.add_argument("cmd", nargs="+", help="command (put -- before it)")
+
+
+def _need(name: str) -> Lab:
+    lab = Lab.load(name)
+    if lab is None or not lab.exists():
+        raise LabError(f"no lab named {name!r} is up; `snatgw lab up --name {name}`")
+    return lab
+
+
+def run(args) -> int:
+    if args.lab_verb == "up":
+        lab = Lab.up(args.name, args.prefix, keep=True)
+        print(f"lab {lab.name} up: prefix {lab.prefix}, namespaces "
+              + " ".join(lab.ns(n) for n in NODES))
+        print(f"  try: snatgw lab exec --name {lab.name} in40 -- ping -c1 198.18.40.1")
+        return 0
+    if args.lab_verb == "down":
+        if args.all:
+            done = down_all()
+            print("removed: " + (" ".join(done) if done else "nothing (no lab was up)"))
+            return 0
+        name = args.name or "default"
+        lab = Lab.load(name)
+        if lab is None:
+            left = sorted(leftover_prefixes())
+            hint = f"; leftovers by prefix: {' '.join(left)} (`snatgw lab down --all`)" if left else ""
+            raise LabError(f"no lab named {name!r}{hint}")
+        lab.down()
+        print(f"lab {name} down (prefix {lab.prefix})")
+        return 0
+    if args.lab_verb == "status":
+        labs = [_need(args.name)] if args.name else list_labs()
+        st = [lab.status() for lab in labs]
+        if args.json:
+            print(json.dumps(st, indent=1))
+            return 0
+        if not st:
+            left = sorted(leftover_prefixes())
+            print("no lab is up" + (f" (leftover prefixes: {' '.join(left)})" if left else ""))
+            return 0
+        for s in st:
+            _print_status(s)
+        return 0
+    if args.lab_verb == "exec":
+        lab = _need(args.name)
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        argv = nsenter(lab.ns(args.node), *cmd)
+        sys.stdout.flush()
+        os.execvp(argv[0], argv)
+    return 2
+
+
+def _print_status(s: dict) -> None:
+    gw = s["gateway"]
+    print(f"lab {s['name']} (prefix {s['prefix']})")
+    for node, info in s["nodes"].items():
+        if not info["exists"]:
+            print(f"  {node:5} {info['namespace']}: MISSING")
+            continue
+        addrs = "; ".join(f"{i} {' '.join(a)}" for i, a in info["addresses"].items() if a and i != "lo"
+                          or i == "lo" and len(a) > 1)
+        print(f"  {node:5} {info['namespace']}: {addrs}")
+        for r in info["routes"]:
+            print(f"          route {r}")
+    state = f"running, pid {gw['pid']}, backend {gw['backend']}, config {gw['config']}" if gw["running"] \
+        else "not running"
+    print(f"  gateway: {state}; socket {gw['socket']}; pins {gw['pin_dir']}"
+          f" ({'present' if gw['pins'] else 'none'})")
