@@ -1,0 +1,358 @@
+"""`snatgw explain CONFIG --proto P --src IP:PORT --dst IP:PORT --oif IF --gw IP`: what the
+gateway would do with one packet arriving from inside.  The packet is built here and run
+through the reference model (snatgw.model.Engine) with a router that answers the given route
+(or the host's FIB, read only, with --route-from-kernel).  Exit 0 matched, 1 none, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import subprocess
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from ...config.parse import parse_file
+from ...errors import EXIT_NO_MATCH, EXIT_OK, SnatgwError
+from ...layout import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason, Verdict
+from ...rules import Route, parse_addr, parse_oif
+from ..render import dump_json, table
+
+HELP = "show which rule, SNAT address, port and next hop a packet would get"
+DESCRIPTION = """\
+Run one packet from an inside host through the reference model of the datapath and show every
+rule in priority order with MATCH or why not, the SNAT address and port, the next hop and egress
+interface after new_gw, and the rewritten packet.  The route (egress interface and next hop) of
+the destination is --oif/--gw, or the host's routing table with --route-from-kernel.
+Exit status: 0 a rule matched, 1 no rule matched, 2 bad input.
+"""
+
+PROTOS = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP, "icmp": IPPROTO_ICMP}
+TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x20, "E": 0x40, "C": 0x80}
+ICMP_ECHO = 8
+
+
+class BadInput(SnatgwError):
+    """A bad command-line value (exit 2)."""
+
+
+# --------------------------------------------------------------------------- input
+
+
+def parse_endpoint(text: str, opt: str, port_required: bool) -> tuple[IPv4Address, int]:
+    """``IP:PORT`` (or ``IP`` / ``IP:ID`` for icmp) -> (address, port)."""
+    host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if not sep and port_required:
+        raise BadInput(f"{opt}: expected IP:PORT, got {text!r}")
+    addr = parse_addr(host, opt)
+    if not sep:
+        return addr, 0
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise BadInput(f"{opt}: port must be 0..65535, got {port!r}")
+    return addr, int(port)
+
+
+def parse_flags(text: str) -> int:
+    bits = 0
+    for c in text.upper():
+        if c not in TCP_FLAG_BITS:
+            raise BadInput(f"--flags: unknown TCP flag {c!r}; use letters of {''.join(TCP_FLAG_BITS)}")
+        bits |= TCP_FLAG_BITS[c]
+    return bits
+
+
+def flags_text(bits: int) -> str:
+    return "".join(c for c, b in TCP_FLAG_BITS.items() if bits & b) or "-"
+
+
+# --------------------------------------------------------------------------- packets
+
+
+def csum(data: bytes) -> int:
+    """Internet checksum (RFC 1071) of data."""
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def build_packet(proto: int, src: IPv4Address, sport: int, dst: IPv4Address, dport: int,
+                 flags: int = TCP_FLAG_BITS["S"], ttl: int = 64, ipid: int = 1) -> bytes:  # fmt: skip
+    """An IPv4 packet (DF set, valid checksums): TCP segment with ``flags``, UDP datagram with
+    8 bytes of payload, or ICMP echo request with identifier ``sport``."""
+    if proto == IPPROTO_TCP:
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0 if not flags & 0x10 else 1, 5 << 4, flags, 64240, 0, 0)
+    elif proto == IPPROTO_UDP:
+        payload = b"snatgw\0\0"
+        l4 = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    else:
+        l4 = struct.pack("!BBHHH", ICMP_ECHO, 0, 0, sport, 1) + b"snatgw\0\0"
+    if proto in (IPPROTO_TCP, IPPROTO_UDP):
+        pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, proto, len(l4))
+        c = csum(pseudo + l4) or (0xFFFF if proto == IPPROTO_UDP else 0)
+        off = 16 if proto == IPPROTO_TCP else 6
+    else:
+        c, off = csum(l4), 2
+    l4 = l4[:off] + struct.pack("!H", c) + l4[off + 2 :]
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ipid, 0x4000, ttl, proto, 0, src.packed, dst.packed)
+    hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
+    return hdr + l4
+
+
+@dataclass(frozen=True)
+class Summary:
+    proto: int
+    src: IPv4Address
+    sport: int
+    dst: IPv4Address
+    dport: int
+    ttl: int
+    flags: int = 0
+
+    def ends(self) -> tuple[str, str]:
+        if self.proto == IPPROTO_ICMP:  # echo: the identifier travels in sport
+            return f"{self.src}:{self.sport}", f"{self.dst}:{self.dport}"
+        return f"{self.src}:{self.sport}", f"{self.dst}:{self.dport}"
+
+    def text(self) -> str:
+        s, d = self.ends()
+        name = {v: k for k, v in PROTOS.items()}.get(self.proto, str(self.proto))
+        extra = f" flags {flags_text(self.flags)}" if self.proto == IPPROTO_TCP else ""
+        extra += " (echo id as port)" if self.proto == IPPROTO_ICMP else ""
+        return f"{name} {s} -> {d}{extra} ttl {self.ttl}"
+
+
+def summarize(pkt: bytes) -> Summary:
+    """Addresses, ports (echo id), TTL and TCP flags of a packet built or output here."""
+    ihl = (pkt[0] & 0x0F) * 4
+    proto, ttl = pkt[9], pkt[8]
+    src, dst = IPv4Address(pkt[12:16]), IPv4Address(pkt[16:20])
+    l4 = pkt[ihl:]
+    if proto in (IPPROTO_TCP, IPPROTO_UDP) and len(l4) >= 4:
+        sport, dport = struct.unpack("!HH", l4[:4])
+        return Summary(proto, src, sport, dst, dport, ttl, l4[13] if proto == IPPROTO_TCP and len(l4) > 13 else 0)
+    if proto == IPPROTO_ICMP and len(l4) >= 6:
+        return Summary(proto, src, struct.unpack("!H", l4[4:6])[0], dst, 0, ttl)
+    return Summary(proto, src, 0, dst, 0, ttl)
+
+
+# --------------------------------------------------------------------------- routers
+
+
+def _fib(kind: str, oif: str | None = None, gw: IPv4Address | None = None, mtu: int = 1500):
+    from ...model.router import FibResult
+
+    return FibResult(kind, oif, gw, mtu)
+
+
+@dataclass
+class GivenRouter:
+    """Answers --oif/--gw for the packet's destination; any other destination (a new_gw) is
+    taken as on-link via the same interface, and said so in ``notes``."""
+
+    dst: IPv4Address
+    oif: str
+    gw: IPv4Address
+    mtu: int = 1500
+    notes: list[str] = field(default_factory=list)
+
+    def lookup(self, dst, src=None):
+        dst = IPv4Address(dst)
+        if dst == self.dst:
+            return _fib("forward", self.oif, self.gw, self.mtu)
+        note = f"no route given for {dst}: assumed on-link via {self.oif} (pass --route-from-kernel to ask the FIB)"
+        if note not in self.notes:
+            self.notes.append(note)
+        return _fib("forward", self.oif, dst, self.mtu)
+
+
+def ip_route_get(dst: IPv4Address, src: IPv4Address | None, iif: str | None) -> tuple[dict | None, str]:
+    """`ip -j route get` (read only): the first answer, or None and the error text."""
+    cmd = ["ip", "-j", "route", "get", str(dst)]
+    if src is not None:
+        cmd += ["from", str(src)] + (["iif", iif] if iif else [])
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{' '.join(cmd)}: {e}"
+    if p.returncode != 0:
+        return None, f"{' '.join(cmd)}: {p.stderr.strip() or 'exit ' + str(p.returncode)}"
+    try:
+        return json.loads(p.stdout)[0], " ".join(cmd)
+    except (ValueError, IndexError):
+        return None, f"{' '.join(cmd)}: unreadable output {p.stdout[:80]!r}"
+
+
+def dev_mtu(dev: str | None) -> int:
+    try:
+        with open(f"/sys/class/net/{dev}/mtu") as f:
+            return int(f.read())
+    except (OSError, ValueError, TypeError):
+        return 1500
+
+
+@dataclass
+class KernelRouter:
+    """The host's FIB via `ip -j route get DST from SRC [iif INSIDE]` (read only).  A source
+    that is not local to this host needs `iif` (an inside interface that exists here); when
+    that fails the lookup is repeated without the source, and notes say so."""
+
+    inside: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+    answers: list[tuple[str, dict | None]] = field(default_factory=list)
+
+    def lookup(self, dst, src=None):
+        dst = IPv4Address(dst)
+        iifs = [i for i in self.inside if os.path.exists(f"/sys/class/net/{i}")][:1]
+        tries = [(src, i) for i in iifs] + [(src, None)] if src is not None else []
+        errors = []
+        for s, iif in tries + [(None, None)]:
+            ans, how = ip_route_get(dst, s, iif)
+            if ans is not None:
+                break
+            errors.append(how)
+        self.answers.append((how, ans))
+        if errors and ans is not None:
+            self.notes.append(f"{'; '.join(errors)}; used `{how}` instead (routing by source not applied)")
+        if ans is None:
+            self.notes.append(f"no route: {'; '.join(errors)}")
+            return _fib("unreachable")
+        kind = ans.get("type", "unicast")
+        if kind == "local":
+            return _fib("local", ans.get("dev"), None, dev_mtu(ans.get("dev")))
+        if kind in ("blackhole", "unreachable", "prohibit", "throw"):
+            return _fib("unreachable")
+        gw = IPv4Address(ans["gateway"]) if ans.get("gateway") else dst
+        mtu = int(ans.get("metrics", [{}])[0].get("mtu", 0)) if ans.get("metrics") else 0
+        return _fib("forward", ans.get("dev"), gw, mtu or dev_mtu(ans.get("dev")))
+
+
+# --------------------------------------------------------------------------- the explanation
+
+
+def _model_result(cfg, pkt: bytes, router, ingress: str):
+    """Engine.process of the reference model, or None when snatgw.model is not importable."""
+    try:
+        from ...model import Engine
+    except ImportError:
+        return None
+    return Engine(cfg.rules, cfg.settings, router).process(pkt, side="inside", ingress=ingress, now=0.0)
+
+
+def explain_packet(cfg, pkt: bytes, router, ingress: str) -> dict:
+    """The explanation of one inside packet as a JSON-ready dict (see `snatgw explain --help`)."""
+    s = summarize(pkt)
+    fib = router.lookup(s.dst, s.src)
+    route = Route(fib.oif, fib.gw) if fib.kind == "forward" else None
+    winner, why = cfg.rules.explain(s.src, s.dst, route)
+    notes = []
+    res = _model_result(cfg, pkt, router, ingress)
+    if res is None:
+        notes.append("the reference model (snatgw.model) is not available: verdict not computed")
+        verdict, reason, out, oif, nexthop, rule = None, None, None, fib.oif, fib.gw, winner
+    else:
+        verdict, reason, rule = Verdict(res.verdict), Reason(res.reason), res.rule
+        out = bytes(res.packet) if res.packet is not None else None
+        oif = res.oif if res.oif is not None else fib.oif
+        nexthop = res.nexthop if res.nexthop is not None else fib.gw
+    notes += getattr(router, "notes", [])
+    translated = None
+    snat = None
+    if out is not None and verdict in (Verdict.REDIRECT, Verdict.PASS_TRANSLATED):
+        o = summarize(out)
+        if (o.src, o.sport) != (s.src, s.sport):
+            translated = dict(zip(("src", "dst"), o.ends()), ttl=o.ttl)
+            snat = {"addr": str(o.src), "port": o.sport}
+    return {
+        "packet": dict(zip(("src", "dst"), s.ends()), proto={v: k for k, v in PROTOS.items()}[s.proto], ttl=s.ttl,
+                       flags=flags_text(s.flags) if s.proto == IPPROTO_TCP else None, ingress=ingress),
+        "route": {"kind": fib.kind, "oif": fib.oif, "gw": str(fib.gw) if fib.gw else None},
+        "matched": rule is not None,
+        "rule": None if rule is None else {**rule.as_dict(), "where": rule.where},
+        "candidates": [
+            {"priority": i, "rule": r.describe(), "where": r.where, "match": w == "MATCH", "why": w}
+            for i, (r, w) in enumerate(why, 1)
+        ],
+        "verdict": verdict.name if verdict is not None else None,
+        "reason": reason.name if reason is not None else None,
+        "snat": snat,
+        "next_hop": str(nexthop) if nexthop is not None else None,
+        "oif": oif,
+        "translated": translated,
+        "notes": notes,
+    }  # fmt: skip
+
+
+def render_text(d: dict) -> str:
+    p, r = d["packet"], d["route"]
+    flags = f" flags {p['flags']}" if p["flags"] else ""
+    out = [f"packet:    {p['proto']} {p['src']} -> {p['dst']}{flags} ttl {p['ttl']}, in on {p['ingress']}"]
+    route = f"via {r['gw']} dev {r['oif']}" if r["kind"] == "forward" else r["kind"]
+    out.append(f"route:     {route}")
+    out += ["", "rules in priority order:"]
+    rows = [[c["priority"], c["rule"], c["where"], c["why"]] for c in d["candidates"]]
+    out.append(table(rows, ["#", "rule", "defined at", "result"], "  ") if rows else "  (no rules)")
+    out.append("")
+    if d["rule"]:
+        out.append(f"rule:      {d['rule']['where']}  (snat_ip {d['rule']['snat_ip']} algo {d['rule']['algo']})")
+    else:
+        out.append("rule:      none matched")
+    if d["verdict"]:
+        out.append(f"verdict:   {d['verdict']} ({d['reason']})")
+    if d["snat"]:
+        out.append(f"SNAT:      {d['snat']['addr']} port {d['snat']['port']}")
+    out.append(f"next hop:  {d['next_hop'] or '-'} dev {d['oif'] or '-'}")
+    if d["translated"]:
+        t = d["translated"]
+        out.append(f"out:       {p['proto']} {t['src']} -> {t['dst']} ttl {t['ttl']}")
+    else:
+        out.append("out:       not translated")
+    out += [f"note:      {n}" for n in d["notes"]]
+    return "\n".join(out)
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG", help="config file")
+    p.add_argument("--proto", choices=sorted(PROTOS), default="tcp", help="protocol (default tcp)")
+    p.add_argument("--src", required=True, metavar="IP:PORT", help="inside source (icmp: IP[:ECHO_ID])")
+    p.add_argument("--dst", required=True, metavar="IP:PORT", help="destination (icmp: IP)")
+    p.add_argument("--oif", metavar="IFACE", help="the route's egress interface for DST")
+    p.add_argument("--gw", metavar="IP", help="the route's next hop for DST (the destination itself when on-link)")
+    p.add_argument("--route-from-kernel", action="store_true",
+                   help="ask this host's FIB (`ip -j route get`, read only) instead of --oif/--gw")
+    p.add_argument("--flags", default="S", help="TCP flags, letters of FSRPAUEC (default S, a new connection)")
+    p.add_argument("--ttl", type=int, default=64, help="IP TTL (default 64)")
+    p.add_argument("--iif", metavar="IFACE", help="inside interface it arrives on (default: the first `inside`)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def build_from_args(args: argparse.Namespace) -> tuple[bytes, IPv4Address]:
+    proto = PROTOS[args.proto]
+    src, sport = parse_endpoint(args.src, "--src", proto != IPPROTO_ICMP)
+    dst, dport = parse_endpoint(args.dst, "--dst", proto != IPPROTO_ICMP)
+    if proto == IPPROTO_ICMP and dport:
+        raise BadInput("--dst: an echo request has no destination port; give IP (the identifier is --src's port)")
+    if not 0 <= args.ttl <= 255:
+        raise BadInput(f"--ttl: expected 0..255, got {args.ttl}")
+    flags = parse_flags(args.flags) if proto == IPPROTO_TCP else 0
+    return build_packet(proto, src, sport, dst, dport, flags=flags, ttl=args.ttl), dst
+
+
+def run(args: argparse.Namespace) -> int:
+    pkt, dst = build_from_args(args)
+    cfg = parse_file(args.config)
+    if args.route_from_kernel:
+        if args.oif or args.gw:
+            raise BadInput("--route-from-kernel replaces --oif/--gw; give one or the other")
+        router = KernelRouter(cfg.settings.inside)
+    else:
+        if not (args.oif and args.gw):
+            raise BadInput("give the route of DST as --oif IFACE --gw IP (or --route-from-kernel)")
+        router = GivenRouter(dst, parse_oif(args.oif, "--oif"), parse_addr(args.gw, "gw", "--gw"))
+    ingress = args.iif or (cfg.settings.inside[0] if cfg.settings.inside else "lan0")
+    d = explain_packet(cfg, pkt, router, ingress)
+    print(dump_json(d) if args.json else render_text(d))
+    return EXIT_OK if d["matched"] else EXIT_NO_MATCH
