@@ -1,0 +1,273 @@
+"""Loading the datapath object, pinning and re-adopting its maps, attaching the three TC
+programs (and detaching only our own filters), plus ``netns()`` to act inside a named
+network namespace from the calling thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ... import layout as L
+from ...errors import BackendError
+from . import libbpf as B
+from .maps import DatapathMaps, map_specs
+
+log = logging.getLogger("snatgw.bpf.loader")
+
+BPFFS = "/sys/fs/bpf"
+TC_HANDLE = 0x534E  # "SN": our filters' handle and priority on every hook we use
+TC_PRIORITY = 0x534E
+
+PROG_INSIDE = "snat_inside"
+PROG_OUTSIDE = "snat_outside"
+PROG_EGRESS = "snat_egress"
+
+
+# --------------------------------------------------------------------------- namespaces
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def netns(name_or_path: str):
+    """Run the body with the calling thread in network namespace ``name_or_path`` (a name
+    under /run/netns or a path); the thread's namespace is restored afterwards.  Children
+    started in the body (ip, tc) inherit it; BPF fds stay valid across namespaces."""
+    path = name_or_path if "/" in name_or_path else f"/run/netns/{name_or_path}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                e = ctypes.get_errno()
+                raise BackendError(f"setns {path}: {os.strerror(e)}")
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            if libc.setns(here, _CLONE_NEWNET) != 0:  # pragma: no cover - cannot recover
+                raise BackendError(f"setns back to the original netns: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(here)
+
+
+def ifindex(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise BackendError(f"interface {name!r} does not exist (in this network namespace)") from None
+
+
+# --------------------------------------------------------------------------- bpffs and pins
+
+
+def ensure_bpffs(pin_dir: str) -> None:
+    """Mount bpffs at /sys/fs/bpf when it is absent (pins live there), then create pin_dir."""
+    if pin_dir.startswith(BPFFS + "/") and not _is_bpffs(BPFFS):
+        log.info("mounting bpffs at %s", BPFFS)
+        r = subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BackendError(f"cannot mount bpffs at {BPFFS}: {r.stderr.strip()}")
+    try:
+        os.makedirs(pin_dir, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise BackendError(f"{pin_dir}: cannot create the pin directory: {e.strerror}") from None
+
+
+def _is_bpffs(path: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1:3] == [path, "bpf"] for line in f if len(line.split()) > 2)
+
+
+def unpin(pin_dir: str) -> None:
+    """Remove our pins and the directory (only our map names; anything else stays)."""
+    for name in map_specs():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(pin_dir, name))
+    with contextlib.suppress(FileNotFoundError, OSError):
+        os.rmdir(pin_dir)
+
+
+# --------------------------------------------------------------------------- attachments
+
+
+@dataclass(frozen=True)
+class Attachment:
+    ifname: str
+    ifindex: int
+    point: int  # B.BPF_TC_INGRESS / B.BPF_TC_EGRESS
+    prog: str
+    prog_id: int
+    created_hook: bool  # we created the clsact qdisc (so we may remove it when empty)
+
+    def __str__(self) -> str:
+        where = "ingress" if self.point == B.BPF_TC_INGRESS else "egress"
+        return f"{self.prog} on {self.ifname} {where} (prog id {self.prog_id})"
+
+
+def _hook_empty(ifname: str) -> bool:
+    """True when neither clsact point of ``ifname`` carries any filter (ours are gone)."""
+    for where in ("ingress", "egress"):
+        r = subprocess.run(["tc", "-j", "filter", "show", "dev", ifname, where],
+                           capture_output=True, text=True)  # fmt: skip
+        if r.returncode != 0:
+            return False
+        try:
+            if json.loads(r.stdout or "[]"):
+                return False
+        except json.JSONDecodeError:
+            return False
+    return True
+
+
+class Loader:
+    """Owns one loaded datapath object: ``load()`` then ``attach()``; ``detach()``/``stop()``.
+
+    ``obj_path``: a compiled object (default: build.compile(defines), bpf-C's build)."""
+
+    def __init__(self, pin_dir: str = L.PIN_DIR, max_sessions: int = L.MAX_SESSIONS,
+                 obj_path: str | os.PathLike | None = None, defines: dict | None = None):  # fmt: skip
+        self.pin_dir, self.max_sessions = pin_dir, max_sessions
+        self.obj_path, self.defines = obj_path, defines or {}
+        self.obj: B.BpfObject | None = None
+        self.maps: DatapathMaps | None = None
+        self.reused: list[str] = []  # map names adopted from pins
+        self.attachments: list[Attachment] = []
+
+    # ------------------------------------------------------------- load
+
+    def _object_path(self) -> Path:
+        if self.obj_path:
+            return Path(self.obj_path)
+        try:
+            from . import build
+        except ImportError as e:  # pragma: no cover - until bpf-C's build exists
+            raise BackendError(f"no compiled datapath object and no build module: {e}") from None
+        return Path(build.compile(self.defines))
+
+    def load(self) -> DatapathMaps:
+        """Open and load the object; maps pinned under pin_dir are reused (after a check of
+        type and sizes), the others are created and pinned.  Nothing is attached yet."""
+        if self.max_sessions < 1:
+            raise BackendError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        specs = map_specs(self.max_sessions)
+        ensure_bpffs(self.pin_dir)
+        obj = B.BpfObject.open(self._object_path())
+        pinned_fds: list[int] = []
+        made: list[str] = []  # pins this call created (removed again on failure)
+        try:
+            names = set(obj.map_names())
+            missing = [n for n in specs if n not in names]
+            if missing:
+                raise BackendError(f"{obj.path}: object lacks maps {', '.join(missing)}")
+            for name, spec in specs.items():
+                obj.set_max_entries(name, spec.max_entries)
+                path = os.path.join(self.pin_dir, name)
+                if os.path.exists(path):
+                    fd = B.obj_get(path)
+                    pinned_fds.append(fd)
+                    spec.check(B.map_info(fd), path)
+                    obj.reuse_fd(name, fd)
+                    self.reused.append(name)
+            obj.load()
+            for name in specs:
+                if name not in self.reused:
+                    path = os.path.join(self.pin_dir, name)
+                    B.obj_pin(obj.map_fd(name), path)
+                    made.append(path)
+        except BaseException:
+            obj.close()
+            self.reused = []
+            for path in made:  # leave what was there before, and nothing half-made
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.pin_dir)  # only if empty
+            raise
+        finally:
+            for fd in pinned_fds:  # reuse_fd dup()s the fd
+                os.close(fd)
+        self.obj = obj
+        self.maps = DatapathMaps({n: obj.map(n) for n in specs})
+        if self.reused:
+            log.info("adopted pinned maps from %s: %s", self.pin_dir, ", ".join(self.reused))
+        return self.maps
+
+    # ------------------------------------------------------------- attach
+
+    def attach(self, inside: list[str] | tuple[str, ...], outside: list[str] | tuple[str, ...]) -> None:
+        """snat_inside on inside ingress; snat_outside on outside ingress; snat_egress on
+        outside egress.  An existing filter of ours (handle/priority TC_HANDLE/TC_PRIORITY,
+        e.g. left by a previous daemon) is replaced in place, so there is no gap."""
+        if self.obj is None:
+            raise BackendError("attach before load")
+        overlap = set(inside) & set(outside)
+        if overlap:
+            raise BackendError(f"interface(s) {', '.join(sorted(overlap))} both inside and outside")
+        plan = [(i, B.BPF_TC_INGRESS, PROG_INSIDE) for i in inside]
+        plan += [(o, B.BPF_TC_INGRESS, PROG_OUTSIDE) for o in outside]
+        plan += [(o, B.BPF_TC_EGRESS, PROG_EGRESS) for o in outside]
+        idx = {name: ifindex(name) for name, _, _ in plan}  # every device first: fail early
+        fds = {p: self.obj.prog_fd(p) for p in {p for _, _, p in plan}}
+        created: dict[str, bool] = {}
+        try:
+            for name, point, prog in plan:
+                if name not in created:
+                    created[name] = B.tc_hook_create(idx[name], B.BPF_TC_INGRESS)
+                _, _, pid = B.tc_attach(idx[name], point, fds[prog], TC_HANDLE, TC_PRIORITY, replace=True)
+                a = Attachment(name, idx[name], point, prog, pid, created[name])
+                self.attachments.append(a)
+                log.info("attached %s", a)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Remove only our filters; a clsact qdisc we created goes too once it is empty."""
+        errors = []
+        for a in reversed(self.attachments):
+            try:
+                B.tc_detach(a.ifindex, a.point, TC_HANDLE, TC_PRIORITY)
+            except BackendError as e:
+                errors.append(str(e))
+        for name, idx in {a.ifname: a.ifindex for a in self.attachments if a.created_hook}.items():
+            if _hook_empty(name):
+                with contextlib.suppress(BackendError):
+                    B.tc_hook_destroy(idx, B.BPF_TC_INGRESS | B.BPF_TC_EGRESS)
+        self.attachments = []
+        if errors:
+            raise BackendError("detach: " + "; ".join(errors))
+
+    # ------------------------------------------------------------- stop
+
+    def stop(self, keep_state: bool = False) -> None:
+        """Detach, close the object and, unless keep_state, remove the pins."""
+        try:
+            self.detach()
+        finally:
+            if self.obj is not None:
+                self.obj.close()
+                self.obj, self.maps = None, None
+            if not keep_state:
+                unpin(self.pin_dir)
+
+
+def attached_prog_id(ifname: str, point: int) -> int | None:
+    """The program id of our filter on ``ifname``/``point`` (None if none): for status/tests."""
+    try:
+        return B.tc_query(ifindex(ifname), point, TC_HANDLE, TC_PRIORITY)
+    except B.LibbpfError as e:
+        if e.errno in (errno.ENOENT, errno.EINVAL):
+            return None
+        raise

@@ -1,0 +1,39 @@
+/* A tiny stand-in for the snatgw datapath: the same maps (names, types, layouts) as
+ * snatgw.layout and three TC programs that count a reason and pass.  Used by the loader and
+ * libbpf tests so they do not depend on the real programs. */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include "snat_layout.h"
+
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, SNAT_MAX_RULES);
+	 __type(key, __u32); __type(value, struct snat_rule); } snat_rules SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
+	 __type(key, __u32); __type(value, struct snat_cfg); } snat_config SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_SESSIONS * 2);
+	 __type(key, struct ct_key); __type(value, struct ct_entry); } snat_ct SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, SNAT_MAX_FRAGS);
+	 __type(key, struct frag_key); __type(value, struct frag_entry); } snat_frags SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, REASON_MAX);
+	 __type(key, __u32); __type(value, __u64); } snat_reasons SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_HASH); __uint(max_entries, SNAT_MAX_RULES);
+	 __type(key, __u32); __type(value, struct rule_stats); } snat_rule_stats SEC(".maps");
+
+static __always_inline int count(__u32 reason)
+{
+	__u64 *c = bpf_map_lookup_elem(&snat_reasons, &reason);
+	if (c)
+		*c += 1;
+	return TC_ACT_OK;
+}
+
+SEC("tc") int snat_inside(struct __sk_buff *skb) { return count(REASON_PASS_NO_RULE); }
+SEC("tc") int snat_outside(struct __sk_buff *skb) { return count(REASON_PASS_NO_SESSION_IN); }
+SEC("tc") int snat_egress(struct __sk_buff *skb) { return count(REASON_PASS_LOCAL); }
+
+/* Keep every layout struct in BTF even if no map used it. */
+struct snat_layout_all { struct ct_key a; struct ct_entry b; struct snat_rule c;
+	struct snat_cfg d; struct frag_key e; struct frag_entry f; struct rule_stats g; };
+struct snat_layout_all snat_layout_all_ SEC(".data.layout");
+
+char _license[] SEC("license") = "GPL";

@@ -1,0 +1,222 @@
+"""Loader tests in a namespace of our own: attach/detach (only our filters), pins adopted by a
+second load, map-size mismatch refused clearly, nothing left behind.  The fixtures here (a
+tiny stand-in object with the real map names, a netns, a pin dir) are reused by test_backend*.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from snatgw import layout as L
+from snatgw.datapath.bpf import libbpf as B
+from snatgw.datapath.bpf.loader import TC_HANDLE, TC_PRIORITY, Loader, attached_prog_id, netns
+from snatgw.errors import BackendError
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+INCLUDE = os.path.dirname(L.HEADER_PATH)
+
+
+def compile_mini(out_dir) -> str:
+    """Compile tests/bpf/data/mini.bpf.c (the stand-in datapath) into out_dir."""
+    out = os.path.join(str(out_dir), "mini.bpf.o")
+    arch = subprocess.run(["gcc", "-dumpmachine"], capture_output=True, text=True).stdout.strip()
+    cmd = ["clang", "-O2", "-g", "-target", "bpf", f"-I{INCLUDE}", "-c",
+           os.path.join(DATA, "mini.bpf.c"), "-o", out]  # fmt: skip
+    if arch:
+        cmd.insert(5, f"-I/usr/include/{arch}")
+    subprocess.run(cmd, check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mini_obj(tmp_path_factory):
+    return compile_mini(tmp_path_factory.mktemp("bpfobj"))
+
+
+def sh(*argv, check=True):
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=check)
+
+
+@pytest.fixture
+def ns():
+    """A netns 'sgt<hex>-gw' with veths in0 and out0 (peers in0p/out0p in a second netns;
+    this kernel has no dummy driver)."""
+    tag = f"sgt{os.getpid():x}{uuid.uuid4().hex[:4]}"
+    name, peer = f"{tag}-gw", f"{tag}-pe"
+    try:
+        sh("ip", "netns", "add", name)
+        sh("ip", "netns", "add", peer)
+        sh("ip", "-n", name, "link", "add", "in0", "type", "veth", "peer", "name", "in0p", "netns", peer)
+        sh("ip", "-n", name, "link", "add", "out0", "type", "veth", "peer", "name", "out0p", "netns", peer)
+        sh("ip", "-n", name, "addr", "add", "198.18.40.1/24", "dev", "in0")
+        sh("ip", "-n", name, "addr", "add", "198.19.2.2/24", "dev", "out0")
+        for dev in ("in0", "out0", "lo"):
+            sh("ip", "-n", name, "link", "set", dev, "up")
+        yield name
+    finally:
+        sh("ip", "netns", "del", name, check=False)
+        sh("ip", "netns", "del", peer, check=False)
+
+
+@pytest.fixture
+def pin_dir():
+    d = f"/sys/fs/bpf/sgt{os.getpid():x}-{uuid.uuid4().hex[:6]}"
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        assert not os.path.exists(d)
+
+
+def tc_filters(ns_name, dev, where):
+    r = sh("ip", "netns", "exec", ns_name, "tc", "-j", "filter", "show", "dev", dev, where)
+    return json.loads(r.stdout or "[]")
+
+
+def has_clsact(ns_name, dev):
+    r = sh("ip", "netns", "exec", ns_name, "tc", "-j", "qdisc", "show", "dev", dev)
+    return any(q.get("kind") == "clsact" for q in json.loads(r.stdout or "[]"))
+
+
+def ct_key(n: int) -> bytes:
+    return L.CT_KEY.pack(saddr=0xC6122800 + n, daddr=0xCB00710A, sport=1000 + n, dport=80,
+                         proto=L.IPPROTO_TCP, dir=L.CT_DIR_OUT)  # fmt: skip
+
+
+@pytest.mark.bpf
+def test_attach_puts_each_program_on_its_hook_and_detach_removes_only_ours(ns, pin_dir, mini_obj):
+    """inside ingress, outside ingress+egress carry our programs; a foreign filter survives detach."""
+    with netns(ns):
+        ld = Loader(pin_dir, max_sessions=64, obj_path=mini_obj)
+        ld.load()
+        try:
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "out0", "clsact")
+            sh("ip", "netns", "exec", ns, "tc", "filter", "add", "dev", "out0", "ingress", "prio", "7",
+               "bpf", "obj", mini_obj, "sec", "tc", "da")  # someone else's filter (only cls_bpf here)
+            ld.attach(["in0"], ["out0"])
+            ids = {(a.ifname, a.point): a.prog_id for a in ld.attachments}
+            assert attached_prog_id("in0", B.BPF_TC_INGRESS) == ids[("in0", B.BPF_TC_INGRESS)]
+            assert attached_prog_id("out0", B.BPF_TC_INGRESS) == ids[("out0", B.BPF_TC_INGRESS)]
+            assert attached_prog_id("out0", B.BPF_TC_EGRESS) == ids[("out0", B.BPF_TC_EGRESS)]
+            assert attached_prog_id("in0", B.BPF_TC_EGRESS) is None
+            assert len(set(ids.values())) == 3
+        finally:
+            ld.stop()
+        assert attached_prog_id("in0", B.BPF_TC_INGRESS) is None
+        assert attached_prog_id("out0", B.BPF_TC_INGRESS) is None
+    assert not has_clsact(ns, "in0"), "the hook we created and emptied is removed"
+    assert [f.get("pref") for f in tc_filters(ns, "out0", "ingress") if f.get("options")] == [7]
+    assert has_clsact(ns, "out0"), "a hook with others' filters stays"
+    assert not os.path.exists(pin_dir)
+
+
+@pytest.mark.bpf
+def test_attach_twice_replaces_our_filter_in_place(ns, pin_dir, mini_obj):
+    """A second loader (a restarted daemon) replaces our filter instead of adding another."""
+    with netns(ns):
+        a, b = Loader(pin_dir, 64, mini_obj), Loader(pin_dir, 64, mini_obj)
+        try:
+            a.load()
+            a.attach(["in0"], ["out0"])
+            b.load()
+            b.attach(["in0"], ["out0"])
+            assert attached_prog_id("in0", B.BPF_TC_INGRESS) == b.attachments[0].prog_id
+            bpf = [f for f in tc_filters(ns, "in0", "ingress") if f.get("kind") == "bpf" and f.get("options")]
+            assert len(bpf) == 1
+        finally:
+            a.obj.close()  # a's filters were replaced by b's: only close a's object
+            b.stop()
+
+
+@pytest.mark.bpf
+def test_attach_to_missing_device_fails_clearly_and_attaches_nothing(ns, pin_dir, mini_obj):
+    """A missing interface is named in the error and no filter is left on the others."""
+    with netns(ns):
+        ld = Loader(pin_dir, 64, mini_obj)
+        ld.load()
+        try:
+            with pytest.raises(BackendError, match="'nope0' does not exist"):
+                ld.attach(["in0"], ["nope0"])
+            assert attached_prog_id("in0", B.BPF_TC_INGRESS) is None
+        finally:
+            ld.stop()
+
+
+@pytest.mark.bpf
+def test_session_written_by_first_load_is_seen_by_second(pin_dir, mini_obj):
+    """Pins are adopted: a ct entry survives a control-plane restart with keep_state."""
+    key, val = ct_key(1), L.CT_ENTRY.pack(rw_addr=0xC6130247, rw_port=5001, state=1, last_seen=7)
+    a = Loader(pin_dir, 64, mini_obj)
+    a.load().ct.put(key, val)
+    a.stop(keep_state=True)
+    assert sorted(os.listdir(pin_dir)) == sorted(
+        [L.MAP_RULES, L.MAP_CONFIG, L.MAP_CT, L.MAP_FRAGS, L.MAP_REASONS, L.MAP_RULE_STATS])
+    b = Loader(pin_dir, 64, mini_obj)
+    try:
+        maps = b.load()
+        assert L.MAP_CT in b.reused and len(b.reused) == 6
+        assert maps.ct.get(key) == val
+        prog = b.obj.prog_fd("snat_inside")
+        B.test_run(prog, bytes(60))  # the program of load 2 writes the adopted map
+        assert maps.reasons()["PASS_NO_RULE"] >= 1
+    finally:
+        b.stop()
+    assert not os.path.exists(pin_dir)
+
+
+@pytest.mark.bpf
+def test_pinned_map_of_other_size_is_refused_with_clear_error(pin_dir, mini_obj):
+    """max_sessions differing from the pinned snat_ct: error names map, field and values; pins kept."""
+    a = Loader(pin_dir, 64, mini_obj)
+    a.load().ct.put(ct_key(2), bytes(L.CT_ENTRY.size))
+    a.stop(keep_state=True)
+    with pytest.raises(BackendError) as e:
+        Loader(pin_dir, 100, mini_obj).load()
+    msg = str(e.value)
+    assert "snat_ct" in msg and "max_entries is 128, expected 200" in msg and pin_dir in msg
+    c = Loader(pin_dir, 64, mini_obj)  # nothing was changed by the refused load
+    try:
+        assert c.load().ct.get(ct_key(2)) is not None
+    finally:
+        c.stop()
+
+
+@pytest.mark.bpf
+def test_pinned_map_of_other_type_is_refused(pin_dir, mini_obj):
+    """A foreign map pinned under our name (wrong type/sizes) is refused, not clobbered."""
+    os.makedirs(pin_dir)
+    with B.BpfObject.open(mini_obj) as o:
+        o.load()
+        o.map(L.MAP_REASONS).pin(os.path.join(pin_dir, L.MAP_CT))
+    with pytest.raises(BackendError, match=r"snat_ct.*type is percpu_array, expected hash"):
+        Loader(pin_dir, 64, mini_obj).load()
+    assert os.path.exists(os.path.join(pin_dir, L.MAP_CT))
+
+
+@pytest.mark.bpf
+def test_map_sizes_follow_max_sessions(pin_dir, mini_obj):
+    """snat_ct holds two entries per session; the rest keep layout.py's sizes."""
+    ld = Loader(pin_dir, 1000, mini_obj)
+    try:
+        m = ld.load()
+        assert m.ct.max_entries == 2000
+        assert m.rules.max_entries == L.MAX_RULES and m.cfg.max_entries == 1
+        assert (m.ct.key_size, m.ct.value_size) == (L.CT_KEY.size, L.CT_ENTRY.size)
+    finally:
+        ld.stop()
+
+
+def test_netns_restores_the_callers_namespace(ns):
+    """After the netns() body, the thread is back in its own namespace."""
+    before = os.readlink("/proc/thread-self/ns/net")
+    with netns(ns):
+        assert os.readlink("/proc/thread-self/ns/net") != before
+    assert os.readlink("/proc/thread-self/ns/net") == before
+
+
+test_netns_restores_the_callers_namespace = pytest.mark.root(test_netns_restores_the_callers_namespace)
+assert TC_HANDLE and TC_PRIORITY
