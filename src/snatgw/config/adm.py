@@ -1,0 +1,299 @@
+"""The patched ipvsadm's SNAT syntax (reference §5) as pure code: argv -> AdmCommand, and the
+rule table those commands edit (AdmTable: service on/off + rules in definition order).
+
+    -A -f 1 -s snat_sched                       enable the SNAT service
+    -D -f 1                                     disable it (drops every rule)
+    -K|-k -f 1 -F NET [-T NET] [-W GW] [--oif IF] [-N NEWGW] -U A[-B] [-O sh|sdh|random]
+    -H -f 1 -F NET [-T NET] [-W GW] [--oif IF]  (-U/-O/-N accepted and ignored)
+    -L -n [-c] [--stats|--rate] [-x]            list rules (precedence order) / sessions / counters
+    -S [-n]   -R   -C   -Z   -h
+
+No I/O here: the CLI sends argv lists to the daemon, which parses them again with this module and
+applies them to its AdmTable in one batch (all or nothing).  Errors: AdmUsageError (exit 2,
+bad arguments), AdmRefused (the table refuses: EEXIST, ENOENT, ESRCH, carries ``code``).
+"""
+
+from __future__ import annotations
+
+import getopt
+import shlex
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Network
+
+from ..errors import DaemonError, RuleError, SnatgwError
+from ..layout import Algo
+from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_net, parse_oif
+
+SCHEDULER = "snat_sched"
+FWMARK = 1
+ANY_ADDR = IPv4Address("0.0.0.0")
+
+
+class AdmUsageError(SnatgwError):
+    """Bad arguments (ipvsadm exits 2 with a one-line message)."""
+
+
+class AdmRefused(DaemonError):
+    """The rule table refuses a command; ``code`` is the errno name the original would give."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)
+
+
+# command letter -> op name (ipvsadm's long option names in comments)
+_COMMANDS = {
+    "-A": "add-service", "--add-service": "add-service",
+    "-E": "edit-service", "--edit-service": "edit-service",
+    "-D": "delete-service", "--delete-service": "delete-service",
+    "-K": "add", "--add-snat": "add",
+    "-k": "edit", "--edit-snat": "edit",
+    "-H": "delete", "--delete-snat": "delete",
+    "-L": "list", "-l": "list", "--list": "list",
+    "-Z": "zero", "--zero": "zero",
+    "-S": "save", "--save": "save",
+    "-R": "restore", "--restore": "restore",
+    "-C": "clear", "--clear": "clear",
+    "-h": "help", "--help": "help",
+}  # fmt: skip
+MUTATING = frozenset({"add-service", "edit-service", "delete-service", "add", "edit", "delete", "clear"})
+
+_SHORT = "AEDKkHLlZSRChncxbmgiF:T:W:N:U:O:f:s:t:u:p:"
+_LONG = [
+    "add-service", "edit-service", "delete-service", "add-snat", "edit-snat", "delete-snat",
+    "list", "zero", "save", "restore", "clear", "help",
+    "fwmark-service=", "scheduler=", "from=", "to=", "gw=", "new-gw=", "snat-ip=", "algo=", "oif=",
+    "numeric", "connection", "stats", "rate", "exact", "nosort", "fullnat", "masquerading",
+    "gatewaying", "ipip", "tcp-service=", "udp-service=", "persistent=", "socket=", "json",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AdmCommand:
+    """One parsed ipvsadm command line (only what the SNAT service uses)."""
+
+    op: str
+    fwmark: int | None = None
+    scheduler: str | None = None
+    src: IPv4Network | None = None
+    dst: IPv4Network = ANY_NET
+    gw: IPv4Address | None = None
+    oif: str | None = None
+    new_gw: IPv4Address | None = None
+    pool: Pool | None = None
+    algo: Algo = Algo.SDH
+    numeric: bool = False
+    conns: bool = False
+    stats: bool = False
+    rate: bool = False
+    exact: bool = False
+    json: bool = False
+    socket: str | None = None
+    argv: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def identity(self) -> tuple:
+        return (self.src, self.dst, self.gw, self.oif)
+
+    def rule(self, where: str | None = None) -> Rule:
+        assert self.src is not None and self.pool is not None
+        return Rule(src=self.src, dst=self.dst, gw=self.gw, oif=self.oif, new_gw=self.new_gw,
+                    pool=self.pool, algo=self.algo, where=where)
+
+
+def _gw(text: str, name: str) -> IPv4Address | None:
+    """-W/-N: an address; a /len suffix is ignored as in the original; 0.0.0.0 means none."""
+    addr = parse_addr(text.partition("/")[0], name)
+    return None if addr == ANY_ADDR else addr
+
+
+def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
+    """ipvsadm argv (without the program name) -> AdmCommand, or AdmUsageError."""
+    try:
+        opts, rest = getopt.gnu_getopt(list(argv), _SHORT, _LONG)
+    except getopt.GetoptError as e:
+        raise AdmUsageError(f"{e.msg} (see snatgw adm --help)") from None
+    if rest:
+        raise AdmUsageError(f"unexpected argument {rest[0]!r} (see snatgw adm --help)")
+    ops = {_COMMANDS[o] for o, _ in opts if o in _COMMANDS}
+    if len(ops) > 1:
+        raise AdmUsageError("multiple commands specified")
+    kw: dict = {"argv": tuple(argv)}
+    given: set[str] = set()
+    try:
+        for o, v in opts:
+            if o in _COMMANDS:
+                continue
+            given.add(o)
+            if o in ("-f", "--fwmark-service"):
+                if not v.strip().isdigit() or int(v) != FWMARK:
+                    raise AdmUsageError(f"-f {v}: only fwmark 1 is the SNAT service (use -f 1)")
+                kw["fwmark"] = FWMARK
+            elif o in ("-s", "--scheduler"):
+                if v != SCHEDULER:
+                    raise AdmUsageError(f"-s {v}: the SNAT service's scheduler is {SCHEDULER}")
+                kw["scheduler"] = v
+            elif o in ("-F", "--from"):
+                kw["src"] = parse_net(v, "-F/--from")
+            elif o in ("-T", "--to"):
+                kw["dst"] = parse_net(v, "-T/--to")
+            elif o in ("-W", "--gw"):
+                kw["gw"] = _gw(v, "-W/--gw")
+            elif o in ("-N", "--new-gw"):
+                kw["new_gw"] = _gw(v, "-N/--new-gw")
+            elif o in ("-U", "--snat-ip"):
+                kw["pool"] = Pool.parse(v, None)
+            elif o in ("-O", "--algo"):
+                kw["algo"] = parse_algo(v)
+            elif o == "--oif":
+                kw["oif"] = parse_oif(v)
+            elif o in ("-n", "--numeric", "--nosort", "-b", "--fullnat"):
+                kw["numeric"] = kw.get("numeric", False) or o in ("-n", "--numeric")
+            elif o in ("-c", "--connection"):
+                kw["conns"] = True
+            elif o == "--stats":
+                kw["stats"] = True
+            elif o == "--rate":
+                kw["rate"] = True
+            elif o in ("-x", "--exact"):
+                kw["exact"] = True
+            elif o == "--json":
+                kw["json"] = True
+            elif o == "--socket":
+                kw["socket"] = v
+            elif o in ("-m", "--masquerading", "-g", "--gatewaying", "-i", "--ipip"):
+                raise AdmUsageError(f"{o}: snatgw only source-NATs (the original's fullnat, -b)")
+            elif o in ("-t", "--tcp-service", "-u", "--udp-service", "-p", "--persistent"):
+                raise AdmUsageError(f"{o}: only the SNAT service -f 1 -s {SCHEDULER} is supported")
+            else:  # pragma: no cover - getopt only returns declared options
+                raise AdmUsageError(f"unknown option {o}")
+    except RuleError as e:
+        raise AdmUsageError(f"illegal {e.field or 'argument'}: {e.message}") from None
+    if ops:
+        op = ops.pop()
+    elif given & {"-c", "--connection", "--stats", "--rate"}:
+        op = "list"
+    else:
+        raise AdmUsageError("no command specified (one of -A -D -K -k -H -L -S -R -C -Z; see --help)")
+    cmd = AdmCommand(op=op, **kw)
+    _check(cmd, given)
+    return cmd
+
+
+_RULE_OPTS = {"-F", "--from", "-T", "--to", "-W", "--gw", "-N", "--new-gw", "-U", "--snat-ip",
+              "-O", "--algo", "--oif"}  # fmt: skip
+
+
+def _check(cmd: AdmCommand, given: set[str]) -> None:
+    """Which options each command needs and accepts (ipvsadm's option/command table)."""
+    flag = {"add": "-K", "edit": "-k", "delete": "-H", "add-service": "-A", "edit-service": "-E",
+            "delete-service": "-D"}.get(cmd.op, "-" + cmd.op[0].upper())  # fmt: skip
+    if cmd.op in ("add", "edit", "delete", "add-service", "edit-service", "delete-service"):
+        if cmd.fwmark is None:
+            raise AdmUsageError(f"{flag} needs the service: -f 1")
+    if cmd.op in ("add", "edit", "delete") and cmd.src is None:
+        raise AdmUsageError(f"{flag} needs -F/--from NET")
+    if cmd.op in ("add", "edit") and cmd.pool is None:
+        raise AdmUsageError(f"{flag} needs -U/--snat-ip A[-B]")
+    if cmd.op in ("add-service", "edit-service") and cmd.scheduler is None:
+        raise AdmUsageError(f"{flag} needs -s {SCHEDULER}")
+    if cmd.op not in ("add", "edit", "delete") and given & _RULE_OPTS:
+        bad = sorted(given & _RULE_OPTS)[0]
+        raise AdmUsageError(f"illegal option {bad} with the {cmd.op} command")
+
+
+def parse_restore(text: str) -> list[AdmCommand]:
+    """`-R` input: one command per line (as `-S` writes them); blank and # lines skipped."""
+    cmds = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            words = shlex.split(line)
+            if words and words[0] in ("ipvsadm", "snatgw"):  # tolerate pasted command lines
+                words = words[2:] if words[0] == "snatgw" and words[1:2] == ["adm"] else words[1:]
+            cmd = parse_args(words)
+        except (AdmUsageError, ValueError) as e:
+            raise AdmUsageError(f"line {n}: {e}") from None
+        if cmd.op not in MUTATING:
+            raise AdmUsageError(f"line {n}: {cmd.op} cannot be restored (only -A -D -K -k -H -C)")
+        cmds.append(cmd)
+    return cmds
+
+
+def save_lines(table: "AdmTable") -> list[str]:
+    """`-S`: the service, then one -K per rule in definition order (so -R keeps the order)."""
+    if not table.service:
+        return []
+    out = [f"-A -f {FWMARK} -s {SCHEDULER}"]
+    for r in table.rules:
+        line = (f"-K -f {FWMARK} -F {r.src} -T {r.dst} -W {r.gw or ANY_ADDR} -U {r.pool.short()}"
+                f" -O {r.algo.label} -N {r.new_gw or ANY_ADDR}")
+        if r.oif:
+            line += f" --oif {r.oif}"
+        out.append(line)
+    return out
+
+
+def _ident(identity: tuple) -> str:
+    src, dst, gw, oif = identity
+    return f"-F {src} -T {dst} -W {gw or ANY_ADDR}" + (f" --oif {oif}" if oif else "")
+
+
+@dataclass(frozen=True)
+class AdmTable:
+    """What `adm` edits: the SNAT service on or off, and its rules in definition order."""
+
+    service: bool = True
+    rules: tuple[Rule, ...] = ()
+
+    @classmethod
+    def from_ruleset(cls, rules: RuleSet) -> "AdmTable":
+        return cls(True, tuple(rules.defined))
+
+    def ruleset(self) -> RuleSet:
+        return RuleSet(self.rules if self.service else ())
+
+    def apply(self, cmd: AdmCommand) -> "AdmTable":
+        """One command -> the new table, or AdmRefused (this table is never changed)."""
+        op = cmd.op
+        if op in ("clear", "delete-service"):
+            if op == "delete-service" and not self.service:
+                raise AdmRefused("ESRCH", "No such service: the SNAT service (-f 1) is not defined")
+            return AdmTable(False, ())
+        if op == "add-service":
+            if self.service:
+                raise AdmRefused("EEXIST", "Service already exists: -f 1 -s snat_sched")
+            return AdmTable(True, ())
+        if op == "edit-service":
+            if not self.service:
+                raise AdmRefused("ESRCH", "No such service: the SNAT service (-f 1) is not defined")
+            return self
+        if op not in ("add", "edit", "delete"):
+            raise AdmRefused("EINVAL", f"{op} does not change the rule table")
+        if not self.service:
+            raise AdmRefused("ESRCH", "No such service: add it first with -A -f 1 -s snat_sched")
+        idx = next((i for i, r in enumerate(self.rules) if r.identity == cmd.identity), None)
+        if op == "add":
+            if idx is not None:
+                raise AdmRefused("EEXIST", f"File exists: a rule {_ident(cmd.identity)} exists; "
+                                           "edit it with -k")
+            return replace(self, rules=self.rules + (cmd.rule("adm"),))
+        if idx is None:
+            raise AdmRefused("ENOENT", f"No such file or directory: no rule {_ident(cmd.identity)}")
+        if op == "edit":  # keeps its place in definition order
+            return replace(self, rules=self.rules[:idx] + (cmd.rule("adm"),) + self.rules[idx + 1 :])
+        return replace(self, rules=self.rules[:idx] + self.rules[idx + 1 :])
+
+    def apply_all(self, cmds: list[AdmCommand]) -> "AdmTable":
+        """Apply a batch in order; the first refusal aborts it and nothing is changed."""
+        t = self
+        for n, c in enumerate(cmds, 1):
+            try:
+                t = t.apply(c)
+            except AdmRefused as e:
+                if len(cmds) == 1:
+                    raise
+                raise AdmRefused(e.code, f"command {n} ({' '.join(c.argv) or c.op}): {e}") from None
+        return t

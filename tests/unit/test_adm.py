@@ -1,0 +1,250 @@
+"""ipvsadm syntax (snatgw.config.adm): parsing, refusals, the rule table, save/restore, and the
+listing formats of snatgw.cli.commands.adm.  Pure: no daemon, no root."""
+
+from __future__ import annotations
+
+import shlex
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from snatgw.cli.commands import adm as admcli
+from snatgw.config.adm import (AdmRefused, AdmTable, AdmUsageError, parse_args, parse_restore,
+                               save_lines)
+from snatgw.layout import Algo
+from snatgw.rules import Pool, Rule, RuleSet
+
+# the seed's ipvsadm lines, mapped onto the lab addresses (plan.md)
+SEED = [
+    "-A -f 1 -s snat_sched",
+    "-K -f 1 -F 198.18.40.0/24 -W 198.19.2.1 --oif eth1 -U 198.19.2.100-198.19.2.110 -O random",
+    "-K -f 1 -F 198.18.40.0/24 -W 198.19.3.1 --oif eth2 -U 198.19.3.100-198.19.3.110 -O sdh",
+    "-K -f 1 -F 198.18.50.0/24 -W 198.19.2.1 -N 198.19.3.1 -U 198.19.3.100-198.19.3.110 -O sh",
+    "-K -f 1 -F 198.18.0.0/16 -N 198.19.3.1 -U 198.19.3.100-198.19.3.110",
+]
+
+
+def cmd(line: str):
+    return parse_args(shlex.split(line))
+
+
+def table_of(lines) -> AdmTable:
+    return AdmTable(service=False).apply_all([cmd(x) for x in lines])
+
+
+def test_seed_add_line_parses_every_field():
+    """The seed's -K line sets from, gw, oif, pool and algo; to defaults to 0.0.0.0/0."""
+    c = cmd(SEED[1])
+    assert c.op == "add" and c.fwmark == 1
+    r = c.rule()
+    assert r.src == IPv4Network("198.18.40.0/24") and r.dst == IPv4Network("0.0.0.0/0")
+    assert r.gw == IPv4Address("198.19.2.1") and r.oif == "eth1" and r.new_gw is None
+    assert str(r.pool) == "198.19.2.100-198.19.2.110" and r.algo == Algo.RANDOM
+
+
+def test_long_options_and_clusters_mean_the_same():
+    """--add-snat/--from/... and clustered short flags (-Lnc) parse like their short forms."""
+    long = cmd("--add-snat --fwmark-service 1 --from 198.18.40.0/24 --gw 198.19.2.1 --oif=eth1 "
+               "--snat-ip 198.19.2.71 --algo sh --new-gw 198.19.3.1 --to 203.0.113.0/24")
+    short = cmd("-K -f 1 -F 198.18.40.0/24 -W 198.19.2.1 --oif eth1 -U 198.19.2.71 -O sh -N 198.19.3.1 "
+                "-T 203.0.113.0/24")
+    assert long.rule() == short.rule()
+    lnc = cmd("-Lnc")
+    assert lnc.op == "list" and lnc.numeric and lnc.conns
+
+
+def test_default_algo_is_sdh_and_zero_gw_means_none():
+    """Without -O the algo is sdh; -W/-N 0.0.0.0 (as -S writes them) mean 'not set'."""
+    r = cmd("-K -f 1 -F 198.18.0.0/16 -W 0.0.0.0 -N 0.0.0.0 -U 198.19.3.71").rule()
+    assert r.algo == Algo.SDH and r.gw is None and r.new_gw is None
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("-K -f 1 -F 198.18.40.0/24", "-U"),
+    ("-K -f 1 -U 198.19.2.71", "-F"),
+    ("-K -F 198.18.40.0/24 -U 198.19.2.71", "-f 1"),
+    ("-K -f 2 -F 198.18.40.0/24 -U 198.19.2.71", "fwmark 1"),
+    ("-A -f 1 -s rr", "snat_sched"),
+    ("-K -f 1 -F 198.18.40.1/24 -U 198.19.2.71", "did you mean 198.18.40.0/24"),
+    ("-K -f 1 -F 198.18.40.0/33 -U 198.19.2.71", "0..32"),
+    ("-K -f 1 -F 198.18.40.0/24 -U 198.19.2.73-198.19.2.71", "max ip smaller than min ip"),
+    ("-K -f 1 -F 198.18.40.0/24 -U 198.19.2.71 -O rand", "should be one of [sh, sdh, random]"),
+    ("-K -f 1 -F 198.18.40.0/24 -U 198.19.2.71 --oif averyveryverylongname", "1..15"),
+    ("-K -f 1 -F 198.18.40.0/24 -U 198.19.2.71 -m", "only source-NATs"),
+    ("-A -t 198.19.2.2:80 -s snat_sched", "only the SNAT service"),
+    ("-K -L -f 1", "multiple commands"),
+    ("-L --oif eth1", "illegal option --oif"),
+    ("-Q", "not recognized"),
+    ("", "no command"),
+    ("-L extra", "unexpected argument"),
+])  # fmt: skip
+def test_bad_arguments_are_one_line_usage_errors_with_exit_2(line, needle):
+    """Each malformed command raises AdmUsageError (exit 2) whose one-line text says what is wrong."""
+    with pytest.raises(AdmUsageError) as ei:
+        cmd(line)
+    assert needle in str(ei.value) and "\n" not in str(ei.value)
+    assert ei.value.exit_code == 2
+
+
+def test_adding_an_existing_identity_is_refused_with_exists():
+    """-K of an identity (from, to, gw, oif) that exists fails EEXIST and changes nothing."""
+    t = table_of(SEED[:2])
+    dup = cmd("-K -f 1 -F 198.18.40.0/24 -W 198.19.2.1 --oif eth1 -U 198.19.3.71 -O sh")
+    with pytest.raises(AdmRefused) as ei:
+        t.apply(dup)
+    assert ei.value.code == "EEXIST" and "exists" in str(ei.value)
+    assert len(t.rules) == 1
+
+
+def test_edit_and_delete_of_a_missing_rule_are_enoent():
+    """-k and -H of an identity that is not there fail ENOENT."""
+    t = table_of(SEED[:2])
+    for line in ("-k -f 1 -F 198.18.41.0/24 -U 198.19.2.71", "-H -f 1 -F 198.18.40.0/24 --oif eth1"):
+        with pytest.raises(AdmRefused) as ei:
+            t.apply(cmd(line))
+        assert ei.value.code == "ENOENT"
+
+
+def test_edit_replaces_attributes_and_keeps_definition_order():
+    """The seed's failover: -k the eth1 rule to new_gw and the ISP2 pool; it stays where it was."""
+    t = table_of(SEED)
+    t2 = t.apply(cmd("-k -f 1 -F 198.18.40.0/24 -W 198.19.2.1 --oif eth1 -N 198.19.3.1 "
+                     "-U 198.19.3.71-198.19.3.73 -O sdh"))
+    assert [r.identity for r in t2.rules] == [r.identity for r in t.rules]
+    assert t2.rules[0].new_gw == IPv4Address("198.19.3.1") and str(t2.rules[0].pool) == "198.19.3.71-198.19.3.73"
+
+
+def test_delete_ignores_pool_algo_and_new_gw():
+    """-H matches on identity only; -U/-O/-N on the line are accepted and ignored."""
+    t = table_of(SEED)
+    t2 = t.apply(cmd("-H -f 1 -F 198.18.0.0/16 -U 1.2.3.4 -O sh -N 198.19.2.1"))
+    assert len(t2.rules) == len(t.rules) - 1
+    assert all(r.src != IPv4Network("198.18.0.0/16") for r in t2.rules)
+
+
+def test_rules_need_the_service_and_clear_removes_it():
+    """Without -A there is no service (ESRCH); -C drops the service and every rule."""
+    with pytest.raises(AdmRefused) as ei:
+        AdmTable(service=False).apply(cmd(SEED[1]))
+    assert ei.value.code == "ESRCH"
+    t = table_of(SEED).apply(cmd("-C"))
+    assert not t.service and t.rules == () and len(t.ruleset()) == 0
+    with pytest.raises(AdmRefused):
+        table_of(SEED).apply(cmd("-A -f 1 -s snat_sched"))
+
+
+def test_a_batch_is_all_or_nothing():
+    """A batch whose third command is refused leaves the table exactly as it was."""
+    t = table_of(SEED[:2])
+    batch = [cmd(SEED[2]), cmd(SEED[3]), cmd(SEED[1])]  # last one duplicates
+    with pytest.raises(AdmRefused) as ei:
+        t.apply_all(batch)
+    assert "command 3" in str(ei.value)
+    assert len(t.rules) == 1
+
+
+def test_save_writes_the_service_then_rules_in_definition_order():
+    """-S: '-A -f 1 -s snat_sched', then -K lines in the order the rules were added."""
+    lines = save_lines(table_of(SEED))
+    assert lines[0] == "-A -f 1 -s snat_sched"
+    assert lines[1] == ("-K -f 1 -F 198.18.40.0/24 -T 0.0.0.0/0 -W 198.19.2.1 -U 198.19.2.100-198.19.2.110 "
+                        "-O random -N 0.0.0.0 --oif eth1")
+    assert lines[4].startswith("-K -f 1 -F 198.18.0.0/16 ")
+    assert save_lines(AdmTable(service=False)) == []
+
+
+def test_restore_skips_comments_and_names_the_bad_line():
+    """-R input: blank and # lines are skipped; an error names its line; listing is not restorable."""
+    assert len(parse_restore("# saved\n\n" + "\n".join(SEED))) == 5
+    with pytest.raises(AdmUsageError, match="line 2"):
+        parse_restore("-A -f 1 -s snat_sched\n-K -f 1 -F 10.0.0.1/8 -U 1.1.1.1\n")
+    with pytest.raises(AdmUsageError, match="cannot be restored"):
+        parse_restore("-L -n\n")
+
+
+# ---------------------------------------------------------------- save -> restore round trip
+
+_octet = st.integers(0, 255)
+
+
+@st.composite
+def rules(draw):
+    plen = draw(st.integers(0, 32))
+    src = IPv4Network((draw(st.integers(0, 2**32 - 1)), plen), strict=False)
+    dlen = draw(st.integers(0, 32))
+    dst = IPv4Network((draw(st.integers(0, 2**32 - 1)), dlen), strict=False)
+    addr = st.integers(1, 2**32 - 1).map(IPv4Address)
+    first = draw(st.integers(1, 2**32 - 300))
+    last = first + draw(st.integers(0, 255))
+    return Rule(src=src, dst=dst, gw=draw(st.none() | addr), oif=draw(st.none() | st.sampled_from(["eth1", "eth2", "ppp0"])),
+                new_gw=draw(st.none() | addr), pool=Pool(IPv4Address(first), IPv4Address(last)),
+                algo=draw(st.sampled_from(list(Algo))))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(rules(), max_size=8, unique_by=lambda r: r.identity))
+def test_save_then_restore_gives_the_same_rules_in_the_same_order(defined):
+    """-S output fed to -R (on a cleared table) rebuilds the same RuleSet, in the same definition order."""
+    original = AdmTable(True, tuple(defined))
+    restored = AdmTable(service=False).apply_all(parse_restore("\n".join(save_lines(original))))
+    assert restored.rules == original.rules
+    assert restored.ruleset() == RuleSet(defined)
+    assert restored.ruleset().defined == RuleSet(defined).defined
+
+
+# ---------------------------------------------------------------- listing formats
+
+
+def _rules_resp(table: AdmTable) -> list[dict]:
+    from snatgw.daemon.service import rule_info
+
+    return [rule_info(i, r) for i, r in enumerate(table.ruleset(), 1)]
+
+
+def test_list_uses_the_original_column_widths_and_precedence_order():
+    """-L -n: title and rows at widths 20,20,17,16,32,8,17,10,10 after '  -> ', most specific rule first."""
+    t = table_of(SEED)
+    sessions = [{"proto": "tcp", "state": "ESTABLISHED", "rule_id": t.rules[0].rule_id},
+                {"proto": "udp", "state": "UDP", "rule_id": t.rules[0].rule_id}]
+    out = admcli.format_list(_rules_resp(t), True, sessions, 262144).splitlines()
+    assert out[0] == "IP Virtual Server version 1.2.2 (size=262144)"
+    assert out[1] == "Prot LocalAddress:Port Scheduler Flags"
+    assert out[2] == ("  -> SourceAddr          DestAddr            GW               Oif             "
+                      "SnatIp                          Algo    NewGW            ActConn   InActConn ")
+    assert out[3] == "FWM  1 snat_sched"
+    assert out[4] == ("  -> 198.18.40.0/24      0.0.0.0/0           198.19.2.1       eth1            "
+                      "198.19.2.100-198.19.2.110       random  0.0.0.0          1         1         ")
+    # precedence: /24 rules (both oif+gw, then gw only) before the /16 catch-all
+    assert [line.split()[1] for line in out[4:]] == ["198.18.40.0/24", "198.18.40.0/24", "198.18.50.0/24",
+                                                      "198.18.0.0/16"]
+    assert out[-1].split()[3:6] == ["0.0.0.0", "198.19.3.100-198.19.3.110", "sdh"]  # empty oif prints blank
+
+
+def test_list_of_a_single_address_pool_prints_one_address():
+    """A pool of one address lists as 'a', not 'a-a'."""
+    t = table_of(["-A -f 1 -s snat_sched", "-K -f 1 -F 198.18.0.0/16 -U 198.19.2.71"])
+    row = admcli.format_list(_rules_resp(t), True, [], 1).splitlines()[4]
+    assert row[5 + 20 + 20 + 17 + 16:][:32].rstrip() == "198.19.2.71"
+
+
+def test_connection_listing_follows_the_original_format():
+    """-L -n -c: '%-3s %-6s %-11s %-30s x4' with expire as mm:ss; local is the SNAT address:port."""
+    s = {"proto": "tcp", "inside": "198.18.40.10:40000", "remote": "203.0.113.10:80",
+         "nat": "198.19.2.72:21541", "state": "ESTABLISHED", "idle": 1.0, "expires": 89.0, "rule_id": 1}
+    out = admcli.format_conns([s]).splitlines()
+    assert out[0] == "IPVS connection entries"
+    assert out[1].startswith("pro expire state       source                         virtual ")
+    assert out[2] == ("TCP 01:29  ESTABLISHED " + "198.18.40.10:40000".ljust(30) + " " + "203.0.113.10:80".ljust(30)
+                      + " " + "198.19.2.72:21541".ljust(30) + " " + "203.0.113.10:80".ljust(30))
+
+
+def test_stats_rows_name_each_rule_and_large_numbers_shorten_unless_exact():
+    """--stats lists per-rule counters with the rule text; 9+ digit numbers become K unless -x."""
+    t = table_of(SEED[:2])
+    rid = t.rules[0].rule_id
+    stats = {"rules": {str(rid): {"packets": 123456789, "bytes": 5, "sessions": 2}}}
+    out = admcli.format_stats(_rules_resp(t), stats).splitlines()
+    assert "from 198.18.40.0/24 gw 198.19.2.1 oif eth1" in out[3] and "123456K" in out[3]
+    assert "123456789" in admcli.format_stats(_rules_resp(t), stats, exact=True).splitlines()[3]
