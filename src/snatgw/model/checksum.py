@@ -1,0 +1,96 @@
+"""Internet checksums: the kernel's incremental updates (RFC 1624), bit for bit, and a full
+one's-complement sum for tests.
+
+The eBPF programs update checksums with bpf_l3_csum_replace / bpf_l4_csum_replace on an skb
+that is not CHECKSUM_PARTIAL; these functions are those helpers' arithmetic (csum_replace2,
+csum_replace4, BPF_F_MARK_MANGLED_0) on a little-endian host, so that even the +0/-0 corner
+cases (0x0000 vs 0xFFFF) come out identical.  Values travel as wire bytes.
+"""
+
+from __future__ import annotations
+
+M32 = 0xFFFFFFFF
+M16 = 0xFFFF
+
+
+def _add32(a: int, b: int) -> int:
+    """csum_add: 32-bit add with end-around carry."""
+    r = (a + b) & M32
+    return (r + (r < b)) & M32
+
+
+def _fold(c: int) -> int:
+    """csum_fold: 32 -> 16 bits, complemented."""
+    c = (c & M16) + (c >> 16)
+    c = (c & M16) + (c >> 16)
+    return ~c & M16
+
+
+def _add16(c: int, a: int) -> int:
+    """csum16_add."""
+    r = (c + a) & M16
+    return (r + (r < a)) & M16
+
+
+def csum_replace4(check: int, frm: int, to: int) -> int:
+    """The kernel's csum_replace4 on host-order (LE-loaded) values."""
+    tmp = _add32(~check & M32, ~frm & M32)
+    return _fold(_add32(tmp, to))
+
+
+def csum_replace2(check: int, old: int, new: int) -> int:
+    """The kernel's csum_replace2 on host-order (LE-loaded) values."""
+    return ~_add16(_add16(~check & M16, ~old & M16), new) & M16
+
+
+def _le(b: bytes) -> int:
+    return int.from_bytes(b, "little")
+
+
+def l3_replace(buf: bytearray, csum_off: int, old: bytes, new: bytes) -> None:
+    """bpf_l3_csum_replace(skb, csum_off, old, new, len(old)) with len 2 or 4."""
+    check = _le(buf[csum_off : csum_off + 2])
+    if len(old) == 2:
+        check = csum_replace2(check, _le(old), _le(new))
+    else:
+        check = csum_replace4(check, _le(old), _le(new))
+    buf[csum_off : csum_off + 2] = check.to_bytes(2, "little")
+
+
+def l4_replace(buf: bytearray, csum_off: int, old: bytes, new: bytes, mangled0: bool = False) -> None:
+    """bpf_l4_csum_replace(skb, csum_off, old, new, len(old) [| BPF_F_PSEUDO_HDR]
+    [| BPF_F_MARK_MANGLED_0]) for an skb that is not CHECKSUM_PARTIAL.  Both sizes go through
+    csum_replace4 (inet_proto_csum_replace2 widens to 32 bits); the pseudo-header flag makes no
+    difference to the field then.  ``mangled0``: a zero checksum (UDP "none") is left alone and
+    a computed zero is written as 0xFFFF."""
+    check = _le(buf[csum_off : csum_off + 2])
+    if mangled0 and check == 0:
+        return
+    check = csum_replace4(check, _le(old), _le(new))
+    if mangled0 and check == 0:
+        check = M16
+    buf[csum_off : csum_off + 2] = check.to_bytes(2, "little")
+
+
+def csum16(data: bytes) -> int:
+    """The full Internet checksum of ``data`` (RFC 1071), as the value to store (big-endian)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    s = 0
+    for i in range(0, len(data), 2):
+        s += (data[i] << 8) | data[i + 1]
+    while s >> 16:
+        s = (s & M16) + (s >> 16)
+    return ~s & M16
+
+
+def verify(data: bytes) -> bool:
+    """True when ``data`` (checksum field included) sums to all ones."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    s = 0
+    for i in range(0, len(data), 2):
+        s += (data[i] << 8) | data[i + 1]
+    while s >> 16:
+        s = (s & M16) + (s >> 16)
+    return s == M16

@@ -1,0 +1,343 @@
+"""The model datapath: ``Engine.process(packet, side, ingress, now)`` runs the numbered steps
+of docs/datapath.md on IPv4 bytes and returns a Result (verdict, reason, output bytes, egress).
+Sans-I/O: the FIB is an injected router, time is passed in, nothing else is read."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address
+
+from ..config.schema import Settings
+from ..datapath.backend import RuleCounters, Session
+from ..layout import CT_F_NEW_GW, CT_F_REPLIED, ICMP_ECHO, ICMP_ECHOREPLY, IPPROTO_ICMP, IPPROTO_TCP
+from ..layout import IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason, Verdict
+from ..rules import Route, Rule, RuleSet, port_candidates, select_addr
+from .conntrack import CtEntry, CtKey, CtPair, CtTable, in_key, initial_state, is_expired, out_key, tcp_update
+from .frag import FragEntry, FragKey, FragTable
+from .nat import NatTable
+from .packet import IP_DADDR, IP_SADDR, InnerView, IPv4View, ip, parse, parse_inner
+from .xlate import rewrite_fragment, translate, translate_icmp_error
+
+PROTOS = (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP)
+PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp"}
+SIDES = ("inside", "outside", "egress")
+
+
+@dataclass(frozen=True)
+class Result:
+    verdict: Verdict
+    reason: Reason
+    packet: bytes  # output IPv4 bytes (== input for PASS/DROP)
+    oif: str | None = None  # egress device for REDIRECT
+    nexthop: IPv4Address | None = None  # next hop for REDIRECT (None: route to daddr)
+    rule: Rule | None = None  # rule of the session (new or existing), or the matched rule
+    nat: tuple[IPv4Address, int] | None = None  # the session's SNAT (addr, port/id)
+
+
+def _verdict_of(reason: Reason) -> Verdict:
+    return Verdict.DROP if reason.name.startswith("DROP_") else Verdict.PASS
+
+
+class Engine:
+    """One gateway's datapath state: sessions, remembered fragments, counters."""
+
+    def __init__(self, rules: RuleSet, settings: Settings, router, inside=None, outside=None):
+        self.rules = rules
+        self.settings = settings
+        self.router = router
+        self.inside = tuple(settings.inside if inside is None else inside)
+        self.outside = tuple(settings.outside if outside is None else outside)
+        self.table = CtTable(settings.max_sessions)
+        self.nat = NatTable(self.table)
+        self.frags = FragTable()
+        self.reasons: Counter[Reason] = Counter()
+        self.rule_stats: dict[int, RuleCounters] = {}
+
+    # ------------------------------------------------------------------ entry
+
+    def process(self, pkt: bytes, side: str, ingress: str, now: float) -> Result:
+        """Run one packet through the program of ``side`` ("inside" | "outside" | "egress");
+        ``ingress``: the device it arrived on (egress: the device it leaves by)."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        pkt = bytes(pkt)
+        v = parse(pkt)
+        if side == "egress":
+            res = self._egress(pkt, v)
+        elif isinstance(v, Reason):
+            res = Result(_verdict_of(v), v, pkt)
+        elif side == "inside":
+            res = self._inside(pkt, v, ingress, now)
+        else:
+            res = self._outside(pkt, v, now)
+        self.reasons[res.reason] += 1
+        return res
+
+    def _inside(self, pkt: bytes, v: IPv4View, ingress: str, now: float) -> Result:
+        if v.frag > 0:
+            return self._later_fragment(pkt, v, now)
+        if v.proto not in PROTOS:  # step 4
+            return self._unmatched(pkt, Reason.PASS_PROTO)
+        if v.proto == IPPROTO_ICMP:  # step 5
+            if v.is_icmp_error:
+                return self._icmp_error(pkt, v, "inside")
+            if v.icmp_type != ICMP_ECHO:
+                return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
+        dport = 0 if v.proto == IPPROTO_ICMP else v.dport
+        okey = out_key(ip(v.saddr), ip(v.daddr), v.sport, dport, v.proto)
+        e = self.table.lookup(okey)  # step 6
+        if e is not None:
+            return self._established_out(pkt, v, e, now)
+        return self._new_flow(pkt, v, okey, ingress, now)
+
+    def _new_flow(self, pkt: bytes, v: IPv4View, okey: CtKey, ingress: str, now: float) -> Result:
+        src, dst = okey.saddr, okey.daddr
+        fib = self.router.lookup(dst, src)  # step 7
+        if fib.kind == "local":
+            return Result(Verdict.PASS, Reason.PASS_LOCAL, pkt)
+        if fib.kind != "forward":
+            return Result(Verdict.PASS, Reason.PASS_NO_ROUTE, pkt)
+        rule = self.rules.match(src, dst, Route(fib.oif, fib.gw))  # step 8
+        if rule is None:
+            return self._unmatched(pkt, Reason.PASS_NO_RULE)
+        if v.proto == IPPROTO_TCP and v.flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) != TCP_SYN:
+            return Result(Verdict.DROP, Reason.DROP_NO_SESSION, pkt, rule=rule)  # step 9
+        if v.ttl <= 1:  # step 10
+            return Result(Verdict.PASS, Reason.PASS_TTL, pkt, rule=rule)
+        oif, nexthop, mtu = fib.oif, fib.gw, fib.mtu  # step 11
+        if rule.new_gw is not None:
+            gwr = self.router.lookup(rule.new_gw)
+            if gwr.kind != "forward":
+                return Result(Verdict.PASS, Reason.PASS_NO_ROUTE, pkt, rule=rule)
+            oif, nexthop, mtu = gwr.oif, gwr.gw, gwr.mtu
+        if v.tot_len > mtu and v.df:
+            return Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=rule)
+        addr = select_addr(rule.pool, rule.algo, src, dst, v.sport)  # step 12
+        s = self.settings
+        cands = port_candidates(v.sport, s.port_min, s.port_max, s.port_tries)  # step 13
+        flags = CT_F_NEW_GW if rule.new_gw is not None else 0
+        in_mtu = self._dev_mtu(ingress)
+
+        def build(ikey: CtKey, port: int) -> tuple[CtEntry, CtEntry]:
+            out = CtEntry(peer=ikey, rw_addr=addr, rw_port=port, oif=oif, nexthop=nexthop,
+                          rule_id=rule.rule_id, mtu=mtu, created=now, last_seen=now,
+                          state=initial_state(v.proto), flags=flags, rule=rule)  # fmt: skip
+            inn = CtEntry(peer=okey, rw_addr=src, rw_port=v.sport, oif=ingress, nexthop=None,
+                          rule_id=rule.rule_id, mtu=in_mtu, created=now, last_seen=now,
+                          state=initial_state(v.proto), rule=rule)  # fmt: skip
+            return out, inn
+
+        pair = self.nat.new_mapping(okey, addr, cands, build)  # steps 13-14
+        if isinstance(pair, Reason):
+            return Result(Verdict.DROP, pair, pkt, rule=rule)
+        self._count_rule(rule.rule_id, sessions=1)
+        return self._translate_out(pkt, v, pair.out, now, Reason.XLATE_NEW)  # step 15
+
+    def _established_out(self, pkt: bytes, v: IPv4View, e: CtEntry, now: float) -> Result:
+        if v.ttl <= 1:
+            return Result(Verdict.PASS, Reason.PASS_TTL, pkt, rule=e.rule, nat=(e.rw_addr, e.rw_port))
+        if v.tot_len > e.mtu and v.df:
+            return Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=e.rule, nat=(e.rw_addr, e.rw_port))
+        return self._translate_out(pkt, v, e, now, Reason.XLATE_OUT)
+
+    def _translate_out(self, pkt: bytes, v: IPv4View, e: CtEntry, now: float, reason: Reason) -> Result:
+        if v.proto == IPPROTO_TCP:
+            tcp_update(e, v.flags, reply=False)
+        buf = bytearray(pkt)
+        translate(buf, v, True, e.rw_addr, e.rw_port)
+        self._touch(e, v, now)
+        if v.is_first_fragment:
+            key = FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto)
+            self.frags.remember(key, FragEntry(e.rw_addr, ip(v.daddr), e.oif, e.nexthop, now))
+        verdict = Verdict.PASS_TRANSLATED if v.tot_len > e.mtu else Verdict.REDIRECT
+        return Result(verdict, reason, bytes(buf), e.oif, e.nexthop, e.rule, (e.rw_addr, e.rw_port))
+
+    # ------------------------------------------------------------------ outside
+
+    def _outside(self, pkt: bytes, v: IPv4View, now: float) -> Result:
+        if v.frag > 0:
+            return self._later_fragment(pkt, v, now)
+        if v.proto not in PROTOS:
+            return Result(Verdict.PASS, Reason.PASS_PROTO, pkt)
+        if v.proto == IPPROTO_ICMP:
+            if v.is_icmp_error:
+                return self._icmp_error(pkt, v, "outside")
+            if v.icmp_type != ICMP_ECHOREPLY:
+                return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
+            sport, dport = 0, v.sport
+        else:
+            sport, dport = v.sport, v.dport
+        e = self.table.lookup(in_key(ip(v.saddr), ip(v.daddr), sport, dport, v.proto))
+        out = self.table.lookup(e.peer) if e is not None else None
+        if e is None or out is None:
+            return Result(Verdict.PASS, Reason.PASS_NO_SESSION_IN, pkt)
+        nat = (ip(v.daddr), dport)
+        if v.ttl <= 1:
+            return Result(Verdict.PASS, Reason.PASS_TTL, pkt, rule=e.rule, nat=nat)
+        if v.tot_len > e.mtu and v.df:
+            return Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=e.rule, nat=nat)
+        if v.proto == IPPROTO_TCP:
+            tcp_update(out, v.flags, reply=True)
+        out.flags |= CT_F_REPLIED
+        buf = bytearray(pkt)
+        translate(buf, v, False, e.rw_addr, e.rw_port)
+        self._touch(e, v, now)
+        if v.is_first_fragment:
+            key = FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto)
+            self.frags.remember(key, FragEntry(ip(v.saddr), e.rw_addr, e.oif, None, now))
+        verdict = Verdict.PASS_TRANSLATED if v.tot_len > e.mtu else Verdict.REDIRECT
+        return Result(verdict, Reason.XLATE_IN, bytes(buf), e.oif, None, e.rule, nat)
+
+    # ------------------------------------------------------------------ shared steps
+
+    def _unmatched(self, pkt: bytes, reason: Reason) -> Result:
+        if self.settings.unmatched_drop:
+            return Result(Verdict.DROP, Reason.DROP_UNMATCHED, pkt)
+        return Result(Verdict.PASS, reason, pkt)
+
+    def _later_fragment(self, pkt: bytes, v: IPv4View, now: float) -> Result:
+        fe = self.frags.lookup(FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto), now)
+        if fe is None:
+            return Result(Verdict.DROP, Reason.DROP_FRAG_UNKNOWN, pkt)
+        if v.ttl <= 1:
+            return Result(Verdict.PASS, Reason.PASS_TTL, pkt)
+        buf = bytearray(pkt)
+        rewrite_fragment(buf, fe.saddr, fe.daddr)
+        return Result(Verdict.REDIRECT, Reason.XLATE_FRAG, bytes(buf), fe.oif, fe.nexthop)
+
+    def _icmp_error(self, pkt: bytes, v: IPv4View, side: str) -> Result:
+        """ICMP errors, three ways (docs/datapath.md "ICMP errors")."""
+        iv = parse_inner(pkt, v)
+        if isinstance(iv, Reason):
+            return Result(Verdict.DROP, iv, pkt)
+        if side == "outside":  # inner: SNAT addr:port -> remote:rport, as it left
+            e = self._inner_lookup(iv, about_reply=False)
+            if e is None:
+                return Result(Verdict.PASS, Reason.PASS_NO_SESSION_IN, pkt)
+            out = self.table.lookup(e.peer)
+            nat = (out.rw_addr, out.rw_port)
+            if v.ttl <= 1:
+                return Result(Verdict.PASS, Reason.PASS_TTL, pkt, rule=e.rule, nat=nat)
+            buf = bytearray(pkt)
+            translate_icmp_error(buf, v, iv, outer_off=IP_DADDR, inner_off=IP_SADDR,
+                                 addr=e.rw_addr, port=e.rw_port, ttl=True)  # fmt: skip
+            self._count_rule(e.rule_id, packets=1, nbytes=v.tot_len)
+            return Result(Verdict.REDIRECT, Reason.XLATE_ICMP_ERR_IN, bytes(buf), e.oif, None, e.rule, nat)
+        # inside or egress: inner: remote:rport -> inside:port, a reply as translated
+        e = self._inner_lookup(iv, about_reply=True)
+        if e is None:
+            return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
+        nat = (e.rw_addr, e.rw_port)
+        if side == "inside" and v.ttl <= 1:
+            return Result(Verdict.PASS, Reason.PASS_TTL, pkt, rule=e.rule, nat=nat)
+        buf = bytearray(pkt)
+        inside = side == "inside"
+        translate_icmp_error(buf, v, iv, outer_off=IP_SADDR if inside else None, inner_off=IP_DADDR,
+                             addr=e.rw_addr, port=e.rw_port, ttl=inside)  # fmt: skip
+        self._count_rule(e.rule_id, packets=1, nbytes=v.tot_len)
+        if not inside:
+            return Result(Verdict.PASS, Reason.XLATE_ICMP_ERR_OUT, bytes(buf), rule=e.rule, nat=nat)
+        return Result(Verdict.REDIRECT, Reason.XLATE_ICMP_ERR_OUT, bytes(buf), e.oif, e.nexthop, e.rule, nat)
+
+    def _inner_lookup(self, iv: InnerView, about_reply: bool) -> CtEntry | None:
+        """The session an ICMP error's quoted packet belongs to.  About an outbound packet:
+        the IN key (remote, SNAT addr, rport, SNAT port), echo request (remote, SNAT, 0, id).
+        About a reply: the OUT key (inside, remote, port, rport), echo reply (inside, remote,
+        id, 0).  Other quoted protocols or ICMP types: no session."""
+        if iv.proto == IPPROTO_ICMP:
+            if iv.icmp_type != (ICMP_ECHOREPLY if about_reply else ICMP_ECHO):
+                return None
+            sport, dport = (iv.sport, 0) if about_reply else (0, iv.sport)
+        elif iv.proto in (IPPROTO_TCP, IPPROTO_UDP):
+            sport, dport = iv.dport, iv.sport
+        else:
+            return None
+        make = out_key if about_reply else in_key
+        e = self.table.lookup(make(ip(iv.daddr), ip(iv.saddr), sport, dport, iv.proto))
+        if e is None or self.table.lookup(e.peer) is None:
+            return None
+        return e
+
+    def _egress(self, pkt: bytes, v: IPv4View | Reason) -> Result:
+        """TC egress of the uplinks: only ICMP errors about a translated reply are touched."""
+        if isinstance(v, Reason):
+            return Result(_verdict_of(v), v, pkt)
+        if v.frag > 0 or not v.is_icmp_error:
+            return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
+        return self._icmp_error(pkt, v, "egress")
+
+    def _touch(self, e: CtEntry, v: IPv4View, now: float) -> None:
+        e.last_seen = now
+        e.packets += 1
+        e.bytes += v.tot_len
+        self._count_rule(e.rule_id, packets=1, nbytes=v.tot_len)
+
+    def _count_rule(self, rule_id: int, packets: int = 0, nbytes: int = 0, sessions: int = 0) -> None:
+        c = self.rule_stats.get(rule_id) or RuleCounters(rule_id)
+        self.rule_stats[rule_id] = replace(c, packets=c.packets + packets, bytes=c.bytes + nbytes,
+                                           sessions=c.sessions + sessions)  # fmt: skip
+
+    def _dev_mtu(self, dev: str) -> int:
+        f = getattr(self.router, "dev_mtu", None)
+        return f(dev) if f else 1500
+
+    # ------------------------------------------------------------------ control plane
+
+    def apply(self, rules: RuleSet, settings: Settings | None = None) -> None:
+        """Reload: sessions are kept (with their mappings); sessions of a rule whose new_gw
+        changed move to the new next hop now; removed rules' sessions live until expiry."""
+        old = {r.rule_id: r for r in self.rules}
+        new = {r.rule_id: r for r in rules}
+        for pair in list(self.table.pairs()):
+            nr = new.get(pair.out.rule_id)
+            if nr is None:
+                continue
+            pair.out.rule = pair.inn.rule = nr
+            orule = old.get(nr.rule_id)
+            if orule is not None and orule.new_gw != nr.new_gw:
+                self._move(pair, nr)
+        self.rules = rules
+        if settings is not None:
+            self.settings = settings
+            self.table.max_sessions = settings.max_sessions
+
+    def _move(self, pair: CtPair, rule: Rule) -> None:
+        if rule.new_gw is not None:
+            fib = self.router.lookup(rule.new_gw)
+        else:
+            fib = self.router.lookup(pair.out_key.daddr, pair.out_key.saddr)
+        if fib.kind != "forward":
+            return
+        out = pair.out
+        out.oif, out.nexthop, out.mtu = fib.oif, fib.gw, fib.mtu
+        out.flags = (out.flags | CT_F_NEW_GW) if rule.new_gw is not None else (out.flags & ~CT_F_NEW_GW)
+
+    def expire(self, now: float) -> int:
+        """Remove sessions idle longer than their state's timeout; returns how many."""
+        gone = [p.out_key for p in self.table.pairs() if is_expired(p, now, self.settings.timeout)]
+        for k in gone:
+            self.table.remove(k)
+        self.frags.expire(now)
+        return len(gone)
+
+    def flush(self, rule_id: int | None = None) -> int:
+        gone = [p.out_key for p in self.table.pairs() if rule_id is None or p.out.rule_id == rule_id]
+        for k in gone:
+            self.table.remove(k)
+        return len(gone)
+
+    def sessions(self, now: float) -> list[Session]:
+        out = []
+        for p in self.table.pairs():
+            idle = now - max(p.out.last_seen, p.inn.last_seen)
+            k = p.out_key
+            out.append(Session(
+                proto=PROTO_NAMES.get(k.proto, str(k.proto)),
+                inside=f"{k.saddr}:{k.sport}", remote=f"{k.daddr}:{k.dport}",
+                nat=f"{p.out.rw_addr}:{p.out.rw_port}", state=CtState(p.out.state).name,
+                idle=idle, expires=self.settings.timeout(p.out.state) - idle, rule_id=p.out.rule_id,
+                packets_out=p.out.packets, bytes_out=p.out.bytes,
+                packets_in=p.inn.packets, bytes_in=p.inn.bytes,
+            ))  # fmt: skip
+        return out
