@@ -1,0 +1,194 @@
+"""`snatgw adm`: the patched ipvsadm's SNAT syntax against the running daemon (reference §5).
+
+Parsing is snatgw.config.adm (pure); this module sends changes over the control socket and
+prints listings in the original's formats: `-L -n` (rule rows with its column widths, in
+snatgw's precedence order), `-L -n -c` (§5.4), `-S`, `--stats`, `--rate`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from ...config.adm import (FWMARK, MUTATING, SCHEDULER, AdmTable, AdmUsageError, parse_args,
+                           parse_restore, save_lines)
+from ...errors import SnatgwError
+from ...rules import Rule
+
+HELP = "ipvsadm syntax for the SNAT rules (-A -K -k -H -L -S -R -C -Z), against the daemon"
+ADD_HELP = False
+
+USAGE = f"""snatgw adm: the lvs-snat ipvsadm syntax, applied through the running snatgw daemon
+Usage:
+  snatgw adm -A -f 1 -s {SCHEDULER}          enable the SNAT service
+  snatgw adm -D -f 1                          disable it (removes every rule)
+  snatgw adm -K|k -f 1 -F src-address/mask [-T dest-address/mask] [-W gw] -U minip-maxip
+                  [-O algo] [--oif dev] [-N new-gw] [-b]
+  snatgw adm -H -f 1 -F src-address/mask [-T dest-address/mask] [-W gw] [--oif dev]
+                  [-U minip-maxip] [-O algo] [-N new-gw]     (-U -O -N are ignored)
+  snatgw adm -L|l [-n] [-c] [--stats|--rate] [-x]
+  snatgw adm -S [-n]          save: -A then one -K per rule, in definition order
+  snatgw adm -R               restore from stdin (all lines or none)
+  snatgw adm -C               clear (the service and its rules)
+  snatgw adm -Z               zero the counters
+  snatgw adm -h
+Commands:
+  --add-service -A  --delete-service -D  --add-snat -K  --edit-snat -k  --delete-snat -H
+  --list -L|-l  --save -S  --restore -R  --clear -C  --zero -Z  --help -h
+Options:
+  --fwmark-service -f 1      the SNAT service (only fwmark 1)
+  --scheduler -s {SCHEDULER}
+  --from -F addr[/len]       source net (no /len: a host, /32)
+  --to -T addr[/len]         destination net (default 0.0.0.0/0)
+  --gw -W addr               the route's next hop must be this (0.0.0.0: any)
+  --oif dev                  the route's egress device must be this (exact name)
+  --new-gw -N addr           send matching flows to this next hop (0.0.0.0: none)
+  --snat-ip -U a[-b]         SNAT address pool
+  --algo -O sh|sdh|random    address selection (default sdh)
+  --numeric -n  --connection -c  --stats  --rate  --exact -x  --fullnat -b (accepted)
+  --socket PATH              control socket (default $SNATGW_SOCKET or /run/snatgw/control.sock)
+Rules are listed in snatgw's precedence order (most specific first), not sorted by gw."""
+
+# reference §5.3: rule rows are "  -> " + these widths, left-justified, trailing padding kept
+WIDTHS = (20, 20, 17, 16, 32, 8, 17, 10, 10)
+TITLE = ("SourceAddr", "DestAddr", "GW", "Oif", "SnatIp", "Algo", "NewGW", "ActConn", "InActConn")
+CONN_FMT = "{:<3} {:<6} {:<11} {:<30} {:<30} {:<30} {:<30}"  # reference §5.4
+
+
+def _row(values) -> str:
+    return "  -> " + "".join(f"{str(v):<{w}}" for v, w in zip(values, WIDTHS))
+
+
+def conn_counts(sessions: list[dict]) -> dict[int, tuple[int, int]]:
+    """rule_id -> (ActConn = established TCP, InActConn = every other session)."""
+    out: dict[int, list[int]] = {}
+    for s in sessions:
+        c = out.setdefault(s.get("rule_id", 0), [0, 0])
+        c[0 if (s["proto"] == "tcp" and s["state"] == "ESTABLISHED") else 1] += 1
+    return {k: (a, b) for k, (a, b) in out.items()}
+
+
+def format_list(rules: list[dict], service: bool, sessions: list[dict], size: int) -> str:
+    """`-L -n`: rules in the order given (the daemon sends precedence order)."""
+    counts = conn_counts(sessions)
+    lines = [f"IP Virtual Server version 1.2.2 (size={size})",
+             "Prot LocalAddress:Port Scheduler Flags", _row(TITLE)]
+    if service:
+        lines.append(f"FWM  {FWMARK} {SCHEDULER}")
+        for r in rules:
+            act, inact = counts.get(r["rule_id"], (0, 0))
+            pool = r["snat_ip"].split("-")
+            lines.append(_row((r["from"], r["to"], r["gw"] or "0.0.0.0", r["oif"] or "",
+                               pool[0] if pool[0] == pool[-1] else r["snat_ip"], r["algo"],
+                               r["new_gw"] or "0.0.0.0", act, inact)))
+    return "\n".join(lines)
+
+
+def _mmss(secs: float) -> str:
+    s = max(0, int(secs + 0.5))
+    return f"{s // 60:02d}:{s % 60:02d}"
+
+
+def format_conns(sessions: list[dict]) -> str:
+    """`-L -n -c`: source = inside host, virtual = remote, local = SNAT addr:port, destination = remote."""
+    lines = ["IPVS connection entries",
+             CONN_FMT.format("pro", "expire", "state", "source", "virtual", "local", "destination")]
+    for s in sessions:
+        lines.append(CONN_FMT.format(s["proto"].upper(), _mmss(s["expires"]), s["state"], s["inside"],
+                                     s["remote"], s["nat"], s["remote"]))
+    return "\n".join(lines)
+
+
+def largenum(n: float, exact: bool) -> str:
+    """ipvsadm's print_largenum: 8 columns, K/M/G/T beyond 8 digits unless --exact."""
+    n = int(n)
+    if exact or len(str(n)) <= 8:
+        return f"{n:>8}"
+    for div, unit in ((10**3, "K"), (10**6, "M"), (10**9, "G"), (10**12, "T")):
+        if len(str(n // div)) <= 7:
+            return f"{n // div:>7}{unit}"
+    return f"{n // 10**12:>7}T"
+
+
+def format_stats(rules: list[dict], stats: dict, exact: bool = False, rate: dict | None = None) -> str:
+    """`--stats` (or `--rate` when ``rate`` is given): one row per rule, with its text (the
+    original showed every rule as gw:0, so rules could not be told apart)."""
+    if rate is not None:
+        cols, src = ("CPS", "PPS", "BPS"), rate.get("rules", {})
+        keys = ("sessions", "packets", "bytes")
+    else:
+        cols, src = ("Conns", "Pkts", "Bytes"), stats.get("rules", {})
+        keys = ("sessions", "packets", "bytes")
+    lines = [f"{'Prot LocalAddress:Port':<33} {cols[0]:>8} {cols[1]:>8} {cols[2]:>8}", "  -> Rule"]
+    tot = [0.0, 0.0, 0.0]
+    rows = []
+    for r in rules:
+        c = src.get(str(r["rule_id"]), {})
+        vals = [c.get(k, 0) for k in keys]
+        tot = [a + b for a, b in zip(tot, vals)]
+        rows.append(f"  -> #{r['priority']:<3} {' '.join(largenum(v, exact) for v in vals)}  {r['text']}")
+    lines.append(f"{f'FWM  {FWMARK}':<33} {' '.join(largenum(v, exact) for v in tot)}")
+    return "\n".join(lines + rows)
+
+
+def _rules_of(resp: dict) -> list[Rule]:
+    return [Rule.from_dict(d, d.get("where")) for d in resp["defined"]]
+
+
+def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    from ...daemon.client import call, resolve_socket
+
+    out = stdout or sys.stdout
+    try:
+        cmd = parse_args(argv)
+        if cmd.op == "help":
+            print(USAGE, file=out)
+            return 0
+        sock = resolve_socket(cmd.socket)
+        if cmd.op == "restore":
+            cmds = parse_restore((stdin or sys.stdin).read())
+            if cmds:
+                call(sock, {"op": "adm", "commands": [list(c.argv) for c in cmds]})
+            return 0
+        if cmd.op in MUTATING:
+            call(sock, {"op": "adm", "commands": [list(argv)]})
+            return 0
+        if cmd.op == "zero":
+            call(sock, {"op": "zero"})
+            return 0
+        if cmd.op == "save":
+            resp = call(sock, {"op": "rules"})
+            lines = save_lines(AdmTable(resp["service"], tuple(_rules_of(resp))))
+            if lines:
+                print("\n".join(lines), file=out)
+            return 0
+        # list
+        if cmd.conns:
+            print(format_conns(call(sock, {"op": "sessions"})["sessions"]), file=out)
+        elif cmd.rate:
+            resp = call(sock, {"op": "rate"})
+            print(format_stats(resp["rules"], {}, cmd.exact, rate=resp["rate"]), file=out)
+        elif cmd.stats:
+            resp = call(sock, {"op": "stats"})
+            print(format_stats(resp["rules"], resp["stats"], cmd.exact), file=out)
+        else:
+            resp = call(sock, {"op": "rules"})
+            sessions = call(sock, {"op": "sessions"})["sessions"]
+            print(format_list(resp["rules"], resp["service"], sessions, resp["max_sessions"]), file=out)
+        return 0
+    except AdmUsageError as e:
+        print(f"snatgw adm: {e}", file=sys.stderr)
+        return e.exit_code
+    except SnatgwError as e:
+        print(f"snatgw adm: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def register(p) -> None:
+    import argparse
+
+    p.add_argument("args", nargs=argparse.REMAINDER, help="ipvsadm arguments (see snatgw adm --help)")
+
+
+def run(args) -> int:
+    return main(args.args)

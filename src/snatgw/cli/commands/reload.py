@@ -1,0 +1,23 @@
+"""`snatgw reload`: ask the running daemon to re-read its config (or another file) and apply it."""
+
+from __future__ import annotations
+
+import os
+
+from ...daemon.client import call, resolve_socket
+
+HELP = "reload the running daemon's config atomically (invalid config: nothing changes)"
+
+
+def register(p) -> None:
+    p.add_argument("config", nargs="?", help="config file to load instead (becomes the daemon's config)")
+    p.add_argument("--socket", metavar="PATH", help="control socket (default $SNATGW_SOCKET or the settings')")
+
+
+def run(args) -> int:
+    req: dict = {"op": "reload"}
+    if args.config:
+        req["path"] = os.path.abspath(args.config)
+    resp = call(resolve_socket(args.socket), req)
+    print(f"reloaded: {resp['rules']} rules")
+    return 0

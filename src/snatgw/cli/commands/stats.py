@@ -1,0 +1,53 @@
+"""`snatgw stats`: counters per rule (packets, bytes, sessions, with the rule) and per reason."""
+
+from __future__ import annotations
+
+from ...daemon.client import stats_and_rules
+from ...layout import Reason
+from ..render import dump_json, table
+
+HELP = "show counters: per rule (packets, bytes, sessions) and per reason (snatgw.layout.Reason)"
+
+
+def register(p) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--socket", metavar="PATH", help="control socket (default $SNATGW_SOCKET or the settings')")
+    p.add_argument("--pin-dir", metavar="DIR", help="read pinned bpf maps here when no daemon runs")
+    p.add_argument("--all", action="store_true", help="also list reasons whose count is zero")
+
+
+def summarize(stats: dict, rules: list[dict], all_reasons: bool = False) -> dict:
+    """Stats.as_dict() + rules -> {sessions, rules: [...priority order...], reasons: {name: n}}."""
+    counters = stats.get("rules", {})
+    out_rules = []
+    for r in rules:
+        c = counters.get(str(r["rule_id"]), {})
+        out_rules.append({"priority": r["priority"], "rule_id": r["rule_id"], "rule": r["text"],
+                          "packets": c.get("packets", 0), "bytes": c.get("bytes", 0),
+                          "sessions": c.get("sessions", 0)})
+    known = {r["rule_id"] for r in rules}
+    for rid, c in counters.items():  # counters of rules no longer configured (or no rule list)
+        if int(rid) not in known:
+            out_rules.append({"priority": None, "rule_id": int(rid), "rule": None, "packets": c.get("packets", 0),
+                              "bytes": c.get("bytes", 0), "sessions": c.get("sessions", 0)})
+    reasons = {r.name: int(stats.get("reasons", {}).get(r.name, 0)) for r in Reason}
+    reasons.update({k: int(v) for k, v in stats.get("reasons", {}).items() if k not in reasons})
+    if not all_reasons:
+        reasons = {k: v for k, v in reasons.items() if v}
+    return {"sessions": stats.get("sessions", 0), "rules": out_rules, "reasons": reasons}
+
+
+def run(args) -> int:
+    stats, rules, source = stats_and_rules(args.socket, args.pin_dir)
+    s = summarize(stats, rules, args.all)
+    if args.json:
+        print(dump_json({"source": source, **s}))
+        return 0
+    print(f"sessions: {s['sessions']}   (from {source})\n")
+    print(table([[f"#{r['priority']}" if r["priority"] else f"id:{r['rule_id']:08x}", r["packets"], r["bytes"],
+                  r["sessions"], r["rule"] or "(not configured)"] for r in s["rules"]],
+                ("rule", "packets", "bytes", "sessions", "text")))
+    print()
+    print(table([[k, v] for k, v in s["reasons"].items()], ("reason", "packets")) if s["reasons"]
+          else "reasons: all zero")
+    return 0

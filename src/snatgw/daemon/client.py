@@ -1,0 +1,73 @@
+"""The CLI's side of the control socket: where the socket is, one call that turns an error
+response into an exception with the daemon's exit code, and the no-daemon fallback that reads
+sessions and counters from the bpf backend's pinned maps.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..config.schema import Settings
+from ..errors import DaemonError, SnatgwError
+from .control import NoDaemon, request
+
+ENV_SOCKET = "SNATGW_SOCKET"
+
+
+class RemoteError(SnatgwError):
+    """The daemon answered with an error; carries its errno-like code and exit code."""
+
+    def __init__(self, message: str, code: str = "ERROR", exit_code: int = 4):
+        self.code = code
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
+def resolve_socket(path: str | None = None) -> str:
+    """--socket, else $SNATGW_SOCKET, else the default of Settings."""
+    return path or os.environ.get(ENV_SOCKET) or Settings().control_socket
+
+
+def call(path: str, req: dict, timeout: float = 30.0) -> dict:
+    resp = request(path, req, timeout)
+    if not resp.get("ok"):
+        raise RemoteError(resp.get("error", "the daemon refused the request"), resp.get("code", "ERROR"),
+                          int(resp.get("exit", 4)))
+    return resp
+
+
+def _pinned(pin_dir: str | None):
+    pin_dir = pin_dir or Settings().pin_dir
+    if not os.path.isdir(pin_dir):
+        return None
+    try:
+        from ..datapath.bpf.backend import read_pinned
+    except ImportError as e:
+        raise DaemonError(f"pinned maps exist in {pin_dir} but the bpf backend cannot read them: {e}") from None
+    return read_pinned(pin_dir)
+
+
+def sessions_and_rules(path: str | None, pin_dir: str | None) -> tuple[list[dict], list[dict], str]:
+    """(sessions as dicts, rules in priority order, source) from the daemon, else from pins."""
+    sock = resolve_socket(path)
+    try:
+        rules = call(sock, {"op": "rules"})["rules"]
+        return call(sock, {"op": "sessions"})["sessions"], rules, f"daemon {sock}"
+    except NoDaemon as e:
+        reader = _pinned(pin_dir)
+        if reader is None:
+            raise DaemonError(f"{e}; and no pinned maps in {pin_dir or Settings().pin_dir}") from None
+        return [s.as_dict() for s in reader.sessions()], [], f"pinned maps {pin_dir or Settings().pin_dir}"
+
+
+def stats_and_rules(path: str | None, pin_dir: str | None) -> tuple[dict, list[dict], str]:
+    """(Stats.as_dict(), rules in priority order, source) from the daemon, else from pins."""
+    sock = resolve_socket(path)
+    try:
+        resp = call(sock, {"op": "stats"})
+        return resp["stats"], resp["rules"], f"daemon {sock}"
+    except NoDaemon as e:
+        reader = _pinned(pin_dir)
+        if reader is None:
+            raise DaemonError(f"{e}; and no pinned maps in {pin_dir or Settings().pin_dir}") from None
+        return reader.stats().as_dict(), [], f"pinned maps {pin_dir or Settings().pin_dir}"

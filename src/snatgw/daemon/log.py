@@ -1,0 +1,57 @@
+"""Structured log lines for the daemon, on stderr: ``ts=... level=info event=reload rules=3``
+(logfmt), or one JSON object per line with ``json=True``.  No global state: the daemon makes one
+Log and hands it to what needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import TextIO
+
+
+def _logfmt_value(v) -> str:
+    s = str(v)
+    if s == "" or any(c in s for c in ' "=\t\n'):
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return s
+
+
+class Log:
+    def __init__(self, json_lines: bool = False, stream: TextIO | None = None, debug: bool = False):
+        self.json = json_lines
+        self.stream = stream or sys.stderr
+        self.debug_enabled = debug
+        self._lock = threading.Lock()
+        self.lines: list[str] | None = None  # set to a list to also keep lines (tests)
+
+    def emit(self, level: str, event: str, **fields) -> None:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+        rec = {"ts": ts, "level": level, "event": event, **{k: v for k, v in fields.items() if v is not None}}
+        if self.json:
+            line = json.dumps(rec, default=str, ensure_ascii=False)
+        else:
+            line = " ".join(f"{k}={_logfmt_value(v)}" for k, v in rec.items())
+        with self._lock:
+            if self.lines is not None:
+                self.lines.append(line)
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):  # stderr closed: logging must never kill the daemon
+                pass
+
+    def info(self, event: str, **fields) -> None:
+        self.emit("info", event, **fields)
+
+    def warning(self, event: str, **fields) -> None:
+        self.emit("warning", event, **fields)
+
+    def error(self, event: str, **fields) -> None:
+        self.emit("error", event, **fields)
+
+    def debug(self, event: str, **fields) -> None:
+        if self.debug_enabled:
+            self.emit("debug", event, **fields)

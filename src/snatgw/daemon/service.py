@@ -1,0 +1,258 @@
+"""The daemon's logic, without I/O of its own: the running config, the adm rule table, the
+backend, reload (parse + validate first, apply atomically, keep the old on any error), the GC
+tick, and ``handle(request) -> response`` for the control socket (JSON-ready dicts).
+
+Every backend call happens under one lock, so control requests, SIGHUP reloads and the GC
+never interleave.  main.py does the I/O: sockets, signals, printing.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from ..config.adm import AdmRefused, AdmTable, AdmUsageError, parse_args
+from ..config.schema import GatewayConfig, Settings
+from ..errors import EXIT_BAD_INPUT, BackendError, SnatgwError
+from ..rules import Rule, RuleSet
+from .log import Log
+
+#: settings a reload cannot change (the running daemon keeps its own; restart to change them)
+FIXED_ON_RELOAD = ("backend", "pin_dir", "control_socket")
+RATE_INTERVAL = 2.0  # seconds between counter samples for `adm --rate`
+
+
+def load_config(path: str | None = None, text: str | None = None, overrides: dict | None = None,
+                filename: str | None = None) -> GatewayConfig:
+    """Parse a config file (or text) and apply command-line overrides to its settings."""
+    from ..config.parse import parse_file, parse_text
+
+    if text is not None:
+        cfg = parse_text(text, filename or path or "<control>")
+    else:
+        if not path:
+            raise SnatgwError("no config file given")
+        try:
+            cfg = parse_file(path)
+        except OSError as e:
+            raise SnatgwError(f"{path}: cannot read config: {e.strerror or e}") from None
+    if overrides:
+        cfg = replace(cfg, settings=replace(cfg.settings, **overrides))
+    return cfg
+
+
+def rule_info(priority: int, r: Rule) -> dict:
+    return {"priority": priority, **r.as_dict(), "rule_id": r.rule_id, "where": r.where,
+            "text": r.describe()}
+
+
+def _error(e: BaseException) -> dict:
+    code = getattr(e, "code", None) or ("EINVAL" if isinstance(e, AdmUsageError) else "ERROR")
+    return {"ok": False, "error": str(e), "code": code,
+            "exit": getattr(e, "exit_code", EXIT_BAD_INPUT)}
+
+
+class Service:
+    def __init__(self, config: GatewayConfig, backend, log: Log | None = None,
+                 config_path: str | None = None, overrides: dict | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.table = AdmTable.from_ruleset(config.rules)
+        self.backend = backend
+        self.log = log or Log()
+        self.config_path = str(Path(config_path).resolve()) if config_path else None
+        self.overrides = dict(overrides or {})
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.started_at = clock()
+        self.reloads = 0
+        self.last_error: str | None = None
+        self._samples: list[tuple[float, dict]] = []  # (time, stats dict), at most two
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        with self.lock:
+            self.backend.start(self.config)
+            self.log.info("started", backend=self.backend.name, rules=len(self.config.rules),
+                          config=self.config_path, inside=",".join(self.config.settings.inside) or None,
+                          outside=",".join(self.config.settings.outside) or None)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.backend.stop(keep_state=True)
+            self.log.info("stopped", backend=self.backend.name, keep_state=True)
+
+    def _commit(self, new: GatewayConfig, table: AdmTable, event: str, **fields) -> None:
+        """Apply ``new`` to the backend; only when that succeeds does it become current."""
+        self.backend.apply(new)
+        self.config, self.table = new, table
+        self.log.info(event, rules=len(new.rules), **fields)
+
+    def _keep_fixed(self, new: GatewayConfig) -> GatewayConfig:
+        cur = self.config.settings
+        fixed = {k: getattr(cur, k) for k in FIXED_ON_RELOAD if getattr(new.settings, k) != getattr(cur, k)}
+        for k, v in fixed.items():
+            self.log.warning("reload_setting_ignored", setting=k, running=v, wanted=getattr(new.settings, k),
+                             msg="restart the daemon to change it")
+        return replace(new, settings=replace(new.settings, **fixed)) if fixed else new
+
+    def reload(self, path: str | None = None, text: str | None = None) -> GatewayConfig:
+        """Re-read the config (its file, another file, or text) and apply it atomically.
+        Any error (parse, validation, backend) is logged and raised; the old config stays."""
+        with self.lock:
+            src = path or self.config_path
+            try:
+                new = load_config(None if text is not None else src, text, self.overrides,
+                                  filename="<control>" if text is not None else None)
+                new = self._keep_fixed(new)
+                self._commit(new, AdmTable.from_ruleset(new.rules), "reloaded",
+                             config=src if text is None else "<control>")
+            except SnatgwError as e:
+                self.last_error = str(e)
+                self.log.error("reload_failed", error=str(e), kept_rules=len(self.config.rules))
+                raise
+            if path and text is None:
+                self.config_path = str(Path(path).resolve())
+            self.reloads += 1
+            self.last_error = None
+            return new
+
+    def adm(self, argvs: list[list[str]]) -> AdmTable:
+        """Apply ipvsadm-syntax commands as one batch: all of them, or none."""
+        with self.lock:
+            cmds = [parse_args(a) for a in argvs]
+            table = self.table.apply_all(cmds)
+            new = replace(self.config, rules=table.ruleset())
+            try:
+                self._commit(new, table, "adm_applied", commands=len(cmds),
+                             ops=",".join(c.op for c in cmds))
+            except SnatgwError as e:
+                self.log.error("adm_failed", error=str(e), kept_rules=len(self.config.rules))
+                raise
+            return table
+
+    def gc(self, now: float | None = None) -> int:
+        """One GC tick: expire sessions; sample counters for rates."""
+        with self.lock:
+            n = self.backend.expire()
+            t = self.clock() if now is None else now
+            if not self._samples or t - self._samples[-1][0] >= RATE_INTERVAL:
+                try:
+                    self._samples = (self._samples + [(t, self.backend.stats().as_dict())])[-2:]
+                except SnatgwError as e:
+                    self.log.warning("stats_failed", error=str(e))
+        if n:
+            self.log.debug("expired", sessions=n)
+        return n
+
+    # ------------------------------------------------------------------ queries
+    def status(self) -> dict:
+        s = self.config.settings
+        return {
+            "pid": os.getpid(), "backend": self.backend.name, "config": self.config_path,
+            "uptime": round(self.clock() - self.started_at, 3), "reloads": self.reloads,
+            "service": self.table.service, "rules": len(self.config.rules),
+            "last_error": self.last_error, "inside": list(s.inside), "outside": list(s.outside),
+            "pin_dir": s.pin_dir, "control_socket": s.control_socket, "max_sessions": s.max_sessions,
+            "gc_interval": s.gc_interval,
+        }
+
+    def rules(self) -> dict:
+        rs = self.config.rules
+        return {
+            "service": self.table.service,
+            "max_sessions": self.config.settings.max_sessions,
+            "rules": [rule_info(i, r) for i, r in enumerate(rs, 1)],
+            "defined": [rule_info(0, r) for r in self.table.rules],
+        }
+
+    def rate(self) -> dict:
+        """Per-second deltas between the last two counter samples (empty until two exist)."""
+        if len(self._samples) < 2:
+            return {"interval": None, "rules": {}, "reasons": {}}
+        (t0, a), (t1, b) = self._samples
+        dt = max(t1 - t0, 1e-9)
+        rules = {}
+        for rid, cur in b["rules"].items():
+            old = a["rules"].get(rid, {})
+            rules[rid] = {k: max(0.0, (cur[k] - old.get(k, 0)) / dt) for k in ("packets", "bytes", "sessions")}
+        reasons = {k: max(0.0, (v - a["reasons"].get(k, 0)) / dt) for k, v in b["reasons"].items()}
+        return {"interval": dt, "rules": rules, "reasons": reasons}
+
+    # ------------------------------------------------------------------ control requests
+    def handle(self, req: dict) -> dict:
+        """One control request -> one response; never raises."""
+        op = req.get("op") if isinstance(req, dict) else None
+        try:
+            if op == "status":
+                return {"ok": True, **self.status()}
+            if op == "reload":
+                new = self.reload(path=req.get("path"), text=req.get("text"))
+                return {"ok": True, "rules": len(new.rules)}
+            if op == "rules":
+                with self.lock:
+                    return {"ok": True, **self.rules()}
+            if op == "sessions":
+                with self.lock:
+                    return {"ok": True, "sessions": [s.as_dict() for s in self.backend.sessions()]}
+            if op == "stats":
+                with self.lock:
+                    st = self.backend.stats().as_dict()
+                    return {"ok": True, "stats": st, **self.rules()}
+            if op == "rate":
+                with self.lock:
+                    return {"ok": True, "rate": self.rate(), **self.rules()}
+            if op == "flush":
+                rid = req.get("rule_id")
+                with self.lock:
+                    n = self.backend.flush(int(rid) if rid is not None else None)
+                self.log.info("flushed", rule_id=rid, sessions=n)
+                return {"ok": True, "flushed": n}
+            if op == "zero":
+                with self.lock:
+                    self.backend.zero()
+                    self._samples = []
+                self.log.info("zeroed")
+                return {"ok": True}
+            if op == "adm":
+                cmds = req.get("commands")
+                if not isinstance(cmds, list) or not all(isinstance(c, list) for c in cmds):
+                    raise AdmUsageError("adm: 'commands' must be a list of argv lists")
+                table = self.adm(cmds)
+                return {"ok": True, "rules": len(table.rules), "service": table.service}
+            raise AdmUsageError(f"unknown request op {op!r}; expected one of status, reload, rules, "
+                                "sessions, stats, rate, flush, zero, adm")
+        except (SnatgwError, AdmRefused) as e:
+            return _error(e)
+        except (KeyError, TypeError, ValueError) as e:
+            return _error(AdmUsageError(f"bad request: {e}"))
+        except Exception as e:  # the daemon must survive any single request
+            self.log.error("request_failed", op=op, error=repr(e))
+            return _error(BackendError(f"internal error: {e!r}"))
+
+
+def make_backend(name: str, settings: Settings):
+    """The backend for ``name``; a missing implementation is a clear BackendError."""
+    try:
+        if name == "bpf":
+            from ..datapath.bpf.backend import BpfBackend
+
+            return BpfBackend(settings)
+        if name == "nft":
+            from ..datapath.nft.backend import NftBackend
+
+            return NftBackend(settings)
+        if name == "fake":
+            from ..datapath.fake import FakeBackend
+
+            return FakeBackend(settings, chaos=os.environ.get("SNATGW_FAKE_CHAOS"))
+    except ImportError as e:
+        raise BackendError(f"backend {name} is not available: {e}") from None
+    raise BackendError(f"unknown backend {name!r}: expected bpf, nft or fake")
+
+
+__all__ = ["Service", "load_config", "make_backend", "RuleSet"]

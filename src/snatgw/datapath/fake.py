@@ -1,0 +1,112 @@
+"""FakeBackend: the Backend interface in memory, over the reference model (snatgw.model.Engine).
+
+Daemon, adm and CLI tests run against it without root.  ``process()`` feeds packets through the
+engine, so sessions and counters are the model's own.  ``chaos`` makes chosen operations fail
+on demand (pyroute2's ChaoticIPRoute habit): a set of operation names ("apply", "start",
+"expire", ...) that raise BackendError before anything changes, or "apply:N" to fail only the
+N-th call of that operation (1-based).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+from ..errors import BackendError
+from .backend import RuleCounters, Stats
+
+
+def parse_chaos(spec: str | Iterable[str] | None) -> dict[str, int]:
+    """"apply,expire:2" -> {"apply": 0, "expire": 2} (0: every call fails)."""
+    if not spec:
+        return {}
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: dict[str, int] = {}
+    for item in items:
+        name, _, nth = item.strip().partition(":")
+        if name:
+            out[name] = int(nth) if nth else 0
+    return out
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self, settings=None, router=None, clock: Callable[[], float] = time.monotonic,
+                 chaos: str | Iterable[str] | None = None):
+        self.settings = settings
+        self.router = router
+        self.clock = clock
+        self.chaos = parse_chaos(chaos)
+        self.calls: dict[str, int] = {}
+        self.engine = None
+        self.config = None
+        self.applied: list = []  # every config successfully applied, in order (tests inspect it)
+        self.stopped: bool | None = None  # None: running; else the keep_state it stopped with
+
+    # -- fault injection
+    def _enter(self, op: str) -> None:
+        n = self.calls[op] = self.calls.get(op, 0) + 1
+        if op in self.chaos and self.chaos[op] in (0, n):
+            raise BackendError(f"fake backend: {op} failed on purpose (chaos, call {n})")
+
+    def _need(self):
+        if self.engine is None:
+            raise BackendError("fake backend: not started")
+        return self.engine
+
+    # -- Backend interface
+    def start(self, config) -> None:
+        self._enter("start")
+        try:
+            from ..model.engine import Engine
+            from ..model.router import StaticRouter
+        except ImportError as e:  # the model is a sibling package; say so plainly
+            raise BackendError(f"fake backend needs snatgw.model: {e}") from None
+        router = self.router or StaticRouter.ref()
+        self.engine = Engine(config.rules, config.settings, router)
+        self.config = config
+        self.applied.append(config)
+        self.stopped = None
+
+    def apply(self, config) -> None:
+        self._enter("apply")
+        self._need().apply(config.rules, config.settings)
+        self.config = config
+        self.applied.append(config)
+
+    def expire(self, now: float | None = None) -> int:
+        self._enter("expire")
+        return self._need().expire(self.clock() if now is None else now)
+
+    def sessions(self) -> list:
+        self._enter("sessions")
+        return list(self._need().sessions(self.clock()))
+
+    def stats(self) -> Stats:
+        self._enter("stats")
+        eng = self._need()
+        reasons = {r.name: int(n) for r, n in eng.reasons.items() if n}
+        rules = {int(k): v if isinstance(v, RuleCounters) else RuleCounters(int(k), *v)
+                 for k, v in eng.rule_stats.items()}
+        return Stats(reasons=reasons, rules=rules, sessions=len(eng.sessions(self.clock())))
+
+    def flush(self, rule_id: int | None = None) -> int:
+        self._enter("flush")
+        return self._need().flush(rule_id)
+
+    def zero(self) -> None:
+        self._enter("zero")
+        eng = self._need()
+        eng.reasons.clear()
+        eng.rule_stats.clear()
+
+    def stop(self, keep_state: bool = False) -> None:
+        self._enter("stop")
+        if self.engine is not None and not keep_state:
+            self.engine.flush(None)
+        self.stopped = keep_state
+
+    # -- test helper: run one packet through the model datapath
+    def process(self, pkt: bytes, side: str = "inside", ingress: str = "lan40", now: float | None = None):
+        return self._need().process(pkt, side, ingress, self.clock() if now is None else now)
