@@ -1,0 +1,110 @@
+"""`snatgw check`: exit codes, the rule table in priority order, settings, warnings, JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from snatgw.cli.main import main
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def write(tmp_path: Path, text: str, name: str = "c.conf") -> str:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return str(p)
+
+
+def test_valid_config_exits_0_and_lists_rules_in_priority_order(capsys):
+    """check prints the rules most specific first with where each was defined, and exits 0."""
+    rc = main(["check", str(EXAMPLES / "lab.conf")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "198.18" in line]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert [r[-1].rsplit(":", 1)[1] for r in rows] == ["16", "17", "19"]
+    header = next(line for line in out.splitlines() if line.strip().startswith("#"))
+    assert header.split() == ["#", "from", "to", "gw", "oif", "new_gw", "snat_ip", "algo", "defined", "at"]
+    assert "lan40 lan50" in out and "tcp_established  7440" in out
+
+
+def test_priority_order_differs_from_definition_order(tmp_path, capsys):
+    """A /24 rule defined after a /16 rule is listed first."""
+    f = write(tmp_path, "virtual_server fwmark 1 {\n snat_rule { from 198.18.0.0/16 snat_ip 198.19.2.71 }\n"
+                        " snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.72 }\n}\n")  # fmt: skip
+    assert main(["check", "--json", f]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [(r["priority"], r["from"], r["where"].rsplit(":", 1)[1]) for r in d["rules"]] == [
+        (1, "198.18.40.0/24", "3"), (2, "198.18.0.0/16", "2")]  # fmt: skip
+
+
+def test_seed_example_exits_2_naming_both_rules(capsys):
+    """The seed's example verbatim is refused with exit 2; stderr names rule 4's and rule 2's lines."""
+    rc = main(["check", str(EXAMPLES / "seed.conf")])
+    cap = capsys.readouterr()
+    assert rc == 2 and cap.out == ""
+    assert "seed.conf:33: snat_rule: duplicate rule" in cap.err and "seed.conf:15" in cap.err
+
+
+def test_seed_without_rule_4_passes(capsys):
+    """The seed's example minus its 4th rule is valid."""
+    assert main(["check", str(EXAMPLES / "seed-fixed.conf")]) == 0
+    assert "valid, 3 rules" in capsys.readouterr().out
+
+
+def test_invalid_config_with_json_prints_error_object_and_exits_2(tmp_path, capsys):
+    """--json on an invalid config prints {"valid": false, ...} and still exits 2 with stderr."""
+    f = write(tmp_path, "virtual_server fwmark 1 {\n snat_rule {\n  from 198.18.0.0/16\n  algo rr\n"
+                        "  snat_ip 198.19.2.71\n }\n}\n")  # fmt: skip
+    rc = main(["check", "--json", f])
+    cap = capsys.readouterr()
+    d = json.loads(cap.out)
+    assert rc == 2 and d["valid"] is False and d["field"] == "algo" and d["where"].endswith("c.conf:4")
+    assert "c.conf:4: algo: unknown ip select algo" in cap.err
+
+
+def test_missing_file_exits_2(tmp_path, capsys):
+    """A config that cannot be read is an error (exit 2)."""
+    assert main(["check", str(tmp_path / "none.conf")]) == 2
+    assert "none.conf" in capsys.readouterr().err
+
+
+def test_rules_beaten_only_on_some_packets_are_not_warned(tmp_path, capsys):
+    """Overlapping rules that each win for some packets give no "never match" warning."""
+    f = write(tmp_path, "virtual_server fwmark 1 {\n snat_rule { from 198.18.0.0/16 snat_ip 198.19.2.71 }\n"
+                        " snat_rule { from 198.18.0.0/16 oif eth1 gw 198.19.2.1 snat_ip 198.19.2.72 }\n"
+                        " snat_rule { from 198.18.0.0/16 oif eth1 snat_ip 198.19.2.73 }\n"
+                        " snat_rule { from 198.18.40.0/24 to 203.0.113.0/24 snat_ip 198.19.2.73 }\n}\n")  # fmt: skip
+    assert main(["check", "--json", f]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == []
+
+
+def test_shadowed_rules_are_warned_naming_both_lines(monkeypatch, tmp_path, capsys):
+    """Every (rule, earlier rule) pair of RuleSet.shadowed() becomes a warning naming both lines."""
+    from snatgw.rules import RuleSet
+
+    monkeypatch.setattr(RuleSet, "shadowed", lambda self: [(self.rules[1], self.rules[0])])
+    f = write(tmp_path, "virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n"
+                        " snat_rule { from 198.18.0.0/16 snat_ip 198.19.2.72 }\n}\n")  # fmt: skip
+    assert main(["check", f]) == 0
+    out = capsys.readouterr().out
+    assert "c.conf:3: snat_rule can never match" in out and "rule at " in out and "c.conf:2" in out
+
+
+def test_oif_outside_the_uplinks_is_warned(tmp_path, capsys):
+    """A rule whose oif is not an `outside` interface is valid but warned."""
+    f = write(tmp_path, "snatgw { outside eth1 eth2 }\nvirtual_server fwmark 1 {\n"
+                        " snat_rule { from 198.18.40.0/24 oif eth3 snat_ip 198.19.2.71 }\n}\n")  # fmt: skip
+    assert main(["check", f]) == 0
+    assert "c.conf:3: oif: eth3 is not among the outside interfaces" in capsys.readouterr().out
+
+
+def test_skipped_keepalived_blocks_are_listed_as_warnings(tmp_path, capsys):
+    """Blocks of a real keepalived.conf are reported as skipped, not errors."""
+    f = write(tmp_path, "global_defs {\n router_id gw1\n}\nvirtual_server fwmark 1 {\n lb_kind FULLNAT\n"
+                        " snat_rule { from 198.18.0.0/16 snat_ip 198.19.2.71 }\n}\n")  # fmt: skip
+    assert main(["check", "--json", f]) == 0
+    w = json.loads(capsys.readouterr().out)["warnings"]
+    assert any("c.conf:1: skipped keepalived block 'global_defs'" in x for x in w)
+    assert any("c.conf:5: skipped 'lb_kind'" in x for x in w)
