@@ -1,0 +1,283 @@
+"""NftBackend: the nftables datapath (snatgw.datapath.backend.Backend).  Kernel conntrack does the
+NAT; this applies render.plan() as ONE `nft -j -f -` transaction (reload is atomic, sessions live
+on in conntrack), adds the new_gw policy routing (tagged `proto 201`, prefs/tables 31000-31999),
+and reads sessions from conntrack and counters from nft.  It acts in its own network namespace,
+or in ``netns`` (a name under /run/netns or a path) when given.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from ipaddress import IPv4Address
+
+from ...config.schema import GatewayConfig, Settings
+from ...errors import BackendError
+from ...rules import RuleSet
+from ..backend import RuleCounters, Session, Stats
+from . import render as R
+
+#: conntrack's TCP state names -> snatgw's CtState names
+_TCP_STATES = {
+    "SYN_SENT": "SYN_SENT", "SYN_SENT2": "SYN_SENT", "SYN_RECV": "SYN_RECV",
+    "ESTABLISHED": "ESTABLISHED", "FIN_WAIT": "FIN_WAIT", "CLOSE_WAIT": "CLOSE_WAIT",
+    "LAST_ACK": "LAST_ACK", "TIME_WAIT": "TIME_WAIT", "CLOSE": "CLOSE", "NONE": "NONE",
+}  # fmt: skip
+_SYSCTL_TIMEOUT = {  # state -> /proc/sys/net/netfilter/ file with its timeout (for `idle`)
+    "ESTABLISHED": "nf_conntrack_tcp_timeout_established", "SYN_SENT": "nf_conntrack_tcp_timeout_syn_sent",
+    "SYN_RECV": "nf_conntrack_tcp_timeout_syn_recv", "FIN_WAIT": "nf_conntrack_tcp_timeout_fin_wait",
+    "CLOSE_WAIT": "nf_conntrack_tcp_timeout_close_wait", "LAST_ACK": "nf_conntrack_tcp_timeout_last_ack",
+    "TIME_WAIT": "nf_conntrack_tcp_timeout_time_wait", "CLOSE": "nf_conntrack_tcp_timeout_close",
+    "UDP": "nf_conntrack_udp_timeout_stream", "UDP_UNREPLIED": "nf_conntrack_udp_timeout",
+    "ICMP": "nf_conntrack_icmp_timeout",
+}  # fmt: skip
+
+
+def parse_conntrack(text: str) -> list[dict]:
+    """/proc/net/nf_conntrack (or `conntrack -L -o extended`) lines -> dicts with the original
+    tuple (src, dst, sport, dport), the reply tuple (rsrc, rdst, rsport, rdport), proto, state,
+    timeout, mark and, with nf_conntrack_acct, packets/bytes per direction."""
+    out = []
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 6 or f[0] != "ipv4":
+            continue
+        proto, timeout = f[2], int(f[4])
+        rest = f[5:]
+        state = rest.pop(0) if rest and "=" not in rest[0] and not rest[0].startswith("[") else None
+        d: dict = {"proto": proto, "timeout": timeout, "state": state, "mark": 0,
+                   "assured": "[ASSURED]" in rest}
+        seen: dict[str, int] = {}
+        for tok in rest:
+            if "=" not in tok:
+                continue
+            k, _, val = tok.partition("=")
+            n = seen.get(k, 0)
+            seen[k] = n + 1
+            if k == "id" and proto == "icmp":
+                k = "sport" if n == 0 else "rsport"
+                d.setdefault("dport" if n == 0 else "rdport", val)
+                d[k] = val
+                continue
+            key = ("r" + k) if n else k
+            if k in ("mark", "zone", "use"):
+                key = k
+            d[key] = val
+        d["mark"] = int(d.get("mark", 0))
+        out.append(d)
+    return out
+
+
+class NftBackend:
+    name = "nft"
+
+    def __init__(self, settings: Settings | None = None, netns: str | None = None):
+        self.settings = settings or Settings()
+        self.netns = netns
+        self._config: GatewayConfig | None = None
+        self._plan: R.Plan | None = None
+        self._by_mark: dict[int, int] = {}  # ct mark -> rule_id
+
+    # ------------------------------------------------------------------ commands
+
+    def _prefix(self) -> list[str]:
+        if not self.netns:
+            return []
+        path = self.netns if "/" in self.netns else f"/run/netns/{self.netns}"
+        return ["nsenter", f"--net={path}"]
+
+    def _run(self, argv: list[str], input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        try:
+            p = subprocess.run(self._prefix() + argv, input=input, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError as e:
+            raise BackendError(f"nft backend: {argv[0]} not found ({e}); install it (scripts/setup.sh)") from None
+        if check and p.returncode != 0:
+            raise BackendError(f"nft backend: `{' '.join(argv)}` failed: {p.stderr.strip() or p.returncode}")
+        return p
+
+    def _route_get(self, addr: IPv4Address) -> dict | None:
+        p = self._run(["ip", "-j", "route", "get", str(addr)], check=False)
+        if p.returncode != 0:
+            return None
+        try:
+            res = json.loads(p.stdout)
+        except json.JSONDecodeError:
+            return None
+        return res[0] if res else None
+
+    # ------------------------------------------------------------------ Backend
+
+    def start(self, config: GatewayConfig) -> None:
+        self._run(["nft", "--version"])
+        self.apply(config)
+
+    def apply(self, config: GatewayConfig) -> None:
+        """Resolve what needs the kernel first (so a failure changes nothing), then one nft
+        transaction, then the policy routing of new_gw rules (replace, then remove stale)."""
+        settings = config.settings if config.settings else self.settings
+        rules: RuleSet = config.rules
+        gw_dev = {}
+        for r in rules:
+            if r.gw and not r.oif:
+                rt = self._route_get(r.gw)
+                if rt and rt.get("dev"):
+                    gw_dev[r.gw] = rt["dev"]
+        p = R.plan(rules, settings, gw_dev)
+        routes = []
+        for e in p.routes:
+            rt = self._route_get(e.new_gw)
+            if rt and rt.get("type", "unicast") == "unicast" and rt.get("dev"):
+                via = IPv4Address(rt["gateway"]) if rt.get("gateway") else e.new_gw
+                routes.append((e, e.commands(via, rt["dev"])))
+            elif e.rule.oif:  # not routable now: assume on-link via the rule's oif (spec: new_gw)
+                routes.append((e, e.commands(e.new_gw, e.rule.oif, onlink=True)))
+            else:
+                raise BackendError(
+                    f"{e.rule.where or 'rule'}: new_gw: no route to {e.new_gw} in this namespace "
+                    f"(ip route get {e.new_gw}); add one, or give the rule an oif to use it on-link"
+                )
+        stale = tuple(self._counter_names())
+        self._run(["nft", "-j", "-f", "-"], input=R.to_json_text(p, stale))
+        wanted = {e.table for e, _ in routes}
+        for e, cmds in routes:
+            self._run(["ip", "route", "flush", "table", str(e.table)], check=False)
+            self._run(["ip"] + cmds[0])
+            if not any(pref == e.table for pref, _ in self._our_ip_rules()):
+                self._run(["ip"] + cmds[1])
+        self._remove_routing(keep=wanted)
+        self._config, self._plan, self.settings = config, p, settings
+        self._by_mark = {m: r.rule_id for m, r in p.rule_by_mark(rules).items()}
+
+    def _counter_names(self) -> list[str]:
+        p = self._run(["nft", "-j", "list", "counters", "table", R.FAMILY, R.TABLE], check=False)
+        if p.returncode != 0:
+            return []
+        return [o["counter"]["name"] for o in json.loads(p.stdout)["nftables"] if "counter" in o]
+
+    def _counters(self) -> dict[str, tuple[int, int]]:
+        p = self._run(["nft", "-j", "list", "counters", "table", R.FAMILY, R.TABLE], check=False)
+        if p.returncode != 0:
+            return {}
+        out = {}
+        for o in json.loads(p.stdout)["nftables"]:
+            if "counter" in o:
+                c = o["counter"]
+                out[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+        return out
+
+    def _our_ip_rules(self) -> list[tuple[int, dict]]:
+        p = self._run(["ip", "-j", "rule", "show"], check=False)
+        if p.returncode != 0 or not p.stdout.strip():
+            return []
+        out = []
+        for r in json.loads(p.stdout):
+            pref = int(r.get("priority", -1))
+            proto = str(r.get("protocol", ""))
+            if R.RT_BASE <= pref < R.RT_BASE + R.SLOTS and proto in (str(R.RT_PROTO), "201"):
+                out.append((pref, r))
+        return out
+
+    def _remove_routing(self, keep: set[int] = frozenset()) -> None:
+        """Remove our ip rules (pref in range AND proto 201) and flush their tables, except keep."""
+        for pref, r in self._our_ip_rules():
+            if pref in keep:
+                continue
+            self._run(["ip", "rule", "del", "pref", str(pref)], check=False)
+            self._run(["ip", "route", "flush", "table", str(pref), "proto", str(R.RT_PROTO)], check=False)
+        for e in self._plan.routes if self._plan else ():
+            if e.table not in keep:
+                self._run(["ip", "route", "flush", "table", str(e.table), "proto", str(R.RT_PROTO)], check=False)
+
+    def stop(self, keep_state: bool = False) -> None:
+        """Remove table ip snatgw and our policy routing; conntrack keeps live sessions
+        translated (the kernel's NAT bindings) unless keep_state is False and `conntrack` is
+        installed, in which case our sessions are flushed too."""
+        self._run(["nft", "delete", "table", R.FAMILY, R.TABLE], check=False)
+        self._remove_routing()
+        if not keep_state:
+            try:
+                self.flush()
+            except BackendError:
+                pass
+        self._plan = None
+
+    def expire(self, now: float | None = None) -> int:
+        return 0  # the kernel's conntrack expires sessions itself
+
+    def _conntrack_text(self) -> str:
+        p = self._run(["cat", "/proc/net/nf_conntrack"], check=False)
+        if p.returncode == 0:
+            return p.stdout
+        return self._run(["conntrack", "-L", "-o", "extended"], check=False).stdout
+
+    def _timeouts(self) -> dict[str, int]:
+        out = {}
+        for state, fname in _SYSCTL_TIMEOUT.items():
+            p = self._run(["cat", f"/proc/sys/net/netfilter/{fname}"], check=False)
+            if p.returncode == 0 and p.stdout.strip().isdigit():
+                out[state] = int(p.stdout.strip())
+        return out
+
+    def sessions(self) -> list[Session]:
+        timeouts = self._timeouts()
+        out = []
+        for d in parse_conntrack(self._conntrack_text()):
+            if d["mark"] & R.MARK_MASK != R.MARK_TAG:
+                continue
+            proto = d["proto"]
+            state = _TCP_STATES.get(d["state"] or "", "NONE") if proto == "tcp" else proto.upper()
+            full = timeouts.get("UDP_UNREPLIED" if state == "UDP" and not d["assured"] else state, d["timeout"])
+            idle = max(0.0, float(full - d["timeout"]))
+            out.append(Session(
+                proto=proto,
+                inside=f"{d.get('src')}:{d.get('sport', 0)}",
+                remote=f"{d.get('dst')}:{d.get('dport', 0)}",
+                nat=f"{d.get('rdst')}:{d.get('rdport', 0)}",
+                state=state, idle=idle, expires=float(d["timeout"]),
+                rule_id=self._by_mark.get(d["mark"], 0),
+                packets_out=int(d.get("packets", 0)), bytes_out=int(d.get("bytes", 0)),
+                packets_in=int(d.get("rpackets", 0)), bytes_in=int(d.get("rbytes", 0)),
+            ))  # fmt: skip
+        return out
+
+    def stats(self) -> Stats:
+        c = self._counters()
+        sessions = self.sessions()
+        live: dict[int, int] = {}
+        for s in sessions:
+            live[s.rule_id] = live.get(s.rule_id, 0) + 1
+        rules = {}
+        for r in self._config.rules if self._config else ():
+            pk, by = c.get(R.counter_name(r), (0, 0))
+            rules[r.rule_id] = RuleCounters(r.rule_id, pk, by, live.get(r.rule_id, 0))
+        new = sum(v[0] for k, v in c.items() if k.startswith("new_"))
+        reasons = {
+            "XLATE_NEW": new,
+            "DROP_NO_SESSION": c.get(R.C_NO_SESSION, (0, 0))[0],
+            "DROP_UNMATCHED": c.get(R.C_UNMATCHED, (0, 0))[0],
+        }
+        return Stats(reasons=reasons, rules=rules, sessions=len(sessions))
+
+    def flush(self, rule_id: int | None = None) -> int:
+        """Delete the conntrack entries of one rule (or all of ours) with the conntrack tool."""
+        marks = [m for m, rid in self._by_mark.items() if rule_id is None or rid == rule_id]
+        if rule_id is None:
+            marks = [(R.MARK_TAG, R.MARK_MASK)]
+        else:
+            marks = [(m, 0xFFFFFFFF) for m in marks]
+        total = 0
+        for mark, mask in marks:
+            p = self._run(["conntrack", "-D", "-m", f"{mark}/{mask}"], check=False)
+            if p.returncode not in (0, 1):
+                raise BackendError(f"nft backend: conntrack -D failed: {p.stderr.strip()}")
+            m = re.search(r"(\d+) flow entries have been deleted", p.stderr + p.stdout)
+            total += int(m.group(1)) if m else 0
+        return total
+
+    def zero(self) -> None:
+        self._run(["nft", "reset", "counters", "table", R.FAMILY, R.TABLE], check=False)
+
+
+
+__all__ = ["NftBackend", "parse_conntrack"]

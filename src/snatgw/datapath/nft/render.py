@@ -1,0 +1,438 @@
+"""RuleSet + Settings -> the nftables rule set of table `ip snatgw` (JSON for `nft -j -f -`, and
+text for `snatgw export`), plus the policy-routing entries new_gw needs.  Pure: no I/O; what must
+be learnt from the kernel (the device a `gw` is reached through) comes in as arguments.
+
+How the rule set works (docs/nftables.md has the long form and what differs from bpf):
+  steer     prerouting/mangle: later packets of a flow get ct mark -> meta mark (so they follow
+            the rule's new_gw table); a NEW flow is matched in priority order against a
+            PREDICTION of its route (`fib daddr oifname`); a predicted new_gw rule marks it.
+  forward   filter: INVALID packets that match a rule are dropped (no untranslated leak); a NEW,
+            unmarked flow is matched exactly (oifname, `rt ip nexthop`) against the rules without
+            new_gw and gets the winning rule's ct mark; a marked NEW TCP flow that is not a pure
+            SYN is dropped (no_session); `unmatched drop`; per-rule packet counters by ct mark.
+  snat      postrouting/srcnat: `ct mark M` -> `snat to POOL[:PORTS]` (algo mapped, below).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from ...config.schema import Settings
+from ...errors import BackendError
+from ...layout import Algo
+from ...rules import ANY_NET, Rule, RuleSet
+
+FAMILY = "ip"
+TABLE = "snatgw"
+MARK_TAG = 0x53470000  # "SG": every snatgw mark/ct mark has these high 16 bits
+MARK_MASK = 0xFFFF0000
+SLOTS = 1000  # rules per rule set in this backend (marks, tables and rule prefs per slot)
+RT_BASE = 31000  # policy routing: rule pref and table id are RT_BASE + slot
+RT_PROTO = 201  # routes and ip rules we add carry `proto 201`, so we only ever remove ours
+CHAINS = ("steer", "forward", "match", "guard", "snat")
+C_NO_SESSION = "no_session"
+C_UNMATCHED = "unmatched"
+
+#: what the kernel's nf_nat does for each algo, where it is exact and where it is not
+ALGO_NOTES = {
+    Algo.SDH: "sdh -> plain `snat to A-B`: nf_nat picks the address by a hash of (src, dst) "
+    "(jhash2 of src with dst as initval) - one address per (source, destination), as sdh, but "
+    "not the same address as lvs-snat's lookup2 jhash would pick",
+    Algo.SH: "sh -> `snat to A-B persistent`: nf_nat hashes the source only - one address per "
+    "inside host, as sh, but not the same address as lvs-snat's jhash would pick",
+    Algo.RANDOM: "random -> `snat to jhash ip saddr . ip daddr . th sport mod N map {i: A+i}`: "
+    "one address per (source, destination, source port), as lvs-snat's random; nft's jhash "
+    "(lookup3, seed 0) differs from lvs-snat's lookup2, so the address differs; ICMP hashes "
+    "type/code instead of the echo id",
+}
+PORT_NOTE = (
+    "ports: the kernel keeps the client's port when it is inside the range and free, otherwise it "
+    "searches from a hashed offset; lvs-snat (and the model) always start at raw(sport)+1, so the "
+    "SNAT port differs"
+)
+
+
+def mark_of(slot: int) -> int:
+    return MARK_TAG | slot
+
+
+def table_of(slot: int) -> int:
+    return RT_BASE + slot
+
+
+def assign_slots(rules: RuleSet) -> dict[tuple, int]:
+    """identity -> slot 0..SLOTS-1, from rule_id mod SLOTS, probing on collision in rule_id order,
+    so a rule keeps its slot (and its sessions' ct mark) across reloads that leave it alone."""
+    if len(rules) > SLOTS:
+        raise BackendError(f"the nft backend handles at most {SLOTS} rules, got {len(rules)}")
+    used: dict[int, tuple] = {}
+    out: dict[tuple, int] = {}
+    for r in sorted(rules, key=lambda r: r.rule_id):
+        s = r.rule_id % SLOTS
+        while s in used:
+            s = (s + 1) % SLOTS
+        used[s] = r.identity
+        out[r.identity] = s
+    return out
+
+
+def counter_name(rule: Rule, kind: str = "rule") -> str:
+    """Named counters per rule: rule_<id> packets/bytes both ways, new_<id> sessions made."""
+    return f"{kind}_{rule.rule_id:08x}"
+
+
+# --------------------------------------------------------------------------- statement pieces
+# Each piece is (text, json) so one builder yields both renderings and they cannot drift apart.
+
+
+def _net(net: IPv4Network):
+    if net.prefixlen == 32:
+        return str(net.network_address), str(net.network_address)
+    return str(net), {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _match(text_left: str, json_left: dict, value_text: str, value_json, op: str = "==") -> tuple:
+    t = f"{text_left} {value_text}" if op == "==" else f"{text_left} {op} {value_text}"
+    return t, {"match": {"op": op, "left": json_left, "right": value_json}}
+
+
+def m_saddr(net: IPv4Network) -> tuple:
+    t, j = _net(net)
+    return _match("ip saddr", {"payload": {"protocol": "ip", "field": "saddr"}}, t, j)
+
+
+def m_daddr(net: IPv4Network) -> tuple:
+    t, j = _net(net)
+    return _match("ip daddr", {"payload": {"protocol": "ip", "field": "daddr"}}, t, j)
+
+
+def m_oifname(name: str) -> tuple:
+    return _match("oifname", {"meta": {"key": "oifname"}}, f'"{name}"', name)
+
+
+def m_iifnames(names) -> tuple:
+    names = list(names)
+    if len(names) == 1:
+        return _match("iifname", {"meta": {"key": "iifname"}}, f'"{names[0]}"', names[0])
+    text = "{ " + ", ".join(f'"{n}"' for n in names) + " }"
+    return _match("iifname", {"meta": {"key": "iifname"}}, text, {"set": names})
+
+
+def m_fib_oifname(name: str) -> tuple:
+    return _match("fib daddr oifname", {"fib": {"result": "oifname", "flags": ["daddr"]}}, f'"{name}"', name)
+
+
+def m_nexthop(gw: IPv4Address) -> tuple:
+    return _match("rt ip nexthop", {"rt": {"key": "nexthop", "family": "ip"}}, str(gw), str(gw))
+
+
+def m_ct_state(state: str) -> tuple:
+    return f"ct state {state}", {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": state}}
+
+
+def m_ct_original() -> tuple:
+    return _match("ct direction", {"ct": {"key": "direction"}}, "original", "original")
+
+
+def m_ct_mark(mark: int) -> tuple:
+    return _match("ct mark", {"ct": {"key": "mark"}}, f"0x{mark:08x}", mark)
+
+
+def m_ct_mark_ours(ours: bool = True) -> tuple:
+    op = "==" if ours else "!="
+    return (
+        f"ct mark and 0x{MARK_MASK:08x} {op} 0x{MARK_TAG:08x}",
+        {"match": {"op": op, "left": {"&": [{"ct": {"key": "mark"}}, MARK_MASK]}, "right": MARK_TAG}},
+    )
+
+
+def m_tcp_not_syn() -> tuple:
+    return (
+        "tcp flags & (fin|syn|rst|ack) != syn",
+        {"match": {"op": "!=", "left": {"&": [{"payload": {"protocol": "tcp", "field": "flags"}},
+                                              ["fin", "syn", "rst", "ack"]]}, "right": "syn"}},
+    )  # fmt: skip
+
+
+def m_l4_tcp_udp() -> tuple:
+    return _match("meta l4proto", {"meta": {"key": "l4proto"}}, "{ tcp, udp }", {"set": ["tcp", "udp"]})
+
+
+def s_set_mark(mark: int, meta: bool = True, ct: bool = True) -> list[tuple]:
+    out = []
+    if meta:
+        out.append((f"meta mark set 0x{mark:08x}", {"mangle": {"key": {"meta": {"key": "mark"}}, "value": mark}}))
+    if ct:
+        out.append((f"ct mark set 0x{mark:08x}", {"mangle": {"key": {"ct": {"key": "mark"}}, "value": mark}}))
+    return out
+
+
+def s_restore_mark() -> tuple:
+    return "meta mark set ct mark", {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"ct": {"key": "mark"}}}}
+
+
+def s_counter(name: str) -> tuple:
+    return f'counter name "{name}"', {"counter": name}
+
+
+def s_counter_map(entries: list[tuple[int, str]]) -> tuple:
+    text = "counter name ct mark map { " + ", ".join(f'0x{m:08x} : "{n}"' for m, n in entries) + " }"
+    j = {"counter": {"map": {"key": {"ct": {"key": "mark"}}, "data": {"set": [[m, n] for m, n in entries]}}}}
+    return text, j
+
+
+def v(verdict: str) -> tuple:
+    return verdict, {verdict: None}
+
+
+def s_snat(rule: Rule, ports: tuple[int, int] | None) -> tuple:
+    """The SNAT statement for the rule's pool and algo (ALGO_NOTES says how faithful it is)."""
+    pool = rule.pool
+    prange = f":{ports[0]}-{ports[1]}" if ports else ""
+    pj = {"range": list(ports)} if ports else None
+    if pool.size > 1 and rule.algo == Algo.RANDOM:
+        key_t = f"jhash ip saddr . ip daddr . th sport mod {pool.size} seed 0x0"
+        key_j = {"jhash": {"mod": pool.size, "seed": 0, "expr": {"concat": [
+            {"payload": {"protocol": "ip", "field": "saddr"}},
+            {"payload": {"protocol": "ip", "field": "daddr"}},
+            {"payload": {"protocol": "th", "field": "sport"}}]}}}  # fmt: skip
+        addrs = [str(a) for a in pool.addresses()]
+        if ports:
+            items_t = [f"{i} : {a} . {ports[0]}-{ports[1]}" for i, a in enumerate(addrs)]
+            items_j = [[i, {"concat": [a, {"range": list(ports)}]}] for i, a in enumerate(addrs)]
+        else:
+            items_t = [f"{i} : {a}" for i, a in enumerate(addrs)]
+            items_j = [[i, a] for i, a in enumerate(addrs)]
+        text = f"snat ip to {key_t} map {{ {', '.join(items_t)} }}"
+        return text, {"snat": {"family": "ip", "addr": {"map": {"key": key_j, "data": {"set": items_j}}}}}
+    addr_t = str(pool.first) if pool.size == 1 else f"{pool.first}-{pool.last}"
+    addr_j = str(pool.first) if pool.size == 1 else {"range": [str(pool.first), str(pool.last)]}
+    j: dict = {"family": "ip", "addr": addr_j}
+    text = f"snat ip to {addr_t}{prange}"
+    if pj:
+        j["port"] = pj
+    if rule.algo == Algo.SH and pool.size > 1:
+        j["flags"] = "persistent"
+        text += " persistent"
+    return text, {"snat": j}
+
+
+# --------------------------------------------------------------------------- the rule set
+
+
+@dataclass(frozen=True)
+class NftRule:
+    chain: str
+    pieces: tuple[tuple[str, object], ...]
+    comment: str | None = None
+
+    @property
+    def text(self) -> str:
+        t = " ".join(p[0] for p in self.pieces)
+        return t + (f' comment "{self.comment}"' if self.comment else "")
+
+    def as_json(self) -> dict:
+        d = {"family": FAMILY, "table": TABLE, "chain": self.chain, "expr": [p[1] for p in self.pieces]}
+        if self.comment:
+            d["comment"] = self.comment
+        return {"add": {"rule": d}}
+
+
+@dataclass(frozen=True)
+class RouteEntry:
+    """Policy routing for one new_gw rule: `ip rule pref P fwmark M lookup T` + `default via`."""
+
+    slot: int
+    new_gw: IPv4Address
+    rule: Rule
+
+    @property
+    def mark(self) -> int:
+        return mark_of(self.slot)
+
+    @property
+    def table(self) -> int:
+        return table_of(self.slot)
+
+    def commands(self, via: IPv4Address | None = None, dev: str | None = None, onlink: bool = False) -> list[list[str]]:
+        """`ip` argv lists (without the leading `ip`) that install it."""
+        route = ["route", "replace", "default", "via", str(via or self.new_gw)]
+        if dev:
+            route += ["dev", dev]
+        if onlink:
+            route.append("onlink")
+        route += ["table", str(self.table), "proto", str(RT_PROTO)]
+        rule = ["rule", "add", "pref", str(self.table), "fwmark", f"0x{self.mark:08x}/0xffffffff",
+                "lookup", str(self.table), "proto", str(RT_PROTO)]  # fmt: skip
+        return [route, rule]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the backend installs, built from one RuleSet + Settings."""
+
+    rules: tuple[NftRule, ...]
+    counters: tuple[str, ...]
+    routes: tuple[RouteEntry, ...]
+    slots: dict
+    notes: tuple[str, ...]
+
+    def rule_by_mark(self, rules: RuleSet) -> dict[int, Rule]:
+        return {mark_of(self.slots[r.identity]): r for r in rules}
+
+
+def _chain_defs() -> list[tuple[str, dict | None]]:
+    base = {"family": FAMILY, "table": TABLE}
+    return [
+        ("steer", base | {"name": "steer", "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}),
+        ("forward", base | {"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}),
+        ("match", base | {"name": "match"}),
+        ("guard", base | {"name": "guard"}),
+        ("snat", base | {"name": "snat", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}),
+    ]  # fmt: skip
+
+
+_CHAIN_TEXT = {
+    "steer": "type filter hook prerouting priority mangle; policy accept;",
+    "forward": "type filter hook forward priority filter; policy accept;",
+    "snat": "type nat hook postrouting priority srcnat; policy accept;",
+}
+
+
+def _exact(rule: Rule) -> list[tuple]:
+    """A rule's conditions on the routed packet (forward hook: the route is known)."""
+    out = [m_saddr(rule.src)]
+    if rule.dst != ANY_NET:
+        out.append(m_daddr(rule.dst))
+    if rule.oif:
+        out.append(m_oifname(rule.oif))
+    if rule.gw:
+        out.append(m_nexthop(rule.gw))
+    return out
+
+
+def _predicted(rule: Rule, gw_dev: dict, notes: list[str]) -> list[tuple]:
+    """A rule's conditions before routing: the route's device by `fib daddr oifname`; a `gw`
+    is only predictable as the device it is reached through (gw_dev, learnt from the kernel)."""
+    out = [m_saddr(rule.src)]
+    if rule.dst != ANY_NET:
+        out.append(m_daddr(rule.dst))
+    dev = rule.oif or (gw_dev.get(rule.gw) if rule.gw else None)
+    if dev:
+        out.append(m_fib_oifname(dev))
+    if rule.gw and not rule.oif:
+        if dev:
+            notes.append(f"rule {rule.describe()!r}: before routing, gw {rule.gw} is predicted as "
+                         f"'the route leaves via {dev}' (exact only if {dev} has one next hop)")
+        else:
+            notes.append(f"rule {rule.describe()!r}: the device of gw {rule.gw} is unknown here, so "
+                         "the steering prediction ignores gw")
+    return out
+
+
+def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan:
+    """Build the rule set; ``gw_dev`` maps a `gw` address to the device the kernel reaches it by."""
+    gw_dev = gw_dev or {}
+    slots = assign_slots(rules)
+    notes: list[str] = []
+    out: list[NftRule] = []
+    inside = [m_iifnames(settings.inside)] if settings.inside else []
+    ports = (settings.port_min, settings.port_max)
+
+    def add(chain, pieces, comment=None):
+        out.append(NftRule(chain, tuple(pieces), comment))
+
+    def tag(r: Rule) -> str:
+        return f"{r.rule_id:08x} {r.describe()}"[:120]
+
+    # steer: restore the flow's mark; predict for NEW flows up to the last new_gw rule
+    add("steer", [m_ct_original(), m_ct_mark_ours(), s_restore_mark()], "later packets follow the rule's route")
+    last = max((i for i, r in enumerate(rules.rules) if r.new_gw), default=-1)
+    for r in rules.rules[: last + 1]:
+        m = mark_of(slots[r.identity])
+        pre = [m_ct_state("new"), m_ct_mark_ours(False)] + inside + _predicted(r, gw_dev, notes)
+        if r.new_gw:
+            add("steer", pre + s_set_mark(m) + [v("return")], tag(r))
+        else:
+            add("steer", pre + [v("return")], tag(r))
+    # forward: guard, exact match, non-SYN drop, unmatched drop, counters
+    add("forward", [m_ct_state("invalid"), ("jump guard", {"jump": {"target": "guard"}})],
+        "no conntrack entry: never leaves untranslated")
+    add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(False)] + inside +
+        [("jump match", {"jump": {"target": "match"}})])  # fmt: skip
+    add("forward", [m_ct_state("new"), m_ct_mark_ours(), ("meta l4proto tcp", {"match": {
+        "op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}), m_tcp_not_syn(),
+        s_counter(C_NO_SESSION), v("drop")], "TCP that is not a pure SYN and has no session")  # fmt: skip
+    if settings.unmatched_drop:
+        add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(False)] + inside +
+            [s_counter(C_UNMATCHED), v("drop")], "unmatched drop")  # fmt: skip
+    if len(rules):
+        add("forward", [s_counter_map([(mark_of(slots[r.identity]), counter_name(r)) for r in rules.rules])])
+    for r in rules.rules:
+        m = mark_of(slots[r.identity])
+        if not r.new_gw:
+            add("match", _exact(r) + s_set_mark(m, meta=False) + [v("return")], tag(r))
+        add("guard", _exact(r) + [s_counter(C_NO_SESSION), v("drop")], tag(r))
+        cnt = s_counter(counter_name(r, "new"))
+        add("snat", [m_ct_mark(m), m_l4_tcp_udp(), cnt, s_snat(r, ports)], tag(r))
+        add("snat", [m_ct_mark(m), cnt, s_snat(r, None)], tag(r))
+    counters = [C_NO_SESSION, C_UNMATCHED]
+    for r in rules.rules:
+        counters += [counter_name(r), counter_name(r, "new")]
+    routes = tuple(RouteEntry(slots[r.identity], r.new_gw, r) for r in rules.rules if r.new_gw)
+    return Plan(tuple(out), tuple(counters), routes, slots, tuple(notes))
+
+
+def to_json(p: Plan, stale_counters: tuple[str, ...] = ()) -> dict:
+    """One transaction: (re)create the table, flush it, define everything; old sessions live on
+    in conntrack, so a reload never drops them.  ``stale_counters`` are deleted in the same batch."""
+    tbl = {"family": FAMILY, "name": TABLE}
+    cmds: list[dict] = [{"add": {"table": tbl}}, {"flush": {"table": tbl}}]
+    for _, c in _chain_defs():
+        cmds.append({"add": {"chain": c}})
+    for name in p.counters:
+        cmds.append({"add": {"counter": {"family": FAMILY, "table": TABLE, "name": name}}})
+    for name in stale_counters:
+        if name not in p.counters:
+            cmds.append({"delete": {"counter": {"family": FAMILY, "table": TABLE, "name": name}}})
+    cmds += [r.as_json() for r in p.rules]
+    return {"nftables": cmds}
+
+
+def to_json_text(p: Plan, stale_counters: tuple[str, ...] = ()) -> str:
+    return json.dumps(to_json(p, stale_counters), indent=None, separators=(",", ":"))
+
+
+def to_text(p: Plan) -> str:
+    """`nft -f` text of the same rule set (what `snatgw export --format nft` prints)."""
+    lines = [f"table {FAMILY} {TABLE} {{"]
+    for name in p.counters:
+        lines.append(f"\tcounter {name} {{ }}")
+    for chain, _ in _chain_defs():
+        lines.append("")
+        lines.append(f"\tchain {chain} {{")
+        if chain in _CHAIN_TEXT:
+            lines.append(f"\t\t{_CHAIN_TEXT[chain]}")
+        lines += [f"\t\t{r.text}" for r in p.rules if r.chain == chain]
+        lines.append("\t}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def routing_text(p: Plan) -> str:
+    """The policy-routing commands (shell) for new_gw rules, as comments say what they are for."""
+    out = []
+    for e in p.routes:
+        out.append(f"# {e.rule.describe()}: marked flows use table {e.table}")
+        for argv in e.commands():
+            out.append("ip " + " ".join(argv))
+    return "\n".join(out) + ("\n" if out else "")
+
+
+__all__ = [
+    "plan", "to_json", "to_json_text", "to_text", "routing_text", "assign_slots", "Plan",
+    "RouteEntry", "NftRule", "mark_of", "table_of", "counter_name", "TABLE", "FAMILY",
+    "MARK_TAG", "MARK_MASK", "RT_BASE", "RT_PROTO", "SLOTS", "ALGO_NOTES", "PORT_NOTE",
+]  # fmt: skip
