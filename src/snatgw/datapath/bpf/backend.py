@@ -1,0 +1,269 @@
+"""BpfBackend: the eBPF TC datapath behind snatgw.datapath.backend.Backend - load/adopt and
+attach, rule installs, session GC on CLOCK_MONOTONIC, new_gw moves of live sessions, counters,
+and ``read_pinned`` for `snatgw conns`/`stats` when no daemon runs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import socket
+import subprocess
+from typing import Callable
+
+from ... import layout as L
+from ...config.schema import GatewayConfig, Settings
+from ...errors import BackendError
+from ..backend import Session, Stats
+from .loader import Loader
+from .maps import DatapathMaps, SessionPair, monotonic_ns
+
+log = logging.getLogger("snatgw.bpf")
+
+NO_DEVICE = 0xFFFFFFFF  # rule oif whose device is absent (matches nothing)
+ORPHAN_GRACE_NS = 10 * 10**9  # half-inserted pairs older than this are removed by GC
+
+#: resolver(addr) -> (ifindex, next hop, mtu) of the route to addr (next hop = addr on-link)
+Resolver = Callable[[ipaddress.IPv4Address], "tuple[int, ipaddress.IPv4Address, int]"]
+
+
+def _ifindex_or_absent(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return NO_DEVICE
+
+
+def route_egress(addr: ipaddress.IPv4Address) -> tuple[int, ipaddress.IPv4Address, int]:
+    """Ask the kernel (``ip -j route get``) how ``addr`` is reached in this namespace."""
+    r = subprocess.run(["ip", "-j", "route", "get", str(addr)], capture_output=True, text=True, timeout=10)
+    if r.returncode != 0:
+        raise BackendError(f"no route to {addr}: {r.stderr.strip()}")
+    route = json.loads(r.stdout)[0]
+    dev = route.get("dev")
+    if not dev or route.get("type", "unicast") not in ("unicast",):
+        raise BackendError(f"route to {addr} is {route.get('type', '?')} (no device): cannot send there")
+    nexthop = ipaddress.IPv4Address(route.get("gateway") or str(addr))
+    lr = subprocess.run(["ip", "-j", "link", "show", "dev", dev], capture_output=True, text=True, timeout=10)
+    mtu = json.loads(lr.stdout)[0].get("mtu", 1500) if lr.returncode == 0 else 1500
+    return socket.if_nametoindex(dev), nexthop, int(mtu)
+
+
+def _raw(addr: ipaddress.IPv4Address) -> int:
+    """An address as the ct_entry codec takes it (int, packed big-endian = wire order)."""
+    return int(addr)
+
+
+class BpfBackend:
+    """The eBPF datapath.  ``obj_path``/``defines`` choose the object (default: bpf-C's
+    build.compile()); ``resolver`` answers routes (default: ``ip -j route get``)."""
+
+    name = "bpf"
+
+    def __init__(self, obj_path=None, defines: dict | None = None, resolver: Resolver | None = None):
+        self.obj_path, self.defines = obj_path, defines
+        self.resolver = resolver or route_egress
+        self.loader: Loader | None = None
+        self.maps: DatapathMaps | None = None
+        self.settings = Settings()
+        self.config: GatewayConfig | None = None
+        self.readonly = False
+        self._new_gws: dict[int, ipaddress.IPv4Address | None] | None = None  # by rule_id
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start(self, config: GatewayConfig) -> None:
+        s = config.settings
+        self.loader = Loader(s.pin_dir, s.max_sessions, self.obj_path, self.defines)
+        self.maps = self.loader.load()
+        self.settings = s
+        try:
+            self._install(config)
+            self.loader.attach(list(s.inside), list(s.outside))
+        except BaseException:
+            # adopted sessions belong to whoever made them: keep their pins
+            self.loader.stop(keep_state=bool(self.loader.reused))
+            self.loader = self.maps = None
+            raise
+        self.config = config
+
+    def apply(self, config: GatewayConfig) -> None:
+        self._writable()
+        old = self.settings
+        new = config.settings
+        for f in ("pin_dir", "max_sessions"):
+            if getattr(old, f) != getattr(new, f):
+                raise BackendError(f"settings: {f} changed ({getattr(old, f)} -> {getattr(new, f)}): "
+                                   f"takes effect only on a restart of the datapath")  # fmt: skip
+        self._install(config)  # validates (compile) before touching anything
+        if (old.inside, old.outside) != (new.inside, new.outside):
+            self.loader.detach()
+            self.loader.attach(list(new.inside), list(new.outside))
+        self.settings, self.config = new, config
+
+    def stop(self, keep_state: bool = False) -> None:
+        """Detach and close; unless keep_state, remove the pinned maps (and sessions)."""
+        if self.readonly:
+            if self.maps:
+                self.maps.close()
+            self.maps = None
+            return
+        if self.loader is not None:
+            self.loader.stop(keep_state)
+        self.loader = self.maps = None
+
+    # ------------------------------------------------------------- rules
+
+    def _install(self, config: GatewayConfig) -> None:
+        from .prog_maps import compile_rules  # bpf-C's compiler of rules to map bytes
+
+        cfg, rules = compile_rules(config.rules, config.settings, _ifindex_or_absent)
+        written = self.maps.write_rules(cfg, rules)
+        log.info("installed %d rules (%d slots written)", len(rules), written)
+        new_gws = {r.rule_id: r.new_gw for r in config.rules}
+        if new_gws != self._new_gws:
+            moved = self.move_sessions(new_gws)
+            if moved:
+                log.info("moved %d live sessions to their rule's new next hop", moved)
+        self._new_gws = new_gws
+
+    def move_sessions(self, new_gws: dict[int, ipaddress.IPv4Address | None]) -> int:
+        """Point every live session at its rule's current egress: rules with new_gw send to
+        new_gw's egress; a session that had a new_gw (CT_F_NEW_GW) whose rule no longer has
+        one goes back to the route toward its remote.  Sessions of vanished rules keep
+        their mapping.  Returns how many OUT entries were rewritten."""
+        pairs, _ = self.maps.session_pairs()
+        cache: dict[ipaddress.IPv4Address, tuple[int, ipaddress.IPv4Address, int] | None] = {}
+
+        def egress(addr):
+            if addr not in cache:
+                try:
+                    cache[addr] = self.resolver(addr)
+                except BackendError as e:
+                    log.warning("cannot move sessions toward %s: %s", addr, e)
+                    cache[addr] = None
+            return cache[addr]
+
+        moved = 0
+        for p in pairs:
+            rid = p.rule_id
+            if rid not in new_gws:
+                continue
+            gw = new_gws[rid]
+            flags = p.out["flags"]
+            if gw is not None:
+                eg, nflags = egress(gw), flags | L.CT_F_NEW_GW
+            elif flags & L.CT_F_NEW_GW:
+                remote = ipaddress.IPv4Address(L.CT_KEY.unpack(p.out_key)["daddr"])
+                eg, nflags = egress(remote), flags & ~L.CT_F_NEW_GW
+            else:
+                continue
+            if eg is None:
+                continue
+            idx, nh, mtu = eg
+            if (p.out["ifindex"], p.out["nexthop"], p.out["mtu"], flags) == (idx, _raw(nh), mtu, nflags):
+                continue
+            if self.maps.update_out(p, ifindex=idx, nexthop=_raw(nh), mtu=mtu, flags=nflags):
+                moved += 1
+        return moved
+
+    # ------------------------------------------------------------- sessions
+
+    def _timeout_ns(self, state: int) -> int:
+        t = dict(self.settings.timeouts)
+        return int(t.get(int(state), t[int(L.CtState.NONE)])) * 10**9
+
+    def expire(self, now: float | None = None) -> int:
+        """Remove sessions idle longer than their state's timeout, both keys together (OUT
+        first).  ``now``: CLOCK_MONOTONIC seconds (bpf_ktime_get_ns' clock), default now.
+        Half-inserted leftovers older than ORPHAN_GRACE_NS go too (not counted)."""
+        self._writable()
+        now_ns = monotonic_ns() if now is None else int(now * 1e9)
+        pairs, orphans = self.maps.session_pairs()
+        removed = 0
+        for p in pairs:
+            if now_ns - p.last_seen <= self._timeout_ns(p.state):
+                continue
+            fresh = self._reread(p)  # a packet may have refreshed it since the scan
+            if fresh is None:
+                continue
+            if fresh.inn is None and now_ns - fresh.out["created"] <= ORPHAN_GRACE_NS:
+                continue
+            if now_ns - fresh.last_seen > self._timeout_ns(fresh.state):
+                self.maps.delete_pair(fresh)
+                removed += 1
+        for k in orphans:
+            raw = self.maps.ct.get(k)
+            if raw is not None and now_ns - L.CT_ENTRY.unpack(raw)["created"] > ORPHAN_GRACE_NS:
+                peer = L.CT_ENTRY.unpack(raw)["peer"]
+                praw = self.maps.ct.get(peer)
+                if praw is None or L.CT_ENTRY.unpack(praw)["peer"] != k:
+                    self.maps.ct.delete(k)
+        return removed
+
+    def _reread(self, p: SessionPair) -> SessionPair | None:
+        raw = self.maps.ct.get(p.out_key)
+        if raw is None:
+            return None
+        out = L.CT_ENTRY.unpack(raw)
+        iraw = self.maps.ct.get(out["peer"])
+        inn = L.CT_ENTRY.unpack(iraw) if iraw is not None else None
+        if inn is not None and inn["peer"] != p.out_key:
+            inn = None
+        return SessionPair(p.out_key, out, out["peer"], inn)
+
+    def sessions(self) -> list[Session]:
+        now = monotonic_ns()
+        pairs, _ = self._m().session_pairs()
+        return [p.to_session(lambda s: self._timeout_ns(s) / 1e9, now) for p in pairs]
+
+    def stats(self) -> Stats:
+        m = self._m()
+        pairs, _ = m.session_pairs()
+        return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=len(pairs))
+
+    def flush(self, rule_id: int | None = None) -> int:
+        self._writable()
+        pairs, orphans = self.maps.session_pairs()
+        n = 0
+        for p in pairs:
+            if rule_id is None or p.rule_id == rule_id:
+                self.maps.delete_pair(p)
+                n += 1
+        if rule_id is None:
+            for k in orphans:
+                self.maps.ct.delete(k)
+            for k in self.maps.frags.keys():
+                self.maps.frags.delete(k)
+        return n
+
+    def zero(self) -> None:
+        self._writable()
+        self.maps.zero()
+
+    # ------------------------------------------------------------- helpers
+
+    def _m(self) -> DatapathMaps:
+        if self.maps is None:
+            raise BackendError("the bpf datapath is not started")
+        return self.maps
+
+    def _writable(self) -> None:
+        self._m()
+        if self.readonly:
+            raise BackendError("the pinned maps are open read-only (no daemon owns this datapath)")
+
+    @classmethod
+    def read_pinned(cls, pin_dir: str = L.PIN_DIR, settings: Settings | None = None) -> "BpfBackend":
+        """A read-only view of a pinned datapath: sessions() and stats() work, the rest
+        raises.  ``stop()`` closes it (it never detaches or unpins anything)."""
+        b = cls()
+        b.settings = settings or Settings(pin_dir=pin_dir)
+        b.maps = DatapathMaps.open_pinned(pin_dir, readonly=True)
+        b.readonly = True
+        return b
+
+
+def read_pinned(pin_dir: str = L.PIN_DIR, settings: Settings | None = None) -> BpfBackend:
+    return BpfBackend.read_pinned(pin_dir, settings)

@@ -1,0 +1,217 @@
+"""BpfBackend over real maps (stand-in object, private pin dir): GC removes expired sessions
+as whole pairs and keeps live ones, orphans after a grace, flush by rule, new_gw moves live
+sessions, rule writes touch only changed slots, read-only view of pins, counters."""
+
+import ipaddress
+import os
+
+import pytest
+
+from snatgw import layout as L
+from snatgw.config.schema import Settings
+from snatgw.datapath.bpf import libbpf as B
+from snatgw.datapath.bpf.backend import ORPHAN_GRACE_NS, BpfBackend
+from snatgw.datapath.bpf.loader import Loader
+from snatgw.errors import BackendError
+
+from test_loader import mini_obj, pin_dir  # noqa: F401  (fixtures)
+
+SEC = 10**9
+BASE = 5000 * SEC  # a synthetic CLOCK_MONOTONIC "now" for expiry tests
+RULE_A, RULE_B = 111, 222
+SNAT = int(ipaddress.IPv4Address("198.19.2.71"))
+REMOTE = int(ipaddress.IPv4Address("203.0.113.10"))
+
+
+def add_session(ct, n, state=L.CtState.ESTABLISHED, out_seen=BASE, in_seen=BASE, rule_id=RULE_A,
+                proto=L.IPPROTO_TCP, ifindex=2, nexthop=0xC6130201):  # fmt: skip
+    """Insert a session pair the way the datapath does (IN first); returns (out_key, in_key)."""
+    inside = int(ipaddress.IPv4Address("198.18.40.10")) + n
+    out_key = L.CT_KEY.pack(saddr=inside, daddr=REMOTE, sport=40000 + n, dport=80, proto=proto,
+                            dir=L.CT_DIR_OUT)  # fmt: skip
+    in_key = L.CT_KEY.pack(saddr=REMOTE, daddr=SNAT, sport=80, dport=5000 + n, proto=proto,
+                           dir=L.CT_DIR_IN)  # fmt: skip
+    ct.put(in_key, L.CT_ENTRY.pack(peer=out_key, rw_addr=inside, rw_port=40000 + n, ifindex=3,
+                                   rule_id=rule_id, last_seen=in_seen, created=BASE - 100 * SEC,
+                                   packets=2, bytes=120))  # fmt: skip
+    ct.put(out_key, L.CT_ENTRY.pack(peer=in_key, rw_addr=SNAT, rw_port=5000 + n, state=int(state),
+                                    ifindex=ifindex, nexthop=nexthop, rule_id=rule_id, mtu=1500,
+                                    last_seen=out_seen, created=BASE - 100 * SEC, packets=3,
+                                    bytes=180))  # fmt: skip
+    return out_key, in_key
+
+
+class FakeRoutes:
+    """resolver(addr) -> (ifindex, nexthop, mtu), recording the questions."""
+
+    def __init__(self, table):
+        self.table, self.asked = table, []
+
+    def __call__(self, addr):
+        self.asked.append(str(addr))
+        idx, nh, mtu = self.table[str(addr)]
+        return idx, ipaddress.IPv4Address(nh), mtu
+
+
+@pytest.fixture
+def backend(pin_dir, mini_obj):  # noqa: F811
+    """A BpfBackend on loaded (not attached) maps: what start() builds, minus rules/attach."""
+    routes = FakeRoutes({"198.19.3.1": (7, "198.19.3.1", 1400), "203.0.113.10": (2, "198.19.2.1", 1500)})
+    b = BpfBackend(obj_path=mini_obj, resolver=routes)
+    b.loader = Loader(pin_dir, 64, mini_obj)
+    b.maps = b.loader.load()
+    b.settings = Settings(pin_dir=pin_dir, max_sessions=64)
+    b.routes = routes
+    try:
+        yield b
+    finally:
+        b.stop()
+        assert not os.path.exists(pin_dir)
+
+
+@pytest.mark.bpf
+def test_gc_removes_expired_pairs_together_and_keeps_live_ones(backend):
+    """Expiry uses max(last_seen of both directions) against the state's timeout."""
+    ct = backend.maps.ct
+    live = add_session(ct, 1, L.CtState.ESTABLISHED, BASE - 10 * SEC, BASE - 10 * SEC)
+    syn = add_session(ct, 2, L.CtState.SYN_SENT, BASE - 5 * SEC, BASE - 5 * SEC)  # 3 s timeout
+    udp = add_session(ct, 3, L.CtState.UDP, BASE - 400 * SEC, BASE - 1 * SEC, proto=L.IPPROTO_UDP)
+    tw = add_session(ct, 4, L.CtState.TIME_WAIT, BASE - 8 * SEC, BASE - 9 * SEC)  # 7 s timeout
+    edge = add_session(ct, 5, L.CtState.TIME_WAIT, BASE - 7 * SEC, BASE - 7 * SEC)  # exactly 7 s: stays
+    assert backend.expire(now=BASE / SEC) == 2
+    assert set(ct.keys()) == set(live + udp + edge)
+    assert not set(syn + tw) & set(ct.keys())
+    assert backend.expire(now=BASE / SEC) == 0
+
+
+@pytest.mark.bpf
+def test_gc_follows_configured_timeouts(backend):
+    """A shorter udp timeout in Settings expires a UDP session the default would keep."""
+    add_session(backend.maps.ct, 1, L.CtState.UDP, BASE - 60 * SEC, BASE - 60 * SEC, proto=L.IPPROTO_UDP)
+    assert backend.expire(now=BASE / SEC) == 0
+    backend.settings = backend.settings.with_timeouts(udp=30)
+    assert backend.expire(now=BASE / SEC) == 1 and len(backend.maps.ct) == 0
+
+
+@pytest.mark.bpf
+def test_gc_removes_old_orphans_only_after_the_grace(backend):
+    """An IN entry without its OUT (a half insert) goes only once older than the grace."""
+    ct = backend.maps.ct
+    out_key, in_key = add_session(ct, 1)
+    ct.delete(out_key)
+    created = L.CT_ENTRY.unpack(ct.get(in_key))["created"]
+    backend.expire(now=(created + ORPHAN_GRACE_NS // 2) / SEC)
+    assert ct.get(in_key) is not None
+    backend.expire(now=(created + ORPHAN_GRACE_NS + SEC) / SEC)
+    assert ct.get(in_key) is None
+
+
+@pytest.mark.bpf
+def test_sessions_report_both_tuples_state_idle_and_counters(backend):
+    """A pair is one Session: inside, remote, nat, state name, idle from the newest direction."""
+    add_session(backend.maps.ct, 1, L.CtState.ESTABLISHED, out_seen=B_now() - 4 * SEC, in_seen=B_now() - 2 * SEC)
+    (s,) = backend.sessions()
+    assert (s.proto, s.inside, s.remote, s.nat) == ("tcp", "198.18.40.11:40001", "203.0.113.10:80",
+                                                   "198.19.2.71:5001")  # fmt: skip
+    assert s.state == "ESTABLISHED" and s.rule_id == RULE_A
+    assert 2 <= s.idle < 30 and 7400 < s.expires <= 7438
+    assert (s.packets_out, s.bytes_out, s.packets_in, s.bytes_in) == (3, 180, 2, 120)
+    assert backend.stats().sessions == 1
+
+
+def B_now():
+    from snatgw.datapath.bpf.maps import monotonic_ns
+
+    return monotonic_ns()
+
+
+@pytest.mark.bpf
+def test_flush_by_rule_removes_only_that_rules_sessions(backend):
+    """flush(rule_id) drops that rule's pairs; flush() drops the rest."""
+    ct = backend.maps.ct
+    a = add_session(ct, 1, rule_id=RULE_A)
+    add_session(ct, 2, rule_id=RULE_B)
+    add_session(ct, 3, rule_id=RULE_B)
+    assert backend.flush(RULE_B) == 2
+    assert set(ct.keys()) == set(a)
+    assert backend.flush() == 1 and len(ct) == 0
+
+
+@pytest.mark.bpf
+def test_new_gw_moves_the_rules_live_sessions_and_back(backend):
+    """Setting new_gw rewrites OUT entries of that rule only; removing it restores the route."""
+    ct = backend.maps.ct
+    a_out, a_in = add_session(ct, 1, rule_id=RULE_A)
+    b_out, _ = add_session(ct, 2, rule_id=RULE_B)
+    in_before, b_before = ct.get(a_in), ct.get(b_out)
+    moved = backend.move_sessions({RULE_A: ipaddress.IPv4Address("198.19.3.1"), RULE_B: None})
+    assert moved == 1
+    e = L.CT_ENTRY.unpack(ct.get(a_out))
+    assert (e["ifindex"], e["nexthop"], e["mtu"]) == (7, int(ipaddress.IPv4Address("198.19.3.1")), 1400)
+    assert e["flags"] & L.CT_F_NEW_GW and e["rw_addr"] == SNAT and e["packets"] == 3
+    assert ct.get(a_in) == in_before and ct.get(b_out) == b_before
+    assert backend.move_sessions({RULE_A: ipaddress.IPv4Address("198.19.3.1")}) == 0  # idempotent
+    assert backend.move_sessions({RULE_A: None}) == 1
+    e = L.CT_ENTRY.unpack(ct.get(a_out))
+    assert (e["ifindex"], e["nexthop"], e["flags"] & L.CT_F_NEW_GW) == (2, 0xC6130201, 0)
+    assert backend.routes.asked == ["198.19.3.1", "198.19.3.1", "203.0.113.10"]  # once per call
+
+
+@pytest.mark.bpf
+def test_rule_writes_touch_only_changed_slots(backend):
+    """Unchanged reload writes nothing; growing, editing and shrinking write just what differs."""
+    m = backend.maps
+
+    def rules(*ids):
+        return [L.SNAT_RULE.pack(rule_id=i, pool_min=1, pool_max=2) for i in ids]
+
+    def cfg(n):
+        return L.SNAT_CFG.pack(nrules=n, port_min=5000, port_max=65535, port_tries=64)
+
+    assert m.write_rules(cfg(3), rules(1, 2, 3)) == 3
+    assert m.write_rules(cfg(3), rules(1, 2, 3)) == 0
+    assert m.write_rules(cfg(4), rules(1, 9, 3, 4)) == 2
+    assert m.write_rules(cfg(2), rules(1, 9)) == 2  # two tail slots zeroed
+    got_cfg, got = m.current_rules()
+    assert got_cfg == cfg(2) and got == rules(1, 9)
+    assert m.rules.get(2) == bytes(L.SNAT_RULE.size)
+    with pytest.raises(BackendError, match="nrules=2"):
+        m.write_rules(cfg(3), rules(1, 2))
+    assert m.current_rules() == (cfg(2), rules(1, 9))  # bad input changed nothing
+
+
+@pytest.mark.bpf
+def test_stats_sum_reasons_over_cpus_and_zero_clears_them(backend):
+    """Reasons counted by the program and rule counters show in stats; zero() clears both."""
+    fd = backend.loader.obj.prog_fd("snat_outside")
+    B.test_run(fd, bytes(60), repeat=4)
+    backend.maps.rule_stats_map.put(RULE_A, L.RULE_STATS.pack(packets=5, bytes=500, sessions=1))
+    st = backend.stats()
+    assert st.reasons["PASS_NO_SESSION_IN"] == 4
+    assert st.rules[RULE_A].packets == 5 * B.num_possible_cpus()
+    backend.zero()
+    st = backend.stats()
+    assert st.reasons["PASS_NO_SESSION_IN"] == 0 and st.rules == {}
+
+
+@pytest.mark.bpf
+def test_read_pinned_view_reads_sessions_and_refuses_changes(backend, pin_dir):  # noqa: F811
+    """Without a daemon, the pinned maps give sessions/stats read-only; closing keeps the pins."""
+    add_session(backend.maps.ct, 1)
+    view = BpfBackend.read_pinned(pin_dir)
+    try:
+        assert [s.inside for s in view.sessions()] == ["198.18.40.11:40001"]
+        assert view.stats().sessions == 1
+        with pytest.raises(BackendError, match="read-only"):
+            view.expire()
+        with pytest.raises(BackendError, match="read-only"):
+            view.flush()
+    finally:
+        view.stop()
+    assert os.path.exists(os.path.join(pin_dir, L.MAP_CT))
+
+
+def test_read_pinned_without_pins_says_what_is_missing(tmp_path):
+    """An absent pin dir gives an error naming the path and the likely cause."""
+    with pytest.raises(BackendError, match="no pinned map: is the snatgw datapath running"):
+        BpfBackend.read_pinned(str(tmp_path / "none"))
