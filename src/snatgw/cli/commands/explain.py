@@ -113,16 +113,8 @@ class Summary:
     flags: int = 0
 
     def ends(self) -> tuple[str, str]:
-        if self.proto == IPPROTO_ICMP:  # echo: the identifier travels in sport
-            return f"{self.src}:{self.sport}", f"{self.dst}:{self.dport}"
+        """("IP:PORT", "IP:PORT"); for ICMP echo the identifier is the source port, 0 the other."""
         return f"{self.src}:{self.sport}", f"{self.dst}:{self.dport}"
-
-    def text(self) -> str:
-        s, d = self.ends()
-        name = {v: k for k, v in PROTOS.items()}.get(self.proto, str(self.proto))
-        extra = f" flags {flags_text(self.flags)}" if self.proto == IPPROTO_TCP else ""
-        extra += " (echo id as port)" if self.proto == IPPROTO_ICMP else ""
-        return f"{name} {s} -> {d}{extra} ttl {self.ttl}"
 
 
 def summarize(pkt: bytes) -> Summary:
@@ -265,7 +257,8 @@ def explain_packet(cfg, pkt: bytes, router, ingress: str) -> dict:
         o = summarize(out)
         if (o.src, o.sport) != (s.src, s.sport):
             translated = dict(zip(("src", "dst"), o.ends()), ttl=o.ttl)
-            snat = {"addr": str(o.src), "port": o.sport}
+    if res is not None and res.nat is not None:
+        snat = {"addr": str(res.nat[0]), "port": int(res.nat[1])}
     return {
         "packet": dict(zip(("src", "dst"), s.ends()), proto={v: k for k, v in PROTOS.items()}[s.proto], ttl=s.ttl,
                        flags=flags_text(s.flags) if s.proto == IPPROTO_TCP else None, ingress=ingress),
@@ -304,7 +297,10 @@ def render_text(d: dict) -> str:
         out.append(f"verdict:   {d['verdict']} ({d['reason']})")
     if d["snat"]:
         out.append(f"SNAT:      {d['snat']['addr']} port {d['snat']['port']}")
-    out.append(f"next hop:  {d['next_hop'] or '-'} dev {d['oif'] or '-'}")
+    hop = f"next hop:  {d['next_hop'] or '-'} dev {d['oif'] or '-'}"
+    if d["rule"] and d["rule"]["new_gw"]:
+        hop += f"  (new_gw {d['rule']['new_gw']} replaces the route's {r['gw']} dev {r['oif']})"
+    out.append(hop)
     if d["translated"]:
         t = d["translated"]
         out.append(f"out:       {p['proto']} {t['src']} -> {t['dst']} ttl {t['ttl']}")
