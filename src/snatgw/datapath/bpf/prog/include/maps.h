@@ -1,0 +1,74 @@
+/* BTF map definitions of the datapath.  Names are layout.py's MAP_*; sizes are the generated
+ * SNAT_MAX_* constants, overridable with -D or, at load, with bpf_map__set_max_entries. */
+#pragma once
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "snat_layout.h"
+
+/* Rules in priority order; slots [0, cfg.nrules) are in use. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SNAT_MAX_RULES);
+	__type(key, __u32);
+	__type(value, struct snat_rule);
+} snat_rules SEC(".maps");
+
+/* Global settings: one slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct snat_cfg);
+} snat_config SEC(".maps");
+
+/* Sessions, both directions (two entries per session).  A plain HASH, not LRU: the spec
+ * forbids evicting half a pair; when it is full a new flow is refused (DROP_TABLE_FULL). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * SNAT_MAX_SESSIONS);
+	__type(key, struct ct_key);
+	__type(value, struct ct_entry);
+} snat_ct SEC(".maps");
+
+/* Translated first fragments, so later fragments get the same address rewrite.  LRU: a
+ * forgotten entry only costs the rest of one datagram. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SNAT_MAX_FRAGS);
+	__type(key, struct frag_key);
+	__type(value, struct frag_entry);
+} snat_frags SEC(".maps");
+
+/* Packets per reason (enum reason), per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, REASON_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} snat_reasons SEC(".maps");
+
+/* Per-rule counters by rule_id, per CPU; entries are created on a rule's first session. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, SNAT_MAX_RULES);
+	__type(key, __u32);
+	__type(value, struct rule_stats);
+} snat_rule_stats SEC(".maps");
+
+#ifdef SNAT_TEST
+/* Test builds only: the last packet's verdict, reason and redirect target, so that
+ * BPF_PROG_TEST_RUN (which never performs the redirect) can be checked against the model.
+ * Value: u32[4] = {verdict, reason, ifindex, nexthop (wire order)}. */
+struct snat_dbg {
+	__u32 verdict;
+	__u32 reason;
+	__u32 ifindex;
+	__be32 nexthop;
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct snat_dbg);
+} snat_dbg SEC(".maps");
+#endif

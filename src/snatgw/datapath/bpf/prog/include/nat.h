@@ -1,0 +1,149 @@
+/* Translation: the SNAT address choice (jhash lookup2, as rules.select_addr), the bounded port
+ * search that inserts the session pair, and the rewrite of one address + port with TTL-1 and
+ * incremental checksums. */
+#pragma once
+#include <linux/ip.h>
+#include <linux/errno.h>
+#include "ct.h"
+#include "csum.h"
+#include "jhash.h"
+#include "stats.h"
+
+/* rules.select_addr: h over raw wire words, address = pool_min + h * n / 2^32 */
+static __always_inline __be32 snat_v4_select_addr(const struct snat_rule *r, const struct pkt *p)
+{
+	__u64 n = (__u64)r->pool_max - r->pool_min + 1;
+	__u32 b = 0, c = 0, h;
+
+	if (n <= 1)
+		return bpf_htonl(r->pool_min);
+	if (r->algo == ALGO_SDH) {
+		b = p->daddr;
+	} else if (r->algo != ALGO_SH) { /* random: deterministic over (src, dst, sport) */
+		__u32 port = (__u16)p->sport;
+
+		b = p->daddr;
+		c = (port << 16) | port;
+	}
+	h = jhash_3words(p->saddr, b, c, 0);
+	return bpf_htonl(r->pool_min + (__u32)(((__u64)h * n) >> 32));
+}
+
+struct port_search {
+	struct ct_key in;     /* IN key; dport takes each candidate */
+	struct ct_entry val;  /* IN entry to insert */
+	__u32 c;              /* raw source port (wire bytes read as a u16) */
+	__u32 n;              /* ports in [port_min, port_max] */
+	__u32 min;
+	long err;             /* last insert result */
+};
+
+/* rules.port_candidates: try port_min + ((c + i) mod n) for i = 1..tries */
+static long port_try_cb(__u32 i, void *ctx)
+{
+	struct port_search *s = ctx;
+
+	if (s->n == 0)
+		return 1;
+	s->in.dport = bpf_htons((__u16)(s->min + ((s->c + i + 1) % s->n)));
+	s->err = bpf_map_update_elem(&snat_ct, &s->in, &s->val, BPF_NOEXIST);
+	return s->err != -EEXIST; /* taken: try the next candidate */
+}
+
+/* Rewrite saddr+sport (is_src) or daddr+dport, TTL-1, IP and L4 checksums.  The IP header is
+ * written directly (its checksum is never offloaded); the L4 checksum goes through
+ * bpf_l4_csum_replace so CHECKSUM_PARTIAL skbs stay right.  -1 when headers are missing. */
+static __always_inline int snat_v4_rewrite(struct __sk_buff *skb, const struct pkt *p, int is_src,
+					   __be32 addr, __be16 port)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *iph = data + ETH_HLEN;
+	__be32 old_addr;
+	__be16 old_port, old_w;
+	__u32 off = p->l4, csum_off;
+	__u64 flags;
+
+	if ((void *)(iph + 1) > data_end)
+		return -1;
+	old_w = *(__be16 *)&iph->ttl;
+	if (is_src) {
+		old_addr = iph->saddr;
+		iph->saddr = addr;
+	} else {
+		old_addr = iph->daddr;
+		iph->daddr = addr;
+	}
+	iph->ttl--;
+	iph->check = csum_apply(iph->check, csum_delta4(old_addr, addr) +
+						csum_delta2(old_w, *(__be16 *)&iph->ttl));
+	if (p->frag == FRAG_LATER)
+		return 0;
+	if (off > ETH_HLEN + 60) /* verifier: bound the variable offset */
+		return -1;
+	if (p->proto == IPPROTO_ICMP_) {
+		__be16 *id = data + off + 4;
+
+		if ((void *)(id + 1) > data_end)
+			return -1;
+		old_port = *id;
+		*id = port;
+		/* echo: the identifier only, no pseudo-header */
+		bpf_l4_csum_replace(skb, off + 2, old_port, port, 2);
+		return 0;
+	}
+	__be16 *pp = data + off + (is_src ? 0 : 2);
+
+	if ((void *)(pp + 1) > data_end)
+		return -1;
+	old_port = *pp;
+	*pp = port;
+	if (p->proto == IPPROTO_TCP_) {
+		csum_off = off + 16;
+		flags = 0;
+	} else {
+		csum_off = off + 6;
+		flags = BPF_F_MARK_MANGLED_0; /* zero UDP checksum stays zero; 0 is sent as 0xffff */
+	}
+	bpf_l4_csum_replace(skb, csum_off, old_addr, addr, flags | BPF_F_PSEUDO_HDR | 4);
+	bpf_l4_csum_replace(skb, csum_off, old_port, port, flags | 2);
+	return 0;
+}
+
+/* Remember a translated first fragment so later fragments get the same addresses. */
+static __always_inline void frag_remember(const struct pkt *p, __be32 saddr, __be32 daddr,
+					  __u32 ifindex, __be32 nexthop, __u64 now)
+{
+	struct frag_key k = { .saddr = p->saddr, .daddr = p->daddr, .id = p->ipid, .proto = p->proto };
+	struct frag_entry e = { .saddr = saddr, .daddr = daddr, .ifindex = ifindex,
+				.nexthop = nexthop, .created = now };
+
+	bpf_map_update_elem(&snat_frags, &k, &e, BPF_ANY);
+}
+
+/* Step 3: a non-first fragment takes its first fragment's rewrite, or is dropped. */
+static __always_inline int frag_v4_later(struct __sk_buff *skb, const struct pkt *p, struct snat_res *v)
+{
+	struct frag_key k = { .saddr = p->saddr, .daddr = p->daddr, .id = p->ipid, .proto = p->proto };
+	struct frag_entry *e = bpf_map_lookup_elem(&snat_frags, &k);
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *iph = data + ETH_HLEN;
+	__be16 old_w;
+	__u64 d;
+
+	if (!e)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_FRAG_UNKNOWN);
+	if (p->ttl <= 1)
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
+	if ((void *)(iph + 1) > data_end)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
+	old_w = *(__be16 *)&iph->ttl;
+	d = csum_delta4(iph->saddr, e->saddr) + csum_delta4(iph->daddr, e->daddr);
+	iph->saddr = e->saddr;
+	iph->daddr = e->daddr;
+	iph->ttl--;
+	d += csum_delta2(old_w, *(__be16 *)&iph->ttl);
+	iph->check = csum_apply(iph->check, d);
+	return verdict_redirect(v, REASON_XLATE_FRAG, e->ifindex, e->nexthop);
+}

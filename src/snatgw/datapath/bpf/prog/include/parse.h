@@ -1,0 +1,121 @@
+/* Packet parsing: Ethernet + IPv4 + the first bytes of TCP/UDP/ICMP into struct pkt.
+ * Contract (datapath.md steps 1-2): returns -1 when the packet is a well-formed IPv4 packet,
+ * else the reason (PASS_NOT_IPV4 or DROP_MALFORMED).  Every read is bounds-checked right
+ * before it; offsets are from skb->data. */
+#pragma once
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "snat_layout.h"
+
+#define IPPROTO_ICMP_ 1
+#define IPPROTO_TCP_ 6
+#define IPPROTO_UDP_ 17
+#define IP_MF 0x2000
+#define IP_DF 0x4000
+#define IP_OFFMASK 0x1fff
+
+/* Bytes made linear up front: Ethernet, IP with options, ICMP header, inner IP with
+ * options and 18 bytes of inner TCP (the most any path reads). */
+#define SNAT_PULL_LEN (ETH_HLEN + 60 + 8 + 60 + 20)
+
+enum { FRAG_NONE = 0, FRAG_FIRST = 1, FRAG_LATER = 2 };
+
+struct pkt {
+	__u32 l4;         /* offset of the L4 header (ETH_HLEN + IHL*4) */
+	__u32 end;        /* offset just past the IP datagram (ETH_HLEN + total length) */
+	__u32 len;        /* IP total length */
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;     /* TCP/UDP source port; ICMP echo: identifier */
+	__be16 dport;     /* TCP/UDP destination port; ICMP: 0 */
+	__be16 ipid;
+	__u8 proto;
+	__u8 ttl;
+	__u8 frag;        /* FRAG_* */
+	__u8 df;
+	__u8 tcp_flags;
+	__u8 icmp_type;
+};
+
+static __always_inline int is_icmp_error(__u8 type)
+{
+	return type == 3 || type == 4 || type == 11 || type == 12;
+}
+
+/* Make the headers linear once, so direct packet access sees them (GRO'd or paged skbs). */
+static __always_inline void parse_pull(struct __sk_buff *skb)
+{
+	__u32 lin = skb->data_end - skb->data;
+
+	if (lin < skb->len && lin < SNAT_PULL_LEN)
+		bpf_skb_pull_data(skb, skb->len < SNAT_PULL_LEN ? skb->len : SNAT_PULL_LEN);
+}
+
+static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = data + ETH_HLEN;
+	__u32 present, ihl, off;
+
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return REASON_PASS_NOT_IPV4;
+	if ((void *)iph + 1 > data_end || (*(__u8 *)iph >> 4) != 4)
+		return REASON_PASS_NOT_IPV4;
+	if ((void *)(iph + 1) > data_end)
+		return REASON_DROP_MALFORMED;
+	ihl = iph->ihl * 4;
+	p->len = bpf_ntohs(iph->tot_len);
+	present = skb->len - ETH_HLEN;
+	if (ihl < 20 || p->len < ihl || p->len > present)
+		return REASON_DROP_MALFORMED;
+	p->l4 = ETH_HLEN + ihl;
+	p->end = ETH_HLEN + p->len;
+	p->saddr = iph->saddr;
+	p->daddr = iph->daddr;
+	p->ipid = iph->id;
+	p->proto = iph->protocol;
+	p->ttl = iph->ttl;
+	off = bpf_ntohs(iph->frag_off);
+	p->df = !!(off & IP_DF);
+	p->frag = (off & IP_OFFMASK) ? FRAG_LATER : ((off & IP_MF) ? FRAG_FIRST : FRAG_NONE);
+	p->sport = p->dport = 0;
+	p->tcp_flags = p->icmp_type = 0;
+	if (p->frag == FRAG_LATER)
+		return -1;
+
+	off = p->l4;
+	if (off > ETH_HLEN + 60) /* verifier: bound the variable offset */
+		return REASON_DROP_MALFORMED;
+	if (p->proto == IPPROTO_TCP_) {
+		__u8 *t = data + off;
+
+		if (off + 20 > p->end || (void *)(t + 20) > data_end)
+			return REASON_DROP_MALFORMED;
+		if ((t[12] >> 4) < 5)
+			return REASON_DROP_MALFORMED;
+		p->sport = *(__be16 *)t;
+		p->dport = *(__be16 *)(t + 2);
+		p->tcp_flags = t[13];
+	} else if (p->proto == IPPROTO_UDP_) {
+		__u8 *u = data + off;
+
+		if (off + 8 > p->end || (void *)(u + 8) > data_end)
+			return REASON_DROP_MALFORMED;
+		p->sport = *(__be16 *)u;
+		p->dport = *(__be16 *)(u + 2);
+	} else if (p->proto == IPPROTO_ICMP_) {
+		__u8 *c = data + off;
+
+		if (off + 8 > p->end || (void *)(c + 8) > data_end)
+			return REASON_DROP_MALFORMED;
+		p->icmp_type = c[0];
+		if (c[0] == 0 || c[0] == 8)
+			p->sport = *(__be16 *)(c + 4); /* echo identifier */
+	}
+	return -1;
+}

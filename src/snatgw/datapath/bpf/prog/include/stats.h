@@ -1,0 +1,53 @@
+/* Counters: one reason per packet (per-CPU array) and per-rule packets/bytes/sessions
+ * (per-CPU hash by rule_id, entry made on the rule's first session). */
+#pragma once
+#include "maps.h"
+
+static __always_inline void stats_reason(__u32 reason)
+{
+	__u64 *c = bpf_map_lookup_elem(&snat_reasons, &reason);
+
+	if (c)
+		*c += 1; /* per-CPU: no atomics needed */
+}
+
+static __always_inline void stats_rule(__u32 rule_id, __u32 bytes, int new_session)
+{
+	struct rule_stats *s = bpf_map_lookup_elem(&snat_rule_stats, &rule_id);
+
+	if (s) {
+		s->packets += 1;
+		s->bytes += bytes;
+		s->sessions += new_session;
+		return;
+	}
+	struct rule_stats init = { .packets = 1, .bytes = bytes, .sessions = new_session };
+
+	/* race: two CPUs may both insert; NOEXIST lets one win and the other packet goes
+	 * uncounted, which is cheaper than a lock on every packet */
+	bpf_map_update_elem(&snat_rule_stats, &rule_id, &init, BPF_NOEXIST);
+}
+
+/* What a program decided about a packet: enum verdict, enum reason, redirect target. */
+struct snat_res {
+	__u32 verdict;
+	__u32 reason;
+	__u32 ifindex;
+	__be32 nexthop; /* 0: let bpf_redirect_neigh find the next hop */
+};
+
+static __always_inline int verdict_set(struct snat_res *v, __u32 verdict, __u32 reason)
+{
+	v->verdict = verdict;
+	v->reason = reason;
+	return 0;
+}
+
+static __always_inline int verdict_redirect(struct snat_res *v, __u32 reason, __u32 ifindex, __be32 nh)
+{
+	v->verdict = VERDICT_REDIRECT;
+	v->reason = reason;
+	v->ifindex = ifindex;
+	v->nexthop = nh;
+	return 0;
+}

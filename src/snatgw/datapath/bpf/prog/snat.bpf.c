@@ -1,0 +1,295 @@
+// SPDX-License-Identifier: GPL-2.0
+/* snatgw TC datapath: snat_inside (ingress of inside devices), snat_outside (ingress of the
+ * uplinks) and snat_egress (egress of the uplinks, ICMP errors the gateway generates).
+ * Behaviour is docs/datapath.md step by step; the Python model implements the same contract. */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include "snat_layout.h"
+#include "maps.h"
+#include "parse.h"
+#include "ct.h"
+#include "nat.h"
+#include "fib.h"
+#include "rules.h"
+#include "icmp.h"
+#include "stats.h"
+
+char LICENSE[] SEC("license") = "GPL"; /* bpf_redirect_neigh and bpf_fib_lookup are GPL-only */
+
+/* Count the reason and turn the verdict into a TC action (redirects happen here). */
+static __always_inline int snat_emit(struct __sk_buff *skb, struct snat_res *v)
+{
+	stats_reason(v->reason);
+#ifdef SNAT_TEST
+	__u32 zero = 0;
+
+	bpf_map_update_elem(&snat_dbg, &zero, v, BPF_ANY);
+#endif
+	if (v->verdict == VERDICT_DROP)
+		return TC_ACT_SHOT;
+	if (v->verdict != VERDICT_REDIRECT)
+		return TC_ACT_OK;
+	if (v->nexthop) {
+		struct bpf_redir_neigh nh = { .nh_family = AF_INET_, .ipv4_nh = v->nexthop };
+
+		return bpf_redirect_neigh(v->ifindex, &nh, sizeof(nh), 0);
+	}
+	return bpf_redirect_neigh(v->ifindex, NULL, 0, 0);
+}
+
+/* Step 4 and 8: PASS, or DROP_UNMATCHED under `unmatched drop`. */
+static __always_inline int snat_unmatched(struct snat_res *v, __u32 reason)
+{
+	__u32 zero = 0;
+	struct snat_cfg *cfg = bpf_map_lookup_elem(&snat_config, &zero);
+
+	if (cfg && (cfg->flags & CFG_F_UNMATCHED_DROP))
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_UNMATCHED);
+	return verdict_set(v, VERDICT_PASS, reason);
+}
+
+/* Established outbound packet: session checks, TCP state, translate, send. */
+static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct pkt *p,
+						   struct ct_entry *e, struct snat_res *v, __u32 reason)
+{
+	if (p->ttl <= 1)
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
+	if (p->len > e->mtu && p->df)
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
+	/* a new session's first SYN was applied from NONE already; race: concurrent segments of
+	 * one flow may lose a state update, the next segment repairs it */
+	if (p->proto == IPPROTO_TCP_ && reason == REASON_XLATE_OUT)
+		e->state = ct_tcp_next(e->state, (e->flags & CT_F_REPLIED) ? TCP_TBL_IN : TCP_TBL_IN_ONLY,
+				       p->tcp_flags);
+	__u64 now = bpf_ktime_get_ns();
+
+	e->last_seen = now;
+	e->packets += 1; /* race: plain adds, a lost count is cheaper than an atomic */
+	e->bytes += p->len;
+	if (snat_v4_rewrite(skb, p, 1, e->rw_addr, e->rw_port) < 0)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
+	stats_rule(e->rule_id, p->len, reason == REASON_XLATE_NEW);
+	if (p->frag == FRAG_FIRST)
+		frag_remember(p, e->rw_addr, p->daddr, e->ifindex, e->nexthop, now);
+	if (p->len > e->mtu) /* no DF: the kernel fragments it */
+		return verdict_set(v, VERDICT_PASS_TRANSLATED, reason);
+	return verdict_redirect(v, reason, e->ifindex, e->nexthop);
+}
+
+/* Steps 7-15: a new flow.  Returns -2 when another CPU created the same session meanwhile
+ * (the caller then takes the established path). */
+static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct snat_res *v)
+{
+	__u32 zero = 0, iif = skb->ingress_ifindex;
+	struct snat_cfg *cfg = bpf_map_lookup_elem(&snat_config, &zero);
+	struct route rt = {}, eg;
+	struct rule_scan scan;
+	struct snat_rule *r;
+	struct port_search s;
+	struct ct_key out;
+	__be32 snat;
+	__u32 tries, mtu = 0;
+	int rc;
+
+	if (!cfg)
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_RULE);
+	rc = fib_route4(skb, p->daddr, p->saddr, iif, &rt);
+	if (rc >= 0)
+		return verdict_set(v, VERDICT_PASS, rc);
+	scan.saddr = p->saddr;
+	scan.daddr = p->daddr;
+	scan.nexthop = rt.nexthop;
+	scan.oif = rt.oif;
+	r = rules_match4(cfg, &scan);
+	if (!r)
+		return snat_unmatched(v, REASON_PASS_NO_RULE);
+	if (p->proto == IPPROTO_TCP_ &&
+	    (p->tcp_flags & (TCP_SYN_ | TCP_ACK_ | TCP_FIN_ | TCP_RST_)) != TCP_SYN_)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_NO_SESSION);
+	if (p->ttl <= 1)
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
+	eg = rt;
+	if (r->flags & RULE_F_NEW_GW) {
+		/* next hop = new_gw when on-link, else the route's gateway toward it */
+		if (fib_route4(skb, r->new_gw, p->saddr, iif, &eg) >= 0)
+			return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_ROUTE);
+	}
+	if (p->len > eg.mtu && p->df)
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
+	snat = snat_v4_select_addr(r, p);
+
+	/* the session pair; the IN entry is inserted by the port search */
+	ct_key_out(&out, p);
+	__builtin_memset(&s, 0, sizeof(s));
+	s.in.saddr = p->daddr;
+	s.in.daddr = snat;
+	s.in.sport = p->proto == IPPROTO_ICMP_ ? 0 : p->dport;
+	s.in.proto = p->proto;
+	s.in.dir = CT_DIR_IN;
+	s.val.peer = out;
+	s.val.rw_addr = p->saddr;
+	s.val.rw_port = p->sport;
+	s.val.state = p->proto == IPPROTO_TCP_ ? ct_tcp_next(CT_NONE, TCP_TBL_IN_ONLY, p->tcp_flags)
+		      : p->proto == IPPROTO_UDP_ ? CT_UDP : CT_ICMP;
+	s.val.ifindex = iif;
+	s.val.rule_id = r->rule_id;
+	bpf_check_mtu(skb, iif, &mtu, 0, 0); /* sets mtu to the inside device's MTU */
+	s.val.mtu = mtu;
+	s.val.created = s.val.last_seen = bpf_ktime_get_ns();
+	s.c = (__u16)p->sport;
+	s.min = cfg->port_min;
+	s.n = cfg->port_max >= cfg->port_min ? (__u32)cfg->port_max - cfg->port_min + 1 : 0;
+	s.err = -EEXIST;
+	tries = cfg->port_tries < SNAT_PORT_TRIES ? cfg->port_tries : SNAT_PORT_TRIES;
+	bpf_loop(tries, port_try_cb, &s, 0);
+	if (s.err == -EEXIST)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_PORT_EXHAUSTED);
+	if (s.err)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
+
+	/* OUT entry: reuse the IN entry's buffer, now describing the outbound direction */
+	s.val.peer = s.in;
+	s.val.rw_addr = snat;
+	s.val.rw_port = s.in.dport;
+	s.val.ifindex = eg.oif;
+	s.val.nexthop = eg.nexthop;
+	s.val.mtu = eg.mtu;
+	s.val.last_seen = 0; /* set by the established path below */
+	rc = bpf_map_update_elem(&snat_ct, &out, &s.val, BPF_NOEXIST);
+	if (rc) {
+		bpf_map_delete_elem(&snat_ct, &s.in); /* never leave half a pair */
+		if (rc == -EEXIST)
+			return -2; /* race: another CPU made this session first */
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
+	}
+	struct ct_entry *e = ct_lookup4(&out);
+
+	if (!e)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
+	return snat_v4_out_established(skb, p, e, v, REASON_XLATE_NEW);
+}
+
+/* Steps 3-6 of the inside program; the new-flow steps are in snat_v4_new. */
+static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, struct snat_res *v)
+{
+	struct ct_key k;
+	struct ct_entry *e;
+
+	if (p->frag == FRAG_LATER)
+		return frag_v4_later(skb, p, v);
+	if (p->proto != IPPROTO_TCP_ && p->proto != IPPROTO_UDP_ && p->proto != IPPROTO_ICMP_)
+		return snat_unmatched(v, REASON_PASS_PROTO);
+	if (p->proto == IPPROTO_ICMP_) {
+		if (is_icmp_error(p->icmp_type))
+			return icmp_err_v4_reply(skb, p, v, 0);
+		if (p->icmp_type != 8)
+			return verdict_set(v, VERDICT_PASS, REASON_PASS_ICMP_OTHER);
+	}
+	ct_key_out(&k, p);
+	e = ct_lookup4(&k);
+	if (e)
+		return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
+	if (snat_v4_new(skb, p, v) == -2) {
+		e = ct_lookup4(&k);
+		if (!e)
+			return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
+		return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
+	}
+	return 0;
+}
+
+/* The outside program: replies to sessions and ICMP errors about them. */
+static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p, struct snat_res *v)
+{
+	struct ct_key k;
+	struct ct_entry *e, *o;
+
+	if (p->frag == FRAG_LATER)
+		return frag_v4_later(skb, p, v);
+	if (p->proto != IPPROTO_TCP_ && p->proto != IPPROTO_UDP_ && p->proto != IPPROTO_ICMP_)
+		return snat_unmatched(v, REASON_PASS_PROTO);
+	if (p->proto == IPPROTO_ICMP_) {
+		if (is_icmp_error(p->icmp_type))
+			return icmp_err_v4_outside(skb, p, v);
+		if (p->icmp_type != 0)
+			return verdict_set(v, VERDICT_PASS, REASON_PASS_ICMP_OTHER);
+	}
+	ct_key_in(&k, p);
+	e = ct_lookup4(&k);
+	if (!e)
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_SESSION_IN);
+	if (p->ttl <= 1)
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
+	if (p->len > e->mtu && p->df)
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
+	/* TCP state and the REPLIED flag live in the OUT entry; the IN entry keeps a copy of the
+	 * flag so non-TCP replies look the OUT entry up only once */
+	if (p->proto == IPPROTO_TCP_ || !(e->flags & CT_F_REPLIED)) {
+		o = ct_lookup4(&e->peer);
+		if (o) {
+			if (p->proto == IPPROTO_TCP_) /* race: as on the outbound side */
+				o->state = ct_tcp_next(o->state, TCP_TBL_OUT, p->tcp_flags);
+			o->flags |= CT_F_REPLIED;
+		}
+		e->flags |= CT_F_REPLIED;
+	}
+	__u64 now = bpf_ktime_get_ns();
+
+	e->last_seen = now;
+	e->packets += 1;
+	e->bytes += p->len;
+	if (snat_v4_rewrite(skb, p, 0, e->rw_addr, e->rw_port) < 0)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
+	stats_rule(e->rule_id, p->len, 0);
+	if (p->frag == FRAG_FIRST)
+		frag_remember(p, p->saddr, e->rw_addr, e->ifindex, 0, now);
+	return verdict_redirect(v, REASON_XLATE_IN, e->ifindex, 0);
+}
+
+static __always_inline int snat_entry(struct __sk_buff *skb, int outside)
+{
+	struct snat_res v = {};
+	struct pkt p;
+	int r;
+
+	parse_pull(skb);
+	r = parse_v4(skb, &p);
+	if (r >= 0)
+		verdict_set(&v, r == REASON_DROP_MALFORMED ? VERDICT_DROP : VERDICT_PASS, r);
+	else if (outside)
+		snat_v4_outside(skb, &p, &v);
+	else
+		snat_v4_inside(skb, &p, &v);
+	return snat_emit(skb, &v);
+}
+
+SEC("tc")
+int snat_inside(struct __sk_buff *skb)
+{
+	return snat_entry(skb, 0);
+}
+
+SEC("tc")
+int snat_outside(struct __sk_buff *skb)
+{
+	return snat_entry(skb, 1);
+}
+
+/* Egress of the uplinks: only ICMP errors about translated replies are touched (and
+ * counted); everything else, including our own redirected packets, passes uncounted. */
+SEC("tc")
+int snat_egress(struct __sk_buff *skb)
+{
+	struct snat_res v = {};
+	struct pkt p;
+
+	parse_pull(skb);
+	if (parse_v4(skb, &p) >= 0 || p.proto != IPPROTO_ICMP_ || p.frag == FRAG_LATER ||
+	    !is_icmp_error(p.icmp_type))
+		return TC_ACT_OK;
+	icmp_err_v4_reply(skb, &p, &v, 1);
+	if (v.reason != REASON_XLATE_ICMP_ERR_OUT)
+		return TC_ACT_OK;
+	return snat_emit(skb, &v);
+}
