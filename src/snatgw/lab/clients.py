@@ -32,8 +32,7 @@ class EchoServers:
     def __init__(self, lab, port: int = ECHO_PORT, timeout: float = 10.0):
         from . import servers
 
-        argv = [sys.executable, servers.__file__, "--port", str(port), "--icmp",
-                "--link", "isp1", "--link", "isp2"]
+        argv = [sys.executable, servers.__file__, "--port", str(port), "--icmp"]
         for a in SERVERS:
             argv += ["--addr", str(a)]
         self.port = port
@@ -228,12 +227,13 @@ def udp_error(lab, node: str, dst, port: int = CLOSED_PORT, src=None, sport: int
         return out
 
 
-def count_arrivals(lab, node: str, table: str = "sglab_watch"):
-    """Install an nft counter of every IPv4 packet arriving at ``node`` from outside the lab's
-    inside nets; returns a function that reads the count."""
+def count_packets(lab, node: str, match: str, table: str = "sglab_watch", hook: str = "prerouting"):
+    """Install an nft counter in ``node`` of the packets ``match`` (nft syntax) selects at
+    ``hook``; returns a function that reads the count."""
+    lab.run(node, "nft", "delete", "table", "ip", table, check=False)
     lab.run(node, "nft", "-f", "-", input=(
-        f"table ip {table} {{ chain pre {{ type filter hook prerouting priority -400; "
-        f"ip saddr != 198.18.0.0/15 counter }} }}\n"))
+        f"table ip {table} {{\n chain c {{\n  type filter hook {hook} priority -400;\n"
+        f"  {match} counter\n }}\n}}\n"))
 
     def read() -> int:
         out = lab.run(node, "nft", "-j", "list", "table", "ip", table).stdout
@@ -247,4 +247,4 @@ def count_arrivals(lab, node: str, table: str = "sglab_watch"):
 
 
 __all__ = ["ECHO_PORT", "CLOSED_PORT", "EchoServers", "TcpSession", "tcp_echo", "udp_echo", "ping",
-           "udp_error", "count_arrivals"]
+           "udp_error", "count_packets"]

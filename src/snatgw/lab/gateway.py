@@ -248,8 +248,8 @@ def start_kernel_masquerade(lab) -> None:
     lab, servers and clients without any rule logic)."""
     stop_kernel_snat(lab)
     lab.run("gw", "nft", "-f", "-", input=(
-        f"table ip {KERNEL_SNAT_TABLE} {{ chain post {{ type nat hook postrouting priority srcnat; "
-        f'oifname {{ "eth1", "eth2" }} ip saddr 198.18.0.0/15 masquerade }} }}\n'))
+        f"table ip {KERNEL_SNAT_TABLE} {{\n chain post {{\n  type nat hook postrouting priority srcnat;\n"
+        f'  oifname {{ "eth1", "eth2" }} ip saddr 198.18.0.0/15 masquerade\n }}\n}}\n'))
 
 
 def stop_kernel_snat(lab) -> None:

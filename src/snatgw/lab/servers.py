@@ -1,7 +1,9 @@
 """The lab's servers in <P>-net, a standalone script (stdlib only; run by path with the venv's
 python via nsenter): TCP and UDP echo on each server address that answer every line/datagram
 with JSON saying what they saw (peer address:port, local address, arrival link), and an ICMP
-watcher that reports echo requests.  Every event is also printed as a JSON line on stdout;
+watcher that reports echo requests.  The arrival link: UDP and ICMP from IP_PKTINFO; TCP from
+the SYN's mark (the lab marks packets with their arrival ifindex in <P>-net, and
+net.ipv4.tcp_fwmark_accept=1 copies it to the accepted socket).  Every event is also printed as a JSON line on stdout;
 the first line is {"ready": ...} once everything is bound.
 """
 
@@ -15,7 +17,7 @@ import struct
 import sys
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
-SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SO_MARK = getattr(socket, "SO_MARK", 36)
 
 
 def emit(event: dict) -> None:
@@ -34,18 +36,16 @@ def link_of(ancdata) -> str | None:
 
 
 class Server:
-    def __init__(self, addrs: list[str], port: int, links: list[str], icmp: bool):
+    def __init__(self, addrs: list[str], port: int, icmp: bool):
         self.sel = selectors.DefaultSelector()
         self.bufs: dict[socket.socket, bytes] = {}
         for addr in addrs:
-            for link in links:  # one listener per arrival link: accept() tells the link
-                t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                t.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, link.encode())
-                t.bind((addr, port))
-                t.listen(128)
-                t.setblocking(False)
-                self.sel.register(t, selectors.EVENT_READ, ("listen", link))
+            t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            t.bind((addr, port))
+            t.listen(128)
+            t.setblocking(False)
+            self.sel.register(t, selectors.EVENT_READ, ("listen", None))
             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             u.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             u.bind((addr, port))
@@ -69,6 +69,10 @@ class Server:
     def on_listen(self, sock, link) -> None:
         conn, peer = sock.accept()
         conn.setblocking(False)
+        try:
+            link = socket.if_indextoname(conn.getsockopt(socket.SOL_SOCKET, SO_MARK))
+        except OSError:
+            link = None
         local = conn.getsockname()
         info = {"proto": "tcp", "peer": f"{peer[0]}:{peer[1]}", "local": f"{local[0]}:{local[1]}",
                 "link": link}
@@ -113,11 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--addr", action="append", required=True)
     ap.add_argument("--port", type=int, default=7007)
-    ap.add_argument("--link", action="append", default=[])
     ap.add_argument("--icmp", action="store_true")
     a = ap.parse_args(argv)
-    srv = Server(a.addr, a.port, a.link, a.icmp)
-    emit({"ready": True, "addrs": a.addr, "port": a.port, "links": a.link})
+    srv = Server(a.addr, a.port, a.icmp)
+    emit({"ready": True, "addrs": a.addr, "port": a.port})
     try:
         srv.serve()
     except KeyboardInterrupt:

@@ -212,6 +212,13 @@ class Lab:
         for node, routes in ROUTES.items():
             for r in routes:
                 self.ip(node, "route", "add", *r.split())
+        # in `net`, mark each packet with the ifindex it arrived on; TCP copies a SYN's mark to
+        # the accepted socket, so the TCP server can tell which ISP a connection came through
+        self.run("net", "sysctl", "-q", "-w", "net.ipv4.tcp_fwmark_accept=1")
+        idx = {i["ifname"]: i["ifindex"] for i in json.loads(self.ip("net", "-j", "link").stdout)}
+        self.run("net", "nft", "-f", "-", input=(
+            "table ip sglab_links {\n chain pre {\n  type filter hook prerouting priority -300;\n"
+            + "".join(f'  iifname "{n}" meta mark set {idx[n]}\n' for n in ("isp1", "isp2")) + " }\n}\n"))
 
     def exists(self) -> bool:
         have = set(list_netns())
