@@ -226,11 +226,9 @@ class KernelRouter:
 
 
 def _model_result(cfg, pkt: bytes, router, ingress: str):
-    """Engine.process of the reference model, or None when snatgw.model is not importable."""
-    try:
-        from ...model import Engine
-    except ImportError:
-        return None
+    """Engine.process of the reference model on a fresh engine (no sessions yet)."""
+    from ...model import Engine
+
     return Engine(cfg.rules, cfg.settings, router).process(pkt, side="inside", ingress=ingress, now=0.0)
 
 
@@ -240,24 +238,19 @@ def explain_packet(cfg, pkt: bytes, router, ingress: str) -> dict:
     fib = router.lookup(s.dst, s.src)
     route = Route(fib.oif, fib.gw) if fib.kind == "forward" else None
     winner, why = cfg.rules.explain(s.src, s.dst, route)
-    notes = []
     res = _model_result(cfg, pkt, router, ingress)
-    if res is None:
-        notes.append("the reference model (snatgw.model) is not available: verdict not computed")
-        verdict, reason, out, oif, nexthop, rule = None, None, None, fib.oif, fib.gw, winner
-    else:
-        verdict, reason, rule = Verdict(res.verdict), Reason(res.reason), res.rule
-        out = bytes(res.packet) if res.packet is not None else None
-        oif = res.oif if res.oif is not None else fib.oif
-        nexthop = res.nexthop if res.nexthop is not None else fib.gw
-    notes += getattr(router, "notes", [])
-    translated = None
-    snat = None
-    if out is not None and verdict in (Verdict.REDIRECT, Verdict.PASS_TRANSLATED):
-        o = summarize(out)
-        if (o.src, o.sport) != (s.src, s.sport):
-            translated = dict(zip(("src", "dst"), o.ends()), ttl=o.ttl)
-    if res is not None and res.nat is not None:
+    verdict, reason, rule = Verdict(res.verdict), Reason(res.reason), res.rule
+    # the model gives oif/nexthop only for a REDIRECT; otherwise the kernel routes as the FIB says
+    oif = res.oif if res.oif is not None else fib.oif
+    nexthop = res.nexthop if res.nexthop is not None else fib.gw
+    notes = list(getattr(router, "notes", []))
+    if rule is not None and (winner is None or rule.identity != winner.identity):  # a bug, if ever
+        notes.append(f"the model chose {rule.describe()!r}, unlike the rule listing above")
+    translated = snat = None
+    if verdict in (Verdict.REDIRECT, Verdict.PASS_TRANSLATED):
+        o = summarize(res.packet)
+        translated = dict(zip(("src", "dst"), o.ends()), ttl=o.ttl)
+    if res.nat is not None:
         snat = {"addr": str(res.nat[0]), "port": int(res.nat[1])}
     return {
         "packet": dict(zip(("src", "dst"), s.ends()), proto={v: k for k, v in PROTOS.items()}[s.proto], ttl=s.ttl,
@@ -269,8 +262,8 @@ def explain_packet(cfg, pkt: bytes, router, ingress: str) -> dict:
             {"priority": i, "rule": r.describe(), "where": r.where, "match": w == "MATCH", "why": w}
             for i, (r, w) in enumerate(why, 1)
         ],
-        "verdict": verdict.name if verdict is not None else None,
-        "reason": reason.name if reason is not None else None,
+        "verdict": verdict.name,
+        "reason": reason.name,
         "snat": snat,
         "next_hop": str(nexthop) if nexthop is not None else None,
         "oif": oif,
@@ -293,8 +286,7 @@ def render_text(d: dict) -> str:
         out.append(f"rule:      {d['rule']['where']}  (snat_ip {d['rule']['snat_ip']} algo {d['rule']['algo']})")
     else:
         out.append("rule:      none matched")
-    if d["verdict"]:
-        out.append(f"verdict:   {d['verdict']} ({d['reason']})")
+    out.append(f"verdict:   {d['verdict']} ({d['reason']})")
     if d["snat"]:
         out.append(f"SNAT:      {d['snat']['addr']} port {d['snat']['port']}")
     hop = f"next hop:  {d['next_hop'] or '-'} dev {d['oif'] or '-'}"
