@@ -1,0 +1,93 @@
+"""`snatgw conns` and `snatgw stats` against an in-process daemon on the FakeBackend, and their
+behaviour when no daemon runs.  No root."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from snatgw.cli.main import main as cli
+from snatgw.layout import Reason
+
+from test_daemon import Running  # tests/unit is on sys.path (pytest prepend import mode)
+
+
+@pytest.fixture
+def running():
+    d = Path(tempfile.mkdtemp(prefix="sgc"))
+    r = Running(d)
+    try:
+        yield r
+    finally:
+        r.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_conns_table_has_the_documented_columns_and_rule_numbers(running, capsys):
+    """The table shows proto, inside, remote, nat, state, idle, expires and the rule's priority."""
+    res = running.syn()
+    running.clock.t += 5
+    assert cli(["conns", "--socket", running.sock]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["proto", "inside", "remote", "nat", "state", "idle", "expires", "rule"]
+    nat = f"{res.nat[0]}:{res.nat[1]}"
+    assert out[1].split() == ["tcp", "198.18.40.10:40000", "203.0.113.10:80", nat, "SYN_RECV", "5s", "25s", "#2"]
+    assert "#2: from 198.18.40.0/24 gw 198.19.2.1 oif eth1" in "\n".join(out)
+
+
+def test_conns_json_lists_sessions_with_both_tuples(running, capsys):
+    """--json gives one object whose sessions carry inside, remote, nat, state and rule_id."""
+    a, b = running.syn(), running.udp()
+    assert cli(["conns", "--json", "--socket", running.sock]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {s["inside"] for s in doc["sessions"]} == {"198.18.40.10:40000", "198.18.50.10:5353"}
+    assert {s["rule_id"] for s in doc["sessions"]} == {a.rule.rule_id, b.rule.rule_id}
+    assert doc["source"].startswith("daemon ")
+
+
+def test_conns_of_one_rule(running, capsys):
+    """--rule N keeps only the sessions of the rule with priority N."""
+    running.syn(), running.udp()
+    assert cli(["conns", "--json", "--rule", "3", "--socket", running.sock]) == 0
+    assert [s["proto"] for s in json.loads(capsys.readouterr().out)["sessions"]] == ["udp"]
+
+
+def test_stats_json_counts_per_rule_with_its_text_and_per_reason(running, capsys):
+    """stats --json: packets/bytes/sessions per rule in priority order, reasons by Reason name."""
+    running.syn(), running.syn(sport=40001), running.udp()
+    assert cli(["stats", "--json", "--socket", running.sock]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    by_prio = {r["priority"]: r for r in doc["rules"]}
+    assert by_prio[2]["sessions"] == 2 and by_prio[2]["packets"] == 2 and by_prio[2]["bytes"] == 80
+    assert by_prio[2]["rule"].startswith("from 198.18.40.0/24 gw 198.19.2.1 oif eth1")
+    assert by_prio[3]["sessions"] == 1 and by_prio[1]["packets"] == 0
+    assert doc["reasons"] == {Reason.XLATE_NEW.name: 3} and doc["sessions"] == 3
+
+
+def test_stats_table_lists_rules_and_reasons(running, capsys):
+    """The text form has a rule table and a reason table."""
+    running.udp()
+    assert cli(["stats", "--socket", running.sock]) == 0
+    out = capsys.readouterr().out
+    assert "rule  packets  bytes  sessions  text" in out and "XLATE_NEW  1" in out
+
+
+def test_adm_connection_listing_shows_the_snat_address_as_local(running, capsys):
+    """adm -L -n -c prints the session with local = SNAT address:port, expire as mm:ss."""
+    res = running.syn()
+    assert cli(["adm", "-Lnc", "--socket", running.sock]) == 0
+    line = capsys.readouterr().out.splitlines()[2]
+    assert line.split() == ["TCP", "00:30", "SYN_RECV", "198.18.40.10:40000", "203.0.113.10:80",
+                            f"{res.nat[0]}:{res.nat[1]}", "203.0.113.10:80"]
+
+
+def test_no_daemon_and_no_pins_is_a_clear_error(tmp_path, capsys):
+    """Without a daemon or pinned maps, conns exits 4 naming both places it looked."""
+    sock, pins = str(tmp_path / "none.sock"), str(tmp_path / "nopins")
+    assert cli(["conns", "--socket", sock, "--pin-dir", pins]) == 4
+    err = capsys.readouterr().err
+    assert "no snatgw daemon on" in err and "nopins" in err

@@ -1,0 +1,341 @@
+"""The daemon against the in-memory FakeBackend: control socket, reload semantics, adm through the
+socket, GC, signals.  No root: in-process services on a temp socket, plus `snatgw run --backend
+fake` as a subprocess for the ready line and the signals."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from scapy.all import IP, TCP, UDP
+
+from snatgw.cli.commands import adm as admcli
+from snatgw.config.parse import parse_file
+from snatgw.daemon.client import RemoteError, call
+from snatgw.daemon.control import ControlServer, NoDaemon, request
+from snatgw.daemon.log import Log
+from snatgw.daemon.service import Service
+from snatgw.datapath.fake import FakeBackend
+from snatgw.errors import DaemonError
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = ROOT / "examples" / "lab.conf"
+FAILOVER = ROOT / "examples" / "lab-failover.conf"
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def tmpdir_short():
+    d = tempfile.mkdtemp(prefix="sgd")  # AF_UNIX paths must stay short
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Running:
+    """An in-process daemon: Service + FakeBackend + ControlServer on a temp socket."""
+
+    def __init__(self, d: Path, conf: Path = LAB, chaos=None):
+        self.conf = d / "snatgw.conf"
+        shutil.copy(conf, self.conf)
+        self.clock = Clock()
+        cfg = parse_file(self.conf)
+        self.backend = FakeBackend(cfg.settings, clock=self.clock, chaos=chaos)
+        self.log = Log(stream=io.StringIO())
+        self.log.lines = []
+        self.service = Service(cfg, self.backend, self.log, config_path=str(self.conf), clock=self.clock)
+        self.sock = str(d / "run" / "ctl.sock")
+        self.server = ControlServer(self.sock, self.service.handle)
+        self.service.start()
+        self.server.serve()
+
+    def req(self, **kw) -> dict:
+        return request(self.sock, kw)
+
+    def syn(self, src="198.18.40.10", sport=40000, dst="203.0.113.10", ingress="lan40"):
+        pkt = bytes(IP(src=src, dst=dst) / TCP(sport=sport, dport=80, flags="S"))
+        return self.backend.process(pkt, "inside", ingress)
+
+    def udp(self, src="198.18.50.10", sport=5353, dst="198.51.100.10", ingress="lan50"):
+        return self.backend.process(bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=53)), "inside", ingress)
+
+    def close(self):
+        self.server.close()
+
+
+@pytest.fixture
+def running(tmpdir_short):
+    r = Running(tmpdir_short)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_status_reports_backend_rules_and_config(running):
+    """`status` names the backend, the rule count and the config file the daemon runs."""
+    st = running.req(op="status")
+    assert st["ok"] and st["backend"] == "fake" and st["rules"] == 3
+    assert st["config"] == str(running.conf.resolve()) and st["inside"] == ["lan40", "lan50"]
+
+
+def test_socket_is_0600_in_a_0700_directory_it_created(running):
+    """The control socket is root-only: the socket 0600, the directory the daemon made 0700."""
+    assert stat.S_IMODE(os.stat(running.sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(running.sock)).st_mode) == 0o700
+
+
+def test_reload_applies_the_edited_file_and_keeps_live_sessions(running):
+    """After editing the file, reload applies the failover rules; sessions made before stay."""
+    assert running.syn().nat is not None
+    shutil.copy(FAILOVER, running.conf)
+    resp = running.req(op="reload")
+    assert resp["ok"], resp
+    assert running.backend.applied[-1].rules == parse_file(FAILOVER).rules
+    assert len(running.req(op="sessions")["sessions"]) == 1
+
+
+def test_invalid_config_on_reload_changes_nothing(running):
+    """A reload of a broken file answers an error naming file:line, and the old rules keep running."""
+    before = running.backend.config
+    running.conf.write_text("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.1/24 snat_ip 198.19.2.71 }\n}\n")
+    resp = running.req(op="reload")
+    assert not resp["ok"] and resp["exit"] == 2
+    assert "snatgw.conf:2" in resp["error"] and "198.18.40.0/24" in resp["error"]
+    assert running.backend.config is before and len(running.backend.applied) == 1
+    assert running.req(op="status")["last_error"] == resp["error"]
+    assert any("reload_failed" in line for line in running.log.lines)
+
+
+def test_backend_failure_on_reload_keeps_the_old_config(tmpdir_short):
+    """When backend.apply fails (chaos), the daemon keeps the config it had and says why."""
+    r = Running(tmpdir_short, chaos="apply")
+    try:
+        resp = r.req(op="reload", path=str(FAILOVER))
+        assert not resp["ok"] and "chaos" in resp["error"] and resp["exit"] == 3
+        assert r.service.config.rules == parse_file(LAB).rules
+        assert r.service.config_path == str(r.conf.resolve())  # not switched to the file that failed
+    finally:
+        r.close()
+
+
+def test_reload_with_text_is_parsed_before_anything_is_applied(running):
+    """A reload carrying config text applies it; the text's errors are named as <control>:line."""
+    resp = running.req(op="reload", text="virtual_server fwmark 1 {\n snat_rule { from 198.18.0.0/16 snat_ip 198.19.2.71 }\n}\n")
+    assert resp["ok"] and resp["rules"] == 1
+    bad = running.req(op="reload", text="virtual_server fwmark 1 {\n snat_rule { snat_ip 198.19.2.71 }\n}\n")
+    assert not bad["ok"] and "<control>:2" in bad["error"]
+    assert len(running.service.config.rules) == 1
+
+
+def test_settings_a_reload_cannot_change_are_kept_and_logged(running):
+    """backend, pin_dir and control_socket stay as started; the reload logs that it ignored them."""
+    text = running.conf.read_text().replace("backend bpf", "backend nft")
+    assert running.req(op="reload", text=text)["ok"]
+    assert running.service.config.settings.backend == "bpf"
+    assert any("reload_setting_ignored" in line and "setting=backend" in line for line in running.log.lines)
+
+
+def test_adm_add_goes_through_the_backend_and_lists_in_precedence_order(running):
+    """-K through the socket reaches backend.apply; -L lists the new /24 before the /16 catch-all."""
+    add = ["-K", "-f", "1", "-F", "198.18.50.0/24", "-W", "198.19.2.1", "-N", "198.19.3.1",
+           "-U", "198.19.3.71-198.19.3.73", "-O", "sh"]
+    assert running.req(op="adm", commands=[add])["ok"]
+    assert len(running.backend.config.rules) == 4
+    out = io.StringIO()
+    assert admcli.main(["-L", "-n", "--socket", running.sock], stdout=out) == 0
+    rows = [line.split()[1] for line in out.getvalue().splitlines() if line.startswith("  -> 198")]
+    assert rows == ["198.18.40.0/24", "198.18.40.0/24", "198.18.50.0/24", "198.18.0.0/16"]
+
+
+def test_adm_refusals_come_back_with_their_code_and_change_nothing(running, capsys):
+    """-K of an existing rule exits non-zero with 'File exists'; -H of a missing one says 'No such'."""
+    dup = ["-K", "-f", "1", "-F", "198.18.40.0/24", "-W", "198.19.2.1", "--oif", "eth1", "-U", "198.19.2.71"]
+    assert admcli.main(dup + ["--socket", running.sock]) == 4
+    assert "File exists" in capsys.readouterr().err
+    assert admcli.main(["-H", "-f", "1", "-F", "198.18.99.0/24", "--socket", running.sock]) == 4
+    assert "No such file" in capsys.readouterr().err
+    assert admcli.main(["-K", "-f", "1", "-F", "198.18.99.1/24", "-U", "198.19.2.71", "--socket", running.sock]) == 2
+    assert len(running.backend.applied) == 1
+
+
+def test_save_restore_through_the_daemon_reproduces_the_rules(running):
+    """`adm -S`, `adm -C`, `adm -R` of the saved text: same rules, same definition order."""
+    saved = io.StringIO()
+    admcli.main(["-S", "--socket", running.sock], stdout=saved)
+    before = running.service.table
+    assert admcli.main(["-C", "--socket", running.sock]) == 0
+    assert len(running.backend.config.rules) == 0 and not running.service.table.service
+    assert admcli.main(["-R", "--socket", running.sock], stdin=io.StringIO(saved.getvalue())) == 0
+    assert running.service.table.rules == before.rules
+
+
+def test_restore_is_all_or_nothing(running, capsys):
+    """A restore whose last line is refused applies none of its lines."""
+    text = ("-K -f 1 -F 198.18.60.0/24 -U 198.19.2.71\n"
+            "-K -f 1 -F 198.18.40.0/24 -W 198.19.2.1 --oif eth1 -U 198.19.2.71\n")
+    assert admcli.main(["-R", "--socket", running.sock], stdin=io.StringIO(text)) == 4
+    assert "command 2" in capsys.readouterr().err
+    assert len(running.service.config.rules) == 3 and len(running.backend.applied) == 1
+
+
+def test_gc_expires_idle_sessions_and_keeps_fresh_ones(running):
+    """A GC tick after the UDP timeout removes that session; a later one is kept."""
+    running.udp()
+    running.clock.t += 301
+    running.syn()
+    assert running.service.gc() == 1
+    sessions = running.req(op="sessions")["sessions"]
+    assert [s["proto"] for s in sessions] == ["tcp"]
+
+
+def test_flush_of_one_rule_leaves_the_others(running):
+    """flush with a rule_id removes only that rule's sessions."""
+    a, b = running.syn(), running.udp()
+    assert a.rule.rule_id != b.rule.rule_id
+    assert running.req(op="flush", rule_id=a.rule.rule_id)["flushed"] == 1
+    assert [s["rule_id"] for s in running.req(op="sessions")["sessions"]] == [b.rule.rule_id]
+
+
+def test_zero_clears_counters_but_not_sessions(running):
+    """adm -Z zeroes reason and rule counters; sessions stay."""
+    running.syn()
+    assert running.req(op="stats")["stats"]["reasons"] == {"XLATE_NEW": 1}
+    assert admcli.main(["-Z", "--socket", running.sock]) == 0
+    st = running.req(op="stats")["stats"]
+    assert st["reasons"] == {} and st["rules"] == {} and st["sessions"] == 1
+
+
+def test_rate_reports_per_second_deltas_between_gc_samples(running):
+    """Two GC samples 2 s apart with 2 new sessions between them give 1 session/s for that rule."""
+    running.service.gc()
+    r1, _ = running.syn(sport=40000), running.syn(sport=40001)
+    running.clock.t += 2
+    running.service.gc()
+    rate = running.req(op="rate")["rate"]
+    assert rate["rules"][str(r1.rule.rule_id)]["sessions"] == pytest.approx(1.0)
+
+
+def test_bad_requests_get_an_error_not_a_dead_daemon(running):
+    """Unknown ops, non-JSON lines and malformed adm payloads are answered with errors."""
+    assert running.req(op="nope")["code"] == "EINVAL"
+    assert running.req(op="adm", commands="-L")["ok"] is False
+    import socket as so
+
+    s = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    s.connect(running.sock)
+    s.sendall(b"not json\n")
+    assert json.loads(s.makefile().readline())["ok"] is False
+    s.close()
+    assert running.req(op="status")["ok"]
+
+
+def test_a_second_daemon_on_the_same_socket_is_refused(running):
+    """Binding a control socket where a live daemon answers fails and leaves it serving."""
+    with pytest.raises(DaemonError, match="already running"):
+        ControlServer(running.sock, lambda r: {"ok": True})
+    assert running.req(op="status")["ok"]
+
+
+def test_a_stale_socket_is_replaced_and_close_removes_it(tmpdir_short):
+    """A socket file nobody listens on is taken over; closing the server removes it."""
+    import socket as so
+
+    path = str(tmpdir_short / "stale.sock")
+    s = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    s.bind(path)
+    s.close()
+    server = ControlServer(path, lambda r: {"ok": True, "echo": r})
+    server.serve()
+    assert request(path, {"op": "x"})["echo"] == {"op": "x"}
+    server.close()
+    assert not os.path.exists(path)
+    with pytest.raises(NoDaemon):
+        call(path, {"op": "status"})
+
+
+def test_remote_errors_carry_the_daemons_exit_code(running):
+    """client.call raises RemoteError with the daemon's errno-like code and exit code."""
+    with pytest.raises(RemoteError) as ei:
+        call(running.sock, {"op": "adm", "commands": [["-H", "-f", "1", "-F", "198.18.99.0/24"]]})
+    assert ei.value.code == "ENOENT" and ei.value.exit_code == 4
+
+
+# ---------------------------------------------------------------- the real process
+
+
+def _spawn(conf: Path, sock: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "snatgw.cli.main", "run", str(conf), "--backend", "fake",
+                             "--socket", sock, "--gc-interval", "0.05", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(pred, what: str, limit: float = 10.0):
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_run_prints_ready_reloads_on_sighup_and_exits_0_on_sigterm(tmpdir_short):
+    """`snatgw run`: one 'ready' line; SIGHUP with a broken file keeps the rules, with the
+    failover file applies it; SIGTERM exits 0 and removes the socket."""
+    conf = tmpdir_short / "snatgw.conf"
+    shutil.copy(LAB, conf)
+    sock = str(tmpdir_short / "s" / "ctl.sock")
+    p = _spawn(conf, sock)
+    try:
+        line = p.stdout.readline()
+        assert "ready" in line and "backend=fake" in line
+        conf.write_text("virtual_server fwmark 1 {\n snat_rule { from 198.18.0.0/16 algo fast snat_ip 1.2.3.4 }\n}\n")
+        p.send_signal(signal.SIGHUP)
+        st = _wait(lambda: (s := request(sock, {"op": "status"}))["last_error"] and s, "failed reload")
+        assert "algo" in st["last_error"] and st["rules"] == 3 and st["reloads"] == 0
+        shutil.copy(FAILOVER, conf)
+        p.send_signal(signal.SIGHUP)
+        _wait(lambda: request(sock, {"op": "status"})["reloads"] == 1, "reload")
+        rules = request(sock, {"op": "rules"})["rules"]
+        assert any(r["new_gw"] == "198.19.3.1" and r["oif"] == "eth1" for r in rules)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+        assert not os.path.exists(sock)
+        err = p.stderr.read()
+        assert "event=reload_failed" in err and "event=stopped" in err and "keep_state=True" in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_run_with_an_invalid_config_exits_2_without_a_socket(tmpdir_short):
+    """A config that does not parse: exit 2, the error on stderr, no socket left behind."""
+    conf = tmpdir_short / "bad.conf"
+    conf.write_text("virtual_server fwmark 1 {\n snat_rule { from 198.18.0.0/16 }\n")
+    sock = str(tmpdir_short / "ctl.sock")
+    p = _spawn(conf, sock, "--log-json")
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 2 and "ready" not in out
+    rec = json.loads(err.strip().splitlines()[-1])
+    assert rec["event"] == "config_invalid" and "bad.conf" in rec["error"]
+    assert not os.path.exists(sock)
