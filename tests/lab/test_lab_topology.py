@@ -1,0 +1,102 @@
+"""The lab itself (no snatgw): building and removing it leaves nothing, leftovers are found by
+prefix, and with a plain kernel masquerade in the gateway the inside hosts reach the ISP routers
+and the servers answer (so e2e failures are snatgw's, not the lab's)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from snatgw.lab import clients
+from snatgw.lab.gateway import start_kernel_masquerade, stop_kernel_snat
+from snatgw.lab.netns import LabError, list_netns
+from snatgw.lab.topology import NODES, Lab, leftover_prefixes, state_path
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+
+
+def test_lab_up_then_down_leaves_no_namespace_state_or_pins(make_lab):
+    """down() removes every namespace, the state file, work dir and pin dir of the lab."""
+    lab = make_lab()
+    try:
+        assert all(lab.ns(n) in list_netns() for n in NODES)
+        assert os.path.exists(state_path(lab.name))
+        os.makedirs(lab.pin_dir, exist_ok=True)  # as a gateway would
+    finally:
+        lab.down()
+    assert not [n for n in list_netns() if n.startswith(lab.prefix + "-")]
+    assert not os.path.exists(state_path(lab.name))
+    assert not os.path.exists(lab.pin_dir)
+    assert not os.path.exists(lab.workdir)
+
+
+def test_lab_without_state_file_is_found_and_removed_by_prefix(make_lab):
+    """A lab whose state file is gone shows up as a leftover prefix and goes with down()."""
+    lab = make_lab()
+    try:
+        os.unlink(state_path(lab.name))
+        assert lab.prefix in leftover_prefixes()
+        Lab(name="leftover", prefix=lab.prefix).down()
+        assert lab.prefix not in leftover_prefixes()
+    finally:
+        lab.down()
+
+
+def test_lab_up_refuses_a_name_that_is_up(make_lab):
+    """A second `up` of the same name is refused with the prefix of the running one."""
+    lab = make_lab()
+    try:
+        with pytest.raises(LabError, match=lab.prefix):
+            Lab.up(lab.name)
+    finally:
+        lab.down()
+
+
+def test_inside_hosts_reach_the_isp_routers_through_a_kernel_masquerade(lab):
+    """With masquerade in gw, each inside host pings both ISP routers; without it nothing returns."""
+    assert lab.run("in40", "ping", "-c1", "-W1", "198.19.2.1", check=False).returncode != 0
+    start_kernel_masquerade(lab)
+    try:
+        for node in ("in40", "in50"):
+            for router in ("198.19.2.1", "198.19.3.1"):
+                lab.run(node, "ping", "-c1", "-W2", router)
+    finally:
+        stop_kernel_snat(lab)
+
+
+def test_servers_report_the_address_and_link_they_saw(lab, servers):
+    """TCP, UDP and ping reach both servers; each reports the masqueraded source and its ISP link."""
+    start_kernel_masquerade(lab)
+    try:
+        for dst, uplink, link in (("203.0.113.10", "198.19.2.2", "isp1"), ("198.51.100.10", "198.19.3.2", "isp2")):
+            t = clients.tcp_echo(lab, "in40", dst, src="198.18.40.11")
+            assert (t["peer"].split(":")[0], t["link"], t["local"]) == (uplink, link, f"{dst}:7007")
+            u = clients.udp_echo(lab, "in50", dst)
+            assert (u["peer"].split(":")[0], u["link"]) == (uplink, link)
+            p = clients.ping(lab, "in40", dst, servers=servers)
+            assert p["reply"] and p["seen"]["peer"] == uplink and p["seen"]["link"] == link
+    finally:
+        stop_kernel_snat(lab)
+
+
+def test_icmp_errors_reach_the_inside_socket_through_a_kernel_masquerade(lab, servers):
+    """The lab's error paths work: port unreachable from the server, TTL exceeded from isp1."""
+    start_kernel_masquerade(lab)
+    try:
+        e = clients.udp_error(lab, "in40", "203.0.113.10")
+        assert (e["errno"], e["offender"], e["type"], e["code"]) == ("ECONNREFUSED", "203.0.113.10", 3, 3)
+        e = clients.udp_error(lab, "in40", "203.0.113.10", port=clients.ECHO_PORT, ttl=2)
+        assert (e["errno"], e["offender"], e["type"]) == ("EHOSTUNREACH", "198.19.2.1", 11)
+    finally:
+        stop_kernel_snat(lab)
+
+
+def test_snat_addresses_go_on_the_outside_link_of_their_subnet(lab):
+    """add_snat_addresses puts each pool address as /32 on eth1 or eth2 by subnet."""
+    from snatgw.lab.demo import REF_RULES, ruleset
+
+    done = dict(lab.add_snat_addresses(ruleset(REF_RULES)))
+    assert done["198.19.2.71"] == "eth1" and done["198.19.3.73"] == "eth2"
+    out = lab.ip("gw", "-br", "addr", "show", "dev", "eth2").stdout
+    assert "198.19.3.72/32" in out
