@@ -232,6 +232,14 @@ def _model_result(cfg, pkt: bytes, router, ingress: str):
     return Engine(cfg.rules, cfg.settings, router).process(pkt, side="inside", ingress=ingress, now=0.0)
 
 
+def _short(w: str, why: list) -> str:
+    """"would match, but '<long rule>' comes first" -> "... but #N (file:line) comes first"."""
+    if not w.startswith("would match"):
+        return w
+    n, r = next((i, r) for i, (r, x) in enumerate(why, 1) if x == "MATCH")
+    return f"would match, but #{n} ({r.where}) comes first"
+
+
 def explain_packet(cfg, pkt: bytes, router, ingress: str) -> dict:
     """The explanation of one inside packet as a JSON-ready dict (see `snatgw explain --help`)."""
     s = summarize(pkt)
@@ -259,7 +267,7 @@ def explain_packet(cfg, pkt: bytes, router, ingress: str) -> dict:
         "matched": rule is not None,
         "rule": None if rule is None else {**rule.as_dict(), "where": rule.where},
         "candidates": [
-            {"priority": i, "rule": r.describe(), "where": r.where, "match": w == "MATCH", "why": w}
+            {"priority": i, "rule": r.describe(), "where": r.where, "match": w == "MATCH", "why": _short(w, why)}
             for i, (r, w) in enumerate(why, 1)
         ],
         "verdict": verdict.name,
