@@ -158,6 +158,17 @@ def test_new_gw_moves_the_rules_live_sessions_and_back(backend):
 
 
 @pytest.mark.bpf
+def test_removing_new_gw_reverts_sessions_the_datapath_made_without_the_flag(backend):
+    """Sessions created under new_gw (no CT_F_NEW_GW from the datapath) go back to the route."""
+    out, _ = add_session(backend.maps.ct, 1, rule_id=RULE_A, ifindex=7, nexthop=0xC6130301)
+    gw = ipaddress.IPv4Address("198.19.3.1")
+    assert backend.move_sessions({RULE_A: None}) == 0  # nothing says it had a new_gw
+    assert backend.move_sessions({RULE_A: None}, {RULE_A: gw}) == 1
+    e = L.CT_ENTRY.unpack(backend.maps.ct.get(out))
+    assert (e["ifindex"], e["nexthop"]) == (2, 0xC6130201)
+
+
+@pytest.mark.bpf
 def test_rule_writes_touch_only_changed_slots(backend):
     """Unchanged reload writes nothing; growing, editing and shrinking write just what differs."""
     m = backend.maps

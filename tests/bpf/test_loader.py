@@ -210,6 +210,36 @@ def test_map_sizes_follow_max_sessions(pin_dir, mini_obj):
         ld.stop()
 
 
+@pytest.fixture(scope="session")
+def datapath_obj():
+    """The real datapath object (bpf-C's build), skipped while it does not exist."""
+    try:
+        from snatgw.datapath.bpf import build
+    except ImportError:
+        pytest.skip("the datapath build (snatgw.datapath.bpf.build) is not there yet")
+    return str(build.compile({}))
+
+
+@pytest.mark.bpf
+def test_real_datapath_loads_attaches_adopts_pins_and_leaves_nothing(ns, pin_dir, datapath_obj):
+    """The real object: pinned, attached on every hook, adopted by a second load, then gone."""
+    with netns(ns):
+        a = Loader(pin_dir, 128, datapath_obj)
+        a.load().ct.put(ct_key(5), bytes(L.CT_ENTRY.size))
+        a.attach(["in0"], ["out0"])
+        assert attached_prog_id("out0", B.BPF_TC_EGRESS) is not None
+        a.stop(keep_state=True)
+        assert attached_prog_id("out0", B.BPF_TC_EGRESS) is None
+        b = Loader(pin_dir, 128, datapath_obj)
+        try:
+            assert b.load().ct.get(ct_key(5)) is not None and len(b.reused) == 6
+            b.attach(["in0"], ["out0"])
+        finally:
+            b.stop()
+    assert not has_clsact(ns, "in0") and not has_clsact(ns, "out0")
+    assert not os.path.exists(pin_dir)
+
+
 def test_netns_restores_the_callers_namespace(ns):
     """After the netns() body, the thread is back in its own namespace."""
     before = os.readlink("/proc/thread-self/ns/net")

@@ -56,17 +56,19 @@ def _raw(addr: ipaddress.IPv4Address) -> int:
 
 
 class BpfBackend:
-    """The eBPF datapath.  ``obj_path``/``defines`` choose the object (default: bpf-C's
-    build.compile()); ``resolver`` answers routes (default: ``ip -j route get``)."""
+    """The eBPF datapath.  ``settings`` are the initial settings (start() takes the config's);
+    ``obj_path``/``defines`` choose the object (default: bpf-C's build.compile());
+    ``resolver`` answers routes (default: ``ip -j route get``)."""
 
     name = "bpf"
 
-    def __init__(self, obj_path=None, defines: dict | None = None, resolver: Resolver | None = None):
+    def __init__(self, settings: Settings | None = None, obj_path=None, defines: dict | None = None,
+                 resolver: Resolver | None = None):  # fmt: skip
         self.obj_path, self.defines = obj_path, defines
         self.resolver = resolver or route_egress
         self.loader: Loader | None = None
         self.maps: DatapathMaps | None = None
-        self.settings = Settings()
+        self.settings = settings or Settings()
         self.config: GatewayConfig | None = None
         self.readonly = False
         self._new_gws: dict[int, ipaddress.IPv4Address | None] | None = None  # by rule_id
@@ -123,16 +125,19 @@ class BpfBackend:
         log.info("installed %d rules (%d slots written)", len(rules), written)
         new_gws = {r.rule_id: r.new_gw for r in config.rules}
         if new_gws != self._new_gws:
-            moved = self.move_sessions(new_gws)
+            moved = self.move_sessions(new_gws, self._new_gws or {})
             if moved:
                 log.info("moved %d live sessions to their rule's new next hop", moved)
         self._new_gws = new_gws
 
-    def move_sessions(self, new_gws: dict[int, ipaddress.IPv4Address | None]) -> int:
+    def move_sessions(self, new_gws: dict[int, ipaddress.IPv4Address | None],
+                      old_gws: dict[int, ipaddress.IPv4Address | None] | None = None) -> int:  # fmt: skip
         """Point every live session at its rule's current egress: rules with new_gw send to
-        new_gw's egress; a session that had a new_gw (CT_F_NEW_GW) whose rule no longer has
-        one goes back to the route toward its remote.  Sessions of vanished rules keep
-        their mapping.  Returns how many OUT entries were rewritten."""
+        new_gw's egress; a session that had a new_gw (CT_F_NEW_GW set, or its rule had one
+        in ``old_gws``) whose rule no longer has one goes back to the route toward its
+        remote.  Sessions of vanished rules keep their mapping.  Returns how many OUT
+        entries were rewritten."""
+        old_gws = old_gws or {}
         pairs, _ = self.maps.session_pairs()
         cache: dict[ipaddress.IPv4Address, tuple[int, ipaddress.IPv4Address, int] | None] = {}
 
@@ -154,7 +159,7 @@ class BpfBackend:
             flags = p.out["flags"]
             if gw is not None:
                 eg, nflags = egress(gw), flags | L.CT_F_NEW_GW
-            elif flags & L.CT_F_NEW_GW:
+            elif flags & L.CT_F_NEW_GW or old_gws.get(rid) is not None:
                 remote = ipaddress.IPv4Address(L.CT_KEY.unpack(p.out_key)["daddr"])
                 eg, nflags = egress(remote), flags & ~L.CT_F_NEW_GW
             else:
@@ -258,8 +263,7 @@ class BpfBackend:
     def read_pinned(cls, pin_dir: str = L.PIN_DIR, settings: Settings | None = None) -> "BpfBackend":
         """A read-only view of a pinned datapath: sessions() and stats() work, the rest
         raises.  ``stop()`` closes it (it never detaches or unpins anything)."""
-        b = cls()
-        b.settings = settings or Settings(pin_dir=pin_dir)
+        b = cls(settings or Settings(pin_dir=pin_dir))
         b.maps = DatapathMaps.open_pinned(pin_dir, readonly=True)
         b.readonly = True
         return b
