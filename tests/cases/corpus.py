@@ -1,0 +1,399 @@
+"""The scenario corpus: REF topology inputs and SCENARIOS, each a list of steps
+(side, ingress, packet, expected verdict, expected reason) run in order on one fresh Engine
+(sessions persist within a scenario; step i runs at now = i seconds).  The model tests check
+every expectation; the BPF differential tests run the same steps through the kernel and
+compare verdict, reason and output bytes with the model's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
+
+from snatgw.config.schema import Settings
+from snatgw.layout import PORT_TRIES_BPF, Reason, Verdict
+from snatgw.model.router import REF_ADDRESSES as _ADDRS
+from snatgw.model.router import REF_ROUTES as _ROUTES
+from snatgw.rules import Rule, RuleSet
+
+from .pkts import A, B, C, D, ISP1, R1, R2, ROUTER, STRANGER, echo, fragments, icmp_error, other_proto
+from .pkts import snat_of, tcp, udp, with_options
+
+REF_CONFIG = """\
+virtual_server fwmark 1 {
+  snat_rule { from 198.18.40.0/24  gw 198.19.3.1  oif eth2  snat_ip 198.19.3.71-198.19.3.73  algo random }
+  snat_rule { from 198.18.40.0/24  gw 198.19.2.1  oif eth1  snat_ip 198.19.2.71-198.19.2.73  algo sdh }
+  snat_rule { from 198.18.0.0/16   new_gw 198.19.2.1        snat_ip 198.19.2.71-198.19.2.73  algo sh }
+}
+"""
+#: the same rules as dicts (Rule.from_dict), so no config parser is needed
+REF_RULES: list[dict] = [
+    {"from": "198.18.40.0/24", "gw": "198.19.3.1", "oif": "eth2", "snat_ip": "198.19.3.71-198.19.3.73", "algo": "random"},
+    {"from": "198.18.40.0/24", "gw": "198.19.2.1", "oif": "eth1", "snat_ip": "198.19.2.71-198.19.2.73", "algo": "sdh"},
+    {"from": "198.18.0.0/16", "new_gw": "198.19.2.1", "snat_ip": "198.19.2.71-198.19.2.73", "algo": "sh"},
+]  # fmt: skip
+#: the failover variant: the second rule replaced (same identity) with new_gw to ISP2
+FAILOVER_RULES: list[dict] = [
+    REF_RULES[0],
+    dict(REF_RULES[1], new_gw="198.19.3.1", snat_ip="198.19.3.71-198.19.3.73"),
+    REF_RULES[2],
+]
+REF_ROUTES: list[tuple[str, str, str | None]] = list(_ROUTES)
+REF_ADDRESSES: dict[str, list[str]] = {k: list(v) for k, v in _ADDRS.items()}
+REF_INSIDE = ("lan40", "lan50")
+REF_OUTSIDE = ("eth1", "eth2")
+#: the differential tests bound the port search like the BPF datapath
+REF_SETTINGS = Settings(inside=REF_INSIDE, outside=REF_OUTSIDE, port_tries=PORT_TRIES_BPF)
+
+
+def ruleset(dicts: list[dict]) -> RuleSet:
+    return RuleSet([Rule.from_dict(d, where=f"corpus:{i + 1}") for i, d in enumerate(dicts)])
+
+
+RULE_RANDOM, RULE_SDH, RULE_SH = (Rule.from_dict(d) for d in REF_RULES)
+
+V, R = Verdict, Reason
+RED, PASS, DROP, PT = V.REDIRECT, V.PASS, V.DROP, V.PASS_TRANSLATED
+
+
+class Step(NamedTuple):
+    side: str  # "inside" | "outside" | "egress"
+    ingress: str  # device it arrives on (egress: leaves by)
+    packet: bytes  # IPv4 bytes
+    verdict: Verdict
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    doc: str
+    steps: list[Step]
+    settings: dict = field(default_factory=dict)  # overrides of REF_SETTINGS fields
+    rules: list[dict] | None = None  # rule dicts replacing REF_RULES
+
+    def make_settings(self) -> Settings:
+        return replace(REF_SETTINGS, **self.settings)
+
+    def make_rules(self) -> RuleSet:
+        return ruleset(self.rules if self.rules is not None else REF_RULES)
+
+    def make_engine(self, router=None):
+        from snatgw.model import Engine, StaticRouter
+
+        return Engine(self.make_rules(), self.make_settings(), router or StaticRouter(REF_ROUTES, REF_ADDRESSES))
+
+
+def inside(pkt: bytes, v: Verdict, r: Reason, dev: str = "lan40") -> Step:
+    return Step("inside", dev, pkt, v, r)
+
+
+def outside(pkt: bytes, v: Verdict, r: Reason, dev: str = "eth1") -> Step:
+    return Step("outside", dev, pkt, v, r)
+
+
+def egress(pkt: bytes, v: Verdict, r: Reason, dev: str = "eth1") -> Step:
+    return Step("egress", dev, pkt, v, r)
+
+
+def _scenarios() -> list[Scenario]:
+    S: list[Scenario] = []
+
+    def add(name: str, doc: str, steps: list[Step], **kw) -> None:
+        S.append(Scenario(name, doc, steps, **kw))
+
+    na, np_ = snat_of(RULE_SDH, A, R1, 40000)  # 198.19.2.72:21541
+    add("tcp_handshake_data_fin_via_isp1", "A TCP connection A->R1 matches the sdh rule on eth1: "
+        "handshake, data both ways, FIN close; every packet translated.", [
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1, na, 80, np_, "SA"), RED, R.XLATE_IN),
+        inside(tcp(A, R1, 40000, 80, "A"), RED, R.XLATE_OUT),
+        inside(tcp(A, R1, 40000, 80, "PA", payload=b"GET / HTTP/1.0\r\n\r\n"), RED, R.XLATE_OUT),
+        outside(tcp(R1, na, 80, np_, "PA", payload=b"HTTP/1.0 200 OK\r\n"), RED, R.XLATE_IN),
+        inside(tcp(A, R1, 40000, 80, "FA"), RED, R.XLATE_OUT),
+        outside(tcp(R1, na, 80, np_, "FA"), RED, R.XLATE_IN),
+        inside(tcp(A, R1, 40000, 80, "A"), RED, R.XLATE_OUT),
+    ])  # fmt: skip
+    add("tcp_rst_from_remote_then_new_syn", "A remote RST is translated back; the session stays "
+        "until expiry, so a new SYN on the same tuple is an established packet.", [
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1, na, 80, np_, "RA"), RED, R.XLATE_IN),
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_OUT),
+    ])  # fmt: skip
+    add("tcp_rst_from_inside", "An inside RST after the handshake is translated out.", [
+        inside(tcp(A, R1, 40001, 80, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1, snat_of(RULE_SDH, A, R1, 40001)[0], 80, snat_of(RULE_SDH, A, R1, 40001)[1], "SA"),
+                RED, R.XLATE_IN),
+        inside(tcp(A, R1, 40001, 80, "R"), RED, R.XLATE_OUT),
+    ])  # fmt: skip
+    ra, rp = snat_of(RULE_RANDOM, A, R2, 40000)
+    add("tcp_via_isp2_random", "A->R2 routes via eth2/198.19.3.1 and matches the random rule; "
+        "the reply arrives on eth2.", [
+        inside(tcp(A, R2, 40000, 443, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R2, ra, 443, rp, "SA"), RED, R.XLATE_IN, dev="eth2"),
+        inside(tcp(A, R2, 40000, 443, "A"), RED, R.XLATE_OUT),
+    ])  # fmt: skip
+    ca, cp = snat_of(RULE_SH, C, R2, 33000)
+    add("new_gw_overrides_route", "C (lan50) to R2 matches only the /16 sh rule, whose new_gw sends "
+        "it to 198.19.2.1 on eth1 although the route says eth2.", [
+        inside(tcp(C, R2, 33000, 80, "S"), RED, R.XLATE_NEW, dev="lan50"),
+        outside(tcp(R2, ca, 80, cp, "SA"), RED, R.XLATE_IN),
+        inside(tcp(C, R2, 33000, 80, "A"), RED, R.XLATE_OUT, dev="lan50"),
+    ])  # fmt: skip
+    ua, up = snat_of(RULE_SDH, A, R1, 5353)
+    add("udp_flow_both_ways", "A UDP datagram makes a session; the reply and later datagrams are translated.", [
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),
+        inside(udp(A, R1, 5353, 53, payload=b"second"), RED, R.XLATE_OUT),
+    ])  # fmt: skip
+    add("udp_zero_checksum_stays_zero", "A zero UDP checksum is left zero both ways.", [
+        inside(udp(A, R1, 5353, 53, zero_csum=True), RED, R.XLATE_NEW),
+        outside(udp(R1, ua, 53, up, zero_csum=True), RED, R.XLATE_IN),
+    ])  # fmt: skip
+    ea, ei = snat_of(RULE_SDH, A, R1, 0x1234)
+    add("echo_request_and_reply", "Ping A->R1: the identifier is translated like a port and back.", [
+        inside(echo(A, R1, 0x1234), RED, R.XLATE_NEW),
+        outside(echo(R1, ea, ei, reply=True), RED, R.XLATE_IN),
+        inside(echo(A, R1, 0x1234, seq=2), RED, R.XLATE_OUT),
+    ])  # fmt: skip
+    e1 = snat_of(RULE_SDH, A, R1, 7)
+    e2 = snat_of(RULE_SDH, B, R1, 7, nth=1)
+    assert e1[0] == e2[0]  # A and B share an SNAT address toward R1 (sdh)
+    add("echo_same_id_two_hosts", "A and B ping R1 with the same identifier through one SNAT "
+        "address: they get distinct SNAT identifiers and each reply goes back.", [
+        inside(echo(A, R1, 7), RED, R.XLATE_NEW),
+        inside(echo(B, R1, 7), RED, R.XLATE_NEW),
+        outside(echo(R1, e1[0], e1[1], reply=True), RED, R.XLATE_IN),
+        outside(echo(R1, e2[0], e2[1], reply=True), RED, R.XLATE_IN),
+    ])  # fmt: skip
+    t2 = snat_of(RULE_SDH, B, R1, 40000, nth=1)
+    add("same_sport_two_hosts", "A and B use the same source port toward R1:80: the second takes "
+        "the next candidate port.", [
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        inside(tcp(B, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1, t2[0], 80, t2[1], "SA"), RED, R.XLATE_IN),
+        outside(tcp(R1, na, 80, np_, "SA"), RED, R.XLATE_IN),
+    ])  # fmt: skip
+    add("endpoint_dependent_port_reuse", "One inside port to two remote ports gets the same SNAT "
+        "port twice (the external tuples differ).", [
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        inside(tcp(A, R1, 40000, 81, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1, na, 81, np_, "SA"), RED, R.XLATE_IN),
+        outside(tcp(R1, na, 80, np_, "SA"), RED, R.XLATE_IN),
+    ])  # fmt: skip
+    add("tcp_non_syn_without_session_dropped", "TCP that is not a pure SYN, with no session, "
+        "matching a rule, is dropped: a private source never leaks.", [
+        inside(tcp(A, R1, 40010, 80, "A"), DROP, R.DROP_NO_SESSION),
+        inside(tcp(A, R1, 40010, 80, "SA"), DROP, R.DROP_NO_SESSION),
+        inside(tcp(A, R1, 40010, 80, "F"), DROP, R.DROP_NO_SESSION),
+        inside(tcp(A, R1, 40010, 80, "SF"), DROP, R.DROP_NO_SESSION),
+        inside(tcp(A, R1, 40010, 80, "R"), DROP, R.DROP_NO_SESSION),
+        inside(tcp(A, R1, 40010, 80, ""), DROP, R.DROP_NO_SESSION),
+        inside(tcp(A, R1, 40010, 80, "SE"), RED, R.XLATE_NEW),  # ECE does not matter
+    ])  # fmt: skip
+    add("no_rule_passes", "A source no rule covers is left to the kernel unchanged.", [
+        inside(udp(STRANGER, R1, 1000, 53), PASS, R.PASS_NO_RULE),
+        inside(tcp(STRANGER, R1, 1000, 80, "A"), PASS, R.PASS_NO_RULE),
+        outside(udp(R1, STRANGER, 53, 1000), PASS, R.PASS_NO_SESSION_IN),
+    ])  # fmt: skip
+    add("unmatched_drop_setting", "`unmatched drop`: no-rule flows and other protocols from inside "
+        "are dropped; matching flows still translate.", [
+        inside(udp(STRANGER, R1, 1000, 53), DROP, R.DROP_UNMATCHED),
+        inside(other_proto(A, R1), DROP, R.DROP_UNMATCHED),
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+    ], settings={"unmatched_drop": True})  # fmt: skip
+    add("local_destination_passes", "Traffic to the gateway's own addresses is not translated.", [
+        inside(echo(A, "198.18.40.1", 1), PASS, R.PASS_LOCAL),
+        inside(tcp(A, "198.19.2.71", 40000, 22, "S"), PASS, R.PASS_LOCAL),
+        inside(udp(C, "198.19.3.2", 40000, 53), PASS, R.PASS_LOCAL, dev="lan50"),
+    ])  # fmt: skip
+    add("other_protocols_pass", "GRE is neither translated nor tracked, both ways.", [
+        inside(other_proto(A, R1), PASS, R.PASS_PROTO),
+        outside(other_proto(R1, na), PASS, R.PASS_PROTO),
+        inside(other_proto(A, R1, proto=50), PASS, R.PASS_PROTO),
+    ])  # fmt: skip
+    from scapy.layers.inet import ICMP, IP
+    from scapy.packet import raw
+
+    add("icmp_other_types_pass", "ICMP that is neither echo request (inside), echo reply "
+        "(outside) nor an error passes untouched.", [
+        inside(raw(IP(src=A, dst=R1) / ICMP(type=13)), PASS, R.PASS_ICMP_OTHER),
+        inside(echo(A, R1, 9, reply=True), PASS, R.PASS_ICMP_OTHER),
+        outside(echo(R1, na, 9), PASS, R.PASS_ICMP_OTHER),
+        outside(raw(IP(src=R1, dst=na) / ICMP(type=14)), PASS, R.PASS_ICMP_OTHER),
+    ])  # fmt: skip
+    add("ttl_expiring_packets_pass", "TTL <= 1 is left to the kernel (time exceeded), new, "
+        "established and reply alike; no session is made by a TTL-1 SYN.", [
+        inside(tcp(A, R1, 40000, 80, "S", ttl=1), PASS, R.PASS_TTL),
+        outside(tcp(R1, na, 80, np_, "SA"), PASS, R.PASS_NO_SESSION_IN),
+        inside(tcp(A, R1, 40000, 80, "S", ttl=2), RED, R.XLATE_NEW),
+        inside(tcp(A, R1, 40000, 80, "A", ttl=1), PASS, R.PASS_TTL),
+        outside(tcp(R1, na, 80, np_, "SA", ttl=1), PASS, R.PASS_TTL),
+        inside(tcp(A, R1, 40000, 80, "S", ttl=0), PASS, R.PASS_TTL),
+        outside(tcp(R1, na, 80, np_, "SA", ttl=2), RED, R.XLATE_IN),
+    ])  # fmt: skip
+    big = b"B" * 1572  # 20 + 8 + 1572 = 1600 bytes
+    ba, bp = snat_of(RULE_SDH, A, R1, 6000)
+    add("over_mtu_df_and_not_df", "Over the 1500 MTU with DF: the kernel answers frag-needed "
+        "(untranslated); without DF: translated and handed to the kernel to fragment.", [
+        inside(udp(A, R1, 6000, 7000, payload=big, flags="DF"), PASS, R.PASS_FRAG_NEEDED),
+        inside(udp(A, R1, 6000, 7000, payload=big), PT, R.XLATE_NEW),
+        inside(udp(A, R1, 6000, 7000, payload=big, flags="DF"), PASS, R.PASS_FRAG_NEEDED),
+        outside(udp(R1, ba, 7000, bp, payload=big, flags="DF"), PASS, R.PASS_FRAG_NEEDED),
+        outside(udp(R1, ba, 7000, bp, payload=big), PT, R.XLATE_IN),
+        inside(udp(A, R1, 6000, 7000, payload=b"x" * 1472, flags="DF"), RED, R.XLATE_OUT),  # exactly 1500
+    ])  # fmt: skip
+    syn = tcp(A, R1, 40000, 80, "S")
+    bad_ihl = bytes([0x44]) + syn[1:]
+    short_tot = syn[:2] + (19).to_bytes(2, "big") + syn[4:]
+    long_tot = syn[:2] + (41).to_bytes(2, "big") + syn[4:]
+    doff4 = syn[:32] + bytes([0x40]) + syn[33:]
+    add("malformed_headers_dropped", "Truncated or inconsistent headers are dropped; a non-IPv4 "
+        "version passes.", [
+        inside(syn[:30], DROP, R.DROP_MALFORMED),
+        inside(bad_ihl, DROP, R.DROP_MALFORMED),
+        inside(short_tot, DROP, R.DROP_MALFORMED),
+        inside(long_tot, DROP, R.DROP_MALFORMED),
+        inside(doff4, DROP, R.DROP_MALFORMED),
+        inside(udp(A, R1, 1, 2)[:26], DROP, R.DROP_MALFORMED),
+        inside(echo(A, R1, 1)[:27], DROP, R.DROP_MALFORMED),
+        inside(syn[:19], DROP, R.DROP_MALFORMED),
+        inside(bytes([0x60]) + syn[1:], PASS, R.PASS_NOT_IPV4),
+        outside(syn[:30], DROP, R.DROP_MALFORMED),
+        inside(syn + b"\0" * 6, RED, R.XLATE_NEW),  # link padding after total length is kept
+    ])  # fmt: skip
+    add("reply_without_session_not_let_in", "Packets to a SNAT address with no session pass to "
+        "the kernel (nothing inside is reached).", [
+        outside(tcp(R1, na, 80, np_, "SA"), PASS, R.PASS_NO_SESSION_IN),
+        outside(udp(R1, na, 53, np_), PASS, R.PASS_NO_SESSION_IN),
+        outside(echo(R1, na, np_, reply=True), PASS, R.PASS_NO_SESSION_IN),
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1, na, 8080, np_, "SA"), PASS, R.PASS_NO_SESSION_IN),  # other remote port
+        outside(tcp(ROUTER, na, 80, np_, "SA"), PASS, R.PASS_NO_SESSION_IN),  # other remote
+    ])  # fmt: skip
+    f1, f2 = fragments(A, R1, 5353, 53)
+    fa, fp = snat_of(RULE_SDH, A, R1, 5353)
+    r1, r2 = fragments(R1, fa, 53, fp, ident=0x5151)
+    add("fragments_both_ways", "A first fragment is translated and remembered; its later fragment "
+        "gets the same address rewrite, outbound and for the reply.", [
+        inside(f2, DROP, R.DROP_FRAG_UNKNOWN),
+        inside(f1, RED, R.XLATE_NEW),
+        inside(f2, RED, R.XLATE_FRAG),
+        outside(r2, DROP, R.DROP_FRAG_UNKNOWN),
+        outside(r1, RED, R.XLATE_IN),
+        outside(r2, RED, R.XLATE_FRAG),
+        inside(fragments(A, R1, 5353, 53, ident=0x4343)[1], DROP, R.DROP_FRAG_UNKNOWN),
+    ])  # fmt: skip
+    g1, g2 = fragments(A, R1, 0x777, 0, proto="icmp", ident=0x6161)
+    add("fragmented_echo_and_ttl", "A fragmented echo request; a later fragment with TTL 1 is "
+        "left to the kernel.", [
+        inside(g1, RED, R.XLATE_NEW),
+        inside(g2[:8] + b"\x01" + g2[9:], PASS, R.PASS_TTL),  # checksum stale: never checked
+        inside(g2, RED, R.XLATE_FRAG),
+    ])  # fmt: skip
+    syn_out = tcp(na, R1, np_, 80, "S", ttl=63)
+    add("icmp_error_about_tcp_from_outside", "Errors from routers about an outbound TCP packet: "
+        "outer destination and quoted source go back to the inside host.", [
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        outside(icmp_error(ROUTER, na, syn_out, 3, 1), RED, R.XLATE_ICMP_ERR_IN),
+        outside(icmp_error(ROUTER, na, syn_out, 11, 0, keep=len(syn_out)), RED, R.XLATE_ICMP_ERR_IN),
+        outside(icmp_error(ISP1, na, syn_out, 3, 4, keep=38), RED, R.XLATE_ICMP_ERR_IN),  # checksum present
+        outside(icmp_error(ISP1, na, syn_out, 3, 4, keep=37), RED, R.XLATE_ICMP_ERR_IN),  # 17 L4 bytes
+        outside(icmp_error(ROUTER, na, syn_out, 12, 0, ttl=1), PASS, R.PASS_TTL),
+    ])  # fmt: skip
+    u_out = udp(ua, R1, up, 53, ttl=63)
+    add("icmp_error_about_udp_from_outside", "Port unreachable about a UDP datagram (also with a "
+        "zero UDP checksum) is translated back.", [
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        outside(icmp_error(R1, ua, u_out, 3, 3), RED, R.XLATE_ICMP_ERR_IN),
+        outside(icmp_error(R1, ua, udp(ua, R1, up, 53, ttl=63, zero_csum=True), 3, 3), RED, R.XLATE_ICMP_ERR_IN),
+        outside(icmp_error(R1, ua, u_out, 4, 0), RED, R.XLATE_ICMP_ERR_IN),
+    ])  # fmt: skip
+    add("icmp_error_about_echo_from_outside", "Time exceeded about a translated echo request "
+        "(traceroute -I) goes back to the inside host with its own identifier.", [
+        inside(echo(A, R1, 0x1234, ttl=3), RED, R.XLATE_NEW),
+        outside(icmp_error(ROUTER, ea, echo(ea, R1, ei, ttl=1), 11, 0), RED, R.XLATE_ICMP_ERR_IN),
+        outside(icmp_error(ROUTER, ea, echo(ea, R1, ei, ttl=1, reply=True), 11, 0), PASS, R.PASS_NO_SESSION_IN),
+    ])  # fmt: skip
+    add("icmp_error_from_outside_unknown_or_short", "An error about no session passes; an error "
+        "quoting too little is malformed.", [
+        outside(icmp_error(ROUTER, na, syn_out, 3, 1), PASS, R.PASS_NO_SESSION_IN),
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        outside(icmp_error(ROUTER, na, syn_out, 3, 1, keep=27), DROP, R.DROP_MALFORMED),
+        outside(icmp_error(ROUTER, na, syn_out, 3, 1, keep=12), DROP, R.DROP_MALFORMED),
+        outside(icmp_error(ROUTER, na, other_proto(na, R1), 3, 2), PASS, R.PASS_NO_SESSION_IN),
+        outside(icmp_error(ROUTER, na, bytes([0x44]) + syn_out[1:], 3, 1, keep=28), DROP, R.DROP_MALFORMED),
+    ])  # fmt: skip
+    add("icmp_error_about_reply_from_inside", "An inside host's port unreachable about a reply is "
+        "translated out: outer source and quoted destination become the SNAT tuple.", [
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),
+        inside(icmp_error(A, R1, udp(R1, A, 53, 5353, ttl=63), 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(A, R1, udp(R1, A, 53, 9999, ttl=63), 3, 3), PASS, R.PASS_ICMP_OTHER),
+        inside(echo(A, R1, 0x1234), RED, R.XLATE_NEW),
+        inside(icmp_error(A, R1, echo(R1, A, 0x1234, reply=True), 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(A, R1, echo(R1, A, 0x1234), 3, 3), PASS, R.PASS_ICMP_OTHER),
+        inside(icmp_error(A, R1, udp(R1, A, 53, 5353), 3, 3, keep=20), DROP, R.DROP_MALFORMED),
+    ])  # fmt: skip
+    add("egress_error_about_reply", "The gateway's own frag-needed about a reply, leaving eth1, "
+        "quotes the SNAT tuple instead of the inside one; other egress packets pass.", [
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        egress(icmp_error("198.19.2.2", R1, tcp(R1, A, 80, 40000, "PA", ttl=63), 3, 4), PASS,
+               R.XLATE_ICMP_ERR_OUT),
+        egress(icmp_error("198.19.2.2", R1, tcp(R1, A, 80, 40001, "PA", ttl=63), 3, 4), PASS,
+               R.PASS_ICMP_OTHER),
+        egress(tcp(na, R1, np_, 80, "A"), PASS, R.PASS_ICMP_OTHER),
+    ])  # fmt: skip
+    add("port_exhaustion_tiny_range", "With SNAT ports 5000-5001 a third flow from A to R1:80 "
+        "finds no free port and is dropped; other remotes still work.", [
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        inside(tcp(A, R1, 40001, 80, "S"), RED, R.XLATE_NEW),
+        inside(tcp(A, R1, 40002, 80, "S"), DROP, R.DROP_PORT_EXHAUSTED),
+        inside(tcp(A, R1, 40002, 443, "S"), RED, R.XLATE_NEW),
+    ], settings={"port_min": 5000, "port_max": 5001})  # fmt: skip
+    add("table_full_refuses_new_flows", "With room for 2 sessions a third flow is dropped; live "
+        "sessions keep working (never evicted).", [
+        inside(udp(A, R1, 1001, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 1002, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 1003, 53), DROP, R.DROP_TABLE_FULL),
+        inside(udp(A, R1, 1001, 53), RED, R.XLATE_OUT),
+    ], settings={"max_sessions": 2})  # fmt: skip
+    add("ip_options_kept", "A packet with IP options (IHL 6) is translated with its options kept.", [
+        inside(with_options(tcp(A, R1, 40000, 80, "S")), RED, R.XLATE_NEW),
+        outside(with_options(tcp(R1, na, 80, np_, "SA")), RED, R.XLATE_IN),
+        inside(with_options(udp(A, R1, 5353, 53)), RED, R.XLATE_NEW),
+    ])  # fmt: skip
+    add("onlink_destinations", "To the ISP router itself (on-link) the next hop is the destination "
+        "and the gw rule matches; another on-link host matches only the /16 new_gw rule.", [
+        inside(udp(A, ISP1, 5000, 53), RED, R.XLATE_NEW),
+        inside(udp(A, "198.19.2.5", 5000, 53), RED, R.XLATE_NEW),
+        inside(udp(D, "198.19.3.9", 5000, 53), RED, R.XLATE_NEW, dev="lan50"),
+    ])  # fmt: skip
+    add("inside_to_inside_matches_catch_all", "A flow between the inside nets matches the /16 "
+        "rule with no route condition (as the original): it is translated and sent to new_gw.", [
+        inside(udp(A, C, 1234, 53), RED, R.XLATE_NEW),
+    ])  # fmt: skip
+    add("rule_with_destination_net", "A rule with `to` wins for its destinations; the other rule "
+        "takes the rest.", [
+        inside(udp(A, R2, 1234, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 1234, 53), RED, R.XLATE_NEW),
+        outside(udp(R2, "198.19.3.71", 53, snat_of(Rule.from_dict(
+            {"from": "198.18.40.0/24", "snat_ip": "198.19.3.71"}), A, R2, 1234)[1]), RED, R.XLATE_IN, dev="eth2"),
+    ], rules=[
+        {"from": "198.18.40.0/24", "snat_ip": "198.19.2.71", "algo": "sh"},
+        {"from": "198.18.40.0/24", "to": "198.51.100.0/24", "snat_ip": "198.19.3.71"},
+    ])  # fmt: skip
+    fa2, fp2 = snat_of(Rule.from_dict(FAILOVER_RULES[1]), A, R1, 40000)
+    add("failover_rules_new_gw", "The failover variant: rule 2 sends A->R1 to 198.19.3.1 on eth2 "
+        "with an eth2 address; the reply on eth2 is translated.", [
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1, fa2, 80, fp2, "SA"), RED, R.XLATE_IN, dev="eth2"),
+    ], rules=FAILOVER_RULES)  # fmt: skip
+    add("not_ipv4_and_empty", "Non-IPv4 and empty input never raise.", [
+        inside(b"", DROP, R.DROP_MALFORMED),
+        outside(b"\x60" + b"\0" * 39, PASS, R.PASS_NOT_IPV4),
+        egress(b"\x45", DROP, R.DROP_MALFORMED),
+    ])  # fmt: skip
+    return S
+
+
+SCENARIOS: list[Scenario] = _scenarios()
