@@ -57,6 +57,9 @@ def test_other_inside_16_goes_to_new_gw_with_sh(capsys):
     assert d["snat"]["addr"] == str(select_addr(ISP1, Algo.SH, IPv4Address("198.18.50.10"), None, 0))
     assert d["snat"]["port"] == 5005  # the spec's vector: sport 1024 tries 5005 first
     assert any("assumed on-link via eth2" in n for n in d["notes"])
+    rc, d = explain(capsys, LAB, "198.18.50.10:1024", "198.51.100.10:80", "--new-gw-oif", "eth1", oif="eth2",
+                    gw="198.19.3.1")  # fmt: skip
+    assert (d["next_hop"], d["oif"]) == ("198.19.2.1", "eth1") and "on-link via eth1" in d["notes"][0]
 
 
 def test_sh_gives_one_address_per_source_whatever_the_destination(capsys):

@@ -143,11 +143,12 @@ def _fib(kind: str, oif: str | None = None, gw: IPv4Address | None = None, mtu: 
 @dataclass
 class GivenRouter:
     """Answers --oif/--gw for the packet's destination; any other destination (a new_gw) is
-    taken as on-link via the same interface, and said so in ``notes``."""
+    taken as on-link via ``other_oif`` (--new-gw-oif, default --oif), and said so in ``notes``."""
 
     dst: IPv4Address
     oif: str
     gw: IPv4Address
+    other_oif: str | None = None
     mtu: int = 1500
     notes: list[str] = field(default_factory=list)
 
@@ -155,10 +156,12 @@ class GivenRouter:
         dst = IPv4Address(dst)
         if dst == self.dst:
             return _fib("forward", self.oif, self.gw, self.mtu)
-        note = f"no route given for {dst}: assumed on-link via {self.oif} (pass --route-from-kernel to ask the FIB)"
+        dev = self.other_oif or self.oif
+        how = "--new-gw-oif" if self.other_oif else "--oif; --new-gw-oif or --route-from-kernel to change"
+        note = f"no route given for {dst}: assumed on-link via {dev} ({how})"
         if note not in self.notes:
             self.notes.append(note)
-        return _fib("forward", self.oif, dst, self.mtu)
+        return _fib("forward", dev, dst, self.mtu)
 
 
 def ip_route_get(dst: IPv4Address, src: IPv4Address | None, iif: str | None) -> tuple[dict | None, str]:
@@ -317,6 +320,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dst", required=True, metavar="IP:PORT", help="destination (icmp: IP)")
     p.add_argument("--oif", metavar="IFACE", help="the route's egress interface for DST")
     p.add_argument("--gw", metavar="IP", help="the route's next hop for DST (the destination itself when on-link)")
+    p.add_argument("--new-gw-oif", metavar="IFACE", help="interface on which a rule's new_gw is on-link (default --oif)")
     p.add_argument("--route-from-kernel", action="store_true",
                    help="ask this host's FIB (`ip -j route get`, read only) instead of --oif/--gw")
     p.add_argument("--flags", default="S", help="TCP flags, letters of FSRPAUEC (default S, a new connection)")
@@ -341,13 +345,14 @@ def run(args: argparse.Namespace) -> int:
     pkt, dst = build_from_args(args)
     cfg = parse_file(args.config)
     if args.route_from_kernel:
-        if args.oif or args.gw:
-            raise BadInput("--route-from-kernel replaces --oif/--gw; give one or the other")
+        if args.oif or args.gw or args.new_gw_oif:
+            raise BadInput("--route-from-kernel replaces --oif/--gw/--new-gw-oif; give one or the other")
         router = KernelRouter(cfg.settings.inside)
     else:
         if not (args.oif and args.gw):
             raise BadInput("give the route of DST as --oif IFACE --gw IP (or --route-from-kernel)")
-        router = GivenRouter(dst, parse_oif(args.oif, "--oif"), parse_addr(args.gw, "gw", "--gw"))
+        other = parse_oif(args.new_gw_oif, "--new-gw-oif") if args.new_gw_oif else None
+        router = GivenRouter(dst, parse_oif(args.oif, "--oif"), parse_addr(args.gw, "gw", "--gw"), other)
     ingress = args.iif or (cfg.settings.inside[0] if cfg.settings.inside else "lan0")
     d = explain_packet(cfg, pkt, router, ingress)
     print(dump_json(d) if args.json else render_text(d))
