@@ -339,3 +339,49 @@ def test_run_with_an_invalid_config_exits_2_without_a_socket(tmpdir_short):
     rec = json.loads(err.strip().splitlines()[-1])
     assert rec["event"] == "config_invalid" and "bad.conf" in rec["error"]
     assert not os.path.exists(sock)
+
+
+def test_chaos_can_fail_only_the_nth_call(tmpdir_short):
+    """FakeBackend chaos 'apply:2': the first reload applies, the second fails, the third applies."""
+    r = Running(tmpdir_short, chaos="apply:2")
+    try:
+        assert r.req(op="reload")["ok"]
+        assert not r.req(op="reload")["ok"]
+        assert r.req(op="reload")["ok"]
+        assert r.service.reloads == 2
+    finally:
+        r.close()
+
+
+def test_run_tells_systemd_when_it_is_ready_and_stopping(tmpdir_short):
+    """With NOTIFY_SOCKET set (Type=notify), the daemon sends READY=1, then STOPPING=1 on SIGTERM."""
+    import socket as so
+
+    note = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+    note.bind(str(tmpdir_short / "notify"))
+    note.settimeout(10)
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmpdir_short / "notify"))
+    p = subprocess.Popen([sys.executable, "-m", "snatgw.cli.main", "run", str(LAB), "--backend", "fake",
+                          "--socket", str(tmpdir_short / "ctl.sock")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert note.recv(100) == b"READY=1"
+        p.send_signal(signal.SIGTERM)
+        assert note.recv(100) == b"STOPPING=1"
+        assert p.wait(timeout=10) == 0
+    finally:
+        note.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_the_systemd_unit_ships_in_the_package_and_runs_the_daemon():
+    """packaging/snatgw.service: ExecStart runs `snatgw run` on /etc/snatgw/snatgw.conf, reload is SIGHUP."""
+    from importlib.resources import files
+
+    unit = files("snatgw").joinpath("packaging/snatgw.service").read_text()
+    lines = set(unit.splitlines())
+    assert "ExecStart=/usr/local/bin/snatgw run /etc/snatgw/snatgw.conf" in lines
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in lines and "KillSignal=SIGTERM" in lines
+    assert "Type=notify" in lines

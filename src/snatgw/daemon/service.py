@@ -129,7 +129,8 @@ class Service:
             new = replace(self.config, rules=table.ruleset())
             try:
                 self._commit(new, table, "adm_applied", commands=len(cmds),
-                             ops=",".join(c.op for c in cmds))
+                             ops=",".join(c.op for c in cmds),
+                             args=" ".join(argvs[0]) if len(argvs) == 1 else None)
             except SnatgwError as e:
                 self.log.error("adm_failed", error=str(e), kept_rules=len(self.config.rules))
                 raise
