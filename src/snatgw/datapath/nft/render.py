@@ -10,7 +10,7 @@ How the rule set works (docs/nftables.md has the long form and what differs from
             unmarked flow is matched exactly (oifname, `rt ip nexthop`) against the rules without
             new_gw and gets the winning rule's ct mark; a marked NEW TCP flow that is not a pure
             SYN is dropped (no_session); `unmatched drop`; per-rule packet counters by ct mark.
-  snat      postrouting/srcnat: `ct mark M` -> `snat to POOL[:PORTS]` (algo mapped, below).
+  nat_out   postrouting/srcnat: `ct mark M` -> `snat to POOL[:PORTS]` (algo mapped, below).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ MARK_MASK = 0xFFFF0000
 SLOTS = 1000  # rules per rule set in this backend (marks, tables and rule prefs per slot)
 RT_BASE = 31000  # policy routing: rule pref and table id are RT_BASE + slot
 RT_PROTO = 201  # routes and ip rules we add carry `proto 201`, so we only ever remove ours
-CHAINS = ("steer", "forward", "match", "guard", "snat")
+CHAINS = ("steer", "forward", "classify", "guard", "nat_out")
 C_NO_SESSION = "no_session"
 C_UNMATCHED = "unmatched"
 
@@ -288,16 +288,16 @@ def _chain_defs() -> list[tuple[str, dict | None]]:
     return [
         ("steer", base | {"name": "steer", "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}),
         ("forward", base | {"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}),
-        ("match", base | {"name": "match"}),
+        ("classify", base | {"name": "classify"}),
         ("guard", base | {"name": "guard"}),
-        ("snat", base | {"name": "snat", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}),
+        ("nat_out", base | {"name": "nat_out", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}),
     ]  # fmt: skip
 
 
 _CHAIN_TEXT = {
     "steer": "type filter hook prerouting priority mangle; policy accept;",
     "forward": "type filter hook forward priority filter; policy accept;",
-    "snat": "type nat hook postrouting priority srcnat; policy accept;",
+    "nat_out": "type nat hook postrouting priority srcnat; policy accept;",
 }
 
 
@@ -361,7 +361,7 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
     add("forward", [m_ct_state("invalid"), ("jump guard", {"jump": {"target": "guard"}})],
         "no conntrack entry: never leaves untranslated")
     add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(False)] + inside +
-        [("jump match", {"jump": {"target": "match"}})])  # fmt: skip
+        [("jump classify", {"jump": {"target": "classify"}})])  # fmt: skip
     add("forward", [m_ct_state("new"), m_ct_mark_ours(), ("meta l4proto tcp", {"match": {
         "op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}), m_tcp_not_syn(),
         s_counter(C_NO_SESSION), v("drop")], "TCP that is not a pure SYN and has no session")  # fmt: skip
@@ -373,11 +373,11 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
     for r in rules.rules:
         m = mark_of(slots[r.identity])
         if not r.new_gw:
-            add("match", _exact(r) + s_set_mark(m, meta=False) + [v("return")], tag(r))
+            add("classify", _exact(r) + s_set_mark(m, meta=False) + [v("return")], tag(r))
         add("guard", _exact(r) + [s_counter(C_NO_SESSION), v("drop")], tag(r))
         cnt = s_counter(counter_name(r, "new"))
-        add("snat", [m_ct_mark(m), m_l4_tcp_udp(), cnt, s_snat(r, ports)], tag(r))
-        add("snat", [m_ct_mark(m), cnt, s_snat(r, None)], tag(r))
+        add("nat_out", [m_ct_mark(m), m_l4_tcp_udp(), cnt, s_snat(r, ports)], tag(r))
+        add("nat_out", [m_ct_mark(m), cnt, s_snat(r, None)], tag(r))
     counters = [C_NO_SESSION, C_UNMATCHED]
     for r in rules.rules:
         counters += [counter_name(r), counter_name(r, "new")]

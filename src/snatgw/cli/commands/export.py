@@ -1,0 +1,73 @@
+"""`snatgw export CONFIG --format nft|nft-json|iptables`: print the rule set the nft backend would
+install (nft text for `nft -f`, its JSON for `nft -j -f`, or iptables-restore lines), with the
+policy routing for new_gw and notes on what differs from lvs-snat/the bpf datapath as comments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ...config.parse import parse_file
+from ...errors import EXIT_OK
+from ...layout import Algo
+from ...datapath.nft import render as R
+from ...datapath.nft.iptables import render_iptables
+
+HELP = "print the rules as nftables or iptables commands (migration, review)"
+DESCRIPTION = """\
+Print the rule set of CONFIG as the nftables backend installs it (table ip snatgw) or as
+iptables-restore input, plus the `ip rule`/`ip route` commands new_gw needs, with notes on
+what differs from snatgw's own datapath (address choice, ports, gw before routing).
+
+  snatgw export lab.conf --format nft > snatgw.nft && nft -f snatgw.nft
+  snatgw export lab.conf --format iptables | iptables-restore --noflush
+"""
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG", help="config file (keepalived.conf style)")
+    p.add_argument("--format", choices=("nft", "nft-json", "iptables"), default="nft",
+                   help="nft text (default), nft JSON (one transaction), or iptables-restore lines")
+
+
+def notes_for(cfg) -> list[str]:
+    algos = sorted({r.algo for r in cfg.rules if r.pool.size > 1})
+    out = [R.ALGO_NOTES[a] for a in algos]
+    if len(cfg.rules):
+        out.append(R.PORT_NOTE)
+    if any(r.new_gw for r in cfg.rules):
+        out.append("new_gw: a NEW flow is steered in prerouting on a prediction of its route "
+                   "(`fib daddr oifname`), later packets follow the ct mark; reverse-path filtering "
+                   "must be off or loose on the uplinks (replies come back on the new link)")
+    out.append("timeouts: the kernel's conntrack timeouts (net.netfilter.nf_conntrack_*) apply, not "
+               "the snatgw block's")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = parse_file(args.config)
+    if args.format == "iptables":
+        text, extra = render_iptables(cfg.rules, cfg.settings)
+        notes = notes_for(cfg) + extra
+        print("\n".join(f"# note: {n}" for n in notes))
+        print(text, end="")
+        return EXIT_OK
+    p = R.plan(cfg.rules, cfg.settings)
+    if args.format == "nft-json":
+        print(json.dumps(R.to_json(p), indent=1))
+        return EXIT_OK
+    notes = notes_for(cfg) + list(p.notes)
+    print(f"# snatgw export {cfg.source}: load with `nft -f FILE` (replaces table ip snatgw atomically)")
+    print("\n".join(f"# note: {n}" for n in notes))
+    print(f"table {R.FAMILY} {R.TABLE}")
+    print(f"flush table {R.FAMILY} {R.TABLE}")
+    print(R.to_text(p), end="")
+    routing = R.routing_text(p)
+    if routing:
+        print("# policy routing for new_gw (run as shell commands; all tagged proto "
+              f"{R.RT_PROTO}):")
+        print("\n".join(f"#   {ln}" if not ln.startswith("#") else ln for ln in routing.splitlines()))
+    return EXIT_OK
+
+
+__all__ = ["HELP", "DESCRIPTION", "register", "run", "notes_for", "Algo"]
