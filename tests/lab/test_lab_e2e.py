@@ -1,0 +1,186 @@
+"""End to end through `snatgw run` in the lab, for each backend (bpf, nft), with real sockets:
+per-rule egress and SNAT address, the three algorithms against snatgw.rules.select_addr,
+new_gw, ICMP errors back to the inside socket, reload and restart with an open TCP session,
+and nothing let in unasked.  A backend not built yet xfails (strict=False); nothing skips."""
+
+from __future__ import annotations
+
+import socket
+from ipaddress import IPv4Address
+
+import pytest
+
+from snatgw.layout import Algo
+from snatgw.lab import clients
+from snatgw.lab.demo import FLOW_SOURCES, PROTOS, Flow, expect, send
+from snatgw.lab.netns import ns_socket
+from snatgw.lab.topology import SERVERS
+from snatgw.rules import select_addr
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+
+#: backends that reproduce the original's address choice exactly (select_addr); the nft backend
+#: leaves the choice to the kernel's nf_nat (docs/nftables.md): the address is in the rule's pool
+#: and per-(src) or per-(src, dst) sticky, but not the same jhash pick and never port-dependent
+EXACT = {"bpf": True, "nft": False}
+
+FLOWS = [(node, src, str(dst), proto) for node, src in FLOW_SOURCES for dst in SERVERS for proto in PROTOS]
+
+
+def _addr(peer: str) -> str:
+    return peer.split(":")[0]
+
+
+def assert_address(gw, rule, src, dst, sport, seen: str) -> None:
+    """The SNAT address as the backend promises it: select_addr's (exact) or one of the pool."""
+    if EXACT[gw.backend]:
+        assert seen == str(select_addr(rule.pool, rule.algo, IPv4Address(src), IPv4Address(dst), sport))
+    else:
+        assert IPv4Address(seen) in rule.pool
+
+
+def _rule(gw, src, dst):
+    r = gw.rules.match(IPv4Address(src), IPv4Address(dst), gw.lab.route(dst, src=src))
+    assert r is not None
+    return r
+
+
+@pytest.mark.parametrize("node,src,dst,proto", FLOWS, ids=[f"{s}-{d}-{p}" for _, s, d, p in FLOWS])
+def test_each_flow_leaves_by_its_rules_link_with_the_models_address(gw, node, src, dst, proto):
+    """The server sees the SNAT address select_addr picks, arriving over the rule's link."""
+    gw.check()
+    f = Flow(node, src, dst, proto)
+    send(gw.lab, f, gw.servers)
+    expect(gw.lab, gw.rules, f)
+    assert not f.error
+    assert f.link == f.expect_link
+    assert_address(gw, _rule(gw, src, dst), src, dst, f.sport, f.seen)
+
+
+def test_sh_gives_an_inside_source_one_address_for_every_destination(gw):
+    """Rule 3 (sh): 198.18.50.10 and .11 each keep one address toward both servers and any port."""
+    gw.check()
+    for src in ("198.18.50.10", "198.18.50.11"):
+        rule = _rule(gw, src, "203.0.113.10")
+        assert rule.algo == Algo.SH
+        seen = {_addr(clients.udp_echo(gw.lab, "in50", dst, src=src)["peer"]) for dst in SERVERS for _ in range(3)}
+        seen |= {_addr(clients.tcp_echo(gw.lab, "in50", dst, src=src)["peer"]) for dst in SERVERS}
+        assert len(seen) == 1
+        assert_address(gw, rule, src, "0.0.0.0", 0, seen.pop())
+
+
+def test_sdh_keeps_one_address_per_source_and_destination_across_ports(gw):
+    """Rule 2 (sdh): eight UDP source ports of one (src, dst) pair all leave from one address."""
+    gw.check()
+    src, dst = "198.18.40.12", "203.0.113.10"
+    rule = _rule(gw, src, dst)
+    assert rule.algo == Algo.SDH
+    seen = {_addr(clients.udp_echo(gw.lab, "in40", dst, src=src, sport=41000 + i)["peer"]) for i in range(8)}
+    assert len(seen) == 1
+    assert_address(gw, rule, src, dst, 0, seen.pop())
+
+
+def test_random_picks_the_address_from_the_source_port_as_the_model_does(gw):
+    """Rule 1 (random): per source port, the address is select_addr's; several ports, several
+    addresses (nft: the kernel cannot hash ports into the address choice; pool membership only)."""
+    gw.check()
+    src, dst = "198.18.40.11", "198.51.100.10"
+    rule = _rule(gw, src, dst)
+    assert rule.algo == Algo.RANDOM
+    ports = range(40000, 40012)
+    want = {p: str(select_addr(rule.pool, rule.algo, IPv4Address(src), IPv4Address(dst), p)) for p in ports}
+    assert len(set(want.values())) > 1  # the test can tell random from sdh
+    seen = {p: _addr(clients.udp_echo(gw.lab, "in40", dst, src=src, sport=p)["peer"]) for p in ports}
+    if EXACT[gw.backend]:
+        assert seen == want
+    else:
+        assert all(IPv4Address(a) in rule.pool for a in seen.values())
+
+
+def test_new_gw_sends_traffic_past_the_routing_table(gw):
+    """198.18.50.10 -> 198.51.100.10 is routed to ISP2 but rule 3's new_gw takes it out via ISP1."""
+    gw.check()
+    assert gw.lab.route("198.51.100.10").oif == "eth2"
+    for reply in (clients.tcp_echo(gw.lab, "in50", "198.51.100.10", src="198.18.50.10"),
+                  clients.udp_echo(gw.lab, "in50", "198.51.100.10", src="198.18.50.10")):
+        assert reply["link"] == "isp1"
+        assert _addr(reply["peer"]).startswith("198.19.2.")
+
+
+def test_udp_port_unreachable_reaches_the_inside_socket_with_original_addresses(gw):
+    """ICMP port unreachable from the server is translated back: ECONNREFUSED on the inside socket."""
+    gw.check()
+    for node, src, dst in (("in40", "198.18.40.10", "203.0.113.10"), ("in50", "198.18.50.10", "198.51.100.10")):
+        e = clients.udp_error(gw.lab, node, dst, port=clients.CLOSED_PORT, src=src)
+        assert (e["errno"], e["offender"], e["type"], e["code"]) == ("ECONNREFUSED", dst, 3, 3)
+
+
+def test_ttl_exceeded_from_isp1_reaches_the_inside_socket(gw):
+    """A TTL-2 datagram dies at isp1; the time-exceeded from 198.19.2.1 reaches the inside socket."""
+    gw.check()
+    e = clients.udp_error(gw.lab, "in40", "203.0.113.10", port=clients.ECHO_PORT, src="198.18.40.10", ttl=2)
+    assert (e["errno"], e["offender"], e["type"]) == ("EHOSTUNREACH", "198.19.2.1", 11)
+
+
+def test_reload_keeps_an_open_tcp_session(gw):
+    """A TCP connection open across a reload (to the failover config and back) keeps working,
+    seen by the server from the same address and port."""
+    gw.check()
+    try:
+        with clients.TcpSession(gw.lab, "in40", "203.0.113.10", src="198.18.40.10") as s:
+            before = s.exchange()
+            gw.lab.reload_gateway(gw.failover_conf)
+            during = s.exchange()
+            gw.lab.reload_gateway(gw.conf)
+            after = s.exchange()
+        assert before["peer"] == during["peer"] == after["peer"]
+        # and new flows follow the new rules
+        gw.lab.reload_gateway(gw.failover_conf)
+        new = clients.tcp_echo(gw.lab, "in40", "203.0.113.10", src="198.18.40.10")
+        assert new["link"] == "isp2" and _addr(new["peer"]).startswith("198.19.3.")
+    finally:
+        gw.restore()
+
+
+def test_daemon_restart_keeps_an_open_tcp_session(gw):
+    """Stopping and starting `snatgw run` leaves an open TCP connection working, same mapping."""
+    gw.check()
+    try:
+        with clients.TcpSession(gw.lab, "in40", "198.51.100.10", src="198.18.40.12") as s:
+            before = s.exchange()
+            gw.lab.stop_gateway()
+            gw.lab.start_gateway(gw.conf, gw.backend)
+            after = s.exchange()
+        assert before["peer"] == after["peer"]
+    finally:
+        gw.restore()
+
+
+def test_unsolicited_packets_to_snat_addresses_reach_nobody_inside(gw):
+    """UDP and TCP SYNs from the internet to every SNAT address and a range of ports arrive at the
+    gateway (isp1/isp2 forward them) but no inside host sees any of them."""
+    gw.check()
+    probe = "meta l4proto { tcp, udp } th sport { 9998, 9999 }"
+    inside = [clients.count_packets(gw.lab, node, probe) for node in ("in40", "in50")]
+    via_isp = [clients.count_packets(gw.lab, isp, probe, hook="forward") for isp in ("isp1", "isp2")]
+    targets = [str(a) for r in gw.rules for a in r.pool.addresses()]
+    udp = ns_socket(gw.lab.ns("net"), socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("203.0.113.10", 9999))
+    for addr in set(targets):
+        for port in list(range(5000, 5010)) + list(range(32768, 32778)) + [7007, 40000]:
+            udp.sendto(b"unsolicited", (addr, port))
+        t = ns_socket(gw.lab.ns("net"), socket.AF_INET, socket.SOCK_STREAM)
+        t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        t.bind(("203.0.113.10", 9998))
+        t.settimeout(0.3)
+        try:
+            t.connect((addr, 40000))
+        except OSError:
+            pass
+        finally:
+            t.close()
+    udp.close()
+    # a reply trip proves everything sent before it has been through the lab
+    clients.udp_echo(gw.lab, "in40", "203.0.113.10")
+    assert sum(c() for c in via_isp) >= len(set(targets)) * 22
+    assert [c() for c in inside] == [0, 0]
