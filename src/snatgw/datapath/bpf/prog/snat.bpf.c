@@ -130,8 +130,8 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	s.val.peer = out;
 	s.val.rw_addr = p->saddr;
 	s.val.rw_port = p->sport;
-	s.val.state = p->proto == IPPROTO_TCP_ ? ct_tcp_next(CT_NONE, TCP_TBL_IN_ONLY, p->tcp_flags)
-		      : p->proto == IPPROTO_UDP_ ? CT_UDP : CT_ICMP;
+	/* IN entry: the initial state (TCP: NONE; the session's state lives in the OUT entry) */
+	s.val.state = p->proto == IPPROTO_TCP_ ? CT_NONE : p->proto == IPPROTO_UDP_ ? CT_UDP : CT_ICMP;
 	s.val.ifindex = iif;
 	s.val.rule_id = r->rule_id;
 	bpf_check_mtu(skb, iif, &mtu, 0, 0); /* sets mtu to the inside device's MTU */
@@ -155,7 +155,10 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	s.val.ifindex = eg.oif;
 	s.val.nexthop = eg.nexthop;
 	s.val.mtu = eg.mtu;
-	s.val.last_seen = 0; /* set by the established path below */
+	s.val.flags = (r->flags & RULE_F_NEW_GW) ? CT_F_NEW_GW : 0;
+	/* TCP: the first SYN from NONE with the IN_ONLY rows (a new session is SYN_RECV) */
+	if (p->proto == IPPROTO_TCP_)
+		s.val.state = ct_tcp_next(CT_NONE, TCP_TBL_IN_ONLY, p->tcp_flags);
 	rc = bpf_map_update_elem(&snat_ct, &out, &s.val, BPF_NOEXIST);
 	if (rc) {
 		bpf_map_delete_elem(&snat_ct, &s.in); /* never leave half a pair */
@@ -208,7 +211,7 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 	if (p->frag == FRAG_LATER)
 		return frag_v4_later(skb, p, v);
 	if (p->proto != IPPROTO_TCP_ && p->proto != IPPROTO_UDP_ && p->proto != IPPROTO_ICMP_)
-		return snat_unmatched(v, REASON_PASS_PROTO);
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_PROTO); /* never dropped: for us */
 	if (p->proto == IPPROTO_ICMP_) {
 		if (is_icmp_error(p->icmp_type))
 			return icmp_err_v4_outside(skb, p, v);
@@ -244,6 +247,8 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 	stats_rule(e->rule_id, p->len, 0);
 	if (p->frag == FRAG_FIRST)
 		frag_remember(p, p->saddr, e->rw_addr, e->ifindex, 0, now);
+	if (p->len > e->mtu) /* no DF: the kernel fragments it */
+		return verdict_set(v, VERDICT_PASS_TRANSLATED, REASON_XLATE_IN);
 	return verdict_redirect(v, REASON_XLATE_IN, e->ifindex, 0);
 }
 
@@ -288,8 +293,7 @@ int snat_egress(struct __sk_buff *skb)
 	if (parse_v4(skb, &p) >= 0 || p.proto != IPPROTO_ICMP_ || p.frag == FRAG_LATER ||
 	    !is_icmp_error(p.icmp_type))
 		return TC_ACT_OK;
+	/* an ICMP error leaving an uplink is judged (and counted) as the model does */
 	icmp_err_v4_reply(skb, &p, &v, 1);
-	if (v.reason != REASON_XLATE_ICMP_ERR_OUT)
-		return TC_ACT_OK;
 	return snat_emit(skb, &v);
 }

@@ -29,5 +29,7 @@ static __always_inline __u64 csum_delta2(__be16 from, __be16 to)
 /* apply an accumulated delta to a checksum field value */
 static __always_inline __u16 csum_apply(__u16 check, __u64 delta)
 {
-	return (__u16)~csum_fold32((__u64)(__u16)~check + delta);
+	/* ~check as a 32-bit word (high half all ones), as the kernel's ~csum_unfold(): the sum is
+	 * then never zero, so +0/-0 come out as with csum_replace4 applied change by change */
+	return (__u16)~csum_fold32((__u64)(__u32)~(__u32)check + delta);
 }

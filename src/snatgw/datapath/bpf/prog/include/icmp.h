@@ -32,7 +32,7 @@ static __always_inline int icmp_parse_inner(struct __sk_buff *skb, const struct 
 	if (off + 20 > p->end || (void *)(ih + 1) > data_end)
 		return REASON_DROP_MALFORMED;
 	ihl = ih->ihl * 4;
-	if (ih->version != 4 || ihl < 20 || off + ihl + 8 > p->end)
+	if (ihl < 20 || off + ihl + 8 > p->end) /* the quoted version is not checked */
 		return REASON_DROP_MALFORMED;
 	in->ip = off;
 	in->l4 = off + ihl;
@@ -189,6 +189,7 @@ static __noinline int icmp_err_v4_outside(struct __sk_buff *skb, struct pkt *p, 
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
 	if (icmp_err_rewrite(skb, p, &in, 0, 1, e->rw_addr, e->rw_port, 1) < 0)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
+	stats_rule(e->rule_id, p->len, 0);
 	return verdict_redirect(v, REASON_XLATE_ICMP_ERR_IN, e->ifindex, 0);
 }
 
@@ -201,13 +202,14 @@ static __noinline int icmp_err_v4_reply(struct __sk_buff *skb, struct pkt *p, st
 	int r = icmp_parse_inner(skb, p, &in);
 
 	if (r >= 0)
-		return verdict_set(v, egress ? VERDICT_PASS : VERDICT_DROP, r);
+		return verdict_set(v, VERDICT_DROP, r);
 	if (icmp_inner_key(&in, 1, &k) < 0 || !(e = ct_lookup4(&k)))
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_ICMP_OTHER);
 	if (!egress && p->ttl <= 1)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
 	if (icmp_err_rewrite(skb, p, &in, egress ? -1 : 1, 0, e->rw_addr, e->rw_port, !egress) < 0)
 		return verdict_set(v, egress ? VERDICT_PASS : VERDICT_DROP, REASON_DROP_MALFORMED);
+	stats_rule(e->rule_id, p->len, 0);
 	if (egress)
 		return verdict_set(v, VERDICT_PASS, REASON_XLATE_ICMP_ERR_OUT);
 	return verdict_redirect(v, REASON_XLATE_ICMP_ERR_OUT, e->ifindex, e->nexthop);

@@ -110,6 +110,11 @@ static __always_inline int snat_v4_rewrite(struct __sk_buff *skb, const struct p
 	return 0;
 }
 
+/* seconds a first fragment is remembered (layout.FRAG_TIMEOUT; checked by a test) */
+#ifndef SNAT_FRAG_TIMEOUT
+#define SNAT_FRAG_TIMEOUT 30
+#endif
+
 /* Remember a translated first fragment so later fragments get the same addresses. */
 static __always_inline void frag_remember(const struct pkt *p, __be32 saddr, __be32 daddr,
 					  __u32 ifindex, __be32 nexthop, __u64 now)
@@ -132,6 +137,10 @@ static __always_inline int frag_v4_later(struct __sk_buff *skb, const struct pkt
 	__be16 old_w;
 	__u64 d;
 
+	if (e && bpf_ktime_get_ns() - e->created > SNAT_FRAG_TIMEOUT * 1000000000ULL) {
+		bpf_map_delete_elem(&snat_frags, &k); /* too old: the datagram is gone */
+		e = NULL;
+	}
 	if (!e)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_FRAG_UNKNOWN);
 	if (p->ttl <= 1)

@@ -64,7 +64,8 @@ static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
 
 	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return REASON_PASS_NOT_IPV4;
-	if ((void *)iph + 1 > data_end || (*(__u8 *)iph >> 4) != 4)
+	/* as the model: the version decides when there is a byte; an empty packet is malformed */
+	if ((void *)iph + 1 <= data_end && (*(__u8 *)iph >> 4) != 4)
 		return REASON_PASS_NOT_IPV4;
 	if ((void *)(iph + 1) > data_end)
 		return REASON_DROP_MALFORMED;

@@ -1,0 +1,56 @@
+"""RuleSet + Settings -> the bytes of snat_config and snat_rules (slot order = priority order).
+
+``compile_rules(ruleset, settings, ifindex_of)`` is pure: ``ifindex_of(name) -> int`` resolves
+oif names (0xffffffff for a device that does not exist, so such a rule never matches).  The C
+side (prog/include/rules.h) reads these through the layouts of snatgw.layout."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from typing import Callable
+
+from ... import layout as L
+from ...config.schema import Settings
+from ...errors import BackendError
+from ...rules import Rule, RuleSet
+
+OIF_ABSENT = 0xFFFFFFFF
+
+
+def compile_rule(rule: Rule, ifindex_of: Callable[[str], int]) -> bytes:
+    flags = 0
+    oif = 0
+    if rule.oif is not None:
+        flags |= L.RULE_F_OIF
+        oif = int(ifindex_of(rule.oif))
+        if oif <= 0:
+            oif = OIF_ABSENT
+    if rule.gw is not None:
+        flags |= L.RULE_F_GW
+    if rule.new_gw is not None:
+        flags |= L.RULE_F_NEW_GW
+    return L.SNAT_RULE.pack(
+        src_net=rule.src.network_address.packed, src_mask=rule.src.netmask.packed,
+        dst_net=rule.dst.network_address.packed, dst_mask=rule.dst.netmask.packed,
+        gw=(rule.gw or IPv4Address(0)).packed, new_gw=(rule.new_gw or IPv4Address(0)).packed,
+        oif=oif, pool_min=int(rule.pool.first), pool_max=int(rule.pool.last),
+        rule_id=rule.rule_id, algo=int(rule.algo), flags=flags,
+    )  # fmt: skip
+
+
+def compile_cfg(nrules: int, settings: Settings) -> bytes:
+    if not 0 < settings.port_min <= settings.port_max <= 65535:
+        raise BackendError(f"port range {settings.port_min}-{settings.port_max}: expected 1 <= min <= max <= 65535")
+    return L.SNAT_CFG.pack(
+        nrules=nrules, flags=L.CFG_F_UNMATCHED_DROP if settings.unmatched_drop else 0,
+        port_min=settings.port_min, port_max=settings.port_max,
+        port_tries=min(max(int(settings.port_tries), 0), 0xFFFFFFFF),  # the C bounds it by SNAT_PORT_TRIES
+    )  # fmt: skip
+
+
+def compile_rules(ruleset: RuleSet, settings: Settings, ifindex_of: Callable[[str], int]) -> tuple[bytes, list[bytes]]:
+    """(snat_config value, [snat_rules value per slot]) for ``ruleset`` in priority order."""
+    rules = [compile_rule(r, ifindex_of) for r in ruleset]
+    if len(rules) > L.MAX_RULES:
+        raise BackendError(f"{len(rules)} rules: the datapath holds at most {L.MAX_RULES}")
+    return compile_cfg(len(rules), settings), rules
