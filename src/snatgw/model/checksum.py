@@ -1,10 +1,13 @@
-"""Internet checksums: the kernel's incremental updates (RFC 1624), bit for bit, and a full
-one's-complement sum for tests.
+"""Internet checksums: the kernel's incremental updates (RFC 1624 eqn. 3), bit for bit, and a
+full one's-complement sum for tests.
 
-The eBPF programs update checksums with bpf_l3_csum_replace / bpf_l4_csum_replace on an skb
-that is not CHECKSUM_PARTIAL; these functions are those helpers' arithmetic (csum_replace2,
-csum_replace4, BPF_F_MARK_MANGLED_0) on a little-endian host, so that even the +0/-0 corner
-cases (0x0000 vs 0xFFFF) come out identical.  Values travel as wire bytes.
+Every update is the kernel's csum_replace4 arithmetic on a little-endian host (what
+bpf_l3_csum_replace(.., 4) and bpf_l4_csum_replace(.., 2 or 4) do on an skb that is not
+CHECKSUM_PARTIAL).  Its result is normalised: the one's-complement sum inside is never zero,
+so a stored checksum is never 0xFFFF and only the residue mod 0xFFFF matters.  Hence any order
+or grouping of the changes gives the same bytes (the BPF programs may accumulate deltas and
+apply them once).  The one exception is UDP's BPF_F_MARK_MANGLED_0 (a zero checksum is left
+alone; a computed zero is written as 0xFFFF), applied per call.
 """
 
 from __future__ import annotations
@@ -48,12 +51,11 @@ def _le(b: bytes) -> int:
 
 
 def l3_replace(buf: bytearray, csum_off: int, old: bytes, new: bytes) -> None:
-    """bpf_l3_csum_replace(skb, csum_off, old, new, len(old)) with len 2 or 4."""
+    """An IP-header checksum update for a 2- or 4-byte change, normalised as csum_replace4
+    (bpf_l3_csum_replace with size 2 uses csum_replace2, which differs only when the field
+    holds 0xFFFF; the BPF programs use csum_replace4-style deltas for both sizes)."""
     check = _le(buf[csum_off : csum_off + 2])
-    if len(old) == 2:
-        check = csum_replace2(check, _le(old), _le(new))
-    else:
-        check = csum_replace4(check, _le(old), _le(new))
+    check = csum_replace4(check, _le(old), _le(new))
     buf[csum_off : csum_off + 2] = check.to_bytes(2, "little")
 
 

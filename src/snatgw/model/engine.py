@@ -65,6 +65,8 @@ class Engine:
         v = parse(pkt)
         if side == "egress":
             res = self._egress(pkt, v)
+            if res is None:  # not an ICMP error: passes uncounted (our own redirected traffic)
+                return Result(Verdict.PASS, v if v == Reason.PASS_NOT_IPV4 else Reason.PASS_ICMP_OTHER, pkt)
         elif isinstance(v, Reason):
             res = Result(_verdict_of(v), v, pkt)
         elif side == "inside":
@@ -180,6 +182,7 @@ class Engine:
         if v.proto == IPPROTO_TCP:
             tcp_update(out, v.flags, reply=True)
         out.flags |= CT_F_REPLIED
+        e.flags |= CT_F_REPLIED  # the IN entry keeps a copy (the BPF reads it to skip a lookup)
         buf = bytearray(pkt)
         translate(buf, v, False, e.rw_addr, e.rw_port)
         self._touch(e, v, now)
@@ -259,12 +262,12 @@ class Engine:
             return None
         return e
 
-    def _egress(self, pkt: bytes, v: IPv4View | Reason) -> Result:
-        """TC egress of the uplinks: only ICMP errors about a translated reply are touched."""
-        if isinstance(v, Reason):
-            return Result(_verdict_of(v), v, pkt)
-        if v.frag > 0 or not v.is_icmp_error:
-            return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
+    def _egress(self, pkt: bytes, v: IPv4View | Reason) -> Result | None:
+        """TC egress of the uplinks: only ICMP errors (about a translated reply) are judged and
+        counted; None for everything else (not IPv4, malformed, not an ICMP error, a later
+        fragment), which passes uncounted, as do all the packets the programs redirect."""
+        if isinstance(v, Reason) or v.frag > 0 or not v.is_icmp_error:
+            return None
         return self._icmp_error(pkt, v, "egress")
 
     def _touch(self, e: CtEntry, v: IPv4View, now: float) -> None:

@@ -1,14 +1,14 @@
-"""Byte rewrites of the model datapath, with incremental checksum updates in a fixed order
-(the eBPF programs use the same order, so even +0/-0 checksum corners agree):
+"""Byte rewrites of the model datapath, with incremental checksum updates (checksum.py: every
+update is normalised, so the order of the changes does not affect the bytes):
 
 - translate (outbound or reply): the address (IP checksum, then L4 checksum with the pseudo
-  header), then the port or echo identifier (L4 checksum), then TTL - 1 (IP checksum, on the
-  16-bit word TTL|protocol).  UDP keeps a zero checksum zero and writes a computed zero as 0xFFFF.
-- later fragment: saddr, then daddr (each unconditionally), then TTL.
+  header), then the port or echo identifier (L4 checksum; echo: no pseudo header), then
+  TTL - 1 (IP checksum over the 16-bit word TTL|protocol).  UDP: BPF_F_MARK_MANGLED_0 per call.
+- later fragment: saddr and daddr (each replaced unconditionally), then TTL.
 - ICMP error: outer address (if any); inner address (inner IP checksum; ICMP checksum for the
-  address, then for the inner IP checksum); inner port/identifier (ICMP checksum); inner L4
-  checksum when present (address for TCP/UDP, then port; then the ICMP checksum for it);
-  outer TTL (if any).
+  address and the inner IP checksum); inner port/identifier (ICMP checksum); inner L4
+  checksum when present (TCP/UDP: address and port, a zero UDP checksum stays zero and a
+  computed zero becomes 0xFFFF; echo: identifier; then the ICMP checksum for it); outer TTL.
 Every field named by a step is replaced (and its checksum updated) even when unchanged."""
 
 from __future__ import annotations
