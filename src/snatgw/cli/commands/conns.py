@@ -42,7 +42,7 @@ def select(sessions: list[dict], rules: list[dict], rule: str | None) -> list[di
 
 def run(args) -> int:
     sessions, rules, source = sessions_and_rules(args.socket, args.pin_dir)
-    sessions = select(sessions, rules, args.rule)
+    sessions = sorted(select(sessions, rules, args.rule), key=lambda s: (s["proto"], s["inside"], s["remote"]))
     if args.json:
         print(dump_json({"source": source, "sessions": sessions,
                          "rules": {str(r["rule_id"]): r["text"] for r in rules}}))
