@@ -1,0 +1,176 @@
+"""nft render (no root): golden rule sets for the REF config, and the properties the backend
+relies on - priority order, algo mapping, new_gw steering, stable marks, one transaction."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from snatgw.config.parse import parse_text
+from snatgw.config.schema import Settings
+from snatgw.datapath.nft import render as R
+from snatgw.errors import BackendError
+from snatgw.layout import Algo
+from snatgw.rules import Pool, Rule, RuleSet, parse_net
+
+GOLDEN = Path(__file__).resolve().parents[1] / "nft" / "golden"
+REGEN = os.environ.get("SNATGW_REGEN_GOLDEN") == "1"
+
+REF = """\
+snatgw {
+    inside lan40 lan50
+    outside eth1 eth2
+}
+virtual_server fwmark 1 {
+  snat_rule { from 198.18.40.0/24  gw 198.19.3.1  oif eth2  snat_ip 198.19.3.71-198.19.3.73  algo random }
+  snat_rule { from 198.18.40.0/24  gw 198.19.2.1  oif eth1  snat_ip 198.19.2.71-198.19.2.73  algo sdh }
+  snat_rule { from 198.18.0.0/16   new_gw 198.19.2.1        snat_ip 198.19.2.71-198.19.2.73  algo sh }
+}
+"""
+FAILOVER = REF.replace(
+    "gw 198.19.2.1  oif eth1  snat_ip 198.19.2.71-198.19.2.73  algo sdh",
+    "gw 198.19.2.1  oif eth1  new_gw 198.19.3.1  snat_ip 198.19.3.71-198.19.3.73  algo sdh",
+)
+
+
+def _plan(text: str, **kw) -> R.Plan:
+    cfg = parse_text(text, "ref.conf")
+    return R.plan(cfg.rules, cfg.settings, **kw)
+
+
+def _rule(src, pool, **kw) -> Rule:
+    return Rule(src=parse_net(src, "from"), pool=Pool.parse(pool), **kw)
+
+
+def _golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if REGEN:
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed; if on purpose: SNATGW_REGEN_GOLDEN=1 pytest {__file__}"
+
+
+def test_ref_config_renders_the_golden_rule_set():
+    """The REF config renders byte for byte as tests/nft/golden/ref.nft."""
+    _golden("ref.nft", R.to_text(_plan(REF)))
+
+
+def test_failover_config_renders_the_golden_rule_set_and_routing():
+    """The failover variant renders as golden/failover.nft plus its policy routing."""
+    p = _plan(FAILOVER)
+    _golden("failover.nft", R.to_text(p) + "# routing\n" + R.routing_text(p))
+
+
+def test_classify_chain_lists_rules_in_priority_order():
+    """Exact matching tries the rules in RuleSet priority order, not definition order."""
+    cfg = parse_text(
+        "virtual_server fwmark 1 {\n"
+        " snat_rule { from 198.18.0.0/16 snat_ip 198.19.2.71 }\n"
+        " snat_rule { from 198.18.40.0/24 to 203.0.113.0/24 snat_ip 198.19.2.72 }\n"
+        " snat_rule { from 198.18.40.0/24 oif eth1 snat_ip 198.19.2.73 }\n}\n"
+    )
+    p = R.plan(cfg.rules, cfg.settings)
+    order = [r.text.split(" ct mark set")[0] for r in p.rules if r.chain == "classify"]
+    assert order == [
+        "ip saddr 198.18.40.0/24 ip daddr 203.0.113.0/24",
+        'ip saddr 198.18.40.0/24 oifname "eth1"',
+        "ip saddr 198.18.0.0/16",
+    ]
+
+
+@pytest.mark.parametrize(
+    "algo,expect,absent",
+    [
+        (Algo.SDH, "snat ip to 198.19.2.71-198.19.2.73:5000-65535 comment", "persistent"),
+        (Algo.SH, "snat ip to 198.19.2.71-198.19.2.73:5000-65535 persistent", "jhash"),
+        (Algo.RANDOM, "jhash ip saddr . ip daddr . th sport mod 3 seed 0x0 map { 0 : 198.19.2.71 . 5000-65535",
+         "persistent"),
+    ],
+)
+def test_algo_maps_to_the_nearest_kernel_selection(algo, expect, absent):
+    """sdh -> nf_nat default (hash src,dst), sh -> persistent (hash src), random -> jhash map."""
+    p = R.plan(RuleSet([_rule("198.18.40.0/24", "198.19.2.71-198.19.2.73", algo=algo)]), Settings())
+    nat = "\n".join(r.text for r in p.rules if r.chain == "nat_out")
+    assert expect in nat
+    assert absent not in nat
+
+
+def test_single_address_pool_is_a_plain_snat_with_ports():
+    """A one-address pool needs no hash and no persistent flag."""
+    p = R.plan(RuleSet([_rule("198.18.40.0/24", "198.19.2.71", algo=Algo.SH)]), Settings(port_min=6000))
+    nat = [r.text for r in p.rules if r.chain == "nat_out"]
+    assert nat[0].split(" comment")[0].endswith('snat ip to 198.19.2.71:6000-65535')
+    assert "persistent" not in nat[1]
+
+
+def test_new_gw_rule_is_steered_before_routing_not_classified_after():
+    """A new_gw rule marks in prerouting (meta + ct mark) and is absent from classify."""
+    p = _plan(REF)
+    steer = [r.text for r in p.rules if r.chain == "steer"]
+    classify = [r.text for r in p.rules if r.chain == "classify"]
+    assert any("ip saddr 198.18.0.0/16 meta mark set" in t and "ct mark set" in t for t in steer)
+    assert not any("198.18.0.0/16" in t for t in classify)
+    (route,) = p.routes
+    assert route.table == route.mark - R.MARK_TAG + R.RT_BASE
+    cmds = route.commands()
+    assert cmds[0][:5] == ["route", "replace", "default", "via", "198.19.2.1"]
+    assert cmds[1][-2:] == ["proto", str(R.RT_PROTO)] and "fwmark" in cmds[1]
+
+
+def test_steering_predicts_oif_with_fib_and_gw_with_its_device():
+    """Before routing, oif is `fib daddr oifname`; a gw-only rule uses the device given for it."""
+    cfg = parse_text("virtual_server fwmark 1 {\n"
+                     " snat_rule { from 198.18.40.0/24 gw 198.19.2.1 new_gw 198.19.3.1 snat_ip 198.19.3.71 }\n}\n")
+    with_dev = R.plan(cfg.rules, cfg.settings, {cfg.rules.rules[0].gw: "eth1"})
+    without = R.plan(cfg.rules, cfg.settings)
+    assert any('fib daddr oifname "eth1" meta mark set' in r.text for r in with_dev.rules)
+    assert not any("fib daddr" in r.text for r in without.rules)
+    assert any("ignores gw" in n for n in without.notes)
+
+
+def test_marks_of_unchanged_rules_survive_adding_a_rule():
+    """A rule keeps its slot (so its sessions' ct mark) when other rules come and go."""
+    a = _rule("198.18.40.0/24", "198.19.2.71")
+    b = _rule("198.18.50.0/24", "198.19.2.72")
+    c = _rule("198.18.60.0/24", "198.19.2.73")
+    s1 = R.assign_slots(RuleSet([a, b]))
+    s2 = R.assign_slots(RuleSet([c, a, b]))
+    assert s1[a.identity] == s2[a.identity] and s1[b.identity] == s2[b.identity]
+    assert len(set(s2.values())) == 3
+
+
+def test_more_rules_than_slots_is_refused():
+    """The backend has 1000 mark/table slots; more rules is a clear error, not a collision."""
+    rules = RuleSet(_rule(f"198.18.{i // 250}.{i % 250}/32", "198.19.2.71") for i in range(R.SLOTS + 1))
+    with pytest.raises(BackendError, match="at most 1000 rules"):
+        R.assign_slots(rules)
+
+
+def test_json_is_one_transaction_flushing_the_table_first():
+    """add table, flush table, then definitions; stale counters deleted in the same batch."""
+    p = _plan(REF)
+    cmds = R.to_json(p, stale_counters=("rule_deadbeef", "no_session"))["nftables"]
+    assert cmds[0] == {"add": {"table": {"family": "ip", "name": "snatgw"}}}
+    assert cmds[1] == {"flush": {"table": {"family": "ip", "name": "snatgw"}}}
+    deletes = [c["delete"]["counter"]["name"] for c in cmds if "delete" in c]
+    assert deletes == ["rule_deadbeef"]
+    assert all(c["add"]["rule"]["table"] == "snatgw" for c in cmds if "add" in c and "rule" in c["add"])
+
+
+def test_unmatched_drop_and_inside_interfaces_are_rendered():
+    """`unmatched drop` adds a counted drop; inside interfaces restrict matching by iifname."""
+    cfg = parse_text("snatgw {\n inside lan40\n unmatched drop\n}\n"
+                     "virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n")
+    p = R.plan(cfg.rules, cfg.settings)
+    fwd = [r.text for r in p.rules if r.chain == "forward"]
+    assert any('iifname "lan40" counter name "unmatched" drop' in t for t in fwd)
+    assert not any("unmatched" in r.text for r in _plan(REF).rules)
+
+
+def test_text_and_json_carry_the_same_statements():
+    """Each rule's text and JSON come from one builder: same count, same chains."""
+    p = _plan(FAILOVER)
+    js = [c["add"]["rule"] for c in R.to_json(p)["nftables"] if "add" in c and "rule" in c["add"]]
+    assert [j["chain"] for j in js] == [r.chain for r in p.rules]
+    assert [len(j["expr"]) for j in js] == [len(r.pieces) for r in p.rules]
