@@ -126,6 +126,33 @@ def test_other_keepalived_blocks_are_skipped_with_warnings():
         assert f"{where}: skipped" in text and what in text
 
 
+def test_a_full_keepalived_conf_is_read(tmp_path):
+    """A keepalived.conf with VRRP, LVS services, health checks and the SNAT service parses."""
+    f = tmp_path / "keepalived.conf"
+    f.write_text(
+        "! Configuration File for keepalived\n"
+        "global_defs {\n   notification_email {\n     ops@example.com\n   }\n   router_id LVS_SNAT\n}\n"
+        "local_address_group laddr_g1 {\n   198.19.2.80-90\n}\n"
+        "vrrp_sync_group G1 {\n  group {\n    VI_1\n  }\n}\n"
+        "vrrp_script chk { script \"/bin/true\" interval 2 }\n"
+        "vrrp_instance VI_1 {\n    state MASTER\n    interface eth1\n    virtual_router_id 51\n"
+        "    track_interface {\n        eth1\n        eth2\n    }\n    virtual_ipaddress {\n"
+        "        198.19.2.71/24 dev eth1\n    }\n}\n"
+        "virtual_server 198.19.2.70 80\n{\n    delay_loop 6\n    lb_algo rr\n    lb_kind FULLNAT\n"
+        "    laddr_group_name laddr_g1\n    real_server 198.18.40.20 80 {\n        weight 1\n"
+        "        TCP_CHECK {\n            connect_timeout 3\n        }\n    }\n}\n"
+        "virtual_server fwmark 1 {\n    lb_kind FULLNAT\n    lvs_sched snat_sched\n    protocol TCP\n"
+        "    snat_rule {\n        from 198.18.40.0/24\n        gw 198.19.2.1\n        oif eth1\n"
+        "        snat_ip 198.19.2.71-198.19.2.73\n    }\n}\n",
+        encoding="utf-8",
+    )
+    warnings: list[str] = []
+    cfg = parse_file(f, warnings)
+    assert [r.describe() for r in cfg.rules] == [
+        "from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh"]
+    assert len(warnings) == 9 and all(": skipped" in w for w in warnings)
+
+
 def test_config_without_snat_service_has_no_rules():
     """A keepalived.conf with no fwmark 1 service parses to zero rules and default settings."""
     cfg = parse_text("global_defs { router_id x }\n", "k.conf", [])
@@ -218,6 +245,7 @@ def test_single_port_range_and_unmatched_pass():
         ("virtual_server fwmark 1 { }\n\nvirtual_server fwmark 1 { }", "t.conf:3", "virtual_server",
          "first is at t.conf:1"),
         ("snatgw inside lan40 {\n}", "t.conf:1", "snatgw", "expected '{'"),
+        ("# settings\nsnatg {\n backend nft\n}", "t.conf:2", "snatg", "expected snatgw or virtual_server fwmark 1"),
         ("virtual_server fwmark 1\nsnat_rule { }", "t.conf:1", "virtual_server", "expected '{'"),
     ],
 )  # fmt: skip

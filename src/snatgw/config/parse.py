@@ -54,6 +54,14 @@ KEEPALIVED_VS_OPTIONS = frozenset(
     "local_address_group est_timeout abs_priority inhibit_on_failure retry delay_before_retry "
     "ip_family virtualhost".split()
 )
+#: keepalived's top-level keywords (skipped with a warning); any other top-level word is an
+#: error, so that a typo such as `snatg {` is not skipped silently
+KEEPALIVED_TOP = frozenset(
+    "global_defs virtual_server virtual_server_group include linkbeat_use_polling net_namespace "
+    "instance use_pid_dir local_address_group garp_group child_wait_time namespace_with_ipsets "
+    "real_server_group".split()
+)
+KEEPALIVED_TOP_PREFIXES = ("vrrp_", "static_", "track_", "bfd_", "$", "@")
 TIMEOUT_BY_STATE = {int(v): k for k, v in TIMEOUT_NAMES.items()}
 
 
@@ -193,6 +201,12 @@ def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None
             _once(cur, seen, t, "virtual_server fwmark 1")
             cur.open_brace(t)
             rules.extend(_parse_service(cur, t, warn))
+        elif t.text not in KEEPALIVED_TOP and not t.text.startswith(KEEPALIVED_TOP_PREFIXES):
+            raise cur.error(
+                t.line, t.text,
+                "unknown top-level keyword; expected snatgw or virtual_server fwmark 1 (keepalived's "
+                "global_defs, vrrp_*, static_*, other virtual_servers ... are skipped)",
+            )  # fmt: skip
         else:
             label = " ".join([t.text] + [a.text for a in args])
             if cur.maybe_block():
