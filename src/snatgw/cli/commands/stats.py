@@ -45,7 +45,8 @@ def run(args) -> int:
         return 0
     print(f"sessions: {s['sessions']}   (from {source})\n")
     print(table([[f"#{r['priority']}" if r["priority"] else f"id:{r['rule_id']:08x}", r["packets"], r["bytes"],
-                  r["sessions"], r["rule"] or "(not configured)"] for r in s["rules"]],
+                  r["sessions"], r["rule"] or ("(not in the running config)" if rules else "(no daemon: text unknown)")]
+                 for r in s["rules"]],
                 ("rule", "packets", "bytes", "sessions", "text")))
     print()
     print(table([[k, v] for k, v in s["reasons"].items()], ("reason", "packets")) if s["reasons"]
