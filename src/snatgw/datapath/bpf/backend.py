@@ -17,7 +17,7 @@ from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
 from ..backend import Session, Stats
 from .loader import Loader
-from .maps import DatapathMaps, SessionPair, monotonic_ns
+from .maps import CT_KEY, DatapathMaps, entry_created, entry_peer, monotonic_ns
 
 log = logging.getLogger("snatgw.bpf")
 
@@ -160,7 +160,7 @@ class BpfBackend:
             if gw is not None:
                 eg, nflags = egress(gw), flags | L.CT_F_NEW_GW
             elif flags & L.CT_F_NEW_GW or old_gws.get(rid) is not None:
-                remote = ipaddress.IPv4Address(L.CT_KEY.unpack(p.out_key)["daddr"])
+                remote = ipaddress.IPv4Address(CT_KEY.unpack(p.out_key)["daddr"])
                 eg, nflags = egress(remote), flags & ~L.CT_F_NEW_GW
             else:
                 continue
@@ -175,9 +175,13 @@ class BpfBackend:
 
     # ------------------------------------------------------------- sessions
 
+    def _timeouts_ns(self) -> dict[int, int]:
+        """Timeout by state in ns; unknown states get NONE's."""
+        t = {int(k): int(v) * 10**9 for k, v in self.settings.timeouts}
+        return {s: t.get(s, t[int(L.CtState.NONE)]) for s in range(256)}
+
     def _timeout_ns(self, state: int) -> int:
-        t = dict(self.settings.timeouts)
-        return int(t.get(int(state), t[int(L.CtState.NONE)])) * 10**9
+        return self._timeouts_ns()[int(state)]
 
     def expire(self, now: float | None = None) -> int:
         """Remove sessions idle longer than their state's timeout, both keys together (OUT
@@ -186,42 +190,32 @@ class BpfBackend:
         self._writable()
         now_ns = monotonic_ns() if now is None else int(now * 1e9)
         pairs, orphans = self.maps.session_pairs()
+        timeout = self._timeouts_ns()
         removed = 0
         for p in pairs:
-            if now_ns - p.last_seen <= self._timeout_ns(p.state):
+            if now_ns - p.last_seen <= timeout[p.state]:
                 continue
-            fresh = self._reread(p)  # a packet may have refreshed it since the scan
+            fresh = self.maps.reread(p)  # a packet may have refreshed it since the scan
             if fresh is None:
                 continue
-            if fresh.inn is None and now_ns - fresh.out["created"] <= ORPHAN_GRACE_NS:
+            if fresh.in_raw is None and now_ns - entry_created(fresh.out_raw) <= ORPHAN_GRACE_NS:
                 continue
-            if now_ns - fresh.last_seen > self._timeout_ns(fresh.state):
+            if now_ns - fresh.last_seen > timeout[fresh.state]:
                 self.maps.delete_pair(fresh)
                 removed += 1
         for k in orphans:
             raw = self.maps.ct.get(k)
-            if raw is not None and now_ns - L.CT_ENTRY.unpack(raw)["created"] > ORPHAN_GRACE_NS:
-                peer = L.CT_ENTRY.unpack(raw)["peer"]
-                praw = self.maps.ct.get(peer)
-                if praw is None or L.CT_ENTRY.unpack(praw)["peer"] != k:
+            if raw is not None and now_ns - entry_created(raw) > ORPHAN_GRACE_NS:
+                praw = self.maps.ct.get(entry_peer(raw))
+                if praw is None or entry_peer(praw) != k:
                     self.maps.ct.delete(k)
         return removed
-
-    def _reread(self, p: SessionPair) -> SessionPair | None:
-        raw = self.maps.ct.get(p.out_key)
-        if raw is None:
-            return None
-        out = L.CT_ENTRY.unpack(raw)
-        iraw = self.maps.ct.get(out["peer"])
-        inn = L.CT_ENTRY.unpack(iraw) if iraw is not None else None
-        if inn is not None and inn["peer"] != p.out_key:
-            inn = None
-        return SessionPair(p.out_key, out, out["peer"], inn)
 
     def sessions(self) -> list[Session]:
         now = monotonic_ns()
         pairs, _ = self._m().session_pairs()
-        return [p.to_session(lambda s: self._timeout_ns(s) / 1e9, now) for p in pairs]
+        timeout = self._timeouts_ns()
+        return [p.to_session(lambda s: timeout[s] / 1e9, now) for p in pairs]
 
     def stats(self) -> Stats:
         m = self._m()

@@ -324,12 +324,13 @@ class Map:
     def __repr__(self) -> str:
         return f"Map({self.name!r}, {MAP_TYPE_NAMES.get(self.type, self.type)}, fd={self.fd})"
 
-    def _key(self, key: bytes | int):
+    def _key(self, key: bytes | int) -> bytes:
+        """The key as bytes (ctypes passes a bytes object as a const pointer to its data)."""
         if isinstance(key, int):
             key = key.to_bytes(self.key_size, "little")
         if len(key) != self.key_size:
             raise BackendError(f"map {self.name}: key is {len(key)} bytes, expected {self.key_size}")
-        return C.create_string_buffer(bytes(key), self.key_size)
+        return bytes(key)
 
     def get(self, key: bytes | int) -> bytes | None:
         k, v = self._key(key), C.create_string_buffer(self._vlen)
@@ -353,8 +354,7 @@ class Map:
             value = value.ljust(_round8(self.value_size), b"\0") * num_possible_cpus()
         if len(value) != self._vlen:
             raise BackendError(f"map {self.name}: value is {len(value)} bytes, expected {self._vlen}")
-        k, v = self._key(key), C.create_string_buffer(value, self._vlen)
-        _check(lib().bpf_map_update_elem(self.fd, k, v, flags), f"update of map {self.name}")
+        _check(lib().bpf_map_update_elem(self.fd, self._key(key), value, flags), f"update of map {self.name}")
 
     def delete(self, key: bytes | int) -> bool:
         ret = lib().bpf_map_delete_elem(self.fd, self._key(key))

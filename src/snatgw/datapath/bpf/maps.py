@@ -6,6 +6,7 @@ the rules and config so that a reload never shows a half-written rule set for lo
 from __future__ import annotations
 
 import os
+import struct
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -17,6 +18,31 @@ from ..backend import RuleCounters, Session
 from . import libbpf as B
 
 _PROTO_NAMES = {L.IPPROTO_TCP: "tcp", L.IPPROTO_UDP: "udp", L.IPPROTO_ICMP: "icmp"}
+
+
+class FastCodec:
+    """layout.Struct's unpack with a precompiled struct.Struct (layout recomputes its format
+    on every call, which dominates a sweep over hundreds of thousands of ct entries)."""
+
+    def __init__(self, st: L.Struct):
+        self.st, self.s = st, struct.Struct(st.fmt)
+        self.names = [n for n, _, _ in st.fields]
+        self.be = [n for n, c, _ in st.fields if c.startswith("__be")]
+        self.size = self.s.size
+
+    def unpack(self, data: bytes) -> dict:
+        d = dict(zip(self.names, self.s.unpack_from(data)))
+        for n in self.be:
+            d[n] = int.from_bytes(d[n], "big")
+        return d
+
+    def pack(self, **values) -> bytes:
+        return self.st.pack(**values)
+
+
+CT_ENTRY = FastCodec(L.CT_ENTRY)
+CT_KEY = FastCodec(L.CT_KEY)
+_DIR_OFF = L.CT_KEY.offsets()["dir"]
 
 
 @dataclass(frozen=True)
@@ -68,29 +94,62 @@ def _ip(raw: int) -> str:
     return str(IPv4Address(raw))
 
 
-@dataclass
-class SessionPair:
-    """One session as stored: the OUT key/entry and the IN key/entry (decoded dicts)."""
+_OFF = L.CT_ENTRY.offsets()
+_PEER = slice(0, L.CT_KEY.size)
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 
-    out_key: bytes
-    out: dict
-    in_key: bytes
-    inn: dict | None  # None when the IN entry is missing (an orphan, or mid-insert)
+
+def entry_peer(raw: bytes) -> bytes:
+    return raw[_PEER]
+
+
+def entry_last_seen(raw: bytes) -> int:
+    return _U64.unpack_from(raw, _OFF["last_seen"])[0]
+
+
+def entry_created(raw: bytes) -> int:
+    return _U64.unpack_from(raw, _OFF["created"])[0]
+
+
+class SessionPair:
+    """One session as stored: the OUT key/entry and the IN key/entry.  Entries are kept as
+    raw bytes and decoded on demand (``out``/``inn`` dicts): a GC sweep reads only the
+    few fields it needs."""
+
+    __slots__ = ("out_key", "out_raw", "in_key", "in_raw", "_out", "_inn")
+
+    def __init__(self, out_key: bytes, out_raw: bytes, in_key: bytes, in_raw: bytes | None):
+        self.out_key, self.out_raw, self.in_key, self.in_raw = out_key, out_raw, in_key, in_raw
+        self._out = self._inn = None  # in_raw None: the IN entry is missing (orphan/mid-insert)
+
+    @property
+    def out(self) -> dict:
+        if self._out is None:
+            self._out = CT_ENTRY.unpack(self.out_raw)
+        return self._out
+
+    @property
+    def inn(self) -> dict | None:
+        if self._inn is None and self.in_raw is not None:
+            self._inn = CT_ENTRY.unpack(self.in_raw)
+        return self._inn
 
     @property
     def last_seen(self) -> int:
-        return max(self.out["last_seen"], self.inn["last_seen"] if self.inn else 0)
+        out = entry_last_seen(self.out_raw)
+        return max(out, entry_last_seen(self.in_raw)) if self.in_raw is not None else out
 
     @property
     def rule_id(self) -> int:
-        return self.out["rule_id"]
+        return _U32.unpack_from(self.out_raw, _OFF["rule_id"])[0]
 
     @property
     def state(self) -> int:
-        return self.out["state"]
+        return self.out_raw[_OFF["state"]]
 
     def to_session(self, timeout_of, now_ns: int) -> Session:
-        k = L.CT_KEY.unpack(self.out_key)
+        k = CT_KEY.unpack(self.out_key)
         idle = max(0, now_ns - self.last_seen) / 1e9
         try:
             state = L.CtState(self.state).name
@@ -148,36 +207,44 @@ class DatapathMaps:
 
     # ----------------------------------------------------------------- sessions
 
-    def ct_entries(self) -> dict[bytes, dict]:
-        return {k: L.CT_ENTRY.unpack(v) for k, v in self.ct.items_batch()}
+    def ct_raw(self) -> dict[bytes, bytes]:
+        return dict(self.ct.items_batch())
 
-    def session_pairs(self, entries: dict[bytes, dict] | None = None) -> tuple[list[SessionPair], list[bytes]]:
-        """(pairs keyed by their OUT entries, orphan keys): an orphan is an IN entry no OUT
-        entry points at, or an OUT entry whose IN entry is gone."""
-        entries = self.ct_entries() if entries is None else entries
-        pairs, claimed, orphans = [], set(), []
-        for k, e in entries.items():
-            if k[L.CT_KEY.offsets()["dir"]] != L.CT_DIR_OUT:
+    def session_pairs(self, entries: dict[bytes, bytes] | None = None) -> tuple[list[SessionPair], list[bytes]]:
+        """(pairs keyed by their OUT entries, orphan IN keys) from raw ct entries: an orphan
+        is an IN entry that no OUT entry points at (pairs whose IN is gone have in_raw None)."""
+        entries = self.ct_raw() if entries is None else entries
+        pairs, claimed = [], set()
+        for k, v in entries.items():
+            if k[_DIR_OFF] != L.CT_DIR_OUT:
                 continue
-            in_key = e["peer"]
+            in_key = v[_PEER]
             inn = entries.get(in_key)
-            if inn is not None and inn["peer"] != k:
+            if inn is not None and inn[_PEER] != k:
                 inn = None
             if inn is not None:
                 claimed.add(in_key)
-            pairs.append(SessionPair(k, e, in_key, inn))
-        dir_off = L.CT_KEY.offsets()["dir"]
-        for k in entries:
-            if k[dir_off] == L.CT_DIR_IN and k not in claimed:
-                orphans.append(k)
+            pairs.append(SessionPair(k, v, in_key, inn))
+        orphans = [k for k in entries if k[_DIR_OFF] == L.CT_DIR_IN and k not in claimed]
         return pairs, orphans
+
+    def reread(self, p: SessionPair) -> SessionPair | None:
+        """The pair as it is now (None when its OUT entry is gone)."""
+        out = self.ct.get(p.out_key)
+        if out is None:
+            return None
+        in_key = out[_PEER]
+        inn = self.ct.get(in_key)
+        if inn is not None and inn[_PEER] != p.out_key:
+            inn = None
+        return SessionPair(p.out_key, out, in_key, inn)
 
     def delete_pair(self, p: SessionPair) -> None:
         """Delete a session: OUT first (a racing outbound packet then makes a new session,
         whose port search skips the still-present IN key), then IN if it is still ours."""
         self.ct.delete(p.out_key)
         raw = self.ct.get(p.in_key)
-        if raw is not None and L.CT_ENTRY.unpack(raw)["peer"] == p.out_key:
+        if raw is not None and raw[_PEER] == p.out_key:
             self.ct.delete(p.in_key)
 
     def update_out(self, p: SessionPair, **changes) -> bool:
@@ -187,7 +254,7 @@ class DatapathMaps:
         raw = self.ct.get(p.out_key)
         if raw is None:
             return False
-        e = L.CT_ENTRY.unpack(raw)
+        e = CT_ENTRY.unpack(raw)
         e.update(changes)
         try:
             self.ct.put(p.out_key, L.CT_ENTRY.pack(**e), B.BPF_EXIST)
