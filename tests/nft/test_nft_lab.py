@@ -1,0 +1,211 @@
+"""The nft backend with real traffic (root, mark nft): TCP, UDP and ping from the lab's inside
+hosts through <P>-gw, asserting the source address and link the server saw per rule, new_gw
+steering, a reload that keeps open sessions (and moves an edited rule's sessions to its new
+new_gw), the no-session TCP drop, `unmatched drop`, and that stop() leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from ipaddress import IPv4Address
+
+import pytest
+
+from snatgw.config.parse import parse_text
+from snatgw.datapath.nft import render as R
+from snatgw.lab import clients as C
+from snatgw.lab.netns import ns_socket
+
+from conftest import FAILOVER, REF, cfg  # tests/nft/conftest.py (pytest prepend import mode)
+
+pytestmark = [pytest.mark.nft, pytest.mark.root]
+
+S1, S2 = "203.0.113.10", "198.51.100.10"  # leave via eth1/isp1 and eth2/isp2 by the routing table
+
+
+def _ip(peer: str) -> IPv4Address:
+    return IPv4Address(peer.rsplit(":", 1)[0])
+
+
+def _in(addr: IPv4Address, first: str, last: str) -> bool:
+    return IPv4Address(first) <= addr <= IPv4Address(last)
+
+
+def _isp1(a):
+    return _in(a, "198.19.2.71", "198.19.2.73")
+
+
+def _isp2(a):
+    return _in(a, "198.19.3.71", "198.19.3.73")
+
+
+@pytest.mark.parametrize(
+    "node,src,dst,link,pool",
+    [
+        ("in40", "198.18.40.10", S1, "isp1", _isp1),  # rule 2: gw 198.19.2.1 oif eth1, sdh
+        ("in40", "198.18.40.11", S2, "isp2", _isp2),  # rule 1: gw 198.19.3.1 oif eth2, random
+        ("in50", "198.18.50.10", S2, "isp1", _isp1),  # rule 3: new_gw 198.19.2.1 overrides the route
+    ],
+)
+def test_each_flow_leaves_by_its_rule_with_its_pool(lab, backend, node, src, dst, link, pool):
+    """TCP, UDP and ping: the server sees a pool address of the rule and the rule's link."""
+    with backend():
+        t = C.tcp_echo(lab, node, dst, src=src)
+        u = C.udp_echo(lab, node, dst, src=src)
+        p = C.ping(lab, node, dst, src=src, servers=lab.servers)
+    assert pool(_ip(t["peer"])) and t["link"] == link
+    assert pool(_ip(u["peer"])) and u["link"] == link
+    assert p["reply"] and pool(IPv4Address(p["seen"]["peer"])) and p["seen"]["link"] == link
+
+
+def test_sh_gives_an_inside_host_one_address_for_every_destination(lab, backend):
+    """algo sh (persistent): 198.18.50.10 appears as one address to both servers, every time."""
+    with backend():
+        seen = {_ip(C.tcp_echo(lab, "in50", dst, src="198.18.50.10")["peer"]) for dst in (S1, S2, S1, S2)}
+    assert len(seen) == 1
+
+
+def test_sdh_keeps_one_address_per_source_and_destination(lab, backend):
+    """algo sdh (nf_nat default): repeated connections of one (src, dst) share one address."""
+    with backend():
+        seen = {_ip(C.tcp_echo(lab, "in40", S1, src="198.18.40.12")["peer"]) for _ in range(4)}
+    assert len(seen) == 1 and _isp1(seen.pop())
+
+
+def test_random_spreads_one_source_over_the_pool_by_source_port(lab, backend):
+    """algo random (jhash of src, dst, sport): different source ports use several pool addresses."""
+    with backend():
+        seen = {_ip(C.udp_echo(lab, "in40", S2, src="198.18.40.10", sport=20000 + i)["peer"]) for i in range(12)}
+        again = _ip(C.udp_echo(lab, "in40", S2, src="198.18.40.10", sport=20000)["peer"])
+    assert len(seen) >= 2 and all(_isp2(a) for a in seen)
+    assert again in seen
+
+
+def _rx(lab, node: str) -> int:
+    """Packets received on the ISP router's `up` link (from the gateway)."""
+    out = json.loads(lab.run(node, "ip", "-j", "-s", "link", "show", "dev", "up").stdout)
+    return int(out[0]["stats64"]["rx"]["packets"])
+
+
+def test_reload_keeps_sessions_and_moves_an_edited_rules_sessions_to_its_new_gw(lab, backend):
+    """Atomic reload to the failover config: open TCP sessions survive with their addresses;
+    the edited rule's live session now leaves via isp2 (its packets reach isp2, not isp1);
+    new flows take the new pool."""
+    with backend(REF) as b:
+        kept = C.TcpSession(lab, "in40", S2, src="198.18.40.11")  # rule 1, unchanged
+        moved = C.TcpSession(lab, "in40", S1, src="198.18.40.10")  # rule 2, gets new_gw
+        try:
+            k0, m0 = kept.exchange(), moved.exchange()
+            assert m0["link"] == "isp1" and _isp1(_ip(m0["peer"]))
+            b.apply(cfg(FAILOVER))
+            k1 = kept.exchange()
+            rx1, rx2 = _rx(lab, "isp1"), _rx(lab, "isp2")
+            m1 = moved.exchange()
+            d1, d2 = _rx(lab, "isp1") - rx1, _rx(lab, "isp2") - rx2
+            fresh = C.tcp_echo(lab, "in40", S1, src="198.18.40.12")
+        finally:
+            kept.close()
+            moved.close()
+    assert k1["peer"] == k0["peer"] and k1["link"] == "isp2"
+    assert m1["peer"] == m0["peer"]  # same session, same SNAT address and port
+    assert d2 >= 1 and d1 < d2  # ... but now sent to new_gw 198.19.3.1 (the server's `link` is per accept)
+    assert _isp2(_ip(fresh["peer"])) and fresh["link"] == "isp2"
+
+
+def _tcp_ack(src: str, dst: str, sport: int, dport: int) -> bytes:
+    hdr = struct.pack("!HHIIBBHHH", sport, dport, 1000, 2000, 5 << 4, 0x10, 64240, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(hdr))
+    return hdr[:16] + struct.pack("!H", C._icmp_csum(pseudo + hdr)) + hdr[18:]
+
+
+def test_tcp_ack_without_a_session_is_dropped_and_counted(lab, backend):
+    """A bare ACK that matches a rule but has no session never leaves (untranslated) - counted."""
+    with backend() as b:
+        before = b.stats().reasons["DROP_NO_SESSION"]
+        with ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as s:
+            s.bind(("198.18.40.10", 0))
+            for i in range(3):
+                s.sendto(_tcp_ack("198.18.40.10", S1, 41000 + i, 7007), (S1, 0))
+        after = None
+        for _ in range(20):
+            after = b.stats().reasons["DROP_NO_SESSION"]
+            if after >= before + 3:
+                break
+        leaked = [e for e in lab.servers.events if str(e.get("peer", "")).startswith("198.18.")]
+    assert after >= before + 3
+    assert not leaked
+
+
+def test_unmatched_drop_refuses_flows_no_rule_matches(lab, backend):
+    """With `unmatched drop`, in50's flow (no rule for 198.18.50.0/24) is dropped and counted."""
+    text = ("snatgw {\n inside lan40 lan50\n unmatched drop\n}\nvirtual_server fwmark 1 {\n"
+            " snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n")
+    with backend(text) as b:
+        ok = C.udp_echo(lab, "in40", S1, src="198.18.40.10")
+        with pytest.raises(OSError):
+            C.udp_echo(lab, "in50", S1, src="198.18.50.10", timeout=1.0)
+        dropped = b.stats().reasons["DROP_UNMATCHED"]
+    assert _ip(ok["peer"]) == IPv4Address("198.19.2.71")
+    assert dropped >= 1
+
+
+def test_sessions_and_stats_come_from_conntrack_and_counters(lab, backend):
+    """sessions() lists the flow with inside, remote and NAT address and its rule; stats count it."""
+    with backend() as b:
+        with C.TcpSession(lab, "in50", S1, src="198.18.50.11") as t:
+            seen = t.exchange()
+            sessions = [s for s in b.sessions() if s.inside == t.local]
+            stats = b.stats()
+    (s,) = sessions
+    rule = cfg(REF).rules.rules[2]
+    assert (s.proto, s.state, s.remote, s.nat) == ("tcp", "ESTABLISHED", f"{S1}:7007", seen["peer"])
+    assert s.rule_id == rule.rule_id
+    assert stats.rules[rule.rule_id].packets > 0 and stats.rules[rule.rule_id].sessions >= 1
+    assert stats.reasons["XLATE_NEW"] >= 1
+
+
+def _table(lab) -> list:
+    out = json.loads(lab.run("gw", "nft", "-j", "list", "table", "ip", "snatgw").stdout)["nftables"]
+    items = []
+    for o in out:
+        for kind, body in o.items():
+            if kind == "metainfo":
+                continue
+            body = {k: v for k, v in body.items() if k not in ("handle", "packets", "bytes")}
+            items.append({kind: body})
+    return items
+
+
+def test_exported_text_loads_as_the_same_rule_set_the_backend_applies(lab, backend, tmp_path):
+    """`snatgw export --format nft` output, loaded with nft -f, equals the backend's table."""
+    from snatgw.cli.main import main
+
+    conf = tmp_path / "ref.conf"
+    conf.write_text(REF)
+    with backend():
+        applied = _table(lab)
+        out = tmp_path / "ref.nft"
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["export", str(conf), "--format", "nft"]) == 0
+        out.write_text(buf.getvalue())
+        lab.run("gw", "nft", "-f", str(out))
+        loaded = _table(lab)
+    assert loaded == applied
+
+
+def test_stop_leaves_no_table_rules_routes_or_sessions(lab, backend):
+    """After stop(): no table ip snatgw, no ip rule or route of ours, no marked conntrack entry."""
+    with backend(FAILOVER) as b:
+        C.tcp_echo(lab, "in50", S1, src="198.18.50.10")
+        assert lab.run("gw", "ip", "rule", "show").stdout.count("lookup 31") == 2
+        b.stop()
+    assert "snatgw" not in lab.run("gw", "nft", "list", "tables").stdout
+    assert "lookup 31" not in lab.run("gw", "ip", "rule", "show").stdout
+    assert lab.run("gw", "ip", "route", "show", "table", "all", "proto", str(R.RT_PROTO)).stdout.strip() == ""
+    assert "mark=13974" not in lab.run("gw", "cat", "/proc/net/nf_conntrack").stdout
+    parse_text(REF)  # (the config itself is untouched)
