@@ -4,7 +4,10 @@ and the servers answer (so e2e failures are snatgw's, not the lab's)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -100,3 +103,28 @@ def test_snat_addresses_go_on_the_outside_link_of_their_subnet(lab):
     assert done["198.19.2.71"] == "eth1" and done["198.19.3.73"] == "eth2"
     out = lab.ip("gw", "-br", "addr", "show", "dev", "eth2").stdout
     assert "198.19.3.72/32" in out
+
+
+def _snatgw(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snatgw.cli.main", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_lab_up_status_exec_down():
+    """`snatgw lab up` keeps the lab after the command; status, exec and down work from its state."""
+    name, prefix = f"pytest-cli-{os.getpid()}", f"sgc{os.getpid() % 0xFFFF:04x}"
+    try:
+        up = _snatgw("lab", "up", "--name", name, "--prefix", prefix)
+        assert up.returncode == 0, up.stderr
+        st = _snatgw("lab", "status", "--name", name, "--json")
+        nodes = json.loads(st.stdout)[0]["nodes"]
+        assert nodes["gw"]["addresses"]["eth2"] == ["198.19.3.2/24"]
+        ex = _snatgw("lab", "exec", "--name", name, "in50", "--", "ip", "-br", "addr", "show", "dev", "eth0")
+        assert "198.18.50.11/24" in ex.stdout
+        again = _snatgw("lab", "up", "--name", name)
+        assert again.returncode != 0 and prefix in again.stderr
+        down = _snatgw("lab", "down", "--name", name)
+        assert down.returncode == 0, down.stderr
+        assert not [n for n in list_netns() if n.startswith(prefix + "-")]
+    finally:
+        Lab(name=name, prefix=prefix).down()

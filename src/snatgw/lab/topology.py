@@ -258,6 +258,22 @@ class Lab:
                 pids.update(int(p) for p in out.split() if p.isdigit())
         return sorted(pids)
 
+    def daemon_pids(self) -> list[int]:
+        """Processes in <P>-gw running `snatgw ... run`."""
+        if not os.path.exists(ns_path(self.ns("gw"))):
+            return []
+        out = run(["ip", "netns", "pids", self.ns("gw")], check=False).stdout
+        found = []
+        for p in out.split():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if any(b"snatgw" in a for a in argv) and b"run" in argv:
+                found.append(int(p))
+        return found
+
     def down(self) -> None:
         """Stop what runs in the lab, delete its namespaces (their veths go with them), its pins,
         socket, work dir and state file.  Safe to call twice and on a half-built lab."""
@@ -278,6 +294,12 @@ class Lab:
                 p.kill()
                 p.wait()
         self.procs.clear()
+        hand_started = self.daemon_pids()  # a gateway started by hand: let it exit cleanly
+        for pid in hand_started:
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while hand_started and time.monotonic() < deadline and any(_pid_alive(p) for p in hand_started):
+            time.sleep(0.05)
         for pid in self._pids_in_lab():  # processes started in our namespaces (e.g. `lab exec`)
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -357,6 +379,9 @@ class Lab:
             nodes[node] = info
         pid = self.gateway_pid
         alive = bool(pid) and _pid_alive(pid)
+        if not alive:  # maybe started by hand (`snatgw lab exec gw -- snatgw run ...`)
+            pid = next(iter(self.daemon_pids()), None)
+            alive = pid is not None
         return {
             "name": self.name, "prefix": self.prefix, "nodes": nodes,
             "gateway": {"running": alive, "pid": pid if alive else None, "backend": self.gateway_backend,
@@ -366,6 +391,12 @@ class Lab:
 
 
 def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # exited, not yet reaped
+                return False
+    except (OSError, IndexError):
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -101,7 +101,9 @@ def _print_status(s: dict) -> None:
         print(f"  {node:5} {info['namespace']}: {addrs}")
         for r in info["routes"]:
             print(f"          route {r}")
-    state = f"running, pid {gw['pid']}, backend {gw['backend']}, config {gw['config']}" if gw["running"] \
-        else "not running"
+    state = "not running"
+    if gw["running"]:
+        state = f"running, pid {gw['pid']}" + "".join(
+            f", {k} {gw[k]}" for k in ("backend", "config") if gw.get(k))
     print(f"  gateway: {state}; socket {gw['socket']}; pins {gw['pin_dir']}"
           f" ({'present' if gw['pins'] else 'none'})")
