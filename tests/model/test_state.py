@@ -1,0 +1,180 @@
+"""Sessions over time: the TCP state machine through the engine, expiry per state with the
+injected clock, table full and port exhaustion leaving nothing behind, reload and new_gw moves,
+flush."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from ipaddress import IPv4Address as IP4
+
+import pytest
+from cases.corpus import FAILOVER_RULES, REF_RULES, REF_SETTINGS, ruleset
+from cases.pkts import ISP2, R1, A, echo, tcp, udp
+
+from snatgw.layout import CT_F_NEW_GW, CtState, Reason
+from snatgw.model import Engine, StaticRouter
+from snatgw.rules import Rule
+
+NAT = "198.19.2.72"
+
+
+def state(engine, now=0.0) -> str:
+    (s,) = engine.sessions(now)
+    return s.state
+
+
+def out(engine, flags, sport=40000, now=0.0):
+    return engine.process(tcp(A, R1, sport, 80, flags), "inside", "lan40", now)
+
+
+def back(engine, flags, port=21541, now=0.0):
+    return engine.process(tcp(R1, NAT, 80, port, flags), "outside", "eth1", now)
+
+
+@pytest.mark.parametrize("steps,final", [
+    ([("o", "S")], "SYN_RECV"),
+    ([("o", "S"), ("b", "SA"), ("o", "A")], "ESTABLISHED"),
+    ([("o", "S"), ("o", "A")], "ESTABLISHED"),  # IN_ONLY before any reply
+    ([("o", "S"), ("b", "SA"), ("o", "A"), ("o", "FA")], "CLOSE_WAIT"),
+    ([("o", "S"), ("b", "SA"), ("o", "A"), ("o", "FA"), ("b", "FA")], "TIME_WAIT"),
+    ([("o", "S"), ("b", "SA"), ("o", "A"), ("b", "FA")], "FIN_WAIT"),
+    ([("o", "S"), ("b", "SA"), ("o", "A"), ("b", "FA"), ("o", "FA")], "TIME_WAIT"),
+    ([("o", "S"), ("b", "SA"), ("o", "A"), ("b", "RA")], "CLOSE"),
+    ([("o", "S"), ("b", "SA"), ("o", "A"), ("o", "R")], "CLOSE"),
+    ([("o", "S"), ("b", "RA")], "CLOSE"),
+    ([("o", "S"), ("o", "F")], "TIME_WAIT"),  # IN_ONLY FIN from SYN_RECV
+    ([("o", "S"), ("b", "SA"), ("o", "A"), ("o", "")], "CLOSE"),  # no flag: CLOSE
+])  # fmt: skip
+def test_tcp_state_machine_through_the_engine(engine, steps, final):
+    """TCP sessions follow layout.TCP_FSM: IN_ONLY before a reply, IN after, OUT for replies."""
+    for who, flags in steps:
+        res = out(engine, flags) if who == "o" else back(engine, flags)
+        assert res.reason in (Reason.XLATE_NEW, Reason.XLATE_OUT, Reason.XLATE_IN)
+    assert state(engine) == final
+
+
+@pytest.mark.parametrize("make,st,timeout", [
+    (lambda e: out(e, "S"), "SYN_RECV", 30),
+    (lambda e: (out(e, "S"), back(e, "SA"), out(e, "A")), "ESTABLISHED", 7440),
+    (lambda e: (out(e, "S"), back(e, "SA"), out(e, "A"), out(e, "FA"), back(e, "FA")), "TIME_WAIT", 7),
+    (lambda e: (out(e, "S"), back(e, "RA")), "CLOSE", 3),
+    (lambda e: e.process(udp(A, R1, 5353, 53), "inside", "lan40", 0.0), "UDP", 300),
+    (lambda e: e.process(echo(A, R1, 5), "inside", "lan40", 0.0), "ICMP", 120),
+])  # fmt: skip
+def test_expiry_per_state(engine, make, st, timeout):
+    """A session lives exactly its state's timeout after its last packet, then expire() removes
+    both of its keys."""
+    make(engine)
+    assert state(engine) == st
+    assert engine.expire(float(timeout)) == 0 and len(engine.table) == 1
+    assert engine.expire(timeout + 0.001) == 1
+    assert len(engine.table) == 0 and engine.table.entries() == {}
+
+
+def test_expiry_uses_last_packet_of_either_direction(engine):
+    """A reply refreshes the session: expiry counts from the later of both directions."""
+    addr, port = engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 0.0).nat
+    assert engine.process(udp(R1, str(addr), 53, port), "outside", "eth1", 200.0).reason == Reason.XLATE_IN
+    assert engine.expire(301.0) == 0
+    assert engine.expire(500.5) == 1
+
+
+def test_expired_session_still_translates_until_gc(engine):
+    """Lookups never look at the clock: an overdue session translates until expire() runs."""
+    engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 0.0)
+    assert engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 10_000.0).reason == Reason.XLATE_OUT
+
+
+def test_custom_timeouts(engine):
+    """Timeouts come from Settings (with_timeouts)."""
+    e = Engine(ruleset(REF_RULES), REF_SETTINGS.with_timeouts(udp=5), StaticRouter.ref())
+    e.process(udp(A, R1, 5353, 53), "inside", "lan40", 0.0)
+    assert e.expire(5.0) == 0 and e.expire(5.5) == 1
+
+
+def test_table_full_refuses_and_leaves_nothing(engine):
+    """At max_sessions live sessions a new flow is dropped and no key of it is left."""
+    e = Engine(ruleset(REF_RULES), replace(REF_SETTINGS, max_sessions=1), StaticRouter.ref())
+    assert e.process(udp(A, R1, 1, 53), "inside", "lan40", 0).reason == Reason.XLATE_NEW
+    before = e.table.entries()
+    assert e.process(udp(A, R1, 2, 53), "inside", "lan40", 0).reason == Reason.DROP_TABLE_FULL
+    assert e.table.entries() == before
+    e.expire(1000.0)
+    assert e.process(udp(A, R1, 2, 53), "inside", "lan40", 1000).reason == Reason.XLATE_NEW
+
+
+def test_port_exhaustion_with_tiny_range():
+    """With one SNAT port, a second flow to the same remote endpoint is dropped (no other
+    address is tried), but another remote port can reuse it."""
+    e = Engine(ruleset(REF_RULES), replace(REF_SETTINGS, port_min=6000, port_max=6000), StaticRouter.ref())
+    assert e.process(udp(A, R1, 1, 53), "inside", "lan40", 0).nat == (IP4(NAT), 6000)
+    assert e.process(udp(A, R1, 2, 53), "inside", "lan40", 0).reason == Reason.DROP_PORT_EXHAUSTED
+    assert len(e.table) == 1
+    assert e.process(udp(A, R1, 2, 54), "inside", "lan40", 0).nat == (IP4(NAT), 6000)
+
+
+def test_port_search_is_bounded_by_tries():
+    """The search stops after port_tries candidates even when later ports are free."""
+    s = replace(REF_SETTINGS, port_min=5000, port_max=5009, port_tries=1)
+    e = Engine(ruleset(REF_RULES), s, StaticRouter.ref())
+    assert e.process(udp(A, R1, 100, 53), "inside", "lan40", 0).reason == Reason.XLATE_NEW
+    assert e.process(udp(A, R1, 100 + 10 * 256, 53), "inside", "lan40", 0).reason == Reason.DROP_PORT_EXHAUSTED
+
+
+def test_reload_keeps_sessions_and_their_mapping(engine):
+    """apply() of a changed pool keeps live sessions with their old mapping; new flows use the
+    new pool."""
+    engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 0)
+    rules = [REF_RULES[0], dict(REF_RULES[1], snat_ip="198.19.2.80"), REF_RULES[2]]
+    engine.apply(ruleset(rules))
+    res = engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 1)
+    assert (res.reason, res.nat[0]) == (Reason.XLATE_OUT, IP4(NAT))
+    assert str(res.rule.pool) == "198.19.2.80-198.19.2.80"  # the session follows its edited rule
+    assert engine.process(udp(A, R1, 5354, 53), "inside", "lan40", 1).nat[0] == IP4("198.19.2.80")
+
+
+def test_new_gw_change_moves_live_sessions(engine):
+    """The failover reload (rule 2 gets new_gw 198.19.3.1) sends its live sessions to eth2 at
+    once, keeping their SNAT tuple; undoing it moves them back to the route."""
+    first = engine.process(tcp(A, R1, 40000, 80, "S"), "inside", "lan40", 0)
+    assert first.oif == "eth1"
+    engine.apply(ruleset(FAILOVER_RULES))
+    res = engine.process(tcp(A, R1, 40000, 80, "A"), "inside", "lan40", 1)
+    assert (res.reason, res.oif, res.nexthop, res.nat) == (Reason.XLATE_OUT, "eth2", IP4(ISP2), first.nat)
+    (pair,) = engine.table.pairs()
+    assert pair.out.flags & CT_F_NEW_GW
+    engine.apply(ruleset(REF_RULES))
+    res = engine.process(tcp(A, R1, 40000, 80, "A"), "inside", "lan40", 2)
+    assert (res.oif, str(res.nexthop)) == ("eth1", "198.19.2.1")
+    assert not next(iter(engine.table.pairs())).out.flags & CT_F_NEW_GW
+
+
+def test_removed_rule_sessions_live_until_expiry(engine):
+    """Deleting a rule keeps its sessions translating (as netfilter) until they expire."""
+    engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 0)
+    engine.apply(ruleset([REF_RULES[0]]))
+    assert engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 1).reason == Reason.XLATE_OUT
+    assert engine.process(udp(A, R1, 5354, 53), "inside", "lan40", 1).reason == Reason.PASS_NO_RULE
+
+
+def test_reload_with_settings_changes_table_size(engine):
+    """apply() with settings takes the new limits for new flows."""
+    engine.process(udp(A, R1, 1, 53), "inside", "lan40", 0)
+    engine.apply(ruleset(REF_RULES), replace(REF_SETTINGS, max_sessions=1))
+    assert engine.process(udp(A, R1, 2, 53), "inside", "lan40", 0).reason == Reason.DROP_TABLE_FULL
+
+
+def test_flush_by_rule_and_all(engine):
+    """flush(rule_id) removes only that rule's sessions; flush() removes the rest."""
+    engine.process(udp(A, R1, 1, 53), "inside", "lan40", 0)  # rule 2
+    engine.process(udp(A, "198.51.100.10", 1, 53), "inside", "lan40", 0)  # rule 1
+    assert engine.flush(Rule.from_dict(REF_RULES[1]).rule_id) == 1
+    assert len(engine.table) == 1
+    assert engine.flush() == 1 and engine.table.entries() == {}
+
+
+def test_new_session_state_values(engine):
+    """A new TCP session starts in SYN_RECV (first SYN through IN_ONLY from NONE)."""
+    out(engine, "S")
+    (pair,) = engine.table.pairs()
+    assert pair.out.state == CtState.SYN_RECV and pair.inn.state == CtState.NONE
