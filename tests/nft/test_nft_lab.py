@@ -209,3 +209,18 @@ def test_stop_leaves_no_table_rules_routes_or_sessions(lab, backend):
     assert lab.run("gw", "ip", "route", "show", "table", "all", "proto", str(R.RT_PROTO)).stdout.strip() == ""
     assert "mark=13974" not in lab.run("gw", "cat", "/proc/net/nf_conntrack").stdout
     parse_text(REF)  # (the config itself is untouched)
+
+
+def test_restart_with_kept_state_keeps_an_open_session(lab, backend):
+    """stop(keep_state=True) leaves the kernel translating; a new backend adopts, the TCP session
+    keeps its address throughout, and the last stop() removes everything."""
+    with backend(REF) as first:
+        with C.TcpSession(lab, "in50", S1, src="198.18.50.11") as t:
+            a = t.exchange()
+            first.stop(keep_state=True)
+            b = t.exchange()
+            with backend(REF) as second:
+                c = t.exchange()
+                second.stop()
+    assert a["peer"] == b["peer"] == c["peer"] and _isp1(_ip(a["peer"]))
+    assert "snatgw" not in lab.run("gw", "nft", "list", "tables").stdout

@@ -190,16 +190,21 @@ class NftBackend:
                 self._run(["ip", "route", "flush", "table", str(e.table), "proto", str(R.RT_PROTO)], check=False)
 
     def stop(self, keep_state: bool = False) -> None:
-        """Remove table ip snatgw and our policy routing; conntrack keeps live sessions
-        translated (the kernel's NAT bindings) unless keep_state is False and `conntrack` is
-        installed, in which case our sessions are flushed too."""
+        """keep_state=False: remove table ip snatgw, our policy routing, and (with the conntrack
+        tool) our sessions - nothing of ours is left.  keep_state=True (a daemon restart): leave
+        the rule set and routing installed, so the kernel keeps translating every session (and
+        new flows) until the next start() replaces them atomically.  Removing only the table
+        would be worse: without a nat chain the kernel stops applying the NAT bindings of live
+        sessions, which then leak their inside addresses."""
+        if keep_state:
+            self._plan = None
+            return
         self._run(["nft", "delete", "table", R.FAMILY, R.TABLE], check=False)
         self._remove_routing()
-        if not keep_state:
-            try:
-                self.flush()
-            except BackendError:
-                pass
+        try:
+            self.flush()
+        except BackendError:
+            pass
         self._plan = None
 
     def expire(self, now: float | None = None) -> int:
