@@ -240,6 +240,7 @@ def test_single_port_range_and_unmatched_pass():
         ("snatgw {\n  pin_dir\n}", "t.conf:2", "pin_dir", "a value"),
         ("snatgw {\n  inside\n}", "t.conf:2", "inside", "one or more interface names"),
         ("snatgw {\n  outside eth1 eth1\n}", "t.conf:2", "outside", "listed twice"),
+        ("snatgw {\n  inside lan40 eth1\n  outside eth1\n}", "t.conf:3", "outside", "both inside (line 2)"),
         ("snatgw {\n  backend nft\n  backend bpf\n}", "t.conf:3", "backend", "given twice (first at line 2)"),
         ("snatgw { }\nsnatgw { }", "t.conf:2", "snatgw", "first is at t.conf:1"),
         ("virtual_server fwmark 1 { }\n\nvirtual_server fwmark 1 { }", "t.conf:3", "virtual_server",

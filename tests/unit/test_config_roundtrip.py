@@ -58,9 +58,10 @@ path = st.from_regex(r"\A(/[A-Za-z0-9_.-]{1,12}){1,4}\Z")
 def settings_values(draw):
     lo = draw(st.integers(1, 65535))
     hi = draw(st.integers(lo, 65535))
+    inside = tuple(draw(st.lists(ifname, max_size=3, unique=True)))
     s = Settings(
-        inside=tuple(draw(st.lists(ifname, max_size=3, unique=True))),
-        outside=tuple(draw(st.lists(ifname, max_size=3, unique=True))),
+        inside=inside,
+        outside=tuple(draw(st.lists(ifname.filter(lambda n: n not in inside), max_size=3, unique=True))),
         port_min=lo,
         port_max=hi,
         port_tries=draw(st.integers(1, 65536)),

@@ -384,6 +384,12 @@ def _parse_settings(cur: _Cursor, opener: Token) -> Settings:
             raise cur.error(t.line, t.text, f"given twice (first at line {given[key].line})")
         given[key] = t
         s = _apply_setting(cur, s, t, args)
+    both = [i for i in s.outside if i in s.inside]
+    if both:
+        line = max(given["inside"].line, given["outside"].line)
+        raise cur.error(line, "outside" if line == given["outside"].line else "inside",
+                        f"interface {both[0]} is listed both inside (line {given['inside'].line}) "
+                        f"and outside (line {given['outside'].line})")  # fmt: skip
     return s
 
 
