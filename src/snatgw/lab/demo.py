@@ -118,20 +118,38 @@ def table(rows: list[list[str]], head: list[str]) -> str:
     return "\n".join([line(head), line(["-" * n for n in w])] + [line(r) for r in rows])
 
 
-def run_flows(lab: Lab, rules: RuleSet, servers, out, exact: bool = True) -> int:
+def daemon_rules(lab: Lab, rules: RuleSet) -> dict[tuple[str, str], str]:
+    """(proto, "inside IP:PORT") -> "#n" of the rule the daemon's session names (`snatgw conns`)."""
+    got = snatgw_json(lab, "conns") or {}
+    prio = {r.rule_id: f"#{i + 1}" for i, r in enumerate(rules.rules)}
+    return {(s["proto"], s["inside"]): prio.get(s.get("rule_id"), "?") for s in got.get("sessions", [])
+            if s.get("rule_id")}
+
+
+def run_flows(lab: Lab, rules: RuleSet, servers, out, exact: bool = True, daemon: bool = False) -> int:
     flows = [Flow(node, src, str(dst), proto, exact=exact)
              for node, src in FLOW_SOURCES for dst in SERVERS for proto in PROTOS]
     for f in flows:
         send(lab, f, servers)
         expect(lab, rules, f)
+    checked = 0
+    if daemon:  # the rule the daemon recorded must be the model's
+        by_session = daemon_rules(lab, rules)
+        for f in flows:
+            said = by_session.get((f.proto, f"{f.src}:{f.sport}"))
+            checked += said is not None
+            if said is not None and said != f.rule.split()[0] and not f.error:
+                f.error = f"daemon says rule {said}"
     rows = [[f.src + (f":{f.sport}" if f.sport else ""), f.dst, f.proto, f.rule, f.seen, f.expect_addr,
              f.link, f.expect_link, ("ok" if f.seen == f.expect_addr else "ok (in pool)") if f.ok
              else ("FAIL " + f.error if f.error else "DIFF")] for f in flows]
-    print(table(rows, ["inside src", "dst", "proto", "rule", "server saw", "model says",
+    print(table(rows, ["inside src", "dst", "proto", "rule (model)", "server saw", "model says",
                        "via", "expected", ""]), file=out)
     bad = sum(not f.ok for f in flows)
     print(f"{len(flows) - bad}/{len(flows)} flows as the model predicts"
-          + ("" if exact else " (address: any of the rule's pool; the kernel's nf_nat picks it)"), file=out)
+          + ("" if exact else " (address: any of the rule's pool; the kernel's nf_nat picks it)")
+          + (f"; the daemon's session names the model's rule for {checked} of them" if daemon else ""),
+          file=out)
     return bad
 
 
@@ -179,7 +197,7 @@ def demo(backend: str = "bpf", name: str = "demo", prefix: str | None = None, ou
         if ok and not exact:
             say(f"   ({backend} backend: the kernel's nf_nat picks the address within the rule's pool, "
                 "so 'model says' is lvs-snat's pick and any pool address is ok)")
-        bad += run_flows(lab, ref, servers, out, exact)
+        bad += run_flows(lab, ref, servers, out, exact, daemon=ok)
 
         say("\n== ISP1 fails: rule 2 replaced (same from/gw/oif) by new_gw 198.19.3.1, pool 198.19.3.71-73")
         if ok:
@@ -189,7 +207,7 @@ def demo(backend: str = "bpf", name: str = "demo", prefix: str | None = None, ou
             start_kernel_snat(lab, fail)
             say("   (fallback: kernel nft SNAT rules replaced)")
         show_rules(fail, out)
-        bad += run_flows(lab, fail, servers, out, exact)
+        bad += run_flows(lab, fail, servers, out, exact, daemon=ok)
 
         say("\n== sessions")
         if ok:
