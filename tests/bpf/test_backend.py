@@ -226,3 +226,17 @@ def test_read_pinned_without_pins_says_what_is_missing(tmp_path):
     """An absent pin dir gives an error naming the path and the likely cause."""
     with pytest.raises(BackendError, match="no pinned map: is the snatgw datapath running"):
         BpfBackend.read_pinned(str(tmp_path / "none"))
+
+
+@pytest.mark.bpf
+def test_gc_without_explicit_now_rests_for_nine_sweep_durations(backend, monkeypatch):
+    """After a sweep of T seconds, expire() skips until 9*T later (GC stays under ~10% CPU)."""
+    from snatgw.datapath.bpf import backend as mod
+
+    clock = iter([100.0, 101.0, 105.0, 110.5, 111.0]).__next__  # sweep 1 lasts 1 s
+    monkeypatch.setattr(mod.time, "monotonic", clock)
+    add_session(backend.maps.ct, 1, L.CtState.SYN_SENT, out_seen=1, in_seen=1)  # long expired
+    assert backend.expire() == 1  # t 100 -> 101: next sweep not before 110
+    add_session(backend.maps.ct, 2, L.CtState.SYN_SENT, out_seen=1, in_seen=1)
+    assert backend.expire() == 0 and len(backend.maps.ct) == 2  # t 105: resting
+    assert backend.expire() == 1 and len(backend.maps.ct) == 0  # t 110.5: swept
