@@ -234,7 +234,7 @@ def test_gc_without_explicit_now_rests_for_nine_sweep_durations(backend, monkeyp
     from snatgw.datapath.bpf import backend as mod
 
     clock = iter([100.0, 101.0, 105.0, 110.5, 111.0]).__next__  # sweep 1 lasts 1 s
-    monkeypatch.setattr(mod.time, "monotonic", clock)
+    monkeypatch.setattr(mod, "_clock", clock)
     add_session(backend.maps.ct, 1, L.CtState.SYN_SENT, out_seen=1, in_seen=1)  # long expired
     assert backend.expire() == 1  # t 100 -> 101: next sweep not before 110
     add_session(backend.maps.ct, 2, L.CtState.SYN_SENT, out_seen=1, in_seen=1)

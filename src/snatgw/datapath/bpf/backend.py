@@ -24,6 +24,7 @@ log = logging.getLogger("snatgw.bpf")
 
 NO_DEVICE = 0xFFFFFFFF  # rule oif whose device is absent (matches nothing)
 ORPHAN_GRACE_NS = 10 * 10**9  # half-inserted pairs older than this are removed by GC
+_clock = time.monotonic  # seconds, for GC pacing (tests replace it)
 GC_DUTY = 10  # a sweep of duration T is followed by at least (GC_DUTY-1)*T without one
 
 #: resolver(addr) -> (ifindex, next hop, mtu) of the route to addr (next hop = addr on-link)
@@ -196,7 +197,7 @@ class BpfBackend:
         at once: GC takes at most ~1/GC_DUTY of a CPU whatever the daemon's gc_interval, and
         sessions still go within a few sweep times of their timeout (the shortest is 2 s)."""
         self._writable()
-        t0 = time.monotonic()
+        t0 = _clock()
         if now is None and t0 < self._next_sweep:
             return 0
         now_ns = monotonic_ns() if now is None else int(now * 1e9)
@@ -220,7 +221,7 @@ class BpfBackend:
                 praw = self.maps.ct.get(entry_peer(raw))
                 if praw is None or entry_peer(praw) != k:
                     self.maps.ct.delete(k)
-        t1 = time.monotonic()
+        t1 = _clock()
         self._next_sweep = t1 + (GC_DUTY - 1) * (t1 - t0)
         return removed
 
