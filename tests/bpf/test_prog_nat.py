@@ -1,0 +1,215 @@
+"""Hand cases for the programs (datapath.md steps), run by BPF_PROG_TEST_RUN in the REF netns:
+verdict and TC action, reason counter, output bytes checked with scapy (fresh checksums),
+sessions and rule counters."""
+
+from dataclasses import replace
+from ipaddress import IPv4Address
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.packet import raw
+
+from snatgw.layout import CT_DIR_IN, CT_DIR_OUT, CtState, Reason, Verdict
+from snatgw.rules import Rule, RuleSet
+
+from tests.cases.corpus import REF_RULES, REF_SETTINGS, RULE_SDH, ruleset
+from tests.cases.pkts import A, B, R1, R2, echo, fragments, snat_of, tcp, udp
+
+pytestmark = pytest.mark.bpf
+
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+
+
+@pytest.fixture
+def prog(make_prog):
+    return make_prog(ruleset(REF_RULES), REF_SETTINGS)
+
+
+def checksums_ok(pkt: bytes) -> bool:
+    """Every checksum of ``pkt`` equals what scapy computes from scratch."""
+    p = IP(pkt)
+    q = p.copy()
+    del q.chksum
+    for layer in (TCP, UDP, ICMP):
+        if q.haslayer(layer) and not (layer is UDP and p[UDP].chksum == 0):
+            del q[layer].chksum
+    return raw(IP(raw(q))) == raw(p)
+
+
+def test_new_udp_flow_is_translated_and_redirected(prog):
+    """A new UDP flow gets the rule's SNAT address and first free port, TTL-1, valid checksums."""
+    r = prog.run("inside", udp(A, R1, 40000, 53), "lan40")
+    addr, port = snat_of(RULE_SDH, A, R1, 40000)
+    assert (r.retval, r.verdict, r.reason) == (TC_ACT_REDIRECT, Verdict.REDIRECT, Reason.XLATE_NEW)
+    assert (r.oif, r.nexthop) == ("eth1", IPv4Address("198.19.2.1"))
+    p = IP(r.packet)
+    assert (p.src, p[UDP].sport, p.dst, p[UDP].dport, p.ttl) == (addr, port, R1, 53, 63)
+    assert checksums_ok(r.packet)
+    assert prog.reasons() == {Reason.XLATE_NEW: 1}
+    assert prog.rule_stats()[RULE_SDH.rule_id]["sessions"] == 1
+
+
+def test_reply_is_translated_back_to_the_inside_host(prog):
+    """A reply to the SNAT address/port reaches the inside host and port on its device."""
+    prog.run("inside", udp(A, R1, 40000, 53), "lan40")
+    addr, port = snat_of(RULE_SDH, A, R1, 40000)
+    r = prog.run("outside", udp(R1, addr, 53, port, b"answer"), "eth1")
+    assert (r.retval, r.reason, r.oif, r.nexthop) == (TC_ACT_REDIRECT, Reason.XLATE_IN, "lan40", None)
+    p = IP(r.packet)
+    assert (p.src, p.dst, p[UDP].sport, p[UDP].dport, p.ttl) == (R1, A, 53, 40000, 63)
+    assert checksums_ok(r.packet)
+    assert prog.rule_stats()[RULE_SDH.rule_id]["packets"] == 2
+
+
+def test_zero_udp_checksum_stays_zero(prog):
+    """A UDP datagram without checksum (0) is sent without one."""
+    r = prog.run("inside", udp(A, R1, 40000, 53, zero_csum=True), "lan40")
+    assert r.reason == Reason.XLATE_NEW and IP(r.packet)[UDP].chksum == 0
+
+
+def test_echo_identifier_is_translated_with_valid_checksum(prog):
+    """An echo request's identifier is the port: rewritten, ICMP checksum updated."""
+    r = prog.run("inside", echo(A, R1, 777), "lan40")
+    addr, port = snat_of(RULE_SDH, A, R1, 777)
+    p = IP(r.packet)
+    assert (r.reason, p.src, p[ICMP].id) == (Reason.XLATE_NEW, addr, port)
+    assert checksums_ok(r.packet)
+    back = prog.run("outside", echo(R1, addr, port, reply=True), "eth1")
+    assert (back.reason, IP(back.packet).dst, IP(back.packet)[ICMP].id) == (Reason.XLATE_IN, A, 777)
+
+
+def test_tcp_session_walks_the_state_machine(prog):
+    """SYN makes SYN_RECV; SYN-ACK back, then ACK: ESTABLISHED; REPLIED set by the reply."""
+    prog.run("inside", tcp(A, R1, 40000, 80, "S"), "lan40")
+    out_key = (IPv4Address(A), IPv4Address(R1), 40000, 80, 6, CT_DIR_OUT)
+    assert prog.ct()[out_key]["state"] == CtState.SYN_RECV
+    addr, port = snat_of(RULE_SDH, A, R1, 40000)
+    prog.run("outside", tcp(R1, addr, 80, port, "SA"), "eth1")
+    prog.run("inside", tcp(A, R1, 40000, 80, "A"), "lan40")
+    e = prog.ct()[out_key]
+    assert e["state"] == CtState.ESTABLISHED and e["flags"] & 1
+    r = prog.run("inside", tcp(A, R1, 40000, 80, "PA", payload=b"data"), "lan40")
+    assert r.reason == Reason.XLATE_OUT and checksums_ok(r.packet)
+
+
+def test_session_pair_has_both_keys_pointing_at_each_other(prog):
+    """Both keys exist, each entry's peer is the other key, and the IN key holds the SNAT tuple."""
+    prog.run("inside", tcp(A, R2, 40000, 443, "S"), "lan40")
+    ct = prog.ct()
+    assert len(ct) == 2
+    (ok, oe), = [(k, e) for k, e in ct.items() if k[5] == CT_DIR_OUT]
+    (ik, ie), = [(k, e) for k, e in ct.items() if k[5] == CT_DIR_IN]
+    assert oe["peer"] == ik and ie["peer"] == ok
+    assert (ik[1], ik[3]) == (IPv4Address(oe["rw_addr"]), oe["rw_port"])
+    assert (oe["ifindex"], ie["ifindex"]) == (prog.net.ifindex["eth2"], prog.net.ifindex["lan40"])
+
+
+def test_tcp_without_session_that_is_not_a_syn_is_dropped(prog):
+    """A mid-stream ACK that matches a rule but has no session is dropped."""
+    r = prog.run("inside", tcp(A, R1, 40000, 80, "A"), "lan40")
+    assert (r.retval, r.reason) == (TC_ACT_SHOT, Reason.DROP_NO_SESSION)
+    assert prog.ct() == {}
+
+
+def test_local_destination_and_ttl_one_pass_untranslated(prog):
+    """Traffic to the gateway itself and a TTL-1 packet go to the kernel unchanged."""
+    p = udp(A, "198.19.2.71", 40000, 53)
+    r = prog.run("inside", p, "lan40")
+    assert (r.retval, r.reason, r.packet) == (TC_ACT_OK, Reason.PASS_LOCAL, p)
+    p = udp(A, R1, 40000, 53, ttl=1)
+    r = prog.run("inside", p, "lan40")
+    assert (r.retval, r.reason, r.packet) == (TC_ACT_OK, Reason.PASS_TTL, p)
+    assert prog.ct() == {}
+
+
+def test_unmatched_flow_passes_or_is_dropped_by_setting(make_prog):
+    """No rule: PASS_NO_RULE normally, DROP_UNMATCHED under `unmatched drop`."""
+    p = udp("192.0.2.50", R1, 40000, 53)
+    r = make_prog(ruleset(REF_RULES), REF_SETTINGS).run("inside", p, "lan40")
+    assert (r.retval, r.reason) == (TC_ACT_OK, Reason.PASS_NO_RULE)
+    r = make_prog(ruleset(REF_RULES), replace(REF_SETTINGS, unmatched_drop=True)).run("inside", p, "lan40")
+    assert (r.retval, r.reason) == (TC_ACT_SHOT, Reason.DROP_UNMATCHED)
+
+
+def test_over_mtu_with_df_passes_and_without_df_is_translated_for_the_kernel(prog):
+    """1600 bytes with DF: PASS_FRAG_NEEDED untranslated; without DF: PASS_TRANSLATED."""
+    big = udp(A, R1, 40000, 53, payload=b"z" * 1572, flags="DF")
+    r = prog.run("inside", big, "lan40")
+    assert (r.retval, r.reason, r.packet) == (TC_ACT_OK, Reason.PASS_FRAG_NEEDED, big)
+    r = prog.run("inside", udp(A, R1, 40000, 53, payload=b"z" * 1572), "lan40")
+    assert (r.retval, r.verdict, r.reason) == (TC_ACT_OK, Verdict.PASS_TRANSLATED, Reason.XLATE_NEW)
+    assert IP(r.packet).src == snat_of(RULE_SDH, A, R1, 40000)[0] and checksums_ok(r.packet)
+
+
+def test_later_fragment_follows_its_first_fragment(prog):
+    """The first fragment is translated and remembered; the rest gets the same addresses;
+    a fragment of an unknown datagram is dropped."""
+    first, rest = fragments(A, R1, 40000, 53)
+    r1 = prog.run("inside", first, "lan40")
+    r2 = prog.run("inside", rest, "lan40")
+    assert (r1.reason, r2.reason, r2.retval) == (Reason.XLATE_NEW, Reason.XLATE_FRAG, TC_ACT_REDIRECT)
+    assert IP(r2.packet).src == IP(r1.packet).src and checksums_ok(r2.packet)
+    assert (r2.oif, r2.nexthop) == (r1.oif, r1.nexthop)
+    _, other = fragments(A, R1, 40000, 53, ident=0x1111)
+    r3 = prog.run("inside", other, "lan40")
+    assert (r3.retval, r3.reason) == (TC_ACT_SHOT, Reason.DROP_FRAG_UNKNOWN)
+
+
+def test_full_table_refuses_new_flow_and_leaves_no_half_session(make_prog):
+    """With room for two sessions, the third flow is DROP_TABLE_FULL and the map holds 4 keys."""
+    s = replace(REF_SETTINGS, max_sessions=2)
+    prog = make_prog(ruleset(REF_RULES), s, max_sessions=2)
+    for sport in (1001, 1002):
+        assert prog.run("inside", udp(A, R1, sport, 53), "lan40").reason == Reason.XLATE_NEW
+    r = prog.run("inside", udp(A, R1, 1003, 53), "lan40")
+    assert (r.retval, r.reason) == (TC_ACT_SHOT, Reason.DROP_TABLE_FULL)
+    assert len(prog.ct()) == 4
+
+
+def test_port_search_exhausts_a_narrow_range(make_prog):
+    """Ports 5000-5001 hold two flows to one remote port; the third is DROP_PORT_EXHAUSTED."""
+    s = replace(REF_SETTINGS, port_min=5000, port_max=5001)
+    prog = make_prog(ruleset(REF_RULES), s)
+    got = [prog.run("inside", udp(A, R1, sp, 53), "lan40").reason for sp in (1001, 1002, 1003)]
+    assert got == [Reason.XLATE_NEW, Reason.XLATE_NEW, Reason.DROP_PORT_EXHAUSTED]
+    assert len(prog.ct()) == 4
+
+
+def test_port_tries_bound_is_respected(make_prog):
+    """Two hosts with one SNAT address and the same source port share a first candidate:
+    with port_tries=1 the second flow is exhausted, with 2 it gets the next port."""
+    rules = RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": "198.19.2.71"})])
+    for tries, second in ((1, Reason.DROP_PORT_EXHAUSTED), (2, Reason.XLATE_NEW)):
+        prog = make_prog(rules, replace(REF_SETTINGS, port_tries=tries))
+        assert prog.run("inside", udp(A, R1, 40000, 53), "lan40").reason == Reason.XLATE_NEW
+        assert prog.run("inside", udp(B, R1, 40000, 53), "lan40").reason == second
+
+
+def test_each_packet_counts_exactly_one_reason(prog):
+    """N packets of mixed fates add up to N in the reason counters."""
+    pkts = [udp(A, R1, 40000, 53), udp(A, R1, 40000, 53), tcp(A, R1, 1, 80, "A"),
+            udp(A, "198.19.2.71", 1, 1), b"\x60" + bytes(39)]  # fmt: skip
+    for p in pkts:
+        prog.run("inside", p, "lan40")
+    assert sum(prog.reasons().values()) == len(pkts)
+
+
+def test_rule_scan_reaches_the_last_of_16k_rules(make_prog):
+    """16384 rule slots: a flow matching only the last one is translated by it."""
+    filler = [Rule.from_dict({"from": f"10.{i // 256}.{i % 256}.0/24", "snat_ip": "198.19.2.71"})
+              for i in range(16383)]  # fmt: skip
+    # priority puts longer source prefixes first: a /15 sorts after every /24 filler
+    last = Rule.from_dict({"from": "198.18.0.0/15", "snat_ip": "198.19.2.73"})
+    rs = RuleSet(filler + [last])
+    assert rs.rules[-1] == last
+    prog = make_prog(rs, REF_SETTINGS)
+    r = prog.run("inside", udp(A, R1, 40000, 53), "lan40")
+    assert (r.reason, IP(r.packet).src) == (Reason.XLATE_NEW, "198.19.2.73")
+
+
+def test_egress_leaves_ordinary_packets_alone_and_uncounted(prog):
+    """The egress program passes a non-ICMP-error packet unchanged without counting it."""
+    p = udp("198.19.2.72", R1, 5000, 53)
+    r = prog.run("egress", p, "eth1")
+    assert (r.retval, r.verdict, r.packet) == (TC_ACT_OK, None, p)
+    assert prog.reasons() == {}
