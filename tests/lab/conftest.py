@@ -85,36 +85,36 @@ class Gateway:
 
 
 @pytest.fixture(scope="module", params=["bpf", "nft"])
-def gateway_module(request, lab, servers):
+def gateway_module(request):
+    """A lab of its own per backend (nothing one backend leaves can reach the other's tests),
+    its servers, the SNAT addresses of both configs, and `snatgw run` on the REF config."""
     backend = request.param
-    conf = os.path.join(lab.workdir, f"{backend}.conf")
-    fconf = os.path.join(lab.workdir, f"{backend}-failover.conf")
-    with open(conf, "w") as f:
-        f.write(config_text(REF_RULES))
-    with open(fconf, "w") as f:
-        f.write(config_text(FAILOVER_RULES))
-    gw = Gateway(lab, backend, servers, conf, fconf)
-    lab.add_snat_addresses(gw.rules)
-    lab.add_snat_addresses(gw.failover_rules)
-    gw.available, gw.why = gateway_available(backend)
-    if not gw.available:
-        gw.error = LabError(f"snatgw run --backend {backend}: {gw.why}")
-    else:
-        try:
-            lab.start_gateway(conf, backend)
-        except LabError as e:
-            gw.error = e
-            missing = re.search(r"ModuleNotFoundError: No module named '(snatgw\.[\w.]+)'", str(e))
-            if missing:  # a part of snatgw that is not built yet, not a broken one
-                gw.available, gw.why = False, f"not built yet: {missing[1]}"
+    lab = new_lab()
     try:
+        servers = lab.start_servers()
+        conf = os.path.join(lab.workdir, f"{backend}.conf")
+        fconf = os.path.join(lab.workdir, f"{backend}-failover.conf")
+        with open(conf, "w") as f:
+            f.write(config_text(REF_RULES))
+        with open(fconf, "w") as f:
+            f.write(config_text(FAILOVER_RULES))
+        gw = Gateway(lab, backend, servers, conf, fconf)
+        lab.add_snat_addresses(gw.rules)
+        lab.add_snat_addresses(gw.failover_rules)
+        gw.available, gw.why = gateway_available(backend)
+        if not gw.available:
+            gw.error = LabError(f"snatgw run --backend {backend}: {gw.why}")
+        else:
+            try:
+                lab.start_gateway(conf, backend)
+            except LabError as e:
+                gw.error = e
+                missing = re.search(r"ModuleNotFoundError: No module named '(snatgw\.[\w.]+)'", str(e))
+                if missing:  # a part of snatgw that is not built yet, not a broken one
+                    gw.available, gw.why = False, f"not built yet: {missing[1]}"
         yield gw
     finally:
-        lab.stop_gateway()
-        # pins of this backend must not be adopted by the next one
-        import shutil
-
-        shutil.rmtree(lab.pin_dir, ignore_errors=True)
+        lab.down()
 
 
 @pytest.fixture
@@ -122,5 +122,5 @@ def gw(request, gateway_module):
     """The running gateway; while its backend is not built the test xfails (strict=False)."""
     if not gateway_module.available:
         request.node.add_marker(pytest.mark.xfail(
-            reason=f"{gateway_module.backend} datapath not built yet: {gateway_module.why}", strict=False))
+            reason=f"snatgw run --backend {gateway_module.backend}: {gateway_module.why}", strict=False))
     return gateway_module
