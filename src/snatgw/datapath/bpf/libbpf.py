@@ -364,8 +364,13 @@ class Map:
         return True
 
     def keys(self) -> list[bytes]:
-        """A snapshot of the keys (a hash map restarts iteration if the current key vanishes,
-        so keys are collected first; entries deleted meanwhile are skipped by items())."""
+        """A snapshot of the keys, by batch lookup (robust against concurrent deletes),
+        else by get_next_key."""
+        return [k for k, _ in self.items_batch()]
+
+    def _keys_walk(self) -> list[bytes]:
+        """Keys by get_next_key: a hash map restarts the walk when the current key vanishes
+        meanwhile, so the walk stops at the first repeat (it may then miss a few keys)."""
         out, cur, nxt = [], None, C.create_string_buffer(self.key_size)
         seen: set[bytes] = set()
         for _ in range(self.max_entries + 1):
@@ -386,7 +391,8 @@ class Map:
         return len(self.keys())
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
-        for k in self.keys():
+        """(key, value) by get_next_key and lookups (items_batch is the fast way)."""
+        for k in self._keys_walk():
             v = self.get(k)
             if v is not None:
                 yield k, v
