@@ -92,6 +92,19 @@ def test_shadowed_rules_are_warned_naming_both_lines(monkeypatch, tmp_path, caps
     assert "c.conf:3: snat_rule can never match" in out and "rule at " in out and "c.conf:2" in out
 
 
+def test_rule_covered_by_several_earlier_rules_is_warned(tmp_path, capsys):
+    """A /23 rule whose two /24 halves have earlier rules (no route conditions) can never match."""
+    f = write(tmp_path, "virtual_server fwmark 1 {\n"
+                        " snat_rule { from 198.18.40.0/23 oif eth1 snat_ip 198.19.2.71 }\n"
+                        " snat_rule { from 198.18.41.0/24 snat_ip 198.19.2.72 }\n"
+                        " snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.73 }\n"
+                        " snat_rule { from 198.18.40.0/22 snat_ip 198.19.2.73 }\n}\n")  # fmt: skip
+    assert main(["check", "--json", f]) == 0
+    w = json.loads(capsys.readouterr().out)["warnings"]
+    assert len(w) == 1, w
+    assert w[0].startswith(f"{f}:2: snat_rule can never match") and f"{f}:3" in w[0] and f"{f}:4" in w[0]
+
+
 def test_oif_outside_the_uplinks_is_warned(tmp_path, capsys):
     """A rule whose oif is not an `outside` interface is valid but warned."""
     f = write(tmp_path, "snatgw { outside eth1 eth2 }\nvirtual_server fwmark 1 {\n"
