@@ -224,3 +224,12 @@ def test_restart_with_kept_state_keeps_an_open_session(lab, backend):
                 second.stop()
     assert a["peer"] == b["peer"] == c["peer"] and _isp1(_ip(a["peer"]))
     assert "snatgw" not in lab.run("gw", "nft", "list", "tables").stdout
+
+
+def test_traffic_to_the_gateway_itself_is_not_steered_or_marked(lab, backend):
+    """A ping from an inside host to the gateway's own address is answered and not marked."""
+    with backend():
+        lab.run("in50", "ping", "-c", "1", "-W", "2", "198.18.50.1")
+        ct = lab.run("gw", "cat", "/proc/net/nf_conntrack").stdout
+    mine = [ln for ln in ct.splitlines() if "dst=198.18.50.1 " in ln and "icmp" in ln]
+    assert mine and all(f"mark={R.MARK_TAG >> 16}" not in ln and "mark=13974" not in ln for ln in mine)

@@ -109,7 +109,8 @@ def test_new_gw_rule_is_steered_before_routing_not_classified_after():
     p = _plan(REF)
     steer = [r.text for r in p.rules if r.chain == "steer"]
     classify = [r.text for r in p.rules if r.chain == "classify"]
-    assert any("ip saddr 198.18.0.0/16 meta mark set" in t and "ct mark set" in t for t in steer)
+    assert any("ip saddr 198.18.0.0/16 fib daddr type unicast meta mark set" in t and "ct mark set" in t
+               for t in steer)
     assert not any("198.18.0.0/16" in t for t in classify)
     (route,) = p.routes
     assert route.table == route.mark - R.MARK_TAG + R.RT_BASE
@@ -124,8 +125,8 @@ def test_steering_predicts_oif_with_fib_and_gw_with_its_device():
                      " snat_rule { from 198.18.40.0/24 gw 198.19.2.1 new_gw 198.19.3.1 snat_ip 198.19.3.71 }\n}\n")
     with_dev = R.plan(cfg.rules, cfg.settings, {cfg.rules.rules[0].gw: "eth1"})
     without = R.plan(cfg.rules, cfg.settings)
-    assert any('fib daddr oifname "eth1" meta mark set' in r.text for r in with_dev.rules)
-    assert not any("fib daddr" in r.text for r in without.rules)
+    assert any('fib daddr oifname "eth1" fib daddr type unicast meta mark set' in r.text for r in with_dev.rules)
+    assert not any("fib daddr oifname" in r.text for r in without.rules)
     assert any("ignores gw" in n for n in without.notes)
 
 

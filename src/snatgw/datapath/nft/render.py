@@ -124,6 +124,11 @@ def m_fib_oifname(name: str) -> tuple:
     return _match("fib daddr oifname", {"fib": {"result": "oifname", "flags": ["daddr"]}}, f'"{name}"', name)
 
 
+def m_fib_unicast() -> tuple:
+    """The destination is routed (not local, broadcast, multicast): never steer the gateway's own."""
+    return _match("fib daddr type", {"fib": {"result": "type", "flags": ["daddr"]}}, "unicast", "unicast")
+
+
 def m_nexthop(gw: IPv4Address) -> tuple:
     return _match("rt ip nexthop", {"rt": {"key": "nexthop", "family": "ip"}}, str(gw), str(gw))
 
@@ -354,7 +359,7 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
         m = mark_of(slots[r.identity])
         pre = [m_ct_state("new"), m_ct_mark_ours(False)] + inside + _predicted(r, gw_dev, notes)
         if r.new_gw:
-            add("steer", pre + s_set_mark(m) + [v("return")], tag(r))
+            add("steer", pre + [m_fib_unicast()] + s_set_mark(m) + [v("return")], tag(r))
         else:
             add("steer", pre + [v("return")], tag(r))
     # forward: guard, exact match, non-SYN drop, unmatched drop, counters
