@@ -65,6 +65,10 @@ def config_warnings(cfg: GatewayConfig) -> list[str]:
         for r in cfg.rules.defined:
             if r.oif and r.oif not in s.outside:
                 out.append(f"{r.where}: oif: {r.oif} is not among the outside interfaces ({' '.join(s.outside)})")
+    missing = [k for k in ("inside", "outside") if not getattr(s, k)]
+    if missing:
+        out.append(f"{cfg.source}: no {' or '.join(missing)} interfaces in a snatgw {{ }} block: "
+                   f"give them there or to `snatgw run --{missing[0]} IF`")
     if not len(cfg.rules):
         out.append(f"{cfg.source}: no snat_rule: nothing will be translated")
     return out
