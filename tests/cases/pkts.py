@@ -58,7 +58,7 @@ def fragments(src: str, dst: str, sport: int, dport: int, size: int = 64, ident:
               proto: str = "udp") -> list[bytes]:  # fmt: skip
     """A UDP (or ICMP echo, sport = id) datagram cut into a first fragment (L4 header + 16
     bytes) and the rest (offset 3)."""
-    payload = bytes(range(256))[:size] * 1
+    payload = bytes(range(256))[:size]
     if proto == "udp":
         whole = IP(src=src, dst=dst, id=ident) / UDP(sport=sport, dport=dport) / payload
     else:

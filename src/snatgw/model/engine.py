@@ -58,7 +58,9 @@ class Engine:
 
     def process(self, pkt: bytes, side: str, ingress: str, now: float) -> Result:
         """Run one packet through the program of ``side`` ("inside" | "outside" | "egress");
-        ``ingress``: the device it arrived on (egress: the device it leaves by)."""
+        ``ingress``: the device it arrived on (egress: the device it leaves by).  Every packet
+        counts one reason in ``reasons``, except egress packets that are not ICMP errors: they
+        pass uncounted (Result reason PASS_ICMP_OTHER), as the BPF egress program does."""
         if side not in SIDES:
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
         pkt = bytes(pkt)
@@ -66,7 +68,7 @@ class Engine:
         if side == "egress":
             res = self._egress(pkt, v)
             if res is None:  # not an ICMP error: passes uncounted (our own redirected traffic)
-                return Result(Verdict.PASS, v if v == Reason.PASS_NOT_IPV4 else Reason.PASS_ICMP_OTHER, pkt)
+                return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
         elif isinstance(v, Reason):
             res = Result(_verdict_of(v), v, pkt)
         elif side == "inside":
