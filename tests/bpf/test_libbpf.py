@@ -121,3 +121,14 @@ def test_readonly_pin_reads_but_cannot_write(obj, pin_dir):  # noqa: F811
             m.put(ct_key(2), bytes(L.CT_ENTRY.size))
         assert e.value.errno == errno.EPERM
     os.unlink(path)
+
+
+def test_libbpf_messages_reach_python_logging(tmp_path, caplog):
+    """libbpf's own warning about a broken object arrives as a snatgw.libbpf log record."""
+    bad = tmp_path / "bad.o"
+    bad.write_bytes(b"this is not an ELF file")
+    with caplog.at_level("DEBUG", logger="snatgw.libbpf"):
+        with pytest.raises(BackendError):
+            B.BpfObject.open(bad)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "snatgw.libbpf"]
+    assert any("bad.o" in m or "elf" in m.lower() for m in msgs), msgs
