@@ -113,8 +113,8 @@ class NftBackend:
         self.apply(config)
 
     def apply(self, config: GatewayConfig) -> None:
-        """Resolve what needs the kernel first (so a failure changes nothing), then one nft
-        transaction, then the policy routing of new_gw rules (replace, then remove stale)."""
+        """Resolve what needs the kernel first (so a failure to resolve changes nothing), then the
+        policy routing of new_gw rules, one nft transaction, and the removal of stale routing."""
         settings = config.settings if config.settings else self.settings
         rules: RuleSet = config.rules
         gw_dev = {}
@@ -137,14 +137,16 @@ class NftBackend:
                     f"{e.rule.where or 'rule'}: new_gw: no route to {e.new_gw} in this namespace "
                     f"(ip route get {e.new_gw}); add one, or give the rule an oif to use it on-link"
                 )
+        # routes first: a new slot's ip rule is inert until the rule set marks packets with it,
+        # and `route replace` swaps a changed new_gw in one step (no window without a route)
+        have = {pref for pref, _ in self._our_ip_rules()}
+        for e, cmds in routes:
+            self._run(["ip"] + cmds[0])
+            if e.table not in have:
+                self._run(["ip"] + cmds[1])
         stale = tuple(self._counter_names())
         self._run(["nft", "-j", "-f", "-"], input=R.to_json_text(p, stale))
         wanted = {e.table for e, _ in routes}
-        for e, cmds in routes:
-            self._run(["ip", "route", "flush", "table", str(e.table)], check=False)
-            self._run(["ip"] + cmds[0])
-            if not any(pref == e.table for pref, _ in self._our_ip_rules()):
-                self._run(["ip"] + cmds[1])
         self._remove_routing(keep=wanted)
         self._config, self._plan, self.settings = config, p, settings
         self._by_mark = {m: r.rule_id for m, r in p.rule_by_mark(rules).items()}
