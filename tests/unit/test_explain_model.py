@@ -124,6 +124,20 @@ def test_route_from_kernel_uses_the_fib_answer(monkeypatch, capsys):
     assert (d["next_hop"], d["oif"]) == ("198.19.2.1", "eth1")  # new_gw resolved by the FIB, on-link on eth1
     rc, d = explain(capsys, LAB, "198.18.40.10:40000", "203.0.113.10:80", "--route-from-kernel")
     assert d["rule"]["algo"] == "random" and d["candidates"][0]["match"] is True
+    assert d["notes"] == []
+
+
+def test_route_from_kernel_notes_a_refused_source_once(monkeypatch, capsys):
+    """When the FIB refuses the non-local source, the lookup is repeated without it, noted once."""
+    def fake(dst, src, iif):
+        if src is not None:
+            return None, f"ip -j route get {dst} from {src}: Network is unreachable"
+        return {"dst": str(dst), "dev": "eth1", "gateway": "198.19.2.1"}, f"ip -j route get {dst}"
+
+    monkeypatch.setattr(ex, "ip_route_get", fake)
+    rc, d = explain(capsys, LAB, "198.18.40.10:40000", "203.0.113.10:80", "--route-from-kernel")
+    assert rc == 0 and d["rule"]["algo"] == "sdh"
+    assert len(d["notes"]) == 1 and "routing by source not applied" in d["notes"][0]
 
 
 def test_text_output_shows_rules_verdict_snat_and_packet(capsys):

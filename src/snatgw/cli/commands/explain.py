@@ -198,9 +198,15 @@ class KernelRouter:
     inside: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     answers: list[tuple[str, dict | None]] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
 
     def lookup(self, dst, src=None):
-        dst = IPv4Address(dst)
+        key = (IPv4Address(dst), src)
+        if key not in self.cache:  # explain and the model ask the same question: ask once
+            self.cache[key] = self._lookup(*key)
+        return self.cache[key]
+
+    def _lookup(self, dst: IPv4Address, src):
         iifs = [i for i in self.inside if os.path.exists(f"/sys/class/net/{i}")][:1]
         tries = [(src, i) for i in iifs] + [(src, None)] if src is not None else []
         errors = []
