@@ -110,9 +110,9 @@ class Run:
 class ProgHarness:
     """A loaded datapath object whose programs run on packets by BPF_PROG_TEST_RUN."""
 
-    def __init__(self, net: RefNet, defines: dict | None = None, max_sessions: int = 4096):
+    def __init__(self, net: RefNet, defines: dict | None = None, max_sessions: int = 4096, test: bool = True):
         self.net = net
-        self.defines = {"SNAT_TEST": 1, **(defines or {})}
+        self.defines = {**({"SNAT_TEST": 1} if test else {}), **(defines or {})}
         self.obj = B.BpfObject.open(build.compile(self.defines))
         try:
             self.obj.set_max_entries(L.MAP_CT, 2 * max_sessions)
@@ -168,10 +168,11 @@ class ProgHarness:
                     nh = IPv4Address(nhop) if nhop != bytes(4) else None
         return Run(verdict, reason, out[len(ETH):], oif, nh, ret)
 
-    def bench(self, side: str, ipv4: bytes, ingress: str, repeat: int) -> int:
-        """Average ns per run over ``repeat`` runs of the same packet (kernel-timed)."""
+    def bench(self, prog: str, ipv4: bytes, ingress: str, repeat: int) -> int:
+        """Average ns per run of program ``prog`` over ``repeat`` runs (kernel-timed); with the
+        SNAT_BENCH build, the bench_* wrappers restore the packet between runs."""
         with self.net.enter():
-            return B.test_run(self.fds[side], ETH + bytes(ipv4), self.ctx(ingress), repeat=repeat)[3]
+            return B.test_run(self.obj.prog_fd(prog), ETH + bytes(ipv4), self.ctx(ingress), repeat=repeat)[3]
 
     # ------------------------------------------------------------------ state
 

@@ -62,7 +62,7 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 	if (p->proto == IPPROTO_TCP_ && reason == REASON_XLATE_OUT)
 		e->state = ct_tcp_next(e->state, (e->flags & CT_F_REPLIED) ? TCP_TBL_IN : TCP_TBL_IN_ONLY,
 				       p->tcp_flags);
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = snat_now();
 
 	e->last_seen = now;
 	e->packets += 1; /* race: plain adds, a lost count is cheaper than an atomic */
@@ -136,7 +136,7 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	s.val.rule_id = r->rule_id;
 	bpf_check_mtu(skb, iif, &mtu, 0, 0); /* sets mtu to the inside device's MTU */
 	s.val.mtu = mtu;
-	s.val.created = s.val.last_seen = bpf_ktime_get_ns();
+	s.val.created = s.val.last_seen = snat_now();
 	s.c = (__u16)p->sport;
 	s.min = cfg->port_min;
 	s.n = cfg->port_max >= cfg->port_min ? (__u32)cfg->port_max - cfg->port_min + 1 : 0;
@@ -237,7 +237,7 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 		}
 		e->flags |= CT_F_REPLIED;
 	}
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = snat_now();
 
 	e->last_seen = now;
 	e->packets += 1;
@@ -297,3 +297,7 @@ int snat_egress(struct __sk_buff *skb)
 	icmp_err_v4_reply(skb, &p, &v, 1);
 	return snat_emit(skb, &v);
 }
+
+#ifdef SNAT_BENCH
+#include "bench.h"
+#endif

@@ -137,7 +137,7 @@ static __always_inline int frag_v4_later(struct __sk_buff *skb, const struct pkt
 	__be16 old_w;
 	__u64 d;
 
-	if (e && bpf_ktime_get_ns() - e->created > SNAT_FRAG_TIMEOUT * 1000000000ULL) {
+	if (e && snat_now() - e->created > SNAT_FRAG_TIMEOUT * 1000000000ULL) {
 		bpf_map_delete_elem(&snat_frags, &k); /* too old: the datagram is gone */
 		e = NULL;
 	}

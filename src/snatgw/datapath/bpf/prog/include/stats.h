@@ -13,6 +13,7 @@ static __always_inline void stats_reason(__u32 reason)
 
 static __always_inline void stats_rule(__u32 rule_id, __u32 bytes, int new_session)
 {
+
 	struct rule_stats *s = bpf_map_lookup_elem(&snat_rule_stats, &rule_id);
 
 	if (s) {
@@ -50,4 +51,16 @@ static __always_inline int verdict_redirect(struct snat_res *v, __u32 reason, __
 	v->ifindex = ifindex;
 	v->nexthop = nh;
 	return 0;
+}
+
+/* The session clock: CLOCK_MONOTONIC like bpf_ktime_get_ns, but the tick-coarse variant (at
+ * most one jiffy behind), which costs a fraction of a clock read on the per-packet path; the
+ * timeouts it feeds are whole seconds.  SNAT_FINE_CLOCK builds use the precise clock. */
+static __always_inline __u64 snat_now(void)
+{
+#ifdef SNAT_FINE_CLOCK
+	return bpf_ktime_get_ns();
+#else
+	return bpf_ktime_get_coarse_ns();
+#endif
 }
