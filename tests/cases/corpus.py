@@ -16,7 +16,7 @@ from snatgw.model.router import REF_ROUTES as _ROUTES
 from snatgw.rules import Rule, RuleSet
 
 from .pkts import A, B, C, D, ISP1, R1, R2, ROUTER, STRANGER, echo, fragments, icmp_error, other_proto
-from .pkts import snat_of, tcp, udp, with_options
+from .pkts import snat_of, tcp, udp, with_options, zeroing_word
 
 REF_CONFIG = """\
 virtual_server fwmark 1 {
@@ -388,6 +388,27 @@ def _scenarios() -> list[Scenario]:
         inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
         outside(tcp(R1, fa2, 80, fp2, "SA"), RED, R.XLATE_IN, dev="eth2"),
     ], rules=FAILOVER_RULES)  # fmt: skip
+    za, zp = snat_of(RULE_SDH, A, R1, 7777)
+    w_out = zeroing_word(lambda w: (udp(za, R1, zp, 53, payload=b"corner" + w, ttl=63), 26))
+    w_in = zeroing_word(lambda w: (udp(R1, A, 53, 7777, payload=b"reply!" + w, ttl=63), 26))
+    w_tcp = zeroing_word(lambda w: (tcp(za, R1, snat_of(RULE_SDH, A, R1, 7778)[1], 80, "S", ttl=63,
+                                        payload=b"tc" + w), 36))
+    t_out0 = tcp(A, R1, 7778, 80, "S", payload=b"tc" + w_tcp)  # its translation sums to 0x0000
+    w_in0 = zeroing_word(lambda w: (tcp(A, R1, 7780, 80, "S", payload=b"tc" + w), 36))
+    t_in0 = tcp(A, R1, 7780, 80, "S", payload=b"tc" + w_in0)  # checksum field 0x0000 (valid)
+    t_in_ffff = t_in0[:36] + b"\xff\xff" + t_in0[38:]  # the same checksum spelled 0xFFFF
+    bad_ip = udp(A, R1, 7779, 53)
+    bad_ip = bad_ip[:10] + bytes([bad_ip[10] ^ 0x40]) + bad_ip[11:]
+    add("checksum_corners", "UDP whose translated checksum computes to zero is sent as 0xFFFF "
+        "(both ways); a TCP checksum spelled 0xFFFF-style or 0x0000-style translates alike; a "
+        "wrong IP checksum stays wrong.", [
+        inside(udp(A, R1, 7777, 53, payload=b"corner" + w_out), RED, R.XLATE_NEW),
+        outside(udp(R1, za, 53, zp, payload=b"reply!" + w_in), RED, R.XLATE_IN),
+        inside(t_out0, RED, R.XLATE_NEW),
+        inside(t_in0, RED, R.XLATE_NEW),
+        inside(t_in_ffff, RED, R.XLATE_OUT),
+        inside(bad_ip, RED, R.XLATE_NEW),
+    ])  # fmt: skip
     add("not_ipv4_and_empty", "Non-IPv4 and empty input never raise.", [
         inside(b"", DROP, R.DROP_MALFORMED),
         outside(b"\x60" + b"\0" * 39, PASS, R.PASS_NOT_IPV4),

@@ -83,3 +83,13 @@ def snat_of(rule, src: str, dst: str, sport: int, port_min: int = 5000, port_max
     addr = select_addr(rule.pool, rule.algo, IPv4Address(src), IPv4Address(dst), sport)
     ports = list(port_candidates(sport, port_min, port_max, nth + 1))
     return str(addr), ports[nth]
+
+
+def zeroing_word(build) -> bytes:
+    """Two payload bytes ``w`` such that the L4 checksum of ``build(w)`` computes to zero:
+    ``build(b"\\0\\0")``'s checksum c is the one's complement of the sum without w, so w = c
+    makes the sum all ones.  ``build`` returns (bytes, checksum offset)."""
+    pkt, off = build(b"\0\0")
+    c = int.from_bytes(pkt[off : off + 2], "big")
+    assert c not in (0, 0xFFFF)
+    return c.to_bytes(2, "big")

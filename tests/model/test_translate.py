@@ -189,3 +189,17 @@ def test_bad_side_is_a_programming_error(engine):
     """An unknown side name raises ValueError (not a packet outcome)."""
     with pytest.raises(ValueError, match="side"):
         engine.process(tcp(A, R1, 1, 2), "sideways", "lan40", 0)
+
+
+def test_checksum_corner_scenario_outputs():
+    """The corpus's checksum corners: a UDP translation summing to zero is sent as 0xFFFF both
+    ways; a TCP checksum spelled 0x0000 or 0xFFFF gives identical output bytes."""
+    from cases.corpus import SCENARIOS
+
+    sc = next(s for s in SCENARIOS if s.name == "checksum_corners")
+    e = sc.make_engine()
+    outs = [e.process(st.packet, st.side, st.ingress, float(i)).packet for i, st in enumerate(sc.steps)]
+    assert outs[0][26:28] == outs[1][26:28] == b"\xff\xff"
+    assert outs[2][36:38] == b"\x00\x00"
+    assert outs[3] == outs[4]
+    assert [p[:3] for p in problems(outs[5])] == ["ip "]  # the wrong IP checksum stays wrong
