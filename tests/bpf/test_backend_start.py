@@ -4,7 +4,6 @@ uplink by the kernel's route, keep_state hands sessions to the next start, nothi
 
 import ipaddress
 import os
-import subprocess
 import uuid
 
 import pytest
@@ -16,7 +15,7 @@ from snatgw.datapath.bpf.backend import BpfBackend
 from snatgw.datapath.bpf.loader import attached_prog_id, netns
 from snatgw.rules import Pool, Rule, RuleSet
 
-from test_backend import RULE_A, add_session  # noqa: F401
+from test_backend import add_session
 from test_loader import mini_obj, pin_dir, sh  # noqa: F401  (fixtures)
 
 pytest.importorskip("snatgw.datapath.bpf.prog_maps", reason="bpf-C's rule compiler is not there yet")
@@ -104,5 +103,3 @@ def test_start_with_missing_interface_leaves_nothing(gw, pin_dir, mini_obj):  # 
         assert attached_prog_id("eth1", B.BPF_TC_INGRESS) is None
     assert not os.path.exists(pin_dir)
 
-
-assert subprocess

@@ -13,7 +13,7 @@ import pytest
 
 from snatgw import layout as L
 from snatgw.datapath.bpf import libbpf as B
-from snatgw.datapath.bpf.loader import TC_HANDLE, TC_PRIORITY, Loader, attached_prog_id, netns
+from snatgw.datapath.bpf.loader import Loader, attached_prog_id, netns
 from snatgw.errors import BackendError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -240,6 +240,7 @@ def test_real_datapath_loads_attaches_adopts_pins_and_leaves_nothing(ns, pin_dir
     assert not os.path.exists(pin_dir)
 
 
+@pytest.mark.root
 def test_netns_restores_the_callers_namespace(ns):
     """After the netns() body, the thread is back in its own namespace."""
     before = os.readlink("/proc/thread-self/ns/net")
@@ -248,5 +249,3 @@ def test_netns_restores_the_callers_namespace(ns):
     assert os.readlink("/proc/thread-self/ns/net") == before
 
 
-test_netns_restores_the_callers_namespace = pytest.mark.root(test_netns_restores_the_callers_namespace)
-assert TC_HANDLE and TC_PRIORITY

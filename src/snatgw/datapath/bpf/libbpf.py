@@ -22,7 +22,8 @@ Stable API (other modules and the bpf-C tests rely on it; only add to it):
     m.get_percpu(key) -> list[bytes] | None # per-CPU maps: one value per possible CPU
     m.put(key, value, flags=BPF_ANY)        # per-CPU maps: value may be one value (copied to all)
     m.delete(key) -> bool                   # False when the key was absent
-    m.keys() / m.items() / len(m)           # snapshot iteration (keys first, then lookups)
+    m.keys() / len(m)                       # a snapshot of the keys (batch lookup)
+    m.items()                               # get_next_key walk + lookups
     m.items_batch(chunk=1024)               # bpf_map_lookup_batch, falls back to items()
     m.pin(path)
 
