@@ -175,3 +175,18 @@ def test_text_and_json_carry_the_same_statements():
     js = [c["add"]["rule"] for c in R.to_json(p)["nftables"] if "add" in c and "rule" in c["add"]]
     assert [j["chain"] for j in js] == [r.chain for r in p.rules]
     assert [len(j["expr"]) for j in js] == [len(r.pieces) for r in p.rules]
+
+
+def test_settings_timeouts_become_ct_timeout_objects_named_by_value():
+    """TCP established and UDP timeouts are ct timeout objects set on new flows; the name carries
+    the value, so a reload that changes it makes a new object and deletes the old one."""
+    p = _plan(REF)
+    assert [t[0] for t in p.timeouts] == ["tcp_7440", "udp_300"]
+    assert any('ct timeout set "tcp_7440"' in r.text for r in p.rules if r.chain == "steer")
+    assert "policy = { established: 7440 }" in R.timeouts_text(p)
+    cfg = parse_text(REF.replace("outside eth1 eth2", "outside eth1 eth2\n    timeout tcp_established 600"))
+    q = R.plan(cfg.rules, cfg.settings)
+    assert q.timeouts[0] == ("tcp_600", "tcp", {"established": 600})
+    cmds = R.to_json(q, stale_timeouts=("tcp_7440", "udp_300"), with_timeouts=False)["nftables"]
+    assert [c["delete"]["ct timeout"]["name"] for c in cmds if "delete" in c] == ["tcp_7440"]
+    assert not any("add" in c and "ct timeout" in c["add"] for c in cmds)

@@ -144,18 +144,24 @@ class NftBackend:
             self._run(["ip"] + cmds[0])
             if e.table not in have:
                 self._run(["ip"] + cmds[1])
-        stale = tuple(self._counter_names())
-        self._run(["nft", "-j", "-f", "-"], input=R.to_json_text(p, stale))
+        stale = self._object_names()
+        self._run(["nft", "-f", "-"], input=R.timeouts_text(p))  # see render.to_json
+        self._run(["nft", "-j", "-f", "-"], input=R.to_json_text(p, stale["counter"], stale["ct timeout"], False))
         wanted = {e.table for e, _ in routes}
         self._remove_routing(keep=wanted)
         self._config, self._plan, self.settings = config, p, settings
         self._by_mark = {m: r.rule_id for m, r in p.rule_by_mark(rules).items()}
 
-    def _counter_names(self) -> list[str]:
-        p = self._run(["nft", "-j", "list", "counters", "table", R.FAMILY, R.TABLE], check=False)
-        if p.returncode != 0:
-            return []
-        return [o["counter"]["name"] for o in json.loads(p.stdout)["nftables"] if "counter" in o]
+    def _object_names(self) -> dict[str, tuple[str, ...]]:
+        """Named objects in our table now (counters, ct timeouts), to delete the stale ones."""
+        out: dict[str, list[str]] = {"counter": [], "ct timeout": []}
+        p = self._run(["nft", "-j", "list", "table", R.FAMILY, R.TABLE], check=False)
+        if p.returncode == 0:
+            for o in json.loads(p.stdout)["nftables"]:
+                for kind in out:
+                    if kind in o:
+                        out[kind].append(o[kind]["name"])
+        return {k: tuple(v) for k, v in out.items()}
 
     def _counters(self) -> dict[str, tuple[int, int]]:
         p = self._run(["nft", "-j", "list", "counters", "table", R.FAMILY, R.TABLE], check=False)

@@ -21,7 +21,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from ...config.schema import Settings
 from ...errors import BackendError
-from ...layout import Algo
+from ...layout import Algo, CtState
 from ...rules import ANY_NET, Rule, RuleSet
 
 FAMILY = "ip"
@@ -283,6 +283,7 @@ class Plan:
     routes: tuple[RouteEntry, ...]
     slots: dict
     notes: tuple[str, ...]
+    timeouts: tuple[tuple[str, str, dict], ...] = ()  # (object name, protocol, policy)
 
     def rule_by_mark(self, rules: RuleSet) -> dict[int, Rule]:
         return {mark_of(self.slots[r.identity]): r for r in rules}
@@ -304,6 +305,16 @@ _CHAIN_TEXT = {
     "forward": "type filter hook forward priority filter; policy accept;",
     "nat_out": "type nat hook postrouting priority srcnat; policy accept;",
 }
+
+
+def timeout_objects(settings: Settings) -> list[tuple[str, str, dict]]:
+    """conntrack timeout policies from the settings, set on every new flow from inside: TCP's
+    established and UDP's timeouts.  ICMP (nft cannot) and the other TCP states keep the
+    kernel's: lvs-snat's IPVS state names do not map one to one onto conntrack's.  The object's
+    name carries its value, so a reload that changes it makes a new object."""
+    est, udp = settings.timeout(CtState.ESTABLISHED), settings.timeout(CtState.UDP)
+    return [(f"tcp_{est}", "tcp", {"established": est}),
+            (f"udp_{udp}", "udp", {"unreplied": udp, "replied": udp})]
 
 
 def _exact(rule: Rule) -> list[tuple]:
@@ -352,7 +363,12 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
     def tag(r: Rule) -> str:
         return f"{r.rule_id:08x} {r.describe()}"[:120]
 
-    # steer: restore the flow's mark; predict for NEW flows up to the last new_gw rule
+    # steer: timeouts for new flows; restore the flow's mark; predict up to the last new_gw rule
+    timeouts = timeout_objects(settings)
+    for name, proto, _ in timeouts:
+        add("steer", [m_ct_state("new")] + inside + [
+            _match("meta l4proto", {"meta": {"key": "l4proto"}}, proto, proto),
+            (f'ct timeout set "{name}"', {"ct timeout": name})])  # fmt: skip
     add("steer", [m_ct_original(), m_ct_mark_ours(), s_restore_mark()], "later packets follow the rule's route")
     last = max((i for i, r in enumerate(rules.rules) if r.new_gw), default=-1)
     for r in rules.rules[: last + 1]:
@@ -387,27 +403,51 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
     for r in rules.rules:
         counters += [counter_name(r), counter_name(r, "new")]
     routes = tuple(RouteEntry(slots[r.identity], r.new_gw, r) for r in rules.rules if r.new_gw)
-    return Plan(tuple(out), tuple(counters), routes, slots, tuple(notes))
+    return Plan(tuple(out), tuple(counters), routes, slots, tuple(notes), tuple(timeouts))
 
 
-def to_json(p: Plan, stale_counters: tuple[str, ...] = ()) -> dict:
+def to_json(p: Plan, stale_counters: tuple[str, ...] = (), stale_timeouts: tuple[str, ...] = (),
+            with_timeouts: bool = True) -> dict:
     """One transaction: (re)create the table, flush it, define everything; old sessions live on
-    in conntrack, so a reload never drops them.  ``stale_counters`` are deleted in the same batch."""
+    in conntrack, so a reload never drops them.  Stale counters and timeout objects are deleted
+    in the same batch.  nft 1.0.6 (Debian 12) loses a `ct timeout` policy given in JSON, so the
+    backend creates those objects beforehand from text (timeouts_text) and passes
+    ``with_timeouts=False``; `add` of an existing object leaves it as it is."""
     tbl = {"family": FAMILY, "name": TABLE}
     cmds: list[dict] = [{"add": {"table": tbl}}, {"flush": {"table": tbl}}]
     for _, c in _chain_defs():
         cmds.append({"add": {"chain": c}})
     for name in p.counters:
         cmds.append({"add": {"counter": {"family": FAMILY, "table": TABLE, "name": name}}})
+    for name, proto, policy in p.timeouts if with_timeouts else ():
+        cmds.append({"add": {"ct timeout": {"family": FAMILY, "table": TABLE, "name": name,
+                                            "protocol": proto, "l3proto": "ip", "policy": policy}}})
     for name in stale_counters:
         if name not in p.counters:
             cmds.append({"delete": {"counter": {"family": FAMILY, "table": TABLE, "name": name}}})
+    for name in stale_timeouts:
+        if name not in {t[0] for t in p.timeouts}:
+            cmds.append({"delete": {"ct timeout": {"family": FAMILY, "table": TABLE, "name": name}}})
     cmds += [r.as_json() for r in p.rules]
     return {"nftables": cmds}
 
 
-def to_json_text(p: Plan, stale_counters: tuple[str, ...] = ()) -> str:
-    return json.dumps(to_json(p, stale_counters), indent=None, separators=(",", ":"))
+def to_json_text(p: Plan, stale_counters: tuple[str, ...] = (), stale_timeouts: tuple[str, ...] = (),
+                 with_timeouts: bool = True) -> str:
+    return json.dumps(to_json(p, stale_counters, stale_timeouts, with_timeouts), separators=(",", ":"))
+
+
+def _timeout_lines(p: Plan) -> list[str]:
+    out = []
+    for name, proto, policy in p.timeouts:
+        pol = ", ".join(f"{k}: {v}" for k, v in policy.items())
+        out.append(f"\tct timeout {name} {{\n\t\tprotocol {proto}; l3proto ip\n\t\tpolicy = {{ {pol} }}\n\t}}")
+    return out
+
+
+def timeouts_text(p: Plan) -> str:
+    """`nft -f` text that adds the table and its ct timeout objects (nothing else, no flush)."""
+    return "\n".join([f"table {FAMILY} {TABLE} {{"] + _timeout_lines(p) + ["}"]) + "\n"
 
 
 def to_text(p: Plan) -> str:
@@ -415,6 +455,7 @@ def to_text(p: Plan) -> str:
     lines = [f"table {FAMILY} {TABLE} {{"]
     for name in p.counters:
         lines.append(f"\tcounter {name} {{ }}")
+    lines += _timeout_lines(p)
     for chain, _ in _chain_defs():
         lines.append("")
         lines.append(f"\tchain {chain} {{")
