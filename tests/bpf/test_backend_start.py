@@ -103,3 +103,31 @@ def test_start_with_missing_interface_leaves_nothing(gw, pin_dir, mini_obj):  # 
         assert attached_prog_id("eth1", B.BPF_TC_INGRESS) is None
     assert not os.path.exists(pin_dir)
 
+
+
+@pytest.mark.bpf
+def test_apply_moves_filters_when_interfaces_change_and_bad_config_changes_nothing(gw, pin_dir, mini_obj):  # noqa: F811
+    """Dropping an uplink from `outside` detaches it; an invalid apply leaves rules as they were."""
+    from dataclasses import replace
+
+    from snatgw.errors import BackendError
+
+    with netns(gw):
+        cfg = config(pin_dir)
+        b = BpfBackend(cfg.settings, obj_path=mini_obj)
+        b.start(cfg)
+        try:
+            assert attached_prog_id("eth2", B.BPF_TC_INGRESS) is not None
+            b.apply(GatewayConfig(cfg.rules, replace(cfg.settings, outside=("eth1",))))
+            assert attached_prog_id("eth2", B.BPF_TC_INGRESS) is None
+            assert attached_prog_id("eth1", B.BPF_TC_EGRESS) is not None
+            before = b.maps.current_rules()
+            one = RuleSet([list(cfg.rules)[1]])
+            with pytest.raises(BackendError, match="port range"):
+                b.apply(GatewayConfig(one, replace(b.settings, port_min=9000, port_max=8000)))
+            with pytest.raises(BackendError, match="max_sessions changed"):
+                b.apply(GatewayConfig(one, replace(b.settings, max_sessions=128)))
+            assert b.maps.current_rules() == before
+        finally:
+            b.stop()
+    assert not os.path.exists(pin_dir)
