@@ -162,6 +162,7 @@ def test_sessions_and_stats_come_from_conntrack_and_counters(lab, backend):
     assert (s.proto, s.state, s.remote, s.nat) == ("tcp", "ESTABLISHED", f"{S1}:7007", seen["peer"])
     assert s.rule_id == rule.rule_id
     assert 7000 < s.expires <= 7440  # tcp_established from the settings, not the kernel's 5 days
+    assert 0 <= s.idle < 60
     assert stats.rules[rule.rule_id].packets > 0 and stats.rules[rule.rule_id].sessions >= 1
     assert stats.reasons["XLATE_NEW"] >= 1
 

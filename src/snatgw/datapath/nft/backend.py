@@ -14,6 +14,7 @@ from ipaddress import IPv4Address
 
 from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
+from ...layout import CtState
 from ...rules import RuleSet
 from ..backend import RuleCounters, Session, Stats
 from . import render as R
@@ -234,6 +235,9 @@ class NftBackend:
 
     def sessions(self) -> list[Session]:
         timeouts = self._timeouts()
+        # what render.timeout_objects set on our flows
+        timeouts["ESTABLISHED"] = self.settings.timeout(CtState.ESTABLISHED)
+        timeouts["UDP"] = timeouts["UDP_UNREPLIED"] = self.settings.timeout(CtState.UDP)
         out = []
         for d in parse_conntrack(self._conntrack_text()):
             if d["mark"] & R.MARK_MASK != R.MARK_TAG:
