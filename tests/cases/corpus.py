@@ -409,6 +409,35 @@ def _scenarios() -> list[Scenario]:
         inside(t_in_ffff, RED, R.XLATE_OUT),
         inside(bad_ip, RED, R.XLATE_NEW),
     ])  # fmt: skip
+    z0 = snat_of(RULE_SDH, A, R1, 0)
+    zmax = snat_of(RULE_SDH, A, R1, 65535)
+    add("edge_ports_and_ttls", "Source port / identifier 0 and 65535, TTL 255, and a lan50 host "
+        "whose reply goes back out of lan50.", [
+        inside(udp(A, R1, 0, 53, ttl=255), RED, R.XLATE_NEW),
+        outside(udp(R1, z0[0], 53, z0[1], ttl=255), RED, R.XLATE_IN),
+        inside(tcp(A, R1, 65535, 65535, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1, zmax[0], 65535, zmax[1], "SA"), RED, R.XLATE_IN),
+        inside(echo(A, R1, 0), RED, R.XLATE_NEW),
+        outside(echo(R1, z0[0], z0[1], reply=True), RED, R.XLATE_IN),
+        inside(echo(C, R1, 0xFFFF), RED, R.XLATE_NEW, dev="lan50"),
+        outside(echo(R1, snat_of(RULE_SH, C, R1, 0xFFFF)[0], snat_of(RULE_SH, C, R1, 0xFFFF)[1], reply=True),
+                RED, R.XLATE_IN),
+    ])  # fmt: skip
+    w_err = zeroing_word(lambda w: (udp(A, R1, 5353, 53, payload=b"q" * 4 + w, ttl=63), 26))
+    q_err = udp(ua, R1, up, 53, payload=b"q" * 4 + w_err, ttl=63)
+    from scapy.layers.inet import IP as _IP
+
+    opt_err = raw(_IP(src=ROUTER, dst=ua, options=[b"\x01\x01\x01\x00"]) / ICMP(type=12, code=0)
+                  / with_options(u_out))
+    add("icmp_error_options_and_zero_sum", "Errors with IP options outside and in the quote, a "
+        "parameter problem, a quoted UDP checksum that adjusts to zero (sent as 0xFFFF), and an "
+        "error quoting an error.", [
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        outside(opt_err, RED, R.XLATE_ICMP_ERR_IN),
+        outside(icmp_error(R1, ua, q_err, 3, 3, keep=len(q_err)), RED, R.XLATE_ICMP_ERR_IN),
+        outside(icmp_error(ROUTER, ua, icmp_error(ua, R1, u_out, 3, 3), 3, 1), PASS, R.PASS_NO_SESSION_IN),
+        outside(icmp_error(ROUTER, ua, u_out, 12, 0), RED, R.XLATE_ICMP_ERR_IN),
+    ])  # fmt: skip
     add("not_ipv4_and_empty", "Non-IPv4 and empty input never raise.", [
         inside(b"", DROP, R.DROP_MALFORMED),
         outside(b"\x60" + b"\0" * 39, PASS, R.PASS_NOT_IPV4),
