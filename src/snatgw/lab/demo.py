@@ -158,8 +158,9 @@ def show_rules(rules: RuleSet, out) -> None:
         print(f"  #{i + 1}: {r.describe()}", file=out)
 
 
-def demo(backend: str = "bpf", name: str = "demo", prefix: str | None = None, out=sys.stdout) -> int:
+def demo(backend: str = "bpf", name: str = "demo", prefix: str | None = None, out=None) -> int:
     t0 = time.monotonic()
+    out = out or sys.stdout
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
     old_term = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     lab = Lab.up(name, prefix)
