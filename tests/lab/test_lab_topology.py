@@ -128,3 +128,13 @@ def test_cli_lab_up_status_exec_down():
         assert not [n for n in list_netns() if n.startswith(prefix + "-")]
     finally:
         Lab(name=name, prefix=prefix).down()
+
+
+def test_gateway_that_fails_to_start_is_reported_with_its_log_and_leaves_nothing(lab, tmp_path):
+    """start_gateway on a broken config raises LabError quoting the daemon's error; no gateway runs."""
+    conf = tmp_path / "bad.conf"
+    conf.write_text("virtual_server fwmark 1 {\n  snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.73-198.19.2.71 }\n}\n")
+    with pytest.raises(LabError, match="max ip smaller than min ip"):
+        lab.start_gateway(str(conf), "nft", timeout=20)
+    assert lab.gateway_proc is None and lab.daemon_pids() == []
+    assert lab.status()["gateway"]["running"] is False
