@@ -133,8 +133,9 @@ def m_nexthop(gw: IPv4Address) -> tuple:
     return _match("rt ip nexthop", {"rt": {"key": "nexthop", "family": "ip"}}, str(gw), str(gw))
 
 
-def m_ct_state(state: str) -> tuple:
-    return f"ct state {state}", {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": state}}
+def m_ct_state(*states: str) -> tuple:
+    right = states[0] if len(states) == 1 else list(states)
+    return f"ct state {','.join(states)}", {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": right}}
 
 
 def m_ct_original() -> tuple:
@@ -379,7 +380,7 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
         else:
             add("steer", pre + [v("return")], tag(r))
     # forward: guard, exact match, non-SYN drop, unmatched drop, counters
-    add("forward", [m_ct_state("invalid"), ("jump guard", {"jump": {"target": "guard"}})],
+    add("forward", [m_ct_state("invalid", "untracked"), ("jump guard", {"jump": {"target": "guard"}})],
         "no conntrack entry: never leaves untranslated")
     add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(False)] + inside +
         [("jump classify", {"jump": {"target": "classify"}})])  # fmt: skip
