@@ -2,6 +2,8 @@
 reason, output IPv4 bytes and redirect target, and the session tables agree afterwards (both
 keys, rewrite, OUT state and flags).  The model (snatgw.model) is the oracle."""
 
+from ipaddress import IPv4Address
+
 import pytest
 
 from snatgw.datapath.bpf.testrun import MIN_TESTABLE_IPV4
@@ -46,7 +48,10 @@ def compare_step(i, step, res, run):
     assert (run.verdict, run.reason) == (res.verdict, res.reason), f"{where}: bpf vs model"
     assert run.packet == res.packet, f"{where}: output bytes differ\nbpf   {run.packet.hex()}\nmodel {res.packet.hex()}"
     if res.verdict == Verdict.REDIRECT:
-        assert (run.oif, run.nexthop) == (res.oif, res.nexthop), f"{where}: redirect target"
+        # None means "the route to the destination": BPF resolves that route once per session
+        # for replies (on-link in REF: the destination itself), the model leaves it None
+        dst = IPv4Address(res.packet[16:20])
+        assert (run.oif, run.nexthop or dst) == (res.oif, res.nexthop or dst), f"{where}: redirect target"
 
 
 def run_scenario(sc, prog, engine):

@@ -54,7 +54,8 @@ def test_reply_is_translated_back_to_the_inside_host(prog):
     prog.run("inside", udp(A, R1, 40000, 53), "lan40")
     addr, port = snat_of(RULE_SDH, A, R1, 40000)
     r = prog.run("outside", udp(R1, addr, 53, port, b"answer"), "eth1")
-    assert (r.retval, r.reason, r.oif, r.nexthop) == (TC_ACT_REDIRECT, Reason.XLATE_IN, "lan40", None)
+    # the next hop toward A is resolved once per session: A is on-link on lan40
+    assert (r.retval, r.reason, r.oif, r.nexthop) == (TC_ACT_REDIRECT, Reason.XLATE_IN, "lan40", IPv4Address(A))
     p = IP(r.packet)
     assert (p.src, p.dst, p[UDP].sport, p[UDP].dport, p.ttl) == (R1, A, 53, 40000, 63)
     assert checksums_ok(r.packet)
@@ -213,3 +214,19 @@ def test_egress_leaves_ordinary_packets_alone_and_uncounted(prog):
     r = prog.run("egress", p, "eth1")
     assert (r.retval, r.verdict, r.packet) == (TC_ACT_OK, None, p)
     assert prog.reasons() == {}
+
+
+def test_replies_to_a_host_behind_an_inside_router_go_to_that_router(prog, refnet):
+    """The reply next hop is the route back to the inside host, resolved at session creation."""
+    import subprocess
+
+    route = ["198.18.60.0/24", "via", "198.18.40.254", "dev", "lan40"]
+    subprocess.run(["ip", "-n", refnet.name, "route", "add", *route], check=True)
+    try:
+        r = prog.run("inside", udp("198.18.60.5", R1, 40000, 53), "lan40")
+        assert r.reason == Reason.XLATE_NEW
+        p = IP(r.packet)
+        back = prog.run("outside", udp(R1, p.src, 53, p[UDP].sport), "eth1")
+        assert (back.reason, back.oif, back.nexthop) == (Reason.XLATE_IN, "lan40", IPv4Address("198.18.40.254"))
+    finally:
+        subprocess.run(["ip", "-n", refnet.name, "route", "del", *route], check=False)

@@ -83,7 +83,7 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 {
 	__u32 zero = 0, iif = skb->ingress_ifindex;
 	struct snat_cfg *cfg = bpf_map_lookup_elem(&snat_config, &zero);
-	struct route rt = {}, eg;
+	struct route rt = {}, eg, back = {};
 	struct rule_scan scan;
 	struct snat_rule *r;
 	struct port_search s;
@@ -134,8 +134,17 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	s.val.state = p->proto == IPPROTO_TCP_ ? CT_NONE : p->proto == IPPROTO_UDP_ ? CT_UDP : CT_ICMP;
 	s.val.ifindex = iif;
 	s.val.rule_id = r->rule_id;
-	bpf_check_mtu(skb, iif, &mtu, 0, 0); /* sets mtu to the inside device's MTU */
-	s.val.mtu = mtu;
+	/* Where replies go: the route back to the inside host, looked up once per session (as a
+	 * reply would arrive: from the remote, on the uplink), so that replies hand their next
+	 * hop to bpf_redirect_neigh instead of making it route every packet.  When that route
+	 * does not lead back to the device the flow came from, leave the next hop to the kernel. */
+	if (fib_route4(skb, p->saddr, p->daddr, eg.oif, &back) < 0 && back.oif == iif) {
+		s.val.nexthop = back.nexthop;
+		s.val.mtu = back.mtu;
+	} else {
+		bpf_check_mtu(skb, iif, &mtu, 0, 0); /* sets mtu to the inside device's MTU */
+		s.val.mtu = mtu;
+	}
 	s.val.created = s.val.last_seen = snat_now();
 	s.c = (__u16)p->sport;
 	s.min = cfg->port_min;
@@ -246,10 +255,10 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
 	stats_rule(e->rule_id, p->len, 0);
 	if (p->frag == FRAG_FIRST)
-		frag_remember(p, p->saddr, e->rw_addr, e->ifindex, 0, now);
+		frag_remember(p, p->saddr, e->rw_addr, e->ifindex, e->nexthop, now);
 	if (p->len > e->mtu) /* no DF: the kernel fragments it */
 		return verdict_set(v, VERDICT_PASS_TRANSLATED, REASON_XLATE_IN);
-	return verdict_redirect(v, REASON_XLATE_IN, e->ifindex, 0);
+	return verdict_redirect(v, REASON_XLATE_IN, e->ifindex, e->nexthop);
 }
 
 static __always_inline int snat_entry(struct __sk_buff *skb, int outside)

@@ -190,7 +190,7 @@ static __noinline int icmp_err_v4_outside(struct __sk_buff *skb, struct pkt *p, 
 	if (icmp_err_rewrite(skb, p, &in, 0, 1, e->rw_addr, e->rw_port, 1) < 0)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
 	stats_rule(e->rule_id, p->len, 0);
-	return verdict_redirect(v, REASON_XLATE_ICMP_ERR_IN, e->ifindex, 0);
+	return verdict_redirect(v, REASON_XLATE_ICMP_ERR_IN, e->ifindex, e->nexthop);
 }
 
 /* inside -> outside (egress=0), or the gateway's own error on the way out (egress=1) */
