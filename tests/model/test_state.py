@@ -178,3 +178,9 @@ def test_new_session_state_values(engine):
     out(engine, "S")
     (pair,) = engine.table.pairs()
     assert pair.out.state == CtState.SYN_RECV and pair.inn.state == CtState.NONE
+
+
+def test_empty_port_range_exhausts_instead_of_raising():
+    """port_max < port_min gives no candidates: the new flow is DROP_PORT_EXHAUSTED."""
+    e = Engine(ruleset(REF_RULES), replace(REF_SETTINGS, port_min=6001, port_max=6000), StaticRouter.ref())
+    assert e.process(udp(A, R1, 1, 53), "inside", "lan40", 0).reason == Reason.DROP_PORT_EXHAUSTED

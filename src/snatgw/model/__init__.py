@@ -3,7 +3,23 @@
 Pure Python, sans-I/O: ``Engine.process(ipv4_bytes, side, ingress, now)`` -> ``Result``.
 packet (parse), checksum (the kernel's incremental updates), xlate (byte rewrites),
 conntrack (two-key session table, TCP FSM, expiry), nat (port search, reverse-first insert),
-frag (remembered first fragments), router (a static FIB), engine (the steps)."""
+frag (remembered first fragments), router (a static FIB), engine (the steps).
+
+Points docs/datapath.md leaves open, as the model settles them (the BPF programs agree; the
+differential tests hold both to it):
+- the IP version is read when there is a byte; fewer than 20 bytes (or none) is malformed;
+- `unmatched drop` applies to the inside program only (outside PASS_PROTO is never dropped);
+- a new_gw with no usable route: PASS_NO_ROUTE, no session;
+- every translated first fragment is remembered (new, established and reply packets); an
+  entry older than FRAG_TIMEOUT is a miss;
+- last_seen and per-direction counters move only for translated packets; ICMP errors about a
+  session count toward its rule (packets/bytes = IP total length) but not its entries;
+- an ICMP error from inside with TTL <= 1 is PASS_TTL like any forwarded packet; a quoted echo's
+  own checksum is adjusted for the identifier; only a quoted echo request (outside) or echo
+  reply (inside, egress) can match a session;
+- replies set CT_F_REPLIED on the OUT entry and a copy on the IN entry, for every protocol;
+- egress packets that are not ICMP errors pass uncounted;
+- checksum updates are normalised like csum_replace4 (never 0xFFFF; see checksum.py)."""
 
 from .engine import Engine, Result
 from .router import FibResult, StaticRouter

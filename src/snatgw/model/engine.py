@@ -119,7 +119,8 @@ class Engine:
             return Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=rule)
         addr = select_addr(rule.pool, rule.algo, src, dst, v.sport)  # step 12
         s = self.settings
-        cands = port_candidates(v.sport, s.port_min, s.port_max, s.port_tries)  # step 13
+        # step 13 (an empty range has no candidates: exhausted, as in the BPF)
+        cands = port_candidates(v.sport, s.port_min, s.port_max, s.port_tries) if s.port_max >= s.port_min else ()
         flags = CT_F_NEW_GW if rule.new_gw is not None else 0
         in_mtu = self._dev_mtu(ingress)
 
