@@ -240,3 +240,21 @@ def test_traffic_to_the_gateway_itself_is_not_steered_or_marked(lab, backend):
         ct = lab.run("gw", "cat", "/proc/net/nf_conntrack").stdout
     mine = [ln for ln in ct.splitlines() if "dst=198.18.50.1 " in ln and "icmp" in ln]
     assert mine and all(f"mark={R.MARK_TAG >> 16}" not in ln and "mark=13974" not in ln for ln in mine)
+
+
+def test_unroutable_new_gw_is_refused_and_changes_nothing(lab, backend):
+    """A new_gw with no route and no oif is a clear error naming the rule's line; the rule set
+    that was applied stays as it was."""
+    from snatgw.errors import BackendError
+
+    bad = ("virtual_server fwmark 1 {\n"
+           " snat_rule { from 198.18.40.0/24 new_gw 192.0.2.200 snat_ip 198.19.2.71 }\n}\n")
+    with backend(REF) as b:
+        lab.ip("gw", "route", "add", "unreachable", "192.0.2.200/32")
+        try:
+            before = _table(lab)
+            with pytest.raises(BackendError, match=r"nft-test.conf:2: new_gw: no route to 192.0.2.200"):
+                b.apply(cfg(bad))
+            assert _table(lab) == before
+        finally:
+            lab.ip("gw", "route", "del", "unreachable", "192.0.2.200/32")
