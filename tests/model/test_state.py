@@ -184,3 +184,19 @@ def test_empty_port_range_exhausts_instead_of_raising():
     """port_max < port_min gives no candidates: the new flow is DROP_PORT_EXHAUSTED."""
     e = Engine(ruleset(REF_RULES), replace(REF_SETTINGS, port_min=6001, port_max=6000), StaticRouter.ref())
     assert e.process(udp(A, R1, 1, 53), "inside", "lan40", 0).reason == Reason.DROP_PORT_EXHAUSTED
+
+
+def test_entries_pack_to_the_bpf_layouts(engine):
+    """Model keys and entries pack to struct ct_key / ct_entry bytes that unpack to the same
+    fields (addresses and ports in wire order), as the BPF map holds them."""
+    from snatgw.layout import CT_ENTRY, CT_KEY
+
+    engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 2.0)
+    (pair,) = engine.table.pairs()
+    kb = pair.out_key.to_bytes()
+    assert len(kb) == CT_KEY.size and kb[:4] == IP4(A).packed and kb[8:10] == (5353).to_bytes(2, "big")
+    d = CT_ENTRY.unpack(pair.out.to_bytes({"eth1": 7, "lan40": 3}))
+    assert (d["rw_addr"], d["rw_port"], d["ifindex"], d["nexthop"]) == (
+        int(IP4(NAT)), pair.out.rw_port, 7, int(IP4("198.19.2.1")))
+    assert (d["state"], d["last_seen"], d["packets"], d["bytes"]) == (CtState.UDP, 2_000_000_000, 1, 36)
+    assert CT_ENTRY.unpack(pair.inn.to_bytes({"lan40": 3}))["nexthop"] == 0
