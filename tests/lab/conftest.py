@@ -14,7 +14,7 @@ import pytest
 from snatgw.lab.demo import FAILOVER_RULES, REF_RULES, config_text, ruleset
 from snatgw.lab.gateway import gateway_available
 from snatgw.lab.netns import LabError
-from snatgw.lab.topology import Lab
+from snatgw.lab.topology import Lab, list_labs
 
 _seq = itertools.count()
 
@@ -22,6 +22,16 @@ _seq = itertools.count()
 def new_lab() -> Lab:
     n = next(_seq)
     return Lab.up(f"pytest-{os.getpid()}-{n}", prefix=f"sgt{os.getpid() % 0xFFFF:04x}{n}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_labs_of_dead_test_runs():
+    """Labs named pytest-<pid>-... whose pytest died (SIGKILL, power loss) are removed first."""
+    for old in list_labs():
+        m = re.match(r"pytest-(?:cli-|demo-|fallback-)?(\d+)", old.name)
+        if m and int(m[1]) != os.getpid() and not os.path.exists(f"/proc/{m[1]}"):
+            old.down()
+    yield
 
 
 @pytest.fixture
