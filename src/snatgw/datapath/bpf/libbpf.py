@@ -24,7 +24,8 @@ Stable API (other modules and the bpf-C tests rely on it; only add to it):
     m.delete(key) -> bool                   # False when the key was absent
     m.keys() / len(m)                       # a snapshot of the keys (batch lookup)
     m.items()                               # get_next_key walk + lookups
-    m.items_batch(chunk=1024)               # bpf_map_lookup_batch, falls back to items()
+    m.items_batch(chunk=4096)               # bpf_map_lookup_batch, falls back to items()
+    m.to_dict()                             # the whole map as {key: value} (batch)
     m.pin(path)
 
     test_run(prog_fd, data, ctx=None, repeat=1) -> (retval, data_out, ctx_out, duration_ns)
@@ -43,7 +44,7 @@ import errno as _errno
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ...errors import BackendError
 
@@ -398,8 +399,19 @@ class Map:
             if v is not None:
                 yield k, v
 
-    def items_batch(self, chunk: int = 1024) -> Iterator[tuple[bytes, bytes]]:
+    def items_batch(self, chunk: int = 4096) -> Iterator[tuple[bytes, bytes]]:
         """bpf_map_lookup_batch (one syscall per chunk); falls back to items() if unsupported."""
+        for part in self._batches(chunk):
+            yield from part
+
+    def to_dict(self, chunk: int = 4096) -> dict[bytes, bytes]:
+        """The whole map as {key: value} by batch lookup (the fastest full read)."""
+        out: dict[bytes, bytes] = {}
+        for part in self._batches(chunk):
+            out.update(part)
+        return out
+
+    def _batches(self, chunk: int) -> Iterator[Iterable[tuple[bytes, bytes]]]:
         keys = C.create_string_buffer(self.key_size * chunk)
         vals = C.create_string_buffer(self._vlen * chunk)
         inb, outb = None, C.create_string_buffer(max(self.key_size, 8))
@@ -410,13 +422,13 @@ class Map:
             err = -ret if ret < 0 else 0
             if err and err not in (_errno.ENOENT,):
                 if inb is None and err in (_errno.EINVAL, _errno.ENOTSUP, 524):  # 524: ENOTSUPP
-                    yield from self.items()
+                    yield list(self.items())
                     return
                 _check(ret, f"batch lookup in map {self.name}")
-            raw_k, raw_v = keys.raw, vals.raw
-            for i in range(n.value):
-                yield (raw_k[i * self.key_size : (i + 1) * self.key_size],
-                       raw_v[i * self._vlen : (i + 1) * self._vlen])  # fmt: skip
+            nn, ks, vs = n.value, self.key_size, self._vlen
+            raw_k, raw_v = C.string_at(keys, nn * ks), C.string_at(vals, nn * vs)
+            yield zip([raw_k[i : i + ks] for i in range(0, nn * ks, ks)],
+                      [raw_v[i : i + vs] for i in range(0, nn * vs, vs)])  # fmt: skip
             if err == _errno.ENOENT:
                 return
             inb = C.create_string_buffer(outb.raw, len(outb))

@@ -208,7 +208,7 @@ class DatapathMaps:
     # ----------------------------------------------------------------- sessions
 
     def ct_raw(self) -> dict[bytes, bytes]:
-        return dict(self.ct.items_batch())
+        return self.ct.to_dict()
 
     def session_pairs(self, entries: dict[bytes, bytes] | None = None) -> tuple[list[SessionPair], list[bytes]]:
         """(pairs keyed by their OUT entries, orphan IN keys) from raw ct entries: an orphan
