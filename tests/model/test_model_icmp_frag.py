@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cases.pkts import ISP1, R1, ROUTER, A, echo, fragments, icmp_error, tcp, udp
-from oracle import inner_l4_problems, problems
+from scapy_oracle import inner_l4_problems, problems
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw
 

@@ -10,7 +10,7 @@ from cases.corpus import REF_RULES, REF_SETTINGS, ruleset
 from cases.pkts import echo, tcp, udp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import problems
+from scapy_oracle import problems
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from snatgw.layout import CT_DIR_OUT, Reason, Verdict

@@ -8,7 +8,7 @@ from ipaddress import IPv4Address as IP4
 import pytest
 from cases.corpus import REF_RULES, REF_SETTINGS, ruleset
 from cases.pkts import ISP1, ISP2, R1, R2, A, B, C, echo, other_proto, tcp, udp, with_options
-from oracle import problems
+from scapy_oracle import problems
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from snatgw.layout import CT_F_NEW_GW, Algo, Reason, Verdict

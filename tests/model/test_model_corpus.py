@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from cases.corpus import REF_ADDRESSES, REF_CONFIG, REF_ROUTES, SCENARIOS, Scenario
-from oracle import problems
+from scapy_oracle import problems
 
 from snatgw.layout import CT_DIR_IN, CT_DIR_OUT, Reason, Verdict
 from snatgw.model import StaticRouter
