@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import select
 import signal
 import subprocess
@@ -89,7 +90,12 @@ def start_gateway(lab, config_path: str, backend: str = "bpf", timeout: float = 
     os.makedirs(os.path.dirname(lab.socket_path), mode=0o700, exist_ok=True)
     os.makedirs(lab.workdir, exist_ok=True)
     log_path = os.path.join(lab.workdir, "gateway.log")
-    argv = snatgw_argv("run", os.path.abspath(config_path), "--backend", backend,
+    # the gateway runs on a copy in the lab's work dir: a reload rewrites that copy, never the
+    # operator's (or the repository's) file
+    running = os.path.join(lab.workdir, "gateway.conf")
+    if os.path.abspath(config_path) != running:
+        shutil.copyfile(config_path, running)
+    argv = snatgw_argv("run", running, "--backend", backend,
                        "--inside", "lan40", "--inside", "lan50", "--outside", "eth1", "--outside", "eth2",
                        "--pin-dir", lab.pin_dir, "--socket", lab.socket_path, *extra)
     log = open(log_path, "a")
@@ -99,7 +105,7 @@ def start_gateway(lab, config_path: str, backend: str = "bpf", timeout: float = 
                             text=True, bufsize=1)
     log.close()
     lab.gateway_proc = proc
-    lab.gateway_pid, lab.gateway_backend, lab.gateway_config = proc.pid, backend, os.path.abspath(config_path)
+    lab.gateway_pid, lab.gateway_backend, lab.gateway_config = proc.pid, backend, running
     lab.save()
     deadline = time.monotonic() + timeout
     seen = []
