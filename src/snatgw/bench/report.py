@@ -1,0 +1,241 @@
+"""Markdown report of a results dict (pure): packet scenarios with spread, gateway cost per
+packet, ratios side by side, the issue's targets marked met / not met / n/a, rule scaling,
+session-table scale and control plane.  Unavailable configurations show as "n/a (reason)".
+"""
+
+from __future__ import annotations
+
+from . import stats as st
+
+PKT = ("udp-1flow", "udp-10kflows", "udp-newflows")
+TITLES = {
+    "udp-1flow": "1 one UDP flow", "udp-10kflows": "2 10k UDP flows", "udp-newflows": "3a new UDP flows",
+    "tcp-cycles": "3b TCP connect/close", "tcp-bulk": "4 bulk TCP",
+}
+ORDER = ("udp-1flow", "udp-10kflows", "udp-newflows", "tcp-cycles", "tcp-bulk")
+CONFIG_ORDER = ("drop", "forward", "nft-kernel", "snatgw-nft", "snatgw-bpf")
+
+
+def fmt(v: float | None, metric: str = "") -> str:
+    if v is None:
+        return "—"
+    if metric == "pps":
+        return f"{v / 1e6:.3f} M" if v >= 1e6 else f"{v / 1e3:.1f} k"
+    if metric == "Gbit/s":
+        return f"{v:.2f}"
+    if metric in ("conn/s", "ns"):
+        return f"{v:,.0f}"
+    return f"{v:.3g}"
+
+
+def fmt_spread(s: st.Spread | None, metric: str) -> str:
+    if s is None:
+        return "—"
+    return f"{fmt(s.median, metric)} [{fmt(s.min, metric)}–{fmt(s.max, metric)}]"
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "—" if r is None else f"{r:.2f}×"
+
+
+def _na(entry: dict | None) -> str:
+    if not entry:
+        return "not run"
+    return f"{entry.get('status', 'n/a')} ({entry.get('reason', '?')})"
+
+
+# ------------------------------------------------------------------ targets
+
+
+def targets(summary: dict, results: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) rows.  Verdict: met | not met | n/a."""
+    rows = []
+
+    def judge(name: str, values: list[tuple[str, float | None]], ok) -> None:
+        got = [(k, v) for k, v in values if v is not None]
+        measured = ", ".join(f"{k}: {fmt_ratio(v)}" for k, v in got) or "—"
+        if len(got) < len(values) or not got:
+            verdict = "n/a" if not got else ("not met" if not all(ok(v) for _, v in got) else "n/a (partial)")
+        else:
+            verdict = "met" if all(ok(v) for _, v in got) else "not met"
+        rows.append((name, measured, verdict))
+
+    judge("snatgw-bpf ≥ 1.8× nft-kernel, gateway isolated (scenarios 1–3)",
+          [(s, st.speedup_isolated(summary, s, "snatgw-bpf", "nft-kernel")) for s in PKT], lambda v: v >= 1.8)
+    judge("snatgw-bpf ≥ 1.3× nft-kernel, end to end (scenarios 1–3)",
+          [(s, st.speedup_e2e(summary, s, "snatgw-bpf", "nft-kernel")) for s in PKT], lambda v: v >= 1.3)
+    judge("snatgw-bpf ≥ 0.95× forward (scenarios 1–2, end to end)",
+          [(s, st.speedup_e2e(summary, s, "snatgw-bpf", "forward")) for s in PKT[:2]], lambda v: v >= 0.95)
+    judge("new-session rate ≥ 2× nft-kernel",
+          [(s, st.speedup_e2e(summary, s, "snatgw-bpf", "nft-kernel")) for s in ("udp-newflows", "tcp-cycles")],
+          lambda v: v >= 2.0)
+    counts = sorted({int(s.split("-")[1]) for s, _ in summary if s.startswith("rules-")})
+    if counts:
+        lo, hi = f"rules-{counts[0]}", f"rules-{counts[-1]}"
+        judge(f"≤ 10% slowdown {counts[0]} → {counts[-1]} rules (snatgw-bpf pps)",
+              [(f"{counts[-1]}/{counts[0]}",
+                st.ratio(st.median_of(summary, hi, "snatgw-bpf"), st.median_of(summary, lo, "snatgw-bpf")))],
+              lambda v: v >= 0.90)
+    else:
+        rows.append(("≤ 10% slowdown 1 → 10k rules", "—", "n/a"))
+    sess = (results.get("sessions") or {}).get("by_config", {}).get("snatgw-bpf") or {}
+    mib = sess.get("mib_per_1m_sessions")
+    rows.append(("1M sessions ≤ 256 MiB (snatgw-bpf map memory)",
+                 f"{mib:.1f} MiB per 1M (memlock / capacity)" if mib else _na(sess),
+                 ("met" if mib <= 256 else "not met") if mib else "n/a"))
+    ctl = (results.get("control") or {}).get("by_config", {}).get("snatgw-bpf") or {}
+    rel = [r for r in ctl.get("reloads", []) if r.get("seconds") is not None]
+    if rel:
+        worst = max(r["seconds"] for r in rel)
+        lost = [r.get("lost") for r in rel]
+        ok = worst < 1.0 and all(x == 0 for x in lost)
+        rows.append((f"reload of {results['control']['rules']:,} rules < 1 s, zero sessions lost (snatgw-bpf)",
+                     f"worst {worst:.3f} s, lost {lost}", "met" if ok else "not met"))
+    else:
+        rows.append(("reload of 10k rules < 1 s, zero sessions lost (snatgw-bpf)", _na(ctl), "n/a"))
+    return rows
+
+
+# ------------------------------------------------------------------ sections
+
+
+def _packet_table(summary: dict) -> list[str]:
+    out = ["| scenario | config | median [min–max] | unit | gateway ns/pkt (vs drop) | CPU ns/pkt (vs drop) |",
+           "|---|---|---|---|---|---|"]
+    for s in ORDER:
+        for c in CONFIG_ORDER:
+            e = summary.get((s, c))
+            if e is None:
+                continue
+            if e.get("status") != "ok":
+                out.append(f"| {TITLES[s]} | {c} | {_na(e)} | | | |")
+                continue
+            m = e["metric"]
+            out.append(f"| {TITLES[s]} | {c} | {fmt_spread(e['value'], m)} | {m} | "
+                       f"{fmt_spread(e.get('cost_ns'), 'ns')} | {fmt_spread(e.get('cpu_cost_ns'), 'ns')} |")
+    return out
+
+
+def _ratio_table(summary: dict) -> list[str]:
+    out = ["| scenario | bpf/nft-kernel e2e | bpf/nft-kernel isolated | bpf/forward e2e | bpf/forward isolated "
+           "| snatgw-nft/nft-kernel e2e |", "|---|---|---|---|---|---|"]
+    for s in ORDER:
+        if not any(k[0] == s for k in summary):
+            continue
+        iso = s in PKT
+        out.append("| " + " | ".join([
+            TITLES[s],
+            fmt_ratio(st.speedup_e2e(summary, s, "snatgw-bpf", "nft-kernel")),
+            fmt_ratio(st.speedup_isolated(summary, s, "snatgw-bpf", "nft-kernel")) if iso else "—",
+            fmt_ratio(st.speedup_e2e(summary, s, "snatgw-bpf", "forward")),
+            fmt_ratio(st.speedup_isolated(summary, s, "snatgw-bpf", "forward")) if iso else "—",
+            fmt_ratio(st.speedup_e2e(summary, s, "snatgw-nft", "nft-kernel")),
+        ]) + " |")
+    return out
+
+
+def _rules_table(summary: dict, records: list[dict]) -> list[str]:
+    counts = sorted({int(s.split("-")[1]) for s, _ in summary if s.startswith("rules-")})
+    cfgs = [c for c in CONFIG_ORDER[2:] if any(k == (f"rules-{n}", c) for n in counts for k in summary)]
+    if not counts:
+        return []
+    out = ["| rules | " + " | ".join(f"{c} pps | {c} ns/pkt | {c} start s" for c in cfgs) + " |",
+           "|---|" + "---|---|---|" * len(cfgs)]
+    for n in counts:
+        cells = []
+        for c in cfgs:
+            e = summary.get((f"rules-{n}", c))
+            if not e or e.get("status") != "ok":
+                cells += [_na(e), "", ""]
+                continue
+            starts = [r.get("start_s") for r in records if r["scenario"] == f"rules-{n}" and r["config"] == c
+                      and r.get("start_s") is not None]
+            sp = st.spread(starts)
+            cells += [fmt_spread(e["value"], "pps"), fmt_spread(e.get("cost_ns"), "ns"),
+                      f"{sp.median:.2f}" if sp else "—"]
+        out.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _sessions_section(results: dict) -> list[str]:
+    s = results.get("sessions")
+    if not s:
+        return []
+    out = [f"Target {s['target_sessions']:,} sessions (lockstep source address × port × 16 destination ports). "
+           f"Kernel conntrack object size here: {s.get('conntrack_objsize') or '?'} bytes (nft-kernel, for comparison).",
+           "", "| config | sessions held | map memlock | per session (capacity) | MiB per 1M | MemAvailable drop "
+           "| lookup pps median [min–max] | fill s |", "|---|---|---|---|---|---|---|---|"]
+    for cfg, e in s.get("by_config", {}).items():
+        if e.get("status") != "ok":
+            out.append(f"| {cfg} | {_na(e)} | | | | | | |")
+            continue
+        lk = st.spread([x["pps"] for x in e.get("lookup", [])])
+        bps = e.get("bytes_per_session_capacity")
+        mib = e.get("mib_per_1m_sessions")
+        out.append(f"| {cfg} | {e.get('sessions') if e.get('sessions') is not None else '?'} | "
+                   f"{(e.get('memlock_bytes') or 0) / 2**20:.1f} MiB | {f'{bps:.0f} B' if bps else '—'} | "
+                   f"{f'{mib:.1f}' if mib else '—'} | {e.get('memavailable_drop_bytes', 0) / 2**20:.1f} MiB | "
+                   f"{fmt_spread(lk, 'pps')} | {e.get('fill_seconds', 0):.1f} |")
+    dp = st.spread(s.get("drop_pps") or [])
+    if dp:
+        out += ["", f"Drop baseline with the same traffic: {fmt_spread(dp, 'pps')}."]
+    return out
+
+
+def _control_section(results: dict) -> list[str]:
+    c = results.get("control")
+    if not c:
+        return []
+    out = [f"| config | load {c['rules']:,} rules (spawn → ready) | reload s median [min–max] | sessions before → after |",
+           "|---|---|---|---|"]
+    for cfg, e in c.get("by_config", {}).items():
+        if e.get("status") != "ok":
+            out.append(f"| {cfg} | {_na(e)} | | |")
+            continue
+        rel = e.get("reloads", [])
+        sp = st.spread([r["seconds"] for r in rel])
+        moves = ", ".join(f"{r.get('sessions_before')}→{r.get('sessions_after')}" for r in rel)
+        ld = e.get("load_seconds")
+        out.append(f"| {cfg} | {f'{ld:.2f} s' if ld else '—'} | "
+                   f"{f'{sp.median:.3f} [{sp.min:.3f}–{sp.max:.3f}]' if sp else '—'} | {moves} |")
+    return out
+
+
+def render(results: dict, images: list[str] = ()) -> str:
+    recs = results.get("records", [])
+    summary = st.summarize(recs)
+    m, p = results.get("machine", {}), results.get("params", {})
+    out = [f"# snatgw benchmark {results.get('timestamp', '')}", "",
+           f"Machine: {m.get('nproc')} CPUs ({m.get('cpu_model')}), kernel {m.get('kernel')}; "
+           f"load average {m.get('loadavg_start')} at start, {m.get('loadavg_end')} at end. "
+           f"{'Quick' if p.get('quick') else 'Full'} run: {p.get('rounds')} rounds × {p.get('duration')} s, "
+           f"configurations interleaved (rotated each round), each in a fresh namespace trio.", "",
+           "Method: trafgen on CPU0 sends 64-byte UDP frames; generator, gateway and sink all run in the "
+           "sender's context, so 1e9/pps is their summed cost. The `drop` baseline drops at the gateway's "
+           "inside ingress; **gateway ns/pkt = 1e9/pps(config) − 1e9/pps(drop)**, paired per round. "
+           "Ratios of those costs are *isolated*; ratios of pps are *end to end*. Spread is [min–max] over rounds. "
+           "A high load average means other work shared the CPUs: compare within a run, not across runs.", ""]
+    if results.get("unavailable"):
+        out += ["Not available here: " + "; ".join(f"**{k}**: n/a ({v})" for k, v in results["unavailable"].items()), ""]
+    out += ["## Targets (as measured; never tuned to meet)", "", "| target | measured | verdict |", "|---|---|---|"]
+    out += [f"| {a} | {b} | **{c}** |" for a, b, c in targets(summary, results)]
+    if any(k[0] in ORDER for k in summary):
+        out += ["", "## Packet scenarios", ""] + _packet_table(summary)
+        out += ["", "### Ratios (medians)", ""] + _ratio_table(summary)
+    rt = _rules_table(summary, recs)
+    if rt:
+        out += ["", "## 5. Rule-count scaling (one established flow; matching rule last in priority)", ""] + rt
+    ss = _sessions_section(results)
+    if ss:
+        out += ["", "## 6. Session-table scale", ""] + ss
+    cs = _control_section(results)
+    if cs:
+        out += ["", "## 7. Control plane (load and reload via the daemon; the rule with the sessions is unchanged)",
+                ""] + cs
+    if results.get("progbench"):
+        out += ["", "## BPF_PROG_TEST_RUN per-packet cost (`python -m snatgw.bench.progbench`)", "", "```",
+                results["progbench"].rstrip(), "```"]
+    if results.get("errors"):
+        out += ["", "## Errors", ""] + [f"- {e}" for e in results["errors"]]
+    out += [""] + [f"![{i}]({i})" for i in images]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,168 @@
+"""One measurement per function, against a gateway already running in a Topology.
+
+Each returns a record (dict) for the results file: metric, value and the raw figures behind
+it.  Packet scenarios count at the sink (or the gateway's drop rule) over a timed window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from . import topo, traffic
+from .gateways import Gateway
+
+#: packet scenarios (UDP, trafgen) -> trafgen pattern
+UDP_SCENARIOS = {"udp-1flow": "one", "udp-10kflows": "ports10k", "udp-newflows": "new"}
+TCP_SCENARIOS = ("tcp-cycles", "tcp-bulk")
+PACKET_SCENARIOS = tuple(UDP_SCENARIOS) + TCP_SCENARIOS
+SUITE_SCENARIOS = ("rules", "sessions", "control", "progbench")
+ALL_SCENARIOS = PACKET_SCENARIOS + SUITE_SCENARIOS
+
+TITLES = {
+    "udp-1flow": "1. one established UDP flow",
+    "udp-10kflows": "2. 10k flows (source ports)",
+    "udp-newflows": "3a. new sessions (every packet a new flow)",
+    "tcp-cycles": "3b. TCP connect/close cycles",
+    "tcp-bulk": "4. bulk TCP (iperf3)",
+    "rules": "5. rule-count scaling",
+    "sessions": "6. session-table scale",
+    "control": "7. control plane",
+    "progbench": "BPF_PROG_TEST_RUN per-packet cost (snatgw.bench.progbench)",
+}
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def udp(t: topo.Topology, gw: Gateway, pattern: str, duration: float, **conf) -> dict:
+    w = traffic.blast(t, traffic.trafgen_conf(t.gw_in_mac, pattern, **conf), gw.count_ns, duration)
+    rec = {"metric": "pps", "value": w.pps, "packets": w.packets, "seconds": round(w.seconds, 4),
+           "cpu": w.cpu, "cpu_ns": w.cpu_ns_per_packet(), "loadavg": loadavg()}
+    if gw.name != "drop":
+        rec["translated"] = w.translated
+        if gw.name != "forward" and w.packets and w.translated < 0.99 * w.packets:
+            rec.update(status="error", reason=f"only {w.translated} of {w.packets} packets arrived translated")
+    return rec
+
+
+def _ns_py(ns: str, *args: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, "taskset", "-c", "0", sys.executable, "-m", *args]
+
+
+def tcp_cycles(t: topo.Topology, gw: Gateway, duration: float, concurrency: int = 64) -> dict:
+    server = subprocess.Popen(_ns_py(t.sink, "snatgw.bench.tcpload", "server", "--duration", str(duration + 15)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        p = topo.run(_ns_py(t.gen, "snatgw.bench.tcpload", "client", "--host", topo.SINK_ADDR,
+                            "--duration", str(duration), "--concurrency", str(concurrency)),
+                     timeout=duration + 30)
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+    finally:
+        server.kill()
+        server.wait()
+    rec = {"metric": "conn/s", "value": res["connections"] / res["seconds"], "loadavg": loadavg(), **res}
+    if res["connections"] == 0:
+        rec.update(status="error", reason=f"no connection completed ({res['errors']} errors)")
+    return rec
+
+
+def tcp_bulk(t: topo.Topology, gw: Gateway, duration: float) -> dict:
+    secs = max(1, round(duration))
+    server = subprocess.Popen(["ip", "netns", "exec", t.sink, "timeout", str(secs + 20), "iperf3", "-s", "-1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        p = topo.run(["ip", "netns", "exec", t.gen, "taskset", "-c", "0", "iperf3", "-c", topo.SINK_ADDR,
+                      "-t", str(secs), "-J"], check=False, timeout=secs + 30)
+    finally:
+        server.kill()
+        server.wait()
+    try:
+        res = json.loads(p.stdout)
+    except ValueError:
+        return {"metric": "Gbit/s", "value": None, "status": "error", "reason": f"iperf3: {p.stderr.strip()[-200:]}"}
+    if "error" in res:
+        return {"metric": "Gbit/s", "value": None, "status": "error", "reason": f"iperf3: {res['error']}"}
+    bps = res["end"]["sum_received"]["bits_per_second"]
+    return {"metric": "Gbit/s", "value": bps / 1e9, "retransmits": res["end"].get("sum_sent", {}).get("retransmits"),
+            "loadavg": loadavg()}
+
+
+def measure(scenario: str, t: topo.Topology, gw: Gateway, duration: float) -> dict:
+    """One round of one packet scenario against a running gateway."""
+    if scenario in UDP_SCENARIOS:
+        return udp(t, gw, UDP_SCENARIOS[scenario], duration)
+    if gw.name == "drop":
+        return {"status": "n/a", "reason": "the drop baseline stops every packet: no TCP", "value": None}
+    if scenario == "tcp-cycles":
+        return tcp_cycles(t, gw, duration)
+    if scenario == "tcp-bulk":
+        return tcp_bulk(t, gw, duration)
+    raise ValueError(f"unknown packet scenario {scenario!r}")
+
+
+# ------------------------------------------------------------------ sessions / control plane
+
+
+def seq_hosts_for(n: int, ports: int = 4096) -> int:
+    """Smallest prime p with p * ports >= n: lockstep counters over p hosts and ``ports``
+    ports (a power of two) then give n distinct (address, port) pairs."""
+    p = max(2, -(-n // ports))
+    while any(p % d == 0 for d in range(2, int(p ** 0.5) + 1)):
+        p += 1
+    return p
+
+
+def pinned_maps(pin_dir: str) -> list[dict]:
+    """bpftool's view (name, type, max_entries, bytes_memlock) of every map pinned in ``pin_dir``."""
+    out = []
+    if not os.path.isdir(pin_dir):
+        return out
+    for name in sorted(os.listdir(pin_dir)):
+        p = subprocess.run(["bpftool", "-j", "map", "show", "pinned", os.path.join(pin_dir, name)],
+                           capture_output=True, text=True)
+        if p.returncode == 0:
+            try:
+                m = json.loads(p.stdout)
+            except ValueError:
+                continue
+            out.append({k: m.get(k) for k in ("name", "type", "max_entries", "bytes_memlock", "key", "value")}
+                       | {"pin": name})
+    return out
+
+
+def meminfo() -> dict[str, int]:
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = int(v.split()[0]) * 1024 if v.split() else 0
+    return out
+
+
+def conntrack_objsize() -> int | None:
+    """Bytes per kernel conntrack entry (slab object size), for comparison."""
+    try:
+        with open("/proc/slabinfo") as f:
+            for line in f:
+                if line.startswith("nf_conntrack "):
+                    return int(line.split()[3])
+    except OSError:
+        pass
+    return None
+
+
+def daemon_sessions(gw: Gateway) -> int | None:
+    """The daemon's session count (its `stats` answer), None if it cannot say."""
+    try:
+        from ..daemon.client import call
+        return int(call(gw.socket, {"op": "stats"}, timeout=120)["stats"]["sessions"])
+    except Exception:  # noqa: BLE001 - any failure means "unknown", reported as such
+        return None

@@ -1,0 +1,54 @@
+"""`snatgw bench`: the benchmark suite (snatgw.bench.runner) in namespaces of its own; writes
+bench/results/<UTC timestamp>.{json,md,png} and latest.{md,png}.  Needs root."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+from ...bench.gateways import CONFIGS
+from ...bench.scenarios import ALL_SCENARIOS, TITLES
+from ...errors import SnatgwError
+
+HELP = "run the benchmark suite (own namespaces; results in bench/results/)"
+DESCRIPTION = """\
+Measure the gateway configurations drop (baseline), forward, nft-kernel, snatgw-nft and
+snatgw-bpf over the scenarios below, in namespaces the suite creates and always removes.
+Rounds interleave the configurations; results are medians with [min-max] spread.
+Gateway cost ns/pkt = 1e9/pps(config) - 1e9/pps(drop).  See bench/README.md.
+
+Scenarios:
+""" + "\n".join(f"  {k:<14} {v}" for k, v in TITLES.items())
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="1 s rounds, smaller fills and rule sets (about 3 min)")
+    p.add_argument("--scenario", action="append", choices=ALL_SCENARIOS, metavar="NAME",
+                   help="run only this scenario (repeatable); default all")
+    p.add_argument("--config", action="append", choices=CONFIGS, metavar="NAME",
+                   help="run only this configuration (repeatable); default all")
+    p.add_argument("--rounds", type=int, help="rounds per measurement (default 3)")
+    p.add_argument("--duration", type=float, help="seconds per round (default 3, --quick 1)")
+    p.add_argument("--out", default="bench/results", help="results directory (default bench/results)")
+
+
+def run(args) -> int:
+    from ...bench.runner import Params, Suite, write_results
+
+    if os.geteuid() != 0:
+        raise SnatgwError("bench needs root: it creates network namespaces and loads nftables/BPF")
+    for tool in ("ip", "nft", "trafgen", "iperf3", "taskset", "nsenter"):
+        if shutil.which(tool) is None:
+            raise SnatgwError(f"bench needs `{tool}` (scripts/setup.sh installs it)")
+    if args.rounds is not None and not 1 <= args.rounds <= 20:
+        raise SnatgwError(f"--rounds: expected 1..20, got {args.rounds}")
+    if args.duration is not None and not 0.2 <= args.duration <= 30:
+        raise SnatgwError(f"--duration: expected 0.2..30 seconds, got {args.duration}")
+    params = Params.make(args.quick, rounds=args.rounds, duration=args.duration, out_dir=args.out,
+                         scenarios=tuple(args.scenario) if args.scenario else None,
+                         configs=tuple(c for c in CONFIGS if c in args.config) if args.config else None)
+    results = Suite(params, echo=lambda s: print(s, flush=True)).run()
+    paths = write_results(results, params.out_dir)
+    print(f"results: {paths['json']}  report: {paths['md']}")
+    return 0
