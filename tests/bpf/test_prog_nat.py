@@ -230,3 +230,15 @@ def test_replies_to_a_host_behind_an_inside_router_go_to_that_router(prog, refne
         assert (back.reason, back.oif, back.nexthop) == (Reason.XLATE_IN, "lan40", IPv4Address("198.18.40.254"))
     finally:
         subprocess.run(["ip", "-n", refnet.name, "route", "del", *route], check=False)
+
+
+def test_gro_aggregate_is_judged_by_its_segment_size(prog):
+    """A 3000-byte TCP aggregate of 1448-byte segments with DF is translated, not passed
+    untranslated as too big (which would let the kernel forward it with the private source)."""
+    prog.run("inside", tcp(A, R1, 40000, 80, "S"), "lan40")
+    big = raw(IP(src=A, dst=R1, flags="DF") / TCP(sport=40000, dport=80, flags="A") / (b"g" * 2960))
+    r = prog.run("inside", big, "lan40", gso_size=1448)
+    assert (r.reason, r.verdict) == (Reason.XLATE_OUT, Verdict.REDIRECT)
+    assert IP(r.packet).src == snat_of(RULE_SDH, A, R1, 40000)[0]
+    r = prog.run("inside", big, "lan40")  # the same bytes as one datagram: too big
+    assert r.reason == Reason.PASS_FRAG_NEEDED

@@ -34,7 +34,7 @@ REF_ROUTES = [["default", "via", "198.19.2.1", "dev", "eth1"], ["198.51.100.0/24
 INSIDE, OUTSIDE = ("lan40", "lan50"), ("eth1", "eth2")
 PROGS = {"inside": "snat_inside", "outside": "snat_outside", "egress": "snat_egress"}
 SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff) on 6.x; only ifindex fields are set
-_OFF_INGRESS_IFINDEX, _OFF_IFINDEX = 36, 40
+_OFF_INGRESS_IFINDEX, _OFF_IFINDEX, _OFF_GSO_SEGS, _OFF_GSO_SIZE = 36, 40, 164, 176
 ETH = bytes.fromhex("020000000002" "020000000001" "0800")  # dst, src, IPv4
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 _NONE = 0xFFFFFFFF  # dbg sentinel: the program emitted nothing (egress: not ours)
@@ -142,22 +142,25 @@ class ProgHarness:
             self.maps[L.MAP_RULES].put(i, r)
         self.maps[L.MAP_CONFIG].put(0, cfg)
 
-    def ctx(self, ingress: str) -> bytes:
+    def ctx(self, ingress: str, gso_size: int = 0) -> bytes:
         c = bytearray(SKB_CTX_SIZE)
         idx = self.net.ifindex[ingress]
         struct.pack_into("<I", c, _OFF_INGRESS_IFINDEX, idx)
         struct.pack_into("<I", c, _OFF_IFINDEX, idx)
+        if gso_size:
+            struct.pack_into("<I", c, _OFF_GSO_SIZE, gso_size)
+            struct.pack_into("<I", c, _OFF_GSO_SEGS, 2)
         return bytes(c)
 
-    def run(self, side: str, ipv4: bytes, ingress: str) -> Run:
+    def run(self, side: str, ipv4: bytes, ingress: str, gso_size: int = 0) -> Run:
         """Run ``ipv4`` (no Ethernet header) through ``side`` as if it arrived on ``ingress``
-        (egress: the device it leaves by)."""
+        (egress: the device it leaves by); ``gso_size``: as a GRO aggregate of such segments."""
         if len(ipv4) < MIN_TESTABLE_IPV4:
             raise Untestable(f"test-run refuses IPv4 frames shorter than {MIN_TESTABLE_IPV4} bytes")
         if self.dbg is not None:
             self.dbg.put(0, struct.pack("<IIII", _NONE, _NONE, 0, 0))
         with self.net.enter():
-            ret, out, _, _ = B.test_run(self.fds[side], ETH + bytes(ipv4), self.ctx(ingress))
+            ret, out, _, _ = B.test_run(self.fds[side], ETH + bytes(ipv4), self.ctx(ingress, gso_size))
         verdict = reason = oif = nh = None
         if self.dbg is not None:
             v, r, ifi, nhop = struct.unpack("<III4s", self.dbg.get(0))

@@ -38,6 +38,19 @@ static __always_inline int snat_emit(struct __sk_buff *skb, struct snat_res *v)
 	return bpf_redirect_neigh(v->ifindex, NULL, 0, 0);
 }
 
+/* Longer than the egress MTU?  A GRO aggregate (gso_size set) leaves as segments of
+ * gso_size payload bytes behind the same headers, so it is judged by one segment, not by
+ * its total length: otherwise every aggregated segment of an established TCP flow
+ * would be handed to the kernel untranslated. */
+static __always_inline int snat_over_mtu(struct __sk_buff *skb, const struct pkt *p, __u32 mtu)
+{
+	__u32 gso = skb->gso_size;
+
+	if (gso)
+		return gso + (p->l4 - ETH_HLEN) + p->l4hdr > mtu;
+	return p->len > mtu;
+}
+
 /* Step 4 and 8: PASS, or DROP_UNMATCHED under `unmatched drop`. */
 static __always_inline int snat_unmatched(struct snat_res *v, __u32 reason)
 {
@@ -55,7 +68,7 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 {
 	if (p->ttl <= 1)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
-	if (p->len > e->mtu && p->df)
+	if (snat_over_mtu(skb, p, e->mtu) && p->df)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
 	/* a new session's first SYN was applied from NONE already; race: concurrent segments of
 	 * one flow may lose a state update, the next segment repairs it */
@@ -72,7 +85,7 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 	stats_rule(e->rule_id, p->len, reason == REASON_XLATE_NEW);
 	if (p->frag == FRAG_FIRST)
 		frag_remember(p, e->rw_addr, p->daddr, e->ifindex, e->nexthop, now);
-	if (p->len > e->mtu) /* no DF: the kernel fragments it */
+	if (snat_over_mtu(skb, p, e->mtu)) /* no DF: the kernel fragments it */
 		return verdict_set(v, VERDICT_PASS_TRANSLATED, reason);
 	return verdict_redirect(v, reason, e->ifindex, e->nexthop);
 }
@@ -115,7 +128,7 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 		if (fib_route4(skb, r->new_gw, p->saddr, iif, &eg) >= 0)
 			return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_ROUTE);
 	}
-	if (p->len > eg.mtu && p->df)
+	if (snat_over_mtu(skb, p, eg.mtu) && p->df)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
 	snat = snat_v4_select_addr(r, p);
 
@@ -233,7 +246,7 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_SESSION_IN);
 	if (p->ttl <= 1)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
-	if (p->len > e->mtu && p->df)
+	if (snat_over_mtu(skb, p, e->mtu) && p->df)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
 	/* TCP state and the REPLIED flag live in the OUT entry; the IN entry keeps a copy of the
 	 * flag so non-TCP replies look the OUT entry up only once */
@@ -256,7 +269,7 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 	stats_rule(e->rule_id, p->len, 0);
 	if (p->frag == FRAG_FIRST)
 		frag_remember(p, p->saddr, e->rw_addr, e->ifindex, e->nexthop, now);
-	if (p->len > e->mtu) /* no DF: the kernel fragments it */
+	if (snat_over_mtu(skb, p, e->mtu)) /* no DF: the kernel fragments it */
 		return verdict_set(v, VERDICT_PASS_TRANSLATED, REASON_XLATE_IN);
 	return verdict_redirect(v, REASON_XLATE_IN, e->ifindex, e->nexthop);
 }

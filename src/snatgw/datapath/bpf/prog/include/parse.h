@@ -38,6 +38,7 @@ struct pkt {
 	__u8 df;
 	__u8 tcp_flags;
 	__u8 icmp_type;
+	__u8 l4hdr;       /* TCP header length (data offset * 4), UDP 8, else 0 */
 };
 
 static __always_inline int is_icmp_error(__u8 type)
@@ -85,7 +86,7 @@ static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
 	p->df = !!(off & IP_DF);
 	p->frag = (off & IP_OFFMASK) ? FRAG_LATER : ((off & IP_MF) ? FRAG_FIRST : FRAG_NONE);
 	p->sport = p->dport = 0;
-	p->tcp_flags = p->icmp_type = 0;
+	p->tcp_flags = p->icmp_type = p->l4hdr = 0;
 	if (p->frag == FRAG_LATER)
 		return -1;
 
@@ -102,6 +103,7 @@ static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
 		p->sport = *(__be16 *)t;
 		p->dport = *(__be16 *)(t + 2);
 		p->tcp_flags = t[13];
+		p->l4hdr = (t[12] >> 4) * 4;
 	} else if (p->proto == IPPROTO_UDP_) {
 		__u8 *u = data + off;
 
@@ -109,6 +111,7 @@ static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
 			return REASON_DROP_MALFORMED;
 		p->sport = *(__be16 *)u;
 		p->dport = *(__be16 *)(u + 2);
+		p->l4hdr = 8;
 	} else if (p->proto == IPPROTO_ICMP_) {
 		__u8 *c = data + off;
 
