@@ -81,7 +81,7 @@ def targets(summary: dict, results: dict) -> list[tuple[str, str, str]]:
     sess = (results.get("sessions") or {}).get("by_config", {}).get("snatgw-bpf") or {}
     mib = sess.get("mib_per_1m_sessions")
     rows.append(("1M sessions ≤ 256 MiB (snatgw-bpf map memory)",
-                 f"{mib:.1f} MiB per 1M (memlock / capacity)" if mib else _na(sess),
+                 f"{mib:.1f} MiB for 1M (session maps at capacity + fixed maps)" if mib else _na(sess),
                  ("met" if mib <= 256 else "not met") if mib else "n/a"))
     ctl = (results.get("control") or {}).get("by_config", {}).get("snatgw-bpf") or {}
     rel = [r for r in ctl.get("reloads", []) if r.get("seconds") is not None]
@@ -161,16 +161,17 @@ def _sessions_section(results: dict) -> list[str]:
     s = results.get("sessions")
     if not s:
         return []
-    out = [f"Target {s['target_sessions']:,} sessions (lockstep source address × port × 16 destination ports). "
+    out = [f"Table of {s['target_sessions']:,} sessions filled with {s.get('flows', 0):,} distinct flows "
+           "(lockstep source address × port × 16 destination ports), then the same flows replayed (lookups). "
            f"Kernel conntrack object size here: {s.get('conntrack_objsize') or '?'} bytes (nft-kernel, for comparison).",
-           "", "| config | sessions held | map memlock | per session (capacity) | MiB per 1M | MemAvailable drop "
+           "", "| config | sessions held | map memlock | per session (table maps) | MiB per 1M (+fixed maps) | MemAvailable drop "
            "| lookup pps median [min–max] | fill s |", "|---|---|---|---|---|---|---|---|"]
     for cfg, e in s.get("by_config", {}).items():
         if e.get("status") != "ok":
             out.append(f"| {cfg} | {_na(e)} | | | | | | |")
             continue
         lk = st.spread([x["pps"] for x in e.get("lookup", [])])
-        bps = e.get("bytes_per_session_capacity")
+        bps = e.get("bytes_per_session")
         mib = e.get("mib_per_1m_sessions")
         out.append(f"| {cfg} | {e.get('sessions') if e.get('sessions') is not None else '?'} | "
                    f"{(e.get('memlock_bytes') or 0) / 2**20:.1f} MiB | {f'{bps:.0f} B' if bps else '—'} | "

@@ -112,12 +112,24 @@ def measure(scenario: str, t: topo.Topology, gw: Gateway, duration: float) -> di
 
 
 def seq_hosts_for(n: int, ports: int = 4096) -> int:
-    """Smallest prime p with p * ports >= n: lockstep counters over p hosts and ``ports``
-    ports (a power of two) then give n distinct (address, port) pairs."""
-    p = max(2, -(-n // ports))
-    while any(p % d == 0 for d in range(2, int(p ** 0.5) + 1)):
-        p += 1
+    """Largest odd prime p with p * ports <= n (at least 3): lockstep counters over p hosts and
+    ``ports`` ports (a power of two) then repeat after exactly p * ports distinct flows."""
+    p = max(3, n // ports)
+    while p > 3 and (p % 2 == 0 or any(p % d == 0 for d in range(3, int(p ** 0.5) + 1, 2))):
+        p -= 1
     return p
+
+
+def session_memory(maps: list[dict], max_sessions: int) -> dict:
+    """Split map memory into what scales with the session table (maps with at least
+    ``max_sessions`` entries) and the fixed rest; per session at capacity; MiB for 1M."""
+    per_table = sum(m.get("bytes_memlock") or 0 for m in maps if (m.get("max_entries") or 0) >= max_sessions)
+    fixed = sum(m.get("bytes_memlock") or 0 for m in maps) - per_table
+    if not per_table or max_sessions <= 0:
+        return {}
+    per = per_table / max_sessions
+    return {"session_map_bytes": per_table, "fixed_map_bytes": fixed, "bytes_per_session": per,
+            "mib_per_1m_sessions": (per * 1_000_000 + fixed) / 2**20}
 
 
 def pinned_maps(pin_dir: str) -> list[dict]:

@@ -1,0 +1,151 @@
+"""Pure parts of the benchmark: spread, per-round cost pairing, ratios, trafgen configs,
+counter and /proc/stat parsing, generated rule sets, flow-pattern sizing."""
+
+import json
+from ipaddress import IPv4Address
+
+import pytest
+
+from snatgw.bench import gateways, scenarios, stats, traffic
+from snatgw.bench.runner import rotated
+from snatgw.config.parse import parse_text
+from snatgw.rules import Route
+
+
+def rec(scenario, config, rnd, value, cpu_ns=None, status="ok", metric="pps"):
+    return {"scenario": scenario, "config": config, "round": rnd, "status": status, "metric": metric,
+            "value": value, "cpu_ns": cpu_ns}
+
+
+def test_spread_gives_median_min_max_and_quartiles():
+    """Spread of 1..5 is median 3, min 1, max 5, quartiles 2 and 4."""
+    s = stats.spread([5, 1, 3, 2, 4])
+    assert (s.n, s.median, s.min, s.max, s.q1, s.q3) == (5, 3, 1, 5, 2, 4)
+
+
+def test_spread_of_nothing_is_none_and_of_one_value_is_flat():
+    """No values give no spread; one value is its own median and quartiles."""
+    assert stats.spread([]) is None
+    s = stats.spread([7.0])
+    assert (s.median, s.q1, s.q3, s.rel_spread) == (7.0, 7.0, 7.0, 0.0)
+
+
+def test_cost_is_inverse_pps_minus_drop_baseline():
+    """1 Mpps against a 2 Mpps drop baseline costs 500 ns per packet."""
+    assert stats.cost_ns(1e6, 2e6) == pytest.approx(500.0)
+    assert stats.cost_ns(None, 2e6) is None and stats.cost_ns(1e6, 0) is None
+
+
+def test_costs_are_paired_with_the_drop_run_of_the_same_round():
+    """Each round's cost uses that round's drop figure, not a pooled one."""
+    recs = [rec("udp-1flow", "drop", 0, 2e6, 500), rec("udp-1flow", "drop", 1, 1e6, 1000),
+            rec("udp-1flow", "forward", 0, 1e6, 1000), rec("udp-1flow", "forward", 1, 0.5e6, 2000)]
+    e = stats.summarize(recs)[("udp-1flow", "forward")]
+    assert e["cost_ns"].min == pytest.approx(500) and e["cost_ns"].max == pytest.approx(1000)
+    assert e["cpu_cost_ns"].median == pytest.approx(750)
+
+
+def test_rule_scaling_costs_use_the_one_rule_drop_baseline():
+    """rules-N records are costed against the drop run recorded as rules-1."""
+    recs = [rec("rules-1", "drop", 0, 2e6), rec("rules-10000", "snatgw-bpf", 0, 1e6)]
+    assert stats.summarize(recs)[("rules-10000", "snatgw-bpf")]["cost_ns"].median == pytest.approx(500)
+
+
+def test_unavailable_config_keeps_its_reason():
+    """A configuration with no successful round reports its status and reason."""
+    recs = [rec("udp-1flow", "snatgw-bpf", 0, None, status="n/a") | {"reason": "no backend"}]
+    e = stats.summarize(recs)[("udp-1flow", "snatgw-bpf")]
+    assert (e["status"], e["reason"]) == ("n/a", "no backend")
+
+
+def test_isolated_speedup_is_the_ratio_of_costs():
+    """bpf costing 250 ns where nft costs 500 ns is a 2x isolated speedup; e2e is the pps ratio."""
+    recs = [rec("s", "drop", 0, 2e6), rec("s", "nft-kernel", 0, 1e6), rec("s", "snatgw-bpf", 0, 1e9 / 750)]
+    summ = stats.summarize(recs)
+    assert stats.speedup_isolated(summ, "s", "snatgw-bpf", "nft-kernel") == pytest.approx(2.0)
+    assert stats.speedup_e2e(summ, "s", "snatgw-bpf", "nft-kernel") == pytest.approx(1000 / 750)
+    assert stats.speedup_e2e(summ, "s", "snatgw-nft", "nft-kernel") is None
+
+
+def test_trafgen_conf_sends_64_byte_udp_to_the_gateway_mac():
+    """The packet is eth + ipv4 + udp + 18 zero bytes (60 + FCS) to the given MAC."""
+    c = traffic.trafgen_conf("02:00:00:00:00:01", "one")
+    assert "eth(da=02:00:00:00:00:01)" in c and "udp(sp=40000, dp=9)" in c and "fill(0x00, 18)" in c
+    assert 14 + 20 + 8 + 18 == 60
+
+
+def test_trafgen_conf_lockstep_pattern_counts_hosts_and_ports():
+    """seq_hosts/seq_ports count the address's low 16 bits and the port together."""
+    c = traffic.trafgen_conf("02:00:00:00:00:01", seq_hosts=11, seq_ports=4096)
+    assert "sa[2:2]=dinc(32768, 32778)" in c and "sp=dinc(1024, 5119)" in c
+
+
+def test_nft_counters_are_read_in_rule_order():
+    """Counters of `nft -j list table` come back one per rule, in order."""
+    text = json.dumps({"nftables": [{"metainfo": {}}, {"rule": {"expr": [{"counter": {"packets": 5, "bytes": 1}}]}},
+                                    {"rule": {"expr": [{"match": {}}, {"counter": {"packets": 7, "bytes": 2}}]}}]})
+    assert traffic.parse_nft_counters(text) == [5, 7]
+
+
+def test_proc_stat_delta_gives_seconds_per_cpu():
+    """100 ticks of softirq on cpu0 is one second of softirq and of busy time."""
+    a = traffic.parse_proc_stat("cpu 1 2 3 4\ncpu0 10 0 20 100 0 0 5 0 0 0\ncpu1 0 0 0 0 0 0 0 0 0 0\n")
+    b = traffic.parse_proc_stat("cpu 1 2 3 4\ncpu0 10 0 20 200 0 0 105 0 0 0\ncpu1 0 0 0 0 0 0 0 0 0 0\n")
+    d = traffic.cpu_delta(a, b)
+    assert d["cpu0"]["softirq"] == 1.0 and d["cpu0"]["busy"] == 1.0 and d["cpu1"]["busy"] == 0.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 100])
+def test_generated_config_parses_with_the_matching_rule_last(n):
+    """The bench config is valid snatgw config; only its last-priority rule matches the traffic."""
+    cfg = parse_text(gateways.snatgw_config_text(n, max_sessions=4096, pin_dir="/sys/fs/bpf/snatgw-x",
+                                                 socket="/tmp/x.sock", backend="bpf"))
+    rules = cfg.rules.rules
+    assert len(rules) == n and cfg.settings.max_sessions == 4096
+    route = Route("up0", IPv4Address("198.19.1.2"))
+    for src in ("198.18.1.2", "198.18.200.7"):
+        assert cfg.rules.match(IPv4Address(src), IPv4Address("198.19.1.2"), route) is rules[-1]
+    assert [r for r in rules[:-1] if r.match(IPv4Address("198.18.1.2"), IPv4Address("198.19.1.2"), route) is None] == []
+
+
+def test_reload_config_changes_only_the_filler_rules():
+    """A reload variant changes the non-matching rules' pool and leaves the matching rule alone."""
+    a = parse_text(gateways.snatgw_config_text(3, max_sessions=4096, pin_dir="/p", socket="/s", backend="bpf"))
+    b = parse_text(gateways.snatgw_config_text(3, max_sessions=4096, pin_dir="/p", socket="/s", backend="bpf",
+                                               filler_pool_last="198.19.1.105"))
+    assert a.rules.rules[-1] == b.rules.rules[-1] and a.rules.rules[0] != b.rules.rules[0]
+
+
+def test_nft_kernel_text_has_the_same_rules_in_the_same_order():
+    """The hand-written kernel nftables SNAT has one snat rule per bench rule, matching rule last."""
+    text = gateways.nft_kernel_text(3)
+    lines = [ln.strip() for ln in text.splitlines() if "snat ip to" in ln]
+    assert len(lines) == 3 and lines[-1].startswith("ip saddr 198.18.0.0/15")
+    assert "type nat hook postrouting priority srcnat" in text
+
+
+def test_filler_sources_never_overlap_the_generators_networks():
+    """Filler rule sources are hosts in 198.19.128.0/17; more than 32768 is refused."""
+    assert gateways.filler_src(0) == "198.19.128.0/32" and gateways.filler_src(32767) == "198.19.255.255/32"
+    with pytest.raises(ValueError):
+        gateways.filler_src(32768)
+
+
+def test_fill_pattern_period_fits_the_table():
+    """Lockstep hosts x 4096 ports is at most the target and its host count is an odd prime."""
+    for n in (50_000, 1_000_000, 13_000):
+        h = scenarios.seq_hosts_for(n)
+        assert h * 4096 <= n and h % 2 == 1 and all(h % d for d in range(3, h))
+
+
+def test_session_memory_separates_table_maps_from_fixed_ones():
+    """Maps at least as large as the table scale per session; the rest is fixed overhead."""
+    maps = [{"max_entries": 200, "bytes_memlock": 20000}, {"max_entries": 16, "bytes_memlock": 1000}]
+    m = scenarios.session_memory(maps, 100)
+    assert m["bytes_per_session"] == 200 and m["fixed_map_bytes"] == 1000
+    assert m["mib_per_1m_sessions"] == pytest.approx((200e6 + 1000) / 2**20)
+
+
+def test_rotation_starts_each_round_with_another_config():
+    """Round r starts with the r-th configuration and keeps every one."""
+    assert rotated(("a", "b", "c"), 1) == ["b", "c", "a"] and sorted(rotated(("a", "b", "c"), 5)) == ["a", "b", "c"]
