@@ -16,6 +16,7 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         gc_interval 1                         # seconds
         control_socket /run/snatgw/control.sock
         pin_dir /sys/fs/bpf/snatgw
+        snat_addresses external|manage        # manage: the daemon adds the pool addresses
     }
     virtual_server fwmark 1 {                 # the SNAT service
         snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh }
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, RuleError
 from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_net, parse_oif
-from .schema import BACKENDS, TIMEOUT_NAMES, GatewayConfig, Settings
+from .schema import BACKENDS, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings
 
 log = logging.getLogger("snatgw.config")
 
@@ -44,7 +45,7 @@ RULE_KEYWORDS = ("from", "to", "gw", "oif", "new_gw", "snat_ip", "algo")
 #: snatgw block keywords
 SETTINGS_KEYWORDS = (
     "inside", "outside", "port_range", "port_tries", "max_sessions", "unmatched", "backend",
-    "timeout", "gc_interval", "control_socket", "pin_dir",
+    "timeout", "gc_interval", "control_socket", "pin_dir", "snat_addresses",
 )  # fmt: skip
 #: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
 KEEPALIVED_VS_OPTIONS = frozenset(
@@ -425,6 +426,8 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         return replace(s, gc_interval=secs)
     if k == "control_socket":
         return replace(s, control_socket=_path(cur, t, v))
+    if k == "snat_addresses":
+        return replace(s, snat_addresses=_choice(cur, t, v, SNAT_ADDRESS_MODES))
     assert k == "pin_dir"
     return replace(s, pin_dir=_path(cur, t, v))
 
@@ -446,6 +449,7 @@ def settings_as_dict(s: Settings) -> dict:
         "gc_interval": s.gc_interval,
         "control_socket": s.control_socket,
         "pin_dir": s.pin_dir,
+        "snat_addresses": s.snat_addresses,
     }
 
 

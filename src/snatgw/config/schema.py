@@ -8,6 +8,7 @@ from ..layout import DEFAULT_TIMEOUTS, MAX_SESSIONS, PORT_MAX, PORT_MIN, PORT_TR
 from ..rules import RuleSet
 
 BACKENDS = ("bpf", "nft")
+SNAT_ADDRESS_MODES = ("external", "manage")
 
 #: timeout keywords of the settings block -> state
 TIMEOUT_NAMES: dict[str, CtState] = {
@@ -32,6 +33,9 @@ class Settings:
     gc_interval: float = 1.0  # seconds between session expiry sweeps
     control_socket: str = "/run/snatgw/control.sock"
     pin_dir: str = "/sys/fs/bpf/snatgw"
+    #: "external": the operator adds the SNAT addresses to the uplinks (as with LVS);
+    #: "manage": the daemon adds every pool address as a /32 to its uplink (snatgw.daemon.addresses)
+    snat_addresses: str = "external"
 
     def timeout(self, state: int) -> int:
         return dict(self.timeouts)[int(state)]

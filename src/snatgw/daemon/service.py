@@ -19,6 +19,7 @@ from ..config.adm import AdmRefused, AdmTable, AdmUsageError, parse_args
 from ..config.schema import GatewayConfig, Settings
 from ..errors import EXIT_BAD_INPUT, BackendError, SnatgwError
 from ..rules import Rule, RuleSet
+from .addresses import AddressManager
 from .log import Log
 
 #: settings a reload cannot change (the running daemon keeps its own; restart to change them)
@@ -72,10 +73,12 @@ class Service:
         self.reloads = 0
         self.last_error: str | None = None
         self._samples: list[tuple[float, dict]] = []  # (time, stats dict), at most two
+        self.addresses = AddressManager(self.log)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         with self.lock:
+            self.addresses.sync(self.config)
             self.backend.start(self.config)
             self.log.info("started", backend=self.backend.name, rules=len(self.config.rules),
                           config=self.config_path, inside=",".join(self.config.settings.inside) or None,
@@ -88,6 +91,7 @@ class Service:
 
     def _commit(self, new: GatewayConfig, table: AdmTable, event: str, **fields) -> None:
         """Apply ``new`` to the backend; only when that succeeds does it become current."""
+        self.addresses.sync(new)  # first: a plan error (no uplink for an address) changes nothing
         self.backend.apply(new)
         self.config, self.table = new, table
         self.log.info(event, rules=len(new.rules), **fields)

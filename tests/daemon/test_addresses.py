@@ -1,0 +1,91 @@
+"""`snat_addresses manage`: the daemon puts the pool addresses on their uplinks and takes back
+the ones that leave every pool on reload (real `ip`, in a namespace made here)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from snatgw.config.parse import parse_text
+from snatgw.daemon.addresses import plan
+from snatgw.errors import SnatgwError
+
+pytestmark = pytest.mark.root
+
+CONF = textwrap.dedent("""\
+    snatgw {{ inside lan40
+             outside eth1 eth2
+             snat_addresses manage
+             control_socket {sock} }}
+    virtual_server fwmark 1 {{
+      snat_rule {{ from 198.18.40.0/24 oif eth2 snat_ip 198.19.3.71-198.19.3.72 }}
+      snat_rule {{ from 198.18.0.0/16 snat_ip {pool} }}
+    }}
+""")
+
+
+def _have():
+    from ipaddress import IPv4Interface
+
+    return {"eth1": [IPv4Interface("198.19.2.2/24")], "eth2": [IPv4Interface("198.19.3.2/24")]}
+
+
+def test_plan_puts_each_address_on_the_uplink_whose_subnet_holds_it():
+    """Without oif the connected subnet decides; with oif the rule's uplink does."""
+    cfg = parse_text(CONF.format(sock="/x", pool="198.19.2.71-198.19.2.73"))
+    want = {str(a): d for a, d in plan(cfg, _have()).items()}
+    assert want == {"198.19.3.71": "eth2", "198.19.3.72": "eth2", "198.19.2.71": "eth1",
+                    "198.19.2.72": "eth1", "198.19.2.73": "eth1"}
+
+
+def test_plan_refuses_an_address_no_uplink_can_own():
+    """An address outside every uplink subnet, with two uplinks and no oif, is an error naming it."""
+    cfg = parse_text(CONF.format(sock="/x", pool="192.0.2.9"), "gw.conf")
+    with pytest.raises(SnatgwError, match=r"gw.conf:7.*192.0.2.9"):
+        plan(cfg, _have())
+
+
+def _ns_addrs(ns, dev):
+    out = subprocess.run(["ip", "-n", ns, "-j", "-4", "addr", "show", "dev", dev],
+                         capture_output=True, text=True, check=True).stdout
+    return {f"{a['local']}/{a['prefixlen']}" for i in json.loads(out) for a in i["addr_info"]}
+
+
+def test_daemon_adds_pool_addresses_and_removes_those_a_reload_drops(tmp_path):
+    """Start adds every pool address as /32; a reload with a smaller pool removes the rest."""
+    ns = f"sgad{os.getpid():x}"
+    sock = tmp_path / "c.sock"
+    conf = tmp_path / "gw.conf"
+    conf.write_text(CONF.format(sock=sock, pool="198.19.2.71-198.19.2.73"))
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    proc = None
+    try:
+        for dev, addr in (("eth1", "198.19.2.2/24"), ("eth2", "198.19.3.2/24"), ("lan40", "198.18.40.1/24")):
+            subprocess.run(["ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", dev + "p"], check=True)
+            subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "snatgw.cli.main",
+                                 "run", str(conf), "--backend", "fake"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        assert "ready" in line, proc.stderr.read()
+        assert {"198.19.2.71/32", "198.19.2.72/32", "198.19.2.73/32"} <= _ns_addrs(ns, "eth1")
+        assert {"198.19.3.71/32", "198.19.3.72/32"} <= _ns_addrs(ns, "eth2")
+        conf.write_text(CONF.format(sock=sock, pool="198.19.2.71"))
+        subprocess.run(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "snatgw.cli.main",
+                        "reload", "--socket", str(sock)], check=True, capture_output=True)
+        deadline = time.monotonic() + 10
+        while "198.19.2.73/32" in _ns_addrs(ns, "eth1") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        have = _ns_addrs(ns, "eth1")
+        assert "198.19.2.71/32" in have and "198.19.2.72/32" not in have and "198.19.2.73/32" not in have
+        assert "198.19.2.2/24" in have  # the interface's own address is never touched
+    finally:
+        if proc and proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
