@@ -28,7 +28,8 @@ FLAG_SETS: tuple[dict[str, object], ...] = (
     {"SNAT_PORT_TRIES": 256, "SNAT_TEST": 1},
     {"SNAT_MAX_SESSIONS": 1024, "SNAT_MAX_RULES": 64},
     {"SNAT_BENCH": 1},  # + the bench wrappers of progbench
-    {"SNAT_FINE_CLOCK": 1},  # bpf_ktime_get_ns instead of the coarse clock
+    {"SNAT_FINE_CLOCK": 1},
+    {"SNAT_NO_KERN_CTX": 1, "SNAT_TEST": 1},  # kernels before 6.3: L4 checksums by helper only  # bpf_ktime_get_ns instead of the coarse clock
 )
 
 

@@ -90,8 +90,9 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 	return verdict_redirect(v, reason, e->ifindex, e->nexthop);
 }
 
-/* Steps 7-15: a new flow.  Returns -2 when another CPU created the same session meanwhile
- * (the caller then takes the established path). */
+/* Steps 7-14: a new flow.  Returns 0 with the verdict set, -3 when the session was created
+ * (the caller translates the packet, step 15), or -2 when another CPU created the same
+ * session meanwhile (the caller takes the established path). */
 static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct snat_res *v)
 {
 	__u32 zero = 0, iif = skb->ingress_ifindex;
@@ -99,13 +100,13 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	struct route rt = {}, eg, back = {};
 	struct rule_scan scan;
 	struct snat_rule *r;
-	struct port_search s;
+	struct port_search *sp = port_search_get();
 	struct ct_key out;
 	__be32 snat;
 	__u32 tries, mtu = 0;
 	int rc;
 
-	if (!cfg)
+	if (!cfg || !sp)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_RULE);
 	rc = fib_route4(skb, p->daddr, p->saddr, iif, &rt);
 	if (rc >= 0)
@@ -134,65 +135,61 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 
 	/* the session pair; the IN entry is inserted by the port search */
 	ct_key_out(&out, p);
-	__builtin_memset(&s, 0, sizeof(s));
-	s.in.saddr = p->daddr;
-	s.in.daddr = snat;
-	s.in.sport = p->proto == IPPROTO_ICMP_ ? 0 : p->dport;
-	s.in.proto = p->proto;
-	s.in.dir = CT_DIR_IN;
-	s.val.peer = out;
-	s.val.rw_addr = p->saddr;
-	s.val.rw_port = p->sport;
+	__builtin_memset(sp, 0, sizeof(*sp));
+	sp->in.saddr = p->daddr;
+	sp->in.daddr = snat;
+	sp->in.sport = p->proto == IPPROTO_ICMP_ ? 0 : p->dport;
+	sp->in.proto = p->proto;
+	sp->in.dir = CT_DIR_IN;
+	sp->val.peer = out;
+	sp->val.rw_addr = p->saddr;
+	sp->val.rw_port = p->sport;
 	/* IN entry: the initial state (TCP: NONE; the session's state lives in the OUT entry) */
-	s.val.state = p->proto == IPPROTO_TCP_ ? CT_NONE : p->proto == IPPROTO_UDP_ ? CT_UDP : CT_ICMP;
-	s.val.ifindex = iif;
-	s.val.rule_id = r->rule_id;
+	sp->val.state = p->proto == IPPROTO_TCP_ ? CT_NONE : p->proto == IPPROTO_UDP_ ? CT_UDP : CT_ICMP;
+	sp->val.ifindex = iif;
+	sp->val.rule_id = r->rule_id;
 	/* Where replies go: the route back to the inside host, looked up once per session (as a
 	 * reply would arrive: from the remote, on the uplink), so that replies hand their next
 	 * hop to bpf_redirect_neigh instead of making it route every packet.  When that route
 	 * does not lead back to the device the flow came from, leave the next hop to the kernel. */
 	if (fib_route4(skb, p->saddr, p->daddr, eg.oif, &back) < 0 && back.oif == iif) {
-		s.val.nexthop = back.nexthop;
-		s.val.mtu = back.mtu;
+		sp->val.nexthop = back.nexthop;
+		sp->val.mtu = back.mtu;
 	} else {
 		bpf_check_mtu(skb, iif, &mtu, 0, 0); /* sets mtu to the inside device's MTU */
-		s.val.mtu = mtu;
+		sp->val.mtu = mtu;
 	}
-	s.val.created = s.val.last_seen = snat_now();
-	s.c = (__u16)p->sport;
-	s.min = cfg->port_min;
-	s.n = cfg->port_max >= cfg->port_min ? (__u32)cfg->port_max - cfg->port_min + 1 : 0;
-	s.err = -EEXIST;
+	sp->val.created = sp->val.last_seen = snat_now();
+	sp->c = (__u16)p->sport;
+	sp->min = cfg->port_min;
+	sp->n = cfg->port_max >= cfg->port_min ? (__u32)cfg->port_max - cfg->port_min + 1 : 0;
+	sp->err = -EEXIST;
 	tries = cfg->port_tries < SNAT_PORT_TRIES ? cfg->port_tries : SNAT_PORT_TRIES;
-	bpf_loop(tries, port_try_cb, &s, 0);
-	if (s.err == -EEXIST)
+	bpf_loop(tries, port_try_cb, NULL, 0);
+	if (sp->err == -EEXIST)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_PORT_EXHAUSTED);
-	if (s.err)
+	if (sp->err)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
 
 	/* OUT entry: reuse the IN entry's buffer, now describing the outbound direction */
-	s.val.peer = s.in;
-	s.val.rw_addr = snat;
-	s.val.rw_port = s.in.dport;
-	s.val.ifindex = eg.oif;
-	s.val.nexthop = eg.nexthop;
-	s.val.mtu = eg.mtu;
-	s.val.flags = (r->flags & RULE_F_NEW_GW) ? CT_F_NEW_GW : 0;
+	sp->val.peer = sp->in;
+	sp->val.rw_addr = snat;
+	sp->val.rw_port = sp->in.dport;
+	sp->val.ifindex = eg.oif;
+	sp->val.nexthop = eg.nexthop;
+	sp->val.mtu = eg.mtu;
+	sp->val.flags = (r->flags & RULE_F_NEW_GW) ? CT_F_NEW_GW : 0;
 	/* TCP: the first SYN from NONE with the IN_ONLY rows (a new session is SYN_RECV) */
 	if (p->proto == IPPROTO_TCP_)
-		s.val.state = ct_tcp_next(CT_NONE, TCP_TBL_IN_ONLY, p->tcp_flags);
-	rc = bpf_map_update_elem(&snat_ct, &out, &s.val, BPF_NOEXIST);
+		sp->val.state = ct_tcp_next(CT_NONE, TCP_TBL_IN_ONLY, p->tcp_flags);
+	rc = bpf_map_update_elem(&snat_ct, &out, &sp->val, BPF_NOEXIST);
 	if (rc) {
-		bpf_map_delete_elem(&snat_ct, &s.in); /* never leave half a pair */
+		bpf_map_delete_elem(&snat_ct, &sp->in); /* never leave half a pair */
 		if (rc == -EEXIST)
 			return -2; /* race: another CPU made this session first */
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
 	}
-	struct ct_entry *e = ct_lookup4(&out);
-
-	if (!e)
-		return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
-	return snat_v4_out_established(skb, p, e, v, REASON_XLATE_NEW);
+	return -3; /* created: the caller translates it (verifier: keeps this frame's stack small) */
 }
 
 /* Steps 3-6 of the inside program; the new-flow steps are in snat_v4_new. */
@@ -215,13 +212,14 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 	e = ct_lookup4(&k);
 	if (e)
 		return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
-	if (snat_v4_new(skb, p, v) == -2) {
-		e = ct_lookup4(&k);
-		if (!e)
-			return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
-		return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
-	}
-	return 0;
+	int rc = snat_v4_new(skb, p, v);
+
+	if (rc >= 0)
+		return 0;
+	e = ct_lookup4(&k);
+	if (!e) /* removed in between (GC): refuse rather than guess */
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
+	return snat_v4_out_established(skb, p, e, v, rc == -3 ? REASON_XLATE_NEW : REASON_XLATE_OUT);
 }
 
 /* The outside program: replies to sessions and ICMP errors about them. */

@@ -5,6 +5,8 @@
  * CHECKSUM_PARTIAL skbs; these are for the IP header and ICMP error payloads. */
 #pragma once
 #include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
 
 static __always_inline __u16 csum_fold32(__u64 s)
 {
@@ -33,3 +35,31 @@ static __always_inline __u16 csum_apply(__u16 check, __u64 delta)
 	 * then never zero, so +0/-0 come out as with csum_replace4 applied change by change */
 	return (__u16)~csum_fold32((__u64)(__u32)~(__u32)check + delta);
 }
+
+/* May the L4 checksum be patched by hand?  Only when the skb is CHECKSUM_NONE or
+ * CHECKSUM_UNNECESSARY: a CHECKSUM_PARTIAL field holds only the pseudo-header sum (a port
+ * change must not touch it) and CHECKSUM_COMPLETE needs skb->csum adjusted for the
+ * pseudo-header, which only bpf_l4_csum_replace does.  By hand saves two helper calls
+ * (about 50 ns per packet here); ip_summed is read through bpf_cast_to_kern_ctx (6.3+) with a
+ * CO-RE bitfield read.  SNAT_NO_KERN_CTX builds (older kernels) always use the helper. */
+#ifndef SNAT_NO_KERN_CTX
+#include <bpf/bpf_core_read.h>
+
+struct sk_buff___snat {
+	__u8 ip_summed : 2;
+} __attribute__((preserve_access_index));
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+
+static __always_inline int csum_by_hand(struct __sk_buff *skb)
+{
+	struct sk_buff___snat *k = bpf_cast_to_kern_ctx(skb);
+
+	return BPF_CORE_READ_BITFIELD(k, ip_summed) < 2; /* CHECKSUM_NONE, _UNNECESSARY */
+}
+#else
+static __always_inline int csum_by_hand(struct __sk_buff *skb)
+{
+	return 0;
+}
+#endif

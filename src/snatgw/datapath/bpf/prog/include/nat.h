@@ -38,12 +38,29 @@ struct port_search {
 	long err;             /* last insert result */
 };
 
+/* Per-CPU scratch for the port search (verifier: the new-flow frame plus the entry's frame
+ * would pass the 512-byte stack limit with it on the stack; bpf_loop's context must be
+ * stack, so the callback finds it here itself; programs do not migrate between CPUs). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct port_search);
+} snat_scratch SEC(".maps");
+
+static __always_inline struct port_search *port_search_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&snat_scratch, &zero);
+}
+
 /* rules.port_candidates: try port_min + ((c + i) mod n) for i = 1..tries */
 static long port_try_cb(__u32 i, void *ctx)
 {
-	struct port_search *s = ctx;
+	struct port_search *s = port_search_get();
 
-	if (s->n == 0)
+	if (!s || s->n == 0)
 		return 1;
 	s->in.dport = bpf_htons((__u16)(s->min + ((s->c + i + 1) % s->n)));
 	s->err = bpf_map_update_elem(&snat_ct, &s->in, &s->val, BPF_NOEXIST);
@@ -51,8 +68,8 @@ static long port_try_cb(__u32 i, void *ctx)
 }
 
 /* Rewrite saddr+sport (is_src) or daddr+dport, TTL-1, IP and L4 checksums.  The IP header is
- * written directly (its checksum is never offloaded); the L4 checksum goes through
- * bpf_l4_csum_replace so CHECKSUM_PARTIAL skbs stay right.  -1 when headers are missing. */
+ * written directly (its checksum is never offloaded); the L4 checksum too when the skb allows
+ * it (csum_by_hand), else through bpf_l4_csum_replace so PARTIAL/COMPLETE skbs stay right.  -1 when headers are missing. */
 static __always_inline int snat_v4_rewrite(struct __sk_buff *skb, const struct pkt *p, int is_src,
 					   __be32 addr, __be16 port)
 {
@@ -64,6 +81,8 @@ static __always_inline int snat_v4_rewrite(struct __sk_buff *skb, const struct p
 	__u32 off = p->l4, csum_off;
 	__u64 flags;
 
+	if (off > ETH_HLEN + 60) /* verifier: bound the variable offset */
+		return -1;
 	if ((void *)(iph + 1) > data_end)
 		return -1;
 	old_w = *(__be16 *)&iph->ttl;
@@ -89,7 +108,13 @@ static __always_inline int snat_v4_rewrite(struct __sk_buff *skb, const struct p
 		old_port = *id;
 		*id = port;
 		/* echo: the identifier only, no pseudo-header */
-		bpf_l4_csum_replace(skb, off + 2, old_port, port, 2);
+		if (csum_by_hand(skb)) {
+			__u16 *cs = data + off + 2;
+
+			*cs = csum_apply(*cs, csum_delta2(old_port, port));
+		} else {
+			bpf_l4_csum_replace(skb, off + 2, old_port, port, 2);
+		}
 		return 0;
 	}
 	__be16 *pp = data + off + (is_src ? 0 : 2);
@@ -104,6 +129,18 @@ static __always_inline int snat_v4_rewrite(struct __sk_buff *skb, const struct p
 	} else {
 		csum_off = off + 6;
 		flags = BPF_F_MARK_MANGLED_0; /* zero UDP checksum stays zero; 0 is sent as 0xffff */
+	}
+	if (csum_by_hand(skb)) {
+		__u16 *cs = data + csum_off;
+		__u16 c;
+
+		if ((void *)(cs + 1) > data_end)
+			return -1;
+		if (flags && *cs == 0) /* UDP without checksum */
+			return 0;
+		c = csum_apply(*cs, csum_delta4(old_addr, addr) + csum_delta2(old_port, port));
+		*cs = (flags && c == 0) ? 0xffff : c;
+		return 0;
 	}
 	bpf_l4_csum_replace(skb, csum_off, old_addr, addr, flags | BPF_F_PSEUDO_HDR | 4);
 	bpf_l4_csum_replace(skb, csum_off, old_port, port, flags | 2);
