@@ -1,7 +1,9 @@
 """BPF vs the model on the shared corpus: every step of every scenario gives the same verdict,
-reason, output IPv4 bytes and redirect target, and the session tables agree afterwards (both
-keys, rewrite, OUT state and flags).  The model (snatgw.model) is the oracle."""
+reason, output IPv4 bytes and redirect target, and afterwards the session tables (both keys,
+rewrite, OUT state and flags), the reason counters and the per-rule counters agree.  The
+model (snatgw.model) is the oracle."""
 
+from collections import Counter
 from ipaddress import IPv4Address
 
 import pytest
@@ -55,13 +57,21 @@ def compare_step(i, step, res, run):
 
 
 def run_scenario(sc, prog, engine):
+    judged = Counter()  # the model's reasons for the packets BPF ran and judged
     for i, step in enumerate(sc.steps):
         res = engine.process(step.packet, step.side, step.ingress, float(i))
         if len(step.packet) < MIN_TESTABLE_IPV4:
             continue  # the kernel's test-run refuses it (EINVAL); see testrun.Untestable
         run = prog.run(step.side, step.packet, step.ingress)
         compare_step(i, step, res, run)
+        if run.verdict is not None:
+            judged[res.reason] += 1
     assert bpf_sessions(prog) == model_sessions(engine), "session tables differ"
+    assert prog.reasons() == dict(judged), "reason counters differ"
+    if all(len(s.packet) >= MIN_TESTABLE_IPV4 for s in sc.steps):
+        model_rules = {rid: {"packets": c.packets, "bytes": c.bytes, "sessions": c.sessions}
+                       for rid, c in engine.rule_stats.items()}  # fmt: skip
+        assert prog.rule_stats() == model_rules, "rule counters differ"
 
 
 #: the L4 checksum by hand (test-run skbs are CHECKSUM_NONE) and by bpf_l4_csum_replace only

@@ -1,7 +1,9 @@
 """BPF vs the model on hypothesis-generated traffic: new flows (TCP/UDP/echo, odd flags, TTLs,
 sizes, DF), replies to live sessions and strangers, ICMP errors both ways (cut at random), first
-and later fragments, and corrupted packets.  Same verdict, reason, bytes, target, sessions."""
+and later fragments, and corrupted packets.  Same verdict, reason, bytes, target, sessions,
+reason counters and rule counters."""
 
+from collections import Counter
 from dataclasses import replace
 from ipaddress import IPv4Address
 
@@ -168,13 +170,20 @@ def test_generated_traffic_matches_model(fuzz_progs, data, rules, narrow, drop):
     rs = ruleset(RULESETS[rules])
     prog = fuzz_progs
     prog.clear_sessions()
+    prog.zero_counters()
     prog.apply(rs, s)
     engine = Engine(rs, s, StaticRouter(REF_ROUTES, REF_ADDRESSES))
     steps = data.draw(traffic(engine))
+    judged = Counter()
     for i, step in enumerate(steps):
         if len(step.packet) < MIN_TESTABLE_IPV4:
             continue
         run = prog.run(step.side, step.packet, step.ingress)
         event(f"{step.side} {step.result.reason.name}")
         compare_step(i, step, step.result, run)
+        if run.verdict is not None:
+            judged[step.result.reason] += 1
     assert bpf_sessions(prog) == model_sessions(engine)
+    assert prog.reasons() == dict(judged)
+    assert prog.rule_stats() == {rid: {"packets": c.packets, "bytes": c.bytes, "sessions": c.sessions}
+                                 for rid, c in engine.rule_stats.items()}  # fmt: skip

@@ -211,6 +211,12 @@ class ProgHarness:
             res[rid] = tot
         return res
 
+    def zero_counters(self) -> None:
+        for r in range(L.REASON_MAX):
+            self.maps[L.MAP_REASONS].put(r, bytes(8))
+        for k in self.maps[L.MAP_RULE_STATS].keys():
+            self.maps[L.MAP_RULE_STATS].delete(k)
+
     def clear_sessions(self) -> None:
         m = self.maps[L.MAP_CT]
         for k in m.keys():
