@@ -73,7 +73,7 @@ def test_report_shows_unavailable_configs_as_na_with_reason():
     res["unavailable"] = {"snatgw-nft": "backend missing"}
     md = report.render(res)
     assert "| 1 one UDP flow | snatgw-nft | n/a (backend missing) |" in md
-    assert "**snatgw-nft**: n/a (backend missing)" in md
+    assert "- **snatgw-nft**: n/a (backend missing)" in md
 
 
 def test_report_puts_pps_cost_and_ratios_side_by_side():

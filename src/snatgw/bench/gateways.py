@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import select
 import shutil
 import signal
@@ -193,13 +194,18 @@ class Gateway:
             nrules, max_sessions=self.max_sessions, pin_dir=self.pin_dir, socket=self.socket,
             backend=self.name.split("-", 1)[1], filler_pool_last=filler_pool_last))
 
-    def daemon_stderr(self, lines: int = 3) -> str:
+    def daemon_stderr(self, lines: int = 2) -> str:
+        """The daemon's error: its structured error="..." field if it logged one, else the last lines."""
         if not getattr(self, "errlog", None):
             return ""
         self.errlog.flush()
         self.errlog.seek(0)
-        tail = [ln.strip() for ln in self.errlog.read().splitlines() if ln.strip()][-lines:]
-        return " | ".join(tail)[-400:] or "(no stderr)"
+        text = [ln.strip() for ln in self.errlog.read().splitlines() if ln.strip()]
+        for ln in reversed(text):
+            m = re.search(r'error="((?:[^"\\]|\\.)*)"', ln)
+            if m:
+                return m.group(1)[-300:]
+        return " | ".join(text[-lines:])[-300:] or "(no stderr)"
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a `snatgw` verb against this daemon's control socket."""

@@ -38,10 +38,14 @@ def fmt_ratio(r: float | None) -> str:
     return "—" if r is None else f"{r:.2f}×"
 
 
-def _na(entry: dict | None) -> str:
+def _na(entry: dict | None, width: int = 90) -> str:
+    """"n/a (reason)" shortened for a table cell; the full reasons are listed once above."""
     if not entry:
         return "not run"
-    return f"{entry.get('status', 'n/a')} ({entry.get('reason', '?')})"
+    reason = str(entry.get("reason", "?")).replace("|", "/")
+    if len(reason) > width:
+        reason = reason[: width - 1] + "…"
+    return f"{entry.get('status', 'n/a')} ({reason})"
 
 
 # ------------------------------------------------------------------ targets
@@ -217,7 +221,8 @@ def render(results: dict, images: list[str] = ()) -> str:
            "Ratios of those costs are *isolated*; ratios of pps are *end to end*. Spread is [min–max] over rounds. "
            "A high load average means other work shared the CPUs: compare within a run, not across runs.", ""]
     if results.get("unavailable"):
-        out += ["Not available here: " + "; ".join(f"**{k}**: n/a ({v})" for k, v in results["unavailable"].items()), ""]
+        out += ["Not available here (full reasons):", ""]
+        out += [f"- **{k}**: n/a ({str(v).replace('|', '/')})" for k, v in results["unavailable"].items()] + [""]
     out += ["## Targets (as measured; never tuned to meet)", "", "| target | measured | verdict |", "|---|---|---|"]
     out += [f"| {a} | {b} | **{c}** |" for a, b, c in targets(summary, results)]
     if any(k[0] in ORDER for k in summary):

@@ -74,7 +74,10 @@ class Suite:
         self.p = params
         self.echo = echo
         self.records: list[dict] = []
-        self.na: dict[str, str] = {}  # config -> reason, once found unavailable
+        self.na: dict[str, str] = {}  # config (and rule count) -> why it could not run
+        self.failures: dict[str, int] = {}
+        self.missing: dict[str, str] = {}  # configs whose code is not there at all
+        self.why = ""
         self.results: dict = {"params": {k: v for k, v in vars(params).items()}, "machine": machine(),
                               "records": self.records, "unavailable": self.na}
 
@@ -88,19 +91,25 @@ class Suite:
                      else f"{rec['status']} ({rec.get('reason')})"))
         return rec
 
-    def _gateway_or_na(self, cfg: str, t: topo.Topology, **kw) -> Gateway | None:
-        if cfg in self.na:
+    def _gateway_or_na(self, cfg: str, t: topo.Topology, nrules: int = 1, **kw) -> Gateway | None:
+        """A started gateway, or None with the reason in self.why.  A configuration that cannot
+        be imported is n/a for the whole run; one whose daemon failed to start is tried again
+        next round, and given up (for that rule count) after two failures."""
+        key = cfg if nrules == 1 else f"{cfg} ({nrules:,} rules)"
+        if cfg in self.missing or self.failures.get(key, 0) >= 2:
+            self.why = self.missing.get(cfg) or self.na.get(key, "failed twice")
             return None
         why = availability(cfg)
         if why:
-            self.na[cfg] = why
+            self.missing[cfg] = self.na[cfg] = self.why = why
             return None
-        gw = Gateway(cfg, t, **kw)
+        gw = Gateway(cfg, t, nrules=nrules, **kw)
         try:
             gw.start()
         except Unavailable as e:
             gw.stop()
-            self.na[cfg] = str(e)
+            self.failures[key] = self.failures.get(key, 0) + 1
+            self.na[key] = self.why = str(e)
             return None
         return gw
 
@@ -116,7 +125,7 @@ class Suite:
                     gw = self._gateway_or_na(cfg, t, max_sessions=self.p.max_sessions)
                     if gw is None:
                         for s in scens:
-                            self._rec(s, cfg, r, status="n/a", reason=self.na[cfg], value=None)
+                            self._rec(s, cfg, r, status="n/a", reason=self.why, value=None)
                         continue
                     try:
                         for s in scens:
@@ -140,7 +149,7 @@ class Suite:
                 with topo.Topology() as t:
                     gw = self._gateway_or_na(cfg, t, nrules=n, max_sessions=self.p.max_sessions)
                     if gw is None:
-                        self._rec(scen, cfg, r, status="n/a", reason=self.na[cfg], value=None, rules=n)
+                        self._rec(scen, cfg, r, status="n/a", reason=self.why, value=None, rules=n)
                         continue
                     try:
                         fields = sc.udp(t, gw, "one", self.p.duration)
@@ -167,8 +176,8 @@ class Suite:
                 mem0 = sc.meminfo()
                 gw = self._gateway_or_na(cfg, t, max_sessions=n)
                 if gw is None:
-                    entry.update(status="n/a", reason=self.na[cfg])
-                    self.echo(f"  {cfg}: n/a ({self.na[cfg]})")
+                    entry.update(status="n/a", reason=self.why)
+                    self.echo(f"  {cfg}: n/a ({self.why})")
                     continue
                 try:
                     conf = traffic.trafgen_conf(t.gw_in_mac, seq_hosts=hosts, seq_ports=4096, dport="dinc(9, 24)")
@@ -219,8 +228,8 @@ class Suite:
             with topo.Topology() as t:
                 gw = self._gateway_or_na(cfg, t, nrules=n, max_sessions=1 << 16)
                 if gw is None:
-                    entry.update(status="n/a", reason=self.na[cfg])
-                    self.echo(f"  {cfg}: n/a ({self.na[cfg]})")
+                    entry.update(status="n/a", reason=self.why)
+                    self.echo(f"  {cfg}: n/a ({self.why})")
                     continue
                 try:
                     from ..daemon.client import call
