@@ -14,7 +14,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw, raw
 
 from tests.cases.corpus import REF_SETTINGS, ruleset, REF_RULES, FAILOVER_RULES, REF_ADDRESSES, REF_ROUTES
-from tests.cases.pkts import icmp_error
+from tests.cases.pkts import icmp_error, with_options
 
 from test_differential import bpf_sessions, compare_step, model_sessions
 from snatgw.datapath.bpf.testrun import MIN_TESTABLE_IPV4
@@ -38,7 +38,7 @@ def outbound(draw):
     src = draw(st.sampled_from(INSIDE_SRC))
     dst = draw(st.sampled_from(REMOTES))
     proto = draw(st.sampled_from(["tcp", "udp", "echo"]))
-    sport = draw(st.sampled_from([40000, 40001, 5000, 65535, 1, 33434]))
+    sport = draw(st.one_of(st.sampled_from([40000, 40001, 5000, 65535, 1, 33434]), st.integers(1, 65535)))
     dport = draw(st.sampled_from([80, 53, 443]))
     ttl = draw(st.sampled_from([64] * 5 + [2, 1, 0]))
     size = draw(st.sampled_from([0] * 4 + [8, 1480, 1600]))
@@ -52,7 +52,10 @@ def outbound(draw):
     else:
         pkt = ip / ICMP(type=draw(st.sampled_from([8] * 4 + [0, 13])), id=sport) / pay
     dev = "lan50" if src.startswith("198.18.50") else "lan40"
-    return Step("inside", dev, raw(pkt))
+    out = raw(pkt)
+    if draw(st.integers(0, 5)) == 0:
+        out = with_options(out)  # IHL 6: options are kept and skipped
+    return Step("inside", dev, out)
 
 
 def reply_to(engine, draw):
@@ -128,12 +131,17 @@ def traffic(draw, engine):
             s = reply_to(engine, draw)
         elif kind == "error":
             s = error_about(engine, draw) or draw(outbound())
-        elif kind == "frag":
+        elif kind == "frag":  # a datagram's first fragment and/or the rest, in either order
             s = draw(outbound())
             p = IP(s.packet)
-            off = draw(st.sampled_from([0, 0, 3]))
-            q = IP(src=p.src, dst=p.dst, id=p.id, ttl=p.ttl, proto=p.proto, flags="MF" if off == 0 else 0, frag=off)
-            s = Step(s.side, s.ingress, raw(q / Raw(raw(p.payload)[:24 if off == 0 else 40])))
+            l4 = raw(p.payload) + b"f" * 40
+            first = IP(src=p.src, dst=p.dst, id=p.id, ttl=p.ttl, proto=p.proto, flags="MF", frag=0) / Raw(l4[:24])
+            rest = IP(src=p.src, dst=p.dst, id=p.id, ttl=p.ttl, proto=p.proto, frag=3) / Raw(l4[24:64])
+            parts = draw(st.sampled_from([[first, rest], [first, rest], [first], [rest], [rest, first]]))
+            for part in parts[:-1]:
+                steps.append(Step(s.side, s.ingress, raw(part)))
+                yield_engine_step(engine, steps[-1], len(steps))
+            s = Step(s.side, s.ingress, raw(parts[-1]))
         else:
             s = draw(outbound())
             s = Step(s.side, s.ingress, mutate(s.packet, draw))
@@ -150,25 +158,28 @@ def yield_engine_step(engine, s, i):
 RULESETS = {"ref": REF_RULES, "failover": FAILOVER_RULES}
 
 
+TABLES = (64, 3)  # session table sizes: roomy, and one that fills up
+
+
 @pytest.fixture(scope="module")
 def fuzz_progs(refnet):
     from snatgw.datapath.bpf.testrun import ProgHarness
 
-    with ProgHarness(refnet, max_sessions=64) as prog:
-        yield prog
+    with ProgHarness(refnet, max_sessions=TABLES[0]) as big, ProgHarness(refnet, max_sessions=TABLES[1]) as small:
+        yield {TABLES[0]: big, TABLES[1]: small}
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), rules=st.sampled_from(sorted(RULESETS)), narrow=st.booleans(),
-       drop=st.booleans())  # fmt: skip
-def test_generated_traffic_matches_model(fuzz_progs, data, rules, narrow, drop):
+       drop=st.booleans(), table=st.sampled_from(TABLES))  # fmt: skip
+def test_generated_traffic_matches_model(fuzz_progs, data, rules, narrow, drop, table):
     """Random flows, replies, errors, fragments and corrupt packets: BPF agrees with the model."""
     from snatgw.model import Engine, StaticRouter
 
-    s = replace(REF_SETTINGS, unmatched_drop=drop, max_sessions=64,
+    s = replace(REF_SETTINGS, unmatched_drop=drop, max_sessions=table,
                 **({"port_min": 5000, "port_max": 5002} if narrow else {}))  # fmt: skip
     rs = ruleset(RULESETS[rules])
-    prog = fuzz_progs
+    prog = fuzz_progs[table]
     prog.clear_sessions()
     prog.zero_counters()
     prog.apply(rs, s)
