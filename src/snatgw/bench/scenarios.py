@@ -57,7 +57,7 @@ def _ns_py(ns: str, *args: str) -> list[str]:
 
 def tcp_cycles(t: topo.Topology, gw: Gateway, duration: float, concurrency: int = 64) -> dict:
     server = subprocess.Popen(_ns_py(t.sink, "snatgw.bench.tcpload", "server", "--duration", str(duration + 15)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         time.sleep(0.5)
         p = topo.run(_ns_py(t.gen, "snatgw.bench.tcpload", "client", "--host", topo.SINK_ADDR,
@@ -65,8 +65,7 @@ def tcp_cycles(t: topo.Topology, gw: Gateway, duration: float, concurrency: int 
                      timeout=duration + 30)
         res = json.loads(p.stdout.strip().splitlines()[-1])
     finally:
-        server.kill()
-        server.wait()
+        _kill_group(server)
     rec = {"metric": "conn/s", "value": res["connections"] / res["seconds"], "loadavg": loadavg(), **res}
     if res["connections"] == 0:
         rec.update(status="error", reason=f"no connection completed ({res['errors']} errors)")
@@ -76,14 +75,13 @@ def tcp_cycles(t: topo.Topology, gw: Gateway, duration: float, concurrency: int 
 def tcp_bulk(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     secs = max(1, round(duration))
     server = subprocess.Popen(["ip", "netns", "exec", t.sink, "timeout", str(secs + 20), "iperf3", "-s", "-1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         time.sleep(0.5)
         p = topo.run(["ip", "netns", "exec", t.gen, "taskset", "-c", "0", "iperf3", "-c", topo.SINK_ADDR,
                       "-t", str(secs), "-J"], check=False, timeout=secs + 30)
     finally:
-        server.kill()
-        server.wait()
+        _kill_group(server)
     try:
         res = json.loads(p.stdout)
     except ValueError:
@@ -93,6 +91,15 @@ def tcp_bulk(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     bps = res["end"]["sum_received"]["bits_per_second"]
     return {"metric": "Gbit/s", "value": bps / 1e9, "retransmits": res["end"].get("sum_sent", {}).get("retransmits"),
             "loadavg": loadavg()}
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """Stop a server we started, and any child of it (timeout's iperf3), by its process group."""
+    try:
+        os.killpg(p.pid, 9)
+    except ProcessLookupError:
+        pass
+    p.wait()
 
 
 def measure(scenario: str, t: topo.Topology, gw: Gateway, duration: float) -> dict:
