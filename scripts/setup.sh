@@ -3,7 +3,7 @@
 # Idempotent and quiet when everything is there already.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PKGS="clang llvm libbpf-dev libbpf1 bpftool nftables iproute2 iperf3 netsniff-ng tcpdump iputils-ping ethtool linux-libc-dev python3-venv conntrack"
+APT_PKGS="clang llvm libbpf-dev libbpf1 bpftool nftables iproute2 iperf3 netsniff-ng tcpdump iputils-ping ethtool linux-libc-dev python3-venv conntrack keepalived"
 missing=""
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
