@@ -1,5 +1,6 @@
 """Per-packet cost of the datapath programs alone, by BPF_PROG_TEST_RUN with repeat, in a
-private REF namespace: established flow, new flow, reply, ICMP error, no-rule pass.
+private REF namespace: established flow, new flow, reply, ICMP error, no-rule pass, and the
+egress program on an ordinary packet (every translated packet crosses it).
 
 Uses the SNAT_BENCH build, whose bench_* wrappers put the packet back after each round (a
 repeated test-run reuses one skb) and, for new flows, set a fresh source port every round;
@@ -60,6 +61,7 @@ def measure(repeat: int = 200_000, rounds: int = 5, new_flows: int = 50_000) -> 
                 ("reply (udp in)", "bench_outside", reply, "eth1", repeat),
                 ("icmp error in", "bench_outside", err, "eth1", repeat),
                 ("no rule (fib + 3 rules)", "bench_inside", no_rule, "lan40", repeat),
+                ("egress, not an error", "bench_egress", udp_out, "eth1", repeat),
             ]  # fmt: skip
             for name, prog, pkt, dev, n in cases:
                 out.append((name, _median_ns(h, prog, pkt, dev, n, rounds) - base, TARGETS.get(name)))

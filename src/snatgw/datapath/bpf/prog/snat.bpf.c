@@ -303,8 +303,7 @@ int snat_outside(struct __sk_buff *skb)
 
 /* Egress of the uplinks: only ICMP errors about translated replies are touched (and
  * counted); everything else, including our own redirected packets, passes uncounted. */
-SEC("tc")
-int snat_egress(struct __sk_buff *skb)
+static __always_inline int snat_egress_body(struct __sk_buff *skb)
 {
 	struct snat_res v = {};
 	struct pkt p;
@@ -316,6 +315,12 @@ int snat_egress(struct __sk_buff *skb)
 	/* an ICMP error leaving an uplink is judged (and counted) as the model does */
 	icmp_err_v4_reply(skb, &p, &v, 1);
 	return snat_emit(skb, &v);
+}
+
+SEC("tc")
+int snat_egress(struct __sk_buff *skb)
+{
+	return snat_egress_body(skb);
 }
 
 #ifdef SNAT_BENCH

@@ -92,3 +92,16 @@ int bench_new(struct __sk_buff *skb)
 	bench_restore(skb, save);
 	return ret;
 }
+
+SEC("tc")
+int bench_egress(struct __sk_buff *skb)
+{
+	__u8 *save = bench_buf();
+	int ret;
+
+	if (bench_save(skb, save) < 0)
+		return TC_ACT_SHOT;
+	ret = snat_egress_body(skb);
+	bench_restore(skb, save);
+	return ret;
+}
