@@ -19,8 +19,8 @@ from snatgw.config.parse import RULE_KEYWORDS, SETTINGS_KEYWORDS, parse_file
 from snatgw.lab import clients
 from snatgw.lab.demo import REF_RULES, ruleset
 from snatgw.lab.gateway import gateway_available, snatgw_argv, start_kernel_masquerade
-from snatgw.lab.keepalived import (VIP, VRRP_IF, Keepalived, combined_config, config_test, keepalived_pids,
-                                   vip_present, vrrp_text)
+from snatgw.lab.keepalived import (VIP, VRRP_IF, Keepalived, combined_config, config_test, gw_addresses,
+                                   keepalived_pids, pool_addresses, vip_present, vrrp_text)
 from snatgw.lab.netns import LabError, run
 from snatgw.lab.topology import Lab
 from snatgw.rules import select_addr
@@ -66,17 +66,16 @@ def _via_vip(lab) -> None:
 
 @pytest.fixture(scope="module", params=["bpf", "nft"])
 def ka(request):
-    """A lab per backend: servers, the combined file, keepalived MASTER, `snatgw run` on it."""
+    """A lab per backend: servers, the combined file, `snatgw run` on it (started first, as on a
+    BACKUP gateway: no pool address is local yet), then keepalived, which becomes MASTER and
+    brings the VIP and the pool addresses."""
     backend = request.param
     lab = new_lab()
     k = None
     try:
         s = Setup(lab, backend, _write_conf(lab), None)
         s.servers = lab.start_servers()
-        lab.add_snat_addresses(s.conf)
         _via_vip(lab)
-        s.keepalived = k = Keepalived(lab, s.conf).start()
-        k.wait_master()
         s.available, s.why = gateway_available(backend)
         if not s.available:
             s.error = LabError(f"snatgw run --backend {backend}: {s.why}")
@@ -88,6 +87,8 @@ def ka(request):
                 missing = re.search(r"ModuleNotFoundError: No module named '(snatgw\.[\w.]+)'", str(e))
                 if missing:
                     s.available, s.why = False, f"not built yet: {missing[1]}"
+        s.keepalived = k = Keepalived(lab, s.conf).start()
+        k.wait_master()
         yield s
     finally:
         try:
@@ -114,10 +115,11 @@ def _rule(s, src):
     return r
 
 
-def test_keepalived_becomes_master_and_puts_the_vip_on_lan40_without_ipvs(ka):
-    """keepalived --vrrp takes MASTER, the VIP sits on lan40, and only the parent and its VRRP
-    child run (no checker child, so nothing asks the kernel for IPVS)."""
+def test_keepalived_becomes_master_and_puts_the_vip_and_pool_on_the_gateway_without_ipvs(ka):
+    """keepalived --vrrp takes MASTER, the VIP sits on lan40 and the pool addresses on their
+    uplinks, and only the parent and its VRRP child run (no checker child: no IPVS asked for)."""
     assert vip_present(ka.lab)
+    assert set(pool_addresses()) <= gw_addresses(ka.lab)
     log = open(ka.keepalived.log).read()
     assert "(inside40) Entering MASTER STATE" in log
     assert "IPVS" not in log
@@ -191,15 +193,16 @@ def test_example_keepalived_conf_holds_the_lab_rules_and_the_same_vrrp_instance(
     assert list(example.rules.defined) == list(tested.rules.defined) == list(ruleset(REF_RULES).defined)
     assert (example.settings.inside, example.settings.outside) == (tested.settings.inside, tested.settings.outside)
     text = open(EXAMPLE).read()
-    for line in ("interface lan40", f"{VIP}/24 dev lan40", "virtual_router_id 40", "state MASTER"):
+    for line in ["interface lan40", f"{VIP}/24 dev lan40", "virtual_router_id 40", "state MASTER",
+                 "virtual_ipaddress_excluded"] + [f"{a}/32 dev {i}" for a, i in pool_addresses()]:
         assert line in text
     cp = run(snatgw_argv("check", EXAMPLE), check=False)
     assert cp.returncode == 0, cp.stdout + cp.stderr
 
 
 def test_stopping_keepalived_releases_the_vip_and_leaves_no_process():
-    """Stop by pid file: the VIP leaves lan40, in40 can no longer resolve its gateway, no
-    keepalived process and no pid file remain."""
+    """Stop by pid file: the VIP and the pool addresses leave the gateway, in40 can no longer
+    resolve its gateway, no keepalived process and no pid file remain."""
     lab = new_lab()
     k = None
     try:
@@ -214,6 +217,7 @@ def test_stopping_keepalived_releases_the_vip_and_leaves_no_process():
         assert killed == []  # SIGTERM was enough
         assert keepalived_pids(lab) == []
         assert not vip_present(lab)
+        assert not set(pool_addresses()) & gw_addresses(lab)
         assert not any(f.startswith("keepalived") and f.endswith(".pid") for f in os.listdir(lab.workdir))
         lab.run("in40", "ip", "neigh", "flush", VIP)
         with pytest.raises(OSError):

@@ -1,6 +1,6 @@
 """A real keepalived beside snatgw in the lab (docs/operations.md, "Beside keepalived"): one
-keepalived.conf with a vrrp_instance that owns the inside gateway address on <P>-gw's lan40 plus
-snatgw's rules, keepalived run VRRP-only in <P>-gw with every runtime file in the lab's work dir.
+keepalived.conf whose vrrp_instance owns the inside gateway address on <P>-gw's lan40 (and moves the
+SNAT pool addresses with it) plus snatgw's rules; keepalived VRRP-only in <P>-gw, files in the work dir.
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ import signal
 import subprocess
 import time
 
-from .demo import REF_RULES, config_text
+from ipaddress import IPv4Interface
+
+from .demo import REF_RULES, config_text, ruleset
 from .netns import LabError, nsenter, run
+from .topology import ADDRS, OUTSIDE_IFS
 
 #: the inside hosts' gateway address that VRRP moves between gateways (in40's default route)
 VIP = "198.18.40.254"
@@ -21,20 +24,36 @@ VRRP_IF = "lan40"
 VRID = 40
 
 
-def vrrp_text(vip: str = VIP, iface: str = VRRP_IF, vrid: int = VRID, priority: int = 150,
-              state: str = "MASTER") -> str:
-    """keepalived's part of the combined file: global_defs and one vrrp_instance owning ``vip``."""
+def pool_addresses(rules: list[dict] = REF_RULES) -> list[tuple[str, str]]:
+    """(address, outside interface) of every SNAT pool address of ``rules``, by the lab's subnets."""
+    out: dict[str, str] = {}
+    for r in ruleset(rules).defined:
+        for a in r.pool.addresses():
+            iface = next((i for i, cidr in ADDRS["gw"]
+                          if i in OUTSIDE_IFS and a in IPv4Interface(cidr).network), None)
+            if iface is None:
+                raise LabError(f"SNAT address {a} is in no outside subnet of the lab")
+            out.setdefault(str(a), iface)
+    return list(out.items())
+
+
+def vrrp_text(rules: list[dict] = REF_RULES, vip: str = VIP, iface: str = VRRP_IF, vrid: int = VRID,
+              priority: int = 150, state: str = "MASTER") -> str:
+    """keepalived's part of the combined file: global_defs and one vrrp_instance owning ``vip``
+    and (not advertised, moved with it) the SNAT pool addresses of ``rules`` on the uplinks."""
+    pool = "".join(f"        {a}/32 dev {i}\n" for a, i in pool_addresses(rules))
     return (
         "global_defs {\n    router_id snatgw-lab-gw\n}\n\n"
         f"vrrp_instance inside40 {{\n    state {state}\n    interface {iface}\n"
         f"    virtual_router_id {vrid}\n    priority {priority}\n    advert_int 1\n"
-        f"    virtual_ipaddress {{\n        {vip}/24 dev {iface}\n    }}\n}}\n\n"
+        f"    virtual_ipaddress {{\n        {vip}/24 dev {iface}\n    }}\n"
+        f"    virtual_ipaddress_excluded {{\n{pool}    }}\n}}\n\n"
     )
 
 
 def combined_config(rules: list[dict] = REF_RULES, **vrrp) -> str:
     """One file for both programs: keepalived's VRRP blocks, snatgw { } and virtual_server fwmark 1."""
-    return vrrp_text(**vrrp) + config_text(rules)
+    return vrrp_text(rules, **vrrp) + config_text(rules)
 
 
 def keepalived_path() -> str:
@@ -160,6 +179,11 @@ def keepalived_pids(lab) -> list[int]:
     return sorted(found)
 
 
+def gw_addresses(lab) -> set[tuple[str, str]]:
+    """(address, interface) of every IPv4 address in <P>-gw."""
+    out = json.loads(lab.ip("gw", "-j", "-4", "addr").stdout or "[]")
+    return {(i["local"], a["ifname"]) for a in out for i in a.get("addr_info", [])}
+
+
 def vip_present(lab, vip: str = VIP, iface: str = VRRP_IF) -> bool:
-    out = json.loads(lab.ip("gw", "-j", "-4", "addr", "show", "dev", iface).stdout or "[]")
-    return any(i.get("local") == vip for a in out for i in a.get("addr_info", []))
+    return (vip, iface) in gw_addresses(lab)
