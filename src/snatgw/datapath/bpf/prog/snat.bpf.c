@@ -90,23 +90,93 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 	return verdict_redirect(v, reason, e->ifindex, e->nexthop);
 }
 
-/* Steps 7-14: a new flow.  Returns 0 with the verdict set, -3 when the session was created
+/* Steps 12-14: the SNAT address and port, and the session pair (IN key first: the port
+ * search inserts it; then OUT, removing IN again when OUT fails).  0 when created, -2 when
+ * another CPU created the same session meanwhile, else the DROP reason. */
+static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const struct pkt *p,
+					       const struct snat_rule *r, const struct snat_cfg *cfg,
+					       const struct route *eg, __u32 iif)
+{
+	struct port_search *sp = port_search_get();
+	struct route back = {};
+	struct ct_key out;
+	__be32 snat;
+	__u32 tries, mtu = 0;
+	long rc;
+
+	if (!sp)
+		return REASON_DROP_TABLE_FULL;
+	snat = snat_v4_select_addr(r, p);
+	ct_key_out(&out, p);
+	__builtin_memset(sp, 0, sizeof(*sp));
+	sp->in.saddr = p->daddr;
+	sp->in.daddr = snat;
+	sp->in.sport = p->proto == IPPROTO_ICMP_ ? 0 : p->dport;
+	sp->in.proto = p->proto;
+	sp->in.dir = CT_DIR_IN;
+	sp->val.peer = out;
+	sp->val.rw_addr = p->saddr;
+	sp->val.rw_port = p->sport;
+	/* IN entry: the initial state (TCP: NONE; the session's state lives in the OUT entry) */
+	sp->val.state = p->proto == IPPROTO_TCP_ ? CT_NONE : p->proto == IPPROTO_UDP_ ? CT_UDP : CT_ICMP;
+	sp->val.ifindex = iif;
+	sp->val.rule_id = r->rule_id;
+	/* Where replies go: the route back to the inside host, looked up once per session (as a
+	 * reply would arrive: from the remote, on the uplink), so that replies hand their next
+	 * hop to bpf_redirect_neigh instead of making it route every packet.  When that route
+	 * does not lead back to the device the flow came from, leave the next hop to the kernel. */
+	if (fib_route4(skb, p->saddr, p->daddr, eg->oif, &back) < 0 && back.oif == iif) {
+		sp->val.nexthop = back.nexthop;
+		sp->val.mtu = back.mtu;
+	} else {
+		bpf_check_mtu(skb, iif, &mtu, 0, 0); /* sets mtu to the inside device's MTU */
+		sp->val.mtu = mtu;
+	}
+	sp->val.created = sp->val.last_seen = snat_now();
+	sp->c = (__u16)p->sport;
+	sp->min = cfg->port_min;
+	sp->n = cfg->port_max >= cfg->port_min ? (__u32)cfg->port_max - cfg->port_min + 1 : 0;
+	sp->err = -EEXIST;
+	tries = cfg->port_tries < SNAT_PORT_TRIES ? cfg->port_tries : SNAT_PORT_TRIES;
+	bpf_loop(tries, port_try_cb, NULL, 0);
+	if (sp->err == -EEXIST)
+		return REASON_DROP_PORT_EXHAUSTED;
+	if (sp->err) /* -E2BIG: the table is full */
+		return REASON_DROP_TABLE_FULL;
+
+	/* OUT entry: reuse the IN entry's buffer, now describing the outbound direction */
+	sp->val.peer = sp->in;
+	sp->val.rw_addr = snat;
+	sp->val.rw_port = sp->in.dport;
+	sp->val.ifindex = eg->oif;
+	sp->val.nexthop = eg->nexthop;
+	sp->val.mtu = eg->mtu;
+	sp->val.flags = (r->flags & RULE_F_NEW_GW) ? CT_F_NEW_GW : 0;
+	/* TCP: the first SYN from NONE with the IN_ONLY rows (a new session is SYN_RECV) */
+	if (p->proto == IPPROTO_TCP_)
+		sp->val.state = ct_tcp_next(CT_NONE, TCP_TBL_IN_ONLY, p->tcp_flags);
+	rc = bpf_map_update_elem(&snat_ct, &out, &sp->val, BPF_NOEXIST);
+	if (rc) {
+		bpf_map_delete_elem(&snat_ct, &sp->in); /* never leave half a pair */
+		return rc == -EEXIST ? -2 : REASON_DROP_TABLE_FULL; /* race: another CPU was first */
+	}
+	return 0;
+}
+
+/* Steps 7-14 of a new flow.  Returns 0 with the verdict set, -3 when the session was created
  * (the caller translates the packet, step 15), or -2 when another CPU created the same
- * session meanwhile (the caller takes the established path). */
+ * session meanwhile (the caller takes the established path).  The caller translating keeps
+ * this frame small (verifier: combined stack limit). */
 static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct snat_res *v)
 {
 	__u32 zero = 0, iif = skb->ingress_ifindex;
 	struct snat_cfg *cfg = bpf_map_lookup_elem(&snat_config, &zero);
-	struct route rt = {}, eg, back = {};
+	struct route rt = {}, eg;
 	struct rule_scan scan;
 	struct snat_rule *r;
-	struct port_search *sp = port_search_get();
-	struct ct_key out;
-	__be32 snat;
-	__u32 tries, mtu = 0;
 	int rc;
 
-	if (!cfg || !sp)
+	if (!cfg)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_RULE);
 	rc = fib_route4(skb, p->daddr, p->saddr, iif, &rt);
 	if (rc >= 0)
@@ -131,65 +201,10 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	}
 	if (snat_over_mtu(skb, p, eg.mtu) && p->df)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
-	snat = snat_v4_select_addr(r, p);
-
-	/* the session pair; the IN entry is inserted by the port search */
-	ct_key_out(&out, p);
-	__builtin_memset(sp, 0, sizeof(*sp));
-	sp->in.saddr = p->daddr;
-	sp->in.daddr = snat;
-	sp->in.sport = p->proto == IPPROTO_ICMP_ ? 0 : p->dport;
-	sp->in.proto = p->proto;
-	sp->in.dir = CT_DIR_IN;
-	sp->val.peer = out;
-	sp->val.rw_addr = p->saddr;
-	sp->val.rw_port = p->sport;
-	/* IN entry: the initial state (TCP: NONE; the session's state lives in the OUT entry) */
-	sp->val.state = p->proto == IPPROTO_TCP_ ? CT_NONE : p->proto == IPPROTO_UDP_ ? CT_UDP : CT_ICMP;
-	sp->val.ifindex = iif;
-	sp->val.rule_id = r->rule_id;
-	/* Where replies go: the route back to the inside host, looked up once per session (as a
-	 * reply would arrive: from the remote, on the uplink), so that replies hand their next
-	 * hop to bpf_redirect_neigh instead of making it route every packet.  When that route
-	 * does not lead back to the device the flow came from, leave the next hop to the kernel. */
-	if (fib_route4(skb, p->saddr, p->daddr, eg.oif, &back) < 0 && back.oif == iif) {
-		sp->val.nexthop = back.nexthop;
-		sp->val.mtu = back.mtu;
-	} else {
-		bpf_check_mtu(skb, iif, &mtu, 0, 0); /* sets mtu to the inside device's MTU */
-		sp->val.mtu = mtu;
-	}
-	sp->val.created = sp->val.last_seen = snat_now();
-	sp->c = (__u16)p->sport;
-	sp->min = cfg->port_min;
-	sp->n = cfg->port_max >= cfg->port_min ? (__u32)cfg->port_max - cfg->port_min + 1 : 0;
-	sp->err = -EEXIST;
-	tries = cfg->port_tries < SNAT_PORT_TRIES ? cfg->port_tries : SNAT_PORT_TRIES;
-	bpf_loop(tries, port_try_cb, NULL, 0);
-	if (sp->err == -EEXIST)
-		return verdict_set(v, VERDICT_DROP, REASON_DROP_PORT_EXHAUSTED);
-	if (sp->err)
-		return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
-
-	/* OUT entry: reuse the IN entry's buffer, now describing the outbound direction */
-	sp->val.peer = sp->in;
-	sp->val.rw_addr = snat;
-	sp->val.rw_port = sp->in.dport;
-	sp->val.ifindex = eg.oif;
-	sp->val.nexthop = eg.nexthop;
-	sp->val.mtu = eg.mtu;
-	sp->val.flags = (r->flags & RULE_F_NEW_GW) ? CT_F_NEW_GW : 0;
-	/* TCP: the first SYN from NONE with the IN_ONLY rows (a new session is SYN_RECV) */
-	if (p->proto == IPPROTO_TCP_)
-		sp->val.state = ct_tcp_next(CT_NONE, TCP_TBL_IN_ONLY, p->tcp_flags);
-	rc = bpf_map_update_elem(&snat_ct, &out, &sp->val, BPF_NOEXIST);
-	if (rc) {
-		bpf_map_delete_elem(&snat_ct, &sp->in); /* never leave half a pair */
-		if (rc == -EEXIST)
-			return -2; /* race: another CPU made this session first */
-		return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
-	}
-	return -3; /* created: the caller translates it (verifier: keeps this frame's stack small) */
+	rc = snat_v4_new_mapping(skb, p, r, cfg, &eg, iif);
+	if (rc > 0)
+		return verdict_set(v, VERDICT_DROP, rc);
+	return rc == 0 ? -3 : -2;
 }
 
 /* Steps 3-6 of the inside program; the new-flow steps are in snat_v4_new. */
