@@ -36,7 +36,7 @@ def _median_ns(h: ProgHarness, prog: str, pkt: bytes, dev: str, repeat: int, rou
     return min(h.bench(prog, pkt, dev, repeat) for _ in range(rounds))
 
 
-def measure(repeat: int = 200_000, rounds: int = 5, new_flows: int = 50_000) -> list[tuple[str, float, int | None]]:
+def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000) -> list[tuple[str, float, int | None]]:
     """[(case, ns per packet, target or None)]."""
     rs = RuleSet([Rule.from_dict(d) for d in RULES])
     settings = Settings(port_tries=64)
@@ -75,9 +75,9 @@ def measure(repeat: int = 200_000, rounds: int = 5, new_flows: int = 50_000) -> 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m snatgw.bench.progbench", description=__doc__.split("\n")[0])
-    ap.add_argument("--repeat", type=int, default=200_000, help="runs per measurement (default 200000)")
-    ap.add_argument("--rounds", type=int, default=5, help="measurements per case; the minimum is shown")
-    ap.add_argument("--new-flows", type=int, default=50_000, help="sessions created by the new-flow run")
+    ap.add_argument("--repeat", type=int, default=30_000, help="runs per measurement (default 30000)")
+    ap.add_argument("--rounds", type=int, default=15, help="measurements per case; the minimum is shown")
+    ap.add_argument("--new-flows", type=int, default=20_000, help="sessions created by the new-flow run")
     a = ap.parse_args(argv)
     rows = measure(a.repeat, a.rounds, a.new_flows)
     print(f"{'case':<26} {'ns/pkt':>8} {'target':>8}")
