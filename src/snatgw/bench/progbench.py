@@ -36,7 +36,8 @@ def _median_ns(h: ProgHarness, prog: str, pkt: bytes, dev: str, repeat: int, rou
     return min(h.bench(prog, pkt, dev, repeat) for _ in range(rounds))
 
 
-def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000) -> list[tuple[str, float, int | None]]:
+def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000,
+            many_rules: bool = False) -> list[tuple[str, float, int | None]]:  # fmt: skip
     """[(case, ns per packet, target or None)]."""
     rs = RuleSet([Rule.from_dict(d) for d in RULES])
     settings = Settings(port_tries=64)
@@ -70,7 +71,23 @@ def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000) -> 
             ns = h.bench("bench_new", new, "lan40", new_flows) - base
             out.append(("new flow (udp)", ns, TARGETS["new flow (udp)"]))
             out.append(("(wrapper, subtracted)", base, None))
+        if many_rules:
+            out.append(_new_flow_many_rules(net, repeat=min(new_flows, 2000), rounds=rounds))
     return out
+
+
+def _new_flow_many_rules(net: RefNet, repeat: int, rounds: int) -> tuple[str, float, None]:
+    """A new flow that only the last of 16384 rules matches (the rule scan's worst case)."""
+    filler = [Rule.from_dict({"from": f"10.{i // 256}.{i % 256}.0/24", "snat_ip": "198.19.2.71"}) for i in range(16383)]
+    rs = RuleSet(filler + [Rule.from_dict({"from": "198.18.0.0/15", "snat_ip": "198.19.2.73"})])
+    best = None
+    for _ in range(max(1, rounds // 5)):
+        with ProgHarness(net, defines={"SNAT_BENCH": 1}, test=False, max_sessions=repeat + 16) as h:
+            h.apply(rs, Settings(port_tries=64))
+            new = raw(IP(src=A, dst=R1) / UDP(sport=10000, dport=53) / PAD)
+            ns = h.bench("bench_new", new, "lan40", repeat) - h.bench("bench_noop", new, "lan40", repeat)
+            best = ns if best is None else min(best, ns)
+    return ("new flow, 16k rules", best, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=30_000, help="runs per measurement (default 30000)")
     ap.add_argument("--rounds", type=int, default=15, help="measurements per case; the minimum is shown")
     ap.add_argument("--new-flows", type=int, default=20_000, help="sessions created by the new-flow run")
+    ap.add_argument("--many-rules", action="store_true", help="also: a new flow scanning 16384 rules")
     a = ap.parse_args(argv)
-    rows = measure(a.repeat, a.rounds, a.new_flows)
+    rows = measure(a.repeat, a.rounds, a.new_flows, a.many_rules)
     print(f"{'case':<26} {'ns/pkt':>8} {'target':>8}")
     for name, ns, target in rows:
         mark = "" if target is None else ("  ok" if ns <= target else "  OVER")
