@@ -287,14 +287,25 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 	return verdict_redirect(v, REASON_XLATE_IN, e->ifindex, e->nexthop);
 }
 
+/* parse_v4, making the headers linear first when they are not (paged or GRO skbs) */
+static __always_inline int parse_v4_pulled(struct __sk_buff *skb, struct pkt *p)
+{
+	int r = parse_v4(skb, p);
+
+	if (r == PARSE_PULL) {
+		parse_pull(skb);
+		r = parse_v4(skb, p);
+	}
+	return r == PARSE_PULL ? REASON_DROP_MALFORMED : r;
+}
+
 static __always_inline int snat_entry(struct __sk_buff *skb, int outside)
 {
 	struct snat_res v = {};
 	struct pkt p;
 	int r;
 
-	parse_pull(skb);
-	r = parse_v4(skb, &p);
+	r = parse_v4_pulled(skb, &p);
 	if (r >= 0)
 		verdict_set(&v, r == REASON_DROP_MALFORMED ? VERDICT_DROP : VERDICT_PASS, r);
 	else if (outside)
@@ -323,8 +334,7 @@ static __always_inline int snat_egress_body(struct __sk_buff *skb)
 	struct snat_res v = {};
 	struct pkt p;
 
-	parse_pull(skb);
-	if (parse_v4(skb, &p) >= 0 || p.proto != IPPROTO_ICMP_ || p.frag == FRAG_LATER ||
+	if (parse_v4_pulled(skb, &p) >= 0 || p.proto != IPPROTO_ICMP_ || p.frag == FRAG_LATER ||
 	    !is_icmp_error(p.icmp_type))
 		return TC_ACT_OK;
 	/* an ICMP error leaving an uplink is judged (and counted) as the model does */

@@ -17,7 +17,8 @@ struct icmp_inner {
 	__u8 type;      /* embedded ICMP type */
 };
 
-/* -1 when the embedded header and 8 bytes of its L4 are present, else DROP_MALFORMED */
+/* -1 when the embedded header and 8 bytes of its L4 are present, PARSE_PULL when they are not
+ * linear yet, else DROP_MALFORMED */
 static __always_inline int icmp_parse_inner(struct __sk_buff *skb, const struct pkt *p, struct icmp_inner *in)
 {
 	void *data = (void *)(long)skb->data;
@@ -29,8 +30,9 @@ static __always_inline int icmp_parse_inner(struct __sk_buff *skb, const struct 
 	if (off > ETH_HLEN + 60 + 8) /* verifier: bound the variable offset */
 		return REASON_DROP_MALFORMED;
 	ih = data + off;
-	if (off + 20 > p->end || (void *)(ih + 1) > data_end)
+	if (off + 20 > p->end)
 		return REASON_DROP_MALFORMED;
+	PARSE_NEED(ih, sizeof(*ih), REASON_DROP_MALFORMED);
 	ihl = ih->ihl * 4;
 	if (ihl < 20 || off + ihl + 8 > p->end) /* the quoted version is not checked */
 		return REASON_DROP_MALFORMED;
@@ -39,8 +41,9 @@ static __always_inline int icmp_parse_inner(struct __sk_buff *skb, const struct 
 	if (in->l4 > ETH_HLEN + 60 + 8 + 60)
 		return REASON_DROP_MALFORMED;
 	l4 = data + in->l4;
-	if ((void *)(l4 + 8) > data_end)
-		return REASON_DROP_MALFORMED;
+	PARSE_NEED(l4, 8, REASON_DROP_MALFORMED);
+	if (ih->protocol == IPPROTO_TCP_ && in->l4 + 18 <= p->end) /* its checksum is rewritten too */
+		PARSE_NEED(l4, 18, REASON_DROP_MALFORMED);
 	in->saddr = ih->saddr;
 	in->daddr = ih->daddr;
 	in->proto = ih->protocol;
@@ -54,6 +57,18 @@ static __always_inline int icmp_parse_inner(struct __sk_buff *skb, const struct 
 		in->dport = *(__be16 *)(l4 + 2);
 	}
 	return -1;
+}
+
+static __always_inline int icmp_parse_inner_pulled(struct __sk_buff *skb, const struct pkt *p,
+						   struct icmp_inner *in)
+{
+	int r = icmp_parse_inner(skb, p, in);
+
+	if (r == PARSE_PULL) {
+		parse_pull(skb);
+		r = icmp_parse_inner(skb, p, in);
+	}
+	return r == PARSE_PULL ? REASON_DROP_MALFORMED : r;
 }
 
 /* Key of the session an error is about.  about_reply=0: the embedded packet left through us
@@ -179,7 +194,7 @@ static __noinline int icmp_err_v4_outside(struct __sk_buff *skb, struct pkt *p, 
 	struct icmp_inner in = {};
 	struct ct_key k;
 	struct ct_entry *e;
-	int r = icmp_parse_inner(skb, p, &in);
+	int r = icmp_parse_inner_pulled(skb, p, &in);
 
 	if (r >= 0)
 		return verdict_set(v, VERDICT_DROP, r);
@@ -199,7 +214,7 @@ static __noinline int icmp_err_v4_reply(struct __sk_buff *skb, struct pkt *p, st
 	struct icmp_inner in = {};
 	struct ct_key k;
 	struct ct_entry *e;
-	int r = icmp_parse_inner(skb, p, &in);
+	int r = icmp_parse_inner_pulled(skb, p, &in);
 
 	if (r >= 0)
 		return verdict_set(v, VERDICT_DROP, r);

@@ -1,6 +1,7 @@
 /* Packet parsing: Ethernet + IPv4 + the first bytes of TCP/UDP/ICMP into struct pkt.
  * Contract (datapath.md steps 1-2): returns -1 when the packet is a well-formed IPv4 packet,
- * else the reason (PASS_NOT_IPV4 or DROP_MALFORMED).  Every read is bounds-checked right
+ * PARSE_PULL when its headers are not linear yet, else the reason (PASS_NOT_IPV4 or
+ * DROP_MALFORMED).  Every read is bounds-checked right
  * before it; offsets are from skb->data. */
 #pragma once
 #include <linux/bpf.h>
@@ -46,13 +47,21 @@ static __always_inline int is_icmp_error(__u8 type)
 	return type == 3 || type == 4 || type == 11 || type == 12;
 }
 
-/* Make the headers linear once, so direct packet access sees them (GRO'd or paged skbs). */
+/* A parser returns PARSE_PULL when the bytes it needs are in the skb but not in its linear
+ * part (a paged/GRO skb); the caller then makes up to SNAT_PULL_LEN bytes linear and parses
+ * again, so the pull is paid only by such packets. */
+#define PARSE_PULL (-2)
+
+/* bytes [ptr, ptr + n) must be readable, else return PARSE_PULL or ``fail`` */
+#define PARSE_NEED(ptr, n, fail)                                                                \
+	do {                                                                                    \
+		if ((void *)(ptr) + (n) > data_end)                                             \
+			return skb->len > (__u32)(data_end - data) ? PARSE_PULL : (fail);       \
+	} while (0)
+
 static __always_inline void parse_pull(struct __sk_buff *skb)
 {
-	__u32 lin = skb->data_end - skb->data;
-
-	if (lin < skb->len && lin < SNAT_PULL_LEN)
-		bpf_skb_pull_data(skb, skb->len < SNAT_PULL_LEN ? skb->len : SNAT_PULL_LEN);
+	bpf_skb_pull_data(skb, skb->len < SNAT_PULL_LEN ? skb->len : SNAT_PULL_LEN);
 }
 
 static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
@@ -63,13 +72,15 @@ static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
 	struct iphdr *iph = data + ETH_HLEN;
 	__u32 present, ihl, off;
 
-	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+	PARSE_NEED(eth, sizeof(*eth), REASON_PASS_NOT_IPV4);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return REASON_PASS_NOT_IPV4;
 	/* as the model: the version decides when there is a byte; an empty packet is malformed */
+	if (skb->len > ETH_HLEN)
+		PARSE_NEED(iph, 1, REASON_DROP_MALFORMED);
 	if ((void *)iph + 1 <= data_end && (*(__u8 *)iph >> 4) != 4)
 		return REASON_PASS_NOT_IPV4;
-	if ((void *)(iph + 1) > data_end)
-		return REASON_DROP_MALFORMED;
+	PARSE_NEED(iph, sizeof(*iph), REASON_DROP_MALFORMED);
 	ihl = iph->ihl * 4;
 	p->len = bpf_ntohs(iph->tot_len);
 	present = skb->len - ETH_HLEN;
@@ -96,8 +107,9 @@ static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
 	if (p->proto == IPPROTO_TCP_) {
 		__u8 *t = data + off;
 
-		if (off + 20 > p->end || (void *)(t + 20) > data_end)
+		if (off + 20 > p->end)
 			return REASON_DROP_MALFORMED;
+		PARSE_NEED(t, 20, REASON_DROP_MALFORMED);
 		if ((t[12] >> 4) < 5)
 			return REASON_DROP_MALFORMED;
 		p->sport = *(__be16 *)t;
@@ -107,16 +119,18 @@ static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
 	} else if (p->proto == IPPROTO_UDP_) {
 		__u8 *u = data + off;
 
-		if (off + 8 > p->end || (void *)(u + 8) > data_end)
+		if (off + 8 > p->end)
 			return REASON_DROP_MALFORMED;
+		PARSE_NEED(u, 8, REASON_DROP_MALFORMED);
 		p->sport = *(__be16 *)u;
 		p->dport = *(__be16 *)(u + 2);
 		p->l4hdr = 8;
 	} else if (p->proto == IPPROTO_ICMP_) {
 		__u8 *c = data + off;
 
-		if (off + 8 > p->end || (void *)(c + 8) > data_end)
+		if (off + 8 > p->end)
 			return REASON_DROP_MALFORMED;
+		PARSE_NEED(c, 8, REASON_DROP_MALFORMED);
 		p->icmp_type = c[0];
 		if (c[0] == 0 || c[0] == 8)
 			p->sport = *(__be16 *)(c + 4); /* echo identifier */
