@@ -48,7 +48,9 @@ def compare_step(i, step, res, run):
         assert run.retval == 0 and run.packet == res.packet == step.packet, where
         return
     assert (run.verdict, run.reason) == (res.verdict, res.reason), f"{where}: bpf vs model"
-    assert run.packet == res.packet, f"{where}: output bytes differ\nbpf   {run.packet.hex()}\nmodel {res.packet.hex()}"
+    assert run.packet == res.packet, (
+        f"{where}: output bytes differ\nbpf   {run.packet.hex()}\nmodel {res.packet.hex()}"
+    )
     if res.verdict == Verdict.REDIRECT:
         # None means "the route to the destination": BPF resolves that route once per session
         # for replies (on-link in REF: the destination itself), the model leaves it None

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.bpf
 
 # weighted by repetition toward flows that translate, so replies and errors have sessions
 INSIDE_SRC = ["198.18.40.10"] * 3 + ["198.18.40.11", "198.18.50.10", "198.18.60.5", "192.0.2.50"]
-REMOTES = ["203.0.113.10"] * 3 + ["198.51.100.10"] * 2 + ["198.51.100.77", "198.19.2.1", "198.19.2.71", "198.19.3.9"]
+REMOTES = ["203.0.113.10"] * 3 + ["198.51.100.10"] * 2 + [
+    "198.51.100.77", "198.19.2.1", "198.19.2.71", "198.19.3.9",
+]  # fmt: skip
 FLAGS = ["S"] * 6 + ["SA", "A", "PA", "FA", "R", "RA", "", "SF", "U"]
 
 
@@ -62,7 +64,8 @@ def reply_to(engine, draw):
     """A packet from the remote of a live session to its SNAT address (or a stranger's)."""
     ins = [k for k in engine.table.entries() if k.dir == CT_DIR_IN]
     if not ins or draw(st.integers(0, 9)) == 0:
-        return Step("outside", "eth1", raw(IP(src="203.0.113.10", dst="198.19.2.72") / UDP(sport=53, dport=6000)))
+        stranger = IP(src="203.0.113.10", dst="198.19.2.72") / UDP(sport=53, dport=6000)
+        return Step("outside", "eth1", raw(stranger))
     k = draw(st.sampled_from(sorted(ins)))
     ttl = draw(st.sampled_from([64] * 4 + [1]))
     ip = IP(src=str(k.saddr), dst=str(k.daddr), ttl=ttl, flags="DF" if draw(st.booleans()) else 0)
@@ -135,8 +138,9 @@ def traffic(draw, engine):
             s = draw(outbound())
             p = IP(s.packet)
             l4 = raw(p.payload) + b"f" * 40
-            first = IP(src=p.src, dst=p.dst, id=p.id, ttl=p.ttl, proto=p.proto, flags="MF", frag=0) / Raw(l4[:24])
-            rest = IP(src=p.src, dst=p.dst, id=p.id, ttl=p.ttl, proto=p.proto, frag=3) / Raw(l4[24:64])
+            hdr = dict(src=p.src, dst=p.dst, id=p.id, ttl=p.ttl, proto=p.proto)
+            first = IP(flags="MF", frag=0, **hdr) / Raw(l4[:24])
+            rest = IP(frag=3, **hdr) / Raw(l4[24:64])
             parts = draw(st.sampled_from([[first, rest], [first, rest], [first], [rest], [rest, first]]))
             for part in parts[:-1]:
                 steps.append(Step(s.side, s.ingress, raw(part)))
@@ -165,8 +169,9 @@ TABLES = (64, 3)  # session table sizes: roomy, and one that fills up
 def fuzz_progs(refnet):
     from snatgw.datapath.bpf.testrun import ProgHarness
 
-    with ProgHarness(refnet, max_sessions=TABLES[0]) as big, ProgHarness(refnet, max_sessions=TABLES[1]) as small:
-        yield {TABLES[0]: big, TABLES[1]: small}
+    with ProgHarness(refnet, max_sessions=TABLES[0]) as big:
+        with ProgHarness(refnet, max_sessions=TABLES[1]) as small:
+            yield {TABLES[0]: big, TABLES[1]: small}
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))

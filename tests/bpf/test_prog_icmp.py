@@ -78,7 +78,8 @@ def test_gateway_error_on_egress_quotes_the_snat_tuple(prog):
 def test_error_without_a_session_passes(prog):
     """Errors quoting unknown tuples: outside PASS_NO_SESSION_IN, inside PASS_ICMP_OTHER."""
     quoted = raw(IP(src="198.19.2.71", dst=R1) / UDP(sport=9, dport=9))
-    assert prog.run("outside", icmp_error(ROUTER, "198.19.2.71", quoted), "eth1").reason == Reason.PASS_NO_SESSION_IN
+    r = prog.run("outside", icmp_error(ROUTER, "198.19.2.71", quoted), "eth1")
+    assert r.reason == Reason.PASS_NO_SESSION_IN
     quoted = raw(IP(src=R1, dst=A) / UDP(sport=9, dport=9))
     assert prog.run("inside", icmp_error(A, R1, quoted), "lan40").reason == Reason.PASS_ICMP_OTHER
 

@@ -55,7 +55,8 @@ def test_reply_is_translated_back_to_the_inside_host(prog):
     addr, port = snat_of(RULE_SDH, A, R1, 40000)
     r = prog.run("outside", udp(R1, addr, 53, port, b"answer"), "eth1")
     # the next hop toward A is resolved once per session: A is on-link on lan40
-    assert (r.retval, r.reason, r.oif, r.nexthop) == (TC_ACT_REDIRECT, Reason.XLATE_IN, "lan40", IPv4Address(A))
+    assert (r.retval, r.reason, r.oif) == (TC_ACT_REDIRECT, Reason.XLATE_IN, "lan40")
+    assert r.nexthop == IPv4Address(A)
     p = IP(r.packet)
     assert (p.src, p.dst, p[UDP].sport, p[UDP].dport, p.ttl) == (R1, A, 53, 40000, 63)
     assert checksums_ok(r.packet)
@@ -227,7 +228,8 @@ def test_replies_to_a_host_behind_an_inside_router_go_to_that_router(prog, refne
         assert r.reason == Reason.XLATE_NEW
         p = IP(r.packet)
         back = prog.run("outside", udp(R1, p.src, 53, p[UDP].sport), "eth1")
-        assert (back.reason, back.oif, back.nexthop) == (Reason.XLATE_IN, "lan40", IPv4Address("198.18.40.254"))
+        assert (back.reason, back.oif) == (Reason.XLATE_IN, "lan40")
+        assert back.nexthop == IPv4Address("198.18.40.254")
     finally:
         subprocess.run(["ip", "-n", refnet.name, "route", "del", *route], check=False)
 

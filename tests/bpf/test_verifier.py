@@ -11,8 +11,12 @@ from snatgw.datapath.bpf import build
 from snatgw.datapath.bpf import libbpf as B
 
 
+def _flag_id(defines: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in defines.items()) or "default"
+
+
 @pytest.mark.bpf
-@pytest.mark.parametrize("defines", build.FLAG_SETS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
+@pytest.mark.parametrize("defines", build.FLAG_SETS, ids=_flag_id)
 def test_flag_set_loads_on_this_kernel(defines):
     """The object for this flag set loads: all three programs pass the verifier."""
     obj = B.BpfObject.open(build.compile(defines))

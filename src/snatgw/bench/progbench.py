@@ -23,9 +23,11 @@ from ..rules import Rule, RuleSet
 
 A, R1 = "198.18.40.10", "203.0.113.10"
 PAD = b"p" * 60  # bench packets must cover the wrappers' saved 96 bytes
-RULES = [
-    {"from": "198.18.40.0/24", "gw": "198.19.3.1", "oif": "eth2", "snat_ip": "198.19.3.71-198.19.3.73", "algo": "random"},
-    {"from": "198.18.40.0/24", "gw": "198.19.2.1", "oif": "eth1", "snat_ip": "198.19.2.71-198.19.2.73", "algo": "sdh"},
+RULES = [  # the REF rules (plan.md)
+    {"from": "198.18.40.0/24", "gw": "198.19.3.1", "oif": "eth2", "snat_ip": "198.19.3.71-198.19.3.73",
+     "algo": "random"},
+    {"from": "198.18.40.0/24", "gw": "198.19.2.1", "oif": "eth1", "snat_ip": "198.19.2.71-198.19.2.73",
+     "algo": "sdh"},
     {"from": "198.18.0.0/16", "new_gw": "198.19.2.1", "snat_ip": "198.19.2.71-198.19.2.73", "algo": "sh"},
 ]  # fmt: skip
 TARGETS = {"established (udp out)": 150, "established (tcp out)": 150, "new flow (udp)": 1500}
@@ -78,7 +80,8 @@ def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000,
 
 def _new_flow_many_rules(net: RefNet, repeat: int, rounds: int) -> tuple[str, float, None]:
     """A new flow that only the last of 16384 rules matches (the rule scan's worst case)."""
-    filler = [Rule.from_dict({"from": f"10.{i // 256}.{i % 256}.0/24", "snat_ip": "198.19.2.71"}) for i in range(16383)]
+    filler = [Rule.from_dict({"from": f"10.{i // 256}.{i % 256}.0/24", "snat_ip": "198.19.2.71"})
+              for i in range(16383)]  # fmt: skip
     rs = RuleSet(filler + [Rule.from_dict({"from": "198.18.0.0/15", "snat_ip": "198.19.2.73"})])
     best = None
     for _ in range(max(1, rounds // 5)):

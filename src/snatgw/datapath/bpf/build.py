@@ -28,8 +28,8 @@ FLAG_SETS: tuple[dict[str, object], ...] = (
     {"SNAT_PORT_TRIES": 256, "SNAT_TEST": 1},
     {"SNAT_MAX_SESSIONS": 1024, "SNAT_MAX_RULES": 64},
     {"SNAT_BENCH": 1},  # + the bench wrappers of progbench
-    {"SNAT_FINE_CLOCK": 1},
-    {"SNAT_NO_KERN_CTX": 1, "SNAT_TEST": 1},  # kernels before 6.3: L4 checksums by helper only  # bpf_ktime_get_ns instead of the coarse clock
+    {"SNAT_FINE_CLOCK": 1},  # bpf_ktime_get_ns instead of the coarse clock
+    {"SNAT_NO_KERN_CTX": 1, "SNAT_TEST": 1},  # kernels before 6.3: L4 checksums by helper only
 )
 
 
@@ -80,7 +80,8 @@ def compile(defines: dict | None = None) -> Path:  # noqa: A001 - the verb is th
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise BackendError(f"compiling {SOURCE.name} failed ({' '.join(flags) or 'no defines'}):\n{res.stderr}")
+        what = " ".join(flags) or "no defines"
+        raise BackendError(f"compiling {SOURCE.name} failed ({what}):\n{res.stderr}")
     os.replace(tmp, out)  # atomic: concurrent builds of the same key agree
     return out
 

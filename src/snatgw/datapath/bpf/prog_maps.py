@@ -40,7 +40,9 @@ def compile_rule(rule: Rule, ifindex_of: Callable[[str], int]) -> bytes:
 
 def compile_cfg(nrules: int, settings: Settings) -> bytes:
     if not 0 < settings.port_min <= settings.port_max <= 65535:
-        raise BackendError(f"port range {settings.port_min}-{settings.port_max}: expected 1 <= min <= max <= 65535")
+        raise BackendError(
+            f"port range {settings.port_min}-{settings.port_max}: expected 1 <= min <= max <= 65535"
+        )
     return L.SNAT_CFG.pack(
         nrules=nrules, flags=L.CFG_F_UNMATCHED_DROP if settings.unmatched_drop else 0,
         port_min=settings.port_min, port_max=settings.port_max,
@@ -48,7 +50,9 @@ def compile_cfg(nrules: int, settings: Settings) -> bytes:
     )  # fmt: skip
 
 
-def compile_rules(ruleset: RuleSet, settings: Settings, ifindex_of: Callable[[str], int]) -> tuple[bytes, list[bytes]]:
+def compile_rules(
+    ruleset: RuleSet, settings: Settings, ifindex_of: Callable[[str], int]
+) -> tuple[bytes, list[bytes]]:
     """(snat_config value, [snat_rules value per slot]) for ``ruleset`` in priority order."""
     rules = [compile_rule(r, ifindex_of) for r in ruleset]
     if len(rules) > L.MAX_RULES:

@@ -30,7 +30,10 @@ REF_ADDRS = {
     "eth1": ["198.19.2.2/24", "198.19.2.71/32", "198.19.2.72/32", "198.19.2.73/32"],
     "eth2": ["198.19.3.2/24", "198.19.3.71/32", "198.19.3.72/32", "198.19.3.73/32"],
 }
-REF_ROUTES = [["default", "via", "198.19.2.1", "dev", "eth1"], ["198.51.100.0/24", "via", "198.19.3.1", "dev", "eth2"]]
+REF_ROUTES = [
+    ["default", "via", "198.19.2.1", "dev", "eth1"],
+    ["198.51.100.0/24", "via", "198.19.3.1", "dev", "eth2"],
+]
 INSIDE, OUTSIDE = ("lan40", "lan50"), ("eth1", "eth2")
 PROGS = {"inside": "snat_inside", "outside": "snat_outside", "egress": "snat_egress"}
 SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff) on 6.x; only ifindex fields are set
