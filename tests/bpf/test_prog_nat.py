@@ -244,3 +244,29 @@ def test_gro_aggregate_is_judged_by_its_segment_size(prog):
     assert IP(r.packet).src == snat_of(RULE_SDH, A, R1, 40000)[0]
     r = prog.run("inside", big, "lan40")  # the same bytes as one datagram: too big
     assert r.reason == Reason.PASS_FRAG_NEEDED
+
+
+def test_non_ipv4_ethertype_passes_uncounted_as_ipv4(prog):
+    """An ARP frame (ethertype 0x0806) is PASS_NOT_IPV4, untouched."""
+    from snatgw.datapath.bpf import libbpf as B
+
+    frame = bytes.fromhex("ffffffffffff0200000000010806") + bytes(28)
+    with prog.net.enter():
+        ret, out, _, _ = B.test_run(prog.fds["inside"], frame, prog.ctx("lan40"))
+    assert (ret, out[: len(frame)]) == (TC_ACT_OK, frame)
+    assert prog.reasons() == {Reason.PASS_NOT_IPV4: 1}
+
+
+def test_unroutable_destination_passes_to_the_kernel(prog, refnet):
+    """A destination behind a blackhole route: PASS_NO_ROUTE, no session."""
+    import subprocess
+
+    route = ["blackhole", "203.0.113.128/25"]
+    subprocess.run(["ip", "-n", refnet.name, "route", "add", *route], check=True)
+    try:
+        p = udp(A, "203.0.113.200", 40000, 53)
+        r = prog.run("inside", p, "lan40")
+        assert (r.retval, r.reason, r.packet) == (TC_ACT_OK, Reason.PASS_NO_ROUTE, p)
+        assert prog.ct() == {}
+    finally:
+        subprocess.run(["ip", "-n", refnet.name, "route", "del", *route], check=False)
