@@ -85,7 +85,9 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 	stats_rule(e->rule_id, p->len, reason == REASON_XLATE_NEW);
 	if (p->frag == FRAG_FIRST)
 		frag_remember(p, e->rw_addr, p->daddr, e->ifindex, e->nexthop, now);
-	if (snat_over_mtu(skb, p, e->mtu)) /* no DF: the kernel fragments it */
+	/* no DF: the kernel fragments it.  It then sees a local source address arriving on an
+	 * inside device, which it drops as martian unless that device has accept_local=1. */
+	if (snat_over_mtu(skb, p, e->mtu))
 		return verdict_set(v, VERDICT_PASS_TRANSLATED, reason);
 	return verdict_redirect(v, reason, e->ifindex, e->nexthop);
 }
