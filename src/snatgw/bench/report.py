@@ -166,10 +166,11 @@ def _sessions_section(results: dict) -> list[str]:
     if not s:
         return []
     out = [f"Table of {s['target_sessions']:,} sessions filled with {s.get('flows', 0):,} distinct flows "
-           "(lockstep source address × port × 16 destination ports), then the same flows replayed (lookups). "
+           "(source address and destination port counting together, × 4096 source ports), then replayed (lookups). "
            f"Kernel conntrack object size here: {s.get('conntrack_objsize') or '?'} bytes (nft-kernel, for comparison).",
            "", "| config | sessions held | map memlock | per session (table maps) | MiB per 1M (+fixed maps) | MemAvailable drop "
-           "| lookup pps median [min–max] | fill s |", "|---|---|---|---|---|---|---|---|"]
+           "| lookup pps median [min–max] | fill s (passes) |", "|---|---|---|---|---|---|---|---|"]
+    notes: list[str] = []
     for cfg, e in s.get("by_config", {}).items():
         if e.get("status") != "ok":
             out.append(f"| {cfg} | {_na(e)} | | | | | | |")
@@ -180,7 +181,10 @@ def _sessions_section(results: dict) -> list[str]:
         out.append(f"| {cfg} | {e.get('sessions') if e.get('sessions') is not None else '?'} | "
                    f"{(e.get('memlock_bytes') or 0) / 2**20:.1f} MiB | {f'{bps:.0f} B' if bps else '—'} | "
                    f"{f'{mib:.1f}' if mib else '—'} | {e.get('memavailable_drop_bytes', 0) / 2**20:.1f} MiB | "
-                   f"{fmt_spread(lk, 'pps')} | {e.get('fill_seconds', 0):.1f} |")
+                   f"{fmt_spread(lk, 'pps')} | {e.get('fill_seconds', 0):.1f} ({len(e.get('fill_passes') or [])}) |")
+        if e.get("reasons"):
+            notes.append(f"{cfg} counters after the fill: " + ", ".join(f"{k} {v:,}" for k, v in e["reasons"].items()))
+    out += [""] + [f"- {n}" for n in notes] if notes else []
     dp = st.spread(s.get("drop_pps") or [])
     if dp:
         out += ["", f"Drop baseline with the same traffic: {fmt_spread(dp, 'pps')}."]

@@ -179,9 +179,35 @@ def conntrack_objsize() -> int | None:
 
 
 def daemon_sessions(gw: Gateway) -> int | None:
-    """The daemon's session count (its `stats` answer), None if it cannot say."""
+    """Live session count: for bpf, the pinned session map's entries / 2 (counted now; the
+    daemon's `stats` figure is the last GC sweep's, which may be seconds old); otherwise the
+    daemon's `stats` answer.  None if neither can say."""
+    from ..layout import MAP_CT
+
+    ct = os.path.join(gw.pin_dir, MAP_CT)
+    if gw.name == "snatgw-bpf" and os.path.exists(ct):
+        try:
+            from ..datapath.bpf.libbpf import Map
+
+            m = Map.open_pinned(ct, readonly=True)
+            try:
+                return len(m) // 2
+            finally:
+                m.close()
+        except Exception:  # noqa: BLE001 - fall back to the daemon's figure
+            pass
     try:
         from ..daemon.client import call
         return int(call(gw.socket, {"op": "stats"}, timeout=120)["stats"]["sessions"])
     except Exception:  # noqa: BLE001 - any failure means "unknown", reported as such
+        return None
+
+
+def daemon_reasons(gw: Gateway) -> dict[str, int] | None:
+    """The daemon's non-zero per-reason counters (why packets were passed or dropped)."""
+    try:
+        from ..daemon.client import call
+        reasons = call(gw.socket, {"op": "stats"}, timeout=120)["stats"]["reasons"]
+        return {k: v for k, v in reasons.items() if v}
+    except Exception:  # noqa: BLE001
         return None
