@@ -53,6 +53,8 @@ class Reason(enum.IntEnum):
     DROP_FRAG_UNKNOWN = 19  # non-first fragment with no remembered first fragment
     DROP_UNMATCHED = 20  # no rule and the setting `unmatched drop`
     DROP_BAD_CHECKSUM = 21  # ICMP error with a wrong checksum (the original dropped these)
+    PASS_INTERNAL = 22  # new flow routed out of an inside device: internal, never translated
+    PASS_FRAG_UNTRANSLATED = 23  # later fragment of a datagram whose first fragment was passed
 
 
 REASON_MAX = 32  # size of the per-reason counter array; > max(Reason)
@@ -60,6 +62,11 @@ REASON_MAX = 32  # size of the per-reason counter array; > max(Reason)
 #: reasons that are not drops but still worth a glance in ``snatgw stats``
 PASS_REASONS = frozenset(r for r in Reason if r.name.startswith("PASS_"))
 DROP_REASONS = frozenset(r for r in Reason if r.name.startswith("DROP_"))
+#: a first fragment passed untranslated with one of these leaves a "pass" marker in the fragment
+#: table, so its later fragments pass too (PASS_FRAG_UNTRANSLATED).  Not PASS_TTL and
+#: PASS_FRAG_NEEDED: those belong to translated flows (the kernel answers and the datagram dies
+#: there), and passing their later fragments could leak a private source address.
+FRAG_PASS_REASONS = PASS_REASONS - {Reason.PASS_TTL, Reason.PASS_FRAG_NEEDED}
 
 # --------------------------------------------------------------------------- protocols
 
@@ -199,6 +206,7 @@ PORT_TRIES_BPF = 64  # the eBPF datapath's bound (compile-time SNAT_PORT_TRIES)
 MAX_RULES = 16384  # rule slots in the BPF rules array
 MAX_SESSIONS = 262144  # default session table size (each session = 2 map entries)
 MAX_FRAGS = 8192  # remembered first fragments
+MAX_IFACES = 64  # entries of the interface-role map
 FRAG_TIMEOUT = 30  # seconds a first fragment is remembered
 
 #: default timeouts in seconds, by state (spec: the original's, except ESTABLISHED)
@@ -229,6 +237,10 @@ MAP_CT = "snat_ct"  # HASH   struct ct_key -> struct ct_entry (both directions)
 MAP_FRAGS = "snat_frags"  # LRU    struct frag_key -> struct frag_entry
 MAP_REASONS = "snat_reasons"  # PERCPU_ARRAY u32 reason -> u64 packets
 MAP_RULE_STATS = "snat_rule_stats"  # PERCPU_HASH u32 rule_id -> struct rule_stats
+MAP_IFACES = "snat_ifaces"  # HASH   u32 ifindex -> u32 IFACE_* role (the attached devices)
+
+IFACE_INSIDE = 1  # role: an inside device (a new flow routed out of it is internal)
+IFACE_OUTSIDE = 2  # role: an uplink
 
 CT_DIR_OUT = 0  # key of the outbound direction: (inside src, remote, sport, dport)
 CT_DIR_IN = 1  # key of the reply direction: (remote, SNAT addr, rport, SNAT port)
@@ -369,7 +381,7 @@ SNAT_CFG = _declare(Struct("snat_cfg", "global settings the datapath reads per n
     ("port_tries", "__u32", "bound of the port search (<= SNAT_PORT_TRIES)"),
 )))  # fmt: skip
 
-FRAG_KEY = _declare(Struct("frag_key", "a datagram whose first fragment was translated", (
+FRAG_KEY = _declare(Struct("frag_key", "a datagram whose first fragment was translated or passed", (
     ("saddr", "__be32", "source as received"),
     ("daddr", "__be32", "destination as received"),
     ("id", "__be16", "IP identification"),
@@ -380,7 +392,7 @@ FRAG_KEY = _declare(Struct("frag_key", "a datagram whose first fragment was tran
 FRAG_ENTRY = _declare(Struct("frag_entry", "the address rewrite for later fragments", (
     ("saddr", "__be32", "new source"),
     ("daddr", "__be32", "new destination"),
-    ("ifindex", "__u32", "egress device"),
+    ("ifindex", "__u32", "egress device; 0 = pass marker: first fragment passed, pass the rest"),
     ("nexthop", "__be32", "next hop; 0 = the destination"),
     ("created", "__u64", "bpf_ktime_get_ns()"),
 )))  # fmt: skip
@@ -409,7 +421,7 @@ def render_header() -> str:
     for n, v in [
         ("SNAT_PORT_MIN", PORT_MIN), ("SNAT_PORT_MAX", PORT_MAX),
         ("SNAT_MAX_RULES", MAX_RULES), ("SNAT_MAX_SESSIONS", MAX_SESSIONS),
-        ("SNAT_MAX_FRAGS", MAX_FRAGS),
+        ("SNAT_MAX_FRAGS", MAX_FRAGS), ("SNAT_MAX_IFACES", MAX_IFACES),
     ]:  # fmt: skip
         out += [f"#ifndef {n}", f"#define {n} {v}", "#endif"]
     out += ["#ifndef SNAT_PORT_TRIES", f"#define SNAT_PORT_TRIES {PORT_TRIES_BPF} /* port search bound */", "#endif"]
@@ -419,6 +431,8 @@ def render_header() -> str:
         "CT_F_REPLIED": CT_F_REPLIED, "CT_F_NEW_GW": CT_F_NEW_GW,
         "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "REASON_MAX": REASON_MAX,
         "TCP_STATE_COUNT": TCP_STATE_COUNT,
+        "IFACE_INSIDE": IFACE_INSIDE, "IFACE_OUTSIDE": IFACE_OUTSIDE,
+        "FRAG_PASS_REASON_MASK": f"0x{sum(1 << int(r) for r in FRAG_PASS_REASONS):x}ULL",
     }  # fmt: skip
     out.append("")
     out += [f"#define {k} {v}" for k, v in consts.items()]

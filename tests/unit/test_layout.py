@@ -50,3 +50,22 @@ def test_reason_numbers_are_stable():
     assert layout.Reason.DROP_MALFORMED == 15
     assert layout.Reason.DROP_TABLE_FULL == 18
     assert max(layout.Reason) < layout.REASON_MAX
+
+
+def test_new_reasons_are_appended_and_fit_the_counter_array():
+    """PASS_INTERNAL and PASS_FRAG_UNTRANSLATED took the next free numbers (22, 23)."""
+    assert (layout.Reason.PASS_INTERNAL, layout.Reason.PASS_FRAG_UNTRANSLATED) == (22, 23)
+    assert layout.Reason.DROP_BAD_CHECKSUM == 21
+    assert max(layout.Reason) < layout.REASON_MAX
+
+
+def test_pass_markers_only_for_untranslated_flows():
+    """A passed first fragment leaves a marker unless it belongs to a flow the datapath would
+    translate (PASS_TTL, PASS_FRAG_NEEDED); the C mask is the same set."""
+    R = layout.Reason
+    assert R.PASS_LOCAL in layout.FRAG_PASS_REASONS and R.PASS_NO_RULE in layout.FRAG_PASS_REASONS
+    assert R.PASS_INTERNAL in layout.FRAG_PASS_REASONS and R.PASS_NO_SESSION_IN in layout.FRAG_PASS_REASONS
+    assert not {R.PASS_TTL, R.PASS_FRAG_NEEDED} & layout.FRAG_PASS_REASONS
+    assert not layout.FRAG_PASS_REASONS & (layout.DROP_REASONS | {R.XLATE_NEW, R.XLATE_IN})
+    mask = sum(1 << int(r) for r in layout.FRAG_PASS_REASONS)
+    assert f"#define FRAG_PASS_REASON_MASK 0x{mask:x}ULL" in layout.render_header()

@@ -18,6 +18,9 @@
 #ifndef SNAT_MAX_FRAGS
 #define SNAT_MAX_FRAGS 8192
 #endif
+#ifndef SNAT_MAX_IFACES
+#define SNAT_MAX_IFACES 64
+#endif
 #ifndef SNAT_PORT_TRIES
 #define SNAT_PORT_TRIES 64 /* port search bound */
 #endif
@@ -32,6 +35,9 @@
 #define CFG_F_UNMATCHED_DROP 1
 #define REASON_MAX 32
 #define TCP_STATE_COUNT 11
+#define IFACE_INSIDE 1
+#define IFACE_OUTSIDE 2
+#define FRAG_PASS_REASON_MASK 0xc073c0ULL
 
 enum verdict {
 	VERDICT_PASS = 0,
@@ -63,6 +69,8 @@ enum reason {
 	REASON_DROP_FRAG_UNKNOWN = 19,
 	REASON_DROP_UNMATCHED = 20,
 	REASON_DROP_BAD_CHECKSUM = 21,
+	REASON_PASS_INTERNAL = 22,
+	REASON_PASS_FRAG_UNTRANSLATED = 23,
 };
 
 enum algo {
@@ -180,7 +188,7 @@ struct snat_cfg {
 };
 _Static_assert(sizeof(struct snat_cfg) == 16, "snat_cfg size");
 
-/* a datagram whose first fragment was translated */
+/* a datagram whose first fragment was translated or passed */
 struct frag_key {
 	__be32 saddr; /* source as received */
 	__be32 daddr; /* destination as received */
@@ -194,7 +202,7 @@ _Static_assert(sizeof(struct frag_key) == 12, "frag_key size");
 struct frag_entry {
 	__be32 saddr; /* new source */
 	__be32 daddr; /* new destination */
-	__u32 ifindex; /* egress device */
+	__u32 ifindex; /* egress device; 0 = pass marker: first fragment passed, pass the rest */
 	__be32 nexthop; /* next hop; 0 = the destination */
 	__u64 created; /* bpf_ktime_get_ns() */
 };
