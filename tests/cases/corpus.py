@@ -200,6 +200,9 @@ def _scenarios() -> list[Scenario]:
         inside(udp(STRANGER, R1, 1000, 53), DROP, R.DROP_UNMATCHED),
         inside(other_proto(A, R1), DROP, R.DROP_UNMATCHED),
         inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        inside(udp(A, C, 5353, 53), PASS, R.PASS_INTERNAL),  # internal is not "unmatched"
+        inside(fragments(STRANGER, R1, 1, 2, ident=0x5757)[0], DROP, R.DROP_UNMATCHED),
+        inside(fragments(STRANGER, R1, 1, 2, ident=0x5757)[1], DROP, R.DROP_FRAG_UNKNOWN),
     ], settings={"unmatched_drop": True})  # fmt: skip
     add("local_destination_passes", "Traffic to the gateway's own addresses is not translated.", [
         inside(echo(A, "198.18.40.1", 1), PASS, R.PASS_LOCAL),
@@ -282,6 +285,32 @@ def _scenarios() -> list[Scenario]:
         outside(r1, RED, R.XLATE_IN),
         outside(r2, RED, R.XLATE_FRAG),
         inside(fragments(A, R1, 5353, 53, ident=0x4343)[1], DROP, R.DROP_FRAG_UNKNOWN),
+    ])  # fmt: skip
+    l1, l2 = fragments(A, "198.18.40.1", 5353, 53, ident=0x5252)
+    o1, o2 = fragments(R1, "198.19.2.2", 53, 5353, ident=0x5353)
+    add("fragments_to_the_gateway_pass", "A datagram to the gateway's own address: its first "
+        "fragment passes (PASS_LOCAL, inside; PASS_NO_SESSION_IN, outside) and leaves a pass "
+        "marker, so the later fragment passes untouched too; before the first it is unknown.", [
+        inside(l2, DROP, R.DROP_FRAG_UNKNOWN),
+        inside(l1, PASS, R.PASS_LOCAL),
+        inside(l2, PASS, R.PASS_FRAG_UNTRANSLATED),
+        outside(o1, PASS, R.PASS_NO_SESSION_IN),
+        outside(o2, PASS, R.PASS_FRAG_UNTRANSLATED),
+    ])  # fmt: skip
+    n1, n2 = fragments(STRANGER, R1, 5353, 53, ident=0x5454)
+    t1, t2 = fragments(A, R1, 5353, 53, ident=0x5555)
+    t1 = t1[:8] + b"\x01" + t1[9:]  # TTL 1 (checksum stale: never checked)
+    p1, p2 = fragments(A, R1, 5353, 53, ident=0x5656)
+    p1 = raw(IP(src=A, dst=R1, id=0x5656, flags="MF+DF", proto=17) / (p1[20:] + bytes(1560)))  # 1604 B
+    add("fragments_of_untranslated_datagrams", "A no-rule datagram's later fragment passes after "
+        "its first (PASS_NO_RULE) did; a first fragment of a translated flow that the kernel "
+        "answers (PASS_TTL, PASS_FRAG_NEEDED) leaves no marker: its later fragment stays unknown.", [
+        inside(n1, PASS, R.PASS_NO_RULE),
+        inside(n2, PASS, R.PASS_FRAG_UNTRANSLATED),
+        inside(t1, PASS, R.PASS_TTL),
+        inside(t2, DROP, R.DROP_FRAG_UNKNOWN),
+        inside(p1, PASS, R.PASS_FRAG_NEEDED),
+        inside(p2, DROP, R.DROP_FRAG_UNKNOWN),
     ])  # fmt: skip
     g1, g2 = fragments(A, R1, 0x777, 0, proto="icmp", ident=0x6161)
     add("fragmented_echo_and_ttl", "A fragmented echo request; a later fragment with TTL 1 is "
@@ -368,9 +397,18 @@ def _scenarios() -> list[Scenario]:
         inside(udp(A, "198.19.2.5", 5000, 53), RED, R.XLATE_NEW),
         inside(udp(D, "198.19.3.9", 5000, 53), RED, R.XLATE_NEW, dev="lan50"),
     ])  # fmt: skip
-    add("inside_to_inside_matches_catch_all", "A flow between the inside nets matches the /16 "
-        "rule with no route condition (as the original): it is translated and sent to new_gw.", [
-        inside(udp(A, C, 1234, 53), RED, R.XLATE_NEW),
+    i1, i2 = fragments(A, C, 1234, 53, ident=0x7171)
+    add("inside_to_inside_is_internal", "A flow between the inside nets (routed out of an inside "
+        "device) is internal: never translated, although the /16 rule would match it; both "
+        "directions, mid-stream TCP, the same net, and its fragments.", [
+        inside(udp(A, C, 1234, 53), PASS, R.PASS_INTERNAL),
+        inside(udp(C, A, 53, 1234), PASS, R.PASS_INTERNAL, dev="lan50"),
+        inside(tcp(A, C, 40000, 22, "A"), PASS, R.PASS_INTERNAL),  # not DROP_NO_SESSION
+        inside(echo(C, B, 5), PASS, R.PASS_INTERNAL, dev="lan50"),
+        inside(udp(A, B, 1, 2), PASS, R.PASS_INTERNAL),  # hairpin: out of the device it came in by
+        inside(i1, PASS, R.PASS_INTERNAL),
+        inside(i2, PASS, R.PASS_FRAG_UNTRANSLATED),
+        inside(udp(A, R1, 1234, 53), RED, R.XLATE_NEW),  # toward an uplink: translated as ever
     ])  # fmt: skip
     add("rule_with_destination_net", "A rule with `to` wins for its destinations; the other rule "
         "takes the rest.", [

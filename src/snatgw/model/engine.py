@@ -11,7 +11,8 @@ from ipaddress import IPv4Address
 from ..config.schema import Settings
 from ..datapath.backend import RuleCounters, Session
 from ..layout import CT_F_NEW_GW, CT_F_REPLIED, ICMP_ECHO, ICMP_ECHOREPLY, IPPROTO_ICMP, IPPROTO_TCP
-from ..layout import IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason, Verdict
+from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
+from ..layout import Verdict
 from ..rules import Route, Rule, RuleSet, port_candidates, select_addr
 from .conntrack import CtEntry, CtKey, CtPair, CtTable, in_key, initial_state, is_expired, out_key, tcp_update
 from .frag import FragEntry, FragKey, FragTable
@@ -71,10 +72,12 @@ class Engine:
                 return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
         elif isinstance(v, Reason):
             res = Result(_verdict_of(v), v, pkt)
-        elif side == "inside":
-            res = self._inside(pkt, v, ingress, now)
         else:
-            res = self._outside(pkt, v, now)
+            res = self._inside(pkt, v, ingress, now) if side == "inside" else self._outside(pkt, v, now)
+            if v.is_first_fragment and res.verdict == Verdict.PASS and res.reason in FRAG_PASS_REASONS:
+                # a first fragment left untranslated: its later fragments pass too (pass marker)
+                key = FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto)
+                self.frags.remember(key, FragEntry(ip(v.saddr), ip(v.daddr), None, None, now))
         self.reasons[res.reason] += 1
         return res
 
@@ -102,6 +105,8 @@ class Engine:
             return Result(Verdict.PASS, Reason.PASS_LOCAL, pkt)
         if fib.kind != "forward":
             return Result(Verdict.PASS, Reason.PASS_NO_ROUTE, pkt)
+        if fib.oif in self.inside:  # between inside networks: never translated
+            return Result(Verdict.PASS, Reason.PASS_INTERNAL, pkt)
         rule = self.rules.match(src, dst, Route(fib.oif, fib.gw))  # step 8
         if rule is None:
             return self._unmatched(pkt, Reason.PASS_NO_RULE)
@@ -206,6 +211,8 @@ class Engine:
         fe = self.frags.lookup(FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto), now)
         if fe is None:
             return Result(Verdict.DROP, Reason.DROP_FRAG_UNKNOWN, pkt)
+        if fe.passed:
+            return Result(Verdict.PASS, Reason.PASS_FRAG_UNTRANSLATED, pkt)
         if v.ttl <= 1:
             return Result(Verdict.PASS, Reason.PASS_TTL, pkt)
         buf = bytearray(pkt)

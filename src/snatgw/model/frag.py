@@ -1,5 +1,6 @@
 """Remembered first fragments: frag_key (saddr, daddr, IP id, proto as received) -> the address
-rewrite and egress for the datagram's later fragments.  LRU of MAX_FRAGS entries; an entry older
+rewrite and egress for the datagram's later fragments, or a pass marker (oif None) when the
+first fragment was passed untranslated.  LRU of MAX_FRAGS entries; an entry older
 than FRAG_TIMEOUT seconds is a miss (and is removed)."""
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ class FragKey(NamedTuple):
 class FragEntry:
     saddr: IPv4Address  # new source
     daddr: IPv4Address  # new destination
-    oif: str
+    oif: str | None  # None: pass marker (the first fragment passed untranslated)
     nexthop: IPv4Address | None  # None: the destination
     created: float
+
+    @property
+    def passed(self) -> bool:
+        return self.oif is None
 
 
 class FragTable:
