@@ -154,11 +154,11 @@ def test_session_written_by_first_load_is_seen_by_second(pin_dir, mini_obj):
     a.load().ct.put(key, val)
     a.stop(keep_state=True)
     assert sorted(os.listdir(pin_dir)) == sorted(
-        [L.MAP_RULES, L.MAP_CONFIG, L.MAP_CT, L.MAP_FRAGS, L.MAP_REASONS, L.MAP_RULE_STATS])
+        [L.MAP_RULES, L.MAP_CONFIG, L.MAP_CT, L.MAP_FRAGS, L.MAP_REASONS, L.MAP_RULE_STATS, L.MAP_IFACES])
     b = Loader(pin_dir, 64, mini_obj)
     try:
         maps = b.load()
-        assert L.MAP_CT in b.reused and len(b.reused) == 6
+        assert L.MAP_CT in b.reused and len(b.reused) == 7
         assert maps.ct.get(key) == val
         prog = b.obj.prog_fd("snat_inside")
         B.test_run(prog, bytes(60))  # the program of load 2 writes the adopted map
@@ -232,7 +232,7 @@ def test_real_datapath_loads_attaches_adopts_pins_and_leaves_nothing(ns, pin_dir
         assert attached_prog_id("out0", B.BPF_TC_EGRESS) is None
         b = Loader(pin_dir, 128, datapath_obj)
         try:
-            assert b.load().ct.get(ct_key(5)) is not None and len(b.reused) == 6
+            assert b.load().ct.get(ct_key(5)) is not None and len(b.reused) == 7
             b.attach(["in0"], ["out0"])
         finally:
             b.stop()

@@ -18,6 +18,8 @@ struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, REASON_MAX
 	 __type(key, __u32); __type(value, __u64); } snat_reasons SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_PERCPU_HASH); __uint(max_entries, SNAT_MAX_RULES);
 	 __type(key, __u32); __type(value, struct rule_stats); } snat_rule_stats SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_IFACES);
+	 __type(key, __u32); __type(value, __u32); } snat_ifaces SEC(".maps");
 
 static __always_inline int count(__u32 reason)
 {

@@ -81,6 +81,7 @@ def map_specs(max_sessions: int = L.MAX_SESSIONS) -> dict[str, MapSpec]:
         MapSpec(L.MAP_FRAGS, B.BPF_MAP_TYPE_LRU_HASH, L.FRAG_KEY.size, L.FRAG_ENTRY.size, L.MAX_FRAGS),
         MapSpec(L.MAP_REASONS, B.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, L.REASON_MAX),
         MapSpec(L.MAP_RULE_STATS, B.BPF_MAP_TYPE_PERCPU_HASH, 4, L.RULE_STATS.size, L.MAX_RULES),
+        MapSpec(L.MAP_IFACES, B.BPF_MAP_TYPE_HASH, 4, 4, L.MAX_IFACES),
     ]
     return {s.name: s for s in specs}
 
@@ -172,7 +173,7 @@ class SessionPair:
 
 
 class DatapathMaps:
-    """The six maps by name (Map objects from a loaded BpfObject or opened from pins)."""
+    """The seven maps by name (Map objects from a loaded BpfObject or opened from pins)."""
 
     def __init__(self, maps: dict[str, B.Map], owned: bool = False):
         missing = [n for n in map_specs() if n not in maps]
@@ -182,6 +183,7 @@ class DatapathMaps:
         self.ct, self.rules, self.cfg = maps[L.MAP_CT], maps[L.MAP_RULES], maps[L.MAP_CONFIG]
         self.reasons_map, self.rule_stats_map = maps[L.MAP_REASONS], maps[L.MAP_RULE_STATS]
         self.frags = maps[L.MAP_FRAGS]
+        self.ifaces = maps[L.MAP_IFACES]
 
     @classmethod
     def open_pinned(cls, pin_dir: str, readonly: bool = True) -> "DatapathMaps":
@@ -291,6 +293,25 @@ class DatapathMaps:
             self.reasons_map.put(r, zero)
         for k in self.rule_stats_map.keys():
             self.rule_stats_map.delete(k)
+
+    # ----------------------------------------------------------------- interface roles
+
+    def write_ifaces(self, roles: dict[int, int]) -> None:
+        """Make snat_ifaces hold exactly ``roles`` (ifindex -> layout.IFACE_*): new and
+        changed entries first, then stale ones removed."""
+        if len(roles) > L.MAX_IFACES:
+            raise BackendError(f"{len(roles)} interfaces: the datapath holds at most {L.MAX_IFACES}")
+        want = {struct.pack("<I", i): struct.pack("<I", r) for i, r in roles.items()}
+        have = dict(self.ifaces.items())
+        for k, v in want.items():
+            if have.get(k) != v:
+                self.ifaces.put(k, v)
+        for k in have:
+            if k not in want:
+                self.ifaces.delete(k)
+
+    def iface_roles(self) -> dict[int, int]:
+        return {struct.unpack("<I", k)[0]: struct.unpack("<I", v)[0] for k, v in self.ifaces.items()}
 
     # ----------------------------------------------------------------- rules and config
 

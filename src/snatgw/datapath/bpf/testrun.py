@@ -124,7 +124,12 @@ class ProgHarness:
             self.obj.close()
             raise
         self.maps = {n: self.obj.map(n) for n in (L.MAP_CT, L.MAP_RULES, L.MAP_CONFIG, L.MAP_FRAGS,
-                                                   L.MAP_REASONS, L.MAP_RULE_STATS)}  # fmt: skip
+                                                   L.MAP_REASONS, L.MAP_RULE_STATS, L.MAP_IFACES)}  # fmt: skip
+        # the REF devices' roles, as the backend writes them from Settings.inside/outside
+        for dev, idx in net.ifindex.items():
+            role = L.IFACE_INSIDE if dev in INSIDE else L.IFACE_OUTSIDE if dev in OUTSIDE else 0
+            if role:
+                self.maps[L.MAP_IFACES].put(struct.pack("<I", idx), struct.pack("<I", role))
         self.dbg = self.obj.map("snat_dbg") if "SNAT_TEST" in self.defines else None
         self.fds = {side: self.obj.prog_fd(p) for side, p in PROGS.items()}
 

@@ -86,7 +86,8 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 	if (p->frag == FRAG_FIRST)
 		frag_remember(p, e->rw_addr, p->daddr, e->ifindex, e->nexthop, now);
 	/* no DF: the kernel fragments it.  It then sees a local source address arriving on an
-	 * inside device, which it drops as martian unless that device has accept_local=1. */
+	 * inside device, which it drops as martian unless that device has accept_local=1 (the
+	 * bpf backend sets it on every inside device at start). */
 	if (snat_over_mtu(skb, p, e->mtu))
 		return verdict_set(v, VERDICT_PASS_TRANSLATED, reason);
 	return verdict_redirect(v, reason, e->ifindex, e->nexthop);
@@ -176,6 +177,7 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	struct route rt = {}, eg;
 	struct rule_scan scan;
 	struct snat_rule *r;
+	__u32 *role;
 	int rc;
 
 	if (!cfg)
@@ -183,6 +185,9 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	rc = fib_route4(skb, p->daddr, p->saddr, iif, &rt);
 	if (rc >= 0)
 		return verdict_set(v, VERDICT_PASS, rc);
+	role = bpf_map_lookup_elem(&snat_ifaces, &rt.oif);
+	if (role && *role == IFACE_INSIDE) /* between inside networks: never translated */
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_INTERNAL);
 	scan.saddr = p->saddr;
 	scan.daddr = p->daddr;
 	scan.nexthop = rt.nexthop;
@@ -308,12 +313,18 @@ static __always_inline int snat_entry(struct __sk_buff *skb, int outside)
 	int r;
 
 	r = parse_v4_pulled(skb, &p);
-	if (r >= 0)
+	if (r >= 0) {
 		verdict_set(&v, r == REASON_DROP_MALFORMED ? VERDICT_DROP : VERDICT_PASS, r);
-	else if (outside)
+		return snat_emit(skb, &v);
+	}
+	if (outside)
 		snat_v4_outside(skb, &p, &v);
 	else
 		snat_v4_inside(skb, &p, &v);
+	/* a first fragment left untranslated: a pass marker lets its later fragments pass too */
+	if (p.frag == FRAG_FIRST && v.verdict == VERDICT_PASS && v.reason < 64 &&
+	    ((FRAG_PASS_REASON_MASK >> v.reason) & 1))
+		frag_remember(&p, p.saddr, p.daddr, 0, 0, snat_now());
 	return snat_emit(skb, &v);
 }
 

@@ -30,7 +30,8 @@ struct {
 	__type(value, struct ct_entry);
 } snat_ct SEC(".maps");
 
-/* Translated first fragments, so later fragments get the same address rewrite.  LRU: a
+/* Translated first fragments, so later fragments get the same address rewrite, and pass
+ * markers (ifindex 0) of first fragments passed untranslated, so the rest passes too.  LRU: a
  * forgotten entry only costs the rest of one datagram. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -54,6 +55,15 @@ struct {
 	__type(key, __u32);
 	__type(value, struct rule_stats);
 } snat_rule_stats SEC(".maps");
+
+/* Roles of the attached devices by ifindex (IFACE_INSIDE / IFACE_OUTSIDE), written by the
+ * control plane: a new flow routed out of an inside device is internal (PASS_INTERNAL). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_MAX_IFACES);
+	__type(key, __u32);
+	__type(value, __u32);
+} snat_ifaces SEC(".maps");
 
 #ifdef SNAT_TEST
 /* Test builds only: the last packet's verdict, reason and redirect target, so that

@@ -152,7 +152,8 @@ static __always_inline int snat_v4_rewrite(struct __sk_buff *skb, const struct p
 #define SNAT_FRAG_TIMEOUT 30
 #endif
 
-/* Remember a translated first fragment so later fragments get the same addresses. */
+/* Remember a translated first fragment so later fragments get the same addresses (ifindex 0:
+ * a pass marker, the first fragment was passed untranslated). */
 static __always_inline void frag_remember(const struct pkt *p, __be32 saddr, __be32 daddr,
 					  __u32 ifindex, __be32 nexthop, __u64 now)
 {
@@ -163,7 +164,8 @@ static __always_inline void frag_remember(const struct pkt *p, __be32 saddr, __b
 	bpf_map_update_elem(&snat_frags, &k, &e, BPF_ANY);
 }
 
-/* Step 3: a non-first fragment takes its first fragment's rewrite, or is dropped. */
+/* Step 3: a non-first fragment takes its first fragment's rewrite, passes after a passed
+ * first fragment, or is dropped. */
 static __always_inline int frag_v4_later(struct __sk_buff *skb, const struct pkt *p, struct snat_res *v)
 {
 	struct frag_key k = { .saddr = p->saddr, .daddr = p->daddr, .id = p->ipid, .proto = p->proto };
@@ -180,6 +182,8 @@ static __always_inline int frag_v4_later(struct __sk_buff *skb, const struct pkt
 	}
 	if (!e)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_FRAG_UNKNOWN);
+	if (!e->ifindex) /* pass marker: the first fragment was passed untranslated */
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_UNTRANSLATED);
 	if (p->ttl <= 1)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
 	if ((void *)(iph + 1) > data_end)
