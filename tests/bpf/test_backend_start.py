@@ -65,6 +65,12 @@ def test_start_apply_failover_and_restart_keep_sessions(gw, pin_dir, mini_obj): 
         try:
             assert L.SNAT_CFG.unpack(b.maps.cfg.get(0))["nrules"] == 2
             assert attached_prog_id("lan40", B.BPF_TC_INGRESS) and attached_prog_id("eth2", B.BPF_TC_EGRESS)
+            # interface roles for PASS_INTERNAL, and accept_local for PASS_TRANSLATED packets
+            assert b.maps.iface_roles() == {open_ifindex("lan40"): L.IFACE_INSIDE,
+                                            open_ifindex("eth1"): L.IFACE_OUTSIDE,
+                                            open_ifindex("eth2"): L.IFACE_OUTSIDE}  # fmt: skip
+            assert read_sysctl("lan40", "accept_local") == "1"
+            assert read_sysctl("eth1", "accept_local") == "0"  # uplinks are left alone
             out_key, in_key = add_session(b.maps.ct, 1, rule_id=rid, out_seen=0, in_seen=0)
             b.apply(config(pin_dir, new_gw=IP("198.19.3.1")))  # failover to the second uplink
             e = L.CT_ENTRY.unpack(b.maps.ct.get(out_key))
@@ -81,6 +87,12 @@ def test_start_apply_failover_and_restart_keep_sessions(gw, pin_dir, mini_obj): 
         finally:
             b2.stop()
     assert not os.path.exists(pin_dir)
+
+
+def read_sysctl(dev, name):
+    """net.ipv4.conf.<dev>.<name> of the current network namespace."""
+    with open(f"/proc/sys/net/ipv4/conf/{dev}/{name}") as f:
+        return f.read().strip()
 
 
 def open_ifindex(name):
@@ -120,6 +132,8 @@ def test_apply_moves_filters_when_interfaces_change_and_bad_config_changes_nothi
             assert attached_prog_id("eth2", B.BPF_TC_INGRESS) is not None
             b.apply(GatewayConfig(cfg.rules, replace(cfg.settings, outside=("eth1",))))
             assert attached_prog_id("eth2", B.BPF_TC_INGRESS) is None
+            assert b.maps.iface_roles() == {open_ifindex("lan40"): L.IFACE_INSIDE,
+                                            open_ifindex("eth1"): L.IFACE_OUTSIDE}  # eth2's role gone
             assert attached_prog_id("eth1", B.BPF_TC_EGRESS) is not None
             before = b.maps.current_rules()
             one = RuleSet([list(cfg.rules)[1]])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import socket
 import subprocess
 import time
@@ -25,6 +26,7 @@ log = logging.getLogger("snatgw.bpf")
 NO_DEVICE = 0xFFFFFFFF  # rule oif whose device is absent (matches nothing)
 ORPHAN_GRACE_NS = 10 * 10**9  # half-inserted pairs older than this are removed by GC
 _clock = time.monotonic  # seconds, for GC pacing (tests replace it)
+ACCEPT_LOCAL_DIR = "/proc/sys/net/ipv4/conf"
 GC_DUTY = 10  # a sweep of duration T is followed by at least (GC_DUTY-1)*T without one
 
 #: resolver(addr) -> (ifindex, next hop, mtu) of the route to addr (next hop = addr on-link)
@@ -51,6 +53,21 @@ def route_egress(addr: ipaddress.IPv4Address) -> tuple[int, ipaddress.IPv4Addres
     lr = subprocess.run(["ip", "-j", "link", "show", "dev", dev], capture_output=True, text=True, timeout=10)
     mtu = json.loads(lr.stdout)[0].get("mtu", 1500) if lr.returncode == 0 else 1500
     return socket.if_nametoindex(dev), nexthop, int(mtu)
+
+
+def set_accept_local(devices, conf_dir: str = ACCEPT_LOCAL_DIR) -> None:
+    """net.ipv4.conf.<dev>.accept_local=1 on each inside device (this network namespace):
+    PASS_TRANSLATED packets reach the kernel there with a local (SNAT) source address, which
+    it drops as martian otherwise.  A failure is logged, not fatal: only packets over the MTU
+    without DF need it."""
+    for dev in devices:
+        path = os.path.join(conf_dir, dev, "accept_local")
+        try:
+            with open(path, "w") as f:
+                f.write("1\n")
+        except OSError as e:
+            log.warning("cannot set %s to 1 (%s): translated packets over the MTU without DF "
+                        "from %s will be dropped by the kernel", path, e.strerror, dev)
 
 
 def _raw(addr: ipaddress.IPv4Address) -> int:
@@ -86,7 +103,9 @@ class BpfBackend:
         self.settings = s
         try:
             self._install(config)
+            self._write_ifaces(s)
             self.loader.attach(list(s.inside), list(s.outside))
+            set_accept_local(s.inside)
         except BaseException:
             # adopted sessions belong to whoever made them: keep their pins
             self.loader.stop(keep_state=bool(self.loader.reused))
@@ -103,9 +122,11 @@ class BpfBackend:
                 raise BackendError(f"settings: {f} changed ({getattr(old, f)} -> {getattr(new, f)}): "
                                    f"takes effect only on a restart of the datapath")  # fmt: skip
         self._install(config)  # validates (compile) before touching anything
+        self._write_ifaces(new)  # also when unchanged: a device may have been recreated
         if (old.inside, old.outside) != (new.inside, new.outside):
             self.loader.detach()
             self.loader.attach(list(new.inside), list(new.outside))
+            set_accept_local(new.inside)
         self.settings, self.config = new, config
 
     def stop(self, keep_state: bool = False) -> None:
@@ -133,6 +154,17 @@ class BpfBackend:
             if moved:
                 log.info("moved %d live sessions to their rule's new next hop", moved)
         self._new_gws = new_gws
+
+    def _write_ifaces(self, s: Settings) -> None:
+        """snat_ifaces: the inside and outside devices' roles by ifindex (absent devices are
+        left out: attaching to them fails with a clear error anyway)."""
+        roles = {}
+        for names, role in ((s.inside, L.IFACE_INSIDE), (s.outside, L.IFACE_OUTSIDE)):
+            for n in names:
+                idx = _ifindex_or_absent(n)
+                if idx != NO_DEVICE:
+                    roles[idx] = role
+        self.maps.write_ifaces(roles)
 
     def move_sessions(self, new_gws: dict[int, ipaddress.IPv4Address | None],
                       old_gws: dict[int, ipaddress.IPv4Address | None] | None = None) -> int:  # fmt: skip
