@@ -1,0 +1,79 @@
+"""End to end through `snatgw run --backend bpf` in the lab: traffic between the inside networks
+is never translated (PASS_INTERNAL, although the /16 rule would match it), and a translated
+datagram over the uplink's MTU without DF reaches the server (PASS_TRANSLATED: the kernel
+fragments it, which needs the accept_local the backend sets on the inside devices)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from snatgw.lab.clients import ECHO_PORT
+from snatgw.lab.netns import ns_socket
+
+pytestmark = [pytest.mark.root, pytest.mark.lab, pytest.mark.parametrize("gateway_module", ["bpf"], indirect=True)]
+
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)
+
+
+def _udp(gw, node: str, addr: str, port: int = 0) -> socket.socket:
+    s = ns_socket(gw.lab.ns(node), socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    s.bind((addr, port))
+    return s
+
+
+def test_inside_hosts_reach_each_other_with_their_own_addresses(gw):
+    """UDP in40 -> in50 and back, and a TCP connection, arrive with the inside source address
+    (translated, they would have left toward ISP1 and never arrived)."""
+    gw.check()
+    with _udp(gw, "in50", "198.18.50.10", 7101) as far, _udp(gw, "in40", "198.18.40.10") as near:
+        near.sendto(b"ping", ("198.18.50.10", 7101))
+        data, peer = far.recvfrom(100)
+        assert (data, peer[0]) == (b"ping", "198.18.40.10")
+        far.sendto(b"pong", peer)
+        data, back = near.recvfrom(100)
+        assert (data, back) == (b"pong", ("198.18.50.10", 7101))
+    with ns_socket(gw.lab.ns("in50"), socket.AF_INET, socket.SOCK_STREAM) as lst:
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind(("198.18.50.11", 7102))
+        lst.listen(1)
+        lst.settimeout(3)
+        with ns_socket(gw.lab.ns("in40"), socket.AF_INET, socket.SOCK_STREAM) as c:
+            c.settimeout(3)
+            c.connect(("198.18.50.11", 7102))
+            conn, peer = lst.accept()
+            with conn:
+                c.sendall(b"internal")
+                assert conn.recv(100) == b"internal" and peer[0] == "198.18.40.10"
+
+
+def _send_big(gw, tok: str) -> dict | None:
+    """A 1478-byte datagram without DF from 198.18.40.12 to the echo server; what it saw."""
+    with _udp(gw, "in40", "198.18.40.12") as s:
+        s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+        s.sendto((tok + "x" * (1450 - len(tok))).encode(), ("203.0.113.10", ECHO_PORT))
+    return gw.servers.wait_for(lambda e: e.get("event") == "datagram" and e.get("data", "").startswith(tok),
+                               timeout=3)
+
+
+def test_translated_datagram_over_the_uplink_mtu_is_fragmented_by_the_kernel(gw):
+    """With eth1's MTU lowered to 1400, a 1478-byte datagram without DF is translated and handed
+    to the kernel, which fragments it: the server sees the SNAT address.  The backend set
+    accept_local=1 on the inside devices; with 0 the kernel drops such a packet as martian."""
+    gw.check()
+    conf = "net.ipv4.conf.lan40.accept_local"
+    assert gw.lab.run("gw", "sysctl", "-n", conf).stdout.strip() == "1"
+    assert gw.lab.run("gw", "sysctl", "-n", "net.ipv4.conf.eth1.accept_local").stdout.strip() == "0"
+    gw.lab.run("gw", "ip", "link", "set", "dev", "eth1", "mtu", "1400")
+    try:
+        seen = _send_big(gw, "bigdf0a")
+        gw.lab.run("gw", "sysctl", "-q", "-w", f"{conf}=0")
+        lost = _send_big(gw, "bigdf0b")
+    finally:
+        gw.lab.run("gw", "sysctl", "-q", "-w", f"{conf}=1")
+        gw.lab.run("gw", "ip", "link", "set", "dev", "eth1", "mtu", "1500")
+    assert seen is not None and seen["peer"].startswith("198.19.2.7") and seen["link"] == "isp1"
+    assert lost is None
