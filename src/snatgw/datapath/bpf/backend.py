@@ -255,7 +255,6 @@ class BpfBackend:
                     self.maps.ct.delete(k)
         t1 = _clock()
         self._next_sweep = t1 + (GC_DUTY - 1) * (t1 - t0)
-        self._swept_count = len(pairs) - removed  # stats() reuses it instead of a second scan
         return removed
 
     def sessions(self) -> list[Session]:
@@ -265,18 +264,18 @@ class BpfBackend:
         return [p.to_session(lambda s: timeout[s] / 1e9, now) for p in pairs]
 
     def stats(self) -> Stats:
-        """Counters, and the session count of the last GC sweep (a scan of its own when no
-        sweep ran yet): the daemon samples stats every few seconds, and a second full read of
-        the table per sample would double the GC's cost."""
         m = self._m()
-        n = getattr(self, "_swept_count", None)
-        if n is None:
-            n = len(m.session_pairs()[0])
-        return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=n)
+        pairs, _ = m.session_pairs()
+        return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=len(pairs))
+
+    def counters(self) -> Stats:
+        """stats() without the session count, which needs a read of the whole table: the
+        daemon samples these every few seconds for rates."""
+        m = self._m()
+        return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=-1)
 
     def flush(self, rule_id: int | None = None) -> int:
         self._writable()
-        self._swept_count = None
         pairs, orphans = self.maps.session_pairs()
         n = 0
         for p in pairs:
