@@ -306,6 +306,15 @@ static __always_inline int parse_v4_pulled(struct __sk_buff *skb, struct pkt *p)
 	return r == PARSE_PULL ? REASON_DROP_MALFORMED : r;
 }
 
+/* A first fragment left untranslated (a PASS of FRAG_PASS_REASON_MASK): a pass marker lets
+ * its later fragments pass too.  Not inlined: the established path pays only the test. */
+static __noinline int frag_pass_mark(const struct pkt *p, __u32 reason)
+{
+	if (reason < 64 && ((FRAG_PASS_REASON_MASK >> reason) & 1))
+		frag_remember(p, p->saddr, p->daddr, 0, 0, snat_now());
+	return 0;
+}
+
 static __always_inline int snat_entry(struct __sk_buff *skb, int outside)
 {
 	struct snat_res v = {};
@@ -315,16 +324,14 @@ static __always_inline int snat_entry(struct __sk_buff *skb, int outside)
 	r = parse_v4_pulled(skb, &p);
 	if (r >= 0) {
 		verdict_set(&v, r == REASON_DROP_MALFORMED ? VERDICT_DROP : VERDICT_PASS, r);
-		return snat_emit(skb, &v);
+	} else {
+		if (outside)
+			snat_v4_outside(skb, &p, &v);
+		else
+			snat_v4_inside(skb, &p, &v);
+		if (v.verdict == VERDICT_PASS && p.frag == FRAG_FIRST)
+			frag_pass_mark(&p, v.reason);
 	}
-	if (outside)
-		snat_v4_outside(skb, &p, &v);
-	else
-		snat_v4_inside(skb, &p, &v);
-	/* a first fragment left untranslated: a pass marker lets its later fragments pass too */
-	if (p.frag == FRAG_FIRST && v.verdict == VERDICT_PASS && v.reason < 64 &&
-	    ((FRAG_PASS_REASON_MASK >> v.reason) & 1))
-		frag_remember(&p, p.saddr, p.daddr, 0, 0, snat_now());
 	return snat_emit(skb, &v);
 }
 
