@@ -25,8 +25,8 @@ pytestmark = pytest.mark.bpf
 # weighted by repetition toward flows that translate, so replies and errors have sessions
 INSIDE_SRC = ["198.18.40.10"] * 3 + ["198.18.40.11", "198.18.50.10", "198.18.60.5", "192.0.2.50"]
 REMOTES = ["203.0.113.10"] * 3 + ["198.51.100.10"] * 2 + [
-    "198.51.100.77", "198.19.2.1", "198.19.2.71", "198.19.3.9",
-]  # fmt: skip
+    "198.51.100.77", "198.19.2.1", "198.19.2.71", "198.19.3.9", "198.18.50.10", "198.18.40.11",
+]  # fmt: skip  (the last two are inside hosts: PASS_INTERNAL)
 FLAGS = ["S"] * 6 + ["SA", "A", "PA", "FA", "R", "RA", "", "SF", "U"]
 
 

@@ -302,15 +302,20 @@ def _scenarios() -> list[Scenario]:
     t1 = t1[:8] + b"\x01" + t1[9:]  # TTL 1 (checksum stale: never checked)
     p1, p2 = fragments(A, R1, 5353, 53, ident=0x5656)
     p1 = raw(IP(src=A, dst=R1, id=0x5656, flags="MF+DF", proto=17) / (p1[20:] + bytes(1560)))  # 1604 B
+    k1, k2 = fragments(A, R1, 0x99, 0, proto="icmp", ident=0x5858)
     add("fragments_of_untranslated_datagrams", "A no-rule datagram's later fragment passes after "
         "its first (PASS_NO_RULE) did; a first fragment of a translated flow that the kernel "
-        "answers (PASS_TTL, PASS_FRAG_NEEDED) leaves no marker: its later fragment stays unknown.", [
+        "answers (PASS_TTL, PASS_FRAG_NEEDED) leaves no marker: its later fragment stays unknown; a "
+        "translated first fragment replaces a marker of the same key.", [
         inside(n1, PASS, R.PASS_NO_RULE),
         inside(n2, PASS, R.PASS_FRAG_UNTRANSLATED),
         inside(t1, PASS, R.PASS_TTL),
         inside(t2, DROP, R.DROP_FRAG_UNKNOWN),
         inside(p1, PASS, R.PASS_FRAG_NEEDED),
         inside(p2, DROP, R.DROP_FRAG_UNKNOWN),
+        inside(k1[:20] + b"\x00" + k1[21:], PASS, R.PASS_ICMP_OTHER),  # echo reply: a marker ...
+        inside(k1, RED, R.XLATE_NEW),  # ... replaced by the request's rewrite (same key)
+        inside(k2, RED, R.XLATE_FRAG),
     ])  # fmt: skip
     g1, g2 = fragments(A, R1, 0x777, 0, proto="icmp", ident=0x6161)
     add("fragmented_echo_and_ttl", "A fragmented echo request; a later fragment with TTL 1 is "

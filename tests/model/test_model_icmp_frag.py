@@ -151,3 +151,19 @@ def test_unknown_later_fragment_dropped_on_both_sides(engine):
     assert engine.process(f2, "inside", "lan40", 0).verdict == Verdict.DROP
     _, g2 = fragments(R1, NAT, 53, 1000)
     assert engine.process(g2, "outside", "eth1", 0).reason == Reason.DROP_FRAG_UNKNOWN
+
+
+def test_pass_marker_times_out_and_a_translated_first_fragment_replaces_it(engine):
+    """A passed first fragment's marker lasts FRAG_TIMEOUT seconds like a rewrite; a translated
+    first fragment with the same key replaces a marker, so its rest is translated, not leaked."""
+    p1, p2 = fragments(A, "198.18.40.1", 5353, 53, ident=0x6262)
+    assert engine.process(p1, "inside", "lan40", 0).reason == Reason.PASS_LOCAL
+    assert engine.process(p2, "inside", "lan40", FRAG_TIMEOUT).reason == Reason.PASS_FRAG_UNTRANSLATED
+    assert engine.process(p2, "inside", "lan40", FRAG_TIMEOUT + 0.5).reason == Reason.DROP_FRAG_UNKNOWN
+    e1, e2 = fragments(A, R1, 0x99, 0, proto="icmp", ident=0x6363)
+    reply1 = e1[:20] + b"\x00" + e1[21:]  # an echo REPLY's first fragment: PASS_ICMP_OTHER, marker
+    assert engine.process(reply1, "inside", "lan40", 0).reason == Reason.PASS_ICMP_OTHER
+    r1 = engine.process(e1, "inside", "lan40", 0)  # the echo request, same key: translated
+    r2 = engine.process(e2, "inside", "lan40", 0)
+    assert (r1.reason, r2.reason) == (Reason.XLATE_NEW, Reason.XLATE_FRAG)
+    assert IP(r2.packet).src == str(r1.nat[0])
