@@ -149,3 +149,16 @@ def test_session_memory_separates_table_maps_from_fixed_ones():
 def test_rotation_starts_each_round_with_another_config():
     """Round r starts with the r-th configuration and keeps every one."""
     assert rotated(("a", "b", "c"), 1) == ["b", "c", "a"] and sorted(rotated(("a", "b", "c"), 5)) == ["a", "b", "c"]
+
+
+def test_cpu_per_packet_uses_the_pipeline_tasks_time():
+    """2 CPU seconds of trafgen/ksoftirqd over 1M packets is 2000 ns per packet; none without a count."""
+    w = traffic.Window(packets=1_000_000, seconds=1.0, cpu={}, task_cpu_s=2.0)
+    assert w.cpu_ns_per_packet() == pytest.approx(2000.0) and w.pps == 1e6
+    assert traffic.Window(0, 1.0, {}, task_cpu_s=2.0).cpu_ns_per_packet() is None
+
+
+def test_task_ticks_read_utime_and_stime_past_a_name_with_spaces():
+    """utime + stime are fields 14 and 15 of /proc/<pid>/stat, counted after the ')' of the name."""
+    line = "42 (tra fgen) R 1 42 42 0 -1 4194560 10 0 0 0 7 93 0 0 20 0 1 0 100 1000 10"
+    assert traffic.pid_ticks(line) == 100

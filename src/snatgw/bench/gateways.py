@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -176,6 +177,8 @@ class Gateway:
                 line = self.proc.stdout.readline()
                 if "ready" in line:
                     self.start_seconds = time.monotonic() - t0
+                    # keep reading: a daemon blocked on a full stdout pipe would stall the datapath's GC
+                    threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True).start()
                     return
                 if line == "":
                     break  # stdout closed: the daemon exited
@@ -188,6 +191,14 @@ class Gateway:
         raise Unavailable(f"`snatgw run --backend {backend}` "
                           + (f"exited {rc}" if rc is not None else f"not ready in {READY_TIMEOUT:.0f} s")
                           + f": {self.daemon_stderr()}")
+
+    @staticmethod
+    def _drain(stream) -> None:
+        try:
+            for _ in stream:
+                pass
+        except (OSError, ValueError):
+            pass  # closed by stop()
 
     def write_config(self, nrules: int, filler_pool_last: str = topo.POOL_LAST) -> None:
         Path(self.config_path).write_text(snatgw_config_text(

@@ -104,7 +104,7 @@ def targets(summary: dict, results: dict) -> list[tuple[str, str, str]]:
 
 
 def _packet_table(summary: dict) -> list[str]:
-    out = ["| scenario | config | median [min–max] | unit | gateway ns/pkt (vs drop) | CPU ns/pkt (vs drop) |",
+    out = ["| scenario | config | median [min–max] | unit | gateway ns/pkt (vs drop) | pipeline CPU ns/pkt (vs drop) |",
            "|---|---|---|---|---|---|"]
     for s in ORDER:
         for c in CONFIG_ORDER:
@@ -121,8 +121,8 @@ def _packet_table(summary: dict) -> list[str]:
 
 
 def _ratio_table(summary: dict) -> list[str]:
-    out = ["| scenario | bpf/nft-kernel e2e | bpf/nft-kernel isolated | bpf/forward e2e | bpf/forward isolated "
-           "| snatgw-nft/nft-kernel e2e |", "|---|---|---|---|---|---|"]
+    out = ["| scenario | bpf/nft-kernel e2e | bpf/nft-kernel isolated | bpf/nft-kernel isolated (CPU) | bpf/forward e2e "
+           "| bpf/forward isolated | snatgw-nft/nft-kernel e2e |", "|---|---|---|---|---|---|---|"]
     for s in ORDER:
         if not any(k[0] == s for k in summary):
             continue
@@ -131,6 +131,7 @@ def _ratio_table(summary: dict) -> list[str]:
             TITLES[s],
             fmt_ratio(st.speedup_e2e(summary, s, "snatgw-bpf", "nft-kernel")),
             fmt_ratio(st.speedup_isolated(summary, s, "snatgw-bpf", "nft-kernel")) if iso else "—",
+            fmt_ratio(st.speedup_isolated(summary, s, "snatgw-bpf", "nft-kernel", "cpu_cost_ns")) if iso else "—",
             fmt_ratio(st.speedup_e2e(summary, s, "snatgw-bpf", "forward")),
             fmt_ratio(st.speedup_isolated(summary, s, "snatgw-bpf", "forward")) if iso else "—",
             fmt_ratio(st.speedup_e2e(summary, s, "snatgw-nft", "nft-kernel")),
@@ -222,7 +223,9 @@ def render(results: dict, images: list[str] = ()) -> str:
            "Method: trafgen on CPU0 sends 64-byte UDP frames; generator, gateway and sink all run in the "
            "sender's context, so 1e9/pps is their summed cost. The `drop` baseline drops at the gateway's "
            "inside ingress; **gateway ns/pkt = 1e9/pps(config) − 1e9/pps(drop)**, paired per round. "
-           "Ratios of those costs are *isolated*; ratios of pps are *end to end*. Spread is [min–max] over rounds. "
+           "Ratios of those costs are *isolated*; ratios of pps are *end to end*. **Pipeline CPU ns/pkt** is the CPU "
+           "time of trafgen and ksoftirqd per counted packet, minus the drop run's: unlike 1e9/pps it does not grow "
+           "when other processes take CPU0. Spread is [min–max] over rounds. "
            "A high load average means other work shared the CPUs: compare within a run, not across runs.", ""]
     if results.get("unavailable"):
         out += ["Not available here (full reasons):", ""]
