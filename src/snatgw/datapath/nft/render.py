@@ -112,12 +112,24 @@ def m_oifname(name: str) -> tuple:
     return _match("oifname", {"meta": {"key": "oifname"}}, f'"{name}"', name)
 
 
-def m_iifnames(names) -> tuple:
+def _m_names(text_left: str, json_left: dict, names) -> tuple:
     names = list(names)
     if len(names) == 1:
-        return _match("iifname", {"meta": {"key": "iifname"}}, f'"{names[0]}"', names[0])
+        return _match(text_left, json_left, f'"{names[0]}"', names[0])
     text = "{ " + ", ".join(f'"{n}"' for n in names) + " }"
-    return _match("iifname", {"meta": {"key": "iifname"}}, text, {"set": names})
+    return _match(text_left, json_left, text, {"set": names})
+
+
+def m_iifnames(names) -> tuple:
+    return _m_names("iifname", {"meta": {"key": "iifname"}}, names)
+
+
+def m_oifnames(names) -> tuple:
+    return _m_names("oifname", {"meta": {"key": "oifname"}}, names)
+
+
+def m_fib_oifnames(names) -> tuple:
+    return _m_names("fib daddr oifname", {"fib": {"result": "oifname", "flags": ["daddr"]}}, names)
 
 
 def m_fib_oifname(name: str) -> tuple:
@@ -371,6 +383,9 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
             _match("meta l4proto", {"meta": {"key": "l4proto"}}, proto, proto),
             (f'ct timeout set "{name}"', {"ct timeout": name})])  # fmt: skip
     add("steer", [m_ct_original(), m_ct_mark_ours(), s_restore_mark()], "later packets follow the rule's route")
+    if settings.inside:  # internal traffic (routed out of an inside device) is never steered
+        add("steer", [m_ct_state("new"), m_ct_mark_ours(False)] + inside +
+            [m_fib_oifnames(settings.inside), v("return")], "internal: inside to inside")  # fmt: skip
     last = max((i for i, r in enumerate(rules.rules) if r.new_gw), default=-1)
     for r in rules.rules[: last + 1]:
         m = mark_of(slots[r.identity])
@@ -379,7 +394,9 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
             add("steer", pre + [m_fib_unicast()] + s_set_mark(m) + [v("return")], tag(r))
         else:
             add("steer", pre + [v("return")], tag(r))
-    # forward: guard, exact match, non-SYN drop, unmatched drop, counters
+    # forward: internal traffic, guard, exact match, non-SYN drop, unmatched drop, counters
+    if settings.inside:
+        add("forward", inside + [m_oifnames(settings.inside), v("accept")], "internal: never translated")
     add("forward", [m_ct_state("invalid", "untracked"), ("jump guard", {"jump": {"target": "guard"}})],
         "no conntrack entry: never leaves untranslated")
     add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(False)] + inside +
