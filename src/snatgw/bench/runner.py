@@ -43,7 +43,7 @@ class Params:
 
     @classmethod
     def make(cls, quick: bool = False, **over) -> "Params":
-        base = cls(quick=quick, duration=1.0, rule_counts=(1, 1000, 10000), rule_configs=("nft-kernel", "snatgw-bpf"),
+        base = cls(quick=quick, duration=1.0, rule_counts=(1, 10000), rule_configs=("nft-kernel", "snatgw-bpf"),
                    fill_sessions=50_000, max_sessions=1 << 18) if quick else cls()
         for k, v in over.items():
             if v is not None:
