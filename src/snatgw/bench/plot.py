@@ -33,7 +33,7 @@ def _bars(ax, summary: dict, scenario: str, field: str = "value") -> bool:
     ax.set_ylabel("Mpps" if metric == "pps" and field == "value" else ("gateway ns/pkt" if field == "cost_ns" else metric))
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     for i, v in enumerate(med):
-        ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
+        ax.annotate(f"{v:,.0f}" if v >= 100 else f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
     return True
 
 
