@@ -19,6 +19,7 @@ import ipaddress
 import socket
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, NamedTuple
 
@@ -148,11 +149,11 @@ class Rule:
     algo: Algo = Algo.SDH
     where: str | None = field(default=None, compare=False)  # "file:line" of its definition
 
-    @property
+    @cached_property
     def identity(self) -> tuple:
         return (self.src, self.dst, self.gw, self.oif)
 
-    @property
+    @cached_property  # frozen dataclass: computed once, kept in the instance dict
     def rule_id(self) -> int:
         """Stable id (counters, sessions): crc32 of the identity, never 0."""
         return zlib.crc32(self.identity_text().encode()) or 1
