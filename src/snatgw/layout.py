@@ -202,7 +202,7 @@ def tcp_next_state(state: int, table: TcpTable, flags: int) -> int:
 PORT_MIN = 5000  # the original's fullnat_lport_min
 PORT_MAX = 65535  # fullnat_lport_max
 PORT_TRIES_MODEL = 10000  # the original's bound on the port search
-PORT_TRIES_BPF = 64  # the eBPF datapath's bound (compile-time SNAT_PORT_TRIES)
+PORT_TRIES_BPF = 1024  # the eBPF datapath's bound (compile-time SNAT_PORT_TRIES); see docs/datapath.md step 13
 MAX_RULES = 16384  # rule slots in the BPF rules array
 MAX_SESSIONS = 262144  # default session table size (each session = 2 map entries)
 MAX_FRAGS = 8192  # remembered first fragments

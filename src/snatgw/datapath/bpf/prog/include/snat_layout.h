@@ -22,7 +22,7 @@
 #define SNAT_MAX_IFACES 64
 #endif
 #ifndef SNAT_PORT_TRIES
-#define SNAT_PORT_TRIES 64 /* port search bound */
+#define SNAT_PORT_TRIES 1024 /* port search bound */
 #endif
 
 #define CT_DIR_OUT 0
