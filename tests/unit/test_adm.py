@@ -248,3 +248,101 @@ def test_stats_rows_name_each_rule_and_large_numbers_shorten_unless_exact():
     out = admcli.format_stats(_rules_resp(t), stats).splitlines()
     assert "from 198.18.40.0/24 gw 198.19.2.1 oif eth1" in out[3] and "123456K" in out[3]
     assert "123456789" in admcli.format_stats(_rules_resp(t), stats, exact=True).splitlines()[3]
+
+
+# ---------------------------------------------------------------- -R as a restore (replace)
+
+
+def test_restore_batch_replaces_the_rules_and_tolerates_the_existing_service():
+    """-R: '-A' for an enabled service is a no-op and the saved rules replace the current ones."""
+    current = table_of(SEED[:2] + [SEED[4]])
+    restored = current.apply_all(parse_restore("\n".join([SEED[0], SEED[3], SEED[2]])), restore=True)
+    assert restored.service
+    assert [r.src for r in restored.rules] == [IPv4Network("198.18.50.0/24"), IPv4Network("198.18.40.0/24")]
+    assert restored.rules[1].gw == IPv4Address("198.19.3.1")
+    with pytest.raises(AdmRefused):  # outside -R, -A of an existing service is still EEXIST
+        current.apply_all([cmd(SEED[0])])
+
+
+def test_restore_batch_is_all_or_nothing():
+    """A -R batch with a refused line (a duplicate -K) leaves the current rules untouched."""
+    current = table_of(SEED)
+    with pytest.raises(AdmRefused, match="command 3"):
+        current.apply_all([cmd(SEED[0]), cmd(SEED[1]), cmd(SEED[1])], restore=True)
+    assert current.rules == table_of(SEED).rules
+
+
+def test_restore_without_the_service_line_needs_an_enabled_service():
+    """-R of bare -K lines works on an enabled service and is refused (ESRCH) on a disabled one."""
+    assert len(table_of(SEED).apply_all([cmd(SEED[1])], restore=True).rules) == 1
+    with pytest.raises(AdmRefused) as ei:
+        AdmTable(service=False).apply_all([cmd(SEED[1])], restore=True)
+    assert ei.value.code == "ESRCH"
+
+
+@pytest.fixture
+def running():
+    import tempfile
+    from pathlib import Path
+
+    from test_daemon import Running  # tests/unit is on sys.path (pytest prepend import mode)
+
+    d = Path(tempfile.mkdtemp(prefix="sga"))  # AF_UNIX paths must stay short
+    r = Running(d)
+    try:
+        yield r
+    finally:
+        r.close()
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _adm(running, *argv: str, stdin: str = "") -> tuple[int, str]:
+    import io
+
+    out = io.StringIO()
+    rc = admcli.main([*argv, "--socket", running.sock], stdin=io.StringIO(stdin), stdout=out)
+    return rc, out.getvalue()
+
+
+def test_save_then_restore_on_the_daemon_restores_the_rules_without_clear(running):
+    """-S, then rules changed, then -R of the saved text (no -C): the same rules in the same order."""
+    assert _adm(running, "-K", "-f", "1", "-F", "198.18.50.0/24", "-N", "198.19.3.1",
+                "-U", "198.19.3.71", "-O", "sh")[0] == 0
+    rc, saved = _adm(running, "-S", "-n")
+    assert rc == 0 and saved.startswith("-A -f 1 -s snat_sched\n") and saved.count("-K ") == 4
+    assert _adm(running, "-H", "-f", "1", "-F", "198.18.0.0/16")[0] == 0
+    assert _adm(running, "-K", "-f", "1", "-F", "198.18.60.0/24", "-U", "198.19.2.71")[0] == 0
+    assert _adm(running, "-R", stdin=saved)[0] == 0
+    assert _adm(running, "-S", "-n") == (0, saved)
+    assert len(running.backend.config.rules) == 4
+    assert _adm(running, "-R", stdin=saved)[0] == 0  # restoring twice is the same state
+    assert _adm(running, "-S", "-n") == (0, saved)
+
+
+def test_refused_restore_on_the_daemon_keeps_the_running_rules(running, capsys):
+    """A -R whose lines clash (a -K twice) exits non-zero and the daemon keeps its rules."""
+    rc, saved = _adm(running, "-S")
+    dup = saved.splitlines()[1]
+    rc, _ = _adm(running, "-R", stdin=f"-A -f 1 -s snat_sched\n{dup}\n{dup}\n")
+    assert rc != 0 and "File exists" in capsys.readouterr().err
+    assert _adm(running, "-S") == (0, saved)
+
+
+@pytest.mark.parametrize("argv", [["-L", "-n"], ["-S", "-n"], ["-L", "-n", "--stats"], ["-h"]])
+def test_closed_stdout_pipe_is_not_a_traceback(running, argv):
+    """`snatgw adm -L -n | true`: the reader is gone before the write; exit 0, nothing on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)  # the reader closes before adm writes: the write gets EPIPE every time
+    try:
+        p = subprocess.run([sys.executable, "-m", "snatgw.cli.main", "adm", *argv, "--socket", running.sock],
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(w)
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr and p.stderr == ""

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         except SnatgwError as e:
             print(f"snatgw adm: {e}", file=sys.stderr)
             return e.exit_code
+        except BrokenPipeError:  # as below: the reader closed the pipe; silence the exit flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -7,6 +7,7 @@ rule table those commands edit (AdmTable: service on/off + rules in definition o
     -H -f 1 -F NET [-T NET] [-W GW] [--oif IF]  (-U/-O/-N accepted and ignored)
     -L -n [-c] [--stats|--rate] [-x]            list rules (precedence order) / sessions / counters
     -S [-n]   -R   -C   -Z   -h
+    (-R replaces the rules with the batch it reads; see AdmTable.apply_all)
 
 No I/O here: the CLI sends argv lists to the daemon, which parses them again with this module and
 applies them to its AdmTable in one batch (all or nothing).  Errors: AdmUsageError (exit 2,
@@ -286,11 +287,17 @@ class AdmTable:
             return replace(self, rules=self.rules[:idx] + (cmd.rule("adm"),) + self.rules[idx + 1 :])
         return replace(self, rules=self.rules[:idx] + self.rules[idx + 1 :])
 
-    def apply_all(self, cmds: list[AdmCommand]) -> "AdmTable":
-        """Apply a batch in order; the first refusal aborts it and nothing is changed."""
-        t = self
+    def apply_all(self, cmds: list[AdmCommand], restore: bool = False) -> "AdmTable":
+        """Apply a batch in order; the first refusal aborts it and nothing is changed.
+
+        ``restore`` (-R): the batch REPLACES the rules (as ipvsadm-restore after a clear): it
+        starts from this table's service state with no rules, and `-A -f 1 -s snat_sched` for a
+        service that already exists is a no-op, so `-S` output restores to the same state."""
+        t = AdmTable(self.service, ()) if restore else self
         for n, c in enumerate(cmds, 1):
             try:
+                if restore and c.op == "add-service" and t.service:
+                    continue
                 t = t.apply(c)
             except AdmRefused as e:
                 if len(cmds) == 1:

@@ -125,15 +125,16 @@ class Service:
             self.last_error = None
             return new
 
-    def adm(self, argvs: list[list[str]]) -> AdmTable:
-        """Apply ipvsadm-syntax commands as one batch: all of them, or none."""
+    def adm(self, argvs: list[list[str]], restore: bool = False) -> AdmTable:
+        """Apply ipvsadm-syntax commands as one batch: all of them, or none.  ``restore`` (-R):
+        the batch replaces the rule table (AdmTable.apply_all)."""
         with self.lock:
             cmds = [parse_args(a) for a in argvs]
-            table = self.table.apply_all(cmds)
+            table = self.table.apply_all(cmds, restore=restore)
             new = replace(self.config, rules=table.ruleset())
             try:
                 self._commit(new, table, "adm_applied", commands=len(cmds),
-                             ops=",".join(c.op for c in cmds),
+                             ops=",".join(c.op for c in cmds), restore=restore or None,
                              args=" ".join(argvs[0]) if len(argvs) == 1 else None)
             except SnatgwError as e:
                 self.log.error("adm_failed", error=str(e), kept_rules=len(self.config.rules))
@@ -230,7 +231,7 @@ class Service:
                 cmds = req.get("commands")
                 if not isinstance(cmds, list) or not all(isinstance(c, list) for c in cmds):
                     raise AdmUsageError("adm: 'commands' must be a list of argv lists")
-                table = self.adm(cmds)
+                table = self.adm(cmds, restore=bool(req.get("restore", False)))
                 return {"ok": True, "rules": len(table.rules), "service": table.service}
             raise AdmUsageError(f"unknown request op {op!r}; expected one of status, reload, rules, "
                                 "sessions, stats, rate, flush, zero, adm")

@@ -7,6 +7,7 @@ snatgw's precedence order), `-L -n -c` (§5.4), `-S`, `--stats`, `--rate`.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TextIO
 
@@ -28,7 +29,7 @@ Usage:
                   [-U minip-maxip] [-O algo] [-N new-gw]     (-U -O -N are ignored)
   snatgw adm -L|l [-n] [-c] [--stats|--rate] [-x]
   snatgw adm -S [-n]          save: -A then one -K per rule, in definition order
-  snatgw adm -R               restore from stdin (all lines or none)
+  snatgw adm -R               restore from stdin: replaces the rules with -S output (all or none)
   snatgw adm -C               clear (the service and its rules)
   snatgw adm -Z               zero the counters
   snatgw adm -h
@@ -135,6 +136,22 @@ def _rules_of(resp: dict) -> list[Rule]:
     return [Rule.from_dict(d, d.get("where")) for d in resp["defined"]]
 
 
+def _emit(text: str, out: TextIO) -> None:
+    """Write and flush now, so a reader that closed the pipe (`| head`) is seen inside main()."""
+    print(text, file=out)
+    out.flush()
+
+
+def silence_stdout() -> None:
+    """stdout's reader went away: point fd 1 at /dev/null so the flush at exit cannot fail too."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no real fd (captured output): nothing to do
+        pass
+
+
 def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     from ...daemon.client import call, resolve_socket
 
@@ -142,13 +159,13 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
     try:
         cmd = parse_args(argv)
         if cmd.op == "help":
-            print(USAGE, file=out)
+            _emit(USAGE, out)
             return 0
         sock = resolve_socket(cmd.socket)
         if cmd.op == "restore":
             cmds = parse_restore((stdin or sys.stdin).read())
             if cmds:
-                call(sock, {"op": "adm", "commands": [list(c.argv) for c in cmds]})
+                call(sock, {"op": "adm", "commands": [list(c.argv) for c in cmds], "restore": True})
             return 0
         if cmd.op in MUTATING:
             call(sock, {"op": "adm", "commands": [list(argv)]})
@@ -160,21 +177,21 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
             resp = call(sock, {"op": "rules"})
             lines = save_lines(AdmTable(resp["service"], tuple(_rules_of(resp))))
             if lines:
-                print("\n".join(lines), file=out)
+                _emit("\n".join(lines), out)
             return 0
         # list
         if cmd.conns:
-            print(format_conns(call(sock, {"op": "sessions"})["sessions"]), file=out)
+            _emit(format_conns(call(sock, {"op": "sessions"})["sessions"]), out)
         elif cmd.rate:
             resp = call(sock, {"op": "rate"})
-            print(format_stats(resp["rules"], {}, cmd.exact, rate=resp["rate"]), file=out)
+            _emit(format_stats(resp["rules"], {}, cmd.exact, rate=resp["rate"]), out)
         elif cmd.stats:
             resp = call(sock, {"op": "stats"})
-            print(format_stats(resp["rules"], resp["stats"], cmd.exact), file=out)
+            _emit(format_stats(resp["rules"], resp["stats"], cmd.exact), out)
         else:
             resp = call(sock, {"op": "rules"})
             sessions = call(sock, {"op": "sessions"})["sessions"]
-            print(format_list(resp["rules"], resp["service"], sessions, resp["max_sessions"]), file=out)
+            _emit(format_list(resp["rules"], resp["service"], sessions, resp["max_sessions"]), out)
         return 0
     except AdmUsageError as e:
         print(f"snatgw adm: {e}", file=sys.stderr)
@@ -182,6 +199,11 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
     except SnatgwError as e:
         print(f"snatgw adm: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        # output piped into `head` or `true` and closed: not an error of ours (as snatgw main())
+        if out is sys.stdout:
+            silence_stdout()
+        return 0
 
 
 def register(p) -> None:
