@@ -77,6 +77,16 @@ def parse_addr(text: str, field_name: str, where: str | None = None) -> IPv4Addr
         raise RuleError(f"expected an IPv4 address A.B.C.D, got {text!r}", field_name, where) from None
 
 
+UNSET = IPv4Address(0)
+
+
+def parse_gw(text: str, field_name: str, where: str | None = None) -> IPv4Address | None:
+    """``gw``/``new_gw``: an address, where 0.0.0.0 means unset, as in the original (its
+    DEF_SNAT_SRC_GW "all ISPs" for gw, "no override" for new_gw) and in ipvsadm's -S output."""
+    addr = parse_addr(text, field_name, where)
+    return None if addr == UNSET else addr
+
+
 def parse_algo(text: str, where: str | None = None) -> Algo:
     try:
         return Algo[text.strip().upper()]
@@ -201,9 +211,9 @@ class Rule:
         return cls(
             src=parse_net(d["from"], "from", where),
             dst=parse_net(d.get("to") or "0.0.0.0/0", "to", where),
-            gw=parse_addr(d["gw"], "gw", where) if d.get("gw") else None,
+            gw=parse_gw(d["gw"], "gw", where) if d.get("gw") else None,
             oif=parse_oif(d["oif"], where) if d.get("oif") else None,
-            new_gw=parse_addr(d["new_gw"], "new_gw", where) if d.get("new_gw") else None,
+            new_gw=parse_gw(d["new_gw"], "new_gw", where) if d.get("new_gw") else None,
             pool=Pool.parse(d["snat_ip"], where),
             algo=parse_algo(d.get("algo") or "sdh", where),
             where=where,
@@ -357,6 +367,6 @@ def port_candidates(sport: int, port_min: int, port_max: int, tries: int) -> Ite
 
 __all__ = [
     "ANY_NET", "Pool", "Route", "Rule", "RuleSet", "parse_net", "parse_addr", "parse_algo",
-    "parse_oif", "select_addr", "port_candidates", "jhash_3words", "raw_addr", "raw_port",
+    "parse_oif", "parse_gw", "select_addr", "port_candidates", "jhash_3words", "raw_addr", "raw_port",
     "priority_key", "ipaddress",
 ]  # fmt: skip

@@ -329,3 +329,17 @@ def test_lab_and_failover_examples_differ_only_in_rule_2():
     old, new = changed[0]
     assert old.oif == "eth1" and new.new_gw == IPv4Address("198.19.3.1") and str(new.pool.first) == "198.19.3.71"
     assert lab.settings == fo.settings and lab.settings.inside == ("lan40", "lan50")
+
+
+def test_gw_and_new_gw_of_0_0_0_0_mean_unset_as_in_the_original():
+    """`gw 0.0.0.0` is the original's "all ISPs" and `new_gw 0.0.0.0` "no override" (ipvsadm -S
+    writes them so): such a rule is the same rule as one without them, hence a duplicate."""
+    from snatgw.config.parse import parse_text
+    from snatgw.errors import RuleError
+
+    cfg = parse_text("virtual_server fwmark 1 {\n snat_rule { from 10.0.0.0/24 gw 0.0.0.0 new_gw 0.0.0.0 snat_ip 192.0.2.1 }\n}\n")
+    (rule,) = cfg.rules
+    assert rule.gw is None and rule.new_gw is None
+    with pytest.raises(RuleError, match="duplicate"):
+        parse_text("virtual_server fwmark 1 {\n snat_rule { from 10.0.0.0/24 snat_ip 192.0.2.1 }\n"
+                   " snat_rule { from 10.0.0.0/24 to 0.0.0.0/0 gw 0.0.0.0 snat_ip 192.0.2.2 }\n}\n")

@@ -38,9 +38,9 @@ rules = st.builds(
     src=nets(),
     pool=pools(),
     dst=nets(),
-    gw=st.none() | addr,
+    gw=st.none() | addr.filter(lambda a: int(a) != 0),  # 0.0.0.0 is how a config says "unset"
     oif=st.none() | ifname,
-    new_gw=st.none() | addr,
+    new_gw=st.none() | addr.filter(lambda a: int(a) != 0),
     algo=st.sampled_from(list(Algo)),
 )
 

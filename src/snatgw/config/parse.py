@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ConfigError, RuleError
-from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_net, parse_oif
+from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_gw, parse_net, parse_oif
 from .schema import BACKENDS, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings
 
 log = logging.getLogger("snatgw.config")
@@ -299,9 +299,9 @@ def _parse_rule(cur: _Cursor, opener: Token) -> Rule:
         return Rule(
             src=parse_net(vals["from"].text, "from", at("from")),
             dst=parse_net(vals["to"].text, "to", at("to")) if "to" in vals else ANY_NET,
-            gw=parse_addr(vals["gw"].text, "gw", at("gw")) if "gw" in vals else None,
+            gw=parse_gw(vals["gw"].text, "gw", at("gw")) if "gw" in vals else None,
             oif=parse_oif(vals["oif"].text, at("oif")) if "oif" in vals else None,
-            new_gw=parse_addr(vals["new_gw"].text, "new_gw", at("new_gw")) if "new_gw" in vals else None,
+            new_gw=parse_gw(vals["new_gw"].text, "new_gw", at("new_gw")) if "new_gw" in vals else None,
             pool=Pool.parse(vals["snat_ip"].text, at("snat_ip")),
             algo=parse_algo(vals["algo"].text, at("algo")) if "algo" in vals else Rule.algo,
             where=where,
