@@ -74,8 +74,8 @@ def l4_replace(buf: bytearray, csum_off: int, old: bytes, new: bytes, mangled0: 
     buf[csum_off : csum_off + 2] = check.to_bytes(2, "little")
 
 
-def csum16(data: bytes) -> int:
-    """The full Internet checksum of ``data`` (RFC 1071), as the value to store (big-endian)."""
+def _folded_sum(data: bytes) -> int:
+    """The 16-bit one's-complement sum of ``data`` (padded to even length)."""
     if len(data) % 2:
         data = bytes(data) + b"\0"
     s = 0
@@ -83,16 +83,14 @@ def csum16(data: bytes) -> int:
         s += (data[i] << 8) | data[i + 1]
     while s >> 16:
         s = (s & M16) + (s >> 16)
-    return ~s & M16
+    return s
+
+
+def csum16(data: bytes) -> int:
+    """The full Internet checksum of ``data`` (RFC 1071), as the value to store (big-endian)."""
+    return ~_folded_sum(data) & M16
 
 
 def verify(data: bytes) -> bool:
     """True when ``data`` (checksum field included) sums to all ones."""
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    s = 0
-    for i in range(0, len(data), 2):
-        s += (data[i] << 8) | data[i + 1]
-    while s >> 16:
-        s = (s & M16) + (s >> 16)
-    return s == M16
+    return _folded_sum(data) == M16
