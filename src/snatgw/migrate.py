@@ -3,9 +3,11 @@ output and `iptables -t nat -A POSTROUTING ... -j SNAT --to-source A-B [--persis
 lines (the seed's form, including its `--persitent` typo).  Pure: text in, text and findings out.
 
 Mapping: -s -> from, -d -> to, -o -> oif, --to-source -> snat_ip, --persistent -> algo sh,
---random/--random-fully -> algo random, neither -> sdh (nf_nat's default hashes src and dst).
-MASQUERADE needs an explicit snat_ip (``masq_addr`` {iface: address}).  Everything else is kept
-as a `# not carried over: <line>: <why>` comment and counted as flagged.
+otherwise sdh (nf_nat hashes src and dst to pick the address).  --random/--random-fully only
+randomise PORTS in iptables, so they also give sdh, with a note that port randomisation is not
+carried over.  MASQUERADE needs an explicit snat_ip (``masq_addr`` {iface: address}).  Lines of
+tables other than nat (*filter, *mangle, ...) are skipped with one summary note.  Everything else
+is kept as a `# not carried over: <line>: <why>` comment and counted as flagged.
 """
 
 from __future__ import annotations
@@ -151,6 +153,9 @@ def parse_rule_tokens(tok: list[str], where: str, masq_addr: dict[str, IPv4Addre
             algo_flags.append("persistent")
         elif t in ("--random", "--random-fully"):
             algo_flags.append("random")
+            notes.append(f"{where}: {t} randomises ports only (the address is still nf_nat's hash of "
+                         "src and dst, as sdh); port randomisation is not carried over: snatgw picks "
+                         "ports in the original's sequence")
         elif t in ("-p", "--protocol", "--dport", "--sport", "--destination-port", "--source-port"):
             raise _Skip(f"{t}: snatgw rules match addresses and the route, not protocols or ports")
         elif t in ("-i", "--in-interface"):
@@ -176,9 +181,7 @@ def parse_rule_tokens(tok: list[str], where: str, masq_addr: dict[str, IPv4Addre
     pool, ports = _pool(to)
     if ports:
         notes.append(f"{where}: port range :{ports} dropped; snatgw's port range is global (port_range)")
-    if "persistent" in algo_flags and "random" in algo_flags:
-        notes.append(f"{where}: both persistent and random given; took persistent (sh)")
-    algo = Algo.SH if "persistent" in algo_flags else Algo.RANDOM if "random" in algo_flags else Algo.SDH
+    algo = Algo.SH if "persistent" in algo_flags else Algo.SDH
     return Rule(src=src, dst=dst, oif=oif, pool=pool, algo=algo, where=where), pos
 
 
@@ -190,6 +193,7 @@ def import_iptables(text: str, filename: str = "<stdin>",
     table = ""
     placed: list[Rule] = []
     seen: dict[tuple, str] = {}
+    other: dict[str, int] = {}  # table -> rule lines skipped (not the nat table)
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         where = f"{filename}:{n}"
@@ -208,11 +212,14 @@ def import_iptables(text: str, filename: str = "<stdin>",
         try:
             tbl, tok = _tokens(line)
             tbl = tbl or table or "filter"
+            if tbl != "nat" and not {"SNAT", "MASQUERADE"} & set(tok):
+                other[tbl] = other.get(tbl, 0) + 1  # not an SNAT rule: summarised below
+                continue
             if tok and tok[0] in _IGNORED_CMDS:
                 out.notes.append(f"{where}: {line}: ignored ({_IGNORED_CMDS[tok[0]]} command)")
                 continue
             if tbl != "nat":
-                raise _Skip(f"table {tbl}: only the nat table's SNAT rules are carried over")
+                raise _Skip(f"table {tbl}: iptables only accepts SNAT/MASQUERADE in -t nat")
             rule, pos = parse_rule_tokens(tok, where, masq_addr, out.notes, n)
             if rule.identity in seen:
                 raise _Skip(f"same -s/-d/-o as {seen[rule.identity]}, which iptables matches first")
@@ -225,6 +232,10 @@ def import_iptables(text: str, filename: str = "<stdin>",
         except _Skip as e:
             out.flagged.append((f"{where}: {raw.strip()}", str(e)))
     out.rules = placed
+    if other:
+        tables = ", ".join(f"{t} ({k})" for t, k in sorted(other.items()))
+        out.notes.append(f"{filename}: skipped {sum(other.values())} line(s) of other tables, "
+                         f"not SNAT rules: {tables}")
     # iptables is first match in chain order; snatgw is most specific first: say where they differ
     order = RuleSet(placed).rules if placed else ()
     rank = {r.identity: i for i, r in enumerate(order)}

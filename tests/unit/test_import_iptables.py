@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
+import pytest
+
 from snatgw.cli.main import main
 from snatgw.config.parse import parse_text
 from snatgw.layout import Algo
@@ -61,15 +63,67 @@ def test_seed_import_exits_0_and_its_output_parses_to_the_same_rules(tmp_path, c
     assert cfg.settings.outside == ("eth1", "eth2")
 
 
-def test_iptables_save_carries_snat_and_flags_the_rest():
-    """iptables-save: counters prefix, -d, --random-fully -> random; filter, -p, !, DNAT flagged."""
+def test_iptables_save_carries_snat_and_flags_the_rest_of_the_nat_table():
+    """iptables-save: counters prefix, -d, --random-fully -> sdh; nat's -p, !, DNAT flagged, filter not."""
     imp = import_iptables(SAVE, "save.txt")
     (r,) = imp.rules
-    assert (str(r.dst), r.algo) == ("203.0.113.0/24", Algo.RANDOM)
+    assert (str(r.dst), r.algo) == ("203.0.113.0/24", Algo.SDH)
     why = {line.split(":")[1]: reason for line, reason in imp.flagged}
-    assert set(why) == {"5", "11", "12", "13", "14"}
-    assert "table filter" in why["5"] and "-p" in why["11"] and "MASQUERADE" in why["12"]
+    assert set(why) == {"11", "12", "13", "14"}
+    assert "-p" in why["11"] and "MASQUERADE" in why["12"]
     assert "negated" in why["13"] and "DNAT" not in why["14"] and "PREROUTING" in why["14"]
+    assert any("skipped 1 line(s) of other tables" in n and "filter (1)" in n for n in imp.notes)
+
+
+@pytest.mark.parametrize("flag", ["--random", "--random-fully"])
+def test_random_flags_keep_the_address_hash_sdh_and_note_the_ports(flag):
+    """--random(-fully) only randomises ports in iptables: the address choice stays sdh, with a note."""
+    imp = import_iptables(f"iptables -t nat -A POSTROUTING -s 198.18.40.0/24 -j SNAT "
+                          f"--to-source 198.19.2.71-198.19.2.73 {flag}\n", "r.sh")
+    (r,) = imp.rules
+    assert r.algo == Algo.SDH and imp.ok
+    assert any(flag in n and "port randomisation is not carried over" in n for n in imp.notes)
+    persistent = import_iptables(f"-t nat -A POSTROUTING -s 198.18.40.0/24 -j SNAT "
+                                 f"--to-source 198.19.2.71 {flag} --persistent\n")
+    assert persistent.rules[0].algo == Algo.SH
+
+
+FULL_DUMP = """\
+*raw
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -p udp --dport 53 -j NOTRACK
+COMMIT
+*mangle
+:PREROUTING ACCEPT [0:0]
+-A PREROUTING -i lan40 -j MARK --set-xmark 0x1/0xffffffff
+-A FORWARD -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu
+COMMIT
+*filter
+:INPUT DROP [0:0]
+-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+-A FORWARD -i lan40 -o eth1 -j ACCEPT
+COMMIT
+*nat
+:POSTROUTING ACCEPT [0:0]
+-A POSTROUTING -s 198.18.40.0/24 -o eth1 -j SNAT --to-source 198.19.2.71-198.19.2.73
+COMMIT
+"""
+
+
+def test_full_dump_with_other_tables_exits_0_with_one_summary_note(tmp_path, capsys):
+    """*raw/*mangle/*filter rules are not SNAT rules: one note counting them, not flagged, exit 0."""
+    imp = import_iptables(FULL_DUMP, "dump")
+    assert imp.ok and len(imp.rules) == 1
+    skipped = [n for n in imp.notes if "other tables" in n]
+    assert skipped == ["dump: skipped 5 line(s) of other tables, not SNAT rules: filter (2), mangle (2), raw (1)"]
+    assert main(["import-iptables", _file(tmp_path, FULL_DUMP)]) == 0
+    assert "# note: " in capsys.readouterr().out
+
+
+def test_snat_outside_the_nat_table_is_flagged():
+    """`iptables -A POSTROUTING ... -j SNAT` without -t nat is an iptables error: flagged, not skipped."""
+    imp = import_iptables("iptables -A POSTROUTING -s 198.18.40.0/24 -j SNAT --to-source 198.19.2.71\n")
+    assert not imp.rules and len(imp.flagged) == 1 and "-t nat" in imp.flagged[0][1]
 
 
 def test_masquerade_takes_the_address_given_for_its_interface():
@@ -84,7 +138,7 @@ def test_flagged_lines_appear_as_comments_and_exit_1(tmp_path, capsys):
     assert main(["import-iptables", _file(tmp_path, SAVE)]) == 1
     cap = capsys.readouterr()
     assert "# not carried over: " in cap.out and ":14: -A PREROUTING -d 198.19.2.71" in cap.out
-    assert "1 rule(s) carried over, 5 line(s) not" in cap.err
+    assert "1 rule(s) carried over, 4 line(s) not" in cap.err
     parse_text(cap.out)  # still a valid config
 
 
