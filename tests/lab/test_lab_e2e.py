@@ -1,7 +1,8 @@
 """End to end through `snatgw run` in the lab, for each backend (bpf, nft), with real sockets:
 per-rule egress and SNAT address, the three algorithms against snatgw.rules.select_addr,
 new_gw, ICMP errors back to the inside socket, reload and restart with an open TCP session,
-and nothing let in unasked.  A backend not built yet xfails (strict=False); nothing skips."""
+and nothing let in unasked.  A backend not built yet xfails (strict=False); nothing skips.
+Each test's docstring says whether bpf and nft must agree exactly or where they may differ."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from snatgw.rules import select_addr
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
 #: backends that reproduce the original's address choice exactly (select_addr); the nft backend
-#: leaves the choice to the kernel's nf_nat (docs/nftables.md): the address is in the rule's pool
-#: and per-(src) or per-(src, dst) sticky, but not the same jhash pick and never port-dependent
+#: leaves the choice to the kernel (docs/nftables.md): sh -> nf_nat `persistent` (hash of src),
+#: sdh -> nf_nat's default (hash of src, dst), random -> `jhash ip saddr . ip daddr . th sport mod
+#: N` (port-dependent, as the original's random).  So nft's address is in the rule's pool and
+#: sticky per (src) / (src, dst) / (src, dst, sport), but not the pick of lvs-snat's jhash.
 EXACT = {"bpf": True, "nft": False}
 
 FLOWS = [(node, src, str(dst), proto) for node, src in FLOW_SOURCES for dst in SERVERS for proto in PROTOS]
@@ -47,7 +50,9 @@ def _rule(gw, src, dst):
 
 @pytest.mark.parametrize("node,src,dst,proto", FLOWS, ids=[f"{s}-{d}-{p}" for _, s, d, p in FLOWS])
 def test_each_flow_leaves_by_its_rules_link_with_the_models_address(gw, node, src, dst, proto):
-    """The server sees the SNAT address select_addr picks, arriving over the rule's link."""
+    """The server sees the SNAT address select_addr picks, arriving over the rule's link.
+    Link: bpf and nft must agree exactly.  Address: bpf must be select_addr's; nft may differ
+    within the rule's pool (the kernel's hash picks it, not lvs-snat's jhash)."""
     gw.check()
     f = Flow(node, src, dst, proto)
     send(gw.lab, f, gw.servers)
@@ -58,7 +63,9 @@ def test_each_flow_leaves_by_its_rules_link_with_the_models_address(gw, node, sr
 
 
 def test_sh_gives_an_inside_source_one_address_for_every_destination(gw):
-    """Rule 3 (sh): 198.18.50.10 and .11 each keep one address toward both servers and any port."""
+    """Rule 3 (sh): 198.18.50.10 and .11 each keep one address toward both servers and any port.
+    One address per source: both backends.  Which one: bpf exactly select_addr's; nft may differ
+    within the pool (nf_nat `persistent` hashes the source with the kernel's own hash)."""
     gw.check()
     for src in ("198.18.50.10", "198.18.50.11"):
         rule = _rule(gw, src, "203.0.113.10")
@@ -70,7 +77,9 @@ def test_sh_gives_an_inside_source_one_address_for_every_destination(gw):
 
 
 def test_sdh_keeps_one_address_per_source_and_destination_across_ports(gw):
-    """Rule 2 (sdh): eight UDP source ports of one (src, dst) pair all leave from one address."""
+    """Rule 2 (sdh): eight UDP source ports of one (src, dst) pair all leave from one address.
+    One address for all ports: both backends.  Which one: bpf exactly select_addr's; nft may
+    differ within the pool (nf_nat's default hash of src and dst)."""
     gw.check()
     src, dst = "198.18.40.12", "203.0.113.10"
     rule = _rule(gw, src, dst)
@@ -82,7 +91,9 @@ def test_sdh_keeps_one_address_per_source_and_destination_across_ports(gw):
 
 def test_random_picks_the_address_from_the_source_port_as_the_model_does(gw):
     """Rule 1 (random): per source port, the address is select_addr's; several ports, several
-    addresses (nft: the kernel cannot hash ports into the address choice; pool membership only)."""
+    addresses.  Both backends: a UDP and a TCP flow from the same (src, dst, sport) leave from the
+    same address, and twelve source ports spread over more than one address.  bpf must equal
+    select_addr exactly; nft may differ within the pool (its own jhash of src . dst . sport)."""
     gw.check()
     src, dst = "198.18.40.11", "198.51.100.10"
     rule = _rule(gw, src, dst)
@@ -91,14 +102,17 @@ def test_random_picks_the_address_from_the_source_port_as_the_model_does(gw):
     want = {p: str(select_addr(rule.pool, rule.algo, IPv4Address(src), IPv4Address(dst), p)) for p in ports}
     assert len(set(want.values())) > 1  # the test can tell random from sdh
     seen = {p: _addr(clients.udp_echo(gw.lab, "in40", dst, src=src, sport=p)["peer"]) for p in ports}
+    again = {p: _addr(clients.tcp_echo(gw.lab, "in40", dst, src=src, sport=p)["peer"]) for p in ports}
+    assert again == seen  # a second flow (another conntrack entry) with the same (src, dst, sport)
+    assert len(set(seen.values())) > 1  # port-dependent: not one address per (src, dst) as sdh
+    assert all(IPv4Address(a) in rule.pool for a in seen.values())
     if EXACT[gw.backend]:
         assert seen == want
-    else:
-        assert all(IPv4Address(a) in rule.pool for a in seen.values())
 
 
 def test_new_gw_sends_traffic_past_the_routing_table(gw):
-    """198.18.50.10 -> 198.51.100.10 is routed to ISP2 but rule 3's new_gw takes it out via ISP1."""
+    """198.18.50.10 -> 198.51.100.10 is routed to ISP2 but rule 3's new_gw takes it out via ISP1.
+    bpf and nft must agree exactly (link and the pool's network)."""
     gw.check()
     assert gw.lab.route("198.51.100.10").oif == "eth2"
     for reply in (clients.tcp_echo(gw.lab, "in50", "198.51.100.10", src="198.18.50.10"),
@@ -108,7 +122,8 @@ def test_new_gw_sends_traffic_past_the_routing_table(gw):
 
 
 def test_udp_port_unreachable_reaches_the_inside_socket_with_original_addresses(gw):
-    """ICMP port unreachable from the server is translated back: ECONNREFUSED on the inside socket."""
+    """ICMP port unreachable from the server is translated back: ECONNREFUSED on the inside socket.
+    bpf and nft must agree exactly (errno, offender, ICMP type and code)."""
     gw.check()
     for node, src, dst in (("in40", "198.18.40.10", "203.0.113.10"), ("in50", "198.18.50.10", "198.51.100.10")):
         e = clients.udp_error(gw.lab, node, dst, port=clients.CLOSED_PORT, src=src)
@@ -116,7 +131,8 @@ def test_udp_port_unreachable_reaches_the_inside_socket_with_original_addresses(
 
 
 def test_ttl_exceeded_from_isp1_reaches_the_inside_socket(gw):
-    """A TTL-2 datagram dies at isp1; the time-exceeded from 198.19.2.1 reaches the inside socket."""
+    """A TTL-2 datagram dies at isp1; the time-exceeded from 198.19.2.1 reaches the inside socket.
+    bpf and nft must agree exactly."""
     gw.check()
     e = clients.udp_error(gw.lab, "in40", "203.0.113.10", port=clients.ECHO_PORT, src="198.18.40.10", ttl=2)
     assert (e["errno"], e["offender"], e["type"]) == ("EHOSTUNREACH", "198.19.2.1", 11)
@@ -124,7 +140,7 @@ def test_ttl_exceeded_from_isp1_reaches_the_inside_socket(gw):
 
 def test_reload_keeps_an_open_tcp_session(gw):
     """A TCP connection open across a reload (to the failover config and back) keeps working,
-    seen by the server from the same address and port."""
+    seen by the server from the same address and port.  bpf and nft must agree exactly."""
     gw.check()
     try:
         with clients.TcpSession(gw.lab, "in40", "203.0.113.10", src="198.18.40.10") as s:
@@ -143,7 +159,8 @@ def test_reload_keeps_an_open_tcp_session(gw):
 
 
 def test_daemon_restart_keeps_an_open_tcp_session(gw):
-    """Stopping and starting `snatgw run` leaves an open TCP connection working, same mapping."""
+    """Stopping and starting `snatgw run` leaves an open TCP connection working, same mapping.
+    bpf and nft must agree exactly (bpf keeps its pinned session map; nft its conntrack entry)."""
     gw.check()
     try:
         with clients.TcpSession(gw.lab, "in40", "198.51.100.10", src="198.18.40.12") as s:
@@ -158,7 +175,8 @@ def test_daemon_restart_keeps_an_open_tcp_session(gw):
 
 def test_unsolicited_packets_to_snat_addresses_reach_nobody_inside(gw):
     """UDP and TCP SYNs from the internet to every SNAT address and a range of ports arrive at the
-    gateway (isp1/isp2 forward them) but no inside host sees any of them."""
+    gateway (isp1/isp2 forward them) but no inside host sees any of them.  bpf and nft must
+    agree exactly."""
     gw.check()
     probe = "meta l4proto { tcp, udp } th sport { 9998, 9999 }"
     inside = [clients.count_packets(gw.lab, node, probe) for node in ("in40", "in50")]
