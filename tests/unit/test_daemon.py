@@ -189,9 +189,9 @@ def test_save_restore_through_the_daemon_reproduces_the_rules(running):
 
 
 def test_restore_is_all_or_nothing(running, capsys):
-    """A restore whose last line is refused applies none of its lines."""
+    """A restore whose last line is refused (a duplicate within the batch) applies none of it."""
     text = ("-K -f 1 -F 198.18.60.0/24 -U 198.19.2.71\n"
-            "-K -f 1 -F 198.18.40.0/24 -W 198.19.2.1 --oif eth1 -U 198.19.2.71\n")
+            "-K -f 1 -F 198.18.60.0/24 -U 198.19.2.71\n")
     assert admcli.main(["-R", "--socket", running.sock], stdin=io.StringIO(text)) == 4
     assert "command 2" in capsys.readouterr().err
     assert len(running.service.config.rules) == 3 and len(running.backend.applied) == 1
