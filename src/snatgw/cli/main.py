@@ -19,6 +19,7 @@ VERBS = {
     "check": "check",
     "explain": "explain",
     "run": "run",
+    "purge": "purge",
     "reload": "reload",
     "conns": "conns",
     "stats": "stats",

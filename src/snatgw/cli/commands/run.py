@@ -10,7 +10,12 @@ DESCRIPTION = """Run the gateway in the foreground (it never forks; systemd runs
 Loads CONFIG, starts the backend, prints one line containing `ready` on stdout once the
 datapath is attached, then serves the control socket (`snatgw reload|adm|conns|stats`).
 SIGHUP re-reads CONFIG and applies it atomically (an invalid config is logged and the old one
-kept). SIGTERM/SIGINT detach the datapath, keep pinned sessions for the next daemon, exit 0."""
+kept). On start, the other backend's leftovers in this network namespace are removed (a
+warning names them). SIGTERM/SIGINT exit 0 and leave state for the next daemon:
+  bpf: the TC programs are detached; the pinned maps (sessions) stay in the pin directory.
+  nft: table ip snatgw, its policy routing (proto 201) and conntrack entries stay INSTALLED,
+       so the kernel keeps translating (new flows too) until the next start replaces them.
+`snatgw purge` removes all of it (with no daemon running)."""
 
 
 def register(p) -> None:

@@ -18,7 +18,7 @@ from ... import layout as L
 from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
 from ..backend import Session, Stats
-from .loader import Loader
+from .loader import Loader, ifindex
 from .maps import CT_KEY, DatapathMaps, entry_created, entry_peer, monotonic_ns
 
 log = logging.getLogger("snatgw.bpf")
@@ -97,7 +97,12 @@ class BpfBackend:
     # ------------------------------------------------------------- lifecycle
 
     def start(self, config: GatewayConfig) -> None:
+        """Check the devices, remove the nft backend's leftovers in this namespace (its table,
+        policy routing, conntrack entries: logged as a warning), load, install, attach."""
         s = config.settings
+        for name in tuple(s.inside) + tuple(s.outside):
+            ifindex(name)  # a missing device fails here, before anything is changed
+        self._remove_nft()
         self.loader = Loader(s.pin_dir, s.max_sessions, self.obj_path, self.defines)
         self.maps = self.loader.load()
         self.settings = s
@@ -112,6 +117,17 @@ class BpfBackend:
             self.loader = self.maps = None
             raise
         self.config = config
+
+    def _remove_nft(self) -> None:
+        from ..cleanup import remove_nft
+
+        try:
+            removed = remove_nft()
+        except BackendError as e:  # no nft or ip tool: no nft datapath can be running here
+            log.warning("bpf backend: could not look for the nft datapath's leftovers: %s", e)
+            return
+        if removed:
+            log.warning("bpf backend: removed the nft datapath's leftovers: %s", "; ".join(removed))
 
     def apply(self, config: GatewayConfig) -> None:
         self._writable()

@@ -263,6 +263,33 @@ class Loader:
                 unpin(self.pin_dir)
 
 
+def detach_ours(devices: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Remove our TC filters (handle/priority TC_HANDLE/TC_PRIORITY only, e.g. left by a bpf
+    daemon that was killed) from ``devices`` (default: every device of this network namespace)
+    on both clsact points; other filters and the qdiscs stay.  Returns what was removed."""
+    if devices is None:
+        found = socket.if_nameindex()
+    else:
+        found = []
+        for name in dict.fromkeys(devices):
+            with contextlib.suppress(OSError):
+                found.append((socket.if_nametoindex(name), name))
+    removed = []
+    for idx, name in found:
+        for point, where in ((B.BPF_TC_INGRESS, "ingress"), (B.BPF_TC_EGRESS, "egress")):
+            try:
+                pid = B.tc_query(idx, point, TC_HANDLE, TC_PRIORITY)
+            except B.LibbpfError as e:
+                if e.errno in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                    continue
+                raise BackendError(f"cannot query TC filters on {name} {where}: {e}") from None
+            if pid is None:
+                continue
+            if B.tc_detach(idx, point, TC_HANDLE, TC_PRIORITY):
+                removed.append(f"TC filter {TC_HANDLE:#x} on {name} {where} (prog id {pid})")
+    return removed
+
+
 def attached_prog_id(ifname: str, point: int) -> int | None:
     """The program id of our filter on ``ifname``/``point`` (None if none): for status/tests."""
     try:

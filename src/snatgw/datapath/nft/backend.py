@@ -8,6 +8,7 @@ or in ``netns`` (a name under /run/netns or a path) when given.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 from ipaddress import IPv4Address
@@ -18,6 +19,8 @@ from ...layout import CtState
 from ...rules import RuleSet
 from ..backend import RuleCounters, Session, Stats
 from . import render as R
+
+log = logging.getLogger("snatgw.nft")
 
 #: conntrack's TCP state names -> snatgw's CtState names
 _TCP_STATES = {
@@ -110,13 +113,35 @@ class NftBackend:
     # ------------------------------------------------------------------ Backend
 
     def start(self, config: GatewayConfig) -> None:
+        """Check the tools and devices, remove the bpf backend's leftovers in this namespace
+        (our TC filters, the pin directory: logged as a warning), then apply the config."""
         self._run(["nft", "--version"])
+        self._check_devices(config.settings)
+        from ..cleanup import NoLibbpf, remove_bpf
+
+        try:
+            removed = remove_bpf(config.settings.pin_dir, self.netns)
+        except NoLibbpf as e:
+            log.warning("nft backend: %s", e)
+            removed = []
+        if removed:
+            log.warning("nft backend: removed the bpf datapath's leftovers: %s", "; ".join(removed))
         self.apply(config)
+
+    def _check_devices(self, settings: Settings) -> None:
+        """Every inside and outside device must exist in the namespace (as the bpf backend
+        requires when attaching): rules on a missing device would translate nothing."""
+        p = self._run(["ip", "-j", "link", "show"])
+        have = {link.get("ifname") for link in json.loads(p.stdout or "[]")}
+        for name in tuple(settings.inside) + tuple(settings.outside):
+            if name not in have:
+                raise BackendError(f"interface {name!r} does not exist (in this network namespace)")
 
     def apply(self, config: GatewayConfig) -> None:
         """Resolve what needs the kernel first (so a failure to resolve changes nothing), then the
         policy routing of new_gw rules, one nft transaction, and the removal of stale routing."""
         settings = config.settings if config.settings else self.settings
+        self._check_devices(settings)
         rules: RuleSet = config.rules
         gw_dev = {}
         for r in rules:
@@ -215,6 +240,36 @@ class NftBackend:
         except BackendError:
             pass
         self._plan = None
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove everything of this backend in the namespace whatever made it (a stopped or
+        killed daemon): table ip snatgw, our ip rules and routes (pref/table in our range AND
+        proto 201) and our conntrack entries.  Returns what was removed (for the log)."""
+        removed = []
+        if self._run(["nft", "list", "table", R.FAMILY, R.TABLE], check=False).returncode == 0:
+            self._run(["nft", "delete", "table", R.FAMILY, R.TABLE])
+            removed.append(f"nft table {R.FAMILY} {R.TABLE}")
+        rules = self._our_ip_rules()
+        if rules:
+            removed.append("ip rules pref " + ",".join(str(pref) for pref, _ in rules))
+        self._remove_routing()
+        p = self._run(["ip", "-j", "route", "show", "table", "all", "proto", str(R.RT_PROTO)], check=False)
+        tables = set()
+        for rt in json.loads(p.stdout) if p.returncode == 0 and p.stdout.strip() else ():
+            t = str(rt.get("table", ""))
+            if t.isdigit() and R.RT_BASE <= int(t) < R.RT_BASE + R.SLOTS:
+                tables.add(int(t))
+        for t in sorted(tables):
+            self._run(["ip", "route", "flush", "table", str(t), "proto", str(R.RT_PROTO)], check=False)
+        if tables:
+            removed.append(f"routes proto {R.RT_PROTO} in tables " + ",".join(map(str, sorted(tables))))
+        try:
+            n = self.flush()
+        except BackendError:
+            n = 0  # no conntrack tool: the entries expire by themselves
+        if n:
+            removed.append(f"{n} conntrack entries marked by snatgw")
+        return removed
 
     def expire(self, now: float | None = None) -> int:
         return 0  # the kernel's conntrack expires sessions itself
