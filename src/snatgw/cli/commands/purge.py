@@ -23,7 +23,8 @@ Run it in the gateway's namespace: `nsenter --net=/run/netns/NS snatgw purge ...
 
 def register(p) -> None:
     p.add_argument("config", nargs="?", help="config file: its pin_dir and control_socket are used")
-    p.add_argument("--pin-dir", metavar="DIR", help="bpffs directory of the pinned maps (default: the config's)")
+    p.add_argument("--pin-dir", metavar="DIR",
+                   help="bpffs directory of the pinned maps (default: the config's, else /sys/fs/bpf/snatgw)")
     p.add_argument("--socket", metavar="PATH", help="control socket (default: the config's, $SNATGW_SOCKET)")
     p.add_argument("--inside", action="append", metavar="IF",
                    help="as for `run` (accepted; filters are removed on every device anyway)")
