@@ -162,3 +162,14 @@ def test_task_ticks_read_utime_and_stime_past_a_name_with_spaces():
     """utime + stime are fields 14 and 15 of /proc/<pid>/stat, counted after the ')' of the name."""
     line = "42 (tra fgen) R 1 42 42 0 -1 4194560 10 0 0 0 7 93 0 0 20 0 1 0 100 1000 10"
     assert traffic.pid_ticks(line) == 100
+
+
+def test_spread_new_flow_scenario_randomises_the_server_port():
+    """3a' differs from 3a only in the destination port: random, so flows spread over endpoints."""
+    from snatgw.bench import scenarios, traffic
+
+    pattern, conf = scenarios.UDP_SCENARIOS["udp-newflows-spread"]
+    assert (pattern, scenarios.UDP_SCENARIOS["udp-newflows"][0]) == ("new", "new")
+    text = traffic.trafgen_conf("02:00:00:00:00:01", pattern, **conf)
+    assert "dp=drnd(1024, 65535)" in text
+    assert "dp=9" in traffic.trafgen_conf("02:00:00:00:00:01", pattern)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import stats as st
-from .report import CONFIG_ORDER, ORDER, TITLES
+from .report import CONFIG_ORDER, ORDER, TITLES, UDP
 
 COLORS = {"drop": "#999999", "forward": "#4c72b0", "nft-kernel": "#dd8452", "snatgw-nft": "#937860",
           "snatgw-bpf": "#55a868"}
@@ -46,7 +46,7 @@ def plot(results: dict, path: Path) -> list[Path]:
     summary = st.summarize(results.get("records", []))
     written: list[Path] = []
     panels = [(s, "value") for s in ORDER if any(k[0] == s for k in summary)]
-    panels += [(s, "cost_ns") for s in ORDER[:3] if any(k[0] == s and summary[k].get("cost_ns") for k in summary)]
+    panels += [(s, "cost_ns") for s in UDP if any(k[0] == s and summary[k].get("cost_ns") for k in summary)]
     if panels:
         cols = 3
         rows = -(-len(panels) // cols)

@@ -15,8 +15,15 @@ import time
 from . import topo, traffic
 from .gateways import Gateway
 
-#: packet scenarios (UDP, trafgen) -> trafgen pattern
-UDP_SCENARIOS = {"udp-1flow": "one", "udp-10kflows": "ports10k", "udp-newflows": "new"}
+#: packet scenarios (UDP, trafgen) -> (trafgen pattern, trafgen_conf options)
+UDP_SCENARIOS = {
+    "udp-1flow": ("one", {}),
+    "udp-10kflows": ("ports10k", {}),
+    "udp-newflows": ("new", {}),
+    # the same to random server ports: new flows spread over many remote endpoints, as a
+    # gateway's do, so each (SNAT address, remote endpoint) port space stays nearly empty
+    "udp-newflows-spread": ("new", {"dport": "drnd(1024, 65535)"}),
+}
 TCP_SCENARIOS = ("tcp-cycles", "tcp-bulk")
 PACKET_SCENARIOS = tuple(UDP_SCENARIOS) + TCP_SCENARIOS
 SUITE_SCENARIOS = ("rules", "sessions", "control", "progbench")
@@ -26,6 +33,7 @@ TITLES = {
     "udp-1flow": "1. one established UDP flow",
     "udp-10kflows": "2. 10k flows (source ports)",
     "udp-newflows": "3a. new sessions (every packet a new flow)",
+    "udp-newflows-spread": "3a'. new sessions to random server ports",
     "tcp-cycles": "3b. TCP connect/close cycles",
     "tcp-bulk": "4. bulk TCP (iperf3)",
     "rules": "5. rule-count scaling",
@@ -105,7 +113,8 @@ def _kill_group(p: subprocess.Popen) -> None:
 def measure(scenario: str, t: topo.Topology, gw: Gateway, duration: float) -> dict:
     """One round of one packet scenario against a running gateway."""
     if scenario in UDP_SCENARIOS:
-        return udp(t, gw, UDP_SCENARIOS[scenario], duration)
+        pattern, conf = UDP_SCENARIOS[scenario]
+        return udp(t, gw, pattern, duration, **conf)
     if gw.name == "drop":
         return {"status": "n/a", "reason": "the drop baseline stops every packet: no TCP", "value": None}
     if scenario == "tcp-cycles":
