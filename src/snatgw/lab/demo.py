@@ -144,7 +144,7 @@ def run_flows(lab: Lab, rules: RuleSet, servers, out, exact: bool = True, daemon
              f.link, f.expect_link, ("ok" if f.seen == f.expect_addr else "ok (in pool)") if f.ok
              else ("FAIL " + f.error if f.error else "DIFF")] for f in flows]
     print(table(rows, ["inside src", "dst", "proto", "rule (model)", "server saw", "model says",
-                       "via", "expected", ""]), file=out)
+                       "via", "expected", "result"]), file=out)
     bad = sum(not f.ok for f in flows)
     print(f"{len(flows) - bad}/{len(flows)} flows as the model predicts"
           + ("" if exact else " (address: any of the rule's pool; the kernel's nf_nat picks it)")

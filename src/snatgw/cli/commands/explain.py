@@ -358,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
         if not (args.oif and args.gw):
             raise BadInput("give the route of DST as --oif IFACE --gw IP (or --route-from-kernel)")
         other = parse_oif(args.new_gw_oif, "--new-gw-oif") if args.new_gw_oif else None
-        router = GivenRouter(dst, parse_oif(args.oif, "--oif"), parse_addr(args.gw, "gw", "--gw"), other)
+        router = GivenRouter(dst, parse_oif(args.oif, "--oif"), parse_addr(args.gw, "--gw"), other)
     ingress = args.iif or (cfg.settings.inside[0] if cfg.settings.inside else "lan0")
     d = explain_packet(cfg, pkt, router, ingress)
     print(dump_json(d) if args.json else render_text(d))
