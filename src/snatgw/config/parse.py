@@ -264,21 +264,27 @@ def _parse_service(cur: _Cursor, opener: Token, warn) -> list[Rule]:
             )  # fmt: skip
 
 
+def _next_keyword(cur: _Cursor, opener: Token, block: str, keywords) -> Token | None:
+    """The next keyword of a block's body, or None at its `}`; errors for an unclosed block or
+    an unknown keyword (both blocks share these rules)."""
+    t = cur.next()
+    if t is None:
+        raise cur.error(opener.line, block, "block opened here is never closed (missing '}')")
+    if t.text == "}":
+        return None
+    if t.text in ("{", "snat_rule", "virtual_server", "snatgw"):
+        raise cur.error(opener.line, block, f"block opened here is not closed before line {t.line} "
+                        "(missing '}')")
+    if t.text not in keywords:
+        raise cur.error(t.line, t.text, f"unknown {block} keyword; expected one of {', '.join(keywords)}")
+    return t
+
+
 def _parse_rule(cur: _Cursor, opener: Token) -> Rule:
     """Body of `snat_rule { ... }` up to its `}`: keyword value pairs."""
     vals: dict[str, Token] = {}
     where = cur.where(opener.line)
-    while True:
-        t = cur.next()
-        if t is None:
-            raise cur.error(opener.line, "snat_rule", "block opened here is never closed (missing '}')")
-        if t.text == "}":
-            break
-        if t.text in ("{", "snat_rule", "virtual_server", "snatgw"):
-            raise cur.error(opener.line, "snat_rule", f"block opened here is not closed before line {t.line} "
-                            "(missing '}')")
-        if t.text not in RULE_KEYWORDS:
-            raise cur.error(t.line, t.text, f"unknown snat_rule keyword; expected one of {', '.join(RULE_KEYWORDS)}")
+    while (t := _next_keyword(cur, opener, "snat_rule", RULE_KEYWORDS)) is not None:
         if t.text in vals:
             raise cur.error(t.line, t.text, f"given twice in one snat_rule (first at line {vals[t.text].line})")
         args = cur.values()
@@ -352,17 +358,7 @@ def _parse_settings(cur: _Cursor, opener: Token) -> Settings:
     """Body of `snatgw { ... }` up to its `}`."""
     s = Settings()
     given: dict[str, Token] = {}
-    while True:
-        t = cur.next()
-        if t is None:
-            raise cur.error(opener.line, "snatgw", "block opened here is never closed (missing '}')")
-        if t.text == "}":
-            break
-        if t.text in ("{", "snat_rule", "virtual_server", "snatgw"):
-            raise cur.error(opener.line, "snatgw", f"block opened here is not closed before line {t.line} "
-                            "(missing '}')")
-        if t.text not in SETTINGS_KEYWORDS:
-            raise cur.error(t.line, t.text, f"unknown snatgw keyword; expected one of {', '.join(SETTINGS_KEYWORDS)}")
+    while (t := _next_keyword(cur, opener, "snatgw", SETTINGS_KEYWORDS)) is not None:
         if t.text in ("inside", "outside"):
             args = []
             while cur.i < len(cur.toks):  # interface names run to the line end or the next keyword
