@@ -4,9 +4,9 @@ The uplink must own every SNAT address (the ISP's router ARPs for it, and the ke
 only for local addresses), as LVS operators did with `ip addr add`.  With `manage` the daemon
 does it: each pool address becomes a /32 on its uplink: the rule's `oif` when it names an
 outside interface, else the outside interface whose connected subnet holds the address, else
-the only outside interface.  A /32 never becomes the source of the gateway's own traffic (the
-kernel prefers the primary address of the route's subnet), so the host's sockets and the
-sessions never share an address:port.  Addresses the daemon added and that leave every pool on
+the only outside interface.  For the gateway's own traffic the kernel picks the uplink's
+address in the next hop's subnet, not a /32, so the host's sockets and the sessions do not share
+an address:port unless a program binds a pool address on purpose.  Addresses the daemon added and that leave every pool on
 reload are removed; on stop they stay, so a restarted daemon keeps answering for live sessions.
 """
 
