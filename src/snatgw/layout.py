@@ -350,11 +350,9 @@ CT_ENTRY = _declare(Struct("ct_entry", "a session direction: its rewrite and whe
     ("ifindex", "__u32", "egress device: OUT the uplink, IN the inside device"),
     ("nexthop", "__be32", "OUT: next hop (route gw or new_gw); 0 = the destination"),
     ("rule_id", "__u32", "id of the rule that created the session"),
-    ("mtu", "__u32", "egress MTU seen at creation"),
-    ("last_seen", "__u64", "bpf_ktime_get_ns() of the last packet in this direction"),
-    ("created", "__u64", "bpf_ktime_get_ns() at creation"),
-    ("packets", "__u64", "packets in this direction"),
-    ("bytes", "__u64", "bytes in this direction"),
+    ("mtu", "__u16", "egress MTU seen at creation (larger MTUs are kept as 65535)"),
+    ("pad", "__u16", "zero"),
+    ("last_seen", "__u64", "bpf_ktime_get_ns() of the last packet in this direction; set at creation too"),
 )))  # fmt: skip
 
 SNAT_RULE = _declare(Struct("snat_rule", "a compiled rule, one per slot in priority order", (

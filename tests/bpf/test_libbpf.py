@@ -65,7 +65,7 @@ def test_test_run_returns_verdict_data_and_counts_on_every_cpu_sum(obj):
 def test_hash_map_put_get_delete_and_iterate(obj):
     """put/get/delete round-trip bytes; keys() and items_batch() see every entry once."""
     ct = obj.map(L.MAP_CT)
-    vals = {ct_key(i): L.CT_ENTRY.pack(rw_port=5000 + i, packets=i) for i in range(10)}
+    vals = {ct_key(i): L.CT_ENTRY.pack(rw_port=5000 + i, last_seen=i) for i in range(10)}
     for k, v in vals.items():
         ct.put(k, v)
     assert ct.get(ct_key(3)) == vals[ct_key(3)]
@@ -95,7 +95,7 @@ def test_wrong_key_or_value_size_is_refused_before_the_kernel(obj):
     ct = obj.map(L.MAP_CT)
     with pytest.raises(BackendError, match="map snat_ct: key is 3 bytes, expected 16"):
         ct.get(b"abc")
-    with pytest.raises(BackendError, match="value is 1 bytes, expected 72"):
+    with pytest.raises(BackendError, match="value is 1 bytes, expected 48"):
         ct.put(ct_key(0), b"x")
 
 

@@ -18,6 +18,12 @@ def test_struct_sizes_are_naturally_aligned():
             assert off % size == 0, (s.name, name, off)
 
 
+def test_session_entry_fits_the_memory_budget():
+    """struct ct_entry is 48 bytes: two of them plus keys and kernel headers per session keep
+    1M sessions within 256 MiB of kernel memory (bench target)."""
+    assert (layout.CT_KEY.size, layout.CT_ENTRY.size) == (16, 48)
+
+
 def test_pack_unpack_round_trip_keeps_wire_order():
     """Big-endian fields travel as wire bytes: 198.18.40.10 packs as c6 12 28 0a."""
     raw = layout.CT_KEY.pack(saddr=0xC612280A, daddr=1, sport=40000, dport=80, proto=6, dir=1)

@@ -12,8 +12,9 @@ differential tests hold both to it):
 - a new_gw with no usable route: PASS_NO_ROUTE, no session;
 - every translated first fragment is remembered (new, established and reply packets); an
   entry older than FRAG_TIMEOUT is a miss;
-- last_seen and per-direction counters move only for translated packets; ICMP errors about a
-  session count toward its rule (packets/bytes = IP total length) but not its entries;
+- last_seen moves only for translated packets; sessions keep no packet/byte counters (memory
+  per session), their rule does; ICMP errors about a session count toward its rule
+  (packets/bytes = IP total length) but do not touch its entries;
 - an ICMP error from inside with TTL <= 1 is PASS_TTL like any forwarded packet; a quoted echo's
   own checksum is adjusted for the identifier; only a quoted echo request (outside) or echo
   reply (inside, egress) can match a session;

@@ -46,12 +46,9 @@ class CtEntry:
     nexthop: IPv4Address | None  # OUT: next hop; IN: None (the destination)
     rule_id: int
     mtu: int
-    created: float
-    last_seen: float
+    last_seen: float  # set at creation too
     state: int = int(CtState.NONE)  # kept in the OUT entry
     flags: int = 0
-    packets: int = 0
-    bytes: int = 0
     rule: Rule | None = field(default=None, compare=False)
 
     def to_bytes(self, ifindex: dict[str, int], ns: float = 1e9) -> bytes:
@@ -59,9 +56,8 @@ class CtEntry:
         return CT_ENTRY.pack(
             peer=self.peer.to_bytes(), rw_addr=self.rw_addr.packed, rw_port=self.rw_port,
             state=self.state, flags=self.flags, ifindex=ifindex.get(self.oif, 0),
-            nexthop=self.nexthop.packed if self.nexthop else 0, rule_id=self.rule_id, mtu=self.mtu,
-            last_seen=int(self.last_seen * ns), created=int(self.created * ns),
-            packets=self.packets, bytes=self.bytes,
+            nexthop=self.nexthop.packed if self.nexthop else 0, rule_id=self.rule_id,
+            mtu=min(self.mtu, 0xFFFF), last_seen=int(self.last_seen * ns),
         )  # fmt: skip
 
 

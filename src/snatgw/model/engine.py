@@ -131,10 +131,10 @@ class Engine:
 
         def build(ikey: CtKey, port: int) -> tuple[CtEntry, CtEntry]:
             out = CtEntry(peer=ikey, rw_addr=addr, rw_port=port, oif=oif, nexthop=nexthop,
-                          rule_id=rule.rule_id, mtu=mtu, created=now, last_seen=now,
+                          rule_id=rule.rule_id, mtu=mtu, last_seen=now,
                           state=initial_state(v.proto), flags=flags, rule=rule)  # fmt: skip
             inn = CtEntry(peer=okey, rw_addr=src, rw_port=v.sport, oif=ingress, nexthop=None,
-                          rule_id=rule.rule_id, mtu=in_mtu, created=now, last_seen=now,
+                          rule_id=rule.rule_id, mtu=in_mtu, last_seen=now,
                           state=initial_state(v.proto), rule=rule)  # fmt: skip
             return out, inn
 
@@ -282,8 +282,6 @@ class Engine:
 
     def _touch(self, e: CtEntry, v: IPv4View, now: float) -> None:
         e.last_seen = now
-        e.packets += 1
-        e.bytes += v.tot_len
         self._count_rule(e.rule_id, packets=1, nbytes=v.tot_len)
 
     def _count_rule(self, rule_id: int, packets: int = 0, nbytes: int = 0, sessions: int = 0) -> None:
@@ -350,7 +348,6 @@ class Engine:
                 inside=f"{k.saddr}:{k.sport}", remote=f"{k.daddr}:{k.dport}",
                 nat=f"{p.out.rw_addr}:{p.out.rw_port}", state=CtState(p.out.state).name,
                 idle=idle, expires=self.settings.timeout(p.out.state) - idle, rule_id=p.out.rule_id,
-                packets_out=p.out.packets, bytes_out=p.out.bytes,
-                packets_in=p.inn.packets, bytes_in=p.inn.bytes,
             ))  # fmt: skip
+            # no per-session packets/bytes (as struct ct_entry, memory): the rule counters count them
         return out

@@ -19,7 +19,7 @@ from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
 from ..backend import Session, Stats
 from .loader import Loader, ifindex
-from .maps import CT_KEY, DatapathMaps, entry_created, entry_peer, monotonic_ns
+from .maps import CT_KEY, DatapathMaps, entry_last_seen, entry_peer, monotonic_ns
 
 log = logging.getLogger("snatgw.bpf")
 
@@ -219,6 +219,7 @@ class BpfBackend:
             if eg is None:
                 continue
             idx, nh, mtu = eg
+            mtu = min(mtu, 0xFFFF)  # ct_entry.mtu is 16 bits (as ct_mtu() in the datapath)
             if (p.out["ifindex"], p.out["nexthop"], p.out["mtu"], flags) == (idx, _raw(nh), mtu, nflags):
                 continue
             if self.maps.update_out(p, ifindex=idx, nexthop=_raw(nh), mtu=mtu, flags=nflags):
@@ -258,14 +259,14 @@ class BpfBackend:
             fresh = self.maps.reread(p)  # a packet may have refreshed it since the scan
             if fresh is None:
                 continue
-            if fresh.in_raw is None and now_ns - entry_created(fresh.out_raw) <= ORPHAN_GRACE_NS:
+            if fresh.in_raw is None and now_ns - entry_last_seen(fresh.out_raw) <= ORPHAN_GRACE_NS:
                 continue
             if now_ns - fresh.last_seen > timeout[fresh.state]:
                 self.maps.delete_pair(fresh)
                 removed += 1
         for k in orphans:
             raw = self.maps.ct.get(k)
-            if raw is not None and now_ns - entry_created(raw) > ORPHAN_GRACE_NS:
+            if raw is not None and now_ns - entry_last_seen(raw) > ORPHAN_GRACE_NS:
                 praw = self.maps.ct.get(entry_peer(raw))
                 if praw is None or entry_peer(praw) != k:
                     self.maps.ct.delete(k)

@@ -109,10 +109,6 @@ def entry_last_seen(raw: bytes) -> int:
     return _U64.unpack_from(raw, _OFF["last_seen"])[0]
 
 
-def entry_created(raw: bytes) -> int:
-    return _U64.unpack_from(raw, _OFF["created"])[0]
-
-
 class SessionPair:
     """One session as stored: the OUT key/entry and the IN key/entry.  Entries are kept as
     raw bytes and decoded on demand (``out``/``inn`` dicts): a GC sweep reads only the
@@ -164,11 +160,7 @@ class SessionPair:
             state=state,
             idle=round(idle, 3),
             expires=round(timeout_of(self.state) - idle, 3),
-            rule_id=self.rule_id,
-            packets_out=self.out["packets"],
-            bytes_out=self.out["bytes"],
-            packets_in=self.inn["packets"] if self.inn else 0,
-            bytes_in=self.inn["bytes"] if self.inn else 0,
+            rule_id=self.rule_id,  # packets/bytes stay 0: ct_entry keeps no per-session counters
         )
 
 

@@ -78,8 +78,6 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 	__u64 now = snat_now();
 
 	e->last_seen = now;
-	e->packets += 1; /* race: plain adds, a lost count is cheaper than an atomic */
-	e->bytes += p->len;
 	if (snat_v4_rewrite(skb, p, 1, e->rw_addr, e->rw_port) < 0)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
 	stats_rule(e->rule_id, p->len, reason == REASON_XLATE_NEW);
@@ -130,12 +128,12 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	 * does not lead back to the device the flow came from, leave the next hop to the kernel. */
 	if (fib_route4(skb, p->saddr, p->daddr, eg->oif, &back) < 0 && back.oif == iif) {
 		sp->val.nexthop = back.nexthop;
-		sp->val.mtu = back.mtu;
+		sp->val.mtu = ct_mtu(back.mtu);
 	} else {
 		bpf_check_mtu(skb, iif, &mtu, 0, 0); /* sets mtu to the inside device's MTU */
-		sp->val.mtu = mtu;
+		sp->val.mtu = ct_mtu(mtu);
 	}
-	sp->val.created = sp->val.last_seen = snat_now();
+	sp->val.last_seen = snat_now(); /* also the creation time of a half-inserted pair (GC) */
 	sp->c = (__u16)p->sport;
 	sp->min = cfg->port_min;
 	sp->n = cfg->port_max >= cfg->port_min ? (__u32)cfg->port_max - cfg->port_min + 1 : 0;
@@ -153,7 +151,7 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	sp->val.rw_port = sp->in.dport;
 	sp->val.ifindex = eg->oif;
 	sp->val.nexthop = eg->nexthop;
-	sp->val.mtu = eg->mtu;
+	sp->val.mtu = ct_mtu(eg->mtu);
 	sp->val.flags = (r->flags & RULE_F_NEW_GW) ? CT_F_NEW_GW : 0;
 	/* TCP: the first SYN from NONE with the IN_ONLY rows (a new session is SYN_RECV) */
 	if (p->proto == IPPROTO_TCP_)
@@ -282,8 +280,6 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 	__u64 now = snat_now();
 
 	e->last_seen = now;
-	e->packets += 1;
-	e->bytes += p->len;
 	if (snat_v4_rewrite(skb, p, 0, e->rw_addr, e->rw_port) < 0)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
 	stats_rule(e->rule_id, p->len, 0);

@@ -67,3 +67,10 @@ static __always_inline struct ct_entry *ct_lookup4(const struct ct_key *k)
 {
 	return bpf_map_lookup_elem(&snat_ct, k);
 }
+
+/* ct_entry.mtu is 16 bits (memory per session); an MTU above 65535 (loopback's 65536) is
+ * kept as 65535, which judges every IPv4 packet (tot_len <= 65535) the same way. */
+static __always_inline __u16 ct_mtu(__u32 mtu)
+{
+	return mtu > 0xffff ? 0xffff : mtu;
+}

@@ -152,13 +152,11 @@ struct ct_entry {
 	__u32 ifindex; /* egress device: OUT the uplink, IN the inside device */
 	__be32 nexthop; /* OUT: next hop (route gw or new_gw); 0 = the destination */
 	__u32 rule_id; /* id of the rule that created the session */
-	__u32 mtu; /* egress MTU seen at creation */
-	__u64 last_seen; /* bpf_ktime_get_ns() of the last packet in this direction */
-	__u64 created; /* bpf_ktime_get_ns() at creation */
-	__u64 packets; /* packets in this direction */
-	__u64 bytes; /* bytes in this direction */
+	__u16 mtu; /* egress MTU seen at creation (larger MTUs are kept as 65535) */
+	__u16 pad; /* zero */
+	__u64 last_seen; /* bpf_ktime_get_ns() of the last packet in this direction; set at creation too */
 };
-_Static_assert(sizeof(struct ct_entry) == 72, "ct_entry size");
+_Static_assert(sizeof(struct ct_entry) == 48, "ct_entry size");
 
 /* a compiled rule, one per slot in priority order */
 struct snat_rule {
