@@ -280,22 +280,6 @@ def test_restore_without_the_service_line_needs_an_enabled_service():
     assert ei.value.code == "ESRCH"
 
 
-@pytest.fixture
-def running():
-    import tempfile
-    from pathlib import Path
-
-    from test_daemon import Running  # tests/unit is on sys.path (pytest prepend import mode)
-
-    d = Path(tempfile.mkdtemp(prefix="sga"))  # AF_UNIX paths must stay short
-    r = Running(d)
-    try:
-        yield r
-    finally:
-        r.close()
-        import shutil
-
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _adm(running, *argv: str, stdin: str = "") -> tuple[int, str]:

@@ -4,27 +4,12 @@ behaviour when no daemon runs.  No root."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
-import pytest
 
 from snatgw.cli.main import main as cli
 from snatgw.layout import Reason
 
-from test_daemon import Running  # tests/unit is on sys.path (pytest prepend import mode)
 
-
-@pytest.fixture
-def running():
-    d = Path(tempfile.mkdtemp(prefix="sgc"))
-    r = Running(d)
-    try:
-        yield r
-    finally:
-        r.close()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_conns_table_has_the_documented_columns_and_rule_numbers(running, capsys):

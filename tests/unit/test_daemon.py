@@ -12,7 +12,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,15 +38,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-@pytest.fixture
-def tmpdir_short():
-    d = tempfile.mkdtemp(prefix="sgd")  # AF_UNIX paths must stay short
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 class Running:
@@ -79,15 +69,6 @@ class Running:
 
     def close(self):
         self.server.close()
-
-
-@pytest.fixture
-def running(tmpdir_short):
-    r = Running(tmpdir_short)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_status_reports_backend_rules_and_config(running):
