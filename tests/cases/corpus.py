@@ -25,6 +25,12 @@ virtual_server fwmark 1 {
   snat_rule { from 198.18.0.0/16   new_gw 198.19.2.1        snat_ip 198.19.2.71-198.19.2.73  algo sh }
 }
 """
+#: REF_CONFIG with the REF devices in its settings block, and the failover variant of it
+REF_CONFIG_FULL = "snatgw {\n    inside lan40 lan50\n    outside eth1 eth2\n}\n" + REF_CONFIG
+FAILOVER_CONFIG_FULL = REF_CONFIG_FULL.replace(
+    "gw 198.19.2.1  oif eth1  snat_ip 198.19.2.71-198.19.2.73  algo sdh",
+    "gw 198.19.2.1  oif eth1  new_gw 198.19.3.1  snat_ip 198.19.3.71-198.19.3.73  algo sdh",
+)
 #: the same rules as dicts (Rule.from_dict), so no config parser is needed
 REF_RULES: list[dict] = [
     {"from": "198.18.40.0/24", "gw": "198.19.3.1", "oif": "eth2", "snat_ip": "198.19.3.71-198.19.3.73", "algo": "random"},

@@ -8,24 +8,11 @@ import contextlib
 
 import pytest
 
+from cases.corpus import FAILOVER_CONFIG_FULL, REF_CONFIG_FULL
+
 from snatgw.config.parse import parse_text
 
-REF = """\
-snatgw {
-    inside lan40 lan50
-    outside eth1 eth2
-    port_range 5000-65535
-}
-virtual_server fwmark 1 {
-  snat_rule { from 198.18.40.0/24  gw 198.19.3.1  oif eth2  snat_ip 198.19.3.71-198.19.3.73  algo random }
-  snat_rule { from 198.18.40.0/24  gw 198.19.2.1  oif eth1  snat_ip 198.19.2.71-198.19.2.73  algo sdh }
-  snat_rule { from 198.18.0.0/16   new_gw 198.19.2.1        snat_ip 198.19.2.71-198.19.2.73  algo sh }
-}
-"""
-FAILOVER = REF.replace(
-    "gw 198.19.2.1  oif eth1  snat_ip 198.19.2.71-198.19.2.73  algo sdh",
-    "gw 198.19.2.1  oif eth1  new_gw 198.19.3.1  snat_ip 198.19.3.71-198.19.3.73  algo sdh",
-)
+REF, FAILOVER = REF_CONFIG_FULL, FAILOVER_CONFIG_FULL  # the shared REF topology's config
 
 
 def cfg(text: str):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cases.corpus import FAILOVER_CONFIG_FULL, REF_CONFIG_FULL
+
 from snatgw.config.parse import parse_text
 from snatgw.config.schema import Settings
 from snatgw.datapath.nft import render as R
@@ -18,21 +20,7 @@ from snatgw.rules import Pool, Rule, RuleSet, parse_net
 GOLDEN = Path(__file__).resolve().parents[1] / "nft" / "golden"
 REGEN = os.environ.get("SNATGW_REGEN_GOLDEN") == "1"
 
-REF = """\
-snatgw {
-    inside lan40 lan50
-    outside eth1 eth2
-}
-virtual_server fwmark 1 {
-  snat_rule { from 198.18.40.0/24  gw 198.19.3.1  oif eth2  snat_ip 198.19.3.71-198.19.3.73  algo random }
-  snat_rule { from 198.18.40.0/24  gw 198.19.2.1  oif eth1  snat_ip 198.19.2.71-198.19.2.73  algo sdh }
-  snat_rule { from 198.18.0.0/16   new_gw 198.19.2.1        snat_ip 198.19.2.71-198.19.2.73  algo sh }
-}
-"""
-FAILOVER = REF.replace(
-    "gw 198.19.2.1  oif eth1  snat_ip 198.19.2.71-198.19.2.73  algo sdh",
-    "gw 198.19.2.1  oif eth1  new_gw 198.19.3.1  snat_ip 198.19.3.71-198.19.3.73  algo sdh",
-)
+REF, FAILOVER = REF_CONFIG_FULL, FAILOVER_CONFIG_FULL  # the shared REF topology's config
 
 
 def _plan(text: str, **kw) -> R.Plan:
