@@ -186,15 +186,6 @@ class Rule:
             return f"route next hop is {route.gw if route else 'none'}, rule wants gw {self.gw}"
         return None
 
-    def covers(self, other: "Rule") -> bool:
-        """True when every packet ``other`` matches is matched by self too."""
-        return (
-            other.src.subnet_of(self.src)
-            and other.dst.subnet_of(self.dst)
-            and (self.gw is None or self.gw == other.gw)
-            and (self.oif is None or self.oif == other.oif)
-        )
-
     def as_dict(self) -> dict:
         return {
             "from": str(self.src),
@@ -293,14 +284,27 @@ class RuleSet:
                 why.append((r, reason))
         return winner, why
 
-    def shadowed(self) -> list[tuple[Rule, Rule]]:
-        """(rule, earlier rule that always matches first) for rules that can never match."""
+    def shadowed(self) -> list[tuple[Rule, list[Rule]]]:
+        """(rule, the earlier rules that match first every packet it matches) for rules that can
+        never match.  An earlier rule can take a later one's packets when its destination contains
+        the later one's and its route conditions are a subset of the later one's; the later rule
+        is lost when the source nets of such earlier rules jointly cover its own.  (With this
+        priority order one earlier rule alone covers a later one only if they are duplicates,
+        which are refused, so a cover is always several rules.)"""
         out = []
         for i, r in enumerate(self.rules):
-            for e in self.rules[:i]:
-                if e.covers(r):
-                    out.append((r, e))
+            before = [e for e in self.rules[:i] if r.dst.subnet_of(e.dst) and (e.gw is None or e.gw == r.gw)
+                      and (e.oif is None or e.oif == r.oif) and e.src.overlaps(r.src)]  # fmt: skip
+            lo, hi = int(r.src.network_address), int(r.src.broadcast_address)
+            reach = lo  # every source below `reach` is taken by an earlier rule
+            used: list[Rule] = []
+            for e in sorted(before, key=lambda e: int(e.src.network_address)):
+                if int(e.src.network_address) > reach:
                     break
+                if int(e.src.broadcast_address) >= reach:
+                    reach, used = int(e.src.broadcast_address) + 1, used + [e]
+            if reach > hi:
+                out.append((r, used))
         return out
 
     def by_identity(self, identity: tuple) -> Rule | None:

@@ -81,10 +81,10 @@ def test_rules_beaten_only_on_some_packets_are_not_warned(tmp_path, capsys):
 
 
 def test_shadowed_rules_are_warned_naming_both_lines(monkeypatch, tmp_path, capsys):
-    """Every (rule, earlier rule) pair of RuleSet.shadowed() becomes a warning naming both lines."""
+    """Every (rule, [earlier rule]) of RuleSet.shadowed() becomes a warning naming both lines."""
     from snatgw.rules import RuleSet
 
-    monkeypatch.setattr(RuleSet, "shadowed", lambda self: [(self.rules[1], self.rules[0])])
+    monkeypatch.setattr(RuleSet, "shadowed", lambda self: [(self.rules[1], [self.rules[0]])])
     f = write(tmp_path, "virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n"
                         " snat_rule { from 198.18.0.0/16 snat_ip 198.19.2.72 }\n}\n")  # fmt: skip
     assert main(["check", f]) == 0

@@ -9,7 +9,6 @@ import argparse
 from ...config.parse import parse_file, settings_as_dict
 from ...config.schema import GatewayConfig
 from ...errors import EXIT_OK, ConfigError
-from ...rules import Rule, RuleSet
 from ..render import dump_json, kv_table, rule_json, rule_table
 
 HELP = "validate a config file and show its rules in priority order"
@@ -26,40 +25,13 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def covered_by_several(rules: RuleSet) -> list[tuple[Rule, list[Rule]]]:
-    """Rules that earlier rules match first *together*: earlier rules whose destination
-    contains this one's and whose route conditions are a subset of its own, and whose
-    source nets jointly cover its source net (RuleSet.shadowed() finds a single cover)."""
-    out = []
-    for i, r in enumerate(rules.rules):
-        before = [e for e in rules.rules[:i] if r.dst.subnet_of(e.dst) and (e.gw is None or e.gw == r.gw)
-                  and (e.oif is None or e.oif == r.oif) and e.src.overlaps(r.src)]  # fmt: skip
-        lo, hi = int(r.src.network_address), int(r.src.broadcast_address)
-        reach = lo  # every source below `reach` is taken by an earlier rule
-        used = []
-        for e in sorted(before, key=lambda e: int(e.src.network_address)):
-            if int(e.src.network_address) > reach:
-                break
-            if int(e.src.broadcast_address) >= reach:
-                reach, used = int(e.src.broadcast_address) + 1, used + [e]
-        if reach > hi and len(used) > 1:
-            out.append((r, used))
-    return out
-
-
 def config_warnings(cfg: GatewayConfig) -> list[str]:
     """What is legal but probably not meant: shadowed rules, oifs that are not uplinks."""
     out = []
-    for rule, first in cfg.rules.shadowed():
-        out.append(
-            f"{rule.where}: snat_rule can never match: every packet it matches is matched first "
-            f"by the rule at {first.where} ({first.describe()})"
-        )
-    for rule, firsts in covered_by_several(cfg.rules):
-        out.append(
-            f"{rule.where}: snat_rule can never match: every packet it matches is matched first "
-            f"by the rules at {', '.join(e.where or '?' for e in firsts)}"
-        )
+    for rule, firsts in cfg.rules.shadowed():
+        by = (f"the rule at {firsts[0].where} ({firsts[0].describe()})" if len(firsts) == 1
+              else f"the rules at {', '.join(e.where or '?' for e in firsts)}")
+        out.append(f"{rule.where}: snat_rule can never match: every packet it matches is matched first by {by}")
     s = cfg.settings
     if s.outside:
         for r in cfg.rules.defined:
