@@ -57,7 +57,9 @@ class Reason(enum.IntEnum):
     PASS_FRAG_UNTRANSLATED = 23  # later fragment of a datagram whose first fragment was passed
 
 
-REASON_MAX = 32  # size of the per-reason counter array; > max(Reason)
+REASON_MAX = 64  # size of the per-reason counter array; > max(Reason)
+# Number ranges of reasons being added (turn 2): 24-31 edge safety, 32-39 port allocator,
+# 40-43 expiry/counts, 44-51 applications (MTU, fragments, mappings), 52-55 operations.
 
 #: reasons that are not drops but still worth a glance in ``snatgw stats``
 PASS_REASONS = frozenset(r for r in Reason if r.name.startswith("PASS_"))

@@ -33,7 +33,7 @@
 #define CT_F_REPLIED 1
 #define CT_F_NEW_GW 2
 #define CFG_F_UNMATCHED_DROP 1
-#define REASON_MAX 32
+#define REASON_MAX 64
 #define TCP_STATE_COUNT 11
 #define IFACE_INSIDE 1
 #define IFACE_OUTSIDE 2
