@@ -209,6 +209,8 @@ MAX_RULES = 16384  # rule slots in the BPF rules array
 MAX_SESSIONS = 262144  # default session table size (each session = 2 map entries)
 MAX_FRAGS = 8192  # remembered first fragments
 MAX_IFACES = 64  # entries of the interface-role map
+MAX_HOSTS = 65536  # entries of snat_host_sess (inside hosts with live sessions)
+MAX_POOL_ADDRS = 65536  # entries of snat_addr_stats (SNAT addresses in use)
 FRAG_TIMEOUT = 30  # seconds a first fragment is remembered
 
 #: default timeouts in seconds, by state (spec: the original's, except ESTABLISHED)
@@ -240,6 +242,11 @@ MAP_FRAGS = "snat_frags"  # LRU    struct frag_key -> struct frag_entry
 MAP_REASONS = "snat_reasons"  # PERCPU_ARRAY u32 reason -> u64 packets
 MAP_RULE_STATS = "snat_rule_stats"  # PERCPU_HASH u32 rule_id -> struct rule_stats
 MAP_IFACES = "snat_ifaces"  # HASH   u32 ifindex -> u32 IFACE_* role (the attached devices)
+#: live counts (turn 2): the datapath adds at session creation (and counts refusals), the
+#: expiry sweep recounts and corrects them; `stats` reads these instead of the session table
+MAP_HOST_SESS = "snat_host_sess"  # HASH   be32 inside address -> struct live_count
+MAP_ADDR_STATS = "snat_addr_stats"  # HASH   be32 SNAT address -> struct live_count
+MAP_RULE_LIVE = "snat_rule_live"  # HASH   u32 rule_id -> struct live_count
 
 IFACE_INSIDE = 1  # role: an inside device (a new flow routed out of it is internal)
 IFACE_OUTSIDE = 2  # role: an uplink
@@ -404,6 +411,12 @@ RULE_STATS = _declare(Struct("rule_stats", "per-rule counters (per CPU)", (
 )))  # fmt: skip
 
 
+LIVE_COUNT = _declare(Struct("live_count", "live sessions and refusals of a host, SNAT address or rule", (
+    ("sessions", "__u32", "live sessions: +1 at creation (atomic), recounted by the expiry sweep"),
+    ("refusals", "__u32", "new flows refused (port exhaustion, host limit), cumulative"),
+)))  # fmt: skip
+
+
 # --------------------------------------------------------------------------- header
 
 HEADER_PATH = Path(__file__).parent / "datapath" / "bpf" / "prog" / "include" / "snat_layout.h"
@@ -422,6 +435,7 @@ def render_header() -> str:
         ("SNAT_PORT_MIN", PORT_MIN), ("SNAT_PORT_MAX", PORT_MAX),
         ("SNAT_MAX_RULES", MAX_RULES), ("SNAT_MAX_SESSIONS", MAX_SESSIONS),
         ("SNAT_MAX_FRAGS", MAX_FRAGS), ("SNAT_MAX_IFACES", MAX_IFACES),
+        ("SNAT_MAX_HOSTS", MAX_HOSTS), ("SNAT_MAX_POOL_ADDRS", MAX_POOL_ADDRS),
     ]:  # fmt: skip
         out += [f"#ifndef {n}", f"#define {n} {v}", "#endif"]
     out += ["#ifndef SNAT_PORT_TRIES", f"#define SNAT_PORT_TRIES {PORT_TRIES_BPF} /* port search bound */", "#endif"]

@@ -14,6 +14,7 @@ import pytest
 from snatgw import layout as L
 from snatgw.datapath.bpf import libbpf as B
 from snatgw.datapath.bpf.loader import Loader, attached_prog_id, netns
+from snatgw.datapath.bpf.maps import map_specs
 from snatgw.errors import BackendError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -154,11 +155,12 @@ def test_session_written_by_first_load_is_seen_by_second(pin_dir, mini_obj):
     a.load().ct.put(key, val)
     a.stop(keep_state=True)
     assert sorted(os.listdir(pin_dir)) == sorted(
-        [L.MAP_RULES, L.MAP_CONFIG, L.MAP_CT, L.MAP_FRAGS, L.MAP_REASONS, L.MAP_RULE_STATS, L.MAP_IFACES])
+        [L.MAP_RULES, L.MAP_CONFIG, L.MAP_CT, L.MAP_FRAGS, L.MAP_REASONS, L.MAP_RULE_STATS, L.MAP_IFACES,
+         L.MAP_HOST_SESS, L.MAP_ADDR_STATS, L.MAP_RULE_LIVE])
     b = Loader(pin_dir, 64, mini_obj)
     try:
         maps = b.load()
-        assert L.MAP_CT in b.reused and len(b.reused) == 7
+        assert L.MAP_CT in b.reused and len(b.reused) == len(map_specs())
         assert maps.ct.get(key) == val
         prog = b.obj.prog_fd("snat_inside")
         B.test_run(prog, bytes(60))  # the program of load 2 writes the adopted map
@@ -232,7 +234,7 @@ def test_real_datapath_loads_attaches_adopts_pins_and_leaves_nothing(ns, pin_dir
         assert attached_prog_id("out0", B.BPF_TC_EGRESS) is None
         b = Loader(pin_dir, 128, datapath_obj)
         try:
-            assert b.load().ct.get(ct_key(5)) is not None and len(b.reused) == 7
+            assert b.load().ct.get(ct_key(5)) is not None and len(b.reused) == len(map_specs())
             b.attach(["in0"], ["out0"])
         finally:
             b.stop()

@@ -20,6 +20,12 @@ struct { __uint(type, BPF_MAP_TYPE_PERCPU_HASH); __uint(max_entries, SNAT_MAX_RU
 	 __type(key, __u32); __type(value, struct rule_stats); } snat_rule_stats SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_IFACES);
 	 __type(key, __u32); __type(value, __u32); } snat_ifaces SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_HOSTS);
+	 __type(key, __be32); __type(value, struct live_count); } snat_host_sess SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_POOL_ADDRS);
+	 __type(key, __be32); __type(value, struct live_count); } snat_addr_stats SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_RULES);
+	 __type(key, __u32); __type(value, struct live_count); } snat_rule_live SEC(".maps");
 
 static __always_inline int count(__u32 reason)
 {
@@ -35,7 +41,8 @@ SEC("tc") int snat_egress(struct __sk_buff *skb) { return count(REASON_PASS_LOCA
 
 /* Keep every layout struct in BTF even if no map used it. */
 struct snat_layout_all { struct ct_key a; struct ct_entry b; struct snat_rule c;
-	struct snat_cfg d; struct frag_key e; struct frag_entry f; struct rule_stats g; };
+	struct snat_cfg d; struct frag_key e; struct frag_entry f; struct rule_stats g;
+	struct live_count h; };
 struct snat_layout_all snat_layout_all_ SEC(".data.layout");
 
 char _license[] SEC("license") = "GPL";

@@ -82,6 +82,9 @@ def map_specs(max_sessions: int = L.MAX_SESSIONS) -> dict[str, MapSpec]:
         MapSpec(L.MAP_REASONS, B.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, L.REASON_MAX),
         MapSpec(L.MAP_RULE_STATS, B.BPF_MAP_TYPE_PERCPU_HASH, 4, L.RULE_STATS.size, L.MAX_RULES),
         MapSpec(L.MAP_IFACES, B.BPF_MAP_TYPE_HASH, 4, 4, L.MAX_IFACES),
+        MapSpec(L.MAP_HOST_SESS, B.BPF_MAP_TYPE_HASH, 4, L.LIVE_COUNT.size, L.MAX_HOSTS),
+        MapSpec(L.MAP_ADDR_STATS, B.BPF_MAP_TYPE_HASH, 4, L.LIVE_COUNT.size, L.MAX_POOL_ADDRS),
+        MapSpec(L.MAP_RULE_LIVE, B.BPF_MAP_TYPE_HASH, 4, L.LIVE_COUNT.size, L.MAX_RULES),
     ]
     return {s.name: s for s in specs}
 

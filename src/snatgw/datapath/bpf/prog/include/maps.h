@@ -65,6 +65,29 @@ struct {
 	__type(value, __u32);
 } snat_ifaces SEC(".maps");
 
+/* Live counts (struct live_count): sessions +1 at creation (atomic add), refusals; the
+ * expiry sweep recounts sessions.  By inside address, by SNAT address (wire order), by rule. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_MAX_HOSTS);
+	__type(key, __be32);
+	__type(value, struct live_count);
+} snat_host_sess SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_MAX_POOL_ADDRS);
+	__type(key, __be32);
+	__type(value, struct live_count);
+} snat_addr_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_MAX_RULES);
+	__type(key, __u32);
+	__type(value, struct live_count);
+} snat_rule_live SEC(".maps");
+
 #ifdef SNAT_TEST
 /* Test builds only: the last packet's verdict, reason and redirect target, so that
  * BPF_PROG_TEST_RUN (which never performs the redirect) can be checked against the model.

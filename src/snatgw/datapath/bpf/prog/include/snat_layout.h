@@ -21,6 +21,12 @@
 #ifndef SNAT_MAX_IFACES
 #define SNAT_MAX_IFACES 64
 #endif
+#ifndef SNAT_MAX_HOSTS
+#define SNAT_MAX_HOSTS 65536
+#endif
+#ifndef SNAT_MAX_POOL_ADDRS
+#define SNAT_MAX_POOL_ADDRS 65536
+#endif
 #ifndef SNAT_PORT_TRIES
 #define SNAT_PORT_TRIES 1024 /* port search bound */
 #endif
@@ -213,3 +219,10 @@ struct rule_stats {
 	__u64 sessions; /* sessions created */
 };
 _Static_assert(sizeof(struct rule_stats) == 24, "rule_stats size");
+
+/* live sessions and refusals of a host, SNAT address or rule */
+struct live_count {
+	__u32 sessions; /* live sessions: +1 at creation (atomic), recounted by the expiry sweep */
+	__u32 refusals; /* new flows refused (port exhaustion, host limit), cumulative */
+};
+_Static_assert(sizeof(struct live_count) == 8, "live_count size");
