@@ -2,7 +2,8 @@
 #   make demo   build the lab, run the gateway on the seed's rules, show the traffic
 #   make test   every test tier (unit, model, bpf, nft, lab)
 #   make bench  the benchmark suite (writes bench/results/)
-.PHONY: setup demo test bench check-header clean
+#   make attack the edge attack suite at full size (tests/attack, ATTACK_SCALE=10)
+.PHONY: setup demo test bench attack check-header clean
 
 VENV := .venv/bin
 
@@ -14,6 +15,9 @@ demo: setup
 
 test: setup
 	$(VENV)/python -m pytest -q $(PYTEST_ARGS)
+
+attack: setup
+	ATTACK_SCALE=$${ATTACK_SCALE:-10} $(VENV)/python -m pytest -q -m attack tests/attack $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/snatgw bench $(BENCH_ARGS)

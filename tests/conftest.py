@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-PRIVILEGED = {"root", "bpf", "lab", "nft"}
+PRIVILEGED = {"root", "bpf", "lab", "nft", "attack"}
 
 
 def pytest_collection_modifyitems(config, items):
