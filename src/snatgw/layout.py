@@ -55,6 +55,8 @@ class Reason(enum.IntEnum):
     DROP_BAD_CHECKSUM = 21  # ICMP error with a wrong checksum (the original dropped these)
     PASS_INTERNAL = 22  # new flow routed out of an inside device: internal, never translated
     PASS_FRAG_UNTRANSLATED = 23  # later fragment of a datagram whose first fragment was passed
+    # edge safety (turn 2, 24-31)
+    DROP_LEAK = 24  # leaving an uplink with a source in a rule's `from` net, untranslated (egress guard)
 
 
 REASON_MAX = 64  # size of the per-reason counter array; > max(Reason)
@@ -211,6 +213,7 @@ MAX_FRAGS = 8192  # remembered first fragments
 MAX_IFACES = 64  # entries of the interface-role map
 MAX_HOSTS = 65536  # entries of snat_host_sess (inside hosts with live sessions)
 MAX_POOL_ADDRS = 65536  # entries of snat_addr_stats (SNAT addresses in use)
+MAX_FROM_NETS = 16384  # entries of snat_from_nets (distinct `from` nets; one per rule at most)
 FRAG_TIMEOUT = 30  # seconds a first fragment is remembered
 
 #: default timeouts in seconds, by state (spec: the original's, except ESTABLISHED)
@@ -247,6 +250,8 @@ MAP_IFACES = "snat_ifaces"  # HASH   u32 ifindex -> u32 IFACE_* role (the attach
 MAP_HOST_SESS = "snat_host_sess"  # HASH   be32 inside address -> struct live_count
 MAP_ADDR_STATS = "snat_addr_stats"  # HASH   be32 SNAT address -> struct live_count
 MAP_RULE_LIVE = "snat_rule_live"  # HASH   u32 rule_id -> struct live_count
+#: the egress guard's view of the rules (turn 2, edge): every rule's `from` net
+MAP_FROM_NETS = "snat_from_nets"  # LPM_TRIE struct lpm_v4 -> u32 (1)
 
 IFACE_INSIDE = 1  # role: an inside device (a new flow routed out of it is internal)
 IFACE_OUTSIDE = 2  # role: an uplink
@@ -262,6 +267,7 @@ CT_F_REPLIED = 0x1  # a reply has been seen (TCP leaves the IN_ONLY rows)
 CT_F_NEW_GW = 0x2  # session's nexthop comes from new_gw
 
 CFG_F_UNMATCHED_DROP = 0x1  # `unmatched drop`: no-rule flows are dropped
+CFG_F_INBOUND_ROUTED = 0x2  # `inbound routed`: uplink packets without a session may be routed inside
 
 
 @dataclass(frozen=True)
@@ -411,6 +417,12 @@ RULE_STATS = _declare(Struct("rule_stats", "per-rule counters (per CPU)", (
 )))  # fmt: skip
 
 
+LPM_V4 = _declare(Struct("lpm_v4", "an IPv4 prefix as the LPM trie key", (
+    ("prefixlen", "__u32", "prefix length, 0..32"),
+    ("addr", "__be32", "network address"),
+)))  # fmt: skip
+
+
 LIVE_COUNT = _declare(Struct("live_count", "live sessions and refusals of a host, SNAT address or rule", (
     ("sessions", "__u32", "live sessions: +1 at creation (atomic), recounted by the expiry sweep"),
     ("refusals", "__u32", "new flows refused (port exhaustion, host limit), cumulative"),
@@ -436,6 +448,7 @@ def render_header() -> str:
         ("SNAT_MAX_RULES", MAX_RULES), ("SNAT_MAX_SESSIONS", MAX_SESSIONS),
         ("SNAT_MAX_FRAGS", MAX_FRAGS), ("SNAT_MAX_IFACES", MAX_IFACES),
         ("SNAT_MAX_HOSTS", MAX_HOSTS), ("SNAT_MAX_POOL_ADDRS", MAX_POOL_ADDRS),
+        ("SNAT_MAX_FROM_NETS", MAX_FROM_NETS),
     ]:  # fmt: skip
         out += [f"#ifndef {n}", f"#define {n} {v}", "#endif"]
     out += ["#ifndef SNAT_PORT_TRIES", f"#define SNAT_PORT_TRIES {PORT_TRIES_BPF} /* port search bound */", "#endif"]
@@ -443,7 +456,8 @@ def render_header() -> str:
         "CT_DIR_OUT": CT_DIR_OUT, "CT_DIR_IN": CT_DIR_IN,
         "RULE_F_GW": RULE_F_GW, "RULE_F_OIF": RULE_F_OIF, "RULE_F_NEW_GW": RULE_F_NEW_GW,
         "CT_F_REPLIED": CT_F_REPLIED, "CT_F_NEW_GW": CT_F_NEW_GW,
-        "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "REASON_MAX": REASON_MAX,
+        "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "CFG_F_INBOUND_ROUTED": CFG_F_INBOUND_ROUTED,
+        "REASON_MAX": REASON_MAX,
         "TCP_STATE_COUNT": TCP_STATE_COUNT,
         "IFACE_INSIDE": IFACE_INSIDE, "IFACE_OUTSIDE": IFACE_OUTSIDE,
         "FRAG_PASS_REASON_MASK": f"0x{sum(1 << int(r) for r in FRAG_PASS_REASONS):x}ULL",

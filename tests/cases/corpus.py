@@ -383,6 +383,29 @@ def _scenarios() -> list[Scenario]:
                R.PASS_ICMP_OTHER),
         egress(tcp(na, R1, np_, 80, "A"), PASS, R.PASS_ICMP_OTHER),
     ])  # fmt: skip
+    add("egress_leak_guard", "The egress guard: a packet leaving an uplink with a source in a rule's "
+        "`from` net is dropped (DROP_LEAK), malformed or an ICMP error alike; a source no rule covers "
+        "and translated packets pass uncounted.", [
+        egress(udp(A, R1, 5353, 53), DROP, R.DROP_LEAK),
+        egress(udp(C, R2, 5353, 53), DROP, R.DROP_LEAK, dev="eth2"),
+        egress(bytes([0x44]) + udp(A, R1, 1, 2)[1:], DROP, R.DROP_LEAK),  # malformed (IHL 4)
+        egress(icmp_error(A, R1, udp(R1, A, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_LEAK),
+        egress(udp(STRANGER, R1, 5353, 53), PASS, R.PASS_ICMP_OTHER),  # no rule's `from`: uncounted
+        egress(tcp(na, R1, np_, 80, "A"), PASS, R.PASS_ICMP_OTHER),
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        egress(udp(ua, R1, up, 53, ttl=63), PASS, R.PASS_ICMP_OTHER),  # as it left: translated
+    ])  # fmt: skip
+    add("egress_leak_guard_catch_all", "Under a catch-all `from 0.0.0.0/0` the gateway's own and "
+        "pool addresses still leave; any other source leaving untranslated is a leak.", [
+        egress(udp("198.19.2.71", R1, 5000, 53), PASS, R.PASS_ICMP_OTHER),
+        egress(udp("198.19.2.2", R1, 5000, 53), PASS, R.PASS_ICMP_OTHER),
+        egress(udp("198.18.40.1", R1, 5000, 53), PASS, R.PASS_ICMP_OTHER),  # local on lan40
+        egress(udp(ROUTER, R1, 5000, 53), DROP, R.DROP_LEAK),
+        egress(udp(STRANGER, R1, 5000, 53), DROP, R.DROP_LEAK),
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        egress(udp("198.19.2.71", R1, snat_of(Rule.from_dict({"from": "0.0.0.0/0", "snat_ip": "198.19.2.71"}),
+               A, R1, 5353)[1], 53, ttl=63), PASS, R.PASS_ICMP_OTHER),
+    ], rules=[{"from": "0.0.0.0/0", "snat_ip": "198.19.2.71"}])  # fmt: skip
     add("port_exhaustion_tiny_range", "With SNAT ports 5000-5001 a third flow from A to R1:80 "
         "finds no free port and is dropped; other remotes still work.", [
         inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),

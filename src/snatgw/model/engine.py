@@ -54,6 +54,7 @@ class Engine:
         self.frags = FragTable()
         self.reasons: Counter[Reason] = Counter()
         self.rule_stats: dict[int, RuleCounters] = {}
+        self._from_nets = frozenset(r.src for r in rules)
 
     # ------------------------------------------------------------------ entry
 
@@ -67,7 +68,7 @@ class Engine:
         pkt = bytes(pkt)
         v = parse(pkt)
         if side == "egress":
-            res = self._egress(pkt, v)
+            res = self._leak_guard(pkt) or self._egress(pkt, v)
             if res is None:  # not an ICMP error: passes uncounted (our own redirected traffic)
                 return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
         elif isinstance(v, Reason):
@@ -272,6 +273,16 @@ class Engine:
             return None
         return e
 
+    def _leak_guard(self, pkt: bytes) -> Result | None:
+        """The egress guard (edge invariant 1): any IPv4 packet (malformed too) leaving an uplink
+        with its source in a rule's `from` net is dropped unless the source is local."""
+        if len(pkt) < 20 or pkt[0] >> 4 != 4:
+            return None
+        src = IPv4Address(pkt[IP_SADDR : IP_SADDR + 4])
+        if not any(src in n for n in self._from_nets) or self.router.lookup(src).kind == "local":
+            return None
+        return Result(Verdict.DROP, Reason.DROP_LEAK, pkt)
+
     def _egress(self, pkt: bytes, v: IPv4View | Reason) -> Result | None:
         """TC egress of the uplinks: only ICMP errors (about a translated reply) are judged and
         counted; None for everything else (not IPv4, malformed, not an ICMP error, a later
@@ -309,6 +320,7 @@ class Engine:
             if orule is not None and orule.new_gw != nr.new_gw:
                 self._move(pair, nr)
         self.rules = rules
+        self._from_nets = frozenset(r.src for r in rules)
         if settings is not None:
             self.settings = settings
             self.table.max_sessions = settings.max_sessions

@@ -26,6 +26,9 @@ struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_POOL_ADDR
 	 __type(key, __be32); __type(value, struct live_count); } snat_addr_stats SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_RULES);
 	 __type(key, __u32); __type(value, struct live_count); } snat_rule_live SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_LPM_TRIE); __uint(max_entries, SNAT_MAX_FROM_NETS);
+	 __uint(map_flags, BPF_F_NO_PREALLOC);
+	 __type(key, struct lpm_v4); __type(value, __u32); } snat_from_nets SEC(".maps");
 
 static __always_inline int count(__u32 reason)
 {
@@ -42,7 +45,7 @@ SEC("tc") int snat_egress(struct __sk_buff *skb) { return count(REASON_PASS_LOCA
 /* Keep every layout struct in BTF even if no map used it. */
 struct snat_layout_all { struct ct_key a; struct ct_entry b; struct snat_rule c;
 	struct snat_cfg d; struct frag_key e; struct frag_entry f; struct rule_stats g;
-	struct live_count h; };
+	struct live_count h; struct lpm_v4 i; };
 struct snat_layout_all snat_layout_all_ SEC(".data.layout");
 
 char _license[] SEC("license") = "GPL";

@@ -159,10 +159,15 @@ class BpfBackend:
     # ------------------------------------------------------------- rules
 
     def _install(self, config: GatewayConfig) -> None:
-        from .prog_maps import compile_rules  # bpf-C's compiler of rules to map bytes
+        from .prog_maps import compile_from_nets, compile_rules  # bpf-C's compiler of rules to map bytes
 
         cfg, rules = compile_rules(config.rules, config.settings, _ifindex_or_absent)
+        # the egress guard learns new `from` nets before the rules use them, and forgets
+        # removed ones only after (a removed rule's live sessions are translated anyway)
+        nets = compile_from_nets(config.rules)
+        self.maps.write_from_nets(nets | set(self.maps.from_nets.keys()))
         written = self.maps.write_rules(cfg, rules)
+        self.maps.write_from_nets(nets)
         log.info("installed %d rules (%d slots written)", len(rules), written)
         new_gws = {r.rule_id: r.new_gw for r in config.rules}
         if new_gws != self._new_gws:

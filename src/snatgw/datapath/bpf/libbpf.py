@@ -57,12 +57,14 @@ BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
+BPF_MAP_TYPE_LPM_TRIE = 11
 PERCPU_TYPES = frozenset({BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
                           BPF_MAP_TYPE_LRU_PERCPU_HASH})  # fmt: skip
 MAP_TYPE_NAMES = {
     BPF_MAP_TYPE_HASH: "hash", BPF_MAP_TYPE_ARRAY: "array",
     BPF_MAP_TYPE_PERCPU_HASH: "percpu_hash", BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
     BPF_MAP_TYPE_LRU_HASH: "lru_hash", BPF_MAP_TYPE_LRU_PERCPU_HASH: "lru_percpu_hash",
+    BPF_MAP_TYPE_LPM_TRIE: "lpm_trie",
 }  # fmt: skip
 
 # map update flags

@@ -85,6 +85,7 @@ def map_specs(max_sessions: int = L.MAX_SESSIONS) -> dict[str, MapSpec]:
         MapSpec(L.MAP_HOST_SESS, B.BPF_MAP_TYPE_HASH, 4, L.LIVE_COUNT.size, L.MAX_HOSTS),
         MapSpec(L.MAP_ADDR_STATS, B.BPF_MAP_TYPE_HASH, 4, L.LIVE_COUNT.size, L.MAX_POOL_ADDRS),
         MapSpec(L.MAP_RULE_LIVE, B.BPF_MAP_TYPE_HASH, 4, L.LIVE_COUNT.size, L.MAX_RULES),
+        MapSpec(L.MAP_FROM_NETS, B.BPF_MAP_TYPE_LPM_TRIE, L.LPM_V4.size, 4, L.MAX_FROM_NETS),
     ]
     return {s.name: s for s in specs}
 
@@ -179,6 +180,7 @@ class DatapathMaps:
         self.reasons_map, self.rule_stats_map = maps[L.MAP_REASONS], maps[L.MAP_RULE_STATS]
         self.frags = maps[L.MAP_FRAGS]
         self.ifaces = maps[L.MAP_IFACES]
+        self.from_nets = maps[L.MAP_FROM_NETS]
 
     @classmethod
     def open_pinned(cls, pin_dir: str, readonly: bool = True) -> "DatapathMaps":
@@ -304,6 +306,19 @@ class DatapathMaps:
         for k in have:
             if k not in want:
                 self.ifaces.delete(k)
+
+    def write_from_nets(self, keys: Iterable[bytes]) -> None:
+        """Make snat_from_nets hold exactly ``keys`` (packed lpm_v4): new ones first, then the
+        stale ones removed, so a net in both the old and the new rule set is never absent."""
+        want = set(keys)
+        if len(want) > L.MAX_FROM_NETS:
+            raise BackendError(f"{len(want)} `from` nets: the datapath holds at most {L.MAX_FROM_NETS}")
+        have = set(self.from_nets.keys())
+        one = struct.pack("<I", 1)
+        for k in want - have:
+            self.from_nets.put(k, one)
+        for k in have - want:
+            self.from_nets.delete(k)
 
     def iface_roles(self) -> dict[int, int]:
         return {struct.unpack("<I", k)[0]: struct.unpack("<I", v)[0] for k, v in self.ifaces.items()}

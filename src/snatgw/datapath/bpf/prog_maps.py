@@ -58,3 +58,8 @@ def compile_rules(
     if len(rules) > L.MAX_RULES:
         raise BackendError(f"{len(rules)} rules: the datapath holds at most {L.MAX_RULES}")
     return compile_cfg(len(rules), settings), rules
+
+
+def compile_from_nets(ruleset: RuleSet) -> set[bytes]:
+    """snat_from_nets keys (packed lpm_v4): every rule's `from` net, once."""
+    return {L.LPM_V4.pack(prefixlen=r.src.prefixlen, addr=r.src.network_address.packed) for r in ruleset}

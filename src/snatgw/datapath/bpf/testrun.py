@@ -22,7 +22,7 @@ from . import build
 from . import libbpf as B
 from .loader import ifindex as _ifindex
 from .loader import netns
-from .prog_maps import compile_rules
+from .prog_maps import compile_from_nets, compile_rules
 
 REF_ADDRS = {
     "lan40": ["198.18.40.1/24"],
@@ -124,7 +124,8 @@ class ProgHarness:
             self.obj.close()
             raise
         self.maps = {n: self.obj.map(n) for n in (L.MAP_CT, L.MAP_RULES, L.MAP_CONFIG, L.MAP_FRAGS,
-                                                   L.MAP_REASONS, L.MAP_RULE_STATS, L.MAP_IFACES)}  # fmt: skip
+                                                   L.MAP_REASONS, L.MAP_RULE_STATS, L.MAP_IFACES,
+                                                   L.MAP_FROM_NETS)}  # fmt: skip
         # the REF devices' roles, as the backend writes them from Settings.inside/outside
         for dev, idx in net.ifindex.items():
             role = L.IFACE_INSIDE if dev in INSIDE else L.IFACE_OUTSIDE if dev in OUTSIDE else 0
@@ -149,6 +150,10 @@ class ProgHarness:
         for i, r in enumerate(slots):
             self.maps[L.MAP_RULES].put(i, r)
         self.maps[L.MAP_CONFIG].put(0, cfg)
+        for k in list(self.maps[L.MAP_FROM_NETS].keys()):
+            self.maps[L.MAP_FROM_NETS].delete(k)
+        for k in compile_from_nets(rules):
+            self.maps[L.MAP_FROM_NETS].put(k, struct.pack("<I", 1))
 
     def ctx(self, ingress: str, gso_size: int = 0) -> bytes:
         c = bytearray(SKB_CTX_SIZE)

@@ -328,6 +328,7 @@ class NftBackend:
             "XLATE_NEW": new,
             "DROP_NO_SESSION": c.get(R.C_NO_SESSION, (0, 0))[0],
             "DROP_UNMATCHED": c.get(R.C_UNMATCHED, (0, 0))[0],
+            "DROP_LEAK": c.get(R.C_LEAK, (0, 0))[0],
         }
         return Stats(reasons=reasons, rules=rules, sessions=len(sessions))
 

@@ -11,13 +11,16 @@ How the rule set works (docs/nftables.md has the long form and what differs from
             new_gw and gets the winning rule's ct mark; a marked NEW TCP flow that is not a pure
             SYN is dropped (no_session); `unmatched drop`; per-rule packet counters by ct mark.
   nat_out   postrouting/srcnat: `ct mark M` -> `snat to POOL[:PORTS]` (algo mapped, below).
+  leak_guard postrouting, priority 200 (after NAT): a packet leaving an uplink whose source is
+            still in a rule's `from` net and not a local address is dropped (counter `leak`),
+            whatever sent it: edge invariant 1, the twin of the bpf egress guard.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 
 from ...config.schema import Settings
 from ...errors import BackendError
@@ -31,9 +34,10 @@ MARK_MASK = 0xFFFF0000
 SLOTS = 1000  # rules per rule set in this backend (marks, tables and rule prefs per slot)
 RT_BASE = 31000  # policy routing: rule pref and table id are RT_BASE + slot
 RT_PROTO = 201  # routes and ip rules we add carry `proto 201`, so we only ever remove ours
-CHAINS = ("steer", "forward", "classify", "guard", "nat_out")
+CHAINS = ("steer", "forward", "classify", "guard", "nat_out", "leak_guard")
 C_NO_SESSION = "no_session"
 C_UNMATCHED = "unmatched"
+C_LEAK = "leak"
 
 #: what the kernel's nf_nat does for each algo, where it is exact and where it is not
 ALGO_NOTES = {
@@ -139,6 +143,20 @@ def m_fib_oifname(name: str) -> tuple:
 def m_fib_unicast() -> tuple:
     """The destination is routed (not local, broadcast, multicast): never steer the gateway's own."""
     return _match("fib daddr type", {"fib": {"result": "type", "flags": ["daddr"]}}, "unicast", "unicast")
+
+
+def m_saddr_in(nets) -> tuple:
+    """The source in any of ``nets`` (merged first: an nft set refuses overlapping intervals)."""
+    nets = list(collapse_addresses(nets))
+    if len(nets) == 1:
+        return m_saddr(nets[0])
+    pairs = [_net(n) for n in nets]
+    return _match("ip saddr", {"payload": {"protocol": "ip", "field": "saddr"}},
+                  "{ " + ", ".join(t for t, _ in pairs) + " }", {"set": [j for _, j in pairs]})
+
+
+def m_fib_saddr_not_local() -> tuple:
+    return _match("fib saddr type", {"fib": {"result": "type", "flags": ["saddr"]}}, "local", "local", op="!=")
 
 
 def m_nexthop(gw: IPv4Address) -> tuple:
@@ -310,6 +328,8 @@ def _chain_defs() -> list[tuple[str, dict | None]]:
         ("classify", base | {"name": "classify"}),
         ("guard", base | {"name": "guard"}),
         ("nat_out", base | {"name": "nat_out", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}),
+        ("leak_guard", base | {"name": "leak_guard", "type": "filter", "hook": "postrouting", "prio": 200,
+                               "policy": "accept"}),
     ]  # fmt: skip
 
 
@@ -317,6 +337,7 @@ _CHAIN_TEXT = {
     "steer": "type filter hook prerouting priority mangle; policy accept;",
     "forward": "type filter hook forward priority filter; policy accept;",
     "nat_out": "type nat hook postrouting priority srcnat; policy accept;",
+    "leak_guard": "type filter hook postrouting priority 200; policy accept;",
 }
 
 
@@ -417,7 +438,12 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
         cnt = s_counter(counter_name(r, "new"))
         add("nat_out", [m_ct_mark(m), m_l4_tcp_udp(), cnt, s_snat(r, ports)], tag(r))
         add("nat_out", [m_ct_mark(m), cnt, s_snat(r, None)], tag(r))
-    counters = [C_NO_SESSION, C_UNMATCHED]
+    if settings.outside and len(rules):
+        # after NAT: a source still in a `from` net was not translated; local ones are ours
+        add("leak_guard", [m_oifnames(settings.outside), m_saddr_in([r.src for r in rules.rules]),
+                           m_fib_saddr_not_local(), s_counter(C_LEAK), v("drop")],
+            "no private source leaves an uplink untranslated")  # fmt: skip
+    counters = [C_NO_SESSION, C_UNMATCHED, C_LEAK]
     for r in rules.rules:
         counters += [counter_name(r), counter_name(r, "new")]
     routes = tuple(RouteEntry(slots[r.identity], r.new_gw, r) for r in rules.rules if r.new_gw)

@@ -343,13 +343,65 @@ int snat_outside(struct __sk_buff *skb)
 	return snat_entry(skb, 1);
 }
 
-/* Egress of the uplinks: only ICMP errors about translated replies are touched (and
- * counted); everything else, including our own redirected packets, passes uncounted. */
+/* The egress guard (edge invariant 1): a packet leaving an uplink with its source in a rule's
+ * `from` net, unless that source is an address of the gateway itself, never leaves, whoever
+ * sent it (a PASS of ours, the kernel's own routing, a window without our ingress programs).
+ * -1 when it may go, else REASON_DROP_LEAK.  Cost for a translated packet (its source is a
+ * pool address, in no `from` net): one LPM trie lookup. */
+static __always_inline int guard_v4_leak(struct __sk_buff *skb, __be32 saddr)
+{
+	struct lpm_v4 k = { .prefixlen = 32, .addr = saddr };
+	struct route r;
+
+	if (!bpf_map_lookup_elem(&snat_from_nets, &k))
+		return -1;
+	/* a local source (a pool address under a catch-all `from`, the gateway's own traffic) */
+	if (fib_route4(skb, saddr, 0, skb->ifindex, &r) == REASON_PASS_LOCAL)
+		return -1;
+	return REASON_DROP_LEAK;
+}
+
+/* The IPv4 source of an Ethernet frame, when there is an IPv4 header (-1: not IPv4) */
+static __always_inline int egress_v4_saddr(struct __sk_buff *skb, __be32 *saddr)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = data + ETH_HLEN;
+	__be16 proto;
+	__u8 ver;
+
+	if ((void *)(iph + 1) <= data_end) {
+		if (eth->h_proto != bpf_htons(ETH_P_IP) || iph->version != 4)
+			return -1;
+		*saddr = iph->saddr;
+		return 0;
+	}
+	/* headers not linear (or a short frame): read them through the helper */
+	if (bpf_skb_load_bytes(skb, 12, &proto, 2) || proto != bpf_htons(ETH_P_IP) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN, &ver, 1) || (ver >> 4) != 4 ||
+	    skb->len < ETH_HLEN + 20 || bpf_skb_load_bytes(skb, ETH_HLEN + 12, saddr, 4))
+		return -1;
+	return 0;
+}
+
+/* Egress of the uplinks: the leak guard first (counted DROP_LEAK); then ICMP errors about
+ * translated replies are translated (and counted); everything else, including our own
+ * redirected packets, passes uncounted. */
 static __always_inline int snat_egress_body(struct __sk_buff *skb)
 {
 	struct snat_res v = {};
 	struct pkt p;
+	__be32 saddr;
+	int r;
 
+	if (egress_v4_saddr(skb, &saddr) < 0)
+		return TC_ACT_OK;
+	r = guard_v4_leak(skb, saddr);
+	if (r >= 0) {
+		verdict_set(&v, VERDICT_DROP, r);
+		return snat_emit(skb, &v);
+	}
 	if (parse_v4_pulled(skb, &p) >= 0 || p.proto != IPPROTO_ICMP_ || p.frag == FRAG_LATER ||
 	    !is_icmp_error(p.icmp_type))
 		return TC_ACT_OK;

@@ -88,6 +88,16 @@ struct {
 	__type(value, struct live_count);
 } snat_rule_live SEC(".maps");
 
+/* Every rule's `from` net (value 1), written by the control plane on each apply: the egress
+ * guard drops a packet leaving an uplink with such a source unless it is a local address. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, SNAT_MAX_FROM_NETS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4);
+	__type(value, __u32);
+} snat_from_nets SEC(".maps");
+
 #ifdef SNAT_TEST
 /* Test builds only: the last packet's verdict, reason and redirect target, so that
  * BPF_PROG_TEST_RUN (which never performs the redirect) can be checked against the model.

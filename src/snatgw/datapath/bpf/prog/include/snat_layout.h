@@ -27,6 +27,9 @@
 #ifndef SNAT_MAX_POOL_ADDRS
 #define SNAT_MAX_POOL_ADDRS 65536
 #endif
+#ifndef SNAT_MAX_FROM_NETS
+#define SNAT_MAX_FROM_NETS 16384
+#endif
 #ifndef SNAT_PORT_TRIES
 #define SNAT_PORT_TRIES 1024 /* port search bound */
 #endif
@@ -39,6 +42,7 @@
 #define CT_F_REPLIED 1
 #define CT_F_NEW_GW 2
 #define CFG_F_UNMATCHED_DROP 1
+#define CFG_F_INBOUND_ROUTED 2
 #define REASON_MAX 64
 #define TCP_STATE_COUNT 11
 #define IFACE_INSIDE 1
@@ -77,6 +81,7 @@ enum reason {
 	REASON_DROP_BAD_CHECKSUM = 21,
 	REASON_PASS_INTERNAL = 22,
 	REASON_PASS_FRAG_UNTRANSLATED = 23,
+	REASON_DROP_LEAK = 24,
 };
 
 enum algo {
@@ -219,6 +224,13 @@ struct rule_stats {
 	__u64 sessions; /* sessions created */
 };
 _Static_assert(sizeof(struct rule_stats) == 24, "rule_stats size");
+
+/* an IPv4 prefix as the LPM trie key */
+struct lpm_v4 {
+	__u32 prefixlen; /* prefix length, 0..32 */
+	__be32 addr; /* network address */
+};
+_Static_assert(sizeof(struct lpm_v4) == 8, "lpm_v4 size");
 
 /* live sessions and refusals of a host, SNAT address or rule */
 struct live_count {
