@@ -216,21 +216,42 @@ MAX_POOL_ADDRS = 65536  # entries of snat_addr_stats (SNAT addresses in use)
 MAX_FROM_NETS = 16384  # entries of snat_from_nets (distinct `from` nets; one per rule at most)
 FRAG_TIMEOUT = 30  # seconds a first fragment is remembered
 
-#: default timeouts in seconds, by state (spec: the original's, except ESTABLISHED)
+#: default timeouts in seconds, by state: a gateway's, floored by the behaviour RFCs (spec
+#: "Sessions"; RFC_TIMEOUT_FLOORS below).  Every transitory TCP state gets RFC 5382's 4 minutes
+#: (a half-closed connection's server may answer long after the client's FIN).  NONE, LISTEN
+#: and SYNACK are never a live session's state (a session starts in SYN_RECV and no row of
+#: TCP_FSM leads to them): LISTEN and SYNACK still get the transitory 240 s should a future
+#: table use them, NONE gets CLOSE's 10 s (a session in no known state is not worth keeping).
 DEFAULT_TIMEOUTS: dict[CtState, int] = {
-    CtState.NONE: 2,
+    CtState.NONE: 10,
     CtState.ESTABLISHED: 7440,
-    CtState.SYN_SENT: 3,
-    CtState.SYN_RECV: 30,
-    CtState.FIN_WAIT: 7,
-    CtState.TIME_WAIT: 7,
-    CtState.CLOSE: 3,
-    CtState.CLOSE_WAIT: 7,
-    CtState.LAST_ACK: 7,
-    CtState.LISTEN: 120,
-    CtState.SYNACK: 30,
+    CtState.SYN_SENT: 240,
+    CtState.SYN_RECV: 240,
+    CtState.FIN_WAIT: 240,
+    CtState.TIME_WAIT: 120,
+    CtState.CLOSE: 10,
+    CtState.CLOSE_WAIT: 240,
+    CtState.LAST_ACK: 240,
+    CtState.LISTEN: 240,
+    CtState.SYNACK: 240,
     CtState.UDP: 300,
-    CtState.ICMP: 120,
+    CtState.ICMP: 60,
+}
+
+_TRANSITORY = "RFC 5382 REQ-5 (a transitory TCP connection idle-timeout of at least 4 minutes)"
+#: state -> (lowest timeout the RFCs allow, the RFC and requirement); `check` warns below it
+RFC_TIMEOUT_FLOORS: dict[CtState, tuple[int, str]] = {
+    CtState.ESTABLISHED: (7440, "RFC 5382 REQ-5 (an established TCP connection idle-timeout of at least 2 h 4 min)"),
+    CtState.SYN_SENT: (240, _TRANSITORY),
+    CtState.SYN_RECV: (240, _TRANSITORY),
+    CtState.FIN_WAIT: (240, _TRANSITORY),
+    CtState.CLOSE_WAIT: (240, _TRANSITORY),
+    CtState.LAST_ACK: (240, _TRANSITORY),
+    CtState.LISTEN: (240, _TRANSITORY),
+    CtState.SYNACK: (240, _TRANSITORY),
+    CtState.TIME_WAIT: (120, "RFC 6888 REQ-8 (an external port not reused until 120 s after its session)"),
+    CtState.UDP: (120, "RFC 4787 REQ-5 (a UDP mapping timer of at least 2 minutes)"),
+    CtState.ICMP: (60, "RFC 5508 REQ-1 (an ICMP query session timer of at least 60 s)"),
 }
 
 # --------------------------------------------------------------------------- map layouts

@@ -54,12 +54,12 @@ def test_tcp_state_machine_through_the_engine(engine, steps, final):
 
 
 @pytest.mark.parametrize("make,st,timeout", [
-    (lambda e: out(e, "S"), "SYN_RECV", 30),
+    (lambda e: out(e, "S"), "SYN_RECV", 240),
     (lambda e: (out(e, "S"), back(e, "SA"), out(e, "A")), "ESTABLISHED", 7440),
-    (lambda e: (out(e, "S"), back(e, "SA"), out(e, "A"), out(e, "FA"), back(e, "FA")), "TIME_WAIT", 7),
-    (lambda e: (out(e, "S"), back(e, "RA")), "CLOSE", 3),
+    (lambda e: (out(e, "S"), back(e, "SA"), out(e, "A"), out(e, "FA"), back(e, "FA")), "TIME_WAIT", 120),
+    (lambda e: (out(e, "S"), back(e, "RA")), "CLOSE", 10),
     (lambda e: e.process(udp(A, R1, 5353, 53), "inside", "lan40", 0.0), "UDP", 300),
-    (lambda e: e.process(echo(A, R1, 5), "inside", "lan40", 0.0), "ICMP", 120),
+    (lambda e: e.process(echo(A, R1, 5), "inside", "lan40", 0.0), "ICMP", 60),
 ])  # fmt: skip
 def test_expiry_per_state(engine, make, st, timeout):
     """A session lives exactly its state's timeout after its last packet, then expire() removes

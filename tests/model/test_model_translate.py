@@ -175,7 +175,7 @@ def test_sessions_report(engine):
     (s,) = engine.sessions(15.0)
     assert (s.proto, s.inside, s.remote, s.nat, s.state) == ("tcp", f"{A}:40000", f"{R1}:80",
                                                              "198.19.2.72:21541", "SYN_RECV")
-    assert (s.idle, s.expires) == (4.0, 26.0)
+    assert (s.idle, s.expires) == (4.0, 236.0)
     assert (s.packets_out, s.bytes_out, s.packets_in, s.bytes_in) == (0, 0, 0, 0)
     c = engine.rule_stats[s.rule_id]
     assert (c.packets, c.bytes) == (2, 80)

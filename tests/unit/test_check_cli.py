@@ -129,3 +129,38 @@ def test_skipped_keepalived_blocks_are_listed_as_warnings(tmp_path, capsys):
     w = json.loads(capsys.readouterr().out)["warnings"]
     assert any("c.conf:1: skipped keepalived block 'global_defs'" in x for x in w)
     assert any("c.conf:5: skipped 'lb_kind'" in x for x in w)
+
+
+def test_timeouts_below_an_rfc_floor_are_warned_with_the_rfc(tmp_path, capsys):
+    """A timeout below an RFC's floor is valid but warned, naming file:line, the RFC and what it
+    asks; at or above the floor (and a state with no floor, tcp_close) nothing is said."""
+    f = write(tmp_path, "snatgw {\n inside lan40\n outside eth1\n timeout tcp_close_wait 7\n"
+                        " timeout tcp_established 90\n timeout udp 30\n timeout icmp 59\n"
+                        " timeout tcp_time_wait 7\n timeout tcp_syn_sent 240\n timeout tcp_close 1\n}\n"
+                        "virtual_server fwmark 1 {\n snat_rule { from 198.18.0.0/16 snat_ip 198.19.2.71 }\n}\n")
+    assert main(["check", "--json", f]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert warnings == [
+        f"{f}:4: timeout tcp_close_wait: 7 s is below 240 s, the floor of RFC 5382 REQ-5 (a transitory "
+        "TCP connection idle-timeout of at least 4 minutes)",
+        f"{f}:5: timeout tcp_established: 90 s is below 7440 s, the floor of RFC 5382 REQ-5 (an "
+        "established TCP connection idle-timeout of at least 2 h 4 min)",
+        f"{f}:6: timeout udp: 30 s is below 120 s, the floor of RFC 4787 REQ-5 (a UDP mapping timer of "
+        "at least 2 minutes)",
+        f"{f}:7: timeout icmp: 59 s is below 60 s, the floor of RFC 5508 REQ-1 (an ICMP query session "
+        "timer of at least 60 s)",
+        f"{f}:8: timeout tcp_time_wait: 7 s is below 120 s, the floor of RFC 6888 REQ-8 (an external "
+        "port not reused until 120 s after its session)",
+    ]
+
+
+def test_default_timeouts_are_the_rfc_floored_table(capsys):
+    """The defaults: ESTABLISHED 7440, transitory 240, TIME_WAIT 120, CLOSE 10, UDP 300, ICMP 60;
+    none is below a floor, so the example config has no timeout warning."""
+    assert main(["check", "--json", str(EXAMPLES / "lab.conf")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["settings"]["timeout"] == {
+        "tcp_none": 10, "tcp_established": 7440, "tcp_syn_sent": 240, "tcp_syn_recv": 240,
+        "tcp_fin_wait": 240, "tcp_time_wait": 120, "tcp_close": 10, "tcp_close_wait": 240,
+        "tcp_last_ack": 240, "tcp_listen": 240, "tcp_synack": 240, "udp": 300, "icmp": 60}
+    assert not any("timeout" in w for w in d["warnings"])

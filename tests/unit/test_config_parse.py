@@ -176,7 +176,7 @@ def test_every_settings_keyword():
     assert (s.port_min, s.port_max, s.port_tries, s.max_sessions) == (10000, 20000, 64, 1000)
     assert s.unmatched_drop and s.backend == "nft"
     assert s.timeout(CtState.ESTABLISHED) == 600 and s.timeout(CtState.UDP) == 30 and s.timeout(CtState.ICMP) == 10
-    assert s.timeout(CtState.SYN_RECV) == 30  # untouched default
+    assert s.timeout(CtState.SYN_RECV) == 240  # untouched default
     assert s.gc_interval == 0.5 and s.control_socket == "/run/x.sock" and s.pin_dir == "/sys/fs/bpf/x"
 
 

@@ -20,7 +20,7 @@ def test_conns_table_has_the_documented_columns_and_rule_numbers(running, capsys
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["proto", "inside", "remote", "nat", "state", "idle", "expires", "rule"]
     nat = f"{res.nat[0]}:{res.nat[1]}"
-    assert out[1].split() == ["tcp", "198.18.40.10:40000", "203.0.113.10:80", nat, "SYN_RECV", "5s", "25s", "#2"]
+    assert out[1].split() == ["tcp", "198.18.40.10:40000", "203.0.113.10:80", nat, "SYN_RECV", "5s", "235s", "#2"]
     assert "#2: from 198.18.40.0/24 gw 198.19.2.1 oif eth1" in "\n".join(out)
 
 
@@ -66,7 +66,7 @@ def test_adm_connection_listing_shows_the_snat_address_as_local(running, capsys)
     res = running.syn()
     assert cli(["adm", "-Lnc", "--socket", running.sock]) == 0
     line = capsys.readouterr().out.splitlines()[2]
-    assert line.split() == ["TCP", "00:30", "SYN_RECV", "198.18.40.10:40000", "203.0.113.10:80",
+    assert line.split() == ["TCP", "04:00", "SYN_RECV", "198.18.40.10:40000", "203.0.113.10:80",
                             f"{res.nat[0]}:{res.nat[1]}", "203.0.113.10:80"]
 
 

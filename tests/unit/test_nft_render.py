@@ -165,16 +165,23 @@ def test_text_and_json_carry_the_same_statements():
     assert [len(j["expr"]) for j in js] == [len(r.pieces) for r in p.rules]
 
 
+TCP_DEFAULT = "tcp_7440_240_240_240_240_240_120_10"
+
+
 def test_settings_timeouts_become_ct_timeout_objects_named_by_value():
-    """TCP established and UDP timeouts are ct timeout objects set on new flows; the name carries
-    the value, so a reload that changes it makes a new object and deletes the old one."""
+    """Every TCP state conntrack shares a name with, and UDP, are ct timeout objects set on new
+    flows, from the settings (defaults: the spec's RFC-floored table); the name carries the
+    values, so a reload that changes one makes a new object and deletes the old one."""
     p = _plan(REF)
-    assert [t[0] for t in p.timeouts] == ["tcp_7440", "udp_300"]
-    assert any('ct timeout set "tcp_7440"' in r.text for r in p.rules if r.chain == "steer")
-    assert "policy = { established: 7440 }" in R.timeouts_text(p)
-    cfg = parse_text(REF.replace("outside eth1 eth2", "outside eth1 eth2\n    timeout tcp_established 600"))
+    assert [t[0] for t in p.timeouts] == [TCP_DEFAULT, "udp_300"]
+    assert p.timeouts[0][2] == {"established": 7440, "syn_sent": 240, "syn_recv": 240, "fin_wait": 240,
+                                "close_wait": 240, "last_ack": 240, "time_wait": 120, "close": 10}
+    assert any(f'ct timeout set "{TCP_DEFAULT}"' in r.text for r in p.rules if r.chain == "steer")
+    assert "close_wait: 240" in R.timeouts_text(p)
+    cfg = parse_text(REF.replace("outside eth1 eth2", "outside eth1 eth2\n    timeout tcp_close_wait 600"))
     q = R.plan(cfg.rules, cfg.settings)
-    assert q.timeouts[0] == ("tcp_600", "tcp", {"established": 600})
-    cmds = R.to_json(q, stale_timeouts=("tcp_7440", "udp_300"), with_timeouts=False)["nftables"]
-    assert [c["delete"]["ct timeout"]["name"] for c in cmds if "delete" in c] == ["tcp_7440"]
+    assert q.timeouts[0][0] == "tcp_7440_240_240_240_600_240_120_10"
+    assert q.timeouts[0][2]["close_wait"] == 600
+    cmds = R.to_json(q, stale_timeouts=(TCP_DEFAULT, "udp_300"), with_timeouts=False)["nftables"]
+    assert [c["delete"]["ct timeout"]["name"] for c in cmds if "delete" in c] == [TCP_DEFAULT]
     assert not any("add" in c and "ct timeout" in c["add"] for c in cmds)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, RuleError
 from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_gw, parse_net, parse_oif
-from .schema import BACKENDS, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings
+from .schema import BACKENDS, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings, timeout_floor_warning
 
 log = logging.getLogger("snatgw.config")
 
@@ -197,7 +197,7 @@ def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None
             _once(cur, seen, t)
             _no_args(cur, t, args)
             cur.open_brace(t)
-            settings = _parse_settings(cur, t)
+            settings = _parse_settings(cur, t, warn)
         elif t.text == "virtual_server" and [a.text for a in args] == ["fwmark", "1"]:
             _once(cur, seen, t, "virtual_server fwmark 1")
             cur.open_brace(t)
@@ -354,8 +354,8 @@ def _ifaces(cur: _Cursor, t: Token, args: list[Token]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _parse_settings(cur: _Cursor, opener: Token) -> Settings:
-    """Body of `snatgw { ... }` up to its `}`."""
+def _parse_settings(cur: _Cursor, opener: Token, warn=log.warning) -> Settings:
+    """Body of `snatgw { ... }` up to its `}`; a timeout below an RFC's floor is a warning."""
     s = Settings()
     given: dict[str, Token] = {}
     while (t := _next_keyword(cur, opener, "snatgw", SETTINGS_KEYWORDS)) is not None:
@@ -381,6 +381,10 @@ def _parse_settings(cur: _Cursor, opener: Token) -> Settings:
             raise cur.error(t.line, t.text, f"given twice (first at line {given[key].line})")
         given[key] = t
         s = _apply_setting(cur, s, t, args)
+        if t.text == "timeout":
+            low = timeout_floor_warning(args[0].text, s.timeout(TIMEOUT_NAMES[args[0].text]))
+            if low:
+                warn(f"{cur.where(t.line)}: timeout {args[0].text}: {low}")
     both = [i for i in s.outside if i in s.inside]
     if both:
         line = max(given["inside"].line, given["outside"].line)

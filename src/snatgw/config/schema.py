@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..layout import DEFAULT_TIMEOUTS, MAX_SESSIONS, PORT_MAX, PORT_MIN, PORT_TRIES_MODEL, CtState
+from ..layout import DEFAULT_TIMEOUTS, MAX_SESSIONS, PORT_MAX, PORT_MIN, PORT_TRIES_MODEL, RFC_TIMEOUT_FLOORS, CtState
 from ..rules import RuleSet
 
 BACKENDS = ("bpf", "nft")
@@ -16,10 +16,18 @@ TIMEOUT_NAMES: dict[str, CtState] = {
 } | {"udp": CtState.UDP, "icmp": CtState.ICMP}
 
 
+def timeout_floor_warning(name: str, secs: int) -> str | None:
+    """Why a `timeout NAME SECS` setting is below an RFC's floor (None when it is not)."""
+    floor = RFC_TIMEOUT_FLOORS.get(TIMEOUT_NAMES[name])
+    if floor is None or secs >= floor[0]:
+        return None
+    return f"{secs} s is below {floor[0]} s, the floor of {floor[1]}"
+
+
 @dataclass(frozen=True)
 class Settings:
     """snatgw's own settings (the `snatgw { ... }` block).  Defaults follow the original,
-    except the ESTABLISHED timeout (spec: 7440 s, RFC 5382)."""
+    except the timeouts (spec "Sessions": a gateway's, floored by the RFCs; layout.DEFAULT_TIMEOUTS)."""
 
     inside: tuple[str, ...] = ()  # interfaces facing the internal networks
     outside: tuple[str, ...] = ()  # uplinks; SNAT addresses are local addresses of these

@@ -173,10 +173,20 @@ class NftBackend:
         stale = self._object_names()
         self._run(["nft", "-f", "-"], input=R.timeouts_text(p))  # see render.to_json
         self._run(["nft", "-j", "-f", "-"], input=R.to_json_text(p, stale["counter"], stale["ct timeout"], False))
+        self._set_icmp_timeout(settings.timeout(CtState.ICMP))
         wanted = {e.table for e, _ in routes}
         self._remove_routing(keep=wanted)
         self._config, self._plan, self.settings = config, p, settings
         self._by_mark = {m: r.rule_id for m, r in p.rule_by_mark(rules).items()}
+
+    def _set_icmp_timeout(self, secs: int) -> None:
+        """nft 1.0.6 has no ICMP `ct timeout` policy (its parser takes only tcp and udp, its JSON
+        input crashes), so the `icmp` setting becomes the namespace's conntrack ICMP timeout
+        (net.netfilter.nf_conntrack_icmp_timeout, per network namespace): it also applies to
+        the gateway's own ICMP conntrack entries."""
+        p = self._run(["sysctl", "-q", "-w", f"net.netfilter.nf_conntrack_icmp_timeout={secs}"], check=False)
+        if p.returncode != 0:
+            log.warning("nft backend: cannot set the ICMP timeout to %d s: %s", secs, p.stderr.strip())
 
     def _object_names(self) -> dict[str, tuple[str, ...]]:
         """Named objects in our table now (counters, ct timeouts), to delete the stale ones."""
@@ -290,8 +300,9 @@ class NftBackend:
 
     def sessions(self) -> list[Session]:
         timeouts = self._timeouts()
-        # what render.timeout_objects set on our flows
-        timeouts["ESTABLISHED"] = self.settings.timeout(CtState.ESTABLISHED)
+        # what render.timeout_objects set on our flows (and _set_icmp_timeout on the namespace)
+        for _, st in R.NFT_TCP_STATES:
+            timeouts[st.name] = self.settings.timeout(st)
         timeouts["UDP"] = timeouts["UDP_UNREPLIED"] = self.settings.timeout(CtState.UDP)
         out = []
         for d in parse_conntrack(self._conntrack_text()):

@@ -341,13 +341,24 @@ _CHAIN_TEXT = {
 }
 
 
+#: conntrack's TCP timeout policy states, each set from the snatgw state of the same name
+#: (conntrack's syn_sent2, retrans and unacknowledged keep the kernel's)
+NFT_TCP_STATES = (
+    ("established", CtState.ESTABLISHED), ("syn_sent", CtState.SYN_SENT), ("syn_recv", CtState.SYN_RECV),
+    ("fin_wait", CtState.FIN_WAIT), ("close_wait", CtState.CLOSE_WAIT), ("last_ack", CtState.LAST_ACK),
+    ("time_wait", CtState.TIME_WAIT), ("close", CtState.CLOSE),
+)  # fmt: skip
+
+
 def timeout_objects(settings: Settings) -> list[tuple[str, str, dict]]:
-    """conntrack timeout policies from the settings, set on every new flow from inside: TCP's
-    established and UDP's timeouts.  ICMP (nft cannot) and the other TCP states keep the
-    kernel's: lvs-snat's IPVS state names do not map one to one onto conntrack's.  The object's
-    name carries its value, so a reload that changes it makes a new object."""
-    est, udp = settings.timeout(CtState.ESTABLISHED), settings.timeout(CtState.UDP)
-    return [(f"tcp_{est}", "tcp", {"established": est}),
+    """conntrack timeout policies from the settings, set on every new flow from inside: every
+    TCP state conntrack shares a name with (NFT_TCP_STATES) and UDP (replied and unreplied).
+    ICMP has no policy in nft 1.0.6 (the backend sets the namespace's ICMP timeout instead).
+    The object's name carries its values (TCP in NFT_TCP_STATES order), so a reload that
+    changes one makes a new object."""
+    tcp = {name: settings.timeout(st) for name, st in NFT_TCP_STATES}
+    udp = settings.timeout(CtState.UDP)
+    return [("tcp_" + "_".join(str(v) for v in tcp.values()), "tcp", tcp),
             (f"udp_{udp}", "udp", {"unreplied": udp, "replied": udp})]
 
 
