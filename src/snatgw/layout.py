@@ -57,6 +57,9 @@ class Reason(enum.IntEnum):
     PASS_FRAG_UNTRANSLATED = 23  # later fragment of a datagram whose first fragment was passed
     # edge safety (turn 2, 24-31)
     DROP_LEAK = 24  # leaving an uplink with a source in a rule's `from` net, untranslated (egress guard)
+    # 44-51: applications (issue 12)
+    XLATE_IN_TTL = 44  # reply whose TTL runs out: translated, to the kernel (time exceeded to the remote)
+    XLATE_IN_FRAG_NEEDED = 45  # reply over the inside MTU with DF: translated, to the kernel (frag-needed)
 
 
 REASON_MAX = 64  # size of the per-reason counter array; > max(Reason)

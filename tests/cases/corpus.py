@@ -230,26 +230,40 @@ def _scenarios() -> list[Scenario]:
         outside(echo(R1, na, 9), PASS, R.PASS_ICMP_OTHER),
         outside(raw(IP(src=R1, dst=na) / ICMP(type=14)), PASS, R.PASS_ICMP_OTHER),
     ])  # fmt: skip
+    ea0, ei0 = snat_of(RULE_SDH, A, R1, 0x4242)
     add("ttl_expiring_packets_pass", "TTL <= 1 is left to the kernel (time exceeded), new, "
-        "established and reply alike; no session is made by a TTL-1 SYN.", [
+        "established and reply alike; no session is made by a TTL-1 SYN.  A reply is translated "
+        "first (TTL untouched, XLATE_IN_TTL): the kernel's time exceeded then quotes the inside "
+        "address, which the egress program turns back into the SNAT address and port.", [
         inside(tcp(A, R1, 40000, 80, "S", ttl=1), PASS, R.PASS_TTL),
         outside(tcp(R1, na, 80, np_, "SA"), PASS, R.PASS_NO_SESSION_IN),
         inside(tcp(A, R1, 40000, 80, "S", ttl=2), RED, R.XLATE_NEW),
         inside(tcp(A, R1, 40000, 80, "A", ttl=1), PASS, R.PASS_TTL),
-        outside(tcp(R1, na, 80, np_, "SA", ttl=1), PASS, R.PASS_TTL),
+        outside(tcp(R1, na, 80, np_, "SA", ttl=1), PT, R.XLATE_IN_TTL),
+        outside(tcp(R1, na, 80, np_, "A", ttl=0), PT, R.XLATE_IN_TTL),
         inside(tcp(A, R1, 40000, 80, "S", ttl=0), PASS, R.PASS_TTL),
         outside(tcp(R1, na, 80, np_, "SA", ttl=2), RED, R.XLATE_IN),
+        inside(echo(A, R1, 0x4242), RED, R.XLATE_NEW),
+        outside(echo(R1, ea0, ei0, reply=True, ttl=1), PT, R.XLATE_IN_TTL),
+        egress(icmp_error("198.19.2.2", R1, tcp(R1, A, 80, 40000, "SA", ttl=1), 11, 0), PASS,
+               R.XLATE_ICMP_ERR_OUT),
     ])  # fmt: skip
     big = b"B" * 1572  # 20 + 8 + 1572 = 1600 bytes
     ba, bp = snat_of(RULE_SDH, A, R1, 6000)
-    add("over_mtu_df_and_not_df", "Over the 1500 MTU with DF: the kernel answers frag-needed "
-        "(untranslated); without DF: translated and handed to the kernel to fragment.", [
+    add("over_mtu_df_and_not_df", "Over the 1500 MTU with DF: outbound, the kernel answers "
+        "frag-needed to the inside host (untranslated); a reply is translated first and handed to "
+        "the kernel (XLATE_IN_FRAG_NEEDED), so its frag-needed reaches the remote about the SNAT "
+        "address (egress).  Without DF: translated and handed to the kernel to fragment; TTL is "
+        "left to the kernel, which forwards it.", [
         inside(udp(A, R1, 6000, 7000, payload=big, flags="DF"), PASS, R.PASS_FRAG_NEEDED),
         inside(udp(A, R1, 6000, 7000, payload=big), PT, R.XLATE_NEW),
         inside(udp(A, R1, 6000, 7000, payload=big, flags="DF"), PASS, R.PASS_FRAG_NEEDED),
-        outside(udp(R1, ba, 7000, bp, payload=big, flags="DF"), PASS, R.PASS_FRAG_NEEDED),
+        outside(udp(R1, ba, 7000, bp, payload=big, flags="DF"), PT, R.XLATE_IN_FRAG_NEEDED),
         outside(udp(R1, ba, 7000, bp, payload=big), PT, R.XLATE_IN),
+        outside(udp(R1, ba, 7000, bp, payload=big, flags="DF", ttl=1), PT, R.XLATE_IN_TTL),
         inside(udp(A, R1, 6000, 7000, payload=b"x" * 1472, flags="DF"), RED, R.XLATE_OUT),  # exactly 1500
+        egress(icmp_error("198.18.40.1", R1, udp(R1, A, 7000, 6000, payload=big, flags="DF", ttl=63), 3, 4),
+               PASS, R.XLATE_ICMP_ERR_OUT),
     ])  # fmt: skip
     syn = tcp(A, R1, 40000, 80, "S")
     bad_ihl = bytes([0x44]) + syn[1:]

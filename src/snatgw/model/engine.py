@@ -156,12 +156,13 @@ class Engine:
         if v.proto == IPPROTO_TCP:
             tcp_update(e, v.flags, reply=False)
         buf = bytearray(pkt)
-        translate(buf, v, True, e.rw_addr, e.rw_port)
+        to_kernel = v.tot_len > e.mtu  # no DF: the kernel fragments it (and decrements TTL)
+        translate(buf, v, True, e.rw_addr, e.rw_port, dec_ttl=not to_kernel)
         self._touch(e, v, now)
         if v.is_first_fragment:
             key = FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto)
             self.frags.remember(key, FragEntry(e.rw_addr, ip(v.daddr), e.oif, e.nexthop, now))
-        verdict = Verdict.PASS_TRANSLATED if v.tot_len > e.mtu else Verdict.REDIRECT
+        verdict = Verdict.PASS_TRANSLATED if to_kernel else Verdict.REDIRECT
         return Result(verdict, reason, bytes(buf), e.oif, e.nexthop, e.rule, (e.rw_addr, e.rw_port))
 
     # ------------------------------------------------------------------ outside
@@ -184,22 +185,28 @@ class Engine:
         if e is None or out is None:
             return Result(Verdict.PASS, Reason.PASS_NO_SESSION_IN, pkt)
         nat = (ip(v.daddr), dport)
+        # The inside link is the narrow hop: a reply whose TTL runs out, or over the inside MTU
+        # with DF, is translated and handed to the kernel, which answers the remote as an
+        # untranslated gateway would (the egress program shows it the SNAT address and port)
+        over = v.tot_len > e.mtu
+        reason = Reason.XLATE_IN
         if v.ttl <= 1:
-            return Result(Verdict.PASS, Reason.PASS_TTL, pkt, rule=e.rule, nat=nat)
-        if v.tot_len > e.mtu and v.df:
-            return Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=e.rule, nat=nat)
+            reason = Reason.XLATE_IN_TTL
+        elif over and v.df:
+            reason = Reason.XLATE_IN_FRAG_NEEDED
+        to_kernel = over or reason != Reason.XLATE_IN
         if v.proto == IPPROTO_TCP:
             tcp_update(out, v.flags, reply=True)
         out.flags |= CT_F_REPLIED
         e.flags |= CT_F_REPLIED  # the IN entry keeps a copy (the BPF reads it to skip a lookup)
         buf = bytearray(pkt)
-        translate(buf, v, False, e.rw_addr, e.rw_port)
+        translate(buf, v, False, e.rw_addr, e.rw_port, dec_ttl=not to_kernel)
         self._touch(e, v, now)
         if v.is_first_fragment:
             key = FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto)
             self.frags.remember(key, FragEntry(ip(v.saddr), e.rw_addr, e.oif, None, now))
-        verdict = Verdict.PASS_TRANSLATED if v.tot_len > e.mtu else Verdict.REDIRECT
-        return Result(verdict, Reason.XLATE_IN, bytes(buf), e.oif, None, e.rule, nat)
+        verdict = Verdict.PASS_TRANSLATED if to_kernel else Verdict.REDIRECT
+        return Result(verdict, reason, bytes(buf), e.oif, None, e.rule, nat)
 
     # ------------------------------------------------------------------ shared steps
 

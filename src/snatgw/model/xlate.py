@@ -33,8 +33,10 @@ def ttl_dec(buf: bytearray, ip_off: int = 0) -> None:
     l3_replace(buf, ip_off + IP_CHECK, old, bytes(buf[ip_off + IP_TTL : ip_off + IP_TTL + 2]))
 
 
-def translate(buf: bytearray, v: IPv4View, outbound: bool, addr: IPv4Address, port: int) -> None:
-    """Outbound: saddr/sport (echo: identifier) -> addr/port.  Reply: daddr/dport -> addr/port."""
+def translate(buf: bytearray, v: IPv4View, outbound: bool, addr: IPv4Address, port: int,
+              dec_ttl: bool = True) -> None:
+    """Outbound: saddr/sport (echo: identifier) -> addr/port.  Reply: daddr/dport -> addr/port.
+    ``dec_ttl`` False: TTL untouched (a packet handed to the kernel, which forwards it)."""
     aoff = IP_SADDR if outbound else IP_DADDR
     new_a = addr.packed
     old_a = _put(buf, aoff, new_a)
@@ -49,7 +51,8 @@ def translate(buf: bytearray, v: IPv4View, outbound: bool, addr: IPv4Address, po
         l4_replace(buf, coff, old_a, new_a, mangled0)
         old_p = _put(buf, v.l4 + (0 if outbound else 2), new_p)
         l4_replace(buf, coff, old_p, new_p, mangled0)
-    ttl_dec(buf)
+    if dec_ttl:
+        ttl_dec(buf)
 
 
 def rewrite_fragment(buf: bytearray, saddr: IPv4Address, daddr: IPv4Address) -> None:

@@ -76,17 +76,18 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 		e->state = ct_tcp_next(e->state, (e->flags & CT_F_REPLIED) ? TCP_TBL_IN : TCP_TBL_IN_ONLY,
 				       p->tcp_flags);
 	__u64 now = snat_now();
+	/* no DF: the kernel fragments it (and decrements TTL).  It then sees a local source
+	 * address arriving on an inside device, which it drops as martian unless that device has
+	 * accept_local=1 (the bpf backend sets it on every inside device at start). */
+	int to_kernel = snat_over_mtu(skb, p, e->mtu);
 
 	e->last_seen = now;
-	if (snat_v4_rewrite(skb, p, 1, e->rw_addr, e->rw_port) < 0)
+	if (snat_v4_rewrite(skb, p, 1, e->rw_addr, e->rw_port, to_kernel) < 0)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
 	stats_rule(e->rule_id, p->len, reason == REASON_XLATE_NEW);
 	if (p->frag == FRAG_FIRST)
 		frag_remember(p, e->rw_addr, p->daddr, e->ifindex, e->nexthop, now);
-	/* no DF: the kernel fragments it.  It then sees a local source address arriving on an
-	 * inside device, which it drops as martian unless that device has accept_local=1 (the
-	 * bpf backend sets it on every inside device at start). */
-	if (snat_over_mtu(skb, p, e->mtu))
+	if (to_kernel)
 		return verdict_set(v, VERDICT_PASS_TRANSLATED, reason);
 	return verdict_redirect(v, reason, e->ifindex, e->nexthop);
 }
@@ -262,10 +263,14 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 	e = ct_lookup4(&k);
 	if (!e)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_SESSION_IN);
-	if (p->ttl <= 1)
-		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
-	if (snat_over_mtu(skb, p, e->mtu) && p->df)
-		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
+	/* The inside link is the narrow hop: a reply whose TTL runs out, or over the inside MTU
+	 * with DF, is translated and handed to the kernel, which answers the remote as an
+	 * untranslated gateway would (snat_egress shows it the SNAT address and port); without
+	 * DF the kernel fragments it.  The kernel forwards it, so the TTL is left to it. */
+	int over = snat_over_mtu(skb, p, e->mtu);
+	__u32 reason = p->ttl <= 1 ? REASON_XLATE_IN_TTL :
+		       over && p->df ? REASON_XLATE_IN_FRAG_NEEDED : REASON_XLATE_IN;
+	int to_kernel = over || reason != REASON_XLATE_IN;
 	/* TCP state and the REPLIED flag live in the OUT entry; the IN entry keeps a copy of the
 	 * flag so non-TCP replies look the OUT entry up only once */
 	if (p->proto == IPPROTO_TCP_ || !(e->flags & CT_F_REPLIED)) {
@@ -280,13 +285,13 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 	__u64 now = snat_now();
 
 	e->last_seen = now;
-	if (snat_v4_rewrite(skb, p, 0, e->rw_addr, e->rw_port) < 0)
+	if (snat_v4_rewrite(skb, p, 0, e->rw_addr, e->rw_port, to_kernel) < 0)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
 	stats_rule(e->rule_id, p->len, 0);
 	if (p->frag == FRAG_FIRST)
 		frag_remember(p, p->saddr, e->rw_addr, e->ifindex, e->nexthop, now);
-	if (snat_over_mtu(skb, p, e->mtu)) /* no DF: the kernel fragments it */
-		return verdict_set(v, VERDICT_PASS_TRANSLATED, REASON_XLATE_IN);
+	if (to_kernel)
+		return verdict_set(v, VERDICT_PASS_TRANSLATED, reason);
 	return verdict_redirect(v, REASON_XLATE_IN, e->ifindex, e->nexthop);
 }
 

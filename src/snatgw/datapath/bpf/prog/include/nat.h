@@ -67,11 +67,12 @@ static long port_try_cb(__u32 i, void *ctx)
 	return s->err != -EEXIST; /* taken: try the next candidate */
 }
 
-/* Rewrite saddr+sport (is_src) or daddr+dport, TTL-1, IP and L4 checksums.  The IP header is
+/* Rewrite saddr+sport (is_src) or daddr+dport, TTL-1 (unless to_kernel: the kernel forwards
+ * it and decrements), IP and L4 checksums.  The IP header is
  * written directly (its checksum is never offloaded); the L4 checksum too when the skb allows
  * it (csum_by_hand), else through bpf_l4_csum_replace so PARTIAL/COMPLETE skbs stay right.  -1 when headers are missing. */
 static __always_inline int snat_v4_rewrite(struct __sk_buff *skb, const struct pkt *p, int is_src,
-					   __be32 addr, __be16 port)
+					   __be32 addr, __be16 port, int to_kernel)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -93,7 +94,8 @@ static __always_inline int snat_v4_rewrite(struct __sk_buff *skb, const struct p
 		old_addr = iph->daddr;
 		iph->daddr = addr;
 	}
-	iph->ttl--;
+	if (!to_kernel)
+		iph->ttl--;
 	iph->check = csum_apply(iph->check, csum_delta4(old_addr, addr) +
 						csum_delta2(old_w, *(__be16 *)&iph->ttl));
 	if (p->frag == FRAG_LATER)
