@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 APT_PKGS="clang llvm libbpf-dev libbpf1 bpftool nftables iproute2 iperf3 netsniff-ng tcpdump iputils-ping ethtool linux-libc-dev python3-venv conntrack keepalived"
+# the third-party applications of tests/lab/test_apps.py (issue 12), run only in lab namespaces
+APT_PKGS="$APT_PKGS curl openssh-server openssh-client dnsmasq-base bind9-dnsutils traceroute mtr-tiny iputils-tracepath netcat-openbsd hping3 coturn stun-client stun-server"
 missing=""
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -12,7 +14,14 @@ if [ -n "$missing" ]; then
   echo "setup: installing Debian packages:$missing"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq $missing >/dev/null
+  # sshd, coturn and stund are daemons: the tests start them in lab namespaces, so none may
+  # start on the host when installed (policy-rc.d 101 denies it, unless one is there already)
+  guard=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && guard=1
+  fi
+  apt-get install -y -qq $missing >/dev/null || { [ -z "$guard" ] || rm -f /usr/sbin/policy-rc.d; exit 1; }
+  [ -z "$guard" ] || rm -f /usr/sbin/policy-rc.d
 fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
