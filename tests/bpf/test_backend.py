@@ -72,10 +72,10 @@ def test_gc_removes_expired_pairs_together_and_keeps_live_ones(backend):
     """Expiry uses max(last_seen of both directions) against the state's timeout."""
     ct = backend.maps.ct
     live = add_session(ct, 1, L.CtState.ESTABLISHED, BASE - 10 * SEC, BASE - 10 * SEC)
-    syn = add_session(ct, 2, L.CtState.SYN_SENT, BASE - 5 * SEC, BASE - 5 * SEC)  # 3 s timeout
+    syn = add_session(ct, 2, L.CtState.SYN_SENT, BASE - 241 * SEC, BASE - 241 * SEC)  # 240 s timeout
     udp = add_session(ct, 3, L.CtState.UDP, BASE - 400 * SEC, BASE - 1 * SEC, proto=L.IPPROTO_UDP)
-    tw = add_session(ct, 4, L.CtState.TIME_WAIT, BASE - 8 * SEC, BASE - 9 * SEC)  # 7 s timeout
-    edge = add_session(ct, 5, L.CtState.TIME_WAIT, BASE - 7 * SEC, BASE - 7 * SEC)  # exactly 7 s: stays
+    tw = add_session(ct, 4, L.CtState.TIME_WAIT, BASE - 121 * SEC, BASE - 122 * SEC)  # 120 s timeout
+    edge = add_session(ct, 5, L.CtState.TIME_WAIT, BASE - 120 * SEC, BASE - 120 * SEC)  # exactly 120 s: stays
     assert backend.expire(now=BASE / SEC) == 2
     assert set(ct.keys()) == set(live + udp + edge)
     assert not set(syn + tw) & set(ct.keys())
