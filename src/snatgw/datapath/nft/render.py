@@ -41,15 +41,16 @@ C_LEAK = "leak"
 
 #: what the kernel's nf_nat does for each algo, where it is exact and where it is not
 ALGO_NOTES = {
-    Algo.SDH: "sdh -> plain `snat to A-B`: nf_nat picks the address by a hash of (src, dst) "
-    "(jhash2 of src with dst as initval) - one address per (source, destination), as sdh, but "
-    "not the same address as lvs-snat's lookup2 jhash would pick",
+    Algo.SDH: "sdh -> plain `snat to A-B`: a new (src, sport) gets the address nf_nat hashes from "
+    "(src, dst) (jhash2 of src with dst as initval), as sdh's grouping but not lvs-snat's lookup2 "
+    "pick; a (src, sport) with a live conntrack entry keeps that entry's address and port toward "
+    "every destination (endpoint-independent, unlike lvs-snat's sdh)",
     Algo.SH: "sh -> `snat to A-B persistent`: nf_nat hashes the source only - one address per "
     "inside host, as sh, but not the same address as lvs-snat's jhash would pick",
     Algo.RANDOM: "random -> `snat to jhash ip saddr . ip daddr . th sport mod N map {i: A+i}`: "
-    "one address per (source, destination, source port), as lvs-snat's random; nft's jhash "
-    "(lookup3, seed 0) differs from lvs-snat's lookup2, so the address differs; ICMP hashes "
-    "type/code instead of the echo id",
+    "one address per (source, destination, source port), as lvs-snat's random (a socket gets "
+    "one address per destination); nft's jhash (lookup3, seed 0) differs from lvs-snat's "
+    "lookup2, so the address differs; ICMP hashes type/code instead of the echo id",
 }
 PORT_NOTE = (
     "ports: the kernel keeps the client's port when it is inside the range and free, otherwise it "
