@@ -168,6 +168,56 @@ def test_removing_new_gw_reverts_sessions_the_datapath_made_without_the_flag(bac
     assert (e["ifindex"], e["nexthop"]) == (2, 0xC6130201)
 
 
+def _pool(text):
+    from snatgw.rules import Pool
+
+    return Pool.parse(text)
+
+
+@pytest.mark.bpf
+def test_sessions_whose_address_left_the_pool_are_removed_and_the_rest_kept(backend):
+    """follow_rules with pools: a rule's session whose SNAT address is outside its new pool goes
+    (both keys); sessions of rules whose pool still holds it, and of vanished rules, stay."""
+    ct = backend.maps.ct
+    a = add_session(ct, 1, rule_id=RULE_A)
+    b = add_session(ct, 2, rule_id=RULE_B)
+    c = add_session(ct, 3, rule_id=333)  # its rule is gone: keeps its mapping
+    moved, removed = backend.follow_rules({RULE_A: None, RULE_B: None}, {},
+                                          {RULE_A: _pool("198.19.3.71-198.19.3.73"),
+                                           RULE_B: _pool("198.19.2.70-198.19.2.80")})
+    assert (moved, removed) == (0, 1)
+    assert set(ct.keys()) == set(b) | set(c)
+    assert a[0] not in set(ct.keys())
+
+
+@pytest.mark.bpf
+def test_a_move_to_a_link_that_does_not_hold_the_address_removes_the_session(backend):
+    """new_gw to an uplink (ifindex 7) that does not hold the session's address (on ifindex 2):
+    removed; when the address is on the new link, or on no outside link, it moves and stays."""
+    ct = backend.maps.ct
+    gw = ipaddress.IPv4Address("198.19.3.1")
+    snat = ipaddress.IPv4Address(SNAT)
+    for holders, stays in (({snat: {2}}, False), ({snat: {2, 7}}, True), ({}, True)):
+        backend.owners = lambda devs, h=holders: (devs == ("eth1", "eth2") or pytest.fail(devs)) and h
+        out, _ = add_session(ct, 1, rule_id=RULE_A)
+        moved, removed = backend.follow_rules({RULE_A: gw}, {}, {RULE_A: _pool("198.19.2.71")}, ("eth1", "eth2"))
+        assert (moved, removed) == ((1, 0) if stays else (0, 1))
+        assert (ct.get(out) is not None) == stays
+        backend.flush()
+
+
+@pytest.mark.bpf
+def test_flush_by_inside_address_and_by_snat_address(backend):
+    """flush(inside=) drops that host's pairs, flush(nat=) those with that SNAT address."""
+    ct = backend.maps.ct
+    add_session(ct, 1)
+    b = add_session(ct, 2)
+    assert backend.flush(inside=ipaddress.IPv4Address("198.18.40.11")) == 1
+    assert set(ct.keys()) == set(b)
+    assert backend.flush(nat=ipaddress.IPv4Address("198.19.3.71")) == 0
+    assert backend.flush(nat=ipaddress.IPv4Address(SNAT)) == 1 and len(ct) == 0
+
+
 @pytest.mark.bpf
 def test_rule_writes_touch_only_changed_slots(backend):
     """Unchanged reload writes nothing; growing, editing and shrinking write just what differs."""

@@ -6,6 +6,7 @@ Each test's docstring says whether bpf and nft must agree exactly or where they 
 
 from __future__ import annotations
 
+import json
 import socket
 from ipaddress import IPv4Address
 
@@ -139,11 +140,12 @@ def test_ttl_exceeded_from_isp1_reaches_the_inside_socket(gw):
 
 
 def test_reload_keeps_an_open_tcp_session(gw):
-    """A TCP connection open across a reload (to the failover config and back) keeps working,
-    seen by the server from the same address and port.  bpf and nft must agree exactly."""
+    """A TCP connection of a rule the failover does not change, open across a reload (to the
+    failover config and back), keeps working, seen by the server from the same address and
+    port.  bpf and nft must agree exactly."""
     gw.check()
     try:
-        with clients.TcpSession(gw.lab, "in40", "203.0.113.10", src="198.18.40.10") as s:
+        with clients.TcpSession(gw.lab, "in40", "198.51.100.10", src="198.18.40.11") as s:
             before = s.exchange()
             gw.lab.reload_gateway(gw.failover_conf)
             during = s.exchange()
@@ -154,6 +156,34 @@ def test_reload_keeps_an_open_tcp_session(gw):
         gw.lab.reload_gateway(gw.failover_conf)
         new = clients.tcp_echo(gw.lab, "in40", "203.0.113.10", src="198.18.40.10")
         assert new["link"] == "isp2" and _addr(new["peer"]).startswith("198.19.3.")
+    finally:
+        gw.restore()
+
+
+def test_udp_flow_recovers_on_isp2_with_an_isp2_address_after_a_failover_edit(gw):
+    """A UDP flow (one socket) that had an ISP1 address: after the failover reload (its rule gets
+    new_gw 198.19.3.1 and ISP2's pool) its next datagram reaches the server through isp2 from an
+    ISP2 address, and back on ISP1 after the reload back (spec "Rule changes and live
+    sessions", turn 2: the session whose address left the pool is removed).  bpf and nft must
+    agree exactly."""
+    gw.check()
+    try:
+        with ns_socket(gw.lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(3.0)
+            s.bind(("198.18.40.10", 0))
+            s.connect(("203.0.113.10", clients.ECHO_PORT))
+
+            def exchange():
+                s.send(b"ping")
+                return json.loads(s.recv(65536))
+
+            seen = [exchange()]
+            gw.lab.reload_gateway(gw.failover_conf)
+            seen.append(exchange())
+            gw.lab.reload_gateway(gw.conf)
+            seen.append(exchange())
+        assert [(x["link"], _addr(x["peer"])[:10]) for x in seen] == [
+            ("isp1", "198.19.2.7"), ("isp2", "198.19.3.7"), ("isp1", "198.19.2.7")]
     finally:
         gw.restore()
 
@@ -202,3 +232,25 @@ def test_unsolicited_packets_to_snat_addresses_reach_nobody_inside(gw):
     clients.udp_echo(gw.lab, "in40", "203.0.113.10")
     assert sum(c() for c in via_isp) >= len(set(targets)) * 22
     assert [c() for c in inside] == [0, 0]
+
+
+def test_flush_verb_removes_an_inside_hosts_sessions_from_the_running_datapath(gw):
+    """`snatgw flush --inside ADDR` against the running daemon removes that host's sessions
+    (conns no longer lists them) and leaves others; the host's next datagram makes a new one.
+    bpf and nft must agree exactly."""
+    from snatgw.lab.gateway import snatgw_json
+
+    gw.check()
+    clients.udp_echo(gw.lab, "in40", "203.0.113.10", src="198.18.40.10")
+    clients.udp_echo(gw.lab, "in40", "198.51.100.10", src="198.18.40.11")
+
+    def inside_hosts():
+        return {s["inside"].split(":")[0] for s in snatgw_json(gw.lab, "conns")["sessions"]}
+
+    assert {"198.18.40.10", "198.18.40.11"} <= inside_hosts()
+    got = snatgw_json(gw.lab, "flush", "--inside", "198.18.40.10")
+    assert got["flushed"] >= 1 and got["inside"] == "198.18.40.10"
+    left = inside_hosts()
+    assert "198.18.40.10" not in left and "198.18.40.11" in left
+    clients.udp_echo(gw.lab, "in40", "203.0.113.10", src="198.18.40.10")
+    assert "198.18.40.10" in inside_hosts()

@@ -8,7 +8,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address as IP4
 
 import pytest
-from cases.corpus import FAILOVER_RULES, REF_RULES, REF_SETTINGS, ruleset
+from cases.corpus import FAILOVER_RULES, REF_ADDRESSES, REF_ROUTES, REF_RULES, REF_SETTINGS, ruleset
 from cases.pkts import ISP2, R1, A, echo, tcp, udp
 
 from snatgw.layout import CT_F_NEW_GW, CtState, Reason
@@ -121,32 +121,83 @@ def test_port_search_is_bounded_by_tries():
     assert e.process(udp(A, R1, 100 + 10 * 256, 53), "inside", "lan40", 0).reason == Reason.DROP_PORT_EXHAUSTED
 
 
-def test_reload_keeps_sessions_and_their_mapping(engine):
-    """apply() of a changed pool keeps live sessions with their old mapping; new flows use the
-    new pool."""
+def test_reload_keeps_sessions_whose_address_stays_in_the_pool(engine):
+    """apply() of a widened pool keeps a live session with its mapping, now under the edited
+    rule; new flows pick from the new pool."""
     engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 0)
-    rules = [REF_RULES[0], dict(REF_RULES[1], snat_ip="198.19.2.80"), REF_RULES[2]]
-    engine.apply(ruleset(rules))
+    rules = [REF_RULES[0], dict(REF_RULES[1], snat_ip="198.19.2.71-198.19.2.80"), REF_RULES[2]]
+    assert engine.apply(ruleset(rules)) == 0
     res = engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 1)
     assert (res.reason, res.nat[0]) == (Reason.XLATE_OUT, IP4(NAT))
-    assert str(res.rule.pool) == "198.19.2.80-198.19.2.80"  # the session follows its edited rule
-    assert engine.process(udp(A, R1, 5354, 53), "inside", "lan40", 1).nat[0] == IP4("198.19.2.80")
+    assert str(res.rule.pool) == "198.19.2.71-198.19.2.80"  # the session follows its edited rule
 
 
-def test_new_gw_change_moves_live_sessions(engine):
-    """The failover reload (rule 2 gets new_gw 198.19.3.1) sends its live sessions to eth2 at
-    once, keeping their SNAT tuple; undoing it moves them back to the route."""
-    first = engine.process(tcp(A, R1, 40000, 80, "S"), "inside", "lan40", 0)
+def test_reload_removes_sessions_whose_address_left_the_pool(engine):
+    """A pool edit that drops a live session's SNAT address removes the session: its next
+    datagram starts a new one from the new pool (spec "Rule changes and live sessions", turn 2)."""
+    engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 0)
+    engine.process(udp(A, "198.51.100.10", 5353, 53), "inside", "lan40", 0)  # rule 1: untouched
+    rules = [REF_RULES[0], dict(REF_RULES[1], snat_ip="198.19.2.80"), REF_RULES[2]]
+    assert engine.apply(ruleset(rules)) == 1
+    assert len(engine.table) == 1
+    res = engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 1)
+    assert (res.reason, res.nat[0]) == (Reason.XLATE_NEW, IP4("198.19.2.80"))
+
+
+def test_failover_edit_moves_a_udp_flow_to_the_backup_with_its_address(engine):
+    """The failover edit (rule 2: new_gw 198.19.3.1 and ISP2's pool): the live UDP flow's session
+    is removed, and its next datagram leaves by eth2 with an ISP2 address; the TCP session of
+    the same rule is gone too (its next segment is no SYN: dropped, never leaked)."""
+    first = engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 0)
+    assert first.oif == "eth1" and str(first.nat[0]).startswith("198.19.2.")
+    assert out(engine, "S").reason == Reason.XLATE_NEW
+    assert engine.apply(ruleset(FAILOVER_RULES)) == 2
+    res = engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 1)
+    assert (res.reason, res.oif, res.nexthop) == (Reason.XLATE_NEW, "eth2", IP4(ISP2))
+    assert str(res.nat[0]).startswith("198.19.3.")
+    assert out(engine, "A", now=1).reason == Reason.DROP_NO_SESSION
+    # and back: the ISP2 address is outside the original pool again
+    assert engine.apply(ruleset(REF_RULES)) == 1
+    res = engine.process(udp(A, R1, 5353, 53), "inside", "lan40", 2)
+    assert (res.reason, res.oif, str(res.nat[0])[:10]) == (Reason.XLATE_NEW, "eth1", "198.19.2.7")
+
+
+def test_new_gw_change_moves_live_sessions_on_the_link_that_holds_their_address():
+    """A new_gw edit to another next hop on the same uplink moves the rule's live sessions there
+    at once, keeping their SNAT tuple; undoing it moves them back to the route."""
+    router = StaticRouter(REF_ROUTES, {**REF_ADDRESSES})
+    e = Engine(ruleset(REF_RULES), REF_SETTINGS, router)
+    first = out(e, "S")
     assert first.oif == "eth1"
-    engine.apply(ruleset(FAILOVER_RULES))
-    res = engine.process(tcp(A, R1, 40000, 80, "A"), "inside", "lan40", 1)
-    assert (res.reason, res.oif, res.nexthop, res.nat) == (Reason.XLATE_OUT, "eth2", IP4(ISP2), first.nat)
-    (pair,) = engine.table.pairs()
+    moved = [REF_RULES[0], dict(REF_RULES[1], new_gw="198.19.2.9"), REF_RULES[2]]
+    assert e.apply(ruleset(moved)) == 0
+    res = out(e, "A", now=1)
+    assert (res.reason, res.oif, str(res.nexthop), res.nat) == (Reason.XLATE_OUT, "eth1", "198.19.2.9", first.nat)
+    (pair,) = e.table.pairs()
     assert pair.out.flags & CT_F_NEW_GW
-    engine.apply(ruleset(REF_RULES))
-    res = engine.process(tcp(A, R1, 40000, 80, "A"), "inside", "lan40", 2)
+    assert e.apply(ruleset(REF_RULES)) == 0
+    res = out(e, "A", now=2)
     assert (res.oif, str(res.nexthop)) == ("eth1", "198.19.2.1")
-    assert not next(iter(engine.table.pairs())).out.flags & CT_F_NEW_GW
+    assert not next(iter(e.table.pairs())).out.flags & CT_F_NEW_GW
+
+
+def test_new_gw_move_to_a_link_without_the_address_removes_the_session(engine):
+    """new_gw to ISP2 with ISP1's pool kept: eth2 does not hold the session's address, so the
+    session goes; new flows of the rule still take the (operator's) ISP1 pool."""
+    out(engine, "S")
+    moved = [REF_RULES[0], dict(REF_RULES[1], new_gw="198.19.3.1"), REF_RULES[2]]
+    assert engine.apply(ruleset(moved)) == 1 and len(engine.table) == 0
+
+
+def test_new_gw_move_of_an_address_no_uplink_holds_keeps_the_session():
+    """When no outside device holds the SNAT address (a routed pool on lo, say), nothing says the
+    new link does not own it: the session moves and stays."""
+    addrs = {k: [a for a in v if not a.startswith("198.19.2.7")] for k, v in REF_ADDRESSES.items()}
+    e = Engine(ruleset(REF_RULES), REF_SETTINGS, StaticRouter(REF_ROUTES, addrs))
+    first = out(e, "S")
+    assert e.apply(ruleset([REF_RULES[0], dict(REF_RULES[1], new_gw="198.19.3.1"), REF_RULES[2]])) == 0
+    res = out(e, "A", now=1)
+    assert (res.reason, res.oif, res.nat) == (Reason.XLATE_OUT, "eth2", first.nat)
 
 
 def test_removed_rule_sessions_live_until_expiry(engine):
@@ -171,6 +222,18 @@ def test_flush_by_rule_and_all(engine):
     assert engine.flush(Rule.from_dict(REF_RULES[1]).rule_id) == 1
     assert len(engine.table) == 1
     assert engine.flush() == 1 and engine.table.entries() == {}
+
+
+def test_flush_by_inside_and_by_snat_address(engine):
+    """flush(inside=) removes that host's sessions; flush(nat=) those with that SNAT address;
+    filters combine (all must hold)."""
+    engine.process(udp(A, R1, 1, 53), "inside", "lan40", 0)
+    b = engine.process(udp("198.18.40.11", R1, 1, 53), "inside", "lan40", 0)
+    engine.process(udp("198.18.40.12", R1, 1, 53), "inside", "lan40", 0)
+    assert engine.flush(inside=IP4(A), nat=IP4("198.19.3.99")) == 0
+    assert engine.flush(inside=IP4(A)) == 1 and len(engine.table) == 2
+    assert engine.flush(nat=b.nat[0]) >= 1
+    assert all(s.nat.split(":")[0] != str(b.nat[0]) for s in engine.sessions(0))
 
 
 def test_new_session_state_values(engine):

@@ -23,6 +23,7 @@ VERBS = {
     "reload": "reload",
     "conns": "conns",
     "stats": "stats",
+    "flush": "flush",
     "adm": "adm",
     "export": "export",
     "import-iptables": "import_iptables",

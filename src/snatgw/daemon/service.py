@@ -18,7 +18,7 @@ from typing import Callable
 from ..config.adm import AdmRefused, AdmTable, AdmUsageError, parse_args
 from ..config.schema import GatewayConfig, Settings
 from ..errors import EXIT_BAD_INPUT, BackendError, SnatgwError
-from ..rules import Rule, RuleSet
+from ..rules import Rule, RuleSet, parse_addr
 from .addresses import AddressManager
 from .log import Log
 
@@ -192,6 +192,22 @@ class Service:
         reasons = {k: max(0.0, (v - a["reasons"].get(k, 0)) / dt) for k, v in b["reasons"].items()}
         return {"interval": dt, "rules": rules, "reasons": reasons}
 
+    def flush_filters(self, req: dict) -> dict:
+        """The flush request's filters as backend.flush() keywords: ``rule_id`` (stable id) or
+        ``priority`` (the running listing's #), ``inside``, ``nat`` (addresses); none: all."""
+        out: dict = {}
+        if req.get("priority") is not None:
+            n, rules = int(req["priority"]), self.config.rules.rules
+            if not 1 <= n <= len(rules):
+                raise AdmUsageError(f"flush: no rule #{n} (the running config has {len(rules)} rules)")
+            out["rule_id"] = rules[n - 1].rule_id
+        elif req.get("rule_id") is not None:
+            out["rule_id"] = int(req["rule_id"])
+        for k in ("inside", "nat"):
+            if req.get(k) is not None:
+                out[k] = parse_addr(str(req[k]), k)
+        return out
+
     # ------------------------------------------------------------------ control requests
     def handle(self, req: dict) -> dict:
         """One control request -> one response; never raises."""
@@ -216,11 +232,11 @@ class Service:
                 with self.lock:
                     return {"ok": True, "rate": self.rate(), **self.rules()}
             if op == "flush":
-                rid = req.get("rule_id")
                 with self.lock:
-                    n = self.backend.flush(int(rid) if rid is not None else None)
-                self.log.info("flushed", rule_id=rid, sessions=n)
-                return {"ok": True, "flushed": n}
+                    which = self.flush_filters(req)
+                    n = self.backend.flush(**which)
+                self.log.info("flushed", **{k: str(v) for k, v in which.items()}, sessions=n)
+                return {"ok": True, "flushed": n, **{k: str(v) for k, v in which.items()}}
             if op == "zero":
                 with self.lock:
                     self.backend.zero()

@@ -63,7 +63,9 @@ class Backend(Protocol):
         """Set the datapath up for ``config`` (attach/apply); adopt pinned state if present."""
 
     def apply(self, config) -> None:
-        """Atomically replace the rules and settings; sessions survive (spec: reload)."""
+        """Atomically replace the rules and settings; sessions survive (spec: reload), except
+        those whose SNAT address left their rule's pool or whose rule's new_gw now sends them
+        by an uplink that does not hold that address (spec "Rule changes and live sessions")."""
 
     def expire(self, now: float | None = None) -> int:
         """Remove expired sessions (both directions together); return how many."""
@@ -72,8 +74,9 @@ class Backend(Protocol):
 
     def stats(self) -> Stats: ...
 
-    def flush(self, rule_id: int | None = None) -> int:
-        """Remove the sessions of one rule (or all); return how many."""
+    def flush(self, rule_id: int | None = None, inside=None, nat=None) -> int:
+        """Remove the sessions matching every filter given: rule id, inside address, SNAT
+        address (IPv4Address); none given: all.  Return how many."""
 
     def zero(self) -> None:
         """Zero the counters."""

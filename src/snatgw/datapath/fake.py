@@ -91,9 +91,9 @@ class FakeBackend:
                  for k, v in eng.rule_stats.items()}
         return Stats(reasons=reasons, rules=rules, sessions=len(eng.sessions(self.clock())))
 
-    def flush(self, rule_id: int | None = None) -> int:
+    def flush(self, rule_id: int | None = None, inside=None, nat=None) -> int:
         self._enter("flush")
-        return self._need().flush(rule_id)
+        return self._need().flush(rule_id, inside, nat)
 
     def zero(self) -> None:
         self._enter("zero")

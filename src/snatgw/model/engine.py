@@ -313,24 +313,44 @@ class Engine:
 
     # ------------------------------------------------------------------ control plane
 
-    def apply(self, rules: RuleSet, settings: Settings | None = None) -> None:
+    def apply(self, rules: RuleSet, settings: Settings | None = None) -> int:
         """Reload: sessions are kept (with their mappings); sessions of a rule whose new_gw
-        changed move to the new next hop now; removed rules' sessions live until expiry."""
+        changed move to the new next hop now; removed rules' sessions live until expiry.  A
+        session whose SNAT address is no longer in its rule's pool, or that moves to an
+        outside device other than the one holding its address, is removed (spec "Rule changes
+        and live sessions", turn 2): the flow's next packet starts a session with the rule's
+        current pool and link.  Returns how many sessions were removed."""
         old = {r.rule_id: r for r in self.rules}
         new = {r.rule_id: r for r in rules}
+        owner = self._address_owners()
+        gone = []
         for pair in list(self.table.pairs()):
             nr = new.get(pair.out.rule_id)
             if nr is None:
                 continue
             pair.out.rule = pair.inn.rule = nr
+            if pair.out.rw_addr not in nr.pool:
+                gone.append(pair.out_key)
+                continue
             orule = old.get(nr.rule_id)
             if orule is not None and orule.new_gw != nr.new_gw:
                 self._move(pair, nr)
+                if owner.get(pair.out.rw_addr, pair.out.oif) != pair.out.oif:
+                    gone.append(pair.out_key)
+        for k in gone:
+            self.table.remove(k)
         self.rules = rules
         self._from_nets = frozenset(r.src for r in rules)
         if settings is not None:
             self.settings = settings
             self.table.max_sessions = settings.max_sessions
+        return len(gone)
+
+    def _address_owners(self) -> dict[IPv4Address, str]:
+        """SNAT address -> the outside device it is a local address of (the router's view);
+        an address on none of them has no known owner."""
+        local = getattr(self.router, "local", {})
+        return {a: dev for a, dev in local.items() if dev in self.outside}
 
     def _move(self, pair: CtPair, rule: Rule) -> None:
         if rule.new_gw is not None:
@@ -351,8 +371,13 @@ class Engine:
         self.frags.expire(now)
         return len(gone)
 
-    def flush(self, rule_id: int | None = None) -> int:
-        gone = [p.out_key for p in self.table.pairs() if rule_id is None or p.out.rule_id == rule_id]
+    def flush(self, rule_id: int | None = None, inside: IPv4Address | None = None,
+              nat: IPv4Address | None = None) -> int:
+        """Remove the sessions that match every filter given (rule id, inside address, SNAT
+        address); none given: every session.  Returns how many."""
+        gone = [p.out_key for p in self.table.pairs()
+                if (rule_id is None or p.out.rule_id == rule_id) and (inside is None or p.out_key.saddr == inside)
+                and (nat is None or p.out.rw_addr == nat)]  # fmt: skip
         for k in gone:
             self.table.remove(k)
         return len(gone)

@@ -31,6 +31,8 @@ GC_DUTY = 10  # a sweep of duration T is followed by at least (GC_DUTY-1)*T with
 
 #: resolver(addr) -> (ifindex, next hop, mtu) of the route to addr (next hop = addr on-link)
 Resolver = Callable[[ipaddress.IPv4Address], "tuple[int, ipaddress.IPv4Address, int]"]
+#: owners(outside device names) -> {address: ifindexes of those devices holding it}
+Owners = Callable[[tuple], "dict[ipaddress.IPv4Address, set[int]]"]
 
 
 def _ifindex_or_absent(name: str) -> int:
@@ -53,6 +55,20 @@ def route_egress(addr: ipaddress.IPv4Address) -> tuple[int, ipaddress.IPv4Addres
     lr = subprocess.run(["ip", "-j", "link", "show", "dev", dev], capture_output=True, text=True, timeout=10)
     mtu = json.loads(lr.stdout)[0].get("mtu", 1500) if lr.returncode == 0 else 1500
     return socket.if_nametoindex(dev), nexthop, int(mtu)
+
+
+def address_owners(devices) -> dict[ipaddress.IPv4Address, set[int]]:
+    """Which of ``devices`` hold each local IPv4 address (``ip -j -4 addr show``), by ifindex."""
+    r = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=10)
+    if r.returncode != 0:
+        raise BackendError(f"ip addr show: {r.stderr.strip()}")
+    out: dict[ipaddress.IPv4Address, set[int]] = {}
+    for link in json.loads(r.stdout or "[]"):
+        if link.get("ifname") not in devices:
+            continue
+        for a in link.get("addr_info", []):
+            out.setdefault(ipaddress.IPv4Address(a["local"]), set()).add(int(link["ifindex"]))
+    return out
 
 
 def set_accept_local(devices, conf_dir: str = ACCEPT_LOCAL_DIR) -> None:
@@ -83,15 +99,18 @@ class BpfBackend:
     name = "bpf"
 
     def __init__(self, settings: Settings | None = None, obj_path=None, defines: dict | None = None,
-                 resolver: Resolver | None = None):  # fmt: skip
+                 resolver: Resolver | None = None, owners: Owners | None = None):  # fmt: skip
         self.obj_path, self.defines = obj_path, defines
         self.resolver = resolver or route_egress
+        self.owners = owners or address_owners
         self.loader: Loader | None = None
         self.maps: DatapathMaps | None = None
         self.settings = settings or Settings()
         self.config: GatewayConfig | None = None
         self.readonly = False
         self._new_gws: dict[int, ipaddress.IPv4Address | None] | None = None  # by rule_id
+        self._pools: dict | None = None  # rule_id -> Pool, as last installed
+        self.last_follow = (0, 0)  # (moved, removed) sessions of the last rule install
         self._next_sweep = 0.0  # time.monotonic() before which expire() skips its sweep
 
     # ------------------------------------------------------------- lifecycle
@@ -170,11 +189,15 @@ class BpfBackend:
         self.maps.write_from_nets(nets)
         log.info("installed %d rules (%d slots written)", len(rules), written)
         new_gws = {r.rule_id: r.new_gw for r in config.rules}
-        if new_gws != self._new_gws:
-            moved = self.move_sessions(new_gws, self._new_gws or {})
+        pools = {r.rule_id: r.pool for r in config.rules}
+        if new_gws != self._new_gws or pools != self._pools:
+            self.last_follow = self.follow_rules(new_gws, self._new_gws or {}, pools, config.settings.outside)
+            moved, removed = self.last_follow
             if moved:
                 log.info("moved %d live sessions to their rule's new next hop", moved)
-        self._new_gws = new_gws
+            if removed:
+                log.info("removed %d live sessions whose SNAT address left their rule's pool or link", removed)
+        self._new_gws, self._pools = new_gws, pools
 
     def _write_ifaces(self, s: Settings) -> None:
         """snat_ifaces: the inside and outside devices' roles by ifindex (absent devices are
@@ -189,14 +212,25 @@ class BpfBackend:
 
     def move_sessions(self, new_gws: dict[int, ipaddress.IPv4Address | None],
                       old_gws: dict[int, ipaddress.IPv4Address | None] | None = None) -> int:  # fmt: skip
-        """Point every live session at its rule's current egress: rules with new_gw send to
-        new_gw's egress; a session that had a new_gw (CT_F_NEW_GW set, or its rule had one
-        in ``old_gws``) whose rule no longer has one goes back to the route toward its
-        remote.  Sessions of vanished rules keep their mapping.  Returns how many OUT
-        entries were rewritten."""
+        """follow_rules() for next hops alone; returns how many sessions moved."""
+        return self.follow_rules(new_gws, old_gws)[0]
+
+    def follow_rules(self, new_gws: dict[int, ipaddress.IPv4Address | None],
+                     old_gws: dict[int, ipaddress.IPv4Address | None] | None = None,
+                     pools: dict | None = None, outside: tuple = ()) -> tuple[int, int]:  # fmt: skip
+        """Make live sessions follow their rule after an install (spec "Rule changes and live
+        sessions"): rules with new_gw send to new_gw's egress; a session that had a new_gw
+        (CT_F_NEW_GW set, or its rule had one in ``old_gws``) whose rule no longer has one
+        goes back to the route toward its remote.  A session whose SNAT address is outside its
+        rule's pool (``pools``: rule_id -> Pool), or that would move to an ``outside`` device
+        other than the ones holding its address, is removed: the flow's next packet makes a
+        fresh session from the rule's pool and link.  Sessions of vanished rules keep their
+        mapping.  Returns (OUT entries rewritten, sessions removed)."""
         old_gws = old_gws or {}
+        pools = pools or {}
         pairs, _ = self.maps.session_pairs()
         cache: dict[ipaddress.IPv4Address, tuple[int, ipaddress.IPv4Address, int] | None] = {}
+        owners: dict | None = None
 
         def egress(addr):
             if addr not in cache:
@@ -207,10 +241,28 @@ class BpfBackend:
                     cache[addr] = None
             return cache[addr]
 
-        moved = 0
+        def held_elsewhere(addr: ipaddress.IPv4Address, idx: int) -> bool:
+            nonlocal owners
+            if not outside:
+                return False
+            if owners is None:
+                try:
+                    owners = self.owners(tuple(outside))
+                except BackendError as e:
+                    log.warning("cannot tell which uplink holds which SNAT address: %s", e)
+                    owners = {}
+            devs = owners.get(addr)
+            return bool(devs) and idx not in devs
+
+        moved = removed = 0
         for p in pairs:
             rid = p.rule_id
             if rid not in new_gws:
+                continue
+            nat = ipaddress.IPv4Address(p.out["rw_addr"])
+            if rid in pools and nat not in pools[rid]:
+                self.maps.delete_pair(p)
+                removed += 1
                 continue
             gw = new_gws[rid]
             flags = p.out["flags"]
@@ -227,9 +279,12 @@ class BpfBackend:
             mtu = min(mtu, 0xFFFF)  # ct_entry.mtu is 16 bits (as ct_mtu() in the datapath)
             if (p.out["ifindex"], p.out["nexthop"], p.out["mtu"], flags) == (idx, _raw(nh), mtu, nflags):
                 continue
-            if self.maps.update_out(p, ifindex=idx, nexthop=_raw(nh), mtu=mtu, flags=nflags):
+            if idx != p.out["ifindex"] and held_elsewhere(nat, idx):
+                self.maps.delete_pair(p)
+                removed += 1
+            elif self.maps.update_out(p, ifindex=idx, nexthop=_raw(nh), mtu=mtu, flags=nflags):
                 moved += 1
-        return moved
+        return moved, removed
 
     # ------------------------------------------------------------- sessions
 
@@ -296,15 +351,23 @@ class BpfBackend:
         m = self._m()
         return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=-1)
 
-    def flush(self, rule_id: int | None = None) -> int:
+    def flush(self, rule_id: int | None = None, inside: ipaddress.IPv4Address | None = None,
+              nat: ipaddress.IPv4Address | None = None) -> int:
+        """Remove the sessions matching every filter given (rule id, inside address, SNAT
+        address); with none, every session, orphan and remembered fragment."""
         self._writable()
         pairs, orphans = self.maps.session_pairs()
         n = 0
         for p in pairs:
-            if rule_id is None or p.rule_id == rule_id:
-                self.maps.delete_pair(p)
-                n += 1
-        if rule_id is None:
+            if rule_id is not None and p.rule_id != rule_id:
+                continue
+            if inside is not None and ipaddress.IPv4Address(CT_KEY.unpack(p.out_key)["saddr"]) != inside:
+                continue
+            if nat is not None and ipaddress.IPv4Address(p.out["rw_addr"]) != nat:
+                continue
+            self.maps.delete_pair(p)
+            n += 1
+        if rule_id is None and inside is None and nat is None:
             for k in orphans:
                 self.maps.ct.delete(k)
             for k in self.maps.frags.keys():

@@ -82,6 +82,7 @@ class NftBackend:
         self._config: GatewayConfig | None = None
         self._plan: R.Plan | None = None
         self._by_mark: dict[int, int] = {}  # ct mark -> rule_id
+        self.last_removed = 0  # conntrack entries the last apply removed (_follow)
 
     # ------------------------------------------------------------------ commands
 
@@ -176,8 +177,74 @@ class NftBackend:
         self._set_icmp_timeout(settings.timeout(CtState.ICMP))
         wanted = {e.table for e, _ in routes}
         self._remove_routing(keep=wanted)
+        old = self._config
         self._config, self._plan, self.settings = config, p, settings
         self._by_mark = {m: r.rule_id for m, r in p.rule_by_mark(rules).items()}
+        self.last_removed = self._follow(old.rules if old else None, rules, settings.outside)
+
+    def _follow(self, old: RuleSet | None, new: RuleSet, outside) -> int:
+        """Delete the conntrack entries of sessions whose SNAT address left their rule's pool,
+        or whose rule's new_gw change sends them by an outside device that does not hold that
+        address (spec "Rule changes and live sessions", turn 2).  Only rules whose pool or new_gw
+        changed are looked at (all of them on start); returns how many entries went."""
+        before = {r.rule_id: r for r in old} if old is not None else {}
+        changed = {r.rule_id: r for r in new if old is None or r.rule_id not in before
+                   or (before[r.rule_id].pool, before[r.rule_id].new_gw) != (r.pool, r.new_gw)}  # fmt: skip
+        if not changed:
+            return 0
+        mark_of = {rid: m for m, rid in self._by_mark.items()}
+        holders: dict[IPv4Address, set[str]] | None = None
+        dev_of: dict[IPv4Address, str | None] = {}
+        verdict: dict[tuple, set[bool]] = {}  # (mark, nat, remote) -> {goes?}
+        for d in parse_conntrack(self._conntrack_text()):
+            rid = self._by_mark.get(d["mark"])
+            r = changed.get(rid) if rid is not None else None
+            if r is None or "rdst" not in d:
+                continue
+            nat, remote = IPv4Address(d["rdst"]), IPv4Address(d["dst"])
+            goes = nat not in r.pool
+            if not goes and old is not None and before[rid].new_gw != r.new_gw:
+                hop = r.new_gw or remote
+                if hop not in dev_of:
+                    rt = self._route_get(hop)
+                    dev_of[hop] = rt.get("dev") if rt else None
+                if holders is None:
+                    holders = self._holders(outside)
+                devs = holders.get(nat)
+                goes = bool(devs) and dev_of[hop] is not None and dev_of[hop] not in devs
+            verdict.setdefault((mark_of[rid], nat, remote), set()).add(goes)
+        # one conntrack call per (rule, address) when all its sessions go, else per remote
+        by_nat: dict[tuple, list[tuple[IPv4Address, bool]]] = {}
+        for (mark, nat, remote), v in verdict.items():
+            by_nat.setdefault((mark, nat), []).append((remote, v == {True}))
+        total = 0
+        for (mark, nat), remotes in by_nat.items():
+            if all(g for _, g in remotes):
+                total += self._ct_delete(["-m", str(mark), "-q", str(nat)])
+            else:
+                for remote, goes in remotes:
+                    if goes:
+                        total += self._ct_delete(["-m", str(mark), "-q", str(nat), "-d", str(remote)])
+        if total:
+            log.info("removed %d conntrack entries whose SNAT address left their rule's pool or link", total)
+        return total
+
+    def _holders(self, outside) -> dict[IPv4Address, set[str]]:
+        """address -> the outside devices holding it (this namespace)."""
+        p = self._run(["ip", "-j", "-4", "addr", "show"], check=False)
+        out: dict[IPv4Address, set[str]] = {}
+        for link in json.loads(p.stdout or "[]") if p.returncode == 0 else []:
+            if link.get("ifname") in outside:
+                for a in link.get("addr_info", []):
+                    out.setdefault(IPv4Address(a["local"]), set()).add(link["ifname"])
+        return out
+
+    def _ct_delete(self, filters: list[str]) -> int:
+        p = self._run(["conntrack", "-D", *filters], check=False)
+        if p.returncode not in (0, 1):
+            raise BackendError(f"nft backend: conntrack -D failed: {p.stderr.strip()}")
+        m = re.search(r"(\d+) flow entries have been deleted", p.stderr + p.stdout)
+        return int(m.group(1)) if m else 0
 
     def _set_icmp_timeout(self, secs: int) -> None:
         """nft 1.0.6 has no ICMP `ct timeout` policy (its parser takes only tcp and udp, its JSON
@@ -343,21 +410,16 @@ class NftBackend:
         }
         return Stats(reasons=reasons, rules=rules, sessions=len(sessions))
 
-    def flush(self, rule_id: int | None = None) -> int:
-        """Delete the conntrack entries of one rule (or all of ours) with the conntrack tool."""
-        marks = [m for m, rid in self._by_mark.items() if rule_id is None or rid == rule_id]
+    def flush(self, rule_id: int | None = None, inside: IPv4Address | None = None,
+              nat: IPv4Address | None = None) -> int:
+        """Delete our conntrack entries matching every filter given (rule, inside address, SNAT
+        address) with the conntrack tool; none given: all of ours."""
         if rule_id is None:
-            marks = [(R.MARK_TAG, R.MARK_MASK)]
+            marks = [f"{R.MARK_TAG}/{R.MARK_MASK}"]
         else:
-            marks = [(m, 0xFFFFFFFF) for m in marks]
-        total = 0
-        for mark, mask in marks:
-            p = self._run(["conntrack", "-D", "-m", f"{mark}/{mask}"], check=False)
-            if p.returncode not in (0, 1):
-                raise BackendError(f"nft backend: conntrack -D failed: {p.stderr.strip()}")
-            m = re.search(r"(\d+) flow entries have been deleted", p.stderr + p.stdout)
-            total += int(m.group(1)) if m else 0
-        return total
+            marks = [f"{m}/{0xFFFFFFFF}" for m, rid in self._by_mark.items() if rid == rule_id]
+        extra = (["-s", str(inside)] if inside is not None else []) + (["-q", str(nat)] if nat is not None else [])
+        return sum(self._ct_delete(["-m", m, *extra]) for m in marks)
 
     def zero(self) -> None:
         self._run(["nft", "reset", "counters", "table", R.FAMILY, R.TABLE], check=False)

@@ -1,0 +1,70 @@
+"""`snatgw flush`: the verb over the control socket of an in-process daemon (FakeBackend), by
+listing number, stable id, inside address, SNAT address, or all; refusals of unclear requests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from snatgw.cli.main import main
+
+
+def sessions(running) -> list[dict]:
+    return running.req(op="sessions")["sessions"]
+
+
+def test_flush_by_listing_number_removes_that_rules_sessions(running, capsys):
+    """--rule N names the rule listed #N (priority order of the running rules)."""
+    a, b = running.syn(), running.udp()
+    n = next(r["priority"] for r in running.req(op="rules")["rules"] if r["rule_id"] == a.rule.rule_id)
+    assert main(["flush", "--socket", running.sock, "--rule", str(n)]) == 0
+    assert capsys.readouterr().out.strip() == "flushed 1 session"
+    assert [s["rule_id"] for s in sessions(running)] == [b.rule.rule_id]
+
+
+def test_flush_by_stable_id_inside_and_nat_address(running, capsys):
+    """--rule-id, --inside and --nat each remove just their sessions; -j prints the answer."""
+    a = running.syn()
+    running.syn(src="198.18.40.11")
+    u = running.udp()
+    assert main(["flush", "--socket", running.sock, "--inside", "198.18.40.11", "-j"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"flushed": 1, "inside": "198.18.40.11"}
+    assert main(["flush", "--socket", running.sock, "--nat", str(u.nat[0]), "--rule-id", str(u.rule.rule_id)]) == 0
+    assert [s["inside"] for s in sessions(running)] == [f"198.18.40.10:40000"]
+    assert main(["flush", "--socket", running.sock, "--rule-id", str(a.rule.rule_id)]) == 0
+    assert sessions(running) == []
+
+
+def test_flush_all_removes_every_session(running, capsys):
+    """--all empties the table and says how many went."""
+    running.syn(), running.udp()
+    assert main(["flush", "--socket", running.sock, "--all"]) == 0
+    assert "flushed 2 sessions" in capsys.readouterr().out and sessions(running) == []
+
+
+@pytest.mark.parametrize("argv,msg", [
+    ([], "say which sessions"),
+    (["--all", "--inside", "198.18.40.10"], "give it alone"),
+    (["--rule", "1", "--rule-id", "5"], "not both"),
+    (["--inside", "198.18.40"], "--inside: expected an IPv4 address"),
+])
+def test_unclear_flush_requests_are_refused_and_flush_nothing(running, capsys, argv, msg):
+    """No filter, --all with filters, two rule selectors, a bad address: exit 2, nothing removed."""
+    running.syn()
+    assert main(["flush", "--socket", running.sock, *argv]) == 2
+    assert msg in capsys.readouterr().err and len(sessions(running)) == 1
+
+
+def test_flush_of_a_rule_number_beyond_the_listing_is_refused(running, capsys):
+    """--rule 9 with 3 running rules: the daemon refuses, naming the count; nothing removed."""
+    running.syn()
+    assert main(["flush", "--socket", running.sock, "--rule", "9"]) == 2
+    assert "no rule #9 (the running config has 3 rules)" in capsys.readouterr().err
+    assert len(sessions(running)) == 1
+
+
+def test_flush_without_a_daemon_exits_with_the_daemon_code(tmp_path, capsys):
+    """No daemon on the socket: exit 4 (EXIT_DAEMON) with the socket named."""
+    assert main(["flush", "--socket", str(tmp_path / "none.sock"), "--all"]) == 4
+    assert "none.sock" in capsys.readouterr().err
