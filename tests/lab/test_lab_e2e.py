@@ -254,3 +254,22 @@ def test_flush_verb_removes_an_inside_hosts_sessions_from_the_running_datapath(g
     assert "198.18.40.10" not in left and "198.18.40.11" in left
     clients.udp_echo(gw.lab, "in40", "203.0.113.10", src="198.18.40.10")
     assert "198.18.40.10" in inside_hosts()
+
+
+def test_explain_live_answers_with_the_running_rules_after_a_reload(gw):
+    """After the gateway is reloaded to the failover config, `explain --live` against the REF file
+    answers with the running (failover) rule's ISP2 address, says the rules differ, and the
+    flow really leaves that way.  bpf and nft must agree exactly."""
+    from snatgw.lab.gateway import snatgw_json
+
+    gw.check()
+    try:
+        gw.lab.reload_gateway(gw.failover_conf)
+        d = snatgw_json(gw.lab, "explain", "--live", gw.conf, "--src", "198.18.40.10:40000",
+                        "--dst", "203.0.113.10:80", "--oif", "eth1", "--gw", "198.19.2.1", "--new-gw-oif", "eth2")
+        assert d is not None and d["live"]["differs"] and len(d["live"]["changed"]) == 1
+        assert d["oif"] == "eth2" and d["snat"]["addr"].startswith("198.19.3.")
+        seen = clients.tcp_echo(gw.lab, "in40", "203.0.113.10", src="198.18.40.10")
+        assert seen["link"] == "isp2" and _addr(seen["peer"]).startswith("198.19.3.")
+    finally:
+        gw.restore()

@@ -1,7 +1,8 @@
 """`snatgw explain CONFIG --proto P --src IP:PORT --dst IP:PORT --oif IF --gw IP`: what the
 gateway would do with one packet arriving from inside.  The packet is built here and run
 through the reference model (snatgw.model.Engine) with a router that answers the given route
-(or the host's FIB, read only, with --route-from-kernel).  Exit 0 matched, 1 none, 2 bad input."""
+(or the host's FIB, read only, with --route-from-kernel).  With --live the rules are the running
+daemon's (control op `rules`), compared with the file.  Exit 0 matched, 1 none, 2 bad input."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ipaddress import IPv4Address
 from ...config.parse import parse_file
 from ...errors import EXIT_NO_MATCH, EXIT_OK, SnatgwError
 from ...layout import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason, Verdict
-from ...rules import Route, parse_addr, parse_oif
+from ...rules import Route, Rule, RuleSet, parse_addr, parse_oif
 from ..render import dump_json, table
 
 HELP = "show which rule, SNAT address, port and next hop a packet would get"
@@ -25,7 +26,11 @@ Run one packet from an inside host through the reference model of the datapath a
 rule in priority order with MATCH or why not, the SNAT address and port, the next hop and egress
 interface after new_gw, and the rewritten packet.  The route (egress interface and next hop) of
 the destination is --oif/--gw, or the host's routing table with --route-from-kernel.
-Exit status: 0 a rule matched, 1 no rule matched, 2 bad input.
+
+With --live the rules come from the running daemon (what it translates with now, including
+`snatgw adm` changes), and the output says whether they differ from CONFIG (default: the file
+the daemon runs) and how; settings still come from CONFIG.
+Exit status: 0 a rule matched, 1 no rule matched, 2 bad input, 4 no daemon (--live).
 """
 
 PROTOS = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP, "icmp": IPPROTO_ICMP}
@@ -320,7 +325,8 @@ def render_text(d: dict) -> str:
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", metavar="CONFIG", help="config file")
+    p.add_argument("config", metavar="CONFIG", nargs="?",
+                   help="config file (with --live: compared with the running rules; default the daemon's)")
     p.add_argument("--proto", choices=sorted(PROTOS), default="tcp", help="protocol (default tcp)")
     p.add_argument("--src", required=True, metavar="IP:PORT", help="inside source (icmp: IP[:ECHO_ID])")
     p.add_argument("--dst", required=True, metavar="IP:PORT", help="destination (icmp: IP)")
@@ -332,7 +338,48 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flags", default="S", help="TCP flags, letters of FSRPAUEC (default S, a new connection)")
     p.add_argument("--ttl", type=int, default=64, help="IP TTL (default 64)")
     p.add_argument("--iif", metavar="IFACE", help="inside interface it arrives on (default: the first `inside`)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--live", action="store_true", help="use the running daemon's rules (and compare them with CONFIG)")
+    p.add_argument("--socket", metavar="PATH", help="control socket for --live (default $SNATGW_SOCKET or the settings')")
+    p.add_argument("-j", "--json", action="store_true", help="print one JSON object")
+
+
+# --------------------------------------------------------------------------- --live
+
+
+def running_rules(sock: str) -> tuple[RuleSet, dict]:
+    """The daemon's rules (definition order, so priority ties break as it breaks them) and its
+    status (the config file it runs)."""
+    from ...daemon.client import call
+
+    defined = call(sock, {"op": "rules"})["defined"]
+    status = call(sock, {"op": "status"})
+    return RuleSet(Rule.from_dict(d, where=d.get("where") or "daemon") for d in defined), status
+
+
+def rule_diff(file_rules: RuleSet, live: RuleSet) -> dict:
+    """How the running rules differ from the file's, by identity (from, to, gw, oif): rules only
+    running, only in the file, changed (pool, algo, new_gw), and whether priority order differs."""
+    mine = {r.identity: r for r in file_rules}
+    theirs = {r.identity: r for r in live}
+    changed = [{"file": mine[k].describe(), "running": theirs[k].describe(), "where": mine[k].where}
+               for k in mine.keys() & theirs.keys() if mine[k] != theirs[k]]  # fmt: skip
+    out = {
+        "only_running": [r.describe() for r in live if r.identity not in mine],
+        "only_file": [f"{r.describe()} ({r.where})" for r in file_rules if r.identity not in theirs],
+        "changed": sorted(changed, key=lambda c: c["file"]),
+    }
+    out["differs"] = bool(out["only_running"] or out["only_file"] or out["changed"])
+    return out
+
+
+def live_notes(diff: dict, sock: str, path: str) -> list[str]:
+    if not diff["differs"]:
+        return [f"rules of the running daemon ({sock}), the same as {path}"]
+    notes = [f"rules of the running daemon ({sock}), which DIFFER from {path}:"]
+    notes += [f"  running only: {t}" for t in diff["only_running"]]
+    notes += [f"  file only:    {t}" for t in diff["only_file"]]
+    notes += [f"  changed:      {c['where']}: file {c['file']!r}, running {c['running']!r}" for c in diff["changed"]]
+    return notes
 
 
 def build_from_args(args: argparse.Namespace) -> tuple[bytes, IPv4Address]:
@@ -349,7 +396,25 @@ def build_from_args(args: argparse.Namespace) -> tuple[bytes, IPv4Address]:
 
 def run(args: argparse.Namespace) -> int:
     pkt, dst = build_from_args(args)
-    cfg = parse_file(args.config)
+    live = None
+    if args.live:
+        from dataclasses import replace
+
+        from ...daemon.client import resolve_socket
+
+        sock = resolve_socket(args.socket)
+        rules, status = running_rules(sock)
+        path = args.config or status.get("config")
+        if not path:
+            raise BadInput("--live: the daemon names no config file; give CONFIG")
+        cfg = parse_file(path)
+        diff = rule_diff(cfg.rules, rules)
+        live = {"socket": sock, "config": path, **diff}
+        cfg = replace(cfg, rules=rules)
+    elif not args.config:
+        raise BadInput("give CONFIG (or --live to use the running daemon's rules)")
+    else:
+        cfg = parse_file(args.config)
     if args.route_from_kernel:
         if args.oif or args.gw or args.new_gw_oif:
             raise BadInput("--route-from-kernel replaces --oif/--gw/--new-gw-oif; give one or the other")
@@ -361,5 +426,8 @@ def run(args: argparse.Namespace) -> int:
         router = GivenRouter(dst, parse_oif(args.oif, "--oif"), parse_addr(args.gw, "--gw"), other)
     ingress = args.iif or (cfg.settings.inside[0] if cfg.settings.inside else "lan0")
     d = explain_packet(cfg, pkt, router, ingress)
+    if live is not None:
+        d["live"] = live
+        d["notes"] = live_notes(live, live["socket"], live["config"]) + d["notes"]
     print(dump_json(d) if args.json else render_text(d))
     return EXIT_OK if d["matched"] else EXIT_NO_MATCH

@@ -1,0 +1,72 @@
+"""`snatgw explain --live`: the running daemon's rules (an in-process daemon on FakeBackend),
+whether and how they differ from the file, and what happens without a daemon."""
+
+from __future__ import annotations
+
+import json
+
+from snatgw.cli.main import main
+
+ARGS = ["--src", "198.18.40.10:40000", "--dst", "203.0.113.10:80", "--oif", "eth1", "--gw", "198.19.2.1"]
+
+
+def explain_live(running, capsys, *extra) -> tuple[int, dict]:
+    rc = main(["explain", "--live", "--socket", running.sock, *ARGS, *extra, "-j"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_live_explain_uses_the_rules_adm_changed_and_names_the_difference(running, capsys):
+    """After `adm -k` gives rule 2 ISP2's pool, --live answers with an ISP2 address (the file
+    still says ISP1) and lists the edit; the file's explanation still gives ISP1."""
+    assert running.req(op="adm", commands=[[
+        "-k", "-f", "1", "-F", "198.18.40.0/24", "-W", "198.19.2.1", "--oif", "eth1",
+        "-U", "198.19.3.71-198.19.3.73", "-O", "sdh"]])["ok"]
+    rc, d = explain_live(running, capsys)
+    assert rc == 0 and d["snat"]["addr"].startswith("198.19.3.")
+    live = d["live"]
+    assert live["differs"] and live["config"] == str(running.conf.resolve())
+    assert live["only_running"] == live["only_file"] == []
+    (c,) = live["changed"]
+    assert "snat_ip 198.19.2.71-198.19.2.73" in c["file"] and "snat_ip 198.19.3.71-198.19.3.73" in c["running"]
+    assert any("DIFFER" in n for n in d["notes"])
+    assert main(["explain", str(running.conf), *ARGS, "-j"]) == 0
+    assert json.loads(capsys.readouterr().out)["snat"]["addr"].startswith("198.19.2.")
+
+
+def test_live_explain_says_when_the_running_rules_equal_the_file(running, capsys):
+    """No change since start: --live matches the file's answer and says the rules are the same."""
+    rc, d = explain_live(running, capsys)
+    assert rc == 0 and d["live"]["differs"] is False
+    assert d["notes"][0].startswith("rules of the running daemon") and "the same as" in d["notes"][0]
+
+
+def test_live_explain_lists_rules_added_and_deleted_through_adm(running, capsys):
+    """A rule added with -K shows as running-only, a deleted one as file-only (with its line)."""
+    assert running.req(op="adm", commands=[
+        ["-K", "-f", "1", "-F", "198.18.40.10", "-U", "198.19.3.73"],
+        ["-H", "-f", "1", "-F", "198.18.0.0/16", "-N", "198.19.2.1"]])["ok"]
+    rc, d = explain_live(running, capsys)
+    assert rc == 0 and d["snat"]["addr"] == "198.19.3.73"  # the /32 rule wins now
+    assert d["live"]["only_running"] == ["from 198.18.40.10/32 snat_ip 198.19.3.73 algo sdh"]
+    (gone,) = d["live"]["only_file"]
+    assert gone.startswith("from 198.18.0.0/16") and gone.endswith(":19)")
+
+
+def test_live_explain_in_text_prints_the_difference(running, capsys):
+    """The text form carries the difference as notes."""
+    running.req(op="adm", commands=[["-K", "-f", "1", "-F", "198.18.40.10", "-U", "198.19.3.73"]])
+    assert main(["explain", "--live", "--socket", running.sock, *ARGS]) == 0
+    out = capsys.readouterr().out
+    assert "which DIFFER from" in out and "running only: from 198.18.40.10/32" in out
+
+
+def test_live_explain_without_a_daemon_exits_4(tmp_path, capsys):
+    """--live with no daemon on the socket: exit 4, the socket named."""
+    assert main(["explain", "--live", "--socket", str(tmp_path / "no.sock"), *ARGS]) == 4
+    assert "no.sock" in capsys.readouterr().err
+
+
+def test_explain_without_config_or_live_is_refused(capsys):
+    """No CONFIG and no --live: exit 2 saying what to give."""
+    assert main(["explain", *ARGS]) == 2
+    assert "give CONFIG" in capsys.readouterr().err
