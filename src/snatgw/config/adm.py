@@ -59,7 +59,7 @@ _COMMANDS = {
 }  # fmt: skip
 MUTATING = frozenset({"add-service", "edit-service", "delete-service", "add", "edit", "delete", "clear"})
 
-_SHORT = "AEDKkHLlZSRChncxbmgiF:T:W:N:U:O:f:s:t:u:p:"
+_SHORT = "AEDKkHLlZSRChncxbmgijF:T:W:N:U:O:f:s:t:u:p:"
 _LONG = [
     "add-service", "edit-service", "delete-service", "add-snat", "edit-snat", "delete-snat",
     "list", "zero", "save", "restore", "clear", "help",
@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
                 kw["rate"] = True
             elif o in ("-x", "--exact"):
                 kw["exact"] = True
-            elif o == "--json":
+            elif o in ("-j", "--json"):
                 kw["json"] = True
             elif o == "--socket":
                 kw["socket"] = v

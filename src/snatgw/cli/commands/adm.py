@@ -15,6 +15,7 @@ from ...config.adm import (FWMARK, MUTATING, SCHEDULER, AdmTable, AdmUsageError,
                            parse_restore, save_lines)
 from ...errors import SnatgwError
 from ...rules import Rule
+from ..render import dump_json
 
 HELP = "ipvsadm syntax for the SNAT rules (-A -K -k -H -L -S -R -C -Z), against the daemon"
 ADD_HELP = False
@@ -27,7 +28,7 @@ Usage:
                   [-O algo] [--oif dev] [-N new-gw] [-b]
   snatgw adm -H -f 1 -F src-address/mask [-T dest-address/mask] [-W gw] [--oif dev]
                   [-U minip-maxip] [-O algo] [-N new-gw]     (-U -O -N are ignored)
-  snatgw adm -L|l [-n] [-c] [--stats|--rate] [-x]
+  snatgw adm -L|l [-n] [-c] [--stats|--rate] [-x] [-j|--json]
   snatgw adm -S [-n]          save: -A then one -K per rule, in definition order
   snatgw adm -R               restore from stdin: replaces the rules with -S output (all or none)
   snatgw adm -C               clear (the service and its rules)
@@ -47,6 +48,7 @@ Options:
   --snat-ip -U a[-b]         SNAT address pool
   --algo -O sh|sdh|random    address selection (default sdh)
   --numeric -n  --connection -c  --stats  --rate  --exact -x  --fullnat -b (accepted)
+  --json -j                  listings only: the daemon's answer as one JSON object
   --socket PATH              control socket (default $SNATGW_SOCKET or /run/snatgw/control.sock)
 Rules are listed in snatgw's precedence order (most specific first), not sorted by gw."""
 
@@ -152,6 +154,34 @@ def silence_stdout() -> None:
         pass
 
 
+def argv_op(argv) -> str:
+    """The command option as the user wrote it (for messages)."""
+    from ...config.adm import _COMMANDS
+
+    return next((a for a in argv if a in _COMMANDS), "it")
+
+
+def list_json(sock: str, cmd) -> dict:
+    """The JSON of a listing: -L rules (precedence order) with live session counts, -c the
+    sessions, --stats the counters, --rate per-second rates."""
+    from ...daemon.client import call
+
+    if cmd.conns:
+        return {"sessions": call(sock, {"op": "sessions"})["sessions"]}
+    if cmd.rate:
+        resp = call(sock, {"op": "rate"})
+        return {"service": resp["service"], "rules": resp["rules"], "rate": resp["rate"]}
+    if cmd.stats:
+        resp = call(sock, {"op": "stats"})
+        return {"service": resp["service"], "rules": resp["rules"], "stats": resp["stats"]}
+    resp = call(sock, {"op": "rules"})
+    live: dict[int, int] = {}
+    for s in call(sock, {"op": "sessions"})["sessions"]:
+        live[s["rule_id"]] = live.get(s["rule_id"], 0) + 1
+    rules = [{**r, "sessions": live.get(r["rule_id"], 0)} for r in resp["rules"]]
+    return {"service": resp["service"], "max_sessions": resp["max_sessions"], "rules": rules}
+
+
 def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     from ...daemon.client import call, resolve_socket
 
@@ -161,7 +191,13 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
         if cmd.op == "help":
             _emit(USAGE, out)
             return 0
+        if cmd.json and cmd.op != "list":
+            raise AdmUsageError("--json: only listings (-L, -L -c, -L --stats, -L --rate) print JSON, "
+                                f"not {argv_op(argv)}")
         sock = resolve_socket(cmd.socket)
+        if cmd.json:
+            _emit(dump_json(list_json(sock, cmd)), out)
+            return 0
         if cmd.op == "restore":
             cmds = parse_restore((stdin or sys.stdin).read())
             if cmds:

@@ -22,7 +22,7 @@ Exit status: 0 valid, 2 invalid (nothing would be applied).
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="config file (keepalived.conf style)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("-j", "--json", action="store_true", help="print one JSON object instead of tables")
 
 
 def config_warnings(cfg: GatewayConfig) -> list[str]:

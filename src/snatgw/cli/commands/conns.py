@@ -10,7 +10,7 @@ COLUMNS = ("proto", "inside", "remote", "nat", "state", "idle", "expires", "rule
 
 
 def register(p) -> None:
-    p.add_argument("--json", action="store_true", help="one JSON object: {source, sessions: [...]}")
+    p.add_argument("-j", "--json", action="store_true", help="one JSON object: {source, sessions: [...]}")
     p.add_argument("--socket", metavar="PATH", help="control socket (default $SNATGW_SOCKET or the settings')")
     p.add_argument("--pin-dir", metavar="DIR", help="read pinned bpf maps here when no daemon runs")
     p.add_argument("--rule", metavar="N", help="only sessions of this rule (priority number or rule id)")

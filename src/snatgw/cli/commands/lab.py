@@ -32,7 +32,7 @@ def register(p) -> None:
     g.add_argument("--all", action="store_true", help="every lab, and leftovers found by prefix")
     st = sub.add_parser("status", help="namespaces, addresses, routes, gateway")
     st.add_argument("--name", default=None)
-    st.add_argument("--json", action="store_true")
+    st.add_argument("-j", "--json", action="store_true")
     ex = sub.add_parser("exec", help="run a command in a lab node's network namespace")
     ex.add_argument("--name", default="default")
     ex.add_argument("node", choices=NODES)

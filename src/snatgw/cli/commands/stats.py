@@ -10,7 +10,7 @@ HELP = "show counters: per rule (packets, bytes, sessions) and per reason (snatg
 
 
 def register(p) -> None:
-    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("-j", "--json", action="store_true", help="one JSON object")
     p.add_argument("--socket", metavar="PATH", help="control socket (default $SNATGW_SOCKET or the settings')")
     p.add_argument("--pin-dir", metavar="DIR", help="read pinned bpf maps here when no daemon runs")
     p.add_argument("--all", action="store_true", help="also list reasons whose count is zero")
