@@ -3,9 +3,12 @@
 # Idempotent and quiet when everything is there already.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PKGS="clang llvm libbpf-dev libbpf1 bpftool nftables iproute2 iperf3 netsniff-ng tcpdump iputils-ping ethtool linux-libc-dev python3-venv conntrack keepalived"
+# what the datapath needs at run time (scripts/install.sh installs only these on a host)
+RUNTIME_PKGS="clang llvm libbpf-dev libbpf1 bpftool nftables iproute2 linux-libc-dev python3-venv conntrack"
+APT_PKGS="$RUNTIME_PKGS iperf3 netsniff-ng tcpdump iputils-ping ethtool keepalived systemd groff-base"
 # the third-party applications of tests/lab/test_apps.py (issue 12), run only in lab namespaces
 APT_PKGS="$APT_PKGS curl openssh-server openssh-client dnsmasq-base bind9-dnsutils traceroute mtr-tiny iputils-tracepath netcat-openbsd hping3 coturn stun-client stun-server"
+[ "${SETUP_RUNTIME_ONLY:-0}" = 1 ] && APT_PKGS=$RUNTIME_PKGS
 missing=""
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -23,6 +26,7 @@ if [ -n "$missing" ]; then
   apt-get install -y -qq $missing >/dev/null || { [ -z "$guard" ] || rm -f /usr/sbin/policy-rc.d; exit 1; }
   [ -z "$guard" ] || rm -f /usr/sbin/policy-rc.d
 fi
+[ "${SETUP_RUNTIME_ONLY:-0}" = 1 ] && exit 0  # scripts/install.sh: run-time packages, no dev venv
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"

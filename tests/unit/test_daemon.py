@@ -365,6 +365,6 @@ def test_the_systemd_unit_ships_in_the_package_and_runs_the_daemon():
 
     unit = files("snatgw").joinpath("packaging/snatgw.service").read_text()
     lines = set(unit.splitlines())
-    assert "ExecStart=/usr/local/bin/snatgw run /etc/snatgw/snatgw.conf" in lines
+    assert "ExecStart=/usr/local/sbin/snatgw run /etc/snatgw/snatgw.conf" in lines  # make install puts it there
     assert "ExecReload=/bin/kill -HUP $MAINPID" in lines and "KillSignal=SIGTERM" in lines
     assert "Type=notify" in lines
