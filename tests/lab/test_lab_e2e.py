@@ -273,3 +273,38 @@ def test_explain_live_answers_with_the_running_rules_after_a_reload(gw):
         assert seen["link"] == "isp2" and _addr(seen["peer"]).startswith("198.19.3.")
     finally:
         gw.restore()
+
+
+def test_status_reports_hooks_maps_and_a_lost_carrier_on_the_running_gateway(gw):
+    """`snatgw status` on the running gateway: healthy with every hook attached and the maps read
+    (exit 0); with isp2's end of the uplink down, eth2 has no carrier: exit 1 naming it; healthy
+    again when it comes back.  bpf and nft must agree exactly (their hooks differ: TC programs
+    per device, nft base chains)."""
+    from snatgw.lab.gateway import snatgw_argv
+    from snatgw.lab.netns import run
+
+    def status():
+        cp = run(snatgw_argv("status", "--socket", gw.lab.socket_path, "-j"), check=False, timeout=30)
+        return cp.returncode, json.loads(cp.stdout)
+
+    gw.check()
+    clients.udp_echo(gw.lab, "in40", "203.0.113.10", src="198.18.40.10")
+    rc, d = status()
+    assert (rc, d["healthy"], d["problems"]) == (0, True, [])
+    hooks = d["datapath"]["hooks"]
+    assert hooks and all(h["attached"] for h in hooks)
+    if gw.backend == "bpf":
+        assert {(h["device"], h["hook"]) for h in hooks} >= {("lan40", "ingress"), ("eth1", "ingress"),
+                                                            ("eth2", "egress")}
+        ct = next(m for m in d["datapath"]["maps"] if m["name"] == "snat_ct")
+        assert ct["entries"] >= 2 and d["datapath"]["sessions"] >= 1
+    assert d["links"]["eth2"]["carrier"] is True
+    try:
+        gw.lab.run("isp2", "ip", "link", "set", "dev", "up", "down")
+        rc, d = status()
+        assert rc == 1 and d["links"]["eth2"]["carrier"] is False
+        assert [p for p in d["problems"] if p.startswith("link eth2: no carrier")]
+    finally:
+        gw.lab.run("isp2", "ip", "link", "set", "dev", "up", "up")
+    rc, d = status()
+    assert rc == 0, d["problems"]

@@ -21,6 +21,7 @@ VERBS = {
     "run": "run",
     "purge": "purge",
     "reload": "reload",
+    "status": "status",
     "conns": "conns",
     "stats": "stats",
     "flush": "flush",

@@ -26,6 +26,8 @@ class Log:
         self.debug_enabled = debug
         self._lock = threading.Lock()
         self.lines: list[str] | None = None  # set to a list to also keep lines (tests)
+        self.counts: dict[str, int] = {}  # events per level since start (`snatgw status`)
+        self.last_error: dict | None = None  # the last error event's record
 
     def emit(self, level: str, event: str, **fields) -> None:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
@@ -35,6 +37,9 @@ class Log:
         else:
             line = " ".join(f"{k}={_logfmt_value(v)}" for k, v in rec.items())
         with self._lock:
+            self.counts[level] = self.counts.get(level, 0) + 1
+            if level == "error":
+                self.last_error = rec
             if self.lines is not None:
                 self.lines.append(line)
             try:

@@ -74,6 +74,7 @@ class Service:
         self.last_error: str | None = None
         self._samples: list[tuple[float, dict]] = []  # (time, stats dict), at most two
         self.addresses = AddressManager(self.log)
+        self.last_apply: dict | None = None  # the last reload or adm batch: when, what, result
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -117,8 +118,10 @@ class Service:
                              config=src if text is None else "<control>")
             except SnatgwError as e:
                 self.last_error = str(e)
+                self._applied("reload", src if text is None else "<control>", str(e))
                 self.log.error("reload_failed", error=str(e), kept_rules=len(self.config.rules))
                 raise
+            self._applied("reload", src if text is None else "<control>", None)
             if path and text is None:
                 self.config_path = str(Path(path).resolve())
             self.reloads += 1
@@ -137,9 +140,15 @@ class Service:
                              ops=",".join(c.op for c in cmds), restore=restore or None,
                              args=" ".join(argvs[0]) if len(argvs) == 1 else None)
             except SnatgwError as e:
+                self._applied("adm", " ".join(argvs[0]) if len(argvs) == 1 else f"{len(argvs)} commands", str(e))
                 self.log.error("adm_failed", error=str(e), kept_rules=len(self.config.rules))
                 raise
+            self._applied("adm", " ".join(argvs[0]) if len(argvs) == 1 else f"{len(argvs)} commands", None)
             return table
+
+    def _applied(self, kind: str, what: str | None, error: str | None) -> None:
+        self.last_apply = {"kind": kind, "what": what, "ok": error is None, "error": error,
+                           "at": time.time(), "uptime": round(self.clock() - self.started_at, 3)}
 
     def gc(self, now: float | None = None) -> int:
         """One GC tick: expire sessions; sample counters for rates."""
@@ -215,6 +224,11 @@ class Service:
         try:
             if op == "status":
                 return {"ok": True, **self.status()}
+            if op == "health":
+                from .health import report
+
+                with self.lock:
+                    return {"ok": True, **report(self)}
             if op == "reload":
                 new = self.reload(path=req.get("path"), text=req.get("text"))
                 return {"ok": True, "rules": len(new.rules)}
@@ -249,7 +263,7 @@ class Service:
                     raise AdmUsageError("adm: 'commands' must be a list of argv lists")
                 table = self.adm(cmds, restore=bool(req.get("restore", False)))
                 return {"ok": True, "rules": len(table.rules), "service": table.service}
-            raise AdmUsageError(f"unknown request op {op!r}; expected one of status, reload, rules, "
+            raise AdmUsageError(f"unknown request op {op!r}; expected one of status, health, reload, rules, "
                                 "sessions, stats, rate, flush, zero, adm")
         except (SnatgwError, AdmRefused) as e:
             return _error(e)

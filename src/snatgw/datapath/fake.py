@@ -95,6 +95,16 @@ class FakeBackend:
         self._enter("flush")
         return self._need().flush(rule_id, inside, nat)
 
+    def health(self) -> dict:
+        self._enter("health")
+        eng = self._need()
+        hooks = [{"device": d, "hook": "ingress", "program": "model", "prog_id": 0, "attached": True, "found": 0}
+                 for d in eng.inside + eng.outside]
+        return {"hooks": hooks, "maps": [{"name": "sessions", "entries": 2 * len(eng.table),
+                                          "max_entries": 2 * eng.table.max_sessions}],
+                "sessions": len(eng.table), "max_sessions": eng.table.max_sessions,
+                "devices": {"inside": list(eng.inside), "outside": list(eng.outside)}}
+
     def zero(self) -> None:
         self._enter("zero")
         eng = self._need()

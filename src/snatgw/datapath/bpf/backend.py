@@ -378,6 +378,32 @@ class BpfBackend:
         self._writable()
         self.maps.zero()
 
+    def health(self) -> dict:
+        """For `snatgw status`: each program this daemon attached and whether it is still the
+        one on its hook (another may have replaced it, or the device gone), and every map's
+        fill (entries of the hash-like maps; a read of the map)."""
+        from .libbpf import BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_TC_INGRESS
+        from .loader import attached_prog_id
+
+        m = self._m()
+        hooks = []
+        for a in self.loader.attachments if self.loader else []:
+            try:
+                now = attached_prog_id(a.ifname, a.point)
+            except (BackendError, OSError) as e:
+                now = f"cannot query: {e}"
+            hooks.append({"device": a.ifname, "hook": "ingress" if a.point == BPF_TC_INGRESS else "egress",
+                          "program": a.prog, "prog_id": a.prog_id, "attached": now == a.prog_id,
+                          "found": now})  # fmt: skip
+        maps = []
+        for name, mp in sorted(m.maps.items()):
+            fixed = mp.type in (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY)
+            maps.append({"name": name, "entries": mp.max_entries if fixed else len(mp),
+                         "max_entries": mp.max_entries})  # fmt: skip
+        ct = next(x["entries"] for x in maps if x["name"] == L.MAP_CT)
+        return {"hooks": hooks, "maps": maps, "sessions": ct // 2, "max_sessions": self.settings.max_sessions,
+                "devices": {"inside": list(self.settings.inside), "outside": list(self.settings.outside)}}
+
     # ------------------------------------------------------------- helpers
 
     def _m(self) -> DatapathMaps:

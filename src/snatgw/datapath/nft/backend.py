@@ -421,6 +421,32 @@ class NftBackend:
         extra = (["-s", str(inside)] if inside is not None else []) + (["-q", str(nat)] if nat is not None else [])
         return sum(self._ct_delete(["-m", m, *extra]) for m in marks)
 
+    def health(self) -> dict:
+        """For `snatgw status`: the table's base chains (their hooks), our policy routing, and
+        conntrack's fill (all of the namespace's entries against nf_conntrack_max)."""
+        p = self._run(["nft", "-j", "list", "table", R.FAMILY, R.TABLE], check=False)
+        hooks = []
+        if p.returncode == 0:
+            for o in json.loads(p.stdout)["nftables"]:
+                c = o.get("chain")
+                if c and c.get("hook"):
+                    hooks.append({"device": None, "hook": c["hook"], "program": f"chain {c['name']}",
+                                  "prog_id": c.get("handle"), "attached": True, "found": c.get("handle")})
+        expected = {"prerouting", "forward", "postrouting"}
+        missing = expected - {h["hook"] for h in hooks}
+        hooks += [{"device": None, "hook": h, "program": f"table {R.FAMILY} {R.TABLE}", "prog_id": None,
+                   "attached": False, "found": None} for h in sorted(missing)]  # fmt: skip
+
+        def sysctl(name: str) -> int:
+            q = self._run(["cat", f"/proc/sys/net/netfilter/{name}"], check=False)
+            return int(q.stdout.strip()) if q.returncode == 0 and q.stdout.strip().isdigit() else 0
+
+        ours = len(self.sessions())
+        maps = [{"name": "conntrack", "entries": sysctl("nf_conntrack_count"), "max_entries": sysctl("nf_conntrack_max")},
+                {"name": "policy routing rules", "entries": len(self._our_ip_rules()), "max_entries": 1000}]
+        return {"hooks": hooks, "maps": maps, "sessions": ours, "max_sessions": self.settings.max_sessions,
+                "devices": {"inside": list(self.settings.inside), "outside": list(self.settings.outside)}}
+
     def zero(self) -> None:
         self._run(["nft", "reset", "counters", "table", R.FAMILY, R.TABLE], check=False)
 

@@ -1,0 +1,84 @@
+"""`snatgw status [-j] [--socket PATH]`: the running gateway's health for people and monitoring
+(control op `health`, snatgw.daemon.health): programs and hooks per device, maps and their fill,
+sessions, the last reload and its result, link states, errors since start.  Exit 0 healthy, 1
+unhealthy (each problem on a line), 4 when no daemon answers."""
+
+from __future__ import annotations
+
+import time
+
+from ...daemon.client import call, resolve_socket
+from ..render import dump_json, table
+
+HELP = "the running gateway's health: hooks, maps, sessions, last reload, links (exit 0 healthy)"
+DESCRIPTION = """\
+Ask the running daemon how the gateway is: its programs and the hook each is attached to (still
+attached?), its maps and how full they are, sessions against max_sessions, the last reload or
+`snatgw adm` batch and whether it worked, the state of every inside and outside device, and
+the error events logged since start.
+
+Exit status, for monitoring (e.g. a Nagios/Icinga check or a systemd timer):
+  0  healthy
+  1  unhealthy: the problems are printed, one per line (a program no longer attached, a link
+     missing, down or without carrier, the last reload failed, the session table 90% full)
+  4  no daemon answers on the control socket
+"""
+
+EXIT_UNHEALTHY = 1
+
+
+def register(p) -> None:
+    p.add_argument("-j", "--json", action="store_true", help="one JSON object (the daemon's health report)")
+    p.add_argument("--socket", metavar="PATH", help="control socket (default $SNATGW_SOCKET or the settings')")
+
+
+def _ago(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return "".join(f"{v}{u}" for v, u in ((d, "d"), (h, "h"), (m, "m")) if v) + f"{s}s"
+
+
+def render_text(r: dict) -> str:
+    head = "healthy" if r["healthy"] else f"UNHEALTHY ({len(r['problems'])} problem{'s' * (len(r['problems']) != 1)})"
+    out = [f"snatgw: {head}",
+           f"  daemon     pid {r['pid']}, backend {r['backend']}, up {_ago(r['uptime'])}, {r['rules']} rules, "
+           f"config {r['config'] or '-'}"]
+    la = r.get("last_apply")
+    if la:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(la["at"]))
+        result = "ok" if la["ok"] else f"FAILED: {la['error']}"
+        out.append(f"  last apply {la['kind']} {la['what'] or ''} at {when}: {result}".replace("  at", " at"))
+    else:
+        out.append(f"  last apply none since start ({r['reloads']} reloads)")
+    out.append(f"  log        {r['errors']} errors, {r['warnings']} warnings since start"
+               + (f"; last error: {r['last_error_event'].get('event')}" if r.get("last_error_event") else ""))
+    dp = r["datapath"]
+    if "error" in dp:
+        out += ["", f"datapath: {dp['error']}"]
+    else:
+        out += ["", "hooks:"]
+        rows = [[h["device"] or "-", h["hook"], h["program"], h["prog_id"], "attached" if h["attached"] else "MISSING"]
+                for h in dp["hooks"]]
+        out.append(table(rows, ("device", "hook", "program", "id", "state"), "  ") if rows else "  none")
+        out += ["", "maps:"]
+        rows = [[m["name"], m["entries"], m["max_entries"],
+                 f"{100 * m['entries'] / m['max_entries']:.1f}%" if m["max_entries"] else "-"] for m in dp["maps"]]
+        out.append(table(rows, ("map", "entries", "max", "fill"), "  "))
+        out += ["", f"sessions: {dp['sessions']} of {dp['max_sessions']}"]
+    out += ["", "links:"]
+    roles = {n: "inside" for n in r.get("inside", [])} | {n: "outside" for n in r.get("outside", [])}
+    rows = [[n, roles.get(n, "-"), st["operstate"], "yes" if st["carrier"] else "no", "up" if st["up"] else "down"]
+            for n, st in r["links"].items()]
+    out.append(table(rows, ("device", "role", "state", "carrier", "admin"), "  ") if rows else "  none configured")
+    if r["problems"]:
+        out += ["", "problems:"] + [f"  - {p}" for p in r["problems"]]
+    return "\n".join(out)
+
+
+def run(args) -> int:
+    r = call(resolve_socket(args.socket), {"op": "health"})
+    r.pop("ok", None)
+    print(dump_json(r) if args.json else render_text(r))
+    return 0 if r["healthy"] else EXIT_UNHEALTHY

@@ -1,0 +1,86 @@
+"""The daemon's health for `snatgw status` (control op `health`): what the backend says of its
+hooks and maps (``backend.health()``), the state of every inside and outside device, the last
+reload or adm batch and its result, error events since start, and the list of problems that
+make the gateway unhealthy (empty: healthy).
+
+Problems, each one line naming what and where:
+  - a program this daemon attached is no longer on its hook (replaced, or the device went);
+  - an inside or outside device is missing, administratively down, or without carrier;
+  - the last reload or adm batch failed (the daemon runs the rules it had before);
+  - the session table is at least FILL_ALARM full (new flows will soon be refused);
+  - the backend cannot be read at all.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+FILL_ALARM = 0.9  # sessions / max_sessions at which status calls the table nearly full
+
+
+def link_states(devices) -> dict[str, dict]:
+    """name -> {exists, up (admin), carrier, operstate} from `ip -j link show` (netlink, so it
+    answers for the daemon's own network namespace, unlike /sys of another mount)."""
+    p = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, timeout=10)
+    links = {link.get("ifname"): link for link in json.loads(p.stdout or "[]")} if p.returncode == 0 else {}
+    out = {}
+    for name in devices:
+        link = links.get(name)
+        if link is None:
+            out[name] = {"exists": False, "up": False, "carrier": False, "operstate": "MISSING"}
+            continue
+        flags = link.get("flags", [])
+        out[name] = {"exists": True, "up": "UP" in flags, "carrier": "LOWER_UP" in flags,
+                     "operstate": link.get("operstate", "UNKNOWN")}
+    return out
+
+
+def problems(dp: dict, links: dict[str, dict], last_apply: dict | None) -> list[str]:
+    out = []
+    if "error" in dp:
+        out.append(f"datapath: cannot read its state: {dp['error']}")
+    for h in dp.get("hooks", []):
+        if not h["attached"]:
+            where = f"{h['device']} {h['hook']}" if h.get("device") else f"the {h['hook']} hook"
+            found = "nothing" if h.get("found") is None else f"{h['found']}"
+            out.append(f"datapath: {h['program']} is no longer on {where} (found {found})")
+    for name, st in links.items():
+        if not st["exists"]:
+            out.append(f"link {name}: missing")
+        elif not st["up"]:
+            out.append(f"link {name}: administratively down")
+        elif not st["carrier"]:
+            out.append(f"link {name}: no carrier ({st['operstate']})")
+    if last_apply and not last_apply["ok"]:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last_apply["at"]))
+        out.append(f"last {last_apply['kind']} failed at {when}: {last_apply['error']} "
+                   "(the previous rules are still running)")
+    mx, n = dp.get("max_sessions") or 0, dp.get("sessions") or 0
+    if mx and n >= FILL_ALARM * mx:
+        out.append(f"sessions: {n} of {mx} ({100 * n / mx:.0f}%): new flows will be refused when full")
+    return out
+
+
+def report(service, link_reader=None) -> dict:
+    """The health report of a running Service (called under its lock)."""
+    try:
+        dp = service.backend.health()
+    except Exception as e:  # noqa: BLE001 - any failure to read is itself the finding
+        dp = {"error": str(e)}
+    s = service.config.settings
+    links = (link_reader or link_states)(tuple(s.inside) + tuple(s.outside))
+    found = problems(dp, links, service.last_apply)
+    counts = dict(service.log.counts) if hasattr(service.log, "counts") else {}
+    return {
+        **service.status(),
+        "healthy": not found,
+        "problems": found,
+        "datapath": dp,
+        "links": links,
+        "last_apply": service.last_apply,
+        "errors": counts.get("error", 0),
+        "warnings": counts.get("warning", 0),
+        "last_error_event": getattr(service.log, "last_error", None),
+    }

@@ -1,0 +1,103 @@
+"""`snatgw status` against an in-process daemon (FakeBackend): healthy report and exit 0, each
+kind of problem and exit 1, the last reload's result, error counts, JSON, no daemon (exit 4).
+The links are read by `ip link`: these tests give a stand-in reader (the lab test reads real ones)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from snatgw.cli.main import main
+from snatgw.daemon import health
+
+UP = {"exists": True, "up": True, "carrier": True, "operstate": "UP"}
+
+
+@pytest.fixture
+def links(monkeypatch):
+    """Every configured device up, unless a test changes ``state``."""
+    state: dict[str, dict] = {}
+    monkeypatch.setattr(health, "link_states", lambda devs: {d: state.get(d, UP) for d in devs})
+    return state
+
+
+def status(running, capsys, *extra) -> tuple[int, str]:
+    rc = main(["status", "--socket", running.sock, *extra])
+    return rc, capsys.readouterr().out
+
+
+def test_healthy_gateway_exits_0_and_shows_hooks_maps_sessions_links(running, links, capsys):
+    """All hooks attached, links up, no failed reload: 'healthy', exit 0, the sections printed."""
+    running.syn()
+    rc, out = status(running, capsys)
+    assert rc == 0 and out.startswith("snatgw: healthy")
+    for part in ("hooks:", "maps:", "sessions: 1 of", "links:", "last apply none since start", "0 errors"):
+        assert part in out
+    assert "problems:" not in out
+
+
+def test_json_report_carries_every_part(running, links, capsys):
+    """-j: healthy, problems, datapath (hooks, maps, sessions), links, last_apply, errors."""
+    rc, out = status(running, capsys, "-j")
+    d = json.loads(out)
+    assert rc == 0 and d["healthy"] is True and d["problems"] == []
+    assert {"hooks", "maps", "sessions", "max_sessions"} <= set(d["datapath"])
+    assert set(d["links"]) == {"lan40", "lan50", "eth1", "eth2"}
+    assert d["errors"] == 0 and d["last_apply"] is None and d["backend"] == "fake"
+
+
+@pytest.mark.parametrize("dev,st,msg", [
+    ("eth2", {"exists": False, "up": False, "carrier": False, "operstate": "MISSING"}, "link eth2: missing"),
+    ("eth1", {"exists": True, "up": False, "carrier": False, "operstate": "DOWN"}, "link eth1: administratively down"),
+    ("lan40", {"exists": True, "up": True, "carrier": False, "operstate": "LOWERLAYERDOWN"},
+     "link lan40: no carrier (LOWERLAYERDOWN)"),
+])
+def test_a_missing_or_down_link_is_a_problem_and_exit_1(running, links, capsys, dev, st, msg):
+    """A device missing, down, or without carrier: UNHEALTHY, the reason printed, exit 1."""
+    links[dev] = st
+    rc, out = status(running, capsys)
+    assert rc == 1 and out.startswith("snatgw: UNHEALTHY (1 problem)") and f"  - {msg}" in out
+
+
+def test_a_failed_reload_is_reported_until_a_reload_works(running, links, capsys):
+    """A broken file on reload: the error and time in status, exit 1, one error counted; a good
+    reload clears the problem (the error count stays)."""
+    good = running.conf.read_text()
+    running.conf.write_text("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.1/24 snat_ip 198.19.2.71 }\n}\n")
+    assert not running.req(op="reload")["ok"]
+    rc, out = status(running, capsys)
+    assert rc == 1 and "last reload failed at" in out and "host bits set" in out and "1 errors" in out
+    running.conf.write_text(good)
+    assert running.req(op="reload")["ok"]
+    rc, out = status(running, capsys, "-j")
+    d = json.loads(out)
+    assert rc == 0 and d["last_apply"]["ok"] and d["last_apply"]["kind"] == "reload" and d["errors"] == 1
+
+
+def test_a_detached_program_and_a_full_table_are_problems(running, links, capsys, monkeypatch):
+    """A hook whose program was replaced, and sessions at 90% of max: both listed, exit 1."""
+    real = running.backend.health
+
+    def broken():
+        h = real()
+        h["hooks"][0] = {**h["hooks"][0], "attached": False, "found": 77}
+        return {**h, "sessions": 95, "max_sessions": 100}
+
+    monkeypatch.setattr(running.backend, "health", broken)
+    rc, out = status(running, capsys)
+    assert rc == 1 and "(2 problems)" in out
+    assert "model is no longer on lan40 ingress (found 77)" in out and "sessions: 95 of 100 (95%)" in out
+
+
+def test_an_unreadable_datapath_is_a_problem(running, links, capsys, monkeypatch):
+    """backend.health() failing is itself reported (the request still answers)."""
+    monkeypatch.setattr(running.backend, "chaos", {"health": 0})
+    rc, out = status(running, capsys)
+    assert rc == 1 and "datapath: cannot read its state: fake backend: health failed on purpose" in out
+
+
+def test_status_without_a_daemon_exits_4(tmp_path, capsys):
+    """No daemon: exit 4 and the socket named."""
+    assert main(["status", "--socket", str(tmp_path / "none.sock")]) == 4
+    assert "none.sock" in capsys.readouterr().err
