@@ -78,7 +78,7 @@ def test_start_apply_failover_and_restart_keep_sessions(gw, pin_dir, mini_obj): 
             assert e["flags"] & L.CT_F_NEW_GW
         finally:
             b.stop(keep_state=True)
-        assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is None
+        assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is not None  # still translating
         b2 = BpfBackend(cfg.settings, obj_path=mini_obj)
         b2.start(config(pin_dir, new_gw=IP("198.19.3.1")))
         try:
@@ -144,4 +144,52 @@ def test_apply_moves_filters_when_interfaces_change_and_bad_config_changes_nothi
             assert b.maps.current_rules() == before
         finally:
             b.stop()
+    assert not os.path.exists(pin_dir)
+
+
+@pytest.mark.bpf
+def test_vanished_hooks_are_restored_by_check_hooks(gw, pin_dir, mini_obj):  # noqa: F811
+    """`tc filter del` of one hook and `tc qdisc del ... clsact` of an uplink: check_hooks puts
+    our programs back on every hook it lost and says which; with all in place it does nothing."""
+    with netns(gw):
+        cfg = config(pin_dir)
+        b = BpfBackend(cfg.settings, obj_path=mini_obj)
+        b.start(cfg)
+        try:
+            assert b.check_hooks() == []
+            sh("tc", "filter", "del", "dev", "lan40", "ingress", "pref", str(0x534E))
+            sh("tc", "qdisc", "del", "dev", "eth2", "clsact")
+            assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is None
+            assert attached_prog_id("eth2", B.BPF_TC_EGRESS) is None
+            restored = b.check_hooks()
+            assert len(restored) == 3 and any("lan40 ingress" in r for r in restored)
+            for dev, point in (("lan40", B.BPF_TC_INGRESS), ("eth2", B.BPF_TC_INGRESS), ("eth2", B.BPF_TC_EGRESS)):
+                assert attached_prog_id(dev, point) is not None
+            assert b.check_hooks() == []
+        finally:
+            b.stop()
+
+
+@pytest.mark.bpf
+def test_a_failed_start_leaves_the_running_datapath_attached(gw, pin_dir, mini_obj):  # noqa: F811
+    """A daemon exits (keep_state), the next one fails to start (a config the datapath refuses):
+    the programs and pins of the first stay as they were, still translating."""
+    from dataclasses import replace
+
+    from snatgw.errors import BackendError
+
+    with netns(gw):
+        cfg = config(pin_dir)
+        a = BpfBackend(cfg.settings, obj_path=mini_obj)
+        a.start(cfg)
+        ids = {d: attached_prog_id(d, B.BPF_TC_INGRESS) for d in ("lan40", "eth1", "eth2")}
+        a.stop(keep_state=True)
+        bad = GatewayConfig(cfg.rules, replace(cfg.settings, port_min=9000, port_max=8000))
+        with pytest.raises(BackendError, match="port range"):
+            BpfBackend(bad.settings, obj_path=mini_obj).start(bad)
+        assert {d: attached_prog_id(d, B.BPF_TC_INGRESS) for d in ids} == ids
+        assert os.path.isdir(pin_dir)
+        c = BpfBackend(cfg.settings, obj_path=mini_obj)
+        c.start(cfg)
+        c.stop()
     assert not os.path.exists(pin_dir)

@@ -230,12 +230,14 @@ def test_real_datapath_loads_attaches_adopts_pins_and_leaves_nothing(ns, pin_dir
         a.load().ct.put(ct_key(5), bytes(L.CT_ENTRY.size))
         a.attach(["in0"], ["out0"])
         assert attached_prog_id("out0", B.BPF_TC_EGRESS) is not None
-        a.stop(keep_state=True)
-        assert attached_prog_id("out0", B.BPF_TC_EGRESS) is None
+        first = attached_prog_id("out0", B.BPF_TC_EGRESS)
+        a.stop(keep_state=True)  # a daemon exiting: the programs stay attached (no dark window)
+        assert attached_prog_id("out0", B.BPF_TC_EGRESS) == first
         b = Loader(pin_dir, 128, datapath_obj)
         try:
             assert b.load().ct.get(ct_key(5)) is not None and len(b.reused) == len(map_specs())
-            b.attach(["in0"], ["out0"])
+            b.attach(["in0"], ["out0"])  # replaced in place by the new daemon's program
+            assert attached_prog_id("out0", B.BPF_TC_EGRESS) not in (None, first)
         finally:
             b.stop()
     assert not has_clsact(ns, "in0") and not has_clsact(ns, "out0")

@@ -116,12 +116,16 @@ class BpfBackend:
     # ------------------------------------------------------------- lifecycle
 
     def start(self, config: GatewayConfig) -> None:
-        """Check the devices, remove the nft backend's leftovers in this namespace (its table,
-        policy routing, conntrack entries: logged as a warning), load, install, attach."""
+        """Check the devices, load (adopting the pinned maps of a previous daemon), install,
+        attach (replacing a previous daemon's programs in place: no moment without a program
+        on a hook), then remove the nft backend's leftovers in this namespace (its table,
+        policy routing, conntrack entries: logged as a warning).
+
+        On a failure after the load: a datapath that was running before (adopted pins) stays
+        as it is, attached and pinned (it keeps translating); a fresh one is removed."""
         s = config.settings
         for name in tuple(s.inside) + tuple(s.outside):
             ifindex(name)  # a missing device fails here, before anything is changed
-        self._remove_nft()
         self.loader = Loader(s.pin_dir, s.max_sessions, self.obj_path, self.defines)
         self.maps = self.loader.load()
         self.settings = s
@@ -131,12 +135,14 @@ class BpfBackend:
             self.loader.attach(list(s.inside), list(s.outside))
             set_accept_local(s.inside)
         except BaseException:
-            # adopted sessions belong to whoever made them: keep their pins
+            # adopted sessions and programs belong to whoever made them: keep them running
             self.loader.stop(keep_state=bool(self.loader.reused))
             self.loader = self.maps = None
             raise
         self.config = config
-
+        # last: an nft datapath left here keeps translating until ours is attached (a packet
+        # meets both for a moment: ours translates first, nft sees a pool source and passes it)
+        self._remove_nft()
     def _remove_nft(self) -> None:
         from ..cleanup import remove_nft
 
@@ -159,13 +165,16 @@ class BpfBackend:
         self._install(config)  # validates (compile) before touching anything
         self._write_ifaces(new)  # also when unchanged: a device may have been recreated
         if (old.inside, old.outside) != (new.inside, new.outside):
-            self.loader.detach()
+            # replace in place, then remove the hooks that left: no gap on the devices kept
             self.loader.attach(list(new.inside), list(new.outside))
             set_accept_local(new.inside)
         self.settings, self.config = new, config
 
     def stop(self, keep_state: bool = False) -> None:
-        """Detach and close; unless keep_state, remove the pinned maps (and sessions)."""
+        """keep_state (the daemon exits: SIGTERM, restart, upgrade): close our fds only; the
+        programs stay attached and the maps pinned, so the kernel keeps translating with no
+        daemon and the next start() adopts both.  Otherwise (`snatgw purge`, tests): detach
+        and remove the pinned maps (and the sessions)."""
         if self.readonly:
             if self.maps:
                 self.maps.close()
@@ -174,6 +183,13 @@ class BpfBackend:
         if self.loader is not None:
             self.loader.stop(keep_state)
         self.loader = self.maps = None
+
+    def check_hooks(self) -> list[str]:
+        """Re-attach programs whose TC filter vanished since attach (someone ran `tc filter del`
+        or `tc qdisc del`); returns what was restored (the daemon logs and counts it)."""
+        if self.readonly or self.loader is None:
+            return []
+        return self.loader.check()
 
     # ------------------------------------------------------------- rules
 

@@ -209,7 +209,13 @@ class Loader:
     def attach(self, inside: list[str] | tuple[str, ...], outside: list[str] | tuple[str, ...]) -> None:
         """snat_inside on inside ingress; snat_outside on outside ingress; snat_egress on
         outside egress.  An existing filter of ours (handle/priority TC_HANDLE/TC_PRIORITY,
-        e.g. left by a previous daemon) is replaced in place, so there is no gap."""
+        left by a previous daemon or a previous attach) is replaced in place (one netlink
+        request: no packet meets the hook without a program), then our filters on every other
+        hook of the namespace (devices no longer inside/outside) are removed.
+
+        On a failure, filters this call newly created are removed again; replaced ones keep
+        the new program (it works on the same pinned maps): a datapath that was translating
+        never stops translating because an attach failed."""
         if self.obj is None:
             raise BackendError("attach before load")
         overlap = set(inside) & set(outside)
@@ -220,18 +226,56 @@ class Loader:
         plan += [(o, B.BPF_TC_EGRESS, PROG_EGRESS) for o in outside]
         idx = {name: ifindex(name) for name, _, _ in plan}  # every device first: fail early
         fds = {p: self.obj.prog_fd(p) for p in {p for _, _, p in plan}}
-        created: dict[str, bool] = {}
+        created: dict[str, bool] = {a.ifname: a.created_hook for a in self.attachments}
+        done: list[tuple[Attachment, bool]] = []  # (attachment, replaced an existing filter)
         try:
             for name, point, prog in plan:
                 if name not in created:
                     created[name] = B.tc_hook_create(idx[name], B.BPF_TC_INGRESS)
+                existed = _query(idx[name], point) is not None
                 _, _, pid = B.tc_attach(idx[name], point, fds[prog], TC_HANDLE, TC_PRIORITY, replace=True)
+                # a hook that carried our filter is one a previous daemon made: ours to remove
+                created[name] = created[name] or existed
                 a = Attachment(name, idx[name], point, prog, pid, created[name])
-                self.attachments.append(a)
-                log.info("attached %s", a)
+                done.append((a, existed))
+                log.info("%s %s", "replaced" if existed else "attached", a)
         except BaseException:
-            self.detach()
+            for a, existed in reversed(done):
+                if not existed:
+                    with contextlib.suppress(BackendError):
+                        B.tc_detach(a.ifindex, a.point, TC_HANDLE, TC_PRIORITY)
             raise
+        self.attachments = [a for a, _ in done]
+        keep = {(a.ifindex, a.point) for a in self.attachments}
+        for what in detach_ours(keep=keep):
+            log.info("removed %s (no longer inside/outside)", what)
+
+    def check(self) -> list[str]:
+        """Restore what vanished: each attachment whose filter is gone (`tc filter del`,
+        `tc qdisc del dev X clsact`) or runs another program is attached again.  Returns what
+        was restored (empty when all is in place).  Cheap: one netlink query per hook."""
+        if self.obj is None:
+            return []
+        restored = []
+        fixed: list[Attachment] = []
+        for a in self.attachments:
+            try:
+                idx = socket.if_nametoindex(a.ifname)
+            except OSError:  # the device is gone: nothing to attach to until it returns
+                fixed.append(a)
+                continue
+            pid = _query(idx, a.point) if idx == a.ifindex else None
+            if pid == a.prog_id:
+                fixed.append(a)
+                continue
+            made = B.tc_hook_create(idx, B.BPF_TC_INGRESS)
+            _, _, pid = B.tc_attach(idx, a.point, self.obj.prog_fd(a.prog), TC_HANDLE, TC_PRIORITY,
+                                    replace=True)  # fmt: skip
+            b = Attachment(a.ifname, idx, a.point, a.prog, pid, a.created_hook or made)
+            fixed.append(b)
+            restored.append(str(b))
+        self.attachments = fixed
+        return restored
 
     def detach(self) -> None:
         """Remove only our filters; a clsact qdisc we created goes too once it is empty."""
@@ -252,21 +296,37 @@ class Loader:
     # ------------------------------------------------------------- stop
 
     def stop(self, keep_state: bool = False) -> None:
-        """Detach, close the object and, unless keep_state, remove the pins."""
+        """keep_state (a daemon exiting, `systemctl restart`, an upgrade): close our fds only;
+        the filters stay attached and the maps pinned, so the kernel keeps translating with
+        no daemon and the next one adopts both (load() + attach() replace in place).
+        Otherwise (removal on purpose): detach, close, remove the pins."""
         try:
-            self.detach()
+            if not keep_state:
+                self.detach()
         finally:
             if self.obj is not None:
                 self.obj.close()
                 self.obj, self.maps = None, None
+            self.attachments = []
             if not keep_state:
                 unpin(self.pin_dir)
 
 
-def detach_ours(devices: list[str] | tuple[str, ...] | None = None) -> list[str]:
+def _query(idx: int, point: int) -> int | None:
+    try:
+        return B.tc_query(idx, point, TC_HANDLE, TC_PRIORITY)
+    except B.LibbpfError as e:
+        if e.errno in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            return None
+        raise BackendError(f"cannot query TC filters on ifindex {idx}: {e}") from None
+
+
+def detach_ours(devices: list[str] | tuple[str, ...] | None = None,
+                keep: set[tuple[int, int]] = frozenset()) -> list[str]:
     """Remove our TC filters (handle/priority TC_HANDLE/TC_PRIORITY only, e.g. left by a bpf
     daemon that was killed) from ``devices`` (default: every device of this network namespace)
-    on both clsact points; other filters and the qdiscs stay.  Returns what was removed."""
+    on both clsact points, except the (ifindex, point) hooks in ``keep``; other filters and the
+    qdiscs stay.  Returns what was removed."""
     if devices is None:
         found = socket.if_nameindex()
     else:
@@ -277,6 +337,8 @@ def detach_ours(devices: list[str] | tuple[str, ...] | None = None) -> list[str]
     removed = []
     for idx, name in found:
         for point, where in ((B.BPF_TC_INGRESS, "ingress"), (B.BPF_TC_EGRESS, "egress")):
+            if (idx, point) in keep:
+                continue
             try:
                 pid = B.tc_query(idx, point, TC_HANDLE, TC_PRIORITY)
             except B.LibbpfError as e:

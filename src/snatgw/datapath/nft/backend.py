@@ -114,10 +114,14 @@ class NftBackend:
     # ------------------------------------------------------------------ Backend
 
     def start(self, config: GatewayConfig) -> None:
-        """Check the tools and devices, remove the bpf backend's leftovers in this namespace
-        (our TC filters, the pin directory: logged as a warning), then apply the config."""
+        """Check the tools and devices, apply the config (one transaction: a table left by a
+        previous daemon is replaced atomically), then remove the bpf backend's leftovers in
+        this namespace (our TC filters, the pin directory: logged as a warning).  In that
+        order a bpf datapath keeps translating until the rule set is in place; removing it
+        first left the flows untranslated for as long as the apply took."""
         self._run(["nft", "--version"])
         self._check_devices(config.settings)
+        self.apply(config)
         from ..cleanup import NoLibbpf, remove_bpf
 
         try:
@@ -127,7 +131,6 @@ class NftBackend:
             removed = []
         if removed:
             log.warning("nft backend: removed the bpf datapath's leftovers: %s", "; ".join(removed))
-        self.apply(config)
 
     def _check_devices(self, settings: Settings) -> None:
         """Every inside and outside device must exist in the namespace (as the bpf backend
@@ -172,8 +175,10 @@ class NftBackend:
             if e.table not in have:
                 self._run(["ip"] + cmds[1])
         stale = self._object_names()
-        self._run(["nft", "-f", "-"], input=R.timeouts_text(p))  # see render.to_json
-        self._run(["nft", "-j", "-f", "-"], input=R.to_json_text(p, stale["counter"], stale["ct timeout"], False))
+        # ONE transaction (render.transaction_text): the old rule set stays whole until the
+        # new one replaces it; two transactions left a window where a new flow met a table
+        # without its rules
+        self._run(["nft", "-f", "-"], input=R.transaction_text(p, stale["counter"], stale["ct timeout"]))
         self._set_icmp_timeout(settings.timeout(CtState.ICMP))
         wanted = {e.table for e, _ in routes}
         self._remove_routing(keep=wanted)
@@ -254,6 +259,32 @@ class NftBackend:
         p = self._run(["sysctl", "-q", "-w", f"net.netfilter.nf_conntrack_icmp_timeout={secs}"], check=False)
         if p.returncode != 0:
             log.warning("nft backend: cannot set the ICMP timeout to %d s: %s", secs, p.stderr.strip())
+
+    def check_hooks(self) -> list[str]:
+        """Re-apply the running config when table ip snatgw vanished or lost chains or rules
+        since the last apply (someone ran `nft delete table`, `nft flush ruleset`): one
+        transaction, as a reload.  Returns what was found missing (empty: all in place)."""
+        if self._plan is None or self._config is None:
+            return []
+        p = self._run(["nft", "-j", "list", "table", R.FAMILY, R.TABLE], check=False)
+        missing = []
+        if p.returncode != 0:
+            missing.append(f"nft table {R.FAMILY} {R.TABLE}")
+        else:
+            try:
+                objs = json.loads(p.stdout)["nftables"]
+            except (ValueError, KeyError, TypeError):
+                objs = []
+            chains = {o["chain"]["name"] for o in objs if "chain" in o}
+            want = {name for name, _ in R._chain_defs()}
+            if want - chains:
+                missing.append("chains " + ",".join(sorted(want - chains)))
+            nrules = sum(1 for o in objs if "rule" in o)
+            if nrules < len(self._plan.rules):
+                missing.append(f"{len(self._plan.rules) - nrules} of {len(self._plan.rules)} rules")
+        if missing:
+            self.apply(self._config)
+        return missing
 
     def _object_names(self) -> dict[str, tuple[str, ...]]:
         """Named objects in our table now (counters, ct timeouts), to delete the stale ones."""

@@ -523,6 +523,22 @@ def to_text(p: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def transaction_text(p: Plan, stale_counters: tuple[str, ...] = (), stale_timeouts: tuple[str, ...] = ()) -> str:
+    """ONE `nft -f` transaction that replaces the whole rule set: create the table if absent,
+    flush its rules, define counters, ct timeout objects, chains and rules (to_text), delete
+    stale named objects.  The kernel applies all of it or none, so no packet ever meets a
+    half-installed rule set (a reload, a restart that adopts the table, a backend switch).
+    Text, not JSON: nft 1.0.6 (Debian 12) loses a `ct timeout` policy given in JSON."""
+    lines = [f"add table {FAMILY} {TABLE}", f"flush table {FAMILY} {TABLE}", to_text(p).rstrip("\n")]
+    for name in stale_counters:
+        if name not in p.counters:
+            lines.append(f"delete counter {FAMILY} {TABLE} {name}")
+    for name in stale_timeouts:
+        if name not in {t[0] for t in p.timeouts}:
+            lines.append(f"delete ct timeout {FAMILY} {TABLE} {name}")
+    return "\n".join(lines) + "\n"
+
+
 def routing_text(p: Plan) -> str:
     """The policy-routing commands (shell) for new_gw rules, as comments say what they are for."""
     out = []
@@ -534,7 +550,7 @@ def routing_text(p: Plan) -> str:
 
 
 __all__ = [
-    "plan", "to_json", "to_json_text", "to_text", "routing_text", "assign_slots", "Plan",
+    "plan", "to_json", "to_json_text", "to_text", "transaction_text", "routing_text", "assign_slots", "Plan",
     "RouteEntry", "NftRule", "mark_of", "table_of", "counter_name", "TABLE", "FAMILY",
     "MARK_TAG", "MARK_MASK", "RT_BASE", "RT_PROTO", "SLOTS", "ALGO_NOTES", "PORT_NOTE",
 ]  # fmt: skip
