@@ -53,7 +53,7 @@ def parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Netwo
     except ValueError:
         raise RuleError(f"expected an IPv4 address A.B.C.D[/len], got {text!r}", field_name, where) from None
     if plen:
-        if not plen.isdigit() or not 0 <= int(plen) <= 32:
+        if not (plen.isascii() and plen.isdigit()) or not 0 <= int(plen) <= 32:  # not '²', '١٢'
             raise RuleError(f"prefix length must be 0..32, got {plen!r}", field_name, where)
         length = int(plen)
     else:

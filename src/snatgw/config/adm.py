@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
                 continue
             given.add(o)
             if o in ("-f", "--fwmark-service"):
-                if not v.strip().isdigit() or int(v) != FWMARK:
+                if not (v.strip().isascii() and v.strip().isdigit()) or int(v) != FWMARK:
                     raise AdmUsageError(f"-f {v}: only fwmark 1 is the SNAT service (use -f 1)")
                 kw["fwmark"] = FWMARK
             elif o in ("-s", "--scheduler"):

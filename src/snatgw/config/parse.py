@@ -17,6 +17,7 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         control_socket /run/snatgw/control.sock
         pin_dir /sys/fs/bpf/snatgw
         snat_addresses external|manage        # manage: the daemon adds the pool addresses
+        allow_empty no|yes                    # yes: a config without snat_rule may run
     }
     virtual_server fwmark 1 {                 # the SNAT service
         snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh }
@@ -31,6 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
+import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -46,7 +50,7 @@ RULE_KEYWORDS = ("from", "to", "gw", "oif", "new_gw", "snat_ip", "algo")
 #: snatgw block keywords
 SETTINGS_KEYWORDS = (
     "inside", "outside", "port_range", "port_tries", "max_sessions", "unmatched", "backend",
-    "timeout", "gc_interval", "control_socket", "pin_dir", "snat_addresses",
+    "timeout", "gc_interval", "control_socket", "pin_dir", "snat_addresses", "allow_empty",
 )  # fmt: skip
 #: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
 KEEPALIVED_VS_OPTIONS = frozenset(
@@ -65,6 +69,26 @@ KEEPALIVED_TOP = frozenset(
 )
 KEEPALIVED_TOP_PREFIXES = ("vrrp_", "static_", "track_", "bfd_", "$", "@")
 TIMEOUT_BY_STATE = {int(v): k for k, v in TIMEOUT_NAMES.items()}
+#: a config file larger than this is refused before it is read (100,000 rules take ~10 MB)
+MAX_CONFIG_BYTES = 32 * 1024 * 1024
+#: what an error message may quote from the file: a word of config text (keywords, addresses,
+#: names, numbers, paths).  Anything else (a password hash, binary, control characters, a very
+#: long word) is described, never echoed: `snatgw reload /etc/shadow` must not put the file's
+#: content into the reply or the log.
+_SHOWABLE = re.compile(r"[A-Za-z0-9_.:/,+@%\[\]-]{1,64}\Z")
+_ASCII_INT = re.compile(r"[0-9]+\Z")
+_ASCII_SECONDS = re.compile(r"[0-9]+(\.[0-9]*)?\Z|\.[0-9]+\Z")
+
+
+def shown(text: str) -> str:
+    """``text`` quoted when it is printable config text, else a description of it."""
+    if _SHOWABLE.match(text):
+        return repr(text)
+    return f"a word of {len(text)} characters that is not config text (not shown)"
+
+
+def _field(text: str | None) -> str | None:
+    return text if text is None or _SHOWABLE.match(text) else "(word not shown)"
 
 
 class Token(NamedTuple):  # a tuple: 100,000-rule files make a million of them
@@ -102,7 +126,7 @@ class _Cursor:
         return f"{self.filename}:{line}"
 
     def error(self, line: int, field: str | None, msg: str) -> ConfigError:
-        return ConfigError(msg, field, self.where(line))
+        return ConfigError(msg, _field(field), self.where(line))
 
     def skip_eol(self) -> None:
         while self.i < len(self.toks) and self.toks[self.i].eol:
@@ -133,7 +157,7 @@ class _Cursor:
         """Expect `{` on the keyword's line or the next non-blank one."""
         t = self.peek()
         if t is None or t.text != "{":
-            got = f"{t.text!r}" if t else "end of file"
+            got = shown(t.text) if t else "end of file"
             raise self.error(keyword.line, keyword.text, f"expected '{{' to open the block, got {got}")
         self.i += 1
 
@@ -169,15 +193,56 @@ class _Cursor:
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_file(path: str | Path, warnings: list[str] | None = None) -> GatewayConfig:
-    path = Path(path)
+def read_config(path: str | Path) -> str:
+    """The text of a config file: a regular file of at most MAX_CONFIG_BYTES in UTF-8.  A FIFO,
+    a device (/dev/zero), a directory or a huge file is refused before anything is read (opened
+    with O_NONBLOCK, so a FIFO without writer cannot hang the daemon)."""
+    path = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
-        raise ConfigError(f"cannot read config: {e.strerror or e}", None, str(path)) from None
+        raise ConfigError(f"cannot read config: {e.strerror or e}", None, path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError("not a regular file; a config is a text file", None, path)
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{st.st_size} bytes: larger than the {MAX_CONFIG_BYTES} bytes a config may "
+                              "have", None, path)
+        chunks, size = [], 0
+        while True:  # the file may grow while it is read: never read more than the bound
+            chunk = os.read(fd, min(1 << 20, MAX_CONFIG_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"larger than the {MAX_CONFIG_BYTES} bytes a config may have", None, path)
+    except OSError as e:
+        raise ConfigError(f"cannot read config: {e.strerror or e}", None, path) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"not UTF-8 text ({e.reason} at byte {e.start})", None, str(path)) from None
-    return parse_text(text, str(path), warnings)
+        raise ConfigError(f"not UTF-8 text ({e.reason} at byte {e.start})", None, path) from None
+
+
+def parse_file(path: str | Path, warnings: list[str] | None = None) -> GatewayConfig:
+    return parse_text(read_config(path), str(path), warnings)
+
+
+def require_rules(cfg: GatewayConfig) -> GatewayConfig:
+    """A config the daemon may run: one with at least one rule, or one that says on purpose
+    that it has none (`allow_empty yes` in the snatgw block).  An empty or truncated file
+    would otherwise turn NAT off for everyone."""
+    if len(cfg.rules) == 0 and not cfg.settings.allow_empty:
+        raise ConfigError(
+            "no snat_rule: a config without rules would turn NAT off (an empty or truncated file?); "
+            "write `allow_empty yes` in the snatgw block to run without rules on purpose",
+            "snat_rule", cfg.source or "<config>")
+    return cfg
 
 
 def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None = None) -> GatewayConfig:
@@ -233,7 +298,7 @@ def _once(cur: _Cursor, seen: dict[str, Token], t: Token, label: str | None = No
 
 def _no_args(cur: _Cursor, t: Token, args: list[Token]) -> None:
     if args:
-        raise cur.error(t.line, t.text, f"expected '{{' after {t.text}, got {args[0].text!r}")
+        raise cur.error(t.line, t.text, f"expected '{{' after {t.text}, got {shown(args[0].text)}")
 
 
 def _parse_service(cur: _Cursor, opener: Token, warn) -> list[Rule]:
@@ -291,7 +356,7 @@ def _parse_rule(cur: _Cursor, opener: Token) -> Rule:
         if not args:
             raise cur.error(t.line, t.text, "expected a value on the same line")
         if len(args) > 1 and args[1].text not in RULE_KEYWORDS:
-            raise cur.error(t.line, t.text, f"expected one value, got also {args[1].text!r}")
+            raise cur.error(t.line, t.text, f"expected one value, got also {shown(args[1].text)}")
         cur.i -= len(args) - 1  # the rest of the line is the next keywords
         vals[t.text] = args[0]
     missing = [k for k in ("from", "snat_ip") if k not in vals]
@@ -323,20 +388,21 @@ def _parse_rule(cur: _Cursor, opener: Token) -> Rule:
 
 def _int(cur: _Cursor, t: Token, v: Token, lo: int, hi: int | None = None) -> int:
     rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-    if not v.text.isdigit() or int(v.text) < lo or (hi is not None and int(v.text) > hi):
-        raise cur.error(v.line, t.text, f"expected an integer {rng}, got {v.text!r}")
+    # ASCII digits only: str.isdigit() is true for '²' (int() then raises) and '١٢' (int() reads 12)
+    if not _ASCII_INT.match(v.text) or int(v.text) < lo or (hi is not None and int(v.text) > hi):
+        raise cur.error(v.line, t.text, f"expected an integer {rng}, got {shown(v.text)}")
     return int(v.text)
 
 
 def _choice(cur: _Cursor, t: Token, v: Token, choices: tuple[str, ...]) -> str:
     if v.text not in choices:
-        raise cur.error(v.line, t.text, f"expected one of {', '.join(choices)}, got {v.text!r}")
+        raise cur.error(v.line, t.text, f"expected one of {', '.join(choices)}, got {shown(v.text)}")
     return v.text
 
 
 def _path(cur: _Cursor, t: Token, v: Token) -> str:
     if not v.text.startswith("/"):
-        raise cur.error(v.line, t.text, f"expected an absolute path, got {v.text!r}")
+        raise cur.error(v.line, t.text, f"expected an absolute path, got {shown(v.text)}")
     return v.text
 
 
@@ -350,7 +416,7 @@ def _ifaces(cur: _Cursor, t: Token, args: list[Token]) -> tuple[str, ...]:
         except RuleError as e:
             raise cur.error(a.line, t.text, e.message) from None
         if names.count(a.text) > 1:
-            raise cur.error(a.line, t.text, f"interface {a.text!r} listed twice")
+            raise cur.error(a.line, t.text, f"interface {shown(a.text)} listed twice")
     return tuple(names)
 
 
@@ -403,7 +469,7 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         a = _int(cur, t, Token(lo, v.line), 1, 65535)
         b = _int(cur, t, Token(hi, v.line), 1, 65535) if sep else a
         if b < a:
-            raise cur.error(v.line, k, f"expected MIN-MAX with MIN <= MAX, got {v.text!r}")
+            raise cur.error(v.line, k, f"expected MIN-MAX with MIN <= MAX, got {shown(v.text)}")
         return replace(s, port_min=a, port_max=b)
     if k == "port_tries":
         return replace(s, port_tries=_int(cur, t, v, 1, 65536))
@@ -417,17 +483,19 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         name = _choice(cur, t, v, tuple(TIMEOUT_NAMES))
         return s.with_timeouts(**{name: _int(cur, t, args[1], 1, 1 << 31)})
     if k == "gc_interval":
-        try:
-            secs = float(v.text)
+        try:  # ASCII only: float() reads '١٢' as 12.0
+            secs = float(v.text) if _ASCII_SECONDS.match(v.text) else math.nan
         except ValueError:
             secs = math.nan
         if not (math.isfinite(secs) and 0 < secs <= 3600):
-            raise cur.error(v.line, k, f"expected seconds, a number > 0 and <= 3600, got {v.text!r}")
+            raise cur.error(v.line, k, f"expected seconds, a number > 0 and <= 3600, got {shown(v.text)}")
         return replace(s, gc_interval=secs)
     if k == "control_socket":
         return replace(s, control_socket=_path(cur, t, v))
     if k == "snat_addresses":
         return replace(s, snat_addresses=_choice(cur, t, v, SNAT_ADDRESS_MODES))
+    if k == "allow_empty":
+        return replace(s, allow_empty=_choice(cur, t, v, ("yes", "no")) == "yes")
     assert k == "pin_dir"
     return replace(s, pin_dir=_path(cur, t, v))
 
@@ -450,6 +518,7 @@ def settings_as_dict(s: Settings) -> dict:
         "control_socket": s.control_socket,
         "pin_dir": s.pin_dir,
         "snat_addresses": s.snat_addresses,
+        "allow_empty": "yes" if s.allow_empty else "no",
     }
 
 
@@ -506,5 +575,6 @@ def render_config(cfg: GatewayConfig, full_settings: bool = False) -> str:
 
 __all__ = [
     "parse_text", "parse_file", "render_config", "render_rule", "render_settings",
-    "settings_as_dict", "tokenize", "RULE_KEYWORDS", "SETTINGS_KEYWORDS",
+    "settings_as_dict", "tokenize", "read_config", "require_rules", "shown", "MAX_CONFIG_BYTES",
+    "RULE_KEYWORDS", "SETTINGS_KEYWORDS",
 ]  # fmt: skip

@@ -44,6 +44,9 @@ class Settings:
     #: "external": the operator adds the SNAT addresses to the uplinks (as with LVS);
     #: "manage": the daemon adds every pool address as a /32 to its uplink (snatgw.daemon.addresses)
     snat_addresses: str = "external"
+    #: a config without any snat_rule is refused (by `check`, `run` and reload) unless this is
+    #: set (`allow_empty yes`): an empty or truncated file must never turn NAT off by accident
+    allow_empty: bool = False
 
     def timeout(self, state: int) -> int:
         return dict(self.timeouts)[int(state)]

@@ -28,22 +28,28 @@ RATE_INTERVAL = 2.0  # seconds between counter samples for `adm --rate`
 
 
 def load_config(path: str | None = None, text: str | None = None, overrides: dict | None = None,
-                filename: str | None = None) -> GatewayConfig:
-    """Parse a config file (or text) and apply command-line overrides to its settings."""
+                filename: str | None = None, require_rules: bool = True) -> GatewayConfig:
+    """Parse a config file (or text) and apply command-line overrides to its settings.  A
+    config without rules is refused unless it says `allow_empty yes` (``require_rules``)."""
     from ..config.parse import parse_file, parse_text
+    from ..config.parse import require_rules as _require
 
     if text is not None:
+        if not isinstance(text, str):
+            raise SnatgwError("reload: 'text' must be a string")
         cfg = parse_text(text, filename or path or "<control>")
     else:
         if not path:
             raise SnatgwError("no config file given")
+        if not isinstance(path, str):
+            raise SnatgwError("reload: 'path' must be a string")
         try:
             cfg = parse_file(path)
         except OSError as e:
             raise SnatgwError(f"{path}: cannot read config: {e.strerror or e}") from None
     if overrides:
         cfg = replace(cfg, settings=replace(cfg.settings, **overrides))
-    return cfg
+    return _require(cfg) if require_rules else cfg
 
 
 def rule_info(priority: int, r: Rule) -> dict:

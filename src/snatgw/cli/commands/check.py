@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from ...config.parse import parse_file, settings_as_dict
+from ...config.parse import parse_file, require_rules, settings_as_dict
 from ...config.schema import GatewayConfig
 from ...errors import EXIT_OK, ConfigError
 from ..render import dump_json, kv_table, rule_json, rule_table
@@ -72,7 +72,7 @@ def render_text(cfg: GatewayConfig, warnings: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     warnings: list[str] = []
     try:
-        cfg = parse_file(args.file, warnings)
+        cfg = require_rules(parse_file(args.file, warnings))
     except ConfigError as e:
         if args.json:
             print(dump_json({"valid": False, "file": args.file, "error": str(e), "field": e.field, "where": e.where}))

@@ -36,7 +36,7 @@ def _settings(args) -> Settings:
         return Settings()
     from ...daemon.service import load_config
 
-    return load_config(args.config).settings
+    return load_config(args.config, require_rules=False).settings
 
 
 def run(args) -> int:

@@ -1,0 +1,121 @@
+"""Hostile and careless config input (issue 10): non-ASCII digits are errors, not tracebacks;
+a non-regular or oversized file is refused before it is read; an error never echoes a word
+that is not config text (a reload of /etc/shadow must not put a hash in the reply or log); a
+config without rules is refused unless it says `allow_empty yes`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from snatgw.config import parse as P
+from snatgw.config.adm import AdmUsageError, parse_args
+from snatgw.config.parse import parse_file, parse_text, require_rules
+from snatgw.errors import ConfigError
+
+RULE = "virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n"
+SHADOW = ("root:$y$j9T$Xq1ZTopSecretSaltAndHash0123456789abcdefghijklmnopq/:19700:0:99999:7:::\n"
+          "daemon:*:19700:0:99999:7:::\n")
+
+
+def err(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as ei:
+        parse_text(text, "t.conf", [])
+    return ei.value
+
+
+@pytest.mark.parametrize("digits", ["²", "١٢", "１２", "1²"])
+@pytest.mark.parametrize("setting", ["max_sessions {}", "port_tries {}", "port_range 5000-{}",
+                                     "timeout udp {}", "gc_interval {}"])
+def test_non_ascii_digits_are_config_errors(setting, digits):
+    """'²' passes str.isdigit() (int() then raises) and '١٢' is read as 12 by int(): both are
+    errors naming file:line and the setting."""
+    e = err("snatgw {\n " + setting.format(digits) + "\n}\n" + RULE)
+    assert e.where == "t.conf:2" and e.field == setting.split()[0]
+
+
+@pytest.mark.parametrize("plen", ["²", "١٢"])
+def test_non_ascii_prefix_length_is_a_rule_error(plen):
+    e = err("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/" + plen + " snat_ip 198.19.2.71 }\n}\n")
+    assert e.field == "from" and "prefix length" in str(e)
+
+
+def test_adm_fwmark_in_non_ascii_digits_is_a_usage_error():
+    with pytest.raises(AdmUsageError):
+        parse_args(["-A", "-f", "١", "-s", "snat_sched"])
+
+
+def test_check_prints_an_error_not_a_traceback_for_superscript_digits(tmp_path):
+    conf = tmp_path / "sup.conf"
+    conf.write_text("snatgw {\n max_sessions 1²\n}\n" + RULE, encoding="utf-8")
+    p = subprocess.run([sys.executable, "-m", "snatgw.cli.main", "check", str(conf)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "sup.conf:2: max_sessions: expected an integer" in p.stderr
+
+
+def test_dev_zero_is_refused_before_reading():
+    with pytest.raises(ConfigError, match="not a regular file"):
+        parse_file("/dev/zero")
+
+
+def test_a_fifo_without_writer_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(pytest.raises(ConfigError, parse_file, fifo)), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and "not a regular file" in str(out[0].value)
+
+
+def test_an_oversized_file_is_refused_by_its_size(tmp_path):
+    big = tmp_path / "big.conf"
+    with open(big, "wb") as f:
+        f.truncate(P.MAX_CONFIG_BYTES + 1)  # sparse: nothing is written, nothing must be read
+    with pytest.raises(ConfigError, match="larger than"):
+        parse_file(big)
+
+
+def test_errors_never_echo_a_word_that_is_not_config_text(tmp_path):
+    """A shadow-like file: the error says where and what, and no byte of the hash."""
+    shadow = tmp_path / "shadow"
+    shadow.write_text(SHADOW)
+    with pytest.raises(ConfigError) as ei:
+        parse_file(shadow)
+    msg = str(ei.value)
+    assert "shadow:1" in msg and "unknown top-level keyword" in msg
+    assert "j9T" not in msg and "TopSecret" not in msg and "99999" not in msg
+    # words that are config text are still quoted, so ordinary mistakes stay easy to find
+    assert "snatgx" in str(err("snatgx {\n}\n"))
+    e = err("snatgw {\n backend \x1b[31mbpf\n}\n" + RULE)
+    assert "\x1b" not in str(e) and "not shown" in str(e)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n# nothing\n", "snatgw {\n inside lan40\n}\n",
+                                  "virtual_server fwmark 1 {\n}\n"])
+def test_a_config_without_rules_is_refused(text):
+    cfg = parse_text(text, "empty.conf")
+    with pytest.raises(ConfigError, match="allow_empty yes") as ei:
+        require_rules(cfg)
+    assert ei.value.where == "empty.conf"
+
+
+def test_allow_empty_yes_runs_without_rules_on_purpose():
+    cfg = require_rules(parse_text("snatgw {\n allow_empty yes\n}\n", "e.conf"))
+    assert len(cfg.rules) == 0 and cfg.settings.allow_empty
+    assert "allow_empty yes" in P.render_config(cfg)
+    assert err("snatgw {\n allow_empty maybe\n}\n").field == "allow_empty"
+
+
+def test_check_refuses_an_empty_file(tmp_path):
+    conf = tmp_path / "empty.conf"
+    conf.write_text("")
+    p = subprocess.run([sys.executable, "-m", "snatgw.cli.main", "check", str(conf)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "no snat_rule" in p.stderr
+
