@@ -253,3 +253,31 @@ def test_netns_restores_the_callers_namespace(ns):
     assert os.readlink("/proc/thread-self/ns/net") == before
 
 
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("how", ["other-user", "loose-mode", "symlink"])
+def test_a_pin_dir_made_by_someone_else_is_refused(pin_dir, mini_obj, how, tmp_path):
+    """A pin dir that another user made beforehand (or anyone may write, or a symlink) could hold
+    maps placed under our names: refused with a clear error, nothing pinned into it."""
+    if how == "symlink":
+        os.makedirs(pin_dir + "-real", mode=0o700)
+        os.symlink(pin_dir + "-real", pin_dir)
+    else:
+        os.makedirs(pin_dir, mode=0o700)
+        if how == "other-user":
+            os.chown(pin_dir, 65534, 65534)
+        else:
+            os.chmod(pin_dir, 0o777)
+    try:
+        with pytest.raises(BackendError) as e:
+            Loader(pin_dir, 64, mini_obj).load()
+        msg = str(e.value)
+        assert pin_dir in msg
+        assert {"other-user": "uid 65534", "loose-mode": "mode 0777", "symlink": "not a directory"}[how] in msg
+        target = pin_dir + "-real" if how == "symlink" else pin_dir
+        assert os.listdir(target) == []
+    finally:
+        if how == "symlink":
+            os.unlink(pin_dir)
+            os.rmdir(pin_dir + "-real")

@@ -348,9 +348,10 @@ def test_run_tells_systemd_when_it_is_ready_and_stopping(tmpdir_short):
                           "--socket", str(tmpdir_short / "ctl.sock")], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        assert note.recv(100) == b"READY=1"
+        ready = note.recv(1000).split(b"\n")
+        assert ready[0] == b"READY=1" and ready[1].startswith(b"STATUS=running: 3 rules")
         p.send_signal(signal.SIGTERM)
-        assert note.recv(100) == b"STOPPING=1"
+        assert note.recv(1000) == b"STOPPING=1"
         assert p.wait(timeout=10) == 0
     finally:
         note.close()

@@ -3,21 +3,40 @@ speaking JSON lines.  Each request is one JSON object ``{"op": ..., ...}`` on on
 response is one JSON object on one line, ``{"ok": true, ...}`` or ``{"ok": false, "error": ...,
 "code": ..., "exit": N}``.  Ops: status, reload, rules, sessions, stats, rate, flush, zero, adm
 (see Service.handle).  ``request()`` is the client the CLI verbs use.
+
+The server runs on the daemon's EventLoop (loop.py): non-blocking accept (backlog 128) and
+reads on the loop thread, one request per connection at a time handed to the Worker; `status`
+is answered on the loop itself, so it answers even while a long reload runs.  Bounds: a
+request line of at most MAX_REQUEST bytes, MAX_BUFFERED bytes over all connections,
+MAX_CLIENTS connections (accepting pauses beyond), IDLE_TIMEOUT seconds without progress
+closes a connection.  When accept() fails for lack of file descriptors (EMFILE at the unit's
+LimitNOFILE) the listener is paused for ACCEPT_PAUSE seconds instead of spinning on a socket
+that stays readable.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
-import socketserver
 import stat
 import threading
+import time
 from typing import Callable
 
+from ..config.parse import MAX_CONFIG_BYTES
 from ..errors import DaemonError
+from .log import Log
+from .loop import EventLoop, Worker, is_fd_exhaustion
 
-MAX_REQUEST = 16 * 1024 * 1024  # bytes of one request line (a reload may carry a config text)
+MAX_REQUEST = 2 * MAX_CONFIG_BYTES + 65536  # bytes of one request line (a reload may carry a config)
+MAX_BUFFERED = 2 * MAX_REQUEST  # bytes of unanswered requests over all connections
+MAX_CLIENTS = 256
+BACKLOG = 128
+IDLE_TIMEOUT = 10.0  # seconds a client may stay silent (or not read its answer)
+ACCEPT_PAUSE = 0.5  # seconds the listener rests after EMFILE/ENFILE
+INLINE_OPS = ("status",)  # answered on the loop thread, never queued behind a long job
 
 
 class NoDaemon(DaemonError):
@@ -25,30 +44,50 @@ class NoDaemon(DaemonError):
 
 
 def request(path: str, req: dict, timeout: float = 30.0) -> dict:
-    """Send one request, return the response dict.  NoDaemon when nothing listens."""
+    """Send one request, return the response dict.  NoDaemon when nothing listens.  A full
+    listen backlog (EAGAIN on connect) is retried until ``timeout``."""
+    deadline = time.monotonic() + timeout
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        try:
-            s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise NoDaemon(f"no snatgw daemon on {path}: {e.strerror}") from None
-        except PermissionError:
-            raise DaemonError(f"{path}: permission denied (the control socket is root-only)") from None
+        delay = 0.005
+        while True:
+            try:
+                s.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise NoDaemon(f"no snatgw daemon on {path}: {e.strerror}") from None
+            except PermissionError:
+                raise DaemonError(f"{path}: permission denied (the control socket is root-only)") from None
+            except (BlockingIOError, InterruptedError):  # EAGAIN: the backlog is full right now
+                if time.monotonic() + delay > deadline:
+                    raise DaemonError(f"the daemon on {path} accepted no connection within {timeout:g} s") \
+                        from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+                s.close()
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(max(0.01, deadline - time.monotonic()))
         s.sendall(json.dumps(req).encode() + b"\n")
         buf = bytearray()
         while not buf.endswith(b"\n"):
+            s.settimeout(max(0.01, deadline - time.monotonic()))
             chunk = s.recv(1 << 20)
             if not chunk:
                 break
             buf += chunk
     except socket.timeout:
         raise DaemonError(f"the daemon on {path} did not answer within {timeout:g} s") from None
+    except (ConnectionResetError, BrokenPipeError) as e:
+        raise DaemonError(f"the daemon on {path} closed the connection: {e.strerror}") from None
     finally:
         s.close()
     if not buf:
         raise DaemonError(f"the daemon on {path} closed the connection without an answer")
-    return json.loads(buf)
+    try:
+        return json.loads(buf)
+    except ValueError:
+        raise DaemonError(f"the daemon on {path} answered something that is not JSON") from None
 
 
 def _live(path: str) -> bool:
@@ -59,32 +98,34 @@ def _live(path: str) -> bool:
         return False
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        while True:
-            line = self.rfile.readline(MAX_REQUEST)
-            if not line:
-                return
-            try:
-                req = json.loads(line)
-            except ValueError as e:
-                resp = {"ok": False, "error": f"bad request: not JSON: {e}", "code": "EINVAL", "exit": 2}
-            else:
-                resp = self.server.dispatch(req)
-            self.wfile.write(json.dumps(resp, default=str).encode() + b"\n")
-            self.wfile.flush()
+def _error(msg: str, code: str = "EINVAL", exit_code: int = 2) -> dict:
+    return {"ok": False, "error": msg, "code": code, "exit": exit_code}
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    allow_reuse_address = False
+class _Conn:
+    __slots__ = ("sock", "rbuf", "wbuf", "last", "busy", "close_after")
+
+    def __init__(self, sock: socket.socket, now: float):
+        self.sock = sock
+        self.rbuf = bytearray()
+        self.wbuf = bytearray()
+        self.last = now
+        self.busy = False  # a request of this connection is with the worker
+        self.close_after = False  # close once wbuf is written
 
 
 class ControlServer:
-    """Bind at construction (refusing when another daemon answers there), serve in a thread."""
+    """Bind at construction (refusing when another daemon answers there).  ``attach(loop,
+    worker)`` serves on the daemon's loop; ``serve()`` alone makes a private loop and worker in a
+    thread (tests, tools).  ``dispatch(req) -> response`` runs on the worker; ``inline(req)``
+    (default: dispatch) answers INLINE_OPS on the loop thread."""
 
-    def __init__(self, path: str, dispatch: Callable[[dict], dict]):
+    def __init__(self, path: str, dispatch: Callable[[dict], dict],
+                 inline: Callable[[dict], dict] | None = None, log: Log | None = None):
         self.path = path
+        self.dispatch = dispatch
+        self.inline = inline or dispatch
+        self.log = log or Log()
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             os.makedirs(parent, mode=0o700, exist_ok=True)
@@ -96,26 +137,252 @@ class ControlServer:
             if _live(path):
                 raise DaemonError(f"another snatgw daemon is already running on {path}")
             os.unlink(path)  # stale socket of a daemon that died
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
         try:
-            self.server = _Server(path, _Handler, bind_and_activate=True)
+            self.sock.bind(path)
+        except OSError:
+            self.sock.close()
+            raise
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        self.server.dispatch = dispatch
+        self.sock.listen(BACKLOG)
+        self.sock.setblocking(False)
         self._ino = os.stat(path).st_ino
-        self.thread: threading.Thread | None = None
+        self.loop: EventLoop | None = None
+        self.worker: Worker | None = None
+        self.conns: dict[int, _Conn] = {}
+        self.buffered = 0
+        self.accepting = False
+        self._paused = False  # resting after EMFILE: only the timer resumes
+        self._own_thread: threading.Thread | None = None
+        self._idle_timer = None
+        self.counters = {"accepted": 0, "answered": 0, "busy": 0, "timeouts": 0, "too_large": 0,
+                         "accept_paused": 0}  # fmt: skip
+        self._last_pause_log = 0.0
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, loop: EventLoop, worker: Worker) -> None:
+        self.loop, self.worker = loop, worker
+        self._listen(True)
+        self._idle_timer = loop.every(1.0, self._expire_idle)
 
     def serve(self) -> None:
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
-                                       name="snatgw-control", daemon=True)
-        self.thread.start()
+        """A private loop and worker in a thread (for tests and tools; the daemon uses attach)."""
+        loop = EventLoop(self.log)
+        self.attach(loop, Worker(loop, self.log))
+        self._own_thread = threading.Thread(target=loop.run, name="snatgw-control", daemon=True)
+        self._own_thread.start()
+
+    def _listen(self, on: bool) -> None:
+        if on and not self.accepting:
+            self.loop.add_reader(self.sock, self._accept)
+        elif not on and self.accepting:
+            self.loop.remove_reader(self.sock)
+        self.accepting = on
+
+    # ------------------------------------------------------------------ accept
+    def _accept(self) -> None:
+        for _ in range(64):  # a bounded batch per wake-up; the loop comes back if more wait
+            if len(self.conns) >= MAX_CLIENTS:
+                self._listen(False)  # resumed by _close when a client leaves
+                return
+            try:
+                s, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if is_fd_exhaustion(e):
+                    self._pause(e)
+                    return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            s.setblocking(False)
+            c = _Conn(s, self.loop.clock())
+            self.conns[s.fileno()] = c
+            self.counters["accepted"] += 1
+            self.loop.add_reader(s, lambda c=c: self._read(c))
+
+    def _pause(self, e: OSError) -> None:
+        """No fd for accept(): rest the listener (the pending connection stays in the backlog)
+        instead of waking up for it again at once; close the longest-idle client to make room."""
+        self.counters["accept_paused"] += 1
+        self._paused = True
+        self._listen(False)
+        idle = [c for c in self.conns.values() if not c.busy]
+        if idle:
+            self._close(min(idle, key=lambda c: c.last))
+        now = time.monotonic()
+        if now - self._last_pause_log > 10:
+            self._last_pause_log = now
+            self.log.warning("control_accept_paused", error=os.strerror(e.errno), clients=len(self.conns),
+                             seconds=ACCEPT_PAUSE)  # fmt: skip
+        self.loop.call_later(ACCEPT_PAUSE, self._unpause)
+
+    def _unpause(self) -> None:
+        self._paused = False
+        if not self._closed() and len(self.conns) < MAX_CLIENTS:
+            self._listen(True)
+
+    def _closed(self) -> bool:
+        return self.sock.fileno() < 0
+
+    # ------------------------------------------------------------------ read / dispatch
+    def _read(self, c: _Conn) -> None:
+        try:
+            data = c.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(c)
+            return
+        if not data:
+            self._close(c)
+            return
+        c.last = self.loop.clock()
+        c.rbuf += data
+        self.buffered += len(data)
+        if b"\n" not in data:
+            if len(c.rbuf) > MAX_REQUEST:
+                self.counters["too_large"] += 1
+                self._answer(c, _error(f"bad request: longer than {MAX_REQUEST} bytes"), close=True)
+                return
+            if self.buffered > MAX_BUFFERED:
+                self.counters["busy"] += 1
+                self._answer(c, _error("the daemon is busy (too much request data pending); retry", "EBUSY", 4),
+                             close=True)  # fmt: skip
+                return
+        self._next(c)
+
+    def _take_line(self, c: _Conn) -> bytes | None:
+        i = c.rbuf.find(b"\n")
+        if i < 0:
+            return None
+        line = bytes(c.rbuf[:i])
+        del c.rbuf[: i + 1]
+        self.buffered -= i + 1
+        return line
+
+    def _next(self, c: _Conn) -> None:
+        """Dispatch the next complete line of ``c`` unless one is with the worker already."""
+        while not c.busy and not c.close_after:
+            line = self._take_line(c)
+            if line is None:
+                return
+            if len(line) > MAX_REQUEST:
+                self.counters["too_large"] += 1
+                self._answer(c, _error(f"bad request: longer than {MAX_REQUEST} bytes"), close=True)
+                return
+            if not line.strip():
+                continue
+            req = None
+            if len(line) < 4096:  # small: look at the op here (status is answered at once)
+                try:
+                    req = json.loads(line)
+                except ValueError as e:
+                    self._answer(c, _error(f"bad request: not JSON: {e}"))
+                    continue
+                if isinstance(req, dict) and req.get("op") in INLINE_OPS:
+                    self._answer(c, self._safe(self.inline, req))
+                    continue
+            c.busy = True
+            self.loop.remove_reader(c.sock)  # one request at a time: the client waits for its answer
+            job = (lambda r=req: self._safe(self.dispatch, r)) if req is not None else \
+                (lambda b=line: self._parse_and_dispatch(b))
+            if not self.worker.submit(job, lambda resp, err, c=c: self._done(c, resp, err)):
+                c.busy = False
+                self.counters["busy"] += 1
+                self._answer(c, _error("the daemon is busy (too many requests queued); retry", "EBUSY", 4))
+
+    def _parse_and_dispatch(self, line: bytes) -> dict:
+        try:
+            req = json.loads(line)
+        except ValueError as e:
+            return _error(f"bad request: not JSON: {e}")
+        return self._safe(self.dispatch, req)
+
+    def _safe(self, fn, req) -> dict:
+        try:
+            resp = fn(req)
+            return resp if isinstance(resp, dict) else _error("internal error: no answer", "ERROR", 4)
+        except Exception as e:  # dispatch never raises (Service.handle); be sure anyway
+            self.log.error("request_failed", error=repr(e))
+            return _error(f"internal error: {e!r}", "ERROR", 4)
+
+    def _done(self, c: _Conn, resp, err) -> None:
+        c.busy = False
+        if err is not None:
+            resp = _error(f"internal error: {err!r}", "ERROR", 4)
+        if c.sock.fileno() < 0:
+            return  # the client left meanwhile
+        c.last = self.loop.clock()
+        self._answer(c, resp)
+        if c.sock.fileno() >= 0 and not c.close_after:
+            self.loop.add_reader(c.sock, lambda c=c: self._read(c))
+            self._next(c)
+
+    # ------------------------------------------------------------------ write
+    def _answer(self, c: _Conn, resp: dict, close: bool = False) -> None:
+        if c.sock.fileno() < 0:
+            return
+        self.counters["answered"] += 1
+        c.wbuf += json.dumps(resp, default=str).encode() + b"\n"
+        c.close_after = c.close_after or close
+        self._write(c)
+
+    def _write(self, c: _Conn) -> None:
+        try:
+            while c.wbuf:
+                n = c.sock.send(c.wbuf)
+                del c.wbuf[:n]
+                c.last = self.loop.clock()
+        except (BlockingIOError, InterruptedError):
+            self.loop.add_writer(c.sock, lambda c=c: self._write(c))
+            return
+        except OSError:
+            self._close(c)
+            return
+        self.loop.remove_writer(c.sock)
+        if c.close_after:
+            self._close(c)
+
+    # ------------------------------------------------------------------ close
+    def _expire_idle(self) -> None:
+        now = self.loop.clock()
+        for c in list(self.conns.values()):
+            if not c.busy and now - c.last > IDLE_TIMEOUT:
+                self.counters["timeouts"] += 1
+                self._close(c)
+
+    def _close(self, c: _Conn) -> None:
+        fd = c.sock.fileno()
+        if fd >= 0:
+            self.loop.remove(c.sock)
+            self.conns.pop(fd, None)
+            c.sock.close()
+        self.buffered -= len(c.rbuf)
+        c.rbuf.clear()
+        if not self.accepting and not self._paused and not self._closed() and len(self.conns) < MAX_CLIENTS:
+            self._listen(True)
 
     def close(self) -> None:
-        if self.thread is not None:
-            self.server.shutdown()
-            self.thread.join(timeout=5)
-        self.server.server_close()
+        """Stop serving (from the loop thread, or after the loop ended) and remove our socket."""
+        if self._own_thread is not None:
+            self.loop.stop()
+            self._own_thread.join(timeout=5)
+            self.worker.close(timeout=5)
+        if self.loop is not None and self._own_thread is None:
+            for c in list(self.conns.values()):
+                self._close(c)
+            self.loop.remove(self.sock)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self.accepting = False
+        self.sock.close()
+        if self._own_thread is not None:
+            self.loop.close()
         try:  # remove only our own socket (not one a newer daemon bound since)
             if os.stat(self.path).st_ino == self._ino:
                 os.unlink(self.path)

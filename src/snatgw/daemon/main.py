@@ -1,7 +1,15 @@
-"""`snatgw run` (also `snatgwd`): the daemon's I/O edge.  Parse flags, load the config, start
-the backend, bind the control socket, print one `ready` line, then loop: GC every
-gc_interval, reload on SIGHUP, stop on SIGTERM/SIGINT (backend.stop(keep_state=True), socket
-removed, exit 0).  The logic lives in service.py.
+"""`snatgw run` (also `snatgwd`): the daemon's I/O edge.  Parse flags, load the config, take
+the network namespace (owner.py: one daemon per namespace), bind the control socket, start the
+backend, print one `ready` line, then run the event loop (loop.py) until SIGTERM/SIGINT:
+
+  main thread (EventLoop): signals (set_wakeup_fd), the control socket and its clients, the
+      owner socket, the tick timer; never calls the backend.
+  worker thread (Worker): every backend call, in order: control requests, SIGHUP reloads, the
+      tick (GC + hook check, every gc_interval).
+
+On SIGTERM the worker finishes its job, the backend stops with keep_state=True (bpf: programs
+stay attached and maps pinned; nft: the table stays), the socket is removed, exit 0.  The
+logic lives in service.py.
 """
 
 from __future__ import annotations
@@ -11,11 +19,13 @@ import os
 import signal
 import socket
 import sys
-import threading
+import time
 
 from ..errors import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, SnatgwError
 from .control import ControlServer
 from .log import Log
+from .loop import EventLoop, Worker
+from .owner import NamespaceOwner
 from .service import Service, load_config, make_backend
 
 DEFAULT_CONFIG = "/etc/snatgw/snatgw.conf"
@@ -54,56 +64,87 @@ def overrides_from(args) -> dict:
     return o
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about READY/RELOADING/STOPPING; a no-op elsewhere."""
+def sd_notify(*fields: str) -> None:
+    """Tell systemd (Type=notify) READY/RELOADING/STOPPING/STATUS (sd_notify(3): one datagram,
+    newline-separated assignments); a no-op without $NOTIFY_SOCKET."""
     addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
+    if not addr or not fields:
         return
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(state.encode(), addr)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto("\n".join(fields).encode(), addr)
     except OSError:
         pass
 
 
+def _status_line(text: str) -> str:
+    """A STATUS= value: one line, bounded (sd_notify fields end at a newline)."""
+    return "STATUS=" + " ".join(text.split())[:400]
+
+
 class Daemon:
-    """The running daemon: signals set flags and wake the main loop; the loop does the work."""
+    """The running daemon: the loop's handlers (signals, tick) and the jobs they queue."""
 
-    def __init__(self, service: Service, server: ControlServer, log: Log):
+    def __init__(self, service: Service, server: ControlServer, log: Log, loop: EventLoop,
+                 worker: Worker, owner: NamespaceOwner | None = None):
         self.service, self.server, self.log = service, server, log
-        self.wake = threading.Event()
-        self.stopping = False
-        self.reload_wanted = False
+        self.loop, self.worker, self.owner = loop, worker, owner
+        self.reload_running = False
+        self.reload_again = False
+        self.tick_running = False
+        self.timer = None
 
-    def on_signal(self, signum, _frame) -> None:
-        if signum == signal.SIGHUP:
-            self.reload_wanted = True
+    def start(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(s, self.on_stop)
+        self.loop.add_signal_handler(signal.SIGHUP, self.on_hup)
+        self.server.attach(self.loop, self.worker)
+        if self.owner is not None:
+            self.owner.attach(self.loop)
+        self.timer = self.loop.every(self.service.config.settings.gc_interval, self.on_tick)
+
+    # ------------------------------------------------------------------ handlers (loop thread)
+    def on_stop(self, _signum: int) -> None:
+        self.loop.stop()
+
+    def on_hup(self, _signum: int) -> None:
+        if self.reload_running:
+            self.reload_again = True  # one more after this one: the file may have changed again
+            return
+        self.reload_running = True
+        sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+                  _status_line("reloading"))  # fmt: skip
+        self.worker.submit(self.service.reload, self.on_reloaded, bounded=False)
+
+    def on_reloaded(self, _result, error: BaseException | None) -> None:
+        self.reload_running = False
+        if error is None:
+            sd_notify("READY=1", _status_line(f"running: {len(self.service.config.rules)} rules, "
+                                              f"backend {self.service.backend.name}, reloaded"))
         else:
-            self.stopping = True
-        self.wake.set()
-
-    def loop(self) -> None:
+            sd_notify("READY=1", _status_line(f"reload failed: {error}; running the previous config "
+                                              f"({len(self.service.config.rules)} rules)"))
         interval = self.service.config.settings.gc_interval
-        while not self.stopping:
-            self.wake.wait(interval)
-            self.wake.clear()
-            if self.stopping:
-                break
-            if self.reload_wanted:
-                self.reload_wanted = False
-                sd_notify("RELOADING=1")
-                try:
-                    self.service.reload()
-                except SnatgwError:
-                    pass  # logged by the service; the old config stays
-                sd_notify("READY=1")
-                interval = self.service.config.settings.gc_interval
-            try:
-                self.service.gc()
-            except SnatgwError as e:
-                self.log.error("gc_failed", error=str(e))
+        if self.timer is not None and self.timer.interval != interval:
+            self.timer.cancel()
+            self.timer = self.loop.every(interval, self.on_tick)
+        if self.reload_again:
+            self.reload_again = False
+            self.on_hup(signal.SIGHUP)
+
+    def on_tick(self) -> None:
+        if self.tick_running:
+            return  # the last tick is still with the worker (a long sweep): skip, do not pile up
+        self.tick_running = True
+        self.worker.submit(self.service.tick, self.on_ticked, bounded=False)
+
+    def on_ticked(self, _result, _error) -> None:
+        self.tick_running = False
+
+    def run(self) -> None:
+        self.loop.run()
 
 
 def run(args) -> int:
@@ -115,37 +156,52 @@ def run(args) -> int:
         log.error("config_invalid", error=str(e), config=args.config)
         return EXIT_BAD_INPUT
     settings = config.settings
+    owner = server = None
+    service: Service | None = None
     try:
+        # one daemon per network namespace (the fake backend has no datapath to own)
+        if settings.backend != "fake":
+            owner = NamespaceOwner({"socket": settings.control_socket, "backend": settings.backend,
+                                    "config": os.path.abspath(args.config)})  # fmt: skip
         backend = make_backend(settings.backend, settings)
-        server = ControlServer(settings.control_socket, lambda req: service.handle(req))
+        service = Service(config, backend, log, config_path=args.config, overrides=overrides)
+        server = ControlServer(settings.control_socket, service.handle, log=log)
     except (SnatgwError, OSError) as e:
         log.error("start_failed", error=str(e))
+        if owner is not None:
+            owner.close()
         return getattr(e, "exit_code", EXIT_BACKEND)
-    service = Service(config, backend, log, config_path=args.config, overrides=overrides)
-    daemon = Daemon(service, server, log)
-    old = {s: signal.signal(s, daemon.on_signal) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    loop = EventLoop(log)
+    worker = Worker(loop, log)
+    daemon = Daemon(service, server, log, loop, worker, owner)
+    started = False
     try:
         try:
             service.start()
+            started = True
         except SnatgwError as e:
             log.error("start_failed", error=str(e), backend=backend.name)
             return e.exit_code
-        server.serve()
+        daemon.start()
         print(f"snatgw ready backend={backend.name} rules={len(config.rules)} socket={settings.control_socket}"
               f" pid={os.getpid()}", flush=True)
-        sd_notify("READY=1")
-        daemon.loop()
+        sd_notify("READY=1", _status_line(f"running: {len(config.rules)} rules, backend {backend.name}"))
+        daemon.run()
         sd_notify("STOPPING=1")
         log.info("stopping", reason="signal")
         return EXIT_OK
     finally:
+        if not worker.close(timeout=20):
+            log.error("stop_worker_busy", msg="the worker did not finish its job within 20 s")
         server.close()
-        try:  # also after a failed start: detach whatever was attached, keep pinned sessions
-            service.stop()
-        except SnatgwError as e:
-            log.error("stop_failed", error=str(e))
-        for s, h in old.items():
-            signal.signal(s, h)
+        if started:
+            try:  # the datapath stays (keep_state): the next daemon adopts it
+                service.stop()
+            except Exception as e:  # noqa: BLE001
+                log.error("stop_failed", error=str(e))
+        if owner is not None:
+            owner.close()
+        loop.close()
 
 
 def main(argv: list[str] | None = None) -> int:

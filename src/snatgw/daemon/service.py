@@ -79,6 +79,9 @@ class Service:
         self.reloads = 0
         self.last_error: str | None = None
         self._samples: list[tuple[float, dict]] = []  # (time, stats dict), at most two
+        self.hooks_restored = 0  # datapath hooks put back after someone removed them
+        self.errors = 0  # failed GC ticks and hook checks since start
+        self.last_reload: dict | None = None  # {"ok": bool, "error": str|None, "at": unix time}
         self.addresses = AddressManager(self.log)
         self.last_apply: dict | None = None  # the last reload or adm batch: when, what, result
 
@@ -124,14 +127,22 @@ class Service:
                              config=src if text is None else "<control>")
             except SnatgwError as e:
                 self.last_error = str(e)
+                self.last_reload = {"ok": False, "error": str(e), "at": time.time()}
                 self._applied("reload", src if text is None else "<control>", str(e))
                 self.log.error("reload_failed", error=str(e), kept_rules=len(self.config.rules))
                 raise
+            except Exception as e:  # a bug below must cost the reload, never the daemon
+                self.last_error = f"internal error: {e!r}"
+                self.last_reload = {"ok": False, "error": self.last_error, "at": time.time()}
+                self._applied("reload", src if text is None else "<control>", self.last_error)
+                self.log.error("reload_failed", error=self.last_error, kept_rules=len(self.config.rules))
+                raise BackendError(self.last_error) from None
             self._applied("reload", src if text is None else "<control>", None)
             if path and text is None:
                 self.config_path = str(Path(path).resolve())
             self.reloads += 1
             self.last_error = None
+            self.last_reload = {"ok": True, "error": None, "at": time.time()}
             return new
 
     def adm(self, argvs: list[list[str]], restore: bool = False) -> AdmTable:
@@ -173,6 +184,30 @@ class Service:
             self.log.debug("expired", sessions=n)
         return n
 
+    def check_hooks(self) -> list[str]:
+        """Put back datapath hooks that vanished (backend.check_hooks); logged and counted."""
+        check = getattr(self.backend, "check_hooks", None)
+        if check is None:
+            return []
+        with self.lock:
+            restored = check()
+        if restored:
+            self.hooks_restored += len(restored)
+            self.log.warning("hooks_restored", backend=self.backend.name, restored="; ".join(restored),
+                             total=self.hooks_restored)  # fmt: skip
+        return restored
+
+    def tick(self) -> None:
+        """The periodic job: GC, then the hook check.  Never raises: every error is logged and
+        counted (a backend's parse error, a vanished tool), and the next tick tries again."""
+        for name, step in (("gc", self.gc), ("hooks", self.check_hooks)):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - the daemon outlives any backend failure
+                self.errors += 1
+                msg = str(e) if isinstance(e, SnatgwError) else repr(e)
+                self.log.error(f"{name}_failed", error=msg, errors=self.errors)
+
     # ------------------------------------------------------------------ queries
     def status(self) -> dict:
         s = self.config.settings
@@ -182,7 +217,8 @@ class Service:
             "service": self.table.service, "rules": len(self.config.rules),
             "last_error": self.last_error, "inside": list(s.inside), "outside": list(s.outside),
             "pin_dir": s.pin_dir, "control_socket": s.control_socket, "max_sessions": s.max_sessions,
-            "gc_interval": s.gc_interval,
+            "gc_interval": s.gc_interval, "hooks_restored": self.hooks_restored, "errors": self.errors,
+            "last_reload": self.last_reload,
         }
 
     def rules(self) -> dict:

@@ -1,6 +1,7 @@
 """`snatgw purge`: remove every trace of both backends in this network namespace (nft table,
 our ip rules/routes and conntrack entries, our TC filters on every device, the pin directory),
-refusing while a daemon answers on the control socket.
+refusing while a daemon owns the namespace (daemon/owner.py) or answers on the control socket,
+unless --force.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import socket as _socket
 from ...config.schema import Settings
 from ...daemon.client import resolve_socket
 from ...daemon.control import NoDaemon, request
+from ...daemon.owner import current_owner, describe
 from ...errors import DaemonError
 
 HELP = "remove every trace of snatgw's datapaths in this network namespace (no daemon may run)"
@@ -17,7 +19,10 @@ DESCRIPTION = """Remove what a stopped (SIGTERM) or killed daemon of either back
 network namespace: the nft backend's `table ip snatgw`, its ip rules and routes (proto 201,
 prefs/tables 31000-31999) and its conntrack entries; the bpf backend's TC filters (handle and
 priority 0x534e only) on every device, and the pinned maps in the pin directory (the sessions).
-Refuses (exit 4) while a daemon answers on the control socket: stop it first.
+This is how the datapath is removed on purpose: a daemon that exits (SIGTERM, `systemctl stop` or
+restart, an upgrade) leaves it translating for the next one.  Refuses (exit 4) while a daemon owns
+this network namespace or answers on the control socket: stop it first (--force purges anyway;
+a running daemon then puts its hooks back at its next tick).
 Run it in the gateway's namespace: `nsenter --net=/run/netns/NS snatgw purge ...`."""
 
 
@@ -29,6 +34,8 @@ def register(p) -> None:
     p.add_argument("--inside", action="append", metavar="IF",
                    help="as for `run` (accepted; filters are removed on every device anyway)")
     p.add_argument("--outside", action="append", metavar="IF", help="as for `run` (see --inside)")
+    p.add_argument("--force", action="store_true",
+                   help="purge even while a daemon owns this namespace (it restores its hooks at its next tick)")
 
 
 def _settings(args) -> Settings:
@@ -42,14 +49,20 @@ def _settings(args) -> Settings:
 def run(args) -> int:
     settings = _settings(args)
     sock = args.socket or (settings.control_socket if args.config else resolve_socket(None))
+    owner = current_owner()
+    if owner is not None and not args.force:
+        raise DaemonError(f"a snatgw daemon ({describe(owner)}) owns the datapath of this network namespace: "
+                          "stop it first (SIGTERM), then purge (or --force)")
     try:
         request(sock, {"op": "status"}, timeout=5.0)
     except NoDaemon:
         pass
     except DaemonError as e:
-        raise DaemonError(f"cannot tell whether a daemon runs on {sock} ({e}); not purging") from None
+        if not args.force:
+            raise DaemonError(f"cannot tell whether a daemon runs on {sock} ({e}); not purging") from None
     else:
-        raise DaemonError(f"a snatgw daemon answers on {sock}: stop it first (SIGTERM), then purge")
+        if not args.force:
+            raise DaemonError(f"a snatgw daemon answers on {sock}: stop it first (SIGTERM), then purge")
     from ...datapath.cleanup import purge
 
     pin_dir = args.pin_dir or settings.pin_dir

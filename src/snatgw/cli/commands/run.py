@@ -7,15 +7,20 @@ from ...daemon import main as _daemon
 HELP = "run the gateway daemon: start the datapath, serve the control socket, reload on SIGHUP"
 DESCRIPTION = """Run the gateway in the foreground (it never forks; systemd runs it as is).
 
-Loads CONFIG, starts the backend, prints one line containing `ready` on stdout once the
-datapath is attached, then serves the control socket (`snatgw reload|adm|conns|stats`).
-SIGHUP re-reads CONFIG and applies it atomically (an invalid config is logged and the old one
-kept). On start, the other backend's leftovers in this network namespace are removed (a
-warning names them). SIGTERM/SIGINT exit 0 and leave state for the next daemon:
-  bpf: the TC programs are detached; the pinned maps (sessions) stay in the pin directory.
-  nft: table ip snatgw, its policy routing (proto 201) and conntrack entries stay INSTALLED,
-       so the kernel keeps translating (new flows too) until the next start replaces them.
-`snatgw purge` removes all of it (with no daemon running)."""
+Loads CONFIG (a config without snat_rule is refused unless it says `allow_empty yes`), takes
+this network namespace (one daemon per namespace: a second `snatgw run` exits 4 naming the
+first), starts the backend, prints one line containing `ready` on stdout once the datapath is
+attached, then serves the control socket (`snatgw reload|adm|conns|stats`).  SIGHUP re-reads
+CONFIG and applies it atomically (an invalid config is logged, reported to systemd as
+`STATUS=reload failed: ...`, and the old one kept).  Every tick it expires sessions and puts
+back datapath hooks someone removed (logged as hooks_restored).  On start, the other backend's
+leftovers in this network namespace are removed (a warning names them) once its own datapath
+is in place.  SIGTERM/SIGINT exit 0 and leave the datapath TRANSLATING for the next daemon:
+  bpf: the TC programs stay attached and the maps (sessions) pinned; the next daemon adopts
+       the pins and replaces the programs in place (no moment without translation).
+  nft: table ip snatgw, its policy routing (proto 201) and conntrack entries stay installed;
+       the next start replaces the rule set in one transaction.
+`snatgw purge` removes the datapath on purpose (with no daemon running)."""
 
 
 def register(p) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,27 @@ def ensure_bpffs(pin_dir: str) -> None:
         os.makedirs(pin_dir, mode=0o700, exist_ok=True)
     except OSError as e:
         raise BackendError(f"{pin_dir}: cannot create the pin directory: {e.strerror}") from None
+    check_pin_dir(pin_dir)
+
+
+def check_pin_dir(pin_dir: str) -> None:
+    """The pin directory holds the session table and the rules: whoever can write it can swap
+    a map under our name.  Refuse one that is not a real directory owned by us, or that
+    others may write (made beforehand by another user, or with a loose mode)."""
+    try:
+        st = os.lstat(pin_dir)
+    except OSError as e:
+        raise BackendError(f"{pin_dir}: cannot check the pin directory: {e.strerror}") from None
+    me = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise BackendError(f"{pin_dir}: the pin directory is not a directory (a symlink?); refusing to use it")
+    if st.st_uid != me:
+        raise BackendError(f"{pin_dir}: the pin directory belongs to uid {st.st_uid}, not to us (uid {me}); "
+                           "refusing to trust maps another user could have placed there: remove it, or "
+                           f"chown {me} it if it is yours")
+    if st.st_mode & 0o022:
+        raise BackendError(f"{pin_dir}: the pin directory has mode {stat.S_IMODE(st.st_mode):04o}, writable by "
+                           "others; refusing to trust it: chmod 0700 it (or remove it)")
 
 
 def _is_bpffs(path: str) -> bool:
