@@ -131,12 +131,12 @@ def test_purge_removes_both_backends_state(clean, conf):
 
 @pytest.mark.lab
 def test_purge_refuses_while_a_daemon_answers(clean, conf):
-    """purge exits 4 and removes nothing while a daemon answers on the control socket."""
+    """purge exits 4 and removes nothing while a daemon owns the namespace."""
     lab = clean
     lab.start_gateway(conf, "nft")
     p = purge(lab)
     assert p.returncode == 4
-    assert "daemon answers" in p.stderr
+    assert "owns the datapath of this network namespace" in p.stderr
     assert nft_table(lab)
 
 

@@ -40,7 +40,8 @@ def test_non_ascii_digits_are_config_errors(setting, digits):
 
 @pytest.mark.parametrize("plen", ["²", "١٢"])
 def test_non_ascii_prefix_length_is_a_rule_error(plen):
-    e = err("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/" + plen + " snat_ip 198.19.2.71 }\n}\n")
+    e = err("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/" + plen
+            + " snat_ip 198.19.2.71 }\n}\n")
     assert e.field == "from" and "prefix length" in str(e)
 
 

@@ -228,7 +228,8 @@ def test_a_tick_whose_backend_raises_anything_keeps_the_daemon(daemon):
     backend.boom = ValueError("invalid literal for int() with base 10: 'timeout=30,'")
     service.tick()
     service.tick()
-    assert service.errors == 2 and any("gc_failed" in line and "timeout=30" in line for line in service.log.lines)
+    assert service.errors == 2
+    assert any("gc_failed" in line and "timeout=30" in line for line in service.log.lines)
     backend.boom = None
     backend.restored = ["snat_inside on lan40 ingress"]
     service.tick()

@@ -251,8 +251,8 @@ class ControlServer:
                 return
             if self.buffered > MAX_BUFFERED:
                 self.counters["busy"] += 1
-                self._answer(c, _error("the daemon is busy (too much request data pending); retry", "EBUSY", 4),
-                             close=True)  # fmt: skip
+                busy = _error("the daemon is busy (too much request data pending); retry", "EBUSY", 4)
+                self._answer(c, busy, close=True)
                 return
         self._next(c)
 

@@ -249,8 +249,8 @@ class Worker:
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
-    def submit(self, fn: Callable[[], object], done: Callable[[object, BaseException | None], None] | None = None,
-               bounded: bool = True) -> bool:
+    def submit(self, fn: Callable[[], object],
+               done: Callable[[object, BaseException | None], None] | None = None, bounded: bool = True) -> bool:
         """Queue ``fn``; ``done(result, error)`` runs on the loop thread after it.  A bounded job
         is refused (False) when ``bound`` of them wait already."""
         with self._cv:

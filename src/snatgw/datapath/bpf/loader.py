@@ -97,14 +97,15 @@ def check_pin_dir(pin_dir: str) -> None:
         raise BackendError(f"{pin_dir}: cannot check the pin directory: {e.strerror}") from None
     me = os.geteuid()
     if not stat.S_ISDIR(st.st_mode):
-        raise BackendError(f"{pin_dir}: the pin directory is not a directory (a symlink?); refusing to use it")
+        raise BackendError(f"{pin_dir}: the pin directory is not a directory (a symlink?); "
+                           "refusing to use it")
     if st.st_uid != me:
         raise BackendError(f"{pin_dir}: the pin directory belongs to uid {st.st_uid}, not to us (uid {me}); "
                            "refusing to trust maps another user could have placed there: remove it, or "
                            f"chown {me} it if it is yours")
     if st.st_mode & 0o022:
-        raise BackendError(f"{pin_dir}: the pin directory has mode {stat.S_IMODE(st.st_mode):04o}, writable by "
-                           "others; refusing to trust it: chmod 0700 it (or remove it)")
+        raise BackendError(f"{pin_dir}: the pin directory has mode {stat.S_IMODE(st.st_mode):04o}, "
+                           "writable by others; refusing to trust it: chmod 0700 it (or remove it)")
 
 
 def _is_bpffs(path: str) -> bool:
