@@ -4,7 +4,7 @@ kill -9), reloaded with a broken file, asked to start a second time, purged whil
 switched to the other backend, or has its hooks removed; the ISP side links are watched for
 frames with inside sources.  Every case: zero private sources out.  bpf restart: zero lost
 pings and the TCP connection survives.  The losses of each case are printed (`-s`) and kept in
-docs/operations.md."""
+docs/operations.md.  ATTACK_SCALE (make attack: 10) lengthens the traffic around each event."""
 
 from __future__ import annotations
 
@@ -24,18 +24,28 @@ from snatgw.lab.demo import REF_RULES, config_text, ruleset
 from snatgw.lab.gateway import snatgw_argv
 from snatgw.lab.netns import ns_socket, nsenter
 
-try:  # the edge work's watcher; the stub has the same interface until it lands
-    from snatgw.lab import leakwatch
-except ImportError:  # pragma: no cover - until then
-    import leakwatch_stub as leakwatch
+from snatgw.lab import leakwatch
+from snatgw.lab.topology import Lab
 
-INSIDE_NETS = ["198.18.0.0/16"]
+from .conftest import INSIDE_NETS, UPLINK_TAPS, scaled
+
+pytestmark = [pytest.mark.root, pytest.mark.attack, pytest.mark.lab]
 SERVER = "203.0.113.10"
 RESULTS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
-def conf(lab, servers):
+def lab():
+    lab = Lab.up(f"pytest-dark-{os.getpid()}", prefix=f"sgd{os.getpid() % 0xFFFF:04x}")
+    try:
+        lab.servers = lab.start_servers()
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture(scope="module")
+def conf(lab):
     lab.add_snat_addresses(ruleset(REF_RULES))
     os.makedirs(lab.workdir, exist_ok=True)
     path = os.path.join(lab.workdir, "dark.conf")
@@ -156,15 +166,19 @@ class TcpLoop:
 
 class Traffic:
     def __init__(self, lab):
-        self.watchers = [leakwatch.start(lab.ns(isp), "up", INSIDE_NETS) for isp in ("isp1", "isp2")]
+        self.watchers = [leakwatch.start(lab.ns(n), d, INSIDE_NETS) for n, d in UPLINK_TAPS]
         self.ping = Pinger(lab)
         self.tcp = TcpLoop(lab)
-        time.sleep(0.5)
+        time.sleep(scaled(5) / 10)  # traffic before the event: 0.5 s (make attack: 5 s)
 
     def stop(self, case: str) -> dict:
-        time.sleep(0.5)
+        time.sleep(scaled(5) / 10)  # and after it
         r = {"lost_pings": self.ping.stop(), "sent_pings": self.ping.sent, **self.tcp.stop()}
-        r["private_sources_out"] = sum(len(w.stop()) for w in self.watchers)
+        leaks = []
+        for w in self.watchers:
+            leaks += w.stop()
+        r["private_sources_out"] = len(leaks)
+        r["leaks"] = [str(f) for f in leaks[:3]]
         RESULTS[case] = r
         print(f"\nno-dark-window {case}: {json.dumps(r)}")
         return r
