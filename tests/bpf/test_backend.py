@@ -290,3 +290,13 @@ def test_gc_without_explicit_now_rests_for_nine_sweep_durations(backend, monkeyp
     add_session(backend.maps.ct, 2, L.CtState.SYN_SENT, out_seen=1, in_seen=1)
     assert backend.expire() == 0 and len(backend.maps.ct) == 2  # t 105: resting
     assert backend.expire() == 1 and len(backend.maps.ct) == 0  # t 110.5: swept
+
+
+@pytest.mark.bpf
+def test_addr_stats_reads_live_sessions_and_refusals_per_snat_address(backend):
+    """addr_stats() decodes snat_addr_stats (be32 address -> struct live_count) for the metrics."""
+    m = backend.maps.maps[L.MAP_ADDR_STATS]
+    m.put(ipaddress.IPv4Address("198.19.2.71").packed, L.LIVE_COUNT.pack(sessions=3, refusals=7))
+    m.put(ipaddress.IPv4Address("198.19.2.72").packed, L.LIVE_COUNT.pack(sessions=0, refusals=1))
+    assert backend.addr_stats() == {ipaddress.IPv4Address("198.19.2.71"): (3, 7),
+                                    ipaddress.IPv4Address("198.19.2.72"): (0, 1)}

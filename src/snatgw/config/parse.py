@@ -18,9 +18,13 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         pin_dir /sys/fs/bpf/snatgw
         snat_addresses external|manage        # manage: the daemon adds the pool addresses
         allow_empty no|yes                    # yes: a config without snat_rule may run
+        metrics_listen 127.0.0.1:9469         # Prometheus /metrics (default: off)
     }
     virtual_server fwmark 1 {                 # the SNAT service
         snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh }
+    }
+    link isp1 {                               # probed next hop, automatic failover (config/links.py)
+        gw 198.19.2.1  oif eth1  probe 203.0.113.10  backup_gw 198.19.3.1  backup_snat_ip 198.19.3.71
     }
 
 Other keepalived blocks (global_defs, vrrp_*, other virtual_servers, real_server and the
@@ -31,6 +35,7 @@ keepalived.conf can be read.  Every error is a ConfigError "file:line: field: me
 from __future__ import annotations
 
 import logging
+import re
 import math
 import os
 import re
@@ -41,6 +46,7 @@ from typing import NamedTuple
 
 from ..errors import ConfigError, RuleError
 from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_gw, parse_net, parse_oif
+from .links import INTERVAL_RANGE, LINK_KEYWORDS, MAX_TARGETS, Link
 from .schema import BACKENDS, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings, timeout_floor_warning
 
 log = logging.getLogger("snatgw.config")
@@ -50,7 +56,7 @@ RULE_KEYWORDS = ("from", "to", "gw", "oif", "new_gw", "snat_ip", "algo")
 #: snatgw block keywords
 SETTINGS_KEYWORDS = (
     "inside", "outside", "port_range", "port_tries", "max_sessions", "unmatched", "backend",
-    "timeout", "gc_interval", "control_socket", "pin_dir", "snat_addresses", "allow_empty",
+    "timeout", "gc_interval", "control_socket", "pin_dir", "snat_addresses", "allow_empty", "metrics_listen",
 )  # fmt: skip
 #: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
 KEEPALIVED_VS_OPTIONS = frozenset(
@@ -250,6 +256,7 @@ def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None
     warn = warnings.append if warnings is not None else log.warning
     cur = _Cursor(tokenize(text), filename)
     rules: list[Rule] = []
+    links: list[Link] = []
     settings = Settings()
     seen: dict[str, Token] = {}
     while (t := cur.next()) is not None:
@@ -263,6 +270,8 @@ def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None
             _no_args(cur, t, args)
             cur.open_brace(t)
             settings = _parse_settings(cur, t, warn)
+        elif t.text == "link":
+            links.append(_parse_link(cur, t, args, links))
         elif t.text == "virtual_server" and [a.text for a in args] == ["fwmark", "1"]:
             _once(cur, seen, t, "virtual_server fwmark 1")
             cur.open_brace(t)
@@ -286,7 +295,7 @@ def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None
         raise
     except RuleError as e:
         raise ConfigError(e.message, e.field, e.where) from None
-    return GatewayConfig(rules=ruleset, settings=settings, source=filename)
+    return GatewayConfig(rules=ruleset, settings=settings, source=filename, links=tuple(links))
 
 
 def _once(cur: _Cursor, seen: dict[str, Token], t: Token, label: str | None = None) -> None:
@@ -381,6 +390,78 @@ def _parse_rule(cur: _Cursor, opener: Token) -> Rule:
         raise
     except RuleError as e:
         raise ConfigError(e.message, e.field, e.where) from None
+
+
+def _parse_link(cur: _Cursor, opener: Token, args: list[Token], links: list[Link]) -> Link:
+    """`link NAME { ... }` (snatgw.config.links): keyword value pairs, `probe` takes 1..8."""
+    if len(args) != 1 or not re.fullmatch(r"[A-Za-z0-9_-]{1,15}", args[0].text):
+        raise cur.error(opener.line, "link", "expected one name (letters, digits, - and _, at most 15) "
+                        "before '{'")  # fmt: skip
+    name = args[0].text
+    for other in links:
+        if other.name == name:
+            raise cur.error(opener.line, "link", f"a second link {name!r}; the first is at {other.where}")
+    cur.open_brace(opener)
+    vals: dict[str, list[Token]] = {}
+    while (t := _next_keyword(cur, opener, "link", LINK_KEYWORDS)) is not None:
+        if t.text in vals:
+            raise cur.error(t.line, t.text, f"given twice in one link (first at line {vals[t.text][0].line})")
+        got = cur.values()
+        words = []
+        for a in got:  # several keywords may share a line
+            if a.text in LINK_KEYWORDS:
+                break
+            words.append(a)
+        cur.i -= len(got) - len(words)
+        if not words:
+            raise cur.error(t.line, t.text, "expected a value on the same line")
+        if t.text != "probe" and len(words) > 1:
+            raise cur.error(t.line, t.text, f"expected one value, got also {words[1].text!r}")
+        if len(words) > MAX_TARGETS:
+            raise cur.error(t.line, t.text, f"at most {MAX_TARGETS} probe targets, got {len(words)}")
+        vals[t.text] = [t] + words
+    missing = [k for k in ("gw", "probe", "backup_gw") if k not in vals]
+    if missing:
+        raise cur.error(opener.line, "link", f"link {name}: missing {', '.join(missing)} (required)")
+
+    def one(k: str) -> Token:
+        return vals[k][1]
+
+    def num(k: str, lo: float, hi: float, integer: bool) -> float:
+        v = one(k)
+        try:
+            x = int(v.text) if integer and v.text.isdigit() else float(v.text)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and lo <= x <= hi) or (integer and not v.text.isdigit()):
+            kind = "an integer" if integer else "seconds, a number"
+            raise cur.error(v.line, k, f"expected {kind} from {_fmt_num(lo)} to {_fmt_num(hi)}, got {v.text!r}")
+        return x
+
+    try:
+        gw = parse_addr(one("gw").text, "gw", cur.where(one("gw").line))
+        probe = tuple(parse_addr(v.text, "probe", cur.where(v.line)) for v in vals["probe"][1:])
+        backup = parse_addr(one("backup_gw").text, "backup_gw", cur.where(one("backup_gw").line))
+        link = Link(
+            name=name, gw=gw, probe=probe, backup_gw=backup,
+            oif=parse_oif(one("oif").text, cur.where(one("oif").line)) if "oif" in vals else None,
+            source=parse_addr(one("source").text, "source", cur.where(one("source").line)) if "source" in vals else None,
+            interval=num("interval", *INTERVAL_RANGE, False) if "interval" in vals else Link.interval,
+            fall=int(num("fall", 1, 100, True)) if "fall" in vals else Link.fall,
+            rise=int(num("rise", 1, 100, True)) if "rise" in vals else Link.rise,
+            hold=num("hold", 0, 86400, False) if "hold" in vals else Link.hold,
+            backup_pool=Pool.parse(one("backup_snat_ip").text, cur.where(one("backup_snat_ip").line))
+            if "backup_snat_ip" in vals else None,
+            where=cur.where(opener.line),
+        )  # fmt: skip
+    except RuleError as e:
+        raise ConfigError(e.message, e.field, e.where) from None
+    if backup == gw:
+        raise cur.error(one("backup_gw").line, "backup_gw", f"is the link's own gw {gw}: a backup must be another next hop")
+    for other in links:
+        if other.gw == gw:
+            raise cur.error(one("gw").line, "gw", f"{gw} is already link {other.name}'s gw ({other.where})")
+    return link
 
 
 # --------------------------------------------------------------------------- settings
@@ -496,8 +577,32 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         return replace(s, snat_addresses=_choice(cur, t, v, SNAT_ADDRESS_MODES))
     if k == "allow_empty":
         return replace(s, allow_empty=_choice(cur, t, v, ("yes", "no")) == "yes")
+    if k == "metrics_listen":
+        try:
+            parse_listen(v.text)
+        except ValueError as e:
+            raise cur.error(v.line, k, str(e)) from None
+        return replace(s, metrics_listen=v.text)
     assert k == "pin_dir"
     return replace(s, pin_dir=_path(cur, t, v))
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``metrics_listen``'s ``ADDR:PORT`` -> (addr, port); ValueError saying what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected ADDR:PORT with a port 1..65535, got {text!r}")
+    if _quad_ok(host) is False:
+        raise ValueError(f"expected an IPv4 address A.B.C.D before ':', got {host!r}")
+    return host, int(port)
+
+
+def _quad_ok(host: str) -> bool:
+    try:
+        parse_addr(host, "metrics_listen")
+        return True
+    except RuleError:
+        return False
 
 
 # --------------------------------------------------------------------------- output
@@ -519,6 +624,7 @@ def settings_as_dict(s: Settings) -> dict:
         "pin_dir": s.pin_dir,
         "snat_addresses": s.snat_addresses,
         "allow_empty": "yes" if s.allow_empty else "no",
+        "metrics_listen": s.metrics_listen,
     }
 
 
@@ -536,7 +642,7 @@ def render_settings(s: Settings, full: bool = False) -> list[str]:
                 if full or base["timeout"].get(name) != secs:
                     lines.append(f"timeout {name} {secs}")
             continue
-        if not full and d[k] == base[k]:
+        if (not full and d[k] == base[k]) or d[k] is None:
             continue
         if k in ("inside", "outside"):
             if d[k]:

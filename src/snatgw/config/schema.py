@@ -47,6 +47,7 @@ class Settings:
     #: a config without any snat_rule is refused (by `check`, `run` and reload) unless this is
     #: set (`allow_empty yes`): an empty or truncated file must never turn NAT off by accident
     allow_empty: bool = False
+    metrics_listen: str | None = None  # "ADDR:PORT" of the Prometheus /metrics listener (None: off)
 
     def timeout(self, state: int) -> int:
         return dict(self.timeouts)[int(state)]
@@ -63,3 +64,4 @@ class GatewayConfig:
     rules: RuleSet
     settings: Settings = field(default_factory=Settings)
     source: str | None = None  # file name it came from
+    links: tuple = ()  # snatgw.config.links.Link: probed next hops and their backups

@@ -8,6 +8,7 @@ Problems, each one line naming what and where:
   - an inside or outside device is missing, administratively down, or without carrier;
   - the last reload or adm batch failed (the daemon runs the rules it had before);
   - the session table is at least FILL_ALARM full (new flows will soon be refused);
+  - a probed link (config `link`) is failed or recovering: its rules run on the backup;
   - the backend cannot be read at all.
 """
 
@@ -72,6 +73,11 @@ def report(service, link_reader=None) -> dict:
     s = service.config.settings
     links = (link_reader or link_states)(tuple(s.inside) + tuple(s.outside))
     found = problems(dp, links, service.last_apply)
+    probes = service.link_monitor.as_dict() if getattr(service, "link_monitor", None) else {}
+    for name, lk in probes.items():
+        if lk["on_backup"]:
+            found.append(f"link {name}: {lk['state']} for {lk['since']:.1f} s ({lk['why']}): its rules run on "
+                         f"the backup {lk['backup_gw']}")
     counts = dict(service.log.counts) if hasattr(service.log, "counts") else {}
     return {
         **service.status(),
@@ -79,6 +85,7 @@ def report(service, link_reader=None) -> dict:
         "problems": found,
         "datapath": dp,
         "links": links,
+        "link_health": probes,
         "last_apply": service.last_apply,
         "errors": counts.get("error", 0),
         "warnings": counts.get("warning", 0),

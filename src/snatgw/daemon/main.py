@@ -24,6 +24,7 @@ import time
 from ..errors import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, SnatgwError
 from .control import ControlServer
 from .log import Log
+from .extras import Extras
 from .loop import EventLoop, Worker
 from .owner import NamespaceOwner
 from .service import Service, load_config, make_backend
@@ -95,6 +96,7 @@ class Daemon:
         self.reload_again = False
         self.tick_running = False
         self.timer = None
+        self.extras = None
 
     def start(self) -> None:
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -104,6 +106,8 @@ class Daemon:
         if self.owner is not None:
             self.owner.attach(self.loop)
         self.timer = self.loop.every(self.service.config.settings.gc_interval, self.on_tick)
+        self.extras = Extras(self.service, self.loop, self.worker, self.log)  # links, metrics
+        self.extras.attach()
 
     # ------------------------------------------------------------------ handlers (loop thread)
     def on_stop(self, _signum: int) -> None:
@@ -191,6 +195,8 @@ def run(args) -> int:
         log.info("stopping", reason="signal")
         return EXIT_OK
     finally:
+        if getattr(daemon, "extras", None) is not None:
+            daemon.extras.close()
         if not worker.close(timeout=20):
             log.error("stop_worker_busy", msg="the worker did not finish its job within 20 s")
         server.close()

@@ -19,6 +19,7 @@ from ..config.adm import AdmRefused, AdmTable, AdmUsageError, parse_args
 from ..config.schema import GatewayConfig, Settings
 from ..errors import EXIT_BAD_INPUT, BackendError, SnatgwError
 from ..rules import Rule, RuleSet, parse_addr
+from ..config.links import failover
 from .addresses import AddressManager
 from .log import Log
 
@@ -84,6 +85,11 @@ class Service:
         self.last_reload: dict | None = None  # {"ok": bool, "error": str|None, "at": unix time}
         self.addresses = AddressManager(self.log)
         self.last_apply: dict | None = None  # the last reload or adm batch: when, what, result
+        self.failed_links: set[str] = set()  # links whose rules run on their backups (LinkMonitor)
+        self.applies = {"ok": 0, "failed": 0}  # reloads, adm batches, failovers by result (metrics)
+        self.gc_stats = {"sweeps": 0, "removed": 0, "seconds": 0.0}  # expiry work (metrics)
+        self.link_monitor = None  # set by the daemon when the config has links
+        self.on_reload: Callable[[], None] | None = None  # called after each successful reload
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -101,8 +107,9 @@ class Service:
 
     def _commit(self, new: GatewayConfig, table: AdmTable, event: str, **fields) -> None:
         """Apply ``new`` to the backend; only when that succeeds does it become current."""
-        self.addresses.sync(new)  # first: a plan error (no uplink for an address) changes nothing
-        self.backend.apply(new)
+        running = self.effective(new)  # with the rules of failed links on their backups
+        self.addresses.sync(running)  # first: a plan error (no uplink for an address) changes nothing
+        self.backend.apply(running)
         self.config, self.table = new, table
         self.log.info(event, rules=len(new.rules), **fields)
 
@@ -142,6 +149,8 @@ class Service:
                 self.config_path = str(Path(path).resolve())
             self.reloads += 1
             self.last_error = None
+            if self.on_reload is not None:
+                self.on_reload()
             self.last_reload = {"ok": True, "error": None, "at": time.time()}
             return new
 
@@ -164,13 +173,18 @@ class Service:
             return table
 
     def _applied(self, kind: str, what: str | None, error: str | None) -> None:
+        self.applies["ok" if error is None else "failed"] += 1
         self.last_apply = {"kind": kind, "what": what, "ok": error is None, "error": error,
                            "at": time.time(), "uptime": round(self.clock() - self.started_at, 3)}
 
     def gc(self, now: float | None = None) -> int:
         """One GC tick: expire sessions; sample counters for rates."""
         with self.lock:
+            t0 = time.monotonic()
             n = self.backend.expire()
+            self.gc_stats["sweeps"] += 1
+            self.gc_stats["removed"] += n
+            self.gc_stats["seconds"] += time.monotonic() - t0
             t = self.clock() if now is None else now
             if not self._samples or t - self._samples[-1][0] >= RATE_INTERVAL:
                 try:
@@ -222,13 +236,48 @@ class Service:
         }
 
     def rules(self) -> dict:
-        rs = self.config.rules
+        """The running rules (with failed links' rules on their backups), priority and
+        definition order."""
+        rs = self.effective(self.config).rules
         return {
             "service": self.table.service,
             "max_sessions": self.config.settings.max_sessions,
             "rules": [rule_info(i, r) for i, r in enumerate(rs, 1)],
-            "defined": [rule_info(0, r) for r in self.table.rules],
+            "defined": [rule_info(0, r) for r in rs.defined],
+            "links_on_backup": sorted(self.failed_links & {lk.name for lk in self.config.links}),
         }
+
+    # ------------------------------------------------------------------ link failover
+    def effective(self, cfg: GatewayConfig) -> GatewayConfig:
+        """``cfg`` as it runs while the links in ``failed_links`` are down (config.links)."""
+        down = self.failed_links & {lk.name for lk in cfg.links}
+        return replace(cfg, rules=failover(cfg.rules, cfg.links, down)) if down else cfg
+
+    def set_link(self, name: str, on_backup: bool, why: str = "") -> bool:
+        """A link monitor's verdict: move the link's rules to its backup, or back.  Applies the
+        running rules at once (sessions follow, spec "Rule changes and live sessions"); on a
+        backend error the verdict is kept and the next apply carries it.  True when applied."""
+        with self.lock:
+            before = self.effective(self.config)
+            (self.failed_links.add if on_backup else self.failed_links.discard)(name)
+            after = self.effective(self.config)
+            if after.rules == before.rules:
+                return False
+            moved = sum(1 for a, b in zip(before.rules.defined, after.rules.defined) if a != b)
+            t0 = time.monotonic()
+            try:
+                self.addresses.sync(after)
+                self.backend.apply(after)
+            except SnatgwError as e:
+                self._applied("failover" if on_backup else "failback", name, str(e))
+                self.log.error("link_apply_failed", link=name, on_backup=on_backup, error=str(e))
+                return False
+            self._applied("failover" if on_backup else "failback", name, None)
+            removed = getattr(self.backend, "last_follow", (0, 0))[1] if hasattr(self.backend, "last_follow") \
+                else getattr(self.backend, "last_removed", None)
+            self.log.warning("link_failover" if on_backup else "link_restored", link=name, why=why,
+                             rules=moved, sessions_removed=removed, apply_ms=round((time.monotonic() - t0) * 1e3, 1))
+            return True
 
     def rate(self) -> dict:
         """Per-second deltas between the last two counter samples (empty until two exist)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from ...config.links import link_rules
 from ...config.parse import parse_file, require_rules, settings_as_dict
 from ...config.schema import GatewayConfig
 from ...errors import EXIT_OK, ConfigError
@@ -37,6 +38,12 @@ def config_warnings(cfg: GatewayConfig) -> list[str]:
         for r in cfg.rules.defined:
             if r.oif and r.oif not in s.outside:
                 out.append(f"{r.where}: oif: {r.oif} is not among the outside interfaces ({' '.join(s.outside)})")
+    for lk in cfg.links:
+        if not link_rules(lk, cfg.rules):
+            out.append(f"{lk.where}: link {lk.name}: no rule has {lk.gw} as its next hop (gw or new_gw, or oif "
+                       f"{lk.oif or '-'}): a failure of it moves nothing")
+        if s.outside and lk.oif and lk.oif not in s.outside:
+            out.append(f"{lk.where}: link {lk.name}: oif {lk.oif} is not among the outside interfaces")
     missing = [k for k in ("inside", "outside") if not getattr(s, k)]
     if missing:
         out.append(f"{cfg.source}: no {' or '.join(missing)} interfaces in a snatgw {{ }} block: "
@@ -47,10 +54,12 @@ def config_warnings(cfg: GatewayConfig) -> list[str]:
 
 
 def report(cfg: GatewayConfig, warnings: list[str]) -> dict:
+    prio = {r.rule_id: i for i, r in enumerate(cfg.rules, 1)}
     return {
         "valid": True,
         "file": cfg.source,
         "rules": [rule_json(i, r) for i, r in enumerate(cfg.rules, 1)],
+        "links": [{**lk.as_dict(), "rules": [prio[r.rule_id] for r in link_rules(lk, cfg.rules)]} for lk in cfg.links],
         "settings": settings_as_dict(cfg.settings),
         "warnings": warnings,
     }
@@ -61,6 +70,16 @@ def render_text(cfg: GatewayConfig, warnings: list[str]) -> str:
     out = [f"{cfg.source}: valid, {n} rule{'s' if n != 1 else ''}", ""]
     if n:
         out += ["rules in priority order (a new flow takes the first that matches):", rule_table(cfg.rules, "  "), ""]
+    if cfg.links:
+        prio = {r.rule_id: i for i, r in enumerate(cfg.rules, 1)}
+        out += ["links (probed; while one is down its rules run on the backup):"]
+        for lk in cfg.links:
+            owned = ", ".join(f"#{prio[r.rule_id]}" for r in link_rules(lk, cfg.rules)) or "none"
+            pool = f" snat_ip {lk.backup_pool}" if lk.backup_pool else ""
+            out.append(f"  {lk.name}: gw {lk.gw} oif {lk.oif or '(route)'} probe {' '.join(map(str, lk.probe))} "
+                       f"every {lk.interval:g} s, down after {lk.dead_after:g} s, rise {lk.rise}, hold {lk.hold:g} s; "
+                       f"rules {owned} -> new_gw {lk.backup_gw}{pool}  ({lk.where})")
+        out.append("")
     d = settings_as_dict(cfg.settings)
     timeouts = d.pop("timeout")
     out += ["settings:", kv_table(d.items()), "  timeouts (s):"]

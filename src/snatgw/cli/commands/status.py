@@ -72,6 +72,12 @@ def render_text(r: dict) -> str:
     rows = [[n, roles.get(n, "-"), st["operstate"], "yes" if st["carrier"] else "no", "up" if st["up"] else "down"]
             for n, st in r["links"].items()]
     out.append(table(rows, ("device", "role", "state", "carrier", "admin"), "  ") if rows else "  none configured")
+    if r.get("link_health"):
+        out += ["", "probed links:"]
+        rows = [[n, lk["state"], f"{lk['since']:.1f}s", "yes" if lk["carrier"] else "no", f"{lk['last_reply']:.2f}s",
+                 f"{lk['received']}/{lk['sent']}", lk["backup_gw"] if lk["on_backup"] else "-"]
+                for n, lk in r["link_health"].items()]
+        out.append(table(rows, ("link", "state", "for", "carrier", "last reply", "replies", "rules on"), "  "))
     if r["problems"]:
         out += ["", "problems:"] + [f"  - {p}" for p in r["problems"]]
     return "\n".join(out)

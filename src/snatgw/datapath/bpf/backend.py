@@ -394,6 +394,18 @@ class BpfBackend:
         self._writable()
         self.maps.zero()
 
+    def addr_stats(self) -> dict[ipaddress.IPv4Address, tuple[int, int]]:
+        """SNAT address -> (live sessions, refusals) from the datapath's per-address counts
+        (snat_addr_stats; metrics).  Empty while the datapath does not count per address."""
+        mp = self._m().maps.get(L.MAP_ADDR_STATS)
+        if mp is None:
+            return {}
+        out = {}
+        for k, v in mp.items():
+            d = L.LIVE_COUNT.unpack(v)
+            out[ipaddress.IPv4Address(k[:4])] = (int(d["sessions"]), int(d["refusals"]))
+        return out
+
     def health(self) -> dict:
         """For `snatgw status`: each program this daemon attached and whether it is still the
         one on its hook (another may have replaced it, or the device gone), and every map's

@@ -1,0 +1,74 @@
+"""What issue 13 adds to the running daemon, registered on its event loop (snatgw.daemon.loop):
+the link monitor (probes, carrier, automatic failover: snatgw.daemon.links) and the Prometheus
+listener (snatgw.daemon.metrics).  ``Extras.attach()`` after start, ``refresh()`` after every
+reload (links or metrics_listen may have changed), ``close()`` on the way out.
+
+Backend work stays on the worker: a link verdict becomes ``worker.submit(Service.set_link)``,
+a scrape ``worker.submit(metrics.scrape)``.
+"""
+
+from __future__ import annotations
+
+from ..config.parse import parse_listen
+from .links import LinkMonitor
+from .metrics import MetricsServer
+
+
+class Extras:
+    def __init__(self, service, loop, worker, log):
+        self.service, self.loop, self.worker, self.log = service, loop, worker, log
+        self.monitor: LinkMonitor | None = None
+        self.metrics: MetricsServer | None = None
+        self._links = None
+        self._listen = None
+
+    def attach(self) -> None:
+        self.refresh()
+        # a reload (SIGHUP or control op, on the worker) may change links or metrics_listen
+        self.service.on_reload = lambda: self.loop.call_soon_threadsafe(self.refresh)
+
+    def refresh(self) -> None:
+        cfg = self.service.config
+        if cfg.links != self._links:
+            self._stop_monitor()
+            known = {lk.name for lk in cfg.links}
+            for name in list(self.service.failed_links - known):  # a link removed from the config
+                self.service.failed_links.discard(name)
+            if cfg.links:
+                self.monitor = LinkMonitor(cfg.links, self._on_link, self.log, clock=self.loop.clock,
+                                           failed=set(self.service.failed_links))
+                self.monitor.attach(self.loop)
+                self.service.link_monitor = self.monitor
+            self._links = cfg.links
+        listen = cfg.settings.metrics_listen
+        if listen != self._listen:
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
+            if listen:
+                try:
+                    self.metrics = MetricsServer(*parse_listen(listen), self.service, self.log)
+                    self.metrics.attach(self.loop, self.worker)
+                except OSError as e:  # address in use, not local: the daemon runs on without it
+                    self.log.error("metrics_listen_failed", address=listen, error=str(e))
+                    self.metrics = None
+            self._listen = listen
+
+    def _on_link(self, name: str, on_backup: bool, why: str) -> None:
+        """A link verdict (loop thread): the rules move on the worker, never here."""
+        def apply() -> bool:
+            return self.service.set_link(name, on_backup, why)
+
+        self.worker.submit(apply, bounded=False)
+
+    def _stop_monitor(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+            self.service.link_monitor = None
+
+    def close(self) -> None:
+        self._stop_monitor()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None

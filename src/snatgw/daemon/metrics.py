@@ -1,0 +1,329 @@
+"""Prometheus metrics of the running daemon (setting ``metrics_listen ADDR:PORT``, off by
+default): a prometheus_client collector over the Service, and a small HTTP/1.0 server on the
+daemon's event loop that answers ``GET /metrics``.
+
+The scrape reads the datapath (counters, session and map fill), so it runs on the daemon's
+worker (``worker.submit``), never on the loop; the loop only accepts, reads one bounded request
+and writes the answer.  Labels are stable: a rule is named by its stable id (``rule_id``) and
+its identity text (from, to, gw, oif), never its position; reasons by their layout names.
+
+Metric families (all prefixed ``snatgw_``):
+  up, info{version,backend}                 1; build and backend
+  rule_packets_total, rule_bytes_total      per rule {rule_id, rule}
+  rule_sessions                             live sessions per rule
+  reason_packets_total{reason}              per datapath reason (snatgw.layout.Reason)
+  sessions, sessions_max                    the session table
+  map_entries{map}, map_max_entries{map}    every map's fill (bpf), conntrack (nft)
+  addr_sessions{addr}, addr_refusals_total{addr}   per SNAT address, when the datapath counts them
+  gc_sweeps_total, gc_sessions_removed_total, gc_seconds_total   session expiry work
+  reloads_total{result}, last_reload_success, last_reload_timestamp_seconds
+  link_up{link}, link_on_backup{link}, link_transitions_total{link},
+  link_probes_sent_total{link}, link_probe_replies_total{link}, device_carrier{device}
+  prog_run_seconds_total{prog}, prog_runs_total{prog}   when kernel.bpf_stats_enabled is 1
+  log_events_total{level}                   error and warning events logged since start
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from .. import __version__
+from ..config.parse import parse_listen
+
+__all__ = ["ServiceCollector", "MetricsServer", "scrape", "parse_listen"]
+
+MAX_REQUEST = 8192  # bytes of an HTTP request we read; more is refused
+MAX_CLIENTS = 16  # open scrape connections; more are closed at once
+CLIENT_TIMEOUT = 5.0  # seconds a connection may take to send its request
+
+
+def _g(name, doc, labels=()):
+    return GaugeMetricFamily(f"snatgw_{name}", doc, labels=list(labels))
+
+
+def _c(name, doc, labels=()):
+    return CounterMetricFamily(f"snatgw_{name}", doc, labels=list(labels))
+
+
+def bpf_stats_enabled() -> bool:
+    try:
+        with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def prog_run_stats(prog_ids: dict[str, int]) -> dict[str, tuple[float, int]]:
+    """prog name -> (run seconds, runs) from bpftool, for programs by id (only meaningful when
+    kernel.bpf_stats_enabled is 1: the kernel counts nothing otherwise)."""
+    out: dict[str, tuple[float, int]] = {}
+    for name, pid in prog_ids.items():
+        p = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(pid)], capture_output=True, text=True,
+                           timeout=5)  # fmt: skip
+        if p.returncode != 0:
+            continue
+        try:
+            d = json.loads(p.stdout)
+        except ValueError:
+            continue
+        t, n = out.get(name, (0.0, 0))
+        out[name] = (t + d.get("run_time_ns", 0) / 1e9, n + d.get("run_cnt", 0))
+    return out
+
+
+class ServiceCollector:
+    """collect() reads the Service: call it on the worker (it reads maps)."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def collect(self):
+        s = self.service
+        yield self._up()
+        info = _g("info", "build and backend", ("version", "backend"))
+        info.add_metric([__version__, s.backend.name], 1)
+        yield info
+        yield from self._datapath(s)
+        yield from self._work(s)
+        yield from self._links(s)
+
+    def _up(self):
+        m = _g("up", "1 while the daemon answers")
+        m.add_metric([], 1)
+        return m
+
+    def _datapath(self, s):
+        rules = {r.rule_id: r for r in s.effective(s.config).rules}
+        st = s.backend.stats()
+        pk = _c("rule_packets", "packets per rule (both directions)", ("rule_id", "rule"))
+        by = _c("rule_bytes", "bytes per rule (both directions)", ("rule_id", "rule"))
+        live = _g("rule_sessions", "live sessions per rule", ("rule_id", "rule"))
+        for rid, c in sorted(st.rules.items()):
+            r = rules.get(rid)
+            labels = [str(rid), r.identity_text() if r else "(not in the running config)"]
+            pk.add_metric(labels, c.packets)
+            by.add_metric(labels, c.bytes)
+            live.add_metric(labels, c.sessions)
+        yield from (pk, by, live)
+        rs = _c("reason_packets", "packets per datapath reason (snatgw.layout.Reason)", ("reason",))
+        for name, n in sorted(st.reasons.items()):
+            rs.add_metric([name], n)
+        yield rs
+        h = s.backend.health() if hasattr(s.backend, "health") else {}
+        sess = _g("sessions", "live sessions")
+        sess.add_metric([], h.get("sessions", st.sessions))
+        mx = _g("sessions_max", "max_sessions (the table's size)")
+        mx.add_metric([], s.config.settings.max_sessions)
+        yield from (sess, mx)
+        ent = _g("map_entries", "entries in each datapath map", ("map",))
+        cap = _g("map_max_entries", "capacity of each datapath map", ("map",))
+        for m in h.get("maps", []):
+            ent.add_metric([m["name"]], m["entries"])
+            cap.add_metric([m["name"]], m["max_entries"])
+        yield from (ent, cap)
+        addrs = getattr(s.backend, "addr_stats", None)
+        if callable(addrs):  # per SNAT address live sessions and refusals, when the datapath counts them
+            a_s = _g("addr_sessions", "live sessions per SNAT address", ("addr",))
+            a_r = _c("addr_refusals", "new flows refused per SNAT address", ("addr",))
+            for addr, (n, refused) in sorted(addrs().items()):
+                a_s.add_metric([str(addr)], n)
+                a_r.add_metric([str(addr)], refused)
+            yield from (a_s, a_r)
+        progs = {hk["program"]: hk["prog_id"] for hk in h.get("hooks", []) if isinstance(hk.get("prog_id"), int)
+                 and s.backend.name == "bpf"}  # fmt: skip
+        if progs and bpf_stats_enabled():
+            rt = _c("prog_run_seconds", "time in each datapath program (kernel.bpf_stats_enabled)", ("prog",))
+            rc = _c("prog_runs", "runs of each datapath program (kernel.bpf_stats_enabled)", ("prog",))
+            for name, (secs, n) in sorted(prog_run_stats(progs).items()):
+                rt.add_metric([name], secs)
+                rc.add_metric([name], n)
+            yield from (rt, rc)
+
+    def _work(self, s):
+        gc = getattr(s, "gc_stats", {"sweeps": 0, "removed": 0, "seconds": 0.0})
+        for key, doc in (("sweeps", "session expiry sweeps"), ("removed", "sessions removed by expiry"),
+                         ("seconds", "seconds spent in expiry sweeps")):
+            m = _c(f"gc_{'sessions_removed' if key == 'removed' else key}", doc)
+            m.add_metric([], gc.get(key, 0))
+            yield m
+        rl = _c("reloads", "reloads and adm batches by result", ("result",))
+        ok = getattr(s, "applies", {"ok": 0, "failed": 0})
+        for result in ("ok", "failed"):
+            rl.add_metric([result], ok.get(result, 0))
+        yield rl
+        la = s.last_apply
+        last = _g("last_reload_success", "1 when the last reload/adm batch worked (1 before any)")
+        last.add_metric([], 1 if la is None or la["ok"] else 0)
+        when = _g("last_reload_timestamp_seconds", "when the last reload/adm batch ran (0: none)")
+        when.add_metric([], la["at"] if la else 0)
+        yield from (last, when)
+        ev = _c("log_events", "log events since start by level", ("level",))
+        for level, n in sorted(getattr(s.log, "counts", {}).items()):
+            ev.add_metric([level], n)
+        yield ev
+
+    def _links(self, s):
+        mon = getattr(s, "link_monitor", None)
+        if mon is None:
+            return
+        up = _g("link_up", "1 when the link is healthy and its rules run on it", ("link",))
+        bk = _g("link_on_backup", "1 while the link's rules run on its backup", ("link",))
+        tr = _c("link_transitions", "link state changes", ("link",))
+        sent = _c("link_probes_sent", "probe echo requests sent", ("link",))
+        got = _c("link_probe_replies", "probe echo replies received", ("link",))
+        for name, lk in sorted(mon.as_dict().items()):
+            up.add_metric([name], 1 if lk["state"] == "up" else 0)
+            bk.add_metric([name], 1 if lk["on_backup"] else 0)
+            tr.add_metric([name], lk["transitions"])
+            sent.add_metric([name], lk["sent"])
+            got.add_metric([name], lk["received"])
+        yield from (up, bk, tr, sent, got)
+        if mon.carrier is not None:
+            car = _g("device_carrier", "1 when the probed link's device has carrier", ("device",))
+            for dev, on in sorted(mon.carrier.state.items()):
+                car.add_metric([dev], 1 if on else 0)
+            yield car
+
+
+def scrape(service) -> bytes:
+    """The exposition text of one scrape (worker thread)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(ServiceCollector(service))
+    return generate_latest(reg)
+
+
+class _Client:
+    __slots__ = ("sock", "buf", "out", "started", "busy")
+
+    def __init__(self, sock: socket.socket, now: float):
+        self.sock, self.buf, self.out, self.started, self.busy = sock, b"", b"", now, False
+
+
+class MetricsServer:
+    """GET /metrics on the loop; the scrape itself on the worker."""
+
+    def __init__(self, addr: str, port: int, service, log):
+        self.service, self.log = service, log
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((addr, port))
+        self.sock.listen(32)
+        self.sock.setblocking(False)
+        self.addr = self.sock.getsockname()
+        self.clients: dict[int, _Client] = {}
+        self.loop = self.worker = None
+        self.timer = None
+        self.scrapes = 0
+
+    def attach(self, loop, worker) -> None:
+        self.loop, self.worker = loop, worker
+        loop.add_reader(self.sock, self._accept)
+        self.timer = loop.every(1.0, self._reap)
+        self.log.info("metrics_listening", address=f"{self.addr[0]}:{self.addr[1]}")
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.remove(self.sock)
+            if self.timer is not None:
+                self.timer.cancel()
+        for c in list(self.clients.values()):
+            self._drop(c)
+        self.sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(MAX_CLIENTS):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: try again on the next readiness
+                self.log.warning("metrics_accept_failed", error=str(e))
+                return
+            if len(self.clients) >= MAX_CLIENTS:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            c = _Client(conn, self.loop.clock())
+            self.clients[conn.fileno()] = c
+            self.loop.add_reader(conn, lambda c=c: self._read(c))
+
+    def _read(self, c: _Client) -> None:
+        try:
+            data = c.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(c)
+            return
+        c.buf += data
+        if b"\r\n\r\n" not in c.buf and b"\n\n" not in c.buf:
+            if len(c.buf) > MAX_REQUEST:
+                self._answer(c, 431, b"request header too large\n")
+            return
+        self.loop.remove(c.sock)
+        line = c.buf.split(b"\n", 1)[0].decode("latin-1").split()
+        if len(line) < 2 or line[0] not in ("GET", "HEAD"):
+            self._answer(c, 405, b"only GET /metrics\n")
+        elif line[1].split("?", 1)[0] != "/metrics":
+            self._answer(c, 404, b"try /metrics\n")
+        else:
+            c.busy = True
+            head = line[0] == "HEAD"
+            if not self.worker.submit(lambda: scrape(self.service), lambda body, err, c=c: self._scraped(c, body, err, head)):
+                c.busy = False
+                self._answer(c, 503, b"busy\n")
+
+    def _scraped(self, c: _Client, body, err, head: bool) -> None:
+        c.busy = False
+        if c.sock.fileno() < 0:
+            return
+        if err is not None:
+            self.log.error("metrics_scrape_failed", error=repr(err))
+            self._answer(c, 500, f"scrape failed: {err}\n".encode())
+            return
+        self.scrapes += 1
+        self._answer(c, 200, b"" if head else body, CONTENT_TYPE_LATEST, length=len(body))
+
+    def _answer(self, c: _Client, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8",
+                length: int | None = None) -> None:
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
+                  500: "Internal Server Error", 503: "Service Unavailable"}[code]
+        head = (f"HTTP/1.0 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: "
+                f"{len(body) if length is None else length}\r\nConnection: close\r\n\r\n").encode()
+        c.out = head + body
+        self.loop.add_writer(c.sock, lambda: self._write(c))
+
+    def _write(self, c: _Client) -> None:
+        try:
+            n = c.sock.send(c.out[:1 << 16])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(c)
+            return
+        c.out = c.out[n:]
+        if not c.out:
+            self._drop(c)
+
+    def _drop(self, c: _Client) -> None:
+        fd = c.sock.fileno()
+        if fd >= 0:
+            self.loop.remove(c.sock)
+            self.clients.pop(fd, None)
+        c.sock.close()
+
+    def _reap(self) -> None:
+        """Connections that never finished their request within CLIENT_TIMEOUT go."""
+        now = self.loop.clock()
+        for c in list(self.clients.values()):
+            if not c.busy and not c.out and now - c.started > CLIENT_TIMEOUT:
+                self._drop(c)

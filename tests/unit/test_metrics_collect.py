@@ -1,0 +1,67 @@
+"""The Prometheus collector over a Service (FakeBackend): families and labels parse with
+prometheus_client's own text parser; rules are labelled by stable id and identity text, not
+position; reloads count by result; link states appear when a monitor runs."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from snatgw.daemon.metrics import parse_listen, scrape
+
+
+def families(service) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(scrape(service).decode())}
+
+
+def samples(fam, **labels) -> list:
+    return [s for s in fam.samples if all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def test_scrape_parses_and_labels_rules_by_stable_id_and_identity(running):
+    """Per-rule counters carry rule_id and the from/to/gw/oif text; reasons their names."""
+    a = running.syn()
+    f = families(running.service)
+    assert samples(f["snatgw_up"])[0].value == 1
+    (s,) = samples(f["snatgw_rule_packets"], rule_id=str(a.rule.rule_id))
+    assert s.labels["rule"] == a.rule.identity_text() and s.value >= 1
+    assert samples(f["snatgw_rule_sessions"], rule_id=str(a.rule.rule_id))[0].value == 1
+    assert samples(f["snatgw_reason_packets"], reason="XLATE_NEW")[0].value == 1
+    assert samples(f["snatgw_sessions"])[0].value == 1
+    assert samples(f["snatgw_map_max_entries"], map="sessions")[0].value > 0
+
+
+def test_rule_label_survives_an_edit_that_reorders_nothing_but_changes_the_pool(running):
+    """adm -k changes the pool: the same rule_id and rule label keep counting."""
+    a = running.syn()
+    running.req(op="adm", commands=[["-k", "-f", "1", "-F", "198.18.40.0/24", "-W", "198.19.2.1", "--oif", "eth1",
+                                     "-U", "198.19.2.71-198.19.2.80", "-O", "sdh"]])
+    f = families(running.service)
+    (s,) = samples(f["snatgw_rule_packets"], rule_id=str(a.rule.rule_id))
+    assert s.labels["rule"] == a.rule.identity_text()
+
+
+def test_reloads_count_by_result_and_the_last_one_is_flagged(running):
+    """A failed reload: reloads_total{result=failed} 1, last_reload_success 0; a good one: ok."""
+    good = running.conf.read_text()
+    running.conf.write_text("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.1/24 snat_ip 198.19.2.71 }\n}\n")
+    running.req(op="reload")
+    f = families(running.service)
+    assert samples(f["snatgw_reloads"], result="failed")[0].value == 1
+    assert samples(f["snatgw_last_reload_success"])[0].value == 0
+    assert samples(f["snatgw_log_events"], level="error")[0].value == 1
+    running.conf.write_text(good)
+    running.req(op="reload")
+    f = families(running.service)
+    assert samples(f["snatgw_reloads"], result="ok")[0].value == 1
+    assert samples(f["snatgw_last_reload_success"])[0].value == 1
+
+
+def test_listen_setting_is_checked():
+    """ADDR:PORT, IPv4, port 1..65535."""
+    assert parse_listen("127.0.0.1:9469") == ("127.0.0.1", 9469)
+    for bad in ("9469", "127.0.0.1:0", "localhost:9469", "127.0.0.1:http", "::1:9469"):
+        try:
+            parse_listen(bad)
+        except (ValueError, OSError):
+            continue
+        raise AssertionError(bad)

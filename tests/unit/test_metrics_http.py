@@ -1,0 +1,110 @@
+"""`metrics_listen`: a real `snatgw run` (fake backend) serves GET /metrics on loopback; urllib
+scrapes it and prometheus_client's text parser reads it; a reload that turns the listener off
+closes it; other paths, methods and oversized requests are refused; the daemon keeps serving
+its control socket while a client sits on the metrics port without sending."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from snatgw.daemon.control import request
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = ROOT / "examples" / "lab.conf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def daemon(tmpdir_short):
+    port = free_port()
+    conf = tmpdir_short / "snatgw.conf"
+    conf.write_text(LAB.read_text().replace("backend bpf", f"backend bpf\n    metrics_listen 127.0.0.1:{port}"))
+    sock = str(tmpdir_short / "s" / "ctl.sock")
+    p = subprocess.Popen([sys.executable, "-m", "snatgw.cli.main", "run", str(conf), "--backend", "fake", "--socket", sock],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in p.stdout.readline()
+        yield p, port, conf, sock
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def get(port: int, path: str = "/metrics") -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read().decode()
+
+
+def test_metrics_are_served_over_http_and_parse(daemon):
+    """GET /metrics answers 200 in the Prometheus text format; the families parse, with rules
+    labelled by rule_id and identity text, and the reload counter."""
+    p, port, conf, sock = daemon
+    code, ctype, body = get(port)
+    assert code == 200 and ctype.startswith("text/plain; version=")
+    fams = {f.name: f for f in text_string_to_metric_families(body)}
+    assert fams["snatgw_up"].samples[0].value == 1 and "snatgw_sessions" in fams and "snatgw_map_entries" in fams
+    rules = {str(r["rule_id"]): f"from {r['from']} to {r['to']} gw {r['gw'] or '-'} oif {r['oif'] or '-'}"
+             for r in request(sock, {"op": "rules"})["rules"]}
+    for s in fams["snatgw_rule_packets"].samples:
+        assert rules[s.labels["rule_id"]] == s.labels["rule"]
+    assert {s.labels["result"] for s in fams["snatgw_reloads"].samples} == {"ok", "failed"}
+
+
+def test_wrong_path_method_and_oversized_request_are_refused(daemon):
+    """/ -> 404, POST -> 405, a header beyond 8 KiB -> 431; the daemon still answers after."""
+    p, port, conf, sock = daemon
+    assert get(port, "/")[0] == 404
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 405
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\nX-Long: " + b"a" * 9000)
+        assert s.recv(100).startswith(b"HTTP/1.0 431")
+    assert get(port)[0] == 200
+
+
+def test_a_silent_client_does_not_block_the_daemon(daemon):
+    """A connection that sends nothing: control requests and other scrapes still answer."""
+    p, port, conf, sock = daemon
+    with socket.create_connection(("127.0.0.1", port), timeout=10):
+        assert request(sock, {"op": "status"})["ok"]
+        assert get(port)[0] == 200
+
+
+def test_a_reload_without_metrics_listen_closes_the_port(daemon):
+    """Reload to a file without the setting: the port refuses connections."""
+    p, port, conf, sock = daemon
+    shutil.copy(LAB, conf)
+    assert request(sock, {"op": "reload"})["ok"]
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the metrics port is still open after the reload")
