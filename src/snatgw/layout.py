@@ -60,6 +60,7 @@ class Reason(enum.IntEnum):
     # 44-51: applications (issue 12)
     XLATE_IN_TTL = 44  # reply whose TTL runs out: translated, to the kernel (time exceeded to the remote)
     XLATE_IN_FRAG_NEEDED = 45  # reply over the inside MTU with DF: translated, to the kernel (frag-needed)
+    FRAG_HELD = 46  # later fragment before its first: held on the recirculation device, tried again
 
 
 REASON_MAX = 64  # size of the per-reason counter array; > max(Reason)
@@ -218,6 +219,19 @@ MAX_HOSTS = 65536  # entries of snat_host_sess (inside hosts with live sessions)
 MAX_POOL_ADDRS = 65536  # entries of snat_addr_stats (SNAT addresses in use)
 MAX_FROM_NETS = 16384  # entries of snat_from_nets (distinct `from` nets; one per rule at most)
 FRAG_TIMEOUT = 30  # seconds a first fragment is remembered
+#: a later fragment that arrives before its first is held (sent round the recirculation device,
+#: then judged again) for at most FRAG_HOLD seconds since its datagram's first held fragment;
+#: the bpf backend's holder waits 1 ms, doubling per round, at most FRAG_HOLD_STEP_MAX_MS
+FRAG_HOLD = 5
+FRAG_HOLD_STEP_MIN_MS = 1
+FRAG_HOLD_STEP_MAX_MS = 250
+#: the recirculation device, a TAP the bpf backend owns (datapath/bpf/recirc.py): held fragments
+#: are redirected to its egress, the backend's holder writes them back after a wait, and they
+#: come back on its ingress (program snat_recirc); snat_ifaces[RECIRC_KEY] is its ifindex (no
+#: device has ifindex 0); absent: no holding (DROP_FRAG_UNKNOWN as before)
+RECIRC_DEV = "snatgw-hold"
+RECIRC_KEY = 0
+FRAG_HELD_IFINDEX = 0xFFFFFFFF  # frag_entry.ifindex of a held marker (created = first held)
 
 #: default timeouts in seconds, by state: a gateway's, floored by the behaviour RFCs (spec
 #: "Sessions"; RFC_TIMEOUT_FLOORS below).  Every transitory TCP state gets RFC 5382's 4 minutes
@@ -429,7 +443,7 @@ FRAG_KEY = _declare(Struct("frag_key", "a datagram whose first fragment was tran
 FRAG_ENTRY = _declare(Struct("frag_entry", "the address rewrite for later fragments", (
     ("saddr", "__be32", "new source"),
     ("daddr", "__be32", "new destination"),
-    ("ifindex", "__u32", "egress device; 0 = pass marker: first fragment passed, pass the rest"),
+    ("ifindex", "__u32", "egress device; 0 = pass marker: first fragment passed, pass the rest; FRAG_HELD_IFINDEX = held marker"),
     ("nexthop", "__be32", "next hop; 0 = the destination"),
     ("created", "__u64", "bpf_ktime_get_ns()"),
 )))  # fmt: skip
@@ -472,6 +486,7 @@ def render_header() -> str:
         ("SNAT_MAX_RULES", MAX_RULES), ("SNAT_MAX_SESSIONS", MAX_SESSIONS),
         ("SNAT_MAX_FRAGS", MAX_FRAGS), ("SNAT_MAX_IFACES", MAX_IFACES),
         ("SNAT_MAX_HOSTS", MAX_HOSTS), ("SNAT_MAX_POOL_ADDRS", MAX_POOL_ADDRS),
+        ("SNAT_FRAG_HOLD_NS", f"{FRAG_HOLD * 1_000_000_000}ULL"),
         ("SNAT_MAX_FROM_NETS", MAX_FROM_NETS),
     ]:  # fmt: skip
         out += [f"#ifndef {n}", f"#define {n} {v}", "#endif"]
@@ -485,6 +500,7 @@ def render_header() -> str:
         "TCP_STATE_COUNT": TCP_STATE_COUNT,
         "IFACE_INSIDE": IFACE_INSIDE, "IFACE_OUTSIDE": IFACE_OUTSIDE,
         "FRAG_PASS_REASON_MASK": f"0x{sum(1 << int(r) for r in FRAG_PASS_REASONS):x}ULL",
+        "RECIRC_KEY": RECIRC_KEY, "FRAG_HELD_IFINDEX": f"0x{FRAG_HELD_IFINDEX:x}",
     }  # fmt: skip
     out.append("")
     out += [f"#define {k} {v}" for k, v in consts.items()]

@@ -68,7 +68,10 @@ def test_start_apply_failover_and_restart_keep_sessions(gw, pin_dir, mini_obj): 
             # interface roles for PASS_INTERNAL, and accept_local for PASS_TRANSLATED packets
             assert b.maps.iface_roles() == {open_ifindex("lan40"): L.IFACE_INSIDE,
                                             open_ifindex("eth1"): L.IFACE_OUTSIDE,
-                                            open_ifindex("eth2"): L.IFACE_OUTSIDE}  # fmt: skip
+                                            open_ifindex("eth2"): L.IFACE_OUTSIDE,
+                                            L.RECIRC_KEY: open_ifindex(L.RECIRC_DEV)}  # fmt: skip
+            # the fragment holder's TAP, snat_recirc on its ingress
+            assert attached_prog_id(L.RECIRC_DEV, B.BPF_TC_INGRESS)
             assert read_sysctl("lan40", "accept_local") == "1"
             assert read_sysctl("eth1", "accept_local") == "0"  # uplinks are left alone
             out_key, in_key = add_session(b.maps.ct, 1, rule_id=rid, out_seen=0, in_seen=0)
@@ -133,7 +136,9 @@ def test_apply_moves_filters_when_interfaces_change_and_bad_config_changes_nothi
             b.apply(GatewayConfig(cfg.rules, replace(cfg.settings, outside=("eth1",))))
             assert attached_prog_id("eth2", B.BPF_TC_INGRESS) is None
             assert b.maps.iface_roles() == {open_ifindex("lan40"): L.IFACE_INSIDE,
-                                            open_ifindex("eth1"): L.IFACE_OUTSIDE}  # eth2's role gone
+                                            open_ifindex("eth1"): L.IFACE_OUTSIDE,
+                                            L.RECIRC_KEY: open_ifindex(L.RECIRC_DEV)}  # eth2's role gone
+            assert attached_prog_id(L.RECIRC_DEV, B.BPF_TC_INGRESS) is not None  # still holding
             assert attached_prog_id("eth1", B.BPF_TC_EGRESS) is not None
             before = b.maps.current_rules()
             one = RuleSet([list(cfg.rules)[1]])

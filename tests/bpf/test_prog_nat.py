@@ -9,7 +9,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import raw
 
-from snatgw.layout import CT_DIR_IN, CT_DIR_OUT, CtState, Reason, Verdict
+from snatgw.layout import CT_DIR_IN, CT_DIR_OUT, RECIRC_DEV, CtState, Reason, Verdict
 from snatgw.rules import Rule, RuleSet
 
 from tests.cases.corpus import REF_RULES, REF_SETTINGS, RULE_SDH, ruleset
@@ -145,7 +145,7 @@ def test_over_mtu_with_df_passes_and_without_df_is_translated_for_the_kernel(pro
 
 def test_later_fragment_follows_its_first_fragment(prog):
     """The first fragment is translated and remembered; the rest gets the same addresses;
-    a fragment of an unknown datagram is dropped."""
+    a fragment of an unknown datagram is held: redirected, untouched, to the recirculation device."""
     first, rest = fragments(A, R1, 40000, 53)
     r1 = prog.run("inside", first, "lan40")
     r2 = prog.run("inside", rest, "lan40")
@@ -154,7 +154,7 @@ def test_later_fragment_follows_its_first_fragment(prog):
     assert (r2.oif, r2.nexthop) == (r1.oif, r1.nexthop)
     _, other = fragments(A, R1, 40000, 53, ident=0x1111)
     r3 = prog.run("inside", other, "lan40")
-    assert (r3.retval, r3.reason) == (TC_ACT_SHOT, Reason.DROP_FRAG_UNKNOWN)
+    assert (r3.retval, r3.reason, r3.oif, r3.packet) == (TC_ACT_REDIRECT, Reason.FRAG_HELD, RECIRC_DEV, other)
 
 
 def test_full_table_refuses_new_flow_and_leaves_no_half_session(make_prog):

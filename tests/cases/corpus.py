@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from snatgw.config.schema import Settings
-from snatgw.layout import PORT_TRIES_BPF, Reason, Verdict
+from snatgw.layout import PORT_TRIES_BPF, RECIRC_DEV, Reason, Verdict
 from snatgw.model.router import REF_ADDRESSES as _ADDRS
 from snatgw.model.router import REF_ROUTES as _ROUTES
 from snatgw.rules import Rule, RuleSet
@@ -99,6 +99,11 @@ def outside(pkt: bytes, v: Verdict, r: Reason, dev: str = "eth1") -> Step:
 
 def egress(pkt: bytes, v: Verdict, r: Reason, dev: str = "eth1") -> Step:
     return Step("egress", dev, pkt, v, r)
+
+
+def recirc(pkt: bytes, v: Verdict, r: Reason) -> Step:
+    """A held fragment coming back from the recirculation device (program snat_recirc)."""
+    return Step("recirc", RECIRC_DEV, pkt, v, r)
 
 
 def _scenarios() -> list[Scenario]:
@@ -208,7 +213,7 @@ def _scenarios() -> list[Scenario]:
         inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
         inside(udp(A, C, 5353, 53), PASS, R.PASS_INTERNAL),  # internal is not "unmatched"
         inside(fragments(STRANGER, R1, 1, 2, ident=0x5757)[0], DROP, R.DROP_UNMATCHED),
-        inside(fragments(STRANGER, R1, 1, 2, ident=0x5757)[1], DROP, R.DROP_FRAG_UNKNOWN),
+        inside(fragments(STRANGER, R1, 1, 2, ident=0x5757)[1], RED, R.FRAG_HELD),  # dropped first: held, never sent
     ], settings={"unmatched_drop": True})  # fmt: skip
     add("local_destination_passes", "Traffic to the gateway's own addresses is not translated.", [
         inside(echo(A, "198.18.40.1", 1), PASS, R.PASS_LOCAL),
@@ -297,22 +302,27 @@ def _scenarios() -> list[Scenario]:
     fa, fp = snat_of(RULE_SDH, A, R1, 5353)
     r1, r2 = fragments(R1, fa, 53, fp, ident=0x5151)
     add("fragments_both_ways", "A first fragment is translated and remembered; its later fragment "
-        "gets the same address rewrite, outbound and for the reply.", [
-        inside(f2, DROP, R.DROP_FRAG_UNKNOWN),
+        "gets the same address rewrite, outbound and for the reply.  A later fragment that comes "
+        "first is held (round the recirculation device) and translated when it comes back after "
+        "its first fragment.", [
+        inside(f2, RED, R.FRAG_HELD),
         inside(f1, RED, R.XLATE_NEW),
+        recirc(f2, RED, R.XLATE_FRAG),
         inside(f2, RED, R.XLATE_FRAG),
-        outside(r2, DROP, R.DROP_FRAG_UNKNOWN),
+        outside(r2, RED, R.FRAG_HELD),
         outside(r1, RED, R.XLATE_IN),
+        recirc(r2, RED, R.XLATE_FRAG),
         outside(r2, RED, R.XLATE_FRAG),
-        inside(fragments(A, R1, 5353, 53, ident=0x4343)[1], DROP, R.DROP_FRAG_UNKNOWN),
+        inside(fragments(A, R1, 5353, 53, ident=0x4343)[1], RED, R.FRAG_HELD),
     ])  # fmt: skip
     l1, l2 = fragments(A, "198.18.40.1", 5353, 53, ident=0x5252)
     o1, o2 = fragments(R1, "198.19.2.2", 53, 5353, ident=0x5353)
     add("fragments_to_the_gateway_pass", "A datagram to the gateway's own address: its first "
         "fragment passes (PASS_LOCAL, inside; PASS_NO_SESSION_IN, outside) and leaves a pass "
-        "marker, so the later fragment passes untouched too; before the first it is unknown.", [
-        inside(l2, DROP, R.DROP_FRAG_UNKNOWN),
+        "marker, so the later fragment passes untouched too; one that came before the first is held and passes when it comes back.", [
+        inside(l2, RED, R.FRAG_HELD),
         inside(l1, PASS, R.PASS_LOCAL),
+        recirc(l2, PASS, R.PASS_FRAG_UNTRANSLATED),
         inside(l2, PASS, R.PASS_FRAG_UNTRANSLATED),
         outside(o1, PASS, R.PASS_NO_SESSION_IN),
         outside(o2, PASS, R.PASS_FRAG_UNTRANSLATED),
@@ -325,14 +335,14 @@ def _scenarios() -> list[Scenario]:
     k1, k2 = fragments(A, R1, 0x99, 0, proto="icmp", ident=0x5858)
     add("fragments_of_untranslated_datagrams", "A no-rule datagram's later fragment passes after "
         "its first (PASS_NO_RULE) did; a first fragment of a translated flow that the kernel "
-        "answers (PASS_TTL, PASS_FRAG_NEEDED) leaves no marker: its later fragment stays unknown; a "
+        "answers (PASS_TTL, PASS_FRAG_NEEDED) leaves no marker: its later fragment is held, never sent; a "
         "translated first fragment replaces a marker of the same key.", [
         inside(n1, PASS, R.PASS_NO_RULE),
         inside(n2, PASS, R.PASS_FRAG_UNTRANSLATED),
         inside(t1, PASS, R.PASS_TTL),
-        inside(t2, DROP, R.DROP_FRAG_UNKNOWN),
+        inside(t2, RED, R.FRAG_HELD),  # held until FRAG_HOLD, then dropped
         inside(p1, PASS, R.PASS_FRAG_NEEDED),
-        inside(p2, DROP, R.DROP_FRAG_UNKNOWN),
+        inside(p2, RED, R.FRAG_HELD),
         inside(k1[:20] + b"\x00" + k1[21:], PASS, R.PASS_ICMP_OTHER),  # echo reply: a marker ...
         inside(k1, RED, R.XLATE_NEW),  # ... replaced by the request's rewrite (same key)
         inside(k2, RED, R.XLATE_FRAG),
@@ -343,6 +353,18 @@ def _scenarios() -> list[Scenario]:
         inside(g1, RED, R.XLATE_NEW),
         inside(g2[:8] + b"\x01" + g2[9:], PASS, R.PASS_TTL),  # checksum stale: never checked
         inside(g2, RED, R.XLATE_FRAG),
+    ])  # fmt: skip
+    h1, h2 = fragments(A, R1, 7777, 53, ident=0x6464)
+    add("fragments_out_of_order_held", "A later fragment before its first is held: it goes round "
+        "the recirculation device as long as its first has not come (within FRAG_HOLD), and is "
+        "translated once it has; the recirculation device takes nothing but later fragments.", [
+        inside(h2, RED, R.FRAG_HELD),
+        recirc(h2, RED, R.FRAG_HELD),
+        recirc(h2, RED, R.FRAG_HELD),
+        inside(h1, RED, R.XLATE_NEW),
+        recirc(h2, RED, R.XLATE_FRAG),
+        recirc(h1, DROP, R.DROP_FRAG_UNKNOWN),
+        recirc(udp(A, R1, 7777, 53), DROP, R.DROP_FRAG_UNKNOWN),
     ])  # fmt: skip
     syn_out = tcp(na, R1, np_, 80, "S", ttl=63)
     add("icmp_error_about_tcp_from_outside", "Errors from routers about an outbound TCP packet: "

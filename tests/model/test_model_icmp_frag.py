@@ -7,7 +7,7 @@ from scapy_oracle import inner_l4_problems, problems
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw
 
-from snatgw.layout import FRAG_TIMEOUT, Reason, Verdict
+from snatgw.layout import FRAG_HOLD, FRAG_TIMEOUT, RECIRC_DEV, Reason, Verdict
 
 NAT, PORT = "198.19.2.72", 21541
 
@@ -138,19 +138,45 @@ def test_first_and_later_fragments_outbound_and_reply(engine):
 
 def test_remembered_fragment_times_out(engine):
     """A first fragment is remembered FRAG_TIMEOUT seconds; a later fragment after that is
-    unknown and dropped."""
+    unknown: held (for all we know its own first fragment is yet to come), never translated."""
     f1, f2 = fragments(A, R1, 5353, 53)
     engine.process(f1, "inside", "lan40", 0)
     assert engine.process(f2, "inside", "lan40", FRAG_TIMEOUT).reason == Reason.XLATE_FRAG
-    assert engine.process(f2, "inside", "lan40", FRAG_TIMEOUT + 0.5).reason == Reason.DROP_FRAG_UNKNOWN
+    assert engine.process(f2, "inside", "lan40", FRAG_TIMEOUT + 0.5).reason == Reason.FRAG_HELD
 
 
-def test_unknown_later_fragment_dropped_on_both_sides(engine):
-    """A later fragment with no remembered first fragment is dropped, inside and outside."""
+def test_unknown_later_fragment_held_then_dropped_on_both_sides(engine):
+    """A later fragment with no remembered first fragment is held (sent round the recirculation
+    device untouched), inside and outside, for FRAG_HOLD seconds since the datagram's first
+    hold; after that it is dropped."""
     _, f2 = fragments(A, R1, 5353, 53)
-    assert engine.process(f2, "inside", "lan40", 0).verdict == Verdict.DROP
+    r = engine.process(f2, "inside", "lan40", 0)
+    assert (r.verdict, r.reason, r.oif, r.packet) == (Verdict.REDIRECT, Reason.FRAG_HELD, RECIRC_DEV, f2)
+    assert engine.process(f2, "recirc", RECIRC_DEV, FRAG_HOLD).reason == Reason.FRAG_HELD
+    assert engine.process(f2, "recirc", RECIRC_DEV, FRAG_HOLD + 0.5).reason == Reason.DROP_FRAG_UNKNOWN
+    assert engine.process(f2, "inside", "lan40", FRAG_HOLD + 1).reason == Reason.DROP_FRAG_UNKNOWN
     _, g2 = fragments(R1, NAT, 53, 1000)
-    assert engine.process(g2, "outside", "eth1", 0).reason == Reason.DROP_FRAG_UNKNOWN
+    assert engine.process(g2, "outside", "eth1", 0).reason == Reason.FRAG_HELD
+    assert engine.process(g2, "recirc", RECIRC_DEV, FRAG_HOLD + 0.5).reason == Reason.DROP_FRAG_UNKNOWN
+
+
+def test_without_a_recirculation_device_an_early_fragment_is_dropped(engine):
+    """Engine(recirc=None) (a datapath without the recirculation device) drops a later
+    fragment that comes before its first, as before the holding."""
+    engine.recirc = None
+    _, f2 = fragments(A, R1, 5353, 53)
+    assert engine.process(f2, "inside", "lan40", 0).reason == Reason.DROP_FRAG_UNKNOWN
+
+
+def test_a_held_fragment_of_a_first_fragment_the_kernel_answers_never_leaves(engine):
+    """The first fragment has TTL 1 (the kernel answers, no marker is left): the held rest
+    keeps coming back held until FRAG_HOLD, then is dropped; never sent untranslated."""
+    t1, t2 = fragments(A, R1, 5353, 53, ident=0x7171)
+    t1 = t1[:8] + b"\x01" + t1[9:]
+    assert engine.process(t2, "inside", "lan40", 0).reason == Reason.FRAG_HELD
+    assert engine.process(t1, "inside", "lan40", 0.1).reason == Reason.PASS_TTL
+    assert engine.process(t2, "recirc", RECIRC_DEV, 1).reason == Reason.FRAG_HELD
+    assert engine.process(t2, "recirc", RECIRC_DEV, FRAG_HOLD + 0.1).verdict == Verdict.DROP
 
 
 def test_pass_marker_times_out_and_a_translated_first_fragment_replaces_it(engine):
@@ -159,7 +185,7 @@ def test_pass_marker_times_out_and_a_translated_first_fragment_replaces_it(engin
     p1, p2 = fragments(A, "198.18.40.1", 5353, 53, ident=0x6262)
     assert engine.process(p1, "inside", "lan40", 0).reason == Reason.PASS_LOCAL
     assert engine.process(p2, "inside", "lan40", FRAG_TIMEOUT).reason == Reason.PASS_FRAG_UNTRANSLATED
-    assert engine.process(p2, "inside", "lan40", FRAG_TIMEOUT + 0.5).reason == Reason.DROP_FRAG_UNKNOWN
+    assert engine.process(p2, "inside", "lan40", FRAG_TIMEOUT + 0.5).reason == Reason.FRAG_HELD
     e1, e2 = fragments(A, R1, 0x99, 0, proto="icmp", ident=0x6363)
     reply1 = e1[:20] + b"\x00" + e1[21:]  # an echo REPLY's first fragment: PASS_ICMP_OTHER, marker
     assert engine.process(reply1, "inside", "lan40", 0).reason == Reason.PASS_ICMP_OTHER

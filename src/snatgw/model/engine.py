@@ -12,17 +12,17 @@ from ..config.schema import Settings
 from ..datapath.backend import RuleCounters, Session
 from ..layout import CT_F_NEW_GW, CT_F_REPLIED, ICMP_ECHO, ICMP_ECHOREPLY, IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
-from ..layout import Verdict
+from ..layout import FRAG_HOLD, RECIRC_DEV, Verdict
 from ..rules import Route, Rule, RuleSet, port_candidates, select_addr
 from .conntrack import CtEntry, CtKey, CtPair, CtTable, in_key, initial_state, is_expired, out_key, tcp_update
-from .frag import FragEntry, FragKey, FragTable
+from .frag import HELD, FragEntry, FragKey, FragTable
 from .nat import NatTable
 from .packet import IP_DADDR, IP_SADDR, InnerView, IPv4View, ip, parse, parse_inner
 from .xlate import rewrite_fragment, translate, translate_icmp_error
 
 PROTOS = (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP)
 PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp"}
-SIDES = ("inside", "outside", "egress")
+SIDES = ("inside", "outside", "egress", "recirc")
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,11 @@ def _verdict_of(reason: Reason) -> Verdict:
 class Engine:
     """One gateway's datapath state: sessions, remembered fragments, counters."""
 
-    def __init__(self, rules: RuleSet, settings: Settings, router, inside=None, outside=None):
+    def __init__(self, rules: RuleSet, settings: Settings, router, inside=None, outside=None,
+                 recirc: str | None = RECIRC_DEV):
+        """``recirc``: the device held fragments are sent round (None: none, no holding)."""
         self.rules = rules
+        self.recirc = recirc
         self.settings = settings
         self.router = router
         self.inside = tuple(settings.inside if inside is None else inside)
@@ -59,7 +62,8 @@ class Engine:
     # ------------------------------------------------------------------ entry
 
     def process(self, pkt: bytes, side: str, ingress: str, now: float) -> Result:
-        """Run one packet through the program of ``side`` ("inside" | "outside" | "egress");
+        """Run one packet through the program of ``side`` ("inside" | "outside" | "egress" |
+        "recirc": a held fragment coming back from the recirculation device);
         ``ingress``: the device it arrived on (egress: the device it leaves by).  Every packet
         counts one reason in ``reasons``, except egress packets that are not ICMP errors: they
         pass uncounted (Result reason PASS_ICMP_OTHER), as the BPF egress program does."""
@@ -71,6 +75,11 @@ class Engine:
             res = self._leak_guard(pkt) or self._egress(pkt, v)
             if res is None:  # not an ICMP error: passes uncounted (our own redirected traffic)
                 return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
+        elif side == "recirc":  # a held fragment back from the recirculation device
+            if isinstance(v, Reason) or v.frag == 0:  # only held fragments come this way
+                res = Result(Verdict.DROP, Reason.DROP_FRAG_UNKNOWN, pkt)
+            else:
+                res = self._later_fragment(pkt, v, now)
         elif isinstance(v, Reason):
             res = Result(_verdict_of(v), v, pkt)
         else:
@@ -216,9 +225,16 @@ class Engine:
         return Result(Verdict.PASS, reason, pkt)
 
     def _later_fragment(self, pkt: bytes, v: IPv4View, now: float) -> Result:
-        fe = self.frags.lookup(FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto), now)
-        if fe is None:
-            return Result(Verdict.DROP, Reason.DROP_FRAG_UNKNOWN, pkt)
+        key = FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto)
+        fe = self.frags.lookup(key, now)
+        if fe is None or fe.held:
+            # before its first fragment: hold it (round the recirculation device, judged again
+            # when it comes back) for up to FRAG_HOLD seconds since the datagram's first hold
+            if self.recirc is None or (fe is not None and now - fe.created > FRAG_HOLD):
+                return Result(Verdict.DROP, Reason.DROP_FRAG_UNKNOWN, pkt)
+            if fe is None:
+                self.frags.remember(key, FragEntry(ip(v.saddr), ip(v.daddr), HELD, None, now))
+            return Result(Verdict.REDIRECT, Reason.FRAG_HELD, pkt, self.recirc)
         if fe.passed:
             return Result(Verdict.PASS, Reason.PASS_FRAG_UNTRANSLATED, pkt)
         if v.ttl <= 1:

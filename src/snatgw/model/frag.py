@@ -1,6 +1,7 @@
 """Remembered first fragments: frag_key (saddr, daddr, IP id, proto as received) -> the address
-rewrite and egress for the datagram's later fragments, or a pass marker (oif None) when the
-first fragment was passed untranslated.  LRU of MAX_FRAGS entries; an entry older
+rewrite and egress for the datagram's later fragments, a pass marker (oif None) when the
+first fragment was passed untranslated, or a held marker (oif HELD, created = when its first
+later fragment was held) while later fragments wait for their first.  LRU of MAX_FRAGS entries; an entry older
 than FRAG_TIMEOUT seconds is a miss (and is removed)."""
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class FragKey(NamedTuple):
         return FRAG_KEY.pack(saddr=self.saddr.packed, daddr=self.daddr.packed, id=self.id, proto=self.proto)
 
 
+HELD = "(held)"  # FragEntry.oif of a held marker (bpf: frag_entry.ifindex FRAG_HELD_IFINDEX)
+
+
 @dataclass(frozen=True)
 class FragEntry:
     saddr: IPv4Address  # new source
@@ -34,6 +38,10 @@ class FragEntry:
     @property
     def passed(self) -> bool:
         return self.oif is None
+
+    @property
+    def held(self) -> bool:
+        return self.oif == HELD
 
 
 class FragTable:

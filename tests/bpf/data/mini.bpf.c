@@ -41,6 +41,7 @@ static __always_inline int count(__u32 reason)
 SEC("tc") int snat_inside(struct __sk_buff *skb) { return count(REASON_PASS_NO_RULE); }
 SEC("tc") int snat_outside(struct __sk_buff *skb) { return count(REASON_PASS_NO_SESSION_IN); }
 SEC("tc") int snat_egress(struct __sk_buff *skb) { return count(REASON_PASS_LOCAL); }
+SEC("tc") int snat_recirc(struct __sk_buff *skb) { return count(REASON_DROP_FRAG_UNKNOWN); }
 
 /* Keep every layout struct in BTF even if no map used it. */
 struct snat_layout_all { struct ct_key a; struct ct_entry b; struct snat_rule c;

@@ -20,6 +20,7 @@ from ...errors import BackendError
 from ..backend import Session, Stats
 from .loader import Loader, ifindex
 from .maps import CT_KEY, DatapathMaps, entry_last_seen, entry_peer, monotonic_ns
+from .recirc import FragmentHolder
 
 log = logging.getLogger("snatgw.bpf")
 
@@ -112,6 +113,7 @@ class BpfBackend:
         self._pools: dict | None = None  # rule_id -> Pool, as last installed
         self.last_follow = (0, 0)  # (moved, removed) sessions of the last rule install
         self._next_sweep = 0.0  # time.monotonic() before which expire() skips its sweep
+        self.holder: FragmentHolder | None = None  # holds fragments that come before their first
 
     # ------------------------------------------------------------- lifecycle
 
@@ -131,12 +133,17 @@ class BpfBackend:
         self.settings = s
         try:
             self._install(config)
+            self.holder = FragmentHolder()
+            recirc = self.holder.start()
             self._write_ifaces(s)
-            self.loader.attach(list(s.inside), list(s.outside))
+            self.loader.attach(list(s.inside), list(s.outside), L.RECIRC_DEV if recirc else None)
             set_accept_local(s.inside)
         except BaseException:
             # adopted sessions and programs belong to whoever made them: keep them running
             self.loader.stop(keep_state=bool(self.loader.reused))
+            if self.holder is not None:
+                self.holder.stop()
+                self.holder = None
             self.loader = self.maps = None
             raise
         self.config = config
@@ -166,7 +173,8 @@ class BpfBackend:
         self._write_ifaces(new)  # also when unchanged: a device may have been recreated
         if (old.inside, old.outside) != (new.inside, new.outside):
             # replace in place, then remove the hooks that left: no gap on the devices kept
-            self.loader.attach(list(new.inside), list(new.outside))
+            recirc = self.holder is not None and self.holder.fd is not None
+            self.loader.attach(list(new.inside), list(new.outside), L.RECIRC_DEV if recirc else None)
             set_accept_local(new.inside)
         self.settings, self.config = new, config
 
@@ -182,6 +190,9 @@ class BpfBackend:
             return
         if self.loader is not None:
             self.loader.stop(keep_state)
+        if self.holder is not None:  # after the detach: the TAP goes with the holder
+            self.holder.stop()
+            self.holder = None
         self.loader = self.maps = None
 
     def check_hooks(self) -> list[str]:
@@ -224,6 +235,9 @@ class BpfBackend:
                 idx = _ifindex_or_absent(n)
                 if idx != NO_DEVICE:
                     roles[idx] = role
+        rc = _ifindex_or_absent(L.RECIRC_DEV)
+        if rc != NO_DEVICE:  # where held fragments go (key RECIRC_KEY: no device has ifindex 0)
+            roles[L.RECIRC_KEY] = rc
         self.maps.write_ifaces(roles)
 
     def move_sessions(self, new_gws: dict[int, ipaddress.IPv4Address | None],

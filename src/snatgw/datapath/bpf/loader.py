@@ -31,6 +31,7 @@ TC_PRIORITY = 0x534E
 PROG_INSIDE = "snat_inside"
 PROG_OUTSIDE = "snat_outside"
 PROG_EGRESS = "snat_egress"
+PROG_RECIRC = "snat_recirc"
 
 
 # --------------------------------------------------------------------------- namespaces
@@ -229,12 +230,14 @@ class Loader:
 
     # ------------------------------------------------------------- attach
 
-    def attach(self, inside: list[str] | tuple[str, ...], outside: list[str] | tuple[str, ...]) -> None:
+    def attach(self, inside: list[str] | tuple[str, ...], outside: list[str] | tuple[str, ...],
+               recirc: str | None = None) -> None:
         """snat_inside on inside ingress; snat_outside on outside ingress; snat_egress on
-        outside egress.  An existing filter of ours (handle/priority TC_HANDLE/TC_PRIORITY,
-        left by a previous daemon or a previous attach) is replaced in place (one netlink
-        request: no packet meets the hook without a program), then our filters on every other
-        hook of the namespace (devices no longer inside/outside) are removed.
+        outside egress; snat_recirc on the ingress of ``recirc`` (the recirculation device,
+        where held fragments come back).  An existing filter of ours (handle/priority
+        TC_HANDLE/TC_PRIORITY, left by a previous daemon or a previous attach) is replaced in
+        place (one netlink request: no packet meets the hook without a program), then our
+        filters on every other hook of the namespace (devices no longer inside/outside) are removed.
 
         On a failure, filters this call newly created are removed again; replaced ones keep
         the new program (it works on the same pinned maps): a datapath that was translating
@@ -247,6 +250,8 @@ class Loader:
         plan = [(i, B.BPF_TC_INGRESS, PROG_INSIDE) for i in inside]
         plan += [(o, B.BPF_TC_INGRESS, PROG_OUTSIDE) for o in outside]
         plan += [(o, B.BPF_TC_EGRESS, PROG_EGRESS) for o in outside]
+        if recirc:
+            plan.append((recirc, B.BPF_TC_INGRESS, PROG_RECIRC))
         idx = {name: ifindex(name) for name, _, _ in plan}  # every device first: fail early
         fds = {p: self.obj.prog_fd(p) for p in {p for _, _, p in plan}}
         created: dict[str, bool] = {a.ifname: a.created_hook for a in self.attachments}

@@ -29,13 +29,14 @@ REF_ADDRS = {
     "lan50": ["198.18.50.1/24"],
     "eth1": ["198.19.2.2/24", "198.19.2.71/32", "198.19.2.72/32", "198.19.2.73/32"],
     "eth2": ["198.19.3.2/24", "198.19.3.71/32", "198.19.3.72/32", "198.19.3.73/32"],
+    L.RECIRC_DEV: [],  # where held fragments go (frag_v4_hold) and come back (snat_recirc)
 }
 REF_ROUTES = [
     ["default", "via", "198.19.2.1", "dev", "eth1"],
     ["198.51.100.0/24", "via", "198.19.3.1", "dev", "eth2"],
 ]
 INSIDE, OUTSIDE = ("lan40", "lan50"), ("eth1", "eth2")
-PROGS = {"inside": "snat_inside", "outside": "snat_outside", "egress": "snat_egress"}
+PROGS = {"inside": "snat_inside", "outside": "snat_outside", "egress": "snat_egress", "recirc": "snat_recirc"}
 SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff) on 6.x; only ifindex fields are set
 _OFF_INGRESS_IFINDEX, _OFF_IFINDEX, _OFF_GSO_SEGS, _OFF_GSO_SIZE = 36, 40, 164, 176
 ETH = bytes.fromhex("020000000002" "020000000001" "0800")  # dst, src, IPv4
@@ -131,6 +132,8 @@ class ProgHarness:
             role = L.IFACE_INSIDE if dev in INSIDE else L.IFACE_OUTSIDE if dev in OUTSIDE else 0
             if role:
                 self.maps[L.MAP_IFACES].put(struct.pack("<I", idx), struct.pack("<I", role))
+        # the recirculation device, as the backend writes it (held fragments go there)
+        self.maps[L.MAP_IFACES].put(struct.pack("<I", L.RECIRC_KEY), struct.pack("<I", net.ifindex[L.RECIRC_DEV]))
         self.dbg = self.obj.map("snat_dbg") if "SNAT_TEST" in self.defines else None
         self.fds = {side: self.obj.prog_fd(p) for side, p in PROGS.items()}
 

@@ -30,6 +30,8 @@ static __always_inline int snat_emit(struct __sk_buff *skb, struct snat_res *v)
 		return TC_ACT_SHOT;
 	if (v->verdict != VERDICT_REDIRECT)
 		return TC_ACT_OK;
+	if (v->reason == REASON_FRAG_HELD) /* to the recirculation device's qdisc (frag_v4_hold) */
+		return bpf_redirect(v->ifindex, 0);
 	if (v->nexthop) {
 		struct bpf_redir_neigh nh = { .nh_family = AF_INET_, .ipv4_nh = v->nexthop };
 
@@ -346,6 +348,22 @@ SEC("tc")
 int snat_outside(struct __sk_buff *skb)
 {
 	return snat_entry(skb, 1);
+}
+
+/* Ingress of the recirculation device: held later fragments coming back (frag_v4_hold) are
+ * judged again; nothing else comes this way, and anything else is dropped. */
+SEC("tc")
+int snat_recirc(struct __sk_buff *skb)
+{
+	struct snat_res v = {};
+	struct pkt p;
+	int r = parse_v4_pulled(skb, &p);
+
+	if (r >= 0 || p.frag != FRAG_LATER)
+		verdict_set(&v, VERDICT_DROP, REASON_DROP_FRAG_UNKNOWN);
+	else
+		frag_v4_later(skb, &p, &v);
+	return snat_emit(skb, &v);
 }
 
 /* The egress guard (edge invariant 1): a packet leaving an uplink with its source in a rule's

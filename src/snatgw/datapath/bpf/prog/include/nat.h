@@ -166,8 +166,28 @@ static __always_inline void frag_remember(const struct pkt *p, __be32 saddr, __b
 	bpf_map_update_elem(&snat_frags, &k, &e, BPF_ANY);
 }
 
+/* A later fragment before its first (no entry, or a held marker): hold it for a while.  It is
+ * redirected, untouched, to the recirculation device's egress (a TAP: the backend's holder
+ * waits and writes it back, datapath/bpf/recirc.py) and comes back on that device's ingress
+ * (snat_recirc), which judges it again: by then the first fragment has usually been
+ * translated or passed.  Bounded: SNAT_FRAG_HOLD_NS since the datagram's first hold, the
+ * holder's capacity, the LRU frag map.  Without a recirculation device (snat_ifaces[RECIRC_KEY])
+ * it is dropped, as before. */
+static __noinline int frag_v4_hold(const struct pkt *p, struct snat_res *v, __u64 since, int fresh)
+{
+	__u32 key = RECIRC_KEY;
+	__u32 *rc = bpf_map_lookup_elem(&snat_ifaces, &key);
+	__u64 now = snat_now();
+
+	if (!rc || !*rc || (!fresh && now - since > SNAT_FRAG_HOLD_NS))
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_FRAG_UNKNOWN);
+	if (fresh)
+		frag_remember(p, p->saddr, p->daddr, FRAG_HELD_IFINDEX, 0, now);
+	return verdict_redirect(v, REASON_FRAG_HELD, *rc, 0);
+}
+
 /* Step 3: a non-first fragment takes its first fragment's rewrite, passes after a passed
- * first fragment, or is dropped. */
+ * first fragment, is held while its first has not come (frag_v4_hold), or is dropped. */
 static __always_inline int frag_v4_later(struct __sk_buff *skb, const struct pkt *p, struct snat_res *v)
 {
 	struct frag_key k = { .saddr = p->saddr, .daddr = p->daddr, .id = p->ipid, .proto = p->proto };
@@ -183,7 +203,9 @@ static __always_inline int frag_v4_later(struct __sk_buff *skb, const struct pkt
 		e = NULL;
 	}
 	if (!e)
-		return verdict_set(v, VERDICT_DROP, REASON_DROP_FRAG_UNKNOWN);
+		return frag_v4_hold(p, v, 0, 1);
+	if (e->ifindex == FRAG_HELD_IFINDEX)
+		return frag_v4_hold(p, v, e->created, 0);
 	if (!e->ifindex) /* pass marker: the first fragment was passed untranslated */
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_UNTRANSLATED);
 	if (p->ttl <= 1)

@@ -27,6 +27,9 @@
 #ifndef SNAT_MAX_POOL_ADDRS
 #define SNAT_MAX_POOL_ADDRS 65536
 #endif
+#ifndef SNAT_FRAG_HOLD_NS
+#define SNAT_FRAG_HOLD_NS 5000000000ULL
+#endif
 #ifndef SNAT_MAX_FROM_NETS
 #define SNAT_MAX_FROM_NETS 16384
 #endif
@@ -48,6 +51,8 @@
 #define IFACE_INSIDE 1
 #define IFACE_OUTSIDE 2
 #define FRAG_PASS_REASON_MASK 0xc073c0ULL
+#define RECIRC_KEY 0
+#define FRAG_HELD_IFINDEX 0xffffffff
 
 enum verdict {
 	VERDICT_PASS = 0,
@@ -84,6 +89,7 @@ enum reason {
 	REASON_DROP_LEAK = 24,
 	REASON_XLATE_IN_TTL = 44,
 	REASON_XLATE_IN_FRAG_NEEDED = 45,
+	REASON_FRAG_HELD = 46,
 };
 
 enum algo {
@@ -213,7 +219,7 @@ _Static_assert(sizeof(struct frag_key) == 12, "frag_key size");
 struct frag_entry {
 	__be32 saddr; /* new source */
 	__be32 daddr; /* new destination */
-	__u32 ifindex; /* egress device; 0 = pass marker: first fragment passed, pass the rest */
+	__u32 ifindex; /* egress device; 0 = pass marker: first fragment passed, pass the rest; FRAG_HELD_IFINDEX = held marker */
 	__be32 nexthop; /* next hop; 0 = the destination */
 	__u64 created; /* bpf_ktime_get_ns() */
 };
