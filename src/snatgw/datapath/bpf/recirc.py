@@ -124,17 +124,23 @@ class FragmentHolder:
             self.held += 1
             self._queue.append((now + self._delay(frame, now), frame))
 
+    def _send_due(self, now: float) -> int:
+        """Write back the frames whose wait is over (in through the TAP's ingress, addressed to
+        it); returns how many."""
+        due = [x for x in self._queue if x[0] <= now]
+        if due:
+            self._queue = [x for x in self._queue if x[0] > now]
+            for _, frame in due:
+                try:
+                    os.write(self.fd, self.mac + frame[6:])
+                except OSError:
+                    pass
+        return len(due)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
-            due = [x for x in self._queue if x[0] <= now]
-            if due:
-                self._queue = [x for x in self._queue if x[0] > now]
-                for _, frame in due:  # back in through the TAP's ingress, addressed to it
-                    try:
-                        os.write(self.fd, self.mac + frame[6:])
-                    except OSError:
-                        pass
+            self._send_due(now)
             wait = min((x[0] for x in self._queue), default=now + 1.0) - time.monotonic()
             r, _, _ = select.select([self.fd, self._wake_r], [], [], max(0.0, min(wait, 1.0)))
             if self.fd in r:
