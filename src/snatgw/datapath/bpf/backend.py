@@ -72,6 +72,23 @@ def address_owners(devices) -> dict[ipaddress.IPv4Address, set[int]]:
     return out
 
 
+def warn_without_forwarding(path: str = "/proc/sys/net/ipv4/ip_forward") -> bool:
+    """The programs redirect translated packets themselves, but hand some to the kernel to
+    forward (PASS_TRANSLATED: over the MTU without DF, and the replies the kernel must answer
+    the remote about: XLATE_IN_TTL, XLATE_IN_FRAG_NEEDED).  With forwarding off the kernel drops
+    those, and path MTU discovery through a narrow inside link breaks: say so.  True if on."""
+    try:
+        with open(path) as f:
+            on = f.read().strip() == "1"
+    except OSError:
+        return True
+    if not on:
+        log.warning("net.ipv4.ip_forward is 0 in this namespace: translated packets the kernel must "
+                    "forward (over the MTU without DF; replies too big for the inside link or whose "
+                    "TTL runs out, which it answers with frag-needed / time exceeded) will be dropped")
+    return on
+
+
 def set_accept_local(devices, conf_dir: str = ACCEPT_LOCAL_DIR) -> None:
     """net.ipv4.conf.<dev>.accept_local=1 on each inside device (this network namespace):
     PASS_TRANSLATED packets reach the kernel there with a local (SNAT) source address, which
@@ -138,6 +155,7 @@ class BpfBackend:
             self._write_ifaces(s)
             self.loader.attach(list(s.inside), list(s.outside), L.RECIRC_DEV if recirc else None)
             set_accept_local(s.inside)
+            warn_without_forwarding()
         except BaseException:
             # adopted sessions and programs belong to whoever made them: keep them running
             self.loader.stop(keep_state=bool(self.loader.reused))
