@@ -139,9 +139,17 @@ class FragmentHolder:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            now = time.monotonic()
-            self._send_due(now)
-            wait = min((x[0] for x in self._queue), default=now + 1.0) - time.monotonic()
-            r, _, _ = select.select([self.fd, self._wake_r], [], [], max(0.0, min(wait, 1.0)))
-            if self.fd in r:
-                self._take(time.monotonic())
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - the holder must outlive any one bad round
+                log.exception("fragment holder: a round failed; carrying on")
+                self._queue.clear()
+                time.sleep(0.1)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        self._send_due(now)
+        wait = min((x[0] for x in self._queue), default=now + 1.0) - time.monotonic()
+        r, _, _ = select.select([self.fd, self._wake_r], [], [], max(0.0, min(wait, 1.0)))
+        if self.fd in r:
+            self._take(time.monotonic())
