@@ -307,6 +307,18 @@ CT_F_NEW_GW = 0x2  # session's nexthop comes from new_gw
 CFG_F_UNMATCHED_DROP = 0x1  # `unmatched drop`: no-rule flows are dropped
 CFG_F_INBOUND_ROUTED = 0x2  # `inbound routed`: uplink packets without a session may be routed inside
 
+#: the expiry sweep (sweep.bpf.c: a BPF_PROG_TYPE_SYSCALL program walking snat_ct)
+SWEEP_EXPIRE = 0  # remove expired pairs and old half pairs, recount the live counts
+SWEEP_FLUSH = 1  # remove the pairs the filters select (all: also half pairs), recount
+SWEEP_F_RULE = 0x01
+SWEEP_F_INSIDE = 0x02
+SWEEP_F_NAT = 0x04
+SWEEP_F_REMOTE = 0x08
+SWEEP_F_RPORT = 0x10
+SWEEP_F_PROTO = 0x20
+SWEEP_F_STATE = 0x40
+SWEEP_STATES = 16  # entries of the sweep's timeout array (by ct_state; larger states use NONE's)
+
 
 @dataclass(frozen=True)
 class Field:
@@ -460,6 +472,31 @@ LPM_V4 = _declare(Struct("lpm_v4", "an IPv4 prefix as the LPM trie key", (
     ("addr", "__be32", "network address"),
 )))  # fmt: skip
 
+SWEEP_ARGS = _declare(Struct("sweep_args", "what one walk of snat_ct by the sweep program does", (
+    ("now", "__u64", "CLOCK_MONOTONIC ns the sweep judges idleness against"),
+    ("grace", "__u64", "ns after which a half pair (one direction without its peer) is removed"),
+    ("mode", "__u32", "SWEEP_EXPIRE or SWEEP_FLUSH"),
+    ("flags", "__u32", "SWEEP_F_*: which filters apply (FLUSH)"),
+    ("rule_id", "__u32", "SWEEP_F_RULE: sessions of this rule"),
+    ("pad", "__u32", "zero"),
+    ("inside", "__be32", "SWEEP_F_INSIDE: inside address, under inside_mask"),
+    ("inside_mask", "__be32", "netmask of inside"),
+    ("nat", "__be32", "SWEEP_F_NAT: SNAT address"),
+    ("remote", "__be32", "SWEEP_F_REMOTE: remote address, under remote_mask"),
+    ("remote_mask", "__be32", "netmask of remote"),
+    ("remote_port", "__be16", "SWEEP_F_RPORT: remote port"),
+    ("proto", "__u8", "SWEEP_F_PROTO: IPPROTO_*"),
+    ("state", "__u8", "SWEEP_F_STATE: enum ct_state"),
+)))  # fmt: skip
+
+SWEEP_RES = _declare(Struct("sweep_res", "what the last walk did (sweep.bpf.c)", (
+    ("visited", "__u64", "entries visited (both directions)"),
+    ("removed", "__u64", "sessions removed (pairs)"),
+    ("orphans", "__u64", "half pairs removed"),
+    ("live", "__u64", "sessions kept (pairs counted into the live counts)"),
+    ("fresh", "__u64", "pairs found expired by the first look but refreshed by the second"),
+    ("count_errors", "__u64", "live-count updates that failed (a count map full)"),
+)))  # fmt: skip
 
 LIVE_COUNT = _declare(Struct("live_count", "live sessions and refusals of a host, SNAT address or rule", (
     ("sessions", "__u32", "live sessions: +1 at creation (atomic), recounted by the expiry sweep"),
@@ -499,6 +536,11 @@ def render_header() -> str:
         "REASON_MAX": REASON_MAX,
         "TCP_STATE_COUNT": TCP_STATE_COUNT,
         "IFACE_INSIDE": IFACE_INSIDE, "IFACE_OUTSIDE": IFACE_OUTSIDE,
+        "SWEEP_EXPIRE": SWEEP_EXPIRE, "SWEEP_FLUSH": SWEEP_FLUSH,
+        "SWEEP_F_RULE": SWEEP_F_RULE, "SWEEP_F_INSIDE": SWEEP_F_INSIDE, "SWEEP_F_NAT": SWEEP_F_NAT,
+        "SWEEP_F_REMOTE": SWEEP_F_REMOTE, "SWEEP_F_RPORT": SWEEP_F_RPORT,
+        "SWEEP_F_PROTO": SWEEP_F_PROTO, "SWEEP_F_STATE": SWEEP_F_STATE,
+        "SWEEP_STATES": SWEEP_STATES,
         "FRAG_PASS_REASON_MASK": f"0x{sum(1 << int(r) for r in FRAG_PASS_REASONS):x}ULL",
         "RECIRC_KEY": RECIRC_KEY, "FRAG_HELD_IFINDEX": f"0x{FRAG_HELD_IFINDEX:x}",
     }  # fmt: skip

@@ -1,6 +1,7 @@
 """BpfBackend: the eBPF TC datapath behind snatgw.datapath.backend.Backend - load/adopt and
-attach, rule installs, session GC on CLOCK_MONOTONIC, new_gw moves of live sessions, counters,
-and ``read_pinned`` for `snatgw conns`/`stats` when no daemon runs.
+attach, rule installs, session expiry on CLOCK_MONOTONIC (the kernel-side sweep of sweep.py),
+new_gw moves of live sessions, counters and live counts, and ``read_pinned`` for `snatgw
+conns`/`stats` when no daemon runs.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
 from ..backend import Session, Stats
 from .loader import Loader, ifindex
-from .maps import CT_KEY, DatapathMaps, entry_last_seen, entry_peer, monotonic_ns
+from .maps import CT_KEY, DatapathMaps, monotonic_ns
 from .recirc import FragmentHolder
+from .sweep import ALL, SessionFilter, Sweeper, SweepResult
 
 log = logging.getLogger("snatgw.bpf")
 
@@ -28,7 +30,7 @@ NO_DEVICE = 0xFFFFFFFF  # rule oif whose device is absent (matches nothing)
 ORPHAN_GRACE_NS = 10 * 10**9  # half-inserted pairs older than this are removed by GC
 _clock = time.monotonic  # seconds, for GC pacing (tests replace it)
 ACCEPT_LOCAL_DIR = "/proc/sys/net/ipv4/conf"
-GC_DUTY = 10  # a sweep of duration T is followed by at least (GC_DUTY-1)*T without one
+GC_DUTY = 5  # a sweep of duration T is followed by at least (GC_DUTY-1)*T without one
 
 #: resolver(addr) -> (ifindex, next hop, mtu) of the route to addr (next hop = addr on-link)
 Resolver = Callable[[ipaddress.IPv4Address], "tuple[int, ipaddress.IPv4Address, int]"]
@@ -131,6 +133,8 @@ class BpfBackend:
         self.last_follow = (0, 0)  # (moved, removed) sessions of the last rule install
         self._next_sweep = 0.0  # time.monotonic() before which expire() skips its sweep
         self.holder: FragmentHolder | None = None  # holds fragments that come before their first
+        self._sweeper: Sweeper | None = None
+        self.last_sweep: SweepResult | None = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -201,6 +205,9 @@ class BpfBackend:
         programs stay attached and the maps pinned, so the kernel keeps translating with no
         daemon and the next start() adopts both.  Otherwise (`snatgw purge`, tests): detach
         and remove the pinned maps (and the sessions)."""
+        if self._sweeper is not None:
+            self._sweeper.close()
+            self._sweeper = None
         if self.readonly:
             if self.maps:
                 self.maps.close()
@@ -276,7 +283,7 @@ class BpfBackend:
         mapping.  Returns (OUT entries rewritten, sessions removed)."""
         old_gws = old_gws or {}
         pools = pools or {}
-        pairs, _ = self.maps.session_pairs()
+        pairs = self.maps.iter_pairs(with_in=False)  # one batch of the table at a time
         cache: dict[ipaddress.IPv4Address, tuple[int, ipaddress.IPv4Address, int] | None] = {}
         owners: dict | None = None
 
@@ -344,58 +351,63 @@ class BpfBackend:
     def _timeout_ns(self, state: int) -> int:
         return self._timeouts_ns()[int(state)]
 
+    def sweeper(self) -> Sweeper:
+        """The sweep program over this datapath's maps (loaded on first use)."""
+        if self._sweeper is None:
+            self._sweeper = Sweeper(self._m())
+        return self._sweeper
+
     def expire(self, now: float | None = None) -> int:
         """Remove sessions idle longer than their state's timeout, both keys together (OUT
-        first).  ``now``: CLOCK_MONOTONIC seconds (bpf_ktime_get_ns' clock), default now.
-        Half-inserted leftovers older than ORPHAN_GRACE_NS go too (not counted).
+        first), and half pairs older than ORPHAN_GRACE_NS (not counted); recount the live
+        counts.  ``now``: CLOCK_MONOTONIC seconds (bpf_ktime_get_ns' clock), default now.
 
-        A sweep reads the whole table (about 1.7 s per 100k sessions in Python), so without
-        an explicit ``now`` a call within GC_DUTY times the last sweep's duration returns 0
-        at once: GC takes at most ~1/GC_DUTY of a CPU whatever the daemon's gc_interval, and
-        sessions still go within a few sweep times of their timeout (the shortest is 2 s)."""
+        The work is one run of the sweep program in the kernel (sweep.py: about 0.2 us per
+        table entry, so ~0.4 s at a million sessions).  Without an explicit ``now``, a call
+        within (GC_DUTY-1) times the last sweep's duration after it returns 0 at once: the
+        sweep takes at most 1/GC_DUTY of a CPU whatever gc_interval is.  A session therefore
+        leaves at most max(gc_interval, GC_DUTY * T) + T after its timeout (T = one sweep's
+        duration; docs/operations.md)."""
         self._writable()
         t0 = _clock()
         if now is None and t0 < self._next_sweep:
             return 0
         now_ns = monotonic_ns() if now is None else int(now * 1e9)
-        pairs, orphans = self.maps.session_pairs()
-        timeout = self._timeouts_ns()
-        removed = 0
-        for p in pairs:
-            if now_ns - p.last_seen <= timeout[p.state]:
-                continue
-            fresh = self.maps.reread(p)  # a packet may have refreshed it since the scan
-            if fresh is None:
-                continue
-            if fresh.in_raw is None and now_ns - entry_last_seen(fresh.out_raw) <= ORPHAN_GRACE_NS:
-                continue
-            if now_ns - fresh.last_seen > timeout[fresh.state]:
-                self.maps.delete_pair(fresh)
-                removed += 1
-        for k in orphans:
-            raw = self.maps.ct.get(k)
-            if raw is not None and now_ns - entry_last_seen(raw) > ORPHAN_GRACE_NS:
-                praw = self.maps.ct.get(entry_peer(raw))
-                if praw is None or entry_peer(praw) != k:
-                    self.maps.ct.delete(k)
+        res = self.sweeper().expire(now_ns, self._timeouts_ns(), ORPHAN_GRACE_NS)
+        self.last_sweep = res
+        if res.count_errors:
+            log.warning("sweep: %d live-count updates failed (a count map is full)", res.count_errors)
         t1 = _clock()
         self._next_sweep = t1 + (GC_DUTY - 1) * (t1 - t0)
-        return removed
+        return res.removed
+
+    def iter_sessions(self, flt: SessionFilter = ALL, limit: int | None = None):
+        """The sessions the filter selects, one batch of the table in memory at a time."""
+        now = monotonic_ns()
+        timeout = self._timeouts_ns()
+        n = 0
+        for p in self._m().iter_pairs(flt=flt):
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            yield p.to_session(lambda s: timeout[s] / 1e9, now)
 
     def sessions(self) -> list[Session]:
-        now = monotonic_ns()
-        pairs, _ = self._m().session_pairs()
-        timeout = self._timeouts_ns()
-        return [p.to_session(lambda s: timeout[s] / 1e9, now) for p in pairs]
+        return list(self.iter_sessions())
+
+    def live_counts(self) -> dict:
+        """The kept live counts: {"rules": {rule_id: n}, "addrs": {addr: n}, "hosts": count of
+        inside hosts with sessions, "refusals": {...}} (no read of the session table)."""
+        return self._m().live_counts()
 
     def stats(self) -> Stats:
+        """Counters and the live session count, from the count maps (the sweep keeps them
+        exact; between sweeps the datapath's increments at creation): no table read."""
         m = self._m()
-        pairs, _ = m.session_pairs()
-        return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=len(pairs))
+        return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=m.live_total())
 
     def counters(self) -> Stats:
-        """stats() without the session count, which needs a read of the whole table: the
-        daemon samples these every few seconds for rates."""
+        """stats() without the session count (the daemon samples these for rates)."""
         m = self._m()
         return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=-1)
 
@@ -404,20 +416,11 @@ class BpfBackend:
         """Remove the sessions matching every filter given (rule id, inside address, SNAT
         address); with none, every session, orphan and remembered fragment."""
         self._writable()
-        pairs, orphans = self.maps.session_pairs()
-        n = 0
-        for p in pairs:
-            if rule_id is not None and p.rule_id != rule_id:
-                continue
-            if inside is not None and ipaddress.IPv4Address(CT_KEY.unpack(p.out_key)["saddr"]) != inside:
-                continue
-            if nat is not None and ipaddress.IPv4Address(p.out["rw_addr"]) != nat:
-                continue
-            self.maps.delete_pair(p)
-            n += 1
-        if rule_id is None and inside is None and nat is None:
-            for k in orphans:
-                self.maps.ct.delete(k)
+        flt = SessionFilter(rule_id=rule_id,
+                            inside=ipaddress.IPv4Network(inside) if inside is not None else None,
+                            nat=ipaddress.IPv4Address(nat) if nat is not None else None)  # fmt: skip
+        n = self.sweeper().flush(flt).removed  # in the kernel; no filter: also half pairs
+        if flt.empty:
             for k in self.maps.frags.keys():
                 self.maps.frags.delete(k)
         return n

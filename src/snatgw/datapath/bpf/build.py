@@ -18,6 +18,7 @@ from ...errors import BackendError
 
 PROG_DIR = Path(__file__).parent / "prog"
 SOURCE = PROG_DIR / "snat.bpf.c"
+SWEEP_SOURCE = PROG_DIR / "sweep.bpf.c"  # the session walk (expiry, flush, listings)
 INCLUDE = PROG_DIR / "include"
 
 #: compile-time flag sets every build must keep loadable (tests/bpf/test_verifier.py loads each)
@@ -55,19 +56,21 @@ def _flags(defines: dict | None) -> list[str]:
     return out
 
 
-def _key(clang: str, flags: list[str]) -> str:
+def _key(clang: str, flags: list[str], source: Path = SOURCE) -> str:
     h = hashlib.sha256()
-    for p in sorted([SOURCE, *INCLUDE.glob("*.h")]):
+    for p in sorted({source, *INCLUDE.glob("*.h")}):
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     h.update("\0".join([clang, platform.machine(), *flags]).encode())
     return h.hexdigest()[:20]
 
 
-def compile(defines: dict | None = None) -> Path:  # noqa: A001 - the verb is the point
-    """Build (or reuse) the object for ``defines`` and return its path."""
+def compile(defines: dict | None = None, source: Path = SOURCE) -> Path:  # noqa: A001 - the verb is the point
+    """Build (or reuse) the object of ``source`` (default the TC datapath) for ``defines``
+    and return its path."""
     clang = _clang()
     flags = _flags(defines)
-    out = cache_dir() / f"snat-{_key(clang, flags)}.o"
+    source = Path(source)
+    out = cache_dir() / f"{source.name.split('.')[0]}-{_key(clang, flags, source)}.o"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,13 +78,13 @@ def compile(defines: dict | None = None) -> Path:  # noqa: A001 - the verb is th
     cmd = [
         clang, "-O2", "-g", "-target", "bpf", "-Wall", "-Werror",
         f"-I/usr/include/{platform.machine()}-linux-gnu", "-I", str(INCLUDE),
-        *flags, "-c", str(SOURCE), "-o", str(tmp),
+        *flags, "-c", str(source), "-o", str(tmp),
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)
         what = " ".join(flags) or "no defines"
-        raise BackendError(f"compiling {SOURCE.name} failed ({what}):\n{res.stderr}")
+        raise BackendError(f"compiling {source.name} failed ({what}):\n{res.stderr}")
     os.replace(tmp, out)  # atomic: concurrent builds of the same key agree
     return out
 

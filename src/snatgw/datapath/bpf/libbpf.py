@@ -26,9 +26,11 @@ Stable API (other modules and the bpf-C tests rely on it; only add to it):
     m.items()                               # get_next_key walk + lookups
     m.items_batch(chunk=4096)               # bpf_map_lookup_batch, falls back to items()
     m.to_dict()                             # the whole map as {key: value} (batch)
+    m.put_batch(keys, values, n)            # bpf_map_update_batch: n packed keys and values
     m.pin(path)
 
     test_run(prog_fd, data, ctx=None, repeat=1) -> (retval, data_out, ctx_out, duration_ns)
+    run_syscall(prog_fd, ctx=None) -> (retval, duration_ns)   # BPF_PROG_TYPE_SYSCALL programs
     tc_hook_create(ifindex, point) -> bool(created) ; tc_hook_destroy(ifindex, point)
     tc_attach(ifindex, point, prog_fd, handle=0, priority=0, replace=False)
         -> (handle, priority, prog_id)
@@ -174,6 +176,7 @@ _SIGS = {
     "bpf_map_delete_elem": (C.c_int, [C.c_int, _P]),
     "bpf_map_get_next_key": (C.c_int, [C.c_int, _P, _P]),
     "bpf_map_lookup_batch": (C.c_int, [C.c_int, _P, _P, _P, _P, C.POINTER(C.c_uint32), _P]),
+    "bpf_map_update_batch": (C.c_int, [C.c_int, _P, _P, C.POINTER(C.c_uint32), _P]),
     "bpf_prog_test_run_opts": (C.c_int, [C.c_int, _P]),
     "bpf_tc_hook_create": (C.c_int, [_P]),
     "bpf_tc_hook_destroy": (C.c_int, [_P]),
@@ -435,6 +438,16 @@ class Map:
                 return
             inb = C.create_string_buffer(outb.raw, len(outb))
 
+    def put_batch(self, keys: bytes, values: bytes, n: int, flags: int = BPF_ANY) -> None:
+        """bpf_map_update_batch: ``n`` keys and values packed back to back (one system call)."""
+        if len(keys) != n * self.key_size or len(values) != n * self._vlen:
+            raise BackendError(f"map {self.name}: batch of {n} needs {n * self.key_size} key and "
+                               f"{n * self._vlen} value bytes")  # fmt: skip
+        cnt = C.c_uint32(n)
+        opts = MapBatchOpts(sz=C.sizeof(MapBatchOpts), elem_flags=flags)
+        _check(lib().bpf_map_update_batch(self.fd, keys, values, C.byref(cnt), C.byref(opts)),
+               f"batch update of map {self.name}")  # fmt: skip
+
     def pin(self, path: str) -> None:
         obj_pin(self.fd, path)
 
@@ -549,6 +562,18 @@ def test_run(prog_fd: int, data: bytes, ctx: bytes | None = None, repeat: int = 
     return int(C.c_int32(o.retval).value), dout.raw[: o.data_size_out], ctx_out, int(o.duration)
 
 
+def run_syscall(prog_fd: int, ctx: bytes | None = None) -> tuple[int, int]:
+    """BPF_PROG_RUN of a BPF_PROG_TYPE_SYSCALL program (no packet; ``ctx`` optional).
+    Returns (retval, duration in ns as measured by the kernel; 0 where it does not)."""
+    o = RunOpts(sz=C.sizeof(RunOpts))
+    cin = None
+    if ctx:
+        cin = C.create_string_buffer(bytes(ctx), len(ctx))
+        o.ctx_in, o.ctx_size_in = C.cast(cin, C.c_void_p), len(ctx)
+    _check(lib().bpf_prog_test_run_opts(prog_fd, C.byref(o)), "bpf_prog_test_run_opts (syscall)")
+    return int(C.c_int32(o.retval).value), int(o.duration)
+
+
 # --------------------------------------------------------------------------- TC
 
 
@@ -604,3 +629,4 @@ def tc_query(ifindex: int, point: int, handle: int, priority: int) -> int | None
 
 
 test_run.__test__ = False  # not a pytest test when imported into a test module
+run_syscall.__test__ = False

@@ -168,6 +168,38 @@ class SessionPair:
         )
 
 
+_KOFF = L.CT_KEY.offsets()
+
+
+def _matcher(flt):
+    """A test on (raw OUT key, raw OUT entry) for a sweep.SessionFilter (None: everything)."""
+    if flt is None or flt.empty:
+        return None
+    tests = []
+    if flt.rule_id is not None:
+        rid = int(flt.rule_id)
+        tests.append(lambda k, v: _U32.unpack_from(v, _OFF["rule_id"])[0] == rid)
+    if flt.inside is not None:
+        net, mask = int(flt.inside.network_address), int(flt.inside.netmask)
+        tests.append(lambda k, v: int.from_bytes(k[0:4], "big") & mask == net)
+    if flt.nat is not None:
+        nat = flt.nat.packed
+        tests.append(lambda k, v: v[_OFF["rw_addr"] : _OFF["rw_addr"] + 4] == nat)
+    if flt.remote is not None:
+        rnet, rmask = int(flt.remote.network_address), int(flt.remote.netmask)
+        tests.append(lambda k, v: int.from_bytes(k[4:8], "big") & rmask == rnet)
+    if flt.remote_port is not None:
+        port = int(flt.remote_port).to_bytes(2, "big")
+        tests.append(lambda k, v: k[_KOFF["dport"] : _KOFF["dport"] + 2] == port)
+    if flt.proto is not None:
+        proto = int(flt.proto)
+        tests.append(lambda k, v: k[_KOFF["proto"]] == proto)
+    if flt.state is not None:
+        state = int(flt.state)
+        tests.append(lambda k, v: v[_OFF["state"]] == state)
+    return lambda k, v: all(t(k, v) for t in tests)
+
+
 class DatapathMaps:
     """The seven maps by name (Map objects from a loaded BpfObject or opened from pins)."""
 
@@ -226,6 +258,45 @@ class DatapathMaps:
             pairs.append(SessionPair(k, v, in_key, inn))
         orphans = [k for k in entries if k[_DIR_OFF] == L.CT_DIR_IN and k not in claimed]
         return pairs, orphans
+
+    def iter_pairs(self, flt=None, with_in: bool = True, chunk: int = 4096):
+        """Sessions as SessionPairs, streamed: the table is read one batch (``chunk`` entries)
+        at a time and each OUT entry's IN entry looked up by key (``with_in``; half pairs are
+        left out then).  ``flt`` (sweep.SessionFilter) selects on the raw OUT key and entry.
+        Memory: one batch, whatever the table's size."""
+        match = _matcher(flt)
+        for part in self.ct._batches(chunk):
+            for k, v in part:
+                if k[_DIR_OFF] != L.CT_DIR_OUT or (match is not None and not match(k, v)):
+                    continue
+                in_key = v[_PEER]
+                inn = None
+                if with_in:
+                    inn = self.ct.get(in_key)
+                    if inn is None or inn[_PEER] != k:
+                        continue
+                yield SessionPair(k, v, in_key, inn)
+
+    # ----------------------------------------------------------------- live counts
+
+    def _counts(self, name: str) -> dict[bytes, dict]:
+        return {k: L.LIVE_COUNT.unpack(v) for k, v in self.maps[name].items_batch()}
+
+    def live_total(self) -> int:
+        """Live sessions: the sum of the per-rule live counts (every session has one rule)."""
+        return sum(c["sessions"] for c in self._counts(L.MAP_RULE_LIVE).values())
+
+    def live_counts(self) -> dict:
+        rules = {int.from_bytes(k, "little"): c for k, c in self._counts(L.MAP_RULE_LIVE).items()}
+        addrs = {_ip(int.from_bytes(k, "big")): c for k, c in self._counts(L.MAP_ADDR_STATS).items()}
+        hosts = self._counts(L.MAP_HOST_SESS)
+        return {
+            "sessions": sum(c["sessions"] for c in rules.values()),
+            "rules": {rid: c["sessions"] for rid, c in rules.items()},
+            "addrs": {a: c["sessions"] for a, c in addrs.items()},
+            "hosts": sum(1 for c in hosts.values() if c["sessions"]),
+            "host_max": max((c["sessions"] for c in hosts.values()), default=0),
+        }
 
     def reread(self, p: SessionPair) -> SessionPair | None:
         """The pair as it is now (None when its OUT entry is gone)."""

@@ -50,6 +50,16 @@
 #define TCP_STATE_COUNT 11
 #define IFACE_INSIDE 1
 #define IFACE_OUTSIDE 2
+#define SWEEP_EXPIRE 0
+#define SWEEP_FLUSH 1
+#define SWEEP_F_RULE 1
+#define SWEEP_F_INSIDE 2
+#define SWEEP_F_NAT 4
+#define SWEEP_F_REMOTE 8
+#define SWEEP_F_RPORT 16
+#define SWEEP_F_PROTO 32
+#define SWEEP_F_STATE 64
+#define SWEEP_STATES 16
 #define FRAG_PASS_REASON_MASK 0xc073c0ULL
 #define RECIRC_KEY 0
 #define FRAG_HELD_IFINDEX 0xffffffff
@@ -239,6 +249,36 @@ struct lpm_v4 {
 	__be32 addr; /* network address */
 };
 _Static_assert(sizeof(struct lpm_v4) == 8, "lpm_v4 size");
+
+/* what one walk of snat_ct by the sweep program does */
+struct sweep_args {
+	__u64 now; /* CLOCK_MONOTONIC ns the sweep judges idleness against */
+	__u64 grace; /* ns after which a half pair (one direction without its peer) is removed */
+	__u32 mode; /* SWEEP_EXPIRE or SWEEP_FLUSH */
+	__u32 flags; /* SWEEP_F_*: which filters apply (FLUSH) */
+	__u32 rule_id; /* SWEEP_F_RULE: sessions of this rule */
+	__u32 pad; /* zero */
+	__be32 inside; /* SWEEP_F_INSIDE: inside address, under inside_mask */
+	__be32 inside_mask; /* netmask of inside */
+	__be32 nat; /* SWEEP_F_NAT: SNAT address */
+	__be32 remote; /* SWEEP_F_REMOTE: remote address, under remote_mask */
+	__be32 remote_mask; /* netmask of remote */
+	__be16 remote_port; /* SWEEP_F_RPORT: remote port */
+	__u8 proto; /* SWEEP_F_PROTO: IPPROTO_* */
+	__u8 state; /* SWEEP_F_STATE: enum ct_state */
+};
+_Static_assert(sizeof(struct sweep_args) == 56, "sweep_args size");
+
+/* what the last walk did (sweep.bpf.c) */
+struct sweep_res {
+	__u64 visited; /* entries visited (both directions) */
+	__u64 removed; /* sessions removed (pairs) */
+	__u64 orphans; /* half pairs removed */
+	__u64 live; /* sessions kept (pairs counted into the live counts) */
+	__u64 fresh; /* pairs found expired by the first look but refreshed by the second */
+	__u64 count_errors; /* live-count updates that failed (a count map full) */
+};
+_Static_assert(sizeof(struct sweep_res) == 48, "sweep_res size");
 
 /* live sessions and refusals of a host, SNAT address or rule */
 struct live_count {

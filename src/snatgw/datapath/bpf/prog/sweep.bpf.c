@@ -1,0 +1,312 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The expiry sweep: a BPF_PROG_TYPE_SYSCALL program the daemon runs with BPF_PROG_RUN; one run
+ * walks snat_ct with bpf_for_each_map_elem.  Two modes (struct sweep_args.mode):
+ *
+ *   SWEEP_EXPIRE  remove pairs idle longer than their state's timeout (both keys, OUT first,
+ *                 judged again on the live entries right before the delete, so a pair refreshed
+ *                 during the walk stays), remove half pairs older than the grace, and recount
+ *                 the live counts (snat_rule_live, snat_addr_stats, snat_host_sess);
+ *   SWEEP_FLUSH   remove the pairs the filters select (no filter: every entry), recount.
+ *
+ * Recount without losing the datapath's increments: at the start of a walk, each count's
+ * sessions value S0 is put into a private delta map as -S0; every pair the walk keeps adds 1;
+ * at the end each delta d is ADDED atomically to the count (S0 + increments during the walk +
+ * d = pairs kept + increments during the walk).  A session created during the walk that the
+ * walk also saw is counted twice until the next walk: a count may read high by at most the new
+ * sessions of one walk, never low.  Counts whose sessions and refusals are both 0 are removed
+ * (bounded maps); a datapath increment racing with that removal is lost until the next walk.
+ * Refusals are never touched.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "snat_layout.h"
+#include "maps.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sweep_args);
+} sweep_args SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sweep_res);
+} sweep_res SEC(".maps");
+
+/* timeout in ns by ct_state (states >= SWEEP_STATES use entry 0, NONE's) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SWEEP_STATES);
+	__type(key, __u32);
+	__type(value, __u64);
+} sweep_timeouts SEC(".maps");
+
+/* deltas of the recount, by the live-count maps' keys; private to the walk */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_MAX_HOSTS);
+	__type(key, __be32);
+	__type(value, __s64);
+} sweep_host SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_MAX_POOL_ADDRS);
+	__type(key, __be32);
+	__type(value, __s64);
+} sweep_addr SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_MAX_RULES);
+	__type(key, __u32);
+	__type(value, __s64);
+} sweep_rule SEC(".maps");
+
+/* what the callbacks share: the run's args and result (bpf_for_each_map_elem takes a pointer
+ * to the stack as the callbacks' context) */
+struct walk {
+	struct sweep_args *a;
+	struct sweep_res *res;
+};
+
+static __always_inline int key_eq(const struct ct_key *a, const struct ct_key *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+static __always_inline void bump(void *map, const void *key, __s64 by, struct sweep_res *res)
+{
+	__s64 *v = bpf_map_lookup_elem(map, key);
+
+	if (v) {
+		*v += by;
+		return;
+	}
+	if (bpf_map_update_elem(map, key, &by, BPF_NOEXIST)) {
+		v = bpf_map_lookup_elem(map, key);
+		if (v)
+			*v += by;
+		else
+			res->count_errors++;
+	}
+}
+
+/* ---- start of a walk: delta = -sessions of every count (the deltas are empty: the end of
+ * the previous walk removed each one; a walk always runs to its end within one BPF_PROG_RUN) */
+
+#define SNAP_CB(name, delta)                                                                      \
+	static long name(void *map, const __u32 *key, struct live_count *lc, struct walk *w)      \
+	{                                                                                         \
+		bump(&delta, key, -(__s64)lc->sessions, w->res);                                  \
+		return 0;                                                                         \
+	}
+SNAP_CB(snap_host, sweep_host)
+SNAP_CB(snap_addr, sweep_addr)
+SNAP_CB(snap_rule, sweep_rule)
+
+/* ---- end of a walk: add each delta to its count and remove the delta; a count left with
+ * sessions and refusals both 0 goes too (every count has a delta: the start made one) */
+
+#define PUB_CB(name, live)                                                                        \
+	static long name(void *map, const __u32 *key, __s64 *d, struct walk *w)                   \
+	{                                                                                         \
+		struct live_count *lc = NULL;                                                     \
+		__s64 by = *d;                                                                    \
+		if (by) {                                                                         \
+			lc = bpf_map_lookup_elem(&live, key);                                     \
+			if (!lc && by > 0) {                                                      \
+				struct live_count n = { .sessions = (__u32)by };                  \
+				if (!bpf_map_update_elem(&live, key, &n, BPF_NOEXIST))            \
+					by = 0;                                                   \
+				else                                                              \
+					lc = bpf_map_lookup_elem(&live, key);                     \
+			}                                                                         \
+			if (lc && by)                                                             \
+				__sync_fetch_and_add(&lc->sessions, (__u32)by);                   \
+			else if (by > 0)                                                          \
+				w->res->count_errors++;                                           \
+		}                                                                                 \
+		bpf_map_delete_elem(map, key);                                                    \
+		lc = bpf_map_lookup_elem(&live, key);                                             \
+		if (lc && !lc->sessions && !lc->refusals)                                         \
+			bpf_map_delete_elem(&live, key);                                          \
+		return 0;                                                                         \
+	}
+PUB_CB(pub_host, snat_host_sess)
+PUB_CB(pub_addr, snat_addr_stats)
+PUB_CB(pub_rule, snat_rule_live)
+
+static __always_inline void walk_begin(struct walk *w)
+{
+	bpf_for_each_map_elem(&snat_host_sess, snap_host, w, 0);
+	bpf_for_each_map_elem(&snat_addr_stats, snap_addr, w, 0);
+	bpf_for_each_map_elem(&snat_rule_live, snap_rule, w, 0);
+}
+
+static __always_inline void walk_end(struct walk *w)
+{
+	bpf_for_each_map_elem(&sweep_host, pub_host, w, 0);
+	bpf_for_each_map_elem(&sweep_addr, pub_addr, w, 0);
+	bpf_for_each_map_elem(&sweep_rule, pub_rule, w, 0);
+}
+
+/* ---- one entry */
+
+static __always_inline int selected(const struct sweep_args *a, const struct ct_key *k,
+				    const struct ct_entry *e)
+{
+	__u32 f = a->flags;
+
+	if ((f & SWEEP_F_RULE) && e->rule_id != a->rule_id)
+		return 0;
+	if ((f & SWEEP_F_INSIDE) && (k->saddr & a->inside_mask) != a->inside)
+		return 0;
+	if ((f & SWEEP_F_NAT) && e->rw_addr != a->nat)
+		return 0;
+	if ((f & SWEEP_F_REMOTE) && (k->daddr & a->remote_mask) != a->remote)
+		return 0;
+	if ((f & SWEEP_F_RPORT) && k->dport != a->remote_port)
+		return 0;
+	if ((f & SWEEP_F_PROTO) && k->proto != a->proto)
+		return 0;
+	if ((f & SWEEP_F_STATE) && e->state != a->state)
+		return 0;
+	return 1;
+}
+
+static __always_inline __u64 timeout_of(__u8 state)
+{
+	__u32 i = state < SWEEP_STATES ? state : 0;
+	__u64 *t = bpf_map_lookup_elem(&sweep_timeouts, &i);
+
+	return t ? *t : 0;
+}
+
+/* idle longer than its timeout (a last_seen after `now` is not idle at all) */
+static __always_inline int expired(__u64 now, const struct ct_entry *out, const struct ct_entry *in)
+{
+	__u64 last = out->last_seen > in->last_seen ? out->last_seen : in->last_seen;
+
+	return now > last && now - last > timeout_of(out->state);
+}
+
+static __always_inline int old(__u64 now, __u64 seen, __u64 grace)
+{
+	return now > seen && now - seen > grace;
+}
+
+/* OUT first (a racing outbound packet then makes a new session, whose port search skips the
+ * still-present IN key), then IN if it is still this pair's */
+static __always_inline void delete_pair(const struct ct_key *k, const struct ct_key *peer)
+{
+	struct ct_entry *in;
+
+	bpf_map_delete_elem(&snat_ct, k);
+	in = bpf_map_lookup_elem(&snat_ct, peer);
+	if (in && key_eq(&in->peer, k))
+		bpf_map_delete_elem(&snat_ct, peer);
+}
+
+static __always_inline void count_live(const struct ct_key *k, const struct ct_entry *e,
+				       struct sweep_res *res)
+{
+	__u32 rule = e->rule_id;
+	__be32 nat = e->rw_addr, host = k->saddr;
+
+	res->live++;
+	bump(&sweep_rule, &rule, 1, res);
+	bump(&sweep_addr, &nat, 1, res);
+	bump(&sweep_host, &host, 1, res);
+}
+
+static __always_inline void visit_out(const struct sweep_args *a, struct sweep_res *res,
+				      const struct ct_key *k, const struct ct_entry *e)
+{
+	struct ct_key peer = e->peer;
+	struct ct_entry *in = bpf_map_lookup_elem(&snat_ct, &peer);
+	struct ct_entry *out;
+
+	if (!in || !key_eq(&in->peer, k)) { /* half pair: its IN entry is gone */
+		if (!old(a->now, e->last_seen, a->grace))
+			return;
+		if (a->mode == SWEEP_FLUSH && a->flags)
+			return;
+		bpf_map_delete_elem(&snat_ct, k);
+		res->orphans++;
+		return;
+	}
+	if (a->mode == SWEEP_FLUSH) {
+		if (selected(a, k, e)) {
+			delete_pair(k, &peer);
+			res->removed++;
+			return;
+		}
+	} else if (expired(a->now, e, in)) {
+		/* judged again on the entries as they are now, right before the delete */
+		out = bpf_map_lookup_elem(&snat_ct, k);
+		in = bpf_map_lookup_elem(&snat_ct, &peer);
+		if (out && in && key_eq(&out->peer, &peer) && expired(a->now, out, in)) {
+			delete_pair(k, &peer);
+			res->removed++;
+			return;
+		}
+		res->fresh++;
+	}
+	count_live(k, e, res);
+}
+
+static __always_inline void visit_in(const struct sweep_args *a, struct sweep_res *res,
+				     const struct ct_key *k, const struct ct_entry *e)
+{
+	struct ct_key peer = e->peer;
+	struct ct_entry *out;
+
+	if (a->mode == SWEEP_FLUSH && a->flags)
+		return;
+	/* an IN entry without its OUT: mid-insert (IN goes in first) for microseconds, or left
+	 * behind; removed once older than the grace (flush of everything: at once) */
+	if (a->mode == SWEEP_EXPIRE && !old(a->now, e->last_seen, a->grace))
+		return;
+	out = bpf_map_lookup_elem(&snat_ct, &peer);
+	if (out && key_eq(&out->peer, k))
+		return;
+	bpf_map_delete_elem(&snat_ct, k);
+	res->orphans++;
+}
+
+static long visit_cb(void *map, const struct ct_key *kp, struct ct_entry *e, struct walk *w)
+{
+	struct ct_key k = *kp; /* the walk may delete this entry */
+
+	w->res->visited++;
+	if (k.dir == CT_DIR_OUT)
+		visit_out(w->a, w->res, &k, e);
+	else
+		visit_in(w->a, w->res, &k, e);
+	return 0;
+}
+
+SEC("syscall")
+int snat_sweep(void *ctx)
+{
+	__u32 zero = 0;
+	struct walk w = {
+		.a = bpf_map_lookup_elem(&sweep_args, &zero),
+		.res = bpf_map_lookup_elem(&sweep_res, &zero),
+	};
+
+	if (!w.a || !w.res)
+		return -1;
+	walk_begin(&w);
+	bpf_for_each_map_elem(&snat_ct, visit_cb, &w, 0);
+	walk_end(&w);
+	return 0;
+}

@@ -1,0 +1,140 @@
+"""The expiry sweep in the kernel (prog/sweep.bpf.c): expiry and flush of snat_ct at a million
+sessions without holding the table in Python.
+
+``Sweeper(maps)`` loads the sweep object over the datapath's own maps (by fd); each call runs
+its BPF_PROG_TYPE_SYSCALL program once with BPF_PROG_RUN: one walk of snat_ct with
+bpf_for_each_map_elem, in one system call (measured cost: docs/operations.md).
+
+- ``expire(now_ns, timeouts_ns, grace_ns)``: remove expired pairs and old half pairs, recount
+  the live counts.
+- ``flush(filter)``: remove the selected pairs (no filter: every entry), recount.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from ... import layout as L
+from ...errors import BackendError
+from . import libbpf as B
+
+PROG = "snat_sweep"
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class SessionFilter:
+    """Which sessions a listing or a flush selects (every given field must match)."""
+
+    rule_id: int | None = None
+    inside: IPv4Network | None = None
+    nat: IPv4Address | None = None
+    remote: IPv4Network | None = None
+    remote_port: int | None = None
+    proto: int | None = None
+    state: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self == ALL
+
+    def args(self) -> dict:
+        a: dict = {"flags": 0}
+        if self.rule_id is not None:
+            a["flags"] |= L.SWEEP_F_RULE
+            a["rule_id"] = int(self.rule_id) & 0xFFFFFFFF
+        if self.inside is not None:
+            a["flags"] |= L.SWEEP_F_INSIDE
+            a["inside"], a["inside_mask"] = int(self.inside.network_address), int(self.inside.netmask)
+        if self.nat is not None:
+            a["flags"] |= L.SWEEP_F_NAT
+            a["nat"] = int(self.nat)
+        if self.remote is not None:
+            a["flags"] |= L.SWEEP_F_REMOTE
+            a["remote"], a["remote_mask"] = int(self.remote.network_address), int(self.remote.netmask)
+        if self.remote_port is not None:
+            a["flags"] |= L.SWEEP_F_RPORT
+            a["remote_port"] = int(self.remote_port)
+        if self.proto is not None:
+            a["flags"] |= L.SWEEP_F_PROTO
+            a["proto"] = int(self.proto)
+        if self.state is not None:
+            a["flags"] |= L.SWEEP_F_STATE
+            a["state"] = int(self.state)
+        return a
+
+
+ALL = SessionFilter()
+
+
+@dataclass
+class SweepResult:
+    visited: int = 0
+    removed: int = 0
+    orphans: int = 0
+    live: int = 0
+    fresh: int = 0
+    count_errors: int = 0
+    seconds: float = 0.0  # wall time of the run (system call included)
+
+
+class Sweeper:
+    """The sweep object loaded over ``maps`` (a DatapathMaps)."""
+
+    def __init__(self, maps, obj_path=None):
+        from . import build
+
+        self.maps = maps
+        path = obj_path or build.compile(source=build.SWEEP_SOURCE)
+        obj = B.BpfObject.open(path)
+        try:
+            for name in obj.map_names():
+                m = maps.maps.get(name)
+                if m is not None:
+                    obj.reuse_fd(name, m.fd)
+            obj.load()
+            self.prog_fd = obj.prog_fd(PROG)
+        except BaseException:
+            obj.close()
+            raise
+        self.obj = obj
+        self.args_map, self.res_map = obj.map("sweep_args"), obj.map("sweep_res")
+        self.timeouts_map = obj.map("sweep_timeouts")
+        self._timeouts: tuple[int, ...] | None = None
+
+    def close(self) -> None:
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+    def set_timeouts(self, timeouts_ns: dict[int, int]) -> None:
+        """Timeout in ns by ct_state; states past SWEEP_STATES use NONE's."""
+        none = timeouts_ns[int(L.CtState.NONE)]
+        t = tuple(int(timeouts_ns.get(s, none)) for s in range(L.SWEEP_STATES))
+        if t != self._timeouts:
+            for s, ns in enumerate(t):
+                self.timeouts_map.put(s, _U64.pack(ns))
+            self._timeouts = t
+
+    def _run(self, **args) -> SweepResult:
+        if self.obj is None:
+            raise BackendError("the sweep program is closed")
+        t0 = time.monotonic()
+        self.res_map.put(0, bytes(L.SWEEP_RES.size))
+        self.args_map.put(0, L.SWEEP_ARGS.pack(**args))
+        rc, _ = B.run_syscall(self.prog_fd)
+        if rc != 0:
+            raise BackendError(f"the sweep program failed (return value {rc})")
+        res = SweepResult(**L.SWEEP_RES.unpack(self.res_map.get(0)))
+        res.seconds = time.monotonic() - t0
+        return res
+
+    def expire(self, now_ns: int, timeouts_ns: dict[int, int], grace_ns: int) -> SweepResult:
+        self.set_timeouts(timeouts_ns)
+        return self._run(mode=L.SWEEP_EXPIRE, now=now_ns, grace=grace_ns)
+
+    def flush(self, flt: SessionFilter = ALL) -> SweepResult:
+        return self._run(mode=L.SWEEP_FLUSH, **flt.args())
