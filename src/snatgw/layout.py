@@ -478,7 +478,7 @@ SWEEP_ARGS = _declare(Struct("sweep_args", "what one walk of snat_ct by the swee
     ("mode", "__u32", "SWEEP_EXPIRE or SWEEP_FLUSH"),
     ("flags", "__u32", "SWEEP_F_*: which filters apply (FLUSH)"),
     ("rule_id", "__u32", "SWEEP_F_RULE: sessions of this rule"),
-    ("pad", "__u32", "zero"),
+    ("full", "__u32", "EXPIRE: 1 = look up the other half of every entry (half pairs, orphans); 0 = only of entries that look expired"),
     ("inside", "__be32", "SWEEP_F_INSIDE: inside address, under inside_mask"),
     ("inside_mask", "__be32", "netmask of inside"),
     ("nat", "__be32", "SWEEP_F_NAT: SNAT address"),

@@ -218,17 +218,23 @@ def test_gc_pace_after_a_mass_expiry_regression(big):
     t = bmod._clock() - t0
     rest = big._next_sweep - bmod._clock()
     assert rest <= (bmod.GC_DUTY - 1) * t and rest < 2.0, (rest, t)
-    # 100k sessions that fall due 1 s from now, a GC tick every 0.1 s (the daemon's loop)
+    # 100k sessions that fall due 1 s from now, a GC tick every 0.1 s (the daemon's loop); the
+    # bound is the documented one, from the sweep and tick durations measured here (a loaded
+    # machine stretches both, not the rule)
     due = monotonic_ns() + SEC
     fill(big.maps.ct, (session(n, due - UDP_TIMEOUT * SEC, due - UDP_TIMEOUT * SEC) for n in range(N)))
-    deadline, tmax = time.monotonic() + 1 + 10, 0.0
-    while len(big.maps.ct) and time.monotonic() < deadline:
-        big.expire()
-        tmax = max(tmax, big.last_sweep.seconds)
+    deadline, tmax, tick, last = time.monotonic() + 1 + 20, 0.0, 0.0, time.monotonic()
+    while time.monotonic() < deadline:
+        if big.expire() and big.last_sweep.live == 0:
+            break
+        tmax = max(tmax, big.last_sweep.seconds if big.last_sweep else 0.0)
         time.sleep(0.1)
+        tick, last = max(tick, time.monotonic() - last), time.monotonic()
     gone_after = (monotonic_ns() - due) / SEC
-    margin = max(0.1, bmod.GC_DUTY * tmax) + tmax + 0.1  # + the tick's sleep
-    assert len(big.maps.ct) == 0 and gone_after <= margin + 0.5, (gone_after, margin)
+    tmax = max(tmax, big.last_sweep.seconds)
+    margin = max(tick, bmod.GC_DUTY * tmax) + tmax + tick
+    assert big.last_sweep.live == 0 and len(big.maps.ct) == 0
+    assert gone_after <= margin + 0.2, (gone_after, margin, tmax, tick)
 
 
 @pytest.mark.bpf
@@ -250,3 +256,25 @@ def test_streamed_listing_holds_one_batch_and_filters(big):
     assert len(got) == sum(1 for n in range(N) if n % 3 == 0 and n % ADDRS == 1)
     assert all(s.nat.startswith("198.19.2.65:") and s.rule_id == RULES[0] for s in got)
     assert len(list(big.iter_sessions(limit=7))) == 7
+
+
+@pytest.mark.bpf
+def test_conns_cli_streams_the_pins_with_filters_and_stats_reads_counts(big, pin_dir, tmp_path, capsys):  # noqa: F811
+    """No daemon: `snatgw conns --json` reads the pinned maps itself (JSON lines, filtered,
+    limited) and `snatgw stats` gives the kept count."""
+    import json
+
+    from snatgw.cli.main import main as cli
+
+    now = monotonic_ns()
+    fill(big.maps.ct, (session(n, now, now) for n in range(3000)))
+    big.expire(now=now / SEC)
+    sock = str(tmp_path / "none.sock")
+    assert cli(["conns", "--json", "--socket", sock, "--pin-dir", pin_dir, "--inside", "198.18.40.7",
+                "--limit", "2"]) == 0  # fmt: skip
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(got) == 2 and all(s["inside"].startswith("198.18.40.7:") for s in got)
+    assert cli(["conns", "--json", "--socket", sock, "--pin-dir", pin_dir, "--rule", str(RULES[2])]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1000
+    assert cli(["stats", "--json", "--socket", sock, "--pin-dir", pin_dir]) == 0
+    assert json.loads(capsys.readouterr().out)["sessions"] == 3000

@@ -24,21 +24,43 @@ def test_conns_table_has_the_documented_columns_and_rule_numbers(running, capsys
     assert "#2: from 198.18.40.0/24 gw 198.19.2.1 oif eth1" in "\n".join(out)
 
 
+def jsonl(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
 def test_conns_json_lists_sessions_with_both_tuples(running, capsys):
-    """--json gives one object whose sessions carry inside, remote, nat, state and rule_id."""
+    """--json streams JSON lines: one session per line with inside, remote, nat, state, rule."""
     a, b = running.syn(), running.udp()
     assert cli(["conns", "--json", "--socket", running.sock]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert {s["inside"] for s in doc["sessions"]} == {"198.18.40.10:40000", "198.18.50.10:5353"}
-    assert {s["rule_id"] for s in doc["sessions"]} == {a.rule.rule_id, b.rule.rule_id}
-    assert doc["source"].startswith("daemon ")
+    got = jsonl(capsys.readouterr().out)
+    assert {s["inside"] for s in got} == {"198.18.40.10:40000", "198.18.50.10:5353"}
+    assert {s["rule_id"] for s in got} == {a.rule.rule_id, b.rule.rule_id}
+    assert {s["rule"] for s in got} == {"#2", "#3"}
 
 
 def test_conns_of_one_rule(running, capsys):
     """--rule N keeps only the sessions of the rule with priority N."""
     running.syn(), running.udp()
     assert cli(["conns", "--json", "--rule", "3", "--socket", running.sock]) == 0
-    assert [s["proto"] for s in json.loads(capsys.readouterr().out)["sessions"]] == ["udp"]
+    assert [s["proto"] for s in jsonl(capsys.readouterr().out)] == ["udp"]
+
+
+def test_conns_filters_and_limit(running, capsys):
+    """--inside, --remote, --rport, --proto, --state, --nat select; --limit bounds the count."""
+    a = running.syn()
+    running.syn(sport=40001), running.udp()
+    for argv, want in ((["--proto", "tcp"], 2), (["--proto", "udp"], 1), (["--inside", "198.18.50.0/24"], 1),
+                       (["--state", "syn_recv"], 2), (["--rport", "80"], 2), (["--remote", "198.51.100.0/24"], 1), (["--remote", "192.0.2.0/24"], 0),
+                       (["--nat", str(a.nat[0]), "--proto", "tcp"], 2), (["--limit", "1"], 1), (["--limit", "0"], 0)):
+        assert cli(["conns", "--json", "--socket", running.sock, *argv]) == 0
+        assert len(jsonl(capsys.readouterr().out)) == want, argv
+
+
+def test_conns_bad_filter_is_a_clear_error(running, capsys):
+    for argv, msg in ((["--state", "nope"], "--state: expected one of"), (["--inside", "1.2.3"], "bad filter"),
+                      (["--rule", "x7"], "--rule: expected"), (["--rport", "70000"], "--rport")):
+        assert cli(["conns", "--socket", running.sock, *argv]) == 2
+        assert msg in capsys.readouterr().err
 
 
 def test_stats_json_counts_per_rule_with_its_text_and_per_reason(running, capsys):

@@ -6,6 +6,7 @@ sessions and counters from the bpf backend's pinned maps.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from ..config.schema import Settings
 from ..errors import DaemonError, SnatgwError
@@ -58,6 +59,55 @@ def sessions_and_rules(path: str | None, pin_dir: str | None) -> tuple[list[dict
         if reader is None:
             raise DaemonError(f"{e}; and no pinned maps in {pin_dir or Settings().pin_dir}") from None
         return [s.as_dict() for s in reader.sessions()], [], f"pinned maps {pin_dir or Settings().pin_dir}"
+
+
+def _pinned_sessions(pin_dir: str, flt, limit, timeouts: dict | None = None):
+    """Sessions straight from the bpf backend's pinned maps, one batch of the table at a
+    time (never the whole table in memory), as dicts."""
+    from ..datapath.bpf.backend import read_pinned
+
+    settings = Settings(pin_dir=pin_dir)
+    if timeouts:
+        settings = replace(settings, timeouts=tuple(sorted((int(k), int(v)) for k, v in timeouts.items())))
+    reader = read_pinned(pin_dir, settings)
+    try:
+        for s in reader.iter_sessions(flt, limit):
+            yield s.as_dict()
+    finally:
+        reader.stop()
+
+
+def session_stream(path: str | None, pin_dir: str | None, flt_of, limit: int | None = None,
+                   fallback: bool = True):
+    """(sessions as an iterator of dicts, rules in priority order, source) for `snatgw conns`
+    and `adm -L -n -c`.  ``flt_of(rules)`` builds the SessionFilter (it may need the rules to
+    turn a priority into a rule id).  With a bpf daemon the CLI reads the pinned maps itself,
+    streaming and filtering as it goes: the daemon is not involved and never holds a listing.
+    Other daemons answer the `sessions` op (filtered and limited there); with no daemon, the
+    pins in ``pin_dir`` (or the default) are read, unless not ``fallback`` (NoDaemon then)."""
+    sock = resolve_socket(path)
+    try:
+        status = call(sock, {"op": "status"})
+        rules = call(sock, {"op": "rules"})["rules"]
+    except NoDaemon as e:
+        if not fallback:
+            raise
+        where = pin_dir or Settings().pin_dir
+        if not os.path.isdir(where):
+            raise DaemonError(f"{e}; and no pinned maps in {where}") from None
+        try:
+            import snatgw.datapath.bpf.backend  # noqa: F401
+        except ImportError as ie:
+            raise DaemonError(f"pinned maps exist in {where} but the bpf backend cannot read them: {ie}") from None
+        return _pinned_sessions(where, flt_of([]), limit), [], f"pinned maps {where}"
+    flt = flt_of(rules)
+    pins = status.get("pin_dir")
+    if status.get("backend") == "bpf" and pins and os.path.isdir(pins):
+        return _pinned_sessions(pins, flt, limit, status.get("timeouts")), rules, f"daemon {sock} (pinned maps {pins})"
+    req = {"op": "sessions", "filter": flt.as_dict()}
+    if limit is not None:
+        req["limit"] = limit
+    return iter(call(sock, req)["sessions"]), rules, f"daemon {sock}"
 
 
 def stats_and_rules(path: str | None, pin_dir: str | None) -> tuple[dict, list[dict], str]:

@@ -17,6 +17,7 @@ from typing import Callable
 
 from ..config.adm import AdmRefused, AdmTable, AdmUsageError, parse_args
 from ..config.schema import GatewayConfig, Settings
+from ..datapath.backend import SessionFilter
 from ..errors import EXIT_BAD_INPUT, BackendError, SnatgwError
 from ..rules import Rule, RuleSet, parse_addr
 from ..config.links import failover
@@ -178,10 +179,16 @@ class Service:
                            "at": time.time(), "uptime": round(self.clock() - self.started_at, 3)}
 
     def gc(self, now: float | None = None) -> int:
-        """One GC tick: expire sessions; sample counters for rates."""
-        with self.lock:
-            t0 = time.monotonic()
+        """One GC tick: expire sessions; sample counters for rates.  A backend with
+        ``expire_unlocked`` (bpf: its sweep serializes itself) expires outside the service
+        lock, so control requests do not wait for a sweep of a million sessions."""
+        unlocked = getattr(self.backend, "expire_unlocked", False)
+        t0 = time.monotonic()
+        if unlocked:
             n = self.backend.expire()
+        with self.lock:
+            if not unlocked:
+                n = self.backend.expire()
             self.gc_stats["sweeps"] += 1
             self.gc_stats["removed"] += n
             self.gc_stats["seconds"] += time.monotonic() - t0
@@ -232,7 +239,7 @@ class Service:
             "last_error": self.last_error, "inside": list(s.inside), "outside": list(s.outside),
             "pin_dir": s.pin_dir, "control_socket": s.control_socket, "max_sessions": s.max_sessions,
             "gc_interval": s.gc_interval, "hooks_restored": self.hooks_restored, "errors": self.errors,
-            "last_reload": self.last_reload,
+            "last_reload": self.last_reload, "timeouts": {str(k): v for k, v in s.timeouts},
         }
 
     def rules(self) -> dict:
@@ -327,8 +334,22 @@ class Service:
                 with self.lock:
                     return {"ok": True, **self.rules()}
             if op == "sessions":
+                # `snatgw conns` reads the bpf backend's pinned maps itself, streaming; this op
+                # serves the other backends (and old clients), filtered and limited here
+                flt = SessionFilter.from_dict(req.get("filter"))
+                limit = req.get("limit")
+                limit = None if limit is None else max(0, int(limit))
                 with self.lock:
-                    return {"ok": True, "sessions": [s.as_dict() for s in self.backend.sessions()]}
+                    if hasattr(self.backend, "iter_sessions"):
+                        it = self.backend.iter_sessions(flt, limit)
+                    else:
+                        it = (x for x in self.backend.sessions() if flt.match(x))
+                    out = []
+                    for x in it:
+                        if limit is not None and len(out) >= limit:
+                            break
+                        out.append(x.as_dict())
+                    return {"ok": True, "sessions": out}
             if op == "stats":
                 with self.lock:
                     st = self.backend.stats().as_dict()

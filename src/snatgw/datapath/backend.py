@@ -8,6 +8,7 @@ and never parse text: they receive a ``GatewayConfig`` (rules already validated 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
 
@@ -30,6 +31,62 @@ class Session:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+_PROTOS = {"tcp": 6, "udp": 17, "icmp": 1}
+
+
+@dataclass(frozen=True)
+class SessionFilter:
+    """Which sessions a listing or a flush selects: every field given must match.  The bpf
+    backend applies it to the raw map entries (and its sweep in the kernel); others to Session
+    objects (``match``)."""
+
+    rule_id: int | None = None
+    inside: IPv4Network | None = None  # the inside host's address within this net
+    nat: IPv4Address | None = None  # the SNAT address
+    remote: IPv4Network | None = None  # the remote address within this net
+    remote_port: int | None = None
+    proto: int | None = None  # IPPROTO_*
+    state: int | None = None  # layout.CtState
+
+    @property
+    def empty(self) -> bool:
+        return self == SessionFilter()
+
+    def as_dict(self) -> dict:
+        """JSON-ready (for the control socket); ``from_dict`` reverses it."""
+        return {k: (str(v) if isinstance(v, (IPv4Address, IPv4Network)) else v)
+                for k, v in asdict(self).items() if v is not None}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SessionFilter":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown session filter field(s): {', '.join(sorted(unknown))}")
+        for k in ("inside", "remote"):
+            if d.get(k) is not None:
+                d[k] = IPv4Network(d[k], strict=False)
+        if d.get("nat") is not None:
+            d["nat"] = IPv4Address(d["nat"])
+        for k in ("rule_id", "remote_port", "proto", "state"):
+            if d.get(k) is not None:
+                d[k] = int(d[k])
+        return cls(**d)
+
+    def match(self, s: "Session") -> bool:
+        from .. import layout as L
+
+        ip, _, port = s.inside.rpartition(":")
+        rip, _, rport = s.remote.rpartition(":")
+        return ((self.rule_id is None or s.rule_id == self.rule_id)
+                and (self.inside is None or IPv4Address(ip) in self.inside)
+                and (self.nat is None or s.nat.rpartition(":")[0] == str(self.nat))
+                and (self.remote is None or IPv4Address(rip) in self.remote)
+                and (self.remote_port is None or rport == str(self.remote_port))
+                and (self.proto is None or _PROTOS.get(s.proto) == self.proto)
+                and (self.state is None or s.state == L.CtState(self.state).name))  # fmt: skip
 
 
 @dataclass(frozen=True)

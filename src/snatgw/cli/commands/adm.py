@@ -62,8 +62,9 @@ def _row(values) -> str:
     return "  -> " + "".join(f"{str(v):<{w}}" for v, w in zip(values, WIDTHS))
 
 
-def conn_counts(sessions: list[dict]) -> dict[int, tuple[int, int]]:
-    """rule_id -> (ActConn = established TCP, InActConn = every other session)."""
+def conn_counts(sessions) -> dict[int, tuple[int, int]]:
+    """rule_id -> (ActConn = established TCP, InActConn = every other session); ``sessions``
+    may be a stream (one session at a time in memory)."""
     out: dict[int, list[int]] = {}
     for s in sessions:
         c = out.setdefault(s.get("rule_id", 0), [0, 0])
@@ -71,7 +72,7 @@ def conn_counts(sessions: list[dict]) -> dict[int, tuple[int, int]]:
     return {k: (a, b) for k, (a, b) in out.items()}
 
 
-def format_list(rules: list[dict], service: bool, sessions: list[dict], size: int) -> str:
+def format_list(rules: list[dict], service: bool, sessions, size: int) -> str:
     """`-L -n`: rules in the order given (the daemon sends precedence order)."""
     counts = conn_counts(sessions)
     lines = [f"IP Virtual Server version 1.2.2 (size={size})",
@@ -92,14 +93,18 @@ def _mmss(secs: float) -> str:
     return f"{s // 60:02d}:{s % 60:02d}"
 
 
-def format_conns(sessions: list[dict]) -> str:
-    """`-L -n -c`: source = inside host, virtual = remote, local = SNAT addr:port, destination = remote."""
-    lines = ["IPVS connection entries",
-             CONN_FMT.format("pro", "expire", "state", "source", "virtual", "local", "destination")]
+def conn_lines(sessions):
+    """`-L -n -c`, line by line: source = inside host, virtual = remote, local = SNAT
+    addr:port, destination = remote."""
+    yield "IPVS connection entries"
+    yield CONN_FMT.format("pro", "expire", "state", "source", "virtual", "local", "destination")
     for s in sessions:
-        lines.append(CONN_FMT.format(s["proto"].upper(), _mmss(s["expires"]), s["state"], s["inside"],
-                                     s["remote"], s["nat"], s["remote"]))
-    return "\n".join(lines)
+        yield CONN_FMT.format(s["proto"].upper(), _mmss(s["expires"]), s["state"], s["inside"],
+                              s["remote"], s["nat"], s["remote"])
+
+
+def format_conns(sessions) -> str:
+    return "\n".join(conn_lines(sessions))
 
 
 def largenum(n: float, exact: bool) -> str:
@@ -183,7 +188,8 @@ def list_json(sock: str, cmd) -> dict:
 
 
 def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    from ...daemon.client import call, resolve_socket
+    from ...daemon.client import call, resolve_socket, session_stream
+    from ...datapath.backend import SessionFilter
 
     out = stdout or sys.stdout
     try:
@@ -216,8 +222,11 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
                 _emit("\n".join(lines), out)
             return 0
         # list
-        if cmd.conns:
-            _emit(format_conns(call(sock, {"op": "sessions"})["sessions"]), out)
+        if cmd.conns:  # streamed (the bpf backend's pins are read here, batch by batch)
+            sessions, _, _ = session_stream(sock, None, lambda rules: SessionFilter(), fallback=False)
+            for line in conn_lines(sessions):
+                out.write(line + "\n")
+            out.flush()
         elif cmd.rate:
             resp = call(sock, {"op": "rate"})
             _emit(format_stats(resp["rules"], {}, cmd.exact, rate=resp["rate"]), out)
@@ -226,7 +235,7 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
             _emit(format_stats(resp["rules"], resp["stats"], cmd.exact), out)
         else:
             resp = call(sock, {"op": "rules"})
-            sessions = call(sock, {"op": "sessions"})["sessions"]
+            sessions, _, _ = session_stream(sock, None, lambda rules: SessionFilter(), fallback=False)
             _emit(format_list(resp["rules"], resp["service"], sessions, resp["max_sessions"]), out)
         return 0
     except AdmUsageError as e:

@@ -1,19 +1,40 @@
-"""`snatgw conns`: the NAT sessions, from the running daemon (or the bpf pins when none runs)."""
+"""`snatgw conns`: the NAT sessions, streamed.  With the bpf backend the CLI reads the pinned
+maps itself, one batch of the table at a time, filtering as it goes (the daemon only names the
+rules); other backends' daemons filter and limit on their side."""
 
 from __future__ import annotations
 
-from ...daemon.client import sessions_and_rules
-from ..render import dump_json, table
+import ipaddress
+import json
+import sys
+
+from ...daemon.client import session_stream
+from ...datapath.backend import SessionFilter
+from ...errors import EXIT_BAD_INPUT, SnatgwError
+from ...layout import CtState
 
 HELP = "list NAT sessions (proto, inside, remote, nat, state, idle, expires, rule)"
 COLUMNS = ("proto", "inside", "remote", "nat", "state", "idle", "expires", "rule")
+WIDTHS = (5, 21, 21, 21, 11, 7, 8)  # fixed columns: rows print as they stream (the last is free)
+_PROTOS = {"tcp": 6, "udp": 17, "icmp": 1}
+
+
+class BadFilter(SnatgwError):
+    exit_code = EXIT_BAD_INPUT
 
 
 def register(p) -> None:
-    p.add_argument("-j", "--json", action="store_true", help="one JSON object: {source, sessions: [...]}")
+    p.add_argument("-j", "--json", action="store_true", help="JSON lines: one session object per line")
     p.add_argument("--socket", metavar="PATH", help="control socket (default $SNATGW_SOCKET or the settings')")
     p.add_argument("--pin-dir", metavar="DIR", help="read pinned bpf maps here when no daemon runs")
     p.add_argument("--rule", metavar="N", help="only sessions of this rule (priority number or rule id)")
+    p.add_argument("--inside", metavar="NET", help="only inside hosts in this address or net")
+    p.add_argument("--nat", metavar="ADDR", help="only sessions on this SNAT address")
+    p.add_argument("--remote", metavar="NET", help="only remote ends in this address or net")
+    p.add_argument("--rport", metavar="PORT", type=int, help="only this remote port")
+    p.add_argument("--proto", choices=sorted(_PROTOS), help="only this protocol")
+    p.add_argument("--state", metavar="STATE", help="only this state (ESTABLISHED, SYN_RECV, UDP, ICMP, ...)")
+    p.add_argument("--limit", metavar="N", type=int, help="at most N sessions")
 
 
 def rule_label(rule_id: int, by_id: dict[int, dict]) -> str:
@@ -25,30 +46,78 @@ def _secs(x: float) -> str:
     return f"{max(0.0, x):.0f}s"
 
 
-def rows(sessions: list[dict], rules: list[dict]) -> list[list]:
+def rows(sessions, rules: list[dict]):
     by_id = {r["rule_id"]: r for r in rules}
-    return [[s["proto"], s["inside"], s["remote"], s["nat"], s["state"], _secs(s["idle"]),
-             _secs(s["expires"]), rule_label(s.get("rule_id", 0), by_id)] for s in sessions]
+    return ([s["proto"], s["inside"], s["remote"], s["nat"], s["state"], _secs(s["idle"]),
+             _secs(s["expires"]), rule_label(s.get("rule_id", 0), by_id)] for s in sessions)
 
 
-def select(sessions: list[dict], rules: list[dict], rule: str | None) -> list[dict]:
+def fixed(cells) -> str:
+    """A row in fixed columns (two spaces apart; a longer cell pushes the rest right)."""
+    out = ""
+    for i, c in enumerate(cells):
+        c = str(c)
+        out += (c.ljust(WIDTHS[i]) + "  ") if i < len(WIDTHS) else c
+    return out.rstrip()
+
+
+def rule_id_of(rule: str | None, rules: list[dict]) -> int | None:
+    """--rule: a priority number (#N or N) of the running rules, else a rule id (decimal/0x)."""
     if rule is None:
-        return sessions
-    want = {r["rule_id"] for r in rules if str(r["priority"]) == rule.lstrip("#")}
-    if not want:
-        want = {int(rule, 0)} if rule.lstrip("-").isdigit() or rule.startswith("0x") else set()
-    return [s for s in sessions if s.get("rule_id") in want]
+        return None
+    want = [r["rule_id"] for r in rules if str(r["priority"]) == rule.lstrip("#")]
+    if want:
+        return want[0]
+    try:
+        return int(rule, 0)
+    except ValueError:
+        raise BadFilter(f"--rule: expected a rule's priority number or id, got {rule!r}") from None
+
+
+def filter_of(args, rules: list[dict]) -> SessionFilter:
+    """The SessionFilter of the command-line options (a bad value: BadFilter)."""
+    try:
+        state = None
+        if args.state is not None:
+            try:
+                state = int(CtState[args.state.upper()])
+            except KeyError:
+                raise BadFilter(f"--state: expected one of {', '.join(s.name for s in CtState)}, "
+                                f"got {args.state!r}") from None  # fmt: skip
+        if args.rport is not None and not 0 <= args.rport <= 65535:
+            raise BadFilter(f"--rport: expected a port 0-65535, got {args.rport}")
+        return SessionFilter(
+            rule_id=rule_id_of(args.rule, rules),
+            inside=ipaddress.IPv4Network(args.inside, strict=False) if args.inside else None,
+            nat=ipaddress.IPv4Address(args.nat) if args.nat else None,
+            remote=ipaddress.IPv4Network(args.remote, strict=False) if args.remote else None,
+            remote_port=args.rport, proto=_PROTOS.get(args.proto) if args.proto else None, state=state,
+        )  # fmt: skip
+    except ValueError as e:
+        raise BadFilter(f"bad filter: {e}") from None
 
 
 def run(args) -> int:
-    sessions, rules, source = sessions_and_rules(args.socket, args.pin_dir)
-    sessions = sorted(select(sessions, rules, args.rule), key=lambda s: (s["proto"], s["inside"], s["remote"]))
+    if args.limit is not None and args.limit < 0:
+        raise BadFilter(f"--limit: expected a number >= 0, got {args.limit}")
+    sessions, rules, _source = session_stream(args.socket, args.pin_dir, lambda r: filter_of(args, r), args.limit)
+    by_id = {r["rule_id"]: r for r in rules}
+    out = sys.stdout
     if args.json:
-        print(dump_json({"source": source, "sessions": sessions,
-                         "rules": {str(r["rule_id"]): r["text"] for r in rules}}))
+        for s in sessions:
+            s["rule"] = rule_label(s.get("rule_id", 0), by_id)
+            out.write(json.dumps(s, separators=(",", ":")) + "\n")
+        out.flush()
         return 0
-    print(table(rows(sessions, rules), COLUMNS) if sessions else "no sessions")
-    if rules and sessions:
+    n = 0
+    for row in rows(sessions, rules):  # a generator: one session at a time
+        if n == 0:
+            out.write(fixed(COLUMNS) + "\n")
+        out.write(fixed(row) + "\n")
+        n += 1
+    if not n:
+        print("no sessions")
+    if rules and n:
         print()
         for r in rules:
             print(f"#{r['priority']}: {r['text']}")

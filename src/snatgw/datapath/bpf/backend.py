@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import subprocess
+import threading
 import time
 from typing import Callable
 
@@ -31,6 +32,7 @@ ORPHAN_GRACE_NS = 10 * 10**9  # half-inserted pairs older than this are removed 
 _clock = time.monotonic  # seconds, for GC pacing (tests replace it)
 ACCEPT_LOCAL_DIR = "/proc/sys/net/ipv4/conf"
 GC_DUTY = 5  # a sweep of duration T is followed by at least (GC_DUTY-1)*T without one
+FULL_EVERY = 16  # every 16th sweep also checks each entry's other half (half pairs, orphans)
 
 #: resolver(addr) -> (ifindex, next hop, mtu) of the route to addr (next hop = addr on-link)
 Resolver = Callable[[ipaddress.IPv4Address], "tuple[int, ipaddress.IPv4Address, int]"]
@@ -117,6 +119,9 @@ class BpfBackend:
     ``resolver`` answers routes (default: ``ip -j route get``)."""
 
     name = "bpf"
+    #: expire() may run outside the daemon's lock: it serializes its own walks, so control
+    #: requests (stats, listings) never wait for a sweep
+    expire_unlocked = True
 
     def __init__(self, settings: Settings | None = None, obj_path=None, defines: dict | None = None,
                  resolver: Resolver | None = None, owners: Owners | None = None):  # fmt: skip
@@ -134,6 +139,9 @@ class BpfBackend:
         self._next_sweep = 0.0  # time.monotonic() before which expire() skips its sweep
         self.holder: FragmentHolder | None = None  # holds fragments that come before their first
         self._sweeper: Sweeper | None = None
+        self._sweeps = 0
+        self._t_normal: float | None = None  # duration of the last sweep that was not full
+        self._walk = threading.Lock()  # one walk at a time (the sweep's args live in a map)
         self.last_sweep: SweepResult | None = None
 
     # ------------------------------------------------------------- lifecycle
@@ -359,8 +367,9 @@ class BpfBackend:
 
     def expire(self, now: float | None = None) -> int:
         """Remove sessions idle longer than their state's timeout, both keys together (OUT
-        first), and half pairs older than ORPHAN_GRACE_NS (not counted); recount the live
-        counts.  ``now``: CLOCK_MONOTONIC seconds (bpf_ktime_get_ns' clock), default now.
+        first), and half pairs older than ORPHAN_GRACE_NS (not counted; every FULL_EVERY-th
+        sweep, and every sweep with an explicit ``now``); recount the live counts.  ``now``:
+        CLOCK_MONOTONIC seconds (bpf_ktime_get_ns' clock), default now.
 
         The work is one run of the sweep program in the kernel (sweep.py: about 0.2 us per
         table entry, so ~0.4 s at a million sessions).  Without an explicit ``now``, a call
@@ -373,12 +382,20 @@ class BpfBackend:
         if now is None and t0 < self._next_sweep:
             return 0
         now_ns = monotonic_ns() if now is None else int(now * 1e9)
-        res = self.sweeper().expire(now_ns, self._timeouts_ns(), ORPHAN_GRACE_NS)
+        full = now is not None or self._sweeps % FULL_EVERY == 0  # an explicit now: always full
+        self._sweeps += 1
+        with self._walk:
+            res = self.sweeper().expire(now_ns, self._timeouts_ns(), ORPHAN_GRACE_NS, full=full)
         self.last_sweep = res
         if res.count_errors:
             log.warning("sweep: %d live-count updates failed (a count map is full)", res.count_errors)
         t1 = _clock()
-        self._next_sweep = t1 + (GC_DUTY - 1) * (t1 - t0)
+        t = t1 - t0
+        if not full or self._t_normal is None:
+            self._t_normal = t
+        # the rest follows the common sweep's cost: a full one (1 in FULL_EVERY, ~3x dearer)
+        # does not stretch the expiry margin
+        self._next_sweep = t1 + (GC_DUTY - 1) * min(t, self._t_normal)
         return res.removed
 
     def iter_sessions(self, flt: SessionFilter = ALL, limit: int | None = None):
@@ -419,7 +436,8 @@ class BpfBackend:
         flt = SessionFilter(rule_id=rule_id,
                             inside=ipaddress.IPv4Network(inside) if inside is not None else None,
                             nat=ipaddress.IPv4Address(nat) if nat is not None else None)  # fmt: skip
-        n = self.sweeper().flush(flt).removed  # in the kernel; no filter: also half pairs
+        with self._walk:
+            n = self.sweeper().flush(flt).removed  # in the kernel; no filter: also half pairs
         if flt.empty:
             for k in self.maps.frags.keys():
                 self.maps.frags.delete(k)

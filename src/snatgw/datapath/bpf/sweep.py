@@ -15,56 +15,41 @@ from __future__ import annotations
 import struct
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
 
 from ... import layout as L
 from ...errors import BackendError
+from ..backend import SessionFilter
 from . import libbpf as B
 
 PROG = "snat_sweep"
 _U64 = struct.Struct("<Q")
 
 
-@dataclass(frozen=True)
-class SessionFilter:
-    """Which sessions a listing or a flush selects (every given field must match)."""
-
-    rule_id: int | None = None
-    inside: IPv4Network | None = None
-    nat: IPv4Address | None = None
-    remote: IPv4Network | None = None
-    remote_port: int | None = None
-    proto: int | None = None
-    state: int | None = None
-
-    @property
-    def empty(self) -> bool:
-        return self == ALL
-
-    def args(self) -> dict:
-        a: dict = {"flags": 0}
-        if self.rule_id is not None:
-            a["flags"] |= L.SWEEP_F_RULE
-            a["rule_id"] = int(self.rule_id) & 0xFFFFFFFF
-        if self.inside is not None:
-            a["flags"] |= L.SWEEP_F_INSIDE
-            a["inside"], a["inside_mask"] = int(self.inside.network_address), int(self.inside.netmask)
-        if self.nat is not None:
-            a["flags"] |= L.SWEEP_F_NAT
-            a["nat"] = int(self.nat)
-        if self.remote is not None:
-            a["flags"] |= L.SWEEP_F_REMOTE
-            a["remote"], a["remote_mask"] = int(self.remote.network_address), int(self.remote.netmask)
-        if self.remote_port is not None:
-            a["flags"] |= L.SWEEP_F_RPORT
-            a["remote_port"] = int(self.remote_port)
-        if self.proto is not None:
-            a["flags"] |= L.SWEEP_F_PROTO
-            a["proto"] = int(self.proto)
-        if self.state is not None:
-            a["flags"] |= L.SWEEP_F_STATE
-            a["state"] = int(self.state)
-        return a
+def filter_args(flt: SessionFilter) -> dict:
+    """struct sweep_args fields for a filter (flags + values, wire order where __be)."""
+    a: dict = {"flags": 0}
+    if flt.rule_id is not None:
+        a["flags"] |= L.SWEEP_F_RULE
+        a["rule_id"] = int(flt.rule_id) & 0xFFFFFFFF
+    if flt.inside is not None:
+        a["flags"] |= L.SWEEP_F_INSIDE
+        a["inside"], a["inside_mask"] = int(flt.inside.network_address), int(flt.inside.netmask)
+    if flt.nat is not None:
+        a["flags"] |= L.SWEEP_F_NAT
+        a["nat"] = int(flt.nat)
+    if flt.remote is not None:
+        a["flags"] |= L.SWEEP_F_REMOTE
+        a["remote"], a["remote_mask"] = int(flt.remote.network_address), int(flt.remote.netmask)
+    if flt.remote_port is not None:
+        a["flags"] |= L.SWEEP_F_RPORT
+        a["remote_port"] = int(flt.remote_port)
+    if flt.proto is not None:
+        a["flags"] |= L.SWEEP_F_PROTO
+        a["proto"] = int(flt.proto)
+    if flt.state is not None:
+        a["flags"] |= L.SWEEP_F_STATE
+        a["state"] = int(flt.state)
+    return a
 
 
 ALL = SessionFilter()
@@ -132,9 +117,11 @@ class Sweeper:
         res.seconds = time.monotonic() - t0
         return res
 
-    def expire(self, now_ns: int, timeouts_ns: dict[int, int], grace_ns: int) -> SweepResult:
+    def expire(self, now_ns: int, timeouts_ns: dict[int, int], grace_ns: int, full: bool = True) -> SweepResult:
+        """``full``: also check every entry's other half (half pairs, orphans); else only the
+        entries that look expired cost a lookup."""
         self.set_timeouts(timeouts_ns)
-        return self._run(mode=L.SWEEP_EXPIRE, now=now_ns, grace=grace_ns)
+        return self._run(mode=L.SWEEP_EXPIRE, now=now_ns, grace=grace_ns, full=int(full))
 
     def flush(self, flt: SessionFilter = ALL) -> SweepResult:
-        return self._run(mode=L.SWEEP_FLUSH, **flt.args())
+        return self._run(mode=L.SWEEP_FLUSH, **filter_args(flt))

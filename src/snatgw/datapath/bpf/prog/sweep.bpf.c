@@ -4,8 +4,10 @@
  *
  *   SWEEP_EXPIRE  remove pairs idle longer than their state's timeout (both keys, OUT first,
  *                 judged again on the live entries right before the delete, so a pair refreshed
- *                 during the walk stays), remove half pairs older than the grace, and recount
- *                 the live counts (snat_rule_live, snat_addr_stats, snat_host_sess);
+ *                 during the walk stays), recount the live counts (snat_rule_live,
+ *                 snat_addr_stats, snat_host_sess); with args.full also look up the other half
+ *                 of every entry and remove half pairs older than the grace (without it, only
+ *                 entries that look expired cost a lookup: the common walk reads each entry once);
  *   SWEEP_FLUSH   remove the pairs the filters select (no filter: every entry), recount.
  *
  * Recount without losing the datapath's increments: at the start of a walk, each count's
@@ -231,16 +233,23 @@ static __always_inline void visit_out(const struct sweep_args *a, struct sweep_r
 				      const struct ct_key *k, const struct ct_entry *e)
 {
 	struct ct_key peer = e->peer;
-	struct ct_entry *in = bpf_map_lookup_elem(&snat_ct, &peer);
-	struct ct_entry *out;
+	struct ct_entry *in, *out;
 
+	/* the common case costs no lookup: an OUT entry seen within its timeout keeps the pair
+	 * (idleness counts from the newer direction); only a full walk checks its IN entry */
+	if (a->mode == SWEEP_EXPIRE && !a->full &&
+	    !(a->now > e->last_seen && a->now - e->last_seen > timeout_of(e->state))) {
+		count_live(k, e, res);
+		return;
+	}
+	in = bpf_map_lookup_elem(&snat_ct, &peer);
 	if (!in || !key_eq(&in->peer, k)) { /* half pair: its IN entry is gone */
 		if (!old(a->now, e->last_seen, a->grace))
 			return;
 		if (a->mode == SWEEP_FLUSH && a->flags)
 			return;
-		bpf_map_delete_elem(&snat_ct, k);
-		res->orphans++;
+		if (!bpf_map_delete_elem(&snat_ct, k))
+			res->orphans++;
 		return;
 	}
 	if (a->mode == SWEEP_FLUSH) {
@@ -269,7 +278,7 @@ static __always_inline void visit_in(const struct sweep_args *a, struct sweep_re
 	struct ct_key peer = e->peer;
 	struct ct_entry *out;
 
-	if (a->mode == SWEEP_FLUSH && a->flags)
+	if ((a->mode == SWEEP_FLUSH && a->flags) || (a->mode == SWEEP_EXPIRE && !a->full))
 		return;
 	/* an IN entry without its OUT: mid-insert (IN goes in first) for microseconds, or left
 	 * behind; removed once older than the grace (flush of everything: at once) */
@@ -278,8 +287,8 @@ static __always_inline void visit_in(const struct sweep_args *a, struct sweep_re
 	out = bpf_map_lookup_elem(&snat_ct, &peer);
 	if (out && key_eq(&out->peer, k))
 		return;
-	bpf_map_delete_elem(&snat_ct, k);
-	res->orphans++;
+	if (!bpf_map_delete_elem(&snat_ct, k)) /* the walk may come by an entry it just removed */
+		res->orphans++;
 }
 
 static long visit_cb(void *map, const struct ct_key *kp, struct ct_entry *e, struct walk *w)

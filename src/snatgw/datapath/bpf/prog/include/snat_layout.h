@@ -257,7 +257,7 @@ struct sweep_args {
 	__u32 mode; /* SWEEP_EXPIRE or SWEEP_FLUSH */
 	__u32 flags; /* SWEEP_F_*: which filters apply (FLUSH) */
 	__u32 rule_id; /* SWEEP_F_RULE: sessions of this rule */
-	__u32 pad; /* zero */
+	__u32 full; /* EXPIRE: 1 = look up the other half of every entry (half pairs, orphans); 0 = only of entries that look expired */
 	__be32 inside; /* SWEEP_F_INSIDE: inside address, under inside_mask */
 	__be32 inside_mask; /* netmask of inside */
 	__be32 nat; /* SWEEP_F_NAT: SNAT address */
