@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
@@ -276,3 +276,47 @@ def test_unroutable_new_gw_is_refused_and_changes_nothing(lab, backend):
             assert _table(lab) == before
         finally:
             lab.ip("gw", "route", "del", "unreachable", "192.0.2.200/32")
+
+
+def test_gre_through_the_gateway_keeps_sessions_and_counts_right(lab, backend):
+    """Issue 10: one GRE packet killed the daemon (conntrack's `timeout=30,` token overwrote the
+    parsed timeout).  A real GRE packet from in40 crosses the gateway, then sessions and stats
+    (read through ctnetlink, snatgw's marks filtered in the kernel) work and count exactly the
+    marked entries `conntrack -L` shows; the text parser reads the GRE line right too."""
+    from snatgw.datapath.nft.backend import parse_conntrack
+
+    with backend() as b:
+        with C.TcpSession(lab, "in40", S1, src="198.18.40.10") as t:
+            t.exchange()
+            with ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_RAW, 47) as g:
+                g.bind(("198.18.40.10", 0))
+                g.sendto(struct.pack("!HH", 0, 0x0800) + bytes(28), (S1, 0))  # GRE carrying 28 bytes
+            ct = lab.run("gw", "conntrack", "-L", "-o", "extended").stdout
+            proc = lab.run("gw", "cat", "/proc/net/nf_conntrack", check=False).stdout  # `timeout=30,` here
+            gre = [d for d in parse_conntrack(proc or ct) if d["proto"] == "gre"]
+            assert gre and all(isinstance(d["timeout"], int) and d["timeout"] <= 30 for d in gre), proc or ct
+            ours = sum(1 for d in parse_conntrack(ct) if d["mark"] & R.MARK_MASK == R.MARK_TAG)
+            sessions = b.sessions()
+            stats = b.stats()
+    assert gre[0]["mark"] & R.MARK_MASK == R.MARK_TAG  # the GRE entry is snatgw's (NATed, marked)
+    assert ours == 2 and stats.sessions == ours == len(sessions)
+    assert {s.proto for s in sessions} == {"tcp", "gre"} and t.local in {s.inside for s in sessions}
+
+
+def test_a_reader_in_another_process_lists_with_the_daemons_marks_filtered(lab, backend):
+    """What `snatgw conns` does with an nft daemon: a reader built from the daemon's status
+    (marks, netns) streams conntrack itself, with filters and a limit."""
+    from snatgw.datapath.backend import SessionFilter
+    from snatgw.datapath.nft.backend import NftBackend
+
+    with backend() as b:
+        with C.TcpSession(lab, "in40", S1, src="198.18.40.10") as t:
+            t.exchange()
+            C.udp_echo(lab, "in50", S2, src="198.18.50.10")
+            extra = b.status_extra()
+            r = NftBackend.reader(b.settings, extra["marks"], extra["netns"])
+            tcp = list(r.iter_sessions(SessionFilter(proto=6)))
+            udp = list(r.iter_sessions(SessionFilter(inside=IPv4Network("198.18.50.0/24"))))
+            one = list(r.iter_sessions(limit=1))
+    assert [s.inside for s in tcp] == [t.local] and tcp[0].rule_id != 0
+    assert [s.proto for s in udp] == ["udp"] and udp[0].rule_id != 0 and len(one) == 1

@@ -185,3 +185,14 @@ def test_settings_timeouts_become_ct_timeout_objects_named_by_value():
     cmds = R.to_json(q, stale_timeouts=(TCP_DEFAULT, "udp_300"), with_timeouts=False)["nftables"]
     assert [c["delete"]["ct timeout"]["name"] for c in cmds if "delete" in c] == [TCP_DEFAULT]
     assert not any("add" in c and "ct timeout" in c["add"] for c in cmds)
+
+
+def test_conntrack_text_gre_timeout_token_does_not_overwrite_the_timeout():
+    """`timeout=30, stream_timeout=180` on a GRE line (issue 10's crash) leaves timeout an int."""
+    from snatgw.datapath.nft.backend import parse_conntrack
+
+    line = ("ipv4     2 gre      47 29 timeout=30, stream_timeout=180 src=198.18.40.10 dst=203.0.113.10 "
+            "srckey=0x0 dstkey=0x0 src=203.0.113.10 dst=198.19.2.71 srckey=0x0 dstkey=0x0 mark=1397161985 "
+            "zone=0 use=2")
+    (d,) = parse_conntrack(line)
+    assert (d["proto"], d["timeout"], d["mark"], d["rdst"]) == ("gre", 29, 1397161985, "198.19.2.71")

@@ -77,6 +77,19 @@ def _pinned_sessions(pin_dir: str, flt, limit, timeouts: dict | None = None):
         reader.stop()
 
 
+def _conntrack_sessions(status: dict, flt, limit):
+    """The nft backend's sessions read from conntrack here (ctnetlink, streamed), named by the
+    daemon's marks: the daemon never holds a listing."""
+    from ..datapath.nft.backend import NftBackend
+
+    settings = Settings()
+    if status.get("timeouts"):
+        settings = replace(settings, timeouts=tuple(sorted((int(k), int(v)) for k, v in status["timeouts"].items())))
+    reader = NftBackend.reader(settings, status["marks"], status.get("netns"))
+    for s in reader.iter_sessions(flt, limit):
+        yield s.as_dict()
+
+
 def session_stream(path: str | None, pin_dir: str | None, flt_of, limit: int | None = None,
                    fallback: bool = True):
     """(sessions as an iterator of dicts, rules in priority order, source) for `snatgw conns`
@@ -104,6 +117,8 @@ def session_stream(path: str | None, pin_dir: str | None, flt_of, limit: int | N
     pins = status.get("pin_dir")
     if status.get("backend") == "bpf" and pins and os.path.isdir(pins):
         return _pinned_sessions(pins, flt, limit, status.get("timeouts")), rules, f"daemon {sock} (pinned maps {pins})"
+    if status.get("backend") == "nft" and "marks" in status:
+        return _conntrack_sessions(status, flt, limit), rules, f"daemon {sock} (conntrack)"
     req = {"op": "sessions", "filter": flt.as_dict()}
     if limit is not None:
         req["limit"] = limit

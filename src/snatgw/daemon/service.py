@@ -240,6 +240,7 @@ class Service:
             "pin_dir": s.pin_dir, "control_socket": s.control_socket, "max_sessions": s.max_sessions,
             "gc_interval": s.gc_interval, "hooks_restored": self.hooks_restored, "errors": self.errors,
             "last_reload": self.last_reload, "timeouts": {str(k): v for k, v in s.timeouts},
+            **getattr(self.backend, "status_extra", dict)(),
         }
 
     def rules(self) -> dict:

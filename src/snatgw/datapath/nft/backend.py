@@ -17,8 +17,9 @@ from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
 from ...layout import CtState
 from ...rules import RuleSet
-from ..backend import RuleCounters, Session, Stats
+from ..backend import RuleCounters, Session, SessionFilter, Stats
 from . import render as R
+from .ctnetlink import Conntrack
 
 log = logging.getLogger("snatgw.nft")
 
@@ -67,8 +68,13 @@ def parse_conntrack(text: str) -> list[dict]:
             key = ("r" + k) if n else k
             if k in ("mark", "zone", "use"):
                 key = k
+            if key in ("proto", "timeout", "state", "assured"):
+                continue  # GRE's `timeout=30, stream_timeout=180`: never over the parsed fields
             d[key] = val
-        d["mark"] = int(d.get("mark", 0))
+        try:
+            d["mark"] = int(d.get("mark", 0))
+        except ValueError:
+            d["mark"] = 0
         out.append(d)
     return out
 
@@ -396,38 +402,102 @@ class NftBackend:
                 out[state] = int(p.stdout.strip())
         return out
 
-    def sessions(self) -> list[Session]:
+    def _entries(self, marks: tuple[int, int] = (R.MARK_TAG, R.MARK_MASK)):
+        """snatgw's conntrack entries, streamed: ctnetlink with the mark filter in the kernel
+        (ctnetlink.py), else /proc/net/nf_conntrack text (or `conntrack -L`) filtered here."""
+        try:
+            ct = Conntrack(self.netns)
+        except BackendError as e:
+            log.warning("nft backend: %s; reading conntrack as text", e)
+            for d in parse_conntrack(self._conntrack_text()):
+                if d["mark"] & marks[1] == marks[0]:
+                    yield d
+            return
+        with ct:
+            yield from ct.dump(*marks)
+
+    def _session(self, d: dict, timeouts: dict[str, int]) -> Session:
+        proto = d["proto"]
+        state = _TCP_STATES.get(d["state"] or "", "NONE") if proto == "tcp" else proto.upper()
+        full = timeouts.get("UDP_UNREPLIED" if state == "UDP" and not d["assured"] else state, d["timeout"])
+        idle = max(0.0, float(full - d["timeout"]))
+        return Session(
+            proto=proto,
+            inside=f"{d.get('src')}:{d.get('sport', 0)}",
+            remote=f"{d.get('dst')}:{d.get('dport', 0)}",
+            nat=f"{d.get('rdst')}:{d.get('rdport', 0)}",
+            state=state, idle=idle, expires=float(d["timeout"]),
+            rule_id=self._by_mark.get(d["mark"], 0),
+            packets_out=int(d.get("packets", 0)), bytes_out=int(d.get("bytes", 0)),
+            packets_in=int(d.get("rpackets", 0)), bytes_in=int(d.get("rbytes", 0)),
+        )  # fmt: skip
+
+    def iter_sessions(self, flt: SessionFilter | None = None, limit: int | None = None):
+        """snatgw's sessions from conntrack, one netlink buffer at a time; a rule filter goes
+        to the kernel as the rule's mark, the others are applied while streaming."""
+        flt = flt or SessionFilter()
         timeouts = self._timeouts()
         # what render.timeout_objects set on our flows (and _set_icmp_timeout on the namespace)
         for _, st in R.NFT_TCP_STATES:
             timeouts[st.name] = self.settings.timeout(st)
         timeouts["UDP"] = timeouts["UDP_UNREPLIED"] = self.settings.timeout(CtState.UDP)
-        out = []
-        for d in parse_conntrack(self._conntrack_text()):
-            if d["mark"] & R.MARK_MASK != R.MARK_TAG:
-                continue
-            proto = d["proto"]
-            state = _TCP_STATES.get(d["state"] or "", "NONE") if proto == "tcp" else proto.upper()
-            full = timeouts.get("UDP_UNREPLIED" if state == "UDP" and not d["assured"] else state, d["timeout"])
-            idle = max(0.0, float(full - d["timeout"]))
-            out.append(Session(
-                proto=proto,
-                inside=f"{d.get('src')}:{d.get('sport', 0)}",
-                remote=f"{d.get('dst')}:{d.get('dport', 0)}",
-                nat=f"{d.get('rdst')}:{d.get('rdport', 0)}",
-                state=state, idle=idle, expires=float(d["timeout"]),
-                rule_id=self._by_mark.get(d["mark"], 0),
-                packets_out=int(d.get("packets", 0)), bytes_out=int(d.get("bytes", 0)),
-                packets_in=int(d.get("rpackets", 0)), bytes_in=int(d.get("rbytes", 0)),
-            ))  # fmt: skip
-        return out
+        marks = (R.MARK_TAG, R.MARK_MASK)
+        if flt.rule_id is not None:
+            mine = [m for m, rid in self._by_mark.items() if rid == flt.rule_id]
+            if not mine:
+                return
+            marks = (mine[0], 0xFFFFFFFF)
+        n = 0
+        for d in self._entries(marks):
+            s = self._session(d, timeouts)
+            if flt.empty or flt.match(s):
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield s
+
+    def sessions(self) -> list[Session]:
+        return list(self.iter_sessions())
+
+    def status_extra(self) -> dict:
+        """What a reader of conntrack in another process needs to name sessions' rules (the
+        CLI lists sessions itself, streaming: see daemon/client.py)."""
+        return {"marks": {str(m): rid for m, rid in self._by_mark.items()}, "netns": self.netns}
+
+    @classmethod
+    def reader(cls, settings: Settings, marks: dict, netns: str | None = None) -> "NftBackend":
+        """A read-only view for listings: sessions from conntrack, rules by the given marks."""
+        b = cls(settings, netns)
+        b._by_mark = {int(m): int(rid) for m, rid in marks.items()}
+        return b
+
+    def counters(self) -> Stats:
+        """stats() without the session counts (no conntrack dump): the daemon's rate samples."""
+        c = self._counters()
+        rules = {}
+        for r in self._config.rules if self._config else ():
+            pk, by = c.get(R.counter_name(r), (0, 0))
+            rules[r.rule_id] = RuleCounters(r.rule_id, pk, by, 0)
+        new = sum(v[0] for k, v in c.items() if k.startswith("new_"))
+        return Stats(reasons={"XLATE_NEW": new, "DROP_NO_SESSION": c.get(R.C_NO_SESSION, (0, 0))[0],
+                              "DROP_UNMATCHED": c.get(R.C_UNMATCHED, (0, 0))[0]}, rules=rules, sessions=-1)
 
     def stats(self) -> Stats:
+        """Counters from nft, live sessions per rule from a conntrack dump of snatgw's marks that
+        reads only each entry's mark (ctnetlink has no count by mark: see ctnetlink.py)."""
         c = self._counters()
-        sessions = self.sessions()
+        try:
+            with Conntrack(self.netns) as ct:
+                by_mark = ct.count_by_mark(R.MARK_TAG, R.MARK_MASK)
+        except BackendError as e:
+            log.warning("nft backend: %s; counting conntrack text", e)
+            by_mark = {}
+            for d in self._entries():
+                by_mark[d["mark"]] = by_mark.get(d["mark"], 0) + 1
         live: dict[int, int] = {}
-        for s in sessions:
-            live[s.rule_id] = live.get(s.rule_id, 0) + 1
+        for m, n in by_mark.items():
+            rid = self._by_mark.get(m, 0)
+            live[rid] = live.get(rid, 0) + n
         rules = {}
         for r in self._config.rules if self._config else ():
             pk, by = c.get(R.counter_name(r), (0, 0))
@@ -439,7 +509,7 @@ class NftBackend:
             "DROP_UNMATCHED": c.get(R.C_UNMATCHED, (0, 0))[0],
             "DROP_LEAK": c.get(R.C_LEAK, (0, 0))[0],
         }
-        return Stats(reasons=reasons, rules=rules, sessions=len(sessions))
+        return Stats(reasons=reasons, rules=rules, sessions=sum(by_mark.values()))
 
     def flush(self, rule_id: int | None = None, inside: IPv4Address | None = None,
               nat: IPv4Address | None = None) -> int:
