@@ -52,7 +52,7 @@ def rule_lines(nrules: int) -> list[tuple[str, str]]:
 
 
 def snatgw_config_text(nrules: int, *, max_sessions: int, pin_dir: str, socket: str, backend: str,
-                       filler_pool_last: str = topo.POOL_LAST) -> str:
+                       filler_pool_last: str = topo.POOL_LAST, extra_settings: tuple[str, ...] = ()) -> str:
     """The config `snatgw run` reads: settings block plus the rules of ``rule_lines``.  The
     non-matching rules' pool ends at ``filler_pool_last`` (a reload can change them alone)."""
     pool = f"{topo.POOL_FIRST}-{topo.POOL_LAST}"
@@ -66,6 +66,7 @@ def snatgw_config_text(nrules: int, *, max_sessions: int, pin_dir: str, socket: 
         f"    backend {backend}",
         f"    control_socket {socket}",
         f"    pin_dir {pin_dir}",
+        *(f"    {line}" for line in extra_settings),
         "}",
         "virtual_server fwmark 1 {",
     ]
@@ -119,8 +120,10 @@ def availability(config: str) -> str | None:
 class Gateway:
     """One configuration running in ``t.gw``.  ``count_ns`` is where arriving packets are counted."""
 
-    def __init__(self, name: str, t: topo.Topology, *, nrules: int = 1, max_sessions: int = 262144):
+    def __init__(self, name: str, t: topo.Topology, *, nrules: int = 1, max_sessions: int = 262144,
+                 extra_settings: tuple[str, ...] | list[str] = ()):  # fmt: skip
         self.name, self.t, self.nrules, self.max_sessions = name, t, nrules, max_sessions
+        self.extra_settings = tuple(extra_settings)  # more lines of the snatgw { } block
         self.proc: subprocess.Popen | None = None
         self.tmp: str | None = None
         self.pin_dir = f"/sys/fs/bpf/snatgw-{t.prefix}"
@@ -203,7 +206,8 @@ class Gateway:
     def write_config(self, nrules: int, filler_pool_last: str = topo.POOL_LAST) -> None:
         Path(self.config_path).write_text(snatgw_config_text(
             nrules, max_sessions=self.max_sessions, pin_dir=self.pin_dir, socket=self.socket,
-            backend=self.name.split("-", 1)[1], filler_pool_last=filler_pool_last))
+            backend=self.name.split("-", 1)[1], filler_pool_last=filler_pool_last,
+            extra_settings=self.extra_settings))
 
     def daemon_stderr(self, lines: int = 2) -> str:
         """The daemon's error: its structured error="..." field if it logged one, else the last lines."""

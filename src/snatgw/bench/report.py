@@ -248,6 +248,11 @@ def render(results: dict, images: list[str] = ()) -> str:
     if cs:
         out += ["", "## 7. Control plane (load and reload via the daemon; the rule with the sessions is unchanged)",
                 ""] + cs
+    if results.get("sessions_cp"):
+        from .sessions_cp import summary as cp_summary
+
+        out += ["", "## 8. Control plane at a million sessions (sessions-cp, snatgw-bpf)", ""]
+        out += cp_summary(results["sessions_cp"])
     if results.get("progbench"):
         out += ["", "## BPF_PROG_TEST_RUN per-packet cost (`python -m snatgw.bench.progbench`)", "", "```",
                 results["progbench"].rstrip(), "```"]

@@ -271,6 +271,19 @@ class Suite:
                 finally:
                     gw.stop()
 
+    def sessions_cp_phase(self) -> None:
+        """Scenario sessions-cp (bench/sessions_cp.py): stats, conns, expiry at 1M sessions."""
+        if "sessions-cp" not in self.p.scenarios or "snatgw-bpf" not in self.p.configs:
+            return
+        from . import sessions_cp
+
+        why = availability("snatgw-bpf")
+        if why:
+            self.results["sessions_cp"] = {"status": "n/a", "reason": why}
+            return
+        self.echo(f"control plane at {self.p.fill_sessions:,} sessions (sessions-cp)")
+        self.results["sessions_cp"] = sessions_cp.run(self.echo, self.p.duration, self.p.fill_sessions)
+
     def progbench_phase(self) -> None:
         """The bpf-C helper's test-run micro-benchmark, when present (its own namespace)."""
         if "progbench" not in self.p.scenarios:
@@ -296,7 +309,7 @@ class Suite:
     def run(self) -> dict:
         t0 = time.monotonic()
         for phase in (self.packet_phase, self.rules_phase, self.sessions_phase, self.control_phase,
-                      self.progbench_phase):
+                      self.progbench_phase, self.sessions_cp_phase):
             try:
                 phase()
             except Exception as e:  # noqa: BLE001 - keep what was measured; say what failed

@@ -26,7 +26,7 @@ UDP_SCENARIOS = {
 }
 TCP_SCENARIOS = ("tcp-cycles", "tcp-bulk")
 PACKET_SCENARIOS = tuple(UDP_SCENARIOS) + TCP_SCENARIOS
-SUITE_SCENARIOS = ("rules", "sessions", "control", "progbench")
+SUITE_SCENARIOS = ("rules", "sessions", "control", "progbench", "sessions-cp")
 ALL_SCENARIOS = PACKET_SCENARIOS + SUITE_SCENARIOS
 
 TITLES = {
@@ -40,6 +40,7 @@ TITLES = {
     "sessions": "6. session-table scale",
     "control": "7. control plane",
     "progbench": "BPF_PROG_TEST_RUN per-packet cost (snatgw.bench.progbench)",
+    "sessions-cp": "8. control plane at 1M sessions: stats, conns, expiry, new flows (bpf)",
 }
 
 

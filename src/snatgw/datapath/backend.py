@@ -30,7 +30,7 @@ class Session:
     bytes_in: int = 0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # flat fields: a copy of __dict__ (asdict's deep copy is 10x dearer)
 
 
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1}

@@ -142,6 +142,7 @@ class BpfBackend:
         self._sweeps = 0
         self._t_normal: float | None = None  # duration of the last sweep that was not full
         self._walk = threading.Lock()  # one walk at a time (the sweep's args live in a map)
+        self._sweep_max = 0.0  # longest sweep so far (seconds), for status
         self.last_sweep: SweepResult | None = None
 
     # ------------------------------------------------------------- lifecycle
@@ -387,6 +388,7 @@ class BpfBackend:
         with self._walk:
             res = self.sweeper().expire(now_ns, self._timeouts_ns(), ORPHAN_GRACE_NS, full=full)
         self.last_sweep = res
+        self._sweep_max = max(self._sweep_max, res.seconds)
         if res.count_errors:
             log.warning("sweep: %d live-count updates failed (a count map is full)", res.count_errors)
         t1 = _clock()
@@ -397,6 +399,14 @@ class BpfBackend:
         # does not stretch the expiry margin
         self._next_sweep = t1 + (GC_DUTY - 1) * min(t, self._t_normal)
         return res.removed
+
+    def status_extra(self) -> dict:
+        """The sweeps for the daemon's status: how many, the longest and the last."""
+        r = self.last_sweep
+        return {"sweeps": {"count": self._sweeps, "max_seconds": round(self._sweep_max, 4),
+                           "last_seconds": round(r.seconds, 4) if r else None,
+                           "last_visited": r.visited if r else None, "last_removed": r.removed if r else None,
+                           "last_live": r.live if r else None}}  # fmt: skip
 
     def iter_sessions(self, flt: SessionFilter = ALL, limit: int | None = None):
         """The sessions the filter selects, one batch of the table in memory at a time."""

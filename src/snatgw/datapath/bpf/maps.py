@@ -10,6 +10,7 @@ import struct
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from socket import inet_ntoa
 from typing import Iterable
 
 from ... import layout as L
@@ -100,6 +101,11 @@ def _ip(raw: int) -> str:
 
 
 _OFF = L.CT_ENTRY.offsets()
+_KOFF = L.CT_KEY.offsets()
+_RW = _OFF["rw_addr"]
+_BE16 = struct.Struct(">H")
+_BE16X2 = struct.Struct(">HH")
+_STATE_NAMES = {int(s): s.name for s in L.CtState}
 _PEER = slice(0, L.CT_KEY.size)
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -150,25 +156,21 @@ class SessionPair:
         return self.out_raw[_OFF["state"]]
 
     def to_session(self, timeout_of, now_ns: int) -> Session:
-        k = CT_KEY.unpack(self.out_key)
+        """The Session, decoded straight from the raw bytes (listings decode a million)."""
+        k, e = self.out_key, self.out_raw
+        sport, dport = _BE16X2.unpack_from(k, _KOFF["sport"])
+        proto, st = k[_KOFF["proto"]], e[_OFF["state"]]
         idle = max(0, now_ns - self.last_seen) / 1e9
-        try:
-            state = L.CtState(self.state).name
-        except ValueError:
-            state = str(self.state)
         return Session(
-            proto=_PROTO_NAMES.get(k["proto"], str(k["proto"])),
-            inside=f"{_ip(k['saddr'])}:{k['sport']}",
-            remote=f"{_ip(k['daddr'])}:{k['dport']}",
-            nat=f"{_ip(self.out['rw_addr'])}:{self.out['rw_port']}",
-            state=state,
+            proto=_PROTO_NAMES.get(proto) or str(proto),
+            inside=f"{inet_ntoa(k[0:4])}:{sport}",
+            remote=f"{inet_ntoa(k[4:8])}:{dport}",
+            nat=f"{inet_ntoa(e[_RW:_RW + 4])}:{_BE16.unpack_from(e, _OFF['rw_port'])[0]}",
+            state=_STATE_NAMES.get(st) or str(st),
             idle=round(idle, 3),
-            expires=round(timeout_of(self.state) - idle, 3),
-            rule_id=self.rule_id,  # packets/bytes stay 0: ct_entry keeps no per-session counters
+            expires=round(timeout_of(st) - idle, 3),
+            rule_id=_U32.unpack_from(e, _OFF["rule_id"])[0],  # packets/bytes stay 0: no per-session counters
         )
-
-
-_KOFF = L.CT_KEY.offsets()
 
 
 def _matcher(flt):

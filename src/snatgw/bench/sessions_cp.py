@@ -1,0 +1,215 @@
+"""Scenario `sessions-cp`: the control plane at a million sessions (issue 14).
+
+snatgw-bpf with `max_sessions 1100000` and `timeout udp 20`; fill about a million UDP
+sessions (distinct flows), stop the traffic, then report:
+- time of `snatgw stats` (the CLI against the daemon), and the count it gives;
+- time of a full `snatgw conns --json` (its lines counted, not kept) and the peak RSS of the
+  daemon and of the CLI meanwhile;
+- the daemon's peak RSS over the whole scenario (VmHWM), sampled RSS too;
+- new flows after every filled session has expired but before the sweep may have removed
+  them: translated rate and DROP_TABLE_FULL refusals (the table holds only expired sessions);
+- sessions left (kept count and map entries) at 3x the UDP timeout after the traffic stopped;
+- the daemon's sweeps (count, longest, last) from its status.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from . import scenarios as sc
+from . import topo, traffic
+from .gateways import Gateway
+
+UDP_TIMEOUT = 20
+MAX_SESSIONS = 1_100_000
+FILL_PASSES = 6
+
+
+def _rss_kib(pid: int, field: str = "VmRSS") -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler:
+    """Samples processes' VmRSS every ``period`` s in a thread; ``peak`` per pid, in KiB."""
+
+    def __init__(self, period: float = 0.1):
+        self.period, self.pids, self.peak = period, set(), {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def watch(self, pid: int) -> None:
+        self.pids.add(pid)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in list(self.pids):
+                v = _rss_kib(pid)
+                if v is not None:
+                    self.peak[pid] = max(self.peak.get(pid, 0), v)
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(2)
+
+
+def _cli(gw: Gateway, *args: str) -> list[str]:
+    return [sys.executable, "-m", "snatgw.cli.main", *args, "--socket", gw.socket]
+
+
+def _status(gw: Gateway) -> dict:
+    from ..daemon.client import call
+
+    return call(gw.socket, {"op": "status"}, timeout=60)
+
+
+def _stats(gw: Gateway) -> tuple[float, int | None]:
+    """`snatgw stats --json` as an operator runs it (a new CLI process): seconds, sessions."""
+    import json
+
+    t0 = time.monotonic()
+    p = subprocess.run(_cli(gw, "stats", "--json"), capture_output=True, text=True, timeout=120)
+    dt = time.monotonic() - t0
+    try:
+        return dt, int(json.loads(p.stdout)["sessions"])
+    except (ValueError, KeyError):
+        return dt, None
+
+
+def _stats_op(gw: Gateway) -> float:
+    """The daemon's answer alone: one `stats` request on the control socket, in seconds."""
+    from ..daemon.client import call
+
+    t0 = time.monotonic()
+    call(gw.socket, {"op": "stats"}, timeout=120)
+    return time.monotonic() - t0
+
+
+def _conns(gw: Gateway, rss: RssSampler) -> dict:
+    """A full `conns --json`: time, lines, the CLI's peak RSS (its lines are counted here)."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(_cli(gw, "conns", "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rss.watch(p.pid)
+    lines = 0
+    while True:
+        chunk = p.stdout.read(1 << 20)
+        if not chunk:
+            break
+        lines += chunk.count(b"\n")
+    p.wait(600)
+    return {"seconds": time.monotonic() - t0, "lines": lines, "rc": p.returncode,
+            "cli_peak_rss_kib": rss.peak.get(p.pid), "stderr": p.stderr.read().decode()[-300:]}
+
+
+def run(echo=print, duration: float = 3.0, fill: int = 1_000_000) -> dict:
+    out: dict = {"max_sessions": MAX_SESSIONS, "udp_timeout": UDP_TIMEOUT, "target": fill}
+    hosts = sc.seq_hosts_for(fill)
+    flows = hosts * 4096
+    out["flows"] = flows
+    with topo.Topology() as t:
+        gw = Gateway("snatgw-bpf", t, max_sessions=MAX_SESSIONS,
+                     extra_settings=[f"timeout udp {UDP_TIMEOUT}"])  # fmt: skip
+        gw.start()
+        try:
+            with RssSampler() as rss:
+                rss.watch(gw.proc.pid)
+                out["daemon_rss_start_kib"] = _rss_kib(gw.proc.pid)
+                conf = traffic.trafgen_conf(t.gw_in_mac, seq_hosts=hosts, seq_ports=4096,
+                                            dport=f"dinc(9, {8 + hosts})")  # fmt: skip
+                t0 = time.monotonic()
+                held = []
+                for _ in range(FILL_PASSES):
+                    traffic.send_count(t, conf, flows, timeout=300)
+                    held.append(_stats(gw)[1])
+                    echo(f"  fill pass: {held[-1]} sessions")
+                    if held[-1] is None or held[-1] >= 0.97 * fill or (len(held) > 1 and held[-1] <= held[-2]):
+                        break
+                stop = time.monotonic()  # the traffic stops here
+                out["fill_seconds"], out["fill_passes"] = stop - t0, held
+                out["sessions_at_stop_map"] = sc.daemon_sessions(gw)
+                out["stats"] = [dict(zip(("seconds", "sessions"), _stats(gw))) for _ in range(3)]
+                out["stats_op_seconds"] = [_stats_op(gw) for _ in range(3)]
+                echo(f"  stats: {out['stats']}")
+                out["conns_json"] = _conns(gw, rss)
+                out["conns_json"]["daemon_peak_rss_kib"] = rss.peak.get(gw.proc.pid)
+                echo(f"  conns --json: {out['conns_json']}")
+                # every filled session has expired at stop + timeout (the last pass refreshed
+                # them at the latest just before `stop`); new flows then, while the sweep works
+                wait = stop + UDP_TIMEOUT + 1 - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                r0 = sc.daemon_reasons(gw) or {}
+                new = traffic.trafgen_conf(t.gw_in_mac, "new", dport="drnd(1024, 65535)")
+                w = traffic.blast(t, new, gw.count_ns, duration)
+                r1 = sc.daemon_reasons(gw) or {}
+                out["new_flows"] = {
+                    "after_stop_s": round(time.monotonic() - stop, 1), "pps": w.pps, "translated": w.translated,
+                    "table_full": r1.get("DROP_TABLE_FULL", 0) - r0.get("DROP_TABLE_FULL", 0),
+                    "port_exhausted": r1.get("DROP_PORT_EXHAUSTED", 0) - r0.get("DROP_PORT_EXHAUSTED", 0),
+                    "xlate_new": r1.get("XLATE_NEW", 0) - r0.get("XLATE_NEW", 0),
+                }
+                echo(f"  new flows at stop+{out['new_flows']['after_stop_s']} s: {out['new_flows']}")
+                timeline = []
+                while time.monotonic() < stop + 3 * UDP_TIMEOUT:
+                    timeline.append((round(time.monotonic() - stop, 1), _stats(gw)[1]))
+                    time.sleep(2)
+                out["timeline"] = timeline
+                out["left_at_3x"] = {"kept_count": _stats(gw)[1], "map": sc.daemon_sessions(gw),
+                                     "after_stop_s": round(time.monotonic() - stop, 1)}
+                echo(f"  left at 3x the timeout: {out['left_at_3x']}")
+                st = _status(gw)
+                out["sweeps"] = st.get("sweeps")
+                out["daemon_peak_rss_sampled_kib"] = rss.peak.get(gw.proc.pid)
+                out["daemon_vmhwm_kib"] = _rss_kib(gw.proc.pid, "VmHWM")
+            out["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - report what was measured
+            out.update(status="error", reason=f"{type(e).__name__}: {e}")
+        finally:
+            gw.stop()
+    out["loadavg"] = sc.loadavg()
+    return out
+
+
+def summary(r: dict) -> list[str]:
+    """Markdown lines for the report."""
+    if not r or r.get("status") != "ok":
+        return [f"sessions-cp: {r.get('status') if r else 'not run'} ({(r or {}).get('reason', '')})"]
+    st = [s["seconds"] for s in r["stats"]]
+    cj = r["conns_json"]
+    n0 = r["fill_passes"][-1] or 0
+    left = r["left_at_3x"]["map"]
+    sw = r.get("sweeps") or {}
+    return [
+        f"Filled {n0:,} UDP sessions (max_sessions {r['max_sessions']:,}, timeout udp {r['udp_timeout']} s) "
+        f"in {r['fill_seconds']:.0f} s, then stopped the traffic.",
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| `snatgw stats` (CLI process) | {min(st):.2f}-{max(st):.2f} s ({r['stats'][0]['sessions']:,} sessions); "
+        f"the daemon's answer {min(r['stats_op_seconds']) * 1000:.0f}-{max(r['stats_op_seconds']) * 1000:.0f} ms | < 1 s |",
+        f"| full `conns --json` | {cj['seconds']:.1f} s, {cj['lines']:,} lines; CLI peak RSS "
+        f"{(cj['cli_peak_rss_kib'] or 0) / 1024:.0f} MiB | |",
+        f"| daemon peak RSS (VmHWM, whole scenario) | {(r['daemon_vmhwm_kib'] or 0) / 1024:.0f} MiB "
+        f"(start {(r['daemon_rss_start_kib'] or 0) / 1024:.0f} MiB) | < 150 MiB |",
+        f"| sessions left at 3x the timeout ({r['left_at_3x']['after_stop_s']} s) | {left:,} "
+        f"({100 * left / max(n0, 1):.2f}%) | <= 5% |",
+        f"| new flows at stop+{r['new_flows']['after_stop_s']} s (table: expired sessions only) | "
+        f"{r['new_flows']['pps']:,.0f} pps translated; DROP_TABLE_FULL {r['new_flows']['table_full']:,} | no refusal |",
+        f"| sweeps | {sw.get('count')} runs, longest {sw.get('max_seconds', 0):.2f} s, last {sw.get('last_seconds', 0):.2f} s "
+        f"(visited {sw.get('last_visited', 0):,}) | |",
+    ]
