@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 from snatgw.cli.main import main as cli
 from snatgw.layout import Reason
@@ -98,3 +100,19 @@ def test_no_daemon_and_no_pins_is_a_clear_error(tmp_path, capsys):
     assert cli(["conns", "--socket", sock, "--pin-dir", pins]) == 4
     err = capsys.readouterr().err
     assert "no snatgw daemon on" in err and "nopins" in err
+
+
+def test_daemon_sessions_op_is_bounded_and_says_when_it_cut(running):
+    """The `sessions` op filters and limits on the daemon's side and never carries more than
+    MAX_SESSIONS_REPLY sessions; `truncated` says when there were more."""
+    from snatgw.daemon.client import RemoteError, call
+    from snatgw.daemon.service import MAX_SESSIONS_REPLY
+
+    running.syn(), running.syn(sport=40001), running.udp()
+    r = call(running.sock, {"op": "sessions", "limit": 2})
+    assert len(r["sessions"]) == 2 and r["truncated"] is True
+    r = call(running.sock, {"op": "sessions", "filter": {"proto": 17}})
+    assert [s["proto"] for s in r["sessions"]] == ["udp"] and r["truncated"] is False
+    with pytest.raises(RemoteError, match="unknown session filter field"):
+        call(running.sock, {"op": "sessions", "filter": {"bogus": 1}})
+    assert MAX_SESSIONS_REPLY <= 100_000

@@ -27,6 +27,9 @@ from .log import Log
 #: settings a reload cannot change (the running daemon keeps its own; restart to change them)
 FIXED_ON_RELOAD = ("backend", "pin_dir", "control_socket")
 RATE_INTERVAL = 2.0  # seconds between counter samples for `adm --rate`
+#: most sessions one `sessions` reply carries (the CLI streams listings itself; this op must not
+#: make the daemon hold a million of them)
+MAX_SESSIONS_REPLY = 100_000
 
 
 def load_config(path: str | None = None, text: str | None = None, overrides: dict | None = None,
@@ -339,18 +342,19 @@ class Service:
                 # serves the other backends (and old clients), filtered and limited here
                 flt = SessionFilter.from_dict(req.get("filter"))
                 limit = req.get("limit")
-                limit = None if limit is None else max(0, int(limit))
+                limit = MAX_SESSIONS_REPLY if limit is None else min(max(0, int(limit)), MAX_SESSIONS_REPLY)
                 with self.lock:
                     if hasattr(self.backend, "iter_sessions"):
-                        it = self.backend.iter_sessions(flt, limit)
+                        it = self.backend.iter_sessions(flt, limit + 1)
                     else:
                         it = (x for x in self.backend.sessions() if flt.match(x))
-                    out = []
+                    out, truncated = [], False
                     for x in it:
-                        if limit is not None and len(out) >= limit:
+                        if len(out) >= limit:
+                            truncated = True
                             break
                         out.append(x.as_dict())
-                    return {"ok": True, "sessions": out}
+                    return {"ok": True, "sessions": out, "truncated": truncated}
             if op == "stats":
                 with self.lock:
                     st = self.backend.stats().as_dict()
