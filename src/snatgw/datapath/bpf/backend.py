@@ -489,8 +489,8 @@ class BpfBackend:
         maps = []
         for name, mp in sorted(m.maps.items()):
             fixed = mp.type in (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY)
-            maps.append({"name": name, "entries": mp.max_entries if fixed else len(mp),
-                         "max_entries": mp.max_entries})  # fmt: skip
+            maps.append({"name": name, "entries": mp.max_entries if fixed else mp.count(),
+                         "max_entries": mp.max_entries})  # fmt: skip  (count: one batch in memory)
         ct = next(x["entries"] for x in maps if x["name"] == L.MAP_CT)
         return {"hooks": hooks, "maps": maps, "sessions": ct // 2, "max_sessions": self.settings.max_sessions,
                 "devices": {"inside": list(self.settings.inside), "outside": list(self.settings.outside)}}

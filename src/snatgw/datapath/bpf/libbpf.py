@@ -23,6 +23,7 @@ Stable API (other modules and the bpf-C tests rely on it; only add to it):
     m.put(key, value, flags=BPF_ANY)        # per-CPU maps: value may be one value (copied to all)
     m.delete(key) -> bool                   # False when the key was absent
     m.keys() / len(m)                       # a snapshot of the keys (batch lookup)
+    m.count()                               # entries, by batch lookup, one batch in memory
     m.items()                               # get_next_key walk + lookups
     m.items_batch(chunk=4096)               # bpf_map_lookup_batch, falls back to items()
     m.to_dict()                             # the whole map as {key: value} (batch)
@@ -396,6 +397,13 @@ class Map:
 
     def __len__(self) -> int:
         return len(self.keys())
+
+    def count(self, chunk: int = 4096) -> int:
+        """How many entries, read one batch at a time (len() keeps every key: not at 1M)."""
+        n = 0
+        for part in self._batches(chunk):
+            n += sum(1 for _ in part)
+        return n
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) by get_next_key and lookups (items_batch is the fast way)."""

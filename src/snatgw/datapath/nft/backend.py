@@ -542,7 +542,11 @@ class NftBackend:
             q = self._run(["cat", f"/proc/sys/net/netfilter/{name}"], check=False)
             return int(q.stdout.strip()) if q.returncode == 0 and q.stdout.strip().isdigit() else 0
 
-        ours = len(self.sessions())
+        try:  # a count, not a listing: only each entry's mark is read (ctnetlink.py)
+            with Conntrack(self.netns) as ct:
+                ours = sum(ct.count_by_mark(R.MARK_TAG, R.MARK_MASK).values())
+        except BackendError:
+            ours = sum(1 for _ in self._entries())
         maps = [{"name": "conntrack", "entries": sysctl("nf_conntrack_count"), "max_entries": sysctl("nf_conntrack_max")},
                 {"name": "policy routing rules", "entries": len(self._our_ip_rules()), "max_entries": 1000}]
         return {"hooks": hooks, "maps": maps, "sessions": ours, "max_sessions": self.settings.max_sessions,
