@@ -41,12 +41,13 @@ def test_check_j_prints_the_same_json_as_check_json(capsys):
 
 
 def test_stats_and_conns_take_j(running, capsys):
-    """stats -j and conns -j print JSON from the daemon."""
+    """stats -j and conns -j print JSON from the daemon (conns: JSON lines, one per session)."""
     running.syn()
     assert main(["stats", "-j", "--socket", running.sock]) == 0
     assert json.loads(capsys.readouterr().out)["sessions"] == 1
     assert main(["conns", "-j", "--socket", running.sock]) == 0
-    assert len(json.loads(capsys.readouterr().out)["sessions"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["proto"] == "tcp"
 
 
 def test_adm_list_json_gives_rules_in_precedence_order_with_session_counts(running, capsys):

@@ -7,6 +7,7 @@ snatgw's precedence order), `-L -n -c` (§5.4), `-S`, `--stats`, `--rate`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import TextIO
@@ -169,10 +170,12 @@ def argv_op(argv) -> str:
 def list_json(sock: str, cmd) -> dict:
     """The JSON of a listing: -L rules (precedence order) with live session counts, -c the
     sessions, --stats the counters, --rate per-second rates."""
-    from ...daemon.client import call
+    from ...daemon.client import call, session_stream
+    from ...datapath.backend import SessionFilter
 
-    if cmd.conns:
-        return {"sessions": call(sock, {"op": "sessions"})["sessions"]}
+    if cmd.conns:  # main() streams this one (list_conns_json); kept for callers of list_json
+        sessions, _, _ = session_stream(sock, None, lambda rules: SessionFilter(), fallback=False)
+        return {"sessions": list(sessions)}
     if cmd.rate:
         resp = call(sock, {"op": "rate"})
         return {"service": resp["service"], "rules": resp["rules"], "rate": resp["rate"]}
@@ -181,7 +184,8 @@ def list_json(sock: str, cmd) -> dict:
         return {"service": resp["service"], "rules": resp["rules"], "stats": resp["stats"]}
     resp = call(sock, {"op": "rules"})
     live: dict[int, int] = {}
-    for s in call(sock, {"op": "sessions"})["sessions"]:
+    sessions, _, _ = session_stream(sock, None, lambda rules: SessionFilter(), fallback=False)
+    for s in sessions:  # counted as they stream
         live[s["rule_id"]] = live.get(s["rule_id"], 0) + 1
     rules = [{**r, "sessions": live.get(r["rule_id"], 0)} for r in resp["rules"]]
     return {"service": resp["service"], "max_sessions": resp["max_sessions"], "rules": rules}
@@ -201,6 +205,14 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
             raise AdmUsageError("--json: only listings (-L, -L -c, -L --stats, -L --rate) print JSON, "
                                 f"not {argv_op(argv)}")
         sock = resolve_socket(cmd.socket)
+        if cmd.json and cmd.conns:  # {"sessions": [...]} written as the sessions stream
+            sessions, _, _ = session_stream(sock, None, lambda rules: SessionFilter(), fallback=False)
+            out.write('{"sessions": [')
+            for i, sess in enumerate(sessions):
+                out.write((",\n  " if i else "\n  ") + json.dumps(sess))
+            out.write("\n]}\n")
+            out.flush()
+            return 0
         if cmd.json:
             _emit(dump_json(list_json(sock, cmd)), out)
             return 0
