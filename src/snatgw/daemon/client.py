@@ -48,19 +48,6 @@ def _pinned(pin_dir: str | None):
     return read_pinned(pin_dir)
 
 
-def sessions_and_rules(path: str | None, pin_dir: str | None) -> tuple[list[dict], list[dict], str]:
-    """(sessions as dicts, rules in priority order, source) from the daemon, else from pins."""
-    sock = resolve_socket(path)
-    try:
-        rules = call(sock, {"op": "rules"})["rules"]
-        return call(sock, {"op": "sessions"})["sessions"], rules, f"daemon {sock}"
-    except NoDaemon as e:
-        reader = _pinned(pin_dir)
-        if reader is None:
-            raise DaemonError(f"{e}; and no pinned maps in {pin_dir or Settings().pin_dir}") from None
-        return [s.as_dict() for s in reader.sessions()], [], f"pinned maps {pin_dir or Settings().pin_dir}"
-
-
 def _pinned_sessions(pin_dir: str, flt, limit, timeouts: dict | None = None):
     """Sessions straight from the bpf backend's pinned maps, one batch of the table at a
     time (never the whole table in memory), as dicts."""
