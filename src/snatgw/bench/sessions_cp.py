@@ -119,6 +119,43 @@ def _conns(gw: Gateway, rss: RssSampler) -> dict:
             "cli_peak_rss_kib": rss.peak.get(p.pid), "stderr": p.stderr.read().decode()[-300:]}
 
 
+def rate_series(t, conf: str, gw: Gateway, seconds: float, step: float = 0.25) -> dict:
+    """Established traffic over the filled flows for ``seconds`` while the daemon sweeps: the
+    translated rate per window of ~``step`` s, and which windows saw a sweep end (the daemon's
+    sweep count moved).  A sweep holds its CPU without a preemption point: a dip here is the
+    datapath waiting for it."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="sgbench-") as f:
+        f.write(conf)
+        f.flush()
+        p = subprocess.Popen(["ip", "netns", "exec", t.gen] + traffic.trafgen_argv(f.name),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        windows = []
+        try:
+            time.sleep(0.3)
+            c0, t0 = traffic.read_counters(gw.count_ns), time.monotonic()
+            n0 = (_status(gw).get("sweeps") or {}).get("count")
+            end = t0 + seconds
+            while time.monotonic() < end:
+                time.sleep(step)
+                c1, t1 = traffic.read_counters(gw.count_ns), time.monotonic()
+                n1 = (_status(gw).get("sweeps") or {}).get("count")
+                windows.append({"t": round(t1 - (end - seconds), 2), "pps": (c1[0] - c0[0]) / (t1 - t0),
+                                "sweep_ended": n1 != n0})
+                c0, t0, n0 = c1, t1, n1
+        finally:
+            traffic._stop_group(p)
+    rates = sorted(w["pps"] for w in windows)
+    with_sweep = sorted(w["pps"] for w in windows if w["sweep_ended"])
+    without = sorted(w["pps"] for w in windows if not w["sweep_ended"])
+    med = lambda xs: xs[len(xs) // 2] if xs else None  # noqa: E731
+    return {"windows": windows, "min_pps": rates[0] if rates else None, "median_pps": med(rates),
+            "median_pps_sweep_windows": med(with_sweep), "median_pps_other_windows": med(without),
+            "min_pps_sweep_windows": with_sweep[0] if with_sweep else None,
+            "sweep_windows": len(with_sweep), "zero_windows": sum(1 for r in rates if r == 0)}
+
+
 def run(echo=print, duration: float = 3.0, fill: int = 1_000_000) -> dict:
     out: dict = {"max_sessions": MAX_SESSIONS, "udp_timeout": UDP_TIMEOUT, "target": fill}
     hosts = sc.seq_hosts_for(fill)
@@ -151,6 +188,9 @@ def run(echo=print, duration: float = 3.0, fill: int = 1_000_000) -> dict:
                 out["conns_json"] = _conns(gw, rss)
                 out["conns_json"]["daemon_peak_rss_kib"] = rss.peak.get(gw.proc.pid)
                 echo(f"  conns --json: {out['conns_json']}")
+                out["traffic_during_sweeps"] = rate_series(t, conf, gw, max(15.0, 5 * duration))
+                d = {k: v for k, v in out["traffic_during_sweeps"].items() if k != "windows"}
+                echo(f"  established traffic while sweeping: {d}")
                 # now the 20 s timeout: every filled session has been idle since `stop` at least
                 gw.extra_settings = (f"timeout udp {UDP_TIMEOUT}",)
                 gw.write_config(gw.nrules)
@@ -208,6 +248,8 @@ def summary(r: dict) -> list[str]:
     n0 = r["fill_passes"][-1] or 0
     left = r["left_at_3x"]["map"]
     sw = r.get("sweeps") or {}
+    ts = r.get("traffic_during_sweeps") or {}
+    fmt = lambda x: f"{x:,.0f}" if isinstance(x, (int, float)) else "?"  # noqa: E731
     return [
         f"Filled {n0:,} UDP sessions (max_sessions {r['max_sessions']:,}) in {r['fill_seconds']:.0f} s under "
         f"timeout udp {FILL_TIMEOUT}, stopped the traffic, measured stats and conns, then reloaded with "
@@ -227,6 +269,10 @@ def summary(r: dict) -> list[str]:
         f"({100 * left / max(n0, 1):.2f}%) | <= 5% |",
         f"| new flows at stop+{r['new_flows']['after_stop_s']} s (table: expired sessions only) | "
         f"{r['new_flows']['pps']:,.0f} pps translated; DROP_TABLE_FULL {r['new_flows']['table_full']:,} | no refusal |",
+        f"| established traffic over the table while sweeping (windows of 0.25 s) | median {fmt(ts.get('median_pps'))} "
+        f"pps; windows where a sweep ended: median {fmt(ts.get('median_pps_sweep_windows'))}, min "
+        f"{fmt(ts.get('min_pps_sweep_windows'))} ({ts.get('sweep_windows')} windows); others median "
+        f"{fmt(ts.get('median_pps_other_windows'))}; windows at 0: {ts.get('zero_windows')} | |",
         f"| sweeps | {sw.get('count')} runs, longest {sw.get('max_seconds', 0):.2f} s, last {sw.get('last_seconds', 0):.2f} s "
         f"(visited {sw.get('last_visited', 0):,}) | |",
     ]
