@@ -120,15 +120,7 @@ def table(rows: list[list[str]], head: list[str]) -> str:
 
 def daemon_rules(lab: Lab, rules: RuleSet) -> dict[tuple[str, str], str]:
     """(proto, "inside IP:PORT") -> "#n" of the rule the daemon's session names (`snatgw conns`)."""
-    import json
-
-    cp = run(snatgw_argv("conns", "--socket", lab.socket_path, "--json"), check=False, timeout=15.0)
-    got = []
-    if cp.returncode == 0:
-        try:
-            got = [json.loads(line) for line in cp.stdout.splitlines() if line.strip()]  # JSON lines
-        except ValueError:
-            got = []
+    got = (snatgw_json(lab, "conns") or {}).get("sessions", [])
     prio = {r.rule_id: f"#{i + 1}" for i, r in enumerate(rules.rules)}
     return {(s["proto"], s["inside"]): prio.get(s.get("rule_id"), "?") for s in got if s.get("rule_id")}
 

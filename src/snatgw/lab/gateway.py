@@ -216,6 +216,8 @@ def snatgw_json(lab, verb: str, *args: str, timeout: float = 15.0):
     if cp.returncode != 0:
         return None
     try:
+        if verb == "conns":  # JSON lines, one session each: as {"sessions": [...]}
+            return {"sessions": [json.loads(line) for line in cp.stdout.splitlines() if line.strip()]}
         return json.loads(cp.stdout)
     except ValueError:
         return None

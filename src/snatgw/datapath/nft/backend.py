@@ -462,7 +462,12 @@ class NftBackend:
     def status_extra(self) -> dict:
         """What a reader of conntrack in another process needs to name sessions' rules (the
         CLI lists sessions itself, streaming: see daemon/client.py)."""
-        return {"marks": {str(m): rid for m, rid in self._by_mark.items()}, "netns": self.netns}
+        import os
+
+        # the namespace whose conntrack holds the sessions: ours unless given (a reader in
+        # another namespace, e.g. the CLI outside the daemon's, enters it by this path)
+        netns = self.netns or f"/proc/{os.getpid()}/ns/net"
+        return {"marks": {str(m): rid for m, rid in self._by_mark.items()}, "netns": netns}
 
     @classmethod
     def reader(cls, settings: Settings, marks: dict, netns: str | None = None) -> "NftBackend":
