@@ -13,8 +13,9 @@ first), starts the backend, prints one line containing `ready` on stdout once th
 attached, then serves the control socket (`snatgw reload|adm|conns|stats`).  SIGHUP re-reads
 CONFIG and applies it atomically (an invalid config is logged, reported to systemd as
 `STATUS=reload failed: ...`, and the old one kept).  Every tick it expires sessions and puts
-back datapath hooks someone removed (logged as hooks_restored).  On start, the other backend's
-leftovers in this network namespace are removed (a warning names them) once its own datapath
+back datapath hooks someone removed (logged as hooks_restored).  On start, the other backend
+found in this network namespace is taken over: its established TCP and UDP sessions are carried
+over with their mappings and its leftovers removed (a warning names them) once our own datapath
 is in place.  SIGTERM/SIGINT exit 0 and leave the datapath TRANSLATING for the next daemon:
   bpf: the TC programs stay attached and the maps (sessions) pinned; the next daemon adopts
        the pins and replaces the programs in place (no moment without translation).

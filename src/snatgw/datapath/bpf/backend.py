@@ -20,6 +20,7 @@ from ... import layout as L
 from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
 from ..backend import Session, Stats
+from . import libbpf as B
 from .loader import Loader, ifindex
 from .maps import CT_KEY, DatapathMaps, monotonic_ns
 from .recirc import FragmentHolder
@@ -31,6 +32,7 @@ NO_DEVICE = 0xFFFFFFFF  # rule oif whose device is absent (matches nothing)
 ORPHAN_GRACE_NS = 10 * 10**9  # half-inserted pairs older than this are removed by GC
 _clock = time.monotonic  # seconds, for GC pacing (tests replace it)
 ACCEPT_LOCAL_DIR = "/proc/sys/net/ipv4/conf"
+MAX_CARRY = 262144  # sessions an nft -> bpf switch carries over at most
 GC_DUTY = 5  # a sweep of duration T is followed by at least (GC_DUTY-1)*T without one
 FULL_EVERY = 16  # every 16th sweep also checks each entry's other half (half pairs, orphans)
 
@@ -166,6 +168,10 @@ class BpfBackend:
             self.holder = FragmentHolder()
             recirc = self.holder.start()
             self._write_ifaces(s)
+            carried = self._nft_sessions()
+            if carried:  # before attach: from the first packet on, ours carry on with nft's mappings
+                n = self.insert_sessions(carried, config)
+                log.warning("bpf backend: carried %d of %d sessions over from the nft datapath", n, len(carried))
             self.loader.attach(list(s.inside), list(s.outside), L.RECIRC_DEV if recirc else None)
             set_accept_local(s.inside)
             warn_without_forwarding()
@@ -181,6 +187,80 @@ class BpfBackend:
         # last: an nft datapath left here keeps translating until ours is attached (a packet
         # meets both for a moment: ours translates first, nft sees a pool source and passes it)
         self._remove_nft()
+
+    def _nft_sessions(self) -> list[Session]:
+        """The sessions of an nft datapath running in this namespace (none: []); never raises."""
+        try:
+            from ..nft.backend import NftBackend
+
+            nft = NftBackend(self.settings)
+            if nft._run(["nft", "list", "table", "ip", "snatgw"], check=False).returncode != 0:
+                return []
+            return nft.sessions()[:MAX_CARRY]
+        except Exception as e:  # noqa: BLE001 - a switch must work even when conntrack is unreadable
+            log.warning("bpf backend: cannot read the nft datapath's sessions: %s", e)
+            return []
+
+    def insert_sessions(self, sessions: list[Session], config: GatewayConfig) -> int:
+        """Session pairs (IN first, as the datapath writes them; never over an existing key)
+        for each established TCP and each UDP session of another datapath (nft's conntrack),
+        with its mapping, the first rule of ``config`` that matches it and holds its SNAT
+        address, and the egress the kernel would use.  ICMP and TCP in other states are left
+        out: they are short-lived and start again.  The live counts are the expiry sweep's to
+        recount.  Returns how many pairs were written."""
+        self._writable()
+        now = monotonic_ns()
+        routes: dict = {}
+
+        def egress(addr):
+            if addr not in routes:
+                try:
+                    routes[addr] = self.resolver(addr)
+                except (BackendError, OSError, ValueError) as e:
+                    log.warning("cannot carry sessions toward %s: %s", addr, e)
+                    routes[addr] = None
+            return routes[addr]
+
+        n = 0
+        for x in sessions:
+            if x.proto not in ("tcp", "udp") or (x.proto == "tcp" and x.state != "ESTABLISHED"):
+                continue
+            try:
+                (ip, port), (rip, rport), (nip, nport) = (a.rsplit(":", 1) for a in (x.inside, x.remote, x.nat))
+                ip, rip, nip = ipaddress.IPv4Address(ip), ipaddress.IPv4Address(rip), ipaddress.IPv4Address(nip)
+                port, rport, nport = int(port), int(rport), int(nport)
+            except ValueError:
+                continue
+            rule = next((r for r in config.rules if ip in r.src and rip in r.dst and nip in r.pool), None)
+            if rule is None:
+                continue
+            out_eg, in_eg = egress(rule.new_gw or rip), egress(ip)
+            if out_eg is None or in_eg is None:
+                continue
+            proto = L.IPPROTO_TCP if x.proto == "tcp" else L.IPPROTO_UDP
+            state = L.CtState.ESTABLISHED if x.proto == "tcp" else L.CtState.UDP
+            out_key = L.CT_KEY.pack(saddr=int(ip), daddr=int(rip), sport=port, dport=rport, proto=proto,
+                                    dir=L.CT_DIR_OUT)  # fmt: skip
+            in_key = L.CT_KEY.pack(saddr=int(rip), daddr=int(nip), sport=rport, dport=nport, proto=proto,
+                                   dir=L.CT_DIR_IN)  # fmt: skip
+            in_val = L.CT_ENTRY.pack(peer=out_key, rw_addr=int(ip), rw_port=port, ifindex=in_eg[0],
+                                     rule_id=rule.rule_id, last_seen=now)  # fmt: skip
+            out_val = L.CT_ENTRY.pack(peer=in_key, rw_addr=int(nip), rw_port=nport, state=int(state),
+                                      flags=L.CT_F_NEW_GW if rule.new_gw else 0, ifindex=out_eg[0],
+                                      nexthop=int(out_eg[1]), rule_id=rule.rule_id, mtu=min(out_eg[2], 0xFFFF),
+                                      last_seen=now)  # fmt: skip
+            try:
+                self.maps.ct.put(in_key, in_val, flags=B.BPF_NOEXIST)
+            except BackendError:
+                continue  # the SNAT side is taken already
+            try:
+                self.maps.ct.put(out_key, out_val, flags=B.BPF_NOEXIST)
+            except BackendError:
+                self.maps.ct.delete(in_key)
+                continue
+            n += 1
+        return n
+
     def _remove_nft(self) -> None:
         from ..cleanup import remove_nft
 

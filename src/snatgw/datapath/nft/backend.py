@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 from ipaddress import IPv4Address
@@ -22,6 +23,7 @@ from . import render as R
 from .ctnetlink import Conntrack
 
 log = logging.getLogger("snatgw.nft")
+MAX_CARRY = 262144  # sessions a bpf -> nft switch carries over at most
 
 #: conntrack's TCP state names -> snatgw's CtState names
 _TCP_STATES = {
@@ -121,15 +123,21 @@ class NftBackend:
 
     def start(self, config: GatewayConfig) -> None:
         """Check the tools and devices, apply the config (one transaction: a table left by a
-        previous daemon is replaced atomically), then remove the bpf backend's leftovers in
-        this namespace (our TC filters, the pin directory: logged as a warning).  In that
-        order a bpf datapath keeps translating until the rule set is in place; removing it
-        first left the flows untranslated for as long as the apply took."""
+        previous daemon is replaced atomically), then take over from a bpf datapath left in
+        this namespace: its established TCP and UDP sessions become conntrack entries with the
+        same mapping (``carry_bpf_sessions``), and its leftovers go (our TC filters, the pin
+        directory: logged as a warning).  In that order a bpf datapath keeps translating until
+        the rule set is in place; removing it first left the flows untranslated for as long as
+        the apply took."""
         self._run(["nft", "--version"])
         self._check_devices(config.settings)
+        carried = self._bpf_sessions(config.settings.pin_dir)
         self.apply(config)
         from ..cleanup import NoLibbpf, remove_bpf
 
+        if carried:
+            n = self.insert_sessions(carried)
+            log.warning("nft backend: carried %d of %d sessions over from the bpf datapath", n, len(carried))
         try:
             removed = remove_bpf(config.settings.pin_dir, self.netns)
         except NoLibbpf as e:
@@ -137,6 +145,57 @@ class NftBackend:
             removed = []
         if removed:
             log.warning("nft backend: removed the bpf datapath's leftovers: %s", "; ".join(removed))
+
+    def _bpf_sessions(self, pin_dir: str | None) -> list[Session]:
+        """The sessions of a bpf datapath pinned in ``pin_dir`` (none: []); never raises."""
+        if not pin_dir or not os.path.isdir(pin_dir):
+            return []
+        try:
+            from ..bpf.backend import read_pinned
+
+            view = read_pinned(pin_dir, self.settings)
+            try:
+                return view.sessions()[:MAX_CARRY]
+            finally:
+                view.stop()
+        except Exception as e:  # noqa: BLE001 - a switch must work even when the old table is unreadable
+            log.warning("nft backend: cannot read the bpf datapath's sessions in %s: %s", pin_dir, e)
+            return []
+
+    def insert_sessions(self, sessions: list[Session]) -> int:
+        """Create a conntrack entry with the same NAT mapping and our rule's mark for each
+        established TCP session and each UDP session of a rule that still exists (`conntrack -R`,
+        one batch), so their packets keep their address and port when the kernel takes over.
+        ICMP and TCP in other states are left out: they are short-lived and start again.
+        Returns how many entries the kernel created."""
+        mark_of = {rid: m for m, rid in self._by_mark.items()}
+        lines = []
+        for x in sessions:
+            m = mark_of.get(x.rule_id)
+            if m is None or x.proto not in ("tcp", "udp") or (x.proto == "tcp" and x.state != "ESTABLISHED"):
+                continue
+            try:
+                (ip, port), (rip, rport), (nip, nport) = (a.rsplit(":", 1) for a in (x.inside, x.remote, x.nat))
+                IPv4Address(ip), IPv4Address(rip), IPv4Address(nip)
+                int(port), int(rport), int(nport)
+            except ValueError:
+                continue
+            state = "--state ESTABLISHED " if x.proto == "tcp" else ""
+            lines.append(f"-I -p {x.proto} -s {ip} -d {rip} --sport {port} --dport {rport} {state}"
+                         f"-t {max(1, int(x.expires))} -u SEEN_REPLY,ASSURED -m {m} --src-nat {nip}:{nport}")
+        if not lines:
+            return 0
+        p = self._run(["conntrack", "-R", "-"], input="\n".join(lines) + "\n", check=False)
+        if p.returncode == 0:  # -R says nothing on success
+            return len(lines)
+        # -R stops at the first line that fails (an entry the kernel made meanwhile): one by one
+        n = 0
+        for line in lines:
+            if self._run(["conntrack", *line.split()], check=False).returncode == 0:
+                n += 1
+        if not n:
+            log.warning("nft backend: conntrack -R failed: %s", (p.stderr or p.stdout).strip()[:300])
+        return n
 
     def _check_devices(self, settings: Settings) -> None:
         """Every inside and outside device must exist in the namespace (as the bpf backend
