@@ -291,9 +291,12 @@ class Worker:
                 self.loop.call_soon_threadsafe(lambda d=done, r=result, e=error: d(r, e))
 
     def close(self, timeout: float = 20.0) -> bool:
-        """Finish the queued jobs (up to ``timeout``); True when the thread ended."""
+        """Let the running job finish (up to ``timeout``), drop the queued ones (the daemon is
+        stopping: their clients get no answer); True when the thread ended."""
         with self._cv:
             self._closing = True
+            self._jobs.clear()
+            self._bounded = 0
             self._cv.notify_all()
         self.thread.join(timeout)
         return not self.thread.is_alive()
