@@ -155,8 +155,10 @@ def traffic(draw, engine):
 
 
 def yield_engine_step(engine, s, i):
-    """Steps are generated against the model's live state, so run the model as we go."""
-    s.result = engine.process(s.packet, s.side, s.ingress, float(i))
+    """Steps are generated against the model's live state, so run the model as we go.  Model
+    time advances 1 ms a step: the programs run the same steps in real time, well within a
+    second, so the model must not reach a time bound they cannot (FRAG_HOLD, FRAG_TIMEOUT)."""
+    s.result = engine.process(s.packet, s.side, s.ingress, i / 1000)
 
 
 RULESETS = {"ref": REF_RULES, "failover": FAILOVER_RULES}
