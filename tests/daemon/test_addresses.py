@@ -42,6 +42,20 @@ def test_plan_puts_each_address_on_the_uplink_whose_subnet_holds_it():
                     "198.19.2.72": "eth1", "198.19.2.73": "eth1"}
 
 
+def test_a_failed_over_rules_backup_pool_goes_on_the_backup_uplink():
+    """Link failover keeps the rule's oif (eth1) but gives it ISP 2's pool: those addresses are
+    planned on eth2, whose subnet holds them (ISP 2's router ARPs for them there)."""
+    from snatgw.config.links import failover
+
+    text = CONF.format(sock="/x", pool="198.19.2.71").replace(
+        "snat_rule {{ from 198.18.0.0/16".format(), "snat_rule { from 198.18.0.0/16 oif eth1") + (
+        "link isp1 { gw 198.19.2.1 oif eth1 probe 203.0.113.10 backup_gw 198.19.3.1 backup_snat_ip 198.19.3.80 }\n")
+    cfg = parse_text(text)
+    moved = cfg.__class__(rules=failover(cfg.rules, cfg.links, {"isp1"}), settings=cfg.settings, links=cfg.links)
+    want = {str(a): d for a, d in plan(moved, _have()).items()}
+    assert want["198.19.3.80"] == "eth2"
+
+
 def test_plan_refuses_an_address_no_uplink_can_own():
     """An address outside every uplink subnet, with two uplinks and no oif, is an error naming it."""
     cfg = parse_text(CONF.format(sock="/x", pool="192.0.2.9"), "gw.conf")

@@ -2,9 +2,9 @@
 
 The uplink must own every SNAT address (the ISP's router ARPs for it, and the kernel answers
 only for local addresses), as LVS operators did with `ip addr add`.  With `manage` the daemon
-does it: each pool address becomes a /32 on its uplink: the rule's `oif` when it names an
-outside interface, else the outside interface whose connected subnet holds the address, else
-the only outside interface.  For the gateway's own traffic the kernel picks the uplink's
+does it: each pool address becomes a /32 on its uplink: the outside interface whose connected
+subnet holds the address, else the rule's `oif` when it names an outside interface, else the
+only outside interface.  For the gateway's own traffic the kernel picks the uplink's
 address in the next hop's subnet, not a /32, so the host's sockets and the sessions do not share
 an address:port unless a program binds a pool address on purpose.  Addresses the daemon added and that leave every pool on
 reload are removed; on stop they stay, so a restarted daemon keeps answering for live sessions.
@@ -51,11 +51,15 @@ def plan(config, have: dict[str, list[ipaddress.IPv4Interface]]) -> dict[ipaddre
         for a in r.pool.addresses():
             if a in want:
                 continue
-            if r.oif in outside:
+            # the uplink whose connected subnet holds the address (its ISP router ARPs there; a
+            # failed-over rule keeps its oif but takes the backup's pool), else the rule's oif
+            owners = [n for n in outside for i in have.get(n, []) if i.network.prefixlen < 32 and a in i.network]
+            if owners:
+                dev = owners[0]
+            elif r.oif in outside:
                 dev = r.oif
             else:
-                owners = [n for n in outside for i in have.get(n, []) if i.network.prefixlen < 32 and a in i.network]
-                dev = owners[0] if owners else (outside[0] if len(outside) == 1 else None)
+                dev = outside[0] if len(outside) == 1 else None
             if dev is None:
                 raise SnatgwError(
                     f"{r.where or 'rule'}: snat_ip {a}: no outside interface has a subnet holding it; "
