@@ -65,3 +65,19 @@ def test_listen_setting_is_checked():
         except (ValueError, OSError):
             continue
         raise AssertionError(bad)
+
+
+def test_program_run_time_appears_only_while_bpf_stats_are_enabled(running, monkeypatch):
+    """prog_run_seconds/prog_runs come from the programs' run_time_ns/run_cnt (bpftool) only when
+    kernel.bpf_stats_enabled is 1 (read, never written); otherwise the families are absent."""
+    from snatgw.daemon import metrics
+
+    monkeypatch.setattr(running.backend, "name", "bpf")
+    asked = []
+    monkeypatch.setattr(metrics, "prog_run_stats", lambda ids: asked.append(ids) or {"snat_inside": (1.5, 10)})
+    monkeypatch.setattr(metrics, "bpf_stats_enabled", lambda: False)
+    assert "snatgw_prog_run_seconds" not in families(running.service) and asked == []
+    monkeypatch.setattr(metrics, "bpf_stats_enabled", lambda: True)
+    f = families(running.service)
+    assert samples(f["snatgw_prog_run_seconds"], prog="snat_inside")[0].value == 1.5
+    assert samples(f["snatgw_prog_runs"], prog="snat_inside")[0].value == 10

@@ -108,7 +108,16 @@ class LinkMonitor:
             self.log.info("link_carrier", dev=dev, carrier=on)
             for name, p in self.probers.items():
                 if (p.dev or self.links[name].oif) == dev:
+                    if on:  # the device may have been deleted and made again: new sockets
+                        self._reopen(name)
                     self._after(name, self.health[name].set_carrier(on, now))
+
+    def _reopen(self, name: str) -> None:
+        p = self.probers[name]
+        if p.rx is not None:
+            self.loop.remove(p.rx)
+        p.close()
+        self._open(name)
 
     def _check(self, name: str) -> None:
         self._deadline.pop(name, None)
