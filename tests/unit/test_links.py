@@ -162,3 +162,16 @@ def test_service_set_link_applies_the_backup_rules_and_back(running):
     assert running.service.set_link("isp1", False, "back") is True
     assert running.backend.config.rules == cfg.rules and running.req(op="rules")["links_on_backup"] == []
     assert any("link_failover" in line and "link=isp1" in line for line in running.log.lines)
+
+
+def test_links_are_written_back_and_parse_to_the_same_links():
+    """render_config writes every link block; parsing the text gives equal links (where aside)."""
+    from dataclasses import replace
+
+    from snatgw.config.parse import render_config
+
+    cfg = parse_text(LAB + LINK + "link isp2 { gw 198.19.3.1 source 198.19.3.2 probe 203.0.113.10 "
+                     "interval 2.5 backup_gw 198.19.2.1 }\n", "c.conf")
+    again = parse_text(render_config(cfg), "r.conf")
+    assert [replace(lk, where=None) for lk in again.links] == [replace(lk, where=None) for lk in cfg.links]
+    assert again.rules == cfg.rules

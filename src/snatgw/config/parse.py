@@ -681,11 +681,29 @@ def render_config(cfg: GatewayConfig, full_settings: bool = False) -> str:
     out.append("virtual_server fwmark 1 {")
     out += [f"    {render_rule(r)}" for r in cfg.rules.defined]
     out.append("}")
+    for lk in cfg.links:
+        out += ["", render_link(lk)]
     return "\n".join(out) + "\n"
 
 
+def render_link(lk: Link) -> str:
+    """A `link NAME { ... }` block with every keyword it sets."""
+    d = lk.as_dict()
+    lines = [f"link {lk.name} {{", f"    gw {d['gw']}"]
+    if lk.oif:
+        lines.append(f"    oif {lk.oif}")
+    lines.append(f"    probe {' '.join(d['probe'])}")
+    if lk.source:
+        lines.append(f"    source {d['source']}")
+    lines.append(f"    interval {_fmt_num(lk.interval)}  fall {lk.fall}  rise {lk.rise}  hold {_fmt_num(lk.hold)}")
+    lines.append(f"    backup_gw {d['backup_gw']}")
+    if lk.backup_pool:
+        lines.append(f"    backup_snat_ip {lk.backup_pool.short()}")
+    return "\n".join(lines + ["}"])
+
+
 __all__ = [
-    "parse_text", "parse_file", "render_config", "render_rule", "render_settings",
+    "parse_text", "parse_file", "render_config", "render_rule", "render_settings", "render_link",
     "settings_as_dict", "tokenize", "read_config", "require_rules", "shown", "MAX_CONFIG_BYTES",
     "RULE_KEYWORDS", "SETTINGS_KEYWORDS",
 ]  # fmt: skip
