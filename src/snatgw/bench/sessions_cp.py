@@ -254,7 +254,8 @@ def summary(r: dict) -> list[str]:
         f"Filled {n0:,} UDP sessions (max_sessions {r['max_sessions']:,}) in {r['fill_seconds']:.0f} s under "
         f"timeout udp {FILL_TIMEOUT}, stopped the traffic, measured stats and conns, then reloaded with "
         f"timeout udp {r['udp_timeout']} s ({r.get('reload_seconds', 0):.1f} s; "
-        f"{r.get('sessions_at_reload_map') or 0:,} sessions then); times below count from that reload. "
+        f"a count of the map read during the next seconds, while the first sweeps removed sessions idle over "
+        f"20 s, found {r.get('sessions_at_reload_map') or 0:,}); times below count from that reload. "
         f"Load average at the end {r.get('loadavg')} (other work on the machine).",
         "",
         "| measure | value | target |",
