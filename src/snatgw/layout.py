@@ -318,6 +318,8 @@ SWEEP_F_RPORT = 0x10
 SWEEP_F_PROTO = 0x20
 SWEEP_F_STATE = 0x40
 SWEEP_STATES = 16  # entries of the sweep's timeout array (by ct_state; larger states use NONE's)
+SWEEP_WHOLE, SWEEP_BEGIN, SWEEP_KEYS, SWEEP_END = 0, 1, 2, 3  # sweep_args.phase
+SWEEP_CHUNK = 16384  # keys one SWEEP_KEYS run visits (a power of two)
 
 
 @dataclass(frozen=True)
@@ -487,6 +489,8 @@ SWEEP_ARGS = _declare(Struct("sweep_args", "what one walk of snat_ct by the swee
     ("remote_port", "__be16", "SWEEP_F_RPORT: remote port"),
     ("proto", "__u8", "SWEEP_F_PROTO: IPPROTO_*"),
     ("state", "__u8", "SWEEP_F_STATE: enum ct_state"),
+    ("phase", "__u32", "SWEEP_WHOLE: one run walks the table; SWEEP_BEGIN, SWEEP_KEYS (the keys in sweep_keys), SWEEP_END: a walk in chunks"),
+    ("pad2", "__u32", "zero"),
 )))  # fmt: skip
 
 SWEEP_RES = _declare(Struct("sweep_res", "what the last walk did (sweep.bpf.c)", (
@@ -540,7 +544,8 @@ def render_header() -> str:
         "SWEEP_F_RULE": SWEEP_F_RULE, "SWEEP_F_INSIDE": SWEEP_F_INSIDE, "SWEEP_F_NAT": SWEEP_F_NAT,
         "SWEEP_F_REMOTE": SWEEP_F_REMOTE, "SWEEP_F_RPORT": SWEEP_F_RPORT,
         "SWEEP_F_PROTO": SWEEP_F_PROTO, "SWEEP_F_STATE": SWEEP_F_STATE,
-        "SWEEP_STATES": SWEEP_STATES,
+        "SWEEP_STATES": SWEEP_STATES, "SWEEP_WHOLE": SWEEP_WHOLE, "SWEEP_BEGIN": SWEEP_BEGIN,
+        "SWEEP_KEYS": SWEEP_KEYS, "SWEEP_END": SWEEP_END, "SWEEP_CHUNK": SWEEP_CHUNK,
         "FRAG_PASS_REASON_MASK": f"0x{sum(1 << int(r) for r in FRAG_PASS_REASONS):x}ULL",
         "RECIRC_KEY": RECIRC_KEY, "FRAG_HELD_IFINDEX": f"0x{FRAG_HELD_IFINDEX:x}",
     }  # fmt: skip

@@ -282,18 +282,18 @@ def test_read_pinned_without_pins_says_what_is_missing(tmp_path):
 
 
 @pytest.mark.bpf
-def test_gc_without_explicit_now_rests_for_four_sweep_durations(backend, monkeypatch):
-    """After a sweep of T seconds, expire() skips until 4*T later (GC stays under 20% of a CPU)."""
+def test_gc_without_explicit_now_rests_for_two_sweep_durations(backend, monkeypatch):
+    """After a sweep of T seconds, expire() skips until 2*T later (GC stays under a third of a CPU)."""
     from snatgw.datapath.bpf import backend as mod
 
-    assert mod.GC_DUTY == 5
-    clock = iter([100.0, 101.0, 104.0, 105.5, 106.0]).__next__  # sweep 1 lasts 1 s
+    assert mod.GC_DUTY == 3
+    clock = iter([100.0, 101.0, 102.0, 103.5, 104.0]).__next__  # sweep 1 lasts 1 s
     monkeypatch.setattr(mod, "_clock", clock)
     add_session(backend.maps.ct, 1, L.CtState.SYN_SENT, out_seen=1, in_seen=1)  # long expired
-    assert backend.expire() == 1  # t 100 -> 101: next sweep not before 105
+    assert backend.expire() == 1  # t 100 -> 101: next sweep not before 103
     add_session(backend.maps.ct, 2, L.CtState.SYN_SENT, out_seen=1, in_seen=1)
-    assert backend.expire() == 0 and len(backend.maps.ct) == 2  # t 104: resting
-    assert backend.expire() == 1 and len(backend.maps.ct) == 0  # t 105.5: swept
+    assert backend.expire() == 0 and len(backend.maps.ct) == 2  # t 102: resting
+    assert backend.expire() == 1 and len(backend.maps.ct) == 0  # t 103.5: swept
 
 
 @pytest.mark.bpf

@@ -33,7 +33,11 @@ ORPHAN_GRACE_NS = 10 * 10**9  # half-inserted pairs older than this are removed 
 _clock = time.monotonic  # seconds, for GC pacing (tests replace it)
 ACCEPT_LOCAL_DIR = "/proc/sys/net/ipv4/conf"
 MAX_CARRY = 262144  # sessions an nft -> bpf switch carries over at most
-GC_DUTY = 5  # a sweep of duration T is followed by at least (GC_DUTY-1)*T without one
+GC_DUTY = 3  # a sweep of duration T is followed by at least (GC_DUTY-1)*T without one
+#: sweeps walk the table in runs of layout.SWEEP_CHUNK keys (each system call milliseconds of
+#: kernel time: the CPU is never held for a whole walk); False: one run walks it all (cheaper,
+#: ~2.6x, but holds its CPU for up to seconds at a million sessions)
+CHUNKED = True
 FULL_EVERY = 16  # every 16th sweep also checks each entry's other half (half pairs, orphans)
 
 #: resolver(addr) -> (ifindex, next hop, mtu) of the route to addr (next hop = addr on-link)
@@ -143,6 +147,7 @@ class BpfBackend:
         self._sweeper: Sweeper | None = None
         self._sweeps = 0
         self._t_normal: float | None = None  # duration of the last sweep that was not full
+        self.chunked = CHUNKED
         self._walk = threading.Lock()  # one walk at a time (the sweep's args live in a map)
         self._sweep_max = 0.0  # longest sweep so far (seconds), for status
         self.last_sweep: SweepResult | None = None
@@ -452,10 +457,11 @@ class BpfBackend:
         sweep, and every sweep with an explicit ``now``); recount the live counts.  ``now``:
         CLOCK_MONOTONIC seconds (bpf_ktime_get_ns' clock), default now.
 
-        The work is one run of the sweep program in the kernel (sweep.py: about 0.2 us per
-        table entry, so ~0.4 s at a million sessions).  Without an explicit ``now``, a call
+        The work is the sweep program in the kernel (sweep.py), run once per SWEEP_CHUNK keys
+        of a batch lookup (CHUNKED).  Without an explicit ``now``, a call
         within (GC_DUTY-1) times the last sweep's duration after it returns 0 at once: the
-        sweep takes at most 1/GC_DUTY of a CPU whatever gc_interval is.  A session therefore
+        sweep takes at most 1/GC_DUTY of a CPU whatever gc_interval is, in system calls of a
+        few milliseconds each (CHUNKED).  A session therefore
         leaves at most max(gc_interval, GC_DUTY * T) + T after its timeout (T = one sweep's
         duration; docs/operations.md)."""
         self._writable()
@@ -466,7 +472,8 @@ class BpfBackend:
         full = now is not None or self._sweeps % FULL_EVERY == 0  # an explicit now: always full
         self._sweeps += 1
         with self._walk:
-            res = self.sweeper().expire(now_ns, self._timeouts_ns(), ORPHAN_GRACE_NS, full=full)
+            res = self.sweeper().expire(now_ns, self._timeouts_ns(), ORPHAN_GRACE_NS, full=full,
+                                        chunked=self.chunked)  # fmt: skip
         self.last_sweep = res
         self._sweep_max = max(self._sweep_max, res.seconds)
         if res.count_errors:
@@ -527,7 +534,7 @@ class BpfBackend:
                             inside=ipaddress.IPv4Network(inside) if inside is not None else None,
                             nat=ipaddress.IPv4Address(nat) if nat is not None else None)  # fmt: skip
         with self._walk:
-            n = self.sweeper().flush(flt).removed  # in the kernel; no filter: also half pairs
+            n = self.sweeper().flush(flt, chunked=self.chunked).removed  # no filter: also half pairs
         if flt.empty:
             for k in self.maps.frags.keys():
                 self.maps.frags.delete(k)

@@ -24,6 +24,7 @@ Stable API (other modules and the bpf-C tests rely on it; only add to it):
     m.delete(key) -> bool                   # False when the key was absent
     m.keys() / len(m)                       # a snapshot of the keys (batch lookup)
     m.count()                               # entries, by batch lookup, one batch in memory
+    m.key_batches(chunk)                    # (n, packed keys) per batch lookup
     m.items()                               # get_next_key walk + lookups
     m.items_batch(chunk=4096)               # bpf_map_lookup_batch, falls back to items()
     m.to_dict()                             # the whole map as {key: value} (batch)
@@ -423,6 +424,25 @@ class Map:
         for part in self._batches(chunk):
             out.update(part)
         return out
+
+    def key_batches(self, chunk: int = 4096) -> Iterator[tuple[int, bytes]]:
+        """(n, n packed keys) per bpf_map_lookup_batch call: the keys without a per-entry
+        Python object (the expiry's chunked walk hands them to the kernel as they are)."""
+        keys = C.create_string_buffer(self.key_size * chunk)
+        vals = C.create_string_buffer(self._vlen * chunk)
+        inb, outb = None, C.create_string_buffer(max(self.key_size, 8))
+        opts = MapBatchOpts(sz=C.sizeof(MapBatchOpts))
+        while True:
+            n = C.c_uint32(chunk)
+            ret = lib().bpf_map_lookup_batch(self.fd, inb, outb, keys, vals, C.byref(n), C.byref(opts))
+            err = -ret if ret < 0 else 0
+            if err and err != _errno.ENOENT:
+                _check(ret, f"batch lookup in map {self.name}")
+            if n.value:
+                yield n.value, C.string_at(keys, n.value * self.key_size)
+            if err == _errno.ENOENT:
+                return
+            inb = C.create_string_buffer(outb.raw, len(outb))
 
     def _batches(self, chunk: int) -> Iterator[Iterable[tuple[bytes, bytes]]]:
         keys = C.create_string_buffer(self.key_size * chunk)

@@ -23,6 +23,7 @@ from . import libbpf as B
 
 PROG = "snat_sweep"
 _U64 = struct.Struct("<Q")
+_KEYS_HDR = struct.Struct("<II")  # struct sweep_keys: n, pad
 
 
 def filter_args(flt: SessionFilter) -> dict:
@@ -88,6 +89,7 @@ class Sweeper:
         self.obj = obj
         self.args_map, self.res_map = obj.map("sweep_args"), obj.map("sweep_res")
         self.timeouts_map = obj.map("sweep_timeouts")
+        self.keys_map = obj.map("sweep_keys")
         self._timeouts: tuple[int, ...] | None = None
 
     def close(self) -> None:
@@ -104,24 +106,42 @@ class Sweeper:
                 self.timeouts_map.put(s, _U64.pack(ns))
             self._timeouts = t
 
-    def _run(self, **args) -> SweepResult:
+    def _prog(self) -> None:
+        rc, _ = B.run_syscall(self.prog_fd)
+        if rc != 0:
+            raise BackendError(f"the sweep program failed (return value {rc})")
+
+    def _run(self, chunked: bool = False, **args) -> SweepResult:
+        """One walk.  ``chunked``: in runs of SWEEP_CHUNK keys read by batch lookups, each
+        system call a few milliseconds of kernel time (the whole walk in one run holds its CPU
+        for up to seconds at a million sessions)."""
         if self.obj is None:
             raise BackendError("the sweep program is closed")
         t0 = time.monotonic()
         self.res_map.put(0, bytes(L.SWEEP_RES.size))
-        self.args_map.put(0, L.SWEEP_ARGS.pack(**args))
-        rc, _ = B.run_syscall(self.prog_fd)
-        if rc != 0:
-            raise BackendError(f"the sweep program failed (return value {rc})")
+        if not chunked:
+            self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_WHOLE, **args))
+            self._prog()
+        else:
+            self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_BEGIN, **args))
+            self._prog()
+            self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_KEYS, **args))
+            ks = self.maps.ct.key_size
+            for n, keys in self.maps.ct.key_batches(L.SWEEP_CHUNK):
+                self.keys_map.put(0, _KEYS_HDR.pack(n, 0) + keys.ljust(L.SWEEP_CHUNK * ks, b"\0"))
+                self._prog()
+            self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_END, **args))
+            self._prog()
         res = SweepResult(**L.SWEEP_RES.unpack(self.res_map.get(0)))
         res.seconds = time.monotonic() - t0
         return res
 
-    def expire(self, now_ns: int, timeouts_ns: dict[int, int], grace_ns: int, full: bool = True) -> SweepResult:
+    def expire(self, now_ns: int, timeouts_ns: dict[int, int], grace_ns: int, full: bool = True,
+               chunked: bool = False) -> SweepResult:  # fmt: skip
         """``full``: also check every entry's other half (half pairs, orphans); else only the
-        entries that look expired cost a lookup."""
+        entries that look expired cost a lookup.  ``chunked``: see _run."""
         self.set_timeouts(timeouts_ns)
-        return self._run(mode=L.SWEEP_EXPIRE, now=now_ns, grace=grace_ns, full=int(full))
+        return self._run(chunked, mode=L.SWEEP_EXPIRE, now=now_ns, grace=grace_ns, full=int(full))
 
-    def flush(self, flt: SessionFilter = ALL) -> SweepResult:
-        return self._run(mode=L.SWEEP_FLUSH, **filter_args(flt))
+    def flush(self, flt: SessionFilter = ALL, chunked: bool = False) -> SweepResult:
+        return self._run(chunked, mode=L.SWEEP_FLUSH, **filter_args(flt))

@@ -40,6 +40,20 @@ struct {
 	__type(value, struct sweep_res);
 } sweep_res SEC(".maps");
 
+/* SWEEP_KEYS: the keys one run visits (written by the control plane from a batch lookup) */
+struct sweep_keys {
+	__u32 n;
+	__u32 pad;
+	struct ct_key keys[SWEEP_CHUNK];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sweep_keys);
+} sweep_keys SEC(".maps");
+
 /* timeout in ns by ct_state (states >= SWEEP_STATES use entry 0, NONE's) */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -303,6 +317,29 @@ static long visit_cb(void *map, const struct ct_key *kp, struct ct_entry *e, str
 	return 0;
 }
 
+/* SWEEP_KEYS: visit the i-th key of sweep_keys as the whole walk visits an entry (it may be
+ * gone since the batch read it: then nothing) */
+static long key_cb(__u32 i, struct walk *w)
+{
+	__u32 zero = 0;
+	struct sweep_keys *ks = bpf_map_lookup_elem(&sweep_keys, &zero);
+	struct ct_entry *e;
+	struct ct_key k;
+
+	if (!ks)
+		return 1;
+	k = ks->keys[i & (SWEEP_CHUNK - 1)];
+	e = bpf_map_lookup_elem(&snat_ct, &k);
+	if (!e)
+		return 0;
+	w->res->visited++;
+	if (k.dir == CT_DIR_OUT)
+		visit_out(w->a, w->res, &k, e);
+	else
+		visit_in(w->a, w->res, &k, e);
+	return 0;
+}
+
 SEC("syscall")
 int snat_sweep(void *ctx)
 {
@@ -314,6 +351,23 @@ int snat_sweep(void *ctx)
 
 	if (!w.a || !w.res)
 		return -1;
+	switch (w.a->phase) {
+	case SWEEP_BEGIN:
+		walk_begin(&w);
+		return 0;
+	case SWEEP_KEYS: {
+		__u32 zero2 = 0;
+		struct sweep_keys *ks = bpf_map_lookup_elem(&sweep_keys, &zero2);
+
+		if (!ks)
+			return -1;
+		bpf_loop(ks->n < SWEEP_CHUNK ? ks->n : SWEEP_CHUNK, key_cb, &w, 0);
+		return 0;
+	}
+	case SWEEP_END:
+		walk_end(&w);
+		return 0;
+	}
 	walk_begin(&w);
 	bpf_for_each_map_elem(&snat_ct, visit_cb, &w, 0);
 	walk_end(&w);

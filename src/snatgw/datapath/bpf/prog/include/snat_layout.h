@@ -60,6 +60,11 @@
 #define SWEEP_F_PROTO 32
 #define SWEEP_F_STATE 64
 #define SWEEP_STATES 16
+#define SWEEP_WHOLE 0
+#define SWEEP_BEGIN 1
+#define SWEEP_KEYS 2
+#define SWEEP_END 3
+#define SWEEP_CHUNK 16384
 #define FRAG_PASS_REASON_MASK 0xc073c0ULL
 #define RECIRC_KEY 0
 #define FRAG_HELD_IFINDEX 0xffffffff
@@ -266,8 +271,10 @@ struct sweep_args {
 	__be16 remote_port; /* SWEEP_F_RPORT: remote port */
 	__u8 proto; /* SWEEP_F_PROTO: IPPROTO_* */
 	__u8 state; /* SWEEP_F_STATE: enum ct_state */
+	__u32 phase; /* SWEEP_WHOLE: one run walks the table; SWEEP_BEGIN, SWEEP_KEYS (the keys in sweep_keys), SWEEP_END: a walk in chunks */
+	__u32 pad2; /* zero */
 };
-_Static_assert(sizeof(struct sweep_args) == 56, "sweep_args size");
+_Static_assert(sizeof(struct sweep_args) == 64, "sweep_args size");
 
 /* what the last walk did (sweep.bpf.c) */
 struct sweep_res {
