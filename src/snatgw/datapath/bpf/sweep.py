@@ -1,9 +1,10 @@
 """The expiry sweep in the kernel (prog/sweep.bpf.c): expiry and flush of snat_ct at a million
 sessions without holding the table in Python.
 
-``Sweeper(maps)`` loads the sweep object over the datapath's own maps (by fd); each call runs
-its BPF_PROG_TYPE_SYSCALL program once with BPF_PROG_RUN: one walk of snat_ct with
-bpf_for_each_map_elem, in one system call (measured cost: docs/operations.md).
+``Sweeper(maps)`` loads the sweep object over the datapath's own maps (by fd); each call is one
+walk of snat_ct by its BPF_PROG_TYPE_SYSCALL program run with BPF_PROG_RUN: either once over
+the whole table (bpf_for_each_map_elem, one system call) or ``chunked``, once per SWEEP_CHUNK
+keys read by batch lookups (milliseconds each; measured costs: docs/operations.md).
 
 - ``expire(now_ns, timeouts_ns, grace_ns)``: remove expired pairs and old half pairs, recount
   the live counts.

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
-/* The expiry sweep: a BPF_PROG_TYPE_SYSCALL program the daemon runs with BPF_PROG_RUN; one run
- * walks snat_ct with bpf_for_each_map_elem.  Two modes (struct sweep_args.mode):
+/* The expiry sweep: a BPF_PROG_TYPE_SYSCALL program the daemon runs with BPF_PROG_RUN.  A walk
+ * is one run over the whole of snat_ct with bpf_for_each_map_elem (phase SWEEP_WHOLE), or
+ * SWEEP_BEGIN, then one SWEEP_KEYS run per chunk of keys the control plane read by batch lookup
+ * (sweep_keys), then SWEEP_END: no run holds the CPU long.  Two modes (sweep_args.mode):
  *
  *   SWEEP_EXPIRE  remove pairs idle longer than their state's timeout (both keys, OUT first,
  *                 judged again on the live entries right before the delete, so a pair refreshed
