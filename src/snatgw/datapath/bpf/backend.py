@@ -201,7 +201,7 @@ class BpfBackend:
             nft = NftBackend(self.settings)
             if nft._run(["nft", "list", "table", "ip", "snatgw"], check=False).returncode != 0:
                 return []
-            return nft.sessions()[:MAX_CARRY]
+            return list(nft.iter_sessions(limit=MAX_CARRY))  # streamed: never the whole conntrack
         except Exception as e:  # noqa: BLE001 - a switch must work even when conntrack is unreadable
             log.warning("bpf backend: cannot read the nft datapath's sessions: %s", e)
             return []
