@@ -61,6 +61,8 @@ class Reason(enum.IntEnum):
     XLATE_IN_TTL = 44  # reply whose TTL runs out: translated, to the kernel (time exceeded to the remote)
     XLATE_IN_FRAG_NEEDED = 45  # reply over the inside MTU with DF: translated, to the kernel (frag-needed)
     FRAG_HELD = 46  # later fragment before its first: held on the recirculation device, tried again
+    DROP_REFUSED_RECENTLY = 32  # a packet of a flow refused moments ago (refusal marker): no search
+    DROP_HOST_LIMIT = 33  # the inside host has max_sessions_per_host live sessions
 
 
 REASON_MAX = 64  # size of the per-reason counter array; > max(Reason)
@@ -209,8 +211,21 @@ def tcp_next_state(state: int, table: TcpTable, flags: int) -> int:
 
 PORT_MIN = 5000  # the original's fullnat_lport_min
 PORT_MAX = 65535  # fullnat_lport_max
-PORT_TRIES_MODEL = 10000  # the original's bound on the port search
-PORT_TRIES_BPF = 1024  # the eBPF datapath's bound (compile-time SNAT_PORT_TRIES); see docs/datapath.md step 13
+PORT_TRIES = 128  # default port_tries: candidates per SNAT address (docs/datapath.md step 13)
+PORT_TRIES_MAX = 1024  # largest port_tries setting = the compile-time bound SNAT_PORT_TRIES
+PORT_TRIES_BPF = PORT_TRIES_MAX  # (older name)
+SEARCH_TRIES = 2048  # all addresses of one new flow's search together try at most this many ports
+REFUSED_SECS = 2  # a refusal marker lives this long (seconds)
+MAX_REFUSED = 65536  # entries of snat_refused (LRU: losing one only costs a search)
+#: strides of the port search after the first candidate: primes above 65536, so ``p mod n``
+#: is coprime to every port count n <= 65536 and ``start + j * stride`` visits each port once
+PORT_STRIDES = (
+    65537, 65539, 65543, 65551, 65557, 65563, 65579, 65581, 65587, 65599, 65609, 65617, 65629,
+    65633, 65647, 65651, 65657, 65677, 65687, 65699, 65701, 65707, 65713, 65717, 65719, 65729,
+    65731, 65761, 65777, 65789, 65809, 65827, 65831, 65837, 65839, 65843, 65851, 65867, 65881,
+    65899, 65921, 65927, 65929, 65951, 65957, 65963, 65981, 65983, 65993, 66029, 66037, 66041,
+    66047, 66067, 66071, 66083, 66089, 66103, 66107, 66109, 66137, 66161, 66169, 66173,
+)
 MAX_RULES = 16384  # rule slots in the BPF rules array
 MAX_SESSIONS = 262144  # default session table size (each session = 2 map entries)
 MAX_FRAGS = 8192  # remembered first fragments
@@ -290,6 +305,8 @@ MAP_ADDR_STATS = "snat_addr_stats"  # HASH   be32 SNAT address -> struct live_co
 MAP_RULE_LIVE = "snat_rule_live"  # HASH   u32 rule_id -> struct live_count
 #: the egress guard's view of the rules (turn 2, edge): every rule's `from` net
 MAP_FROM_NETS = "snat_from_nets"  # LPM_TRIE struct lpm_v4 -> u32 (1)
+#: refusal markers (allocator): a refused new flow's OUT key -> when, why, which address
+MAP_REFUSED = "snat_refused"  # LRU    struct ct_key -> struct refusal
 
 IFACE_INSIDE = 1  # role: an inside device (a new flow routed out of it is internal)
 IFACE_OUTSIDE = 2  # role: an uplink
@@ -300,6 +317,7 @@ CT_DIR_IN = 1  # key of the reply direction: (remote, SNAT addr, rport, SNAT por
 RULE_F_GW = 0x1  # rule names a gw to match
 RULE_F_OIF = 0x2  # rule names an oif to match
 RULE_F_NEW_GW = 0x4  # rule overrides the next hop
+RULE_F_SPILL = 0x8  # on_exhausted spill: try the pool's next addresses when one is full
 
 CT_F_REPLIED = 0x1  # a reply has been seen (TCP leaves the IN_ONLY rows)
 CT_F_NEW_GW = 0x2  # session's nexthop comes from new_gw
@@ -436,6 +454,7 @@ SNAT_RULE = _declare(Struct("snat_rule", "a compiled rule, one per slot in prior
     ("algo", "__u8", "enum algo"),
     ("flags", "__u8", "RULE_F_*"),
     ("pad", "__u16", "zero"),
+    ("host_limit", "__u32", "max_sessions_per_host in effect (0 = none)"),
 )))  # fmt: skip
 
 SNAT_CFG = _declare(Struct("snat_cfg", "global settings the datapath reads per new flow", (
@@ -460,6 +479,12 @@ FRAG_ENTRY = _declare(Struct("frag_entry", "the address rewrite for later fragme
     ("ifindex", "__u32", "egress device; 0 = pass marker: first fragment passed, pass the rest; FRAG_HELD_IFINDEX = held marker"),
     ("nexthop", "__be32", "next hop; 0 = the destination"),
     ("created", "__u64", "bpf_ktime_get_ns()"),
+)))  # fmt: skip
+
+REFUSAL = _declare(Struct("refusal", "a refusal marker: when, why, at which SNAT address", (
+    ("at", "__u64", "snat_now() of the refusal"),
+    ("addr", "__be32", "the SNAT address chosen (the last one tried)"),
+    ("reason", "__u32", "enum reason of the refusal"),
 )))  # fmt: skip
 
 RULE_STATS = _declare(Struct("rule_stats", "per-rule counters (per CPU)", (
@@ -529,12 +554,15 @@ def render_header() -> str:
         ("SNAT_MAX_HOSTS", MAX_HOSTS), ("SNAT_MAX_POOL_ADDRS", MAX_POOL_ADDRS),
         ("SNAT_FRAG_HOLD_NS", f"{FRAG_HOLD * 1_000_000_000}ULL"),
         ("SNAT_MAX_FROM_NETS", MAX_FROM_NETS),
+        ("SNAT_MAX_REFUSED", MAX_REFUSED), ("SNAT_SEARCH_TRIES", SEARCH_TRIES),
+        ("SNAT_REFUSED_SECS", REFUSED_SECS),
     ]:  # fmt: skip
         out += [f"#ifndef {n}", f"#define {n} {v}", "#endif"]
-    out += ["#ifndef SNAT_PORT_TRIES", f"#define SNAT_PORT_TRIES {PORT_TRIES_BPF} /* port search bound */", "#endif"]
+    out += ["#ifndef SNAT_PORT_TRIES", f"#define SNAT_PORT_TRIES {PORT_TRIES_MAX} /* port search bound */", "#endif"]
     consts = {
         "CT_DIR_OUT": CT_DIR_OUT, "CT_DIR_IN": CT_DIR_IN,
         "RULE_F_GW": RULE_F_GW, "RULE_F_OIF": RULE_F_OIF, "RULE_F_NEW_GW": RULE_F_NEW_GW,
+        "RULE_F_SPILL": RULE_F_SPILL, "PORT_STRIDE_COUNT": len(PORT_STRIDES),
         "CT_F_REPLIED": CT_F_REPLIED, "CT_F_NEW_GW": CT_F_NEW_GW,
         "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "CFG_F_INBOUND_ROUTED": CFG_F_INBOUND_ROUTED,
         "REASON_MAX": REASON_MAX,
@@ -567,6 +595,12 @@ def render_header() -> str:
         for row in t:
             out.append("\t\t{" + ", ".join(str(x) for x in row) + "},")
         out.append("\t},")
+    out.append("};")
+    out.append("")
+    out.append("/* strides of the port search (layout.PORT_STRIDES) */")
+    out.append(f"static const __u32 port_strides[{len(PORT_STRIDES)}] = {{")
+    for i in range(0, len(PORT_STRIDES), 10):
+        out.append("\t" + ", ".join(str(x) for x in PORT_STRIDES[i : i + 10]) + ",")
     out.append("};")
     for s in STRUCTS.values():
         out.append("")

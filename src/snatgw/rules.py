@@ -25,7 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, NamedTuple
 
 from .errors import RuleError
-from .layout import Algo
+from .layout import PORT_STRIDES, SEARCH_TRIES, Algo
 
 ANY_NET = IPv4Network("0.0.0.0/0")
 IFNAMSIZ = 16  # oif names are at most 15 characters
@@ -97,6 +97,23 @@ def parse_algo(text: str, where: str | None = None) -> Algo:
         ) from None
 
 
+def parse_on_exhausted(text: str, where: str | None = None) -> str:
+    t = text.strip()
+    if t not in ("spill", "drop"):
+        raise RuleError(f"expected spill or drop, got {t!r}", "on_exhausted", where)
+    return t
+
+
+HOST_LIMIT_MAX = (1 << 32) - 1
+
+
+def parse_host_limit(text: str, where: str | None = None, field_name: str = "max_sessions_per_host") -> int:
+    t = text.strip()
+    if not t.isdigit() or int(t) > HOST_LIMIT_MAX:
+        raise RuleError(f"expected an integer 0..{HOST_LIMIT_MAX} (0 = no limit), got {t!r}", field_name, where)
+    return int(t)
+
+
 def parse_oif(text: str, where: str | None = None) -> str:
     name = text.strip()
     if not name or len(name) >= IFNAMSIZ or any(c in name for c in "/ \t"):
@@ -158,6 +175,8 @@ class Rule:
     oif: str | None = None
     new_gw: IPv4Address | None = None
     algo: Algo = Algo.SDH
+    on_exhausted: str | None = None  # "spill" | "drop"; None: the global setting
+    max_sessions_per_host: int | None = None  # None: the global setting; 0: no limit
     where: str | None = field(default=None, compare=False)  # "file:line" of its definition
 
     @cached_property
@@ -196,6 +215,9 @@ class Rule:
             "new_gw": str(self.new_gw) if self.new_gw else None,
             "snat_ip": str(self.pool),
             "algo": self.algo.label,
+            **({"on_exhausted": self.on_exhausted} if self.on_exhausted else {}),
+            **({"max_sessions_per_host": self.max_sessions_per_host}
+               if self.max_sessions_per_host is not None else {}),
         }
 
     @classmethod
@@ -208,6 +230,9 @@ class Rule:
             new_gw=parse_gw(d["new_gw"], "new_gw", where) if d.get("new_gw") else None,
             pool=Pool.parse(d["snat_ip"], where),
             algo=parse_algo(d.get("algo") or "sdh", where),
+            on_exhausted=parse_on_exhausted(d["on_exhausted"], where) if d.get("on_exhausted") else None,
+            max_sessions_per_host=(parse_host_limit(str(d["max_sessions_per_host"]), where)
+                                   if d.get("max_sessions_per_host") is not None else None),
             where=where,
         )
 
@@ -223,6 +248,10 @@ class Rule:
             parts.append(f"new_gw {self.new_gw}")
         parts.append(f"snat_ip {self.pool.short()}")
         parts.append(f"algo {self.algo.label}")
+        if self.on_exhausted:
+            parts.append(f"on_exhausted {self.on_exhausted}")
+        if self.max_sessions_per_host is not None:
+            parts.append(f"max_sessions_per_host {self.max_sessions_per_host}")
         return " ".join(parts)
 
 
@@ -436,11 +465,12 @@ def raw_port(port: int) -> int:
     return ((port & 0xFF) << 8) | (port >> 8)
 
 
-def select_addr(pool: Pool, algo: Algo, src: IPv4Address, dst: IPv4Address, sport: int) -> IPv4Address:
-    """The SNAT address, exactly as lvs-snat chose it (spec "Choosing the SNAT address")."""
+def select_index(pool: Pool, algo: Algo, src: IPv4Address, dst: IPv4Address, sport: int) -> int:
+    """The chosen address's index in the pool, exactly as lvs-snat chose it (spec "Choosing
+    the SNAT address")."""
     n = pool.size
     if n == 1:
-        return pool.first
+        return 0
     if algo == Algo.SH:
         k = (raw_addr(src), 0, 0)
     elif algo == Algo.SDH:
@@ -449,19 +479,54 @@ def select_addr(pool: Pool, algo: Algo, src: IPv4Address, dst: IPv4Address, spor
         p = raw_port(sport)
         k = (raw_addr(src), raw_addr(dst), (p << 16) | p)
     h = jhash_3words(*k)
-    return IPv4Address(int(pool.first) + ((h * n) >> 32))
+    return (h * n) >> 32
 
 
-def port_candidates(sport: int, port_min: int, port_max: int, tries: int) -> Iterable[int]:
-    """The original's port search: start at the raw source port, try min + ((c + i) mod n)."""
+def select_addr(pool: Pool, algo: Algo, src: IPv4Address, dst: IPv4Address, sport: int) -> IPv4Address:
+    """The SNAT address, exactly as lvs-snat chose it (spec "Choosing the SNAT address")."""
+    return IPv4Address(int(pool.first) + select_index(pool, algo, src, dst, sport))
+
+
+def spill_order(pool: Pool, first: int, spill: bool, tries: int) -> list[IPv4Address]:
+    """The addresses a new flow searches: the chosen one (index ``first``), then, with
+    ``spill``, the pool's others in fixed order after it, wrapping; as many as keep the whole
+    search within SEARCH_TRIES candidates at ``tries`` per address (docs/datapath.md step 13)."""
+    n = min(pool.size, max(1, SEARCH_TRIES // max(tries, 1))) if spill else 1
+    return [IPv4Address(int(pool.first) + (first + k) % pool.size) for k in range(n)]
+
+
+def port_seed(src: IPv4Address, dst: IPv4Address, sport: int, dport: int, proto: int) -> int:
+    """The per-flow seed of the port search: lookup2 over the whole OUT key (raw wire words,
+    as the BPF reads them; the protocol as initval)."""
+    return jhash_3words(raw_addr(src), raw_addr(dst), (raw_port(sport) << 16) | raw_port(dport), proto)
+
+
+def port_candidates(sport: int, port_min: int, port_max: int, tries: int, seed: int = 0) -> Iterable[int]:
+    """The port search (docs/datapath.md step 13).  First the original's candidate
+    ``min + ((c + 1) mod n)`` (c: the raw source port), so an uncontended flow's port is
+    predictable; then a per-flow sequence that does not cluster: double hashing over the
+    range, start ``(seed * n) >> 32`` and stride ``PORT_STRIDES[seed % 64] mod n`` (coprime to
+    n), the first candidate's slot replaced by the sequence's last, so the first n candidates
+    are every port once.  At most ``min(tries, n)`` candidates."""
     n = port_max - port_min + 1
-    c = raw_port(sport)
-    for i in range(1, tries + 1):
-        yield port_min + ((c + i) % n)
+    if n <= 0:
+        return
+    tries = min(tries, n)
+    if tries <= 0:
+        return
+    first = (raw_port(sport) + 1) % n
+    yield port_min + first
+    start = (seed * n) >> 32
+    stride = PORT_STRIDES[seed % len(PORT_STRIDES)] % n
+    for j in range(tries - 1):
+        o = (start + j * stride) % n
+        if o == first:
+            o = (start + (n - 1) * stride) % n
+        yield port_min + o
 
 
 __all__ = [
     "ANY_NET", "Pool", "Route", "Rule", "RuleSet", "parse_net", "parse_addr", "parse_algo",
-    "parse_oif", "parse_gw", "select_addr", "port_candidates", "jhash_3words", "raw_addr", "raw_port",
+    "parse_oif", "parse_gw", "select_addr", "select_index", "spill_order", "port_seed", "port_candidates", "jhash_3words", "raw_addr", "raw_port",
     "priority_key", "ipaddress",
 ]  # fmt: skip

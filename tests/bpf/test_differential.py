@@ -9,6 +9,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from snatgw.datapath.bpf.testrun import MIN_TESTABLE_IPV4
+from snatgw import layout as L
 from snatgw.layout import CT_DIR_OUT, Reason, Verdict
 
 from tests.cases.corpus import SCENARIOS
@@ -58,17 +59,29 @@ def compare_step(i, step, res, run):
         assert (run.oif, run.nexthop or dst) == (res.oif, res.nexthop or dst), f"{where}: redirect target"
 
 
+def model_live(engine) -> dict:
+    """The model's live counts and refusal markers as ProgHarness.live_counts/refused say them."""
+    out = {L.MAP_HOST_SESS: engine.host_live, L.MAP_ADDR_STATS: engine.addr_live, L.MAP_RULE_LIVE: engine.rule_live}
+    return {name: {k: (c.sessions, c.refusals) for k, c in d.items()} for name, d in out.items()}
+
+
+def model_refused(engine) -> dict:
+    return {tuple(k): (m.at, m.addr, m.reason) for k, m in engine.refused.items()}
+
+
 def run_scenario(sc, prog, engine):
     judged = Counter()  # the model's reasons for the packets BPF ran and judged
     for i, step in enumerate(sc.steps):
         res = engine.process(step.packet, step.side, step.ingress, float(i))
         if len(step.packet) < MIN_TESTABLE_IPV4:
             continue  # the kernel's test-run refuses it (EINVAL); see testrun.Untestable
-        run = prog.run(step.side, step.packet, step.ingress)
+        run = prog.run(step.side, step.packet, step.ingress, now=float(i))
         compare_step(i, step, res, run)
         if run.verdict is not None:
             judged[res.reason] += 1
     assert bpf_sessions(prog) == model_sessions(engine), "session tables differ"
+    assert prog.live_counts() == model_live(engine), "live counts differ"
+    assert prog.refused() == model_refused(engine), "refusal markers differ"
     assert prog.reasons() == dict(judged), "reason counters differ"
     if all(len(s.packet) >= MIN_TESTABLE_IPV4 for s in sc.steps):
         model_rules = {rid: {"packets": c.packets, "bytes": c.bytes, "sessions": c.sessions}

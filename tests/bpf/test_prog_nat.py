@@ -169,8 +169,9 @@ def test_full_table_refuses_new_flow_and_leaves_no_half_session(make_prog):
 
 
 def test_port_search_exhausts_a_narrow_range(make_prog):
-    """Ports 5000-5001 hold two flows to one remote port; the third is DROP_PORT_EXHAUSTED."""
-    s = replace(REF_SETTINGS, port_min=5000, port_max=5001)
+    """Ports 5000-5001 hold two flows to one remote port; with on_exhausted drop the third is
+    DROP_PORT_EXHAUSTED."""
+    s = replace(REF_SETTINGS, port_min=5000, port_max=5001, on_exhausted="drop")
     prog = make_prog(ruleset(REF_RULES), s)
     got = [prog.run("inside", udp(A, R1, sp, 53), "lan40").reason for sp in (1001, 1002, 1003)]
     assert got == [Reason.XLATE_NEW, Reason.XLATE_NEW, Reason.DROP_PORT_EXHAUSTED]

@@ -167,7 +167,7 @@ def _scenarios() -> list[Scenario]:
         inside(echo(A, R1, 0x1234, seq=2), RED, R.XLATE_OUT),
     ])  # fmt: skip
     e1 = snat_of(RULE_SDH, A, R1, 7)
-    e2 = snat_of(RULE_SDH, B, R1, 7, nth=1)
+    e2 = snat_of(RULE_SDH, B, R1, 7, nth=1, proto=1)
     assert e1[0] == e2[0]  # A and B share an SNAT address toward R1 (sdh)
     add("echo_same_id_two_hosts", "A and B ping R1 with the same identifier through one SNAT "
         "address: they get distinct SNAT identifiers and each reply goes back.", [
@@ -176,7 +176,7 @@ def _scenarios() -> list[Scenario]:
         outside(echo(R1, e1[0], e1[1], reply=True), RED, R.XLATE_IN),
         outside(echo(R1, e2[0], e2[1], reply=True), RED, R.XLATE_IN),
     ])  # fmt: skip
-    t2 = snat_of(RULE_SDH, B, R1, 40000, nth=1)
+    t2 = snat_of(RULE_SDH, B, R1, 40000, nth=1, dport=80, proto=6)
     add("same_sport_two_hosts", "A and B use the same source port toward R1:80: the second takes "
         "the next candidate port.", [
         inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
@@ -447,8 +447,58 @@ def _scenarios() -> list[Scenario]:
         inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
         inside(tcp(A, R1, 40001, 80, "S"), RED, R.XLATE_NEW),
         inside(tcp(A, R1, 40002, 80, "S"), DROP, R.DROP_PORT_EXHAUSTED),
+        inside(tcp(A, R1, 40002, 80, "S"), DROP, R.DROP_REFUSED_RECENTLY),  # marked: no search
         inside(tcp(A, R1, 40002, 443, "S"), RED, R.XLATE_NEW),
-    ], settings={"port_min": 5000, "port_max": 5001})  # fmt: skip
+    ], settings={"port_min": 5000, "port_max": 5001, "on_exhausted": "drop"})  # fmt: skip
+    add("spill_over_in_pool_order", "One SNAT port: A's flows to R1:53 fill the sdh address "
+        "(.72), then spill to .73 and .71 (pool order after the chosen one, wrapping); the fourth "
+        "is refused and its next packet costs one lookup; each spilled flow's reply comes back.", [
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 2, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 3, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 4, 53), DROP, R.DROP_PORT_EXHAUSTED),
+        inside(udp(A, R1, 4, 53), DROP, R.DROP_REFUSED_RECENTLY),
+        outside(udp(R1, "198.19.2.73", 53, 6000), RED, R.XLATE_IN),
+        outside(udp(R1, "198.19.2.71", 53, 6000), RED, R.XLATE_IN),
+        inside(udp(B, R1, 4, 54), RED, R.XLATE_NEW),  # another remote port: free again
+        inside(echo(A, R1, 9), RED, R.XLATE_NEW),  # the identifier's own endpoint (R1, 0)
+    ], settings={"port_min": 6000, "port_max": 6000})  # fmt: skip
+    add("sh_does_not_spill_by_default", "algo sh (one public address per host) drops instead of "
+        "spilling unless the rule says on_exhausted spill.", [
+        inside(udp(D, R1, 1, 53), RED, R.XLATE_NEW, dev="lan50"),
+        inside(udp(D, R1, 2, 53), DROP, R.DROP_PORT_EXHAUSTED, dev="lan50"),
+        inside(udp(C, R1, 1, 53), RED, R.XLATE_NEW, dev="lan50"),  # spills: the rule says so
+        inside(udp(C, R1, 2, 53), RED, R.XLATE_NEW, dev="lan50"),
+    ], settings={"port_min": 6000, "port_max": 6000}, rules=[
+        {"from": "198.18.50.11/32", "new_gw": "198.19.2.1", "snat_ip": "198.19.2.71-198.19.2.73", "algo": "sh"},
+        {"from": "198.18.50.10/32", "new_gw": "198.19.2.1", "snat_ip": "198.19.2.71-198.19.2.73", "algo": "sh",
+         "on_exhausted": "spill"},
+    ])  # fmt: skip
+    add("refusal_marker_expires", "A refused flow is remembered for REFUSED_SECS (2 s; step i "
+        "runs at i s): packets at +1 s cost one lookup, at +2 s it is searched (and refused) "
+        "again.", [
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 2, 53), DROP, R.DROP_PORT_EXHAUSTED),
+        inside(udp(A, R1, 2, 53), DROP, R.DROP_REFUSED_RECENTLY),
+        inside(udp(A, R1, 2, 53), DROP, R.DROP_PORT_EXHAUSTED),
+        inside(udp(A, R1, 2, 53), DROP, R.DROP_REFUSED_RECENTLY),
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_OUT),
+    ], settings={"port_min": 6000, "port_max": 6000, "on_exhausted": "drop"})  # fmt: skip
+    add("host_limit", "max_sessions_per_host 2: A's third flow is DROP_HOST_LIMIT (then marked), "
+        "B behind the same address still gets flows, A's sessions keep working; the /16 rule "
+        "sets no limit of its own (0).", [
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_NEW),
+        inside(tcp(A, R1, 2, 80, "S"), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 3, 53), DROP, R.DROP_HOST_LIMIT),
+        inside(udp(A, R1, 3, 53), DROP, R.DROP_REFUSED_RECENTLY),
+        inside(udp(B, R1, 3, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_OUT),
+        inside(echo(A, R1, 5), DROP, R.DROP_HOST_LIMIT),
+        inside(udp(C, R1, 1, 53), RED, R.XLATE_NEW, dev="lan50"),
+        inside(udp(C, R1, 2, 53), RED, R.XLATE_NEW, dev="lan50"),
+        inside(udp(C, R1, 3, 53), RED, R.XLATE_NEW, dev="lan50"),
+    ], settings={"max_sessions_per_host": 2},
+       rules=[REF_RULES[0], REF_RULES[1], dict(REF_RULES[2], max_sessions_per_host=0)])  # fmt: skip
     add("table_full_refuses_new_flows", "With room for 2 sessions a third flow is dropped; live "
         "sessions keep working (never evicted).", [
         inside(udp(A, R1, 1001, 53), RED, R.XLATE_NEW),

@@ -8,7 +8,7 @@ from ipaddress import IPv4Address
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw, raw
 
-from snatgw.rules import port_candidates, select_addr
+from snatgw.rules import port_candidates, port_seed, select_addr
 
 # REF hosts and remotes (plan.md)
 A = "198.18.40.10"  # in40
@@ -78,10 +78,12 @@ def with_options(pkt: bytes) -> bytes:
 
 
 def snat_of(rule, src: str, dst: str, sport: int, port_min: int = 5000, port_max: int = 65535,
-            nth: int = 0) -> tuple[str, int]:  # fmt: skip
-    """The SNAT (addr, port) a fresh flow gets: select_addr and the nth port candidate."""
+            nth: int = 0, dport: int = 0, proto: int = 0) -> tuple[str, int]:  # fmt: skip
+    """The SNAT (addr, port) a fresh flow gets: select_addr and the nth port candidate (for
+    nth > 0 the flow's remote port and protocol seed the sequence)."""
     addr = select_addr(rule.pool, rule.algo, IPv4Address(src), IPv4Address(dst), sport)
-    ports = list(port_candidates(sport, port_min, port_max, nth + 1))
+    seed = port_seed(IPv4Address(src), IPv4Address(dst), sport, dport, proto)
+    ports = list(port_candidates(sport, port_min, port_max, nth + 1, seed))
     return str(addr), ports[nth]
 
 

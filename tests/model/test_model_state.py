@@ -13,7 +13,7 @@ from cases.pkts import ISP2, R1, A, echo, tcp, udp
 
 from snatgw.layout import CT_F_NEW_GW, CtState, Reason
 from snatgw.model import Engine, StaticRouter
-from snatgw.rules import Rule
+from snatgw.rules import Rule, RuleSet
 
 NAT = "198.19.2.72"
 
@@ -104,21 +104,88 @@ def test_table_full_refuses_and_leaves_nothing(engine):
 
 
 def test_port_exhaustion_with_tiny_range():
-    """With one SNAT port, a second flow to the same remote endpoint is dropped (no other
-    address is tried), but another remote port can reuse it."""
-    e = Engine(ruleset(REF_RULES), replace(REF_SETTINGS, port_min=6000, port_max=6000), StaticRouter.ref())
+    """With one SNAT port and `on_exhausted drop`, a second flow to the same remote endpoint is
+    dropped (no other address is tried), but another remote port can reuse the port."""
+    s = replace(REF_SETTINGS, port_min=6000, port_max=6000, on_exhausted="drop")
+    e = Engine(ruleset(REF_RULES), s, StaticRouter.ref())
     assert e.process(udp(A, R1, 1, 53), "inside", "lan40", 0).nat == (IP4(NAT), 6000)
     assert e.process(udp(A, R1, 2, 53), "inside", "lan40", 0).reason == Reason.DROP_PORT_EXHAUSTED
     assert len(e.table) == 1
     assert e.process(udp(A, R1, 2, 54), "inside", "lan40", 0).nat == (IP4(NAT), 6000)
 
 
+def test_spill_takes_the_pool_in_order_after_the_chosen_address():
+    """sdh spills by default: with one SNAT port the chosen address (.72) is full after one
+    flow, the next ones get .73, then .71 (wrapping), then the pool is exhausted."""
+    e = Engine(ruleset(REF_RULES), replace(REF_SETTINGS, port_min=6000, port_max=6000), StaticRouter.ref())
+    got = [e.process(udp(A, R1, sp, 53), "inside", "lan40", 0) for sp in (1, 2, 3, 4)]
+    assert [r.nat for r in got[:3]] == [(IP4(a), 6000) for a in ("198.19.2.72", "198.19.2.73", "198.19.2.71")]
+    assert got[3].reason == Reason.DROP_PORT_EXHAUSTED
+    assert e.addr_live[IP4("198.19.2.72")].refusals == 1 and e.host_live[IP4(A)].refusals == 1
+    assert {str(a): c.sessions for a, c in e.addr_live.items()} == {
+        "198.19.2.71": 1, "198.19.2.72": 1, "198.19.2.73": 1}
+
+
 def test_port_search_is_bounded_by_tries():
     """The search stops after port_tries candidates even when later ports are free."""
-    s = replace(REF_SETTINGS, port_min=5000, port_max=5009, port_tries=1)
+    s = replace(REF_SETTINGS, port_min=5000, port_max=5009, port_tries=1, on_exhausted="drop")
     e = Engine(ruleset(REF_RULES), s, StaticRouter.ref())
     assert e.process(udp(A, R1, 100, 53), "inside", "lan40", 0).reason == Reason.XLATE_NEW
     assert e.process(udp(A, R1, 100 + 10 * 256, 53), "inside", "lan40", 0).reason == Reason.DROP_PORT_EXHAUSTED
+
+
+def test_never_more_tries_than_ports_and_every_port_is_found():
+    """With 10 ports and port_tries 1024, ten flows sharing a source port toward one endpoint
+    all get a port (the sequence visits each port once) and the eleventh is refused."""
+    s = replace(REF_SETTINGS, port_min=5000, port_max=5009, port_tries=1024, on_exhausted="drop")
+    e = Engine(ruleset(REF_RULES), s, StaticRouter.ref())
+    hosts = [f"198.18.40.{i}" for i in range(10, 21)]
+    rules = RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": NAT})])
+    e.apply(rules)
+    got = [e.process(udp(h, R1, 123, 123), "inside", "lan40", 0) for h in hosts]
+    assert sorted(r.nat[1] for r in got[:10]) == list(range(5000, 5010))
+    assert got[10].reason == Reason.DROP_PORT_EXHAUSTED
+
+
+def test_hosts_sharing_a_source_port_do_not_walk_one_sequence():
+    """1,500 NTP-like hosts (source port 123) toward one server port through one address all
+    get a port within 128 tries (the original's sequence refused host 1,025 onward)."""
+    s = replace(REF_SETTINGS, port_tries=128, max_sessions=4096)
+    rules = RuleSet([Rule.from_dict({"from": "198.18.0.0/16", "snat_ip": NAT})])
+    e = Engine(rules, s, StaticRouter.ref())
+    hosts = [IP4(int(IP4("198.18.40.0")) + i) for i in range(1, 1501)]
+    got = [e.process(udp(str(h), R1, 123, 123), "inside", "lan40", 0).reason for h in hosts]
+    assert got.count(Reason.XLATE_NEW) == 1500
+
+
+def test_refused_flow_is_remembered_then_searched_again():
+    """A refused flow's next packets within REFUSED_SECS are DROP_REFUSED_RECENTLY (no search);
+    after that it is searched again and gets a port that was freed."""
+    s = replace(REF_SETTINGS, port_min=6000, port_max=6000, on_exhausted="drop")
+    e = Engine(ruleset(REF_RULES), s, StaticRouter.ref())
+    e.process(udp(A, R1, 1, 53), "inside", "lan40", 0)
+    assert e.process(udp(A, R1, 2, 53), "inside", "lan40", 10).reason == Reason.DROP_PORT_EXHAUSTED
+    assert e.process(udp(A, R1, 2, 53), "inside", "lan40", 11).reason == Reason.DROP_REFUSED_RECENTLY
+    assert e.host_live[IP4(A)].refusals == 1  # a marker hit is not another refusal
+    e.flush()
+    assert e.process(udp(A, R1, 2, 53), "inside", "lan40", 11.5).reason == Reason.DROP_REFUSED_RECENTLY
+    assert e.process(udp(A, R1, 2, 53), "inside", "lan40", 12).reason == Reason.XLATE_NEW
+    e.expire(20)
+    assert not e.refused
+
+
+def test_host_limit_refuses_one_host_not_the_next():
+    """max_sessions_per_host 2: the host's third flow is DROP_HOST_LIMIT, another host behind
+    the same address still gets its flows; a rule's own limit wins over the global one."""
+    s = replace(REF_SETTINGS, max_sessions_per_host=2)
+    e = Engine(ruleset(REF_RULES), s, StaticRouter.ref())
+    got = [e.process(udp(A, R1, sp, 53), "inside", "lan40", 0).reason for sp in (1, 2, 3)]
+    assert got == [Reason.XLATE_NEW, Reason.XLATE_NEW, Reason.DROP_HOST_LIMIT]
+    assert e.process(udp("198.18.40.11", R1, 3, 53), "inside", "lan40", 0).reason == Reason.XLATE_NEW
+    assert e.host_live[IP4(A)].sessions == 2 and e.host_live[IP4(A)].refusals == 1
+    rules = [dict(REF_RULES[0]), dict(REF_RULES[1], max_sessions_per_host=0), dict(REF_RULES[2])]
+    e2 = Engine(ruleset(rules), s, StaticRouter.ref())
+    assert all(e2.process(udp(A, R1, sp, 53), "inside", "lan40", 0).reason == Reason.XLATE_NEW for sp in range(5))
 
 
 def test_reload_keeps_sessions_whose_address_stays_in_the_pool(engine):

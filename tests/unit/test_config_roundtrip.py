@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from snatgw.config.parse import RULE_KEYWORDS, SETTINGS_KEYWORDS, parse_text, render_config
 from snatgw.config.schema import TIMEOUT_NAMES, GatewayConfig, Settings
-from snatgw.layout import Algo
+from snatgw.layout import PORT_TRIES_MAX, Algo
 from snatgw.rules import Pool, Rule, RuleSet
 
 RESERVED = set(RULE_KEYWORDS) | set(SETTINGS_KEYWORDS)
@@ -42,6 +42,8 @@ rules = st.builds(
     oif=st.none() | ifname,
     new_gw=st.none() | addr.filter(lambda a: int(a) != 0),
     algo=st.sampled_from(list(Algo)),
+    on_exhausted=st.sampled_from([None, "spill", "drop"]),
+    max_sessions_per_host=st.none() | st.integers(0, 2**32 - 1),
 )
 
 
@@ -64,7 +66,9 @@ def settings_values(draw):
         outside=tuple(draw(st.lists(ifname.filter(lambda n: n not in inside), max_size=3, unique=True))),
         port_min=lo,
         port_max=hi,
-        port_tries=draw(st.integers(1, 65536)),
+        port_tries=draw(st.integers(1, PORT_TRIES_MAX)),
+        on_exhausted=draw(st.sampled_from([None, "spill", "drop"])),
+        max_sessions_per_host=draw(st.integers(0, 2**32 - 1)),
         max_sessions=draw(st.integers(1, 2**31)),
         unmatched_drop=draw(st.booleans()),
         backend=draw(st.sampled_from(["bpf", "nft"])),

@@ -18,6 +18,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw, raw
 
 from ..config.schema import Settings
+from ..layout import PORT_TRIES, PORT_TRIES_MAX
 from ..datapath.bpf.testrun import ProgHarness, RefNet
 from ..rules import Rule, RuleSet
 
@@ -73,8 +74,36 @@ def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000,
             ns = h.bench("bench_new", new, "lan40", new_flows) - base
             out.append(("new flow (udp)", ns, TARGETS["new flow (udp)"]))
             out.append(("(wrapper, subtracted)", base, None))
+        est = next(ns for name, ns, _ in out if name == "established (udp out)")
+        out += _pressure(net, repeat, rounds, new_flows, est)
         if many_rules:
             out.append(_new_flow_many_rules(net, repeat=min(new_flows, 2000), rounds=rounds))
+    return out
+
+
+def _pressure(net: RefNet, repeat: int, rounds: int, new_flows: int, est: float) -> list[tuple[str, float, int | None]]:
+    """Under port pressure (one SNAT address, ``on_exhausted drop``): a packet of a flow refused
+    moments ago (the refusal marker: target 2x an established packet), and a new flow whose
+    whole search fails, for port_tries 128 (the default) and 1024 (the most), so the cost of
+    one try can be read off."""
+    rs = RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": "198.19.2.71"})])
+    out: list[tuple[str, float, int | None]] = []
+    for tries in (PORT_TRIES, PORT_TRIES_MAX):
+        with ProgHarness(net, defines={"SNAT_BENCH": 1}, test=False,
+                         max_sessions=tries + new_flows + 16) as h:  # fmt: skip
+            # exactly `tries` ports, all taken toward R1:53: every search tries them all
+            h.apply(rs, Settings(port_min=20000, port_max=20000 + tries - 1, port_tries=tries, on_exhausted="drop"))
+            for sport in range(1, tries + 1):
+                h.run("inside", raw(IP(src="198.18.40.20", dst=R1) / UDP(sport=sport, dport=53) / PAD), "lan40")
+            refused = raw(IP(src=A, dst=R1) / UDP(sport=40000, dport=53) / PAD)
+            base = _median_ns(h, "bench_noop", refused, "lan40", repeat, rounds)
+            if tries == PORT_TRIES:
+                h.run("inside", refused, "lan40")  # refused once: marked
+                ns = _median_ns(h, "bench_inside", refused, "lan40", repeat, rounds) - base
+                out.append(("refused flow (marker)", ns, round(2 * est)))
+            n = max(1, min(new_flows, 5000))
+            ns = h.bench("bench_new", raw(IP(src=A, dst=R1) / UDP(sport=10000, dport=53) / PAD), "lan40", n) - base
+            out.append((f"new flow refused, {tries} tries", ns, None))
     return out
 
 

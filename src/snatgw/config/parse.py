@@ -8,8 +8,10 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         inside lan40 lan50                    # one or more interface names
         outside eth1 eth2
         port_range 5000-65535                 # or a single port
-        port_tries 10000
+        port_tries 128                        # candidates per SNAT address, 1..1024
         max_sessions 262144
+        on_exhausted spill|drop               # default: spill for sdh/random, drop for sh
+        max_sessions_per_host 0               # live sessions per inside host, 0 = no limit
         unmatched pass|drop
         backend bpf|nft
         timeout tcp_established 7440          # any name of schema.TIMEOUT_NAMES, seconds
@@ -22,6 +24,7 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
     }
     virtual_server fwmark 1 {                 # the SNAT service
         snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh }
+        # a rule may set on_exhausted and max_sessions_per_host of its own
     }
     link isp1 {                               # probed next hop, automatic failover (config/links.py)
         gw 198.19.2.1  oif eth1  probe 203.0.113.10  backup_gw 198.19.3.1  backup_snat_ip 198.19.3.71
@@ -45,18 +48,22 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import ConfigError, RuleError
-from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_gw, parse_net, parse_oif
+from ..layout import PORT_TRIES_MAX
+from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_gw, parse_host_limit, parse_net
+from ..rules import parse_on_exhausted, parse_oif
 from .links import INTERVAL_RANGE, LINK_KEYWORDS, MAX_TARGETS, Link
-from .schema import BACKENDS, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings, timeout_floor_warning
+from .schema import BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings
+from .schema import timeout_floor_warning
 
 log = logging.getLogger("snatgw.config")
 
 #: snat_rule keywords, in the order render_config writes them
-RULE_KEYWORDS = ("from", "to", "gw", "oif", "new_gw", "snat_ip", "algo")
+RULE_KEYWORDS = ("from", "to", "gw", "oif", "new_gw", "snat_ip", "algo", "on_exhausted", "max_sessions_per_host")
 #: snatgw block keywords
 SETTINGS_KEYWORDS = (
-    "inside", "outside", "port_range", "port_tries", "max_sessions", "unmatched", "backend",
-    "timeout", "gc_interval", "control_socket", "pin_dir", "snat_addresses", "allow_empty", "metrics_listen",
+    "inside", "outside", "port_range", "port_tries", "max_sessions", "on_exhausted",
+    "max_sessions_per_host", "unmatched", "backend", "timeout", "gc_interval", "control_socket",
+    "pin_dir", "snat_addresses", "allow_empty", "metrics_listen",
 )  # fmt: skip
 #: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
 KEEPALIVED_VS_OPTIONS = frozenset(
@@ -389,6 +396,10 @@ def _parse_rule(cur: _Cursor, opener: Token) -> Rule:
             new_gw=parse_gw(vals["new_gw"].text, "new_gw", at("new_gw")) if "new_gw" in vals else None,
             pool=Pool.parse(vals["snat_ip"].text, at("snat_ip")),
             algo=parse_algo(vals["algo"].text, at("algo")) if "algo" in vals else Rule.algo,
+            on_exhausted=(parse_on_exhausted(vals["on_exhausted"].text, at("on_exhausted"))
+                          if "on_exhausted" in vals else None),
+            max_sessions_per_host=(parse_host_limit(vals["max_sessions_per_host"].text, at("max_sessions_per_host"))
+                                   if "max_sessions_per_host" in vals else None),
             where=where,
         )
     except ConfigError:
@@ -557,8 +568,12 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         if b < a:
             raise cur.error(v.line, k, f"expected MIN-MAX with MIN <= MAX, got {shown(v.text)}")
         return replace(s, port_min=a, port_max=b)
-    if k == "port_tries":
-        return replace(s, port_tries=_int(cur, t, v, 1, 65536))
+    if k == "port_tries":  # the BPF search is compiled with this bound (SNAT_PORT_TRIES)
+        return replace(s, port_tries=_int(cur, t, v, 1, PORT_TRIES_MAX))
+    if k == "on_exhausted":
+        return replace(s, on_exhausted=_choice(cur, t, v, ON_EXHAUSTED))
+    if k == "max_sessions_per_host":
+        return replace(s, max_sessions_per_host=_int(cur, t, v, 0, (1 << 32) - 1))
     if k == "max_sessions":
         return replace(s, max_sessions=_int(cur, t, v, 1, 1 << 31))
     if k == "unmatched":
@@ -621,6 +636,8 @@ def settings_as_dict(s: Settings) -> dict:
         "port_range": f"{s.port_min}-{s.port_max}",
         "port_tries": s.port_tries,
         "max_sessions": s.max_sessions,
+        "on_exhausted": s.on_exhausted,
+        "max_sessions_per_host": s.max_sessions_per_host,
         "unmatched": "drop" if s.unmatched_drop else "pass",
         "backend": s.backend,
         "timeout": {TIMEOUT_BY_STATE[st]: secs for st, secs in s.timeouts},
@@ -669,6 +686,10 @@ def render_rule(r: Rule) -> str:
         if d[k]:
             parts.append(f"{k} {d[k]}")
     parts += [f"snat_ip {r.pool.short()}", f"algo {d['algo']}"]
+    if r.on_exhausted:
+        parts.append(f"on_exhausted {r.on_exhausted}")
+    if r.max_sessions_per_host is not None:
+        parts.append(f"max_sessions_per_host {r.max_sessions_per_host}")
     return "snat_rule { " + "  ".join(parts) + " }"
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..layout import DEFAULT_TIMEOUTS, MAX_SESSIONS, PORT_MAX, PORT_MIN, PORT_TRIES_MODEL, RFC_TIMEOUT_FLOORS, CtState
-from ..rules import RuleSet
+from ..layout import DEFAULT_TIMEOUTS, MAX_SESSIONS, PORT_MAX, PORT_MIN, PORT_TRIES, RFC_TIMEOUT_FLOORS, Algo, CtState
+from ..rules import Rule, RuleSet
 
 BACKENDS = ("bpf", "nft")
 SNAT_ADDRESS_MODES = ("external", "manage")
+ON_EXHAUSTED = ("spill", "drop")
 
 #: timeout keywords of the settings block -> state
 TIMEOUT_NAMES: dict[str, CtState] = {
@@ -33,8 +34,12 @@ class Settings:
     outside: tuple[str, ...] = ()  # uplinks; SNAT addresses are local addresses of these
     port_min: int = PORT_MIN
     port_max: int = PORT_MAX
-    port_tries: int = PORT_TRIES_MODEL
+    port_tries: int = PORT_TRIES  # candidates per SNAT address, 1..layout.PORT_TRIES_MAX
     max_sessions: int = MAX_SESSIONS
+    #: when a flow's address has no free port: "spill" to the pool's next addresses or "drop";
+    #: None: spill for sdh and random, drop for sh (per rule, a rule's own setting wins)
+    on_exhausted: str | None = None
+    max_sessions_per_host: int = 0  # live sessions per inside host (0 = no limit); per rule too
     unmatched_drop: bool = False  # `unmatched drop`: the original's drop of no-rule flows
     backend: str = "bpf"
     timeouts: tuple[tuple[int, int], ...] = tuple((int(k), v) for k, v in DEFAULT_TIMEOUTS.items())
@@ -57,6 +62,19 @@ class Settings:
         for name, secs in by_name.items():
             t[int(TIMEOUT_NAMES[name])] = int(secs)
         return replace(self, timeouts=tuple(sorted(t.items())))
+
+
+def rule_spill(rule: Rule, settings: Settings) -> bool:
+    """Whether ``rule``'s new flows spill over to the pool's next addresses."""
+    mode = rule.on_exhausted or settings.on_exhausted
+    if mode is None:
+        return rule.algo != Algo.SH  # sh: one public address per inside host (RFC 6888 REQ-2)
+    return mode == "spill"
+
+
+def rule_host_limit(rule: Rule, settings: Settings) -> int:
+    """max_sessions_per_host in effect for ``rule`` (0 = none)."""
+    return settings.max_sessions_per_host if rule.max_sessions_per_host is None else rule.max_sessions_per_host
 
 
 @dataclass(frozen=True)

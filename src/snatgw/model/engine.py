@@ -12,8 +12,9 @@ from ..config.schema import Settings
 from ..datapath.backend import RuleCounters, Session
 from ..layout import CT_F_NEW_GW, CT_F_REPLIED, ICMP_ECHO, ICMP_ECHOREPLY, IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
-from ..layout import FRAG_HOLD, RECIRC_DEV, Verdict
-from ..rules import Route, Rule, RuleSet, port_candidates, select_addr
+from ..layout import FRAG_HOLD, RECIRC_DEV, REFUSED_SECS, Verdict
+from ..config.schema import rule_host_limit, rule_spill
+from ..rules import Route, Rule, RuleSet, port_candidates, port_seed, select_index, spill_order
 from .conntrack import CtEntry, CtKey, CtPair, CtTable, in_key, initial_state, is_expired, out_key, tcp_update
 from .frag import HELD, FragEntry, FragKey, FragTable
 from .nat import NatTable
@@ -34,6 +35,24 @@ class Result:
     nexthop: IPv4Address | None = None  # next hop for REDIRECT (None: route to daddr)
     rule: Rule | None = None  # rule of the session (new or existing), or the matched rule
     nat: tuple[IPv4Address, int] | None = None  # the session's SNAT (addr, port/id)
+
+
+@dataclass
+class LiveCount:
+    """struct live_count: live sessions (+1 at creation; the expiry sweep recounts) and
+    refused new flows (cumulative)."""
+
+    sessions: int = 0
+    refusals: int = 0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """struct refusal: a refused new flow, remembered under its OUT key for REFUSED_SECS."""
+
+    at: float
+    addr: IPv4Address  # the SNAT address chosen for it
+    reason: Reason
 
 
 def _verdict_of(reason: Reason) -> Verdict:
@@ -58,6 +77,11 @@ class Engine:
         self.reasons: Counter[Reason] = Counter()
         self.rule_stats: dict[int, RuleCounters] = {}
         self._from_nets = frozenset(r.src for r in rules)
+        # live counts (snat_host_sess, snat_addr_stats, snat_rule_live) and refusal markers
+        self.host_live: dict[IPv4Address, LiveCount] = {}
+        self.addr_live: dict[IPv4Address, LiveCount] = {}
+        self.rule_live: dict[int, LiveCount] = {}
+        self.refused: dict[CtKey, Refusal] = {}
 
     # ------------------------------------------------------------------ entry
 
@@ -106,6 +130,9 @@ class Engine:
         e = self.table.lookup(okey)  # step 6
         if e is not None:
             return self._established_out(pkt, v, e, now)
+        m = self.refused.get(okey)  # step 6: a flow refused moments ago is not searched again
+        if m is not None and now - m.at < REFUSED_SECS:
+            return Result(Verdict.DROP, Reason.DROP_REFUSED_RECENTLY, pkt)
         return self._new_flow(pkt, v, okey, ingress, now)
 
     def _new_flow(self, pkt: bytes, v: IPv4View, okey: CtKey, ingress: str, now: float) -> Result:
@@ -132,14 +159,21 @@ class Engine:
             oif, nexthop, mtu = gwr.oif, gwr.gw, gwr.mtu
         if v.tot_len > mtu and v.df:
             return Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=rule)
-        addr = select_addr(rule.pool, rule.algo, src, dst, v.sport)  # step 12
-        s = self.settings
-        # step 13 (an empty range has no candidates: exhausted, as in the BPF)
-        cands = port_candidates(v.sport, s.port_min, s.port_max, s.port_tries) if s.port_max >= s.port_min else ()
+        s = self.settings  # step 12: the chosen address, and the spill-over order after it
+        n = s.port_max - s.port_min + 1
+        per_addr = max(0, min(s.port_tries, n))
+        first = select_index(rule.pool, rule.algo, src, dst, v.sport)
+        addrs = spill_order(rule.pool, first, rule_spill(rule, s), per_addr)
+        limit = rule_host_limit(rule, s)  # step 13: the inside host's limit first
+        if limit and self._live(self.host_live, src).sessions >= limit:
+            return self._refuse(pkt, okey, addrs[0], Reason.DROP_HOST_LIMIT, now, rule)
+        # then the port search on each address in turn (an empty range: exhausted)
+        cands = list(port_candidates(v.sport, s.port_min, s.port_max, per_addr,
+                                     port_seed(src, dst, v.sport, okey.dport, v.proto)))  # fmt: skip
         flags = CT_F_NEW_GW if rule.new_gw is not None else 0
         in_mtu = self._dev_mtu(ingress)
 
-        def build(ikey: CtKey, port: int) -> tuple[CtEntry, CtEntry]:
+        def build(ikey: CtKey, addr: IPv4Address, port: int) -> tuple[CtEntry, CtEntry]:
             out = CtEntry(peer=ikey, rw_addr=addr, rw_port=port, oif=oif, nexthop=nexthop,
                           rule_id=rule.rule_id, mtu=mtu, last_seen=now,
                           state=initial_state(v.proto), flags=flags, rule=rule)  # fmt: skip
@@ -148,11 +182,32 @@ class Engine:
                           state=initial_state(v.proto), rule=rule)  # fmt: skip
             return out, inn
 
-        pair = self.nat.new_mapping(okey, addr, cands, build)  # steps 13-14
+        pair = self.nat.new_mapping(okey, addrs, cands, build)  # steps 13-14
+        if pair == Reason.DROP_PORT_EXHAUSTED:
+            return self._refuse(pkt, okey, addrs[0], pair, now, rule)
         if isinstance(pair, Reason):
             return Result(Verdict.DROP, pair, pkt, rule=rule)
         self._count_rule(rule.rule_id, sessions=1)
+        self._live(self.host_live, src).sessions += 1
+        self._live(self.addr_live, pair.out.rw_addr).sessions += 1
+        self._live(self.rule_live, rule.rule_id).sessions += 1
         return self._translate_out(pkt, v, pair.out, now, Reason.XLATE_NEW)  # step 15
+
+    @staticmethod
+    def _live(counts: dict, key) -> LiveCount:
+        c = counts.get(key)
+        if c is None:
+            c = counts[key] = LiveCount()
+        return c
+
+    def _refuse(self, pkt: bytes, okey: CtKey, addr: IPv4Address, reason: Reason, now: float,
+                rule: Rule) -> Result:
+        """A refused new flow: counted for its host and its chosen address, and remembered
+        (refusal marker) so its next packets cost one lookup."""
+        self._live(self.host_live, okey.saddr).refusals += 1
+        self._live(self.addr_live, addr).refusals += 1
+        self.refused[okey] = Refusal(now, addr, reason)
+        return Result(Verdict.DROP, reason, pkt, rule=rule)
 
     def _established_out(self, pkt: bytes, v: IPv4View, e: CtEntry, now: float) -> Result:
         if v.ttl <= 1:
@@ -385,6 +440,8 @@ class Engine:
         for k in gone:
             self.table.remove(k)
         self.frags.expire(now)
+        for k in [k for k, m in self.refused.items() if now - m.at >= REFUSED_SECS]:
+            del self.refused[k]
         return len(gone)
 
     def flush(self, rule_id: int | None = None, inside: IPv4Address | None = None,

@@ -29,6 +29,8 @@ struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_RULES);
 struct { __uint(type, BPF_MAP_TYPE_LPM_TRIE); __uint(max_entries, SNAT_MAX_FROM_NETS);
 	 __uint(map_flags, BPF_F_NO_PREALLOC);
 	 __type(key, struct lpm_v4); __type(value, __u32); } snat_from_nets SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, SNAT_MAX_REFUSED);
+	 __type(key, struct ct_key); __type(value, struct refusal); } snat_refused SEC(".maps");
 
 static __always_inline int count(__u32 reason)
 {

@@ -82,6 +82,8 @@ def render_text(cfg: GatewayConfig, warnings: list[str]) -> str:
         out.append("")
     d = settings_as_dict(cfg.settings)
     timeouts = d.pop("timeout")
+    if d.get("on_exhausted") is None:
+        d["on_exhausted"] = "by algo (spill for sdh and random, drop for sh)"
     out += ["settings:", kv_table(d.items()), "  timeouts (s):"]
     out += [kv_table(timeouts.items(), "    "), ""]
     out += ["warnings:"] + ([f"  {w}" for w in warnings] or ["  none"])

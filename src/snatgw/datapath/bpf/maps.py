@@ -87,6 +87,7 @@ def map_specs(max_sessions: int = L.MAX_SESSIONS) -> dict[str, MapSpec]:
         MapSpec(L.MAP_ADDR_STATS, B.BPF_MAP_TYPE_HASH, 4, L.LIVE_COUNT.size, L.MAX_POOL_ADDRS),
         MapSpec(L.MAP_RULE_LIVE, B.BPF_MAP_TYPE_HASH, 4, L.LIVE_COUNT.size, L.MAX_RULES),
         MapSpec(L.MAP_FROM_NETS, B.BPF_MAP_TYPE_LPM_TRIE, L.LPM_V4.size, 4, L.MAX_FROM_NETS),
+        MapSpec(L.MAP_REFUSED, B.BPF_MAP_TYPE_LRU_HASH, L.CT_KEY.size, L.REFUSAL.size, L.MAX_REFUSED),
     ]
     return {s.name: s for s in specs}
 

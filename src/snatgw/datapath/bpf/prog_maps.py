@@ -10,15 +10,16 @@ from ipaddress import IPv4Address
 from typing import Callable
 
 from ... import layout as L
-from ...config.schema import Settings
+from ...config.schema import Settings, rule_host_limit, rule_spill
 from ...errors import BackendError
 from ...rules import Rule, RuleSet
 
 OIF_ABSENT = 0xFFFFFFFF
 
 
-def compile_rule(rule: Rule, ifindex_of: Callable[[str], int]) -> bytes:
-    flags = 0
+def compile_rule(rule: Rule, ifindex_of: Callable[[str], int], settings: Settings = Settings()) -> bytes:
+    """A rule's slot; its on_exhausted and max_sessions_per_host as in effect with ``settings``."""
+    flags = L.RULE_F_SPILL if rule_spill(rule, settings) else 0
     oif = 0
     if rule.oif is not None:
         flags |= L.RULE_F_OIF
@@ -35,6 +36,7 @@ def compile_rule(rule: Rule, ifindex_of: Callable[[str], int]) -> bytes:
         gw=(rule.gw or IPv4Address(0)).packed, new_gw=(rule.new_gw or IPv4Address(0)).packed,
         oif=oif, pool_min=int(rule.pool.first), pool_max=int(rule.pool.last),
         rule_id=rule.rule_id, algo=int(rule.algo), flags=flags,
+        host_limit=min(rule_host_limit(rule, settings), 0xFFFFFFFF),
     )  # fmt: skip
 
 
@@ -46,7 +48,7 @@ def compile_cfg(nrules: int, settings: Settings) -> bytes:
     return L.SNAT_CFG.pack(
         nrules=nrules, flags=L.CFG_F_UNMATCHED_DROP if settings.unmatched_drop else 0,
         port_min=settings.port_min, port_max=settings.port_max,
-        port_tries=min(max(int(settings.port_tries), 0), 0xFFFFFFFF),  # the C bounds it by SNAT_PORT_TRIES
+        port_tries=min(max(int(settings.port_tries), 0), L.PORT_TRIES_MAX),  # the C bounds it too
     )  # fmt: skip
 
 
@@ -54,7 +56,7 @@ def compile_rules(
     ruleset: RuleSet, settings: Settings, ifindex_of: Callable[[str], int]
 ) -> tuple[bytes, list[bytes]]:
     """(snat_config value, [snat_rules value per slot]) for ``ruleset`` in priority order."""
-    rules = [compile_rule(r, ifindex_of) for r in ruleset]
+    rules = [compile_rule(r, ifindex_of, settings) for r in ruleset]
     if len(rules) > L.MAX_RULES:
         raise BackendError(f"{len(rules)} rules: the datapath holds at most {L.MAX_RULES}")
     return compile_cfg(len(rules), settings), rules

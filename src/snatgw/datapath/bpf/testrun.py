@@ -37,6 +37,7 @@ REF_ROUTES = [
 ]
 INSIDE, OUTSIDE = ("lan40", "lan50"), ("eth1", "eth2")
 PROGS = {"inside": "snat_inside", "outside": "snat_outside", "egress": "snat_egress", "recirc": "snat_recirc"}
+CLOCK_BASE = 1000  # s added to a test's clock (0 means "the real clock" to the programs)
 SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff) on 6.x; only ifindex fields are set
 _OFF_INGRESS_IFINDEX, _OFF_IFINDEX, _OFF_GSO_SEGS, _OFF_GSO_SIZE = 36, 40, 164, 176
 ETH = bytes.fromhex("020000000002" "020000000001" "0800")  # dst, src, IPv4
@@ -126,7 +127,8 @@ class ProgHarness:
             raise
         self.maps = {n: self.obj.map(n) for n in (L.MAP_CT, L.MAP_RULES, L.MAP_CONFIG, L.MAP_FRAGS,
                                                    L.MAP_REASONS, L.MAP_RULE_STATS, L.MAP_IFACES,
-                                                   L.MAP_FROM_NETS)}  # fmt: skip
+                                                   L.MAP_FROM_NETS, L.MAP_HOST_SESS, L.MAP_ADDR_STATS,
+                                                   L.MAP_RULE_LIVE, L.MAP_REFUSED)}  # fmt: skip
         # the REF devices' roles, as the backend writes them from Settings.inside/outside
         for dev, idx in net.ifindex.items():
             role = L.IFACE_INSIDE if dev in INSIDE else L.IFACE_OUTSIDE if dev in OUTSIDE else 0
@@ -135,11 +137,15 @@ class ProgHarness:
         # the recirculation device, as the backend writes it (held fragments go there)
         self.maps[L.MAP_IFACES].put(struct.pack("<I", L.RECIRC_KEY), struct.pack("<I", net.ifindex[L.RECIRC_DEV]))
         self.dbg = self.obj.map("snat_dbg") if "SNAT_TEST" in self.defines else None
+        self.clock = self.obj.map("snat_clock") if "SNAT_TEST" in self.defines else None
         self.fds = {side: self.obj.prog_fd(p) for side, p in PROGS.items()}
 
     def close(self) -> None:
         for m in self.maps.values():
             m.close()
+        for m in (self.dbg, self.clock):
+            if m is not None:
+                m.close()
         self.obj.close()
 
     def __enter__(self):
@@ -168,11 +174,14 @@ class ProgHarness:
             struct.pack_into("<I", c, _OFF_GSO_SEGS, 2)
         return bytes(c)
 
-    def run(self, side: str, ipv4: bytes, ingress: str, gso_size: int = 0) -> Run:
+    def run(self, side: str, ipv4: bytes, ingress: str, gso_size: int = 0, now: float | None = None) -> Run:
         """Run ``ipv4`` (no Ethernet header) through ``side`` as if it arrived on ``ingress``
-        (egress: the device it leaves by); ``gso_size``: as a GRO aggregate of such segments."""
+        (egress: the device it leaves by); ``gso_size``: as a GRO aggregate of such segments;
+        ``now``: the programs' clock in seconds (+ CLOCK_BASE, SNAT_TEST builds), else the real one."""
         if len(ipv4) < MIN_TESTABLE_IPV4:
             raise Untestable(f"test-run refuses IPv4 frames shorter than {MIN_TESTABLE_IPV4} bytes")
+        if self.clock is not None:
+            self.clock.put(0, struct.pack("<Q", 0 if now is None else int((now + CLOCK_BASE) * 1e9)))
         if self.dbg is not None:
             self.dbg.put(0, struct.pack("<IIII", _NONE, _NONE, 0, 0))
         with self.net.enter():
@@ -226,6 +235,28 @@ class ProgHarness:
                     tot[f] += n
             res[rid] = tot
         return res
+
+    def live_counts(self) -> dict[str, dict]:
+        """snat_host_sess / snat_addr_stats (by address) and snat_rule_live (by rule id):
+        key -> (sessions, refusals)."""
+        out = {}
+        for name in (L.MAP_HOST_SESS, L.MAP_ADDR_STATS, L.MAP_RULE_LIVE):
+            d = {}
+            for k, v in self.maps[name].items():
+                key = struct.unpack("<I", k)[0] if name == L.MAP_RULE_LIVE else IPv4Address(k)
+                c = L.LIVE_COUNT.unpack(v)
+                d[key] = (c["sessions"], c["refusals"])
+            out[name] = d
+        return out
+
+    def refused(self) -> dict[tuple, tuple]:
+        """Refusal markers: OUT key tuple -> (at in s of the test clock, SNAT address, reason)."""
+        out = {}
+        for k, v in self.maps[L.MAP_REFUSED].items():
+            m = L.REFUSAL.unpack(v)
+            out[_key_tuple(L.CT_KEY.unpack(k))] = (m["at"] / 1e9 - CLOCK_BASE, IPv4Address(m["addr"]),
+                                                   L.Reason(m["reason"]))  # fmt: skip
+        return out
 
     def zero_counters(self) -> None:
         for r in range(L.REASON_MAX):

@@ -94,7 +94,21 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 	return verdict_redirect(v, reason, e->ifindex, e->nexthop);
 }
 
-/* Steps 12-14: the SNAT address and port, and the session pair (IN key first: the port
+/* A refused new flow (step 13): +1 refusal for its host and its chosen address, and a
+ * refusal marker under its OUT key so its next packets cost one lookup.  Returns reason. */
+static __noinline int snat_refuse(const struct ct_key *out, __be32 addr, __u32 reason)
+{
+	struct refusal m = { .at = snat_now(), .addr = addr, .reason = reason };
+	__be32 host = out->saddr, a = addr;
+
+	live_add(&snat_host_sess, &host, 1);
+	live_add(&snat_addr_stats, &a, 1);
+	bpf_map_update_elem(&snat_refused, out, &m, BPF_ANY);
+	return reason;
+}
+
+/* Steps 12-14: the SNAT address, the host limit, the port search over the chosen address and
+ * (on_exhausted spill) the pool's next ones, and the session pair (IN key first: the port
  * search inserts it; then OUT, removing IN again when OUT fails).  0 when created, -2 when
  * another CPU created the same session meanwhile, else the DROP reason. */
 static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const struct pkt *p,
@@ -105,17 +119,25 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	struct route back = {};
 	struct ct_key out;
 	__be32 snat;
-	__u32 tries, mtu = 0;
+	__u32 tries, naddr, seed, mtu = 0;
 	long rc;
 
 	if (!sp)
 		return REASON_DROP_TABLE_FULL;
-	snat = snat_v4_select_addr(r, p);
 	ct_key_out(&out, p);
 	__builtin_memset(sp, 0, sizeof(*sp));
+	sp->pool_min = r->pool_min;
+	sp->pool_n = r->pool_max - r->pool_min + 1;
+	sp->idx = snat_v4_select_index(r, p);
+	snat = bpf_htonl(r->pool_min + sp->idx); /* the chosen address */
+	if (r->host_limit) {
+		struct live_count *hc = bpf_map_lookup_elem(&snat_host_sess, &out.saddr);
+
+		if (hc && hc->sessions >= r->host_limit)
+			return snat_refuse(&out, snat, REASON_DROP_HOST_LIMIT);
+	}
 	sp->in.saddr = p->daddr;
-	sp->in.daddr = snat;
-	sp->in.sport = p->proto == IPPROTO_ICMP_ ? 0 : p->dport;
+	sp->in.sport = out.dport;
 	sp->in.proto = p->proto;
 	sp->in.dir = CT_DIR_IN;
 	sp->val.peer = out;
@@ -137,18 +159,35 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 		sp->val.mtu = ct_mtu(mtu);
 	}
 	sp->val.last_seen = snat_now(); /* also the creation time of a half-inserted pair (GC) */
-	sp->c = (__u16)p->sport;
 	sp->min = cfg->port_min;
 	sp->n = cfg->port_max >= cfg->port_min ? (__u32)cfg->port_max - cfg->port_min + 1 : 0;
-	sp->err = -EEXIST;
 	tries = cfg->port_tries < SNAT_PORT_TRIES ? cfg->port_tries : SNAT_PORT_TRIES;
-	bpf_loop(tries, port_try_cb, NULL, 0);
+	if (tries > sp->n)
+		tries = sp->n; /* never more tries than ports */
+	sp->tries = tries;
+	naddr = 1;
+	if ((r->flags & RULE_F_SPILL) && tries) {
+		naddr = SNAT_SEARCH_TRIES / tries; /* the whole search stays within SNAT_SEARCH_TRIES */
+		if (naddr > sp->pool_n)
+			naddr = sp->pool_n;
+	}
+	/* rules.port_seed: the whole OUT key seeds the sequence after the first candidate */
+	seed = jhash_3words(out.saddr, out.daddr, ((__u32)(__u16)out.sport << 16) | (__u16)out.dport,
+			    out.proto);
+	if (sp->n) {
+		sp->first = ((__u32)(__u16)p->sport + 1) % sp->n;
+		sp->start = (__u32)(((__u64)seed * sp->n) >> 32);
+		sp->stride = port_strides[seed & (PORT_STRIDE_COUNT - 1)] % sp->n;
+	}
+	sp->err = -EEXIST;
+	bpf_loop(naddr * tries, port_try_cb, NULL, 0);
 	if (sp->err == -EEXIST)
-		return REASON_DROP_PORT_EXHAUSTED;
+		return snat_refuse(&out, snat, REASON_DROP_PORT_EXHAUSTED);
 	if (sp->err) /* -E2BIG: the table is full */
 		return REASON_DROP_TABLE_FULL;
 
 	/* OUT entry: reuse the IN entry's buffer, now describing the outbound direction */
+	snat = sp->in.daddr; /* the address the search found a port on */
 	sp->val.peer = sp->in;
 	sp->val.rw_addr = snat;
 	sp->val.rw_port = sp->in.dport;
@@ -164,6 +203,9 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 		bpf_map_delete_elem(&snat_ct, &sp->in); /* never leave half a pair */
 		return rc == -EEXIST ? -2 : REASON_DROP_TABLE_FULL; /* race: another CPU was first */
 	}
+	live_add(&snat_host_sess, &out.saddr, 0);
+	live_add(&snat_addr_stats, &snat, 0);
+	live_add(&snat_rule_live, &r->rule_id, 0);
 	return 0;
 }
 
@@ -235,6 +277,11 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 	e = ct_lookup4(&k);
 	if (e)
 		return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
+	/* step 6: a flow refused moments ago costs this one lookup, not another search */
+	struct refusal *m = bpf_map_lookup_elem(&snat_refused, &k);
+
+	if (m && snat_now() - m->at < SNAT_REFUSED_SECS * 1000000000ULL)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_REFUSED_RECENTLY);
 	int rc = snat_v4_new(skb, p, v);
 
 	if (rc >= 0)

@@ -97,8 +97,26 @@ struct {
 	__type(key, struct lpm_v4);
 	__type(value, __u32);
 } snat_from_nets SEC(".maps");
+/* Refusal markers: a refused new flow's OUT key -> when, why, which SNAT address (struct
+ * refusal), so its next packets for SNAT_REFUSED_SECS cost one lookup instead of a search.
+ * LRU: losing a marker only costs one more search. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SNAT_MAX_REFUSED);
+	__type(key, struct ct_key);
+	__type(value, struct refusal);
+} snat_refused SEC(".maps");
 
 #ifdef SNAT_TEST
+/* Test builds only: the clock (ns) the programs read when it is not 0, so the differential
+ * tests run the programs at the model's times (refusal markers, fragment timeouts). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} snat_clock SEC(".maps");
+
 /* Test builds only: the last packet's verdict, reason and redirect target, so that
  * BPF_PROG_TEST_RUN (which never performs the redirect) can be checked against the model.
  * Value: u32[4] = {verdict, reason, ifindex, nexthop (wire order)}. */

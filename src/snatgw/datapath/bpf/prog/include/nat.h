@@ -1,5 +1,5 @@
-/* Translation: the SNAT address choice (jhash lookup2, as rules.select_addr), the bounded port
- * search that inserts the session pair, and the rewrite of one address + port with TTL-1 and
+/* Translation: the SNAT address choice (jhash lookup2, as rules.select_index), the bounded port
+ * search (with spill-over to the pool's next addresses) that inserts the session pair, and the rewrite of one address + port with TTL-1 and
  * incremental checksums. */
 #pragma once
 #include <linux/ip.h>
@@ -9,14 +9,14 @@
 #include "jhash.h"
 #include "stats.h"
 
-/* rules.select_addr: h over raw wire words, address = pool_min + h * n / 2^32 */
-static __always_inline __be32 snat_v4_select_addr(const struct snat_rule *r, const struct pkt *p)
+/* rules.select_index: h over raw wire words, index = h * n / 2^32 (address = pool_min + index) */
+static __always_inline __u32 snat_v4_select_index(const struct snat_rule *r, const struct pkt *p)
 {
 	__u64 n = (__u64)r->pool_max - r->pool_min + 1;
 	__u32 b = 0, c = 0, h;
 
 	if (n <= 1)
-		return bpf_htonl(r->pool_min);
+		return 0;
 	if (r->algo == ALGO_SDH) {
 		b = p->daddr;
 	} else if (r->algo != ALGO_SH) { /* random: deterministic over (src, dst, sport) */
@@ -26,15 +26,21 @@ static __always_inline __be32 snat_v4_select_addr(const struct snat_rule *r, con
 		c = (port << 16) | port;
 	}
 	h = jhash_3words(p->saddr, b, c, 0);
-	return bpf_htonl(r->pool_min + (__u32)(((__u64)h * n) >> 32));
+	return (__u32)(((__u64)h * n) >> 32);
 }
 
 struct port_search {
-	struct ct_key in;     /* IN key; dport takes each candidate */
+	struct ct_key in;     /* IN key; daddr takes each address, dport each candidate */
 	struct ct_entry val;  /* IN entry to insert */
-	__u32 c;              /* raw source port (wire bytes read as a u16) */
 	__u32 n;              /* ports in [port_min, port_max] */
-	__u32 min;
+	__u32 min;            /* port_min */
+	__u32 first;          /* offset of the first candidate: (c + 1) mod n */
+	__u32 start;          /* offset where the per-flow sequence starts */
+	__u32 stride;         /* its stride, coprime to n */
+	__u32 tries;          /* candidates per address: min(port_tries, n) */
+	__u32 pool_min;       /* the rule's first address, host order */
+	__u32 pool_n;         /* addresses in the pool */
+	__u32 idx;            /* index of the chosen address */
 	long err;             /* last insert result */
 };
 
@@ -55,16 +61,34 @@ static __always_inline struct port_search *port_search_get(void)
 	return bpf_map_lookup_elem(&snat_scratch, &zero);
 }
 
-/* rules.port_candidates: try port_min + ((c + i) mod n) for i = 1..tries */
+/* rules.port_candidates over rules.spill_order: try i is candidate j = i mod tries on the
+ * (i / tries)-th address after the chosen one.  Candidate 0 is the original's (c + 1) mod n;
+ * then start + (j - 1) * stride mod n, the first candidate's slot replaced by the sequence's
+ * last.  A lock-free lookup before each insert: a taken port costs no bucket lock. */
 static long port_try_cb(__u32 i, void *ctx)
 {
 	struct port_search *s = port_search_get();
+	__u32 k, j, o;
 
-	if (!s || s->n == 0)
+	if (!s || s->tries == 0 || s->n == 0 || s->pool_n == 0)
 		return 1;
-	s->in.dport = bpf_htons((__u16)(s->min + ((s->c + i + 1) % s->n)));
+	k = i / s->tries;
+	j = i - k * s->tries;
+	if (j == 0) {
+		s->in.daddr = bpf_htonl(s->pool_min + (s->idx + k) % s->pool_n);
+		o = s->first;
+	} else {
+		o = (__u32)(((__u64)s->start + (__u64)(j - 1) * s->stride) % s->n);
+		if (o == s->first)
+			o = (__u32)(((__u64)s->start + (__u64)(s->n - 1) * s->stride) % s->n);
+	}
+	s->in.dport = bpf_htons((__u16)(s->min + o));
+	if (bpf_map_lookup_elem(&snat_ct, &s->in)) {
+		s->err = -EEXIST;
+		return 0; /* taken: the next candidate */
+	}
 	s->err = bpf_map_update_elem(&snat_ct, &s->in, &s->val, BPF_NOEXIST);
-	return s->err != -EEXIST; /* taken: try the next candidate */
+	return s->err != -EEXIST; /* -EEXIST: another CPU took it since the lookup */
 }
 
 /* Rewrite saddr+sport (is_src) or daddr+dport, TTL-1 (unless to_kernel: the kernel forwards

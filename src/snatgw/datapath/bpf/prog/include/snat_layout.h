@@ -33,6 +33,15 @@
 #ifndef SNAT_MAX_FROM_NETS
 #define SNAT_MAX_FROM_NETS 16384
 #endif
+#ifndef SNAT_MAX_REFUSED
+#define SNAT_MAX_REFUSED 65536
+#endif
+#ifndef SNAT_SEARCH_TRIES
+#define SNAT_SEARCH_TRIES 2048
+#endif
+#ifndef SNAT_REFUSED_SECS
+#define SNAT_REFUSED_SECS 2
+#endif
 #ifndef SNAT_PORT_TRIES
 #define SNAT_PORT_TRIES 1024 /* port search bound */
 #endif
@@ -42,6 +51,8 @@
 #define RULE_F_GW 1
 #define RULE_F_OIF 2
 #define RULE_F_NEW_GW 4
+#define RULE_F_SPILL 8
+#define PORT_STRIDE_COUNT 64
 #define CT_F_REPLIED 1
 #define CT_F_NEW_GW 2
 #define CFG_F_UNMATCHED_DROP 1
@@ -105,6 +116,8 @@ enum reason {
 	REASON_XLATE_IN_TTL = 44,
 	REASON_XLATE_IN_FRAG_NEEDED = 45,
 	REASON_FRAG_HELD = 46,
+	REASON_DROP_REFUSED_RECENTLY = 32,
+	REASON_DROP_HOST_LIMIT = 33,
 };
 
 enum algo {
@@ -164,6 +177,17 @@ static const __u8 tcp_fsm[3][4][11] = {
 	},
 };
 
+/* strides of the port search (layout.PORT_STRIDES) */
+static const __u32 port_strides[64] = {
+	65537, 65539, 65543, 65551, 65557, 65563, 65579, 65581, 65587, 65599,
+	65609, 65617, 65629, 65633, 65647, 65651, 65657, 65677, 65687, 65699,
+	65701, 65707, 65713, 65717, 65719, 65729, 65731, 65761, 65777, 65789,
+	65809, 65827, 65831, 65837, 65839, 65843, 65851, 65867, 65881, 65899,
+	65921, 65927, 65929, 65951, 65957, 65963, 65981, 65983, 65993, 66029,
+	66037, 66041, 66047, 66067, 66071, 66083, 66089, 66103, 66107, 66109,
+	66137, 66161, 66169, 66173,
+};
+
 /* one direction of a session (wire order) */
 struct ct_key {
 	__be32 saddr; /* source address */
@@ -207,8 +231,9 @@ struct snat_rule {
 	__u8 algo; /* enum algo */
 	__u8 flags; /* RULE_F_* */
 	__u16 pad; /* zero */
+	__u32 host_limit; /* max_sessions_per_host in effect (0 = none) */
 };
-_Static_assert(sizeof(struct snat_rule) == 44, "snat_rule size");
+_Static_assert(sizeof(struct snat_rule) == 48, "snat_rule size");
 
 /* global settings the datapath reads per new flow */
 struct snat_cfg {
@@ -239,6 +264,14 @@ struct frag_entry {
 	__u64 created; /* bpf_ktime_get_ns() */
 };
 _Static_assert(sizeof(struct frag_entry) == 24, "frag_entry size");
+
+/* a refusal marker: when, why, at which SNAT address */
+struct refusal {
+	__u64 at; /* snat_now() of the refusal */
+	__be32 addr; /* the SNAT address chosen (the last one tried) */
+	__u32 reason; /* enum reason of the refusal */
+};
+_Static_assert(sizeof(struct refusal) == 16, "refusal size");
 
 /* per-rule counters (per CPU) */
 struct rule_stats {

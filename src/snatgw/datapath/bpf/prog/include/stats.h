@@ -29,6 +29,28 @@ static __always_inline void stats_rule(__u32 rule_id, __u32 bytes, int new_sessi
 	bpf_map_update_elem(&snat_rule_stats, &rule_id, &init, BPF_NOEXIST);
 }
 
+/* Live counts (struct live_count) of an inside host, SNAT address or rule: +1 session or +1
+ * refusal, atomically; the entry is made (NOEXIST) on first use.  The expiry sweep recounts
+ * sessions.  A full map (or a lost race on the first insert, retried once) drops the count. */
+static __always_inline void live_add(void *map, const void *key, int refusal)
+{
+	struct live_count *c = bpf_map_lookup_elem(map, key);
+
+	if (!c) {
+		struct live_count init = { .sessions = !refusal, .refusals = !!refusal };
+
+		if (bpf_map_update_elem(map, key, &init, BPF_NOEXIST) == 0)
+			return;
+		c = bpf_map_lookup_elem(map, key); /* another CPU made it first */
+		if (!c)
+			return;
+	}
+	if (refusal)
+		__sync_fetch_and_add(&c->refusals, 1);
+	else
+		__sync_fetch_and_add(&c->sessions, 1);
+}
+
 /* What a program decided about a packet: enum verdict, enum reason, redirect target. */
 struct snat_res {
 	__u32 verdict;
@@ -58,6 +80,13 @@ static __always_inline int verdict_redirect(struct snat_res *v, __u32 reason, __
  * timeouts it feeds are whole seconds.  SNAT_FINE_CLOCK builds use the precise clock. */
 static __always_inline __u64 snat_now(void)
 {
+#ifdef SNAT_TEST
+	__u32 zero = 0;
+	__u64 *fake = bpf_map_lookup_elem(&snat_clock, &zero);
+
+	if (fake && *fake)
+		return *fake;
+#endif
 #ifdef SNAT_FINE_CLOCK
 	return bpf_ktime_get_ns();
 #else
