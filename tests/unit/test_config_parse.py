@@ -228,7 +228,14 @@ def test_single_port_range_and_unmatched_pass():
         ("snatgw {\n  insde lan40\n}", "t.conf:2", "insde", "expected one of inside, outside, port_range"),
         ("snatgw {\n  port_range 70000\n}", "t.conf:2", "port_range", "1..65535"),
         ("snatgw {\n  port_range 9000-8000\n}", "t.conf:2", "port_range", "MIN <= MAX"),
-        ("snatgw {\n  port_tries 0\n}", "t.conf:2", "port_tries", "integer 1..65536"),
+        ("snatgw {\n  port_tries 0\n}", "t.conf:2", "port_tries", "integer 1..1024"),
+        ("snatgw {\n  port_tries 1025\n}", "t.conf:2", "port_tries", "integer 1..1024"),
+        ("snatgw {\n  on_exhausted evict\n}", "t.conf:2", "on_exhausted", "one of spill, drop"),
+        ("snatgw {\n  max_sessions_per_host -1\n}", "t.conf:2", "max_sessions_per_host", "integer 0..4294967295"),
+        ("virtual_server fwmark 1 {\n snat_rule {\n  from 10.0.0.0/8 snat_ip 198.19.2.71\n"
+         "  on_exhausted maybe\n }\n}", "t.conf:4", "on_exhausted", "expected spill or drop"),
+        ("virtual_server fwmark 1 {\n snat_rule {\n  from 10.0.0.0/8 snat_ip 198.19.2.71\n"
+         "  max_sessions_per_host lots\n }\n}", "t.conf:4", "max_sessions_per_host", "0..4294967295"),
         ("snatgw {\n  max_sessions many\n}", "t.conf:2", "max_sessions", "integer"),
         ("snatgw {\n  unmatched reject\n}", "t.conf:2", "unmatched", "pass, drop"),
         ("snatgw {\n  backend ipvs\n}", "t.conf:2", "backend", "bpf, nft"),

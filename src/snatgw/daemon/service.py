@@ -30,6 +30,8 @@ RATE_INTERVAL = 2.0  # seconds between counter samples for `adm --rate`
 #: most sessions one `sessions` reply carries (the CLI streams listings itself; this op must not
 #: make the daemon hold a million of them)
 MAX_SESSIONS_REPLY = 100_000
+REFUSAL_LOG_INTERVAL = 10.0  # seconds: each (inside host, SNAT address) with refusals is logged once
+REFUSAL_LOG_LINES = 50  # at most this many such lines per interval, then one summary line
 
 
 def load_config(path: str | None = None, text: str | None = None, overrides: dict | None = None,
@@ -87,6 +89,8 @@ class Service:
         self.hooks_restored = 0  # datapath hooks put back after someone removed them
         self.errors = 0  # failed GC ticks and hook checks since start
         self.last_reload: dict | None = None  # {"ok": bool, "error": str|None, "at": unix time}
+        self._refusals_at: float | None = None  # when refusals were last looked at
+        self._refusal_seen: set[tuple] = set()  # the markers the last look found (bounded by the map)
         self.addresses = AddressManager(self.log)
         self.last_apply: dict | None = None  # the last reload or adm batch: when, what, result
         self.failed_links: set[str] = set()  # links whose rules run on their backups (LinkMonitor)
@@ -204,6 +208,7 @@ class Service:
                     self._samples = (self._samples + [(t, sample.as_dict())])[-2:]
                 except SnatgwError as e:
                     self.log.warning("stats_failed", error=str(e))
+            self._log_refusals(t)
         if n:
             self.log.debug("expired", sessions=n)
         return n
@@ -231,6 +236,32 @@ class Service:
                 self.errors += 1
                 msg = str(e) if isinstance(e, SnatgwError) else repr(e)
                 self.log.error(f"{name}_failed", error=msg, errors=self.errors)
+    def _log_refusals(self, t: float) -> None:
+        """Every REFUSAL_LOG_INTERVAL: one warning per (inside host, SNAT address) whose new
+        flows were refused since the last look (from the refusal markers, not per packet)."""
+        get = getattr(self.backend, "refusals", None)
+        if get is None or (self._refusals_at is not None and t - self._refusals_at < REFUSAL_LOG_INTERVAL):
+            return
+        self._refusals_at = t
+        try:
+            markers = get()
+        except SnatgwError as e:
+            self.log.warning("refusals_failed", error=str(e))
+            return
+        seen = {(m["host"], m["remote"], m["sport"], m["dport"], m["proto"], m["at"]) for m in markers}
+        pairs: dict[tuple[str, str], list] = {}
+        for m in markers:  # new since the last look: not there then, or refused again (new time)
+            if (m["host"], m["remote"], m["sport"], m["dport"], m["proto"], m["at"]) in self._refusal_seen:
+                continue
+            p = pairs.setdefault((m["host"], m["addr"]), [0, m["reason"]])
+            p[0] += 1
+        for i, ((host, addr), (flows, reason)) in enumerate(sorted(pairs.items(), key=lambda kv: -kv[1][0])):
+            if i == REFUSAL_LOG_LINES:
+                self.log.warning("refused_more", pairs=len(pairs) - i, interval=REFUSAL_LOG_INTERVAL)
+                break
+            self.log.warning("refused", host=host, snat_addr=addr, flows=flows, reason=reason,
+                             interval=REFUSAL_LOG_INTERVAL)  # fmt: skip
+        self._refusal_seen = seen
 
     # ------------------------------------------------------------------ queries
     def status(self) -> dict:

@@ -104,13 +104,32 @@ class Stats:
     reasons: dict[str, int] = field(default_factory=dict)
     rules: dict[int, RuleCounters] = field(default_factory=dict)
     sessions: int = 0
+    pressure: dict = field(default_factory=dict)  # pressure_summary(); {} when not known
 
     def as_dict(self) -> dict:
         return {
             "sessions": self.sessions,
             "reasons": dict(self.reasons),
             "rules": {str(k): asdict(v) for k, v in self.rules.items()},
+            **({"pressure": self.pressure} if self.pressure else {}),
         }
+
+
+def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int, top: int = 10) -> dict:
+    """Port pressure as `stats` shows it: the table's fill, sessions and refusals per SNAT
+    address (every one), the ``top`` inside hosts by sessions (then refusals).  ``hosts`` and
+    ``addrs``: address text -> (sessions, refusals), as the live-count maps hold them."""
+    def rows(d: dict, name: str) -> list[dict]:
+        return [{name: k, "sessions": int(s), "refusals": int(r)} for k, (s, r) in d.items()]
+
+    hs = sorted(rows(hosts, "host"), key=lambda r: (-r["sessions"], -r["refusals"], r["host"]))
+    return {
+        "table": {"sessions": sessions, "max_sessions": max_sessions,
+                  "fill": round(sessions / max_sessions, 4) if max_sessions else None},
+        "addresses": sorted(rows(addrs, "addr"), key=lambda r: tuple(int(x) for x in r["addr"].split("."))),
+        "hosts": hs[:top],
+        "hosts_total": len(hs),
+    }
 
 
 class Backend(Protocol):

@@ -13,7 +13,7 @@ import time
 from typing import Callable, Iterable
 
 from ..errors import BackendError
-from .backend import RuleCounters, Stats
+from .backend import RuleCounters, Stats, pressure_summary
 
 
 def parse_chaos(spec: str | Iterable[str] | None) -> dict[str, int]:
@@ -89,7 +89,17 @@ class FakeBackend:
         reasons = {r.name: int(n) for r, n in eng.reasons.items() if n}
         rules = {int(k): v if isinstance(v, RuleCounters) else RuleCounters(int(k), *v)
                  for k, v in eng.rule_stats.items()}
-        return Stats(reasons=reasons, rules=rules, sessions=len(eng.sessions(self.clock())))
+        n = len(eng.sessions(self.clock()))
+        pressure = pressure_summary({str(k): (c.sessions, c.refusals) for k, c in eng.host_live.items()},
+                                    {str(k): (c.sessions, c.refusals) for k, c in eng.addr_live.items()},
+                                    n, eng.settings.max_sessions)  # fmt: skip
+        return Stats(reasons=reasons, rules=rules, sessions=n, pressure=pressure)
+
+    def refusals(self) -> list[dict]:
+        """The model's refusal markers, as the bpf backend lists them (``at`` in ns)."""
+        return [{"host": str(k.saddr), "remote": str(k.daddr), "sport": k.sport, "dport": k.dport,
+                 "proto": k.proto, "addr": str(m.addr), "at": int(m.at * 1e9), "reason": m.reason.name}
+                for k, m in self._need().refused.items()]  # fmt: skip
 
     def flush(self, rule_id: int | None = None, inside=None, nat=None) -> int:
         self._enter("flush")

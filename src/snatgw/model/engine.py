@@ -12,7 +12,7 @@ from ..config.schema import Settings
 from ..datapath.backend import RuleCounters, Session
 from ..layout import CT_F_NEW_GW, CT_F_REPLIED, ICMP_ECHO, ICMP_ECHOREPLY, IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
-from ..layout import FRAG_HOLD, RECIRC_DEV, REFUSED_SECS, Verdict
+from ..layout import FRAG_HOLD, MAX_REFUSED, RECIRC_DEV, REFUSED_SECS, Verdict
 from ..config.schema import rule_host_limit, rule_spill
 from ..rules import Route, Rule, RuleSet, port_candidates, port_seed, select_index, spill_order
 from .conntrack import CtEntry, CtKey, CtPair, CtTable, in_key, initial_state, is_expired, out_key, tcp_update
@@ -206,6 +206,9 @@ class Engine:
         (refusal marker) so its next packets cost one lookup."""
         self._live(self.host_live, okey.saddr).refusals += 1
         self._live(self.addr_live, addr).refusals += 1
+        self.refused.pop(okey, None)  # an LRU of MAX_REFUSED markers, as snat_refused
+        if len(self.refused) >= MAX_REFUSED:
+            del self.refused[next(iter(self.refused))]
         self.refused[okey] = Refusal(now, addr, reason)
         return Result(Verdict.DROP, reason, pkt, rule=rule)
 
@@ -440,8 +443,6 @@ class Engine:
         for k in gone:
             self.table.remove(k)
         self.frags.expire(now)
-        for k in [k for k, m in self.refused.items() if now - m.at >= REFUSED_SECS]:
-            del self.refused[k]
         return len(gone)
 
     def flush(self, rule_id: int | None = None, inside: IPv4Address | None = None,

@@ -137,6 +137,10 @@ def format_stats(rules: list[dict], stats: dict, exact: bool = False, rate: dict
         tot = [a + b for a, b in zip(tot, vals)]
         rows.append(f"  -> #{r['priority']:<3} {' '.join(largenum(v, exact) for v in vals)}  {r['text']}")
     lines.append(f"{f'FWM  {FWMARK}':<33} {' '.join(largenum(v, exact) for v in tot)}")
+    if rate is None and stats.get("pressure"):  # port pressure: table fill, per address, top hosts
+        from .stats import render_pressure
+
+        rows += [""] + render_pressure(stats["pressure"])[:-1]
     return "\n".join(lines + rows)
 
 

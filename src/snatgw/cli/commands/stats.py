@@ -1,4 +1,6 @@
-"""`snatgw stats`: counters per rule (packets, bytes, sessions, with the rule) and per reason."""
+"""`snatgw stats`: counters per rule (packets, bytes, sessions, with the rule) and per reason,
+and the port pressure: the table's fill, sessions and refusals per SNAT address, the inside
+hosts with the most sessions."""
 
 from __future__ import annotations
 
@@ -34,7 +36,26 @@ def summarize(stats: dict, rules: list[dict], all_reasons: bool = False) -> dict
     reasons.update({k: int(v) for k, v in stats.get("reasons", {}).items() if k not in reasons})
     if not all_reasons:
         reasons = {k: v for k, v in reasons.items() if v}
-    return {"sessions": stats.get("sessions", 0), "rules": out_rules, "reasons": reasons}
+    out = {"sessions": stats.get("sessions", 0), "rules": out_rules, "reasons": reasons}
+    if stats.get("pressure"):
+        out["pressure"] = stats["pressure"]
+    return out
+
+
+def render_pressure(p: dict) -> list[str]:
+    """The pressure part of `stats` (and `adm -L --stats`) as text lines."""
+    t = p.get("table", {})
+    fill = f" ({100 * t['fill']:.1f}% full)" if t.get("fill") is not None else ""
+    out = [f"session table: {t.get('sessions', 0)} of {t.get('max_sessions', '?')}{fill}", ""]
+    if p.get("addresses"):
+        out += [table([[a["addr"], a["sessions"], a["refusals"]] for a in p["addresses"]],
+                      ("SNAT address", "sessions", "refusals")), ""]  # fmt: skip
+    if p.get("hosts"):
+        out.append(table([[h["host"], h["sessions"], h["refusals"]] for h in p["hosts"]],
+                         (f"inside host (top {len(p['hosts'])} of {p.get('hosts_total', len(p['hosts']))})",
+                          "sessions", "refusals")))  # fmt: skip
+        out.append("")
+    return out
 
 
 def run(args) -> int:
@@ -49,6 +70,8 @@ def run(args) -> int:
                  for r in s["rules"]],
                 ("rule", "packets", "bytes", "sessions", "text")))
     print()
+    if s.get("pressure"):
+        print("\n".join(render_pressure(s["pressure"])))
     print(table([[k, v] for k, v in s["reasons"].items()], ("reason", "packets")) if s["reasons"]
           else "reasons: all zero")
     return 0

@@ -19,7 +19,7 @@ from typing import Callable
 from ... import layout as L
 from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
-from ..backend import Session, Stats
+from ..backend import Session, Stats, pressure_summary
 from . import libbpf as B
 from .loader import Loader, ifindex
 from .maps import CT_KEY, DatapathMaps, monotonic_ns
@@ -518,7 +518,15 @@ class BpfBackend:
         """Counters and the live session count, from the count maps (the sweep keeps them
         exact; between sweeps the datapath's increments at creation): no table read."""
         m = self._m()
-        return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=m.live_total())
+        live = m.pressure_counts()
+        total = m.live_total()
+        # the table's room as the map has it (a reader of pins does not know the settings)
+        pressure = pressure_summary(live[L.MAP_HOST_SESS], live[L.MAP_ADDR_STATS], total, m.ct.max_entries // 2)
+        return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=total, pressure=pressure)
+
+    def refusals(self) -> list[dict]:
+        """The refusal markers (DatapathMaps.refusal_markers): recently refused new flows."""
+        return self._m().refusal_markers()
 
     def counters(self) -> Stats:
         """stats() without the session count (the daemon samples these for rates)."""

@@ -358,6 +358,32 @@ class DatapathMaps:
             out[rid] = RuleCounters(rid, **tot)
         return out
 
+    def pressure_counts(self) -> dict[str, dict]:
+        """The live-count maps: MAP_HOST_SESS and MAP_ADDR_STATS by dotted address,
+        MAP_RULE_LIVE by rule id; each value (sessions, refusals)."""
+        out: dict[str, dict] = {}
+        for name in (L.MAP_HOST_SESS, L.MAP_ADDR_STATS, L.MAP_RULE_LIVE):
+            d = {}
+            for k, v in self.maps[name].items():
+                key = _U32.unpack(k)[0] if name == L.MAP_RULE_LIVE else str(IPv4Address(k))
+                c = L.LIVE_COUNT.unpack(v)
+                d[key] = (c["sessions"], c["refusals"])
+            out[name] = d
+        return out
+
+    def refusal_markers(self) -> list[dict]:
+        """The refusal markers: host, remote, ports, proto, the chosen SNAT address, reason
+        name and ``at`` (ns, the programs' clock)."""
+        out = []
+        for k, v in self.maps[L.MAP_REFUSED].items():
+            key, m = CT_KEY.unpack(k), L.REFUSAL.unpack(v)
+            out.append({"host": _ip(key["saddr"]), "remote": _ip(key["daddr"]), "sport": key["sport"],
+                        "dport": key["dport"], "proto": _PROTO_NAMES.get(key["proto"], str(key["proto"])),
+                        "addr": _ip(m["addr"]), "at": m["at"],
+                        "reason": L.Reason(m["reason"]).name if m["reason"] in L.Reason._value2member_map_
+                        else str(m["reason"])})  # fmt: skip
+        return out
+
     def zero(self) -> None:
         zero = bytes(8)
         for r in range(L.REASON_MAX):

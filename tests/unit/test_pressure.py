@@ -1,0 +1,109 @@
+"""Port pressure made visible (issue 11 item 5), against the in-process daemon on the model
+(FakeBackend): `stats` (text and --json) and `adm -L --stats` show the table's fill, sessions
+and refusals per SNAT address and the busiest inside hosts; refusals are logged once per
+(inside host, SNAT address) per interval, not per packet."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+
+import pytest
+from scapy.all import IP, UDP
+
+from snatgw.cli.commands import adm as admcli
+from snatgw.cli.main import main as cli
+from snatgw.daemon.service import REFUSAL_LOG_INTERVAL
+
+ONE_PORT = "port_range 5000-65535"
+
+
+@pytest.fixture
+def pressed(tmpdir_short):
+    """A daemon whose SNAT port range is one port (6000): every address is full after one
+    flow toward a remote endpoint."""
+    from test_daemon import LAB, Running
+
+    conf = tmpdir_short / "one-port.conf"
+    conf.write_text(LAB.read_text().replace(ONE_PORT, "port_range 6000"))
+    r = Running(tmpdir_short, conf=conf)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def send(r, src: str, sport: int, dst: str = "203.0.113.10", dport: int = 53):
+    return r.backend.process(bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=dport)), "inside", "lan40")
+
+
+def run_cli(argv: list[str]) -> str:
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert cli(argv) == 0
+    return buf.getvalue()
+
+
+def test_stats_show_sessions_and_refusals_per_address_and_host(pressed):
+    """Four flows of one host to one server through a 3-address sdh pool with one port: three
+    spill over the addresses, the fourth is refused; stats say so per address and host."""
+    got = [send(pressed, "198.18.40.10", sp).reason.name for sp in (1, 2, 3, 4, 4)]
+    assert got == ["XLATE_NEW"] * 3 + ["DROP_PORT_EXHAUSTED", "DROP_REFUSED_RECENTLY"]
+    p = json.loads(run_cli(["stats", "--json", "--socket", pressed.sock]))["pressure"]
+    assert p["table"] == {"sessions": 3, "max_sessions": 262144, "fill": round(3 / 262144, 4)}
+    assert p["addresses"] == [
+        {"addr": "198.19.2.71", "sessions": 1, "refusals": 0},
+        {"addr": "198.19.2.72", "sessions": 1, "refusals": 1},  # the sdh choice: refused there
+        {"addr": "198.19.2.73", "sessions": 1, "refusals": 0},
+    ]
+    assert p["hosts"] == [{"host": "198.18.40.10", "sessions": 3, "refusals": 1}] and p["hosts_total"] == 1
+    text = run_cli(["stats", "--socket", pressed.sock])
+    assert "session table: 3 of 262144" in text
+    assert any(line.split() == ["198.19.2.72", "1", "1"] for line in text.splitlines())
+    assert any(line.split() == ["198.18.40.10", "3", "1"] for line in text.splitlines())
+    out = io.StringIO()
+    assert admcli.main(["-L", "--stats", "--socket", pressed.sock], stdout=out) == 0
+    assert "SNAT address" in out.getvalue() and "198.19.2.72" in out.getvalue()
+
+
+def test_hosts_are_listed_busiest_first_and_cut_to_the_top(pressed):
+    """Twelve hosts: stats list the ten with the most sessions, busiest first, and the total."""
+    for i in range(12):
+        for sp in range(i % 3 + 1):
+            send(pressed, f"198.18.40.{20 + i}", 100 + sp, dport=1000 + i * 10 + sp)
+    p = pressed.req(op="stats")["stats"]["pressure"]
+    assert p["hosts_total"] == 12 and len(p["hosts"]) == 10
+    assert [h["sessions"] for h in p["hosts"]] == sorted((h["sessions"] for h in p["hosts"]), reverse=True)
+    assert p["hosts"][0]["sessions"] == 3
+
+
+def refused_lines(r) -> list[str]:
+    return [line for line in r.log.lines if "event=refused" in line]
+
+
+def test_refusals_are_logged_once_per_host_and_address_per_interval(pressed):
+    """A host whose flows are refused many times is one log line per interval (with how many
+    flows), not a line per packet; nothing new, nothing logged; new refusals, a new line."""
+    send(pressed, "198.18.40.10", 1)
+    send(pressed, "198.18.40.10", 2)
+    send(pressed, "198.18.40.10", 3)
+    for sp in range(4, 40):  # 36 refused flows, each twice
+        send(pressed, "198.18.40.10", sp)
+        send(pressed, "198.18.40.10", sp)
+    send(pressed, "198.18.40.11", 99, dport=54)  # another host, another server: fine
+    pressed.service.gc()
+    lines = refused_lines(pressed)
+    assert len(lines) == 1
+    assert "host=198.18.40.10" in lines[0] and "snat_addr=198.19.2.72" in lines[0] and "flows=36" in lines[0]
+    for sp in range(40, 45):
+        send(pressed, "198.18.40.10", sp)
+    pressed.clock.t += 1
+    pressed.service.gc()
+    assert len(refused_lines(pressed)) == 1  # within the interval: nothing more yet
+    pressed.clock.t += REFUSAL_LOG_INTERVAL
+    pressed.service.gc()
+    assert len(refused_lines(pressed)) == 2 and "flows=5" in refused_lines(pressed)[-1]
+    pressed.clock.t += REFUSAL_LOG_INTERVAL
+    pressed.service.gc()
+    assert len(refused_lines(pressed)) == 2  # no new refusals: no line
