@@ -107,3 +107,24 @@ def test_refusals_are_logged_once_per_host_and_address_per_interval(pressed):
     pressed.clock.t += REFUSAL_LOG_INTERVAL
     pressed.service.gc()
     assert len(refused_lines(pressed)) == 2  # no new refusals: no line
+
+
+def test_explain_says_which_address_and_why_and_reads_the_live_table(pressed, tmpdir_short):
+    """explain names the sdh choice and the spill order; with --live it judges the search
+    against the running sessions: the chosen address is full, the flow would spill to .73."""
+    conf = str(tmpdir_short / "one-port.conf")
+    args = ["explain", conf, "--proto", "udp", "--src", "198.18.40.10:2", "--dst", "203.0.113.10:53",
+            "--oif", "eth1", "--gw", "198.19.2.1", "--json"]  # fmt: skip
+    d = json.loads(run_cli(args))
+    assert d["address"]["chosen"] == "198.19.2.72" and d["address"]["order"] == [
+        "198.19.2.72", "198.19.2.73", "198.19.2.71"]
+    assert d["snat"] == {"addr": "198.19.2.72", "port": 6000} and d["live_sessions"] is None
+    send(pressed, "198.18.40.10", 1)  # takes .72:6000 toward 203.0.113.10:53
+    d = json.loads(run_cli(args + ["--live", "--socket", pressed.sock]))
+    assert d["snat"] == {"addr": "198.19.2.73", "port": 6000} and d["live_sessions"] == 1
+    send(pressed, "198.18.40.10", 3)
+    send(pressed, "198.18.40.10", 4)
+    d = json.loads(run_cli(args + ["--live", "--socket", pressed.sock]))
+    assert d["reason"] == "DROP_PORT_EXHAUSTED" and d["live_sessions"] == 3
+    text = run_cli(args[:-1] + ["--live", "--socket", pressed.sock])
+    assert "judged against the live table of 3 sessions" in text

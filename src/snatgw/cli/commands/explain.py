@@ -239,11 +239,62 @@ class KernelRouter:
 # --------------------------------------------------------------------------- the explanation
 
 
-def _model_result(cfg, pkt: bytes, router, ingress: str):
-    """Engine.process of the reference model on a fresh engine (no sessions yet)."""
+def _model_result(cfg, pkt: bytes, router, ingress: str, live: list[dict] | None = None):
+    """Engine.process of the reference model on a fresh engine (no sessions yet), or, with
+    ``live`` (the running gateway's sessions), on one whose ports and host counts are taken
+    as they are there."""
     from ...model import Engine
 
-    return Engine(cfg.rules, cfg.settings, router).process(pkt, side="inside", ingress=ingress, now=0.0)
+    e = Engine(cfg.rules, cfg.settings, router)
+    if live:
+        occupy(e, live)
+    return e.process(pkt, side="inside", ingress=ingress, now=0.0)
+
+
+def _endpoint(text: str) -> tuple[IPv4Address, int]:
+    host, _, port = str(text).rpartition(":")
+    return IPv4Address(host), int(port or 0)
+
+
+def occupy(engine, sessions: list[dict]) -> None:
+    """Put the running gateway's sessions (Session.as_dict) into a model engine: each one's
+    external tuple is taken and its inside host counted, as the live table has them."""
+    from ...model.conntrack import CtEntry, in_key, out_key
+
+    for s in sessions:
+        proto = PROTOS.get(s.get("proto"))
+        if proto is None:
+            continue
+        (src, sport), (dst, dport), (nat, nport) = (_endpoint(s[k]) for k in ("inside", "remote", "nat"))
+        ok = out_key(src, dst, sport, dport, proto)
+        ik = in_key(dst, nat, 0 if proto == IPPROTO_ICMP else dport, nport, proto)
+        rid = int(s.get("rule_id") or 0)
+        engine.table.insert(ik, CtEntry(peer=ok, rw_addr=src, rw_port=sport, oif="", nexthop=None, rule_id=rid,
+                                        mtu=1500, last_seen=0.0))  # fmt: skip
+        engine.table.insert(ok, CtEntry(peer=ik, rw_addr=nat, rw_port=nport, oif="", nexthop=None, rule_id=rid,
+                                        mtu=1500, last_seen=0.0))  # fmt: skip
+        engine._live(engine.host_live, src).sessions += 1
+
+
+def address_choice(cfg, rule, s: "Summary") -> dict:
+    """Which SNAT address the rule's algorithm picks for the packet, and the order the
+    search takes (docs/datapath.md steps 12-13)."""
+    from ...config.schema import rule_host_limit, rule_spill
+    from ...rules import select_index, spill_order
+
+    st = cfg.settings
+    n = st.port_max - st.port_min + 1
+    tries = max(0, min(st.port_tries, n))
+    first = select_index(rule.pool, rule.algo, s.src, s.dst, s.sport)
+    spill = rule_spill(rule, st)
+    order = spill_order(rule.pool, first, spill, tries)
+    how = {"sh": "hash of the source", "sdh": "hash of source and destination",
+           "random": "hash of source, destination and source port"}[rule.algo.label]  # fmt: skip
+    return {
+        "chosen": str(order[0]), "index": first, "pool_size": rule.pool.size, "how": how,
+        "on_exhausted": "spill" if spill else "drop", "order": [str(a) for a in order],
+        "port_tries": tries, "max_sessions_per_host": rule_host_limit(rule, st),
+    }  # fmt: skip
 
 
 def _short(w: str, why: list) -> str:
@@ -254,13 +305,14 @@ def _short(w: str, why: list) -> str:
     return f"would match, but #{n} ({r.where}) comes first"
 
 
-def explain_packet(cfg, pkt: bytes, router, ingress: str) -> dict:
-    """The explanation of one inside packet as a JSON-ready dict (see `snatgw explain --help`)."""
+def explain_packet(cfg, pkt: bytes, router, ingress: str, live: list[dict] | None = None) -> dict:
+    """The explanation of one inside packet as a JSON-ready dict (see `snatgw explain --help`);
+    ``live``: the running gateway's sessions, to judge the port search against."""
     s = summarize(pkt)
     fib = router.lookup(s.dst, s.src)
     route = Route(fib.oif, fib.gw) if fib.kind == "forward" else None
     winner, why = cfg.rules.explain(s.src, s.dst, route)
-    res = _model_result(cfg, pkt, router, ingress)
+    res = _model_result(cfg, pkt, router, ingress, live)
     verdict, reason, rule = Verdict(res.verdict), Reason(res.reason), res.rule
     # the model gives oif/nexthop only for a REDIRECT; otherwise the kernel routes as the FIB says
     oif = res.oif if res.oif is not None else fib.oif
@@ -290,6 +342,8 @@ def explain_packet(cfg, pkt: bytes, router, ingress: str) -> dict:
         "next_hop": str(nexthop) if nexthop is not None else None,
         "oif": oif,
         "translated": translated,
+        "address": address_choice(cfg, rule, s) if rule is not None else None,
+        "live_sessions": None if live is None else len(live),
         "notes": notes,
     }  # fmt: skip
 
@@ -309,6 +363,20 @@ def render_text(d: dict) -> str:
     else:
         out.append("rule:      none matched")
     out.append(f"verdict:   {d['verdict']} ({d['reason']})")
+    a = d.get("address")
+    if a:
+        src = "the live table" if d.get("live_sessions") is not None else "an empty table"
+        out.append(f"address:   {a['chosen']} ({a['how']}: index {a['index']} of {a['pool_size']}); "
+                   f"on_exhausted {a['on_exhausted']}, {a['port_tries']} ports tried per address")
+        if len(a["order"]) > 1:
+            out.append(f"           when it has no free port toward {p['dst']}: {', '.join(a['order'][1:])}")
+        if d["snat"] and d["snat"]["addr"] != a["chosen"]:
+            out.append(f"           spilled over: {a['chosen']} had no free port in {src}")
+        if a["max_sessions_per_host"]:
+            out.append(f"           at most {a['max_sessions_per_host']} sessions per inside host")
+        out.append(f"           (judged against {src}" + (f" of {d['live_sessions']} sessions)"
+                                                         if d.get("live_sessions") is not None
+                                                         else "; --live reads the running gateway's)"))
     if d["snat"]:
         out.append(f"SNAT:      {d['snat']['addr']} port {d['snat']['port']}")
     hop = f"next hop:  {d['next_hop'] or '-'} dev {d['oif'] or '-'}"
@@ -425,7 +493,12 @@ def run(args: argparse.Namespace) -> int:
         other = parse_oif(args.new_gw_oif, "--new-gw-oif") if args.new_gw_oif else None
         router = GivenRouter(dst, parse_oif(args.oif, "--oif"), parse_addr(args.gw, "--gw"), other)
     ingress = args.iif or (cfg.settings.inside[0] if cfg.settings.inside else "lan0")
-    d = explain_packet(cfg, pkt, router, ingress)
+    sessions = None
+    if live is not None:  # the search judged against the daemon's sessions too
+        from ...daemon.client import call
+
+        sessions = call(live["socket"], {"op": "sessions"})["sessions"]
+    d = explain_packet(cfg, pkt, router, ingress, sessions)
     if live is not None:
         d["live"] = live
         d["notes"] = live_notes(live, live["socket"], live["config"]) + d["notes"]
