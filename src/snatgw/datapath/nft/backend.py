@@ -18,12 +18,13 @@ from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
 from ...layout import CtState
 from ...rules import RuleSet
-from ..backend import RuleCounters, Session, SessionFilter, Stats
+from ..backend import RuleCounters, Session, SessionFilter, Stats, pressure_summary
 from . import render as R
 from .ctnetlink import Conntrack
 
 log = logging.getLogger("snatgw.nft")
 MAX_CARRY = 262144  # sessions a bpf -> nft switch carries over at most
+PRESSURE_LIST_MAX = 100_000  # stats() lists sessions per host and address up to this many
 
 #: conntrack's TCP state names -> snatgw's CtState names
 _TCP_STATES = {
@@ -86,6 +87,7 @@ class NftBackend:
 
     def __init__(self, settings: Settings | None = None, netns: str | None = None):
         self.settings = settings or Settings()
+        self._failed_base = 0  # conntrack's insert_failed when started (or zeroed)
         self.netns = netns
         self._config: GatewayConfig | None = None
         self._plan: R.Plan | None = None
@@ -131,6 +133,7 @@ class NftBackend:
         the apply took."""
         self._run(["nft", "--version"])
         self._check_devices(config.settings)
+        self._failed_base = self._insert_failed()  # exhaustion counts from here
         carried = self._bpf_sessions(config.settings.pin_dir)
         self.apply(config)
         from ..cleanup import NoLibbpf, remove_bpf
@@ -567,13 +570,27 @@ class NftBackend:
             pk, by = c.get(R.counter_name(r), (0, 0))
             rules[r.rule_id] = RuleCounters(r.rule_id, pk, by, live.get(r.rule_id, 0))
         new = sum(v[0] for k, v in c.items() if k.startswith("new_"))
+        # a flow refused for want of a port passed nat_out (counted new_) and died at confirm
+        exhausted = max(0, self._insert_failed() - self._failed_base)
         reasons = {
-            "XLATE_NEW": new,
+            "XLATE_NEW": max(0, new - exhausted),
+            "DROP_PORT_EXHAUSTED": exhausted,
+            "DROP_TABLE_FULL": c.get(R.C_TABLE_FULL, (0, 0))[0],
+            "DROP_HOST_LIMIT": c.get(R.C_HOST_LIMIT, (0, 0))[0],
             "DROP_NO_SESSION": c.get(R.C_NO_SESSION, (0, 0))[0],
             "DROP_UNMATCHED": c.get(R.C_UNMATCHED, (0, 0))[0],
             "DROP_LEAK": c.get(R.C_LEAK, (0, 0))[0],
         }
-        return Stats(reasons=reasons, rules=rules, sessions=sum(by_mark.values()))
+        total = sum(by_mark.values())
+        hosts: dict[str, list[int]] = {}
+        addrs: dict[str, list[int]] = {}
+        if total <= PRESSURE_LIST_MAX:  # per host and address needs a listing: not at a million
+            for s in self.iter_sessions():
+                hosts.setdefault(s.inside.rpartition(":")[0], [0, 0])[0] += 1
+                addrs.setdefault(s.nat.rpartition(":")[0], [0, 0])[0] += 1
+        # the kernel says nothing of which host or address a refusal was for: sessions only
+        pressure = pressure_summary(hosts, addrs, total, self.settings.max_sessions)
+        return Stats(reasons=reasons, rules=rules, sessions=total, pressure=pressure)
 
     def flush(self, rule_id: int | None = None, inside: IPv4Address | None = None,
               nat: IPv4Address | None = None) -> int:
@@ -618,6 +635,26 @@ class NftBackend:
 
     def zero(self) -> None:
         self._run(["nft", "reset", "counters", "table", R.FAMILY, R.TABLE], check=False)
+        self._failed_base = self._insert_failed()
+
+    def _insert_failed(self) -> int:
+        """conntrack's insert_failed (all CPUs) in the gateway's namespace: a new flow whose
+        NAT found no free tuple is dropped when its entry is confirmed and counted here
+        (nft cannot see it: it happens after the last chain)."""
+        p = self._run(["cat", "/proc/net/stat/nf_conntrack"], check=False)
+        lines = p.stdout.split("\n") if p.returncode == 0 else []
+        if not lines or "insert_failed" not in lines[0].split():
+            return 0
+        col = lines[0].split().index("insert_failed")
+        total = 0
+        for line in lines[1:]:
+            f = line.split()
+            if len(f) > col:
+                try:
+                    total += int(f[col], 16)
+                except ValueError:
+                    pass
+        return total
 
 
 

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 
-from ...config.schema import Settings
+from ...config.schema import Settings, rule_host_limit
 from ...errors import BackendError
 from ...layout import Algo, CtState
 from ...rules import ANY_NET, Rule, RuleSet
@@ -38,6 +38,9 @@ CHAINS = ("steer", "forward", "classify", "guard", "nat_out", "leak_guard")
 C_NO_SESSION = "no_session"
 C_UNMATCHED = "unmatched"
 C_LEAK = "leak"
+C_TABLE_FULL = "table_full"
+C_HOST_LIMIT = "host_limit"
+S_SESSIONS = "sessions"  # ct count of all our sessions (key: our mark tag), for max_sessions
 
 #: what the kernel's nf_nat does for each algo, where it is exact and where it is not
 ALGO_NOTES = {
@@ -220,6 +223,23 @@ def s_counter_map(entries: list[tuple[int, str]]) -> tuple:
     return text, j
 
 
+def s_ct_count_over(set_name: str, key: tuple, limit: int) -> tuple:
+    """`add @SET { KEY ct count over N }`: counts the live connections per key (nf_conncount;
+    the packet's own included), matches when there are more than N."""
+    text = f"add @{set_name} {{ {key[0]} ct count over {limit} }}"
+    j = {"set": {"op": "add", "elem": key[1], "set": f"@{set_name}",
+                 "stmt": [{"ct count": {"val": limit, "inv": True}}]}}  # fmt: skip
+    return text, j
+
+
+K_OURS = (f"ct mark and 0x{MARK_MASK:08x}", {"&": [{"ct": {"key": "mark"}}, MARK_MASK]})
+K_SADDR = ("ip saddr", {"payload": {"protocol": "ip", "field": "saddr"}})
+
+
+def host_set(limit: int) -> str:
+    return f"hosts_{limit}"
+
+
 def v(verdict: str) -> tuple:
     return verdict, {verdict: None}
 
@@ -316,6 +336,7 @@ class Plan:
     slots: dict
     notes: tuple[str, ...]
     timeouts: tuple[tuple[str, str, dict], ...] = ()  # (object name, protocol, policy)
+    sets: tuple[tuple[str, str], ...] = ()  # (name, key type) of the ct count sets
 
     def rule_by_mark(self, rules: RuleSet) -> dict[int, Rule]:
         return {mark_of(self.slots[r.identity]): r for r in rules}
@@ -440,6 +461,20 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
     if settings.unmatched_drop:
         add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(False)] + inside +
             [s_counter(C_UNMATCHED), v("drop")], "unmatched drop")  # fmt: skip
+    # max_sessions: the live sessions of all rules (one ct count keyed by the mark tag)
+    sets = [(S_SESSIONS, "mark")]
+    add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(),
+                    s_ct_count_over(S_SESSIONS, K_OURS, settings.max_sessions),
+                    s_counter(C_TABLE_FULL), v("drop")], "max_sessions: refuse, never evict")  # fmt: skip
+    # max_sessions_per_host: one ct count per limit value, over the rules that have it
+    for r in rules.rules:
+        limit = rule_host_limit(r, settings)
+        if limit:
+            if (host_set(limit), "ipv4_addr") not in sets:
+                sets.append((host_set(limit), "ipv4_addr"))
+            add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark(mark_of(slots[r.identity])),
+                            s_ct_count_over(host_set(limit), K_SADDR, limit),
+                            s_counter(C_HOST_LIMIT), v("drop")], f"max_sessions_per_host {limit}")  # fmt: skip
     if len(rules):
         add("forward", [s_counter_map([(mark_of(slots[r.identity]), counter_name(r)) for r in rules.rules])])
     for r in rules.rules:
@@ -455,11 +490,11 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
         add("leak_guard", [m_oifnames(settings.outside), m_saddr_in([r.src for r in rules.rules]),
                            m_fib_saddr_not_local(), s_counter(C_LEAK), v("drop")],
             "no private source leaves an uplink untranslated")  # fmt: skip
-    counters = [C_NO_SESSION, C_UNMATCHED, C_LEAK]
+    counters = [C_NO_SESSION, C_UNMATCHED, C_LEAK, C_TABLE_FULL, C_HOST_LIMIT]
     for r in rules.rules:
         counters += [counter_name(r), counter_name(r, "new")]
     routes = tuple(RouteEntry(slots[r.identity], r.new_gw, r) for r in rules.rules if r.new_gw)
-    return Plan(tuple(out), tuple(counters), routes, slots, tuple(notes), tuple(timeouts))
+    return Plan(tuple(out), tuple(counters), routes, slots, tuple(notes), tuple(timeouts), tuple(sets))
 
 
 def to_json(p: Plan, stale_counters: tuple[str, ...] = (), stale_timeouts: tuple[str, ...] = (),
@@ -475,6 +510,11 @@ def to_json(p: Plan, stale_counters: tuple[str, ...] = (), stale_timeouts: tuple
         cmds.append({"add": {"chain": c}})
     for name in p.counters:
         cmds.append({"add": {"counter": {"family": FAMILY, "table": TABLE, "name": name}}})
+    # the ct count sets come with the timeouts' text transaction (timeouts_text): nft 1.0.6's
+    # JSON has no "dynamic" flag, and adding the same set again without it fails (EEXIST)
+    for name, key in p.sets if with_timeouts else ():
+        cmds.append({"add": {"set": {"family": FAMILY, "table": TABLE, "name": name, "type": key,
+                                     "size": 65535}}})  # fmt: skip
     for name, proto, policy in p.timeouts if with_timeouts else ():
         cmds.append({"add": {"ct timeout": {"family": FAMILY, "table": TABLE, "name": name,
                                             "protocol": proto, "l3proto": "ip", "policy": policy}}})
@@ -501,9 +541,14 @@ def _timeout_lines(p: Plan) -> list[str]:
     return out
 
 
+def _set_lines(p: Plan) -> list[str]:
+    return [f"\tset {name} {{\n\t\ttype {key}\n\t\tsize 65535\n\t\tflags dynamic\n\t}}" for name, key in p.sets]
+
+
 def timeouts_text(p: Plan) -> str:
-    """`nft -f` text that adds the table and its ct timeout objects (nothing else, no flush)."""
-    return "\n".join([f"table {FAMILY} {TABLE} {{"] + _timeout_lines(p) + ["}"]) + "\n"
+    """`nft -f` text that adds the table, its ct timeout objects and its ct count sets
+    (nothing else, no flush)."""
+    return "\n".join([f"table {FAMILY} {TABLE} {{"] + _timeout_lines(p) + _set_lines(p) + ["}"]) + "\n"
 
 
 def to_text(p: Plan) -> str:
@@ -511,6 +556,7 @@ def to_text(p: Plan) -> str:
     lines = [f"table {FAMILY} {TABLE} {{"]
     for name in p.counters:
         lines.append(f"\tcounter {name} {{ }}")
+    lines += _set_lines(p)
     lines += _timeout_lines(p)
     for chain, _ in _chain_defs():
         lines.append("")
