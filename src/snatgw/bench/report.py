@@ -8,13 +8,15 @@ from __future__ import annotations
 from . import stats as st
 
 PKT = ("udp-1flow", "udp-10kflows", "udp-newflows")  # the issue's scenarios 1-3 (targets)
-UDP = PKT + ("udp-newflows-spread",)  # every trafgen scenario: has a drop baseline and a cost
+UDP = PKT + ("udp-newflows-spread", "udp-portpressure")  # every trafgen scenario: a drop baseline, a cost
 TITLES = {
     "udp-1flow": "1 one UDP flow", "udp-10kflows": "2 10k UDP flows", "udp-newflows": "3a new UDP flows",
     "udp-newflows-spread": "3a' new UDP flows, random server ports",
+    "udp-portpressure": "3c port pressure (one host, 64k ports, one server port; offered pps)",
     "tcp-cycles": "3b TCP connect/close", "tcp-bulk": "4 bulk TCP",
 }
-ORDER = ("udp-1flow", "udp-10kflows", "udp-newflows", "udp-newflows-spread", "tcp-cycles", "tcp-bulk")
+ORDER = ("udp-1flow", "udp-10kflows", "udp-newflows", "udp-newflows-spread", "udp-portpressure", "tcp-cycles",
+         "tcp-bulk")
 CONFIG_ORDER = ("drop", "forward", "nft-kernel", "snatgw-nft", "snatgw-bpf")
 
 
@@ -142,6 +144,23 @@ def _ratio_table(summary: dict) -> list[str]:
     return out
 
 
+def _pressure_table(records: list[dict]) -> list[str]:
+    """Per config and round: offered and delivered pps, sessions made, flows refused, and
+    (snatgw) packets of refused flows that hit the refusal marker."""
+    rows = [r for r in records if r.get("scenario") == "udp-portpressure" and r.get("status") == "ok"
+            and r.get("config") != "drop"]  # fmt: skip
+    if not rows:
+        return []
+    out = ["| config | round | offered pps | delivered pps | sessions | flows refused | marker hits |",
+           "|---|---|---|---|---|---|---|"]
+    for c in CONFIG_ORDER:
+        for r in (x for x in rows if x["config"] == c):
+            out.append(f"| {c} | {r['round']} | {fmt(r.get('value'), 'pps')} | {fmt(r.get('delivered_pps'), 'pps')} | "
+                       f"{r.get('sessions', '—')} | {r.get('refused_flows', '—')} | "
+                       f"{r.get('refused_marker_packets', '—')} |")
+    return out
+
+
 def _rules_table(summary: dict, records: list[dict]) -> list[str]:
     counts = sorted({int(s.split("-")[1]) for s, _ in summary if s.startswith("rules-")})
     cfgs = [c for c in CONFIG_ORDER[2:] if any(k == (f"rules-{n}", c) for n in counts for k in summary)]
@@ -238,6 +257,9 @@ def render(results: dict, images: list[str] = ()) -> str:
     if any(k[0] in ORDER for k in summary):
         out += ["", "## Packet scenarios", ""] + _packet_table(summary)
         out += ["", "### Ratios (medians)", ""] + _ratio_table(summary)
+    pp = _pressure_table(recs)
+    if pp:
+        out += ["", "### 3c. Port pressure: sessions made and refusals (per round)", ""] + pp
     rt = _rules_table(summary, recs)
     if rt:
         out += ["", "## 5. Rule-count scaling (one established flow; matching rule last in priority)", ""] + rt

@@ -25,7 +25,11 @@ UDP_SCENARIOS = {
     "udp-newflows-spread": ("new", {"dport": "drnd(1024, 65535)"}),
 }
 TCP_SCENARIOS = ("tcp-cycles", "tcp-bulk")
-PACKET_SCENARIOS = tuple(UDP_SCENARIOS) + TCP_SCENARIOS
+#: port pressure (issue 11): one inside host, random source ports, one server address and port,
+#: the 11-address sdh pool; the figure is the generator's offered rate (refused packets never
+#: reach the sink), with the sessions made and the refusals
+PRESSURE_SCENARIOS = ("udp-portpressure",)
+PACKET_SCENARIOS = tuple(UDP_SCENARIOS) + PRESSURE_SCENARIOS + TCP_SCENARIOS
 SUITE_SCENARIOS = ("rules", "sessions", "control", "progbench", "sessions-cp")
 ALL_SCENARIOS = PACKET_SCENARIOS + SUITE_SCENARIOS
 
@@ -34,6 +38,7 @@ TITLES = {
     "udp-10kflows": "2. 10k flows (source ports)",
     "udp-newflows": "3a. new sessions (every packet a new flow)",
     "udp-newflows-spread": "3a'. new sessions to random server ports",
+    "udp-portpressure": "3c. port pressure: one host, 64k source ports, one server port",
     "tcp-cycles": "3b. TCP connect/close cycles",
     "tcp-bulk": "4. bulk TCP (iperf3)",
     "rules": "5. rule-count scaling",
@@ -58,6 +63,50 @@ def udp(t: topo.Topology, gw: Gateway, pattern: str, duration: float, **conf) ->
         if gw.name != "forward" and w.packets and w.translated < 0.99 * w.packets:
             rec.update(status="error", reason=f"only {w.translated} of {w.packets} packets arrived translated")
     return rec
+
+
+def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
+    """One host sending from random source ports (of all 65,536) to one server address and
+    port through the 11-address sdh pool.  value: packets per second the generator got
+    through the gateway (translated or refused: every packet costs the gateway); delivered:
+    those that reached the sink translated; sessions made and refusals, as each gateway
+    counts them."""
+    before = _conntrack_stat(t.gw) if gw.name == "nft-kernel" else {}
+    w = traffic.blast(t, traffic.trafgen_conf(t.gw_in_mac, "ports64k"), gw.count_ns, duration, offered=True)
+    offered = w.offered if gw.name != "drop" else w.packets
+    rec = {"metric": "pps", "value": offered / w.seconds if w.seconds > 0 else 0.0, "offered": offered,
+           "seconds": round(w.seconds, 4), "cpu": w.cpu, "cpu_ns": None, "loadavg": loadavg()}  # fmt: skip
+    if gw.name == "drop":
+        return rec
+    rec["delivered_pps"] = w.translated / w.seconds if w.seconds > 0 else 0.0
+    if w.task_cpu_s is not None and offered:
+        rec["cpu_ns"] = w.task_cpu_s * 1e9 / offered
+    if gw.name == "nft-kernel":
+        after = _conntrack_stat(t.gw)
+        rec["sessions"] = after.get("entries")
+        rec["refused_flows"] = after.get("insert_failed", 0) - before.get("insert_failed", 0)
+    elif gw.name.startswith("snatgw-"):
+        reasons = daemon_reasons(gw) or {}
+        rec["sessions"] = daemon_sessions(gw)
+        rec["refused_flows"] = reasons.get("DROP_PORT_EXHAUSTED", 0)
+        rec["refused_marker_packets"] = reasons.get("DROP_REFUSED_RECENTLY", 0)
+        rec["reasons"] = reasons
+    return rec
+
+
+def _conntrack_stat(ns: str) -> dict[str, int]:
+    """conntrack's entries and insert_failed (summed over CPUs) in ``ns``."""
+    p = topo.run(["cat", "/proc/net/stat/nf_conntrack"], ns=ns, check=False)
+    lines = p.stdout.splitlines()
+    if not lines:
+        return {}
+    names, tot = lines[0].split(), {}
+    for line in lines[1:]:
+        for n, v in zip(names, line.split()):
+            tot[n] = tot.get(n, 0) + int(v, 16)
+    cnt = topo.run(["cat", "/proc/sys/net/netfilter/nf_conntrack_count"], ns=ns, check=False).stdout.strip()
+    tot["entries"] = int(cnt) if cnt.isdigit() else tot.get("entries", 0)
+    return tot
 
 
 def _ns_py(ns: str, *args: str) -> list[str]:
@@ -116,6 +165,8 @@ def measure(scenario: str, t: topo.Topology, gw: Gateway, duration: float) -> di
     if scenario in UDP_SCENARIOS:
         pattern, conf = UDP_SCENARIOS[scenario]
         return udp(t, gw, pattern, duration, **conf)
+    if scenario in PRESSURE_SCENARIOS:
+        return port_pressure(t, gw, duration)
     if gw.name == "drop":
         return {"status": "n/a", "reason": "the drop baseline stops every packet: no TCP", "value": None}
     if scenario == "tcp-cycles":

@@ -26,6 +26,8 @@ PATTERNS = {
     "ports10k": (topo.GEN_ADDR, "dinc(10000, 19999)"),
     # every packet a new flow: random source address in 198.18.128.0/17 and random port
     "new": ("198.18.128.0, sa[2:2]=drnd(32768, 65535)", "drnd(1024, 65535)"),
+    # port pressure: one inside host, random source ports over all 65,536 (issue 11)
+    "ports64k": (topo.GEN_ADDR, "drnd(0, 65535)"),
 }
 
 
@@ -100,6 +102,12 @@ def read_proc_stat() -> dict[str, list[int]]:
         return parse_proc_stat(f.read())
 
 
+def tx_packets(ns: str, ifname: str = topo.GEN_IF) -> int:
+    """Packets sent by ``ifname`` in ``ns`` (the generator's offered load)."""
+    p = topo.run(["ip", "-j", "-s", "link", "show", "dev", ifname], ns=ns)
+    return int(json.loads(p.stdout)[0]["stats64"]["tx"]["packets"])
+
+
 @dataclass
 class Window:
     packets: int
@@ -107,6 +115,7 @@ class Window:
     cpu: dict
     translated: int = 0  # of ``packets``, those that arrived from a SNAT pool address
     task_cpu_s: float | None = None  # CPU seconds of the pipeline's own tasks (pipeline_pids)
+    offered: int | None = None  # packets the generator sent in the window (blast(offered=True))
 
     @property
     def pps(self) -> float:
@@ -127,9 +136,11 @@ def trafgen_argv(conf_path: str, ifname: str = topo.GEN_IF, num: int = 0) -> lis
     return argv + (["-n", str(num)] if num else [])
 
 
-def blast(t: "topo.Topology", conf: str, count_ns: str, duration: float, warmup: float = 0.3) -> Window:
+def blast(t: "topo.Topology", conf: str, count_ns: str, duration: float, warmup: float = 0.3,
+          offered: bool = False) -> Window:
     """Run trafgen in the generator for warm-up + ``duration`` seconds (hard bound) and count
-    the packets arriving at ``count_ns``'s counter during the measured window."""
+    the packets arriving at ``count_ns``'s counter during the measured window (and, with
+    ``offered``, those the generator sent in it)."""
     with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="sgbench-") as f:
         f.write(conf)
         f.flush()
@@ -141,14 +152,16 @@ def blast(t: "topo.Topology", conf: str, count_ns: str, duration: float, warmup:
             if p.poll() is not None:
                 raise RuntimeError(f"trafgen exited {p.returncode}: {p.stderr.read().strip()[-300:]}")
             pids = pipeline_pids(p.pid)
+            o0 = tx_packets(t.gen) if offered else 0
             c0, s0, k0, t0 = read_counters(count_ns), read_proc_stat(), task_ticks(pids), time.monotonic()
             time.sleep(duration)
             c1, s1, k1, t1 = read_counters(count_ns), read_proc_stat(), task_ticks(pids), time.monotonic()
+            o1 = tx_packets(t.gen) if offered else 0
         finally:
             _stop_group(p)
     delta = [b - a for a, b in zip(c0, c1)]
     return Window(sum(delta), t1 - t0, cpu_delta(s0, s1), delta[0] if len(delta) > 1 else 0,
-                  task_cpu_s=(k1 - k0) / USER_HZ)
+                  task_cpu_s=(k1 - k0) / USER_HZ, offered=(o1 - o0) if offered else None)
 
 
 def pid_ticks(stat_line: str) -> int:

@@ -88,6 +88,7 @@ class NftBackend:
     def __init__(self, settings: Settings | None = None, netns: str | None = None):
         self.settings = settings or Settings()
         self._failed_base = 0  # conntrack's insert_failed when started (or zeroed)
+        self._full: bool | None = None  # whether render.S_FULL refuses new flows now
         self.netns = netns
         self._config: GatewayConfig | None = None
         self._plan: R.Plan | None = None
@@ -254,6 +255,8 @@ class NftBackend:
         self._config, self._plan, self.settings = config, p, settings
         self._by_mark = {m: r.rule_id for m, r in p.rule_by_mark(rules).items()}
         self.last_removed = self._follow(old.rules if old else None, rules, settings.outside)
+        self._full = None  # judged again now (max_sessions may have changed)
+        self._judge_full()
 
     def _follow(self, old: RuleSet | None, new: RuleSet, outside) -> int:
         """Delete the conntrack entries of sessions whose SNAT address left their rule's pool,
@@ -448,7 +451,24 @@ class NftBackend:
         return removed
 
     def expire(self, now: float | None = None) -> int:
-        return 0  # the kernel's conntrack expires sessions itself
+        """The kernel's conntrack expires sessions itself; each tick only re-judges
+        max_sessions (render.S_FULL)."""
+        self._judge_full()
+        return 0
+
+    def _judge_full(self) -> None:
+        """Refuse new flows while the namespace's conntrack holds max_sessions entries or more
+        (all of them: the gateway's namespace is ours), accept again below: a set element
+        that the forward chain checks, changed only when the answer changes."""
+        p = self._run(["cat", "/proc/sys/net/netfilter/nf_conntrack_count"], check=False)
+        if p.returncode != 0 or not p.stdout.strip().isdigit():
+            return
+        full = int(p.stdout.strip()) >= self.settings.max_sessions
+        if full != self._full:
+            op = "add" if full else "delete"
+            q = self._run(["nft", op, "element", R.FAMILY, R.TABLE, R.S_FULL, f"{{ 0x{R.MARK_TAG:08x} }}"], check=False)
+            if q.returncode == 0 or not full:  # (deleting an absent element fails: not full either way)
+                self._full = full
 
     def _conntrack_text(self) -> str:
         p = self._run(["cat", "/proc/net/nf_conntrack"], check=False)

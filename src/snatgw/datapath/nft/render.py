@@ -40,7 +40,7 @@ C_UNMATCHED = "unmatched"
 C_LEAK = "leak"
 C_TABLE_FULL = "table_full"
 C_HOST_LIMIT = "host_limit"
-S_SESSIONS = "sessions"  # ct count of all our sessions (key: our mark tag), for max_sessions
+S_FULL = "full"  # holds MARK_TAG while the table is at max_sessions (the backend's expire() sets it)
 
 #: what the kernel's nf_nat does for each algo, where it is exact and where it is not
 ALGO_NOTES = {
@@ -461,10 +461,12 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
     if settings.unmatched_drop:
         add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(False)] + inside +
             [s_counter(C_UNMATCHED), v("drop")], "unmatched drop")  # fmt: skip
-    # max_sessions: the live sessions of all rules (one ct count keyed by the mark tag)
-    sets = [(S_SESSIONS, "mark")]
+    # max_sessions: while the backend finds the table full (expire(), every GC tick) the set
+    # `full` holds our mark tag and new flows are refused.  (A per-flow `ct count` over all
+    # sessions walks its list of connections: measured 2.2 kpps of new flows at 10k sessions.)
+    sets = [(S_FULL, "mark")]
     add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(),
-                    s_ct_count_over(S_SESSIONS, K_OURS, settings.max_sessions),
+                    (f"{K_OURS[0]} @{S_FULL}", {"match": {"op": "==", "left": K_OURS[1], "right": f"@{S_FULL}"}}),
                     s_counter(C_TABLE_FULL), v("drop")], "max_sessions: refuse, never evict")  # fmt: skip
     # max_sessions_per_host: one ct count per limit value, over the rules that have it
     for r in rules.rules:
