@@ -90,3 +90,17 @@ def test_plot_writes_pngs(tmp_path):
     extra = [rec("rules-1", "snatgw-bpf", 0, 1e6), rec("rules-100", "snatgw-bpf", 0, 0.9e6)]
     files = plot.plot(results(extra=extra), tmp_path / "r.png")
     assert [f.name for f in files] == ["r.png", "r-rules.png"] and all(f.stat().st_size > 1000 for f in files)
+
+
+def test_port_pressure_table_shows_sessions_refusals_and_program_cost():
+    """3c: one row per config and round with offered/delivered pps, sessions, refusals."""
+    extra = [rec("udp-portpressure", "drop", 0, 150_000.0),
+             rec("udp-portpressure", "nft-kernel", 0, 50_000.0, delivered_pps=48_000.0, sessions=60_000,
+                 refused_flows=9),
+             rec("udp-portpressure", "snatgw-bpf", 0, 60_000.0, delivered_pps=58_000.0, sessions=62_000,
+                 refused_flows=0, refused_marker_packets=3, prog_ns_per_run=812.4)]  # fmt: skip
+    md = report.render(results(extra=extra))
+    assert "### 3c. Port pressure" in md
+    assert "| snatgw-bpf | 0 | 60.0 k | 58.0 k | 62000 | 0 | 3 | 812 |" in md
+    assert "| nft-kernel | 0 | 50.0 k | 48.0 k | 60000 | 9 | — | — |" in md
+    assert "3c port pressure" in md  # and in the packet table, with a cost against drop

@@ -151,13 +151,14 @@ def _pressure_table(records: list[dict]) -> list[str]:
             and r.get("config") != "drop"]  # fmt: skip
     if not rows:
         return []
-    out = ["| config | round | offered pps | delivered pps | sessions | flows refused | marker hits |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| config | round | offered pps | delivered pps | sessions | flows refused | marker hits | program ns/pkt |",
+           "|---|---|---|---|---|---|---|---|"]
     for c in CONFIG_ORDER:
         for r in (x for x in rows if x["config"] == c):
             out.append(f"| {c} | {r['round']} | {fmt(r.get('value'), 'pps')} | {fmt(r.get('delivered_pps'), 'pps')} | "
                        f"{r.get('sessions', '—')} | {r.get('refused_flows', '—')} | "
-                       f"{r.get('refused_marker_packets', '—')} |")
+                       f"{r.get('refused_marker_packets', '—')} | "
+                       f"{round(r['prog_ns_per_run']) if r.get('prog_ns_per_run') else '—'} |")
     return out
 
 

@@ -72,7 +72,13 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     those that reached the sink translated; sessions made and refusals, as each gateway
     counts them."""
     before = _conntrack_stat(t.gw) if gw.name == "nft-kernel" else {}
-    w = traffic.blast(t, traffic.trafgen_conf(t.gw_in_mac, "ports64k"), gw.count_ns, duration, offered=True)
+    prog = None
+    with bpf_stats(gw.name == "snatgw-bpf"):  # where the live cost goes: the program's own time
+        p0 = _tc_prog_stats(t.gw, topo.GW_IN) if gw.name == "snatgw-bpf" else None
+        w = traffic.blast(t, traffic.trafgen_conf(t.gw_in_mac, "ports64k"), gw.count_ns, duration, offered=True)
+        p1 = _tc_prog_stats(t.gw, topo.GW_IN) if p0 else None
+    if p0 and p1 and p1[1] > p0[1]:
+        prog = {"prog_ns_per_run": (p1[0] - p0[0]) / (p1[1] - p0[1]), "prog_runs": p1[1] - p0[1]}
     offered = w.offered if gw.name != "drop" else w.packets
     rec = {"metric": "pps", "value": offered / w.seconds if w.seconds > 0 else 0.0, "offered": offered,
            "seconds": round(w.seconds, 4), "cpu": w.cpu, "cpu_ns": None, "loadavg": loadavg()}  # fmt: skip
@@ -81,6 +87,8 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     rec["delivered_pps"] = w.translated / w.seconds if w.seconds > 0 else 0.0
     if w.task_cpu_s is not None and offered:
         rec["cpu_ns"] = w.task_cpu_s * 1e9 / offered
+    if prog:
+        rec.update(prog)
     if gw.name == "nft-kernel":
         after = _conntrack_stat(t.gw)
         rec["sessions"] = after.get("entries")
@@ -92,6 +100,46 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
         rec["refused_marker_packets"] = reasons.get("DROP_REFUSED_RECENTLY", 0)
         rec["reasons"] = reasons
     return rec
+
+
+STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+class bpf_stats:
+    """kernel.bpf_stats_enabled=1 for the span of a measurement (a global sysctl: only inside
+    the bench, always set back to what it was), so run_time_ns/run_cnt count."""
+
+    def __init__(self, on: bool = True):
+        self.on, self.old = on, None
+
+    def __enter__(self):
+        if self.on:
+            try:
+                with open(STATS_SYSCTL) as f:
+                    self.old = f.read().strip()
+                with open(STATS_SYSCTL, "w") as f:
+                    f.write("1")
+            except OSError:
+                self.old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            with open(STATS_SYSCTL, "w") as f:
+                f.write(self.old)
+
+
+def _tc_prog_stats(ns: str, dev: str) -> tuple[int, int] | None:
+    """(run_time_ns, run_cnt) of the TC ingress program on ``dev`` in ``ns``."""
+    try:
+        net = json.loads(topo.run(["bpftool", "-j", "net", "show", "dev", dev], ns=ns).stdout)
+        ids = [f["id"] for e in net for f in e.get("tc", []) if f.get("kind") == "clsact/ingress" and "id" in f]
+        if not ids:
+            return None
+        info = json.loads(topo.run(["bpftool", "-j", "prog", "show", "id", str(ids[0])]).stdout)
+        return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
+    except (RuntimeError, ValueError, KeyError, IndexError):
+        return None
 
 
 def _conntrack_stat(ns: str) -> dict[str, int]:
