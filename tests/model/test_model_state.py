@@ -328,3 +328,31 @@ def test_entries_pack_to_the_bpf_layouts(engine):
         int(IP4(NAT)), pair.out.rw_port, 7, int(IP4("198.19.2.1")))
     assert (d["state"], d["last_seen"], d["mtu"]) == (CtState.UDP, 2_000_000_000, pair.out.mtu)
     assert CT_ENTRY.unpack(pair.inn.to_bytes({"lan40": 3}))["nexthop"] == 0
+
+
+def test_a_port_taken_between_lookup_and_insert_moves_the_search_on():
+    """The race of two CPUs for one port (BPF: the lookup said free, the NOEXIST insert says
+    EEXIST): the flow takes the next candidate, and nothing of it is left on the lost port."""
+    from snatgw.model.conntrack import CtEntry, CtKey, CtTable
+    from snatgw.rules import port_candidates, port_seed
+
+    class Racing(CtTable):
+        """Another CPU inserts the first IN key this search tries, just before it does."""
+
+        def __init__(self, n):
+            super().__init__(n)
+            self.raced: CtKey | None = None
+
+        def insert(self, key, entry):
+            if key.dir == 1 and self.raced is None:
+                self.raced = key
+                super().insert(key, CtEntry(peer=key, rw_addr=key.saddr, rw_port=1, oif="x", nexthop=None,
+                                            rule_id=0, mtu=1500, last_seen=0.0))  # fmt: skip
+            return super().insert(key, entry)
+
+    e = Engine(ruleset(REF_RULES), REF_SETTINGS, StaticRouter.ref())
+    e.table = e.nat.ct = Racing(REF_SETTINGS.max_sessions)
+    res = e.process(udp(A, R1, 40000, 53), "inside", "lan40", 0)
+    first, second = list(port_candidates(40000, 5000, 65535, 2, port_seed(IP4(A), IP4(R1), 40000, 53, 17)))
+    assert res.reason == Reason.XLATE_NEW and e.table.raced.dport == first and res.nat[1] == second
+    assert e.table.lookup(e.table.raced).rw_port == 1  # the other CPU's entry, untouched
