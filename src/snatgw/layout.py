@@ -216,6 +216,7 @@ PORT_TRIES_MAX = 1024  # largest port_tries setting = the compile-time bound SNA
 PORT_TRIES_BPF = PORT_TRIES_MAX  # (older name)
 SEARCH_TRIES = 2048  # all addresses of one new flow's search together try at most this many ports
 REFUSED_SECS = 2  # a refusal marker lives this long (seconds)
+REFUSE_ICMP_PER_SEC = 100  # `refuse_icmp yes`: at most this many ICMP errors a second (all hosts)
 MAX_REFUSED = 65536  # entries of snat_refused (LRU: losing one only costs a search)
 #: strides of the port search after the first candidate: primes above 65536, so ``p mod n``
 #: is coprime to every port count n <= 65536 and ``start + j * stride`` visits each port once
@@ -323,6 +324,7 @@ CT_F_REPLIED = 0x1  # a reply has been seen (TCP leaves the IN_ONLY rows)
 CT_F_NEW_GW = 0x2  # session's nexthop comes from new_gw
 
 CFG_F_UNMATCHED_DROP = 0x1  # `unmatched drop`: no-rule flows are dropped
+CFG_F_REFUSE_ICMP = 0x4  # `refuse_icmp yes`: a host over its limit gets ICMP host unreachable
 CFG_F_INBOUND_ROUTED = 0x2  # `inbound routed`: uplink packets without a session may be routed inside
 
 #: the expiry sweep (sweep.bpf.c: a BPF_PROG_TYPE_SYSCALL program walking snat_ct)
@@ -555,7 +557,7 @@ def render_header() -> str:
         ("SNAT_FRAG_HOLD_NS", f"{FRAG_HOLD * 1_000_000_000}ULL"),
         ("SNAT_MAX_FROM_NETS", MAX_FROM_NETS),
         ("SNAT_MAX_REFUSED", MAX_REFUSED), ("SNAT_SEARCH_TRIES", SEARCH_TRIES),
-        ("SNAT_REFUSED_SECS", REFUSED_SECS),
+        ("SNAT_REFUSED_SECS", REFUSED_SECS), ("SNAT_REFUSE_ICMP_PER_SEC", REFUSE_ICMP_PER_SEC),
     ]:  # fmt: skip
         out += [f"#ifndef {n}", f"#define {n} {v}", "#endif"]
     out += ["#ifndef SNAT_PORT_TRIES", f"#define SNAT_PORT_TRIES {PORT_TRIES_MAX} /* port search bound */", "#endif"]
@@ -565,6 +567,7 @@ def render_header() -> str:
         "RULE_F_SPILL": RULE_F_SPILL, "PORT_STRIDE_COUNT": len(PORT_STRIDES),
         "CT_F_REPLIED": CT_F_REPLIED, "CT_F_NEW_GW": CT_F_NEW_GW,
         "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "CFG_F_INBOUND_ROUTED": CFG_F_INBOUND_ROUTED,
+        "CFG_F_REFUSE_ICMP": CFG_F_REFUSE_ICMP,
         "REASON_MAX": REASON_MAX,
         "TCP_STATE_COUNT": TCP_STATE_COUNT,
         "IFACE_INSIDE": IFACE_INSIDE, "IFACE_OUTSIDE": IFACE_OUTSIDE,

@@ -10,6 +10,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import raw
 
 from snatgw.layout import CT_DIR_IN, CT_DIR_OUT, RECIRC_DEV, CtState, Reason, Verdict
+from snatgw.model import Engine, StaticRouter
 from snatgw.rules import Rule, RuleSet
 
 from tests.cases.corpus import REF_RULES, REF_SETTINGS, RULE_SDH, ruleset
@@ -271,3 +272,22 @@ def test_unroutable_destination_passes_to_the_kernel(prog, refnet):
         assert prog.ct() == {}
     finally:
         subprocess.run(["ip", "-n", refnet.name, "route", "del", *route], check=False)
+
+
+def test_refuse_icmp_is_rate_limited_like_the_model(make_prog):
+    """refuse_icmp yes: within one second at most REFUSE_ICMP_PER_SEC refused packets come back
+    as ICMP host unreachable, the rest are dropped; the next second starts again (BPF and
+    model alike, packet for packet)."""
+    from snatgw.layout import REFUSE_ICMP_PER_SEC
+
+    s = replace(REF_SETTINGS, max_sessions_per_host=1, refuse_icmp=True)
+    prog = make_prog(ruleset(REF_RULES), s)
+    engine = Engine(ruleset(REF_RULES), s, StaticRouter.ref())
+    got = []
+    for i, now in enumerate([3.0] + [5.0] * (REFUSE_ICMP_PER_SEC + 20) + [6.0]):
+        pkt = udp(A, R1, 1000 + i, 53)
+        run, res = prog.run("inside", pkt, "lan40", now=now), engine.process(pkt, "inside", "lan40", now)
+        assert (run.verdict, run.reason, run.packet) == (res.verdict, res.reason, res.packet), f"packet {i}"
+        got.append(run.verdict)
+    assert got[1 : REFUSE_ICMP_PER_SEC + 1] == [Verdict.REDIRECT] * REFUSE_ICMP_PER_SEC
+    assert got[REFUSE_ICMP_PER_SEC + 1 : -1] == [Verdict.DROP] * 20 and got[-1] == Verdict.REDIRECT

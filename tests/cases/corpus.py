@@ -499,6 +499,17 @@ def _scenarios() -> list[Scenario]:
         inside(udp(C, R1, 3, 53), RED, R.XLATE_NEW, dev="lan50"),
     ], settings={"max_sessions_per_host": 2},
        rules=[REF_RULES[0], REF_RULES[1], dict(REF_RULES[2], max_sessions_per_host=0)])  # fmt: skip
+    add("host_limit_icmp", "refuse_icmp yes: the refused packet comes back to its host as ICMP "
+        "host unreachable (3/1) from the gateway's lan address, quoting it; the next packet of "
+        "that flow is marked (dropped, no ICMP); a TCP SYN and an echo request the same.", [
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 2, 53, payload=b"quoted beyond 8 bytes"), RED, R.DROP_HOST_LIMIT),
+        inside(udp(A, R1, 2, 53), DROP, R.DROP_REFUSED_RECENTLY),
+        inside(with_options(tcp(A, R1, 3, 80, "S")), RED, R.DROP_HOST_LIMIT),
+        inside(echo(A, R1, 77), RED, R.DROP_HOST_LIMIT),
+        inside(udp(D, R1, 1, 53), RED, R.XLATE_NEW, dev="lan50"),
+        inside(udp(D, R1, 2, 53), RED, R.DROP_HOST_LIMIT, dev="lan50"),
+    ], settings={"max_sessions_per_host": 1, "refuse_icmp": True})  # fmt: skip
     add("table_full_refuses_new_flows", "With room for 2 sessions a third flow is dropped; live "
         "sessions keep working (never evicted).", [
         inside(udp(A, R1, 1001, 53), RED, R.XLATE_NEW),

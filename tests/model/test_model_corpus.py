@@ -44,7 +44,11 @@ def test_scenario_steps_meet_expectations(sc: Scenario):
         judged = st.side != "egress" or is_err or st.reason == Reason.DROP_LEAK
         assert sum(engine.reasons.values()) - before == (1 if judged else 0)
         assert (res.verdict, res.reason) == (st.verdict, st.reason), f"step {i}"
-        if res.verdict in TRANSLATED or res.reason.name.startswith("XLATE_"):  # egress: PASS, rewritten
+        if res.reason == Reason.DROP_HOST_LIMIT and res.verdict == Verdict.REDIRECT:  # refuse_icmp yes
+            ihl = (st.packet[0] & 0x0F) * 4
+            assert problems(res.packet) == [] and res.packet[20:22] == b"\x03\x01", f"step {i}"
+            assert res.packet[16:20] == st.packet[12:16] and res.packet[28:] == st.packet[: ihl + 8], f"step {i}"
+        elif res.verdict in TRANSLATED or res.reason.name.startswith("XLATE_"):  # egress: PASS, rewritten
             # checksums verify after translation exactly when they did before (never recomputed)
             assert (problems(res.packet) == []) == (problems(st.packet) == []), f"step {i}"
             assert len(res.packet) == len(st.packet)

@@ -69,6 +69,7 @@ def settings_values(draw):
         port_tries=draw(st.integers(1, PORT_TRIES_MAX)),
         on_exhausted=draw(st.sampled_from([None, "spill", "drop"])),
         max_sessions_per_host=draw(st.integers(0, 2**32 - 1)),
+        refuse_icmp=draw(st.booleans()),
         max_sessions=draw(st.integers(1, 2**31)),
         unmatched_drop=draw(st.booleans()),
         backend=draw(st.sampled_from(["bpf", "nft"])),

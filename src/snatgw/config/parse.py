@@ -12,6 +12,7 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         max_sessions 262144
         on_exhausted spill|drop               # default: spill for sdh/random, drop for sh
         max_sessions_per_host 0               # live sessions per inside host, 0 = no limit
+        refuse_icmp no|yes                    # ICMP host unreachable to a host over its limit
         unmatched pass|drop
         backend bpf|nft
         timeout tcp_established 7440          # any name of schema.TIMEOUT_NAMES, seconds
@@ -62,8 +63,8 @@ RULE_KEYWORDS = ("from", "to", "gw", "oif", "new_gw", "snat_ip", "algo", "on_exh
 #: snatgw block keywords
 SETTINGS_KEYWORDS = (
     "inside", "outside", "port_range", "port_tries", "max_sessions", "on_exhausted",
-    "max_sessions_per_host", "unmatched", "backend", "timeout", "gc_interval", "control_socket",
-    "pin_dir", "snat_addresses", "allow_empty", "metrics_listen",
+    "max_sessions_per_host", "refuse_icmp", "unmatched", "backend", "timeout", "gc_interval",
+    "control_socket", "pin_dir", "snat_addresses", "allow_empty", "metrics_listen",
 )  # fmt: skip
 #: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
 KEEPALIVED_VS_OPTIONS = frozenset(
@@ -572,6 +573,8 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         return replace(s, port_tries=_int(cur, t, v, 1, PORT_TRIES_MAX))
     if k == "on_exhausted":
         return replace(s, on_exhausted=_choice(cur, t, v, ON_EXHAUSTED))
+    if k == "refuse_icmp":
+        return replace(s, refuse_icmp=_choice(cur, t, v, ("yes", "no")) == "yes")
     if k == "max_sessions_per_host":
         return replace(s, max_sessions_per_host=_int(cur, t, v, 0, (1 << 32) - 1))
     if k == "max_sessions":
@@ -638,6 +641,7 @@ def settings_as_dict(s: Settings) -> dict:
         "max_sessions": s.max_sessions,
         "on_exhausted": s.on_exhausted,
         "max_sessions_per_host": s.max_sessions_per_host,
+        "refuse_icmp": "yes" if s.refuse_icmp else "no",
         "unmatched": "drop" if s.unmatched_drop else "pass",
         "backend": s.backend,
         "timeout": {TIMEOUT_BY_STATE[st]: secs for st, secs in s.timeouts},

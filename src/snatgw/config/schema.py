@@ -40,6 +40,7 @@ class Settings:
     #: None: spill for sdh and random, drop for sh (per rule, a rule's own setting wins)
     on_exhausted: str | None = None
     max_sessions_per_host: int = 0  # live sessions per inside host (0 = no limit); per rule too
+    refuse_icmp: bool = False  # `refuse_icmp yes`: ICMP host unreachable to a host over its limit
     unmatched_drop: bool = False  # `unmatched drop`: the original's drop of no-rule flows
     backend: str = "bpf"
     timeouts: tuple[tuple[int, int], ...] = tuple((int(k), v) for k, v in DEFAULT_TIMEOUTS.items())

@@ -12,13 +12,14 @@ from ..config.schema import Settings
 from ..datapath.backend import RuleCounters, Session
 from ..layout import CT_F_NEW_GW, CT_F_REPLIED, ICMP_ECHO, ICMP_ECHOREPLY, IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
-from ..layout import FRAG_HOLD, MAX_REFUSED, RECIRC_DEV, REFUSED_SECS, Verdict
+from ..layout import FRAG_HOLD, MAX_REFUSED, RECIRC_DEV, REFUSE_ICMP_PER_SEC, REFUSED_SECS, Verdict
 from ..config.schema import rule_host_limit, rule_spill
 from ..rules import Route, Rule, RuleSet, port_candidates, port_seed, select_index, spill_order
 from .conntrack import CtEntry, CtKey, CtPair, CtTable, in_key, initial_state, is_expired, out_key, tcp_update
 from .frag import HELD, FragEntry, FragKey, FragTable
 from .nat import NatTable
 from .packet import IP_DADDR, IP_SADDR, InnerView, IPv4View, ip, parse, parse_inner
+from .refuse import host_unreachable
 from .xlate import rewrite_fragment, translate, translate_icmp_error
 
 PROTOS = (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP)
@@ -82,6 +83,8 @@ class Engine:
         self.addr_live: dict[IPv4Address, LiveCount] = {}
         self.rule_live: dict[int, LiveCount] = {}
         self.refused: dict[CtKey, Refusal] = {}
+        self._icmp_sec: int | None = None  # refuse_icmp's rate limit: this second, and how many
+        self._icmp_count = 0
 
     # ------------------------------------------------------------------ entry
 
@@ -166,7 +169,8 @@ class Engine:
         addrs = spill_order(rule.pool, first, rule_spill(rule, s), per_addr)
         limit = rule_host_limit(rule, s)  # step 13: the inside host's limit first
         if limit and self._live(self.host_live, src).sessions >= limit:
-            return self._refuse(pkt, okey, addrs[0], Reason.DROP_HOST_LIMIT, now, rule)
+            res = self._refuse(pkt, okey, addrs[0], Reason.DROP_HOST_LIMIT, now, rule)
+            return self._refuse_icmp(pkt, v, ingress, now, res) if s.refuse_icmp else res
         # then the port search on each address in turn (an empty range: exhausted)
         cands = list(port_candidates(v.sport, s.port_min, s.port_max, per_addr,
                                      port_seed(src, dst, v.sport, okey.dport, v.proto)))  # fmt: skip
@@ -199,6 +203,22 @@ class Engine:
         if c is None:
             c = counts[key] = LiveCount()
         return c
+
+    def _refuse_icmp(self, pkt: bytes, v: IPv4View, ingress: str, now: float, res: Result) -> Result:
+        """`refuse_icmp yes`: the refused packet becomes an ICMP host unreachable back to its
+        host out of the device it came by, at most REFUSE_ICMP_PER_SEC a second (all hosts;
+        the second is the clock's whole second, as the BPF's snat_now() / 1e9)."""
+        sec = int(now)
+        if sec != self._icmp_sec:
+            self._icmp_sec, self._icmp_count = sec, 0
+        self._icmp_count += 1
+        if self._icmp_count > REFUSE_ICMP_PER_SEC:
+            return res
+        find = getattr(self.router, "source_for", None)
+        src = find(ip(v.saddr)) if find else None
+        if src is None:
+            return res
+        return Result(Verdict.REDIRECT, res.reason, host_unreachable(pkt, v.ihl, src), ingress, None, res.rule)
 
     def _refuse(self, pkt: bytes, okey: CtKey, addr: IPv4Address, reason: Reason, now: float,
                 rule: Rule) -> Result:

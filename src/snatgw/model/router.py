@@ -36,12 +36,20 @@ class StaticRouter:
                     table.append((iface.network, dev, None))
         for net, dev, via in routes:
             table.append((IPv4Network(net), dev, IPv4Address(via) if via else None))
+        self.sources = [(IPv4Interface(a).network, IPv4Interface(a).ip) for addrs in addresses.values()
+                        for a in addrs if IPv4Interface(a).network.prefixlen < 32]  # fmt: skip
         # longest prefix first; among equals the first given wins (stable sort)
         self.table = sorted(table, key=lambda r: -r[0].prefixlen)
         self.devices = tuple(addresses)
 
     def dev_mtu(self, dev: str | None) -> int:
         return self.mtu.get(dev, 1500) if dev else 1500
+
+    def source_for(self, dst: IPv4Address) -> IPv4Address | None:
+        """The gateway's own address toward an on-link ``dst`` (the kernel's preferred source
+        of the connected route; bpf_fib_lookup with BPF_FIB_LOOKUP_SRC), or None."""
+        nets = sorted((n for n in self.sources if IPv4Address(dst) in n[0]), key=lambda n: -n[0].prefixlen)
+        return nets[0][1] if nets else None
 
     def lookup(self, dst: IPv4Address, src: IPv4Address | None = None) -> FibResult:
         dst = IPv4Address(dst)

@@ -107,6 +107,77 @@ static __noinline int snat_refuse(const struct ct_key *out, __be32 addr, __u32 r
 	return reason;
 }
 
+/* `refuse_icmp yes` (step 13): the packet of a host over its limit becomes an ICMP host
+ * unreachable (type 3 code 1, RFC 6888 REQ-11) from the gateway's address toward the host
+ * (bpf_fib_lookup's preferred source), quoting its IP header and 8 bytes, redirected back out
+ * of the device it came in by; at most SNAT_REFUSE_ICMP_PER_SEC a second (all CPUs; a race
+ * may let one more through).  Without a source, or over the rate, the packet is dropped. */
+struct icmp_buf {
+	__u8 b[28 + 68]; /* IPv4 + ICMP header, then the quoted header (<= 60) and 8 bytes */
+	struct bpf_fib_lookup f; /* (verifier: off the stack, the call chain's frames are full) */
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct icmp_buf);
+} snat_icmp_buf SEC(".maps");
+
+static __u64 icmp_rl_sec;   /* the second being counted (snat_now() / 1e9) */
+static __u32 icmp_rl_count; /* ICMP errors sent in it */
+
+static __noinline int snat_refuse_icmp(struct __sk_buff *skb, const struct pkt *p, struct snat_res *v,
+				       __u32 iif)
+{
+	__u32 zero = 0, q;
+	__u64 sec = snat_now() / 1000000000ULL;
+	struct icmp_buf *b = bpf_map_lookup_elem(&snat_icmp_buf, &zero);
+	struct bpf_fib_lookup *f;
+	struct iphdr *ip;
+
+	verdict_set(v, VERDICT_DROP, REASON_DROP_HOST_LIMIT);
+	if (!b)
+		return 0;
+	if (sec != icmp_rl_sec) {
+		icmp_rl_sec = sec;
+		icmp_rl_count = 0;
+	}
+	__sync_fetch_and_add(&icmp_rl_count, 1); /* (clang 14 -mcpu=v1: no fetch result) */
+	if (icmp_rl_count > SNAT_REFUSE_ICMP_PER_SEC)
+		return 0;
+	f = &b->f;
+	__builtin_memset(f, 0, sizeof(*f));
+	f->family = AF_INET_;
+	f->ipv4_dst = p->saddr;
+	f->ifindex = iif;
+	if (bpf_fib_lookup(skb, f, sizeof(*f), BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SRC |
+					     BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_SUCCESS || !f->ipv4_src)
+		return 0;
+	q = p->l4 - ETH_HLEN + 8; /* the IP header and 8 bytes after it */
+	if (q < 28 || q > 68)
+		return 0;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, b->b + 28, q) < 0)
+		return 0;
+	__builtin_memset(b->b, 0, 28);
+	ip = (struct iphdr *)b->b;
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tot_len = bpf_htons(28 + q);
+	ip->ttl = 64;
+	ip->protocol = IPPROTO_ICMP_;
+	ip->saddr = f->ipv4_src;
+	ip->daddr = p->saddr;
+	ip->check = ~csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)b->b, 20, 0));
+	b->b[20] = 3; /* destination unreachable */
+	b->b[21] = 1; /* host unreachable */
+	*(__u16 *)&b->b[22] = ~csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)(b->b + 20), 8 + q, 0));
+	if (bpf_skb_change_tail(skb, ETH_HLEN + 28 + q, 0) < 0)
+		return 0;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, b->b, 28 + q, 0) < 0)
+		return 0;
+	return verdict_redirect(v, REASON_DROP_HOST_LIMIT, iif, 0);
+}
+
 /* Steps 12-14: the SNAT address, the host limit, the port search over the chosen address and
  * (on_exhausted spill) the pool's next ones, and the session pair (IN key first: the port
  * search inserts it; then OUT, removing IN again when OUT fails).  0 when created, -2 when
@@ -252,6 +323,8 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	if (snat_over_mtu(skb, p, eg.mtu) && p->df)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
 	rc = snat_v4_new_mapping(skb, p, r, cfg, &eg, iif);
+	if (rc == REASON_DROP_HOST_LIMIT && (cfg->flags & CFG_F_REFUSE_ICMP))
+		return snat_refuse_icmp(skb, p, v, iif);
 	if (rc > 0)
 		return verdict_set(v, VERDICT_DROP, rc);
 	return rc == 0 ? -3 : -2;

@@ -42,6 +42,9 @@
 #ifndef SNAT_REFUSED_SECS
 #define SNAT_REFUSED_SECS 2
 #endif
+#ifndef SNAT_REFUSE_ICMP_PER_SEC
+#define SNAT_REFUSE_ICMP_PER_SEC 100
+#endif
 #ifndef SNAT_PORT_TRIES
 #define SNAT_PORT_TRIES 1024 /* port search bound */
 #endif
@@ -57,6 +60,7 @@
 #define CT_F_NEW_GW 2
 #define CFG_F_UNMATCHED_DROP 1
 #define CFG_F_INBOUND_ROUTED 2
+#define CFG_F_REFUSE_ICMP 4
 #define REASON_MAX 64
 #define TCP_STATE_COUNT 11
 #define IFACE_INSIDE 1
