@@ -71,6 +71,7 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     through the gateway (translated or refused: every packet costs the gateway); delivered:
     those that reached the sink translated; sessions made and refusals, as each gateway
     counts them."""
+    _fresh_table(t, gw)  # earlier scenarios of this round filled it: measure from empty
     before = _conntrack_stat(t.gw) if gw.name == "nft-kernel" else {}
     prog = None
     with bpf_stats(gw.name == "snatgw-bpf"):  # where the live cost goes: the program's own time
@@ -100,6 +101,20 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
         rec["refused_marker_packets"] = reasons.get("DROP_REFUSED_RECENTLY", 0)
         rec["reasons"] = reasons
     return rec
+
+
+def _fresh_table(t: topo.Topology, gw: Gateway) -> None:
+    """Empty the session table before a measurement (the daemon's flush; conntrack -F for the
+    kernel's), so port pressure starts from no sessions whatever ran before it."""
+    if gw.name.startswith("snatgw-"):
+        try:
+            from ..daemon.client import call
+
+            call(gw.socket, {"op": "flush"}, timeout=120)
+        except Exception:  # noqa: BLE001 - then the record says what the table held
+            pass
+    if gw.name != "drop":
+        topo.run(["conntrack", "-F"], ns=t.gw, check=False)
 
 
 STATS_SYSCTL = "/proc/sys/kernel/bpf_stats_enabled"
