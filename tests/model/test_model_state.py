@@ -356,3 +356,17 @@ def test_a_port_taken_between_lookup_and_insert_moves_the_search_on():
     first, second = list(port_candidates(40000, 5000, 65535, 2, port_seed(IP4(A), IP4(R1), 40000, 53, 17)))
     assert res.reason == Reason.XLATE_NEW and e.table.raced.dport == first and res.nat[1] == second
     assert e.table.lookup(e.table.raced).rw_port == 1  # the other CPU's entry, untouched
+
+
+def test_expiry_recounts_the_live_counts_so_a_host_limit_frees_up():
+    """As the bpf sweep: expire() counts sessions again (refusals kept), so a host at its
+    limit gets new flows once its sessions have expired."""
+    s = replace(REF_SETTINGS, max_sessions_per_host=2)
+    e = Engine(ruleset(REF_RULES), s, StaticRouter.ref())
+    for sp in (1, 2, 3):
+        e.process(udp(A, R1, sp, 53), "inside", "lan40", 0)
+    assert (e.host_live[IP4(A)].sessions, e.host_live[IP4(A)].refusals) == (2, 1)
+    e.expire(400)  # UDP sessions idle 300 s expire
+    assert (e.host_live[IP4(A)].sessions, e.host_live[IP4(A)].refusals) == (0, 1)
+    assert sum(c.sessions for c in e.addr_live.values()) == 0 and sum(c.sessions for c in e.rule_live.values()) == 0
+    assert e.process(udp(A, R1, 4, 53), "inside", "lan40", 400).reason == Reason.XLATE_NEW

@@ -463,7 +463,19 @@ class Engine:
         for k in gone:
             self.table.remove(k)
         self.frags.expire(now)
+        self.recount()
         return len(gone)
+
+    def recount(self) -> None:
+        """The live counts' sessions counted again from the table, as the bpf expiry sweep
+        does (refusals are kept): a host's limit frees up as its sessions expire."""
+        for counts in (self.host_live, self.addr_live, self.rule_live):
+            for c in counts.values():
+                c.sessions = 0
+        for p in self.table.pairs():
+            self._live(self.host_live, p.out_key.saddr).sessions += 1
+            self._live(self.addr_live, p.out.rw_addr).sessions += 1
+            self._live(self.rule_live, p.out.rule_id).sessions += 1
 
     def flush(self, rule_id: int | None = None, inside: IPv4Address | None = None,
               nat: IPv4Address | None = None) -> int:
