@@ -57,6 +57,8 @@ class Reason(enum.IntEnum):
     PASS_FRAG_UNTRANSLATED = 23  # later fragment of a datagram whose first fragment was passed
     # edge safety (turn 2, 24-31)
     DROP_LEAK = 24  # leaving an uplink with a source in a rule's `from` net, untranslated (egress guard)
+    DROP_INBOUND = 25  # from an uplink, no session, routed onward (inside): no `inbound routed`
+    DROP_SPOOFED = 26  # on an inside device, a source not routed back there, or a local/pool one
     # 44-51: applications (issue 12)
     XLATE_IN_TTL = 44  # reply whose TTL runs out: translated, to the kernel (time exceeded to the remote)
     XLATE_IN_FRAG_NEEDED = 45  # reply over the inside MTU with DF: translated, to the kernel (frag-needed)
@@ -438,7 +440,7 @@ CT_ENTRY = _declare(Struct("ct_entry", "a session direction: its rewrite and whe
     ("nexthop", "__be32", "OUT: next hop (route gw or new_gw); 0 = the destination"),
     ("rule_id", "__u32", "id of the rule that created the session"),
     ("mtu", "__u16", "egress MTU seen at creation (larger MTUs are kept as 65535)"),
-    ("pad", "__u16", "zero"),
+    ("iif", "__u16", "OUT: the inside device the session was made on (ifindex, low 16 bits); IN: 0"),
     ("last_seen", "__u64", "bpf_ktime_get_ns() of the last packet in this direction; set at creation too"),
 )))  # fmt: skip
 

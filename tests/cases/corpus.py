@@ -204,7 +204,7 @@ def _scenarios() -> list[Scenario]:
     add("no_rule_passes", "A source no rule covers is left to the kernel unchanged.", [
         inside(udp(STRANGER, R1, 1000, 53), PASS, R.PASS_NO_RULE),
         inside(tcp(STRANGER, R1, 1000, 80, "A"), PASS, R.PASS_NO_RULE),
-        outside(udp(R1, STRANGER, 53, 1000), PASS, R.PASS_NO_SESSION_IN),
+        outside(udp(R1, STRANGER, 53, 1000), DROP, R.DROP_INBOUND),  # no way in (invariant 2)
     ])  # fmt: skip
     add("unmatched_drop_setting", "`unmatched drop`: no-rule flows and other protocols from inside "
         "are dropped; matching flows still translate.", [
@@ -442,6 +442,60 @@ def _scenarios() -> list[Scenario]:
         egress(udp("198.19.2.71", R1, snat_of(Rule.from_dict({"from": "0.0.0.0/0", "snat_ip": "198.19.2.71"}),
                A, R1, 5353)[1], 53, ttl=63), PASS, R.PASS_ICMP_OTHER),
     ], rules=[{"from": "0.0.0.0/0", "snat_ip": "198.19.2.71"}])  # fmt: skip
+    n1_, n2_ = fragments(R1, A, 53, 5353, ident=0x6a6a)
+    add("no_way_in", "From an uplink, a packet without a session that the FIB would forward (to an "
+        "inside host, or back out) is dropped, DROP_INBOUND, whatever its protocol; what is for the "
+        "gateway itself (pool and own addresses, broadcast) is the kernel's, as before.", [
+        outside(udp(R1, A, 53, 5353), DROP, R.DROP_INBOUND),
+        outside(tcp(R2, C, 443, 22, "S"), DROP, R.DROP_INBOUND, dev="eth2"),
+        outside(echo(R1, A, 5), DROP, R.DROP_INBOUND),
+        outside(echo(R1, A, 5, reply=True), DROP, R.DROP_INBOUND),
+        outside(other_proto(R1, A), DROP, R.DROP_INBOUND),
+        outside(icmp_error(ROUTER, A, udp(A, R1, 5353, 53), 3, 3), DROP, R.DROP_INBOUND),
+        outside(raw(IP(src=R1, dst=A) / ICMP(type=13)), DROP, R.DROP_INBOUND),
+        outside(udp(R1, R2, 53, 53), DROP, R.DROP_INBOUND),  # transit, back out eth2
+        outside(n1_, DROP, R.DROP_INBOUND),
+        outside(n2_, DROP, R.DROP_FRAG_UNKNOWN),  # no pass marker after the drop
+        outside(udp(R1, na, 53, np_), PASS, R.PASS_NO_SESSION_IN),  # a pool address: ours
+        outside(udp(R1, "198.19.2.2", 53, 5353), PASS, R.PASS_NO_SESSION_IN),
+        outside(udp(R1, "198.18.40.1", 53, 5353), PASS, R.PASS_NO_SESSION_IN),  # ours, on lan40
+        outside(udp(R1, "198.18.40.255", 53, 5353), PASS, R.PASS_NO_SESSION_IN),  # broadcast
+        outside(udp(R1, "224.0.0.251", 5353, 5353), PASS, R.PASS_NO_SESSION_IN),  # multicast
+        outside(other_proto(R1, na), PASS, R.PASS_PROTO),
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),  # replies get in
+        outside(icmp_error(ROUTER, ua, udp(ua, R1, up, 53, ttl=63), 3, 3), RED, R.XLATE_ICMP_ERR_IN),
+    ])  # fmt: skip
+    add("inbound_routed_setting", "`inbound routed`: packets without a session that the FIB "
+        "forwards are the kernel's to route (an operator with public inside networks).", [
+        outside(udp(R1, A, 53, 5353), PASS, R.PASS_NO_SESSION_IN),
+        outside(other_proto(R1, A), PASS, R.PASS_PROTO),
+        outside(echo(R1, A, 5), PASS, R.PASS_ICMP_OTHER),
+        outside(n1_, PASS, R.PASS_NO_SESSION_IN),
+        outside(n2_, PASS, R.PASS_FRAG_UNTRANSLATED),
+    ], settings={"inbound_routed": True})  # fmt: skip
+    s1_, s2_ = fragments(C, R1, 5353, 53, ident=0x6b6b)
+    add("no_injection", "On an inside device a source that is not routed back out of it (another "
+        "inside net's, an outside one) or a local one (a pool address, the gateway's own) is "
+        "dropped, DROP_SPOOFED, before any lookup: B cannot send as A's SNAT address and port, so "
+        "no reply to B's packet can land in A's session.", [
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        inside(udp(ua, R1, up, 53), DROP, R.DROP_SPOOFED),  # B with A's pool address and port
+        inside(tcp(na, R1, np_, 80, "S"), DROP, R.DROP_SPOOFED),
+        inside(udp("198.19.2.2", R1, 5000, 53), DROP, R.DROP_SPOOFED),  # the gateway's uplink
+        inside(udp("198.18.40.1", R1, 5000, 53), DROP, R.DROP_SPOOFED),  # the gateway on lan40
+        inside(udp(C, R1, 5353, 53), DROP, R.DROP_SPOOFED),  # lan50's host on lan40
+        inside(udp(A, R1, 5353, 53), DROP, R.DROP_SPOOFED, dev="lan50"),  # and the other way
+        inside(echo(R2, R1, 9), DROP, R.DROP_SPOOFED),  # an outside address
+        inside(other_proto(ROUTER, R1), DROP, R.DROP_SPOOFED),
+        inside(icmp_error(ua, R1, udp(R1, A, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_SPOOFED),
+        inside(s2_, DROP, R.DROP_SPOOFED, dev="lan40"),  # later fragments too
+        inside(udp(A, "198.18.40.1", 68, 67), PASS, R.PASS_LOCAL),  # its own source: fine
+        inside(udp(STRANGER, R1, 1000, 53), PASS, R.PASS_NO_RULE),  # routed to lan40: no rule
+        inside(udp("0.0.0.0", "255.255.255.255", 68, 67), PASS, R.PASS_NO_RULE),  # DHCP
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_OUT),  # A's session as it was
+        outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),
+    ])  # fmt: skip
     add("port_exhaustion_tiny_range", "With SNAT ports 5000-5001 a third flow from A to R1:80 "
         "finds no free port and is dropped; other remotes still work.", [
         inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),

@@ -193,6 +193,14 @@ def test_single_port_range_and_unmatched_pass():
     assert (s.port_min, s.port_max, s.unmatched_drop) == (6000, 6000, False)
 
 
+def test_inbound_drop_by_default_and_routed_on_request():
+    """`inbound routed` lets uplink packets without a session be routed; `inbound drop` (the
+    default) keeps them out (edge invariant 2)."""
+    assert parse_text("snatgw {\ninbound routed\n}").settings.inbound_routed is True
+    assert parse_text("snatgw {\ninbound drop\n}").settings.inbound_routed is False
+    assert parse_text("snatgw {\n}").settings.inbound_routed is False
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -238,6 +246,7 @@ def test_single_port_range_and_unmatched_pass():
          "  max_sessions_per_host lots\n }\n}", "t.conf:4", "max_sessions_per_host", "0..4294967295"),
         ("snatgw {\n  max_sessions many\n}", "t.conf:2", "max_sessions", "integer"),
         ("snatgw {\n  unmatched reject\n}", "t.conf:2", "unmatched", "pass, drop"),
+        ("snatgw {\n  inbound allow\n}", "t.conf:2", "inbound", "drop, routed"),
         ("snatgw {\n  backend ipvs\n}", "t.conf:2", "backend", "bpf, nft"),
         ("snatgw {\n  timeout tcp_estab 60\n}", "t.conf:2", "timeout", "tcp_established"),
         ("snatgw {\n  timeout udp -1\n}", "t.conf:2", "timeout", "integer"),

@@ -72,6 +72,7 @@ def settings_values(draw):
         refuse_icmp=draw(st.booleans()),
         max_sessions=draw(st.integers(1, 2**31)),
         unmatched_drop=draw(st.booleans()),
+        inbound_routed=draw(st.booleans()),
         backend=draw(st.sampled_from(["bpf", "nft"])),
         gc_interval=draw(st.floats(0.001, 3600) | st.integers(1, 3600).map(float)),
         control_socket=draw(path),

@@ -65,7 +65,8 @@ def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000,
                 ("reply (udp in)", "bench_outside", reply, "eth1", repeat),
                 ("icmp error in", "bench_outside", err, "eth1", repeat),
                 ("no rule (fib + 3 rules)", "bench_inside", no_rule, "lan40", repeat),
-                ("egress, not an error", "bench_egress", udp_out, "eth1", repeat),
+                ("egress, translated (leak guard)", "bench_egress", r.packet, "eth1", repeat),
+                ("egress, leak dropped", "bench_egress", udp_out, "eth1", repeat),
             ]  # fmt: skip
             for name, prog, pkt, dev, n in cases:
                 out.append((name, _median_ns(h, prog, pkt, dev, n, rounds) - base, TARGETS.get(name)))

@@ -14,6 +14,7 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         max_sessions_per_host 0               # live sessions per inside host, 0 = no limit
         refuse_icmp no|yes                    # ICMP host unreachable to a host over its limit
         unmatched pass|drop
+        inbound drop|routed                   # routed: let uplink packets without a session through
         backend bpf|nft
         timeout tcp_established 7440          # any name of schema.TIMEOUT_NAMES, seconds
         gc_interval 1                         # seconds
@@ -63,7 +64,7 @@ RULE_KEYWORDS = ("from", "to", "gw", "oif", "new_gw", "snat_ip", "algo", "on_exh
 #: snatgw block keywords
 SETTINGS_KEYWORDS = (
     "inside", "outside", "port_range", "port_tries", "max_sessions", "on_exhausted",
-    "max_sessions_per_host", "refuse_icmp", "unmatched", "backend", "timeout", "gc_interval",
+    "max_sessions_per_host", "refuse_icmp", "unmatched", "inbound", "backend", "timeout", "gc_interval",
     "control_socket", "pin_dir", "snat_addresses", "allow_empty", "metrics_listen",
 )  # fmt: skip
 #: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
@@ -581,6 +582,8 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         return replace(s, max_sessions=_int(cur, t, v, 1, 1 << 31))
     if k == "unmatched":
         return replace(s, unmatched_drop=_choice(cur, t, v, ("pass", "drop")) == "drop")
+    if k == "inbound":
+        return replace(s, inbound_routed=_choice(cur, t, v, ("drop", "routed")) == "routed")
     if k == "backend":
         return replace(s, backend=_choice(cur, t, v, BACKENDS))
     if k == "timeout":
@@ -643,6 +646,7 @@ def settings_as_dict(s: Settings) -> dict:
         "max_sessions_per_host": s.max_sessions_per_host,
         "refuse_icmp": "yes" if s.refuse_icmp else "no",
         "unmatched": "drop" if s.unmatched_drop else "pass",
+        "inbound": "routed" if s.inbound_routed else "drop",
         "backend": s.backend,
         "timeout": {TIMEOUT_BY_STATE[st]: secs for st, secs in s.timeouts},
         "gc_interval": s.gc_interval,

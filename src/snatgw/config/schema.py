@@ -42,6 +42,9 @@ class Settings:
     max_sessions_per_host: int = 0  # live sessions per inside host (0 = no limit); per rule too
     refuse_icmp: bool = False  # `refuse_icmp yes`: ICMP host unreachable to a host over its limit
     unmatched_drop: bool = False  # `unmatched drop`: the original's drop of no-rule flows
+    #: `inbound routed`: packets from an uplink without a session may be routed on (to the
+    #: inside); default `inbound drop`: only replies to sessions (and errors about them) get in
+    inbound_routed: bool = False
     backend: str = "bpf"
     timeouts: tuple[tuple[int, int], ...] = tuple((int(k), v) for k, v in DEFAULT_TIMEOUTS.items())
     gc_interval: float = 1.0  # seconds between session expiry sweeps

@@ -50,6 +50,7 @@ class CtEntry:
     state: int = int(CtState.NONE)  # kept in the OUT entry
     flags: int = 0
     rule: Rule | None = field(default=None, compare=False)
+    iif: str | None = None  # OUT: the inside device the session was made on (anti-spoofing)
 
     def to_bytes(self, ifindex: dict[str, int], ns: float = 1e9) -> bytes:
         """The BPF value bytes; ``ifindex`` maps device names; times in seconds * ``ns``."""
@@ -58,6 +59,7 @@ class CtEntry:
             state=self.state, flags=self.flags, ifindex=ifindex.get(self.oif, 0),
             nexthop=self.nexthop.packed if self.nexthop else 0, rule_id=self.rule_id,
             mtu=min(self.mtu, 0xFFFF), last_seen=int(self.last_seen * ns),
+            iif=ifindex.get(self.iif, 0) & 0xFFFF if self.iif else 0,
         )  # fmt: skip
 
 

@@ -56,6 +56,12 @@ class Refusal:
     reason: Reason
 
 
+def _multi_or_broadcast(addr: int) -> bool:
+    """Multicast or the limited broadcast: never forwarded, but the FIB (bpf_fib_lookup, which
+    does not look at the address class) may name a route for it."""
+    return addr >> 28 == 0xE or addr == 0xFFFFFFFF
+
+
 def _verdict_of(reason: Reason) -> Verdict:
     return Verdict.DROP if reason.name.startswith("DROP_") else Verdict.PASS
 
@@ -111,6 +117,8 @@ class Engine:
             res = Result(_verdict_of(v), v, pkt)
         else:
             res = self._inside(pkt, v, ingress, now) if side == "inside" else self._outside(pkt, v, now)
+            if side == "outside" and res.verdict == Verdict.PASS:
+                res = self._inbound_guard(res, v)
             if v.is_first_fragment and res.verdict == Verdict.PASS and res.reason in FRAG_PASS_REASONS:
                 # a first fragment left untranslated: its later fragments pass too (pass marker)
                 key = FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto)
@@ -119,6 +127,17 @@ class Engine:
         return res
 
     def _inside(self, pkt: bytes, v: IPv4View, ingress: str, now: float) -> Result:
+        if v.frag == 0 and (v.proto in (IPPROTO_TCP, IPPROTO_UDP) or v.icmp_type == ICMP_ECHO):
+            # step 2a, fast: the session of this OUT key, made on this device, vouches for it
+            dport = 0 if v.proto == IPPROTO_ICMP else v.dport
+            e = self.table.lookup(out_key(ip(v.saddr), ip(v.daddr), v.sport, dport, v.proto))
+            if e is not None and e.iif == ingress:
+                return self._established_out(pkt, v, e, now)
+        if self._spoofed(v, ingress):  # step 2a
+            return Result(Verdict.DROP, Reason.DROP_SPOOFED, pkt)
+        return self._inside_checked(pkt, v, ingress, now)
+
+    def _inside_checked(self, pkt: bytes, v: IPv4View, ingress: str, now: float) -> Result:
         if v.frag > 0:
             return self._later_fragment(pkt, v, now)
         if v.proto not in PROTOS:  # step 4
@@ -180,7 +199,7 @@ class Engine:
         def build(ikey: CtKey, addr: IPv4Address, port: int) -> tuple[CtEntry, CtEntry]:
             out = CtEntry(peer=ikey, rw_addr=addr, rw_port=port, oif=oif, nexthop=nexthop,
                           rule_id=rule.rule_id, mtu=mtu, last_seen=now,
-                          state=initial_state(v.proto), flags=flags, rule=rule)  # fmt: skip
+                          state=initial_state(v.proto), flags=flags, rule=rule, iif=ingress)  # fmt: skip
             inn = CtEntry(peer=okey, rw_addr=src, rw_port=v.sport, oif=ingress, nexthop=None,
                           rule_id=rule.rule_id, mtu=in_mtu, last_seen=now,
                           state=initial_state(v.proto), rule=rule)  # fmt: skip
@@ -373,6 +392,25 @@ class Engine:
         if e is None or self.table.lookup(e.peer) is None:
             return None
         return e
+
+    def _spoofed(self, v: IPv4View, ingress: str) -> bool:
+        """Edge invariant 3 (strict reverse path): the source must be routed back out of the
+        device the packet came in by; a local source (pool, the gateway's own) never is.
+        DHCP's 0.0.0.0 -> 255.255.255.255 (a host without an address) is let through."""
+        if v.saddr == 0 and v.daddr == 0xFFFFFFFF:
+            return False
+        back = self.router.lookup(ip(v.saddr), ip(v.daddr))
+        return back.kind != "forward" or back.oif != ingress
+
+    def _inbound_guard(self, res: Result, v: IPv4View) -> Result:
+        """Edge invariant 2: a packet the outside program passes (no session, not ours to
+        translate) may reach the kernel only when it is for the gateway itself; one the FIB
+        would forward (to the inside, or back out) is dropped unless `inbound routed`."""
+        if self.settings.inbound_routed or _multi_or_broadcast(v.daddr):
+            return res
+        if self.router.lookup(ip(v.daddr), ip(v.saddr)).kind != "forward":
+            return res
+        return Result(Verdict.DROP, Reason.DROP_INBOUND, res.packet)
 
     def _leak_guard(self, pkt: bytes) -> Result | None:
         """The egress guard (edge invariant 1): any IPv4 packet (malformed too) leaving an uplink

@@ -27,11 +27,14 @@ class StaticRouter:
                  mtu: dict[str, int] | None = None):  # fmt: skip
         self.mtu = dict(mtu or {})
         self.local: dict[IPv4Address, str] = {}
+        self.broadcast: set[IPv4Address] = set()  # subnet broadcasts: the kernel's local table
         table: list[tuple[IPv4Network, str, IPv4Address | None]] = []
         for dev, addrs in addresses.items():
             for a in addrs:
                 iface = IPv4Interface(a)
                 self.local[iface.ip] = dev
+                if iface.network.prefixlen < 31:
+                    self.broadcast.add(iface.network.broadcast_address)
                 if iface.network.prefixlen < 32:
                     table.append((iface.network, dev, None))
         for net, dev, via in routes:
@@ -55,6 +58,8 @@ class StaticRouter:
         dst = IPv4Address(dst)
         if dst in self.local:
             return FibResult("local", self.local[dst], None, self.dev_mtu(self.local[dst]))
+        if dst in self.broadcast:  # the kernel's FIB: type broadcast, not forwarded
+            return FibResult("local")
         for net, dev, via in self.table:
             if dst in net:
                 if dev in NO_ROUTE_DEVS:
@@ -77,4 +82,5 @@ REF_ADDRESSES: dict[str, tuple[str, ...]] = {
 REF_ROUTES: tuple[tuple[str, str, str | None], ...] = (
     ("0.0.0.0/0", "eth1", "198.19.2.1"),
     ("198.51.100.0/24", "eth2", "198.19.3.1"),
+    ("192.0.2.48/28", "lan40", None),  # an inside net no rule covers (corpus STRANGER), on-link
 )

@@ -34,6 +34,7 @@ REF_ADDRS = {
 REF_ROUTES = [
     ["default", "via", "198.19.2.1", "dev", "eth1"],
     ["198.51.100.0/24", "via", "198.19.3.1", "dev", "eth2"],
+    ["192.0.2.48/28", "dev", "lan40"],  # an inside net no rule covers (corpus STRANGER)
 ]
 INSIDE, OUTSIDE = ("lan40", "lan50"), ("eth1", "eth2")
 PROGS = {"inside": "snat_inside", "outside": "snat_outside", "egress": "snat_egress", "recirc": "snat_recirc"}

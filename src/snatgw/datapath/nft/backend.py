@@ -600,6 +600,8 @@ class NftBackend:
             "DROP_NO_SESSION": c.get(R.C_NO_SESSION, (0, 0))[0],
             "DROP_UNMATCHED": c.get(R.C_UNMATCHED, (0, 0))[0],
             "DROP_LEAK": c.get(R.C_LEAK, (0, 0))[0],
+            "DROP_INBOUND": c.get(R.C_INBOUND, (0, 0))[0],
+            "DROP_SPOOFED": c.get(R.C_SPOOFED, (0, 0))[0],
         }
         total = sum(by_mark.values())
         hosts: dict[str, list[int]] = {}

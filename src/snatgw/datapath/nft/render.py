@@ -3,10 +3,14 @@ text for `snatgw export`), plus the policy-routing entries new_gw needs.  Pure: 
 be learnt from the kernel (the device a `gw` is reached through) comes in as arguments.
 
 How the rule set works (docs/nftables.md has the long form and what differs from bpf):
+  antispoof prerouting, priority raw (before conntrack): on an inside device a source that is
+            not routed back out of it (`fib saddr . iif oif missing`) or is local is dropped
+            (counter `spoofed`): edge invariant 3; DHCP's 0.0.0.0 -> broadcast is let by.
   steer     prerouting/mangle: later packets of a flow get ct mark -> meta mark (so they follow
             the rule's new_gw table); a NEW flow is matched in priority order against a
             PREDICTION of its route (`fib daddr oifname`); a predicted new_gw rule marks it.
-  forward   filter: INVALID packets that match a rule are dropped (no untranslated leak); a NEW,
+  forward   filter: from an uplink, NEW/INVALID/untracked packets are dropped (counter `inbound`)
+            unless `inbound routed`; INVALID packets that match a rule are dropped (no untranslated leak); a NEW,
             unmarked flow is matched exactly (oifname, `rt ip nexthop`) against the rules without
             new_gw and gets the winning rule's ct mark; a marked NEW TCP flow that is not a pure
             SYN is dropped (no_session); `unmatched drop`; per-rule packet counters by ct mark.
@@ -34,13 +38,15 @@ MARK_MASK = 0xFFFF0000
 SLOTS = 1000  # rules per rule set in this backend (marks, tables and rule prefs per slot)
 RT_BASE = 31000  # policy routing: rule pref and table id are RT_BASE + slot
 RT_PROTO = 201  # routes and ip rules we add carry `proto 201`, so we only ever remove ours
-CHAINS = ("steer", "forward", "classify", "guard", "nat_out", "leak_guard")
+CHAINS = ("antispoof", "steer", "forward", "classify", "guard", "nat_out", "leak_guard")
 C_NO_SESSION = "no_session"
 C_UNMATCHED = "unmatched"
 C_LEAK = "leak"
 C_TABLE_FULL = "table_full"
 C_HOST_LIMIT = "host_limit"
 S_FULL = "full"  # holds MARK_TAG while the table is at max_sessions (the backend's expire() sets it)
+C_INBOUND = "inbound"
+C_SPOOFED = "spoofed"
 
 #: what the kernel's nf_nat does for each algo, where it is exact and where it is not
 ALGO_NOTES = {
@@ -345,6 +351,8 @@ class Plan:
 def _chain_defs() -> list[tuple[str, dict | None]]:
     base = {"family": FAMILY, "table": TABLE}
     return [
+        ("antispoof", base | {"name": "antispoof", "type": "filter", "hook": "prerouting", "prio": -300,
+                              "policy": "accept"}),
         ("steer", base | {"name": "steer", "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}),
         ("forward", base | {"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}),
         ("classify", base | {"name": "classify"}),
@@ -356,6 +364,7 @@ def _chain_defs() -> list[tuple[str, dict | None]]:
 
 
 _CHAIN_TEXT = {
+    "antispoof": "type filter hook prerouting priority raw; policy accept;",
     "steer": "type filter hook prerouting priority mangle; policy accept;",
     "forward": "type filter hook forward priority filter; policy accept;",
     "nat_out": "type nat hook postrouting priority srcnat; policy accept;",
@@ -430,6 +439,17 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
     def tag(r: Rule) -> str:
         return f"{r.rule_id:08x} {r.describe()}"[:120]
 
+    # antispoof: strict reverse path and no local source on the inside devices
+    if settings.inside:
+        add("antispoof", inside + [m_saddr(IPv4Network("0.0.0.0/32")), m_daddr(IPv4Network("255.255.255.255/32")),
+                                   v("return")], "DHCP: a host without an address yet")  # fmt: skip
+        add("antispoof", inside + [_match("fib saddr type", {"fib": {"result": "type", "flags": ["saddr"]}},
+                                          "local", "local"), s_counter(C_SPOOFED), v("drop")],
+            "a local (pool, gateway) source from inside")  # fmt: skip
+        add("antispoof", inside + [(
+            "fib saddr . iif oif missing",
+            {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, "right": False}}),
+            s_counter(C_SPOOFED), v("drop")], "strict reverse path")  # fmt: skip
     # steer: timeouts for new flows; restore the flow's mark; predict up to the last new_gw rule
     timeouts = timeout_objects(settings)
     for name, proto, _ in timeouts:
@@ -448,7 +468,11 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
             add("steer", pre + [m_fib_unicast()] + s_set_mark(m) + [v("return")], tag(r))
         else:
             add("steer", pre + [v("return")], tag(r))
-    # forward: internal traffic, guard, exact match, non-SYN drop, unmatched drop, counters
+    # forward: no way in, internal traffic, guard, exact match, non-SYN drop, unmatched drop, counters
+    if settings.outside and not settings.inbound_routed:
+        add("forward", [m_iifnames(settings.outside), m_ct_state("new", "invalid", "untracked"),
+                        s_counter(C_INBOUND), v("drop")],
+            "no way in: from an uplink only replies and errors about sessions")  # fmt: skip
     if settings.inside:
         add("forward", inside + [m_oifnames(settings.inside), v("accept")], "internal: never translated")
     add("forward", [m_ct_state("invalid", "untracked"), ("jump guard", {"jump": {"target": "guard"}})],
@@ -492,7 +516,7 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
         add("leak_guard", [m_oifnames(settings.outside), m_saddr_in([r.src for r in rules.rules]),
                            m_fib_saddr_not_local(), s_counter(C_LEAK), v("drop")],
             "no private source leaves an uplink untranslated")  # fmt: skip
-    counters = [C_NO_SESSION, C_UNMATCHED, C_LEAK, C_TABLE_FULL, C_HOST_LIMIT]
+    counters = [C_NO_SESSION, C_UNMATCHED, C_LEAK, C_TABLE_FULL, C_HOST_LIMIT, C_INBOUND, C_SPOOFED]
     for r in rules.rules:
         counters += [counter_name(r), counter_name(r, "new")]
     routes = tuple(RouteEntry(slots[r.identity], r.new_gw, r) for r in rules.rules if r.new_gw)

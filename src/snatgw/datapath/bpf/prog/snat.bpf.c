@@ -266,6 +266,7 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	sp->val.nexthop = eg->nexthop;
 	sp->val.mtu = ct_mtu(eg->mtu);
 	sp->val.flags = (r->flags & RULE_F_NEW_GW) ? CT_F_NEW_GW : 0;
+	sp->val.iif = (__u16)iif; /* the device whose reverse path vouched for the source */
 	/* TCP: the first SYN from NONE with the IN_ONLY rows (a new session is SYN_RECV) */
 	if (p->proto == IPPROTO_TCP_)
 		sp->val.state = ct_tcp_next(CT_NONE, TCP_TBL_IN_ONLY, p->tcp_flags);
@@ -330,12 +331,42 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	return rc == 0 ? -3 : -2;
 }
 
-/* Steps 3-6 of the inside program; the new-flow steps are in snat_v4_new. */
+#define LOOPBACK_IFINDEX 1
+
+/* Edge invariant 3 (no injection), step 2a: strict reverse path.  The route back to the
+ * source, looked up as the kernel's rp_filter does (from the loopback: iif-based policy rules
+ * of the forward direction do not apply), must leave by the device the packet came in by; a
+ * local source (a pool address, the gateway's own) is never routed anywhere.  So an inside
+ * host cannot send as another network's host or as the gateway, and the kernel never sees a
+ * local source arriving on an inside device except in packets we translated (accept_local). */
+static __always_inline int guard_v4_spoof(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct route r;
+
+	if (p->saddr == 0 && p->daddr == 0xffffffff) /* DHCP: a host without an address yet */
+		return 0;
+	if (fib_route4(skb, p->saddr, p->daddr, LOOPBACK_IFINDEX, &r) >= 0 || r.oif != skb->ingress_ifindex)
+		return 1;
+	return 0;
+}
+
+/* Steps 2a-6 of the inside program; the new-flow steps are in snat_v4_new. */
 static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, struct snat_res *v)
 {
 	struct ct_key k;
 	struct ct_entry *e;
 
+	/* step 2a, fast: the session of this OUT key, made on this device, vouches for the source
+	 * (it passed the reverse-path check when it was made): no FIB lookup per packet */
+	if (p->frag != FRAG_LATER && (p->proto == IPPROTO_TCP_ || p->proto == IPPROTO_UDP_ ||
+				      (p->proto == IPPROTO_ICMP_ && p->icmp_type == 8))) {
+		ct_key_out(&k, p);
+		e = ct_lookup4(&k);
+		if (e && e->iif == (__u16)skb->ingress_ifindex)
+			return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
+	}
+	if (guard_v4_spoof(skb, p))
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_SPOOFED);
 	if (p->frag == FRAG_LATER)
 		return frag_v4_later(skb, p, v);
 	if (p->proto != IPPROTO_TCP_ && p->proto != IPPROTO_UDP_ && p->proto != IPPROTO_ICMP_)
@@ -417,6 +448,27 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 	return verdict_redirect(v, REASON_XLATE_IN, e->ifindex, e->nexthop);
 }
 
+/* Edge invariant 2 (no way in): a packet the outside program hands to the kernel (no session,
+ * nothing of ours to translate) may only be for the gateway itself; one the FIB would forward
+ * (to the inside, or back out) is dropped, DROP_INBOUND, unless `inbound routed`.  Not inlined:
+ * replies to sessions never come here. */
+static __noinline int guard_v4_inbound(struct __sk_buff *skb, const struct pkt *p, struct snat_res *v)
+{
+	__u32 zero = 0;
+	struct snat_cfg *cfg = bpf_map_lookup_elem(&snat_config, &zero);
+	struct route r;
+
+	if (cfg && (cfg->flags & CFG_F_INBOUND_ROUTED))
+		return 0;
+	/* multicast and the limited broadcast are never forwarded (VRRP, routing protocols on an
+	 * uplink must still reach us), though the FIB, blind to address classes, may route them */
+	if ((p->daddr & bpf_htonl(0xf0000000)) == bpf_htonl(0xe0000000) || p->daddr == 0xffffffff)
+		return 0;
+	if (fib_route4(skb, p->daddr, p->saddr, skb->ingress_ifindex, &r) >= 0)
+		return 0; /* local, broadcast, multicast, or no route: the kernel's to answer */
+	return verdict_set(v, VERDICT_DROP, REASON_DROP_INBOUND);
+}
+
 /* parse_v4, making the headers linear first when they are not (paged or GRO skbs) */
 static __always_inline int parse_v4_pulled(struct __sk_buff *skb, struct pkt *p)
 {
@@ -452,6 +504,8 @@ static __always_inline int snat_entry(struct __sk_buff *skb, int outside)
 			snat_v4_outside(skb, &p, &v);
 		else
 			snat_v4_inside(skb, &p, &v);
+		if (outside && v.verdict == VERDICT_PASS)
+			guard_v4_inbound(skb, &p, &v);
 		if (v.verdict == VERDICT_PASS && p.frag == FRAG_FIRST)
 			frag_pass_mark(&p, v.reason);
 	}

@@ -117,6 +117,8 @@ enum reason {
 	REASON_PASS_INTERNAL = 22,
 	REASON_PASS_FRAG_UNTRANSLATED = 23,
 	REASON_DROP_LEAK = 24,
+	REASON_DROP_INBOUND = 25,
+	REASON_DROP_SPOOFED = 26,
 	REASON_XLATE_IN_TTL = 44,
 	REASON_XLATE_IN_FRAG_NEEDED = 45,
 	REASON_FRAG_HELD = 46,
@@ -215,7 +217,7 @@ struct ct_entry {
 	__be32 nexthop; /* OUT: next hop (route gw or new_gw); 0 = the destination */
 	__u32 rule_id; /* id of the rule that created the session */
 	__u16 mtu; /* egress MTU seen at creation (larger MTUs are kept as 65535) */
-	__u16 pad; /* zero */
+	__u16 iif; /* OUT: the inside device the session was made on (ifindex, low 16 bits); IN: 0 */
 	__u64 last_seen; /* bpf_ktime_get_ns() of the last packet in this direction; set at creation too */
 };
 _Static_assert(sizeof(struct ct_entry) == 48, "ct_entry size");
