@@ -47,7 +47,7 @@ class Reason(enum.IntEnum):
     PASS_NO_SESSION_IN = 13  # outside packet with no mapping: not let in (kernel, local)
     PASS_ICMP_OTHER = 14  # ICMP that is neither echo request nor an error about a session
     DROP_MALFORMED = 15  # truncated or inconsistent headers
-    DROP_NO_SESSION = 16  # TCP non-SYN that matches a rule but has no session
+    DROP_NO_SESSION = 16  # matches a rule, has no session, cannot make one (TCP non-SYN, ICMP no query)
     DROP_PORT_EXHAUSTED = 17  # no free port within the bounded search
     DROP_TABLE_FULL = 18  # the session table is full: new flow refused
     DROP_FRAG_UNKNOWN = 19  # non-first fragment with no remembered first fragment
@@ -93,6 +93,9 @@ ICMP_ECHO = 8
 ICMP_TIME_EXCEEDED = 11
 ICMP_PARAMETERPROB = 12
 ICMP_ERROR_TYPES = (ICMP_DEST_UNREACH, ICMP_SOURCE_QUENCH, ICMP_TIME_EXCEEDED, ICMP_PARAMETERPROB)
+#: ICMP queries with an identifier (translated like echo): echo, timestamp, information, mask
+ICMP_QUERY_REQUESTS = (ICMP_ECHO, 13, 15, 17)
+ICMP_QUERY_REPLIES = (ICMP_ECHOREPLY, 14, 16, 18)
 
 TCP_FIN = 0x01
 TCP_SYN = 0x02
@@ -250,6 +253,8 @@ FRAG_HOLD_STEP_MAX_MS = 250
 RECIRC_DEV = "snatgw-hold"
 RECIRC_KEY = 0
 FRAG_HELD_IFINDEX = 0xFFFFFFFF  # frag_entry.ifindex of a held marker (created = first held)
+#: protocols without ports (GRE, ESP, SCTP...): addresses of the pool tried for a new session
+ADDR_TRIES = 64
 
 #: default timeouts in seconds, by state: a gateway's, floored by the behaviour RFCs (spec
 #: "Sessions"; RFC_TIMEOUT_FLOORS below).  Every transitory TCP state gets RFC 5382's 4 minutes
@@ -557,7 +562,7 @@ def render_header() -> str:
         ("SNAT_MAX_FRAGS", MAX_FRAGS), ("SNAT_MAX_IFACES", MAX_IFACES),
         ("SNAT_MAX_HOSTS", MAX_HOSTS), ("SNAT_MAX_POOL_ADDRS", MAX_POOL_ADDRS),
         ("SNAT_FRAG_HOLD_NS", f"{FRAG_HOLD * 1_000_000_000}ULL"),
-        ("SNAT_MAX_FROM_NETS", MAX_FROM_NETS),
+        ("SNAT_MAX_FROM_NETS", MAX_FROM_NETS), ("SNAT_ADDR_TRIES", ADDR_TRIES),
         ("SNAT_MAX_REFUSED", MAX_REFUSED), ("SNAT_SEARCH_TRIES", SEARCH_TRIES),
         ("SNAT_REFUSED_SECS", REFUSED_SECS), ("SNAT_REFUSE_ICMP_PER_SEC", REFUSE_ICMP_PER_SEC),
     ]:  # fmt: skip

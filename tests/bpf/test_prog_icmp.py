@@ -75,13 +75,15 @@ def test_gateway_error_on_egress_quotes_the_snat_tuple(prog):
     assert all_checksums_valid(r.packet)
 
 
-def test_error_without_a_session_passes(prog):
-    """Errors quoting unknown tuples: outside PASS_NO_SESSION_IN, inside PASS_ICMP_OTHER."""
+def test_error_without_a_session_passes_or_is_dropped(prog):
+    """Errors quoting unknown tuples: outside (to a pool address) PASS_NO_SESSION_IN; inside,
+    matching a rule, DROP_NO_SESSION (passed, it would leave with the host's address)."""
     quoted = raw(IP(src="198.19.2.71", dst=R1) / UDP(sport=9, dport=9))
     r = prog.run("outside", icmp_error(ROUTER, "198.19.2.71", quoted), "eth1")
     assert r.reason == Reason.PASS_NO_SESSION_IN
     quoted = raw(IP(src=R1, dst=A) / UDP(sport=9, dport=9))
-    assert prog.run("inside", icmp_error(A, R1, quoted), "lan40").reason == Reason.PASS_ICMP_OTHER
+    r = prog.run("inside", icmp_error(A, R1, quoted), "lan40")
+    assert (r.retval, r.reason) == (2, Reason.DROP_NO_SESSION)
 
 
 def test_truncated_quote_is_dropped_as_malformed(prog):

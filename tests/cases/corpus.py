@@ -9,13 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+from scapy.layers.inet import ICMP, IP
+from scapy.packet import Raw, raw
+
 from snatgw.config.schema import Settings
 from snatgw.layout import PORT_TRIES_BPF, RECIRC_DEV, Reason, Verdict
 from snatgw.model.router import REF_ADDRESSES as _ADDRS
 from snatgw.model.router import REF_ROUTES as _ROUTES
 from snatgw.rules import Rule, RuleSet
 
-from .pkts import A, B, C, D, ISP1, R1, R2, ROUTER, STRANGER, echo, fragments, icmp_error, other_proto
+from .pkts import A, A3, B, C, D, ISP1, R1, R2, ROUTER, STRANGER, echo, fragments, icmp_error, other_proto
 from .pkts import snat_of, tcp, udp, with_options, zeroing_word
 
 REF_CONFIG = """\
@@ -206,10 +209,12 @@ def _scenarios() -> list[Scenario]:
         inside(tcp(STRANGER, R1, 1000, 80, "A"), PASS, R.PASS_NO_RULE),
         outside(udp(R1, STRANGER, 53, 1000), DROP, R.DROP_INBOUND),  # no way in (invariant 2)
     ])  # fmt: skip
-    add("unmatched_drop_setting", "`unmatched drop`: no-rule flows and other protocols from inside "
-        "are dropped; matching flows still translate.", [
+    add("unmatched_drop_setting", "`unmatched drop`: no-rule flows of any protocol from inside are "
+        "dropped; matching flows still translate.", [
         inside(udp(STRANGER, R1, 1000, 53), DROP, R.DROP_UNMATCHED),
-        inside(other_proto(A, R1), DROP, R.DROP_UNMATCHED),
+        inside(other_proto(STRANGER, R1), DROP, R.DROP_UNMATCHED),
+        inside(raw(IP(src=STRANGER, dst=R1) / ICMP(type=9)), DROP, R.DROP_UNMATCHED),
+        inside(other_proto(A, R1), RED, R.XLATE_NEW),
         inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
         inside(udp(A, C, 5353, 53), PASS, R.PASS_INTERNAL),  # internal is not "unmatched"
         inside(fragments(STRANGER, R1, 1, 2, ident=0x5757)[0], DROP, R.DROP_UNMATCHED),
@@ -220,20 +225,45 @@ def _scenarios() -> list[Scenario]:
         inside(tcp(A, "198.19.2.71", 40000, 22, "S"), PASS, R.PASS_LOCAL),
         inside(udp(C, "198.19.3.2", 40000, 53), PASS, R.PASS_LOCAL, dev="lan50"),
     ])  # fmt: skip
-    add("other_protocols_pass", "GRE is neither translated nor tracked, both ways.", [
-        inside(other_proto(A, R1), PASS, R.PASS_PROTO),
-        outside(other_proto(R1, na), PASS, R.PASS_PROTO),
-        inside(other_proto(A, R1, proto=50), PASS, R.PASS_PROTO),
+    ga = snat_of(RULE_SDH, A, R1, 0)[0]  # sdh: the address does not depend on the port
+    add("other_protocols_address_only", "GRE, ESP, SCTP... matching a rule are translated address "
+        "only (session ports 0) and their replies back; one inside host per (protocol, remote, "
+        "SNAT address): another host takes the pool's next address, and with none left it is "
+        "dropped.  Later fragments follow their first.", [
+        inside(other_proto(A, R1), RED, R.XLATE_NEW),
+        outside(other_proto(R1, ga), RED, R.XLATE_IN),
+        inside(other_proto(A, R1), RED, R.XLATE_OUT),
+        inside(other_proto(A, R1, proto=50), RED, R.XLATE_NEW),
+        inside(other_proto(A, R1, proto=132), RED, R.XLATE_NEW),
+        outside(other_proto(R1, ga, proto=51), PASS, R.PASS_PROTO),  # AH: no session
+        outside(other_proto(R2, ga), PASS, R.PASS_PROTO),  # another remote: no session
+        inside(other_proto(B, R1), RED, R.XLATE_NEW),  # B's own address (sdh) or the next one
+        inside(other_proto(A3, R1), RED, R.XLATE_NEW),  # the pool's 3 addresses now carry GRE to R1
+        inside(other_proto(C, R1), DROP, R.DROP_PORT_EXHAUSTED, dev="lan50"),  # the sh rule: same pool
+        inside(other_proto(D, R2), RED, R.XLATE_NEW, dev="lan50"),  # another remote: free again
+        inside(raw(IP(src=A, dst=R2, id=0x7a7a, flags="MF", proto=47) / Raw(b"g" * 24)), RED, R.XLATE_NEW),
+        inside(raw(IP(src=A, dst=R2, id=0x7a7a, frag=3, proto=47) / Raw(b"h" * 8)), RED, R.XLATE_FRAG),
+        inside(raw(IP(src=A, dst=R2, id=0x7b7b, frag=3, proto=47) / Raw(b"h" * 8)), DROP, R.DROP_FRAG_UNKNOWN),
     ])  # fmt: skip
-    from scapy.layers.inet import ICMP, IP
-    from scapy.packet import raw
-
-    add("icmp_other_types_pass", "ICMP that is neither echo request (inside), echo reply "
-        "(outside) nor an error passes untouched.", [
-        inside(raw(IP(src=A, dst=R1) / ICMP(type=13)), PASS, R.PASS_ICMP_OTHER),
-        inside(echo(A, R1, 9, reply=True), PASS, R.PASS_ICMP_OTHER),
+    ta, ti = snat_of(RULE_SDH, A, R1, 0x77)
+    add("icmp_queries_and_other_types", "ICMP timestamp, information and address mask requests are "
+        "translated like echo (identifier) and their replies back; any other ICMP from inside that "
+        "matches a rule has no session to belong to: dropped (DROP_NO_SESSION), never passed.", [
+        inside(raw(IP(src=A, dst=R1) / ICMP(type=13, id=0x77)), RED, R.XLATE_NEW),
+        outside(raw(IP(src=R1, dst=ta) / ICMP(type=14, id=ti)), RED, R.XLATE_IN),
+        inside(raw(IP(src=A, dst=R1) / ICMP(type=15, id=0x78)), RED, R.XLATE_NEW),
+        inside(raw(IP(src=A, dst=R1) / ICMP(type=17, id=0x79)), RED, R.XLATE_NEW),
+        outside(raw(IP(src=R1, dst=ta) / ICMP(type=18, id=ti + 1)), PASS, R.PASS_NO_SESSION_IN),
+        inside(echo(A, R1, 9, reply=True), DROP, R.DROP_NO_SESSION),
+        inside(raw(IP(src=A, dst=R1) / ICMP(type=14, id=0x77)), DROP, R.DROP_NO_SESSION),
+        inside(raw(IP(src=A, dst=R1) / ICMP(type=9)), DROP, R.DROP_NO_SESSION),  # router advert
+        inside(raw(IP(src=A, dst=R1) / ICMP(type=5, code=1) / Raw(b"x" * 28)), DROP, R.DROP_NO_SESSION),
+        inside(raw(IP(src=A, dst=R1) / ICMP(type=42)), DROP, R.DROP_NO_SESSION),
+        inside(raw(IP(src=A, dst="198.18.40.1") / ICMP(type=13)), PASS, R.PASS_LOCAL),  # to us
+        inside(raw(IP(src=A, dst=C) / ICMP(type=0)), PASS, R.PASS_INTERNAL),
+        inside(raw(IP(src=STRANGER, dst=R1) / ICMP(type=9)), PASS, R.PASS_NO_RULE),
         outside(echo(R1, na, 9), PASS, R.PASS_ICMP_OTHER),
-        outside(raw(IP(src=R1, dst=na) / ICMP(type=14)), PASS, R.PASS_ICMP_OTHER),
+        outside(raw(IP(src=R1, dst=na) / ICMP(type=14)), PASS, R.PASS_NO_SESSION_IN),
     ])  # fmt: skip
     ea0, ei0 = snat_of(RULE_SDH, A, R1, 0x4242)
     add("ttl_expiring_packets_pass", "TTL <= 1 is left to the kernel (time exceeded), new, "
@@ -343,8 +373,8 @@ def _scenarios() -> list[Scenario]:
         inside(t2, RED, R.FRAG_HELD),  # held until FRAG_HOLD, then dropped
         inside(p1, PASS, R.PASS_FRAG_NEEDED),
         inside(p2, RED, R.FRAG_HELD),
-        inside(k1[:20] + b"\x00" + k1[21:], PASS, R.PASS_ICMP_OTHER),  # echo reply: a marker ...
-        inside(k1, RED, R.XLATE_NEW),  # ... replaced by the request's rewrite (same key)
+        inside(k1[:20] + b"\x00" + k1[21:], DROP, R.DROP_NO_SESSION),  # echo reply: no marker
+        inside(k1, RED, R.XLATE_NEW),  # the request's rewrite for the same key
         inside(k2, RED, R.XLATE_FRAG),
     ])  # fmt: skip
     g1, g2 = fragments(A, R1, 0x777, 0, proto="icmp", ident=0x6161)
@@ -404,10 +434,14 @@ def _scenarios() -> list[Scenario]:
         inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
         outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),
         inside(icmp_error(A, R1, udp(R1, A, 53, 5353, ttl=63), 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
-        inside(icmp_error(A, R1, udp(R1, A, 53, 9999, ttl=63), 3, 3), PASS, R.PASS_ICMP_OTHER),
+        inside(icmp_error(A, R1, udp(R1, A, 53, 9999, ttl=63), 3, 3), DROP, R.DROP_NO_SESSION),
         inside(echo(A, R1, 0x1234), RED, R.XLATE_NEW),
         inside(icmp_error(A, R1, echo(R1, A, 0x1234, reply=True), 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
-        inside(icmp_error(A, R1, echo(R1, A, 0x1234), 3, 3), PASS, R.PASS_ICMP_OTHER),
+        inside(icmp_error(A, R1, echo(R1, A, 0x1234), 3, 3), DROP, R.DROP_NO_SESSION),
+        inside(icmp_error(A, R1, other_proto(R1, A), 3, 2), DROP, R.DROP_NO_SESSION),  # bogus inner
+        inside(icmp_error(A, C, udp(C, A, 53, 9999), 3, 3), PASS, R.PASS_INTERNAL),
+        inside(icmp_error(A, "198.18.40.1", udp("198.18.40.1", A, 53, 9999), 3, 3), PASS, R.PASS_LOCAL),
+        inside(icmp_error(STRANGER, R1, udp(R1, STRANGER, 53, 9), 3, 3), PASS, R.PASS_NO_RULE),
         inside(icmp_error(A, R1, udp(R1, A, 53, 5353), 3, 3, keep=20), DROP, R.DROP_MALFORMED),
     ])  # fmt: skip
     add("egress_error_about_reply", "The gateway's own frag-needed about a reply, leaving eth1, "

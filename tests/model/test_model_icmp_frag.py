@@ -105,13 +105,14 @@ def test_egress_error_keeps_outer_header(engine):
     assert res.packet[:20] == pkt[:20] and problems(res.packet) == []
 
 
-def test_errors_about_nothing_pass(engine):
-    """Errors quoting no session pass: from outside as PASS_NO_SESSION_IN, from inside as
-    PASS_ICMP_OTHER, and on egress as PASS_ICMP_OTHER."""
+def test_errors_about_nothing_pass_or_drop(engine):
+    """Errors quoting no session: from outside to a pool address pass as PASS_NO_SESSION_IN; from
+    inside, matching a rule, they are dropped (DROP_NO_SESSION: passed, they would leak the
+    host's address); on egress they pass as PASS_ICMP_OTHER."""
     q = tcp(NAT, R1, PORT, 80, "S")
     assert engine.process(icmp_error(ROUTER, NAT, q, 3, 1), "outside", "eth1", 0).reason == Reason.PASS_NO_SESSION_IN
     q = udp(R1, A, 53, 5353)
-    assert engine.process(icmp_error(A, R1, q, 3, 3), "inside", "lan40", 0).reason == Reason.PASS_ICMP_OTHER
+    assert engine.process(icmp_error(A, R1, q, 3, 3), "inside", "lan40", 0).reason == Reason.DROP_NO_SESSION
     assert engine.process(icmp_error(ISP1, R1, q, 3, 3), "egress", "eth1", 0).reason == Reason.PASS_ICMP_OTHER
 
 
@@ -187,8 +188,8 @@ def test_pass_marker_times_out_and_a_translated_first_fragment_replaces_it(engin
     assert engine.process(p2, "inside", "lan40", FRAG_TIMEOUT).reason == Reason.PASS_FRAG_UNTRANSLATED
     assert engine.process(p2, "inside", "lan40", FRAG_TIMEOUT + 0.5).reason == Reason.FRAG_HELD
     e1, e2 = fragments(A, R1, 0x99, 0, proto="icmp", ident=0x6363)
-    reply1 = e1[:20] + b"\x00" + e1[21:]  # an echo REPLY's first fragment: PASS_ICMP_OTHER, marker
-    assert engine.process(reply1, "inside", "lan40", 0).reason == Reason.PASS_ICMP_OTHER
+    reply1 = e1[:20] + b"\x00" + e1[21:]  # an echo REPLY's first fragment: dropped, no marker
+    assert engine.process(reply1, "inside", "lan40", 0).reason == Reason.DROP_NO_SESSION
     r1 = engine.process(e1, "inside", "lan40", 0)  # the echo request, same key: translated
     r2 = engine.process(e2, "inside", "lan40", 0)
     assert (r1.reason, r2.reason) == (Reason.XLATE_NEW, Reason.XLATE_FRAG)

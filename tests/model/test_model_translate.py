@@ -7,7 +7,7 @@ from ipaddress import IPv4Address as IP4
 
 import pytest
 from cases.corpus import REF_RULES, REF_SETTINGS, ruleset
-from cases.pkts import ISP1, ISP2, R1, R2, A, B, C, echo, other_proto, tcp, udp, with_options
+from cases.pkts import ISP1, ISP2, R1, R2, STRANGER, A, B, C, echo, other_proto, tcp, udp, with_options
 from scapy_oracle import problems
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 
@@ -160,11 +160,11 @@ def test_counters_per_reason_and_rule(engine):
     syn = tcp(A, R1, 40000, 80, "S")
     run(engine, syn)
     run(engine, tcp(R1, "198.19.2.72", 80, 21541, "SA"), "outside", "eth1")
-    run(engine, other_proto(A, R1))
+    run(engine, other_proto(STRANGER, R1))
     rid = Rule.from_dict(REF_RULES[1]).rule_id
     c = engine.rule_stats[rid]
     assert (c.packets, c.bytes, c.sessions) == (2, 80, 1)
-    assert engine.reasons == {Reason.XLATE_NEW: 1, Reason.XLATE_IN: 1, Reason.PASS_PROTO: 1}
+    assert engine.reasons == {Reason.XLATE_NEW: 1, Reason.XLATE_IN: 1, Reason.PASS_NO_RULE: 1}
 
 
 def test_sessions_report(engine):
@@ -183,7 +183,8 @@ def test_sessions_report(engine):
 
 def test_pass_and_drop_leave_bytes_untouched(engine):
     """PASS and DROP results carry the input bytes unchanged."""
-    for pkt in (tcp("192.0.2.50", R1, 1, 2, "S"), tcp(A, R1, 1, 2, "A"), other_proto(A, R1)):
+    for pkt in (tcp("192.0.2.50", R1, 1, 2, "S"), tcp(A, R1, 1, 2, "A"), other_proto("192.0.2.50", R1),
+                other_proto(R2, R1)):
         res = run(engine, pkt)
         assert res.verdict in (Verdict.PASS, Verdict.DROP) and res.packet == pkt
 

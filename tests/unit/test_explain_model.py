@@ -112,7 +112,8 @@ def test_unmatched_flow_passes_or_drops_per_setting(tmp_path, capsys):
 
 def test_route_from_kernel_uses_the_fib_answer(monkeypatch, capsys):
     """--route-from-kernel takes oif and next hop from `ip route get`, also for new_gw."""
-    fib = {"203.0.113.10": ("eth2", "198.19.3.1"), "198.19.2.1": ("eth1", None)}
+    fib = {"203.0.113.10": ("eth2", "198.19.3.1"), "198.19.2.1": ("eth1", None),
+           "198.18.50.10": ("lan50", None), "198.18.40.10": ("lan40", None)}  # the sources' way back
 
     def fake(dst, src, iif):
         dev, gw = fib[str(dst)]
@@ -130,6 +131,8 @@ def test_route_from_kernel_uses_the_fib_answer(monkeypatch, capsys):
 def test_route_from_kernel_notes_a_refused_source_once(monkeypatch, capsys):
     """When the FIB refuses the non-local source, the lookup is repeated without it, noted once."""
     def fake(dst, src, iif):
+        if str(dst).startswith("198.18.40."):  # the way back to the source (reverse path)
+            return {"dst": str(dst), "dev": "lan40"}, f"ip -j route get {dst}"
         if src is not None:
             return None, f"ip -j route get {dst} from {src}: Network is unreachable"
         return {"dst": str(dst), "dev": "eth1", "gateway": "198.19.2.1"}, f"ip -j route get {dst}"

@@ -11,7 +11,7 @@ from ipaddress import IPv4Address
 from typing import Iterator, NamedTuple
 
 from ..layout import CT_DIR_IN, CT_DIR_OUT, CT_ENTRY, CT_F_REPLIED, CT_KEY, IPPROTO_TCP, IPPROTO_UDP, CtState
-from ..layout import TcpTable
+from ..layout import IPPROTO_ICMP, TcpTable
 from ..layout import tcp_next_state
 from ..rules import Rule
 
@@ -137,7 +137,7 @@ def tcp_update(out: CtEntry, flags: int, reply: bool) -> None:
 def initial_state(proto: int) -> int:
     if proto == IPPROTO_TCP:
         return int(CtState.NONE)
-    return int(CtState.UDP if proto == IPPROTO_UDP else CtState.ICMP)
+    return int(CtState.ICMP if proto == IPPROTO_ICMP else CtState.UDP)  # other protocols: UDP's
 
 
 def is_expired(pair: CtPair, now: float, timeout) -> bool:

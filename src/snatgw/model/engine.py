@@ -10,7 +10,8 @@ from ipaddress import IPv4Address
 
 from ..config.schema import Settings
 from ..datapath.backend import RuleCounters, Session
-from ..layout import CT_F_NEW_GW, CT_F_REPLIED, ICMP_ECHO, ICMP_ECHOREPLY, IPPROTO_ICMP, IPPROTO_TCP
+from ..layout import ADDR_TRIES, CT_F_NEW_GW, CT_F_REPLIED, ICMP_QUERY_REPLIES, ICMP_QUERY_REQUESTS
+from ..layout import IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
 from ..layout import FRAG_HOLD, MAX_REFUSED, RECIRC_DEV, REFUSE_ICMP_PER_SEC, REFUSED_SECS, Verdict
 from ..config.schema import rule_host_limit, rule_spill
@@ -54,6 +55,16 @@ class Refusal:
     at: float
     addr: IPv4Address  # the SNAT address chosen for it
     reason: Reason
+
+
+def _can_start(v: IPv4View) -> bool:
+    """Step 9: a TCP pure SYN, any UDP datagram, an ICMP query request (echo, timestamp,
+    information, address mask) or a packet of a protocol without ports may make a session."""
+    if v.proto == IPPROTO_TCP:
+        return v.flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN
+    if v.proto == IPPROTO_ICMP:
+        return v.is_query_request
+    return True
 
 
 def _multi_or_broadcast(addr: int) -> bool:
@@ -127,7 +138,7 @@ class Engine:
         return res
 
     def _inside(self, pkt: bytes, v: IPv4View, ingress: str, now: float) -> Result:
-        if v.frag == 0 and (v.proto in (IPPROTO_TCP, IPPROTO_UDP) or v.icmp_type == ICMP_ECHO):
+        if v.frag == 0 and (v.proto != IPPROTO_ICMP or v.is_query_request):
             # step 2a, fast: the session of this OUT key, made on this device, vouches for it
             dport = 0 if v.proto == IPPROTO_ICMP else v.dport
             e = self.table.lookup(out_key(ip(v.saddr), ip(v.daddr), v.sport, dport, v.proto))
@@ -140,15 +151,15 @@ class Engine:
     def _inside_checked(self, pkt: bytes, v: IPv4View, ingress: str, now: float) -> Result:
         if v.frag > 0:
             return self._later_fragment(pkt, v, now)
-        if v.proto not in PROTOS:  # step 4
-            return self._unmatched(pkt, Reason.PASS_PROTO)
-        if v.proto == IPPROTO_ICMP:  # step 5
-            if v.is_icmp_error:
-                return self._icmp_error(pkt, v, "inside")
-            if v.icmp_type != ICMP_ECHO:
-                return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
         dport = 0 if v.proto == IPPROTO_ICMP else v.dport
         okey = out_key(ip(v.saddr), ip(v.daddr), v.sport, dport, v.proto)
+        if v.proto == IPPROTO_ICMP and not v.is_query_request:  # step 5
+            if v.is_icmp_error:
+                res = self._icmp_error(pkt, v, "inside")
+                if res is not None:
+                    return res
+            # no session to belong to: steps 7-9 say local, internal, unmatched or dropped
+            return self._new_flow(pkt, v, okey, ingress, now)
         e = self.table.lookup(okey)  # step 6
         if e is not None:
             return self._established_out(pkt, v, e, now)
@@ -169,8 +180,8 @@ class Engine:
         rule = self.rules.match(src, dst, Route(fib.oif, fib.gw))  # step 8
         if rule is None:
             return self._unmatched(pkt, Reason.PASS_NO_RULE)
-        if v.proto == IPPROTO_TCP and v.flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) != TCP_SYN:
-            return Result(Verdict.DROP, Reason.DROP_NO_SESSION, pkt, rule=rule)  # step 9
+        if not _can_start(v):  # step 9
+            return Result(Verdict.DROP, Reason.DROP_NO_SESSION, pkt, rule=rule)
         if v.ttl <= 1:  # step 10
             return Result(Verdict.PASS, Reason.PASS_TTL, pkt, rule=rule)
         oif, nexthop, mtu = fib.oif, fib.gw, fib.mtu  # step 11
@@ -193,6 +204,9 @@ class Engine:
         # then the port search on each address in turn (an empty range: exhausted)
         cands = list(port_candidates(v.sport, s.port_min, s.port_max, per_addr,
                                      port_seed(src, dst, v.sport, okey.dport, v.proto)))  # fmt: skip
+        if v.proto not in PROTOS:  # no ports: ports 0, the chosen address then the pool's next ones
+            cands = [0]
+            addrs = spill_order(rule.pool, first, True, 1)[:ADDR_TRIES]
         flags = CT_F_NEW_GW if rule.new_gw is not None else 0
         in_mtu = self._dev_mtu(ingress)
 
@@ -276,12 +290,10 @@ class Engine:
     def _outside(self, pkt: bytes, v: IPv4View, now: float) -> Result:
         if v.frag > 0:
             return self._later_fragment(pkt, v, now)
-        if v.proto not in PROTOS:
-            return Result(Verdict.PASS, Reason.PASS_PROTO, pkt)
         if v.proto == IPPROTO_ICMP:
             if v.is_icmp_error:
                 return self._icmp_error(pkt, v, "outside")
-            if v.icmp_type != ICMP_ECHOREPLY:
+            if v.icmp_type not in ICMP_QUERY_REPLIES:
                 return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
             sport, dport = 0, v.sport
         else:
@@ -289,7 +301,7 @@ class Engine:
         e = self.table.lookup(in_key(ip(v.saddr), ip(v.daddr), sport, dport, v.proto))
         out = self.table.lookup(e.peer) if e is not None else None
         if e is None or out is None:
-            return Result(Verdict.PASS, Reason.PASS_NO_SESSION_IN, pkt)
+            return Result(Verdict.PASS, Reason.PASS_NO_SESSION_IN if v.proto in PROTOS else Reason.PASS_PROTO, pkt)
         nat = (ip(v.daddr), dport)
         # The inside link is the narrow hop: a reply whose TTL runs out, or over the inside MTU
         # with DF, is translated and handed to the kernel, which answers the remote as an
@@ -340,7 +352,7 @@ class Engine:
         rewrite_fragment(buf, fe.saddr, fe.daddr)
         return Result(Verdict.REDIRECT, Reason.XLATE_FRAG, bytes(buf), fe.oif, fe.nexthop)
 
-    def _icmp_error(self, pkt: bytes, v: IPv4View, side: str) -> Result:
+    def _icmp_error(self, pkt: bytes, v: IPv4View, side: str) -> Result | None:
         """ICMP errors, three ways (docs/datapath.md "ICMP errors")."""
         iv = parse_inner(pkt, v)
         if isinstance(iv, Reason):
@@ -360,8 +372,8 @@ class Engine:
             return Result(Verdict.REDIRECT, Reason.XLATE_ICMP_ERR_IN, bytes(buf), e.oif, None, e.rule, nat)
         # inside or egress: inner: remote:rport -> inside:port, a reply as translated
         e = self._inner_lookup(iv, about_reply=True)
-        if e is None:
-            return Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
+        if e is None:  # inside: the caller classifies it (no session to belong to)
+            return None if side == "inside" else Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
         nat = (e.rw_addr, e.rw_port)
         if side == "inside" and v.ttl <= 1:
             return Result(Verdict.PASS, Reason.PASS_TTL, pkt, rule=e.rule, nat=nat)
@@ -380,7 +392,7 @@ class Engine:
         About a reply: the OUT key (inside, remote, port, rport), echo reply (inside, remote,
         id, 0).  Other quoted protocols or ICMP types: no session."""
         if iv.proto == IPPROTO_ICMP:
-            if iv.icmp_type != (ICMP_ECHOREPLY if about_reply else ICMP_ECHO):
+            if iv.icmp_type not in (ICMP_QUERY_REPLIES if about_reply else ICMP_QUERY_REQUESTS):
                 return None
             sport, dport = (iv.sport, 0) if about_reply else (0, iv.sport)
         elif iv.proto in (IPPROTO_TCP, IPPROTO_UDP):

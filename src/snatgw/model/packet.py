@@ -7,7 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from ..layout import ICMP_ECHO, ICMP_ECHOREPLY, ICMP_ERROR_TYPES, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason
+from ..layout import ICMP_ERROR_TYPES, ICMP_QUERY_REPLIES, ICMP_QUERY_REQUESTS, IPPROTO_ICMP, IPPROTO_TCP
+from ..layout import IPPROTO_UDP, Reason
+
+ICMP_QUERIES = ICMP_QUERY_REQUESTS + ICMP_QUERY_REPLIES
 
 # offsets inside the IPv4 header
 IP_TTL = 8
@@ -51,7 +54,7 @@ class IPv4View:
     saddr: int
     daddr: int
     l4: int  # offset of the L4 header (== ihl)
-    sport: int = 0  # TCP/UDP ports; ICMP echo: identifier in sport
+    sport: int = 0  # TCP/UDP ports; ICMP query (echo, timestamp, ...): identifier in sport
     dport: int = 0
     flags: int = 0  # TCP flags
     icmp_type: int = -1
@@ -70,8 +73,8 @@ class IPv4View:
         return self.proto == IPPROTO_ICMP and self.icmp_type in ICMP_ERROR_TYPES
 
     @property
-    def is_echo(self) -> bool:
-        return self.proto == IPPROTO_ICMP and self.icmp_type in (ICMP_ECHO, ICMP_ECHOREPLY)
+    def is_query_request(self) -> bool:
+        return self.proto == IPPROTO_ICMP and self.icmp_type in ICMP_QUERY_REQUESTS
 
 
 def parse(buf: bytes | bytearray) -> IPv4View | Reason:
@@ -109,7 +112,7 @@ def parse(buf: bytes | bytearray) -> IPv4View | Reason:
         v.sport, v.dport = u16(buf, o), u16(buf, o + 2)
     else:
         v.icmp_type, v.icmp_code = buf[o], buf[o + 1]
-        if v.icmp_type in (ICMP_ECHO, ICMP_ECHOREPLY):
+        if v.icmp_type in ICMP_QUERIES:
             v.sport = u16(buf, o + ICMP_ID)
     return v
 

@@ -42,7 +42,9 @@ def translate(buf: bytearray, v: IPv4View, outbound: bool, addr: IPv4Address, po
     old_a = _put(buf, aoff, new_a)
     l3_replace(buf, IP_CHECK, old_a, new_a)
     new_p = port.to_bytes(2, "big")
-    if v.proto == IPPROTO_ICMP:
+    if v.proto not in (IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP):
+        pass  # a protocol without ports: the address only
+    elif v.proto == IPPROTO_ICMP:
         old_p = _put(buf, v.l4 + ICMP_ID, new_p)
         l4_replace(buf, v.l4 + ICMP_CHECK, old_p, new_p)
     else:

@@ -147,8 +147,10 @@ def _fib(kind: str, oif: str | None = None, gw: IPv4Address | None = None, mtu: 
 
 @dataclass
 class GivenRouter:
-    """Answers --oif/--gw for the packet's destination; any other destination (a new_gw) is
-    taken as on-link via ``other_oif`` (--new-gw-oif, default --oif), and said so in ``notes``."""
+    """Answers --oif/--gw for the packet's destination; the packet's source (``back``: address,
+    inside interface) is on-link on the interface it arrives by (the reverse-path check); any
+    other destination (a new_gw) is taken as on-link via ``other_oif`` (--new-gw-oif, default
+    --oif), and said so in ``notes``."""
 
     dst: IPv4Address
     oif: str
@@ -156,11 +158,14 @@ class GivenRouter:
     other_oif: str | None = None
     mtu: int = 1500
     notes: list[str] = field(default_factory=list)
+    back: tuple[IPv4Address, str] | None = None
 
     def lookup(self, dst, src=None):
         dst = IPv4Address(dst)
         if dst == self.dst:
             return _fib("forward", self.oif, self.gw, self.mtu)
+        if self.back is not None and dst == self.back[0]:
+            return _fib("forward", self.back[1], dst, self.mtu)
         dev = self.other_oif or self.oif
         how = "--new-gw-oif" if self.other_oif else "--oif; --new-gw-oif or --route-from-kernel to change"
         note = f"no route given for {dst}: assumed on-link via {dev} ({how})"
@@ -405,7 +410,8 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="ask this host's FIB (`ip -j route get`, read only) instead of --oif/--gw")
     p.add_argument("--flags", default="S", help="TCP flags, letters of FSRPAUEC (default S, a new connection)")
     p.add_argument("--ttl", type=int, default=64, help="IP TTL (default 64)")
-    p.add_argument("--iif", metavar="IFACE", help="inside interface it arrives on (default: the first `inside`)")
+    p.add_argument("--iif", metavar="IFACE", help="inside interface it arrives on (default: the first `inside`; "
+                   "with --route-from-kernel the one the source is routed back to)")
     p.add_argument("--live", action="store_true", help="use the running daemon's rules (and compare them with CONFIG)")
     p.add_argument("--socket", metavar="PATH", help="control socket for --live (default $SNATGW_SOCKET or the settings')")
     p.add_argument("-j", "--json", action="store_true", help="print one JSON object")
@@ -493,6 +499,13 @@ def run(args: argparse.Namespace) -> int:
         other = parse_oif(args.new_gw_oif, "--new-gw-oif") if args.new_gw_oif else None
         router = GivenRouter(dst, parse_oif(args.oif, "--oif"), parse_addr(args.gw, "--gw"), other)
     ingress = args.iif or (cfg.settings.inside[0] if cfg.settings.inside else "lan0")
+    src = IPv4Address(pkt[12:16])
+    if isinstance(router, GivenRouter):
+        router.back = (src, ingress)
+    elif not args.iif:  # the inside interface the kernel routes the source back to, if any
+        back = router.lookup(src, dst)
+        if back.kind == "forward" and back.oif in cfg.settings.inside:
+            ingress = back.oif
     sessions = None
     if live is not None:  # the search judged against the daemon's sessions too
         from ...daemon.client import call

@@ -180,6 +180,18 @@ static __noinline int snat_refuse_icmp(struct __sk_buff *skb, const struct pkt *
 
 /* Steps 12-14: the SNAT address, the host limit, the port search over the chosen address and
  * (on_exhausted spill) the pool's next ones, and the session pair (IN key first: the port
+/* Step 9: what may make a session: a TCP pure SYN, a UDP datagram, an ICMP query request, a
+ * packet of a protocol without ports */
+static __always_inline int snat_can_start(const struct pkt *p)
+{
+	if (p->proto == IPPROTO_TCP_)
+		return (p->tcp_flags & (TCP_SYN_ | TCP_ACK_ | TCP_FIN_ | TCP_RST_)) == TCP_SYN_;
+	if (p->proto == IPPROTO_ICMP_)
+		return is_icmp_query_request(p->icmp_type);
+	return 1;
+}
+
+/* Steps 12-14: the SNAT address and port, and the session pair (IN key first: the port
  * search inserts it; then OUT, removing IN again when OUT fails).  0 when created, -2 when
  * another CPU created the same session meanwhile, else the DROP reason. */
 static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const struct pkt *p,
@@ -215,7 +227,7 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	sp->val.rw_addr = p->saddr;
 	sp->val.rw_port = p->sport;
 	/* IN entry: the initial state (TCP: NONE; the session's state lives in the OUT entry) */
-	sp->val.state = p->proto == IPPROTO_TCP_ ? CT_NONE : p->proto == IPPROTO_UDP_ ? CT_UDP : CT_ICMP;
+	sp->val.state = p->proto == IPPROTO_TCP_ ? CT_NONE : p->proto == IPPROTO_ICMP_ ? CT_ICMP : CT_UDP;
 	sp->val.ifindex = iif;
 	sp->val.rule_id = r->rule_id;
 	/* Where replies go: the route back to the inside host, looked up once per session (as a
@@ -250,6 +262,14 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 		sp->start = (__u32)(((__u64)seed * sp->n) >> 32);
 		sp->stride = port_strides[seed & (PORT_STRIDE_COUNT - 1)] % sp->n;
 	}
+	if (!has_ports(p->proto)) { /* ports 0: one inside host per (protocol, remote, address),
+				     * the chosen address then the pool's next ones in order */
+		sp->n = 1;
+		sp->min = 0;
+		sp->first = 0;
+		tries = sp->tries = 1;
+		naddr = sp->pool_n < SNAT_ADDR_TRIES ? sp->pool_n : SNAT_ADDR_TRIES;
+	}
 	sp->err = -EEXIST;
 	bpf_loop(naddr * tries, port_try_cb, NULL, 0);
 	if (sp->err == -EEXIST)
@@ -260,7 +280,7 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	/* OUT entry: reuse the IN entry's buffer, now describing the outbound direction */
 	snat = sp->in.daddr; /* the address the search found a port on */
 	sp->val.peer = sp->in;
-	sp->val.rw_addr = snat;
+	sp->val.rw_addr = sp->in.daddr; /* the address whose IN key inserted */
 	sp->val.rw_port = sp->in.dport;
 	sp->val.ifindex = eg->oif;
 	sp->val.nexthop = eg->nexthop;
@@ -310,8 +330,7 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	r = rules_match4(cfg, &scan);
 	if (!r)
 		return snat_unmatched(v, REASON_PASS_NO_RULE);
-	if (p->proto == IPPROTO_TCP_ &&
-	    (p->tcp_flags & (TCP_SYN_ | TCP_ACK_ | TCP_FIN_ | TCP_RST_)) != TCP_SYN_)
+	if (!snat_can_start(p)) /* step 9 */
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_NO_SESSION);
 	if (p->ttl <= 1)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
@@ -358,8 +377,7 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 
 	/* step 2a, fast: the session of this OUT key, made on this device, vouches for the source
 	 * (it passed the reverse-path check when it was made): no FIB lookup per packet */
-	if (p->frag != FRAG_LATER && (p->proto == IPPROTO_TCP_ || p->proto == IPPROTO_UDP_ ||
-				      (p->proto == IPPROTO_ICMP_ && p->icmp_type == 8))) {
+	if (p->frag != FRAG_LATER && (p->proto != IPPROTO_ICMP_ || is_icmp_query_request(p->icmp_type))) {
 		ct_key_out(&k, p);
 		e = ct_lookup4(&k);
 		if (e && e->iif == (__u16)skb->ingress_ifindex)
@@ -369,15 +387,14 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_SPOOFED);
 	if (p->frag == FRAG_LATER)
 		return frag_v4_later(skb, p, v);
-	if (p->proto != IPPROTO_TCP_ && p->proto != IPPROTO_UDP_ && p->proto != IPPROTO_ICMP_)
-		return snat_unmatched(v, REASON_PASS_PROTO);
-	if (p->proto == IPPROTO_ICMP_) {
-		if (is_icmp_error(p->icmp_type))
-			return icmp_err_v4_reply(skb, p, v, 0);
-		if (p->icmp_type != 8)
-			return verdict_set(v, VERDICT_PASS, REASON_PASS_ICMP_OTHER);
-	}
 	ct_key_out(&k, p);
+	if (p->proto == IPPROTO_ICMP_ && !is_icmp_query_request(p->icmp_type)) {
+		/* step 5: an error about a session, else (no session to belong to) steps 7-9 judge it */
+		if (is_icmp_error(p->icmp_type) && icmp_err_v4_reply(skb, p, v, 0) == 0)
+			return 0;
+		snat_v4_new(skb, p, v); /* cannot make a session (step 9) */
+		return 0;
+	}
 	e = ct_lookup4(&k);
 	if (e)
 		return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
@@ -404,18 +421,16 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 
 	if (p->frag == FRAG_LATER)
 		return frag_v4_later(skb, p, v);
-	if (p->proto != IPPROTO_TCP_ && p->proto != IPPROTO_UDP_ && p->proto != IPPROTO_ICMP_)
-		return verdict_set(v, VERDICT_PASS, REASON_PASS_PROTO); /* never dropped: for us */
 	if (p->proto == IPPROTO_ICMP_) {
 		if (is_icmp_error(p->icmp_type))
 			return icmp_err_v4_outside(skb, p, v);
-		if (p->icmp_type != 0)
+		if (!is_icmp_query_reply(p->icmp_type))
 			return verdict_set(v, VERDICT_PASS, REASON_PASS_ICMP_OTHER);
 	}
 	ct_key_in(&k, p);
 	e = ct_lookup4(&k);
 	if (!e)
-		return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_SESSION_IN);
+		return verdict_set(v, VERDICT_PASS, has_ports(p->proto) ? REASON_PASS_NO_SESSION_IN : REASON_PASS_PROTO);
 	/* The inside link is the narrow hop: a reply whose TTL runs out, or over the inside MTU
 	 * with DF, is translated and handed to the kernel, which answers the remote as an
 	 * untranslated gateway would (snat_egress shows it the SNAT address and port); without

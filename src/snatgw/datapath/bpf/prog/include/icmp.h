@@ -88,8 +88,8 @@ static __always_inline int icmp_inner_key(const struct icmp_inner *in, int about
 	}
 	if (in->proto != IPPROTO_ICMP_)
 		return -1;
-	/* echo: outbound request (type 8) or reply (type 0) sent toward the inside */
-	if (in->type != (about_reply ? 0 : 8))
+	/* a query: outbound request (echo 8, 13, 15, 17) or reply (0, 14, 16, 18) toward the inside */
+	if (about_reply ? !is_icmp_query_reply(in->type) : !is_icmp_query_request(in->type))
 		return -1;
 	k->sport = about_reply ? in->sport : 0;
 	k->dport = about_reply ? 0 : in->sport;
@@ -218,8 +218,10 @@ static __noinline int icmp_err_v4_reply(struct __sk_buff *skb, struct pkt *p, st
 
 	if (r >= 0)
 		return verdict_set(v, VERDICT_DROP, r);
-	if (icmp_inner_key(&in, 1, &k) < 0 || !(e = ct_lookup4(&k)))
-		return verdict_set(v, VERDICT_PASS, REASON_PASS_ICMP_OTHER);
+	if (icmp_inner_key(&in, 1, &k) < 0 || !(e = ct_lookup4(&k))) {
+		verdict_set(v, VERDICT_PASS, REASON_PASS_ICMP_OTHER);
+		return !egress; /* inside: the caller classifies an error about no session */
+	}
 	if (!egress && p->ttl <= 1)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
 	if (icmp_err_rewrite(skb, p, &in, egress ? -1 : 1, 0, e->rw_addr, e->rw_port, !egress) < 0)

@@ -122,7 +122,7 @@ static __always_inline int snat_v4_rewrite(struct __sk_buff *skb, const struct p
 		iph->ttl--;
 	iph->check = csum_apply(iph->check, csum_delta4(old_addr, addr) +
 						csum_delta2(old_w, *(__be16 *)&iph->ttl));
-	if (p->frag == FRAG_LATER)
+	if (p->frag == FRAG_LATER || !has_ports(p->proto)) /* address only */
 		return 0;
 	if (off > ETH_HLEN + 60) /* verifier: bound the variable offset */
 		return -1;

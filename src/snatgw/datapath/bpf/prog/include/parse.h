@@ -47,6 +47,24 @@ static __always_inline int is_icmp_error(__u8 type)
 	return type == 3 || type == 4 || type == 11 || type == 12;
 }
 
+/* ICMP queries with an identifier, translated like echo: echo 8, timestamp 13, information 15,
+ * address mask 17, and their replies 0, 14, 16, 18 */
+static __always_inline int is_icmp_query_request(__u8 type)
+{
+	return type == 8 || type == 13 || type == 15 || type == 17;
+}
+
+static __always_inline int is_icmp_query_reply(__u8 type)
+{
+	return type == 0 || type == 14 || type == 16 || type == 18;
+}
+
+/* TCP, UDP, ICMP: translated with ports or identifiers; any other protocol: address only */
+static __always_inline int has_ports(__u8 proto)
+{
+	return proto == IPPROTO_TCP_ || proto == IPPROTO_UDP_ || proto == IPPROTO_ICMP_;
+}
+
 /* A parser returns PARSE_PULL when the bytes it needs are in the skb but not in its linear
  * part (a paged/GRO skb); the caller then makes up to SNAT_PULL_LEN bytes linear and parses
  * again, so the pull is paid only by such packets. */
@@ -132,8 +150,8 @@ static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
 			return REASON_DROP_MALFORMED;
 		PARSE_NEED(c, 8, REASON_DROP_MALFORMED);
 		p->icmp_type = c[0];
-		if (c[0] == 0 || c[0] == 8)
-			p->sport = *(__be16 *)(c + 4); /* echo identifier */
+		if (is_icmp_query_request(c[0]) || is_icmp_query_reply(c[0]))
+			p->sport = *(__be16 *)(c + 4); /* query identifier */
 	}
 	return -1;
 }

@@ -33,6 +33,9 @@
 #ifndef SNAT_MAX_FROM_NETS
 #define SNAT_MAX_FROM_NETS 16384
 #endif
+#ifndef SNAT_ADDR_TRIES
+#define SNAT_ADDR_TRIES 64
+#endif
 #ifndef SNAT_MAX_REFUSED
 #define SNAT_MAX_REFUSED 65536
 #endif
