@@ -239,6 +239,7 @@ MAX_IFACES = 64  # entries of the interface-role map
 MAX_HOSTS = 65536  # entries of snat_host_sess (inside hosts with live sessions)
 MAX_POOL_ADDRS = 65536  # entries of snat_addr_stats (SNAT addresses in use)
 MAX_FROM_NETS = 16384  # entries of snat_from_nets (distinct `from` nets; one per rule at most)
+MAX_INSIDE_ADDRS = 1024  # entries of snat_inside_addrs
 FRAG_TIMEOUT = 30  # seconds a first fragment is remembered
 #: a later fragment that arrives before its first is held (sent round the recirculation device,
 #: then judged again) for at most FRAG_HOLD seconds since its datagram's first held fragment;
@@ -315,6 +316,8 @@ MAP_RULE_LIVE = "snat_rule_live"  # HASH   u32 rule_id -> struct live_count
 MAP_FROM_NETS = "snat_from_nets"  # LPM_TRIE struct lpm_v4 -> u32 (1)
 #: refusal markers (allocator): a refused new flow's OUT key -> when, why, which address
 MAP_REFUSED = "snat_refused"  # LRU    struct ct_key -> struct refusal
+#: the gateway's own addresses on its inside devices (never a source on an uplink)
+MAP_INSIDE_ADDRS = "snat_inside_addrs"  # HASH be32 address -> u32 ifindex
 
 IFACE_INSIDE = 1  # role: an inside device (a new flow routed out of it is internal)
 IFACE_OUTSIDE = 2  # role: an uplink
@@ -565,6 +568,7 @@ def render_header() -> str:
         ("SNAT_MAX_FROM_NETS", MAX_FROM_NETS), ("SNAT_ADDR_TRIES", ADDR_TRIES),
         ("SNAT_MAX_REFUSED", MAX_REFUSED), ("SNAT_SEARCH_TRIES", SEARCH_TRIES),
         ("SNAT_REFUSED_SECS", REFUSED_SECS), ("SNAT_REFUSE_ICMP_PER_SEC", REFUSE_ICMP_PER_SEC),
+        ("SNAT_MAX_INSIDE_ADDRS", MAX_INSIDE_ADDRS),
     ]:  # fmt: skip
         out += [f"#ifndef {n}", f"#define {n} {v}", "#endif"]
     out += ["#ifndef SNAT_PORT_TRIES", f"#define SNAT_PORT_TRIES {PORT_TRIES_MAX} /* port search bound */", "#endif"]

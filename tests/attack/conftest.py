@@ -47,7 +47,13 @@ class AttackGw:
 
     def reasons(self) -> dict[str, int]:
         st = snatgw_json(self.lab, "stats", "--all")
-        assert st is not None, "snatgw stats failed"
+        if st is None:
+            try:
+                with open(os.path.join(self.lab.workdir, "gateway.log")) as f:
+                    tail = f.read()[-3000:]
+            except OSError:
+                tail = "(no log)"
+            raise AssertionError(f"snatgw stats failed; gateway log:\n{tail}")
         return {k: int(v) for k, v in st.get("reasons", {}).items()}
 
     def reload(self, text: str) -> None:

@@ -461,6 +461,7 @@ def _scenarios() -> list[Scenario]:
         egress(bytes([0x44]) + udp(A, R1, 1, 2)[1:], DROP, R.DROP_LEAK),  # malformed (IHL 4)
         egress(icmp_error(A, R1, udp(R1, A, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_LEAK),
         egress(udp(STRANGER, R1, 5353, 53), PASS, R.PASS_ICMP_OTHER),  # no rule's `from`: uncounted
+        egress(icmp_error("198.18.50.1", ROUTER, udp(ROUTER, "198.18.50.1", 9, 9), 3, 3), DROP, R.DROP_LEAK),
         egress(tcp(na, R1, np_, 80, "A"), PASS, R.PASS_ICMP_OTHER),
         inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
         egress(udp(ua, R1, up, 53, ttl=63), PASS, R.PASS_ICMP_OTHER),  # as it left: translated
@@ -469,7 +470,7 @@ def _scenarios() -> list[Scenario]:
         "pool addresses still leave; any other source leaving untranslated is a leak.", [
         egress(udp("198.19.2.71", R1, 5000, 53), PASS, R.PASS_ICMP_OTHER),
         egress(udp("198.19.2.2", R1, 5000, 53), PASS, R.PASS_ICMP_OTHER),
-        egress(udp("198.18.40.1", R1, 5000, 53), PASS, R.PASS_ICMP_OTHER),  # local on lan40
+        egress(udp("198.18.40.1", R1, 5000, 53), DROP, R.DROP_LEAK),  # ours, but inside-facing
         egress(udp(ROUTER, R1, 5000, 53), DROP, R.DROP_LEAK),
         egress(udp(STRANGER, R1, 5000, 53), DROP, R.DROP_LEAK),
         inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),

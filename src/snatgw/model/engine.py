@@ -430,7 +430,10 @@ class Engine:
         if len(pkt) < 20 or pkt[0] >> 4 != 4:
             return None
         src = IPv4Address(pkt[IP_SADDR : IP_SADDR + 4])
-        if not any(src in n for n in self._from_nets) or self.router.lookup(src).kind == "local":
+        if not any(src in n for n in self._from_nets):
+            return None
+        fib = self.router.lookup(src)
+        if fib.kind == "local" and fib.oif not in self.inside:  # ours, and not inside-facing
             return None
         return Result(Verdict.DROP, Reason.DROP_LEAK, pkt)
 

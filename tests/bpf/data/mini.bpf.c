@@ -31,6 +31,8 @@ struct { __uint(type, BPF_MAP_TYPE_LPM_TRIE); __uint(max_entries, SNAT_MAX_FROM_
 	 __type(key, struct lpm_v4); __type(value, __u32); } snat_from_nets SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, SNAT_MAX_REFUSED);
 	 __type(key, struct ct_key); __type(value, struct refusal); } snat_refused SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_INSIDE_ADDRS);
+	 __type(key, __be32); __type(value, __u32); } snat_inside_addrs SEC(".maps");
 
 static __always_inline int count(__u32 reason)
 {

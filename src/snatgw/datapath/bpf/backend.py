@@ -99,6 +99,21 @@ def warn_without_forwarding(path: str = "/proc/sys/net/ipv4/ip_forward") -> bool
     return on
 
 
+def device_addresses(devices) -> dict[ipaddress.IPv4Address, int]:
+    """The IPv4 addresses of ``devices`` (this namespace) -> their device's ifindex, by
+    `ip -j addr show dev D`; absent devices are skipped."""
+    out: dict[ipaddress.IPv4Address, int] = {}
+    for dev in devices:
+        r = subprocess.run(["ip", "-j", "addr", "show", "dev", dev], capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            continue
+        for link in json.loads(r.stdout or "[]"):
+            for a in link.get("addr_info", []):
+                if a.get("family") == "inet":
+                    out[ipaddress.IPv4Address(a["local"])] = int(link.get("ifindex", 0))
+    return out
+
+
 def set_accept_local(devices, conf_dir: str = ACCEPT_LOCAL_DIR) -> None:
     """net.ipv4.conf.<dev>.accept_local=1 on each inside device (this network namespace):
     PASS_TRANSLATED packets reach the kernel there with a local (SNAT) source address, which
@@ -358,6 +373,7 @@ class BpfBackend:
         if rc != NO_DEVICE:  # where held fragments go (key RECIRC_KEY: no device has ifindex 0)
             roles[L.RECIRC_KEY] = rc
         self.maps.write_ifaces(roles)
+        self.maps.write_inside_addrs(device_addresses(s.inside))
 
     def move_sessions(self, new_gws: dict[int, ipaddress.IPv4Address | None],
                       old_gws: dict[int, ipaddress.IPv4Address | None] | None = None) -> int:  # fmt: skip

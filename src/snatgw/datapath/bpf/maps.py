@@ -88,6 +88,7 @@ def map_specs(max_sessions: int = L.MAX_SESSIONS) -> dict[str, MapSpec]:
         MapSpec(L.MAP_RULE_LIVE, B.BPF_MAP_TYPE_HASH, 4, L.LIVE_COUNT.size, L.MAX_RULES),
         MapSpec(L.MAP_FROM_NETS, B.BPF_MAP_TYPE_LPM_TRIE, L.LPM_V4.size, 4, L.MAX_FROM_NETS),
         MapSpec(L.MAP_REFUSED, B.BPF_MAP_TYPE_LRU_HASH, L.CT_KEY.size, L.REFUSAL.size, L.MAX_REFUSED),
+        MapSpec(L.MAP_INSIDE_ADDRS, B.BPF_MAP_TYPE_HASH, 4, 4, L.MAX_INSIDE_ADDRS),
     ]
     return {s.name: s for s in specs}
 
@@ -216,6 +217,7 @@ class DatapathMaps:
         self.frags = maps[L.MAP_FRAGS]
         self.ifaces = maps[L.MAP_IFACES]
         self.from_nets = maps[L.MAP_FROM_NETS]
+        self.inside_addrs = maps[L.MAP_INSIDE_ADDRS]
 
     @classmethod
     def open_pinned(cls, pin_dir: str, readonly: bool = True) -> "DatapathMaps":
@@ -419,6 +421,17 @@ class DatapathMaps:
             self.from_nets.put(k, one)
         for k in have - want:
             self.from_nets.delete(k)
+
+    def write_inside_addrs(self, addrs: dict[IPv4Address, int]) -> None:
+        """Make snat_inside_addrs hold exactly ``addrs`` (address -> ifindex of its device)."""
+        want = {a.packed: struct.pack("<I", i) for a, i in list(addrs.items())[: L.MAX_INSIDE_ADDRS]}
+        have = dict(self.inside_addrs.items())
+        for k, v in want.items():
+            if have.get(k) != v:
+                self.inside_addrs.put(k, v)
+        for k in have:
+            if k not in want:
+                self.inside_addrs.delete(k)
 
     def iface_roles(self) -> dict[int, int]:
         return {struct.unpack("<I", k)[0]: struct.unpack("<I", v)[0] for k, v in self.ifaces.items()}

@@ -129,7 +129,8 @@ class ProgHarness:
         self.maps = {n: self.obj.map(n) for n in (L.MAP_CT, L.MAP_RULES, L.MAP_CONFIG, L.MAP_FRAGS,
                                                    L.MAP_REASONS, L.MAP_RULE_STATS, L.MAP_IFACES,
                                                    L.MAP_FROM_NETS, L.MAP_HOST_SESS, L.MAP_ADDR_STATS,
-                                                   L.MAP_RULE_LIVE, L.MAP_REFUSED)}  # fmt: skip
+                                                   L.MAP_RULE_LIVE, L.MAP_REFUSED,
+                                                   L.MAP_INSIDE_ADDRS)}  # fmt: skip
         # the REF devices' roles, as the backend writes them from Settings.inside/outside
         for dev, idx in net.ifindex.items():
             role = L.IFACE_INSIDE if dev in INSIDE else L.IFACE_OUTSIDE if dev in OUTSIDE else 0
@@ -137,6 +138,10 @@ class ProgHarness:
                 self.maps[L.MAP_IFACES].put(struct.pack("<I", idx), struct.pack("<I", role))
         # the recirculation device, as the backend writes it (held fragments go there)
         self.maps[L.MAP_IFACES].put(struct.pack("<I", L.RECIRC_KEY), struct.pack("<I", net.ifindex[L.RECIRC_DEV]))
+        for dev in INSIDE:  # the gateway's own inside addresses, as the backend writes them
+            for a in REF_ADDRS[dev]:
+                self.maps[L.MAP_INSIDE_ADDRS].put(IPv4Address(a.split("/")[0]).packed,
+                                                  struct.pack("<I", net.ifindex[dev]))
         self.dbg = self.obj.map("snat_dbg") if "SNAT_TEST" in self.defines else None
         self.clock = self.obj.map("snat_clock") if "SNAT_TEST" in self.defines else None
         self.fds = {side: self.obj.prog_fd(p) for side, p in PROGS.items()}

@@ -6,11 +6,11 @@ How the rule set works (docs/nftables.md has the long form and what differs from
   antispoof prerouting, priority raw (before conntrack): on an inside device a source that is
             not routed back out of it (`fib saddr . iif oif missing`) or is local is dropped
             (counter `spoofed`): edge invariant 3; DHCP's 0.0.0.0 -> broadcast is let by.
-  steer     prerouting/mangle: later packets of a flow get ct mark -> meta mark (so they follow
+  steer     prerouting/mangle: from an uplink, a NEW/INVALID/untracked packet the FIB would
+            forward is dropped (counter `inbound`) unless `inbound routed`; later packets of a flow get ct mark -> meta mark (so they follow
             the rule's new_gw table); a NEW flow is matched in priority order against a
             PREDICTION of its route (`fib daddr oifname`); a predicted new_gw rule marks it.
-  forward   filter: from an uplink, NEW/INVALID/untracked packets are dropped (counter `inbound`)
-            unless `inbound routed`; INVALID packets that match a rule are dropped (no untranslated leak); a NEW,
+  forward   filter: INVALID packets that match a rule are dropped (no untranslated leak); a NEW,
             unmarked flow is matched exactly (oifname, `rt ip nexthop`) against the rules without
             new_gw and gets the winning rule's ct mark; a marked NEW TCP flow that is not a pure
             SYN is dropped (no_session); `unmatched drop`; per-rule packet counters by ct mark.
@@ -424,8 +424,10 @@ def _predicted(rule: Rule, gw_dev: dict, notes: list[str]) -> list[tuple]:
     return out
 
 
-def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan:
-    """Build the rule set; ``gw_dev`` maps a `gw` address to the device the kernel reaches it by."""
+def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None, inside_addrs=()) -> Plan:
+    """Build the rule set; ``gw_dev`` maps a `gw` address to the device the kernel reaches it by;
+    ``inside_addrs``: the gateway's own addresses on the inside devices (never a source on an
+    uplink, though local)."""
     gw_dev = gw_dev or {}
     slots = assign_slots(rules)
     notes: list[str] = []
@@ -450,7 +452,14 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
             "fib saddr . iif oif missing",
             {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, "right": False}}),
             s_counter(C_SPOOFED), v("drop")], "strict reverse path")  # fmt: skip
-    # steer: timeouts for new flows; restore the flow's mark; predict up to the last new_gw rule
+    # steer: no way in; timeouts for new flows; restore the flow's mark; predict up to the last
+    # new_gw rule.  No way in is judged here, before routing, so the kernel does not even answer
+    # a TTL-expiring probe of an inside address (it would quote the inside address outward)
+    if settings.outside and not settings.inbound_routed:
+        add("steer", [m_iifnames(settings.outside), m_ct_state("new", "invalid", "untracked"),
+                      _match("fib daddr type", {"fib": {"result": "type", "flags": ["daddr"]}}, "unicast", "unicast"),
+                      s_counter(C_INBOUND), v("drop")],
+            "no way in: from an uplink only replies and errors about sessions")  # fmt: skip
     timeouts = timeout_objects(settings)
     for name, proto, _ in timeouts:
         add("steer", [m_ct_state("new")] + inside + [
@@ -468,11 +477,7 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
             add("steer", pre + [m_fib_unicast()] + s_set_mark(m) + [v("return")], tag(r))
         else:
             add("steer", pre + [v("return")], tag(r))
-    # forward: no way in, internal traffic, guard, exact match, non-SYN drop, unmatched drop, counters
-    if settings.outside and not settings.inbound_routed:
-        add("forward", [m_iifnames(settings.outside), m_ct_state("new", "invalid", "untracked"),
-                        s_counter(C_INBOUND), v("drop")],
-            "no way in: from an uplink only replies and errors about sessions")  # fmt: skip
+    # forward: internal traffic, guard, exact match, non-SYN drop, unmatched drop, counters
     if settings.inside:
         add("forward", inside + [m_oifnames(settings.inside), v("accept")], "internal: never translated")
     add("forward", [m_ct_state("invalid", "untracked"), ("jump guard", {"jump": {"target": "guard"}})],
@@ -512,7 +517,13 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
         add("nat_out", [m_ct_mark(m), m_l4_tcp_udp(), cnt, s_snat(r, ports)], tag(r))
         add("nat_out", [m_ct_mark(m), cnt, s_snat(r, None)], tag(r))
     if settings.outside and len(rules):
-        # after NAT: a source still in a `from` net was not translated; local ones are ours
+        # after NAT: a source still in a `from` net was not translated; local ones are ours,
+        # except the gateway's inside-facing addresses
+        mine = sorted(IPv4Network(f"{a}/32") for a in inside_addrs
+                      if any(IPv4Address(a) in r.src for r in rules.rules))  # fmt: skip
+        if mine:
+            add("leak_guard", [m_oifnames(settings.outside), m_saddr_in(mine), s_counter(C_LEAK), v("drop")],
+                "the gateway's inside-facing addresses")  # fmt: skip
         add("leak_guard", [m_oifnames(settings.outside), m_saddr_in([r.src for r in rules.rules]),
                            m_fib_saddr_not_local(), s_counter(C_LEAK), v("drop")],
             "no private source leaves an uplink untranslated")  # fmt: skip

@@ -567,6 +567,8 @@ static __always_inline int guard_v4_leak(struct __sk_buff *skb, __be32 saddr)
 
 	if (!bpf_map_lookup_elem(&snat_from_nets, &k))
 		return -1;
+	if (bpf_map_lookup_elem(&snat_inside_addrs, &saddr)) /* ours, but inside-facing */
+		return REASON_DROP_LEAK;
 	/* a local source (a pool address under a catch-all `from`, the gateway's own traffic) */
 	if (fib_route4(skb, saddr, 0, skb->ifindex, &r) == REASON_PASS_LOCAL)
 		return -1;

@@ -107,6 +107,15 @@ struct {
 	__type(value, struct refusal);
 } snat_refused SEC(".maps");
 
+/* The gateway's own addresses on its inside devices (value: ifindex), written by the control
+ * plane: local, but never a source on an uplink (they answer nothing from outside). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_MAX_INSIDE_ADDRS);
+	__type(key, __be32);
+	__type(value, __u32);
+} snat_inside_addrs SEC(".maps");
+
 #ifdef SNAT_TEST
 /* Test builds only: the clock (ns) the programs read when it is not 0, so the differential
  * tests run the programs at the model's times (refusal markers, fragment timeouts). */

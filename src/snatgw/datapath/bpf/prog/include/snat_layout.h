@@ -48,6 +48,9 @@
 #ifndef SNAT_REFUSE_ICMP_PER_SEC
 #define SNAT_REFUSE_ICMP_PER_SEC 100
 #endif
+#ifndef SNAT_MAX_INSIDE_ADDRS
+#define SNAT_MAX_INSIDE_ADDRS 1024
+#endif
 #ifndef SNAT_PORT_TRIES
 #define SNAT_PORT_TRIES 1024 /* port search bound */
 #endif
