@@ -297,7 +297,9 @@ def _scenarios() -> list[Scenario]:
         outside(udp(R1, ba, 7000, bp, payload=big), PT, R.XLATE_IN),
         outside(udp(R1, ba, 7000, bp, payload=big, flags="DF", ttl=1), PT, R.XLATE_IN_TTL),
         inside(udp(A, R1, 6000, 7000, payload=b"x" * 1472, flags="DF"), RED, R.XLATE_OUT),  # exactly 1500
-        egress(icmp_error("198.18.40.1", R1, udp(R1, A, 7000, 6000, payload=big, flags="DF", ttl=63), 3, 4),
+        # from the uplink's address, as the kernel picks it (the route to R1); the gateway's
+        # inside-facing address never leaves an uplink (egress leak guard)
+        egress(icmp_error("198.19.2.2", R1, udp(R1, A, 7000, 6000, payload=big, flags="DF", ttl=63), 3, 4),
                PASS, R.XLATE_ICMP_ERR_OUT),
     ])  # fmt: skip
     syn = tcp(A, R1, 40000, 80, "S")
