@@ -358,7 +358,7 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
  * local source (a pool address, the gateway's own) is never routed anywhere.  So an inside
  * host cannot send as another network's host or as the gateway, and the kernel never sees a
  * local source arriving on an inside device except in packets we translated (accept_local). */
-static __always_inline int guard_v4_spoof(struct __sk_buff *skb, const struct pkt *p)
+static __noinline int guard_v4_spoof(struct __sk_buff *skb, const struct pkt *p) /* verifier: stack */
 {
 	struct route r;
 
