@@ -229,10 +229,14 @@ def _scenarios() -> list[Scenario]:
     add("other_protocols_address_only", "GRE, ESP, SCTP... matching a rule are translated address "
         "only (session ports 0) and their replies back; one inside host per (protocol, remote, "
         "SNAT address): another host takes the pool's next address, and with none left it is "
-        "dropped.  Later fragments follow their first.", [
+        "dropped.  Later fragments follow their first; ICMP errors about them are translated "
+        "(the quoted address only).", [
         inside(other_proto(A, R1), RED, R.XLATE_NEW),
         outside(other_proto(R1, ga), RED, R.XLATE_IN),
         inside(other_proto(A, R1), RED, R.XLATE_OUT),
+        outside(icmp_error(ROUTER, ga, other_proto(ga, R1, ttl=1), 11, 0), RED, R.XLATE_ICMP_ERR_IN),
+        inside(icmp_error(A, R1, other_proto(R1, A, ttl=63), 3, 2), RED, R.XLATE_ICMP_ERR_OUT),
+        egress(icmp_error("198.19.2.2", R1, other_proto(R1, A, ttl=63), 3, 4), PASS, R.XLATE_ICMP_ERR_OUT),
         inside(other_proto(A, R1, proto=50), RED, R.XLATE_NEW),
         inside(other_proto(A, R1, proto=132), RED, R.XLATE_NEW),
         outside(other_proto(R1, ga, proto=51), PASS, R.PASS_PROTO),  # AH: no session

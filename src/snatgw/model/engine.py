@@ -390,15 +390,15 @@ class Engine:
         """The session an ICMP error's quoted packet belongs to.  About an outbound packet:
         the IN key (remote, SNAT addr, rport, SNAT port), echo request (remote, SNAT, 0, id).
         About a reply: the OUT key (inside, remote, port, rport), echo reply (inside, remote,
-        id, 0).  Other quoted protocols or ICMP types: no session."""
+        id, 0).  A protocol without ports: ports 0.  Other ICMP types: no session."""
         if iv.proto == IPPROTO_ICMP:
             if iv.icmp_type not in (ICMP_QUERY_REPLIES if about_reply else ICMP_QUERY_REQUESTS):
                 return None
             sport, dport = (iv.sport, 0) if about_reply else (0, iv.sport)
         elif iv.proto in (IPPROTO_TCP, IPPROTO_UDP):
             sport, dport = iv.dport, iv.sport
-        else:
-            return None
+        else:  # a protocol without ports: its session has ports 0
+            sport = dport = 0
         make = out_key if about_reply else in_key
         e = self.table.lookup(make(ip(iv.daddr), ip(iv.saddr), sport, dport, iv.proto))
         if e is None or self.table.lookup(e.peer) is None:

@@ -91,6 +91,8 @@ def translate_icmp_error(
     l3_replace(buf, chk, old_a, new_a)
     l4_replace(buf, icsum, old_a, new_a)
     l4_replace(buf, icsum, old_c, bytes(buf[chk : chk + 2]))
+    if iv.proto not in (IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP):  # no ports: the address only
+        return _outer_ttl(buf, ttl)
     # inner port / echo identifier
     if iv.proto == IPPROTO_ICMP:
         poff = iv.l4 + ICMP_ID

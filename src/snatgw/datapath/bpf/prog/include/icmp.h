@@ -86,8 +86,10 @@ static __always_inline int icmp_inner_key(const struct icmp_inner *in, int about
 		k->dport = in->sport;
 		return 0;
 	}
-	if (in->proto != IPPROTO_ICMP_)
-		return -1;
+	if (in->proto != IPPROTO_ICMP_) { /* a protocol without ports: its session has ports 0 */
+		k->sport = k->dport = 0;
+		return 0;
+	}
 	/* a query: outbound request (echo 8, 13, 15, 17) or reply (0, 14, 16, 18) toward the inside */
 	if (about_reply ? !is_icmp_query_reply(in->type) : !is_icmp_query_request(in->type))
 		return -1;
@@ -148,6 +150,8 @@ static __always_inline int icmp_err_rewrite(struct __sk_buff *skb, const struct 
 	old_c = ih->check;
 	ih->check = csum_apply(old_c, csum_delta4(old_a, addr));
 	cd = csum_delta4(old_a, addr) + csum_delta2(old_c, ih->check);
+	if (!has_ports(in->proto)) /* a protocol without ports: the inner address only */
+		goto icmp_sum;
 
 	pp = data + l4 + (in->proto == IPPROTO_ICMP_ ? 4 : (inner_src ? 0 : 2));
 	if ((void *)(pp + 1) > data_end)
@@ -181,6 +185,7 @@ static __always_inline int icmp_err_rewrite(struct __sk_buff *skb, const struct 
 			cd += csum_delta2(old_c, new_c);
 		}
 	}
+icmp_sum:
 	ic = data + coff + 2;
 	if ((void *)(ic + 1) > data_end)
 		return -1;
