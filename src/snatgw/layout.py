@@ -85,6 +85,11 @@ FRAG_PASS_REASONS = PASS_REASONS - {Reason.PASS_TTL, Reason.PASS_FRAG_NEEDED}
 IPPROTO_ICMP = 1
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
+IPPROTO_DCCP = 33
+IPPROTO_UDPLITE = 136
+#: protocols without ports whose own checksum covers the addresses (a pseudo-header) at L4
+#: offset 6: translated address-only, that checksum adjusted when its 8 bytes are present
+PSEUDO_HDR_PROTOS = (IPPROTO_DCCP, IPPROTO_UDPLITE)
 
 ICMP_ECHOREPLY = 0
 ICMP_DEST_UNREACH = 3

@@ -19,7 +19,7 @@ from snatgw.model.router import REF_ROUTES as _ROUTES
 from snatgw.rules import Rule, RuleSet
 
 from .pkts import A, A3, B, C, D, ISP1, R1, R2, ROUTER, STRANGER, echo, fragments, icmp_error, other_proto
-from .pkts import snat_of, tcp, udp, with_options, zeroing_word
+from .pkts import pseudo_proto, snat_of, tcp, udp, with_options, zeroing_word
 
 REF_CONFIG = """\
 virtual_server fwmark 1 {
@@ -238,6 +238,9 @@ def _scenarios() -> list[Scenario]:
         inside(icmp_error(A, R1, other_proto(R1, A, ttl=63), 3, 2), RED, R.XLATE_ICMP_ERR_OUT),
         egress(icmp_error("198.19.2.2", R1, other_proto(R1, A, ttl=63), 3, 4), PASS, R.XLATE_ICMP_ERR_OUT),
         inside(other_proto(A, R1, proto=50), RED, R.XLATE_NEW),
+        inside(pseudo_proto(A, R1, 136), RED, R.XLATE_NEW),  # UDP-Lite: its checksum adjusted
+        outside(pseudo_proto(R1, ga, 136), RED, R.XLATE_IN),
+        inside(pseudo_proto(A, R1, 33, payload=b"dccp"), RED, R.XLATE_NEW),
         inside(other_proto(A, R1, proto=132), RED, R.XLATE_NEW),
         outside(other_proto(R1, ga, proto=51), PASS, R.PASS_PROTO),  # AH: no session
         outside(other_proto(R2, ga), PASS, R.PASS_PROTO),  # another remote: no session

@@ -95,3 +95,17 @@ def zeroing_word(build) -> bytes:
     c = int.from_bytes(pkt[off : off + 2], "big")
     assert c not in (0, 0xFFFF)
     return c.to_bytes(2, "big")
+
+
+def pseudo_proto(src: str, dst: str, proto: int = 136, payload: bytes = b"lite-payload", ttl: int = 64) -> bytes:
+    """A UDP-Lite (136) or DCCP-like (33) datagram whose checksum at L4 offset 6 covers a
+    pseudo-header (addresses, protocol, length) and all of it, computed here."""
+    body = bytearray(b"\x13\x88\x00\x35\x00\x00\x00\x00" + payload)
+    hdr = raw(IP(src=src, dst=dst, proto=proto, ttl=ttl) / Raw(bytes(body)))[:20]
+    data = hdr[12:20] + bytes([0, proto]) + len(body).to_bytes(2, "big") + bytes(body)
+    data += b"\0" * (len(data) % 2)
+    s = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    body[6:8] = (0xFFFF - s).to_bytes(2, "big")
+    return hdr + bytes(body)

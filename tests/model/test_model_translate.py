@@ -10,6 +10,7 @@ from cases.corpus import REF_RULES, REF_SETTINGS, ruleset
 from cases.pkts import ISP1, ISP2, R1, R2, STRANGER, A, B, C, echo, other_proto, tcp, udp, with_options
 from scapy_oracle import problems
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.packet import Raw
 
 from snatgw.layout import CT_F_NEW_GW, Algo, Reason, Verdict
 from snatgw.model import Engine, StaticRouter
@@ -207,3 +208,40 @@ def test_checksum_corner_scenario_outputs():
     assert outs[2][36:38] == b"\x00\x00"
     assert outs[3] == outs[4]
     assert [p[:3] for p in problems(outs[5])] == ["ip "]  # the wrong IP checksum stays wrong
+
+
+def _ones(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _pseudo_sum_ok(pkt: bytes) -> bool:
+    """The L4 checksum of a UDP-Lite/DCCP-like datagram (full coverage) over its pseudo-header."""
+    l4 = pkt[20:]
+    pseudo = pkt[12:20] + bytes([0, pkt[9]]) + len(l4).to_bytes(2, "big")
+    return _ones(pseudo + l4) == 0xFFFF
+
+
+@pytest.mark.parametrize("proto", [136, 33])
+def test_udplite_and_dccp_keep_a_valid_pseudo_header_checksum(engine, proto):
+    """Address-only translation of UDP-Lite and DCCP adjusts their own checksum, which covers the
+    addresses; the reply comes back with a valid one too."""
+    body = bytearray(b"\x13\x88\x00\x35\x00\x00\x00\x00" + b"lite-payload")  # ports, coverage 0, sum
+    hdr = bytes(IP(src=A, dst=R1, proto=proto) / Raw(bytes(body)))[:20]
+    pseudo = hdr[12:20] + bytes([0, proto]) + len(body).to_bytes(2, "big")
+    body[6:8] = (0xFFFF - _ones(pseudo + bytes(body))).to_bytes(2, "big")
+    pkt = hdr + bytes(body)
+    assert _pseudo_sum_ok(pkt)
+    out = run(engine, pkt)
+    assert out.reason == Reason.XLATE_NEW and _pseudo_sum_ok(out.packet)
+    nat = str(out.nat[0])
+    rhdr = bytes(IP(src=R1, dst=nat, proto=proto) / Raw(bytes(body)))[:20]
+    rbody = bytearray(body)
+    rbody[6:8] = b"\0\0"
+    rbody[6:8] = (0xFFFF - _ones(rhdr[12:20] + bytes([0, proto]) + len(rbody).to_bytes(2, "big") + bytes(rbody))).to_bytes(2, "big")
+    back = run(engine, rhdr + bytes(rbody), "outside", "eth1")
+    assert back.reason == Reason.XLATE_IN and _pseudo_sum_ok(back.packet)

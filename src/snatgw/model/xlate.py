@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from ..layout import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP
+from ..layout import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, PSEUDO_HDR_PROTOS
 from .checksum import l3_replace, l4_replace
 from .packet import ICMP_CHECK, ICMP_ID, IP_CHECK, IP_DADDR, IP_SADDR, IP_TTL, TCP_CHECK, UDP_CHECK
 from .packet import InnerView, IPv4View
@@ -43,7 +43,9 @@ def translate(buf: bytearray, v: IPv4View, outbound: bool, addr: IPv4Address, po
     l3_replace(buf, IP_CHECK, old_a, new_a)
     new_p = port.to_bytes(2, "big")
     if v.proto not in (IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP):
-        pass  # a protocol without ports: the address only
+        # a protocol without ports: the address only, and a pseudo-header checksum
+        if v.proto in PSEUDO_HDR_PROTOS and v.frag == 0 and v.tot_len - v.l4 >= 8:
+            l4_replace(buf, v.l4 + 6, old_a, new_a)
     elif v.proto == IPPROTO_ICMP:
         old_p = _put(buf, v.l4 + ICMP_ID, new_p)
         l4_replace(buf, v.l4 + ICMP_CHECK, old_p, new_p)

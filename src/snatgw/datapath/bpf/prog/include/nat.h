@@ -122,8 +122,22 @@ static __always_inline int snat_v4_rewrite(struct __sk_buff *skb, const struct p
 		iph->ttl--;
 	iph->check = csum_apply(iph->check, csum_delta4(old_addr, addr) +
 						csum_delta2(old_w, *(__be16 *)&iph->ttl));
-	if (p->frag == FRAG_LATER || !has_ports(p->proto)) /* address only */
+	if (p->frag == FRAG_LATER)
 		return 0;
+	if (!has_ports(p->proto)) { /* address only; DCCP and UDP-Lite: their pseudo-header sum */
+		if ((p->proto != 33 && p->proto != 136) || off + 8 > p->end || off > ETH_HLEN + 60)
+			return 0;
+		if (csum_by_hand(skb)) {
+			__u16 *cs = data + off + 6;
+
+			if ((void *)(cs + 1) > data_end)
+				return -1;
+			*cs = csum_apply(*cs, csum_delta4(old_addr, addr));
+			return 0;
+		}
+		bpf_l4_csum_replace(skb, off + 6, old_addr, addr, BPF_F_PSEUDO_HDR | 4);
+		return 0;
+	}
 	if (off > ETH_HLEN + 60) /* verifier: bound the variable offset */
 		return -1;
 	if (p->proto == IPPROTO_ICMP_) {
