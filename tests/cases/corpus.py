@@ -268,6 +268,10 @@ def _scenarios() -> list[Scenario]:
         inside(raw(IP(src=A, dst=R1) / ICMP(type=42)), DROP, R.DROP_NO_SESSION),
         inside(raw(IP(src=A, dst="198.18.40.1") / ICMP(type=13)), PASS, R.PASS_LOCAL),  # to us
         inside(raw(IP(src=A, dst=C) / ICMP(type=0)), PASS, R.PASS_INTERNAL),
+        inside(raw(IP(src=A, dst="224.0.0.22", ttl=1) / ICMP(type=9)), PASS, R.PASS_LOCAL),
+        inside(other_proto(A, "224.0.0.18", proto=112, ttl=255), PASS, R.PASS_LOCAL),  # VRRP
+        inside(udp(A, "224.0.0.251", 5353, 5353, ttl=255), PASS, R.PASS_LOCAL),  # mDNS
+        inside(udp(A, "255.255.255.255", 68, 67), PASS, R.PASS_LOCAL),
         inside(raw(IP(src=STRANGER, dst=R1) / ICMP(type=9)), PASS, R.PASS_NO_RULE),
         outside(echo(R1, na, 9), PASS, R.PASS_ICMP_OTHER),
         outside(raw(IP(src=R1, dst=na) / ICMP(type=14)), PASS, R.PASS_NO_SESSION_IN),
@@ -536,7 +540,7 @@ def _scenarios() -> list[Scenario]:
         inside(s2_, DROP, R.DROP_SPOOFED, dev="lan40"),  # later fragments too
         inside(udp(A, "198.18.40.1", 68, 67), PASS, R.PASS_LOCAL),  # its own source: fine
         inside(udp(STRANGER, R1, 1000, 53), PASS, R.PASS_NO_RULE),  # routed to lan40: no rule
-        inside(udp("0.0.0.0", "255.255.255.255", 68, 67), PASS, R.PASS_NO_RULE),  # DHCP
+        inside(udp("0.0.0.0", "255.255.255.255", 68, 67), PASS, R.PASS_LOCAL),  # DHCP
         inside(udp(A, R1, 5353, 53), RED, R.XLATE_OUT),  # A's session as it was
         outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),
     ])  # fmt: skip

@@ -170,7 +170,9 @@ class Engine:
 
     def _new_flow(self, pkt: bytes, v: IPv4View, okey: CtKey, ingress: str, now: float) -> Result:
         src, dst = okey.saddr, okey.daddr
-        fib = self.router.lookup(dst, src)  # step 7
+        if _multi_or_broadcast(v.daddr):  # step 7: never forwarded (VRRP, IGMP, mDNS, DHCP)
+            return Result(Verdict.PASS, Reason.PASS_LOCAL, pkt)
+        fib = self.router.lookup(dst, src)
         if fib.kind == "local":
             return Result(Verdict.PASS, Reason.PASS_LOCAL, pkt)
         if fib.kind != "forward":

@@ -317,6 +317,10 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 
 	if (!cfg)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_RULE);
+	/* multicast and the limited broadcast are never forwarded (VRRP, IGMP, mDNS, DHCP), though
+	 * the FIB, blind to address classes, may name a route for them: the kernel's, like local */
+	if (is_multi_or_broadcast(p->daddr))
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_LOCAL);
 	rc = fib_route4(skb, p->daddr, p->saddr, iif, &rt);
 	if (rc >= 0)
 		return verdict_set(v, VERDICT_PASS, rc);
@@ -477,7 +481,7 @@ static __noinline int guard_v4_inbound(struct __sk_buff *skb, const struct pkt *
 		return 0;
 	/* multicast and the limited broadcast are never forwarded (VRRP, routing protocols on an
 	 * uplink must still reach us), though the FIB, blind to address classes, may route them */
-	if ((p->daddr & bpf_htonl(0xf0000000)) == bpf_htonl(0xe0000000) || p->daddr == 0xffffffff)
+	if (is_multi_or_broadcast(p->daddr))
 		return 0;
 	if (fib_route4(skb, p->daddr, p->saddr, skb->ingress_ifindex, &r) >= 0)
 		return 0; /* local, broadcast, multicast, or no route: the kernel's to answer */

@@ -59,6 +59,12 @@ static __always_inline int is_icmp_query_reply(__u8 type)
 	return type == 0 || type == 14 || type == 16 || type == 18;
 }
 
+/* multicast (224.0.0.0/4) or the limited broadcast: never forwarded */
+static __always_inline int is_multi_or_broadcast(__be32 daddr)
+{
+	return (daddr & bpf_htonl(0xf0000000)) == bpf_htonl(0xe0000000) || daddr == 0xffffffff;
+}
+
 /* TCP, UDP, ICMP: translated with ports or identifiers; any other protocol: address only */
 static __always_inline int has_ports(__u8 proto)
 {
