@@ -212,15 +212,6 @@ class NftBackend:
             if name not in have:
                 raise BackendError(f"interface {name!r} does not exist (in this network namespace)")
 
-    def _inside_addrs(self, settings: Settings) -> list[str]:
-        """The IPv4 addresses on the inside devices (the leak guard never lets them leave)."""
-        out = []
-        for dev in settings.inside:
-            p = self._run(["ip", "-j", "addr", "show", "dev", dev], check=False)
-            for link in json.loads(p.stdout or "[]") if p.returncode == 0 else []:
-                out += [a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"]
-        return out
-
     def apply(self, config: GatewayConfig) -> None:
         """Resolve what needs the kernel first (so a failure to resolve changes nothing), then the
         policy routing of new_gw rules, one nft transaction, and the removal of stale routing."""
@@ -233,7 +224,7 @@ class NftBackend:
                 rt = self._route_get(r.gw)
                 if rt and rt.get("dev"):
                     gw_dev[r.gw] = rt["dev"]
-        p = R.plan(rules, settings, gw_dev, self._inside_addrs(settings))
+        p = R.plan(rules, settings, gw_dev)
         routes = []
         for e in p.routes:
             rt = self._route_get(e.new_gw)

@@ -166,7 +166,9 @@ def m_saddr_in(nets) -> tuple:
 
 
 def m_fib_saddr_not_local() -> tuple:
-    return _match("fib saddr type", {"fib": {"result": "type", "flags": ["saddr"]}}, "local", "local", op="!=")
+    """The source is not an address of the device the packet leaves by (postrouting)."""
+    return _match("fib saddr . oif type", {"fib": {"result": "type", "flags": ["saddr", "oif"]}}, "local", "local",
+                  op="!=")
 
 
 def m_nexthop(gw: IPv4Address) -> tuple:
@@ -424,10 +426,8 @@ def _predicted(rule: Rule, gw_dev: dict, notes: list[str]) -> list[tuple]:
     return out
 
 
-def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None, inside_addrs=()) -> Plan:
-    """Build the rule set; ``gw_dev`` maps a `gw` address to the device the kernel reaches it by;
-    ``inside_addrs``: the gateway's own addresses on the inside devices (never a source on an
-    uplink, though local)."""
+def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan:
+    """Build the rule set; ``gw_dev`` maps a `gw` address to the device the kernel reaches it by."""
     gw_dev = gw_dev or {}
     slots = assign_slots(rules)
     notes: list[str] = []
@@ -517,13 +517,9 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None, inside_
         add("nat_out", [m_ct_mark(m), m_l4_tcp_udp(), cnt, s_snat(r, ports)], tag(r))
         add("nat_out", [m_ct_mark(m), cnt, s_snat(r, None)], tag(r))
     if settings.outside and len(rules):
-        # after NAT: a source still in a `from` net was not translated; local ones are ours,
-        # except the gateway's inside-facing addresses
-        mine = sorted(IPv4Network(f"{a}/32") for a in inside_addrs
-                      if any(IPv4Address(a) in r.src for r in rules.rules))  # fmt: skip
-        if mine:
-            add("leak_guard", [m_oifnames(settings.outside), m_saddr_in(mine), s_counter(C_LEAK), v("drop")],
-                "the gateway's inside-facing addresses")  # fmt: skip
+        # after NAT: a source still in a `from` net was not translated; an address of the uplink
+        # it leaves by is ours (the gateway's own, a pool address under a catch-all `from`),
+        # any other local one (the gateway's inside-facing addresses) is not
         add("leak_guard", [m_oifnames(settings.outside), m_saddr_in([r.src for r in rules.rules]),
                            m_fib_saddr_not_local(), s_counter(C_LEAK), v("drop")],
             "no private source leaves an uplink untranslated")  # fmt: skip
