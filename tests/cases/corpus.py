@@ -250,7 +250,7 @@ def _scenarios() -> list[Scenario]:
         inside(other_proto(D, R2), RED, R.XLATE_NEW, dev="lan50"),  # another remote: free again
         inside(raw(IP(src=A, dst=R2, id=0x7a7a, flags="MF", proto=47) / Raw(b"g" * 24)), RED, R.XLATE_NEW),
         inside(raw(IP(src=A, dst=R2, id=0x7a7a, frag=3, proto=47) / Raw(b"h" * 8)), RED, R.XLATE_FRAG),
-        inside(raw(IP(src=A, dst=R2, id=0x7b7b, frag=3, proto=47) / Raw(b"h" * 8)), DROP, R.DROP_FRAG_UNKNOWN),
+        inside(raw(IP(src=A, dst=R2, id=0x7b7b, frag=3, proto=47) / Raw(b"h" * 8)), RED, R.FRAG_HELD),
     ])  # fmt: skip
     ta, ti = snat_of(RULE_SDH, A, R1, 0x77)
     add("icmp_queries_and_other_types", "ICMP timestamp, information and address mask requests are "
@@ -503,7 +503,7 @@ def _scenarios() -> list[Scenario]:
         outside(raw(IP(src=R1, dst=A) / ICMP(type=13)), DROP, R.DROP_INBOUND),
         outside(udp(R1, R2, 53, 53), DROP, R.DROP_INBOUND),  # transit, back out eth2
         outside(n1_, DROP, R.DROP_INBOUND),
-        outside(n2_, DROP, R.DROP_FRAG_UNKNOWN),  # no pass marker after the drop
+        outside(n2_, RED, R.FRAG_HELD),  # no pass marker after the drop: held, then dropped
         outside(udp(R1, na, 53, np_), PASS, R.PASS_NO_SESSION_IN),  # a pool address: ours
         outside(udp(R1, "198.19.2.2", 53, 5353), PASS, R.PASS_NO_SESSION_IN),
         outside(udp(R1, "198.18.40.1", 53, 5353), PASS, R.PASS_NO_SESSION_IN),  # ours, on lan40
