@@ -61,8 +61,6 @@ def parse_conntrack(text: str) -> list[dict]:
             if "=" not in tok:
                 continue
             k, _, val = tok.partition("=")
-            if k == "timeout":  # GRE's "timeout=30, stream_timeout=180": not the entry's timeout
-                continue
             n = seen.get(k, 0)
             seen[k] = n + 1
             if k == "id" and proto == "icmp":
