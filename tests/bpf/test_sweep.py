@@ -36,7 +36,7 @@ UDP_TIMEOUT = 20
 _KEY, _ENT = struct.Struct(L.CT_KEY.fmt), struct.Struct(L.CT_ENTRY.fmt)
 assert [f[0] for f in L.CT_KEY.fields] == ["saddr", "daddr", "sport", "dport", "proto", "dir", "pad"]
 assert [f[0] for f in L.CT_ENTRY.fields] == ["peer", "rw_addr", "rw_port", "state", "flags", "ifindex", "nexthop",
-                                             "rule_id", "mtu", "pad", "last_seen"]  # fmt: skip
+                                             "rule_id", "mtu", "iif", "last_seen"]  # fmt: skip
 
 
 def _be(v, n):
