@@ -152,8 +152,11 @@ def test_hosts_sharing_a_source_port_do_not_walk_one_sequence():
     get a port within 128 tries (the original's sequence refused host 1,025 onward)."""
     s = replace(REF_SETTINGS, port_tries=128, max_sessions=4096)
     rules = RuleSet([Rule.from_dict({"from": "198.18.0.0/16", "snat_ip": NAT})])
-    e = Engine(rules, s, StaticRouter.ref())
-    hosts = [IP4(int(IP4("198.18.40.0")) + i) for i in range(1, 1501)]
+    # the hosts are routed back to lan40 (the reverse-path check): 198.18.32.0/19 on-link there
+    router = StaticRouter(list(REF_ROUTES) + [("198.18.32.0/19", "lan40", None)],
+                          {k: list(v) for k, v in REF_ADDRESSES.items()})
+    e = Engine(rules, s, router)
+    hosts = [IP4(int(IP4("198.18.40.0")) + i) for i in range(2, 1503) if i != 255]  # gateway, broadcast
     got = [e.process(udp(str(h), R1, 123, 123), "inside", "lan40", 0).reason for h in hosts]
     assert got.count(Reason.XLATE_NEW) == 1500
 

@@ -178,8 +178,6 @@ static __noinline int snat_refuse_icmp(struct __sk_buff *skb, const struct pkt *
 	return verdict_redirect(v, REASON_DROP_HOST_LIMIT, iif, 0);
 }
 
-/* Steps 12-14: the SNAT address, the host limit, the port search over the chosen address and
- * (on_exhausted spill) the pool's next ones, and the session pair (IN key first: the port
 /* Step 9: what may make a session: a TCP pure SYN, a UDP datagram, an ICMP query request, a
  * packet of a protocol without ports */
 static __always_inline int snat_can_start(const struct pkt *p)
@@ -191,7 +189,8 @@ static __always_inline int snat_can_start(const struct pkt *p)
 	return 1;
 }
 
-/* Steps 12-14: the SNAT address and port, and the session pair (IN key first: the port
+/* Steps 12-14: the SNAT address, the host limit, the port search over the chosen address and
+ * (on_exhausted spill) the pool's next ones, and the session pair (IN key first: the port
  * search inserts it; then OUT, removing IN again when OUT fails).  0 when created, -2 when
  * another CPU created the same session meanwhile, else the DROP reason. */
 static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const struct pkt *p,
