@@ -24,7 +24,7 @@ import time
 from ..errors import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, SnatgwError
 from .control import ControlServer
 from .log import Log
-from .extras import Extras
+
 from .loop import EventLoop, Worker
 from .owner import NamespaceOwner
 from .service import Service, load_config, make_backend
@@ -106,6 +106,8 @@ class Daemon:
         if self.owner is not None:
             self.owner.attach(self.loop)
         self.timer = self.loop.every(self.service.config.settings.gc_interval, self.on_tick)
+        from .extras import Extras  # links and metrics (prometheus_client): only the daemon pays its import
+
         self.extras = Extras(self.service, self.loop, self.worker, self.log)  # links, metrics
         self.extras.attach()
 
