@@ -425,9 +425,10 @@ class Map:
             out.update(part)
         return out
 
-    def key_batches(self, chunk: int = 4096) -> Iterator[tuple[int, bytes]]:
-        """(n, n packed keys) per bpf_map_lookup_batch call: the keys without a per-entry
-        Python object (the expiry's chunked walk hands them to the kernel as they are)."""
+    def _raw_batches(self, chunk: int, fallback: bool = False) -> Iterator[tuple[int, bytes, bytes] | None]:
+        """The bpf_map_lookup_batch cursor walk: (n, n packed keys, n packed values) per call.
+        With ``fallback``, a kernel that refuses batch lookups on the first call yields None
+        once (the caller reads the map another way); otherwise every error raises."""
         keys = C.create_string_buffer(self.key_size * chunk)
         vals = C.create_string_buffer(self._vlen * chunk)
         inb, outb = None, C.create_string_buffer(max(self.key_size, 8))
@@ -437,34 +438,31 @@ class Map:
             ret = lib().bpf_map_lookup_batch(self.fd, inb, outb, keys, vals, C.byref(n), C.byref(opts))
             err = -ret if ret < 0 else 0
             if err and err != _errno.ENOENT:
+                if fallback and inb is None and err in (_errno.EINVAL, _errno.ENOTSUP, 524):  # 524: ENOTSUPP
+                    yield None
+                    return
                 _check(ret, f"batch lookup in map {self.name}")
             if n.value:
-                yield n.value, C.string_at(keys, n.value * self.key_size)
+                yield n.value, C.string_at(keys, n.value * self.key_size), C.string_at(vals, n.value * self._vlen)
             if err == _errno.ENOENT:
                 return
             inb = C.create_string_buffer(outb.raw, len(outb))
 
+    def key_batches(self, chunk: int = 4096) -> Iterator[tuple[int, bytes]]:
+        """(n, n packed keys) per bpf_map_lookup_batch call: the keys without a per-entry
+        Python object (the expiry's chunked walk hands them to the kernel as they are)."""
+        for nn, raw_k, _ in self._raw_batches(chunk):
+            yield nn, raw_k
+
     def _batches(self, chunk: int) -> Iterator[Iterable[tuple[bytes, bytes]]]:
-        keys = C.create_string_buffer(self.key_size * chunk)
-        vals = C.create_string_buffer(self._vlen * chunk)
-        inb, outb = None, C.create_string_buffer(max(self.key_size, 8))
-        opts = MapBatchOpts(sz=C.sizeof(MapBatchOpts))
-        while True:
-            n = C.c_uint32(chunk)
-            ret = lib().bpf_map_lookup_batch(self.fd, inb, outb, keys, vals, C.byref(n), C.byref(opts))
-            err = -ret if ret < 0 else 0
-            if err and err not in (_errno.ENOENT,):
-                if inb is None and err in (_errno.EINVAL, _errno.ENOTSUP, 524):  # 524: ENOTSUPP
-                    yield list(self.items())
-                    return
-                _check(ret, f"batch lookup in map {self.name}")
-            nn, ks, vs = n.value, self.key_size, self._vlen
-            raw_k, raw_v = C.string_at(keys, nn * ks), C.string_at(vals, nn * vs)
+        ks, vs = self.key_size, self._vlen
+        for part in self._raw_batches(chunk, fallback=True):
+            if part is None:
+                yield list(self.items())
+                return
+            nn, raw_k, raw_v = part
             yield zip([raw_k[i : i + ks] for i in range(0, nn * ks, ks)],
                       [raw_v[i : i + vs] for i in range(0, nn * vs, vs)])  # fmt: skip
-            if err == _errno.ENOENT:
-                return
-            inb = C.create_string_buffer(outb.raw, len(outb))
 
     def put_batch(self, keys: bytes, values: bytes, n: int, flags: int = BPF_ANY) -> None:
         """bpf_map_update_batch: ``n`` keys and values packed back to back (one system call)."""
