@@ -125,7 +125,7 @@ def test_attach_twice_replaces_our_filter_in_place(ns, pin_dir, mini_obj):
             a.attach(["in0"], ["out0"])
             b.load()
             b.attach(["in0"], ["out0"])
-            assert attached_prog_id("in0", B.BPF_TC_INGRESS) == b.attachments[0].prog_id
+            assert attached_prog_id("in0", B.BPF_TC_INGRESS) == next(x.prog_id for x in b.attachments if x.ifname == "in0")
             bpf = [f for f in tc_filters(ns, "in0", "ingress") if f.get("kind") == "bpf" and f.get("options")]
             assert len(bpf) == 1
         finally:

@@ -247,9 +247,15 @@ class Loader:
         overlap = set(inside) & set(outside)
         if overlap:
             raise BackendError(f"interface(s) {', '.join(sorted(overlap))} both inside and outside")
-        plan = [(i, B.BPF_TC_INGRESS, PROG_INSIDE) for i in inside]
+        # Uplinks first, inside devices last.  Taking over from the nft datapath, a flow is
+        # half ours while the hooks go on one by one: if the inside hooks came first, our
+        # redirected packets would bypass conntrack, and a reply still routed by the kernel
+        # would acknowledge data conntrack never saw, be judged INVALID, miss the de-NAT and
+        # reach the pool address's own stack, which resets the connection.  This way round the
+        # half-seen packet is an inside one, which nft's guard drops and TCP resends.
+        plan = [(o, B.BPF_TC_EGRESS, PROG_EGRESS) for o in outside]
         plan += [(o, B.BPF_TC_INGRESS, PROG_OUTSIDE) for o in outside]
-        plan += [(o, B.BPF_TC_EGRESS, PROG_EGRESS) for o in outside]
+        plan += [(i, B.BPF_TC_INGRESS, PROG_INSIDE) for i in inside]
         if recirc:
             plan.append((recirc, B.BPF_TC_INGRESS, PROG_RECIRC))
         idx = {name: ifindex(name) for name, _, _ in plan}  # every device first: fail early
