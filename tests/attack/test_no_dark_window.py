@@ -22,8 +22,8 @@ import time
 import pytest
 
 from snatgw.lab.clients import TcpSession
-from snatgw.lab.demo import REF_RULES, config_text, ruleset
-from snatgw.lab.gateway import snatgw_argv
+from snatgw.lab.demo import REF_RULES, config_text
+from snatgw.lab.gateway import kill_gateway, no_gateway, purge_gateway, snatgw_argv, write_ref_config
 from snatgw.lab.netns import ns_socket, nsenter
 
 from snatgw.lab import leakwatch
@@ -48,33 +48,15 @@ def lab():
 
 @pytest.fixture(scope="module")
 def conf(lab):
-    lab.add_snat_addresses(ruleset(REF_RULES))
-    os.makedirs(lab.workdir, exist_ok=True)
-    path = os.path.join(lab.workdir, "dark.conf")
-    with open(path, "w") as f:
-        f.write(config_text(REF_RULES))
-    return path
+    return write_ref_config(lab, "dark.conf")
 
 
 @pytest.fixture
 def clean(lab, conf):
-    lab.stop_gateway()
-    _purge(lab)
-    try:
-        yield lab
-    finally:
-        if lab.gateway_proc is not None and lab.gateway_proc.poll() is None:
-            lab.gateway_proc.kill()
-            lab.gateway_proc.wait()
-        lab.gateway_proc = None
-        lab.stop_gateway()
-        _purge(lab)
+    yield from no_gateway(lab)
 
 
-def _purge(lab, *extra):
-    return subprocess.run(nsenter(lab.ns("gw"), *snatgw_argv("purge", "--pin-dir", lab.pin_dir, "--socket",
-                                                              lab.socket_path, *extra)),
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+_purge = purge_gateway
 
 
 def _csum(b: bytes) -> int:
@@ -186,11 +168,7 @@ class Traffic:
         return r
 
 
-def _kill9(lab) -> None:
-    lab.gateway_proc.kill()
-    lab.gateway_proc.wait()
-    lab.gateway_proc = None
-    lab.stop_gateway()
+_kill9 = kill_gateway
 
 
 @pytest.mark.lab

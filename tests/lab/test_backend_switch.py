@@ -6,46 +6,28 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 
-from snatgw.lab.demo import REF_RULES, config_text, ruleset
-from snatgw.lab.gateway import snatgw_argv
-from snatgw.lab.netns import LabError, nsenter
+from snatgw.lab.gateway import kill_gateway, no_gateway, purge_gateway, write_ref_config
+from snatgw.lab.netns import LabError
 
 OUR_PRIO = 0x534E
 
 
 @pytest.fixture(scope="module")
 def conf(lab):
-    lab.add_snat_addresses(ruleset(REF_RULES))
-    os.makedirs(lab.workdir, exist_ok=True)
-    path = os.path.join(lab.workdir, "switch.conf")
-    with open(path, "w") as f:
-        f.write(config_text(REF_RULES))
-    return path
+    return write_ref_config(lab, "switch.conf")
 
 
 @pytest.fixture
 def clean(lab, conf):
     """Each test starts and ends with no daemon and nothing of either backend in <P>-gw."""
-    lab.stop_gateway()
-    purge(lab)
-    try:
-        yield lab
-    finally:
-        if lab.gateway_proc is not None:
-            lab.gateway_proc.kill()
-            lab.gateway_proc.wait()
-        lab.stop_gateway()
-        purge(lab)
+    yield from no_gateway(lab)
 
 
-def purge(lab, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run(nsenter(lab.ns("gw"), *snatgw_argv("purge", "--pin-dir", lab.pin_dir,
-                                                            "--socket", lab.socket_path, *extra)),
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+purge = purge_gateway
+kill9 = kill_gateway
 
 
 def nft_table(lab) -> bool:
@@ -66,13 +48,6 @@ def our_tc_filters(lab) -> list[str]:
             if p.returncode == 0 and any(f.get("pref") == OUR_PRIO for f in json.loads(p.stdout or "[]")):
                 found.append(f"{link['ifname']} {point}")
     return found
-
-
-def kill9(lab) -> None:
-    lab.gateway_proc.kill()
-    lab.gateway_proc.wait()
-    lab.gateway_proc = None
-    lab.stop_gateway()
 
 
 def gateway_log(lab) -> str:

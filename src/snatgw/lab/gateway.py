@@ -184,6 +184,48 @@ def stop_gateway(lab, timeout: float = 10.0) -> int | None:
     return code
 
 
+def kill_gateway(lab) -> None:
+    """kill -9 the gateway (no clean-up of its own: programs, pins, nft table stay), then
+    forget it."""
+    if lab.gateway_proc is not None and lab.gateway_proc.poll() is None:
+        lab.gateway_proc.kill()
+        lab.gateway_proc.wait()
+    lab.gateway_proc = None
+    stop_gateway(lab)
+
+
+def purge_gateway(lab, *extra: str) -> subprocess.CompletedProcess:
+    """`snatgw purge` of the lab's pin dir and socket in <P>-gw (both backends' traces)."""
+    return subprocess.run(nsenter(lab.ns("gw"), *snatgw_argv("purge", "--pin-dir", lab.pin_dir,
+                                                              "--socket", lab.socket_path, *extra)),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def write_ref_config(lab, name: str) -> str:
+    """The demo's REF rules as a config file in the lab's workdir (their SNAT addresses put on
+    the outside links first); returns its path."""
+    from .demo import REF_RULES, config_text, ruleset
+
+    lab.add_snat_addresses(ruleset(REF_RULES))
+    os.makedirs(lab.workdir, exist_ok=True)
+    path = os.path.join(lab.workdir, name)
+    with open(path, "w") as f:
+        f.write(config_text(REF_RULES))
+    return path
+
+
+def no_gateway(lab):
+    """Generator for a pytest fixture: no daemon and nothing of either backend in <P>-gw
+    before and after the test, even when it fails."""
+    stop_gateway(lab)
+    purge_gateway(lab)
+    try:
+        yield lab
+    finally:
+        kill_gateway(lab)
+        purge_gateway(lab)
+
+
 def _is_ours(lab, pid: int) -> bool:
     """The pid still runs in our gw namespace (not a recycled pid elsewhere)."""
     try:
