@@ -34,13 +34,18 @@ VERBS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line (help, man page, completion), or with ``only`` a verb's parser
+    alone: a command imports its own module and no other verb's (`snatgw stats` does not pay
+    for the daemon, the bench or the lab: start-up is most of a monitoring probe's time)."""
     parser = argparse.ArgumentParser(prog="snatgw", description="multi-ISP source-NAT gateway")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"snatgw {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, modname in VERBS.items():
+        if only is not None and verb != only:
+            continue
         try:
             mod = importlib.import_module(f".commands.{modname}", __package__)
         except ModuleNotFoundError as e:
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # as below: the reader closed the pipe; silence the exit flush
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and argv[0] in VERBS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

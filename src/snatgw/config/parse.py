@@ -53,6 +53,7 @@ from ..errors import ConfigError, RuleError
 from ..layout import PORT_TRIES_MAX
 from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_gw, parse_host_limit, parse_net
 from ..rules import parse_on_exhausted, parse_oif
+from . import MAX_CONFIG_BYTES
 from .links import INTERVAL_RANGE, LINK_KEYWORDS, MAX_TARGETS, Link
 from .schema import BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings
 from .schema import timeout_floor_warning
@@ -84,8 +85,6 @@ KEEPALIVED_TOP = frozenset(
 )
 KEEPALIVED_TOP_PREFIXES = ("vrrp_", "static_", "track_", "bfd_", "$", "@")
 TIMEOUT_BY_STATE = {int(v): k for k, v in TIMEOUT_NAMES.items()}
-#: a config file larger than this is refused before it is read (100,000 rules take ~10 MB)
-MAX_CONFIG_BYTES = 32 * 1024 * 1024
 #: what an error message may quote from the file: a word of config text (keywords, addresses,
 #: names, numbers, paths).  Anything else (a password hash, binary, control characters, a very
 #: long word) is described, never echoed: `snatgw reload /etc/shadow` must not put the file's

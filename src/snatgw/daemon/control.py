@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable
 
-from ..config.parse import MAX_CONFIG_BYTES
+from ..config import MAX_CONFIG_BYTES
 from ..errors import DaemonError
 from .log import Log
 from .loop import EventLoop, Worker, is_fd_exhaustion
