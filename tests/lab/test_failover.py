@@ -22,7 +22,7 @@ from snatgw.lab.demo import FAILOVER_RULES, REF_RULES, ruleset
 from snatgw.lab.gateway import gateway_available, snatgw_argv
 from snatgw.lab.netns import ns_socket, run
 
-from conftest import new_lab  # tests/lab/conftest.py
+from tests.lab.conftest import new_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 METRICS = ("127.0.0.1", 9469)

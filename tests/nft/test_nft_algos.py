@@ -21,7 +21,7 @@ import pytest
 
 from snatgw.lab.netns import ns_socket
 
-from conftest import cfg  # tests/nft/conftest.py (pytest prepend import mode)
+from tests.nft.conftest import cfg
 
 pytestmark = [pytest.mark.nft, pytest.mark.root]
 

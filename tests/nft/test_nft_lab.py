@@ -17,7 +17,7 @@ from snatgw.datapath.nft import render as R
 from snatgw.lab import clients as C
 from snatgw.lab.netns import ns_socket
 
-from conftest import FAILOVER, REF, cfg  # tests/nft/conftest.py (pytest prepend import mode)
+from tests.nft.conftest import FAILOVER, REF, cfg
 
 pytestmark = [pytest.mark.nft, pytest.mark.root]
 

@@ -13,7 +13,7 @@ import pytest
 from snatgw.lab.netns import ns_socket
 from snatgw.datapath.nft.backend import parse_conntrack
 
-from conftest import REF  # tests/nft/conftest.py (pytest prepend import mode)
+from tests.nft.conftest import REF
 
 pytestmark = [pytest.mark.nft, pytest.mark.root]
 

@@ -7,10 +7,12 @@ or in ``netns`` (a name under /run/netns or a path) when given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import socket
 import subprocess
 from ipaddress import IPv4Address
 
@@ -93,6 +95,7 @@ class NftBackend:
         self._config: GatewayConfig | None = None
         self._plan: R.Plan | None = None
         self._by_mark: dict[int, int] = {}  # ct mark -> rule_id
+        self._objects: dict[str, tuple[str, ...]] | None = None  # named objects our last transaction left
         self.last_removed = 0  # conntrack entries the last apply removed (_follow)
 
     # ------------------------------------------------------------------ commands
@@ -111,6 +114,19 @@ class NftBackend:
         if check and p.returncode != 0:
             raise BackendError(f"nft backend: `{' '.join(argv)}` failed: {p.stderr.strip() or p.returncode}")
         return p
+
+    def _read(self, path: str) -> str | None:
+        """A /proc file of the gateway's namespace (None if unreadable): read directly by the
+        daemon, which runs in it (a `cat` process cost 5-15 ms of a failover's apply), through
+        nsenter for a backend aimed at another namespace."""
+        if not self.netns:
+            try:
+                with open(path) as f:
+                    return f.read()
+            except OSError:
+                return None
+        p = self._run(["cat", path], check=False)
+        return p.stdout if p.returncode == 0 else None
 
     def _route_get(self, addr: IPv4Address) -> dict | None:
         p = self._run(["ip", "-j", "route", "get", str(addr)], check=False)
@@ -204,9 +220,17 @@ class NftBackend:
     def _check_devices(self, settings: Settings) -> None:
         """Every inside and outside device must exist in the namespace (as the bpf backend
         requires when attaching): rules on a missing device would translate nothing."""
-        p = self._run(["ip", "-j", "link", "show"])
-        have = {link.get("ifname") for link in json.loads(p.stdout or "[]")}
-        for name in tuple(settings.inside) + tuple(settings.outside):
+        names = tuple(settings.inside) + tuple(settings.outside)
+        if not self.netns:  # the daemon's own namespace: no `ip` process
+            have = set()
+            for name in names:
+                with contextlib.suppress(OSError):
+                    socket.if_nametoindex(name)
+                    have.add(name)
+        else:
+            p = self._run(["ip", "-j", "link", "show"])
+            have = {link.get("ifname") for link in json.loads(p.stdout or "[]")}
+        for name in names:
             if name not in have:
                 raise BackendError(f"interface {name!r} does not exist (in this network namespace)")
 
@@ -243,11 +267,20 @@ class NftBackend:
             self._run(["ip"] + cmds[0])
             if e.table not in have:
                 self._run(["ip"] + cmds[1])
-        stale = self._object_names()
         # ONE transaction (render.transaction_text): the old rule set stays whole until the
         # new one replaces it; two transactions left a window where a new flow met a table
-        # without its rules
-        self._run(["nft", "-f", "-"], input=R.transaction_text(p, stale["counter"], stale["ct timeout"]))
+        # without its rules.  Stale named objects: those of our last transaction (listing the
+        # table cost 15-40 ms of a failover), listed afresh on the first apply and whenever
+        # the table did not hold what we remembered (the transaction then fails as a whole)
+        stale = self._objects if self._objects is not None else self._object_names()
+        try:
+            self._run(["nft", "-f", "-"], input=R.transaction_text(p, stale["counter"], stale["ct timeout"]))
+        except BackendError:
+            if self._objects is None:
+                raise
+            stale = self._object_names()
+            self._run(["nft", "-f", "-"], input=R.transaction_text(p, stale["counter"], stale["ct timeout"]))
+        self._objects = {"counter": tuple(p.counters), "ct timeout": tuple(t[0] for t in p.timeouts)}
         self._set_icmp_timeout(settings.timeout(CtState.ICMP))
         wanted = {e.table for e, _ in routes}
         self._remove_routing(keep=wanted)
@@ -255,8 +288,7 @@ class NftBackend:
         self._config, self._plan, self.settings = config, p, settings
         self._by_mark = {m: r.rule_id for m, r in p.rule_by_mark(rules).items()}
         self.last_removed = self._follow(old.rules if old else None, rules, settings.outside)
-        self._full = None  # judged again now (max_sessions may have changed)
-        self._judge_full()
+        self._judge_full()  # (the set `full` keeps its element across the transaction's flush)
 
     def _follow(self, old: RuleSet | None, new: RuleSet, outside) -> int:
         """Delete the conntrack entries of sessions whose SNAT address left their rule's pool,
@@ -327,6 +359,17 @@ class NftBackend:
         input crashes), so the `icmp` setting becomes the namespace's conntrack ICMP timeout
         (net.netfilter.nf_conntrack_icmp_timeout, per network namespace): it also applies to
         the gateway's own ICMP conntrack entries."""
+        path = "/proc/sys/net/netfilter/nf_conntrack_icmp_timeout"
+        if (self._read(path) or "").strip() == str(secs):
+            return  # the usual case on a reload or failover: nothing to write
+        if not self.netns:
+            try:
+                with open(path, "w") as f:
+                    f.write(f"{secs}\n")
+                return
+            except OSError as e:
+                log.warning("nft backend: cannot set the ICMP timeout to %d s: %s", secs, e)
+                return
         p = self._run(["sysctl", "-q", "-w", f"net.netfilter.nf_conntrack_icmp_timeout={secs}"], check=False)
         if p.returncode != 0:
             log.warning("nft backend: cannot set the ICMP timeout to %d s: %s", secs, p.stderr.strip())
@@ -413,6 +456,7 @@ class NftBackend:
             self._plan = None
             return
         self._run(["nft", "delete", "table", R.FAMILY, R.TABLE], check=False)
+        self._objects = None
         self._remove_routing()
         try:
             self.flush()
@@ -427,6 +471,7 @@ class NftBackend:
         removed = []
         if self._run(["nft", "list", "table", R.FAMILY, R.TABLE], check=False).returncode == 0:
             self._run(["nft", "delete", "table", R.FAMILY, R.TABLE])
+            self._objects = None
             removed.append(f"nft table {R.FAMILY} {R.TABLE}")
         rules = self._our_ip_rules()
         if rules:
@@ -460,10 +505,10 @@ class NftBackend:
         """Refuse new flows while the namespace's conntrack holds max_sessions entries or more
         (all of them: the gateway's namespace is ours), accept again below: a set element
         that the forward chain checks, changed only when the answer changes."""
-        p = self._run(["cat", "/proc/sys/net/netfilter/nf_conntrack_count"], check=False)
-        if p.returncode != 0 or not p.stdout.strip().isdigit():
+        text = (self._read("/proc/sys/net/netfilter/nf_conntrack_count") or "").strip()
+        if not text.isdigit():
             return
-        full = int(p.stdout.strip()) >= self.settings.max_sessions
+        full = int(text) >= self.settings.max_sessions
         if full != self._full:
             op = "add" if full else "delete"
             q = self._run(["nft", op, "element", R.FAMILY, R.TABLE, R.S_FULL, f"{{ 0x{R.MARK_TAG:08x} }}"], check=False)
@@ -471,17 +516,17 @@ class NftBackend:
                 self._full = full
 
     def _conntrack_text(self) -> str:
-        p = self._run(["cat", "/proc/net/nf_conntrack"], check=False)
-        if p.returncode == 0:
-            return p.stdout
+        text = self._read("/proc/net/nf_conntrack")
+        if text is not None:
+            return text
         return self._run(["conntrack", "-L", "-o", "extended"], check=False).stdout
 
     def _timeouts(self) -> dict[str, int]:
         out = {}
         for state, fname in _SYSCTL_TIMEOUT.items():
-            p = self._run(["cat", f"/proc/sys/net/netfilter/{fname}"], check=False)
-            if p.returncode == 0 and p.stdout.strip().isdigit():
-                out[state] = int(p.stdout.strip())
+            text = (self._read(f"/proc/sys/net/netfilter/{fname}") or "").strip()
+            if text.isdigit():
+                out[state] = int(text)
         return out
 
     def _entries(self, marks: tuple[int, int] = (R.MARK_TAG, R.MARK_MASK)):
@@ -642,8 +687,8 @@ class NftBackend:
                    "attached": False, "found": None} for h in sorted(missing)]  # fmt: skip
 
         def sysctl(name: str) -> int:
-            q = self._run(["cat", f"/proc/sys/net/netfilter/{name}"], check=False)
-            return int(q.stdout.strip()) if q.returncode == 0 and q.stdout.strip().isdigit() else 0
+            text = (self._read(f"/proc/sys/net/netfilter/{name}") or "").strip()
+            return int(text) if text.isdigit() else 0
 
         try:  # a count, not a listing: only each entry's mark is read (ctnetlink.py)
             with Conntrack(self.netns) as ct:
@@ -663,8 +708,7 @@ class NftBackend:
         """conntrack's insert_failed (all CPUs) in the gateway's namespace: a new flow whose
         NAT found no free tuple is dropped when its entry is confirmed and counted here
         (nft cannot see it: it happens after the last chain)."""
-        p = self._run(["cat", "/proc/net/stat/nf_conntrack"], check=False)
-        lines = p.stdout.split("\n") if p.returncode == 0 else []
+        lines = (self._read("/proc/net/stat/nf_conntrack") or "").split("\n")
         if not lines or "insert_failed" not in lines[0].split():
             return 0
         col = lines[0].split().index("insert_failed")
