@@ -240,6 +240,33 @@ def test_gc_pace_after_a_mass_expiry_regression(big):
 
 
 @pytest.mark.bpf
+def test_a_table_under_pressure_is_swept_at_every_tick(big):
+    """Issue 14 (no new flow refused over a table of expired sessions): the pacing skips GC
+    ticks for (GC_DUTY-1)*T after a sweep, but not while the table is under pressure: a new
+    flow refused as DROP_TABLE_FULL since the last look, or live sessions at PRESSURE_FILL of
+    max_sessions."""
+    big.sweeper()
+    now = monotonic_ns()
+    fill(big.maps.ct, (session(n, now, now) for n in range(50_000)))  # fresh: nothing to remove
+    big.expire()
+    sweeps = big._sweeps
+    big._next_sweep = bmod._clock() + 3600  # the pacing says: not for an hour
+    assert big.expire() == 0 and big._sweeps == sweeps  # paced: skipped
+    m = big.maps.reasons_map
+    ncpu = len(m.get_percpu(int(L.Reason.DROP_TABLE_FULL)))
+    m.put(int(L.Reason.DROP_TABLE_FULL), (7).to_bytes(8, "little") * ncpu)  # refused since the last look
+    big.expire()
+    assert big._sweeps == sweeps + 1 and big.pressure_sweeps == 1
+    big._next_sweep = bmod._clock() + 3600
+    assert big.expire() == 0 and big._sweeps == sweeps + 1  # no new refusal, 50k of 110k: paced again
+    fill(big.maps.ct, (session(n, now, now) for n in range(50_000, 100_000)))  # 100k of 110k live
+    big.expire(now=time.monotonic())  # (recount: the counts see the sessions fill() put directly)
+    big._next_sweep = bmod._clock() + 3600
+    big.expire()
+    assert big.pressure_sweeps == 2 and big.status_extra()["sweeps"]["under_pressure"] == 2
+
+
+@pytest.mark.bpf
 def test_streamed_listing_holds_one_batch_and_filters(big):
     """iter_sessions streams: at 100k sessions Python never holds more than a batch of them
     (traced allocations stay far below the table's size); the filters select in the walk."""

@@ -34,6 +34,11 @@ _clock = time.monotonic  # seconds, for GC pacing (tests replace it)
 ACCEPT_LOCAL_DIR = "/proc/sys/net/ipv4/conf"
 MAX_CARRY = 262144  # sessions an nft -> bpf switch carries over at most
 GC_DUTY = 3  # a sweep of duration T is followed by at least (GC_DUTY-1)*T without one
+#: ... unless the table is under pressure: live sessions at or above this share of
+#: max_sessions, or a new flow refused as DROP_TABLE_FULL since the last sweep.  Then every GC
+#: tick sweeps (a refused new flow costs more than a CPU's share): the expired sessions that
+#: fill a table leave within a walk, not after the pacing's waits
+PRESSURE_FILL = 0.9
 #: sweeps walk the table in runs of layout.SWEEP_CHUNK keys (each system call milliseconds of
 #: kernel time: the CPU is never held for a whole walk); False: one run walks it all (cheaper,
 #: ~2.6x, but holds its CPU for up to seconds at a million sessions)
@@ -158,6 +163,8 @@ class BpfBackend:
         self._pools: dict | None = None  # rule_id -> Pool, as last installed
         self.last_follow = (0, 0)  # (moved, removed) sessions of the last rule install
         self._next_sweep = 0.0  # time.monotonic() before which expire() skips its sweep
+        self._table_full_seen = 0  # DROP_TABLE_FULL when _pressure() last looked
+        self.pressure_sweeps = 0  # sweeps the pacing would have skipped but pressure ran
         self.holder: FragmentHolder | None = None  # holds fragments that come before their first
         self._sweeper: Sweeper | None = None
         self._sweeps = 0
@@ -302,6 +309,8 @@ class BpfBackend:
                                    f"takes effect only on a restart of the datapath")  # fmt: skip
         self._install(config)  # validates (compile) before touching anything
         self._write_ifaces(new)  # also when unchanged: a device may have been recreated
+        if any(t < dict(old.timeouts).get(k, t) for k, t in new.timeouts):
+            self._next_sweep = 0.0  # a timeout got shorter: sessions may have expired now
         if (old.inside, old.outside) != (new.inside, new.outside):
             # replace in place, then remove the hooks that left: no gap on the devices kept
             recirc = self.holder is not None and self.holder.fd is not None
@@ -482,7 +491,7 @@ class BpfBackend:
         duration; docs/operations.md)."""
         self._writable()
         t0 = _clock()
-        if now is None and t0 < self._next_sweep:
+        if now is None and t0 < self._next_sweep and not self._pressure():
             return 0
         now_ns = monotonic_ns() if now is None else int(now * 1e9)
         full = now is not None or self._sweeps % FULL_EVERY == 0  # an explicit now: always full
@@ -503,10 +512,26 @@ class BpfBackend:
         self._next_sweep = t1 + (GC_DUTY - 1) * min(t, self._t_normal)
         return res.removed
 
+    def _pressure(self) -> bool:
+        """The table is (nearly) full: PRESSURE_FILL of max_sessions live, or a new flow was
+        refused as DROP_TABLE_FULL since the last look.  Reads the counts, never the table."""
+        m = self._m()
+        refused = sum(int.from_bytes(v, "little")
+                      for v in m.reasons_map.get_percpu(int(L.Reason.DROP_TABLE_FULL)) or [])  # fmt: skip
+        seen, self._table_full_seen = self._table_full_seen, refused
+        if refused > seen:
+            self.pressure_sweeps += 1
+            return True
+        if m.live_total() >= PRESSURE_FILL * self.settings.max_sessions:
+            self.pressure_sweeps += 1
+            return True
+        return False
+
     def status_extra(self) -> dict:
         """The sweeps for the daemon's status: how many, the longest and the last."""
         r = self.last_sweep
         return {"sweeps": {"count": self._sweeps, "max_seconds": round(self._sweep_max, 4),
+                           "under_pressure": self.pressure_sweeps,
                            "last_seconds": round(r.seconds, 4) if r else None,
                            "last_visited": r.visited if r else None, "last_removed": r.removed if r else None,
                            "last_live": r.live if r else None}}  # fmt: skip
