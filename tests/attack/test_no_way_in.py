@@ -52,3 +52,29 @@ def test_unsolicited_packets_never_reach_inside_hosts(agw):
     assert dropped >= 2 * (n - (frags if agw.backend == "nft" else 0))
     # a session still gets its replies in
     assert C.udp_echo(lab, "in40", "203.0.113.10", src="198.18.40.10")["data"]
+
+
+def test_inbound_routed_lets_them_in_and_still_leaks_nothing(agw):
+    """`inbound routed` (the operator's choice): the same probes are routed to the inside hosts
+    and none is counted DROP_INBOUND; whatever the hosts answer leaves translated or not at
+    all (the leak watchers on both uplinks see no inside source).  Then the default again."""
+    from snatgw.lab.demo import REF_RULES, config_text
+
+    lab = agw.lab
+    agw.reload(config_text(REF_RULES).replace("unmatched pass", "unmatched pass\n    inbound routed"))
+    try:
+        got = {node: C.count_packets(lab, node, f"ip saddr {PROBER}") for node in ("in40", "in50")}
+        n = scaled(35)
+        before = agw.reasons().get("DROP_INBOUND", 0)
+        with agw.watch() as leaks:
+            tx = FrameSender(lab, "isp1", "up", "gw", "eth1")
+            for p in probes(n):
+                tx.send(p)
+            tx.close()
+            settle(0.5)
+        arrived = {node: read() for node, read in got.items()}
+        assert agw.reasons().get("DROP_INBOUND", 0) == before
+        assert arrived["in40"] > 0 and arrived["in50"] > 0, arrived
+        assert leaks == [], leaks[:3]
+    finally:
+        agw.restore()
