@@ -9,6 +9,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import raw
 
+from snatgw.datapath.bpf.testrun import CLOCK_BASE
 from snatgw.layout import CT_DIR_IN, CT_DIR_OUT, RECIRC_DEV, CtState, Reason, Verdict
 from snatgw.model import Engine, StaticRouter
 from snatgw.rules import Rule, RuleSet
@@ -177,6 +178,28 @@ def test_port_search_exhausts_a_narrow_range(make_prog):
     got = [prog.run("inside", udp(A, R1, sp, 53), "lan40").reason for sp in (1001, 1002, 1003)]
     assert got == [Reason.XLATE_NEW, Reason.XLATE_NEW, Reason.DROP_PORT_EXHAUSTED]
     assert len(prog.ct()) == 4
+
+
+def test_refusal_markers_of_a_predecessor_and_after_a_quiet_time_are_honoured(make_prog):
+    """Step 6 looks markers up only while one may be young (the program remembers its last
+    refusal): a marker left before this program was loaded (a restarted daemon adopting the
+    pinned map) still drops its flow; after seconds without a refusal, a new one is met again;
+    at REFUSED_SECS it is not."""
+    from snatgw import layout as L
+
+    s = replace(REF_SETTINGS, port_min=5000, port_max=5000, on_exhausted="drop")
+    prog = make_prog(RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": "198.19.2.71"})]), s)
+    key = L.CT_KEY.pack(saddr=IPv4Address(A).packed, daddr=IPv4Address(R1).packed, sport=(1001).to_bytes(2, "big"),
+                        dport=(53).to_bytes(2, "big"), proto=17, dir=CT_DIR_OUT)  # fmt: skip
+    at = int((10 + CLOCK_BASE) * 1e9)
+    prog.maps[L.MAP_REFUSED].put(key, L.REFUSAL.pack(at=at, addr=IPv4Address("198.19.2.71").packed,
+                                                     reason=int(Reason.DROP_PORT_EXHAUSTED)))  # fmt: skip
+    assert prog.run("inside", udp(A, R1, 1001, 53), "lan40", now=11).reason == Reason.DROP_REFUSED_RECENTLY
+    assert prog.run("inside", udp(A, R1, 1002, 53), "lan40", now=20).reason == Reason.XLATE_NEW
+    assert prog.run("inside", udp(A, R1, 1003, 53), "lan40", now=21).reason == Reason.DROP_PORT_EXHAUSTED
+    assert prog.run("inside", udp(A, R1, 1003, 53), "lan40", now=22.9).reason == Reason.DROP_REFUSED_RECENTLY
+    assert prog.run("inside", udp(A, R1, 1003, 53), "lan40", now=21 + L.REFUSED_SECS).reason == \
+        Reason.DROP_PORT_EXHAUSTED
 
 
 def test_port_tries_bound_is_respected(make_prog):

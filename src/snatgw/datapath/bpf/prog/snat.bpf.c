@@ -94,6 +94,25 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 	return verdict_redirect(v, reason, e->ifindex, e->nexthop);
 }
 
+/* When this program last left a refusal marker (programs' clock), so that step 6 looks
+ * markers up only while one can be younger than SNAT_REFUSED_SECS: a new flow when nothing was
+ * refused lately (the common case) spares the marker map's cold bucket.  1 (.data): not known
+ * yet, a marker of a program loaded before this one may be young: the first look takes its
+ * own time as the last refusal, so markers left before this program are honoured in full. */
+static __u64 refused_last = 1;
+
+/* 1 when a marker may be younger than SNAT_REFUSED_SECS at `now` (step 6), else 0 */
+static __always_inline int refusal_may_be_young(__u64 now)
+{
+	__u64 last = refused_last;
+
+	if (last == 1) {
+		refused_last = now;
+		return 1;
+	}
+	return now - last < SNAT_REFUSED_SECS * 1000000000ULL;
+}
+
 /* A refused new flow (step 13): +1 refusal for its host and its chosen address, and a
  * refusal marker under its OUT key so its next packets cost one lookup.  Returns reason. */
 static __noinline int snat_refuse(const struct ct_key *out, __be32 addr, __u32 reason)
@@ -101,6 +120,7 @@ static __noinline int snat_refuse(const struct ct_key *out, __be32 addr, __u32 r
 	struct refusal m = { .at = snat_now(), .addr = addr, .reason = reason };
 	__be32 host = out->saddr, a = addr;
 
+	refused_last = m.at; /* before the marker: a reader that misses it raced the insert */
 	live_add(&snat_host_sess, &host, 1);
 	live_add(&snat_addr_stats, &a, 1);
 	bpf_map_update_elem(&snat_refused, out, &m, BPF_ANY);
@@ -376,7 +396,8 @@ static __noinline int guard_v4_spoof(struct __sk_buff *skb, const struct pkt *p)
 static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, struct snat_res *v)
 {
 	struct ct_key k;
-	struct ct_entry *e;
+	struct ct_entry *e = NULL;
+	int looked = 0;
 
 	/* step 2a, fast: the session of this OUT key, made on this device, vouches for the source
 	 * (it passed the reverse-path check when it was made): no FIB lookup per packet */
@@ -385,6 +406,8 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 		e = ct_lookup4(&k);
 		if (e && e->iif == (__u16)skb->ingress_ifindex)
 			return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
+		looked = 1; /* step 6 reuses this lookup (a session made meanwhile by another CPU
+			     * is met by the insert: EEXIST, -2, the established path) */
 	}
 	if (guard_v4_spoof(skb, p))
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_SPOOFED);
@@ -398,18 +421,29 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 		snat_v4_new(skb, p, v); /* cannot make a session (step 9) */
 		return 0;
 	}
-	e = ct_lookup4(&k);
+	if (!looked)
+		e = ct_lookup4(&k);
 	if (e)
 		return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
 	/* step 6: a flow refused moments ago costs this one lookup, not another search */
-	struct refusal *m = bpf_map_lookup_elem(&snat_refused, &k);
+	__u64 now = snat_now();
 
-	if (m && snat_now() - m->at < SNAT_REFUSED_SECS * 1000000000ULL)
-		return verdict_set(v, VERDICT_DROP, REASON_DROP_REFUSED_RECENTLY);
+	if (refusal_may_be_young(now)) {
+		struct refusal *m = bpf_map_lookup_elem(&snat_refused, &k);
+
+		if (m && now - m->at < SNAT_REFUSED_SECS * 1000000000ULL)
+			return verdict_set(v, VERDICT_DROP, REASON_DROP_REFUSED_RECENTLY);
+	}
 	int rc = snat_v4_new(skb, p, v);
 
 	if (rc >= 0)
 		return 0;
+	if (rc == -3) { /* created: the OUT entry as inserted is still in the per-CPU scratch */
+		struct port_search *sp = port_search_get();
+
+		if (sp)
+			return snat_v4_out_established(skb, p, &sp->val, v, REASON_XLATE_NEW);
+	}
 	e = ct_lookup4(&k);
 	if (!e) /* removed in between (GC): refuse rather than guess */
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_TABLE_FULL);
