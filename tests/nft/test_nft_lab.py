@@ -190,6 +190,28 @@ def test_sessions_and_stats_come_from_conntrack_and_counters(lab, backend):
     assert stats.reasons["XLATE_NEW"] >= 1
 
 
+def test_a_large_table_is_counted_by_the_gc_tick_not_by_every_stats(lab, backend, monkeypatch):
+    """Issue 14 on nft: above COUNT_FRESH_MAX conntrack entries stats() answers with the GC
+    tick's last count (a dump is ~1 s per 100k entries) and the tick counts again only after
+    GC_DUTY-1 times its own duration; at or below, stats() counts afresh."""
+    import snatgw.datapath.nft.backend as NB
+
+    with backend() as b:
+        with C.TcpSession(lab, "in50", S1, src="198.18.50.11") as t:
+            t.exchange()
+            monkeypatch.setattr(NB, "COUNT_FRESH_MAX", 0)  # "large": every table
+            b.expire()  # the tick counts
+            counted = b._tally_cache
+            assert counted is not None and sum(counted.by_mark.values()) >= 1
+            counted.by_mark[next(iter(counted.by_mark))] += 1000  # a marker: stats must give this
+            assert b.stats().sessions == sum(counted.by_mark.values())
+            b._next_tally = float("inf")
+            b.expire()  # paced: no new count
+            assert b._tally_cache is counted
+            monkeypatch.setattr(NB, "COUNT_FRESH_MAX", 10**9)  # small again: counted afresh
+            assert b.stats().sessions == sum(counted.by_mark.values()) - 1000
+
+
 def _table(lab) -> list:
     out = json.loads(lab.run("gw", "nft", "-j", "list", "table", "ip", "snatgw").stdout)["nftables"]
     items = []

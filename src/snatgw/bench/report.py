@@ -276,6 +276,11 @@ def render(results: dict, images: list[str] = ()) -> str:
 
         out += ["", "## 8. Control plane at a million sessions (sessions-cp, snatgw-bpf)", ""]
         out += cp_summary(results["sessions_cp"])
+    if results.get("sessions_cp_nft"):
+        from .sessions_cp import summary as cp_summary
+
+        out += ["", "## 8b. Control plane at conntrack's limit (sessions-cp, snatgw-nft)", ""]
+        out += cp_summary(results["sessions_cp_nft"])
     if results.get("progbench"):
         out += ["", "## BPF_PROG_TEST_RUN per-packet cost (`python -m snatgw.bench.progbench`)", "", "```",
                 results["progbench"].rstrip(), "```"]

@@ -272,17 +272,21 @@ class Suite:
                     gw.stop()
 
     def sessions_cp_phase(self) -> None:
-        """Scenario sessions-cp (bench/sessions_cp.py): stats, conns, expiry at 1M sessions."""
-        if "sessions-cp" not in self.p.scenarios or "snatgw-bpf" not in self.p.configs:
+        """Scenario sessions-cp (bench/sessions_cp.py): stats, conns, expiry at 1M sessions
+        (snatgw-bpf), and at conntrack's limit (snatgw-nft)."""
+        if "sessions-cp" not in self.p.scenarios:
             return
         from . import sessions_cp
 
-        why = availability("snatgw-bpf")
-        if why:
-            self.results["sessions_cp"] = {"status": "n/a", "reason": why}
-            return
-        self.echo(f"control plane at {self.p.fill_sessions:,} sessions (sessions-cp)")
-        self.results["sessions_cp"] = sessions_cp.run(self.echo, self.p.duration, self.p.fill_sessions)
+        for config, key in (("snatgw-bpf", "sessions_cp"), ("snatgw-nft", "sessions_cp_nft")):
+            if config not in self.p.configs:
+                continue
+            why = availability(config)
+            if why:
+                self.results[key] = {"status": "n/a", "reason": why, "config": config}
+                continue
+            self.echo(f"control plane at {self.p.fill_sessions:,} sessions (sessions-cp, {config})")
+            self.results[key] = sessions_cp.run(self.echo, self.p.duration, self.p.fill_sessions, config)
 
     def progbench_phase(self) -> None:
         """The bpf-C helper's test-run micro-benchmark, when present (its own namespace)."""

@@ -12,6 +12,14 @@ reload the config with `timeout udp 20` at that moment; then report:
   them: translated rate and DROP_TABLE_FULL refusals (the table holds only expired sessions);
 - sessions left (kept count and map entries) at 3x the UDP timeout after the traffic stopped;
 - the daemon's sweeps (count, longest, last) from its status.
+
+snatgw-nft (`--config snatgw-nft`): the same measures at conntrack's limit.  A namespace's
+conntrack holds at most `net.netfilter.nf_conntrack_max` entries, a host-wide setting that only
+the host's own namespace may change (262,144 on this machine); the bench does not touch it, so
+it fills 92% of it.  A reload cannot shorten the timeout of live conntrack entries (their
+`ct timeout` object is bound at creation; docs/nftables.md), so the fill runs under
+`timeout udp NFT_TIMEOUT` from the start and the clock starts when the traffic stops; conntrack
+expires entries itself (no sweep to report).
 """
 
 from __future__ import annotations
@@ -30,6 +38,17 @@ UDP_TIMEOUT = 20
 FILL_TIMEOUT = 300  # udp timeout during the fill
 MAX_SESSIONS = 1_100_000
 FILL_PASSES = 6
+NFT_TIMEOUT = 60  # udp timeout of the nft run: long enough for stats and conns before expiry
+NFT_FILL_SHARE = 0.92  # of nf_conntrack_max
+
+
+def conntrack_max() -> int | None:
+    """nf_conntrack_max as this (the host's) namespace sees it: the limit of every namespace."""
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def _rss_kib(pid: int, field: str = "VmRSS") -> int | None:
@@ -156,14 +175,23 @@ def rate_series(t, conf: str, gw: Gateway, seconds: float, step: float = 0.25) -
             "sweep_windows": len(with_sweep), "zero_windows": sum(1 for r in rates if r == 0)}
 
 
-def run(echo=print, duration: float = 3.0, fill: int = 1_000_000) -> dict:
-    out: dict = {"max_sessions": MAX_SESSIONS, "udp_timeout": UDP_TIMEOUT, "target": fill}
+def run(echo=print, duration: float = 3.0, fill: int = 1_000_000, config: str = "snatgw-bpf") -> dict:
+    nft = config == "snatgw-nft"
+    max_sessions, timeout, fill_timeout = MAX_SESSIONS, UDP_TIMEOUT, FILL_TIMEOUT
+    if nft:
+        ct_max = conntrack_max()
+        if ct_max is None:
+            return {"status": "n/a", "reason": "no nf_conntrack_max (conntrack not available)", "config": config}
+        max_sessions, timeout = ct_max, NFT_TIMEOUT
+        fill, fill_timeout = min(fill, int(NFT_FILL_SHARE * ct_max)), NFT_TIMEOUT
+    out: dict = {"config": config, "max_sessions": max_sessions, "udp_timeout": timeout, "target": fill,
+                 "fill_timeout": fill_timeout}  # fmt: skip
     hosts = sc.seq_hosts_for(fill)
     flows = hosts * 4096
     out["flows"] = flows
     with topo.Topology() as t:
-        gw = Gateway("snatgw-bpf", t, max_sessions=MAX_SESSIONS,
-                     extra_settings=[f"timeout udp {FILL_TIMEOUT}"])  # fmt: skip
+        gw = Gateway(config, t, max_sessions=max_sessions,
+                     extra_settings=[f"timeout udp {fill_timeout}"])  # fmt: skip
         gw.start()
         try:
             with RssSampler() as rss:
@@ -188,22 +216,23 @@ def run(echo=print, duration: float = 3.0, fill: int = 1_000_000) -> dict:
                 out["conns_json"] = _conns(gw, rss)
                 out["conns_json"]["daemon_peak_rss_kib"] = rss.peak.get(gw.proc.pid)
                 echo(f"  conns --json: {out['conns_json']}")
-                out["traffic_during_sweeps"] = rate_series(t, conf, gw, max(15.0, 5 * duration))
-                d = {k: v for k, v in out["traffic_during_sweeps"].items() if k != "windows"}
-                echo(f"  established traffic while sweeping: {d}")
-                # now the 20 s timeout: every filled session has been idle since `stop` at least
-                gw.extra_settings = (f"timeout udp {UDP_TIMEOUT}",)
-                gw.write_config(gw.nrules)
-                from ..daemon.client import call
+                if not nft:
+                    out["traffic_during_sweeps"] = rate_series(t, conf, gw, max(15.0, 5 * duration))
+                    d = {k: v for k, v in out["traffic_during_sweeps"].items() if k != "windows"}
+                    echo(f"  established traffic while sweeping: {d}")
+                    # now the 20 s timeout: every filled session has been idle since `stop` at least
+                    gw.extra_settings = (f"timeout udp {UDP_TIMEOUT}",)
+                    gw.write_config(gw.nrules)
+                    from ..daemon.client import call
 
-                t1 = time.monotonic()
-                call(gw.socket, {"op": "reload"}, timeout=120)
-                out["reload_seconds"] = time.monotonic() - t1
-                out["sessions_at_reload_map"] = sc.daemon_sessions(gw)
-                stop = t1  # expiry is measured from here: the sessions' timeout is 20 s from now on
+                    t1 = time.monotonic()
+                    call(gw.socket, {"op": "reload"}, timeout=120)
+                    out["reload_seconds"] = time.monotonic() - t1
+                    out["sessions_at_reload_map"] = sc.daemon_sessions(gw)
+                    stop = t1  # expiry is measured from here: the sessions' timeout is 20 s from now on
                 # every filled session has expired at stop + timeout (the last pass refreshed
                 # them at the latest just before `stop`); new flows then, while the sweep works
-                wait = stop + UDP_TIMEOUT + 1 - time.monotonic()
+                wait = stop + timeout + 1 - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
                 r0 = sc.daemon_reasons(gw) or {}
@@ -219,7 +248,7 @@ def run(echo=print, duration: float = 3.0, fill: int = 1_000_000) -> dict:
                 }
                 echo(f"  new flows at stop+{out['new_flows']['after_stop_s']} s: {out['new_flows']}")
                 timeline = []
-                while time.monotonic() < stop + 3 * UDP_TIMEOUT:
+                while time.monotonic() < stop + 3 * timeout:
                     timeline.append((round(time.monotonic() - stop, 1), _stats(gw)[1]))
                     time.sleep(2)
                 out["timeline"] = timeline
@@ -250,30 +279,44 @@ def summary(r: dict) -> list[str]:
     sw = r.get("sweeps") or {}
     ts = r.get("traffic_during_sweeps") or {}
     fmt = lambda x: f"{x:,.0f}" if isinstance(x, (int, float)) else "?"  # noqa: E731
-    return [
-        f"Filled {n0:,} UDP sessions (max_sessions {r['max_sessions']:,}) in {r['fill_seconds']:.0f} s under "
-        f"timeout udp {FILL_TIMEOUT}, stopped the traffic, measured stats and conns, then reloaded with "
-        f"timeout udp {r['udp_timeout']} s ({r.get('reload_seconds', 0):.1f} s; "
-        f"a count of the map read during the next seconds, while the first sweeps removed sessions idle over "
-        f"20 s, found {r.get('sessions_at_reload_map') or 0:,}); times below count from that reload. "
-        f"Load average at the end {r.get('loadavg')} (other work on the machine).",
+    if r.get("config") == "snatgw-nft":
+        head = (f"snatgw-nft: filled {n0:,} UDP sessions, 92% of this host's nf_conntrack_max "
+                f"({r['max_sessions']:,}: the limit of every namespace, changed only by the host), in "
+                f"{r['fill_seconds']:.0f} s under timeout udp {r['udp_timeout']} (a reload cannot shorten a live "
+                f"entry's timeout), stopped the traffic, measured stats and conns; times below count from the stop "
+                f"(conntrack expires entries itself). Load average at the end {r.get('loadavg')}.")
+    else:
+        head = (f"Filled {n0:,} UDP sessions (max_sessions {r['max_sessions']:,}) in {r['fill_seconds']:.0f} s under "
+                f"timeout udp {FILL_TIMEOUT}, stopped the traffic, measured stats and conns, then reloaded with "
+                f"timeout udp {r['udp_timeout']} s ({r.get('reload_seconds', 0):.1f} s; "
+                f"a count of the map read during the next seconds, while the first sweeps removed sessions idle "
+                f"over 20 s, found {r.get('sessions_at_reload_map') or 0:,}); times below count from that reload. "
+                f"Load average at the end {r.get('loadavg')} (other work on the machine).")
+    lines = [
+        head,
         "",
         "| measure | value | target |",
         "|---|---|---|",
-        f"| `snatgw stats` (CLI process) | {min(st):.2f}-{max(st):.2f} s ({r['stats'][0]['sessions']:,} sessions); "
+        f"| `snatgw stats` (CLI process) | {min(st):.2f}-{max(st):.2f} s ({r['stats'][0]['sessions'] or 0:,} sessions); "
         f"the daemon's answer {min(r['stats_op_seconds']) * 1000:.0f}-{max(r['stats_op_seconds']) * 1000:.0f} ms | < 1 s |",
         f"| full `conns --json` | {cj['seconds']:.1f} s, {cj['lines']:,} lines; CLI peak RSS "
         f"{(cj['cli_peak_rss_kib'] or 0) / 1024:.0f} MiB | |",
         f"| daemon peak RSS (VmHWM, whole scenario) | {(r['daemon_vmhwm_kib'] or 0) / 1024:.0f} MiB "
         f"(start {(r['daemon_rss_start_kib'] or 0) / 1024:.0f} MiB) | < 150 MiB |",
-        f"| sessions left at 3x the timeout ({r['left_at_3x']['after_stop_s']} s) | {left:,} "
-        f"({100 * left / max(n0, 1):.2f}%) | <= 5% |",
+        f"| sessions left at 3x the timeout ({r['left_at_3x']['after_stop_s']} s) | {left or 0:,} "
+        f"({100 * (left or 0) / max(n0, 1):.2f}%) | <= 5% |",
         f"| new flows at stop+{r['new_flows']['after_stop_s']} s (table: expired sessions only) | "
         f"{r['new_flows']['pps']:,.0f} pps translated; DROP_TABLE_FULL {r['new_flows']['table_full']:,} | no refusal |",
-        f"| established traffic over the table while sweeping (windows of 0.25 s) | median {fmt(ts.get('median_pps'))} "
-        f"pps; windows where a sweep ended: median {fmt(ts.get('median_pps_sweep_windows'))}, min "
-        f"{fmt(ts.get('min_pps_sweep_windows'))} ({ts.get('sweep_windows')} windows); others median "
-        f"{fmt(ts.get('median_pps_other_windows'))}; windows at 0: {ts.get('zero_windows')} | |",
-        f"| sweeps | {sw.get('count')} runs, longest {sw.get('max_seconds', 0):.2f} s, last {sw.get('last_seconds', 0):.2f} s "
-        f"(visited {sw.get('last_visited', 0):,}) | |",
     ]
+    if ts:
+        lines.append(
+            f"| established traffic over the table while sweeping (windows of 0.25 s) | median "
+            f"{fmt(ts.get('median_pps'))} pps; windows where a sweep ended: median "
+            f"{fmt(ts.get('median_pps_sweep_windows'))}, min {fmt(ts.get('min_pps_sweep_windows'))} "
+            f"({ts.get('sweep_windows')} windows); others median {fmt(ts.get('median_pps_other_windows'))}; "
+            f"windows at 0: {ts.get('zero_windows')} | |")
+    if sw:
+        lines.append(f"| sweeps | {sw.get('count')} runs ({sw.get('under_pressure', 0)} under pressure), longest "
+                     f"{sw.get('max_seconds', 0):.2f} s, last {sw.get('last_seconds', 0):.2f} s "
+                     f"(visited {sw.get('last_visited', 0):,}) | |")
+    return lines

@@ -14,6 +14,9 @@ import os
 import re
 import socket
 import subprocess
+import threading
+import time
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from ...config.schema import GatewayConfig, Settings
@@ -27,6 +30,24 @@ from .ctnetlink import Conntrack
 log = logging.getLogger("snatgw.nft")
 MAX_CARRY = 262144  # sessions a bpf -> nft switch carries over at most
 PRESSURE_LIST_MAX = 100_000  # stats() lists sessions per host and address up to this many
+#: stats() counts conntrack afresh up to this many entries in the namespace; above, it answers
+#: with the GC tick's last count (a dump costs ~1 s per 100k entries in Python: 1.6-2.4 s at
+#: 217k made every `snatgw stats` that slow), taken at most once per GC_DUTY times its own
+#: duration, so counting holds at most 1/GC_DUTY of a CPU
+COUNT_FRESH_MAX = 20_000
+GC_DUTY = 3
+
+
+@dataclass(frozen=True)
+class _Tally:
+    """One count of the sessions: per ct mark, per inside host and SNAT address (empty above
+    PRESSURE_LIST_MAX), when (time.monotonic()) and how long it took."""
+
+    by_mark: dict
+    hosts: dict
+    addrs: dict
+    at: float
+    seconds: float
 
 #: conntrack's TCP state names -> snatgw's CtState names
 _TCP_STATES = {
@@ -96,6 +117,9 @@ class NftBackend:
         self._plan: R.Plan | None = None
         self._by_mark: dict[int, int] = {}  # ct mark -> rule_id
         self._objects: dict[str, tuple[str, ...]] | None = None  # named objects our last transaction left
+        self._gc_lock = threading.RLock()  # the GC tick runs outside the daemon's lock (expire_unlocked)
+        self._tally_cache: _Tally | None = None  # the GC tick's last count (large tables)
+        self._next_tally = 0.0  # time.monotonic() before which the tick does not count again
         self.last_removed = 0  # conntrack entries the last apply removed (_follow)
 
     # ------------------------------------------------------------------ commands
@@ -495,16 +519,54 @@ class NftBackend:
             removed.append(f"{n} conntrack entries marked by snatgw")
         return removed
 
+    #: the daemon runs expire() outside its lock: a count of a large table takes seconds
+    expire_unlocked = True
+
     def expire(self, now: float | None = None) -> int:
-        """The kernel's conntrack expires sessions itself; each tick only re-judges
-        max_sessions (render.S_FULL)."""
+        """The kernel's conntrack expires sessions itself; each tick re-judges max_sessions
+        (render.S_FULL) and, on a table above COUNT_FRESH_MAX entries, counts the sessions for
+        stats() (paced: at most 1/GC_DUTY of a CPU)."""
         self._judge_full()
+        t0 = time.monotonic()
+        if t0 >= self._next_tally and self._conntrack_count() > COUNT_FRESH_MAX:
+            self._tally_cache = self._tally()
+            t1 = time.monotonic()
+            self._next_tally = t1 + (GC_DUTY - 1) * (t1 - t0)
         return 0
+
+    def _conntrack_count(self) -> int:
+        """Entries in the namespace's conntrack (all of them, one /proc read)."""
+        text = (self._read("/proc/sys/net/netfilter/nf_conntrack_count") or "").strip()
+        return int(text) if text.isdigit() else 0
+
+    def _tally(self) -> "_Tally":
+        """Live sessions per ct mark (one dump reading only marks) and, up to
+        PRESSURE_LIST_MAX, per inside host and SNAT address (a listing)."""
+        t0 = time.monotonic()
+        try:
+            with Conntrack(self.netns) as ct:
+                by_mark = ct.count_by_mark(R.MARK_TAG, R.MARK_MASK)
+        except BackendError as e:
+            log.warning("nft backend: %s; counting conntrack text", e)
+            by_mark = {}
+            for d in self._entries():
+                by_mark[d["mark"]] = by_mark.get(d["mark"], 0) + 1
+        hosts: dict[str, list[int]] = {}
+        addrs: dict[str, list[int]] = {}
+        if sum(by_mark.values()) <= PRESSURE_LIST_MAX:  # per host and address needs a listing
+            for x in self.iter_sessions():
+                hosts.setdefault(x.inside.rpartition(":")[0], [0, 0])[0] += 1
+                addrs.setdefault(x.nat.rpartition(":")[0], [0, 0])[0] += 1
+        return _Tally(by_mark, hosts, addrs, time.monotonic(), time.monotonic() - t0)
 
     def _judge_full(self) -> None:
         """Refuse new flows while the namespace's conntrack holds max_sessions entries or more
         (all of them: the gateway's namespace is ours), accept again below: a set element
         that the forward chain checks, changed only when the answer changes."""
+        with self._gc_lock:  # the tick (unlocked) and an apply (daemon's lock) may both judge
+            self._judge_full_locked()
+
+    def _judge_full_locked(self) -> None:
         text = (self._read("/proc/sys/net/netfilter/nf_conntrack_count") or "").strip()
         if not text.isdigit():
             return
@@ -616,16 +678,14 @@ class NftBackend:
 
     def stats(self) -> Stats:
         """Counters from nft, live sessions per rule from a conntrack dump of snatgw's marks that
-        reads only each entry's mark (ctnetlink has no count by mark: see ctnetlink.py)."""
+        reads only each entry's mark (ctnetlink has no count by mark: see ctnetlink.py).  Above
+        COUNT_FRESH_MAX entries the count is the GC tick's last one (``counted_at``, at most
+        max(gc_interval, GC_DUTY * T) + T old, T the count's duration), not a dump per call."""
         c = self._counters()
-        try:
-            with Conntrack(self.netns) as ct:
-                by_mark = ct.count_by_mark(R.MARK_TAG, R.MARK_MASK)
-        except BackendError as e:
-            log.warning("nft backend: %s; counting conntrack text", e)
-            by_mark = {}
-            for d in self._entries():
-                by_mark[d["mark"]] = by_mark.get(d["mark"], 0) + 1
+        tally = self._tally_cache
+        if tally is None or self._conntrack_count() <= COUNT_FRESH_MAX:
+            tally = self._tally()
+        by_mark, hosts, addrs = tally.by_mark, tally.hosts, tally.addrs
         live: dict[int, int] = {}
         for m, n in by_mark.items():
             rid = self._by_mark.get(m, 0)
@@ -649,12 +709,6 @@ class NftBackend:
             "DROP_SPOOFED": c.get(R.C_SPOOFED, (0, 0))[0],
         }
         total = sum(by_mark.values())
-        hosts: dict[str, list[int]] = {}
-        addrs: dict[str, list[int]] = {}
-        if total <= PRESSURE_LIST_MAX:  # per host and address needs a listing: not at a million
-            for s in self.iter_sessions():
-                hosts.setdefault(s.inside.rpartition(":")[0], [0, 0])[0] += 1
-                addrs.setdefault(s.nat.rpartition(":")[0], [0, 0])[0] += 1
         # the kernel says nothing of which host or address a refusal was for: sessions only
         pressure = pressure_summary(hosts, addrs, total, self.settings.max_sessions)
         return Stats(reasons=reasons, rules=rules, sessions=total, pressure=pressure)
@@ -690,11 +744,16 @@ class NftBackend:
             text = (self._read(f"/proc/sys/net/netfilter/{name}") or "").strip()
             return int(text) if text.isdigit() else 0
 
-        try:  # a count, not a listing: only each entry's mark is read (ctnetlink.py)
-            with Conntrack(self.netns) as ct:
-                ours = sum(ct.count_by_mark(R.MARK_TAG, R.MARK_MASK).values())
-        except BackendError:
-            ours = sum(1 for _ in self._entries())
+        # a count, not a listing (only each entry's mark is read); the tick's on a large table
+        tally = self._tally_cache
+        if tally is None or self._conntrack_count() <= COUNT_FRESH_MAX:
+            try:
+                with Conntrack(self.netns) as ct:
+                    ours = sum(ct.count_by_mark(R.MARK_TAG, R.MARK_MASK).values())
+            except BackendError:
+                ours = sum(1 for _ in self._entries())
+        else:
+            ours = sum(tally.by_mark.values())
         maps = [{"name": "conntrack", "entries": sysctl("nf_conntrack_count"), "max_entries": sysctl("nf_conntrack_max")},
                 {"name": "policy routing rules", "entries": len(self._our_ip_rules()), "max_entries": 1000}]
         return {"hooks": hooks, "maps": maps, "sessions": ours, "max_sessions": self.settings.max_sessions,
