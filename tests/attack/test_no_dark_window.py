@@ -243,6 +243,7 @@ def test_vanished_hooks_are_restored_within_a_tick(clean, conf, backend):
     restored within a tick, logged and counted."""
     lab = clean
     lab.start_gateway(conf, backend, extra=("--gc-interval", "0.2"))
+    gap = Traffic(lab)  # through the moment the hooks are gone until they are back
     if backend == "bpf":
         lab.run("gw", "tc", "filter", "del", "dev", "lan40", "ingress", "pref", str(0x534E))
         lab.run("gw", "tc", "qdisc", "del", "dev", "eth1", "clsact")
@@ -260,6 +261,8 @@ def test_vanished_hooks_are_restored_within_a_tick(clean, conf, backend):
             break
         time.sleep(0.1)
     assert st.get("hooks_restored", 0) >= 1
+    r = gap.stop(f"{backend} hooks removed, until restored")
+    assert r["private_sources_out"] == 0, r
     with open(os.path.join(lab.workdir, "gateway.log")) as f:
         assert "event=hooks_restored" in f.read()
     if backend == "bpf":
@@ -268,6 +271,13 @@ def test_vanished_hooks_are_restored_within_a_tick(clean, conf, backend):
         assert "bpf" in lab.run("gw", "tc", "filter", "show", "dev", "eth1", "egress").stdout
     else:
         assert lab.run("gw", "nft", "list", "table", "ip", "snatgw", check=False).returncode == 0
+    # the leak guard's own table (datapath/bpf/guard.py), which both backends keep, comes back too
+    assert lab.run("gw", "nft", "delete", "table", "ip", "snatgw_guard", check=False).returncode == 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and lab.run("gw", "nft", "list", "table", "ip", "snatgw_guard",
+                                                  check=False).returncode != 0:  # fmt: skip
+        time.sleep(0.1)
+    assert "fib saddr . oif type != local" in lab.run("gw", "nft", "list", "table", "ip", "snatgw_guard").stdout
     tr = Traffic(lab)
     r = tr.stop(f"{backend} after hooks restored")
     assert r["private_sources_out"] == 0 and r["broke"] is None

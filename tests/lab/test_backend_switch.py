@@ -97,8 +97,9 @@ def test_purge_removes_both_backends_state(clean, conf):
     assert our_tc_filters(lab) and nft_table(lab) and our_ip_rules(lab)
     p = purge(lab)
     assert p.returncode == 0, p.stderr
-    assert "removed nft table ip snatgw" in p.stdout
+    assert "removed nft table ip snatgw" in p.stdout and "snatgw_guard" in p.stdout
     assert our_tc_filters(lab) == [] and not nft_table(lab) and our_ip_rules(lab) == []
+    assert lab.run("gw", "nft", "list", "table", "ip", "snatgw_guard", check=False).returncode != 0
     assert not os.path.exists(lab.pin_dir)
     again = purge(lab)
     assert again.returncode == 0 and "nothing of snatgw's found" in again.stdout

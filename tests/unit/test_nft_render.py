@@ -209,3 +209,16 @@ def test_edge_guards_follow_the_settings():
     assert '"inbound" drop' not in R.to_text(routed)
     bare = R.to_text(_plan("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n"))
     assert not any(f'counter name "{c}"' in bare for c in ("inbound", "spoofed", "leak"))
+
+
+def test_the_leak_guard_table_drops_from_sources_leaving_uplinks_not_as_their_own_address():
+    """datapath/bpf/guard.py: one stateless rule over the rules' `from` nets and the uplinks;
+    without nets (allow_empty) the table stays, empty."""
+    from snatgw.datapath.bpf.guard import guard_text
+
+    text = guard_text(["198.18.50.0/24", "198.18.40.0/24", "198.18.40.0/24"], ("eth2", "eth1"))
+    assert "add table ip snatgw_guard" in text and "flush table ip snatgw_guard" in text
+    (rule,) = [line for line in text.splitlines() if line.startswith("add rule")]
+    assert "oifname { eth1, eth2 } ip saddr { 198.18.40.0/24, 198.18.50.0/24 }" in rule
+    assert "fib saddr . oif type != local counter drop" in rule
+    assert not [line for line in guard_text([], ("eth1",)).splitlines() if line.startswith("add rule")]

@@ -1,6 +1,6 @@
 """Removing a backend's traces from one network namespace: the nft backend's table, policy
 routing and conntrack entries; the bpf backend's TC filters (our handle/priority only) and pin
-directory.  Each backend's start() removes the other's; `snatgw purge` removes both.
+directory; the leak guard table both keep (bpf/guard.py).  Each backend's start() removes the other's; `snatgw purge` removes both.
 """
 
 from __future__ import annotations
@@ -45,9 +45,23 @@ def remove_bpf(pin_dir: str | None, netns: str | None = None, devices=None) -> l
     return removed
 
 
+def remove_guard(netns: str | None = None) -> list[str]:
+    """The leak guard's table (bpf/guard.py), which both backends keep: a backend taking over
+    from the other leaves it (and rewrites it); only a purge or a stop without keep_state
+    removes it."""
+    from .bpf import guard
+
+    try:
+        if guard.remove(netns):
+            return [f"nft table {guard.FAMILY} {guard.TABLE} (the leak guard's second line)"]
+    except BackendError:  # no nft: no guard table can exist
+        pass
+    return []
+
+
 def purge(pin_dir: str | None, netns: str | None = None, devices=None) -> list[str]:
     """Every trace of both backends in the namespace (and the pin directory)."""
-    return remove_nft(netns) + remove_bpf(pin_dir, netns, devices)
+    return remove_nft(netns) + remove_bpf(pin_dir, netns, devices) + remove_guard(netns)
 
 
-__all__ = ["NoLibbpf", "remove_nft", "remove_bpf", "purge"]
+__all__ = ["NoLibbpf", "remove_nft", "remove_bpf", "remove_guard", "purge"]

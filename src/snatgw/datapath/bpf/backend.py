@@ -20,6 +20,7 @@ from ... import layout as L
 from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
 from ..backend import Session, Stats, pressure_summary
+from . import guard
 from . import libbpf as B
 from .loader import Loader, ifindex
 from .maps import CT_KEY, DatapathMaps, monotonic_ns
@@ -204,6 +205,8 @@ class BpfBackend:
             warn_without_forwarding()
         except BaseException:
             # adopted sessions and programs belong to whoever made them: keep them running
+            if not self.loader.reused:
+                guard.remove()
             self.loader.stop(keep_state=bool(self.loader.reused))
             if self.holder is not None:
                 self.holder.stop()
@@ -333,6 +336,8 @@ class BpfBackend:
             return
         if self.loader is not None:
             self.loader.stop(keep_state)
+            if not keep_state:
+                guard.remove()
         if self.holder is not None:  # after the detach: the TAP goes with the holder
             self.holder.stop()
             self.holder = None
@@ -340,10 +345,23 @@ class BpfBackend:
 
     def check_hooks(self) -> list[str]:
         """Re-attach programs whose TC filter vanished since attach (someone ran `tc filter del`
-        or `tc qdisc del`); returns what was restored (the daemon logs and counts it)."""
+        or `tc qdisc del`), and put back the leak guard's nft table (guard.py) if it went;
+        returns what was restored (the daemon logs and counts it)."""
         if self.readonly or self.loader is None:
             return []
-        return self.loader.check()
+        restored = self.loader.check()
+        if self.config is not None and not guard.present():
+            self._install_guard(self.config)
+            restored.append(f"leak guard table {guard.FAMILY} {guard.TABLE}")
+        return restored
+
+    def _install_guard(self, config: GatewayConfig) -> None:
+        """The leak guard's second line (guard.py), for the rules' `from` nets and the uplinks.
+        A failure is logged, not raised: the egress program is the first line."""
+        try:
+            guard.install([r.src for r in config.rules], config.settings.outside)
+        except BackendError as e:
+            log.warning("bpf backend: %s", e)
 
     # ------------------------------------------------------------- rules
 
@@ -357,6 +375,7 @@ class BpfBackend:
         self.maps.write_from_nets(nets | set(self.maps.from_nets.keys()))
         written = self.maps.write_rules(cfg, rules)
         self.maps.write_from_nets(nets)
+        self._install_guard(config)
         log.info("installed %d rules (%d slots written)", len(rules), written)
         new_gws = {r.rule_id: r.new_gw for r in config.rules}
         pools = {r.rule_id: r.pool for r in config.rules}

@@ -305,6 +305,7 @@ class NftBackend:
             stale = self._object_names()
             self._run(["nft", "-f", "-"], input=R.transaction_text(p, stale["counter"], stale["ct timeout"]))
         self._objects = {"counter": tuple(p.counters), "ct timeout": tuple(t[0] for t in p.timeouts)}
+        self._install_guard(rules, settings)
         self._set_icmp_timeout(settings.timeout(CtState.ICMP))
         wanted = {e.table for e, _ in routes}
         self._remove_routing(keep=wanted)
@@ -313,6 +314,16 @@ class NftBackend:
         self._by_mark = {m: r.rule_id for m, r in p.rule_by_mark(rules).items()}
         self.last_removed = self._follow(old.rules if old else None, rules, settings.outside)
         self._judge_full()  # (the set `full` keeps its element across the transaction's flush)
+
+    def _install_guard(self, rules: RuleSet, settings: Settings) -> None:
+        """The leak guard's own table (datapath/bpf/guard.py): it outlives a deleted
+        `table ip snatgw`.  A failure is logged: the table's own leak_guard chain is the first line."""
+        from ..bpf import guard
+
+        try:
+            guard.install([r.src for r in rules], settings.outside, self.netns)
+        except BackendError as e:
+            log.warning("nft backend: %s", e)
 
     def _follow(self, old: RuleSet | None, new: RuleSet, outside) -> int:
         """Delete the conntrack entries of sessions whose SNAT address left their rule's pool,
@@ -420,6 +431,10 @@ class NftBackend:
             nrules = sum(1 for o in objs if "rule" in o)
             if nrules < len(self._plan.rules):
                 missing.append(f"{len(self._plan.rules) - nrules} of {len(self._plan.rules)} rules")
+        from ..bpf import guard
+
+        if not guard.present(self.netns):
+            missing.append(f"nft table {guard.FAMILY} {guard.TABLE}")
         if missing:
             self.apply(self._config)
         return missing
@@ -481,6 +496,9 @@ class NftBackend:
             return
         self._run(["nft", "delete", "table", R.FAMILY, R.TABLE], check=False)
         self._objects = None
+        from ..cleanup import remove_guard
+
+        remove_guard(self.netns)
         self._remove_routing()
         try:
             self.flush()

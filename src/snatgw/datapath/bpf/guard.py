@@ -1,0 +1,93 @@
+"""The leak guard's second line for the bpf backend: a stateless nftables chain, table
+``ip snatgw_guard``, that drops a packet leaving an uplink with a source in a rule's `from` net
+that is not an address of that uplink, the same judgement as the egress program (snat_egress,
+docs/datapath.md "The edge invariants").
+
+Why a second line: the egress program is a TC filter, and a TC filter can vanish under a running
+daemon (`tc filter del`, `tc qdisc del dev eth1 clsact`, a tool that resets qdiscs).  Until the
+daemon's next tick puts it back, the kernel would route an inside host's packets out untranslated;
+the lab measured 8 such frames in one such window.  This chain is not a TC hook: removing the
+programs leaves it in place, so that window drops instead of leaking (and removing this table
+leaves the programs in place; the tick restores either).
+
+Cost: translated packets never meet it (the programs redirect them past netfilter); only packets
+the kernel forwards or sends itself do, one rule with no conntrack.  The nft backend keeps this table
+too, beside the same rule in its own table (`leak_guard`): `nft delete table ip snatgw` then
+drops instead of leaking (measured: 34 inside-source frames out in that window before).  A
+backend taking over from the other rewrites the table; a stop without keep_state and `snatgw
+purge` remove it (datapath/cleanup.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from ipaddress import IPv4Network
+
+from ...errors import BackendError
+
+log = logging.getLogger("snatgw.bpf")
+
+TABLE = "snatgw_guard"
+FAMILY = "ip"
+
+
+def _prefix(netns: str | None) -> list[str]:
+    if not netns:
+        return []
+    return ["nsenter", f"--net={netns if '/' in netns else f'/run/netns/{netns}'}"]
+
+
+def _nft(argv: list[str], netns: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(_prefix(netns) + ["nft", *argv], input=stdin, capture_output=True, text=True,
+                              timeout=30)  # fmt: skip
+    except FileNotFoundError:
+        raise BackendError("nft not found: the leak guard's second line needs nftables (scripts/setup.sh)") from None
+
+
+def guard_text(nets, outside) -> str:
+    """One `nft -f` transaction: (re)create the table with its single rule (nothing to guard
+    without `from` nets or uplinks: the table stays, empty)."""
+    nets = sorted({IPv4Network(n) for n in nets}, key=lambda n: (int(n.network_address), n.prefixlen))
+    lines = [f"add table {FAMILY} {TABLE}", f"flush table {FAMILY} {TABLE}",
+             f"add chain {FAMILY} {TABLE} postrouting {{ type filter hook postrouting priority 200; policy accept; }}"]
+    if nets and outside:
+        lines.append(f"add rule {FAMILY} {TABLE} postrouting oifname {{ {', '.join(sorted(outside))} }} "
+                     f"ip saddr {{ {', '.join(str(n) for n in nets)} }} fib saddr . oif type != local "
+                     f"counter drop comment \"snatgw: no private source leaves an uplink untranslated\"")
+    return "\n".join(lines) + "\n"
+
+
+def install(nets, outside, netns: str | None = None) -> None:
+    """Put the guard in place (atomically replacing a previous one)."""
+    p = _nft(["-f", "-"], netns, guard_text(nets, outside))
+    if p.returncode != 0:
+        raise BackendError(f"leak guard table {FAMILY} {TABLE}: nft -f failed: {p.stderr.strip()}")
+
+
+def present(netns: str | None = None) -> bool:
+    return _nft(["list", "chain", FAMILY, TABLE, "postrouting"], netns).returncode == 0
+
+
+def dropped(netns: str | None = None) -> int:
+    """Packets the guard dropped so far (0 when it is absent)."""
+    import json
+
+    p = _nft(["-j", "list", "chain", FAMILY, TABLE, "postrouting"], netns)
+    if p.returncode != 0:
+        return 0
+    n = 0
+    for o in json.loads(p.stdout or "{}").get("nftables", []):
+        for e in o.get("rule", {}).get("expr", []):
+            if "counter" in e:
+                n += int(e["counter"].get("packets", 0))
+    return n
+
+
+def remove(netns: str | None = None) -> bool:
+    """Delete the table; True when there was one."""
+    return _nft(["delete", "table", FAMILY, TABLE], netns).returncode == 0
+
+
+__all__ = ["TABLE", "guard_text", "install", "present", "dropped", "remove"]
