@@ -29,13 +29,16 @@ from .ctnetlink import Conntrack
 
 log = logging.getLogger("snatgw.nft")
 MAX_CARRY = 262144  # sessions a bpf -> nft switch carries over at most
-PRESSURE_LIST_MAX = 100_000  # stats() lists sessions per host and address up to this many
 #: stats() counts conntrack afresh up to this many entries in the namespace; above, it answers
 #: with the GC tick's last count (a dump costs ~1 s per 100k entries in Python: 1.6-2.4 s at
 #: 217k made every `snatgw stats` that slow), taken at most once per GC_DUTY times its own
 #: duration, so counting holds at most 1/GC_DUTY of a CPU
 COUNT_FRESH_MAX = 20_000
 GC_DUTY = 3
+#: sessions per inside host and SNAT address need a listing (several times a count's cost):
+#: stats() lists up to this many, which is COUNT_FRESH_MAX (the tick only counts, so its count
+#: stays seconds old at most)
+PRESSURE_LIST_MAX = COUNT_FRESH_MAX
 
 
 @dataclass(frozen=True)
