@@ -1,4 +1,4 @@
-"""The daemon's I/O structure (issue 10): one event loop, one worker.  Many simultaneous clients
+"""The daemon's I/O structure (issue 10): one event loop, one worker, one GC thread.  Many simultaneous clients
 all get answers (backlog 128, EAGAIN retried by the client), idle clients are closed, request
 size is bounded, a long service call does not stop `status` or the accept loop, EMFILE pauses
 the listener instead of spinning, a failed SIGHUP reload is reported to systemd as such, an
@@ -391,3 +391,56 @@ def test_run_refuses_a_config_without_rules(tmpdir_short):
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(10)
+
+
+class SweepingBackend(FakeBackend):
+    """A fake whose expire() (the tick's sweep) runs until the test lets it end."""
+
+    expire_unlocked = True
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.sweeping, self.let_go = threading.Event(), threading.Event()
+
+    def expire(self, now=None):
+        self.sweeping.set()
+        self.let_go.wait(30)
+        return super().expire(now)
+
+
+def test_a_long_sweep_does_not_hold_a_stats_request(tmpdir_short):
+    """Issue 14: the tick runs on its own thread (daemon/main.py); a sweep of a million
+    sessions (seconds, and at every tick while the table is nearly full) once held every
+    control request queued behind it on the one worker."""
+    from snatgw.daemon.loop import EventLoop, Worker
+    from snatgw.daemon.main import Daemon
+
+    conf = tmpdir_short / "snatgw.conf"
+    shutil.copy(LAB, conf)
+    cfg = parse_file(conf)
+    backend = SweepingBackend(cfg.settings)
+    log = Log(stream=io.StringIO())
+    service = Service(cfg, backend, log, config_path=str(conf))
+    sock = str(tmpdir_short / "ctl.sock")
+    server = ControlServer(sock, service.handle, log=log)
+    service.start()
+    loop = EventLoop(log)
+    worker, gc = Worker(loop, log), Worker(loop, log, name="snatgw-gc")
+    server.attach(loop, worker)
+    daemon = Daemon(service, server, log, loop, worker, None, gc)
+    runner = threading.Thread(target=loop.run, daemon=True)
+    runner.start()
+    try:
+        loop.call_soon_threadsafe(daemon.on_tick)
+        assert backend.sweeping.wait(10)
+        answer = request(sock, {"op": "stats"}, timeout=10)
+        assert answer["ok"] and not backend.let_go.is_set()  # answered while the sweep runs
+        assert daemon.tick_running
+    finally:
+        backend.let_go.set()
+        loop.stop()
+        runner.join(5)
+        gc.close(5)
+        worker.close(5)
+        server.close()
+        loop.close()

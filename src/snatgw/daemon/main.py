@@ -4,10 +4,15 @@ backend, print one `ready` line, then run the event loop (loop.py) until SIGTERM
 
   main thread (EventLoop): signals (set_wakeup_fd), the control socket and its clients, the
       owner socket, the tick timer; never calls the backend.
-  worker thread (Worker): every backend call, in order: control requests, SIGHUP reloads, the
-      tick (GC + hook check, every gc_interval).
+  worker thread (Worker): every backend call of the control plane, in order: control
+      requests, SIGHUP reloads, link failovers, metrics scrapes.
+  gc thread (Worker "snatgw-gc"): the tick alone (expiry sweep + hook check, every
+      gc_interval).  A sweep of a million sessions takes seconds (more while a full table
+      makes every tick sweep); on its own thread it never holds a `stats` behind it.  What it
+      shares with the worker is guarded: the service's lock (the hook check, the GC's
+      bookkeeping), the backend's own (bpf: one walk at a time; nft: the full-table judge).
 
-On SIGTERM the worker finishes its job, the backend stops with keep_state=True (bpf: programs
+On SIGTERM both threads finish their job, the backend stops with keep_state=True (bpf: programs
 stay attached and maps pinned; nft: the table stays), the socket is removed, exit 0.  The
 logic lives in service.py.
 """
@@ -89,9 +94,10 @@ class Daemon:
     """The running daemon: the loop's handlers (signals, tick) and the jobs they queue."""
 
     def __init__(self, service: Service, server: ControlServer, log: Log, loop: EventLoop,
-                 worker: Worker, owner: NamespaceOwner | None = None):
+                 worker: Worker, owner: NamespaceOwner | None = None, gc: Worker | None = None):
         self.service, self.server, self.log = service, server, log
         self.loop, self.worker, self.owner = loop, worker, owner
+        self.gc = gc or worker  # the tick's thread (the worker's when not given: tests)
         self.reload_running = False
         self.reload_again = False
         self.tick_running = False
@@ -142,9 +148,9 @@ class Daemon:
 
     def on_tick(self) -> None:
         if self.tick_running:
-            return  # the last tick is still with the worker (a long sweep): skip, do not pile up
+            return  # the last tick still runs (a long sweep): skip, do not pile up
         self.tick_running = True
-        self.worker.submit(self.service.tick, self.on_ticked, bounded=False)
+        self.gc.submit(self.service.tick, self.on_ticked, bounded=False)
 
     def on_ticked(self, _result, _error) -> None:
         self.tick_running = False
@@ -179,7 +185,8 @@ def run(args) -> int:
         return getattr(e, "exit_code", EXIT_BACKEND)
     loop = EventLoop(log)
     worker = Worker(loop, log)
-    daemon = Daemon(service, server, log, loop, worker, owner)
+    gc = Worker(loop, log, name="snatgw-gc")
+    daemon = Daemon(service, server, log, loop, worker, owner, gc)
     started = False
     try:
         try:
@@ -199,8 +206,9 @@ def run(args) -> int:
     finally:
         if getattr(daemon, "extras", None) is not None:
             daemon.extras.close()
-        if not worker.close(timeout=20):
-            log.error("stop_worker_busy", msg="the worker did not finish its job within 20 s")
+        for w in (worker, gc):
+            if not w.close(timeout=20):
+                log.error("stop_worker_busy", msg=f"{w.thread.name} did not finish its job within 20 s")
         server.close()
         if started:
             try:  # the datapath stays (keep_state): the next daemon adopts it
