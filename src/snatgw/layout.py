@@ -63,6 +63,8 @@ class Reason(enum.IntEnum):
     XLATE_IN_TTL = 44  # reply whose TTL runs out: translated, to the kernel (time exceeded to the remote)
     XLATE_IN_FRAG_NEEDED = 45  # reply over the inside MTU with DF: translated, to the kernel (frag-needed)
     FRAG_HELD = 46  # later fragment before its first: held on the recirculation device, tried again
+    XLATE_IN_NEW = 47  # inbound to a live endpoint-independent mapping, admitted by its filtering: new session
+    XLATE_HAIRPIN = 48  # inside to a live endpoint-independent mapping: translated both ways, back inside
     DROP_REFUSED_RECENTLY = 32  # a packet of a flow refused moments ago (refusal marker): no search
     DROP_HOST_LIMIT = 33  # the inside host has max_sessions_per_host live sessions
 
@@ -245,6 +247,12 @@ MAX_HOSTS = 65536  # entries of snat_host_sess (inside hosts with live sessions)
 MAX_POOL_ADDRS = 65536  # entries of snat_addr_stats (SNAT addresses in use)
 MAX_FROM_NETS = 16384  # entries of snat_from_nets (distinct `from` nets; one per rule at most)
 MAX_INSIDE_ADDRS = 1024  # entries of snat_inside_addrs
+#: endpoint-independent mappings (snat_eim): endpoints, their owners and ADF permits; entries per
+#: session of max_sessions (an endpoint and its owner per inside endpoint, a permit per remote)
+EIM_PER_SESSION = 2
+#: an endpoint (and its owner, an ADF permit) outlives its last session by at most this grace
+#: (the sweep's half-pair grace): one made or reused moments before a sweep is never removed by it
+EIM_GRACE = 10
 FRAG_TIMEOUT = 30  # seconds a first fragment is remembered
 #: a later fragment that arrives before its first is held (sent round the recirculation device,
 #: then judged again) for at most FRAG_HOLD seconds since its datagram's first held fragment;
@@ -323,6 +331,12 @@ MAP_FROM_NETS = "snat_from_nets"  # LPM_TRIE struct lpm_v4 -> u32 (1)
 MAP_REFUSED = "snat_refused"  # LRU    struct ct_key -> struct refusal
 #: the gateway's own addresses on its inside devices (never a source on an uplink)
 MAP_INSIDE_ADDRS = "snat_inside_addrs"  # HASH be32 address -> u32 ifindex
+#: endpoint-independent mappings (issue 12): struct eim_key -> struct eim_entry
+MAP_EIM = "snat_eim"  # HASH (no prealloc)
+
+EIM_DIR_ENDPOINT = 0  # (inside addr, inside port, proto) -> its external (addr, port)
+EIM_DIR_OWNER = 1  # (external addr, port, proto) -> the inside endpoint that owns it
+EIM_DIR_PERMIT = 2  # (inside addr, port, proto, remote addr): ADF lets that remote's any port in
 
 IFACE_INSIDE = 1  # role: an inside device (a new flow routed out of it is internal)
 IFACE_OUTSIDE = 2  # role: an uplink
@@ -334,13 +348,20 @@ RULE_F_GW = 0x1  # rule names a gw to match
 RULE_F_OIF = 0x2  # rule names an oif to match
 RULE_F_NEW_GW = 0x4  # rule overrides the next hop
 RULE_F_SPILL = 0x8  # on_exhausted spill: try the pool's next addresses when one is full
+RULE_F_EIM = 0x10  # mapping endpoint-independent (TCP and UDP)
+RULE_F_PRESERVE = 0x20  # port_preserve yes: the first candidate is the inside port itself
+RULE_F_EIF = 0x40  # filtering endpoint-independent
+RULE_F_ADF = 0x80  # filtering address-dependent (neither: address-and-port-dependent)
 
 CT_F_REPLIED = 0x1  # a reply has been seen (TCP leaves the IN_ONLY rows)
 CT_F_NEW_GW = 0x2  # session's nexthop comes from new_gw
+CT_F_EIM = 0x4  # OUT: the session uses its inside endpoint's endpoint-independent mapping
+CT_F_HAIRPIN = 0x8  # OUT: the remote is a live mapping: translated, then delivered back inside
 
 CFG_F_UNMATCHED_DROP = 0x1  # `unmatched drop`: no-rule flows are dropped
 CFG_F_REFUSE_ICMP = 0x4  # `refuse_icmp yes`: a host over its limit gets ICMP host unreachable
 CFG_F_INBOUND_ROUTED = 0x2  # `inbound routed`: uplink packets without a session may be routed inside
+CFG_F_EIM = 0x8  # some rule maps endpoint-independently: look owners up (filtering, hairpinning)
 
 #: the expiry sweep (sweep.bpf.c: a BPF_PROG_TYPE_SYSCALL program walking snat_ct)
 SWEEP_EXPIRE = 0  # remove expired pairs and old half pairs, recount the live counts
@@ -544,6 +565,23 @@ SWEEP_RES = _declare(Struct("sweep_res", "what the last walk did (sweep.bpf.c)",
     ("count_errors", "__u64", "live-count updates that failed (a count map full)"),
 )))  # fmt: skip
 
+EIM_KEY = _declare(Struct("eim_key", "an endpoint-independent mapping's endpoint, owner or permit", (
+    ("addr", "__be32", "ENDPOINT, PERMIT: inside address; OWNER: external address"),
+    ("remote", "__be32", "PERMIT: the remote address; else 0"),
+    ("port", "__be16", "ENDPOINT, PERMIT: inside port; OWNER: external port"),
+    ("proto", "__u8", "IPPROTO_TCP or IPPROTO_UDP"),
+    ("dir", "__u8", "EIM_DIR_*"),
+)))  # fmt: skip
+
+EIM_ENTRY = _declare(Struct("eim_entry", "ENDPOINT: its mapping; OWNER: its endpoint; PERMIT: (unused)", (
+    ("addr", "__be32", "ENDPOINT: external address; OWNER: inside address"),
+    ("port", "__be16", "ENDPOINT: external port; OWNER: inside port"),
+    ("pad", "__u16", "zero"),
+    ("rule_id", "__u32", "the rule whose mapping it is"),
+    ("iif", "__u32", "ENDPOINT: the inside device (ifindex) of the session that made it"),
+    ("last_seen", "__u64", "made, or last used by a new session (the sweep's grace counts from it)"),
+)))  # fmt: skip
+
 LIVE_COUNT = _declare(Struct("live_count", "live sessions and refusals of a host, SNAT address or rule", (
     ("sessions", "__u32", "live sessions: +1 at creation (atomic), recounted by the expiry sweep"),
     ("refusals", "__u32", "new flows refused (port exhaustion, host limit), cumulative"),
@@ -573,7 +611,7 @@ def render_header() -> str:
         ("SNAT_MAX_FROM_NETS", MAX_FROM_NETS), ("SNAT_ADDR_TRIES", ADDR_TRIES),
         ("SNAT_MAX_REFUSED", MAX_REFUSED), ("SNAT_SEARCH_TRIES", SEARCH_TRIES),
         ("SNAT_REFUSED_SECS", REFUSED_SECS), ("SNAT_REFUSE_ICMP_PER_SEC", REFUSE_ICMP_PER_SEC),
-        ("SNAT_MAX_INSIDE_ADDRS", MAX_INSIDE_ADDRS),
+        ("SNAT_MAX_INSIDE_ADDRS", MAX_INSIDE_ADDRS), ("SNAT_EIM_PER_SESSION", EIM_PER_SESSION),
     ]:  # fmt: skip
         out += [f"#ifndef {n}", f"#define {n} {v}", "#endif"]
     out += ["#ifndef SNAT_PORT_TRIES", f"#define SNAT_PORT_TRIES {PORT_TRIES_MAX} /* port search bound */", "#endif"]
@@ -581,6 +619,9 @@ def render_header() -> str:
         "CT_DIR_OUT": CT_DIR_OUT, "CT_DIR_IN": CT_DIR_IN,
         "RULE_F_GW": RULE_F_GW, "RULE_F_OIF": RULE_F_OIF, "RULE_F_NEW_GW": RULE_F_NEW_GW,
         "RULE_F_SPILL": RULE_F_SPILL, "PORT_STRIDE_COUNT": len(PORT_STRIDES),
+        "RULE_F_EIM": RULE_F_EIM, "RULE_F_PRESERVE": RULE_F_PRESERVE, "RULE_F_EIF": RULE_F_EIF,
+        "RULE_F_ADF": RULE_F_ADF, "CT_F_EIM": CT_F_EIM, "CT_F_HAIRPIN": CT_F_HAIRPIN, "CFG_F_EIM": CFG_F_EIM,
+        "EIM_DIR_ENDPOINT": EIM_DIR_ENDPOINT, "EIM_DIR_OWNER": EIM_DIR_OWNER, "EIM_DIR_PERMIT": EIM_DIR_PERMIT,
         "CT_F_REPLIED": CT_F_REPLIED, "CT_F_NEW_GW": CT_F_NEW_GW,
         "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "CFG_F_INBOUND_ROUTED": CFG_F_INBOUND_ROUTED,
         "CFG_F_REFUSE_ICMP": CFG_F_REFUSE_ICMP,

@@ -104,6 +104,21 @@ def parse_on_exhausted(text: str, where: str | None = None) -> str:
     return t
 
 
+MAPPINGS = ("endpoint-dependent", "endpoint-independent")
+FILTERINGS = ("address-port-dependent", "address-dependent", "endpoint-independent")
+
+
+def parse_choice(text: str, field_name: str, choices: tuple[str, ...], where: str | None = None) -> str:
+    t = text.strip()
+    if t not in choices:
+        raise RuleError(f"expected {' or '.join(choices)}, got {t!r}", field_name, where)
+    return t
+
+
+def parse_yes_no(text: str, field_name: str, where: str | None = None) -> bool:
+    return parse_choice(text, field_name, ("yes", "no"), where) == "yes"
+
+
 HOST_LIMIT_MAX = (1 << 32) - 1
 
 
@@ -177,7 +192,32 @@ class Rule:
     algo: Algo = Algo.SDH
     on_exhausted: str | None = None  # "spill" | "drop"; None: the global setting
     max_sessions_per_host: int | None = None  # None: the global setting; 0: no limit
+    #: "endpoint-independent" (RFC 4787 REQ-1; needs algo sh); None: endpoint-dependent (the original's)
+    mapping: str | None = None
+    #: of an endpoint-independent mapping: "address-dependent" or "endpoint-independent";
+    #: None: address-and-port-dependent
+    filtering: str | None = None
+    port_preserve: bool | None = None  # None: the global setting
     where: str | None = field(default=None, compare=False)  # "file:line" of its definition
+
+    def __post_init__(self):
+        """mapping/filtering combinations that make no sense are refused (file:line: field: ...)."""
+        if self.mapping == "endpoint-independent" and self.algo != Algo.SH:
+            raise RuleError(f"expected algo sh with mapping endpoint-independent (one public address "
+                            f"per inside host), got algo {self.algo.label}", "mapping", self.where)
+        if self.filtering not in (None, "address-port-dependent") and not self.eim:
+            raise RuleError(f"filtering {self.filtering} expects mapping endpoint-independent in the "
+                            "same snat_rule (only a mapping shared by every remote can be filtered "
+                            "less strictly)", "filtering", self.where)
+
+    @property
+    def eim(self) -> bool:
+        """Endpoint-independent mapping (RFC 4787 REQ-1)."""
+        return self.mapping == "endpoint-independent"
+
+    @property
+    def filter_mode(self) -> str:
+        return self.filtering or "address-port-dependent"
 
     @cached_property
     def identity(self) -> tuple:
@@ -218,6 +258,9 @@ class Rule:
             **({"on_exhausted": self.on_exhausted} if self.on_exhausted else {}),
             **({"max_sessions_per_host": self.max_sessions_per_host}
                if self.max_sessions_per_host is not None else {}),
+            **({"mapping": self.mapping} if self.mapping else {}),
+            **({"filtering": self.filtering} if self.filtering else {}),
+            **({"port_preserve": "yes" if self.port_preserve else "no"} if self.port_preserve is not None else {}),
         }
 
     @classmethod
@@ -233,6 +276,10 @@ class Rule:
             on_exhausted=parse_on_exhausted(d["on_exhausted"], where) if d.get("on_exhausted") else None,
             max_sessions_per_host=(parse_host_limit(str(d["max_sessions_per_host"]), where)
                                    if d.get("max_sessions_per_host") is not None else None),
+            mapping=parse_choice(d["mapping"], "mapping", MAPPINGS, where) if d.get("mapping") else None,
+            filtering=parse_choice(d["filtering"], "filtering", FILTERINGS, where) if d.get("filtering") else None,
+            port_preserve=(parse_yes_no(str(d["port_preserve"]), "port_preserve", where)
+                           if d.get("port_preserve") is not None else None),
             where=where,
         )
 
@@ -252,6 +299,12 @@ class Rule:
             parts.append(f"on_exhausted {self.on_exhausted}")
         if self.max_sessions_per_host is not None:
             parts.append(f"max_sessions_per_host {self.max_sessions_per_host}")
+        if self.mapping:
+            parts.append(f"mapping {self.mapping}")
+        if self.filtering:
+            parts.append(f"filtering {self.filtering}")
+        if self.port_preserve is not None:
+            parts.append(f"port_preserve {'yes' if self.port_preserve else 'no'}")
         return " ".join(parts)
 
 
@@ -501,13 +554,28 @@ def port_seed(src: IPv4Address, dst: IPv4Address, sport: int, dport: int, proto:
     return jhash_3words(raw_addr(src), raw_addr(dst), (raw_port(sport) << 16) | raw_port(dport), proto)
 
 
-def port_candidates(sport: int, port_min: int, port_max: int, tries: int, seed: int = 0) -> Iterable[int]:
+def port_candidates(sport: int, port_min: int, port_max: int, tries: int, seed: int = 0,
+                    preserve: bool = False) -> Iterable[int]:
     """The port search (docs/datapath.md step 13).  First the original's candidate
     ``min + ((c + 1) mod n)`` (c: the raw source port), so an uncontended flow's port is
     predictable; then a per-flow sequence that does not cluster: double hashing over the
     range, start ``(seed * n) >> 32`` and stride ``PORT_STRIDES[seed % 64] mod n`` (coprime to
     n), the first candidate's slot replaced by the sequence's last, so the first n candidates
-    are every port once.  At most ``min(tries, n)`` candidates."""
+    are every port once.  At most ``min(tries, n)`` candidates.
+
+    ``preserve`` (`port_preserve yes`) with ``sport`` in the range: ``sport`` itself first, then
+    that sequence's first ``tries - 1``, where ``sport`` would come again the sequence's
+    candidate ``tries - 1`` instead (so still distinct, still every port once when tries = n)."""
+    seq = list(_sequence(sport, port_min, port_max, tries, seed))
+    if not preserve or not port_min <= sport <= port_max or not seq:
+        yield from seq
+        return
+    yield sport
+    for c in seq[: len(seq) - 1]:
+        yield seq[-1] if c == sport else c
+
+
+def _sequence(sport: int, port_min: int, port_max: int, tries: int, seed: int) -> Iterable[int]:
     n = port_max - port_min + 1
     if n <= 0:
         return

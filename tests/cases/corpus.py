@@ -714,7 +714,100 @@ def _scenarios() -> list[Scenario]:
         outside(b"\x60" + b"\0" * 39, PASS, R.PASS_NOT_IPV4),
         egress(b"\x45", PASS, R.PASS_ICMP_OTHER),  # egress: not an ICMP error, uncounted
     ])  # fmt: skip
+    _eim_scenarios(add)
     return S
+
+
+#: endpoint-independent mapping (issue 12): one sh rule over the lab's nets, one pool address
+EIM_RULE = {"from": "198.18.0.0/16", "snat_ip": "198.19.2.71", "algo": "sh", "mapping": "endpoint-independent"}
+R1B = "203.0.113.20"  # another remote via eth1
+NAT = "198.19.2.71"
+
+
+def eim_rules(**kw) -> list[dict]:
+    return [dict(EIM_RULE, **kw)]
+
+
+def _eim_scenarios(add) -> None:
+    rule = Rule.from_dict(EIM_RULE)
+    _, pa = snat_of(rule, A, R1, 40000)  # A:40000's mapping, toward every remote
+    _, pb = snat_of(rule, B, R2, 40000, nth=1, dport=3478, proto=17)  # B:40000's: A owns pa
+    add("eim_reuse_across_remotes", "mapping endpoint-independent: A:40000 gets one (address, "
+        "port) toward R1, R2 (another uplink) and R1B; each remote's reply comes back; TCP from "
+        "the same port is an endpoint of its own.", [
+        inside(udp(A, R1, 40000, 3478), RED, R.XLATE_NEW),
+        inside(udp(A, R2, 40000, 3478), RED, R.XLATE_NEW),
+        inside(udp(A, R1B, 40000, 53), RED, R.XLATE_NEW),
+        outside(udp(R2, NAT, 3478, pa), RED, R.XLATE_IN),
+        outside(udp(R1B, NAT, 53, pa), RED, R.XLATE_IN),
+        outside(udp(R1, NAT, 3478, pa), RED, R.XLATE_IN),
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1, NAT, 80, pa, "SA"), RED, R.XLATE_IN),
+    ], rules=eim_rules())  # fmt: skip
+    add("eim_owned_port_refused_to_second_endpoint", "B:40000 would take A's port first (same "
+        "source port, one address), but A's mapping owns it toward every remote: B gets the next "
+        "candidate, even toward a remote A never talked to.  Hostile: R2 to A's mapping under "
+        "address-and-port-dependent filtering, and anyone to a pool port nobody owns, stay out.", [
+        inside(udp(A, R1, 40000, 3478), RED, R.XLATE_NEW),
+        inside(udp(B, R2, 40000, 3478), RED, R.XLATE_NEW),
+        outside(udp(R2, NAT, 3478, pb), RED, R.XLATE_IN),
+        outside(udp(R2, NAT, 3478, pa), PASS, R.PASS_NO_SESSION_IN),
+        outside(udp(R1, NAT, 3479, pa), PASS, R.PASS_NO_SESSION_IN),
+        outside(udp(R1, NAT, 3478, 7), PASS, R.PASS_NO_SESSION_IN),
+        outside(tcp(R1, NAT, 80, pa, "S"), PASS, R.PASS_NO_SESSION_IN),
+    ], rules=eim_rules())  # fmt: skip
+    add("eim_filtering_endpoint_independent", "filtering endpoint-independent: any remote's UDP "
+        "datagram or TCP SYN to a live mapping makes a session back to its inside endpoint "
+        "(XLATE_IN_NEW); the endpoint's answer uses it; a TCP segment that is not a SYN, and a "
+        "mapping of another protocol, stay out.", [
+        inside(udp(A, R1, 40000, 3478), RED, R.XLATE_NEW),
+        outside(udp(R2, NAT, 5555, pa), RED, R.XLATE_IN_NEW, dev="eth2"),
+        inside(udp(A, R2, 40000, 5555), RED, R.XLATE_OUT),
+        outside(udp(R2, NAT, 5555, pa, payload=b"again"), RED, R.XLATE_IN, dev="eth2"),
+        outside(tcp(R1B, NAT, 6000, pa, "S"), PASS, R.PASS_NO_SESSION_IN),
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1B, NAT, 6001, pa, "A"), PASS, R.PASS_NO_SESSION_IN),
+        outside(tcp(R1B, NAT, 6000, pa, "S"), RED, R.XLATE_IN_NEW),
+        inside(tcp(A, R1B, 40000, 6000, "SA"), RED, R.XLATE_OUT),
+        outside(tcp(R1B, NAT, 6000, pa, "A"), RED, R.XLATE_IN),
+    ], rules=eim_rules(filtering="endpoint-independent"))  # fmt: skip
+    add("eim_filtering_address_dependent", "filtering address-dependent: R1 from any port gets in "
+        "once A talked to R1; R2 does not until A talks to R2.", [
+        inside(udp(A, R1, 40000, 3478), RED, R.XLATE_NEW),
+        outside(udp(R1, NAT, 9999, pa), RED, R.XLATE_IN_NEW),
+        outside(udp(R2, NAT, 3478, pa), PASS, R.PASS_NO_SESSION_IN, dev="eth2"),
+        inside(udp(A, R2, 40000, 1), RED, R.XLATE_NEW),
+        outside(udp(R2, NAT, 3478, pa), RED, R.XLATE_IN_NEW, dev="eth2"),
+        outside(udp(R1B, NAT, 3478, pa), PASS, R.PASS_NO_SESSION_IN),
+    ], rules=eim_rules(filtering="address-dependent"))  # fmt: skip
+    add("eim_hairpin", "Hairpinning: B (and C on lan50) send to A's mapping: each gets its own "
+        "mapping as source and the packet reaches A:40000 (XLATE_HAIRPIN, one lookup more); A "
+        "answers B's mapping and it reaches B; filtering aside (the sender is inside).", [
+        inside(udp(A, R1, 40000, 3478), RED, R.XLATE_NEW),
+        inside(udp(B, NAT, 41000, pa), RED, R.XLATE_HAIRPIN),
+        inside(udp(A, NAT, 40000, snat_of(rule, B, NAT, 41000)[1]), RED, R.XLATE_HAIRPIN),
+        inside(udp(B, NAT, 41000, pa, payload=b"more"), RED, R.XLATE_HAIRPIN),
+        inside(udp(C, NAT, 41000, pa), RED, R.XLATE_HAIRPIN, dev="lan50"),
+        inside(tcp(C, NAT, 41001, pa, "S"), PASS, R.PASS_LOCAL, dev="lan50"),
+        inside(udp(C, NAT, 41002, 7), PASS, R.PASS_LOCAL, dev="lan50"),
+        outside(udp(R1, NAT, 3478, pa), RED, R.XLATE_IN),
+    ], rules=eim_rules())  # fmt: skip
+    p_dflt = snat_of(RULE_SDH, B, R1, 40000, nth=0)[1]
+    add("port_preserve", "port_preserve yes: A:40000 keeps its port; B:40000 to the same remote "
+        "finds it taken and gets the usual first candidate; port 1024 (outside the range) gets "
+        "the usual one; with mapping endpoint-independent too.", [
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1, NAT, 80, 40000, "SA"), RED, R.XLATE_IN),
+        inside(tcp(B, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        outside(tcp(R1, NAT, 80, p_dflt, "SA"), RED, R.XLATE_IN),
+        inside(udp(A, R1, 1024, 53), RED, R.XLATE_NEW),
+        outside(udp(R1, NAT, 53, 5005), RED, R.XLATE_IN),
+        inside(udp(C, R2, 33333, 3478), RED, R.XLATE_NEW, dev="lan50"),
+        outside(udp(R2, "198.19.3.71", 3478, 33333), RED, R.XLATE_IN, dev="eth2"),
+    ], settings={"port_preserve": True}, rules=[
+        {"from": "198.18.40.0/24", "snat_ip": NAT, "algo": "sdh"},
+        dict(EIM_RULE, snat_ip="198.19.3.71"),
+    ])  # fmt: skip
 
 
 SCENARIOS: list[Scenario] = _scenarios()

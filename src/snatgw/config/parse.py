@@ -12,6 +12,7 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         max_sessions 262144
         on_exhausted spill|drop               # default: spill for sdh/random, drop for sh
         max_sessions_per_host 0               # live sessions per inside host, 0 = no limit
+        port_preserve no|yes                  # yes: the first port tried is the inside port itself
         refuse_icmp no|yes                    # ICMP host unreachable to a host over its limit
         unmatched pass|drop
         inbound drop|routed                   # routed: let uplink packets without a session through
@@ -26,7 +27,9 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
     }
     virtual_server fwmark 1 {                 # the SNAT service
         snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh }
-        # a rule may set on_exhausted and max_sessions_per_host of its own
+        # a rule may set on_exhausted, max_sessions_per_host and port_preserve of its own, and
+        # mapping endpoint-independent (with algo sh) plus filtering address-port-dependent|
+        # address-dependent|endpoint-independent (RFC 4787 NAT behaviour, docs/datapath.md)
     }
     link isp1 {                               # probed next hop, automatic failover (config/links.py)
         gw 198.19.2.1  oif eth1  probe 203.0.113.10  backup_gw 198.19.3.1  backup_snat_ip 198.19.3.71
@@ -52,7 +55,7 @@ from typing import NamedTuple
 from ..errors import ConfigError, RuleError
 from ..layout import PORT_TRIES_MAX
 from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_gw, parse_host_limit, parse_net
-from ..rules import parse_on_exhausted, parse_oif
+from ..rules import FILTERINGS, MAPPINGS, parse_choice, parse_on_exhausted, parse_oif, parse_yes_no
 from . import MAX_CONFIG_BYTES
 from .links import INTERVAL_RANGE, LINK_KEYWORDS, MAX_TARGETS, Link
 from .schema import BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings
@@ -61,11 +64,12 @@ from .schema import timeout_floor_warning
 log = logging.getLogger("snatgw.config")
 
 #: snat_rule keywords, in the order render_config writes them
-RULE_KEYWORDS = ("from", "to", "gw", "oif", "new_gw", "snat_ip", "algo", "on_exhausted", "max_sessions_per_host")
+RULE_KEYWORDS = ("from", "to", "gw", "oif", "new_gw", "snat_ip", "algo", "on_exhausted", "max_sessions_per_host",
+                 "mapping", "filtering", "port_preserve")
 #: snatgw block keywords
 SETTINGS_KEYWORDS = (
     "inside", "outside", "port_range", "port_tries", "max_sessions", "on_exhausted",
-    "max_sessions_per_host", "refuse_icmp", "unmatched", "inbound", "backend", "timeout", "gc_interval",
+    "max_sessions_per_host", "refuse_icmp", "port_preserve", "unmatched", "inbound", "backend", "timeout", "gc_interval",
     "control_socket", "pin_dir", "snat_addresses", "allow_empty", "metrics_listen",
 )  # fmt: skip
 #: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
@@ -401,6 +405,11 @@ def _parse_rule(cur: _Cursor, opener: Token) -> Rule:
                           if "on_exhausted" in vals else None),
             max_sessions_per_host=(parse_host_limit(vals["max_sessions_per_host"].text, at("max_sessions_per_host"))
                                    if "max_sessions_per_host" in vals else None),
+            mapping=parse_choice(vals["mapping"].text, "mapping", MAPPINGS, at("mapping")) if "mapping" in vals else None,
+            filtering=(parse_choice(vals["filtering"].text, "filtering", FILTERINGS, at("filtering"))
+                       if "filtering" in vals else None),
+            port_preserve=(parse_yes_no(vals["port_preserve"].text, "port_preserve", at("port_preserve"))
+                           if "port_preserve" in vals else None),
             where=where,
         )
     except ConfigError:
@@ -575,6 +584,8 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         return replace(s, on_exhausted=_choice(cur, t, v, ON_EXHAUSTED))
     if k == "refuse_icmp":
         return replace(s, refuse_icmp=_choice(cur, t, v, ("yes", "no")) == "yes")
+    if k == "port_preserve":
+        return replace(s, port_preserve=_choice(cur, t, v, ("yes", "no")) == "yes")
     if k == "max_sessions_per_host":
         return replace(s, max_sessions_per_host=_int(cur, t, v, 0, (1 << 32) - 1))
     if k == "max_sessions":
@@ -644,6 +655,7 @@ def settings_as_dict(s: Settings) -> dict:
         "on_exhausted": s.on_exhausted,
         "max_sessions_per_host": s.max_sessions_per_host,
         "refuse_icmp": "yes" if s.refuse_icmp else "no",
+        "port_preserve": "yes" if s.port_preserve else "no",
         "unmatched": "drop" if s.unmatched_drop else "pass",
         "inbound": "routed" if s.inbound_routed else "drop",
         "backend": s.backend,
@@ -697,6 +709,9 @@ def render_rule(r: Rule) -> str:
         parts.append(f"on_exhausted {r.on_exhausted}")
     if r.max_sessions_per_host is not None:
         parts.append(f"max_sessions_per_host {r.max_sessions_per_host}")
+    for k in ("mapping", "filtering", "port_preserve"):
+        if k in d:
+            parts.append(f"{k} {d[k]}")
     return "snat_rule { " + "  ".join(parts) + " }"
 
 

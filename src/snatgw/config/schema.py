@@ -41,6 +41,8 @@ class Settings:
     on_exhausted: str | None = None
     max_sessions_per_host: int = 0  # live sessions per inside host (0 = no limit); per rule too
     refuse_icmp: bool = False  # `refuse_icmp yes`: ICMP host unreachable to a host over its limit
+    #: `port_preserve yes`: a new flow's first port candidate is its own source port (per rule too)
+    port_preserve: bool = False
     unmatched_drop: bool = False  # `unmatched drop`: the original's drop of no-rule flows
     #: `inbound routed`: packets from an uplink without a session may be routed on (to the
     #: inside); default `inbound drop`: only replies to sessions (and errors about them) get in
@@ -74,6 +76,11 @@ def rule_spill(rule: Rule, settings: Settings) -> bool:
     if mode is None:
         return rule.algo != Algo.SH  # sh: one public address per inside host (RFC 6888 REQ-2)
     return mode == "spill"
+
+
+def rule_preserve(rule: Rule, settings: Settings) -> bool:
+    """port_preserve in effect for ``rule``."""
+    return settings.port_preserve if rule.port_preserve is None else rule.port_preserve
 
 
 def rule_host_limit(rule: Rule, settings: Settings) -> int:

@@ -14,9 +14,13 @@ from ..layout import ADDR_TRIES, CT_F_NEW_GW, CT_F_REPLIED, ICMP_QUERY_REPLIES, 
 from ..layout import IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
 from ..layout import FRAG_HOLD, MAX_REFUSED, RECIRC_DEV, REFUSE_ICMP_PER_SEC, REFUSED_SECS, Verdict
-from ..config.schema import rule_host_limit, rule_spill
+from ..config.schema import rule_host_limit, rule_preserve, rule_spill
+from ..layout import CT_F_EIM, CT_F_HAIRPIN, EIM_GRACE, EIM_PER_SESSION
 from ..rules import Route, Rule, RuleSet, port_candidates, port_seed, select_index, spill_order
 from .conntrack import CtEntry, CtKey, CtPair, CtTable, in_key, initial_state, is_expired, out_key, tcp_update
+from .conntrack import E_2BIG
+from .eim import EimEntry, EimKey, EimTable, endpoint_key, owner_key, permit_key
+from .eim import ANY as ANY_ADDR
 from .frag import HELD, FragEntry, FragKey, FragTable
 from .nat import NatTable
 from .packet import IP_DADDR, IP_SADDR, InnerView, IPv4View, ip, parse, parse_inner
@@ -24,6 +28,7 @@ from .refuse import host_unreachable
 from .xlate import rewrite_fragment, translate, translate_icmp_error
 
 PROTOS = (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP)
+EIM_PROTOS = (IPPROTO_TCP, IPPROTO_UDP)  # endpoint-independent mapping: ports to share
 PROTO_NAMES = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp", IPPROTO_ICMP: "icmp"}
 SIDES = ("inside", "outside", "egress", "recirc")
 
@@ -91,10 +96,12 @@ class Engine:
         self.outside = tuple(settings.outside if outside is None else outside)
         self.table = CtTable(settings.max_sessions)
         self.nat = NatTable(self.table)
+        self.eim = EimTable(EIM_PER_SESSION * settings.max_sessions)
         self.frags = FragTable()
         self.reasons: Counter[Reason] = Counter()
         self.rule_stats: dict[int, RuleCounters] = {}
         self._from_nets = frozenset(r.src for r in rules)
+        self._rules_changed()
         # live counts (snat_host_sess, snat_addr_stats, snat_rule_live) and refusal markers
         self.host_live: dict[IPv4Address, LiveCount] = {}
         self.addr_live: dict[IPv4Address, LiveCount] = {}
@@ -173,8 +180,8 @@ class Engine:
         if _multi_or_broadcast(v.daddr):  # step 7: never forwarded (VRRP, IGMP, mDNS, DHCP)
             return Result(Verdict.PASS, Reason.PASS_LOCAL, pkt)
         fib = self.router.lookup(dst, src)
-        if fib.kind == "local":
-            return Result(Verdict.PASS, Reason.PASS_LOCAL, pkt)
+        if fib.kind == "local":  # a live endpoint-independent mapping's address: hairpinning
+            return self._hairpin_new(pkt, v, okey, ingress, now) or Result(Verdict.PASS, Reason.PASS_LOCAL, pkt)
         if fib.kind != "forward":
             return Result(Verdict.PASS, Reason.PASS_NO_ROUTE, pkt)
         if fib.oif in self.inside:  # between inside networks: never translated
@@ -194,6 +201,13 @@ class Engine:
             oif, nexthop, mtu = gwr.oif, gwr.gw, gwr.mtu
         if v.tot_len > mtu and v.df:
             return Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=rule)
+        flags = CT_F_NEW_GW if rule.new_gw is not None else 0
+        return self._create(pkt, v, okey, rule, ingress, now, oif, nexthop, mtu, flags)
+
+    def _create(self, pkt: bytes, v: IPv4View, okey: CtKey, rule: Rule, ingress: str, now: float,
+                oif: str, nexthop: IPv4Address | None, mtu: int, flags: int) -> Result:
+        """Steps 12-15 of a new flow (also the sender's leg of a hairpinned one: CT_F_HAIRPIN)."""
+        src, dst = okey.saddr, okey.daddr
         s = self.settings  # step 12: the chosen address, and the spill-over order after it
         n = s.port_max - s.port_min + 1
         per_addr = max(0, min(s.port_tries, n))
@@ -205,11 +219,14 @@ class Engine:
             return self._refuse_icmp(pkt, v, ingress, now, res) if s.refuse_icmp else res
         # then the port search on each address in turn (an empty range: exhausted)
         cands = list(port_candidates(v.sport, s.port_min, s.port_max, per_addr,
-                                     port_seed(src, dst, v.sport, okey.dport, v.proto)))  # fmt: skip
+                                     port_seed(src, dst, v.sport, okey.dport, v.proto),
+                                     preserve=rule_preserve(rule, s)))  # fmt: skip
         if v.proto not in PROTOS:  # no ports: ports 0, the chosen address then the pool's next ones
             cands = [0]
             addrs = spill_order(rule.pool, first, True, 1)[:ADDR_TRIES]
-        flags = CT_F_NEW_GW if rule.new_gw is not None else 0
+        eim = rule.eim and v.proto in EIM_PROTOS
+        if eim:
+            flags |= CT_F_EIM
         in_mtu = self._dev_mtu(ingress)
 
         def build(ikey: CtKey, addr: IPv4Address, port: int) -> tuple[CtEntry, CtEntry]:
@@ -221,16 +238,196 @@ class Engine:
                           state=initial_state(v.proto), rule=rule)  # fmt: skip
             return out, inn
 
-        pair = self.nat.new_mapping(okey, addrs, cands, build)  # steps 13-14
+        if eim:  # steps 13-14, endpoint-independent: the endpoint's mapping, or a new one it owns
+            pair = self._eim_mapping(okey, rule, addrs, cands, build, ingress, now)
+        else:
+            pair = self.nat.new_mapping(okey, addrs, cands, build)  # steps 13-14
         if pair == Reason.DROP_PORT_EXHAUSTED:
             return self._refuse(pkt, okey, addrs[0], pair, now, rule)
         if isinstance(pair, Reason):
             return Result(Verdict.DROP, pair, pkt, rule=rule)
-        self._count_rule(rule.rule_id, sessions=1)
-        self._live(self.host_live, src).sessions += 1
-        self._live(self.addr_live, pair.out.rw_addr).sessions += 1
-        self._live(self.rule_live, rule.rule_id).sessions += 1
+        self._count_new(rule, src, pair.out.rw_addr)
+        if flags & CT_F_HAIRPIN:
+            return self._hairpin(pkt, v, pair.out, now)
         return self._translate_out(pkt, v, pair.out, now, Reason.XLATE_NEW)  # step 15
+
+    def _count_new(self, rule: Rule, host: IPv4Address, addr: IPv4Address) -> None:
+        self._count_rule(rule.rule_id, sessions=1)
+        self._live(self.host_live, host).sessions += 1
+        self._live(self.addr_live, addr).sessions += 1
+        self._live(self.rule_live, rule.rule_id).sessions += 1
+
+    # ------------------------------------------------------------------ endpoint-independent
+
+    def _eim_mapping(self, okey: CtKey, rule: Rule, addrs, cands, build, iif: str, now: float):
+        """A new session of an endpoint-independent rule: its inside endpoint's live mapping
+        (the one (addr, port), whatever the remote; refused when that external tuple is taken),
+        else a port search in which a candidate owned by another endpoint is taken toward every
+        remote, the winner's owner claimed with it, then the endpoint made.  An ADF rule's
+        session leaves a permit for its remote address."""
+        ek = endpoint_key(okey.saddr, okey.sport, okey.proto)
+        ep = self._endpoint(ek, rule)
+        if ep is not None:
+            pair = self.nat.new_mapping(okey, [ep.addr], [ep.port], build)
+            if isinstance(pair, CtPair):
+                ep.last_seen = now
+        else:
+            owner = EimEntry(okey.saddr, okey.sport, rule.rule_id, None, now)
+            pair = self.nat.new_mapping(okey, addrs, cands, build,
+                                        owners=(self.eim, lambda a, p: owner_key(a, p, okey.proto), owner))  # fmt: skip
+            if not isinstance(pair, CtPair):
+                return pair
+            err = self.eim.insert(ek, EimEntry(pair.out.rw_addr, pair.out.rw_port, rule.rule_id, iif, now))
+            if err == E_2BIG:  # no room for the endpoint: nothing left behind
+                self.table.remove(okey)
+                self.eim.delete(owner_key(pair.out.rw_addr, pair.out.rw_port, okey.proto))
+                return Reason.DROP_TABLE_FULL
+        if isinstance(pair, CtPair) and rule.filter_mode == "address-dependent":
+            self.eim.upsert(permit_key(okey.saddr, okey.sport, okey.proto, okey.daddr),
+                            EimEntry(ANY_ADDR, 0, rule.rule_id, None, now))  # fmt: skip
+        return pair
+
+    def _endpoint(self, ek: EimKey, rule: Rule) -> EimEntry | None:
+        """The endpoint's live mapping under ``rule``; a stale one (made by another rule, or its
+        address no longer in the rule's pool) is forgotten, with its owner."""
+        ep = self.eim.lookup(ek)
+        if ep is None or (ep.rule_id == rule.rule_id and ep.addr in rule.pool):
+            return ep
+        self.eim.delete(ek)
+        ok = owner_key(ep.addr, ep.port, ek.proto)
+        o = self.eim.lookup(ok)
+        if o is not None and (o.addr, o.port) == (ek.addr, ek.port):
+            self.eim.delete(ok)
+        return None
+
+    def _mapping_of(self, addr: IPv4Address, port: int, proto: int):
+        """The live endpoint-independent mapping (addr, port, proto) -> (endpoint key, endpoint,
+        its rule), or None: no owner, an owner whose endpoint does not point back, or a rule
+        that is gone, no longer maps endpoint-independently or no longer has the address."""
+        o = self.eim.lookup(owner_key(addr, port, proto))
+        if o is None:
+            return None
+        ek = endpoint_key(o.addr, o.port, proto)
+        ep = self.eim.lookup(ek)
+        if ep is None or (ep.addr, ep.port) != (addr, port):
+            return None
+        rule = self._rule_by_id.get(ep.rule_id)
+        if rule is None or not rule.eim or addr not in rule.pool:
+            return None
+        return ek, ep, rule
+
+    def _admit(self, v: IPv4View, ek: EimKey, ep: EimEntry, rule: Rule, remote: IPv4Address, rport: int,
+               now: float, hairpin: bool) -> CtEntry | Reason | None:
+        """A session made from the mapping's side (filtering admitted a remote, or a hairpinned
+        packet reached the mapping): OUT (inside endpoint -> remote) with the mapping as its
+        rewrite, IN (remote -> mapping) back to the endpoint's device.  Its IN entry, or None
+        when not admitted (host at its limit, no route to the remote, the OUT key taken), or
+        DROP_TABLE_FULL."""
+        host, s = ek.addr, self.settings
+        limit = rule_host_limit(rule, s)
+        if limit and self._live(self.host_live, host).sessions >= limit:
+            return None
+        flags = CT_F_EIM | (CT_F_HAIRPIN if hairpin else 0)
+        if hairpin:  # the remote is another inside host's mapping: delivered back inside
+            oif, nexthop, mtu = ep.iif, None, self._dev_mtu(ep.iif)
+        else:
+            fib = self.router.lookup(remote, host)
+            if rule.new_gw is not None:
+                fib = self.router.lookup(rule.new_gw)
+                flags |= CT_F_NEW_GW
+            if fib.kind != "forward" or fib.oif in self.inside:
+                return None
+            oif, nexthop, mtu = fib.oif, fib.gw, fib.mtu
+        okey = out_key(host, remote, ek.port, rport, ek.proto)
+        ikey = in_key(remote, ep.addr, rport, ep.port, ek.proto)
+        out = CtEntry(peer=ikey, rw_addr=ep.addr, rw_port=ep.port, oif=oif, nexthop=nexthop,
+                      rule_id=rule.rule_id, mtu=mtu, last_seen=now, state=initial_state(ek.proto),
+                      flags=flags, rule=rule, iif=ep.iif)  # fmt: skip
+        inn = CtEntry(peer=okey, rw_addr=host, rw_port=ek.port, oif=ep.iif, nexthop=None,
+                      rule_id=rule.rule_id, mtu=self._dev_mtu(ep.iif), last_seen=now,
+                      state=initial_state(ek.proto), rule=rule)  # fmt: skip
+        err = self.table.insert(ikey, inn)
+        if err == E_2BIG:
+            return Reason.DROP_TABLE_FULL
+        if err is not None:
+            return None
+        err = self.table.insert(okey, out)
+        if err is not None:
+            self.table.delete(ikey)
+            return Reason.DROP_TABLE_FULL if err == E_2BIG else None
+        ep.last_seen = now
+        self._count_new(rule, host, ep.addr)
+        return inn
+
+    def _inbound_new(self, pkt: bytes, v: IPv4View, now: float) -> Result | None:
+        """Step 6a of the outside program: a packet with no session to a live endpoint-
+        independent mapping, admitted by the rule's filtering (endpoint-independent: any remote;
+        address-dependent: a remote address the endpoint has a session with) as a new session
+        back to the mapping's inside endpoint; None: not admitted (as before: the kernel's)."""
+        if not self._has_eim or v.proto not in EIM_PROTOS or not _can_start(v):
+            return None
+        hit = self._mapping_of(ip(v.daddr), v.dport, v.proto)
+        if hit is None:
+            return None
+        ek, ep, rule = hit
+        mode = rule.filter_mode
+        if mode == "address-port-dependent":
+            return None
+        if mode == "address-dependent" and self.eim.lookup(permit_key(ek.addr, ek.port, ek.proto, ip(v.saddr))) is None:
+            return None
+        inn = self._admit(v, ek, ep, rule, ip(v.saddr), v.sport, now, hairpin=False)
+        if inn is None:
+            return None
+        if isinstance(inn, Reason):
+            return Result(Verdict.DROP, inn, pkt, rule=rule)
+        return self._translate_in(pkt, v, inn, self.table.lookup(inn.peer), now, new=True)
+
+    def _hairpin_new(self, pkt: bytes, v: IPv4View, okey: CtKey, ingress: str, now: float) -> Result | None:
+        """A new flow from inside to a local address that is a live endpoint-independent
+        mapping, from a source in its rule's `from` net: the sender gets its own session (its
+        mapping under that rule) marked CT_F_HAIRPIN, and the packet is delivered back inside
+        (`_hairpin`).  None: not a hairpin (PASS_LOCAL as before)."""
+        if not self._has_eim or v.proto not in EIM_PROTOS or not _can_start(v) or v.ttl <= 1:
+            return None
+        hit = self._mapping_of(okey.daddr, okey.dport, okey.proto)
+        if hit is None or okey.saddr not in hit[2].src:
+            return None
+        rule = hit[2]
+        return self._create(pkt, v, okey, rule, ingress, now, ingress, None, self._dev_mtu(ingress), CT_F_HAIRPIN)
+
+    def _hairpin(self, pkt: bytes, v: IPv4View, e: CtEntry, now: float) -> Result:
+        """A packet of a hairpinned session: translated outward by the sender's session (its
+        mapping as source, TTL-1), then inward by the session of the mapping it is sent to
+        (its IN key; made now when missing, filtering aside: the sender is inside), and
+        REDIRECTed to that endpoint's device, XLATE_HAIRPIN."""
+        if v.proto == IPPROTO_TCP:
+            tcp_update(e, v.flags, reply=False)
+        buf = bytearray(pkt)
+        translate(buf, v, True, e.rw_addr, e.rw_port, dec_ttl=True)
+        self._touch(e, v, now)
+        v2 = parse(bytes(buf))
+        ikey = in_key(e.rw_addr, ip(v.daddr), e.rw_port, v.dport, v.proto)
+        inn = self.table.lookup(ikey)
+        out = self.table.lookup(inn.peer) if inn is not None else None
+        if inn is None:
+            hit = self._mapping_of(ip(v.daddr), v.dport, v.proto)
+            if hit is not None:
+                got = self._admit(v, *hit, e.rw_addr, e.rw_port, now, hairpin=True)
+                inn = got if isinstance(got, CtEntry) else None
+                out = self.table.lookup(inn.peer) if inn is not None else None
+        if inn is None or out is None:
+            return Result(Verdict.DROP, Reason.DROP_NO_SESSION, pkt, rule=e.rule)
+        if v.proto == IPPROTO_TCP:
+            tcp_update(out, v.flags, reply=True)
+        out.flags |= CT_F_REPLIED
+        inn.flags |= CT_F_REPLIED
+        translate(buf, v2, False, inn.rw_addr, inn.rw_port, dec_ttl=False)
+        self._touch(inn, v, now)
+        if v.is_first_fragment:
+            key = FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto)
+            self.frags.remember(key, FragEntry(e.rw_addr, inn.rw_addr, inn.oif, inn.nexthop, now))
+        return Result(Verdict.REDIRECT, Reason.XLATE_HAIRPIN, bytes(buf), inn.oif, inn.nexthop, e.rule,
+                      (e.rw_addr, e.rw_port))  # fmt: skip
 
     @staticmethod
     def _live(counts: dict, key) -> LiveCount:
@@ -270,6 +467,8 @@ class Engine:
     def _established_out(self, pkt: bytes, v: IPv4View, e: CtEntry, now: float) -> Result:
         if v.ttl <= 1:
             return Result(Verdict.PASS, Reason.PASS_TTL, pkt, rule=e.rule, nat=(e.rw_addr, e.rw_port))
+        if e.flags & CT_F_HAIRPIN:
+            return self._hairpin(pkt, v, e, now)
         if v.tot_len > e.mtu and v.df:
             return Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=e.rule, nat=(e.rw_addr, e.rw_port))
         return self._translate_out(pkt, v, e, now, Reason.XLATE_OUT)
@@ -302,9 +501,17 @@ class Engine:
             sport, dport = v.sport, v.dport
         e = self.table.lookup(in_key(ip(v.saddr), ip(v.daddr), sport, dport, v.proto))
         out = self.table.lookup(e.peer) if e is not None else None
+        if e is None:  # step 6a: to a live endpoint-independent mapping, admitted by its filtering
+            res = self._inbound_new(pkt, v, now)
+            if res is not None:
+                return res
         if e is None or out is None:
             return Result(Verdict.PASS, Reason.PASS_NO_SESSION_IN if v.proto in PROTOS else Reason.PASS_PROTO, pkt)
-        nat = (ip(v.daddr), dport)
+        return self._translate_in(pkt, v, e, out, now)
+
+    def _translate_in(self, pkt: bytes, v: IPv4View, e: CtEntry, out: CtEntry, now: float,
+                      new: bool = False) -> Result:
+        nat = (ip(v.daddr), v.sport if v.proto == IPPROTO_ICMP else v.dport)
         # The inside link is the narrow hop: a reply whose TTL runs out, or over the inside MTU
         # with DF, is translated and handed to the kernel, which answers the remote as an
         # untranslated gateway would (the egress program shows it the SNAT address and port)
@@ -315,6 +522,8 @@ class Engine:
         elif over and v.df:
             reason = Reason.XLATE_IN_FRAG_NEEDED
         to_kernel = over or reason != Reason.XLATE_IN
+        if new and reason == Reason.XLATE_IN:
+            reason = Reason.XLATE_IN_NEW
         if v.proto == IPPROTO_TCP:
             tcp_update(out, v.flags, reply=True)
         out.flags |= CT_F_REPLIED
@@ -490,10 +699,16 @@ class Engine:
             self.table.remove(k)
         self.rules = rules
         self._from_nets = frozenset(r.src for r in rules)
+        self._rules_changed()
         if settings is not None:
             self.settings = settings
             self.table.max_sessions = settings.max_sessions
+            self.eim.capacity = EIM_PER_SESSION * settings.max_sessions
         return len(gone)
+
+    def _rules_changed(self) -> None:
+        self._rule_by_id = {r.rule_id: r for r in self.rules}
+        self._has_eim = any(r.eim for r in self.rules)  # CFG_F_EIM: owners are looked up
 
     def _address_owners(self) -> dict[IPv4Address, str]:
         """SNAT address -> the outside device it is a local address of (the router's view);
@@ -519,7 +734,19 @@ class Engine:
             self.table.remove(k)
         self.frags.expire(now)
         self.recount()
+        self._eim_expire(now)
         return len(gone)
+
+    def _eim_expire(self, now: float) -> None:
+        """Endpoints, owners and permits no live session refers to go after EIM_GRACE (the
+        BPF sweep's walk does the same: docs/datapath.md "Endpoint-independent mapping")."""
+        live: set[EimKey] = set()
+        for p in self.table.pairs():
+            if p.out.flags & CT_F_EIM:
+                k = p.out_key
+                live.add(endpoint_key(k.saddr, k.sport, k.proto))
+                live.add(permit_key(k.saddr, k.sport, k.proto, k.daddr))
+        self.eim.expire(live, now, EIM_GRACE)
 
     def recount(self) -> None:
         """The live counts' sessions counted again from the table, as the bpf expiry sweep

@@ -51,6 +51,9 @@
 #ifndef SNAT_MAX_INSIDE_ADDRS
 #define SNAT_MAX_INSIDE_ADDRS 1024
 #endif
+#ifndef SNAT_EIM_PER_SESSION
+#define SNAT_EIM_PER_SESSION 2
+#endif
 #ifndef SNAT_PORT_TRIES
 #define SNAT_PORT_TRIES 1024 /* port search bound */
 #endif
@@ -62,6 +65,16 @@
 #define RULE_F_NEW_GW 4
 #define RULE_F_SPILL 8
 #define PORT_STRIDE_COUNT 64
+#define RULE_F_EIM 16
+#define RULE_F_PRESERVE 32
+#define RULE_F_EIF 64
+#define RULE_F_ADF 128
+#define CT_F_EIM 4
+#define CT_F_HAIRPIN 8
+#define CFG_F_EIM 8
+#define EIM_DIR_ENDPOINT 0
+#define EIM_DIR_OWNER 1
+#define EIM_DIR_PERMIT 2
 #define CT_F_REPLIED 1
 #define CT_F_NEW_GW 2
 #define CFG_F_UNMATCHED_DROP 1
@@ -128,6 +141,8 @@ enum reason {
 	REASON_XLATE_IN_TTL = 44,
 	REASON_XLATE_IN_FRAG_NEEDED = 45,
 	REASON_FRAG_HELD = 46,
+	REASON_XLATE_IN_NEW = 47,
+	REASON_XLATE_HAIRPIN = 48,
 	REASON_DROP_REFUSED_RECENTLY = 32,
 	REASON_DROP_HOST_LIMIT = 33,
 };
@@ -331,6 +346,27 @@ struct sweep_res {
 	__u64 count_errors; /* live-count updates that failed (a count map full) */
 };
 _Static_assert(sizeof(struct sweep_res) == 48, "sweep_res size");
+
+/* an endpoint-independent mapping's endpoint, owner or permit */
+struct eim_key {
+	__be32 addr; /* ENDPOINT, PERMIT: inside address; OWNER: external address */
+	__be32 remote; /* PERMIT: the remote address; else 0 */
+	__be16 port; /* ENDPOINT, PERMIT: inside port; OWNER: external port */
+	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 dir; /* EIM_DIR_* */
+};
+_Static_assert(sizeof(struct eim_key) == 12, "eim_key size");
+
+/* ENDPOINT: its mapping; OWNER: its endpoint; PERMIT: (unused) */
+struct eim_entry {
+	__be32 addr; /* ENDPOINT: external address; OWNER: inside address */
+	__be16 port; /* ENDPOINT: external port; OWNER: inside port */
+	__u16 pad; /* zero */
+	__u32 rule_id; /* the rule whose mapping it is */
+	__u32 iif; /* ENDPOINT: the inside device (ifindex) of the session that made it */
+	__u64 last_seen; /* made, or last used by a new session (the sweep's grace counts from it) */
+};
+_Static_assert(sizeof(struct eim_entry) == 24, "eim_entry size");
 
 /* live sessions and refusals of a host, SNAT address or rule */
 struct live_count {
