@@ -69,6 +69,11 @@ def model_refused(engine) -> dict:
     return {tuple(k): (m.at, m.addr, m.reason) for k, m in engine.refused.items()}
 
 
+def model_eim(engine) -> dict:
+    """The model's snat_eim as ProgHarness.eim says it."""
+    return {tuple(k): (e.addr, e.port, e.rule_id, e.iif, round(e.last_seen, 6)) for k, e in engine.eim.entries().items()}
+
+
 def run_scenario(sc, prog, engine):
     judged = Counter()  # the model's reasons for the packets BPF ran and judged
     for i, step in enumerate(sc.steps):
@@ -82,6 +87,7 @@ def run_scenario(sc, prog, engine):
     assert bpf_sessions(prog) == model_sessions(engine), "session tables differ"
     assert prog.live_counts() == model_live(engine), "live counts differ"
     assert prog.refused() == model_refused(engine), "refusal markers differ"
+    assert prog.eim() == model_eim(engine), "endpoint-independent mappings differ"
     assert prog.reasons() == dict(judged), "reason counters differ"
     if all(len(s.packet) >= MIN_TESTABLE_IPV4 for s in sc.steps):
         model_rules = {rid: {"packets": c.packets, "bytes": c.bytes, "sessions": c.sessions}

@@ -400,23 +400,22 @@ class Engine:
         mapping as source, TTL-1), then inward by the session of the mapping it is sent to
         (its IN key; made now when missing, filtering aside: the sender is inside), and
         REDIRECTed to that endpoint's device, XLATE_HAIRPIN."""
+        ikey = in_key(e.rw_addr, ip(v.daddr), e.rw_port, v.dport, v.proto)
+        inn = self.table.lookup(ikey)
+        if inn is None:
+            hit = self._mapping_of(ip(v.daddr), v.dport, v.proto)
+            if hit is not None:
+                got = self._admit(v, *hit, e.rw_addr, e.rw_port, now, hairpin=True)
+                inn = got if isinstance(got, CtEntry) else None
+        out = self.table.lookup(inn.peer) if inn is not None else None
+        if inn is None or out is None:
+            return Result(Verdict.DROP, Reason.DROP_NO_SESSION, pkt, rule=e.rule)
         if v.proto == IPPROTO_TCP:
             tcp_update(e, v.flags, reply=False)
         buf = bytearray(pkt)
         translate(buf, v, True, e.rw_addr, e.rw_port, dec_ttl=True)
         self._touch(e, v, now)
         v2 = parse(bytes(buf))
-        ikey = in_key(e.rw_addr, ip(v.daddr), e.rw_port, v.dport, v.proto)
-        inn = self.table.lookup(ikey)
-        out = self.table.lookup(inn.peer) if inn is not None else None
-        if inn is None:
-            hit = self._mapping_of(ip(v.daddr), v.dport, v.proto)
-            if hit is not None:
-                got = self._admit(v, *hit, e.rw_addr, e.rw_port, now, hairpin=True)
-                inn = got if isinstance(got, CtEntry) else None
-                out = self.table.lookup(inn.peer) if inn is not None else None
-        if inn is None or out is None:
-            return Result(Verdict.DROP, Reason.DROP_NO_SESSION, pkt, rule=e.rule)
         if v.proto == IPPROTO_TCP:
             tcp_update(out, v.flags, reply=True)
         out.flags |= CT_F_REPLIED

@@ -89,6 +89,7 @@ def map_specs(max_sessions: int = L.MAX_SESSIONS) -> dict[str, MapSpec]:
         MapSpec(L.MAP_FROM_NETS, B.BPF_MAP_TYPE_LPM_TRIE, L.LPM_V4.size, 4, L.MAX_FROM_NETS),
         MapSpec(L.MAP_REFUSED, B.BPF_MAP_TYPE_LRU_HASH, L.CT_KEY.size, L.REFUSAL.size, L.MAX_REFUSED),
         MapSpec(L.MAP_INSIDE_ADDRS, B.BPF_MAP_TYPE_HASH, 4, 4, L.MAX_INSIDE_ADDRS),
+        MapSpec(L.MAP_EIM, B.BPF_MAP_TYPE_HASH, L.EIM_KEY.size, L.EIM_ENTRY.size, L.EIM_PER_SESSION * max_sessions),
     ]
     return {s.name: s for s in specs}
 

@@ -10,7 +10,7 @@ from ipaddress import IPv4Address
 from typing import Callable
 
 from ... import layout as L
-from ...config.schema import Settings, rule_host_limit, rule_spill
+from ...config.schema import Settings, rule_host_limit, rule_preserve, rule_spill
 from ...errors import BackendError
 from ...rules import Rule, RuleSet
 
@@ -20,6 +20,11 @@ OIF_ABSENT = 0xFFFFFFFF
 def compile_rule(rule: Rule, ifindex_of: Callable[[str], int], settings: Settings = Settings()) -> bytes:
     """A rule's slot; its on_exhausted and max_sessions_per_host as in effect with ``settings``."""
     flags = L.RULE_F_SPILL if rule_spill(rule, settings) else 0
+    if rule_preserve(rule, settings):
+        flags |= L.RULE_F_PRESERVE
+    if rule.eim:
+        flags |= L.RULE_F_EIM
+        flags |= {"endpoint-independent": L.RULE_F_EIF, "address-dependent": L.RULE_F_ADF}.get(rule.filter_mode, 0)
     oif = 0
     if rule.oif is not None:
         flags |= L.RULE_F_OIF
@@ -40,7 +45,9 @@ def compile_rule(rule: Rule, ifindex_of: Callable[[str], int], settings: Setting
     )  # fmt: skip
 
 
-def compile_cfg(nrules: int, settings: Settings) -> bytes:
+def compile_cfg(nrules: int, settings: Settings, eim: bool = False) -> bytes:
+    """``eim``: some rule maps endpoint-independently (CFG_F_EIM: owners are looked up for
+    filtering and hairpinning; without it no packet pays for that)."""
     if not 0 < settings.port_min <= settings.port_max <= 65535:
         raise BackendError(
             f"port range {settings.port_min}-{settings.port_max}: expected 1 <= min <= max <= 65535"
@@ -48,7 +55,7 @@ def compile_cfg(nrules: int, settings: Settings) -> bytes:
     return L.SNAT_CFG.pack(
         nrules=nrules, flags=(L.CFG_F_UNMATCHED_DROP if settings.unmatched_drop else 0)
         | (L.CFG_F_REFUSE_ICMP if settings.refuse_icmp else 0)
-        | (L.CFG_F_INBOUND_ROUTED if settings.inbound_routed else 0),
+        | (L.CFG_F_INBOUND_ROUTED if settings.inbound_routed else 0) | (L.CFG_F_EIM if eim else 0),
         port_min=settings.port_min, port_max=settings.port_max,
         port_tries=min(max(int(settings.port_tries), 0), L.PORT_TRIES_MAX),  # the C bounds it too
     )  # fmt: skip
@@ -61,7 +68,7 @@ def compile_rules(
     rules = [compile_rule(r, ifindex_of, settings) for r in ruleset]
     if len(rules) > L.MAX_RULES:
         raise BackendError(f"{len(rules)} rules: the datapath holds at most {L.MAX_RULES}")
-    return compile_cfg(len(rules), settings), rules
+    return compile_cfg(len(rules), settings, any(r.eim for r in ruleset)), rules
 
 
 def compile_from_nets(ruleset: RuleSet) -> set[bytes]:

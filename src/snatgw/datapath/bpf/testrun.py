@@ -122,6 +122,7 @@ class ProgHarness:
         self.obj = B.BpfObject.open(build.compile(self.defines))
         try:
             self.obj.set_max_entries(L.MAP_CT, 2 * max_sessions)
+            self.obj.set_max_entries(L.MAP_EIM, L.EIM_PER_SESSION * max_sessions)
             self.obj.load()
         except BaseException:
             self.obj.close()
@@ -130,7 +131,7 @@ class ProgHarness:
                                                    L.MAP_REASONS, L.MAP_RULE_STATS, L.MAP_IFACES,
                                                    L.MAP_FROM_NETS, L.MAP_HOST_SESS, L.MAP_ADDR_STATS,
                                                    L.MAP_RULE_LIVE, L.MAP_REFUSED,
-                                                   L.MAP_INSIDE_ADDRS)}  # fmt: skip
+                                                   L.MAP_INSIDE_ADDRS, L.MAP_EIM)}  # fmt: skip
         # the REF devices' roles, as the backend writes them from Settings.inside/outside
         for dev, idx in net.ifindex.items():
             role = L.IFACE_INSIDE if dev in INSIDE else L.IFACE_OUTSIDE if dev in OUTSIDE else 0
@@ -264,6 +265,17 @@ class ProgHarness:
                                                    L.Reason(m["reason"]))  # fmt: skip
         return out
 
+    def eim(self) -> dict[tuple, tuple]:
+        """snat_eim: (addr, remote, port, proto, dir) -> (addr, port, rule_id, inside device or
+        None, last_seen in s of the test clock)."""
+        out = {}
+        for k, v in self.maps[L.MAP_EIM].items():
+            kk, e = L.EIM_KEY.unpack(k), L.EIM_ENTRY.unpack(v)
+            key = (IPv4Address(kk["addr"]), IPv4Address(kk["remote"]), kk["port"], kk["proto"], kk["dir"])
+            out[key] = (IPv4Address(e["addr"]), e["port"], e["rule_id"], self.net.dev(e["iif"]) if e["iif"] else None,
+                        round(e["last_seen"] / 1e9 - CLOCK_BASE, 6))  # fmt: skip
+        return out
+
     def zero_counters(self) -> None:
         for r in range(L.REASON_MAX):
             self.maps[L.MAP_REASONS].put(r, bytes(8))
@@ -276,6 +288,8 @@ class ProgHarness:
             m.delete(k)
         for k in self.maps[L.MAP_FRAGS].keys():
             self.maps[L.MAP_FRAGS].delete(k)
+        for k in self.maps[L.MAP_EIM].keys():
+            self.maps[L.MAP_EIM].delete(k)
 
 
 def _key_tuple(k: dict) -> tuple:

@@ -12,6 +12,7 @@
 #include "nat.h"
 #include "fib.h"
 #include "rules.h"
+#include "eim.h"
 #include "icmp.h"
 #include "stats.h"
 
@@ -64,12 +65,92 @@ static __always_inline int snat_unmatched(struct snat_res *v, __u32 reason)
 	return verdict_set(v, VERDICT_PASS, reason);
 }
 
+#define HAIRPIN_LAST 0x100 /* snat_v4_hairpin's second call: no session there is a drop */
+
+/* The session of the mapping a hairpinned packet is sent to, made (filtering aside: the sender
+ * is inside); its own frame keeps the hairpin path within the verifier's stack limit */
+static __noinline int eim_hairpin_admit(struct __sk_buff *skb, const struct pkt *p, __be32 nat, __be16 nport)
+{
+	struct eim_scratch *sc = eim_scratch_get();
+
+	if (!sc || eim_mapping_of(p->daddr, p->dport, p->proto, &sc->h))
+		return 1;
+	return eim_admit(skb, sc, nat, nport, p->proto | 0x100);
+}
+
+/* A packet of a hairpinned session (CT_F_HAIRPIN): the session of the mapping it is sent to
+ * (its IN key after the sender's translation; made now when missing, filtering aside: the
+ * sender is inside) first, then translated outward by the sender's session (its mapping as
+ * source, TTL-1) and inward by that session, and REDIRECTed to its endpoint's device,
+ * XLATE_HAIRPIN.  No such session: DROP_NO_SESSION. */
+static __noinline int snat_v4_hairpin(struct __sk_buff *skb, struct pkt *p, struct ct_entry *e,
+				      struct snat_res *v, __u32 reason)
+{
+	struct eim_scratch *sc = eim_scratch_get();
+	struct ct_entry *in, *o;
+	__be32 nat = e->rw_addr, to;
+	__be16 nport = e->rw_port, toport;
+	__u32 oif;
+	__be32 nh;
+	__u64 now;
+	int made;
+
+	if (!sc)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_NO_SESSION);
+	sc->ikey.saddr = nat;
+	sc->ikey.daddr = p->daddr;
+	sc->ikey.sport = nport;
+	sc->ikey.dport = p->dport;
+	sc->ikey.proto = p->proto;
+	sc->ikey.dir = CT_DIR_IN;
+	sc->ikey.pad = 0;
+	in = ct_lookup4(&sc->ikey);
+	if (!in && !(reason & HAIRPIN_LAST))
+		return 1; /* the caller makes it (eim_hairpin_admit) and comes again */
+	made = !!(reason & HAIRPIN_LAST); /* (on the second call, the session was just made) */
+	reason &= ~HAIRPIN_LAST;
+	if (!in)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_NO_SESSION);
+	o = ct_lookup4(&in->peer);
+	if (!o)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_NO_SESSION);
+	if (p->proto == IPPROTO_TCP_) {
+		if (reason == REASON_XLATE_OUT)
+			e->state = ct_tcp_next(e->state, (e->flags & CT_F_REPLIED) ? TCP_TBL_IN : TCP_TBL_IN_ONLY,
+					       p->tcp_flags);
+		o->state = ct_tcp_next(o->state, TCP_TBL_OUT, p->tcp_flags);
+	}
+	o->flags |= CT_F_REPLIED;
+	in->flags |= CT_F_REPLIED;
+	now = snat_now();
+	e->last_seen = now;
+	in->last_seen = now;
+	to = in->rw_addr;
+	toport = in->rw_port;
+	oif = in->ifindex;
+	nh = in->nexthop;
+	stats_rule(e->rule_id, p->len, reason == REASON_XLATE_NEW);
+	stats_rule(in->rule_id, p->len, made);
+	if (snat_v4_rewrite(skb, p, 1, nat, nport, 0) < 0 || snat_v4_rewrite(skb, p, 0, to, toport, 1) < 0)
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
+	if (p->frag == FRAG_FIRST)
+		frag_remember(p, nat, to, oif, nh, now);
+	return verdict_redirect(v, REASON_XLATE_HAIRPIN, oif, nh);
+}
+
 /* Established outbound packet: session checks, TCP state, translate, send. */
 static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct pkt *p,
 						   struct ct_entry *e, struct snat_res *v, __u32 reason)
 {
 	if (p->ttl <= 1)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
+	if (e->flags & CT_F_HAIRPIN) {
+		if (snat_v4_hairpin(skb, p, e, v, reason) > 0) { /* the mapping's session: not yet */
+			eim_hairpin_admit(skb, p, e->rw_addr, e->rw_port);
+			snat_v4_hairpin(skb, p, e, v, reason | HAIRPIN_LAST);
+		}
+		return 0;
+	}
 	if (snat_over_mtu(skb, p, e->mtu) && p->df)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
 	/* a new session's first SYN was applied from NONE already; race: concurrent segments of
@@ -209,19 +290,110 @@ static __always_inline int snat_can_start(const struct pkt *p)
 	return 1;
 }
 
+/* An endpoint-independent rule's new session, before the search (the IN entry and its key
+ * are in the port search's scratch): 1 when the inside endpoint has a live mapping under this
+ * rule (sp->in then names it: its one candidate); 0: a new mapping, whose port search claims
+ * each winner's owner (sp->eim).  A stale endpoint (another rule's, or its address out of the
+ * pool) is forgotten first. */
+static __noinline int eim_begin(const struct snat_rule *r)
+{
+	struct port_search *sp = port_search_get();
+	struct eim_entry *ep;
+
+	if (!sp)
+		return 0;
+	eim_key_set(&sp->ekey, sp->val.peer.saddr, sp->val.peer.sport, sp->val.peer.proto, EIM_DIR_ENDPOINT, 0);
+	ep = bpf_map_lookup_elem(&snat_eim, &sp->ekey);
+	if (ep && (ep->rule_id != r->rule_id || !eim_in_pool(r, ep->addr))) {
+		eim_forget(&sp->ekey);
+		ep = NULL;
+	}
+	if (ep) {
+		sp->in.daddr = ep->addr;
+		sp->in.dport = ep->port;
+		return 1;
+	}
+	sp->eim = 1;
+	eim_key_set(&sp->okey, 0, 0, sp->val.peer.proto, EIM_DIR_OWNER, 0);
+	sp->oval.addr = sp->val.peer.saddr;
+	sp->oval.port = sp->val.peer.sport;
+	sp->oval.rule_id = r->rule_id;
+	sp->oval.last_seen = sp->val.last_seen;
+	return 0;
+}
+
+/* After the session pair of an endpoint-independent rule went in: a new mapping's endpoint
+ * (no room: the pair and owner go again, REASON_DROP_TABLE_FULL), or the reused one's
+ * last_seen; with address-dependent filtering, the remote's permit.  0 when done. */
+static __noinline int eim_done(const struct ct_key *out, const struct snat_rule *r, __u32 iif)
+{
+	struct port_search *sp = port_search_get();
+	struct eim_entry *ep;
+	long rc;
+
+	if (!sp)
+		return 0;
+	if (sp->eim) {
+		sp->oval.addr = sp->in.daddr;
+		sp->oval.port = sp->in.dport;
+		sp->oval.iif = iif;
+		rc = bpf_map_update_elem(&snat_eim, &sp->ekey, &sp->oval, BPF_NOEXIST);
+		if (rc && rc != -EEXIST) { /* no room: nothing left behind (EEXIST: a race, kept) */
+			bpf_map_delete_elem(&snat_ct, out);
+			bpf_map_delete_elem(&snat_ct, &sp->in);
+			bpf_map_delete_elem(&snat_eim, &sp->okey);
+			return REASON_DROP_TABLE_FULL;
+		}
+	} else {
+		ep = bpf_map_lookup_elem(&snat_eim, &sp->ekey);
+		if (ep)
+			ep->last_seen = sp->val.last_seen;
+	}
+	if (r->flags & RULE_F_ADF) { /* address-dependent filtering: this remote's permit */
+		sp->ekey.dir = EIM_DIR_PERMIT;
+		sp->ekey.remote = out->daddr;
+		sp->oval.addr = 0;
+		sp->oval.port = 0;
+		sp->oval.iif = 0;
+		sp->oval.rule_id = r->rule_id;
+		sp->oval.last_seen = sp->val.last_seen;
+		bpf_map_update_elem(&snat_eim, &sp->ekey, &sp->oval, BPF_ANY);
+	}
+	return 0;
+}
+
+/* Hairpinning, new flow: a UDP datagram or TCP SYN from inside to a local address that is a live
+ * endpoint-independent mapping, from a source in its rule's `from` net: the slot of that rule
+ * (the sender gets its own mapping under it), else -1 (PASS_LOCAL as before). */
+static __noinline int eim_hairpin_slot(const struct pkt *p)
+{
+	struct eim_scratch *sc = eim_scratch_get();
+	struct snat_rule *r;
+
+	if (!sc || !snat_can_start(p) || p->ttl <= 1)
+		return -1;
+	if (eim_mapping_of(p->daddr, p->dport, p->proto, &sc->h))
+		return -1;
+	r = bpf_map_lookup_elem(&snat_rules, &sc->h.slot);
+	if (!r || (p->saddr & r->src_mask) != r->src_net)
+		return -1;
+	return sc->h.slot;
+}
+
 /* Steps 12-14: the SNAT address, the host limit, the port search over the chosen address and
  * (on_exhausted spill) the pool's next ones, and the session pair (IN key first: the port
  * search inserts it; then OUT, removing IN again when OUT fails).  0 when created, -2 when
  * another CPU created the same session meanwhile, else the DROP reason. */
 static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const struct pkt *p,
 					       const struct snat_rule *r, const struct snat_cfg *cfg,
-					       const struct route *eg, __u32 iif)
+					       const struct route *eg, __u32 iif, int hairpin)
 {
 	struct port_search *sp = port_search_get();
 	struct route back = {};
 	struct ct_key out;
 	__be32 snat;
 	__u32 tries, naddr, seed, mtu = 0;
+	int eim = (r->flags & RULE_F_EIM) && is_eim_proto(p->proto);
 	long rc;
 
 	if (!sp)
@@ -280,21 +452,39 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 		sp->first = ((__u32)(__u16)p->sport + 1) % sp->n;
 		sp->start = (__u32)(((__u64)seed * sp->n) >> 32);
 		sp->stride = port_strides[seed & (PORT_STRIDE_COUNT - 1)] % sp->n;
+		if (r->flags & RULE_F_PRESERVE) { /* port_preserve: the inside port first, in range */
+			__u32 sport = bpf_ntohs(p->sport);
+
+			if (sport >= sp->min && sport - sp->min < sp->n)
+				sp->pres = sport - sp->min + 1;
+		}
 	}
 	if (!has_ports(p->proto)) { /* ports 0: one inside host per (protocol, remote, address),
 				     * the chosen address then the pool's next ones in order */
 		sp->n = 1;
 		sp->min = 0;
 		sp->first = 0;
+		sp->pres = 0;
 		tries = sp->tries = 1;
 		naddr = sp->pool_n < SNAT_ADDR_TRIES ? sp->pool_n : SNAT_ADDR_TRIES;
 	}
 	sp->err = -EEXIST;
+	if (eim && eim_begin(r)) { /* the endpoint's live mapping: its one candidate */
+		if (bpf_map_lookup_elem(&snat_ct, &sp->in))
+			return snat_refuse(&out, snat, REASON_DROP_PORT_EXHAUSTED);
+		rc = bpf_map_update_elem(&snat_ct, &sp->in, &sp->val, BPF_NOEXIST);
+		if (rc == -EEXIST)
+			return snat_refuse(&out, snat, REASON_DROP_PORT_EXHAUSTED);
+		if (rc)
+			return REASON_DROP_TABLE_FULL;
+		goto have_in;
+	}
 	bpf_loop(naddr * tries, port_try_cb, NULL, 0);
 	if (sp->err == -EEXIST)
 		return snat_refuse(&out, snat, REASON_DROP_PORT_EXHAUSTED);
 	if (sp->err) /* -E2BIG: the table is full */
 		return REASON_DROP_TABLE_FULL;
+have_in:
 
 	/* OUT entry: reuse the IN entry's buffer, now describing the outbound direction */
 	snat = sp->in.daddr; /* the address the search found a port on */
@@ -304,7 +494,8 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	sp->val.ifindex = eg->oif;
 	sp->val.nexthop = eg->nexthop;
 	sp->val.mtu = ct_mtu(eg->mtu);
-	sp->val.flags = (r->flags & RULE_F_NEW_GW) ? CT_F_NEW_GW : 0;
+	sp->val.flags = ((r->flags & RULE_F_NEW_GW) ? CT_F_NEW_GW : 0) | (eim ? CT_F_EIM : 0) |
+			(hairpin ? CT_F_HAIRPIN : 0);
 	sp->val.iif = (__u16)iif; /* the device whose reverse path vouched for the source */
 	/* TCP: the first SYN from NONE with the IN_ONLY rows (a new session is SYN_RECV) */
 	if (p->proto == IPPROTO_TCP_)
@@ -312,8 +503,12 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	rc = bpf_map_update_elem(&snat_ct, &out, &sp->val, BPF_NOEXIST);
 	if (rc) {
 		bpf_map_delete_elem(&snat_ct, &sp->in); /* never leave half a pair */
+		if (sp->eim)
+			bpf_map_delete_elem(&snat_eim, &sp->okey);
 		return rc == -EEXIST ? -2 : REASON_DROP_TABLE_FULL; /* race: another CPU was first */
 	}
+	if (eim && eim_done(&out, r, iif))
+		return REASON_DROP_TABLE_FULL;
 	live_add(&snat_host_sess, &out.saddr, 0);
 	live_add(&snat_addr_stats, &snat, 0);
 	live_add(&snat_rule_live, &r->rule_id, 0);
@@ -341,6 +536,8 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	if (is_multi_or_broadcast(p->daddr))
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_LOCAL);
 	rc = fib_route4(skb, p->daddr, p->saddr, iif, &rt);
+	if (rc == REASON_PASS_LOCAL && (cfg->flags & CFG_F_EIM) && is_eim_proto(p->proto))
+		return -5; /* perhaps a live mapping's address: the caller asks (hairpinning) */
 	if (rc >= 0)
 		return verdict_set(v, VERDICT_PASS, rc);
 	role = bpf_map_lookup_elem(&snat_ifaces, &rt.oif);
@@ -365,7 +562,32 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 	}
 	if (snat_over_mtu(skb, p, eg.mtu) && p->df)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
-	rc = snat_v4_new_mapping(skb, p, r, cfg, &eg, iif);
+	rc = snat_v4_new_mapping(skb, p, r, cfg, &eg, iif, 0);
+	if (rc == REASON_DROP_HOST_LIMIT && (cfg->flags & CFG_F_REFUSE_ICMP))
+		return snat_refuse_icmp(skb, p, v, iif);
+	if (rc > 0)
+		return verdict_set(v, VERDICT_DROP, rc);
+	return rc == 0 ? -3 : -2;
+}
+
+/* Hairpinning, new flow (snat_v4_new said -5 and eim_hairpin_slot found the rule of the
+ * mapping at ``slot``): the sender's session under that rule, its egress the device it came in
+ * by, marked CT_F_HAIRPIN.  Returns as snat_v4_new.  A frame of its own, apart from
+ * snat_v4_new's (verifier: combined stack). */
+static __noinline int snat_v4_hairpin_new(struct __sk_buff *skb, struct pkt *p, struct snat_res *v, __u32 slot)
+{
+	__u32 zero = 0, iif = skb->ingress_ifindex, mtu = 0;
+	struct snat_cfg *cfg = bpf_map_lookup_elem(&snat_config, &zero);
+	struct snat_rule *r = bpf_map_lookup_elem(&snat_rules, &slot);
+	struct route eg = {};
+	int rc;
+
+	if (!cfg || !r)
+		return verdict_set(v, VERDICT_PASS, REASON_PASS_LOCAL);
+	bpf_check_mtu(skb, iif, &mtu, 0, 0);
+	eg.oif = iif;
+	eg.mtu = mtu;
+	rc = snat_v4_new_mapping(skb, p, r, cfg, &eg, iif, 1);
 	if (rc == REASON_DROP_HOST_LIMIT && (cfg->flags & CFG_F_REFUSE_ICMP))
 		return snat_refuse_icmp(skb, p, v, iif);
 	if (rc > 0)
@@ -418,7 +640,8 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 		/* step 5: an error about a session, else (no session to belong to) steps 7-9 judge it */
 		if (is_icmp_error(p->icmp_type) && icmp_err_v4_reply(skb, p, v, 0) == 0)
 			return 0;
-		snat_v4_new(skb, p, v); /* cannot make a session (step 9) */
+		if (snat_v4_new(skb, p, v) == -5) /* cannot make a session (step 9) */
+			verdict_set(v, VERDICT_PASS, REASON_PASS_LOCAL);
 		return 0;
 	}
 	if (!looked)
@@ -436,6 +659,13 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 	}
 	int rc = snat_v4_new(skb, p, v);
 
+	if (rc == -5) { /* local: a live endpoint-independent mapping's address? (hairpinning) */
+		int slot = eim_hairpin_slot(p);
+
+		if (slot < 0)
+			return verdict_set(v, VERDICT_PASS, REASON_PASS_LOCAL);
+		rc = snat_v4_hairpin_new(skb, p, v, slot);
+	}
 	if (rc >= 0)
 		return 0;
 	if (rc == -3) { /* created: the OUT entry as inserted is still in the per-CPU scratch */
@@ -455,6 +685,7 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 {
 	struct ct_key k;
 	struct ct_entry *e, *o;
+	int isnew = 0;
 
 	if (p->frag == FRAG_LATER)
 		return frag_v4_later(skb, p, v);
@@ -466,6 +697,21 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 	}
 	ct_key_in(&k, p);
 	e = ct_lookup4(&k);
+	if (!e && is_eim_proto(p->proto)) { /* step 6a: a live mapping's filtering may let it in */
+		__u32 zero = 0;
+		struct snat_cfg *cfg = bpf_map_lookup_elem(&snat_config, &zero);
+
+		if (cfg && (cfg->flags & CFG_F_EIM)) {
+			int rc = eim_inbound(skb, p);
+
+			if (rc > 1)
+				return verdict_set(v, VERDICT_DROP, rc);
+			if (rc == 0) {
+				e = ct_lookup4(&k);
+				isnew = 1;
+			}
+		}
+	}
 	if (!e)
 		return verdict_set(v, VERDICT_PASS, has_ports(p->proto) ? REASON_PASS_NO_SESSION_IN : REASON_PASS_PROTO);
 	/* The inside link is the narrow hop: a reply whose TTL runs out, or over the inside MTU
@@ -476,6 +722,9 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 	__u32 reason = p->ttl <= 1 ? REASON_XLATE_IN_TTL :
 		       over && p->df ? REASON_XLATE_IN_FRAG_NEEDED : REASON_XLATE_IN;
 	int to_kernel = over || reason != REASON_XLATE_IN;
+
+	if (isnew && reason == REASON_XLATE_IN)
+		reason = REASON_XLATE_IN_NEW;
 	/* TCP state and the REPLIED flag live in the OUT entry; the IN entry keeps a copy of the
 	 * flag so non-TCP replies look the OUT entry up only once */
 	if (p->proto == IPPROTO_TCP_ || !(e->flags & CT_F_REPLIED)) {
@@ -492,12 +741,12 @@ static __always_inline int snat_v4_outside(struct __sk_buff *skb, struct pkt *p,
 	e->last_seen = now;
 	if (snat_v4_rewrite(skb, p, 0, e->rw_addr, e->rw_port, to_kernel) < 0)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
-	stats_rule(e->rule_id, p->len, 0);
+	stats_rule(e->rule_id, p->len, isnew);
 	if (p->frag == FRAG_FIRST)
 		frag_remember(p, p->saddr, e->rw_addr, e->ifindex, e->nexthop, now);
 	if (to_kernel)
 		return verdict_set(v, VERDICT_PASS_TRANSLATED, reason);
-	return verdict_redirect(v, REASON_XLATE_IN, e->ifindex, e->nexthop);
+	return verdict_redirect(v, reason, e->ifindex, e->nexthop);
 }
 
 /* Edge invariant 2 (no way in): a packet the outside program hands to the kernel (no session,

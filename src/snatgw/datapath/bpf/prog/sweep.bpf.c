@@ -86,6 +86,22 @@ struct {
 	__type(value, __s64);
 } sweep_rule SEC(".maps");
 
+/* endpoint-independent mappings: at the start of an expiry walk each endpoint and permit gets a
+ * mark 0 here; every kept pair of an endpoint-independent session adds 1 to its endpoint's and
+ * permit's mark; at the end an entry whose mark is still 0 and which is older than the grace
+ * goes (an endpoint with its owner, when that points back).  One made or reused during the walk
+ * has no mark or a fresh last_seen: kept. */
+#ifndef SNAT_MAX_EIM
+#define SNAT_MAX_EIM (SNAT_EIM_PER_SESSION * SNAT_MAX_SESSIONS)
+#endif
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_MAX_EIM);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct eim_key);
+	__type(value, __s64);
+} sweep_eim SEC(".maps");
+
 /* what the callbacks share: the run's args and result (bpf_for_each_map_elem takes a pointer
  * to the stack as the callbacks' context) */
 struct walk {
@@ -162,8 +178,64 @@ PUB_CB(pub_host, snat_host_sess)
 PUB_CB(pub_addr, snat_addr_stats)
 PUB_CB(pub_rule, snat_rule_live)
 
+static __always_inline int old(__u64 now, __u64 seen, __u64 grace);
+
+/* start: marks 0 for endpoints and permits; owners whose endpoint is gone or points elsewhere
+ * go once older than the grace */
+static long snap_eim(void *map, const struct eim_key *key, struct eim_entry *e, struct walk *w)
+{
+	struct eim_key k = *key, ek;
+	struct eim_entry *ep;
+	__s64 zero = 0;
+
+	if (k.dir != EIM_DIR_OWNER) {
+		if (bpf_map_update_elem(&sweep_eim, &k, &zero, BPF_NOEXIST) && bpf_map_lookup_elem(&sweep_eim, &k) == NULL)
+			w->res->count_errors++;
+		return 0;
+	}
+	if (!old(w->a->now, e->last_seen, w->a->grace))
+		return 0;
+	ek.addr = e->addr;
+	ek.remote = 0;
+	ek.port = e->port;
+	ek.proto = k.proto;
+	ek.dir = EIM_DIR_ENDPOINT;
+	ep = bpf_map_lookup_elem(&snat_eim, &ek);
+	if (!ep || ep->addr != k.addr || ep->port != k.port)
+		bpf_map_delete_elem(&snat_eim, &k);
+	return 0;
+}
+
+/* end: unmarked and old -> removed (an endpoint with its owner, when that points back) */
+static long pub_eim(void *map, const struct eim_key *key, __s64 *mark, struct walk *w)
+{
+	struct eim_key k = *key, ok;
+	struct eim_entry *e, *o;
+
+	if (*mark == 0) {
+		e = bpf_map_lookup_elem(&snat_eim, &k);
+		if (e && old(w->a->now, e->last_seen, w->a->grace)) {
+			ok.addr = e->addr;
+			ok.remote = 0;
+			ok.port = e->port;
+			ok.proto = k.proto;
+			ok.dir = EIM_DIR_OWNER;
+			bpf_map_delete_elem(&snat_eim, &k);
+			if (k.dir == EIM_DIR_ENDPOINT) {
+				o = bpf_map_lookup_elem(&snat_eim, &ok);
+				if (o && o->addr == k.addr && o->port == k.port)
+					bpf_map_delete_elem(&snat_eim, &ok);
+			}
+		}
+	}
+	bpf_map_delete_elem(&sweep_eim, &k);
+	return 0;
+}
+
 static __always_inline void walk_begin(struct walk *w)
 {
+	if (w->a->mode == SWEEP_EXPIRE)
+		bpf_for_each_map_elem(&snat_eim, snap_eim, w, 0);
 	bpf_for_each_map_elem(&snat_host_sess, snap_host, w, 0);
 	bpf_for_each_map_elem(&snat_addr_stats, snap_addr, w, 0);
 	bpf_for_each_map_elem(&snat_rule_live, snap_rule, w, 0);
@@ -171,6 +243,7 @@ static __always_inline void walk_begin(struct walk *w)
 
 static __always_inline void walk_end(struct walk *w)
 {
+	bpf_for_each_map_elem(&sweep_eim, pub_eim, w, 0);
 	bpf_for_each_map_elem(&sweep_host, pub_host, w, 0);
 	bpf_for_each_map_elem(&sweep_addr, pub_addr, w, 0);
 	bpf_for_each_map_elem(&sweep_rule, pub_rule, w, 0);
@@ -240,6 +313,18 @@ static __always_inline void count_live(const struct ct_key *k, const struct ct_e
 	__be32 nat = e->rw_addr, host = k->saddr;
 
 	res->live++;
+	if (e->flags & CT_F_EIM) { /* its endpoint and permit are still in use */
+		struct eim_key ek = { .addr = k->saddr, .port = k->sport, .proto = k->proto, .dir = EIM_DIR_ENDPOINT };
+		__s64 *m = bpf_map_lookup_elem(&sweep_eim, &ek);
+
+		if (m)
+			*m += 1;
+		ek.dir = EIM_DIR_PERMIT;
+		ek.remote = k->daddr;
+		m = bpf_map_lookup_elem(&sweep_eim, &ek);
+		if (m)
+			*m += 1;
+	}
 	bump(&sweep_rule, &rule, 1, res);
 	bump(&sweep_addr, &nat, 1, res);
 	bump(&sweep_host, &host, 1, res);

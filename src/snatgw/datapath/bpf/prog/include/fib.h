@@ -50,3 +50,11 @@ static __always_inline int fib_route4(struct __sk_buff *skb, __be32 daddr, __be3
 	}
 	return -1;
 }
+
+/* fib_route4 in a frame of its own: the new-flow paths call it several times, and inlined its
+ * bpf_fib_lookup struct (64 bytes) would sit in their frames (verifier: combined stack) */
+static __noinline int fib_route4_call(struct __sk_buff *skb, __be32 daddr, __be32 saddr, __u32 iif,
+				      struct route *r)
+{
+	return fib_route4(skb, daddr, saddr, iif, r);
+}

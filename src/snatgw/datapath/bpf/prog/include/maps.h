@@ -116,6 +116,19 @@ struct {
 	__type(value, __u32);
 } snat_inside_addrs SEC(".maps");
 
+/* Endpoint-independent mappings (eim.h): endpoints, their owners, ADF permits.  No prealloc:
+ * costs memory only when a rule maps endpoint-independently. */
+#ifndef SNAT_MAX_EIM
+#define SNAT_MAX_EIM (SNAT_EIM_PER_SESSION * SNAT_MAX_SESSIONS)
+#endif
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_MAX_EIM);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct eim_key);
+	__type(value, struct eim_entry);
+} snat_eim SEC(".maps");
+
 #ifdef SNAT_TEST
 /* Test builds only: the clock (ns) the programs read when it is not 0, so the differential
  * tests run the programs at the model's times (refusal markers, fragment timeouts). */

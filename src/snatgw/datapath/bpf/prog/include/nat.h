@@ -41,7 +41,12 @@ struct port_search {
 	__u32 pool_min;       /* the rule's first address, host order */
 	__u32 pool_n;         /* addresses in the pool */
 	__u32 idx;            /* index of the chosen address */
+	__u32 pres;           /* port_preserve: 1 + the inside port's offset; 0: no */
+	__u32 eim;            /* a new endpoint-independent mapping: claim each winner's owner */
 	long err;             /* last insert result */
+	struct eim_key okey;  /* eim: the candidate's OWNER key (addr, port follow the candidate) */
+	struct eim_key ekey;  /* eim: the inside endpoint's key (ENDPOINT; then its PERMIT) */
+	struct eim_entry oval; /* eim: the owner entry (the inside endpoint) */
 };
 
 /* Per-CPU scratch for the port search (verifier: the new-flow frame plus the entry's frame
@@ -65,6 +70,19 @@ static __always_inline struct port_search *port_search_get(void)
  * (i / tries)-th address after the chosen one.  Candidate 0 is the original's (c + 1) mod n;
  * then start + (j - 1) * stride mod n, the first candidate's slot replaced by the sequence's
  * last.  A lock-free lookup before each insert: a taken port costs no bucket lock. */
+/* the j-th offset of rules.port_candidates' sequence (without port_preserve) */
+static __always_inline __u32 port_offset(const struct port_search *s, __u32 j)
+{
+	__u32 o;
+
+	if (j == 0)
+		return s->first;
+	o = (__u32)(((__u64)s->start + (__u64)(j - 1) * s->stride) % s->n);
+	if (o == s->first)
+		o = (__u32)(((__u64)s->start + (__u64)(s->n - 1) * s->stride) % s->n);
+	return o;
+}
+
 static long port_try_cb(__u32 i, void *ctx)
 {
 	struct port_search *s = port_search_get();
@@ -74,20 +92,40 @@ static long port_try_cb(__u32 i, void *ctx)
 		return 1;
 	k = i / s->tries;
 	j = i - k * s->tries;
-	if (j == 0) {
+	if (j == 0)
 		s->in.daddr = bpf_htonl(s->pool_min + (s->idx + k) % s->pool_n);
-		o = s->first;
-	} else {
-		o = (__u32)(((__u64)s->start + (__u64)(j - 1) * s->stride) % s->n);
-		if (o == s->first)
-			o = (__u32)(((__u64)s->start + (__u64)(s->n - 1) * s->stride) % s->n);
+	if (!s->pres) {
+		o = port_offset(s, j);
+	} else if (j == 0) { /* port_preserve: the inside port itself first */
+		o = s->pres - 1;
+	} else { /* then the sequence, its candidate tries-1 where the inside port would come */
+		o = port_offset(s, j - 1);
+		if (o == s->pres - 1)
+			o = port_offset(s, s->tries - 1);
 	}
 	s->in.dport = bpf_htons((__u16)(s->min + o));
+	if (s->eim) { /* a port another inside endpoint owns is taken toward every remote */
+		s->okey.addr = s->in.daddr;
+		s->okey.port = s->in.dport;
+		if (bpf_map_lookup_elem(&snat_eim, &s->okey)) {
+			s->err = -EEXIST;
+			return 0;
+		}
+	}
 	if (bpf_map_lookup_elem(&snat_ct, &s->in)) {
 		s->err = -EEXIST;
 		return 0; /* taken: the next candidate */
 	}
+	if (s->eim) { /* claim the owner first; released when the IN key cannot go in */
+		s->err = bpf_map_update_elem(&snat_eim, &s->okey, &s->oval, BPF_NOEXIST);
+		if (s->err == -EEXIST)
+			return 0;
+		if (s->err)
+			return 1; /* -E2BIG: the mapping table is full */
+	}
 	s->err = bpf_map_update_elem(&snat_ct, &s->in, &s->val, BPF_NOEXIST);
+	if (s->err && s->eim)
+		bpf_map_delete_elem(&snat_eim, &s->okey);
 	return s->err != -EEXIST; /* -EEXIST: another CPU took it since the lookup */
 }
 
