@@ -307,7 +307,22 @@ def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None
         raise
     except RuleError as e:
         raise ConfigError(e.message, e.field, e.where) from None
+    if settings.backend == "nft":
+        for r in ruleset.defined:
+            why = nft_refuses(r)
+            if why:
+                raise ConfigError(why, "filtering", r.where)
     return GatewayConfig(rules=ruleset, settings=settings, source=filename, links=tuple(links))
+
+
+def nft_refuses(rule: Rule) -> str | None:
+    """Why the nft backend cannot honour a rule's NAT behaviour options (None: it can; what it
+    does with the others: docs/nftables.md "NAT behaviour options")."""
+    if rule.filter_mode != "address-port-dependent":
+        return (f"expected address-port-dependent with backend nft, got {rule.filtering}: netfilter's "
+                "conntrack lets in only replies from the remote address and port a session was made "
+                "toward (use backend bpf for address-dependent or endpoint-independent filtering)")
+    return None
 
 
 def _once(cur: _Cursor, seen: dict[str, Token], t: Token, label: str | None = None) -> None:

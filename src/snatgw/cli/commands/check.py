@@ -44,12 +44,33 @@ def config_warnings(cfg: GatewayConfig) -> list[str]:
                        f"{lk.oif or '-'}): a failure of it moves nothing")
         if s.outside and lk.oif and lk.oif not in s.outside:
             out.append(f"{lk.where}: link {lk.name}: oif {lk.oif} is not among the outside interfaces")
+    out += nat_behaviour_warnings(cfg)
     missing = [k for k in ("inside", "outside") if not getattr(s, k)]
     if missing:
         out.append(f"{cfg.source}: no {' or '.join(missing)} interfaces in a snatgw {{ }} block: "
                    f"give them there or to `snatgw run --{missing[0]} IF`")
     if not len(cfg.rules):
         out.append(f"{cfg.source}: no snat_rule: nothing will be translated")
+    return out
+
+
+def nat_behaviour_warnings(cfg: GatewayConfig) -> list[str]:
+    """mapping endpoint-independent: what the nft backend makes of it, and pools shared with
+    endpoint-dependent rules (whose sessions do not respect an endpoint's ownership)."""
+    out = []
+    eim = [r for r in cfg.rules.defined if r.eim]
+    for r in eim:
+        if cfg.settings.backend == "nft":
+            out.append(f"{r.where}: mapping: with backend nft, endpoint-independent is what netfilter's "
+                       "`snat persistent` does while the inside port is free (the kernel keeps a socket's "
+                       "address and port toward every remote), not a guarantee: another inside host may "
+                       "hold that port toward the same remote, and there is no hairpinning (docs/nftables.md)")
+        for o in cfg.rules.defined:
+            if not o.eim and int(o.pool.first) <= int(r.pool.last) and int(r.pool.first) <= int(o.pool.last):
+                out.append(f"{r.where}: snat_ip: {r.pool.short()} shares addresses with the endpoint-dependent "
+                           f"rule at {o.where} ({o.pool.short()}): a session of that rule may take an "
+                           "endpoint's external port toward one remote, and the endpoint's own session to "
+                           "that remote is then refused (give endpoint-independent rules pools of their own)")
     return out
 
 

@@ -279,12 +279,18 @@ def occupy(engine, sessions: list[dict]) -> None:
         engine.table.insert(ok, CtEntry(peer=ik, rw_addr=nat, rw_port=nport, oif="", nexthop=None, rule_id=rid,
                                         mtu=1500, last_seen=0.0))  # fmt: skip
         engine._live(engine.host_live, src).sessions += 1
+        rule = engine._rule_by_id.get(rid)
+        if rule is not None and rule.eim and proto in (6, 17):  # its endpoint-independent mapping
+            from ...model.eim import EimEntry, endpoint_key, owner_key
+
+            engine.eim.upsert(endpoint_key(src, sport, proto), EimEntry(nat, nport, rid, None, 0.0))
+            engine.eim.upsert(owner_key(nat, nport, proto), EimEntry(src, sport, rid, None, 0.0))
 
 
 def address_choice(cfg, rule, s: "Summary") -> dict:
     """Which SNAT address the rule's algorithm picks for the packet, and the order the
     search takes (docs/datapath.md steps 12-13)."""
-    from ...config.schema import rule_host_limit, rule_spill
+    from ...config.schema import rule_host_limit, rule_preserve, rule_spill
     from ...rules import select_index, spill_order
 
     st = cfg.settings
@@ -299,6 +305,8 @@ def address_choice(cfg, rule, s: "Summary") -> dict:
         "chosen": str(order[0]), "index": first, "pool_size": rule.pool.size, "how": how,
         "on_exhausted": "spill" if spill else "drop", "order": [str(a) for a in order],
         "port_tries": tries, "max_sessions_per_host": rule_host_limit(rule, st),
+        "port_preserve": rule_preserve(rule, st), "mapping": rule.mapping or "endpoint-dependent",
+        "filtering": rule.filter_mode if rule.eim else None,
     }  # fmt: skip
 
 
@@ -379,6 +387,12 @@ def render_text(d: dict) -> str:
             out.append(f"           spilled over: {a['chosen']} had no free port in {src}")
         if a["max_sessions_per_host"]:
             out.append(f"           at most {a['max_sessions_per_host']} sessions per inside host")
+        if a.get("port_preserve"):
+            out.append(f"           port_preserve yes: port {p['src'].rpartition(':')[2]} itself is tried first "
+                       "(when in the port range)")
+        if a.get("mapping") == "endpoint-independent":
+            out.append(f"           mapping endpoint-independent, filtering {a['filtering']}: a live mapping of "
+                       f"{p['src']} is reused toward every remote")
         out.append(f"           (judged against {src}" + (f" of {d['live_sessions']} sessions)"
                                                          if d.get("live_sessions") is not None
                                                          else "; --live reads the running gateway's)"))

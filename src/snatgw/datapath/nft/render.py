@@ -81,6 +81,12 @@ def assign_slots(rules: RuleSet) -> dict[tuple, int]:
     so a rule keeps its slot (and its sessions' ct mark) across reloads that leave it alone."""
     if len(rules) > SLOTS:
         raise BackendError(f"the nft backend handles at most {SLOTS} rules, got {len(rules)}")
+    from ...config.parse import nft_refuses
+
+    for r in rules:
+        why = nft_refuses(r)
+        if why:
+            raise BackendError(f"{r.where or r.identity_text()}: filtering: {why}")
     used: dict[int, tuple] = {}
     out: dict[tuple, int] = {}
     for r in sorted(rules, key=lambda r: r.rule_id):
