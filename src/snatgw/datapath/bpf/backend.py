@@ -582,7 +582,7 @@ class BpfBackend:
         total = m.live_total()
         # the table's room as the map has it (a reader of pins does not know the settings)
         pressure = pressure_summary(live[L.MAP_HOST_SESS], live[L.MAP_ADDR_STATS], total, m.ct.max_entries // 2)
-        return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=total, pressure=pressure)
+        return Stats(reasons=self._reasons(m), rules=m.rule_counters(), sessions=total, pressure=pressure)
 
     def refusals(self) -> list[dict]:
         """The refusal markers (DatapathMaps.refusal_markers): recently refused new flows."""
@@ -591,7 +591,19 @@ class BpfBackend:
     def counters(self) -> Stats:
         """stats() without the session count (the daemon samples these for rates)."""
         m = self._m()
-        return Stats(reasons=m.reasons(), rules=m.rule_counters(), sessions=-1)
+        return Stats(reasons=self._reasons(m), rules=m.rule_counters(), sessions=-1)
+
+    def _reasons(self, m: DatapathMaps) -> dict[str, int]:
+        """The datapath's reasons; DROP_LEAK also counts the leak guard table's drops
+        (guard.py): netfilter's postrouting comes before the TC egress hook, so a packet the
+        kernel routes toward an uplink with a `from` source meets the table first."""
+        reasons = m.reasons()
+        if not self.readonly:
+            try:
+                reasons["DROP_LEAK"] = reasons.get("DROP_LEAK", 0) + guard.dropped()
+            except BackendError:
+                pass
+        return reasons
 
     def flush(self, rule_id: int | None = None, inside: ipaddress.IPv4Address | None = None,
               nat: ipaddress.IPv4Address | None = None) -> int:

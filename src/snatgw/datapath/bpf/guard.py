@@ -30,6 +30,10 @@ log = logging.getLogger("snatgw.bpf")
 
 TABLE = "snatgw_guard"
 FAMILY = "ip"
+#: after the nft backend's own leak_guard chain (200), which counts its drops as DROP_LEAK; for
+#: the bpf backend netfilter's postrouting comes before the TC egress program anyway, so its
+#: stats add this table's counter to DROP_LEAK
+PRIORITY = 300
 
 
 def _prefix(netns: str | None) -> list[str]:
@@ -51,7 +55,7 @@ def guard_text(nets, outside) -> str:
     without `from` nets or uplinks: the table stays, empty)."""
     nets = sorted({IPv4Network(n) for n in nets}, key=lambda n: (int(n.network_address), n.prefixlen))
     lines = [f"add table {FAMILY} {TABLE}", f"flush table {FAMILY} {TABLE}",
-             f"add chain {FAMILY} {TABLE} postrouting {{ type filter hook postrouting priority 200; policy accept; }}"]
+             f"add chain {FAMILY} {TABLE} postrouting {{ type filter hook postrouting priority {PRIORITY}; policy accept; }}"]
     if nets and outside:
         lines.append(f"add rule {FAMILY} {TABLE} postrouting oifname {{ {', '.join(sorted(outside))} }} "
                      f"ip saddr {{ {', '.join(str(n) for n in nets)} }} fib saddr . oif type != local "
