@@ -80,6 +80,26 @@ def reply_to(engine, draw):
     return Step("outside", dev, raw(pkt))
 
 
+def to_mapping(engine, draw):
+    """A packet to a live session's SNAT (address, port) from elsewhere: a remote that has no
+    session there (filtering), or an inside host (hairpinning), TCP (any flags) or UDP."""
+    outs = [(k, e) for k, e in engine.table.entries().items() if k.dir == CT_DIR_OUT and k.proto != IPPROTO_ICMP]
+    if not outs:
+        return None
+    k, e = draw(st.sampled_from(sorted(outs, key=lambda p: p[0])))
+    inside = draw(st.booleans())
+    src = draw(st.sampled_from(INSIDE_SRC[:5] if inside else REMOTES[:6]))
+    ip = IP(src=src, dst=str(e.rw_addr), ttl=draw(st.sampled_from([64, 64, 1])))
+    sport = draw(st.sampled_from([k.dport, 7000, 40000]))
+    if k.proto == IPPROTO_TCP:
+        pkt = ip / TCP(sport=sport, dport=e.rw_port, flags=draw(st.sampled_from(["S", "S", "SA", "A"])))
+    else:
+        pkt = ip / UDP(sport=sport, dport=e.rw_port) / b"m"
+    if inside:
+        return Step("inside", "lan50" if src.startswith("198.18.50") else "lan40", raw(pkt))
+    return Step("outside", "eth2" if src.startswith("198.51.100") else "eth1", raw(pkt))
+
+
 def error_about(engine, draw):
     """An ICMP error: from outside about an outbound packet, or from inside/egress about a reply."""
     pairs = [(k, e) for k, e in engine.table.entries().items() if k.dir == CT_DIR_OUT]
@@ -127,13 +147,15 @@ def mutate(pkt: bytes, draw) -> bytes:
 def traffic(draw, engine):
     steps = []
     for _ in range(draw(st.integers(1, 16))):
-        kind = draw(st.sampled_from(["out"] * 3 + ["reply"] * 3 + ["error"] * 2 + ["mutate", "frag"]))
+        kind = draw(st.sampled_from(["out"] * 3 + ["reply"] * 3 + ["error"] * 2 + ["mutate", "frag", "mapping"]))
         if kind == "out":
             s = draw(outbound())
         elif kind == "reply":
             s = reply_to(engine, draw)
         elif kind == "error":
             s = error_about(engine, draw) or draw(outbound())
+        elif kind == "mapping":
+            s = to_mapping(engine, draw) or draw(outbound())
         elif kind == "frag":  # a datagram's first fragment and/or the rest, in either order
             s = draw(outbound())
             p = IP(s.packet)
@@ -161,7 +183,12 @@ def yield_engine_step(engine, s, i):
     s.result = engine.process(s.packet, s.side, s.ingress, i / 1000)
 
 
-RULESETS = {"ref": REF_RULES, "failover": FAILOVER_RULES}
+#: endpoint-independent mapping: the filtering that admits anyone, and the one that admits the
+#: addresses its endpoints talk to (their sessions' replies, errors and fragments as ever)
+EIM = {"from": "198.18.0.0/16", "snat_ip": "198.19.2.71-198.19.2.72", "algo": "sh", "mapping": "endpoint-independent"}
+RULESETS = {"ref": REF_RULES, "failover": FAILOVER_RULES,
+            "eim-eif": [dict(EIM, filtering="endpoint-independent", port_preserve="yes")],
+            "eim-adf": [dict(EIM, filtering="address-dependent")]}  # fmt: skip
 
 
 TABLES = (64, 3)  # session table sizes: roomy, and one that fills up

@@ -80,3 +80,54 @@ def test_two_cpus_racing_for_one_address_leave_a_consistent_table(refnet):
         assert {a: s for a, (s, _) in hosts.items()} == {a: n for a, n in by_host.items() if n or a in hosts}
         (rule_sessions,) = (s for s, _ in live[L.MAP_RULE_LIVE].values())
         assert rule_sessions == len(outs)
+
+
+def test_two_cpus_making_endpoint_independent_mappings_never_share_one(refnet):
+    """mapping endpoint-independent under the same race: both CPUs make new endpoints whose
+    source ports (shared counter) give the same first candidates on one address, so they fight
+    for the same owners.  Afterwards every endpoint owns its (address, port) alone (its OWNER
+    points back, no two endpoints share one), every session uses its endpoint's mapping, and
+    nothing is left half made."""
+    from snatgw.datapath.bpf.testrun import ProgHarness
+
+    rounds = 3000  # per CPU
+    rules = RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": SNAT, "algo": "sh",
+                                     "mapping": "endpoint-independent"})])  # fmt: skip
+    settings = Settings(port_min=5000, port_max=12999, port_tries=64)
+    with ProgHarness(refnet, defines={"SNAT_BENCH": 1}, test=False, max_sessions=16384) as h:
+        h.apply(rules, settings)
+        cpus = sorted(os.sched_getaffinity(0))
+        cpus = [cpus[0], cpus[-1]]
+        errors: list[BaseException] = []
+        start = threading.Barrier(2)
+
+        def run(cpu: int, host: str) -> None:
+            try:
+                os.sched_setaffinity(0, {cpu})
+                pkt = raw(IP(src=host, dst=R1) / UDP(sport=10000, dport=53) / PAD)
+                start.wait()
+                for _ in range(rounds // 500):
+                    h.bench("bench_new", pkt, "lan40", 500)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(c, host)) for c, host in zip(cpus, HOSTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+
+        outs = {k: e for k, e in h.ct().items() if k[5] == L.CT_DIR_OUT}
+        eim = h.eim()
+        endpoints = {(k[0], k[2]): (v[0], v[1]) for k, v in eim.items() if k[4] == L.EIM_DIR_ENDPOINT}
+        owners = {(k[0], k[2]): (v[0], v[1]) for k, v in eim.items() if k[4] == L.EIM_DIR_OWNER}
+        assert len(outs) > 1000 and len(endpoints) == len(outs)  # one session per new endpoint here
+        assert len(set(endpoints.values())) == len(endpoints)  # no two endpoints share a mapping
+        assert owners == {m: ep for ep, m in endpoints.items()}  # each owner points back, none extra
+        for k, e in outs.items():
+            assert endpoints[(k[0], k[2])] == (IPv4Address(e["rw_addr"]), e["rw_port"])
+            assert e["flags"] & L.CT_F_EIM
+        reasons = h.reasons()
+        assert sum(reasons.values()) == 2 * rounds
+        assert reasons.get(L.Reason.XLATE_NEW, 0) == len(outs)
