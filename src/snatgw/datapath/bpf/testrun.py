@@ -288,8 +288,11 @@ class ProgHarness:
             m.delete(k)
         for k in self.maps[L.MAP_FRAGS].keys():
             self.maps[L.MAP_FRAGS].delete(k)
-        for k in self.maps[L.MAP_EIM].keys():
-            self.maps[L.MAP_EIM].delete(k)
+        # and what a fresh datapath would not have either: mappings, refusal markers (a
+        # marker of the last run's flow would refuse the same flow again), live counts
+        for name in (L.MAP_EIM, L.MAP_REFUSED, L.MAP_HOST_SESS, L.MAP_ADDR_STATS, L.MAP_RULE_LIVE):
+            for k in self.maps[name].keys():
+                self.maps[name].delete(k)
 
 
 def _key_tuple(k: dict) -> tuple:

@@ -109,11 +109,12 @@ static __noinline int snat_v4_hairpin(struct __sk_buff *skb, struct pkt *p, stru
 		return 1; /* the caller makes it (eim_hairpin_admit) and comes again */
 	made = !!(reason & HAIRPIN_LAST); /* (on the second call, the session was just made) */
 	reason &= ~HAIRPIN_LAST;
-	if (!in)
+	o = in ? ct_lookup4(&in->peer) : NULL;
+	if (!in || !o) { /* the sender's new session stays (and counts): its next packet tries again */
+		if (reason == REASON_XLATE_NEW)
+			stats_rule_session(e->rule_id);
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_NO_SESSION);
-	o = ct_lookup4(&in->peer);
-	if (!o)
-		return verdict_set(v, VERDICT_DROP, REASON_DROP_NO_SESSION);
+	}
 	if (p->proto == IPPROTO_TCP_) {
 		if (reason == REASON_XLATE_OUT)
 			e->state = ct_tcp_next(e->state, (e->flags & CT_F_REPLIED) ? TCP_TBL_IN : TCP_TBL_IN_ONLY,

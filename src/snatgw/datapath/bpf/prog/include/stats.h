@@ -29,6 +29,20 @@ static __always_inline void stats_rule(__u32 rule_id, __u32 bytes, int new_sessi
 	bpf_map_update_elem(&snat_rule_stats, &rule_id, &init, BPF_NOEXIST);
 }
 
+/* A new session of the rule whose first packet was not translated (a hairpinned packet whose
+ * receiver is gone): sessions +1 only */
+static __always_inline void stats_rule_session(__u32 rule_id)
+{
+	struct rule_stats *s = bpf_map_lookup_elem(&snat_rule_stats, &rule_id);
+	struct rule_stats init = { .sessions = 1 };
+
+	if (s) {
+		s->sessions += 1;
+		return;
+	}
+	bpf_map_update_elem(&snat_rule_stats, &rule_id, &init, BPF_NOEXIST);
+}
+
 /* Live counts (struct live_count) of an inside host, SNAT address or rule: +1 session or +1
  * refusal, atomically; the entry is made (NOEXIST) on first use.  The expiry sweep recounts
  * sessions.  A full map (or a lost race on the first insert, retried once) drops the count. */
