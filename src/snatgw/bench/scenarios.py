@@ -83,11 +83,11 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     offered = w.offered if gw.name != "drop" else w.packets
     rec = {"metric": "pps", "value": offered / w.seconds if w.seconds > 0 else 0.0, "offered": offered,
            "seconds": round(w.seconds, 4), "cpu": w.cpu, "cpu_ns": None, "loadavg": loadavg()}  # fmt: skip
+    if w.task_cpu_s is not None and offered:  # drop's too: the pipeline CPU figure pairs with it
+        rec["cpu_ns"] = w.task_cpu_s * 1e9 / offered
     if gw.name == "drop":
         return rec
     rec["delivered_pps"] = w.translated / w.seconds if w.seconds > 0 else 0.0
-    if w.task_cpu_s is not None and offered:
-        rec["cpu_ns"] = w.task_cpu_s * 1e9 / offered
     if prog:
         rec.update(prog)
     if gw.name == "nft-kernel":
