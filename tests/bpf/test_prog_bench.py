@@ -12,9 +12,10 @@ def test_progbench_measures_every_case():
     """All cases come back with a number (no timing is asserted)."""
     from snatgw.bench.progbench import measure
 
-    rows = measure(repeat=50, rounds=1, new_flows=20)
+    rows = measure(repeat=50, rounds=1, new_flows=20, cold_sessions=2000)
     names = [r[0] for r in rows]
-    assert {"established (udp out)", "new flow (udp)", "reply (udp in)", "icmp error in"} <= set(names)
+    assert {"established (udp out)", "new flow (udp)", "reply (udp in)", "icmp error in",
+            "new flow (udp), 2k sessions"} <= set(names)
     assert all(isinstance(ns, (int, float)) for _, ns, _ in rows)
 
 

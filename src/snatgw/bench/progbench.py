@@ -1,6 +1,7 @@
 """Per-packet cost of the datapath programs alone, by BPF_PROG_TEST_RUN with repeat, in a
 private REF namespace: established flow, new flow, reply, ICMP error, no-rule pass, and the
-egress program on an ordinary packet (every translated packet crosses it).
+egress program on an ordinary packet (every translated packet crosses it), and a new flow
+over a table of half a million sessions (cold hash buckets, as in the live path).
 
 Uses the SNAT_BENCH build, whose bench_* wrappers put the packet back after each round (a
 repeated test-run reuses one skb) and, for new flows, set a fresh source port every round;
@@ -31,6 +32,7 @@ RULES = [  # the REF rules (plan.md)
      "algo": "sdh"},
     {"from": "198.18.0.0/16", "new_gw": "198.19.2.1", "snat_ip": "198.19.2.71-198.19.2.73", "algo": "sh"},
 ]  # fmt: skip
+COLD_SESSIONS = 480_000  # sessions in the table of the cold new-flow case
 TARGETS = {"established (udp out)": 150, "established (tcp out)": 150, "new flow (udp)": 1500}
 
 
@@ -40,8 +42,8 @@ def _median_ns(h: ProgHarness, prog: str, pkt: bytes, dev: str, repeat: int, rou
 
 
 def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000,
-            many_rules: bool = False) -> list[tuple[str, float, int | None]]:  # fmt: skip
-    """[(case, ns per packet, target or None)]."""
+            many_rules: bool = False, cold_sessions: int = COLD_SESSIONS) -> list[tuple[str, float, int | None]]:  # fmt: skip
+    """[(case, ns per packet, target or None)]; ``cold_sessions`` 0: no cold-table case."""
     rs = RuleSet([Rule.from_dict(d) for d in RULES])
     settings = Settings(port_tries=64)
     out = []
@@ -77,6 +79,8 @@ def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000,
             out.append(("(wrapper, subtracted)", base, None))
         est = next(ns for name, ns, _ in out if name == "established (udp out)")
         out += _pressure(net, repeat, rounds, new_flows, est)
+        if cold_sessions:
+            out.append(_new_flow_cold(net, cold_sessions, min(new_flows, 20_000), max(1, rounds // 3)))
         if many_rules:
             out.append(_new_flow_many_rules(net, repeat=min(new_flows, 2000), rounds=rounds))
     return out
@@ -108,6 +112,28 @@ def _pressure(net: RefNet, repeat: int, rounds: int, new_flows: int, est: float)
     return out
 
 
+def _new_flow_cold(net: RefNet, sessions: int, new_flows: int, rounds: int) -> tuple[str, float, None]:
+    """A new flow over a table that already holds ``sessions`` sessions (a 2M-entry map, as
+    `snatgw bench` configures for its new-flow scenarios): the hash buckets and entries it
+    touches are no longer in the cache, as in the live path.  The table is filled by test runs
+    from other hosts (up to 60,000 flows each, each host to its own server port), then new
+    flows come from fresh hosts; the least disturbed of ``rounds``."""
+    per_host = min(sessions, 60_000)
+    hosts = max(1, -(-sessions // per_host))
+    best = None
+    with ProgHarness(net, defines={"SNAT_BENCH": 1}, test=False, max_sessions=1 << 20) as h:
+        h.apply(RuleSet([Rule.from_dict(d) for d in RULES]), Settings(port_tries=64))
+        for i in range(hosts):  # bench_new: a fresh source port every run
+            pkt = raw(IP(src=f"198.18.40.{100 + i}", dst=f"203.0.113.{20 + i}") / UDP(sport=1, dport=53 + i) / PAD)
+            h.bench("bench_new", pkt, "lan40", min(per_host, sessions - i * per_host))
+        for r in range(rounds):
+            pkt = raw(IP(src=f"198.18.40.{10 + r}", dst=R1) / UDP(sport=1, dport=1000 + r) / PAD)
+            base = _median_ns(h, "bench_noop", pkt, "lan40", new_flows, 3)
+            ns = h.bench("bench_new", pkt, "lan40", new_flows) - base
+            best = ns if best is None else min(best, ns)
+    return (f"new flow (udp), {sessions // 1000}k sessions", best, None)
+
+
 def _new_flow_many_rules(net: RefNet, repeat: int, rounds: int) -> tuple[str, float, None]:
     """A new flow that only the last of 16384 rules matches (the rule scan's worst case)."""
     filler = [Rule.from_dict({"from": f"10.{i // 256}.{i % 256}.0/24", "snat_ip": "198.19.2.71"})
@@ -129,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=15, help="measurements per case; the minimum is shown")
     ap.add_argument("--new-flows", type=int, default=20_000, help="sessions created by the new-flow run")
     ap.add_argument("--many-rules", action="store_true", help="also: a new flow scanning 16384 rules")
+    ap.add_argument("--cold-sessions", type=int, default=COLD_SESSIONS,
+                    help=f"sessions already in the table of the cold new-flow case (default {COLD_SESSIONS}; 0: skip)")
     a = ap.parse_args(argv)
-    rows = measure(a.repeat, a.rounds, a.new_flows, a.many_rules)
+    rows = measure(a.repeat, a.rounds, a.new_flows, a.many_rules, a.cold_sessions)
     print(f"{'case':<26} {'ns/pkt':>8} {'target':>8}")
     for name, ns, target in rows:
         mark = "" if target is None else ("  ok" if ns <= target else "  OVER")
