@@ -337,6 +337,27 @@ MAP_EIM = "snat_eim"  # HASH (no prealloc)
 EIM_DIR_ENDPOINT = 0  # (inside addr, inside port, proto) -> its external (addr, port)
 EIM_DIR_OWNER = 1  # (external addr, port, proto) -> the inside endpoint that owns it
 EIM_DIR_PERMIT = 2  # (inside addr, port, proto, remote addr): ADF lets that remote's any port in
+#: the audit log (issue 13): session create/end records, when `audit_log` is set (CFG_F_AUDIT)
+MAP_AUDIT = "snat_audit"  # RINGBUF of struct audit_rec, AUDIT_RING_BYTES
+MAP_AUDIT_CNT = "snat_audit_cnt"  # PERCPU_ARRAY u32 AUDIT_CNT_* -> u64 records
+
+#: the audit ring's size in bytes (a power of two, a multiple of the page size): each record
+#: takes 8 bytes of ring header + struct audit_rec (48 bytes), so 2 MiB hold ~37,000 records
+#: the daemon has not read yet; a record that finds it full is dropped and counted
+#: (AUDIT_CNT_LOST), never waited for
+AUDIT_RING_BYTES = 1 << 21
+AUDIT_NEW = 1  # audit_rec.kind: a session was created (after its pair was inserted)
+AUDIT_END = 2  # a session was removed
+#: audit_rec.why of an AUDIT_END record
+AUDIT_END_EXPIRED = 1  # idle past its state's timeout (the expiry sweep)
+AUDIT_END_FLUSH = 2  # removed by `snatgw flush` (the sweep's flush mode)
+AUDIT_END_RULE_CHANGE = 3  # removed by a rule change (its address left the rule's pool or link)
+AUDIT_END_DESTROYED = 4  # nft: conntrack destroyed the entry (timeout, flush, rule change: not told apart)
+AUDIT_END_NAMES = {AUDIT_END_EXPIRED: "expired", AUDIT_END_FLUSH: "flush",
+                   AUDIT_END_RULE_CHANGE: "rule_change", AUDIT_END_DESTROYED: "destroyed"}  # fmt: skip
+AUDIT_CNT_WRITTEN = 0  # snat_audit_cnt: records put in the ring
+AUDIT_CNT_LOST = 1  # records dropped because the ring was full
+AUDIT_CNT_N = 2
 
 IFACE_INSIDE = 1  # role: an inside device (a new flow routed out of it is internal)
 IFACE_OUTSIDE = 2  # role: an uplink
@@ -362,6 +383,7 @@ CFG_F_UNMATCHED_DROP = 0x1  # `unmatched drop`: no-rule flows are dropped
 CFG_F_REFUSE_ICMP = 0x4  # `refuse_icmp yes`: a host over its limit gets ICMP host unreachable
 CFG_F_INBOUND_ROUTED = 0x2  # `inbound routed`: uplink packets without a session may be routed inside
 CFG_F_EIM = 0x8  # some rule maps endpoint-independently: look owners up (filtering, hairpinning)
+CFG_F_AUDIT = 0x10  # `audit_log` set: session create/end records go to snat_audit
 
 #: the expiry sweep (sweep.bpf.c: a BPF_PROG_TYPE_SYSCALL program walking snat_ct)
 SWEEP_EXPIRE = 0  # remove expired pairs and old half pairs, recount the live counts
@@ -582,6 +604,24 @@ EIM_ENTRY = _declare(Struct("eim_entry", "ENDPOINT: its mapping; OWNER: its endp
     ("last_seen", "__u64", "made, or last used by a new session (the sweep's grace counts from it)"),
 )))  # fmt: skip
 
+AUDIT_REC = _declare(Struct("audit_rec", "an audit log record: a session created or ended", (
+    ("ts", "__u64", "snat_now() (CLOCK_MONOTONIC ns, tick-coarse) of the event"),
+    ("inside", "__be32", "inside host address"),
+    ("nat", "__be32", "SNAT address"),
+    ("remote", "__be32", "remote address"),
+    ("inside_port", "__be16", "inside port (ICMP query: its identifier; no ports: 0)"),
+    ("nat_port", "__be16", "SNAT port (ICMP query: the SNAT identifier)"),
+    ("remote_port", "__be16", "remote port (ICMP: 0)"),
+    ("kind", "__u8", "AUDIT_NEW or AUDIT_END"),
+    ("proto", "__u8", "IPPROTO_*"),
+    ("rule_id", "__u32", "id of the rule that created the session"),
+    ("why", "__u8", "AUDIT_END: AUDIT_END_*; AUDIT_NEW: 0"),
+    ("state", "__u8", "enum ct_state of the session (AUDIT_END: its last)"),
+    ("pad", "__u16", "zero"),
+    ("pad2", "__u32", "zero"),
+    ("last_seen", "__u64", "AUDIT_END: snat_now() of the session's last packet (either direction); AUDIT_NEW: ts"),
+)))  # fmt: skip
+
 LIVE_COUNT = _declare(Struct("live_count", "live sessions and refusals of a host, SNAT address or rule", (
     ("sessions", "__u32", "live sessions: +1 at creation (atomic), recounted by the expiry sweep"),
     ("refusals", "__u32", "new flows refused (port exhaustion, host limit), cumulative"),
@@ -612,6 +652,7 @@ def render_header() -> str:
         ("SNAT_MAX_REFUSED", MAX_REFUSED), ("SNAT_SEARCH_TRIES", SEARCH_TRIES),
         ("SNAT_REFUSED_SECS", REFUSED_SECS), ("SNAT_REFUSE_ICMP_PER_SEC", REFUSE_ICMP_PER_SEC),
         ("SNAT_MAX_INSIDE_ADDRS", MAX_INSIDE_ADDRS), ("SNAT_EIM_PER_SESSION", EIM_PER_SESSION),
+        ("SNAT_MAX_INSIDE_ADDRS", MAX_INSIDE_ADDRS), ("SNAT_AUDIT_RING_BYTES", AUDIT_RING_BYTES),
     ]:  # fmt: skip
         out += [f"#ifndef {n}", f"#define {n} {v}", "#endif"]
     out += ["#ifndef SNAT_PORT_TRIES", f"#define SNAT_PORT_TRIES {PORT_TRIES_MAX} /* port search bound */", "#endif"]
@@ -624,7 +665,10 @@ def render_header() -> str:
         "EIM_DIR_ENDPOINT": EIM_DIR_ENDPOINT, "EIM_DIR_OWNER": EIM_DIR_OWNER, "EIM_DIR_PERMIT": EIM_DIR_PERMIT,
         "CT_F_REPLIED": CT_F_REPLIED, "CT_F_NEW_GW": CT_F_NEW_GW,
         "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "CFG_F_INBOUND_ROUTED": CFG_F_INBOUND_ROUTED,
-        "CFG_F_REFUSE_ICMP": CFG_F_REFUSE_ICMP,
+        "CFG_F_REFUSE_ICMP": CFG_F_REFUSE_ICMP, "CFG_F_AUDIT": CFG_F_AUDIT,
+        "AUDIT_NEW": AUDIT_NEW, "AUDIT_END": AUDIT_END, "AUDIT_END_EXPIRED": AUDIT_END_EXPIRED,
+        "AUDIT_END_FLUSH": AUDIT_END_FLUSH, "AUDIT_CNT_WRITTEN": AUDIT_CNT_WRITTEN,
+        "AUDIT_CNT_LOST": AUDIT_CNT_LOST, "AUDIT_CNT_N": AUDIT_CNT_N,
         "REASON_MAX": REASON_MAX,
         "TCP_STATE_COUNT": TCP_STATE_COUNT,
         "IFACE_INSIDE": IFACE_INSIDE, "IFACE_OUTSIDE": IFACE_OUTSIDE,

@@ -8,6 +8,9 @@ from ..layout import DEFAULT_TIMEOUTS, MAX_SESSIONS, PORT_MAX, PORT_MIN, PORT_TR
 from ..rules import Rule, RuleSet
 
 BACKENDS = ("bpf", "nft")
+AUDIT_LOG_MAX_SIZE = 100 * 1024 * 1024  # default audit_log_max_size: 100M
+AUDIT_LOG_KEEP = 5  # default audit_log_keep
+AUDIT_LOG_MAX_KEEP = 1000
 SNAT_ADDRESS_MODES = ("external", "manage")
 ON_EXHAUSTED = ("spill", "drop")
 
@@ -59,6 +62,11 @@ class Settings:
     #: set (`allow_empty yes`): an empty or truncated file must never turn NAT off by accident
     allow_empty: bool = False
     metrics_listen: str | None = None  # "ADDR:PORT" of the Prometheus /metrics listener (None: off)
+    #: the audit log of mappings (snatgw.daemon.audit): an absolute file path (JSON lines,
+    #: rotated by size), "syslog", or None (off: the datapath emits nothing)
+    audit_log: str | None = None
+    audit_log_max_size: int = AUDIT_LOG_MAX_SIZE  # bytes of the file before it is rotated
+    audit_log_keep: int = AUDIT_LOG_KEEP  # rotated files kept (audit.jsonl.1 .. .N)
 
     def timeout(self, state: int) -> int:
         return dict(self.timeouts)[int(state)]

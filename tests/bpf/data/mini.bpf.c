@@ -36,6 +36,9 @@ struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_INSIDE_AD
 struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_EIM_PER_SESSION * SNAT_MAX_SESSIONS);
 	 __uint(map_flags, BPF_F_NO_PREALLOC);
 	 __type(key, struct eim_key); __type(value, struct eim_entry); } snat_eim SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, SNAT_AUDIT_RING_BYTES); } snat_audit SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, AUDIT_CNT_N);
+	 __type(key, __u32); __type(value, __u64); } snat_audit_cnt SEC(".maps");
 
 static __always_inline int count(__u32 reason)
 {
@@ -53,7 +56,7 @@ SEC("tc") int snat_recirc(struct __sk_buff *skb) { return count(REASON_DROP_FRAG
 /* Keep every layout struct in BTF even if no map used it. */
 struct snat_layout_all { struct ct_key a; struct ct_entry b; struct snat_rule c;
 	struct snat_cfg d; struct frag_key e; struct frag_entry f; struct rule_stats g;
-	struct live_count h; struct lpm_v4 i; };
+	struct live_count h; struct lpm_v4 i; struct audit_rec j; };
 struct snat_layout_all snat_layout_all_ SEC(".data.layout");
 
 char _license[] SEC("license") = "GPL";

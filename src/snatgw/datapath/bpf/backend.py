@@ -655,6 +655,8 @@ class BpfBackend:
                           "found": now})  # fmt: skip
         maps = []
         for name, mp in sorted(m.maps.items()):
+            if mp.type == B.BPF_MAP_TYPE_RINGBUF:  # bytes, not entries: no fill to read
+                continue
             fixed = mp.type in (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY)
             maps.append({"name": name, "entries": mp.max_entries if fixed else mp.count(),
                          "max_entries": mp.max_entries})  # fmt: skip  (count: one batch in memory)

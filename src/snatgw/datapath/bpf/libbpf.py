@@ -33,6 +33,7 @@ Stable API (other modules and the bpf-C tests rely on it; only add to it):
 
     test_run(prog_fd, data, ctx=None, repeat=1) -> (retval, data_out, ctx_out, duration_ns)
     run_syscall(prog_fd, ctx=None) -> (retval, duration_ns)   # BPF_PROG_TYPE_SYSCALL programs
+    rb = RingBuffer(map_fd); rb.fileno(); rb.drain(limit) -> [bytes]; rb.close()   # RINGBUF maps
     tc_hook_create(ifindex, point) -> bool(created) ; tc_hook_destroy(ifindex, point)
     tc_attach(ifindex, point, prog_fd, handle=0, priority=0, replace=False)
         -> (handle, priority, prog_id)
@@ -62,13 +63,14 @@ BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_MAP_TYPE_RINGBUF = 27
 PERCPU_TYPES = frozenset({BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
                           BPF_MAP_TYPE_LRU_PERCPU_HASH})  # fmt: skip
 MAP_TYPE_NAMES = {
     BPF_MAP_TYPE_HASH: "hash", BPF_MAP_TYPE_ARRAY: "array",
     BPF_MAP_TYPE_PERCPU_HASH: "percpu_hash", BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
     BPF_MAP_TYPE_LRU_HASH: "lru_hash", BPF_MAP_TYPE_LRU_PERCPU_HASH: "lru_percpu_hash",
-    BPF_MAP_TYPE_LPM_TRIE: "lpm_trie",
+    BPF_MAP_TYPE_LPM_TRIE: "lpm_trie", BPF_MAP_TYPE_RINGBUF: "ringbuf",
 }  # fmt: skip
 
 # map update flags
@@ -152,6 +154,7 @@ assert C.sizeof(ObjGetOpts) == 16 and C.sizeof(_MapInfo) == 88
 
 _P = C.c_void_p
 _PRINT_FN = C.CFUNCTYPE(C.c_int, C.c_int, C.c_char_p, C.c_void_p)
+_SAMPLE_FN = C.CFUNCTYPE(C.c_int, C.c_void_p, C.c_void_p, C.c_size_t)
 _SIGS = {
     "bpf_object__open_file": (_P, [C.c_char_p, _P]),
     "bpf_object__load": (C.c_int, [_P]),
@@ -186,6 +189,11 @@ _SIGS = {
     "bpf_tc_detach": (C.c_int, [_P, _P]),
     "bpf_tc_query": (C.c_int, [_P, _P]),
     "libbpf_set_print": (_P, [_PRINT_FN]),
+    "ring_buffer__new": (_P, [C.c_int, _SAMPLE_FN, _P, _P]),
+    "ring_buffer__consume": (C.c_int, [_P]),
+    "ring_buffer__poll": (C.c_int, [_P, C.c_int]),
+    "ring_buffer__epoll_fd": (C.c_int, [_P]),
+    "ring_buffer__free": (None, [_P]),
     "libbpf_num_possible_cpus": (C.c_int, []),
 }
 
@@ -476,6 +484,63 @@ class Map:
 
     def pin(self, path: str) -> None:
         obj_pin(self.fd, path)
+
+
+# --------------------------------------------------------------------------- ring buffer
+
+#: what RingBuffer's callback returns to stop ring_buffer__consume once a batch is full (any
+#: negative value stops it; the record it was called for is consumed, and kept by us)
+_BATCH_FULL = -_errno.EAGAIN
+
+
+class RingBuffer:
+    """A BPF_MAP_TYPE_RINGBUF map read through libbpf 1.1's ring_buffer__* API (there is no
+    ring_buffer__consume_n before 1.4: a batch is bounded by the callback, which stops the
+    consume once ``limit`` records are in).
+
+        rb = RingBuffer(map_fd)
+        rb.fileno()          # libbpf's epoll fd: readable while the ring holds records
+        rb.drain(limit)      # -> list of records (bytes), at most ``limit``; never blocks
+        rb.close()
+    """
+
+    def __init__(self, map_fd: int):
+        self._batch: list[bytes] = []
+        self._limit = 0
+        self._cb = _SAMPLE_FN(self._sample)  # kept alive as long as the ring
+        ptr = lib().ring_buffer__new(map_fd, self._cb, None, None)
+        self._ptr = _ptr_or_raise(ptr, f"ring_buffer__new (map fd {map_fd})")
+
+    def _sample(self, _ctx, data, size) -> int:
+        self._batch.append(C.string_at(data, size))
+        return _BATCH_FULL if len(self._batch) >= self._limit else 0
+
+    def fileno(self) -> int:
+        if not self._ptr:
+            raise BackendError("ring buffer closed")
+        return lib().ring_buffer__epoll_fd(self._ptr)
+
+    def drain(self, limit: int = 4096) -> list[bytes]:
+        """The records waiting in the ring, oldest first, at most ``limit`` (the rest stay)."""
+        if not self._ptr:
+            raise BackendError("ring buffer closed")
+        self._batch, self._limit = [], max(1, int(limit))
+        ret = lib().ring_buffer__consume(self._ptr)
+        if ret < 0 and -ret != _errno.EAGAIN:
+            _check(ret, "ring_buffer__consume")
+        out, self._batch = self._batch, []
+        return out
+
+    def close(self) -> None:
+        if self._ptr:
+            lib().ring_buffer__free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # --------------------------------------------------------------------------- objects

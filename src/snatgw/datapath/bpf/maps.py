@@ -90,6 +90,8 @@ def map_specs(max_sessions: int = L.MAX_SESSIONS) -> dict[str, MapSpec]:
         MapSpec(L.MAP_REFUSED, B.BPF_MAP_TYPE_LRU_HASH, L.CT_KEY.size, L.REFUSAL.size, L.MAX_REFUSED),
         MapSpec(L.MAP_INSIDE_ADDRS, B.BPF_MAP_TYPE_HASH, 4, 4, L.MAX_INSIDE_ADDRS),
         MapSpec(L.MAP_EIM, B.BPF_MAP_TYPE_HASH, L.EIM_KEY.size, L.EIM_ENTRY.size, L.EIM_PER_SESSION * max_sessions),
+        MapSpec(L.MAP_AUDIT, B.BPF_MAP_TYPE_RINGBUF, 0, 0, L.AUDIT_RING_BYTES),
+        MapSpec(L.MAP_AUDIT_CNT, B.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, L.AUDIT_CNT_N),
     ]
     return {s.name: s for s in specs}
 
@@ -348,6 +350,15 @@ class DatapathMaps:
         for r in L.Reason:
             vals = self.reasons_map.get_percpu(int(r)) or []
             out[r.name] = sum(int.from_bytes(v, "little") for v in vals)
+        return out
+
+    def audit_counts(self) -> dict[str, int]:
+        """Audit records the datapath put in the ring (``written``) and dropped because the
+        ring was full (``lost``), summed over CPUs."""
+        m = self.maps[L.MAP_AUDIT_CNT]
+        out = {}
+        for name, k in (("written", L.AUDIT_CNT_WRITTEN), ("lost", L.AUDIT_CNT_LOST)):
+            out[name] = sum(int.from_bytes(v, "little") for v in m.get_percpu(k) or [])
         return out
 
     def rule_counters(self) -> dict[int, RuleCounters]:

@@ -131,7 +131,8 @@ class ProgHarness:
                                                    L.MAP_REASONS, L.MAP_RULE_STATS, L.MAP_IFACES,
                                                    L.MAP_FROM_NETS, L.MAP_HOST_SESS, L.MAP_ADDR_STATS,
                                                    L.MAP_RULE_LIVE, L.MAP_REFUSED,
-                                                   L.MAP_INSIDE_ADDRS, L.MAP_EIM)}  # fmt: skip
+                                                   L.MAP_INSIDE_ADDRS, L.MAP_EIM, L.MAP_AUDIT,
+                                                   L.MAP_AUDIT_CNT)}  # fmt: skip
         # the REF devices' roles, as the backend writes them from Settings.inside/outside
         for dev, idx in net.ifindex.items():
             role = L.IFACE_INSIDE if dev in INSIDE else L.IFACE_OUTSIDE if dev in OUTSIDE else 0

@@ -15,6 +15,7 @@
 #include "eim.h"
 #include "icmp.h"
 #include "stats.h"
+#include "audit.h"
 
 char LICENSE[] SEC("license") = "GPL"; /* bpf_redirect_neigh and bpf_fib_lookup are GPL-only */
 
@@ -513,6 +514,8 @@ have_in:
 	live_add(&snat_host_sess, &out.saddr, 0);
 	live_add(&snat_addr_stats, &snat, 0);
 	live_add(&snat_rule_live, &r->rule_id, 0);
+	if (cfg->flags & CFG_F_AUDIT) /* the audit log: one branch when it is off */
+		audit_session(&out, &sp->val, AUDIT_KIND(AUDIT_NEW, 0), sp->val.last_seen, sp->val.last_seen);
 	return 0;
 }
 

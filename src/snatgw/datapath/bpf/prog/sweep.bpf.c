@@ -25,6 +25,7 @@
 #include <bpf/bpf_helpers.h>
 #include "snat_layout.h"
 #include "maps.h"
+#include "audit.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -107,6 +108,7 @@ struct {
 struct walk {
 	struct sweep_args *a;
 	struct sweep_res *res;
+	__u32 audit; /* CFG_F_AUDIT: a record per removed session (audit.h) */
 };
 
 static __always_inline int key_eq(const struct ct_key *a, const struct ct_key *b)
@@ -330,8 +332,17 @@ static __always_inline void count_live(const struct ct_key *k, const struct ct_e
 	bump(&sweep_host, &host, 1, res);
 }
 
+/* the audit record of a pair about to be removed (OUT key and entry, the newer last_seen) */
+static __always_inline void audit_end(const struct ct_key *k, const struct ct_entry *out,
+				      const struct ct_entry *in, __u32 why, __u64 now)
+{
+	__u64 last = out->last_seen > in->last_seen ? out->last_seen : in->last_seen;
+
+	audit_session(k, out, AUDIT_KIND(AUDIT_END, why), now ? now : bpf_ktime_get_ns(), last);
+}
+
 static __always_inline void visit_out(const struct sweep_args *a, struct sweep_res *res,
-				      const struct ct_key *k, const struct ct_entry *e)
+				      const struct ct_key *k, const struct ct_entry *e, __u32 audit)
 {
 	struct ct_key peer = e->peer;
 	struct ct_entry *in, *out;
@@ -355,6 +366,8 @@ static __always_inline void visit_out(const struct sweep_args *a, struct sweep_r
 	}
 	if (a->mode == SWEEP_FLUSH) {
 		if (selected(a, k, e)) {
+			if (audit)
+				audit_end(k, e, in, AUDIT_END_FLUSH, a->now);
 			delete_pair(k, &peer);
 			res->removed++;
 			return;
@@ -364,6 +377,8 @@ static __always_inline void visit_out(const struct sweep_args *a, struct sweep_r
 		out = bpf_map_lookup_elem(&snat_ct, k);
 		in = bpf_map_lookup_elem(&snat_ct, &peer);
 		if (out && in && key_eq(&out->peer, &peer) && expired(a->now, out, in)) {
+			if (audit)
+				audit_end(k, out, in, AUDIT_END_EXPIRED, a->now);
 			delete_pair(k, &peer);
 			res->removed++;
 			return;
@@ -398,7 +413,7 @@ static long visit_cb(void *map, const struct ct_key *kp, struct ct_entry *e, str
 
 	w->res->visited++;
 	if (k.dir == CT_DIR_OUT)
-		visit_out(w->a, w->res, &k, e);
+		visit_out(w->a, w->res, &k, e, w->audit);
 	else
 		visit_in(w->a, w->res, &k, e);
 	return 0;
@@ -421,7 +436,7 @@ static long key_cb(__u32 i, struct walk *w)
 		return 0;
 	w->res->visited++;
 	if (k.dir == CT_DIR_OUT)
-		visit_out(w->a, w->res, &k, e);
+		visit_out(w->a, w->res, &k, e, w->audit);
 	else
 		visit_in(w->a, w->res, &k, e);
 	return 0;
@@ -431,6 +446,7 @@ SEC("syscall")
 int snat_sweep(void *ctx)
 {
 	__u32 zero = 0;
+	struct snat_cfg *cfg;
 	struct walk w = {
 		.a = bpf_map_lookup_elem(&sweep_args, &zero),
 		.res = bpf_map_lookup_elem(&sweep_res, &zero),
@@ -438,6 +454,8 @@ int snat_sweep(void *ctx)
 
 	if (!w.a || !w.res)
 		return -1;
+	cfg = bpf_map_lookup_elem(&snat_config, &zero);
+	w.audit = cfg && (cfg->flags & CFG_F_AUDIT);
 	switch (w.a->phase) {
 	case SWEEP_BEGIN:
 		walk_begin(&w);

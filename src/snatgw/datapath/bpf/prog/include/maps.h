@@ -129,6 +129,21 @@ struct {
 	__type(value, struct eim_entry);
 } snat_eim SEC(".maps");
 
+/* The audit log (issue 13): a record per session created and ended (struct audit_rec, audit.h),
+ * read by the daemon through the ring's epoll fd.  Written only under CFG_F_AUDIT. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, SNAT_AUDIT_RING_BYTES);
+} snat_audit SEC(".maps");
+
+/* Audit records by outcome (AUDIT_CNT_WRITTEN, AUDIT_CNT_LOST: the ring was full), per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, AUDIT_CNT_N);
+	__type(key, __u32);
+	__type(value, __u64);
+} snat_audit_cnt SEC(".maps");
+
 #ifdef SNAT_TEST
 /* Test builds only: the clock (ns) the programs read when it is not 0, so the differential
  * tests run the programs at the model's times (refusal markers, fragment timeouts). */

@@ -54,6 +54,12 @@
 #ifndef SNAT_EIM_PER_SESSION
 #define SNAT_EIM_PER_SESSION 2
 #endif
+#ifndef SNAT_MAX_INSIDE_ADDRS
+#define SNAT_MAX_INSIDE_ADDRS 1024
+#endif
+#ifndef SNAT_AUDIT_RING_BYTES
+#define SNAT_AUDIT_RING_BYTES 2097152
+#endif
 #ifndef SNAT_PORT_TRIES
 #define SNAT_PORT_TRIES 1024 /* port search bound */
 #endif
@@ -80,6 +86,14 @@
 #define CFG_F_UNMATCHED_DROP 1
 #define CFG_F_INBOUND_ROUTED 2
 #define CFG_F_REFUSE_ICMP 4
+#define CFG_F_AUDIT 16
+#define AUDIT_NEW 1
+#define AUDIT_END 2
+#define AUDIT_END_EXPIRED 1
+#define AUDIT_END_FLUSH 2
+#define AUDIT_CNT_WRITTEN 0
+#define AUDIT_CNT_LOST 1
+#define AUDIT_CNT_N 2
 #define REASON_MAX 64
 #define TCP_STATE_COUNT 11
 #define IFACE_INSIDE 1
@@ -367,6 +381,26 @@ struct eim_entry {
 	__u64 last_seen; /* made, or last used by a new session (the sweep's grace counts from it) */
 };
 _Static_assert(sizeof(struct eim_entry) == 24, "eim_entry size");
+
+/* an audit log record: a session created or ended */
+struct audit_rec {
+	__u64 ts; /* snat_now() (CLOCK_MONOTONIC ns, tick-coarse) of the event */
+	__be32 inside; /* inside host address */
+	__be32 nat; /* SNAT address */
+	__be32 remote; /* remote address */
+	__be16 inside_port; /* inside port (ICMP query: its identifier; no ports: 0) */
+	__be16 nat_port; /* SNAT port (ICMP query: the SNAT identifier) */
+	__be16 remote_port; /* remote port (ICMP: 0) */
+	__u8 kind; /* AUDIT_NEW or AUDIT_END */
+	__u8 proto; /* IPPROTO_* */
+	__u32 rule_id; /* id of the rule that created the session */
+	__u8 why; /* AUDIT_END: AUDIT_END_*; AUDIT_NEW: 0 */
+	__u8 state; /* enum ct_state of the session (AUDIT_END: its last) */
+	__u16 pad; /* zero */
+	__u32 pad2; /* zero */
+	__u64 last_seen; /* AUDIT_END: snat_now() of the session's last packet (either direction); AUDIT_NEW: ts */
+};
+_Static_assert(sizeof(struct audit_rec) == 48, "audit_rec size");
 
 /* live sessions and refusals of a host, SNAT address or rule */
 struct live_count {
