@@ -24,6 +24,9 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         snat_addresses external|manage        # manage: the daemon adds the pool addresses
         allow_empty no|yes                    # yes: a config without snat_rule may run
         metrics_listen 127.0.0.1:9469         # Prometheus /metrics (default: off)
+        audit_log /var/log/snatgw/audit.jsonl # or syslog: session create/end records (default: off)
+        audit_log_max_size 100M               # rotate the file at this size (K, M, G)
+        audit_log_keep 5                      # rotated files kept
     }
     virtual_server fwmark 1 {                 # the SNAT service
         snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh }
@@ -58,7 +61,7 @@ from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_
 from ..rules import FILTERINGS, MAPPINGS, parse_choice, parse_on_exhausted, parse_oif, parse_yes_no
 from . import MAX_CONFIG_BYTES
 from .links import INTERVAL_RANGE, LINK_KEYWORDS, MAX_TARGETS, Link
-from .schema import BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings
+from .schema import AUDIT_LOG_MAX_KEEP, BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings
 from .schema import timeout_floor_warning
 
 log = logging.getLogger("snatgw.config")
@@ -71,6 +74,7 @@ SETTINGS_KEYWORDS = (
     "inside", "outside", "port_range", "port_tries", "max_sessions", "on_exhausted",
     "max_sessions_per_host", "refuse_icmp", "port_preserve", "unmatched", "inbound", "backend", "timeout", "gc_interval",
     "control_socket", "pin_dir", "snat_addresses", "allow_empty", "metrics_listen",
+    "audit_log", "audit_log_max_size", "audit_log_keep",
 )  # fmt: skip
 #: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
 KEEPALIVED_VS_OPTIONS = frozenset(
@@ -634,8 +638,61 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         except ValueError as e:
             raise cur.error(v.line, k, str(e)) from None
         return replace(s, metrics_listen=v.text)
+    if k == "audit_log":
+        if v.text == "syslog":
+            return replace(s, audit_log="syslog")
+        try:
+            check_audit_path(_path(cur, t, v))
+        except ValueError as e:
+            raise cur.error(v.line, k, str(e)) from None
+        return replace(s, audit_log=v.text)
+    if k == "audit_log_max_size":
+        try:
+            return replace(s, audit_log_max_size=parse_size(v.text))
+        except ValueError as e:
+            raise cur.error(v.line, k, str(e)) from None
+    if k == "audit_log_keep":
+        return replace(s, audit_log_keep=_int(cur, t, v, 0, AUDIT_LOG_MAX_KEEP))
     assert k == "pin_dir"
     return replace(s, pin_dir=_path(cur, t, v))
+
+
+_SIZE = re.compile(r"([0-9]{1,15})([KMG]?)\Z")
+AUDIT_MIN_SIZE = 4096  # smallest audit_log_max_size (a few lines)
+
+
+def parse_size(text: str) -> int:
+    """``audit_log_max_size``: bytes, or a number with K, M or G (1024-based); >= 4096."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"expected a size in bytes, or with K, M or G (e.g. 100M), got {shown(text)}")
+    n = int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)]
+    if not AUDIT_MIN_SIZE <= n <= 1 << 50:
+        raise ValueError(f"expected at least {AUDIT_MIN_SIZE} bytes, got {shown(text)}")
+    return n
+
+
+def check_audit_path(path: str) -> None:
+    """An audit log file the daemon can write: its directory exists (and is a directory), the
+    path is not a directory or something other than a regular file, and (as whoever checks)
+    is writable.  ValueError saying what is wrong."""
+    d = os.path.dirname(path) or "/"
+    try:
+        st = os.stat(d)
+    except OSError as e:
+        raise ValueError(f"directory {d} of {path}: {e.strerror} (create it first)") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{d} (the directory of {path}) is not a directory")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} exists and is not a regular file (a directory or a symlink?)")
+    if not os.access(path if st is not None else d, os.W_OK):
+        raise ValueError(f"{path if st is not None else d} is not writable (as uid {os.geteuid()})")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -681,6 +738,9 @@ def settings_as_dict(s: Settings) -> dict:
         "snat_addresses": s.snat_addresses,
         "allow_empty": "yes" if s.allow_empty else "no",
         "metrics_listen": s.metrics_listen,
+        "audit_log": s.audit_log,
+        "audit_log_max_size": s.audit_log_max_size,
+        "audit_log_keep": s.audit_log_keep,
     }
 
 

@@ -1,6 +1,6 @@
 """What issue 13 adds to the running daemon, registered on its event loop (snatgw.daemon.loop):
-the link monitor (probes, carrier, automatic failover: snatgw.daemon.links) and the Prometheus
-listener (snatgw.daemon.metrics).  ``Extras.attach()`` after start, ``refresh()`` after every
+the link monitor (probes, carrier, automatic failover: snatgw.daemon.links), the Prometheus
+listener (snatgw.daemon.metrics) and the audit log (snatgw.daemon.audit).  ``Extras.attach()`` after start, ``refresh()`` after every
 reload (links or metrics_listen may have changed), ``close()`` on the way out.
 
 Backend work stays on the worker: a link verdict becomes ``worker.submit(Service.set_link)``,
@@ -21,6 +21,8 @@ class Extras:
         self.metrics: MetricsServer | None = None
         self._links = None
         self._listen = None
+        self.audit = None  # daemon.audit.AuditReader while `audit_log` is set
+        self._audit_key = None
 
     def attach(self) -> None:
         self.refresh()
@@ -53,6 +55,32 @@ class Extras:
                     self.log.error("metrics_listen_failed", address=listen, error=str(e))
                     self.metrics = None
             self._listen = listen
+        self._refresh_audit(cfg.settings)
+
+    def _refresh_audit(self, s) -> None:
+        key = (s.audit_log, s.audit_log_max_size, s.audit_log_keep) if s.audit_log else None
+        if key == self._audit_key:
+            return
+        self._stop_audit()
+        if key is not None:
+            from .audit import AuditReader
+
+            try:
+                self.audit = AuditReader(s, self.service.backend, self.log)
+                self.audit.attach(self.loop)
+            except Exception as e:  # noqa: BLE001 - the daemon runs on; status shows the audit log off
+                self.log.error("audit_log_failed", target=s.audit_log, error=str(e))
+                if self.audit is not None:
+                    self.audit.close()
+                self.audit = None
+        self.service.audit = self.audit
+        self._audit_key = key
+
+    def _stop_audit(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
+            self.audit = None
+            self.service.audit = None
 
     def _on_link(self, name: str, on_backup: bool, why: str) -> None:
         """A link verdict (loop thread): the rules move on the worker, never here."""
@@ -68,6 +96,7 @@ class Extras:
             self.service.link_monitor = None
 
     def close(self) -> None:
+        self._stop_audit()
         self._stop_monitor()
         if self.metrics is not None:
             self.metrics.close()

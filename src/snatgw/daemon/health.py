@@ -78,6 +78,8 @@ def report(service, link_reader=None) -> dict:
         if lk["on_backup"]:
             found.append(f"link {name}: {lk['state']} for {lk['since']:.1f} s ({lk['why']}): its rules run on "
                          f"the backup {lk['backup_gw']}")
+    if s.audit_log and getattr(service, "audit", None) is None:
+        found.append(f"audit log {s.audit_log}: configured but not running (see the daemon's log)")
     counts = dict(service.log.counts) if hasattr(service.log, "counts") else {}
     return {
         **service.status(),

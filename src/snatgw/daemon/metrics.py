@@ -21,6 +21,9 @@ Metric families (all prefixed ``snatgw_``):
   link_probes_sent_total{link}, link_probe_replies_total{link}, device_carrier{device}
   prog_run_seconds_total{prog}, prog_runs_total{prog}   when kernel.bpf_stats_enabled is 1
   log_events_total{level}                   error and warning events logged since start
+  audit_records_total{result}               audit log records: written, lost_datapath (the ring
+                                            full / conntrack events overrun), lost_write, lost_queue
+  audit_write_errors_total, audit_rotations_total   (only while `audit_log` is set)
 """
 
 from __future__ import annotations
@@ -93,6 +96,22 @@ class ServiceCollector:
         yield from self._datapath(s)
         yield from self._work(s)
         yield from self._links(s)
+        yield from self._audit(s)
+
+    def _audit(self, s):
+        if getattr(s, "audit", None) is None:
+            return
+        a = s.audit_stats()
+        rec = _c("audit_records", "audit log records by result", ("result",))
+        for result, key in (("written", "records"), ("lost_datapath", "lost_datapath"),
+                            ("lost_write", "lost_write"), ("lost_queue", "lost_queue")):  # fmt: skip
+            rec.add_metric([result], a.get(key) or 0)
+        yield rec
+        for name, key, doc in (("audit_write_errors", "write_errors", "failed writes of the audit log"),
+                               ("audit_rotations", "rotations", "rotations of the audit log file")):  # fmt: skip
+            m = _c(name, doc)
+            m.add_metric([], a.get(key) or 0)
+            yield m
 
     def _up(self):
         m = _g("up", "1 while the daemon answers")

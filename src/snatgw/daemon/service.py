@@ -97,6 +97,7 @@ class Service:
         self.applies = {"ok": 0, "failed": 0}  # reloads, adm batches, failovers by result (metrics)
         self.gc_stats = {"sweeps": 0, "removed": 0, "seconds": 0.0}  # expiry work (metrics)
         self.link_monitor = None  # set by the daemon when the config has links
+        self.audit = None  # the daemon's audit log reader (daemon/audit.py) while `audit_log` is set
         self.on_reload: Callable[[], None] | None = None  # called after each successful reload
 
     # ------------------------------------------------------------------ lifecycle
@@ -274,8 +275,15 @@ class Service:
             "pin_dir": s.pin_dir, "control_socket": s.control_socket, "max_sessions": s.max_sessions,
             "gc_interval": s.gc_interval, "hooks_restored": self.hooks_restored, "errors": self.errors,
             "last_reload": self.last_reload, "timeouts": {str(k): v for k, v in s.timeouts},
+            "audit": self.audit_stats(),
             **getattr(self.backend, "status_extra", dict)(),
         }
+
+    def audit_stats(self) -> dict:
+        """The audit log's counters (records written, lost by cause), or {"enabled": False}."""
+        if self.audit is None:
+            return {"enabled": False, "target": self.config.settings.audit_log}
+        return self.audit.stats()
 
     def rules(self) -> dict:
         """The running rules (with failed links' rules on their backups), priority and
@@ -389,6 +397,7 @@ class Service:
             if op == "stats":
                 with self.lock:
                     st = self.backend.stats().as_dict()
+                    st["audit"] = self.audit_stats()
                     return {"ok": True, "stats": st, **self.rules()}
             if op == "rate":
                 with self.lock:

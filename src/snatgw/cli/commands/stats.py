@@ -39,6 +39,8 @@ def summarize(stats: dict, rules: list[dict], all_reasons: bool = False) -> dict
     out = {"sessions": stats.get("sessions", 0), "rules": out_rules, "reasons": reasons}
     if stats.get("pressure"):
         out["pressure"] = stats["pressure"]
+    if stats.get("audit"):
+        out["audit"] = stats["audit"]
     return out
 
 
@@ -74,4 +76,9 @@ def run(args) -> int:
         print("\n".join(render_pressure(s["pressure"])))
     print(table([[k, v] for k, v in s["reasons"].items()], ("reason", "packets")) if s["reasons"]
           else "reasons: all zero")
+    a = s.get("audit") or {}
+    if a.get("enabled"):
+        print(f"\naudit log {a['target']}: {a['records']} records, lost: {a.get('lost_datapath') or 0} "
+              f"(datapath: ring full / events overrun), {a.get('lost_write', 0)} (write failures), "
+              f"{a.get('lost_queue', 0)} (queue); {a.get('write_errors', 0)} write errors")
     return 0

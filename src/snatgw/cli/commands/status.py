@@ -78,6 +78,14 @@ def render_text(r: dict) -> str:
                  f"{lk['received']}/{lk['sent']}", lk["backup_gw"] if lk["on_backup"] else "-"]
                 for n, lk in r["link_health"].items()]
         out.append(table(rows, ("link", "state", "for", "carrier", "last reply", "replies", "rules on"), "  "))
+    a = r.get("audit") or {}
+    if a.get("enabled"):
+        lost = f"{a.get('lost_datapath') or 0} lost in the datapath, {a.get('lost_write', 0)} by failed writes"
+        if a.get("lost_queue"):
+            lost += f", {a['lost_queue']} queued too many"
+        out += ["", f"audit log: {a['target']}: {a['records']} records written, {lost}; "
+                    f"{a.get('write_errors', 0)} write errors, {a.get('rotations', 0)} rotations"
+                + (f"; last error: {a['last_error']}" if a.get("last_error") else "")]
     if r["problems"]:
         out += ["", "problems:"] + [f"  - {p}" for p in r["problems"]]
     return "\n".join(out)

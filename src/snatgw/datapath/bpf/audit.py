@@ -54,6 +54,21 @@ def decode(raw: bytes, offset: float | None = None) -> dict:
     return rec
 
 
+def pair_record(out_key: bytes, out: dict, why: int) -> dict:
+    """The end record of a session the control plane removes itself (``out``: its decoded OUT
+    entry), timed now."""
+    k = L.CT_KEY.unpack(out_key)
+    off = clock_offset()
+    return {
+        "event": "end", "time": time.time(), "proto": proto_name(k["proto"]),
+        "inside_addr": str(IPv4Address(k["saddr"])), "inside_port": k["sport"],
+        "nat_addr": str(IPv4Address(out["rw_addr"])), "nat_port": out["rw_port"],
+        "remote_addr": str(IPv4Address(k["daddr"])), "remote_port": k["dport"],
+        "rule_id": out["rule_id"], "why": L.AUDIT_END_NAMES.get(why, str(why)),
+        "state": _STATE.get(out["state"], str(out["state"])), "last_seen": out["last_seen"] / 1e9 + off,
+    }  # fmt: skip
+
+
 class AuditRing:
     """The datapath's audit ring over ``maps`` (a DatapathMaps), read in bounded batches."""
 

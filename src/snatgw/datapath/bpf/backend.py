@@ -26,6 +26,7 @@ from .loader import Loader, ifindex
 from .maps import CT_KEY, DatapathMaps, monotonic_ns
 from .recirc import FragmentHolder
 from .sweep import ALL, SessionFilter, Sweeper, SweepResult
+from .audit import AuditRing, pair_record
 
 log = logging.getLogger("snatgw.bpf")
 
@@ -174,6 +175,9 @@ class BpfBackend:
         self._walk = threading.Lock()  # one walk at a time (the sweep's args live in a map)
         self._sweep_max = 0.0  # longest sweep so far (seconds), for status
         self.last_sweep: SweepResult | None = None
+        #: the audit log's intake for sessions the control plane removes itself (rule changes):
+        #: set by the daemon (daemon/audit.py), called with lists of record dicts
+        self.audit_sink: Callable[[list[dict]], None] | None = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -448,13 +452,24 @@ class BpfBackend:
             return bool(devs) and idx not in devs
 
         moved = removed = 0
+        sink = self.audit_sink  # set while the daemon writes an audit log
+        ended: list[dict] = []
+
+        def remove(p) -> None:
+            self.maps.delete_pair(p)
+            if sink is not None:
+                ended.append(pair_record(p.out_key, p.out, L.AUDIT_END_RULE_CHANGE))
+                if len(ended) >= 4096:
+                    sink(ended[:])
+                    ended.clear()
+
         for p in pairs:
             rid = p.rule_id
             if rid not in new_gws:
                 continue
             nat = ipaddress.IPv4Address(p.out["rw_addr"])
             if rid in pools and nat not in pools[rid]:
-                self.maps.delete_pair(p)
+                remove(p)
                 removed += 1
                 continue
             gw = new_gws[rid]
@@ -473,11 +488,20 @@ class BpfBackend:
             if (p.out["ifindex"], p.out["nexthop"], p.out["mtu"], flags) == (idx, _raw(nh), mtu, nflags):
                 continue
             if idx != p.out["ifindex"] and held_elsewhere(nat, idx):
-                self.maps.delete_pair(p)
+                remove(p)
                 removed += 1
             elif self.maps.update_out(p, ifindex=idx, nexthop=_raw(nh), mtu=mtu, flags=nflags):
                 moved += 1
+        if sink is not None and ended:
+            sink(ended)
         return moved, removed
+
+    # ------------------------------------------------------------- audit log
+
+    def audit_source(self):
+        """The datapath's audit records for the daemon (AuditRing: the snat_audit ring read
+        through libbpf; its epoll fd goes into the daemon's loop)."""
+        return AuditRing(self._m())
 
     # ------------------------------------------------------------- sessions
 

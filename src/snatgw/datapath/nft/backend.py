@@ -745,6 +745,13 @@ class NftBackend:
         extra = (["-s", str(inside)] if inside is not None else []) + (["-q", str(nat)] if nat is not None else [])
         return sum(self._ct_delete(["-m", m, *extra]) for m in marks)
 
+    def audit_source(self):
+        """Conntrack NEW/DESTROY events of our marked entries (the audit log's source)."""
+        from .ctnetlink import ConntrackEvents
+
+        return ConntrackEvents(R.MARK_TAG, R.MARK_MASK, rule_of=lambda m: self._by_mark.get(m, 0),
+                               netns=self.netns)  # fmt: skip
+
     def health(self) -> dict:
         """For `snatgw status`: the table's base chains (their hooks), our policy routing, and
         conntrack's fill (all of the namespace's entries against nf_conntrack_max)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from ipaddress import IPv4Address
 from typing import Iterator
 
@@ -200,3 +201,138 @@ class Conntrack:
             m = _mark_of(buf, a, b)
             out[m] = out.get(m, 0) + 1
         return out
+
+
+# --------------------------------------------------------------------------- events (audit log)
+
+NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE = 0, 2
+CTA_TIMESTAMP, CTA_TIMESTAMP_START, CTA_TIMESTAMP_STOP = 20, 1, 2
+SOL_NETLINK = 270
+EVENTS_RCVBUF = 8 << 20  # bytes the kernel may queue for us before it reports ENOBUFS
+
+
+class ConntrackEvents:
+    """Conntrack NEW and DESTROY events (the multicast groups `conntrack -E` reads) of the
+    entries whose ``mark & mask == mark`` (snatgw's tag), as the audit log's record dicts.
+
+    ``fileno()`` goes into the daemon's event loop; ``drain(limit)`` reads what is queued,
+    never blocking, at most ``limit`` records.  Events the kernel could not queue (the socket
+    buffer full: ENOBUFS) are lost; ``counts()["lost"]`` counts the overruns (the kernel does
+    not say how many events each one cost).  Event time is when we read it (conntrack's own
+    start/stop stamps are used when nf_conntrack_timestamp is on).  ``rule_of(mark)`` names a
+    mark's rule (the nft backend's current map)."""
+
+    def __init__(self, mark: int, mask: int, rule_of=None, netns: str | None = None):
+        self.mark, self.mask, self.rule_of = mark, mask, rule_of or (lambda m: 0)
+        if netns:
+            from ..bpf.loader import netns as enter
+
+            with enter(netns):
+                self.sock = self._open()
+        else:
+            self.sock = self._open()
+        self.overruns = 0
+        self.seen = 0  # events of our entries read
+
+    @staticmethod
+    def _open() -> socket.socket:
+        try:
+            s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                              NETLINK_NETFILTER)  # fmt: skip
+        except OSError as e:
+            raise BackendError(f"ctnetlink: cannot open a netfilter netlink socket: {e.strerror}") from None
+        try:
+            s.setsockopt(socket.SOL_SOCKET, 33, EVENTS_RCVBUF)  # SO_RCVBUFFORCE (root)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENTS_RCVBUF)
+        groups = (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1))
+        try:
+            s.bind((0, groups))
+        except OSError as e:
+            s.close()
+            raise BackendError(f"ctnetlink: cannot subscribe to conntrack events: {e.strerror}") from None
+        return s
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self, limit: int = 4096) -> list[dict]:
+        out: list[dict] = []
+        while len(out) < limit:
+            try:
+                buf = self.sock.recv(RECV)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno == 105:  # ENOBUFS: the kernel dropped events; the socket goes on
+                    self.overruns += 1
+                    continue
+                raise BackendError(f"ctnetlink events: {e.strerror}") from None
+            if not buf:
+                break
+            self._parse(buf, out)
+        return out
+
+    def _parse(self, buf: bytes, out: list[dict]) -> None:
+        off = 0
+        now = time.time()
+        while off + _NLH.size <= len(buf):
+            ln, typ, _flags, _seq, _pid = _NLH.unpack_from(buf, off)
+            if ln < _NLH.size:
+                return
+            sub, msg = typ >> 8, typ & 0xFF
+            body = off + _NLH.size
+            if sub == NFNL_SUBSYS_CTNETLINK and msg in (IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE) and \
+                    buf[body] == socket.AF_INET:
+                a, b = body + _NFGEN.size, off + ln
+                m = _mark_of(buf, a, b)
+                if m & self.mask == self.mark:
+                    d = parse_entry(buf, a, b)
+                    self.seen += 1
+                    out.append(self._record(d, m, msg == IPCTNL_MSG_CT_DELETE, _stamps(buf, a, b), now))
+            off += (ln + 3) & ~3
+
+    def _record(self, d: dict, mark: int, end: bool, stamps: tuple, now: float) -> dict:
+        def port(k):
+            v = d.get(k)
+            return int(v) if v is not None else 0
+
+        start, stop = stamps
+        rec = {
+            "event": "end" if end else "create", "time": (stop or now) if end else (start or now),
+            "proto": d.get("proto"),
+            "inside_addr": d.get("src"), "inside_port": port("sport"),
+            "nat_addr": d.get("rdst"), "nat_port": port("rdport"),
+            "remote_addr": d.get("dst"), "remote_port": 0 if d.get("proto") == "icmp" else port("dport"),
+            "rule_id": self.rule_of(mark),
+        }  # fmt: skip
+        if end:
+            rec["why"] = "destroyed"
+            if d.get("state"):
+                rec["state"] = d["state"]
+            for k in ("packets", "bytes", "rpackets", "rbytes"):
+                if d.get(k) is not None:
+                    rec[k] = int(d[k])
+        return rec
+
+    def counts(self) -> dict[str, int]:
+        return {"lost": self.overruns, "seen": self.seen}
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _stamps(buf: bytes, off: int, end: int) -> tuple[float | None, float | None]:
+    """CTA_TIMESTAMP start/stop (ns, CLOCK_REALTIME) as Unix seconds (None when absent)."""
+    start = stop = None
+    for t, a, b in _attrs(buf, off, end):
+        if t == CTA_TIMESTAMP:
+            for t2, a2, b2 in _attrs(buf, a, b):
+                if b2 - a2 == 8 and t2 in (CTA_TIMESTAMP_START, CTA_TIMESTAMP_STOP):
+                    v = int.from_bytes(buf[a2:b2], "big") / 1e9
+                    if t2 == CTA_TIMESTAMP_START:
+                        start = v
+                    else:
+                        stop = v
+    return start, stop
