@@ -61,8 +61,9 @@ mkdir -p "$(dirname "$new")"
 "$PYTHON" -m venv --prompt snatgw "$new"
 rm -rf build  # setuptools reuses build/lib: a module deleted from src/ would come back
 "$new/bin/pip" install -q --disable-pip-version-check ${PIP_ARGS:-} .
-# the venv's scripts name the directory they were built in: point them at the final one
-grep -rlI -- "$new" "$new/bin" | xargs -r sed -i "s|$new|$SNATGW_HOME|g"
+# the venv's scripts (and pyvenv.cfg's `command`) name the directory they were built in: point
+# them at the final one (under DESTDIR, $new holds the staging root: no file may keep it)
+grep -rlI -- "$new" "$new/bin" "$new/pyvenv.cfg" | xargs -r sed -i "s|$new|$SNATGW_HOME|g"
 rm -rf "$R$SNATGW_HOME.old"
 [ -d "$R$SNATGW_HOME" ] && mv "$R$SNATGW_HOME" "$R$SNATGW_HOME.old"
 mv "$new" "$R$SNATGW_HOME"

@@ -1,6 +1,7 @@
 """The gateway configurations a benchmark compares, each started in a fresh gateway namespace:
 drop (baseline), forward (routing, no NAT), nft-kernel (hand-written nftables SNAT of the same
-rules), snatgw-nft and snatgw-bpf (the `snatgw run` daemon with that backend).
+rules), snatgw-nft and snatgw-bpf (the `snatgw run` daemon with that backend), and
+snatgw-bpf-audit (snatgw-bpf with the audit log on, writing to a file: its cost, issue 13).
 
 A configuration that cannot run (backend not written yet, daemon fails) raises Unavailable
 with the reason; the suite reports it as "n/a (reason)", never a made-up figure.
@@ -23,8 +24,12 @@ from pathlib import Path
 
 from . import topo, traffic
 
-CONFIGS = ("drop", "forward", "nft-kernel", "snatgw-nft", "snatgw-bpf")
+CONFIGS = ("drop", "forward", "nft-kernel", "snatgw-nft", "snatgw-bpf", "snatgw-bpf-audit")
 NAT_CONFIGS = ("nft-kernel", "snatgw-nft", "snatgw-bpf")
+#: configurations measured only on the packet scenarios that show their cost (the audit log:
+#: one established flow, unaffected; new flows, a record each), beside snatgw-bpf in each round
+AUDIT_CONFIGS = ("snatgw-bpf-audit",)
+AUDIT_SCENARIOS = ("udp-1flow", "udp-newflows", "udp-newflows-spread")
 NFT_TABLE = "sgbench_nat"
 READY_TIMEOUT = 90.0  # seconds for `snatgw run` to print "ready" (10k rules may take a while)
 
@@ -111,6 +116,9 @@ def availability(config: str) -> str | None:
         return f"`snatgw run` not available ({why})"
     if config == "snatgw-nft":
         return _importable("snatgw.datapath.nft.backend", "NftBackend")
+    if config in AUDIT_CONFIGS:
+        return _importable("snatgw.daemon.audit", "AuditReader") or _importable(
+            "snatgw.datapath.bpf.backend", "BpfBackend")
     return _importable("snatgw.datapath.bpf.backend", "BpfBackend")
 
 
@@ -158,7 +166,16 @@ class Gateway:
         if self.name == "nft-kernel":
             topo.run(["nft", "-f", "-"], ns=self.t.gw, input=nft_kernel_text(self.nrules), timeout=120)
         elif self.name.startswith("snatgw-"):
-            self._start_daemon(self.name.split("-", 1)[1])
+            self._start_daemon(self.backend)
+
+    @property
+    def backend(self) -> str:
+        return self.name.split("-")[1]
+
+    @property
+    def audit_path(self) -> str | None:
+        """The audit log file of a snatgw-*-audit configuration (in the run's temp dir)."""
+        return os.path.join(self.tmp, "audit.jsonl") if self.name.endswith("-audit") and self.tmp else None
 
     def _start_daemon(self, backend: str) -> None:
         self.tmp = tempfile.mkdtemp(prefix=f"{self.t.prefix}-")
@@ -206,8 +223,9 @@ class Gateway:
     def write_config(self, nrules: int, filler_pool_last: str = topo.POOL_LAST) -> None:
         Path(self.config_path).write_text(snatgw_config_text(
             nrules, max_sessions=self.max_sessions, pin_dir=self.pin_dir, socket=self.socket,
-            backend=self.name.split("-", 1)[1], filler_pool_last=filler_pool_last,
-            extra_settings=self.extra_settings))
+            backend=self.backend, filler_pool_last=filler_pool_last,
+            extra_settings=self.extra_settings + ((f"audit_log {self.audit_path}", "audit_log_keep 1")
+                                                  if self.audit_path else ())))
 
     def daemon_stderr(self, lines: int = 2) -> str:
         """The daemon's error: its structured error="..." field if it logged one, else the last lines."""

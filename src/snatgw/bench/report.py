@@ -17,7 +17,7 @@ TITLES = {
 }
 ORDER = ("udp-1flow", "udp-10kflows", "udp-newflows", "udp-newflows-spread", "udp-portpressure", "tcp-cycles",
          "tcp-bulk")
-CONFIG_ORDER = ("drop", "forward", "nft-kernel", "snatgw-nft", "snatgw-bpf")
+CONFIG_ORDER = ("drop", "forward", "nft-kernel", "snatgw-nft", "snatgw-bpf", "snatgw-bpf-audit")
 
 
 def fmt(v: float | None, metric: str = "") -> str:
@@ -162,6 +162,28 @@ def _pressure_table(records: list[dict]) -> list[str]:
     return out
 
 
+def _audit_table(records: list[dict]) -> list[str]:
+    """The audit log's cost: snatgw-bpf and snatgw-bpf-audit per scenario and round (pps), with
+    the log's records and losses so far (cumulative within the gateway's round)."""
+    rows = [r for r in records if r.get("config") in ("snatgw-bpf", "snatgw-bpf-audit") and r.get("status") == "ok"
+            and r.get("scenario") in ("udp-1flow", "udp-newflows", "udp-newflows-spread")]  # fmt: skip
+    if not any(r["config"] == "snatgw-bpf-audit" for r in rows):
+        return []
+    out = ["| scenario | round | snatgw-bpf pps | snatgw-bpf-audit pps | audit/off | records written | lost (ring full) | lost (writes) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for s in ("udp-1flow", "udp-newflows", "udp-newflows-spread"):
+        for rnd in sorted({r["round"] for r in rows if r["scenario"] == s}):
+            off = next((r for r in rows if (r["scenario"], r["round"], r["config"]) == (s, rnd, "snatgw-bpf")), None)
+            on = next((r for r in rows if (r["scenario"], r["round"], r["config"]) == (s, rnd, "snatgw-bpf-audit")), None)
+            if on is None:
+                continue
+            ratio = f"{on['value'] / off['value']:.2f}" if off and off.get("value") and on.get("value") else "—"
+            out.append(f"| {s} | {rnd} | {fmt(off.get('value'), 'pps') if off else '—'} | {fmt(on.get('value'), 'pps')} | "
+                       f"{ratio} | {on.get('audit_records', '—')} | {on.get('audit_lost_datapath', '—')} | "
+                       f"{on.get('audit_lost_write', '—')} |")
+    return out
+
+
 def _rules_table(summary: dict, records: list[dict]) -> list[str]:
     counts = sorted({int(s.split("-")[1]) for s, _ in summary if s.startswith("rules-")})
     cfgs = [c for c in CONFIG_ORDER[2:] if any(k == (f"rules-{n}", c) for n in counts for k in summary)]
@@ -258,6 +280,9 @@ def render(results: dict, images: list[str] = ()) -> str:
     if any(k[0] in ORDER for k in summary):
         out += ["", "## Packet scenarios", ""] + _packet_table(summary)
         out += ["", "### Ratios (medians)", ""] + _ratio_table(summary)
+    at = _audit_table(recs)
+    if at:
+        out += ["", "### The audit log's cost (snatgw-bpf with and without `audit_log`, per round)", ""] + at
     pp = _pressure_table(recs)
     if pp:
         out += ["", "### 3c. Port pressure: sessions made and refusals (per round)", ""] + pp

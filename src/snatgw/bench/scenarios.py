@@ -327,6 +327,18 @@ def daemon_sessions(gw: Gateway) -> int | None:
         return None
 
 
+def audit_counts(gw: Gateway) -> dict:
+    """The audit log's counters so far (cumulative over the gateway's scenarios): records
+    written, lost in the datapath (ring full), lost by writes; {} when they cannot be read."""
+    cp = gw.cli("status", "--json", timeout=30)
+    try:
+        a = json.loads(cp.stdout).get("audit") or {}
+    except ValueError:
+        return {}
+    return {"audit_records": a.get("records"), "audit_lost_datapath": a.get("lost_datapath"),
+            "audit_lost_write": a.get("lost_write")}
+
+
 def daemon_reasons(gw: Gateway) -> dict[str, int] | None:
     """The daemon's non-zero per-reason counters (why packets were passed or dropped)."""
     try:
