@@ -13,6 +13,15 @@ static __always_inline void audit_count(__u32 what)
 		*c += 1; /* per-CPU */
 }
 
+/* CFG_F_AUDIT, for paths that do not hold the config already (one lookup) */
+static __always_inline int audit_on(void)
+{
+	__u32 zero = 0;
+	struct snat_cfg *cfg = bpf_map_lookup_elem(&snat_config, &zero);
+
+	return cfg && (cfg->flags & CFG_F_AUDIT);
+}
+
 #define AUDIT_KIND(kind, why) ((kind) | ((why) << 8))
 
 /* A record about the session whose OUT key is ``k`` and OUT entry ``e`` (its SNAT address and

@@ -11,6 +11,7 @@
 #include "ct.h"
 #include "fib.h"
 #include "stats.h"
+#include "audit.h"
 
 static __always_inline int is_eim_proto(__u8 proto)
 {
@@ -253,6 +254,8 @@ static __noinline int eim_admit(struct __sk_buff *skb, struct eim_scratch *sc, _
 	live_add(&snat_host_sess, &host, 0);
 	live_add(&snat_addr_stats, &nat, 0);
 	live_add(&snat_rule_live, &rule_id, 0);
+	if (audit_on()) /* a session made from outside (filtering, hairpinning) is logged too */
+		audit_session(&sc->okey, &sc->out, AUDIT_KIND(AUDIT_NEW, 0), now, now);
 	return 0;
 }
 
