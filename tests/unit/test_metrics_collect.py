@@ -81,3 +81,29 @@ def test_program_run_time_appears_only_while_bpf_stats_are_enabled(running, monk
     f = families(running.service)
     assert samples(f["snatgw_prog_run_seconds"], prog="snat_inside")[0].value == 1.5
     assert samples(f["snatgw_prog_runs"], prog="snat_inside")[0].value == 10
+
+
+def test_audit_log_families_appear_only_while_it_runs(running):
+    """No audit families without `audit_log`; with it, records by result and the write errors
+    and rotations, from the daemon's audit reader (status says the same)."""
+    f = families(running.service)
+    assert not any(n.startswith("snatgw_audit") for n in f)
+    assert running.service.status()["audit"] == {"enabled": False, "target": None}
+
+    class Reader:
+        def stats(self):
+            return {"enabled": True, "target": "/var/log/snatgw/audit.jsonl", "records": 12, "lost_write": 2,
+                    "write_errors": 1, "rotations": 3, "last_error": "disk full", "received": 10,
+                    "lost_queue": 0, "lost_datapath": 5}
+
+    running.service.audit = Reader()
+    try:
+        f = families(running.service)
+        assert samples(f["snatgw_audit_records"], result="written")[0].value == 12
+        assert samples(f["snatgw_audit_records"], result="lost_datapath")[0].value == 5
+        assert samples(f["snatgw_audit_records"], result="lost_write")[0].value == 2
+        assert samples(f["snatgw_audit_write_errors"])[0].value == 1
+        assert samples(f["snatgw_audit_rotations"])[0].value == 3
+        assert running.service.status()["audit"]["lost_datapath"] == 5
+    finally:
+        running.service.audit = None
