@@ -142,3 +142,18 @@ def test_full_ring_drops_and_counts_records_and_packets_still_pass(make_prog):
     # once read, the ring takes records again
     prog.run("inside", udp(A, R1, 44000, 53), "lan40")
     assert [r["inside_port"] for r in ring.records()] == [44000]
+
+
+def test_the_daemons_line_is_format_record_of_the_decoded_record():
+    """The hot path (record -> line, no dict) writes exactly what format_record(decode()) does,
+    for create and end records, TCP, UDP, ICMP and a protocol without ports."""
+    from snatgw.daemon.audit import format_record, iso
+    from snatgw.datapath.bpf.audit import line
+
+    off = 1.795e9
+    for kind, why, proto, state in ((L.AUDIT_NEW, 0, 17, 11), (L.AUDIT_END, L.AUDIT_END_EXPIRED, 6, 5),
+                                    (L.AUDIT_END, L.AUDIT_END_FLUSH, 1, 12), (L.AUDIT_NEW, 0, 47, 0)):  # fmt: skip
+        raw = L.AUDIT_REC.pack(ts=123_456_789_012, inside=0xC6122810, nat=0xC6130247, remote=0xCB00710A,
+                               inside_port=40000, nat_port=40001, remote_port=53, kind=kind, proto=proto,
+                               rule_id=4_000_000_000, why=why, state=state, last_seen=120_000_000_000)  # fmt: skip
+        assert line(raw, off, iso) == format_record(decode(raw, off), "bpf")

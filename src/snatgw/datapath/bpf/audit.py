@@ -12,12 +12,11 @@ from __future__ import annotations
 import struct
 import time
 from ipaddress import IPv4Address
+from socket import inet_ntoa
 
 from ... import layout as L
 from . import libbpf as B
 
-_REC = struct.Struct(L.AUDIT_REC.fmt)
-_NAMES = [n for n, _, _ in L.AUDIT_REC.fields]
 _PROTO = {L.IPPROTO_TCP: "tcp", L.IPPROTO_UDP: "udp", L.IPPROTO_ICMP: "icmp"}
 _STATE = {int(s): s.name for s in L.CtState}
 _KIND = {L.AUDIT_NEW: "create", L.AUDIT_END: "end"}
@@ -33,25 +32,59 @@ def clock_offset() -> float:
     return time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
+_HEAD = struct.Struct("<Q4s4s4s")  # ts, inside, nat, remote (addresses in wire order)
+_PORTS = struct.Struct(">HHH")  # inside_port, nat_port, remote_port (wire order)
+_TAIL = struct.Struct("<BBIBB")  # kind, proto, rule_id, why, state
+_OFF = L.AUDIT_REC.offsets()
+_U64 = struct.Struct("<Q")
+assert _HEAD.size == _OFF["inside_port"] and _OFF["remote_port"] + 2 == _OFF["kind"] and _TAIL.size == 8
+
+
 def decode(raw: bytes, offset: float | None = None) -> dict:
-    """One struct audit_rec -> the audit log's record dict (times as Unix seconds)."""
+    """One struct audit_rec -> the audit log's record dict (times as Unix seconds).  Hot: the
+    daemon decodes every record the datapath writes (precompiled structs, inet_ntoa)."""
     off = clock_offset() if offset is None else offset
-    d = dict(zip(_NAMES, _REC.unpack_from(raw)))
-    kind = _KIND.get(d["kind"], str(d["kind"]))
+    ts, inside, nat, remote = _HEAD.unpack_from(raw, 0)
+    iport, nport, rport = _PORTS.unpack_from(raw, _OFF["inside_port"])
+    kind, proto, rule_id, why, state = _TAIL.unpack_from(raw, _OFF["kind"])
     rec = {
-        "event": kind,
-        "time": d["ts"] / 1e9 + off,
-        "proto": proto_name(d["proto"]),
-        "inside_addr": str(IPv4Address(d["inside"])), "inside_port": int.from_bytes(d["inside_port"], "big"),
-        "nat_addr": str(IPv4Address(d["nat"])), "nat_port": int.from_bytes(d["nat_port"], "big"),
-        "remote_addr": str(IPv4Address(d["remote"])), "remote_port": int.from_bytes(d["remote_port"], "big"),
-        "rule_id": d["rule_id"],
+        "event": _KIND.get(kind, str(kind)), "time": ts / 1e9 + off, "proto": _PROTO.get(proto) or str(proto),
+        "inside_addr": inet_ntoa(inside), "inside_port": iport, "nat_addr": inet_ntoa(nat), "nat_port": nport,
+        "remote_addr": inet_ntoa(remote), "remote_port": rport, "rule_id": rule_id,
     }  # fmt: skip
-    if kind == "end":
-        rec["why"] = L.AUDIT_END_NAMES.get(d["why"], str(d["why"]))
-        rec["state"] = _STATE.get(d["state"], str(d["state"]))
-        rec["last_seen"] = d["last_seen"] / 1e9 + off
+    if kind == L.AUDIT_END:
+        rec["why"] = L.AUDIT_END_NAMES.get(why, str(why))
+        rec["state"] = _STATE.get(state, str(state))
+        rec["last_seen"] = _U64.unpack_from(raw, _OFF["last_seen"])[0] / 1e9 + off
     return rec
+
+
+#: the audit log's lines of create and end records, fields in daemon.audit.FIELDS order (the
+#: same text as daemon.audit.format_record(decode(raw)): a test holds them equal)
+_NEW_LINE = ('{"time": "%s", "event": "create", "proto": "%s", "inside_addr": "%s", "inside_port": %d, '
+             '"nat_addr": "%s", "nat_port": %d, "remote_addr": "%s", "remote_port": %d, "rule_id": %d, '
+             '"backend": "%s"}')
+_END_LINE = ('{"time": "%s", "event": "end", "proto": "%s", "inside_addr": "%s", "inside_port": %d, '
+             '"nat_addr": "%s", "nat_port": %d, "remote_addr": "%s", "remote_port": %d, "rule_id": %d, '
+             '"why": "%s", "state": "%s", "last_seen": "%s", "backend": "%s"}')
+
+
+def line(raw: bytes, offset: float, fmt_time, backend: str = "bpf") -> str | None:
+    """One struct audit_rec straight to its log line (no dict: the daemon's hot path), with
+    ``fmt_time`` (daemon.audit.iso) for times; None for a kind it does not know."""
+    ts, inside, nat, remote = _HEAD.unpack_from(raw, 0)
+    iport, nport, rport = _PORTS.unpack_from(raw, _OFF["inside_port"])
+    kind, proto, rule_id, why, state = _TAIL.unpack_from(raw, _OFF["kind"])
+    p = _PROTO.get(proto) or str(proto)
+    if kind == L.AUDIT_NEW:
+        return _NEW_LINE % (fmt_time(ts / 1e9 + offset), p, inet_ntoa(inside), iport, inet_ntoa(nat), nport,
+                            inet_ntoa(remote), rport, rule_id, backend)  # fmt: skip
+    if kind == L.AUDIT_END:
+        last = _U64.unpack_from(raw, _OFF["last_seen"])[0] / 1e9 + offset
+        return _END_LINE % (fmt_time(ts / 1e9 + offset), p, inet_ntoa(inside), iport, inet_ntoa(nat), nport,
+                            inet_ntoa(remote), rport, rule_id, L.AUDIT_END_NAMES.get(why, str(why)),
+                            _STATE.get(state, str(state)), fmt_time(last), backend)  # fmt: skip
+    return None
 
 
 def pair_record(out_key: bytes, out: dict, why: int) -> dict:
@@ -82,6 +115,12 @@ class AuditRing:
     def drain(self, limit: int = 4096) -> list[dict]:
         off = clock_offset()
         return [decode(r, off) for r in self.ring.drain(limit)]
+
+    def drain_lines(self, limit: int, fmt_time, backend: str = "bpf") -> list[str]:
+        """drain() as log lines (the daemon's path: no dict per record)."""
+        off = clock_offset()
+        lines = (line(raw, off, fmt_time, backend) for raw in self.ring.drain(limit))
+        return [ln for ln in lines if ln is not None]
 
     def counts(self) -> dict[str, int]:
         """{"written": records the datapath put in the ring, "lost": dropped, the ring full}."""
