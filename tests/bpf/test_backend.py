@@ -193,6 +193,27 @@ def test_sessions_whose_address_left_the_pool_are_removed_and_the_rest_kept(back
 
 
 @pytest.mark.bpf
+def test_sessions_a_rule_change_removes_go_to_the_audit_log(backend):
+    """With the daemon's audit log attached (audit_sink), each session follow_rules removes
+    makes one end record (why rule_change) with its mapping; without it, none is made."""
+    got = []
+    backend.audit_sink = got.extend
+    ct = backend.maps.ct
+    add_session(ct, 1, rule_id=RULE_A)
+    add_session(ct, 2, rule_id=RULE_B)
+    assert backend.follow_rules({RULE_A: None, RULE_B: None}, {},
+                                {RULE_A: _pool("198.19.3.71"), RULE_B: _pool("198.19.2.71")}) == (0, 1)
+    [r] = got
+    assert (r["event"], r["why"], r["proto"], r["state"], r["rule_id"]) == ("end", "rule_change", "tcp",
+                                                                               "ESTABLISHED", RULE_A)
+    assert (r["inside_addr"], r["inside_port"], r["nat_addr"], r["nat_port"], r["remote_addr"], r["remote_port"]) \
+        == ("198.18.40.11", 40001, "198.19.2.71", 5001, "203.0.113.10", 80)
+    backend.audit_sink = None
+    assert backend.follow_rules({RULE_B: None}, {}, {RULE_B: _pool("198.19.3.71")}) == (0, 1)
+    assert len(got) == 1
+
+
+@pytest.mark.bpf
 def test_a_move_to_a_link_that_does_not_hold_the_address_removes_the_session(backend):
     """new_gw to an uplink (ifindex 7) that does not hold the session's address (on ifindex 2):
     removed; when the address is on the new link, or on no outside link, it moves and stays."""
