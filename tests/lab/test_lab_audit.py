@@ -17,12 +17,18 @@ from snatgw.lab import clients
 from snatgw.lab.demo import REF_RULES, SETTINGS, config_text
 from snatgw.lab.gateway import snatgw_json
 
-from conftest import new_lab  # tests/lab/conftest.py
+from snatgw.lab.topology import Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
 MAX_SIZE, KEEP = 4096, 2
 SERVER = "203.0.113.10"
+
+
+def new_lab() -> Lab:
+    """A lab of this module's own (prefix sga<pid>: the conftest's sweep removes it if we die)."""
+    return Lab.up(f"pytest-{os.getpid()}-audit{time.monotonic_ns() % 10**6}",
+                  prefix=f"sga{os.getpid() % 0xFFFF:04x}{time.monotonic_ns() % 100}")
 
 
 @pytest.fixture(scope="module", params=["bpf", "nft"])
