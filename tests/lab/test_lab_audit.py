@@ -110,3 +110,25 @@ def test_the_log_rotates_at_its_size_and_keeps_its_files(agw):
     st = snatgw_json(lab, "status")["audit"]
     assert st["enabled"] and st["rotations"] >= KEEP and st["records"] >= 60
     assert st["lost_write"] == 0 and (st["lost_datapath"] or 0) == 0
+
+
+def test_sessions_made_while_no_daemon_runs(agw):
+    """bpf: the datapath keeps translating without a daemon and keeps writing records into the
+    pinned ring; the next daemon writes them (the docs promise it).  nft: conntrack events
+    without a listener are gone; the next daemon starts without them and logs new ones."""
+    lab, backend, path = agw
+    conf = lab.gateway_config
+    lab.stop_gateway()
+    try:
+        seen = clients.udp_echo(lab, "in40", SERVER, src="198.18.40.12", sport=30001)
+    finally:
+        lab.start_gateway(conf, backend)
+    inside = host_port(seen["inside"])
+    got = wait_for(path, lambda r: r["event"] == "create" and (r["inside_addr"], r["inside_port"]) == inside,
+                   timeout=3.0 if backend == "bpf" else 1.0)  # fmt: skip
+    if backend == "bpf":
+        assert [(r["nat_addr"], r["nat_port"]) for r in got] == [host_port(seen["peer"])]
+    else:
+        assert got == []
+    seen = clients.udp_echo(lab, "in40", SERVER, src="198.18.40.12", sport=30002)
+    assert wait_for(path, lambda r: r["event"] == "create" and r["inside_port"] == 30002)
