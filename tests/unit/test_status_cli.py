@@ -101,3 +101,33 @@ def test_status_without_a_daemon_exits_4(tmp_path, capsys):
     """No daemon: exit 4 and the socket named."""
     assert main(["status", "--socket", str(tmp_path / "none.sock")]) == 4
     assert "none.sock" in capsys.readouterr().err
+
+
+def test_the_audit_log_in_status_and_stats(running, links, capsys):
+    """A configured audit log that is not running is a problem (exit 1); a running one prints its
+    counters in `status` and `stats` (records, lost in the datapath and by writes)."""
+    from dataclasses import replace
+
+    svc = running.service
+    svc.config = replace(svc.config, settings=replace(svc.config.settings, audit_log="syslog"))
+    rc, out = status(running, capsys)
+    assert rc == 1 and "  - audit log syslog: configured but not running" in out
+
+    class Reader:
+        def stats(self):
+            return {"enabled": True, "target": "syslog (/dev/log)", "records": 40, "lost_write": 2,
+                    "write_errors": 1, "rotations": 0, "last_error": "/dev/log: Resource temporarily unavailable",
+                    "received": 42, "lost_queue": 0, "lost_datapath": 7}
+
+    svc.audit = Reader()
+    try:
+        rc, out = status(running, capsys)
+        assert rc == 0 and "audit log: syslog (/dev/log): 40 records written, 7 lost in the datapath, 2 by failed " \
+                           "writes; 1 write errors, 0 rotations; last error: /dev/log" in out
+        assert main(["stats", "--socket", running.sock]) == 0
+        out = capsys.readouterr().out
+        assert "audit log syslog (/dev/log): 40 records, lost: 7 (datapath" in out
+        assert main(["stats", "--socket", running.sock, "-j"]) == 0
+        assert json.loads(capsys.readouterr().out)["audit"]["lost_datapath"] == 7
+    finally:
+        svc.audit = None
