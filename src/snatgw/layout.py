@@ -333,6 +333,8 @@ MAP_REFUSED = "snat_refused"  # LRU    struct ct_key -> struct refusal
 MAP_INSIDE_ADDRS = "snat_inside_addrs"  # HASH be32 address -> u32 ifindex
 #: endpoint-independent mappings (issue 12): struct eim_key -> struct eim_entry
 MAP_EIM = "snat_eim"  # HASH (no prealloc)
+#: a rule's slot by its id (the control plane writes it with the rules): a mapping's rule in one lookup
+MAP_RULE_SLOTS = "snat_rule_slots"  # HASH u32 rule_id -> u32 slot
 
 EIM_DIR_ENDPOINT = 0  # (inside addr, inside port, proto) -> its external (addr, port)
 EIM_DIR_OWNER = 1  # (external addr, port, proto) -> the inside endpoint that owns it

@@ -86,3 +86,37 @@ def test_a_fresh_endpoint_outlives_a_sweep_within_the_grace(make_prog):
             assert prog.eim() == model_eim(eng) and len(eng.eim) == kept
     finally:
         sweep.close()
+
+
+def test_a_mapping_follows_its_rule_to_another_slot_and_dies_with_it(make_prog):
+    """Reloads: a rule placed before the mapping's moves it to another slot (snat_rule_slots
+    follows, the mapping still admits); with its rule gone the mapping lets nothing in and a new
+    flow of the endpoint takes the remaining rule; model and BPF alike."""
+    from snatgw.rules import Rule, RuleSet
+
+    from tests.cases.corpus import EIM_RULE
+
+    eif = dict(EIM_RULE, filtering="endpoint-independent")
+    first = RuleSet([Rule.from_dict(eif)])
+    sc = Scenario("eim_reload", "", [], rules=[eif])
+    settings = sc.make_settings()
+    prog, eng = make_prog(first, settings), sc.make_engine()
+
+    def send(t, side, pkt, dev):
+        res = eng.process(pkt, side, dev, float(t))
+        run = prog.run(side, pkt, dev, now=float(t))
+        assert (run.verdict, run.reason, run.packet) == (res.verdict, res.reason, res.packet)
+        return res
+
+    pa = send(0, "inside", udp(A, R1, 40000, 3478), "lan40").nat[1]
+    before = Rule.from_dict({"from": "198.18.40.0/24", "to": "192.0.2.0/24", "snat_ip": "198.19.3.71"})
+    moved = RuleSet([before, Rule.from_dict(eif)])  # the EIM rule now in slot 1
+    eng.apply(moved)
+    prog.apply(moved, settings)
+    assert send(1, "outside", udp(R2, NAT, 3478, pa), "eth2").reason == Reason.XLATE_IN_NEW
+    gone = RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": "198.19.2.72"})])  # another identity
+    eng.apply(gone)
+    prog.apply(gone, settings)
+    assert send(2, "outside", udp(R1B, NAT, 3478, pa), "eth1").reason == Reason.PASS_NO_SESSION_IN
+    send(3, "inside", udp(A, R1B, 40000, 3478), "lan40")
+    assert bpf_sessions(prog) == model_sessions(eng) and prog.eim() == model_eim(eng)

@@ -89,6 +89,7 @@ def map_specs(max_sessions: int = L.MAX_SESSIONS) -> dict[str, MapSpec]:
         MapSpec(L.MAP_FROM_NETS, B.BPF_MAP_TYPE_LPM_TRIE, L.LPM_V4.size, 4, L.MAX_FROM_NETS),
         MapSpec(L.MAP_REFUSED, B.BPF_MAP_TYPE_LRU_HASH, L.CT_KEY.size, L.REFUSAL.size, L.MAX_REFUSED),
         MapSpec(L.MAP_INSIDE_ADDRS, B.BPF_MAP_TYPE_HASH, 4, 4, L.MAX_INSIDE_ADDRS),
+        MapSpec(L.MAP_RULE_SLOTS, B.BPF_MAP_TYPE_HASH, 4, 4, L.MAX_RULES),
         MapSpec(L.MAP_EIM, B.BPF_MAP_TYPE_HASH, L.EIM_KEY.size, L.EIM_ENTRY.size, L.EIM_PER_SESSION * max_sessions),
         MapSpec(L.MAP_AUDIT, B.BPF_MAP_TYPE_RINGBUF, 0, 0, L.AUDIT_RING_BYTES),
         MapSpec(L.MAP_AUDIT_CNT, B.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, L.AUDIT_CNT_N),
@@ -207,6 +208,19 @@ def _matcher(flt):
     return lambda k, v: all(t(k, v) for t in tests)
 
 
+def write_rule_slots(m, rules: list[bytes]) -> None:
+    """Make map ``m`` (snat_rule_slots) hold exactly rule_id -> slot of ``rules`` (slot bytes)."""
+    off = L.SNAT_RULE.offsets()["rule_id"]
+    want = {rules[i][off : off + 4]: struct.pack("<I", i) for i in range(len(rules))}
+    have = dict(m.items())
+    for k, v in want.items():
+        if have.get(k) != v:
+            m.put(k, v)
+    for k in have:
+        if k not in want:
+            m.delete(k)
+
+
 class DatapathMaps:
     """The seven maps by name (Map objects from a loaded BpfObject or opened from pins)."""
 
@@ -221,6 +235,7 @@ class DatapathMaps:
         self.ifaces = maps[L.MAP_IFACES]
         self.from_nets = maps[L.MAP_FROM_NETS]
         self.inside_addrs = maps[L.MAP_INSIDE_ADDRS]
+        self.rule_slots = maps[L.MAP_RULE_SLOTS]
 
     @classmethod
     def open_pinned(cls, pin_dir: str, readonly: bool = True) -> "DatapathMaps":
@@ -503,4 +518,10 @@ class DatapathMaps:
                     put(i, rules[i])
             for i in range(len(rules), len(old)):
                 put(i, bytes(L.SNAT_RULE.size))
+        self.write_rule_slots(rules)
         return written
+
+    def write_rule_slots(self, rules: list[bytes]) -> None:
+        """snat_rule_slots: each rule's id -> its slot (after the rules: the datapath checks the
+        slot's id, so a moment's stale entry finds nothing, never a wrong rule)."""
+        write_rule_slots(self.rule_slots, rules)

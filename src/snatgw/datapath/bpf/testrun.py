@@ -18,6 +18,7 @@ from ... import layout as L
 from ...config.schema import Settings
 from ...errors import BackendError
 from ...rules import RuleSet
+from .maps import write_rule_slots
 from . import build
 from . import libbpf as B
 from .loader import ifindex as _ifindex
@@ -132,7 +133,7 @@ class ProgHarness:
                                                    L.MAP_FROM_NETS, L.MAP_HOST_SESS, L.MAP_ADDR_STATS,
                                                    L.MAP_RULE_LIVE, L.MAP_REFUSED,
                                                    L.MAP_INSIDE_ADDRS, L.MAP_EIM, L.MAP_AUDIT,
-                                                   L.MAP_AUDIT_CNT)}  # fmt: skip
+                                                   L.MAP_AUDIT_CNT, L.MAP_RULE_SLOTS)}  # fmt: skip
         # the REF devices' roles, as the backend writes them from Settings.inside/outside
         for dev, idx in net.ifindex.items():
             role = L.IFACE_INSIDE if dev in INSIDE else L.IFACE_OUTSIDE if dev in OUTSIDE else 0
@@ -166,6 +167,7 @@ class ProgHarness:
         cfg, slots = compile_rules(rules, settings, lambda n: self.net.ifindex.get(n, 0))
         for i, r in enumerate(slots):
             self.maps[L.MAP_RULES].put(i, r)
+        write_rule_slots(self.maps[L.MAP_RULE_SLOTS], slots)
         self.maps[L.MAP_CONFIG].put(0, cfg)
         for k in list(self.maps[L.MAP_FROM_NETS].keys()):
             self.maps[L.MAP_FROM_NETS].delete(k)

@@ -35,35 +35,6 @@ static __always_inline int eim_in_pool(const struct snat_rule *r, __be32 addr)
 	return a >= r->pool_min && a <= r->pool_max;
 }
 
-/* the slot of the rule with this id (snat_rules in slot order, 32 a callback) */
-struct rule_find {
-	__u32 id;
-	__u32 n;
-	__u32 slot;
-};
-
-static long rule_find_cb(__u32 i, void *ctx)
-{
-	struct rule_find *s = ctx;
-
-#pragma unroll
-	for (__u32 j = 0; j < RULES_PER_CALL; j++) {
-		__u32 slot = i * RULES_PER_CALL + j;
-		struct snat_rule *r;
-
-		if (slot >= s->n)
-			return 1;
-		r = bpf_map_lookup_elem(&snat_rules, &slot);
-		if (!r)
-			return 1;
-		if (r->rule_id == s->id) {
-			s->slot = slot;
-			return 1;
-		}
-	}
-	return 0;
-}
-
 /* What a live mapping resolves to: its endpoint's key and entry, its rule's slot */
 struct eim_hit {
 	struct eim_key ek;
@@ -98,14 +69,14 @@ static __always_inline struct eim_scratch *eim_scratch_get(void)
 
 /* The live endpoint-independent mapping (addr, port, proto) -> h; 0 when there is one: an
  * owner whose endpoint points back, of a rule that still maps endpoint-independently and
- * still has the address.  One lookup when there is no owner. */
+ * still has the address (its slot from snat_rule_slots, checked).  One lookup when there is
+ * no owner, four when there is. */
 static __noinline int eim_mapping_of(__be32 addr, __be16 port, __u8 proto, struct eim_hit *h)
 {
 	struct eim_key k;
 	struct eim_entry *o, *e;
 	struct snat_rule *r;
-	struct rule_find f;
-	__u32 zero = 0;
+	__u32 zero = 0, *slot, s;
 	struct snat_cfg *cfg = bpf_map_lookup_elem(&snat_config, &zero);
 
 	if (!cfg)
@@ -119,16 +90,14 @@ static __noinline int eim_mapping_of(__be32 addr, __be16 port, __u8 proto, struc
 	if (!e || e->addr != addr || e->port != port)
 		return -1;
 	h->ep = *e;
-	f.id = e->rule_id;
-	f.n = cfg->nrules < SNAT_MAX_RULES ? cfg->nrules : SNAT_MAX_RULES;
-	f.slot = (__u32)-1;
-	bpf_loop((f.n + RULES_PER_CALL - 1) / RULES_PER_CALL, rule_find_cb, &f, 0);
-	if (f.slot == (__u32)-1)
+	slot = bpf_map_lookup_elem(&snat_rule_slots, &e->rule_id); /* (the control plane's index) */
+	if (!slot || *slot >= SNAT_MAX_RULES || *slot >= cfg->nrules)
 		return -1;
-	r = bpf_map_lookup_elem(&snat_rules, &f.slot);
-	if (!r || !(r->flags & RULE_F_EIM) || !eim_in_pool(r, addr))
+	s = *slot;
+	r = bpf_map_lookup_elem(&snat_rules, &s);
+	if (!r || r->rule_id != h->ep.rule_id || !(r->flags & RULE_F_EIM) || !eim_in_pool(r, addr))
 		return -1;
-	h->slot = f.slot;
+	h->slot = s;
 	return 0;
 }
 

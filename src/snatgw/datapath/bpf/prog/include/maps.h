@@ -116,6 +116,14 @@ struct {
 	__type(value, __u32);
 } snat_inside_addrs SEC(".maps");
 
+/* rule_id -> slot of snat_rules (written with the rules; the reader checks the slot's id) */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_MAX_RULES);
+	__type(key, __u32);
+	__type(value, __u32);
+} snat_rule_slots SEC(".maps");
+
 /* Endpoint-independent mappings (eim.h): endpoints, their owners, ADF permits.  No prealloc:
  * costs memory only when a rule maps endpoint-independently. */
 #ifndef SNAT_MAX_EIM
