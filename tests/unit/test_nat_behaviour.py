@@ -88,3 +88,21 @@ def test_port_preserve_tries_the_port_itself_first_then_the_usual_sequence():
     for sport in range(100, 116):
         full = list(port_candidates(sport, 100, 115, 16, seed, preserve=True))
         assert full[0] == sport and sorted(full) == list(range(100, 116))
+
+
+def test_adm_edit_keeps_the_options_ipvsadm_cannot_say():
+    """`snatgw adm -k` (ipvsadm's edit) has no words for mapping, filtering, port_preserve: an
+    edit keeps the rule's own; an edit that contradicts them (algo sdh) is refused, nothing
+    changed."""
+    import shlex
+
+    from snatgw.config.adm import AdmRefused, AdmTable, parse_args
+
+    rule = parse_text(conf(EIM + " filtering endpoint-independent port_preserve yes"), "t.conf").rules.defined[0]
+    t = AdmTable(True, (rule,))
+    t2 = t.apply(parse_args(shlex.split("-k -f 1 -F 198.18.40.0/24 -U 198.19.2.72 -O sh")))
+    (r,) = t2.rules
+    assert (str(r.pool), r.mapping, r.filtering, r.port_preserve) == (
+        "198.19.2.72-198.19.2.72", "endpoint-independent", "endpoint-independent", True)
+    with pytest.raises(AdmRefused, match="mapping: expected algo sh"):
+        t.apply(parse_args(shlex.split("-k -f 1 -F 198.18.40.0/24 -U 198.19.2.72 -O sdh")))

@@ -283,8 +283,16 @@ class AdmTable:
             return replace(self, rules=self.rules + (cmd.rule("adm"),))
         if idx is None:
             raise AdmRefused("ENOENT", f"No such file or directory: no rule {_ident(cmd.identity)}")
-        if op == "edit":  # keeps its place in definition order
-            return replace(self, rules=self.rules[:idx] + (cmd.rule("adm"),) + self.rules[idx + 1 :])
+        if op == "edit":  # keeps its place in definition order, and the options ipvsadm cannot say
+            old = self.rules[idx]
+            try:
+                new = replace(cmd.rule("adm"), on_exhausted=old.on_exhausted, port_preserve=old.port_preserve,
+                              max_sessions_per_host=old.max_sessions_per_host, mapping=old.mapping,
+                              filtering=old.filtering)  # fmt: skip
+            except RuleError as e:  # e.g. -O sdh for a rule with mapping endpoint-independent
+                raise AdmRefused("EINVAL", f"Invalid argument: {e.field}: {e.message} (the rule keeps its "
+                                           "config options; change them in the config file)") from None
+            return replace(self, rules=self.rules[:idx] + (new,) + self.rules[idx + 1 :])
         return replace(self, rules=self.rules[:idx] + self.rules[idx + 1 :])
 
     def apply_all(self, cmds: list[AdmCommand], restore: bool = False) -> "AdmTable":
