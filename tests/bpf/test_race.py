@@ -26,6 +26,33 @@ SNAT = "198.19.2.71"
 PAD = b"p" * 60  # bench packets must cover the wrappers' saved 96 bytes
 
 
+def race(h, rounds: int) -> None:
+    """HOSTS[0] on the first CPU and HOSTS[1] on the last (this machine kind has 2; on one, the
+    threads interleave) each send ``rounds`` new flows (bench_new: a new source port per round,
+    from a shared counter) at once."""
+    cpus = sorted(os.sched_getaffinity(0))
+    cpus = [cpus[0], cpus[-1]]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def run(cpu: int, host: str) -> None:
+        try:
+            os.sched_setaffinity(0, {cpu})  # this thread only
+            pkt = raw(IP(src=host, dst=R1) / UDP(sport=10000, dport=53) / PAD)
+            start.wait()
+            for _ in range(rounds // 500):
+                h.bench("bench_new", pkt, "lan40", 500)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(c, host)) for c, host in zip(cpus, HOSTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 def test_two_cpus_racing_for_one_address_leave_a_consistent_table(refnet):
     from snatgw.datapath.bpf.testrun import ProgHarness
 
@@ -35,27 +62,7 @@ def test_two_cpus_racing_for_one_address_leave_a_consistent_table(refnet):
     settings = Settings(port_min=5000, port_max=12999, port_tries=64)
     with ProgHarness(refnet, defines={"SNAT_BENCH": 1}, test=False, max_sessions=16384) as h:
         h.apply(rules, settings)
-        cpus = sorted(os.sched_getaffinity(0))
-        cpus = [cpus[0], cpus[-1]]  # two CPUs (this machine kind has 2; on one, threads interleave)
-        errors: list[BaseException] = []
-        start = threading.Barrier(2)
-
-        def run(cpu: int, host: str) -> None:
-            try:
-                os.sched_setaffinity(0, {cpu})  # this thread only
-                pkt = raw(IP(src=host, dst=R1) / UDP(sport=10000, dport=53) / PAD)
-                start.wait()
-                for _ in range(rounds // 500):
-                    h.bench("bench_new", pkt, "lan40", 500)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(c, host)) for c, host in zip(cpus, HOSTS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+        race(h, rounds)
 
         ct = h.ct()
         outs = {k: e for k, e in ct.items() if k[5] == L.CT_DIR_OUT}
@@ -96,27 +103,7 @@ def test_two_cpus_making_endpoint_independent_mappings_never_share_one(refnet):
     settings = Settings(port_min=5000, port_max=12999, port_tries=64)
     with ProgHarness(refnet, defines={"SNAT_BENCH": 1}, test=False, max_sessions=16384) as h:
         h.apply(rules, settings)
-        cpus = sorted(os.sched_getaffinity(0))
-        cpus = [cpus[0], cpus[-1]]
-        errors: list[BaseException] = []
-        start = threading.Barrier(2)
-
-        def run(cpu: int, host: str) -> None:
-            try:
-                os.sched_setaffinity(0, {cpu})
-                pkt = raw(IP(src=host, dst=R1) / UDP(sport=10000, dport=53) / PAD)
-                start.wait()
-                for _ in range(rounds // 500):
-                    h.bench("bench_new", pkt, "lan40", 500)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(c, host)) for c, host in zip(cpus, HOSTS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+        race(h, rounds)
 
         outs = {k: e for k, e in h.ct().items() if k[5] == L.CT_DIR_OUT}
         eim = h.eim()

@@ -91,10 +91,7 @@ struct {
  * mark 0 here; every kept pair of an endpoint-independent session adds 1 to its endpoint's and
  * permit's mark; at the end an entry whose mark is still 0 and which is older than the grace
  * goes (an endpoint with its owner, when that points back).  One made or reused during the walk
- * has no mark or a fresh last_seen: kept. */
-#ifndef SNAT_MAX_EIM
-#define SNAT_MAX_EIM (SNAT_EIM_PER_SESSION * SNAT_MAX_SESSIONS)
-#endif
+ * has no mark or a fresh last_seen: kept.  (SNAT_MAX_EIM: maps.h, beside snat_eim.) */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, SNAT_MAX_EIM);
