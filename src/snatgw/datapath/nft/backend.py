@@ -555,23 +555,33 @@ class NftBackend:
             self._next_tally = t1 + (GC_DUTY - 1) * (t1 - t0)
         return 0
 
+    def _netfilter_sysctl(self, name: str) -> int | None:
+        """/proc/sys/net/netfilter/<name> of the gateway's namespace (None if unreadable)."""
+        text = (self._read(f"/proc/sys/net/netfilter/{name}") or "").strip()
+        return int(text) if text.isdigit() else None
+
     def _conntrack_count(self) -> int:
         """Entries in the namespace's conntrack (all of them, one /proc read)."""
-        text = (self._read("/proc/sys/net/netfilter/nf_conntrack_count") or "").strip()
-        return int(text) if text.isdigit() else 0
+        return self._netfilter_sysctl("nf_conntrack_count") or 0
+
+    def _count_by_mark(self) -> dict[int, int]:
+        """{ct mark: entries} of snatgw's sessions: one dump reading only marks (ctnetlink),
+        else the conntrack text."""
+        try:
+            with Conntrack(self.netns) as ct:
+                return ct.count_by_mark(R.MARK_TAG, R.MARK_MASK)
+        except BackendError as e:
+            log.warning("nft backend: %s; counting conntrack text", e)
+        by_mark: dict[int, int] = {}
+        for d in self._entries():
+            by_mark[d["mark"]] = by_mark.get(d["mark"], 0) + 1
+        return by_mark
 
     def _tally(self) -> "_Tally":
         """Live sessions per ct mark (one dump reading only marks) and, up to
         PRESSURE_LIST_MAX, per inside host and SNAT address (a listing)."""
         t0 = time.monotonic()
-        try:
-            with Conntrack(self.netns) as ct:
-                by_mark = ct.count_by_mark(R.MARK_TAG, R.MARK_MASK)
-        except BackendError as e:
-            log.warning("nft backend: %s; counting conntrack text", e)
-            by_mark = {}
-            for d in self._entries():
-                by_mark[d["mark"]] = by_mark.get(d["mark"], 0) + 1
+        by_mark = self._count_by_mark()
         hosts: dict[str, list[int]] = {}
         addrs: dict[str, list[int]] = {}
         if sum(by_mark.values()) <= PRESSURE_LIST_MAX:  # per host and address needs a listing
@@ -588,10 +598,10 @@ class NftBackend:
             self._judge_full_locked()
 
     def _judge_full_locked(self) -> None:
-        text = (self._read("/proc/sys/net/netfilter/nf_conntrack_count") or "").strip()
-        if not text.isdigit():
+        count = self._netfilter_sysctl("nf_conntrack_count")
+        if count is None:
             return
-        full = int(text) >= self.settings.max_sessions
+        full = count >= self.settings.max_sessions
         if full != self._full:
             op = "add" if full else "delete"
             q = self._run(["nft", op, "element", R.FAMILY, R.TABLE, R.S_FULL, f"{{ 0x{R.MARK_TAG:08x} }}"], check=False)
@@ -768,21 +778,14 @@ class NftBackend:
         hooks += [{"device": None, "hook": h, "program": f"table {R.FAMILY} {R.TABLE}", "prog_id": None,
                    "attached": False, "found": None} for h in sorted(missing)]  # fmt: skip
 
-        def sysctl(name: str) -> int:
-            text = (self._read(f"/proc/sys/net/netfilter/{name}") or "").strip()
-            return int(text) if text.isdigit() else 0
-
         # a count, not a listing (only each entry's mark is read); the tick's on a large table
         tally = self._tally_cache
         if tally is None or self._conntrack_count() <= COUNT_FRESH_MAX:
-            try:
-                with Conntrack(self.netns) as ct:
-                    ours = sum(ct.count_by_mark(R.MARK_TAG, R.MARK_MASK).values())
-            except BackendError:
-                ours = sum(1 for _ in self._entries())
+            ours = sum(self._count_by_mark().values())
         else:
             ours = sum(tally.by_mark.values())
-        maps = [{"name": "conntrack", "entries": sysctl("nf_conntrack_count"), "max_entries": sysctl("nf_conntrack_max")},
+        maps = [{"name": "conntrack", "entries": self._conntrack_count(),
+                 "max_entries": self._netfilter_sysctl("nf_conntrack_max") or 0},
                 {"name": "policy routing rules", "entries": len(self._our_ip_rules()), "max_entries": 1000}]
         return {"hooks": hooks, "maps": maps, "sessions": ours, "max_sessions": self.settings.max_sessions,
                 "devices": {"inside": list(self.settings.inside), "outside": list(self.settings.outside)}}
