@@ -29,7 +29,7 @@ def remove_bpf(pin_dir: str | None, netns: str | None = None, devices=None) -> l
     try:
         from .bpf import libbpf
         from .bpf.loader import detach_ours, unpin
-        from .bpf.loader import netns as enter
+        from .netns import enter
 
         libbpf.lib()
     except (ImportError, OSError, BackendError) as e:  # no libbpf: no bpf datapath ran here

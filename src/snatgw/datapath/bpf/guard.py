@@ -25,6 +25,7 @@ import subprocess
 from ipaddress import IPv4Network
 
 from ...errors import BackendError
+from ..netns import nsenter
 
 log = logging.getLogger("snatgw.bpf")
 
@@ -36,15 +37,9 @@ FAMILY = "ip"
 PRIORITY = 300
 
 
-def _prefix(netns: str | None) -> list[str]:
-    if not netns:
-        return []
-    return ["nsenter", f"--net={netns if '/' in netns else f'/run/netns/{netns}'}"]
-
-
 def _nft(argv: list[str], netns: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(_prefix(netns) + ["nft", *argv], input=stdin, capture_output=True, text=True,
+        return subprocess.run(nsenter(netns) + ["nft", *argv], input=stdin, capture_output=True, text=True,
                               timeout=30)  # fmt: skip
     except FileNotFoundError:
         raise BackendError("nft not found: the leak guard's second line needs nftables (scripts/setup.sh)") from None

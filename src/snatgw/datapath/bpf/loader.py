@@ -6,7 +6,6 @@ network namespace from the calling thread.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import logging
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from ... import layout as L
 from ...errors import BackendError
+from ..netns import enter as netns  # noqa: F401  (tests and testrun use it from here)
 from . import libbpf as B
 from .maps import DatapathMaps, map_specs
 
@@ -35,34 +35,6 @@ PROG_RECIRC = "snat_recirc"
 
 
 # --------------------------------------------------------------------------- namespaces
-
-_CLONE_NEWNET = 0x40000000
-
-
-@contextlib.contextmanager
-def netns(name_or_path: str):
-    """Run the body with the calling thread in network namespace ``name_or_path`` (a name
-    under /run/netns or a path); the thread's namespace is restored afterwards.  Children
-    started in the body (ip, tc) inherit it; BPF fds stay valid across namespaces."""
-    path = name_or_path if "/" in name_or_path else f"/run/netns/{name_or_path}"
-    libc = ctypes.CDLL(None, use_errno=True)
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if libc.setns(fd, _CLONE_NEWNET) != 0:
-                e = ctypes.get_errno()
-                raise BackendError(f"setns {path}: {os.strerror(e)}")
-        finally:
-            os.close(fd)
-        try:
-            yield
-        finally:
-            if libc.setns(here, _CLONE_NEWNET) != 0:  # pragma: no cover - cannot recover
-                raise BackendError(f"setns back to the original netns: {os.strerror(ctypes.get_errno())}")
-    finally:
-        os.close(here)
-
 
 def ifindex(name: str) -> int:
     try:

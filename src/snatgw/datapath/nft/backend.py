@@ -24,6 +24,7 @@ from ...errors import BackendError
 from ...layout import CtState
 from ...rules import RuleSet
 from ..backend import RuleCounters, Session, SessionFilter, Stats, pressure_summary
+from ..netns import nsenter
 from . import render as R
 from .ctnetlink import Conntrack
 
@@ -127,15 +128,9 @@ class NftBackend:
 
     # ------------------------------------------------------------------ commands
 
-    def _prefix(self) -> list[str]:
-        if not self.netns:
-            return []
-        path = self.netns if "/" in self.netns else f"/run/netns/{self.netns}"
-        return ["nsenter", f"--net={path}"]
-
     def _run(self, argv: list[str], input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         try:
-            p = subprocess.run(self._prefix() + argv, input=input, capture_output=True, text=True, timeout=30)
+            p = subprocess.run(nsenter(self.netns) + argv, input=input, capture_output=True, text=True, timeout=30)
         except FileNotFoundError as e:
             raise BackendError(f"nft backend: {argv[0]} not found ({e}); install it (scripts/setup.sh)") from None
         if check and p.returncode != 0:

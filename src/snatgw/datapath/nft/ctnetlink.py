@@ -128,7 +128,7 @@ class Conntrack:
 
     def __init__(self, netns: str | None = None):
         if netns:
-            from ..bpf.loader import netns as enter
+            from ..netns import enter
 
             with enter(netns):
                 self.sock = self._open()
@@ -226,7 +226,7 @@ class ConntrackEvents:
     def __init__(self, mark: int, mask: int, rule_of=None, netns: str | None = None):
         self.mark, self.mask, self.rule_of = mark, mask, rule_of or (lambda m: 0)
         if netns:
-            from ..bpf.loader import netns as enter
+            from ..netns import enter
 
             with enter(netns):
                 self.sock = self._open()
