@@ -264,7 +264,10 @@ def render(results: dict, images: list[str] = ()) -> str:
            f"Machine: {m.get('nproc')} CPUs ({m.get('cpu_model')}), kernel {m.get('kernel')}; "
            f"load average {m.get('loadavg_start')} at start, {m.get('loadavg_end')} at end. "
            f"{'Quick' if p.get('quick') else 'Full'} run: {p.get('rounds')} rounds × {p.get('duration')} s, "
-           f"configurations interleaved (rotated each round), each in a fresh namespace trio.", "",
+           f"configurations interleaved (rotated each round), each in a fresh namespace trio; snatgw's "
+           f"session table sized for {p.get('max_sessions', 0):,} sessions in the packet scenarios "
+           f"(this machine's conntrack: at most {m.get('nf_conntrack_max') or '?'} entries in "
+           f"{m.get('nf_conntrack_buckets') or '?'} buckets).", "",
            "Method: trafgen on CPU0 sends 64-byte UDP frames; generator, gateway and sink all run in the "
            "sender's context, so 1e9/pps is their summed cost. The `drop` baseline drops at the gateway's "
            "inside ingress; **gateway ns/pkt = 1e9/pps(config) − 1e9/pps(drop)**, paired per round. "

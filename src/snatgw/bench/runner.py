@@ -61,7 +61,17 @@ def machine() -> dict:
     ver = lambda cmd: (shutil.which(cmd[0]) and os.popen(" ".join(cmd) + " 2>&1").read().strip().splitlines()[0]) or None  # noqa: E731
     return {"nproc": os.cpu_count(), "kernel": platform.release(), "cpu_model": cpu, "python": platform.python_version(),
             "nft": ver(["nft", "--version"]), "trafgen": ver(["trafgen", "--version"]),
-            "iperf3": ver(["iperf3", "--version"]), "loadavg_start": sc.loadavg()}
+            "iperf3": ver(["iperf3", "--version"]), "loadavg_start": sc.loadavg(),
+            "nf_conntrack_max": _read_int("/proc/sys/net/netfilter/nf_conntrack_max"),
+            "nf_conntrack_buckets": _read_int("/proc/sys/net/netfilter/nf_conntrack_buckets")}
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def rotated(items: tuple[str, ...], r: int) -> list[str]:

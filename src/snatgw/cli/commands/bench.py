@@ -30,6 +30,8 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="run only this configuration (repeatable); default all")
     p.add_argument("--rounds", type=int, help="rounds per measurement (default 3)")
     p.add_argument("--duration", type=float, help="seconds per round (default 3, --quick 1)")
+    p.add_argument("--max-sessions", type=int, metavar="N",
+                   help="snatgw's session table size in the packet scenarios (default 1048576, --quick 262144)")
     p.add_argument("--out", default="bench/results", help="results directory (default bench/results)")
 
 
@@ -45,7 +47,10 @@ def run(args) -> int:
         raise SnatgwError(f"--rounds: expected 1..20, got {args.rounds}")
     if args.duration is not None and not 0.2 <= args.duration <= 30:
         raise SnatgwError(f"--duration: expected 0.2..30 seconds, got {args.duration}")
+    if args.max_sessions is not None and not 1024 <= args.max_sessions <= 1 << 24:
+        raise SnatgwError(f"--max-sessions: expected 1024..16777216, got {args.max_sessions}")
     params = Params.make(args.quick, rounds=args.rounds, duration=args.duration, out_dir=args.out,
+                         max_sessions=args.max_sessions,
                          scenarios=tuple(args.scenario) if args.scenario else None,
                          configs=tuple(c for c in CONFIGS if c in args.config) if args.config else None)
     results = Suite(params, echo=lambda s: print(s, flush=True)).run()
