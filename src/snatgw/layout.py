@@ -386,10 +386,14 @@ CFG_F_REFUSE_ICMP = 0x4  # `refuse_icmp yes`: a host over its limit gets ICMP ho
 CFG_F_INBOUND_ROUTED = 0x2  # `inbound routed`: uplink packets without a session may be routed inside
 CFG_F_EIM = 0x8  # some rule maps endpoint-independently: look owners up (filtering, hairpinning)
 CFG_F_AUDIT = 0x10  # `audit_log` set: session create/end records go to snat_audit
+#: some rule has a max_sessions_per_host: the datapath counts each inside host's new sessions
+#: (snat_host_sess +1); without it only the expiry sweep's recount keeps them (docs/datapath.md)
+CFG_F_HOST_COUNT = 0x20
 
 #: the expiry sweep (sweep.bpf.c: a BPF_PROG_TYPE_SYSCALL program walking snat_ct)
 SWEEP_EXPIRE = 0  # remove expired pairs and old half pairs, recount the live counts
 SWEEP_FLUSH = 1  # remove the pairs the filters select (all: also half pairs), recount
+SWEEP_RECOUNT = 2  # remove nothing, recount the live counts (a host limit turned on by reload)
 SWEEP_F_RULE = 0x01
 SWEEP_F_INSIDE = 0x02
 SWEEP_F_NAT = 0x04
@@ -667,14 +671,14 @@ def render_header() -> str:
         "EIM_DIR_ENDPOINT": EIM_DIR_ENDPOINT, "EIM_DIR_OWNER": EIM_DIR_OWNER, "EIM_DIR_PERMIT": EIM_DIR_PERMIT,
         "CT_F_REPLIED": CT_F_REPLIED, "CT_F_NEW_GW": CT_F_NEW_GW,
         "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "CFG_F_INBOUND_ROUTED": CFG_F_INBOUND_ROUTED,
-        "CFG_F_REFUSE_ICMP": CFG_F_REFUSE_ICMP, "CFG_F_AUDIT": CFG_F_AUDIT,
+        "CFG_F_REFUSE_ICMP": CFG_F_REFUSE_ICMP, "CFG_F_AUDIT": CFG_F_AUDIT, "CFG_F_HOST_COUNT": CFG_F_HOST_COUNT,
         "AUDIT_NEW": AUDIT_NEW, "AUDIT_END": AUDIT_END, "AUDIT_END_EXPIRED": AUDIT_END_EXPIRED,
         "AUDIT_END_FLUSH": AUDIT_END_FLUSH, "AUDIT_CNT_WRITTEN": AUDIT_CNT_WRITTEN,
         "AUDIT_CNT_LOST": AUDIT_CNT_LOST, "AUDIT_CNT_N": AUDIT_CNT_N,
         "REASON_MAX": REASON_MAX,
         "TCP_STATE_COUNT": TCP_STATE_COUNT,
         "IFACE_INSIDE": IFACE_INSIDE, "IFACE_OUTSIDE": IFACE_OUTSIDE,
-        "SWEEP_EXPIRE": SWEEP_EXPIRE, "SWEEP_FLUSH": SWEEP_FLUSH,
+        "SWEEP_EXPIRE": SWEEP_EXPIRE, "SWEEP_FLUSH": SWEEP_FLUSH, "SWEEP_RECOUNT": SWEEP_RECOUNT,
         "SWEEP_F_RULE": SWEEP_F_RULE, "SWEEP_F_INSIDE": SWEEP_F_INSIDE, "SWEEP_F_NAT": SWEEP_F_NAT,
         "SWEEP_F_REMOTE": SWEEP_F_REMOTE, "SWEEP_F_RPORT": SWEEP_F_RPORT,
         "SWEEP_F_PROTO": SWEEP_F_PROTO, "SWEEP_F_STATE": SWEEP_F_STATE,

@@ -325,3 +325,29 @@ def test_addr_stats_reads_live_sessions_and_refusals_per_snat_address(backend):
     m.put(ipaddress.IPv4Address("198.19.2.72").packed, L.LIVE_COUNT.pack(sessions=0, refusals=1))
     assert backend.addr_stats() == {ipaddress.IPv4Address("198.19.2.71"): (3, 7),
                                     ipaddress.IPv4Address("198.19.2.72"): (0, 1)}
+
+
+@pytest.mark.bpf
+def test_per_host_sessions_say_whether_they_are_live_or_the_last_sweeps(backend, monkeypatch):
+    """Without CFG_F_HOST_COUNT stats() marks the hosts' sessions as the last walk's, with its
+    age; a rule set with a host limit sets the flag and recounts first (install_rules), so the
+    sessions that were there count and the figures are live."""
+    from snatgw.datapath.bpf import backend as mod
+
+    t = [100.0]
+    monkeypatch.setattr(mod, "_clock", lambda: t[0])
+    for n in (1, 2):
+        add_session(backend.maps.ct, n)
+    p = backend.stats().pressure
+    assert (p["hosts_counted"], p["hosts_age_seconds"], p["hosts_total"]) == ("sweep", None, 0)
+    backend.expire(now=BASE / SEC)
+    t[0] = 103.0
+    p = backend.stats().pressure
+    assert (p["hosts_counted"], p["hosts_age_seconds"], p["hosts_total"]) == ("sweep", 3.0, 2)
+    add_session(backend.maps.ct, 3)  # made since: not in the figures until the next walk
+    cfg = L.SNAT_CFG.pack(nrules=1, flags=L.CFG_F_HOST_COUNT, port_min=5000, port_max=65535, port_tries=64)
+    mod.install_rules(backend.maps, cfg, [L.SNAT_RULE.pack(rule_id=RULE_A, pool_min=SNAT, pool_max=SNAT,
+                                                           host_limit=5)], backend._recount_for_limit)  # fmt: skip
+    assert backend.host_counting()
+    p = backend.stats().pressure
+    assert (p["hosts_counted"], p["hosts_total"]) == ("live", 3) and "hosts_age_seconds" not in p

@@ -16,7 +16,7 @@ from scapy.packet import Raw, raw
 from tests.cases.corpus import REF_SETTINGS, ruleset, REF_RULES, FAILOVER_RULES, REF_ADDRESSES, REF_ROUTES
 from tests.cases.pkts import icmp_error, with_options
 
-from test_differential import bpf_sessions, compare_step, model_sessions
+from test_differential import bpf_sessions, compare_step, model_live, model_sessions
 from snatgw.datapath.bpf.testrun import MIN_TESTABLE_IPV4
 from snatgw.layout import CT_DIR_IN, CT_DIR_OUT, IPPROTO_ICMP, IPPROTO_TCP
 
@@ -205,12 +205,13 @@ def fuzz_progs(refnet):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), rules=st.sampled_from(sorted(RULESETS)), narrow=st.booleans(),
-       drop=st.booleans(), table=st.sampled_from(TABLES))  # fmt: skip
-def test_generated_traffic_matches_model(fuzz_progs, data, rules, narrow, drop, table):
-    """Random flows, replies, errors, fragments and corrupt packets: BPF agrees with the model."""
+       drop=st.booleans(), table=st.sampled_from(TABLES), limit=st.sampled_from([0, 0, 2]))  # fmt: skip
+def test_generated_traffic_matches_model(fuzz_progs, data, rules, narrow, drop, table, limit):
+    """Random flows, replies, errors, fragments and corrupt packets: BPF agrees with the model,
+    with and without a host limit (the per-host count kept as sessions are made, or not)."""
     from snatgw.model import Engine, StaticRouter
 
-    s = replace(REF_SETTINGS, unmatched_drop=drop, max_sessions=table,
+    s = replace(REF_SETTINGS, unmatched_drop=drop, max_sessions=table, max_sessions_per_host=limit,
                 **({"port_min": 5000, "port_max": 5002} if narrow else {}))  # fmt: skip
     rs = ruleset(RULESETS[rules])
     prog = fuzz_progs[table]
@@ -229,6 +230,7 @@ def test_generated_traffic_matches_model(fuzz_progs, data, rules, narrow, drop, 
         if run.verdict is not None:
             judged[step.result.reason] += 1
     assert bpf_sessions(prog) == model_sessions(engine)
+    assert prog.live_counts() == model_live(engine)
     assert prog.reasons() == dict(judged)
     assert prog.rule_stats() == {rid: {"packets": c.packets, "bytes": c.bytes, "sessions": c.sessions}
                                  for rid, c in engine.rule_stats.items()}  # fmt: skip

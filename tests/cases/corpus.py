@@ -601,6 +601,24 @@ def _scenarios() -> list[Scenario]:
         inside(udp(C, R1, 3, 53), RED, R.XLATE_NEW, dev="lan50"),
     ], settings={"max_sessions_per_host": 2},
        rules=[REF_RULES[0], REF_RULES[1], dict(REF_RULES[2], max_sessions_per_host=0)])  # fmt: skip
+    add("host_count_off_without_a_limit", "No rule has a host limit (CFG_F_HOST_COUNT clear): "
+        "new sessions count per rule and SNAT address but not per inside host; a refusal does "
+        "count for its host (sessions 0, refusals 1): the sweep's recount keeps hosts' sessions.", [
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 2, 53), RED, R.XLATE_NEW),
+        inside(udp(B, R1, 1, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 3, 53), DROP, R.DROP_PORT_EXHAUSTED),
+        inside(udp(A, R1, 4, 54), RED, R.XLATE_NEW),
+    ], settings={"port_min": 6000, "port_max": 6000})  # fmt: skip
+    add("host_limit_of_one_rule_counts_every_host", "Only the /16 rule has a limit (1), the "
+        "global none: the datapath counts every host's sessions (one flag), so C's second flow "
+        "on that rule is refused while A on the eth1 rule is never limited.", [
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 2, 53), RED, R.XLATE_NEW),
+        inside(udp(C, R1, 1, 53), RED, R.XLATE_NEW, dev="lan50"),
+        inside(udp(C, R1, 2, 53), DROP, R.DROP_HOST_LIMIT, dev="lan50"),
+        inside(udp(A, R1, 3, 53), RED, R.XLATE_NEW),
+    ], rules=[REF_RULES[0], REF_RULES[1], dict(REF_RULES[2], max_sessions_per_host=1)])  # fmt: skip
     add("host_limit_icmp", "refuse_icmp yes: the refused packet comes back to its host as ICMP "
         "host unreachable (3/1) from the gateway's lan address, quoting it; the next packet of "
         "that flow is marked (dropped, no ICMP); a TCP SYN and an echo request the same.", [
@@ -771,6 +789,16 @@ def _eim_scenarios(add) -> None:
         inside(tcp(A, R1B, 40000, 6000, "SA"), RED, R.XLATE_OUT),
         outside(tcp(R1B, NAT, 6000, pa, "A"), RED, R.XLATE_IN),
     ], rules=eim_rules(filtering="endpoint-independent"))  # fmt: skip
+    add("eim_host_limit_counts_sessions_made_from_outside", "max_sessions_per_host 2 on the "
+        "endpoint-independent rule (the only limit: CFG_F_HOST_COUNT on): A's own session and "
+        "the one R2's datagram makes count for A, so R1B's SYN is not admitted and A's next "
+        "flow is DROP_HOST_LIMIT; B behind the same address still gets its flow.", [
+        inside(udp(A, R1, 40000, 3478), RED, R.XLATE_NEW),
+        outside(udp(R2, NAT, 5555, pa), RED, R.XLATE_IN_NEW, dev="eth2"),
+        outside(tcp(R1B, NAT, 6000, pa, "S"), PASS, R.PASS_NO_SESSION_IN),
+        inside(udp(A, R1, 40001, 3478), DROP, R.DROP_HOST_LIMIT),
+        inside(udp(B, R1, 40000, 3478), RED, R.XLATE_NEW),
+    ], rules=eim_rules(filtering="endpoint-independent", max_sessions_per_host=2))  # fmt: skip
     add("eim_filtering_address_dependent", "filtering address-dependent: R1 from any port gets in "
         "once A talked to R1; R2 does not until A talks to R2.", [
         inside(udp(A, R1, 40000, 3478), RED, R.XLATE_NEW),

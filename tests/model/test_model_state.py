@@ -373,3 +373,38 @@ def test_expiry_recounts_the_live_counts_so_a_host_limit_frees_up():
     assert (e.host_live[IP4(A)].sessions, e.host_live[IP4(A)].refusals) == (0, 1)
     assert sum(c.sessions for c in e.addr_live.values()) == 0 and sum(c.sessions for c in e.rule_live.values()) == 0
     assert e.process(udp(A, R1, 4, 53), "inside", "lan40", 400).reason == Reason.XLATE_NEW
+
+
+def test_without_a_host_limit_hosts_are_counted_by_the_recount_only():
+    """No rule has a host limit (host_counting off, CFG_F_HOST_COUNT clear): new sessions do not
+    count for their host (the per-rule and per-address counts still do); a refusal does; the
+    expiry's recount counts the hosts' sessions as of that moment."""
+    e = Engine(ruleset(REF_RULES), replace(REF_SETTINGS, port_min=6000, port_max=6000), StaticRouter.ref())
+    assert not e.host_counting
+    got = [e.process(udp(A, R1, sp, 53), "inside", "lan40", 0).reason for sp in (1, 2, 3, 4)]
+    assert got == [Reason.XLATE_NEW] * 3 + [Reason.DROP_PORT_EXHAUSTED]
+    assert {str(h): (c.sessions, c.refusals) for h, c in e.host_live.items()} == {A: (0, 1)}
+    assert sum(c.sessions for c in e.rule_live.values()) == 3 and sum(c.sessions for c in e.addr_live.values()) == 3
+    e.expire(10)
+    assert {str(h): (c.sessions, c.refusals) for h, c in e.host_live.items()} == {A: (3, 1)} and e.counted_at == 10
+    e.process(udp("198.18.40.11", R1, 9, 54), "inside", "lan40", 11)  # a new host: not counted until the next
+    assert IP4("198.18.40.11") not in e.host_live
+
+
+def test_a_host_limit_turned_on_by_reload_judges_a_recounted_count():
+    """apply() that brings the first host limit recounts before the limit judges: A's three
+    sessions made while nobody counted them count, so A's next flow is refused at limit 3, B
+    still gets its flow; when the limit goes again counting stops (the counts stay as they were)."""
+    e = Engine(ruleset(REF_RULES), REF_SETTINGS, StaticRouter.ref())
+    for sp in (1, 2, 3):
+        assert e.process(udp(A, R1, sp, 53), "inside", "lan40", 0).reason == Reason.XLATE_NEW
+    assert IP4(A) not in e.host_live
+    e.apply(ruleset([REF_RULES[0], dict(REF_RULES[1], max_sessions_per_host=3), REF_RULES[2]]))
+    assert e.host_counting and e.host_live[IP4(A)].sessions == 3
+    assert e.process(udp(A, R1, 4, 53), "inside", "lan40", 1).reason == Reason.DROP_HOST_LIMIT
+    assert e.process(udp("198.18.40.11", R1, 4, 53), "inside", "lan40", 1).reason == Reason.XLATE_NEW
+    assert {str(h): (c.sessions, c.refusals) for h, c in e.host_live.items()} == {A: (3, 1), "198.18.40.11": (1, 0)}
+    e.apply(ruleset(REF_RULES))
+    assert not e.host_counting
+    assert e.process(udp(A, R1, 5, 53), "inside", "lan40", 2).reason == Reason.XLATE_NEW
+    assert e.host_live[IP4(A)].sessions == 3  # no longer counted: the next recount says 4

@@ -107,3 +107,18 @@ def test_audit_log_families_appear_only_while_it_runs(running):
         assert running.service.status()["audit"]["lost_datapath"] == 5
     finally:
         running.service.audit = None
+
+
+def test_per_host_figures_say_how_fresh_they_are(running):
+    """No host limit: the busiest host's sessions are the last sweep's (absent age before the
+    first, then its age); the count of hosts and the busiest one's sessions follow the recount."""
+    running.syn()
+    running.syn(sport=40001)
+    f = families(running.service)
+    assert "snatgw_host_counts_age_seconds" not in f  # no sweep yet: age unknown
+    assert samples(f["snatgw_host_sessions_max"])[0].value == 0
+    running.service.gc()
+    running.clock.t += 7
+    f = families(running.service)
+    assert samples(f["snatgw_host_counts_age_seconds"])[0].value == 7
+    assert samples(f["snatgw_host_sessions_max"])[0].value == 2 and samples(f["snatgw_hosts"])[0].value == 1

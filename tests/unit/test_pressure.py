@@ -57,14 +57,41 @@ def test_stats_show_sessions_and_refusals_per_address_and_host(pressed):
         {"addr": "198.19.2.72", "sessions": 1, "refusals": 1},  # the sdh choice: refused there
         {"addr": "198.19.2.73", "sessions": 1, "refusals": 0},
     ]
-    assert p["hosts"] == [{"host": "198.18.40.10", "sessions": 3, "refusals": 1}] and p["hosts_total"] == 1
+    # no rule has a host limit: the hosts' sessions are the last sweep's (none yet), refusals count
+    assert p["hosts"] == [{"host": "198.18.40.10", "sessions": 0, "refusals": 1}] and p["hosts_total"] == 1
+    assert p["hosts_counted"] == "sweep" and p["hosts_age_seconds"] is None
+    pressed.service.gc()  # the expiry sweep recounts
+    pressed.clock.t += 4
+    p = json.loads(run_cli(["stats", "--json", "--socket", pressed.sock]))["pressure"]
+    assert p["hosts"] == [{"host": "198.18.40.10", "sessions": 3, "refusals": 1}] and p["hosts_age_seconds"] == 4.0
     text = run_cli(["stats", "--socket", pressed.sock])
     assert "session table: 3 of 262144" in text
     assert any(line.split() == ["198.19.2.72", "1", "1"] for line in text.splitlines())
     assert any(line.split() == ["198.18.40.10", "3", "1"] for line in text.splitlines())
+    assert "(inside hosts' sessions as of the last sweep, 4.0 s ago: no rule has max_sessions_per_host" in text
     out = io.StringIO()
     assert admcli.main(["-L", "--stats", "--socket", pressed.sock], stdout=out) == 0
     assert "SNAT address" in out.getvalue() and "198.19.2.72" in out.getvalue()
+    assert "as of the last sweep, 4.0 s ago" in out.getvalue()
+
+
+def test_with_a_host_limit_the_hosts_sessions_are_counted_live(tmpdir_short):
+    """A host limit has the datapath count each host's sessions as they are made: stats show
+    them at once, marked live (no age), and a reload that drops the limit turns that off."""
+    from test_daemon import LAB, Running
+
+    conf = tmpdir_short / "limit.conf"
+    conf.write_text(LAB.read_text().replace(ONE_PORT, "port_range 6000\n  max_sessions_per_host 2"))
+    r = Running(tmpdir_short, conf=conf)
+    try:
+        got = [send(r, "198.18.40.10", sp).reason.name for sp in (1, 2, 3)]
+        assert got == ["XLATE_NEW", "XLATE_NEW", "DROP_HOST_LIMIT"]
+        p = json.loads(run_cli(["stats", "--json", "--socket", r.sock]))["pressure"]
+        assert p["hosts"] == [{"host": "198.18.40.10", "sessions": 2, "refusals": 1}]
+        assert p["hosts_counted"] == "live" and "hosts_age_seconds" not in p
+        assert "as of the last sweep" not in run_cli(["stats", "--socket", r.sock])
+    finally:
+        r.close()
 
 
 def test_hosts_are_listed_busiest_first_and_cut_to_the_top(pressed):
@@ -72,6 +99,7 @@ def test_hosts_are_listed_busiest_first_and_cut_to_the_top(pressed):
     for i in range(12):
         for sp in range(i % 3 + 1):
             send(pressed, f"198.18.40.{20 + i}", 100 + sp, dport=1000 + i * 10 + sp)
+    pressed.service.gc()  # no host limit: the sweep's recount counts the hosts
     p = pressed.req(op="stats")["stats"]["pressure"]
     assert p["hosts_total"] == 12 and len(p["hosts"]) == 10
     assert [h["sessions"] for h in p["hosts"]] == sorted((h["sessions"] for h in p["hosts"]), reverse=True)

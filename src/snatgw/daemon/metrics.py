@@ -15,6 +15,9 @@ Metric families (all prefixed ``snatgw_``):
   sessions, sessions_max                    the session table
   map_entries{map}, map_max_entries{map}    every map's fill (bpf), conntrack (nft)
   addr_sessions{addr}, addr_refusals_total{addr}   per SNAT address, when the datapath counts them
+  hosts, host_sessions_max                  inside hosts with a live count; the busiest one's sessions
+  host_counts_age_seconds                   0 while a host limit has the datapath count per host,
+                                            else the age of the last sweep's recount (absent: unknown)
   gc_sweeps_total, gc_sessions_removed_total, gc_seconds_total   session expiry work
   reloads_total{result}, last_reload_success, last_reload_timestamp_seconds
   link_up{link}, link_on_backup{link}, link_transitions_total{link},
@@ -155,6 +158,19 @@ class ServiceCollector:
                 a_s.add_metric([str(addr)], n)
                 a_r.add_metric([str(addr)], refused)
             yield from (a_s, a_r)
+        p = st.pressure or {}
+        if "hosts_total" in p:  # per inside host: how many, the busiest, and how fresh
+            hn = _g("hosts", "inside hosts with a live count (sessions or refusals)")
+            hn.add_metric([], p["hosts_total"])
+            hm = _g("host_sessions_max", "live sessions of the busiest inside host")
+            hm.add_metric([], max((h["sessions"] for h in p.get("hosts", [])), default=0))
+            yield from (hn, hm)
+            age = 0.0 if p.get("hosts_counted", "live") == "live" else p.get("hosts_age_seconds")
+            if age is not None:
+                ha = _g("host_counts_age_seconds", "age of the per-host sessions: 0 while counted as "
+                        "sessions are made (a host limit is set), else since the last sweep's recount")
+                ha.add_metric([], age)
+                yield ha
         progs = {hk["program"]: hk["prog_id"] for hk in h.get("hooks", []) if isinstance(hk.get("prog_id"), int)
                  and s.backend.name == "bpf"}  # fmt: skip
         if progs and bpf_stats_enabled():

@@ -92,7 +92,8 @@ class FakeBackend:
         n = len(eng.sessions(self.clock()))
         pressure = pressure_summary({str(k): (c.sessions, c.refusals) for k, c in eng.host_live.items()},
                                     {str(k): (c.sessions, c.refusals) for k, c in eng.addr_live.items()},
-                                    n, eng.settings.max_sessions)  # fmt: skip
+                                    n, eng.settings.max_sessions, hosts_live=eng.host_counting,
+                                    hosts_age=None if eng.counted_at is None else self.clock() - eng.counted_at)  # fmt: skip
         return Stats(reasons=reasons, rules=rules, sessions=n, pressure=pressure)
 
     def refusals(self) -> list[dict]:

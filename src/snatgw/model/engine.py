@@ -102,10 +102,13 @@ class Engine:
         self.rule_stats: dict[int, RuleCounters] = {}
         self._from_nets = frozenset(r.src for r in rules)
         self._rules_changed()
-        # live counts (snat_host_sess, snat_addr_stats, snat_rule_live) and refusal markers
+        # live counts (snat_host_sess, snat_addr_stats, snat_rule_live) and refusal markers;
+        # a host's sessions are counted as they are made only while some rule has a host
+        # limit (host_counting, CFG_F_HOST_COUNT), else only recount() keeps them
         self.host_live: dict[IPv4Address, LiveCount] = {}
         self.addr_live: dict[IPv4Address, LiveCount] = {}
         self.rule_live: dict[int, LiveCount] = {}
+        self.counted_at: float | None = None  # `now` of the last expire() (its recount)
         self.refused: dict[CtKey, Refusal] = {}
         self._icmp_sec: int | None = None  # refuse_icmp's rate limit: this second, and how many
         self._icmp_count = 0
@@ -214,7 +217,7 @@ class Engine:
         first = select_index(rule.pool, rule.algo, src, dst, v.sport)
         addrs = spill_order(rule.pool, first, rule_spill(rule, s), per_addr)
         limit = rule_host_limit(rule, s)  # step 13: the inside host's limit first
-        if limit and self._live(self.host_live, src).sessions >= limit:
+        if limit and self._host_sessions(src) >= limit:
             res = self._refuse(pkt, okey, addrs[0], Reason.DROP_HOST_LIMIT, now, rule)
             return self._refuse_icmp(pkt, v, ingress, now, res) if s.refuse_icmp else res
         # then the port search on each address in turn (an empty range: exhausted)
@@ -253,7 +256,8 @@ class Engine:
 
     def _count_new(self, rule: Rule, host: IPv4Address, addr: IPv4Address) -> None:
         self._count_rule(rule.rule_id, sessions=1)
-        self._live(self.host_live, host).sessions += 1
+        if self.host_counting:  # step 15: only while some rule has a host limit
+            self._live(self.host_live, host).sessions += 1
         self._live(self.addr_live, addr).sessions += 1
         self._live(self.rule_live, rule.rule_id).sessions += 1
 
@@ -325,7 +329,7 @@ class Engine:
         DROP_TABLE_FULL."""
         host, s = ek.addr, self.settings
         limit = rule_host_limit(rule, s)
-        if limit and self._live(self.host_live, host).sessions >= limit:
+        if limit and self._host_sessions(host) >= limit:
             return None
         flags = CT_F_EIM | (CT_F_HAIRPIN if hairpin else 0)
         if hairpin:  # the remote is another inside host's mapping: delivered back inside
@@ -427,6 +431,11 @@ class Engine:
             self.frags.remember(key, FragEntry(e.rw_addr, inn.rw_addr, inn.oif, inn.nexthop, now))
         return Result(Verdict.REDIRECT, Reason.XLATE_HAIRPIN, bytes(buf), inn.oif, inn.nexthop, e.rule,
                       (e.rw_addr, e.rw_port))  # fmt: skip
+
+    def _host_sessions(self, host: IPv4Address) -> int:
+        """The inside host's live count as step 13 reads it (a lookup: nothing is made)."""
+        c = self.host_live.get(host)
+        return c.sessions if c is not None else 0
 
     @staticmethod
     def _live(counts: dict, key) -> LiveCount:
@@ -696,18 +705,25 @@ class Engine:
                     gone.append(pair.out_key)
         for k in gone:
             self.table.remove(k)
+        was = self.host_counting
         self.rules = rules
         self._from_nets = frozenset(r.src for r in rules)
-        self._rules_changed()
         if settings is not None:
             self.settings = settings
             self.table.max_sessions = settings.max_sessions
             self.eim.capacity = EIM_PER_SESSION * settings.max_sessions
+        self._rules_changed()
+        if self.host_counting and not was:
+            # a host limit turned on: the counts are recounted before any limit judges them
+            # (bpf: CFG_F_HOST_COUNT set, the sweep's SWEEP_RECOUNT walk, then the rules)
+            self.recount()
         return len(gone)
 
     def _rules_changed(self) -> None:
         self._rule_by_id = {r.rule_id: r for r in self.rules}
         self._has_eim = any(r.eim for r in self.rules)  # CFG_F_EIM: owners are looked up
+        # CFG_F_HOST_COUNT: some rule has a host limit, so each new session counts for its host
+        self.host_counting = any(rule_host_limit(r, self.settings) for r in self.rules)
 
     def _address_owners(self) -> dict[IPv4Address, str]:
         """SNAT address -> the outside device it is a local address of (the router's view);
@@ -733,6 +749,7 @@ class Engine:
             self.table.remove(k)
         self.frags.expire(now)
         self.recount()
+        self.counted_at = now
         self._eim_expire(now)
         return len(gone)
 
@@ -749,7 +766,9 @@ class Engine:
 
     def recount(self) -> None:
         """The live counts' sessions counted again from the table, as the bpf expiry sweep
-        does (refusals are kept): a host's limit frees up as its sessions expire."""
+        does (refusals are kept; a count left at 0 sessions and 0 refusals goes): a host's
+        limit frees up as its sessions expire, and without a host limit (host_counting off)
+        this is what keeps the per-host sessions, as of the last recount."""
         for counts in (self.host_live, self.addr_live, self.rule_live):
             for c in counts.values():
                 c.sessions = 0
@@ -757,6 +776,9 @@ class Engine:
             self._live(self.host_live, p.out_key.saddr).sessions += 1
             self._live(self.addr_live, p.out.rw_addr).sessions += 1
             self._live(self.rule_live, p.out.rule_id).sessions += 1
+        for counts in (self.host_live, self.addr_live, self.rule_live):
+            for k in [k for k, c in counts.items() if not c.sessions and not c.refusals]:
+                del counts[k]
 
     def flush(self, rule_id: int | None = None, inside: IPv4Address | None = None,
               nat: IPv4Address | None = None) -> int:

@@ -56,8 +56,17 @@ def render_pressure(p: dict) -> list[str]:
         out.append(table([[h["host"], h["sessions"], h["refusals"]] for h in p["hosts"]],
                          (f"inside host (top {len(p['hosts'])} of {p.get('hosts_total', len(p['hosts']))})",
                           "sessions", "refusals")))  # fmt: skip
+        if p.get("hosts_counted") == "sweep":
+            out.append(hosts_as_of(p.get("hosts_age_seconds")))
         out.append("")
     return out
+
+
+def hosts_as_of(age) -> str:
+    """The note under the hosts' table when no host limit has the datapath count them."""
+    when = "" if age is None else f", {age:.1f} s ago"
+    return (f"(inside hosts' sessions as of the last sweep{when}: no rule has max_sessions_per_host, "
+            f"so the datapath does not count them as they are made; refusals are counted)")
 
 
 def run(args) -> int:

@@ -175,6 +175,9 @@ class BpfBackend:
         self._walk = threading.Lock()  # one walk at a time (the sweep's args live in a map)
         self._sweep_max = 0.0  # longest sweep so far (seconds), for status
         self.last_sweep: SweepResult | None = None
+        #: _clock() when the last walk (expiry, flush or recount) published the live counts:
+        #: the per-host sessions are "as of" it while no host limit has the datapath count them
+        self.counted_at: float | None = None
         #: the audit log's intake for sessions the control plane removes itself (rule changes):
         #: set by the daemon (daemon/audit.py), called with lists of record dicts
         self.audit_sink: Callable[[list[dict]], None] | None = None
@@ -204,6 +207,8 @@ class BpfBackend:
             if carried:  # before attach: from the first packet on, ours carry on with nft's mappings
                 n = self.insert_sessions(carried, config)
                 log.warning("bpf backend: carried %d of %d sessions over from the nft datapath", n, len(carried))
+                if n and self.host_counting():  # a host limit judges them from the first packet
+                    self.recount()
             self.loader.attach(list(s.inside), list(s.outside), L.RECIRC_DEV if recirc else None)
             set_accept_local(s.inside)
             warn_without_forwarding()
@@ -377,7 +382,7 @@ class BpfBackend:
         # removed ones only after (a removed rule's live sessions are translated anyway)
         nets = compile_from_nets(config.rules)
         self.maps.write_from_nets(nets | set(self.maps.from_nets.keys()))
-        written = self.maps.write_rules(cfg, rules)
+        written = install_rules(self.maps, cfg, rules, self._recount_for_limit)
         self.maps.write_from_nets(nets)
         self._install_guard(config)
         log.info("installed %d rules (%d slots written)", len(rules), written)
@@ -513,6 +518,26 @@ class BpfBackend:
     def _timeout_ns(self, state: int) -> int:
         return self._timeouts_ns()[int(state)]
 
+    def host_counting(self) -> bool:
+        """CFG_F_HOST_COUNT as the running datapath has it: the per-host sessions are counted
+        as sessions are made (some rule has a host limit); else they are the last walk's."""
+        cfg, _ = self._m().current_rules()
+        return _host_count(cfg)
+
+    def _recount_for_limit(self) -> None:
+        res = self.recount()
+        log.info("host limit on: the per-host counts recounted over %d sessions in %.3f s", res.live, res.seconds)
+
+    def recount(self) -> SweepResult:
+        """Count the live counts again from the table (removes nothing; sweep.py)."""
+        self._writable()
+        with self._walk:
+            res = self.sweeper().recount(chunked=self.chunked)
+        self.counted_at = _clock()
+        if res.count_errors:
+            log.warning("recount: %d live-count updates failed (a count map is full)", res.count_errors)
+        return res
+
     def sweeper(self) -> Sweeper:
         """The sweep program over this datapath's maps (loaded on first use)."""
         if self._sweeper is None:
@@ -547,6 +572,7 @@ class BpfBackend:
         if res.count_errors:
             log.warning("sweep: %d live-count updates failed (a count map is full)", res.count_errors)
         t1 = _clock()
+        self.counted_at = t1  # the per-host sessions are as of this walk
         t = t1 - t0
         if not full or self._t_normal is None:
             self._t_normal = t
@@ -605,7 +631,10 @@ class BpfBackend:
         live = m.pressure_counts()
         total = m.live_total()
         # the table's room as the map has it (a reader of pins does not know the settings)
-        pressure = pressure_summary(live[L.MAP_HOST_SESS], live[L.MAP_ADDR_STATS], total, m.ct.max_entries // 2)
+        live_hosts = self.host_counting()
+        age = None if live_hosts or self.counted_at is None else max(0.0, _clock() - self.counted_at)
+        pressure = pressure_summary(live[L.MAP_HOST_SESS], live[L.MAP_ADDR_STATS], total, m.ct.max_entries // 2,
+                                    hosts_live=live_hosts, hosts_age=age)  # fmt: skip
         return Stats(reasons=self._reasons(m), rules=m.rule_counters(), sessions=total, pressure=pressure)
 
     def refusals(self) -> list[dict]:
@@ -639,6 +668,7 @@ class BpfBackend:
                             nat=ipaddress.IPv4Address(nat) if nat is not None else None)  # fmt: skip
         with self._walk:
             n = self.sweeper().flush(flt, chunked=self.chunked).removed  # no filter: also half pairs
+        self.counted_at = _clock()
         if flt.empty:
             for k in self.maps.frags.keys():
                 self.maps.frags.delete(k)
@@ -708,6 +738,37 @@ class BpfBackend:
         b.maps = DatapathMaps.open_pinned(pin_dir, readonly=True)
         b.readonly = True
         return b
+
+
+def install_rules(maps: DatapathMaps, cfg: bytes, rules: list[bytes], recount: Callable[[], object]) -> int:
+    """maps.write_rules, in CFG_F_HOST_COUNT's order (docs/datapath.md step 15): when a host
+    limit turns on (the flag was clear: no rule had one, or fresh maps adopted with sessions),
+    the flag is set first (the datapath counts from then on), then ``recount()`` (the sweep's
+    SWEEP_RECOUNT walk, which keeps the increments made during it), then the rules with the
+    limit: no limit ever judges a count the datapath did not keep.  When the last limit goes,
+    the rules first, then the flag is cleared.  Returns the slots written."""
+    old_cfg, _ = maps.current_rules()
+    was, wants = _host_count(old_cfg), _host_count(cfg)
+    if wants and not was:
+        maps.cfg.put(0, _with_host_count(old_cfg, True))
+        recount()
+    if was and not wants:
+        written = maps.write_rules(_with_host_count(cfg, True), rules)
+        maps.cfg.put(0, cfg)
+        return written
+    return maps.write_rules(cfg, rules)
+
+
+def _host_count(cfg: bytes) -> bool:
+    """CFG_F_HOST_COUNT in a snat_cfg value."""
+    return bool(L.SNAT_CFG.unpack(cfg)["flags"] & L.CFG_F_HOST_COUNT)
+
+
+def _with_host_count(cfg: bytes, on: bool) -> bytes:
+    """A snat_cfg value with CFG_F_HOST_COUNT set or clear, the rest as it is."""
+    d = L.SNAT_CFG.unpack(cfg)
+    d["flags"] = (d["flags"] | L.CFG_F_HOST_COUNT) if on else (d["flags"] & ~L.CFG_F_HOST_COUNT)
+    return L.SNAT_CFG.pack(**d)
 
 
 def read_pinned(pin_dir: str = L.PIN_DIR, settings: Settings | None = None) -> BpfBackend:

@@ -45,9 +45,11 @@ def compile_rule(rule: Rule, ifindex_of: Callable[[str], int], settings: Setting
     )  # fmt: skip
 
 
-def compile_cfg(nrules: int, settings: Settings, eim: bool = False) -> bytes:
+def compile_cfg(nrules: int, settings: Settings, eim: bool = False, host_count: bool = False) -> bytes:
     """``eim``: some rule maps endpoint-independently (CFG_F_EIM: owners are looked up for
-    filtering and hairpinning; without it no packet pays for that)."""
+    filtering and hairpinning; without it no packet pays for that).  ``host_count``: some rule
+    has a max_sessions_per_host (CFG_F_HOST_COUNT: the datapath counts each inside host's new
+    sessions; without it the expiry sweep's recount alone keeps those counts)."""
     if not 0 < settings.port_min <= settings.port_max <= 65535:
         raise BackendError(
             f"port range {settings.port_min}-{settings.port_max}: expected 1 <= min <= max <= 65535"
@@ -56,7 +58,7 @@ def compile_cfg(nrules: int, settings: Settings, eim: bool = False) -> bytes:
         nrules=nrules, flags=(L.CFG_F_UNMATCHED_DROP if settings.unmatched_drop else 0)
         | (L.CFG_F_REFUSE_ICMP if settings.refuse_icmp else 0)
         | (L.CFG_F_INBOUND_ROUTED if settings.inbound_routed else 0) | (L.CFG_F_EIM if eim else 0)
-        | (L.CFG_F_AUDIT if settings.audit_log else 0),
+        | (L.CFG_F_AUDIT if settings.audit_log else 0) | (L.CFG_F_HOST_COUNT if host_count else 0),
         port_min=settings.port_min, port_max=settings.port_max,
         port_tries=min(max(int(settings.port_tries), 0), L.PORT_TRIES_MAX),  # the C bounds it too
     )  # fmt: skip
@@ -69,7 +71,13 @@ def compile_rules(
     rules = [compile_rule(r, ifindex_of, settings) for r in ruleset]
     if len(rules) > L.MAX_RULES:
         raise BackendError(f"{len(rules)} rules: the datapath holds at most {L.MAX_RULES}")
-    return compile_cfg(len(rules), settings, any(r.eim for r in ruleset)), rules
+    return compile_cfg(len(rules), settings, any(r.eim for r in ruleset), host_counting(ruleset, settings)), rules
+
+
+def host_counting(ruleset: RuleSet, settings: Settings) -> bool:
+    """CFG_F_HOST_COUNT: some rule has a max_sessions_per_host in effect (its own or the
+    global), so the datapath must count each inside host's sessions as they are made."""
+    return any(rule_host_limit(r, settings) for r in ruleset)
 
 
 def compile_from_nets(ruleset: RuleSet) -> set[bytes]:

@@ -9,6 +9,7 @@ keys read by batch lookups (milliseconds each; measured costs: docs/operations.m
 - ``expire(now_ns, timeouts_ns, grace_ns)``: remove expired pairs and old half pairs, recount
   the live counts.
 - ``flush(filter)``: remove the selected pairs (no filter: every entry), recount.
+- ``recount()``: remove nothing, recount the live counts (a host limit turned on by reload).
 """
 
 from __future__ import annotations
@@ -146,3 +147,8 @@ class Sweeper:
 
     def flush(self, flt: SessionFilter = ALL, chunked: bool = False) -> SweepResult:
         return self._run(chunked, mode=L.SWEEP_FLUSH, **filter_args(flt))
+
+    def recount(self, chunked: bool = False) -> SweepResult:
+        """The live counts (rule, SNAT address, inside host) counted again from the OUT
+        entries, nothing removed: one read of each entry, as an expiry walk's common case."""
+        return self._run(chunked, mode=L.SWEEP_RECOUNT)

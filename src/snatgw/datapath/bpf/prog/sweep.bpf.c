@@ -10,7 +10,10 @@
  *                 snat_addr_stats, snat_host_sess); with args.full also look up the other half
  *                 of every entry and remove half pairs older than the grace (without it, only
  *                 entries that look expired cost a lookup: the common walk reads each entry once);
- *   SWEEP_FLUSH   remove the pairs the filters select (no filter: every entry), recount.
+ *   SWEEP_FLUSH   remove the pairs the filters select (no filter: every entry), recount;
+ *   SWEEP_RECOUNT remove nothing, recount (each OUT entry counts, no lookup): the control plane
+ *                 runs it when a reload turns a host limit on, after setting CFG_F_HOST_COUNT
+ *                 and before the rules with the limit (docs/datapath.md step 15).
  *
  * Recount without losing the datapath's increments: at the start of a walk, each count's
  * sessions value S0 is put into a private delta map as -S0; every pair the walk keeps adds 1;
@@ -344,6 +347,10 @@ static __always_inline void visit_out(const struct sweep_args *a, struct sweep_r
 	struct ct_key peer = e->peer;
 	struct ct_entry *in, *out;
 
+	if (a->mode == SWEEP_RECOUNT) {
+		count_live(k, e, res);
+		return;
+	}
 	/* the common case costs no lookup: an OUT entry seen within its timeout keeps the pair
 	 * (idleness counts from the newer direction); only a full walk checks its IN entry */
 	if (a->mode == SWEEP_EXPIRE && !a->full &&
@@ -391,7 +398,8 @@ static __always_inline void visit_in(const struct sweep_args *a, struct sweep_re
 	struct ct_key peer = e->peer;
 	struct ct_entry *out;
 
-	if ((a->mode == SWEEP_FLUSH && a->flags) || (a->mode == SWEEP_EXPIRE && !a->full))
+	if ((a->mode == SWEEP_FLUSH && a->flags) || (a->mode == SWEEP_EXPIRE && !a->full) ||
+	    a->mode == SWEEP_RECOUNT)
 		return;
 	/* an IN entry without its OUT: mid-insert (IN goes in first) for microseconds, or left
 	 * behind; removed once older than the grace (flush of everything: at once) */

@@ -13,14 +13,15 @@ static __always_inline void audit_count(__u32 what)
 		*c += 1; /* per-CPU */
 }
 
-/* CFG_F_AUDIT, for paths that do not hold the config already (one lookup) */
-static __always_inline int audit_on(void)
+/* The config's CFG_F_* flags, for paths that do not hold the config already (one lookup) */
+static __always_inline __u32 cfg_flags_now(void)
 {
 	__u32 zero = 0;
 	struct snat_cfg *cfg = bpf_map_lookup_elem(&snat_config, &zero);
 
-	return cfg && (cfg->flags & CFG_F_AUDIT);
+	return cfg ? cfg->flags : 0;
 }
+
 
 #define AUDIT_KIND(kind, why) ((kind) | ((why) << 8))
 

@@ -132,7 +132,7 @@ static __noinline int eim_admit(struct __sk_buff *skb, struct eim_scratch *sc, _
 	struct route rt = {}, back = {};
 	struct eim_entry *ep;
 	__be32 host = sc->h.ek.addr, nat = sc->h.ep.addr;
-	__u32 iif = sc->h.ep.iif, rule_id, mtu = 0;
+	__u32 iif = sc->h.ep.iif, rule_id, mtu = 0, cfg_flags;
 	__u8 flags = CT_F_EIM | (hairpin ? CT_F_HAIRPIN : 0);
 	long rc;
 
@@ -220,10 +220,12 @@ static __noinline int eim_admit(struct __sk_buff *skb, struct eim_scratch *sc, _
 	ep = bpf_map_lookup_elem(&snat_eim, &sc->h.ek);
 	if (ep)
 		ep->last_seen = now;
-	live_add(&snat_host_sess, &host, 0);
+	cfg_flags = cfg_flags_now();
+	if (cfg_flags & CFG_F_HOST_COUNT) /* only while some rule has a host limit (step 15) */
+		live_add(&snat_host_sess, &host, 0);
 	live_add(&snat_addr_stats, &nat, 0);
 	live_add(&snat_rule_live, &rule_id, 0);
-	if (audit_on()) /* a session made from outside (filtering, hairpinning) is logged too */
+	if (cfg_flags & CFG_F_AUDIT) /* a session made from outside (filtering, hairpinning) is logged too */
 		audit_session(&sc->okey, &sc->out, AUDIT_KIND(AUDIT_NEW, 0), now, now);
 	return 0;
 }

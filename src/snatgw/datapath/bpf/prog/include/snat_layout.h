@@ -87,6 +87,7 @@
 #define CFG_F_INBOUND_ROUTED 2
 #define CFG_F_REFUSE_ICMP 4
 #define CFG_F_AUDIT 16
+#define CFG_F_HOST_COUNT 32
 #define AUDIT_NEW 1
 #define AUDIT_END 2
 #define AUDIT_END_EXPIRED 1
@@ -100,6 +101,7 @@
 #define IFACE_OUTSIDE 2
 #define SWEEP_EXPIRE 0
 #define SWEEP_FLUSH 1
+#define SWEEP_RECOUNT 2
 #define SWEEP_F_RULE 1
 #define SWEEP_F_INSIDE 2
 #define SWEEP_F_NAT 4
