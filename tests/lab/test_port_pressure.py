@@ -138,7 +138,11 @@ def test_refused_flows_cost_one_lookup_on_bpf_and_a_search_again_on_nft(gateway,
             50, 10, 10)
         (addr,) = [a for a in st["pressure"]["addresses"] if a["sessions"]]
         assert (addr["sessions"], addr["refusals"]) == (50, 10)
+        # no host limit: the host's refusals count at once, its sessions by the sweep's recount
+        # (gc_interval 1 s), and stats say so
+        st = settle(lab, lambda s: s["pressure"]["hosts"][0]["sessions"] == 50)
         assert st["pressure"]["hosts"] == [{"host": A, "sessions": 50, "refusals": 10}]
+        assert st["pressure"]["hosts_counted"] == "sweep" and st["pressure"]["hosts_age_seconds"] is not None
     else:
         st = settle(lab, lambda s: reason(s, "DROP_PORT_EXHAUSTED") >= 20)
         assert (reason(st, "XLATE_NEW"), reason(st, "DROP_PORT_EXHAUSTED")) == (50, 20)
@@ -155,6 +159,9 @@ def test_host_limit_stops_one_host_not_the_next_behind_the_same_address(gateway,
     assert all(r["peer"].startswith(POOL[0] + ":") for r in seen)
     assert len(sessions_of(lab, A)) == 60 and reason(st, "DROP_HOST_LIMIT") == 90
     assert len(sessions_of(lab, B)) == 5
+    if lab.backend == "bpf":  # a limit: the datapath counts each host's sessions as they are made
+        assert st["pressure"]["hosts_counted"] == "live"
+        assert {"host": A, "sessions": 60, "refusals": 90} in st["pressure"]["hosts"]
 
 
 def test_established_flows_of_others_keep_working_during_a_flood(gateway, pressure_lab):
