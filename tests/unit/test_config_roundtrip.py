@@ -15,7 +15,11 @@ from snatgw.rules import Pool, Rule, RuleSet
 
 RESERVED = set(RULE_KEYWORDS) | set(SETTINGS_KEYWORDS)
 
-ifname = st.from_regex(r"\A[a-z][a-z0-9_.-]{0,14}\Z").filter(lambda s: s not in RESERVED)
+#: the names of r"[a-z][a-z0-9_.-]{0,14}", built from text strategies (generating them with
+#: st.from_regex took most of the round-trip test's time)
+LOWER = "abcdefghijklmnopqrstuvwxyz"
+ifname = st.builds(str.__add__, st.sampled_from(LOWER), st.text(LOWER + "0123456789_.-", max_size=14)).filter(
+    lambda s: s not in RESERVED)
 addr = st.integers(0, 2**32 - 1).map(IPv4Address)
 
 
@@ -53,7 +57,9 @@ def rulesets(draw):
     return RuleSet(defined)
 
 
-path = st.from_regex(r"\A(/[A-Za-z0-9_.-]{1,12}){1,4}\Z")
+#: r"(/[A-Za-z0-9_.-]{1,12}){1,4}"
+path = st.lists(st.text(LOWER + LOWER.upper() + "0123456789_.-", min_size=1, max_size=12), min_size=1,
+                max_size=4).map(lambda parts: "".join("/" + p for p in parts))
 
 
 @st.composite
