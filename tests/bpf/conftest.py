@@ -22,19 +22,41 @@ def refnet():
         yield net
 
 
+@pytest.fixture(scope="session")
+def prog_pool(refnet):
+    """Loaded datapath objects no test is using, by (defines, max_sessions); closed at the end.
+    Loading (the verifier) takes ~1 s, running a scenario ~10 ms: the differential tests alone
+    loaded ~140 objects.  A reused object is reset() to a fresh load's state first
+    (test_testrun_reset.py holds the two equal)."""
+    idle: dict[tuple, list] = {}
+    try:
+        yield idle
+    finally:
+        for hs in idle.values():
+            for h in hs:
+                h.close()
+
+
 @pytest.fixture
-def make_prog(refnet):
-    """Factory: a loaded datapath with rules applied; closed after the test."""
+def make_prog(refnet, prog_pool):
+    """Factory: a loaded datapath (fresh, or a reused one reset to fresh) with rules applied;
+    back to the pool after the test."""
     from snatgw.datapath.bpf.testrun import ProgHarness
 
     made = []
 
     def make(rules, settings, defines=None, max_sessions=4096):
-        h = ProgHarness(refnet, defines=defines, max_sessions=max_sessions)
-        made.append(h)
+        key = (tuple(sorted((defines or {}).items())), max_sessions)
+        if prog_pool.get(key):
+            h = prog_pool[key].pop()
+            made.append((key, h))
+            h.reset()
+        else:
+            h = ProgHarness(refnet, defines=defines, max_sessions=max_sessions)
+            made.append((key, h))
         h.apply(rules, settings)
         return h
 
     yield make
-    for h in made:
-        h.close()
+    for key, h in made:
+        prog_pool.setdefault(key, []).append(h)

@@ -134,6 +134,15 @@ class ProgHarness:
                                                    L.MAP_RULE_LIVE, L.MAP_REFUSED,
                                                    L.MAP_INSIDE_ADDRS, L.MAP_EIM, L.MAP_AUDIT,
                                                    L.MAP_AUDIT_CNT, L.MAP_RULE_SLOTS)}  # fmt: skip
+        # global variables (.data, .bss: e.g. snat.bpf.c's refused_last = 1) as loaded, for reset()
+        self._globals = {n: m.to_dict() for n, m in self._all_maps() if n.endswith((".data", ".bss"))}
+        self._write_devices()
+        self.dbg = self.obj.map("snat_dbg") if "SNAT_TEST" in self.defines else None
+        self.clock = self.obj.map("snat_clock") if "SNAT_TEST" in self.defines else None
+        self.fds = {side: self.obj.prog_fd(p) for side, p in PROGS.items()}
+
+    def _write_devices(self) -> None:
+        net = self.net
         # the REF devices' roles, as the backend writes them from Settings.inside/outside
         for dev, idx in net.ifindex.items():
             role = L.IFACE_INSIDE if dev in INSIDE else L.IFACE_OUTSIDE if dev in OUTSIDE else 0
@@ -145,9 +154,42 @@ class ProgHarness:
             for a in REF_ADDRS[dev]:
                 self.maps[L.MAP_INSIDE_ADDRS].put(IPv4Address(a.split("/")[0]).packed,
                                                   struct.pack("<I", net.ifindex[dev]))
-        self.dbg = self.obj.map("snat_dbg") if "SNAT_TEST" in self.defines else None
-        self.clock = self.obj.map("snat_clock") if "SNAT_TEST" in self.defines else None
-        self.fds = {side: self.obj.prog_fd(p) for side, p in PROGS.items()}
+
+    def _all_maps(self):
+        """Every map of the object but the read-only sections (.rodata, .kconfig)."""
+        for name in self.obj.map_names():
+            if not name.endswith((".rodata", ".kconfig")):
+                yield name, self.obj.map(name)
+
+    def reset(self) -> None:
+        """Every map back to what a fresh load of this object holds before apply(): hash, LRU
+        and trie entries deleted, array slots zeroed, global variables as loaded, the audit
+        ring drained, then the devices written again.  One loaded object then serves many tests (the verifier's load is most
+        of a short test's time); snapshot() lets a test hold reset() to a fresh load."""
+        for name, m in self._all_maps():
+            if m.type == B.BPF_MAP_TYPE_RINGBUF:
+                with B.RingBuffer(m.fd) as ring:
+                    while ring.drain(100_000):
+                        pass
+            elif name in self._globals:
+                for k, v in self._globals[name].items():
+                    m.put(k, v)
+            elif m.type in (B.BPF_MAP_TYPE_ARRAY, B.BPF_MAP_TYPE_PERCPU_ARRAY):
+                for k, v in m.to_dict().items():
+                    if any(v):
+                        m.put(k, bytes(len(v)))
+            else:
+                for k in m.keys():
+                    m.delete(k)
+        self._write_devices()
+
+    def snapshot(self) -> dict[str, dict[bytes, bytes]]:
+        """Every map's entries (arrays: the non-zero slots) but the audit ring's records."""
+        out = {}
+        for name, m in self._all_maps():
+            if m.type != B.BPF_MAP_TYPE_RINGBUF:
+                out[name] = {k: v for k, v in m.to_dict().items() if any(v)}
+        return out
 
     def close(self) -> None:
         for m in self.maps.values():
