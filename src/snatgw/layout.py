@@ -230,6 +230,13 @@ SEARCH_TRIES = 2048  # all addresses of one new flow's search together try at mo
 REFUSED_SECS = 2  # a refusal marker lives this long (seconds)
 REFUSE_ICMP_PER_SEC = 100  # `refuse_icmp yes`: at most this many ICMP errors a second (all hosts)
 MAX_REFUSED = 65536  # entries of snat_refused (LRU: losing one only costs a search)
+#: the spill memo (docs/datapath.md step 13): a port search that finds no free port on an
+#: address toward a remote endpoint is remembered this long (ms), and a new flow choosing that
+#: address toward that endpoint meanwhile tries only its first candidate there.  At most one
+#: full search per (address, remote endpoint) per memo life; a port freed there meanwhile
+#: (other than a flow's first candidate) is not found: such a flow spills (or is refused).
+SPILL_MEMO_MS = 1000
+MAX_SPILL_MEMO = 16384  # entries of snat_spill_memo (LRU: losing one only costs a full search)
 #: strides of the port search after the first candidate: primes above 65536, so ``p mod n``
 #: is coprime to every port count n <= 65536 and ``start + j * stride`` visits each port once
 PORT_STRIDES = (
@@ -329,6 +336,10 @@ MAP_RULE_LIVE = "snat_rule_live"  # HASH   u32 rule_id -> struct live_count
 MAP_FROM_NETS = "snat_from_nets"  # LPM_TRIE struct lpm_v4 -> u32 (1)
 #: refusal markers (allocator): a refused new flow's OUT key -> when, why, which address
 MAP_REFUSED = "snat_refused"  # LRU    struct ct_key -> struct refusal
+#: the spill memo (allocator): (remote, SNAT address, remote port, proto) judged full -> when
+MAP_SPILL_MEMO = "snat_spill_memo"  # LRU    struct spill_key -> struct spill_memo
+#: allocator counters (ALLOC_CNT_*), per CPU
+MAP_ALLOC_CNT = "snat_alloc_cnt"  # PERCPU_ARRAY u32 ALLOC_CNT_* -> u64
 #: the gateway's own addresses on its inside devices (never a source on an uplink)
 MAP_INSIDE_ADDRS = "snat_inside_addrs"  # HASH be32 address -> u32 ifindex
 #: endpoint-independent mappings (issue 12): struct eim_key -> struct eim_entry
@@ -360,6 +371,10 @@ AUDIT_END_NAMES = {AUDIT_END_EXPIRED: "expired", AUDIT_END_FLUSH: "flush",
 AUDIT_CNT_WRITTEN = 0  # snat_audit_cnt: records put in the ring
 AUDIT_CNT_LOST = 1  # records dropped because the ring was full
 AUDIT_CNT_N = 2
+ALLOC_CNT_MEMO_HIT = 0  # snat_alloc_cnt: an address's search cut short after its first candidate by a young memo
+ALLOC_CNT_MEMO_SET = 1  # memos written: a full search of an address found no free port
+ALLOC_CNT_N = 2
+ALLOC_CNT_NAMES = {ALLOC_CNT_MEMO_HIT: "spill_memo_hits", ALLOC_CNT_MEMO_SET: "spill_memos_written"}
 
 IFACE_INSIDE = 1  # role: an inside device (a new flow routed out of it is internal)
 IFACE_OUTSIDE = 2  # role: an uplink
@@ -553,6 +568,18 @@ REFUSAL = _declare(Struct("refusal", "a refusal marker: when, why, at which SNAT
     ("reason", "__u32", "enum reason of the refusal"),
 )))  # fmt: skip
 
+SPILL_KEY = _declare(Struct("spill_key", "a spill memo's key: a SNAT address toward a remote endpoint", (
+    ("remote", "__be32", "remote address"),
+    ("addr", "__be32", "SNAT address"),
+    ("rport", "__be16", "remote port (ICMP query: 0)"),
+    ("proto", "__u8", "IPPROTO_*"),
+    ("pad", "__u8", "zero"),
+)))  # fmt: skip
+
+SPILL_MEMO = _declare(Struct("spill_memo", "a spill memo: when a full search of the address found no free port", (
+    ("at", "__u64", "snat_now() of that search"),
+)))  # fmt: skip
+
 RULE_STATS = _declare(Struct("rule_stats", "per-rule counters (per CPU)", (
     ("packets", "__u64", "packets translated by the rule's sessions"),
     ("bytes", "__u64", "bytes translated"),
@@ -657,6 +684,7 @@ def render_header() -> str:
         ("SNAT_MAX_FROM_NETS", MAX_FROM_NETS), ("SNAT_ADDR_TRIES", ADDR_TRIES),
         ("SNAT_MAX_REFUSED", MAX_REFUSED), ("SNAT_SEARCH_TRIES", SEARCH_TRIES),
         ("SNAT_REFUSED_SECS", REFUSED_SECS), ("SNAT_REFUSE_ICMP_PER_SEC", REFUSE_ICMP_PER_SEC),
+        ("SNAT_SPILL_MEMO_NS", f"{SPILL_MEMO_MS * 1_000_000}ULL"), ("SNAT_MAX_SPILL_MEMO", MAX_SPILL_MEMO),
         ("SNAT_MAX_INSIDE_ADDRS", MAX_INSIDE_ADDRS), ("SNAT_EIM_PER_SESSION", EIM_PER_SESSION),
         ("SNAT_MAX_INSIDE_ADDRS", MAX_INSIDE_ADDRS), ("SNAT_AUDIT_RING_BYTES", AUDIT_RING_BYTES),
     ]:  # fmt: skip
@@ -675,6 +703,8 @@ def render_header() -> str:
         "AUDIT_NEW": AUDIT_NEW, "AUDIT_END": AUDIT_END, "AUDIT_END_EXPIRED": AUDIT_END_EXPIRED,
         "AUDIT_END_FLUSH": AUDIT_END_FLUSH, "AUDIT_CNT_WRITTEN": AUDIT_CNT_WRITTEN,
         "AUDIT_CNT_LOST": AUDIT_CNT_LOST, "AUDIT_CNT_N": AUDIT_CNT_N,
+        "ALLOC_CNT_MEMO_HIT": ALLOC_CNT_MEMO_HIT, "ALLOC_CNT_MEMO_SET": ALLOC_CNT_MEMO_SET,
+        "ALLOC_CNT_N": ALLOC_CNT_N,
         "REASON_MAX": REASON_MAX,
         "TCP_STATE_COUNT": TCP_STATE_COUNT,
         "IFACE_INSIDE": IFACE_INSIDE, "IFACE_OUTSIDE": IFACE_OUTSIDE,

@@ -74,13 +74,23 @@ def model_eim(engine) -> dict:
     return {tuple(k): (e.addr, e.port, e.rule_id, e.iif, round(e.last_seen, 6)) for k, e in engine.eim.entries().items()}
 
 
+def model_spill_memos(engine) -> dict:
+    """The model's snat_spill_memo as ProgHarness.spill_memos says it."""
+    return {tuple(k): at for k, at in engine.spill.memos.items()}
+
+
+def model_alloc_counts(engine) -> dict:
+    return {L.ALLOC_CNT_NAMES[L.ALLOC_CNT_MEMO_HIT]: engine.spill.hits,
+            L.ALLOC_CNT_NAMES[L.ALLOC_CNT_MEMO_SET]: engine.spill.written}
+
+
 def run_scenario(sc, prog, engine):
     judged = Counter()  # the model's reasons for the packets BPF ran and judged
     for i, step in enumerate(sc.steps):
-        res = engine.process(step.packet, step.side, step.ingress, float(i))
+        res = engine.process(step.packet, step.side, step.ingress, step.when(i))
         if len(step.packet) < MIN_TESTABLE_IPV4:
             continue  # the kernel's test-run refuses it (EINVAL); see testrun.Untestable
-        run = prog.run(step.side, step.packet, step.ingress, now=float(i))
+        run = prog.run(step.side, step.packet, step.ingress, now=step.when(i))
         compare_step(i, step, res, run)
         if run.verdict is not None:
             judged[res.reason] += 1
@@ -88,6 +98,8 @@ def run_scenario(sc, prog, engine):
     assert prog.live_counts() == model_live(engine), "live counts differ"
     assert prog.refused() == model_refused(engine), "refusal markers differ"
     assert prog.eim() == model_eim(engine), "endpoint-independent mappings differ"
+    assert prog.spill_memos() == model_spill_memos(engine), "spill memos differ"
+    assert prog.alloc_counts() == model_alloc_counts(engine), "allocator counters differ"
     assert prog.reasons() == dict(judged), "reason counters differ"
     if all(len(s.packet) >= MIN_TESTABLE_IPV4 for s in sc.steps):
         model_rules = {rid: {"packets": c.packets, "bytes": c.bytes, "sessions": c.sessions}

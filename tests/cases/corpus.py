@@ -1,6 +1,6 @@
 """The scenario corpus: REF topology inputs and SCENARIOS, each a list of steps
 (side, ingress, packet, expected verdict, expected reason) run in order on one fresh Engine
-(sessions persist within a scenario; step i runs at now = i seconds).  The model tests check
+(sessions persist within a scenario; step i runs at now = i seconds unless it says its `at`).  The model tests check
 every expectation; the BPF differential tests run the same steps through the kernel and
 compare verdict, reason and output bytes with the model's."""
 
@@ -70,6 +70,10 @@ class Step(NamedTuple):
     packet: bytes  # IPv4 bytes
     verdict: Verdict
     reason: Reason
+    at: float | None = None  # the clock in s (None: the step's index, as most steps run)
+
+    def when(self, i: int) -> float:
+        return float(i) if self.at is None else self.at
 
 
 @dataclass(frozen=True)
@@ -92,12 +96,12 @@ class Scenario:
         return Engine(self.make_rules(), self.make_settings(), router or StaticRouter(REF_ROUTES, REF_ADDRESSES))
 
 
-def inside(pkt: bytes, v: Verdict, r: Reason, dev: str = "lan40") -> Step:
-    return Step("inside", dev, pkt, v, r)
+def inside(pkt: bytes, v: Verdict, r: Reason, dev: str = "lan40", at: float | None = None) -> Step:
+    return Step("inside", dev, pkt, v, r, at)
 
 
-def outside(pkt: bytes, v: Verdict, r: Reason, dev: str = "eth1") -> Step:
-    return Step("outside", dev, pkt, v, r)
+def outside(pkt: bytes, v: Verdict, r: Reason, dev: str = "eth1", at: float | None = None) -> Step:
+    return Step("outside", dev, pkt, v, r, at)
 
 
 def egress(pkt: bytes, v: Verdict, r: Reason, dev: str = "eth1") -> Step:
@@ -586,6 +590,47 @@ def _scenarios() -> list[Scenario]:
         inside(udp(A, R1, 2, 53), DROP, R.DROP_REFUSED_RECENTLY),
         inside(udp(A, R1, 1, 53), RED, R.XLATE_OUT),
     ], settings={"port_min": 6000, "port_max": 6000, "on_exhausted": "drop"})  # fmt: skip
+    add("spill_memo_young_then_expired", "Two SNAT ports: A's flows to R1:53 fill the sdh "
+        "address .72; the third's full search there fails and leaves a spill memo (.72 full "
+        "toward R1:53, SPILL_MEMO_MS = 1 s) before it spills to .73.  While the memo is young a "
+        "new flow tries only .72's first candidate, then .73; at 1 s it is expired: a full "
+        "search again (a new memo), .73 full too (its own memo), .71; with every memo young "
+        "and .71 full, a flow is refused after three first candidates.  Another remote port "
+        "(R1:54) and an echo toward R1 are not judged by R1:53's memos.", [
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_NEW, at=0.0),
+        inside(udp(A, R1, 2, 53), RED, R.XLATE_NEW, at=1.0),
+        inside(udp(A, R1, 3, 53), RED, R.XLATE_NEW, at=2.0),  # .72 searched: full (memo); .73
+        inside(udp(A, R1, 4, 53), RED, R.XLATE_NEW, at=2.5),  # memo: .72's first only; .73
+        inside(udp(A, R1, 5, 53), RED, R.XLATE_NEW, at=3.0),  # expired: .72, .73 searched; .71
+        inside(udp(A, R1, 6, 53), RED, R.XLATE_NEW, at=3.5),  # two memos: .71
+        inside(udp(A, R1, 7, 53), DROP, R.DROP_PORT_EXHAUSTED, at=3.5),  # .71 searched: memo
+        inside(udp(A, R1, 8, 53), DROP, R.DROP_PORT_EXHAUSTED, at=3.75),  # three first candidates
+        inside(udp(A, R1, 7, 53), DROP, R.DROP_REFUSED_RECENTLY, at=4.0),
+        inside(udp(A, R1, 7, 54), RED, R.XLATE_NEW, at=4.0),  # R1:54: no memo
+        inside(echo(A, R1, 9), RED, R.XLATE_NEW, at=4.0),  # the echo's endpoint (R1, 0)
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_OUT, at=4.5),
+    ], settings={"port_min": 6000, "port_max": 6001})  # fmt: skip
+    add("spill_memo_drop_policy", "on_exhausted drop, two SNAT ports: the third flow's search "
+        "fails (a memo, a refusal marker); while the memo is young a new flow is refused after "
+        "one candidate (whoever sends it); once both have expired the flow is searched in full again.", [
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_NEW, at=0.0),
+        inside(udp(A, R1, 2, 53), RED, R.XLATE_NEW, at=1.0),
+        inside(udp(A, R1, 3, 53), DROP, R.DROP_PORT_EXHAUSTED, at=2.0),
+        inside(udp(A, R1, 4, 53), DROP, R.DROP_PORT_EXHAUSTED, at=2.5),  # memo: one candidate
+        inside(udp(A, R1, 3, 53), DROP, R.DROP_REFUSED_RECENTLY, at=2.5),
+        inside(udp(A, R1, 4, 53), DROP, R.DROP_REFUSED_RECENTLY, at=4.0),
+        inside(udp(A, R1, 4, 53), DROP, R.DROP_PORT_EXHAUSTED, at=5.0),  # searched: a new memo
+        inside(udp(B, R1, 4, 53), DROP, R.DROP_PORT_EXHAUSTED, at=5.5),  # B's: also .72, memo
+        inside(udp(B, R1, 4, 54), RED, R.XLATE_NEW, at=5.5),  # toward R1:54 it is not full
+    ], settings={"port_min": 6000, "port_max": 6001, "on_exhausted": "drop"})  # fmt: skip
+    add("spill_memo_port_preserve", "port_preserve yes: the first candidate is the inside port "
+        "itself; a young memo leaves that one try on the full address.", [
+        inside(udp(A, R1, 6000, 53), RED, R.XLATE_NEW, at=0.0),
+        inside(udp(A, R1, 6001, 53), RED, R.XLATE_NEW, at=0.0),
+        inside(udp(A, R1, 6000, 54), RED, R.XLATE_NEW, at=0.0),
+        inside(udp(B, R1, 6000, 53), RED, R.XLATE_NEW, at=0.5),  # .72 searched: full (memo)
+        inside(udp(B, R1, 6001, 53), RED, R.XLATE_NEW, at=0.5),  # memo: 6001 only; the next
+    ], settings={"port_min": 6000, "port_max": 6001, "port_preserve": True})  # fmt: skip
     add("host_limit", "max_sessions_per_host 2: A's third flow is DROP_HOST_LIMIT (then marked), "
         "B behind the same address still gets flows, A's sessions keep working; the /16 rule "
         "sets no limit of its own (0).", [

@@ -37,7 +37,7 @@ def test_scenario_steps_meet_expectations(sc: Scenario):
     engine = sc.make_engine()
     for i, st in enumerate(sc.steps):
         before = sum(engine.reasons.values())
-        res = engine.process(st.packet, st.side, st.ingress, float(i))
+        res = engine.process(st.packet, st.side, st.ingress, st.when(i))
         v = parse(st.packet)
         is_err = not isinstance(v, Reason) and v.frag == 0 and v.is_icmp_error
         # every packet counts one reason; egress counts only the ICMP errors it judges and leaks

@@ -22,7 +22,7 @@ from .conntrack import E_2BIG
 from .eim import EimEntry, EimKey, EimTable, endpoint_key, owner_key, permit_key
 from .eim import ANY as ANY_ADDR
 from .frag import HELD, FragEntry, FragKey, FragTable
-from .nat import NatTable
+from .nat import NatTable, SpillMemos
 from .packet import IP_DADDR, IP_SADDR, InnerView, IPv4View, ip, parse, parse_inner
 from .refuse import host_unreachable
 from .xlate import rewrite_fragment, translate, translate_icmp_error
@@ -110,6 +110,7 @@ class Engine:
         self.rule_live: dict[int, LiveCount] = {}
         self.counted_at: float | None = None  # `now` of the last expire() (its recount)
         self.refused: dict[CtKey, Refusal] = {}
+        self.spill = SpillMemos()  # the spill memo (snat_spill_memo) and its counters
         self._icmp_sec: int | None = None  # refuse_icmp's rate limit: this second, and how many
         self._icmp_count = 0
 
@@ -244,7 +245,8 @@ class Engine:
         if eim:  # steps 13-14, endpoint-independent: the endpoint's mapping, or a new one it owns
             pair = self._eim_mapping(okey, rule, addrs, cands, build, ingress, now)
         else:
-            pair = self.nat.new_mapping(okey, addrs, cands, build)  # steps 13-14
+            memo = self.spill.toward(dst, okey.dport, v.proto, now) if len(cands) > 1 else None
+            pair = self.nat.new_mapping(okey, addrs, cands, build, memo=memo)  # steps 13-14
         if pair == Reason.DROP_PORT_EXHAUSTED:
             return self._refuse(pkt, okey, addrs[0], pair, now, rule)
         if isinstance(pair, Reason):

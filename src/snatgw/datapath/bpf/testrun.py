@@ -133,7 +133,8 @@ class ProgHarness:
                                                    L.MAP_FROM_NETS, L.MAP_HOST_SESS, L.MAP_ADDR_STATS,
                                                    L.MAP_RULE_LIVE, L.MAP_REFUSED,
                                                    L.MAP_INSIDE_ADDRS, L.MAP_EIM, L.MAP_AUDIT,
-                                                   L.MAP_AUDIT_CNT, L.MAP_RULE_SLOTS)}  # fmt: skip
+                                                   L.MAP_AUDIT_CNT, L.MAP_RULE_SLOTS, L.MAP_SPILL_MEMO,
+                                                   L.MAP_ALLOC_CNT)}  # fmt: skip
         # global variables (.data, .bss: e.g. snat.bpf.c's refused_last = 1) as loaded, for reset()
         self._globals = {n: m.to_dict() for n, m in self._all_maps() if n.endswith((".data", ".bss"))}
         self._write_devices()
@@ -310,6 +311,21 @@ class ProgHarness:
                                                    L.Reason(m["reason"]))  # fmt: skip
         return out
 
+    def spill_memos(self) -> dict[tuple, float]:
+        """The spill memo: (remote, SNAT address, remote port, proto) -> at in s of the test clock."""
+        out = {}
+        for k, v in self.maps[L.MAP_SPILL_MEMO].items():
+            kk = L.SPILL_KEY.unpack(k)
+            key = (IPv4Address(kk["remote"]), IPv4Address(kk["addr"]), kk["rport"], kk["proto"])
+            out[key] = L.SPILL_MEMO.unpack(v)["at"] / 1e9 - CLOCK_BASE
+        return out
+
+    def alloc_counts(self) -> dict[str, int]:
+        """snat_alloc_cnt summed over CPUs, by layout.ALLOC_CNT_NAMES."""
+        m = self.maps[L.MAP_ALLOC_CNT]
+        return {name: sum(int.from_bytes(v, "little") for v in m.get_percpu(k) or [])
+                for k, name in L.ALLOC_CNT_NAMES.items()}  # fmt: skip
+
     def eim(self) -> dict[tuple, tuple]:
         """snat_eim: (addr, remote, port, proto, dir) -> (addr, port, rule_id, inside device or
         None, last_seen in s of the test clock)."""
@@ -335,7 +351,8 @@ class ProgHarness:
             self.maps[L.MAP_FRAGS].delete(k)
         # and what a fresh datapath would not have either: mappings, refusal markers (a
         # marker of the last run's flow would refuse the same flow again), live counts
-        for name in (L.MAP_EIM, L.MAP_REFUSED, L.MAP_HOST_SESS, L.MAP_ADDR_STATS, L.MAP_RULE_LIVE):
+        for name in (L.MAP_EIM, L.MAP_REFUSED, L.MAP_SPILL_MEMO, L.MAP_HOST_SESS, L.MAP_ADDR_STATS,
+                     L.MAP_RULE_LIVE):
             for k in self.maps[name].keys():
                 self.maps[name].delete(k)
 

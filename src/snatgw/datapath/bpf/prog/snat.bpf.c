@@ -481,7 +481,8 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 			return REASON_DROP_TABLE_FULL;
 		goto have_in;
 	}
-	bpf_loop(naddr * tries, port_try_cb, NULL, 0);
+	sp->total = naddr * tries;
+	bpf_loop(sp->total, port_try_cb, NULL, 0);
 	if (sp->err == -EEXIST)
 		return snat_refuse(&out, snat, REASON_DROP_PORT_EXHAUSTED);
 	if (sp->err) /* -E2BIG: the table is full */

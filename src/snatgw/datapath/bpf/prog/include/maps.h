@@ -107,6 +107,24 @@ struct {
 	__type(value, struct refusal);
 } snat_refused SEC(".maps");
 
+/* The spill memo (step 13): a SNAT address toward a remote endpoint whose full port search
+ * found no free port -> when (struct spill_memo); while younger than SNAT_SPILL_MEMO_NS a new
+ * flow tries only its first candidate there.  LRU: losing a memo only costs one full search. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SNAT_MAX_SPILL_MEMO);
+	__type(key, struct spill_key);
+	__type(value, struct spill_memo);
+} snat_spill_memo SEC(".maps");
+
+/* Allocator counters (ALLOC_CNT_*: memo hits, memos written), per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, ALLOC_CNT_N);
+	__type(key, __u32);
+	__type(value, __u64);
+} snat_alloc_cnt SEC(".maps");
+
 /* The gateway's own addresses on its inside devices (value: ifindex), written by the control
  * plane: local, but never a source on an uplink (they answer nothing from outside). */
 struct {

@@ -42,6 +42,12 @@ struct port_search {
 	__u32 pool_n;         /* addresses in the pool */
 	__u32 idx;            /* index of the chosen address */
 	__u32 pres;           /* port_preserve: 1 + the inside port's offset; 0: no */
+	__u32 pos;            /* the next try: candidate pos mod tries of the (pos / tries)-th address */
+	__u32 total;          /* tries in all: addresses * tries */
+	__u32 memo;           /* spill memo: 0 off (tries 1, eim), 1 write memos, 2 also look them up */
+	struct spill_key mkey; /* spill memo: (remote, the address being searched, rport, proto) */
+	struct spill_memo mval; /* spill memo: the one to write (verifier: off the callback's stack) */
+	__u32 ckey;           /* snat_alloc_cnt's key (ALLOC_CNT_*), for the same reason */
 	__u32 eim;            /* a new endpoint-independent mapping: claim each winner's owner */
 	long err;             /* last insert result */
 	struct eim_key okey;  /* eim: the candidate's OWNER key (addr, port follow the candidate) */
@@ -66,8 +72,39 @@ static __always_inline struct port_search *port_search_get(void)
 	return bpf_map_lookup_elem(&snat_scratch, &zero);
 }
 
-/* rules.port_candidates over rules.spill_order: try i is candidate j = i mod tries on the
- * (i / tries)-th address after the chosen one.  Candidate 0 is the original's (c + 1) mod n;
+/* The spill memo's gate (step 13): when this program last wrote a memo (programs' clock), so
+ * that memos are looked up only while one can be younger than SNAT_SPILL_MEMO_NS (a new flow
+ * pays no memo lookup when no search failed lately).  1 (.data): not known yet, a memo of a
+ * program loaded before this one may be young: the first look takes its own time as the last
+ * write, as refused_last does. */
+static __u64 memo_last = 1;
+
+/* 1 when a memo may be younger than SNAT_SPILL_MEMO_NS at `now`, else 0 */
+static __always_inline int memo_may_be_young(__u64 now)
+{
+	__u64 last = memo_last;
+
+	if (last == 1) {
+		memo_last = now;
+		return 1;
+	}
+	return now - last < SNAT_SPILL_MEMO_NS;
+}
+
+/* +1 allocator counter `what` (the key in the scratch: the callback's frame stays empty, since
+ * the caller chain's frames fill the 512-byte stack) */
+static __always_inline void alloc_count(struct port_search *s, __u32 what)
+{
+	__u64 *c;
+
+	s->ckey = what;
+	c = bpf_map_lookup_elem(&snat_alloc_cnt, &s->ckey);
+	if (c)
+		*c += 1; /* per-CPU: no atomics needed */
+}
+
+/* rules.port_candidates over rules.spill_order: try pos is candidate j = pos mod tries on the
+ * (pos / tries)-th address after the chosen one.  Candidate 0 is the original's (c + 1) mod n;
  * then start + (j - 1) * stride mod n, the first candidate's slot replaced by the sequence's
  * last.  A lock-free lookup before each insert: a taken port costs no bucket lock. */
 /* the j-th offset of rules.port_candidates' sequence (without port_preserve) */
@@ -83,17 +120,11 @@ static __always_inline __u32 port_offset(const struct port_search *s, __u32 j)
 	return o;
 }
 
-static long port_try_cb(__u32 i, void *ctx)
+/* Candidate j on s->in.daddr: 0 taken (the next candidate), 1 done (inserted, or the table full) */
+static __always_inline long port_try(struct port_search *s, __u32 j)
 {
-	struct port_search *s = port_search_get();
-	__u32 k, j, o;
+	__u32 o;
 
-	if (!s || s->tries == 0 || s->n == 0 || s->pool_n == 0)
-		return 1;
-	k = i / s->tries;
-	j = i - k * s->tries;
-	if (j == 0)
-		s->in.daddr = bpf_htonl(s->pool_min + (s->idx + k) % s->pool_n);
 	if (!s->pres) {
 		o = port_offset(s, j);
 	} else if (j == 0) { /* port_preserve: the inside port itself first */
@@ -127,6 +158,47 @@ static long port_try_cb(__u32 i, void *ctx)
 	if (s->err && s->eim)
 		bpf_map_delete_elem(&snat_eim, &s->okey);
 	return s->err != -EEXIST; /* -EEXIST: another CPU took it since the lookup */
+}
+
+static long port_try_cb(__u32 i, void *ctx)
+{
+	struct port_search *s = port_search_get();
+	__u32 k, j;
+	long done;
+
+	if (!s || s->tries == 0 || s->n == 0 || s->pool_n == 0 || s->pos >= s->total)
+		return 1;
+	i = s->pos++;
+	k = i / s->tries;
+	j = i - k * s->tries;
+	if (i == 0 && s->tries > 1 && !s->eim) { /* the spill memo: not for eim, nor one try */
+		s->memo = memo_may_be_young(s->val.last_seen) ? 2 : 1;
+		s->mkey.remote = s->in.saddr;
+		s->mkey.rport = s->in.sport;
+		s->mkey.proto = s->in.proto;
+	}
+	if (j == 0) {
+		s->in.daddr = bpf_htonl(s->pool_min + (s->idx + k) % s->pool_n);
+	} else if (j == 1 && s->memo == 2) { /* the first candidate was taken: is the rest too? */
+		struct spill_memo *m;
+
+		s->mkey.addr = s->in.daddr;
+		m = bpf_map_lookup_elem(&snat_spill_memo, &s->mkey);
+		if (m && s->val.last_seen - m->at < SNAT_SPILL_MEMO_NS) {
+			alloc_count(s, ALLOC_CNT_MEMO_HIT);
+			s->pos = (k + 1) * s->tries; /* judged full moments ago: the next address */
+			return 0;
+		}
+	}
+	done = port_try(s, j);
+	if (!done && j == s->tries - 1 && s->memo) { /* none free here: remember it */
+		s->mval.at = s->val.last_seen;
+		memo_last = s->mval.at; /* before the memo: a reader that misses it raced the write */
+		s->mkey.addr = s->in.daddr;
+		bpf_map_update_elem(&snat_spill_memo, &s->mkey, &s->mval, BPF_ANY);
+		alloc_count(s, ALLOC_CNT_MEMO_SET);
+	}
+	return done;
 }
 
 /* Rewrite saddr+sport (is_src) or daddr+dport, TTL-1 (unless to_kernel: the kernel forwards

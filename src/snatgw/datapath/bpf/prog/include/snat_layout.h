@@ -48,6 +48,12 @@
 #ifndef SNAT_REFUSE_ICMP_PER_SEC
 #define SNAT_REFUSE_ICMP_PER_SEC 100
 #endif
+#ifndef SNAT_SPILL_MEMO_NS
+#define SNAT_SPILL_MEMO_NS 1000000000ULL
+#endif
+#ifndef SNAT_MAX_SPILL_MEMO
+#define SNAT_MAX_SPILL_MEMO 16384
+#endif
 #ifndef SNAT_MAX_INSIDE_ADDRS
 #define SNAT_MAX_INSIDE_ADDRS 1024
 #endif
@@ -95,6 +101,9 @@
 #define AUDIT_CNT_WRITTEN 0
 #define AUDIT_CNT_LOST 1
 #define AUDIT_CNT_N 2
+#define ALLOC_CNT_MEMO_HIT 0
+#define ALLOC_CNT_MEMO_SET 1
+#define ALLOC_CNT_N 2
 #define REASON_MAX 64
 #define TCP_STATE_COUNT 11
 #define IFACE_INSIDE 1
@@ -315,6 +324,22 @@ struct refusal {
 	__u32 reason; /* enum reason of the refusal */
 };
 _Static_assert(sizeof(struct refusal) == 16, "refusal size");
+
+/* a spill memo's key: a SNAT address toward a remote endpoint */
+struct spill_key {
+	__be32 remote; /* remote address */
+	__be32 addr; /* SNAT address */
+	__be16 rport; /* remote port (ICMP query: 0) */
+	__u8 proto; /* IPPROTO_* */
+	__u8 pad; /* zero */
+};
+_Static_assert(sizeof(struct spill_key) == 12, "spill_key size");
+
+/* a spill memo: when a full search of the address found no free port */
+struct spill_memo {
+	__u64 at; /* snat_now() of that search */
+};
+_Static_assert(sizeof(struct spill_memo) == 8, "spill_memo size");
 
 /* per-rule counters (per CPU) */
 struct rule_stats {
