@@ -156,3 +156,32 @@ def test_explain_says_which_address_and_why_and_reads_the_live_table(pressed, tm
     assert d["reason"] == "DROP_PORT_EXHAUSTED" and d["live_sessions"] == 3
     text = run_cli(args[:-1] + ["--live", "--socket", pressed.sock])
     assert "judged against the live table of 3 sessions" in text
+
+
+def test_spill_memo_counters_in_stats_and_metrics(tmpdir_short):
+    """Two SNAT ports: A's third flow to R1:53 finds the sdh address full (a spill memo) and
+    spills; the fourth, moments later, tries only that address's first candidate there (a memo
+    hit).  stats (json, text) and the metrics say so; `zero` clears them."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_daemon import LAB, Running
+
+    from snatgw.daemon.metrics import scrape
+
+    conf = tmpdir_short / "two-ports.conf"
+    conf.write_text(LAB.read_text().replace(ONE_PORT, "port_range 6000-6001"))
+    r = Running(tmpdir_short, conf=conf)
+    try:
+        pkt = [bytes(IP(src="198.18.40.10", dst="203.0.113.10") / UDP(sport=sp, dport=53)) for sp in (1, 2, 3, 4)]
+        got = [r.backend.process(p, "inside", "lan40", now=100.0).nat[0].exploded for p in pkt]  # one instant
+        assert got == ["198.19.2.72"] * 2 + ["198.19.2.73"] * 2
+        p = json.loads(run_cli(["stats", "--json", "--socket", r.sock]))["pressure"]
+        assert p["allocator"] == {"spill_memo_hits": 1, "spill_memos_written": 1}
+        text = run_cli(["stats", "--socket", r.sock])
+        assert "spill memo: 1 address searches cut short" in text and "1 full searches found no free port" in text
+        fam = {f.name: f for f in text_string_to_metric_families(scrape(r.service).decode())}
+        assert fam["snatgw_spill_memo_hits"].samples[0].value == 1
+        assert fam["snatgw_spill_memos_written"].samples[0].value == 1
+        r.req(op="zero")
+        assert r.req(op="stats")["stats"]["pressure"]["allocator"] == {"spill_memo_hits": 0, "spill_memos_written": 0}
+    finally:
+        r.close()

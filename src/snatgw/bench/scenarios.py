@@ -96,6 +96,9 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
         rec["refused_flows"] = after.get("insert_failed", 0) - before.get("insert_failed", 0)
     elif gw.name.startswith("snatgw-"):
         reasons = daemon_reasons(gw) or {}
+        alloc = daemon_allocator(gw)
+        if alloc:
+            rec["spill_memo_hits"] = alloc.get("spill_memo_hits")
         rec["sessions"] = daemon_sessions(gw)
         rec["refused_flows"] = reasons.get("DROP_PORT_EXHAUSTED", 0)
         rec["refused_marker_packets"] = reasons.get("DROP_REFUSED_RECENTLY", 0)
@@ -337,6 +340,16 @@ def audit_counts(gw: Gateway) -> dict:
         return {}
     return {"audit_records": a.get("records"), "audit_lost_datapath": a.get("lost_datapath"),
             "audit_lost_write": a.get("lost_write")}
+
+
+def daemon_allocator(gw: Gateway) -> dict[str, int] | None:
+    """The daemon's port allocator counters (bpf: spill memo hits, memos written), if any."""
+    try:
+        from ..daemon.client import call
+
+        return call(gw.socket, {"op": "stats"}, timeout=120)["stats"].get("pressure", {}).get("allocator")
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def daemon_reasons(gw: Gateway) -> dict[str, int] | None:

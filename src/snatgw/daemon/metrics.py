@@ -18,6 +18,7 @@ Metric families (all prefixed ``snatgw_``):
   hosts, host_sessions_max                  inside hosts with a live count; the busiest one's sessions
   host_counts_age_seconds                   0 while a host limit has the datapath count per host,
                                             else the age of the last sweep's recount (absent: unknown)
+  spill_memo_hits_total, spill_memos_written_total   the port allocator's spill memo (bpf)
   gc_sweeps_total, gc_sessions_removed_total, gc_seconds_total   session expiry work
   reloads_total{result}, last_reload_success, last_reload_timestamp_seconds
   link_up{link}, link_on_backup{link}, link_transitions_total{link},
@@ -171,6 +172,13 @@ class ServiceCollector:
                         "sessions are made (a host limit is set), else since the last sweep's recount")
                 ha.add_metric([], age)
                 yield ha
+        alloc = (st.pressure or {}).get("allocator")
+        if alloc is not None:  # the port allocator's counters (bpf: snat_alloc_cnt)
+            hits = _c("spill_memo_hits", "address searches cut short by the spill memo (found full moments before)")
+            hits.add_metric([], alloc.get("spill_memo_hits", 0))
+            made = _c("spill_memos_written", "full port searches of an address that found no free port (spill memos)")
+            made.add_metric([], alloc.get("spill_memos_written", 0))
+            yield from (hits, made)
         progs = {hk["program"]: hk["prog_id"] for hk in h.get("hooks", []) if isinstance(hk.get("prog_id"), int)
                  and s.backend.name == "bpf"}  # fmt: skip
         if progs and bpf_stats_enabled():

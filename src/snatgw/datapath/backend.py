@@ -116,13 +116,16 @@ class Stats:
 
 
 def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int, top: int = 10,
-                     hosts_live: bool = True, hosts_age: float | None = None) -> dict:
+                     hosts_live: bool = True, hosts_age: float | None = None,
+                     allocator: dict | None = None) -> dict:
     """Port pressure as `stats` shows it: the table's fill, sessions and refusals per SNAT
     address (every one), the ``top`` inside hosts by sessions (then refusals).  ``hosts`` and
     ``addrs``: address text -> (sessions, refusals), as the live-count maps hold them.
     ``hosts_live``: the hosts' sessions are counted as sessions are made ("hosts_counted":
     "live"); else they are the last expiry sweep's recount ("sweep"), ``hosts_age`` seconds
-    old (None: not known, e.g. read from pinned maps without a daemon)."""
+    old (None: not known, e.g. read from pinned maps without a daemon).
+    ``allocator``: the port allocator's counters by layout.ALLOC_CNT_NAMES (spill memo hits
+    and memos written), when the datapath keeps them."""
     def rows(d: dict, name: str) -> list[dict]:
         return [{name: k, "sessions": int(s), "refusals": int(r)} for k, (s, r) in d.items()]
 
@@ -135,6 +138,7 @@ def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int,
         "hosts_total": len(hs),
         "hosts_counted": "live" if hosts_live else "sweep",
         **({} if hosts_live else {"hosts_age_seconds": None if hosts_age is None else round(hosts_age, 1)}),
+        **({"allocator": {k: int(v) for k, v in allocator.items()}} if allocator is not None else {}),
     }
 
 

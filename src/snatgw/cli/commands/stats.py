@@ -1,11 +1,11 @@
 """`snatgw stats`: counters per rule (packets, bytes, sessions, with the rule) and per reason,
 and the port pressure: the table's fill, sessions and refusals per SNAT address, the inside
-hosts with the most sessions."""
+hosts with the most sessions, the spill memo's counters (bpf)."""
 
 from __future__ import annotations
 
 from ...daemon.client import stats_and_rules
-from ...layout import Reason
+from ...layout import SPILL_MEMO_MS, Reason
 from ..render import dump_json, table
 
 HELP = "show counters: per rule (packets, bytes, sessions) and per reason (snatgw.layout.Reason)"
@@ -59,6 +59,11 @@ def render_pressure(p: dict) -> list[str]:
         if p.get("hosts_counted") == "sweep":
             out.append(hosts_as_of(p.get("hosts_age_seconds")))
         out.append("")
+    a = p.get("allocator")
+    if a is not None:
+        out += [f"spill memo: {a.get('spill_memo_hits', 0)} address searches cut short after the first candidate "
+                f"(the address was found full toward that remote < {SPILL_MEMO_MS / 1000:g} s before); "
+                f"{a.get('spill_memos_written', 0)} full searches found no free port", ""]
     return out
 
 

@@ -634,7 +634,7 @@ class BpfBackend:
         live_hosts = self.host_counting()
         age = None if live_hosts or self.counted_at is None else max(0.0, _clock() - self.counted_at)
         pressure = pressure_summary(live[L.MAP_HOST_SESS], live[L.MAP_ADDR_STATS], total, m.ct.max_entries // 2,
-                                    hosts_live=live_hosts, hosts_age=age)  # fmt: skip
+                                    hosts_live=live_hosts, hosts_age=age, allocator=m.alloc_counts())  # fmt: skip
         return Stats(reasons=self._reasons(m), rules=m.rule_counters(), sessions=total, pressure=pressure)
 
     def refusals(self) -> list[dict]:

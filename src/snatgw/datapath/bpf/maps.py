@@ -378,6 +378,15 @@ class DatapathMaps:
             out[name] = sum(int.from_bytes(v, "little") for v in m.get_percpu(k) or [])
         return out
 
+    def alloc_counts(self) -> dict[str, int]:
+        """The port allocator's counters (snat_alloc_cnt) summed over CPUs, by
+        layout.ALLOC_CNT_NAMES; {} when the pinned maps predate them."""
+        m = self.maps.get(L.MAP_ALLOC_CNT)
+        if m is None:
+            return {}
+        return {name: sum(int.from_bytes(v, "little") for v in m.get_percpu(k) or [])
+                for k, name in L.ALLOC_CNT_NAMES.items()}  # fmt: skip
+
     def rule_counters(self) -> dict[int, RuleCounters]:
         out = {}
         for k, _ in self.rule_stats_map.items():
@@ -419,6 +428,9 @@ class DatapathMaps:
         zero = bytes(8)
         for r in range(L.REASON_MAX):
             self.reasons_map.put(r, zero)
+        if L.MAP_ALLOC_CNT in self.maps:
+            for k in range(L.ALLOC_CNT_N):
+                self.maps[L.MAP_ALLOC_CNT].put(k, zero)
         for k in self.rule_stats_map.keys():
             self.rule_stats_map.delete(k)
 
