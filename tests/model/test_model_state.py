@@ -408,3 +408,72 @@ def test_a_host_limit_turned_on_by_reload_judges_a_recounted_count():
     assert not e.host_counting
     assert e.process(udp(A, R1, 5, 53), "inside", "lan40", 2).reason == Reason.XLATE_NEW
     assert e.host_live[IP4(A)].sessions == 3  # no longer counted: the next recount says 4
+
+
+def _memo_engine(**kw):
+    s = replace(REF_SETTINGS, port_min=6000, port_max=6003, **kw)  # 4 ports: 4 tries per address
+    return Engine(ruleset(REF_RULES), s, StaticRouter.ref())
+
+
+def memo_steps():
+    """A's flows to R1:53 over 4 SNAT ports (sport m * 256: first candidate 6000 + (m + 1) % 4),
+    with sessions removed between them: (kind, sport or None, now) -> what the test expects."""
+    return [
+        ("flow", 1024, 10.0), ("flow", 1280, 10.0), ("flow", 1536, 10.0), ("flow", 1792, 10.0),  # .72 full
+        ("flow", 2048, 10.0),  # .72 searched in full: a memo; .73
+        ("remove", 1536, 10.2),  # frees .72:6003
+        ("flow", 2304, 10.5),  # first candidate 6002 taken, memo young: .73 (6003 not found)
+        ("remove", 1280, 10.6),  # frees .72:6002
+        ("flow", 3328, 10.7),  # first candidate 6002 free: taken, memo or not
+        ("flow", 2816, 11.0),  # memo expired: searched in full, 6003 found
+    ]
+
+
+def run_memo_steps(e) -> list:
+    from snatgw.model.conntrack import out_key
+
+    got = []
+    for kind, sport, now in memo_steps():
+        if kind == "remove":
+            e.table.remove(out_key(IP4(A), IP4(R1), sport, 53, 17))
+            continue
+        r = e.process(udp(A, R1, sport, 53), "inside", "lan40", now)
+        got.append((r.reason, r.nat and (str(r.nat[0]), r.nat[1])))
+    return got
+
+
+def test_spill_memo_costs_a_freed_port_but_never_a_freed_first_candidate():
+    """docs/datapath.md step 13: while .72's memo is young a port freed there is not found by a
+    flow whose first candidate is taken (it spills: the memo's cost in accuracy); a freed first
+    candidate is still taken; once the memo is 1 s old the address is searched in full again."""
+    e = _memo_engine()
+    got = run_memo_steps(e)
+    X = Reason.XLATE_NEW
+    assert got == [(X, (NAT, 6001)), (X, (NAT, 6002)), (X, (NAT, 6003)), (X, (NAT, 6000)),
+                   (X, ("198.19.2.73", got[4][1][1])), (X, ("198.19.2.73", got[5][1][1])),
+                   (X, (NAT, 6002)), (X, (NAT, 6003))]  # fmt: skip
+    assert (e.spill.hits, e.spill.written) == (1, 1)
+
+
+def test_spill_memo_map_full_never_refuses():
+    """An LRU memo map of one entry (losing memos) changes no flow's outcome, only the tries."""
+    from snatgw.model.nat import SpillMemos
+
+    ref, small = _memo_engine(), _memo_engine()
+    small.spill = SpillMemos(size=1)
+    pkts = [(sp, 53 + sp % 2) for sp in range(1, 40)]  # two remote ports: two memos fight for one entry
+    a = [ref.process(udp(A, R1, sp, dp), "inside", "lan40", 5.0) for sp, dp in pkts]
+    b = [small.process(udp(A, R1, sp, dp), "inside", "lan40", 5.0) for sp, dp in pkts]
+    assert [(r.reason, r.nat) for r in a] == [(r.reason, r.nat) for r in b]
+    assert len(small.spill.memos) == 1 and small.spill.written > ref.spill.written
+    assert sum(r.reason == Reason.DROP_PORT_EXHAUSTED for r in a) == 39 - 2 * 12  # 3 addresses x 4 ports
+
+
+def test_spill_memo_leaves_endpoint_independent_rules_alone():
+    """mapping endpoint-independent (TCP, UDP): its searches neither read nor write memos."""
+    rules = RuleSet([Rule.from_dict({"from": "198.18.0.0/16", "snat_ip": NAT, "algo": "sh",
+                                     "mapping": "endpoint-independent"})])  # fmt: skip
+    e = Engine(rules, replace(REF_SETTINGS, port_min=6000, port_max=6001), StaticRouter.ref())
+    got = [e.process(udp(A, R1, sp, 53), "inside", "lan40", 1.0).reason for sp in (1, 2, 3, 4)]
+    assert got == [Reason.XLATE_NEW] * 2 + [Reason.DROP_PORT_EXHAUSTED] * 2
+    assert e.spill.memos == {} and (e.spill.hits, e.spill.written) == (0, 0)

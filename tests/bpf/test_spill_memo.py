@@ -1,0 +1,70 @@
+"""The spill memo (docs/datapath.md step 13) in the programs, beside the model: sessions freed
+while a memo is young (the accuracy it costs, and what it never costs), a memo left by a
+predecessor program honoured (the gate), and the counters."""
+
+from dataclasses import replace
+from ipaddress import IPv4Address
+
+import pytest
+
+from snatgw import layout as L
+from snatgw.datapath.bpf.testrun import CLOCK_BASE
+from snatgw.layout import Reason
+from snatgw.model.conntrack import out_key
+from snatgw.rules import Rule, RuleSet
+
+from tests.bpf.test_differential import model_alloc_counts, model_spill_memos
+from tests.cases.corpus import REF_RULES, REF_SETTINGS, ruleset
+from tests.cases.pkts import A, R1, udp
+from tests.model.test_model_state import _memo_engine, memo_steps
+
+pytestmark = pytest.mark.bpf
+
+
+def test_freed_ports_while_a_memo_is_young_as_the_model(make_prog):
+    """The model's memo steps (a port freed on the full address is not found while the memo
+    is young, a freed first candidate is taken, the expired memo searched in full) give the
+    same verdicts, addresses, ports, memos and counters in the programs."""
+    e = _memo_engine()
+    prog = make_prog(ruleset(REF_RULES), e.settings)
+    for kind, sport, now in memo_steps():
+        if kind == "remove":  # the expiry sweep's work, by hand: both keys of the pair, both sides
+            ok = out_key(IPv4Address(A), IPv4Address(R1), sport, 53, 17)
+            ik = e.table.lookup(ok).peer
+            e.table.remove(ok)
+            prog.maps[L.MAP_CT].delete(ok.to_bytes())
+            prog.maps[L.MAP_CT].delete(ik.to_bytes())
+            continue
+        pkt = udp(A, R1, sport, 53)
+        want = e.process(pkt, "inside", "lan40", now)
+        got = prog.run("inside", pkt, "lan40", now=now)
+        assert (got.reason, got.packet) == (want.reason, want.packet), f"sport {sport} at {now}"
+    assert prog.spill_memos() == model_spill_memos(e)
+    assert prog.alloc_counts() == model_alloc_counts(e) == {"spill_memo_hits": 1, "spill_memos_written": 1}
+
+
+def test_a_memo_of_a_predecessor_is_honoured_then_forgotten(make_prog):
+    """The program looks memos up only while one may be young (it remembers its last write); a
+    memo left before it was loaded (a restarted daemon adopting the pinned map) still cuts
+    searches short, refusing a flow while the address's other port is free (the memo's cost);
+    at SPILL_MEMO_MS the address is searched in full again.  As the model with the same memo."""
+    from snatgw.model import Engine, StaticRouter
+    from snatgw.model.nat import SpillKey
+
+    s = replace(REF_SETTINGS, port_min=5000, port_max=5001, on_exhausted="drop")
+    rules = RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": "198.19.2.71"})])
+    prog, e = make_prog(rules, s), Engine(rules, s, StaticRouter.ref())
+    nat = IPv4Address("198.19.2.71")
+    key = L.SPILL_KEY.pack(remote=IPv4Address(R1).packed, addr=nat.packed, rport=(53).to_bytes(2, "big"),
+                           proto=17, pad=0)  # fmt: skip
+    prog.maps[L.MAP_SPILL_MEMO].put(key, L.SPILL_MEMO.pack(at=int((10 + CLOCK_BASE) * 1e9)))
+    e.spill.memos[SpillKey(IPv4Address(R1), nat, 53, 17)] = 10.0
+    got = []
+    for sport, now in ((1001, 10.2), (1002, 10.3), (1004, 10.4), (1004, 12.5)):
+        pkt = udp(A, R1, sport, 53)
+        want, run = e.process(pkt, "inside", "lan40", now), prog.run("inside", pkt, "lan40", now=now)
+        assert (run.reason, run.packet) == (want.reason, want.packet), f"sport {sport} at {now}"
+        got.append(run.reason)
+    assert got == [Reason.XLATE_NEW, Reason.DROP_PORT_EXHAUSTED, Reason.DROP_PORT_EXHAUSTED, Reason.XLATE_NEW]
+    assert prog.alloc_counts() == model_alloc_counts(e) == {"spill_memo_hits": 2, "spill_memos_written": 0}
+    assert prog.spill_memos() == model_spill_memos(e)
