@@ -70,3 +70,36 @@ def test_explain_without_config_or_live_is_refused(capsys):
     """No CONFIG and no --live: exit 2 saying what to give."""
     assert main(["explain", *ARGS]) == 2
     assert "give CONFIG" in capsys.readouterr().err
+
+
+def test_live_explain_names_the_spill_memo_that_sent_the_flow_on(tmpdir_short, capsys):
+    """Two SNAT ports: the running gateway found the sdh address (.72) full toward R1:80 a
+    moment ago (a spill memo); --live says the memo sent the flow on, with its age, in json
+    and text; explaining from the file alone mentions the memo's rule only."""
+    from scapy.all import IP, UDP
+    from test_daemon import LAB, Running
+
+    conf = tmpdir_short / "two-ports.conf"
+    conf.write_text(LAB.read_text().replace("port_range 5000-65535", "port_range 6000-6001"))
+    r = Running(tmpdir_short, conf=conf)
+    try:
+        now = r.backend.clock()
+        for sp in (1, 2, 3):
+            pkt = bytes(IP(src="198.18.40.10", dst="203.0.113.10") / UDP(sport=sp, dport=80))
+            r.backend.process(pkt, "inside", "lan40", now=now)
+        assert r.req(op="spill_memos", remote="203.0.113.10")["memos"][0]["addr"] == "198.19.2.72"
+        assert r.req(op="spill_memos", remote="192.0.2.1")["memos"] == []
+        rc = main(["explain", "--live", "--socket", r.sock, *ARGS, "--proto", "udp", "-j"])
+        d = json.loads(capsys.readouterr().out)
+        assert rc == 0 and d["address"]["chosen"] == "198.19.2.72" and d["snat"]["addr"] != "198.19.2.72"
+        (m,) = d["address"]["spill_memo"]
+        assert m["addr"] == "198.19.2.72" and 0 <= m["age_s"] < 1
+        assert main(["explain", "--live", "--socket", r.sock, *ARGS, "--proto", "udp"]) == 0
+        out = capsys.readouterr().out
+        assert "spill memo: 198.19.2.72 was found full toward 203.0.113.10:80" in out
+        assert "the spill memo sent it on from 198.19.2.72" in out
+        assert main(["explain", str(conf), *ARGS, "--proto", "udp"]) == 0
+        out = capsys.readouterr().out
+        assert "is remembered for 1 s" in out and "spill memo:" not in out
+    finally:
+        r.close()

@@ -394,6 +394,12 @@ class Service:
                             break
                         out.append(x.as_dict())
                     return {"ok": True, "sessions": out, "truncated": truncated}
+            if op == "spill_memos":  # explain --live: addresses found full toward a remote (bpf)
+                remote = req.get("remote")
+                get = getattr(self.backend, "spill_memos", None)
+                with self.lock:
+                    memos = get(str(remote) if remote is not None else None) if get else []
+                return {"ok": True, "memos": memos}
             if op == "stats":
                 with self.lock:
                     st = self.backend.stats().as_dict()

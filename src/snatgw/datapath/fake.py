@@ -104,6 +104,13 @@ class FakeBackend:
                  "proto": k.proto, "addr": str(m.addr), "at": int(m.at * 1e9), "reason": m.reason.name}
                 for k, m in self._need().refused.items()]  # fmt: skip
 
+    def spill_memos(self, remote: str | None = None) -> list[dict]:
+        """The model's spill memos, as the bpf backend lists them (``age_ms`` by this clock)."""
+        now = self.clock()
+        return [{"remote": str(k.remote), "addr": str(k.addr), "rport": k.rport, "proto": k.proto,
+                 "age_ms": max(0, int((now - at) * 1000))}
+                for k, at in self._need().spill.memos.items() if remote is None or str(k.remote) == remote]  # fmt: skip
+
     def flush(self, rule_id: int | None = None, inside=None, nat=None) -> int:
         self._enter("flush")
         return self._need().flush(rule_id, inside, nat)

@@ -33,6 +33,7 @@ class SpillMemos:
         self.memos: dict[SpillKey, float] = {}
         self.hits = 0
         self.written = 0
+        self.skipped: list[IPv4Address] = []  # addresses the last new flow's memos cut short (explain)
 
     def young(self, key: SpillKey, now: float) -> bool:
         at = self.memos.get(key)
@@ -47,6 +48,7 @@ class SpillMemos:
 
     def toward(self, remote: IPv4Address, rport: int, proto: int, now: float) -> "_Toward":
         """The memo as NatTable.new_mapping uses it for one new flow."""
+        self.skipped = []
         return _Toward(self, remote, rport, proto, now)
 
 
@@ -60,6 +62,7 @@ class _Toward:
     def young(self, addr: IPv4Address) -> bool:
         if self.memos.young(self.key(addr), self.now):
             self.memos.hits += 1
+            self.memos.skipped.append(addr)
             return True
         return False
 

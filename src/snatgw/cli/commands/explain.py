@@ -16,7 +16,7 @@ from ipaddress import IPv4Address
 
 from ...config.parse import parse_file
 from ...errors import EXIT_NO_MATCH, EXIT_OK, SnatgwError
-from ...layout import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason, Verdict
+from ...layout import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SPILL_MEMO_MS, Reason, Verdict
 from ...rules import Route, Rule, RuleSet, parse_addr, parse_oif
 from ..render import dump_json, table
 
@@ -244,16 +244,31 @@ class KernelRouter:
 # --------------------------------------------------------------------------- the explanation
 
 
-def _model_result(cfg, pkt: bytes, router, ingress: str, live: list[dict] | None = None):
+def _model_result(cfg, pkt: bytes, router, ingress: str, live: list[dict] | None = None,
+                  memos: list[dict] | None = None):
     """Engine.process of the reference model on a fresh engine (no sessions yet), or, with
     ``live`` (the running gateway's sessions), on one whose ports and host counts are taken
-    as they are there."""
+    as they are there; ``memos``: the running gateway's spill memos (now = 0: a memo made
+    ``age_ms`` ago is at -age).  Returns (result, the memos that cut the search short:
+    [(address, age in s)])."""
     from ...model import Engine
+    from ...model.nat import SpillKey
 
     e = Engine(cfg.rules, cfg.settings, router)
     if live:
         occupy(e, live)
-    return e.process(pkt, side="inside", ingress=ingress, now=0.0)
+    ages = {}
+    for m in memos or []:
+        try:
+            k = SpillKey(IPv4Address(m["remote"]), IPv4Address(m["addr"]), int(m["rport"]), int(m["proto"]))
+            ages[k.addr, k.remote, k.rport, k.proto] = e.spill.memos[k] = -float(m["age_ms"]) / 1000
+        except (KeyError, TypeError, ValueError):
+            continue  # a malformed entry from the daemon: not a memo
+    res = e.process(pkt, side="inside", ingress=ingress, now=0.0)
+    s = summarize(pkt)
+    proto_port = 0 if s.proto == IPPROTO_ICMP else s.dport
+    used = [(str(a), -ages.get((a, s.dst, proto_port, s.proto), 0.0)) for a in e.spill.skipped]
+    return res, used
 
 
 def _endpoint(text: str) -> tuple[IPv4Address, int]:
@@ -318,14 +333,16 @@ def _short(w: str, why: list) -> str:
     return f"would match, but #{n} ({r.where}) comes first"
 
 
-def explain_packet(cfg, pkt: bytes, router, ingress: str, live: list[dict] | None = None) -> dict:
+def explain_packet(cfg, pkt: bytes, router, ingress: str, live: list[dict] | None = None,
+                   memos: list[dict] | None = None) -> dict:
     """The explanation of one inside packet as a JSON-ready dict (see `snatgw explain --help`);
-    ``live``: the running gateway's sessions, to judge the port search against."""
+    ``live``: the running gateway's sessions, to judge the port search against; ``memos``:
+    its spill memos (op spill_memos), which may send the flow on to the next address."""
     s = summarize(pkt)
     fib = router.lookup(s.dst, s.src)
     route = Route(fib.oif, fib.gw) if fib.kind == "forward" else None
     winner, why = cfg.rules.explain(s.src, s.dst, route)
-    res = _model_result(cfg, pkt, router, ingress, live)
+    res, memo_skips = _model_result(cfg, pkt, router, ingress, live, memos)
     verdict, reason, rule = Verdict(res.verdict), Reason(res.reason), res.rule
     # the model gives oif/nexthop only for a REDIRECT; otherwise the kernel routes as the FIB says
     oif = res.oif if res.oif is not None else fib.oif
@@ -355,7 +372,8 @@ def explain_packet(cfg, pkt: bytes, router, ingress: str, live: list[dict] | Non
         "next_hop": str(nexthop) if nexthop is not None else None,
         "oif": oif,
         "translated": translated,
-        "address": address_choice(cfg, rule, s) if rule is not None else None,
+        "address": None if rule is None else {**address_choice(cfg, rule, s),
+                                              "spill_memo": [{"addr": a, "age_s": round(t, 3)} for a, t in memo_skips]},
         "live_sessions": None if live is None else len(live),
         "notes": notes,
     }  # fmt: skip
@@ -383,8 +401,17 @@ def render_text(d: dict) -> str:
                    f"on_exhausted {a['on_exhausted']}, {a['port_tries']} ports tried per address")
         if len(a["order"]) > 1:
             out.append(f"           when it has no free port toward {p['dst']}: {', '.join(a['order'][1:])}")
-        if d["snat"] and d["snat"]["addr"] != a["chosen"]:
+        skipped = {m["addr"]: m["age_s"] for m in a.get("spill_memo") or []}
+        for addr, age in skipped.items():
+            out.append(f"           spill memo: {addr} was found full toward {p['dst']} {age:g} s ago "
+                       f"(< {SPILL_MEMO_MS / 1000:g} s): only its first candidate was tried")
+        if d["snat"] and d["snat"]["addr"] != a["chosen"] and a["chosen"] not in skipped:
             out.append(f"           spilled over: {a['chosen']} had no free port in {src}")
+        elif d["snat"] and d["snat"]["addr"] != a["chosen"]:
+            out.append(f"           spilled over: the spill memo sent it on from {a['chosen']}")
+        if a["port_tries"] > 1 and not skipped and a.get("mapping") != "endpoint-independent":
+            out.append(f"           (an address whose search finds no free port is remembered for "
+                       f"{SPILL_MEMO_MS / 1000:g} s: meanwhile only its first candidate is tried)")
         if a["max_sessions_per_host"]:
             out.append(f"           at most {a['max_sessions_per_host']} sessions per inside host")
         if a.get("port_preserve"):
@@ -520,12 +547,13 @@ def run(args: argparse.Namespace) -> int:
         back = router.lookup(src, dst)
         if back.kind == "forward" and back.oif in cfg.settings.inside:
             ingress = back.oif
-    sessions = None
-    if live is not None:  # the search judged against the daemon's sessions too
+    sessions = memos = None
+    if live is not None:  # the search judged against the daemon's sessions and spill memos too
         from ...daemon.client import call
 
         sessions = call(live["socket"], {"op": "sessions"})["sessions"]
-    d = explain_packet(cfg, pkt, router, ingress, sessions)
+        memos = call(live["socket"], {"op": "spill_memos", "remote": str(dst)}).get("memos") or []
+    d = explain_packet(cfg, pkt, router, ingress, sessions, memos)
     if live is not None:
         d["live"] = live
         d["notes"] = live_notes(live, live["socket"], live["config"]) + d["notes"]

@@ -641,6 +641,10 @@ class BpfBackend:
         """The refusal markers (DatapathMaps.refusal_markers): recently refused new flows."""
         return self._m().refusal_markers()
 
+    def spill_memos(self, remote: str | None = None) -> list[dict]:
+        """The spill memos (DatapathMaps.spill_memos): addresses found full toward a remote."""
+        return self._m().spill_memos(remote)
+
     def counters(self) -> Stats:
         """stats() without the session count (the daemon samples these for rates)."""
         m = self._m()

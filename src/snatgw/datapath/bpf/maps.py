@@ -424,6 +424,22 @@ class DatapathMaps:
                         else str(m["reason"])})  # fmt: skip
         return out
 
+    def spill_memos(self, remote: str | None = None) -> list[dict]:
+        """The spill memos (toward ``remote`` only, if given): remote address, SNAT address,
+        remote port, proto (number) and age in ms (the programs' clock against CLOCK_MONOTONIC
+        now; the tick-coarse clock may run a jiffy behind: at least 0)."""
+        m = self.maps.get(L.MAP_SPILL_MEMO)
+        if m is None:
+            return []
+        now, out = monotonic_ns(), []
+        for k, v in m.items():
+            key = L.SPILL_KEY.unpack(k)
+            if remote is not None and _ip(key["remote"]) != remote:
+                continue
+            out.append({"remote": _ip(key["remote"]), "addr": _ip(key["addr"]), "rport": key["rport"],
+                        "proto": key["proto"], "age_ms": max(0, (now - L.SPILL_MEMO.unpack(v)["at"]) // 1_000_000)})
+        return out
+
     def zero(self) -> None:
         zero = bytes(8)
         for r in range(L.REASON_MAX):
