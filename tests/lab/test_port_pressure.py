@@ -102,7 +102,9 @@ def reason(st: dict, name: str) -> int:
 
 def test_a_host_that_fills_its_address_spills_over_or_is_refused(gateway, pressure_lab):
     """50 ports per address, 120 flows of one host to one server port (sdh: spill by default).
-    bpf: 50 on the chosen address, 50 on the next, 20 on the one after (pool order, wrapping);
+    bpf: 50 on the chosen address, 50 on the next, 20 on the one after (pool order, wrapping),
+    the full ones judged by spill memos (a full search each, then one try per flow); a second
+    host's flows toward the same server port all land on the address with room left;
     nft: the kernel keeps to the chosen address, 50 sessions, 70 counted as exhausted."""
     lab = gateway(conf("port_range 6000-6049", f"snat_ip {POOL[0]}-{POOL[-1]} algo sdh"))
     burst(lab, A, range(40000, 40120))
@@ -121,6 +123,11 @@ def test_a_host_that_fills_its_address_spills_over_or_is_refused(gateway, pressu
         assert per_addr == {order[0]: 50, order[1]: 50, order[2]: 20}
         assert reason(st, "DROP_PORT_EXHAUSTED") == 0
         assert {a["addr"]: a["sessions"] for a in st["pressure"]["addresses"]} == per_addr
+        alloc = st["pressure"]["allocator"]  # 2 memos and 88 hits when the burst takes < 1 s
+        assert alloc["spill_memos_written"] >= 2 and alloc["spill_memo_hits"] >= 1
+        burst(lab, B, range(40000, 40005))
+        settle(lab, lambda s: reason(s, "XLATE_NEW") >= 125)
+        assert sorted(s["nat"].rsplit(":", 1)[0] for s in sessions_of(lab, B)) == [order[2]] * 5
     else:
         assert list(per_addr.values()) == [50]
         assert (reason(st, "XLATE_NEW"), reason(st, "DROP_PORT_EXHAUSTED")) == (50, 70)
