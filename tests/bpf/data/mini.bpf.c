@@ -41,6 +41,10 @@ struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_EIM_PER_SESSI
 struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, SNAT_AUDIT_RING_BYTES); } snat_audit SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, AUDIT_CNT_N);
 	 __type(key, __u32); __type(value, __u64); } snat_audit_cnt SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, SNAT_MAX_SPILL_MEMO);
+	 __type(key, struct spill_key); __type(value, struct spill_memo); } snat_spill_memo SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, ALLOC_CNT_N);
+	 __type(key, __u32); __type(value, __u64); } snat_alloc_cnt SEC(".maps");
 
 static __always_inline int count(__u32 reason)
 {
