@@ -15,7 +15,8 @@ def test_progbench_measures_every_case():
     rows = measure(repeat=50, rounds=1, new_flows=20, cold_sessions=2000)
     names = [r[0] for r in rows]
     assert {"established (udp out)", "new flow (udp)", "reply (udp in)", "icmp error in",
-            "new flow (udp), 2k sessions"} <= set(names)
+            "new flow (udp), 2k sessions", "new flow refused, 128 tries",
+            "new flow refused, 128 tries, spill memo young"} <= set(names)
     assert all(isinstance(ns, (int, float)) for _, ns, _ in rows)
 
 
