@@ -104,3 +104,13 @@ def test_port_pressure_table_shows_sessions_refusals_and_program_cost():
     assert "| snatgw-bpf | 0 | 60.0 k | 58.0 k | 62000 | 0 | 3 | 4900 | 812 |" in md
     assert "| nft-kernel | 0 | 50.0 k | 48.0 k | 60000 | 9 | — | — | — |" in md
     assert "3c port pressure" in md  # and in the packet table, with a cost against drop
+
+
+def test_hostlimit_table_sets_the_per_host_counts_cost_beside_snatgw_bpf():
+    """snatgw-bpf-hostlimit (a host limit never reached) beside snatgw-bpf: both medians and
+    the difference, per scenario; nothing when it did not run."""
+    assert "per-host count's cost" not in report.render(results())
+    extra = [rec("udp-newflows", "snatgw-bpf-hostlimit", r, 1e9 / 824) for r in range(3)]
+    md = report.render(results(extra=extra))
+    assert "### The per-host count's cost" in md
+    assert "| 3a new UDP flows | 100 | 524 | +424 ns | — | — | — |" in md

@@ -1,7 +1,9 @@
 """The gateway configurations a benchmark compares, each started in a fresh gateway namespace:
 drop (baseline), forward (routing, no NAT), nft-kernel (hand-written nftables SNAT of the same
 rules), snatgw-nft and snatgw-bpf (the `snatgw run` daemon with that backend), and
-snatgw-bpf-audit (snatgw-bpf with the audit log on, writing to a file: its cost, issue 13).
+snatgw-bpf-audit (snatgw-bpf with the audit log on, writing to a file: its cost, issue 13),
+and snatgw-bpf-hostlimit (snatgw-bpf with a `max_sessions_per_host` no host reaches: the
+datapath then counts each inside host's sessions as they are made, issue 11).
 
 A configuration that cannot run (backend not written yet, daemon fails) raises Unavailable
 with the reason; the suite reports it as "n/a (reason)", never a made-up figure.
@@ -24,12 +26,17 @@ from pathlib import Path
 
 from . import topo, traffic
 
-CONFIGS = ("drop", "forward", "nft-kernel", "snatgw-nft", "snatgw-bpf", "snatgw-bpf-audit")
+CONFIGS = ("drop", "forward", "nft-kernel", "snatgw-nft", "snatgw-bpf", "snatgw-bpf-audit", "snatgw-bpf-hostlimit")
 NAT_CONFIGS = ("nft-kernel", "snatgw-nft", "snatgw-bpf")
 #: configurations measured only on the packet scenarios that show their cost (the audit log:
 #: one established flow, unaffected; new flows, a record each), beside snatgw-bpf in each round
 AUDIT_CONFIGS = ("snatgw-bpf-audit",)
 AUDIT_SCENARIOS = ("udp-1flow", "udp-newflows", "udp-newflows-spread")
+#: likewise the per-host count a host limit needs (one cold entry per new flow of many hosts):
+#: only new flows pay it
+HOSTLIMIT_CONFIGS = ("snatgw-bpf-hostlimit",)
+HOSTLIMIT_SCENARIOS = ("udp-newflows", "udp-newflows-spread")
+HOSTLIMIT = "max_sessions_per_host 1000000"  # never reached: its cost, not its refusals
 NFT_TABLE = "sgbench_nat"
 READY_TIMEOUT = 90.0  # seconds for `snatgw run` to print "ready" (10k rules may take a while)
 
@@ -225,7 +232,8 @@ class Gateway:
             nrules, max_sessions=self.max_sessions, pin_dir=self.pin_dir, socket=self.socket,
             backend=self.backend, filler_pool_last=filler_pool_last,
             extra_settings=self.extra_settings + ((f"audit_log {self.audit_path}", "audit_log_keep 1")
-                                                  if self.audit_path else ())))
+                                                  if self.audit_path else ())
+            + ((HOSTLIMIT,) if self.name in HOSTLIMIT_CONFIGS else ())))
 
     def daemon_stderr(self, lines: int = 2) -> str:
         """The daemon's error: its structured error="..." field if it logged one, else the last lines."""

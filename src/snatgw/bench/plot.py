@@ -10,7 +10,8 @@ from . import stats as st
 from .report import CONFIG_ORDER, ORDER, TITLES, UDP
 
 COLORS = {"drop": "#999999", "forward": "#4c72b0", "nft-kernel": "#dd8452", "snatgw-nft": "#937860",
-          "snatgw-bpf": "#55a868", "snatgw-bpf-audit": "#8fd19e"}
+          "snatgw-bpf": "#55a868", "snatgw-bpf-audit": "#8fd19e",
+          "snatgw-bpf-hostlimit": "#2e7d4f"}
 
 
 def _bars(ax, summary: dict, scenario: str, field: str = "value") -> bool:

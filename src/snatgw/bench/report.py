@@ -17,7 +17,8 @@ TITLES = {
 }
 ORDER = ("udp-1flow", "udp-10kflows", "udp-newflows", "udp-newflows-spread", "udp-portpressure", "tcp-cycles",
          "tcp-bulk")
-CONFIG_ORDER = ("drop", "forward", "nft-kernel", "snatgw-nft", "snatgw-bpf", "snatgw-bpf-audit")
+CONFIG_ORDER = ("drop", "forward", "nft-kernel", "snatgw-nft", "snatgw-bpf", "snatgw-bpf-audit",
+                "snatgw-bpf-hostlimit")
 
 
 def fmt(v: float | None, metric: str = "") -> str:
@@ -163,6 +164,27 @@ def _pressure_table(records: list[dict]) -> list[str]:
     return out
 
 
+def _hostlimit_table(summary: dict) -> list[str]:
+    """snatgw-bpf against snatgw-bpf-hostlimit (max_sessions_per_host set, never reached: the
+    datapath counts each inside host's new sessions) per scenario: medians of the gateway cost
+    and the pipeline CPU per packet, and what the count adds."""
+    rows = []
+    for s in ORDER:
+        off, on = summary.get((s, "snatgw-bpf")), summary.get((s, "snatgw-bpf-hostlimit"))
+        if not off or not on or off.get("status") != "ok" or on.get("status") != "ok":
+            continue
+        cells = []
+        for f in ("cost_ns", "cpu_cost_ns"):
+            a, b = st.median_of(summary, s, "snatgw-bpf", f), st.median_of(summary, s, "snatgw-bpf-hostlimit", f)
+            cells += [fmt(a, "ns") if a is not None else "—", fmt(b, "ns") if b is not None else "—",
+                      f"{b - a:+,.0f} ns" if a is not None and b is not None else "—"]
+        rows.append(f"| {TITLES[s]} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["| scenario | gateway ns/pkt, no limit | with a limit | difference | pipeline CPU ns/pkt, no limit "
+            "| with a limit | difference |", "|---|---|---|---|---|---|---|"] + rows
+
+
 def _audit_table(records: list[dict]) -> list[str]:
     """The audit log's cost: snatgw-bpf and snatgw-bpf-audit per scenario and round (pps), with
     the log's records and losses so far (cumulative within the gateway's round)."""
@@ -284,6 +306,10 @@ def render(results: dict, images: list[str] = ()) -> str:
     if any(k[0] in ORDER for k in summary):
         out += ["", "## Packet scenarios", ""] + _packet_table(summary)
         out += ["", "### Ratios (medians)", ""] + _ratio_table(summary)
+    ht = _hostlimit_table(summary)
+    if ht:
+        out += ["", "### The per-host count's cost (snatgw-bpf without and with a host limit no host reaches)",
+                ""] + ht
     at = _audit_table(recs)
     if at:
         out += ["", "### The audit log's cost (snatgw-bpf with and without `audit_log`, per round)", ""] + at

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from . import scenarios as sc
 from . import topo, traffic
-from .gateways import AUDIT_CONFIGS, AUDIT_SCENARIOS, CONFIGS, Gateway, Unavailable, availability
+from .gateways import AUDIT_CONFIGS, AUDIT_SCENARIOS, CONFIGS, HOSTLIMIT_CONFIGS, HOSTLIMIT_SCENARIOS, Gateway
+from .gateways import Unavailable, availability
 
 log = logging.getLogger("snatgw.bench")
 FILL_PASSES = 6  # bound on the session-table fill passes
@@ -132,7 +133,8 @@ class Suite:
         for r in range(self.p.rounds):
             self.echo(f"round {r + 1}/{self.p.rounds}: packet scenarios")
             for cfg in rotated(self.p.configs, r):
-                mine = [s for s in scens if cfg not in AUDIT_CONFIGS or s in AUDIT_SCENARIOS]
+                mine = [s for s in scens if (cfg not in AUDIT_CONFIGS or s in AUDIT_SCENARIOS)
+                        and (cfg not in HOSTLIMIT_CONFIGS or s in HOSTLIMIT_SCENARIOS)]
                 if not mine:
                     continue
                 with topo.Topology() as t:
