@@ -844,6 +844,14 @@ def _eim_scenarios(add) -> None:
         inside(udp(A, R1, 40001, 3478), DROP, R.DROP_HOST_LIMIT),
         inside(udp(B, R1, 40000, 3478), RED, R.XLATE_NEW),
     ], rules=eim_rules(filtering="endpoint-independent", max_sessions_per_host=2))  # fmt: skip
+    add("eim_hairpin_receiver_at_its_limit", "max_sessions_per_host 2: A:80 sends a TCP SYN to "
+        "A:40000's own mapping; the sender's session is made (A's second), the receiver's is not "
+        "(A at its limit): DROP_NO_SESSION, and the sender's new session stays in SYN_RECV as "
+        "every new TCP session (the fuzz found the model leaving it at NONE).", [
+        inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
+        inside(tcp(A, NAT, 80, pa, "S"), DROP, R.DROP_NO_SESSION),
+        inside(tcp(A, NAT, 80, pa, "S"), DROP, R.DROP_NO_SESSION),
+    ], rules=eim_rules(max_sessions_per_host=2))  # fmt: skip
     add("eim_filtering_address_dependent", "filtering address-dependent: R1 from any port gets in "
         "once A talked to R1; R2 does not until A talks to R2.", [
         inside(udp(A, R1, 40000, 3478), RED, R.XLATE_NEW),

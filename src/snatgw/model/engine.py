@@ -253,7 +253,7 @@ class Engine:
             return Result(Verdict.DROP, pair, pkt, rule=rule)
         self._count_new(rule, src, pair.out.rw_addr)
         if flags & CT_F_HAIRPIN:
-            return self._hairpin(pkt, v, pair.out, now)
+            return self._hairpin(pkt, v, pair.out, now, new=True)
         return self._translate_out(pkt, v, pair.out, now, Reason.XLATE_NEW)  # step 15
 
     def _count_new(self, rule: Rule, host: IPv4Address, addr: IPv4Address) -> None:
@@ -401,11 +401,13 @@ class Engine:
         rule = hit[2]
         return self._create(pkt, v, okey, rule, ingress, now, ingress, None, self._dev_mtu(ingress), CT_F_HAIRPIN)
 
-    def _hairpin(self, pkt: bytes, v: IPv4View, e: CtEntry, now: float) -> Result:
+    def _hairpin(self, pkt: bytes, v: IPv4View, e: CtEntry, now: float, new: bool = False) -> Result:
         """A packet of a hairpinned session: translated outward by the sender's session (its
         mapping as source, TTL-1), then inward by the session of the mapping it is sent to
         (its IN key; made now when missing, filtering aside: the sender is inside), and
-        REDIRECTed to that endpoint's device, XLATE_HAIRPIN."""
+        REDIRECTed to that endpoint's device, XLATE_HAIRPIN.  ``new``: the sender's session
+        was made by this packet, so a TCP one starts in SYN_RECV even when the packet goes no
+        further (as every new session; the bpf program sets it at creation)."""
         ikey = in_key(e.rw_addr, ip(v.daddr), e.rw_port, v.dport, v.proto)
         inn = self.table.lookup(ikey)
         if inn is None:
@@ -414,10 +416,10 @@ class Engine:
                 got = self._admit(v, *hit, e.rw_addr, e.rw_port, now, hairpin=True)
                 inn = got if isinstance(got, CtEntry) else None
         out = self.table.lookup(inn.peer) if inn is not None else None
+        if v.proto == IPPROTO_TCP and (new or (inn is not None and out is not None)):
+            tcp_update(e, v.flags, reply=False)
         if inn is None or out is None:
             return Result(Verdict.DROP, Reason.DROP_NO_SESSION, pkt, rule=e.rule)
-        if v.proto == IPPROTO_TCP:
-            tcp_update(e, v.flags, reply=False)
         buf = bytearray(pkt)
         translate(buf, v, True, e.rw_addr, e.rw_port, dec_ttl=True)
         self._touch(e, v, now)
