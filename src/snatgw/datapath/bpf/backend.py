@@ -6,6 +6,7 @@ conns`/`stats` when no daemon runs.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -178,6 +179,7 @@ class BpfBackend:
         #: _clock() when the last walk (expiry, flush or recount) published the live counts:
         #: the per-host sessions are "as of" it while no host limit has the datapath count them
         self.counted_at: float | None = None
+        self._walk_since: float | None = None  # _clock() when the walk in progress began
         #: the audit log's intake for sessions the control plane removes itself (rule changes):
         #: set by the daemon (daemon/audit.py), called with lists of record dicts
         self.audit_sink: Callable[[list[dict]], None] | None = None
@@ -528,12 +530,26 @@ class BpfBackend:
         res = self.recount()
         log.info("host limit on: the per-host counts recounted over %d sessions in %.3f s", res.live, res.seconds)
 
+    @contextlib.contextmanager
+    def _counting(self, t0: float):
+        """One walk (expiry, flush, recount) begun at ``t0``, which publishes the live counts:
+        its last step writes them into the count maps before the walk returns, so a `stats` on
+        another thread may read them before counted_at is set; while the walk runs that reader
+        dates them from the walk's start, as counted_at does after (the counts are at least
+        that fresh)."""
+        with self._walk:
+            self._walk_since = t0
+            try:
+                yield
+                self.counted_at = t0  # the per-host sessions are as of this walk
+            finally:
+                self._walk_since = None
+
     def recount(self) -> SweepResult:
         """Count the live counts again from the table (removes nothing; sweep.py)."""
         self._writable()
-        with self._walk:
+        with self._counting(_clock()):
             res = self.sweeper().recount(chunked=self.chunked)
-        self.counted_at = _clock()
         if res.count_errors:
             log.warning("recount: %d live-count updates failed (a count map is full)", res.count_errors)
         return res
@@ -564,7 +580,7 @@ class BpfBackend:
         now_ns = monotonic_ns() if now is None else int(now * 1e9)
         full = now is not None or self._sweeps % FULL_EVERY == 0  # an explicit now: always full
         self._sweeps += 1
-        with self._walk:
+        with self._counting(t0):
             res = self.sweeper().expire(now_ns, self._timeouts_ns(), ORPHAN_GRACE_NS, full=full,
                                         chunked=self.chunked)  # fmt: skip
         self.last_sweep = res
@@ -572,7 +588,6 @@ class BpfBackend:
         if res.count_errors:
             log.warning("sweep: %d live-count updates failed (a count map is full)", res.count_errors)
         t1 = _clock()
-        self.counted_at = t1  # the per-host sessions are as of this walk
         t = t1 - t0
         if not full or self._t_normal is None:
             self._t_normal = t
@@ -632,7 +647,9 @@ class BpfBackend:
         total = m.live_total()
         # the table's room as the map has it (a reader of pins does not know the settings)
         live_hosts = self.host_counting()
-        age = None if live_hosts or self.counted_at is None else max(0.0, _clock() - self.counted_at)
+        walking = self._walk_since  # read before counted_at: a walk ending between sets it first
+        since = self.counted_at if self.counted_at is not None else walking
+        age = None if live_hosts or since is None else max(0.0, _clock() - since)
         pressure = pressure_summary(live[L.MAP_HOST_SESS], live[L.MAP_ADDR_STATS], total, m.ct.max_entries // 2,
                                     hosts_live=live_hosts, hosts_age=age, allocator=m.alloc_counts())  # fmt: skip
         return Stats(reasons=self._reasons(m), rules=m.rule_counters(), sessions=total, pressure=pressure)
@@ -670,9 +687,8 @@ class BpfBackend:
         flt = SessionFilter(rule_id=rule_id,
                             inside=ipaddress.IPv4Network(inside) if inside is not None else None,
                             nat=ipaddress.IPv4Address(nat) if nat is not None else None)  # fmt: skip
-        with self._walk:
+        with self._counting(_clock()):
             n = self.sweeper().flush(flt, chunked=self.chunked).removed  # no filter: also half pairs
-        self.counted_at = _clock()
         if flt.empty:
             for k in self.maps.frags.keys():
                 self.maps.frags.delete(k)
