@@ -20,16 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    t = tmp_path_factory.mktemp("inst")
-    paths = {"PREFIX": t / "usr/local", "SNATGW_HOME": t / "opt/snatgw", "SYSCONFDIR": t / "etc"}
-    mine = t / "etc/snatgw/snatgw.conf"
-    mine.parent.mkdir(parents=True)
-    mine.write_text("# the operator's own config\nvirtual_server fwmark 1 {\n}\n")
-    env = {**os.environ, "SNATGW_NO_APT": "1"}  # make test's setup already installed the packages
-    argv = ["make", "-s", "-C", str(ROOT)] + [f"{k}={v}" for k, v in paths.items()]
-    p = subprocess.run(argv + ["install"], capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
+def installed(make_installs):
+    """make install into a temporary PREFIX, SNATGW_HOME and SYSCONFDIR holding an operator's
+    snatgw.conf (tests/install/conftest.py runs it beside the DESTDIR one)."""
+    t, paths, argv, env, rc, out = make_installs["prefix"]
+    assert rc == 0, out
     yield t, paths, argv, env
 
 

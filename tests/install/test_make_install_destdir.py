@@ -14,54 +14,24 @@ import pytest
 from snatgw.cli.main import VERBS
 
 pytestmark = [pytest.mark.root]
-ROOT = Path(__file__).resolve().parents[2]
-
-#: where docs/operations.md ("Installing on a host") says the default install puts things
-FINAL = {
-    "venv": "/opt/snatgw",
-    "sbin": "/usr/local/sbin/snatgw",
-    "unit": "/usr/local/lib/systemd/system/snatgw.service",
-    "conf": "/etc/snatgw/snatgw.conf",
-    "example": "/etc/snatgw/snatgw.conf.example",
-    "man": "/usr/local/share/man/man8/snatgw.8.gz",
-    "completion": "/usr/local/share/bash-completion/completions/snatgw",
-    "doc": "/usr/local/share/doc/snatgw/operations.md",
-}
-
-
-def snapshot(paths) -> dict[str, tuple | None]:
-    """What each final path on the host is now (None: absent): type, size, mtime, link target."""
-    out = {}
-    for p in paths:
-        try:
-            st = os.lstat(p)
-        except FileNotFoundError:
-            out[p] = None
-            continue
-        out[p] = (st.st_mode, st.st_size, st.st_mtime_ns, os.readlink(p) if os.path.islink(p) else None)
-    return out
 
 
 @pytest.fixture(scope="module")
-def staged(tmp_path_factory):
-    dest = tmp_path_factory.mktemp("destdir") / "stage"
-    watched = list(FINAL.values()) + ["/opt/snatgw.old", "/etc/snatgw", "/usr/local/share/doc/snatgw"]
-    before = snapshot(watched)
-    env = {**os.environ, "SNATGW_NO_APT": "1"}
-    env.pop("PREFIX", None)
-    p = subprocess.run(["make", "-s", "-C", str(ROOT), f"DESTDIR={dest}", "install"], capture_output=True,
-                       text=True, env=env, timeout=600)  # fmt: skip
-    assert p.returncode == 0, p.stdout + p.stderr
-    yield dest, before, snapshot(watched), p.stdout
+def staged(make_installs):
+    """make install DESTDIR=... with the default paths, from a copy of this tree
+    (tests/install/conftest.py runs it beside the other install)."""
+    dest, before, after, rc, out = make_installs["destdir"]
+    assert rc == 0, out
+    yield dest, before, after, out
 
 
-def test_every_file_is_under_destdir_where_the_docs_say(staged):
+def test_every_file_is_under_destdir_where_the_docs_say(staged, final_paths):
     dest, _, _, out = staged
-    for what, path in FINAL.items():
+    for what, path in final_paths.items():
         staged_path = Path(f"{dest}{path}")
         assert staged_path.exists() or staged_path.is_symlink(), f"{what}: {staged_path} missing\n{out}"
     assert os.readlink(f"{dest}/usr/local/sbin/snatgw") == "/opt/snatgw/bin/snatgw"  # the final path
-    unit = Path(f"{dest}{FINAL['unit']}").read_text()
+    unit = Path(f"{dest}{final_paths['unit']}").read_text()
     assert "ExecStart=/usr/local/sbin/snatgw run /etc/snatgw/snatgw.conf" in unit
     assert str(dest) not in unit
 
