@@ -44,6 +44,7 @@ class AttackGw:
     lab: Lab
     backend: str
     conf: str
+    other_config: bool = False  # reload() ran without a restore() after it
 
     def reasons(self) -> dict[str, int]:
         st = snatgw_json(self.lab, "stats", "--all")
@@ -57,10 +58,12 @@ class AttackGw:
         return {k: int(v) for k, v in st.get("reasons", {}).items()}
 
     def reload(self, text: str) -> None:
+        self.other_config = True
         self.lab.reload_gateway(write_config(self.lab, f"reload-{next(_seq)}.conf", text))
 
     def restore(self) -> None:
         self.lab.reload_gateway(self.conf)
+        self.other_config = False
 
     @contextlib.contextmanager
     def watch(self, nets=INSIDE_NETS):
@@ -101,9 +104,11 @@ class FrameSender:
         self.sock.close()
 
 
-@pytest.fixture(scope="module", params=["bpf", "nft"])
-def agw(request):
-    """A lab per backend with `snatgw run` on the REF rules (unmatched pass)."""
+@pytest.fixture(scope="package", params=["bpf", "nft"])
+def agw_lab(request):
+    """A lab per backend with `snatgw run` on the REF rules (unmatched pass), built once for the
+    tier (a lab and a gateway took 3-8 s, twice per module); `agw` hands it to each module as
+    a fresh one would be."""
     backend = request.param
     lab = Lab.up(f"pytest-attack-{os.getpid()}-{next(_seq)}", prefix=f"sgx{os.getpid() % 0xFFFF:04x}{next(_seq)}")
     try:
@@ -116,6 +121,25 @@ def agw(request):
         yield AttackGw(lab, backend, conf)
     finally:
         lab.down()
+
+
+@pytest.fixture(scope="module")
+def agw(agw_lab):
+    """The backend's attack lab for this module as a new one starts: the gateway running the
+    REF rules and no session left by an earlier module (counters only ever grow: tests read
+    differences or lower bounds)."""
+    from snatgw.daemon.control import request
+
+    lab = agw_lab.lab
+    if lab.gateway_proc is None or lab.gateway_proc.poll() is not None:  # an earlier module killed it
+        lab.stop_gateway()
+        lab.start_gateway(agw_lab.conf, agw_lab.backend)
+    elif agw_lab.other_config:
+        agw_lab.restore()
+    assert request(lab.socket_path, {"op": "flush"}, timeout=20)["ok"]
+    left = request(lab.socket_path, {"op": "sessions"}, timeout=20)
+    assert left["ok"] and left["sessions"] == [], left
+    return agw_lab
 
 
 def settle(seconds: float = 0.3) -> None:
