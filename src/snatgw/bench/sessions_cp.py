@@ -148,7 +148,7 @@ def rate_series(t, conf: str, gw: Gateway, seconds: float, step: float = 0.25) -
     with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="sgbench-") as f:
         f.write(conf)
         f.flush()
-        p = subprocess.Popen(["ip", "netns", "exec", t.gen] + traffic.trafgen_argv(f.name),
+        p = subprocess.Popen(traffic.bounded(["ip", "netns", "exec", t.gen] + traffic.trafgen_argv(f.name), seconds + 30),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         windows = []
         try:

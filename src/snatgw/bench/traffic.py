@@ -136,6 +136,14 @@ def trafgen_argv(conf_path: str, ifname: str = topo.GEN_IF, num: int = 0) -> lis
     return argv + (["-n", str(num)] if num else [])
 
 
+def bounded(argv: list[str], seconds: float) -> list[str]:
+    """``argv`` under timeout(1): SIGINT after ``seconds``, SIGKILL 5 s later.  The caller stops
+    trafgen itself, but a caller killed meanwhile (a test's timeout, SIGKILL) cannot: a trafgen
+    left running once sent into a namespace nobody owned any more for 78 minutes, a CPU's worth
+    of load under every benchmark after it."""
+    return ["timeout", "-s", "INT", "-k", "5", f"{seconds:.0f}"] + argv
+
+
 def blast(t: "topo.Topology", conf: str, count_ns: str, duration: float, warmup: float = 0.3,
           offered: bool = False) -> Window:
     """Run trafgen in the generator for warm-up + ``duration`` seconds (hard bound) and count
@@ -144,7 +152,7 @@ def blast(t: "topo.Topology", conf: str, count_ns: str, duration: float, warmup:
     with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="sgbench-") as f:
         f.write(conf)
         f.flush()
-        p = subprocess.Popen(["ip", "netns", "exec", t.gen] + trafgen_argv(f.name),
+        p = subprocess.Popen(bounded(["ip", "netns", "exec", t.gen] + trafgen_argv(f.name), warmup + duration + 30),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
         try:
@@ -185,12 +193,15 @@ def pipeline_pids(trafgen_pid: int) -> list[int]:
     """trafgen, its forked sender(s) and the ksoftirqd threads: every task that runs the
     generator -> gateway -> sink pipeline.  Without IRQ time accounting (this kernel) softirq
     work done in trafgen's context is charged to trafgen's system time."""
-    pids = [trafgen_pid]
-    try:
-        with open(f"/proc/{trafgen_pid}/task/{trafgen_pid}/children") as fh:
-            pids += [int(x) for x in fh.read().split()]
-    except OSError:
-        pass
+    pids, todo = [], [trafgen_pid]
+    while todo and len(pids) < 16:  # trafgen under timeout(1) (bounded), and its forked sender
+        pid = todo.pop()
+        pids.append(pid)
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as fh:
+                todo += [int(x) for x in fh.read().split()]
+        except OSError:
+            pass
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
@@ -221,4 +232,4 @@ def send_count(t: "topo.Topology", conf: str, num: int, timeout: float = 120) ->
     with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="sgbench-") as f:
         f.write(conf)
         f.flush()
-        topo.run(["ip", "netns", "exec", t.gen] + trafgen_argv(f.name, num=num), timeout=timeout)
+        topo.run(bounded(["ip", "netns", "exec", t.gen] + trafgen_argv(f.name, num=num), timeout), timeout=timeout + 10)
