@@ -187,13 +187,7 @@ static __u64 refused_last = 1;
 /* 1 when a marker may be younger than SNAT_REFUSED_SECS at `now` (step 6), else 0 */
 static __always_inline int refusal_may_be_young(__u64 now)
 {
-	__u64 last = refused_last;
-
-	if (last == 1) {
-		refused_last = now;
-		return 1;
-	}
-	return now - last < SNAT_REFUSED_SECS * 1000000000ULL;
+	return may_be_young(&refused_last, now, SNAT_REFUSED_SECS * 1000000000ULL);
 }
 
 /* A refused new flow (step 13): +1 refusal for its host and its chosen address, and a

@@ -79,16 +79,25 @@ static __always_inline struct port_search *port_search_get(void)
  * write, as refused_last does. */
 static __u64 memo_last = 1;
 
+/* 1 when something last written at *last may be younger than ``life`` ns at ``now``, else 0;
+ * *last == 1 (not known yet: left by a program loaded before this one) takes ``now`` as the
+ * last write, so that whatever the predecessor left is honoured in full.  The gate of the
+ * refusal markers (step 6) and of the spill memos (step 13). */
+static __always_inline int may_be_young(__u64 *last, __u64 now, __u64 life)
+{
+	__u64 t = *last;
+
+	if (t == 1) {
+		*last = now;
+		return 1;
+	}
+	return now - t < life;
+}
+
 /* 1 when a memo may be younger than SNAT_SPILL_MEMO_NS at `now`, else 0 */
 static __always_inline int memo_may_be_young(__u64 now)
 {
-	__u64 last = memo_last;
-
-	if (last == 1) {
-		memo_last = now;
-		return 1;
-	}
-	return now - last < SNAT_SPILL_MEMO_NS;
+	return may_be_young(&memo_last, now, SNAT_SPILL_MEMO_NS);
 }
 
 /* +1 allocator counter `what` (the key in the scratch: the callback's frame stays empty, since
