@@ -4,13 +4,11 @@
  * the record is dropped and counted (AUDIT_CNT_LOST); the daemon reports the count. */
 #pragma once
 #include "maps.h"
+#include "stats.h"
 
 static __always_inline void audit_count(__u32 what)
 {
-	__u64 *c = bpf_map_lookup_elem(&snat_audit_cnt, &what);
-
-	if (c)
-		*c += 1; /* per-CPU */
+	count_inc(&snat_audit_cnt, &what);
 }
 
 /* The config's CFG_F_* flags, for paths that do not hold the config already (one lookup) */

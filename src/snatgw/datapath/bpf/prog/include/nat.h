@@ -104,12 +104,8 @@ static __always_inline int memo_may_be_young(__u64 now)
  * the caller chain's frames fill the 512-byte stack) */
 static __always_inline void alloc_count(struct port_search *s, __u32 what)
 {
-	__u64 *c;
-
 	s->ckey = what;
-	c = bpf_map_lookup_elem(&snat_alloc_cnt, &s->ckey);
-	if (c)
-		*c += 1; /* per-CPU: no atomics needed */
+	count_inc(&snat_alloc_cnt, &s->ckey);
 }
 
 /* rules.port_candidates over rules.spill_order: try pos is candidate j = pos mod tries on the

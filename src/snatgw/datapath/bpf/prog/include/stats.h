@@ -3,12 +3,19 @@
 #pragma once
 #include "maps.h"
 
-static __always_inline void stats_reason(__u32 reason)
+/* +1 at ``key`` of a per-CPU array of __u64 counters (per-CPU: no atomics needed); the
+ * reasons, the audit log's and the port allocator's counters */
+static __always_inline void count_inc(void *map, const void *key)
 {
-	__u64 *c = bpf_map_lookup_elem(&snat_reasons, &reason);
+	__u64 *c = bpf_map_lookup_elem(map, key);
 
 	if (c)
-		*c += 1; /* per-CPU: no atomics needed */
+		*c += 1;
+}
+
+static __always_inline void stats_reason(__u32 reason)
+{
+	count_inc(&snat_reasons, &reason);
 }
 
 static __always_inline void stats_rule(__u32 rule_id, __u32 bytes, int new_session)
