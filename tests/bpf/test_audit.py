@@ -35,7 +35,7 @@ class Ring:
 
 def counts(prog):
     m = prog.maps[L.MAP_AUDIT_CNT]
-    return [sum(int.from_bytes(v, "little") for v in m.get_percpu(k)) for k in range(L.AUDIT_CNT_N)]
+    return [m.sum_percpu(k) for k in range(L.AUDIT_CNT_N)]
 
 
 def sweeper(prog):

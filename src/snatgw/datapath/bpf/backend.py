@@ -600,8 +600,7 @@ class BpfBackend:
         """The table is (nearly) full: PRESSURE_FILL of max_sessions live, or a new flow was
         refused as DROP_TABLE_FULL since the last look.  Reads the counts, never the table."""
         m = self._m()
-        refused = sum(int.from_bytes(v, "little")
-                      for v in m.reasons_map.get_percpu(int(L.Reason.DROP_TABLE_FULL)) or [])  # fmt: skip
+        refused = m.reasons_map.sum_percpu(int(L.Reason.DROP_TABLE_FULL))
         seen, self._table_full_seen = self._table_full_seen, refused
         if refused > seen:
             self.pressure_sweeps += 1

@@ -20,6 +20,7 @@ Stable API (other modules and the bpf-C tests rely on it; only add to it):
     m.key_size, m.value_size, m.max_entries, m.type, m.name, m.fd, m.percpu
     m.get(key) -> bytes | None              # per-CPU maps: ncpus * round8(value_size) bytes
     m.get_percpu(key) -> list[bytes] | None # per-CPU maps: one value per possible CPU
+    m.sum_percpu(key) -> int                # per-CPU __u64 counters: summed over CPUs
     m.put(key, value, flags=BPF_ANY)        # per-CPU maps: value may be one value (copied to all)
     m.delete(key) -> bool                   # False when the key was absent
     m.keys() / len(m)                       # a snapshot of the keys (batch lookup)
@@ -364,6 +365,10 @@ class Map:
             return None
         step = _round8(self.value_size)
         return [raw[i : i + self.value_size] for i in range(0, len(raw), step)]
+
+    def sum_percpu(self, key: bytes | int) -> int:
+        """A per-CPU __u64 counter summed over CPUs (0 when the key is absent)."""
+        return sum(int.from_bytes(v, "little") for v in self.get_percpu(key) or [])
 
     def put(self, key: bytes | int, value: bytes, flags: int = BPF_ANY) -> None:
         value = bytes(value)

@@ -363,20 +363,13 @@ class DatapathMaps:
 
     def reasons(self) -> dict[str, int]:
         """Per-reason packet counts summed over CPUs, by Reason name (only known reasons)."""
-        out = {}
-        for r in L.Reason:
-            vals = self.reasons_map.get_percpu(int(r)) or []
-            out[r.name] = sum(int.from_bytes(v, "little") for v in vals)
-        return out
+        return {r.name: self.reasons_map.sum_percpu(int(r)) for r in L.Reason}
 
     def audit_counts(self) -> dict[str, int]:
         """Audit records the datapath put in the ring (``written``) and dropped because the
         ring was full (``lost``), summed over CPUs."""
         m = self.maps[L.MAP_AUDIT_CNT]
-        out = {}
-        for name, k in (("written", L.AUDIT_CNT_WRITTEN), ("lost", L.AUDIT_CNT_LOST)):
-            out[name] = sum(int.from_bytes(v, "little") for v in m.get_percpu(k) or [])
-        return out
+        return {"written": m.sum_percpu(L.AUDIT_CNT_WRITTEN), "lost": m.sum_percpu(L.AUDIT_CNT_LOST)}
 
     def alloc_counts(self) -> dict[str, int]:
         """The port allocator's counters (snat_alloc_cnt) summed over CPUs, by
@@ -384,8 +377,7 @@ class DatapathMaps:
         m = self.maps.get(L.MAP_ALLOC_CNT)
         if m is None:
             return {}
-        return {name: sum(int.from_bytes(v, "little") for v in m.get_percpu(k) or [])
-                for k, name in L.ALLOC_CNT_NAMES.items()}  # fmt: skip
+        return {name: m.sum_percpu(k) for k, name in L.ALLOC_CNT_NAMES.items()}
 
     def rule_counters(self) -> dict[int, RuleCounters]:
         out = {}

@@ -271,8 +271,7 @@ class ProgHarness:
         m = self.maps[L.MAP_REASONS]
         res = {}
         for r in L.Reason:
-            vals = m.get_percpu(int(r)) or []
-            n = sum(struct.unpack("<Q", x)[0] for x in vals)
+            n = m.sum_percpu(int(r))
             if n:
                 res[r] = n
         return res
@@ -323,8 +322,7 @@ class ProgHarness:
     def alloc_counts(self) -> dict[str, int]:
         """snat_alloc_cnt summed over CPUs, by layout.ALLOC_CNT_NAMES."""
         m = self.maps[L.MAP_ALLOC_CNT]
-        return {name: sum(int.from_bytes(v, "little") for v in m.get_percpu(k) or [])
-                for k, name in L.ALLOC_CNT_NAMES.items()}  # fmt: skip
+        return {name: m.sum_percpu(k) for k, name in L.ALLOC_CNT_NAMES.items()}
 
     def eim(self) -> dict[tuple, tuple]:
         """snat_eim: (addr, remote, port, proto, dir) -> (addr, port, rule_id, inside device or
