@@ -252,7 +252,9 @@ MAX_FRAGS = 8192  # remembered first fragments
 MAX_IFACES = 64  # entries of the interface-role map
 MAX_HOSTS = 65536  # entries of snat_host_sess (inside hosts with live sessions)
 MAX_POOL_ADDRS = 65536  # entries of snat_addr_stats (SNAT addresses in use)
-MAX_FROM_NETS = 16384  # entries of snat_from_nets (distinct `from` nets; one per rule at most)
+MAX_FROM_NETS = 16384  # entries of snat_from_nets (distinct `from` nets, then pool prefixes inside them)
+FROM_NET_RULE = 1  # snat_from_nets value: a rule's `from` net (the egress guard's full check)
+FROM_NET_POOL = 2  # snat_from_nets value: a pool prefix inside a `from` net (passes at once)
 MAX_INSIDE_ADDRS = 1024  # entries of snat_inside_addrs
 #: endpoint-independent mappings (snat_eim): endpoints, their owners and ADF permits; entries per
 #: session of max_sessions (an endpoint and its owner per inside endpoint, a permit per remote)
@@ -333,7 +335,7 @@ MAP_HOST_SESS = "snat_host_sess"  # HASH   be32 inside address -> struct live_co
 MAP_ADDR_STATS = "snat_addr_stats"  # HASH   be32 SNAT address -> struct live_count
 MAP_RULE_LIVE = "snat_rule_live"  # HASH   u32 rule_id -> struct live_count
 #: the egress guard's view of the rules (turn 2, edge): every rule's `from` net
-MAP_FROM_NETS = "snat_from_nets"  # LPM_TRIE struct lpm_v4 -> u32 (1)
+MAP_FROM_NETS = "snat_from_nets"  # LPM_TRIE struct lpm_v4 -> u32 FROM_NET_*
 #: refusal markers (allocator): a refused new flow's OUT key -> when, why, which address
 MAP_REFUSED = "snat_refused"  # LRU    struct ct_key -> struct refusal
 #: the spill memo (allocator): (remote, SNAT address, remote port, proto) judged full -> when
@@ -699,6 +701,7 @@ def render_header() -> str:
         "EIM_DIR_ENDPOINT": EIM_DIR_ENDPOINT, "EIM_DIR_OWNER": EIM_DIR_OWNER, "EIM_DIR_PERMIT": EIM_DIR_PERMIT,
         "CT_F_REPLIED": CT_F_REPLIED, "CT_F_NEW_GW": CT_F_NEW_GW,
         "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "CFG_F_INBOUND_ROUTED": CFG_F_INBOUND_ROUTED,
+        "FROM_NET_RULE": FROM_NET_RULE, "FROM_NET_POOL": FROM_NET_POOL,
         "CFG_F_REFUSE_ICMP": CFG_F_REFUSE_ICMP, "CFG_F_AUDIT": CFG_F_AUDIT, "CFG_F_HOST_COUNT": CFG_F_HOST_COUNT,
         "AUDIT_NEW": AUDIT_NEW, "AUDIT_END": AUDIT_END, "AUDIT_END_EXPIRED": AUDIT_END_EXPIRED,
         "AUDIT_END_FLUSH": AUDIT_END_FLUSH, "AUDIT_CNT_WRITTEN": AUDIT_CNT_WRITTEN,

@@ -25,7 +25,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, NamedTuple
 
 from .errors import RuleError
-from .layout import PORT_STRIDES, SEARCH_TRIES, Algo
+from .layout import FROM_NET_POOL, FROM_NET_RULE, MAX_FROM_NETS, PORT_STRIDES, SEARCH_TRIES, Algo
 
 ANY_NET = IPv4Network("0.0.0.0/0")
 IFNAMSIZ = 16  # oif names are at most 15 characters
@@ -306,6 +306,35 @@ class Rule:
         if self.port_preserve is not None:
             parts.append(f"port_preserve {'yes' if self.port_preserve else 'no'}")
         return " ".join(parts)
+
+
+def leak_guard_nets(rules: Iterable[Rule]) -> dict[IPv4Network, int]:
+    """The egress guard's nets (docs/datapath.md "egress program"), net -> kind: every rule's
+    `from` net (FROM_NET_RULE: the full check), and the prefixes of the rules' pools that lie
+    strictly inside one of them (FROM_NET_POOL: a source there is one of our SNAT addresses
+    and passes at once, without the FIB's "is it local"; under a catch-all `from` that is
+    every translated packet).  The longest match decides, as in the LPM trie.  A pool prefix
+    that is itself a rule's `from` net stays FROM_NET_RULE.  Pool prefixes only spare work:
+    only as many as fit beside the `from` nets in MAX_FROM_NETS (in rule order, then address
+    order) are kept; the rest of the pool takes the full check."""
+    rules = list(rules)
+    nets: dict[IPv4Network, int] = {}
+    for r in rules:
+        nets.setdefault(r.src, FROM_NET_RULE)
+    froms = {(int(n.network_address), n.prefixlen) for n in nets}
+    lens = sorted({n.prefixlen for n in nets}, reverse=True)
+    room = MAX_FROM_NETS - len(nets)
+    pools = dict.fromkeys((r.pool.first, r.pool.last) for r in rules)  # each pool once, in rule order
+    for first, last in pools:
+        for p in ipaddress.summarize_address_range(first, last):
+            if room <= 0:
+                return nets
+            a, plen = int(p.network_address), p.prefixlen
+            inside = any(l < plen and (a & (0xFFFFFFFF << (32 - l)) & 0xFFFFFFFF, l) in froms for l in lens)
+            if inside and p not in nets:
+                nets[p] = FROM_NET_POOL
+                room -= 1
+    return nets
 
 
 def priority_key(rule: Rule, seq: int) -> tuple:

@@ -494,6 +494,21 @@ def _scenarios() -> list[Scenario]:
         egress(udp("198.19.2.71", R1, snat_of(Rule.from_dict({"from": "0.0.0.0/0", "snat_ip": "198.19.2.71"}),
                A, R1, 5353)[1], 53, ttl=63), PASS, R.PASS_ICMP_OTHER),
     ], rules=[{"from": "0.0.0.0/0", "snat_ip": "198.19.2.71"}])  # fmt: skip
+    pa, pp = snat_of(Rule.from_dict({"from": "0.0.0.0/0", "snat_ip": "198.19.2.80-198.19.2.83"}), A, R1, 5353)
+    add("egress_leak_guard_pool_prefix", "A pool inside a `from` net: its addresses leave at once, "
+        "local or not (FROM_NET_POOL, no FIB lookup); the address beside the pool is a leak; a "
+        "`from` net inside the pool is the longer match and takes the full check.", [
+        egress(udp("198.19.2.80", R1, 5000, 53), PASS, R.PASS_ICMP_OTHER),
+        egress(udp("198.19.2.83", R1, 5000, 53), PASS, R.PASS_ICMP_OTHER),
+        egress(udp("198.19.2.84", R1, 5000, 53), DROP, R.DROP_LEAK),  # beside the pool, not local
+        egress(udp("198.19.2.79", R1, 5000, 53), DROP, R.DROP_LEAK),
+        egress(udp("198.19.2.82", R1, 5000, 53), DROP, R.DROP_LEAK),  # a `from` net itself
+        egress(udp("198.19.2.71", R1, 5000, 53), PASS, R.PASS_ICMP_OTHER),  # the other rule's pool
+        egress(udp(A, R1, 5353, 53), DROP, R.DROP_LEAK),
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        egress(udp(pa, R1, pp, 53, ttl=63), PASS, R.PASS_ICMP_OTHER),  # as it left: 198.19.2.81
+    ], rules=[{"from": "198.19.2.82/32", "snat_ip": "198.19.2.71"},
+              {"from": "0.0.0.0/0", "snat_ip": "198.19.2.80-198.19.2.83"}])  # fmt: skip
     n1_, n2_ = fragments(R1, A, 53, 5353, ident=0x6a6a)
     add("no_way_in", "From an uplink, a packet without a session that the FIB would forward (to an "
         "inside host, or back out) is dropped, DROP_INBOUND, whatever its protocol; what is for the "

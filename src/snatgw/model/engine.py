@@ -15,8 +15,8 @@ from ..layout import IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
 from ..layout import FRAG_HOLD, MAX_REFUSED, RECIRC_DEV, REFUSE_ICMP_PER_SEC, REFUSED_SECS, Verdict
 from ..config.schema import rule_host_limit, rule_preserve, rule_spill
-from ..layout import CT_F_EIM, CT_F_HAIRPIN, EIM_GRACE, EIM_PER_SESSION
-from ..rules import Route, Rule, RuleSet, port_candidates, port_seed, select_index, spill_order
+from ..layout import CT_F_EIM, CT_F_HAIRPIN, EIM_GRACE, EIM_PER_SESSION, FROM_NET_POOL
+from ..rules import Route, Rule, RuleSet, leak_guard_nets, port_candidates, port_seed, select_index, spill_order
 from .conntrack import CtEntry, CtKey, CtPair, CtTable, in_key, initial_state, is_expired, out_key, tcp_update
 from .conntrack import E_2BIG
 from .eim import EimEntry, EimKey, EimTable, endpoint_key, owner_key, permit_key
@@ -100,7 +100,7 @@ class Engine:
         self.frags = FragTable()
         self.reasons: Counter[Reason] = Counter()
         self.rule_stats: dict[int, RuleCounters] = {}
-        self._from_nets = frozenset(r.src for r in rules)
+        self._guard_nets = leak_guard_nets(rules)
         self._rules_changed()
         # live counts (snat_host_sess, snat_addr_stats, snat_rule_live) and refusal markers;
         # a host's sessions are counted as they are made only while some rule has a host
@@ -649,11 +649,13 @@ class Engine:
 
     def _leak_guard(self, pkt: bytes) -> Result | None:
         """The egress guard (edge invariant 1): any IPv4 packet (malformed too) leaving an uplink
-        with its source in a rule's `from` net is dropped unless the source is local."""
+        with its source in a rule's `from` net is dropped unless the source is local, or lies in
+        a pool prefix inside that net (the longest match of rules.leak_guard_nets)."""
         if len(pkt) < 20 or pkt[0] >> 4 != 4:
             return None
         src = IPv4Address(pkt[IP_SADDR : IP_SADDR + 4])
-        if not any(src in n for n in self._from_nets):
+        longest = max((n for n in self._guard_nets if src in n), key=lambda n: n.prefixlen, default=None)
+        if longest is None or self._guard_nets[longest] == FROM_NET_POOL:  # no `from` net; one of our pools
             return None
         fib = self.router.lookup(src)
         if fib.kind == "local" and fib.oif not in self.inside:  # ours, and not inside-facing
@@ -711,7 +713,7 @@ class Engine:
             self.table.remove(k)
         was = self.host_counting
         self.rules = rules
-        self._from_nets = frozenset(r.src for r in rules)
+        self._guard_nets = leak_guard_nets(rules)
         if settings is not None:
             self.settings = settings
             self.table.max_sessions = settings.max_sessions

@@ -381,9 +381,13 @@ class BpfBackend:
 
         cfg, rules = compile_rules(config.rules, config.settings, _ifindex_or_absent)
         # the egress guard learns new `from` nets before the rules use them, and forgets
-        # removed ones only after (a removed rule's live sessions are translated anyway)
+        # removed ones only after (a removed rule's live sessions are translated anyway); in
+        # between, a net that is a `from` net on either side takes the full check
         nets = compile_from_nets(config.rules)
-        self.maps.write_from_nets(nets | set(self.maps.from_nets.keys()))
+        both = self.maps.from_nets_now()
+        for k, kind in nets.items():
+            both[k] = min(kind, both.get(k, kind))  # FROM_NET_RULE < FROM_NET_POOL
+        self.maps.write_from_nets(both)
         written = install_rules(self.maps, cfg, rules, self._recount_for_limit)
         self.maps.write_from_nets(nets)
         self._install_guard(config)

@@ -458,18 +458,22 @@ class DatapathMaps:
             if k not in want:
                 self.ifaces.delete(k)
 
-    def write_from_nets(self, keys: Iterable[bytes]) -> None:
-        """Make snat_from_nets hold exactly ``keys`` (packed lpm_v4): new ones first, then the
-        stale ones removed, so a net in both the old and the new rule set is never absent."""
-        want = set(keys)
-        if len(want) > L.MAX_FROM_NETS:
-            raise BackendError(f"{len(want)} `from` nets: the datapath holds at most {L.MAX_FROM_NETS}")
-        have = set(self.from_nets.keys())
-        one = struct.pack("<I", 1)
-        for k in want - have:
-            self.from_nets.put(k, one)
-        for k in have - want:
+    def write_from_nets(self, nets: dict[bytes, int]) -> None:
+        """Make snat_from_nets hold exactly ``nets`` (packed lpm_v4 -> FROM_NET_*): new and
+        changed ones first, then the stale ones removed, so a net in both the old and the new
+        rule set is never absent."""
+        if len(nets) > L.MAX_FROM_NETS:
+            raise BackendError(f"{len(nets)} `from` nets: the datapath holds at most {L.MAX_FROM_NETS}")
+        have = self.from_nets_now()
+        for k, kind in nets.items():
+            if have.get(k) != kind:
+                self.from_nets.put(k, struct.pack("<I", kind))
+        for k in have.keys() - nets.keys():
             self.from_nets.delete(k)
+
+    def from_nets_now(self) -> dict[bytes, int]:
+        """snat_from_nets as it is (packed lpm_v4 -> FROM_NET_*)."""
+        return {k: struct.unpack("<I", v)[0] for k, v in self.from_nets.items()}
 
     def write_inside_addrs(self, addrs: dict[IPv4Address, int]) -> None:
         """Make snat_inside_addrs hold exactly ``addrs`` (address -> ifindex of its device)."""

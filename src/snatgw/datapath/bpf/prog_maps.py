@@ -12,7 +12,7 @@ from typing import Callable
 from ... import layout as L
 from ...config.schema import Settings, rule_host_limit, rule_preserve, rule_spill
 from ...errors import BackendError
-from ...rules import Rule, RuleSet
+from ...rules import Rule, RuleSet, leak_guard_nets
 
 OIF_ABSENT = 0xFFFFFFFF
 
@@ -80,6 +80,8 @@ def host_counting(ruleset: RuleSet, settings: Settings) -> bool:
     return any(rule_host_limit(r, settings) for r in ruleset)
 
 
-def compile_from_nets(ruleset: RuleSet) -> set[bytes]:
-    """snat_from_nets keys (packed lpm_v4): every rule's `from` net, once."""
-    return {L.LPM_V4.pack(prefixlen=r.src.prefixlen, addr=r.src.network_address.packed) for r in ruleset}
+def compile_from_nets(ruleset: RuleSet) -> dict[bytes, int]:
+    """snat_from_nets, packed lpm_v4 -> kind: every rule's `from` net (FROM_NET_RULE) and the
+    pool prefixes inside them (FROM_NET_POOL), as rules.leak_guard_nets says."""
+    return {L.LPM_V4.pack(prefixlen=n.prefixlen, addr=n.network_address.packed): kind
+            for n, kind in leak_guard_nets(ruleset).items()}  # fmt: skip

@@ -214,8 +214,8 @@ class ProgHarness:
         self.maps[L.MAP_CONFIG].put(0, cfg)
         for k in list(self.maps[L.MAP_FROM_NETS].keys()):
             self.maps[L.MAP_FROM_NETS].delete(k)
-        for k in compile_from_nets(rules):
-            self.maps[L.MAP_FROM_NETS].put(k, struct.pack("<I", 1))
+        for k, kind in compile_from_nets(rules).items():
+            self.maps[L.MAP_FROM_NETS].put(k, struct.pack("<I", kind))
 
     def ctx(self, ingress: str, gso_size: int = 0) -> bytes:
         c = bytearray(SKB_CTX_SIZE)

@@ -846,14 +846,16 @@ int snat_recirc(struct __sk_buff *skb)
 /* The egress guard (edge invariant 1): a packet leaving an uplink with its source in a rule's
  * `from` net, unless that source is an address of the gateway itself, never leaves, whoever
  * sent it (a PASS of ours, the kernel's own routing, a window without our ingress programs).
- * -1 when it may go, else REASON_DROP_LEAK.  Cost for a translated packet (its source is a
- * pool address, in no `from` net): one LPM trie lookup. */
+ * -1 when it may go, else REASON_DROP_LEAK.  Cost for a translated packet: one LPM trie
+ * lookup, whose longest match is either no `from` net or a prefix of its pool
+ * (FROM_NET_POOL, written where a pool lies inside a `from` net: rules.leak_guard_nets). */
 static __always_inline int guard_v4_leak(struct __sk_buff *skb, __be32 saddr)
 {
 	struct lpm_v4 k = { .prefixlen = 32, .addr = saddr };
 	struct route r;
+	__u32 *kind = bpf_map_lookup_elem(&snat_from_nets, &k);
 
-	if (!bpf_map_lookup_elem(&snat_from_nets, &k))
+	if (!kind || *kind == FROM_NET_POOL)
 		return -1;
 	if (bpf_map_lookup_elem(&snat_inside_addrs, &saddr)) /* ours, but inside-facing */
 		return REASON_DROP_LEAK;

@@ -91,6 +91,8 @@
 #define CT_F_NEW_GW 2
 #define CFG_F_UNMATCHED_DROP 1
 #define CFG_F_INBOUND_ROUTED 2
+#define FROM_NET_RULE 1
+#define FROM_NET_POOL 2
 #define CFG_F_REFUSE_ICMP 4
 #define CFG_F_AUDIT 16
 #define CFG_F_HOST_COUNT 32

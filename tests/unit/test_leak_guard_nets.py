@@ -1,0 +1,88 @@
+"""rules.leak_guard_nets: the egress guard's LPM entries (docs/datapath.md "egress program")."""
+
+from __future__ import annotations
+
+import random
+from ipaddress import IPv4Address, IPv4Network
+
+from snatgw import layout as L
+from snatgw.rules import Pool, Rule, leak_guard_nets
+
+
+def rule(src: str, pool: str) -> Rule:
+    return Rule(src=IPv4Network(src), pool=Pool.parse(pool))
+
+
+def judged(nets: dict[IPv4Network, int], addr: str) -> int | None:
+    """The kind of the longest match, as the LPM trie answers (None: no entry)."""
+    a = IPv4Address(addr)
+    hits = [n for n in nets if a in n]
+    return nets[max(hits, key=lambda n: n.prefixlen)] if hits else None
+
+
+def test_pool_prefixes_inside_a_from_net_pass_and_nothing_else_changes():
+    nets = leak_guard_nets([rule("198.18.0.0/15", "198.19.1.1-198.19.1.11"), rule("10.0.0.0/8", "203.0.113.5")])
+    assert nets[IPv4Network("198.18.0.0/15")] == L.FROM_NET_RULE
+    assert nets[IPv4Network("10.0.0.0/8")] == L.FROM_NET_RULE
+    # the pool outside every `from` net gets no entry: the LPM misses it anyway
+    assert not any(IPv4Address("203.0.113.5") in n for n in nets)
+    for i in range(1, 12):
+        assert judged(nets, f"198.19.1.{i}") == L.FROM_NET_POOL
+    for a in ("198.19.1.0", "198.19.1.12", "198.18.0.1", "198.19.255.255"):
+        assert judged(nets, a) == L.FROM_NET_RULE
+    # exactly the pool: the prefixes cover it and nothing beside it
+    covered = {a for n, k in nets.items() if k == L.FROM_NET_POOL for a in n}
+    assert covered == {IPv4Address(f"198.19.1.{i}") for i in range(1, 12)}
+
+
+def test_a_from_net_inside_a_pool_keeps_the_full_check():
+    nets = leak_guard_nets([rule("0.0.0.0/0", "198.19.2.80-198.19.2.83"), rule("198.19.2.82/32", "198.19.2.71")])
+    assert judged(nets, "198.19.2.80") == L.FROM_NET_POOL
+    assert judged(nets, "198.19.2.82") == L.FROM_NET_RULE  # the longer match: a `from` net
+    assert judged(nets, "198.19.2.84") == L.FROM_NET_RULE
+
+
+def test_a_pool_equal_to_a_from_net_stays_a_from_net():
+    nets = leak_guard_nets([rule("198.19.3.0/24", "198.19.3.0-198.19.3.255"), rule("0.0.0.0/0", "198.19.9.1")])
+    assert nets[IPv4Network("198.19.3.0/24")] == L.FROM_NET_RULE
+    assert judged(nets, "198.19.9.1") == L.FROM_NET_POOL
+
+
+def test_pool_prefixes_are_capped_beside_the_from_nets(monkeypatch):
+    """Pool prefixes only spare work: they never push a `from` net out of the map."""
+    monkeypatch.setattr("snatgw.rules.MAX_FROM_NETS", 5)
+    rules = [rule("0.0.0.0/0", f"198.19.4.{i * 2 + 1}") for i in range(10)]
+    rules += [rule(f"198.18.{i}.0/24", "198.19.5.1") for i in range(3)]
+    nets = leak_guard_nets(rules)
+    assert len(nets) == 5
+    assert sum(k == L.FROM_NET_RULE for k in nets.values()) == 4  # every `from` net
+    assert judged(nets, "198.19.4.1") == L.FROM_NET_POOL  # the first rule's pool first
+    assert judged(nets, "198.19.4.3") == L.FROM_NET_RULE  # no room: the full check
+
+
+def test_random_rule_sets_agree_with_the_definition():
+    """Whatever the rules, an address judged FROM_NET_POOL is a pool address inside a `from`
+    net and no `from` net is longer there; every `from` net is in."""
+    rnd = random.Random(7)
+    for _ in range(200):
+        rules = []
+        for _ in range(rnd.randint(1, 6)):
+            base = rnd.choice([0x0A000000, 0xC6120000, 0xC6130000]) | rnd.getrandbits(16)
+            src = IPv4Network((base, rnd.choice([0, 8, 15, 16, 24, 30, 32])), strict=False)
+            first = 0xC6130000 | rnd.getrandbits(10)
+            rules.append(Rule(src=src, pool=Pool(IPv4Address(first), IPv4Address(first + rnd.randint(0, 40)))))
+        nets = leak_guard_nets(rules)
+        assert all(nets.get(r.src) == L.FROM_NET_RULE for r in rules)
+        for _ in range(50):
+            a = IPv4Address(0xC6130000 | rnd.getrandbits(11))
+            hits = [r.src for r in rules if a in r.src]
+            in_pool = any(a in r.pool for r in rules)
+            longest_from = max((n.prefixlen for n in hits), default=None)
+            kind = judged(nets, str(a))
+            if kind == L.FROM_NET_POOL:
+                assert in_pool and hits
+                assert max(n.prefixlen for n in nets if a in n) > longest_from
+            elif hits:
+                assert kind == L.FROM_NET_RULE
+            else:
+                assert kind is None
