@@ -406,6 +406,9 @@ CFG_F_AUDIT = 0x10  # `audit_log` set: session create/end records go to snat_aud
 #: some rule has a max_sessions_per_host: the datapath counts each inside host's new sessions
 #: (snat_host_sess +1); without it only the expiry sweep's recount keeps them (docs/datapath.md)
 CFG_F_HOST_COUNT = 0x20
+#: two inside devices share their ifindex's low 16 bits (all ct_entry.iif keeps): no session
+#: vouches for a packet's source, step 2a takes the full reverse-path check for every packet
+CFG_F_IIF_AMBIGUOUS = 0x40
 
 #: the expiry sweep (sweep.bpf.c: a BPF_PROG_TYPE_SYSCALL program walking snat_ct)
 SWEEP_EXPIRE = 0  # remove expired pairs and old half pairs, recount the live counts
@@ -703,6 +706,7 @@ def render_header() -> str:
         "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "CFG_F_INBOUND_ROUTED": CFG_F_INBOUND_ROUTED,
         "FROM_NET_RULE": FROM_NET_RULE, "FROM_NET_POOL": FROM_NET_POOL,
         "CFG_F_REFUSE_ICMP": CFG_F_REFUSE_ICMP, "CFG_F_AUDIT": CFG_F_AUDIT, "CFG_F_HOST_COUNT": CFG_F_HOST_COUNT,
+        "CFG_F_IIF_AMBIGUOUS": CFG_F_IIF_AMBIGUOUS,
         "AUDIT_NEW": AUDIT_NEW, "AUDIT_END": AUDIT_END, "AUDIT_END_EXPIRED": AUDIT_END_EXPIRED,
         "AUDIT_END_FLUSH": AUDIT_END_FLUSH, "AUDIT_CNT_WRITTEN": AUDIT_CNT_WRITTEN,
         "AUDIT_CNT_LOST": AUDIT_CNT_LOST, "AUDIT_CNT_N": AUDIT_CNT_N,

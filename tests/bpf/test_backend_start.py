@@ -4,6 +4,7 @@ uplink by the kernel's route, keep_state hands sessions to the next start, nothi
 
 import ipaddress
 import os
+import socket
 import uuid
 
 import pytest
@@ -198,3 +199,39 @@ def test_a_failed_start_leaves_the_running_datapath_attached(gw, pin_dir, mini_o
         c.start(cfg)
         c.stop()
     assert not os.path.exists(pin_dir)
+
+
+def _iif_ambiguous(b) -> bool:
+    return bool(L.SNAT_CFG.unpack(b.maps.cfg.get(0))["flags"] & L.CFG_F_IIF_AMBIGUOUS)
+
+
+@pytest.mark.bpf
+def test_inside_devices_sharing_ifindex_low_bits_turn_vouching_off(gw, pin_dir, mini_obj, caplog):  # noqa: F811
+    """Two inside devices whose ifindexes share the low 16 bits (ct_entry.iif keeps only those)
+    set CFG_F_IIF_AMBIGUOUS at start, with a warning naming them; when one is recreated with
+    another ifindex, check_hooks clears the flag before it attaches again; an apply that
+    recreates the clash sets it again."""
+    with netns(gw):
+        lan40 = socket.if_nametoindex("lan40")  # (sysfs shows the mount namespace's net, not ours)
+        sh("ip", "link", "add", "lan41", "index", str(lan40 + 0x10000), "type", "veth", "peer", "name", "lan41p")
+        cfg = config(pin_dir)
+        s = Settings(inside=("lan40", "lan41"), outside=("eth1", "eth2"), pin_dir=pin_dir, max_sessions=64)
+        cfg = GatewayConfig(cfg.rules, s)
+        b = BpfBackend(s, obj_path=mini_obj)
+        b.start(cfg)
+        try:
+            assert _iif_ambiguous(b)
+            assert "lan41 (ifindex" in caplog.text and "full reverse-path check" in caplog.text
+            b.apply(cfg)  # an apply keeps it
+            assert _iif_ambiguous(b)
+            sh("ip", "link", "del", "lan41")
+            sh("ip", "link", "add", "lan41", "type", "veth", "peer", "name", "lan41p")
+            b.check_hooks()
+            assert not _iif_ambiguous(b)
+            assert attached_prog_id("lan41", B.BPF_TC_INGRESS) is not None
+            sh("ip", "link", "del", "lan41")
+            sh("ip", "link", "add", "lan41", "index", str(lan40 + 0x20000), "type", "veth", "peer", "name", "lan41p")
+            b.apply(cfg)
+            assert _iif_ambiguous(b)
+        finally:
+            b.stop()

@@ -360,6 +360,8 @@ class BpfBackend:
         returns what was restored (the daemon logs and counts it)."""
         if self.readonly or self.loader is None:
             return []
+        if self.settings is not None:  # a recreated device may clash: flag it before attaching
+            self._refresh_iif_flag(self.settings.inside)
         restored = self.loader.check()
         if self.config is not None and not guard.present():
             self._install_guard(self.config)
@@ -380,6 +382,9 @@ class BpfBackend:
         from .prog_maps import compile_from_nets, compile_rules  # bpf-C's compiler of rules to map bytes
 
         cfg, rules = compile_rules(config.rules, config.settings, _ifindex_or_absent)
+        clash = iif_collisions(config.settings.inside)
+        cfg = _with_flag(cfg, L.CFG_F_IIF_AMBIGUOUS, bool(clash))
+        self._note_iif_flag(clash)
         # the egress guard learns new `from` nets before the rules use them, and forgets
         # removed ones only after (a removed rule's live sessions are translated anyway); in
         # between, a net that is a `from` net on either side takes the full check
@@ -406,6 +411,7 @@ class BpfBackend:
     def _write_ifaces(self, s: Settings) -> None:
         """snat_ifaces: the inside and outside devices' roles by ifindex (absent devices are
         left out: attaching to them fails with a clear error anyway)."""
+        self._refresh_iif_flag(s.inside)
         roles = {}
         for names, role in ((s.inside, L.IFACE_INSIDE), (s.outside, L.IFACE_OUTSIDE)):
             for n in names:
@@ -417,6 +423,30 @@ class BpfBackend:
             roles[L.RECIRC_KEY] = rc
         self.maps.write_ifaces(roles)
         self.maps.write_inside_addrs(device_addresses(s.inside))
+
+    def _refresh_iif_flag(self, inside) -> None:
+        """CFG_F_IIF_AMBIGUOUS as the inside devices present now say (iif_collisions), before
+        any program is attached to a device that arrived; logged when it changes."""
+        clash = iif_collisions(inside)
+        cfg = self.maps.cfg.get(0)
+        if cfg is None or not self._note_iif_flag(clash):
+            return
+        self.maps.cfg.put(0, _with_flag(cfg, L.CFG_F_IIF_AMBIGUOUS, bool(clash)))
+
+    def _note_iif_flag(self, clash: list[str]) -> bool:
+        """Log when CFG_F_IIF_AMBIGUOUS is about to change (the map's flag against ``clash``);
+        True when it changes."""
+        cfg = self.maps.cfg.get(0)
+        if cfg is not None and bool(L.SNAT_CFG.unpack(cfg)["flags"] & L.CFG_F_IIF_AMBIGUOUS) == bool(clash):
+            return False
+        if clash:
+            log.warning("bpf backend: inside devices %s share their ifindex's low 16 bits, which a session "
+                        "keeps: every inside packet now takes the full reverse-path check (slower); "
+                        "recreate one of them to get another ifindex", clash)
+        else:
+            log.info("bpf backend: inside devices' ifindexes are distinct again: sessions vouch for "
+                     "their sources (fast path)")
+        return True
 
     def move_sessions(self, new_gws: dict[int, ipaddress.IPv4Address | None],
                       old_gws: dict[int, ipaddress.IPv4Address | None] | None = None) -> int:  # fmt: skip
@@ -789,9 +819,26 @@ def _host_count(cfg: bytes) -> bool:
 
 def _with_host_count(cfg: bytes, on: bool) -> bytes:
     """A snat_cfg value with CFG_F_HOST_COUNT set or clear, the rest as it is."""
+    return _with_flag(cfg, L.CFG_F_HOST_COUNT, on)
+
+
+def _with_flag(cfg: bytes, flag: int, on: bool) -> bytes:
+    """A snat_cfg value with ``flag`` (CFG_F_*) set or clear, the rest as it is."""
     d = L.SNAT_CFG.unpack(cfg)
-    d["flags"] = (d["flags"] | L.CFG_F_HOST_COUNT) if on else (d["flags"] & ~L.CFG_F_HOST_COUNT)
+    d["flags"] = (d["flags"] | flag) if on else (d["flags"] & ~flag)
     return L.SNAT_CFG.pack(**d)
+
+
+def iif_collisions(inside) -> list[str]:
+    """The inside devices present whose ifindexes share their low 16 bits with another's
+    (ct_entry.iif keeps only those bits, docs/datapath.md step 2a), named with their ifindex;
+    empty when each is told apart (the common case: ifindexes stay small)."""
+    by_low: dict[int, list[str]] = {}
+    for n in inside:
+        idx = _ifindex_or_absent(n)
+        if idx != NO_DEVICE:
+            by_low.setdefault(idx & 0xFFFF, []).append(f"{n} (ifindex {idx})")
+    return [d for names in by_low.values() if len(names) > 1 for d in names]
 
 
 def read_pinned(pin_dir: str = L.PIN_DIR, settings: Settings | None = None) -> BpfBackend:

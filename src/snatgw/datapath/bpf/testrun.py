@@ -217,9 +217,9 @@ class ProgHarness:
         for k, kind in compile_from_nets(rules).items():
             self.maps[L.MAP_FROM_NETS].put(k, struct.pack("<I", kind))
 
-    def ctx(self, ingress: str, gso_size: int = 0) -> bytes:
+    def ctx(self, ingress: str, gso_size: int = 0, ifindex: int | None = None) -> bytes:
         c = bytearray(SKB_CTX_SIZE)
-        idx = self.net.ifindex[ingress]
+        idx = self.net.ifindex[ingress] if ifindex is None else ifindex
         struct.pack_into("<I", c, _OFF_INGRESS_IFINDEX, idx)
         struct.pack_into("<I", c, _OFF_IFINDEX, idx)
         if gso_size:
@@ -227,10 +227,12 @@ class ProgHarness:
             struct.pack_into("<I", c, _OFF_GSO_SEGS, 2)
         return bytes(c)
 
-    def run(self, side: str, ipv4: bytes, ingress: str, gso_size: int = 0, now: float | None = None) -> Run:
+    def run(self, side: str, ipv4: bytes, ingress: str, gso_size: int = 0, now: float | None = None,
+            ifindex: int | None = None) -> Run:
         """Run ``ipv4`` (no Ethernet header) through ``side`` as if it arrived on ``ingress``
         (egress: the device it leaves by); ``gso_size``: as a GRO aggregate of such segments;
-        ``now``: the programs' clock in seconds (+ CLOCK_BASE, SNAT_TEST builds), else the real one."""
+        ``now``: the programs' clock in seconds (+ CLOCK_BASE, SNAT_TEST builds), else the real one;
+        ``ifindex``: the skb's ifindex instead of ``ingress``'s (a device the test net has not)."""
         if len(ipv4) < MIN_TESTABLE_IPV4:
             raise Untestable(f"test-run refuses IPv4 frames shorter than {MIN_TESTABLE_IPV4} bytes")
         if self.clock is not None:
@@ -238,7 +240,7 @@ class ProgHarness:
         if self.dbg is not None:
             self.dbg.put(0, struct.pack("<IIII", _NONE, _NONE, 0, 0))
         with self.net.enter():
-            ret, out, _, _ = B.test_run(self.fds[side], ETH + bytes(ipv4), self.ctx(ingress, gso_size))
+            ret, out, _, _ = B.test_run(self.fds[side], ETH + bytes(ipv4), self.ctx(ingress, gso_size, ifindex))
         verdict = reason = oif = nh = None
         if self.dbg is not None:
             v, r, ifi, nhop = struct.unpack("<III4s", self.dbg.get(0))

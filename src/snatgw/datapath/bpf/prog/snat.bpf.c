@@ -616,6 +616,21 @@ static __noinline int guard_v4_spoof(struct __sk_buff *skb, const struct pkt *p)
 	return 0;
 }
 
+/* Step 2a's fast way: the OUT entry `e` was made on the device this packet came in by.
+ * ct_entry.iif keeps the ifindex's low 16 bits: when two inside devices share them
+ * (CFG_F_IIF_AMBIGUOUS, kept by the control plane from the devices present) no session vouches
+ * and every packet takes the full check. */
+static __always_inline int iif_vouches(const struct ct_entry *e, const struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct snat_cfg *cfg;
+
+	if (e->iif != (__u16)skb->ingress_ifindex)
+		return 0;
+	cfg = bpf_map_lookup_elem(&snat_config, &zero);
+	return cfg && !(cfg->flags & CFG_F_IIF_AMBIGUOUS);
+}
+
 /* Steps 2a-6 of the inside program; the new-flow steps are in snat_v4_new. */
 static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, struct snat_res *v)
 {
@@ -628,7 +643,7 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 	if (p->frag != FRAG_LATER && (p->proto != IPPROTO_ICMP_ || is_icmp_query_request(p->icmp_type))) {
 		ct_key_out(&k, p);
 		e = ct_lookup4(&k);
-		if (e && e->iif == (__u16)skb->ingress_ifindex)
+		if (e && iif_vouches(e, skb))
 			return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
 		looked = 1; /* step 6 reuses this lookup (a session made meanwhile by another CPU
 			     * is met by the insert: EEXIST, -2, the established path) */
