@@ -2,7 +2,9 @@
 is not its own network's.  The attack of issue 10: host B sends with A's SNAT address and port
 as its source, so the server's reply would land in A's session; the gateway refuses it."""
 
+import json
 import socket
+import subprocess
 
 import pytest
 from scapy.layers.inet import IP, UDP
@@ -11,7 +13,7 @@ from scapy.packet import raw
 from snatgw.lab.clients import ECHO_PORT
 from snatgw.lab.netns import ns_socket
 
-from .conftest import FrameSender, scaled, settle
+from .conftest import FrameSender, mac_of, scaled, settle
 
 pytestmark = [pytest.mark.root, pytest.mark.attack, pytest.mark.lab]
 
@@ -52,3 +54,73 @@ def test_spoofed_pool_source_is_refused_and_never_reaches_a_session(agw):
     assert landed is None, landed
     assert not [d for d in leaked_to_a if b"spoof-" in d]
     assert spoofed >= n * len(forged)
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["inside", "undeclared"])
+def test_a_device_whose_ifindex_clashes_cannot_send_into_another_devices_session(agw, declared):
+    """A session vouches for its source by the ingress ifindex's low 16 bits (docs/datapath.md
+    step 2a).  A device made at ifindex lan40 + 65,536 shares them: a host behind it sends as
+    A, with A's port, toward A's server.  Declared an inside device (the daemon restarted with
+    it), bpf counts each frame DROP_SPOOFED (CFG_F_IIF_AMBIGUOUS turns the vouching off) and
+    nft's reverse-path check drops it; left undeclared, bpf's programs never see it and the
+    leak guard drops what the kernel forwards, and nft, whose conntrack would find A's session
+    by the tuple alone, drops a session's packet from a device that is not inside.  Either way
+    nothing reaches the server, A gets nothing, nothing private leaves an uplink."""
+    lab, servers = agw.lab, agw.lab.servers
+    atk = f"{lab.prefix}-atk"  # not a lab node: its namespace is made and removed here
+    lan40 = json.loads(lab.ip("gw", "-j", "link", "show", "dev", "lan40").stdout)[0]["ifindex"]
+    subprocess.run(["ip", "netns", "add", atk], check=True)
+    try:
+        lab.ip("gw", "link", "add", "lan41", "index", str(lan40 + 0x10000), "type", "veth", "peer", "name", "atk0",
+               "netns", atk)  # fmt: skip
+        lab.ip("gw", "link", "set", "lan41", "up")
+        subprocess.run(["ip", "-n", atk, "link", "set", "atk0", "up"], check=True)
+        if declared:  # the lab's gateway names its inside devices on the command line
+            lab.stop_gateway()
+            lab.start_gateway(agw.conf, agw.backend, extra=("--inside", "lan41"))
+        with ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM) as a, agw.watch() as leaks:
+            a.settimeout(2)
+            a.bind(("198.18.40.10", 0))
+            a.sendto(b"hello-from-a", (S1, ECHO_PORT))
+            a.recv(65536)
+            sport = a.getsockname()[1]
+            n = scaled(20)
+            before = agw.reasons()
+            tx = _sender(lab, atk)
+            for i in range(n):
+                tx.send(raw(IP(src="198.18.40.10", dst=S1) / UDP(sport=sport, dport=ECHO_PORT) / f"clash-{i}".encode()))
+            tx.close()
+            settle(0.5)
+            after = agw.reasons()
+            landed = servers.wait_for(lambda e: str(e.get("data", "")).startswith("clash-"), timeout=0.5)
+            a.settimeout(0.3)
+            got = []
+            try:
+                while True:
+                    got.append(a.recv(65536))
+            except OSError:
+                pass
+        assert landed is None, landed
+        assert not [d for d in got if b"clash-" in d]
+        assert leaks == [] and agw.seen > 0
+        counted = "DROP_SPOOFED" if declared or agw.backend == "nft" else "DROP_LEAK"
+        assert after.get(counted, 0) - before.get(counted, 0) >= n, (counted, before, after)
+    finally:
+        if declared:
+            lab.stop_gateway()
+            lab.start_gateway(agw.conf, agw.backend)
+        lab.ip("gw", "link", "del", "lan41", check=False)
+        subprocess.run(["ip", "netns", "del", atk], check=False)
+
+
+def _sender(lab, atk_ns: str) -> FrameSender:
+    """A FrameSender from the attacker's namespace (not a lab node) into lan41."""
+    tx = FrameSender.__new__(FrameSender)
+    src = json.loads(subprocess.run(["ip", "-n", atk_ns, "-j", "link", "show", "dev", "atk0"], check=True,
+                                    capture_output=True, text=True).stdout)[0]["address"]  # fmt: skip
+    tx.src = bytes.fromhex(src.replace(":", ""))
+    tx.dst = bytes.fromhex(mac_of(lab, "gw", "lan41").replace(":", ""))
+    tx.sock = ns_socket(atk_ns, socket.AF_PACKET, socket.SOCK_RAW)
+    tx.sock.bind(("atk0", 0))
+    tx.sent = 0
+    return tx

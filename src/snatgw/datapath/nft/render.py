@@ -10,7 +10,9 @@ How the rule set works (docs/nftables.md has the long form and what differs from
             forward is dropped (counter `inbound`) unless `inbound routed`; later packets of a flow get ct mark -> meta mark (so they follow
             the rule's new_gw table); a NEW flow is matched in priority order against a
             PREDICTION of its route (`fib daddr oifname`); a predicted new_gw rule marks it.
-  forward   filter: INVALID packets that match a rule are dropped (no untranslated leak); a NEW,
+  forward   filter: a packet of a session (ct mark ours, original direction) that arrives on a
+            device not inside is dropped (counter `spoofed`: conntrack matches tuples, not
+            devices); INVALID packets that match a rule are dropped (no untranslated leak); a NEW,
             unmarked flow is matched exactly (oifname, `rt ip nexthop`) against the rules without
             new_gw and gets the winning rule's ct mark; a marked NEW TCP flow that is not a pure
             SYN is dropped (no_session); `unmatched drop`; per-rule packet counters by ct mark.
@@ -132,16 +134,16 @@ def m_oifname(name: str) -> tuple:
     return _match("oifname", {"meta": {"key": "oifname"}}, f'"{name}"', name)
 
 
-def _m_names(text_left: str, json_left: dict, names) -> tuple:
+def _m_names(text_left: str, json_left: dict, names, op: str = "==") -> tuple:
     names = list(names)
     if len(names) == 1:
-        return _match(text_left, json_left, f'"{names[0]}"', names[0])
+        return _match(text_left, json_left, f'"{names[0]}"', names[0], op)
     text = "{ " + ", ".join(f'"{n}"' for n in names) + " }"
-    return _match(text_left, json_left, text, {"set": names})
+    return _match(text_left, json_left, text, {"set": names}, op)
 
 
-def m_iifnames(names) -> tuple:
-    return _m_names("iifname", {"meta": {"key": "iifname"}}, names)
+def m_iifnames(names, op: str = "==") -> tuple:
+    return _m_names("iifname", {"meta": {"key": "iifname"}}, names, op)
 
 
 def m_oifnames(names) -> tuple:
@@ -483,8 +485,14 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
             add("steer", pre + [m_fib_unicast()] + s_set_mark(m) + [v("return")], tag(r))
         else:
             add("steer", pre + [v("return")], tag(r))
-    # forward: internal traffic, guard, exact match, non-SYN drop, unmatched drop, counters
+    # forward: sessions continue only from inside, internal traffic, guard, exact match, non-SYN
+    # drop, unmatched drop, counters
     if settings.inside:
+        # conntrack finds a session by its tuple whatever the device: a host on a device that is
+        # not an inside one (undeclared, so without the antispoof check) sending with an inside
+        # host's tuple would be translated into that host's session
+        add("forward", [m_ct_original(), m_ct_mark_ours(), m_iifnames(settings.inside, "!="),
+                        s_counter(C_SPOOFED), v("drop")], "a session continues only from the inside devices")  # fmt: skip
         add("forward", inside + [m_oifnames(settings.inside), v("accept")], "internal: never translated")
     add("forward", [m_ct_state("invalid", "untracked"), ("jump guard", {"jump": {"target": "guard"}})],
         "no conntrack entry: never leaves untranslated")
