@@ -375,8 +375,11 @@ AUDIT_CNT_LOST = 1  # records dropped because the ring was full
 AUDIT_CNT_N = 2
 ALLOC_CNT_MEMO_HIT = 0  # snat_alloc_cnt: an address's search cut short after its first candidate by a young memo
 ALLOC_CNT_MEMO_SET = 1  # memos written: a full search of an address found no free port
-ALLOC_CNT_N = 2
-ALLOC_CNT_NAMES = {ALLOC_CNT_MEMO_HIT: "spill_memo_hits", ALLOC_CNT_MEMO_SET: "spill_memos_written"}
+ALLOC_CNT_SEARCH = 2  # port searches run (one per new flow that reached step 13's search)
+ALLOC_CNT_TRIES = 3  # candidates tried by those searches (each looked up; a memo skip is none)
+ALLOC_CNT_N = 4
+ALLOC_CNT_NAMES = {ALLOC_CNT_MEMO_HIT: "spill_memo_hits", ALLOC_CNT_MEMO_SET: "spill_memos_written",
+                   ALLOC_CNT_SEARCH: "port_searches", ALLOC_CNT_TRIES: "port_search_tries"}  # fmt: skip
 
 IFACE_INSIDE = 1  # role: an inside device (a new flow routed out of it is internal)
 IFACE_OUTSIDE = 2  # role: an uplink
@@ -711,7 +714,7 @@ def render_header() -> str:
         "AUDIT_END_FLUSH": AUDIT_END_FLUSH, "AUDIT_CNT_WRITTEN": AUDIT_CNT_WRITTEN,
         "AUDIT_CNT_LOST": AUDIT_CNT_LOST, "AUDIT_CNT_N": AUDIT_CNT_N,
         "ALLOC_CNT_MEMO_HIT": ALLOC_CNT_MEMO_HIT, "ALLOC_CNT_MEMO_SET": ALLOC_CNT_MEMO_SET,
-        "ALLOC_CNT_N": ALLOC_CNT_N,
+        "ALLOC_CNT_SEARCH": ALLOC_CNT_SEARCH, "ALLOC_CNT_TRIES": ALLOC_CNT_TRIES, "ALLOC_CNT_N": ALLOC_CNT_N,
         "REASON_MAX": REASON_MAX,
         "TCP_STATE_COUNT": TCP_STATE_COUNT,
         "IFACE_INSIDE": IFACE_INSIDE, "IFACE_OUTSIDE": IFACE_OUTSIDE,

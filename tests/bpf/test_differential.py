@@ -80,8 +80,8 @@ def model_spill_memos(engine) -> dict:
 
 
 def model_alloc_counts(engine) -> dict:
-    return {L.ALLOC_CNT_NAMES[L.ALLOC_CNT_MEMO_HIT]: engine.spill.hits,
-            L.ALLOC_CNT_NAMES[L.ALLOC_CNT_MEMO_SET]: engine.spill.written}
+    """The model's allocator counters as ProgHarness.alloc_counts says them (by layout.ALLOC_CNT_NAMES)."""
+    return engine.alloc_counts()
 
 
 def run_scenario(sc, prog, engine):
@@ -100,6 +100,9 @@ def run_scenario(sc, prog, engine):
     assert prog.eim() == model_eim(engine), "endpoint-independent mappings differ"
     assert prog.spill_memos() == model_spill_memos(engine), "spill memos differ"
     assert prog.alloc_counts() == model_alloc_counts(engine), "allocator counters differ"
+    if sc.alloc is not None:  # and what the scenario says they are
+        a = prog.alloc_counts()
+        assert (a["port_searches"], a["port_search_tries"]) == sc.alloc, "port search counts"
     assert prog.reasons() == dict(judged), "reason counters differ"
     if all(len(s.packet) >= MIN_TESTABLE_IPV4 for s in sc.steps):
         model_rules = {rid: {"packets": c.packets, "bytes": c.bytes, "sessions": c.sessions}

@@ -83,6 +83,9 @@ class Scenario:
     steps: list[Step]
     settings: dict = field(default_factory=dict)  # overrides of REF_SETTINGS fields
     rules: list[dict] | None = None  # rule dicts replacing REF_RULES
+    #: (port searches, candidates tried) after the last step (snat_alloc_cnt's ALLOC_CNT_SEARCH,
+    #: ALLOC_CNT_TRIES; docs/datapath.md step 13), where the scenario knows them; None: not said
+    alloc: tuple[int, int] | None = None
 
     def make_settings(self) -> Settings:
         return replace(REF_SETTINGS, **self.settings)
@@ -255,7 +258,9 @@ def _scenarios() -> list[Scenario]:
         inside(raw(IP(src=A, dst=R2, id=0x7a7a, flags="MF", proto=47) / Raw(b"g" * 24)), RED, R.XLATE_NEW),
         inside(raw(IP(src=A, dst=R2, id=0x7a7a, frag=3, proto=47) / Raw(b"h" * 8)), RED, R.XLATE_FRAG),
         inside(raw(IP(src=A, dst=R2, id=0x7b7b, frag=3, proto=47) / Raw(b"h" * 8)), RED, R.FRAG_HELD),
-    ])  # fmt: skip
+    # one candidate per address: five protocols of A 1 each; B and A3 5 together (the pool
+    # filling); C 3 (every address taken: refused); D 1; A's fragmented GRE to R2 1
+    ], alloc=(10, 15))  # fmt: skip
     ta, ti = snat_of(RULE_SDH, A, R1, 0x77)
     add("icmp_queries_and_other_types", "ICMP timestamp, information and address mask requests are "
         "translated like echo (identifier) and their replies back; any other ICMP from inside that "
@@ -570,7 +575,9 @@ def _scenarios() -> list[Scenario]:
         inside(tcp(A, R1, 40002, 80, "S"), DROP, R.DROP_PORT_EXHAUSTED),
         inside(tcp(A, R1, 40002, 80, "S"), DROP, R.DROP_REFUSED_RECENTLY),  # marked: no search
         inside(tcp(A, R1, 40002, 443, "S"), RED, R.XLATE_NEW),
-    ], settings={"port_min": 5000, "port_max": 5001, "on_exhausted": "drop"})  # fmt: skip
+    # searches and tries: 1; 2 (40001's first candidate is 40000's: raw ports, n = 2); 2 (all
+    # taken: refused); the marked packet none; 1 (another remote port)
+    ], settings={"port_min": 5000, "port_max": 5001, "on_exhausted": "drop"}, alloc=(4, 6))  # fmt: skip
     add("spill_over_in_pool_order", "One SNAT port: A's flows to R1:53 fill the sdh address "
         "(.72), then spill to .73 and .71 (pool order after the chosen one, wrapping); the fourth "
         "is refused and its next packet costs one lookup; each spilled flow's reply comes back.", [
@@ -583,7 +590,8 @@ def _scenarios() -> list[Scenario]:
         outside(udp(R1, "198.19.2.71", 53, 6000), RED, R.XLATE_IN),
         inside(udp(B, R1, 4, 54), RED, R.XLATE_NEW),  # another remote port: free again
         inside(echo(A, R1, 9), RED, R.XLATE_NEW),  # the identifier's own endpoint (R1, 0)
-    ], settings={"port_min": 6000, "port_max": 6000})  # fmt: skip
+    # tries (T = 1 per address): 1, 2, 3, 3 (every address: refused), the marker none, 1, 1
+    ], settings={"port_min": 6000, "port_max": 6000}, alloc=(6, 11))  # fmt: skip
     add("sh_does_not_spill_by_default", "algo sh (one public address per host) drops instead of "
         "spilling unless the rule says on_exhausted spill.", [
         inside(udp(D, R1, 1, 53), RED, R.XLATE_NEW, dev="lan50"),
@@ -637,7 +645,9 @@ def _scenarios() -> list[Scenario]:
         inside(udp(A, R1, 4, 53), DROP, R.DROP_PORT_EXHAUSTED, at=5.0),  # searched: a new memo
         inside(udp(B, R1, 4, 53), DROP, R.DROP_PORT_EXHAUSTED, at=5.5),  # B's: also .72, memo
         inside(udp(B, R1, 4, 54), RED, R.XLATE_NEW, at=5.5),  # toward R1:54 it is not full
-    ], settings={"port_min": 6000, "port_max": 6001, "on_exhausted": "drop"})  # fmt: skip
+    # tries: 1, 2, 2 (refused: the memo), 1 (the memo cuts it short), markers none, 2 (a new
+    # memo), 1 (B: the memo), 1
+    ], settings={"port_min": 6000, "port_max": 6001, "on_exhausted": "drop"}, alloc=(7, 10))  # fmt: skip
     add("spill_memo_port_preserve", "port_preserve yes: the first candidate is the inside port "
         "itself; a young memo leaves that one try on the full address.", [
         inside(udp(A, R1, 6000, 53), RED, R.XLATE_NEW, at=0.0),
@@ -646,6 +656,18 @@ def _scenarios() -> list[Scenario]:
         inside(udp(B, R1, 6000, 53), RED, R.XLATE_NEW, at=0.5),  # .72 searched: full (memo)
         inside(udp(B, R1, 6001, 53), RED, R.XLATE_NEW, at=0.5),  # memo: 6001 only; the next
     ], settings={"port_min": 6000, "port_max": 6001, "port_preserve": True})  # fmt: skip
+    add("port_search_counts", "The allocator's search counters (one search per new flow that "
+        "searched, one try per candidate looked up), two SNAT ports (below 256 a source port's "
+        "first candidate is 6001): an uncontended flow, 1 try; one whose first candidate is taken, "
+        "2; one that finds .72 full (a memo) and spills to .73, 3; one cut short on .72 by the "
+        "memo (not a try) that takes .73's second candidate, 3; an established packet, none.", [
+        inside(udp(A, R1, 1, 53), RED, R.XLATE_NEW, at=0.0),  # .72:6001          1 search, 1 try
+        inside(udp(A, R1, 2, 53), RED, R.XLATE_NEW, at=0.0),  # .72:6000          2, 3
+        inside(udp(A, R1, 3, 53), RED, R.XLATE_NEW, at=0.0),  # .72 full; .73:6001  3, 6
+        inside(udp(A, R1, 4, 53), RED, R.XLATE_NEW, at=0.5),  # memo; .73:6000    4, 9
+        inside(udp(A, R1, 4, 53), RED, R.XLATE_OUT, at=0.5),  #                   4, 9
+        inside(udp(A, R1, 5, 54), RED, R.XLATE_NEW, at=0.5),  # R1:54: .72:6001   5, 10
+    ], settings={"port_min": 6000, "port_max": 6001}, alloc=(5, 10))  # fmt: skip
     add("host_limit", "max_sessions_per_host 2: A's third flow is DROP_HOST_LIMIT (then marked), "
         "B behind the same address still gets flows, A's sessions keep working; the /16 rule "
         "sets no limit of its own (0).", [
@@ -821,7 +843,9 @@ def _eim_scenarios(add) -> None:
         outside(udp(R1, NAT, 3478, pa), RED, R.XLATE_IN),
         inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
         outside(tcp(R1, NAT, 80, pa, "SA"), RED, R.XLATE_IN),
-    ], rules=eim_rules())  # fmt: skip
+    # the new mapping searches (1 try); each later remote reuses it: a search of its one
+    # candidate (1 try); TCP's own endpoint a new mapping
+    ], rules=eim_rules(), alloc=(4, 4))  # fmt: skip
     add("eim_owned_port_refused_to_second_endpoint", "B:40000 would take A's port first (same "
         "source port, one address), but A's mapping owns it toward every remote: B gets the next "
         "candidate, even toward a remote A never talked to.  Hostile: R2 to A's mapping under "
@@ -833,7 +857,8 @@ def _eim_scenarios(add) -> None:
         outside(udp(R1, NAT, 3479, pa), PASS, R.PASS_NO_SESSION_IN),
         outside(udp(R1, NAT, 3478, 7), PASS, R.PASS_NO_SESSION_IN),
         outside(tcp(R1, NAT, 80, pa, "S"), PASS, R.PASS_NO_SESSION_IN),
-    ], rules=eim_rules())  # fmt: skip
+    # tries: A 1; B 2 (its first candidate owned by A: taken toward every remote)
+    ], rules=eim_rules(), alloc=(2, 3))  # fmt: skip
     add("eim_filtering_endpoint_independent", "filtering endpoint-independent: any remote's UDP "
         "datagram or TCP SYN to a live mapping makes a session back to its inside endpoint "
         "(XLATE_IN_NEW); the endpoint's answer uses it; a TCP segment that is not a SYN, and a "

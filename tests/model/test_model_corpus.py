@@ -57,6 +57,9 @@ def test_scenario_steps_meet_expectations(sc: Scenario):
         if res.verdict == Verdict.REDIRECT:
             assert res.oif is not None
         check_table(engine)
+    if sc.alloc is not None:  # the port searches and their tries, where the scenario knows them
+        a = engine.alloc_counts()
+        assert (a["port_searches"], a["port_search_tries"]) == sc.alloc
 
 
 def test_corpus_is_large_and_named_uniquely():

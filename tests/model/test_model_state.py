@@ -477,3 +477,38 @@ def test_spill_memo_leaves_endpoint_independent_rules_alone():
     got = [e.process(udp(A, R1, sp, 53), "inside", "lan40", 1.0).reason for sp in (1, 2, 3, 4)]
     assert got == [Reason.XLATE_NEW] * 2 + [Reason.DROP_PORT_EXHAUSTED] * 2
     assert e.spill.memos == {} and (e.spill.hits, e.spill.written) == (0, 0)
+
+
+def _alloc(e) -> tuple[int, int]:
+    a = e.alloc_counts()
+    return a["port_searches"], a["port_search_tries"]
+
+
+def test_port_search_counts_step_by_step():
+    """docs/datapath.md step 13's search counters after each step of the corpus scenario
+    port_search_counts: an uncontended flow 1 try, a taken first candidate 2, a full address
+    (memo) then a spill 3, a memo skip no try, an established packet no search."""
+    from cases.corpus import SCENARIOS
+
+    sc = next(s for s in SCENARIOS if s.name == "port_search_counts")
+    e = sc.make_engine()
+    got = []
+    for i, st in enumerate(sc.steps):
+        e.process(st.packet, st.side, st.ingress, st.when(i))
+        got.append(_alloc(e))
+    assert got == [(1, 1), (2, 3), (3, 6), (4, 9), (4, 9), (5, 10)]
+    assert (e.spill.hits, e.spill.written) == (1, 1)
+
+
+def test_refusals_before_the_search_count_none():
+    """A host-limit refusal, a refusal marker's drop and a packet that cannot start a session
+    run no port search; a refused search counts its tries; zero_alloc_counts clears all four."""
+    e = Engine(ruleset(REF_RULES), replace(REF_SETTINGS, max_sessions_per_host=1, port_min=6000, port_max=6000,
+                                           on_exhausted="drop"), StaticRouter.ref())  # fmt: skip
+    steps = [(udp(A, R1, 1, 53), Reason.XLATE_NEW), (udp(A, R1, 2, 53), Reason.DROP_HOST_LIMIT),
+             (udp(A, R1, 2, 53), Reason.DROP_REFUSED_RECENTLY), (tcp(A, R1, 3, 80, "A"), Reason.DROP_NO_SESSION),
+             (udp("198.18.40.11", R1, 1, 53), Reason.DROP_PORT_EXHAUSTED)]  # fmt: skip
+    assert [e.process(p, "inside", "lan40", 1.0).reason for p, _ in steps] == [r for _, r in steps]
+    assert _alloc(e) == (2, 2)  # A's first flow; .11's (sdh: A's address, its one port taken, refused)
+    e.zero_alloc_counts()
+    assert set(e.alloc_counts().values()) == {0}

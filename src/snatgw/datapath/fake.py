@@ -94,8 +94,7 @@ class FakeBackend:
                                     {str(k): (c.sessions, c.refusals) for k, c in eng.addr_live.items()},
                                     n, eng.settings.max_sessions, hosts_live=eng.host_counting,
                                     hosts_age=None if eng.counted_at is None else self.clock() - eng.counted_at,
-                                    allocator={"spill_memo_hits": eng.spill.hits,
-                                               "spill_memos_written": eng.spill.written})  # fmt: skip
+                                    allocator=eng.alloc_counts())  # fmt: skip
         return Stats(reasons=reasons, rules=rules, sessions=n, pressure=pressure)
 
     def refusals(self) -> list[dict]:
@@ -130,7 +129,7 @@ class FakeBackend:
         eng = self._need()
         eng.reasons.clear()
         eng.rule_stats.clear()
-        eng.spill.hits = eng.spill.written = 0
+        eng.zero_alloc_counts()
 
     def stop(self, keep_state: bool = False) -> None:
         self._enter("stop")

@@ -10,6 +10,7 @@ from ipaddress import IPv4Address
 
 from ..config.schema import Settings
 from ..datapath.backend import RuleCounters, Session
+from ..layout import ALLOC_CNT_MEMO_HIT, ALLOC_CNT_MEMO_SET, ALLOC_CNT_NAMES, ALLOC_CNT_SEARCH, ALLOC_CNT_TRIES
 from ..layout import ADDR_TRIES, CT_F_NEW_GW, CT_F_REPLIED, ICMP_QUERY_REPLIES, ICMP_QUERY_REQUESTS
 from ..layout import IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
@@ -113,6 +114,17 @@ class Engine:
         self.spill = SpillMemos()  # the spill memo (snat_spill_memo) and its counters
         self._icmp_sec: int | None = None  # refuse_icmp's rate limit: this second, and how many
         self._icmp_count = 0
+
+    def alloc_counts(self) -> dict[str, int]:
+        """The port allocator's counters as snat_alloc_cnt names them (layout.ALLOC_CNT_NAMES):
+        the spill memo's, and the port searches with the candidates they tried."""
+        return {ALLOC_CNT_NAMES[ALLOC_CNT_MEMO_HIT]: self.spill.hits,
+                ALLOC_CNT_NAMES[ALLOC_CNT_MEMO_SET]: self.spill.written,
+                ALLOC_CNT_NAMES[ALLOC_CNT_SEARCH]: self.nat.searches,
+                ALLOC_CNT_NAMES[ALLOC_CNT_TRIES]: self.nat.tries}  # fmt: skip
+
+    def zero_alloc_counts(self) -> None:
+        self.spill.hits = self.spill.written = self.nat.searches = self.nat.tries = 0
 
     # ------------------------------------------------------------------ entry
 

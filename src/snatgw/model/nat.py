@@ -71,10 +71,14 @@ class _Toward:
 
 
 class NatTable:
-    """Creates sessions in a CtTable."""
+    """Creates sessions in a CtTable; counts its port searches as snat_alloc_cnt does
+    (docs/datapath.md step 13): ``searches`` (new_mapping calls: one per new flow that
+    reached the search) and ``tries`` (candidates looked up; a memo skip is none)."""
 
     def __init__(self, ct: CtTable):
         self.ct = ct
+        self.searches = 0
+        self.tries = 0
 
     def new_mapping(
         self,
@@ -100,10 +104,12 @@ class NatTable:
         whether a search of ``addr`` toward this remote found no free port moments ago,
         ``full(addr)`` records that this one found none.  When an address's first candidate
         is taken and its memo is young, the rest of it is not tried: the next address."""
+        self.searches += 1
         for addr in addrs:
             for j, port in enumerate(candidates):
                 if j == 1 and memo is not None and memo.young(addr):
                     break  # judged full moments ago: the first candidate was its only try
+                self.tries += 1
                 res = self._try(okey, addr, port, build, owners)
                 if res is not None:
                     return res

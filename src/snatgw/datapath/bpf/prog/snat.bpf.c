@@ -466,22 +466,18 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	}
 	sp->err = -EEXIST;
 	if (eim && eim_begin(r)) { /* the endpoint's live mapping: its one candidate */
-		if (bpf_map_lookup_elem(&snat_ct, &sp->in))
-			return snat_refuse(&out, snat, REASON_DROP_PORT_EXHAUSTED);
-		rc = bpf_map_update_elem(&snat_ct, &sp->in, &sp->val, BPF_NOEXIST);
-		if (rc == -EEXIST)
-			return snat_refuse(&out, snat, REASON_DROP_PORT_EXHAUSTED);
-		if (rc)
-			return REASON_DROP_TABLE_FULL;
-		goto have_in;
+		sp->tried = 1;
+		if (!bpf_map_lookup_elem(&snat_ct, &sp->in))
+			sp->err = bpf_map_update_elem(&snat_ct, &sp->in, &sp->val, BPF_NOEXIST);
+	} else {
+		sp->total = naddr * tries;
+		bpf_loop(sp->total, port_try_cb, NULL, 0);
 	}
-	sp->total = naddr * tries;
-	bpf_loop(sp->total, port_try_cb, NULL, 0);
+	alloc_searched(sp);
 	if (sp->err == -EEXIST)
 		return snat_refuse(&out, snat, REASON_DROP_PORT_EXHAUSTED);
 	if (sp->err) /* -E2BIG: the table is full */
 		return REASON_DROP_TABLE_FULL;
-have_in:
 
 	/* OUT entry: reuse the IN entry's buffer, now describing the outbound direction */
 	snat = sp->in.daddr; /* the address the search found a port on */

@@ -44,6 +44,7 @@ struct port_search {
 	__u32 pres;           /* port_preserve: 1 + the inside port's offset; 0: no */
 	__u32 pos;            /* the next try: candidate pos mod tries of the (pos / tries)-th address */
 	__u32 total;          /* tries in all: addresses * tries */
+	__u32 tried;          /* candidates looked up (ALLOC_CNT_TRIES; a memo skip is none) */
 	__u32 memo;           /* spill memo: 0 off (tries 1, eim), 1 write memos, 2 also look them up */
 	struct spill_key mkey; /* spill memo: (remote, the address being searched, rport, proto) */
 	struct spill_memo mval; /* spill memo: the one to write (verifier: off the callback's stack) */
@@ -106,6 +107,16 @@ static __always_inline void alloc_count(struct port_search *s, __u32 what)
 {
 	s->ckey = what;
 	count_inc(&snat_alloc_cnt, &s->ckey);
+}
+
+/* One port search done (step 13's counters): +1 ALLOC_CNT_SEARCH, +tried ALLOC_CNT_TRIES;
+ * two per-CPU adds per new flow that searched, the key in the scratch as above */
+static __always_inline void alloc_searched(struct port_search *s)
+{
+	s->ckey = ALLOC_CNT_SEARCH;
+	count_inc(&snat_alloc_cnt, &s->ckey);
+	s->ckey = ALLOC_CNT_TRIES;
+	count_add(&snat_alloc_cnt, &s->ckey, s->tried);
 }
 
 /* rules.port_candidates over rules.spill_order: try pos is candidate j = pos mod tries on the
@@ -195,6 +206,7 @@ static long port_try_cb(__u32 i, void *ctx)
 			return 0;
 		}
 	}
+	s->tried++;
 	done = port_try(s, j);
 	if (!done && j == s->tries - 1 && s->memo) { /* none free here: remember it */
 		s->mval.at = s->val.last_seen;

@@ -106,7 +106,9 @@
 #define AUDIT_CNT_N 2
 #define ALLOC_CNT_MEMO_HIT 0
 #define ALLOC_CNT_MEMO_SET 1
-#define ALLOC_CNT_N 2
+#define ALLOC_CNT_SEARCH 2
+#define ALLOC_CNT_TRIES 3
+#define ALLOC_CNT_N 4
 #define REASON_MAX 64
 #define TCP_STATE_COUNT 11
 #define IFACE_INSIDE 1

@@ -3,14 +3,19 @@
 #pragma once
 #include "maps.h"
 
-/* +1 at ``key`` of a per-CPU array of __u64 counters (per-CPU: no atomics needed); the
+/* +n at ``key`` of a per-CPU array of __u64 counters (per-CPU: no atomics needed); the
  * reasons, the audit log's and the port allocator's counters */
-static __always_inline void count_inc(void *map, const void *key)
+static __always_inline void count_add(void *map, const void *key, __u64 n)
 {
 	__u64 *c = bpf_map_lookup_elem(map, key);
 
 	if (c)
-		*c += 1;
+		*c += n;
+}
+
+static __always_inline void count_inc(void *map, const void *key)
+{
+	count_add(map, key, 1);
 }
 
 static __always_inline void stats_reason(__u32 reason)
