@@ -125,12 +125,18 @@ def test_a_host_that_fills_its_address_spills_over_or_is_refused(gateway, pressu
         assert {a["addr"]: a["sessions"] for a in st["pressure"]["addresses"]} == per_addr
         alloc = st["pressure"]["allocator"]  # 2 memos and 88 hits when the burst takes < 1 s
         assert alloc["spill_memos_written"] >= 2 and alloc["spill_memo_hits"] >= 1
+        # one search per new flow, and they grew long: the first full address's search alone
+        # tried its 50 ports (read again: all 120 flows are counted by now)
+        alloc = stats(lab)["pressure"]["allocator"]
+        assert alloc["port_searches"] >= reason(st, "XLATE_NEW") == 120
+        assert alloc["port_search_tries"] >= alloc["port_searches"] + 49 and alloc["tries_per_search"] > 1
         burst(lab, B, range(40000, 40005))
         settle(lab, lambda s: reason(s, "XLATE_NEW") >= 125)
         assert sorted(s["nat"].rsplit(":", 1)[0] for s in sessions_of(lab, B)) == [order[2]] * 5
     else:
         assert list(per_addr.values()) == [50]
         assert (reason(st, "XLATE_NEW"), reason(st, "DROP_PORT_EXHAUSTED")) == (50, 70)
+        assert "allocator" not in st["pressure"]  # nf_nat's search is not counted: absent, not 0
 
 
 def test_refused_flows_cost_one_lookup_on_bpf_and_a_search_again_on_nft(gateway, pressure_lab):

@@ -175,13 +175,59 @@ def test_spill_memo_counters_in_stats_and_metrics(tmpdir_short):
         got = [r.backend.process(p, "inside", "lan40", now=100.0).nat[0].exploded for p in pkt]  # one instant
         assert got == ["198.19.2.72"] * 2 + ["198.19.2.73"] * 2
         p = json.loads(run_cli(["stats", "--json", "--socket", r.sock]))["pressure"]
-        assert p["allocator"] == {"spill_memo_hits": 1, "spill_memos_written": 1}
+        # searches 4, tries 1 + 2 (first candidate taken) + 3 (.72 full, .73) + 3 (memo: .72's first, .73's two)
+        assert p["allocator"] == {"spill_memo_hits": 1, "spill_memos_written": 1, "port_searches": 4,
+                                  "port_search_tries": 9, "tries_per_search": 2.25}  # fmt: skip
         text = run_cli(["stats", "--socket", r.sock])
         assert "spill memo: 1 address searches cut short" in text and "1 full searches found no free port" in text
+        assert "port search: 4 searches tried 9 candidates, 2.25 per search since start\n" in text
+        out = io.StringIO()
+        assert admcli.main(["-L", "--stats", "--socket", r.sock], stdout=out) == 0
+        assert "port search: 4 searches tried 9 candidates, 2.25 per search since start" in out.getvalue()
         fam = {f.name: f for f in text_string_to_metric_families(scrape(r.service).decode())}
         assert fam["snatgw_spill_memo_hits"].samples[0].value == 1
         assert fam["snatgw_spill_memos_written"].samples[0].value == 1
+        assert fam["snatgw_port_searches"].samples[0].value == 4
+        assert fam["snatgw_port_search_tries"].samples[0].value == 9
         r.req(op="zero")
-        assert r.req(op="stats")["stats"]["pressure"]["allocator"] == {"spill_memo_hits": 0, "spill_memos_written": 0}
+        assert r.req(op="stats")["stats"]["pressure"]["allocator"] == {
+            "spill_memo_hits": 0, "spill_memos_written": 0, "port_searches": 0, "port_search_tries": 0,
+            "tries_per_search": None}  # fmt: skip
+        assert "port search: 0 searches tried 0 candidates, - per search since start" in run_cli(
+            ["stats", "--socket", r.sock])
+    finally:
+        r.close()
+
+
+def test_port_search_length_over_the_last_rate_interval(tmpdir_short):
+    """The daemon's rate samples (one per RATE_INTERVAL, taken by the GC tick) give the searches
+    a second and their mean tries over the last interval: `stats` (json: last_interval; text)
+    and the `rate` op show them; before two samples exist, the mean since start only."""
+    from test_daemon import LAB, Running
+
+    conf = tmpdir_short / "two-ports.conf"
+    conf.write_text(LAB.read_text().replace(ONE_PORT, "port_range 6000-6001"))
+    r = Running(tmpdir_short, conf=conf)
+    try:
+        pkt = [bytes(IP(src="198.18.40.10", dst="203.0.113.10") / UDP(sport=sp, dport=53)) for sp in (1, 2, 3, 4)]
+        r.backend.process(pkt[0], "inside", "lan40")  # 1 search, 1 try (the clock stands still)
+        r.service.gc(now=1000.0)
+        assert "last_interval" not in r.req(op="stats")["stats"]["pressure"]["allocator"]
+        assert "over the last" not in run_cli(["stats", "--socket", r.sock])
+        for p in pkt[1:]:  # 3 searches, 2 + 3 + 3 tries: longer, the address full
+            r.backend.process(p, "inside", "lan40")
+        r.service.gc(now=1002.0)
+        a = json.loads(run_cli(["stats", "--json", "--socket", r.sock]))["pressure"]["allocator"]
+        assert a["tries_per_search"] == 2.25  # since start: 9 / 4
+        assert a["last_interval"] == {"seconds": 2.0, "searches_per_sec": 1.5, "tries_per_sec": 4.0,
+                                      "tries_per_search": 2.67}  # fmt: skip
+        assert r.req(op="rate")["rate"]["allocator"]["tries_per_search"] == 2.67
+        text = run_cli(["stats", "--socket", r.sock])
+        assert "2.25 per search since start; 2.67 over the last 2 s (1.5 searches/s)" in text
+        r.service.gc(now=1004.0)  # no search since: no mean over the interval, 0 a second
+        a = r.req(op="stats")["stats"]["pressure"]["allocator"]["last_interval"]
+        assert a == {"seconds": 2.0, "searches_per_sec": 0.0, "tries_per_sec": 0.0, "tries_per_search": None}
+        assert "2.25 per search since start; - over the last 2 s (0.0 searches/s)" in run_cli(
+            ["stats", "--socket", r.sock])
     finally:
         r.close()

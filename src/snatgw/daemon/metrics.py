@@ -19,6 +19,8 @@ Metric families (all prefixed ``snatgw_``):
   host_counts_age_seconds                   0 while a host limit has the datapath count per host,
                                             else the age of the last sweep's recount (absent: unknown)
   spill_memo_hits_total, spill_memos_written_total   the port allocator's spill memo (bpf)
+  port_searches_total, port_search_tries_total       its port searches and the candidates they
+                                            tried: their ratio's rise is pressure before refusals (bpf)
   gc_sweeps_total, gc_sessions_removed_total, gc_seconds_total   session expiry work
   reloads_total{result}, last_reload_success, last_reload_timestamp_seconds
   link_up{link}, link_on_backup{link}, link_transitions_total{link},
@@ -179,6 +181,12 @@ class ServiceCollector:
             made = _c("spill_memos_written", "full port searches of an address that found no free port (spill memos)")
             made.add_metric([], alloc.get("spill_memos_written", 0))
             yield from (hits, made)
+            if "port_searches" in alloc:  # absent where the maps predate them: never a made-up 0
+                ns = _c("port_searches", "port searches run (one per new flow that reached the search)")
+                ns.add_metric([], alloc["port_searches"])
+                nt = _c("port_search_tries", "candidate ports tried by the port searches (a spill memo skip is none)")
+                nt.add_metric([], alloc.get("port_search_tries", 0))
+                yield from (ns, nt)
         progs = {hk["program"]: hk["prog_id"] for hk in h.get("hooks", []) if isinstance(hk.get("prog_id"), int)
                  and s.backend.name == "bpf"}  # fmt: skip
         if progs and bpf_stats_enabled():

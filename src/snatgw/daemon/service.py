@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..config.adm import AdmRefused, AdmTable, AdmUsageError, parse_args
 from ..config.schema import GatewayConfig, Settings
-from ..datapath.backend import SessionFilter
+from ..datapath.backend import SessionFilter, tries_per_search
 from ..errors import EXIT_BAD_INPUT, BackendError, SnatgwError
 from ..rules import Rule, RuleSet, parse_addr
 from ..config.links import failover
@@ -330,7 +330,9 @@ class Service:
             return True
 
     def rate(self) -> dict:
-        """Per-second deltas between the last two counter samples (empty until two exist)."""
+        """Per-second deltas between the last two counter samples (empty until two exist);
+        with the allocator's counters in both (bpf), ``allocator``: port searches and tries a
+        second and the mean tries per search over the interval (None without a search)."""
         if len(self._samples) < 2:
             return {"interval": None, "rules": {}, "reasons": {}}
         (t0, a), (t1, b) = self._samples
@@ -340,7 +342,14 @@ class Service:
             old = a["rules"].get(rid, {})
             rules[rid] = {k: max(0.0, (cur[k] - old.get(k, 0)) / dt) for k in ("packets", "bytes", "sessions")}
         reasons = {k: max(0.0, (v - a["reasons"].get(k, 0)) / dt) for k, v in b["reasons"].items()}
-        return {"interval": dt, "rules": rules, "reasons": reasons}
+        out = {"interval": dt, "rules": rules, "reasons": reasons}
+        al0, al1 = (x.get("pressure", {}).get("allocator") or {} for x in (a, b))
+        if all(k in al0 and k in al1 for k in ("port_searches", "port_search_tries")):
+            ds = max(0, al1["port_searches"] - al0["port_searches"])  # a zero between: no rate
+            dtr = max(0, al1["port_search_tries"] - al0["port_search_tries"])
+            out["allocator"] = {"searches_per_sec": ds / dt, "tries_per_sec": dtr / dt,
+                                "tries_per_search": tries_per_search(dtr, ds)}
+        return out
 
     def flush_filters(self, req: dict) -> dict:
         """The flush request's filters as backend.flush() keywords: ``rule_id`` (stable id) or
@@ -404,6 +413,9 @@ class Service:
                 with self.lock:
                     st = self.backend.stats().as_dict()
                     st["audit"] = self.audit_stats()
+                    alloc, rate = st.get("pressure", {}).get("allocator"), self.rate()
+                    if alloc is not None and rate.get("allocator") is not None:  # over the last interval
+                        alloc["last_interval"] = {"seconds": round(rate["interval"], 3), **rate["allocator"]}
                     return {"ok": True, "stats": st, **self.rules()}
             if op == "rate":
                 with self.lock:

@@ -125,7 +125,10 @@ def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int,
     "live"); else they are the last expiry sweep's recount ("sweep"), ``hosts_age`` seconds
     old (None: not known, e.g. read from pinned maps without a daemon).
     ``allocator``: the port allocator's counters by layout.ALLOC_CNT_NAMES (spill memo hits
-    and memos written), when the datapath keeps them."""
+    and memos written, port searches and the candidates they tried), when the datapath keeps
+    them; with the searches, ``tries_per_search`` (their mean since start or the last zero;
+    None before the first search).  No allocator (nft: the kernel's nf_nat counts none of
+    this): no "allocator" key, never zeros."""
     def rows(d: dict, name: str) -> list[dict]:
         return [{name: k, "sessions": int(s), "refusals": int(r)} for k, (s, r) in d.items()]
 
@@ -138,8 +141,22 @@ def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int,
         "hosts_total": len(hs),
         "hosts_counted": "live" if hosts_live else "sweep",
         **({} if hosts_live else {"hosts_age_seconds": None if hosts_age is None else round(hosts_age, 1)}),
-        **({"allocator": {k: int(v) for k, v in allocator.items()}} if allocator is not None else {}),
+        **({"allocator": allocator_summary(allocator)} if allocator is not None else {}),
     }
+
+
+def tries_per_search(tries: float, searches: float) -> float | None:
+    """The mean candidates tried per port search (None without a search)."""
+    return round(tries / searches, 2) if searches > 0 else None
+
+
+def allocator_summary(counts: dict) -> dict:
+    """The allocator's counters (by layout.ALLOC_CNT_NAMES) as `stats` shows them: with the
+    port searches, their mean tries per search."""
+    out = {k: int(v) for k, v in counts.items()}
+    if "port_searches" in out and "port_search_tries" in out:
+        out["tries_per_search"] = tries_per_search(out["port_search_tries"], out["port_searches"])
+    return out
 
 
 class Backend(Protocol):

@@ -1,6 +1,7 @@
 """`snatgw stats`: counters per rule (packets, bytes, sessions, with the rule) and per reason,
 and the port pressure: the table's fill, sessions and refusals per SNAT address, the inside
-hosts with the most sessions, the spill memo's counters (bpf)."""
+hosts with the most sessions, the port searches (how many, how long: candidates tried per
+search) and the spill memo's counters (bpf)."""
 
 from __future__ import annotations
 
@@ -60,11 +61,29 @@ def render_pressure(p: dict) -> list[str]:
             out.append(hosts_as_of(p.get("hosts_age_seconds")))
         out.append("")
     a = p.get("allocator")
+    if a is not None and "port_searches" in a:
+        out.append(port_search_line(a))
     if a is not None:
         out += [f"spill memo: {a.get('spill_memo_hits', 0)} address searches cut short after the first candidate "
                 f"(the address was found full toward that remote < {SPILL_MEMO_MS / 1000:g} s before); "
                 f"{a.get('spill_memos_written', 0)} full searches found no free port", ""]
     return out
+
+
+def port_search_line(a: dict) -> str:
+    """The port searches' line: how many, the candidates they tried, the mean per search since
+    start and (from a daemon's rate samples) over the last interval: the search growing longer
+    is the sign of pressure before any refusal."""
+    def mean(x) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    line = (f"port search: {a['port_searches']} searches tried {a.get('port_search_tries', 0)} candidates, "
+            f"{mean(a.get('tries_per_search'))} per search since start")
+    li = a.get("last_interval")
+    if li:
+        line += (f"; {mean(li.get('tries_per_search'))} over the last {li['seconds']:g} s "
+                 f"({li['searches_per_sec']:.1f} searches/s)")
+    return line
 
 
 def hosts_as_of(age) -> str:

@@ -696,9 +696,11 @@ class BpfBackend:
         return self._m().spill_memos(remote)
 
     def counters(self) -> Stats:
-        """stats() without the session count (the daemon samples these for rates)."""
+        """stats() without the session count (the daemon samples these for rates), with the
+        allocator's counters (its port searches' rate and length: Service.rate)."""
         m = self._m()
-        return Stats(reasons=self._reasons(m), rules=m.rule_counters(), sessions=-1)
+        return Stats(reasons=self._reasons(m), rules=m.rule_counters(), sessions=-1,
+                     pressure={"allocator": m.alloc_counts()})
 
     def _reasons(self, m: DatapathMaps) -> dict[str, int]:
         """The datapath's reasons; DROP_LEAK also counts the leak guard table's drops
