@@ -99,6 +99,8 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
         alloc = daemon_allocator(gw)
         if alloc:
             rec["spill_memo_hits"] = alloc.get("spill_memo_hits")
+            rec["port_searches"] = alloc.get("port_searches")
+            rec["port_search_tries"] = alloc.get("port_search_tries")
         rec["sessions"] = daemon_sessions(gw)
         rec["refused_flows"] = reasons.get("DROP_PORT_EXHAUSTED", 0)
         rec["refused_marker_packets"] = reasons.get("DROP_REFUSED_RECENTLY", 0)
