@@ -23,8 +23,7 @@ from snatgw.lab.topology import Lab
 
 SCALE = float(os.environ.get("ATTACK_SCALE", "1"))
 INSIDE_NETS = ("198.18.0.0/16",)  # every REF rule's `from` lies in it
-#: (node, device) of the frames an uplink carries, seen from the ISP side
-UPLINK_TAPS = (("isp1", "up"), ("isp2", "up"))
+UPLINK_TAPS = leakwatch.UPLINK_TAPS
 _seq = itertools.count()
 
 
@@ -68,15 +67,13 @@ class AttackGw:
     @contextlib.contextmanager
     def watch(self, nets=INSIDE_NETS):
         """Leak watchers on both uplinks; yields a list that gets the offending frames."""
-        ws = [leakwatch.start(self.lab.ns(n), d, nets) for n, d in UPLINK_TAPS]
+        w = leakwatch.uplinks(self.lab, nets)
         found: list = []
         try:
             yield found
         finally:
-            for w in ws:
-                found += w.stop()
-            self.seen = sum(w.seen for w in ws)
-            self.dropped = sum(w.dropped for w in ws)
+            found += w.stop()
+            self.seen, self.dropped = w.seen, w.dropped
 
 
 def mac_of(lab: Lab, node: str, dev: str) -> str:

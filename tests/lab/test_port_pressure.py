@@ -3,7 +3,11 @@ fills its SNAT address's ports toward one server spills to the pool's next addre
 the kernel's nf_nat cannot) or is refused, and refused cheaply (bpf: the refusal marker); a
 host limit stops one host and not the next behind the same address; established flows of
 others keep working while one host floods new flows.  Small port ranges stand in for the 64k
-of the benchmark (scenario 3c): the behaviour is the same, the sizes stay in the bench."""
+of the benchmark (scenario 3c): the behaviour is the same, the sizes stay in the bench.
+Every test runs under leak watchers on both uplinks (snatgw.lab.leakwatch, from before its
+gateway starts to after it stopped): under spill, refusal, the host limit and the flood, no
+frame with an inside source (198.18.0.0/16) may leave, and the watchers must have seen the
+test's translated traffic."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from scapy.packet import raw
 from snatgw.config.parse import parse_text
 from snatgw.daemon.client import call
 from snatgw.lab import clients as C
+from snatgw.lab import leakwatch
 from snatgw.lab.netns import ns_socket
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
@@ -27,6 +32,9 @@ pytestmark = [pytest.mark.lab, pytest.mark.root]
 S1 = "203.0.113.10"  # leaves via eth1 (gw 198.19.2.1)
 A, B = "198.18.40.10", "198.18.40.11"
 POOL = ("198.19.2.71", "198.19.2.72", "198.19.2.73")
+INSIDE_NETS = ("198.18.0.0/16",)
+#: every test sends at least this many datagrams that leave translated (the fewest: 50 sessions)
+MIN_SEEN = 50
 
 
 def conf(settings: str, rule: str) -> str:
@@ -46,6 +54,16 @@ def pressure_lab(request):
         yield lab
     finally:
         lab.down()
+
+
+@pytest.fixture(autouse=True)
+def uplinks_carry_no_inside_source(pressure_lab):
+    """Watch both uplinks for the whole test (autouse: set up before `gateway`, torn down after
+    it); zero inside sources out, and enough frames seen that a blind watcher fails too."""
+    with leakwatch.uplinks(pressure_lab, INSIDE_NETS) as w:
+        yield w
+    assert w.leaks == [], f"{len(w.leaks)} inside-source frames on the uplinks: {[str(f) for f in w.leaks[:5]]}"
+    assert w.seen >= MIN_SEEN and w.dropped == 0, (w.seen, w.dropped)
 
 
 @pytest.fixture

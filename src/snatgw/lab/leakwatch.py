@@ -11,6 +11,12 @@ source lies in one of ``nets`` ("src"), or it is an ICMP error whose quoted pack
 source or destination in ``nets`` ("inner": a private address in the payload leaks too).
 ``w.seen`` counts the IPv4 frames examined (a test can check it saw its traffic at all) and
 ``w.dropped`` the frames the kernel dropped from the capture (nonzero: the answer is unsure).
+
+``uplinks(lab, nets)`` watches every uplink of a lab at once (UPLINK_TAPS) and answers for all:
+
+    with leakwatch.uplinks(lab, ["198.18.0.0/16"]) as w:
+        ... traffic ...
+    assert w.leaks == [] and w.seen > 0 and w.dropped == 0
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ SOL_PACKET = 263
 PACKET_STATISTICS = 6
 ICMP_ERRORS = (3, 4, 5, 11, 12)
 RCVBUF = 8 << 20
+#: (node, device) of the frames the lab gateway's uplinks carry, seen from the ISP side
+UPLINK_TAPS = (("isp1", "up"), ("isp2", "up"))
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,48 @@ class LeakWatcher:
     def __exit__(self, *exc) -> None:
         if not self._stop.is_set():
             self.stop()
+
+
+class UplinkWatch:
+    """Leak watchers on every uplink of a lab (UPLINK_TAPS); ``stop()`` gives the offending
+    frames of all, ``seen``/``dropped`` their sums (the lab tiers' one way to watch uplinks)."""
+
+    def __init__(self, lab, nets):
+        self.watchers: list[LeakWatcher] = []
+        self.leaks: list[LeakFrame] = []
+        try:
+            for node, dev in UPLINK_TAPS:
+                self.watchers.append(LeakWatcher(lab.ns(node), dev, nets))
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def seen(self) -> int:
+        return sum(w.seen for w in self.watchers)
+
+    @property
+    def dropped(self) -> int:
+        return sum(w.dropped for w in self.watchers)
+
+    def stop(self) -> list[LeakFrame]:
+        leaks: list[LeakFrame] = []
+        for w in self.watchers:
+            leaks += w.stop() if not w._stop.is_set() else w.leaks
+        self.leaks = leaks
+        return list(leaks)
+
+    def __enter__(self) -> "UplinkWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def uplinks(lab, nets) -> UplinkWatch:
+    """Watch both uplinks of ``lab`` (a snatgw.lab Lab) for frames carrying an address of
+    ``nets``; ``.stop()`` (or leaving the ``with``) returns the offending frames."""
+    return UplinkWatch(lab, nets)
 
 
 def start(ns: str | None, dev: str, nets) -> LeakWatcher:
