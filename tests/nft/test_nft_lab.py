@@ -342,3 +342,22 @@ def test_a_reader_in_another_process_lists_with_the_daemons_marks_filtered(lab, 
             one = list(r.iter_sessions(limit=1))
     assert [s.inside for s in tcp] == [t.local] and tcp[0].rule_id != 0
     assert [s.proto for s in udp] == ["udp"] and udp[0].rule_id != 0 and len(one) == 1
+
+
+def test_reload_back_to_a_rule_whose_sessions_outlived_it(lab, backend):
+    """Rule 1's UDP session lives on in conntrack while a reload drops the rule; the reload that
+    brings rule 1 back applies (it raised KeyError on the rule's id, `snatgw reload`: "internal
+    error") and keeps the session: its address is in the rule's pool."""
+    rule1 = "  snat_rule { from 198.18.40.0/24  gw 198.19.3.1  oif eth2  snat_ip 198.19.3.71-198.19.3.73  algo random }\n"
+    assert rule1 in REF
+    with backend(REF) as b, ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3.0)
+        s.bind(("198.18.40.11", 0))
+        s.connect((S2, C.ECHO_PORT))
+        s.send(b"ping")
+        first = json.loads(s.recv(65536))
+        b.apply(cfg(REF.replace(rule1, "")))
+        b.apply(cfg(REF))
+        s.send(b"ping")
+        again = json.loads(s.recv(65536))
+    assert _isp2(_ip(first["peer"])) and again["peer"] == first["peer"]

@@ -344,7 +344,10 @@ class NftBackend:
                 continue
             nat, remote = IPv4Address(d["rdst"]), IPv4Address(d["dst"])
             goes = nat not in r.pool
-            if not goes and old is not None and before[rid].new_gw != r.new_gw:
+            # a rule new to this apply may have live entries all the same: its identity (so its
+            # mark) was in an earlier rule set, whose new_gw we no longer know
+            was_gw = before[rid].new_gw if rid in before else None
+            if not goes and old is not None and was_gw != r.new_gw:
                 hop = r.new_gw or remote
                 if hop not in dev_of:
                     rt = self._route_get(hop)
