@@ -337,6 +337,32 @@ def leak_guard_nets(rules: Iterable[Rule]) -> dict[IPv4Network, int]:
     return nets
 
 
+def leak_guard_passes(rules: Iterable[Rule]) -> list[IPv4Network]:
+    """The addresses the egress guard passes at once as a pool's (leak_guard_nets: those whose
+    longest match is FROM_NET_POOL), as few merged prefixes: the pool prefixes less every
+    `from` net inside one (the longer match, which takes the full check).  The leak guard's
+    nft table (datapath/bpf/guard.py) passes the same, so a translated packet the kernel
+    forwards (over the MTU without DF) is judged as a redirected one is."""
+    nets = leak_guard_nets(rules)
+    froms = [n for n, kind in nets.items() if kind == FROM_NET_RULE]
+    out: list[IPv4Network] = []
+    for p, kind in nets.items():
+        if kind != FROM_NET_POOL:
+            continue
+        parts = [p]
+        for f in froms:
+            if f.prefixlen <= p.prefixlen:  # not inside p (p lies inside it, or apart)
+                continue
+            nxt: list[IPv4Network] = []
+            for part in parts:
+                if part.subnet_of(f):
+                    continue
+                nxt += part.address_exclude(f) if f.subnet_of(part) else [part]
+            parts = nxt
+        out += parts
+    return list(ipaddress.collapse_addresses(out))
+
+
 def priority_key(rule: Rule, seq: int) -> tuple:
     return (-rule.src.prefixlen, -rule.dst.prefixlen, -rule.route_specificity(), seq)
 

@@ -6,7 +6,7 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 
 from snatgw import layout as L
-from snatgw.rules import Pool, Rule, leak_guard_nets
+from snatgw.rules import Pool, Rule, leak_guard_nets, leak_guard_passes
 
 
 def rule(src: str, pool: str) -> Rule:
@@ -86,3 +86,25 @@ def test_random_rule_sets_agree_with_the_definition():
                 assert kind == L.FROM_NET_RULE
             else:
                 assert kind is None
+
+
+def test_the_guard_tables_passes_are_exactly_what_the_trie_judges_a_pool():
+    """rules.leak_guard_passes (the nft guard table's exemption on the bpf backend) holds an
+    address iff the LPM trie's longest match for it is FROM_NET_POOL: the kernel-fragmented
+    translated packet and the redirected one are judged alike."""
+    assert [str(n) for n in leak_guard_passes([rule("0.0.0.0/0", "198.19.2.80-198.19.2.83"),
+                                               rule("198.19.2.82/32", "198.19.2.71")])] == [
+        "198.19.2.71/32", "198.19.2.80/31", "198.19.2.83/32"]  # fmt: skip
+    assert leak_guard_passes([rule("198.18.0.0/16", "198.19.2.71-198.19.2.73")]) == []  # no pool inside a `from`
+    rnd = random.Random(11)
+    for _ in range(200):
+        rules = []
+        for _ in range(rnd.randint(1, 6)):
+            base = rnd.choice([0x00000000, 0xC6130000]) | rnd.getrandbits(11)
+            src = IPv4Network((base, rnd.choice([0, 16, 21, 24, 28, 30, 31, 32])), strict=False)
+            first = 0xC6130000 | rnd.getrandbits(10)
+            rules.append(Rule(src=src, pool=Pool(IPv4Address(first), IPv4Address(first + rnd.randint(0, 40)))))
+        nets, passes = leak_guard_nets(rules), leak_guard_passes(rules)
+        for _ in range(60):
+            a = IPv4Address(0xC6130000 | rnd.getrandbits(11))
+            assert any(a in p for p in passes) == (judged(nets, str(a)) == L.FROM_NET_POOL), (rules, a)

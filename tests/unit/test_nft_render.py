@@ -222,3 +222,8 @@ def test_the_leak_guard_table_drops_from_sources_leaving_uplinks_not_as_their_ow
     assert "oifname { eth1, eth2 } ip saddr { 198.18.40.0/24, 198.18.50.0/24 }" in rule
     assert "fib saddr . oif type != local counter drop" in rule
     assert not [line for line in guard_text([], ("eth1",)).splitlines() if line.startswith("add rule")]
+    # the bpf backend's: the pool prefixes its egress program passes at once are let by first
+    (rule,) = [line for line in guard_text(["0.0.0.0/0"], ("eth1",), ["198.19.2.80/31", "198.19.2.83/32",
+                                                                       "198.19.2.81/32"]).splitlines()
+               if line.startswith("add rule")]  # fmt: skip
+    assert "ip saddr { 0.0.0.0/0 } ip saddr != { 198.19.2.80/31, 198.19.2.83/32 } fib saddr . oif type != local" in rule

@@ -20,6 +20,7 @@ from typing import Callable
 from ... import layout as L
 from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
+from ...rules import leak_guard_passes
 from ..backend import Session, Stats, pressure_summary
 from . import guard
 from . import libbpf as B
@@ -372,7 +373,8 @@ class BpfBackend:
         """The leak guard's second line (guard.py), for the rules' `from` nets and the uplinks.
         A failure is logged, not raised: the egress program is the first line."""
         try:
-            guard.install([r.src for r in config.rules], config.settings.outside)
+            guard.install([r.src for r in config.rules], config.settings.outside,
+                          passes=leak_guard_passes(config.rules))
         except BackendError as e:
             log.warning("bpf backend: %s", e)
 

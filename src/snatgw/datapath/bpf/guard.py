@@ -10,8 +10,11 @@ the lab measured 8 such frames in one such window.  This chain is not a TC hook:
 programs leaves it in place, so that window drops instead of leaking (and removing this table
 leaves the programs in place; the tick restores either).
 
-Cost: translated packets never meet it (the programs redirect them past netfilter); only packets
-the kernel forwards or sends itself do, one rule with no conntrack.  The nft backend keeps this table
+Cost: translated packets meet it only when the kernel must fragment them (the programs redirect
+the others past netfilter); packets the kernel forwards or sends itself do, one rule with no
+conntrack.  The bpf backend lets the pool prefixes its egress program passes at once by
+(``passes``: rules.leak_guard_passes), so a kernel-fragmented translated packet from a pool
+address the gateway does not hold leaves as the rest of its flow does.  The nft backend keeps this table
 too, beside the same rule in its own table (`leak_guard`): `nft delete table ip snatgw` then
 drops instead of leaking (measured: 34 inside-source frames out in that window before).  A
 backend taking over from the other rewrites the table; a stop without keep_state and `snatgw
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, collapse_addresses
 
 from ...errors import BackendError
 from ..netns import nsenter
@@ -45,22 +48,26 @@ def _nft(argv: list[str], netns: str | None = None, stdin: str | None = None) ->
         raise BackendError("nft not found: the leak guard's second line needs nftables (scripts/setup.sh)") from None
 
 
-def guard_text(nets, outside) -> str:
+def guard_text(nets, outside, passes=()) -> str:
     """One `nft -f` transaction: (re)create the table with its single rule (nothing to guard
-    without `from` nets or uplinks: the table stays, empty)."""
+    without `from` nets or uplinks: the table stays, empty).  ``passes``: sources let by
+    before the FIB's judgement (the bpf backend: rules.leak_guard_passes, the pool prefixes
+    its egress program passes at once)."""
     nets = sorted({IPv4Network(n) for n in nets}, key=lambda n: (int(n.network_address), n.prefixlen))
+    passes = list(collapse_addresses(IPv4Network(n) for n in passes))
     lines = [f"add table {FAMILY} {TABLE}", f"flush table {FAMILY} {TABLE}",
              f"add chain {FAMILY} {TABLE} postrouting {{ type filter hook postrouting priority {PRIORITY}; policy accept; }}"]
     if nets and outside:
+        unless = f"ip saddr != {{ {', '.join(str(n) for n in passes)} }} " if passes else ""
         lines.append(f"add rule {FAMILY} {TABLE} postrouting oifname {{ {', '.join(sorted(outside))} }} "
-                     f"ip saddr {{ {', '.join(str(n) for n in nets)} }} fib saddr . oif type != local "
+                     f"ip saddr {{ {', '.join(str(n) for n in nets)} }} {unless}fib saddr . oif type != local "
                      f"counter drop comment \"snatgw: no private source leaves an uplink untranslated\"")
     return "\n".join(lines) + "\n"
 
 
-def install(nets, outside, netns: str | None = None) -> None:
+def install(nets, outside, netns: str | None = None, passes=()) -> None:
     """Put the guard in place (atomically replacing a previous one)."""
-    p = _nft(["-f", "-"], netns, guard_text(nets, outside))
+    p = _nft(["-f", "-"], netns, guard_text(nets, outside, passes))
     if p.returncode != 0:
         raise BackendError(f"leak guard table {FAMILY} {TABLE}: nft -f failed: {p.stderr.strip()}")
 
