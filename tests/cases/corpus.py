@@ -514,6 +514,22 @@ def _scenarios() -> list[Scenario]:
         egress(udp(pa, R1, pp, 53, ttl=63), PASS, R.PASS_ICMP_OTHER),  # as it left: 198.19.2.81
     ], rules=[{"from": "198.19.2.82/32", "snat_ip": "198.19.2.71"},
               {"from": "0.0.0.0/0", "snat_ip": "198.19.2.80-198.19.2.83"}])  # fmt: skip
+    # a pool the gateway does not hold, on lan40's subnet (so the route back to it is lan40's)
+    pin = "198.18.40.200"
+    add("spoofed_unheld_pool_source", "A pool address inside a `from` net passes the egress guard "
+        "at once (FROM_NET_POOL), local or not; so no inside host may send with it, even where "
+        "the route back to it leaves by the device it came in by (a pool the gateway does not "
+        "hold, on an inside subnet): DROP_SPOOFED before any lookup. Else its unmatched flow "
+        "(to R2: no rule) was routed and left eth2 untranslated. The host's own flows are "
+        "translated to that pool address, as the rule says.", [
+        inside(udp(pin, R2, 5000, 53), DROP, R.DROP_SPOOFED),  # unmatched: would leave as it is
+        inside(udp(pin, R1, 5000, 53), DROP, R.DROP_SPOOFED),
+        inside(tcp(pin, R1, 5001, 80, "S"), DROP, R.DROP_SPOOFED),
+        egress(udp(pin, R2, 5000, 53), PASS, R.PASS_ICMP_OTHER, dev="eth2"),  # the guard's fast pass
+        inside(udp(A3, R2, 5353, 53), PASS, R.PASS_NO_RULE),  # lan40's host, unmatched: routed
+        egress(udp(A3, R2, 5353, 53, ttl=63), DROP, R.DROP_LEAK, dev="eth2"),  # and stopped
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+    ], rules=[{"from": "0.0.0.0/0", "to": "203.0.113.0/24", "snat_ip": pin}])  # fmt: skip
     n1_, n2_ = fragments(R1, A, 53, 5353, ident=0x6a6a)
     add("no_way_in", "From an uplink, a packet without a session that the FIB would forward (to an "
         "inside host, or back out) is dropped, DROP_INBOUND, whatever its protocol; what is for the "

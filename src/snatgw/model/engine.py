@@ -642,10 +642,13 @@ class Engine:
 
     def _spoofed(self, v: IPv4View, ingress: str) -> bool:
         """Edge invariant 3 (strict reverse path): the source must be routed back out of the
-        device the packet came in by; a local source (pool, the gateway's own) never is.
+        device the packet came in by; a local source (pool, the gateway's own) never is, nor is
+        a pool address the egress guard passes at once (FROM_NET_POOL), local or not.
         DHCP's 0.0.0.0 -> 255.255.255.255 (a host without an address) is let through."""
         if v.saddr == 0 and v.daddr == 0xFFFFFFFF:
             return False
+        if self._guard_kind(ip(v.saddr)) == FROM_NET_POOL:
+            return True
         back = self.router.lookup(ip(v.saddr), ip(v.daddr))
         return back.kind != "forward" or back.oif != ingress
 
@@ -659,6 +662,11 @@ class Engine:
             return res
         return Result(Verdict.DROP, Reason.DROP_INBOUND, res.packet)
 
+    def _guard_kind(self, src: IPv4Address) -> int | None:
+        """snat_from_nets' answer for ``src``: the kind of its longest match, None for none."""
+        longest = max((n for n in self._guard_nets if src in n), key=lambda n: n.prefixlen, default=None)
+        return None if longest is None else self._guard_nets[longest]
+
     def _leak_guard(self, pkt: bytes) -> Result | None:
         """The egress guard (edge invariant 1): any IPv4 packet (malformed too) leaving an uplink
         with its source in a rule's `from` net is dropped unless the source is local, or lies in
@@ -666,8 +674,8 @@ class Engine:
         if len(pkt) < 20 or pkt[0] >> 4 != 4:
             return None
         src = IPv4Address(pkt[IP_SADDR : IP_SADDR + 4])
-        longest = max((n for n in self._guard_nets if src in n), key=lambda n: n.prefixlen, default=None)
-        if longest is None or self._guard_nets[longest] == FROM_NET_POOL:  # no `from` net; one of our pools
+        kind = self._guard_kind(src)
+        if kind is None or kind == FROM_NET_POOL:  # no `from` net; one of our pools
             return None
         fib = self.router.lookup(src)
         if fib.kind == "local" and fib.oif not in self.inside:  # ours, and not inside-facing

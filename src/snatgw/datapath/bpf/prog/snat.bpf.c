@@ -603,10 +603,17 @@ static __noinline int snat_v4_hairpin_new(struct __sk_buff *skb, struct pkt *p, 
  * local source arriving on an inside device except in packets we translated (accept_local). */
 static __noinline int guard_v4_spoof(struct __sk_buff *skb, const struct pkt *p) /* verifier: stack */
 {
+	struct lpm_v4 k = { .prefixlen = 32, .addr = p->saddr };
 	struct route r;
+	__u32 *kind;
 
 	if (p->saddr == 0 && p->daddr == 0xffffffff) /* DHCP: a host without an address yet */
 		return 0;
+	/* a pool address the egress guard passes at once (FROM_NET_POOL), held by the gateway or
+	 * not: its fast pass rests on no inside host sending with it, whatever the routes say */
+	kind = bpf_map_lookup_elem(&snat_from_nets, &k);
+	if (kind && *kind == FROM_NET_POOL)
+		return 1;
 	if (fib_route4(skb, p->saddr, p->daddr, LOOPBACK_IFINDEX, &r) >= 0 || r.oif != skb->ingress_ifindex)
 		return 1;
 	return 0;
