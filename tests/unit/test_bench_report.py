@@ -116,3 +116,68 @@ def test_hostlimit_table_sets_the_per_host_counts_cost_beside_snatgw_bpf():
     md = report.render(results(extra=extra))
     assert "### The per-host count's cost" in md
     assert "| 3a new UDP flows | 100 | 524 | +424 ns | — | — | — |" in md
+
+
+def cp_result(host_limit=None):
+    """A sessions-cp result (bench/sessions_cp.run) as the report reads it."""
+    r = {"status": "ok", "config": "snatgw-bpf", "max_sessions": 1_100_000, "udp_timeout": 20, "fill_seconds": 31.0,
+         "fill_passes": [987_136], "reload_seconds": 1.1, "sessions_at_reload_map": 987_136, "loadavg": "1 1 1",
+         "stats": [{"seconds": 0.5, "sessions": 987_136}] * 3, "stats_op_seconds": [0.014, 0.02, 0.018],
+         "conns_json": {"seconds": 80.0, "lines": 987_136, "cli_peak_rss_kib": 21_000},
+         "daemon_vmhwm_kib": 47_000, "daemon_rss_start_kib": 29_000,
+         "left_at_3x": {"map": 0, "after_stop_s": 61.0, "kept_count": 0},
+         "new_flows": {"after_stop_s": 21.0, "pps": 76_000.0, "table_full": 0},
+         "sweeps": {"count": 29, "max_seconds": 11.7, "last_seconds": 0.03, "last_visited": 0}}  # fmt: skip
+    if host_limit is not None:
+        r["host_limit"] = host_limit
+    return r
+
+
+def series(**kw):
+    return {"seconds": 4.2, "pps_target": 2000, "median_pps_before": 1990.0, "median_pps_during": 1985.0,
+            "min_pps_during": 1800.0, "median_pps_after": 2000.0, "windows_during": 17, "zero_windows_during": 0,
+            "median_offered_pps_during": 1995.0, "translated_during": 8_400, "offered_during": 8_410,
+            "xlate_new": 16_000, "drop_host_limit": 0,
+            "drop_table_full": 0} | kw  # fmt: skip
+
+
+def test_sessions_cp_reports_the_reloads_that_turn_a_host_limit_on_and_off():
+    """The sessions-cp table gets the host limit's two reloads: the reload's and the recount
+    walk's times, new flows before and during, the counts against the table's; the reload that
+    turns it off says whether a walk ran.  Without the step (an older result): no such rows."""
+    md = report.render(results() | {"sessions_cp": cp_result()})
+    assert "## 8. Control plane at a million sessions" in md and "host limit on" not in md
+    on = series(recount={"count": 1, "last_seconds": 3.21, "last_wait_seconds": 0.5, "last_visited": 2_003_000,
+                         "last_live": 1_001_500}, sweeps_during=2, counts_read_seconds=2.5,
+                stats={"hosts_counted": "live", "hosts_total": 11_000, "top_host": None},
+                counts={"hosts_counted": 11_000, "hosts_true": 11_000, "sessions_counted": 1_001_510,
+                        "sessions_true": 1_001_500, "hosts_exact": 10_990, "hosts_high": 10, "high_by": 10,
+                        "hosts_low": 0, "low_by": 0, "fill_hosts": 241, "fill_hosts_exact": 241, "max_true": 4096})
+    off = series(seconds=0.31, walked=False, stats={"hosts_counted": "sweep", "hosts_total": 11_000})
+    md = report.render(results() | {"sessions_cp": cp_result({"limit": 8192, "on": on, "off": off})})
+    row = next(x for x in md.splitlines() if x.startswith("| reload turning a host limit on"))
+    assert "`max_sessions_per_host 8192`" in row and "| 4.20 s; of it the recount walk 3.21 s over 2,003,000 " \
+        "entries (1,001,500 sessions), after 0.50 s waiting for a sweep in progress; 2 sweeps ran" in row
+    assert "about a sweep (longest 11.70 s) |" in row
+    row = next(x for x in md.splitlines() if x.startswith("| new flows during that reload"))
+    assert "(trafgen, a packet every 500 us;" in row and "median 1,990 pps before, 1,985 during (min 1,800; " \
+        "17 windows, 0 at 0; offered 1,995; 8,400 of 8,410 offered packets translated), 2,000 after; " \
+        "XLATE_NEW 16,000, DROP_HOST_LIMIT 0, DROP_TABLE_FULL 0" in row
+    row = next(x for x in md.splitlines() if x.startswith("| per-host counts it produced"))
+    assert "stats: hosts live, 11,000 hosts; kept 11,000 hosts / 1,001,510 sessions, table 11,000 / 1,001,500; " \
+        "hosts exact 10,990, high 10 (+10), low 0 (-0); the fill's hosts exact 241 of 241 (largest 4,096)" in row
+    row = next(x for x in md.splitlines() if x.startswith("| reload turning it off"))
+    assert "| 0.31 s; no walk; stats: hosts sweep; new flows median 1,990 pps before" in row
+
+
+def test_sessions_cp_host_counts_compare_says_high_low_and_the_fills_hosts():
+    """compare_counts: a host counted high (flows made during the walk), one low (never
+    allowed: it would let a host past its limit), one the table has and the counts miss."""
+    from snatgw.bench.sessions_cp import compare_counts
+
+    kept = {"198.18.128.0": 4096, "198.18.128.1": 4097, "198.18.200.7": 1}
+    true = {"198.18.128.0": 4096, "198.18.128.1": 4096, "198.18.200.7": 2, "198.18.201.1": 1}
+    c = compare_counts(kept, true, {"198.18.128.0", "198.18.128.1"})
+    assert c == {"hosts_counted": 3, "hosts_true": 4, "sessions_counted": 8194, "sessions_true": 8195,
+                 "hosts_exact": 1, "hosts_high": 1, "high_by": 1, "hosts_low": 2, "low_by": 2,
+                 "fill_hosts": 2, "fill_hosts_exact": 1, "max_true": 4096}

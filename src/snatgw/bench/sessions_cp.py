@@ -29,12 +29,21 @@ import subprocess
 import sys
 import threading
 import time
+from ipaddress import IPv4Address
 
 from . import scenarios as sc
 from . import topo, traffic
 from .gateways import Gateway
 
 UDP_TIMEOUT = 20
+#: max_sessions_per_host of the reload that turns a host limit on at the filled table: above
+#: every host's count in the fill (4096 each: seq_ports source ports toward one server port),
+#: so nothing is refused; the reload's recount walk is what is measured
+HOST_LIMIT = 8192
+#: new flows per second while that reload (and the one that turns the limit off) runs: the
+#: table's room above the fill is ~110k sessions, and a window of 0.25 s still holds 500
+RELOAD_NEW_PPS = 2000
+RELOAD_SERIES_MAX = 120  # s: the longest a series may run (trafgen's hard bound)
 FILL_TIMEOUT = 300  # udp timeout during the fill
 MAX_SESSIONS = 1_100_000
 FILL_PASSES = 6
@@ -175,6 +184,183 @@ def rate_series(t, conf: str, gw: Gateway, seconds: float, step: float = 0.25) -
             "sweep_windows": len(with_sweep), "zero_windows": sum(1 for r in rates if r == 0)}
 
 
+def _med(xs: list) -> float | None:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def reload_series(t, gw: Gateway, action, before: float = 2.0, after: float = 2.0, step: float = 0.25,
+                  pps: int = RELOAD_NEW_PPS) -> dict:
+    """New flows (each packet a new inside host and port of 198.18.128.0/17, trafgen at
+    ``pps``, evenly spaced) while ``action()`` (a reload: returns its reply) runs in a thread begun ``before``
+    s into the series; the series ends ``after`` s after it returned.  Per window of ~``step``
+    s: the translated pps at the sink, the generator's offered pps, and whether the action ran
+    in it; the medians before / during / after; the datapath's XLATE_NEW, DROP_HOST_LIMIT and
+    DROP_TABLE_FULL over the series.  No control call while the action runs but the action."""
+    import tempfile
+
+    conf = traffic.trafgen_conf(t.gw_in_mac, "new", dport="drnd(1024, 65535)")
+    r0 = sc.daemon_reasons(gw) or {}
+    done: dict = {}
+
+    def act():
+        done["start"] = time.monotonic()
+        try:
+            done["result"] = action()
+        except Exception as e:  # noqa: BLE001 - reported with what was measured
+            done["error"] = f"{type(e).__name__}: {e}"
+        done["end"] = time.monotonic()
+
+    th = threading.Thread(target=act, daemon=True)
+    started = False
+    windows = []
+    with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="sgbench-") as f:
+        f.write(conf)
+        f.flush()
+        argv = ["ip", "netns", "exec", t.gen] + traffic.trafgen_argv(f.name, gap_us=10**6 // pps)
+        p = subprocess.Popen(traffic.bounded(argv, RELOAD_SERIES_MAX), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        try:
+            time.sleep(0.3)
+            c0, o0, t0 = traffic.read_counters(gw.count_ns), traffic.tx_packets(t.gen), time.monotonic()
+            begin = t0
+            while True:
+                now = time.monotonic()
+                if not started and now - begin >= before:
+                    th.start()
+                    started = True
+                if "end" in done and now - done["end"] >= after or now - begin > RELOAD_SERIES_MAX - 5:
+                    break
+                time.sleep(step)
+                c1, o1, t1 = traffic.read_counters(gw.count_ns), traffic.tx_packets(t.gen), time.monotonic()
+                windows.append({"t0": t0 - begin, "t1": t1 - begin, "pps": (c1[0] - c0[0]) / (t1 - t0),
+                                "offered_pps": (o1 - o0) / (t1 - t0), "translated": c1[0] - c0[0],
+                                "offered": o1 - o0})
+                c0, o0, t0 = c1, o1, t1
+        finally:
+            traffic._stop_group(p)
+    th.join(RELOAD_SERIES_MAX)
+    r1 = sc.daemon_reasons(gw) or {}
+    start, end = done.get("start"), done.get("end")
+    a = (start - begin) if start else None
+    b = (end - begin) if end else None
+    for w in windows:
+        w["phase"] = ("before" if a is None or w["t1"] <= a else
+                      "after" if b is not None and w["t0"] >= b else "during")
+    by = {ph: [w["pps"] for w in windows if w["phase"] == ph] for ph in ("before", "during", "after")}
+    during = by["during"]
+    out = {"seconds": (end - start) if start and end else None, "reply": done.get("result"),
+           "error": done.get("error"), "pps_target": pps, "windows": windows,
+           "median_pps_before": _med(by["before"]), "median_pps_during": _med(during),
+           "min_pps_during": min(during) if during else None, "median_pps_after": _med(by["after"]),
+           "windows_during": len(during), "zero_windows_during": sum(1 for x in during if x == 0),
+           "median_offered_pps_during": _med([w["offered_pps"] for w in windows if w["phase"] == "during"]),
+           # the generator shares CPU0 with the gateway's softirq work: a dip in both is the
+           # pipeline slowed (CPU taken), translated below offered is flows the gateway lost
+           "translated_during": sum(w["translated"] for w in windows if w["phase"] == "during"),
+           "offered_during": sum(w["offered"] for w in windows if w["phase"] == "during")}
+    for name in ("XLATE_NEW", "DROP_HOST_LIMIT", "DROP_TABLE_FULL"):
+        out[name.lower()] = r1.get(name, 0) - r0.get(name, 0)
+    return out
+
+
+def kept_host_counts(gw: Gateway) -> dict[str, int]:
+    """The per-host live counts as the datapath keeps them (snat_host_sess, read from the
+    pins): inside host -> sessions, hosts with none left out."""
+    from ..datapath.bpf.maps import DatapathMaps
+    from ..layout import MAP_HOST_SESS
+
+    m = DatapathMaps.open_pinned(gw.pin_dir, readonly=True)
+    try:
+        return {h: s for h, (s, _r) in m.pressure_counts()[MAP_HOST_SESS].items() if s}
+    finally:
+        m.close()
+
+
+def true_host_counts(gw: Gateway) -> dict[str, int]:
+    """The table's own count per inside host: its OUT entries by source address (what the
+    recount counts), read from the pinned session map in batches (keys only parsed)."""
+    from collections import Counter
+    from ipaddress import IPv4Address
+
+    from .. import layout as L
+    from ..datapath.bpf.libbpf import Map
+
+    d = L.CT_KEY.offsets()["dir"]
+    m = Map.open_pinned(os.path.join(gw.pin_dir, L.MAP_CT), readonly=True)
+    c: Counter = Counter()
+    try:
+        ks = m.key_size
+        for n, raw in m.key_batches(8192):
+            c.update(raw[i : i + 4] for i in range(0, n * ks, ks) if raw[i + d] == L.CT_DIR_OUT)
+    finally:
+        m.close()
+    return {str(IPv4Address(k)): v for k, v in c.items()}
+
+
+def compare_counts(kept: dict[str, int], true: dict[str, int], fill_hosts: set[str] = frozenset()) -> dict:
+    """Kept per-host counts against the table's: how many hosts and sessions each says, hosts
+    exact / high / low (a low count would let a host past its limit: never allowed), by how much,
+    and the fill's own hosts alone."""
+    hosts = set(kept) | set(true)
+    diff = {h: kept.get(h, 0) - true.get(h, 0) for h in hosts}
+    return {"hosts_counted": len(kept), "hosts_true": len(true), "sessions_counted": sum(kept.values()),
+            "sessions_true": sum(true.values()), "hosts_exact": sum(1 for v in diff.values() if v == 0),
+            "hosts_high": sum(1 for v in diff.values() if v > 0), "high_by": sum(v for v in diff.values() if v > 0),
+            "hosts_low": sum(1 for v in diff.values() if v < 0), "low_by": -sum(v for v in diff.values() if v < 0),
+            "fill_hosts": len(fill_hosts), "fill_hosts_exact": sum(1 for h in fill_hosts if diff.get(h, 0) == 0),
+            "max_true": max(true.values(), default=0)}  # fmt: skip
+
+
+def host_limit_reloads(t, gw: Gateway, fill_timeout: int, fill_hosts: set[str], echo=print) -> dict:
+    """At the filled table, the reload an operator makes to turn a host limit on
+    (`max_sessions_per_host HOST_LIMIT`, above every host's count: nothing refused), through
+    the control socket's `reload` as `snatgw reload` does it, under a steady stream of new
+    flows; then the per-host counts it produced against the table's; then the reload that
+    turns the limit off (no walk).  docs/datapath.md step 15."""
+    from ..daemon.client import call
+
+    def reload():
+        return call(gw.socket, {"op": "reload"}, timeout=RELOAD_SERIES_MAX)
+
+    out: dict = {"limit": HOST_LIMIT}
+    st0 = _status(gw)
+    out["recounts_before"] = st0.get("recounts")
+    gw.extra_settings = (f"timeout udp {fill_timeout}", f"max_sessions_per_host {HOST_LIMIT}")
+    gw.write_config(gw.nrules)
+    on = reload_series(t, gw, reload)
+    st1 = _status(gw)
+    on["recount"] = st1.get("recounts")
+    on["walked"] = (st1.get("recounts") or {}).get("count") != (st0.get("recounts") or {}).get("count")
+    sweeps = lambda st: (st.get("sweeps") or {}).get("count") or 0  # noqa: E731
+    on["sweeps_during"] = sweeps(st1) - sweeps(st0)
+    p = call(gw.socket, {"op": "stats"}, timeout=60)["stats"].get("pressure") or {}
+    on["stats"] = {k: p.get(k) for k in ("hosts_counted", "hosts_total")}
+    on["stats"]["top_host"] = (p.get("hosts") or [None])[0]
+    n0 = (_status(gw).get("sweeps") or {}).get("count")
+    t0 = time.monotonic()
+    kept = kept_host_counts(gw)
+    true = true_host_counts(gw)
+    on["counts_read_seconds"] = time.monotonic() - t0
+    on["counts"] = compare_counts(kept, true, fill_hosts)
+    on["counts"]["sweep_ended_while_read"] = (_status(gw).get("sweeps") or {}).get("count") != n0
+    out["on"] = on
+    echo(f"  host limit on by reload: {on['seconds']} s, recount {on['recount']}, new flows "
+         f"{on['median_pps_before']} -> {on['median_pps_during']} pps (min {on['min_pps_during']}), "
+         f"counts {on['counts']}")
+    gw.extra_settings = (f"timeout udp {fill_timeout}",)
+    gw.write_config(gw.nrules)
+    off = reload_series(t, gw, reload)
+    st2 = _status(gw)
+    off["walked"] = (st2.get("recounts") or {}).get("count") != (st1.get("recounts") or {}).get("count")
+    p = call(gw.socket, {"op": "stats"}, timeout=60)["stats"].get("pressure") or {}
+    off["stats"] = {k: p.get(k) for k in ("hosts_counted", "hosts_total")}
+    out["off"] = off
+    echo(f"  host limit off by reload: {off['seconds']} s, walked {off['walked']}, new flows "
+         f"{off['median_pps_before']} -> {off['median_pps_during']} pps, hosts counted {off['stats']}")
+    return out
+
+
 def run(echo=print, duration: float = 3.0, fill: int = 1_000_000, config: str = "snatgw-bpf") -> dict:
     nft = config == "snatgw-nft"
     max_sessions, timeout, fill_timeout = MAX_SESSIONS, UDP_TIMEOUT, FILL_TIMEOUT
@@ -220,6 +406,9 @@ def run(echo=print, duration: float = 3.0, fill: int = 1_000_000, config: str = 
                     out["traffic_during_sweeps"] = rate_series(t, conf, gw, max(15.0, 5 * duration))
                     d = {k: v for k, v in out["traffic_during_sweeps"].items() if k != "windows"}
                     echo(f"  established traffic while sweeping: {d}")
+                    base = int(IPv4Address("198.18.128.0"))  # trafgen_conf's seq_hosts sources
+                    fill_hosts = {str(IPv4Address(base + i)) for i in range(hosts)}
+                    out["host_limit"] = host_limit_reloads(t, gw, fill_timeout, fill_hosts, echo)
                     # now the 20 s timeout: every filled session has been idle since `stop` at least
                     gw.extra_settings = (f"timeout udp {UDP_TIMEOUT}",)
                     gw.write_config(gw.nrules)
@@ -315,8 +504,62 @@ def summary(r: dict) -> list[str]:
             f"{fmt(ts.get('median_pps_sweep_windows'))}, min {fmt(ts.get('min_pps_sweep_windows'))} "
             f"({ts.get('sweep_windows')} windows); others median {fmt(ts.get('median_pps_other_windows'))}; "
             f"windows at 0: {ts.get('zero_windows')} | |")
+    lines += host_limit_rows(r.get("host_limit"), sw)
     if sw:
         lines.append(f"| sweeps | {sw.get('count')} runs ({sw.get('under_pressure', 0)} under pressure), longest "
                      f"{sw.get('max_seconds', 0):.2f} s, last {sw.get('last_seconds', 0):.2f} s "
                      f"(visited {sw.get('last_visited', 0):,}) | |")
     return lines
+
+
+def host_limit_rows(h: dict | None, sweeps: dict | None = None) -> list[str]:
+    """The report's rows for host_limit_reloads(): the reload that turns a host limit on (its
+    time, the recount walk's, new flows during it, the counts it produced against the table's)
+    and the one that turns it off."""
+    if not h:
+        return []
+    fmt = lambda x: f"{x:,.0f}" if isinstance(x, (int, float)) else "?"  # noqa: E731
+    sec = lambda x: f"{x:.2f} s" if isinstance(x, (int, float)) else "?"  # noqa: E731
+
+    def flows(s: dict) -> str:
+        return (f"median {fmt(s.get('median_pps_before'))} pps before, {fmt(s.get('median_pps_during'))} during "
+                f"(min {fmt(s.get('min_pps_during'))}; {s.get('windows_during', 0)} windows, "
+                f"{s.get('zero_windows_during', 0)} at 0; offered {fmt(s.get('median_offered_pps_during'))}; "
+                f"{fmt(s.get('translated_during'))} of {fmt(s.get('offered_during'))} offered packets translated), "
+                f"{fmt(s.get('median_pps_after'))} after; XLATE_NEW {fmt(s.get('xlate_new'))}, "
+                f"DROP_HOST_LIMIT {fmt(s.get('drop_host_limit'))}, DROP_TABLE_FULL {fmt(s.get('drop_table_full'))}")
+
+    on, off = h.get("on") or {}, h.get("off") or {}
+    rc = on.get("recount") or {}
+    c = on.get("counts") or {}
+    st = on.get("stats") or {}
+    longest = (sweeps or {}).get("max_seconds")
+    rows = [
+        f"| reload turning a host limit on (`max_sessions_per_host {h.get('limit')}`, nothing refused) | "
+        f"{sec(on.get('seconds'))}{' (error: ' + on['error'] + ')' if on.get('error') else ''}; of it the recount "
+        f"walk {sec(rc.get('last_seconds'))} over {fmt(rc.get('last_visited'))} entries ({fmt(rc.get('last_live'))} "
+        f"sessions), after {sec(rc.get('last_wait_seconds'))} waiting for a sweep in progress; "
+        f"{on.get('sweeps_during', '?')} sweeps ran meanwhile | about a sweep "
+        f"(longest {sec(longest)}) |",
+        f"| new flows during that reload (trafgen, a packet every "
+        f"{fmt(1e6 / on['pps_target']) if on.get('pps_target') else '?'} us; windows of 0.25 s) | "
+        f"{flows(on)} | kept made, none refused |",
+        f"| per-host counts it produced, against the table's OUT entries "
+        f"(read {sec(on.get('counts_read_seconds'))} after) | stats: hosts {st.get('hosts_counted', '?')}, "
+        f"{fmt(st.get('hosts_total'))} hosts; kept {fmt(c.get('hosts_counted'))} hosts / "
+        f"{fmt(c.get('sessions_counted'))} sessions, table {fmt(c.get('hosts_true'))} / "
+        f"{fmt(c.get('sessions_true'))}; hosts exact {fmt(c.get('hosts_exact'))}, high {fmt(c.get('hosts_high'))} "
+        f"(+{fmt(c.get('high_by'))}), low {fmt(c.get('hosts_low'))} (-{fmt(c.get('low_by'))}); the fill's hosts "
+        f"exact {fmt(c.get('fill_hosts_exact'))} of {fmt(c.get('fill_hosts'))} (largest {fmt(c.get('max_true'))})"
+        f"{'; a sweep ended while they were read' if c.get('sweep_ended_while_read') else ''} | "
+        f"exact, or high by flows made during the walk; never low |",
+    ]
+    if off:
+        ost = off.get("stats") or {}
+        rows.append(
+            f"| reload turning it off | {sec(off.get('seconds'))}"
+            f"{' (error: ' + off['error'] + ')' if off.get('error') else ''}; "
+            f"{'a recount walk ran' if off.get('walked') else 'no walk'}; "
+            f"stats: hosts {ost.get('hosts_counted', '?')}; "
+            f"new flows {flows(off)} | flag cleared, no walk |")
+    return rows

@@ -129,11 +129,14 @@ class Window:
         return self.task_cpu_s * 1e9 / self.packets
 
 
-def trafgen_argv(conf_path: str, ifname: str = topo.GEN_IF, num: int = 0) -> list[str]:
-    """trafgen pinned to CPU0, one process, host socket memory and IRQs left alone."""
+def trafgen_argv(conf_path: str, ifname: str = topo.GEN_IF, num: int = 0, gap_us: int = 0) -> list[str]:
+    """trafgen pinned to CPU0, one process, host socket memory and IRQs left alone; ``num``
+    packets (0: until stopped); ``gap_us``: a packet every that many microseconds, each by its
+    own sendto() (trafgen's --rate fills its TX ring and sends it in bursts: ~1 s apart at
+    2k pps), else as fast as it can."""
     argv = ["taskset", "-c", "0", "trafgen", "-o", ifname, "-c", conf_path, "--cpus", "1",
             "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"]
-    return argv + (["-n", str(num)] if num else [])
+    return argv + (["-n", str(num)] if num else []) + (["-t", f"{gap_us}us"] if gap_us else [])
 
 
 def bounded(argv: list[str], seconds: float) -> list[str]:

@@ -181,6 +181,9 @@ class BpfBackend:
         #: the per-host sessions are "as of" it while no host limit has the datapath count them
         self.counted_at: float | None = None
         self._walk_since: float | None = None  # _clock() when the walk in progress began
+        #: the recount walks (a host limit turned on, or sessions adopted under one), for status
+        self.recounts = {"count": 0, "last_seconds": None, "last_wait_seconds": None, "last_visited": None,
+                         "last_live": None}  # fmt: skip
         #: the audit log's intake for sessions the control plane removes itself (rule changes):
         #: set by the daemon (daemon/audit.py), called with lists of record dicts
         self.audit_sink: Callable[[list[dict]], None] | None = None
@@ -564,7 +567,8 @@ class BpfBackend:
 
     def _recount_for_limit(self) -> None:
         res = self.recount()
-        log.info("host limit on: the per-host counts recounted over %d sessions in %.3f s", res.live, res.seconds)
+        log.info("host limit on: the per-host counts recounted over %d sessions in %.3f s (after %.3f s waiting "
+                 "for a walk in progress)", res.live, res.seconds, self.recounts["last_wait_seconds"])
 
     @contextlib.contextmanager
     def _counting(self, t0: float):
@@ -582,10 +586,16 @@ class BpfBackend:
                 self._walk_since = None
 
     def recount(self) -> SweepResult:
-        """Count the live counts again from the table (removes nothing; sweep.py)."""
+        """Count the live counts again from the table (removes nothing; sweep.py).  Recorded
+        for status (``recounts``): the walk's time, and the time it waited for a walk in
+        progress (an expiry sweep outside the lock) before it could begin."""
         self._writable()
-        with self._counting(_clock()):
+        t0 = _clock()
+        with self._counting(t0):
+            waited = _clock() - t0
             res = self.sweeper().recount(chunked=self.chunked)
+        self.recounts = {"count": self.recounts["count"] + 1, "last_seconds": round(res.seconds, 4),
+                         "last_wait_seconds": round(waited, 4), "last_visited": res.visited, "last_live": res.live}
         if res.count_errors:
             log.warning("recount: %d live-count updates failed (a count map is full)", res.count_errors)
         return res
@@ -647,13 +657,15 @@ class BpfBackend:
         return False
 
     def status_extra(self) -> dict:
-        """The sweeps for the daemon's status: how many, the longest and the last."""
+        """The sweeps for the daemon's status: how many, the longest and the last; and the
+        recount walks (a host limit turned on by reload: docs/datapath.md step 15)."""
         r = self.last_sweep
         return {"sweeps": {"count": self._sweeps, "max_seconds": round(self._sweep_max, 4),
                            "under_pressure": self.pressure_sweeps,
                            "last_seconds": round(r.seconds, 4) if r else None,
                            "last_visited": r.visited if r else None, "last_removed": r.removed if r else None,
-                           "last_live": r.live if r else None}}  # fmt: skip
+                           "last_live": r.live if r else None},
+                "recounts": dict(self.recounts)}  # fmt: skip
 
     def iter_sessions(self, flt: SessionFilter = ALL, limit: int | None = None):
         """The sessions the filter selects, one batch of the table in memory at a time."""
