@@ -137,6 +137,7 @@ def series(**kw):
     return {"seconds": 4.2, "pps_target": 2000, "median_pps_before": 1990.0, "median_pps_during": 1985.0,
             "min_pps_during": 1800.0, "median_pps_after": 2000.0, "windows_during": 17, "zero_windows_during": 0,
             "median_offered_pps_during": 1995.0, "translated_during": 8_400, "offered_during": 8_410,
+            "median_pps_walk": 190.0, "windows_walk": 20, "median_pps_no_walk": 1_700.0, "windows_no_walk": 9,
             "xlate_new": 16_000, "drop_host_limit": 0,
             "drop_table_full": 0} | kw  # fmt: skip
 
@@ -152,7 +153,9 @@ def test_sessions_cp_reports_the_reloads_that_turn_a_host_limit_on_and_off():
                 stats={"hosts_counted": "live", "hosts_total": 11_000, "top_host": None},
                 counts={"hosts_counted": 11_000, "hosts_true": 11_000, "sessions_counted": 1_001_510,
                         "sessions_true": 1_001_500, "hosts_exact": 10_990, "hosts_high": 10, "high_by": 10,
-                        "hosts_low": 0, "low_by": 0, "fill_hosts": 241, "fill_hosts_exact": 241, "max_true": 4096})
+                        "hosts_low": 0, "low_by": 0, "fill_hosts": 241, "fill_hosts_exact": 241, "max_true": 4096,
+                        "sweeps_since_reload": 1},
+                counts_at_reload={"fill_hosts": 241, "fill_hosts_exact": 240, "hosts_high": 1, "hosts_low": 0})
     off = series(seconds=0.31, walked=False, stats={"hosts_counted": "sweep", "hosts_total": 11_000})
     md = report.render(results() | {"sessions_cp": cp_result({"limit": 8192, "on": on, "off": off})})
     row = next(x for x in md.splitlines() if x.startswith("| reload turning a host limit on"))
@@ -161,11 +164,14 @@ def test_sessions_cp_reports_the_reloads_that_turn_a_host_limit_on_and_off():
     assert "about a sweep (longest 11.70 s) |" in row
     row = next(x for x in md.splitlines() if x.startswith("| new flows during that reload"))
     assert "(trafgen, a packet every 500 us;" in row and "median 1,990 pps before, 1,985 during (min 1,800; " \
-        "17 windows, 0 at 0; offered 1,995; 8,400 of 8,410 offered packets translated), 2,000 after; " \
+        "17 windows, 0 at 0; offered 1,995; 8,400 of 8,410 offered packets translated), 2,000 after; in windows " \
+        "where a walk ran (a sweep or the recount, any phase) median 190 (20 windows), in the others 1,700 (9); " \
         "XLATE_NEW 16,000, DROP_HOST_LIMIT 0, DROP_TABLE_FULL 0" in row
     row = next(x for x in md.splitlines() if x.startswith("| per-host counts it produced"))
     assert "stats: hosts live, 11,000 hosts; kept 11,000 hosts / 1,001,510 sessions, table 11,000 / 1,001,500; " \
-        "hosts exact 10,990, high 10 (+10), low 0 (-0); the fill's hosts exact 241 of 241 (largest 4,096)" in row
+        "hosts exact 10,990, high 10 (+10), low 0 (-0); the fill's hosts exact 241 of 241 (largest 4,096); " \
+        "1 sweeps ended since the reload; right after it (read at once), the fill's hosts exact 240 of 241, " \
+        "high 1, low 0 |" in row
     row = next(x for x in md.splitlines() if x.startswith("| reload turning it off"))
     assert "| 0.31 s; no walk; stats: hosts sweep; new flows median 1,990 pps before" in row
 

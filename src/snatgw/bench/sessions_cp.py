@@ -189,17 +189,29 @@ def _med(xs: list) -> float | None:
     return xs[len(xs) // 2] if xs else None
 
 
+def _walks(gw: Gateway) -> tuple:
+    """(sweeps, recounts, a walk running now) from the daemon's status: answered on its loop
+    thread, so also while a reload holds the worker."""
+    st = _status(gw)
+    return ((st.get("sweeps") or {}).get("count"), (st.get("recounts") or {}).get("count"),
+            st.get("walk_running_seconds") is not None)
+
+
 def reload_series(t, gw: Gateway, action, before: float = 2.0, after: float = 2.0, step: float = 0.25,
                   pps: int = RELOAD_NEW_PPS) -> dict:
-    """New flows (each packet a new inside host and port of 198.18.128.0/17, trafgen at
-    ``pps``, evenly spaced) while ``action()`` (a reload: returns its reply) runs in a thread begun ``before``
-    s into the series; the series ends ``after`` s after it returned.  Per window of ~``step``
-    s: the translated pps at the sink, the generator's offered pps, and whether the action ran
-    in it; the medians before / during / after; the datapath's XLATE_NEW, DROP_HOST_LIMIT and
-    DROP_TABLE_FULL over the series.  No control call while the action runs but the action."""
+    """New flows (each packet a new inside host and port of 198.18.129.0-198.18.255.255, trafgen at
+    ``pps``, evenly spaced) while ``action()`` (a reload: returns its reply) runs in a thread
+    begun ``before`` s into the series; the series ends ``after`` s after it returned.  Per
+    window of ~``step`` s: the translated pps at the sink, the generator's offered pps, whether
+    the action ran in it and whether a walk of the table (a sweep or the recount) ran in it
+    (the daemon's status at its end: one running, or one ended since the last look); the
+    medians before / during / after, and in windows with and without a walk; the datapath's
+    XLATE_NEW, DROP_HOST_LIMIT and DROP_TABLE_FULL over the series."""
     import tempfile
 
-    conf = traffic.trafgen_conf(t.gw_in_mac, "new", dport="drnd(1024, 65535)")
+    # never from the fill's hosts (198.18.128.0 + i, i < hosts <= 256): their sessions stay
+    # as filled, so their counts can be judged against the table at any moment
+    conf = traffic.trafgen_conf(t.gw_in_mac, "new-above-seq", dport="drnd(1024, 65535)")
     r0 = sc.daemon_reasons(gw) or {}
     done: dict = {}
 
@@ -223,6 +235,7 @@ def reload_series(t, gw: Gateway, action, before: float = 2.0, after: float = 2.
         try:
             time.sleep(0.3)
             c0, o0, t0 = traffic.read_counters(gw.count_ns), traffic.tx_packets(t.gen), time.monotonic()
+            k0 = _walks(gw)
             begin = t0
             while True:
                 now = time.monotonic()
@@ -233,10 +246,11 @@ def reload_series(t, gw: Gateway, action, before: float = 2.0, after: float = 2.
                     break
                 time.sleep(step)
                 c1, o1, t1 = traffic.read_counters(gw.count_ns), traffic.tx_packets(t.gen), time.monotonic()
+                k1 = _walks(gw)
                 windows.append({"t0": t0 - begin, "t1": t1 - begin, "pps": (c1[0] - c0[0]) / (t1 - t0),
                                 "offered_pps": (o1 - o0) / (t1 - t0), "translated": c1[0] - c0[0],
-                                "offered": o1 - o0})
-                c0, o0, t0 = c1, o1, t1
+                                "offered": o1 - o0, "walk": k1[2] or k1[:2] != k0[:2]})
+                c0, o0, t0, k0 = c1, o1, t1, k1
         finally:
             traffic._stop_group(p)
     th.join(RELOAD_SERIES_MAX)
@@ -258,7 +272,11 @@ def reload_series(t, gw: Gateway, action, before: float = 2.0, after: float = 2.
            # the generator shares CPU0 with the gateway's softirq work: a dip in both is the
            # pipeline slowed (CPU taken), translated below offered is flows the gateway lost
            "translated_during": sum(w["translated"] for w in windows if w["phase"] == "during"),
-           "offered_during": sum(w["offered"] for w in windows if w["phase"] == "during")}
+           "offered_during": sum(w["offered"] for w in windows if w["phase"] == "during"),
+           # every phase: is a dip the reload's, or any walk's (under pressure sweeps run back to back)?
+           "median_pps_walk": _med([w["pps"] for w in windows if w["walk"]]),
+           "median_pps_no_walk": _med([w["pps"] for w in windows if not w["walk"]]),
+           "windows_walk": sum(1 for w in windows if w["walk"]), "windows_no_walk": sum(1 for w in windows if not w["walk"])}
     for name in ("XLATE_NEW", "DROP_HOST_LIMIT", "DROP_TABLE_FULL"):
         out[name.lower()] = r1.get(name, 0) - r0.get(name, 0)
     return out
@@ -323,12 +341,24 @@ def host_limit_reloads(t, gw: Gateway, fill_timeout: int, fill_hosts: set[str], 
     def reload():
         return call(gw.socket, {"op": "reload"}, timeout=RELOAD_SERIES_MAX)
 
+    snap: dict = {}
+
+    def reload_and_look():
+        """The reload, then at once the counts it produced (before any later sweep can end:
+        one takes seconds at this size) and the daemon's sweep count."""
+        t0 = time.monotonic()
+        reply = reload()
+        snap["seconds"] = time.monotonic() - t0
+        snap["kept"], snap["sweeps"] = kept_host_counts(gw), _walks(gw)[0]
+        return reply
+
     out: dict = {"limit": HOST_LIMIT}
     st0 = _status(gw)
     out["recounts_before"] = st0.get("recounts")
     gw.extra_settings = (f"timeout udp {fill_timeout}", f"max_sessions_per_host {HOST_LIMIT}")
     gw.write_config(gw.nrules)
-    on = reload_series(t, gw, reload)
+    on = reload_series(t, gw, reload_and_look)
+    on["seconds"] = snap.get("seconds")  # the reload's own, without the look after it
     st1 = _status(gw)
     on["recount"] = st1.get("recounts")
     on["walked"] = (st1.get("recounts") or {}).get("count") != (st0.get("recounts") or {}).get("count")
@@ -337,13 +367,18 @@ def host_limit_reloads(t, gw: Gateway, fill_timeout: int, fill_hosts: set[str], 
     p = call(gw.socket, {"op": "stats"}, timeout=60)["stats"].get("pressure") or {}
     on["stats"] = {k: p.get(k) for k in ("hosts_counted", "hosts_total")}
     on["stats"]["top_host"] = (p.get("hosts") or [None])[0]
-    n0 = (_status(gw).get("sweeps") or {}).get("count")
+    # the traffic has stopped: the table's own count per host, against the kept counts now
+    # (the recount's, plus the datapath's increments since; a sweep since would have made them
+    # its own) and, for the fill's hosts, against the counts right after the reload
     t0 = time.monotonic()
     kept = kept_host_counts(gw)
     true = true_host_counts(gw)
     on["counts_read_seconds"] = time.monotonic() - t0
     on["counts"] = compare_counts(kept, true, fill_hosts)
-    on["counts"]["sweep_ended_while_read"] = (_status(gw).get("sweeps") or {}).get("count") != n0
+    on["counts"]["sweeps_since_reload"] = sweeps(_status(gw)) - (snap.get("sweeps") or 0) if snap else None
+    if "kept" in snap:
+        k0 = {h: snap["kept"][h] for h in fill_hosts if h in snap["kept"]}
+        on["counts_at_reload"] = compare_counts(k0, {h: true[h] for h in fill_hosts if h in true}, fill_hosts)
     out["on"] = on
     echo(f"  host limit on by reload: {on['seconds']} s, recount {on['recount']}, new flows "
          f"{on['median_pps_before']} -> {on['median_pps_during']} pps (min {on['min_pps_during']}), "
@@ -408,7 +443,8 @@ def run(echo=print, duration: float = 3.0, fill: int = 1_000_000, config: str = 
                     echo(f"  established traffic while sweeping: {d}")
                     base = int(IPv4Address("198.18.128.0"))  # trafgen_conf's seq_hosts sources
                     fill_hosts = {str(IPv4Address(base + i)) for i in range(hosts)}
-                    out["host_limit"] = host_limit_reloads(t, gw, fill_timeout, fill_hosts, echo)
+                    if hosts <= 256:  # the series' new flows come from other hosts (reload_series)
+                        out["host_limit"] = host_limit_reloads(t, gw, fill_timeout, fill_hosts, echo)
                     # now the 20 s timeout: every filled session has been idle since `stop` at least
                     gw.extra_settings = (f"timeout udp {UDP_TIMEOUT}",)
                     gw.write_config(gw.nrules)
@@ -526,12 +562,16 @@ def host_limit_rows(h: dict | None, sweeps: dict | None = None) -> list[str]:
                 f"(min {fmt(s.get('min_pps_during'))}; {s.get('windows_during', 0)} windows, "
                 f"{s.get('zero_windows_during', 0)} at 0; offered {fmt(s.get('median_offered_pps_during'))}; "
                 f"{fmt(s.get('translated_during'))} of {fmt(s.get('offered_during'))} offered packets translated), "
-                f"{fmt(s.get('median_pps_after'))} after; XLATE_NEW {fmt(s.get('xlate_new'))}, "
+                f"{fmt(s.get('median_pps_after'))} after; in windows where a walk ran (a sweep or the recount, any "
+                f"phase) median {fmt(s.get('median_pps_walk'))} ({s.get('windows_walk', '?')} windows), in the "
+                f"others {fmt(s.get('median_pps_no_walk'))} ({s.get('windows_no_walk', '?')}); "
+                f"XLATE_NEW {fmt(s.get('xlate_new'))}, "
                 f"DROP_HOST_LIMIT {fmt(s.get('drop_host_limit'))}, DROP_TABLE_FULL {fmt(s.get('drop_table_full'))}")
 
     on, off = h.get("on") or {}, h.get("off") or {}
     rc = on.get("recount") or {}
     c = on.get("counts") or {}
+    c0 = on.get("counts_at_reload") or {}
     st = on.get("stats") or {}
     longest = (sweeps or {}).get("max_seconds")
     rows = [
@@ -550,8 +590,10 @@ def host_limit_rows(h: dict | None, sweeps: dict | None = None) -> list[str]:
         f"{fmt(c.get('sessions_counted'))} sessions, table {fmt(c.get('hosts_true'))} / "
         f"{fmt(c.get('sessions_true'))}; hosts exact {fmt(c.get('hosts_exact'))}, high {fmt(c.get('hosts_high'))} "
         f"(+{fmt(c.get('high_by'))}), low {fmt(c.get('hosts_low'))} (-{fmt(c.get('low_by'))}); the fill's hosts "
-        f"exact {fmt(c.get('fill_hosts_exact'))} of {fmt(c.get('fill_hosts'))} (largest {fmt(c.get('max_true'))})"
-        f"{'; a sweep ended while they were read' if c.get('sweep_ended_while_read') else ''} | "
+        f"exact {fmt(c.get('fill_hosts_exact'))} of {fmt(c.get('fill_hosts'))} (largest {fmt(c.get('max_true'))}); "
+        f"{c.get('sweeps_since_reload', '?')} sweeps ended since the reload; right after it (read at once), the "
+        f"fill's hosts exact {fmt(c0.get('fill_hosts_exact'))} of {fmt(c0.get('fill_hosts'))}, high "
+        f"{fmt(c0.get('hosts_high'))}, low {fmt(c0.get('hosts_low'))} | "
         f"exact, or high by flows made during the walk; never low |",
     ]
     if off:

@@ -26,6 +26,8 @@ PATTERNS = {
     "ports10k": (topo.GEN_ADDR, "dinc(10000, 19999)"),
     # every packet a new flow: random source address in 198.18.128.0/17 and random port
     "new": ("198.18.128.0, sa[2:2]=drnd(32768, 65535)", "drnd(1024, 65535)"),
+    # the same from 198.18.129.0-198.18.255.255: never one of the first 256 seq_hosts sources
+    "new-above-seq": ("198.18.128.0, sa[2:2]=drnd(33024, 65535)", "drnd(1024, 65535)"),
     # port pressure: one inside host, random source ports over all 65,536 (issue 11)
     "ports64k": (topo.GEN_ADDR, "drnd(0, 65535)"),
 }

@@ -660,12 +660,15 @@ class BpfBackend:
         """The sweeps for the daemon's status: how many, the longest and the last; and the
         recount walks (a host limit turned on by reload: docs/datapath.md step 15)."""
         r = self.last_sweep
+        since = self._walk_since
         return {"sweeps": {"count": self._sweeps, "max_seconds": round(self._sweep_max, 4),
                            "under_pressure": self.pressure_sweeps,
                            "last_seconds": round(r.seconds, 4) if r else None,
                            "last_visited": r.visited if r else None, "last_removed": r.removed if r else None,
                            "last_live": r.live if r else None},
-                "recounts": dict(self.recounts)}  # fmt: skip
+                "recounts": dict(self.recounts),
+                # a walk (sweep, flush or recount) running now: for how long; None: none
+                "walk_running_seconds": None if since is None else round(max(0.0, _clock() - since), 3)}  # fmt: skip
 
     def iter_sessions(self, flt: SessionFilter = ALL, limit: int | None = None):
         """The sessions the filter selects, one batch of the table in memory at a time."""
