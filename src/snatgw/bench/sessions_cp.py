@@ -8,6 +8,10 @@ reload the config with `timeout udp 20` at that moment; then report:
 - time of a full `snatgw conns --json` (its lines counted, not kept) and the peak RSS of the
   daemon and of the CLI meanwhile;
 - the daemon's peak RSS over the whole scenario (VmHWM), sampled RSS too;
+- at the filled table (before the timeout cut), the reload that turns a host limit on (the
+  recount walk of docs/datapath.md step 15) and the one that turns it off, under a steady
+  stream of new flows: times, the rate, the per-host counts against the table's
+  (host_limit_reloads);
 - new flows after every filled session has expired but before the sweep may have removed
   them: translated rate and DROP_TABLE_FULL refusals (the table holds only expired sessions);
 - sessions left (kept count and map entries) at 3x the UDP timeout after the traffic stopped;
