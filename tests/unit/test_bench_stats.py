@@ -173,3 +173,18 @@ def test_spread_new_flow_scenario_randomises_the_server_port():
     text = traffic.trafgen_conf("02:00:00:00:00:01", pattern, **conf)
     assert "dp=drnd(1024, 65535)" in text
     assert "dp=9" in traffic.trafgen_conf("02:00:00:00:00:01", pattern)
+
+
+def test_port_pressure_counts_only_its_own_searches():
+    """3c records the allocator's counters over its own run: the daemon's totals since start
+    (3a and 3a' of the round searched before it) less those read before the blast; a counter
+    missing on either side (an unreachable daemon, an older datapath) is None, not 0."""
+    before = {"spill_memo_hits": 0, "spill_memos_written": 0, "port_searches": 40_000, "port_search_tries": 40_100,
+              "tries_per_search": 1.0}  # fmt: skip
+    after = {"spill_memo_hits": 4_900, "spill_memos_written": 10, "port_searches": 102_010,
+             "port_search_tries": 210_627, "tries_per_search": 2.06,
+             "last_interval": {"seconds": 2.0, "searches_per_sec": 1.0, "tries_per_sec": 3.0, "tries_per_search": 3.0}}
+    assert scenarios.allocator_delta(before, after) == {
+        "spill_memo_hits": 4_900, "spill_memos_written": 10, "port_searches": 62_010, "port_search_tries": 170_527}
+    assert scenarios.allocator_delta(None, after)["port_searches"] is None
+    assert scenarios.allocator_delta(before, None) == {}

@@ -73,6 +73,9 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     counts them."""
     _fresh_table(t, gw)  # earlier scenarios of this round filled it: measure from empty
     before = _conntrack_stat(t.gw) if gw.name == "nft-kernel" else {}
+    # the allocator's counters run since the daemon started (3a, 3a' of this round: searches of
+    # one try each): this run's are the difference
+    alloc0 = daemon_allocator(gw) if gw.name.startswith("snatgw-") else None
     prog = None
     with bpf_stats(gw.name == "snatgw-bpf"):  # where the live cost goes: the program's own time
         p0 = _tc_prog_stats(t.gw, topo.GW_IN) if gw.name == "snatgw-bpf" else None
@@ -96,11 +99,10 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
         rec["refused_flows"] = after.get("insert_failed", 0) - before.get("insert_failed", 0)
     elif gw.name.startswith("snatgw-"):
         reasons = daemon_reasons(gw) or {}
-        alloc = daemon_allocator(gw)
-        if alloc:
-            rec["spill_memo_hits"] = alloc.get("spill_memo_hits")
-            rec["port_searches"] = alloc.get("port_searches")
-            rec["port_search_tries"] = alloc.get("port_search_tries")
+        alloc = allocator_delta(alloc0, daemon_allocator(gw))
+        for k in ("spill_memo_hits", "port_searches", "port_search_tries"):
+            if alloc.get(k) is not None:
+                rec[k] = alloc[k]
         rec["sessions"] = daemon_sessions(gw)
         rec["refused_flows"] = reasons.get("DROP_PORT_EXHAUSTED", 0)
         rec["refused_marker_packets"] = reasons.get("DROP_REFUSED_RECENTLY", 0)
@@ -352,6 +354,14 @@ def daemon_allocator(gw: Gateway) -> dict[str, int] | None:
         return call(gw.socket, {"op": "stats"}, timeout=120)["stats"].get("pressure", {}).get("allocator")
     except Exception:  # noqa: BLE001
         return None
+
+
+def allocator_delta(before: dict | None, after: dict | None) -> dict[str, int | None]:
+    """The allocator's counters over one run: ``after`` less ``before`` (daemon_allocator
+    readings); a counter either lacks (nft, an old datapath) is None, never a made-up 0."""
+    before, after = before or {}, after or {}
+    return {k: (v - before[k] if isinstance(v, int) and isinstance(before.get(k), int) else None)
+            for k, v in after.items() if k not in ("last_interval", "tries_per_search")}
 
 
 def daemon_reasons(gw: Gateway) -> dict[str, int] | None:
