@@ -231,3 +231,26 @@ def test_port_search_length_over_the_last_rate_interval(tmpdir_short):
             ["stats", "--socket", r.sock])
     finally:
         r.close()
+
+
+def test_pins_older_than_the_search_counters_show_none_rather_than_zero():
+    """`stats --pin-dir` over a pinned snat_alloc_cnt of the older layout (two counters, the
+    spill memo's): the search counters are absent, so no `port search` line and no metric,
+    never a made-up 0."""
+    from snatgw import layout as L
+    from snatgw.cli.commands.stats import render_pressure
+    from snatgw.datapath.backend import pressure_summary
+    from snatgw.datapath.bpf.maps import DatapathMaps, map_specs
+
+    class OldCounters:
+        max_entries = 2
+
+        def sum_percpu(self, k):
+            assert k < 2, "read past the map"
+            return 7
+
+    maps = {name: object() for name in map_specs()} | {L.MAP_ALLOC_CNT: OldCounters()}
+    alloc = DatapathMaps(maps).alloc_counts()
+    assert alloc == {"spill_memo_hits": 7, "spill_memos_written": 7}
+    text = "\n".join(render_pressure(pressure_summary({}, {}, 0, 10, allocator=alloc)))
+    assert "spill memo: 7" in text and "port search" not in text

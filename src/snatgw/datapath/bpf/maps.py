@@ -373,11 +373,12 @@ class DatapathMaps:
 
     def alloc_counts(self) -> dict[str, int]:
         """The port allocator's counters (snat_alloc_cnt) summed over CPUs, by
-        layout.ALLOC_CNT_NAMES; {} when the pinned maps predate them."""
+        layout.ALLOC_CNT_NAMES; {} when the pinned maps predate them, and only the counters a
+        pinned map of an older layout has room for (its missing keys would read 0: made up)."""
         m = self.maps.get(L.MAP_ALLOC_CNT)
         if m is None:
             return {}
-        return {name: m.sum_percpu(k) for k, name in L.ALLOC_CNT_NAMES.items()}
+        return {name: m.sum_percpu(k) for k, name in L.ALLOC_CNT_NAMES.items() if k < m.max_entries}
 
     def rule_counters(self) -> dict[int, RuleCounters]:
         out = {}
