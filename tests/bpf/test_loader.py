@@ -283,3 +283,40 @@ def test_a_pin_dir_made_by_someone_else_is_refused(pin_dir, mini_obj, how, tmp_p
         if how == "symlink":
             os.unlink(pin_dir)
             os.rmdir(pin_dir + "-real")
+
+
+@pytest.mark.bpf
+def test_pinned_counters_of_an_older_length_are_replaced_and_state_kept(pin_dir, mini_obj, caplog):
+    """A daemon of an older layout left snat_alloc_cnt with fewer counters (an upgrade that
+    adds one): a restart keeping state replaces that counter array (warned: its counts start
+    from zero) and adopts the sessions as before; a state map of another size is still refused."""
+    a = Loader(pin_dir, 64, mini_obj)
+    a.load().ct.put(ct_key(2), bytes(L.CT_ENTRY.size))
+    a.stop(keep_state=True)
+    path = os.path.join(pin_dir, L.MAP_ALLOC_CNT)
+    os.unlink(path)
+    with B.BpfObject.open(mini_obj) as o:  # a per-CPU u64 array of another length in its place
+        o.set_max_entries(L.MAP_REASONS, 2)
+        o.load()
+        o.map(L.MAP_REASONS).pin(path)
+    b = Loader(pin_dir, 64, mini_obj)
+    try:
+        m = b.load()
+        assert m.ct.get(ct_key(2)) is not None and L.MAP_CT in b.reused
+        assert L.MAP_ALLOC_CNT not in b.reused
+        assert B.map_info(m.maps[L.MAP_ALLOC_CNT].fd).max_entries == L.ALLOC_CNT_N
+        fd = B.obj_get(path)
+        try:
+            assert B.map_info(fd).max_entries == L.ALLOC_CNT_N  # the pin is the new one
+        finally:
+            os.close(fd)
+        assert "its counts start again from zero" in caplog.text
+    finally:
+        b.stop(keep_state=True)
+    os.unlink(os.path.join(pin_dir, L.MAP_CT))  # a state map of another layout: refused, kept
+    with B.BpfObject.open(mini_obj) as o:
+        o.set_max_entries(L.MAP_CT, 7)
+        o.load()
+        o.map(L.MAP_CT).pin(os.path.join(pin_dir, L.MAP_CT))
+    with pytest.raises(BackendError, match="snat_ct.*max_entries is 7"):
+        Loader(pin_dir, 64, mini_obj).load()

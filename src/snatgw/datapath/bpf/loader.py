@@ -95,6 +95,19 @@ def unpin(pin_dir: str) -> None:
         os.rmdir(pin_dir)
 
 
+#: per-CPU counter arrays: nothing but counts, which a new layout may lengthen (a new reason,
+#: a new allocator counter); an older one pinned by the daemon before an upgrade is replaced,
+#: not refused, so that a restart keeping state works across the upgrade (edge invariant 4)
+COUNTER_MAPS = (L.MAP_REASONS, L.MAP_ALLOC_CNT, L.MAP_AUDIT_CNT)
+
+
+def _older_counters(spec, info: B.MapInfo) -> bool:
+    """``info`` (a pinned map) is one of COUNTER_MAPS in an older length: same type, key and
+    value sizes as ``spec``, other max_entries.  Anything else that differs is refused."""
+    return (spec.name in COUNTER_MAPS and info.type == spec.type and info.key_size == spec.key_size
+            and info.value_size == spec.value_size and info.max_entries != spec.max_entries)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- attachments
 
 
@@ -162,6 +175,7 @@ class Loader:
         obj = B.BpfObject.open(self._object_path())
         pinned_fds: list[int] = []
         made: list[str] = []  # pins this call created (removed again on failure)
+        replaced: list[str] = []  # pinned counter arrays of an older layout (_older_counters)
         try:
             names = set(obj.map_names())
             missing = [n for n in specs if n not in names]
@@ -173,10 +187,19 @@ class Loader:
                 if os.path.exists(path):
                     fd = B.obj_get(path)
                     pinned_fds.append(fd)
-                    spec.check(B.map_info(fd), path)
+                    info = B.map_info(fd)
+                    if _older_counters(spec, info):
+                        log.warning("%s: pinned with %d counters, this snatgw keeps %d: a new one replaces it "
+                                    "(its counts start again from zero; sessions and rules are kept)",
+                                    path, info.max_entries, spec.max_entries)  # fmt: skip
+                        replaced.append(path)
+                        continue
+                    spec.check(info, path)
                     obj.reuse_fd(name, fd)
                     self.reused.append(name)
             obj.load()
+            for path in replaced:  # the old map lives on with the programs attached until ours replace them
+                os.unlink(path)
             for name in specs:
                 if name not in self.reused:
                     path = os.path.join(self.pin_dir, name)
