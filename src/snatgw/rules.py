@@ -309,37 +309,43 @@ class Rule:
 
 
 def leak_guard_nets(rules: Iterable[Rule]) -> dict[IPv4Network, int]:
-    """The egress guard's nets (docs/datapath.md "egress program"), net -> kind: every rule's
-    `from` net (FROM_NET_RULE: the full check), and the prefixes of the rules' pools that lie
-    strictly inside one of them (FROM_NET_POOL: a source there is one of our SNAT addresses
-    and passes at once, without the FIB's "is it local"; under a catch-all `from` that is
-    every translated packet).  The longest match decides, as in the LPM trie.  A pool prefix
-    that is itself a rule's `from` net stays FROM_NET_RULE.  Pool prefixes only spare work:
-    only as many as fit beside the `from` nets in MAX_FROM_NETS (in rule order, then address
-    order) are kept; the rest of the pool takes the full check."""
+    """snat_from_nets (docs/datapath.md step 2a and "egress program"), net -> kind: every
+    rule's `from` net (FROM_NET_RULE: the egress guard's full check), and the prefixes of the
+    rules' pools (FROM_NET_POOL).  The longest match decides, as in the LPM trie.  A source
+    whose longest match is a pool prefix is one of our SNAT addresses: it passes the egress
+    guard at once, without the FIB's "is it local" (under a catch-all `from` that is every
+    translated packet), and no inside host may send with it (step 2a drops it, held by the
+    gateway or not).  A pool prefix that is itself a rule's `from` net stays FROM_NET_RULE.
+    Pool prefixes fill the room the `from` nets leave in MAX_FROM_NETS: first those inside a
+    `from` net (they spare the egress guard its FIB lookup), then the others, each in rule
+    order; beyond that the routes alone judge (a held pool address is local: dropped too)."""
     rules = list(rules)
     nets: dict[IPv4Network, int] = {}
     for r in rules:
         nets.setdefault(r.src, FROM_NET_RULE)
     froms = {(int(n.network_address), n.prefixlen) for n in nets}
     lens = sorted({n.prefixlen for n in nets}, reverse=True)
-    room = MAX_FROM_NETS - len(nets)
+
+    def in_from(p: IPv4Network) -> bool:
+        a, plen = int(p.network_address), p.prefixlen
+        return any(ln < plen and (a & (0xFFFFFFFF << (32 - ln)) & 0xFFFFFFFF, ln) in froms for ln in lens)
+
     pools = dict.fromkeys((r.pool.first, r.pool.last) for r in rules)  # each pool once, in rule order
-    for first, last in pools:
-        for p in ipaddress.summarize_address_range(first, last):
-            if room <= 0:
-                return nets
-            a, plen = int(p.network_address), p.prefixlen
-            inside = any(l < plen and (a & (0xFFFFFFFF << (32 - l)) & 0xFFFFFFFF, l) in froms for l in lens)
-            if inside and p not in nets:
-                nets[p] = FROM_NET_POOL
-                room -= 1
+    prefixes = [p for first, last in pools for p in ipaddress.summarize_address_range(first, last)]
+    room = MAX_FROM_NETS - len(nets)
+    for p in [p for p in prefixes if in_from(p)] + [p for p in prefixes if not in_from(p)]:
+        if room <= 0:
+            break
+        if p not in nets:
+            nets[p] = FROM_NET_POOL
+            room -= 1
     return nets
 
 
 def leak_guard_passes(rules: Iterable[Rule]) -> list[IPv4Network]:
-    """The addresses the egress guard passes at once as a pool's (leak_guard_nets: those whose
-    longest match is FROM_NET_POOL), as few merged prefixes: the pool prefixes less every
+    """The addresses of the `from` nets that the egress guard passes at once as a pool's
+    (leak_guard_nets: those whose longest match is FROM_NET_POOL), as few merged prefixes: the
+    pool prefixes inside a `from` net less every
     `from` net inside one (the longer match, which takes the full check).  The leak guard's
     nft table (datapath/bpf/guard.py) passes the same, so a translated packet the kernel
     forwards (over the MTU without DF) is judged as a redirected one is."""
@@ -347,8 +353,8 @@ def leak_guard_passes(rules: Iterable[Rule]) -> list[IPv4Network]:
     froms = [n for n, kind in nets.items() if kind == FROM_NET_RULE]
     out: list[IPv4Network] = []
     for p, kind in nets.items():
-        if kind != FROM_NET_POOL:
-            continue
+        if kind != FROM_NET_POOL or not any(p.prefixlen > f.prefixlen and p.subnet_of(f) for f in froms):
+            continue  # (outside every `from` net the table judges nothing)
         parts = [p]
         for f in froms:
             if f.prefixlen <= p.prefixlen:  # not inside p (p lies inside it, or apart)

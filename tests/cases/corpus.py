@@ -530,6 +530,18 @@ def _scenarios() -> list[Scenario]:
         egress(udp(A3, R2, 5353, 53, ttl=63), DROP, R.DROP_LEAK, dev="eth2"),  # and stopped
         inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
     ], rules=[{"from": "0.0.0.0/0", "to": "203.0.113.0/24", "snat_ip": pin}])  # fmt: skip
+    add("spoofed_pool_source_in_no_from_net", "A pool that lies in no rule's `from` net is in "
+        "snat_from_nets too (FROM_NET_POOL): a host on the inside subnet the pool address is "
+        "routed to (the gateway does not hold it) sending as it is DROP_SPOOFED, though the "
+        "route back leads where it came from and no rule matches its source: as the gateway's "
+        "mapping it would reach the remotes of lan50's sessions.  lan50's flows are translated "
+        "to it as the rule says.", [
+        inside(udp(pin, R1, 5000, 53), DROP, R.DROP_SPOOFED),
+        inside(tcp(pin, R1, 5001, 80, "S"), DROP, R.DROP_SPOOFED),
+        inside(udp(A3, R1, 5353, 53), PASS, R.PASS_NO_RULE),  # lan40's own address: no rule, routed
+        inside(udp(C, R1, 5353, 53), RED, R.XLATE_NEW, dev="lan50"),
+        egress(udp(pin, R1, 5000, 53), PASS, R.PASS_ICMP_OTHER),  # in no `from` net: never a leak
+    ], rules=[{"from": "198.18.50.0/24", "snat_ip": pin}])  # fmt: skip
     n1_, n2_ = fragments(R1, A, 53, 5353, ident=0x6a6a)
     add("no_way_in", "From an uplink, a packet without a session that the FIB would forward (to an "
         "inside host, or back out) is dropped, DROP_INBOUND, whatever its protocol; what is for the "

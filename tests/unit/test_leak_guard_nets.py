@@ -24,15 +24,15 @@ def test_pool_prefixes_inside_a_from_net_pass_and_nothing_else_changes():
     nets = leak_guard_nets([rule("198.18.0.0/15", "198.19.1.1-198.19.1.11"), rule("10.0.0.0/8", "203.0.113.5")])
     assert nets[IPv4Network("198.18.0.0/15")] == L.FROM_NET_RULE
     assert nets[IPv4Network("10.0.0.0/8")] == L.FROM_NET_RULE
-    # the pool outside every `from` net gets no entry: the LPM misses it anyway
-    assert not any(IPv4Address("203.0.113.5") in n for n in nets)
+    # a pool outside every `from` net is in too: step 2a drops it as a source, held or not
+    assert judged(nets, "203.0.113.5") == L.FROM_NET_POOL
     for i in range(1, 12):
         assert judged(nets, f"198.19.1.{i}") == L.FROM_NET_POOL
     for a in ("198.19.1.0", "198.19.1.12", "198.18.0.1", "198.19.255.255"):
         assert judged(nets, a) == L.FROM_NET_RULE
     # exactly the pool: the prefixes cover it and nothing beside it
     covered = {a for n, k in nets.items() if k == L.FROM_NET_POOL for a in n}
-    assert covered == {IPv4Address(f"198.19.1.{i}") for i in range(1, 12)}
+    assert covered == {IPv4Address(f"198.19.1.{i}") for i in range(1, 12)} | {IPv4Address("203.0.113.5")}
 
 
 def test_a_from_net_inside_a_pool_keeps_the_full_check():
@@ -61,8 +61,8 @@ def test_pool_prefixes_are_capped_beside_the_from_nets(monkeypatch):
 
 
 def test_random_rule_sets_agree_with_the_definition():
-    """Whatever the rules, an address judged FROM_NET_POOL is a pool address inside a `from`
-    net and no `from` net is longer there; every `from` net is in."""
+    """Whatever the rules, an address judged FROM_NET_POOL is a pool address and no `from` net
+    is longer there; every `from` net is in, and (no cap reached) every pool address."""
     rnd = random.Random(7)
     for _ in range(200):
         rules = []
@@ -80,12 +80,12 @@ def test_random_rule_sets_agree_with_the_definition():
             longest_from = max((n.prefixlen for n in hits), default=None)
             kind = judged(nets, str(a))
             if kind == L.FROM_NET_POOL:
-                assert in_pool and hits
-                assert max(n.prefixlen for n in nets if a in n) > longest_from
+                assert in_pool
+                assert not hits or max(n.prefixlen for n in nets if a in n) > longest_from
             elif hits:
                 assert kind == L.FROM_NET_RULE
             else:
-                assert kind is None
+                assert kind is None and not in_pool  # every pool address is in (no cap here)
 
 
 def test_the_guard_tables_passes_are_exactly_what_the_trie_judges_a_pool():
@@ -107,4 +107,7 @@ def test_the_guard_tables_passes_are_exactly_what_the_trie_judges_a_pool():
         nets, passes = leak_guard_nets(rules), leak_guard_passes(rules)
         for _ in range(60):
             a = IPv4Address(0xC6130000 | rnd.getrandbits(11))
-            assert any(a in p for p in passes) == (judged(nets, str(a)) == L.FROM_NET_POOL), (rules, a)
+            if any(a in r.src for r in rules):  # the guard table judges the `from` nets' sources
+                assert any(a in p for p in passes) == (judged(nets, str(a)) == L.FROM_NET_POOL), (rules, a)
+            else:
+                assert not any(a in p for p in passes)
