@@ -250,6 +250,19 @@ def test_stats_rows_name_each_rule_and_large_numbers_shorten_unless_exact():
     assert "123456789" in admcli.format_stats(_rules_resp(t), stats, exact=True).splitlines()[3]
 
 
+def test_rate_shows_the_port_searches_when_the_backend_counts_them():
+    """--rate: per-rule rates, then (bpf) the port searches per second and their mean tries
+    over the interval; nothing of the kind where the backend has no allocator counters (nft)."""
+    t = table_of(SEED[:2])
+    rate = {"rules": {}, "allocator": {"searches_per_sec": 812.25, "tries_per_sec": 1533.0,
+                                       "tries_per_search": 1.887}}  # fmt: skip
+    out = admcli.format_stats(_rules_resp(t), {}, rate=rate).splitlines()
+    assert out[-1] == "port search: 812.2 searches/s, 1.89 tries per search"
+    idle = dict(rate, allocator={"searches_per_sec": 0.0, "tries_per_sec": 0.0, "tries_per_search": None})
+    assert admcli.format_stats(_rules_resp(t), {}, rate=idle).splitlines()[-1].endswith("- tries per search")
+    assert "port search" not in admcli.format_stats(_rules_resp(t), {}, rate={"rules": {}})
+
+
 # ---------------------------------------------------------------- -R as a restore (replace)
 
 

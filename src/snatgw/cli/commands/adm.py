@@ -141,6 +141,11 @@ def format_stats(rules: list[dict], stats: dict, exact: bool = False, rate: dict
         from .stats import render_pressure
 
         rows += [""] + render_pressure(stats["pressure"])[:-1]
+    al = (rate or {}).get("allocator")
+    if al:  # bpf: how hard the port searches worked over the interval (a sign of port pressure)
+        per = al.get("tries_per_search")
+        rows += ["", f"port search: {al.get('searches_per_sec', 0):.1f} searches/s, "
+                     f"{'-' if per is None else f'{per:.2f}'} tries per search"]  # fmt: skip
     return "\n".join(lines + rows)
 
 
