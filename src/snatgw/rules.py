@@ -308,6 +308,32 @@ class Rule:
         return " ".join(parts)
 
 
+class _NetIndex:
+    """A set of networks (the rules' `from` nets), for what leak_guard_nets and
+    leak_guard_passes ask of each pool prefix: whether one of them strictly holds it (a
+    lookup per distinct prefix length) and which of them it strictly holds (a bisection of
+    the networks by address), so neither walks all the rules for each prefix."""
+
+    def __init__(self, nets: Iterable[IPv4Network]):
+        nets = sorted(set(nets), key=lambda n: (int(n.network_address), n.prefixlen))
+        self.keys = {(int(n.network_address), n.prefixlen) for n in nets}
+        self.lens = sorted({n.prefixlen for n in nets}, reverse=True)
+        self.starts = [int(n.network_address) for n in nets]
+        self.nets = nets
+
+    def holds(self, p: IPv4Network) -> bool:
+        """Some network strictly holds ``p`` (is shorter and contains it)."""
+        a = int(p.network_address)
+        return any(ln < p.prefixlen and (a & (0xFFFFFFFF << (32 - ln)) & 0xFFFFFFFF, ln) in self.keys
+                   for ln in self.lens)  # fmt: skip
+
+    def held_by(self, p: IPv4Network) -> list[IPv4Network]:
+        """The networks ``p`` strictly holds (longer, and inside it)."""
+        lo = bisect.bisect_left(self.starts, int(p.network_address))
+        hi = bisect.bisect_right(self.starts, int(p.broadcast_address))
+        return [n for n in self.nets[lo:hi] if n.prefixlen > p.prefixlen]
+
+
 def leak_guard_nets(rules: Iterable[Rule]) -> dict[IPv4Network, int]:
     """snat_from_nets (docs/datapath.md step 2a and "egress program"), net -> kind: every
     rule's `from` net (FROM_NET_RULE: the egress guard's full check), and the prefixes of the
@@ -323,17 +349,11 @@ def leak_guard_nets(rules: Iterable[Rule]) -> dict[IPv4Network, int]:
     nets: dict[IPv4Network, int] = {}
     for r in rules:
         nets.setdefault(r.src, FROM_NET_RULE)
-    froms = {(int(n.network_address), n.prefixlen) for n in nets}
-    lens = sorted({n.prefixlen for n in nets}, reverse=True)
-
-    def in_from(p: IPv4Network) -> bool:
-        a, plen = int(p.network_address), p.prefixlen
-        return any(ln < plen and (a & (0xFFFFFFFF << (32 - ln)) & 0xFFFFFFFF, ln) in froms for ln in lens)
-
+    froms = _NetIndex(nets)
     pools = dict.fromkeys((r.pool.first, r.pool.last) for r in rules)  # each pool once, in rule order
     prefixes = [p for first, last in pools for p in ipaddress.summarize_address_range(first, last)]
     room = MAX_FROM_NETS - len(nets)
-    for p in [p for p in prefixes if in_from(p)] + [p for p in prefixes if not in_from(p)]:
+    for p in [p for p in prefixes if froms.holds(p)] + [p for p in prefixes if not froms.holds(p)]:
         if room <= 0:
             break
         if p not in nets:
@@ -345,20 +365,18 @@ def leak_guard_nets(rules: Iterable[Rule]) -> dict[IPv4Network, int]:
 def leak_guard_passes(rules: Iterable[Rule]) -> list[IPv4Network]:
     """The addresses of the `from` nets that the egress guard passes at once as a pool's
     (leak_guard_nets: those whose longest match is FROM_NET_POOL), as few merged prefixes: the
-    pool prefixes inside a `from` net less every
-    `from` net inside one (the longer match, which takes the full check).  The leak guard's
-    nft table (datapath/bpf/guard.py) passes the same, so a translated packet the kernel
-    forwards (over the MTU without DF) is judged as a redirected one is."""
+    pool prefixes inside a `from` net less every `from` net inside one (the longer match,
+    which takes the full check).  The leak guard's nft table (datapath/bpf/guard.py) passes the
+    same, so a translated packet the kernel forwards (over the MTU without DF) is judged as a
+    redirected one is."""
     nets = leak_guard_nets(rules)
-    froms = [n for n, kind in nets.items() if kind == FROM_NET_RULE]
+    froms = _NetIndex(n for n, kind in nets.items() if kind == FROM_NET_RULE)
     out: list[IPv4Network] = []
     for p, kind in nets.items():
-        if kind != FROM_NET_POOL or not any(p.prefixlen > f.prefixlen and p.subnet_of(f) for f in froms):
+        if kind != FROM_NET_POOL or not froms.holds(p):
             continue  # (outside every `from` net the table judges nothing)
         parts = [p]
-        for f in froms:
-            if f.prefixlen <= p.prefixlen:  # not inside p (p lies inside it, or apart)
-                continue
+        for f in froms.held_by(p):
             nxt: list[IPv4Network] = []
             for part in parts:
                 if part.subnet_of(f):
