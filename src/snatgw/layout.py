@@ -254,7 +254,7 @@ MAX_HOSTS = 65536  # entries of snat_host_sess (inside hosts with live sessions)
 MAX_POOL_ADDRS = 65536  # entries of snat_addr_stats (SNAT addresses in use)
 MAX_FROM_NETS = 16384  # entries of snat_from_nets (distinct `from` nets, then pool prefixes)
 FROM_NET_RULE = 1  # snat_from_nets value: a rule's `from` net (the egress guard's full check)
-FROM_NET_POOL = 2  # snat_from_nets value: a pool prefix inside a `from` net (passes at once)
+FROM_NET_POOL = 2  # snat_from_nets value: a pool prefix (egress: passes at once; step 2a: never a source)
 MAX_INSIDE_ADDRS = 1024  # entries of snat_inside_addrs
 #: endpoint-independent mappings (snat_eim): endpoints, their owners and ADF permits; entries per
 #: session of max_sessions (an endpoint and its owner per inside endpoint, a permit per remote)

@@ -387,19 +387,20 @@ class BpfBackend:
         from .prog_maps import compile_from_nets, compile_rules  # bpf-C's compiler of rules to map bytes
 
         cfg, rules = compile_rules(config.rules, config.settings, _ifindex_or_absent)
-        clash = iif_collisions(config.settings.inside)
-        cfg = _with_flag(cfg, L.CFG_F_IIF_AMBIGUOUS, bool(clash))
-        self._note_iif_flag(clash)
+        # CFG_F_IIF_AMBIGUOUS stays as it is: _write_ifaces, which always follows (before any
+        # attach), judges it from the devices present
+        cfg = _with_flag(cfg, L.CFG_F_IIF_AMBIGUOUS, _has_flag(self.maps.cfg.get(0), L.CFG_F_IIF_AMBIGUOUS))
         # the egress guard learns new `from` nets before the rules use them, and forgets
         # removed ones only after (a removed rule's live sessions are translated anyway); in
         # between, a net that is a `from` net on either side takes the full check
         nets = compile_from_nets(config.rules)
-        both = self.maps.from_nets_now()
+        was = self.maps.from_nets_now()
+        both = dict(was)
         for k, kind in nets.items():
             both[k] = min(kind, both.get(k, kind))  # FROM_NET_RULE < FROM_NET_POOL
-        self.maps.write_from_nets(both)
+        self.maps.write_from_nets(both, have=was)
         written = install_rules(self.maps, cfg, rules, self._recount_for_limit)
-        self.maps.write_from_nets(nets)
+        self.maps.write_from_nets(nets, have=both)
         self._install_guard(config)
         log.info("installed %d rules (%d slots written)", len(rules), written)
         new_gws = {r.rule_id: r.new_gw for r in config.rules}
@@ -434,16 +435,9 @@ class BpfBackend:
         any program is attached to a device that arrived; logged when it changes."""
         clash = iif_collisions(inside)
         cfg = self.maps.cfg.get(0)
-        if cfg is None or not self._note_iif_flag(clash):
+        if cfg is None or _has_flag(cfg, L.CFG_F_IIF_AMBIGUOUS) == bool(clash):
             return
         self.maps.cfg.put(0, _with_flag(cfg, L.CFG_F_IIF_AMBIGUOUS, bool(clash)))
-
-    def _note_iif_flag(self, clash: list[str]) -> bool:
-        """Log when CFG_F_IIF_AMBIGUOUS is about to change (the map's flag against ``clash``);
-        True when it changes."""
-        cfg = self.maps.cfg.get(0)
-        if cfg is not None and bool(L.SNAT_CFG.unpack(cfg)["flags"] & L.CFG_F_IIF_AMBIGUOUS) == bool(clash):
-            return False
         if clash:
             log.warning("bpf backend: inside devices %s share their ifindex's low 16 bits, which a session "
                         "keeps: every inside packet now takes the full reverse-path check (slower); "
@@ -451,7 +445,6 @@ class BpfBackend:
         else:
             log.info("bpf backend: inside devices' ifindexes are distinct again: sessions vouch for "
                      "their sources (fast path)")
-        return True
 
     def move_sessions(self, new_gws: dict[int, ipaddress.IPv4Address | None],
                       old_gws: dict[int, ipaddress.IPv4Address | None] | None = None) -> int:  # fmt: skip
@@ -833,7 +826,12 @@ def install_rules(maps: DatapathMaps, cfg: bytes, rules: list[bytes], recount: C
 
 def _host_count(cfg: bytes) -> bool:
     """CFG_F_HOST_COUNT in a snat_cfg value."""
-    return bool(L.SNAT_CFG.unpack(cfg)["flags"] & L.CFG_F_HOST_COUNT)
+    return _has_flag(cfg, L.CFG_F_HOST_COUNT)
+
+
+def _has_flag(cfg: bytes | None, flag: int) -> bool:
+    """``flag`` (CFG_F_*) is set in a snat_cfg value (None: no value, not set)."""
+    return cfg is not None and bool(L.SNAT_CFG.unpack(cfg)["flags"] & flag)
 
 
 def _with_host_count(cfg: bytes, on: bool) -> bytes:

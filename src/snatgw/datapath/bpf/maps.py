@@ -459,13 +459,15 @@ class DatapathMaps:
             if k not in want:
                 self.ifaces.delete(k)
 
-    def write_from_nets(self, nets: dict[bytes, int]) -> None:
+    def write_from_nets(self, nets: dict[bytes, int], have: dict[bytes, int] | None = None) -> None:
         """Make snat_from_nets hold exactly ``nets`` (packed lpm_v4 -> FROM_NET_*): new and
         changed ones first, then the stale ones removed, so a net in both the old and the new
-        rule set is never absent."""
+        rule set is never absent.  ``have``: what the trie holds, when the caller knows (one
+        read of it per apply, not one per write)."""
         if len(nets) > L.MAX_FROM_NETS:
             raise BackendError(f"{len(nets)} `from` nets: the datapath holds at most {L.MAX_FROM_NETS}")
-        have = self.from_nets_now()
+        if have is None:
+            have = self.from_nets_now()
         for k, kind in nets.items():
             if have.get(k) != kind:
                 self.from_nets.put(k, struct.pack("<I", kind))

@@ -82,6 +82,6 @@ def host_counting(ruleset: RuleSet, settings: Settings) -> bool:
 
 def compile_from_nets(ruleset: RuleSet) -> dict[bytes, int]:
     """snat_from_nets, packed lpm_v4 -> kind: every rule's `from` net (FROM_NET_RULE) and the
-    pool prefixes inside them (FROM_NET_POOL), as rules.leak_guard_nets says."""
+    rules' pool prefixes (FROM_NET_POOL), as rules.leak_guard_nets says."""
     return {L.LPM_V4.pack(prefixlen=n.prefixlen, addr=n.network_address.packed): kind
             for n, kind in leak_guard_nets(ruleset).items()}  # fmt: skip
