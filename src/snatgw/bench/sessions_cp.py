@@ -303,7 +303,6 @@ def true_host_counts(gw: Gateway) -> dict[str, int]:
     """The table's own count per inside host: its OUT entries by source address (what the
     recount counts), read from the pinned session map in batches (keys only parsed)."""
     from collections import Counter
-    from ipaddress import IPv4Address
 
     from .. import layout as L
     from ..datapath.bpf.libbpf import Map
