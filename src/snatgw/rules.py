@@ -369,12 +369,27 @@ def leak_guard_passes(rules: Iterable[Rule]) -> list[IPv4Network]:
     which takes the full check).  The leak guard's nft table (datapath/bpf/guard.py) passes the
     same, so a translated packet the kernel forwards (over the MTU without DF) is judged as a
     redirected one is."""
+    return _pool_matches(rules, within_from=True)
+
+
+def pool_sources(rules: Iterable[Rule]) -> list[IPv4Network]:
+    """Every address whose longest match in leak_guard_nets is a pool prefix (FROM_NET_POOL),
+    inside a `from` net or not, as few merged prefixes: the sources step 2a of the inside
+    program refuses from an inside device whatever the routes say, held by the gateway or not
+    (docs/datapath.md).  The nft backend drops the same in its antispoof chain, so both refuse
+    an unheld pool address on an inside subnet (corpus `spoofed_pool_source_in_no_from_net`)."""
+    return _pool_matches(rules, within_from=False)
+
+
+def _pool_matches(rules: Iterable[Rule], within_from: bool) -> list[IPv4Network]:
+    """The FROM_NET_POOL prefixes of leak_guard_nets (only those inside a `from` net when
+    ``within_from``) less the `from` nets inside them, merged."""
     nets = leak_guard_nets(rules)
     froms = _NetIndex(n for n, kind in nets.items() if kind == FROM_NET_RULE)
     out: list[IPv4Network] = []
     for p, kind in nets.items():
-        if kind != FROM_NET_POOL or not froms.holds(p):
-            continue  # (outside every `from` net the table judges nothing)
+        if kind != FROM_NET_POOL or (within_from and not froms.holds(p)):
+            continue
         parts = [p]
         for f in froms.held_by(p):
             nxt: list[IPv4Network] = []

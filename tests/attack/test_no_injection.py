@@ -7,10 +7,11 @@ import socket
 import subprocess
 
 import pytest
-from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import raw
 
 from snatgw.lab.clients import ECHO_PORT
+from snatgw.lab.demo import config_text
 from snatgw.lab.netns import ns_socket
 
 from .conftest import FrameSender, mac_of, scaled, settle
@@ -47,6 +48,45 @@ def test_spoofed_pool_source_is_refused_and_never_reaches_a_session(agw):
     assert landed is None, landed
     assert not leaked_to_a
     assert spoofed >= n * len(forged)
+
+
+def test_an_unheld_pool_address_in_no_from_net_is_refused_as_an_inside_source(agw):
+    """Edge invariant 3 for a pool the gateway does not hold, on lan40's subnet, in no rule's
+    `from` net (corpus `spoofed_pool_source_in_no_from_net`, live): the route back to it leads
+    out of lan40 and no rule matches it, so only its pool prefix in the guard's trie (bpf
+    step 2a; nft's antispoof set) stops in40 sending as the gateway's mapping of lan50's flow.
+    in50's datagrams leave translated to it (the watcher sees that very source: it watched);
+    in40's spoofs with it (UDP into lan50's mapping, TCP SYNs) reach nothing, leave no uplink
+    and are counted DROP_SPOOFED."""
+    lab, servers = agw.lab, agw.lab.servers
+    pin = "198.18.40.200"
+    agw.reload(config_text([{"from": "198.18.50.0/24", "snat_ip": pin}]))
+    try:
+        n = scaled(10)
+        with ns_socket(lab.ns("in50"), socket.AF_INET, socket.SOCK_DGRAM) as c, agw.watch() as flagged:
+            c.bind(("198.18.50.10", 0))
+            for i in range(n):
+                c.sendto(f"from-lan50-{i}".encode(), (S1, ECHO_PORT))
+            seen = servers.wait_for(lambda e: e.get("event") == "datagram" and e.get("data") == f"from-lan50-{n - 1}")
+            assert seen is not None and seen["peer"].startswith(pin + ":"), seen
+            nport = int(seen["peer"].rsplit(":", 1)[1])
+            before = agw.reasons().get("DROP_SPOOFED", 0)
+            tx = FrameSender(lab, "in40", "eth0", "gw", "lan40")
+            for i in range(n):
+                tx.send(raw(IP(src=pin, dst=S1) / UDP(sport=nport, dport=ECHO_PORT) / f"spoof-{i}".encode()))
+                tx.send(raw(IP(src=pin, dst=S1) / TCP(sport=20000 + i, dport=80, flags="S")))
+            tx.close()
+            settle(0.5)
+            spoofed = agw.reasons().get("DROP_SPOOFED", 0) - before
+            landed = servers.wait_for(lambda e: str(e.get("data", "")).startswith("spoof-"), timeout=0.5)
+        translated = [f for f in flagged if str(f.src) == pin and b"from-lan50" in f.frame]
+        leaks = [str(f) for f in flagged if f not in translated]
+    finally:
+        agw.restore()
+    assert landed is None, landed
+    assert leaks == [], leaks
+    assert len(translated) >= n and agw.dropped == 0, (len(translated), agw.dropped)
+    assert spoofed >= 2 * n, spoofed
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["inside", "undeclared"])

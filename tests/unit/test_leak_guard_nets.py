@@ -6,7 +6,7 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 
 from snatgw import layout as L
-from snatgw.rules import Pool, Rule, leak_guard_nets, leak_guard_passes
+from snatgw.rules import Pool, Rule, leak_guard_nets, leak_guard_passes, pool_sources
 
 
 def rule(src: str, pool: str) -> Rule:
@@ -111,3 +111,26 @@ def test_the_guard_tables_passes_are_exactly_what_the_trie_judges_a_pool():
                 assert any(a in p for p in passes) == (judged(nets, str(a)) == L.FROM_NET_POOL), (rules, a)
             else:
                 assert not any(a in p for p in passes)
+
+
+def test_pool_sources_are_exactly_the_addresses_the_trie_judges_a_pool():
+    """rules.pool_sources (the nft backend's antispoof set) holds an address iff the LPM trie's
+    longest match for it is FROM_NET_POOL, inside a `from` net or not: both backends refuse
+    the same sources from inside (step 2a), a pool in no `from` net included."""
+    assert [str(n) for n in pool_sources([rule("198.18.50.0/24", "198.18.40.200")])] == ["198.18.40.200/32"]
+    assert leak_guard_passes([rule("198.18.50.0/24", "198.18.40.200")]) == []  # in no `from` net
+    assert [str(n) for n in pool_sources([rule("0.0.0.0/0", "198.19.2.80-198.19.2.83"),
+                                          rule("198.19.2.82/32", "198.19.2.71")])] == [
+        "198.19.2.71/32", "198.19.2.80/31", "198.19.2.83/32"]  # fmt: skip
+    rnd = random.Random(12)
+    for _ in range(200):
+        rules = []
+        for _ in range(rnd.randint(1, 6)):
+            base = rnd.choice([0x00000000, 0xC6130000]) | rnd.getrandbits(11)
+            src = IPv4Network((base, rnd.choice([0, 16, 21, 24, 28, 30, 31, 32])), strict=False)
+            first = 0xC6130000 | rnd.getrandbits(10)
+            rules.append(Rule(src=src, pool=Pool(IPv4Address(first), IPv4Address(first + rnd.randint(0, 40)))))
+        nets, sources = leak_guard_nets(rules), pool_sources(rules)
+        for _ in range(60):
+            a = IPv4Address(0xC6130000 | rnd.getrandbits(11))
+            assert any(a in p for p in sources) == (judged(nets, str(a)) == L.FROM_NET_POOL), (rules, a)

@@ -4,8 +4,9 @@ be learnt from the kernel (the device a `gw` is reached through) comes in as arg
 
 How the rule set works (docs/nftables.md has the long form and what differs from bpf):
   antispoof prerouting, priority raw (before conntrack): on an inside device a source that is
-            not routed back out of it (`fib saddr . iif oif missing`) or is local is dropped
-            (counter `spoofed`): edge invariant 3; DHCP's 0.0.0.0 -> broadcast is let by.
+            not routed back out of it (`fib saddr . iif oif missing`), is local, or lies in a
+            pool (rules.pool_sources, held or not) is dropped (counter `spoofed`): edge
+            invariant 3; DHCP's 0.0.0.0 -> broadcast is let by.
   steer     prerouting/mangle: from an uplink, a NEW/INVALID/untracked packet the FIB would
             forward is dropped (counter `inbound`) unless `inbound routed`; later packets of a flow get ct mark -> meta mark (so they follow
             the rule's new_gw table); a NEW flow is matched in priority order against a
@@ -31,7 +32,7 @@ from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 from ...config.schema import Settings, rule_host_limit
 from ...errors import BackendError
 from ...layout import Algo, CtState
-from ...rules import ANY_NET, Rule, RuleSet
+from ...rules import ANY_NET, Rule, RuleSet, pool_sources
 
 FAMILY = "ip"
 TABLE = "snatgw"
@@ -456,6 +457,10 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
         add("antispoof", inside + [_match("fib saddr type", {"fib": {"result": "type", "flags": ["saddr"]}},
                                           "local", "local"), s_counter(C_SPOOFED), v("drop")],
             "a local (pool, gateway) source from inside")  # fmt: skip
+        pools = pool_sources(rules.rules)
+        if pools:  # held or not: an unheld one on an inside subnet passes the reverse path
+            add("antispoof", inside + [m_saddr_in(pools), s_counter(C_SPOOFED), v("drop")],
+                "a pool address from inside, held or not")  # fmt: skip
         add("antispoof", inside + [(
             "fib saddr . iif oif missing",
             {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, "right": False}}),
