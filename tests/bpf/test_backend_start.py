@@ -235,3 +235,55 @@ def test_inside_devices_sharing_ifindex_low_bits_turn_vouching_off(gw, pin_dir, 
             assert _iif_ambiguous(b)
         finally:
             b.stop()
+
+
+@pytest.mark.bpf
+@pytest.mark.nft
+def test_stats_read_the_leak_guards_drops_without_an_nft_process(gw, pin_dir, mini_obj, monkeypatch):  # noqa: F811
+    """The leak guard table's drops count in DROP_LEAK (netfilter's postrouting comes before
+    the TC egress program), read from its named counter by netlink (datapath/nftnl.py): a
+    stats call, which metrics scrapes and `adm --rate` make often, starts no `nft` process,
+    and its figure is the one `nft list counters` gives, at once after each drop."""
+    import json
+    import subprocess
+
+    from snatgw.datapath.bpf import guard
+
+    with netns(gw):
+        cfg = config(pin_dir)
+        b = BpfBackend(cfg.settings, obj_path=mini_obj)
+        b.start(cfg)
+        try:
+            real_run = subprocess.run
+
+            def no_nft(argv, *a, **kw):
+                assert "nft" not in [str(x) for x in argv], argv
+                return real_run(argv, *a, **kw)
+
+            # an inside source the gateway itself sends out of eth1: the guard drops it
+            pkt = bytearray(20 + 8 + 4)
+            pkt[0], pkt[8], pkt[9] = 0x45, 64, socket.IPPROTO_UDP
+            pkt[12:16], pkt[16:20] = IP("198.18.40.50").packed, IP("203.0.113.10").packed
+            pkt[20:28] = (5353).to_bytes(2, "big") + (53).to_bytes(2, "big") + (12).to_bytes(2, "big") + bytes(2)
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            base = b.stats().reasons.get("DROP_LEAK", 0)
+            monkeypatch.setattr(subprocess, "run", no_nft)
+            try:
+                for n in range(1, 4):
+                    with pytest.raises(PermissionError):  # a netfilter drop of a local packet: EPERM
+                        s.sendto(bytes(pkt), ("203.0.113.10", 0))
+                    assert b.stats().reasons.get("DROP_LEAK", 0) == base + n
+                    assert b.counters().reasons.get("DROP_LEAK", 0) == base + n
+            finally:
+                monkeypatch.setattr(subprocess, "run", real_run)
+                s.close()
+            listed = json.loads(sh("nft", "-j", "list", "counters", "table", "ip", guard.TABLE).stdout)
+            (c,) = [o["counter"] for o in listed["nftables"] if "counter" in o]
+            assert (c["name"], c["packets"]) == (guard.COUNTER, guard.dropped()) and c["packets"] >= 3
+            # a reload rewrites the table (flush): the counter, an object, keeps its figure
+            b.apply(cfg)
+            assert guard.dropped() == c["packets"]
+            guard.remove()  # no table: nothing dropped, no error
+            assert guard.dropped() == 0
+        finally:
+            b.stop()

@@ -220,7 +220,8 @@ def test_the_leak_guard_table_drops_from_sources_leaving_uplinks_not_as_their_ow
     assert "add table ip snatgw_guard" in text and "flush table ip snatgw_guard" in text
     (rule,) = [line for line in text.splitlines() if line.startswith("add rule")]
     assert "oifname { eth1, eth2 } ip saddr { 198.18.40.0/24, 198.18.50.0/24 }" in rule
-    assert "fib saddr . oif type != local counter drop" in rule
+    assert "fib saddr . oif type != local counter name \"leak\" drop" in rule
+    assert "add counter ip snatgw_guard leak" in text  # named: stats read it by netlink, no process
     assert not [line for line in guard_text([], ("eth1",)).splitlines() if line.startswith("add rule")]
     # the bpf backend's: the pool prefixes its egress program passes at once are let by first
     (rule,) = [line for line in guard_text(["0.0.0.0/0"], ("eth1",), ["198.19.2.80/31", "198.19.2.83/32",

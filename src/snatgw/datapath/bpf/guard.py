@@ -12,9 +12,11 @@ leaves the programs in place; the tick restores either).
 
 Cost: translated packets meet it only when the kernel must fragment them (the programs redirect
 the others past netfilter); packets the kernel forwards or sends itself do, one rule with no
-conntrack.  The bpf backend lets the pool prefixes its egress program passes at once by
-(``passes``: rules.leak_guard_passes), so a kernel-fragmented translated packet from a pool
-address the gateway does not hold leaves as the rest of its flow does.  The nft backend keeps this table
+conntrack.  Its drops go to the named counter ``leak``, which stats read by netlink
+(``dropped()``: no process per call).  The bpf backend lets the pool prefixes its egress
+program passes at once by (``passes``: rules.leak_guard_passes), so a kernel-fragmented
+translated packet from a pool address the gateway does not hold leaves as the rest of its
+flow does.  The nft backend keeps this table
 too, beside the same rule in its own table (`leak_guard`): `nft delete table ip snatgw` then
 drops instead of leaking (measured: 34 inside-source frames out in that window before).  A
 backend taking over from the other rewrites the table; a stop without keep_state and `snatgw
@@ -28,6 +30,7 @@ import subprocess
 from ipaddress import IPv4Network, collapse_addresses
 
 from ...errors import BackendError
+from .. import nftnl
 from ..netns import nsenter
 
 log = logging.getLogger("snatgw.bpf")
@@ -38,6 +41,9 @@ FAMILY = "ip"
 #: the bpf backend netfilter's postrouting comes before the TC egress program anyway, so its
 #: stats add this table's counter to DROP_LEAK
 PRIORITY = 300
+#: the named counter of the drops: kept by a re-install (`flush table` leaves objects), so
+#: DROP_LEAK never goes back when a reload rewrites the rule; gone with the table
+COUNTER = "leak"
 
 
 def _nft(argv: list[str], netns: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -56,12 +62,14 @@ def guard_text(nets, outside, passes=()) -> str:
     nets = sorted({IPv4Network(n) for n in nets}, key=lambda n: (int(n.network_address), n.prefixlen))
     passes = list(collapse_addresses(IPv4Network(n) for n in passes))
     lines = [f"add table {FAMILY} {TABLE}", f"flush table {FAMILY} {TABLE}",
+             f"add counter {FAMILY} {TABLE} {COUNTER}",
              f"add chain {FAMILY} {TABLE} postrouting {{ type filter hook postrouting priority {PRIORITY}; policy accept; }}"]
     if nets and outside:
         unless = f"ip saddr != {{ {', '.join(str(n) for n in passes)} }} " if passes else ""
         lines.append(f"add rule {FAMILY} {TABLE} postrouting oifname {{ {', '.join(sorted(outside))} }} "
                      f"ip saddr {{ {', '.join(str(n) for n in nets)} }} {unless}fib saddr . oif type != local "
-                     f"counter drop comment \"snatgw: no private source leaves an uplink untranslated\"")
+                     f"counter name \"{COUNTER}\" drop "
+                     f"comment \"snatgw: no private source leaves an uplink untranslated\"")
     return "\n".join(lines) + "\n"
 
 
@@ -77,18 +85,10 @@ def present(netns: str | None = None) -> bool:
 
 
 def dropped(netns: str | None = None) -> int:
-    """Packets the guard dropped so far (0 when it is absent)."""
-    import json
-
-    p = _nft(["-j", "list", "chain", FAMILY, TABLE, "postrouting"], netns)
-    if p.returncode != 0:
-        return 0
-    n = 0
-    for o in json.loads(p.stdout or "{}").get("nftables", []):
-        for e in o.get("rule", {}).get("expr", []):
-            if "counter" in e:
-                n += int(e["counter"].get("packets", 0))
-    return n
+    """Packets the guard dropped so far (0 when it is absent): its named counter, read through
+    nf_tables netlink (datapath/nftnl.py), no `nft` process per call (stats, metrics scrapes,
+    `adm --rate`).  BackendError when netlink fails."""
+    return nftnl.counters(FAMILY, TABLE, netns).get(COUNTER, (0, 0))[0]
 
 
 def remove(netns: str | None = None) -> bool:
@@ -96,4 +96,4 @@ def remove(netns: str | None = None) -> bool:
     return _nft(["delete", "table", FAMILY, TABLE], netns).returncode == 0
 
 
-__all__ = ["TABLE", "guard_text", "install", "present", "dropped", "remove"]
+__all__ = ["TABLE", "COUNTER", "guard_text", "install", "present", "dropped", "remove"]

@@ -1,0 +1,137 @@
+"""nftables' named counters through nf_tables netlink (NETLINK_NETFILTER, subsystem
+NFNL_SUBSYS_NFTABLES), the interface the `nft` tool speaks: one NFT_MSG_GETOBJ dump of a
+table's counter objects per call, in the calling thread's network namespace (or ``netns``),
+without a process.  `nft -j list counters table ip T` answers the same figures; a stats call
+of the bpf backend read the leak guard's drops that way, a process per call, and metrics
+scrapes and `adm --rate` call stats often.
+
+    counters("ip", "snatgw_guard")   # {"leak": (packets, bytes)}; {} when there is no table
+
+The kernel filters the dump by table (NFTA_OBJ_TABLE) and object type (NFTA_OBJ_TYPE,
+NFT_OBJECT_COUNTER); a table that does not exist answers ENOENT, read here as no counters.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from typing import Iterator
+
+from ..errors import BackendError
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLA_TYPE_MASK = 0x3FFF
+NFPROTO = {"ip": 2, "inet": 1, "ip6": 10, "arp": 3, "bridge": 7, "netdev": 5}
+# enum nft_object_attributes, the counter's nested attributes, enum of object types
+NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
+NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
+NFT_OBJECT_COUNTER = 1
+RECV = 1 << 16
+
+_NLH = struct.Struct("=IHHII")
+_NLA = struct.Struct("=HH")
+_NFGEN = struct.Struct("=BBH")
+
+
+def _attr(typ: int, payload: bytes) -> bytes:
+    return _NLA.pack(4 + len(payload), typ) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _attrs(buf: bytes, off: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, payload end) of each netlink attribute in buf[off:end]."""
+    while off + 4 <= end:
+        ln, typ = _NLA.unpack_from(buf, off)
+        if ln < 4 or off + ln > end:
+            return
+        yield typ & NLA_TYPE_MASK, off + 4, off + ln
+        off += (ln + 3) & ~3
+
+
+def request(family: str, table: str, seq: int = 1) -> bytes:
+    """The NFT_MSG_GETOBJ dump request for ``table``'s counter objects."""
+    body = _NFGEN.pack(NFPROTO[family], 0, 0)
+    body += _attr(NFTA_OBJ_TABLE, table.encode() + b"\0")
+    body += _attr(NFTA_OBJ_TYPE, struct.pack(">I", NFT_OBJECT_COUNTER))
+    return _NLH.pack(_NLH.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ,
+                     NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body  # fmt: skip
+
+
+def parse_counter(buf: bytes, off: int, end: int, table: str) -> tuple[str, int, int] | None:
+    """(name, packets, bytes) of one NFT_MSG_NEWOBJ body (after nfgenmsg); None when it is not
+    a counter of ``table`` (a kernel too old to filter the dump answers every object)."""
+    name, tab, typ, packets, nbytes = None, None, None, 0, 0
+    for t, a, b in _attrs(buf, off, end):
+        if t == NFTA_OBJ_TABLE:
+            tab = buf[a:b].split(b"\0", 1)[0].decode(errors="replace")
+        elif t == NFTA_OBJ_NAME:
+            name = buf[a:b].split(b"\0", 1)[0].decode(errors="replace")
+        elif t == NFTA_OBJ_TYPE and b - a == 4:
+            typ = struct.unpack_from(">I", buf, a)[0]
+        elif t == NFTA_OBJ_DATA:
+            for t2, a2, b2 in _attrs(buf, a, b):
+                if t2 == NFTA_COUNTER_PACKETS and b2 - a2 == 8:
+                    packets = struct.unpack_from(">Q", buf, a2)[0]
+                elif t2 == NFTA_COUNTER_BYTES and b2 - a2 == 8:
+                    nbytes = struct.unpack_from(">Q", buf, a2)[0]
+    if name is None or tab != table or typ != NFT_OBJECT_COUNTER:
+        return None
+    return name, packets, nbytes
+
+
+def _open(netns: str | None) -> socket.socket:
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        s.bind((0, 0))
+        return s
+
+    try:
+        if netns:
+            from .netns import enter
+
+            with enter(netns):
+                return make()
+        return make()
+    except OSError as e:
+        raise BackendError(f"nf_tables netlink: cannot open a netfilter socket: {e.strerror}") from None
+
+
+def counters(family: str, table: str, netns: str | None = None) -> dict[str, tuple[int, int]]:
+    """{name: (packets, bytes)} of the named counters of ``family`` ``table`` ({} without the
+    table).  BackendError when netlink fails otherwise."""
+    out: dict[str, tuple[int, int]] = {}
+    with _open(netns) as s:
+        s.settimeout(5)
+        try:
+            s.send(request(family, table))
+            while True:
+                buf = s.recv(RECV)
+                off = 0
+                while off + _NLH.size <= len(buf):
+                    ln, typ, _flags, seq, _pid = _NLH.unpack_from(buf, off)
+                    if ln < _NLH.size:
+                        return out
+                    if seq == 1:
+                        if typ == NLMSG_DONE:
+                            return out
+                        if typ == NLMSG_ERROR:
+                            err = -struct.unpack_from("=i", buf, off + _NLH.size)[0]
+                            if err in (0, errno.ENOENT):
+                                return out
+                            raise BackendError(f"nf_tables netlink: counters of {family} {table}: "
+                                               f"{os.strerror(err)}")
+                        if typ == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ:
+                            c = parse_counter(buf, off + _NLH.size + _NFGEN.size, off + ln, table)
+                            if c is not None:
+                                out[c[0]] = (c[1], c[2])
+                    off += (ln + 3) & ~3
+        except OSError as e:
+            raise BackendError(f"nf_tables netlink: counters of {family} {table}: {e.strerror or e}") from None
+
+
+__all__ = ["counters", "parse_counter", "request"]

@@ -1,0 +1,32 @@
+"""datapath/nftnl.py without root: the NFT_MSG_GETOBJ dump request it sends and its reading of
+the kernel's NFT_MSG_NEWOBJ answers (the live read against `nft` is in tests/bpf, root)."""
+
+import struct
+
+from snatgw.datapath import nftnl as N
+
+
+def obj(table: str, name: str, typ: int, packets: int, nbytes: int) -> bytes:
+    """An NFT_MSG_NEWOBJ body after nfgenmsg, as the kernel lays it out."""
+    data = N._attr(N.NFTA_COUNTER_BYTES, struct.pack(">Q", nbytes)) + N._attr(N.NFTA_COUNTER_PACKETS,
+                                                                              struct.pack(">Q", packets))
+    return (N._attr(N.NFTA_OBJ_TABLE, table.encode() + b"\0") + N._attr(N.NFTA_OBJ_NAME, name.encode() + b"\0")
+            + N._attr(N.NFTA_OBJ_TYPE, struct.pack(">I", typ)) + N._attr(N.NFTA_OBJ_DATA | 0x8000, data))
+
+
+def test_the_request_is_one_dump_of_the_tables_counter_objects():
+    msg = N.request("ip", "snatgw_guard", seq=7)
+    ln, typ, flags, seq, _ = struct.unpack_from("=IHHII", msg)
+    assert (ln, typ, flags, seq) == (len(msg), (10 << 8) | 19, 0x301, 7)
+    assert msg[16] == 2  # nfgenmsg: NFPROTO_IPV4
+    attrs = {t: msg[a:b] for t, a, b in N._attrs(msg, 20, len(msg))}
+    assert attrs == {N.NFTA_OBJ_TABLE: b"snatgw_guard\0", N.NFTA_OBJ_TYPE: b"\0\0\0\1"}
+
+
+def test_a_counter_object_is_read_and_others_are_not():
+    body = obj("snatgw_guard", "leak", N.NFT_OBJECT_COUNTER, 2**40 + 3, 1500)
+    assert N.parse_counter(body, 0, len(body), "snatgw_guard") == ("leak", 2**40 + 3, 1500)
+    for other in (obj("snatgw", "leak", N.NFT_OBJECT_COUNTER, 1, 1), obj("snatgw_guard", "q", 2, 1, 1)):
+        assert N.parse_counter(other, 0, len(other), "snatgw_guard") is None  # another table; a quota
+    cut = body[:-6]  # a truncated attribute is left, not read past
+    assert N.parse_counter(cut, 0, len(cut), "snatgw_guard") == ("leak", 0, 0)
