@@ -19,7 +19,8 @@ import pytest
 
 from snatgw.lab.netns import ns_socket
 
-from tests.lab.apps_env import ALT_SERVER, CLIENT, MODES, RULES, SCOREBOARD, SERVER, build, each, judge, wait_port
+from tests.lab.apps_env import (ALT_SERVER, CLIENT, MODES, RULES, SCOREBOARD, SERVER, Outcome, build, each, judge,
+                                wait_port)
 from tests.lab.apps_env import SNATGW as SNATGW_MODES
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -330,27 +331,62 @@ def test_dnsmasq_answers_dig_over_udp_and_tcp(gws):
     judge("dnsmasq + dig (UDP and TCP)", each(gws, dig))
 
 
+#: what a snatgw backend may lose on the way beyond kernel SNAT's loss in the same run (a
+#: fraction of the datagrams sent): 17 of the 1,700 a second at 20 Mbit/s
+UDP_PATH_SLACK = 0.01
+#: more than this lost on the way in the reference too: the lab (or the machine) is broken
+UDP_PATH_BROKEN = 0.10
+
+
+def _udp_rcvbuf_errors(gw, node: str = "net") -> int:
+    """UDP datagrams ``node``'s namespace dropped for a full socket buffer (/proc/net/snmp,
+    Udp: RcvbufErrors): they crossed the gateway and the path, and the receiving program was
+    not scheduled in time to read them."""
+    rows = [line.split() for line in gw.run(node, "cat", "/proc/net/snmp").stdout.splitlines()
+            if line.startswith("Udp:")]  # fmt: skip
+    return int(rows[1][rows[0].index("RcvbufErrors")])
+
+
 @pytest.mark.parametrize("how", ["tcp", "tcp-reverse", "udp"])
 def test_iperf3_moves_data(gws, how):
-    """iperf3 for one second: TCP up, TCP down (-R), UDP at 20 Mbit/s with under 5% loss."""
+    """iperf3 for one second: TCP up, TCP down (-R), UDP at 20 Mbit/s.  UDP: the datagrams lost
+    on the way (iperf3's lost less those the server's namespace dropped for a full socket
+    buffer: the receiver's scheduling, not the path) are, for each snatgw backend, at most
+    UDP_PATH_SLACK of those sent beyond what kernel SNAT lost on the way in the same run (the
+    three run at once, so a stall of the machine hits them alike)."""
     import json
 
     extra = {"tcp": [], "tcp-reverse": ["-R"], "udp": ["-u", "-b", "20M"]}[how]
 
     def iperf(gw):
+        overflow = _udp_rcvbuf_errors(gw)
         with serving(gw, "iperf3", "-s", "-B", SERVER, "-p", "5201", "-1", port=5201):
             res = json.loads(gw.run("in40", "iperf3", "-c", SERVER, "-p", "5201", "-t", "1", "-J", *extra,
                                     timeout=20).stdout)
         assert "error" not in res, res.get("error")
         if how == "udp":
             s = res["end"]["sum"]
-            assert s["bytes"] > 1_000_000 and s["lost_percent"] < 5, s
-            return f"{s['bytes']} bytes, {s['lost_percent']:.1f}% lost"
+            overflow = _udp_rcvbuf_errors(gw) - overflow
+            on_way = max(0, s["lost_packets"] - overflow)
+            assert s["bytes"] > 1_000_000 and s["packets"] > 0, s
+            assert on_way <= UDP_PATH_BROKEN * s["packets"], s
+            return (on_way / s["packets"], f"{s['packets']} datagrams, {s['lost_percent']:.1f}% lost: "
+                    f"{on_way} on the way, {overflow} at the server's full socket buffer")
         got = res["end"]["sum_received"]["bytes"]
         assert got > 1_000_000, got
         return f"{got} bytes received"
 
-    judge(f"iperf3 {how}", each(gws, iperf))
+    results = each(gws, iperf)
+    if how == "udp":
+        ref = results["kernel"].value[0] if results["kernel"].ok else None
+        for m, r in results.items():
+            if not r.ok:
+                continue
+            results[m] = Outcome(True, r.value[1], r.value)
+            if m in SNATGW_MODES and ref is not None and r.value[0] > ref + UDP_PATH_SLACK:
+                results[m] = Outcome(False, f"{r.value[1]}: {r.value[0]:.1%} lost on the way, kernel SNAT "
+                                            f"{ref:.1%}")  # fmt: skip
+    judge(f"iperf3 {how}", results)
 
 
 HOPS = ["198.18.40.1", "198.19.2.1", SERVER]  # the gateway, ISP 1's router, the server
