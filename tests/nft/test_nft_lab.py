@@ -190,6 +190,35 @@ def test_sessions_and_stats_come_from_conntrack_and_counters(lab, backend):
     assert stats.reasons["XLATE_NEW"] >= 1
 
 
+def test_stats_read_the_counters_by_netlink_without_an_nft_process(lab, backend, monkeypatch):
+    """stats() (metrics scrapes, `adm --rate`) read the table's named counters through
+    nf_tables netlink (datapath/nftnl.py): no `nft` process, and the figures `nft list
+    counters` gives."""
+    import subprocess
+
+    with backend() as b:
+        C.udp_echo(lab, "in40", S1, src="198.18.40.10")
+        real_run = subprocess.run
+
+        def no_nft(argv, *a, **kw):
+            assert "nft" not in [str(x) for x in argv], argv
+            return real_run(argv, *a, **kw)
+
+        monkeypatch.setattr(subprocess, "run", no_nft)
+        try:
+            got = b._counters()
+            stats = b.stats()
+        finally:
+            monkeypatch.setattr(subprocess, "run", real_run)
+        listed = json.loads(lab.run("gw", "nft", "-j", "list", "counters", "table", R.FAMILY, R.TABLE).stdout)
+    want = {o["counter"]["name"]: (o["counter"]["packets"], o["counter"]["bytes"])
+            for o in listed["nftables"] if "counter" in o}  # fmt: skip
+    assert got == want and R.C_SPOOFED in got  # nothing else crossed the gateway meanwhile
+    rule = cfg(REF).rules.rules[1]  # 198.18.40.10 -> S1 leaves by rule 2
+    assert got[R.counter_name(rule)][0] >= 2  # the datagram and its reply
+    assert stats.rules[rule.rule_id].packets == got[R.counter_name(rule)][0]
+
+
 def test_a_large_table_is_counted_by_the_gc_tick_not_by_every_stats(lab, backend, monkeypatch):
     """Issue 14 on nft: above COUNT_FRESH_MAX conntrack entries stats() answers with the GC
     tick's last count (a dump is ~1 s per 100k entries) and the tick counts again only after
