@@ -412,6 +412,11 @@ CFG_F_HOST_COUNT = 0x20
 #: two inside devices share their ifindex's low 16 bits (all ct_entry.iif keeps): no session
 #: vouches for a packet's source, step 2a takes the full reverse-path check for every packet
 CFG_F_IIF_AMBIGUOUS = 0x40
+#: no IPv4 policy rule selects on the input device (iif/iifname, l3mdev) and every device
+#: forwards: a FIB lookup's answer does not depend on its input device, so a new session's
+#: route back (lookup from the uplink) is the reverse-path check's (lookup from the loopback)
+#: and is not looked up again (docs/datapath.md step 14; kept by the control plane: fibrules.py)
+CFG_F_BACK_FROM_RPF = 0x80
 
 #: the expiry sweep (sweep.bpf.c: a BPF_PROG_TYPE_SYSCALL program walking snat_ct)
 SWEEP_EXPIRE = 0  # remove expired pairs and old half pairs, recount the live counts
@@ -709,7 +714,7 @@ def render_header() -> str:
         "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "CFG_F_INBOUND_ROUTED": CFG_F_INBOUND_ROUTED,
         "FROM_NET_RULE": FROM_NET_RULE, "FROM_NET_POOL": FROM_NET_POOL,
         "CFG_F_REFUSE_ICMP": CFG_F_REFUSE_ICMP, "CFG_F_AUDIT": CFG_F_AUDIT, "CFG_F_HOST_COUNT": CFG_F_HOST_COUNT,
-        "CFG_F_IIF_AMBIGUOUS": CFG_F_IIF_AMBIGUOUS,
+        "CFG_F_IIF_AMBIGUOUS": CFG_F_IIF_AMBIGUOUS, "CFG_F_BACK_FROM_RPF": CFG_F_BACK_FROM_RPF,
         "AUDIT_NEW": AUDIT_NEW, "AUDIT_END": AUDIT_END, "AUDIT_END_EXPIRED": AUDIT_END_EXPIRED,
         "AUDIT_END_FLUSH": AUDIT_END_FLUSH, "AUDIT_CNT_WRITTEN": AUDIT_CNT_WRITTEN,
         "AUDIT_CNT_LOST": AUDIT_CNT_LOST, "AUDIT_CNT_N": AUDIT_CNT_N,

@@ -45,7 +45,7 @@ def make_prog(refnet, prog_pool):
 
     made = []
 
-    def make(rules, settings, defines=None, max_sessions=4096):
+    def make(rules, settings, defines=None, max_sessions=4096, cfg_flags=0):
         key = (tuple(sorted((defines or {}).items())), max_sessions)
         if prog_pool.get(key):
             h = prog_pool[key].pop()
@@ -54,7 +54,7 @@ def make_prog(refnet, prog_pool):
         else:
             h = ProgHarness(refnet, defines=defines, max_sessions=max_sessions)
             made.append((key, h))
-        h.apply(rules, settings)
+        h.apply(rules, settings, cfg_flags)
         return h
 
     yield make

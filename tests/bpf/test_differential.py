@@ -112,6 +112,10 @@ def run_scenario(sc, prog, engine):
 
 #: the L4 checksum by hand (test-run skbs are CHECKSUM_NONE) and by bpf_l4_csum_replace only
 BUILDS = {"csum-by-hand": {}, "csum-helpers": {"SNAT_NO_KERN_CTX": 1}}
+#: the build that runs with CFG_F_BACK_FROM_RPF set (the route back reused from the
+#: reverse-path check: REF has no iif rules and forwards everywhere, as the control plane would
+#: judge it); the other runs with it clear (looked up): the model must agree with both
+BACK_FROM_RPF_BUILD = "csum-helpers"
 #: the build that runs with the audit log on (it must change nothing the model sees) and
 #: checks its create records against the model's sessions; the other runs with it off
 AUDIT_BUILD = "csum-by-hand"
@@ -128,7 +132,8 @@ def test_corpus_scenario_matches_model(sc, build, make_prog):
     if build == AUDIT_BUILD:
         settings = replace(settings, audit_log="/var/log/snatgw/audit.jsonl")
     max_sessions = min(settings.max_sessions, 4096)
-    prog = make_prog(sc.make_rules(), settings, defines=BUILDS[build], max_sessions=max_sessions)
+    flags = L.CFG_F_BACK_FROM_RPF if build == BACK_FROM_RPF_BUILD else 0
+    prog = make_prog(sc.make_rules(), settings, defines=BUILDS[build], max_sessions=max_sessions, cfg_flags=flags)
     engine = sc.make_engine()
     run_scenario(sc, prog, engine)
     if build == AUDIT_BUILD:

@@ -1,6 +1,9 @@
 """What issue 13 adds to the running daemon, registered on its event loop (snatgw.daemon.loop):
 the link monitor (probes, carrier, automatic failover: snatgw.daemon.links), the Prometheus
-listener (snatgw.daemon.metrics) and the audit log (snatgw.daemon.audit).  ``Extras.attach()`` after start, ``refresh()`` after every
+listener (snatgw.daemon.metrics) and the audit log (snatgw.daemon.audit); and the daemon's one
+netlink socket (probe.NetlinkWatch): carrier changes go to the link monitor, IPv4 rule and
+forwarding changes to ``Service.refresh_route_back`` on the worker (one job at a time: events
+while it runs make one more, never a queue).  ``Extras.attach()`` after start, ``refresh()`` after every
 reload (links or metrics_listen may have changed), ``close()`` on the way out.
 
 Backend work stays on the worker: a link verdict becomes ``worker.submit(Service.set_link)``,
@@ -12,6 +15,7 @@ from __future__ import annotations
 from ..config.parse import parse_listen
 from .links import LinkMonitor
 from .metrics import MetricsServer
+from .probe import NetlinkWatch
 
 
 class Extras:
@@ -23,8 +27,16 @@ class Extras:
         self._listen = None
         self.audit = None  # daemon.audit.AuditReader while `audit_log` is set
         self._audit_key = None
+        self.netlink: NetlinkWatch | None = None
+        self._judging = self._judge_again = False
 
     def attach(self) -> None:
+        try:
+            self.netlink = NetlinkWatch()
+            self.loop.add_reader(self.netlink, self._on_netlink)
+        except OSError as e:  # links: probes alone decide; the route back: judged at each hook check
+            self.log.warning("netlink_unavailable", error=str(e))
+            self.netlink = None
         self.refresh()
         # a reload (SIGHUP or control op, on the worker) may change links or metrics_listen
         self.service.on_reload = lambda: self.loop.call_soon_threadsafe(self.refresh)
@@ -39,7 +51,7 @@ class Extras:
             if cfg.links:
                 self.monitor = LinkMonitor(cfg.links, self._on_link, self.log, clock=self.loop.clock,
                                            failed=set(self.service.failed_links))
-                self.monitor.attach(self.loop)
+                self.monitor.attach(self.loop, self.netlink)
                 self.service.link_monitor = self.monitor
             self._links = cfg.links
         listen = cfg.settings.metrics_listen
@@ -82,6 +94,29 @@ class Extras:
             self.audit = None
             self.service.audit = None
 
+    def _on_netlink(self) -> None:
+        changes, rules = self.netlink.read()
+        if changes and self.monitor is not None:
+            self.monitor.on_carrier(changes)
+        if rules:
+            self._judge_route_back()
+
+    def _judge_route_back(self) -> None:
+        """An IPv4 rule or forwarding switch changed: judge the route back again (worker)."""
+        if self._judging:
+            self._judge_again = True  # one more after this one: it may have read the old rules
+            return
+        self._judging = True
+        self.worker.submit(self.service.refresh_route_back, self._judged, bounded=False)
+
+    def _judged(self, _result, error) -> None:
+        self._judging = False
+        if error is not None:
+            self.log.error("route_back_judge_failed", error=str(error))
+        if self._judge_again:
+            self._judge_again = False
+            self._judge_route_back()
+
     def _on_link(self, name: str, on_backup: bool, why: str) -> None:
         """A link verdict (loop thread): the rules move on the worker, never here."""
         def apply() -> bool:
@@ -98,6 +133,10 @@ class Extras:
     def close(self) -> None:
         self._stop_audit()
         self._stop_monitor()
+        if self.netlink is not None:
+            self.loop.remove(self.netlink)
+            self.netlink.close()
+            self.netlink = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

@@ -1,6 +1,6 @@
 """Link health on the daemon's event loop: per configured link a probe round every `interval`
-(snatgw.daemon.probe), its replies read when the socket is readable, carrier changes from one
-netlink socket, and a timer for the next deadline (dead timer or end of hold) so a failure is
+(snatgw.daemon.probe), its replies read when the socket is readable, carrier changes from the
+daemon's one netlink socket (probe.NetlinkWatch, read by daemon.extras), and a timer for the next deadline (dead timer or end of hold) so a failure is
 acted on when it is due, not at the next round.  The decisions are snatgw.daemon.linkstate's;
 when a link's rules must move (to the backup or back) ``on_change(name, on_backup, why)`` is
 called on the loop thread: the daemon hands it to its worker, which applies the rules
@@ -17,7 +17,7 @@ from typing import Callable
 from ..config.links import Link
 from ..errors import SnatgwError
 from .linkstate import FAILED, LinkHealth
-from .probe import CarrierWatch, Prober, probe_ident
+from .probe import NetlinkWatch, Prober, probe_ident
 
 REOPEN_EVERY = 5.0  # seconds between tries to reopen the probe sockets of a link without them
 
@@ -35,21 +35,25 @@ class LinkMonitor:
             if name in self.health:
                 self.health[name]._to(FAILED, now, "failed before the reload")
         self.probers = {lk.name: Prober(lk, probe_ident(i)) for i, lk in enumerate(links)}
-        self.carrier: CarrierWatch | None = None
+        self.carrier: NetlinkWatch | None = None  # the daemon's (extras), not ours to close
         self.loop = None
         self._timers: dict[str, object] = {}
         self._deadline: dict[str, object] = {}
         self._reopen_at: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
-    def attach(self, loop) -> None:
+    def attach(self, loop, watch: NetlinkWatch | None) -> None:
+        """``watch``: the daemon's netlink socket (None: none could be opened); its carrier
+        changes come to ``on_carrier``."""
         self.loop = loop
         for name in self.links:
             self._open(name)
         devices = {p.dev for p in self.probers.values() if p.dev} | {lk.oif for lk in self.links.values() if lk.oif}
         try:
-            self.carrier = CarrierWatch(devices)
-            loop.add_reader(self.carrier, self._on_carrier)
+            if watch is None:
+                raise OSError("no netlink socket")
+            watch.track(devices)
+            self.carrier = watch
             for name, p in self.probers.items():
                 dev = p.dev or self.links[name].oif
                 if dev is not None and not self.carrier.state.get(dev, False):
@@ -68,9 +72,8 @@ class LinkMonitor:
                 self.loop.remove(p.rx)
             p.close()
         if self.carrier is not None:
-            if self.loop is not None:
-                self.loop.remove(self.carrier)
-            self.carrier.close()
+            self.carrier.track(())  # the socket stays the daemon's (rule events)
+            self.carrier = None
         self._timers, self._deadline = {}, {}
 
     def _open(self, name: str) -> None:
@@ -102,9 +105,10 @@ class LinkMonitor:
             rnd = h.round - ((h.round - seq) & 0xFFFF)  # the round this sequence number is, unwrapped
             self._after(name, h.reply(rnd, now))
 
-    def _on_carrier(self) -> None:
+    def on_carrier(self, changes: list[tuple[str, bool]]) -> None:
+        """Carrier changes of the tracked devices (NetlinkWatch.read, on the loop thread)."""
         now = self.clock()
-        for dev, on in self.carrier.read():
+        for dev, on in changes:
             self.log.info("link_carrier", dev=dev, carrier=on)
             for name, p in self.probers.items():
                 if (p.dev or self.links[name].oif) == dev:

@@ -1,5 +1,7 @@
-"""ICMP echo probes through one uplink, and carrier events from netlink: the I/O side of link
-health (snatgw.daemon.linkstate is the logic, snatgw.daemon.links wires both to the loop).
+"""ICMP echo probes through one uplink, and the daemon's netlink events (carrier, IPv4 policy
+rules and forwarding switches): the I/O side of link health (snatgw.daemon.linkstate is the
+logic, snatgw.daemon.links wires both to the loop) and of the route-back judgement
+(snatgw.fibrules; the daemon's extras re-judge on those events).
 
 A probe must test the ISP behind the link, whatever the routing table says about the target
 (the default route usually points at one ISP only).  So each echo request is written whole
@@ -32,6 +34,10 @@ PAYLOAD = b"snatgw-probe"
 DRAIN_MAX = 64  # replies read per wake-up: bounded work per callback
 IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
 RTMGRP_LINK = 1
+RTMGRP_IPV4_RULE = 0x80  # RTNLGRP_IPV4_RULE (8): ip rule add/del
+RTMGRP_IPV4_NETCONF = 1 << 23  # RTNLGRP_IPV4_NETCONF (24): a device's forwarding switch changed
+#: rtnetlink events that may change whether a FIB lookup depends on its input device
+ROUTE_BACK_EVENTS = ("RTM_NEWRULE", "RTM_DELRULE", "RTM_NEWNETCONF", "RTM_DELNETCONF")
 
 
 def csum(data: bytes) -> int:
@@ -160,25 +166,39 @@ class Prober:
         self.tx = self.rx = None
 
 
-class CarrierWatch:
-    """Carrier (IFF_UP and IFF_LOWER_UP) of named devices from rtnetlink link events, read on the
-    loop: ``fileno()`` for add_reader, ``read()`` -> [(device, carrier)] changes.  The socket is
-    our own (non-blocking, RTMGRP_LINK) and pyroute2 decodes the messages: pyroute2's IPRoute
-    buffers events internally, so its fd's readiness does not say when one is waiting."""
+class NetlinkWatch:
+    """The daemon's one rtnetlink socket (RTMGRP_LINK | RTMGRP_IPV4_RULE | RTMGRP_IPV4_NETCONF),
+    read on the loop: ``fileno()`` for add_reader, ``read()`` -> ([(device, carrier)] changes
+    of the ``track``ed devices, whether an IPv4 rule or forwarding switch changed).  Our own
+    non-blocking socket, decoded by pyroute2: pyroute2's IPRoute buffers events internally, so
+    its fd's readiness does not say when one is waiting.  A batch of events is bounded per
+    read (DRAIN_MAX datagrams); lost events (ENOBUFS) count as a rule change (re-judged from a
+    fresh dump) and leave carrier to the next events."""
 
-    def __init__(self, devices):
-        from pyroute2 import IPRoute
+    def __init__(self):
         from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-        self.devices = set(devices)
+        self.devices: set[str] = set()
+        self.state: dict[str, bool] = {}
         self.marshal = MarshalRtnl()
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        self.sock.bind((0, RTMGRP_LINK))
-        self.sock.setblocking(False)
-        self.state: dict[str, bool] = {d: False for d in self.devices}
-        with IPRoute() as ipr:  # the state now (events only say what changes from here)
-            for msg in ipr.get_links():
-                self._take(msg)
+        try:
+            self.sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_RULE | RTMGRP_IPV4_NETCONF))
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def track(self, devices) -> None:
+        """Carrier of these devices from now on (the state now: events only say what changes)."""
+        from pyroute2 import IPRoute
+
+        self.devices = set(devices)
+        self.state = {d: False for d in self.devices}
+        if self.devices:
+            with IPRoute() as ipr:
+                for msg in ipr.get_links():
+                    self._take(msg)
 
     def _take(self, msg) -> tuple[str, bool] | None:
         name = msg.get_attr("IFLA_IFNAME")
@@ -193,21 +213,25 @@ class CarrierWatch:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def read(self) -> list[tuple[str, bool]]:
-        out = []
+    def read(self) -> tuple[list[tuple[str, bool]], bool]:
+        out, rules = [], False
         for _ in range(DRAIN_MAX):
             try:
                 data = self.sock.recv(1 << 16)
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError:  # ENOBUFS: events were lost; the next ones carry the full state
+            except OSError:  # ENOBUFS: events were lost (rules: judge again; carrier: next events)
+                rules = True
                 break
             for msg in self.marshal.parse(data):
-                if msg.get("event") in ("RTM_NEWLINK", "RTM_DELLINK"):
+                ev = msg.get("event")
+                if ev in ("RTM_NEWLINK", "RTM_DELLINK"):
                     got = self._take(msg)
                     if got:
                         out.append(got)
-        return out
+                elif ev in ROUTE_BACK_EVENTS:
+                    rules = True
+        return out, rules
 
     def close(self) -> None:
         self.sock.close()

@@ -227,6 +227,15 @@ class Service:
                              total=self.hooks_restored)  # fmt: skip
         return restored
 
+    def refresh_route_back(self) -> str | None:
+        """Judge again whether a new session's route back is the reverse-path check's (an IPv4
+        rule or forwarding switch changed: daemon.extras); the backend's answer, None: reused."""
+        refresh = getattr(self.backend, "refresh_route_back", None)
+        if refresh is None:
+            return None
+        with self.lock:
+            return refresh()
+
     def tick(self) -> None:
         """The periodic job: GC, then the hook check.  Never raises: every error is logged and
         counted (a backend's parse error, a vanished tool), and the next tick tries again."""

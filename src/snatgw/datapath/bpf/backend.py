@@ -20,6 +20,7 @@ from typing import Callable
 from ... import layout as L
 from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
+from ...fibrules import PolicyRule, describe, route_back_blocker
 from ...rules import leak_guard_passes
 from ..backend import Session, Stats, pressure_summary
 from . import guard
@@ -33,6 +34,7 @@ from .audit import AuditRing, pair_record
 log = logging.getLogger("snatgw.bpf")
 
 NO_DEVICE = 0xFFFFFFFF  # rule oif whose device is absent (matches nothing)
+FIB_RULE_INVERT = 0x2  # linux/fib_rules.h: a `not` rule
 ORPHAN_GRACE_NS = 10 * 10**9  # half-inserted pairs older than this are removed by GC
 _clock = time.monotonic  # seconds, for GC pacing (tests replace it)
 ACCEPT_LOCAL_DIR = "/proc/sys/net/ipv4/conf"
@@ -187,6 +189,9 @@ class BpfBackend:
         #: the audit log's intake for sessions the control plane removes itself (rule changes):
         #: set by the daemon (daemon/audit.py), called with lists of record dicts
         self.audit_sink: Callable[[list[dict]], None] | None = None
+        #: why a new session's route back is looked up (fibrules.route_back_blocker; None:
+        #: reused from the reverse-path check, CFG_F_BACK_FROM_RPF set); "not judged yet" at first
+        self.route_back_blocker: str | None = "not judged yet"
 
     # ------------------------------------------------------------- lifecycle
 
@@ -209,6 +214,7 @@ class BpfBackend:
             self.holder = FragmentHolder()
             recirc = self.holder.start()
             self._write_ifaces(s)
+            self.refresh_route_back()
             carried = self._nft_sessions()
             if carried:  # before attach: from the first packet on, ours carry on with nft's mappings
                 n = self.insert_sessions(carried, config)
@@ -327,6 +333,7 @@ class BpfBackend:
                                    f"takes effect only on a restart of the datapath")  # fmt: skip
         self._install(config)  # validates (compile) before touching anything
         self._write_ifaces(new)  # also when unchanged: a device may have been recreated
+        self.refresh_route_back()
         if any(t < dict(old.timeouts).get(k, t) for k, t in new.timeouts):
             self._next_sweep = 0.0  # a timeout got shorter: sessions may have expired now
         if (old.inside, old.outside) != (new.inside, new.outside):
@@ -366,6 +373,7 @@ class BpfBackend:
             return []
         if self.settings is not None:  # a recreated device may clash: flag it before attaching
             self._refresh_iif_flag(self.settings.inside)
+        self.refresh_route_back()  # (the daemon re-judges on rule events; this catches lost ones)
         restored = self.loader.check()
         if self.config is not None and not guard.present():
             self._install_guard(self.config)
@@ -389,7 +397,10 @@ class BpfBackend:
         cfg, rules = compile_rules(config.rules, config.settings, _ifindex_or_absent)
         # CFG_F_IIF_AMBIGUOUS stays as it is: _write_ifaces, which always follows (before any
         # attach), judges it from the devices present
-        cfg = _with_flag(cfg, L.CFG_F_IIF_AMBIGUOUS, _has_flag(self.maps.cfg.get(0), L.CFG_F_IIF_AMBIGUOUS))
+        # CFG_F_BACK_FROM_RPF too (refresh_route_back judges it after every install)
+        was = self.maps.cfg.get(0)
+        for flag in (L.CFG_F_IIF_AMBIGUOUS, L.CFG_F_BACK_FROM_RPF):
+            cfg = _with_flag(cfg, flag, _has_flag(was, flag))
         # the egress guard learns new `from` nets before the rules use them, and forgets
         # removed ones only after (a removed rule's live sessions are translated anyway); in
         # between, a net that is a `from` net on either side takes the full check
@@ -445,6 +456,30 @@ class BpfBackend:
         else:
             log.info("bpf backend: inside devices' ifindexes are distinct again: sessions vouch for "
                      "their sources (fast path)")
+
+    def refresh_route_back(self) -> str | None:
+        """CFG_F_BACK_FROM_RPF as the IPv4 policy rules and forwarding switches now say
+        (fibrules.route_back_blocker): set, a new session's route back is the reverse-path
+        check's route; clear (also when they cannot be read), it is looked up.  Logged when it
+        changes, naming what made it clear.  Returns the blocker (None: reused).  At start,
+        every apply, every hook check, and on the daemon's IPv4 rule and netconf events."""
+        if self.readonly or self.maps is None:
+            return self.route_back_blocker
+        try:
+            blocker = route_back_blocker(*route_back_inputs())
+        except (OSError, ValueError, BackendError) as e:  # unreadable: the safe answer
+            blocker = f"policy rules unreadable: {e}"
+        cfg = self.maps.cfg.get(0)
+        self.route_back_blocker = blocker
+        if cfg is None or _has_flag(cfg, L.CFG_F_BACK_FROM_RPF) == (blocker is None):
+            return blocker
+        self.maps.cfg.put(0, _with_flag(cfg, L.CFG_F_BACK_FROM_RPF, blocker is None))
+        if blocker is None:
+            log.info("bpf backend: no policy rule selects on the input device and every device forwards: "
+                     "a new session's route back is the reverse-path check's (one FIB lookup fewer)")
+        else:
+            log.warning("bpf backend: route back of new sessions looked up per session: %s", blocker)
+        return blocker
 
     def move_sessions(self, new_gws: dict[int, ipaddress.IPv4Address | None],
                       old_gws: dict[int, ipaddress.IPv4Address | None] | None = None) -> int:  # fmt: skip
@@ -780,7 +815,10 @@ class BpfBackend:
             maps.append({"name": name, "entries": mp.max_entries if fixed else mp.count(),
                          "max_entries": mp.max_entries})  # fmt: skip  (count: one batch in memory)
         ct = next(x["entries"] for x in maps if x["name"] == L.MAP_CT)
+        reused = _has_flag(m.cfg.get(0), L.CFG_F_BACK_FROM_RPF)
         return {"hooks": hooks, "maps": maps, "sessions": ct // 2, "max_sessions": self.settings.max_sessions,
+                "route_back": {"reused": reused, "why": None if reused else self.route_back_blocker,
+                               "text": describe(None if reused else self.route_back_blocker or "not judged")},
                 "devices": {"inside": list(self.settings.inside), "outside": list(self.settings.outside)}}
 
     # ------------------------------------------------------------- helpers
@@ -856,6 +894,29 @@ def iif_collisions(inside) -> list[str]:
         if idx != NO_DEVICE:
             by_low.setdefault(idx & 0xFFFF, []).append(f"{n} (ifindex {idx})")
     return [d for names in by_low.values() if len(names) > 1 for d in names]
+
+
+def route_back_inputs(conf_dir: str = ACCEPT_LOCAL_DIR) -> tuple[list[PolicyRule], dict[str, bool]]:
+    """What fibrules.route_back_blocker judges: this namespace's IPv4 policy rules (an
+    rtnetlink dump) and every device's IPv4 forwarding switch (``conf_dir``/<dev>/forwarding)."""
+    from pyroute2 import IPRoute
+
+    rules = []
+    with IPRoute() as ipr:
+        for m in ipr.get_rules(family=socket.AF_INET):
+            rules.append(PolicyRule(priority=m.get_attr("FRA_PRIORITY") or 0, iif=m.get_attr("FRA_IIFNAME"),
+                                    l3mdev=bool(m.get_attr("FRA_L3MDEV")), invert=bool(m["flags"] & FIB_RULE_INVERT),
+                                    table=m.get_attr("FRA_TABLE") or m["table"]))  # fmt: skip
+    forwarding = {}
+    for dev in os.listdir(conf_dir):
+        if dev in ("all", "default"):
+            continue
+        try:
+            with open(os.path.join(conf_dir, dev, "forwarding")) as f:
+                forwarding[dev] = f.read().strip() != "0"
+        except FileNotFoundError:  # the device went meanwhile
+            continue
+    return rules, forwarding
 
 
 def read_pinned(pin_dir: str = L.PIN_DIR, settings: Settings | None = None) -> BpfBackend:

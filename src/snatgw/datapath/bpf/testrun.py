@@ -206,8 +206,14 @@ class ProgHarness:
     def __exit__(self, *exc):
         self.close()
 
-    def apply(self, rules: RuleSet, settings: Settings) -> None:
+    def apply(self, rules: RuleSet, settings: Settings, cfg_flags: int = 0) -> None:
+        """``cfg_flags``: CFG_F_* the control plane judges from the host rather than the
+        config (CFG_F_BACK_FROM_RPF, CFG_F_IIF_AMBIGUOUS), set in snat_config too."""
         cfg, slots = compile_rules(rules, settings, lambda n: self.net.ifindex.get(n, 0))
+        if cfg_flags:
+            d = L.SNAT_CFG.unpack(cfg)
+            d["flags"] |= cfg_flags
+            cfg = L.SNAT_CFG.pack(**d)
         for i, r in enumerate(slots):
             self.maps[L.MAP_RULES].put(i, r)
         write_rule_slots(self.maps[L.MAP_RULE_SLOTS], slots)

@@ -420,8 +420,14 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	/* Where replies go: the route back to the inside host, looked up once per session (as a
 	 * reply would arrive: from the remote, on the uplink), so that replies hand their next
 	 * hop to bpf_redirect_neigh instead of making it route every packet.  When that route
-	 * does not lead back to the device the flow came from, leave the next hop to the kernel. */
-	if (fib_route4(skb, p->saddr, p->daddr, eg->oif, &back) < 0 && back.oif == iif) {
+	 * does not lead back to the device the flow came from, leave the next hop to the kernel.
+	 * While no policy rule selects on the input device and every device forwards
+	 * (CFG_F_BACK_FROM_RPF) that lookup's answer is the reverse-path check's (same source
+	 * and destination, from the loopback; its route leaves by iif): reused, no FIB lookup. */
+	if ((cfg->flags & CFG_F_BACK_FROM_RPF) && p->back_mtu) {
+		sp->val.nexthop = p->back_nh;
+		sp->val.mtu = p->back_mtu;
+	} else if (fib_route4(skb, p->saddr, p->daddr, eg->oif, &back) < 0 && back.oif == iif) {
 		sp->val.nexthop = back.nexthop;
 		sp->val.mtu = ct_mtu(back.mtu);
 	} else {
@@ -601,12 +607,13 @@ static __noinline int snat_v4_hairpin_new(struct __sk_buff *skb, struct pkt *p, 
  * local source (a pool address, the gateway's own) is never routed anywhere.  So an inside
  * host cannot send as another network's host or as the gateway, and the kernel never sees a
  * local source arriving on an inside device except in packets we translated (accept_local). */
-static __noinline int guard_v4_spoof(struct __sk_buff *skb, const struct pkt *p) /* verifier: stack */
+static __noinline int guard_v4_spoof(struct __sk_buff *skb, struct pkt *p) /* verifier: stack */
 {
 	struct lpm_v4 k = { .prefixlen = 32, .addr = p->saddr };
 	struct route r;
 	__u32 *kind;
 
+	p->back_mtu = 0; /* no route to reuse (a new session's route back: snat_v4_new_mapping) */
 	if (p->saddr == 0 && p->daddr == 0xffffffff) /* DHCP: a host without an address yet */
 		return 0;
 	/* a pool address the egress guard passes at once (FROM_NET_POOL), held by the gateway or
@@ -616,6 +623,8 @@ static __noinline int guard_v4_spoof(struct __sk_buff *skb, const struct pkt *p)
 		return 1;
 	if (fib_route4(skb, p->saddr, p->daddr, LOOPBACK_IFINDEX, &r) >= 0 || r.oif != skb->ingress_ifindex)
 		return 1;
+	p->back_nh = r.nexthop; /* the route to the source, leaving by the ingress device */
+	p->back_mtu = ct_mtu(r.mtu);
 	return 0;
 }
 

@@ -40,6 +40,11 @@ struct pkt {
 	__u8 tcp_flags;
 	__u8 icmp_type;
 	__u8 l4hdr;       /* TCP header length (data offset * 4), UDP 8, else 0 */
+	/* the reverse-path check's route to the source (step 2a, guard_v4_spoof), which a new
+	 * session's route back reuses under CFG_F_BACK_FROM_RPF: its MTU (ct_mtu) or 0 when the
+	 * check made no FIB lookup, and its next hop; not parse_v4's */
+	__u16 back_mtu;
+	__be32 back_nh;
 };
 
 static __always_inline int is_icmp_error(__u8 type)

@@ -97,6 +97,7 @@
 #define CFG_F_AUDIT 16
 #define CFG_F_HOST_COUNT 32
 #define CFG_F_IIF_AMBIGUOUS 64
+#define CFG_F_BACK_FROM_RPF 128
 #define AUDIT_NEW 1
 #define AUDIT_END 2
 #define AUDIT_END_EXPIRED 1
