@@ -49,7 +49,7 @@ def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000,
     out = []
     with RefNet() as net:
         with ProgHarness(net, defines={"SNAT_BENCH": 1}, test=False, max_sessions=2 * new_flows + 16) as h:
-            h.apply(rs, settings)
+            h.apply(rs, settings, h.host_flags())
             udp_out = raw(IP(src=A, dst=R1) / UDP(sport=40000, dport=53) / PAD)
             tcp_out = raw(IP(src=A, dst=R1) / TCP(sport=40001, dport=80, flags="A") / PAD)
             # sessions to run against
@@ -97,7 +97,8 @@ def _pressure(net: RefNet, repeat: int, rounds: int, new_flows: int, est: float)
         with ProgHarness(net, defines={"SNAT_BENCH": 1}, test=False,
                          max_sessions=tries + new_flows + 16) as h:  # fmt: skip
             # exactly `tries` ports, all taken toward R1:53: every search tries them all
-            h.apply(rs, Settings(port_min=20000, port_max=20000 + tries - 1, port_tries=tries, on_exhausted="drop"))
+            h.apply(rs, Settings(port_min=20000, port_max=20000 + tries - 1, port_tries=tries, on_exhausted="drop"),
+                    h.host_flags())
             for sport in range(1, tries + 1):
                 h.run("inside", raw(IP(src="198.18.40.20", dst=R1) / UDP(sport=sport, dport=53) / PAD), "lan40")
             refused = raw(IP(src=A, dst=R1) / UDP(sport=40000, dport=53) / PAD)
@@ -133,7 +134,7 @@ def _new_flow_cold(net: RefNet, sessions: int, new_flows: int, rounds: int) -> t
     hosts = max(1, -(-sessions // per_host))
     best = None
     with ProgHarness(net, defines={"SNAT_BENCH": 1}, test=False, max_sessions=1 << 20) as h:
-        h.apply(RuleSet([Rule.from_dict(d) for d in RULES]), Settings(port_tries=64))
+        h.apply(RuleSet([Rule.from_dict(d) for d in RULES]), Settings(port_tries=64), h.host_flags())
         for i in range(hosts):  # bench_new: a fresh source port every run
             pkt = raw(IP(src=f"198.18.40.{100 + i}", dst=f"203.0.113.{20 + i}") / UDP(sport=1, dport=53 + i) / PAD)
             h.bench("bench_new", pkt, "lan40", min(per_host, sessions - i * per_host))
@@ -153,7 +154,7 @@ def _new_flow_many_rules(net: RefNet, repeat: int, rounds: int) -> tuple[str, fl
     best = None
     for _ in range(max(1, rounds // 5)):
         with ProgHarness(net, defines={"SNAT_BENCH": 1}, test=False, max_sessions=repeat + 16) as h:
-            h.apply(rs, Settings(port_tries=64))
+            h.apply(rs, Settings(port_tries=64), h.host_flags())
             new = raw(IP(src=A, dst=R1) / UDP(sport=10000, dport=53) / PAD)
             ns = h.bench("bench_new", new, "lan40", repeat) - h.bench("bench_noop", new, "lan40", repeat)
             best = ns if best is None else min(best, ns)

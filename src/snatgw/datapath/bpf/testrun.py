@@ -223,6 +223,17 @@ class ProgHarness:
         for k, kind in compile_from_nets(rules).items():
             self.maps[L.MAP_FROM_NETS].put(k, struct.pack("<I", kind))
 
+    def host_flags(self) -> int:
+        """The CFG_F_* the bpf backend judges from the host, judged here from the test's
+        namespace: CFG_F_BACK_FROM_RPF while no policy rule selects on the input device and
+        every device forwards (fibrules; REF: so), for apply(cfg_flags=) where a run should be
+        what the daemon would run (progbench)."""
+        from ...fibrules import route_back_blocker
+        from .backend import route_back_inputs
+
+        with self.net.enter():
+            return L.CFG_F_BACK_FROM_RPF if route_back_blocker(*route_back_inputs()) is None else 0
+
     def ctx(self, ingress: str, gso_size: int = 0, ifindex: int | None = None) -> bytes:
         c = bytearray(SKB_CTX_SIZE)
         idx = self.net.ifindex[ingress] if ifindex is None else ifindex
