@@ -90,6 +90,22 @@ def test_a_detached_program_and_a_full_table_are_problems(running, links, capsys
     assert "model is no longer on lan40 ingress (found 77)" in out and "sessions: 95 of 100 (95%)" in out
 
 
+def test_the_route_back_is_shown_and_is_no_problem(running, links, capsys, monkeypatch):
+    """bpf's route back (docs/datapath.md step 13): one line, either way healthy."""
+    from snatgw.fibrules import describe
+
+    real = running.backend.health
+    why = "iif rule 100: from all iif eth1 lookup 100"
+    monkeypatch.setattr(running.backend, "health", lambda: {**real(), "route_back": {
+        "reused": False, "why": why, "text": describe(why)}})
+    rc, out = status(running, capsys)
+    assert rc == 0 and "route back: looked up per session (iif rule 100: from all iif eth1 lookup 100)" in out
+    monkeypatch.setattr(running.backend, "health", lambda: {**real(), "route_back": {
+        "reused": True, "why": None, "text": describe(None)}})
+    rc, out = status(running, capsys)
+    assert rc == 0 and "route back: reused from the reverse-path check" in out
+
+
 def test_an_unreadable_datapath_is_a_problem(running, links, capsys, monkeypatch):
     """backend.health() failing is itself reported (the request still answers)."""
     monkeypatch.setattr(running.backend, "chaos", {"health": 0})

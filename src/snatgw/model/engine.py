@@ -243,6 +243,12 @@ class Engine:
         eim = rule.eim and v.proto in EIM_PROTOS
         if eim:
             flags |= CT_F_EIM
+        # the route back (the IN entry's next hop and MTU): the route to the inside host as a
+        # reply from the uplink would take it (docs/datapath.md step 13).  The router has no
+        # input devices, so that is its route to the host, the one _spoofed checked (which leads
+        # back out of `ingress`): on-link in REF, next hop None ("the route to the
+        # destination"), the device's MTU.  The bpf datapath looks it up per session, or reuses
+        # the reverse-path check's while CFG_F_BACK_FROM_RPF holds: the same answer either way
         in_mtu = self._dev_mtu(ingress)
 
         def build(ikey: CtKey, addr: IPv4Address, port: int) -> tuple[CtEntry, CtEntry]:

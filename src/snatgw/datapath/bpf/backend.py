@@ -35,6 +35,10 @@ log = logging.getLogger("snatgw.bpf")
 
 NO_DEVICE = 0xFFFFFFFF  # rule oif whose device is absent (matches nothing)
 FIB_RULE_INVERT = 0x2  # linux/fib_rules.h: a `not` rule
+#: seconds between the hook check's own judgements of the route back (a rule dump and a read of
+#: every device's forwarding switch, ~2.5 ms): the daemon's netlink events judge at once, this
+#: catches what they missed (ENOBUFS, no netlink socket)
+ROUTE_BACK_RECHECK = 10.0
 ORPHAN_GRACE_NS = 10 * 10**9  # half-inserted pairs older than this are removed by GC
 _clock = time.monotonic  # seconds, for GC pacing (tests replace it)
 ACCEPT_LOCAL_DIR = "/proc/sys/net/ipv4/conf"
@@ -192,6 +196,7 @@ class BpfBackend:
         #: why a new session's route back is looked up (fibrules.route_back_blocker; None:
         #: reused from the reverse-path check, CFG_F_BACK_FROM_RPF set); "not judged yet" at first
         self.route_back_blocker: str | None = "not judged yet"
+        self._route_back_at = float("-inf")  # _clock() of the last judgement
 
     # ------------------------------------------------------------- lifecycle
 
@@ -373,7 +378,8 @@ class BpfBackend:
             return []
         if self.settings is not None:  # a recreated device may clash: flag it before attaching
             self._refresh_iif_flag(self.settings.inside)
-        self.refresh_route_back()  # (the daemon re-judges on rule events; this catches lost ones)
+        if _clock() - self._route_back_at >= ROUTE_BACK_RECHECK:  # (events lost, or no daemon socket)
+            self.refresh_route_back()
         restored = self.loader.check()
         if self.config is not None and not guard.present():
             self._install_guard(self.config)
@@ -462,12 +468,14 @@ class BpfBackend:
         (fibrules.route_back_blocker): set, a new session's route back is the reverse-path
         check's route; clear (also when they cannot be read), it is looked up.  Logged when it
         changes, naming what made it clear.  Returns the blocker (None: reused).  At start,
-        every apply, every hook check, and on the daemon's IPv4 rule and netconf events."""
+        every apply, on the daemon's IPv4 rule and netconf events, and at a hook check
+        ROUTE_BACK_RECHECK after the last."""
         if self.readonly or self.maps is None:
             return self.route_back_blocker
+        self._route_back_at = _clock()
         try:
             blocker = route_back_blocker(*route_back_inputs())
-        except (OSError, ValueError, BackendError) as e:  # unreadable: the safe answer
+        except Exception as e:  # noqa: BLE001 - unreadable (netlink, /proc): the safe answer, never a crash
             blocker = f"policy rules unreadable: {e}"
         cfg = self.maps.cfg.get(0)
         self.route_back_blocker = blocker
