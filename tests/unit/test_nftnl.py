@@ -30,3 +30,11 @@ def test_a_counter_object_is_read_and_others_are_not():
         assert N.parse_counter(other, 0, len(other), "snatgw_guard") is None  # another table; a quota
     cut = body[:-6]  # a truncated attribute is left, not read past
     assert N.parse_counter(cut, 0, len(cut), "snatgw_guard") == ("leak", 0, 0)
+
+
+def test_the_chain_question_is_one_get_of_that_chain():
+    msg = N.chain_request("ip", "snatgw_guard", "postrouting")
+    ln, typ, flags, _, _ = struct.unpack_from("=IHHII", msg)
+    assert (ln, typ, flags) == (len(msg), (10 << 8) | 4, 0x1)  # NFT_MSG_GETCHAIN, a get (no dump)
+    attrs = {t: msg[a:b] for t, a, b in N._attrs(msg, 20, len(msg))}
+    assert attrs == {N.NFTA_CHAIN_TABLE: b"snatgw_guard\0", N.NFTA_CHAIN_NAME: b"postrouting\0"}

@@ -1,11 +1,12 @@
-"""nftables' named counters through nf_tables netlink (NETLINK_NETFILTER, subsystem
+"""nftables' named counters, and whether a chain exists, through nf_tables netlink (NETLINK_NETFILTER, subsystem
 NFNL_SUBSYS_NFTABLES), the interface the `nft` tool speaks: one NFT_MSG_GETOBJ dump of a
 table's counter objects per call, in the calling thread's network namespace (or ``netns``),
 without a process.  `nft -j list counters table ip T` answers the same figures; a stats call
 of the bpf backend read the leak guard's drops that way, a process per call, and metrics
-scrapes and `adm --rate` call stats often.
+scrapes and `adm --rate` call stats often; the hook check asked `nft list chain` every tick.
 
     counters("ip", "snatgw_guard")   # {"leak": (packets, bytes)}; {} when there is no table
+    chain_exists("ip", "snatgw_guard", "postrouting")   # the hook check's question, each tick
 
 The kernel filters the dump by table (NFTA_OBJ_TABLE) and object type (NFTA_OBJ_TYPE,
 NFT_OBJECT_COUNTER); a table that does not exist answers ENOENT, read here as no counters.
@@ -23,8 +24,9 @@ from ..errors import BackendError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN = 3, 4
 NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP = 0x1, 0x2, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_TYPE_MASK = 0x3FFF
 NFPROTO = {"ip": 2, "inet": 1, "ip6": 10, "arp": 3, "bridge": 7, "netdev": 5}
@@ -32,6 +34,7 @@ NFPROTO = {"ip": 2, "inet": 1, "ip6": 10, "arp": 3, "bridge": 7, "netdev": 5}
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
 NFT_OBJECT_COUNTER = 1
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
 RECV = 1 << 16
 
 _NLH = struct.Struct("=IHHII")
@@ -101,37 +104,63 @@ def _open(netns: str | None) -> socket.socket:
         raise BackendError(f"nf_tables netlink: cannot open a netfilter socket: {e.strerror}") from None
 
 
-def counters(family: str, table: str, netns: str | None = None) -> dict[str, tuple[int, int]]:
-    """{name: (packets, bytes)} of the named counters of ``family`` ``table`` ({} without the
-    table).  BackendError when netlink fails otherwise."""
-    out: dict[str, tuple[int, int]] = {}
+def _exchange(msg: bytes, what: str, netns: str | None) -> Iterator[tuple[int, bytes, int, int]]:
+    """Send one request (sequence 1) and yield (message type, buffer, body start after
+    nfgenmsg, body end) of each answer until the dump is done, the get answered, or the kernel
+    says ENOENT (no such table/chain: nothing yielded).  BackendError for any other error."""
     with _open(netns) as s:
         s.settimeout(5)
         try:
-            s.send(request(family, table))
+            s.send(msg)
             while True:
                 buf = s.recv(RECV)
                 off = 0
                 while off + _NLH.size <= len(buf):
-                    ln, typ, _flags, seq, _pid = _NLH.unpack_from(buf, off)
+                    ln, typ, flags, seq, _pid = _NLH.unpack_from(buf, off)
                     if ln < _NLH.size:
-                        return out
+                        return
                     if seq == 1:
                         if typ == NLMSG_DONE:
-                            return out
+                            return
                         if typ == NLMSG_ERROR:
                             err = -struct.unpack_from("=i", buf, off + _NLH.size)[0]
                             if err in (0, errno.ENOENT):
-                                return out
-                            raise BackendError(f"nf_tables netlink: counters of {family} {table}: "
-                                               f"{os.strerror(err)}")
-                        if typ == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ:
-                            c = parse_counter(buf, off + _NLH.size + _NFGEN.size, off + ln, table)
-                            if c is not None:
-                                out[c[0]] = (c[1], c[2])
+                                return
+                            raise BackendError(f"nf_tables netlink: {what}: {os.strerror(err)}")
+                        yield typ, buf, off + _NLH.size + _NFGEN.size, off + ln
+                        if not flags & NLM_F_MULTI:  # the one answer of a get
+                            return
                     off += (ln + 3) & ~3
         except OSError as e:
-            raise BackendError(f"nf_tables netlink: counters of {family} {table}: {e.strerror or e}") from None
+            raise BackendError(f"nf_tables netlink: {what}: {e.strerror or e}") from None
 
 
-__all__ = ["counters", "parse_counter", "request"]
+def counters(family: str, table: str, netns: str | None = None) -> dict[str, tuple[int, int]]:
+    """{name: (packets, bytes)} of the named counters of ``family`` ``table`` ({} without the
+    table).  BackendError when netlink fails otherwise."""
+    out: dict[str, tuple[int, int]] = {}
+    for typ, buf, a, b in _exchange(request(family, table), f"counters of {family} {table}", netns):
+        if typ == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ:
+            c = parse_counter(buf, a, b, table)
+            if c is not None:
+                out[c[0]] = (c[1], c[2])
+    return out
+
+
+def chain_request(family: str, table: str, chain: str, seq: int = 1) -> bytes:
+    """The NFT_MSG_GETCHAIN get of one chain."""
+    body = _NFGEN.pack(NFPROTO[family], 0, 0)
+    body += _attr(NFTA_CHAIN_TABLE, table.encode() + b"\0") + _attr(NFTA_CHAIN_NAME, chain.encode() + b"\0")
+    return _NLH.pack(_NLH.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN, NLM_F_REQUEST, seq,
+                     0) + body  # fmt: skip
+
+
+def chain_exists(family: str, table: str, chain: str, netns: str | None = None) -> bool:
+    """Whether ``family`` ``table`` has ``chain`` (what `nft list chain` answers by its exit
+    status), without a process: the hook check asks every tick."""
+    want = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN
+    return any(typ == want for typ, _, _, _ in _exchange(chain_request(family, table, chain),
+                                                         f"chain {family} {table} {chain}", netns))
+
+
+__all__ = ["chain_exists", "chain_request", "counters", "parse_counter", "request"]

@@ -81,7 +81,9 @@ def install(nets, outside, netns: str | None = None, passes=()) -> None:
 
 
 def present(netns: str | None = None) -> bool:
-    return _nft(["list", "chain", FAMILY, TABLE, "postrouting"], netns).returncode == 0
+    """The table and its chain are there (the hook check asks every tick: by netlink, no
+    process)."""
+    return nftnl.chain_exists(FAMILY, TABLE, "postrouting", netns)
 
 
 def dropped(netns: str | None = None) -> int:
