@@ -219,6 +219,38 @@ def test_stats_read_the_counters_by_netlink_without_an_nft_process(lab, backend,
     assert stats.rules[rule.rule_id].packets == got[R.counter_name(rule)][0]
 
 
+def test_the_hook_check_reads_the_table_by_netlink_and_restores_what_went(lab, backend, monkeypatch):
+    """check_hooks (every tick) learns the table's chains and rule count by nf_tables netlink
+    (nftnl.table_shape: what `nft -j list table` shows), with no `nft` process while all is in
+    place; a flushed chain, then a deleted table, are found and put back."""
+    import subprocess
+
+    from snatgw.datapath import nftnl
+
+    with backend() as b:
+        listed = json.loads(lab.run("gw", "nft", "-j", "list", "table", R.FAMILY, R.TABLE).stdout)["nftables"]
+        want = ({o["chain"]["name"] for o in listed if "chain" in o}, sum(1 for o in listed if "rule" in o))
+        assert nftnl.table_shape(R.FAMILY, R.TABLE, b.netns) == want and want[1] > 10
+        real_run = subprocess.run
+
+        def no_nft(argv, *a, **kw):
+            assert "nft" not in [str(x) for x in argv], argv
+            return real_run(argv, *a, **kw)
+
+        monkeypatch.setattr(subprocess, "run", no_nft)
+        try:
+            assert b.check_hooks() == []
+        finally:
+            monkeypatch.setattr(subprocess, "run", real_run)
+        lab.run("gw", "nft", "flush", "chain", R.FAMILY, R.TABLE, "forward")
+        assert [m for m in b.check_hooks() if m.endswith(" rules")]
+        assert nftnl.table_shape(R.FAMILY, R.TABLE, b.netns) == want
+        lab.run("gw", "nft", "delete", "table", R.FAMILY, R.TABLE)
+        assert nftnl.table_shape(R.FAMILY, R.TABLE, b.netns) is None
+        assert b.check_hooks() == [f"nft table {R.FAMILY} {R.TABLE}"]
+        assert nftnl.table_shape(R.FAMILY, R.TABLE, b.netns) == want
+
+
 def test_a_large_table_is_counted_by_the_gc_tick_not_by_every_stats(lab, backend, monkeypatch):
     """Issue 14 on nft: above COUNT_FRESH_MAX conntrack entries stats() answers with the GC
     tick's last count (a dump is ~1 s per 100k entries) and the tick counts again only after

@@ -24,7 +24,8 @@ from ..errors import BackendError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN = 3, 4
+NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN = 0, 1, 3, 4
+NFT_MSG_NEWRULE, NFT_MSG_GETRULE = 6, 7
 NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP = 0x1, 0x2, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -35,6 +36,8 @@ NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
 NFT_OBJECT_COUNTER = 1
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
+NFTA_TABLE_NAME = 1
+NFTA_RULE_TABLE = 1
 RECV = 1 << 16
 
 _NLH = struct.Struct("=IHHII")
@@ -163,4 +166,41 @@ def chain_exists(family: str, table: str, chain: str, netns: str | None = None) 
                                                          f"chain {family} {table} {chain}", netns))
 
 
-__all__ = ["chain_exists", "chain_request", "counters", "parse_counter", "request"]
+def _get(msg_type: int, family: str, attrs: bytes, dump: bool = False) -> bytes:
+    body = _NFGEN.pack(NFPROTO[family], 0, 0) + attrs
+    return _NLH.pack(_NLH.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+                     NLM_F_REQUEST | (NLM_F_DUMP if dump else 0), 1, 0) + body  # fmt: skip
+
+
+def _name(buf: bytes, a: int, b: int, typ: int) -> str | None:
+    for t, x, y in _attrs(buf, a, b):
+        if t == typ:
+            return buf[x:y].split(b"\0", 1)[0].decode(errors="replace")
+    return None
+
+
+def table_shape(family: str, table: str, netns: str | None = None) -> tuple[set[str], int] | None:
+    """(the names of ``table``'s chains, its number of rules), None without the table: what
+    the nft backend's hook check compares with what it applied, every tick, without listing
+    the table as JSON through an `nft` process (thousands of rules at thousands of `from`
+    nets).  Three requests: the table (get), the family's chains (dump, kept when of
+    ``table``), the table's rules (dump filtered by the kernel, only counted)."""
+    name = table.encode() + b"\0"
+    what = f"table {family} {table}"
+    new = (NFNL_SUBSYS_NFTABLES << 8)
+    got = _exchange(_get(NFT_MSG_GETTABLE, family, _attr(NFTA_TABLE_NAME, name)), what, netns)
+    if not any(typ == new | NFT_MSG_NEWTABLE for typ, _, _, _ in got):
+        return None
+    chains = set()
+    for typ, buf, a, b in _exchange(_get(NFT_MSG_GETCHAIN, family, b"", dump=True), what, netns):
+        if typ == new | NFT_MSG_NEWCHAIN and _name(buf, a, b, NFTA_CHAIN_TABLE) == table:
+            chains.add(_name(buf, a, b, NFTA_CHAIN_NAME))
+    rules = 0
+    for typ, buf, a, b in _exchange(_get(NFT_MSG_GETRULE, family, _attr(NFTA_RULE_TABLE, name), dump=True), what,
+                                    netns):  # fmt: skip
+        if typ == new | NFT_MSG_NEWRULE and _name(buf, a, b, NFTA_RULE_TABLE) == table:
+            rules += 1
+    return {c for c in chains if c is not None}, rules
+
+
+__all__ = ["chain_exists", "chain_request", "counters", "parse_counter", "request", "table_shape"]

@@ -417,20 +417,15 @@ class NftBackend:
         transaction, as a reload.  Returns what was found missing (empty: all in place)."""
         if self._plan is None or self._config is None:
             return []
-        p = self._run(["nft", "-j", "list", "table", R.FAMILY, R.TABLE], check=False)
         missing = []
-        if p.returncode != 0:
+        shape = self._table_shape()
+        if shape is None:
             missing.append(f"nft table {R.FAMILY} {R.TABLE}")
         else:
-            try:
-                objs = json.loads(p.stdout)["nftables"]
-            except (ValueError, KeyError, TypeError):
-                objs = []
-            chains = {o["chain"]["name"] for o in objs if "chain" in o}
+            chains, nrules = shape
             want = {name for name, _ in R._chain_defs()}
             if want - chains:
                 missing.append("chains " + ",".join(sorted(want - chains)))
-            nrules = sum(1 for o in objs if "rule" in o)
             if nrules < len(self._plan.rules):
                 missing.append(f"{len(self._plan.rules) - nrules} of {len(self._plan.rules)} rules")
         from ..bpf import guard
@@ -440,6 +435,23 @@ class NftBackend:
         if missing:
             self.apply(self._config)
         return missing
+
+    def _table_shape(self) -> tuple[set[str], int] | None:
+        """(chain names, number of rules) of table ip snatgw, None without it: by nf_tables
+        netlink (datapath/nftnl.py), no `nft -j list table` process each tick; the nft tool if
+        netlink fails."""
+        try:
+            return nftnl.table_shape(R.FAMILY, R.TABLE, self.netns)
+        except BackendError as e:
+            log.warning("nft backend: %s; asking nft", e)
+        p = self._run(["nft", "-j", "list", "table", R.FAMILY, R.TABLE], check=False)
+        if p.returncode != 0:
+            return None
+        try:
+            objs = json.loads(p.stdout)["nftables"]
+        except (ValueError, KeyError, TypeError):
+            objs = []
+        return {o["chain"]["name"] for o in objs if "chain" in o}, sum(1 for o in objs if "rule" in o)
 
     def _object_names(self) -> dict[str, tuple[str, ...]]:
         """Named objects in our table now (counters, ct timeouts), to delete the stale ones."""
