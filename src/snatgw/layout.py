@@ -431,6 +431,9 @@ SWEEP_F_PROTO = 0x20
 SWEEP_F_STATE = 0x40
 SWEEP_STATES = 16  # entries of the sweep's timeout array (by ct_state; larger states use NONE's)
 SWEEP_WHOLE, SWEEP_BEGIN, SWEEP_KEYS, SWEEP_END = 0, 1, 2, 3  # sweep_args.phase
+#: sweep_args.phase: end a chunked walk cut short between chunks without publishing anything (its
+#: deltas and endpoint marks are dropped; the counts stay as they were, a recount follows)
+SWEEP_ABORT = 4
 SWEEP_CHUNK = 16384  # keys one SWEEP_KEYS run visits (a power of two)
 
 
@@ -608,7 +611,7 @@ LPM_V4 = _declare(Struct("lpm_v4", "an IPv4 prefix as the LPM trie key", (
 SWEEP_ARGS = _declare(Struct("sweep_args", "what one walk of snat_ct by the sweep program does", (
     ("now", "__u64", "CLOCK_MONOTONIC ns the sweep judges idleness against"),
     ("grace", "__u64", "ns after which a half pair (one direction without its peer) is removed"),
-    ("mode", "__u32", "SWEEP_EXPIRE or SWEEP_FLUSH"),
+    ("mode", "__u32", "SWEEP_EXPIRE, SWEEP_FLUSH or SWEEP_RECOUNT"),
     ("flags", "__u32", "SWEEP_F_*: which filters apply (FLUSH)"),
     ("rule_id", "__u32", "SWEEP_F_RULE: sessions of this rule"),
     ("full", "__u32", "EXPIRE: 1 = look up the other half of every entry (half pairs, orphans); 0 = only of entries that look expired"),
@@ -620,7 +623,7 @@ SWEEP_ARGS = _declare(Struct("sweep_args", "what one walk of snat_ct by the swee
     ("remote_port", "__be16", "SWEEP_F_RPORT: remote port"),
     ("proto", "__u8", "SWEEP_F_PROTO: IPPROTO_*"),
     ("state", "__u8", "SWEEP_F_STATE: enum ct_state"),
-    ("phase", "__u32", "SWEEP_WHOLE: one run walks the table; SWEEP_BEGIN, SWEEP_KEYS (the keys in sweep_keys), SWEEP_END: a walk in chunks"),
+    ("phase", "__u32", "SWEEP_WHOLE: one run walks the table; SWEEP_BEGIN, SWEEP_KEYS (the keys in sweep_keys), SWEEP_END: a walk in chunks; SWEEP_ABORT: end one cut short, publishing nothing"),
     ("pad2", "__u32", "zero"),
 )))  # fmt: skip
 
@@ -728,7 +731,7 @@ def render_header() -> str:
         "SWEEP_F_REMOTE": SWEEP_F_REMOTE, "SWEEP_F_RPORT": SWEEP_F_RPORT,
         "SWEEP_F_PROTO": SWEEP_F_PROTO, "SWEEP_F_STATE": SWEEP_F_STATE,
         "SWEEP_STATES": SWEEP_STATES, "SWEEP_WHOLE": SWEEP_WHOLE, "SWEEP_BEGIN": SWEEP_BEGIN,
-        "SWEEP_KEYS": SWEEP_KEYS, "SWEEP_END": SWEEP_END, "SWEEP_CHUNK": SWEEP_CHUNK,
+        "SWEEP_KEYS": SWEEP_KEYS, "SWEEP_END": SWEEP_END, "SWEEP_ABORT": SWEEP_ABORT, "SWEEP_CHUNK": SWEEP_CHUNK,
         "FRAG_PASS_REASON_MASK": f"0x{sum(1 << int(r) for r in FRAG_PASS_REASONS):x}ULL",
         "RECIRC_KEY": RECIRC_KEY, "FRAG_HELD_IFINDEX": f"0x{FRAG_HELD_IFINDEX:x}",
     }  # fmt: skip

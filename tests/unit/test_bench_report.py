@@ -149,7 +149,7 @@ def test_sessions_cp_reports_the_reloads_that_turn_a_host_limit_on_and_off():
     md = report.render(results() | {"sessions_cp": cp_result()})
     assert "## 8. Control plane at a million sessions" in md and "host limit on" not in md
     on = series(recount={"count": 1, "last_seconds": 3.21, "last_wait_seconds": 0.5, "last_visited": 2_003_000,
-                         "last_live": 1_001_500}, sweeps_during=2, counts_read_seconds=2.5,
+                         "last_live": 1_001_500, "last_cut_sweep": True}, sweeps_during=2, counts_read_seconds=2.5,
                 stats={"hosts_counted": "live", "hosts_total": 11_000, "top_host": None},
                 counts={"hosts_counted": 11_000, "hosts_true": 11_000, "sessions_counted": 1_001_510,
                         "sessions_true": 1_001_500, "hosts_exact": 10_990, "hosts_high": 10, "high_by": 10,
@@ -160,8 +160,9 @@ def test_sessions_cp_reports_the_reloads_that_turn_a_host_limit_on_and_off():
     md = report.render(results() | {"sessions_cp": cp_result({"limit": 8192, "on": on, "off": off})})
     row = next(x for x in md.splitlines() if x.startswith("| reload turning a host limit on"))
     assert "`max_sessions_per_host 8192`" in row and "| 4.20 s; of it the recount walk 3.21 s over 2,003,000 " \
-        "entries (1,001,500 sessions), after 0.50 s waiting for a sweep in progress; 2 sweeps ran" in row
-    assert "about a sweep (longest 11.70 s) |" in row
+        "entries (1,001,500 sessions), after 0.50 s waiting for a walk in progress (an expiry sweep, cut short " \
+        "at its next chunk); 2 sweeps ran" in row
+    assert "the recount walk, no wait for a sweep (longest sweep 11.70 s) |" in row
     row = next(x for x in md.splitlines() if x.startswith("| new flows during that reload"))
     assert "(trafgen, a packet every 500 us;" in row and "median 1,990 pps before, 1,985 during (min 1,800; " \
         "17 windows, 0 at 0; offered 1,995; 8,400 of 8,410 offered packets translated), 2,000 after; in windows " \

@@ -545,10 +545,19 @@ def summary(r: dict) -> list[str]:
             f"windows at 0: {ts.get('zero_windows')} | |")
     lines += host_limit_rows(r.get("host_limit"), sw)
     if sw:
-        lines.append(f"| sweeps | {sw.get('count')} runs ({sw.get('under_pressure', 0)} under pressure), longest "
+        lines.append(f"| sweeps | {sw.get('count')} runs ({sw.get('under_pressure', 0)} under pressure"
+                     f"{', %d cut short' % sw['cut_short'] if sw.get('cut_short') else ''}), longest "
                      f"{sw.get('max_seconds', 0):.2f} s, last {sw.get('last_seconds', 0):.2f} s "
                      f"(visited {sw.get('last_visited', 0):,}) | |")
     return lines
+
+
+def cut_note(cut) -> str:
+    """What the recount waited for: an expiry sweep it cut short at its next chunk, none (an
+    older result does not say: nothing)."""
+    if cut is None:
+        return ""
+    return " (an expiry sweep, cut short at its next chunk)" if cut else " (no sweep was running)"
 
 
 def host_limit_rows(h: dict | None, sweeps: dict | None = None) -> list[str]:
@@ -581,9 +590,10 @@ def host_limit_rows(h: dict | None, sweeps: dict | None = None) -> list[str]:
         f"| reload turning a host limit on (`max_sessions_per_host {h.get('limit')}`, nothing refused) | "
         f"{sec(on.get('seconds'))}{' (error: ' + on['error'] + ')' if on.get('error') else ''}; of it the recount "
         f"walk {sec(rc.get('last_seconds'))} over {fmt(rc.get('last_visited'))} entries ({fmt(rc.get('last_live'))} "
-        f"sessions), after {sec(rc.get('last_wait_seconds'))} waiting for a sweep in progress; "
-        f"{on.get('sweeps_during', '?')} sweeps ran meanwhile | about a sweep "
-        f"(longest {sec(longest)}) |",
+        f"sessions), after {sec(rc.get('last_wait_seconds'))} waiting for a walk in progress"
+        f"{cut_note(rc.get('last_cut_sweep'))}; "
+        f"{on.get('sweeps_during', '?')} sweeps ran meanwhile | the recount walk, no wait for a sweep "
+        f"(longest sweep {sec(longest)}) |",
         f"| new flows during that reload (trafgen, a packet every "
         f"{fmt(1e6 / on['pps_target']) if on.get('pps_target') else '?'} us; windows of 0.25 s) | "
         f"{flows(on)} | kept made, none refused |",

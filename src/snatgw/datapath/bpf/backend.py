@@ -181,6 +181,12 @@ class BpfBackend:
         self._t_normal: float | None = None  # duration of the last sweep that was not full
         self.chunked = CHUNKED
         self._walk = threading.Lock()  # one walk at a time (the sweep's args live in a map)
+        #: walks that must run now (a recount, a flush) waiting for _walk: an expiry sweep in
+        #: progress stops at its next chunk for them (cut short, sweep.py), none begins
+        self._urgent = 0
+        self._urgent_lock = threading.Lock()
+        self.cut_sweeps = 0  # expiry sweeps cut short for such a walk
+        self._full_due = False  # a full sweep was cut short: the next one is full
         self._sweep_max = 0.0  # longest sweep so far (seconds), for status
         self.last_sweep: SweepResult | None = None
         #: _clock() when the last walk (expiry, flush or recount) published the live counts:
@@ -189,7 +195,7 @@ class BpfBackend:
         self._walk_since: float | None = None  # _clock() when the walk in progress began
         #: the recount walks (a host limit turned on, or sessions adopted under one), for status
         self.recounts = {"count": 0, "last_seconds": None, "last_wait_seconds": None, "last_visited": None,
-                         "last_live": None}  # fmt: skip
+                         "last_live": None, "last_cut_sweep": None}  # fmt: skip
         #: the audit log's intake for sessions the control plane removes itself (rule changes):
         #: set by the daemon (daemon/audit.py), called with lists of record dicts
         self.audit_sink: Callable[[list[dict]], None] | None = None
@@ -604,34 +610,59 @@ class BpfBackend:
     def _recount_for_limit(self) -> None:
         res = self.recount()
         log.info("host limit on: the per-host counts recounted over %d sessions in %.3f s (after %.3f s waiting "
-                 "for a walk in progress)", res.live, res.seconds, self.recounts["last_wait_seconds"])
+                 "for a walk in progress%s)", res.live, res.seconds, self.recounts["last_wait_seconds"],
+                 ": an expiry sweep, cut short" if self.recounts["last_cut_sweep"] else "")
+
+    @property
+    def walk_wanted(self) -> bool:
+        """A walk that must run now (recount, flush) waits for the one in progress: an expiry
+        sweep stops at its next chunk (between SWEEP_KEYS runs) and none begins."""
+        return self._urgent > 0
 
     @contextlib.contextmanager
-    def _counting(self, t0: float):
+    def _counting(self, t0: float, urgent: bool = False):
         """One walk (expiry, flush, recount) begun at ``t0``, which publishes the live counts:
         its last step writes them into the count maps before the walk returns, so a `stats` on
         another thread may read them before counted_at is set; while the walk runs that reader
         dates them from the walk's start, as counted_at does after (the counts are at least
-        that fresh)."""
-        with self._walk:
+        that fresh).  Yields a dict: a walk that did not publish (cut short) sets "published"
+        false.  ``urgent``: the walk must run now (walk_wanted while it waits): an expiry sweep
+        in progress is cut short at its next chunk instead of being waited for."""
+        if urgent:
+            with self._urgent_lock:
+                self._urgent += 1
+        try:
+            self._walk.acquire()
+        finally:
+            if urgent:
+                with self._urgent_lock:
+                    self._urgent -= 1
+        try:
             self._walk_since = t0
-            try:
-                yield
+            walk = {"published": True}
+            yield walk
+            if walk["published"]:
                 self.counted_at = t0  # the per-host sessions are as of this walk
-            finally:
-                self._walk_since = None
+        finally:
+            self._walk_since = None
+            self._walk.release()
 
     def recount(self) -> SweepResult:
-        """Count the live counts again from the table (removes nothing; sweep.py).  Recorded
-        for status (``recounts``): the walk's time, and the time it waited for a walk in
-        progress (an expiry sweep outside the lock) before it could begin."""
+        """Count the live counts again from the table (removes nothing; sweep.py).  It must run
+        now: an expiry sweep in progress is cut short at its next chunk (``_counting``), not
+        waited for.  Recorded for status (``recounts``): the walk's time, the time it waited for
+        a walk in progress (an expiry sweep outside the lock: to its next chunk; a flush: to its
+        end) before it could begin, and whether it cut a sweep short."""
         self._writable()
         t0 = _clock()
-        with self._counting(t0):
+        cut0 = self.cut_sweeps
+        with self._counting(t0, urgent=True):
             waited = _clock() - t0
+            cut = self.cut_sweeps - cut0
             res = self.sweeper().recount(chunked=self.chunked)
         self.recounts = {"count": self.recounts["count"] + 1, "last_seconds": round(res.seconds, 4),
-                         "last_wait_seconds": round(waited, 4), "last_visited": res.visited, "last_live": res.live}
+                         "last_wait_seconds": round(waited, 4), "last_visited": res.visited, "last_live": res.live,
+                         "last_cut_sweep": bool(cut)}  # fmt: skip
         if res.count_errors:
             log.warning("recount: %d live-count updates failed (a count map is full)", res.count_errors)
         return res
@@ -654,27 +685,44 @@ class BpfBackend:
         sweep takes at most 1/GC_DUTY of a CPU whatever gc_interval is, in system calls of a
         few milliseconds each (CHUNKED).  A session therefore
         leaves at most max(gc_interval, GC_DUTY * T) + T after its timeout (T = one sweep's
-        duration; docs/operations.md)."""
+        duration; docs/operations.md).
+
+        A walk that must run now (recount, flush: ``walk_wanted``) cuts a sweep in progress
+        short at its next chunk (nothing published: the counts stay high until that walk
+        recounts them) and keeps one from beginning.  The part of the table the cut sweep did
+        not reach waits for the next sweep, on the usual pace from the part that ran: an entry
+        there may stay one sweep interval longer than the bound above.  A full sweep cut short
+        makes the next one full."""
         self._writable()
         t0 = _clock()
+        if self.walk_wanted:  # its turn comes after the walk that waits
+            return 0
         if now is None and t0 < self._next_sweep and not self._pressure():
             return 0
         now_ns = monotonic_ns() if now is None else int(now * 1e9)
-        full = now is not None or self._sweeps % FULL_EVERY == 0  # an explicit now: always full
+        # an explicit now: always full
+        full = now is not None or self._full_due or self._sweeps % FULL_EVERY == 0
         self._sweeps += 1
-        with self._counting(t0):
+        with self._counting(t0) as walk:
             res = self.sweeper().expire(now_ns, self._timeouts_ns(), ORPHAN_GRACE_NS, full=full,
-                                        chunked=self.chunked)  # fmt: skip
+                                        chunked=self.chunked, stop=lambda: self._urgent > 0)  # fmt: skip
+            if res.cut:  # (before the walk lock goes: the walk that cut it sees the count)
+                self.cut_sweeps += 1
+                walk["published"] = False
+        self._full_due = full and res.cut
         self.last_sweep = res
         self._sweep_max = max(self._sweep_max, res.seconds)
         if res.count_errors:
             log.warning("sweep: %d live-count updates failed (a count map is full)", res.count_errors)
+        if res.cut:
+            log.info("sweep cut short after %d chunks (%.3f s, %d sessions removed) for a walk that must run now",
+                     res.chunks, res.seconds, res.removed)  # fmt: skip
         t1 = _clock()
         t = t1 - t0
-        if not full or self._t_normal is None:
+        if (not full and not res.cut) or self._t_normal is None:
             self._t_normal = t
         # the rest follows the common sweep's cost: a full one (1 in FULL_EVERY, ~3x dearer)
-        # does not stretch the expiry margin
+        # does not stretch the expiry margin; a cut one rests for the part that ran
         self._next_sweep = t1 + (GC_DUTY - 1) * min(t, self._t_normal)
         return res.removed
 
@@ -698,10 +746,11 @@ class BpfBackend:
         r = self.last_sweep
         since = self._walk_since
         return {"sweeps": {"count": self._sweeps, "max_seconds": round(self._sweep_max, 4),
-                           "under_pressure": self.pressure_sweeps,
+                           "under_pressure": self.pressure_sweeps, "cut_short": self.cut_sweeps,
                            "last_seconds": round(r.seconds, 4) if r else None,
                            "last_visited": r.visited if r else None, "last_removed": r.removed if r else None,
-                           "last_live": r.live if r else None},
+                           "last_live": r.live if r else None,
+                           "last_cut": r.cut if r else None},  # cut short: its figures are partial
                 "recounts": dict(self.recounts),
                 # a walk (sweep, flush or recount) running now: for how long; None: none
                 "walk_running_seconds": None if since is None else round(max(0.0, _clock() - since), 3)}  # fmt: skip
@@ -775,7 +824,7 @@ class BpfBackend:
         flt = SessionFilter(rule_id=rule_id,
                             inside=ipaddress.IPv4Network(inside) if inside is not None else None,
                             nat=ipaddress.IPv4Address(nat) if nat is not None else None)  # fmt: skip
-        with self._counting(_clock()):
+        with self._counting(_clock(), urgent=True):  # an expiry sweep in progress is cut short
             n = self.sweeper().flush(flt, chunked=self.chunked).removed  # no filter: also half pairs
         if flt.empty:
             for k in self.maps.frags.keys():

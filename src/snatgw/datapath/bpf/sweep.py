@@ -10,12 +10,20 @@ keys read by batch lookups (milliseconds each; measured costs: docs/operations.m
   the live counts.
 - ``flush(filter)``: remove the selected pairs (no filter: every entry), recount.
 - ``recount()``: remove nothing, recount the live counts (a host limit turned on by reload).
+
+A chunked walk given ``stop`` (a callable) asks it before each chunk and, when it says so, ends
+there with SWEEP_ABORT instead of SWEEP_END (``SweepResult.cut``): what the chunks visited did
+stays done (pairs removed), nothing is published (the counts stay as the last completed walk
+left them plus the datapath's increments: high, never low) and the part not reached is left for
+the next walk.  The backend cuts an expiry sweep so for a walk that must run now (a recount, a
+flush), which counts everything again itself.
 """
 
 from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ... import layout as L
@@ -67,6 +75,8 @@ class SweepResult:
     fresh: int = 0
     count_errors: int = 0
     seconds: float = 0.0  # wall time of the run (system call included)
+    cut: bool = False  # a chunked walk stopped between chunks (``stop``): nothing published
+    chunks: int = 0  # SWEEP_KEYS runs made (chunked walks)
 
 
 class Sweeper:
@@ -113,37 +123,59 @@ class Sweeper:
         if rc != 0:
             raise BackendError(f"the sweep program failed (return value {rc})")
 
-    def _run(self, chunked: bool = False, **args) -> SweepResult:
+    def _run(self, chunked: bool = False, stop: Callable[[], bool] | None = None, **args) -> SweepResult:
         """One walk.  ``chunked``: in runs of SWEEP_CHUNK keys read by batch lookups, each
         system call a few milliseconds of kernel time (the whole walk in one run holds its CPU
-        for up to seconds at a million sessions)."""
+        for up to seconds at a million sessions).  ``stop`` (chunked only): asked before the
+        walk and before each chunk; true -> the walk ends there, cut short (SWEEP_ABORT; before
+        SWEEP_BEGIN: nothing runs at all).  A failure between SWEEP_BEGIN and SWEEP_END ends
+        the walk the same way before it is raised (the next walk's deltas start empty)."""
         if self.obj is None:
             raise BackendError("the sweep program is closed")
         t0 = time.monotonic()
+        if chunked and stop is not None and stop():
+            return SweepResult(cut=True, seconds=time.monotonic() - t0)
         self.res_map.put(0, bytes(L.SWEEP_RES.size))
+        cut, chunks = False, 0
         if not chunked:
             self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_WHOLE, **args))
             self._prog()
         else:
-            self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_BEGIN, **args))
-            self._prog()
-            self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_KEYS, **args))
-            ks = self.maps.ct.key_size
-            for n, keys in self.maps.ct.key_batches(L.SWEEP_CHUNK):
-                self.keys_map.put(0, _KEYS_HDR.pack(n, 0) + keys.ljust(L.SWEEP_CHUNK * ks, b"\0"))
+            try:
+                self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_BEGIN, **args))
                 self._prog()
-            self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_END, **args))
-            self._prog()
-        res = SweepResult(**L.SWEEP_RES.unpack(self.res_map.get(0)))
+                self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_KEYS, **args))
+                ks = self.maps.ct.key_size
+                for n, keys in self.maps.ct.key_batches(L.SWEEP_CHUNK):
+                    if stop is not None and stop():
+                        cut = True
+                        break
+                    self.keys_map.put(0, _KEYS_HDR.pack(n, 0) + keys.ljust(L.SWEEP_CHUNK * ks, b"\0"))
+                    self._prog()
+                    chunks += 1
+            except BaseException:
+                self._abort(args)
+                raise
+            if cut:
+                self._abort(args)
+            else:
+                self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_END, **args))
+                self._prog()
+        res = SweepResult(**L.SWEEP_RES.unpack(self.res_map.get(0)), cut=cut, chunks=chunks)
         res.seconds = time.monotonic() - t0
         return res
 
+    def _abort(self, args: dict) -> None:
+        """End a chunked walk without publishing (SWEEP_ABORT: its deltas and marks dropped)."""
+        self.args_map.put(0, L.SWEEP_ARGS.pack(phase=L.SWEEP_ABORT, **args))
+        self._prog()
+
     def expire(self, now_ns: int, timeouts_ns: dict[int, int], grace_ns: int, full: bool = True,
-               chunked: bool = False) -> SweepResult:  # fmt: skip
+               chunked: bool = False, stop: Callable[[], bool] | None = None) -> SweepResult:  # fmt: skip
         """``full``: also check every entry's other half (half pairs, orphans); else only the
-        entries that look expired cost a lookup.  ``chunked``: see _run."""
+        entries that look expired cost a lookup.  ``chunked``, ``stop``: see _run."""
         self.set_timeouts(timeouts_ns)
-        return self._run(chunked, mode=L.SWEEP_EXPIRE, now=now_ns, grace=grace_ns, full=int(full))
+        return self._run(chunked, stop, mode=L.SWEEP_EXPIRE, now=now_ns, grace=grace_ns, full=int(full))
 
     def flush(self, flt: SessionFilter = ALL, chunked: bool = False) -> SweepResult:
         return self._run(chunked, mode=L.SWEEP_FLUSH, **filter_args(flt))

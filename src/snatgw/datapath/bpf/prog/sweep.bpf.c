@@ -2,7 +2,9 @@
 /* The expiry sweep: a BPF_PROG_TYPE_SYSCALL program the daemon runs with BPF_PROG_RUN.  A walk
  * is one run over the whole of snat_ct with bpf_for_each_map_elem (phase SWEEP_WHOLE), or
  * SWEEP_BEGIN, then one SWEEP_KEYS run per chunk of keys the control plane read by batch lookup
- * (sweep_keys), then SWEEP_END: no run holds the CPU long.  Two modes (sweep_args.mode):
+ * (sweep_keys), then SWEEP_END: no run holds the CPU long.  A chunked walk may be cut short
+ * between chunks (a reload that turns a host limit on must recount now, not after the sweep):
+ * SWEEP_ABORT then ends it instead of SWEEP_END (walk_abort).  Three modes (sweep_args.mode):
  *
  *   SWEEP_EXPIRE  remove pairs idle longer than their state's timeout (both keys, OUT first,
  *                 judged again on the live entries right before the delete, so a pair refreshed
@@ -136,7 +138,7 @@ static __always_inline void bump(void *map, const void *key, __s64 by, struct sw
 }
 
 /* ---- start of a walk: delta = -sessions of every count (the deltas are empty: the end of
- * the previous walk removed each one; a walk always runs to its end within one BPF_PROG_RUN) */
+ * the previous walk, SWEEP_END or SWEEP_ABORT, removed each one) */
 
 #define SNAP_CB(name, delta)                                                                      \
 	static long name(void *map, const __u32 *key, struct live_count *lc, struct walk *w)      \
@@ -249,6 +251,28 @@ static __always_inline void walk_end(struct walk *w)
 	bpf_for_each_map_elem(&sweep_host, pub_host, w, 0);
 	bpf_for_each_map_elem(&sweep_addr, pub_addr, w, 0);
 	bpf_for_each_map_elem(&sweep_rule, pub_rule, w, 0);
+}
+
+/* ---- a chunked walk cut short (SWEEP_ABORT): its deltas and marks are dropped, nothing is
+ * published.  The deltas hold -S0 plus the pairs kept in the chunks visited: adding them would
+ * make every count low by the pairs not reached.  Without them each count stays as the last
+ * completed walk left it plus the datapath's increments since: high by the pairs this walk
+ * removed, never low, until the next walk (the recount the cut was made for) counts again.
+ * An endpoint or permit with no mark stays (the next expiry walk judges it); owners the BEGIN
+ * phase removed were dangling whatever else the walk did. */
+
+static long drop_delta(void *map, const void *key, void *v, struct walk *w)
+{
+	bpf_map_delete_elem(map, key);
+	return 0;
+}
+
+static __always_inline void walk_abort(struct walk *w)
+{
+	bpf_for_each_map_elem(&sweep_eim, drop_delta, w, 0);
+	bpf_for_each_map_elem(&sweep_host, drop_delta, w, 0);
+	bpf_for_each_map_elem(&sweep_addr, drop_delta, w, 0);
+	bpf_for_each_map_elem(&sweep_rule, drop_delta, w, 0);
 }
 
 /* ---- one entry */
@@ -476,6 +500,9 @@ int snat_sweep(void *ctx)
 	}
 	case SWEEP_END:
 		walk_end(&w);
+		return 0;
+	case SWEEP_ABORT:
+		walk_abort(&w);
 		return 0;
 	}
 	walk_begin(&w);

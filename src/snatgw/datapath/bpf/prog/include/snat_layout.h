@@ -129,6 +129,7 @@
 #define SWEEP_BEGIN 1
 #define SWEEP_KEYS 2
 #define SWEEP_END 3
+#define SWEEP_ABORT 4
 #define SWEEP_CHUNK 16384
 #define FRAG_PASS_REASON_MASK 0xc073c0ULL
 #define RECIRC_KEY 0
@@ -366,7 +367,7 @@ _Static_assert(sizeof(struct lpm_v4) == 8, "lpm_v4 size");
 struct sweep_args {
 	__u64 now; /* CLOCK_MONOTONIC ns the sweep judges idleness against */
 	__u64 grace; /* ns after which a half pair (one direction without its peer) is removed */
-	__u32 mode; /* SWEEP_EXPIRE or SWEEP_FLUSH */
+	__u32 mode; /* SWEEP_EXPIRE, SWEEP_FLUSH or SWEEP_RECOUNT */
 	__u32 flags; /* SWEEP_F_*: which filters apply (FLUSH) */
 	__u32 rule_id; /* SWEEP_F_RULE: sessions of this rule */
 	__u32 full; /* EXPIRE: 1 = look up the other half of every entry (half pairs, orphans); 0 = only of entries that look expired */
@@ -378,7 +379,7 @@ struct sweep_args {
 	__be16 remote_port; /* SWEEP_F_RPORT: remote port */
 	__u8 proto; /* SWEEP_F_PROTO: IPPROTO_* */
 	__u8 state; /* SWEEP_F_STATE: enum ct_state */
-	__u32 phase; /* SWEEP_WHOLE: one run walks the table; SWEEP_BEGIN, SWEEP_KEYS (the keys in sweep_keys), SWEEP_END: a walk in chunks */
+	__u32 phase; /* SWEEP_WHOLE: one run walks the table; SWEEP_BEGIN, SWEEP_KEYS (the keys in sweep_keys), SWEEP_END: a walk in chunks; SWEEP_ABORT: end one cut short, publishing nothing */
 	__u32 pad2; /* zero */
 };
 _Static_assert(sizeof(struct sweep_args) == 64, "sweep_args size");
