@@ -4,7 +4,8 @@
 removed, never low), the recount that follows makes every count exact, and the next sweep
 visits the part it did not reach.  Then the daemon: a reload that turns a host limit on while a
 sweep is in progress cuts that sweep at its next chunk and recounts, instead of waiting for the
-rest of it (asserted on the order of the walks' chunks, not on time)."""
+rest of it (asserted on the order of the walks' chunks, not on time), and the sweep after a cut
+one is never cut itself (expiry always gets on, whatever the control requests)."""
 
 import ipaddress
 import io
@@ -21,7 +22,7 @@ from snatgw.datapath.bpf.sweep import Sweeper
 
 from test_backend_start import gw  # noqa: F401  (fixture)
 from test_loader import mini_obj, pin_dir  # noqa: F401  (fixtures)
-from test_sweep import ADDRS, HOSTS, RULES, SEC, UDP_TIMEOUT, counts, fill, session
+from test_sweep import _ENT, _KEY, ADDRS, HOSTS, RULES, SEC, UDP_TIMEOUT, counts, fill, session
 
 pytestmark = pytest.mark.bpf
 
@@ -41,14 +42,15 @@ def table(n_sessions=N, now=NOW):
 
 
 def true_counts(maps):
-    """(by rule, by SNAT address, by inside host) from the table's OUT entries."""
+    """(by rule, by SNAT address, by inside host) from the table's OUT entries (precompiled
+    structs, as test_sweep packs them: the layout's own unpack is slow at this size)."""
     by_rule, by_addr, by_host = {}, {}, {}
     for k, v in maps.ct.items():
-        key = L.CT_KEY.unpack(k)
-        if key["dir"] != L.CT_DIR_OUT:
+        key, e = _KEY.unpack(k), _ENT.unpack(v)
+        if key[5] != L.CT_DIR_OUT:
             continue
-        e = L.CT_ENTRY.unpack(v)
-        for d, x in ((by_rule, e["rule_id"]), (by_addr, e["rw_addr"]), (by_host, key["saddr"])):
+        addr, host = int.from_bytes(e[1], "big"), int.from_bytes(key[0], "big")
+        for d, x in ((by_rule, e[7]), (by_addr, addr), (by_host, host)):
             d[x] = d.get(x, 0) + 1
     return by_rule, by_addr, by_host
 
@@ -167,8 +169,9 @@ def test_a_reload_that_turns_a_host_limit_on_cuts_the_sweep_in_progress(gw, pin_
     chunk (it visits one of its five), the recount then walks the whole table, and the reload
     returns with the limit in force and every count exact; the GC tick returns with the cut
     sweep's work (the pairs of its one chunk removed).  The order of the walks' chunks shows it:
-    no sweep chunk after the recount's first.  Without the cut the sweep would have read all
-    five chunks before the recount's first."""
+    no sweep chunk after the recount's first (without the cut the sweep would have read all five
+    before it).  The next sweep runs to its end even with a walk waiting, and removes the
+    expired pairs the cut one did not reach."""
     from snatgw.daemon.log import Log
     from snatgw.daemon.service import Service, load_config
 
@@ -230,10 +233,21 @@ def test_a_reload_that_turns_a_host_limit_on_cuts_the_sweep_in_progress(gw, pin_
             assert [L.SNAT_RULE.unpack(r)["host_limit"] for r in maps.current_rules()[1]] == [8192]
             assert kept_counts(maps) == tuple(true_counts(maps))
             assert service.last_reload["ok"]
-            # the next sweep resumes: it runs whole and removes what the cut one did not reach
+            # the next sweep resumes: it runs whole and removes what the cut one did not reach,
+            # even with a walk waiting (no two sweeps in a row stop early: expiry always gets on)
             backend._next_sweep = 0.0
             n_expired = sum(1 for n in range(N) if expired(n))
-            assert service.gc() == n_expired - sweep.removed and not backend.last_sweep.cut
+            keys = len(maps.ct)
+            with backend._urgent_lock:
+                backend._urgent += 1  # (as a recount waiting for the walk lock)
+            try:
+                assert backend.walk_wanted
+                assert service.gc() == n_expired - sweep.removed and not backend.last_sweep.cut
+            finally:
+                with backend._urgent_lock:
+                    backend._urgent -= 1
+            assert backend.last_sweep.chunks == -(-keys // L.SWEEP_CHUNK) == 5  # the whole table
+            assert backend.status_extra()["sweeps"]["cut_short"] == 1
             assert kept_counts(maps) == tuple(true_counts(maps)) and len(maps.ct) == 2 * (N - n_expired)
         finally:
             backend.stop()

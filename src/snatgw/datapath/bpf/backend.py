@@ -690,12 +690,15 @@ class BpfBackend:
         A walk that must run now (recount, flush: ``walk_wanted``) cuts a sweep in progress
         short at its next chunk (nothing published: the counts stay high until that walk
         recounts them) and keeps one from beginning.  The part of the table the cut sweep did
-        not reach waits for the next sweep, on the usual pace from the part that ran: an entry
-        there may stay one sweep interval longer than the bound above.  A full sweep cut short
-        makes the next one full."""
+        not reach waits for the next sweep, on the usual pace from the part that ran, and that
+        one is never cut (nor kept from beginning): whatever the control requests, no more than
+        one sweep in a row stops early, so an entry may stay at most one sweep interval longer
+        than the bound above (plus the walk that cut it).  A full sweep cut short makes the
+        next one full."""
         self._writable()
         t0 = _clock()
-        if self.walk_wanted:  # its turn comes after the walk that waits
+        cuttable = not (self.last_sweep is not None and self.last_sweep.cut)
+        if cuttable and self.walk_wanted:  # its turn comes after the walk that waits
             return 0
         if now is None and t0 < self._next_sweep and not self._pressure():
             return 0
@@ -705,7 +708,8 @@ class BpfBackend:
         self._sweeps += 1
         with self._counting(t0) as walk:
             res = self.sweeper().expire(now_ns, self._timeouts_ns(), ORPHAN_GRACE_NS, full=full,
-                                        chunked=self.chunked, stop=lambda: self._urgent > 0)  # fmt: skip
+                                        chunked=self.chunked,
+                                        stop=(lambda: self._urgent > 0) if cuttable else None)  # fmt: skip
             if res.cut:  # (before the walk lock goes: the walk that cut it sees the count)
                 self.cut_sweeps += 1
                 walk["published"] = False
@@ -715,8 +719,8 @@ class BpfBackend:
         if res.count_errors:
             log.warning("sweep: %d live-count updates failed (a count map is full)", res.count_errors)
         if res.cut:
-            log.info("sweep cut short after %d chunks (%.3f s, %d sessions removed) for a walk that must run now",
-                     res.chunks, res.seconds, res.removed)  # fmt: skip
+            log.info("sweep cut short after %d chunks (%.3f s, %d sessions removed) for a walk that must "
+                     "run now", res.chunks, res.seconds, res.removed)
         t1 = _clock()
         t = t1 - t0
         if (not full and not res.cut) or self._t_normal is None:
