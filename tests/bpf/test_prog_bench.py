@@ -16,7 +16,8 @@ def test_progbench_measures_every_case():
     names = [r[0] for r in rows]
     assert {"established (udp out)", "new flow (udp)", "reply (udp in)", "icmp error in",
             "new flow (udp), 2k sessions", "new flow refused, 128 tries",
-            "new flow refused, 128 tries, spill memo young"} <= set(names)
+            "new flow refused, 128 tries, spill memo young", "new flow, route back reused",
+            "new flow, route back looked up"} <= set(names)
     assert all(isinstance(ns, (int, float)) for _, ns, _ in rows)
 
 

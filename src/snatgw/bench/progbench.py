@@ -19,6 +19,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import Raw, raw
 
 from ..config.schema import Settings
+from ..layout import CFG_F_BACK_FROM_RPF as FLAG_BACK
 from ..layout import MAP_SPILL_MEMO, PORT_TRIES, PORT_TRIES_MAX
 from ..datapath.bpf.testrun import ProgHarness, RefNet
 from ..rules import Rule, RuleSet
@@ -77,6 +78,8 @@ def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000,
             ns = h.bench("bench_new", new, "lan40", new_flows) - base
             out.append(("new flow (udp)", ns, TARGETS["new flow (udp)"]))
             out.append(("(wrapper, subtracted)", base, None))
+        # (bench_new's source ports: at most 12 x 4,000 flows, under 55,536)
+        out += _route_back(net, rounds=min(6, max(2, rounds // 2)), flows=min(new_flows, 4000))
         est = next(ns for name, ns, _ in out if name == "established (udp out)")
         out += _pressure(net, repeat, rounds, new_flows, est)
         if cold_sessions:
@@ -84,6 +87,26 @@ def measure(repeat: int = 30_000, rounds: int = 15, new_flows: int = 20_000,
         if many_rules:
             out.append(_new_flow_many_rules(net, repeat=min(new_flows, 2000), rounds=rounds))
     return out
+
+
+def _route_back(net: RefNet, rounds: int, flows: int = 4000) -> list[tuple[str, float, None]]:
+    """A new flow with its route back reused from the reverse-path check (CFG_F_BACK_FROM_RPF,
+    as the daemon runs without iif policy rules) and looked up (as with them): one FIB lookup
+    apart.  Alternating runs on one loaded object, each a fresh inside host's ``flows`` new
+    flows; the least disturbed run of each (as _median_ns)."""
+    rs = RuleSet([Rule.from_dict(d) for d in RULES])
+    got: dict[int, list[float]] = {0: [], FLAG_BACK: []}
+    with ProgHarness(net, defines={"SNAT_BENCH": 1}, test=False, max_sessions=2 * rounds * flows + 16) as h:
+        base = None
+        for i in range(2 * rounds):
+            flag = FLAG_BACK if i % 2 else 0
+            h.apply(rs, Settings(port_tries=64), flag)
+            pkt = raw(IP(src=f"198.18.40.{100 + i}", dst=R1) / UDP(sport=1, dport=53) / PAD)
+            if base is None:
+                base = _median_ns(h, "bench_noop", pkt, "lan40", flows, 3)
+            got[flag].append(h.bench("bench_new", pkt, "lan40", flows) - base)
+    return [("new flow, route back reused", min(got[FLAG_BACK]), None),
+            ("new flow, route back looked up", min(got[0]), None)]
 
 
 def _pressure(net: RefNet, repeat: int, rounds: int, new_flows: int, est: float) -> list[tuple[str, float, int | None]]:
