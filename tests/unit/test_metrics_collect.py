@@ -122,3 +122,14 @@ def test_per_host_figures_say_how_fresh_they_are(running):
     f = families(running.service)
     assert samples(f["snatgw_host_counts_age_seconds"])[0].value == 7
     assert samples(f["snatgw_host_sessions_max"])[0].value == 2 and samples(f["snatgw_hosts"])[0].value == 1
+
+
+def test_the_route_back_is_a_gauge_where_the_backend_reports_it(running, monkeypatch):
+    """bpf reports how new sessions find their route back: 1 reused, 0 looked up; the fake
+    backend has none, so no family."""
+    assert "snatgw_route_back_reused" not in families(running.service)
+    real = running.backend.health
+    for reused in (True, False):
+        monkeypatch.setattr(running.backend, "health", lambda r=reused: {**real(), "route_back": {"reused": r}})
+        f = families(running.service)
+        assert samples(f["snatgw_route_back_reused"])[0].value == (1 if reused else 0)

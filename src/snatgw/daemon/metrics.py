@@ -14,6 +14,8 @@ Metric families (all prefixed ``snatgw_``):
   reason_packets_total{reason}              per datapath reason (snatgw.layout.Reason)
   sessions, sessions_max                    the session table
   map_entries{map}, map_max_entries{map}    every map's fill (bpf), conntrack (nft)
+  route_back_reused                         1 while new sessions' route back is the reverse-path
+                                            check's (bpf; snatgw status `route back`)
   addr_sessions{addr}, addr_refusals_total{addr}   per SNAT address, when the datapath counts them
   hosts, host_sessions_max                  inside hosts with a live count; the busiest one's sessions
   host_counts_age_seconds                   0 while a host limit has the datapath count per host,
@@ -153,6 +155,11 @@ class ServiceCollector:
             ent.add_metric([m["name"]], m["entries"])
             cap.add_metric([m["name"]], m["max_entries"])
         yield from (ent, cap)
+        if h.get("route_back"):  # bpf: a new session's route back (docs/datapath.md step 13)
+            rb = _g("route_back_reused", "1 while a new session's route back is the reverse-path check's "
+                    "(no iif policy rule, every device forwarding); 0: looked up per session")
+            rb.add_metric([], 1 if h["route_back"]["reused"] else 0)
+            yield rb
         addrs = getattr(s.backend, "addr_stats", None)
         if callable(addrs):  # per SNAT address live sessions and refusals, when the datapath counts them
             a_s = _g("addr_sessions", "live sessions per SNAT address", ("addr",))
