@@ -49,3 +49,39 @@ def test_a_device_with_forwarding_off_makes_it_looked_up():
     check's succeeds: not the same answer."""
     assert route_back_blocker(DEFAULT, {**FWD, "eth2": False}) == "forwarding off on eth2"
     assert route_back_blocker(DEFAULT + [PolicyRule(9, iif="x")], {"eth2": False}).startswith("iif rule")
+
+
+def test_rule_events_judge_again_one_job_at_a_time():
+    """The daemon's extras: a burst of IPv4 rule events while a judgement runs makes one more
+    judgement after it (it may have read the old rules), never a queue of them."""
+    from snatgw.daemon.extras import Extras
+    from snatgw.daemon.log import Log
+
+    class Worker:
+        def __init__(self):
+            self.jobs = []
+
+        def submit(self, fn, done=None, bounded=True):
+            self.jobs.append((fn, done))
+            return True
+
+    class Service:
+        judged = 0
+
+        def refresh_route_back(self):
+            Service.judged += 1
+
+    w = Worker()
+    ex = Extras(Service(), loop=None, worker=w, log=Log())
+    for _ in range(5):  # a burst: one job, one more owed
+        ex._judge_route_back()
+    assert len(w.jobs) == 1
+    fn, done = w.jobs.pop()
+    done(fn(), None)
+    assert len(w.jobs) == 1  # the one owed
+    ex._judge_route_back()  # while it runs: owed again
+    fn, done = w.jobs.pop()
+    done(fn(), None)
+    fn, done = w.jobs.pop()
+    done(fn(), None)
+    assert w.jobs == [] and Service.judged == 3
