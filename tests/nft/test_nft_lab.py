@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import subprocess
+from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -38,6 +40,22 @@ def _isp1(a):
 
 def _isp2(a):
     return _in(a, "198.19.3.71", "198.19.3.73")
+
+
+@contextmanager
+def _no_nft_process(monkeypatch):
+    """Inside the block subprocess.run refuses to start `nft`: what is read must come by netlink."""
+    real_run = subprocess.run
+
+    def no_nft(argv, *a, **kw):
+        assert "nft" not in [str(x) for x in argv], argv
+        return real_run(argv, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "run", no_nft)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(subprocess, "run", real_run)
 
 
 @pytest.mark.parametrize(
@@ -194,22 +212,11 @@ def test_stats_read_the_counters_by_netlink_without_an_nft_process(lab, backend,
     """stats() (metrics scrapes, `adm --rate`) read the table's named counters through
     nf_tables netlink (datapath/nftnl.py): no `nft` process, and the figures `nft list
     counters` gives."""
-    import subprocess
-
     with backend() as b:
         C.udp_echo(lab, "in40", S1, src="198.18.40.10")
-        real_run = subprocess.run
-
-        def no_nft(argv, *a, **kw):
-            assert "nft" not in [str(x) for x in argv], argv
-            return real_run(argv, *a, **kw)
-
-        monkeypatch.setattr(subprocess, "run", no_nft)
-        try:
+        with _no_nft_process(monkeypatch):
             got = b._counters()
             stats = b.stats()
-        finally:
-            monkeypatch.setattr(subprocess, "run", real_run)
         listed = json.loads(lab.run("gw", "nft", "-j", "list", "counters", "table", R.FAMILY, R.TABLE).stdout)
     want = {o["counter"]["name"]: (o["counter"]["packets"], o["counter"]["bytes"])
             for o in listed["nftables"] if "counter" in o}  # fmt: skip
@@ -223,25 +230,14 @@ def test_the_hook_check_reads_the_table_by_netlink_and_restores_what_went(lab, b
     """check_hooks (every tick) learns the table's chains and rule count by nf_tables netlink
     (nftnl.table_shape: what `nft -j list table` shows), with no `nft` process while all is in
     place; a flushed chain, then a deleted table, are found and put back."""
-    import subprocess
-
     from snatgw.datapath import nftnl
 
     with backend() as b:
         listed = json.loads(lab.run("gw", "nft", "-j", "list", "table", R.FAMILY, R.TABLE).stdout)["nftables"]
         want = ({o["chain"]["name"] for o in listed if "chain" in o}, sum(1 for o in listed if "rule" in o))
         assert nftnl.table_shape(R.FAMILY, R.TABLE, b.netns) == want and want[1] > 10
-        real_run = subprocess.run
-
-        def no_nft(argv, *a, **kw):
-            assert "nft" not in [str(x) for x in argv], argv
-            return real_run(argv, *a, **kw)
-
-        monkeypatch.setattr(subprocess, "run", no_nft)
-        try:
+        with _no_nft_process(monkeypatch):
             assert b.check_hooks() == []
-        finally:
-            monkeypatch.setattr(subprocess, "run", real_run)
         lab.run("gw", "nft", "flush", "chain", R.FAMILY, R.TABLE, "forward")
         assert [m for m in b.check_hooks() if m.endswith(" rules")]
         assert nftnl.table_shape(R.FAMILY, R.TABLE, b.netns) == want

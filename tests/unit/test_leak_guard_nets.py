@@ -88,6 +88,17 @@ def test_random_rule_sets_agree_with_the_definition():
                 assert kind is None and not in_pool  # every pool address is in (no cap here)
 
 
+
+def _random_rules(rnd: random.Random) -> list[Rule]:
+    """1-6 rules with random `from` nets (some covering 198.19.0.0/21, some not) and pools there."""
+    rules = []
+    for _ in range(rnd.randint(1, 6)):
+        base = rnd.choice([0x00000000, 0xC6130000]) | rnd.getrandbits(11)
+        src = IPv4Network((base, rnd.choice([0, 16, 21, 24, 28, 30, 31, 32])), strict=False)
+        first = 0xC6130000 | rnd.getrandbits(10)
+        rules.append(Rule(src=src, pool=Pool(IPv4Address(first), IPv4Address(first + rnd.randint(0, 40)))))
+    return rules
+
 def test_the_guard_tables_passes_are_exactly_what_the_trie_judges_a_pool():
     """rules.leak_guard_passes (the nft guard table's exemption on the bpf backend) holds an
     address iff the LPM trie's longest match for it is FROM_NET_POOL: the kernel-fragmented
@@ -98,12 +109,7 @@ def test_the_guard_tables_passes_are_exactly_what_the_trie_judges_a_pool():
     assert leak_guard_passes([rule("198.18.0.0/16", "198.19.2.71-198.19.2.73")]) == []  # no pool inside a `from`
     rnd = random.Random(11)
     for _ in range(200):
-        rules = []
-        for _ in range(rnd.randint(1, 6)):
-            base = rnd.choice([0x00000000, 0xC6130000]) | rnd.getrandbits(11)
-            src = IPv4Network((base, rnd.choice([0, 16, 21, 24, 28, 30, 31, 32])), strict=False)
-            first = 0xC6130000 | rnd.getrandbits(10)
-            rules.append(Rule(src=src, pool=Pool(IPv4Address(first), IPv4Address(first + rnd.randint(0, 40)))))
+        rules = _random_rules(rnd)
         nets, passes = leak_guard_nets(rules), leak_guard_passes(rules)
         for _ in range(60):
             a = IPv4Address(0xC6130000 | rnd.getrandbits(11))
@@ -124,12 +130,7 @@ def test_pool_sources_are_exactly_the_addresses_the_trie_judges_a_pool():
         "198.19.2.71/32", "198.19.2.80/31", "198.19.2.83/32"]  # fmt: skip
     rnd = random.Random(12)
     for _ in range(200):
-        rules = []
-        for _ in range(rnd.randint(1, 6)):
-            base = rnd.choice([0x00000000, 0xC6130000]) | rnd.getrandbits(11)
-            src = IPv4Network((base, rnd.choice([0, 16, 21, 24, 28, 30, 31, 32])), strict=False)
-            first = 0xC6130000 | rnd.getrandbits(10)
-            rules.append(Rule(src=src, pool=Pool(IPv4Address(first), IPv4Address(first + rnd.randint(0, 40)))))
+        rules = _random_rules(rnd)
         nets, sources = leak_guard_nets(rules), pool_sources(rules)
         for _ in range(60):
             a = IPv4Address(0xC6130000 | rnd.getrandbits(11))
