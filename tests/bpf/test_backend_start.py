@@ -290,3 +290,53 @@ def test_stats_read_the_leak_guards_drops_without_an_nft_process(gw, pin_dir, mi
             assert guard.dropped() == 0 and not guard.present()
         finally:
             b.stop()
+
+
+def _back_from_rpf(maps) -> bool:
+    return bool(L.SNAT_CFG.unpack(maps.cfg.get(0))["flags"] & L.CFG_F_BACK_FROM_RPF)
+
+
+@pytest.mark.bpf
+def test_a_daemon_exiting_leaves_the_route_back_looked_up(gw, pin_dir, mini_obj):  # noqa: F811
+    """CFG_F_BACK_FROM_RPF holds only while a daemon watches the policy rules.  A daemon exiting
+    (keep_state) leaves the programs translating with nobody judging: an iif rule added before
+    the next daemon starts must not meet the flag set, so the exit clears it (one FIB lookup
+    more per new flow meanwhile) and the next start judges it again; so does a failed start
+    that leaves an adopted datapath running."""
+    from dataclasses import replace
+
+    from snatgw.datapath.bpf.maps import DatapathMaps
+
+    def pinned_flag() -> bool:
+        m = DatapathMaps.open_pinned(pin_dir)
+        try:
+            return _back_from_rpf(m)
+        finally:
+            m.close()
+
+    sh("ip", "netns", "exec", gw, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1")
+    sh("ip", "netns", "exec", gw, "sysctl", "-qw", "net.ipv4.conf.lo.forwarding=1")
+    with netns(gw):
+        cfg = config(pin_dir)
+        a = BpfBackend(cfg.settings, obj_path=mini_obj)
+        a.start(cfg)
+        assert a.route_back_blocker is None and _back_from_rpf(a.maps)
+        a.stop(keep_state=True)
+        assert not pinned_flag()  # nobody watches the rules now
+        b = BpfBackend(cfg.settings, obj_path=mini_obj)
+        b.start(cfg)  # adopts, judges again
+        assert _back_from_rpf(b.maps)
+        b.stop(keep_state=True)
+        c = BpfBackend(cfg.settings, obj_path=mini_obj)
+        c.start(cfg)
+        assert _back_from_rpf(c.maps)
+        # a start that fails after adopting leaves the datapath running: unwatched as well
+        c.loader.stop(keep_state=True)  # (a daemon killed without its exit: the flag stays)
+        c.loader = c.maps = None
+        bad = GatewayConfig(cfg.rules, replace(cfg.settings, port_min=9000, port_max=8000))
+        with pytest.raises(Exception, match="port range"):
+            BpfBackend(bad.settings, obj_path=mini_obj).start(bad)
+        assert not pinned_flag()
+        d = BpfBackend(cfg.settings, obj_path=mini_obj)
+        d.start(cfg)
+        d.stop()

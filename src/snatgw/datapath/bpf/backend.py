@@ -239,6 +239,8 @@ class BpfBackend:
             # adopted sessions and programs belong to whoever made them: keep them running
             if not self.loader.reused:
                 guard.remove()
+            else:
+                self._unwatched()
             self.loader.stop(keep_state=bool(self.loader.reused))
             if self.holder is not None:
                 self.holder.stop()
@@ -368,6 +370,8 @@ class BpfBackend:
             self.maps = None
             return
         if self.loader is not None:
+            if keep_state:
+                self._unwatched()
             self.loader.stop(keep_state)
             if not keep_state:
                 guard.remove()
@@ -468,6 +472,18 @@ class BpfBackend:
         else:
             log.info("bpf backend: inside devices' ifindexes are distinct again: sessions vouch for "
                      "their sources (fast path)")
+
+    def _unwatched(self) -> None:
+        """The programs go on translating with no daemon to watch the policy rules (an exit
+        with keep_state, a failed start that leaves an adopted datapath running): clear
+        CFG_F_BACK_FROM_RPF, the safe answer, so an iif rule added before the next start (which
+        judges again) does not meet it set.  Never raises: the exit goes on."""
+        try:
+            cfg = self.maps.cfg.get(0) if self.maps is not None else None
+            if cfg is not None and _has_flag(cfg, L.CFG_F_BACK_FROM_RPF):
+                self.maps.cfg.put(0, _with_flag(cfg, L.CFG_F_BACK_FROM_RPF, False))
+        except Exception as e:  # noqa: BLE001 - the maps went: nothing reads the flag either
+            log.warning("bpf backend: could not clear the route-back flag on the way out: %s", e)
 
     def refresh_route_back(self) -> str | None:
         """CFG_F_BACK_FROM_RPF as the IPv4 policy rules and forwarding switches now say
