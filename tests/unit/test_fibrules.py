@@ -85,3 +85,49 @@ def test_rule_events_judge_again_one_job_at_a_time():
     fn, done = w.jobs.pop()
     done(fn(), None)
     assert w.jobs == [] and Service.judged == 3
+
+
+def test_attach_judges_again_once_the_socket_listens(monkeypatch):
+    """The daemon judges the route back in its backend's start, then opens its netlink socket
+    (Extras.attach): a rule added between the two sends no event the daemon hears.  So attach
+    judges once more after the socket listens (the 10 s re-check at the hook check would be
+    the first to see the rule otherwise)."""
+    from snatgw.daemon.extras import Extras
+    from snatgw.daemon.log import Log
+
+    class Worker:
+        def __init__(self):
+            self.jobs = []
+
+        def submit(self, fn, done=None, bounded=True):
+            self.jobs.append((fn, done))
+            return True
+
+    class Loop:
+        def __init__(self):
+            self.readers = {}
+
+        def add_reader(self, f, cb):
+            self.readers[f] = cb
+
+        def remove(self, f):
+            self.readers.pop(f, None)
+
+    class Service:
+        judged = 0
+
+        def refresh_route_back(self):
+            Service.judged += 1
+
+    monkeypatch.setattr(Extras, "refresh", lambda self: None)  # no links, no metrics listener
+    w, loop = Worker(), Loop()
+    ex = Extras(Service(), loop=loop, worker=w, log=Log())
+    ex.attach()
+    try:
+        assert ex.netlink is not None and ex.netlink in loop.readers
+        assert len(w.jobs) == 1
+        fn, done = w.jobs.pop()
+        done(fn(), None)
+        assert Service.judged == 1 and w.jobs == []
+    finally:
+        ex.close()

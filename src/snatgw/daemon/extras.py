@@ -34,6 +34,9 @@ class Extras:
         try:
             self.netlink = NetlinkWatch()
             self.loop.add_reader(self.netlink, self._on_netlink)
+            # the backend judged at its start, before this socket listened: a rule added in
+            # between sent its event to nobody, so judge once more now that one listens
+            self._judge_route_back()
         except OSError as e:  # links: probes alone decide; the route back: judged at each hook check
             self.log.warning("netlink_unavailable", error=str(e))
             self.netlink = None
