@@ -38,3 +38,69 @@ def test_the_chain_question_is_one_get_of_that_chain():
     assert (ln, typ, flags) == (len(msg), (10 << 8) | 4, 0x1)  # NFT_MSG_GETCHAIN, a get (no dump)
     attrs = {t: msg[a:b] for t, a, b in N._attrs(msg, 20, len(msg))}
     assert attrs == {N.NFTA_CHAIN_TABLE: b"snatgw_guard\0", N.NFTA_CHAIN_NAME: b"postrouting\0"}
+
+
+class _Sock:
+    """A netfilter socket whose answers are given datagrams (then a timeout, as a silent kernel)."""
+
+    def __init__(self, datagrams):
+        self.datagrams = list(datagrams)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def settimeout(self, t):
+        pass
+
+    def send(self, msg):
+        pass
+
+    def recv(self, n):
+        import socket
+
+        if not self.datagrams:
+            raise socket.timeout("timed out")
+        return self.datagrams.pop(0)[:n]
+
+
+def _newobj(name: str, packets: int, seq: int = 1) -> bytes:
+    body = N._NFGEN.pack(2, 0, 0) + obj("snatgw", name, N.NFT_OBJECT_COUNTER, packets, 1)
+    return N._NLH.pack(N._NLH.size + len(body), (10 << 8) | N.NFT_MSG_NEWOBJ, N.NLM_F_MULTI, seq, 0) + body
+
+
+def test_a_malformed_answer_is_a_backend_error_never_another_exception(monkeypatch):
+    """Whatever the socket answers (a datagram cut short, a message longer than its datagram, an
+    error message without its error number, random bytes), counters/chain_exists/table_shape
+    end in an answer or a BackendError: the callers' fallbacks (the nft backend asks `nft`,
+    stats leave the guard's drops out) catch that, not struct.error."""
+    import random
+
+    import pytest
+
+    from snatgw.errors import BackendError
+
+    done = N._NLH.pack(N._NLH.size + 4, N.NLMSG_DONE, N.NLM_F_MULTI, 1, 0) + bytes(4)
+    good = _newobj("a", 1) + _newobj("b", 2) + done
+    monkeypatch.setattr(N, "_open", lambda ns: _Sock([good]))
+    assert N.counters("ip", "snatgw") == {"a": (1, 1), "b": (2, 1)}
+    rnd = random.Random(7)
+    bad = [good[:30], good[:-10], N._NLH.pack(N._NLH.size + 2, N.NLMSG_ERROR, 0, 1, 0) + bytes(2),
+           N._NLH.pack(N._NLH.size, N.NLMSG_ERROR, 0, 1, 0)]
+    for _ in range(300):
+        b = bytearray(good)
+        p = rnd.randrange(len(b) - 4)
+        b[p:p + 4] = struct.pack("=I", rnd.randrange(1 << 32))
+        bad.append(bytes(b[:rnd.randrange(16, len(b) + 1)]))
+    for b in bad:
+        for call in (lambda: N.counters("ip", "snatgw"), lambda: N.chain_exists("ip", "snatgw", "c"),
+                     lambda: N.table_shape("ip", "snatgw")):  # fmt: skip
+            monkeypatch.setattr(N, "_open", lambda ns, b=b: _Sock([b, done]))
+            try:
+                call()
+            except BackendError:
+                pass
+            except Exception as e:  # noqa: BLE001
+                pytest.fail(f"{b.hex()}: {type(e).__name__}: {e}")

@@ -120,16 +120,23 @@ def _exchange(msg: bytes, what: str, netns: str | None) -> Iterator[tuple[int, b
                 off = 0
                 while off + _NLH.size <= len(buf):
                     ln, typ, flags, seq, _pid = _NLH.unpack_from(buf, off)
-                    if ln < _NLH.size:
-                        return
+                    if ln < _NLH.size or off + ln > len(buf):  # (the kernel never: a bad or cut datagram)
+                        raise BackendError(f"nf_tables netlink: {what}: a malformed answer (message of "
+                                           f"{ln} bytes at {off} of a {len(buf)}-byte datagram)")  # fmt: skip
                     if seq == 1:
                         if typ == NLMSG_DONE:
                             return
                         if typ == NLMSG_ERROR:
+                            if ln < _NLH.size + 4:
+                                raise BackendError(f"nf_tables netlink: {what}: a malformed answer (an error "
+                                                   f"message of {ln} bytes)")  # fmt: skip
                             err = -struct.unpack_from("=i", buf, off + _NLH.size)[0]
                             if err in (0, errno.ENOENT):
                                 return
                             raise BackendError(f"nf_tables netlink: {what}: {os.strerror(err)}")
+                        if ln < _NLH.size + _NFGEN.size:
+                            raise BackendError(f"nf_tables netlink: {what}: a malformed answer (a message of "
+                                               f"{ln} bytes, no nfgenmsg)")  # fmt: skip
                         yield typ, buf, off + _NLH.size + _NFGEN.size, off + ln
                         if not flags & NLM_F_MULTI:  # the one answer of a get
                             return
