@@ -173,7 +173,7 @@ class NetlinkWatch:
     non-blocking socket, decoded by pyroute2: pyroute2's IPRoute buffers events internally, so
     its fd's readiness does not say when one is waiting.  A batch of events is bounded per
     read (DRAIN_MAX datagrams); lost events (ENOBUFS) count as a rule change (re-judged from a
-    fresh dump) and leave carrier to the next events."""
+    fresh dump) and have the tracked devices' carrier asked again (a link dump)."""
 
     def __init__(self):
         from pyroute2.netlink.rtnl.marshal import MarshalRtnl
@@ -210,6 +210,30 @@ class NetlinkWatch:
         self.state[name] = on
         return name, on
 
+    def _resync(self) -> list[tuple[str, bool]]:
+        """Events were lost: the tracked devices' carrier as the kernel has it now (one link
+        dump), as changes.  Rule and forwarding events share this socket, so a burst of them
+        can push out a carrier loss that no later event would report."""
+        if not self.devices:
+            return []
+        from pyroute2 import IPRoute
+
+        out, seen = [], set()
+        try:
+            with IPRoute() as ipr:
+                for msg in ipr.get_links():
+                    seen.add(msg.get_attr("IFLA_IFNAME"))
+                    got = self._take(msg)
+                    if got:
+                        out.append(got)
+        except Exception:  # noqa: BLE001 - no dump either: the next events (and the probes) tell
+            return out
+        for dev in sorted(self.devices - seen):  # gone meanwhile
+            if self.state.get(dev):
+                self.state[dev] = False
+                out.append((dev, False))
+        return out
+
     def fileno(self) -> int:
         return self.sock.fileno()
 
@@ -220,8 +244,9 @@ class NetlinkWatch:
                 data = self.sock.recv(1 << 16)
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError:  # ENOBUFS: events were lost (rules: judge again; carrier: next events)
+            except OSError:  # ENOBUFS: events were lost (rules: judge again; carrier: asked now)
                 rules = True
+                out += self._resync()
                 break
             for msg in self.marshal.parse(data):
                 ev = msg.get("event")

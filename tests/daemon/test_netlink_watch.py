@@ -1,0 +1,58 @@
+"""The daemon's one rtnetlink socket (daemon/probe.py NetlinkWatch), live in a namespace of its
+own: events lost to a full socket buffer (ENOBUFS) are not left for later.  The socket carries
+the link monitor's carrier changes and the route-back judgement's rule and forwarding changes
+together, so a burst of rule events can push out a carrier event; the read after the loss asks
+the kernel for the tracked devices' state and reports what changed."""
+
+import os
+import socket
+import subprocess
+import uuid
+
+import pytest
+
+from snatgw.daemon.probe import NetlinkWatch
+from snatgw.datapath.netns import enter
+
+pytestmark = pytest.mark.root
+
+
+def _ip(*args):
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def ns():
+    name = f"sgt{os.getpid():x}{uuid.uuid4().hex[:4]}-nlw"
+    _ip("netns", "add", name)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_a_carrier_event_lost_to_a_rule_burst_is_recovered(ns):
+    _ip("-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up0p")
+    _ip("-n", ns, "link", "set", "up0", "up")
+    _ip("-n", ns, "link", "set", "up0p", "up")
+    with enter(ns):
+        w = NetlinkWatch()
+        try:
+            w.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (the kernel's minimum, about)
+            w.track({"up0"})
+            assert w.state == {"up0": True}
+            # a burst of rule events fills the buffer; the carrier loss after it is dropped
+            batch = "".join(f"rule add from 198.18.{i // 250}.{i % 250} lookup 100 pref {1000 + i}\n"
+                            for i in range(400))  # fmt: skip
+            subprocess.run(["ip", "-batch", "-"], input=batch, text=True, check=True)
+            subprocess.run(["ip", "link", "set", "up0p", "down"], check=True)  # up0 loses its carrier
+            changes, rules = [], False
+            for _ in range(50):  # drain: each read is bounded (DRAIN_MAX datagrams, or up to the loss)
+                got, r = w.read()
+                changes += got
+                rules |= r
+            assert rules
+            assert changes[-1:] == [("up0", False)], changes
+            assert w.state == {"up0": False}
+        finally:
+            w.close()
