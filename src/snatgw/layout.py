@@ -415,7 +415,7 @@ CFG_F_IIF_AMBIGUOUS = 0x40
 #: no IPv4 policy rule selects on the input device (iif/iifname, l3mdev) and every device
 #: forwards: a FIB lookup's answer does not depend on its input device, so a new session's
 #: route back (lookup from the uplink) is the reverse-path check's (lookup from the loopback)
-#: and is not looked up again (docs/datapath.md step 14; kept by the control plane: fibrules.py)
+#: and is not looked up again (docs/datapath.md step 13; kept by the control plane: fibrules.py)
 CFG_F_BACK_FROM_RPF = 0x80
 
 #: the expiry sweep (sweep.bpf.c: a BPF_PROG_TYPE_SYSCALL program walking snat_ct)

@@ -67,7 +67,7 @@ def render_text(r: dict) -> str:
                  f"{100 * m['entries'] / m['max_entries']:.1f}%" if m["max_entries"] else "-"] for m in dp["maps"]]
         out.append(table(rows, ("map", "entries", "max", "fill"), "  "))
         out += ["", f"sessions: {dp['sessions']} of {dp['max_sessions']}"]
-        if dp.get("route_back"):  # bpf: a new session's route back (docs/datapath.md step 14)
+        if dp.get("route_back"):  # bpf: a new session's route back (docs/datapath.md step 13)
             out.append(f"route back: {dp['route_back']['text']}")
     out += ["", "links:"]
     roles = {n: "inside" for n in r.get("inside", [])} | {n: "outside" for n in r.get("outside", [])}
