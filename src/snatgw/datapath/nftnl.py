@@ -10,6 +10,9 @@ scrapes and `adm --rate` call stats often; the hook check asked `nft list chain`
 
 The kernel filters the dump by table (NFTA_OBJ_TABLE) and object type (NFTA_OBJ_TYPE,
 NFT_OBJECT_COUNTER); a table that does not exist answers ENOENT, read here as no counters.
+A dump the ruleset changed under (NLM_F_DUMP_INTR: an `nft` run in the namespace between two
+of its datagrams) is asked again, as `nft` does; an answer that does not parse is a
+BackendError (the callers fall back to `nft` or leave the figure out).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN = 0, 1, 3, 4
 NFT_MSG_NEWRULE, NFT_MSG_GETRULE = 6, 7
 NFT_MSG_NEWOBJ, NFT_MSG_GETOBJ = 18, 19
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP = 0x1, 0x2, 0x300
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP_INTR, NLM_F_DUMP = 0x1, 0x2, 0x10, 0x300
+DUMP_TRIES = 3  # a dump the ruleset's changes interrupted is asked again, this many times in all
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_TYPE_MASK = 0x3FFF
 NFPROTO = {"ip": 2, "inet": 1, "ip6": 10, "arp": 3, "bridge": 7, "netdev": 5}
@@ -107,6 +111,32 @@ def _open(netns: str | None) -> socket.socket:
         raise BackendError(f"nf_tables netlink: cannot open a netfilter socket: {e.strerror}") from None
 
 
+class _Interrupted(BackendError):
+    """A dump flagged NLM_F_DUMP_INTR: entries may be missed or repeated (``_again`` asks again)."""
+
+
+def _again(fn):
+    """``fn`` (a public call) run again while its dump was interrupted, DUMP_TRIES times in
+    all, as `nft` asks again: its figures are not taken (a rule count short by the entries
+    missed would have the hook check reinstall).  BackendError after the last."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*a, **kw):
+        for _ in range(DUMP_TRIES - 1):
+            try:
+                return fn(*a, **kw)
+            except _Interrupted:
+                continue
+        try:
+            return fn(*a, **kw)
+        except _Interrupted as e:
+            raise BackendError(f"nf_tables netlink: {e}: dump interrupted by ruleset changes "
+                               f"{DUMP_TRIES} times") from None  # fmt: skip
+
+    return run
+
+
 def _exchange(msg: bytes, what: str, netns: str | None) -> Iterator[tuple[int, bytes, int, int]]:
     """Send one request (sequence 1) and yield (message type, buffer, body start after
     nfgenmsg, body end) of each answer until the dump is done, the get answered, or the kernel
@@ -124,6 +154,8 @@ def _exchange(msg: bytes, what: str, netns: str | None) -> Iterator[tuple[int, b
                         raise BackendError(f"nf_tables netlink: {what}: a malformed answer (message of "
                                            f"{ln} bytes at {off} of a {len(buf)}-byte datagram)")  # fmt: skip
                     if seq == 1:
+                        if flags & NLM_F_DUMP_INTR:  # the ruleset changed between datagrams
+                            raise _Interrupted(what)
                         if typ == NLMSG_DONE:
                             return
                         if typ == NLMSG_ERROR:
@@ -145,6 +177,7 @@ def _exchange(msg: bytes, what: str, netns: str | None) -> Iterator[tuple[int, b
             raise BackendError(f"nf_tables netlink: {what}: {e.strerror or e}") from None
 
 
+@_again
 def counters(family: str, table: str, netns: str | None = None) -> dict[str, tuple[int, int]]:
     """{name: (packets, bytes)} of the named counters of ``family`` ``table`` ({} without the
     table).  BackendError when netlink fails otherwise."""
@@ -165,6 +198,7 @@ def chain_request(family: str, table: str, chain: str, seq: int = 1) -> bytes:
                      0) + body  # fmt: skip
 
 
+@_again
 def chain_exists(family: str, table: str, chain: str, netns: str | None = None) -> bool:
     """Whether ``family`` ``table`` has ``chain`` (what `nft list chain` answers by its exit
     status), without a process: the hook check asks every tick."""
@@ -186,6 +220,7 @@ def _name(buf: bytes, a: int, b: int, typ: int) -> str | None:
     return None
 
 
+@_again
 def table_shape(family: str, table: str, netns: str | None = None) -> tuple[set[str], int] | None:
     """(the names of ``table``'s chains, its number of rules), None without the table: what
     the nft backend's hook check compares with what it applied, every tick, without listing
