@@ -340,3 +340,31 @@ def test_a_daemon_exiting_leaves_the_route_back_looked_up(gw, pin_dir, mini_obj)
         d = BpfBackend(cfg.settings, obj_path=mini_obj)
         d.start(cfg)
         d.stop()
+
+
+@pytest.mark.bpf
+@pytest.mark.nft
+def test_the_hook_check_answers_when_netlink_fails(gw, pin_dir, mini_obj, monkeypatch):  # noqa: F811
+    """The guard's presence is asked by netlink each tick; when netlink fails (BackendError),
+    `nft` answers instead, as for the nft backend's own table: the hook check neither raises
+    (losing the programs it re-attached from its report) nor takes a present guard for gone."""
+    from snatgw.datapath import nftnl
+    from snatgw.datapath.bpf import guard
+    from snatgw.errors import BackendError
+
+    with netns(gw):
+        cfg = config(pin_dir)
+        b = BpfBackend(cfg.settings, obj_path=mini_obj)
+        b.start(cfg)
+        try:
+            def broken(*a, **kw):
+                raise BackendError("nf_tables netlink: chain ip snatgw_guard postrouting: a malformed answer")
+
+            monkeypatch.setattr(nftnl, "chain_exists", broken)
+            assert guard.present()
+            assert b.check_hooks() == []
+            sh("nft", "delete", "table", "ip", guard.TABLE)
+            assert not guard.present()
+            assert b.check_hooks() == [f"leak guard table ip {guard.TABLE}"]
+        finally:
+            b.stop()

@@ -82,8 +82,12 @@ def install(nets, outside, netns: str | None = None, passes=()) -> None:
 
 def present(netns: str | None = None) -> bool:
     """The table and its chain are there (the hook check asks every tick: by netlink, no
-    process)."""
-    return nftnl.chain_exists(FAMILY, TABLE, "postrouting", netns)
+    process; `nft list chain` if netlink fails, as the nft backend asks for its own table)."""
+    try:
+        return nftnl.chain_exists(FAMILY, TABLE, "postrouting", netns)
+    except BackendError as e:
+        log.warning("leak guard: %s; asking nft", e)
+    return _nft(["list", "chain", FAMILY, TABLE, "postrouting"], netns).returncode == 0
 
 
 def dropped(netns: str | None = None) -> int:
