@@ -461,10 +461,8 @@ class BpfBackend:
         """CFG_F_IIF_AMBIGUOUS as the inside devices present now say (iif_collisions), before
         any program is attached to a device that arrived; logged when it changes."""
         clash = iif_collisions(inside)
-        cfg = self.maps.cfg.get(0)
-        if cfg is None or _has_flag(cfg, L.CFG_F_IIF_AMBIGUOUS) == bool(clash):
+        if not self._put_flag(L.CFG_F_IIF_AMBIGUOUS, bool(clash)):
             return
-        self.maps.cfg.put(0, _with_flag(cfg, L.CFG_F_IIF_AMBIGUOUS, bool(clash)))
         if clash:
             log.warning("bpf backend: inside devices %s share their ifindex's low 16 bits, which a session "
                         "keeps: every inside packet now takes the full reverse-path check (slower); "
@@ -473,15 +471,23 @@ class BpfBackend:
             log.info("bpf backend: inside devices' ifindexes are distinct again: sessions vouch for "
                      "their sources (fast path)")
 
+    def _put_flag(self, flag: int, on: bool) -> bool:
+        """Set or clear ``flag`` (CFG_F_*) in the datapath's snat_cfg; True when that changed it
+        (False too when there is no value yet: the install writes one)."""
+        cfg = self.maps.cfg.get(0)
+        if cfg is None or _has_flag(cfg, flag) == on:
+            return False
+        self.maps.cfg.put(0, _with_flag(cfg, flag, on))
+        return True
+
     def _unwatched(self) -> None:
         """The programs go on translating with no daemon to watch the policy rules (an exit
         with keep_state, a failed start that leaves an adopted datapath running): clear
         CFG_F_BACK_FROM_RPF, the safe answer, so an iif rule added before the next start (which
         judges again) does not meet it set.  Never raises: the exit goes on."""
         try:
-            cfg = self.maps.cfg.get(0) if self.maps is not None else None
-            if cfg is not None and _has_flag(cfg, L.CFG_F_BACK_FROM_RPF):
-                self.maps.cfg.put(0, _with_flag(cfg, L.CFG_F_BACK_FROM_RPF, False))
+            if self.maps is not None:
+                self._put_flag(L.CFG_F_BACK_FROM_RPF, False)
         except Exception as e:  # noqa: BLE001 - the maps went: nothing reads the flag either
             log.warning("bpf backend: could not clear the route-back flag on the way out: %s", e)
 
@@ -499,11 +505,9 @@ class BpfBackend:
             blocker = route_back_blocker(*route_back_inputs())
         except Exception as e:  # noqa: BLE001 - unreadable (netlink, /proc): the safe answer, never a crash
             blocker = f"policy rules unreadable: {e}"
-        cfg = self.maps.cfg.get(0)
         self.route_back_blocker = blocker
-        if cfg is None or _has_flag(cfg, L.CFG_F_BACK_FROM_RPF) == (blocker is None):
+        if not self._put_flag(L.CFG_F_BACK_FROM_RPF, blocker is None):
             return blocker
-        self.maps.cfg.put(0, _with_flag(cfg, L.CFG_F_BACK_FROM_RPF, blocker is None))
         if blocker is None:
             log.info("bpf backend: no policy rule selects on the input device and every device forwards: "
                      "a new session's route back is the reverse-path check's (one FIB lookup fewer)")
@@ -725,7 +729,7 @@ class BpfBackend:
         with self._counting(t0) as walk:
             res = self.sweeper().expire(now_ns, self._timeouts_ns(), ORPHAN_GRACE_NS, full=full,
                                         chunked=self.chunked,
-                                        stop=(lambda: self._urgent > 0) if cuttable else None)  # fmt: skip
+                                        stop=(lambda: self.walk_wanted) if cuttable else None)  # fmt: skip
             if res.cut:  # (before the walk lock goes: the walk that cut it sees the count)
                 self.cut_sweeps += 1
                 walk["published"] = False
