@@ -96,7 +96,7 @@ def test_a_malformed_answer_is_a_backend_error_never_another_exception(monkeypat
         bad.append(bytes(b[:rnd.randrange(16, len(b) + 1)]))
     for b in bad:
         for call in (lambda: N.counters("ip", "snatgw"), lambda: N.chain_exists("ip", "snatgw", "c"),
-                     lambda: N.table_shape("ip", "snatgw")):  # fmt: skip
+                     lambda: N.table_shape("ip", "snatgw", ["c", "d"])):  # fmt: skip
             monkeypatch.setattr(N, "_open", lambda ns, b=b: _Sock([b, done]))
             try:
                 call()

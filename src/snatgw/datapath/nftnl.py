@@ -7,9 +7,12 @@ scrapes and `adm --rate` call stats often; the hook check asked `nft list chain`
 
     counters("ip", "snatgw_guard")   # {"leak": (packets, bytes)}; {} when there is no table
     chain_exists("ip", "snatgw_guard", "postrouting")   # the hook check's question, each tick
+    table_shape("ip", "snatgw", {"forward", ...})   # ({those chains it has}, rules), each tick
 
 The kernel filters the dump by table (NFTA_OBJ_TABLE) and object type (NFTA_OBJ_TYPE,
 NFT_OBJECT_COUNTER); a table that does not exist answers ENOENT, read here as no counters.
+Nothing here reads what other tables hold: the rule and object dumps are filtered by table in
+the kernel, and chains are asked one by one (the chain dump has no table filter).
 A dump the ruleset changed under (NLM_F_DUMP_INTR: an `nft` run in the namespace between two
 of its datagrams) is asked again, as `nft` does; an answer that does not parse is a
 BackendError (the callers fall back to `nft` or leave the figure out).
@@ -21,7 +24,7 @@ import errno
 import os
 import socket
 import struct
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..errors import BackendError
 
@@ -137,44 +140,52 @@ def _again(fn):
     return run
 
 
-def _exchange(msg: bytes, what: str, netns: str | None) -> Iterator[tuple[int, bytes, int, int]]:
-    """Send one request (sequence 1) and yield (message type, buffer, body start after
-    nfgenmsg, body end) of each answer until the dump is done, the get answered, or the kernel
-    says ENOENT (no such table/chain: nothing yielded).  BackendError for any other error."""
-    with _open(netns) as s:
-        s.settimeout(5)
-        try:
-            s.send(msg)
-            while True:
-                buf = s.recv(RECV)
-                off = 0
-                while off + _NLH.size <= len(buf):
-                    ln, typ, flags, seq, _pid = _NLH.unpack_from(buf, off)
-                    if ln < _NLH.size or off + ln > len(buf):  # (the kernel never: a bad or cut datagram)
-                        raise BackendError(f"nf_tables netlink: {what}: a malformed answer (message of "
-                                           f"{ln} bytes at {off} of a {len(buf)}-byte datagram)")  # fmt: skip
-                    if seq == 1:
-                        if flags & NLM_F_DUMP_INTR:  # the ruleset changed between datagrams
-                            raise _Interrupted(what)
-                        if typ == NLMSG_DONE:
+def _exchange(msg: bytes, what: str, netns: str | None,
+              sock: socket.socket | None = None) -> Iterator[tuple[int, bytes, int, int]]:
+    """Send one request and yield (message type, buffer, body start after nfgenmsg, body end)
+    of each answer (those of the request's sequence number) until the dump is done, the get
+    answered, or the kernel says ENOENT (no such table/chain: nothing yielded).  BackendError
+    for any other error.  On ``sock`` when given (several requests, one socket: their sequence
+    numbers differ), else on a socket of its own."""
+    if sock is None:
+        with _open(netns) as s:
+            yield from _exchange(msg, what, netns, s)
+        return
+    want = _NLH.unpack_from(msg, 0)[3]
+    s = sock
+    s.settimeout(5)
+    try:
+        s.send(msg)
+        while True:
+            buf = s.recv(RECV)
+            off = 0
+            while off + _NLH.size <= len(buf):
+                ln, typ, flags, seq, _pid = _NLH.unpack_from(buf, off)
+                if ln < _NLH.size or off + ln > len(buf):  # (the kernel never: a bad or cut datagram)
+                    raise BackendError(f"nf_tables netlink: {what}: a malformed answer (message of "
+                                       f"{ln} bytes at {off} of a {len(buf)}-byte datagram)")  # fmt: skip
+                if seq == want:
+                    if flags & NLM_F_DUMP_INTR:  # the ruleset changed between datagrams
+                        raise _Interrupted(what)
+                    if typ == NLMSG_DONE:
+                        return
+                    if typ == NLMSG_ERROR:
+                        if ln < _NLH.size + 4:
+                            raise BackendError(f"nf_tables netlink: {what}: a malformed answer (an error "
+                                               f"message of {ln} bytes)")  # fmt: skip
+                        err = -struct.unpack_from("=i", buf, off + _NLH.size)[0]
+                        if err in (0, errno.ENOENT):
                             return
-                        if typ == NLMSG_ERROR:
-                            if ln < _NLH.size + 4:
-                                raise BackendError(f"nf_tables netlink: {what}: a malformed answer (an error "
-                                                   f"message of {ln} bytes)")  # fmt: skip
-                            err = -struct.unpack_from("=i", buf, off + _NLH.size)[0]
-                            if err in (0, errno.ENOENT):
-                                return
-                            raise BackendError(f"nf_tables netlink: {what}: {os.strerror(err)}")
-                        if ln < _NLH.size + _NFGEN.size:
-                            raise BackendError(f"nf_tables netlink: {what}: a malformed answer (a message of "
-                                               f"{ln} bytes, no nfgenmsg)")  # fmt: skip
-                        yield typ, buf, off + _NLH.size + _NFGEN.size, off + ln
-                        if not flags & NLM_F_MULTI:  # the one answer of a get
-                            return
-                    off += (ln + 3) & ~3
-        except OSError as e:
-            raise BackendError(f"nf_tables netlink: {what}: {e.strerror or e}") from None
+                        raise BackendError(f"nf_tables netlink: {what}: {os.strerror(err)}")
+                    if ln < _NLH.size + _NFGEN.size:
+                        raise BackendError(f"nf_tables netlink: {what}: a malformed answer (a message of "
+                                           f"{ln} bytes, no nfgenmsg)")  # fmt: skip
+                    yield typ, buf, off + _NLH.size + _NFGEN.size, off + ln
+                    if not flags & NLM_F_MULTI:  # the one answer of a get
+                        return
+                off += (ln + 3) & ~3
+    except OSError as e:
+        raise BackendError(f"nf_tables netlink: {what}: {e.strerror or e}") from None
 
 
 @_again
@@ -207,10 +218,10 @@ def chain_exists(family: str, table: str, chain: str, netns: str | None = None) 
                                                          f"chain {family} {table} {chain}", netns))
 
 
-def _get(msg_type: int, family: str, attrs: bytes, dump: bool = False) -> bytes:
+def _get(msg_type: int, family: str, attrs: bytes, dump: bool = False, seq: int = 1) -> bytes:
     body = _NFGEN.pack(NFPROTO[family], 0, 0) + attrs
     return _NLH.pack(_NLH.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
-                     NLM_F_REQUEST | (NLM_F_DUMP if dump else 0), 1, 0) + body  # fmt: skip
+                     NLM_F_REQUEST | (NLM_F_DUMP if dump else 0), seq, 0) + body  # fmt: skip
 
 
 def _name(buf: bytes, a: int, b: int, typ: int) -> str | None:
@@ -221,28 +232,39 @@ def _name(buf: bytes, a: int, b: int, typ: int) -> str | None:
 
 
 @_again
-def table_shape(family: str, table: str, netns: str | None = None) -> tuple[set[str], int] | None:
-    """(the names of ``table``'s chains, its number of rules), None without the table: what
-    the nft backend's hook check compares with what it applied, every tick, without listing
-    the table as JSON through an `nft` process (thousands of rules at thousands of `from`
-    nets).  Three requests: the table (get), the family's chains (dump, kept when of
-    ``table``), the table's rules (dump filtered by the kernel, only counted)."""
+def table_shape(family: str, table: str, chains: Iterable[str],
+                netns: str | None = None) -> tuple[set[str], int] | None:
+    """(those of ``chains`` that ``table`` has, its number of rules), None without the table:
+    what the nft backend's hook check compares with what it applied, every tick, without
+    listing the table as JSON through an `nft` process (thousands of rules at thousands of
+    `from` nets).  On one socket: a get of the table, a get of each chain asked, a dump of the
+    table's rules (filtered by the kernel, only counted).  Its cost does not depend on other
+    tables: the kernel's chain dump takes no table filter (nf_tables_dump_chains walks every
+    table of the family; 6.18 answered the 500 chains of a table beside ours), so a dump kept
+    to ours would read every chain of a docker or k8s ruleset every tick; a get is one hash
+    lookup in the table's chains and one answer.  A chain not asked about is not seen."""
     name = table.encode() + b"\0"
     what = f"table {family} {table}"
     new = (NFNL_SUBSYS_NFTABLES << 8)
-    got = _exchange(_get(NFT_MSG_GETTABLE, family, _attr(NFTA_TABLE_NAME, name)), what, netns)
-    if not any(typ == new | NFT_MSG_NEWTABLE for typ, _, _, _ in got):
-        return None
-    chains = set()
-    for typ, buf, a, b in _exchange(_get(NFT_MSG_GETCHAIN, family, b"", dump=True), what, netns):
-        if typ == new | NFT_MSG_NEWCHAIN and _name(buf, a, b, NFTA_CHAIN_TABLE) == table:
-            chains.add(_name(buf, a, b, NFTA_CHAIN_NAME))
-    rules = 0
-    for typ, buf, a, b in _exchange(_get(NFT_MSG_GETRULE, family, _attr(NFTA_RULE_TABLE, name), dump=True), what,
-                                    netns):  # fmt: skip
-        if typ == new | NFT_MSG_NEWRULE and _name(buf, a, b, NFTA_RULE_TABLE) == table:
-            rules += 1
-    return {c for c in chains if c is not None}, rules
+    with _open(netns) as s:
+        got = _exchange(_get(NFT_MSG_GETTABLE, family, _attr(NFTA_TABLE_NAME, name), seq=1), what, netns, s)
+        if not any(typ == new | NFT_MSG_NEWTABLE for typ, _, _, _ in got):
+            return None
+        have, seq = set(), 1
+        for chain in sorted(set(chains)):
+            seq += 1
+            msg = _get(NFT_MSG_GETCHAIN, family, _attr(NFTA_CHAIN_TABLE, name) + _attr(NFTA_CHAIN_NAME,
+                       chain.encode() + b"\0"), seq=seq)  # fmt: skip
+            for typ, buf, a, b in _exchange(msg, f"chain {family} {table} {chain}", netns, s):
+                if (typ == new | NFT_MSG_NEWCHAIN and _name(buf, a, b, NFTA_CHAIN_TABLE) == table
+                        and _name(buf, a, b, NFTA_CHAIN_NAME) == chain):  # fmt: skip
+                    have.add(chain)
+        rules = 0
+        msg = _get(NFT_MSG_GETRULE, family, _attr(NFTA_RULE_TABLE, name), dump=True, seq=seq + 1)
+        for typ, buf, a, b in _exchange(msg, what, netns, s):
+            if typ == new | NFT_MSG_NEWRULE and _name(buf, a, b, NFTA_RULE_TABLE) == table:
+                rules += 1
+    return have, rules
 
 
 __all__ = ["chain_exists", "chain_request", "counters", "parse_counter", "request", "table_shape"]

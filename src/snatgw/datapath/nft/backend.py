@@ -418,12 +418,12 @@ class NftBackend:
         if self._plan is None or self._config is None:
             return []
         missing = []
-        shape = self._table_shape()
+        want = {name for name, _ in R._chain_defs()}
+        shape = self._table_shape(want)
         if shape is None:
             missing.append(f"nft table {R.FAMILY} {R.TABLE}")
         else:
             chains, nrules = shape
-            want = {name for name, _ in R._chain_defs()}
             if want - chains:
                 missing.append("chains " + ",".join(sorted(want - chains)))
             if nrules < len(self._plan.rules):
@@ -436,12 +436,12 @@ class NftBackend:
             self.apply(self._config)
         return missing
 
-    def _table_shape(self) -> tuple[set[str], int] | None:
-        """(chain names, number of rules) of table ip snatgw, None without it: by nf_tables
-        netlink (datapath/nftnl.py), no `nft -j list table` process each tick; the nft tool if
-        netlink fails."""
+    def _table_shape(self, chains: set[str]) -> tuple[set[str], int] | None:
+        """(those of ``chains`` that table ip snatgw has, its number of rules), None without
+        it: by nf_tables netlink (datapath/nftnl.py: a get per chain, whatever other tables
+        hold), no `nft -j list table` process each tick; the nft tool if netlink fails."""
         try:
-            return nftnl.table_shape(R.FAMILY, R.TABLE, self.netns)
+            return nftnl.table_shape(R.FAMILY, R.TABLE, chains, self.netns)
         except BackendError as e:
             log.warning("nft backend: %s; asking nft", e)
         p = self._run(["nft", "-j", "list", "table", R.FAMILY, R.TABLE], check=False)
@@ -451,7 +451,8 @@ class NftBackend:
             objs = json.loads(p.stdout)["nftables"]
         except (ValueError, KeyError, TypeError):
             objs = []
-        return {o["chain"]["name"] for o in objs if "chain" in o}, sum(1 for o in objs if "rule" in o)
+        return ({o["chain"]["name"] for o in objs if "chain" in o} & chains,
+                sum(1 for o in objs if "rule" in o))  # fmt: skip
 
     def _object_names(self) -> dict[str, tuple[str, ...]]:
         """Named objects in our table now (counters, ct timeouts), to delete the stale ones."""
