@@ -111,3 +111,17 @@ def test_table_shape_reads_the_same_beside_a_foreign_table_of_500_chains(ns, mon
     assert _shape(ns, monkeypatch)[0] is None
     _nft(ns, f"table ip {OURS} {{ chain sgnl_other {{ }}; }}\n")  # a chain not asked about is not reported
     assert _shape(ns, monkeypatch)[0] == (set(), 0)
+
+
+def test_the_leak_guard_counter_is_read_and_zeroed(ns):
+    """The bpf backend's DROP_LEAK adds the guard table's counter (guard.dropped, by netlink),
+    and its zero() zeroes that counter too (guard.reset): a failed read after a zero then
+    answers zeros, not the drops from before it (LastRead.forget)."""
+    from snatgw.datapath.bpf import guard
+
+    assert guard.reset(ns) is False and guard.dropped(ns) == 0  # no table yet
+    guard.install([], [], netns=ns)  # the table with its counter, no rule referring to it
+    _nft(ns, f"delete counter ip {guard.TABLE} {guard.COUNTER}\n"
+             f"add counter ip {guard.TABLE} {guard.COUNTER} {{ packets 5 bytes 300 }}\n")  # fmt: skip
+    assert guard.dropped(ns) == 5
+    assert guard.reset(ns) is True and guard.dropped(ns) == 0

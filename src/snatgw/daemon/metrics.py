@@ -12,6 +12,9 @@ Metric families (all prefixed ``snatgw_``):
   rule_packets_total, rule_bytes_total      per rule {rule_id, rule}
   rule_sessions                             live sessions per rule
   reason_packets_total{reason}              per datapath reason (snatgw.layout.Reason)
+  counter_read_failures_total               failed reads of nftables' named counters (nft: every
+                                            counter; bpf: the leak guard's drops in DROP_LEAK);
+                                            the counters keep the last figures read, never dip
   sessions, sessions_max                    the session table
   map_entries{map}, map_max_entries{map}    every map's fill (bpf), conntrack (nft)
   route_back_reused                         1 while new sessions' route back is the reverse-path
@@ -143,6 +146,12 @@ class ServiceCollector:
         for name, n in sorted(st.reasons.items()):
             rs.add_metric([name], n)
         yield rs
+        reads = getattr(s.backend, "counter_reads", None)
+        if reads is not None:  # nft's named counters (nft: the table's; bpf: the leak guard's)
+            rf = _c("counter_read_failures", "failed reads of nftables' named counters (the counters "
+                    "exported kept the figures of the last read that worked)")
+            rf.add_metric([], reads.failed)
+            yield rf
         h = s.backend.health() if hasattr(s.backend, "health") else {}
         sess = _g("sessions", "live sessions")
         sess.add_metric([], h.get("sessions", st.sessions))

@@ -7,9 +7,12 @@ and never parse text: they receive a ``GatewayConfig`` (rules already validated 
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Protocol
+from typing import Callable, Protocol
+
+from ..errors import BackendError
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,50 @@ def allocator_summary(counts: dict) -> dict:
     if "port_searches" in out and "port_search_tries" in out:
         out["tries_per_search"] = tries_per_search(out["port_search_tries"], out["port_searches"])
     return out
+
+
+#: seconds between two warnings of failing counter reads (LastRead): a scrape every few seconds
+#: would otherwise log each time
+READ_LOG_INTERVAL = 60.0
+
+
+class LastRead:
+    """Counters a backend reads from outside its own maps (nftables' named counters: the nft
+    backend's table, the bpf leak guard's): a read that fails (BackendError: netlink and the
+    `nft` fallback both failed) answers the figures the last read gave, so an exported counter
+    never goes back (Prometheus takes a dip for a counter reset and the return for a burst of
+    that size).  The failures are counted (``failed``: `snatgw status`'s `counter_reads`, the
+    metric `counter_read_failures_total`) and logged, at most once per READ_LOG_INTERVAL."""
+
+    def __init__(self, what: str, log, clock: Callable[[], float] = time.monotonic):
+        self.what, self.log, self.clock = what, log, clock
+        self.last: dict = {}  # the figures the last read that worked gave
+        self.failed = 0  # reads that failed since start
+        self.last_error: str | None = None  # the last failure's text, None once a read works again
+        self._logged_at: float | None = None
+
+    def read(self, fn: Callable[[], dict]) -> dict:
+        """``fn()``, kept; when it raises BackendError, the figures kept."""
+        try:
+            got = fn()
+        except BackendError as e:
+            self.failed += 1
+            self.last_error = str(e)
+            now = self.clock()
+            if self._logged_at is None or now - self._logged_at >= READ_LOG_INTERVAL:
+                self._logged_at = now
+                self.log.warning("%s: %s; the figures of the last read that worked are answered (%d failed "
+                                 "reads since start)", self.what, e, self.failed)  # fmt: skip
+            return dict(self.last)
+        self.last, self.last_error = dict(got), None
+        return got
+
+    def forget(self) -> None:
+        """The counters were zeroed: a failed read must not bring the old figures back."""
+        self.last = {}
+
+    def as_dict(self) -> dict:
+        return {"failed": self.failed, "last_error": self.last_error}
 
 
 class Backend(Protocol):

@@ -15,7 +15,7 @@ Nothing here reads what other tables hold: the rule and object dumps are filtere
 the kernel, and chains are asked one by one (the chain dump has no table filter).
 A dump the ruleset changed under (NLM_F_DUMP_INTR: an `nft` run in the namespace between two
 of its datagrams) is asked again, as `nft` does; an answer that does not parse is a
-BackendError (the callers fall back to `nft` or leave the figure out).
+BackendError (the callers fall back to `nft`, then to the figures last read).
 """
 
 from __future__ import annotations

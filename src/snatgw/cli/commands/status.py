@@ -54,6 +54,10 @@ def render_text(r: dict) -> str:
         out.append(f"  last apply none since start ({r['reloads']} reloads)")
     out.append(f"  log        {r['errors']} errors, {r['warnings']} warnings since start"
                + (f"; last error: {r['last_error_event'].get('event')}" if r.get("last_error_event") else ""))
+    reads = r.get("counter_reads") or {}
+    if reads.get("failed"):  # nftables' named counters: stats answer the last figures read
+        out.append(f"  counters   {reads['failed']} failed reads of nft's named counters since start"
+                   + (f"; failing now: {reads['last_error']}" if reads.get("last_error") else ""))
     dp = r["datapath"]
     if "error" in dp:
         out += ["", f"datapath: {dp['error']}"]

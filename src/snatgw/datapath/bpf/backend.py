@@ -22,7 +22,7 @@ from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
 from ...fibrules import PolicyRule, describe, route_back_blocker
 from ...rules import leak_guard_passes
-from ..backend import Session, Stats, pressure_summary
+from ..backend import LastRead, Session, Stats, pressure_summary
 from . import guard
 from . import libbpf as B
 from .loader import Loader, ifindex
@@ -186,6 +186,9 @@ class BpfBackend:
         self._urgent = 0
         self._urgent_lock = threading.Lock()
         self.cut_sweeps = 0  # expiry sweeps cut short for such a walk
+        #: the leak guard's drops as last read (nft's counter, outside our maps): a failed
+        #: read answers them, so DROP_LEAK never goes back
+        self.counter_reads = LastRead("bpf backend: the leak guard's counter", log)
         self._full_due = False  # a full sweep was cut short: the next one is full
         self._sweep_max = 0.0  # longest sweep so far (seconds), for status
         self.last_sweep: SweepResult | None = None
@@ -776,6 +779,7 @@ class BpfBackend:
                            "last_live": r.live if r else None,
                            "last_cut": r.cut if r else None},  # cut short: its figures are partial
                 "recounts": dict(self.recounts),
+                "counter_reads": self.counter_reads.as_dict(),  # the leak guard's, failed reads
                 # a walk (sweep, flush or recount) running now: for how long; None: none
                 "walk_running_seconds": None if since is None else round(max(0.0, _clock() - since), 3)}  # fmt: skip
 
@@ -833,11 +837,9 @@ class BpfBackend:
         (guard.py): netfilter's postrouting comes before the TC egress hook, so a packet the
         kernel routes toward an uplink with a `from` source meets the table first."""
         reasons = m.reasons()
-        if not self.readonly:
-            try:
-                reasons["DROP_LEAK"] = reasons.get("DROP_LEAK", 0) + guard.dropped()
-            except BackendError:
-                pass
+        if not self.readonly:  # a failed read: the drops last read (LastRead), never a dip
+            drops = self.counter_reads.read(lambda: {guard.COUNTER: guard.dropped()}).get(guard.COUNTER, 0)
+            reasons["DROP_LEAK"] = reasons.get("DROP_LEAK", 0) + drops
         return reasons
 
     def flush(self, rule_id: int | None = None, inside: ipaddress.IPv4Address | None = None,
@@ -856,8 +858,12 @@ class BpfBackend:
         return n
 
     def zero(self) -> None:
+        """The datapath's counters, and the leak guard's drops (part of DROP_LEAK) when this
+        backend put the guard in place (started)."""
         self._writable()
         self.maps.zero()
+        if self.config is not None and guard.reset():
+            self.counter_reads.forget()  # a failed read after this must not answer the old drops
 
     def addr_stats(self) -> dict[ipaddress.IPv4Address, tuple[int, int]]:
         """SNAT address -> (live sessions, refusals) from the datapath's per-address counts

@@ -97,9 +97,15 @@ def dropped(netns: str | None = None) -> int:
     return nftnl.counters(FAMILY, TABLE, netns).get(COUNTER, (0, 0))[0]
 
 
+def reset(netns: str | None = None) -> bool:
+    """Zero the drops counter (the bpf backend's zero(): DROP_LEAK counts them); False when it
+    could not (no table, nft failed)."""
+    return _nft(["reset", "counter", FAMILY, TABLE, COUNTER], netns).returncode == 0
+
+
 def remove(netns: str | None = None) -> bool:
     """Delete the table; True when there was one."""
     return _nft(["delete", "table", FAMILY, TABLE], netns).returncode == 0
 
 
-__all__ = ["TABLE", "COUNTER", "guard_text", "install", "present", "dropped", "remove"]
+__all__ = ["TABLE", "COUNTER", "guard_text", "install", "present", "dropped", "reset", "remove"]

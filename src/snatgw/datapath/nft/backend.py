@@ -23,7 +23,7 @@ from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
 from ...layout import CtState
 from ...rules import RuleSet
-from ..backend import RuleCounters, Session, SessionFilter, Stats, pressure_summary
+from ..backend import LastRead, RuleCounters, Session, SessionFilter, Stats, pressure_summary
 from .. import nftnl
 from ..netns import nsenter
 from . import render as R
@@ -126,6 +126,8 @@ class NftBackend:
         self._tally_cache: _Tally | None = None  # the GC tick's last count (large tables)
         self._next_tally = 0.0  # time.monotonic() before which the tick does not count again
         self.last_removed = 0  # conntrack entries the last apply removed (_follow)
+        #: the named counters as last read: a read that fails (netlink, then nft) answers them
+        self.counter_reads = LastRead("nft backend: the table's named counters", log)
 
     # ------------------------------------------------------------------ commands
 
@@ -467,19 +469,26 @@ class NftBackend:
 
     def _counters(self) -> dict[str, tuple[int, int]]:
         """{name: (packets, bytes)} of the table's named counters: by nf_tables netlink
-        (datapath/nftnl.py), no `nft` process per stats call; the nft tool if netlink fails."""
+        (datapath/nftnl.py), no `nft` process per stats call; the nft tool if netlink fails;
+        the figures last read if that fails too (``counter_reads``: a counter never goes back)."""
+        return self.counter_reads.read(self._read_counters)
+
+    def _read_counters(self) -> dict[str, tuple[int, int]]:
         try:
             return nftnl.counters(R.FAMILY, R.TABLE, self.netns)
         except BackendError as e:
             log.warning("nft backend: %s; asking nft", e)
         p = self._run(["nft", "-j", "list", "counters", "table", R.FAMILY, R.TABLE], check=False)
         if p.returncode != 0:
-            return {}
+            raise BackendError(f"nft backend: `nft list counters` failed: {p.stderr.strip() or p.returncode}")
         out = {}
-        for o in json.loads(p.stdout)["nftables"]:
-            if "counter" in o:
-                c = o["counter"]
-                out[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+        try:
+            for o in json.loads(p.stdout)["nftables"]:
+                if "counter" in o:
+                    c = o["counter"]
+                    out[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BackendError(f"nft backend: `nft list counters` answered what does not parse: {e!r}") from None
         return out
 
     def _our_ip_rules(self) -> list[tuple[int, dict]]:
@@ -705,7 +714,8 @@ class NftBackend:
         # the namespace whose conntrack holds the sessions: ours unless given (a reader in
         # another namespace, e.g. the CLI outside the daemon's, enters it by this path)
         netns = self.netns or f"/proc/{os.getpid()}/ns/net"
-        return {"marks": {str(m): rid for m, rid in self._by_mark.items()}, "netns": netns}
+        return {"marks": {str(m): rid for m, rid in self._by_mark.items()}, "netns": netns,
+                "counter_reads": self.counter_reads.as_dict()}  # the named counters' failed reads
 
     @classmethod
     def reader(cls, settings: Settings, marks: dict, netns: str | None = None) -> "NftBackend":
@@ -809,7 +819,8 @@ class NftBackend:
                 "devices": {"inside": list(self.settings.inside), "outside": list(self.settings.outside)}}
 
     def zero(self) -> None:
-        self._run(["nft", "reset", "counters", "table", R.FAMILY, R.TABLE], check=False)
+        if self._run(["nft", "reset", "counters", "table", R.FAMILY, R.TABLE], check=False).returncode == 0:
+            self.counter_reads.forget()  # a failed read after this must not answer the old figures
         self._failed_base = self._insert_failed()
 
     def _insert_failed(self) -> int:
