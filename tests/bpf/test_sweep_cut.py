@@ -7,6 +7,7 @@ sweep is in progress cuts that sweep at its next chunk and recounts, instead of 
 rest of it (asserted on the order of the walks' chunks, not on time), and the sweep after a cut
 one is never cut itself (expiry always gets on, whatever the control requests)."""
 
+import contextlib
 import ipaddress
 import io
 import threading
@@ -45,7 +46,7 @@ def true_counts(maps):
     """(by rule, by SNAT address, by inside host) from the table's OUT entries (precompiled
     structs, as test_sweep packs them: the layout's own unpack is slow at this size)."""
     by_rule, by_addr, by_host = {}, {}, {}
-    for k, v in maps.ct.items():
+    for k, v in maps.ct.items_batch():
         key, e = _KEY.unpack(k), _ENT.unpack(v)
         if key[5] != L.CT_DIR_OUT:
             continue
@@ -145,6 +146,43 @@ def test_a_failure_mid_walk_leaves_no_delta_for_the_next_walk(walked):
     assert kept_counts(maps) == tuple(true_counts(maps))
 
 
+@contextlib.contextmanager
+def sweep_held(backend, gc):
+    """``gc`` (what runs the backend's expiry sweep: Service.gc, backend.expire) on a thread of
+    its own, as the daemon's GC tick, its sweep held between its first and second chunk until
+    a walk asks for the table (walk_wanted; bounded: never hangs).  Yields (order, done): the
+    walks' chunks as read ("sweep" or "walk"), and {"removed": what gc returned} once the
+    thread is joined at the end of the block."""
+    maps = backend.maps
+    order: list[str] = []
+    held, done = threading.Event(), {}
+    real = maps.ct.key_batches
+    t = threading.Thread(target=lambda: done.setdefault("removed", gc()), name="gc")
+
+    def watched(chunk):
+        me = "sweep" if threading.current_thread() is t else "walk"
+        for i, batch in enumerate(real(chunk)):
+            order.append(me)
+            if me == "sweep" and i == 1:  # between the sweep's first and second chunk
+                held.set()
+                for _ in range(600):  # until the walk asks (bounded: never hangs)
+                    if backend.walk_wanted:
+                        break
+                    time.sleep(0.05)
+            yield batch
+
+    maps.ct.key_batches = watched
+    backend._next_sweep = 0.0
+    t.start()
+    try:
+        assert held.wait(60), "the sweep did not start"
+        yield order, done
+    finally:
+        t.join(60)
+        del maps.ct.key_batches
+    assert not t.is_alive()
+
+
 CONF = """
 snatgw {{
     inside lan40
@@ -187,42 +225,17 @@ def test_a_reload_that_turns_a_host_limit_on_cuts_the_sweep_in_progress(gw, pin_
             fill(maps.ct, table(now=monotonic_ns()))  # every third pair idle past the UDP timeout
             backend.recount()  # counts exact for the fill (it bypassed the datapath's increments)
             assert backend.recounts["last_cut_sweep"] is False
-            order: list[str] = []
-            held, gc_thread = threading.Event(), {}
-            real = maps.ct.key_batches
+            with sweep_held(backend, service.gc) as (order, removed):
+                assert backend.status_extra()["walk_running_seconds"] is not None
+                service.reload(text=CONF.format(max_sessions=max_sessions, pin_dir=pin_dir, udp=UDP_TIMEOUT,
+                                                limit="max_sessions_per_host 8192"))  # fmt: skip
 
-            def watched(chunk):
-                me = "sweep" if threading.current_thread() is gc_thread.get("t") else "recount"
-                for i, batch in enumerate(real(chunk)):
-                    order.append(me)
-                    if me == "sweep" and i == 1:  # between the sweep's first and second chunk
-                        held.set()
-                        for _ in range(600):  # until the recount asks (bounded: never hangs)
-                            if backend.walk_wanted:
-                                break
-                            time.sleep(0.05)
-                    yield batch
-
-            maps.ct.key_batches = watched
-            backend._next_sweep = 0.0
-            removed = {}
-            t = threading.Thread(target=lambda: removed.setdefault("n", service.gc()), name="gc")
-            gc_thread["t"] = t
-            t.start()
-            assert held.wait(60), "the sweep did not start"
-            assert backend.status_extra()["walk_running_seconds"] is not None
-            service.reload(text=CONF.format(max_sessions=max_sessions, pin_dir=pin_dir, udp=UDP_TIMEOUT,
-                                            limit="max_sessions_per_host 8192"))  # fmt: skip
-            t.join(60)
-            assert not t.is_alive()
-            del maps.ct.key_batches
-
-            first_recount = order.index("recount")
+            first_recount = order.index("walk")
             assert order[:first_recount] == ["sweep", "sweep"]  # its second chunk read, not visited
-            assert "sweep" not in order[first_recount:] and order.count("recount") == 5
+            assert "sweep" not in order[first_recount:] and order.count("walk") == 5
             sweep = backend.last_sweep
             assert sweep.cut and sweep.chunks == 1 and sweep.visited <= L.SWEEP_CHUNK
-            assert removed["n"] == sweep.removed > 0
+            assert removed["removed"] == sweep.removed > 0
             st = backend.status_extra()
             assert st["sweeps"]["cut_short"] == 1 and st["sweeps"]["last_cut"] is True
             rc = st["recounts"]
@@ -249,5 +262,72 @@ def test_a_reload_that_turns_a_host_limit_on_cuts_the_sweep_in_progress(gw, pin_
             assert backend.last_sweep.chunks == -(-keys // L.SWEEP_CHUNK) == 5  # the whole table
             assert backend.status_extra()["sweeps"]["cut_short"] == 1
             assert kept_counts(maps) == tuple(true_counts(maps)) and len(maps.ct) == 2 * (N - n_expired)
+        finally:
+            backend.stop()
+
+
+SMALL = 3 * L.SWEEP_CHUNK // 2 - 100  # three chunks of keys: the sweep held after its first
+
+#: the flushes (`snatgw flush`): all, by rule, by inside host, by SNAT address (kwargs of
+#: BpfBackend.flush) and whether a session's OUT key and entry (unpacked) match them
+FLUSHES = {
+    "all": ({}, lambda key, e: True),
+    "rule": ({"rule_id": RULES[1]}, lambda key, e: e[7] == RULES[1]),
+    "inside": ({"inside": ipaddress.IPv4Address("198.18.40.5")},
+               lambda key, e: key[0] == ipaddress.IPv4Address("198.18.40.5").packed),
+    "nat": ({"nat": ipaddress.IPv4Address("198.19.2.67")},
+            lambda key, e: e[1] == ipaddress.IPv4Address("198.19.2.67").packed),
+}  # fmt: skip
+
+
+def test_a_flush_cuts_the_sweep_in_progress_and_its_counts_are_exact(gw, pin_dir, mini_obj):  # noqa: F811
+    """For each flush (all, by rule, inside host, SNAT address), a started backend's expiry
+    sweep is in progress, held after its first chunk, when the flush comes: the sweep stops at
+    its next chunk (no sweep chunk after the flush's first), the flush removes exactly the
+    sessions it selects of those the table holds then (both keys of each; every other one
+    stays), and the counts it publishes are exact (never low by what the cut sweep removed).
+    The next sweep is not cut even with a walk waiting, and removes the expired sessions both
+    left."""
+    text = CONF.format(max_sessions=SMALL + 1000, pin_dir=pin_dir, udp=UDP_TIMEOUT, limit="")
+    with netns(gw):
+        from snatgw.daemon.service import load_config
+
+        cfg = load_config(None, text)
+        backend = BpfBackend(cfg.settings, obj_path=mini_obj)
+        backend.start(cfg)
+        try:
+            maps = backend.maps
+            for i, (name, (kwargs, selects)) in enumerate(FLUSHES.items()):
+                backend.flush()  # the last round's leftovers
+                filled = monotonic_ns()
+                fill(maps.ct, table(SMALL, now=filled))  # every third pair idle past the UDP timeout
+                backend.recount()  # counts exact for the fill (it bypassed the datapath's increments)
+                with sweep_held(backend, backend.expire) as (order, swept):
+                    held = maps.ct.to_dict()  # what the flush meets: the sweep's first chunk done
+                    out = {k: _ENT.unpack(v) for k, v in held.items() if _KEY.unpack(k)[5] == L.CT_DIR_OUT}
+                    chosen = {k for k, e in out.items() if selects(_KEY.unpack(k), e)}
+                    gone = chosen | {out[k][0] for k in chosen}  # each OUT key and its IN key (entry.peer)
+                    n = backend.flush(**kwargs)
+                sweep = backend.last_sweep
+                assert sweep.cut and sweep.chunks == 1 and swept["removed"] == sweep.removed > 0, name
+                assert order[:2] == ["sweep", "sweep"] and "sweep" not in order[2:] and "walk" in order, name
+                assert backend.status_extra()["sweeps"]["cut_short"] == i + 1
+                assert 0 < n == len(chosen) < (len(out) if kwargs else len(out) + 1), name
+                assert set(maps.ct.keys()) == set(held) - gone, name
+                assert kept_counts(maps) == tuple(true_counts(maps)), name
+
+                left = [_ENT.unpack(v) for k, v in maps.ct.items_batch() if _KEY.unpack(k)[5] == L.CT_DIR_OUT]
+                stale = sum(1 for e in left if e[10] < filled - (UDP_TIMEOUT // 2) * SEC)
+                backend._next_sweep = 0.0
+                with backend._urgent_lock:
+                    backend._urgent += 1  # (as a flush or recount waiting for the walk lock)
+                try:
+                    assert backend.walk_wanted
+                    assert backend.expire() == stale and not backend.last_sweep.cut, name
+                finally:
+                    with backend._urgent_lock:
+                        backend._urgent -= 1
+                assert len(maps.ct) == 2 * (len(left) - stale)
+                assert kept_counts(maps) == tuple(true_counts(maps)), name
         finally:
             backend.stop()
