@@ -127,3 +127,39 @@ def test_an_interrupted_dump_is_asked_again(monkeypatch):
     monkeypatch.setattr(N, "_open", lambda ns: _Sock([bytes(cut)]))
     with pytest.raises(BackendError, match="interrupted"):
         N.counters("ip", "snatgw")
+
+
+def _msg(typ: int, seq: int, body: bytes = b"", flags: int = 0) -> bytes:
+    body = N._NFGEN.pack(2, 0, 0) + body
+    return N._NLH.pack(N._NLH.size + len(body), typ, flags, seq, 0) + body
+
+
+def test_table_shape_asks_each_chain_on_one_socket_and_asks_again_when_interrupted(monkeypatch):
+    """table_shape's requests share one socket, each with its own sequence number: a get of
+    the table (1), of each chain asked in name order (2, 3: one there, one ENOENT), the rule
+    dump (4); an answer of another sequence number is not taken for the one awaited.  A rule
+    dump flagged NLM_F_DUMP_INTR has the whole question asked again."""
+    import errno
+
+    new = 10 << 8
+    name = lambda t, v: N._attr(t, v.encode() + b"\0")  # noqa: E731
+    table = _msg(new | N.NFT_MSG_NEWTABLE, 1, name(N.NFTA_TABLE_NAME, "snatgw"))
+    chain_a = _msg(new | N.NFT_MSG_NEWCHAIN, 2, name(N.NFTA_CHAIN_TABLE, "snatgw") + name(N.NFTA_CHAIN_NAME, "a"))
+    no_b = N._NLH.pack(N._NLH.size + 4, N.NLMSG_ERROR, 0, 3, 0) + struct.pack("=i", -errno.ENOENT)
+    stale = _msg(new | N.NFT_MSG_NEWCHAIN, 9, name(N.NFTA_CHAIN_TABLE, "snatgw") + name(N.NFTA_CHAIN_NAME, "b"))
+    rule = _msg(new | N.NFT_MSG_NEWRULE, 4, name(N.NFTA_RULE_TABLE, "snatgw"), N.NLM_F_MULTI)
+    done = N._NLH.pack(N._NLH.size + 4, N.NLMSG_DONE, N.NLM_F_MULTI, 4, 0) + bytes(4)
+    cut = _msg(new | N.NFT_MSG_NEWRULE, 4, name(N.NFTA_RULE_TABLE, "snatgw"), N.NLM_F_MULTI | N.NLM_F_DUMP_INTR)
+    sent = []
+
+    class Sock(_Sock):
+        def send(self, msg):
+            sent.append(struct.unpack_from("=IHHII", msg)[1:4])
+
+    answers = [[table, chain_a, stale + no_b, cut], [table, chain_a, no_b, rule + rule, rule + done]]
+    monkeypatch.setattr(N, "_open", lambda ns: Sock(answers.pop(0)))
+    assert N.table_shape("ip", "snatgw", ["b", "a", "a"]) == ({"a"}, 3) and answers == []
+    get, dump = N.NLM_F_REQUEST, N.NLM_F_REQUEST | N.NLM_F_DUMP
+    once = [(new | N.NFT_MSG_GETTABLE, get, 1), (new | N.NFT_MSG_GETCHAIN, get, 2),
+            (new | N.NFT_MSG_GETCHAIN, get, 3), (new | N.NFT_MSG_GETRULE, dump, 4)]  # fmt: skip
+    assert sent == once + once
