@@ -3,6 +3,7 @@ second load, map-size mismatch refused clearly, nothing left behind.  The fixtur
 tiny stand-in object with the real map names, a netns, a pin dir) are reused by test_backend*.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -285,32 +286,52 @@ def test_a_pin_dir_made_by_someone_else_is_refused(pin_dir, mini_obj, how, tmp_p
             os.rmdir(pin_dir + "-real")
 
 
+def _pin_foreign(path: str, typ: str, key: int, value: int, entries: int) -> None:
+    """Pin at ``path`` a map as another snatgw version would have made it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sh("bpftool", "map", "create", path, "type", typ, "key", str(key), "value", str(value),
+       "entries", str(entries), "name", os.path.basename(path)[:15])
+
+
 @pytest.mark.bpf
-def test_pinned_counters_of_an_older_length_are_replaced_and_state_kept(pin_dir, mini_obj, caplog):
-    """A daemon of an older layout left snat_alloc_cnt with fewer counters (an upgrade that
-    adds one): a restart keeping state replaces that counter array (warned: its counts start
-    from zero) and adopts the sessions as before; a state map of another size is still refused."""
+def test_pinned_maps_of_another_layout_are_replaced_and_sessions_kept(pin_dir, mini_obj, caplog):
+    """An upgrade (or a rollback) whose layout lengthens a counter array, widens a rule or
+    resizes a cache: a restart keeping state replaces those maps (each warned, saying what goes
+    with it) and adopts the sessions as before.  A state map of another size is still refused,
+    and so is the audit ring."""
     a = Loader(pin_dir, 64, mini_obj)
     a.load().ct.put(ct_key(2), bytes(L.CT_ENTRY.size))
     a.stop(keep_state=True)
-    path = os.path.join(pin_dir, L.MAP_ALLOC_CNT)
-    os.unlink(path)
-    with B.BpfObject.open(mini_obj) as o:  # a per-CPU u64 array of another length in its place
-        o.set_max_entries(L.MAP_REASONS, 2)
-        o.load()
-        o.map(L.MAP_REASONS).pin(path)
+    specs = map_specs(64)
+    foreign = {  # the map -> (bpftool type, key, value, entries) of an imagined other version
+        L.MAP_ALLOC_CNT: ("percpu_array", 4, 8, 2),  # fewer counters (turn 5 had 2)
+        L.MAP_REASONS: ("percpu_array", 4, 8, 2 * L.REASON_MAX),  # more (a rollback)
+        L.MAP_RULES: ("array", 4, L.SNAT_RULE.size - 4, L.MAX_RULES),  # snat_rule of 44 bytes (turn 4)
+        L.MAP_CONFIG: ("array", 4, L.SNAT_CFG.size + 8, 1),
+        L.MAP_REFUSED: ("hash", L.CT_KEY.size, L.REFUSAL.size, 16),  # other type and size
+    }
+    for name, shape in foreign.items():
+        _pin_foreign(os.path.join(pin_dir, name), *shape)
     b = Loader(pin_dir, 64, mini_obj)
     try:
         m = b.load()
         assert m.ct.get(ct_key(2)) is not None and L.MAP_CT in b.reused
-        assert L.MAP_ALLOC_CNT not in b.reused
-        assert B.map_info(m.maps[L.MAP_ALLOC_CNT].fd).max_entries == L.ALLOC_CNT_N
-        fd = B.obj_get(path)
-        try:
-            assert B.map_info(fd).max_entries == L.ALLOC_CNT_N  # the pin is the new one
-        finally:
-            os.close(fd)
+        for name in foreign:
+            assert name not in b.reused
+            spec = specs[name]
+            fd = B.obj_get(os.path.join(pin_dir, name))
+            try:  # the pin is the new one, and the object uses it
+                info = B.map_info(fd)
+                assert (info.type, info.value_size, info.max_entries) == (spec.type, spec.value_size,
+                                                                          spec.max_entries)  # fmt: skip
+                assert info.id == B.map_info(m.maps[name].fd).id
+            finally:
+                os.close(fd)
+            assert f"{name}: pinned in another layout" in caplog.text
         assert "its counts start again from zero" in caplog.text
+        assert "written afresh from the config before the programs are attached" in caplog.text
+        assert "refusal markers forgotten" in caplog.text
     finally:
         b.stop(keep_state=True)
     os.unlink(os.path.join(pin_dir, L.MAP_CT))  # a state map of another layout: refused, kept

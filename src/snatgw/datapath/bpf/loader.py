@@ -95,17 +95,38 @@ def unpin(pin_dir: str) -> None:
         os.rmdir(pin_dir)
 
 
-#: per-CPU counter arrays: nothing but counts, which a new layout may lengthen (a new reason,
-#: a new allocator counter); an older one pinned by the daemon before an upgrade is replaced,
-#: not refused, so that a restart keeping state works across the upgrade (edge invariant 4)
-COUNTER_MAPS = (L.MAP_REASONS, L.MAP_ALLOC_CNT, L.MAP_AUDIT_CNT)
+#: maps a new layout may change without touching a session.  When a pinned one differs from
+#: this snatgw's in any way (an upgrade, or a rollback to this version), a new one replaces it
+#: instead of the start being refused, so a restart keeping state works across the change (edge
+#: invariant 4).  The value says what goes with the old map.  The config maps lose nothing:
+#: start() writes every one of them before any program is attached, and the programs attached
+#: until then keep the old maps.  Sessions and the maps that must agree with them (snat_ct,
+#: snat_eim, the live counts) and the audit ring are never replaced: another layout is refused.
+REPLACEABLE: dict[str, str] = {
+    **dict.fromkeys((L.MAP_REASONS, L.MAP_ALLOC_CNT, L.MAP_AUDIT_CNT, L.MAP_RULE_STATS),
+                    "its counts start again from zero"),
+    **dict.fromkeys((L.MAP_RULES, L.MAP_RULE_SLOTS, L.MAP_CONFIG, L.MAP_IFACES, L.MAP_FROM_NETS,
+                     L.MAP_INSIDE_ADDRS), "written afresh from the config before the programs are attached"),
+    L.MAP_REFUSED: "refusal markers forgotten: a refused flow's next packet searches once more",
+    L.MAP_SPILL_MEMO: "spill memos forgotten: the next search on a full address tries it again",
+    L.MAP_FRAGS: "remembered fragments forgotten: the rest of a datagram in flight is passed or dropped as unmatched",
+}
 
 
-def _older_counters(spec, info: B.MapInfo) -> bool:
-    """``info`` (a pinned map) is one of COUNTER_MAPS in an older length: same type, key and
-    value sizes as ``spec``, other max_entries.  Anything else that differs is refused."""
-    return (spec.name in COUNTER_MAPS and info.type == spec.type and info.key_size == spec.key_size
-            and info.value_size == spec.value_size and info.max_entries != spec.max_entries)  # fmt: skip
+def _shape(m) -> str:
+    return (f"{B.MAP_TYPE_NAMES.get(m.type, m.type)}, key {m.key_size} B, value {m.value_size} B, "
+            f"{m.max_entries} entries")
+
+
+def _replaced(spec, info: B.MapInfo) -> str | None:
+    """What is lost when pinned map ``info`` is replaced by ``spec``'s (REPLACEABLE), or None:
+    it matches (adopt it) or it may not be replaced (spec.check refuses it)."""
+    if spec.name not in REPLACEABLE:
+        return None
+    if (info.type, info.key_size, info.value_size, info.max_entries) == (
+            spec.type, spec.key_size, spec.value_size, spec.max_entries):
+        return None
+    return REPLACEABLE[spec.name]
 
 
 # --------------------------------------------------------------------------- attachments
@@ -175,7 +196,7 @@ class Loader:
         obj = B.BpfObject.open(self._object_path())
         pinned_fds: list[int] = []
         made: list[str] = []  # pins this call created (removed again on failure)
-        replaced: list[str] = []  # pinned counter arrays of an older layout (_older_counters)
+        replaced: list[str] = []  # pinned maps of another layout (_replaced)
         try:
             names = set(obj.map_names())
             missing = [n for n in specs if n not in names]
@@ -188,10 +209,10 @@ class Loader:
                     fd = B.obj_get(path)
                     pinned_fds.append(fd)
                     info = B.map_info(fd)
-                    if _older_counters(spec, info):
-                        log.warning("%s: pinned with %d counters, this snatgw keeps %d: a new one replaces it "
-                                    "(its counts start again from zero; sessions and rules are kept)",
-                                    path, info.max_entries, spec.max_entries)  # fmt: skip
+                    lost = _replaced(spec, info)
+                    if lost:
+                        log.warning("%s: pinned in another layout (%s), this snatgw's is %s: a new one replaces "
+                                    "it (%s; sessions are kept)", path, _shape(info), _shape(spec), lost)
                         replaced.append(path)
                         continue
                     spec.check(info, path)
