@@ -4,7 +4,9 @@ tiny stand-in object with the real map names, a netns, a pin dir) are reused by 
 """
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -114,6 +116,41 @@ def test_attach_puts_each_program_on_its_hook_and_detach_removes_only_ours(ns, p
     assert [f.get("pref") for f in tc_filters(ns, "out0", "ingress") if f.get("options")] == [7]
     assert has_clsact(ns, "out0"), "a hook with others' filters stays"
     assert not os.path.exists(pin_dir)
+
+
+@pytest.mark.bpf
+def test_expected_kernel_errors_stay_out_of_the_log_and_others_reach_it(ns, pin_dir, mini_obj, caplog):
+    """A start on hooks that exist (a qdisc someone made, a restart) and queries of filters that
+    are not there get an error text from the kernel that libbpf prints as a warning: expected
+    and handled, so it is logged at debug level only (a daemon's start logged ten such
+    warnings).  The text of a failure nobody expects still reaches the log as a warning."""
+    caplog.set_level(logging.DEBUG, logger="snatgw.libbpf")
+    with netns(ns):
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "out0", "clsact")
+        ld = Loader(pin_dir, max_sessions=64, obj_path=mini_obj)
+        ld.load()
+        try:
+            ld.attach(["in0"], ["out0"])
+            ld.attach(["in0"], ["out0"])  # a restart: every hook exists, every filter is replaced
+            assert attached_prog_id("in0", B.BPF_TC_EGRESS) is None
+        finally:
+            ld.stop()
+    libbpf = [r for r in caplog.records if r.name == "snatgw.libbpf"]
+    assert [r.getMessage() for r in libbpf if r.levelno >= logging.WARNING] == []
+    assert any("Exclusivity flag on" in r.getMessage() for r in libbpf)  # it was said, at debug
+    caplog.clear()
+
+    def failing(err):  # libbpf printing the kernel's text, then failing with -err
+        B._emit(logging.WARNING, "libbpf: Kernel error message: something else")
+        return -err
+
+    assert B._quiet(failing, (errno.EEXIST,), errno.EEXIST) == -errno.EEXIST
+    assert [r.levelno for r in caplog.records if "something else" in r.getMessage()] == [logging.DEBUG]
+    caplog.clear()
+    assert B._quiet(failing, (errno.EEXIST,), errno.EPERM) == -errno.EPERM
+    assert [r.levelno for r in caplog.records if "something else" in r.getMessage()] == [logging.WARNING]
+    B._emit(logging.WARNING, "libbpf: outside a held call")  # nothing is held after the call
+    assert any(r.levelno == logging.WARNING and "outside a held call" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.bpf

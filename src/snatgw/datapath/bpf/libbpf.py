@@ -49,6 +49,7 @@ import ctypes as C
 import errno as _errno
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -200,6 +201,7 @@ _SIGS = {
 
 _lib: C.CDLL | None = None
 _print_cb = None  # keeps the ctypes callback alive
+_print_log = log  # where set_print sends libbpf's messages
 
 
 def lib() -> C.CDLL:
@@ -233,8 +235,8 @@ def _ptr_or_raise(ptr, what: str):
 def set_print(logger: logging.Logger | None = None) -> None:
     """Route libbpf's messages to ``logger`` (default ``snatgw.libbpf``): WARN->warning,
     INFO->info, DEBUG->debug.  x86_64/aarch64-linux only format through vsnprintf(va_list)."""
-    global _print_cb
-    logger = logger or log
+    global _print_cb, _print_log
+    logger = _print_log = logger or log
     libc = C.CDLL(None)
     vsnprintf = libc.vsnprintf
     vsnprintf.argtypes = [C.c_char_p, C.c_size_t, C.c_char_p, C.c_void_p]
@@ -242,11 +244,12 @@ def set_print(logger: logging.Logger | None = None) -> None:
 
     def cb(level, fmt, args):
         lvl = levels.get(level, logging.DEBUG)
-        if not logger.isEnabledFor(lvl):
+        held = getattr(_held, "msgs", None)
+        if not logger.isEnabledFor(lvl) and held is None:
             return 0
         buf = C.create_string_buffer(2048)
         vsnprintf(buf, len(buf), fmt, args)
-        logger.log(lvl, "%s", buf.value.decode(errors="replace").rstrip())
+        _emit(lvl, buf.value.decode(errors="replace").rstrip())
         return 0
 
     _print_cb = _PRINT_FN(cb)
@@ -677,9 +680,38 @@ def _hook(ifindex: int, point: int) -> TcHook:
     return TcHook(sz=C.sizeof(TcHook), ifindex=ifindex, attach_point=point)
 
 
+_held = threading.local()  # .msgs: libbpf's messages held during one call (_quiet)
+
+
+def _emit(lvl: int, text: str) -> None:
+    """One message of libbpf's: held during a _quiet call, else logged."""
+    held = getattr(_held, "msgs", None)
+    if held is not None:
+        held.append((lvl, text))
+    else:
+        _print_log.log(lvl, "%s", text)
+
+
+def _quiet(fn, expected: tuple[int, ...], *args) -> int:
+    """``fn(*args)`` holding libbpf's messages: the kernel's error text for a failure the
+    caller expects and handles (a clsact qdisc that exists, a filter that is gone) would
+    otherwise reach the log as a warning at every start.  Held messages go to the log as
+    they would have when the call fails otherwise, and at debug level when it fails as
+    expected."""
+    _held.msgs = []
+    try:
+        ret = fn(*args)
+    finally:
+        msgs, _held.msgs = _held.msgs, None
+    as_expected = ret < 0 and -ret in expected
+    for lvl, text in msgs:
+        _print_log.log(logging.DEBUG if as_expected else lvl, "%s", text)
+    return ret
+
+
 def tc_hook_create(ifindex: int, point: int = BPF_TC_INGRESS) -> bool:
     """Create the clsact qdisc on ``ifindex`` (either point creates it); False if it existed."""
-    ret = lib().bpf_tc_hook_create(C.byref(_hook(ifindex, point)))
+    ret = _quiet(lib().bpf_tc_hook_create, (_errno.EEXIST,), C.byref(_hook(ifindex, point)))
     if ret < 0 and -ret == _errno.EEXIST:
         return False
     _check(ret, f"bpf_tc_hook_create ifindex {ifindex}")
@@ -688,8 +720,9 @@ def tc_hook_create(ifindex: int, point: int = BPF_TC_INGRESS) -> bool:
 
 def tc_hook_destroy(ifindex: int, point: int = BPF_TC_INGRESS | BPF_TC_EGRESS) -> None:
     """INGRESS|EGRESS removes the whole clsact qdisc; one point flushes that point's filters."""
-    ret = lib().bpf_tc_hook_destroy(C.byref(_hook(ifindex, point)))
-    if ret < 0 and -ret in (_errno.ENOENT, _errno.EINVAL, _errno.ENODEV):
+    gone = (_errno.ENOENT, _errno.EINVAL, _errno.ENODEV)
+    ret = _quiet(lib().bpf_tc_hook_destroy, gone, C.byref(_hook(ifindex, point)))
+    if ret < 0 and -ret in gone:
         return
     _check(ret, f"bpf_tc_hook_destroy ifindex {ifindex}")
 
@@ -707,8 +740,9 @@ def tc_attach(ifindex: int, point: int, prog_fd: int, handle: int = 0, priority:
 def tc_detach(ifindex: int, point: int, handle: int, priority: int) -> bool:
     """Remove our filter (handle, priority); False if it was already gone."""
     o = TcOpts(sz=C.sizeof(TcOpts), handle=handle, priority=priority)
-    ret = lib().bpf_tc_detach(C.byref(_hook(ifindex, point)), C.byref(o))
-    if ret < 0 and -ret in (_errno.ENOENT, _errno.ENODEV, _errno.EINVAL):
+    gone = (_errno.ENOENT, _errno.ENODEV, _errno.EINVAL)
+    ret = _quiet(lib().bpf_tc_detach, gone, C.byref(_hook(ifindex, point)), C.byref(o))
+    if ret < 0 and -ret in gone:
         return False
     _check(ret, f"bpf_tc_detach ifindex {ifindex}")
     return True
@@ -717,8 +751,9 @@ def tc_detach(ifindex: int, point: int, handle: int, priority: int) -> bool:
 def tc_query(ifindex: int, point: int, handle: int, priority: int) -> int | None:
     """The prog id of filter (handle, priority), or None when there is none."""
     o = TcOpts(sz=C.sizeof(TcOpts), handle=handle, priority=priority)
-    ret = lib().bpf_tc_query(C.byref(_hook(ifindex, point)), C.byref(o))
-    if ret < 0 and -ret in (_errno.ENOENT, _errno.EINVAL, _errno.ENODEV):
+    gone = (_errno.ENOENT, _errno.EINVAL, _errno.ENODEV)
+    ret = _quiet(lib().bpf_tc_query, gone, C.byref(_hook(ifindex, point)), C.byref(o))
+    if ret < 0 and -ret in gone:
         return None
     _check(ret, f"bpf_tc_query ifindex {ifindex}")
     return o.prog_id
