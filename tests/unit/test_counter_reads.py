@@ -137,3 +137,21 @@ def test_the_failed_reads_are_a_metric_and_a_status_line(running, monkeypatch, c
     main(["status", "--socket", running.sock])
     out = capsys.readouterr().out
     assert "3 failed reads of nft's named counters since start; failing now: nf_tables netlink" in out
+
+
+def test_a_backend_never_started_leaves_the_leak_guard_table_alone(monkeypatch):
+    """stop() removes the leak guard's table only when this backend put it there (started):
+    a backend over loaded maps without a start (the bpf tests' fixtures, in the test runner's
+    own namespace) deleted whatever `table ip snatgw_guard` that namespace held."""
+    from snatgw.datapath.bpf import guard
+    from snatgw.datapath.bpf.backend import BpfBackend
+
+    removed = []
+    monkeypatch.setattr(guard, "remove", lambda netns=None: removed.append(netns) or True)
+    b = BpfBackend()
+    b.loader = type("L", (), {"stop": lambda self, keep: None})()
+    b.stop()
+    assert removed == []
+    b.loader, b.config = type("L", (), {"stop": lambda self, keep: None})(), object()
+    b.stop()
+    assert removed == [None]

@@ -376,8 +376,8 @@ class BpfBackend:
             if keep_state:
                 self._unwatched()
             self.loader.stop(keep_state)
-            if not keep_state:
-                guard.remove()
+            if not keep_state and self.config is not None:  # the guard this backend put there:
+                guard.remove()  # never that of another daemon (maps loaded without a start: tests)
         if self.holder is not None:  # after the detach: the TAP goes with the holder
             self.holder.stop()
             self.holder = None
