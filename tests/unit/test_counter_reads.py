@@ -155,3 +155,28 @@ def test_a_backend_never_started_leaves_the_leak_guard_table_alone(monkeypatch):
     b.loader, b.config = type("L", (), {"stop": lambda self, keep: None})(), object()
     b.stop()
     assert removed == [None]
+
+
+def test_nft_port_exhaustion_keeps_the_last_figure_when_proc_cannot_be_read(monkeypatch):
+    """DROP_PORT_EXHAUSTED is conntrack's insert_failed (/proc/net/stat/nf_conntrack, by `cat`
+    in the gateway's namespace when the backend aims at another) less its value at start: an
+    unreadable file read as 0, so the count fell to 0 and XLATE_NEW (the new flows less it)
+    jumped by as much, until the next read."""
+    from snatgw.datapath.nft import backend as NB
+    from snatgw.datapath.nft.backend import NftBackend
+
+    head = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop\n"
+    cpu = "00000000  00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 {:08x} 00000000\n"
+    proc = iter([head + cpu.format(1) + cpu.format(1),  # at start: 2
+                 head + cpu.format(4) + cpu.format(3),  # 7: 5 flows found no free port
+                 None, None,  # `cat` in the namespace failed
+                 head + cpu.format(5) + cpu.format(3)])  # fmt: skip
+    b = NftBackend()
+    monkeypatch.setattr(b, "_read", lambda path: next(proc))
+    monkeypatch.setattr(nftnl, "counters", lambda family, table, netns=None: {"new_1": (20, 2000)})
+    monkeypatch.setattr(b, "_conntrack_count", lambda: 0)
+    monkeypatch.setattr(b, "_tally", lambda: NB._Tally({}, {}, {}, 0.0, 0.0))
+    b._failed_base = b._conntrack_failed()
+    seen = [(r["DROP_PORT_EXHAUSTED"], r["XLATE_NEW"]) for r in (b.stats().reasons for _ in range(4))]
+    assert seen == [(5, 15), (5, 15), (5, 15), (6, 14)]
+    assert b.status_extra()["counter_reads"] == {"failed": 2, "last_error": None}

@@ -13,8 +13,9 @@ Metric families (all prefixed ``snatgw_``):
   rule_sessions                             live sessions per rule
   reason_packets_total{reason}              per datapath reason (snatgw.layout.Reason)
   counter_read_failures_total               failed reads of nftables' named counters (nft: every
-                                            counter; bpf: the leak guard's drops in DROP_LEAK);
-                                            the counters keep the last figures read, never dip
+                                            counter, and conntrack's insert_failed; bpf: the leak
+                                            guard's drops in DROP_LEAK); the counters keep the
+                                            last figures read, never dip
   sessions, sessions_max                    the session table
   map_entries{map}, map_max_entries{map}    every map's fill (bpf), conntrack (nft)
   route_back_reused                         1 while new sessions' route back is the reverse-path

@@ -169,21 +169,22 @@ READ_LOG_INTERVAL = 60.0
 
 class LastRead:
     """Counters a backend reads from outside its own maps (nftables' named counters: the nft
-    backend's table, the bpf leak guard's): a read that fails (BackendError: netlink and the
-    `nft` fallback both failed) answers the figures the last read gave, so an exported counter
-    never goes back (Prometheus takes a dip for a counter reset and the return for a burst of
-    that size).  The failures are counted (``failed``: `snatgw status`'s `counter_reads`, the
-    metric `counter_read_failures_total`) and logged, at most once per READ_LOG_INTERVAL."""
+    backend's table, the bpf leak guard's; conntrack's insert_failed): a read that fails
+    (BackendError: netlink and the `nft` fallback both failed, an unreadable /proc file)
+    answers the figures the last read of that ``source`` gave, so an exported counter never
+    goes back (Prometheus takes a dip for a counter reset and the return for a burst of that
+    size).  The failures are counted (``failed``: `snatgw status`'s `counter_reads`, the metric
+    `counter_read_failures_total`) and logged, at most once per READ_LOG_INTERVAL."""
 
     def __init__(self, what: str, log, clock: Callable[[], float] = time.monotonic):
         self.what, self.log, self.clock = what, log, clock
-        self.last: dict = {}  # the figures the last read that worked gave
+        self.last: dict[str, dict] = {}  # by source: the figures the last read that worked gave
         self.failed = 0  # reads that failed since start
         self.last_error: str | None = None  # the last failure's text, None once a read works again
         self._logged_at: float | None = None
 
-    def read(self, fn: Callable[[], dict]) -> dict:
-        """``fn()``, kept; when it raises BackendError, the figures kept."""
+    def read(self, fn: Callable[[], dict], source: str = "") -> dict:
+        """``fn()``, kept as ``source``'s figures; when it raises BackendError, those kept."""
         try:
             got = fn()
         except BackendError as e:
@@ -194,13 +195,13 @@ class LastRead:
                 self._logged_at = now
                 self.log.warning("%s: %s; the figures of the last read that worked are answered (%d failed "
                                  "reads since start)", self.what, e, self.failed)  # fmt: skip
-            return dict(self.last)
-        self.last, self.last_error = dict(got), None
+            return dict(self.last.get(source, {}))
+        self.last[source], self.last_error = dict(got), None
         return got
 
-    def forget(self) -> None:
-        """The counters were zeroed: a failed read must not bring the old figures back."""
-        self.last = {}
+    def forget(self, source: str = "") -> None:
+        """``source``'s counters were zeroed: a failed read must not bring the old figures back."""
+        self.last.pop(source, None)
 
     def as_dict(self) -> dict:
         return {"failed": self.failed, "last_error": self.last_error}

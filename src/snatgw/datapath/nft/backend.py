@@ -126,8 +126,9 @@ class NftBackend:
         self._tally_cache: _Tally | None = None  # the GC tick's last count (large tables)
         self._next_tally = 0.0  # time.monotonic() before which the tick does not count again
         self.last_removed = 0  # conntrack entries the last apply removed (_follow)
-        #: the named counters as last read: a read that fails (netlink, then nft) answers them
-        self.counter_reads = LastRead("nft backend: the table's named counters", log)
+        #: the named counters (and conntrack's insert_failed) as last read: a read that fails
+        #: (netlink, then nft; /proc) answers them
+        self.counter_reads = LastRead("nft backend: counters", log)
 
     # ------------------------------------------------------------------ commands
 
@@ -175,7 +176,7 @@ class NftBackend:
         the apply took."""
         self._run(["nft", "--version"])
         self._check_devices(config.settings)
-        self._failed_base = self._insert_failed()  # exhaustion counts from here
+        self._failed_base = self._conntrack_failed()  # exhaustion counts from here
         carried = self._bpf_sessions(config.settings.pin_dir)
         self.apply(config)
         from ..cleanup import NoLibbpf, remove_bpf
@@ -755,7 +756,7 @@ class NftBackend:
             rules[r.rule_id] = RuleCounters(r.rule_id, pk, by, live.get(r.rule_id, 0))
         new = sum(v[0] for k, v in c.items() if k.startswith("new_"))
         # a flow refused for want of a port passed nat_out (counted new_) and died at confirm
-        exhausted = max(0, self._insert_failed() - self._failed_base)
+        exhausted = max(0, self._conntrack_failed() - self._failed_base)
         reasons = {
             "XLATE_NEW": max(0, new - exhausted),
             "DROP_PORT_EXHAUSTED": exhausted,
@@ -821,13 +822,23 @@ class NftBackend:
     def zero(self) -> None:
         if self._run(["nft", "reset", "counters", "table", R.FAMILY, R.TABLE], check=False).returncode == 0:
             self.counter_reads.forget()  # a failed read after this must not answer the old figures
-        self._failed_base = self._insert_failed()
+        self._failed_base = self._conntrack_failed()
+
+    def _conntrack_failed(self) -> int:
+        """_insert_failed, or the figure last read when /proc cannot be read (counter_reads):
+        DROP_PORT_EXHAUSTED never dips (nor XLATE_NEW, which is less it, jumps)."""
+        return self.counter_reads.read(lambda: {"insert_failed": self._insert_failed()}, "conntrack").get(
+            "insert_failed", 0)  # fmt: skip
 
     def _insert_failed(self) -> int:
         """conntrack's insert_failed (all CPUs) in the gateway's namespace: a new flow whose
         NAT found no free tuple is dropped when its entry is confirmed and counted here
-        (nft cannot see it: it happens after the last chain)."""
-        lines = (self._read("/proc/net/stat/nf_conntrack") or "").split("\n")
+        (nft cannot see it: it happens after the last chain).  BackendError when the file
+        cannot be read; 0 when it has no such column."""
+        text = self._read("/proc/net/stat/nf_conntrack")
+        if text is None:
+            raise BackendError("nft backend: cannot read /proc/net/stat/nf_conntrack (conntrack's insert_failed)")
+        lines = text.split("\n")
         if not lines or "insert_failed" not in lines[0].split():
             return 0
         col = lines[0].split().index("insert_failed")
