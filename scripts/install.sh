@@ -9,7 +9,7 @@
 #                                         snatgw.conf.example beside it is always refreshed
 #   $MANDIR/man8/snatgw.8.gz              generated from the argparse parsers (snatgw.cli.manpage)
 #   $BASHCOMPDIR/snatgw                   bash completion (snatgw.cli.completion)
-#   $DOCDIR                               README.md and docs/*.md
+#   $DOCDIR                               README.md and docs/*.md; prometheus/snatgw-alerts.yml
 #
 # DESTDIR stages everything under another root (packaging): the files name their final paths
 # (the venv's scripts are rewritten), so run them only once they are in place.  Prerequisites
@@ -102,6 +102,7 @@ run_py -m snatgw.cli.manpage | gzip -9n > "$R$MANDIR/man8/snatgw.8.gz"
 run_py -m snatgw.cli.completion > "$R$BASHCOMPDIR/snatgw"
 chmod 0644 "$R$MANDIR/man8/snatgw.8.gz" "$R$BASHCOMPDIR/snatgw"
 install -m 0644 README.md docs/*.md "$R$DOCDIR/"
+install -D -m 0644 examples/prometheus/snatgw-alerts.yml "$R$DOCDIR/prometheus/snatgw-alerts.yml"
 say "$R$MANDIR/man8/snatgw.8.gz, $R$BASHCOMPDIR/snatgw, $R$DOCDIR"
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload || true

@@ -32,6 +32,16 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv
 fi
+# promtool, which tests/unit/test_alert_rules.py runs on examples/prometheus: taken out of Debian's
+# prometheus package, not installed (no Prometheus server or unit lands on this host)
+if [ ! -x .venv/bin/promtool ]; then
+  echo "setup: promtool (extracted from Debian's prometheus package into .venv/bin)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null 2>&1; }; })
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -O ./usr/bin/promtool > .venv/bin/promtool.part
+  chmod 755 .venv/bin/promtool.part && mv .venv/bin/promtool.part .venv/bin/promtool
+  rm -rf "$tmp"
+fi
 stamp=.venv/.snatgw-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: pip install -e .[test,bench]"

@@ -2,6 +2,9 @@
 lab need root (CI is root, so CI runs every tier)."""
 
 import os
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,3 +18,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if PRIVILEGED & set(item.keywords):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus's promtool, which `make setup` puts beside the venv's python."""
+    here = Path(sys.executable).parent / "promtool"
+    found = str(here) if here.exists() else shutil.which("promtool")
+    if not found:
+        pytest.fail("promtool not found beside the venv's python or on PATH: run `make setup` (scripts/setup.sh)")
+    return found
+

@@ -60,6 +60,8 @@ def test_an_existing_config_is_kept_and_the_example_installed_beside_it(installe
     d = paths["SYSCONFDIR"] / "snatgw"
     assert (d / "snatgw.conf").read_text().startswith("# the operator's own config")
     assert (d / "snatgw.conf.example").read_text() == (ROOT / "src/snatgw/packaging/snatgw.conf.example").read_text()
+    alerts = paths["PREFIX"] / "share/doc/snatgw/prometheus/snatgw-alerts.yml"  # the example alert rules too
+    assert alerts.read_text() == (ROOT / "examples/prometheus/snatgw-alerts.yml").read_text()
 
 
 def test_man_page_renders_without_warnings_and_names_every_verb(installed):

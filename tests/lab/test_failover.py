@@ -8,19 +8,18 @@ figures come from `python -m snatgw.bench.failover` (docs/operations.md)."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import socket
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from snatgw.bench.failover import Flow, _blackhole, config_text
+from snatgw.lab.clients import metrics_text
 from snatgw.lab.demo import FAILOVER_RULES, REF_RULES, ruleset
 from snatgw.lab.gateway import gateway_available, snatgw_argv
-from snatgw.lab.netns import ns_socket, run
+from snatgw.lab.netns import run
 
 from tests.lab.conftest import new_lab
 
@@ -53,26 +52,8 @@ def gw(request):
         lab.down()
 
 
-class NsHTTP(http.client.HTTPConnection):
-    """http.client, its socket made in the gateway's network namespace."""
-
-    def __init__(self, ns: str):
-        super().__init__(*METRICS, timeout=10)
-        self.ns = ns
-
-    def connect(self):
-        self.sock = ns_socket(self.ns, socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(METRICS)
-
-
 def metrics(lab) -> dict:
-    c = NsHTTP(lab.ns("gw"))
-    c.request("GET", "/metrics")
-    r = c.getresponse()
-    assert r.status == 200
-    fams = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
-    c.close()
+    fams = {f.name: f for f in text_string_to_metric_families(metrics_text(lab, METRICS))}
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in fams.values() for s in f.samples}
 
 

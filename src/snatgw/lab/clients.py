@@ -248,3 +248,40 @@ def count_packets(lab, node: str, match: str, table: str = "sglab_watch", hook: 
 
 __all__ = ["ECHO_PORT", "CLOSED_PORT", "EchoServers", "TcpSession", "tcp_echo", "udp_echo", "ping",
            "udp_error", "count_packets"]
+
+
+def metrics_text(lab, addr: tuple[str, int] = ("127.0.0.1", 9469), node: str = "gw", timeout: float = 10.0) -> str:
+    """GET /metrics from ``addr`` (the daemon's metrics_listen) inside ``node``'s namespace."""
+    import http.client
+
+    class NsHTTP(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = ns_socket(lab.ns(node), socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(addr)
+
+    c = NsHTTP(*addr, timeout=timeout)
+    try:
+        c.request("GET", "/metrics")
+        r = c.getresponse()
+        if r.status != 200:
+            raise OSError(f"GET /metrics on {addr[0]}:{addr[1]} in {lab.ns(node)}: HTTP {r.status}")
+        return r.read().decode()
+    finally:
+        c.close()
+
+
+def udp_burst(lab, node: str, src: str, dst: str, sports, dport: int = 9, rounds: int = 1) -> None:
+    """One UDP datagram per source port from ``src`` to ``dst`` (a raw socket in ``node``, so
+    any source address and port), ``rounds`` times: one template with the source port patched
+    in (UDP checksum 0: none; the kernel fills the IP header's)."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.packet import raw
+
+    tpl = bytearray(raw(IP(src=src, dst=dst) / UDP(sport=1, dport=dport, chksum=0) / b"pressure"))
+    with ns_socket(lab.ns(node), socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+        for _ in range(rounds):
+            for sp in sports:
+                tpl[20:22] = sp.to_bytes(2, "big")
+                s.sendto(tpl, (dst, 0))
+
