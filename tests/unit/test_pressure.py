@@ -254,3 +254,53 @@ def test_pins_older_than_the_search_counters_show_none_rather_than_zero():
     assert alloc == {"spill_memo_hits": 7, "spill_memos_written": 7}
     text = "\n".join(render_pressure(pressure_summary({}, {}, 0, 10, allocator=alloc)))
     assert "spill memo: 7" in text and "port search" not in text
+
+
+NFT_CONF = """snatgw {
+  inside lan40
+  outside eth1
+  backend nft
+%s}
+virtual_server fwmark 1 {
+  snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71-198.19.2.73 %s}
+}
+"""
+
+
+def test_check_says_which_pressure_settings_the_nft_backend_ignores():
+    """backend nft: an asked-for spill (global or the rule's), refuse_icmp yes and a port_tries
+    of one's own are warned about (the kernel's nf_nat does none of them); the defaults, drop,
+    and the same settings on the bpf backend give no warning."""
+    from snatgw.cli.commands.check import config_warnings
+    from snatgw.config.parse import parse_text
+
+    w = config_warnings(parse_text(NFT_CONF % ("  on_exhausted spill\n  refuse_icmp yes\n  port_tries 16\n",
+                                               "on_exhausted spill "), "n.conf"))  # fmt: skip
+    assert [x.split(" is ignored")[0] for x in w] == [
+        "n.conf: on_exhausted: spill", "n.conf:10: on_exhausted: spill", "n.conf: refuse_icmp: yes",
+        "n.conf: port_tries: 16"]
+    assert config_warnings(parse_text(NFT_CONF % ("  on_exhausted drop\n  port_tries 128\n", ""), "n.conf")) == []
+    bpf = NFT_CONF.replace("backend nft", "backend bpf")
+    assert config_warnings(parse_text(bpf % ("  on_exhausted spill\n  refuse_icmp yes\n  port_tries 16\n",
+                                             "on_exhausted spill "), "b.conf")) == []  # fmt: skip
+
+
+EXPLAIN = ["--proto", "udp", "--src", "198.18.40.10:40000", "--dst", "203.0.113.10:53", "--oif", "eth1",
+           "--gw", "198.19.2.1", "-j"]
+
+
+def test_explain_says_the_kernel_picks_with_backend_nft(tmpdir_short, running):
+    """explain answers as the bpf datapath; for a config with backend nft, and with --live
+    against a daemon running the nft backend, it says that nf_nat picks instead."""
+    from snatgw.cli.commands.explain import NFT_NOTE
+
+    nft = tmpdir_short / "n.conf"
+    nft.write_text(NFT_CONF % ("", ""))
+    assert NFT_NOTE in json.loads(run_cli(["explain", str(nft), *EXPLAIN]))["notes"]
+    bpf = tmpdir_short / "b.conf"
+    bpf.write_text((NFT_CONF % ("", "")).replace("backend nft", "backend bpf"))
+    assert NFT_NOTE not in json.loads(run_cli(["explain", str(bpf), *EXPLAIN]))["notes"]
+    live = ["explain", "--live", "--socket", running.sock, *EXPLAIN]
+    assert NFT_NOTE not in json.loads(run_cli(live))["notes"]  # the fake backend: the model's own
+    running.backend.name = "nft"  # what `status` reports of the daemon's backend
+    assert NFT_NOTE in json.loads(run_cli(live))["notes"]

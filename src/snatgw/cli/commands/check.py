@@ -10,6 +10,7 @@ from ...config.links import link_rules
 from ...config.parse import parse_file, require_rules, settings_as_dict
 from ...config.schema import GatewayConfig
 from ...errors import EXIT_OK, ConfigError
+from ...layout import PORT_TRIES
 from ..render import dump_json, kv_table, rule_json, rule_table
 
 HELP = "validate a config file and show its rules in priority order"
@@ -45,12 +46,33 @@ def config_warnings(cfg: GatewayConfig) -> list[str]:
         if s.outside and lk.oif and lk.oif not in s.outside:
             out.append(f"{lk.where}: link {lk.name}: oif {lk.oif} is not among the outside interfaces")
     out += nat_behaviour_warnings(cfg)
+    out += nft_pressure_warnings(cfg)
     missing = [k for k in ("inside", "outside") if not getattr(s, k)]
     if missing:
         out.append(f"{cfg.source}: no {' or '.join(missing)} interfaces in a snatgw {{ }} block: "
                    f"give them there or to `snatgw run --{missing[0]} IF`")
     if not len(cfg.rules):
         out.append(f"{cfg.source}: no snat_rule: nothing will be translated")
+    return out
+
+
+def nft_pressure_warnings(cfg: GatewayConfig) -> list[str]:
+    """Port-pressure settings the nft backend cannot honour (docs/nftables.md, "Port pressure"):
+    said, not silently ignored.  Global settings carry no line: the file is named."""
+    s = cfg.settings
+    if s.backend != "nft":
+        return []
+    src = cfg.source or "config"
+    spill = ("spill is ignored with backend nft: the kernel's nf_nat fixes the address by its hash "
+             "and never tries another address of the pool (docs/nftables.md, \"Port pressure\")")
+    out = [f"{src}: on_exhausted: {spill}"] if s.on_exhausted == "spill" else []
+    out += [f"{r.where}: on_exhausted: {spill}" for r in cfg.rules.defined if r.on_exhausted == "spill"]
+    if s.refuse_icmp:
+        out.append(f"{src}: refuse_icmp: yes is ignored with backend nft: a host over its "
+                   "max_sessions_per_host is dropped without an ICMP error (docs/nftables.md)")
+    if s.port_tries != PORT_TRIES:
+        out.append(f"{src}: port_tries: {s.port_tries} is ignored with backend nft: the kernel's nf_nat "
+                   "runs its own search, about 240 tries (docs/nftables.md)")
     return out
 
 

@@ -38,6 +38,12 @@ TCP_FLAG_BITS = {"F": 0x01, "S": 0x02, "R": 0x04, "P": 0x08, "A": 0x10, "U": 0x2
 ICMP_ECHO = 8
 
 
+#: the model answers as the bpf datapath; with the nft backend the kernel's nf_nat picks
+NFT_NOTE = ("backend nft: the kernel's nf_nat picks the SNAT address within the pool and the port "
+            "(no spill-over, no spill memo, no port_tries): the address, port and spill lines above are "
+            "the bpf datapath's (docs/nftables.md)")
+
+
 class BadInput(SnatgwError):
     """A bad command-line value (exit 2)."""
 
@@ -512,6 +518,7 @@ def build_from_args(args: argparse.Namespace) -> tuple[bytes, IPv4Address]:
 def run(args: argparse.Namespace) -> int:
     pkt, dst = build_from_args(args)
     live = None
+    backend = None
     if args.live:
         from dataclasses import replace
 
@@ -526,6 +533,7 @@ def run(args: argparse.Namespace) -> int:
         diff = rule_diff(cfg.rules, rules)
         live = {"socket": sock, "config": path, **diff}
         cfg = replace(cfg, rules=rules)
+        backend = status.get("backend")
     elif not args.config:
         raise BadInput("give CONFIG (or --live to use the running daemon's rules)")
     else:
@@ -554,6 +562,8 @@ def run(args: argparse.Namespace) -> int:
         sessions = call(live["socket"], {"op": "sessions"})["sessions"]
         memos = call(live["socket"], {"op": "spill_memos", "remote": str(dst)}).get("memos") or []
     d = explain_packet(cfg, pkt, router, ingress, sessions, memos)
+    if (backend or cfg.settings.backend) == "nft" and d.get("snat"):
+        d["notes"].append(NFT_NOTE)
     if live is not None:
         d["live"] = live
         d["notes"] = live_notes(live, live["socket"], live["config"]) + d["notes"]
