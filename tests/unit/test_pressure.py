@@ -135,6 +135,11 @@ def test_refusals_are_logged_once_per_host_and_address_per_interval(pressed):
     pressed.clock.t += REFUSAL_LOG_INTERVAL
     pressed.service.gc()
     assert len(refused_lines(pressed)) == 2  # no new refusals: no line
+    for sp in range(45, 48):  # refused within the interval the daemon stops in: logged at stop
+        send(pressed, "198.18.40.10", sp)
+    pressed.clock.t += 1
+    pressed.service.stop()
+    assert len(refused_lines(pressed)) == 3 and "flows=3" in refused_lines(pressed)[-1]
 
 
 def test_explain_says_which_address_and_why_and_reads_the_live_table(pressed, tmpdir_short):

@@ -111,6 +111,10 @@ class Service:
 
     def stop(self) -> None:
         with self.lock:
+            try:  # refusals of the interval in progress would otherwise never be logged
+                self._log_refusals(self.clock(), force=True)
+            except Exception as e:  # noqa: BLE001 - stopping the datapath must not depend on it
+                self.log.warning("refusals_failed", error=repr(e))
             self.backend.stop(keep_state=True)
             self.log.info("stopped", backend=self.backend.name, keep_state=True)
 
@@ -246,11 +250,13 @@ class Service:
                 self.errors += 1
                 msg = str(e) if isinstance(e, SnatgwError) else repr(e)
                 self.log.error(f"{name}_failed", error=msg, errors=self.errors)
-    def _log_refusals(self, t: float) -> None:
+    def _log_refusals(self, t: float, force: bool = False) -> None:
         """Every REFUSAL_LOG_INTERVAL: one warning per (inside host, SNAT address) whose new
-        flows were refused since the last look (from the refusal markers, not per packet)."""
+        flows were refused since the last look (from the refusal markers, not per packet);
+        ``force``: now, whatever the interval (the daemon stopping)."""
         get = getattr(self.backend, "refusals", None)
-        if get is None or (self._refusals_at is not None and t - self._refusals_at < REFUSAL_LOG_INTERVAL):
+        if get is None or (not force and self._refusals_at is not None
+                           and t - self._refusals_at < REFUSAL_LOG_INTERVAL):
             return
         self._refusals_at = t
         try:
