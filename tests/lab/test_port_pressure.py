@@ -26,6 +26,7 @@ from snatgw.config.parse import parse_text
 from snatgw.daemon.client import call
 from snatgw.lab import clients as C
 from snatgw.lab import leakwatch
+from snatgw.lab.gateway import snatgw_json
 from snatgw.lab.netns import ns_socket
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
@@ -149,13 +150,26 @@ def test_a_host_that_fills_its_address_spills_over_or_is_refused(gateway, pressu
         alloc = stats(lab)["pressure"]["allocator"]
         assert alloc["port_searches"] >= reason(st, "XLATE_NEW") == 120
         assert alloc["port_search_tries"] >= alloc["port_searches"] + 49 and alloc["tries_per_search"] > 1
+        # explain --live judges a new flow against the running table: A's next flow finds the
+        # first two addresses full and gets a port on the third, and the flow really does
+        d = snatgw_json(lab, "explain", "--live", "--proto", "udp", "--src", f"{A}:40500", "--dst", f"{S1}:9",
+                        "--oif", "eth1", "--gw", "198.19.2.1")
+        assert d is not None and d["snat"]["addr"] == order[2], d
+        burst(lab, A, [40500])
+        settle(lab, lambda s: reason(s, "XLATE_NEW") >= 121)
+        (got,) = [s["nat"] for s in sessions_of(lab, A) if s["inside"] == f"{A}:40500"]
+        assert got == f"{d['snat']['addr']}:{d['snat']['port']}"
         burst(lab, B, range(40000, 40005))
-        settle(lab, lambda s: reason(s, "XLATE_NEW") >= 125)
+        settle(lab, lambda s: reason(s, "XLATE_NEW") >= 126)
         assert sorted(s["nat"].rsplit(":", 1)[0] for s in sessions_of(lab, B)) == [order[2]] * 5
     else:
         assert list(per_addr.values()) == [50]
         assert (reason(st, "XLATE_NEW"), reason(st, "DROP_PORT_EXHAUSTED")) == (50, 70)
         assert "allocator" not in st["pressure"]  # nf_nat's search is not counted: absent, not 0
+        # explain answers as the bpf datapath would and says that nf_nat picks here
+        d = snatgw_json(lab, "explain", "--live", "--proto", "udp", "--src", f"{A}:40500", "--dst", f"{S1}:9",
+                        "--oif", "eth1", "--gw", "198.19.2.1")
+        assert d is not None and any(n.startswith("backend nft: the kernel's nf_nat picks") for n in d["notes"]), d
 
 
 def test_refused_flows_cost_one_lookup_on_bpf_and_a_search_again_on_nft(gateway, pressure_lab):
