@@ -20,7 +20,7 @@ from scapy.packet import Raw, raw
 
 from ..config.schema import Settings
 from ..layout import CFG_F_BACK_FROM_RPF as FLAG_BACK
-from ..layout import MAP_SPILL_MEMO, PORT_TRIES, PORT_TRIES_MAX
+from ..layout import MAP_SPILL_MEMO, PORT_TRIES, PORT_TRIES_MAX, Reason
 from ..datapath.bpf.testrun import ProgHarness, RefNet
 from ..rules import Rule, RuleSet
 
@@ -128,7 +128,11 @@ def _pressure(net: RefNet, repeat: int, rounds: int, new_flows: int, est: float)
             base = _median_ns(h, "bench_noop", refused, "lan40", repeat, rounds)
             if tries == PORT_TRIES:
                 h.run("inside", refused, "lan40")  # refused once: marked
+                before = h.reasons().get(Reason.DROP_REFUSED_RECENTLY, 0)
                 ns = _median_ns(h, "bench_inside", refused, "lan40", repeat, rounds) - base
+                met = h.reasons().get(Reason.DROP_REFUSED_RECENTLY, 0) - before
+                if met != repeat * rounds:  # else the figure is not the marker's (it expired: a search)
+                    raise RuntimeError(f"refused flow (marker): {met} of {repeat * rounds} runs met the marker")
                 out.append(("refused flow (marker)", ns, round(2 * est)))
             n = max(1, min(new_flows, 5000))
             new = raw(IP(src=A, dst=R1) / UDP(sport=10000, dport=53) / PAD)
