@@ -641,6 +641,20 @@ def _scenarios() -> list[Scenario]:
         inside(udp(A, R1, 2, 53), DROP, R.DROP_REFUSED_RECENTLY),
         inside(udp(A, R1, 1, 53), RED, R.XLATE_OUT),
     ], settings={"port_min": 6000, "port_max": 6000, "on_exhausted": "drop"})  # fmt: skip
+    add("port_tries_below_the_range", "port_tries 4 over 16 SNAT ports (T < n: the double-hashed "
+        "sequence cut short, as the default 128 cuts 64k ports), one address, on_exhausted drop: "
+        "A's 16 flows to R1:53 share one first candidate (raw source ports 16 apart); each then "
+        "walks its own sequence, the 16th tries 4 taken ports and is refused while port 6000 is "
+        "still free (the bound, not the range, refuses it), its next packet meets the marker, and "
+        "a later flow whose sequence reaches 6000 takes it (the memo 1.5 s old: expired).", [
+        *(inside(udp(A, R1, 16 * i + 15, 53), RED, R.XLATE_NEW, at=1.5 * i) for i in range(15)),
+        inside(udp(A, R1, 255, 53), DROP, R.DROP_PORT_EXHAUSTED, at=22.5),  # 6001 6004 6011 6002
+        inside(udp(A, R1, 255, 53), DROP, R.DROP_REFUSED_RECENTLY, at=23.0),
+        inside(udp(A, R1, 303, 53), RED, R.XLATE_NEW, at=24.0),  # 6002 6001 6000: the last free
+        outside(udp(R1, "198.19.2.71", 53, 6000), RED, R.XLATE_IN, at=24.5),
+    # searches: 17; tries: 1 + 2 x 13 + 3 (sport 191) + 4 (refused) + 3 = 37
+    ], settings={"port_min": 6000, "port_max": 6015, "port_tries": 4}, alloc=(17, 37),
+        rules=[{"from": "198.18.40.0/24", "snat_ip": "198.19.2.71", "on_exhausted": "drop"}])  # fmt: skip
     add("spill_memo_young_then_expired", "Two SNAT ports: A's flows to R1:53 fill the sdh "
         "address .72; the third's full search there fails and leaves a spill memo (.72 full "
         "toward R1:53, SPILL_MEMO_MS = 1 s) before it spills to .73.  While the memo is young a "
