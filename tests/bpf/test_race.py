@@ -2,7 +2,8 @@
 lookup-then-insert races (two inserts for one port), the live counts' first insert races, and
 the table stays consistent: whole pairs only, each external tuple once, every packet one
 reason, and the live counts equal to what the table and the reasons say.  Invariants, not
-timing: the interleaving differs on every run, the outcome may not."""
+timing: the interleaving differs on every run, the outcome may not.  And the same race on
+demand (build SNAT_TEST_RACE), step by step beside the model: byte for byte."""
 
 from __future__ import annotations
 
@@ -119,3 +120,82 @@ def test_two_cpus_making_endpoint_independent_mappings_never_share_one(refnet):
         reasons = h.reasons()
         assert sum(reasons.values()) == 2 * rounds
         assert reasons.get(L.Reason.XLATE_NEW, 0) == len(outs)
+
+
+#: the IP id of a new flow that the SNAT_TEST_RACE build races (snat.bpf.c, nat.h port_try)
+RACE_ID = 0xACE5
+
+
+def _racing_engine(rules, settings):
+    """The model with the race of test_model_state's test, on demand: while ``armed``, the
+    next IN insert (the first free candidate: the model looks up before it inserts) is beaten
+    by another CPU's insert of the same key (peer itself, rewrite (remote, 1)), as the
+    SNAT_TEST_RACE programs do for a packet with IP id RACE_ID."""
+    from snatgw.model import Engine, StaticRouter
+    from snatgw.model.conntrack import CtEntry, CtTable
+
+    from tests.cases.corpus import REF_ADDRESSES, REF_ROUTES
+
+    class Racing(CtTable):
+        armed = False
+
+        def insert(self, key, entry):
+            if key.dir == L.CT_DIR_IN and self.armed:
+                self.armed = False
+                super().insert(key, CtEntry(peer=key, rw_addr=key.saddr, rw_port=1, oif="other-cpu", nexthop=None,
+                                            rule_id=0, mtu=1500, last_seen=0.0))  # fmt: skip
+            return super().insert(key, entry)
+
+    e = Engine(rules, settings, StaticRouter(REF_ROUTES, REF_ADDRESSES))
+    e.table = e.nat.ct = Racing(settings.max_sessions)
+    return e
+
+
+@pytest.mark.parametrize("case", ["spill", "drop"])
+def test_a_port_lost_to_another_cpu_between_lookup_and_insert_as_the_model(make_prog, case):
+    """Two CPUs, one port, deterministically (the build SNAT_TEST_RACE: another CPU inserts
+    the IN key a new flow found free, between its lookup and its insert) beside the model
+    racing the same way: the flow moves on to its next candidate, spills to the next address
+    when the race took an address's last free port, or (drop, one port) is refused and
+    marked; the loser leaves nothing on the lost port.  Verdicts, bytes, session tables,
+    live counts, markers, memos and allocator counters agree byte for byte."""
+    from dataclasses import replace
+
+    from tests.bpf.test_differential import (bpf_sessions, compare_step, model_alloc_counts, model_live,
+                                             model_refused, model_sessions, model_spill_memos)
+    from tests.cases.corpus import REF_RULES, REF_SETTINGS, ruleset
+    from tests.cases.pkts import A, B, R1, udp
+
+    R = L.Reason
+    raced = {"id": RACE_ID}
+    if case == "spill":  # 2 ports on each of .72 (sdh's choice for A -> R1), .73, .71
+        s = replace(REF_SETTINGS, port_min=6000, port_max=6001)
+        steps = [(udp(A, R1, 1, 53, **raced), R.XLATE_NEW),  # first free candidate lost: the other
+                 (udp(A, R1, 2, 53, **raced), R.XLATE_NEW),  # .72 full; .73's first free lost
+                 (udp(A, R1, 3, 53, **raced), R.XLATE_NEW),  # .71's likewise
+                 (udp(A, R1, 4, 53, **raced), R.DROP_PORT_EXHAUSTED),  # nothing free: no race
+                 (udp(A, R1, 1, 53), R.XLATE_OUT)]  # fmt: skip
+    else:  # one port, on_exhausted drop: the race takes the only free port
+        s = replace(REF_SETTINGS, port_min=6000, port_max=6000, on_exhausted="drop")
+        steps = [(udp(B, R1, 1, 53, **raced), R.DROP_PORT_EXHAUSTED),
+                 (udp(B, R1, 1, 53), R.DROP_REFUSED_RECENTLY),
+                 (udp(A, R1, 2, 53, **raced), R.DROP_PORT_EXHAUSTED)]  # .72: the only port is the other's: no race
+    rules = ruleset(REF_RULES)
+    prog = make_prog(rules, s, defines={"SNAT_TEST_RACE": RACE_ID})
+    e = _racing_engine(rules, s)
+    for i, (pkt, want) in enumerate(steps):
+        e.table.armed = pkt[4:6] == RACE_ID.to_bytes(2, "big")
+        res = e.process(pkt, "inside", "lan40", float(i))
+        e.table.armed = False  # the programs race one packet's search at most: so does the model
+        run = prog.run("inside", pkt, "lan40", now=float(i))
+        assert res.reason == want, f"step {i}: model {res.reason.name}"
+        compare_step(i, type("Step", (), {"side": "inside", "ingress": "lan40", "packet": pkt})(), res, run)
+    assert bpf_sessions(prog) == model_sessions(e), "session tables differ"
+    ct = prog.ct()
+    other = [k for k, v in ct.items() if v["peer"] == k]  # the other CPU's entries (peer: itself)
+    # one per race that found a free port; the losers left nothing on them (the tables agree)
+    assert len(other) == (3 if case == "spill" else 1) and len(ct) == len(other) + 2 * (3 if case == "spill" else 0)
+    assert prog.live_counts() == model_live(e), "live counts differ"
+    assert prog.refused() == model_refused(e), "refusal markers differ"
+    assert prog.spill_memos() == model_spill_memos(e), "spill memos differ"
+    assert prog.alloc_counts() == model_alloc_counts(e), "allocator counters differ"

@@ -471,6 +471,9 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 		naddr = sp->pool_n < SNAT_ADDR_TRIES ? sp->pool_n : SNAT_ADDR_TRIES;
 	}
 	sp->err = -EEXIST;
+#ifdef SNAT_TEST_RACE
+	sp->race = p->ipid == bpf_htons(SNAT_TEST_RACE); /* a new flow with this IP id is raced */
+#endif
 	if (eim && eim_begin(r)) { /* the endpoint's live mapping: its one candidate */
 		sp->tried = 1;
 		if (!bpf_map_lookup_elem(&snat_ct, &sp->in))

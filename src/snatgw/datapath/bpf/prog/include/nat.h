@@ -54,6 +54,9 @@ struct port_search {
 	struct eim_key okey;  /* eim: the candidate's OWNER key (addr, port follow the candidate) */
 	struct eim_key ekey;  /* eim: the inside endpoint's key (ENDPOINT; then its PERMIT) */
 	struct eim_entry oval; /* eim: the owner entry (the inside endpoint) */
+#ifdef SNAT_TEST_RACE
+	__u32 race;           /* test build: "another CPU" takes the next free candidate first */
+#endif
 };
 
 /* Per-CPU scratch for the port search (verifier: the new-flow frame plus the entry's frame
@@ -170,6 +173,20 @@ static __always_inline long port_try(struct port_search *s, __u32 j)
 		if (s->err)
 			return 1; /* -E2BIG: the mapping table is full */
 	}
+#ifdef SNAT_TEST_RACE
+	if (s->race) { /* test build (tests/bpf/test_race.py): the race of two CPUs for one port,
+			* on demand: between this lookup and this insert another CPU inserts the same
+			* IN key (its entry as the model's test writes it: peer itself, rewrite
+			* (remote, 1)), so the insert below meets EEXIST as a real race would */
+		struct ct_entry other = {};
+
+		s->race = 0;
+		other.peer = s->in;
+		other.rw_addr = s->in.saddr;
+		other.rw_port = bpf_htons(1);
+		bpf_map_update_elem(&snat_ct, &s->in, &other, BPF_NOEXIST);
+	}
+#endif
 	s->err = bpf_map_update_elem(&snat_ct, &s->in, &s->val, BPF_NOEXIST);
 	if (s->err && s->eim)
 		bpf_map_delete_elem(&snat_eim, &s->okey);
