@@ -133,3 +133,14 @@ def test_the_route_back_is_a_gauge_where_the_backend_reports_it(running, monkeyp
         monkeypatch.setattr(running.backend, "health", lambda r=reused: {**real(), "route_back": {"reused": r}})
         f = families(running.service)
         assert samples(f["snatgw_route_back_reused"])[0].value == (1 if reused else 0)
+
+
+def test_error_and_warning_events_are_exported_from_zero(running):
+    """log_events_total{level} has its error and warning series before the first such event:
+    a series that appears at 1 is no increase to Prometheus (increase() needs two samples of
+    the series), so SnatgwErrors (examples/prometheus) would miss the first error after every
+    daemon start."""
+    f = families(running.service)
+    for level in ("error", "warning"):
+        (s,) = samples(f["snatgw_log_events"], level=level)
+        assert s.value == 0

@@ -233,7 +233,9 @@ class ServiceCollector:
         when.add_metric([], la["at"] if la else 0)
         yield from (last, when)
         ev = _c("log_events", "log events since start by level", ("level",))
-        for level, n in sorted(getattr(s.log, "counts", {}).items()):
+        # error and warning from 0: a series that first appears at 1 is no increase() to Prometheus
+        counts = {"error": 0, "warning": 0, **getattr(s.log, "counts", {})}
+        for level, n in sorted(counts.items()):
             ev.add_metric([level], n)
         yield ev
 
