@@ -17,7 +17,8 @@ Metric families (all prefixed ``snatgw_``):
                                             guard's drops in DROP_LEAK); the counters keep the
                                             last figures read, never dip
   sessions, sessions_max                    the session table
-  map_entries{map}, map_max_entries{map}    every map's fill (bpf), conntrack (nft)
+  map_entries{map}, map_max_entries{map}    the fill of each bpf map with one (not
+                                            the arrays), conntrack (nft)
   route_back_reused                         1 while new sessions' route back is the reverse-path
                                             check's (bpf; snatgw status `route back`)
   addr_sessions{addr}, addr_refusals_total{addr}   per SNAT address, when the datapath counts them
@@ -159,9 +160,11 @@ class ServiceCollector:
         mx = _g("sessions_max", "max_sessions (the table's size)")
         mx.add_metric([], s.config.settings.max_sessions)
         yield from (sess, mx)
-        ent = _g("map_entries", "entries in each datapath map", ("map",))
+        ent = _g("map_entries", "entries in each datapath map that has a fill (not the arrays)", ("map",))
         cap = _g("map_max_entries", "capacity of each datapath map", ("map",))
         for m in h.get("maps", []):
+            if m.get("fill") is False:  # an array: every slot exists, 100% "full" by construction
+                continue
             ent.add_metric([m["name"]], m["entries"])
             cap.add_metric([m["name"]], m["max_entries"])
         yield from (ent, cap)
