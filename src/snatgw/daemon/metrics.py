@@ -163,7 +163,7 @@ class ServiceCollector:
         ent = _g("map_entries", "entries in each datapath map that has a fill (not the arrays)", ("map",))
         cap = _g("map_max_entries", "capacity of each datapath map", ("map",))
         for m in h.get("maps", []):
-            if m.get("fill") is False:  # an array: every slot exists, 100% "full" by construction
+            if m.get("has_fill") is False:  # an array: every slot exists, 100% "full" by construction
                 continue
             ent.add_metric([m["name"]], m["entries"])
             cap.add_metric([m["name"]], m["max_entries"])
