@@ -902,7 +902,7 @@ class BpfBackend:
             # an array's slots all exist: entries = max_entries, no fill (``has_fill`` False: not
             # exported as a fill to Prometheus, where it would read 100% full)
             maps.append({"name": name, "entries": mp.max_entries if fixed else mp.count(),
-                         "max_entries": mp.max_entries, "has_fill": not fixed})  # fmt: skip  (count: one batch in memory)
+                         "max_entries": mp.max_entries, "has_fill": not fixed})  # fmt: skip  (count: one batch)
         ct = next(x["entries"] for x in maps if x["name"] == L.MAP_CT)
         reused = _has_flag(m.cfg.get(0), L.CFG_F_BACK_FROM_RPF)
         return {"hooks": hooks, "maps": maps, "sessions": ct // 2, "max_sessions": self.settings.max_sessions,
