@@ -37,8 +37,20 @@ fi
 if [ ! -x .venv/bin/promtool ]; then
   echo "setup: promtool (extracted from Debian's prometheus package into .venv/bin)"
   tmp=$(mktemp -d)
-  (cd "$tmp" && { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null 2>&1; }; })
-  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -O ./usr/bin/promtool > .venv/bin/promtool.part
+  # a fresh machine may have no apt lists yet: update once, then download again
+  if ! (cd "$tmp" && { apt-get download prometheus >apt.log 2>&1 \
+        || { apt-get update -qq && apt-get download prometheus; } >>apt.log 2>&1; }); then
+    echo "setup: could not download Debian's prometheus package (for its promtool): apt-get said:" >&2
+    tail -n 5 "$tmp/apt.log" >&2
+    rm -rf "$tmp"
+    exit 1
+  fi
+  if ! { dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -O ./usr/bin/promtool > .venv/bin/promtool.part \
+         && [ -s .venv/bin/promtool.part ]; }; then
+    echo "setup: no ./usr/bin/promtool in $(cd "$tmp" && ls prometheus_*.deb 2>/dev/null || echo 'the download')" >&2
+    rm -rf "$tmp" .venv/bin/promtool.part
+    exit 1
+  fi
   chmod 755 .venv/bin/promtool.part && mv .venv/bin/promtool.part .venv/bin/promtool
   rm -rf "$tmp"
 fi
