@@ -378,3 +378,49 @@ def test_pinned_maps_of_another_layout_are_replaced_and_sessions_kept(pin_dir, m
         o.map(L.MAP_CT).pin(os.path.join(pin_dir, L.MAP_CT))
     with pytest.raises(BackendError, match="snat_ct.*max_entries is 7"):
         Loader(pin_dir, 64, mini_obj).load()
+
+
+@pytest.mark.bpf
+def test_a_failed_pin_leaves_the_pinned_maps_it_would_have_replaced(pin_dir, mini_obj, monkeypatch):
+    """A start that would replace pinned maps of another layout fails while pinning (ENOSPC, a
+    pin dir made read-only): the old pins stay where they were, each still the same map, so the
+    next start (or the version rolled back to) finds what the programs still attached use, and
+    nothing of this attempt is left behind."""
+    a = Loader(pin_dir, 64, mini_obj)
+    a.load().ct.put(ct_key(2), bytes(L.CT_ENTRY.size))
+    a.stop(keep_state=True)
+    foreign = {L.MAP_RULES: ("array", 4, L.SNAT_RULE.size - 4, L.MAX_RULES),
+               L.MAP_CONFIG: ("array", 4, L.SNAT_CFG.size + 8, 1)}  # fmt: skip
+    ids = {}
+    for name, shape in foreign.items():
+        path = os.path.join(pin_dir, name)
+        _pin_foreign(path, *shape)
+        fd = B.obj_get(path)
+        ids[name] = B.map_info(fd).id
+        os.close(fd)
+    before = sorted(os.listdir(pin_dir))
+    real = B.obj_pin
+    pinned = []
+
+    def pin(fd, path):
+        if pinned:  # the first pin works, the second fails
+            raise BackendError(f"bpf_obj_pin {path}: No space left on device")
+        pinned.append(path)
+        real(fd, path)
+
+    monkeypatch.setattr(B, "obj_pin", pin)
+    with pytest.raises(BackendError, match="No space left"):
+        Loader(pin_dir, 64, mini_obj).load()
+    monkeypatch.undo()
+    assert sorted(os.listdir(pin_dir)) == before
+    for name in foreign:
+        fd = B.obj_get(os.path.join(pin_dir, name))
+        try:
+            assert B.map_info(fd).id == ids[name]
+        finally:
+            os.close(fd)
+    b = Loader(pin_dir, 64, mini_obj)  # and the next start replaces them as before
+    try:
+        assert b.load().ct.get(ct_key(2)) is not None
+    finally:
+        b.stop(keep_state=True)

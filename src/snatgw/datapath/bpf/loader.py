@@ -86,11 +86,17 @@ def _is_bpffs(path: str) -> bool:
         return any(line.split()[1:3] == [path, "bpf"] for line in f if len(line.split()) > 2)
 
 
+#: the name suffix a replacing map is pinned under until it is renamed over the old pin (bpffs
+#: refuses a '.' in a name)
+REPLACED_SUFFIX = "_replacing"
+
+
 def unpin(pin_dir: str) -> None:
     """Remove our pins and the directory (only our map names; anything else stays)."""
     for name in map_specs():
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(pin_dir, name))
+        for pin in (name, name + REPLACED_SUFFIX):  # the second: a start that died replacing it
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(pin_dir, pin))
     with contextlib.suppress(FileNotFoundError, OSError):
         os.rmdir(pin_dir)
 
@@ -219,13 +225,23 @@ class Loader:
                     obj.reuse_fd(name, fd)
                     self.reused.append(name)
             obj.load()
-            for path in replaced:  # the old map lives on with the programs attached until ours replace them
-                os.unlink(path)
+            # a replaced map's new one is pinned beside the old (REPLACED_SUFFIX), and renamed
+            # over it only once every pin is made: a pin that fails leaves the old pins as they
+            # were.  The old map lives on with the programs attached until ours replace them.
+            staged: list[tuple[str, str]] = []
             for name in specs:
                 if name not in self.reused:
                     path = os.path.join(self.pin_dir, name)
+                    if path in replaced:
+                        path, final = path + REPLACED_SUFFIX, path
+                        with contextlib.suppress(FileNotFoundError):  # a crashed start's
+                            os.unlink(path)
+                        staged.append((path, final))
                     B.obj_pin(obj.map_fd(name), path)
                     made.append(path)
+            for path, final in staged:
+                os.replace(path, final)  # bpffs renames in place: the name is never missing
+                made.remove(path)
         except BaseException:
             obj.close()
             self.reused = []
