@@ -271,6 +271,25 @@ def test_a_large_table_is_counted_by_the_gc_tick_not_by_every_stats(lab, backend
             assert b.stats().sessions == sum(counted.by_mark.values()) - 1000
 
 
+def test_above_the_listing_limit_stats_say_why_the_lists_are_empty(lab, backend, monkeypatch):
+    """Above PRESSURE_LIST_MAX sessions nft takes no per-host and per-address lists (a listing
+    per count): stats say so ("unlisted", hosts_counted None, no hosts_total) instead of
+    answering empty lists and 0 hosts, which read as no pressure at all; at or below, the lists."""
+    import snatgw.datapath.nft.backend as NB
+
+    with backend() as b:
+        with C.TcpSession(lab, "in50", S1, src="198.18.50.11") as t:
+            t.exchange()
+            listed = b.stats().pressure
+            assert listed["hosts_total"] >= 1 and listed["hosts"] and listed["addresses"]
+            assert "unlisted" not in listed and listed["hosts_counted"] == "live"
+            monkeypatch.setattr(NB, "PRESSURE_LIST_MAX", 0)
+            p = b.stats().pressure
+    assert p["hosts"] == [] and p["addresses"] == [] and "hosts_total" not in p
+    assert p["hosts_counted"] is None and "only up to 0" in p["unlisted"]
+    assert p["table"]["sessions"] == listed["table"]["sessions"]
+
+
 def _table(lab) -> list:
     out = json.loads(lab.run("gw", "nft", "-j", "list", "table", "ip", "snatgw").stdout)["nftables"]
     items = []

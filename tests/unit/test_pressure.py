@@ -309,3 +309,17 @@ def test_explain_says_the_kernel_picks_with_backend_nft(tmpdir_short, running):
     assert NFT_NOTE not in json.loads(run_cli(live))["notes"]  # the fake backend: the model's own
     running.backend.name = "nft"  # what `status` reports of the daemon's backend
     assert NFT_NOTE in json.loads(run_cli(live))["notes"]
+
+
+def test_unlisted_pressure_says_why_and_exports_no_host_count():
+    """No lists taken (nft above its listing limit): the text says why, the summary has no
+    hosts_total (so no snatgw_hosts 0 gauge) and hosts_counted None."""
+    from snatgw.cli.commands.stats import render_pressure
+    from snatgw.datapath.backend import pressure_summary
+
+    p = pressure_summary({"198.18.40.10": (3, 0)}, {}, 30000, 100000, unlisted="30000 sessions: because")
+    assert p["hosts"] == [] and p["addresses"] == [] and "hosts_total" not in p and p["hosts_counted"] is None
+    text = "\n".join(render_pressure(p))
+    assert "(no lists per SNAT address and inside host: 30000 sessions: because)" in text
+    assert "session table: 30000 of 100000 (30.0% full)" in text
+

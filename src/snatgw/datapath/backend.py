@@ -120,7 +120,7 @@ class Stats:
 
 def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int, top: int = 10,
                      hosts_live: bool = True, hosts_age: float | None = None,
-                     allocator: dict | None = None) -> dict:
+                     allocator: dict | None = None, unlisted: str | None = None) -> dict:
     """Port pressure as `stats` shows it: the table's fill, sessions and refusals per SNAT
     address (every one), the ``top`` inside hosts by sessions (then refusals).  ``hosts`` and
     ``addrs``: address text -> (sessions, refusals), as the live-count maps hold them.
@@ -131,11 +131,21 @@ def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int,
     and memos written, port searches and the candidates they tried), when the datapath keeps
     them; with the searches, ``tries_per_search`` (their mean since start or the last zero;
     None before the first search).  No allocator (nft: the kernel's nf_nat counts none of
-    this): no "allocator" key, never zeros."""
+    this): no "allocator" key, never zeros.  ``unlisted``: why there are no per-host and
+    per-address lists this time (nft above PRESSURE_LIST_MAX sessions): said as "unlisted",
+    with no "hosts_total" and "hosts_counted" None, so that no one reads empty lists as no
+    pressure."""
     def rows(d: dict, name: str) -> list[dict]:
         return [{name: k, "sessions": int(s), "refusals": int(r)} for k, (s, r) in d.items()]
 
     hs = sorted(rows(hosts, "host"), key=lambda r: (-r["sessions"], -r["refusals"], r["host"]))
+    if unlisted:
+        return {
+            "table": {"sessions": sessions, "max_sessions": max_sessions,
+                      "fill": round(sessions / max_sessions, 4) if max_sessions else None},
+            "addresses": [], "hosts": [], "hosts_counted": None, "unlisted": unlisted,
+            **({"allocator": allocator_summary(allocator)} if allocator is not None else {}),
+        }
     return {
         "table": {"sessions": sessions, "max_sessions": max_sessions,
                   "fill": round(sessions / max_sessions, 4) if max_sessions else None},

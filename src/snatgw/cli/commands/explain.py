@@ -404,7 +404,7 @@ def render_text(d: dict) -> str:
     if a:
         src = "the live table" if d.get("live_sessions") is not None else "an empty table"
         out.append(f"address:   {a['chosen']} ({a['how']}: index {a['index']} of {a['pool_size']}); "
-                   f"on_exhausted {a['on_exhausted']}, {a['port_tries']} ports tried per address")
+                   f"on_exhausted {a['on_exhausted']}, {a['port_tries']} port{'' if a['port_tries'] == 1 else 's'} tried per address")
         if len(a["order"]) > 1:
             out.append(f"           when it has no free port toward {p['dst']}: {', '.join(a['order'][1:])}")
         skipped = {m["addr"]: m["age_s"] for m in a.get("spill_memo") or []}

@@ -50,6 +50,8 @@ def render_pressure(p: dict) -> list[str]:
     t = p.get("table", {})
     fill = f" ({100 * t['fill']:.1f}% full)" if t.get("fill") is not None else ""
     out = [f"session table: {t.get('sessions', 0)} of {t.get('max_sessions', '?')}{fill}", ""]
+    if p.get("unlisted"):
+        out += [f"(no lists per SNAT address and inside host: {p['unlisted']})", ""]
     if p.get("addresses"):
         out += [table([[a["addr"], a["sessions"], a["refusals"]] for a in p["addresses"]],
                       ("SNAT address", "sessions", "refusals")), ""]  # fmt: skip

@@ -53,6 +53,7 @@ class _Tally:
     addrs: dict
     at: float
     seconds: float
+    listed: bool = True  # hosts and addrs were taken (at most PRESSURE_LIST_MAX sessions)
 
 #: conntrack's TCP state names -> snatgw's CtState names
 _TCP_STATES = {
@@ -612,11 +613,12 @@ class NftBackend:
         by_mark = self._count_by_mark()
         hosts: dict[str, list[int]] = {}
         addrs: dict[str, list[int]] = {}
-        if sum(by_mark.values()) <= PRESSURE_LIST_MAX:  # per host and address needs a listing
+        listed = sum(by_mark.values()) <= PRESSURE_LIST_MAX
+        if listed:  # per host and address needs a listing
             for x in self.iter_sessions():
                 hosts.setdefault(x.inside.rpartition(":")[0], [0, 0])[0] += 1
                 addrs.setdefault(x.nat.rpartition(":")[0], [0, 0])[0] += 1
-        return _Tally(by_mark, hosts, addrs, time.monotonic(), time.monotonic() - t0)
+        return _Tally(by_mark, hosts, addrs, time.monotonic(), time.monotonic() - t0, listed)
 
     def _judge_full(self) -> None:
         """Refuse new flows while the namespace's conntrack holds max_sessions entries or more
@@ -770,7 +772,10 @@ class NftBackend:
         }
         total = sum(by_mark.values())
         # the kernel says nothing of which host or address a refusal was for: sessions only
-        pressure = pressure_summary(hosts, addrs, total, self.settings.max_sessions)
+        unlisted = None if tally.listed else (
+            f"{sum(tally.by_mark.values())} sessions: nft lists them per inside host and SNAT address only up to "
+            f"{PRESSURE_LIST_MAX} (a conntrack listing per count; docs/nftables.md)")
+        pressure = pressure_summary(hosts, addrs, total, self.settings.max_sessions, unlisted=unlisted)
         return Stats(reasons=reasons, rules=rules, sessions=total, pressure=pressure)
 
     def flush(self, rule_id: int | None = None, inside: IPv4Address | None = None,
