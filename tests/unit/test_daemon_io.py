@@ -268,7 +268,15 @@ def test_a_second_owner_is_refused_with_the_first_ones_pid_and_socket():
 
     loop = EventLoop()
     first.attach(loop)
-    t = threading.Thread(target=lambda: [loop.run_once(0.05) for _ in range(100)], daemon=True)
+    done = threading.Event()  # the first owner answers until the checks are over (at most 5 s)
+
+    def serve():
+        for _ in range(100):
+            if done.is_set():
+                return
+            loop.run_once(0.05)
+
+    t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
         with pytest.raises(DaemonError) as ei:
@@ -277,6 +285,7 @@ def test_a_second_owner_is_refused_with_the_first_ones_pid_and_socket():
         assert f"pid {os.getpid()}" in msg and "/run/x.sock" in msg and "one daemon per namespace" in msg
         assert current_owner(name)["backend"] == "bpf"
     finally:
+        done.set()
         t.join()
         first.close()
         loop.close()
@@ -294,7 +303,9 @@ def test_the_owner_name_is_released_when_the_process_is_killed():
                          stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ok"
-        assert current_owner(name)["pid"] == p.pid
+        # the holder runs no loop, so it never answers: the pid is the socket's peer credential,
+        # and waiting the default 2 s for an answer that cannot come proves nothing more
+        assert current_owner(name, timeout=0.2)["pid"] == p.pid
     finally:
         p.kill()
         p.wait()
