@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from snatgw.daemon.control import request
 from snatgw.lab.clients import TcpSession
 from snatgw.lab.demo import REF_RULES, config_text
 from snatgw.lab.gateway import kill_gateway, no_gateway, purge_gateway, snatgw_argv, write_ref_config
@@ -114,7 +115,9 @@ class Pinger:
         """Stop sending, wait for the last replies, return how many pings were lost."""
         self._stop.set()
         self.tx.join(5)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 0.5  # the last replies: all back, or 0.5 s for a lost one
+        while len(self.got) < self.sent and time.monotonic() < deadline:
+            time.sleep(0.01)
         self._done.set()
         self.rx.join(5)
         self.sock.close()
@@ -204,8 +207,14 @@ def test_reload_with_a_broken_file_keeps_translating(clean, conf, backend):
     with open(lab.gateway_config, "w") as f:
         f.write("snatgw {\n backend " + backend + "\n}\n")  # truncated: the rules are gone
     os.kill(lab.gateway_proc.pid, signal.SIGHUP)
-    time.sleep(1.0)
+    deadline, last = time.monotonic() + 5, None  # until the daemon has judged the broken file
+    while time.monotonic() < deadline and lab.gateway_proc.poll() is None:
+        last = request(lab.socket_path, {"op": "health"}, timeout=10).get("last_apply")
+        if last and last["kind"] == "reload":
+            break
+        time.sleep(0.05)
     assert lab.gateway_proc.poll() is None
+    assert last and last["kind"] == "reload" and not last["ok"], last
     st = json.loads(subprocess.run(snatgw_argv("stats", "--socket", lab.socket_path, "--json"),
                                    capture_output=True, text=True, timeout=30).stdout)
     r = tr.stop(f"{backend} reload with a broken file")
@@ -254,15 +263,16 @@ def test_vanished_hooks_are_restored_within_a_tick(clean, conf, backend):
     deadline = time.monotonic() + 5
     st = {}
     while time.monotonic() < deadline:
-        st = json.loads(subprocess.run(snatgw_argv("stats", "--socket", lab.socket_path, "--json"),
-                                       capture_output=True, text=True, timeout=30).stdout or "{}")
-        from snatgw.daemon.control import request
-
         st = request(lab.socket_path, {"op": "status"})
         if st.get("hooks_restored"):
             break
         time.sleep(0.1)
     assert st.get("hooks_restored", 0) >= 1
+    # `snatgw stats` answers over the restored hooks (it ran in every round of the poll above,
+    # its answer unread, a process start each)
+    cli = json.loads(subprocess.run(snatgw_argv("stats", "--socket", lab.socket_path, "--json"),
+                                    capture_output=True, text=True, timeout=30).stdout or "{}")
+    assert len(cli.get("rules", [])) == 3, cli
     r = gap.stop(f"{backend} hooks removed, until restored")
     assert r["private_sources_out"] == 0, r
     with open(os.path.join(lab.workdir, "gateway.log")) as f:
