@@ -180,3 +180,27 @@ def test_nft_port_exhaustion_keeps_the_last_figure_when_proc_cannot_be_read(monk
     seen = [(r["DROP_PORT_EXHAUSTED"], r["XLATE_NEW"]) for r in (b.stats().reasons for _ in range(4))]
     assert seen == [(5, 15), (5, 15), (5, 15), (6, 14)]
     assert b.status_extra()["counter_reads"] == {"failed": 2, "last_error": None}
+
+
+def test_nft_port_exhaustion_counts_from_the_first_read_that_works_when_start_could_not_read(monkeypatch):
+    """/proc/net/stat/nf_conntrack unreadable when the backend starts or is zeroed: the base of
+    DROP_PORT_EXHAUSTED was 0, so the first read that worked counted every insert failure of
+    the namespace's past (700 here) as refusals, a burst SnatgwPortsExhausted fires on.  The
+    count starts at the first read that works instead."""
+    from snatgw.datapath.nft import backend as NB
+    from snatgw.datapath.nft.backend import NftBackend
+
+    head = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop\n"
+    cpu = "00000000  00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 {:08x} 00000000\n"
+    proc = iter([None,  # at zero(): `cat` in the namespace failed
+                 head + cpu.format(400) + cpu.format(300),  # 700: the past
+                 head + cpu.format(402) + cpu.format(301)])  # 3 flows found no free port
+    b = NftBackend()
+    monkeypatch.setattr(b, "_read", lambda path: next(proc))
+    monkeypatch.setattr(nftnl, "counters", lambda family, table, netns=None: {"new_1": (20, 2000)})
+    monkeypatch.setattr(b, "_conntrack_count", lambda: 0)
+    monkeypatch.setattr(b, "_tally", lambda: NB._Tally({}, {}, {}, 0.0, 0.0))
+    monkeypatch.setattr(b, "_run", lambda argv, check=True: subprocess.CompletedProcess(argv, 0, "", ""))
+    b.zero()  # start() takes its base the same way
+    seen = [r["DROP_PORT_EXHAUSTED"] for r in (b.stats().reasons for _ in range(2))]
+    assert seen == [0, 3]

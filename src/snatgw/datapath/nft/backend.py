@@ -116,7 +116,7 @@ class NftBackend:
 
     def __init__(self, settings: Settings | None = None, netns: str | None = None):
         self.settings = settings or Settings()
-        self._failed_base = 0  # conntrack's insert_failed when started (or zeroed)
+        self._failed_base: int | None = 0  # conntrack's insert_failed when started (or zeroed); None: unread
         self._full: bool | None = None  # whether render.S_FULL refuses new flows now
         self.netns = netns
         self._config: GatewayConfig | None = None
@@ -177,7 +177,7 @@ class NftBackend:
         the apply took."""
         self._run(["nft", "--version"])
         self._check_devices(config.settings)
-        self._failed_base = self._conntrack_failed()  # exhaustion counts from here
+        self._failed_base = self._conntrack_base()  # exhaustion counts from here
         carried = self._bpf_sessions(config.settings.pin_dir)
         self.apply(config)
         from ..cleanup import NoLibbpf, remove_bpf
@@ -758,7 +758,10 @@ class NftBackend:
             rules[r.rule_id] = RuleCounters(r.rule_id, pk, by, live.get(r.rule_id, 0))
         new = sum(v[0] for k, v in c.items() if k.startswith("new_"))
         # a flow refused for want of a port passed nat_out (counted new_) and died at confirm
-        exhausted = max(0, self._conntrack_failed() - self._failed_base)
+        failed = self._conntrack_failed()
+        if self._failed_base is None:  # unread at start: counted from the first read that works
+            self._failed_base = self._conntrack_base(failed)
+        exhausted = max(0, failed - self._failed_base) if self._failed_base is not None else 0
         reasons = {
             "XLATE_NEW": max(0, new - exhausted),
             "DROP_PORT_EXHAUSTED": exhausted,
@@ -827,7 +830,14 @@ class NftBackend:
     def zero(self) -> None:
         if self._run(["nft", "reset", "counters", "table", R.FAMILY, R.TABLE], check=False).returncode == 0:
             self.counter_reads.forget()  # a failed read after this must not answer the old figures
-        self._failed_base = self._conntrack_failed()
+        self._failed_base = self._conntrack_base()
+
+    def _conntrack_base(self, failed: int | None = None) -> int | None:
+        """insert_failed now (``failed``: just read), the base DROP_PORT_EXHAUSTED counts from;
+        None while no read of it has worked: a base of 0 would count every insert failure of
+        the namespace's past as refusals at the first read that works."""
+        failed = self._conntrack_failed() if failed is None else failed
+        return failed if "conntrack" in self.counter_reads.last else None
 
     def _conntrack_failed(self) -> int:
         """_insert_failed, or the figure last read when /proc cannot be read (counter_reads):
