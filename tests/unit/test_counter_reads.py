@@ -139,6 +139,33 @@ def test_the_failed_reads_are_a_metric_and_a_status_line(running, monkeypatch, c
     assert "3 failed reads of nft's named counters since start; failing now: nf_tables netlink" in out
 
 
+def test_counters_no_read_has_given_are_left_out_not_exported_as_zero(running, monkeypatch):
+    """The first reads after a restart fail (the nft table's counters live on, say at 40): the
+    reason and rule counters are left out of the scrape (a gap), not 0 then 40, which
+    Prometheus takes for 40 packets in one interval and an increase() alert fires on.  Back
+    once a read works; a zero (`snatgw zero`) makes zeros known, not unknown."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from snatgw.daemon.metrics import scrape
+
+    def families():
+        return {f.name for f in text_string_to_metric_families(scrape(running.service).decode())}
+
+    reads = LastRead("nft backend: counters", logging.getLogger("snatgw.test"))
+    monkeypatch.setattr(running.backend, "counter_reads", reads, raising=False)
+    assert {"snatgw_reason_packets", "snatgw_rule_packets"} <= families()
+    assert reads.read(_failing()) == {} and reads.unknown == {""}
+    assert reads.read(_failing(), "conntrack") == {} and reads.unknown == {"", "conntrack"}
+    fams = families()
+    assert "snatgw_reason_packets" not in fams and "snatgw_rule_packets" not in fams
+    assert "snatgw_rule_sessions" in fams and "snatgw_counter_read_failures" in fams
+    reads.read(lambda: {"leak": (40, 4000)})
+    assert reads.unknown == {"conntrack"} and "snatgw_reason_packets" not in families()
+    reads.forget("conntrack")  # zeroed: zeros are its figures now
+    assert reads.unknown == set() and reads.read(_failing(), "conntrack") == {}
+    assert reads.unknown == set() and "snatgw_reason_packets" in families()
+
+
 def test_a_backend_never_started_leaves_the_leak_guard_table_alone(monkeypatch):
     """stop() removes the leak guard's table only when this backend put it there (started):
     a backend over loaded maps without a start (the bpf tests' fixtures, in the test runner's

@@ -15,7 +15,8 @@ Metric families (all prefixed ``snatgw_``):
   counter_read_failures_total               failed reads of nftables' named counters (nft: every
                                             counter, and conntrack's insert_failed; bpf: the leak
                                             guard's drops in DROP_LEAK); the counters keep the
-                                            last figures read, never dip
+                                            last figures read, never dip; before any read has
+                                            worked, reason and rule counters are left out
   sessions, sessions_max                    the session table
   map_entries{map}, map_max_entries{map}    the fill of each bpf map with one (not
                                             the arrays), conntrack (nft)
@@ -137,18 +138,21 @@ class ServiceCollector:
         pk = _c("rule_packets", "packets per rule (both directions)", ("rule_id", "rule"))
         by = _c("rule_bytes", "bytes per rule (both directions)", ("rule_id", "rule"))
         live = _g("rule_sessions", "live sessions per rule", ("rule_id", "rule"))
+        reads = getattr(s.backend, "counter_reads", None)
+        # counters read from nftables that no read has given yet: left out (a gap), not 0 then N
+        unknown = bool(reads is not None and getattr(reads, "unknown", None))
         for rid, c in sorted(st.rules.items()):
             r = rules.get(rid)
             labels = [str(rid), r.identity_text() if r else "(not in the running config)"]
             pk.add_metric(labels, c.packets)
             by.add_metric(labels, c.bytes)
             live.add_metric(labels, c.sessions)
-        yield from (pk, by, live)
-        rs = _c("reason_packets", "packets per datapath reason (snatgw.layout.Reason)", ("reason",))
-        for name, n in sorted(st.reasons.items()):
-            rs.add_metric([name], n)
-        yield rs
-        reads = getattr(s.backend, "counter_reads", None)
+        yield from ((live,) if unknown else (pk, by, live))
+        if not unknown:
+            rs = _c("reason_packets", "packets per datapath reason (snatgw.layout.Reason)", ("reason",))
+            for name, n in sorted(st.reasons.items()):
+                rs.add_metric([name], n)
+            yield rs
         if reads is not None:  # nft's named counters (nft: the table's; bpf: the leak guard's)
             rf = _c("counter_read_failures", "failed reads of nftables' named counters (the counters "
                     "exported kept the figures of the last read that worked)")

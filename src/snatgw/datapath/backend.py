@@ -184,7 +184,11 @@ class LastRead:
     answers the figures the last read of that ``source`` gave, so an exported counter never
     goes back (Prometheus takes a dip for a counter reset and the return for a burst of that
     size).  The failures are counted (``failed``: `snatgw status`'s `counter_reads`, the metric
-    `counter_read_failures_total`) and logged, at most once per READ_LOG_INTERVAL."""
+    `counter_read_failures_total`) and logged, at most once per READ_LOG_INTERVAL.  A source
+    whose reads have all failed (since start, e.g. the first read after a restart over an nft
+    table whose counters live on) is ``unknown``: its answer {} is not its figures, and the
+    metrics leave the counters out meanwhile (a gap) rather than export 0 and then N, which
+    Prometheus takes for a burst of N (an alert on the increase would fire)."""
 
     def __init__(self, what: str, log, clock: Callable[[], float] = time.monotonic):
         self.what, self.log, self.clock = what, log, clock
@@ -192,6 +196,7 @@ class LastRead:
         self.failed = 0  # reads that failed since start
         self.last_error: str | None = None  # the last failure's text, None once a read works again
         self._logged_at: float | None = None
+        self.unknown: set[str] = set()  # sources no read of which has worked yet
 
     def read(self, fn: Callable[[], dict], source: str = "") -> dict:
         """``fn()``, kept as ``source``'s figures; when it raises BackendError, those kept."""
@@ -205,13 +210,18 @@ class LastRead:
                 self._logged_at = now
                 self.log.warning("%s: %s; the figures of the last read that worked are answered (%d failed "
                                  "reads since start)", self.what, e, self.failed)  # fmt: skip
+            if source not in self.last:
+                self.unknown.add(source)
             return dict(self.last.get(source, {}))
         self.last[source], self.last_error = dict(got), None
+        self.unknown.discard(source)
         return got
 
     def forget(self, source: str = "") -> None:
-        """``source``'s counters were zeroed: a failed read must not bring the old figures back."""
-        self.last.pop(source, None)
+        """``source``'s counters were zeroed: a failed read must not bring the old figures back
+        (it answers zeros, which they are now)."""
+        self.last[source] = {}
+        self.unknown.discard(source)
 
     def as_dict(self) -> dict:
         return {"failed": self.failed, "last_error": self.last_error}
