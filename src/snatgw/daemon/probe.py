@@ -173,7 +173,8 @@ class NetlinkWatch:
     non-blocking socket, decoded by pyroute2: pyroute2's IPRoute buffers events internally, so
     its fd's readiness does not say when one is waiting.  A batch of events is bounded per
     read (DRAIN_MAX datagrams); lost events (ENOBUFS) count as a rule change (re-judged from a
-    fresh dump) and have the tracked devices' carrier asked again (a link dump)."""
+    fresh dump) and have the tracked devices' carrier asked again (a link dump), the events
+    still queued from before it dropped unread (older than the dump, they could undo it)."""
 
     def __init__(self):
         from pyroute2.netlink.rtnl.marshal import MarshalRtnl
@@ -234,6 +235,19 @@ class NetlinkWatch:
                 out.append((dev, False))
         return out
 
+    def _discard_queued(self) -> None:
+        """Before the dump that follows a loss: the events still queued are older than it (a
+        carrier-up the kernel queued before the loss, read after the dump, would undo the
+        carrier loss the dump reported), so they go unread; the dump has their effect.  Bounded
+        like a read: events still arriving after DRAIN_MAX datagrams are newer anyway."""
+        for _ in range(DRAIN_MAX):
+            try:
+                self.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # lost again meanwhile: the dump comes after this too
+                continue
+
     def fileno(self) -> int:
         return self.sock.fileno()
 
@@ -246,6 +260,7 @@ class NetlinkWatch:
                 break
             except OSError:  # ENOBUFS: events were lost (rules: judge again; carrier: asked now)
                 rules = True
+                self._discard_queued()
                 out += self._resync()
                 break
             for msg in self.marshal.parse(data):
