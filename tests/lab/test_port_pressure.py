@@ -19,8 +19,6 @@ import threading
 import time
 
 import pytest
-from scapy.layers.inet import IP, UDP
-from scapy.packet import raw
 
 from snatgw.config.parse import parse_text
 from snatgw.daemon.client import call
@@ -90,14 +88,8 @@ def gateway(pressure_lab):
 
 
 def burst(lab, src: str, sports, dport: int = 9, rounds: int = 1) -> None:
-    """One UDP datagram per source port from ``src`` (raw socket in in40), ``rounds`` times;
-    one template, the source port patched in (UDP checksum 0: none; the kernel fills the IP's)."""
-    tpl = bytearray(raw(IP(src=src, dst=S1) / UDP(sport=1, dport=dport, chksum=0) / b"pressure"))
-    with ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
-        for _ in range(rounds):
-            for sp in sports:
-                tpl[20:22] = sp.to_bytes(2, "big")
-                s.sendto(tpl, (S1, 0))
+    """One UDP datagram per source port from ``src`` (raw socket in in40) to S1, ``rounds`` times."""
+    C.udp_burst(lab, "in40", src, S1, sports, dport, rounds)
 
 
 def stats(lab) -> dict:
