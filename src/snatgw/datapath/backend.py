@@ -138,23 +138,20 @@ def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int,
     def rows(d: dict, name: str) -> list[dict]:
         return [{name: k, "sessions": int(s), "refusals": int(r)} for k, (s, r) in d.items()]
 
-    hs = sorted(rows(hosts, "host"), key=lambda r: (-r["sessions"], -r["refusals"], r["host"]))
+    table = {"sessions": sessions, "max_sessions": max_sessions,
+             "fill": round(sessions / max_sessions, 4) if max_sessions else None}
+    alloc = {"allocator": allocator_summary(allocator)} if allocator is not None else {}
     if unlisted:
-        return {
-            "table": {"sessions": sessions, "max_sessions": max_sessions,
-                      "fill": round(sessions / max_sessions, 4) if max_sessions else None},
-            "addresses": [], "hosts": [], "hosts_counted": None, "unlisted": unlisted,
-            **({"allocator": allocator_summary(allocator)} if allocator is not None else {}),
-        }
+        return {"table": table, "addresses": [], "hosts": [], "hosts_counted": None, "unlisted": unlisted, **alloc}
+    hs = sorted(rows(hosts, "host"), key=lambda r: (-r["sessions"], -r["refusals"], r["host"]))
     return {
-        "table": {"sessions": sessions, "max_sessions": max_sessions,
-                  "fill": round(sessions / max_sessions, 4) if max_sessions else None},
+        "table": table,
         "addresses": sorted(rows(addrs, "addr"), key=lambda r: tuple(int(x) for x in r["addr"].split("."))),
         "hosts": hs[:top],
         "hosts_total": len(hs),
         "hosts_counted": "live" if hosts_live else "sweep",
         **({} if hosts_live else {"hosts_age_seconds": None if hosts_age is None else round(hosts_age, 1)}),
-        **({"allocator": allocator_summary(allocator)} if allocator is not None else {}),
+        **alloc,
     }
 
 

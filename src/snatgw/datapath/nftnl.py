@@ -203,10 +203,8 @@ def counters(family: str, table: str, netns: str | None = None) -> dict[str, tup
 
 def chain_request(family: str, table: str, chain: str, seq: int = 1) -> bytes:
     """The NFT_MSG_GETCHAIN get of one chain."""
-    body = _NFGEN.pack(NFPROTO[family], 0, 0)
-    body += _attr(NFTA_CHAIN_TABLE, table.encode() + b"\0") + _attr(NFTA_CHAIN_NAME, chain.encode() + b"\0")
-    return _NLH.pack(_NLH.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN, NLM_F_REQUEST, seq,
-                     0) + body  # fmt: skip
+    attrs = _attr(NFTA_CHAIN_TABLE, table.encode() + b"\0") + _attr(NFTA_CHAIN_NAME, chain.encode() + b"\0")
+    return _get(NFT_MSG_GETCHAIN, family, attrs, seq=seq)
 
 
 @_again
@@ -253,8 +251,7 @@ def table_shape(family: str, table: str, chains: Iterable[str],
         have, seq = set(), 1
         for chain in sorted(set(chains)):
             seq += 1
-            msg = _get(NFT_MSG_GETCHAIN, family, _attr(NFTA_CHAIN_TABLE, name) + _attr(NFTA_CHAIN_NAME,
-                       chain.encode() + b"\0"), seq=seq)  # fmt: skip
+            msg = chain_request(family, table, chain, seq)
             for typ, buf, a, b in _exchange(msg, f"chain {family} {table} {chain}", netns, s):
                 if (typ == new | NFT_MSG_NEWCHAIN and _name(buf, a, b, NFTA_CHAIN_TABLE) == table
                         and _name(buf, a, b, NFTA_CHAIN_NAME) == chain):  # fmt: skip

@@ -246,10 +246,6 @@ def count_packets(lab, node: str, match: str, table: str = "sglab_watch", hook: 
     return read
 
 
-__all__ = ["ECHO_PORT", "CLOSED_PORT", "EchoServers", "TcpSession", "tcp_echo", "udp_echo", "ping",
-           "udp_error", "count_packets"]
-
-
 def metrics_text(lab, addr: tuple[str, int] = ("127.0.0.1", 9469), node: str = "gw", timeout: float = 10.0) -> str:
     """GET /metrics from ``addr`` (the daemon's metrics_listen) inside ``node``'s namespace."""
     import http.client
@@ -285,3 +281,6 @@ def udp_burst(lab, node: str, src: str, dst: str, sports, dport: int = 9, rounds
                 tpl[20:22] = sp.to_bytes(2, "big")
                 s.sendto(tpl, (dst, 0))
 
+
+__all__ = ["ECHO_PORT", "CLOSED_PORT", "EchoServers", "TcpSession", "tcp_echo", "udp_echo", "ping",
+           "udp_error", "count_packets", "metrics_text", "udp_burst"]

@@ -776,7 +776,7 @@ class NftBackend:
         total = sum(by_mark.values())
         # the kernel says nothing of which host or address a refusal was for: sessions only
         unlisted = None if tally.listed else (
-            f"{sum(tally.by_mark.values())} sessions: nft lists them per inside host and SNAT address only up to "
+            f"{total} sessions: nft lists them per inside host and SNAT address only up to "
             f"{PRESSURE_LIST_MAX} (a conntrack listing per count; docs/nftables.md)")
         pressure = pressure_summary(hosts, addrs, total, self.settings.max_sessions, unlisted=unlisted)
         return Stats(reasons=reasons, rules=rules, sessions=total, pressure=pressure)
