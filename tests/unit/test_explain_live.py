@@ -103,3 +103,64 @@ def test_live_explain_names_the_spill_memo_that_sent_the_flow_on(tmpdir_short, c
         assert "is remembered for 1 s" in out and "spill memo:" not in out
     finally:
         r.close()
+
+
+def _two_port_daemon(tmpdir_short):
+    """A daemon on a 2-port range whose sdh address for 198.18.40.10 -> 203.0.113.10 (.72) has
+    both ports taken toward 203.0.113.10:80, and one more session toward another remote."""
+    from scapy.all import IP, UDP
+    from test_daemon import LAB, Running
+
+    conf = tmpdir_short / "two-ports.conf"
+    conf.write_text(LAB.read_text().replace("port_range 5000-65535", "port_range 6000-6001"))
+    r = Running(tmpdir_short, conf=conf)
+    now = r.backend.clock()
+    for src, dst, sp in (("198.18.40.10", "203.0.113.10", 1), ("198.18.40.10", "203.0.113.10", 2),
+                         ("198.18.40.11", "192.0.2.1", 7)):
+        r.backend.process(bytes(IP(src=src, dst=dst) / UDP(sport=sp, dport=80)), "inside", "lan40", now=now)
+    return r, r.conf  # the file the daemon runs
+
+
+def test_explain_judges_against_the_table_of_a_daemon_running_the_file(tmpdir_short, capsys):
+    """Without --live, a daemon that runs CONFIG on the socket: the search meets its table (.72
+    is full toward the remote: the flow spills), only the sessions that bear on the flow are
+    fetched, and a note says so; --offline and a daemon running another file: an empty table."""
+    r, conf = _two_port_daemon(tmpdir_short)
+    try:
+        udp = [*ARGS, "--proto", "udp", "--socket", r.sock]
+        assert main(["explain", str(conf), *udp, "-j"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["address"]["chosen"] == "198.19.2.72" and d["snat"]["addr"] != "198.19.2.72"
+        assert d["live_sessions"] == 2  # the two toward 203.0.113.10:80, not the one toward 192.0.2.1
+        assert d["notes"][0].startswith(f"judged against the running gateway's table ({r.sock}")
+        assert main(["explain", str(conf), *udp]) == 0
+        assert "spilled over: 198.19.2.72 had no free port in the live table" in capsys.readouterr().out
+        assert main(["explain", str(conf), *udp, "--offline", "-j"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["snat"]["addr"] == "198.19.2.72" and d["live_sessions"] is None
+        other = tmpdir_short / "other.conf"
+        other.write_text(conf.read_text())
+        assert main(["explain", str(other), *udp, "-j"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["snat"]["addr"] == "198.19.2.72" and d["live_sessions"] is None
+        assert d["notes"][0] == (f"a daemon on {r.sock} runs {conf}: judged against an empty table "
+                                 "(--live judges against its)")
+        assert main(["explain", "--live", "--offline", *udp]) == 2
+        assert "give one" in capsys.readouterr().err
+    finally:
+        r.close()
+
+
+def test_explain_says_when_the_daemon_cut_the_listing(tmpdir_short, capsys, monkeypatch):
+    """A listing cut at the daemon's reply limit is named in a note, not taken as the table."""
+    from snatgw.daemon import service
+
+    monkeypatch.setattr(service, "MAX_SESSIONS_REPLY", 1)
+    r, conf = _two_port_daemon(tmpdir_short)
+    try:
+        assert main(["explain", "--live", *ARGS, "--proto", "udp", "--socket", r.sock, "-j"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["live_sessions"] == 1 and d["snat"]["addr"] == "198.19.2.72"
+        assert any(n.startswith("the daemon listed at most 1 of the sessions toward 203.0.113.10") for n in d["notes"])
+    finally:
+        r.close()

@@ -30,6 +30,11 @@ the destination is --oif/--gw, or the host's routing table with --route-from-ker
 With --live the rules come from the running daemon (what it translates with now, including
 `snatgw adm` changes), and the output says whether they differ from CONFIG (default: the file
 the daemon runs) and how; settings still come from CONFIG.
+
+The port search is judged against the running gateway's table (its sessions toward the
+destination, the source's sessions, its spill memos) with --live, and also without it when a
+daemon answers on the control socket (--socket, $SNATGW_SOCKET or the default) and runs CONFIG
+itself; --offline judges against an empty table whatever runs.
 Exit status: 0 a rule matched, 1 no rule matched, 2 bad input, 4 no daemon (--live).
 """
 
@@ -426,7 +431,8 @@ def render_text(d: dict) -> str:
         if a.get("mapping") == "endpoint-independent":
             out.append(f"           mapping endpoint-independent, filtering {a['filtering']}: a live mapping of "
                        f"{p['src']} is reused toward every remote")
-        out.append(f"           (judged against {src}" + (f" of {d['live_sessions']} sessions)"
+        out.append(f"           (judged against {src}" + (f": its {d['live_sessions']} sessions toward "
+                                                         f"{p['dst'].rpartition(':')[0]} or from the source)"
                                                          if d.get("live_sessions") is not None
                                                          else "; --live reads the running gateway's)"))
     if d["snat"]:
@@ -460,7 +466,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iif", metavar="IFACE", help="inside interface it arrives on (default: the first `inside`; "
                    "with --route-from-kernel the one the source is routed back to)")
     p.add_argument("--live", action="store_true", help="use the running daemon's rules (and compare them with CONFIG)")
-    p.add_argument("--socket", metavar="PATH", help="control socket for --live (default $SNATGW_SOCKET or the settings')")
+    p.add_argument("--offline", action="store_true",
+                   help="judge the port search against an empty table even when a daemon runs CONFIG")
+    p.add_argument("--socket", metavar="PATH", help="the daemon's control socket (default $SNATGW_SOCKET or the settings')")
     p.add_argument("-j", "--json", action="store_true", help="print one JSON object")
 
 
@@ -503,6 +511,51 @@ def live_notes(diff: dict, sock: str, path: str) -> list[str]:
     return notes
 
 
+def daemon_running(sock: str | None, config: str) -> tuple[str | None, str | None]:
+    """Without --live: (the control socket, a note) when a daemon answers there and runs
+    ``config`` itself (its table is what a flow would meet now), else (None, a note or None).
+    Never an error: no daemon is the common case."""
+    from ...daemon.client import call, resolve_socket
+    from ...errors import DaemonError
+
+    sock = resolve_socket(sock)
+    if not os.path.exists(sock):
+        return None, None
+    try:
+        status = call(sock, {"op": "status"}, timeout=5.0)
+    except (DaemonError, SnatgwError, OSError, ValueError):
+        return None, None
+    running = status.get("config")
+    if not running or os.path.realpath(running) != os.path.realpath(config):
+        return None, (f"a daemon on {sock} runs {running or 'another config'}: judged against an empty "
+                      "table (--live judges against its)")
+    return sock, (f"judged against the running gateway's table ({sock}, which runs this file); the rules are "
+                  "the file's (--live uses the daemon's, with `adm` changes; --offline an empty table)")
+
+
+def relevant_sessions(sock: str, pkt: bytes, cfg) -> tuple[list[dict], int]:
+    """The running sessions that decide the port search of ``pkt`` (those toward its remote
+    endpoint: their ports are taken there) and the host limit (the source's own sessions, as
+    many as the largest limit), fetched filtered so a table of a million costs what matters;
+    and the daemon's reply limit when the remote's listing was cut at it (else 0)."""
+    from ...config.schema import rule_host_limit
+    from ...daemon.client import call
+
+    s = summarize(pkt)
+    toward = {"remote": f"{s.dst}/32", "proto": s.proto}
+    if s.proto != IPPROTO_ICMP:
+        toward["remote_port"] = s.dport
+    reply = call(sock, {"op": "sessions", "filter": toward})
+    got = {(x.get("inside"), x.get("remote"), x.get("nat"), x.get("proto")): x for x in reply["sessions"]}
+    cut = len(reply["sessions"]) if reply.get("truncated") else 0
+    limit = max((rule_host_limit(r, cfg.settings) for r in cfg.rules), default=0)
+    if limit:  # enough of the source's sessions to know whether it is at its limit
+        mine = call(sock, {"op": "sessions", "filter": {"inside": f"{s.src}/32"}, "limit": limit})["sessions"]
+        for x in mine:
+            got.setdefault((x.get("inside"), x.get("remote"), x.get("nat"), x.get("proto")), x)
+    return list(got.values()), cut
+
+
 def build_from_args(args: argparse.Namespace) -> tuple[bytes, IPv4Address]:
     proto = PROTOS[args.proto]
     src, sport = parse_endpoint(args.src, "--src", proto != IPPROTO_ICMP)
@@ -538,6 +591,12 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput("give CONFIG (or --live to use the running daemon's rules)")
     else:
         cfg = parse_file(args.config)
+    if args.live and args.offline:
+        raise BadInput("--offline judges against an empty table, --live against the running one; give one")
+    table_of = live["socket"] if live is not None else None
+    auto_note = None
+    if live is None and not args.offline:  # a daemon running this very file: its table counts
+        table_of, auto_note = daemon_running(args.socket, args.config)
     if args.route_from_kernel:
         if args.oif or args.gw or args.new_gw_oif:
             raise BadInput("--route-from-kernel replaces --oif/--gw/--new-gw-oif; give one or the other")
@@ -556,12 +615,18 @@ def run(args: argparse.Namespace) -> int:
         if back.kind == "forward" and back.oif in cfg.settings.inside:
             ingress = back.oif
     sessions = memos = None
-    if live is not None:  # the search judged against the daemon's sessions and spill memos too
+    truncated = False
+    if table_of is not None:  # the search judged against the daemon's sessions and spill memos too
         from ...daemon.client import call
 
-        sessions = call(live["socket"], {"op": "sessions"})["sessions"]
-        memos = call(live["socket"], {"op": "spill_memos", "remote": str(dst)}).get("memos") or []
+        sessions, truncated = relevant_sessions(table_of, pkt, cfg)
+        memos = call(table_of, {"op": "spill_memos", "remote": str(dst)}).get("memos") or []
     d = explain_packet(cfg, pkt, router, ingress, sessions, memos)
+    if truncated:
+        d["notes"].append(f"the daemon listed at most {truncated:,} of the sessions toward {dst}: the port search "
+                          "was judged against those, so a port it names may be taken")
+    if auto_note:
+        d["notes"].insert(0, auto_note)
     if (backend or cfg.settings.backend) == "nft" and d.get("snat"):
         d["notes"].append(NFT_NOTE)
     if live is not None:
