@@ -160,7 +160,7 @@ def test_explain_says_which_address_and_why_and_reads_the_live_table(pressed, tm
     d = json.loads(run_cli(args + ["--live", "--socket", pressed.sock]))
     assert d["reason"] == "DROP_PORT_EXHAUSTED" and d["live_sessions"] == 3
     text = run_cli(args[:-1] + ["--live", "--socket", pressed.sock])
-    assert "judged against the live table of 3 sessions" in text
+    assert "judged against the live table: its 3 sessions toward 203.0.113.10 or from the source" in text
 
 
 def test_spill_memo_counters_in_stats_and_metrics(tmpdir_short):
