@@ -174,6 +174,48 @@ def test_an_oversized_request_is_refused_and_memory_stays_bounded(daemon, monkey
     assert request(sock, {"op": "status"})["ok"]
 
 
+def test_a_client_that_pipelines_and_never_reads_holds_one_answer(daemon):
+    """`status` (and a bad line) is answered on the loop: a client that sent 3,000 status
+    lines in a row and read nothing grew the answers it was owed by ~570 bytes each (18 MB for
+    576 KB sent); now its lines wait unread until it reads the answer before them."""
+    server, _, _, sock = daemon
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock)
+    s.setblocking(False)
+    sent = 0
+    for _ in range(3000):
+        try:
+            sent += s.send(b'{"op": "status"}\n')
+        except BlockingIOError:
+            break
+    time.sleep(0.3)
+    owed = [len(c.wbuf) for c in server.conns.values()]
+    assert owed and max(owed) < 4096, owed
+    s.setblocking(True)
+    s.settimeout(10)
+    f = s.makefile("rb")
+    answers = [json.loads(f.readline()) for _ in range(sent // len(b'{"op": "status"}\n'))]
+    assert all(a["ok"] for a in answers)
+    s.close()
+
+
+def test_after_an_ebusy_answer_the_connection_serves_its_next_request(daemon, monkeypatch):
+    """The EBUSY answer left the connection unread: its next request waited for the idle
+    timeout and got no answer."""
+    server, _, _, sock = daemon
+    monkeypatch.setattr(server.worker, "bound", 0)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock)
+    s.settimeout(3)
+    f = s.makefile("rb")
+    s.sendall(b'{"op": "stats"}\n')
+    assert json.loads(f.readline())["code"] == "EBUSY"
+    monkeypatch.setattr(server.worker, "bound", 64)
+    s.sendall(b'{"op": "stats"}\n')
+    assert json.loads(f.readline())["ok"]
+    s.close()
+
+
 def test_emfile_pauses_the_listener_instead_of_spinning(tmpdir_short):
     """At the fd limit accept() fails with EMFILE and the connection stays in the backlog, so
     the socket stays readable: the old loop spun at 100% CPU.  Now the listener rests and the

@@ -266,8 +266,11 @@ class ControlServer:
         return line
 
     def _next(self, c: _Conn) -> None:
-        """Dispatch the next complete line of ``c`` unless one is with the worker already."""
-        while not c.busy and not c.close_after:
+        """Dispatch the next complete line of ``c`` unless one is with the worker already, or
+        an answer waits for the client to read it (a client that pipelines requests and never
+        reads would otherwise grow the answers it is owed without limit: `status` and errors
+        are answered on the loop)."""
+        while not c.busy and not c.close_after and not c.wbuf:
             line = self._take_line(c)
             if line is None:
                 return
@@ -295,6 +298,8 @@ class ControlServer:
                 c.busy = False
                 self.counters["busy"] += 1
                 self._answer(c, _error("the daemon is busy (too many requests queued); retry", "EBUSY", 4))
+                if c.sock.fileno() >= 0 and not c.wbuf and not c.close_after:
+                    self.loop.add_reader(c.sock, lambda c=c: self._read(c))  # its next request
 
     def _parse_and_dispatch(self, line: bytes) -> dict:
         try:
@@ -319,7 +324,11 @@ class ControlServer:
             return  # the client left meanwhile
         c.last = self.loop.clock()
         self._answer(c, resp)
-        if c.sock.fileno() >= 0 and not c.close_after:
+        self._resume(c)
+
+    def _resume(self, c: _Conn) -> None:
+        """Read and dispatch again once nothing is with the worker or waits to be written."""
+        if c.sock.fileno() >= 0 and not c.busy and not c.close_after and not c.wbuf:
             self.loop.add_reader(c.sock, lambda c=c: self._read(c))
             self._next(c)
 
@@ -332,21 +341,30 @@ class ControlServer:
         c.close_after = c.close_after or close
         self._write(c)
 
-    def _write(self, c: _Conn) -> None:
+    def _write(self, c: _Conn) -> bool:
+        """Send what ``c`` is owed; True when all of it went.  While some waits, the client's
+        requests are not read (it stalls, and IDLE_TIMEOUT closes it if it never reads)."""
         try:
             while c.wbuf:
                 n = c.sock.send(c.wbuf)
                 del c.wbuf[:n]
                 c.last = self.loop.clock()
         except (BlockingIOError, InterruptedError):
-            self.loop.add_writer(c.sock, lambda c=c: self._write(c))
-            return
+            self.loop.remove_reader(c.sock)
+            self.loop.add_writer(c.sock, lambda c=c: self._writable(c))
+            return False
         except OSError:
             self._close(c)
-            return
+            return False
         self.loop.remove_writer(c.sock)
         if c.close_after:
             self._close(c)
+            return False
+        return True
+
+    def _writable(self, c: _Conn) -> None:
+        if self._write(c):
+            self._resume(c)
 
     # ------------------------------------------------------------------ close
     def _expire_idle(self) -> None:
