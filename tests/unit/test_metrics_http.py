@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -108,3 +109,41 @@ def test_a_reload_without_metrics_listen_closes_the_port(daemon):
         time.sleep(0.1)
     else:
         raise AssertionError("the metrics port is still open after the reload")
+
+
+def test_a_client_that_never_reads_its_scrape_is_dropped(monkeypatch):
+    """A scraper that sent its GET and read none of a body bigger than the socket buffers was
+    never reaped (the reaper skipped clients with output pending): MAX_CLIENTS of them held
+    their slots and bodies for good and every later scrape was closed at once."""
+    from snatgw.daemon import metrics as M
+    from snatgw.daemon.log import Log
+    from snatgw.daemon.loop import EventLoop, Worker
+
+    monkeypatch.setattr(M, "CLIENT_TIMEOUT", 0.2)
+    monkeypatch.setattr(M, "scrape", lambda service: b"x" * (16 << 20))
+    loop = EventLoop(Log(stream=open(__import__("os").devnull, "w")))
+    worker = Worker(loop)
+    server = M.MetricsServer("127.0.0.1", 0, None, loop.log)
+    server.attach(loop, worker)
+    t = threading.Thread(target=loop.run, daemon=True)
+    t.start()
+    try:
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.connect(server.addr)
+        c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        end = time.monotonic() + 5
+        while time.monotonic() < end and (not server.clients or not any(x.out for x in server.clients.values())):
+            time.sleep(0.02)
+        assert server.clients, "the scrape was not being sent"
+        end = time.monotonic() + 5
+        while server.clients and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not server.clients
+        c.close()
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.stop()
+        t.join(5)
+        worker.close(5)
+        loop.close()

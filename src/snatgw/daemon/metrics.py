@@ -277,10 +277,11 @@ def scrape(service) -> bytes:
 
 
 class _Client:
-    __slots__ = ("sock", "buf", "out", "started", "busy")
+    __slots__ = ("sock", "buf", "out", "sent", "started", "busy")
 
     def __init__(self, sock: socket.socket, now: float):
         self.sock, self.buf, self.out, self.started, self.busy = sock, b"", b"", now, False
+        self.sent = 0  # bytes of ``out`` sent
 
 
 class MetricsServer:
@@ -376,19 +377,21 @@ class MetricsServer:
                   500: "Internal Server Error", 503: "Service Unavailable"}[code]
         head = (f"HTTP/1.0 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: "
                 f"{len(body) if length is None else length}\r\nConnection: close\r\n\r\n").encode()
-        c.out = head + body
+        c.out, c.sent = head + body, 0
+        c.started = self.loop.clock()  # from now CLIENT_TIMEOUT counts from the last progress
         self.loop.add_writer(c.sock, lambda: self._write(c))
 
     def _write(self, c: _Client) -> None:
         try:
-            n = c.sock.send(c.out[:1 << 16])
+            n = c.sock.send(memoryview(c.out)[c.sent:c.sent + (1 << 16)])
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._drop(c)
             return
-        c.out = c.out[n:]
-        if not c.out:
+        c.sent += n
+        c.started = self.loop.clock()
+        if c.sent >= len(c.out):
             self._drop(c)
 
     def _drop(self, c: _Client) -> None:
@@ -399,8 +402,10 @@ class MetricsServer:
         c.sock.close()
 
     def _reap(self) -> None:
-        """Connections that never finished their request within CLIENT_TIMEOUT go."""
+        """Connections that never finished their request within CLIENT_TIMEOUT go, and those
+        that read none of their answer for as long (they held a slot and the body for good:
+        MAX_CLIENTS of them shut Prometheus out)."""
         now = self.loop.clock()
         for c in list(self.clients.values()):
-            if not c.busy and not c.out and now - c.started > CLIENT_TIMEOUT:
+            if not c.busy and now - c.started > CLIENT_TIMEOUT:
                 self._drop(c)
