@@ -120,3 +120,17 @@ def test_check_refuses_an_empty_file(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "no snat_rule" in p.stderr
 
+
+
+def test_a_control_socket_path_too_long_for_a_unix_socket_is_a_config_error(tmp_path):
+    """`check` said valid and the daemon failed to start with only "AF_UNIX path too long";
+    the config names the line, and `run --socket` (no config line) names the path."""
+    e = err("snatgw {\n control_socket /run/" + "a" * 110 + "/x.sock\n}\n" + RULE)
+    assert e.where == "t.conf:2" and e.field == "control_socket" and "107 bytes" in str(e)
+    assert parse_text("snatgw {\n control_socket /" + "a" * 106 + "\n}\n" + RULE, "t.conf", [])
+    from snatgw.daemon.control import ControlServer
+    from snatgw.errors import DaemonError
+
+    long = str(tmp_path / ("b" * 120))
+    with pytest.raises(DaemonError, match="longer than 107 bytes"):
+        ControlServer(long, lambda r: r)

@@ -526,6 +526,9 @@ def _choice(cur: _Cursor, t: Token, v: Token, choices: tuple[str, ...]) -> str:
     return v.text
 
 
+MAX_SOCKET_PATH = 107  # bytes of a unix socket's path (sun_path holds 108 with the NUL)
+
+
 def _path(cur: _Cursor, t: Token, v: Token) -> str:
     if not v.text.startswith("/"):
         raise cur.error(v.line, t.text, f"expected an absolute path, got {shown(v.text)}")
@@ -627,7 +630,11 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
             raise cur.error(v.line, k, f"expected seconds, a number > 0 and <= 3600, got {shown(v.text)}")
         return replace(s, gc_interval=secs)
     if k == "control_socket":
-        return replace(s, control_socket=_path(cur, t, v))
+        path = _path(cur, t, v)
+        if len(path.encode()) > MAX_SOCKET_PATH:  # the daemon's bind would fail: "AF_UNIX path too long"
+            raise cur.error(v.line, k, f"expected a path of at most {MAX_SOCKET_PATH} bytes (a unix socket's "
+                                       f"limit), got one of {len(path.encode())}")
+        return replace(s, control_socket=path)
     if k == "snat_addresses":
         return replace(s, snat_addresses=_choice(cur, t, v, SNAT_ADDRESS_MODES))
     if k == "allow_empty":

@@ -126,6 +126,8 @@ class ControlServer:
         self.dispatch = dispatch
         self.inline = inline or dispatch
         self.log = log or Log()
+        if len(os.fsencode(path)) > 107:  # bind() would say only "AF_UNIX path too long"
+            raise DaemonError(f"control socket {path}: longer than 107 bytes, a unix socket's limit")
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             os.makedirs(parent, mode=0o700, exist_ok=True)
