@@ -497,3 +497,37 @@ def test_a_long_sweep_does_not_hold_a_stats_request(tmpdir_short):
         worker.close(5)
         server.close()
         loop.close()
+
+
+def test_an_owner_name_squatted_by_another_user_is_named_as_such():
+    """Any local user can bind the abstract owner name first: the daemon then refused to start
+    saying 'another snatgw daemon (pid N) owns the datapath' and echoed what the squatter wrote
+    as its socket and backend; now it names the other user's process for what it is."""
+    name = f"snatgw-test-squat-{os.getpid()}"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the squatter: an unprivileged user binding the name
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(b"\0" + name.encode())
+            s.listen(4)
+            os.write(w, b"x")
+            c, _ = s.accept()
+            c.send(b'{"socket": "/run/snatgw/control.sock", "backend": "bpf"}\n')
+            time.sleep(5)
+        finally:
+            os._exit(0)
+    try:
+        os.close(w)
+        assert os.read(r, 1) == b"x"
+        with pytest.raises(DaemonError) as ei:
+            NamespaceOwner({"socket": "/run/x.sock", "backend": "bpf"}, name=name)
+        msg = str(ei.value)
+        assert f"pid {pid}" in msg and "uid 65534" in msg and "another user" in msg
+        assert "control socket" not in msg and "another snatgw daemon" not in msg
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)

@@ -38,8 +38,8 @@ def current_owner(name: str = OWNER_NAME, timeout: float = 2.0) -> dict | None:
             return {"pid": None}
         info: dict = {}
         try:
-            pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            info["pid"] = pid
+            pid, uid, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            info["pid"], info["uid"] = pid, uid
         except OSError:
             info["pid"] = None
         try:
@@ -51,7 +51,8 @@ def current_owner(name: str = OWNER_NAME, timeout: float = 2.0) -> dict | None:
                 buf += chunk
             got = json.loads(buf) if buf else {}
             if isinstance(got, dict):
-                info.update({k: got[k] for k in ("socket", "backend", "config", "pid") if k in got})
+                if info.get("uid") in (None, os.geteuid()):  # another user's words are not a daemon's
+                    info.update({k: got[k] for k in ("socket", "backend", "config", "pid") if k in got})
         except (OSError, ValueError):
             pass  # a busy owner that did not answer in time is still the owner
         return info
@@ -59,8 +60,16 @@ def current_owner(name: str = OWNER_NAME, timeout: float = 2.0) -> dict | None:
         s.close()
 
 
+def foreign(info: dict) -> bool:
+    """The holder runs as another user than we do: not a snatgw daemon of ours (an abstract
+    name has no permissions: any local user can bind it first)."""
+    return info.get("uid") is not None and info["uid"] != os.geteuid()
+
+
 def describe(info: dict) -> str:
     parts = [f"pid {info['pid']}" if info.get("pid") else "pid unknown"]
+    if foreign(info):
+        parts.append(f"uid {info['uid']}")
     if info.get("backend"):
         parts.append(f"backend {info['backend']}")
     if info.get("socket"):
@@ -82,6 +91,11 @@ class NamespaceOwner:
             if e.errno != errno.EADDRINUSE:
                 raise DaemonError(f"cannot take the namespace owner socket @{name}: {e.strerror}") from None
             other = current_owner(name) or {}
+            if foreign(other):
+                raise DaemonError(
+                    f"the namespace owner name @{name} is held by a process of another user ({describe(other)}), "
+                    "not by a snatgw daemon: any local user can bind an abstract socket name first; stop that "
+                    f"process (`ss -xlp | grep {name}` names it), then start again") from None
             raise DaemonError(
                 f"another snatgw daemon ({describe(other)}) owns the datapath of this network namespace; "
                 "one daemon per namespace: stop that one first (systemctl stop snatgw, or SIGTERM), "

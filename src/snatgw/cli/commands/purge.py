@@ -11,7 +11,7 @@ import socket as _socket
 from ...config.schema import Settings
 from ...daemon.client import resolve_socket
 from ...daemon.control import NoDaemon, request
-from ...daemon.owner import current_owner, describe
+from ...daemon.owner import current_owner, describe, foreign
 from ...errors import DaemonError
 
 HELP = "remove every trace of snatgw's datapaths in this network namespace (no daemon may run)"
@@ -50,6 +50,9 @@ def run(args) -> int:
     settings = _settings(args)
     sock = args.socket or (settings.control_socket if args.config else resolve_socket(None))
     owner = current_owner()
+    if owner is not None and not args.force and foreign(owner):
+        raise DaemonError(f"the namespace owner name is held by a process of another user ({describe(owner)}), "
+                          "not by a snatgw daemon: stop that process, or purge with --force")
     if owner is not None and not args.force:
         raise DaemonError(f"a snatgw daemon ({describe(owner)}) owns the datapath of this network namespace: "
                           "stop it first (SIGTERM), then purge (or --force)")
