@@ -531,3 +531,26 @@ def test_an_owner_name_squatted_by_another_user_is_named_as_such():
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(r)
+
+
+def test_a_sigterm_after_a_burst_of_sighups_is_not_lost():
+    """Signals reached the loop only as bytes on the wake-up socket, which holds a few hundred
+    one-byte writes: after a burst of SIGHUPs the SIGTERM's byte was dropped and the daemon
+    kept running (676,000 SIGHUPs then SIGTERM: alive 5 s later).  2,000 SIGUSR1 sent while the
+    loop does not turn, then one SIGUSR2: both handlers run (SIGUSR1 once for the burst)."""
+    from snatgw.daemon.loop import EventLoop
+
+    loop = EventLoop(Log(stream=io.StringIO()))
+    seen: list[int] = []
+    loop.add_signal_handler(signal.SIGUSR1, seen.append)
+    loop.add_signal_handler(signal.SIGUSR2, seen.append)
+    try:
+        for _ in range(2000):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        for _ in range(5):
+            loop.run_once(0.01)
+        assert signal.SIGUSR2 in seen and signal.SIGUSR1 in seen
+        assert len(seen) < 100
+    finally:
+        loop.close()

@@ -77,6 +77,7 @@ class EventLoop:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
+        self._signals: collections.deque[int] = collections.deque()  # caught, not yet handled
         self._old_signals: dict[int, object] = {}
         self._old_wakeup: int | None = None
         self.stopped = False
@@ -151,7 +152,12 @@ class EventLoop:
         if not self._signal_handlers:
             self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         self._signal_handlers[signum] = callback
-        self._old_signals[signum] = signal.signal(signum, lambda *_: None)  # wake-up fd carries it
+        # the wake-up fd only wakes the loop: its byte per signal is lost once the socket is
+        # full (a few hundred signals between two turns of the loop), and a SIGTERM after a
+        # burst of SIGHUPs was lost with it; the Python handler (main thread) records each
+        # signal not already waiting (a burst of one signal is handled once: bounded)
+        self._old_signals[signum] = signal.signal(
+            signum, lambda n, _f: None if n in self._signals else self._signals.append(n))
 
     def restore_signals(self) -> None:
         for signum, old in self._old_signals.items():
@@ -169,11 +175,15 @@ class EventLoop:
                 break
             if not data:
                 break
-            for b in data:
-                if b and b in self._signal_handlers:
-                    self._guard(self._signal_handlers[b], b)
+        self._run_signals()
         while self._pending:
             self._guard(self._pending.popleft())
+
+    def _run_signals(self) -> None:
+        while self._signals:
+            n = self._signals.popleft()
+            if n in self._signal_handlers:
+                self._guard(self._signal_handlers[n], n)
 
     # ------------------------------------------------------------------ running
     def _guard(self, fn, *args) -> None:
@@ -194,7 +204,7 @@ class EventLoop:
         wait = max_wait
         if self._timers:
             wait = min(wait, max(0.0, self._timers[0].when - now))
-        if self._pending:
+        if self._pending or self._signals:
             wait = 0.0
         try:
             events = self.sel.select(wait)
@@ -211,6 +221,7 @@ class EventLoop:
                     still = None
                 if still is not None:
                     self._guard(still)
+        self._run_signals()
         while self._pending:
             self._guard(self._pending.popleft())
         now = self.clock()
