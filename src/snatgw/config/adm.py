@@ -258,33 +258,41 @@ class AdmTable:
 
     def apply(self, cmd: AdmCommand) -> "AdmTable":
         """One command -> the new table, or AdmRefused (this table is never changed)."""
+        return self.apply_all([cmd])
+
+    @staticmethod
+    def _step(service: bool, rules: dict, cmd: AdmCommand) -> bool:
+        """Apply ``cmd`` to ``rules`` (identity -> Rule, in definition order) in place; the
+        service state after it.  AdmRefused before any change."""
         op = cmd.op
         if op in ("clear", "delete-service"):
-            if op == "delete-service" and not self.service:
+            if op == "delete-service" and not service:
                 raise AdmRefused("ESRCH", "No such service: the SNAT service (-f 1) is not defined")
-            return AdmTable(False, ())
+            rules.clear()
+            return False
         if op == "add-service":
-            if self.service:
+            if service:
                 raise AdmRefused("EEXIST", "Service already exists: -f 1 -s snat_sched")
-            return AdmTable(True, ())
+            rules.clear()
+            return True
         if op == "edit-service":
-            if not self.service:
+            if not service:
                 raise AdmRefused("ESRCH", "No such service: the SNAT service (-f 1) is not defined")
-            return self
+            return service
         if op not in ("add", "edit", "delete"):
             raise AdmRefused("EINVAL", f"{op} does not change the rule table")
-        if not self.service:
+        if not service:
             raise AdmRefused("ESRCH", "No such service: add it first with -A -f 1 -s snat_sched")
-        idx = next((i for i, r in enumerate(self.rules) if r.identity == cmd.identity), None)
+        old = rules.get(cmd.identity)
         if op == "add":
-            if idx is not None:
+            if old is not None:
                 raise AdmRefused("EEXIST", f"File exists: a rule {_ident(cmd.identity)} exists; "
                                            "edit it with -k")
-            return replace(self, rules=self.rules + (cmd.rule("adm"),))
-        if idx is None:
+            rules[cmd.identity] = cmd.rule("adm")  # at the end of definition order
+            return service
+        if old is None:
             raise AdmRefused("ENOENT", f"No such file or directory: no rule {_ident(cmd.identity)}")
         if op == "edit":  # keeps its place in definition order, and the options ipvsadm cannot say
-            old = self.rules[idx]
             try:
                 new = replace(cmd.rule("adm"), on_exhausted=old.on_exhausted, port_preserve=old.port_preserve,
                               max_sessions_per_host=old.max_sessions_per_host, mapping=old.mapping,
@@ -292,23 +300,30 @@ class AdmTable:
             except RuleError as e:  # e.g. -O sdh for a rule with mapping endpoint-independent
                 raise AdmRefused("EINVAL", f"Invalid argument: {e.field}: {e.message} (the rule keeps its "
                                            "config options; change them in the config file)") from None
-            return replace(self, rules=self.rules[:idx] + (new,) + self.rules[idx + 1 :])
-        return replace(self, rules=self.rules[:idx] + self.rules[idx + 1 :])
+            rules[cmd.identity] = new  # an existing key keeps its place
+            return service
+        del rules[cmd.identity]
+        return service
 
     def apply_all(self, cmds: list[AdmCommand], restore: bool = False) -> "AdmTable":
         """Apply a batch in order; the first refusal aborts it and nothing is changed.
 
         ``restore`` (-R): the batch REPLACES the rules (as ipvsadm-restore after a clear): it
         starts from this table's service state with no rules, and `-A -f 1 -s snat_sched` for a
-        service that already exists is a no-op, so `-S` output restores to the same state."""
-        t = AdmTable(self.service, ()) if restore else self
+        service that already exists is a no-op, so `-S` output restores to the same state.
+
+        The rules are worked on as one dict by identity (definition order is its order): each
+        command costs O(1), where a new table per command and a scan for its rule made an
+        `adm -R` of 2,000 rules take 10 s and one of 8,000 nearly 3 minutes under the lock."""
+        service = self.service
+        rules: dict = {} if restore else {r.identity: r for r in self.rules}
         for n, c in enumerate(cmds, 1):
             try:
-                if restore and c.op == "add-service" and t.service:
+                if restore and c.op == "add-service" and service:
                     continue
-                t = t.apply(c)
+                service = self._step(service, rules, c)
             except AdmRefused as e:
                 if len(cmds) == 1:
                     raise
                 raise AdmRefused(e.code, f"command {n} ({' '.join(c.argv) or c.op}): {e}") from None
-        return t
+        return AdmTable(service, tuple(rules.values()))
