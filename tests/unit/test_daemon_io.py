@@ -554,3 +554,22 @@ def test_a_sigterm_after_a_burst_of_sighups_is_not_lost():
         assert len(seen) < 100
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("depth", [1500, 40000])
+def test_deeply_nested_json_is_answered_as_a_bad_request(daemon, depth):
+    """1,500 '[' (3 KB, parsed on the loop) raised RecursionError, not ValueError: no answer, a
+    loop_error logged (an error the SnatgwErrors alert counts); 40,000 (parsed on the worker)
+    got 'internal error'.  Both are bad requests now, and the connection serves the next."""
+    server, _, _, sock = daemon
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock)
+    s.settimeout(5)
+    f = s.makefile("rb")
+    s.sendall(b"[" * depth + b"]" * depth + b"\n")
+    resp = json.loads(f.readline())
+    assert not resp["ok"] and resp["error"].startswith("bad request: not JSON") and resp["exit"] == 2
+    s.sendall(b'{"op": "status"}\n')
+    assert json.loads(f.readline())["ok"]
+    assert server.loop.errors == 0
+    s.close()

@@ -286,7 +286,7 @@ class ControlServer:
             if len(line) < 4096:  # small: look at the op here (status is answered at once)
                 try:
                     req = json.loads(line)
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:  # RecursionError: '[' * 1000, 1 KB
                     self._answer(c, _error(f"bad request: not JSON: {e}"))
                     continue
                 if isinstance(req, dict) and req.get("op") in INLINE_OPS:
@@ -306,7 +306,7 @@ class ControlServer:
     def _parse_and_dispatch(self, line: bytes) -> dict:
         try:
             req = json.loads(line)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             return _error(f"bad request: not JSON: {e}")
         return self._safe(self.dispatch, req)
 
