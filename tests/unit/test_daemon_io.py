@@ -573,3 +573,20 @@ def test_deeply_nested_json_is_answered_as_a_bad_request(daemon, depth):
     assert json.loads(f.readline())["ok"]
     assert server.loop.errors == 0
     s.close()
+
+
+def test_requests_asking_for_unbounded_work_or_huge_numbers_are_bad_requests(daemon):
+    """100,000 words in one adm command held the worker 43 s (getopt is quadratic) and every
+    request queued behind it; a limit or rule number of 1e400 (JSON Infinity) was an internal
+    error logged as such.  Each is a bad request (exit 2), answered at once."""
+    _, service, _, sock = daemon
+    for req, what in [({"op": "adm", "commands": [["-K"] * 100_000]}, "at most 64"),
+                      ({"op": "adm", "commands": [["-Z"]] * 70_000}, "at most 65536"),
+                      ({"op": "adm", "commands": [[1, 2]]}, "must be strings"),
+                      ({"op": "sessions", "limit": float("inf")}, "bad request"),
+                      ({"op": "sessions", "filter": {"proto": float("inf")}}, "bad request"),
+                      ({"op": "flush", "priority": float("inf")}, "bad request"),
+                      ({"op": "flush", "rule_id": float("-inf")}, "bad request")]:
+        resp = request(sock, req, timeout=5)
+        assert not resp["ok"] and resp["exit"] == 2 and what in resp["error"], (req.get("op"), resp)
+    assert not [line for line in service.log.lines if "request_failed" in line]

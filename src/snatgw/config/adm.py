@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 
 from ..errors import DaemonError, RuleError, SnatgwError
-from ..layout import Algo
+from ..layout import MAX_RULES, Algo
 from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_net, parse_oif
 
 SCHEDULER = "snat_sched"
@@ -108,8 +108,19 @@ def _gw(text: str, name: str) -> IPv4Address | None:
     return None if addr == ANY_ADDR else addr
 
 
+#: words of one command (the longest real one has ~20); getopt's cost grows with the square of
+#: the count: 100,000 words held the daemon's worker 43 s
+MAX_ARGS = 64
+#: commands of one batch (an `-R` of a full rule table is MAX_RULES + 1)
+MAX_COMMANDS = 4 * MAX_RULES
+
+
 def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
     """ipvsadm argv (without the program name) -> AdmCommand, or AdmUsageError."""
+    if len(argv) > MAX_ARGS:
+        raise AdmUsageError(f"{len(argv)} arguments; a command has at most {MAX_ARGS}")
+    if not all(isinstance(a, str) for a in argv):
+        raise AdmUsageError("arguments must be strings")
     try:
         opts, rest = getopt.gnu_getopt(list(argv), _SHORT, _LONG)
     except getopt.GetoptError as e:

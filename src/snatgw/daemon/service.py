@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from ..config.adm import AdmRefused, AdmTable, AdmUsageError, parse_args
+from ..config.adm import MAX_COMMANDS, AdmRefused, AdmTable, AdmUsageError, parse_args
 from ..config.schema import GatewayConfig, Settings
 from ..datapath.backend import SessionFilter, tries_per_search
 from ..errors import EXIT_BAD_INPUT, BackendError, SnatgwError
@@ -451,13 +451,15 @@ class Service:
                 cmds = req.get("commands")
                 if not isinstance(cmds, list) or not all(isinstance(c, list) for c in cmds):
                     raise AdmUsageError("adm: 'commands' must be a list of argv lists")
+                if len(cmds) > MAX_COMMANDS:
+                    raise AdmUsageError(f"adm: {len(cmds)} commands; a batch has at most {MAX_COMMANDS}")
                 table = self.adm(cmds, restore=bool(req.get("restore", False)))
                 return {"ok": True, "rules": len(table.rules), "service": table.service}
             raise AdmUsageError(f"unknown request op {op!r}; expected one of status, health, reload, rules, "
                                 "sessions, stats, rate, flush, zero, adm")
         except (SnatgwError, AdmRefused) as e:
             return _error(e)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # Overflow: a limit of 1e400
             return _error(AdmUsageError(f"bad request: {e}"))
         except Exception as e:  # the daemon must survive any single request
             self.log.error("request_failed", op=op, error=repr(e))
