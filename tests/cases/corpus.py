@@ -466,6 +466,22 @@ def _scenarios() -> list[Scenario]:
         inside(icmp_error(STRANGER, R1, udp(R1, STRANGER, 53, 9), 3, 3), PASS, R.PASS_NO_RULE),
         inside(icmp_error(A, R1, udp(R1, A, 53, 5353), 3, 3, keep=20), DROP, R.DROP_MALFORMED),
     ])  # fmt: skip
+    add("icmp_error_into_another_session", "An error about a reply belongs to the session only "
+        "from the device that session's replies go to, and only toward the reply's source: C on "
+        "lan50 quoting A's reply (edge invariant 3: a host on another device sent into A's "
+        "session with A's SNAT address), or A sending one to R2 about R1's reply (the kernel "
+        "checks the outer destination too), has no session: matching a rule, DROP_NO_SESSION. "
+        "Another host on A's own link (an inside router's error) is still translated.", [
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),
+        inside(icmp_error(C, R1, udp(R1, A, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_NO_SESSION, dev="lan50"),
+        inside(icmp_error(A, R2, udp(R1, A, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_NO_SESSION),
+        inside(icmp_error(A, R2, udp(R1, A, 53, 5353, ttl=63), 3, 4), DROP, R.DROP_NO_SESSION),
+        inside(icmp_error(B, R1, udp(R1, A, 53, 5353, ttl=63), 3, 4), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(A, R1, udp(R1, A, 53, 5353, ttl=63), 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(udp(C, R1, 5353, 53), RED, R.XLATE_NEW, dev="lan50"),
+        inside(icmp_error(A, R1, udp(R1, C, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_NO_SESSION),
+    ])  # fmt: skip
     add("egress_error_about_reply", "The gateway's own frag-needed about a reply, leaving eth1, "
         "quotes the SNAT tuple instead of the inside one; other egress packets pass.", [
         inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),

@@ -178,7 +178,7 @@ class Engine:
         okey = out_key(ip(v.saddr), ip(v.daddr), v.sport, dport, v.proto)
         if v.proto == IPPROTO_ICMP and not v.is_query_request:  # step 5
             if v.is_icmp_error:
-                res = self._icmp_error(pkt, v, "inside")
+                res = self._icmp_error(pkt, v, "inside", ingress)
                 if res is not None:
                     return res
             # no session to belong to: steps 7-9 say local, internal, unmatched or dropped
@@ -593,8 +593,9 @@ class Engine:
         rewrite_fragment(buf, fe.saddr, fe.daddr)
         return Result(Verdict.REDIRECT, Reason.XLATE_FRAG, bytes(buf), fe.oif, fe.nexthop)
 
-    def _icmp_error(self, pkt: bytes, v: IPv4View, side: str) -> Result | None:
-        """ICMP errors, three ways (docs/datapath.md "ICMP errors")."""
+    def _icmp_error(self, pkt: bytes, v: IPv4View, side: str, ingress: str | None = None) -> Result | None:
+        """ICMP errors, three ways (docs/datapath.md "ICMP errors").  ``ingress``: the inside
+        device an inside error came in by."""
         iv = parse_inner(pkt, v)
         if isinstance(iv, Reason):
             return Result(Verdict.DROP, iv, pkt)
@@ -613,6 +614,11 @@ class Engine:
             return Result(Verdict.REDIRECT, Reason.XLATE_ICMP_ERR_IN, bytes(buf), e.oif, None, e.rule, nat)
         # inside or egress: inner: remote:rport -> inside:port, a reply as translated
         e = self._inner_lookup(iv, about_reply=True)
+        if e is not None and side == "inside" and (
+                self.table.lookup(e.peer).oif != ingress or ip(v.daddr) != ip(iv.saddr)):
+            # from inside, only the device the session's replies go to, toward the reply's
+            # source: another device's host (or one sending elsewhere) has no session here
+            e = None
         if e is None:  # inside: the caller classifies it (no session to belong to)
             return None if side == "inside" else Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
         nat = (e.rw_addr, e.rw_port)

@@ -213,6 +213,23 @@ static __noinline int icmp_err_v4_outside(struct __sk_buff *skb, struct pkt *p, 
 	return verdict_redirect(v, REASON_XLATE_ICMP_ERR_IN, e->ifindex, e->nexthop);
 }
 
+/* An inside host's error about the reply of session `e` (its OUT entry) that is not that
+ * session's to send: it came in by another device than the one the session's replies go to
+ * (the IN entry's ifindex, all 32 bits: a host on another inside device would send into that
+ * session with its SNAT address, edge invariant 3), or it is not addressed to the reply's
+ * source (the kernel's conntrack checks that too).  1: foreign (no session), 0: the session's.
+ * One lookup more, on this rare path only. */
+static __always_inline int icmp_err_foreign(struct __sk_buff *skb, const struct pkt *p,
+					    const struct icmp_inner *in, struct ct_entry *e)
+{
+	struct ct_entry *back;
+
+	if (p->daddr != in->saddr)
+		return 1;
+	back = ct_lookup4(&e->peer);
+	return !back || back->ifindex != skb->ingress_ifindex;
+}
+
 /* inside -> outside (egress=0), or the gateway's own error on the way out (egress=1) */
 static __noinline int icmp_err_v4_reply(struct __sk_buff *skb, struct pkt *p, struct snat_res *v, int egress)
 {
@@ -223,7 +240,8 @@ static __noinline int icmp_err_v4_reply(struct __sk_buff *skb, struct pkt *p, st
 
 	if (r >= 0)
 		return verdict_set(v, VERDICT_DROP, r);
-	if (icmp_inner_key(&in, 1, &k) < 0 || !(e = ct_lookup4(&k))) {
+	if (icmp_inner_key(&in, 1, &k) < 0 || !(e = ct_lookup4(&k)) ||
+	    (!egress && icmp_err_foreign(skb, p, &in, e))) {
 		verdict_set(v, VERDICT_PASS, REASON_PASS_ICMP_OTHER);
 		return !egress; /* inside: the caller classifies an error about no session */
 	}
