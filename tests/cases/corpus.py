@@ -436,6 +436,19 @@ def _scenarios() -> list[Scenario]:
         outside(icmp_error(R1, ua, udp(ua, R1, up, 53, ttl=63, zero_csum=True), 3, 3), RED, R.XLATE_ICMP_ERR_IN),
         outside(icmp_error(R1, ua, u_out, 4, 0), RED, R.XLATE_ICMP_ERR_IN),
     ])  # fmt: skip
+    other_pool = "198.19.2.71" if ua != "198.19.2.71" else "198.19.2.73"
+    add("icmp_error_from_outside_to_another_address", "An error about an outbound packet is "
+        "sent to that packet's source, the SNAT address; one addressed elsewhere (straight to "
+        "the inside host, to another pool address, to the gateway) is not about the session "
+        "(the kernel's conntrack checks the outer destination too): as no session, the inbound "
+        "guard judges it (to the inside host: DROP_INBOUND).", [
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        outside(icmp_error(ROUTER, A, u_out, 3, 1), DROP, R.DROP_INBOUND),
+        outside(icmp_error(ROUTER, C, u_out, 3, 1), DROP, R.DROP_INBOUND),
+        outside(icmp_error(ROUTER, other_pool, u_out, 3, 1), PASS, R.PASS_NO_SESSION_IN),
+        outside(icmp_error(ROUTER, "198.19.2.2", u_out, 11, 0), PASS, R.PASS_NO_SESSION_IN),
+        outside(icmp_error(ROUTER, ua, u_out, 3, 1), RED, R.XLATE_ICMP_ERR_IN),
+    ])  # fmt: skip
     add("icmp_error_about_echo_from_outside", "Time exceeded about a translated echo request "
         "(traceroute -I) goes back to the inside host with its own identifier.", [
         inside(echo(A, R1, 0x1234, ttl=3), RED, R.XLATE_NEW),

@@ -600,7 +600,8 @@ class Engine:
         if isinstance(iv, Reason):
             return Result(Verdict.DROP, iv, pkt)
         if side == "outside":  # inner: SNAT addr:port -> remote:rport, as it left
-            e = self._inner_lookup(iv, about_reply=False)
+            # sent to that packet's source (the SNAT address), as the kernel's conntrack checks
+            e = self._inner_lookup(iv, about_reply=False) if v.daddr == iv.saddr else None
             if e is None:
                 return Result(Verdict.PASS, Reason.PASS_NO_SESSION_IN, pkt)
             out = self.table.lookup(e.peer)
@@ -615,7 +616,7 @@ class Engine:
         # inside or egress: inner: remote:rport -> inside:port, a reply as translated
         e = self._inner_lookup(iv, about_reply=True)
         if e is not None and side == "inside" and (
-                self.table.lookup(e.peer).oif != ingress or ip(v.daddr) != ip(iv.saddr)):
+                self.table.lookup(e.peer).oif != ingress or v.daddr != iv.saddr):
             # from inside, only the device the session's replies go to, toward the reply's
             # source: another device's host (or one sending elsewhere) has no session here
             e = None

@@ -203,7 +203,9 @@ static __noinline int icmp_err_v4_outside(struct __sk_buff *skb, struct pkt *p, 
 
 	if (r >= 0)
 		return verdict_set(v, VERDICT_DROP, r);
-	if (icmp_inner_key(&in, 0, &k) < 0 || !(e = ct_lookup4(&k)))
+	/* sent to the quoted packet's source, the SNAT address (the kernel's conntrack checks the
+	 * outer destination too): else not about the session, and the inbound guard judges it */
+	if (p->daddr != in.saddr || icmp_inner_key(&in, 0, &k) < 0 || !(e = ct_lookup4(&k)))
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_SESSION_IN);
 	if (p->ttl <= 1)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
