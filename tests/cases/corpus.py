@@ -322,6 +322,17 @@ def _scenarios() -> list[Scenario]:
         egress(icmp_error("198.19.2.2", R1, udp(R1, A, 7000, 6000, payload=big, flags="DF", ttl=63), 3, 4),
                PASS, R.XLATE_ICMP_ERR_OUT),
     ])  # fmt: skip
+    add("over_mtu_df_new_gw", "Over a new_gw route's MTU with DF: the kernel's own route is not "
+        "new_gw's (it left by the default route, or met the leak guard, and the host never learnt "
+        "the MTU: lab, eth2 at 1400), so the datapath answers a fragmentation needed with that "
+        "route's MTU itself, from the gateway's address toward the host, back out of the device "
+        "it came by (as refuse_icmp's host unreachable), for a new flow and a session alike.", [
+        inside(udp(C, R1, 6000, 7000, payload=big, flags="DF"), RED, R.PASS_FRAG_NEEDED, dev="lan50"),
+        inside(udp(C, R1, 6000, 7000, payload=big), PT, R.XLATE_NEW, dev="lan50"),
+        inside(udp(C, R1, 6000, 7000, payload=big, flags="DF", options=[b"\x01\x01\x01\x00"]), RED,
+               R.PASS_FRAG_NEEDED, dev="lan50"),  # fmt: skip
+        inside(udp(C, R1, 6000, 7000, payload=b"x" * 1472, flags="DF"), RED, R.XLATE_OUT, dev="lan50"),
+    ])  # fmt: skip
     syn = tcp(A, R1, 40000, 80, "S")
     bad_ihl = bytes([0x44]) + syn[1:]
     short_tot = syn[:2] + (19).to_bytes(2, "big") + syn[4:]

@@ -6,6 +6,7 @@ fragments it, which needs the accept_local the backend sets on the inside device
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -79,3 +80,38 @@ def test_translated_datagram_over_the_uplink_mtu_is_fragmented_by_the_kernel(gw)
         gw.lab.run("gw", "ip", "link", "set", "dev", "eth1", "mtu", "1500")
     assert seen is not None and seen["peer"].startswith("198.19.2.7") and seen["link"] == "isp1"
     assert lost is None
+
+
+IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+IP_MTU = getattr(socket, "IP_MTU", 14)
+
+
+@pytest.mark.parametrize("gateway_module", ["bpf", "nft"], indirect=True)
+def test_a_new_gw_link_narrower_than_the_route_tells_the_host_its_mtu(gw):
+    """REF's /16 rule sends lan50's flows by new_gw 198.19.2.1 (eth1) also where the route says
+    eth2 (198.51.100.0/24).  With eth1 at MTU 1400, a 1450-byte datagram with DF from in50 to
+    the second server comes back to its host as fragmentation needed, mtu 1400, and one that
+    fits reaches the server by isp1.  bpf handed the first to the kernel, whose route leaves by
+    eth2 at 1500: it met the leak guard (DROP_LEAK) and the host never learnt the MTU, a black
+    hole for TCP as much (a 200 KB upload through such a link stalled; nft's policy routing
+    answered right)."""
+    gw.check()
+    gw.lab.run("gw", "ip", "link", "set", "dev", "eth1", "mtu", "1400")
+    try:
+        with _udp(gw, "in50", "198.18.50.11") as s:
+            s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+            s.connect(("198.51.100.10", ECHO_PORT))
+            s.send(b"n" * 1422)  # 1450 bytes with DF
+            deadline, mtu = time.monotonic() + 3, 0
+            while time.monotonic() < deadline and mtu != 1400:
+                time.sleep(0.05)
+                mtu = s.getsockopt(socket.IPPROTO_IP, IP_MTU)
+            s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # the error it raised (EMSGSIZE), read
+            s.send(("newgwmtu" + "x" * 1364).encode())  # 1400 bytes: fits
+            seen = gw.servers.wait_for(lambda e: e.get("event") == "datagram"
+                                       and e.get("data", "").startswith("newgwmtu"), timeout=3)  # fmt: skip
+    finally:
+        gw.lab.run("gw", "ip", "link", "set", "dev", "eth1", "mtu", "1500")
+        gw.lab.run("in50", "ip", "route", "flush", "cache")  # the path MTU it learnt
+    assert mtu == 1400
+    assert seen is not None and seen["peer"].startswith("198.19.2.7") and seen["link"] == "isp1", seen

@@ -44,10 +44,13 @@ def test_scenario_steps_meet_expectations(sc: Scenario):
         judged = st.side != "egress" or is_err or st.reason == Reason.DROP_LEAK
         assert sum(engine.reasons.values()) - before == (1 if judged else 0)
         assert (res.verdict, res.reason) == (st.verdict, st.reason), f"step {i}"
-        if res.reason == Reason.DROP_HOST_LIMIT and res.verdict == Verdict.REDIRECT:  # refuse_icmp yes
+        built = {Reason.DROP_HOST_LIMIT: b"\x03\x01", Reason.PASS_FRAG_NEEDED: b"\x03\x04"}  # ICMP we build
+        if res.reason in built and res.verdict == Verdict.REDIRECT:  # refuse_icmp yes; new_gw's MTU
             ihl = (st.packet[0] & 0x0F) * 4
-            assert problems(res.packet) == [] and res.packet[20:22] == b"\x03\x01", f"step {i}"
+            assert problems(res.packet) == [] and res.packet[20:22] == built[res.reason], f"step {i}"
             assert res.packet[16:20] == st.packet[12:16] and res.packet[28:] == st.packet[: ihl + 8], f"step {i}"
+            if res.reason == Reason.PASS_FRAG_NEEDED:  # the next-hop MTU, below the packet's length
+                assert 68 <= int.from_bytes(res.packet[26:28], "big") < len(st.packet), f"step {i}"
         elif res.verdict in TRANSLATED or res.reason.name.startswith("XLATE_"):  # egress: PASS, rewritten
             # checksums verify after translation exactly when they did before (never recomputed)
             assert (problems(res.packet) == []) == (problems(st.packet) == []), f"step {i}"

@@ -25,7 +25,7 @@ from .eim import ANY as ANY_ADDR
 from .frag import HELD, FragEntry, FragKey, FragTable
 from .nat import NatTable, SpillMemos
 from .packet import IP_DADDR, IP_SADDR, InnerView, IPv4View, ip, parse, parse_inner
-from .refuse import host_unreachable
+from .refuse import FRAG_NEEDED, host_unreachable
 from .xlate import rewrite_fragment, translate, translate_icmp_error
 
 PROTOS = (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP)
@@ -166,7 +166,7 @@ class Engine:
             dport = 0 if v.proto == IPPROTO_ICMP else v.dport
             e = self.table.lookup(out_key(ip(v.saddr), ip(v.daddr), v.sport, dport, v.proto))
             if e is not None and e.iif == ingress:
-                return self._established_out(pkt, v, e, now)
+                return self._established_out(pkt, v, e, ingress, now)
         if self._spoofed(v, ingress):  # step 2a
             return Result(Verdict.DROP, Reason.DROP_SPOOFED, pkt)
         return self._inside_checked(pkt, v, ingress, now)
@@ -185,7 +185,7 @@ class Engine:
             return self._new_flow(pkt, v, okey, ingress, now)
         e = self.table.lookup(okey)  # step 6
         if e is not None:
-            return self._established_out(pkt, v, e, now)
+            return self._established_out(pkt, v, e, ingress, now)
         m = self.refused.get(okey)  # step 6: a flow refused moments ago is not searched again
         if m is not None and now - m.at < REFUSED_SECS:
             return Result(Verdict.DROP, Reason.DROP_REFUSED_RECENTLY, pkt)
@@ -216,7 +216,9 @@ class Engine:
                 return Result(Verdict.PASS, Reason.PASS_NO_ROUTE, pkt, rule=rule)
             oif, nexthop, mtu = gwr.oif, gwr.gw, gwr.mtu
         if v.tot_len > mtu and v.df:
-            return Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=rule)
+            res = Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=rule)
+            # new_gw: the kernel's own route is not this one, so it cannot answer with its MTU
+            return self._refuse_icmp(pkt, v, ingress, now, res, mtu) if rule.new_gw is not None else res
         flags = CT_F_NEW_GW if rule.new_gw is not None else 0
         return self._create(pkt, v, okey, rule, ingress, now, oif, nexthop, mtu, flags)
 
@@ -466,10 +468,13 @@ class Engine:
             c = counts[key] = LiveCount()
         return c
 
-    def _refuse_icmp(self, pkt: bytes, v: IPv4View, ingress: str, now: float, res: Result) -> Result:
+    def _refuse_icmp(self, pkt: bytes, v: IPv4View, ingress: str, now: float, res: Result,
+                     frag_mtu: int | None = None) -> Result:
         """`refuse_icmp yes`: the refused packet becomes an ICMP host unreachable back to its
-        host out of the device it came by, at most REFUSE_ICMP_PER_SEC a second (all hosts;
-        the second is the clock's whole second, as the BPF's snat_now() / 1e9)."""
+        host out of the device it came by (``frag_mtu``: a fragmentation needed with that
+        next-hop MTU instead), at most REFUSE_ICMP_PER_SEC a second, both kinds together (all
+        hosts; the second is the clock's whole second, as the BPF's snat_now() / 1e9); else
+        ``res``."""
         sec = int(now)
         if sec != self._icmp_sec:
             self._icmp_sec, self._icmp_count = sec, 0
@@ -480,7 +485,9 @@ class Engine:
         src = find(ip(v.saddr)) if find else None
         if src is None:
             return res
-        return Result(Verdict.REDIRECT, res.reason, host_unreachable(pkt, v.ihl, src), ingress, None, res.rule)
+        err = host_unreachable(pkt, v.ihl, src) if frag_mtu is None else \
+            host_unreachable(pkt, v.ihl, src, FRAG_NEEDED, min(frag_mtu, 0xFFFF))
+        return Result(Verdict.REDIRECT, res.reason, err, ingress, None, res.rule, res.nat)
 
     def _refuse(self, pkt: bytes, okey: CtKey, addr: IPv4Address, reason: Reason, now: float,
                 rule: Rule) -> Result:
@@ -494,13 +501,15 @@ class Engine:
         self.refused[okey] = Refusal(now, addr, reason)
         return Result(Verdict.DROP, reason, pkt, rule=rule)
 
-    def _established_out(self, pkt: bytes, v: IPv4View, e: CtEntry, now: float) -> Result:
+    def _established_out(self, pkt: bytes, v: IPv4View, e: CtEntry, ingress: str, now: float) -> Result:
         if v.ttl <= 1:
             return Result(Verdict.PASS, Reason.PASS_TTL, pkt, rule=e.rule, nat=(e.rw_addr, e.rw_port))
         if e.flags & CT_F_HAIRPIN:
             return self._hairpin(pkt, v, e, now)
         if v.tot_len > e.mtu and v.df:
-            return Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=e.rule, nat=(e.rw_addr, e.rw_port))
+            res = Result(Verdict.PASS, Reason.PASS_FRAG_NEEDED, pkt, rule=e.rule, nat=(e.rw_addr, e.rw_port))
+            # new_gw: the kernel's own route is not the session's, so it cannot answer with its MTU
+            return self._refuse_icmp(pkt, v, ingress, now, res, e.mtu) if e.flags & CT_F_NEW_GW else res
         return self._translate_out(pkt, v, e, now, Reason.XLATE_OUT)
 
     def _translate_out(self, pkt: bytes, v: IPv4View, e: CtEntry, now: float, reason: Reason) -> Result:

@@ -140,6 +140,9 @@ static __noinline int snat_v4_hairpin(struct __sk_buff *skb, struct pkt *p, stru
 	return verdict_redirect(v, REASON_XLATE_HAIRPIN, oif, nh);
 }
 
+static __noinline int snat_refuse_icmp(struct __sk_buff *skb, const struct pkt *p, struct snat_res *v,
+				       __u32 frag_mtu);
+
 /* Established outbound packet: session checks, TCP state, translate, send. */
 static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct pkt *p,
 						   struct ct_entry *e, struct snat_res *v, __u32 reason)
@@ -153,8 +156,8 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 		}
 		return 0;
 	}
-	if (snat_over_mtu(skb, p, e->mtu) && p->df)
-		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
+	if (snat_over_mtu(skb, p, e->mtu) && p->df) /* new_gw: the kernel's route is not the session's */
+		return snat_refuse_icmp(skb, p, v, (e->flags & CT_F_NEW_GW) && e->mtu > 1 ? e->mtu : 1);
 	/* a new session's first SYN was applied from NONE already; race: concurrent segments of
 	 * one flow may lose a state update, the next segment repairs it */
 	if (p->proto == IPPROTO_TCP_ && reason == REASON_XLATE_OUT)
@@ -207,11 +210,18 @@ static __noinline int snat_refuse(const struct ct_key *out, __be32 addr, __u32 r
 /* `refuse_icmp yes` (step 13): the packet of a host over its limit becomes an ICMP host
  * unreachable (type 3 code 1, RFC 6888 REQ-11) from the gateway's address toward the host
  * (bpf_fib_lookup's preferred source), quoting its IP header and 8 bytes, redirected back out
- * of the device it came in by; at most SNAT_REFUSE_ICMP_PER_SEC a second (all CPUs; a race
- * may let one more through).  Without a source, or over the rate, the packet is dropped. */
+ * of the device it came in by (skb->ingress_ifindex); at most SNAT_REFUSE_ICMP_PER_SEC a
+ * second (all CPUs; a race may let one more through).  Without a source, or over the rate,
+ * the packet is dropped.  `frag_mtu` not 0: a packet over a route's MTU with DF (step 11, the
+ * established path): 1, PASS_FRAG_NEEDED (the kernel routes it the same way and answers);
+ * else the MTU of a new_gw route, which the kernel's own route is not (handed to it, the
+ * packet left by a wider route or met the leak guard, and the host never learnt the path's
+ * MTU): a fragmentation needed (code 4) with that next-hop MTU, the same rate for both kinds;
+ * without a source or over the rate, PASS_FRAG_NEEDED. */
 struct icmp_buf {
 	__u8 b[28 + 68]; /* IPv4 + ICMP header, then the quoted header (<= 60) and 8 bytes */
 	struct bpf_fib_lookup f; /* (verifier: off the stack, the call chain's frames are full) */
+	__u32 frag_mtu;  /* (the same: the argument kept here across the helper calls) */
 };
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -220,21 +230,26 @@ struct {
 	__type(value, struct icmp_buf);
 } snat_icmp_buf SEC(".maps");
 
+static __u32 icmp_buf_key;  /* 0: snat_icmp_buf's key, off the stack (verifier: frames full) */
 static __u64 icmp_rl_sec;   /* the second being counted (snat_now() / 1e9) */
 static __u32 icmp_rl_count; /* ICMP errors sent in it */
 
 static __noinline int snat_refuse_icmp(struct __sk_buff *skb, const struct pkt *p, struct snat_res *v,
-				       __u32 iif)
+				       __u32 frag_mtu)
 {
-	__u32 zero = 0, q;
 	__u64 sec = snat_now() / 1000000000ULL;
-	struct icmp_buf *b = bpf_map_lookup_elem(&snat_icmp_buf, &zero);
+	struct icmp_buf *b = bpf_map_lookup_elem(&snat_icmp_buf, &icmp_buf_key);
 	struct bpf_fib_lookup *f;
 	struct iphdr *ip;
+	__u32 q;
 
-	verdict_set(v, VERDICT_DROP, REASON_DROP_HOST_LIMIT);
-	if (!b)
+	if (frag_mtu)
+		verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
+	else
+		verdict_set(v, VERDICT_DROP, REASON_DROP_HOST_LIMIT);
+	if (frag_mtu == 1 || !b) /* over the MTU of the kernel's own route: its answer */
 		return 0;
+	b->frag_mtu = frag_mtu;
 	if (sec != icmp_rl_sec) {
 		icmp_rl_sec = sec;
 		icmp_rl_count = 0;
@@ -242,16 +257,18 @@ static __noinline int snat_refuse_icmp(struct __sk_buff *skb, const struct pkt *
 	__sync_fetch_and_add(&icmp_rl_count, 1); /* (clang 14 -mcpu=v1: no fetch result) */
 	if (icmp_rl_count > SNAT_REFUSE_ICMP_PER_SEC)
 		return 0;
+	q = p->l4 - ETH_HLEN + 8; /* the IP header and 8 bytes after it */
+	if (q < 28 || q > 68)
+		return 0;
 	f = &b->f;
 	__builtin_memset(f, 0, sizeof(*f));
 	f->family = AF_INET_;
+	f->tot_len = 28 + q; /* the error's length: without it the lookup judges the packet's, and
+			      * one over the MTU (a frag-needed's) fails with FRAG_NEEDED */
 	f->ipv4_dst = p->saddr;
-	f->ifindex = iif;
+	f->ifindex = skb->ingress_ifindex;
 	if (bpf_fib_lookup(skb, f, sizeof(*f), BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SRC |
 					     BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_SUCCESS || !f->ipv4_src)
-		return 0;
-	q = p->l4 - ETH_HLEN + 8; /* the IP header and 8 bytes after it */
-	if (q < 28 || q > 68)
 		return 0;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, b->b + 28, q) < 0)
 		return 0;
@@ -266,13 +283,15 @@ static __noinline int snat_refuse_icmp(struct __sk_buff *skb, const struct pkt *
 	ip->daddr = p->saddr;
 	ip->check = ~csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)b->b, 20, 0));
 	b->b[20] = 3; /* destination unreachable */
-	b->b[21] = 1; /* host unreachable */
+	b->b[21] = b->frag_mtu ? 4 : 1; /* fragmentation needed, host unreachable */
+	/* the next-hop MTU (RFC 1191), 0 for a host unreachable */
+	*(__be16 *)&b->b[26] = bpf_htons(b->frag_mtu > 0xffff ? 0xffff : b->frag_mtu);
 	*(__u16 *)&b->b[22] = ~csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)(b->b + 20), 8 + q, 0));
 	if (bpf_skb_change_tail(skb, ETH_HLEN + 28 + q, 0) < 0)
 		return 0;
 	if (bpf_skb_store_bytes(skb, ETH_HLEN, b->b, 28 + q, 0) < 0)
 		return 0;
-	return verdict_redirect(v, REASON_DROP_HOST_LIMIT, iif, 0);
+	return verdict_redirect(v, v->reason, skb->ingress_ifindex, 0);
 }
 
 /* Step 9: what may make a session: a TCP pure SYN, a UDP datagram, an ICMP query request, a
@@ -567,11 +586,15 @@ static __noinline int snat_v4_new(struct __sk_buff *skb, struct pkt *p, struct s
 		if (fib_route4(skb, r->new_gw, p->saddr, iif, &eg) >= 0)
 			return verdict_set(v, VERDICT_PASS, REASON_PASS_NO_ROUTE);
 	}
-	if (snat_over_mtu(skb, p, eg.mtu) && p->df)
+	if (snat_over_mtu(skb, p, eg.mtu) && p->df) {
+		/* new_gw: the kernel's route is not this one; the caller answers with its MTU (this
+		 * frame is at the verifier's combined stack limit) */
+		v->ifindex = (r->flags & RULE_F_NEW_GW) ? eg.mtu : 0;
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_NEEDED);
+	}
 	rc = snat_v4_new_mapping(skb, p, r, cfg, &eg, iif, 0);
 	if (rc == REASON_DROP_HOST_LIMIT && (cfg->flags & CFG_F_REFUSE_ICMP))
-		return snat_refuse_icmp(skb, p, v, iif);
+		return snat_refuse_icmp(skb, p, v, 0);
 	if (rc > 0)
 		return verdict_set(v, VERDICT_DROP, rc);
 	return rc == 0 ? -3 : -2;
@@ -596,7 +619,7 @@ static __noinline int snat_v4_hairpin_new(struct __sk_buff *skb, struct pkt *p, 
 	eg.mtu = mtu;
 	rc = snat_v4_new_mapping(skb, p, r, cfg, &eg, iif, 1);
 	if (rc == REASON_DROP_HOST_LIMIT && (cfg->flags & CFG_F_REFUSE_ICMP))
-		return snat_refuse_icmp(skb, p, v, iif);
+		return snat_refuse_icmp(skb, p, v, 0);
 	if (rc > 0)
 		return verdict_set(v, VERDICT_DROP, rc);
 	return rc == 0 ? -3 : -2;
@@ -698,8 +721,11 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 			return verdict_set(v, VERDICT_PASS, REASON_PASS_LOCAL);
 		rc = snat_v4_hairpin_new(skb, p, v, slot);
 	}
-	if (rc >= 0)
+	if (rc >= 0) {
+		if (v->reason == REASON_PASS_FRAG_NEEDED && v->ifindex > 1) /* new_gw's MTU (snat_v4_new) */
+			return snat_refuse_icmp(skb, p, v, v->ifindex);
 		return 0;
+	}
 	if (rc == -3) { /* created: the OUT entry as inserted is still in the per-CPU scratch */
 		struct port_search *sp = port_search_get();
 
