@@ -590,3 +590,23 @@ def test_requests_asking_for_unbounded_work_or_huge_numbers_are_bad_requests(dae
         resp = request(sock, req, timeout=5)
         assert not resp["ok"] and resp["exit"] == 2 and what in resp["error"], (req.get("op"), resp)
     assert not [line for line in service.log.lines if "request_failed" in line]
+
+
+def test_a_pin_directory_is_held_by_one_daemon_whatever_its_namespace(tmp_path):
+    """The owner name is per network namespace, the pin directory per bpffs mount: a daemon of
+    another namespace (nsenter --net, one /sys/fs/bpf) given the same pin_dir adopted the first
+    one's maps (the lab: both gateways' programs on map 686454, gateway 1 translating with
+    gateway 2's pool while listing its own).  The second now fails, naming the holder's pid."""
+    from snatgw.daemon.owner import PinDirLock
+
+    pins = tmp_path / "pins"
+    pins.mkdir()
+    first = PinDirLock(str(pins))
+    try:
+        with pytest.raises(DaemonError) as ei:
+            PinDirLock(str(pins))
+        assert f"in use by another snatgw daemon (pid {os.getpid()})" in str(ei.value)
+        assert "its own pin_dir" in str(ei.value)
+    finally:
+        first.close()
+    PinDirLock(str(pins)).close()  # released with its holder

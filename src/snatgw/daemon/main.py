@@ -31,7 +31,7 @@ from .control import ControlServer
 from .log import Log
 
 from .loop import EventLoop, Worker
-from .owner import NamespaceOwner
+from .owner import NamespaceOwner, PinDirLock
 from .service import Service, load_config, make_backend
 
 DEFAULT_CONFIG = "/etc/snatgw/snatgw.conf"
@@ -168,20 +168,26 @@ def run(args) -> int:
         log.error("config_invalid", error=str(e), config=args.config)
         return EXIT_BAD_INPUT
     settings = config.settings
-    owner = server = None
+    owner = server = pins = None
     service: Service | None = None
     try:
         # one daemon per network namespace (the fake backend has no datapath to own)
         if settings.backend != "fake":
             owner = NamespaceOwner({"socket": settings.control_socket, "backend": settings.backend,
                                     "config": os.path.abspath(args.config)})  # fmt: skip
+        if settings.backend == "bpf":  # and per pin directory (a bpffs may be shared by namespaces)
+            from ..datapath.bpf.loader import ensure_bpffs
+
+            ensure_bpffs(settings.pin_dir)
+            pins = PinDirLock(settings.pin_dir)
         backend = make_backend(settings.backend, settings)
         service = Service(config, backend, log, config_path=args.config, overrides=overrides)
         server = ControlServer(settings.control_socket, service.handle, log=log)
     except (SnatgwError, OSError) as e:
         log.error("start_failed", error=str(e))
-        if owner is not None:
-            owner.close()
+        for held in (pins, owner):
+            if held is not None:
+                held.close()
         return getattr(e, "exit_code", EXIT_BACKEND)
     loop = EventLoop(log)
     worker = Worker(loop, log)
@@ -215,8 +221,9 @@ def run(args) -> int:
                 service.stop()
             except Exception as e:  # noqa: BLE001
                 log.error("stop_failed", error=str(e))
-        if owner is not None:
-            owner.close()
+        for held in (pins, owner):  # the datapath is stopped (kept) before the locks go
+            if held is not None:
+                held.close()
         loop.close()
 
 

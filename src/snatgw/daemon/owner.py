@@ -9,6 +9,7 @@ refuses to start; `snatgw purge` asks the same question before removing anything
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -75,6 +76,50 @@ def describe(info: dict) -> str:
     if info.get("socket"):
         parts.append(f"control socket {info['socket']}")
     return ", ".join(parts)
+
+
+def _lock_holder(st: os.stat_result) -> int | None:
+    """The pid holding a flock on the inode of ``st`` (/proc/locks), or None."""
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                w = line.split()
+                if len(w) > 5 and w[1] == "FLOCK" and w[5] == dev:
+                    return int(w[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class PinDirLock:
+    """An exclusive flock on the bpf pin directory, held for the daemon's life (released by the
+    kernel when it dies).  The owner name above is per network namespace, but a pin directory is
+    per bpffs mount: a daemon of another namespace (nsenter --net, a shared /sys/fs/bpf) given
+    the same pin_dir adopted the first one's maps, so both gateways translated with the rules
+    and sessions of whichever wrote last, and each listed its own."""
+
+    def __init__(self, pin_dir: str):
+        self.pin_dir = pin_dir
+        self.fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            st = os.fstat(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DaemonError(f"{pin_dir}: cannot lock the pin directory: {e.strerror}") from None
+            pid = _lock_holder(st)
+            raise DaemonError(
+                f"{pin_dir}: the pin directory is in use by another snatgw daemon"
+                f"{f' (pid {pid})' if pid else ''}, in another network namespace: its maps (rules, sessions) "
+                "would be shared by both gateways; give each gateway its own pin_dir") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class NamespaceOwner:
