@@ -147,3 +147,38 @@ def test_a_client_that_never_reads_its_scrape_is_dropped(monkeypatch):
         t.join(5)
         worker.close(5)
         loop.close()
+
+
+def test_silent_connections_do_not_shut_the_scraper_out(monkeypatch):
+    """MAX_CLIENTS connections that send nothing (renewed every CLIENT_TIMEOUT) closed every
+    scrape at once; now a newcomer at the limit takes the place of the longest silent one."""
+    from snatgw.daemon import metrics as M
+    from snatgw.daemon.log import Log
+    from snatgw.daemon.loop import EventLoop, Worker
+
+    monkeypatch.setattr(M, "scrape", lambda service: b"snatgw_up 1\n")
+    loop = EventLoop(Log(stream=open(__import__("os").devnull, "w")))
+    worker = Worker(loop)
+    server = M.MetricsServer("127.0.0.1", 0, None, loop.log)
+    server.attach(loop, worker)
+    t = threading.Thread(target=loop.run, daemon=True)
+    t.start()
+    silent = []
+    try:
+        for _ in range(M.MAX_CLIENTS):
+            silent.append(socket.create_connection(server.addr))
+        end = time.monotonic() + 5
+        while len(server.clients) < M.MAX_CLIENTS and time.monotonic() < end:
+            time.sleep(0.01)
+        assert len(server.clients) == M.MAX_CLIENTS
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.addr[1]}/metrics", timeout=5) as r:
+            assert r.status == 200 and r.read() == b"snatgw_up 1\n"
+        assert len(server.clients) <= M.MAX_CLIENTS
+    finally:
+        for c in silent:
+            c.close()
+        loop.call_soon_threadsafe(server.close)
+        loop.stop()
+        t.join(5)
+        worker.close(5)
+        loop.close()

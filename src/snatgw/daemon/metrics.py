@@ -325,8 +325,14 @@ class MetricsServer:
                 self.log.warning("metrics_accept_failed", error=str(e))
                 return
             if len(self.clients) >= MAX_CLIENTS:
-                conn.close()
-                continue
+                # full: the longest silent client goes, not the newcomer (16 connections that
+                # send nothing, renewed every CLIENT_TIMEOUT, shut every scrape out); a client
+                # whose request is in or whose answer is being sent stays
+                idle = [x for x in self.clients.values() if not x.busy and not x.out]
+                if not idle:
+                    conn.close()
+                    continue
+                self._drop(min(idle, key=lambda x: x.started))
             conn.setblocking(False)
             c = _Client(conn, self.loop.clock())
             self.clients[conn.fileno()] = c
