@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from scapy.layers.inet import ICMP, IP
+from scapy.layers.inet import ICMP, IP, UDP
 from scapy.packet import Raw, raw
 
 from snatgw.config.schema import Settings
@@ -332,6 +332,25 @@ def _scenarios() -> list[Scenario]:
         inside(udp(C, R1, 6000, 7000, payload=big, flags="DF", options=[b"\x01\x01\x01\x00"]), RED,
                R.PASS_FRAG_NEEDED, dev="lan50"),  # fmt: skip
         inside(udp(C, R1, 6000, 7000, payload=b"x" * 1472, flags="DF"), RED, R.XLATE_OUT, dev="lan50"),
+    ])  # fmt: skip
+    jumbo = bytes(range(256)) * 32  # a host on a jumbo LAN fragments at 3000 bytes
+    j_udp = raw(UDP(sport=6100, dport=7000) / jumbo[:2976 + 2000 - 8])
+    j1 = raw(IP(src=A, dst=R1, id=0x4343, flags="MF", proto=17) / Raw(j_udp[:2976]))
+    j2 = raw(IP(src=A, dst=R1, id=0x4343, frag=372, proto=17) / Raw(j_udp[2976:]))
+    ja, jp = snat_of(RULE_SDH, A, R1, 6100)
+    r_udp = raw(UDP(sport=7000, dport=jp) / jumbo[:1600 + 1480 - 8])
+    r1 = raw(IP(src=R1, dst=ja, id=0x4444, flags="MF", proto=17) / Raw(r_udp[:1600]))
+    r2 = raw(IP(src=R1, dst=ja, id=0x4444, frag=200, proto=17) / Raw(r_udp[1600:]))
+    add("later_fragment_over_the_egress_mtu", "Fragments longer than the egress device's MTU "
+        "(a host's 3000-byte fragments toward a 1500-byte uplink, a remote's toward the inside): "
+        "the first is translated and handed to the kernel to fragment (PASS_TRANSLATED) as any "
+        "packet; a later one alike, its TTL left to the kernel (redirected, the device dropped "
+        "it: lab, host fragments of 1500 bytes toward eth1 at 1400 never arrived).", [
+        inside(j1, PT, R.XLATE_NEW),
+        inside(j2, PT, R.XLATE_FRAG),
+        outside(r1, PT, R.XLATE_IN),
+        outside(r2, RED, R.XLATE_FRAG),  # 1500 bytes: fits lan40
+        outside(raw(IP(src=R1, dst=ja, id=0x4444, frag=385, proto=17) / Raw(jumbo[:1600])), PT, R.XLATE_FRAG),
     ])  # fmt: skip
     syn = tcp(A, R1, 40000, 80, "S")
     bad_ihl = bytes([0x44]) + syn[1:]

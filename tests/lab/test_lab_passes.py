@@ -52,11 +52,12 @@ def test_inside_hosts_reach_each_other_with_their_own_addresses(gw):
                 assert conn.recv(100) == b"internal" and peer[0] == "198.18.40.10"
 
 
-def _send_big(gw, tok: str) -> dict | None:
-    """A 1478-byte datagram without DF from 198.18.40.12 to the echo server; what it saw."""
+def _send_big(gw, tok: str, size: int = 1450) -> dict | None:
+    """A datagram of ``size`` bytes of data (1478 in all) without DF from 198.18.40.12 to the
+    echo server; what it saw."""
     with _udp(gw, "in40", "198.18.40.12") as s:
         s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
-        s.sendto((tok + "x" * (1450 - len(tok))).encode(), ("203.0.113.10", ECHO_PORT))
+        s.sendto((tok + "x" * (size - len(tok))).encode(), ("203.0.113.10", ECHO_PORT))
     return gw.servers.wait_for(lambda e: e.get("event") == "datagram" and e.get("data", "").startswith(tok),
                                timeout=3)
 
@@ -64,21 +65,27 @@ def _send_big(gw, tok: str) -> dict | None:
 @pytest.mark.parametrize("gateway_module", ["bpf"], indirect=True)  # nft: the kernel's own NAT path
 def test_translated_datagram_over_the_uplink_mtu_is_fragmented_by_the_kernel(gw):
     """With eth1's MTU lowered to 1400, a 1478-byte datagram without DF is translated and handed
-    to the kernel, which fragments it: the server sees the SNAT address.  The backend set
-    accept_local=1 on the inside devices; with 0 the kernel drops such a packet as martian."""
+    to the kernel, which fragments it: the server sees the SNAT address; so is a 3000-byte one
+    the host itself cut into fragments of 1500, its later fragments too (they were redirected
+    into eth1 as they were, which dropped them).  The backend set accept_local=1 on the inside
+    devices; with 0 the kernel drops such a packet as martian."""
     gw.check()
     conf = "net.ipv4.conf.lan40.accept_local"
     assert gw.lab.run("gw", "sysctl", "-n", conf).stdout.strip() == "1"
     assert gw.lab.run("gw", "sysctl", "-n", "net.ipv4.conf.eth1.accept_local").stdout.strip() == "0"
-    gw.lab.run("gw", "ip", "link", "set", "dev", "eth1", "mtu", "1400")
+    for node, dev in (("gw", "eth1"), ("isp1", "up")):  # both ends of the link
+        gw.lab.run(node, "ip", "link", "set", "dev", dev, "mtu", "1400")
     try:
         seen = _send_big(gw, "bigdf0a")
+        frags = _send_big(gw, "bigdf0c", 3000)
         gw.lab.run("gw", "sysctl", "-q", "-w", f"{conf}=0")
         lost = _send_big(gw, "bigdf0b")
     finally:
         gw.lab.run("gw", "sysctl", "-q", "-w", f"{conf}=1")
-        gw.lab.run("gw", "ip", "link", "set", "dev", "eth1", "mtu", "1500")
+        for node, dev in (("gw", "eth1"), ("isp1", "up")):
+            gw.lab.run(node, "ip", "link", "set", "dev", dev, "mtu", "1500")
     assert seen is not None and seen["peer"].startswith("198.19.2.7") and seen["link"] == "isp1"
+    assert frags is not None and frags["peer"].startswith("198.19.2.7") and frags["link"] == "isp1", frags
     assert lost is None
 
 

@@ -598,9 +598,13 @@ class Engine:
             return Result(Verdict.PASS, Reason.PASS_FRAG_UNTRANSLATED, pkt)
         if v.ttl <= 1:
             return Result(Verdict.PASS, Reason.PASS_TTL, pkt)
+        # longer than the egress device's MTU: translated and handed to the kernel, which
+        # fragments it again (and decrements TTL); redirected, the device would drop it
+        to_kernel = v.tot_len > self._dev_mtu(fe.oif)
         buf = bytearray(pkt)
-        rewrite_fragment(buf, fe.saddr, fe.daddr)
-        return Result(Verdict.REDIRECT, Reason.XLATE_FRAG, bytes(buf), fe.oif, fe.nexthop)
+        rewrite_fragment(buf, fe.saddr, fe.daddr, dec_ttl=not to_kernel)
+        verdict = Verdict.PASS_TRANSLATED if to_kernel else Verdict.REDIRECT
+        return Result(verdict, Reason.XLATE_FRAG, bytes(buf), fe.oif, fe.nexthop)
 
     def _icmp_error(self, pkt: bytes, v: IPv4View, side: str, ingress: str | None = None) -> Result | None:
         """ICMP errors, three ways (docs/datapath.md "ICMP errors").  ``ingress``: the inside

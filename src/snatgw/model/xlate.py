@@ -59,11 +59,12 @@ def translate(buf: bytearray, v: IPv4View, outbound: bool, addr: IPv4Address, po
         ttl_dec(buf)
 
 
-def rewrite_fragment(buf: bytearray, saddr: IPv4Address, daddr: IPv4Address) -> None:
+def rewrite_fragment(buf: bytearray, saddr: IPv4Address, daddr: IPv4Address, dec_ttl: bool = True) -> None:
     for off, a in ((IP_SADDR, saddr), (IP_DADDR, daddr)):
         old = _put(buf, off, a.packed)
         l3_replace(buf, IP_CHECK, old, a.packed)
-    ttl_dec(buf)
+    if dec_ttl:
+        ttl_dec(buf)
 
 
 def translate_icmp_error(

@@ -377,6 +377,8 @@ static __always_inline int frag_v4_later(struct __sk_buff *skb, const struct pkt
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *iph = data + ETH_HLEN;
+	__u32 mtu = 0;
+	int to_kernel;
 	__be16 old_w;
 	__u64 d;
 
@@ -392,14 +394,25 @@ static __always_inline int frag_v4_later(struct __sk_buff *skb, const struct pkt
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_FRAG_UNTRANSLATED);
 	if (p->ttl <= 1)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
+	/* longer than the egress device's MTU (a host's 1500-byte fragments toward a narrower
+	 * uplink): redirected, the device dropped it; translated and handed to the kernel, which
+	 * fragments it again and decrements its TTL, as a first fragment's PASS_TRANSLATED */
+	bpf_check_mtu(skb, e->ifindex, &mtu, 0, 0);
+	to_kernel = mtu && p->len > mtu;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	iph = data + ETH_HLEN;
 	if ((void *)(iph + 1) > data_end)
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_MALFORMED);
 	old_w = *(__be16 *)&iph->ttl;
 	d = csum_delta4(iph->saddr, e->saddr) + csum_delta4(iph->daddr, e->daddr);
 	iph->saddr = e->saddr;
 	iph->daddr = e->daddr;
-	iph->ttl--;
+	if (!to_kernel)
+		iph->ttl--;
 	d += csum_delta2(old_w, *(__be16 *)&iph->ttl);
 	iph->check = csum_apply(iph->check, d);
+	if (to_kernel)
+		return verdict_set(v, VERDICT_PASS_TRANSLATED, REASON_XLATE_FRAG);
 	return verdict_redirect(v, REASON_XLATE_FRAG, e->ifindex, e->nexthop);
 }
