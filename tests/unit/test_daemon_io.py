@@ -610,3 +610,26 @@ def test_a_pin_directory_is_held_by_one_daemon_whatever_its_namespace(tmp_path):
     finally:
         first.close()
     PinDirLock(str(pins)).close()  # released with its holder
+
+
+def test_a_sigterm_during_the_start_stops_the_daemon_cleanly_after_it(tmpdir_short):
+    """Signals kept their default action until the loop took them, after the datapath's start
+    (seconds for bpf): a SIGTERM then (systemctl stop while activating) killed the daemon
+    mid-start, exit 143 with nothing logged, pins made and hooks half attached.  Now it waits
+    for the start, then the daemon stops as on any SIGTERM: exit 0, `stopped` logged."""
+    conf = tmpdir_short / "snatgw.conf"
+    shutil.copy(LAB, conf)
+    code = ("import os, signal, sys\n"
+            "from snatgw.daemon import service\n"
+            "start = service.Service.start\n"
+            "def slow_start(self):\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    start(self)\n"
+            "service.Service.start = slow_start\n"
+            "from snatgw.cli.main import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    p = subprocess.run([sys.executable, "-c", code, "run", str(conf), "--backend", "fake", "--socket",
+                        str(tmpdir_short / "ctl.sock")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, (p.returncode, p.stderr[-500:])
+    assert "event=stopping" in p.stderr and "event=stopped" in p.stderr

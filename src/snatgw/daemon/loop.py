@@ -156,8 +156,8 @@ class EventLoop:
         # full (a few hundred signals between two turns of the loop), and a SIGTERM after a
         # burst of SIGHUPs was lost with it; the Python handler (main thread) records each
         # signal not already waiting (a burst of one signal is handled once: bounded)
-        self._old_signals[signum] = signal.signal(
-            signum, lambda n, _f: None if n in self._signals else self._signals.append(n))
+        old = signal.signal(signum, lambda n, _f: None if n in self._signals else self._signals.append(n))
+        self._old_signals.setdefault(signum, old)  # registered again: keep the disposition before ours
 
     def restore_signals(self) -> None:
         for signum, old in self._old_signals.items():

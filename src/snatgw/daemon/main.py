@@ -193,6 +193,12 @@ def run(args) -> int:
     worker = Worker(loop, log)
     gc = Worker(loop, log, name="snatgw-gc")
     daemon = Daemon(service, server, log, loop, worker, owner, gc)
+    # from here a SIGTERM/SIGINT waits for the start to end, then stops the daemon as usual (the
+    # default action killed it mid-start: exit 143, pins made and hooks half attached, nothing
+    # logged); a SIGHUP is a reload after it
+    for s in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(s, daemon.on_stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.on_hup)
     started = False
     try:
         try:
