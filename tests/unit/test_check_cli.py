@@ -164,3 +164,22 @@ def test_default_timeouts_are_the_rfc_floored_table(capsys):
         "tcp_fin_wait": 240, "tcp_time_wait": 120, "tcp_close": 10, "tcp_close_wait": 240,
         "tcp_last_ack": 240, "tcp_listen": 240, "tcp_synack": 240, "udp": 300, "icmp": 60}
     assert not any("timeout" in w for w in d["warnings"])
+
+
+def test_pools_no_reply_can_reach_and_too_many_rules_for_bpf_are_warned(tmp_path, capsys, monkeypatch):
+    """A pool of 0.0.0.0, 127.0.0.1, 224.0.0.1 or 255.255.255.255 (a typo) was valid without a
+    word, and so was a config with more rules than the bpf datapath holds (16,384), which `run`
+    then refused; both are warnings now (the config stays valid: another backend may take it)."""
+    from snatgw.cli.commands import check
+
+    rules = "".join(f"  snat_rule {{ from 198.18.{40 + i}.0/24 snat_ip {a} }}\n"
+                    for i, a in enumerate(["0.0.0.0", "127.0.0.1", "224.0.0.1-224.0.0.2", "255.255.255.255",
+                                           "198.19.2.71"]))
+    f = write(tmp_path, "virtual_server fwmark 1 {\n" + rules + "}\n")
+    monkeypatch.setattr(check, "MAX_RULES", 4)
+    assert main(["check", f, "-j"]) == 0
+    w = json.loads(capsys.readouterr().out)["warnings"]
+    pools = [x for x in w if "no reply comes back" in x]
+    assert [x.split(":")[1] for x in pools] == ["2", "3", "4", "5"]
+    assert "loopback addresses (127.0.0.0/8)" in pools[1] and "multicast" in pools[2]
+    assert any("5 rules: the bpf backend holds at most 4" in x for x in w)

@@ -5,12 +5,13 @@ valid, 2 when not (the error, file:line: field: message, on stderr)."""
 from __future__ import annotations
 
 import argparse
+from ipaddress import IPv4Network
 
 from ...config.links import link_rules
 from ...config.parse import parse_file, require_rules, settings_as_dict
 from ...config.schema import GatewayConfig
 from ...errors import EXIT_OK, ConfigError
-from ...layout import PORT_TRIES
+from ...layout import MAX_RULES, PORT_TRIES
 from ..render import dump_json, kv_table, rule_json, rule_table
 
 HELP = "validate a config file and show its rules in priority order"
@@ -25,6 +26,13 @@ Exit status: 0 valid, 2 invalid (nothing would be applied).
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="config file (keepalived.conf style)")
     p.add_argument("-j", "--json", action="store_true", help="print one JSON object instead of tables")
+
+
+#: ranges no SNAT address can come from (RFC 6890: "this network", loopback, multicast, reserved
+#: and the limited broadcast)
+UNROUTABLE_POOL = tuple((IPv4Network(n), what) for n, what in (
+    ("0.0.0.0/8", "'this network'"), ("127.0.0.0/8", "loopback"), ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved (or broadcast)")))
 
 
 def config_warnings(cfg: GatewayConfig) -> list[str]:
@@ -45,6 +53,14 @@ def config_warnings(cfg: GatewayConfig) -> list[str]:
                        f"{lk.oif or '-'}): a failure of it moves nothing")
         if s.outside and lk.oif and lk.oif not in s.outside:
             out.append(f"{lk.where}: link {lk.name}: oif {lk.oif} is not among the outside interfaces")
+    for r in cfg.rules.defined:  # a pool no reply can come back to: a typo, most likely
+        for net, what in UNROUTABLE_POOL:
+            if int(r.pool.first) <= int(net.broadcast_address) and int(net.network_address) <= int(r.pool.last):
+                out.append(f"{r.where}: snat_ip: {r.pool.short()} has {what} addresses ({net}): a packet from "
+                           "one is not routed on the internet and no reply comes back to it")
+    if s.backend == "bpf" and len(cfg.rules) > MAX_RULES:
+        out.append(f"{cfg.source}: {len(cfg.rules)} rules: the bpf backend holds at most {MAX_RULES}; "
+                   "`snatgw run` with it refuses this config (the nft backend takes it)")
     out += nat_behaviour_warnings(cfg)
     out += nft_pressure_warnings(cfg)
     missing = [k for k in ("inside", "outside") if not getattr(s, k)]
