@@ -633,3 +633,23 @@ def test_a_sigterm_during_the_start_stops_the_daemon_cleanly_after_it(tmpdir_sho
                         str(tmpdir_short / "ctl.sock")], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, (p.returncode, p.stderr[-500:])
     assert "event=stopping" in p.stderr and "event=stopped" in p.stderr
+
+
+def test_a_listening_socket_that_does_not_answer_yet_is_not_taken_over(tmpdir_short):
+    """A daemon binds its control socket before its datapath starts and answers only after:
+    a second daemon (another namespace, the same socket path) that got no status within 2 s
+    took the socket for stale, unlinked it and bound its own, so the first one's clients
+    talked to the second.  Only a socket nothing listens on is replaced."""
+    path = str(tmpdir_short / "ctl.sock")
+    starting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    starting.bind(path)
+    starting.listen(4)  # never accepts: a daemon whose loop does not run yet
+    ino = os.stat(path).st_ino
+    try:
+        with pytest.raises(DaemonError, match="something listens on it"):
+            ControlServer(path, lambda r: {"ok": True})
+        assert os.stat(path).st_ino == ino  # still the first one's socket
+    finally:
+        starting.close()
+    server = ControlServer(path, lambda r: {"ok": True})  # closed: stale, replaced
+    server.sock.close()

@@ -90,12 +90,17 @@ def request(path: str, req: dict, timeout: float = 30.0) -> dict:
         raise DaemonError(f"the daemon on {path} answered something that is not JSON") from None
 
 
-def _live(path: str) -> bool:
+def _live(path: str) -> str | None:
+    """Why the socket at ``path`` is not stale (None: nothing listens, it may be replaced).  A
+    listener that does not answer in time is alive too: a daemon still starting (its loop runs
+    after the datapath's start, seconds for bpf) had its socket taken over by a second one."""
     try:
         request(path, {"op": "status"}, timeout=2.0)
-        return True
-    except (NoDaemon, DaemonError, ValueError):
-        return False
+        return "another snatgw daemon is already running on it"
+    except NoDaemon:
+        return None
+    except (DaemonError, ValueError) as e:
+        return f"something listens on it (a snatgw daemon still starting?) but gave no status ({e})"
 
 
 def _error(msg: str, code: str = "EINVAL", exit_code: int = 2) -> dict:
@@ -136,8 +141,9 @@ class ControlServer:
             st = os.lstat(path)
             if not stat.S_ISSOCK(st.st_mode):
                 raise DaemonError(f"{path} exists and is not a socket; refusing to replace it")
-            if _live(path):
-                raise DaemonError(f"another snatgw daemon is already running on {path}")
+            why = _live(path)
+            if why:
+                raise DaemonError(f"{path}: {why}; refusing to replace it")
             os.unlink(path)  # stale socket of a daemon that died
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
