@@ -2,7 +2,12 @@
 and pip-installs this tree (~11 s, most of it on one CPU), so on two CPUs the pair takes about
 as long as one.  They cannot build in one source tree at once (setuptools builds in ./build,
 which scripts/install.sh clears first), so the staged (DESTDIR) one runs from a copy of the
-tree's files, as a package build does."""
+tree's files, as a package build does.
+
+In a run that holds the whole suite they start early, in the background, as the first test of
+EARLY_START begins: those tests are single-threaded BPF test runs that time nothing, so pytest
+uses one CPU and the installs the other, and the ~20 s of the pair no longer add to the suite.
+The tests here wait for them as before (and start them themselves when EARLY_START is not run)."""
 
 from __future__ import annotations
 
@@ -64,21 +69,22 @@ def final_paths():
     return dict(FINAL)
 
 
-@pytest.fixture(scope="session")
-def make_installs(tmp_path_factory):
-    """{"prefix": (tmp root, paths, argv, env, rc, output), "destdir": (DESTDIR, final paths
-    before, after, rc, output)}: `make install` into temporary PREFIX/SNATGW_HOME/SYSCONFDIR
-    (with an operator's snatgw.conf already there) and `make install DESTDIR=...` (default
-    paths), run at the same time."""
+#: the module whose first test starts the installs in the background (see the docstring)
+EARLY_START = ROOT / "tests/bpf/test_differential.py"
+_launched: dict = {}  # the installs started (once per session): the state _launch returns
+
+
+def _launch(t: Path, base: Path) -> dict:
+    """Start `make install` into temporary PREFIX/SNATGW_HOME/SYSCONFDIR under ``t`` (with an
+    operator's snatgw.conf already there) and `make install DESTDIR=...` (default paths) from a
+    copy of the tree under ``base``, at the same time; returns what _collect needs."""
     env = {**os.environ, "SNATGW_NO_APT": "1"}  # make test's setup already installed the packages
-    t = tmp_path_factory.mktemp("inst")
     paths = {"PREFIX": t / "usr/local", "SNATGW_HOME": t / "opt/snatgw", "SYSCONFDIR": t / "etc"}
     mine = t / "etc/snatgw/snatgw.conf"
     mine.parent.mkdir(parents=True)
     mine.write_text("# the operator's own config\nvirtual_server fwmark 1 {\n}\n")
     argv = ["make", "-s", "-C", str(ROOT)] + [f"{k}={v}" for k, v in paths.items()]
 
-    base = tmp_path_factory.mktemp("destdir")
     dest, tree = base / "stage", base / "src"
     shutil.copytree(ROOT, tree, symlinks=True, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", ".cache", "results"))
@@ -87,7 +93,61 @@ def make_installs(tmp_path_factory):
     before = snapshot(WATCHED)
     staged = _start(["make", "-s", "-C", str(tree), f"DESTDIR={dest}", "install"], denv, base / "make.log")
     try:
-        rc, out = _finish(*_start(argv + ["install"], env, t.parent / f"{t.name}-make.log"), 600)
+        prefixed = _start(argv + ["install"], env, t.parent / f"{t.name}-make.log")
+    except BaseException:
+        _finish(*staged, 0)
+        raise
+    return {"t": t, "paths": paths, "argv": argv, "env": env, "dest": dest, "before": before,
+            "prefixed": prefixed, "staged": staged}
+
+
+def _collect(s: dict) -> dict:
+    """Wait for both installs (600 s at most each) and give what the fixture yields."""
+    try:
+        rc, out = _finish(*s["prefixed"], 600)
     finally:
-        drc, dout = _finish(*staged, 600)
-    yield {"prefix": (t, paths, argv, env, rc, out), "destdir": (dest, before, snapshot(WATCHED), drc, dout)}
+        drc, dout = _finish(*s["staged"], 600)
+    return {"prefix": (s["t"], s["paths"], s["argv"], s["env"], rc, out),
+            "destdir": (s["dest"], s["before"], snapshot(WATCHED), drc, dout)}
+
+
+class _EarlyStart:
+    """Starts the installs as the first test of EARLY_START begins; ends any still running at the
+    session's end (a run stopped early by -x or ^C)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def pytest_runtest_setup(self, item):
+        if not _launched and Path(item.path) == EARLY_START:
+            f = self.config._tmp_path_factory
+            _launched.update(_launch(f.mktemp("inst"), f.mktemp("destdir")))
+
+    def pytest_sessionfinish(self):
+        for key in ("prefixed", "staged"):
+            p, _ = _launched.get(key, (None, None))
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def pytest_collection_finish(session):
+    """Run as root with this tier selected and EARLY_START before it: start the installs there."""
+    if os.geteuid() != 0 or not hasattr(session.config, "_tmp_path_factory"):
+        return
+    paths = [Path(i.path) for i in session.items]
+    here = Path(__file__).parent
+    ours = next((n for n, p in enumerate(paths) if p.is_relative_to(here)), None)
+    if ours is not None and EARLY_START in paths[:ours]:
+        session.config.pluginmanager.register(_EarlyStart(session.config), "snatgw-install-early-start")
+
+
+@pytest.fixture(scope="session")
+def make_installs(tmp_path_factory):
+    """{"prefix": (tmp root, paths, argv, env, rc, output), "destdir": (DESTDIR, final paths
+    before, after, rc, output)}: `make install` into temporary PREFIX/SNATGW_HOME/SYSCONFDIR
+    (with an operator's snatgw.conf already there) and `make install DESTDIR=...` (default
+    paths), run at the same time (started early in a whole-suite run: see the docstring)."""
+    if not _launched:
+        _launched.update(_launch(tmp_path_factory.mktemp("inst"), tmp_path_factory.mktemp("destdir")))
+    yield _collect(_launched)
