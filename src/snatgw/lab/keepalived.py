@@ -38,14 +38,18 @@ def pool_addresses(rules: list[dict] = REF_RULES) -> list[tuple[str, str]]:
 
 
 def vrrp_text(rules: list[dict] = REF_RULES, vip: str = VIP, iface: str = VRRP_IF, vrid: int = VRID,
-              priority: int = 150, state: str = "MASTER") -> str:
+              priority: int = 150, state: str = "MASTER", advert_int: str = "1") -> str:
     """keepalived's part of the combined file: global_defs and one vrrp_instance owning ``vip``
-    and (not advertised, moved with it) the SNAT pool addresses of ``rules`` on the uplinks."""
+    and (not advertised, moved with it) the SNAT pool addresses of ``rules`` on the uplinks.
+    The default is examples/keepalived.conf's instance; a fractional ``advert_int`` (VRRPv3
+    only: the instance then says `version 3`) makes keepalived MASTER sooner (3 adverts and a
+    skew after its start: ~0.4 s at 0.1 instead of ~3.5 s at 1)."""
     pool = "".join(f"        {a}/32 dev {i}\n" for a, i in pool_addresses(rules))
+    version = "    version 3\n" if "." in advert_int else ""
     return (
         "global_defs {\n    router_id snatgw-lab-gw\n}\n\n"
         f"vrrp_instance inside40 {{\n    state {state}\n    interface {iface}\n"
-        f"    virtual_router_id {vrid}\n    priority {priority}\n    advert_int 1\n"
+        f"    virtual_router_id {vrid}\n    priority {priority}\n{version}    advert_int {advert_int}\n"
         f"    virtual_ipaddress {{\n        {vip}/24 dev {iface}\n    }}\n"
         f"    virtual_ipaddress_excluded {{\n{pool}    }}\n}}\n\n"
     )
