@@ -71,12 +71,18 @@ def test_healthy_link_is_probed_and_reported(gw):
     probes; /metrics has snatgw_link_up{link="isp1"} 1 and probe counters."""
     lab, flow = gw
     wait_for(flow, "isp1", "198.19.2.", "the flow does not reach the server through isp1")
-    time.sleep(1.0)
-    rc, d = status(lab)
+    deadline = time.monotonic() + 10  # probes every 0.2 s: the first answered ones, not a fixed 1 s
+    while True:
+        rc, d = status(lab)
+        lk = d["link_health"]["isp1"]
+        m = metrics(lab)
+        if (rc == 0 and lk["state"] == "up" and lk["received"] > 0
+                and m.get(("snatgw_link_probe_replies_total", (("link", "isp1"),)), 0) > 0) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert rc == 0, d["problems"]
-    lk = d["link_health"]["isp1"]
     assert lk["state"] == "up" and lk["received"] > 0 and lk["dev"] == "eth1"
-    m = metrics(lab)
     assert m[("snatgw_link_up", (("link", "isp1"),))] == 1
     assert m[("snatgw_link_probe_replies_total", (("link", "isp1"),))] > 0
 
