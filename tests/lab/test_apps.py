@@ -517,6 +517,8 @@ def test_hping3_syns_get_answers(gws):
 
 
 # --------------------------------------------------------------------------- NAT traversal
+# (their STUN clients wait out seconds of timeouts with the CPUs idle: in a whole-suite run the
+# first of them starts tests/install's two `make install`s in the background, EARLY_START there)
 
 
 def stun3489(gw) -> str:
