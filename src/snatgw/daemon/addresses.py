@@ -45,7 +45,11 @@ def plan(config, have: dict[str, list[ipaddress.IPv4Interface]]) -> dict[ipaddre
     if not outside:
         raise SnatgwError("snat_addresses manage: no outside interfaces are configured")
     want: dict[ipaddress.IPv4Address, str] = {}
+    pools = set()
     for r in config.rules:
+        if (r.pool.first, r.pool.last) in pools:  # rules of one ISP share its pool: placed already
+            continue  # (counted again, a pool of 2,100 shared by two rules was "more than 4096")
+        pools.add((r.pool.first, r.pool.last))
         if r.pool.size + len(want) > MAX_MANAGED:
             raise SnatgwError(f"snat_addresses manage: more than {MAX_MANAGED} pool addresses")
         for a in r.pool.addresses():

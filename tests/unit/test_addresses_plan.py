@@ -1,0 +1,29 @@
+"""snat_addresses manage's plan (daemon/addresses.plan, a pure function): how many pool
+addresses it will manage is counted once per address, not once per rule."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from snatgw.config.parse import parse_text
+from snatgw.daemon.addresses import MAX_MANAGED, plan
+from snatgw.errors import SnatgwError
+
+
+def config(pools: list[str]):
+    rules = "".join(f"  snat_rule {{ from 198.18.{40 + i}.0/24 snat_ip {p} }}\n" for i, p in enumerate(pools))
+    return parse_text("snatgw {\n inside lan40\n outside eth1\n snat_addresses manage\n}\n"
+                      "virtual_server fwmark 1 {\n" + rules + "}\n", "t.conf", [])
+
+
+def test_a_pool_shared_by_rules_counts_its_addresses_once():
+    """Two rules of one ISP with its pool of 2,100 addresses: 2,100 to manage (it was refused as
+    'more than 4096 pool addresses', the pool counted per rule)."""
+    big = "198.19.0.1-198.19.8.52"  # 2,100 addresses
+    have = {"eth1": [ipaddress.IPv4Interface("198.19.0.254/20")]}
+    want = plan(config([big, big, "198.19.2.71"]), have)
+    assert len(want) == 2100 and set(want.values()) == {"eth1"}
+    with pytest.raises(SnatgwError, match=f"more than {MAX_MANAGED}"):
+        plan(config([big, "198.20.0.1-198.20.8.52"]), have)  # two pools: 4,200 addresses
