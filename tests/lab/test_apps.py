@@ -29,9 +29,26 @@ HTTP_PORT = 8080
 BLOB = 5 * 1024 * 1024  # the download of the narrow-hop test
 
 
-#: the half-closed exchange of test_half_closed_...: the gws fixture starts it ("thread"), so its
-#: 10.5 s of waiting pass under the tests before that test, which judges "results"
-HALF_CLOSED: dict = {}
+#: checks the gws fixture starts in the background as the gateways come up (name -> "thread",
+#: "results"), so their waiting passes under the tests before the test that judges each: the
+#: half-closed exchange's 10.5 s and the default rule's RFC 5780 client's ~6 s of STUN timeouts
+BACKGROUND: dict[str, dict] = {}
+
+
+def _background(name: str, gws: dict, check) -> None:
+    slot = BACKGROUND[name] = {}
+    slot["thread"] = threading.Thread(target=lambda: slot.update(results=each(gws, check)), daemon=True)
+    slot["thread"].start()
+
+
+def _joined(name: str, timeout: float = 120) -> dict:
+    """The outcomes of the background check ``name`` (one per mode), once it has ended."""
+    slot = BACKGROUND[name]
+    slot["thread"].join(timeout)
+    assert not slot["thread"].is_alive(), f"the background check {name} did not end within {timeout:g} s"
+    results = slot.get("results") or {}
+    assert set(results) == set(MODES), results
+    return results
 
 
 def _build_all() -> dict:
@@ -70,14 +87,13 @@ def gws():
             gw.popen("net", sys.executable, "-m", "http.server", "--bind", "0.0.0.0", "--directory", root,
                      str(HTTP_PORT))
             wait_port(gw, "net", HTTP_PORT)
-        HALF_CLOSED.clear()
-        HALF_CLOSED["thread"] = threading.Thread(
-            target=lambda: HALF_CLOSED.update(results=each(made, _half_closed)), daemon=True)
-        HALF_CLOSED["thread"].start()
+        BACKGROUND.clear()
+        _background("half-closed", made, _half_closed)
+        _background("rfc5780", made, _classify)
         yield made
     finally:
-        if "thread" in HALF_CLOSED:
-            HALF_CLOSED["thread"].join(60)
+        for slot in BACKGROUND.values():
+            slot["thread"].join(120)
         for gw in made.values():
             gw.lab.down()
 
@@ -598,17 +614,20 @@ def test_stun_rfc3489_client_gets_a_verdict(gws):
     judge("stun: source port preserved", _derived(res, preserved), known={"bpf": PORTS_BY_DEFAULT})
 
 
+def _classify(gw) -> dict:
+    """natdiscovery that found a mapping and a filtering behaviour."""
+    r = natdiscovery(gw)
+    assert "mapping" in r and "filtering" in r, r["raw"]
+    return r
+
+
 def test_rfc5780_natdiscovery_classifies_mapping_filtering_hairpinning(gws):
     """coturn's `turnutils_natdiscovery` finds a mapping and a filtering behaviour; mapping is
     endpoint-independent where kernel SNAT's is (the nft backend; the bpf backend's default
-    sdh is not, on purpose); nobody hairpins by default."""
-
-    def classify(gw):
-        r = natdiscovery(gw)
-        assert "mapping" in r and "filtering" in r, r["raw"]
-        return r
-
-    res = each(gws, classify)
+    sdh is not, on purpose); nobody hairpins by default.  The client runs in the background
+    from the module's start, on the default rules as here (no test before changes them), and
+    this test judges its outcome."""
+    res = _joined("rfc5780")
     NAT_RUNS["algo sdh"] = res  # the default rule's row of the classification below
     judge("RFC 5780 natdiscovery completes", _derived(res, lambda r: f"mapping {r['mapping']}, filtering "
                                                                      f"{r['filtering']}"))
@@ -666,12 +685,9 @@ def test_half_closed_tcp_survives_a_server_answering_10s_after_the_clients_fin(g
     (RFC 5382 REQ-5: transitory states last at least 4 minutes).  With the original's 7 s
     CLOSE_WAIT the late answer met no session and the server was reset.  The exchange
     (_half_closed) starts with the module's gateways and waits out its 10.5 s under the tests
-    above; this one, the last before the gateways' rules change, waits for its end and judges it."""
-    HALF_CLOSED["thread"].join(60)
-    assert not HALF_CLOSED["thread"].is_alive(), "the half-closed exchange did not end within 60 s"
-    results = HALF_CLOSED["results"]
-    assert set(results) == set(MODES), results
-    judge("half-closed TCP, answer 10.5 s after FIN", results)
+    above (BACKGROUND); this one, the last before the gateways' rules change, waits for its end
+    and judges it."""
+    judge("half-closed TCP, answer 10.5 s after FIN", _joined("half-closed"))
 
 
 def test_endpoint_independent_rules_pass_rfc5780_and_keep_ports(gws):
