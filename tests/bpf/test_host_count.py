@@ -106,7 +106,8 @@ def test_a_limit_turned_on_by_reload_judges_a_recounted_count_bpf_and_model(pair
 
 def test_recount_keeps_every_session_and_drops_empty_counts(pair):
     """SWEEP_RECOUNT removes nothing (not even a session long past its timeout) and leaves the
-    counts exact: a stale count of a host without sessions goes, refusals stay."""
+    counts exact: a stale count of a host without sessions goes, its refusals with it (a host
+    with sessions keeps its refusals)."""
     prog, engine, dm, sw = pair
     for sp in (1, 2):
         step(prog, engine, udp(A, R1, sp, 53), float(sp), Reason.XLATE_NEW)
@@ -114,9 +115,10 @@ def test_recount_keeps_every_session_and_drops_empty_counts(pair):
     ghost, refused = IPv4Address("198.18.40.99"), IPv4Address("198.18.40.98")
     hosts.put(ghost.packed, L.LIVE_COUNT.pack(sessions=7, refusals=0))
     hosts.put(refused.packed, L.LIVE_COUNT.pack(sessions=5, refusals=2))
+    hosts.put(IPv4Address(A).packed, L.LIVE_COUNT.pack(sessions=2, refusals=3))
     before = len(prog.maps[L.MAP_CT])
     res = sw.recount()
     assert (res.removed, res.live, len(prog.maps[L.MAP_CT])) == (0, 2, before)
-    assert prog.live_counts()[L.MAP_HOST_SESS] == {IPv4Address(A): (2, 0), refused: (0, 2)}
+    assert prog.live_counts()[L.MAP_HOST_SESS] == {IPv4Address(A): (2, 3)}
     rule = L.SNAT_RULE.unpack(dm.current_rules()[1][1])["rule_id"]
     assert prog.live_counts()[L.MAP_RULE_LIVE] == {rule: (2, 0)}

@@ -133,6 +133,29 @@ def test_counts_keep_datapath_increments_made_during_a_walk_and_drop_empty_ones(
 
 
 @pytest.mark.bpf
+def test_a_refused_host_without_sessions_is_forgotten_at_the_next_sweep(big):
+    """Inside hosts refused with no session (no free port, spoofed sources of a big subnet) do
+    not stay counted for good: 65,536 of them filled the host map, and new hosts then went
+    uncounted and unlimited.  A host at 0 sessions goes at the sweep's end whatever its
+    refusals; one with sessions keeps its refusals; a SNAT address keeps its refusals at 0
+    sessions (the addresses are a bounded pool)."""
+    now = 10_000 * SEC
+    fill(big.maps.ct, (session(n, now, now) for n in range(30)))
+    big.expire(now=now / SEC)
+    hosts, addrs = big.maps.maps[L.MAP_HOST_SESS], big.maps.maps[L.MAP_ADDR_STATS]
+    busy = next(k for k, _ in hosts.items())
+    hosts.put(busy, L.LIVE_COUNT.pack(sessions=L.LIVE_COUNT.unpack(hosts.get(busy))["sessions"], refusals=3))
+    refused = bytes([198, 18, 99, 7])
+    hosts.put(refused, L.LIVE_COUNT.pack(sessions=0, refusals=5))
+    idle_addr = bytes([198, 19, 9, 9])
+    addrs.put(idle_addr, L.LIVE_COUNT.pack(sessions=0, refusals=4))
+    big.expire(now=now / SEC)
+    assert hosts.get(refused) is None
+    assert L.LIVE_COUNT.unpack(hosts.get(busy))["refusals"] == 3
+    assert L.LIVE_COUNT.unpack(addrs.get(idle_addr)) == {"sessions": 0, "refusals": 4}
+
+
+@pytest.mark.bpf
 def test_sweep_judges_both_directions_and_keeps_a_refreshed_pair(big):
     """A pair is idle from its newer direction: a recent reply keeps a stale OUT alive; after the
     datapath refreshes a pair (last_seen rewritten) the next sweep keeps it."""

@@ -818,9 +818,10 @@ class Engine:
 
     def recount(self) -> None:
         """The live counts' sessions counted again from the table, as the bpf expiry sweep
-        does (refusals are kept; a count left at 0 sessions and 0 refusals goes): a host's
-        limit frees up as its sessions expire, and without a host limit (host_counting off)
-        this is what keeps the per-host sessions, as of the last recount."""
+        does (refusals are kept; a count left at 0 sessions and 0 refusals goes, and an inside
+        host's at 0 sessions whatever its refusals: hosts are unbounded): a host's limit frees
+        up as its sessions expire, and without a host limit (host_counting off) this is what
+        keeps the per-host sessions, as of the last recount."""
         for counts in (self.host_live, self.addr_live, self.rule_live):
             for c in counts.values():
                 c.sessions = 0
@@ -829,7 +830,8 @@ class Engine:
             self._live(self.addr_live, p.out.rw_addr).sessions += 1
             self._live(self.rule_live, p.out.rule_id).sessions += 1
         for counts in (self.host_live, self.addr_live, self.rule_live):
-            for k in [k for k, c in counts.items() if not c.sessions and not c.refusals]:
+            keep_refused = counts is not self.host_live
+            for k in [k for k, c in counts.items() if not c.sessions and not (keep_refused and c.refusals)]:
                 del counts[k]
 
     def flush(self, rule_id: int | None = None, inside: IPv4Address | None = None,

@@ -151,9 +151,13 @@ SNAP_CB(snap_addr, sweep_addr)
 SNAP_CB(snap_rule, sweep_rule)
 
 /* ---- end of a walk: add each delta to its count and remove the delta; a count left with
- * sessions and refusals both 0 goes too (every count has a delta: the start made one) */
+ * sessions and refusals both 0 goes too (every count has a delta: the start made one).  An
+ * inside host's count goes at 0 sessions whatever its refusals (keep_refused 0): hosts are
+ * as many as the inside nets' addresses, and refused ones with no session kept for good
+ * would fill the map (a host spoofing its subnet's addresses could), after which new hosts
+ * went uncounted and unlimited; the SNAT addresses' and rules' (bounded) keep theirs. */
 
-#define PUB_CB(name, live)                                                                        \
+#define PUB_CB(name, live, keep_refused)                                                          \
 	static long name(void *map, const __u32 *key, __s64 *d, struct walk *w)                   \
 	{                                                                                         \
 		struct live_count *lc = NULL;                                                     \
@@ -174,13 +178,13 @@ SNAP_CB(snap_rule, sweep_rule)
 		}                                                                                 \
 		bpf_map_delete_elem(map, key);                                                    \
 		lc = bpf_map_lookup_elem(&live, key);                                             \
-		if (lc && !lc->sessions && !lc->refusals)                                         \
+		if (lc && !lc->sessions && !(keep_refused && lc->refusals))                       \
 			bpf_map_delete_elem(&live, key);                                          \
 		return 0;                                                                         \
 	}
-PUB_CB(pub_host, snat_host_sess)
-PUB_CB(pub_addr, snat_addr_stats)
-PUB_CB(pub_rule, snat_rule_live)
+PUB_CB(pub_host, snat_host_sess, 0)
+PUB_CB(pub_addr, snat_addr_stats, 1)
+PUB_CB(pub_rule, snat_rule_live, 1)
 
 static __always_inline int old(__u64 now, __u64 seen, __u64 grace);
 
