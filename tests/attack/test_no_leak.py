@@ -178,3 +178,38 @@ def _kernel_fragments_it(agw) -> None:
     finally:
         lab.ip("gw", "link", "set", "dev", "eth2", "mtu", "1500")
     assert got is not None and got["peer"].rsplit(":", 1)[0] == UNHELD, got
+
+
+def test_link_padding_of_an_inside_frame_never_reaches_the_uplink(agw):
+    """Bytes after the IP total length (the sender's link padding: stale NIC memory on hosts
+    with "Etherleak" drivers) are cut before the frame leaves by an uplink, new and established
+    flows alike, as kernel forwarding cuts them (bpf redirected them as they came)."""
+    lab = agw.lab
+    tx = FrameSender(lab, "in40", "eth0", "gw", "lan40")
+    caps = []
+    try:
+        for node, dev in leakwatch.UPLINK_TAPS:
+            s = ns_socket(lab.ns(node), socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+            s.bind((dev, 0x0800))
+            s.settimeout(0.05)
+            caps.append(s)
+        for i in range(3):  # the first makes the session, the next two are established
+            tx.send(raw(IP(src="198.18.40.10", dst=S1) / UDP(sport=41234, dport=ECHO_PORT) / f"pad-{i}".encode())
+                    + b"\xee" * 24)
+        settle()
+        got = []
+        for s in caps:
+            while True:
+                try:
+                    frame, addr = s.recvfrom(65535)
+                except (TimeoutError, BlockingIOError):
+                    break
+                if frame[23] == 17 and frame[30:34] == socket.inet_aton(S1) and b"pad-" in frame:
+                    got.append(frame)  # not the echo's answers, nor in40's port unreachable about them
+    finally:
+        tx.close()
+        for s in caps:
+            s.close()
+    assert {f[42:47] for f in got} == {b"pad-0", b"pad-1", b"pad-2"}, got  # (a tap may see a frame twice)
+    for f in got:
+        assert len(f) == 14 + int.from_bytes(f[16:18], "big") and b"\xee" * 4 not in f, f.hex()

@@ -369,7 +369,14 @@ def _scenarios() -> list[Scenario]:
         inside(syn[:19], DROP, R.DROP_MALFORMED),
         inside(bytes([0x60]) + syn[1:], PASS, R.PASS_NOT_IPV4),
         outside(syn[:30], DROP, R.DROP_MALFORMED),
-        inside(syn + b"\0" * 6, RED, R.XLATE_NEW),  # link padding after total length is kept
+        inside(syn + b"\0" * 6, RED, R.XLATE_NEW),  # link padding after total length is cut
+    ])  # fmt: skip
+    add("link_padding_is_cut", "Bytes after the IP total length (link padding: the sender's, or "
+        "its NIC driver's stale memory) never leave by a redirect, either way, as the kernel "
+        "cuts them before forwarding.", [
+        inside(tcp(A, R1, 40000, 80, "S") + b"\xaa" * 6, RED, R.XLATE_NEW),
+        outside(tcp(R1, na, 80, np_, "SA") + b"\xbb" * 10, RED, R.XLATE_IN),
+        inside(tcp(A, R1, 40000, 80, "A") + b"\xcc" * 6, RED, R.XLATE_OUT),
     ])  # fmt: skip
     add("reply_without_session_not_let_in", "Packets to a SNAT address with no session pass to "
         "the kernel (nothing inside is reached).", [

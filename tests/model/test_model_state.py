@@ -513,3 +513,13 @@ def test_refusals_before_the_search_count_none():
     assert _alloc(e) == (2, 2)  # A's first flow; .11's (sdh: A's address, its one port taken, refused)
     e.zero_alloc_counts()
     assert set(e.alloc_counts().values()) == {0}
+
+
+def test_a_redirected_packet_leaves_without_link_padding():
+    """Padding after the IP total length is cut from what is redirected (as the kernel cuts it
+    before forwarding), and only that: the translated bytes are the unpadded packet's."""
+    e = Engine(ruleset(REF_RULES), REF_SETTINGS, StaticRouter.ref())
+    pkt = udp(A, R1, 7, 53)
+    plain = Engine(ruleset(REF_RULES), REF_SETTINGS, StaticRouter.ref()).process(pkt, "inside", "lan40", 0)
+    res = e.process(pkt + b"\xaa" * 6, "inside", "lan40", 0)
+    assert res.reason == Reason.XLATE_NEW and res.packet == plain.packet and len(res.packet) == len(pkt)

@@ -45,6 +45,17 @@ class Result:
     nat: tuple[IPv4Address, int] | None = None  # the session's SNAT (addr, port/id)
 
 
+def trimmed(res: Result) -> Result:
+    """A redirected packet leaves with its IP total length's bytes only: link padding after it
+    is cut, as the kernel cuts it before forwarding (the BPF snat_emit alike).  Padding is the
+    sending host's (or its NIC driver's: stale memory, "Etherleak") and is not for the ISP."""
+    pkt = res.packet
+    if res.verdict != Verdict.REDIRECT or len(pkt) < 20:
+        return res
+    tot = int.from_bytes(pkt[2:4], "big")
+    return replace(res, packet=pkt[:tot]) if 20 <= tot < len(pkt) else res
+
+
 @dataclass
 class LiveCount:
     """struct live_count: live sessions (+1 at creation; the expiry sweep recounts) and
@@ -158,7 +169,7 @@ class Engine:
                 key = FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto)
                 self.frags.remember(key, FragEntry(ip(v.saddr), ip(v.daddr), None, None, now))
         self.reasons[res.reason] += 1
-        return res
+        return trimmed(res)
 
     def _inside(self, pkt: bytes, v: IPv4View, ingress: str, now: float) -> Result:
         if v.frag == 0 and (v.proto != IPPROTO_ICMP or v.is_query_request):

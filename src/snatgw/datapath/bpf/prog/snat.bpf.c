@@ -19,6 +19,24 @@
 
 char LICENSE[] SEC("license") = "GPL"; /* bpf_redirect_neigh and bpf_fib_lookup are GPL-only */
 
+/* A redirected packet leaves with its IP total length's bytes only: link padding after it
+ * (the sender's, or its NIC driver's stale memory: "Etherleak") is cut, as the kernel cuts
+ * it before forwarding (model: engine.trimmed).  A load and a compare per redirect; the
+ * helper only for a padded frame (never a GSO one: its tot_len covers it all). */
+static __always_inline void snat_trim(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *iph = data + ETH_HLEN;
+	__u32 end;
+
+	if ((void *)(iph + 1) > data_end)
+		return;
+	end = ETH_HLEN + bpf_ntohs(iph->tot_len);
+	if (skb->len > end && end >= ETH_HLEN + 20 && !skb->gso_size)
+		bpf_skb_change_tail(skb, end, 0);
+}
+
 /* Count the reason and turn the verdict into a TC action (redirects happen here). */
 static __always_inline int snat_emit(struct __sk_buff *skb, struct snat_res *v)
 {
@@ -32,6 +50,7 @@ static __always_inline int snat_emit(struct __sk_buff *skb, struct snat_res *v)
 		return TC_ACT_SHOT;
 	if (v->verdict != VERDICT_REDIRECT)
 		return TC_ACT_OK;
+	snat_trim(skb);
 	if (v->reason == REASON_FRAG_HELD) /* to the recirculation device's qdisc (frag_v4_hold) */
 		return bpf_redirect(v->ifindex, 0);
 	if (v->nexthop) {
