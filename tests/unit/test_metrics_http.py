@@ -5,6 +5,8 @@ its control socket while a client sits on the metrics port without sending."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -111,23 +113,39 @@ def test_a_reload_without_metrics_listen_closes_the_port(daemon):
         raise AssertionError("the metrics port is still open after the reload")
 
 
-def test_a_client_that_never_reads_its_scrape_is_dropped(monkeypatch):
-    """A scraper that sent its GET and read none of a body bigger than the socket buffers was
-    never reaped (the reaper skipped clients with output pending): MAX_CLIENTS of them held
-    their slots and bodies for good and every later scrape was closed at once."""
+@contextlib.contextmanager
+def served(monkeypatch, body: bytes):
+    """A MetricsServer on its own event loop and worker (loopback, a free port) whose every
+    scrape answers ``body``; closed, loop and worker stopped, on the way out."""
     from snatgw.daemon import metrics as M
     from snatgw.daemon.log import Log
     from snatgw.daemon.loop import EventLoop, Worker
 
-    monkeypatch.setattr(M, "CLIENT_TIMEOUT", 0.2)
-    monkeypatch.setattr(M, "scrape", lambda service: b"x" * (16 << 20))
-    loop = EventLoop(Log(stream=open(__import__("os").devnull, "w")))
+    monkeypatch.setattr(M, "scrape", lambda service: body)
+    loop = EventLoop(Log(stream=open(os.devnull, "w")))
     worker = Worker(loop)
     server = M.MetricsServer("127.0.0.1", 0, None, loop.log)
     server.attach(loop, worker)
     t = threading.Thread(target=loop.run, daemon=True)
     t.start()
     try:
+        yield server
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.stop()
+        t.join(5)
+        worker.close(5)
+        loop.close()
+
+
+def test_a_client_that_never_reads_its_scrape_is_dropped(monkeypatch):
+    """A scraper that sent its GET and read none of a body bigger than the socket buffers was
+    never reaped (the reaper skipped clients with output pending): MAX_CLIENTS of them held
+    their slots and bodies for good and every later scrape was closed at once."""
+    from snatgw.daemon import metrics as M
+
+    monkeypatch.setattr(M, "CLIENT_TIMEOUT", 0.2)
+    with served(monkeypatch, b"x" * (16 << 20)) as server:
         c = socket.socket()
         c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         c.connect(server.addr)
@@ -141,44 +159,25 @@ def test_a_client_that_never_reads_its_scrape_is_dropped(monkeypatch):
             time.sleep(0.05)
         assert not server.clients
         c.close()
-    finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.stop()
-        t.join(5)
-        worker.close(5)
-        loop.close()
 
 
 def test_silent_connections_do_not_shut_the_scraper_out(monkeypatch):
     """MAX_CLIENTS connections that send nothing (renewed every CLIENT_TIMEOUT) closed every
     scrape at once; now a newcomer at the limit takes the place of the longest silent one."""
     from snatgw.daemon import metrics as M
-    from snatgw.daemon.log import Log
-    from snatgw.daemon.loop import EventLoop, Worker
 
-    monkeypatch.setattr(M, "scrape", lambda service: b"snatgw_up 1\n")
-    loop = EventLoop(Log(stream=open(__import__("os").devnull, "w")))
-    worker = Worker(loop)
-    server = M.MetricsServer("127.0.0.1", 0, None, loop.log)
-    server.attach(loop, worker)
-    t = threading.Thread(target=loop.run, daemon=True)
-    t.start()
     silent = []
-    try:
-        for _ in range(M.MAX_CLIENTS):
-            silent.append(socket.create_connection(server.addr))
-        end = time.monotonic() + 5
-        while len(server.clients) < M.MAX_CLIENTS and time.monotonic() < end:
-            time.sleep(0.01)
-        assert len(server.clients) == M.MAX_CLIENTS
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.addr[1]}/metrics", timeout=5) as r:
-            assert r.status == 200 and r.read() == b"snatgw_up 1\n"
-        assert len(server.clients) <= M.MAX_CLIENTS
-    finally:
-        for c in silent:
-            c.close()
-        loop.call_soon_threadsafe(server.close)
-        loop.stop()
-        t.join(5)
-        worker.close(5)
-        loop.close()
+    with served(monkeypatch, b"snatgw_up 1\n") as server:
+        try:
+            for _ in range(M.MAX_CLIENTS):
+                silent.append(socket.create_connection(server.addr))
+            end = time.monotonic() + 5
+            while len(server.clients) < M.MAX_CLIENTS and time.monotonic() < end:
+                time.sleep(0.01)
+            assert len(server.clients) == M.MAX_CLIENTS
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.addr[1]}/metrics", timeout=5) as r:
+                assert r.status == 200 and r.read() == b"snatgw_up 1\n"
+            assert len(server.clients) <= M.MAX_CLIENTS
+        finally:
+            for c in silent:
+                c.close()
