@@ -444,7 +444,9 @@ class Map:
     def _raw_batches(self, chunk: int, fallback: bool = False) -> Iterator[tuple[int, bytes, bytes] | None]:
         """The bpf_map_lookup_batch cursor walk: (n, n packed keys, n packed values) per call.
         With ``fallback``, a kernel that refuses batch lookups on the first call yields None
-        once (the caller reads the map another way); otherwise every error raises."""
+        once (the caller reads the map another way); otherwise every error raises.  A hash
+        bucket is returned whole or not at all: one with more entries than ``chunk`` fails
+        ENOSPC, and the chunk doubles for that bucket (up to max_entries, which bounds it)."""
         keys = C.create_string_buffer(self.key_size * chunk)
         vals = C.create_string_buffer(self._vlen * chunk)
         inb, outb = None, C.create_string_buffer(max(self.key_size, 8))
@@ -453,6 +455,11 @@ class Map:
             n = C.c_uint32(chunk)
             ret = lib().bpf_map_lookup_batch(self.fd, inb, outb, keys, vals, C.byref(n), C.byref(opts))
             err = -ret if ret < 0 else 0
+            if err == _errno.ENOSPC and not n.value and chunk < max(self.info.max_entries, 1):
+                chunk = min(chunk * 2, max(self.info.max_entries, 1))  # the cursor stays: that bucket again
+                keys = C.create_string_buffer(self.key_size * chunk)
+                vals = C.create_string_buffer(self._vlen * chunk)
+                continue
             if err and err != _errno.ENOENT:
                 if fallback and inb is None and err in (_errno.EINVAL, _errno.ENOTSUP, 524):  # 524: ENOTSUPP
                     yield None
