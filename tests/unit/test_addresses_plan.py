@@ -27,3 +27,14 @@ def test_a_pool_shared_by_rules_counts_its_addresses_once():
     assert len(want) == 2100 and set(want.values()) == {"eth1"}
     with pytest.raises(SnatgwError, match=f"more than {MAX_MANAGED}"):
         plan(config([big, "198.20.0.1-198.20.8.52"]), have)  # two pools: 4,200 addresses
+
+
+def test_overlapping_pools_count_the_addresses_they_share_once():
+    """A rule whose pool is part of another's (an ISP's whole range and a slice of it for one
+    network) adds no address to count: 2,100 + a 2,000-address slice of them is 2,100, not
+    4,100; a pool beyond MAX_MANAGED on its own is refused before its addresses are walked."""
+    have = {"eth1": [ipaddress.IPv4Interface("198.19.0.254/20")]}
+    want = plan(config(["198.19.0.1-198.19.8.52", "198.19.0.10-198.19.7.217"]), have)
+    assert len(want) == 2100
+    with pytest.raises(SnatgwError, match=f"more than {MAX_MANAGED}"):
+        plan(config(["198.19.0.1-198.19.31.255"]), have)  # 8,191 addresses

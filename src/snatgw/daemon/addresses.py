@@ -45,16 +45,15 @@ def plan(config, have: dict[str, list[ipaddress.IPv4Interface]]) -> dict[ipaddre
     if not outside:
         raise SnatgwError("snat_addresses manage: no outside interfaces are configured")
     want: dict[ipaddress.IPv4Address, str] = {}
-    pools = set()
+    too_many = SnatgwError(f"snat_addresses manage: more than {MAX_MANAGED} pool addresses")
     for r in config.rules:
-        if (r.pool.first, r.pool.last) in pools:  # rules of one ISP share its pool: placed already
-            continue  # (counted again, a pool of 2,100 shared by two rules was "more than 4096")
-        pools.add((r.pool.first, r.pool.last))
-        if r.pool.size + len(want) > MAX_MANAGED:
-            raise SnatgwError(f"snat_addresses manage: more than {MAX_MANAGED} pool addresses")
+        if r.pool.size > MAX_MANAGED:  # (bounds the walk below)
+            raise too_many
         for a in r.pool.addresses():
-            if a in want:
+            if a in want:  # rules of one ISP share its pool (or part of it): each address counts once
                 continue
+            if len(want) >= MAX_MANAGED:
+                raise too_many
             # the uplink whose connected subnet holds the address (its ISP router ARPs there; a
             # failed-over rule keeps its oif but takes the backup's pool), else the rule's oif
             owners = [n for n in outside for i in have.get(n, []) if i.network.prefixlen < 32 and a in i.network]
