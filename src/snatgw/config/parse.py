@@ -59,7 +59,7 @@ from ..errors import ConfigError, RuleError
 from ..layout import PORT_TRIES_MAX
 from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_gw, parse_host_limit, parse_net
 from ..rules import FILTERINGS, MAPPINGS, parse_choice, parse_on_exhausted, parse_oif, parse_yes_no
-from . import MAX_CONFIG_BYTES
+from . import MAX_CONFIG_BYTES, MAX_SOCKET_PATH
 from .links import INTERVAL_RANGE, LINK_KEYWORDS, MAX_TARGETS, Link
 from .schema import AUDIT_LOG_MAX_KEEP, BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings
 from .schema import timeout_floor_warning
@@ -524,9 +524,6 @@ def _choice(cur: _Cursor, t: Token, v: Token, choices: tuple[str, ...]) -> str:
     if v.text not in choices:
         raise cur.error(v.line, t.text, f"expected one of {', '.join(choices)}, got {shown(v.text)}")
     return v.text
-
-
-MAX_SOCKET_PATH = 107  # bytes of a unix socket's path (sun_path holds 108 with the NUL)
 
 
 def _path(cur: _Cursor, t: Token, v: Token) -> str:

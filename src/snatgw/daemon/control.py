@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable
 
-from ..config import MAX_CONFIG_BYTES
+from ..config import MAX_CONFIG_BYTES, MAX_SOCKET_PATH
 from ..errors import DaemonError
 from .log import Log
 from .loop import EventLoop, Worker, is_fd_exhaustion
@@ -131,8 +131,8 @@ class ControlServer:
         self.dispatch = dispatch
         self.inline = inline or dispatch
         self.log = log or Log()
-        if len(os.fsencode(path)) > 107:  # bind() would say only "AF_UNIX path too long"
-            raise DaemonError(f"control socket {path}: longer than 107 bytes, a unix socket's limit")
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:  # bind() would say only "AF_UNIX path too long"
+            raise DaemonError(f"control socket {path}: longer than {MAX_SOCKET_PATH} bytes, a unix socket's limit")
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             os.makedirs(parent, mode=0o700, exist_ok=True)
