@@ -546,13 +546,16 @@ def relevant_sessions(sock: str, pkt: bytes, cfg) -> tuple[list[dict], int]:
     if s.proto != IPPROTO_ICMP:
         toward["remote_port"] = s.dport
     reply = call(sock, {"op": "sessions", "filter": toward})
-    got = {(x.get("inside"), x.get("remote"), x.get("nat"), x.get("proto")): x for x in reply["sessions"]}
-    cut = len(reply["sessions"]) if reply.get("truncated") else 0
+    listed = reply["sessions"]
+    cut = len(listed) if reply.get("truncated") else 0
     limit = max((rule_host_limit(r, cfg.settings) for r in cfg.rules), default=0)
     if limit:  # enough of the source's sessions to know whether it is at its limit
-        mine = call(sock, {"op": "sessions", "filter": {"inside": f"{s.src}/32"}, "limit": limit})["sessions"]
-        for x in mine:
-            got.setdefault((x.get("inside"), x.get("remote"), x.get("nat"), x.get("proto")), x)
+        listed = listed + call(sock, {"op": "sessions", "filter": {"inside": f"{s.src}/32"},
+                                      "limit": limit})["sessions"]  # fmt: skip
+    # a session toward the remote from the source is in both listings: once (the first)
+    got: dict = {}
+    for x in listed:
+        got.setdefault((x.get("inside"), x.get("remote"), x.get("nat"), x.get("proto")), x)
     return list(got.values()), cut
 
 
