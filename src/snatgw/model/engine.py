@@ -639,8 +639,8 @@ class Engine:
             return Result(Verdict.REDIRECT, Reason.XLATE_ICMP_ERR_IN, bytes(buf), e.oif, None, e.rule, nat)
         # inside or egress: inner: remote:rport -> inside:port, a reply as translated
         e = self._inner_lookup(iv, about_reply=True)
-        if e is not None and side == "inside" and (
-                self.table.lookup(e.peer).oif != ingress or v.daddr != iv.saddr):
+        back = self.table.lookup(e.peer) if e is not None and side == "inside" else None
+        if e is not None and side == "inside" and (back is None or back.oif != ingress or v.daddr != iv.saddr):
             # from inside, only the device the session's replies go to, toward the reply's
             # source: another device's host (or one sending elsewhere) has no session here
             e = None
