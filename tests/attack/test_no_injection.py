@@ -7,9 +7,10 @@ import socket
 import subprocess
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.packet import raw
 
+from snatgw.lab import leakwatch
 from snatgw.lab.clients import ECHO_PORT
 from snatgw.lab.demo import config_text
 from snatgw.lab.netns import ns_socket
@@ -137,6 +138,55 @@ def test_a_device_whose_ifindex_clashes_cannot_send_into_another_devices_session
             lab.start_gateway(agw.conf, agw.backend)
         lab.ip("gw", "link", "del", "lan41", check=False)
         subprocess.run(["ip", "netns", "del", atk], check=False)
+
+
+def test_an_icmp_error_from_another_inside_device_never_enters_a_session(agw):
+    """Edge invariant 3 for ICMP errors (docs/datapath.md step 7; docs/nftables.md `forward`):
+    A on lan40 has a UDP session to S1; B on lan50 sends a port (and host) unreachable to S1
+    quoting S1's reply as A received it.  Neither backend lets it out: conntrack alone finds A's
+    connection by the quoted tuple (RELATED) whatever the device, so nft checks the inside
+    device the connection was made on (ct mark).  Counted DROP_NO_SESSION on both.  A's own
+    identical error from lan40 still leaves, translated to A's SNAT address and port."""
+    lab, servers = agw.lab, agw.lab.servers
+    with ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM) as a:
+        a.settimeout(2)
+        a.bind(("198.18.40.10", 0))
+        a.sendto(b"hello-err-a", (S1, ECHO_PORT))
+        a.recv(65536)
+        aport = a.getsockname()[1]
+        seen = servers.wait_for(lambda e: e.get("event") == "datagram" and e.get("data") == "hello-err-a")
+        assert seen is not None
+        snat, sport = seen["peer"].rsplit(":", 1)
+        reply = IP(src=S1, dst="198.18.40.10", ttl=62) / UDP(sport=ECHO_PORT, dport=aport) / b"hello-err-a"
+        n = scaled(5)
+
+        def errors(src: str) -> list[bytes]:
+            return [raw(IP(src=src, dst=S1) / ICMP(type=3, code=code) / raw(reply)) for code in (3, 1)]
+
+        before = agw.reasons().get("DROP_NO_SESSION", 0)
+        with leakwatch.uplinks(lab, [f"{S1}/32"]) as w:  # an ICMP error quoting S1's packet
+            tx = FrameSender(lab, "in50", "eth0", "gw", "lan50")
+            for _ in range(n):
+                for e in errors("198.18.50.10"):
+                    tx.send(e)
+            tx.close()
+            settle(0.5)
+            foreign = w.stop()
+        dropped = agw.reasons().get("DROP_NO_SESSION", 0) - before
+        with leakwatch.uplinks(lab, [f"{S1}/32"]) as w:
+            tx = FrameSender(lab, "in40", "eth0", "gw", "lan40")
+            for e in errors("198.18.40.10"):
+                tx.send(e)
+            tx.close()
+            settle(0.5)
+            own = w.stop()
+    assert foreign == [], [str(f) for f in foreign]
+    assert dropped >= 2 * n, dropped
+    assert len(own) == 2, [str(f) for f in own]
+    for f in own:  # outer source and quoted destination: A's mapping, nothing of lan40
+        q = IP(f.frame[14:])
+        assert q.src == snat and q[ICMP].payload.dst == snat, f
+        assert q[ICMP].payload.payload.dport == int(sport), f
 
 
 def _landed(servers, a: socket.socket, tag: str):

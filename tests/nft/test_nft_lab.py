@@ -456,3 +456,49 @@ def test_reload_back_to_a_rule_whose_sessions_outlived_it(lab, backend):
         s.send(b"ping")
         again = json.loads(s.recv(65536))
     assert _isp2(_ip(first["peer"])) and again["peer"] == first["peer"]
+
+
+def test_a_connection_from_before_device_ids_keeps_its_rule_and_new_ones_get_theirs(lab, backend):
+    """Upgrade (docs/nftables.md, ICMP errors from inside): a new flow from lan40 gets lan40's
+    id in ct mark bits 10-15; a connection as an earlier version made it (the bare rule mark:
+    made here with `mark_dev` emptied, then the rule set applied again, as an upgrade does)
+    still is its rule's: the same mapping, listed and counted under the rule, and flushed by
+    rule, as one with an id is."""
+    from snatgw.datapath.backend import SessionFilter
+
+    rule = cfg(REF).rules.rules[1]  # 198.18.40.10 -> S1
+    bare = R.mark_of(R.assign_slots(cfg(REF).rules)[rule.identity])
+    dev = R.device_ids(cfg(REF).settings.inside)["lan40"]
+
+    def marks(port: int) -> list[int]:
+        out = lab.run("gw", "conntrack", "-L", "-p", "udp", "--sport", str(port), check=False).stdout
+        return [int(w[5:]) for w in out.split() if w.startswith("mark=")]
+
+    with backend() as b, ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3.0)
+        s.bind(("198.18.40.10", 0))
+        s.connect((S1, C.ECHO_PORT))
+        port = s.getsockname()[1]
+
+        def exchange():
+            s.send(b"ping")
+            return json.loads(s.recv(65536))
+
+        lab.run("gw", "nft", "flush", "chain", R.FAMILY, R.TABLE, "mark_dev")  # the earlier version
+        first = exchange()
+        old = marks(port)
+        b.apply(cfg(REF))  # the upgrade: the whole rule set again, mark_dev with it
+        packets = b.stats().rules[rule.rule_id].packets
+        again = exchange()
+        listed = [x.rule_id for x in b.sessions() if x.inside == f"198.18.40.10:{port}"]
+        by_rule = [x for x in b.iter_sessions(SessionFilter(rule_id=rule.rule_id)) if x.inside.endswith(f":{port}")]
+        counted = b.stats().rules[rule.rule_id].packets - packets
+        fresh = C.udp_echo(lab, "in40", S1, src="198.18.40.10")
+        fresh_port = int(fresh["inside"].rsplit(":", 1)[1])
+        made = marks(fresh_port)
+        flushed = b.flush(rule.rule_id)
+        left = marks(port) + marks(fresh_port)
+    assert old == [bare] and made == [bare | dev << 10]
+    assert again["peer"] == first["peer"] and listed == [rule.rule_id] and len(by_rule) == 1
+    assert counted >= 2  # the datagram and its reply, under the rule
+    assert flushed >= 2 and left == []

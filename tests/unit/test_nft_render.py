@@ -228,3 +228,28 @@ def test_the_leak_guard_table_drops_from_sources_leaving_uplinks_not_as_their_ow
                                                                        "198.19.2.81/32"]).splitlines()
                if line.startswith("add rule")]  # fmt: skip
     assert "ip saddr { 0.0.0.0/0 } ip saddr != { 198.19.2.80/31, 198.19.2.83/32 } fib saddr . oif type != local" in rule
+
+
+def test_inside_device_ids_are_stable_distinct_and_kept_out_of_every_rule_match():
+    """Edge invariant 3 on nft: each inside device gets a distinct id 1..63 in ct mark bits
+    10-15 (from its name, not its place in the list), clear of the rule slots' bits; a new flow
+    from inside gets it once, an inside ICMP error related to a connection with another id is
+    dropped (counted no_session), and every reader of the rule's mark masks the id out."""
+    ids = R.device_ids(["lan50", "lan40"])
+    assert ids == R.device_ids(["lan40", "lan50", "lan40"])  # order and repeats do not matter
+    assert ids["lan40"] == R.device_ids(["lan40"])["lan40"]  # nor do the other devices
+    many = R.device_ids([f"d{i}" for i in range(70)])
+    assert len(many) == 63 and sorted(many.values()) == list(range(1, 64))
+    assert R.SLOTS - 1 <= R.RULE_MASK & 0xFFFF and not R.RULE_MASK & R.DEV_MASK
+    for dev_id in many.values():
+        m = R.mark_of(R.SLOTS - 1) | dev_id << 10
+        assert R.rule_mark(m) == R.mark_of(R.SLOTS - 1) and m & R.MARK_MASK == R.MARK_TAG
+    text = R.to_text(_plan(REF))
+    assert "\tct mark 0x" not in text and " meta mark set ct mark comment" not in text
+    assert text.count("ct mark and 0xffff03ff == 0x") == 6  # nat_out: two per rule
+    for dev, i in ids.items():
+        assert f'iifname "{dev}" ct mark set ct mark or 0x{i << 10:08x} return' in text
+        assert f'iifname "{dev}" ct mark and 0x0000fc00 == 0x{i << 10:08x} return' in text
+    assert 'counter name "no_session" drop comment "about a connection of another inside device"' in text
+    bare = R.to_text(_plan(REF.replace("inside lan40 lan50", "")))  # no inside devices: no ids
+    assert "jump mark_dev" not in bare and "jump err_dev" not in bare and "ct mark set ct mark or" not in bare

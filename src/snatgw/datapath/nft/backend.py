@@ -343,7 +343,7 @@ class NftBackend:
         dev_of: dict[IPv4Address, str | None] = {}
         verdict: dict[tuple, set[bool]] = {}  # (mark, nat, remote) -> {goes?}
         for d in parse_conntrack(self._conntrack_text()):
-            rid = self._by_mark.get(d["mark"])
+            rid = self._by_mark.get(R.rule_mark(d["mark"]))
             r = changed.get(rid) if rid is not None else None
             if r is None or "rdst" not in d:
                 continue
@@ -369,11 +369,12 @@ class NftBackend:
         total = 0
         for (mark, nat), remotes in by_nat.items():
             if all(g for _, g in remotes):
-                total += self._ct_delete(["-m", str(mark), "-q", str(nat)])
+                total += self._ct_delete(["-m", f"{mark}/{R.RULE_MASK}", "-q", str(nat)])
             else:
                 for remote, goes in remotes:
                     if goes:
-                        total += self._ct_delete(["-m", str(mark), "-q", str(nat), "-d", str(remote)])
+                        total += self._ct_delete(["-m", f"{mark}/{R.RULE_MASK}", "-q", str(nat),
+                                                  "-d", str(remote)])
         if total:
             log.info("removed %d conntrack entries whose SNAT address left their rule's pool or link", total)
         return total
@@ -677,7 +678,7 @@ class NftBackend:
             remote=f"{d.get('dst')}:{d.get('dport', 0)}",
             nat=f"{d.get('rdst')}:{d.get('rdport', 0)}",
             state=state, idle=idle, expires=float(d["timeout"]),
-            rule_id=self._by_mark.get(d["mark"], 0),
+            rule_id=self._by_mark.get(R.rule_mark(d["mark"]), 0),
             packets_out=int(d.get("packets", 0)), bytes_out=int(d.get("bytes", 0)),
             packets_in=int(d.get("rpackets", 0)), bytes_in=int(d.get("rbytes", 0)),
         )  # fmt: skip
@@ -696,7 +697,7 @@ class NftBackend:
             mine = [m for m, rid in self._by_mark.items() if rid == flt.rule_id]
             if not mine:
                 return
-            marks = (mine[0], 0xFFFFFFFF)
+            marks = (mine[0], R.RULE_MASK)  # whatever the inside device id
         n = 0
         for d in self._entries(marks):
             s = self._session(d, timeouts)
@@ -750,7 +751,7 @@ class NftBackend:
         by_mark, hosts, addrs = tally.by_mark, tally.hosts, tally.addrs
         live: dict[int, int] = {}
         for m, n in by_mark.items():
-            rid = self._by_mark.get(m, 0)
+            rid = self._by_mark.get(R.rule_mark(m), 0)
             live[rid] = live.get(rid, 0) + n
         rules = {}
         for r in self._config.rules if self._config else ():
@@ -788,7 +789,7 @@ class NftBackend:
         if rule_id is None:
             marks = [f"{R.MARK_TAG}/{R.MARK_MASK}"]
         else:
-            marks = [f"{m}/{0xFFFFFFFF}" for m, rid in self._by_mark.items() if rid == rule_id]
+            marks = [f"{m}/{R.RULE_MASK}" for m, rid in self._by_mark.items() if rid == rule_id]
         extra = (["-s", str(inside)] if inside is not None else []) + (["-q", str(nat)] if nat is not None else [])
         return sum(self._ct_delete(["-m", m, *extra]) for m in marks)
 
@@ -796,7 +797,7 @@ class NftBackend:
         """Conntrack NEW/DESTROY events of our marked entries (the audit log's source)."""
         from .ctnetlink import ConntrackEvents
 
-        return ConntrackEvents(R.MARK_TAG, R.MARK_MASK, rule_of=lambda m: self._by_mark.get(m, 0),
+        return ConntrackEvents(R.MARK_TAG, R.MARK_MASK, rule_of=lambda m: self._by_mark.get(R.rule_mark(m), 0),
                                netns=self.netns)  # fmt: skip
 
     def health(self) -> dict:

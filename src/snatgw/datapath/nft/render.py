@@ -17,6 +17,10 @@ How the rule set works (docs/nftables.md has the long form and what differs from
             unmarked flow is matched exactly (oifname, `rt ip nexthop`) against the rules without
             new_gw and gets the winning rule's ct mark; a marked NEW TCP flow that is not a pure
             SYN is dropped (no_session); `unmatched drop`; per-rule packet counters by ct mark.
+            A new flow of ours from inside gets its inside device's id in its ct mark (mark_dev);
+            an ICMP error from inside RELATED to a connection made on another inside device is
+            dropped (err_dev, counter `no_session`): conntrack finds the connection by the
+            quoted tuple whatever the device (edge invariant 3, docs/datapath.md step 7).
   nat_out   postrouting/srcnat: `ct mark M` -> `snat to POOL[:PORTS]` (algo mapped, below).
   leak_guard postrouting, priority 200 (after NAT): a packet leaving an uplink whose source is
             still in a rule's `from` net and not a local address is dropped (counter `leak`),
@@ -26,6 +30,7 @@ How the rule set works (docs/nftables.md has the long form and what differs from
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 
@@ -39,9 +44,17 @@ TABLE = "snatgw"
 MARK_TAG = 0x53470000  # "SG": every snatgw mark/ct mark has these high 16 bits
 MARK_MASK = 0xFFFF0000
 SLOTS = 1000  # rules per rule set in this backend (marks, tables and rule prefs per slot)
+#: ct mark bits 10-15: the inside device a connection was made on (device_ids; 0: unknown, as
+#: for a connection made before these bits existed).  A rule's mark is the rest (RULE_MASK):
+#: what every match, counter map, flush and listing of a rule reads.
+DEV_SHIFT = 10
+DEV_MASK = 0x0000FC00
+DEV_IDS = DEV_MASK >> DEV_SHIFT  # 63 ids: 1..63
+RULE_MASK = 0xFFFFFFFF & ~DEV_MASK
 RT_BASE = 31000  # policy routing: rule pref and table id are RT_BASE + slot
 RT_PROTO = 201  # routes and ip rules we add carry `proto 201`, so we only ever remove ours
-CHAINS = ("antispoof", "steer", "forward", "classify", "guard", "nat_out", "leak_guard")
+CHAINS = ("antispoof", "steer", "forward", "classify", "guard", "mark_dev", "err_dev", "nat_out",
+          "leak_guard")
 C_NO_SESSION = "no_session"
 C_UNMATCHED = "unmatched"
 C_LEAK = "leak"
@@ -73,6 +86,29 @@ PORT_NOTE = (
 
 def mark_of(slot: int) -> int:
     return MARK_TAG | slot
+
+
+def rule_mark(ct_mark: int) -> int:
+    """A connection's rule mark: its ct mark without the inside device's id."""
+    return ct_mark & RULE_MASK
+
+
+def device_ids(inside) -> dict[str, int]:
+    """Inside device name -> its id 1..63 in ct mark bits 10-15: crc32(name) mod 63 + 1, the
+    next free one on a clash (names in sorted order), so a device keeps its id across reloads
+    and restarts unless a device added later clashes with it and sorts first.  Beyond 63
+    devices the rest get none (their connections' errors are judged as before: accepted)."""
+    out: dict[str, int] = {}
+    used: set[int] = set()
+    for name in sorted(set(inside)):
+        if len(used) == DEV_IDS:
+            break
+        i = zlib.crc32(name.encode()) % DEV_IDS
+        while i + 1 in used:
+            i = (i + 1) % DEV_IDS
+        used.add(i + 1)
+        out[name] = i + 1
+    return out
 
 
 def table_of(slot: int) -> int:
@@ -194,7 +230,21 @@ def m_ct_original() -> tuple:
 
 
 def m_ct_mark(mark: int) -> tuple:
-    return _match("ct mark", {"ct": {"key": "mark"}}, f"0x{mark:08x}", mark)
+    """The connection is of the rule with ``mark`` (whatever its inside device id)."""
+    return f"{K_RULE[0]} == 0x{mark:08x}", {"match": {"op": "==", "left": K_RULE[1], "right": mark}}
+
+
+def m_ct_dev(dev_id: int, op: str = "==") -> tuple:
+    """The connection's inside device id (0: unknown) is / is not ``dev_id``."""
+    return (f"ct mark and 0x{DEV_MASK:08x} {op} 0x{dev_id << DEV_SHIFT:08x}",
+            {"match": {"op": op, "left": {"&": [{"ct": {"key": "mark"}}, DEV_MASK]}, "right": dev_id << DEV_SHIFT}})
+
+
+def s_set_dev(dev_id: int) -> tuple:
+    """Put the inside device's id into the connection's ct mark (its id bits are 0)."""
+    v = dev_id << DEV_SHIFT
+    return (f"ct mark set ct mark or 0x{v:08x}",
+            {"mangle": {"key": {"ct": {"key": "mark"}}, "value": {"|": [{"ct": {"key": "mark"}}, v]}}})
 
 
 def m_ct_mark_ours(ours: bool = True) -> tuple:
@@ -227,7 +277,8 @@ def s_set_mark(mark: int, meta: bool = True, ct: bool = True) -> list[tuple]:
 
 
 def s_restore_mark() -> tuple:
-    return "meta mark set ct mark", {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"ct": {"key": "mark"}}}}
+    """The packet mark from the rule's mark (no device id: the ip rules match the rule's mark)."""
+    return f"meta mark set {K_RULE[0]}", {"mangle": {"key": {"meta": {"key": "mark"}}, "value": K_RULE[1]}}
 
 
 def s_counter(name: str) -> tuple:
@@ -235,8 +286,8 @@ def s_counter(name: str) -> tuple:
 
 
 def s_counter_map(entries: list[tuple[int, str]]) -> tuple:
-    text = "counter name ct mark map { " + ", ".join(f'0x{m:08x} : "{n}"' for m, n in entries) + " }"
-    j = {"counter": {"map": {"key": {"ct": {"key": "mark"}}, "data": {"set": [[m, n] for m, n in entries]}}}}
+    text = f"counter name {K_RULE[0]} map {{ " + ", ".join(f'0x{m:08x} : "{n}"' for m, n in entries) + " }"
+    j = {"counter": {"map": {"key": K_RULE[1], "data": {"set": [[m, n] for m, n in entries]}}}}
     return text, j
 
 
@@ -250,6 +301,7 @@ def s_ct_count_over(set_name: str, key: tuple, limit: int) -> tuple:
 
 
 K_OURS = (f"ct mark and 0x{MARK_MASK:08x}", {"&": [{"ct": {"key": "mark"}}, MARK_MASK]})
+K_RULE = (f"ct mark and 0x{RULE_MASK:08x}", {"&": [{"ct": {"key": "mark"}}, RULE_MASK]})
 K_SADDR = ("ip saddr", {"payload": {"protocol": "ip", "field": "saddr"}})
 
 
@@ -368,6 +420,8 @@ def _chain_defs() -> list[tuple[str, dict | None]]:
         ("forward", base | {"name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}),
         ("classify", base | {"name": "classify"}),
         ("guard", base | {"name": "guard"}),
+        ("mark_dev", base | {"name": "mark_dev"}),
+        ("err_dev", base | {"name": "err_dev"}),
         ("nat_out", base | {"name": "nat_out", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}),
         ("leak_guard", base | {"name": "leak_guard", "type": "filter", "hook": "postrouting", "prio": 200,
                                "policy": "accept"}),
@@ -498,6 +552,14 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
         # host's tuple would be translated into that host's session
         add("forward", [m_ct_original(), m_ct_mark_ours(), m_iifnames(settings.inside, "!="),
                         s_counter(C_SPOOFED), v("drop")], "a session continues only from the inside devices")  # fmt: skip
+        # an inside host's ICMP error about a reply belongs to the connection only from the
+        # inside device the connection was made on (its id, mark_dev); conntrack relates it by
+        # the quoted tuple alone, so a host on lan50 quoting a reply to lan40's host was
+        # translated into that host's session.  No id (made before ids existed): as before
+        add("forward", [m_ct_state("related"), _match("meta l4proto", {"meta": {"key": "l4proto"}}, "icmp", "icmp"),
+                        m_ct_mark_ours(), m_ct_dev(0, "!=")] + inside +
+            [("jump err_dev", {"jump": {"target": "err_dev"}})],
+            "an ICMP error from inside only from the device of its connection")  # fmt: skip
         add("forward", inside + [m_oifnames(settings.inside), v("accept")], "internal: never translated")
     add("forward", [m_ct_state("invalid", "untracked"), ("jump guard", {"jump": {"target": "guard"}})],
         "no conntrack entry: never leaves untranslated")
@@ -525,6 +587,13 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
             add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark(mark_of(slots[r.identity])),
                             s_ct_count_over(host_set(limit), K_SADDR, limit),
                             s_counter(C_HOST_LIMIT), v("drop")], f"max_sessions_per_host {limit}")  # fmt: skip
+    if settings.inside:  # a new flow of ours remembers its inside device (once: its id bits are 0)
+        add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(), m_ct_dev(0)] + inside +
+            [("jump mark_dev", {"jump": {"target": "mark_dev"}})])  # fmt: skip
+        for name, dev_id in sorted(device_ids(settings.inside).items(), key=lambda x: x[1]):
+            add("mark_dev", [m_iifnames([name]), s_set_dev(dev_id), v("return")])
+            add("err_dev", [m_iifnames([name]), m_ct_dev(dev_id), v("return")])
+        add("err_dev", [s_counter(C_NO_SESSION), v("drop")], "about a connection of another inside device")
     if len(rules):
         add("forward", [s_counter_map([(mark_of(slots[r.identity]), counter_name(r)) for r in rules.rules])])
     for r in rules.rules:
@@ -650,5 +719,5 @@ def routing_text(p: Plan) -> str:
 __all__ = [
     "plan", "to_json", "to_json_text", "to_text", "transaction_text", "routing_text", "assign_slots", "Plan",
     "RouteEntry", "NftRule", "mark_of", "table_of", "counter_name", "TABLE", "FAMILY",
-    "MARK_TAG", "MARK_MASK", "RT_BASE", "RT_PROTO", "SLOTS", "ALGO_NOTES", "PORT_NOTE",
+    "MARK_TAG", "MARK_MASK", "RULE_MASK", "DEV_MASK", "rule_mark", "device_ids", "RT_BASE", "RT_PROTO", "SLOTS", "ALGO_NOTES", "PORT_NOTE",
 ]  # fmt: skip
