@@ -70,3 +70,28 @@ def describe(blocker: str | None) -> str:
     if blocker is None:
         return "reused from the reverse-path check"
     return f"looked up per session ({blocker})"
+
+
+def gw_numbers(egresses, prev: dict | None = None, slots: int | None = None) -> dict:
+    """The new_gw policy routing's numbers (layout.GW_*): each distinct egress of ``egresses``
+    (hashables, in rule order: the bpf backend's (ifindex, next hop), the model's (device, next
+    hop)) -> n in 0..slots-1.  An egress numbered in ``prev`` (the last install) keeps its
+    number, and a new one takes the lowest number ``prev`` did not use (else the lowest free),
+    so a reload does not point a mark still in use at another egress.  More distinct egresses
+    than slots: BackendError."""
+    from .errors import BackendError
+    from .layout import GW_SLOTS
+
+    slots = GW_SLOTS if slots is None else slots
+    wanted = list(dict.fromkeys(egresses))
+    if len(wanted) > slots:
+        raise BackendError(f"new_gw: {len(wanted)} distinct next hops, at most {slots} can be routed")
+    out = {eg: prev[eg] for eg in wanted if prev and eg in prev}
+    used = set(out.values())
+    old = set(prev.values()) if prev else set()
+    free = iter([n for n in range(slots) if n not in used and n not in old] +
+                [n for n in range(slots) if n not in used and n in old])  # fmt: skip
+    for eg in wanted:
+        if eg not in out:
+            out[eg] = next(free)
+    return out

@@ -256,6 +256,17 @@ MAX_FROM_NETS = 16384  # entries of snat_from_nets (distinct `from` nets, then p
 FROM_NET_RULE = 1  # snat_from_nets value: a rule's `from` net (the egress guard's full check)
 FROM_NET_POOL = 2  # snat_from_nets value: a pool prefix (egress: passes at once; step 2a: never a source)
 MAX_INSIDE_ADDRS = 1024  # entries of snat_inside_addrs
+#: new_gw policy routing of the bpf backend (docs/datapath.md, "new_gw and the kernel"): each
+#: distinct egress (device, next hop) of a new_gw rule gets a number n < GW_SLOTS; a packet of
+#: such an egress that the datapath hands to the kernel translated carries skb->mark
+#: GW_MARK_BASE + n, and the backend installs `ip rule pref GW_RT_BASE+n fwmark MARK lookup
+#: GW_RT_BASE+n proto GW_RT_PROTO` with that table's default route via the egress.  Its own
+#: ranges (the nft backend's are 31000-31999 and marks 0x53470000 + slot): a switch between
+#: the backends never removes the other's.
+GW_SLOTS = 1000
+GW_MARK_BASE = 0x53478000
+GW_RT_BASE = 30000
+GW_RT_PROTO = 201
 #: endpoint-independent mappings (snat_eim): endpoints, their owners and ADF permits; entries per
 #: session of max_sessions (an endpoint and its owner per inside endpoint, a permit per remote)
 EIM_PER_SESSION = 2
@@ -348,6 +359,8 @@ MAP_INSIDE_ADDRS = "snat_inside_addrs"  # HASH be32 address -> u32 ifindex
 MAP_EIM = "snat_eim"  # HASH (no prealloc)
 #: a rule's slot by its id (the control plane writes it with the rules): a mapping's rule in one lookup
 MAP_RULE_SLOTS = "snat_rule_slots"  # HASH u32 rule_id -> u32 slot
+#: new_gw egresses -> the mark a packet handed to the kernel translated takes (GW_MARK_BASE + n)
+MAP_GW_MARKS = "snat_gw_marks"  # HASH struct gw_key -> u32 mark
 
 EIM_DIR_ENDPOINT = 0  # (inside addr, inside port, proto) -> its external (addr, port)
 EIM_DIR_OWNER = 1  # (external addr, port, proto) -> the inside endpoint that owns it
@@ -578,6 +591,11 @@ FRAG_ENTRY = _declare(Struct("frag_entry", "the address rewrite for later fragme
     ("created", "__u64", "bpf_ktime_get_ns()"),
 )))  # fmt: skip
 
+GW_KEY = _declare(Struct("gw_key", "a new_gw egress: the session's device and next hop", (
+    ("ifindex", "__u32", "egress device"),
+    ("nexthop", "__be32", "next hop (the new_gw when on-link, else the route's gateway toward it)"),
+)))  # fmt: skip
+
 REFUSAL = _declare(Struct("refusal", "a refusal marker: when, why, at which SNAT address", (
     ("at", "__u64", "snat_now() of the refusal"),
     ("addr", "__be32", "the SNAT address chosen (the last one tried)"),
@@ -703,6 +721,7 @@ def render_header() -> str:
         ("SNAT_SPILL_MEMO_NS", f"{SPILL_MEMO_MS * 1_000_000}ULL"), ("SNAT_MAX_SPILL_MEMO", MAX_SPILL_MEMO),
         ("SNAT_MAX_INSIDE_ADDRS", MAX_INSIDE_ADDRS), ("SNAT_EIM_PER_SESSION", EIM_PER_SESSION),
         ("SNAT_MAX_INSIDE_ADDRS", MAX_INSIDE_ADDRS), ("SNAT_AUDIT_RING_BYTES", AUDIT_RING_BYTES),
+        ("SNAT_GW_SLOTS", GW_SLOTS),
     ]:  # fmt: skip
         out += [f"#ifndef {n}", f"#define {n} {v}", "#endif"]
     out += ["#ifndef SNAT_PORT_TRIES", f"#define SNAT_PORT_TRIES {PORT_TRIES_MAX} /* port search bound */", "#endif"]

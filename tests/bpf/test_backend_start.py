@@ -368,3 +368,63 @@ def test_the_hook_check_answers_when_netlink_fails(gw, pin_dir, mini_obj, monkey
             assert b.check_hooks() == [f"leak guard table ip {guard.TABLE}"]
         finally:
             b.stop()
+
+
+def _gw_routing():
+    """This namespace's new_gw policy routing of the bpf backend: {pref: (fwmark, table)} and
+    {table: route text}, from `ip`."""
+    import json
+    import subprocess
+
+    rules = {int(r["priority"]): (r.get("fwmark"), str(r.get("table"))) for r in json.loads(
+        subprocess.run(["ip", "-j", "rule", "show"], capture_output=True, text=True, check=True).stdout)
+        if L.GW_RT_BASE <= int(r["priority"]) < L.GW_RT_BASE + L.GW_SLOTS}  # fmt: skip
+    routes = {}
+    for rt in json.loads(subprocess.run(["ip", "-j", "route", "show", "table", "all"], capture_output=True,
+                                        text=True, check=True).stdout):  # fmt: skip
+        t = str(rt.get("table", ""))
+        if t.isdigit() and L.GW_RT_BASE <= int(t) < L.GW_RT_BASE + L.GW_SLOTS:
+            routes[int(t)] = f"{rt['dst']} via {rt.get('gateway')} dev {rt.get('dev')}"
+    return rules, routes
+
+
+@pytest.mark.bpf
+def test_new_gw_policy_routing_follows_reloads_and_goes_at_stop(gw, pin_dir, mini_obj, monkeypatch):  # noqa: F811
+    """A new_gw rule's egress gets its mark (snat_gw_marks), an ip rule for it and a table whose
+    default route leaves by that egress (what routes a packet the datapath hands to the kernel);
+    a reload that changes new_gw moves them, one without new_gw removes them, and so do a stop and
+    a start that fails after installing them.  Nothing else in those ranges is touched."""
+    M = L.GW_MARK_BASE
+    with netns(gw):
+        sh("ip", "rule", "add", "pref", str(L.GW_RT_BASE + 5), "fwmark", "7", "lookup", "main")  # not ours (no proto 201)
+        b = BpfBackend(config(pin_dir).settings, obj_path=mini_obj)
+        b.start(config(pin_dir, new_gw=IP("198.19.3.1")))
+        try:
+            eth1, eth2 = socket.if_nametoindex("eth1"), socket.if_nametoindex("eth2")
+            assert b.maps.gw_marks_now() == {(eth2, int(IP("198.19.3.1"))): M}
+            rules, routes = _gw_routing()
+            assert rules[L.GW_RT_BASE] == (f"0x{M:x}", str(L.GW_RT_BASE))
+            assert routes == {L.GW_RT_BASE: "default via 198.19.3.1 dev eth2"}
+            b.apply(config(pin_dir, new_gw=IP("198.19.2.1")))  # the other uplink: a new number
+            assert b.maps.gw_marks_now() == {(eth1, int(IP("198.19.2.1"))): M + 1}
+            rules, routes = _gw_routing()
+            assert L.GW_RT_BASE not in rules and rules[L.GW_RT_BASE + 1] == (f"0x{M + 1:x}", str(L.GW_RT_BASE + 1))
+            assert routes == {L.GW_RT_BASE + 1: "default via 198.19.2.1 dev eth1"}
+            b.apply(config(pin_dir))  # no new_gw: nothing of it left
+            assert b.maps.gw_marks_now() == {} and _gw_routing() == ({L.GW_RT_BASE + 5: ("0x7", "main")}, {})
+            b.apply(config(pin_dir, new_gw=IP("198.19.3.1")))
+            assert len(_gw_routing()[0]) == 2
+        finally:
+            b.stop()
+        assert _gw_routing() == ({L.GW_RT_BASE + 5: ("0x7", "main")}, {})
+        # a fresh start that fails after installing its routing leaves none of it
+        from snatgw.datapath.bpf import loader as loader_mod
+        from snatgw.errors import BackendError
+
+        def boom(*a, **k):
+            raise BackendError("attach failed (test)")
+
+        monkeypatch.setattr(loader_mod.Loader, "attach", boom)
+        with pytest.raises(BackendError, match="attach failed"):
+            BpfBackend(config(pin_dir).settings, obj_path=mini_obj).start(config(pin_dir, new_gw=IP("198.19.3.1")))
+        assert _gw_routing() == ({L.GW_RT_BASE + 5: ("0x7", "main")}, {})

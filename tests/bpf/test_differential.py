@@ -52,6 +52,7 @@ def compare_step(i, step, res, run):
     assert run.packet == res.packet, (
         f"{where}: output bytes differ\nbpf   {run.packet.hex()}\nmodel {res.packet.hex()}"
     )
+    assert run.mark == res.mark, f"{where}: skb->mark bpf 0x{run.mark:x} vs model 0x{res.mark:x}"
     if res.verdict == Verdict.REDIRECT:
         # None means "the route to the destination": BPF resolves that route once per session
         # for replies (on-link in REF: the destination itself), the model leaves it None

@@ -13,7 +13,7 @@ from scapy.layers.inet import ICMP, IP, UDP
 from scapy.packet import Raw, raw
 
 from snatgw.config.schema import Settings
-from snatgw.layout import PORT_TRIES_BPF, RECIRC_DEV, Reason, Verdict
+from snatgw.layout import GW_MARK_BASE, PORT_TRIES_BPF, RECIRC_DEV, Reason, Verdict
 from snatgw.model.router import REF_ADDRESSES as _ADDRS
 from snatgw.model.router import REF_ROUTES as _ROUTES
 from snatgw.rules import Rule, RuleSet
@@ -71,6 +71,8 @@ class Step(NamedTuple):
     verdict: Verdict
     reason: Reason
     at: float | None = None  # the clock in s (None: the step's index, as most steps run)
+    #: skb->mark the packet leaves with (a new_gw egress's, handed to the kernel: GW_MARK_BASE + n)
+    mark: int = 0
 
     def when(self, i: int) -> float:
         return float(i) if self.at is None else self.at
@@ -99,8 +101,8 @@ class Scenario:
         return Engine(self.make_rules(), self.make_settings(), router or StaticRouter(REF_ROUTES, REF_ADDRESSES))
 
 
-def inside(pkt: bytes, v: Verdict, r: Reason, dev: str = "lan40", at: float | None = None) -> Step:
-    return Step("inside", dev, pkt, v, r, at)
+def inside(pkt: bytes, v: Verdict, r: Reason, dev: str = "lan40", at: float | None = None, mark: int = 0) -> Step:
+    return Step("inside", dev, pkt, v, r, at, mark)
 
 
 def outside(pkt: bytes, v: Verdict, r: Reason, dev: str = "eth1", at: float | None = None) -> Step:
@@ -311,7 +313,8 @@ def _scenarios() -> list[Scenario]:
         "address (egress).  Without DF: translated and handed to the kernel to fragment; TTL is "
         "left to the kernel, which forwards it.", [
         inside(udp(A, R1, 6000, 7000, payload=big, flags="DF"), PASS, R.PASS_FRAG_NEEDED),
-        inside(udp(A, R1, 6000, 7000, payload=big), PT, R.XLATE_NEW),
+        # (its egress, eth1 via 198.19.2.1, is the new_gw rule's too: marked, routed there)
+        inside(udp(A, R1, 6000, 7000, payload=big), PT, R.XLATE_NEW, mark=GW_MARK_BASE),
         inside(udp(A, R1, 6000, 7000, payload=big, flags="DF"), PASS, R.PASS_FRAG_NEEDED),
         outside(udp(R1, ba, 7000, bp, payload=big, flags="DF"), PT, R.XLATE_IN_FRAG_NEEDED),
         outside(udp(R1, ba, 7000, bp, payload=big), PT, R.XLATE_IN),
@@ -328,7 +331,7 @@ def _scenarios() -> list[Scenario]:
         "route's MTU itself, from the gateway's address toward the host, back out of the device "
         "it came by (as refuse_icmp's host unreachable), for a new flow and a session alike.", [
         inside(udp(C, R1, 6000, 7000, payload=big, flags="DF"), RED, R.PASS_FRAG_NEEDED, dev="lan50"),
-        inside(udp(C, R1, 6000, 7000, payload=big), PT, R.XLATE_NEW, dev="lan50"),
+        inside(udp(C, R1, 6000, 7000, payload=big), PT, R.XLATE_NEW, dev="lan50", mark=GW_MARK_BASE),
         inside(udp(C, R1, 6000, 7000, payload=big, flags="DF", options=[b"\x01\x01\x01\x00"]), RED,
                R.PASS_FRAG_NEEDED, dev="lan50"),  # fmt: skip
         inside(udp(C, R1, 6000, 7000, payload=b"x" * 1472, flags="DF"), RED, R.XLATE_OUT, dev="lan50"),
@@ -346,12 +349,35 @@ def _scenarios() -> list[Scenario]:
         "the first is translated and handed to the kernel to fragment (PASS_TRANSLATED) as any "
         "packet; a later one alike, its TTL left to the kernel (redirected, the device dropped "
         "it: lab, host fragments of 1500 bytes toward eth1 at 1400 never arrived).", [
-        inside(j1, PT, R.XLATE_NEW),
-        inside(j2, PT, R.XLATE_FRAG),
+        inside(j1, PT, R.XLATE_NEW, mark=GW_MARK_BASE),  # (eth1 via 198.19.2.1: a new_gw egress)
+        inside(j2, PT, R.XLATE_FRAG, mark=GW_MARK_BASE),
         outside(r1, PT, R.XLATE_IN),
         outside(r2, RED, R.XLATE_FRAG),  # 1500 bytes: fits lan40
         outside(raw(IP(src=R1, dst=ja, id=0x4444, frag=385, proto=17) / Raw(jumbo[:1600])), PT, R.XLATE_FRAG),
     ])  # fmt: skip
+    c_udp = raw(UDP(sport=6200, dport=7000) / jumbo[:2976 + 2000 - 8])
+    c1 = raw(IP(src=C, dst=R1, id=0x4545, flags="MF", proto=17) / Raw(c_udp[:2976]))
+    c2 = raw(IP(src=C, dst=R1, id=0x4545, frag=372, proto=17) / Raw(c_udp[2976:]))
+    add("new_gw_to_kernel_marked", "A new_gw session's packet handed to the kernel translated (over "
+        "the egress MTU without DF: the kernel fragments it; a first fragment and a later one alike) "
+        "carries its egress's mark (GW_MARK_BASE + the egress's number), for which the backend "
+        "installs an ip rule and table routing it by that egress: the kernel's own table may name "
+        "another uplink, where it would leave with this one's SNAT address (lab: "
+        "test_lab_new_gw_frag).  Redirected packets are not marked; nor is a packet whose egress "
+        "is no new_gw rule's (A to R2 by eth2).", [
+        inside(c1, PT, R.XLATE_NEW, dev="lan50", mark=GW_MARK_BASE),
+        inside(c2, PT, R.XLATE_FRAG, dev="lan50", mark=GW_MARK_BASE),
+        inside(udp(C, R1, 6200, 7000, payload=b"x" * 100), RED, R.XLATE_OUT, dev="lan50"),
+        inside(udp(A, R2, 6300, 7000, payload=b"B" * 1572), PT, R.XLATE_NEW),
+        inside(udp(A, R2, 6300, 7000, payload=b"x" * 100), RED, R.XLATE_OUT),
+    ])  # fmt: skip
+    add("new_gw_to_kernel_marked_failover", "The failover rules: two new_gw egresses numbered in "
+        "rule order (eth2 via 198.19.3.1 is 0, eth1 via 198.19.2.1 is 1); A's session takes "
+        "rule 2's new_gw to eth2 and its packet handed to the kernel the mark of that egress.", [
+        inside(udp(A, R1, 6400, 7000, payload=b"B" * 1572), PT, R.XLATE_NEW, mark=GW_MARK_BASE),
+        inside(c1, PT, R.XLATE_NEW, dev="lan50", mark=GW_MARK_BASE + 1),
+        inside(c2, PT, R.XLATE_FRAG, dev="lan50", mark=GW_MARK_BASE + 1),
+    ], rules=FAILOVER_RULES)  # fmt: skip
     syn = tcp(A, R1, 40000, 80, "S")
     bad_ihl = bytes([0x44]) + syn[1:]
     short_tot = syn[:2] + (19).to_bytes(2, "big") + syn[4:]

@@ -44,6 +44,7 @@ def test_scenario_steps_meet_expectations(sc: Scenario):
         judged = st.side != "egress" or is_err or st.reason == Reason.DROP_LEAK
         assert sum(engine.reasons.values()) - before == (1 if judged else 0)
         assert (res.verdict, res.reason) == (st.verdict, st.reason), f"step {i}"
+        assert res.mark == st.mark, f"step {i}: skb->mark"
         built = {Reason.DROP_HOST_LIMIT: b"\x03\x01", Reason.PASS_FRAG_NEEDED: b"\x03\x04"}  # ICMP we build
         if res.reason in built and res.verdict == Verdict.REDIRECT:  # refuse_icmp yes; new_gw's MTU
             ihl = (st.packet[0] & 0x0F) * 4

@@ -23,7 +23,8 @@ def remove_nft(netns: str | None = None) -> list[str]:
 
 
 def remove_bpf(pin_dir: str | None, netns: str | None = None, devices=None) -> list[str]:
-    """Our TC filters on ``devices`` (default: every device of the namespace) and the pins
+    """Our TC filters on ``devices`` (default: every device of the namespace), the new_gw
+    policy routing (bpf/gwroutes: prefs/tables 30000-30999, proto 201) and the pins
     under ``pin_dir`` (None: leave pins alone).  Pins live on the host's bpffs, not in the
     namespace: the caller names the one directory that belongs to this gateway."""
     try:
@@ -34,8 +35,11 @@ def remove_bpf(pin_dir: str | None, netns: str | None = None, devices=None) -> l
         libbpf.lib()
     except (ImportError, OSError, BackendError) as e:  # no libbpf: no bpf datapath ran here
         raise NoLibbpf(f"cannot look for TC filters of the bpf backend: {e}") from None
+    from .bpf import gwroutes
+
     with enter(netns) if netns else contextlib.nullcontext():
         removed = detach_ours(devices)
+        removed += gwroutes.remove()  # its new_gw policy routing (after the detach: unmarked now)
     if pin_dir and os.path.isdir(pin_dir):
         before = set(os.listdir(pin_dir))
         unpin(pin_dir)

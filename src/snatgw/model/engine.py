@@ -16,7 +16,8 @@ from ..layout import IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
 from ..layout import FRAG_HOLD, MAX_REFUSED, RECIRC_DEV, REFUSE_ICMP_PER_SEC, REFUSED_SECS, Verdict
 from ..config.schema import rule_host_limit, rule_preserve, rule_spill
-from ..layout import CT_F_EIM, CT_F_HAIRPIN, EIM_GRACE, EIM_PER_SESSION, FROM_NET_POOL
+from ..layout import CT_F_EIM, CT_F_HAIRPIN, EIM_GRACE, EIM_PER_SESSION, FROM_NET_POOL, GW_MARK_BASE
+from ..fibrules import gw_numbers
 from ..rules import Route, Rule, RuleSet, leak_guard_nets, port_candidates, port_seed, select_index, spill_order
 from .conntrack import CtEntry, CtKey, CtPair, CtTable, in_key, initial_state, is_expired, out_key, tcp_update
 from .conntrack import E_2BIG
@@ -43,6 +44,9 @@ class Result:
     nexthop: IPv4Address | None = None  # next hop for REDIRECT (None: route to daddr)
     rule: Rule | None = None  # rule of the session (new or existing), or the matched rule
     nat: tuple[IPv4Address, int] | None = None  # the session's SNAT (addr, port/id)
+    #: skb->mark of a PASS_TRANSLATED packet of a new_gw egress (layout.GW_MARK_BASE + n: the
+    #: backend's ip rule routes it by that egress, not by the kernel's own table); else 0
+    mark: int = 0
 
 
 def trimmed(res: Result) -> Result:
@@ -113,6 +117,7 @@ class Engine:
         self.reasons: Counter[Reason] = Counter()
         self.rule_stats: dict[int, RuleCounters] = {}
         self._guard_nets = leak_guard_nets(rules)
+        self._gw_numbers: dict | None = None
         self._rules_changed()
         # live counts (snat_host_sess, snat_addr_stats, snat_rule_live) and refusal markers;
         # a host's sessions are counted as they are made only while some rule has a host
@@ -533,8 +538,11 @@ class Engine:
         if v.is_first_fragment:
             key = FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto)
             self.frags.remember(key, FragEntry(e.rw_addr, ip(v.daddr), e.oif, e.nexthop, now))
-        verdict = Verdict.PASS_TRANSLATED if to_kernel else Verdict.REDIRECT
-        return Result(verdict, reason, bytes(buf), e.oif, e.nexthop, e.rule, (e.rw_addr, e.rw_port))
+        if to_kernel:  # a new_gw egress's: its mark routes it there, not the kernel's own table
+            mark = self.gw_marks.get((e.oif, e.nexthop), 0)
+            return Result(Verdict.PASS_TRANSLATED, reason, bytes(buf), e.oif, e.nexthop, e.rule,
+                          (e.rw_addr, e.rw_port), mark)  # fmt: skip
+        return Result(Verdict.REDIRECT, reason, bytes(buf), e.oif, e.nexthop, e.rule, (e.rw_addr, e.rw_port))
 
     # ------------------------------------------------------------------ outside
 
@@ -614,8 +622,10 @@ class Engine:
         to_kernel = v.tot_len > self._dev_mtu(fe.oif)
         buf = bytearray(pkt)
         rewrite_fragment(buf, fe.saddr, fe.daddr, dec_ttl=not to_kernel)
-        verdict = Verdict.PASS_TRANSLATED if to_kernel else Verdict.REDIRECT
-        return Result(verdict, Reason.XLATE_FRAG, bytes(buf), fe.oif, fe.nexthop)
+        if to_kernel:  # as the first fragment: by its egress
+            mark = self.gw_marks.get((fe.oif, fe.nexthop), 0)
+            return Result(Verdict.PASS_TRANSLATED, Reason.XLATE_FRAG, bytes(buf), fe.oif, fe.nexthop, mark=mark)
+        return Result(Verdict.REDIRECT, Reason.XLATE_FRAG, bytes(buf), fe.oif, fe.nexthop)
 
     def _icmp_error(self, pkt: bytes, v: IPv4View, side: str, ingress: str | None = None) -> Result | None:
         """ICMP errors, three ways (docs/datapath.md "ICMP errors").  ``ingress``: the inside
@@ -787,6 +797,15 @@ class Engine:
         self._has_eim = any(r.eim for r in self.rules)  # CFG_F_EIM: owners are looked up
         # CFG_F_HOST_COUNT: some rule has a host limit, so each new session counts for its host
         self.host_counting = any(rule_host_limit(r, self.settings) for r in self.rules)
+        # snat_gw_marks: each distinct new_gw egress (device, next hop) -> its mark, numbered
+        # as the bpf backend numbers them (fibrules.gw_numbers, keeping the last numbers)
+        egs = []
+        for r in self.rules:
+            fib = self.router.lookup(r.new_gw) if r.new_gw is not None else None
+            if fib is not None and fib.kind == "forward":
+                egs.append((fib.oif, fib.gw))
+        self._gw_numbers = gw_numbers(egs, self._gw_numbers)
+        self.gw_marks = {eg: GW_MARK_BASE + n for eg, n in self._gw_numbers.items()}
 
     def _address_owners(self) -> dict[IPv4Address, str]:
         """SNAT address -> the outside device it is a local address of (the router's view);

@@ -35,6 +35,8 @@ struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_INSIDE_AD
 	 __type(key, __be32); __type(value, __u32); } snat_inside_addrs SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_MAX_RULES);
 	 __type(key, __u32); __type(value, __u32); } snat_rule_slots SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_GW_SLOTS);
+	 __type(key, struct gw_key); __type(value, __u32); } snat_gw_marks SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, SNAT_EIM_PER_SESSION * SNAT_MAX_SESSIONS);
 	 __uint(map_flags, BPF_F_NO_PREALLOC);
 	 __type(key, struct eim_key); __type(value, struct eim_entry); } snat_eim SEC(".maps");

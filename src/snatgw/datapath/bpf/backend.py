@@ -20,10 +20,10 @@ from typing import Callable
 from ... import layout as L
 from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
-from ...fibrules import PolicyRule, describe, route_back_blocker
+from ...fibrules import PolicyRule, describe, gw_numbers, route_back_blocker
 from ...rules import leak_guard_passes
 from ..backend import LastRead, Session, Stats, pressure_summary
-from . import guard
+from . import guard, gwroutes
 from . import libbpf as B
 from .loader import Loader, ifindex
 from .maps import CT_KEY, DatapathMaps, monotonic_ns
@@ -171,6 +171,8 @@ class BpfBackend:
         self.readonly = False
         self._new_gws: dict[int, ipaddress.IPv4Address | None] | None = None  # by rule_id
         self._pools: dict | None = None  # rule_id -> Pool, as last installed
+        #: new_gw policy routing as last installed (gwroutes): (ifindex, next hop) -> number
+        self._gw_numbers: dict[tuple[int, ipaddress.IPv4Address], int] | None = None
         self.last_follow = (0, 0)  # (moved, removed) sessions of the last rule install
         self._next_sweep = 0.0  # time.monotonic() before which expire() skips its sweep
         self._table_full_seen = 0  # DROP_TABLE_FULL when _pressure() last looked
@@ -242,6 +244,7 @@ class BpfBackend:
             # adopted sessions and programs belong to whoever made them: keep them running
             if not self.loader.reused:
                 guard.remove()
+                self._remove_gw_routes()  # (nothing of ours marks packets: no datapath was adopted)
             else:
                 self._unwatched()
             self.loader.stop(keep_state=bool(self.loader.reused))
@@ -378,6 +381,7 @@ class BpfBackend:
             self.loader.stop(keep_state)
             if not keep_state and self.config is not None:  # the guard this backend put there:
                 guard.remove()  # never that of another daemon (maps loaded without a start: tests)
+                self._remove_gw_routes()  # (after the detach: nothing marks packets any more)
         if self.holder is not None:  # after the detach: the TAP goes with the holder
             self.holder.stop()
             self.holder = None
@@ -429,6 +433,7 @@ class BpfBackend:
         for k, kind in nets.items():
             both[k] = min(kind, both.get(k, kind))  # FROM_NET_RULE < FROM_NET_POOL
         self.maps.write_from_nets(both, have=was)
+        gw = self._install_gw_routes(config)  # inert until snat_gw_marks names their marks
         written = install_rules(self.maps, cfg, rules, self._recount_for_limit)
         self.maps.write_from_nets(nets, have=both)
         self._install_guard(config)
@@ -443,6 +448,49 @@ class BpfBackend:
             if removed:
                 log.info("removed %d live sessions whose SNAT address left their rule's pool or link", removed)
         self._new_gws, self._pools = new_gws, pools
+        # the marks once sessions have followed their rules to the new egresses; then the
+        # routing no egress uses any more goes
+        self.maps.write_gw_marks({(idx, _raw(nh)): L.GW_MARK_BASE + n for (idx, nh), n in gw.items()})
+        self._gw_numbers = gw
+        gone = gwroutes.remove(keep={L.GW_RT_BASE + n for n in gw.values()})
+        if gone:
+            log.info("bpf backend: new_gw policy routing removed: %s", "; ".join(gone))
+
+    def _install_gw_routes(self, config: GatewayConfig) -> dict[tuple[int, ipaddress.IPv4Address], int]:
+        """The policy routing of each distinct egress of the new_gw rules (gwroutes): numbered
+        (fibrules.gw_numbers, keeping the last install's numbers), routes and ip rules
+        installed; returns (ifindex, next hop) -> number.  A new_gw without a route now is
+        left out (its flows are not translated: PASS_NO_ROUTE) with a warning."""
+        egresses = []
+        for r in config.rules:
+            if r.new_gw is None:
+                continue
+            try:
+                idx, nh, _mtu = self.resolver(r.new_gw)
+                dev = socket.if_indextoname(idx)
+            except (BackendError, OSError) as e:
+                log.warning("bpf backend: %s: new_gw %s: no policy routing for it: %s", r.where or "rule", r.new_gw, e)
+                continue
+            egresses.append((idx, nh, dev))
+        devs = {(idx, nh): dev for idx, nh, dev in egresses}
+        prev = self._gw_numbers
+        if prev is None:  # a start: an adopted datapath's marks keep their numbers
+            prev = {(idx, ipaddress.IPv4Address(nh)): m - L.GW_MARK_BASE for (idx, nh), m in self.maps.gw_marks_now().items()
+                    if 0 <= m - L.GW_MARK_BASE < L.GW_SLOTS}  # fmt: skip
+        numbers = gw_numbers([(idx, nh) for idx, nh, _ in egresses], prev)
+        gwroutes.install([gwroutes.GwRoute(n, devs[eg], eg[1]) for eg, n in numbers.items()])
+        return numbers
+
+    def _remove_gw_routes(self) -> None:
+        """Our new_gw policy routing (gwroutes), all of it; never raises (a stop goes on)."""
+        try:
+            gone = gwroutes.remove()
+        except BackendError as e:
+            log.warning("bpf backend: cannot remove the new_gw policy routing: %s", e)
+            return
+        self._gw_numbers = None
+        if gone:
+            log.info("bpf backend: new_gw policy routing removed: %s", "; ".join(gone))
 
     def _write_ifaces(self, s: Settings) -> None:
         """snat_ifaces: the inside and outside devices' roles by ifindex (absent devices are

@@ -112,7 +112,7 @@ REPLACEABLE: dict[str, str] = {
     **dict.fromkeys((L.MAP_REASONS, L.MAP_ALLOC_CNT, L.MAP_AUDIT_CNT, L.MAP_RULE_STATS),
                     "its counts start again from zero"),
     **dict.fromkeys((L.MAP_RULES, L.MAP_RULE_SLOTS, L.MAP_CONFIG, L.MAP_IFACES, L.MAP_FROM_NETS,
-                     L.MAP_INSIDE_ADDRS), "written afresh from the config before the programs are attached"),
+                     L.MAP_INSIDE_ADDRS, L.MAP_GW_MARKS), "written afresh from the config before the programs are attached"),
     L.MAP_REFUSED: "refusal markers forgotten: a refused flow's next packet searches once more",
     L.MAP_SPILL_MEMO: "spill memos forgotten: the next search on a full address tries it again",
     L.MAP_FRAGS: "remembered fragments forgotten: the rest of a datagram in flight is passed or dropped as unmatched",

@@ -92,6 +92,7 @@ def map_specs(max_sessions: int = L.MAX_SESSIONS) -> dict[str, MapSpec]:
         MapSpec(L.MAP_ALLOC_CNT, B.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, L.ALLOC_CNT_N),
         MapSpec(L.MAP_INSIDE_ADDRS, B.BPF_MAP_TYPE_HASH, 4, 4, L.MAX_INSIDE_ADDRS),
         MapSpec(L.MAP_RULE_SLOTS, B.BPF_MAP_TYPE_HASH, 4, 4, L.MAX_RULES),
+        MapSpec(L.MAP_GW_MARKS, B.BPF_MAP_TYPE_HASH, L.GW_KEY.size, 4, L.GW_SLOTS),
         MapSpec(L.MAP_EIM, B.BPF_MAP_TYPE_HASH, L.EIM_KEY.size, L.EIM_ENTRY.size, L.EIM_PER_SESSION * max_sessions),
         MapSpec(L.MAP_AUDIT, B.BPF_MAP_TYPE_RINGBUF, 0, 0, L.AUDIT_RING_BYTES),
         MapSpec(L.MAP_AUDIT_CNT, B.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, L.AUDIT_CNT_N),
@@ -238,6 +239,7 @@ class DatapathMaps:
         self.from_nets = maps[L.MAP_FROM_NETS]
         self.inside_addrs = maps[L.MAP_INSIDE_ADDRS]
         self.rule_slots = maps[L.MAP_RULE_SLOTS]
+        self.gw_marks = maps[L.MAP_GW_MARKS]
 
     @classmethod
     def open_pinned(cls, pin_dir: str, readonly: bool = True) -> "DatapathMaps":
@@ -554,3 +556,27 @@ class DatapathMaps:
         """snat_rule_slots: each rule's id -> its slot (after the rules: the datapath checks the
         slot's id, so a moment's stale entry finds nothing, never a wrong rule)."""
         write_rule_slots(self.rule_slots, rules)
+
+    def gw_marks_now(self) -> dict[tuple[int, int], int]:
+        """snat_gw_marks as it is: (ifindex, next hop as an int) -> mark."""
+        out = {}
+        for k, v in self.gw_marks.items():
+            d = L.GW_KEY.unpack(k)
+            out[(d["ifindex"], d["nexthop"])] = _U32.unpack(v)[0]
+        return out
+
+    def write_gw_marks(self, marks: dict[tuple[int, int], int]) -> None:
+        """Make snat_gw_marks hold exactly ``marks`` ((ifindex, next hop int) -> mark)."""
+        write_gw_marks(self.gw_marks, marks)
+
+
+def write_gw_marks(m, marks: dict[tuple[int, int], int]) -> None:
+    """Make map ``m`` (snat_gw_marks) hold exactly ``marks``: new and changed entries first,
+    then the stale ones go."""
+    keys = {L.GW_KEY.pack(ifindex=i, nexthop=nh): _U32.pack(mark) for (i, nh), mark in marks.items()}
+    for k, v in keys.items():
+        if m.get(k) != v:
+            m.put(k, v)
+    for k in list(m.keys()):
+        if k not in keys:
+            m.delete(k)

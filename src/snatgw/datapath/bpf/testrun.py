@@ -18,7 +18,7 @@ from ... import layout as L
 from ...config.schema import Settings
 from ...errors import BackendError
 from ...rules import RuleSet
-from .maps import write_rule_slots
+from .maps import write_gw_marks, write_rule_slots
 from . import build
 from . import libbpf as B
 from .loader import ifindex as _ifindex
@@ -41,7 +41,7 @@ INSIDE, OUTSIDE = ("lan40", "lan50"), ("eth1", "eth2")
 PROGS = {"inside": "snat_inside", "outside": "snat_outside", "egress": "snat_egress", "recirc": "snat_recirc"}
 CLOCK_BASE = 1000  # s added to a test's clock (0 means "the real clock" to the programs)
 SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff) on 6.x; only ifindex fields are set
-_OFF_INGRESS_IFINDEX, _OFF_IFINDEX, _OFF_GSO_SEGS, _OFF_GSO_SIZE = 36, 40, 164, 176
+_OFF_MARK, _OFF_INGRESS_IFINDEX, _OFF_IFINDEX, _OFF_GSO_SEGS, _OFF_GSO_SIZE = 8, 36, 40, 164, 176
 ETH = bytes.fromhex("020000000002" "020000000001" "0800")  # dst, src, IPv4
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 _NONE = 0xFFFFFFFF  # dbg sentinel: the program emitted nothing (egress: not ours)
@@ -112,6 +112,7 @@ class Run:
     oif: str | None
     nexthop: IPv4Address | None
     retval: int
+    mark: int = 0  # skb->mark as the program left it (the model's Result.mark)
 
 
 class ProgHarness:
@@ -134,9 +135,10 @@ class ProgHarness:
                                                    L.MAP_RULE_LIVE, L.MAP_REFUSED,
                                                    L.MAP_INSIDE_ADDRS, L.MAP_EIM, L.MAP_AUDIT,
                                                    L.MAP_AUDIT_CNT, L.MAP_RULE_SLOTS, L.MAP_SPILL_MEMO,
-                                                   L.MAP_ALLOC_CNT)}  # fmt: skip
+                                                   L.MAP_ALLOC_CNT, L.MAP_GW_MARKS)}  # fmt: skip
         # global variables (.data, .bss: e.g. snat.bpf.c's refused_last = 1) as loaded, for reset()
         self._globals = {n: m.to_dict() for n, m in self._all_maps() if n.endswith((".data", ".bss"))}
+        self._gw_numbers: dict | None = None  # new_gw egress -> number, as last written
         self._write_devices()
         self.dbg = self.obj.map("snat_dbg") if "SNAT_TEST" in self.defines else None
         self.clock = self.obj.map("snat_clock") if "SNAT_TEST" in self.defines else None
@@ -182,6 +184,7 @@ class ProgHarness:
             else:
                 for k in m.keys():
                     m.delete(k)
+        self._gw_numbers = None  # (the model's numbering starts again too)
         self._write_devices()
 
     def snapshot(self) -> dict[str, dict[bytes, bytes]]:
@@ -222,6 +225,25 @@ class ProgHarness:
             self.maps[L.MAP_FROM_NETS].delete(k)
         for k, kind in compile_from_nets(rules).items():
             self.maps[L.MAP_FROM_NETS].put(k, struct.pack("<I", kind))
+        self._write_gw_marks(rules)
+
+    def _write_gw_marks(self, rules: RuleSet) -> None:
+        """snat_gw_marks as the backend writes it: each new_gw rule's egress (the REF
+        namespace's `ip route get`), numbered by fibrules.gw_numbers (keeping the last numbers)."""
+        from ...fibrules import gw_numbers
+        from .backend import route_egress
+
+        egs = []
+        with self.net.enter():
+            for r in rules:
+                if r.new_gw is not None:
+                    try:
+                        idx, nh, _ = route_egress(r.new_gw)
+                    except BackendError:
+                        continue
+                    egs.append((idx, int(nh)))
+        self._gw_numbers = gw_numbers(egs, self._gw_numbers)
+        write_gw_marks(self.maps[L.MAP_GW_MARKS], {eg: L.GW_MARK_BASE + n for eg, n in self._gw_numbers.items()})
 
     def host_flags(self) -> int:
         """The CFG_F_* the bpf backend judges from the host, judged here from the test's
@@ -257,7 +279,8 @@ class ProgHarness:
         if self.dbg is not None:
             self.dbg.put(0, struct.pack("<IIII", _NONE, _NONE, 0, 0))
         with self.net.enter():
-            ret, out, _, _ = B.test_run(self.fds[side], ETH + bytes(ipv4), self.ctx(ingress, gso_size, ifindex))
+            ret, out, ctx_out, _ = B.test_run(self.fds[side], ETH + bytes(ipv4), self.ctx(ingress, gso_size, ifindex))
+        mark = struct.unpack_from("<I", ctx_out, _OFF_MARK)[0] if ctx_out else 0
         verdict = reason = oif = nh = None
         if self.dbg is not None:
             v, r, ifi, nhop = struct.unpack("<III4s", self.dbg.get(0))
@@ -266,7 +289,7 @@ class ProgHarness:
                 if verdict == L.Verdict.REDIRECT:
                     oif = self.net.dev(ifi) or str(ifi)
                     nh = IPv4Address(nhop) if nhop != bytes(4) else None
-        return Run(verdict, reason, out[len(ETH):], oif, nh, ret)
+        return Run(verdict, reason, out[len(ETH):], oif, nh, ret, mark)
 
     def bench(self, prog: str, ipv4: bytes, ingress: str, repeat: int) -> int:
         """Average ns per run of program ``prog`` over ``repeat`` runs (kernel-timed); with the

@@ -194,8 +194,10 @@ static __always_inline int snat_v4_out_established(struct __sk_buff *skb, struct
 	stats_rule(e->rule_id, p->len, reason == REASON_XLATE_NEW);
 	if (p->frag == FRAG_FIRST)
 		frag_remember(p, e->rw_addr, p->daddr, e->ifindex, e->nexthop, now);
-	if (to_kernel)
+	if (to_kernel) { /* a new_gw egress's: routed there by its mark, not by the kernel's table */
+		snat_gw_mark(skb, e->ifindex, e->nexthop);
 		return verdict_set(v, VERDICT_PASS_TRANSLATED, reason);
+	}
 	return verdict_redirect(v, reason, e->ifindex, e->nexthop);
 }
 

@@ -142,6 +142,16 @@ struct {
 	__type(value, __u32);
 } snat_rule_slots SEC(".maps");
 
+/* new_gw egresses (device, next hop) -> skb->mark (layout.GW_MARK_BASE + n), written by the
+ * control plane with the ip rule and table that route that mark by the egress: looked up only
+ * for a translated packet handed to the kernel (snat_gw_mark), never on the redirect path */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SNAT_GW_SLOTS);
+	__type(key, struct gw_key);
+	__type(value, __u32);
+} snat_gw_marks SEC(".maps");
+
 /* Endpoint-independent mappings (eim.h): endpoints, their owners, ADF permits.  No prealloc:
  * costs memory only when a rule maps endpoint-independently. */
 #ifndef SNAT_MAX_EIM

@@ -348,6 +348,21 @@ static __always_inline void frag_remember(const struct pkt *p, __be32 saddr, __b
 	bpf_map_update_elem(&snat_frags, &k, &e, BPF_ANY);
 }
 
+/* A translated packet handed to the kernel (PASS_TRANSLATED: it fragments it) leaving by
+ * `ifindex` via `nexthop`: when that is a new_gw egress (snat_gw_marks), skb->mark routes it
+ * there by the backend's ip rule, not by the kernel's main table (which may name another uplink,
+ * and the packet would leave there with this one's SNAT address).  0 when marked. */
+static __noinline int snat_gw_mark(struct __sk_buff *skb, __u32 ifindex, __be32 nexthop)
+{
+	struct gw_key k = { .ifindex = ifindex, .nexthop = nexthop };
+	__u32 *mark = bpf_map_lookup_elem(&snat_gw_marks, &k);
+
+	if (!mark)
+		return -1;
+	skb->mark = *mark;
+	return 0;
+}
+
 /* A later fragment before its first (no entry, or a held marker): hold it for a while.  It is
  * redirected, untouched, to the recirculation device's egress (a TAP: the backend's holder
  * waits and writes it back, datapath/bpf/recirc.py) and comes back on that device's ingress
@@ -412,7 +427,9 @@ static __always_inline int frag_v4_later(struct __sk_buff *skb, const struct pkt
 		iph->ttl--;
 	d += csum_delta2(old_w, *(__be16 *)&iph->ttl);
 	iph->check = csum_apply(iph->check, d);
-	if (to_kernel)
+	if (to_kernel) {
+		snat_gw_mark(skb, e->ifindex, e->nexthop);
 		return verdict_set(v, VERDICT_PASS_TRANSLATED, REASON_XLATE_FRAG);
+	}
 	return verdict_redirect(v, REASON_XLATE_FRAG, e->ifindex, e->nexthop);
 }

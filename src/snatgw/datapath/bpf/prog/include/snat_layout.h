@@ -66,6 +66,9 @@
 #ifndef SNAT_AUDIT_RING_BYTES
 #define SNAT_AUDIT_RING_BYTES 2097152
 #endif
+#ifndef SNAT_GW_SLOTS
+#define SNAT_GW_SLOTS 1000
+#endif
 #ifndef SNAT_PORT_TRIES
 #define SNAT_PORT_TRIES 1024 /* port search bound */
 #endif
@@ -323,6 +326,13 @@ struct frag_entry {
 	__u64 created; /* bpf_ktime_get_ns() */
 };
 _Static_assert(sizeof(struct frag_entry) == 24, "frag_entry size");
+
+/* a new_gw egress: the session's device and next hop */
+struct gw_key {
+	__u32 ifindex; /* egress device */
+	__be32 nexthop; /* next hop (the new_gw when on-link, else the route's gateway toward it) */
+};
+_Static_assert(sizeof(struct gw_key) == 8, "gw_key size");
 
 /* a refusal marker: when, why, at which SNAT address */
 struct refusal {

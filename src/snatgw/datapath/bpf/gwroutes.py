@@ -1,0 +1,123 @@
+"""The bpf backend's new_gw policy routing (docs/datapath.md, "new_gw and the kernel").
+
+A packet of a new_gw session that the datapath translates and hands to the kernel (it is over
+the egress MTU without DF: the kernel fragments it; or a later fragment likewise) would be
+routed by the kernel's own table, which may name another uplink: it would leave there with
+this uplink's SNAT address.  So the datapath marks it (snat_gw_marks: its egress (device, next
+hop) -> layout.GW_MARK_BASE + n) and this module installs, per such egress n:
+
+    ip route replace default via NEXTHOP dev DEV [onlink] table GW_RT_BASE+n proto GW_RT_PROTO
+    ip rule add pref GW_RT_BASE+n fwmark MARK/0xffffffff lookup GW_RT_BASE+n proto GW_RT_PROTO
+
+Ours are exactly the ip rules with a pref in GW_RT_BASE..+GW_SLOTS-1 *and* proto GW_RT_PROTO, and
+the routes with that proto in those tables: nothing else is ever removed.  One daemon per network
+namespace (daemon/owner.py) owns them; the nft backend's range (31000-31999) is another.
+Runs `ip` in the calling thread's network namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from ... import layout as L
+from ...errors import BackendError
+
+
+@dataclass(frozen=True)
+class GwRoute:
+    """One new_gw egress's routing: number n, its device and next hop."""
+
+    n: int
+    dev: str
+    nexthop: IPv4Address
+
+    @property
+    def table(self) -> int:
+        return L.GW_RT_BASE + self.n
+
+    @property
+    def mark(self) -> int:
+        return L.GW_MARK_BASE + self.n
+
+    def commands(self) -> list[list[str]]:
+        """`ip` argv lists (without `ip`): the route first (a rule without it would send the
+        marked packets on to the main table), then the rule."""
+        t, p = str(self.table), str(L.GW_RT_PROTO)
+        return [["route", "replace", "default", "via", str(self.nexthop), "dev", self.dev, "onlink",
+                 "table", t, "proto", p],
+                ["rule", "add", "pref", t, "fwmark", f"0x{self.mark:08x}/0xffffffff", "lookup", t, "proto", p]]  # fmt: skip
+
+
+def _ip(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BackendError(f"ip {' '.join(args)}: {e}") from None
+    if check and r.returncode != 0:
+        raise BackendError(f"ip {' '.join(args)}: {r.stderr.strip() or r.returncode}")
+    return r
+
+
+def _ours(pref: int) -> bool:
+    return L.GW_RT_BASE <= pref < L.GW_RT_BASE + L.GW_SLOTS
+
+
+def our_rules() -> dict[int, dict]:
+    """Our ip rules (pref in range and proto GW_RT_PROTO) by pref."""
+    r = _ip(["-j", "-4", "rule", "show"], check=False)
+    if r.returncode != 0 or not r.stdout.strip():
+        return {}
+    out = {}
+    for x in json.loads(r.stdout):
+        pref = int(x.get("priority", -1))
+        if _ours(pref) and str(x.get("protocol", "")) in (str(L.GW_RT_PROTO), "201"):
+            out[pref] = x
+    return out
+
+
+def our_tables() -> set[int]:
+    """Tables in our range holding a route of ours (proto GW_RT_PROTO)."""
+    r = _ip(["-j", "-4", "route", "show", "table", "all", "proto", str(L.GW_RT_PROTO)], check=False)
+    out = set()
+    for rt in json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else ():
+        t = str(rt.get("table", ""))
+        if t.isdigit() and _ours(int(t)):
+            out.add(int(t))
+    return out
+
+
+def install(routes: list[GwRoute]) -> None:
+    """Routes replaced in place (a changed next hop swaps in one step), rules added where
+    missing.  Inert until the datapath marks packets with their marks (snat_gw_marks)."""
+    have = our_rules()
+    for g in routes:
+        route, rule = g.commands()
+        _ip(route)
+        x = have.get(g.table)
+        if x is not None and str(x.get("fwmark", "")) not in (hex(g.mark), f"0x{g.mark:08x}"):
+            _ip(["rule", "del", "pref", str(g.table)], check=False)  # (ours, another mark: a leftover)
+            x = None
+        if x is None:
+            _ip(rule)
+
+
+def remove(keep: set[int] = frozenset()) -> list[str]:
+    """Our rules and routes except those of tables ``keep``; returns what went (for the log)."""
+    gone = []
+    prefs = sorted(p for p in our_rules() if p not in keep)
+    for pref in prefs:
+        _ip(["rule", "del", "pref", str(pref), "proto", str(L.GW_RT_PROTO)], check=False)
+    tables = sorted((our_tables() | set(prefs)) - set(keep))
+    for t in tables:
+        _ip(["route", "flush", "table", str(t), "proto", str(L.GW_RT_PROTO)], check=False)
+    if prefs:
+        gone.append("ip rules pref " + ",".join(map(str, prefs)))
+    if tables:
+        gone.append(f"routes proto {L.GW_RT_PROTO} in tables " + ",".join(map(str, tables)))
+    return gone
+
+
+__all__ = ["GwRoute", "install", "our_rules", "our_tables", "remove"]
