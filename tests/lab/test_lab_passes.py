@@ -129,3 +129,65 @@ def test_a_new_gw_link_narrower_than_the_route_tells_the_host_its_mtu(gw):
         gw.lab.run("in50", "ip", "route", "flush", "cache")  # the path MTU it learnt
     assert mtu == 1400
     assert seen is not None and seen["peer"].startswith("198.19.2.7") and seen["link"] == "isp1", seen
+
+
+def _gw_policy_rules(gw) -> dict[int, str]:
+    """The gateway namespace's new_gw policy rules of the bpf backend: {pref: table}."""
+    import json
+
+    from snatgw import layout as L
+
+    out = gw.lab.run("gw", "ip", "-j", "rule", "show").stdout
+    return {int(r["priority"]): str(r.get("table")) for r in json.loads(out)
+            if L.GW_RT_BASE <= int(r["priority"]) < L.GW_RT_BASE + L.GW_SLOTS}  # fmt: skip
+
+
+@pytest.mark.parametrize("gateway_module", ["bpf", "nft"], indirect=True)
+def test_a_new_gw_sessions_datagram_fragmented_by_the_kernel_leaves_by_its_new_gw(gw):
+    """REF's /16 rule sends in50's flows by new_gw 198.19.2.1 (eth1) also where the kernel's
+    route says eth2 (198.51.100.0/24).  With eth1 at MTU 1400, a 3,000-byte datagram without DF
+    (the host cuts it into 1500-byte fragments) is translated and handed to the kernel to
+    fragment again: its fragments must leave by eth1 too and reassemble at the server, and none
+    may reach isp2 (with eth1's SNAT address, which an ISP filtering by BCP 38 drops).  bpf
+    routed them by the kernel's table, out of eth2: the datapath now marks them and the backend
+    routes the mark by the new_gw (ip rule pref 30000+n).  A reload that adds a new_gw adds its
+    rule; one that removes it removes it."""
+    from snatgw.lab import leakwatch
+
+    gw.check()
+    for node, dev in (("gw", "eth1"), ("isp1", "up")):  # both ends of the link
+        gw.lab.run(node, "ip", "link", "set", "dev", dev, "mtu", "1400")
+    try:
+        watch = leakwatch.start(gw.lab.ns("isp2"), "up", ["198.19.2.0/24"])  # eth1's addresses
+        try:
+            with _udp(gw, "in50", "198.18.50.10") as s:
+                s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+                s.connect(("198.51.100.10", ECHO_PORT))
+                s.send(("newgwfrag" + "x" * (3000 - 9)).encode())
+                seen = gw.servers.wait_for(lambda e: e.get("event") == "datagram"
+                                           and e.get("data", "").startswith("newgwfrag"), timeout=3)  # fmt: skip
+        finally:
+            leaks = watch.stop()
+    finally:
+        for node, dev in (("gw", "eth1"), ("isp1", "up")):
+            gw.lab.run(node, "ip", "link", "set", "dev", dev, "mtu", "1500")
+    assert leaks == [], [str(x) for x in leaks]
+    assert seen is not None, "the fragmented datagram never reached the server"
+    assert seen["peer"].startswith("198.19.2.7") and seen["link"] == "isp1" and len(seen["data"]) == 3000, seen
+    if gw.backend != "bpf":
+        return
+    assert list(_gw_policy_rules(gw).values()) == ["30000"]
+    try:  # the failover config adds a new_gw to eth2 (a second egress), the REF one removes it
+        gw.lab.reload_gateway(gw.failover_conf)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(_gw_policy_rules(gw)) != 2:
+            time.sleep(0.1)
+        assert len(_gw_policy_rules(gw)) == 2
+    finally:
+        gw.restore()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(_gw_policy_rules(gw)) != 1:
+        time.sleep(0.1)
+    assert _gw_policy_rules(gw) == {30000: "30000"}
+    tables = gw.lab.run("gw", "ip", "-4", "route", "show", "table", "all", "proto", "201").stdout
+    assert [ln.split(" table ")[1].split()[0] for ln in tables.splitlines()] == ["30000"], tables
