@@ -209,9 +209,11 @@ class ProgHarness:
     def __exit__(self, *exc):
         self.close()
 
-    def apply(self, rules: RuleSet, settings: Settings, cfg_flags: int = 0) -> None:
+    def apply(self, rules: RuleSet, settings: Settings, cfg_flags: int = 0, renumber: bool = False) -> None:
         """``cfg_flags``: CFG_F_* the control plane judges from the host rather than the
-        config (CFG_F_BACK_FROM_RPF, CFG_F_IIF_AMBIGUOUS), set in snat_config too."""
+        config (CFG_F_BACK_FROM_RPF, CFG_F_IIF_AMBIGUOUS), set in snat_config too.
+        ``renumber``: the new_gw egresses numbered afresh (as a new model numbers them), not
+        keeping the last apply's numbers (a reload's)."""
         cfg, slots = compile_rules(rules, settings, lambda n: self.net.ifindex.get(n, 0))
         if cfg_flags:
             d = L.SNAT_CFG.unpack(cfg)
@@ -225,6 +227,8 @@ class ProgHarness:
             self.maps[L.MAP_FROM_NETS].delete(k)
         for k, kind in compile_from_nets(rules).items():
             self.maps[L.MAP_FROM_NETS].put(k, struct.pack("<I", kind))
+        if renumber:
+            self._gw_numbers = None
         self._write_gw_marks(rules)
 
     def _write_gw_marks(self, rules: RuleSet) -> None:
