@@ -134,3 +134,28 @@ def test_a_control_socket_path_too_long_for_a_unix_socket_is_a_config_error(tmp_
     long = str(tmp_path / ("b" * 120))
     with pytest.raises(DaemonError, match="longer than 107 bytes"):
         ControlServer(long, lambda r: r)
+
+
+@pytest.mark.parametrize("text,line,word,col,keyword", [
+    ("virtual_serv\u0430r fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n",
+     1, "virtual_serv\u0430r", 13, "virtual_server"),  # Cyrillic a
+    ("snatgw {\n  port_r\u0430nge 5000-6000\n}\n" + RULE, 2, "port_r\u0430nge", 9, "port_range"),
+    ("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 sn\u0430t_ip 198.19.2.71 }\n}\n",
+     2, "sn\u0430t_ip", 36, "snat_ip"),
+    ("snatgw {\n \uff50ort_range 5000\n}\n" + RULE, 2, "\uff50ort_range", 2, "port_range"),  # fullwidth p
+])
+def test_a_homoglyph_keyword_is_named_with_its_column_and_the_keyword_it_resembles(text, line, word, col,
+                                                                                    keyword):
+    """A keyword with a look-alike letter reads right on screen: the error names the word as
+    written, the character (code point) and its column, and the keyword it resembles."""
+    e = err(text)
+    assert e.where == f"t.conf:{line}" and e.field == word
+    assert f"non-ASCII character U+{ord(next(c for c in word if ord(c) > 127)):04X}" in e.message
+    assert f"at column {col}," in e.message and ascii(word) in e.message
+    assert f"did you mean '{keyword}'?" in e.message
+
+
+def test_an_ascii_typo_of_a_keyword_gets_a_suggestion_and_a_secret_with_non_ascii_is_not_shown():
+    assert "did you mean 'port_range'?" in err("snatgw {\n port_rnage 5000\n}\n" + RULE).message
+    e = err("snatgw {\n r\u00f6\u00f6t:$y$j9T$TopSecretHash 1\n}\n" + RULE)
+    assert e.field == "(word not shown)" and "TopSecret" not in str(e) and "U+00F6" in e.message

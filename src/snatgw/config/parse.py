@@ -45,12 +45,13 @@ keepalived.conf can be read.  Every error is a ConfigError "file:line: field: me
 
 from __future__ import annotations
 
+import difflib
 import logging
-import re
 import math
 import os
 import re
 import stat
+import unicodedata
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -113,6 +114,52 @@ def _field(text: str | None) -> str | None:
     return text if text is None or _SHOWABLE.match(text) else "(word not shown)"
 
 
+#: letters of other scripts that look like Latin ones (a keyword typed on another keyboard
+#: layout, or pasted from a document): folded to ASCII only to find the keyword a word resembles
+_CONFUSABLE = str.maketrans({
+    **dict(zip("аеорсуххіјѕкмтнвԁһӏ", "aeopcyxxijskmthbdhl")),
+    **dict(zip("АВЕКМНОРСТХІЈЅ", "ABEKMHOPCTXIJS")),
+    **dict(zip("αβεικνορτυχ", "abeiknoptux")),
+    **dict(zip("ΑΒΕΖΗΙΚΜΝΟΡΤΥΧ", "ABEZHIKMNOPTYX")),
+    "\u2010": "-", "\u2011": "-", "\u2013": "-", "\u2212": "-", "\uff3f": "_",
+})
+
+
+def _fold(text: str) -> str:
+    """``text`` with look-alike letters and compatibility forms (fullwidth, ligatures, accents)
+    made ASCII where they have an ASCII twin; other non-ASCII characters stay."""
+    t = unicodedata.normalize("NFKD", text.translate(_CONFUSABLE))
+    return "".join(c for c in t if not unicodedata.combining(c))
+
+
+def unknown_word(cur: "_Cursor", t: Token, msg: str, keywords) -> ConfigError:
+    """The error for a word that is not a keyword here: file:line, the word as written, and
+    when it holds a non-ASCII character, which one and at which column of the line (a Cyrillic
+    'а' in `virtual_server` looks right on screen); the keyword it resembles, if one does.
+    A word that is not config text once its non-ASCII characters are set aside is still not
+    shown (the /etc/shadow rule)."""
+    text, hints = t.text, []
+    bad = next((i for i, c in enumerate(text) if ord(c) > 127), None)
+    showable = bool(_SHOWABLE.match(text))
+    if bad is not None:
+        c = text[bad]
+        showable = (len(text) <= 64 and text.isprintable()
+                    and bool(_SHOWABLE.match("".join(ch if ord(ch) < 128 else "x" for ch in text))))
+        line = cur.line_text(t.line)
+        at = line.find(text) if line is not None else -1
+        col = (at + bad + 1) if at >= 0 else None
+        name = unicodedata.name(c, "unnamed")
+        hints.append(f"it holds the non-ASCII character U+{ord(c):04X} ({name})"
+                     + (f" at column {col}" if col else f" (character {bad + 1} of the word)")
+                     + (f", written {ascii(text)}" if showable else ""))
+    if showable:
+        close = difflib.get_close_matches(_fold(text).lower(), list(keywords), n=1, cutoff=0.75)
+        if close and close[0] != text:
+            hints.append(f"did you mean '{close[0]}'?")
+    field = text if showable else "(word not shown)"
+    return ConfigError(msg + ("; " + "; ".join(hints) if hints else ""), field, cur.where(t.line))
+
+
 class Token(NamedTuple):  # a tuple: 100,000-rule files make a million of them
     text: str
     line: int
@@ -139,10 +186,17 @@ def tokenize(text: str) -> list[Token]:
 class _Cursor:
     """Walks the tokens; knows the file name for "file:line" messages."""
 
-    def __init__(self, tokens: list[Token], filename: str):
+    def __init__(self, tokens: list[Token], filename: str, text: str | None = None):
         self.toks = tokens
         self.i = 0
         self.filename = filename
+        self.text = text  # the source, for the column of an error (only read on an error)
+
+    def line_text(self, line: int) -> str | None:
+        if self.text is None:
+            return None
+        lines = self.text.splitlines()
+        return lines[line - 1] if 0 < line <= len(lines) else None
 
     def where(self, line: int) -> str:
         return f"{self.filename}:{line}"
@@ -270,7 +324,7 @@ def require_rules(cfg: GatewayConfig) -> GatewayConfig:
 def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None = None) -> GatewayConfig:
     """Parse config text.  Warnings (skipped blocks) go to ``warnings`` when given, else to the log."""
     warn = warnings.append if warnings is not None else log.warning
-    cur = _Cursor(tokenize(text), filename)
+    cur = _Cursor(tokenize(text), filename, text)
     rules: list[Rule] = []
     links: list[Link] = []
     settings = Settings()
@@ -293,10 +347,11 @@ def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None
             cur.open_brace(t)
             rules.extend(_parse_service(cur, t, warn))
         elif t.text not in KEEPALIVED_TOP and not t.text.startswith(KEEPALIVED_TOP_PREFIXES):
-            raise cur.error(
-                t.line, t.text,
+            raise unknown_word(
+                cur, t,
                 "unknown top-level keyword; expected snatgw or virtual_server fwmark 1 (keepalived's "
                 "global_defs, vrrp_*, static_*, other virtual_servers ... are skipped)",
+                ("snatgw", "virtual_server", "link", *sorted(KEEPALIVED_TOP)),
             )  # fmt: skip
         else:
             label = " ".join([t.text] + [a.text for a in args])
@@ -362,10 +417,11 @@ def _parse_service(cur: _Cursor, opener: Token, warn) -> list[Rule]:
                 cur.skip_block(t)
             warn(f"{cur.where(t.line)}: skipped '{t.text}' in virtual_server fwmark 1 (means nothing to SNAT)")
         else:
-            raise cur.error(
-                t.line, t.text,
+            raise unknown_word(
+                cur, t,
                 "unknown keyword in virtual_server fwmark 1; expected snat_rule "
                 "(keepalived's real_server and virtual_server options are skipped)",
+                ("snat_rule", "real_server", *sorted(KEEPALIVED_VS_OPTIONS)),
             )  # fmt: skip
 
 
@@ -381,7 +437,7 @@ def _next_keyword(cur: _Cursor, opener: Token, block: str, keywords) -> Token | 
         raise cur.error(opener.line, block, f"block opened here is not closed before line {t.line} "
                         "(missing '}')")
     if t.text not in keywords:
-        raise cur.error(t.line, t.text, f"unknown {block} keyword; expected one of {', '.join(keywords)}")
+        raise unknown_word(cur, t, f"unknown {block} keyword; expected one of {', '.join(keywords)}", keywords)
     return t
 
 
@@ -401,6 +457,10 @@ def _parse_rule(cur: _Cursor, opener: Token) -> Rule:
             raise cur.error(t.line, t.text, "expected a value on the same line")
         nxt = toks[i + 1] if i + 1 < len(toks) else None
         if nxt is not None and not nxt.eol and nxt.text not in "{}" and nxt.text not in RULE_KEYWORDS:
+            if not nxt.text.isascii() or difflib.get_close_matches(nxt.text, RULE_KEYWORDS, n=1, cutoff=0.75):
+                # a misspelt keyword (a look-alike letter) after a value, not a second value
+                raise unknown_word(cur, nxt, f"unknown snat_rule keyword; expected one of "
+                                   f"{', '.join(RULE_KEYWORDS)}", RULE_KEYWORDS)
             raise cur.error(t.line, t.text, f"expected one value, got also {shown(nxt.text)}")
         cur.i = i + 1
         vals[t.text] = v
