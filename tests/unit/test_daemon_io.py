@@ -653,3 +653,30 @@ def test_a_listening_socket_that_does_not_answer_yet_is_not_taken_over(tmpdir_sh
         starting.close()
     server = ControlServer(path, lambda r: {"ok": True})  # closed: stale, replaced
     server.sock.close()
+
+
+@pytest.mark.parametrize("mode,uid,why", [
+    (0o777, 0, "writable by its group and others without the sticky bit"),
+    (0o770, 0, "writable by its group without the sticky bit"),
+    pytest.param(0o755, 65534, "is owned by ", marks=pytest.mark.root),  # chown: root
+])
+def test_a_socket_directory_another_user_could_write_is_refused(tmpdir_short, mode, uid, why):
+    """Another user who may write the socket's directory (or owns it) could unlink the socket
+    and bind theirs: the daemon refuses to start there, naming the directory, its owner and
+    mode, and creates nothing; /tmp-like 1777 and a root-owned 0755 are fine."""
+    d = tmpdir_short / "run"
+    d.mkdir()
+    os.chmod(d, mode)
+    if uid:
+        os.chown(d, uid, -1)
+    with pytest.raises(DaemonError) as ei:
+        ControlServer(str(d / "ctl.sock"), lambda r: {"ok": True})
+    msg = str(ei.value)
+    assert why in msg and str(d) in msg and f"mode {mode:04o}" in msg and "another user could replace" in msg
+    assert os.listdir(d) == []
+    os.chown(d, os.geteuid(), -1)
+    for ok in (0o1777, 0o755):
+        os.chmod(d, ok)
+        server = ControlServer(str(d / "ctl.sock"), lambda r: {"ok": True})
+        server.sock.close()
+        os.unlink(d / "ctl.sock")

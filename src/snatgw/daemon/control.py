@@ -1,4 +1,5 @@
-"""The control socket: a unix stream socket (mode 0600, its directory 0700 when we create it)
+"""The control socket: a unix stream socket (mode 0600, its directory 0700 when we create it;
+an existing directory another user could write to or owns is refused: check_socket_dir)
 speaking JSON lines.  Each request is one JSON object ``{"op": ..., ...}`` on one line; each
 response is one JSON object on one line, ``{"ok": true, ...}`` or ``{"ok": false, "error": ...,
 "code": ..., "exit": N}``.  Ops: status, reload, rules, sessions, stats, rate, flush, zero, adm
@@ -103,6 +104,38 @@ def _live(path: str) -> str | None:
         return f"something listens on it (a snatgw daemon still starting?) but gave no status ({e})"
 
 
+def _owner(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def check_socket_dir(path: str, parent: str) -> None:
+    """Refuse a control socket whose directory lets another user replace it: one writable by
+    group or others without the sticky bit (/tmp's 1777 is fine: only a file's owner may
+    remove it there), or one owned by a user other than root and the daemon's own.  Such a
+    user could unlink the socket and bind theirs, and `snatgw reload`, `adm`, `flush` from
+    root would talk to them."""
+    st = os.stat(parent)
+    me = os.geteuid()
+    mode = stat.S_IMODE(st.st_mode)
+    why = None
+    if st.st_uid not in (0, me):
+        why = f"is owned by {_owner(st.st_uid)}"
+    elif mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+        who = [w for bit, w in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "others")) if mode & bit]
+        why = f"is writable by {' and '.join(who)} without the sticky bit"
+    if why:
+        raise DaemonError(
+            f"control socket {path}: its directory {parent} {why} (owner {_owner(st.st_uid)}, mode "
+            f"{mode:04o}); another user could replace the socket. Expected a directory owned by root or "
+            f"{_owner(me)} that only its owner may write (e.g. mode 0755 or 0700; or the sticky bit, as "
+            "/tmp's 1777)")
+
+
 def _error(msg: str, code: str = "EINVAL", exit_code: int = 2) -> dict:
     return {"ok": False, "error": msg, "code": code, "exit": exit_code}
 
@@ -137,6 +170,7 @@ class ControlServer:
         if not os.path.isdir(parent):
             os.makedirs(parent, mode=0o700, exist_ok=True)
             os.chmod(parent, 0o700)  # makedirs applies the umask; be exact
+        check_socket_dir(path, parent)
         if os.path.lexists(path):
             st = os.lstat(path)
             if not stat.S_ISSOCK(st.st_mode):
