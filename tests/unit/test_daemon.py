@@ -53,7 +53,7 @@ class Running:
         self.log.lines = []
         self.service = Service(cfg, self.backend, self.log, config_path=str(self.conf), clock=self.clock)
         self.sock = str(d / "run" / "ctl.sock")
-        self.server = ControlServer(self.sock, self.service.handle)
+        self.server = ControlServer(self.sock, self.service.dispatch, inline=self.service.handle)  # as the daemon
         self.service.start()
         self.server.serve()
 

@@ -69,7 +69,7 @@ def daemon(tmpdir_short):
     log.lines = []
     service = Service(cfg, backend, log, config_path=str(conf))
     sock = str(tmpdir_short / "ctl.sock")
-    server = ControlServer(sock, service.handle, log=log)
+    server = ControlServer(sock, service.dispatch, inline=service.handle, log=log)  # as the daemon
     service.start()
     server.serve()
     try:
@@ -680,3 +680,57 @@ def test_a_socket_directory_another_user_could_write_is_refused(tmpdir_short, mo
         server = ControlServer(str(d / "ctl.sock"), lambda r: {"ok": True})
         server.sock.close()
         os.unlink(d / "ctl.sock")
+
+
+class _Row:
+    def __init__(self, i):
+        self.i = i
+
+    def as_dict(self):
+        return {"i": self.i}
+
+
+def test_a_large_sessions_listing_lets_other_requests_through(tmpdir_short, monkeypatch):
+    """A `sessions` listing is built SESSIONS_CHUNK sessions per worker job, the service lock
+    held only for a piece: a `rules` request that arrives in the middle is answered before the
+    listing ends (it waited for the whole listing: up to 100,000 session dicts under the lock),
+    and the listing's answer is whole and in order."""
+    from snatgw.daemon import service as S
+
+    monkeypatch.setattr(S, "SESSIONS_CHUNK", 50)
+    events: list = []
+    cfg = parse_file(LAB)
+    backend = FakeBackend(cfg.settings)
+    service = Service(cfg, backend, Log(stream=io.StringIO()))
+    sock = str(tmpdir_short / "ctl.sock")
+    server = ControlServer(sock, lambda r: (events.append(r.get("op")), service.dispatch(r))[1],
+                           inline=service.handle)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    held: list = []
+
+    def iter_sessions(flt, limit=None):
+        for i in range(180):
+            held.append(service.lock._is_owned())
+            if i == 60:  # in the listing's second piece: another client asks for the rules
+                other.connect(sock)
+                other.sendall(b'{"op": "rules"}\n')
+                for _ in range(1000):  # until the loop has queued it (bounded)
+                    if server.worker.pending():
+                        break
+                    threading.Event().wait(0.01)
+            events.append("s")
+            yield _Row(i)
+
+    backend.iter_sessions = iter_sessions
+    service.start()
+    server.serve()
+    try:
+        r = request(sock, {"op": "sessions", "limit": 150}, timeout=30)
+        other.settimeout(30)
+        assert json.loads(other.makefile().readline())["ok"] is True
+    finally:
+        other.close()
+        server.close()
+    assert [x["i"] for x in r["sessions"]] == list(range(150)) and r["truncated"] is True
+    assert events.index("rules") < len(events) - 1 - events[::-1].index("s"), "rules waited for the listing"
+    assert events.count("s") == 151 and all(held)

@@ -7,7 +7,9 @@ response is one JSON object on one line, ``{"ok": true, ...}`` or ``{"ok": false
 
 The server runs on the daemon's EventLoop (loop.py): non-blocking accept (backlog 128) and
 reads on the loop thread, one request per connection at a time handed to the Worker; `status`
-is answered on the loop itself, so it answers even while a long reload runs.  Bounds: a
+is answered on the loop itself, so it answers even while a long reload runs.  A dispatch may
+answer a loop.Partial (a `sessions` listing of up to 100,000): each further piece is queued
+behind the requests waiting then, so other clients are answered between its pieces.  Bounds: a
 request line of at most MAX_REQUEST bytes, MAX_BUFFERED bytes over all connections,
 MAX_CLIENTS connections (accepting pauses beyond), IDLE_TIMEOUT seconds without progress
 closes a connection.  When accept() fails for lack of file descriptors (EMFILE at the unit's
@@ -29,7 +31,7 @@ from typing import Callable
 from ..config import MAX_CONFIG_BYTES, MAX_SOCKET_PATH
 from ..errors import DaemonError
 from .log import Log
-from .loop import EventLoop, Worker, is_fd_exhaustion
+from .loop import EventLoop, Partial, Worker, is_fd_exhaustion
 
 MAX_REQUEST = 2 * MAX_CONFIG_BYTES + 65536  # bytes of one request line (a reload may carry a config)
 MAX_BUFFERED = 2 * MAX_REQUEST  # bytes of unanswered requests over all connections
@@ -330,7 +332,9 @@ class ControlServer:
                     self._answer(c, _error(f"bad request: not JSON: {e}"))
                     continue
                 if isinstance(req, dict) and req.get("op") in INLINE_OPS:
-                    self._answer(c, self._safe(self.inline, req))
+                    resp = self._safe(self.inline, req)
+                    self._answer(c, resp if isinstance(resp, dict) else _error("internal error: no answer",
+                                                                                "ERROR", 4))
                     continue
             c.busy = True
             self.loop.remove_reader(c.sock)  # one request at a time: the client waits for its answer
@@ -350,15 +354,23 @@ class ControlServer:
             return _error(f"bad request: not JSON: {e}")
         return self._safe(self.dispatch, req)
 
-    def _safe(self, fn, req) -> dict:
+    def _safe(self, fn, req) -> dict | Partial:
         try:
             resp = fn(req)
-            return resp if isinstance(resp, dict) else _error("internal error: no answer", "ERROR", 4)
+            return resp if isinstance(resp, (dict, Partial)) else _error("internal error: no answer", "ERROR", 4)
         except Exception as e:  # dispatch never raises (Service.handle); be sure anyway
             self.log.error("request_failed", error=repr(e))
             return _error(f"internal error: {e!r}", "ERROR", 4)
 
     def _done(self, c: _Conn, resp, err) -> None:
+        if err is None and isinstance(resp, Partial):  # a long answer: its next piece, behind the others
+            if c.sock.fileno() >= 0 and self.worker.submit(
+                    lambda p=resp: self._safe(lambda _r: p.step(), None),
+                    lambda r, e, c=c: self._done(c, r, e), bounded=False):  # one per client: bounded
+                return
+            resp.close()  # the client left, or the daemon stops
+            c.busy = False
+            return
         c.busy = False
         if err is not None:
             resp = _error(f"internal error: {err!r}", "ERROR", 4)

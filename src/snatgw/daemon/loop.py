@@ -313,8 +313,21 @@ class Worker:
         return not self.thread.is_alive()
 
 
+class Partial:
+    """A job's answer that is not finished: ``step()`` does the next bounded piece on the worker
+    and returns the answer or another Partial.  The control server queues each step behind the
+    jobs waiting then (round robin), so a long listing never holds the worker or the service
+    lock for its whole length; ``close()`` gives up (the client left, the daemon stops)."""
+
+    __slots__ = ("step", "close")
+
+    def __init__(self, step: Callable[[], object], close: Callable[[], None] | None = None):
+        self.step = step
+        self.close = close or (lambda: None)
+
+
 def is_fd_exhaustion(e: OSError) -> bool:
     return e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-__all__ = ["EventLoop", "Worker", "Timer", "WORKER_QUEUE", "is_fd_exhaustion"]
+__all__ = ["EventLoop", "Worker", "Timer", "Partial", "WORKER_QUEUE", "is_fd_exhaustion"]

@@ -4,7 +4,8 @@ backend, print one `ready` line, then run the event loop (loop.py) until SIGTERM
 
   main thread (EventLoop): signals (set_wakeup_fd), the control socket and its clients, the
       owner socket, the tick timer; never calls the backend.
-  worker thread (Worker): every backend call of the control plane, in order: control
+  worker thread (Worker): every backend call of the control plane, in order (a long
+      `sessions` listing in pieces, other requests between them): control
       requests, SIGHUP reloads, link failovers, metrics scrapes.
   gc thread (Worker "snatgw-gc"): the tick alone (expiry sweep + hook check, every
       gc_interval).  A sweep of a million sessions takes seconds (more while a full table
@@ -182,7 +183,7 @@ def run(args) -> int:
             pins = PinDirLock(settings.pin_dir)
         backend = make_backend(settings.backend, settings)
         service = Service(config, backend, log, config_path=args.config, overrides=overrides)
-        server = ControlServer(settings.control_socket, service.handle, log=log)
+        server = ControlServer(settings.control_socket, service.dispatch, inline=service.handle, log=log)
     except (SnatgwError, OSError) as e:
         log.error("start_failed", error=str(e))
         for held in (pins, owner):

@@ -23,6 +23,7 @@ from ..rules import Rule, RuleSet, parse_addr
 from ..config.links import failover
 from .addresses import AddressManager
 from .log import Log
+from .loop import Partial
 
 #: settings a reload cannot change (the running daemon keeps its own; restart to change them)
 FIXED_ON_RELOAD = ("backend", "pin_dir", "control_socket")
@@ -30,6 +31,9 @@ RATE_INTERVAL = 2.0  # seconds between counter samples for `adm --rate`
 #: most sessions one `sessions` reply carries (the CLI streams listings itself; this op must not
 #: make the daemon hold a million of them)
 MAX_SESSIONS_REPLY = 100_000
+#: sessions one piece of a `sessions` listing reads under the service lock; between pieces the
+#: lock is free (the GC, a reload) and the worker answers the requests queued meanwhile
+SESSIONS_CHUNK = 2048
 REFUSAL_LOG_INTERVAL = 10.0  # seconds: each (inside host, SNAT address) with refusals is logged once
 REFUSAL_LOG_LINES = 50  # at most this many such lines per interval, then one summary line
 
@@ -383,7 +387,30 @@ class Service:
         return out
 
     # ------------------------------------------------------------------ control requests
-    def handle(self, req: dict) -> dict:
+    def dispatch(self, req: dict) -> dict | Partial:
+        """The control server's handle(): a long answer (a `sessions` listing) comes as a
+        loop.Partial whose steps each hold the lock for a bounded piece; never raises."""
+        return self.handle(req, pieces=True)
+
+    def _guarded(self, op, fn) -> dict | Partial:
+        """``fn()`` with handle()'s error answers; a Partial it returns is guarded the same."""
+        try:
+            r = fn()
+        except Exception as e:  # noqa: BLE001 - mapped as handle() maps them
+            return self._failure(op, e)
+        if isinstance(r, Partial):
+            return Partial(lambda: self._guarded(op, r.step), r.close)
+        return r
+
+    def _failure(self, op, e: BaseException) -> dict:
+        if isinstance(e, (SnatgwError, AdmRefused)):
+            return _error(e)
+        if isinstance(e, (KeyError, TypeError, ValueError, OverflowError)):  # Overflow: a limit of 1e400
+            return _error(AdmUsageError(f"bad request: {e}"))
+        self.log.error("request_failed", op=op, error=repr(e))  # the daemon must survive any request
+        return _error(BackendError(f"internal error: {e!r}"))
+
+    def handle(self, req: dict, pieces: bool = False) -> dict:
         """One control request -> one response; never raises."""
         op = req.get("op") if isinstance(req, dict) else None
         try:
@@ -402,22 +429,18 @@ class Service:
                     return {"ok": True, **self.rules()}
             if op == "sessions":
                 # `snatgw conns` reads the bpf backend's pinned maps itself, streaming; this op
-                # serves the other backends (and old clients), filtered and limited here
+                # serves the other backends (and old clients), filtered and limited here, in
+                # pieces of SESSIONS_CHUNK (dispatch: a Partial per piece; handle: all at once)
                 flt = SessionFilter.from_dict(req.get("filter"))
                 limit = req.get("limit")
                 limit = MAX_SESSIONS_REPLY if limit is None else min(max(0, int(limit)), MAX_SESSIONS_REPLY)
-                with self.lock:
-                    if hasattr(self.backend, "iter_sessions"):
-                        it = self.backend.iter_sessions(flt, limit + 1)
-                    else:
-                        it = (x for x in self.backend.sessions() if flt.match(x))
-                    out, truncated = [], False
-                    for x in it:
-                        if len(out) >= limit:
-                            truncated = True
-                            break
-                        out.append(x.as_dict())
-                    return {"ok": True, "sessions": out, "truncated": truncated}
+                listing = _Listing(self, flt, limit)
+                first = self._guarded(op, listing.step)
+                if pieces:
+                    return first
+                while isinstance(first, Partial):
+                    first = first.step()
+                return first
             if op == "spill_memos":  # explain --live: addresses found full toward a remote (bpf)
                 remote = req.get("remote")
                 get = getattr(self.backend, "spill_memos", None)
@@ -457,13 +480,45 @@ class Service:
                 return {"ok": True, "rules": len(table.rules), "service": table.service}
             raise AdmUsageError(f"unknown request op {op!r}; expected one of status, health, reload, rules, "
                                 "sessions, stats, rate, flush, zero, adm")
-        except (SnatgwError, AdmRefused) as e:
-            return _error(e)
-        except (KeyError, TypeError, ValueError, OverflowError) as e:  # Overflow: a limit of 1e400
-            return _error(AdmUsageError(f"bad request: {e}"))
-        except Exception as e:  # the daemon must survive any single request
-            self.log.error("request_failed", op=op, error=repr(e))
-            return _error(BackendError(f"internal error: {e!r}"))
+        except Exception as e:  # noqa: BLE001 - the daemon must survive any single request
+            return self._failure(op, e)
+
+
+class _Listing:
+    """A `sessions` answer built SESSIONS_CHUNK sessions per step, the lock held only during a
+    step.  The backend's iterator stays open between steps (bpf: batches of the map; nft: its
+    own conntrack dump socket), as it does while the GC sweeps beside a listing; a session
+    created or removed meanwhile may be listed or not, as with any walk of a live table."""
+
+    def __init__(self, svc: Service, flt: SessionFilter, limit: int):
+        self.svc, self.flt, self.limit = svc, flt, limit
+        self.it = None
+        self.out: list[dict] = []
+
+    def step(self) -> dict | Partial:
+        svc = self.svc
+        with svc.lock:
+            if self.it is None:
+                if hasattr(svc.backend, "iter_sessions"):
+                    self.it = iter(svc.backend.iter_sessions(self.flt, self.limit + 1))
+                else:
+                    self.it = (x for x in svc.backend.sessions() if self.flt.match(x))
+            n = 0
+            for x in self.it:
+                if len(self.out) >= self.limit:
+                    self.close()
+                    return {"ok": True, "sessions": self.out, "truncated": True}
+                self.out.append(x.as_dict())
+                n += 1
+                if n >= SESSIONS_CHUNK:
+                    return Partial(self.step, self.close)
+        self.close()
+        return {"ok": True, "sessions": self.out, "truncated": False}
+
+    def close(self) -> None:
+        close = getattr(self.it, "close", None)
+        if close is not None:
+            close()  # a generator: its dump socket goes now, not at garbage collection
 
 
 def make_backend(name: str, settings: Settings):
