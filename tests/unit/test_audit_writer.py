@@ -254,3 +254,59 @@ def test_bad_settings_are_clear_errors_with_file_and_line(tmp_path, line, needle
         parse_text(conf(line.format(tmp=tmp_path)), "t.conf")
     msg = str(ei.value)
     assert msg.startswith("t.conf:2: ") and needle in msg, msg
+
+
+# --------------------------------------------------------------------------- the writer thread
+
+
+def test_an_audit_file_nobody_reads_stalls_the_writer_not_the_loop(tmp_path):
+    """The audit file is a FIFO nobody reads (a stalled disk): opening it blocks, on the
+    daemon's writer thread.  The loop's callbacks still return: each batch goes to the writer
+    until its audit lane has no room for one, then the source is left unread (its reader off,
+    nothing dropped at the loop) while records the worker hands over are counted as lost;
+    once someone reads, every queued line arrives, in order."""
+    from snatgw.daemon.writer import Writer
+
+    path = str(tmp_path / "audit.fifo")
+    os.mkfifo(path)
+    writer = Writer(lanes={"log": 100, "audit": A.BATCH * 2})
+    backend = FakeBackend()
+    loop = EventLoop(quiet_log())
+    reader = A.AuditReader(Settings(audit_log=path), backend, quiet_log(), writer=writer)
+    reader.attach(loop)
+    fd = None
+    try:
+        for _ in range(3):  # three batches: two fill the lane, the third waits in the source
+            backend.source.push([rec(i) for i in range(A.BATCH)])
+            loop.run_once(0.05)
+        assert backend.source.drains == [A.BATCH, A.BATCH] and len(backend.source.pending) == A.BATCH
+        assert writer.busy_since is not None  # the writer is stuck in open(2) of the FIFO
+        backend.audit_sink([rec(0, event="end", why="rule_change")] * 3)  # the worker's records
+        loop.run_once(0.05)
+        assert reader.stats()["lost_writer"] == 3 and reader.stats()["records"] == 0
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a reader: the writer's open returns
+        got = b""
+        for _ in range(2000):  # bounded: until both batches arrived
+            try:
+                got += os.read(fd, 1 << 20)
+            except BlockingIOError:
+                time.sleep(0.01)
+            if got.count(b"\n") >= 2 * A.BATCH:
+                break
+        lines = [json.loads(x) for x in got.splitlines()]
+        assert [x["inside_port"] for x in lines] == [1024 + i for i in range(A.BATCH)] * 2
+        assert writer.flush(10)
+        reader.drain()  # the timer's turn: room again, the source is read again
+        assert backend.source.drains[-1] == A.BATCH and not backend.source.pending
+    finally:
+        reader.close()
+        loop.close()
+        if fd is not None:
+            for _ in range(200):  # the last batch and the close, written to a reader that reads
+                try:
+                    if not os.read(fd, 1 << 20) and writer.pending() == 0:
+                        break
+                except BlockingIOError:
+                    time.sleep(0.01)
+            os.close(fd)
+        assert writer.close(10)

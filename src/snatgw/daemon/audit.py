@@ -10,8 +10,11 @@ Setting (`snatgw { }` block)::
     audit_log_keep 5                        # rotated files kept: audit.jsonl.1 (newest) .. .5
 
 I/O structure (daemon/loop.py): the source (ring buffer's epoll fd, netlink socket) is a reader
-of the daemon's event loop; each callback drains at most BATCH records and writes them, so a
-burst never holds the loop.  Sessions the control plane removes itself (the bpf backend's rule
+of the daemon's event loop; each callback drains at most BATCH records and hands their lines to
+the daemon's writer thread (daemon/writer.py), which writes the file or syslog: a slow or full
+disk stalls that thread, never the loop.  While the writer's audit lane has no room for a
+batch the source is not read (the datapath's ring keeps or drops and counts); lines refused
+by a full lane are counted (``lost_writer``).  Sessions the control plane removes itself (the bpf backend's rule
 changes) come from the worker through ``submit_records`` into a bounded queue drained on the
 loop.  Everything is bounded: the ring (the datapath drops and counts when it is full), the
 queue (QUEUE_MAX records; more are dropped and counted), the file (max_size, then rotation,
@@ -269,8 +272,11 @@ class AuditReader:
     """The daemon's audit log on its event loop: the datapath's source (``backend.audit_source()``)
     as a reader, the worker's records through a bounded queue, the AuditLog that writes both."""
 
-    def __init__(self, settings, backend, log, syslog_address: str = SYSLOG_SOCKET):
+    def __init__(self, settings, backend, log, syslog_address: str = SYSLOG_SOCKET, writer=None):
         self.settings, self.backend, self.log = settings, backend, log
+        self.writer = writer  # daemon.writer.Writer: the sink is written there (None: here)
+        self.lost_writer = 0  # records dropped: the writer's audit lane was full (the sink stalls)
+        self._paused = False  # the source's reader is off while the writer has no room for a batch
         sink = make_sink(settings.audit_log, settings.audit_log_max_size, settings.audit_log_keep, syslog_address)
         self.audit = AuditLog(sink, log, backend=getattr(backend, "name", None))
         self.source = None
@@ -311,6 +317,16 @@ class AuditReader:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.drain_queue)
 
+    def _write(self, lines: list[str]) -> None:
+        """Write formatted lines: on the writer's thread (refused when its audit lane is full:
+        counted in ``lost_writer``), or here without a writer."""
+        if not lines:
+            return
+        if self.writer is None:
+            self.audit.write_lines(lines)
+        elif not self.writer.submit(lambda: self.audit.write_lines(lines), len(lines), "audit"):
+            self.lost_writer += len(lines)
+
     def drain_queue(self) -> None:
         while True:
             with self._qlock:
@@ -318,24 +334,34 @@ class AuditReader:
                     return
                 recs = self._queue.popleft()
                 self._queued -= len(recs)
-            self.audit.write_records(recs)
+            self._write([format_record(r, self.audit.backend) for r in recs])
 
     def drain(self) -> None:
-        """Loop callback: one bounded batch from the datapath, written."""
+        """Loop callback: one bounded batch from the datapath, handed to the writer.  While the
+        writer has no room for a batch (the disk stalls) the source is left unread (its reader
+        off, the DRAIN_EVERY timer looks again): the datapath's ring keeps what it can and
+        counts the rest, instead of the loop spinning on a readable fd."""
         if self.source is not None:
-            if hasattr(self.source, "drain_lines"):  # bpf: records straight to lines
-                lines = self.source.drain_lines(BATCH, iso, self.audit.backend or "bpf")
-                self.received += len(lines)
-                self.audit.write_lines(lines)
+            if self.writer is not None and self.writer.room("audit") < BATCH:
+                if not self._paused and self.loop is not None:
+                    self._paused = True
+                    self.loop.remove(self.source.fileno())
             else:
-                recs = self.source.drain(BATCH)
-                self.received += len(recs)
-                self.audit.write_records(recs)
+                if self._paused and self.loop is not None:
+                    self._paused = False
+                    self.loop.add_reader(self.source.fileno(), self.drain)
+                if hasattr(self.source, "drain_lines"):  # bpf: records straight to lines
+                    lines = self.source.drain_lines(BATCH, iso, self.audit.backend or "bpf")
+                else:
+                    lines = [format_record(r, self.audit.backend) for r in self.source.drain(BATCH)]
+                self.received += len(lines)
+                self._write(lines)
         self.drain_queue()
 
     def stats(self) -> dict:
         """For status and metrics (worker thread: reads the datapath's counters)."""
-        out = {"enabled": True, **self.audit.stats(), "received": self.received, "lost_queue": self.lost_queue}
+        out = {"enabled": True, **self.audit.stats(), "received": self.received, "lost_queue": self.lost_queue,
+               "lost_writer": self.lost_writer}
         counts = getattr(self.source, "counts", None)
         if counts is not None:
             try:
@@ -355,7 +381,8 @@ class AuditReader:
                     self.drain()  # what is waiting now is written before we go
                 except Exception:  # noqa: BLE001
                     pass
-                self.loop.remove(self.source.fileno())
+                if not self._paused:
+                    self.loop.remove(self.source.fileno())
             if self.timer is not None:
                 self.timer.cancel()
         if hasattr(self.backend, "audit_sink") and self.backend.audit_sink == self.submit_records:
@@ -363,4 +390,5 @@ class AuditReader:
         if self.source is not None:
             self.source.close()
             self.source = None
-        self.audit.close()
+        if self.writer is None or not self.writer.submit(self.audit.close, 0, "audit", force=True):
+            self.audit.close()  # after the lines queued before it (on the writer), or now

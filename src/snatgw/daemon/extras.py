@@ -19,8 +19,9 @@ from .probe import NetlinkWatch
 
 
 class Extras:
-    def __init__(self, service, loop, worker, log):
+    def __init__(self, service, loop, worker, log, writer=None):
         self.service, self.loop, self.worker, self.log = service, loop, worker, log
+        self.writer = writer  # daemon.writer.Writer: the audit log's file/syslog writes go there
         self.monitor: LinkMonitor | None = None
         self.metrics: MetricsServer | None = None
         self._links = None
@@ -81,7 +82,7 @@ class Extras:
             from .audit import AuditReader
 
             try:
-                self.audit = AuditReader(s, self.service.backend, self.log)
+                self.audit = AuditReader(s, self.service.backend, self.log, writer=self.writer)
                 self.audit.attach(self.loop)
             except Exception as e:  # noqa: BLE001 - the daemon runs on; status shows the audit log off
                 self.log.error("audit_log_failed", target=s.audit_log, error=str(e))

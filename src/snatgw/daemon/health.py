@@ -91,5 +91,6 @@ def report(service, link_reader=None) -> dict:
         "last_apply": service.last_apply,
         "errors": counts.get("error", 0),
         "warnings": counts.get("warning", 0),
+        "log_lines_dropped": getattr(service.log, "dropped", 0),  # stderr stalled: the writer's bound
         "last_error_event": getattr(service.log, "last_error", None),
     }

@@ -1,5 +1,6 @@
 """The daemon's I/O structure: one event loop owned by the main thread, one worker thread that
-owns the backend.  Nothing else runs.
+owns the backend; besides them only the GC's worker (main.py) and the writer thread that owns
+the output that may block: log lines and the audit log (writer.py).  Nothing else runs.
 
 EventLoop (main thread) owns every file descriptor and every timer: the control socket and its
 connections, the namespace-owner socket, the signal wake-up fd, the GC tick.  Its callbacks

@@ -7,6 +7,8 @@ backend, print one `ready` line, then run the event loop (loop.py) until SIGTERM
   worker thread (Worker): every backend call of the control plane, in order (a long
       `sessions` listing in pieces, other requests between them): control
       requests, SIGHUP reloads, link failovers, metrics scrapes.
+  writer thread (writer.Writer): the log lines (stderr) and the audit log (file or syslog),
+      bounded queues: a stalled stderr or disk never stalls the loop or the worker.
   gc thread (Worker "snatgw-gc"): the tick alone (expiry sweep + hook check, every
       gc_interval).  A sweep of a million sessions takes seconds (more while a full table
       makes every tick sweep); on its own thread it never holds a `stats` behind it.  What it
@@ -33,6 +35,7 @@ from .log import Log
 
 from .loop import EventLoop, Worker
 from .owner import NamespaceOwner, PinDirLock
+from .writer import Writer
 from .service import Service, load_config, make_backend
 
 DEFAULT_CONFIG = "/etc/snatgw/snatgw.conf"
@@ -95,8 +98,10 @@ class Daemon:
     """The running daemon: the loop's handlers (signals, tick) and the jobs they queue."""
 
     def __init__(self, service: Service, server: ControlServer, log: Log, loop: EventLoop,
-                 worker: Worker, owner: NamespaceOwner | None = None, gc: Worker | None = None):
+                 worker: Worker, owner: NamespaceOwner | None = None, gc: Worker | None = None,
+                 writer: Writer | None = None):
         self.service, self.server, self.log = service, server, log
+        self.writer = writer  # the thread that writes log lines and the audit log
         self.loop, self.worker, self.owner = loop, worker, owner
         self.gc = gc or worker  # the tick's thread (the worker's when not given: tests)
         self.reload_running = False
@@ -115,7 +120,7 @@ class Daemon:
         self.timer = self.loop.every(self.service.config.settings.gc_interval, self.on_tick)
         from .extras import Extras  # links and metrics (prometheus_client): only the daemon pays its import
 
-        self.extras = Extras(self.service, self.loop, self.worker, self.log)  # links, metrics
+        self.extras = Extras(self.service, self.loop, self.worker, self.log, self.writer)  # links, metrics, audit
         self.extras.attach()
 
     # ------------------------------------------------------------------ handlers (loop thread)
@@ -193,7 +198,9 @@ def run(args) -> int:
     loop = EventLoop(log)
     worker = Worker(loop, log)
     gc = Worker(loop, log, name="snatgw-gc")
-    daemon = Daemon(service, server, log, loop, worker, owner, gc)
+    writer = Writer()  # from here log lines (and the audit log) are written on its thread
+    log.attach(writer)
+    daemon = Daemon(service, server, log, loop, worker, owner, gc, writer)
     # from here a SIGTERM/SIGINT waits for the start to end, then stops the daemon as usual (the
     # default action killed it mid-start: exit 143, pins made and hooks half attached, nothing
     # logged); a SIGHUP is a reload after it
@@ -232,6 +239,8 @@ def run(args) -> int:
             if held is not None:
                 held.close()
         loop.close()
+        log.attach(None)  # later lines (none expected) are written here
+        writer.close(timeout=5)  # what waits is written; a stderr nobody reads does not hold the exit
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,8 @@ Metric families (all prefixed ``snatgw_``):
   prog_run_seconds_total{prog}, prog_runs_total{prog}   when kernel.bpf_stats_enabled is 1
   log_events_total{level}                   error and warning events logged since start
   audit_records_total{result}               audit log records: written, lost_datapath (the ring
-                                            full / conntrack events overrun), lost_write, lost_queue
+                                            full / conntrack events overrun), lost_write, lost_queue,
+                                            lost_writer
   audit_write_errors_total, audit_rotations_total   (only while `audit_log` is set)
 """
 
@@ -118,7 +119,8 @@ class ServiceCollector:
         a = s.audit_stats()
         rec = _c("audit_records", "audit log records by result", ("result",))
         for result, key in (("written", "records"), ("lost_datapath", "lost_datapath"),
-                            ("lost_write", "lost_write"), ("lost_queue", "lost_queue")):  # fmt: skip
+                            ("lost_write", "lost_write"), ("lost_queue", "lost_queue"),
+                            ("lost_writer", "lost_writer")):  # fmt: skip
             rec.add_metric([result], a.get(key) or 0)
         yield rec
         for name, key, doc in (("audit_write_errors", "write_errors", "failed writes of the audit log"),
