@@ -54,9 +54,11 @@ def records(path: str) -> list[dict]:
     """Every record of the log and its rotated files, oldest first."""
     out = []
     for p in [f"{path}.{i}" for i in range(KEEP + 3, 0, -1)] + [path]:
-        if os.path.exists(p):
+        try:
             with open(p) as f:
                 out += [json.loads(line) for line in f if line.strip()]
+        except FileNotFoundError:  # not there, or rotated away between two files: wait_for reads again
+            continue
     return out
 
 
