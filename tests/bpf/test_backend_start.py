@@ -201,6 +201,50 @@ def test_a_failed_start_leaves_the_running_datapath_attached(gw, pin_dir, mini_o
     assert not os.path.exists(pin_dir)
 
 
+def _pin_ids(pin_dir) -> dict[str, int]:
+    out = {}
+    for name in sorted(os.listdir(pin_dir)):
+        fd = B.obj_get(os.path.join(pin_dir, name))
+        try:
+            out[name] = B.map_info(fd).id
+        finally:
+            os.close(fd)
+    return out
+
+
+@pytest.mark.bpf
+def test_a_failed_start_puts_the_pins_back_as_it_found_them(gw, pin_dir, mini_obj):  # noqa: F811
+    """The running datapath is an older version's: a config map in another layout and one map
+    it never had.  The next start replaces the first and pins the second, then fails (a config
+    the datapath refuses): the pin dir is as it was, each pin the same map (the one the
+    attached programs use), nothing of the failed start left (it left its new config maps
+    pinned, and the start after it adopted those)."""
+    from dataclasses import replace
+
+    from snatgw.errors import BackendError
+    from test_loader import _pin_foreign
+
+    with netns(gw):
+        cfg = config(pin_dir)
+        a = BpfBackend(cfg.settings, obj_path=mini_obj)
+        a.start(cfg)
+        a.stop(keep_state=True)
+        _pin_foreign(os.path.join(pin_dir, L.MAP_CONFIG), "array", 4, L.SNAT_CFG.size + 8, 1)
+        os.unlink(os.path.join(pin_dir, L.MAP_REFUSED))
+        before = _pin_ids(pin_dir)
+        ids = {d: attached_prog_id(d, B.BPF_TC_INGRESS) for d in ("lan40", "eth1", "eth2")}
+        bad = GatewayConfig(cfg.rules, replace(cfg.settings, port_min=9000, port_max=8000))
+        with pytest.raises(BackendError, match="port range"):
+            BpfBackend(bad.settings, obj_path=mini_obj).start(bad)
+        assert _pin_ids(pin_dir) == before
+        assert {d: attached_prog_id(d, B.BPF_TC_INGRESS) for d in ids} == ids
+        c = BpfBackend(cfg.settings, obj_path=mini_obj)
+        c.start(cfg)
+        assert L.MAP_REFUSED in os.listdir(pin_dir) and _pin_ids(pin_dir)[L.MAP_CONFIG] != before[L.MAP_CONFIG]
+        c.stop()
+    assert not os.path.exists(pin_dir)
+
+
 def _iif_ambiguous(b) -> bool:
     return bool(L.SNAT_CFG.unpack(b.maps.cfg.get(0))["flags"] & L.CFG_F_IIF_AMBIGUOUS)
 

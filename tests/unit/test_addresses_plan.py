@@ -38,3 +38,33 @@ def test_overlapping_pools_count_the_addresses_they_share_once():
     assert len(want) == 2100
     with pytest.raises(SnatgwError, match=f"more than {MAX_MANAGED}"):
         plan(config(["198.19.0.1-198.19.31.255"]), have)  # 8,191 addresses
+
+
+def test_a_failed_start_takes_back_the_addresses_it_added_and_only_those(monkeypatch):
+    """`snat_addresses manage`: the start adds the pool addresses, then the datapath fails to
+    start (a device vanished): the addresses it added are removed again (they stayed on the
+    uplink, answering ARP for a gateway that never ran); one that was there before stays."""
+    import io
+
+    from snatgw.daemon import addresses as AD
+    from snatgw.daemon.log import Log
+    from snatgw.daemon.service import Service
+    from snatgw.datapath.fake import FakeBackend
+    from snatgw.errors import BackendError
+
+    calls: list[tuple] = []
+    have = {"eth1": [ipaddress.IPv4Interface("198.19.2.2/24"), ipaddress.IPv4Interface("198.19.2.71/32")]}
+    monkeypatch.setattr(AD, "current", lambda ifaces: have)
+    monkeypatch.setattr(AD, "_ip", lambda *a: calls.append(a) or "")
+
+    class Failing(FakeBackend):
+        def start(self, config):
+            raise BackendError("interface 'eth1' does not exist")
+
+    cfg = config(["198.19.2.71-198.19.2.73"])
+    svc = Service(cfg, Failing(cfg.settings), Log(stream=io.StringIO()))
+    with pytest.raises(BackendError, match="does not exist"):
+        svc.start()
+    added = {c[2] for c in calls if c[:2] == ("addr", "add")}
+    assert added == {"198.19.2.72/32", "198.19.2.73/32"}
+    assert {c[2] for c in calls if c[:2] == ("addr", "del")} == added and not svc.addresses.added

@@ -92,3 +92,17 @@ class AddressManager:
             _ip("addr", "del", f"{a}/32", "dev", self.added.pop(a))
             if self.log:
                 self.log.info("address_removed", address=str(a))
+
+    def release(self) -> None:
+        """Remove the addresses this manager added (a start that failed after sync): what was on
+        the uplinks before stays.  Never raises: an address that cannot go is logged."""
+        for a in list(self.added):
+            dev = self.added.pop(a)
+            try:
+                _ip("addr", "del", f"{a}/32", "dev", dev)
+            except SnatgwError as e:
+                if self.log:
+                    self.log.warning("address_remove_failed", address=str(a), dev=dev, error=str(e))
+                continue
+            if self.log:
+                self.log.info("address_removed", address=str(a))

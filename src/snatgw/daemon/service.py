@@ -108,7 +108,11 @@ class Service:
     def start(self) -> None:
         with self.lock:
             self.addresses.sync(self.config)
-            self.backend.start(self.config)
+            try:
+                self.backend.start(self.config)
+            except BaseException:
+                self.addresses.release()  # the addresses this start added; those there before stay
+                raise
             self.log.info("started", backend=self.backend.name, rules=len(self.config.rules),
                           config=self.config_path, inside=",".join(self.config.settings.inside) or None,
                           outside=",".join(self.config.settings.outside) or None)

@@ -241,12 +241,14 @@ class BpfBackend:
             set_accept_local(s.inside)
             warn_without_forwarding()
         except BaseException:
-            # adopted sessions and programs belong to whoever made them: keep them running
+            # adopted sessions and programs belong to whoever made them: keep them running,
+            # with the pins as they were (the maps this start pinned or replaced put back)
             if not self.loader.reused:
                 guard.remove()
                 self._remove_gw_routes()  # (nothing of ours marks packets: no datapath was adopted)
             else:
                 self._unwatched()
+                self.loader.rollback()
             self.loader.stop(keep_state=bool(self.loader.reused))
             if self.holder is not None:
                 self.holder.stop()
@@ -254,6 +256,7 @@ class BpfBackend:
             self.loader = self.maps = None
             raise
         self.config = config
+        self.loader.commit()
         # last: an nft datapath left here keeps translating until ours is attached (a packet
         # meets both for a moment: ours translates first, nft sees a pool source and passes it)
         self._remove_nft()

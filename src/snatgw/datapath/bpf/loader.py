@@ -180,6 +180,11 @@ class Loader:
         self.maps: DatapathMaps | None = None
         self.reused: list[str] = []  # map names adopted from pins
         self.attachments: list[Attachment] = []
+        #: what the last load() changed in the pin dir, until commit(): pins it created where
+        #: none was, and the maps whose pins it replaced (another layout: path -> an fd of the
+        #: old map), so that rollback() can put the pin dir back as it found it
+        self.created: list[str] = []
+        self.displaced: dict[str, int] = {}
 
     # ------------------------------------------------------------- load
 
@@ -220,6 +225,7 @@ class Loader:
                         log.warning("%s: pinned in another layout (%s), this snatgw's is %s: a new one replaces "
                                     "it (%s; sessions are kept)", path, _shape(info), _shape(spec), lost)
                         replaced.append(path)
+                        self.displaced[path] = os.dup(fd)  # rollback() pins it back
                         continue
                     spec.check(info, path)
                     obj.reuse_fd(name, fd)
@@ -245,6 +251,7 @@ class Loader:
         except BaseException:
             obj.close()
             self.reused = []
+            self._close_displaced()
             for path in made:  # leave what was there before, and nothing half-made
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -255,10 +262,45 @@ class Loader:
             for fd in pinned_fds:  # reuse_fd dup()s the fd
                 os.close(fd)
         self.obj = obj
+        self.created = list(made)
         self.maps = DatapathMaps({n: obj.map(n) for n in specs})
         if self.reused:
             log.info("adopted pinned maps from %s: %s", self.pin_dir, ", ".join(self.reused))
         return self.maps
+
+    def commit(self) -> None:
+        """The start that loaded succeeded: its pins are the datapath's now (rollback() no more)."""
+        self.created = []
+        self._close_displaced()
+
+    def rollback(self) -> None:
+        """Undo what load() changed in the pin dir (a start that fails after it, adopting a
+        running datapath): the pins it created are removed, the ones it replaced point at the
+        old maps again (the maps the programs still attached use).  Pins of adopted maps are
+        never touched.  Never raises: what cannot be put back is logged."""
+        for path in self.created:
+            with contextlib.suppress(FileNotFoundError):
+                try:
+                    os.unlink(path)
+                except OSError as e:
+                    log.warning("%s: cannot remove the pin of a failed start: %s", path, e)
+        self.created = []
+        for path, fd in self.displaced.items():
+            staging = path + REPLACED_SUFFIX
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(staging)
+                B.obj_pin(fd, staging)
+                os.replace(staging, path)  # in place: the name is never missing
+            except (OSError, BackendError) as e:
+                log.warning("%s: cannot pin the replaced map back after a failed start: %s", path, e)
+        self._close_displaced()
+
+    def _close_displaced(self) -> None:
+        for fd in self.displaced.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.displaced = {}
 
     # ------------------------------------------------------------- attach
 
@@ -370,6 +412,7 @@ class Loader:
             if not keep_state:
                 self.detach()
         finally:
+            self._close_displaced()
             if self.obj is not None:
                 self.obj.close()
                 self.obj, self.maps = None, None
