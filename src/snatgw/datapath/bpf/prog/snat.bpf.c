@@ -942,26 +942,28 @@ static __always_inline int guard_v4_leak(struct __sk_buff *skb, __be32 saddr)
 	return REASON_DROP_LEAK;
 }
 
-/* The IPv4 source of an Ethernet frame, when there is an IPv4 header (-1: not IPv4) */
-static __always_inline int egress_v4_saddr(struct __sk_buff *skb, __be32 *saddr)
+/* The IPv4 source and protocol of an Ethernet frame, when there is an IPv4 header (-1: not IPv4) */
+static __always_inline int egress_v4_saddr(struct __sk_buff *skb, __be32 *saddr, __u8 *proto)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct iphdr *iph = data + ETH_HLEN;
-	__be16 proto;
+	__be16 l2proto;
 	__u8 ver;
 
 	if ((void *)(iph + 1) <= data_end) {
 		if (eth->h_proto != bpf_htons(ETH_P_IP) || iph->version != 4)
 			return -1;
 		*saddr = iph->saddr;
+		*proto = iph->protocol;
 		return 0;
 	}
 	/* headers not linear (or a short frame): read them through the helper */
-	if (bpf_skb_load_bytes(skb, 12, &proto, 2) || proto != bpf_htons(ETH_P_IP) ||
+	if (bpf_skb_load_bytes(skb, 12, &l2proto, 2) || l2proto != bpf_htons(ETH_P_IP) ||
 	    bpf_skb_load_bytes(skb, ETH_HLEN, &ver, 1) || (ver >> 4) != 4 ||
-	    skb->len < ETH_HLEN + 20 || bpf_skb_load_bytes(skb, ETH_HLEN + 12, saddr, 4))
+	    skb->len < ETH_HLEN + 20 || bpf_skb_load_bytes(skb, ETH_HLEN + 12, saddr, 4) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + 9, proto, 1))
 		return -1;
 	return 0;
 }
@@ -974,15 +976,20 @@ static __always_inline int snat_egress_body(struct __sk_buff *skb)
 	struct snat_res v = {};
 	struct pkt p;
 	__be32 saddr;
+	__u8 proto;
 	int r;
 
-	if (egress_v4_saddr(skb, &saddr) < 0)
+	if (egress_v4_saddr(skb, &saddr, &proto) < 0)
 		return TC_ACT_OK;
 	r = guard_v4_leak(skb, saddr);
 	if (r >= 0) {
 		verdict_set(&v, VERDICT_DROP, r);
 		return snat_emit(skb, &v);
 	}
+	/* only an ICMP error is judged further: any other protocol (every translated packet of
+	 * ours) passes here, without the whole parse */
+	if (proto != IPPROTO_ICMP_)
+		return TC_ACT_OK;
 	if (parse_v4_pulled(skb, &p) >= 0 || p.proto != IPPROTO_ICMP_ || p.frag == FRAG_LATER ||
 	    !is_icmp_error(p.icmp_type))
 		return TC_ACT_OK;
