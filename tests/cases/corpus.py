@@ -858,6 +858,27 @@ def _scenarios() -> list[Scenario]:
         outside(with_options(tcp(R1, na, 80, np_, "SA")), RED, R.XLATE_IN),
         inside(with_options(udp(A, R1, 5353, 53)), RED, R.XLATE_NEW),
     ])  # fmt: skip
+    lsrr = b"\x83\x07\x04" + bytes([198, 51, 100, 99]) + b"\x00"  # loose source route via 198.51.100.99
+    ssrr = b"\x89\x07\x04" + bytes([198, 51, 100, 99]) + b"\x00"
+    rr = b"\x07\x07\x04\x00\x00\x00\x00\x00"  # record route, room for one address
+    sa, sp = snat_of(RULE_SDH, A, R1, 6002)
+    add("ip_source_route_to_kernel", "Step 2b: a source-routed packet (LSRR, SSRR) from either side, "
+        "new or of a live session, and one whose options do not parse, go to the kernel untranslated "
+        "(PASS_IP_OPTIONS; it drops them by default); to an inside host from outside the inbound guard "
+        "drops it; record route and NOPs are translated as before.", [
+        inside(udp(A, R1, 6001, 53, options=[lsrr]), PASS, R.PASS_IP_OPTIONS),
+        inside(udp(A, R1, 6002, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 6002, 53, options=[ssrr]), PASS, R.PASS_IP_OPTIONS),
+        outside(udp(R1, sa, 53, sp, options=[lsrr]), PASS, R.PASS_IP_OPTIONS),
+        outside(udp(R1, sa, 53, sp), RED, R.XLATE_IN),
+        outside(udp(R1, A, 53, 6002, options=[lsrr]), DROP, R.DROP_INBOUND),
+        inside(udp(A, R1, 6003, 53, options=[rr]), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 6004, 53, options=[b"\x44\x01\x00\x00"]), PASS, R.PASS_IP_OPTIONS),
+        inside(udp(A, R1, 6005, 53, options=[b"\x01\x07\x0c\x04"]), PASS, R.PASS_IP_OPTIONS),
+        inside(udp(A, R1, 6006, 53, options=[b"\x01\x01\x01\x01\x01\x01\x01\x00"]), RED, R.XLATE_NEW),
+        inside(raw(IP(src=A, dst=R1, id=77, frag=3, proto=17, options=[lsrr]) / Raw(b"x" * 16)), PASS,
+               R.PASS_IP_OPTIONS),
+    ])  # fmt: skip
     add("onlink_destinations", "To the ISP router itself (on-link) the next hop is the destination "
         "and the gw rule matches; another on-link host matches only the /16 new_gw rule.", [
         inside(udp(A, ISP1, 5000, 53), RED, R.XLATE_NEW),

@@ -165,6 +165,10 @@ class Engine:
                 res = self._later_fragment(pkt, v, now)
         elif isinstance(v, Reason):
             res = Result(_verdict_of(v), v, pkt)
+        elif v.opts_kernel:  # step 2b: a source route, or options that do not parse
+            res = Result(Verdict.PASS, Reason.PASS_IP_OPTIONS, pkt)
+            if side == "outside":
+                res = self._inbound_guard(res, v)
         else:
             res = self._inside(pkt, v, ingress, now) if side == "inside" else self._outside(pkt, v, now)
             if side == "outside" and res.verdict == Verdict.PASS:

@@ -59,6 +59,7 @@ class IPv4View:
     flags: int = 0  # TCP flags
     icmp_type: int = -1
     icmp_code: int = 0
+    opts_kernel: bool = False  # step 2b: a source route or options that do not parse
 
     @property
     def is_later_fragment(self) -> bool:
@@ -75,6 +76,29 @@ class IPv4View:
     @property
     def is_query_request(self) -> bool:
         return self.proto == IPPROTO_ICMP and self.icmp_type in ICMP_QUERY_REQUESTS
+
+
+#: IP options of a source route (RFC 791): loose (LSRR) and strict (SSRR)
+IPOPT_SOURCE_ROUTES = (131, 137)
+
+
+def opts_to_kernel(opts: bytes | bytearray) -> bool:
+    """Step 2b: IP options the kernel must judge: a source route, or options that do not parse
+    (a length byte missing, below 2, or past the header).  EOL ends the list, NOP is one byte."""
+    i, n = 0, len(opts)
+    while i < n:
+        t = opts[i]
+        if t == 0:
+            return False
+        if t == 1:
+            i += 1
+            continue
+        if i + 1 >= n or opts[i + 1] < 2 or i + opts[i + 1] > n:
+            return True
+        if t in IPOPT_SOURCE_ROUTES:
+            return True
+        i += opts[i + 1]
+    return False
 
 
 def parse(buf: bytes | bytearray) -> IPv4View | Reason:
@@ -98,6 +122,7 @@ def parse(buf: bytes | bytearray) -> IPv4View | Reason:
         frag=fo & 0x1FFF, mf=bool(fo & 0x2000), df=bool(fo & 0x4000),
         saddr=u32(buf, IP_SADDR), daddr=u32(buf, IP_DADDR), l4=ihl,
     )  # fmt: skip
+    v.opts_kernel = ihl > 20 and opts_to_kernel(buf[20:ihl])
     if v.frag > 0 or v.proto not in L4_MIN:
         return v
     avail = tot_len - ihl

@@ -879,6 +879,10 @@ static __always_inline int snat_entry(struct __sk_buff *skb, int outside)
 	r = parse_v4_pulled(skb, &p);
 	if (r >= 0) {
 		verdict_set(&v, r == REASON_DROP_MALFORMED ? VERDICT_DROP : VERDICT_PASS, r);
+	} else if (p.opts_kernel) { /* step 2b: a source route, or options that do not parse */
+		verdict_set(&v, VERDICT_PASS, REASON_PASS_IP_OPTIONS);
+		if (outside)
+			guard_v4_inbound(skb, &p, &v);
 	} else {
 		if (outside)
 			snat_v4_outside(skb, &p, &v);

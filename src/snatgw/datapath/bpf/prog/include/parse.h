@@ -40,6 +40,7 @@ struct pkt {
 	__u8 tcp_flags;
 	__u8 icmp_type;
 	__u8 l4hdr;       /* TCP header length (data offset * 4), UDP 8, else 0 */
+	__u8 opts_kernel; /* IP options the kernel must judge (ip_opts_to_kernel) */
 	/* the reverse-path check's route to the source (step 2a, guard_v4_spoof), which a new
 	 * session's route back reuses under CFG_F_BACK_FROM_RPF: its MTU (ct_mtu) or 0 when the
 	 * check made no FIB lookup, and its next hop; not parse_v4's */
@@ -93,6 +94,58 @@ static __always_inline void parse_pull(struct __sk_buff *skb)
 	bpf_skb_pull_data(skb, skb->len < SNAT_PULL_LEN ? skb->len : SNAT_PULL_LEN);
 }
 
+/* Step 2b: IP options the kernel must judge, 1 or 0 (called only when IHL > 5): a source route (LSRR 131, SSRR 137: the kernel drops it unless accept_source_route
+ * is on, as forwarding would; translated, it would carry the sender's route through the
+ * gateway) or options that do not parse (a length byte missing, below 2 or past the header:
+ * the kernel answers a parameter problem).  At most 40 steps, each at least one byte on; the
+ * options are copied (bpf_skb_load_bytes): a rare packet's cost, and no pull needed. */
+struct opt_scan {
+	__u8 o[64]; /* the options (up to 40 bytes), indices masked to 63 (verifier) */
+	__u32 i; /* offset of the next option */
+	__u32 n; /* bytes of options */
+	int res; /* the answer */
+};
+
+/* one option of ip_opts_to_kernel's scan (bpf_loop: verified once, not per step) */
+static long ip_opt_step(__u32 k, void *ctx)
+{
+	struct opt_scan *s = ctx;
+	__u32 i = s->i, len;
+	__u8 type;
+
+	if (i >= s->n)
+		return 1;
+	type = s->o[i & 63];
+	if (type == 0) /* end of the options list */
+		return 1;
+	if (type == 1) { /* no-operation */
+		s->i = i + 1;
+		return 0;
+	}
+	if (i + 1 >= s->n) {
+		s->res = 1;
+		return 1;
+	}
+	len = s->o[(i + 1) & 63];
+	if (len < 2 || i + len > s->n || type == 131 || type == 137) {
+		s->res = 1;
+		return 1;
+	}
+	s->i = i + len;
+	return 0;
+}
+
+static __noinline int ip_opts_to_kernel(struct __sk_buff *skb, __u32 ihl)
+{
+	struct opt_scan s = {};
+
+	s.n = ihl - 20;
+	if (s.n == 0 || s.n > 40 || bpf_skb_load_bytes(skb, ETH_HLEN + 20, s.o, s.n))
+		return 1;
+	bpf_loop(40, ip_opt_step, &s, 0);
+	return s.res;
+}
+
 static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;
@@ -127,6 +180,10 @@ static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
 	p->frag = (off & IP_OFFMASK) ? FRAG_LATER : ((off & IP_MF) ? FRAG_FIRST : FRAG_NONE);
 	p->sport = p->dport = 0;
 	p->tcp_flags = p->icmp_type = p->l4hdr = 0;
+	p->opts_kernel = 0;
+	if (ihl > 20) {
+		p->opts_kernel = ip_opts_to_kernel(skb, ihl);
+	}
 	if (p->frag == FRAG_LATER)
 		return -1;
 
