@@ -213,3 +213,41 @@ def test_link_padding_of_an_inside_frame_never_reaches_the_uplink(agw):
     assert {f[42:47] for f in got} == {b"pad-0", b"pad-1", b"pad-2"}, got  # (a tap may see a frame twice)
     for f in got:
         assert len(f) == 14 + int.from_bytes(f[16:18], "big") and b"\xee" * 4 not in f, f.hex()
+
+
+def test_a_source_routed_packet_from_inside_never_leaves_translated_or_not(agw):
+    """A datagram with a loose or strict source route (IP options LSRR/SSRR), new and of a live
+    flow, leaves no uplink: the kernel drops source-routed packets before forwarding and both
+    backends leave them to it (bpf translated and redirected them, source route and all); the
+    same datagram without options still goes out translated."""
+    lab = agw.lab
+    tx = FrameSender(lab, "in40", "eth0", "gw", "lan40")
+    route = bytes([198, 51, 100, 99])
+    caps = []
+    try:
+        for node, dev in leakwatch.UPLINK_TAPS:
+            s = ns_socket(lab.ns(node), socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+            s.bind((dev, 0x0800))
+            s.settimeout(0.05)
+            caps.append(s)
+        for i, opt in enumerate((b"\x83\x07\x04" + route + b"\x00", None, b"\x89\x07\x04" + route + b"\x00")):
+            ip_hdr = IP(src="198.18.40.10", dst=S1, options=[opt]) if opt else IP(src="198.18.40.10", dst=S1)
+            tx.send(raw(ip_hdr / UDP(sport=41240, dport=ECHO_PORT) / f"srr-{i}".encode()))
+            settle()
+        got = []
+        for s in caps:
+            while True:
+                try:
+                    frame, _ = s.recvfrom(65535)
+                except (TimeoutError, BlockingIOError):
+                    break
+                if b"srr-" in frame:
+                    got.append(frame)
+    finally:
+        tx.close()
+        for s in caps:
+            s.close()
+    tags = {f[f.index(b"srr-"):f.index(b"srr-") + 5] for f in got}
+    assert tags == {b"srr-1"}, [f.hex() for f in got]  # the plain one (its session made here) only
+    for f in got:
+        assert f[14] == 0x45 and f[26:30] != socket.inet_aton("198.18.40.10"), f.hex()  # translated, no options
