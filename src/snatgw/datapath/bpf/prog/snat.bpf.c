@@ -240,9 +240,11 @@ static __noinline int snat_refuse(const struct ct_key *out, __be32 addr, __u32 r
  * MTU): a fragmentation needed (code 4) with that next-hop MTU, the same rate for both kinds;
  * without a source or over the rate, PASS_FRAG_NEEDED. */
 struct icmp_buf {
-	__u8 b[28 + 68]; /* IPv4 + ICMP header, then the quoted header (<= 60) and 8 bytes */
+	__u8 b[28 + 80]; /* IPv4 + ICMP header, then the quoted header (<= 60) and 8 (or 20) bytes */
 	struct bpf_fib_lookup f; /* (verifier: off the stack, the call chain's frames are full) */
 	__u32 frag_mtu;  /* (the same: the argument kept here across the helper calls) */
+	__u32 cs_start;  /* CHECKSUM_PARTIAL: csum_start, from the Ethernet header */
+	__u32 cs_off;    /* and csum_offset */
 };
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -279,7 +281,24 @@ static __noinline int snat_refuse_icmp(struct __sk_buff *skb, const struct pkt *
 	if (icmp_rl_count > SNAT_REFUSE_ICMP_PER_SEC)
 		return 0;
 	q = p->l4 - ETH_HLEN + 8; /* the IP header and 8 bytes after it */
-	if (q < 28 || q > 68)
+	/* A CHECKSUM_PARTIAL packet (its sender's L4 checksum still to be filled in): whoever
+	 * sends our error on without checksum offload fills a sum in at the packet's csum_start +
+	 * csum_offset, over everything from csum_start on.  Built in place that lands in the
+	 * error (its MTU field, or the quoted header's TTL and protocol) and breaks its checksum.
+	 * So such an error is built around the quoted packet where it lies (28 bytes inserted
+	 * after the Ethernet header: csum_start still marks the quoted L4 header), quotes the L4
+	 * header up to its checksum field (TCP: 20 bytes), and that field gets the one value the
+	 * fill-in leaves as it is (csum_fixed_point): filled in or not, the error is the same. */
+	b->cs_start = 0;
+	if (csum_partial_at(skb, &b->cs_start, &b->cs_off)) {
+		if (b->cs_start != p->l4 || (b->cs_off & 1) || b->cs_off > 18 || skb->gso_size)
+			return 0; /* not a plain L4 sum: no error rather than a broken one */
+		if (b->cs_off + 2 > 8) /* (a whole number of 32-bit words: bpf_csum_diff) */
+			q = p->l4 - ETH_HLEN + ((b->cs_off + 2 + 3) & ~3U);
+		if (ETH_HLEN + q > p->end)
+			return 0;
+	}
+	if (q < 28 || q > 80)
 		return 0;
 	f = &b->f;
 	__builtin_memset(f, 0, sizeof(*f));
@@ -293,6 +312,14 @@ static __noinline int snat_refuse_icmp(struct __sk_buff *skb, const struct pkt *
 		return 0;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN, b->b + 28, q) < 0)
 		return 0;
+	if (b->cs_start) { /* the quoted L4 checksum: the fill-in's fixed point */
+		__u32 l4 = 28 + b->cs_start - ETH_HLEN, at = l4 + b->cs_off;
+
+		if (at + 2 > 28 + q || l4 >= 28 + q || at > sizeof(b->b) - 2)
+			return 0;
+		*(__u16 *)&b->b[at & 0x7f] = 0;
+		*(__u16 *)&b->b[at & 0x7f] = csum_fixed_point(b->b + (l4 & 0x7f), (28 + q - l4) & 0x1c);
+	}
 	__builtin_memset(b->b, 0, 28);
 	ip = (struct iphdr *)b->b;
 	ip->version = 4;
@@ -308,6 +335,10 @@ static __noinline int snat_refuse_icmp(struct __sk_buff *skb, const struct pkt *
 	/* the next-hop MTU (RFC 1191), 0 for a host unreachable */
 	*(__be16 *)&b->b[26] = bpf_htons(b->frag_mtu > 0xffff ? 0xffff : b->frag_mtu);
 	*(__u16 *)&b->b[22] = ~csum_fold32(bpf_csum_diff(NULL, 0, (__be32 *)(b->b + 20), 8 + q, 0));
+	if (b->cs_start) { /* around the packet where it lies (above): 28 bytes in front of it */
+		if (bpf_skb_adjust_room(skb, 28, BPF_ADJ_ROOM_MAC, 0) < 0)
+			return 0;
+	}
 	if (bpf_skb_change_tail(skb, ETH_HLEN + 28 + q, 0) < 0)
 		return 0;
 	if (bpf_skb_store_bytes(skb, ETH_HLEN, b->b, 28 + q, 0) < 0)
