@@ -436,8 +436,9 @@ def _gw_routing():
 def test_new_gw_policy_routing_follows_reloads_and_goes_at_stop(gw, pin_dir, mini_obj, monkeypatch):  # noqa: F811
     """A new_gw rule's egress gets its mark (snat_gw_marks), an ip rule for it and a table whose
     default route leaves by that egress (what routes a packet the datapath hands to the kernel);
-    a reload that changes new_gw moves them, one without new_gw removes them, and so do a stop and
-    a start that fails after installing them.  Nothing else in those ranges is touched."""
+    the hook check puts them back when they vanish; a reload that changes new_gw moves them, one
+    without new_gw removes them, and so do a stop and a start that fails after installing them.
+    Nothing else in those ranges is touched."""
     M = L.GW_MARK_BASE
     with netns(gw):
         sh("ip", "rule", "add", "pref", str(L.GW_RT_BASE + 5), "fwmark", "7", "lookup", "main")  # not ours (no proto 201)
@@ -449,6 +450,13 @@ def test_new_gw_policy_routing_follows_reloads_and_goes_at_stop(gw, pin_dir, min
             rules, routes = _gw_routing()
             assert rules[L.GW_RT_BASE] == (f"0x{M:x}", str(L.GW_RT_BASE))
             assert routes == {L.GW_RT_BASE: "default via 198.19.3.1 dev eth2"}
+            # gone (`ip rule flush`; its device went down): the hook check puts them back
+            sh("ip", "rule", "del", "pref", str(L.GW_RT_BASE))
+            sh("ip", "route", "flush", "table", str(L.GW_RT_BASE))
+            b._gw_check_at = float("-inf")  # (it looks every ROUTE_BACK_RECHECK seconds)
+            assert any("new_gw policy routing" in x for x in b.check_hooks())
+            assert _gw_routing()[1] == routes and _gw_routing()[0][L.GW_RT_BASE] == rules[L.GW_RT_BASE]
+            assert not any("new_gw" in x for x in b.check_hooks())  # (not again within the period)
             b.apply(config(pin_dir, new_gw=IP("198.19.2.1")))  # the other uplink: a new number
             assert b.maps.gw_marks_now() == {(eth1, int(IP("198.19.2.1"))): M + 1}
             rules, routes = _gw_routing()

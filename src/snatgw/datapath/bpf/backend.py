@@ -173,6 +173,8 @@ class BpfBackend:
         self._pools: dict | None = None  # rule_id -> Pool, as last installed
         #: new_gw policy routing as last installed (gwroutes): (ifindex, next hop) -> number
         self._gw_numbers: dict[tuple[int, ipaddress.IPv4Address], int] | None = None
+        self._gw_routes: list[gwroutes.GwRoute] = []  # what it installed (the hook check's to restore)
+        self._gw_check_at = float("-inf")  # _clock() of the hook check's last look at them
         self.last_follow = (0, 0)  # (moved, removed) sessions of the last rule install
         self._next_sweep = 0.0  # time.monotonic() before which expire() skips its sweep
         self._table_full_seen = 0  # DROP_TABLE_FULL when _pressure() last looked
@@ -401,6 +403,9 @@ class BpfBackend:
         if _clock() - self._route_back_at >= ROUTE_BACK_RECHECK:  # (events lost, or no daemon socket)
             self.refresh_route_back()
         restored = self.loader.check()
+        if _clock() - self._gw_check_at >= ROUTE_BACK_RECHECK:  # (two `ip` runs: not every tick)
+            self._gw_check_at = _clock()
+            restored += self._check_gw_routes()
         if self.config is not None and not guard.present():
             self._install_guard(self.config)
             restored.append(f"leak guard table {guard.FAMILY} {guard.TABLE}")
@@ -436,7 +441,7 @@ class BpfBackend:
         for k, kind in nets.items():
             both[k] = min(kind, both.get(k, kind))  # FROM_NET_RULE < FROM_NET_POOL
         self.maps.write_from_nets(both, have=was)
-        gw = self._install_gw_routes(config)  # inert until snat_gw_marks names their marks
+        gw, gw_routes = self._install_gw_routes(config)  # inert until snat_gw_marks names their marks
         written = install_rules(self.maps, cfg, rules, self._recount_for_limit)
         self.maps.write_from_nets(nets, have=both)
         self._install_guard(config)
@@ -454,15 +459,15 @@ class BpfBackend:
         # the marks once sessions have followed their rules to the new egresses; then the
         # routing no egress uses any more goes
         self.maps.write_gw_marks({(idx, _raw(nh)): L.GW_MARK_BASE + n for (idx, nh), n in gw.items()})
-        self._gw_numbers = gw
+        self._gw_numbers, self._gw_routes = gw, gw_routes
         gone = gwroutes.remove(keep={L.GW_RT_BASE + n for n in gw.values()})
         if gone:
             log.info("bpf backend: new_gw policy routing removed: %s", "; ".join(gone))
 
-    def _install_gw_routes(self, config: GatewayConfig) -> dict[tuple[int, ipaddress.IPv4Address], int]:
+    def _install_gw_routes(self, config: GatewayConfig):
         """The policy routing of each distinct egress of the new_gw rules (gwroutes): numbered
         (fibrules.gw_numbers, keeping the last install's numbers), routes and ip rules
-        installed; returns (ifindex, next hop) -> number.  A new_gw without a route now is
+        installed; returns ((ifindex, next hop) -> number, the GwRoutes).  A new_gw without a route now is
         left out (its flows are not translated: PASS_NO_ROUTE) with a warning."""
         egresses = []
         for r in config.rules:
@@ -481,8 +486,25 @@ class BpfBackend:
             prev = {(idx, ipaddress.IPv4Address(nh)): m - L.GW_MARK_BASE for (idx, nh), m in self.maps.gw_marks_now().items()
                     if 0 <= m - L.GW_MARK_BASE < L.GW_SLOTS}  # fmt: skip
         numbers = gw_numbers([(idx, nh) for idx, nh, _ in egresses], prev)
-        gwroutes.install([gwroutes.GwRoute(n, devs[eg], eg[1]) for eg, n in numbers.items()])
-        return numbers
+        routes = [gwroutes.GwRoute(n, devs[eg], eg[1]) for eg, n in numbers.items()]
+        gwroutes.install(routes)
+        return numbers, routes
+
+    def _check_gw_routes(self) -> list[str]:
+        """The hook check's part: our new_gw ip rules and table routes that vanished (`ip rule
+        flush`; the kernel drops a table's route when its device goes down) are put back, so the
+        marked packets do not fall through to the kernel's table.  Never raises (logged)."""
+        if not self._gw_routes:
+            return []
+        try:
+            rules, tables = gwroutes.our_rules(), gwroutes.our_tables()
+            gone = [g for g in self._gw_routes if g.table not in rules or g.table not in tables]
+            if gone:
+                gwroutes.install(gone)
+        except BackendError as e:
+            log.warning("bpf backend: cannot restore the new_gw policy routing: %s", e)
+            return []
+        return [f"new_gw policy routing (ip rule and table {g.table}, via {g.nexthop} dev {g.dev})" for g in gone]
 
     def _remove_gw_routes(self) -> None:
         """Our new_gw policy routing (gwroutes), all of it; never raises (a stop goes on)."""
@@ -491,7 +513,7 @@ class BpfBackend:
         except BackendError as e:
             log.warning("bpf backend: cannot remove the new_gw policy routing: %s", e)
             return
-        self._gw_numbers = None
+        self._gw_numbers, self._gw_routes = None, []
         if gone:
             log.info("bpf backend: new_gw policy routing removed: %s", "; ".join(gone))
 
