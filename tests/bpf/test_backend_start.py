@@ -480,3 +480,27 @@ def test_new_gw_policy_routing_follows_reloads_and_goes_at_stop(gw, pin_dir, min
         with pytest.raises(BackendError, match="attach failed"):
             BpfBackend(config(pin_dir).settings, obj_path=mini_obj).start(config(pin_dir, new_gw=IP("198.19.3.1")))
         assert _gw_routing() == ({L.GW_RT_BASE + 5: ("0x7", "main")}, {})
+
+
+@pytest.mark.bpf
+def test_new_gw_routing_ip_refuses_is_left_out_with_a_warning(gw, pin_dir, mini_obj, monkeypatch, caplog):  # noqa: F811
+    """`ip` refusing a new_gw egress's route leaves that egress unmarked (the kernel's route,
+    as before) with a warning naming it; the start itself goes on."""
+    from snatgw.datapath.bpf import gwroutes
+
+    real = gwroutes._ip
+
+    def refuse_routes(args, check=True):
+        if args[:2] == ["route", "replace"]:
+            raise gwroutes.BackendError("ip route replace: Nexthop device is not up (test)")
+        return real(args, check)
+
+    monkeypatch.setattr(gwroutes, "_ip", refuse_routes)
+    with netns(gw):
+        b = BpfBackend(config(pin_dir).settings, obj_path=mini_obj)
+        b.start(config(pin_dir, new_gw=IP("198.19.3.1")))
+        try:
+            assert b.maps.gw_marks_now() == {} and _gw_routing() == ({}, {})
+            assert "new_gw via 198.19.3.1 dev eth2: no policy routing" in caplog.text
+        finally:
+            b.stop()

@@ -467,8 +467,10 @@ class BpfBackend:
     def _install_gw_routes(self, config: GatewayConfig):
         """The policy routing of each distinct egress of the new_gw rules (gwroutes): numbered
         (fibrules.gw_numbers, keeping the last install's numbers), routes and ip rules
-        installed; returns ((ifindex, next hop) -> number, the GwRoutes).  A new_gw without a route now is
-        left out (its flows are not translated: PASS_NO_ROUTE) with a warning."""
+        installed; returns ((ifindex, next hop) -> number, the GwRoutes).  A new_gw without a
+        route now is left out (its flows are not translated: PASS_NO_ROUTE), and so is one whose
+        routing `ip` refuses (no mark: its packets handed to the kernel take the kernel's route,
+        as before), each with a warning: a reload or start does not fail for them."""
         egresses = []
         for r in config.rules:
             if r.new_gw is None:
@@ -487,7 +489,10 @@ class BpfBackend:
                     if 0 <= m - L.GW_MARK_BASE < L.GW_SLOTS}  # fmt: skip
         numbers = gw_numbers([(idx, nh) for idx, nh, _ in egresses], prev)
         routes = [gwroutes.GwRoute(n, devs[eg], eg[1]) for eg, n in numbers.items()]
-        gwroutes.install(routes)
+        for g, why in gwroutes.install(routes).items():  # its packets are routed by the kernel's table
+            log.warning("bpf backend: new_gw via %s dev %s: no policy routing for it: %s", g.nexthop, g.dev, why)
+            numbers = {eg: n for eg, n in numbers.items() if n != g.n}
+            routes.remove(g)
         return numbers, routes
 
     def _check_gw_routes(self) -> list[str]:
@@ -499,12 +504,14 @@ class BpfBackend:
         try:
             rules, tables = gwroutes.our_rules(), gwroutes.our_tables()
             gone = [g for g in self._gw_routes if g.table not in rules or g.table not in tables]
-            if gone:
-                gwroutes.install(gone)
+            failed = gwroutes.install(gone) if gone else {}
         except BackendError as e:
             log.warning("bpf backend: cannot restore the new_gw policy routing: %s", e)
             return []
-        return [f"new_gw policy routing (ip rule and table {g.table}, via {g.nexthop} dev {g.dev})" for g in gone]
+        for g, why in failed.items():  # (its device down, say: the next check tries again)
+            log.warning("bpf backend: cannot restore the new_gw policy routing of table %d: %s", g.table, why)
+        return [f"new_gw policy routing (ip rule and table {g.table}, via {g.nexthop} dev {g.dev})"
+                for g in gone if g not in failed]  # fmt: skip
 
     def _remove_gw_routes(self) -> None:
         """Our new_gw policy routing (gwroutes), all of it; never raises (a stop goes on)."""

@@ -89,19 +89,25 @@ def our_tables() -> set[int]:
     return out
 
 
-def install(routes: list[GwRoute]) -> None:
+def install(routes: list[GwRoute]) -> dict[GwRoute, str]:
     """Routes replaced in place (a changed next hop swaps in one step), rules added where
-    missing.  Inert until the datapath marks packets with their marks (snat_gw_marks)."""
+    missing.  Inert until the datapath marks packets with their marks (snat_gw_marks).
+    Returns the ones `ip` refused, with its error (the others are installed)."""
     have = our_rules()
+    failed = {}
     for g in routes:
         route, rule = g.commands()
-        _ip(route)
-        x = have.get(g.table)
-        if x is not None and str(x.get("fwmark", "")) not in (hex(g.mark), f"0x{g.mark:08x}"):
-            _ip(["rule", "del", "pref", str(g.table)], check=False)  # (ours, another mark: a leftover)
-            x = None
-        if x is None:
-            _ip(rule)
+        try:
+            _ip(route)
+            x = have.get(g.table)
+            if x is not None and str(x.get("fwmark", "")) not in (hex(g.mark), f"0x{g.mark:08x}"):
+                _ip(["rule", "del", "pref", str(g.table)], check=False)  # (ours, another mark: a leftover)
+                x = None
+            if x is None:
+                _ip(rule)
+        except BackendError as e:
+            failed[g] = str(e)
+    return failed
 
 
 def remove(keep: set[int] = frozenset()) -> list[str]:
