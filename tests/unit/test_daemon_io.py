@@ -25,7 +25,7 @@ from snatgw.config.parse import parse_file
 from snatgw.daemon import control as C
 from snatgw.daemon.control import ControlServer, request
 from snatgw.daemon.log import Log
-from snatgw.daemon.owner import NamespaceOwner, current_owner
+from snatgw.daemon.owner import NamespaceOwner, current_owner, foreign
 from snatgw.daemon.service import Service
 from snatgw.datapath.fake import FakeBackend
 from snatgw.errors import DaemonError
@@ -499,10 +499,12 @@ def test_a_long_sweep_does_not_hold_a_stats_request(tmpdir_short):
         loop.close()
 
 
-def test_an_owner_name_squatted_by_another_user_is_named_as_such():
-    """Any local user can bind the abstract owner name first: the daemon then refused to start
-    saying 'another snatgw daemon (pid N) owns the datapath' and echoed what the squatter wrote
-    as its socket and backend; now it names the other user's process for what it is."""
+def test_an_owner_name_squatted_by_another_user_does_not_stop_the_start():
+    """Any local user can bind the abstract owner name first.  That stopped every start (first
+    with 'another snatgw daemon owns the datapath', then naming the other user's process): a
+    denial of service by an unprivileged user.  Now the owner lock decides: the start goes on,
+    the squatter is reported, a second daemon is still refused (named from the lock file), and
+    purge, asked while only the squatter holds the name, does not take it for a daemon."""
     name = f"snatgw-test-squat-{os.getpid()}"
     r, w = os.pipe()
     pid = os.fork()
@@ -514,23 +516,45 @@ def test_an_owner_name_squatted_by_another_user_is_named_as_such():
             s.bind(b"\0" + name.encode())
             s.listen(4)
             os.write(w, b"x")
-            c, _ = s.accept()
-            c.send(b'{"socket": "/run/snatgw/control.sock", "backend": "bpf"}\n')
+            for _ in range(8):
+                c, _ = s.accept()
+                c.send(b'{"socket": "/run/snatgw/control.sock", "backend": "bpf"}\n')
+                c.close()
             time.sleep(5)
         finally:
             os._exit(0)
+    first = None
     try:
         os.close(w)
         assert os.read(r, 1) == b"x"
+        assert foreign(current_owner(name))  # no lock: only the name, another user's
+        first = NamespaceOwner({"socket": "/run/x.sock", "backend": "bpf"}, name=name)
+        assert first.squatter["pid"] == pid and first.squatter["uid"] == 65534
+        assert current_owner(name) == {"pid": os.getpid(), "socket": "/run/x.sock", "backend": "bpf"}
         with pytest.raises(DaemonError) as ei:
-            NamespaceOwner({"socket": "/run/x.sock", "backend": "bpf"}, name=name)
+            NamespaceOwner({}, name=name)
         msg = str(ei.value)
-        assert f"pid {pid}" in msg and "uid 65534" in msg and "another user" in msg
-        assert "control socket" not in msg and "another snatgw daemon" not in msg
+        assert f"pid {os.getpid()}" in msg and "/run/x.sock" in msg and "one daemon per namespace" in msg
     finally:
+        if first is not None:
+            first.close()
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(r)
+    assert current_owner(name) is None
+
+
+def test_the_owner_lock_directory_must_be_writable_by_nobody_else(tmp_path):
+    """Others able to write the lock directory could hold the lock first and stop every start:
+    refused, naming the directory, its owner and mode."""
+    d = tmp_path / "owner"
+    d.mkdir(mode=0o700)
+    os.chmod(d, 0o777)
+    with pytest.raises(DaemonError) as ei:
+        NamespaceOwner({}, name=f"snatgw-test-lockdir-{os.getpid()}", lock_dir=str(d))
+    assert str(d) in str(ei.value) and "0777" in str(ei.value) and "writable by nobody else" in str(ei.value)
+    os.chmod(d, 0o700)
+    NamespaceOwner({}, name=f"snatgw-test-lockdir-{os.getpid()}", lock_dir=str(d)).close()
 
 
 def test_a_sigterm_after_a_burst_of_sighups_is_not_lost():

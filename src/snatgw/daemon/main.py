@@ -34,7 +34,7 @@ from .control import ControlServer
 from .log import Log
 
 from .loop import EventLoop, Worker
-from .owner import NamespaceOwner, PinDirLock
+from .owner import NamespaceOwner, PinDirLock, describe
 from .writer import Writer
 from .service import Service, load_config, make_backend
 
@@ -181,6 +181,10 @@ def run(args) -> int:
         if settings.backend != "fake":
             owner = NamespaceOwner({"socket": settings.control_socket, "backend": settings.backend,
                                     "config": os.path.abspath(args.config)})  # fmt: skip
+            if owner.squatter is not None:  # the lock is ours; the name is another user's
+                log.warning("owner_name_squatted", name=owner.name, holder=describe(owner.squatter),
+                            note="held by a process of another user, not a snatgw daemon: the owner lock "
+                                 f"{owner.lock_path} decides; find it with `ss -xlp | grep {owner.name}`")
         if settings.backend == "bpf":  # and per pin directory (a bpffs may be shared by namespaces)
             from ..datapath.bpf.loader import ensure_bpffs
 

@@ -1,9 +1,17 @@
-"""One daemon per network namespace: the running daemon holds an abstract unix socket,
-``@snatgw/datapath-owner``.  The abstract socket namespace belongs to the network namespace, and
-the name is released by the kernel when the process dies (kill -9 too): no lock file to go
-stale, nothing to clean up.  A second `snatgw run` fails to bind it and asks the holder who it
-is (its pid from SO_PEERCRED, its control socket and backend from the line it answers), then
-refuses to start; `snatgw purge` asks the same question before removing anything.
+"""One daemon per network namespace.  Two marks, one authority:
+
+- the owner lock: an exclusive flock on ``/run/snatgw/owner/<name>-<netns>.lock`` (netns: the
+  device and inode of /proc/self/ns/net), in a directory only root may write.  The kernel
+  releases it when the holder dies (kill -9 too), so nothing goes stale; the file holds the
+  holder's pid, control socket, backend and config as one JSON line.  This decides.
+- the abstract unix socket ``@snatgw/datapath-owner`` (per network namespace, released with the
+  process), which answers the same line; the daemons before the lock file had only this.  An
+  abstract name has no permissions: any local user can bind it first.  That used to stop the
+  daemon from starting at all; now the lock decides, and a squatted name is only reported.
+
+A second `snatgw run` fails to take the lock and names the holder from the file, then refuses
+to start; `snatgw purge` asks the same question (`current_owner`) before removing anything.
+A daemon of an older version (the name, no lock) is still met through the name.
 """
 
 from __future__ import annotations
@@ -18,14 +26,73 @@ import struct
 from ..errors import DaemonError
 
 OWNER_NAME = "snatgw/datapath-owner"
+#: where the owner locks live: created 0700; refused when others could write there
+OWNER_LOCK_DIR = "/run/snatgw/owner"
+
+
+def _netns_id() -> str:
+    st = os.stat("/proc/self/ns/net")
+    return f"{st.st_dev:x}-{st.st_ino}"
+
+
+def lock_path(name: str = OWNER_NAME, lock_dir: str = OWNER_LOCK_DIR) -> str:
+    return os.path.join(lock_dir, f"{name.replace('/', '_')}-{_netns_id()}.lock")
+
+
+def _lock_dir_ok(lock_dir: str) -> None:
+    """Create ``lock_dir`` (0700) or check it: ours or root's, writable by nobody else."""
+    try:
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        st = os.stat(lock_dir)
+    except OSError as e:
+        raise DaemonError(f"{lock_dir}: cannot create the owner lock directory: {e.strerror}") from None
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        raise DaemonError(
+            f"{lock_dir}: the owner lock directory is owned by uid {st.st_uid} with mode "
+            f"{st.st_mode & 0o7777:04o}; expected owned by root (or uid {os.geteuid()}) and writable by "
+            "nobody else (others could take the lock and stop every start): fix or remove it") from None
+
+
+def _lock_held(path: str) -> dict | None:
+    """The owner lock's holder as the file describes it, or None when nobody holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            info: dict = {}
+            try:
+                got = json.loads(os.read(fd, 4096) or b"{}")
+                if isinstance(got, dict):
+                    info = {k: got[k] for k in ("socket", "backend", "config", "pid") if k in got}
+            except (OSError, ValueError):
+                pass
+            info["pid"] = _lock_holder(os.fstat(fd)) or info.get("pid")
+            return info
+        return None  # we got it shared: nobody holds it exclusively
+    finally:
+        os.close(fd)
 
 
 def _addr(name: str) -> bytes:
     return b"\0" + name.encode()
 
 
-def current_owner(name: str = OWNER_NAME, timeout: float = 2.0) -> dict | None:
-    """Who holds the namespace (``{"pid": ..., "socket": ..., "backend": ...}``), or None."""
+def current_owner(name: str = OWNER_NAME, timeout: float = 2.0, lock_dir: str = OWNER_LOCK_DIR) -> dict | None:
+    """Who holds the namespace (``{"pid": ..., "socket": ..., "backend": ...}``), or None: the
+    owner lock's holder; else whoever holds the owner name (a daemon of an older version, or a
+    process of another user: ``foreign``)."""
+    held = _lock_held(lock_path(name, lock_dir))
+    return held if held is not None else name_holder(name, timeout)
+
+
+def name_holder(name: str = OWNER_NAME, timeout: float = 2.0) -> dict | None:
+    """Who holds the owner name, as it answers (pid from SO_PEERCRED), or None."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
@@ -123,33 +190,64 @@ class PinDirLock:
 
 
 class NamespaceOwner:
-    """Bind the owner name or raise DaemonError naming the daemon that holds it."""
+    """Take the owner lock and the owner name, or raise DaemonError naming the daemon that holds
+    them.  ``squatter``: set when another user's process holds the name (reported, not fatal)."""
 
-    def __init__(self, info: dict, name: str = OWNER_NAME):
+    def __init__(self, info: dict, name: str = OWNER_NAME, lock_dir: str = OWNER_LOCK_DIR):
         self.name = name
         self.info = {"pid": os.getpid(), **info}
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock: socket.socket | None = None
+        self.squatter: dict | None = None
+        self.loop = None
+        _lock_dir_ok(lock_dir)
+        self.lock_path = lock_path(name, lock_dir)
         try:
-            self.sock.bind(_addr(name))
+            self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as e:
-            self.sock.close()
-            if e.errno != errno.EADDRINUSE:
-                raise DaemonError(f"cannot take the namespace owner socket @{name}: {e.strerror}") from None
-            other = current_owner(name) or {}
-            if foreign(other):
-                raise DaemonError(
-                    f"the namespace owner name @{name} is held by a process of another user ({describe(other)}), "
-                    "not by a snatgw daemon: any local user can bind an abstract socket name first; stop that "
-                    f"process (`ss -xlp | grep {name}` names it), then start again") from None
+            raise DaemonError(f"{self.lock_path}: cannot open the owner lock: {e.strerror}") from None
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DaemonError(f"{self.lock_path}: cannot take the owner lock: {e.strerror}") from None
+            other = _lock_held(self.lock_path) or {}
             raise DaemonError(
                 f"another snatgw daemon ({describe(other)}) owns the datapath of this network namespace; "
                 "one daemon per namespace: stop that one first (systemctl stop snatgw, or SIGTERM), "
                 "or use `snatgw reload` to change its config") from None
-        self.sock.listen(16)
-        self.sock.setblocking(False)
-        self.loop = None
+        try:
+            os.ftruncate(self.lock_fd, 0)
+            os.pwrite(self.lock_fd, json.dumps(self.info).encode() + b"\n", 0)
+            self._bind()
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(_addr(self.name))
+        except OSError as e:
+            sock.close()
+            if e.errno != errno.EADDRINUSE:
+                raise DaemonError(f"cannot take the namespace owner socket @{self.name}: {e.strerror}") from None
+            other = name_holder(self.name) or {}
+            if foreign(other):  # not a daemon: the lock is ours, the name only an answering machine
+                self.squatter = other
+                return
+            raise DaemonError(  # a daemon of an older version: the name without the lock
+                f"another snatgw daemon ({describe(other)}) owns the datapath of this network namespace; "
+                "one daemon per namespace: stop that one first (systemctl stop snatgw, or SIGTERM), "
+                "or use `snatgw reload` to change its config") from None
+        sock.listen(16)
+        sock.setblocking(False)
+        self.sock = sock
 
     def attach(self, loop) -> None:
+        if self.sock is None:
+            return
         self.loop = loop
         loop.add_reader(self.sock, self._answer)
 
@@ -170,6 +268,11 @@ class NamespaceOwner:
                 c.close()
 
     def close(self) -> None:
-        if self.loop is not None:
-            self.loop.remove(self.sock)
-        self.sock.close()
+        if self.sock is not None:
+            if self.loop is not None:
+                self.loop.remove(self.sock)
+            self.sock.close()
+            self.sock = None
+        if self.lock_fd >= 0:  # the file stays: unlinking it could split two starters' locks
+            os.close(self.lock_fd)
+            self.lock_fd = -1

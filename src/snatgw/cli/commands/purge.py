@@ -6,6 +6,8 @@ unless --force.
 
 from __future__ import annotations
 
+import sys
+
 import socket as _socket
 
 from ...config.schema import Settings
@@ -51,9 +53,10 @@ def run(args) -> int:
     settings = _settings(args)
     sock = args.socket or (settings.control_socket if args.config else resolve_socket(None))
     owner = current_owner()
-    if owner is not None and not args.force and foreign(owner):
-        raise DaemonError(f"the namespace owner name is held by a process of another user ({describe(owner)}), "
-                          "not by a snatgw daemon: stop that process, or purge with --force")
+    if owner is not None and foreign(owner):  # not a daemon: no owner lock, another user's name
+        print(f"snatgw purge: note: the namespace owner name is held by a process of another user "
+              f"({describe(owner)}), not by a snatgw daemon (no owner lock): purging", file=sys.stderr)
+        owner = None
     if owner is not None and not args.force:
         raise DaemonError(f"a snatgw daemon ({describe(owner)}) owns the datapath of this network namespace: "
                           "stop it first (SIGTERM), then purge (or --force)")
