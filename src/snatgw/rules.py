@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import socket
+import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -131,6 +132,12 @@ def parse_host_limit(text: str, where: str | None = None, field_name: str = "max
 
 def parse_oif(text: str, where: str | None = None) -> str:
     name = text.strip()
+    if not name.isascii():  # a look-alike letter (Cyrillic 'е' in eth1) names no device: nft's oifname
+        i = next(i for i, c in enumerate(name) if ord(c) > 127)  # would match nothing, silently
+        got = ascii(name) if len(name) <= 32 and name.isprintable() else f"a word of {len(name)} characters"
+        raise RuleError(f"expected an interface name in ASCII, got {got}: its character {i + 1} is "
+                        f"U+{ord(name[i]):04X} ({unicodedata.name(name[i], 'unnamed')}), a look-alike "
+                        "letter?", "oif", where)
     if not name or len(name) >= IFNAMSIZ or any(c in name for c in "/ \t"):
         raise RuleError(f"expected an interface name of 1..15 characters, got {name!r}", "oif", where)
     return name

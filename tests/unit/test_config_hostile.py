@@ -159,3 +159,21 @@ def test_an_ascii_typo_of_a_keyword_gets_a_suggestion_and_a_secret_with_non_asci
     assert "did you mean 'port_range'?" in err("snatgw {\n port_rnage 5000\n}\n" + RULE).message
     e = err("snatgw {\n r\u00f6\u00f6t:$y$j9T$TopSecretHash 1\n}\n" + RULE)
     assert e.field == "(word not shown)" and "TopSecret" not in str(e) and "U+00F6" in e.message
+
+
+@pytest.mark.parametrize("text,field,escaped", [
+    ("snatgw {\n inside l\u0430n40\n}\n" + RULE, "inside", "'l\\u0430n40'"),
+    ("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 oif \u0435th1 snat_ip 198.19.2.71 }\n}\n",
+     "oif", "'\\u0435th1'"),
+])
+def test_an_interface_name_with_a_look_alike_letter_is_an_error(text, field, escaped):
+    """`oif еth1` (Cyrillic е) passed check and named no device: nft's oifname matched nothing,
+    silently.  An interface name is ASCII; the error shows the name escaped and the letter."""
+    e = err(text)
+    assert e.where == "t.conf:2" and e.field == field and escaped in e.message
+    assert "U+04" in e.message and "look-alike" in e.message
+
+
+def test_a_value_with_a_look_alike_letter_is_shown_escaped_not_hidden():
+    e = err("snatgw {\n backend nf\u0442\n}\n" + RULE)
+    assert "'nf\\u0442'" in e.message and "U+0442, CYRILLIC SMALL LETTER TE" in e.message

@@ -104,9 +104,16 @@ _ASCII_SECONDS = re.compile(r"[0-9]+(\.[0-9]*)?\Z|\.[0-9]+\Z")
 
 
 def shown(text: str) -> str:
-    """``text`` quoted when it is printable config text, else a description of it."""
+    """``text`` quoted when it is printable config text, else a description of it.  Config
+    text but for a non-ASCII character (a look-alike letter: 'nfт'): quoted with it escaped,
+    and named."""
     if _SHOWABLE.match(text):
         return repr(text)
+    if len(text) <= 64 and text.isprintable() and _SHOWABLE.match(
+            "".join(c if ord(c) < 128 else "x" for c in text)):
+        i = next(i for i, c in enumerate(text) if ord(c) > 127)
+        return (f"{ascii(text)} (its character {i + 1} is U+{ord(text[i]):04X}, "
+                f"{unicodedata.name(text[i], 'unnamed')}: a look-alike letter?)")
     return f"a word of {len(text)} characters that is not config text (not shown)"
 
 
