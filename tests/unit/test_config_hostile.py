@@ -177,3 +177,21 @@ def test_an_interface_name_with_a_look_alike_letter_is_an_error(text, field, esc
 def test_a_value_with_a_look_alike_letter_is_shown_escaped_not_hidden():
     e = err("snatgw {\n backend nf\u0442\n}\n" + RULE)
     assert "'nf\\u0442'" in e.message and "U+0442, CYRILLIC SMALL LETTER TE" in e.message
+
+
+def test_run_checks_the_interface_names_it_is_given_on_the_command_line():
+    """`snatgw run --inside lаn40` bypassed the config's checks (the start then said the device
+    does not exist, naming what looks like lan40)."""
+    import argparse
+
+    from snatgw.daemon.main import overrides_from, register
+    from snatgw.errors import SnatgwError
+
+    p = argparse.ArgumentParser()
+    register(p)
+    with pytest.raises(SnatgwError, match=r"--inside: expected an interface name in ASCII, got 'l\\u0430n40'"):
+        overrides_from(p.parse_args(["x.conf", "--inside", "lan50", "--inside", "l\u0430n40"]))
+    with pytest.raises(SnatgwError, match="--outside: expected an interface name of 1..15"):
+        overrides_from(p.parse_args(["x.conf", "--outside", "e" * 16]))
+    assert overrides_from(p.parse_args(["x.conf", "--inside", "lan40", "--outside", "eth1"])) == \
+        {"inside": ("lan40",), "outside": ("eth1",)}

@@ -29,7 +29,8 @@ import socket
 import sys
 import time
 
-from ..errors import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, SnatgwError
+from ..errors import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, RuleError, SnatgwError
+from ..rules import parse_oif
 from .control import ControlServer
 from .log import Log
 
@@ -59,10 +60,12 @@ def overrides_from(args) -> dict:
     o: dict = {}
     if args.backend:
         o["backend"] = args.backend
-    if args.inside:
-        o["inside"] = tuple(args.inside)
-    if args.outside:
-        o["outside"] = tuple(args.outside)
+    for k in ("inside", "outside"):  # checked as the config's names are (ASCII, 1..15 characters)
+        if getattr(args, k):
+            try:
+                o[k] = tuple(parse_oif(n) for n in getattr(args, k))
+            except RuleError as e:
+                raise SnatgwError(f"--{k}: {e.message}") from None
     if args.pin_dir:
         o["pin_dir"] = args.pin_dir
     if args.socket:

@@ -500,6 +500,13 @@ class _Listing:
         self.out: list[dict] = []
 
     def step(self) -> dict | Partial:
+        try:
+            return self._step()
+        except BaseException:
+            self.close()  # the backend failed mid-listing: its dump socket goes now
+            raise
+
+    def _step(self) -> dict | Partial:
         svc = self.svc
         with svc.lock:
             if self.it is None:
