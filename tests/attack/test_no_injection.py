@@ -142,11 +142,12 @@ def test_a_device_whose_ifindex_clashes_cannot_send_into_another_devices_session
 
 def test_an_icmp_error_from_another_inside_device_never_enters_a_session(agw):
     """Edge invariant 3 for ICMP errors (docs/datapath.md step 7; docs/nftables.md `forward`):
-    A on lan40 has a UDP session to S1; B on lan50 sends a port (and host) unreachable to S1
-    quoting S1's reply as A received it.  Neither backend lets it out: conntrack alone finds A's
-    connection by the quoted tuple (RELATED) whatever the device, so nft checks the inside
-    device the connection was made on (ct mark).  Counted DROP_NO_SESSION on both.  A's own
-    identical error from lan40 still leaves, translated to A's SNAT address and port."""
+    A on lan40 has a UDP session to S1; B on lan50 sends a port and a host unreachable and a
+    frag-needed to S1 quoting S1's reply as A received it.  Neither backend lets them out:
+    conntrack alone finds A's connection by the quoted tuple (RELATED) whatever the device, so
+    nft checks the inside device the connection was made on (ct mark).  Counted
+    DROP_NO_SESSION on both.  A's own identical errors from lan40 still leave, translated to
+    A's SNAT address and port."""
     lab, servers = agw.lab, agw.lab.servers
     with ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM) as a:
         a.settimeout(2)
@@ -161,7 +162,10 @@ def test_an_icmp_error_from_another_inside_device_never_enters_a_session(agw):
         n = scaled(5)
 
         def errors(src: str) -> list[bytes]:
-            return [raw(IP(src=src, dst=S1) / ICMP(type=3, code=code) / raw(reply)) for code in (3, 1)]
+            # port and host unreachable, frag-needed with the link's own MTU (S1's path MTU
+            # stays as it is for the rest of the tier)
+            return [raw(IP(src=src, dst=S1) / ICMP(type=3, code=code, nexthopmtu=mtu) / raw(reply))
+                    for code, mtu in ((3, 0), (1, 0), (4, 1500))]
 
         before = agw.reasons().get("DROP_NO_SESSION", 0)
         with leakwatch.uplinks(lab, [f"{S1}/32"]) as w:  # an ICMP error quoting S1's packet
@@ -181,8 +185,8 @@ def test_an_icmp_error_from_another_inside_device_never_enters_a_session(agw):
             settle(0.5)
             own = w.stop()
     assert foreign == [], [str(f) for f in foreign]
-    assert dropped >= 2 * n, dropped
-    assert len(own) == 2, [str(f) for f in own]
+    assert dropped >= 3 * n, dropped
+    assert len(own) == 3, [str(f) for f in own]
     for f in own:  # outer source and quoted destination: A's mapping, nothing of lan40
         q = IP(f.frame[14:])
         assert q.src == snat and q[ICMP].payload.dst == snat, f
