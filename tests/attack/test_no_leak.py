@@ -196,12 +196,8 @@ def _kernel_fragments_it(agw) -> None:
     assert got is not None and got["peer"].rsplit(":", 1)[0] == UNHELD, got
 
 
-def test_link_padding_of_an_inside_frame_never_reaches_the_uplink(agw):
-    """Bytes after the IP total length (the sender's link padding: stale NIC memory on hosts
-    with "Etherleak" drivers) are cut before the frame leaves by an uplink, new and established
-    flows alike, as kernel forwarding cuts them (bpf redirected them as they came)."""
-    lab = agw.lab
-    tx = FrameSender(lab, "in40", "eth0", "gw", "lan40")
+def _frames_at_the_uplinks(lab, send, keep) -> list[bytes]:
+    """Run ``send()`` with a raw capture on each uplink tap; the frames ``keep`` accepts."""
     caps = []
     try:
         for node, dev in leakwatch.UPLINK_TAPS:
@@ -209,23 +205,40 @@ def test_link_padding_of_an_inside_frame_never_reaches_the_uplink(agw):
             s.bind((dev, 0x0800))
             s.settimeout(0.05)
             caps.append(s)
-        for i in range(3):  # the first makes the session, the next two are established
-            tx.send(raw(IP(src="198.18.40.10", dst=S1) / UDP(sport=41234, dport=ECHO_PORT) / f"pad-{i}".encode())
-                    + b"\xee" * 24)
-        settle()
+        send()
         got = []
         for s in caps:
             while True:
                 try:
-                    frame, addr = s.recvfrom(65535)
+                    frame, _ = s.recvfrom(65535)
                 except (TimeoutError, BlockingIOError):
                     break
-                if frame[23] == 17 and frame[30:34] == socket.inet_aton(S1) and b"pad-" in frame:
-                    got.append(frame)  # not the echo's answers, nor in40's port unreachable about them
+                if keep(frame):
+                    got.append(frame)
+        return got
     finally:
-        tx.close()
         for s in caps:
             s.close()
+
+
+def test_link_padding_of_an_inside_frame_never_reaches_the_uplink(agw):
+    """Bytes after the IP total length (the sender's link padding: stale NIC memory on hosts
+    with "Etherleak" drivers) are cut before the frame leaves by an uplink, new and established
+    flows alike, as kernel forwarding cuts them (bpf redirected them as they came)."""
+    lab = agw.lab
+    tx = FrameSender(lab, "in40", "eth0", "gw", "lan40")
+
+    def send():
+        for i in range(3):  # the first makes the session, the next two are established
+            tx.send(raw(IP(src="198.18.40.10", dst=S1) / UDP(sport=41234, dport=ECHO_PORT) / f"pad-{i}".encode())
+                    + b"\xee" * 24)
+        settle()
+
+    try:  # not the echo's answers, nor in40's port unreachable about them
+        got = _frames_at_the_uplinks(lab, send, lambda f: f[23] == 17 and f[30:34] == socket.inet_aton(S1)
+                                     and b"pad-" in f)  # fmt: skip
+    finally:
+        tx.close()
     assert {f[42:47] for f in got} == {b"pad-0", b"pad-1", b"pad-2"}, got  # (a tap may see a frame twice)
     for f in got:
         assert len(f) == 14 + int.from_bytes(f[16:18], "big") and b"\xee" * 4 not in f, f.hex()
@@ -239,30 +252,17 @@ def test_a_source_routed_packet_from_inside_never_leaves_translated_or_not(agw):
     lab = agw.lab
     tx = FrameSender(lab, "in40", "eth0", "gw", "lan40")
     route = bytes([198, 51, 100, 99])
-    caps = []
-    try:
-        for node, dev in leakwatch.UPLINK_TAPS:
-            s = ns_socket(lab.ns(node), socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
-            s.bind((dev, 0x0800))
-            s.settimeout(0.05)
-            caps.append(s)
+
+    def send():
         for i, opt in enumerate((b"\x83\x07\x04" + route + b"\x00", None, b"\x89\x07\x04" + route + b"\x00")):
             ip_hdr = IP(src="198.18.40.10", dst=S1, options=[opt]) if opt else IP(src="198.18.40.10", dst=S1)
             tx.send(raw(ip_hdr / UDP(sport=41240, dport=ECHO_PORT) / f"srr-{i}".encode()))
             settle()
-        got = []
-        for s in caps:
-            while True:
-                try:
-                    frame, _ = s.recvfrom(65535)
-                except (TimeoutError, BlockingIOError):
-                    break
-                if b"srr-" in frame:
-                    got.append(frame)
+
+    try:
+        got = _frames_at_the_uplinks(lab, send, lambda f: b"srr-" in f)
     finally:
         tx.close()
-        for s in caps:
-            s.close()
     tags = {f[f.index(b"srr-"):f.index(b"srr-") + 5] for f in got}
     assert tags == {b"srr-1"}, [f.hex() for f in got]  # the plain one (its session made here) only
     for f in got:
