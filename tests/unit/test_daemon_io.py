@@ -25,7 +25,7 @@ from snatgw.config.parse import parse_file
 from snatgw.daemon import control as C
 from snatgw.daemon.control import ControlServer, request
 from snatgw.daemon.log import Log
-from snatgw.daemon.owner import NamespaceOwner, current_owner, foreign
+from snatgw.daemon.owner import NamespaceOwner, current_owner, foreign, lock_path
 from snatgw.daemon.service import Service
 from snatgw.datapath.fake import FakeBackend
 from snatgw.errors import DaemonError
@@ -332,6 +332,7 @@ def test_a_second_owner_is_refused_with_the_first_ones_pid_and_socket():
         first.close()
         loop.close()
     assert current_owner(name) is None  # released with the socket: nothing stale
+    assert not os.path.exists(first.lock_path)  # and its lock file removed
     NamespaceOwner({}, name=name).close()
 
 
@@ -352,6 +353,7 @@ def test_the_owner_name_is_released_when_the_process_is_killed():
         p.kill()
         p.wait()
     assert current_owner(name) is None
+    os.unlink(lock_path(name))  # what kill -9 leaves: taken again by the next start, here removed
 
 
 # ---------------------------------------------------------------- sd_notify

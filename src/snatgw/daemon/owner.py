@@ -3,7 +3,9 @@
 - the owner lock: an exclusive flock on ``/run/snatgw/owner/<name>-<netns>.lock`` (netns: the
   device and inode of /proc/self/ns/net), in a directory only root may write.  The kernel
   releases it when the holder dies (kill -9 too), so nothing goes stale; the file holds the
-  holder's pid, control socket, backend and config as one JSON line.  This decides.
+  holder's pid, control socket, backend and config as one JSON line, and is removed when the
+  holder stops (a starter that locked a file just removed sees it gone and takes the new one;
+  one left by kill -9 is simply taken).  This decides.
 - the abstract unix socket ``@snatgw/datapath-owner`` (per network namespace, released with the
   process), which answers the same line; the daemons before the lock file had only this.  An
   abstract name has no permissions: any local user can bind it first.  That used to stop the
@@ -16,6 +18,7 @@ A daemon of an older version (the name, no lock) is still met through the name.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -199,24 +202,14 @@ class NamespaceOwner:
         self.sock: socket.socket | None = None
         self.squatter: dict | None = None
         self.loop = None
+        self.lock_fd = -1
         _lock_dir_ok(lock_dir)
         self.lock_path = lock_path(name, lock_dir)
-        try:
-            self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except OSError as e:
-            raise DaemonError(f"{self.lock_path}: cannot open the owner lock: {e.strerror}") from None
-        try:
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise DaemonError(f"{self.lock_path}: cannot take the owner lock: {e.strerror}") from None
-            other = _lock_held(self.lock_path) or {}
-            raise DaemonError(
-                f"another snatgw daemon ({describe(other)}) owns the datapath of this network namespace; "
-                "one daemon per namespace: stop that one first (systemctl stop snatgw, or SIGTERM), "
-                "or use `snatgw reload` to change its config") from None
+        for _ in range(8):  # a holder removing the file as we open it: take the new one
+            if self._take_lock():
+                break
+        else:
+            raise DaemonError(f"{self.lock_path}: the owner lock file keeps being replaced; not starting")
         try:
             os.ftruncate(self.lock_fd, 0)
             os.pwrite(self.lock_fd, json.dumps(self.info).encode() + b"\n", 0)
@@ -224,6 +217,37 @@ class NamespaceOwner:
         except BaseException:
             self.close()
             raise
+
+    def _take_lock(self) -> bool:
+        """Lock the file at lock_path: True when it is ours and still the one at that path (the
+        holder removes it when it stops, so a lock on a file just unlinked is no lock)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise DaemonError(f"{self.lock_path}: cannot open the owner lock: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise DaemonError(f"{self.lock_path}: cannot take the owner lock: {e.strerror}") from None
+            other = _lock_held(self.lock_path) or {}
+            raise DaemonError(
+                f"another snatgw daemon ({describe(other)}) owns the datapath of this network namespace; "
+                "one daemon per namespace: stop that one first (systemctl stop snatgw, or SIGTERM), "
+                "or use `snatgw reload` to change its config") from None
+        if not self._still_there(fd):
+            os.close(fd)
+            return False
+        self.lock_fd = fd
+        return True
+
+    def _still_there(self, fd: int) -> bool:
+        try:
+            st, at = os.fstat(fd), os.stat(self.lock_path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (at.st_dev, at.st_ino)
 
     def _bind(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -273,6 +297,9 @@ class NamespaceOwner:
                 self.loop.remove(self.sock)
             self.sock.close()
             self.sock = None
-        if self.lock_fd >= 0:  # the file stays: unlinking it could split two starters' locks
+        if self.lock_fd >= 0:  # removed while still locked (a starter that opened it retries)
+            if self._still_there(self.lock_fd):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.lock_path)
             os.close(self.lock_fd)
             self.lock_fd = -1
