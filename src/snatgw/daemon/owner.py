@@ -192,6 +192,13 @@ class PinDirLock:
             self.fd = -1
 
 
+def _owned_by(other: dict) -> DaemonError:
+    return DaemonError(
+        f"another snatgw daemon ({describe(other)}) owns the datapath of this network namespace; "
+        "one daemon per namespace: stop that one first (systemctl stop snatgw, or SIGTERM), "
+        "or use `snatgw reload` to change its config")
+
+
 class NamespaceOwner:
     """Take the owner lock and the owner name, or raise DaemonError naming the daemon that holds
     them.  ``squatter``: set when another user's process holds the name (reported, not fatal)."""
@@ -232,10 +239,7 @@ class NamespaceOwner:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise DaemonError(f"{self.lock_path}: cannot take the owner lock: {e.strerror}") from None
             other = _lock_held(self.lock_path) or {}
-            raise DaemonError(
-                f"another snatgw daemon ({describe(other)}) owns the datapath of this network namespace; "
-                "one daemon per namespace: stop that one first (systemctl stop snatgw, or SIGTERM), "
-                "or use `snatgw reload` to change its config") from None
+            raise _owned_by(other) from None
         if not self._still_there(fd):
             os.close(fd)
             return False
@@ -261,10 +265,7 @@ class NamespaceOwner:
             if foreign(other):  # not a daemon: the lock is ours, the name only an answering machine
                 self.squatter = other
                 return
-            raise DaemonError(  # a daemon of an older version: the name without the lock
-                f"another snatgw daemon ({describe(other)}) owns the datapath of this network namespace; "
-                "one daemon per namespace: stop that one first (systemctl stop snatgw, or SIGTERM), "
-                "or use `snatgw reload` to change its config") from None
+            raise _owned_by(other) from None  # a daemon of an older version: the name, no lock
         sock.listen(16)
         sock.setblocking(False)
         self.sock = sock
