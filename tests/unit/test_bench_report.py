@@ -94,17 +94,18 @@ def test_plot_writes_pngs(tmp_path):
 
 def test_port_pressure_table_shows_sessions_refusals_and_program_cost():
     """3c: one row per config and round with offered/delivered pps, sessions, refusals, and
-    (bpf) the mean candidates tried per port search."""
+    (bpf) the mean candidates tried per port search, the program's own cost and the offered
+    rate of the pass that measured it."""
     extra = [rec("udp-portpressure", "drop", 0, 150_000.0),
              rec("udp-portpressure", "nft-kernel", 0, 50_000.0, delivered_pps=48_000.0, sessions=60_000,
                  refused_flows=9),
              rec("udp-portpressure", "snatgw-bpf", 0, 60_000.0, delivered_pps=58_000.0, sessions=62_000,
                  refused_flows=0, refused_marker_packets=3, spill_memo_hits=4_900, port_searches=62_010,
-                 port_search_tries=170_527, prog_ns_per_run=812.4)]  # fmt: skip
+                 port_search_tries=170_527, prog_ns_per_run=812.4, prog_pass_pps=51_000.0)]  # fmt: skip
     md = report.render(results(extra=extra))
     assert "### 3c. Port pressure" in md
-    assert "| snatgw-bpf | 0 | 60.0 k | 58.0 k | 62000 | 0 | 3 | 4900 | 2.75 (62010) | 812 |" in md
-    assert "| nft-kernel | 0 | 50.0 k | 48.0 k | 60000 | 9 | — | — | — | — |" in md
+    assert "| snatgw-bpf | 0 | 60.0 k | 58.0 k | 62000 | 0 | 3 | 4900 | 2.75 (62010) | 812 | 51.0 k |" in md
+    assert "| nft-kernel | 0 | 50.0 k | 48.0 k | 60000 | 9 | — | — | — | — | — |" in md
     assert "3c port pressure" in md  # and in the packet table, with a cost against drop
 
 
