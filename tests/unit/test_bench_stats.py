@@ -2,6 +2,7 @@
 counter and /proc/stat parsing, generated rule sets, flow-pattern sizing."""
 
 import json
+from collections import Counter
 from ipaddress import IPv4Address
 
 import pytest
@@ -146,9 +147,25 @@ def test_session_memory_separates_table_maps_from_fixed_ones():
     assert m["mib_per_1m_sessions"] == pytest.approx((200e6 + 1000) / 2**20)
 
 
-def test_rotation_starts_each_round_with_another_config():
-    """Round r starts with the r-th configuration and keeps every one."""
-    assert rotated(("a", "b", "c"), 1) == ["b", "c", "a"] and sorted(rotated(("a", "b", "c"), 5)) == ["a", "b", "c"]
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_rounds_start_with_each_config_and_vary_what_came_before(n):
+    """Every round runs each configuration once; over n rounds (2n when n is odd) each starts
+    a round equally often and each follows every other one equally often (a Williams design):
+    no configuration's measurement always comes after the same one's teardown."""
+    items = tuple("abcdef"[:n])
+    rounds = n if n % 2 == 0 else 2 * n
+    rows = [rotated(items, r) for r in range(rounds)]
+    assert all(sorted(row) == list(items) for row in rows)
+    assert Counter(row[0] for row in rows) == {c: rounds // n for c in items}
+    pairs = Counter((a, b) for row in rows for a, b in zip(row, row[1:]))
+    assert set(pairs) == {(a, b) for a in items for b in items if a != b}
+    assert len(set(pairs.values())) == 1
+    # the four packet configurations over the default three rounds: snatgw-bpf comes after
+    # three different ones (a plain rotation put it after nft-kernel every time)
+    four = ("drop", "forward", "nft-kernel", "snatgw-bpf")
+    before = {row[row.index("snatgw-bpf") - 1] if row.index("snatgw-bpf") else None
+              for row in (rotated(four, r) for r in range(3))}
+    assert len(before) == 3
 
 
 def test_cpu_per_packet_uses_the_pipeline_tasks_time():

@@ -1,8 +1,9 @@
 """The suite: rounds of interleaved configurations over the packet scenarios, then rule
 scaling, session-table scale and control plane; writes bench/results/<ts>.{json,md,png}.
 
-Order: for each round, the configurations run one after another (rotated each round so no
-configuration always follows the same one), each in a fresh topology, each measuring every
+Order: for each round, the configurations run one after another (a balanced Latin square:
+each round starts with another one, and no configuration always follows the same one), each in
+a fresh topology, each measuring every
 selected packet scenario.  The same for rule scaling (per rule count).  Every load is bounded:
 trafgen by time, fills by count, daemons by a ready timeout.
 """
@@ -76,9 +77,18 @@ def _read_int(path: str) -> int | None:
 
 
 def rotated(items: tuple[str, ...], r: int) -> list[str]:
-    """``items`` rotated by ``r``: round r starts with a different configuration."""
+    """The order of round r: row r of a Williams design (a balanced Latin square).  Each
+    round starts with a different configuration, and the one run just before a configuration
+    changes from round to round: over n rounds (2n for an odd n) every configuration follows
+    every other one equally often.  (A plain rotation keeps the cyclic order, so snatgw-bpf
+    always came right after nft-kernel, whose namespace's conntrack teardown then overlapped
+    its measurement.)"""
     n = len(items)
-    return [items[(i + r) % n] for i in range(n)] if n else []
+    if not n:
+        return []
+    first = [0] + [(k + 1) // 2 if k % 2 else n - k // 2 for k in range(1, n)]
+    row = [items[(i + r) % n] for i in first]
+    return row[::-1] if n % 2 and (r // n) % 2 else row
 
 
 class Suite:
