@@ -246,20 +246,70 @@ class EventLoop:
         self._wake_w.close()
 
 
-class Worker:
-    """One thread that runs jobs in order; results go back to the loop thread."""
+class JobThread:
+    """One thread that runs queued jobs in order, one at a time: the skeleton the Worker and
+    the output Writer (writer.py) share.  A subclass sets its own fields, then calls
+    ``__init__`` (which starts the thread), queues with ``_queue`` under ``self._cv`` after
+    its own bound checks, and says what a job is by ``_taken`` (under the lock, as it leaves
+    the queue), ``_do`` (running it; an exception that leaves ``_do`` is counted in ``errors``)
+    and ``_done`` (after it, outside the lock).  ``busy_since``: when the running job began
+    (monotonic), None when idle."""
 
-    def __init__(self, loop: EventLoop, log: Log | None = None, bound: int = WORKER_QUEUE,
-                 name: str = "snatgw-worker"):
-        self.loop, self.log, self.bound = loop, log or loop.log, bound
+    def __init__(self, name: str):
         self._jobs: collections.deque = collections.deque()
         self._cv = threading.Condition()
-        self._bounded = 0  # bounded jobs queued (control requests)
         self._closing = False
         self.busy_since: float | None = None
         self.errors = 0
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
+
+    def _queue(self, job) -> None:
+        """Append ``job`` and wake the thread; the caller holds ``self._cv``."""
+        self._jobs.append(job)
+        self._cv.notify()
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._jobs)
+
+    def _taken(self, job) -> None:
+        pass
+
+    def _do(self, job) -> None:
+        raise NotImplementedError
+
+    def _done(self, job) -> None:
+        pass
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._closing:
+                    self._cv.wait()
+                if not self._jobs:
+                    self._cv.notify_all()  # flush() waiters see the end
+                    return
+                job = self._jobs.popleft()
+                self._taken(job)
+            self.busy_since = time.monotonic()
+            try:
+                self._do(job)
+            except Exception:  # noqa: BLE001 - one job's failure must not end the thread
+                self.errors += 1
+            finally:
+                self.busy_since = None
+                self._done(job)
+
+
+class Worker(JobThread):
+    """One thread that runs jobs in order; results go back to the loop thread."""
+
+    def __init__(self, loop: EventLoop, log: Log | None = None, bound: int = WORKER_QUEUE,
+                 name: str = "snatgw-worker"):
+        self.loop, self.log, self.bound = loop, log or loop.log, bound
+        self._bounded = 0  # bounded jobs queued (control requests)
+        super().__init__(name)
 
     def submit(self, fn: Callable[[], object],
                done: Callable[[object, BaseException | None], None] | None = None, bounded: bool = True) -> bool:
@@ -268,39 +318,27 @@ class Worker:
         with self._cv:
             if self._closing or (bounded and self._bounded >= self.bound):
                 return False
-            self._jobs.append((fn, done, bounded))
+            self._queue((fn, done, bounded))
             if bounded:
                 self._bounded += 1
-            self._cv.notify()
         return True
 
-    def pending(self) -> int:
-        with self._cv:
-            return len(self._jobs)
+    def _taken(self, job) -> None:
+        if job[2]:
+            self._bounded -= 1
 
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._jobs and not self._closing:
-                    self._cv.wait()
-                if not self._jobs:
-                    return
-                fn, done, bounded = self._jobs.popleft()
-                if bounded:
-                    self._bounded -= 1
-            self.busy_since = time.monotonic()
-            result, error = None, None
-            try:
-                result = fn()
-            except BaseException as e:  # noqa: BLE001 - reported to done(); the worker lives on
-                error = e
-                if done is None:
-                    self.errors += 1
-                    self.log.error("job_failed", job=getattr(fn, "__qualname__", repr(fn)), error=repr(e))
-            finally:
-                self.busy_since = None
-            if done is not None:
-                self.loop.call_soon_threadsafe(lambda d=done, r=result, e=error: d(r, e))
+    def _do(self, job) -> None:
+        fn, done, _ = job
+        result, error = None, None
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - reported to done(); the worker lives on
+            error = e
+            if done is None:
+                self.errors += 1
+                self.log.error("job_failed", job=getattr(fn, "__qualname__", repr(fn)), error=repr(e))
+        if done is not None:
+            self.loop.call_soon_threadsafe(lambda d=done, r=result, e=error: d(r, e))
 
     def close(self, timeout: float = 20.0) -> bool:
         """Let the running job finish (up to ``timeout``), drop the queued ones (the daemon is
@@ -331,4 +369,4 @@ def is_fd_exhaustion(e: OSError) -> bool:
     return e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-__all__ = ["EventLoop", "Worker", "Timer", "Partial", "WORKER_QUEUE", "is_fd_exhaustion"]
+__all__ = ["EventLoop", "JobThread", "Worker", "Timer", "Partial", "WORKER_QUEUE", "is_fd_exhaustion"]

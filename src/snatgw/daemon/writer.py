@@ -12,27 +12,21 @@ exit), then leaves.
 
 from __future__ import annotations
 
-import collections
-import threading
 import time
 from typing import Callable
+
+from .loop import JobThread
 
 #: lines each lane may hold waiting (log: about 1 MB of lines; audit: 16 of the reader's batches)
 LANES = {"log": 8192, "audit": 65536}
 
 
-class Writer:
+class Writer(JobThread):
     def __init__(self, lanes: dict[str, int] | None = None, name: str = "snatgw-writer"):
         self.bounds = dict(lanes or LANES)
         self.waiting = {k: 0 for k in self.bounds}  # lines queued per lane
         self.refused = {k: 0 for k in self.bounds}  # lines refused per lane (full)
-        self._jobs: collections.deque = collections.deque()
-        self._cv = threading.Condition()
-        self._closing = False
-        self.busy_since: float | None = None  # a job running since (monotonic), None: idle
-        self.errors = 0
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
+        super().__init__(name)
 
     def room(self, lane: str) -> int:
         with self._cv:
@@ -46,33 +40,16 @@ class Writer:
                 self.refused[lane] += cost
                 return False
             self.waiting[lane] += cost
-            self._jobs.append((fn, cost, lane))
-            self._cv.notify()
+            self._queue((fn, cost, lane))
         return True
 
-    def pending(self) -> int:
-        with self._cv:
-            return len(self._jobs)
+    def _do(self, job) -> None:
+        job[0]()  # a sink's exception is counted in errors: it must not end the daemon's output
 
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._jobs and not self._closing:
-                    self._cv.wait()
-                if not self._jobs:
-                    self._cv.notify_all()
-                    return
-                fn, cost, lane = self._jobs.popleft()
-            self.busy_since = time.monotonic()
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - a sink's bug must not end the daemon's output
-                self.errors += 1
-            finally:
-                self.busy_since = None
-                with self._cv:
-                    self.waiting[lane] -= cost
-                    self._cv.notify_all()
+    def _done(self, job) -> None:
+        with self._cv:
+            self.waiting[job[2]] -= job[1]
+            self._cv.notify_all()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued job ran (at most ``timeout``); True when they did."""
