@@ -60,6 +60,7 @@ class Reason(enum.IntEnum):
     DROP_INBOUND = 25  # from an uplink, no session, routed onward (inside): no `inbound routed`
     DROP_SPOOFED = 26  # on an inside device, a source not routed back there, or a local/pool one
     PASS_IP_OPTIONS = 27  # a source route (LSRR/SSRR) or IP options that do not parse: the kernel judges it
+    DROP_ICMP_NOT_FROM_HOST = 28  # an inside error only a destination host sends (port/protocol unreachable, reassembly time exceeded) from another address
     # 44-51: applications (issue 12)
     XLATE_IN_TTL = 44  # reply whose TTL runs out: translated, to the kernel (time exceeded to the remote)
     XLATE_IN_FRAG_NEEDED = 45  # reply over the inside MTU with DF: translated, to the kernel (frag-needed)
@@ -101,6 +102,11 @@ ICMP_ECHO = 8
 ICMP_TIME_EXCEEDED = 11
 ICMP_PARAMETERPROB = 12
 ICMP_ERROR_TYPES = (ICMP_DEST_UNREACH, ICMP_SOURCE_QUENCH, ICMP_TIME_EXCEEDED, ICMP_PARAMETERPROB)
+#: (type, code) of the errors only the destination host of the quoted packet sends (RFC 792,
+#: RFC 1122 3.2.2.1 and 3.3.2: protocol and port unreachable, fragment reassembly time
+#: exceeded); an inside host's such error about a reply is the session's only from that
+#: session's inside host (docs/datapath.md "ICMP errors"); icmp.h icmp_err_host_only
+ICMP_HOST_ONLY_ERRORS = ((ICMP_DEST_UNREACH, 2), (ICMP_DEST_UNREACH, 3), (ICMP_TIME_EXCEEDED, 1))
 #: ICMP queries with an identifier (translated like echo): echo, timestamp, information, mask
 ICMP_QUERY_REQUESTS = (ICMP_ECHO, 13, 15, 17)
 ICMP_QUERY_REPLIES = (ICMP_ECHOREPLY, 14, 16, 18)

@@ -558,6 +558,39 @@ def _scenarios() -> list[Scenario]:
         inside(udp(C, R1, 5353, 53), RED, R.XLATE_NEW, dev="lan50"),
         inside(icmp_error(A, R1, udp(R1, C, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_NO_SESSION),
     ])  # fmt: skip
+    ru = udp(R1, A, 53, 5353, ttl=63)  # A's reply as A received it
+    add("icmp_error_not_from_the_host", "Port and protocol unreachable and reassembly time "
+        "exceeded come only from the quoted reply's destination (RFC 792/1122): B on A's own "
+        "link quoting A's reply with its true address is dropped, DROP_ICMP_NOT_FROM_HOST, "
+        "before the TTL check, whatever the quoted protocol; A's own are translated. The router "
+        "kinds (host unreachable, TTL exceeded in transit, frag needed) from B still are: "
+        "nothing at L3 tells B from an inside router. The gateway's own inside address as the "
+        "source stays DROP_SPOOFED; a truncated quote stays DROP_MALFORMED.", [
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),
+        inside(icmp_error(B, R1, ru, 3, 3), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(B, R1, ru, 3, 2), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(B, R1, ru, 11, 1), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(B, R1, ru, 3, 3, ttl=1), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(B, R1, ru, 3, 1), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(B, R1, ru, 11, 0), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(B, R1, ru, 3, 13), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(B, R1, ru, 12, 0), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(A, R1, ru, 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(A, R1, ru, 11, 1, keep=len(ru)), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(B, R1, ru, 3, 3, keep=20), DROP, R.DROP_MALFORMED),
+        inside(icmp_error(B, R1, ru, 3, 3, keep=27), DROP, R.DROP_MALFORMED),
+        inside(icmp_error("198.18.40.1", R1, ru, 3, 3), DROP, R.DROP_SPOOFED),
+        inside(echo(A, R1, 0x1234), RED, R.XLATE_NEW),
+        inside(icmp_error(B, R1, echo(R1, A, 0x1234, reply=True), 3, 3), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(A, R1, echo(R1, A, 0x1234, reply=True), 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(other_proto(A, R1), RED, R.XLATE_NEW),
+        inside(icmp_error(B, R1, other_proto(R1, A), 3, 2), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(A, R1, other_proto(R1, A), 3, 2), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(udp(B, R1, 5353, 53), RED, R.XLATE_NEW),
+        inside(icmp_error(A, R1, udp(R1, B, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(B, R1, udp(R1, B, 53, 5353, ttl=63), 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
+    ])  # fmt: skip
     add("egress_error_about_reply", "The gateway's own frag-needed about a reply, leaving eth1, "
         "quotes the SNAT tuple instead of the inside one; other egress packets pass.", [
         inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),

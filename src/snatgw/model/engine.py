@@ -12,7 +12,7 @@ from ..config.schema import Settings
 from ..datapath.backend import RuleCounters, Session
 from ..layout import ALLOC_CNT_MEMO_HIT, ALLOC_CNT_MEMO_SET, ALLOC_CNT_NAMES, ALLOC_CNT_SEARCH, ALLOC_CNT_TRIES
 from ..layout import ADDR_TRIES, CT_F_NEW_GW, CT_F_REPLIED, ICMP_QUERY_REPLIES, ICMP_QUERY_REQUESTS
-from ..layout import IPPROTO_ICMP, IPPROTO_TCP
+from ..layout import ICMP_HOST_ONLY_ERRORS, IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
 from ..layout import FRAG_HOLD, MAX_REFUSED, RECIRC_DEV, REFUSE_ICMP_PER_SEC, REFUSED_SECS, Verdict
 from ..config.schema import rule_host_limit, rule_preserve, rule_spill
@@ -660,6 +660,10 @@ class Engine:
             e = None
         if e is None:  # inside: the caller classifies it (no session to belong to)
             return None if side == "inside" else Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
+        if side == "inside" and (v.icmp_type, v.icmp_code) in ICMP_HOST_ONLY_ERRORS and v.saddr != iv.daddr:
+            # only the quoted reply's destination, the session's inside host, sends this kind:
+            # a neighbour on its link would tell the remote that host's port is closed
+            return Result(Verdict.DROP, Reason.DROP_ICMP_NOT_FROM_HOST, pkt)
         nat = (e.rw_addr, e.rw_port)
         if side == "inside" and v.ttl <= 1:
             return Result(Verdict.PASS, Reason.PASS_TTL, pkt, rule=e.rule, nat=nat)

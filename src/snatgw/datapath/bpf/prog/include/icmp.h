@@ -232,6 +232,27 @@ static __always_inline int icmp_err_foreign(struct __sk_buff *skb, const struct 
 	return !back || back->ifindex != skb->ingress_ifindex;
 }
 
+/* An error only the quoted packet's destination host sends (RFC 792/1122: protocol and port
+ * unreachable, fragment reassembly time exceeded; layout.ICMP_HOST_ONLY_ERRORS).  A router
+ * between us and the host never sends these about a packet it forwards, so from inside such
+ * an error about a reply is the session's only from the reply's destination (in->daddr, the
+ * session's inside host): else a neighbour on the host's link tells the remote that the
+ * host's port is closed (edge invariant 3).  The code byte is read here, not kept in pkt. */
+static __always_inline int icmp_err_host_only(struct __sk_buff *skb, const struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 off = p->l4;
+	__u8 *c;
+
+	if (off > ETH_HLEN + 60) /* verifier: bound the variable offset */
+		return 0;
+	c = data + off;
+	if ((void *)(c + 2) > data_end)
+		return 0;
+	return (c[0] == 3 && (c[1] == 2 || c[1] == 3)) || (c[0] == 11 && c[1] == 1);
+}
+
 /* inside -> outside (egress=0), or the gateway's own error on the way out (egress=1) */
 static __noinline int icmp_err_v4_reply(struct __sk_buff *skb, struct pkt *p, struct snat_res *v, int egress)
 {
@@ -247,6 +268,8 @@ static __noinline int icmp_err_v4_reply(struct __sk_buff *skb, struct pkt *p, st
 		verdict_set(v, VERDICT_PASS, REASON_PASS_ICMP_OTHER);
 		return !egress; /* inside: the caller classifies an error about no session */
 	}
+	if (!egress && p->saddr != in.daddr && icmp_err_host_only(skb, p))
+		return verdict_set(v, VERDICT_DROP, REASON_DROP_ICMP_NOT_FROM_HOST);
 	if (!egress && p->ttl <= 1)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
 	if (icmp_err_rewrite(skb, p, &in, egress ? -1 : 1, 0, e->rw_addr, e->rw_port, !egress) < 0)
