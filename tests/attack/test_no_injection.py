@@ -218,3 +218,61 @@ def _sender(lab, atk_ns: str) -> FrameSender:
     tx.sock.bind(("atk0", 0))
     tx.sent = 0
     return tx
+
+
+def test_an_icmp_error_from_a_neighbour_on_the_same_link_never_enters_a_session(agw):
+    """Edge invariant 3 on A's own link (docs/datapath.md "ICMP errors"; docs/nftables.md
+    "ICMP errors from inside"): A (198.18.40.10) has a UDP session to S1; B (198.18.40.11, on
+    the same link, its true address) sends a port unreachable and a reassembly time exceeded
+    quoting S1's reply as A received it.  Only the reply's destination sends those kinds, so
+    neither backend lets them out, counted DROP_ICMP_NOT_FROM_HOST on both (nft: the ct's
+    original source, by the set same_host).  B's host unreachable (a router's kind: nothing at
+    L3 tells B from an inside router) and A's own port unreachable leave, translated to A's
+    SNAT address and port.  Careless and hostile: B's port unreachable with a truncated quote
+    and one from the gateway's own lan40 address never leave; the latter is DROP_SPOOFED."""
+    lab, servers = agw.lab, agw.lab.servers
+    a_addr, b_addr = "198.18.40.10", "198.18.40.11"
+    with ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM) as a:
+        a.settimeout(2)
+        a.bind((a_addr, 0))
+        a.sendto(b"hello-err-nb", (S1, ECHO_PORT))
+        a.recv(65536)
+        aport = a.getsockname()[1]
+        seen = servers.wait_for(lambda e: e.get("event") == "datagram" and e.get("data") == "hello-err-nb")
+        assert seen is not None
+        snat, sport = seen["peer"].rsplit(":", 1)
+        reply = raw(IP(src=S1, dst=a_addr, ttl=62) / UDP(sport=ECHO_PORT, dport=aport) / b"hello-err-nb")
+
+        def err(src: str, type_: int, code: int, quote: bytes = reply) -> bytes:
+            return raw(IP(src=src, dst=S1) / ICMP(type=type_, code=code) / quote)
+
+        n = scaled(3)
+        before = agw.reasons()
+        tx = FrameSender(lab, "in40", "eth0", "gw", "lan40")
+        with leakwatch.uplinks(lab, [f"{S1}/32"]) as w:  # an ICMP error quoting S1's packet
+            for _ in range(n):
+                tx.send(err(b_addr, 3, 3))
+                tx.send(err(b_addr, 11, 1))
+                tx.send(err(b_addr, 3, 3, reply[:20]))  # the quote cut inside its header
+                tx.send(err("198.18.40.1", 3, 3))  # the gateway's own address
+            settle(0.5)
+            foreign = w.stop()
+        after = agw.reasons()
+        with leakwatch.uplinks(lab, [f"{S1}/32"]) as w:
+            tx.send(err(b_addr, 3, 1))  # host unreachable: a router's kind, from the link
+            tx.send(err(a_addr, 3, 3))  # A's own port unreachable
+            settle(0.5)
+            own = w.stop()
+        tx.close()
+
+    def grew(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert foreign == [], [str(f) for f in foreign]
+    assert grew("DROP_ICMP_NOT_FROM_HOST") >= 2 * n, (agw.backend, before, after)
+    assert grew("DROP_SPOOFED") >= n, (agw.backend, before, after)
+    assert sorted((IP(f.frame[14:])[ICMP].type, IP(f.frame[14:])[ICMP].code) for f in own) == [(3, 1), (3, 3)], own
+    for f in own:  # outer source and quoted destination: A's mapping, nothing of lan40
+        q = IP(f.frame[14:])
+        assert q.src == snat and q[ICMP].payload.dst == snat, f
+        assert q[ICMP].payload.payload.dport == int(sport), f

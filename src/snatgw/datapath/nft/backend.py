@@ -773,6 +773,7 @@ class NftBackend:
             "DROP_LEAK": c.get(R.C_LEAK, (0, 0))[0],
             "DROP_INBOUND": c.get(R.C_INBOUND, (0, 0))[0],
             "DROP_SPOOFED": c.get(R.C_SPOOFED, (0, 0))[0],
+            "DROP_ICMP_NOT_FROM_HOST": c.get(R.C_NOT_FROM_HOST, (0, 0))[0],
         }
         total = sum(by_mark.values())
         # the kernel says nothing of which host or address a refusal was for: sessions only

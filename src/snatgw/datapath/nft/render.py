@@ -20,7 +20,10 @@ How the rule set works (docs/nftables.md has the long form and what differs from
             A new flow of ours from inside gets its inside device's id in its ct mark (mark_dev);
             an ICMP error from inside RELATED to a connection made on another inside device is
             dropped (err_dev, counter `no_session`): conntrack finds the connection by the
-            quoted tuple whatever the device (edge invariant 3, docs/datapath.md step 7).
+            quoted tuple whatever the device (edge invariant 3, docs/datapath.md step 7);
+            a port/protocol unreachable or reassembly time exceeded from inside RELATED to a
+            connection of ours whose original source is not the error's source is dropped
+            (err_host, counter `not_from_host`, by the set `same_host`: S_SAME).
   nat_out   postrouting/srcnat: `ct mark M` -> `snat to POOL[:PORTS]` (algo mapped, below).
   leak_guard postrouting, priority 200 (after NAT): a packet leaving an uplink whose source is
             still in a rule's `from` net and not a local address is dropped (counter `leak`),
@@ -36,7 +39,7 @@ from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 
 from ...config.schema import Settings, rule_host_limit
 from ...errors import BackendError
-from ...layout import Algo, CtState
+from ...layout import ICMP_HOST_ONLY_ERRORS, Algo, CtState
 from ...rules import ANY_NET, Rule, RuleSet, pool_sources
 
 FAMILY = "ip"
@@ -53,8 +56,8 @@ DEV_IDS = DEV_MASK >> DEV_SHIFT  # 63 ids: 1..63
 RULE_MASK = 0xFFFFFFFF & ~DEV_MASK
 RT_BASE = 31000  # policy routing: rule pref and table id are RT_BASE + slot
 RT_PROTO = 201  # routes and ip rules we add carry `proto 201`, so we only ever remove ours
-CHAINS = ("antispoof", "steer", "forward", "classify", "guard", "mark_dev", "err_dev", "nat_out",
-          "leak_guard")
+CHAINS = ("antispoof", "steer", "forward", "classify", "guard", "mark_dev", "err_dev", "err_host",
+          "nat_out", "leak_guard")
 C_NO_SESSION = "no_session"
 C_UNMATCHED = "unmatched"
 C_LEAK = "leak"
@@ -63,6 +66,14 @@ C_HOST_LIMIT = "host_limit"
 S_FULL = "full"  # holds MARK_TAG while the table is at max_sessions (the backend's expire() sets it)
 C_INBOUND = "inbound"
 C_SPOOFED = "spoofed"
+C_NOT_FROM_HOST = "not_from_host"
+#: err_host's equality oracle: nft (1.0.6, and the kernel's cmp) cannot compare two packet or
+#: ct fields, so an error's `ct original ip saddr` is put in as X . X and `ip saddr . ct
+#: original ip saddr` looked up: it is there only when the two are equal.  Elements live
+#: S_SAME_TIMEOUT; full (65535, as every set here: that many distinct hosts' errors within it),
+#: the update fails and the host's own error is dropped too (closed, never open)
+S_SAME = "same_host"
+S_SAME_TIMEOUT = "1s"
 
 #: what the kernel's nf_nat does for each algo, where it is exact and where it is not
 ALGO_NOTES = {
@@ -255,6 +266,33 @@ def m_ct_mark_ours(ours: bool = True) -> tuple:
     )
 
 
+def m_icmp_host_only() -> tuple:
+    """The ICMP error is of a kind only the quoted packet's destination host sends
+    (layout.ICMP_HOST_ONLY_ERRORS: protocol and port unreachable, reassembly time exceeded)."""
+    pairs = ", ".join(f"{t} . {c}" for t, c in ICMP_HOST_ONLY_ERRORS)
+    key = {"concat": [{"payload": {"protocol": "icmp", "field": "type"}},
+                      {"payload": {"protocol": "icmp", "field": "code"}}]}
+    return (f"icmp type . icmp code {{ {pairs} }}",
+            {"match": {"op": "==", "left": key, "right": {"set": [{"concat": [t, c]} for t, c in ICMP_HOST_ONLY_ERRORS]}}})
+
+
+_CT_ORIG_SADDR = ("ct original ip saddr", {"ct": {"key": "ip saddr", "dir": "original"}})
+
+
+def s_update_same() -> tuple:
+    """Put the connection's original source in S_SAME as X . X (the equality oracle)."""
+    k = _CT_ORIG_SADDR
+    return (f"update @{S_SAME} {{ {k[0]} . {k[0]} }}",
+            {"set": {"op": "update", "elem": {"concat": [k[1], k[1]]}, "set": f"@{S_SAME}"}})
+
+
+def m_saddr_is_ct_original() -> tuple:
+    """ip saddr == ct original ip saddr, by S_SAME (nft cannot compare two fields)."""
+    key = {"concat": [K_SADDR[1], _CT_ORIG_SADDR[1]]}
+    return (f"{K_SADDR[0]} . {_CT_ORIG_SADDR[0]} @{S_SAME}",
+            {"match": {"op": "==", "left": key, "right": f"@{S_SAME}"}})
+
+
 def m_tcp_not_syn() -> tuple:
     return (
         "tcp flags & (fin|syn|rst|ack) != syn",
@@ -422,6 +460,7 @@ def _chain_defs() -> list[tuple[str, dict | None]]:
         ("guard", base | {"name": "guard"}),
         ("mark_dev", base | {"name": "mark_dev"}),
         ("err_dev", base | {"name": "err_dev"}),
+        ("err_host", base | {"name": "err_host"}),
         ("nat_out", base | {"name": "nat_out", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}),
         ("leak_guard", base | {"name": "leak_guard", "type": "filter", "hook": "postrouting", "prio": 200,
                                "policy": "accept"}),
@@ -560,6 +599,16 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
                         m_ct_mark_ours(), m_ct_dev(0, "!=")] + inside +
             [("jump err_dev", {"jump": {"target": "err_dev"}})],
             "an ICMP error from inside only from the device of its connection")  # fmt: skip
+        # port/protocol unreachable and reassembly time exceeded come only from the quoted
+        # reply's destination, the connection's inside host (docs/datapath.md "ICMP errors"):
+        # conntrack relates B's error about A's reply to A's connection by the tuple alone
+        add("forward", [m_ct_state("related"), _match("meta l4proto", {"meta": {"key": "l4proto"}}, "icmp", "icmp"),
+                        m_ct_mark_ours()] + inside + [m_icmp_host_only(),
+                        ("jump err_host", {"jump": {"target": "err_host"}})],
+            "an ICMP error only its host sends, only from that host")  # fmt: skip
+        add("err_host", [s_update_same()])
+        add("err_host", [m_saddr_is_ct_original(), v("return")])
+        add("err_host", [s_counter(C_NOT_FROM_HOST), v("drop")], "not from the host its connection was made by")
         add("forward", inside + [m_oifnames(settings.inside), v("accept")], "internal: never translated")
     add("forward", [m_ct_state("invalid", "untracked"), ("jump guard", {"jump": {"target": "guard"}})],
         "no conntrack entry: never leaves untranslated")
@@ -574,7 +623,7 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
     # max_sessions: while the backend finds the table full (expire(), every GC tick) the set
     # `full` holds our mark tag and new flows are refused.  (A per-flow `ct count` over all
     # sessions walks its list of connections: measured 2.2 kpps of new flows at 10k sessions.)
-    sets = [(S_FULL, "mark")]
+    sets = [(S_FULL, "mark")] + ([(S_SAME, "ipv4_addr . ipv4_addr")] if settings.inside else [])
     add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(),
                     (f"{K_OURS[0]} @{S_FULL}", {"match": {"op": "==", "left": K_OURS[1], "right": f"@{S_FULL}"}}),
                     s_counter(C_TABLE_FULL), v("drop")], "max_sessions: refuse, never evict")  # fmt: skip
@@ -611,7 +660,8 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
         add("leak_guard", [m_oifnames(settings.outside), m_saddr_in([r.src for r in rules.rules]),
                            m_fib_saddr_not_local(), s_counter(C_LEAK), v("drop")],
             "no private source leaves an uplink untranslated")  # fmt: skip
-    counters = [C_NO_SESSION, C_UNMATCHED, C_LEAK, C_TABLE_FULL, C_HOST_LIMIT, C_INBOUND, C_SPOOFED]
+    counters = [C_NO_SESSION, C_UNMATCHED, C_LEAK, C_TABLE_FULL, C_HOST_LIMIT, C_INBOUND, C_SPOOFED,
+                C_NOT_FROM_HOST]
     for r in rules.rules:
         counters += [counter_name(r), counter_name(r, "new")]
     routes = tuple(RouteEntry(slots[r.identity], r.new_gw, r) for r in rules.rules if r.new_gw)
@@ -634,8 +684,11 @@ def to_json(p: Plan, stale_counters: tuple[str, ...] = (), stale_timeouts: tuple
     # the ct count sets come with the timeouts' text transaction (timeouts_text): nft 1.0.6's
     # JSON has no "dynamic" flag, and adding the same set again without it fails (EEXIST)
     for name, key in p.sets if with_timeouts else ():
-        cmds.append({"add": {"set": {"family": FAMILY, "table": TABLE, "name": name, "type": key,
-                                     "size": 65535}}})  # fmt: skip
+        js = {"family": FAMILY, "table": TABLE, "name": name, "type": key.split(" . ") if " . " in key else key,
+              "size": 65535}
+        if name == S_SAME:
+            js |= {"flags": ["timeout"], "timeout": int(S_SAME_TIMEOUT.rstrip("s"))}
+        cmds.append({"add": {"set": js}})
     for name, proto, policy in p.timeouts if with_timeouts else ():
         cmds.append({"add": {"ct timeout": {"family": FAMILY, "table": TABLE, "name": name,
                                             "protocol": proto, "l3proto": "ip", "policy": policy}}})
@@ -663,7 +716,12 @@ def _timeout_lines(p: Plan) -> list[str]:
 
 
 def _set_lines(p: Plan) -> list[str]:
-    return [f"\tset {name} {{\n\t\ttype {key}\n\t\tsize 65535\n\t\tflags dynamic\n\t}}" for name, key in p.sets]
+    return [f"\tset {name} {{\n\t\ttype {key}\n\t\tsize 65535\n\t\tflags dynamic{_SET_EXTRA.get(name, '')}\n\t}}"
+            for name, key in p.sets]
+
+
+#: sets whose elements time out (the ct count sets' do not)
+_SET_EXTRA = {S_SAME: f",timeout\n\t\ttimeout {S_SAME_TIMEOUT}"}
 
 
 def timeouts_text(p: Plan) -> str:
