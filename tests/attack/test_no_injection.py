@@ -226,10 +226,12 @@ def test_an_icmp_error_from_a_neighbour_on_the_same_link_never_enters_a_session(
     the same link, its true address) sends a port unreachable and a reassembly time exceeded
     quoting S1's reply as A received it.  Only the reply's destination sends those kinds, so
     neither backend lets them out, counted DROP_ICMP_NOT_FROM_HOST on both (nft: the ct's
-    original source, by the set same_host).  B's host unreachable (a router's kind: nothing at
-    L3 tells B from an inside router) and A's own port unreachable leave, translated to A's
-    SNAT address and port.  Careless and hostile: B's port unreachable with a truncated quote
-    and one from the gateway's own lan40 address never leave; the latter is DROP_SPOOFED."""
+    original source, by the set same_host).  B's host unreachable (a router's kind): A is
+    on-link, so no router stands between the gateway and A and bpf drops it too; nft cannot
+    tell on-link from routed and lets it out, translated.  A's own port unreachable leaves,
+    translated to A's SNAT address and port.  Careless and hostile: B's port unreachable with a
+    truncated quote and one from the gateway's own lan40 address never leave; the latter is
+    DROP_SPOOFED."""
     lab, servers = agw.lab, agw.lab.servers
     a_addr, b_addr = "198.18.40.10", "198.18.40.11"
     with ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM) as a:
@@ -271,7 +273,8 @@ def test_an_icmp_error_from_a_neighbour_on_the_same_link_never_enters_a_session(
     assert foreign == [], [str(f) for f in foreign]
     assert grew("DROP_ICMP_NOT_FROM_HOST") >= 2 * n, (agw.backend, before, after)
     assert grew("DROP_SPOOFED") >= n, (agw.backend, before, after)
-    assert sorted((IP(f.frame[14:])[ICMP].type, IP(f.frame[14:])[ICMP].code) for f in own) == [(3, 1), (3, 3)], own
+    kinds = sorted((IP(f.frame[14:])[ICMP].type, IP(f.frame[14:])[ICMP].code) for f in own)
+    assert kinds == ([(3, 3)] if agw.backend == "bpf" else [(3, 1), (3, 3)]), (agw.backend, own)
     for f in own:  # outer source and quoted destination: A's mapping, nothing of lan40
         q = IP(f.frame[14:])
         assert q.src == snat and q[ICMP].payload.dst == snat, f

@@ -547,35 +547,35 @@ def _scenarios() -> list[Scenario]:
         "lan50 quoting A's reply (edge invariant 3: a host on another device sent into A's "
         "session with A's SNAT address), or A sending one to R2 about R1's reply (the kernel "
         "checks the outer destination too), has no session: matching a rule, DROP_NO_SESSION. "
-        "Another host on A's own link (an inside router's error) is still translated.", [
+        "Another host on A's own link is held to A's errors (icmp_error_not_from_the_host).", [
         inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
         outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),
         inside(icmp_error(C, R1, udp(R1, A, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_NO_SESSION, dev="lan50"),
         inside(icmp_error(A, R2, udp(R1, A, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_NO_SESSION),
         inside(icmp_error(A, R2, udp(R1, A, 53, 5353, ttl=63), 3, 4), DROP, R.DROP_NO_SESSION),
-        inside(icmp_error(B, R1, udp(R1, A, 53, 5353, ttl=63), 3, 4), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(B, R1, udp(R1, A, 53, 5353, ttl=63), 3, 4), DROP, R.DROP_ICMP_NOT_FROM_HOST),
         inside(icmp_error(A, R1, udp(R1, A, 53, 5353, ttl=63), 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
         inside(udp(C, R1, 5353, 53), RED, R.XLATE_NEW, dev="lan50"),
         inside(icmp_error(A, R1, udp(R1, C, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_NO_SESSION),
     ])  # fmt: skip
     ru = udp(R1, A, 53, 5353, ttl=63)  # A's reply as A received it
-    add("icmp_error_not_from_the_host", "Port and protocol unreachable and reassembly time "
-        "exceeded come only from the quoted reply's destination (RFC 792/1122): B on A's own "
-        "link quoting A's reply with its true address is dropped, DROP_ICMP_NOT_FROM_HOST, "
-        "before the TTL check, whatever the quoted protocol; A's own are translated. The router "
-        "kinds (host unreachable, TTL exceeded in transit, frag needed) from B still are: "
-        "nothing at L3 tells B from an inside router. The gateway's own inside address as the "
-        "source stays DROP_SPOOFED; a truncated quote stays DROP_MALFORMED.", [
+    add("icmp_error_not_from_the_host", "An error about a reply to an on-link host comes only "
+        "from that host: no router stands between the gateway and it. B on A's own link quoting "
+        "A's reply with its true address is dropped, DROP_ICMP_NOT_FROM_HOST, before the TTL "
+        "check, whatever the kind (port, protocol, host unreachable, reassembly and transit "
+        "time exceeded, admin prohibited, parameter problem) and the quoted protocol; A's own "
+        "are translated (routed hosts: tests/bpf/test_icmp_routed_host.py). The gateway's own "
+        "inside address as the source stays DROP_SPOOFED; a truncated quote DROP_MALFORMED.", [
         inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
         outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),
         inside(icmp_error(B, R1, ru, 3, 3), DROP, R.DROP_ICMP_NOT_FROM_HOST),
         inside(icmp_error(B, R1, ru, 3, 2), DROP, R.DROP_ICMP_NOT_FROM_HOST),
         inside(icmp_error(B, R1, ru, 11, 1), DROP, R.DROP_ICMP_NOT_FROM_HOST),
         inside(icmp_error(B, R1, ru, 3, 3, ttl=1), DROP, R.DROP_ICMP_NOT_FROM_HOST),
-        inside(icmp_error(B, R1, ru, 3, 1), RED, R.XLATE_ICMP_ERR_OUT),
-        inside(icmp_error(B, R1, ru, 11, 0), RED, R.XLATE_ICMP_ERR_OUT),
-        inside(icmp_error(B, R1, ru, 3, 13), RED, R.XLATE_ICMP_ERR_OUT),
-        inside(icmp_error(B, R1, ru, 12, 0), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(B, R1, ru, 3, 1), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(B, R1, ru, 11, 0), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(B, R1, ru, 3, 13), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(B, R1, ru, 12, 0), DROP, R.DROP_ICMP_NOT_FROM_HOST),
         inside(icmp_error(A, R1, ru, 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
         inside(icmp_error(A, R1, ru, 11, 1, keep=len(ru)), RED, R.XLATE_ICMP_ERR_OUT),
         inside(icmp_error(B, R1, ru, 3, 3, keep=20), DROP, R.DROP_MALFORMED),

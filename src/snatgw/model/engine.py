@@ -660,9 +660,11 @@ class Engine:
             e = None
         if e is None:  # inside: the caller classifies it (no session to belong to)
             return None if side == "inside" else Result(Verdict.PASS, Reason.PASS_ICMP_OTHER, pkt)
-        if side == "inside" and (v.icmp_type, v.icmp_code) in ICMP_HOST_ONLY_ERRORS and v.saddr != iv.daddr:
-            # only the quoted reply's destination, the session's inside host, sends this kind:
-            # a neighbour on its link would tell the remote that host's port is closed
+        if side == "inside" and v.saddr != iv.daddr and (
+                (v.icmp_type, v.icmp_code) in ICMP_HOST_ONLY_ERRORS or self._on_link(back, iv)):
+            # only the quoted reply's destination, the session's inside host, sends this kind
+            # (a neighbour on its link would tell the remote that host's port is closed); and
+            # every kind when that host is on-link: no router stands between us and it
             return Result(Verdict.DROP, Reason.DROP_ICMP_NOT_FROM_HOST, pkt)
         nat = (e.rw_addr, e.rw_port)
         if side == "inside" and v.ttl <= 1:
@@ -675,6 +677,15 @@ class Engine:
         if not inside:
             return Result(Verdict.PASS, Reason.XLATE_ICMP_ERR_OUT, bytes(buf), rule=e.rule, nat=nat)
         return Result(Verdict.REDIRECT, Reason.XLATE_ICMP_ERR_OUT, bytes(buf), e.oif, e.nexthop, e.rule, nat)
+
+    def _on_link(self, back: CtEntry, iv: InnerView) -> bool:
+        """The session's inside host (the quoted reply's destination) is on-link: the route
+        back to it (host, from the remote) leaves by the device its replies go to, its next
+        hop the host itself.  BPF: the IN entry's next hop, that route found at the session's
+        creation, is the host (0, unknown, when the route did not lead there)."""
+        host = ip(iv.daddr)
+        r = self.router.lookup(host, ip(iv.saddr))
+        return r.kind == "forward" and r.oif == back.oif and r.gw == host
 
     def _inner_lookup(self, iv: InnerView, about_reply: bool) -> CtEntry | None:
         """The session an ICMP error's quoted packet belongs to.  About an outbound packet:

@@ -219,17 +219,17 @@ static __noinline int icmp_err_v4_outside(struct __sk_buff *skb, struct pkt *p, 
  * session's to send: it came in by another device than the one the session's replies go to
  * (the IN entry's ifindex, all 32 bits: a host on another inside device would send into that
  * session with its SNAT address, edge invariant 3), or it is not addressed to the reply's
- * source (the kernel's conntrack checks that too).  1: foreign (no session), 0: the session's.
- * One lookup more, on this rare path only. */
-static __always_inline int icmp_err_foreign(struct __sk_buff *skb, const struct pkt *p,
-					    const struct icmp_inner *in, struct ct_entry *e)
+ * source (the kernel's conntrack checks that too).  NULL: foreign (no session), else the
+ * session's IN entry.  One lookup more, on this rare path only. */
+static __always_inline struct ct_entry *icmp_err_back(struct __sk_buff *skb, const struct pkt *p,
+						      const struct icmp_inner *in, struct ct_entry *e)
 {
 	struct ct_entry *back;
 
 	if (p->daddr != in->saddr)
-		return 1;
+		return NULL;
 	back = ct_lookup4(&e->peer);
-	return !back || back->ifindex != skb->ingress_ifindex;
+	return back && back->ifindex == skb->ingress_ifindex ? back : NULL;
 }
 
 /* An error only the quoted packet's destination host sends (RFC 792/1122: protocol and port
@@ -237,7 +237,9 @@ static __always_inline int icmp_err_foreign(struct __sk_buff *skb, const struct 
  * between us and the host never sends these about a packet it forwards, so from inside such
  * an error about a reply is the session's only from the reply's destination (in->daddr, the
  * session's inside host): else a neighbour on the host's link tells the remote that the
- * host's port is closed (edge invariant 3).  The code byte is read here, not kept in pkt. */
+ * host's port is closed (edge invariant 3).  The code byte is read here, not kept in pkt.
+ * (When the host is on-link no router stands between us at all: icmp_err_v4_reply then
+ * holds every kind to the host.) */
 static __always_inline int icmp_err_host_only(struct __sk_buff *skb, const struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;
@@ -258,17 +260,20 @@ static __noinline int icmp_err_v4_reply(struct __sk_buff *skb, struct pkt *p, st
 {
 	struct icmp_inner in = {};
 	struct ct_key k;
-	struct ct_entry *e;
+	struct ct_entry *e, *back = NULL;
 	int r = icmp_parse_inner_pulled(skb, p, &in);
 
 	if (r >= 0)
 		return verdict_set(v, VERDICT_DROP, r);
 	if (icmp_inner_key(&in, 1, &k) < 0 || !(e = ct_lookup4(&k)) ||
-	    (!egress && icmp_err_foreign(skb, p, &in, e))) {
+	    (!egress && !(back = icmp_err_back(skb, p, &in, e)))) {
 		verdict_set(v, VERDICT_PASS, REASON_PASS_ICMP_OTHER);
 		return !egress; /* inside: the caller classifies an error about no session */
 	}
-	if (!egress && p->saddr != in.daddr && icmp_err_host_only(skb, p))
+	/* not from the session's inside host: a kind only that host sends, or any kind when the
+	 * host is on-link (the IN entry's next hop, the route back found at creation, is the host
+	 * itself: no router between us and it could have seen the reply) */
+	if (back && p->saddr != in.daddr && (back->nexthop == in.daddr || icmp_err_host_only(skb, p)))
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_ICMP_NOT_FROM_HOST);
 	if (!egress && p->ttl <= 1)
 		return verdict_set(v, VERDICT_PASS, REASON_PASS_TTL);
