@@ -60,7 +60,7 @@ class Reason(enum.IntEnum):
     DROP_INBOUND = 25  # from an uplink, no session, routed onward (inside): no `inbound routed`
     DROP_SPOOFED = 26  # on an inside device, a source not routed back there, or a local/pool one
     PASS_IP_OPTIONS = 27  # a source route (LSRR/SSRR) or IP options that do not parse: the kernel judges it
-    DROP_ICMP_NOT_FROM_HOST = 28  # an inside error only a destination host sends (port/protocol unreachable, reassembly time exceeded) from another address
+    DROP_ICMP_NOT_FROM_HOST = 28  # an inside error about a reply, not from its host: any kind for an on-link host, else port/protocol unreachable, reassembly time exceeded
     # 44-51: applications (issue 12)
     XLATE_IN_TTL = 44  # reply whose TTL runs out: translated, to the kernel (time exceeded to the remote)
     XLATE_IN_FRAG_NEEDED = 45  # reply over the inside MTU with DF: translated, to the kernel (frag-needed)
