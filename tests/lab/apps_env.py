@@ -87,14 +87,17 @@ class AppGw:
             self.lab.reload_gateway(self.conf)
 
 
-def new_lab(mode: str) -> Lab:
-    """A lab named like tests/lab/conftest's (so a dead run's are swept), prefix sga<pid><i>."""
-    i = MODES.index(mode)
-    return Lab.up(f"pytest-{os.getpid()}-apps-{mode}", prefix=f"sga{os.getpid() % 0xFFFF:04x}{i}")
+def new_lab(mode: str, extra: int | None = None) -> Lab:
+    """A lab named like tests/lab/conftest's (so a dead run's are swept), prefix sga<pid><i>;
+    ``extra`` n: one more lab of ``mode`` beside the module's three (prefix sga<pid>x<n>)."""
+    if extra is None:
+        return Lab.up(f"pytest-{os.getpid()}-apps-{mode}", prefix=f"sga{os.getpid() % 0xFFFF:04x}{MODES.index(mode)}")
+    return Lab.up(f"pytest-{os.getpid()}-apps-x{extra}-{mode}", prefix=f"sga{os.getpid() % 0xFFFF:04x}x{extra}")
 
 
-def build(mode: str) -> AppGw:
-    lab = new_lab(mode)
+def build(mode: str, extra: int | None = None) -> AppGw:
+    """A lab (new_lab) with ``mode``'s gateway running RULES."""
+    lab = new_lab(mode, extra)
     gw = AppGw(mode, lab, conf=os.path.join(lab.workdir, f"apps-{mode}.conf"))
     try:
         lab.ip("net", "addr", "add", f"{ALT_SERVER}/32", "dev", "lo")
