@@ -60,3 +60,23 @@ def make_prog(refnet, prog_pool):
     yield make
     for key, h in made:
         prog_pool.setdefault(key, []).append(h)
+
+
+@pytest.fixture(scope="session")
+def _bench_loaded(refnet):
+    from snatgw.datapath.bpf.testrun import ProgHarness
+
+    with ProgHarness(refnet, defines={"SNAT_BENCH": 1}, test=False, max_sessions=16384) as h:
+        yield h, h.snapshot()
+
+
+@pytest.fixture
+def bench_prog(_bench_loaded):
+    """The SNAT_BENCH build (bench_* wrappers, no SNAT_TEST, 16,384 sessions) loaded once per
+    session: its load takes ~3 s of verifier, and three tests each loaded their own.  Each test
+    gets it reset() and checked equal to the fresh load's snapshot (every map, globals too),
+    so nothing an earlier test left can reach it; the test applies its own rules."""
+    h, fresh = _bench_loaded
+    h.reset()
+    assert h.snapshot() == fresh, "reset() left the bench object unlike its fresh load"
+    return h

@@ -22,7 +22,7 @@ def test_progbench_measures_every_case():
     assert all(isinstance(ns, (int, float)) for _, ns, _ in rows)
 
 
-def test_bench_wrapper_restores_the_packet_between_rounds(refnet):
+def test_bench_wrapper_restores_the_packet_between_rounds(bench_prog):
     """100 rounds of bench_inside on one established packet count 100 XLATE_OUT, and
     bench_new makes a new session every round."""
     from scapy.layers.inet import IP, UDP
@@ -30,14 +30,13 @@ def test_bench_wrapper_restores_the_packet_between_rounds(refnet):
 
     from snatgw.bench.progbench import PAD, RULES
     from snatgw.config.schema import Settings
-    from snatgw.datapath.bpf.testrun import ProgHarness
     from snatgw.rules import Rule, RuleSet
 
-    with ProgHarness(refnet, defines={"SNAT_BENCH": 1}, test=False, max_sessions=256) as h:
-        h.apply(RuleSet([Rule.from_dict(d) for d in RULES]), Settings(port_tries=64))
-        pkt = raw(IP(src="198.18.40.10", dst="203.0.113.10") / UDP(sport=40000, dport=53) / PAD)
-        h.run("inside", pkt, "lan40")
-        h.bench("bench_inside", pkt, "lan40", 100)
-        assert h.reasons() == {Reason.XLATE_NEW: 1, Reason.XLATE_OUT: 100}
-        h.bench("bench_new", pkt, "lan40", 50)
-        assert h.reasons()[Reason.XLATE_NEW] == 51 and len(h.ct()) == 2 * 51
+    h = bench_prog  # the SNAT_BENCH build as a fresh load (tests/bpf/conftest.py)
+    h.apply(RuleSet([Rule.from_dict(d) for d in RULES]), Settings(port_tries=64))
+    pkt = raw(IP(src="198.18.40.10", dst="203.0.113.10") / UDP(sport=40000, dport=53) / PAD)
+    h.run("inside", pkt, "lan40")
+    h.bench("bench_inside", pkt, "lan40", 100)
+    assert h.reasons() == {Reason.XLATE_NEW: 1, Reason.XLATE_OUT: 100}
+    h.bench("bench_new", pkt, "lan40", 50)
+    assert h.reasons()[Reason.XLATE_NEW] == 51 and len(h.ct()) == 2 * 51

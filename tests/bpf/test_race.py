@@ -54,72 +54,68 @@ def race(h, rounds: int) -> None:
     assert not errors, errors
 
 
-def test_two_cpus_racing_for_one_address_leave_a_consistent_table(refnet):
-    from snatgw.datapath.bpf.testrun import ProgHarness
-
+def test_two_cpus_racing_for_one_address_leave_a_consistent_table(bench_prog):
     rounds = 12000  # per CPU; bench_new gives each round a new source port (10000 + a shared counter)
     rules = RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": SNAT})])
     # 8000 ports for 24,000 flows toward one server port: both CPUs fill it, then refuse (and
     # a host limit no host reaches: the datapath counts per host, so those atomic adds race too)
     settings = Settings(port_min=5000, port_max=12999, port_tries=64, max_sessions_per_host=1_000_000)
-    with ProgHarness(refnet, defines={"SNAT_BENCH": 1}, test=False, max_sessions=16384) as h:
-        h.apply(rules, settings)
-        race(h, rounds)
+    h = bench_prog  # SNAT_BENCH, 16,384 sessions, as a fresh load
+    h.apply(rules, settings)
+    race(h, rounds)
 
-        ct = h.ct()
-        outs = {k: e for k, e in ct.items() if k[5] == L.CT_DIR_OUT}
-        ins = {k: e for k, e in ct.items() if k[5] == L.CT_DIR_IN}
-        # whole pairs only: each OUT's IN points back at it, and no IN is left alone
-        assert all(ins.get(e["peer"], {}).get("peer") == k for k, e in outs.items())
-        assert len(ins) == len(outs)
-        # each external tuple once (the IN keys), all on the one address within the range
-        assert {k[1] for k in ins} == {IPv4Address(SNAT)} and all(5000 <= k[3] <= 12999 for k in ins)
-        reasons = h.reasons()
-        assert sum(reasons.values()) == 2 * rounds  # every packet counted once
-        assert reasons.get(L.Reason.XLATE_NEW, 0) == len(outs)
-        assert set(reasons) <= {L.Reason.XLATE_NEW, L.Reason.XLATE_OUT, L.Reason.DROP_PORT_EXHAUSTED,
-                                L.Reason.DROP_REFUSED_RECENTLY}  # fmt: skip
-        assert len(outs) > 0.95 * 8000  # the range filled (a 64-try search may miss the last few)
-        live = h.live_counts()
-        refused = reasons.get(L.Reason.DROP_PORT_EXHAUSTED, 0)
-        assert live[L.MAP_ADDR_STATS] == {IPv4Address(SNAT): (len(outs), refused)}
-        hosts = live[L.MAP_HOST_SESS]
-        assert sum(s for s, _ in hosts.values()) == len(outs) and sum(r for _, r in hosts.values()) == refused
-        by_host = {IPv4Address(hh): sum(1 for k in outs if k[0] == IPv4Address(hh)) for hh in HOSTS}
-        assert {a: s for a, (s, _) in hosts.items()} == {a: n for a, n in by_host.items() if n or a in hosts}
-        (rule_sessions,) = (s for s, _ in live[L.MAP_RULE_LIVE].values())
-        assert rule_sessions == len(outs)
+    ct = h.ct()
+    outs = {k: e for k, e in ct.items() if k[5] == L.CT_DIR_OUT}
+    ins = {k: e for k, e in ct.items() if k[5] == L.CT_DIR_IN}
+    # whole pairs only: each OUT's IN points back at it, and no IN is left alone
+    assert all(ins.get(e["peer"], {}).get("peer") == k for k, e in outs.items())
+    assert len(ins) == len(outs)
+    # each external tuple once (the IN keys), all on the one address within the range
+    assert {k[1] for k in ins} == {IPv4Address(SNAT)} and all(5000 <= k[3] <= 12999 for k in ins)
+    reasons = h.reasons()
+    assert sum(reasons.values()) == 2 * rounds  # every packet counted once
+    assert reasons.get(L.Reason.XLATE_NEW, 0) == len(outs)
+    assert set(reasons) <= {L.Reason.XLATE_NEW, L.Reason.XLATE_OUT, L.Reason.DROP_PORT_EXHAUSTED,
+                            L.Reason.DROP_REFUSED_RECENTLY}  # fmt: skip
+    assert len(outs) > 0.95 * 8000  # the range filled (a 64-try search may miss the last few)
+    live = h.live_counts()
+    refused = reasons.get(L.Reason.DROP_PORT_EXHAUSTED, 0)
+    assert live[L.MAP_ADDR_STATS] == {IPv4Address(SNAT): (len(outs), refused)}
+    hosts = live[L.MAP_HOST_SESS]
+    assert sum(s for s, _ in hosts.values()) == len(outs) and sum(r for _, r in hosts.values()) == refused
+    by_host = {IPv4Address(hh): sum(1 for k in outs if k[0] == IPv4Address(hh)) for hh in HOSTS}
+    assert {a: s for a, (s, _) in hosts.items()} == {a: n for a, n in by_host.items() if n or a in hosts}
+    (rule_sessions,) = (s for s, _ in live[L.MAP_RULE_LIVE].values())
+    assert rule_sessions == len(outs)
 
 
-def test_two_cpus_making_endpoint_independent_mappings_never_share_one(refnet):
+def test_two_cpus_making_endpoint_independent_mappings_never_share_one(bench_prog):
     """mapping endpoint-independent under the same race: both CPUs make new endpoints whose
     source ports (shared counter) give the same first candidates on one address, so they fight
     for the same owners.  Afterwards every endpoint owns its (address, port) alone (its OWNER
     points back, no two endpoints share one), every session uses its endpoint's mapping, and
     nothing is left half made."""
-    from snatgw.datapath.bpf.testrun import ProgHarness
-
     rounds = 3000  # per CPU
     rules = RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": SNAT, "algo": "sh",
                                      "mapping": "endpoint-independent"})])  # fmt: skip
     settings = Settings(port_min=5000, port_max=12999, port_tries=64)
-    with ProgHarness(refnet, defines={"SNAT_BENCH": 1}, test=False, max_sessions=16384) as h:
-        h.apply(rules, settings)
-        race(h, rounds)
+    h = bench_prog  # SNAT_BENCH, 16,384 sessions, as a fresh load
+    h.apply(rules, settings)
+    race(h, rounds)
 
-        outs = {k: e for k, e in h.ct().items() if k[5] == L.CT_DIR_OUT}
-        eim = h.eim()
-        endpoints = {(k[0], k[2]): (v[0], v[1]) for k, v in eim.items() if k[4] == L.EIM_DIR_ENDPOINT}
-        owners = {(k[0], k[2]): (v[0], v[1]) for k, v in eim.items() if k[4] == L.EIM_DIR_OWNER}
-        assert len(outs) > 1000 and len(endpoints) == len(outs)  # one session per new endpoint here
-        assert len(set(endpoints.values())) == len(endpoints)  # no two endpoints share a mapping
-        assert owners == {m: ep for ep, m in endpoints.items()}  # each owner points back, none extra
-        for k, e in outs.items():
-            assert endpoints[(k[0], k[2])] == (IPv4Address(e["rw_addr"]), e["rw_port"])
-            assert e["flags"] & L.CT_F_EIM
-        reasons = h.reasons()
-        assert sum(reasons.values()) == 2 * rounds
-        assert reasons.get(L.Reason.XLATE_NEW, 0) == len(outs)
+    outs = {k: e for k, e in h.ct().items() if k[5] == L.CT_DIR_OUT}
+    eim = h.eim()
+    endpoints = {(k[0], k[2]): (v[0], v[1]) for k, v in eim.items() if k[4] == L.EIM_DIR_ENDPOINT}
+    owners = {(k[0], k[2]): (v[0], v[1]) for k, v in eim.items() if k[4] == L.EIM_DIR_OWNER}
+    assert len(outs) > 1000 and len(endpoints) == len(outs)  # one session per new endpoint here
+    assert len(set(endpoints.values())) == len(endpoints)  # no two endpoints share a mapping
+    assert owners == {m: ep for ep, m in endpoints.items()}  # each owner points back, none extra
+    for k, e in outs.items():
+        assert endpoints[(k[0], k[2])] == (IPv4Address(e["rw_addr"]), e["rw_port"])
+        assert e["flags"] & L.CT_F_EIM
+    reasons = h.reasons()
+    assert sum(reasons.values()) == 2 * rounds
+    assert reasons.get(L.Reason.XLATE_NEW, 0) == len(outs)
 
 
 #: the IP id of a new flow that the SNAT_TEST_RACE build races (snat.bpf.c, nat.h port_try)
