@@ -5,9 +5,11 @@ which scripts/install.sh clears first), so the staged (DESTDIR) one runs from a 
 tree's files, as a package build does.
 
 In a run that also holds EARLY_START (the whole suite) they start in the background as that test
-begins: it and the NAT traversal tests after it wait ~35 s for STUN answers that do not come
-(their timeouts are the client's), with the CPUs idle, so the ~20 s of the pair no longer add to
-the suite (started under CPU-bound tests instead, they slowed those by half their own time).
+begins: it and the path tests (tracepath, mtr: ~6 s of waiting for hops) and the NAT traversal
+tests after it (~20 s of STUN answers that do not come, their timeouts the client's) leave the
+CPUs mostly idle, so the ~25 s of the pair no longer add to the suite (started under CPU-bound
+tests instead, they slowed those by half their own time; started at the first NAT traversal
+test, once those ran their options two at a time, they ran on into the next module's tests).
 This tier's tests then run last, and wait for the installs as before; without EARLY_START in the
 run they keep their place and start the installs themselves."""
 
@@ -72,8 +74,8 @@ def final_paths():
 
 
 #: the test that starts the installs in the background (see the docstring); tests/lab/test_apps.py
-#: names this tier at its NAT traversal tests
-EARLY_START = "tests/lab/test_apps.py::test_stun_rfc3489_client_gets_a_verdict"
+#: names this tier at its path tests
+EARLY_START = "tests/lab/test_apps.py::test_tracepath_reaches_the_server_with_its_path_mtu"
 _launched: dict = {}  # the installs started (once per session): the state _launch returns
 
 

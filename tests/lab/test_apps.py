@@ -452,7 +452,8 @@ def test_traceroute_shows_every_hop(gws, how):
 
 
 def test_tracepath_reaches_the_server_with_its_path_mtu(gws):
-    """tracepath (UDP with IP_RECVERR) reaches the server, path MTU 1500, three hops."""
+    """tracepath (UDP with IP_RECVERR) reaches the server, path MTU 1500, three hops.  (In a
+    whole-suite run tests/install's installs start in the background here: EARLY_START.)"""
 
     def tracepath(gw):
         out = gw.run("in40", "tracepath", "-n", "-m", "6", SERVER, timeout=30).stdout
@@ -533,8 +534,9 @@ def test_hping3_syns_get_answers(gws):
 
 
 # --------------------------------------------------------------------------- NAT traversal
-# (their STUN clients wait out seconds of timeouts with the CPUs idle: in a whole-suite run the
-# first of them starts tests/install's two `make install`s in the background, EARLY_START there)
+# (their STUN clients wait out seconds of timeouts with the CPUs idle: in a whole-suite run
+# tests/install's two `make install`s run in the background under them, started at tracepath's
+# test above, EARLY_START there)
 
 
 def stun3489(gw) -> str:
