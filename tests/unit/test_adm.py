@@ -88,6 +88,24 @@ def test_bad_arguments_are_one_line_usage_errors_with_exit_2(line, needle):
     assert ei.value.exit_code == 2
 
 
+@pytest.mark.parametrize("line, needle", [
+    ("-K -K -f 1 -F 198.18.40.0/24 -U 198.19.2.71", "multiple commands"),
+    ("-K --add-snat -f 1 -F 198.18.40.0/24 -U 198.19.2.71", "multiple commands"),
+    ("-K -f 1 -F 198.18.40.0/24 -F 203.0.113.0/24 -U 198.19.2.71", "multiple -F/--from options"),
+    ("-K -f 1 -F 198.18.40.0/24 --from 198.18.50.0/24 -U 198.19.2.71", "(-F and --from)"),
+    ("-K -f 1 -F 198.18.40.0/24 -U 198.19.2.71 -U 198.19.3.71", "multiple -U/--snat-ip options"),
+    ("-K -f 1 -F 198.18.40.0/24 -U 198.19.2.71 --oif eth1 --oif eth2", "multiple --oif options"),
+    ("-k -f 1 -F 198.18.40.0/24 -W 198.19.2.1 -W 198.19.3.1 -U 198.19.2.71", "multiple -W/--gw"),
+    ("-K -f 1 -f 1 -F 198.18.40.0/24 -U 198.19.2.71", "multiple -f/--fwmark-service"),
+])  # fmt: skip
+def test_a_command_or_value_given_twice_is_refused_not_the_last_taken(line, needle):
+    """As ipvsadm: `-F A -F B` (a -T typed as -F) would add a rule for B alone, silently."""
+    with pytest.raises(AdmUsageError) as ei:
+        cmd(line)
+    assert needle in str(ei.value) and ei.value.exit_code == 2
+    assert cmd("-K -f 1 -F 198.18.40.0/24 -T 203.0.113.0/24 -U 198.19.2.71 -n -n").src.prefixlen == 24
+
+
 def test_adding_an_existing_identity_is_refused_with_exists():
     """-K of an identity (from, to, gw, oif) that exists fails EEXIST and changes nothing."""
     t = table_of(SEED[:2])

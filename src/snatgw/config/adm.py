@@ -128,8 +128,15 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
     if rest:
         raise AdmUsageError(f"unexpected argument {rest[0]!r} (see snatgw adm --help)")
     ops = {_COMMANDS[o] for o, _ in opts if o in _COMMANDS}
-    if len(ops) > 1:
+    if len(ops) > 1 or sum(o in _COMMANDS for o, _ in opts) > 1:  # ipvsadm: -K -K is refused too
         raise AdmUsageError("multiple commands specified")
+    seen: dict[str, str] = {}
+    for o, _ in opts:  # ipvsadm: a value given twice is refused, never the last one taken
+        name = _VALUE_OPTS.get(o)
+        if name is not None:
+            if name in seen:
+                raise AdmUsageError(f"multiple {name} options specified ({seen[name]} and {o})")
+            seen[name] = o
     kw: dict = {"argv": tuple(argv)}
     given: set[str] = set()
     try:
@@ -191,6 +198,11 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
     _check(cmd, given)
     return cmd
 
+
+#: options that take a value, by the name an error gives them (short and long spelling are one)
+_VALUE_OPTS = {o: name for name in ("-f/--fwmark-service", "-s/--scheduler", "-F/--from", "-T/--to",
+                                    "-W/--gw", "-N/--new-gw", "-U/--snat-ip", "-O/--algo")
+               for o in name.split("/")} | {"--oif": "--oif", "--socket": "--socket"}  # fmt: skip
 
 _RULE_OPTS = {"-F", "--from", "-T", "--to", "-W", "--gw", "-N", "--new-gw", "-U", "--snat-ip",
               "-O", "--algo", "--oif"}  # fmt: skip
