@@ -68,3 +68,12 @@ def test_flush_without_a_daemon_exits_with_the_daemon_code(tmp_path, capsys):
     """No daemon on the socket: exit 4 (EXIT_DAEMON) with the socket named."""
     assert main(["flush", "--socket", str(tmp_path / "none.sock"), "--all"]) == 4
     assert "none.sock" in capsys.readouterr().err
+
+
+def test_flush_help_states_the_exit_status_it_gives_without_a_daemon(tmp_path, capsys):
+    """The help said 3 (EXIT_BACKEND) while flush exits 4 (EXIT_DAEMON) with no daemon."""
+    with pytest.raises(SystemExit):
+        main(["flush", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "4 when no daemon answers" in text and "3 when" not in text
+    assert main(["flush", "--socket", str(tmp_path / "none.sock"), "--all"]) == 4

@@ -22,8 +22,8 @@ filters; a session is removed when it matches every filter given:
   --inside ADDR  sessions of this inside host
   --nat ADDR     sessions translated to this SNAT address
 
-Prints how many sessions were removed.  Exit status 0 on success, 2 on bad arguments, 3 when
-no daemon answers.
+Prints how many sessions were removed.  Exit status 0 on success, 2 on bad arguments, 4 when
+no daemon answers or it refuses the request.
 """
 
 
