@@ -37,5 +37,13 @@ class BackendError(SnatgwError):
     exit_code = EXIT_BACKEND
 
 
+class MissingDeviceError(BackendError):
+    """An `inside`/`outside` interface is not in this network namespace (``name``)."""
+
+    def __init__(self, name: str, message: str | None = None):
+        self.name = name
+        super().__init__(message or f"interface {name!r} does not exist (in this network namespace)")
+
+
 class DaemonError(SnatgwError):
     exit_code = EXIT_DAEMON

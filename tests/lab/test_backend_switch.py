@@ -148,3 +148,24 @@ def test_nft_apply_refuses_a_missing_device_and_keeps_the_rule_set(clean, conf):
     assert lab.run("gw", "nft", "list", "table", "ip", "snatgw").stdout == before
     b.stop()
     assert not nft_table(lab)
+
+
+
+@pytest.mark.lab
+def test_a_typo_in_inside_is_named_with_its_config_line_and_attaches_nothing(clean, conf):
+    """`inside lan40 lan5O` (a letter O): `snatgw run` exits 3 naming file:line: inside, as
+    every other config error does (--inside: the flag); nothing is attached."""
+    from snatgw.lab.gateway import snatgw_argv
+
+    lab = clean
+    bad = os.path.join(lab.workdir, "typo.conf")
+    with open(conf) as f, open(bad, "w") as g:
+        g.write(f.read().replace("inside lan40 lan50", "inside lan40 lan5O"))
+    p = lab.run("gw", *snatgw_argv("run", bad, "--backend", "bpf", "--pin-dir", lab.pin_dir,
+                                   "--socket", lab.socket_path), check=False)
+    assert p.returncode == 3
+    assert f"{bad}:2: inside: interface 'lan5O' does not exist in this network namespace" in p.stderr
+    with pytest.raises(LabError) as e:
+        lab.start_gateway(conf, "nft", extra=("--inside", "lan5O"))
+    assert "exited with 3" in str(e.value) and "--inside: interface 'lan5O' does not exist" in str(e.value)
+    assert our_tc_filters(lab) == [] and not nft_table(lab)

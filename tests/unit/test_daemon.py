@@ -369,3 +369,27 @@ def test_the_systemd_unit_ships_in_the_package_and_runs_the_daemon():
     assert "ExecStart=/usr/local/sbin/snatgw run /etc/snatgw/snatgw.conf" in lines  # make install puts it there
     assert "ExecReload=/bin/kill -HUP $MAINPID" in lines and "KillSignal=SIGTERM" in lines
     assert "Type=notify" in lines
+
+
+def test_a_missing_device_on_reload_is_named_with_its_config_line(running, monkeypatch):
+    """The backend's "interface 'lan5O' does not exist" comes back as file:line: inside: ...
+    (as every other config error), exit 3, the old config kept."""
+    from snatgw.errors import MissingDeviceError
+
+    real = running.backend.apply
+
+    def apply(cfg):  # as both real backends: every inside/outside device looked up first
+        for name in cfg.settings.inside + cfg.settings.outside:
+            if name not in ("lan40", "lan50", "eth1", "eth2"):
+                raise MissingDeviceError(name)
+        return real(cfg)
+
+    monkeypatch.setattr(running.backend, "apply", apply)
+    before = running.service.config
+    text = running.conf.read_text()
+    running.conf.write_text(text.replace("inside lan40 lan50", "inside lan40 lan5O"))
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if "inside lan40 lan50" in s)
+    resp = running.req(op="reload")
+    assert not resp["ok"] and resp["exit"] == 3
+    assert f"snatgw.conf:{line}: inside: interface 'lan5O' does not exist" in resp["error"]
+    assert running.service.config is before

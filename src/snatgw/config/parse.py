@@ -650,7 +650,8 @@ def _parse_settings(cur: _Cursor, opener: Token, warn=log.warning) -> Settings:
         raise cur.error(line, "outside" if line == given["outside"].line else "inside",
                         f"interface {both[0]} is listed both inside (line {given['inside'].line}) "
                         f"and outside (line {given['outside'].line})")  # fmt: skip
-    return s
+    where = tuple((k, cur.where(given[k].line)) for k in ("inside", "outside") if k in given)
+    return replace(s, where=where) if where else s
 
 
 def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Settings:

@@ -18,7 +18,7 @@ from typing import Callable
 from ..config.adm import MAX_COMMANDS, AdmRefused, AdmTable, AdmUsageError, parse_args
 from ..config.schema import GatewayConfig, Settings
 from ..datapath.backend import SessionFilter, tries_per_search
-from ..errors import EXIT_BAD_INPUT, BackendError, SnatgwError
+from ..errors import EXIT_BAD_INPUT, BackendError, MissingDeviceError, SnatgwError
 from ..rules import Rule, RuleSet, parse_addr
 from ..config.links import failover
 from .addresses import AddressManager
@@ -59,8 +59,19 @@ def load_config(path: str | None = None, text: str | None = None, overrides: dic
         except OSError as e:
             raise SnatgwError(f"{path}: cannot read config: {e.strerror or e}") from None
     if overrides:
-        cfg = replace(cfg, settings=replace(cfg.settings, **overrides))
+        where = tuple((k, at) for k, at in cfg.settings.where if k not in overrides)  # --inside: no line
+        cfg = replace(cfg, settings=replace(cfg.settings, **overrides, where=where))
     return _require(cfg) if require_rules else cfg
+
+
+def locate_device(settings, e: MissingDeviceError) -> MissingDeviceError:
+    """``e`` naming where the missing device was given: "file:line: inside: ..." (or --inside)."""
+    for k in ("inside", "outside"):
+        if e.name in getattr(settings, k):
+            at = dict(settings.where).get(k)
+            return MissingDeviceError(e.name, f"{at + ': ' + k if at else '--' + k}: interface {e.name!r} "
+                                              "does not exist in this network namespace")
+    return e
 
 
 def rule_info(priority: int, r: Rule) -> dict:
@@ -110,6 +121,9 @@ class Service:
             self.addresses.sync(self.config)
             try:
                 self.backend.start(self.config)
+            except MissingDeviceError as e:
+                self.addresses.release()
+                raise locate_device(self.config.settings, e) from None
             except BaseException:
                 self.addresses.release()  # the addresses this start added; those there before stay
                 raise
@@ -130,7 +144,10 @@ class Service:
         """Apply ``new`` to the backend; only when that succeeds does it become current."""
         running = self.effective(new)  # with the rules of failed links on their backups
         self.addresses.sync(running)  # first: a plan error (no uplink for an address) changes nothing
-        self.backend.apply(running)
+        try:
+            self.backend.apply(running)
+        except MissingDeviceError as e:
+            raise locate_device(running.settings, e) from None
         self.config, self.table = new, table
         self.log.info(event, rules=len(new.rules), **fields)
 

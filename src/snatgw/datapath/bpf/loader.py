@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ... import layout as L
-from ...errors import BackendError
+from ...errors import BackendError, MissingDeviceError
 from ..netns import enter as netns  # noqa: F401  (tests and testrun use it from here)
 from . import libbpf as B
 from .maps import DatapathMaps, map_specs
@@ -40,7 +40,7 @@ def ifindex(name: str) -> int:
     try:
         return socket.if_nametoindex(name)
     except OSError:
-        raise BackendError(f"interface {name!r} does not exist (in this network namespace)") from None
+        raise MissingDeviceError(name) from None
 
 
 # --------------------------------------------------------------------------- bpffs and pins

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from ...config.schema import GatewayConfig, Settings
-from ...errors import BackendError
+from ...errors import BackendError, MissingDeviceError
 from ...layout import CtState
 from ...rules import RuleSet
 from ..backend import LastRead, RuleCounters, Session, SessionFilter, Stats, pressure_summary
@@ -259,7 +259,7 @@ class NftBackend:
             have = {link.get("ifname") for link in json.loads(p.stdout or "[]")}
         for name in names:
             if name not in have:
-                raise BackendError(f"interface {name!r} does not exist (in this network namespace)")
+                raise MissingDeviceError(name)
 
     def apply(self, config: GatewayConfig) -> None:
         """Resolve what needs the kernel first (so a failure to resolve changes nothing), then the
