@@ -393,3 +393,20 @@ def test_a_missing_device_on_reload_is_named_with_its_config_line(running, monke
     assert not resp["ok"] and resp["exit"] == 3
     assert f"snatgw.conf:{line}: inside: interface 'lan5O' does not exist" in resp["error"]
     assert running.service.config is before
+
+
+def test_a_reload_with_an_oif_typo_applies_and_says_what_check_warns(running, capsys):
+    """`oif eht1` is legal (the rule matches nothing until such a device routes): the reload
+    applies it, but says so (stderr, the answer, the log) instead of a bare "reloaded"."""
+    from snatgw.cli.main import main
+
+    text = running.conf.read_text()
+    assert " oif eth1 " in text
+    running.conf.write_text(text.replace(" oif eth1 ", " oif eht1 ", 1))
+    assert main(["reload", "--socket", running.sock]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("reloaded: 3 rules")
+    assert "snatgw reload: warning: " in err and "oif: eht1 is not among the outside interfaces (eth1 eth2)" in err
+    assert any("config_warning" in line and "eht1" in line for line in running.log.lines)
+    running.conf.write_text(text)
+    assert running.req(op="reload")["warnings"] == []

@@ -130,6 +130,19 @@ class Service:
             self.log.info("started", backend=self.backend.name, rules=len(self.config.rules),
                           config=self.config_path, inside=",".join(self.config.settings.inside) or None,
                           outside=",".join(self.config.settings.outside) or None)
+            self.config_warnings()
+
+    def config_warnings(self) -> list[str]:
+        """Log what `snatgw check` warns of about devices (an oif that is no uplink: a typo
+        whose rule matches nothing), so that a start or reload does not take it silently."""
+        from ..cli.commands.check import oif_warnings
+
+        found = oif_warnings(self.config)
+        for w in found[:10]:
+            self.log.warning("config_warning", warning=w)
+        if len(found) > 10:
+            self.log.warning("config_warning", warning=f"... and {len(found) - 10} more (snatgw check lists them)")
+        return found
 
     def stop(self) -> None:
         with self.lock:
@@ -187,6 +200,7 @@ class Service:
                 self.config_path = str(Path(path).resolve())
             self.reloads += 1
             self.last_error = None
+            self.config_warnings()
             if self.on_reload is not None:
                 self.on_reload()
             self.last_reload = {"ok": True, "error": None, "at": time.time()}
@@ -444,7 +458,9 @@ class Service:
                     return {"ok": True, **report(self)}
             if op == "reload":
                 new = self.reload(path=req.get("path"), text=req.get("text"))
-                return {"ok": True, "rules": len(new.rules)}
+                from ..cli.commands.check import oif_warnings
+
+                return {"ok": True, "rules": len(new.rules), "warnings": oif_warnings(new)[:10]}
             if op == "rules":
                 with self.lock:
                     return {"ok": True, **self.rules()}

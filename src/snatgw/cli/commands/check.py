@@ -35,6 +35,20 @@ UNROUTABLE_POOL = tuple((IPv4Network(n), what) for n, what in (
     ("240.0.0.0/4", "reserved (or broadcast)")))
 
 
+def oif_warnings(cfg: GatewayConfig) -> list[str]:
+    """An `oif` that is no uplink (a typo: such a rule or link matches nothing).  One pass over
+    the rules: the daemon logs these at every start and reload too."""
+    out, s = [], cfg.settings
+    if s.outside:
+        for r in cfg.rules.defined:
+            if r.oif and r.oif not in s.outside:
+                out.append(f"{r.where}: oif: {r.oif} is not among the outside interfaces ({' '.join(s.outside)})")
+        for lk in cfg.links:
+            if lk.oif and lk.oif not in s.outside:
+                out.append(f"{lk.where}: link {lk.name}: oif {lk.oif} is not among the outside interfaces")
+    return out
+
+
 def config_warnings(cfg: GatewayConfig) -> list[str]:
     """What is legal but probably not meant: shadowed rules, oifs that are not uplinks."""
     out = []
@@ -43,16 +57,11 @@ def config_warnings(cfg: GatewayConfig) -> list[str]:
               else f"the rules at {', '.join(e.where or '?' for e in firsts)}")
         out.append(f"{rule.where}: snat_rule can never match: every packet it matches is matched first by {by}")
     s = cfg.settings
-    if s.outside:
-        for r in cfg.rules.defined:
-            if r.oif and r.oif not in s.outside:
-                out.append(f"{r.where}: oif: {r.oif} is not among the outside interfaces ({' '.join(s.outside)})")
+    out += oif_warnings(cfg)
     for lk in cfg.links:
         if not link_rules(lk, cfg.rules):
             out.append(f"{lk.where}: link {lk.name}: no rule has {lk.gw} as its next hop (gw or new_gw, or oif "
                        f"{lk.oif or '-'}): a failure of it moves nothing")
-        if s.outside and lk.oif and lk.oif not in s.outside:
-            out.append(f"{lk.where}: link {lk.name}: oif {lk.oif} is not among the outside interfaces")
     for r in cfg.rules.defined:  # a pool no reply can come back to: a typo, most likely
         for net, what in UNROUTABLE_POOL:
             if int(r.pool.first) <= int(net.broadcast_address) and int(net.network_address) <= int(r.pool.last):

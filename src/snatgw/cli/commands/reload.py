@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from ...daemon.client import call, resolve_socket
 
@@ -20,4 +21,6 @@ def run(args) -> int:
         req["path"] = os.path.abspath(args.config)
     resp = call(resolve_socket(args.socket), req)
     print(f"reloaded: {resp['rules']} rules")
+    for w in resp.get("warnings") or ():  # what `snatgw check` warns of, e.g. an oif typo
+        print(f"snatgw reload: warning: {w}", file=sys.stderr)
     return 0
