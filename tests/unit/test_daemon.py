@@ -410,3 +410,17 @@ def test_a_reload_with_an_oif_typo_applies_and_says_what_check_warns(running, ca
     assert any("config_warning" in line and "eht1" in line for line in running.log.lines)
     running.conf.write_text(text)
     assert running.req(op="reload")["warnings"] == []
+
+
+def test_an_adm_rule_with_an_oif_typo_is_added_and_warned_of(running, capsys):
+    """`snatgw adm -K ... --oif eht1`: added (legal), but said: a rule that matches nothing."""
+    from snatgw.cli.main import main
+
+    argv = ["adm", "--socket", running.sock, "-K", "-f", "1", "-F", "198.18.60.0/24", "--oif=eht1", "-U", "198.19.2.71"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "snatgw adm: warning: --oif eht1: not among the outside interfaces (eth1 eth2)" in err
+    assert any("config_warning" in line and "eht1" in line for line in running.log.lines)
+    assert main(["adm", "--socket", running.sock, "-K", "-f", "1", "-F", "198.18.61.0/24", "--oif", "eth1",
+                 "-U", "198.19.2.71"]) == 0
+    assert "warning" not in capsys.readouterr().err

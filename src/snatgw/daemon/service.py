@@ -514,7 +514,14 @@ class Service:
                 if len(cmds) > MAX_COMMANDS:
                     raise AdmUsageError(f"adm: {len(cmds)} commands; a batch has at most {MAX_COMMANDS}")
                 table = self.adm(cmds, restore=bool(req.get("restore", False)))
-                return {"ok": True, "rules": len(table.rules), "service": table.service}
+                outside = self.config.settings.outside
+                named = (parse_args(c) for c in cmds if any(str(a).startswith("--oif") for a in c))
+                oifs = sorted({c.oif for c in named if c.oif and c.op in ("add", "edit")} - set(outside))
+                warnings = [f"--oif {o}: not among the outside interfaces ({' '.join(outside)}): a rule with it "
+                            "matches nothing through it" for o in oifs[:10] if outside]
+                for w in warnings:
+                    self.log.warning("config_warning", warning=w)
+                return {"ok": True, "rules": len(table.rules), "service": table.service, "warnings": warnings}
             raise AdmUsageError(f"unknown request op {op!r}; expected one of status, health, reload, rules, "
                                 "sessions, stats, rate, flush, zero, adm")
         except Exception as e:  # noqa: BLE001 - the daemon must survive any single request

@@ -228,10 +228,10 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
         if cmd.op == "restore":
             cmds = parse_restore((stdin or sys.stdin).read())
             if cmds:
-                call(sock, {"op": "adm", "commands": [list(c.argv) for c in cmds], "restore": True})
+                _warn(call(sock, {"op": "adm", "commands": [list(c.argv) for c in cmds], "restore": True}))
             return 0
         if cmd.op in MUTATING:
-            call(sock, {"op": "adm", "commands": [list(argv)]})
+            _warn(call(sock, {"op": "adm", "commands": [list(argv)]}))
             return 0
         if cmd.op == "zero":
             call(sock, {"op": "zero"})
@@ -276,6 +276,12 @@ def register(p) -> None:
     import argparse
 
     p.add_argument("args", nargs=argparse.REMAINDER, help="ipvsadm arguments (see snatgw adm --help)")
+
+
+def _warn(resp: dict) -> None:
+    """What the daemon warns of about the rules it applied (an --oif that is no uplink)."""
+    for w in resp.get("warnings") or ():
+        print(f"snatgw adm: warning: {w}", file=sys.stderr)
 
 
 def run(args) -> int:
