@@ -559,6 +559,33 @@ def test_the_owner_lock_directory_must_be_writable_by_nobody_else(tmp_path):
     NamespaceOwner({}, name=f"snatgw-test-lockdir-{os.getpid()}", lock_dir=str(d)).close()
 
 
+def test_purge_removes_an_owner_lock_nobody_holds_and_never_a_held_one(tmp_path):
+    """A daemon killed with SIGKILL cannot remove its lock file: one file per namespace stayed in
+    /run/snatgw/owner for good (the lab's kill -9 tests left one a suite run).  purge's
+    remove_stale_lock removes it when nobody holds it; a held one (a daemon owns the namespace)
+    and the file a new owner made after it stay."""
+    from snatgw.daemon.owner import remove_stale_lock
+
+    d = tmp_path / "owner"
+    d.mkdir(mode=0o700)
+    name = f"snatgw-test-stale-{os.getpid()}"
+    path = lock_path(name, str(d))
+    first = NamespaceOwner({}, name=name, lock_dir=str(d))
+    assert remove_stale_lock(name, str(d)) is None and os.path.exists(path)  # held
+    os.close(first.lock_fd)  # as a SIGKILL leaves it: the lock goes, the file stays
+    first.lock_fd = -1
+    first.close()
+    assert os.path.exists(path)
+    assert remove_stale_lock(name, str(d)) == path and not os.path.exists(path)
+    assert remove_stale_lock(name, str(d)) is None  # nothing left to remove
+    second = NamespaceOwner({}, name=name, lock_dir=str(d))  # a start afterwards is unaffected
+    try:
+        assert current_owner(name, lock_dir=str(d))["pid"] == os.getpid()
+    finally:
+        second.close()
+    assert not os.path.exists(path)
+
+
 def test_a_sigterm_after_a_burst_of_sighups_is_not_lost():
     """Signals reached the loop only as bytes on the wake-up socket, which holds a few hundred
     one-byte writes: after a burst of SIGHUPs the SIGTERM's byte was dropped and the daemon

@@ -82,6 +82,33 @@ def _lock_held(path: str) -> dict | None:
         os.close(fd)
 
 
+def remove_stale_lock(name: str = OWNER_NAME, lock_dir: str = OWNER_LOCK_DIR) -> str | None:
+    """Remove this namespace's owner lock file when no daemon holds it (one killed with
+    SIGKILL leaves it behind; a daemon that stops removes its own): taken first, then unlinked
+    only if it is still the file at that path, as a stopping daemon does.  Returns the path
+    removed, or None (no file, or a daemon holds it)."""
+    path = lock_path(name, lock_dir)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None  # held: a daemon owns the namespace
+        try:
+            st, at = os.fstat(fd), os.stat(path, follow_symlinks=False)
+        except OSError:
+            return None
+        if (st.st_dev, st.st_ino) != (at.st_dev, at.st_ino):
+            return None
+        os.unlink(path)
+        return path
+    finally:
+        os.close(fd)
+
+
 def _addr(name: str) -> bytes:
     return b"\0" + name.encode()
 

@@ -1,6 +1,6 @@
 """`snatgw purge`: remove every trace of both backends in this network namespace (nft table,
-our ip rules/routes and conntrack entries, our TC filters on every device, the pin directory),
-refusing while a daemon owns the namespace (daemon/owner.py) or answers on the control socket,
+our ip rules/routes and conntrack entries, our TC filters on every device, the pin directory,
+the namespace's owner lock file a daemon killed with SIGKILL left in /run/snatgw/owner), refusing while a daemon owns the namespace (daemon/owner.py) or answers on the control socket,
 unless --force.
 """
 
@@ -13,7 +13,7 @@ import socket as _socket
 from ...config.schema import Settings
 from ...daemon.client import resolve_socket
 from ...daemon.control import NoDaemon, request
-from ...daemon.owner import current_owner, describe, foreign
+from ...daemon.owner import current_owner, describe, foreign, remove_stale_lock
 from ...errors import DaemonError
 
 HELP = "remove every trace of snatgw's datapaths in this network namespace (no daemon may run)"
@@ -21,7 +21,8 @@ DESCRIPTION = """Remove what a stopped (SIGTERM) or killed daemon of either back
 network namespace: the nft backend's `table ip snatgw`, its ip rules and routes (proto 201,
 prefs/tables 31000-31999) and its conntrack entries; the bpf backend's TC filters (handle and
 priority 0x534e only) on every device, its new_gw ip rules and routes (proto 201,
-prefs/tables 30000-30999), and the pinned maps in the pin directory (the sessions).
+prefs/tables 30000-30999), and the pinned maps in the pin directory (the sessions); and the
+namespace's owner lock file (/run/snatgw/owner) when no daemon holds it.
 This is how the datapath is removed on purpose: a daemon that exits (SIGTERM, `systemctl stop` or
 restart, an upgrade) leaves it translating for the next one.  Refuses (exit 4) while a daemon owns
 this network namespace or answers on the control socket: stop it first (--force purges anyway;
@@ -74,6 +75,9 @@ def run(args) -> int:
 
     pin_dir = args.pin_dir or settings.pin_dir
     removed = purge(pin_dir)
+    stale = remove_stale_lock()  # a daemon killed with SIGKILL left it (one file per namespace)
+    if stale:
+        removed.append(f"owner lock {stale}")
     present = {name for _, name in _socket.if_nameindex()}
     for name in (args.inside or []) + (args.outside or []):
         if name not in present:
