@@ -140,6 +140,20 @@ def test_a_device_whose_ifindex_clashes_cannot_send_into_another_devices_session
         subprocess.run(["ip", "netns", "del", atk], check=False)
 
 
+def _session_to_s1(servers, a: socket.socket, addr: str, tag: bytes):
+    """A UDP session from ``addr`` (socket ``a``) to S1's echo port: (its SNAT address, its SNAT
+    port, S1's reply as the inside host received it)."""
+    a.settimeout(2)
+    a.bind((addr, 0))
+    a.sendto(tag, (S1, ECHO_PORT))
+    a.recv(65536)
+    aport = a.getsockname()[1]
+    seen = servers.wait_for(lambda e: e.get("event") == "datagram" and e.get("data") == tag.decode())
+    assert seen is not None
+    snat, sport = seen["peer"].rsplit(":", 1)
+    return snat, sport, IP(src=S1, dst=addr, ttl=62) / UDP(sport=ECHO_PORT, dport=aport) / tag
+
+
 def test_an_icmp_error_from_another_inside_device_never_enters_a_session(agw):
     """Edge invariant 3 for ICMP errors (docs/datapath.md step 7; docs/nftables.md `forward`):
     A on lan40 has a UDP session to S1; B on lan50 sends a port and a host unreachable and a
@@ -150,15 +164,7 @@ def test_an_icmp_error_from_another_inside_device_never_enters_a_session(agw):
     A's SNAT address and port."""
     lab, servers = agw.lab, agw.lab.servers
     with ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM) as a:
-        a.settimeout(2)
-        a.bind(("198.18.40.10", 0))
-        a.sendto(b"hello-err-a", (S1, ECHO_PORT))
-        a.recv(65536)
-        aport = a.getsockname()[1]
-        seen = servers.wait_for(lambda e: e.get("event") == "datagram" and e.get("data") == "hello-err-a")
-        assert seen is not None
-        snat, sport = seen["peer"].rsplit(":", 1)
-        reply = IP(src=S1, dst="198.18.40.10", ttl=62) / UDP(sport=ECHO_PORT, dport=aport) / b"hello-err-a"
+        snat, sport, reply = _session_to_s1(servers, a, "198.18.40.10", b"hello-err-a")
         n = scaled(5)
 
         def errors(src: str) -> list[bytes]:
@@ -235,15 +241,8 @@ def test_an_icmp_error_from_a_neighbour_on_the_same_link_never_enters_a_session(
     lab, servers = agw.lab, agw.lab.servers
     a_addr, b_addr = "198.18.40.10", "198.18.40.11"
     with ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM) as a:
-        a.settimeout(2)
-        a.bind((a_addr, 0))
-        a.sendto(b"hello-err-nb", (S1, ECHO_PORT))
-        a.recv(65536)
-        aport = a.getsockname()[1]
-        seen = servers.wait_for(lambda e: e.get("event") == "datagram" and e.get("data") == "hello-err-nb")
-        assert seen is not None
-        snat, sport = seen["peer"].rsplit(":", 1)
-        reply = raw(IP(src=S1, dst=a_addr, ttl=62) / UDP(sport=ECHO_PORT, dport=aport) / b"hello-err-nb")
+        snat, sport, reply = _session_to_s1(servers, a, a_addr, b"hello-err-nb")
+        reply = raw(reply)
 
         def err(src: str, type_: int, code: int, quote: bytes = reply) -> bytes:
             return raw(IP(src=src, dst=S1) / ICMP(type=type_, code=code) / quote)

@@ -79,16 +79,8 @@ def test_default_algo_is_sdh_and_zero_gw_means_none():
     ("-Q", "not recognized"),
     ("", "no command"),
     ("-L extra", "unexpected argument"),
-])  # fmt: skip
-def test_bad_arguments_are_one_line_usage_errors_with_exit_2(line, needle):
-    """Each malformed command raises AdmUsageError (exit 2) whose one-line text says what is wrong."""
-    with pytest.raises(AdmUsageError) as ei:
-        cmd(line)
-    assert needle in str(ei.value) and "\n" not in str(ei.value)
-    assert ei.value.exit_code == 2
-
-
-@pytest.mark.parametrize("line, needle", [
+    # a command or a value given twice is refused, not the last one taken (as ipvsadm):
+    # `-F A -F B` (a -T typed as -F) would add a rule for B alone, silently
     ("-K -K -f 1 -F 198.18.40.0/24 -U 198.19.2.71", "multiple commands"),
     ("-K --add-snat -f 1 -F 198.18.40.0/24 -U 198.19.2.71", "multiple commands"),
     ("-K -f 1 -F 198.18.40.0/24 -F 203.0.113.0/24 -U 198.19.2.71", "multiple -F/--from options"),
@@ -98,11 +90,16 @@ def test_bad_arguments_are_one_line_usage_errors_with_exit_2(line, needle):
     ("-k -f 1 -F 198.18.40.0/24 -W 198.19.2.1 -W 198.19.3.1 -U 198.19.2.71", "multiple -W/--gw"),
     ("-K -f 1 -f 1 -F 198.18.40.0/24 -U 198.19.2.71", "multiple -f/--fwmark-service"),
 ])  # fmt: skip
-def test_a_command_or_value_given_twice_is_refused_not_the_last_taken(line, needle):
-    """As ipvsadm: `-F A -F B` (a -T typed as -F) would add a rule for B alone, silently."""
+def test_bad_arguments_are_one_line_usage_errors_with_exit_2(line, needle):
+    """Each malformed command raises AdmUsageError (exit 2) whose one-line text says what is wrong."""
     with pytest.raises(AdmUsageError) as ei:
         cmd(line)
-    assert needle in str(ei.value) and ei.value.exit_code == 2
+    assert needle in str(ei.value) and "\n" not in str(ei.value)
+    assert ei.value.exit_code == 2
+
+
+def test_a_flag_without_a_value_may_be_given_twice():
+    """Only commands and value options given twice are refused (above): `-n -n` is harmless."""
     assert cmd("-K -f 1 -F 198.18.40.0/24 -T 203.0.113.0/24 -U 198.19.2.71 -n -n").src.prefixlen == 24
 
 

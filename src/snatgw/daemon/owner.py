@@ -56,28 +56,48 @@ def _lock_dir_ok(lock_dir: str) -> None:
             "nobody else (others could take the lock and stop every start): fix or remove it") from None
 
 
-def _lock_held(path: str) -> dict | None:
-    """The owner lock's holder as the file describes it, or None when nobody holds it."""
+def _open_and_try(path: str, mode: int, how: int) -> tuple[int, OSError | None] | None:
+    """The file at ``path`` opened (never through a symlink) and flock(how) tried without
+    waiting: (fd, None) when taken, (fd, the error) when not; None when it cannot be opened.
+    The caller closes fd."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, mode | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except OSError as e:
+        return fd, e
+    return fd, None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """fd is still the file at path (not one unlinked, nor replaced by another)."""
+    try:
+        st, at = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (at.st_dev, at.st_ino)
+
+
+def _lock_held(path: str) -> dict | None:
+    """The owner lock's holder as the file describes it, or None when nobody holds it."""
+    got = _open_and_try(path, os.O_RDONLY, fcntl.LOCK_SH)
+    if got is None:
+        return None
+    fd, err = got
+    try:
+        if err is None or err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None  # we got it shared: nobody holds it exclusively
+        info: dict = {}
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return None
-            info: dict = {}
-            try:
-                got = json.loads(os.read(fd, 4096) or b"{}")
-                if isinstance(got, dict):
-                    info = {k: got[k] for k in ("socket", "backend", "config", "pid") if k in got}
-            except (OSError, ValueError):
-                pass
-            info["pid"] = _lock_holder(os.fstat(fd)) or info.get("pid")
-            return info
-        return None  # we got it shared: nobody holds it exclusively
+            read = json.loads(os.read(fd, 4096) or b"{}")
+            if isinstance(read, dict):
+                info = {k: read[k] for k in ("socket", "backend", "config", "pid") if k in read}
+        except (OSError, ValueError):
+            pass
+        info["pid"] = _lock_holder(os.fstat(fd)) or info.get("pid")
+        return info
     finally:
         os.close(fd)
 
@@ -88,21 +108,13 @@ def remove_stale_lock(name: str = OWNER_NAME, lock_dir: str = OWNER_LOCK_DIR) ->
     only if it is still the file at that path, as a stopping daemon does.  Returns the path
     removed, or None (no file, or a daemon holds it)."""
     path = lock_path(name, lock_dir)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
+    got = _open_and_try(path, os.O_RDWR, fcntl.LOCK_EX)
+    if got is None:
         return None
+    fd, err = got
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return None  # held: a daemon owns the namespace
-        try:
-            st, at = os.fstat(fd), os.stat(path, follow_symlinks=False)
-        except OSError:
-            return None
-        if (st.st_dev, st.st_ino) != (at.st_dev, at.st_ino):
-            return None
+        if err is not None or not _same_file(fd, path):
+            return None  # held: a daemon owns the namespace (or the file was just replaced)
         os.unlink(path)
         return path
     finally:
@@ -274,11 +286,7 @@ class NamespaceOwner:
         return True
 
     def _still_there(self, fd: int) -> bool:
-        try:
-            st, at = os.fstat(fd), os.stat(self.lock_path, follow_symlinks=False)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == (at.st_dev, at.st_ino)
+        return _same_file(fd, self.lock_path)
 
     def _bind(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
