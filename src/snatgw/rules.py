@@ -130,14 +130,19 @@ def parse_host_limit(text: str, where: str | None = None, field_name: str = "max
     return int(t)
 
 
+def non_ascii_named(text: str) -> str:
+    """Where ``text``'s first non-ASCII character is and which it is ("its character 2 is
+    U+0435, CYRILLIC SMALL LETTER IE"), for errors about a word with a look-alike letter."""
+    i = next(i for i, c in enumerate(text) if ord(c) > 127)
+    return f"its character {i + 1} is U+{ord(text[i]):04X}, {unicodedata.name(text[i], 'unnamed')}"
+
+
 def parse_oif(text: str, where: str | None = None) -> str:
     name = text.strip()
     if not name.isascii():  # a look-alike letter (Cyrillic 'е' in eth1) names no device: nft's oifname
-        i = next(i for i, c in enumerate(name) if ord(c) > 127)  # would match nothing, silently
         got = ascii(name) if len(name) <= 32 and name.isprintable() else f"a word of {len(name)} characters"
-        raise RuleError(f"expected an interface name in ASCII, got {got}: its character {i + 1} is "
-                        f"U+{ord(name[i]):04X} ({unicodedata.name(name[i], 'unnamed')}), a look-alike "
-                        "letter?", "oif", where)
+        raise RuleError(f"expected an interface name in ASCII, got {got}: {non_ascii_named(name)}: a "
+                        "look-alike letter?", "oif", where)  # ... would match nothing, silently
     if not name or len(name) >= IFNAMSIZ or any(c in name for c in "/ \t"):
         raise RuleError(f"expected an interface name of 1..15 characters, got {name!r}", "oif", where)
     return name

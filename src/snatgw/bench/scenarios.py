@@ -76,7 +76,7 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     # the allocator's counters run since the daemon started (3a, 3a' of this round: searches of
     # one try each): this run's are the difference
     alloc0 = daemon_allocator(gw) if gw.name.startswith("snatgw-") else None
-    w = traffic.blast(t, traffic.trafgen_conf(t.gw_in_mac, "ports64k"), gw.count_ns, duration, offered=True)
+    w = _blast_ports64k(t, gw, duration)
     offered = w.offered if gw.name != "drop" else w.packets
     rec = {"metric": "pps", "value": offered / w.seconds if w.seconds > 0 else 0.0, "offered": offered,
            "seconds": round(w.seconds, 4), "cpu": w.cpu, "cpu_ns": None, "loadavg": loadavg()}  # fmt: skip
@@ -104,6 +104,12 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     return rec
 
 
+def _blast_ports64k(t: topo.Topology, gw: Gateway, duration: float) -> traffic.Window:
+    """3c's traffic: one host, random source ports over all 65,536, one server port; the
+    offered count (every packet the generator got out, translated or refused)."""
+    return traffic.blast(t, traffic.trafgen_conf(t.gw_in_mac, "ports64k"), gw.count_ns, duration, offered=True)
+
+
 def _program_pass(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     """Where the live cost goes: the inside program's own ns per packet (run_time_ns /
     run_cnt), from a second blast of the same kind and length from an emptied table, with
@@ -114,7 +120,7 @@ def _program_pass(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     _fresh_table(t, gw)
     with bpf_stats():
         p0 = _tc_prog_stats(t.gw, topo.GW_IN)
-        w = traffic.blast(t, traffic.trafgen_conf(t.gw_in_mac, "ports64k"), gw.count_ns, duration, offered=True)
+        w = _blast_ports64k(t, gw, duration)
         p1 = _tc_prog_stats(t.gw, topo.GW_IN) if p0 else None
     if not (p0 and p1 and p1[1] > p0[1]):
         return {}

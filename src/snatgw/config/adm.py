@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
     if rest:
         raise AdmUsageError(f"unexpected argument {rest[0]!r} (see snatgw adm --help)")
     ops = {_COMMANDS[o] for o, _ in opts if o in _COMMANDS}
-    if len(ops) > 1 or sum(o in _COMMANDS for o, _ in opts) > 1:  # ipvsadm: -K -K is refused too
+    if sum(o in _COMMANDS for o, _ in opts) > 1:  # ipvsadm: -K -K is refused too
         raise AdmUsageError("multiple commands specified")
     seen: dict[str, str] = {}
     for o, _ in opts:  # ipvsadm: a value given twice is refused, never the last one taken

@@ -59,7 +59,7 @@ from typing import NamedTuple
 from ..errors import ConfigError, RuleError
 from ..layout import PORT_TRIES_MAX
 from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_gw, parse_host_limit, parse_net
-from ..rules import FILTERINGS, MAPPINGS, parse_choice, parse_on_exhausted, parse_oif, parse_yes_no
+from ..rules import FILTERINGS, MAPPINGS, non_ascii_named, parse_choice, parse_on_exhausted, parse_oif, parse_yes_no
 from . import MAX_CONFIG_BYTES, MAX_SOCKET_PATH
 from .links import INTERVAL_RANGE, LINK_KEYWORDS, MAX_TARGETS, Link
 from .schema import AUDIT_LOG_MAX_KEEP, BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings
@@ -111,9 +111,7 @@ def shown(text: str) -> str:
         return repr(text)
     if len(text) <= 64 and text.isprintable() and _SHOWABLE.match(
             "".join(c if ord(c) < 128 else "x" for c in text)):
-        i = next(i for i, c in enumerate(text) if ord(c) > 127)
-        return (f"{ascii(text)} (its character {i + 1} is U+{ord(text[i]):04X}, "
-                f"{unicodedata.name(text[i], 'unnamed')}: a look-alike letter?)")
+        return f"{ascii(text)} ({non_ascii_named(text)}: a look-alike letter?)"
     return f"a word of {len(text)} characters that is not config text (not shown)"
 
 

@@ -279,14 +279,11 @@ class NamespaceOwner:
                 raise DaemonError(f"{self.lock_path}: cannot take the owner lock: {e.strerror}") from None
             other = _lock_held(self.lock_path) or {}
             raise _owned_by(other) from None
-        if not self._still_there(fd):
+        if not _same_file(fd, self.lock_path):
             os.close(fd)
             return False
         self.lock_fd = fd
         return True
-
-    def _still_there(self, fd: int) -> bool:
-        return _same_file(fd, self.lock_path)
 
     def _bind(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -334,7 +331,7 @@ class NamespaceOwner:
             self.sock.close()
             self.sock = None
         if self.lock_fd >= 0:  # removed while still locked (a starter that opened it retries)
-            if self._still_there(self.lock_fd):
+            if _same_file(self.lock_fd, self.lock_path):
                 with contextlib.suppress(OSError):
                     os.unlink(self.lock_path)
             os.close(self.lock_fd)

@@ -99,6 +99,7 @@ class Service:
         self.lock = threading.RLock()
         self.started_at = clock()
         self.reloads = 0
+        self.warnings: list[str] = []  # what config_warnings found at the last start or reload
         self.last_error: str | None = None
         self._samples: list[tuple[float, dict]] = []  # (time, stats dict), at most two
         self.hooks_restored = 0  # datapath hooks put back after someone removed them
@@ -134,10 +135,11 @@ class Service:
 
     def config_warnings(self) -> list[str]:
         """Log what `snatgw check` warns of about devices (an oif that is no uplink: a typo
-        whose rule matches nothing), so that a start or reload does not take it silently."""
+        whose rule matches nothing), so that a start or reload does not take it silently; kept
+        in ``warnings`` (the reload request's answer prints them)."""
         from ..cli.commands.check import oif_warnings
 
-        found = oif_warnings(self.config)
+        found = self.warnings = oif_warnings(self.config)
         for w in found[:10]:
             self.log.warning("config_warning", warning=w)
         if len(found) > 10:
@@ -458,9 +460,7 @@ class Service:
                     return {"ok": True, **report(self)}
             if op == "reload":
                 new = self.reload(path=req.get("path"), text=req.get("text"))
-                from ..cli.commands.check import oif_warnings
-
-                return {"ok": True, "rules": len(new.rules), "warnings": oif_warnings(new)[:10]}
+                return {"ok": True, "rules": len(new.rules), "warnings": self.warnings[:10]}
             if op == "rules":
                 with self.lock:
                     return {"ok": True, **self.rules()}

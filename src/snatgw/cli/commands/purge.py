@@ -1,14 +1,14 @@
 """`snatgw purge`: remove every trace of both backends in this network namespace (nft table,
 our ip rules/routes and conntrack entries, our TC filters on every device, the pin directory,
-the namespace's owner lock file a daemon killed with SIGKILL left in /run/snatgw/owner), refusing while a daemon owns the namespace (daemon/owner.py) or answers on the control socket,
+the namespace's owner lock file a daemon killed with SIGKILL left in /run/snatgw/owner),
+refusing while a daemon owns the namespace (daemon/owner.py) or answers on the control socket,
 unless --force.
 """
 
 from __future__ import annotations
 
-import sys
-
 import socket as _socket
+import sys
 
 from ...config.schema import Settings
 from ...daemon.client import resolve_socket

@@ -73,7 +73,7 @@ C_NOT_FROM_HOST = "not_from_host"
 #: S_SAME_TIMEOUT; full (65535, as every set here: that many distinct hosts' errors within it),
 #: the update fails and the host's own error is dropped too (closed, never open)
 S_SAME = "same_host"
-S_SAME_TIMEOUT = "1s"
+S_SAME_TIMEOUT = 1  # seconds
 
 #: what the kernel's nf_nat does for each algo, where it is exact and where it is not
 ALGO_NOTES = {
@@ -687,7 +687,7 @@ def to_json(p: Plan, stale_counters: tuple[str, ...] = (), stale_timeouts: tuple
         js = {"family": FAMILY, "table": TABLE, "name": name, "type": key.split(" . ") if " . " in key else key,
               "size": 65535}
         if name == S_SAME:
-            js |= {"flags": ["timeout"], "timeout": int(S_SAME_TIMEOUT.rstrip("s"))}
+            js |= {"flags": ["timeout"], "timeout": S_SAME_TIMEOUT}
         cmds.append({"add": {"set": js}})
     for name, proto, policy in p.timeouts if with_timeouts else ():
         cmds.append({"add": {"ct timeout": {"family": FAMILY, "table": TABLE, "name": name,
@@ -721,7 +721,7 @@ def _set_lines(p: Plan) -> list[str]:
 
 
 #: sets whose elements time out (the ct count sets' do not)
-_SET_EXTRA = {S_SAME: f",timeout\n\t\ttimeout {S_SAME_TIMEOUT}"}
+_SET_EXTRA = {S_SAME: f",timeout\n\t\ttimeout {S_SAME_TIMEOUT}s"}
 
 
 def timeouts_text(p: Plan) -> str:
