@@ -133,7 +133,8 @@ def test_first_and_later_fragments_outbound_and_reply(engine):
     addr, port = r1.nat
     b1, b2 = fragments(R1, str(addr), 53, port, ident=0x7777)
     rb1, rb2 = engine.process(b1, "outside", "eth1", 1), engine.process(b2, "outside", "eth1", 1)
-    assert (rb1.reason, rb2.reason, rb2.oif, rb2.nexthop) == (Reason.XLATE_IN, Reason.XLATE_FRAG, "lan40", None)
+    assert (rb1.reason, rb2.reason, rb2.oif, rb2.nexthop) == (Reason.XLATE_IN, Reason.XLATE_FRAG, "lan40", rb1.nexthop)
+    assert str(rb2.nexthop) == A  # the session's route back: A on-link
     assert IP(rb2.packet).dst == A
 
 

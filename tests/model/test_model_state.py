@@ -330,7 +330,8 @@ def test_entries_pack_to_the_bpf_layouts(engine):
     assert (d["rw_addr"], d["rw_port"], d["ifindex"], d["nexthop"]) == (
         int(IP4(NAT)), pair.out.rw_port, 7, int(IP4("198.19.2.1")))
     assert (d["state"], d["last_seen"], d["mtu"]) == (CtState.UDP, 2_000_000_000, pair.out.mtu)
-    assert CT_ENTRY.unpack(pair.inn.to_bytes({"lan40": 3}))["nexthop"] == 0
+    # the IN entry: the route back found at creation, A itself (on-link), as the BPF fills it
+    assert CT_ENTRY.unpack(pair.inn.to_bytes({"lan40": 3}))["nexthop"] == int(IP4(A))
 
 
 def test_a_port_taken_between_lookup_and_insert_moves_the_search_on():

@@ -35,11 +35,12 @@ def test_new_tcp_flow_rewrites_source_ttl_and_checksums(engine):
 
 
 def test_reply_translates_back_to_the_original_tuple(engine):
-    """The reply to the SNAT tuple reaches A:40000 on lan40 with TTL-1 and valid checksums."""
+    """The reply to the SNAT tuple reaches A:40000 on lan40 with TTL-1 and valid checksums, sent
+    to the session's route back: A itself, on-link."""
     run(engine, tcp(A, R1, 40000, 80, "S"))
     res = run(engine, tcp(R1, "198.19.2.72", 80, 21541, "SA", ttl=50), "outside", "eth1")
     out = IP(res.packet)
-    assert (res.verdict, res.reason, res.oif, res.nexthop) == (Verdict.REDIRECT, Reason.XLATE_IN, "lan40", None)
+    assert (res.verdict, res.reason, res.oif, res.nexthop) == (Verdict.REDIRECT, Reason.XLATE_IN, "lan40", IP4(A))
     assert (out.src, out[TCP].sport, out.dst, out[TCP].dport, out.ttl) == (R1, 80, A, 40000, 49)
     assert problems(res.packet) == []
 

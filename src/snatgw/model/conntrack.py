@@ -43,7 +43,8 @@ class CtEntry:
     rw_addr: IPv4Address
     rw_port: int
     oif: str  # OUT: the uplink; IN: the inside device
-    nexthop: IPv4Address | None  # OUT: next hop; IN: None (the destination)
+    #: OUT: next hop; IN: the route back's (the host itself on-link), found at creation; None: 0
+    nexthop: IPv4Address | None
     rule_id: int
     mtu: int
     last_seen: float  # set at creation too

@@ -268,16 +268,18 @@ class Engine:
         # the route back (the IN entry's next hop and MTU): the route to the inside host as a
         # reply from the uplink would take it (docs/datapath.md step 13).  The router has no
         # input devices, so that is its route to the host, the one _spoofed checked (which leads
-        # back out of `ingress`): on-link in REF, next hop None ("the route to the
-        # destination"), the device's MTU.  The bpf datapath looks it up per session, or reuses
-        # the reverse-path check's while CFG_F_BACK_FROM_RPF holds: the same answer either way
+        # back out of `ingress`): the host itself on-link (as in REF), else its router; the
+        # device's MTU.  Kept for the session's life: its replies go there, and an inside
+        # error is judged by it (_on_link).  The bpf datapath looks it up per session, or
+        # reuses the reverse-path check's while CFG_F_BACK_FROM_RPF holds: the same answer
+        in_nexthop = self._route_back(src, dst, ingress)
         in_mtu = self._dev_mtu(ingress)
 
         def build(ikey: CtKey, addr: IPv4Address, port: int) -> tuple[CtEntry, CtEntry]:
             out = CtEntry(peer=ikey, rw_addr=addr, rw_port=port, oif=oif, nexthop=nexthop,
                           rule_id=rule.rule_id, mtu=mtu, last_seen=now,
                           state=initial_state(v.proto), flags=flags, rule=rule, iif=ingress)  # fmt: skip
-            inn = CtEntry(peer=okey, rw_addr=src, rw_port=v.sport, oif=ingress, nexthop=None,
+            inn = CtEntry(peer=okey, rw_addr=src, rw_port=v.sport, oif=ingress, nexthop=in_nexthop,
                           rule_id=rule.rule_id, mtu=in_mtu, last_seen=now,
                           state=initial_state(v.proto), rule=rule)  # fmt: skip
             return out, inn
@@ -389,7 +391,8 @@ class Engine:
         out = CtEntry(peer=ikey, rw_addr=ep.addr, rw_port=ep.port, oif=oif, nexthop=nexthop,
                       rule_id=rule.rule_id, mtu=mtu, last_seen=now, state=initial_state(ek.proto),
                       flags=flags, rule=rule, iif=ep.iif)  # fmt: skip
-        inn = CtEntry(peer=okey, rw_addr=host, rw_port=ek.port, oif=ep.iif, nexthop=None,
+        back = self._route_back(host, remote, ep.iif)  # replies' next hop, when it leads to ep.iif
+        inn = CtEntry(peer=okey, rw_addr=host, rw_port=ek.port, oif=ep.iif, nexthop=back,
                       rule_id=rule.rule_id, mtu=self._dev_mtu(ep.iif), last_seen=now,
                       state=initial_state(ek.proto), rule=rule)  # fmt: skip
         err = self.table.insert(ikey, inn)
@@ -595,9 +598,9 @@ class Engine:
         self._touch(e, v, now)
         if v.is_first_fragment:
             key = FragKey(ip(v.saddr), ip(v.daddr), v.ipid, v.proto)
-            self.frags.remember(key, FragEntry(ip(v.saddr), e.rw_addr, e.oif, None, now))
+            self.frags.remember(key, FragEntry(ip(v.saddr), e.rw_addr, e.oif, e.nexthop, now))
         verdict = Verdict.PASS_TRANSLATED if to_kernel else Verdict.REDIRECT
-        return Result(verdict, reason, bytes(buf), e.oif, None, e.rule, nat)
+        return Result(verdict, reason, bytes(buf), e.oif, e.nexthop, e.rule, nat)
 
     # ------------------------------------------------------------------ shared steps
 
@@ -650,7 +653,7 @@ class Engine:
             translate_icmp_error(buf, v, iv, outer_off=IP_DADDR, inner_off=IP_SADDR,
                                  addr=e.rw_addr, port=e.rw_port, ttl=True)  # fmt: skip
             self._count_rule(e.rule_id, packets=1, nbytes=v.tot_len)
-            return Result(Verdict.REDIRECT, Reason.XLATE_ICMP_ERR_IN, bytes(buf), e.oif, None, e.rule, nat)
+            return Result(Verdict.REDIRECT, Reason.XLATE_ICMP_ERR_IN, bytes(buf), e.oif, e.nexthop, e.rule, nat)
         # inside or egress: inner: remote:rport -> inside:port, a reply as translated
         e = self._inner_lookup(iv, about_reply=True)
         back = self.table.lookup(e.peer) if e is not None and side == "inside" else None
@@ -678,14 +681,20 @@ class Engine:
             return Result(Verdict.PASS, Reason.XLATE_ICMP_ERR_OUT, bytes(buf), rule=e.rule, nat=nat)
         return Result(Verdict.REDIRECT, Reason.XLATE_ICMP_ERR_OUT, bytes(buf), e.oif, e.nexthop, e.rule, nat)
 
-    def _on_link(self, back: CtEntry, iv: InnerView) -> bool:
-        """The session's inside host (the quoted reply's destination) is on-link: the route
-        back to it (host, from the remote) leaves by the device its replies go to, its next
-        hop the host itself.  BPF: the IN entry's next hop, that route found at the session's
-        creation, is the host (0, unknown, when the route did not lead there)."""
-        host = ip(iv.daddr)
-        r = self.router.lookup(host, ip(iv.saddr))
-        return r.kind == "forward" and r.oif == back.oif and r.gw == host
+    @staticmethod
+    def _on_link(back: CtEntry, iv: InnerView) -> bool:
+        """The session's inside host (the quoted reply's destination) is on-link: the IN
+        entry's next hop, the route back found at the session's creation (_route_back), is the
+        host itself, as in the BPF.  Not the route when the error arrives: the session's replies
+        keep going to that next hop whatever the routes do since, and the error is about them."""
+        return back.nexthop == ip(iv.daddr)
+
+    def _route_back(self, host: IPv4Address, remote: IPv4Address, dev: str) -> IPv4Address | None:
+        """A new session's route back to its inside ``host`` (a reply from ``remote``): its next
+        hop (the host itself when on-link) when it leaves by ``dev``, the device the session's
+        replies go to; else None, the kernel's neighbour lookup (BPF: 0)."""
+        r = self.router.lookup(host, remote)
+        return r.gw if r.kind == "forward" and r.oif == dev else None
 
     def _inner_lookup(self, iv: InnerView, about_reply: bool) -> CtEntry | None:
         """The session an ICMP error's quoted packet belongs to.  About an outbound packet:
