@@ -1,8 +1,9 @@
 """BPF vs the model on the shared corpus: every step of every scenario gives the same verdict,
 reason, output IPv4 bytes and redirect target, and afterwards the session tables (both keys,
-rewrite, OUT state and flags), the reason counters and the per-rule counters agree.  The
+rewrite, next hop, OUT state and flags), the reason counters and the per-rule counters agree.  The
 model (snatgw.model) is the oracle."""
 
+import subprocess
 from collections import Counter
 from ipaddress import IPv4Address
 
@@ -21,7 +22,7 @@ def model_sessions(engine) -> dict:
     out = {}
     for k, e in engine.table.entries().items():
         key = (k.saddr, k.daddr, k.sport, k.dport, k.proto, k.dir)
-        d = {"peer": tuple(e.peer), "rw": (e.rw_addr, e.rw_port)}
+        d = {"peer": tuple(e.peer), "rw": (e.rw_addr, e.rw_port), "nexthop": IPv4Address(e.nexthop or 0)}
         if k.dir == CT_DIR_OUT:
             d.update(state=e.state, flags=e.flags)
         out[key] = d
@@ -33,7 +34,7 @@ def bpf_sessions(prog) -> dict:
 
     out = {}
     for key, e in prog.ct().items():
-        d = {"peer": e["peer"], "rw": (IPv4Address(e["rw_addr"]), e["rw_port"])}
+        d = {"peer": e["peer"], "rw": (IPv4Address(e["rw_addr"]), e["rw_port"]), "nexthop": IPv4Address(e["nexthop"])}
         if key[5] == CT_DIR_OUT:
             d.update(state=e["state"], flags=e["flags"])
         out[key] = d
@@ -85,9 +86,35 @@ def model_alloc_counts(engine) -> dict:
     return engine.alloc_counts()
 
 
+def _route(net, op: str, route: tuple[str, str, str | None], check: bool = True) -> None:
+    dst, dev, via = route
+    cmd = ["ip", "-n", net.name, "route", op, dst, *(["via", via] if via else []), "dev", dev]
+    subprocess.run(cmd, check=check, capture_output=True)
+
+
 def run_scenario(sc, prog, engine):
+    """The scenario's steps through ``prog`` and ``engine``, compared step by step and after;
+    a route change of the scenario (Scenario.reroute) is made in both, and the REF namespace
+    has its own routes back afterwards, whatever happened."""
+    added: list[tuple[str, str, str | None]] = []  # routes the scenario has added to the namespace
+    try:
+        _run_steps(sc, prog, engine, added)
+    finally:
+        for r in added:
+            _route(prog.net, "del", r, check=False)
+
+
+def _run_steps(sc, prog, engine, added: list) -> None:
     judged = Counter()  # the model's reasons for the packets BPF ran and judged
     for i, step in enumerate(sc.steps):
+        extra = sc.rerouted(engine, i)
+        if extra is not None:  # the same routes in the namespace as in the model's router
+            for r in [r for r in added if r not in extra]:
+                _route(prog.net, "del", r)
+                added.remove(r)
+            for r in [r for r in extra if r not in added]:
+                added.append(r)
+                _route(prog.net, "add", r)
         res = engine.process(step.packet, step.side, step.ingress, step.when(i))
         if len(step.packet) < MIN_TESTABLE_IPV4:
             continue  # the kernel's test-run refuses it (EINVAL); see testrun.Untestable

@@ -88,6 +88,10 @@ class Scenario:
     #: (port searches, candidates tried) after the last step (snat_alloc_cnt's ALLOC_CNT_SEARCH,
     #: ALLOC_CNT_TRIES; docs/datapath.md step 13), where the scenario knows them; None: not said
     alloc: tuple[int, int] | None = None
+    #: a route change between steps: {step index: the routes added to REF_ROUTES from that step
+    #: on}; the model's router is replaced, the BPF tests change the REF namespace alike
+    #: (run_scenario in tests/bpf/test_differential.py) and restore it after the scenario
+    reroute: dict[int, list[tuple[str, str, str | None]]] = field(default_factory=dict)
 
     def make_settings(self) -> Settings:
         return replace(REF_SETTINGS, **self.settings)
@@ -99,6 +103,16 @@ class Scenario:
         from snatgw.model import Engine, StaticRouter
 
         return Engine(self.make_rules(), self.make_settings(), router or StaticRouter(REF_ROUTES, REF_ADDRESSES))
+
+    def rerouted(self, engine, i: int) -> list[tuple[str, str, str | None]] | None:
+        """Before step ``i``: the routes added to REF_ROUTES from now on, given to ``engine``'s
+        router (a new StaticRouter); None when the routes do not change here."""
+        from snatgw.model import StaticRouter
+
+        extra = self.reroute.get(i)
+        if extra is not None:
+            engine.router = StaticRouter(REF_ROUTES + list(extra), REF_ADDRESSES)
+        return extra
 
 
 def inside(pkt: bytes, v: Verdict, r: Reason, dev: str = "lan40", at: float | None = None, mark: int = 0) -> Step:
@@ -591,6 +605,35 @@ def _scenarios() -> list[Scenario]:
         inside(icmp_error(A, R1, udp(R1, B, 53, 5353, ttl=63), 3, 3), DROP, R.DROP_ICMP_NOT_FROM_HOST),
         inside(icmp_error(B, R1, udp(R1, B, 53, 5353, ttl=63), 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
     ])  # fmt: skip
+    rtr = "198.18.40.254"  # an inside router on lan40
+    ua2, up2 = snat_of(RULE_SDH, A, R1, 5354)
+    ru2, ru3 = udp(R1, A, 53, 5354, ttl=63), udp(R1, A, 53, 5355, ttl=63)
+    add("icmp_error_after_the_route_back_changed", "Whether the inside host is on-link is the "
+        "session's route back, found at its creation (the IN entry's next hop, where its replies "
+        "keep going), not the route when the error arrives. A's first session is made on-link; "
+        "then A is routed via an inside router on lan40: its replies still go straight to A, so "
+        "that router's host unreachable or frag needed about them is dropped, "
+        "DROP_ICMP_NOT_FROM_HOST, A's own error translated. A's second session, made while "
+        "routed, sends its replies to the router (after the route is gone too): the router kinds "
+        "from it are translated, the host-only kinds not; the first session is still held to A, "
+        "and a session made after the route is gone is on-link.", [
+        inside(udp(A, R1, 5353, 53), RED, R.XLATE_NEW),
+        outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),  # 1: A routed via rtr from here on
+        inside(icmp_error(rtr, R1, ru, 3, 1), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(rtr, R1, ru, 3, 4), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(A, R1, ru, 3, 3), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(udp(A, R1, 5354, 53), RED, R.XLATE_NEW),
+        outside(udp(R1, ua2, 53, up2), RED, R.XLATE_IN),
+        inside(icmp_error(rtr, R1, ru2, 3, 1), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(rtr, R1, ru2, 3, 3), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        outside(udp(R1, ua2, 53, up2, payload=b"again"), RED, R.XLATE_IN),  # 9: A on-link again
+        inside(icmp_error(rtr, R1, ru2, 3, 4), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(rtr, R1, ru2, 11, 0), RED, R.XLATE_ICMP_ERR_OUT),
+        inside(icmp_error(rtr, R1, ru, 3, 1), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(udp(A, R1, 5355, 53), RED, R.XLATE_NEW),
+        inside(icmp_error(rtr, R1, ru3, 3, 1), DROP, R.DROP_ICMP_NOT_FROM_HOST),
+        inside(icmp_error(A, R1, ru3, 3, 1), RED, R.XLATE_ICMP_ERR_OUT),
+    ], reroute={1: [(f"{A}/32", "lan40", rtr)], 9: []})  # fmt: skip
     add("egress_error_about_reply", "The gateway's own frag-needed about a reply, leaving eth1, "
         "quotes the SNAT tuple instead of the inside one; other egress packets pass.", [
         inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),

@@ -36,6 +36,7 @@ def test_scenario_steps_meet_expectations(sc: Scenario):
     consistent session table."""
     engine = sc.make_engine()
     for i, st in enumerate(sc.steps):
+        sc.rerouted(engine, i)
         before = sum(engine.reasons.values())
         res = engine.process(st.packet, st.side, st.ingress, st.when(i))
         v = parse(st.packet)
