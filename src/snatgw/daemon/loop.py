@@ -157,8 +157,22 @@ class EventLoop:
         # full (a few hundred signals between two turns of the loop), and a SIGTERM after a
         # burst of SIGHUPs was lost with it; the Python handler (main thread) records each
         # signal not already waiting (a burst of one signal is handled once: bounded)
-        old = signal.signal(signum, lambda n, _f: None if n in self._signals else self._signals.append(n))
+        old = signal.signal(signum, lambda n, _f: self._caught(n))
         self._old_signals.setdefault(signum, old)  # registered again: keep the disposition before ours
+
+    def _caught(self, signum: int) -> None:
+        if signum not in self._signals:
+            self._signals.append(signum)
+
+    def queue_signal(self, signum: int) -> None:
+        """Handle ``signum`` as if it arrived now (one caught before our handlers were set:
+        startsignals.py); wakes the loop."""
+        self._caught(signum)
+        self.call_soon_threadsafe(lambda: None)
+
+    def pending_signals(self) -> tuple[int, ...]:
+        """The signals caught and not handled yet (the loop has not run since)."""
+        return tuple(self._signals)
 
     def restore_signals(self) -> None:
         for signum, old in self._old_signals.items():

@@ -17,7 +17,9 @@ backend, print one `ready` line, then run the event loop (loop.py) until SIGTERM
 
 On SIGTERM both threads finish their job, the backend stops with keep_state=True (bpf: programs
 stay attached and maps pinned; nft: the table stays), the socket is removed, exit 0.  The
-logic lives in service.py.
+signals are caught from the first line of `snatgw run` (startsignals.py): one during the start
+stops it at its next step (before the datapath's start: nothing of it touched) or, during the
+datapath's start, once that ends, without `ready`.  The logic lives in service.py.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..rules import parse_oif
 from .control import ControlServer
 from .log import Log
 
+from . import startsignals
 from .loop import EventLoop, Worker
 from .owner import NamespaceOwner, PinDirLock, describe
 from .writer import Writer
@@ -112,6 +115,7 @@ class Daemon:
         self.tick_running = False
         self.timer = None
         self.extras = None
+        self.stop_signal: int | None = None  # the SIGTERM/SIGINT that stopped the loop
 
     def start(self) -> None:
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -127,7 +131,8 @@ class Daemon:
         self.extras.attach()
 
     # ------------------------------------------------------------------ handlers (loop thread)
-    def on_stop(self, _signum: int) -> None:
+    def on_stop(self, signum: int) -> None:
+        self.stop_signal = signum
         self.loop.stop()
 
     def on_hup(self, _signum: int) -> None:
@@ -169,6 +174,23 @@ class Daemon:
 
 
 def run(args) -> int:
+    early = startsignals.hold()  # `snatgw run` held them before its imports already (cli/main.py)
+    try:
+        return _run(args, early)
+    finally:
+        early.release()
+
+
+def _stopped_in_start(log: Log, signum: int, backend: str) -> int:
+    """A SIGTERM/SIGINT came before the datapath was touched: nothing of it to stop; what was
+    taken (locks, socket) the caller has closed."""
+    sd_notify("STOPPING=1")
+    log.info("stopping", reason="signal", signal=startsignals.name(signum), during="start")
+    log.info("stopped", backend=backend, datapath="not started")
+    return EXIT_OK
+
+
+def _run(args, early: startsignals.StartSignals) -> int:
     log = Log(json_lines=args.log_json, debug=args.debug)
     try:
         overrides = overrides_from(args)
@@ -177,6 +199,8 @@ def run(args) -> int:
         log.error("config_invalid", error=str(e), config=args.config)
         return EXIT_BAD_INPUT
     settings = config.settings
+    if (signum := early.stop_asked()) is not None:
+        return _stopped_in_start(log, signum, settings.backend)
     owner = server = pins = None
     service: Service | None = None
     try:
@@ -202,18 +226,27 @@ def run(args) -> int:
             if held is not None:
                 held.close()
         return getattr(e, "exit_code", EXIT_BACKEND)
+    if (signum := early.stop_asked()) is not None:  # the socket and locks go as at any stop
+        server.close()
+        for held in (pins, owner):
+            if held is not None:
+                held.close()
+        return _stopped_in_start(log, signum, backend.name)
     loop = EventLoop(log)
     worker = Worker(loop, log)
     gc = Worker(loop, log, name="snatgw-gc")
     writer = Writer()  # from here log lines (and the audit log) are written on its thread
     log.attach(writer)
     daemon = Daemon(service, server, log, loop, worker, owner, gc, writer)
-    # from here a SIGTERM/SIGINT waits for the start to end, then stops the daemon as usual (the
-    # default action killed it mid-start: exit 143, pins made and hooks half attached, nothing
-    # logged); a SIGHUP is a reload after it
+    # from here the loop takes the signals: a SIGTERM/SIGINT during the datapath's start (seconds
+    # for bpf: it cannot be cut short) waits for it to end, then the daemon stops as at any stop
+    # (the datapath kept) without saying ready; a SIGHUP is a reload after it.  What was caught
+    # since the first line (startsignals.py) is handed over.
     for s in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(s, daemon.on_stop)
     loop.add_signal_handler(signal.SIGHUP, daemon.on_hup)
+    for s in early.handover():
+        loop.queue_signal(s)
     started = False
     try:
         try:
@@ -222,13 +255,19 @@ def run(args) -> int:
         except SnatgwError as e:
             log.error("start_failed", error=str(e), backend=backend.name)
             return e.exit_code
-        daemon.start()
-        print(f"snatgw ready backend={backend.name} rules={len(config.rules)} socket={settings.control_socket}"
-              f" pid={os.getpid()}", flush=True)
-        sd_notify("READY=1", _status_line(f"running: {len(config.rules)} rules, backend {backend.name}"))
-        daemon.run()
+        during = None
+        asked = next((s for s in loop.pending_signals() if s in startsignals.STOP), None)
+        if asked is None:
+            daemon.start()
+            print(f"snatgw ready backend={backend.name} rules={len(config.rules)} socket={settings.control_socket}"
+                  f" pid={os.getpid()}", flush=True)
+            sd_notify("READY=1", _status_line(f"running: {len(config.rules)} rules, backend {backend.name}"))
+            daemon.run()
+            asked = daemon.stop_signal
+        else:
+            during = "start"
         sd_notify("STOPPING=1")
-        log.info("stopping", reason="signal")
+        log.info("stopping", reason="signal", signal=startsignals.name(asked) if asked else None, during=during)
         return EXIT_OK
     finally:
         if getattr(daemon, "extras", None) is not None:
@@ -251,7 +290,9 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `snatgwd` (same flags as `snatgw run`)."""
+    """Entry point of `snatgwd` (same flags as `snatgw run`; its signals are held from here, after
+    this module's imports: `snatgw run` holds them ~0.15 s earlier)."""
+    startsignals.hold()
     p = argparse.ArgumentParser(prog="snatgwd", description="the snatgw daemon")
     register(p)
     return run(p.parse_args(argv))

@@ -21,6 +21,9 @@ is in place.  SIGTERM/SIGINT exit 0 and leave the datapath TRANSLATING for the n
        the pins and replaces the programs in place (no moment without translation).
   nft: table ip snatgw, its policy routing (proto 201) and conntrack entries stay installed;
        the next start replaces the rule set in one transaction.
+A SIGTERM/SIGINT during the start exits 0 too, logged `stopping ... during=start`: before the
+datapath's start nothing of it is touched (`stopped datapath="not started"`); during it, the
+start ends first, `ready` is not printed and the datapath is kept as above.
 `snatgw purge` removes the datapath on purpose (with no daemon running)."""
 
 
