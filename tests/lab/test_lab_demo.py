@@ -4,8 +4,10 @@ predicts, a failover via reload, and nothing left behind.  An unbuilt backend xf
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,3 +93,104 @@ def test_demo_falls_back_to_a_labelled_kernel_snat_without_a_datapath(monkeypatc
     assert "FALLBACK, NOT SNATGW" in out and "FALLBACK (kernel nft SNAT)" in out
     assert out.count("flows as the model predicts") == 2
     assert not [n for n in list_netns() if n.startswith(prefix + "-")]
+
+
+def _left(name: str, prefix: str) -> list[str]:
+    return ([n for n in list_netns() if n.startswith(prefix + "-")]
+            + [p for p in (f"/sys/fs/bpf/snatgw-{prefix}", f"/run/snatgw/lab/{prefix}", f"/run/snatgw/{prefix}.sock",
+                           f"/run/snatgw/lab/{name}.json") if os.path.lexists(p)])
+
+
+@pytest.mark.parametrize("backend,sig", [("bpf", signal.SIGINT), ("nft", signal.SIGTERM)])
+def test_an_interrupted_demo_says_so_removes_its_lab_and_exits_as_a_shell_would(backend, sig):
+    """Ctrl-C (SIGINT to the process group, the gateway and servers included) or SIGTERM once
+    the flows begin: the lab was removed but nothing was said, exit 130 either way.  Now one
+    line on stderr names the signal and says the lab was removed; exit 130 or 143."""
+    name, prefix = f"pytest-demo-{os.getpid()}-int{backend}", f"sgd{os.getpid() % 0xFFFF:04x}i{backend[0]}"
+    p = subprocess.Popen([sys.executable, "-m", "snatgw.cli.main", "demo", "--backend", backend, "--name", name,
+                          "--prefix", prefix], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        seen = []
+        for line in p.stdout:  # the lab is up, the gateway runs, the servers listen
+            seen.append(line)
+            if line.startswith("== flows"):
+                break
+        assert seen and seen[-1].startswith("== flows"), "".join(seen) + p.stderr.read()
+        if sig == signal.SIGINT:
+            os.killpg(p.pid, sig)
+        else:
+            p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 128 + sig, (p.returncode, err)
+        assert err.strip().splitlines() == [
+            f"snatgw demo: interrupted by {sig.name}; the lab {name} (namespaces {prefix}-*) was removed"], err
+        assert "== lab removed." not in out and _left(name, prefix) == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        Lab(name=name, prefix=prefix).down()
+
+
+_INTERRUPTED_UP = """
+import os, signal, sys
+from snatgw.lab import topology
+build = topology.Lab._build
+def interrupted(self):
+    build(self)
+    os.kill(os.getpid(), signal.SIGTERM)
+topology.Lab._build = interrupted
+if sys.argv.pop(1) == "stuck":  # a removal that fails: the namespaces stay
+    topology.Lab.down = lambda self: None
+from snatgw.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("down", ["works", "stuck"])
+def test_a_demo_interrupted_while_its_lab_is_built_says_what_was_removed(down):
+    """A SIGTERM while the lab is being built (no output yet): the lab is removed and said so;
+    when something could not be removed, the line names it instead."""
+    name, prefix = f"pytest-demo-{os.getpid()}-up{down}", f"sgd{os.getpid() % 0xFFFF:04x}u{down[0]}"
+    try:
+        p = subprocess.run([sys.executable, "-c", _INTERRUPTED_UP, down, "demo", "--backend", "nft", "--name", name,
+                            "--prefix", prefix], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 143, (p.returncode, p.stderr[-2000:])
+        head = "snatgw demo: interrupted by SIGTERM; "
+        if down == "works":
+            assert p.stderr.strip() == head + f"the lab {name} (namespaces {prefix}-*) was removed"
+            assert _left(name, prefix) == []
+        else:
+            assert p.stderr.startswith(head + f"could not remove: namespace {prefix}-")
+            assert f"namespace {prefix}-gw" in p.stderr and "snatgw lab down --all" in p.stderr
+            assert len(p.stderr.strip().splitlines()) == 1
+    finally:
+        Lab(name=name, prefix=prefix).down()
+    assert _left(name, prefix) == []
+
+
+def test_a_demo_interrupted_before_its_lab_says_none_was_built():
+    """A SIGTERM as soon as `snatgw demo` catches it (before its imports, the lab not begun):
+    it was killed silently (143 from the shell, no line); now it says so (or, if the lab was
+    begun by the time the signal came, that it was removed) and exits 143."""
+    name, prefix = f"pytest-demo-{os.getpid()}-early", f"sgd{os.getpid() % 0xFFFF:04x}e"
+    p = subprocess.Popen([sys.executable, "-m", "snatgw.cli.main", "demo", "--backend", "nft", "--name", name,
+                          "--prefix", prefix], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not any(line.startswith("SigCgt:") and int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1
+                      for line in open(f"/proc/{p.pid}/status")):
+            assert p.poll() is None and time.monotonic() - t0 < 10, "snatgw demo never caught SIGTERM"
+            time.sleep(0.001)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 143, (p.returncode, err)
+        assert err.strip() in ("snatgw demo: interrupted by SIGTERM; no lab was built yet",
+                               f"snatgw demo: interrupted by SIGTERM; the lab {name} (namespaces {prefix}-*) was removed")
+        assert _left(name, prefix) == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        Lab(name=name, prefix=prefix).down()

@@ -67,10 +67,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "run":  # before the daemon's imports (~0.15 s): a SIGTERM then is handled
+    if argv and argv[0] in ("run", "demo"):  # before their imports (~0.15 s): a SIGTERM then is handled
         from ..daemon import startsignals
 
-        startsignals.hold()
+        startsignals.hold(startsignals.HELD if argv[0] == "run" else startsignals.STOP)
     # `snatgw adm` takes ipvsadm's own flags verbatim: hand them over untouched.
     if argv and argv[0] == "adm":
         from .commands import adm

@@ -30,9 +30,9 @@ class StartSignals:
         self.caught: list[int] = []  # in order of arrival, each signal once (bounded)
         self._old: dict[int, object] = {}
 
-    def hold(self) -> "StartSignals":
-        """Catch HELD from now on (again after ``release``); idempotent."""
-        for s in HELD:
+    def hold(self, signals: tuple[int, ...] = HELD) -> "StartSignals":
+        """Catch ``signals`` from now on (again after ``release``); idempotent."""
+        for s in signals:
             old = _signal.signal(s, self._record)
             self._old.setdefault(s, old)  # held twice: keep what was there before the first
         return self
@@ -57,12 +57,13 @@ class StartSignals:
         self._old.clear()
 
 
-#: the process's one instance: held by the CLI before the daemon's imports, used by run()
+#: the process's one instance: held by the CLI before the daemon's imports, used by run() (and
+#: by the demo: STOP only, caught before its imports, looked at once its own handlers are set)
 EARLY = StartSignals()
 
 
-def hold() -> StartSignals:
-    return EARLY.hold()
+def hold(signals: tuple[int, ...] = HELD) -> StartSignals:
+    return EARLY.hold(signals)
 
 
 def name(signum: int) -> str:

@@ -2,21 +2,25 @@
 UDP and ping from the inside hosts, show per flow the rule, the address the server saw, the
 link it came in on and what the model expected; fail over ISP 1 by reload; show the sessions;
 clean up.  Without snatgw's datapath it falls back to a kernel nft SNAT, labelled as such.
+Interrupted (SIGINT, SIGTERM), it removes the lab, says so in one line on stderr and exits 128 +
+the signal.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from ..daemon import startsignals
 from ..rules import Rule, RuleSet, select_addr
 from . import clients
 from .gateway import gateway_available, snatgw_argv, snatgw_json, start_kernel_snat
-from .netns import LabError, run
+from .netns import LabError, list_netns, run
 from .topology import ISP_OF, SERVERS, Lab
 
 SETTINGS = """snatgw {
@@ -157,76 +161,153 @@ def show_rules(rules: RuleSet, out) -> None:
         print(f"  #{i + 1}: {r.describe()}", file=out)
 
 
+class Interrupted(BaseException):
+    """The demo was asked to stop (SIGINT, SIGTERM): a BaseException, as KeyboardInterrupt, so
+    no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Interrupt:
+    """The demo's SIGINT/SIGTERM handler: records the first signal and raises Interrupted once;
+    later ones (a second Ctrl-C, the group's SIGINT reaching us while the lab is removed) are
+    only recorded, so the removal is never cut short."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.raising = True
+
+    def __call__(self, signum: int, _frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+        if self.raising:
+            self.raising = False
+            raise Interrupted(signum)
+
+
+def leftovers(lab: Lab) -> list[str]:
+    """What of ``lab`` is still there (after down()): namespaces, pin dir, socket, work dir."""
+    left = [f"namespace {n}" for n in list_netns() if n.startswith(lab.prefix + "-")]
+    for what, path in (("pin dir", lab.pin_dir), ("socket", lab.socket_path), ("work dir", lab.workdir)):
+        if os.path.lexists(path):
+            left.append(f"{what} {path}")
+    return left
+
+
 def demo(backend: str = "bpf", name: str = "demo", prefix: str | None = None, out=None) -> int:
+    """Exit 0 when every flow is as the model predicts (or the datapath is not built: a labelled
+    fallback), 1 otherwise; interrupted (SIGINT, SIGTERM), the lab is removed, one line on
+    stderr says so (and what could not be removed), and the exit is 128 + the signal (130, 143),
+    as a shell's."""
     t0 = time.monotonic()
     out = out or sys.stdout
-    say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
-    old_term = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    lab = Lab.up(name, prefix)
-    bad, ok, built = 0, False, False
+    prefix = prefix or "sg" + secrets.token_hex(2)  # known before Lab.up: its leftovers are looked for
+    interrupt = _Interrupt()
+    old = {s: signal.signal(s, interrupt) for s in interrupt.SIGNALS}
     try:
-        say(f"== lab {lab.name} up (namespaces {lab.prefix}-*): inside 198.18.40.0/24, 198.18.50.0/24; "
-            "ISP1 via eth1 (198.19.2.1), ISP2 via eth2 (198.19.3.1); servers 203.0.113.10, 198.51.100.10")
-        ref, fail = ruleset(REF_RULES), ruleset(FAILOVER_RULES)
-        conf = os.path.join(lab.workdir, "snatgw.conf")
-        fconf = os.path.join(lab.workdir, "snatgw-failover.conf")
-        for path, rules in ((conf, REF_RULES), (fconf, FAILOVER_RULES)):
-            with open(path, "w") as fh:
-                fh.write(config_text(rules))
-        lab.add_snat_addresses(ref)
-        lab.add_snat_addresses(fail)
-        ok, why = gateway_available(backend)
-        built = ok
-        if ok:
-            try:
-                lab.start_gateway(conf, backend)
-            except LabError as e:
-                ok, why = False, f"snatgw run failed: {e}"
-        if ok:
-            say(f"== snatgw run --backend {backend} in {lab.ns('gw')}: ready. Rules in priority order:")
-        else:
-            say("!! FALLBACK, NOT SNATGW: snatgw's datapath is not available here "
-                f"({why.splitlines()[0] if why else '?'}).\n"
-                "!! Showing the kernel's own nft SNAT of the same rules instead: the kernel picks pool\n"
-                "!! addresses its own way and new_gw is not applied, so rows marked DIFF are expected.")
-            start_kernel_snat(lab, ref)
-        show_rules(ref, out)
-        servers = lab.start_servers()
-        say("\n== flows (server saw = source address at the server; via = ISP link it arrived on)")
-        exact = ok and backend == "bpf"
-        if ok and not exact:
-            say(f"   ({backend} backend: the kernel's nf_nat picks the address within the rule's pool, "
-                "so 'model says' is lvs-snat's pick and any pool address is ok)")
-        bad += run_flows(lab, ref, servers, out, exact, daemon=ok)
-
-        say("\n== ISP1 fails: rule 2 replaced (same from/gw/oif) by new_gw 198.19.3.1, pool 198.19.3.71-73")
-        if ok:
-            lab.reload_gateway(fconf)
-            say("   snatgw reload: done")
-        else:
-            start_kernel_snat(lab, fail)
-            say("   (fallback: kernel nft SNAT rules replaced)")
-        show_rules(fail, out)
-        bad += run_flows(lab, fail, servers, out, exact, daemon=ok)
-
-        say("\n== sessions")
-        if ok:
-            cp = run(snatgw_argv("conns", "--socket", lab.socket_path), check=False)
-            say((cp.stdout or cp.stderr).rstrip())
-            st = snatgw_json(lab, "stats")
-            if st:
-                say(f"   stats: {st.get('sessions', '?')} sessions")
-        else:
-            cp = lab.run("gw", "conntrack", "-L", check=False)
-            say(cp.stdout.rstrip() if cp.returncode == 0 else "   (fallback: no `conntrack` tool to list "
-                "the kernel's sessions)")
-        servers.stop()
+        lab = None
+        ok = built = building = False
+        bad = 0
+        try:
+            early = startsignals.EARLY.stop_asked()  # `snatgw demo` caught them before its imports
+            if early is not None:
+                interrupt(early, None)
+            building = True
+            lab = Lab.up(name, prefix)  # a Lab.up interrupted removes what it built, then raises
+            ok, bad, built = _show(lab, backend, out)
+        except BaseException:
+            if interrupt.signum is None:
+                raise
+            # interrupted: an error with it (a child the same Ctrl-C ended) is its consequence
+        finally:
+            interrupt.raising = False  # from here a signal is only recorded: the removal goes on
+            if lab is not None:
+                try:
+                    lab.down()
+                except Exception:
+                    if interrupt.signum is None:
+                        raise  # interrupted, the line below names what is left
+        if interrupt.signum is not None:
+            left = leftovers(Lab(name=name, prefix=prefix))
+            done = (f"could not remove: {', '.join(left)} (try `snatgw lab down --all`)" if left else
+                    f"the lab {name} (namespaces {prefix}-*) was removed" if building else
+                    "no lab was built yet")
+            print(f"snatgw demo: interrupted by {signal.Signals(interrupt.signum).name}; {done}",
+                  file=sys.stderr, flush=True)
+            return 128 + interrupt.signum
+        print(f"\n== lab removed. {'snatgw ' + backend if ok else 'FALLBACK (kernel nft SNAT)'}: "
+              f"{'all flows as the model predicts' if not bad else f'{bad} flows differ from the model'}; "
+              f"{time.monotonic() - t0:.1f} s", file=out, flush=True)
+        # a datapath not built yet is a labelled fallback (exit 0); one that fails to start, or
+        # flows that differ from the model under snatgw, are errors
+        return 0 if (ok and not bad) or not built else 1
     finally:
-        lab.down()
-        signal.signal(signal.SIGTERM, old_term)
-    say(f"\n== lab removed. {'snatgw ' + backend if ok else 'FALLBACK (kernel nft SNAT)'}: "
-        f"{'all flows as the model predicts' if not bad else f'{bad} flows differ from the model'}; "
-        f"{time.monotonic() - t0:.1f} s")
-    # a datapath not built yet is a labelled fallback (exit 0); one that fails to start, or flows
-    # that differ from the model under snatgw, are errors
-    return 0 if (ok and not bad) or not built else 1
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _show(lab: Lab, backend: str, out) -> tuple[bool, int, bool]:
+    """The demo in ``lab``: (snatgw ran, flows that differ from the model, its datapath is built)."""
+    say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
+    bad = 0
+    say(f"== lab {lab.name} up (namespaces {lab.prefix}-*): inside 198.18.40.0/24, 198.18.50.0/24; "
+        "ISP1 via eth1 (198.19.2.1), ISP2 via eth2 (198.19.3.1); servers 203.0.113.10, 198.51.100.10")
+    ref, fail = ruleset(REF_RULES), ruleset(FAILOVER_RULES)
+    conf = os.path.join(lab.workdir, "snatgw.conf")
+    fconf = os.path.join(lab.workdir, "snatgw-failover.conf")
+    for path, rules in ((conf, REF_RULES), (fconf, FAILOVER_RULES)):
+        with open(path, "w") as fh:
+            fh.write(config_text(rules))
+    lab.add_snat_addresses(ref)
+    lab.add_snat_addresses(fail)
+    ok, why = gateway_available(backend)
+    built = ok
+    if ok:
+        try:
+            lab.start_gateway(conf, backend)
+        except LabError as e:
+            ok, why = False, f"snatgw run failed: {e}"
+    if ok:
+        say(f"== snatgw run --backend {backend} in {lab.ns('gw')}: ready. Rules in priority order:")
+    else:
+        say("!! FALLBACK, NOT SNATGW: snatgw's datapath is not available here "
+            f"({why.splitlines()[0] if why else '?'}).\n"
+            "!! Showing the kernel's own nft SNAT of the same rules instead: the kernel picks pool\n"
+            "!! addresses its own way and new_gw is not applied, so rows marked DIFF are expected.")
+        start_kernel_snat(lab, ref)
+    show_rules(ref, out)
+    servers = lab.start_servers()
+    say("\n== flows (server saw = source address at the server; via = ISP link it arrived on)")
+    exact = ok and backend == "bpf"
+    if ok and not exact:
+        say(f"   ({backend} backend: the kernel's nf_nat picks the address within the rule's pool, "
+            "so 'model says' is lvs-snat's pick and any pool address is ok)")
+    bad += run_flows(lab, ref, servers, out, exact, daemon=ok)
+
+    say("\n== ISP1 fails: rule 2 replaced (same from/gw/oif) by new_gw 198.19.3.1, pool 198.19.3.71-73")
+    if ok:
+        lab.reload_gateway(fconf)
+        say("   snatgw reload: done")
+    else:
+        start_kernel_snat(lab, fail)
+        say("   (fallback: kernel nft SNAT rules replaced)")
+    show_rules(fail, out)
+    bad += run_flows(lab, fail, servers, out, exact, daemon=ok)
+
+    say("\n== sessions")
+    if ok:
+        cp = run(snatgw_argv("conns", "--socket", lab.socket_path), check=False)
+        say((cp.stdout or cp.stderr).rstrip())
+        st = snatgw_json(lab, "stats")
+        if st:
+            say(f"   stats: {st.get('sessions', '?')} sessions")
+    else:
+        cp = lab.run("gw", "conntrack", "-L", check=False)
+        say(cp.stdout.rstrip() if cp.returncode == 0 else "   (fallback: no `conntrack` tool to list "
+            "the kernel's sessions)")
+    servers.stop()
+    return ok, bad, built

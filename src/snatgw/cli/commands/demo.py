@@ -9,7 +9,9 @@ Builds the multi-ISP lab (docs/lab.md), writes the seed's example rules on lab a
 198.18.50.10 to 203.0.113.10 and 198.51.100.10, and prints per flow the rule, the source address
 the server saw, the ISP link it arrived on, and what the model predicts.  Then ISP 1 fails over
 (rule 2 replaced by new_gw 198.19.3.1 via reload), the flows run again, and `snatgw conns` is
-shown.  Everything is removed at the end, also on Ctrl-C.  Exit 0 when every flow is as predicted.
+shown.  Everything is removed at the end.  Exit 0 when every flow is as predicted.  Interrupted
+(Ctrl-C, SIGTERM), it removes the lab, says so on stderr in one line (naming what it could not
+remove) and exits 130 (SIGINT) or 143 (SIGTERM).
 """
 
 
