@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -138,3 +139,35 @@ def test_gateway_that_fails_to_start_is_reported_with_its_log_and_leaves_nothing
         lab.start_gateway(str(conf), "nft", timeout=20)
     assert lab.gateway_proc is None and lab.daemon_pids() == []
     assert lab.status()["gateway"]["running"] is False
+
+
+class _Signalled(BaseException):
+    """Stands for a signal handler's exception (the demo's Ctrl-C)."""
+
+
+def test_a_signal_right_after_the_namespace_switch_leaves_the_caller_at_home(lab, monkeypatch):
+    """A socket in a lab namespace was made by switching the calling thread there and back:
+    an exception from a signal handler between the two (the main thread's, Ctrl-C in the demo)
+    left the thread in the lab's namespace, and the lab's down() SIGKILLs every process it finds
+    there: an interrupted demo killed itself (exit -9).  The switch is made on a thread of its
+    own now, which switches back even then; the caller never leaves, and down() never kills us."""
+    from snatgw.lab import netns
+
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    real, switches = netns._setns, []
+
+    def switch_then_signal(fd):
+        real(fd)
+        switches.append(fd)
+        if len(switches) == 1:
+            raise _Signalled()
+
+    monkeypatch.setattr(netns, "_setns", switch_then_signal)
+    try:
+        with pytest.raises(_Signalled):
+            netns.ns_socket(lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM)
+        assert os.stat("/proc/thread-self/ns/net").st_ino == os.fstat(home).st_ino
+        assert os.getpid() not in lab._pids_in_lab()
+    finally:
+        real(home)  # (before the fix this thread was left in <P>-in40)
+        os.close(home)

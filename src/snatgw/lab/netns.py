@@ -1,6 +1,6 @@
 """Network-namespace plumbing for the lab: running commands in a namespace (nsenter --net only,
 so the host mount namespace and bpffs stay visible), and opening sockets inside a namespace
-from this process (setns on the calling thread, then back), which the lab's clients use.
+from this process (setns on a thread of its own, which ends there), which the lab's clients use.
 """
 
 from __future__ import annotations
@@ -69,22 +69,37 @@ def in_netns(ns: str):
             except FileNotFoundError:
                 raise LabError(f"network namespace {ns} does not exist") from None
             try:
-                _setns(target)
-            finally:
-                os.close(target)
-            try:
+                _setns(target)  # inside the try: an exception right after the switch still switches back
                 yield
             finally:
-                _setns(home)
+                _setns(home)  # a no-op when the switch failed
+                os.close(target)
         finally:
             os.close(home)
 
 
 def ns_socket(ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
               proto: int = 0) -> socket.socket:
-    """A socket that lives in network namespace ``ns`` (it stays there after we switch back)."""
-    with in_netns(ns):
-        return socket.socket(family, type, proto)
+    """A socket that lives in network namespace ``ns`` (it stays there), made on a thread of its
+    own: the caller never leaves its namespace.  On the caller's thread, an exception from a
+    signal handler (Python runs them on the main thread: the demo's Ctrl-C) raised between the
+    switch and the switch back left the main thread in the lab's namespace, and the lab's down()
+    SIGKILLs every process it finds there: the interrupted demo killed itself (exit -9)."""
+    made: list = []
+
+    def make() -> None:
+        try:
+            with in_netns(ns):
+                made.append(socket.socket(family, type, proto))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            made.append(e)
+
+    t = threading.Thread(target=make, name="ns_socket", daemon=True)
+    t.start()
+    t.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 def list_netns() -> list[str]:

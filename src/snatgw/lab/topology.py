@@ -256,6 +256,7 @@ class Lab:
             if os.path.exists(ns_path(self.ns(node))):
                 out = run(["ip", "netns", "pids", self.ns(node)], check=False).stdout
                 pids.update(int(p) for p in out.split() if p.isdigit())
+        pids.discard(os.getpid())  # never ourselves (a thread of ours left in a lab namespace)
         return sorted(pids)
 
     def daemon_pids(self) -> list[int]:
