@@ -375,6 +375,9 @@ EIM_DIR_PERMIT = 2  # (inside addr, port, proto, remote addr): ADF lets that rem
 #: the audit log (issue 13): session create/end records, when `audit_log` is set (CFG_F_AUDIT)
 MAP_AUDIT = "snat_audit"  # RINGBUF of struct audit_rec, AUDIT_RING_BYTES
 MAP_AUDIT_CNT = "snat_audit_cnt"  # PERCPU_ARRAY u32 AUDIT_CNT_* -> u64 records
+#: the walk in progress (sweep.bpf.c): its number, which the datapath stamps on the sessions it
+#: makes meanwhile, so that the walk does not count again what the datapath counted
+MAP_WALK = "snat_walk"  # ARRAY u32 0 -> struct walk_state
 
 #: the audit ring's size in bytes (a power of two, a multiple of the page size): each record
 #: takes 8 bytes of ring header + struct audit_rec (48 bytes), so 2 MiB hold ~37,000 records
@@ -420,6 +423,7 @@ CT_F_REPLIED = 0x1  # a reply has been seen (TCP leaves the IN_ONLY rows)
 CT_F_NEW_GW = 0x2  # session's nexthop comes from new_gw
 CT_F_EIM = 0x4  # OUT: the session uses its inside endpoint's endpoint-independent mapping
 CT_F_HAIRPIN = 0x8  # OUT: the remote is a live mapping: translated, then delivered back inside
+CT_F_WALK = 0x10  # OUT: made while a walk was counting; its IN entry's iif holds that walk's number
 
 CFG_F_UNMATCHED_DROP = 0x1  # `unmatched drop`: no-rule flows are dropped
 CFG_F_REFUSE_ICMP = 0x4  # `refuse_icmp yes`: a host over its limit gets ICMP host unreachable
@@ -553,7 +557,8 @@ CT_ENTRY = _declare(Struct("ct_entry", "a session direction: its rewrite and whe
     ("nexthop", "__be32", "OUT: next hop (route gw or new_gw); 0 = the destination"),
     ("rule_id", "__u32", "id of the rule that created the session"),
     ("mtu", "__u16", "egress MTU seen at creation (larger MTUs are kept as 65535)"),
-    ("iif", "__u16", "OUT: the inside device the session was made on (ifindex, low 16 bits); IN: 0"),
+    ("iif", "__u16", "OUT: the inside device the session was made on (ifindex, low 16 bits); IN: the number "
+                     "of the walk in progress when it was made (CT_F_WALK), else 0"),
     ("last_seen", "__u64", "bpf_ktime_get_ns() of the last packet in this direction; set at creation too"),
 )))  # fmt: skip
 
@@ -659,6 +664,7 @@ SWEEP_RES = _declare(Struct("sweep_res", "what the last walk did (sweep.bpf.c)",
     ("live", "__u64", "sessions kept (pairs counted into the live counts)"),
     ("fresh", "__u64", "pairs found expired by the first look but refreshed by the second"),
     ("count_errors", "__u64", "live-count updates that failed (a count map full)"),
+    ("made_during", "__u64", "pairs kept that were made during the walk (counted by the datapath, not again)"),
 )))  # fmt: skip
 
 EIM_KEY = _declare(Struct("eim_key", "an endpoint-independent mapping's endpoint, owner or permit", (
@@ -694,6 +700,11 @@ AUDIT_REC = _declare(Struct("audit_rec", "an audit log record: a session created
     ("pad", "__u16", "zero"),
     ("pad2", "__u32", "zero"),
     ("last_seen", "__u64", "AUDIT_END: snat_now() of the session's last packet (either direction); AUDIT_NEW: ts"),
+)))  # fmt: skip
+
+WALK_STATE = _declare(Struct("walk_state", "the expiry/recount walk in progress (sweep.bpf.c)", (
+    ("current", "__u32", "the walk counting now (1-65535; 0: none), stamped on the sessions made meanwhile"),
+    ("last", "__u32", "the last walk's number (the next one takes last % 65535 + 1)"),
 )))  # fmt: skip
 
 LIVE_COUNT = _declare(Struct("live_count", "live sessions and refusals of a host, SNAT address or rule", (
@@ -739,7 +750,7 @@ def render_header() -> str:
         "RULE_F_EIM": RULE_F_EIM, "RULE_F_PRESERVE": RULE_F_PRESERVE, "RULE_F_EIF": RULE_F_EIF,
         "RULE_F_ADF": RULE_F_ADF, "CT_F_EIM": CT_F_EIM, "CT_F_HAIRPIN": CT_F_HAIRPIN, "CFG_F_EIM": CFG_F_EIM,
         "EIM_DIR_ENDPOINT": EIM_DIR_ENDPOINT, "EIM_DIR_OWNER": EIM_DIR_OWNER, "EIM_DIR_PERMIT": EIM_DIR_PERMIT,
-        "CT_F_REPLIED": CT_F_REPLIED, "CT_F_NEW_GW": CT_F_NEW_GW,
+        "CT_F_REPLIED": CT_F_REPLIED, "CT_F_NEW_GW": CT_F_NEW_GW, "CT_F_WALK": CT_F_WALK,
         "CFG_F_UNMATCHED_DROP": CFG_F_UNMATCHED_DROP, "CFG_F_INBOUND_ROUTED": CFG_F_INBOUND_ROUTED,
         "FROM_NET_RULE": FROM_NET_RULE, "FROM_NET_POOL": FROM_NET_POOL,
         "CFG_F_REFUSE_ICMP": CFG_F_REFUSE_ICMP, "CFG_F_AUDIT": CFG_F_AUDIT, "CFG_F_HOST_COUNT": CFG_F_HOST_COUNT,

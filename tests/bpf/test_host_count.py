@@ -16,7 +16,7 @@ from snatgw.layout import Reason
 
 from tests.cases.corpus import REF_RULES, REF_SETTINGS, ruleset
 from tests.cases.pkts import A, B, R1, udp
-from test_differential import compare_step, model_live, model_refused
+from test_differential import bpf_sessions, compare_step, model_live, model_refused, model_sessions
 
 pytestmark = pytest.mark.bpf
 
@@ -122,3 +122,51 @@ def test_recount_keeps_every_session_and_drops_empty_counts(pair):
     assert prog.live_counts()[L.MAP_HOST_SESS] == {IPv4Address(A): (2, 3)}
     rule = L.SNAT_RULE.unpack(dm.current_rules()[1][1])["rule_id"]
     assert prog.live_counts()[L.MAP_RULE_LIVE] == {rule: (2, 0)}
+
+
+@pytest.mark.parametrize("walk", ["recount", "expire", "expire-full"])
+def test_sessions_made_during_a_walk_are_counted_once(pair, walk):
+    """Three sessions the datapath makes while a chunked walk counts (after SWEEP_BEGIN, before
+    the first batch of keys is read, so the walk comes by them) are counted by the datapath and
+    not again by the walk: every count, inside hosts' included, is the model's at the end (the
+    walk used to count them a second time until the next one, so a host limit refused early).
+    They carry the walk's stamp (CT_F_WALK, its number in the IN entry's iif) until the next walk
+    settles it, after which the table is the model's again, flags included."""
+    prog, engine, dm, sw = pair
+    reload(prog, engine, dm, LIMITED, sw.recount)
+    for sp in (1, 2):
+        step(prog, engine, udp(A, R1, sp, 53), float(sp), Reason.XLATE_NEW)
+    real = dm.ct.key_batches
+
+    def made_meanwhile(chunk):
+        step(prog, engine, udp(B, R1, 3, 53), 3.0, Reason.XLATE_NEW)
+        step(prog, engine, udp(B, R1, 4, 53), 4.0, Reason.XLATE_NEW)
+        step(prog, engine, udp(A, R1, 5, 53), 5.0, Reason.XLATE_NEW)
+        return real(chunk)
+
+    def run_walk():
+        if walk == "recount":
+            return sw.recount(chunked=True)
+        timeouts = {s: 600 * 10**9 for s in range(L.SWEEP_STATES)}
+        return sw.expire(6 * 10**9, timeouts, 10 * 10**9, full=walk == "expire-full", chunked=True)
+
+    dm.ct.key_batches = made_meanwhile
+    try:
+        res = run_walk()
+    finally:
+        del dm.ct.key_batches
+    assert (res.live, res.made_during, res.removed) == (5, 3, 0)
+    assert prog.live_counts() == model_live(engine)
+    assert prog.live_counts()[L.MAP_HOST_SESS] == {IPv4Address(A): (3, 0), IPv4Address(B): (2, 0)}
+    number = L.WALK_STATE.unpack(prog.maps[L.MAP_WALK].get(0))
+    assert number["current"] == 0  # no walk counting now
+    ct = prog.ct()
+    stamped = {k for k, e in ct.items() if k[5] == L.CT_DIR_OUT and e["flags"] & L.CT_F_WALK}
+    assert len(stamped) == 3 and all(k[0] == IPv4Address(B) or k[2] == 5 for k in stamped)
+    assert sorted(e["iif"] for k, e in ct.items() if k[5] == L.CT_DIR_IN) == [0, 0] + [number["last"]] * 3
+    assert bpf_sessions(prog) != model_sessions(engine)  # the stamps, until the next walk
+
+    res = run_walk()
+    assert (res.live, res.made_during) == (5, 0) and prog.live_counts() == model_live(engine)
+    assert bpf_sessions(prog) == model_sessions(engine)
+    assert all(e["iif"] == 0 for k, e in prog.ct().items() if k[5] == L.CT_DIR_IN)

@@ -196,7 +196,7 @@ def test_session_written_by_first_load_is_seen_by_second(pin_dir, mini_obj):
         [L.MAP_RULES, L.MAP_CONFIG, L.MAP_CT, L.MAP_FRAGS, L.MAP_REASONS, L.MAP_RULE_STATS, L.MAP_IFACES,
          L.MAP_HOST_SESS, L.MAP_ADDR_STATS, L.MAP_RULE_LIVE, L.MAP_FROM_NETS, L.MAP_REFUSED,
          L.MAP_INSIDE_ADDRS, L.MAP_EIM, L.MAP_AUDIT, L.MAP_AUDIT_CNT, L.MAP_RULE_SLOTS, L.MAP_SPILL_MEMO,
-         L.MAP_ALLOC_CNT, L.MAP_GW_MARKS])
+         L.MAP_ALLOC_CNT, L.MAP_GW_MARKS, L.MAP_WALK])
     b = Loader(pin_dir, 64, mini_obj)
     try:
         maps = b.load()

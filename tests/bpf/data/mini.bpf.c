@@ -47,6 +47,8 @@ struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, SNAT_MAX_SPILL
 	 __type(key, struct spill_key); __type(value, struct spill_memo); } snat_spill_memo SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, ALLOC_CNT_N);
 	 __type(key, __u32); __type(value, __u64); } snat_alloc_cnt SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
+	 __type(key, __u32); __type(value, struct walk_state); } snat_walk SEC(".maps");
 
 static __always_inline int count(__u32 reason)
 {

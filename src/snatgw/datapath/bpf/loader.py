@@ -116,6 +116,7 @@ REPLACEABLE: dict[str, str] = {
     L.MAP_REFUSED: "refusal markers forgotten: a refused flow's next packet searches once more",
     L.MAP_SPILL_MEMO: "spill memos forgotten: the next search on a full address tries it again",
     L.MAP_FRAGS: "remembered fragments forgotten: the rest of a datagram in flight is passed or dropped as unmatched",
+    L.MAP_WALK: "walks are numbered again from 1 (a session stamped by an old walk is counted by the next one)",
 }
 
 

@@ -96,6 +96,7 @@ def map_specs(max_sessions: int = L.MAX_SESSIONS) -> dict[str, MapSpec]:
         MapSpec(L.MAP_EIM, B.BPF_MAP_TYPE_HASH, L.EIM_KEY.size, L.EIM_ENTRY.size, L.EIM_PER_SESSION * max_sessions),
         MapSpec(L.MAP_AUDIT, B.BPF_MAP_TYPE_RINGBUF, 0, 0, L.AUDIT_RING_BYTES),
         MapSpec(L.MAP_AUDIT_CNT, B.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, L.AUDIT_CNT_N),
+        MapSpec(L.MAP_WALK, B.BPF_MAP_TYPE_ARRAY, 4, L.WALK_STATE.size, 1),
     ]
     return {s.name: s for s in specs}
 
@@ -224,11 +225,17 @@ def write_rule_slots(m, rules: list[bytes]) -> None:
             m.delete(k)
 
 
+#: maps the control plane's readers (`conns`, `stats` from the pins) do without, so that they
+#: still read the pins of a datapath from before the map was added (only the programs and the
+#: sweep use them)
+READER_OPTIONAL = frozenset({L.MAP_WALK})
+
+
 class DatapathMaps:
     """The seven maps by name (Map objects from a loaded BpfObject or opened from pins)."""
 
     def __init__(self, maps: dict[str, B.Map], owned: bool = False):
-        missing = [n for n in map_specs() if n not in maps]
+        missing = [n for n in map_specs() if n not in maps and n not in READER_OPTIONAL]
         if missing:
             raise BackendError(f"datapath maps missing: {', '.join(missing)}")
         self.maps, self.owned = maps, owned
@@ -248,6 +255,8 @@ class DatapathMaps:
         try:
             for name in map_specs():
                 path = os.path.join(pin_dir, name)
+                if not os.path.exists(path) and name in READER_OPTIONAL:
+                    continue
                 if not os.path.exists(path):
                     raise BackendError(f"{path}: no pinned map: is the snatgw datapath running "
                                        f"(or its state kept) with pin_dir {pin_dir}?")  # fmt: skip

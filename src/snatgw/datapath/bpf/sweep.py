@@ -74,6 +74,7 @@ class SweepResult:
     live: int = 0
     fresh: int = 0
     count_errors: int = 0
+    made_during: int = 0  # pairs kept that the datapath made during the walk (counted by it, not again)
     seconds: float = 0.0  # wall time of the run (system call included)
     cut: bool = False  # a chunked walk stopped between chunks (``stop``): nothing published
     chunks: int = 0  # SWEEP_KEYS runs made (chunked walks)

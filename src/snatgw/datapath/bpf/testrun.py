@@ -135,7 +135,7 @@ class ProgHarness:
                                                    L.MAP_RULE_LIVE, L.MAP_REFUSED,
                                                    L.MAP_INSIDE_ADDRS, L.MAP_EIM, L.MAP_AUDIT,
                                                    L.MAP_AUDIT_CNT, L.MAP_RULE_SLOTS, L.MAP_SPILL_MEMO,
-                                                   L.MAP_ALLOC_CNT, L.MAP_GW_MARKS)}  # fmt: skip
+                                                   L.MAP_ALLOC_CNT, L.MAP_GW_MARKS, L.MAP_WALK)}  # fmt: skip
         # global variables (.data, .bss: e.g. snat.bpf.c's refused_last = 1) as loaded, for reset()
         self._globals = {n: m.to_dict() for n, m in self._all_maps() if n.endswith((".data", ".bss"))}
         self._gw_numbers: dict | None = None  # new_gw egress -> number, as last written

@@ -20,9 +20,18 @@
  * Recount without losing the datapath's increments: at the start of a walk, each count's
  * sessions value S0 is put into a private delta map as -S0; every pair the walk keeps adds 1;
  * at the end each delta d is ADDED atomically to the count (S0 + increments during the walk +
- * d = pairs kept + increments during the walk).  A session created during the walk that the
- * walk also saw is counted twice until the next walk: a count may read high by at most the new
- * sessions of one walk, never low.  Counts whose sessions and refusals are both 0 are removed
+ * d = pairs kept + increments during the walk).  A session the datapath creates during the walk
+ * is counted by the datapath, so the walk must not count it again when it comes by it: after
+ * its snapshot the walk publishes its number (snat_walk.current, 1-65535), the datapath stamps
+ * a session it makes meanwhile with the number it read before inserting and counting
+ * (CT_F_WALK on the OUT entry, the number in the IN entry's iif), and the walk leaves a pair
+ * stamped with its own number out of the counts the datapath keeps (count_pair); a stamp of an
+ * earlier walk is settled (the pair counts, the stamp goes).  Left over: a session whose
+ * datapath read the number before the walk published it but counted after its host's snapshot
+ * (the hosts' counts are read last, in a fraction of a millisecond) is counted twice until the
+ * next walk; high, never low.
+ * The order (snapshot loads, then the store of the number; the datapath's load of the number,
+ * then its atomic add) holds on x86 (TSO), where this runs.  Counts whose sessions and refusals are both 0 are removed
  * (bounded maps); a datapath increment racing with that removal is lost until the next walk.
  * Refusals are never touched.
  */
@@ -111,6 +120,8 @@ struct walk {
 	struct sweep_args *a;
 	struct sweep_res *res;
 	__u32 audit; /* CFG_F_AUDIT: a record per removed session (audit.h) */
+	__u32 number; /* this walk's number (snat_walk.current), stamped on the sessions made meanwhile */
+	__u32 host_counted; /* CFG_F_HOST_COUNT: the datapath counts inside hosts too */
 };
 
 static __always_inline int key_eq(const struct ct_key *a, const struct ct_key *b)
@@ -240,13 +251,33 @@ static long pub_eim(void *map, const struct eim_key *key, __s64 *mark, struct wa
 	return 0;
 }
 
+/* The walk's number: the next one, published once the snapshot is taken (0 while no walk
+ * counts: the end and the abort of a walk put it back) */
+static __always_inline void walk_number(struct walk *w, int begin)
+{
+	__u32 zero = 0;
+	struct walk_state *ws = bpf_map_lookup_elem(&snat_walk, &zero);
+
+	if (!ws)
+		return;
+	if (begin) {
+		ws->last = ws->last % 65535 + 1;
+		ws->current = ws->last;
+	} else {
+		ws->current = 0;
+	}
+	w->number = ws->current;
+}
+
 static __always_inline void walk_begin(struct walk *w)
 {
 	if (w->a->mode == SWEEP_EXPIRE)
 		bpf_for_each_map_elem(&snat_eim, snap_eim, w, 0);
-	bpf_for_each_map_elem(&snat_host_sess, snap_host, w, 0);
-	bpf_for_each_map_elem(&snat_addr_stats, snap_addr, w, 0);
 	bpf_for_each_map_elem(&snat_rule_live, snap_rule, w, 0);
+	bpf_for_each_map_elem(&snat_addr_stats, snap_addr, w, 0);
+	/* the hosts' last, right before the number: theirs are the counts a limit judges */
+	bpf_for_each_map_elem(&snat_host_sess, snap_host, w, 0);
+	walk_number(w, 1); /* after the snapshot: see the header */
 }
 
 static __always_inline void walk_end(struct walk *w)
@@ -255,6 +286,7 @@ static __always_inline void walk_end(struct walk *w)
 	bpf_for_each_map_elem(&sweep_host, pub_host, w, 0);
 	bpf_for_each_map_elem(&sweep_addr, pub_addr, w, 0);
 	bpf_for_each_map_elem(&sweep_rule, pub_rule, w, 0);
+	walk_number(w, 0);
 }
 
 /* ---- a chunked walk cut short (SWEEP_ABORT): its deltas and marks are dropped, nothing is
@@ -277,6 +309,7 @@ static __always_inline void walk_abort(struct walk *w)
 	bpf_for_each_map_elem(&sweep_host, drop_delta, w, 0);
 	bpf_for_each_map_elem(&sweep_addr, drop_delta, w, 0);
 	bpf_for_each_map_elem(&sweep_rule, drop_delta, w, 0);
+	walk_number(w, 0);
 }
 
 /* ---- one entry */
@@ -336,9 +369,12 @@ static __always_inline void delete_pair(const struct ct_key *k, const struct ct_
 		bpf_map_delete_elem(&snat_ct, peer);
 }
 
+/* A kept pair's part in the counts (by_datapath: made during this walk, so the datapath counted
+ * it in the rule's and the address's counts, and in its host's while CFG_F_HOST_COUNT is on) */
 static __always_inline void count_live(const struct ct_key *k, const struct ct_entry *e,
-				       struct sweep_res *res)
+				       struct walk *w, int by_datapath)
 {
+	struct sweep_res *res = w->res;
 	__u32 rule = e->rule_id;
 	__be32 nat = e->rw_addr, host = k->saddr;
 
@@ -355,9 +391,49 @@ static __always_inline void count_live(const struct ct_key *k, const struct ct_e
 		if (m)
 			*m += 1;
 	}
+	if (by_datapath) {
+		res->made_during++;
+		if (!w->host_counted)
+			bump(&sweep_host, &host, 1, res);
+		return;
+	}
 	bump(&sweep_rule, &rule, 1, res);
 	bump(&sweep_addr, &nat, 1, res);
 	bump(&sweep_host, &host, 1, res);
+}
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "count_pair clears CT_F_WALK as a bit of the little-endian word at rw_port"
+#endif
+#define WALK_BIT_IN_WORD ((__u32)CT_F_WALK << 24) /* rw_port (2 bytes), state, flags */
+
+/* A pair the walk keeps.  One the datapath made during this walk (CT_F_WALK, and its IN entry
+ * holds this walk's number) was counted by the datapath: count_live leaves it out of those
+ * counts.  A stamp of an earlier walk (one cut short, or the previous one) is settled: the
+ * pair counts, its IN entry's number goes back to 0 and the flag is cleared by an atomic add
+ * on its word (only a walk clears it, one walk at a time, and the flag is set: no borrow; a
+ * datapath store of the flags byte racing with it may set it again, and the next walk clears
+ * it again).  Unflagged pairs, all but those made during a walk, cost no lookup. */
+static __always_inline void count_pair(struct walk *w, const struct ct_key *k, struct ct_entry *e)
+{
+	struct ct_key peer;
+	struct ct_entry *in;
+
+	if (!(e->flags & CT_F_WALK)) {
+		count_live(k, e, w, 0);
+		return;
+	}
+	peer = e->peer;
+	in = bpf_map_lookup_elem(&snat_ct, &peer);
+	if (in && key_eq(&in->peer, k)) {
+		if (w->number && in->iif == w->number) {
+			count_live(k, e, w, 1);
+			return;
+		}
+		in->iif = 0;
+	}
+	__sync_fetch_and_add((__u32 *)&e->rw_port, -WALK_BIT_IN_WORD);
+	count_live(k, e, w, 0);
 }
 
 /* the audit record of a pair about to be removed (OUT key and entry, the newer last_seen) */
@@ -369,21 +445,22 @@ static __always_inline void audit_end(const struct ct_key *k, const struct ct_en
 	audit_session(k, out, AUDIT_KIND(AUDIT_END, why), now ? now : bpf_ktime_get_ns(), last);
 }
 
-static __always_inline void visit_out(const struct sweep_args *a, struct sweep_res *res,
-				      const struct ct_key *k, const struct ct_entry *e, __u32 audit)
+static __always_inline void visit_out(struct walk *w, const struct ct_key *k, struct ct_entry *e)
 {
+	const struct sweep_args *a = w->a;
+	struct sweep_res *res = w->res;
 	struct ct_key peer = e->peer;
 	struct ct_entry *in, *out;
 
 	if (a->mode == SWEEP_RECOUNT) {
-		count_live(k, e, res);
+		count_pair(w, k, e);
 		return;
 	}
 	/* the common case costs no lookup: an OUT entry seen within its timeout keeps the pair
 	 * (idleness counts from the newer direction); only a full walk checks its IN entry */
 	if (a->mode == SWEEP_EXPIRE && !a->full &&
 	    !(a->now > e->last_seen && a->now - e->last_seen > timeout_of(e->state))) {
-		count_live(k, e, res);
+		count_pair(w, k, e);
 		return;
 	}
 	in = bpf_map_lookup_elem(&snat_ct, &peer);
@@ -398,7 +475,7 @@ static __always_inline void visit_out(const struct sweep_args *a, struct sweep_r
 	}
 	if (a->mode == SWEEP_FLUSH) {
 		if (selected(a, k, e)) {
-			if (audit)
+			if (w->audit)
 				audit_end(k, e, in, AUDIT_END_FLUSH, a->now);
 			delete_pair(k, &peer);
 			res->removed++;
@@ -409,7 +486,7 @@ static __always_inline void visit_out(const struct sweep_args *a, struct sweep_r
 		out = bpf_map_lookup_elem(&snat_ct, k);
 		in = bpf_map_lookup_elem(&snat_ct, &peer);
 		if (out && in && key_eq(&out->peer, &peer) && expired(a->now, out, in)) {
-			if (audit)
+			if (w->audit)
 				audit_end(k, out, in, AUDIT_END_EXPIRED, a->now);
 			delete_pair(k, &peer);
 			res->removed++;
@@ -417,7 +494,7 @@ static __always_inline void visit_out(const struct sweep_args *a, struct sweep_r
 		}
 		res->fresh++;
 	}
-	count_live(k, e, res);
+	count_pair(w, k, e);
 }
 
 static __always_inline void visit_in(const struct sweep_args *a, struct sweep_res *res,
@@ -446,7 +523,7 @@ static long visit_cb(void *map, const struct ct_key *kp, struct ct_entry *e, str
 
 	w->res->visited++;
 	if (k.dir == CT_DIR_OUT)
-		visit_out(w->a, w->res, &k, e, w->audit);
+		visit_out(w, &k, e);
 	else
 		visit_in(w->a, w->res, &k, e);
 	return 0;
@@ -469,7 +546,7 @@ static long key_cb(__u32 i, struct walk *w)
 		return 0;
 	w->res->visited++;
 	if (k.dir == CT_DIR_OUT)
-		visit_out(w->a, w->res, &k, e, w->audit);
+		visit_out(w, &k, e);
 	else
 		visit_in(w->a, w->res, &k, e);
 	return 0;
@@ -489,6 +566,12 @@ int snat_sweep(void *ctx)
 		return -1;
 	cfg = bpf_map_lookup_elem(&snat_config, &zero);
 	w.audit = cfg && (cfg->flags & CFG_F_AUDIT);
+	w.host_counted = cfg && (cfg->flags & CFG_F_HOST_COUNT);
+	if (w.a->phase == SWEEP_KEYS) { /* the number SWEEP_BEGIN published */
+		struct walk_state *ws = bpf_map_lookup_elem(&snat_walk, &zero);
+
+		w.number = ws ? ws->current : 0;
+	}
 	switch (w.a->phase) {
 	case SWEEP_BEGIN:
 		walk_begin(&w);

@@ -51,6 +51,7 @@ struct eim_scratch {
 	struct ct_entry out;
 	struct ct_entry in;
 	struct eim_key pk;
+	__u32 key0; /* never written (0): snat_walk's key, off the stack (walk_now) */
 };
 
 struct {
@@ -182,11 +183,13 @@ static __noinline int eim_admit(struct __sk_buff *skb, struct eim_scratch *sc, _
 	__u8 state = proto == IPPROTO_TCP_ ? CT_NONE : CT_UDP;
 	__u64 now = snat_now();
 
+	sc->in.iif = walk_now(&sc->key0); /* before the inserts and the counts (stats.h); OUT: CT_F_WALK */
+
 	sc->out.peer = sc->ikey;
 	sc->out.rw_addr = nat;
 	sc->out.rw_port = sc->h.ep.port;
 	sc->out.state = state;
-	sc->out.flags = flags;
+	sc->out.flags = flags | (sc->in.iif ? CT_F_WALK : 0);
 	sc->out.ifindex = rt.oif;
 	sc->out.nexthop = rt.nexthop;
 	sc->out.rule_id = rule_id;

@@ -97,6 +97,16 @@ struct {
 	__type(key, struct lpm_v4);
 	__type(value, __u32);
 } snat_from_nets SEC(".maps");
+/* The walk in progress (struct walk_state, slot 0): the datapath reads `current` before it
+ * makes a session and, when a walk is counting, stamps the session with it (CT_F_WALK on the
+ * OUT entry, the number in the IN entry's iif), so the walk counts it once (sweep.bpf.c). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct walk_state);
+} snat_walk SEC(".maps");
+
 /* Refusal markers: a refused new flow's OUT key -> when, why, which SNAT address (struct
  * refusal), so its next packets for SNAT_REFUSED_SECS cost one lookup instead of a search.
  * LRU: losing a marker only costs one more search. */

@@ -49,6 +49,7 @@ struct port_search {
 	struct spill_key mkey; /* spill memo: (remote, the address being searched, rport, proto) */
 	struct spill_memo mval; /* spill memo: the one to write (verifier: off the callback's stack) */
 	__u32 ckey;           /* snat_alloc_cnt's key (ALLOC_CNT_*), for the same reason */
+	__u32 key0;           /* 0: snat_walk's key (walk_now), for the same reason */
 	__u32 eim;            /* a new endpoint-independent mapping: claim each winner's owner */
 	long err;             /* last insert result */
 	struct eim_key okey;  /* eim: the candidate's OWNER key (addr, port follow the candidate) */

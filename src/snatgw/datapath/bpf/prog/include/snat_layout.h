@@ -92,6 +92,7 @@
 #define EIM_DIR_PERMIT 2
 #define CT_F_REPLIED 1
 #define CT_F_NEW_GW 2
+#define CT_F_WALK 16
 #define CFG_F_UNMATCHED_DROP 1
 #define CFG_F_INBOUND_ROUTED 2
 #define FROM_NET_RULE 1
@@ -275,7 +276,7 @@ struct ct_entry {
 	__be32 nexthop; /* OUT: next hop (route gw or new_gw); 0 = the destination */
 	__u32 rule_id; /* id of the rule that created the session */
 	__u16 mtu; /* egress MTU seen at creation (larger MTUs are kept as 65535) */
-	__u16 iif; /* OUT: the inside device the session was made on (ifindex, low 16 bits); IN: 0 */
+	__u16 iif; /* OUT: the inside device the session was made on (ifindex, low 16 bits); IN: the number of the walk in progress when it was made (CT_F_WALK), else 0 */
 	__u64 last_seen; /* bpf_ktime_get_ns() of the last packet in this direction; set at creation too */
 };
 _Static_assert(sizeof(struct ct_entry) == 48, "ct_entry size");
@@ -404,8 +405,9 @@ struct sweep_res {
 	__u64 live; /* sessions kept (pairs counted into the live counts) */
 	__u64 fresh; /* pairs found expired by the first look but refreshed by the second */
 	__u64 count_errors; /* live-count updates that failed (a count map full) */
+	__u64 made_during; /* pairs kept that were made during the walk (counted by the datapath, not again) */
 };
-_Static_assert(sizeof(struct sweep_res) == 48, "sweep_res size");
+_Static_assert(sizeof(struct sweep_res) == 56, "sweep_res size");
 
 /* an endpoint-independent mapping's endpoint, owner or permit */
 struct eim_key {
@@ -447,6 +449,13 @@ struct audit_rec {
 	__u64 last_seen; /* AUDIT_END: snat_now() of the session's last packet (either direction); AUDIT_NEW: ts */
 };
 _Static_assert(sizeof(struct audit_rec) == 48, "audit_rec size");
+
+/* the expiry/recount walk in progress (sweep.bpf.c) */
+struct walk_state {
+	__u32 current; /* the walk counting now (1-65535; 0: none), stamped on the sessions made meanwhile */
+	__u32 last; /* the last walk's number (the next one takes last % 65535 + 1) */
+};
+_Static_assert(sizeof(struct walk_state) == 8, "walk_state size");
 
 /* live sessions and refusals of a host, SNAT address or rule */
 struct live_count {

@@ -55,6 +55,18 @@ static __always_inline void stats_rule_session(__u32 rule_id)
 	bpf_map_update_elem(&snat_rule_stats, &rule_id, &init, BPF_NOEXIST);
 }
 
+/* The number of the walk counting now (snat_walk; 0: none), read BEFORE a new session's entries
+ * are inserted and its counts incremented: the walk takes its snapshot of the counts before it
+ * publishes its number, so a session stamped with it was counted after the snapshot, by the
+ * datapath, and the walk leaves it out of its own count (sweep.bpf.c, count_pair).  ``zero``: a
+ * 0 in a scratch map's value (the new-flow frames have no stack to spare for the key). */
+static __always_inline __u16 walk_now(const __u32 *zero)
+{
+	struct walk_state *w = bpf_map_lookup_elem(&snat_walk, zero);
+
+	return w ? (__u16)w->current : 0;
+}
+
 /* Live counts (struct live_count) of an inside host, SNAT address or rule: +1 session or +1
  * refusal, atomically; the entry is made (NOEXIST) on first use.  The expiry sweep recounts
  * sessions.  A full map (or a lost race on the first insert, retried once) drops the count. */
