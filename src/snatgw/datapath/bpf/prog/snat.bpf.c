@@ -542,14 +542,16 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 		naddr = sp->pool_n < SNAT_ADDR_TRIES ? sp->pool_n : SNAT_ADDR_TRIES;
 	}
 	sp->err = -EEXIST;
-	sp->val.iif = walk_now(&sp->key0); /* IN entry: the walk counting now, if any (its OUT: CT_F_WALK) */
 #ifdef SNAT_TEST_RACE
 	sp->race = p->ipid == bpf_htons(SNAT_TEST_RACE); /* a new flow with this IP id is raced */
 #endif
 	if (eim && eim_begin(r)) { /* the endpoint's live mapping: its one candidate */
 		sp->tried = 1;
-		if (!bpf_map_lookup_elem(&snat_ct, &sp->in))
+		if (!bpf_map_lookup_elem(&snat_ct, &sp->in)) {
+			sp->val.iif = walk_now(); /* IN entry: the walk counting now (port_try) */
+			sp->walk_flag = sp->val.iif ? CT_F_WALK : 0;
 			sp->err = bpf_map_update_elem(&snat_ct, &sp->in, &sp->val, BPF_NOEXIST);
+		}
 	} else {
 		sp->total = naddr * tries;
 		bpf_loop(sp->total, port_try_cb, NULL, 0);
@@ -569,7 +571,7 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	sp->val.nexthop = eg->nexthop;
 	sp->val.mtu = ct_mtu(eg->mtu);
 	sp->val.flags = ((r->flags & RULE_F_NEW_GW) ? CT_F_NEW_GW : 0) | (eim ? CT_F_EIM : 0) |
-			(hairpin ? CT_F_HAIRPIN : 0) | (sp->val.iif ? CT_F_WALK : 0);
+			(hairpin ? CT_F_HAIRPIN : 0) | sp->walk_flag;
 	sp->val.iif = (__u16)iif; /* the device whose reverse path vouched for the source */
 	/* TCP: the first SYN from NONE with the IN_ONLY rows (a new session is SYN_RECV) */
 	if (p->proto == IPPROTO_TCP_)

@@ -51,7 +51,6 @@ struct eim_scratch {
 	struct ct_entry out;
 	struct ct_entry in;
 	struct eim_key pk;
-	__u32 key0; /* never written (0): snat_walk's key, off the stack (walk_now) */
 };
 
 struct {
@@ -183,7 +182,7 @@ static __noinline int eim_admit(struct __sk_buff *skb, struct eim_scratch *sc, _
 	__u8 state = proto == IPPROTO_TCP_ ? CT_NONE : CT_UDP;
 	__u64 now = snat_now();
 
-	sc->in.iif = walk_now(&sc->key0); /* before the inserts and the counts (stats.h); OUT: CT_F_WALK */
+	sc->in.iif = walk_now(); /* before the inserts and the counts (stats.h); OUT: CT_F_WALK */
 
 	sc->out.peer = sc->ikey;
 	sc->out.rw_addr = nat;

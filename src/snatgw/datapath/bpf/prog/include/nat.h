@@ -29,6 +29,16 @@ static __always_inline __u32 snat_v4_select_index(const struct snat_rule *r, con
 	return (__u32)(((__u64)h * n) >> 32);
 }
 
+#ifdef SNAT_TEST_RACE
+/* test build: the entry "another CPU" inserts (port_try) */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ct_entry);
+} snat_race_scratch SEC(".maps");
+#endif
+
 struct port_search {
 	struct ct_key in;     /* IN key; daddr takes each address, dport each candidate */
 	struct ct_entry val;  /* IN entry to insert */
@@ -49,7 +59,7 @@ struct port_search {
 	struct spill_key mkey; /* spill memo: (remote, the address being searched, rport, proto) */
 	struct spill_memo mval; /* spill memo: the one to write (verifier: off the callback's stack) */
 	__u32 ckey;           /* snat_alloc_cnt's key (ALLOC_CNT_*), for the same reason */
-	__u32 key0;           /* 0: snat_walk's key (walk_now), for the same reason */
+	__u32 walk_flag;      /* CT_F_WALK when the IN entry inserted carries a walk's number */
 	__u32 eim;            /* a new endpoint-independent mapping: claim each winner's owner */
 	long err;             /* last insert result */
 	struct eim_key okey;  /* eim: the candidate's OWNER key (addr, port follow the candidate) */
@@ -178,16 +188,23 @@ static __always_inline long port_try(struct port_search *s, __u32 j)
 	if (s->race) { /* test build (tests/bpf/test_race.py): the race of two CPUs for one port,
 			* on demand: between this lookup and this insert another CPU inserts the same
 			* IN key (its entry as the model's test writes it: peer itself, rewrite
-			* (remote, 1)), so the insert below meets EEXIST as a real race would */
-		struct ct_entry other = {};
+			* (remote, 1)), so the insert below meets EEXIST as a real race would; the
+			* entry is built in a scratch map (the verifier's stack limit) */
+		__u32 zero = 0;
+		struct ct_entry *other = bpf_map_lookup_elem(&snat_race_scratch, &zero);
 
 		s->race = 0;
-		other.peer = s->in;
-		other.rw_addr = s->in.saddr;
-		other.rw_port = bpf_htons(1);
-		bpf_map_update_elem(&snat_ct, &s->in, &other, BPF_NOEXIST);
+		if (other) {
+			__builtin_memset(other, 0, sizeof(*other));
+			other->peer = s->in;
+			other->rw_addr = s->in.saddr;
+			other->rw_port = bpf_htons(1);
+			bpf_map_update_elem(&snat_ct, &s->in, other, BPF_NOEXIST);
+		}
 	}
 #endif
+	s->val.iif = walk_now(); /* IN entry: the walk counting now, if any (its OUT: CT_F_WALK) */
+	s->walk_flag = s->val.iif ? CT_F_WALK : 0;
 	s->err = bpf_map_update_elem(&snat_ct, &s->in, &s->val, BPF_NOEXIST);
 	if (s->err && s->eim)
 		bpf_map_delete_elem(&snat_eim, &s->okey);
