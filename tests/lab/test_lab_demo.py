@@ -194,3 +194,34 @@ def test_a_demo_interrupted_before_its_lab_says_none_was_built():
             p.kill()
             p.wait()
         Lab(name=name, prefix=prefix).down()
+
+
+_INTERRUPTED_AT_ITS_HANDLERS = """
+import os, signal, sys
+from snatgw.lab import demo
+real = signal.signal
+def signal_then_term(signum, handler):
+    old = real(signum, handler)
+    if signum == signal.SIGTERM and isinstance(handler, demo._Interrupt):  # ours, set: the signal comes
+        os.kill(os.getpid(), signal.SIGTERM)
+    return old
+demo.signal.signal = signal_then_term
+from snatgw.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_demo_interrupted_as_it_sets_its_handlers_says_none_was_built():
+    """A SIGTERM the moment the demo's own handler takes it, before the demo's try: the handler
+    raised there, outside everything that handles it, so the demo died of a traceback (exit 1)
+    instead of its one line and 143.  Now the handler only records until the try, which acts on
+    what came before it."""
+    name, prefix = f"pytest-demo-{os.getpid()}-handlers", f"sgd{os.getpid() % 0xFFFF:04x}h"
+    try:
+        p = subprocess.run([sys.executable, "-c", _INTERRUPTED_AT_ITS_HANDLERS, "demo", "--backend", "nft", "--name",
+                            name, "--prefix", prefix], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 143, (p.returncode, p.stderr[-2000:])
+        assert p.stderr.strip() == "snatgw demo: interrupted by SIGTERM; no lab was built yet"
+    finally:
+        Lab(name=name, prefix=prefix).down()
+    assert _left(name, prefix) == []

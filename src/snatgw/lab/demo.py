@@ -173,13 +173,15 @@ class Interrupted(BaseException):
 class _Interrupt:
     """The demo's SIGINT/SIGTERM handler: records the first signal and raises Interrupted once;
     later ones (a second Ctrl-C, the group's SIGINT reaching us while the lab is removed) are
-    only recorded, so the removal is never cut short."""
+    only recorded, so the removal is never cut short.  It only records until the demo's try
+    turns ``raising`` on (one raised while the handlers were being set escaped the demo: exit 1,
+    a traceback); the try then acts on what it recorded."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signum: int | None = None
-        self.raising = True
+        self.raising = False
 
     def __call__(self, signum: int, _frame) -> None:
         if self.signum is None:
@@ -213,7 +215,9 @@ def demo(backend: str = "bpf", name: str = "demo", prefix: str | None = None, ou
         ok = built = building = False
         bad = 0
         try:
-            early = startsignals.EARLY.stop_asked()  # `snatgw demo` caught them before its imports
+            interrupt.raising = True
+            # one recorded while our handlers were set, or caught by `snatgw demo` before its imports
+            early = interrupt.signum or startsignals.EARLY.stop_asked()
             if early is not None:
                 interrupt(early, None)
             building = True
