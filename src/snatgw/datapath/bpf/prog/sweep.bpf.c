@@ -411,7 +411,8 @@ static __always_inline void count_live(const struct ct_key *k, const struct ct_e
  * holds this walk's number) was counted by the datapath: count_live leaves it out of those
  * counts.  A stamp of an earlier walk (one cut short, or the previous one) is settled: the
  * pair counts, its IN entry's number goes back to 0 and the flag is cleared by an atomic add
- * on its word (only a walk clears it, one walk at a time, and the flag is set: no borrow; a
+ * on its word (only a walk clears it, one walk at a time, and the flag is set, checked again
+ * right before on the same key: no borrow but in a recycled element's nanoseconds; a
  * datapath store of the flags byte racing with it may set it again, and the next walk clears
  * it again).  Unflagged pairs, all but those made during a walk, cost no lookup. */
 static __always_inline void count_pair(struct walk *w, const struct ct_key *k, struct ct_entry *e)
@@ -432,7 +433,11 @@ static __always_inline void count_pair(struct walk *w, const struct ct_key *k, s
 		}
 		in->iif = 0;
 	}
-	__sync_fetch_and_add((__u32 *)&e->rw_port, -WALK_BIT_IN_WORD);
+	/* checked again on the entry as it is now: its element may have been recycled for another
+	 * key since (a pair removed by the datapath, a session moved by a reload), and a subtract
+	 * on a clear bit would set the flags' unused high bits */
+	if ((e->flags & CT_F_WALK) && key_eq(&e->peer, &peer))
+		__sync_fetch_and_add((__u32 *)&e->rw_port, -WALK_BIT_IN_WORD);
 	count_live(k, e, w, 0);
 }
 
