@@ -3,6 +3,7 @@ predicts, a failover via reload, and nothing left behind.  An unbuilt backend xf
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -101,16 +102,28 @@ def _left(name: str, prefix: str) -> list[str]:
                            f"/run/snatgw/lab/{name}.json") if os.path.lexists(p)])
 
 
+@contextlib.contextmanager
+def _demo_process(backend: str, name: str, prefix: str, **popen):
+    """`snatgw demo` as a child (stdout, stderr piped, text); killed if still running and its
+    lab removed afterwards, whatever the test found."""
+    p = subprocess.Popen([sys.executable, "-m", "snatgw.cli.main", "demo", "--backend", backend, "--name", name,
+                          "--prefix", prefix], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        Lab(name=name, prefix=prefix).down()
+
+
 @pytest.mark.parametrize("backend,sig", [("bpf", signal.SIGINT), ("nft", signal.SIGTERM)])
 def test_an_interrupted_demo_says_so_removes_its_lab_and_exits_as_a_shell_would(backend, sig):
     """Ctrl-C (SIGINT to the process group, the gateway and servers included) or SIGTERM once
     the flows begin: the lab was removed but nothing was said, exit 130 either way.  Now one
     line on stderr names the signal and says the lab was removed; exit 130 or 143."""
     name, prefix = f"pytest-demo-{os.getpid()}-int{backend}", f"sgd{os.getpid() % 0xFFFF:04x}i{backend[0]}"
-    p = subprocess.Popen([sys.executable, "-m", "snatgw.cli.main", "demo", "--backend", backend, "--name", name,
-                          "--prefix", prefix], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
+    with _demo_process(backend, name, prefix, start_new_session=True) as p:
         seen = []
         for line in p.stdout:  # the lab is up, the gateway runs, the servers listen
             seen.append(line)
@@ -126,11 +139,6 @@ def test_an_interrupted_demo_says_so_removes_its_lab_and_exits_as_a_shell_would(
         assert err.strip().splitlines() == [
             f"snatgw demo: interrupted by {sig.name}; the lab {name} (namespaces {prefix}-*) was removed"], err
         assert "== lab removed." not in out and _left(name, prefix) == []
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        Lab(name=name, prefix=prefix).down()
 
 
 _INTERRUPTED_UP = """
@@ -175,9 +183,7 @@ def test_a_demo_interrupted_before_its_lab_says_none_was_built():
     it was killed silently (143 from the shell, no line); now it says so (or, if the lab was
     begun by the time the signal came, that it was removed) and exits 143."""
     name, prefix = f"pytest-demo-{os.getpid()}-early", f"sgd{os.getpid() % 0xFFFF:04x}e"
-    p = subprocess.Popen([sys.executable, "-m", "snatgw.cli.main", "demo", "--backend", "nft", "--name", name,
-                          "--prefix", prefix], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _demo_process("nft", name, prefix) as p:
         t0 = time.monotonic()
         while not any(line.startswith("SigCgt:") and int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1
                       for line in open(f"/proc/{p.pid}/status")):
@@ -189,11 +195,6 @@ def test_a_demo_interrupted_before_its_lab_says_none_was_built():
         assert err.strip() in ("snatgw demo: interrupted by SIGTERM; no lab was built yet",
                                f"snatgw demo: interrupted by SIGTERM; the lab {name} (namespaces {prefix}-*) was removed")
         assert _left(name, prefix) == []
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        Lab(name=name, prefix=prefix).down()
 
 
 _INTERRUPTED_AT_ITS_HANDLERS = """
