@@ -359,3 +359,24 @@ def test_per_host_sessions_say_whether_they_are_live_or_the_last_sweeps(backend,
                       lambda: pytest.fail("no recount when the limit goes"))  # fmt: skip
     assert not backend.host_counting() and backend.status_extra()["recounts"]["count"] == 1
     assert backend.stats().pressure["hosts_counted"] == "sweep"
+
+
+@pytest.mark.bpf
+def test_sessions_carried_from_nft_get_the_route_back_as_the_datapath_writes_it(backend):
+    """A session carried over from the nft datapath (a switch to bpf) is written as the datapath
+    makes one: its IN entry holds the route back's next hop and MTU.  They were 0, so every
+    reply was "over the MTU" (handed to the kernel, counted XLATE_IN_FRAG_NEEDED) and an inside
+    ICMP error about it never judged its host on-link."""
+    from snatgw.config.parse import parse_text
+    from snatgw.datapath.backend import Session
+
+    backend.routes.table["198.18.40.10"] = (3, "198.18.40.10", 1500)  # on-link, inside
+    config = parse_text("snatgw {\n inside lan40\n outside eth1\n}\nvirtual_server fwmark 1 {\n"
+                        " snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n")  # fmt: skip
+    s = Session(proto="tcp", inside="198.18.40.10:40001", remote="203.0.113.10:80", nat="198.19.2.71:5001",
+                state="ESTABLISHED", idle=0.0, expires=100.0)  # fmt: skip
+    assert backend.insert_sessions([s], config) == 1
+    entries = {L.CT_KEY.unpack(k)["dir"]: L.CT_ENTRY.unpack(v) for k, v in backend.maps.ct.items()}
+    inn, out = entries[L.CT_DIR_IN], entries[L.CT_DIR_OUT]
+    assert (inn["ifindex"], inn["nexthop"], inn["mtu"]) == (3, int(ipaddress.IPv4Address("198.18.40.10")), 1500)
+    assert (out["ifindex"], out["nexthop"], out["mtu"]) == (2, int(ipaddress.IPv4Address("198.19.2.1")), 1500)

@@ -318,8 +318,11 @@ class BpfBackend:
                                     dir=L.CT_DIR_OUT)  # fmt: skip
             in_key = L.CT_KEY.pack(saddr=int(rip), daddr=int(nip), sport=rport, dport=nport, proto=proto,
                                    dir=L.CT_DIR_IN)  # fmt: skip
+            # the IN entry as the datapath makes it: the route back's next hop and MTU (an MTU of 0
+            # made every reply "over the MTU": handed to the kernel and counted as frag needed)
             in_val = L.CT_ENTRY.pack(peer=out_key, rw_addr=int(ip), rw_port=port, ifindex=in_eg[0],
-                                     rule_id=rule.rule_id, last_seen=now)  # fmt: skip
+                                     nexthop=int(in_eg[1]), rule_id=rule.rule_id, mtu=min(in_eg[2], 0xFFFF),
+                                     last_seen=now)  # fmt: skip
             out_val = L.CT_ENTRY.pack(peer=in_key, rw_addr=int(nip), rw_port=nport, state=int(state),
                                       flags=L.CT_F_NEW_GW if rule.new_gw else 0, ifindex=out_eg[0],
                                       nexthop=int(out_eg[1]), rule_id=rule.rule_id, mtu=min(out_eg[2], 0xFFFF),
