@@ -181,6 +181,13 @@ def run(args) -> int:
         early.release()
 
 
+def _close_held(*held) -> None:
+    """Release the locks taken (the pin-dir lock, the owner lock and its file), those not None."""
+    for h in held:
+        if h is not None:
+            h.close()
+
+
 def _stopped_in_start(log: Log, signum: int, backend: str) -> int:
     """A SIGTERM/SIGINT came before the datapath was touched: nothing of it to stop; what was
     taken (locks, socket) the caller has closed."""
@@ -222,15 +229,11 @@ def _run(args, early: startsignals.StartSignals) -> int:
         server = ControlServer(settings.control_socket, service.dispatch, inline=service.handle, log=log)
     except (SnatgwError, OSError) as e:
         log.error("start_failed", error=str(e))
-        for held in (pins, owner):
-            if held is not None:
-                held.close()
+        _close_held(pins, owner)
         return getattr(e, "exit_code", EXIT_BACKEND)
     if (signum := early.stop_asked()) is not None:  # the socket and locks go as at any stop
         server.close()
-        for held in (pins, owner):
-            if held is not None:
-                held.close()
+        _close_held(pins, owner)
         return _stopped_in_start(log, signum, backend.name)
     loop = EventLoop(log)
     worker = Worker(loop, log)
@@ -281,9 +284,7 @@ def _run(args, early: startsignals.StartSignals) -> int:
                 service.stop()
             except Exception as e:  # noqa: BLE001
                 log.error("stop_failed", error=str(e))
-        for held in (pins, owner):  # the datapath is stopped (kept) before the locks go
-            if held is not None:
-                held.close()
+        _close_held(pins, owner)  # the datapath is stopped (kept) before the locks go
         loop.close()
         log.attach(None)  # later lines (none expected) are written here
         writer.close(timeout=5)  # what waits is written; a stderr nobody reads does not hold the exit

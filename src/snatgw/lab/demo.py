@@ -240,7 +240,7 @@ def demo(backend: str = "bpf", name: str = "demo", prefix: str | None = None, ou
             done = (f"could not remove: {', '.join(left)} (try `snatgw lab down --all`)" if left else
                     f"the lab {name} (namespaces {prefix}-*) was removed" if building else
                     "no lab was built yet")
-            print(f"snatgw demo: interrupted by {signal.Signals(interrupt.signum).name}; {done}",
+            print(f"snatgw demo: interrupted by {startsignals.name(interrupt.signum)}; {done}",
                   file=sys.stderr, flush=True)
             return 128 + interrupt.signum
         print(f"\n== lab removed. {'snatgw ' + backend if ok else 'FALLBACK (kernel nft SNAT)'}: "
