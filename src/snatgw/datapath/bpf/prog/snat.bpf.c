@@ -548,8 +548,7 @@ static __always_inline int snat_v4_new_mapping(struct __sk_buff *skb, const stru
 	if (eim && eim_begin(r)) { /* the endpoint's live mapping: its one candidate */
 		sp->tried = 1;
 		if (!bpf_map_lookup_elem(&snat_ct, &sp->in)) {
-			sp->val.iif = walk_now(); /* IN entry: the walk counting now (port_try) */
-			sp->walk_flag = sp->val.iif ? CT_F_WALK : 0;
+			walk_stamp(sp);
 			sp->err = bpf_map_update_elem(&snat_ct, &sp->in, &sp->val, BPF_NOEXIST);
 		}
 	} else {

@@ -151,6 +151,14 @@ static __always_inline __u32 port_offset(const struct port_search *s, __u32 j)
 }
 
 /* Candidate j on s->in.daddr: 0 taken (the next candidate), 1 done (inserted, or the table full) */
+/* Right before the IN entry goes in: the walk counting now, if any, in its iif, and CT_F_WALK
+ * for the OUT entry that follows (stats.h, walk_now) */
+static __always_inline void walk_stamp(struct port_search *s)
+{
+	s->val.iif = walk_now();
+	s->walk_flag = s->val.iif ? CT_F_WALK : 0;
+}
+
 static __always_inline long port_try(struct port_search *s, __u32 j)
 {
 	__u32 o;
@@ -203,8 +211,7 @@ static __always_inline long port_try(struct port_search *s, __u32 j)
 		}
 	}
 #endif
-	s->val.iif = walk_now(); /* IN entry: the walk counting now, if any (its OUT: CT_F_WALK) */
-	s->walk_flag = s->val.iif ? CT_F_WALK : 0;
+	walk_stamp(s);
 	s->err = bpf_map_update_elem(&snat_ct, &s->in, &s->val, BPF_NOEXIST);
 	if (s->err && s->eim)
 		bpf_map_delete_elem(&snat_eim, &s->okey);
