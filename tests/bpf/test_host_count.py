@@ -170,3 +170,22 @@ def test_sessions_made_during_a_walk_are_counted_once(pair, walk):
     assert (res.live, res.made_during) == (5, 0) and prog.live_counts() == model_live(engine)
     assert bpf_sessions(prog) == model_sessions(engine)
     assert all(e["iif"] == 0 for k, e in prog.ct().items() if k[5] == L.CT_DIR_IN)
+
+
+def test_stamps_left_by_a_daemon_killed_mid_walk_are_counted_and_settled(pair):
+    """A daemon killed between SWEEP_BEGIN and SWEEP_END leaves its walk's number published
+    (snat_walk.current): the datapath goes on stamping new sessions with it.  The next daemon's
+    walk takes the next number, so it counts those sessions (the datapath's increments are in
+    its snapshot, not counted again) and settles their stamps: counts exact, table the model's."""
+    prog, engine, dm, sw = pair
+    reload(prog, engine, dm, LIMITED, sw.recount)
+    prog.maps[L.MAP_WALK].put(0, L.WALK_STATE.pack(current=7, last=7))  # as the killed walk left it
+    for sp in (1, 2, 3):
+        step(prog, engine, udp(A, R1, sp, 53), float(sp), Reason.XLATE_NEW)
+    stamped = [e for k, e in prog.ct().items() if k[5] == L.CT_DIR_IN and e["iif"] == 7]
+    assert len(stamped) == 3
+    res = sw.recount(chunked=True)
+    assert (res.live, res.made_during) == (3, 0) and prog.live_counts() == model_live(engine)
+    assert L.WALK_STATE.unpack(prog.maps[L.MAP_WALK].get(0)) == {"current": 0, "last": 8}
+    assert bpf_sessions(prog) == model_sessions(engine)
+    assert all(e["iif"] == 0 for k, e in prog.ct().items() if k[5] == L.CT_DIR_IN)
