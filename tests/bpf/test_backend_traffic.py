@@ -75,9 +75,11 @@ def test_ping_is_translated_and_its_session_listed_counted_and_expired(lab, pin_
             st = b.stats()
             assert st.rules[rule.rule_id].packets == 6  # 3 requests + 3 replies, counted per rule
             assert st.reasons["XLATE_NEW"] == 1 and st.reasons["XLATE_IN"] == 3
-            assert st.rules[rule.rule_id].sessions == 1
+            assert st.rules[rule.rule_id].sessions == st.rules[rule.rule_id].live == 1
             assert b.expire() == 0  # fresh: kept
             assert b.expire(now=b_now() + 121) == 1 and b.sessions() == []  # ICMP timeout 120 s
+            st = b.stats()  # made: still 1 (ipvsadm's Conns); live (the metric's gauge): none
+            assert st.rules[rule.rule_id].sessions == 1 and st.rules[rule.rule_id].live == 0
         finally:
             b.stop()
     assert not os.path.exists(pin_dir)

@@ -199,12 +199,14 @@ def test_flush_of_one_rule_leaves_the_others(running):
 
 
 def test_zero_clears_counters_but_not_sessions(running):
-    """adm -Z zeroes reason and rule counters; sessions stay."""
-    running.syn()
+    """adm -Z zeroes reason and rule counters; sessions stay (and the rule's live count)."""
+    a = running.syn()
     assert running.req(op="stats")["stats"]["reasons"] == {"XLATE_NEW": 1}
     assert admcli.main(["-Z", "--socket", running.sock]) == 0
     st = running.req(op="stats")["stats"]
-    assert st["reasons"] == {} and st["rules"] == {} and st["sessions"] == 1
+    assert st["reasons"] == {} and st["sessions"] == 1
+    assert st["rules"] == {str(a.rule.rule_id): {"rule_id": a.rule.rule_id, "packets": 0, "bytes": 0,
+                                                 "sessions": 0, "live": 1}}
 
 
 def test_rate_reports_per_second_deltas_between_gc_samples(running):

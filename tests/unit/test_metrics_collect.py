@@ -144,3 +144,19 @@ def test_error_and_warning_events_are_exported_from_zero(running):
     for level in ("error", "warning"):
         (s,) = samples(f["snatgw_log_events"], level=level)
         assert s.value == 0
+
+
+def test_rule_sessions_is_the_rules_live_sessions_not_those_it_ever_made(running):
+    """`snatgw_rule_sessions` is a gauge of each rule's live sessions: an expired session leaves
+    it.  It exported the per-rule count of sessions created (bpf's snat_rule_stats, the model's),
+    which only grows until `adm -Z`, as if live (nft's was live): a rule whose sessions had all
+    ended still showed them.  `stats` keeps that count (ipvsadm's Conns, the rate's CPS)."""
+    gone, kept = running.syn(), running.udp()
+    running.clock.t += 250  # past the SYN's timeout (240 s), not the UDP one's (300 s)
+    assert running.backend.expire() == 1
+    f = families(running.service)
+    assert samples(f["snatgw_rule_sessions"], rule_id=str(gone.rule.rule_id))[0].value == 0
+    assert samples(f["snatgw_rule_sessions"], rule_id=str(kept.rule.rule_id))[0].value == 1
+    assert samples(f["snatgw_sessions"])[0].value == 1
+    made = running.req(op="stats")["stats"]["rules"]
+    assert made[str(gone.rule.rule_id)]["sessions"] == 1 and made[str(kept.rule.rule_id)]["sessions"] == 1

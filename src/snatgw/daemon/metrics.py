@@ -148,7 +148,7 @@ class ServiceCollector:
             labels = [str(rid), r.identity_text() if r else "(not in the running config)"]
             pk.add_metric(labels, c.packets)
             by.add_metric(labels, c.bytes)
-            live.add_metric(labels, c.sessions)
+            live.add_metric(labels, c.sessions if c.live is None else c.live)  # bpf's sessions: made
         yield from ((live,) if unknown else (pk, by, live))
         if not unknown:
             rs = _c("reason_packets", "packets per datapath reason (snatgw.layout.Reason)", ("reason",))

@@ -94,10 +94,15 @@ class SessionFilter:
 
 @dataclass(frozen=True)
 class RuleCounters:
+    """One rule's counters: ``packets``/``bytes`` translated (both directions), ``sessions``
+    (bpf and the model: made since start or `adm -Z`, ipvsadm's Conns; nft: live) and ``live``,
+    the rule's live sessions now (None where not known: pinned maps read without a daemon)."""
+
     rule_id: int
     packets: int = 0
     bytes: int = 0
     sessions: int = 0
+    live: int | None = None
 
 
 @dataclass(frozen=True)

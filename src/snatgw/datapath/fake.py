@@ -10,6 +10,7 @@ N-th call of that operation (1-based).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable, Iterable
 
 from ..errors import BackendError
@@ -89,6 +90,9 @@ class FakeBackend:
         reasons = {r.name: int(n) for r, n in eng.reasons.items() if n}
         rules = {int(k): v if isinstance(v, RuleCounters) else RuleCounters(int(k), *v)
                  for k, v in eng.rule_stats.items()}
+        live = {rid: c.sessions for rid, c in eng.rule_live.items()}  # as the bpf backend: the kept counts
+        rules = {rid: replace(rules.get(rid) or RuleCounters(rid), live=live.get(rid, 0))
+                 for rid in rules.keys() | live.keys()}  # fmt: skip
         n = len(eng.sessions(self.clock()))
         pressure = pressure_summary({str(k): (c.sessions, c.refusals) for k, c in eng.host_live.items()},
                                     {str(k): (c.sessions, c.refusals) for k, c in eng.addr_live.items()},

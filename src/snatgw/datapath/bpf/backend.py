@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from typing import Callable
 
 from ... import layout as L
@@ -22,7 +23,7 @@ from ...config.schema import GatewayConfig, Settings
 from ...errors import BackendError
 from ...fibrules import PolicyRule, describe, gw_numbers, route_back_blocker
 from ...rules import leak_guard_passes
-from ..backend import LastRead, Session, Stats, pressure_summary
+from ..backend import LastRead, RuleCounters, Session, Stats, pressure_summary
 from . import guard, gwroutes
 from . import libbpf as B
 from .loader import Loader, ifindex
@@ -898,7 +899,11 @@ class BpfBackend:
         age = None if live_hosts or since is None else max(0.0, _clock() - since)
         pressure = pressure_summary(live[L.MAP_HOST_SESS], live[L.MAP_ADDR_STATS], total, m.ct.max_entries // 2,
                                     hosts_live=live_hosts, hosts_age=age, allocator=m.alloc_counts())  # fmt: skip
-        return Stats(reasons=self._reasons(m), rules=m.rule_counters(), sessions=total, pressure=pressure)
+        live_rules = live[L.MAP_RULE_LIVE]  # rule id -> (live sessions, refusals)
+        rules = m.rule_counters()
+        rules = {rid: replace(rules.get(rid) or RuleCounters(rid), live=live_rules.get(rid, (0, 0))[0])
+                 for rid in rules.keys() | live_rules.keys()}  # fmt: skip
+        return Stats(reasons=self._reasons(m), rules=rules, sessions=total, pressure=pressure)
 
     def refusals(self) -> list[dict]:
         """The refusal markers (DatapathMaps.refusal_markers): recently refused new flows."""

@@ -756,7 +756,8 @@ class NftBackend:
         rules = {}
         for r in self._config.rules if self._config else ():
             pk, by = c.get(R.counter_name(r), (0, 0))
-            rules[r.rule_id] = RuleCounters(r.rule_id, pk, by, live.get(r.rule_id, 0))
+            n = live.get(r.rule_id, 0)
+            rules[r.rule_id] = RuleCounters(r.rule_id, pk, by, n, live=n)
         new = sum(v[0] for k, v in c.items() if k.startswith("new_"))
         # a flow refused for want of a port passed nat_out (counted new_) and died at confirm
         failed = self._conntrack_failed()
