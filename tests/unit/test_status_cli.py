@@ -147,3 +147,21 @@ def test_the_audit_log_in_status_and_stats(running, links, capsys):
         assert json.loads(capsys.readouterr().out)["audit"]["lost_datapath"] == 7
     finally:
         svc.audit = None
+
+
+def test_an_array_map_shows_no_fill(running, links, capsys, monkeypatch):
+    """A bpf array's slots all exist (entries = max_entries, ``has_fill`` False): its fill is
+    '-', as metrics and the alerts leave it out.  It showed 100.0% (snat_rules, snat_reasons,
+    snat_config... on every healthy gateway), a full map to whoever reads `status`."""
+    health = running.backend.health
+
+    def with_arrays():
+        h = health()
+        h["maps"] += [{"name": "snat_rules", "entries": 16384, "max_entries": 16384, "has_fill": False},
+                      {"name": "snat_eim", "entries": 3, "max_entries": 100, "has_fill": True}]
+        return h
+
+    monkeypatch.setattr(running.backend, "health", with_arrays)
+    rc, out = status(running, capsys)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  snat_")}
+    assert rc == 0 and rows["snat_rules"] == ["16384", "16384", "-"] and rows["snat_eim"] == ["3", "100", "3.0%"]

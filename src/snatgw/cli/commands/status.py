@@ -67,8 +67,10 @@ def render_text(r: dict) -> str:
                 for h in dp["hooks"]]
         out.append(table(rows, ("device", "hook", "program", "id", "state"), "  ") if rows else "  none")
         out += ["", "maps:"]
+        # an array (has_fill False) has every slot: no fill, as metrics and the alerts have it
         rows = [[m["name"], m["entries"], m["max_entries"],
-                 f"{100 * m['entries'] / m['max_entries']:.1f}%" if m["max_entries"] else "-"] for m in dp["maps"]]
+                 f"{100 * m['entries'] / m['max_entries']:.1f}%" if m["max_entries"] and m.get("has_fill", True)
+                 else "-"] for m in dp["maps"]]  # fmt: skip
         out.append(table(rows, ("map", "entries", "max", "fill"), "  "))
         out += ["", f"sessions: {dp['sessions']} of {dp['max_sessions']}"]
         if dp.get("route_back"):  # bpf: a new session's route back (docs/datapath.md step 13)
