@@ -232,6 +232,9 @@ def import_iptables(text: str, filename: str = "<stdin>",
         except _Skip as e:
             out.flagged.append((f"{where}: {raw.strip()}", str(e)))
     out.rules = placed
+    if not placed and not out.flagged:  # an empty file, another table's dump: say so, not "all carried"
+        out.flagged.append((filename, "no SNAT or MASQUERADE rule (nat table, POSTROUTING) to carry over: the "
+                            "config has no snat_rule, which `snatgw check` refuses (`iptables-save -t nat`?)"))
     if other:
         tables = ", ".join(f"{t} ({k})" for t, k in sorted(other.items()))
         out.notes.append(f"{filename}: skipped {sum(other.values())} line(s) of other tables, "

@@ -184,3 +184,16 @@ def test_flush_commands_are_noted_not_flagged():
     """Scripts often start with `iptables -t nat -F`: ignored with a note, still exit-0 clean."""
     imp = import_iptables("iptables -t nat -F\n" + SEED)
     assert imp.ok and len(imp.rules) == 2 and any("flush" in n for n in imp.notes)
+
+
+@pytest.mark.parametrize("text", ["", "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -i lo -j ACCEPT\nCOMMIT\n",
+                                  "garbage line\n"])
+def test_input_without_any_snat_rule_is_flagged_and_exits_1(tmp_path, capsys, text):
+    """Nothing to carry over (an empty file, another table's dump, a stray line): flagged, exit 1.
+    It exited 0, 'everything carried over', with a config of no snat_rule that `check` refuses."""
+    imp = import_iptables(text, "dump")
+    assert not imp.ok and not imp.rules and [w for w, _ in imp.flagged] == ["dump"]
+    assert "no SNAT or MASQUERADE rule" in imp.flagged[0][1]
+    assert main(["import-iptables", _file(tmp_path, text)]) == 1
+    cap = capsys.readouterr()
+    assert "0 rule(s) carried over" in cap.err and "no SNAT or MASQUERADE rule" in cap.err
