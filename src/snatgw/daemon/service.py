@@ -414,7 +414,7 @@ class Service:
         if req.get("priority") is not None:
             n, rules = int(req["priority"]), self.config.rules.rules
             if not 1 <= n <= len(rules):
-                raise AdmUsageError(f"flush: no rule #{n} (the running config has {len(rules)} rules)")
+                raise AdmUsageError(f"no rule #{n} (the running config has {len(rules)} rules)")
             out["rule_id"] = rules[n - 1].rule_id
         elif req.get("rule_id") is not None:
             out["rule_id"] = int(req["rule_id"])
