@@ -50,6 +50,11 @@ def our_tc_filters(lab) -> list[str]:
     return found
 
 
+def our_nft_routes(lab) -> list[dict]:
+    out = json.loads(lab.ip("gw", "-j", "route", "show", "table", "all", "proto", "201").stdout or "[]")
+    return [r for r in out if str(r.get("table", "")).isdigit() and 31000 <= int(r["table"]) < 32000]
+
+
 def gateway_log(lab) -> str:
     with open(os.path.join(lab.workdir, "gateway.log")) as f:
         return f.read()
@@ -85,7 +90,9 @@ def test_killed_bpf_to_nft_switch_leaves_no_tc_filter_or_pins(clean, conf):
 
 @pytest.mark.lab
 def test_purge_removes_both_backends_state(clean, conf):
-    """purge removes a killed bpf daemon's filters and pins and an nft rule set with routing."""
+    """purge removes a killed bpf daemon's filters and pins and an nft rule set with routing,
+    and says so for each (the nft routes went unreported: the rules' removal flushed their
+    tables before the routes were listed)."""
     from snatgw.config.parse import parse_file
     from snatgw.datapath.nft.backend import NftBackend
 
@@ -95,10 +102,14 @@ def test_purge_removes_both_backends_state(clean, conf):
     c = parse_file(conf)
     NftBackend(c.settings, netns=lab.ns("gw")).apply(c)  # apply: no cleanup of the bpf state
     assert our_tc_filters(lab) and nft_table(lab) and our_ip_rules(lab)
+    tables = sorted({int(r["table"]) for r in our_nft_routes(lab)})
+    assert tables, "the config's new_gw rule is expected to have a route table"
     p = purge(lab)
     assert p.returncode == 0, p.stderr
     assert "removed nft table ip snatgw" in p.stdout and "snatgw_guard" in p.stdout
+    assert f"removed routes proto 201 in tables {','.join(map(str, tables))}" in p.stdout.splitlines()
     assert our_tc_filters(lab) == [] and not nft_table(lab) and our_ip_rules(lab) == []
+    assert our_nft_routes(lab) == []
     assert lab.run("gw", "nft", "list", "table", "ip", "snatgw_guard", check=False).returncode != 0
     assert not os.path.exists(lab.pin_dir)
     again = purge(lab)

@@ -551,13 +551,14 @@ class NftBackend:
         rules = self._our_ip_rules()
         if rules:
             removed.append("ip rules pref " + ",".join(str(pref) for pref, _ in rules))
-        self._remove_routing()
+        # our tables' routes are listed before the rules go: removing a rule flushes its table
         p = self._run(["ip", "-j", "route", "show", "table", "all", "proto", str(R.RT_PROTO)], check=False)
         tables = set()
         for rt in json.loads(p.stdout) if p.returncode == 0 and p.stdout.strip() else ():
             t = str(rt.get("table", ""))
             if t.isdigit() and R.RT_BASE <= int(t) < R.RT_BASE + R.SLOTS:
                 tables.add(int(t))
+        self._remove_routing()
         for t in sorted(tables):
             self._run(["ip", "route", "flush", "table", str(t), "proto", str(R.RT_PROTO)], check=False)
         if tables:
