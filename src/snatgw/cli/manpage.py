@@ -17,7 +17,9 @@ FILES = (
     ("/sys/fs/bpf/snatgw", "the bpf backend's pinned maps: sessions survive a daemon restart"),
     ("/var/cache/snatgw", "compiled BPF objects (XDG_CACHE_HOME=/var/cache in the systemd unit)"),
 )
-EXIT = (("0", "success (explain: a rule matched)"), ("1", "explain: no rule matched"),
+EXIT = (("0", "success (explain: a rule matched; status: healthy)"),
+        ("1", "explain: no rule matched; status: unhealthy (the problems are printed); import-iptables: "
+              "something was not carried over; demo: a flow was not as the model predicts"),
         ("2", "bad arguments or an invalid configuration: nothing was changed"),
         ("3", "the datapath could not be set up"), ("4", "no daemon answered, or it refused the request"))
 

@@ -21,8 +21,9 @@ DESCRIPTION = """Remove what a stopped (SIGTERM) or killed daemon of either back
 network namespace: the nft backend's `table ip snatgw`, its ip rules and routes (proto 201,
 prefs/tables 31000-31999) and its conntrack entries; the bpf backend's TC filters (handle and
 priority 0x534e only) on every device, its new_gw ip rules and routes (proto 201,
-prefs/tables 30000-30999), and the pinned maps in the pin directory (the sessions); and the
-namespace's owner lock file (/run/snatgw/owner) when no daemon holds it.
+prefs/tables 30000-30999), and the pinned maps in the pin directory (the sessions); both
+backends' leak guard, `table ip snatgw_guard`; and the namespace's owner lock file
+(/run/snatgw/owner) when no daemon holds it.
 This is how the datapath is removed on purpose: a daemon that exits (SIGTERM, `systemctl stop` or
 restart, an upgrade) leaves it translating for the next one.  Refuses (exit 4) while a daemon owns
 this network namespace or answers on the control socket: stop it first (--force purges anyway;
