@@ -78,3 +78,28 @@ def test_flush_help_states_the_exit_status_it_gives_without_a_daemon(tmp_path, c
     text = " ".join(capsys.readouterr().out.split())
     assert "4 when no daemon answers" in text and "3 when" not in text
     assert main(["flush", "--socket", str(tmp_path / "none.sock"), "--all"]) == 4
+
+
+def test_a_deleted_rules_sessions_are_listed_and_flushed_by_the_id_the_listing_shows(running, capsys):
+    """A rule deleted with live sessions: `conns` labels them `id:<hex>` (no #N any more); that
+    label, as shown, selects them in `conns --rule` and `flush --rule-id` (with the decimal and
+    0x forms).  Both refused it (exit 2): flush took decimal only, conns decimal or 0x."""
+    a, b = running.syn(), running.udp()
+    assert running.req(op="adm", commands=[["-H", "-f", "1", "-F", "198.18.40.0/24", "-W", "198.19.2.1",
+                                            "--oif", "eth1"]])["ok"]
+    assert main(["conns", "--socket", running.sock]) == 0
+    label = f"id:{a.rule.rule_id:08x}"
+    assert any(line.split()[-1] == label for line in capsys.readouterr().out.splitlines())
+    assert main(["conns", "--json", "--socket", running.sock, "--rule", label]) == 0
+    assert [json.loads(x)["rule_id"] for x in capsys.readouterr().out.splitlines()] == [a.rule.rule_id]
+    assert main(["flush", "--socket", running.sock, "--rule-id", label]) == 0
+    assert capsys.readouterr().out.strip() == "flushed 1 session"
+    assert main(["flush", "--socket", running.sock, "--rule-id", hex(b.rule.rule_id)]) == 0
+    assert sessions(running) == []
+
+
+@pytest.mark.parametrize("value", ["id:xyz", "7q", "id:"])
+def test_a_rule_id_that_is_no_number_is_refused(running, capsys, value):
+    running.syn()
+    assert main(["flush", "--socket", running.sock, "--rule-id", value]) == 2
+    assert "--rule-id" in capsys.readouterr().err and len(sessions(running)) == 1

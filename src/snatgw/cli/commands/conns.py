@@ -61,15 +61,25 @@ def fixed(cells) -> str:
     return out.rstrip()
 
 
+def parse_rule_id(text: str) -> int:
+    """A rule's stable id as the listings show it: decimal (--json's rule_id), 0x-hex, or the
+    `id:<hex>` label of a rule no longer in the running config; ValueError otherwise."""
+    n = int(text[3:], 16) if text.startswith("id:") and text[3:].isalnum() else int(text, 0)
+    if not 0 <= n < 1 << 32:
+        raise ValueError(text)
+    return n
+
+
 def rule_id_of(rule: str | None, rules: list[dict]) -> int | None:
-    """--rule: a priority number (#N or N) of the running rules, else a rule id (decimal/0x)."""
+    """--rule: a priority number (#N or N) of the running rules, else a rule id (decimal, 0x, or
+    the listings' id:<hex>)."""
     if rule is None:
         return None
     want = [r["rule_id"] for r in rules if str(r["priority"]) == rule.lstrip("#")]
     if want:
         return want[0]
     try:
-        return int(rule, 0)
+        return parse_rule_id(rule)
     except ValueError:
         raise BadFilter(f"--rule: expected a rule's priority number or id, got {rule!r}") from None
 

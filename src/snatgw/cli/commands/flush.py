@@ -9,6 +9,7 @@ from ...daemon.client import call, resolve_socket
 from ...errors import EXIT_BAD_INPUT, SnatgwError
 from ...rules import parse_addr
 from ..render import dump_json
+from .conns import parse_rule_id
 
 HELP = "remove live sessions: of a rule, an inside host, a SNAT address, or all"
 DESCRIPTION = """\
@@ -17,8 +18,9 @@ filters; a session is removed when it matches every filter given:
 
   --rule N       the rule listed as #N by `snatgw stats` / `snatgw adm -L` (priority order of
                  the running rules, resolved by the daemon when it flushes)
-  --rule-id ID   the rule's stable id (`rule_id` in --json listings; survives edits of the
-                 rule's pool, algo and new_gw, and other rules' changes)
+  --rule-id ID   the rule's stable id (`rule_id` in --json listings, decimal or 0x-hex, or the
+                 `id:<hex>` that listings show for a rule no longer in the running config;
+                 survives edits of the rule's pool, algo and new_gw, and other rules' changes)
   --inside ADDR  sessions of this inside host
   --nat ADDR     sessions translated to this SNAT address
 
@@ -33,7 +35,7 @@ class _Usage(SnatgwError):
 
 def register(p) -> None:
     p.add_argument("--rule", type=int, metavar="N", help="rule #N of the running listing")
-    p.add_argument("--rule-id", type=int, metavar="ID", help="rule by its stable id")
+    p.add_argument("--rule-id", metavar="ID", help="rule by its stable id (decimal, 0x-hex or id:<hex>)")
     p.add_argument("--inside", metavar="ADDR", help="inside host address")
     p.add_argument("--nat", metavar="ADDR", help="SNAT (public) address")
     p.add_argument("--all", action="store_true", help="every session")
@@ -51,6 +53,11 @@ def request(args) -> dict:
         raise _Usage("say which sessions: --rule N, --rule-id ID, --inside ADDR, --nat ADDR, or --all")
     if "priority" in filters and "rule_id" in filters:
         raise _Usage("give --rule or --rule-id, not both")
+    if "rule_id" in filters:
+        try:
+            filters["rule_id"] = parse_rule_id(filters["rule_id"])
+        except ValueError:
+            raise _Usage(f"--rule-id: expected a rule id (decimal, 0x-hex or id:<hex>), got {args.rule_id!r}") from None
     for k in ("inside", "nat"):
         if k in filters:
             filters[k] = str(parse_addr(filters[k], f"--{k}"))
