@@ -116,3 +116,19 @@ def test_daemon_sessions_op_is_bounded_and_says_when_it_cut(running):
     with pytest.raises(RemoteError, match="unknown session filter field"):
         call(running.sock, {"op": "sessions", "filter": {"bogus": 1}})
     assert MAX_SESSIONS_REPLY <= 100_000
+
+
+def test_nft_lists_an_echo_sessions_remote_with_port_0_as_bpf_and_the_audit_log_do():
+    """conntrack gives an echo's identifier as both its ports; the remote end has none: nft's
+    listing showed `203.0.113.10:2501` (and `--rport 2501` matched it) where bpf's and nft's own
+    audit records say port 0.  The inside and SNAT ends keep the identifier."""
+    from snatgw.config.schema import Settings
+    from snatgw.datapath.nft import render as R
+    from snatgw.datapath.nft.backend import NftBackend
+
+    b = NftBackend.reader(Settings(), {})
+    d = {"proto": "icmp", "state": None, "assured": False, "timeout": 50, "src": "198.18.40.10", "sport": "2501",
+         "dst": "203.0.113.10", "dport": "2501", "rsrc": "203.0.113.10", "rdst": "198.19.2.73", "rsport": "2501",
+         "rdport": "2501", "mark": R.MARK_TAG}
+    s = b._session(d, {"ICMP": 60})
+    assert (s.inside, s.remote, s.nat) == ("198.18.40.10:2501", "203.0.113.10:0", "198.19.2.73:2501")

@@ -676,7 +676,7 @@ class NftBackend:
         return Session(
             proto=proto,
             inside=f"{d.get('src')}:{d.get('sport', 0)}",
-            remote=f"{d.get('dst')}:{d.get('dport', 0)}",
+            remote=f"{d.get('dst')}:{0 if proto == 'icmp' else d.get('dport', 0)}",  # an echo's id: its ends' own
             nat=f"{d.get('rdst')}:{d.get('rdport', 0)}",
             state=state, idle=idle, expires=float(d["timeout"]),
             rule_id=self._by_mark.get(R.rule_mark(d["mark"]), 0),
