@@ -39,8 +39,10 @@ def notes_for(cfg) -> list[str]:
         out.append("new_gw: a NEW flow is steered in prerouting on a prediction of its route "
                    "(`fib daddr oifname`), later packets follow the ct mark; reverse-path filtering "
                    "must be off or loose on the uplinks (replies come back on the new link)")
-    out.append("timeouts: TCP established and UDP come from the snatgw block (ct timeout objects); "
-               "ICMP and the other TCP states keep the kernel's (net.netfilter.nf_conntrack_*)")
+    out.append("timeouts: UDP and the TCP states (" + ", ".join(n for n, _ in R.NFT_TCP_STATES)
+               + ") come from the snatgw block (ct timeout objects; conntrack's syn_sent2, retrans and "
+               "unacknowledged keep the kernel's); ICMP has no nft policy: the backend sets the namespace's "
+               "net.netfilter.nf_conntrack_icmp_timeout to `icmp`, which loading this text does not")
     return out
 
 
