@@ -83,7 +83,8 @@ def test_export_timeout_note_says_what_the_table_sets_and_what_it_cannot(tmp_pat
     as snatgw does, and UDP) and says the ICMP timeout is the namespace's sysctl, which the
     backend sets and loading the text does not.  It said ICMP and the TCP states other than
     established kept the kernel's, beside a policy that sets syn_sent, fin_wait, time_wait..."""
-    conf = "snatgw {\n timeout tcp_time_wait 30\n}\nvirtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n"
+    conf = ("snatgw {\n timeout tcp_time_wait 30\n}\n"
+            "virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n")
     assert main(["export", _write(tmp_path, conf), "--format", "nft"]) == 0
     out = capsys.readouterr().out
     (note,) = [ln for ln in out.splitlines() if ln.startswith("# note: timeouts:")]
