@@ -197,6 +197,7 @@ _SIGS = {
     "ring_buffer__epoll_fd": (C.c_int, [_P]),
     "ring_buffer__free": (None, [_P]),
     "libbpf_num_possible_cpus": (C.c_int, []),
+    "bpf_enable_stats": (C.c_int, [C.c_int]),
 }
 
 _lib: C.CDLL | None = None
@@ -678,6 +679,16 @@ def run_syscall(prog_fd: int, ctx: bytes | None = None) -> tuple[int, int]:
         o.ctx_in, o.ctx_size_in = C.cast(cin, C.c_void_p), len(ctx)
     _check(lib().bpf_prog_test_run_opts(prog_fd, C.byref(o)), "bpf_prog_test_run_opts (syscall)")
     return int(C.c_int32(o.retval).value), int(o.duration)
+
+
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_run_time_stats() -> int:
+    """BPF_ENABLE_STATS (run time): every program's run_time_ns/run_cnt count while the returned
+    fd is open.  The kernel drops its reference when the fd is closed or the process dies, so
+    nothing is left on (unlike writing kernel.bpf_stats_enabled, a global sysctl)."""
+    return _check(lib().bpf_enable_stats(BPF_STATS_RUN_TIME), "bpf_enable_stats")
 
 
 # --------------------------------------------------------------------------- TC
