@@ -109,6 +109,26 @@ def test_port_pressure_table_shows_sessions_refusals_and_program_cost():
     assert "3c port pressure" in md  # and in the packet table, with a cost against drop
 
 
+def test_program_table_sets_a_new_flows_program_time_beside_its_gateway_cost():
+    """3a / 3a' (snatgw-bpf, per round): the gateway cost against that round's drop, the
+    program's own time from the statistics pass, and what the rest of the path costs."""
+    extra = [rec("udp-newflows-spread", "drop", 1, 1e9 / 2_500),
+             rec("udp-newflows-spread", "snatgw-bpf", 1, 1e9 / 5_400, prog_ns_per_run=2_000.4,
+                 prog_pass_pps=190_000.0)]  # fmt: skip
+    res = results(extra=extra)
+    for r in res["records"]:  # 3a, round 0: 1e9/pps 4,000 against drop's 2,500
+        if (r["scenario"], r["round"], r["config"]) == ("udp-newflows", 0, "snatgw-bpf"):
+            r.update(value=1e9 / 4_000, prog_ns_per_run=900.0, prog_pass_pps=240_000.0)
+        if (r["scenario"], r["round"], r["config"]) == ("udp-newflows", 0, "drop"):
+            r.update(value=1e9 / 2_500)
+    md = report.render(res)
+    assert "### Where a new flow's cost goes" in md
+    assert "| 3a | 0 | 1,500 | 900 | 600 | 240.0 k |" in md
+    assert "| 3a' | 1 | 2,900 | 2,000 | 900 | 190.0 k |" in md
+    assert "| 3a | 1 |" not in md  # rounds without the pass's figure: no row
+    assert "### Where a new flow's cost goes" not in report.render(results())
+
+
 def test_hostlimit_table_sets_the_per_host_counts_cost_beside_snatgw_bpf():
     """snatgw-bpf-hostlimit (a host limit never reached) beside snatgw-bpf: both medians and
     the difference, per scenario; nothing when it did not run."""

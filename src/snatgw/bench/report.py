@@ -168,6 +168,28 @@ def _pressure_table(records: list[dict]) -> list[str]:
     return out
 
 
+def _program_table(records: list[dict]) -> list[str]:
+    """3a and 3a' per round (snatgw-bpf): the gateway's cost per new flow (measured, minus the
+    round's drop) beside the inside program's own time per packet (from the separate pass with
+    run-time statistics): what the rest of the path costs is the difference."""
+    drops = {(r["scenario"], r["round"]): r for r in records if r.get("config") == "drop" and r.get("status") == "ok"}
+    rows = [r for r in records if r.get("config") == "snatgw-bpf" and r.get("status") == "ok"
+            and r.get("scenario") in ("udp-newflows", "udp-newflows-spread") and r.get("prog_ns_per_run")]  # fmt: skip
+    if not rows:
+        return []
+    out = ["| scenario | round | gateway ns/pkt | program ns/pkt | rest of the path ns/pkt | pps, program pass |",
+           "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda x: (x["scenario"], x["round"])):
+        d = drops.get((r["scenario"], r["round"]))
+        cost = st.cost_ns(r.get("value"), d.get("value")) if d else None
+        prog = r["prog_ns_per_run"]
+        out.append(f"| {TITLES[r['scenario']].split()[0]} | {r['round']} | "
+                   f"{f'{cost:,.0f}' if cost is not None else '—'} | {prog:,.0f} | "
+                   f"{f'{cost - prog:,.0f}' if cost is not None else '—'} | "
+                   f"{fmt(r['prog_pass_pps'], 'pps') if r.get('prog_pass_pps') else '—'} |")
+    return out
+
+
 def _hostlimit_table(summary: dict) -> list[str]:
     """snatgw-bpf against snatgw-bpf-hostlimit (max_sessions_per_host set, never reached: the
     datapath counts each inside host's new sessions) per scenario: medians of the gateway cost
@@ -310,6 +332,10 @@ def render(results: dict, images: list[str] = ()) -> str:
     if any(k[0] in ORDER for k in summary):
         out += ["", "## Packet scenarios", ""] + _packet_table(summary)
         out += ["", "### Ratios (medians)", ""] + _ratio_table(summary)
+    pt = _program_table(recs)
+    if pt:
+        out += ["", "### Where a new flow's cost goes (snatgw-bpf: the inside program's own time, from a second "
+                "pass of the same traffic with run-time statistics on)", ""] + pt
     ht = _hostlimit_table(summary)
     if ht:
         out += ["", "### The per-host count's cost (snatgw-bpf without and with a host limit no host reaches)",
