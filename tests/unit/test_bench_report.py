@@ -121,10 +121,12 @@ def test_program_table_sets_a_new_flows_program_time_beside_its_gateway_cost():
             r.update(value=1e9 / 4_000, prog_ns_per_run=900.0, prog_pass_pps=240_000.0)
         if (r["scenario"], r["round"], r["config"]) == ("udp-newflows", 0, "drop"):
             r.update(value=1e9 / 2_500)
+        if (r["scenario"], r["round"], r["config"]) == ("udp-newflows", 0, "forward"):
+            r.update(value=1e9 / 3_700)
     md = report.render(res)
     assert "### Where a new flow's cost goes" in md
-    assert "| 3a | 0 | 1,500 | 900 | 600 | 240.0 k |" in md
-    assert "| 3a' | 1 | 2,900 | 2,000 | 900 | 190.0 k |" in md
+    assert "| 3a | 0 | 1,500 | 900 | 600 | 1,200 | 240.0 k |" in md
+    assert "| 3a' | 1 | 2,900 | 2,000 | 900 | — | 190.0 k |" in md
     assert "| 3a | 1 |" not in md  # rounds without the pass's figure: no row
     assert "### Where a new flow's cost goes" not in report.render(results())
 

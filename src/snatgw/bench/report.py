@@ -171,21 +171,28 @@ def _pressure_table(records: list[dict]) -> list[str]:
 def _program_table(records: list[dict]) -> list[str]:
     """3a and 3a' per round (snatgw-bpf): the gateway's cost per new flow (measured, minus the
     round's drop) beside the inside program's own time per packet (from the separate pass with
-    run-time statistics): what the rest of the path costs is the difference."""
-    drops = {(r["scenario"], r["round"]): r for r in records if r.get("config") == "drop" and r.get("status") == "ok"}
-    rows = [r for r in records if r.get("config") == "snatgw-bpf" and r.get("status") == "ok"
-            and r.get("scenario") in ("udp-newflows", "udp-newflows-spread") and r.get("prog_ns_per_run")]  # fmt: skip
+    run-time statistics): what the rest of the path costs is the difference, shown beside plain
+    forwarding's whole cost in the same round."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    by = {(r["scenario"], r["round"], r["config"]): r for r in ok}
+    rows = [r for r in ok if r.get("config") == "snatgw-bpf" and r.get("prog_ns_per_run")
+            and r.get("scenario") in ("udp-newflows", "udp-newflows-spread")]  # fmt: skip
     if not rows:
         return []
-    out = ["| scenario | round | gateway ns/pkt | program ns/pkt | rest of the path ns/pkt | pps, program pass |",
-           "|---|---|---|---|---|---|"]
+
+    def cost(r: dict, cfg: str) -> float | None:
+        d, c = by.get((r["scenario"], r["round"], "drop")), by.get((r["scenario"], r["round"], cfg))
+        return st.cost_ns(c.get("value"), d.get("value")) if c and d else None
+
+    def ns(v: float | None) -> str:
+        return f"{v:,.0f}" if v is not None else "—"
+
+    out = ["| scenario | round | gateway ns/pkt | program ns/pkt | rest of the path ns/pkt | forward ns/pkt "
+           "| pps, program pass |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda x: (x["scenario"], x["round"])):
-        d = drops.get((r["scenario"], r["round"]))
-        cost = st.cost_ns(r.get("value"), d.get("value")) if d else None
-        prog = r["prog_ns_per_run"]
-        out.append(f"| {TITLES[r['scenario']].split()[0]} | {r['round']} | "
-                   f"{f'{cost:,.0f}' if cost is not None else '—'} | {prog:,.0f} | "
-                   f"{f'{cost - prog:,.0f}' if cost is not None else '—'} | "
+        c, prog = cost(r, "snatgw-bpf"), r["prog_ns_per_run"]
+        out.append(f"| {TITLES[r['scenario']].split()[0]} | {r['round']} | {ns(c)} | {ns(prog)} | "
+                   f"{ns(c - prog if c is not None else None)} | {ns(cost(r, 'forward'))} | "
                    f"{fmt(r['prog_pass_pps'], 'pps') if r.get('prog_pass_pps') else '—'} |")
     return out
 
