@@ -137,6 +137,23 @@ def test_settings_a_reload_cannot_change_are_kept_and_logged(running):
     assert any("reload_setting_ignored" in line and "setting=backend" in line for line in running.log.lines)
 
 
+def test_a_reload_that_changes_a_setting_it_cannot_says_so_to_the_reloader(running, capsys):
+    """`backend nft` in the file of a bpf daemon: `snatgw reload` applies the rest, and says on
+    stderr (and in the answer) that the backend was not changed and how to change it.  It
+    printed a bare 'reloaded: 3 rules', exit 0: only the daemon's log told."""
+    from snatgw.cli.main import main
+
+    text = running.conf.read_text()
+    running.conf.write_text(text.replace("backend bpf", "backend nft"))
+    assert main(["reload", "--socket", running.sock]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("reloaded: 3 rules") and running.service.config.settings.backend == "bpf"
+    assert "snatgw reload: warning: backend: not changed by a reload (the file says nft, bpf runs); " \
+           "restart the daemon to change it" in err
+    running.conf.write_text(text)
+    assert running.req(op="reload")["warnings"] == []
+
+
 def test_adm_add_goes_through_the_backend_and_lists_in_precedence_order(running):
     """-K through the socket reaches backend.apply; -L lists the new /24 before the /16 catch-all."""
     add = ["-K", "-f", "1", "-F", "198.18.50.0/24", "-W", "198.19.2.1", "-N", "198.19.3.1",

@@ -166,13 +166,18 @@ class Service:
         self.config, self.table = new, table
         self.log.info(event, rules=len(new.rules), **fields)
 
-    def _keep_fixed(self, new: GatewayConfig) -> GatewayConfig:
+    def _keep_fixed(self, new: GatewayConfig) -> tuple[GatewayConfig, list[str]]:
+        """``new`` with the settings a reload cannot change kept as they run, and a warning for
+        each (logged now; the reload's answer carries them once it is applied)."""
         cur = self.config.settings
         fixed = {k: getattr(cur, k) for k in FIXED_ON_RELOAD if getattr(new.settings, k) != getattr(cur, k)}
+        said = []
         for k, v in fixed.items():
             self.log.warning("reload_setting_ignored", setting=k, running=v, wanted=getattr(new.settings, k),
                              msg="restart the daemon to change it")
-        return replace(new, settings=replace(new.settings, **fixed)) if fixed else new
+            said.append(f"{k}: not changed by a reload (the file says {getattr(new.settings, k)}, {v} runs); "
+                        "restart the daemon to change it")
+        return (replace(new, settings=replace(new.settings, **fixed)) if fixed else new), said
 
     def reload(self, path: str | None = None, text: str | None = None) -> GatewayConfig:
         """Re-read the config (its file, another file, or text) and apply it atomically.
@@ -182,7 +187,7 @@ class Service:
             try:
                 new = load_config(None if text is not None else src, text, self.overrides,
                                   filename="<control>" if text is not None else None)
-                new = self._keep_fixed(new)
+                new, ignored = self._keep_fixed(new)
                 self._commit(new, AdmTable.from_ruleset(new.rules), "reloaded",
                              config=src if text is None else "<control>")
             except SnatgwError as e:
@@ -203,6 +208,7 @@ class Service:
             self.reloads += 1
             self.last_error = None
             self.config_warnings()
+            self.warnings = ignored + self.warnings  # the reload's answer: what it did not do first
             if self.on_reload is not None:
                 self.on_reload()
             self.last_reload = {"ok": True, "error": None, "at": time.time()}
