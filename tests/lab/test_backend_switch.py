@@ -165,17 +165,20 @@ def test_nft_apply_refuses_a_missing_device_and_keeps_the_rule_set(clean, conf):
 @pytest.mark.lab
 def test_a_typo_in_inside_is_named_with_its_config_line_and_attaches_nothing(clean, conf):
     """`inside lan40 lan5O` (a letter O): `snatgw run` exits 3 naming file:line: inside, as
-    every other config error does (--inside: the flag); nothing is attached."""
+    every other config error does (--inside: the flag); nothing is attached, and no empty pin
+    directory is left."""
     from snatgw.lab.gateway import snatgw_argv
 
     lab = clean
     bad = os.path.join(lab.workdir, "typo.conf")
     with open(conf) as f, open(bad, "w") as g:
         g.write(f.read().replace("inside lan40 lan50", "inside lan40 lan5O"))
+    assert not os.path.exists(lab.pin_dir)
     p = lab.run("gw", *snatgw_argv("run", bad, "--backend", "bpf", "--pin-dir", lab.pin_dir,
                                    "--socket", lab.socket_path), check=False)
     assert p.returncode == 3
     assert f"{bad}:2: inside: interface 'lan5O' does not exist in this network namespace" in p.stderr
+    assert not os.path.exists(lab.pin_dir)  # the empty pin directory it made goes too
     with pytest.raises(LabError) as e:
         lab.start_gateway(conf, "nft", extra=("--inside", "lan5O"))
     assert "exited with 3" in str(e.value) and "--inside: interface 'lan5O' does not exist" in str(e.value)

@@ -665,6 +665,22 @@ def test_a_pin_directory_is_held_by_one_daemon_whatever_its_namespace(tmp_path):
     PinDirLock(str(pins)).close()  # released with its holder
 
 
+def test_a_pin_directory_the_daemon_made_goes_with_it_when_nothing_was_pinned(tmp_path):
+    """A start that fails before pinning anything (a device typo) left the empty pin directory
+    it had made (/sys/fs/bpf/snatgw-...).  A directory it made goes at release when empty; one
+    that holds pins (the datapath kept for the next daemon) or that it found stays."""
+    from snatgw.daemon.owner import PinDirLock
+
+    made, kept, found = tmp_path / "made", tmp_path / "kept", tmp_path / "found"
+    for d in (made, kept, found):
+        d.mkdir()
+    (kept / "snat_ct").write_text("")
+    PinDirLock(str(made), made=True).close()
+    PinDirLock(str(kept), made=True).close()
+    PinDirLock(str(found)).close()
+    assert not made.exists() and (kept / "snat_ct").exists() and found.is_dir()
+
+
 #: a `snatgw run` whose start is signalled at STEP (argv[1]) by SIGNALS (argv[2], comma-separated):
 #: the process sends them to itself as that step begins, a deterministic stand-in for a
 #: `systemctl stop` that lands there

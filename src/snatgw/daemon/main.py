@@ -222,8 +222,9 @@ def _run(args, early: startsignals.StartSignals) -> int:
         if settings.backend == "bpf":  # and per pin directory (a bpffs may be shared by namespaces)
             from ..datapath.bpf.loader import ensure_bpffs
 
+            existed = os.path.isdir(settings.pin_dir)
             ensure_bpffs(settings.pin_dir)
-            pins = PinDirLock(settings.pin_dir)
+            pins = PinDirLock(settings.pin_dir, made=not existed)  # made: removed at exit when empty
         backend = make_backend(settings.backend, settings)
         service = Service(config, backend, log, config_path=args.config, overrides=overrides)
         server = ControlServer(settings.control_socket, service.dispatch, inline=service.handle, log=log)

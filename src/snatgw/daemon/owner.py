@@ -208,8 +208,9 @@ class PinDirLock:
     the same pin_dir adopted the first one's maps, so both gateways translated with the rules
     and sessions of whichever wrote last, and each listed its own."""
 
-    def __init__(self, pin_dir: str):
+    def __init__(self, pin_dir: str, made: bool = False):
         self.pin_dir = pin_dir
+        self.made = made  # this daemon made the directory: it goes at release if nothing is pinned
         self.fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -227,6 +228,9 @@ class PinDirLock:
 
     def close(self) -> None:
         if self.fd >= 0:
+            if self.made:  # removed while held: no other daemon is using it (a failed start's)
+                with contextlib.suppress(OSError):  # not empty: the kept datapath's pins
+                    os.rmdir(self.pin_dir)
             os.close(self.fd)
             self.fd = -1
 
