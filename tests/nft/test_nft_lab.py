@@ -211,6 +211,20 @@ def test_sessions_and_stats_come_from_conntrack_and_counters(lab, backend):
     assert stats.reasons["XLATE_NEW"] >= 1
 
 
+def test_a_rules_sessions_made_are_counted_for_the_rate_and_its_live_ones_apart(lab, backend):
+    """A rule's `sessions` are those it made (its new_ counter), in stats and in the rate's samples
+    (counters()), as the bpf backend counts them (ipvsadm's Conns; `adm -L --rate`'s CPS); `live`
+    is how many live now (the metric's gauge).  counters() gave 0 for every rule, so nft's CPS
+    was always 0, and stats gave the live count."""
+    rule = cfg(REF).rules.rules[2]  # 198.18.0.0/16: in50's flows
+    with backend() as b:
+        before = b.counters().rules[rule.rule_id].sessions
+        for sport in (41001, 41002):
+            C.udp_echo(lab, "in50", S1, src="198.18.50.11", sport=sport)
+        made, st = b.counters().rules[rule.rule_id].sessions, b.stats().rules[rule.rule_id]
+    assert made - before == 2 and st.sessions == made and st.live == 2
+
+
 def test_stats_read_the_counters_by_netlink_without_an_nft_process(lab, backend, monkeypatch):
     """stats() (metrics scrapes, `adm --rate`) read the table's named counters through
     nf_tables netlink (datapath/nftnl.py): no `nft` process, and the figures `nft list

@@ -66,15 +66,19 @@ def test_conns_bad_filter_is_a_clear_error(running, capsys):
 
 
 def test_stats_json_counts_per_rule_with_its_text_and_per_reason(running, capsys):
-    """stats --json: packets/bytes/sessions per rule in priority order, reasons by Reason name."""
+    """stats --json: packets/bytes/sessions (made) and live per rule in priority order, reasons
+    by Reason name."""
     running.syn(), running.syn(sport=40001), running.udp()
+    running.clock.t += 250  # the SYNs expire (240 s), the UDP session stays (300 s): rule #2 made 2, has 0
+    assert running.backend.expire() == 2
     assert cli(["stats", "--json", "--socket", running.sock]) == 0
     doc = json.loads(capsys.readouterr().out)
     by_prio = {r["priority"]: r for r in doc["rules"]}
     assert by_prio[2]["sessions"] == 2 and by_prio[2]["packets"] == 2 and by_prio[2]["bytes"] == 80
+    assert (by_prio[2]["live"], by_prio[3]["live"], by_prio[1]["live"]) == (0, 1, 0)
     assert by_prio[2]["rule"].startswith("from 198.18.40.0/24 gw 198.19.2.1 oif eth1")
     assert by_prio[3]["sessions"] == 1 and by_prio[1]["packets"] == 0
-    assert doc["reasons"] == {Reason.XLATE_NEW.name: 3} and doc["sessions"] == 3
+    assert doc["reasons"] == {Reason.XLATE_NEW.name: 3} and doc["sessions"] == 1
 
 
 def test_stats_table_lists_rules_and_reasons(running, capsys):

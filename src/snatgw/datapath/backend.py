@@ -95,8 +95,8 @@ class SessionFilter:
 @dataclass(frozen=True)
 class RuleCounters:
     """One rule's counters: ``packets``/``bytes`` translated (both directions), ``sessions``
-    (bpf and the model: made since start or `adm -Z`, ipvsadm's Conns; nft: live) and ``live``,
-    the rule's live sessions now (None where not known: pinned maps read without a daemon)."""
+    made since start or `adm -Z` (ipvsadm's Conns; the rate's CPS) and ``live``, the rule's live
+    sessions now (None where not known: nft's rate samples, counters())."""
 
     rule_id: int
     packets: int = 0

@@ -20,19 +20,20 @@ def register(p) -> None:
 
 
 def summarize(stats: dict, rules: list[dict], all_reasons: bool = False) -> dict:
-    """Stats.as_dict() + rules -> {sessions, rules: [...priority order...], reasons: {name: n}}."""
+    """Stats.as_dict() + rules -> {sessions, rules: [...priority order...], reasons: {name: n}};
+    a rule's ``sessions`` are those it made, ``live`` those live now (None: not known)."""
     counters = stats.get("rules", {})
     out_rules = []
     for r in rules:
         c = counters.get(str(r["rule_id"]), {})
         out_rules.append({"priority": r["priority"], "rule_id": r["rule_id"], "rule": r["text"],
                           "packets": c.get("packets", 0), "bytes": c.get("bytes", 0),
-                          "sessions": c.get("sessions", 0)})
+                          "sessions": c.get("sessions", 0), "live": c.get("live") if c else 0})  # none yet
     known = {r["rule_id"] for r in rules}
     for rid, c in counters.items():  # counters of rules no longer configured (or no rule list)
         if int(rid) not in known:
             out_rules.append({"priority": None, "rule_id": int(rid), "rule": None, "packets": c.get("packets", 0),
-                              "bytes": c.get("bytes", 0), "sessions": c.get("sessions", 0)})
+                              "bytes": c.get("bytes", 0), "sessions": c.get("sessions", 0), "live": c.get("live")})
     reasons = {r.name: int(stats.get("reasons", {}).get(r.name, 0)) for r in Reason}
     reasons.update({k: int(v) for k, v in stats.get("reasons", {}).items() if k not in reasons})
     if not all_reasons:

@@ -735,14 +735,16 @@ class NftBackend:
         rules = {}
         for r in self._config.rules if self._config else ():
             pk, by = c.get(R.counter_name(r), (0, 0))
-            rules[r.rule_id] = RuleCounters(r.rule_id, pk, by, 0)
+            made = c.get(R.counter_name(r, "new"), (0, 0))[0]  # the rate's CPS
+            rules[r.rule_id] = RuleCounters(r.rule_id, pk, by, made)
         new = sum(v[0] for k, v in c.items() if k.startswith("new_"))
         return Stats(reasons={"XLATE_NEW": new, "DROP_NO_SESSION": c.get(R.C_NO_SESSION, (0, 0))[0],
                               "DROP_UNMATCHED": c.get(R.C_UNMATCHED, (0, 0))[0]}, rules=rules, sessions=-1)
 
     def stats(self) -> Stats:
-        """Counters from nft, live sessions per rule from a conntrack dump of snatgw's marks that
-        reads only each entry's mark (ctnetlink has no count by mark: see ctnetlink.py).  Above
+        """Counters from nft (a rule's sessions made: its new_ counter), live sessions per rule
+        (``live``) from a conntrack dump of snatgw's marks that reads only each entry's mark
+        (ctnetlink has no count by mark: see ctnetlink.py).  Above
         COUNT_FRESH_MAX entries the count is the GC tick's last one (``counted_at``, at most
         max(gc_interval, GC_DUTY * T) + T old, T the count's duration), not a dump per call."""
         c = self._counters()
@@ -757,8 +759,8 @@ class NftBackend:
         rules = {}
         for r in self._config.rules if self._config else ():
             pk, by = c.get(R.counter_name(r), (0, 0))
-            n = live.get(r.rule_id, 0)
-            rules[r.rule_id] = RuleCounters(r.rule_id, pk, by, n, live=n)
+            made = c.get(R.counter_name(r, "new"), (0, 0))[0]  # sessions made, as bpf's snat_rule_stats
+            rules[r.rule_id] = RuleCounters(r.rule_id, pk, by, made, live=live.get(r.rule_id, 0))
         new = sum(v[0] for k, v in c.items() if k.startswith("new_"))
         # a flow refused for want of a port passed nat_out (counted new_) and died at confirm
         failed = self._conntrack_failed()
