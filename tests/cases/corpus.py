@@ -765,11 +765,15 @@ def _scenarios() -> list[Scenario]:
         outside(udp(R1, ua, 53, up), RED, R.XLATE_IN),
     ])  # fmt: skip
     add("port_exhaustion_tiny_range", "With SNAT ports 5000-5001 a third flow from A to R1:80 "
-        "finds no free port and is dropped; other remotes still work.", [
+        "finds no free port and is dropped; other remotes still work.  The refused flow's marker "
+        "is met before the reverse-path check (its packets cost no FIB lookup): from another "
+        "device too, where that check would have said spoofed (dropped either way).", [
         inside(tcp(A, R1, 40000, 80, "S"), RED, R.XLATE_NEW),
         inside(tcp(A, R1, 40001, 80, "S"), RED, R.XLATE_NEW),
         inside(tcp(A, R1, 40002, 80, "S"), DROP, R.DROP_PORT_EXHAUSTED),
         inside(tcp(A, R1, 40002, 80, "S"), DROP, R.DROP_REFUSED_RECENTLY),  # marked: no search
+        inside(tcp(A, R1, 40002, 80, "S"), DROP, R.DROP_REFUSED_RECENTLY, dev="lan50", at=3.5),
+        inside(tcp(A, R1, 40003, 80, "S"), DROP, R.DROP_SPOOFED, dev="lan50", at=3.6),  # unmarked: checked
         inside(tcp(A, R1, 40002, 443, "S"), RED, R.XLATE_NEW),
     # searches and tries: 1; 2 (40001's first candidate is 40000's: raw ports, n = 2); 2 (all
     # taken: refused); the marked packet none; 1 (another remote port)

@@ -184,9 +184,12 @@ class Engine:
         if v.frag == 0 and (v.proto != IPPROTO_ICMP or v.is_query_request):
             # step 2a, fast: the session of this OUT key, made on this device, vouches for it
             dport = 0 if v.proto == IPPROTO_ICMP else v.dport
-            e = self.table.lookup(out_key(ip(v.saddr), ip(v.daddr), v.sport, dport, v.proto))
+            okey = out_key(ip(v.saddr), ip(v.daddr), v.sport, dport, v.proto)
+            e = self.table.lookup(okey)
             if e is not None and e.iif == ingress:
                 return self._established_out(pkt, v, e, ingress, now)
+            if e is None and self._refused_recently(okey, now):  # step 6's marker, before the full check
+                return Result(Verdict.DROP, Reason.DROP_REFUSED_RECENTLY, pkt)
         if self._spoofed(v, ingress):  # step 2a
             return Result(Verdict.DROP, Reason.DROP_SPOOFED, pkt)
         return self._inside_checked(pkt, v, ingress, now)
@@ -203,13 +206,15 @@ class Engine:
                     return res
             # no session to belong to: steps 7-9 say local, internal, unmatched or dropped
             return self._new_flow(pkt, v, okey, ingress, now)
-        e = self.table.lookup(okey)  # step 6
+        e = self.table.lookup(okey)  # step 6 (its refusal marker: in _inside, before the full check)
         if e is not None:
             return self._established_out(pkt, v, e, ingress, now)
-        m = self.refused.get(okey)  # step 6: a flow refused moments ago is not searched again
-        if m is not None and now - m.at < REFUSED_SECS:
-            return Result(Verdict.DROP, Reason.DROP_REFUSED_RECENTLY, pkt)
         return self._new_flow(pkt, v, okey, ingress, now)
+
+    def _refused_recently(self, okey: CtKey, now: float) -> bool:
+        """Step 6: a flow refused moments ago is not searched again (its marker is young)."""
+        m = self.refused.get(okey)
+        return m is not None and now - m.at < REFUSED_SECS
 
     def _new_flow(self, pkt: bytes, v: IPv4View, okey: CtKey, ingress: str, now: float) -> Result:
         src, dst = okey.saddr, okey.daddr

@@ -712,6 +712,19 @@ static __noinline int guard_v4_spoof(struct __sk_buff *skb, struct pkt *p) /* ve
  * ct_entry.iif keeps the ifindex's low 16 bits: when two inside devices share them
  * (CFG_F_IIF_AMBIGUOUS, kept by the control plane from the devices present) no session vouches
  * and every packet takes the full check. */
+/* Step 6: a refusal marker younger than SNAT_REFUSED_SECS under this OUT key (looked up only
+ * while one can be young) */
+static __always_inline int refused_recently(const struct ct_key *k)
+{
+	__u64 now = snat_now();
+	struct refusal *m;
+
+	if (!refusal_may_be_young(now))
+		return 0;
+	m = bpf_map_lookup_elem(&snat_refused, k);
+	return m && now - m->at < SNAT_REFUSED_SECS * 1000000000ULL;
+}
+
 static __always_inline int iif_vouches(const struct ct_entry *e, const struct __sk_buff *skb)
 {
 	__u32 zero = 0;
@@ -737,6 +750,11 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 		e = ct_lookup4(&k);
 		if (e && iif_vouches(e, skb))
 			return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
+		/* step 6's refusal marker, before the full check: a flow refused moments ago costs
+		 * this lookup and no FIB lookup (only a flow that passed the check was ever marked;
+		 * from elsewhere its packets are dropped all the same, counted as refused) */
+		if (!e && refused_recently(&k))
+			return verdict_set(v, VERDICT_DROP, REASON_DROP_REFUSED_RECENTLY);
 		looked = 1; /* step 6 reuses this lookup (a session made meanwhile by another CPU
 			     * is met by the insert: EEXIST, -2, the established path) */
 	}
@@ -757,15 +775,8 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 		e = ct_lookup4(&k);
 	if (e)
 		return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
-	/* step 6: a flow refused moments ago costs this one lookup, not another search */
-	__u64 now = snat_now();
-
-	if (refusal_may_be_young(now)) {
-		struct refusal *m = bpf_map_lookup_elem(&snat_refused, &k);
-
-		if (m && now - m->at < SNAT_REFUSED_SECS * 1000000000ULL)
-			return verdict_set(v, VERDICT_DROP, REASON_DROP_REFUSED_RECENTLY);
-	}
+	/* step 6's refusal marker was looked at with the lookup above (every packet that gets
+	 * here had it: later fragments and ICMP errors returned before) */
 	int rc = snat_v4_new(skb, p, v);
 
 	if (rc == -5) { /* local: a live endpoint-independent mapping's address? (hairpinning) */
