@@ -326,7 +326,7 @@ def test_backend_switch_under_traffic_leaks_nothing(clean, conf, first, second):
 
 #: the earlier versions an upgrade starts from: the last landed versions of snatgw (update when
 #: one lands).  Their daemon runs from `git archive` of this repository's history.
-UPGRADE_FROM = ("0324051", "63b49f9")
+UPGRADE_FROM = ("6496daa", "0324051")
 
 
 def _old_tree(tmp_path_factory, ref: str) -> str:
