@@ -160,3 +160,18 @@ def test_rule_sessions_is_the_rules_live_sessions_not_those_it_ever_made(running
     assert samples(f["snatgw_sessions"])[0].value == 1
     made = running.req(op="stats")["stats"]["rules"]
     assert made[str(gone.rule.rule_id)]["sessions"] == 1 and made[str(kept.rule.rule_id)]["sessions"] == 1
+
+
+def test_every_running_rule_has_its_series_from_the_start(running):
+    """A rule that never met a packet is exported with 0 (packets, bytes, live sessions), as
+    the nft backend's are: the bpf backend keeps no counters for it, and its series were
+    absent, so rate() and alerts on it had nothing until its first packet."""
+    rules = running.service.effective(running.service.config).rules
+    assert len(rules) >= 2
+    a = running.syn()
+    f = families(running.service)
+    for r in rules:
+        for fam in ("snatgw_rule_packets", "snatgw_rule_bytes", "snatgw_rule_sessions"):
+            (s,) = samples(f[fam], rule_id=str(r.rule_id))
+            assert s.labels["rule"] == r.identity_text()
+            assert (s.value > 0) == (r.rule_id == a.rule.rule_id), (fam, r.rule_id)

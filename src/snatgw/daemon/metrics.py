@@ -143,12 +143,15 @@ class ServiceCollector:
         reads = getattr(s.backend, "counter_reads", None)
         # counters read from nftables that no read has given yet: left out (a gap), not 0 then N
         unknown = bool(reads is not None and getattr(reads, "unknown", None))
-        for rid, c in sorted(st.rules.items()):
-            r = rules.get(rid)
+        # every running rule has its series from the start, 0 until it counts (the bpf backend
+        # keeps counters only for rules that met a packet: absent series break rate() and alerts
+        # on a rule that never matched); then the counted rules no longer running
+        for rid in sorted(rules.keys() | st.rules.keys()):
+            r, c = rules.get(rid), st.rules.get(rid)
             labels = [str(rid), r.identity_text() if r else "(not in the running config)"]
-            pk.add_metric(labels, c.packets)
-            by.add_metric(labels, c.bytes)
-            live.add_metric(labels, c.sessions if c.live is None else c.live)  # bpf's sessions: made
+            pk.add_metric(labels, c.packets if c else 0)
+            by.add_metric(labels, c.bytes if c else 0)
+            live.add_metric(labels, (c.sessions if c.live is None else c.live) if c else 0)  # bpf's sessions: made
         yield from ((live,) if unknown else (pk, by, live))
         if not unknown:
             rs = _c("reason_packets", "packets per datapath reason (snatgw.layout.Reason)", ("reason",))
