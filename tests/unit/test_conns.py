@@ -58,6 +58,13 @@ def test_conns_filters_and_limit(running, capsys):
         assert len(jsonl(capsys.readouterr().out)) == want, argv
 
 
+def test_conns_limit_0_does_not_say_there_are_no_sessions(running, capsys):
+    """The text listing with --limit 0 says it listed none, not that there are none."""
+    running.syn()
+    assert cli(["conns", "--socket", running.sock, "--limit", "0"]) == 0
+    assert capsys.readouterr().out.strip() == "no sessions listed (--limit 0)"
+
+
 def test_conns_bad_filter_is_a_clear_error(running, capsys):
     for argv, msg in ((["--state", "nope"], "--state: expected one of"), (["--inside", "1.2.3"], "bad filter"),
                       (["--rule", "x7"], "--rule: expected"), (["--rport", "70000"], "--rport")):

@@ -125,8 +125,8 @@ def run(args) -> int:
             out.write(fixed(COLUMNS) + "\n")
         out.write(fixed(row) + "\n")
         n += 1
-    if not n:
-        print("no sessions")
+    if not n:  # --limit 0 lists none of the sessions there may be: say so, not "no sessions"
+        print("no sessions listed (--limit 0)" if args.limit == 0 else "no sessions")
     if rules and n:
         print()
         for r in rules:
