@@ -47,6 +47,17 @@ def test_lab_without_state_file_is_found_and_removed_by_prefix(make_lab):
         lab.down()
 
 
+def test_a_lab_that_is_up_is_no_leftover(make_lab, capsys):
+    """A lab with its state file (this process's or another's) is not listed as a leftover, and
+    `lab down --name` of another name does not offer it for removal as one."""
+    from snatgw.cli.main import main
+
+    lab = make_lab()
+    assert lab.prefix not in leftover_prefixes()
+    assert main(["lab", "down", "--name", f"nosuch{os.getpid()}"]) != 0
+    assert lab.prefix not in capsys.readouterr().err
+
+
 def test_lab_up_refuses_a_name_that_is_up(make_lab):
     """A second `up` of the same name is refused with the prefix of the running one."""
     lab = make_lab()

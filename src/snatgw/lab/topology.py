@@ -421,9 +421,11 @@ LAB_ONLY_NODES = ("in40", "in50", "isp1", "isp2")
 
 
 def leftover_prefixes() -> set[str]:
-    """Prefixes of lab namespaces that exist now, state file or not."""
+    """Prefixes of lab namespaces that exist now and belong to no lab with a state file (a lab
+    that is up, of this process or another, is not a leftover)."""
+    live = {lab.prefix for lab in list_labs()}
     return {m["prefix"] for m in map(NODE_NS_RE.match, list_netns())
-            if m and m["node"] in LAB_ONLY_NODES}
+            if m and m["node"] in LAB_ONLY_NODES and m["prefix"] not in live}
 
 
 def down_all() -> list[str]:

@@ -62,7 +62,9 @@ def run(args) -> int:
         lab = Lab.load(name)
         if lab is None:
             left = sorted(leftover_prefixes())
-            hint = f"; leftovers by prefix: {' '.join(left)} (`snatgw lab down --all`)" if left else ""
+            up = [lab.name for lab in list_labs()]
+            hint = (f"; leftovers by prefix: {' '.join(left)} (`snatgw lab down --all` removes them"
+                    + (f" and the labs that are up: {' '.join(up)})" if up else ")")) if left else ""
             raise LabError(f"no lab named {name!r}{hint}")
         lab.down()
         print(f"lab {name} down (prefix {lab.prefix})")
