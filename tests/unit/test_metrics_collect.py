@@ -175,3 +175,12 @@ def test_every_running_rule_has_its_series_from_the_start(running):
             (s,) = samples(f[fam], rule_id=str(r.rule_id))
             assert s.labels["rule"] == r.identity_text()
             assert (s.value > 0) == (r.rule_id == a.rule.rule_id), (fam, r.rule_id)
+
+
+def test_a_flush_takes_the_flushed_sessions_out_of_the_rules_live_count(running):
+    """`snatgw flush` removes sessions and the rule's live gauge follows at once, as the bpf
+    backend's flush (a sweep) recounts; the model kept the flushed sessions counted."""
+    a = running.syn()
+    assert samples(families(running.service)["snatgw_rule_sessions"], rule_id=str(a.rule.rule_id))[0].value == 1
+    running.req(op="flush")
+    assert samples(families(running.service)["snatgw_rule_sessions"], rule_id=str(a.rule.rule_id))[0].value == 0

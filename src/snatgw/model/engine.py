@@ -906,6 +906,7 @@ class Engine:
                 and (nat is None or p.out.rw_addr == nat)]  # fmt: skip
         for k in gone:
             self.table.remove(k)
+        self.recount()  # the live counts follow, as the bpf backend's flush (a sweep) recounts them
         return len(gone)
 
     def sessions(self, now: float) -> list[Session]:
