@@ -59,7 +59,10 @@ def guard_text(nets, outside, passes=()) -> str:
     without `from` nets or uplinks: the table stays, empty).  ``passes``: sources let by
     before the FIB's judgement (the bpf backend: rules.leak_guard_passes, the pool prefixes
     its egress program passes at once)."""
-    nets = sorted({IPv4Network(n) for n in nets}, key=lambda n: (int(n.network_address), n.prefixlen))
+    # a rule's src is an IPv4Network already: IPv4Network() of one parses its text again, 0.18 s
+    # for 10,000 rules, at every start and reload
+    nets = sorted({n if isinstance(n, IPv4Network) else IPv4Network(n) for n in nets},
+                  key=lambda n: (int(n.network_address), n.prefixlen))
     passes = list(collapse_addresses(IPv4Network(n) for n in passes))
     lines = [f"add table {FAMILY} {TABLE}", f"flush table {FAMILY} {TABLE}",
              f"add counter {FAMILY} {TABLE} {COUNTER}",
