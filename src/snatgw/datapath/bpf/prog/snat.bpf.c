@@ -708,10 +708,6 @@ static __noinline int guard_v4_spoof(struct __sk_buff *skb, struct pkt *p) /* ve
 	return 0;
 }
 
-/* Step 2a's fast way: the OUT entry `e` was made on the device this packet came in by.
- * ct_entry.iif keeps the ifindex's low 16 bits: when two inside devices share them
- * (CFG_F_IIF_AMBIGUOUS, kept by the control plane from the devices present) no session vouches
- * and every packet takes the full check. */
 /* Step 6: a refusal marker younger than SNAT_REFUSED_SECS under this OUT key (looked up only
  * while one can be young) */
 static __always_inline int refused_recently(const struct ct_key *k)
@@ -725,6 +721,10 @@ static __always_inline int refused_recently(const struct ct_key *k)
 	return m && now - m->at < SNAT_REFUSED_SECS * 1000000000ULL;
 }
 
+/* Step 2a's fast way: the OUT entry `e` was made on the device this packet came in by.
+ * ct_entry.iif keeps the ifindex's low 16 bits: when two inside devices share them
+ * (CFG_F_IIF_AMBIGUOUS, kept by the control plane from the devices present) no session vouches
+ * and every packet takes the full check. */
 static __always_inline int iif_vouches(const struct ct_entry *e, const struct __sk_buff *skb)
 {
 	__u32 zero = 0;
@@ -741,7 +741,6 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 {
 	struct ct_key k;
 	struct ct_entry *e = NULL;
-	int looked = 0;
 
 	/* step 2a, fast: the session of this OUT key, made on this device, vouches for the source
 	 * (it passed the reverse-path check when it was made): no FIB lookup per packet */
@@ -755,8 +754,6 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 		 * from elsewhere its packets are dropped all the same, counted as refused) */
 		if (!e && refused_recently(&k))
 			return verdict_set(v, VERDICT_DROP, REASON_DROP_REFUSED_RECENTLY);
-		looked = 1; /* step 6 reuses this lookup (a session made meanwhile by another CPU
-			     * is met by the insert: EEXIST, -2, the established path) */
 	}
 	if (guard_v4_spoof(skb, p))
 		return verdict_set(v, VERDICT_DROP, REASON_DROP_SPOOFED);
@@ -771,12 +768,11 @@ static __always_inline int snat_v4_inside(struct __sk_buff *skb, struct pkt *p, 
 			verdict_set(v, VERDICT_PASS, REASON_PASS_LOCAL);
 		return 0;
 	}
-	if (!looked)
-		e = ct_lookup4(&k);
+	/* step 6 reuses the lookup of step 2a and met its refusal marker there: every packet that
+	 * gets here had both (later fragments and ICMP errors returned above); a session made
+	 * meanwhile by another CPU is met by the insert (EEXIST, -2, the established path) */
 	if (e)
 		return snat_v4_out_established(skb, p, e, v, REASON_XLATE_OUT);
-	/* step 6's refusal marker was looked at with the lookup above (every packet that gets
-	 * here had it: later fragments and ICMP errors returned before) */
 	int rc = snat_v4_new(skb, p, v);
 
 	if (rc == -5) { /* local: a live endpoint-independent mapping's address? (hairpinning) */
