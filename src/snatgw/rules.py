@@ -42,8 +42,24 @@ def _quad(text: str) -> int | None:
         return None
 
 
+#: parse_net's answers by text (a reload parses the same `from` nets again: 10,000 of them were
+#: a tenth of a reload); bounded: emptied when full
+_NETS: dict[str, IPv4Network] = {}
+_NETS_MAX = 32768
+
+
 def parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Network:
     """``A.B.C.D[/len]`` -> network.  No ``/len`` means a host (/32); host bits are an error."""
+    net = _NETS.get(text)
+    if net is None:
+        net = _parse_net(text, field_name, where)
+        if len(_NETS) >= _NETS_MAX:
+            _NETS.clear()
+        _NETS[text] = net
+    return net
+
+
+def _parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Network:
     text = text.strip()
     if ":" in text:
         raise RuleError(f"IPv6 is not supported: {text!r}", field_name, where)

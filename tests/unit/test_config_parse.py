@@ -359,3 +359,21 @@ def test_gw_and_new_gw_of_0_0_0_0_mean_unset_as_in_the_original():
     with pytest.raises(RuleError, match="duplicate"):
         parse_text("virtual_server fwmark 1 {\n snat_rule { from 10.0.0.0/24 snat_ip 192.0.2.1 }\n"
                    " snat_rule { from 10.0.0.0/24 to 0.0.0.0/0 gw 0.0.0.0 snat_ip 192.0.2.2 }\n}\n")
+
+
+def test_a_net_parsed_again_is_the_same_and_a_bad_one_is_refused_every_time():
+    """parse_net keeps its answers by text (a reload parses the same `from` nets again), never
+    a refusal: the second parse of a bad net names its own file:line, and the kept answers stay
+    bounded."""
+    from snatgw import rules as R
+
+    a = parse_text("virtual_server fwmark 1 {\n snat_rule { from 198.18.7.0/24 snat_ip 198.19.1.1 }\n}\n")
+    b = parse_text("virtual_server fwmark 1 {\n\n snat_rule { from 198.18.7.0/24 snat_ip 198.19.1.2 }\n}\n")
+    assert a.rules.rules[0].src == b.rules.rules[0].src == IPv4Network("198.18.7.0/24")
+    for n in (2, 3):
+        text = "virtual_server fwmark 1 {\n" + "\n" * n + " snat_rule { from 198.18.7.1/24 snat_ip 198.19.1.1 }\n}\n"
+        with pytest.raises(ConfigError, match=f"<string>:{n + 2}.*host bits set"):
+            parse_text(text)
+    for i in range(R._NETS_MAX + 10):
+        R.parse_net(str(IPv4Address(0xC6120000 + i)), "from")
+    assert len(R._NETS) <= R._NETS_MAX
