@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 # --------------------------------------------------------------------------- verdicts
@@ -484,7 +485,7 @@ class Struct:
     doc: str
     fields: tuple[tuple[str, str, str], ...]  # (name, ctype, comment); ctype may be "struct x"
 
-    @property
+    @cached_property  # frozen dataclass: computed once (nested structs are declared first)
     def fmt(self) -> str:
         out = "<"
         for _, ctype, _ in self.fields:
@@ -494,9 +495,25 @@ class Struct:
                 out += _FMT[ctype]
         return out
 
-    @property
+    @cached_property
     def size(self) -> int:
         return struct.calcsize(self.fmt)
+
+    @cached_property
+    def _codec(self) -> tuple[struct.Struct, tuple[tuple[str, int, int], ...]]:
+        """The compiled struct and, per field, (name, kind, bytes): kind 0 a number, 1 a
+        big-endian field (raw bytes), 2 a nested struct (raw bytes).  pack/unpack run at
+        every rule compiled and every map value read: 10,000 rules made the format string
+        alone a tenth of a reload."""
+        plan = []
+        for name, ctype, _ in self.fields:
+            if ctype.startswith("struct "):
+                plan.append((name, 2, STRUCTS[ctype[7:]].size))
+            elif ctype.startswith("__be"):
+                plan.append((name, 1, _SIZES[ctype]))
+            else:
+                plan.append((name, 0, 0))
+        return struct.Struct(self.fmt), tuple(plan)
 
     def offsets(self) -> dict[str, int]:
         off, res = 0, {}
@@ -506,24 +523,22 @@ class Struct:
         return res
 
     def pack(self, **values) -> bytes:
+        st, plan = self._codec
         args = []
-        for name, ctype, _ in self.fields:
+        for name, kind, n in plan:
             v = values.get(name, 0)
-            if ctype.startswith("struct "):
-                v = v if isinstance(v, bytes) else bytes(STRUCTS[ctype[7:]].size)
-            elif ctype.startswith("__be"):
-                n = _SIZES[ctype]
+            if kind == 1:
                 v = v if isinstance(v, bytes) else int(v).to_bytes(n, "big")
+            elif kind == 2:
+                v = v if isinstance(v, bytes) else bytes(n)
             args.append(v)
-        return struct.pack(self.fmt, *args)
+        return st.pack(*args)
 
     def unpack(self, data: bytes) -> dict:
-        vals = struct.unpack(self.fmt, data[: self.size])
+        st, plan = self._codec
         out = {}
-        for (name, ctype, _), v in zip(self.fields, vals):
-            if ctype.startswith("__be"):
-                v = int.from_bytes(v, "big")
-            out[name] = v
+        for (name, kind, _), v in zip(plan, st.unpack(data[: st.size])):
+            out[name] = int.from_bytes(v, "big") if kind == 1 else v
         return out
 
 
