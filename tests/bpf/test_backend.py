@@ -4,6 +4,7 @@ sessions, rule writes touch only changed slots, read-only view of pins, counters
 
 import ipaddress
 import os
+import struct
 
 import pytest
 
@@ -12,6 +13,7 @@ from snatgw.config.schema import Settings
 from snatgw.datapath.bpf import libbpf as B
 from snatgw.datapath.bpf.backend import ORPHAN_GRACE_NS, BpfBackend
 from snatgw.datapath.bpf.loader import Loader
+from snatgw.datapath.bpf.maps import DatapathMaps
 from snatgw.errors import BackendError
 
 from test_loader import mini_obj, pin_dir  # noqa: F401  (fixtures)
@@ -262,6 +264,53 @@ def test_rule_writes_touch_only_changed_slots(backend):
     with pytest.raises(BackendError, match="nrules=2"):
         m.write_rules(cfg(3), rules(1, 2))
     assert m.current_rules() == (cfg(2), rules(1, 9))  # bad input changed nothing
+
+
+@pytest.mark.bpf
+def test_rule_writes_and_reads_in_batches_cover_every_slot(backend):
+    """Rules are read by batch lookups (4,096 slots a call) and written by batch updates (1,024 a
+    call): a set larger than both lands slot for slot as one lookup per slot sees it, and so do
+    the rule id -> slot index and the next reload's diff."""
+    m = backend.maps
+    n = 5000
+
+    def rules(base):
+        return [L.SNAT_RULE.pack(rule_id=base + i, pool_min=i, pool_max=i + 1) for i in range(n)]
+
+    def cfg(k):
+        return L.SNAT_CFG.pack(nrules=k, port_min=5000, port_max=65535, port_tries=64)
+
+    first = rules(1)
+    assert m.write_rules(cfg(n), first) == n
+    assert [m.rules.get(i) for i in range(n)] == first  # one lookup per slot: each went in
+    assert m.current_rules() == (cfg(n), first)
+    assert {k: struct.unpack("<I", v)[0] for k, v in m.rule_slots.items()} == \
+        {struct.pack("<I", 1 + i): i for i in range(n)}  # fmt: skip
+    second = first[:4100] + rules(100_000)[4100:]  # the tail past the first read batch changes
+    assert m.write_rules(cfg(n), second) == n - 4100
+    assert [m.rules.get(i) for i in range(n)] == second
+    assert m.write_rules(cfg(10), second[:10]) == n - 10  # the rest zeroed
+    assert m.rules.get(4999) == bytes(L.SNAT_RULE.size) and m.current_rules() == (cfg(10), second[:10])
+
+
+@pytest.mark.bpf
+def test_from_nets_as_written_is_the_trie_as_read(backend):
+    """from_nets_now answers from what this process last wrote (an LPM trie has no batch
+    lookup): after each write it is exactly what a fresh reader of the trie finds."""
+    m = backend.maps
+
+    def net(a, plen, kind):
+        return L.LPM_V4.pack(prefixlen=plen, addr=ipaddress.IPv4Address(a).packed), kind
+
+    def read():
+        return {k: struct.unpack("<I", v)[0] for k, v in m.from_nets.items()}
+
+    for nets in ([net("198.18.0.0", 15, L.FROM_NET_RULE), net("198.19.1.0", 24, L.FROM_NET_POOL)],
+                 [net("198.18.0.0", 15, L.FROM_NET_POOL), net("10.0.0.0", 8, L.FROM_NET_RULE)],
+                 []):  # fmt: skip
+        m.write_from_nets(dict(nets))
+        assert m.from_nets_now() == read() == dict(nets)
+        assert DatapathMaps(m.maps).from_nets_now() == read()  # a reader without the record
 
 
 @pytest.mark.bpf

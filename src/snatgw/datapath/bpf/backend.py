@@ -1027,7 +1027,7 @@ def install_rules(maps: DatapathMaps, cfg: bytes, rules: list[bytes], recount: C
     SWEEP_RECOUNT walk, which keeps the increments made during it), then the rules with the
     limit: no limit ever judges a count the datapath did not keep.  When the last limit goes,
     the rules first, then the flag is cleared.  Returns the slots written."""
-    old_cfg, _ = maps.current_rules()
+    old_cfg = maps.current_cfg()
     was, wants = _host_count(old_cfg), _host_count(cfg)
     if wants and not was:
         maps.cfg.put(0, _with_host_count(old_cfg, True))
