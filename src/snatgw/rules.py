@@ -373,7 +373,16 @@ def leak_guard_nets(rules: Iterable[Rule]) -> dict[IPv4Network, int]:
     Pool prefixes fill the room the `from` nets leave in MAX_FROM_NETS: first those inside a
     `from` net (they spare the egress guard its FIB lookup), then the others, each in rule
     order; beyond that the routes alone judge (a held pool address is local: dropped too)."""
-    rules = list(rules)
+    kept = getattr(rules, "_leak_guard_nets", None)  # a RuleSet's, computed once (an install asks
+    if kept is not None:                                # two or three times: 10,000 rules, 0.05 s each)
+        return dict(kept)
+    nets = _leak_guard_nets(list(rules))
+    if isinstance(rules, RuleSet):
+        rules._leak_guard_nets = nets
+    return dict(nets)
+
+
+def _leak_guard_nets(rules: list[Rule]) -> dict[IPv4Network, int]:
     nets: dict[IPv4Network, int] = {}
     for r in rules:
         nets.setdefault(r.src, FROM_NET_RULE)
