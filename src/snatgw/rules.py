@@ -46,6 +46,7 @@ def _quad(text: str) -> int | None:
 #: a tenth of a reload); bounded: emptied when full
 _NETS: dict[str, IPv4Network] = {}
 _NETS_MAX = 32768
+_POOLS: dict[str, "Pool"] = {}  # Pool.parse's, the same way
 
 
 def parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Network:
@@ -173,6 +174,18 @@ class Pool:
 
     @classmethod
     def parse(cls, text: str, where: str | None = None) -> "Pool":
+        if cls is Pool:  # kept by text as parse_net's answers (rules often share one pool)
+            got = _POOLS.get(text)
+            if got is None:
+                got = cls._parse(text, where)
+                if len(_POOLS) >= _NETS_MAX:
+                    _POOLS.clear()
+                _POOLS[text] = got
+            return got
+        return cls._parse(text, where)
+
+    @classmethod
+    def _parse(cls, text: str, where: str | None = None) -> "Pool":
         text = text.strip()
         if not text:
             raise RuleError("empty pool: expected A or A-B", "snat_ip", where)
@@ -199,6 +212,14 @@ class Pool:
     def short(self) -> str:
         """As ipvsadm lists it: ``a`` when a single address, else ``a-b``."""
         return str(self.first) if self.first == self.last else str(self)
+
+
+def _quad_text(a: IPv4Address) -> str:
+    return socket.inet_ntoa(int(a).to_bytes(4, "big"))
+
+
+def _net_text(n: IPv4Network) -> str:
+    return f"{_quad_text(n.network_address)}/{n.prefixlen}"
 
 
 class Route(NamedTuple):
@@ -251,13 +272,26 @@ class Rule:
     def identity(self) -> tuple:
         return (self.src, self.dst, self.gw, self.oif)
 
-    @cached_property  # frozen dataclass: computed once, kept in the instance dict
+    @property
     def rule_id(self) -> int:
         """Stable id (counters, sessions): crc32 of the identity, never 0."""
-        return zlib.crc32(self.identity_text().encode()) or 1
+        # kept in the instance dict by hand: functools.cached_property takes a lock per first
+        # read (Python 3.11), a tenth of a 10,000-rule RuleSet
+        got = self.__dict__.get("_rule_id")
+        if got is None:
+            got = self.__dict__["_rule_id"] = zlib.crc32(self.identity_text().encode()) or 1
+        return got
 
     def identity_text(self) -> str:
-        return f"from {self.src} to {self.dst} gw {self.gw or '-'} oif {self.oif or '-'}"
+        # the text of str(IPv4Network) and str(IPv4Address), by inet_ntoa (the ids of running
+        # sessions hang on these bytes: tests/unit pins them)
+        gw = _quad_text(self.gw) if self.gw else "-"
+        return f"from {_net_text(self.src)} to {_net_text(self.dst)} gw {gw} oif {self.oif or '-'}"
+
+    def identity_key(self) -> tuple:
+        """identity as numbers, for a fast duplicate check (C-level hashing)."""
+        return (int(self.src.network_address), self.src.prefixlen, int(self.dst.network_address),
+                self.dst.prefixlen, int(self.gw) if self.gw is not None else None, self.oif)  # fmt: skip
 
     def route_specificity(self) -> int:
         return (self.gw is not None) + (self.oif is not None)
@@ -450,15 +484,16 @@ class RuleSet:
         defined = list(rules)
         seen: dict[tuple, Rule] = {}
         for r in defined:
-            if r.identity in seen:
-                first = seen[r.identity]
+            key = r.identity_key()
+            if key in seen:
+                first = seen[key]
                 raise RuleError(
                     f"duplicate rule: same from/to/gw/oif as the rule at {first.where or '?'} "
                     f"({r.identity_text()}); edit that rule instead of adding another",
                     "snat_rule",
                     r.where,
                 )
-            seen[r.identity] = r
+            seen[key] = r
         ids: dict[int, Rule] = {}
         for r in defined:
             if r.rule_id in ids:  # pragma: no cover - crc32 collision of two identities

@@ -374,6 +374,34 @@ def test_a_net_parsed_again_is_the_same_and_a_bad_one_is_refused_every_time():
         text = "virtual_server fwmark 1 {\n" + "\n" * n + " snat_rule { from 198.18.7.1/24 snat_ip 198.19.1.1 }\n}\n"
         with pytest.raises(ConfigError, match=f"<string>:{n + 2}.*host bits set"):
             parse_text(text)
+    for n in (2, 3):  # pools are kept the same way
+        text = "virtual_server fwmark 1 {\n" + "\n" * n + " snat_rule { from 198.18.7.0/24 snat_ip 198.19.1.9-198.19.1.1 }\n}\n"
+        with pytest.raises(ConfigError, match=f"<string>:{n + 2}.*max ip smaller"):
+            parse_text(text)
+    assert R.Pool.parse("198.19.1.1-198.19.1.3") == R.Pool(IPv4Address("198.19.1.1"), IPv4Address("198.19.1.3"))
     for i in range(R._NETS_MAX + 10):
         R.parse_net(str(IPv4Address(0xC6120000 + i)), "from")
-    assert len(R._NETS) <= R._NETS_MAX
+        R.Pool.parse(str(IPv4Address(0xC6120000 + i)))
+    assert len(R._NETS) <= R._NETS_MAX and len(R._POOLS) <= R._NETS_MAX
+
+
+def test_rule_ids_stay_those_of_the_identity_text_as_str_writes_it():
+    """A rule's id (crc32 of its identity text) names its running sessions across upgrades: the
+    text built by inet_ntoa is the one str() of the addresses wrote, byte for byte, and the ids
+    of these rules are the ones earlier versions gave them."""
+    import zlib
+
+    cfg = parse_text("virtual_server fwmark 1 {\n"
+                     " snat_rule { from 198.18.0.0/15 snat_ip 198.19.1.1 }\n"
+                     " snat_rule { from 10.1.2.3 to 0.0.0.0/1 gw 192.0.2.254 oif eth1 snat_ip 198.19.1.1 }\n"
+                     " snat_rule { from 0.0.0.0/0 oif up0 snat_ip 198.19.1.1 }\n}\n")  # fmt: skip
+    for r in cfg.rules:
+        old = f"from {r.src} to {r.dst} gw {r.gw or '-'} oif {r.oif or '-'}"
+        assert r.identity_text() == old and r.rule_id == (zlib.crc32(old.encode()) or 1)
+    assert [r.identity_text() for r in cfg.rules.defined] == [
+        "from 198.18.0.0/15 to 0.0.0.0/0 gw - oif -",
+        "from 10.1.2.3/32 to 0.0.0.0/1 gw 192.0.2.254 oif eth1",
+        "from 0.0.0.0/0 to 0.0.0.0/0 gw - oif up0"]
+    with pytest.raises(ConfigError, match="duplicate rule"):
+        parse_text("virtual_server fwmark 1 {\n snat_rule { from 10.1.2.3/32 gw 192.0.2.254 snat_ip 198.19.1.1 }\n"
+                   " snat_rule { from 10.1.2.3 gw 192.0.2.254 snat_ip 198.19.1.2 }\n}\n")  # fmt: skip
