@@ -175,3 +175,37 @@ def test_links_are_written_back_and_parse_to_the_same_links():
     again = parse_text(render_config(cfg), "r.conf")
     assert [replace(lk, where=None) for lk in again.links] == [replace(lk, where=None) for lk in cfg.links]
     assert again.rules == cfg.rules
+
+
+def test_a_link_going_down_logs_warnings_and_coming_back_logs_info(running):
+    """The level of each link event: failed and failover are warnings (counted as such by status
+    and log_events_total{level}); recovering, up and restored are good news: info.  The
+    LinkMonitor is driven through carrier loss, rise and hold on an injected clock, its moves
+    applied by the Service as the daemon's worker does."""
+    import io
+    import json
+
+    from snatgw.daemon.links import LinkMonitor
+    from snatgw.daemon.log import Log
+
+    cfg = parse_text(LAB + LINK.replace("hold 10", "hold 1"), "c.conf")
+    running.service.config = cfg
+    log = Log(json_lines=True, stream=io.StringIO())
+    log.lines = []
+    running.service.log = log
+    now = [0.0]
+    mon = LinkMonitor(cfg.links, lambda name, on_backup, why: running.service.set_link(name, on_backup, why), log,
+                      clock=lambda: now[0])
+    h = mon.health["isp1"]
+    mon.on_carrier([("eth1", False)])  # failed: rules to the backup
+    mon.on_carrier([("eth1", True)])
+    for t in (1.0, 2.0):  # rise 2: recovering
+        now[0] = t
+        h.sent(t)
+        mon._after("isp1", h.reply(h.round, t + 0.01))
+    now[0] = 3.1
+    mon._check("isp1")  # hold over: up, rules back
+    levels = {r["event"]: r["level"] for r in map(json.loads, log.lines)
+              if r["event"].startswith("link_") and r["event"] != "link_probe_unavailable"}  # no eth1 here
+    assert levels == {"link_carrier": "info", "link_failed": "warning", "link_failover": "warning",
+                      "link_recovering": "info", "link_up": "info", "link_restored": "info"}

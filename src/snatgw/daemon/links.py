@@ -132,8 +132,9 @@ class LinkMonitor:
         h = self.health[name]
         if transition is not None:
             lk = self.links[name]
-            self.log.warning("link_" + transition, link=name, why=h.why, gw=str(lk.gw),
-                             backup_gw=str(lk.backup_gw), rules_on_backup=h.on_backup)
+            # going down is a warning; coming back (recovering, up) is good news: info
+            self.log.emit("warning" if transition == FAILED else "info", "link_" + transition, link=name,
+                          why=h.why, gw=str(lk.gw), backup_gw=str(lk.backup_gw), rules_on_backup=h.on_backup)
             if transition != "recovering":  # failed: move to the backup; up: move back
                 self.on_change(name, h.on_backup, h.why)
         self._arm(name)

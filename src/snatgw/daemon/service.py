@@ -387,8 +387,9 @@ class Service:
             self._applied("failover" if on_backup else "failback", name, None)
             removed = getattr(self.backend, "last_follow", (0, 0))[1] if hasattr(self.backend, "last_follow") \
                 else getattr(self.backend, "last_removed", None)
-            self.log.warning("link_failover" if on_backup else "link_restored", link=name, why=why,
-                             rules=moved, sessions_removed=removed, apply_ms=round((time.monotonic() - t0) * 1e3, 1))
+            self.log.emit("warning" if on_backup else "info", "link_failover" if on_backup else "link_restored",
+                          link=name, why=why, rules=moved, sessions_removed=removed,
+                          apply_ms=round((time.monotonic() - t0) * 1e3, 1))
             return True
 
     def rate(self) -> dict:
