@@ -143,3 +143,43 @@ def test_nft_lists_an_echo_sessions_remote_with_port_0_as_bpf_and_the_audit_log_
          "rdport": "2501", "mark": R.MARK_TAG}
     s = b._session(d, {"ICMP": 60})
     assert (s.inside, s.remote, s.nat) == ("198.18.40.10:2501", "203.0.113.10:0", "198.19.2.73:2501")
+
+
+@pytest.mark.parametrize("form", ["names", "numbers"])
+def test_session_readers_take_the_status_timeouts_by_name_and_by_old_numbers(running, monkeypatch, form):
+    """`status` answers the timeouts by the `timeout` keyword's names (tcp_established, udp, ...);
+    the CLI's readers of pinned maps (bpf) and of conntrack (nft), which give each session's
+    `expires` from them, take that form and the state numbers an older daemon answers during an
+    upgrade, with the same result."""
+    from snatgw.config.schema import TIMEOUT_NAMES, Settings
+    from snatgw.daemon import client
+    from snatgw.datapath.bpf import backend as bpf_backend
+    from snatgw.datapath.nft.backend import NftBackend
+    from snatgw.layout import CtState
+
+    st = running.req(op="status")["timeouts"]
+    assert set(st) == set(TIMEOUT_NAMES) and st["udp"] == 300 and st["tcp_established"] == 7440
+    answer = {**st, "udp": 20, "tcp_time_wait": 7}
+    if form == "numbers":
+        answer = {str(int(TIMEOUT_NAMES[k])): v for k, v in answer.items()}
+    seen = []
+
+    class Reader:
+        def iter_sessions(self, flt, limit):
+            return iter(())
+
+        def stop(self):
+            pass
+
+    def reader(*args):  # read_pinned(pin_dir, settings), NftBackend.reader(settings, marks, netns)
+        seen.extend(a for a in args if isinstance(a, Settings))
+        return Reader()
+
+    monkeypatch.setattr(bpf_backend, "read_pinned", reader)
+    monkeypatch.setattr(NftBackend, "reader", staticmethod(reader))
+    assert list(client._pinned_sessions("/nonexistent", None, None, answer)) == []
+    assert list(client._conntrack_sessions({"timeouts": answer, "marks": {}}, None, None)) == []
+    for settings in seen:
+        assert (settings.timeout(CtState.UDP), settings.timeout(CtState.TIME_WAIT),
+                settings.timeout(CtState.ESTABLISHED)) == (20, 7, 7440)
+    assert len(seen) == 2

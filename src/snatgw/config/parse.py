@@ -62,7 +62,8 @@ from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_
 from ..rules import FILTERINGS, MAPPINGS, non_ascii_named, parse_choice, parse_on_exhausted, parse_oif, parse_yes_no
 from . import MAX_CONFIG_BYTES, MAX_SOCKET_PATH
 from .links import INTERVAL_RANGE, LINK_KEYWORDS, MAX_TARGETS, Link
-from .schema import AUDIT_LOG_MAX_KEEP, BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, TIMEOUT_NAMES, GatewayConfig, Settings
+from .schema import (AUDIT_LOG_MAX_KEEP, BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, TIMEOUT_BY_STATE, TIMEOUT_NAMES,
+                     GatewayConfig, Settings)
 from .schema import timeout_floor_warning
 
 log = logging.getLogger("snatgw.config")
@@ -93,7 +94,6 @@ KEEPALIVED_TOP = frozenset(
     "real_server_group".split()
 )
 KEEPALIVED_TOP_PREFIXES = ("vrrp_", "static_", "track_", "bfd_", "$", "@")
-TIMEOUT_BY_STATE = {int(v): k for k, v in TIMEOUT_NAMES.items()}
 #: what an error message may quote from the file: a word of config text (keywords, addresses,
 #: names, numbers, paths).  Anything else (a password hash, binary, control characters, a very
 #: long word) is described, never echoed: `snatgw reload /etc/shadow` must not put the file's

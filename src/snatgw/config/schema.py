@@ -20,6 +20,29 @@ TIMEOUT_NAMES: dict[str, CtState] = {
 } | {"udp": CtState.UDP, "icmp": CtState.ICMP}
 
 
+#: state -> its timeout keyword (the names `status` answers the timeouts by)
+TIMEOUT_BY_STATE: dict[int, str] = {int(v): k for k, v in TIMEOUT_NAMES.items()}
+
+
+def timeouts_by_name(timeouts) -> dict[str, int]:
+    """Settings.timeouts ((state, seconds), ...) keyed by the `timeout` keyword's names, as the
+    daemon's `status` answers them."""
+    return {TIMEOUT_BY_STATE[int(st)]: int(secs) for st, secs in timeouts}
+
+
+def timeouts_of_answer(d: dict) -> tuple[tuple[int, int], ...]:
+    """A daemon's `status` timeouts as Settings.timeouts: keyed by name (`tcp_established`,
+    `udp`, ...), or by state number as daemons before the names answered (an upgrade runs the
+    new CLI against the old daemon); a key neither names (a newer daemon's) is left out."""
+    out = {}
+    for k, v in d.items():
+        k = str(k)
+        st = int(TIMEOUT_NAMES[k]) if k in TIMEOUT_NAMES else int(k) if k.isdigit() else None
+        if st is not None and st in TIMEOUT_BY_STATE:
+            out[st] = int(v)
+    return tuple(sorted(out.items()))
+
+
 def timeout_floor_warning(name: str, secs: int) -> str | None:
     """Why a `timeout NAME SECS` setting is below an RFC's floor (None when it is not)."""
     floor = RFC_TIMEOUT_FLOORS.get(TIMEOUT_NAMES[name])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from ..config.schema import Settings
+from ..config.schema import Settings, timeouts_of_answer
 from ..errors import DaemonError, SnatgwError
 from .control import NoDaemon, request
 
@@ -55,7 +55,7 @@ def _pinned_sessions(pin_dir: str, flt, limit, timeouts: dict | None = None):
 
     settings = Settings(pin_dir=pin_dir)
     if timeouts:
-        settings = replace(settings, timeouts=tuple(sorted((int(k), int(v)) for k, v in timeouts.items())))
+        settings = replace(settings, timeouts=timeouts_of_answer(timeouts))
     reader = read_pinned(pin_dir, settings)
     try:
         for s in reader.iter_sessions(flt, limit):
@@ -71,7 +71,7 @@ def _conntrack_sessions(status: dict, flt, limit):
 
     settings = Settings()
     if status.get("timeouts"):
-        settings = replace(settings, timeouts=tuple(sorted((int(k), int(v)) for k, v in status["timeouts"].items())))
+        settings = replace(settings, timeouts=timeouts_of_answer(status["timeouts"]))
     reader = NftBackend.reader(settings, status["marks"], status.get("netns"))
     for s in reader.iter_sessions(flt, limit):
         yield s.as_dict()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config.adm import MAX_COMMANDS, AdmRefused, AdmTable, AdmUsageError, parse_args
-from ..config.schema import GatewayConfig, Settings
+from ..config.schema import GatewayConfig, Settings, timeouts_by_name
 from ..datapath.backend import SessionFilter, tries_per_search
 from ..errors import EXIT_BAD_INPUT, BackendError, MissingDeviceError, SnatgwError
 from ..rules import Rule, RuleSet, parse_addr
@@ -336,7 +336,7 @@ class Service:
             "last_error": self.last_error, "inside": list(s.inside), "outside": list(s.outside),
             "pin_dir": s.pin_dir, "control_socket": s.control_socket, "max_sessions": s.max_sessions,
             "gc_interval": s.gc_interval, "hooks_restored": self.hooks_restored, "errors": self.errors,
-            "last_reload": self.last_reload, "timeouts": {str(k): v for k, v in s.timeouts},
+            "last_reload": self.last_reload, "timeouts": timeouts_by_name(s.timeouts),
             "audit": self.audit_stats(),
             **getattr(self.backend, "status_extra", dict)(),
         }
