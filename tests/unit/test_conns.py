@@ -183,3 +183,68 @@ def test_session_readers_take_the_status_timeouts_by_name_and_by_old_numbers(run
         assert (settings.timeout(CtState.UDP), settings.timeout(CtState.TIME_WAIT),
                 settings.timeout(CtState.ESTABLISHED)) == (20, 7, 7440)
     assert len(seen) == 2
+
+
+def test_a_rule_number_out_of_range_that_is_no_rule_or_session_id_is_an_error(running, capsys):
+    """With 3 rules, `--rule 9` is no rule number; taken as a rule id it named no rule and no
+    session, and conns listed nothing, exit 0, as if there were no sessions: a mistyped rule
+    number.  Now exit 2 (a bad filter) saying so, with nothing on stdout, in both forms; with
+    other filters or --limit 0 as well."""
+    running.syn(), running.udp()
+    for extra in ([], ["--json"], ["--proto", "udp"], ["--limit", "0"]):
+        assert cli(["conns", "--socket", running.sock, "--rule", "9", *extra]) == 2, extra
+        out, err = capsys.readouterr()
+        assert out == "" and "--rule 9: no rule #9 (there are 3 rules) and no sessions of rule id 9" in err, extra
+    assert cli(["conns", "--socket", running.sock, "--rule", "id:0000beef"]) == 2
+    assert "no running rule has id id:0000beef (there are 3 rules) and no sessions of it" in capsys.readouterr().err
+    assert cli(["conns", "--socket", running.sock, "--rule", "3", "--proto", "tcp"]) == 0  # a rule: empty is fine
+    assert capsys.readouterr().out.strip() == "no sessions"
+
+
+def test_a_deleted_rules_id_lists_its_sessions_and_is_no_error_while_other_filters_leave_none(running, capsys):
+    """A rule deleted with live sessions: its id names no running rule but sessions in the table,
+    so `--rule id:<hex>` lists them, and with a filter that leaves none it says "no sessions"."""
+    a = running.syn()
+    assert running.req(op="adm", commands=[["-H", "-f", "1", "-F", "198.18.40.0/24", "-W", "198.19.2.1",
+                                            "--oif", "eth1"]])["ok"]
+    label = f"id:{a.rule.rule_id:08x}"
+    assert cli(["conns", "--json", "--socket", running.sock, "--rule", label]) == 0
+    assert [json.loads(x)["rule_id"] for x in capsys.readouterr().out.splitlines()] == [a.rule.rule_id]
+    for extra in (["--proto", "udp"], ["--limit", "0"]):
+        assert cli(["conns", "--socket", running.sock, "--rule", str(a.rule.rule_id), *extra]) == 0, extra
+        assert capsys.readouterr().out.strip() in ("no sessions", "no sessions listed (--limit 0)")
+
+
+@pytest.mark.parametrize("backend", ["bpf", "nft"])
+def test_the_unknown_rule_error_on_the_bpf_and_nft_daemons_streams(running, monkeypatch, capsys, tmp_path, backend):
+    """The check is the CLI's, whoever streams: a bpf daemon's sessions come from its pinned maps
+    read here, an nft daemon's from conntrack read here (session_stream picks the reader from the
+    daemon's status; stand-ins for the readers, filtering a table of one session of rule id 9)."""
+    from snatgw.daemon import client
+
+    pins = tmp_path / "pins"
+    pins.mkdir()
+    real_call = client.call
+
+    def call(sock, req, timeout=30.0):
+        resp = real_call(sock, req, timeout)
+        if req["op"] == "status":
+            resp.update(backend=backend, pin_dir=str(pins), marks={})
+        return resp
+
+    table = [{"proto": "udp", "inside": "198.18.40.10:5000", "remote": "203.0.113.10:53", "nat": "198.19.2.71:5000",
+              "state": "UDP", "idle": 0.0, "expires": 300.0, "rule_id": 9}]
+    asked = []
+
+    def stream(flt):
+        asked.append(flt)
+        return iter([s for s in table if flt.rule_id in (None, s["rule_id"])])
+
+    monkeypatch.setattr(client, "call", call)
+    monkeypatch.setattr(client, "_pinned_sessions", lambda d, flt, limit, t=None: stream(flt))
+    monkeypatch.setattr(client, "_conntrack_sessions", lambda st, flt, limit: stream(flt))
+    assert cli(["conns", "--json", "--socket", running.sock, "--rule", "9"]) == 0  # a deleted rule's session
+    assert [json.loads(x)["rule"] for x in capsys.readouterr().out.splitlines()] == ["id:00000009"]
+    assert cli(["conns", "--socket", running.sock, "--rule", "8"]) == 2
+    assert "--rule 8: no rule #8 (there are 3 rules) and no sessions of rule id 8" in capsys.readouterr().err
+    assert [f.rule_id for f in asked] == [9, 8]

@@ -5,6 +5,7 @@ rules); other backends' daemons filter and limit on their side."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import sys
 
@@ -27,7 +28,7 @@ def register(p) -> None:
     p.add_argument("-j", "--json", action="store_true", help="JSON lines: one session object per line")
     p.add_argument("--socket", metavar="PATH", help="control socket (default $SNATGW_SOCKET or the settings')")
     p.add_argument("--pin-dir", metavar="DIR", help="read pinned bpf maps here when no daemon runs")
-    p.add_argument("--rule", metavar="N", help="only sessions of this rule (priority number or rule id)")
+    p.add_argument("--rule", metavar="N", help="only sessions of this rule (priority number, else rule id; neither: an error)")
     p.add_argument("--inside", metavar="NET", help="only inside hosts in this address or net")
     p.add_argument("--nat", metavar="ADDR", help="only sessions on this SNAT address")
     p.add_argument("--remote", metavar="NET", help="only remote ends in this address or net")
@@ -84,6 +85,22 @@ def rule_id_of(rule: str | None, rules: list[dict]) -> int | None:
         raise BadFilter(f"--rule: expected a rule's priority number or id, got {rule!r}") from None
 
 
+def unknown_rule(rule: str | None, rule_id: int | None, rules: list[dict]) -> bool:
+    """Whether --rule named neither a running rule's priority nor a running rule's id: then only
+    sessions still in the table (a deleted rule's, `id:<hex>`) can give it a meaning."""
+    return rule is not None and rule_id is not None and all(r["rule_id"] != rule_id for r in rules)
+
+
+def no_such_rule(rule: str, rule_id: int, rules: list[dict], daemon: bool) -> BadFilter:
+    """The error for a --rule that names no rule and no session (a mistyped number, most likely):
+    an empty listing would look like "no sessions"."""
+    there = f"there are {len(rules)} rules" if daemon else "no daemon runs to number the rules"
+    n = rule.lstrip("#")
+    if n.isdigit():
+        return BadFilter(f"--rule {rule}: no rule #{n} ({there}) and no sessions of rule id {rule_id}")
+    return BadFilter(f"--rule {rule}: no running rule has id id:{rule_id:08x} ({there}) and no sessions of it")
+
+
 def filter_of(args, rules: list[dict]) -> SessionFilter:
     """The SessionFilter of the command-line options (a bad value: BadFilter)."""
     try:
@@ -107,10 +124,32 @@ def filter_of(args, rules: list[dict]) -> SessionFilter:
         raise BadFilter(f"bad filter: {e}") from None
 
 
+def _checked(sessions, args, flt: SessionFilter, rules: list[dict], source: str):
+    """``sessions`` as they stream, unless --rule named no rule and the table holds no session of
+    that rule id: BadFilter then, before anything is printed.  Only such a --rule costs a
+    look: an empty answer of the whole filter settles it when --rule is the only filter, else
+    one more listing asks for a single session of the rule id alone."""
+    if not unknown_rule(args.rule, flt.rule_id, rules):
+        return sessions
+    sessions = iter(sessions)
+    first = next(sessions, None)
+    if first is not None:
+        return itertools.chain((first,), sessions)
+    alone = SessionFilter(rule_id=flt.rule_id)
+    if flt != alone or args.limit == 0:
+        more, _rules, _src = session_stream(args.socket, args.pin_dir, lambda r: alone, 1)
+        if next(iter(more), None) is not None:
+            return iter(())
+    raise no_such_rule(args.rule, flt.rule_id, rules, not source.startswith("pinned maps"))
+
+
 def run(args) -> int:
     if args.limit is not None and args.limit < 0:
         raise BadFilter(f"--limit: expected a number >= 0, got {args.limit}")
-    sessions, rules, _source = session_stream(args.socket, args.pin_dir, lambda r: filter_of(args, r), args.limit)
+    flts: list[SessionFilter] = []
+    sessions, rules, source = session_stream(args.socket, args.pin_dir,
+                                             lambda r: flts.append(filter_of(args, r)) or flts[-1], args.limit)
+    sessions = _checked(sessions, args, flts[-1], rules, source)
     by_id = {r["rule_id"]: r for r in rules}
     out = sys.stdout
     if args.json:
