@@ -256,6 +256,22 @@ def test_flush_verb_removes_an_inside_hosts_sessions_from_the_running_datapath(g
     assert "198.18.40.10" in inside_hosts()
 
 
+def test_conns_of_a_rule_number_past_the_last_rule_is_an_error_not_an_empty_listing(gw):
+    """`conns --rule 9` with 3 running rules: 9 is no rule number, no running rule's id and no
+    session's: exit 2 saying so (it listed nothing, exit 0, as if there were no sessions), on
+    the daemon's own stream of each backend (bpf: its pinned maps; nft: conntrack)."""
+    from snatgw.lab.gateway import snatgw_argv
+    from snatgw.lab.netns import run
+
+    gw.check()
+    clients.udp_echo(gw.lab, "in50", "198.51.100.10", src="198.18.50.10")  # a session of rule #3
+    cp = run(snatgw_argv("conns", "--socket", gw.lab.socket_path, "--rule", "9"), check=False)
+    assert (cp.returncode, cp.stdout) == (2, ""), cp
+    assert cp.stderr == "snatgw conns: --rule 9: no rule #9 (there are 3 rules) and no sessions of rule id 9\n"
+    cp = run(snatgw_argv("conns", "--socket", gw.lab.socket_path, "--json", "--rule", "3"), check=False)
+    assert cp.returncode == 0 and "198.18.50.10:" in cp.stdout
+
+
 def test_explain_live_answers_with_the_running_rules_after_a_reload(gw):
     """After the gateway is reloaded to the failover config, `explain --live` against the REF file
     answers with the running (failover) rule's ISP2 address, says the rules differ, and the
