@@ -28,7 +28,8 @@ def register(p) -> None:
     p.add_argument("-j", "--json", action="store_true", help="JSON lines: one session object per line")
     p.add_argument("--socket", metavar="PATH", help="control socket (default $SNATGW_SOCKET or the settings')")
     p.add_argument("--pin-dir", metavar="DIR", help="read pinned bpf maps here when no daemon runs")
-    p.add_argument("--rule", metavar="N", help="only sessions of this rule (priority number, else rule id; neither: an error)")
+    p.add_argument("--rule", metavar="N",
+                   help="only sessions of this rule (priority number, else rule id; neither: an error)")
     p.add_argument("--inside", metavar="NET", help="only inside hosts in this address or net")
     p.add_argument("--nat", metavar="ADDR", help="only sessions on this SNAT address")
     p.add_argument("--remote", metavar="NET", help="only remote ends in this address or net")
@@ -138,7 +139,9 @@ def _checked(sessions, args, flt: SessionFilter, rules: list[dict], source: str)
     alone = SessionFilter(rule_id=flt.rule_id)
     if flt != alone or args.limit == 0:
         more, _rules, _src = session_stream(args.socket, args.pin_dir, lambda r: alone, 1)
-        if next(iter(more), None) is not None:
+        found = next(iter(more), None) is not None
+        getattr(more, "close", lambda: None)()  # a pinned-map reader stops now, not when collected
+        if found:
             return iter(())
     raise no_such_rule(args.rule, flt.rule_id, rules, not source.startswith("pinned maps"))
 
