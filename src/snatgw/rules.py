@@ -43,10 +43,20 @@ def _quad(text: str) -> int | None:
 
 
 #: parse_net's answers by text (a reload parses the same `from` nets again: 10,000 of them were
-#: a tenth of a reload); bounded: emptied when full
+#: a tenth of a reload); bounded: emptied when full, and only texts of at most _KEPT_TEXT
+#: characters are kept (the longest plain one, "255.255.255.255-255.255.255.255", has 31): an
+#: adm command may pad a net or pool to megabytes, and each kept would stay in the daemon
 _NETS: dict[str, IPv4Network] = {}
 _NETS_MAX = 32768
+_KEPT_TEXT = 64
 _POOLS: dict[str, "Pool"] = {}  # Pool.parse's, the same way
+
+
+def _keep(kept: dict, text: str, answer) -> None:
+    if len(text) <= _KEPT_TEXT:
+        if len(kept) >= _NETS_MAX:
+            kept.clear()
+        kept[text] = answer
 
 
 def parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Network:
@@ -54,9 +64,7 @@ def parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Netwo
     net = _NETS.get(text)
     if net is None:
         net = _parse_net(text, field_name, where)
-        if len(_NETS) >= _NETS_MAX:
-            _NETS.clear()
-        _NETS[text] = net
+        _keep(_NETS, text, net)
     return net
 
 
@@ -178,9 +186,7 @@ class Pool:
             got = _POOLS.get(text)
             if got is None:
                 got = cls._parse(text, where)
-                if len(_POOLS) >= _NETS_MAX:
-                    _POOLS.clear()
-                _POOLS[text] = got
+                _keep(_POOLS, text, got)
             return got
         return cls._parse(text, where)
 

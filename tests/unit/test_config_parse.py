@@ -405,3 +405,21 @@ def test_rule_ids_stay_those_of_the_identity_text_as_str_writes_it():
     with pytest.raises(ConfigError, match="duplicate rule"):
         parse_text("virtual_server fwmark 1 {\n snat_rule { from 10.1.2.3/32 gw 192.0.2.254 snat_ip 198.19.1.1 }\n"
                    " snat_rule { from 10.1.2.3 gw 192.0.2.254 snat_ip 198.19.1.2 }\n}\n")  # fmt: skip
+
+
+def test_texts_kept_by_parse_net_and_pool_parse_are_short_whatever_the_input():
+    """The answers kept by text hold short texts only: an adm command over the control socket
+    may carry a `from` or snat_ip padded to megabytes (spaces, a prefix length's leading
+    zeros), which parse; kept, each would pin its text in the daemon until 32,768 others came."""
+    from snatgw import rules as R
+
+    R._NETS.clear()
+    R._POOLS.clear()
+    for i in range(20):
+        pad = " " * (100_000 + i)
+        assert R.parse_net(pad + "198.18.0.0/" + "0" * 4000 + "15", "from") == IPv4Network("198.18.0.0/15")
+        assert R.Pool.parse(pad + "198.19.1.1-198.19.1.3" + pad) == R.Pool(IPv4Address("198.19.1.1"),
+                                                                            IPv4Address("198.19.1.3"))
+    kept = sum(map(len, R._NETS)) + sum(map(len, R._POOLS))
+    assert kept <= 64 * (len(R._NETS) + len(R._POOLS))  # was 20 texts of 100 kB each, kept
+
