@@ -79,9 +79,11 @@ def _parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Netw
     except ValueError:
         raise RuleError(f"expected an IPv4 address A.B.C.D[/len], got {text!r}", field_name, where) from None
     if plen:
-        if not (plen.isascii() and plen.isdigit()) or not 0 <= int(plen) <= 32:  # not '²', '١٢'
-            raise RuleError(f"prefix length must be 0..32, got {plen!r}", field_name, where)
-        length = int(plen)
+        digits = plen.lstrip("0") or "0"  # leading zeros as int() reads them, without its digit limit
+        if not (plen.isascii() and plen.isdigit()) or len(digits) > 2 or int(digits) > 32:  # not '²', '١٢'
+            got = repr(plen) if len(plen) <= 32 else f"a number of {len(plen)} digits"
+            raise RuleError(f"prefix length must be 0..32, got {got}", field_name, where)
+        length = int(digits)
     else:
         length = 32
     try:

@@ -10,7 +10,7 @@ import pytest
 
 from snatgw.config.parse import parse_file, parse_text
 from snatgw.config.schema import Settings
-from snatgw.errors import ConfigError
+from snatgw.errors import ConfigError, RuleError
 from snatgw.layout import Algo, CtState
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -423,3 +423,12 @@ def test_texts_kept_by_parse_net_and_pool_parse_are_short_whatever_the_input():
     kept = sum(map(len, R._NETS)) + sum(map(len, R._POOLS))
     assert kept <= 64 * (len(R._NETS) + len(R._POOLS))  # was 20 texts of 100 kB each, kept
 
+
+def test_a_prefix_length_of_thousands_of_digits_is_a_clear_error_or_its_value():
+    """A prefix length is read without int()'s 4,300-digit limit (a ValueError, answered as an
+    "internal error"): leading zeros are ignored as before, anything else over 32 is refused."""
+    from snatgw.rules import parse_net
+
+    assert parse_net("198.18.0.0/" + "0" * 5000 + "15", "from") == IPv4Network("198.18.0.0/15")
+    with pytest.raises(RuleError, match="prefix length must be 0..32"):
+        parse_net("198.18.0.0/" + "1" * 5000, "from")
