@@ -711,8 +711,7 @@ class BpfBackend:
     def host_counting(self) -> bool:
         """CFG_F_HOST_COUNT as the running datapath has it: the per-host sessions are counted
         as sessions are made (some rule has a host limit); else they are the last walk's."""
-        cfg, _ = self._m().current_rules()
-        return _host_count(cfg)
+        return _host_count(self._m().current_cfg())
 
     def _recount_for_limit(self) -> None:
         res = self.recount()
