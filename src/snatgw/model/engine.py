@@ -181,35 +181,39 @@ class Engine:
         return trimmed(res)
 
     def _inside(self, pkt: bytes, v: IPv4View, ingress: str, now: float) -> Result:
-        if v.frag == 0 and (v.proto != IPPROTO_ICMP or v.is_query_request):
-            # step 2a, fast: the session of this OUT key, made on this device, vouches for it
-            dport = 0 if v.proto == IPPROTO_ICMP else v.dport
-            okey = out_key(ip(v.saddr), ip(v.daddr), v.sport, dport, v.proto)
-            e = self.table.lookup(okey)
-            if e is not None and e.iif == ingress:
-                return self._established_out(pkt, v, e, ingress, now)
-            if e is None and self._refused_recently(okey, now):  # step 6's marker, before the full check
-                return Result(Verdict.DROP, Reason.DROP_REFUSED_RECENTLY, pkt)
+        if v.frag > 0 or (v.proto == IPPROTO_ICMP and not v.is_query_request):
+            if self._spoofed(v, ingress):  # step 2a (no session to vouch for a fragment or an error)
+                return Result(Verdict.DROP, Reason.DROP_SPOOFED, pkt)
+            return self._inside_unkeyed(pkt, v, ingress, now)
+        # step 2a, fast: the session of this OUT key, made on this device, vouches for it
+        okey = self._out_key(v)
+        e = self.table.lookup(okey)
+        if e is not None and e.iif == ingress:
+            return self._established_out(pkt, v, e, ingress, now)
+        if e is None and self._refused_recently(okey, now):  # step 6's marker, before the full check
+            return Result(Verdict.DROP, Reason.DROP_REFUSED_RECENTLY, pkt)
         if self._spoofed(v, ingress):  # step 2a
             return Result(Verdict.DROP, Reason.DROP_SPOOFED, pkt)
-        return self._inside_checked(pkt, v, ingress, now)
-
-    def _inside_checked(self, pkt: bytes, v: IPv4View, ingress: str, now: float) -> Result:
-        if v.frag > 0:
-            return self._later_fragment(pkt, v, now)
-        dport = 0 if v.proto == IPPROTO_ICMP else v.dport
-        okey = out_key(ip(v.saddr), ip(v.daddr), v.sport, dport, v.proto)
-        if v.proto == IPPROTO_ICMP and not v.is_query_request:  # step 5
-            if v.is_icmp_error:
-                res = self._icmp_error(pkt, v, "inside", ingress)
-                if res is not None:
-                    return res
-            # no session to belong to: steps 7-9 say local, internal, unmatched or dropped
-            return self._new_flow(pkt, v, okey, ingress, now)
-        e = self.table.lookup(okey)  # step 6 (its refusal marker: in _inside, before the full check)
+        # step 6 reuses step 2a's lookup, as the BPF program does
         if e is not None:
             return self._established_out(pkt, v, e, ingress, now)
         return self._new_flow(pkt, v, okey, ingress, now)
+
+    @staticmethod
+    def _out_key(v: IPv4View) -> CtKey:
+        dport = 0 if v.proto == IPPROTO_ICMP else v.dport
+        return out_key(ip(v.saddr), ip(v.daddr), v.sport, dport, v.proto)
+
+    def _inside_unkeyed(self, pkt: bytes, v: IPv4View, ingress: str, now: float) -> Result:
+        """A later fragment or an ICMP error from inside, past the reverse-path check."""
+        if v.frag > 0:
+            return self._later_fragment(pkt, v, now)
+        if v.is_icmp_error:  # step 5
+            res = self._icmp_error(pkt, v, "inside", ingress)
+            if res is not None:
+                return res
+        # no session to belong to: steps 7-9 say local, internal, unmatched or dropped
+        return self._new_flow(pkt, v, self._out_key(v), ingress, now)
 
     def _refused_recently(self, okey: CtKey, now: float) -> bool:
         """Step 6: a flow refused moments ago is not searched again (its marker is young)."""
