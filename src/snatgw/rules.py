@@ -47,25 +47,26 @@ def _quad(text: str) -> int | None:
 #: characters are kept (the longest plain one, "255.255.255.255-255.255.255.255", has 31): an
 #: adm command may pad a net or pool to megabytes, and each kept would stay in the daemon
 _NETS: dict[str, IPv4Network] = {}
-_NETS_MAX = 32768
-_KEPT_TEXT = 64
 _POOLS: dict[str, "Pool"] = {}  # Pool.parse's, the same way
+_KEPT_MAX = 32768  # answers each keeps
+_KEPT_TEXT = 64
 
 
-def _keep(kept: dict, text: str, answer) -> None:
-    if len(text) <= _KEPT_TEXT:
-        if len(kept) >= _NETS_MAX:
-            kept.clear()
-        kept[text] = answer
+def _kept(kept: dict, text: str, parse):
+    """``kept``'s answer for ``text``, else ``parse()``'s, kept (a refusal raises: never kept)."""
+    got = kept.get(text)
+    if got is None:
+        got = parse()
+        if len(text) <= _KEPT_TEXT:
+            if len(kept) >= _KEPT_MAX:
+                kept.clear()
+            kept[text] = got
+    return got
 
 
 def parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Network:
     """``A.B.C.D[/len]`` -> network.  No ``/len`` means a host (/32); host bits are an error."""
-    net = _NETS.get(text)
-    if net is None:
-        net = _parse_net(text, field_name, where)
-        _keep(_NETS, text, net)
-    return net
+    return _kept(_NETS, text, lambda: _parse_net(text, field_name, where))
 
 
 def _parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Network:
@@ -185,11 +186,7 @@ class Pool:
     @classmethod
     def parse(cls, text: str, where: str | None = None) -> "Pool":
         if cls is Pool:  # kept by text as parse_net's answers (rules often share one pool)
-            got = _POOLS.get(text)
-            if got is None:
-                got = cls._parse(text, where)
-                _keep(_POOLS, text, got)
-            return got
+            return _kept(_POOLS, text, lambda: cls._parse(text, where))
         return cls._parse(text, where)
 
     @classmethod

@@ -379,10 +379,10 @@ def test_a_net_parsed_again_is_the_same_and_a_bad_one_is_refused_every_time():
         with pytest.raises(ConfigError, match=f"<string>:{n + 2}.*max ip smaller"):
             parse_text(text)
     assert R.Pool.parse("198.19.1.1-198.19.1.3") == R.Pool(IPv4Address("198.19.1.1"), IPv4Address("198.19.1.3"))
-    for i in range(R._NETS_MAX + 10):
+    for i in range(R._KEPT_MAX + 10):
         R.parse_net(str(IPv4Address(0xC6120000 + i)), "from")
         R.Pool.parse(str(IPv4Address(0xC6120000 + i)))
-    assert len(R._NETS) <= R._NETS_MAX and len(R._POOLS) <= R._NETS_MAX
+    assert len(R._NETS) <= R._KEPT_MAX and len(R._POOLS) <= R._KEPT_MAX
 
 
 def test_rule_ids_stay_those_of_the_identity_text_as_str_writes_it():
