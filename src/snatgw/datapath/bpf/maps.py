@@ -5,6 +5,7 @@ the rules and config so that a reload never shows a half-written rule set for lo
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import time
@@ -213,20 +214,12 @@ def _matcher(flt):
 
 
 def _array_values(m, n: int) -> list[bytes]:
-    """The values of slots 0..n-1 of array map ``m``, by batch lookup (a system call per 4,096
-    slots instead of one per slot), else one lookup per slot."""
-    out: list[bytes] = []
+    """The values of slots 0..n-1 of array map ``m`` (an array's batch lookups go in slot order:
+    a system call per 4,096 slots instead of one per slot; Map.items_batch falls back to
+    lookups where the kernel has none)."""
     if n <= 0:
-        return out
-    vs = m.value_size
-    for part in m._raw_batches(min(n, 4096), fallback=True):
-        if part is None:  # no batch lookups here
-            return [m.get(i) or b"" for i in range(n)]
-        nn, _keys, vals = part
-        out.extend(vals[i * vs : (i + 1) * vs] for i in range(nn))
-        if len(out) >= n:
-            break
-    return out[:n]
+        return []
+    return [v for _, v in itertools.islice(m.items_batch(min(n, 4096)), n)]
 
 
 def _array_put(m, slots: list[tuple[int, bytes]], chunk: int = 1024) -> None:
