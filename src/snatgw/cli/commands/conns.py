@@ -149,10 +149,8 @@ def _checked(sessions, args, flt: SessionFilter, rules: list[dict], source: str)
 def run(args) -> int:
     if args.limit is not None and args.limit < 0:
         raise BadFilter(f"--limit: expected a number >= 0, got {args.limit}")
-    flts: list[SessionFilter] = []
-    sessions, rules, source = session_stream(args.socket, args.pin_dir,
-                                             lambda r: flts.append(filter_of(args, r)) or flts[-1], args.limit)
-    sessions = _checked(sessions, args, flts[-1], rules, source)
+    sessions, rules, source = session_stream(args.socket, args.pin_dir, lambda r: filter_of(args, r), args.limit)
+    sessions = _checked(sessions, args, filter_of(args, rules), rules, source)  # the filter of the rules it got
     by_id = {r["rule_id"]: r for r in rules}
     out = sys.stdout
     if args.json:
