@@ -320,7 +320,7 @@ def render(results: dict, images: list[str] = ()) -> str:
            f"Machine: {m.get('nproc')} CPUs ({m.get('cpu_model')}), kernel {m.get('kernel')}; "
            f"load average {m.get('loadavg_start')} at start, {m.get('loadavg_end')} at end. "
            f"{'Quick' if p.get('quick') else 'Full'} run: {p.get('rounds')} rounds × {p.get('duration')} s, "
-           f"configurations interleaved (a balanced Latin square: each round in another order), each in a fresh namespace trio; snatgw's "
+           f"configurations interleaved (a balanced Latin square: each round in another order), each scenario on a fresh gateway in a fresh namespace trio; snatgw's "
            f"session table sized for {p.get('max_sessions', 0):,} sessions in the packet scenarios "
            f"(this machine's conntrack: at most {m.get('nf_conntrack_max') or '?'} entries in "
            f"{m.get('nf_conntrack_buckets') or '?'} buckets).", "",

@@ -147,23 +147,30 @@ class Suite:
                         and (cfg not in HOSTLIMIT_CONFIGS or s in HOSTLIMIT_SCENARIOS)]
                 if not mine:
                     continue
-                with topo.Topology() as t:
-                    gw = self._gateway_or_na(cfg, t, max_sessions=self.p.max_sessions)
-                    if gw is None:
-                        for s in mine:
-                            self._rec(s, cfg, r, status="n/a", reason=self.why, value=None)
-                        continue
-                    try:
-                        for s in mine:
-                            try:
-                                fields = sc.measure(s, t, gw, self.p.duration)
-                            except Exception as e:  # noqa: BLE001 - one failed measurement must not end the suite
-                                fields = {"status": "error", "reason": f"{type(e).__name__}: {e}", "value": None}
-                            if cfg in AUDIT_CONFIGS:
-                                fields |= sc.audit_counts(gw)
-                            self._rec(s, cfg, r, **({"start_s": gw.start_seconds} | fields))
-                    finally:
-                        gw.stop()
+                # each scenario on a fresh gateway in fresh namespaces: one that ran before
+                # would leave its sessions (snatgw's table, the kernel's conntrack) to the next,
+                # so a scenario's figure would depend on the order and on how each
+                # configuration copes with a table another scenario filled
+                for s in mine:
+                    self._packet_one(s, cfg, r)
+
+    def _packet_one(self, s: str, cfg: str, r: int) -> None:
+        """One scenario of one configuration, on its own gateway in its own namespaces."""
+        with topo.Topology() as t:
+            gw = self._gateway_or_na(cfg, t, max_sessions=self.p.max_sessions)
+            if gw is None:
+                self._rec(s, cfg, r, status="n/a", reason=self.why, value=None)
+                return
+            try:
+                try:
+                    fields = sc.measure(s, t, gw, self.p.duration)
+                except Exception as e:  # noqa: BLE001 - one failed measurement must not end the suite
+                    fields = {"status": "error", "reason": f"{type(e).__name__}: {e}", "value": None}
+                if cfg in AUDIT_CONFIGS:
+                    fields |= sc.audit_counts(gw)
+                self._rec(s, cfg, r, **({"start_s": gw.start_seconds} | fields))
+            finally:
+                gw.stop()
 
     def rules_phase(self) -> None:
         if "rules" not in self.p.scenarios:
