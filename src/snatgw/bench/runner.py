@@ -2,9 +2,9 @@
 scaling, session-table scale and control plane; writes bench/results/<ts>.{json,md,png}.
 
 Order: for each round, the configurations run one after another (a balanced Latin square:
-each round starts with another one, and no configuration always follows the same one), each in
-a fresh topology, each measuring every
-selected packet scenario.  The same for rule scaling (per rule count).  Every load is bounded:
+each round starts with another one, and no configuration always follows the same one), each
+measuring every selected packet scenario on a fresh gateway in a fresh topology (no scenario
+meets the sessions of another).  The same for rule scaling (per rule count).  Every load is bounded:
 trafgen by time, fills by count, daemons by a ready timeout.
 """
 
