@@ -76,10 +76,9 @@ def port_pressure(t: topo.Topology, gw: Gateway, duration: float) -> dict:
     through the gateway (translated or refused: every packet costs the gateway); delivered:
     those that reached the sink translated; sessions made and refusals, as each gateway
     counts them."""
-    _fresh_table(t, gw)  # earlier scenarios of this round filled it: measure from empty
+    _fresh_table(t, gw)  # a fresh gateway's is empty: this says so whoever runs it
     before = _conntrack_stat(t.gw) if gw.name == "nft-kernel" else {}
-    # the allocator's counters run since the daemon started (3a, 3a' of this round: searches of
-    # one try each): this run's are the difference
+    # the allocator's counters run since the daemon started: this run's are the difference
     alloc0 = daemon_allocator(gw) if gw.name.startswith("snatgw-") else None
     w = _blast_ports64k(t, gw, duration)
     offered = w.offered if gw.name != "drop" else w.packets
@@ -137,7 +136,7 @@ def _program_pass(t: topo.Topology, gw: Gateway, blast, rate) -> dict:
 
 def _fresh_table(t: topo.Topology, gw: Gateway) -> None:
     """Empty the session table before a measurement (the daemon's flush; conntrack -F for the
-    kernel's), so port pressure starts from no sessions whatever ran before it."""
+    kernel's), so a measurement starts from no sessions whatever ran before it on this gateway."""
     if gw.name.startswith("snatgw-"):
         try:
             from ..daemon.client import call
