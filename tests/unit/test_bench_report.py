@@ -211,3 +211,11 @@ def test_sessions_cp_host_counts_compare_says_high_low_and_the_fills_hosts():
     assert c == {"hosts_counted": 3, "hosts_true": 4, "sessions_counted": 8194, "sessions_true": 8195,
                  "hosts_exact": 1, "hosts_high": 1, "high_by": 1, "hosts_low": 2, "low_by": 2,
                  "fill_hosts": 2, "fill_hosts_exact": 1, "max_true": 4096}
+
+
+def test_report_lists_the_isolated_ratio_round_by_round():
+    """Each round's nft-kernel cost over snatgw-bpf's (700/100 = 7.00 here, every round), with
+    their median and range, for the trafgen scenarios."""
+    md = report.render(results())
+    sect = md.split("round by round")[1].split("###")[0]
+    assert "| 3a new UDP flows | 7.00 7.00 7.00 | 7.00× [7.00–7.00] |" in sect

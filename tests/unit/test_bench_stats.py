@@ -205,3 +205,18 @@ def test_port_pressure_counts_only_its_own_searches():
         "spill_memo_hits": 4_900, "spill_memos_written": 10, "port_searches": 62_010, "port_search_tries": 170_527}
     assert scenarios.allocator_delta(None, after)["port_searches"] is None
     assert scenarios.allocator_delta(before, None) == {}
+
+
+def test_paired_ratios_pair_each_round_with_its_own_drop_and_reference():
+    """Round 0 quick for both, round 1 slow for both: each round's ratio is 2.0 (cost 500 against
+    250, then 1000 against 500), where the ratio of the medians pairs one round with the other;
+    a round missing the reference or the drop run gives no pair."""
+    recs = [rec("s", "drop", 0, 1e9 / 100), rec("s", "nft-kernel", 0, 1e9 / 600), rec("s", "snatgw-bpf", 0, 1e9 / 350),
+            rec("s", "drop", 1, 1e9 / 100), rec("s", "nft-kernel", 1, 1e9 / 1100), rec("s", "snatgw-bpf", 1, 1e9 / 600),
+            rec("s", "drop", 2, 1e9 / 100), rec("s", "snatgw-bpf", 2, 1e9 / 300),
+            rec("s", "nft-kernel", 3, 1e9 / 300), rec("s", "snatgw-bpf", 3, 1e9 / 300),
+            rec("s", "drop", 4, 1e9 / 100), rec("s", "nft-kernel", 4, None, status="error"), rec("s", "snatgw-bpf", 4, 1e9 / 300)]
+    pairs = stats.paired_isolated(recs, "s", "snatgw-bpf", "nft-kernel")
+    assert [r for r, _ in pairs] == [0, 1]
+    assert [x for _, x in pairs] == [pytest.approx(2.0), pytest.approx(2.0)]
+    assert stats.paired_isolated(recs, "other", "snatgw-bpf", "nft-kernel") == []

@@ -145,6 +145,24 @@ def _ratio_table(summary: dict) -> list[str]:
     return out
 
 
+def _paired_table(records: list[dict]) -> list[str]:
+    """snatgw-bpf against nft-kernel, gateway isolated, round by round (st.paired_isolated):
+    how far the rounds' own ratios spread around the ratio of the medians above."""
+    out = []
+    for s in ORDER:
+        if s not in UDP:
+            continue
+        pairs = st.paired_isolated(records, s, "snatgw-bpf", "nft-kernel")
+        if not pairs:
+            continue
+        sp = st.spread([x for _, x in pairs])
+        out.append(f"| {TITLES[s]} | {' '.join(f'{x:.2f}' for _, x in pairs)} | {sp.median:.2f}× "
+                   f"[{sp.min:.2f}–{sp.max:.2f}] |")
+    if not out:
+        return []
+    return ["| scenario | per round, in round order | median [min–max] |", "|---|---|---|"] + out
+
+
 def _pressure_table(records: list[dict]) -> list[str]:
     """Per config and round: offered and delivered pps, sessions made, flows refused, and
     (snatgw) packets of refused flows that hit the refusal marker, (bpf) address searches the
@@ -339,6 +357,10 @@ def render(results: dict, images: list[str] = ()) -> str:
     if any(k[0] in ORDER for k in summary):
         out += ["", "## Packet scenarios", ""] + _packet_table(summary)
         out += ["", "### Ratios (medians)", ""] + _ratio_table(summary)
+        pr = _paired_table(recs)
+        if pr:
+            out += ["", "### bpf / nft-kernel isolated, round by round (each round's two costs against its own "
+                    "drop run)", ""] + pr
     pt = _program_table(recs)
     if pt:
         out += ["", "### Where a new flow's cost goes (snatgw-bpf: the inside program's own time, from a second "

@@ -99,6 +99,23 @@ def summarize(records: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
+def paired_isolated(records: list[dict], scenario: str, cfg: str, ref: str) -> list[tuple[int, float]]:
+    """(round, cost(ref) / cost(cfg)) for every round in which both ran, each cost against its
+    own round's drop run.  The configurations of a round run minutes apart, the rounds of a
+    run many minutes apart: a round's ratio compares two measurements the machine's drifts
+    touched alike, where the ratio of the medians may pair a quick round with a slow one."""
+    ok = {(r["config"], r["round"]): r for r in _ok(records) if r["scenario"] == scenario}
+    out = []
+    for rnd in sorted({r for c, r in ok if c == cfg}):
+        a, b, d = ok.get((cfg, rnd)), ok.get((ref, rnd)), ok.get(("drop", rnd))
+        if not (a and b and d) or a.get("metric", "pps") not in PACKET_METRICS:
+            continue
+        ca, cb = cost_ns(a["value"], d["value"]), cost_ns(b["value"], d["value"])
+        if ca is not None and cb is not None and ca > 0:
+            out.append((rnd, cb / ca))
+    return out
+
+
 def median_of(summary: dict, scenario: str, config: str, field: str = "value") -> float | None:
     e = summary.get((scenario, config))
     if not e or e.get("status") != "ok" or not e.get(field):
