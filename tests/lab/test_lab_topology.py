@@ -49,13 +49,16 @@ def test_lab_without_state_file_is_found_and_removed_by_prefix(make_lab):
 
 def test_a_lab_that_is_up_is_no_leftover(make_lab, capsys):
     """A lab with its state file (this process's or another's) is not listed as a leftover, and
-    `lab down --name` of another name does not offer it for removal as one."""
+    `lab down --name` of another name does not offer it for removal as one: it names it among
+    the labs that are up (it said nothing of them unless some leftover existed)."""
     from snatgw.cli.main import main
 
     lab = make_lab()
     assert lab.prefix not in leftover_prefixes()
     assert main(["lab", "down", "--name", f"nosuch{os.getpid()}"]) != 0
-    assert lab.prefix not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert lab.prefix not in err
+    assert f"no lab named 'nosuch{os.getpid()}'; labs up: " in err and lab.name in err.split("labs up: ")[1]
 
 
 def test_lab_up_refuses_a_name_that_is_up(make_lab):

@@ -46,6 +46,17 @@ def _need(name: str) -> Lab:
     return lab
 
 
+def _down_hint() -> str:
+    """What `lab down` of an unknown name could have meant: the labs that are up (by name)
+    and any leftover namespaces of no lab (by prefix, which only --all removes)."""
+    up = [lab.name for lab in list_labs()]
+    left = sorted(leftover_prefixes())
+    hint = f"; labs up: {' '.join(up)} (`snatgw lab down --name NAME`)" if up else "; no lab is up"
+    if left:
+        hint += f"; leftover namespaces by prefix: {' '.join(left)} (`snatgw lab down --all` removes them and every lab)"
+    return hint
+
+
 def run(args) -> int:
     if args.lab_verb == "up":
         lab = Lab.up(args.name, args.prefix, keep=True)
@@ -61,11 +72,7 @@ def run(args) -> int:
         name = args.name or "default"
         lab = Lab.load(name)
         if lab is None:
-            left = sorted(leftover_prefixes())
-            up = [lab.name for lab in list_labs()]
-            hint = (f"; leftovers by prefix: {' '.join(left)} (`snatgw lab down --all` removes them"
-                    + (f" and the labs that are up: {' '.join(up)})" if up else ")")) if left else ""
-            raise LabError(f"no lab named {name!r}{hint}")
+            raise LabError(f"no lab named {name!r}" + _down_hint())
         lab.down()
         print(f"lab {name} down (prefix {lab.prefix})")
         return 0
