@@ -55,7 +55,11 @@ def test_a_lab_that_is_up_is_no_leftover(make_lab, capsys):
 
     lab = make_lab()
     assert lab.prefix not in leftover_prefixes()
-    assert main(["lab", "down", "--name", f"nosuch{os.getpid()}"]) != 0
+    assert main(["lab", "down", "--name", f"nosuch{os.getpid()}"]) == 2  # a bad argument, not a failed lab
+    capsys.readouterr()
+    assert main(["lab", "status", "--name", f"nosuch{os.getpid()}"]) == 2
+    assert f"no lab named 'nosuch{os.getpid()}' is up" in capsys.readouterr().err
+    assert main(["lab", "down", "--name", f"nosuch{os.getpid()}"]) == 2
     err = capsys.readouterr().err
     assert lab.prefix not in err
     assert f"no lab named 'nosuch{os.getpid()}'; labs up: " in err and lab.name in err.split("labs up: ")[1]

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import threading
 
-from ..errors import EXIT_BACKEND, SnatgwError
+from ..errors import EXIT_BACKEND, EXIT_BAD_INPUT, SnatgwError
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
@@ -25,6 +25,13 @@ class LabError(SnatgwError):
     """The lab could not be built, used or taken down."""
 
     exit_code = EXIT_BACKEND
+
+
+class NoSuchLab(LabError):
+    """A lab named on the command line is not up: a bad argument (exit 2, as every other one),
+    not a lab that failed (exit 3)."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def ns_path(ns: str) -> str:

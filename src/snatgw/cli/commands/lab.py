@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from ...lab.netns import LabError, nsenter
+from ...lab.netns import NoSuchLab, nsenter
 from ...lab.topology import NODES, Lab, down_all, leftover_prefixes, list_labs
 
 HELP = "build, inspect and remove the multi-ISP netns lab (up, down, status, exec)"
@@ -42,7 +42,7 @@ def register(p) -> None:
 def _need(name: str) -> Lab:
     lab = Lab.load(name)
     if lab is None or not lab.exists():
-        raise LabError(f"no lab named {name!r} is up; `snatgw lab up --name {name}`")
+        raise NoSuchLab(f"no lab named {name!r} is up; `snatgw lab up --name {name}`")
     return lab
 
 
@@ -72,7 +72,7 @@ def run(args) -> int:
         name = args.name or "default"
         lab = Lab.load(name)
         if lab is None:
-            raise LabError(f"no lab named {name!r}" + _down_hint())
+            raise NoSuchLab(f"no lab named {name!r}" + _down_hint())
         lab.down()
         print(f"lab {name} down (prefix {lab.prefix})")
         return 0
