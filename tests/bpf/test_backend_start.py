@@ -483,6 +483,60 @@ def test_new_gw_policy_routing_follows_reloads_and_goes_at_stop(gw, pin_dir, min
 
 
 @pytest.mark.bpf
+def test_new_gw_policy_routing_follows_its_egress_when_the_route_moves(gw, pin_dir, mini_obj, caplog):  # noqa: F811
+    """Where the kernel reaches new_gw is looked at again by the hook check: a route that now
+    leads it out of the other uplink, and an uplink recreated with a new ifindex (a PPP or VLAN
+    device coming back), move its mark and policy routing to the new egress without a reload
+    (a new session there found no mark: its packets handed to the kernel took the kernel's
+    route).  Logged at info, not counted as a restored hook; nothing moves while nothing did."""
+    import logging
+
+    M = L.GW_MARK_BASE
+    with netns(gw):
+        b = BpfBackend(config(pin_dir).settings, obj_path=mini_obj)
+        b.start(config(pin_dir, new_gw=IP("198.19.3.1")))
+        try:
+            eth1, eth2 = socket.if_nametoindex("eth1"), socket.if_nametoindex("eth2")
+            assert b.maps.gw_marks_now() == {(eth2, int(IP("198.19.3.1"))): M}
+
+            def check():
+                b._gw_check_at = float("-inf")  # (it looks every ROUTE_BACK_RECHECK seconds)
+                return b.check_hooks()
+
+            caplog.set_level(logging.INFO, logger="snatgw")
+            assert check() == [] and b.maps.gw_marks_now() == {(eth2, int(IP("198.19.3.1"))): M}
+            assert "new_gw egresses moved" not in caplog.text
+            # the route to new_gw now leads out of eth1, via its gateway
+            sh("ip", "route", "add", "198.19.3.1/32", "via", "198.19.2.1", "dev", "eth1")
+            assert check() == []  # not a restored hook
+            assert b.maps.gw_marks_now() == {(eth1, int(IP("198.19.2.1"))): M + 1}
+            rules, routes = _gw_routing()
+            assert routes == {L.GW_RT_BASE + 1: "default via 198.19.2.1 dev eth1"}
+            assert set(rules) == {L.GW_RT_BASE + 1}
+            assert "new_gw egresses moved (via 198.19.3.1 dev eth2 -> via 198.19.2.1 dev eth1)" in caplog.text
+            # back on-link on eth2, then eth2 recreated: another ifindex, the same name and address
+            sh("ip", "route", "del", "198.19.3.1/32")
+            check()
+            assert list(b.maps.gw_marks_now()) == [(eth2, int(IP("198.19.3.1")))]
+            peer = gw.replace("-gw", "-pe")
+            sh("ip", "-n", gw, "link", "del", "eth2")
+            sh("ip", "-n", gw, "link", "add", "eth2", "type", "veth", "peer", "name", "eth2p", "netns", peer)
+            sh("ip", "-n", gw, "addr", "add", "198.19.3.2/24", "dev", "eth2")
+            sh("ip", "-n", gw, "link", "set", "eth2", "up")
+            sh("ip", "-n", peer, "link", "set", "eth2p", "up")
+            eth2b = socket.if_nametoindex("eth2")
+            assert eth2b != eth2
+            check()
+            marks = b.maps.gw_marks_now()
+            assert list(marks) == [(eth2b, int(IP("198.19.3.1")))]
+            assert _gw_routing()[1] == {marks[(eth2b, int(IP("198.19.3.1")))] - M + L.GW_RT_BASE:
+                                        "default via 198.19.3.1 dev eth2"}  # fmt: skip
+        finally:
+            b.stop()
+        assert _gw_routing() == ({}, {})
+
+
+@pytest.mark.bpf
 def test_new_gw_routing_ip_refuses_is_left_out_with_a_warning(gw, pin_dir, mini_obj, monkeypatch, caplog):  # noqa: F811
     """`ip` refusing a new_gw egress's route leaves that egress unmarked (the kernel's route,
     as before) with a warning naming it; the start itself goes on."""

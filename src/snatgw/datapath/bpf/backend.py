@@ -84,6 +84,13 @@ def route_egress(addr: ipaddress.IPv4Address) -> tuple[int, ipaddress.IPv4Addres
     return socket.if_nametoindex(dev), nexthop, int(mtu)
 
 
+def _dev_name(idx: int) -> str:
+    try:
+        return socket.if_indextoname(idx)
+    except OSError:
+        return f"#{idx}"
+
+
 def address_owners(devices) -> dict[ipaddress.IPv4Address, set[int]]:
     """Which of ``devices`` hold each local IPv4 address (``ip -j -4 addr show``), by ifindex."""
     r = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=10)
@@ -176,6 +183,9 @@ class BpfBackend:
         self._gw_numbers: dict[tuple[int, ipaddress.IPv4Address], int] | None = None
         self._gw_routes: list[gwroutes.GwRoute] = []  # what it installed (the hook check's to restore)
         self._gw_check_at = float("-inf")  # _clock() of the hook check's last look at them
+        #: the new_gw egresses the last install resolved ((ifindex, next hop); those `ip` then
+        #: refused included): the hook check resolves them again and reinstalls when they moved
+        self._gw_resolved: frozenset = frozenset()
         self.last_follow = (0, 0)  # (moved, removed) sessions of the last rule install
         self._next_sweep = 0.0  # time.monotonic() before which expire() skips its sweep
         self._table_full_seen = 0  # DROP_TABLE_FULL when _pressure() last looked
@@ -407,8 +417,9 @@ class BpfBackend:
         if _clock() - self._route_back_at >= ROUTE_BACK_RECHECK:  # (events lost, or no daemon socket)
             self.refresh_route_back()
         restored = self.loader.check()
-        if _clock() - self._gw_check_at >= ROUTE_BACK_RECHECK:  # (two `ip` runs: not every tick)
+        if _clock() - self._gw_check_at >= ROUTE_BACK_RECHECK:  # (`ip` runs: not every tick)
             self._gw_check_at = _clock()
+            self._recheck_gw_egresses()
             restored += self._check_gw_routes()
         if self.config is not None and not guard.present():
             self._install_guard(self.config)
@@ -462,6 +473,11 @@ class BpfBackend:
         self._new_gws, self._pools = new_gws, pools
         # the marks once sessions have followed their rules to the new egresses; then the
         # routing no egress uses any more goes
+        self._use_gw_routes(gw, gw_routes)
+
+    def _use_gw_routes(self, gw: dict, gw_routes: list) -> None:
+        """Point snat_gw_marks at the installed egresses' marks, then remove the policy routing
+        no egress uses any more."""
         self.maps.write_gw_marks({(idx, _raw(nh)): L.GW_MARK_BASE + n for (idx, nh), n in gw.items()})
         self._gw_numbers, self._gw_routes = gw, gw_routes
         gone = gwroutes.remove(keep={L.GW_RT_BASE + n for n in gw.values()})
@@ -475,17 +491,8 @@ class BpfBackend:
         route now is left out (its flows are not translated: PASS_NO_ROUTE), and so is one whose
         routing `ip` refuses (no mark: its packets handed to the kernel take the kernel's route,
         as before), each with a warning: a reload or start does not fail for them."""
-        egresses = []
-        for r in config.rules:
-            if r.new_gw is None:
-                continue
-            try:
-                idx, nh, _mtu = self.resolver(r.new_gw)
-                dev = socket.if_indextoname(idx)
-            except (BackendError, OSError) as e:
-                log.warning("bpf backend: %s: new_gw %s: no policy routing for it: %s", r.where or "rule", r.new_gw, e)
-                continue
-            egresses.append((idx, nh, dev))
+        egresses = [(idx, nh, dev) for idx, nh, dev in self._gw_egresses(config, warn=True).values() if idx]
+        self._gw_resolved = frozenset((idx, nh) for idx, nh, _ in egresses)
         devs = {(idx, nh): dev for idx, nh, dev in egresses}
         prev = self._gw_numbers
         if prev is None:  # a start: an adopted datapath's marks keep their numbers
@@ -498,6 +505,50 @@ class BpfBackend:
             numbers = {eg: n for eg, n in numbers.items() if n != g.n}
             routes.remove(g)
         return numbers, routes
+
+    def _gw_egresses(self, config: GatewayConfig, warn: bool = False) -> dict:
+        """new_gw address -> (ifindex, next hop, device) as the kernel reaches it now, each
+        address resolved once; (0, None, None) where it has no route (with a warning when
+        ``warn``: such a new_gw's flows are not translated, PASS_NO_ROUTE)."""
+        out: dict = {}
+        for r in config.rules:
+            if r.new_gw is None or r.new_gw in out:
+                continue
+            try:
+                idx, nh, _mtu = self.resolver(r.new_gw)
+                out[r.new_gw] = (idx, nh, socket.if_indextoname(idx))
+            except (BackendError, OSError) as e:
+                out[r.new_gw] = (0, None, None)
+                if warn:
+                    log.warning("bpf backend: %s: new_gw %s: no policy routing for it: %s", r.where or "rule",
+                                r.new_gw, e)  # fmt: skip
+        return out
+
+    def _recheck_gw_egresses(self) -> None:
+        """The hook check's part: where the kernel reaches each new_gw now.  When that moved
+        since the last install (another device or next hop: a PPP or VLAN device recreated with
+        a new ifindex, a renumbered uplink, a route added or gone), the egresses are installed
+        again (numbers kept for the unchanged ones, routes and rules, then the marks): until
+        then a new session on the new egress found no mark, and its packets handed to the
+        kernel (fragmented by it) took the kernel's route instead of their new_gw's.  Logged at
+        info (the network changed; nothing of ours vanished).  Never raises."""
+        if self.config is None or not any(r.new_gw is not None for r in self.config.rules):
+            return
+        try:
+            now = frozenset((idx, nh) for idx, nh, _ in self._gw_egresses(self.config).values() if idx)
+            if now == self._gw_resolved:
+                return
+            was = self._gw_resolved
+            gw, gw_routes = self._install_gw_routes(self.config)
+            self._use_gw_routes(gw, gw_routes)
+        except (BackendError, OSError) as e:
+            log.warning("bpf backend: cannot install the new_gw policy routing again: %s", e)
+            return
+        def text(egs):
+            return ", ".join(f"via {nh} dev {_dev_name(idx)}" for idx, nh in sorted(egs, key=str)) or "none"
+
+        log.info("bpf backend: new_gw egresses moved (%s -> %s): their policy routing and marks follow",
+                 text(was), text(now))  # fmt: skip
 
     def _check_gw_routes(self) -> list[str]:
         """The hook check's part: our new_gw ip rules and table routes that vanished (`ip rule
@@ -524,7 +575,7 @@ class BpfBackend:
         except BackendError as e:
             log.warning("bpf backend: cannot remove the new_gw policy routing: %s", e)
             return
-        self._gw_numbers, self._gw_routes = None, []
+        self._gw_numbers, self._gw_routes, self._gw_resolved = None, [], frozenset()
         if gone:
             log.info("bpf backend: new_gw policy routing removed: %s", "; ".join(gone))
 
