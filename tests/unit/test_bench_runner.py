@@ -55,3 +55,69 @@ def test_every_packet_scenario_runs_on_its_own_gateway_in_fresh_namespaces(monke
         assert events[i + 1] == ("stop", e[2], e[3])
         assert events[i + 2] == ("topo-gone", e[4])
     assert [r["scenario"] for r in suite.records] == [e[1] for e in runs]
+
+
+def test_a_failed_measurement_a_gateway_that_will_not_start_and_an_unreadable_audit_each_leave_one_record(monkeypatch):
+    """Each scenario leaves exactly one record, in order, whatever fails: a measurement that
+    raises (an error record; its gateway still stopped and its namespaces gone), a gateway that
+    will not start (n/a), an audit log whose counters cannot be read in time (the record, with no
+    counts: it used to raise out of the suite and lose the figure just measured)."""
+    import subprocess
+
+    events: list[tuple] = []
+    made = iter(range(1000))
+
+    class Topo:
+        def __init__(self):
+            self.n = next(made)
+
+    @contextmanager
+    def topology():
+        t = Topo()
+        events.append(("topo", t.n))
+        try:
+            yield t
+        finally:
+            events.append(("topo-gone", t.n))
+
+    class FakeGateway:
+        start_seconds = 0.1
+        proc = None
+        socket = "/nonexistent"
+
+        def __init__(self, name, t, **kw):
+            self.name, self.n = name, next(made)
+
+        def start(self):
+            if self.name == "snatgw-nft":
+                raise runner.Unavailable("no nft here")
+            events.append(("start", self.name, self.n))
+
+        def stop(self):
+            events.append(("stop", self.name, self.n))
+
+        def cli(self, *args, timeout=60):
+            raise subprocess.TimeoutExpired(["snatgw", *args], timeout)
+
+    def measure(s, t, gw, duration):
+        if s == "udp-newflows" and gw.name == "forward":
+            raise RuntimeError("trafgen died")
+        return {"value": 1.0, "metric": "pps"}
+
+    monkeypatch.setattr(runner.topo, "Topology", topology)
+    monkeypatch.setattr(runner, "Gateway", FakeGateway)
+    monkeypatch.setattr(runner, "availability", lambda cfg: None)
+    monkeypatch.setattr(runner.sc, "measure", measure)
+    scens = ("udp-1flow", "udp-newflows")
+    cfgs = ("forward", "snatgw-nft", "snatgw-bpf-audit")
+    suite = runner.Suite(runner.Params(rounds=1, scenarios=scens, configs=cfgs), echo=lambda *a: None)
+    suite.packet_phase()
+    got = [(r["scenario"], r["config"], r["status"]) for r in suite.records]
+    want = [(s, c, "error" if (s, c) == ("udp-newflows", "forward") else "n/a" if c == "snatgw-nft" else "ok")
+            for c in runner.rotated(cfgs, 0) for s in scens]
+    assert got == want
+    stopped = [e[2] for e in events if e[0] == "stop"]
+    assert len(stopped) == len(set(stopped)) and {e[2] for e in events if e[0] == "start"} <= set(stopped)
+    assert sum(e[0] == "topo" for e in events) == sum(e[0] == "topo-gone" for e in events) == len(want)
+    audit = [r for r in suite.records if r["config"] == "snatgw-bpf-audit"]
+    assert all(r["value"] == 1.0 and "audit_records" not in r for r in audit)

@@ -238,7 +238,7 @@ def _hostlimit_table(summary: dict) -> list[str]:
 
 def _audit_table(records: list[dict]) -> list[str]:
     """The audit log's cost: snatgw-bpf and snatgw-bpf-audit per scenario and round (pps), with
-    the log's records and losses so far (cumulative within the gateway's round)."""
+    the log's records and losses (each scenario on a gateway of its own: that run's)."""
     rows = [r for r in records if r.get("config") in ("snatgw-bpf", "snatgw-bpf-audit") and r.get("status") == "ok"
             and r.get("scenario") in ("udp-1flow", "udp-newflows", "udp-newflows-spread")]  # fmt: skip
     if not any(r["config"] == "snatgw-bpf-audit" for r in rows):

@@ -357,12 +357,13 @@ def daemon_sessions(gw: Gateway) -> int | None:
 
 
 def audit_counts(gw: Gateway) -> dict:
-    """The audit log's counters so far (cumulative over the gateway's scenarios): records
-    written, lost in the datapath (ring full), lost by writes; {} when they cannot be read."""
-    cp = gw.cli("status", "--json", timeout=30)
+    """The audit log's counters so far (the gateway runs one scenario: that scenario's):
+    records written, lost in the datapath (ring full), lost by writes; {} when they cannot be
+    read (a daemon that does not answer in time included: the figure just measured is kept)."""
     try:
+        cp = gw.cli("status", "--json", timeout=30)
         a = json.loads(cp.stdout).get("audit") or {}
-    except ValueError:
+    except (subprocess.SubprocessError, OSError, ValueError, AttributeError):
         return {}
     return {"audit_records": a.get("records"), "audit_lost_datapath": a.get("lost_datapath"),
             "audit_lost_write": a.get("lost_write")}
