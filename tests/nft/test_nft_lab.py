@@ -516,3 +516,42 @@ def test_a_connection_from_before_device_ids_keeps_its_rule_and_new_ones_get_the
     assert again["peer"] == first["peer"] and listed == [rule.rule_id] and len(by_rule) == 1
     assert counted >= 2  # the datagram and its reply, under the rule
     assert flushed >= 2 and left == []
+
+
+def _policy_routes(lab) -> dict[int, str]:
+    out = {}
+    for rt in json.loads(lab.run("gw", "ip", "-j", "route", "show", "table", "all").stdout):
+        t = str(rt.get("table", ""))
+        if t.isdigit() and R.RT_BASE <= int(t) < R.RT_BASE + R.SLOTS:
+            out[int(t)] = f"{rt['dst']} via {rt.get('gateway')} dev {rt.get('dev')}"
+    return out
+
+
+def test_new_gw_policy_routing_comes_back_after_its_uplink_flaps(lab, backend):
+    """The kernel removes a new_gw table's route when its uplink goes down; nothing put it back
+    (every new_gw flow then took the main table's route, the other ISP with this one's SNAT
+    address, until a reload).  The hook check puts it back once the uplink is up again, and its
+    ip rule when that went; a flow steered by new_gw leaves by its uplink again; nothing is done
+    while all is in place."""
+    with backend(REF) as b:
+        before = _policy_routes(lab)
+        assert list(before.values()) == ["default via 198.19.2.1 dev eth1"]
+        (table,) = before
+        b._routing_next = 0.0
+        assert b.check_hooks() == []  # all in place
+        lab.ip("gw", "link", "set", "eth1", "down")
+        lab.ip("gw", "link", "set", "eth1", "up")
+        assert _policy_routes(lab) == {}  # the kernel took it
+        b._routing_next = 0.0  # (it looks every ROUTING_RECHECK seconds)
+        assert b.check_hooks() == [f"new_gw policy route (table {table}: default via 198.19.2.1 dev eth1)"]
+        assert _policy_routes(lab) == before
+        lab.ip("gw", "rule", "del", "pref", str(table))
+        b._routing_next = 0.0
+        assert b.check_hooks() == [f"new_gw ip rule (pref {table})"]
+        rules = json.loads(lab.run("gw", "ip", "-j", "rule", "show").stdout)
+        assert any(int(r.get("priority", -1)) == table and str(r.get("table")) == str(table) for r in rules)
+        assert b.check_hooks() == []  # (not again within the period)
+        # the new_gw rule (from 198.18.0.0/16, sh) steers in50's flow to S2 out of eth1 / isp1,
+        # which the main table would send out of eth2
+        got = C.udp_echo(lab, "in50", S2, src="198.18.50.10")
+        assert _isp1(_ip(got["peer"])) and got["link"] == "isp1"

@@ -30,6 +30,8 @@ from . import render as R
 from .ctnetlink import Conntrack
 
 log = logging.getLogger("snatgw.nft")
+#: seconds between two looks of the hook check at the new_gw policy routing (`ip` runs)
+ROUTING_RECHECK = 10.0
 MAX_CARRY = 262144  # sessions a bpf -> nft switch carries over at most
 #: stats() counts conntrack afresh up to this many entries in the namespace; above, it answers
 #: with the GC tick's last count (a dump costs ~1 s per 100k entries in Python: 1.6-2.4 s at
@@ -130,6 +132,8 @@ class NftBackend:
         #: the named counters (and conntrack's insert_failed) as last read: a read that fails
         #: (netlink, then nft; /proc) answers them
         self.counter_reads = LastRead("nft backend: counters", log)
+        self._routing_next = 0.0  # time.monotonic() before which check_hooks leaves the routing be
+        self._routing_refused: dict[int, str] = {}  # table -> the last `ip` refusal logged for it
 
     # ------------------------------------------------------------------ commands
 
@@ -276,17 +280,13 @@ class NftBackend:
         p = R.plan(rules, settings, gw_dev)
         routes = []
         for e in p.routes:
-            rt = self._route_get(e.new_gw)
-            if rt and rt.get("type", "unicast") == "unicast" and rt.get("dev"):
-                via = IPv4Address(rt["gateway"]) if rt.get("gateway") else e.new_gw
-                routes.append((e, e.commands(via, rt["dev"])))
-            elif e.rule.oif:  # not routable now: assume on-link via the rule's oif (spec: new_gw)
-                routes.append((e, e.commands(e.new_gw, e.rule.oif, onlink=True)))
-            else:
+            how = self._new_gw_route(e)
+            if how is None:
                 raise BackendError(
                     f"{e.rule.where or 'rule'}: new_gw: no route to {e.new_gw} in this namespace "
                     f"(ip route get {e.new_gw}); add one, or give the rule an oif to use it on-link"
                 )
+            routes.append((e, e.commands(*how)))
         # routes first: a new slot's ip rule is inert until the rule set marks packets with it,
         # and `route replace` swaps a changed new_gw in one step (no window without a route)
         have = {pref for pref, _ in self._our_ip_rules()}
@@ -317,6 +317,73 @@ class NftBackend:
         self._by_mark = {m: r.rule_id for m, r in p.rule_by_mark(rules).items()}
         self.last_removed = self._follow(old.rules if old else None, rules, settings.outside)
         self._judge_full()  # (the set `full` keeps its element across the transaction's flush)
+
+    def _new_gw_route(self, e: R.RouteEntry) -> tuple[IPv4Address, str, bool] | None:
+        """(via, device, onlink) of new_gw rule ``e``'s table route as the kernel reaches its
+        new_gw now; on-link through the rule's oif when nothing routes it (spec: new_gw); None
+        when neither."""
+        rt = self._route_get(e.new_gw)
+        if rt and rt.get("type", "unicast") == "unicast" and rt.get("dev"):
+            return (IPv4Address(rt["gateway"]) if rt.get("gateway") else e.new_gw), rt["dev"], False
+        if e.rule.oif:
+            return e.new_gw, e.rule.oif, True
+        return None
+
+    def _check_routing(self) -> list[str]:
+        """The hook check's part for the new_gw policy routing (every ROUTING_RECHECK seconds:
+        `ip` runs): a table whose route vanished (the kernel removes it when its device goes
+        down, and nothing put it back: every new_gw flow then took the main table's route until
+        a reload), whose route no longer matches where the kernel reaches the new_gw (another
+        uplink, a device recreated), or whose ip rule is gone is installed again as apply()
+        does.  Returns what was put back; a route `ip` refuses now (its device still down) is
+        logged once per refusal and tried again at the next check.  Never raises."""
+        if self._plan is None or not self._plan.routes or time.monotonic() < self._routing_next:
+            return []
+        self._routing_next = time.monotonic() + ROUTING_RECHECK
+        try:
+            rules = {pref for pref, _ in self._our_ip_rules()}
+            tables = self._table_routes()
+        except (BackendError, ValueError) as e:
+            log.warning("nft backend: cannot read the new_gw policy routing: %s", e)
+            return []
+        out, resolved = [], {}
+        for e in self._plan.routes:
+            if (e.new_gw, e.rule.oif) not in resolved:  # (an `ip route get` per distinct new_gw)
+                resolved[(e.new_gw, e.rule.oif)] = self._new_gw_route(e)
+            how = resolved[(e.new_gw, e.rule.oif)]
+            if how is None:  # no route now and no oif: nothing to route it by (a reload says so)
+                continue
+            via, dev, onlink = how
+            route, rule = e.commands(via, dev, onlink)
+            todo = []
+            if tables.get(e.table) != (str(via), dev):
+                todo.append((route, f"new_gw policy route (table {e.table}: default via {via} dev {dev})"))
+            if e.table not in rules:
+                todo.append((rule, f"new_gw ip rule (pref {e.table})"))
+            for argv, what in todo:
+                try:
+                    self._run(["ip"] + argv)
+                except BackendError as err:
+                    if self._routing_refused.get(e.table) != str(err):
+                        self._routing_refused[e.table] = str(err)
+                        log.warning("nft backend: cannot put back the %s now (tried again every %.0f s): %s",
+                                    what, ROUTING_RECHECK, err)  # fmt: skip
+                    break
+                self._routing_refused.pop(e.table, None)
+                out.append(what)
+        return out
+
+    def _table_routes(self) -> dict[int, tuple[str, str]]:
+        """Our policy tables' default routes now: table -> (via, device)."""
+        # (proto 201 filters in the kernel's dump: a gateway holding a full routing table is
+        # not listed every ten seconds)
+        p = self._run(["ip", "-j", "route", "show", "table", "all", "proto", str(R.RT_PROTO)], check=False)
+        out: dict[int, tuple[str, str]] = {}
+        for rt in json.loads(p.stdout or "[]") if p.returncode == 0 else []:
+            t = str(rt.get("table", ""))
+            if t.isdigit() and R.RT_BASE <= int(t) < R.RT_BASE + R.SLOTS and rt.get("dst") == "default":
+                out[int(t)] = (str(rt.get("gateway")), str(rt.get("dev")))
+        return out
 
     def _install_guard(self, rules: RuleSet, settings: Settings) -> None:
         """The leak guard's own table (datapath/bpf/guard.py): it outlives a deleted
@@ -419,7 +486,9 @@ class NftBackend:
     def check_hooks(self) -> list[str]:
         """Re-apply the running config when table ip snatgw vanished or lost chains or rules
         since the last apply (someone ran `nft delete table`, `nft flush ruleset`): one
-        transaction, as a reload.  Returns what was found missing (empty: all in place)."""
+        transaction, as a reload; else put back the new_gw policy routing where it went or
+        no longer leads where the kernel reaches the new_gw (_check_routing).  Returns what was
+        found missing (empty: all in place)."""
         if self._plan is None or self._config is None:
             return []
         missing = []
@@ -439,7 +508,8 @@ class NftBackend:
             missing.append(f"nft table {guard.FAMILY} {guard.TABLE}")
         if missing:
             self.apply(self._config)
-        return missing
+            return missing
+        return self._check_routing()
 
     def _table_shape(self, chains: set[str]) -> tuple[set[str], int] | None:
         """(those of ``chains`` that table ip snatgw has, its number of rules), None without
