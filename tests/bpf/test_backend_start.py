@@ -282,6 +282,39 @@ def test_inside_devices_sharing_ifindex_low_bits_turn_vouching_off(gw, pin_dir, 
 
 
 @pytest.mark.bpf
+def test_a_recreated_inside_device_keeps_its_role(gw, pin_dir, mini_obj):  # noqa: F811
+    """snat_ifaces names the devices' roles by ifindex (a new flow routed out of an inside device
+    is internal, never translated).  An inside device recreated (another ifindex, same name) got
+    its programs back from the hook check but no role until a reload: traffic routed between
+    inside networks through it looked outbound.  The hook check writes the roles again."""
+    import struct
+
+    def roles(b):
+        return {struct.unpack("<I", k)[0]: struct.unpack("<I", v)[0] for k, v in b.maps.ifaces.items()}
+
+    with netns(gw):
+        cfg = config(pin_dir)
+        b = BpfBackend(cfg.settings, obj_path=mini_obj)
+        b.start(cfg)
+        try:
+            old = socket.if_nametoindex("lan40")
+            assert roles(b)[old] == L.IFACE_INSIDE
+            sh("ip", "link", "del", "lan40")
+            sh("ip", "link", "add", "lan40", "type", "veth", "peer", "name", "lan40p")
+            sh("ip", "addr", "add", "198.18.40.1/24", "dev", "lan40")
+            sh("ip", "link", "set", "lan40", "up")
+            new = socket.if_nametoindex("lan40")
+            assert new != old
+            assert any("lan40" in x for x in b.check_hooks())
+            assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is not None
+            got = roles(b)
+            assert got[new] == L.IFACE_INSIDE and old not in got
+            assert got[socket.if_nametoindex("eth1")] == L.IFACE_OUTSIDE
+        finally:
+            b.stop()
+
+
+@pytest.mark.bpf
 @pytest.mark.nft
 def test_stats_read_the_leak_guards_drops_without_an_nft_process(gw, pin_dir, mini_obj, monkeypatch):  # noqa: F811
     """The leak guard table's drops count in DROP_LEAK (netfilter's postrouting comes before

@@ -417,6 +417,15 @@ class BpfBackend:
         if _clock() - self._route_back_at >= ROUTE_BACK_RECHECK:  # (events lost, or no daemon socket)
             self.refresh_route_back()
         restored = self.loader.check()
+        if restored and self.settings is not None:
+            # an attachment made again is (mostly) a device recreated with another ifindex:
+            # snat_ifaces names devices by ifindex, and an inside device missing there made
+            # traffic routed between inside networks through it look outbound (translated with
+            # a SNAT address) until a reload
+            try:
+                self._write_ifaces(self.settings)
+            except BackendError as e:
+                log.warning("bpf backend: cannot write the devices' roles: %s", e)
         if _clock() - self._gw_check_at >= ROUTE_BACK_RECHECK:  # (`ip` runs: not every tick)
             self._gw_check_at = _clock()
             self._recheck_gw_egresses()
