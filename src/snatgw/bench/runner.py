@@ -116,7 +116,8 @@ class Suite:
     def _gateway_or_na(self, cfg: str, t: topo.Topology, nrules: int = 1, **kw) -> Gateway | None:
         """A started gateway, or None with the reason in self.why.  A configuration that cannot
         be imported is n/a for the whole run; one whose daemon failed to start is tried again
-        next round, and given up (for that rule count) after two failures."""
+        for its next scenario (each has a gateway of its own), and given up (for that rule
+        count) after two failures, which may now fall in one round."""
         key = cfg if nrules == 1 else f"{cfg} ({nrules:,} rules)"
         if cfg in self.missing or self.failures.get(key, 0) >= 2:
             self.why = self.missing.get(cfg) or self.na.get(key, "failed twice")
