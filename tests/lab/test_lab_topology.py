@@ -65,6 +65,23 @@ def test_a_lab_that_is_up_is_no_leftover(make_lab, capsys):
     assert f"no lab named 'nosuch{os.getpid()}'; labs up: " in err and lab.name in err.split("labs up: ")[1]
 
 
+def test_lab_down_of_an_unknown_name_tells_a_stale_lab_from_one_that_is_up(capsys):
+    """A lab whose state file stayed while its namespaces went (a reboot) is not listed among
+    the labs that are up (as `lab status` does not call it up), but as stale state to clear."""
+    from snatgw.cli.main import main
+
+    stale = Lab(name=f"stale{os.getpid()}", prefix=f"sgz{os.getpid() % 0xffff:04x}")
+    stale.save()
+    try:
+        assert main(["lab", "down", "--name", f"nosuch{os.getpid()}"]) == 2
+        err = capsys.readouterr().err
+        up = err.split("labs up: ")[1].split(";")[0] if "labs up: " in err else ""
+        assert stale.name not in up
+        assert f"state of labs whose namespaces are gone: {stale.name}" in err
+    finally:
+        os.unlink(state_path(stale.name))
+
+
 def test_lab_up_refuses_a_name_that_is_up(make_lab):
     """A second `up` of the same name is refused with the prefix of the running one."""
     lab = make_lab()

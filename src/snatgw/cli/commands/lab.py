@@ -49,9 +49,13 @@ def _need(name: str) -> Lab:
 def _down_hint() -> str:
     """What `lab down` of an unknown name could have meant: the labs that are up (by name)
     and any leftover namespaces of no lab (by prefix, which only --all removes)."""
-    up = [lab.name for lab in list_labs()]
+    labs = list_labs()
+    up = [lab.name for lab in labs if lab.exists()]
+    gone = [lab.name for lab in labs if not lab.exists()]  # a state file whose namespaces went
     left = sorted(leftover_prefixes())
     hint = f"; labs up: {' '.join(up)} (`snatgw lab down --name NAME`)" if up else "; no lab is up"
+    if gone:
+        hint += f"; state of labs whose namespaces are gone: {' '.join(gone)} (`snatgw lab down --name NAME` clears it)"
     if left:
         hint += f"; leftover namespaces by prefix: {' '.join(left)} (`snatgw lab down --all` removes them and every lab)"
     return hint
