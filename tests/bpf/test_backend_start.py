@@ -315,6 +315,53 @@ def test_a_recreated_inside_device_keeps_its_role(gw, pin_dir, mini_obj):  # noq
 
 
 @pytest.mark.bpf
+def test_sessions_follow_devices_recreated_with_another_ifindex(gw, pin_dir, mini_obj):  # noqa: F811
+    """A session keeps the ifindex of the device it leaves by and redirects there: an uplink
+    or inside device recreated under its name (a VLAN or bond made again) black-holed every
+    established session on it for as long as its packets kept it alive.  The hook check that
+    attaches to the new device moves them: OUT entries' uplink and inside device (iif, low 16
+    bits), IN entries' inside device; a session on another device, and an IN entry's iif (a walk
+    number there), are left as they are."""
+    def pair(b, n, oif, iif):
+        out_key = L.CT_KEY.pack(saddr=int(IP("198.18.40.10")) + n, daddr=int(IP("203.0.113.10")), sport=40000 + n,
+                                dport=80, proto=L.IPPROTO_TCP, dir=L.CT_DIR_OUT)  # fmt: skip
+        in_key = L.CT_KEY.pack(saddr=int(IP("203.0.113.10")), daddr=int(IP("198.19.2.71")), sport=80,
+                               dport=5000 + n, proto=L.IPPROTO_TCP, dir=L.CT_DIR_IN)  # fmt: skip
+        b.maps.ct.put(in_key, L.CT_ENTRY.pack(peer=out_key, ifindex=iif, iif=iif & 0xFFFF, last_seen=1))
+        b.maps.ct.put(out_key, L.CT_ENTRY.pack(peer=in_key, ifindex=oif, iif=iif & 0xFFFF, mtu=1500, last_seen=1))
+        return out_key, in_key
+
+    def entry(b, k):
+        return L.CT_ENTRY.unpack(b.maps.ct.get(k))
+
+    def recreate(dev, addr):
+        sh("ip", "link", "del", dev)
+        sh("ip", "link", "add", dev, "type", "veth", "peer", "name", dev + "p")
+        sh("ip", "addr", "add", addr, "dev", dev)
+        sh("ip", "link", "set", dev, "up")
+
+    with netns(gw):
+        cfg = config(pin_dir)
+        b = BpfBackend(cfg.settings, obj_path=mini_obj)
+        b.start(cfg)
+        try:
+            lan40, eth1, eth2 = (socket.if_nametoindex(d) for d in ("lan40", "eth1", "eth2"))
+            o1, i1 = pair(b, 1, eth1, lan40)
+            o2, i2 = pair(b, 2, eth2, lan40)
+            recreate("eth1", "198.19.2.2/24")
+            recreate("lan40", "198.18.40.1/24")
+            eth1b, lan40b = socket.if_nametoindex("eth1"), socket.if_nametoindex("lan40")
+            assert eth1b != eth1 and lan40b != lan40
+            assert b.check_hooks()  # attached again
+            assert (entry(b, o1)["ifindex"], entry(b, o1)["iif"]) == (eth1b, lan40b & 0xFFFF)
+            assert (entry(b, o2)["ifindex"], entry(b, o2)["iif"]) == (eth2, lan40b & 0xFFFF)
+            for k in (i1, i2):
+                assert (entry(b, k)["ifindex"], entry(b, k)["iif"]) == (lan40b, lan40 & 0xFFFF)
+        finally:
+            b.stop()
+
+
+@pytest.mark.bpf
 @pytest.mark.nft
 def test_stats_read_the_leak_guards_drops_without_an_nft_process(gw, pin_dir, mini_obj, monkeypatch):  # noqa: F811
     """The leak guard table's drops count in DROP_LEAK (netfilter's postrouting comes before

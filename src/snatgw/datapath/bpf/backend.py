@@ -416,6 +416,7 @@ class BpfBackend:
             self._refresh_iif_flag(self.settings.inside)
         if _clock() - self._route_back_at >= ROUTE_BACK_RECHECK:  # (events lost, or no daemon socket)
             self.refresh_route_back()
+        before = {a.ifname: a.ifindex for a in self.loader.attachments}
         restored = self.loader.check()
         if restored and self.settings is not None:
             # an attachment made again is (mostly) a device recreated with another ifindex:
@@ -426,6 +427,10 @@ class BpfBackend:
                 self._write_ifaces(self.settings)
             except BackendError as e:
                 log.warning("bpf backend: cannot write the devices' roles: %s", e)
+            moved = {name: (before[name], a.ifindex) for a in self.loader.attachments
+                     if (name := a.ifname) in before and before[name] != a.ifindex}  # fmt: skip
+            if moved:
+                self._follow_devices(moved)
         if _clock() - self._gw_check_at >= ROUTE_BACK_RECHECK:  # (`ip` runs: not every tick)
             self._gw_check_at = _clock()
             self._recheck_gw_egresses()
@@ -434,6 +439,22 @@ class BpfBackend:
             self._install_guard(self.config)
             restored.append(f"leak guard table {guard.FAMILY} {guard.TABLE}")
         return restored
+
+    def _follow_devices(self, moved: dict[str, tuple[int, int]]) -> None:
+        """Sessions follow devices recreated under their names with another ifindex (a VLAN or
+        bond made again, a PPP link with a static address back): a session keeps the ifindex
+        of the device it leaves by (OUT: the uplink; IN: the inside device) and redirects
+        there, so without this every established session on such a device was black-holed for
+        as long as its packets kept it alive.  Never raises (logged)."""
+        inside = set(self.settings.inside) if self.settings else set()
+        try:
+            n = self.maps.follow_devices({o: i for o, i in moved.values()},
+                                         {o: i for name, (o, i) in moved.items() if name in inside})  # fmt: skip
+        except (BackendError, B.LibbpfError, OSError) as e:
+            log.warning("bpf backend: sessions cannot follow recreated devices %s: %s", ", ".join(moved), e)
+            return
+        log.info("bpf backend: devices recreated with another ifindex (%s): %d session entries follow them",
+                 ", ".join(f"{name} {o} -> {i}" for name, (o, i) in moved.items()), n)  # fmt: skip
 
     def _install_guard(self, config: GatewayConfig) -> None:
         """The leak guard's second line (guard.py), for the rules' `from` nets and the uplinks.

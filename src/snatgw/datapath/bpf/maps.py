@@ -118,6 +118,8 @@ _BE16 = struct.Struct(">H")
 _BE16X2 = struct.Struct(">HH")
 _STATE_NAMES = {int(s): s.name for s in L.CtState}
 _PEER = slice(0, L.CT_KEY.size)
+_IFX = slice(L.CT_ENTRY.offsets()["ifindex"], L.CT_ENTRY.offsets()["ifindex"] + 4)  # ct_entry.ifindex
+_IIF = slice(L.CT_ENTRY.offsets()["iif"], L.CT_ENTRY.offsets()["iif"] + 2)  # ct_entry.iif
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
@@ -370,6 +372,46 @@ class DatapathMaps:
         raw = self.ct.get(p.in_key)
         if raw is not None and raw[_PEER] == p.out_key:
             self.ct.delete(p.in_key)
+
+    def follow_devices(self, moved: dict[int, int], inside_moved: dict[int, int], chunk: int = 4096) -> int:
+        """Sessions of devices recreated with another ifindex follow them: an entry whose device
+        (``ifindex``) is an old ifindex in ``moved`` gets the new one, and an OUT entry whose
+        inside device (``iif``, its low 16 bits) is an old one in ``inside_moved`` gets the new
+        one's.  One pass over the table by batches; each entry to change is read again and
+        written with BPF_EXIST right away (one that ended meanwhile is not resurrected; a
+        packet's refresh racing with it may be lost, as for update_out).  Returns the entries
+        rewritten."""
+        if not moved and not inside_moved:
+            return 0
+        ifx = {_U32.pack(o): _U32.pack(n) for o, n in moved.items()}
+        iif = {struct.pack("<H", o & 0xFFFF): struct.pack("<H", n & 0xFFFF) for o, n in inside_moved.items()}
+
+        def changed(k: bytes, v: bytes) -> bytes | None:
+            new = bytearray(v)
+            got = ifx.get(bytes(v[_IFX]))
+            if got is not None:
+                new[_IFX] = got
+            if k[_DIR_OFF] == L.CT_DIR_OUT:
+                got = iif.get(bytes(v[_IIF]))
+                if got is not None:
+                    new[_IIF] = got
+            return bytes(new) if new != v else None
+
+        todo = [k for part in self.ct._batches(chunk) for k, v in part if changed(k, v) is not None]
+        n = 0
+        for k in todo:
+            raw = self.ct.get(k)
+            new = changed(k, raw) if raw is not None else None
+            if new is None:
+                continue
+            try:
+                self.ct.put(k, new, B.BPF_EXIST)
+            except B.LibbpfError as err:
+                if err.errno == 2:
+                    continue
+                raise
+            n += 1
+        return n
 
     def update_out(self, p: SessionPair, **changes) -> bool:
         """Rewrite fields of a live OUT entry (read-modify-write; BPF_EXIST so a session
