@@ -5,29 +5,41 @@ from contextlib import contextmanager
 from snatgw.bench import runner
 
 
+class Recorder:
+    """What the suite did, in order: ("topo", n), ("topo-gone", n) and whatever the fakes add;
+    ``serial()`` numbers the fakes (ids of freed objects come again)."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+        self._made = iter(range(100_000))
+
+    def serial(self) -> int:
+        return next(self._made)
+
+    @contextmanager
+    def topology(self):
+        """runner.topo.Topology's stand-in: a numbered namespace trio, gone even on failure."""
+        t = type("Topo", (), {})()
+        t.n = self.serial()
+        self.events.append(("topo", t.n))
+        try:
+            yield t
+        finally:
+            self.events.append(("topo-gone", t.n))
+
+
 def test_every_packet_scenario_runs_on_its_own_gateway_in_fresh_namespaces(monkeypatch):
     """A scenario must not meet the sessions the one before it left (snatgw's table, the
     kernel's conntrack): each gets a topology and a gateway of its own, stopped after it."""
-    events: list[tuple] = []
-    made = iter(range(1000))  # serial numbers (ids of freed objects come again)
-
-    class Topo:
-        def __init__(self):
-            self.n = next(made)
-
-    @contextmanager
-    def topology():
-        t = Topo()
-        events.append(("topo", t.n))
-        yield t
-        events.append(("topo-gone", t.n))
+    rec = Recorder()
+    events, topology = rec.events, rec.topology
 
     class FakeGateway:
         start_seconds = 0.1
         proc = None
 
         def __init__(self, name, t, **kw):
-            self.name, self.t, self.n = name, t, next(made)
+            self.name, self.t, self.n = name, t, rec.serial()
 
         def start(self):
             events.append(("start", self.name, self.n))
@@ -64,21 +76,8 @@ def test_a_failed_measurement_a_gateway_that_will_not_start_and_an_unreadable_au
     counts: it used to raise out of the suite and lose the figure just measured)."""
     import subprocess
 
-    events: list[tuple] = []
-    made = iter(range(1000))
-
-    class Topo:
-        def __init__(self):
-            self.n = next(made)
-
-    @contextmanager
-    def topology():
-        t = Topo()
-        events.append(("topo", t.n))
-        try:
-            yield t
-        finally:
-            events.append(("topo-gone", t.n))
+    rec = Recorder()
+    events, topology = rec.events, rec.topology
 
     class FakeGateway:
         start_seconds = 0.1
@@ -86,7 +85,7 @@ def test_a_failed_measurement_a_gateway_that_will_not_start_and_an_unreadable_au
         socket = "/nonexistent"
 
         def __init__(self, name, t, **kw):
-            self.name, self.n = name, next(made)
+            self.name, self.n = name, rec.serial()
 
         def start(self):
             if self.name == "snatgw-nft":
