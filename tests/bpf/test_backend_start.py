@@ -320,8 +320,9 @@ def test_sessions_follow_devices_recreated_with_another_ifindex(gw, pin_dir, min
     or inside device recreated under its name (a VLAN or bond made again) black-holed every
     established session on it for as long as its packets kept it alive.  The hook check that
     attaches to the new device moves them: OUT entries' uplink and inside device (iif, low 16
-    bits), IN entries' inside device; a session on another device, and an IN entry's iif (a walk
-    number there), are left as they are."""
+    bits), IN entries' inside device, an endpoint-independent mapping's inside device (where the
+    sessions it admits go); a session on another device, an IN entry's iif (a walk number
+    there) and a mapping's OWNER entry are left as they are."""
     def pair(b, n, oif, iif):
         out_key = L.CT_KEY.pack(saddr=int(IP("198.18.40.10")) + n, daddr=int(IP("203.0.113.10")), sport=40000 + n,
                                 dport=80, proto=L.IPPROTO_TCP, dir=L.CT_DIR_OUT)  # fmt: skip
@@ -348,6 +349,13 @@ def test_sessions_follow_devices_recreated_with_another_ifindex(gw, pin_dir, min
             lan40, eth1, eth2 = (socket.if_nametoindex(d) for d in ("lan40", "eth1", "eth2"))
             o1, i1 = pair(b, 1, eth1, lan40)
             o2, i2 = pair(b, 2, eth2, lan40)
+            # an endpoint-independent mapping: its ENDPOINT entry's iif is where the sessions it
+            # admits are delivered; an OWNER entry's iif field is not a device
+            eim = b.maps.maps[L.MAP_EIM]
+            ek = L.EIM_KEY.pack(addr=int(IP("198.18.40.10")), port=40001, proto=L.IPPROTO_UDP, dir=L.EIM_DIR_ENDPOINT)
+            ok = L.EIM_KEY.pack(addr=int(IP("198.19.2.71")), port=5001, proto=L.IPPROTO_UDP, dir=L.EIM_DIR_OWNER)
+            eim.put(ek, L.EIM_ENTRY.pack(addr=int(IP("198.19.2.71")), port=5001, iif=lan40, last_seen=1))
+            eim.put(ok, L.EIM_ENTRY.pack(addr=int(IP("198.18.40.10")), port=40001, iif=lan40, last_seen=1))
             recreate("eth1", "198.19.2.2/24")
             recreate("lan40", "198.18.40.1/24")
             eth1b, lan40b = socket.if_nametoindex("eth1"), socket.if_nametoindex("lan40")
@@ -357,6 +365,8 @@ def test_sessions_follow_devices_recreated_with_another_ifindex(gw, pin_dir, min
             assert (entry(b, o2)["ifindex"], entry(b, o2)["iif"]) == (eth2, lan40b & 0xFFFF)
             for k in (i1, i2):
                 assert (entry(b, k)["ifindex"], entry(b, k)["iif"]) == (lan40b, lan40 & 0xFFFF)
+            assert L.EIM_ENTRY.unpack(eim.get(ek))["iif"] == lan40b
+            assert L.EIM_ENTRY.unpack(eim.get(ok))["iif"] == lan40
         finally:
             b.stop()
 

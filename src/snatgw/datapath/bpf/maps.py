@@ -120,6 +120,8 @@ _STATE_NAMES = {int(s): s.name for s in L.CtState}
 _PEER = slice(0, L.CT_KEY.size)
 _IFX = slice(L.CT_ENTRY.offsets()["ifindex"], L.CT_ENTRY.offsets()["ifindex"] + 4)  # ct_entry.ifindex
 _IIF = slice(L.CT_ENTRY.offsets()["iif"], L.CT_ENTRY.offsets()["iif"] + 2)  # ct_entry.iif
+_EIM_IIF = slice(L.EIM_ENTRY.offsets()["iif"], L.EIM_ENTRY.offsets()["iif"] + 4)  # eim_entry.iif
+_EIM_DIR_OFF = L.EIM_KEY.offsets()["dir"]
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
@@ -377,7 +379,8 @@ class DatapathMaps:
         """Sessions of devices recreated with another ifindex follow them: an entry whose device
         (``ifindex``) is an old ifindex in ``moved`` gets the new one, and an OUT entry whose
         inside device (``iif``, its low 16 bits) is an old one in ``inside_moved`` gets the new
-        one's.  One pass over the table by batches; each entry to change is read again and
+        one's, and so does an endpoint-independent mapping's ENDPOINT entry (its ``iif``: where the
+        sessions it admits are delivered).  One pass over each table by batches; each entry to change is read again and
         written with BPF_EXIST right away (one that ended meanwhile is not resurrected; a
         packet's refresh racing with it may be lost, as for update_out).  Returns the entries
         rewritten."""
@@ -397,15 +400,33 @@ class DatapathMaps:
                     new[_IIF] = got
             return bytes(new) if new != v else None
 
-        todo = [k for part in self.ct._batches(chunk) for k, v in part if changed(k, v) is not None]
+        eim_iif = {_U32.pack(o): _U32.pack(n) for o, n in inside_moved.items()}
+
+        def eim_changed(k: bytes, v: bytes) -> bytes | None:
+            # an ENDPOINT's inside device, where sessions the mapping admits are delivered
+            got = eim_iif.get(bytes(v[_EIM_IIF])) if k[_EIM_DIR_OFF] == L.EIM_DIR_ENDPOINT else None
+            return None if got is None else v[: _EIM_IIF.start] + got + v[_EIM_IIF.stop :]
+
+        n = self._rewrite(self.ct, changed, chunk)
+        eim = self.maps.get(L.MAP_EIM)
+        if eim is not None and eim_iif:
+            n += self._rewrite(eim, eim_changed, chunk)
+        return n
+
+    @staticmethod
+    def _rewrite(m: B.Map, changed, chunk: int) -> int:
+        """Entries of ``m`` for which ``changed(key, value)`` gives new bytes get them: keys
+        found by one pass of batches, each entry read again and written with BPF_EXIST right
+        away (one that ended meanwhile stays ended).  Returns the entries rewritten."""
+        todo = [k for part in m._batches(chunk) for k, v in part if changed(k, v) is not None]
         n = 0
         for k in todo:
-            raw = self.ct.get(k)
+            raw = m.get(k)
             new = changed(k, raw) if raw is not None else None
             if new is None:
                 continue
             try:
-                self.ct.put(k, new, B.BPF_EXIST)
+                m.put(k, new, B.BPF_EXIST)
             except B.LibbpfError as err:
                 if err.errno == 2:
                     continue
