@@ -84,6 +84,11 @@ def route_egress(addr: ipaddress.IPv4Address) -> tuple[int, ipaddress.IPv4Addres
     return socket.if_nametoindex(dev), nexthop, int(mtu)
 
 
+def _egresses_text(egresses) -> str:
+    """(ifindex, next hop) pairs as `via NH dev NAME, ...` for a log line."""
+    return ", ".join(f"via {nh} dev {_dev_name(idx)}" for idx, nh in sorted(egresses, key=str)) or "none"
+
+
 def _dev_name(idx: int) -> str:
     try:
         return socket.if_indextoname(idx)
@@ -427,8 +432,8 @@ class BpfBackend:
                 self._write_ifaces(self.settings)
             except BackendError as e:
                 log.warning("bpf backend: cannot write the devices' roles: %s", e)
-            moved = {name: (before[name], a.ifindex) for a in self.loader.attachments
-                     if (name := a.ifname) in before and before[name] != a.ifindex}  # fmt: skip
+            moved = {a.ifname: (before[a.ifname], a.ifindex) for a in self.loader.attachments
+                     if before.get(a.ifname, a.ifindex) != a.ifindex}  # fmt: skip
             if moved:
                 self._follow_devices(moved)
         if _clock() - self._gw_check_at >= ROUTE_BACK_RECHECK:  # (`ip` runs: not every tick)
@@ -574,11 +579,8 @@ class BpfBackend:
         except (BackendError, OSError) as e:
             log.warning("bpf backend: cannot install the new_gw policy routing again: %s", e)
             return
-        def text(egs):
-            return ", ".join(f"via {nh} dev {_dev_name(idx)}" for idx, nh in sorted(egs, key=str)) or "none"
-
         log.info("bpf backend: new_gw egresses moved (%s -> %s): their policy routing and marks follow",
-                 text(was), text(now))  # fmt: skip
+                 _egresses_text(was), _egresses_text(now))  # fmt: skip
 
     def _check_gw_routes(self) -> list[str]:
         """The hook check's part: our new_gw ip rules and table routes that vanished (`ip rule
