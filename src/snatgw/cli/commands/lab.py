@@ -49,9 +49,9 @@ def _need(name: str) -> Lab:
 def _down_hint() -> str:
     """What `lab down` of an unknown name could have meant: the labs that are up (by name)
     and any leftover namespaces of no lab (by prefix, which only --all removes)."""
-    labs = list_labs()
-    up = [lab.name for lab in labs if lab.exists()]
-    gone = [lab.name for lab in labs if not lab.exists()]  # a state file whose namespaces went
+    alive = {lab.name: lab.exists() for lab in list_labs()}  # (each asks for the namespaces)
+    up = [name for name, yes in alive.items() if yes]
+    gone = [name for name, yes in alive.items() if not yes]  # a state file whose namespaces went
     left = sorted(leftover_prefixes())
     hint = f"; labs up: {' '.join(up)} (`snatgw lab down --name NAME`)" if up else "; no lab is up"
     if gone:
