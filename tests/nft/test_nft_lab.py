@@ -540,6 +540,8 @@ def test_new_gw_policy_routing_comes_back_after_its_uplink_flaps(lab, backend):
         b._routing_next = 0.0
         assert b.check_hooks() == []  # all in place
         lab.ip("gw", "link", "set", "eth1", "down")
+        b._routing_next = 0.0  # while it stays down: nothing to route by, nothing raised or put back
+        assert b.check_hooks() == [] and _policy_routes(lab) == {}
         lab.ip("gw", "link", "set", "eth1", "up")
         assert _policy_routes(lab) == {}  # the kernel took it
         b._routing_next = 0.0  # (it looks every ROUTING_RECHECK seconds)
