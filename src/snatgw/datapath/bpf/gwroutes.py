@@ -10,20 +10,21 @@ hop) -> layout.GW_MARK_BASE + n) and this module installs, per such egress n:
     ip rule add pref GW_RT_BASE+n fwmark MARK/0xffffffff lookup GW_RT_BASE+n proto GW_RT_PROTO
 
 Ours are exactly the ip rules with a pref in GW_RT_BASE..+GW_SLOTS-1 *and* proto GW_RT_PROTO, and
-the routes with that proto in those tables: nothing else is ever removed.  One daemon per network
+the routes with that proto in those tables (datapath/policyroutes.py, shared with the nft
+backend's range): nothing else is ever removed.  One daemon per network
 namespace (daemon/owner.py) owns them; the nft backend's range (31000-31999) is another.
 Runs `ip` in the calling thread's network namespace.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from ... import layout as L
 from ...errors import BackendError
+from ..policyroutes import PolicyRange
 
 
 @dataclass(frozen=True)
@@ -61,32 +62,18 @@ def _ip(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
-def _ours(pref: int) -> bool:
-    return L.GW_RT_BASE <= pref < L.GW_RT_BASE + L.GW_SLOTS
+#: our ip rule prefs and tables (datapath/policyroutes.py decides what is ours)
+RANGE = PolicyRange(L.GW_RT_BASE, L.GW_SLOTS, L.GW_RT_PROTO)
 
 
 def our_rules() -> dict[int, dict]:
     """Our ip rules (pref in range and proto GW_RT_PROTO) by pref."""
-    r = _ip(["-j", "-4", "rule", "show"], check=False)
-    if r.returncode != 0 or not r.stdout.strip():
-        return {}
-    out = {}
-    for x in json.loads(r.stdout):
-        pref = int(x.get("priority", -1))
-        if _ours(pref) and str(x.get("protocol", "")) in (str(L.GW_RT_PROTO), "201"):
-            out[pref] = x
-    return out
+    return RANGE.rules(_ip)
 
 
 def our_tables() -> set[int]:
     """Tables in our range holding a route of ours (proto GW_RT_PROTO)."""
-    r = _ip(["-j", "-4", "route", "show", "table", "all", "proto", str(L.GW_RT_PROTO)], check=False)
-    out = set()
-    for rt in json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else ():
-        t = str(rt.get("table", ""))
-        if t.isdigit() and _ours(int(t)):
-            out.add(int(t))
-    return out
+    return set(RANGE.tables(_ip))
 
 
 def install(routes: list[GwRoute]) -> dict[GwRoute, str]:
@@ -112,18 +99,7 @@ def install(routes: list[GwRoute]) -> dict[GwRoute, str]:
 
 def remove(keep: set[int] = frozenset()) -> list[str]:
     """Our rules and routes except those of tables ``keep``; returns what went (for the log)."""
-    gone = []
-    prefs = sorted(p for p in our_rules() if p not in keep)
-    for pref in prefs:
-        _ip(["rule", "del", "pref", str(pref), "proto", str(L.GW_RT_PROTO)], check=False)
-    tables = sorted((our_tables() | set(prefs)) - set(keep))
-    for t in tables:
-        _ip(["route", "flush", "table", str(t), "proto", str(L.GW_RT_PROTO)], check=False)
-    if prefs:
-        gone.append("ip rules pref " + ",".join(map(str, prefs)))
-    if tables:
-        gone.append(f"routes proto {L.GW_RT_PROTO} in tables " + ",".join(map(str, tables)))
-    return gone
+    return RANGE.remove(_ip, keep)
 
 
-__all__ = ["GwRoute", "install", "our_rules", "our_tables", "remove"]
+__all__ = ["RANGE", "GwRoute", "install", "our_rules", "our_tables", "remove"]

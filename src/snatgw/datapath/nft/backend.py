@@ -26,12 +26,15 @@ from ...rules import RuleSet
 from ..backend import LastRead, RuleCounters, Session, SessionFilter, Stats, pressure_summary
 from .. import nftnl
 from ..netns import nsenter
+from ..policyroutes import PolicyRange
 from . import render as R
 from .ctnetlink import Conntrack
 
 log = logging.getLogger("snatgw.nft")
 #: seconds between two looks of the hook check at the new_gw policy routing (`ip` runs)
 ROUTING_RECHECK = 10.0
+#: our new_gw ip rule prefs and tables (31000-31999, proto 201; datapath/policyroutes.py)
+ROUTING = PolicyRange(R.RT_BASE, R.SLOTS, R.RT_PROTO)
 MAX_CARRY = 262144  # sessions a bpf -> nft switch carries over at most
 #: stats() counts conntrack afresh up to this many entries in the namespace; above, it answers
 #: with the GC tick's last count (a dump costs ~1 s per 100k entries in Python: 1.6-2.4 s at
@@ -289,7 +292,7 @@ class NftBackend:
             routes.append((e, e.commands(*how)))
         # routes first: a new slot's ip rule is inert until the rule set marks packets with it,
         # and `route replace` swaps a changed new_gw in one step (no window without a route)
-        have = {pref for pref, _ in self._our_ip_rules()}
+        have = set(ROUTING.rules(self._ip))
         for e, cmds in routes:
             self._run(["ip"] + cmds[0])
             if e.table not in have:
@@ -341,7 +344,7 @@ class NftBackend:
             return []
         self._routing_next = time.monotonic() + ROUTING_RECHECK
         try:
-            rules = {pref for pref, _ in self._our_ip_rules()}
+            rules = set(ROUTING.rules(self._ip))
             tables = self._table_routes()
         except (BackendError, ValueError) as e:
             log.warning("nft backend: cannot read the new_gw policy routing: %s", e)
@@ -373,17 +376,13 @@ class NftBackend:
                 out.append(what)
         return out
 
+    def _ip(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        """`ip argv` in the gateway's namespace (policyroutes' runner)."""
+        return self._run(["ip"] + argv, check=check)
+
     def _table_routes(self) -> dict[int, tuple[str, str]]:
         """Our policy tables' default routes now: table -> (via, device)."""
-        # (proto 201 filters in the kernel's dump: a gateway holding a full routing table is
-        # not listed every ten seconds)
-        p = self._run(["ip", "-j", "route", "show", "table", "all", "proto", str(R.RT_PROTO)], check=False)
-        out: dict[int, tuple[str, str]] = {}
-        for rt in json.loads(p.stdout or "[]") if p.returncode == 0 else []:
-            t = str(rt.get("table", ""))
-            if t.isdigit() and R.RT_BASE <= int(t) < R.RT_BASE + R.SLOTS and rt.get("dst") == "default":
-                out[int(t)] = (str(rt.get("gateway")), str(rt.get("dev")))
-        return out
+        return {t: rt for t, rt in ROUTING.tables(self._ip).items() if rt is not None}
 
     def _install_guard(self, rules: RuleSet, settings: Settings) -> None:
         """The leak guard's own table (datapath/bpf/guard.py): it outlives a deleted
@@ -564,28 +563,10 @@ class NftBackend:
             raise BackendError(f"nft backend: `nft list counters` answered what does not parse: {e!r}") from None
         return out
 
-    def _our_ip_rules(self) -> list[tuple[int, dict]]:
-        p = self._run(["ip", "-j", "rule", "show"], check=False)
-        if p.returncode != 0 or not p.stdout.strip():
-            return []
-        out = []
-        for r in json.loads(p.stdout):
-            pref = int(r.get("priority", -1))
-            proto = str(r.get("protocol", ""))
-            if R.RT_BASE <= pref < R.RT_BASE + R.SLOTS and proto in (str(R.RT_PROTO), "201"):
-                out.append((pref, r))
-        return out
-
-    def _remove_routing(self, keep: set[int] = frozenset()) -> None:
-        """Remove our ip rules (pref in range AND proto 201) and flush their tables, except keep."""
-        for pref, r in self._our_ip_rules():
-            if pref in keep:
-                continue
-            self._run(["ip", "rule", "del", "pref", str(pref)], check=False)
-            self._run(["ip", "route", "flush", "table", str(pref), "proto", str(R.RT_PROTO)], check=False)
-        for e in self._plan.routes if self._plan else ():
-            if e.table not in keep:
-                self._run(["ip", "route", "flush", "table", str(e.table), "proto", str(R.RT_PROTO)], check=False)
+    def _remove_routing(self, keep: set[int] = frozenset()) -> list[str]:
+        """Remove our ip rules (pref in range AND proto 201) and our routes in their tables,
+        except tables ``keep``; returns what went (policyroutes)."""
+        return ROUTING.remove(self._ip, keep)
 
     def stop(self, keep_state: bool = False) -> None:
         """keep_state=False: remove table ip snatgw, our policy routing, and (with the conntrack
@@ -618,21 +599,7 @@ class NftBackend:
             self._run(["nft", "delete", "table", R.FAMILY, R.TABLE])
             self._objects = None
             removed.append(f"nft table {R.FAMILY} {R.TABLE}")
-        rules = self._our_ip_rules()
-        if rules:
-            removed.append("ip rules pref " + ",".join(str(pref) for pref, _ in rules))
-        # our tables' routes are listed before the rules go: removing a rule flushes its table
-        p = self._run(["ip", "-j", "route", "show", "table", "all", "proto", str(R.RT_PROTO)], check=False)
-        tables = set()
-        for rt in json.loads(p.stdout) if p.returncode == 0 and p.stdout.strip() else ():
-            t = str(rt.get("table", ""))
-            if t.isdigit() and R.RT_BASE <= int(t) < R.RT_BASE + R.SLOTS:
-                tables.add(int(t))
-        self._remove_routing()
-        for t in sorted(tables):
-            self._run(["ip", "route", "flush", "table", str(t), "proto", str(R.RT_PROTO)], check=False)
-        if tables:
-            removed.append(f"routes proto {R.RT_PROTO} in tables " + ",".join(map(str, sorted(tables))))
+        removed += self._remove_routing()
         try:
             n = self.flush()
         except BackendError:
@@ -899,7 +866,7 @@ class NftBackend:
             ours = sum(tally.by_mark.values())
         maps = [{"name": "conntrack", "entries": self._conntrack_count(),
                  "max_entries": self._netfilter_sysctl("nf_conntrack_max") or 0},
-                {"name": "policy routing rules", "entries": len(self._our_ip_rules()), "max_entries": 1000}]
+                {"name": "policy routing rules", "entries": len(ROUTING.rules(self._ip)), "max_entries": 1000}]
         return {"hooks": hooks, "maps": maps, "sessions": ours, "max_sessions": self.settings.max_sessions,
                 "devices": {"inside": list(self.settings.inside), "outside": list(self.settings.outside)}}
 
