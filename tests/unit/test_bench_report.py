@@ -219,3 +219,15 @@ def test_report_lists_the_isolated_ratio_round_by_round():
     md = report.render(results())
     sect = md.split("round by round")[1].split("###")[0]
     assert "| 3a new UDP flows | 7.00 7.00 7.00 | 7.00× [7.00–7.00] |" in sect
+
+
+def test_the_round_by_round_table_shows_a_round_without_a_ratio_as_n_a():
+    """A round whose nft-kernel run outran its drop run: n/a in its place, left out of the
+    median and the range (which then come from the other rounds alone)."""
+    from snatgw.bench import report as rep
+
+    recs = [{"scenario": "udp-newflows", "config": c, "round": r, "status": "ok", "metric": "pps", "value": v}
+            for r, (d, n, b) in enumerate([(1e9 / 100, 1e9 / 90, 1e9 / 350), (1e9 / 100, 1e9 / 600, 1e9 / 350)])
+            for c, v in (("drop", d), ("nft-kernel", n), ("snatgw-bpf", b))]  # fmt: skip
+    rows = rep._paired_table(recs)
+    assert any(x.endswith("| n/a 2.00 | 2.00× [2.00–2.00] |") for x in rows), rows

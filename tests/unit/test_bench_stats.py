@@ -220,3 +220,14 @@ def test_paired_ratios_pair_each_round_with_its_own_drop_and_reference():
     assert [r for r, _ in pairs] == [0, 1]
     assert [x for _, x in pairs] == [pytest.approx(2.0), pytest.approx(2.0)]
     assert stats.paired_isolated(recs, "other", "snatgw-bpf", "nft-kernel") == []
+
+
+def test_a_round_whose_reference_outran_its_drop_run_gives_no_ratio():
+    """nft-kernel at 1,000 pps above the drop run's 100 (a cost below zero: that round measured
+    noise) and, in another round, snatgw-bpf likewise: n/a (None) for the round, never a ratio
+    of zero or below that would pull the median down."""
+    recs = [rec("s", "drop", 0, 1e9 / 100), rec("s", "nft-kernel", 0, 1e9 / 90), rec("s", "snatgw-bpf", 0, 1e9 / 350),
+            rec("s", "drop", 1, 1e9 / 100), rec("s", "nft-kernel", 1, 1e9 / 600), rec("s", "snatgw-bpf", 1, 1e9 / 100),
+            rec("s", "drop", 2, 1e9 / 100), rec("s", "nft-kernel", 2, 1e9 / 600), rec("s", "snatgw-bpf", 2, 1e9 / 350)]
+    pairs = stats.paired_isolated(recs, "s", "snatgw-bpf", "nft-kernel")
+    assert pairs == [(0, None), (1, None), (2, pytest.approx(2.0))]

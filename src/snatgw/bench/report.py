@@ -147,7 +147,8 @@ def _ratio_table(summary: dict) -> list[str]:
 
 def _paired_table(records: list[dict]) -> list[str]:
     """snatgw-bpf against nft-kernel, gateway isolated, round by round (st.paired_isolated):
-    how far the rounds' own ratios spread around the ratio of the medians above."""
+    how far the rounds' own ratios spread around the ratio of the medians above.  A round whose
+    costs are not both above its drop run's shows n/a and counts in neither median nor range."""
     out = []
     for s in ORDER:
         if s not in UDP:
@@ -155,9 +156,13 @@ def _paired_table(records: list[dict]) -> list[str]:
         pairs = st.paired_isolated(records, s, "snatgw-bpf", "nft-kernel")
         if not pairs:
             continue
-        sp = st.spread([x for _, x in pairs])
-        out.append(f"| {TITLES[s]} | {' '.join(f'{x:.2f}' for _, x in pairs)} | {sp.median:.2f}× "
-                   f"[{sp.min:.2f}–{sp.max:.2f}] |")
+        got = [x for _, x in pairs if x is not None]
+        per = " ".join("n/a" if x is None else f"{x:.2f}" for _, x in pairs)
+        if got:
+            sp = st.spread(got)
+            out.append(f"| {TITLES[s]} | {per} | {sp.median:.2f}× [{sp.min:.2f}–{sp.max:.2f}] |")
+        else:
+            out.append(f"| {TITLES[s]} | {per} | — |")
     if not out:
         return []
     return ["| scenario | per round, in round order | median [min–max] |", "|---|---|---|"] + out

@@ -99,11 +99,14 @@ def summarize(records: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
-def paired_isolated(records: list[dict], scenario: str, cfg: str, ref: str) -> list[tuple[int, float]]:
+def paired_isolated(records: list[dict], scenario: str, cfg: str, ref: str) -> list[tuple[int, float | None]]:
     """(round, cost(ref) / cost(cfg)) for every round in which both ran, each cost against its
     own round's drop run.  The configurations of a round run minutes apart, the rounds of a
     run many minutes apart: a round's ratio compares two measurements the machine's drifts
-    touched alike, where the ratio of the medians may pair a quick round with a slow one."""
+    touched alike, where the ratio of the medians may pair a quick round with a slow one.
+    A round where either configuration cost nothing or less than its drop run (it outran the
+    delivery it is measured against: the round measured noise) gives (round, None), never a
+    ratio of zero or below."""
     ok = {(r["config"], r["round"]): r for r in _ok(records) if r["scenario"] == scenario}
     out = []
     for rnd in sorted({r for c, r in ok if c == cfg}):
@@ -111,8 +114,8 @@ def paired_isolated(records: list[dict], scenario: str, cfg: str, ref: str) -> l
         if not (a and b and d) or a.get("metric", "pps") not in PACKET_METRICS:
             continue
         ca, cb = cost_ns(a["value"], d["value"]), cost_ns(b["value"], d["value"])
-        if ca is not None and cb is not None and ca > 0:
-            out.append((rnd, cb / ca))
+        if ca is not None and cb is not None:
+            out.append((rnd, cb / ca if ca > 0 and cb > 0 else None))
     return out
 
 
