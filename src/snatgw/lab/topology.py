@@ -6,6 +6,7 @@ it in /run/snatgw/lab/<name>.json; ``Lab.down`` (or ``down_all``) removes everyt
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -245,7 +246,11 @@ class Lab:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            raise LabError(f"{state_path(name)}: unreadable lab state: {e}") from None
+            raise LabError(f"{state_path(name)}: unreadable lab state: {e}; remove the file "
+                           f"(`snatgw lab down --all` removes it with any namespaces left by prefix)") from None
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("prefix"), str):
+            raise LabError(f"{state_path(name)}: unreadable lab state: no name and prefix; remove the file "
+                           f"(`snatgw lab down --all` removes it with any namespaces left by prefix)")
         return cls(name=s["name"], prefix=s["prefix"], created=s.get("created", 0.0), keep=True,
                    gateway_pid=s.get("gateway_pid"), gateway_backend=s.get("gateway_backend"),
                    gateway_config=s.get("gateway_config"))
@@ -407,12 +412,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def list_labs() -> list[Lab]:
+def list_labs(unreadable: list[str] | None = None) -> list[Lab]:
+    """The labs with a state file.  A state file that cannot be read (emptied, edited, of
+    another version) is left out, its path appended to ``unreadable`` when given: one bad file
+    must not stop `lab status`, `lab down --all` or another lab's hint."""
     try:
         names = sorted(f[:-5] for f in os.listdir(STATE_DIR) if f.endswith(".json"))
     except FileNotFoundError:
         return []
-    return [lab for lab in (Lab.load(n) for n in names) if lab is not None]
+    out = []
+    for n in names:
+        try:
+            lab = Lab.load(n)
+        except LabError:
+            if unreadable is not None:
+                unreadable.append(state_path(n))
+            continue
+        if lab is not None:
+            out.append(lab)
+    return out
 
 
 #: nodes only the lab has: a prefix is a lab's when one of these exists (other tools in this
@@ -429,12 +447,18 @@ def leftover_prefixes() -> set[str]:
 
 
 def down_all() -> list[str]:
-    """Take down every lab with a state file, then leftovers found by prefix.  Returns prefixes."""
-    done = []
-    for lab in list_labs():
+    """Take down every lab with a state file, then leftovers found by prefix (the namespaces of
+    a lab whose state file cannot be read are among them), then the unreadable state files.
+    Returns the prefixes and the state files removed."""
+    done, unreadable = [], []
+    for lab in list_labs(unreadable):
         lab.down()
         done.append(lab.prefix)
     for prefix in sorted(leftover_prefixes()):
         Lab(name=f"leftover-{prefix}", prefix=prefix).down()
         done.append(prefix)
+    for path in unreadable:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        done.append(f"{path} (unreadable state)")
     return done

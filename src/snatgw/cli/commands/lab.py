@@ -49,7 +49,8 @@ def _need(name: str) -> Lab:
 def _down_hint() -> str:
     """What `lab down` of an unknown name could have meant: the labs that are up (by name)
     and any leftover namespaces of no lab (by prefix, which only --all removes)."""
-    alive = {lab.name: lab.exists() for lab in list_labs()}  # (each asks for the namespaces)
+    unreadable: list[str] = []
+    alive = {lab.name: lab.exists() for lab in list_labs(unreadable)}  # (each asks for the namespaces)
     up = [name for name, yes in alive.items() if yes]
     gone = [name for name, yes in alive.items() if not yes]  # a state file whose namespaces went
     left = sorted(leftover_prefixes())
@@ -58,6 +59,8 @@ def _down_hint() -> str:
         hint += f"; state of labs whose namespaces are gone: {' '.join(gone)} (`snatgw lab down --name NAME` clears it)"
     if left:
         hint += f"; leftover namespaces by prefix: {' '.join(left)} (`snatgw lab down --all` removes them and every lab)"
+    if unreadable:
+        hint += f"; unreadable lab state: {' '.join(unreadable)} (`snatgw lab down --all` removes it)"
     return hint
 
 
@@ -81,7 +84,11 @@ def run(args) -> int:
         print(f"lab {name} down (prefix {lab.prefix})")
         return 0
     if args.lab_verb == "status":
-        labs = [_need(args.name)] if args.name else list_labs()
+        unreadable: list[str] = []
+        labs = [_need(args.name)] if args.name else list_labs(unreadable)
+        for path in unreadable:
+            print(f"snatgw: {path}: unreadable lab state, left out (`snatgw lab down --all` removes it)",
+                  file=sys.stderr)
         st = [lab.status() for lab in labs]
         if args.json:
             print(json.dumps(st, indent=1))
