@@ -120,3 +120,58 @@ def test_a_failed_measurement_a_gateway_that_will_not_start_and_an_unreadable_au
     assert sum(e[0] == "topo" for e in events) == sum(e[0] == "topo-gone" for e in events) == len(want)
     audit = [r for r in suite.records if r["config"] == "snatgw-bpf-audit"]
     assert all(r["value"] == 1.0 and "audit_records" not in r for r in audit)
+
+
+def test_a_daemon_that_fails_to_start_is_n_a_for_its_round_tried_next_round_given_up_after_two_rounds(monkeypatch):
+    """Each scenario starts a gateway of its own, so two failed starts fell in one round and
+    gave a configuration up for the whole run after one bad round (the docstring said so).
+    Now a failed start makes it n/a for the rest of that round without another start, it is
+    tried again the next round, and given up once it failed in two rounds."""
+    rec = Recorder()
+    starts: list[tuple[str, int]] = []
+    fail_in = {"snatgw-bpf": {0, 2}, "snatgw-nft": {0, 1}}
+    rnd = {"now": 0}
+
+    class FakeGateway:
+        start_seconds = 0.1
+        proc = None
+
+        def __init__(self, name, t, **kw):
+            self.name = name
+
+        def start(self):
+            starts.append((self.name, rnd["now"]))
+            if rnd["now"] in fail_in.get(self.name, ()):
+                raise runner.Unavailable(f"{self.name} would not start")
+
+        def stop(self):
+            pass
+
+    orig = runner.Suite._packet_one
+
+    def packet_one(self, s, cfg, r):
+        rnd["now"] = r
+        return orig(self, s, cfg, r)
+
+    monkeypatch.setattr(runner.topo, "Topology", rec.topology)
+    monkeypatch.setattr(runner, "Gateway", FakeGateway)
+    monkeypatch.setattr(runner, "availability", lambda cfg: None)
+    monkeypatch.setattr(runner.sc, "measure", lambda s, t, gw, d: {"value": 1.0, "metric": "pps"})
+    monkeypatch.setattr(runner.Suite, "_packet_one", packet_one)
+    scens = ("udp-1flow", "udp-newflows", "udp-newflows-spread")
+    suite = runner.Suite(runner.Params(rounds=4, scenarios=scens, configs=("snatgw-bpf", "snatgw-nft")),
+                         echo=lambda *a: None)  # fmt: skip
+    suite.packet_phase()
+    status = {(r["config"], r["round"]): set() for r in suite.records}
+    for r in suite.records:
+        status[(r["config"], r["round"])].add(r["status"])
+    # snatgw-bpf: one start in round 0 (n/a for its three scenarios), ok in round 1, one failed
+    # start in round 2 (its second bad round: given up), none in round 3
+    assert [n for c, n in starts if c == "snatgw-bpf"] == [0, 1, 1, 1, 2]
+    assert [status[("snatgw-bpf", r)] for r in range(4)] == [{"n/a"}, {"ok"}, {"n/a"}, {"n/a"}]
+    # snatgw-nft: failed in rounds 0 and 1, one start each, then given up
+    assert [n for c, n in starts if c == "snatgw-nft"] == [0, 1]
+    assert all(status[("snatgw-nft", r)] == {"n/a"} for r in range(4))
+    gone = [r["reason"] for r in suite.records if r["config"] == "snatgw-nft" and r["round"] == 3]
+    assert all("given up" in w for w in gone)
+    assert len(suite.records) == 2 * 4 * len(scens)

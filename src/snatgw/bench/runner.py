@@ -97,7 +97,7 @@ class Suite:
         self.echo = echo
         self.records: list[dict] = []
         self.na: dict[str, str] = {}  # config (and rule count) -> why it could not run
-        self.failures: dict[str, int] = {}
+        self.failures: dict[str, set[int]] = {}  # config (and rule count) -> rounds its daemon failed to start in
         self.missing: dict[str, str] = {}  # configs whose code is not there at all
         self.why = ""
         self.results: dict = {"params": {k: v for k, v in vars(params).items()}, "machine": machine(),
@@ -113,14 +113,21 @@ class Suite:
                      else f"{rec['status']} ({rec.get('reason')})"))
         return rec
 
-    def _gateway_or_na(self, cfg: str, t: topo.Topology, nrules: int = 1, **kw) -> Gateway | None:
+    def _gateway_or_na(self, cfg: str, t: topo.Topology, rnd: int = 0, nrules: int = 1, **kw) -> Gateway | None:
         """A started gateway, or None with the reason in self.why.  A configuration that cannot
-        be imported is n/a for the whole run; one whose daemon failed to start is tried again
-        for its next scenario (each has a gateway of its own), and given up (for that rule
-        count) after two failures, which may now fall in one round."""
+        be imported is n/a for the whole run.  One whose daemon failed to start is n/a for the
+        rest of that round (each scenario has a gateway of its own: a daemon that cannot start
+        would otherwise cost a start timeout per scenario), tried again the next round, and
+        given up (for that rule count) once it failed in two rounds, as when a round shared one
+        gateway."""
         key = cfg if nrules == 1 else f"{cfg} ({nrules:,} rules)"
-        if cfg in self.missing or self.failures.get(key, 0) >= 2:
-            self.why = self.missing.get(cfg) or self.na.get(key, "failed twice")
+        failed = self.failures.get(key, set())
+        if cfg in self.missing or len(failed) >= 2 or rnd in failed:
+            self.why = self.missing.get(cfg) or self.na.get(key, "failed to start")
+            if len(failed) >= 2 and cfg not in self.missing:
+                self.why += " (failed to start in two rounds: given up)"
+            elif cfg not in self.missing:
+                self.why += " (failed to start in this round: tried again the next)"
             return None
         why = availability(cfg)
         if why:
@@ -131,7 +138,7 @@ class Suite:
             gw.start()
         except Unavailable as e:
             gw.stop()
-            self.failures[key] = self.failures.get(key, 0) + 1
+            self.failures.setdefault(key, set()).add(rnd)
             self.na[key] = self.why = str(e)
             return None
         return gw
@@ -158,7 +165,7 @@ class Suite:
     def _packet_one(self, s: str, cfg: str, r: int) -> None:
         """One scenario of one configuration, on its own gateway in its own namespaces."""
         with topo.Topology() as t:
-            gw = self._gateway_or_na(cfg, t, max_sessions=self.p.max_sessions)
+            gw = self._gateway_or_na(cfg, t, r, max_sessions=self.p.max_sessions)
             if gw is None:
                 self._rec(s, cfg, r, status="n/a", reason=self.why, value=None)
                 return
@@ -183,7 +190,7 @@ class Suite:
             for n, cfg in units[:1] + rotated(tuple(units[1:]), r):
                 scen = f"rules-{n}"
                 with topo.Topology() as t:
-                    gw = self._gateway_or_na(cfg, t, nrules=n, max_sessions=self.p.max_sessions)
+                    gw = self._gateway_or_na(cfg, t, r, nrules=n, max_sessions=self.p.max_sessions)
                     if gw is None:
                         self._rec(scen, cfg, r, status="n/a", reason=self.why, value=None, rules=n)
                         continue
