@@ -209,6 +209,24 @@ def test_sessions_and_stats_come_from_conntrack_and_counters(lab, backend):
     assert 0 <= s.idle < 60
     assert stats.rules[rule.rule_id].packets > 0 and stats.rules[rule.rule_id].sessions >= 1
     assert stats.reasons["XLATE_NEW"] >= 1
+    # per-session counters: conntrack keeps none while nf_conntrack_acct is 0 (a namespace's
+    # default): none reported, where they used to be a made-up 0 in `conns --json`
+    assert s.packets_out is None and "packets_out" not in s.as_dict()
+
+
+def test_sessions_carry_conntracks_counters_when_it_keeps_them(lab, backend):
+    """With nf_conntrack_acct 1 in the gateway's namespace, a session's packets and bytes per
+    direction come from conntrack."""
+    lab.run("gw", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_acct=1")
+    try:
+        with backend() as b:
+            with C.TcpSession(lab, "in50", S1, src="198.18.50.11") as t:
+                t.exchange()
+                (s,) = [s for s in b.sessions() if s.inside == t.local]
+    finally:
+        lab.run("gw", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_acct=0")
+    assert s.packets_out >= 2 and s.packets_in >= 2 and s.bytes_out > 0 and s.bytes_in > 0
+    assert s.as_dict()["packets_out"] == s.packets_out
 
 
 def test_a_rules_sessions_made_are_counted_for_the_rate_and_its_live_ones_apart(lab, backend):

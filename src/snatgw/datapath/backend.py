@@ -27,13 +27,18 @@ class Session:
     idle: float  # seconds since the last packet in either direction
     expires: float  # seconds until expiry at the current state's timeout (<= 0: due)
     rule_id: int = 0
-    packets_out: int = 0
-    bytes_out: int = 0
-    packets_in: int = 0
-    bytes_in: int = 0
+    # per-session counters, None where nothing counts them (the bpf datapath keeps none, nor
+    # does conntrack without nf_conntrack_acct): absent from as_dict, never a made-up 0
+    packets_out: int | None = None
+    bytes_out: int | None = None
+    packets_in: int | None = None
+    bytes_in: int | None = None
 
     def as_dict(self) -> dict:
-        return dict(vars(self))  # flat fields: a copy of __dict__ (asdict's deep copy is 10x dearer)
+        d = dict(vars(self))  # flat fields: a copy of __dict__ (asdict's deep copy is 10x dearer)
+        if self.packets_out is None:  # (the four come together or not at all)
+            del d["packets_out"], d["bytes_out"], d["packets_in"], d["bytes_in"]
+        return d
 
 
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1}

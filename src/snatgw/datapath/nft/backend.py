@@ -48,6 +48,15 @@ GC_DUTY = 3
 PRESSURE_LIST_MAX = COUNT_FRESH_MAX
 
 
+def _session_counters(d: dict) -> dict:
+    """A conntrack entry's per-direction counters as Session fields, when conntrack counts them
+    (nf_conntrack_acct 1: the dump carries them); else none, and the Session says so (None)."""
+    if "packets" not in d:
+        return {}
+    return {"packets_out": int(d["packets"]), "bytes_out": int(d.get("bytes", 0)),
+            "packets_in": int(d.get("rpackets", 0)), "bytes_in": int(d.get("rbytes", 0))}
+
+
 @dataclass(frozen=True)
 class _Tally:
     """One count of the sessions: per ct mark, per inside host and SNAT address (empty above
@@ -717,8 +726,7 @@ class NftBackend:
             nat=f"{d.get('rdst')}:{d.get('rdport', 0)}",
             state=state, idle=idle, expires=float(d["timeout"]),
             rule_id=self._by_mark.get(R.rule_mark(d["mark"]), 0),
-            packets_out=int(d.get("packets", 0)), bytes_out=int(d.get("bytes", 0)),
-            packets_in=int(d.get("rpackets", 0)), bytes_in=int(d.get("rbytes", 0)),
+            **_session_counters(d),
         )  # fmt: skip
 
     def iter_sessions(self, flt: SessionFilter | None = None, limit: int | None = None):
