@@ -250,6 +250,17 @@ def test_bad_requests_get_an_error_not_a_dead_daemon(running):
     assert running.req(op="status")["ok"]
 
 
+def test_a_reload_path_with_a_nul_byte_is_a_config_error_not_an_internal_one(running):
+    """A control request's `path` is any JSON string: one with a NUL (no file can have such a
+    name) raised ValueError in open(2)'s wrapper and came back as an \"internal error\", logged as
+    a failed request; now it is the config error any unreadable path gets, and nothing changes."""
+    before = running.req(op="rules")
+    r = running.req(op="reload", path="/etc/snatgw.conf\x00.bak")
+    assert r["ok"] is False and "internal error" not in r["error"]
+    assert "cannot read config: embedded null byte" in r["error"]
+    assert running.req(op="rules") == before and running.req(op="status")["ok"]
+
+
 def test_a_second_daemon_on_the_same_socket_is_refused(running):
     """Binding a control socket where a live daemon answers fails and leaves it serving."""
     with pytest.raises(DaemonError, match="already running"):

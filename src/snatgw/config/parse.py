@@ -286,6 +286,8 @@ def read_config(path: str | Path) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
         raise ConfigError(f"cannot read config: {e.strerror or e}", None, path) from None
+    except ValueError as e:  # a NUL in the path (a control request's `path`): no file has such a name
+        raise ConfigError(f"cannot read config: {e}", None, repr(path)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
