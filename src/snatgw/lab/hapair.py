@@ -1,0 +1,292 @@
+"""Two gateways in a VRRP pair, for stateful failover with conntrackd (docs/operations.md,
+"Stateful failover (nft backend)").  Five network namespaces <P>-in, -lan, -gwa, -gwb, -net:
+
+    in (198.18.60.10, default via the VIP 198.18.60.1)
+     |
+    lan: bridge br0 (ports pin, pa, pb)
+     |                         |
+    gwa lan0 198.18.60.2      gwb lan0 198.18.60.3
+    gwa sync0 198.18.99.1 --- gwb sync0 198.18.99.2      (conntrackd's FTFW over UDP)
+    gwa wan0 198.19.20.2      gwb wan0 198.19.20.3
+     |                         |
+    net: bridge br0 198.19.20.1 (ports pa, pb); the server 203.0.113.10 on lo
+
+The MASTER holds the VIP (on lan0) and the SNAT pool 198.19.20.71-72 (/32 on wan0); ``take_over``
+moves them as keepalived would (`ip addr add`, then the peers' neighbour caches flushed in place of
+keepalived's gratuitous ARP), ``crash`` takes a gateway off all three links.  conntrackd and
+`snatgw run` run in the gateway namespaces with every file in the pair's work dir; ``down`` kills
+what runs in the namespaces and deletes them (their veths go with them), also after a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+from .gateway import snatgw_argv
+from .netns import LabError, list_netns, nsenter, run
+
+NODES = ("in", "lan", "gwa", "gwb", "net")
+GATEWAYS = ("gwa", "gwb")
+WORK_ROOT = "/run/snatgw/hapair"
+INSIDE_NET = "198.18.60.0/24"
+VIP = "198.18.60.1"
+HOST = "198.18.60.10"
+SERVER = "203.0.113.10"
+POOL = ("198.19.20.71", "198.19.20.72")
+SYNC = {"gwa": "198.18.99.1", "gwb": "198.18.99.2"}
+#: veth pairs: (node, ifname, peer node, peer ifname)
+LINKS = (
+    ("in", "eth0", "lan", "pin"),
+    ("gwa", "lan0", "lan", "pa"),
+    ("gwb", "lan0", "lan", "pb"),
+    ("gwa", "wan0", "net", "pa"),
+    ("gwb", "wan0", "net", "pb"),
+    ("gwa", "sync0", "gwb", "sync0"),
+)
+BRIDGES = {"lan": ("pin", "pa", "pb"), "net": ("pa", "pb")}
+ADDRS = {
+    "in": [("eth0", f"{HOST}/24")],
+    "gwa": [("lan0", "198.18.60.2/24"), ("wan0", "198.19.20.2/24"), ("sync0", "198.18.99.1/24")],
+    "gwb": [("lan0", "198.18.60.3/24"), ("wan0", "198.19.20.3/24"), ("sync0", "198.18.99.2/24")],
+    "net": [("br0", "198.19.20.1/24"), ("lo", f"{SERVER}/32")],
+}
+ROUTES = {"in": [f"default via {VIP}"], "gwa": ["default via 198.19.20.1"], "gwb": ["default via 198.19.20.1"]}
+SYSCTLS = {
+    "net.ipv6.conf.all.disable_ipv6": "1",
+    "net.ipv6.conf.default.disable_ipv6": "1",
+    "net.ipv4.conf.all.rp_filter": "0",
+    "net.ipv4.conf.default.rp_filter": "0",
+}
+#: the rules both gateways run (the same file on both: the same rule marks and device ids)
+CONFIG = f"""snatgw {{
+    inside lan0
+    outside wan0
+    port_range 5000-65535
+    backend nft
+}}
+
+virtual_server fwmark 1 {{
+  snat_rule {{ from {INSIDE_NET}  oif wan0  snat_ip {POOL[0]}-{POOL[-1]}  algo sdh }}
+}}
+"""
+
+
+def conntrackd_text(example: str, node: str, workdir: str) -> str:
+    """examples/conntrackd.conf (gateway A's) for ``node``: gateway B's swaps the two sync link
+    addresses; the log, lock and control socket move into ``workdir`` (never the host's)."""
+    text = example
+    if node == "gwb":
+        a, b = SYNC["gwa"], SYNC["gwb"]
+        text = re.sub(r"(IPv4_address|IPv4_Destination_Address)(\s+)(" + re.escape(a) + "|" + re.escape(b) + r")\b",
+                      lambda m: m[1] + m[2] + (b if m[3] == a else a), text)
+    for key, name in (("LogFile", "conntrackd.log"), ("LockFile", "conntrackd.lock"), ("Path", "conntrackd.ctl")):
+        text, n = re.subn(rf"(?m)^(\s*{key}\s+)\S+", lambda m: m[1] + os.path.join(workdir, f"{node}-{name}"), text)
+        if n != 1:
+            raise LabError(f"conntrackd example: expected one {key} line, found {n}")
+    return text
+
+
+class HaPair:
+    """The two-gateway topology; ``HaPair.up()`` builds it under a fresh prefix sgha<hex>."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.workdir = os.path.join(WORK_ROOT, prefix)
+        self.procs: list[subprocess.Popen] = []
+        self.snatgw: dict[str, subprocess.Popen] = {}
+
+    def ns(self, node: str) -> str:
+        if node not in NODES:
+            raise LabError(f"unknown node {node!r}; nodes are {', '.join(NODES)}")
+        return f"{self.prefix}-{node}"
+
+    # ------------------------------------------------------------------ commands
+
+    def run(self, node: str, *cmd: str, check: bool = True, timeout: float = 30.0,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        return run(nsenter(self.ns(node), *cmd), check=check, timeout=timeout, input=input)
+
+    def ip(self, node: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run(["ip", "-n", self.ns(node), *args], check=check)
+
+    def popen(self, node: str, *cmd: str, **kw) -> subprocess.Popen:
+        p = subprocess.Popen(nsenter(self.ns(node), *cmd), **kw)
+        self.procs.append(p)
+        return p
+
+    # ------------------------------------------------------------------ life cycle
+
+    @classmethod
+    def up(cls, prefix: str | None = None) -> "HaPair":
+        if os.geteuid() != 0:
+            raise LabError("the HA pair needs root (network namespaces)")
+        prefix = prefix or "sgha" + secrets.token_hex(3)
+        if not re.match(r"^sgha[a-z0-9]{1,8}$", prefix):
+            raise LabError(f"prefix: expected 'sgha' then 1..8 of [a-z0-9], got {prefix!r}")
+        taken = [n for n in list_netns() if n.startswith(prefix + "-")]
+        if taken:
+            raise LabError(f"prefix {prefix}: namespaces exist already: {', '.join(taken)}")
+        pair = cls(prefix)
+        try:
+            pair._build()
+        except BaseException:
+            pair.down()
+            raise
+        return pair
+
+    def _build(self) -> None:
+        os.makedirs(self.workdir, exist_ok=True)
+        for node in NODES:
+            run(["ip", "netns", "add", self.ns(node)])
+            self.ip(node, "link", "set", "lo", "up")
+            for key, val in SYSCTLS.items():
+                self.run(node, "sysctl", "-q", "-w", f"{key}={val}")
+        for a, aif, b, bif in LINKS:
+            self.ip(a, "link", "add", "name", aif, "type", "veth", "peer", "name", bif, "netns", self.ns(b))
+        for node, ports in BRIDGES.items():
+            self.ip(node, "link", "add", "name", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0")
+            for p in ports:
+                self.ip(node, "link", "set", "dev", p, "master", "br0")
+            self.ip(node, "link", "set", "dev", "br0", "up")
+        for node, addrs in ADDRS.items():
+            for ifname, cidr in addrs:
+                self.ip(node, "addr", "add", cidr, "dev", ifname)
+        for a, aif, b, bif in LINKS:
+            self.ip(a, "link", "set", "dev", aif, "up")
+            self.ip(b, "link", "set", "dev", bif, "up")
+        for gw in GATEWAYS:
+            self.run(gw, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        for node, routes in ROUTES.items():
+            for r in routes:
+                self.ip(node, "route", "add", *r.split())
+
+    def down(self) -> None:
+        """Stop every process started here and any other left in the namespaces, delete the
+        namespaces and the work dir.  Safe on a half-built pair and twice."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 5
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        for node in NODES:
+            ns = self.ns(node)
+            if os.path.exists(f"/run/netns/{ns}"):
+                out = run(["ip", "netns", "pids", ns], check=False).stdout
+                for pid in (int(p) for p in out.split() if p.isdigit()):
+                    if pid != os.getpid():
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                run(["ip", "netns", "del", ns], check=False)
+        for gw in GATEWAYS:
+            shutil.rmtree(self.pin_dir(gw), ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            os.rmdir(WORK_ROOT)  # the last pair's
+        except OSError:
+            pass
+
+    def __enter__(self) -> "HaPair":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    # ------------------------------------------------------------------ VRRP by hand
+
+    def take_over(self, gw: str) -> None:
+        """What keepalived does on the new MASTER: the VIP on lan0 and the pool addresses on wan0,
+        then the peers learn the new owner (their neighbour entries flushed: the next packet asks)."""
+        self.ip(gw, "addr", "add", f"{VIP}/24", "dev", "lan0")
+        for a in POOL:
+            self.ip(gw, "addr", "add", f"{a}/32", "dev", "wan0")
+        self.ip("in", "neigh", "flush", "dev", "eth0")
+        self.ip("net", "neigh", "flush", "dev", "br0")
+
+    def crash(self, gw: str) -> None:
+        """The gateway drops off every link at once (a power loss, as the peers see it)."""
+        for dev in ("lan0", "wan0", "sync0"):
+            self.ip(gw, "link", "set", "dev", dev, "down")
+
+    # ------------------------------------------------------------------ daemons
+
+    def start_snatgw(self, gw: str, backend: str = "nft", timeout: float = 30.0) -> subprocess.Popen:
+        """`snatgw run` of CONFIG in ``gw``; returns once it printed `ready`."""
+        conf = os.path.join(self.workdir, f"{gw}.conf")
+        with open(conf, "w") as f:
+            f.write(CONFIG)
+        log_path = os.path.join(self.workdir, f"{gw}-snatgw.log")
+        argv = snatgw_argv("run", conf, "--backend", backend, "--pin-dir", self.pin_dir(gw),
+                           "--socket", self.socket(gw))
+        with open(log_path, "a") as log:
+            p = self.popen(gw, *argv, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
+        self.snatgw[gw] = p
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or p.poll() is not None:
+                raise LabError(f"snatgw run in {gw} not ready (exit {p.poll()}): {_tail(log_path)}")
+            r, _, _ = select.select([p.stdout], [], [], min(left, 0.5))
+            if r:
+                line = p.stdout.readline()
+                if "ready" in line:
+                    break
+        threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()  # keep the pipe drained
+        return p
+
+    def pin_dir(self, gw: str) -> str:
+        """The bpf backend's pin directory of ``gw`` (removed by ``down``)."""
+        return f"/sys/fs/bpf/snatgw-{self.prefix}-{gw}"
+
+    def socket(self, gw: str) -> str:
+        return os.path.join(self.workdir, f"{gw}.sock")
+
+    def start_conntrackd(self, gw: str, example: str, timeout: float = 10.0) -> str:
+        """conntrackd in ``gw`` (foreground, so its pid is ours) on the example's text; returns
+        the config path once its control socket answers."""
+        conf = os.path.join(self.workdir, f"{gw}-conntrackd.conf")
+        with open(conf, "w") as f:
+            f.write(conntrackd_text(example, gw, self.workdir))
+        self.popen(gw, "conntrackd", "-C", conf, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while self.ctd(gw, "-s", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                log = os.path.join(self.workdir, f"{gw}-conntrackd.log")
+                raise LabError(f"conntrackd in {gw} does not answer: {_tail(log)}")
+            time.sleep(0.05)
+        return conf
+
+    def ctd(self, gw: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`conntrackd -C <gw's config> ARGS` in ``gw`` (a request to the running daemon)."""
+        return self.run(gw, "conntrackd", "-C", os.path.join(self.workdir, f"{gw}-conntrackd.conf"), *args,
+                        check=check, timeout=10)
+
+    def become_primary(self, gw: str) -> None:
+        """primary-backup.sh's `primary` steps (keepalived's notify_master): commit the external
+        cache to the kernel, flush the caches, resync the internal cache from the kernel, send a
+        bulk update to the backup."""
+        for arg in ("-c", "-f", "-R", "-B"):
+            self.ctd(gw, arg)
+
+
+def _tail(path: str, n: int = 15) -> str:
+    try:
+        with open(path) as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return "(no log)"
