@@ -6,8 +6,10 @@ Each test's docstring says whether bpf and nft must agree exactly or where they 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import time
 from ipaddress import IPv4Address
 
 import pytest
@@ -199,6 +201,48 @@ def test_daemon_restart_keeps_an_open_tcp_session(gw):
             gw.lab.start_gateway(gw.conf, gw.backend)
             after = s.exchange()
         assert before["peer"] == after["peer"]
+    finally:
+        gw.restore()
+
+
+def test_sessions_survive_a_restart_across_which_their_devices_were_recreated(gw):
+    """The daemon stopped (state kept), an inside device and an uplink recreated meanwhile
+    under their names (another ifindex, as a VLAN or PPP device comes back), the daemon
+    started: a UDP flow through both goes on with its mapping within a second, nothing of it
+    leaving an uplink untranslated.  bpf adopted sessions that redirected to the old ifindexes
+    (the hook check that makes sessions follow a device only compares within one daemon's
+    life), so the flow stayed black-holed until its session expired; nft's conntrack never
+    names devices.  bpf and nft must agree exactly."""
+    from snatgw.lab import leakwatch
+
+    gw.check()
+    try:
+        with ns_socket(gw.lab.ns("in40"), socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.3)
+            s.bind(("198.18.40.12", 0))
+            s.connect(("198.51.100.10", clients.ECHO_PORT))  # rule 1: out of eth2
+
+            def exchange(deadline: float):
+                end = time.monotonic() + deadline
+                while time.monotonic() < end:
+                    s.send(b"ping")
+                    with contextlib.suppress(OSError):  # (socket.timeout: an OSError)
+                        return json.loads(s.recv(65536))
+                return None
+
+            before = exchange(3.0)
+            gw.lab.stop_gateway()
+            watch = None
+            try:
+                gw.lab.recreate_link("lan40")
+                gw.lab.recreate_link("eth2")
+                watch = leakwatch.uplinks(gw.lab, ("198.18.0.0/16",))
+                gw.lab.start_gateway(gw.conf, gw.backend)
+                after = exchange(1.5)
+            finally:
+                leaks = watch.stop() if watch is not None else []
+        assert before is not None and after is not None and after["peer"] == before["peer"], (before, after)
+        assert leaks == []
     finally:
         gw.restore()
 

@@ -152,6 +152,30 @@ class Lab:
         r = json.loads(self.ip("gw", *args).stdout)[0]
         return Route(r["dev"], IPv4Address(r.get("gateway", str(dst))))
 
+    def recreate_link(self, gw_dev: str) -> int:
+        """Delete the gateway's ``gw_dev`` (its veth peer goes with it) and make the pair again
+        under the same names, with the addresses both ends had (SNAT addresses included) and
+        the plan's routes, as a VLAN or PPP device comes back: same name, another ifindex.
+        Returns the new ifindex."""
+        node, dev = next((b, bif) if a == "gw" else (a, aif) for a, aif, b, bif in LINKS
+                         if ("gw", gw_dev) in ((a, aif), (b, bif)))  # fmt: skip
+
+        def addrs(n, d):
+            shown = json.loads(self.ip(n, "-j", "-4", "addr", "show", "dev", d).stdout)
+            return [f"{a['local']}/{a['prefixlen']}" for i in shown for a in i.get("addr_info", [])]
+
+        had = {"gw": addrs("gw", gw_dev), node: addrs(node, dev)}
+        self.ip("gw", "link", "del", "dev", gw_dev)
+        self.ip("gw", "link", "add", "name", gw_dev, "type", "veth", "peer", "name", dev, "netns", self.ns(node))
+        for n, d in (("gw", gw_dev), (node, dev)):
+            for cidr in had[n]:
+                self.ip(n, "addr", "add", cidr, "dev", d)
+            self.ip(n, "link", "set", "dev", d, "up")
+        for n in ("gw", node):
+            for r in ROUTES.get(n, ()):
+                self.ip(n, "route", "replace", *r.split())
+        return json.loads(self.ip("gw", "-j", "link", "show", "dev", gw_dev).stdout)[0]["ifindex"]
+
     def outside_iface_for(self, addr) -> str | None:
         """The gateway's outside interface whose subnet contains ``addr``."""
         addr = IPv4Address(str(addr))

@@ -247,7 +247,10 @@ class BpfBackend:
             self._install(config)
             self.holder = FragmentHolder()
             recirc = self.holder.start()
+            recreated = self._recreated_while_away(s)  # (snat_ifaces as the last daemon left it)
             self._write_ifaces(s)
+            if recreated:  # before attach: the new device's first packets find their sessions
+                self._follow_devices(recreated)
             self.refresh_route_back()
             carried = self._nft_sessions()
             if carried:  # before attach: from the first packet on, ours carry on with nft's mappings
@@ -444,6 +447,37 @@ class BpfBackend:
             self._install_guard(self.config)
             restored.append(f"leak guard table {guard.FAMILY} {guard.TABLE}")
         return restored
+
+    def _recreated_while_away(self, s: Settings) -> dict[str, tuple[int, int]]:
+        """At a start that adopted a previous daemon's sessions: the devices of ``s`` recreated
+        with another ifindex while no daemon watched (a VLAN or PPP device made again during a
+        restart), name -> (old, new ifindex), for _follow_devices.  snat_ifaces, still as the
+        last daemon wrote it, names its devices by ifindex and role only: per role, the one
+        device it held that no longer exists is taken to be the one configured device it did
+        not hold.  More than one of a role on either side cannot be told apart: logged, and
+        those sessions end when they expire (they were black-holed either way).  A device
+        renamed away still exists: its sessions stay where they are.  Never raises."""
+        if L.MAP_CT not in self.loader.reused or L.MAP_IFACES not in self.loader.reused:
+            return {}
+        try:
+            held = {int.from_bytes(k, "little"): int.from_bytes(v, "little") for k, v in self.maps.ifaces.items()}
+            exist = {idx for idx, _ in socket.if_nameindex()}
+            now = {n: ifindex(n) for n in tuple(s.inside) + tuple(s.outside)}
+        except (BackendError, B.LibbpfError, OSError) as e:
+            log.warning("bpf backend: cannot tell which devices were recreated since the last daemon: %s", e)
+            return {}
+        out = {}
+        for names, role in ((s.inside, L.IFACE_INSIDE), (s.outside, L.IFACE_OUTSIDE)):
+            gone = [idx for idx, r in held.items() if idx != L.RECIRC_KEY and r == role and idx not in exist]
+            new = [n for n in names if now[n] not in held]
+            if len(gone) == 1 and len(new) == 1:
+                out[new[0]] = (gone[0], now[new[0]])
+            elif gone and new:
+                log.warning("bpf backend: %s devices recreated since the last daemon (%s) cannot be told apart "
+                            "from its ifindexes (%s): their sessions end when they expire",
+                            "inside" if role == L.IFACE_INSIDE else "outside", ", ".join(new),
+                            ", ".join(map(str, gone)))  # fmt: skip
+        return out
 
     def _follow_devices(self, moved: dict[str, tuple[int, int]]) -> None:
         """Sessions follow devices recreated under their names with another ifindex (a VLAN or
