@@ -372,6 +372,48 @@ def test_sessions_follow_devices_recreated_with_another_ifindex(gw, pin_dir, min
 
 
 @pytest.mark.bpf
+def test_a_device_renamed_away_loses_programs_and_role_and_keeps_its_sessions(gw, pin_dir, mini_obj):  # noqa: F811
+    """`ip link set lan40 name lanold`: the config names lan40, so lanold is no longer inside
+    (the nft backend, which matches names, stops treating it so at once).  The hook check
+    kept our program and role on it until a restart, and when another device took the name
+    lan40 it moved lanold's sessions there, away from the hosts behind lanold that the
+    kernel still routes their replies to.  Now the hook check takes program and role off
+    lanold, attaches to the new lan40, and leaves the sessions where they were."""
+    import struct
+
+    def roles(b):
+        return {struct.unpack("<I", k)[0]: struct.unpack("<I", v)[0] for k, v in b.maps.ifaces.items()}
+
+    with netns(gw):
+        cfg = config(pin_dir)
+        b = BpfBackend(cfg.settings, obj_path=mini_obj)
+        b.start(cfg)
+        try:
+            old = socket.if_nametoindex("lan40")
+            out_key, in_key = add_session(b.maps.ct, 1)
+            for k, field, v in ((in_key, "ifindex", old), (out_key, "iif", old & 0xFFFF)):  # one behind lan40
+                e = dict(L.CT_ENTRY.unpack(b.maps.ct.get(k)), **{field: v})
+                b.maps.ct.put(k, L.CT_ENTRY.pack(**e))
+            sh("ip", "link", "set", "lan40", "down")
+            sh("ip", "link", "set", "lan40", "name", "lanold")
+            sh("ip", "link", "set", "lanold", "up")
+            assert b.check_hooks() == []
+            assert attached_prog_id("lanold", B.BPF_TC_INGRESS) is None
+            assert old not in roles(b)
+            sh("ip", "link", "add", "lan40", "type", "veth", "peer", "name", "lan40p")
+            sh("ip", "link", "set", "lan40", "up")
+            new = socket.if_nametoindex("lan40")
+            assert any("lan40" in x for x in b.check_hooks())
+            assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is not None
+            assert attached_prog_id("lanold", B.BPF_TC_INGRESS) is None
+            assert roles(b)[new] == L.IFACE_INSIDE and old not in roles(b)
+            assert L.CT_ENTRY.unpack(b.maps.ct.get(in_key))["ifindex"] == old
+            assert L.CT_ENTRY.unpack(b.maps.ct.get(out_key))["iif"] == old & 0xFFFF
+        finally:
+            b.stop()
+
+
+@pytest.mark.bpf
 @pytest.mark.nft
 def test_stats_read_the_leak_guards_drops_without_an_nft_process(gw, pin_dir, mini_obj, monkeypatch):  # noqa: F811
     """The leak guard table's drops count in DROP_LEAK (netfilter's postrouting comes before

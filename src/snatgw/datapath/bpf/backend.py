@@ -89,6 +89,15 @@ def _egresses_text(egresses) -> str:
     return ", ".join(f"via {nh} dev {_dev_name(idx)}" for idx, nh in sorted(egresses, key=str)) or "none"
 
 
+def _gone(idx: int) -> bool:
+    """No device has ifindex ``idx`` now."""
+    try:
+        socket.if_indextoname(idx)
+    except OSError:
+        return True
+    return False
+
+
 def _dev_name(idx: int) -> str:
     try:
         return socket.if_indextoname(idx)
@@ -426,7 +435,7 @@ class BpfBackend:
             self.refresh_route_back()
         before = {a.ifname: a.ifindex for a in self.loader.attachments}
         restored = self.loader.check()
-        if restored and self.settings is not None:
+        if (restored or self.loader.left) and self.settings is not None:
             # an attachment made again is (mostly) a device recreated with another ifindex:
             # snat_ifaces names devices by ifindex, and an inside device missing there made
             # traffic routed between inside networks through it look outbound (translated with
@@ -435,8 +444,10 @@ class BpfBackend:
                 self._write_ifaces(self.settings)
             except BackendError as e:
                 log.warning("bpf backend: cannot write the devices' roles: %s", e)
+            # (a device renamed away keeps its sessions: its hosts are still behind it, and
+            # the kernel routes their replies there, as on nft)
             moved = {a.ifname: (before[a.ifname], a.ifindex) for a in self.loader.attachments
-                     if before.get(a.ifname, a.ifindex) != a.ifindex}  # fmt: skip
+                     if before.get(a.ifname, a.ifindex) != a.ifindex and _gone(before[a.ifname])}  # fmt: skip
             if moved:
                 self._follow_devices(moved)
         if _clock() - self._gw_check_at >= ROUTE_BACK_RECHECK:  # (`ip` runs: not every tick)

@@ -181,6 +181,8 @@ class Loader:
         self.maps: DatapathMaps | None = None
         self.reused: list[str] = []  # map names adopted from pins
         self.attachments: list[Attachment] = []
+        #: the devices the last check() found renamed away and took our programs off
+        self.left: list[str] = []
         #: what the last load() changed in the pin dir, until commit(): pins it created where
         #: none was, and the maps whose pins it replaced (another layout: path -> an fd of the
         #: old map), so that rollback() can put the pin dir back as it found it
@@ -363,6 +365,7 @@ class Loader:
         """Restore what vanished: each attachment whose filter is gone (`tc filter del`,
         `tc qdisc del dev X clsact`) or runs another program is attached again.  Returns what
         was restored (empty when all is in place).  Cheap: one netlink query per hook."""
+        self.left = []
         if self.obj is None:
             return []
         restored = []
@@ -370,7 +373,11 @@ class Loader:
         for a in self.attachments:
             try:
                 idx = socket.if_nametoindex(a.ifname)
-            except OSError:  # the device is gone: nothing to attach to until it returns
+            except OSError:  # the device is gone (or renamed): nothing to attach to until it returns
+                idx = None
+            if idx != a.ifindex:
+                self._leave_renamed(a)
+            if idx is None:
                 fixed.append(a)
                 continue
             pid = _query(idx, a.point) if idx == a.ifindex else None
@@ -385,6 +392,30 @@ class Loader:
             restored.append(str(b))
         self.attachments = fixed
         return restored
+
+    def _leave_renamed(self, a: Attachment) -> None:
+        """Take our filter off ``a``'s device when that was renamed away (``ip link set lan40
+        name X``): it is no longer inside or outside, as the nft backend, which names devices,
+        sees it at once; until 30 Nov 2026 it kept our programs (translating a device the
+        config does not name) until a restart.  Only our program on that very hook, and not on
+        a device that took another of our names: an ifindex that now names an unrelated device
+        is left alone.  Logged; never raises."""
+        try:
+            name = socket.if_indextoname(a.ifindex)
+        except OSError:
+            return  # gone with its device
+        try:
+            if name in {x.ifname for x in self.attachments} or _query(a.ifindex, a.point) != a.prog_id:
+                return  # (a device of ours under another of our names, two swapped: check() attaches it)
+            B.tc_detach(a.ifindex, a.point, TC_HANDLE, TC_PRIORITY)
+            if a.created_hook and _hook_empty(name):
+                B.tc_hook_destroy(a.ifindex, B.BPF_TC_INGRESS | B.BPF_TC_EGRESS)
+        except (BackendError, B.LibbpfError) as e:
+            log.warning("cannot remove %s from %s (renamed from %s): %s", a.prog, name, a.ifname, e)
+            return
+        log.warning("removed %s from %s %s: renamed from %s, it is no longer inside/outside",
+                    a.prog, name, "ingress" if a.point == B.BPF_TC_INGRESS else "egress", a.ifname)  # fmt: skip
+        self.left.append(name)
 
     def detach(self) -> None:
         """Remove only our filters; a clsact qdisc we created goes too once it is empty."""
