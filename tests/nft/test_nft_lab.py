@@ -409,20 +409,23 @@ def test_traffic_to_the_gateway_itself_is_not_steered_or_marked(lab, backend):
     assert mine and all(f"mark={R.MARK_TAG >> 16}" not in ln and "mark=13974" not in ln for ln in mine)
 
 
-def test_unroutable_new_gw_is_refused_and_changes_nothing(lab, backend):
-    """A new_gw with no route and no oif is a clear error naming the rule's line; the rule set
-    that was applied stays as it was."""
-    from snatgw.errors import BackendError
+def test_an_unroutable_new_gw_is_applied_with_a_warning_and_its_flows_refused(lab, backend, caplog):
+    """A new_gw with no route and no oif (its uplink down or gone, or a typo) is applied, as
+    bpf applies it, with a warning naming the rule's line; its table holds an unreachable
+    route, so its flows are refused at the gateway instead of leaving by the main table's
+    route.  (It was refused, which refused a failover reload while an uplink was down.)"""
+    import logging
 
     bad = ("virtual_server fwmark 1 {\n"
            " snat_rule { from 198.18.40.0/24 new_gw 192.0.2.200 snat_ip 198.19.2.71 }\n}\n")
     with backend(REF) as b:
         lab.ip("gw", "route", "add", "unreachable", "192.0.2.200/32")
         try:
-            before = _table(lab)
-            with pytest.raises(BackendError, match=r"nft-test.conf:2: new_gw: no route to 192.0.2.200"):
+            with caplog.at_level(logging.WARNING, logger="snatgw.nft"):
                 b.apply(cfg(bad))
-            assert _table(lab) == before
+            assert "nft-test.conf:2: new_gw: no route to 192.0.2.200" in caplog.text
+            assert list(_policy_routes(lab).values()) == ["unreachable default"]
+            assert _datagram(lab, "in40", "198.18.40.10", S1) is None
         finally:
             lab.ip("gw", "route", "del", "unreachable", "192.0.2.200/32")
 
@@ -541,8 +544,53 @@ def _policy_routes(lab) -> dict[int, str]:
     for rt in json.loads(lab.run("gw", "ip", "-j", "route", "show", "table", "all").stdout):
         t = str(rt.get("table", ""))
         if t.isdigit() and R.RT_BASE <= int(t) < R.RT_BASE + R.SLOTS:
-            out[int(t)] = f"{rt['dst']} via {rt.get('gateway')} dev {rt.get('dev')}"
+            out[int(t)] = (f"unreachable {rt['dst']}" if rt.get("type") == "unreachable"
+                           else f"{rt['dst']} via {rt.get('gateway')} dev {rt.get('dev')}")  # fmt: skip
     return out
+
+
+def _datagram(lab, node: str, src: str, dst: str, wait: float = 1.0) -> dict | None:
+    """Send one UDP datagram; what the server saw of it (its event), or None: whether or not
+    the reply finds its way back."""
+    tok = C._token()
+    with ns_socket(lab.ns(node), socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((src, 0))
+        try:
+            s.sendto(tok.encode(), (dst, C.ECHO_PORT))
+        except OSError:  # (unreachable, said at once)
+            pass
+        return lab.servers.wait_for(lambda ev: ev.get("data") == tok, timeout=wait)
+
+
+def test_a_failover_reload_while_isp1_is_down_is_applied_and_its_new_gw_flows_do_not_take_isp2(lab, backend):
+    """ISP 1's uplink down as a PPP, DHCP or admin-down uplink goes (the kernel removes its
+    routes): the seed's failover reload (rule 2 to ISP 2) was refused, because rule 3 keeps
+    new_gw 198.19.2.1 without an oif and nothing routes it now ("new_gw: no route"), so the
+    failover could not be made while it was needed; bpf applies it with a warning.  And rule
+    3's flows, their table route gone with the uplink, took the main table's route out of
+    ISP 2 with ISP 1's SNAT address for as long as the uplink stayed down.  Now such a new_gw's
+    table holds an unreachable route until it is routed again (the hook check puts the real
+    one there within ROUTING_RECHECK of the uplink's return): its flows are refused at the
+    gateway, never sent out of the other ISP."""
+    with backend(REF) as b:
+        try:
+            lab.ip("gw", "link", "set", "eth1", "down")
+            b._routing_next = 0.0
+            b.check_hooks()
+            assert _datagram(lab, "in50", "198.18.50.10", S2) is None  # (was: via isp2, an isp1 address)
+            b.apply(cfg(FAILOVER))
+            (table,) = _policy_routes(lab).keys() & {e.table for e in b._plan.routes if str(e.new_gw) == "198.19.2.1"}
+            assert _policy_routes(lab)[table] == "unreachable default"
+            assert _datagram(lab, "in50", "198.18.50.10", S2) is None
+            lab.ip("gw", "link", "set", "eth1", "up")
+            lab.ip("gw", "route", "replace", "default", "via", "198.19.2.1", "dev", "eth1")
+            b._routing_next = 0.0
+            assert b.check_hooks() == [f"new_gw policy route (table {table}: default via 198.19.2.1 dev eth1)"]
+            got = _datagram(lab, "in50", "198.18.50.10", S2)
+            assert got is not None and _isp1(_ip(got["peer"])) and got["link"] == "isp1"
+        finally:
+            lab.ip("gw", "link", "set", "eth1", "up")
+            lab.ip("gw", "route", "replace", "default", "via", "198.19.2.1", "dev", "eth1")
 
 
 def test_new_gw_policy_routing_comes_back_after_its_uplink_flaps(lab, backend):
@@ -558,10 +606,13 @@ def test_new_gw_policy_routing_comes_back_after_its_uplink_flaps(lab, backend):
         b._routing_next = 0.0
         assert b.check_hooks() == []  # all in place
         lab.ip("gw", "link", "set", "eth1", "down")
-        b._routing_next = 0.0  # while it stays down: nothing to route by, nothing raised or put back
-        assert b.check_hooks() == [] and _policy_routes(lab) == {}
-        lab.ip("gw", "link", "set", "eth1", "up")
         assert _policy_routes(lab) == {}  # the kernel took it
+        b._routing_next = 0.0  # while it stays down: refused, never the main table's route; nothing raised
+        assert b.check_hooks() == [f"new_gw policy route (table {table}: unreachable, no route to 198.19.2.1)"]
+        assert _policy_routes(lab) == {table: "unreachable default"}
+        b._routing_next = 0.0
+        assert b.check_hooks() == []  # (in place: not again)
+        lab.ip("gw", "link", "set", "eth1", "up")
         b._routing_next = 0.0  # (it looks every ROUTING_RECHECK seconds)
         assert b.check_hooks() == [f"new_gw policy route (table {table}: default via 198.19.2.1 dev eth1)"]
         assert _policy_routes(lab) == before

@@ -293,11 +293,14 @@ class NftBackend:
         routes = []
         for e in p.routes:
             how = self._new_gw_route(e)
-            if how is None:
-                raise BackendError(
-                    f"{e.rule.where or 'rule'}: new_gw: no route to {e.new_gw} in this namespace "
-                    f"(ip route get {e.new_gw}); add one, or give the rule an oif to use it on-link"
-                )
+            if how is None:  # (an uplink down or gone: a failover reload must not be refused then)
+                log.warning("nft backend: %s: new_gw: no route to %s in this namespace now (ip route get %s): "
+                            "its flows are refused (an unreachable route in table %d) until one appears, "
+                            "put in place by the hook check within %.0f s; or give the rule an oif to use it "
+                            "on-link", e.rule.where or "rule", e.new_gw, e.new_gw, e.table,
+                            ROUTING_RECHECK)  # fmt: skip
+                routes.append((e, e.commands(unreachable=True)))
+                continue
             routes.append((e, e.commands(*how)))
         # routes first: a new slot's ip rule is inert until the rule set marks packets with it,
         # and `route replace` swaps a changed new_gw in one step (no window without a route)
@@ -347,7 +350,10 @@ class NftBackend:
         down, and nothing put it back: every new_gw flow then took the main table's route until
         a reload), whose route no longer matches where the kernel reaches the new_gw (another
         uplink, a device recreated), or whose ip rule is gone is installed again as apply()
-        does.  Returns what was put back; a route `ip` refuses now (its device still down) is
+        does; a table of a new_gw nothing routes now (its uplink down or gone) that lost its
+        route gets an unreachable one, so its flows are refused instead of leaving by the main
+        table's route, out of another ISP with this one's SNAT address, while the uplink stays
+        down.  Returns what was put back; a route `ip` refuses now (its device still down) is
         logged once per refusal and tried again at the next check.  Never raises."""
         if self._plan is None or not self._plan.routes or time.monotonic() < self._routing_next:
             return []
@@ -363,13 +369,16 @@ class NftBackend:
             if (e.new_gw, e.rule.oif) not in resolved:  # (an `ip route get` per distinct new_gw)
                 resolved[(e.new_gw, e.rule.oif)] = self._new_gw_route(e)
             how = resolved[(e.new_gw, e.rule.oif)]
-            if how is None:  # no route now and no oif: nothing to route it by (a reload says so)
-                continue
-            via, dev, onlink = how
-            route, rule = e.commands(via, dev, onlink)
             todo = []
-            if tables.get(e.table) != (str(via), dev):
-                todo.append((route, f"new_gw policy route (table {e.table}: default via {via} dev {dev})"))
+            if how is None:  # no route now and no oif: its flows are refused, not sent by the main table
+                route, rule = e.commands(unreachable=True)
+                if e.table not in tables:  # (the kernel took its route with the uplink)
+                    todo.append((route, f"new_gw policy route (table {e.table}: unreachable, no route to {e.new_gw})"))
+            else:
+                via, dev, onlink = how
+                route, rule = e.commands(via, dev, onlink)
+                if tables.get(e.table) != (str(via), dev):
+                    todo.append((route, f"new_gw policy route (table {e.table}: default via {via} dev {dev})"))
             if e.table not in rules:
                 todo.append((rule, f"new_gw ip rule (pref {e.table})"))
             for argv, what in todo:

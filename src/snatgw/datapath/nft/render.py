@@ -420,9 +420,15 @@ class RouteEntry:
     def table(self) -> int:
         return table_of(self.slot)
 
-    def commands(self, via: IPv4Address | None = None, dev: str | None = None, onlink: bool = False) -> list[list[str]]:
-        """`ip` argv lists (without the leading `ip`) that install it."""
-        route = ["route", "replace", "default", "via", str(via or self.new_gw)]
+    def commands(self, via: IPv4Address | None = None, dev: str | None = None, onlink: bool = False,
+                 unreachable: bool = False) -> list[list[str]]:  # fmt: skip
+        """`ip` argv lists (without the leading `ip`) that install it; ``unreachable``: a table
+        route that refuses the marked flows (while nothing routes the new_gw: they must not
+        fall through to the main table's route, another uplink)."""
+        if unreachable:
+            route = ["route", "replace", "unreachable", "default"]
+        else:
+            route = ["route", "replace", "default", "via", str(via or self.new_gw)]
         if dev:
             route += ["dev", dev]
         if onlink:
