@@ -315,6 +315,34 @@ def test_a_recreated_inside_device_keeps_its_role(gw, pin_dir, mini_obj):  # noq
 
 
 @pytest.mark.bpf
+def test_an_address_added_to_an_inside_device_is_guarded_after_the_next_check(gw, pin_dir, mini_obj):  # noqa: F811
+    """snat_inside_addrs (the gateway's own inside addresses, which the egress guard never lets
+    out of an uplink as a source) was written at start and reload only: an address added to an
+    inside device later (by hand, DHCP, a VRRP VIP) was not in it until a reload.  The hook
+    check (every ROUTE_BACK_RECHECK seconds) writes them as they are, and drops a removed one."""
+
+    def inside_addrs(b):
+        return {str(IP(k)) for k, _ in b.maps.inside_addrs.items()}
+
+    with netns(gw):
+        cfg = config(pin_dir)
+        b = BpfBackend(cfg.settings, obj_path=mini_obj)
+        b.start(cfg)
+        try:
+            assert inside_addrs(b) == {"198.18.40.1"}
+            sh("ip", "addr", "add", "198.18.41.1/24", "dev", "lan40")
+            b._gw_check_at = float("-inf")  # (it looks every ROUTE_BACK_RECHECK seconds)
+            b.check_hooks()
+            assert inside_addrs(b) == {"198.18.40.1", "198.18.41.1"}
+            sh("ip", "addr", "del", "198.18.41.1/24", "dev", "lan40")
+            b._gw_check_at = float("-inf")
+            b.check_hooks()
+            assert inside_addrs(b) == {"198.18.40.1"}
+        finally:
+            b.stop()
+
+
+@pytest.mark.bpf
 def test_sessions_follow_devices_recreated_with_another_ifindex(gw, pin_dir, mini_obj):  # noqa: F811
     """A session keeps the ifindex of the device it leaves by and redirects there: an uplink
     or inside device recreated under its name (a VLAN or bond made again) black-holed every

@@ -454,10 +454,28 @@ class BpfBackend:
             self._gw_check_at = _clock()
             self._recheck_gw_egresses()
             restored += self._check_gw_routes()
+            self._recheck_inside_addrs()
         if self.config is not None and not guard.present():
             self._install_guard(self.config)
             restored.append(f"leak guard table {guard.FAMILY} {guard.TABLE}")
         return restored
+
+    def _recheck_inside_addrs(self) -> None:
+        """The hook check's part: the gateway's own addresses on its inside devices as they are
+        now (snat_inside_addrs: the egress guard drops a packet leaving an uplink with one of
+        them as its source).  They were written at start and reload only, so an address added
+        to an inside device later (by hand, DHCP, keepalived's VIP) went unguarded by the
+        datapath until a reload (the nft guard table still held).  Logged at info when they
+        changed.  Never raises."""
+        if self.settings is None or self.maps is None:
+            return
+        try:
+            changed = self.maps.write_inside_addrs(device_addresses(self.settings.inside))
+        except (BackendError, B.LibbpfError, OSError, ValueError, subprocess.SubprocessError) as e:
+            log.warning("bpf backend: cannot read or write the inside devices' addresses: %s", e)
+            return
+        if changed:
+            log.info("bpf backend: the inside devices' own addresses changed: %s", " ".join(changed))
 
     def _recreated_while_away(self, s: Settings) -> dict[str, tuple[int, int]]:
         """At a start that adopted a previous daemon's sessions: the devices of ``s`` recreated

@@ -576,16 +576,21 @@ class DatapathMaps:
             return dict(self._from_nets_written)
         return {k: struct.unpack("<I", v)[0] for k, v in self.from_nets.items()}
 
-    def write_inside_addrs(self, addrs: dict[IPv4Address, int]) -> None:
-        """Make snat_inside_addrs hold exactly ``addrs`` (address -> ifindex of its device)."""
+    def write_inside_addrs(self, addrs: dict[IPv4Address, int]) -> list[str]:
+        """Make snat_inside_addrs hold exactly ``addrs`` (address -> ifindex of its device);
+        returns what changed ("+ADDR", "-ADDR"), for the log."""
         want = {a.packed: struct.pack("<I", i) for a, i in list(addrs.items())[: L.MAX_INSIDE_ADDRS]}
         have = dict(self.inside_addrs.items())
+        changed = []
         for k, v in want.items():
             if have.get(k) != v:
                 self.inside_addrs.put(k, v)
+                changed.append(f"+{IPv4Address(k)}")
         for k in have:
             if k not in want:
                 self.inside_addrs.delete(k)
+                changed.append(f"-{IPv4Address(k)}")
+        return changed
 
     def iface_roles(self) -> dict[int, int]:
         return {struct.unpack("<I", k)[0]: struct.unpack("<I", v)[0] for k, v in self.ifaces.items()}
