@@ -1,9 +1,9 @@
 """Stateful failover between two gateways (docs/operations.md, "Failover"): snatgw.lab.hapair's
 pair, the same rules in `snatgw run` on both, a long TCP connection (a line echoed every 50 ms)
 and a UDP flow from the inside host to the server, then gateway A crashes (off every link) and B
-takes the VIP and the pool as keepalived would.  With conntrackd (examples/conntrackd.conf, FTFW
-over UDP on the sync link, B's external cache committed by primary-backup.sh's `primary` steps)
-the nft backend's TCP connection goes on and the server sees the same SNAT address and port; a
+takes the VIP and the pool.  With conntrackd (examples/conntrackd.conf, FTFW over UDP on the sync
+link, B's external cache committed by primary-backup.sh, keepalived's notify script) the nft
+backend's TCP connection goes on and the server sees the same SNAT address and port; a
 leak watcher on the uplink segment sees no inside address at any time.  Without conntrackd the
 same failover breaks it (the test can fail), and the bpf backend does as the docs say."""
 
@@ -24,7 +24,7 @@ from snatgw.datapath.nft.render import NFT_TCP_STATES
 from snatgw.lab import leakwatch
 from snatgw.layout import CtState
 from snatgw.lab.gateway import snatgw_argv
-from snatgw.lab.hapair import HOST, INSIDE_NET, POOL, SERVER, HaPair, conntrackd_text
+from snatgw.lab.hapair import HOST, INSIDE_NET, POOL, SERVER, HaPair, conntrackd_text, keepalived_text
 from snatgw.lab.netns import ns_socket
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -202,14 +202,16 @@ class Outcome:
     a_entry: dict  # the TCP connection's conntrack entry on A before the failover
     b_entry: dict  # ... on B after it
     b_conns: list  # B's `snatgw conns` of the server's TCP port after it
-    commit: float  # primary-backup.sh's `primary` steps on B (s)
+    commit: float  # primary-backup.sh's `primary` steps on B (s); with keepalived: until B held the VIP
     dropped: int  # frames the leak watchers lost (nonzero: their answer is unsure)
 
 
 def failover(pair: HaPair, backend: str = "nft", sync: bool = True, kernel_snat: bool = False,
-             wait: float = 6.0) -> Outcome:
+             wait: float = 6.0, keepalived: bool = False) -> Outcome:
     """Build the pair's daemons, run the flows through A, crash A, move the VIP and pool to B
-    (and commit conntrackd's cache there), watch what survives."""
+    (and commit conntrackd's cache there), watch what survives.  ``keepalived``: keepalived on
+    both gateways moves them and runs primary-backup.sh (conntrackd's steps); else the test does
+    both by hand, in keepalived's order (the addresses, then the commit)."""
     example = _example()
     for gw in ("gwa", "gwb"):
         if kernel_snat:  # the reference: kernel nftables SNAT, no snatgw
@@ -220,7 +222,12 @@ def failover(pair: HaPair, backend: str = "nft", sync: bool = True, kernel_snat:
             pair.start_snatgw(gw, backend)
         if sync:
             pair.start_conntrackd(gw, example)
-    pair.take_over("gwa")
+    if keepalived:
+        for gw in ("gwa", "gwb"):
+            pair.start_keepalived(gw)
+        pair.wait_vip("gwa")
+    else:
+        pair.take_over("gwa")
     watchers = [leakwatch.start(pair.ns("net"), dev, [INSIDE_NET]) for dev in ("pa", "pb")]
     flows = Flows(pair)
     try:
@@ -229,11 +236,14 @@ def failover(pair: HaPair, backend: str = "nft", sync: bool = True, kernel_snat:
         time.sleep(0.3)  # conntrackd's events reach B's external cache
         a_entry = _ct_entry(pair, "gwa")
         pair.crash("gwa")
-        t_fail = time.monotonic()  # from here nothing passes A
-        pair.take_over("gwb")
-        t_commit = time.monotonic()
-        if sync:
-            pair.become_primary("gwb")
+        t_fail = t_commit = time.monotonic()  # from here nothing passes A
+        if keepalived:
+            pair.wait_vip("gwb")  # then keepalived runs notify_master: the commit
+        else:
+            pair.take_over("gwb")
+            t_commit = time.monotonic()
+            if sync:
+                pair.become_primary("gwb")
         t_commit = time.monotonic() - t_commit
         continued = flows.wait_tcp(time.monotonic(), 10, wait)
         b_entry = _ct_entry(pair, "gwb")
@@ -301,7 +311,9 @@ def _timeout(entry: dict) -> int:
 
 
 def test_nft_backend_with_conntrackd_keeps_tcp_and_its_mapping_across_a_failover(pair):
-    o = failover(pair)
+    """keepalived moves the VIP and the pool and runs conntrackd's primary-backup.sh (pointed at
+    the test's files: the edit the docs ask for) as notify_master/backup/fault."""
+    o = failover(pair, keepalived=True)
     assert o.tcp_continued and not o.tcp_error and not o.server_error, o
     assert o.gap < 3, o.gap
     # the server's socket accepted the connection from the pool before the failover and still
@@ -376,3 +388,7 @@ def test_the_example_files_are_what_the_docs_show():
     assert "IPv4_address 198.18.99.1 " in a and "IPv4_Destination_Address 198.18.99.2 " in a
     assert "IPv4_address 198.18.99.2 " in b and "IPv4_Destination_Address 198.18.99.1 " in b
     assert "LockFile /w/gwb-conntrackd.lock" in b and "/var/" not in b
+    # the notify lines the docs show are the ones the test's keepalived runs (with its script)
+    block = doc.split("**keepalived**", 1)[1].split("```\n")[1]
+    ka = keepalived_text("gwb", "/etc/conntrackd/primary-backup.sh")
+    assert block.splitlines() and all(line in ka.splitlines() for line in block.splitlines()), (block, ka)

@@ -11,11 +11,15 @@
      |                         |
     net: bridge br0 198.19.20.1 (ports pa, pb); the server 203.0.113.10 on lo
 
-The MASTER holds the VIP (on lan0) and the SNAT pool 198.19.20.71-72 (/32 on wan0); ``take_over``
-moves them as keepalived would (`ip addr add`, then the peers' neighbour caches flushed in place of
-keepalived's gratuitous ARP), ``crash`` takes a gateway off all three links.  conntrackd and
-`snatgw run` run in the gateway namespaces with every file in the pair's work dir; ``down`` kills
-what runs in the namespaces and deletes them (their veths go with them), also after a failure.
+The MASTER holds the VIP (on lan0) and the SNAT pool 198.19.20.71-72 (/32 on wan0):
+``start_keepalived`` runs keepalived (VRRPv3 on lan0, conntrackd's primary-backup.sh as its notify
+script), or ``take_over`` moves them by hand in keepalived's order (`ip addr add`, then the peers'
+neighbour caches flushed in place of its gratuitous ARP) and ``become_primary`` runs the script's
+`primary` steps; ``crash`` takes a gateway off all three links.  conntrackd, keepalived and
+`snatgw run` run in the gateway namespaces with every file in the pair's work dir (the script's
+settings too: as shipped, its `backup` step would start a conntrackd on /etc/conntrackd's config);
+``down`` kills what runs in the namespaces and deletes them (their veths go with them), also
+after a failure.
 """
 
 from __future__ import annotations
@@ -77,6 +81,37 @@ virtual_server fwmark 1 {{
   snat_rule {{ from {INSIDE_NET}  oif wan0  snat_ip {POOL[0]}-{POOL[-1]}  algo sdh }}
 }}
 """
+
+
+#: the failover script shipped with conntrackd (keepalived's notify_master/backup/fault)
+NOTIFY_SCRIPT = "/usr/share/doc/conntrackd/examples/sync/primary-backup.sh"
+VRID = 60
+
+
+def notify_script_text(shipped: str, conf: str, lock: str) -> str:
+    """primary-backup.sh with its two settings pointed at ``conf`` and ``lock`` (the edit
+    docs/operations.md asks for), nothing else changed."""
+    text = shipped
+    for key, val in (("CONNTRACKD_CONFIG", conf), ("CONNTRACKD_LOCK", lock)):
+        text, n = re.subn(rf"(?m)^{key}=.*$", f"{key}={val}", text)
+        if n != 1:
+            raise LabError(f"{NOTIFY_SCRIPT}: expected one {key}= line, found {n}")
+    return text
+
+
+def keepalived_text(gw: str, script: str, advert_int: str = "0.1") -> str:
+    """A VRRP instance on lan0 owning the VIP and (not advertised) the pool on wan0, gateway A
+    preferred; its notify scripts are ``script`` (primary-backup.sh) with the state's word.
+    VRRPv3 with ``advert_int`` 0.1: MASTER ~0.4 s after the other one goes quiet."""
+    pool = "".join(f"        {a}/32 dev wan0\n" for a in POOL)
+    state, prio = ("MASTER", 150) if gw == "gwa" else ("BACKUP", 100)
+    return (f"global_defs {{\n    router_id snatgw-ha-{gw}\n    script_user root\n    enable_script_security\n}}\n\n"
+            f"vrrp_instance inside60 {{\n    state {state}\n    interface lan0\n    virtual_router_id {VRID}\n"
+            f"    priority {prio}\n    version 3\n    advert_int {advert_int}\n"
+            f"    virtual_ipaddress {{\n        {VIP}/24 dev lan0\n    }}\n"
+            f"    virtual_ipaddress_excluded {{\n{pool}    }}\n"
+            f'    notify_master "{script} primary"\n    notify_backup "{script} backup"\n'
+            f'    notify_fault "{script} fault"\n}}\n')
 
 
 def conntrackd_text(example: str, node: str, workdir: str) -> str:
@@ -275,6 +310,42 @@ class HaPair:
         """`conntrackd -C <gw's config> ARGS` in ``gw`` (a request to the running daemon)."""
         return self.run(gw, "conntrackd", "-C", os.path.join(self.workdir, f"{gw}-conntrackd.conf"), *args,
                         check=check, timeout=10)
+
+    def start_keepalived(self, gw: str) -> None:
+        """keepalived --vrrp in ``gw`` (foreground; pid files and log in the work dir, no
+        syslog) with keepalived_text, notifying a copy of primary-backup.sh pointed at ``gw``'s
+        conntrackd (start_conntrackd first)."""
+        wd = self.workdir
+        with open(NOTIFY_SCRIPT) as f:
+            shipped = f.read()
+        script = os.path.join(wd, f"{gw}-primary-backup.sh")
+        with open(script, "w") as f:
+            f.write(notify_script_text(shipped, os.path.join(wd, f"{gw}-conntrackd.conf"),
+                                       os.path.join(wd, f"{gw}-conntrackd.lock")))
+        os.chmod(script, 0o755)
+        conf = os.path.join(wd, f"{gw}-keepalived.conf")
+        with open(conf, "w") as f:
+            f.write(keepalived_text(gw, script))
+        from .keepalived import keepalived_path
+
+        argv = [keepalived_path(), "--vrrp", "--dont-fork", "--log-console", "--log-detail", "--no-syslog",
+                "-f", conf] + [a for kind in ("p", "r", "c", "b")
+                               for a in (f"-{kind}", os.path.join(wd, f"{gw}-keepalived-{kind}.pid"))]
+        with open(os.path.join(wd, f"{gw}-keepalived.log"), "a") as log:
+            self.popen(gw, *argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def holds_vip(self, gw: str) -> bool:
+        return f"inet {VIP}/24" in self.ip(gw, "-4", "addr", "show", "dev", "lan0").stdout
+
+    def wait_vip(self, gw: str, timeout: float = 10.0) -> float:
+        """Seconds until ``gw`` holds the VIP (keepalived made it MASTER)."""
+        t0 = time.monotonic()
+        while not self.holds_vip(gw):
+            if time.monotonic() - t0 > timeout:
+                raise LabError(f"{gw} did not become MASTER within {timeout:g} s: "
+                               f"{_tail(os.path.join(self.workdir, gw + '-keepalived.log'))}")
+            time.sleep(0.02)
+        return time.monotonic() - t0
 
     def become_primary(self, gw: str) -> None:
         """primary-backup.sh's `primary` steps (keepalived's notify_master): commit the external
