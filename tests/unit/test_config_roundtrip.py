@@ -83,6 +83,7 @@ def settings_values(draw):
         gc_interval=draw(st.floats(0.001, 3600) | st.integers(1, 3600).map(float)),
         control_socket=draw(path),
         pin_dir=draw(path),
+        rps_cpus=draw(st.sampled_from(["off", "all", "0"])),  # (CPU 0 is online on any machine)
     )
     changed = draw(st.dictionaries(st.sampled_from(sorted(TIMEOUT_NAMES)), st.integers(1, 2**31)))
     return s.with_timeouts(**changed) if changed else s

@@ -27,6 +27,7 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         audit_log /var/log/snatgw/audit.jsonl # or syslog: session create/end records (default: off)
         audit_log_max_size 100M               # rotate the file at this size (K, M, G)
         audit_log_keep 5                      # rotated files kept
+        rps_cpus off|all|0-3,6                # receive packet steering of the devices (daemon/rps.py)
     }
     virtual_server fwmark 1 {                 # the SNAT service
         snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh }
@@ -77,7 +78,7 @@ SETTINGS_KEYWORDS = (
     "inside", "outside", "port_range", "port_tries", "max_sessions", "on_exhausted",
     "max_sessions_per_host", "refuse_icmp", "port_preserve", "unmatched", "inbound", "backend", "timeout", "gc_interval",
     "control_socket", "pin_dir", "snat_addresses", "allow_empty", "metrics_listen",
-    "audit_log", "audit_log_max_size", "audit_log_keep",
+    "audit_log", "audit_log_max_size", "audit_log_keep", "rps_cpus",
 )  # fmt: skip
 #: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
 KEEPALIVED_VS_OPTIONS = frozenset(
@@ -741,8 +742,34 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
             raise cur.error(v.line, k, str(e)) from None
     if k == "audit_log_keep":
         return replace(s, audit_log_keep=_int(cur, t, v, 0, AUDIT_LOG_MAX_KEEP))
+    if k == "rps_cpus":
+        try:
+            return replace(s, rps_cpus=parse_rps_cpus(v.text))
+        except ValueError as e:
+            raise cur.error(v.line, k, str(e)) from None
     assert k == "pin_dir"
     return replace(s, pin_dir=_path(cur, t, v))
+
+
+def parse_rps_cpus(text: str) -> str:
+    """``rps_cpus``: off, all, or a CPU list of CPUs online now (kernel cpulist syntax, made
+    canonical: "3,0-1" -> "0-1,3"); ValueError saying what is wrong."""
+    from ..daemon import rps
+
+    if text in ("off", "all"):
+        return text
+    if not text[:1].isdigit():
+        raise ValueError(f"expected off, all or a CPU list such as 0-3,6, got {shown(text)}")
+    cpus = rps.parse_cpulist(text)
+    try:
+        online = rps.online_cpus()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the online CPUs to check {shown(text)}: {e}") from None
+    off = cpus - online
+    if off:
+        raise ValueError(f"CPU {rps.format_cpulist(off)} of {shown(text)} {'is' if len(off) == 1 else 'are'} "
+                         f"not online (online: {rps.format_cpulist(online)})")
+    return rps.format_cpulist(cpus)
 
 
 _SIZE = re.compile(r"([0-9]{1,15})([KMG]?)\Z")
@@ -829,6 +856,7 @@ def settings_as_dict(s: Settings) -> dict:
         "audit_log": s.audit_log,
         "audit_log_max_size": s.audit_log_max_size,
         "audit_log_keep": s.audit_log_keep,
+        "rps_cpus": s.rps_cpus,
     }
 
 

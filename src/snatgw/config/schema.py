@@ -90,6 +90,9 @@ class Settings:
     audit_log: str | None = None
     audit_log_max_size: int = AUDIT_LOG_MAX_SIZE  # bytes of the file before it is rotated
     audit_log_keep: int = AUDIT_LOG_KEEP  # rotated files kept (audit.jsonl.1 .. .N)
+    #: receive packet steering of the inside and outside devices (daemon/rps.py): "off" (the
+    #: devices are left as they are), "all" (every online CPU) or a cpulist ("0-3,6", canonical)
+    rps_cpus: str = "off"
     #: where `inside`/`outside` were given ((keyword, "file:line"), ...), for errors about a
     #: device named there (the daemon's "file:line: inside: interface 'x' does not exist")
     where: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)

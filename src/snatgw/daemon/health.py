@@ -9,7 +9,8 @@ Problems, each one line naming what and where:
   - the last reload or adm batch failed (the daemon runs the rules it had before);
   - the session table is at least FILL_ALARM full (new flows will soon be refused);
   - a probed link (config `link`) is failed or recovering: its rules run on the backup;
-  - the backend cannot be read at all.
+  - the backend cannot be read at all;
+  - `rps_cpus` is set but nothing was written (/sys shows another network namespace).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def report(service, link_reader=None) -> dict:
         if lk["on_backup"]:
             found.append(f"link {name}: {lk['state']} for {lk['since']:.1f} s ({lk['why']}): its rules run on "
                          f"the backup {lk['backup_gw']}")
+    rps = getattr(service, "rps", None)
+    if rps is not None and rps.refused:
+        found.append(f"rps_cpus {rps.setting}: not applied: {rps.refused}")
     if s.audit_log and getattr(service, "audit", None) is None:
         found.append(f"audit log {s.audit_log}: configured but not running (see the daemon's log)")
     counts = dict(service.log.counts) if hasattr(service.log, "counts") else {}

@@ -24,6 +24,7 @@ from ..config.links import failover
 from .addresses import AddressManager
 from .log import Log
 from .loop import Partial
+from .rps import RpsManager
 
 #: settings a reload cannot change (the running daemon keeps its own; restart to change them)
 FIXED_ON_RELOAD = ("backend", "pin_dir", "control_socket")
@@ -108,6 +109,9 @@ class Service:
         self._refusals_at: float | None = None  # when refusals were last looked at
         self._refusal_seen: set[tuple] = set()  # the markers the last look found (bounded by the map)
         self.addresses = AddressManager(self.log)
+        #: receive packet steering of the devices (`rps_cpus`): a device setting of both
+        #: backends, applied after the backend's start and each apply, put back at stop
+        self.rps = RpsManager(self.log)
         self.last_apply: dict | None = None  # the last reload or adm batch: when, what, result
         self.failed_links: set[str] = set()  # links whose rules run on their backups (LinkMonitor)
         self.applies = {"ok": 0, "failed": 0}  # reloads, adm batches, failovers by result (metrics)
@@ -128,6 +132,7 @@ class Service:
             except BaseException:
                 self.addresses.release()  # the addresses this start added; those there before stay
                 raise
+            self.rps.sync(self.config.settings)  # never raises: what fails is logged and in status
             self.log.info("started", backend=self.backend.name, rules=len(self.config.rules),
                           config=self.config_path, inside=",".join(self.config.settings.inside) or None,
                           outside=",".join(self.config.settings.outside) or None)
@@ -152,6 +157,7 @@ class Service:
                 self._log_refusals(self.clock(), force=True)
             except Exception as e:  # noqa: BLE001 - stopping the datapath must not depend on it
                 self.log.warning("refusals_failed", error=repr(e))
+            self.rps.restore()  # the masks the devices had before (the datapath itself stays)
             self.backend.stop(keep_state=True)
             self.log.info("stopped", backend=self.backend.name, keep_state=True)
 
@@ -164,6 +170,7 @@ class Service:
         except MissingDeviceError as e:
             raise locate_device(running.settings, e) from None
         self.config, self.table = new, table
+        self.rps.sync(running.settings)  # (an adm batch changes no setting: nothing to write then)
         self.log.info(event, rules=len(new.rules), **fields)
 
     def _keep_fixed(self, new: GatewayConfig) -> tuple[GatewayConfig, list[str]]:
@@ -268,10 +275,9 @@ class Service:
     def check_hooks(self) -> list[str]:
         """Put back datapath hooks that vanished (backend.check_hooks); logged and counted."""
         check = getattr(self.backend, "check_hooks", None)
-        if check is None:
-            return []
         with self.lock:
-            restored = check()
+            restored = check() if check is not None else []
+            self.rps.check()  # a device recreated under its name gets the mask again (logged at info)
         if restored:
             self.hooks_restored += len(restored)
             self.log.warning("hooks_restored", backend=self.backend.name, restored="; ".join(restored),
@@ -337,7 +343,7 @@ class Service:
             "pin_dir": s.pin_dir, "control_socket": s.control_socket, "max_sessions": s.max_sessions,
             "gc_interval": s.gc_interval, "hooks_restored": self.hooks_restored, "errors": self.errors,
             "last_reload": self.last_reload, "timeouts": timeouts_by_name(s.timeouts),
-            "audit": self.audit_stats(),
+            "audit": self.audit_stats(), "rps": self.rps.as_dict(),
             **getattr(self.backend, "status_extra", dict)(),
         }
 

@@ -118,6 +118,9 @@ class Stats:
     rules: dict[int, RuleCounters] = field(default_factory=dict)
     sessions: int = 0
     pressure: dict = field(default_factory=dict)  # pressure_summary(); {} when not known
+    #: packets handled per CPU (index: CPU number), where the datapath counts per CPU (bpf: its
+    #: reason counters); () when not known (nft: conntrack and nat count nothing per CPU)
+    per_cpu: tuple[int, ...] = ()
 
     def as_dict(self) -> dict:
         return {
@@ -125,6 +128,7 @@ class Stats:
             "reasons": dict(self.reasons),
             "rules": {str(k): asdict(v) for k, v in self.rules.items()},
             **({"pressure": self.pressure} if self.pressure else {}),
+            **({"per_cpu": list(self.per_cpu)} if self.per_cpu else {}),
         }
 
 

@@ -43,7 +43,16 @@ def summarize(stats: dict, rules: list[dict], all_reasons: bool = False) -> dict
         out["pressure"] = stats["pressure"]
     if stats.get("audit"):
         out["audit"] = stats["audit"]
+    if stats.get("per_cpu"):
+        out["per_cpu"] = [int(n) for n in stats["per_cpu"]]
     return out
+
+
+def per_cpu_line(counts: list[int]) -> str:
+    """Packets per CPU on one line, with each CPU's share (receive packet steering's spread)."""
+    total = sum(counts)
+    share = (lambda n: f" ({100 * n / total:.0f}%)") if total else (lambda n: "")
+    return "packets per CPU: " + ", ".join(f"cpu{i} {n}{share(n)}" for i, n in enumerate(counts))
 
 
 def render_pressure(p: dict) -> list[str]:
@@ -112,6 +121,8 @@ def run(args) -> int:
         print("\n".join(render_pressure(s["pressure"])))
     print(table([[k, v] for k, v in s["reasons"].items()], ("reason", "packets")) if s["reasons"]
           else "reasons: all zero")
+    if s.get("per_cpu"):
+        print("\n" + per_cpu_line(s["per_cpu"]))
     a = s.get("audit") or {}
     if a.get("enabled"):
         print(f"\naudit log {a['target']}: {a['records']} records, lost: {a.get('lost_datapath') or 0} "

@@ -86,6 +86,7 @@ def render_text(r: dict) -> str:
                  f"{lk['received']}/{lk['sent']}", lk["backup_gw"] if lk["on_backup"] else "-"]
                 for n, lk in r["link_health"].items()]
         out.append(table(rows, ("link", "state", "for", "carrier", "last reply", "replies", "rules on"), "  "))
+    out += ["", rps_text(r.get("rps"))] if r.get("rps") else []
     a = r.get("audit") or {}
     if a.get("enabled"):
         lost = f"{a.get('lost_datapath') or 0} lost in the datapath, {a.get('lost_write', 0)} by failed writes"
@@ -97,6 +98,24 @@ def render_text(r: dict) -> str:
     if r["problems"]:
         out += ["", "problems:"] + [f"  - {p}" for p in r["problems"]]
     return "\n".join(out)
+
+
+def rps_text(rps: dict) -> str:
+    """The receive packet steering lines: the setting, then per device each rx queue's mask (or
+    why it has none of ours)."""
+    if rps["setting"] == "off" and not rps.get("devices"):
+        return "rps_cpus: off (the devices' receive packet steering is left as it is)"
+    head = f"rps_cpus: {rps['setting']}" + (f" (mask {rps['mask']})" if rps.get("mask") else "")
+    if rps.get("note"):
+        head += f"; {rps['note']}"
+    if rps.get("refused"):
+        return head + f"\n  NOT APPLIED: {rps['refused']}"
+    rows = []
+    for name, d in rps.get("devices", {}).items():
+        queues = " ".join(f"{q}={m}" for q, m in d["queues"].items()) or "-"
+        before = " ".join(f"{q}={m}" for q, m in d["previous"].items()) or "-"
+        rows.append([name, queues, before, d.get("error") or "ok"])
+    return head + ("\n" + table(rows, ("device", "rps_cpus now", "before", "state"), "  ") if rows else "")
 
 
 def run(args) -> int:

@@ -1048,7 +1048,8 @@ class BpfBackend:
         rules = m.rule_counters()
         rules = {rid: replace(rules.get(rid) or RuleCounters(rid), live=live_rules.get(rid, (0, 0))[0])
                  for rid in rules.keys() | live_rules.keys()}  # fmt: skip
-        return Stats(reasons=self._reasons(m), rules=rules, sessions=total, pressure=pressure)
+        return Stats(reasons=self._reasons(m), rules=rules, sessions=total, pressure=pressure,
+                     per_cpu=tuple(m.packets_per_cpu()))
 
     def refusals(self) -> list[dict]:
         """The refusal markers (DatapathMaps.refusal_markers): recently refused new flows."""

@@ -457,6 +457,18 @@ class DatapathMaps:
         """Per-reason packet counts summed over CPUs, by Reason name (only known reasons)."""
         return {r.name: self.reasons_map.sum_percpu(int(r)) for r in L.Reason}
 
+    def packets_per_cpu(self) -> list[int]:
+        """Packets each CPU handled: the per-reason counts (one per packet a program judged)
+        summed per CPU, index = CPU number (every possible CPU): how receive packet steering
+        (`rps_cpus`) spreads the work."""
+        out: list[int] = []
+        for r in L.Reason:
+            for cpu, v in enumerate(self.reasons_map.get_percpu(int(r)) or []):
+                if cpu >= len(out):
+                    out.extend([0] * (cpu + 1 - len(out)))
+                out[cpu] += int.from_bytes(v, "little")
+        return out
+
     def audit_counts(self) -> dict[str, int]:
         """Audit records the datapath put in the ring (``written``) and dropped because the
         ring was full (``lost``), summed over CPUs."""

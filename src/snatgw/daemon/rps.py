@@ -1,0 +1,406 @@
+"""Receive packet steering (RPS) of the gateway's devices: the `rps_cpus` setting.
+
+A NIC with one receive queue (most 1 GbE NICs, virtio, veth) has every packet it receives
+handled on one CPU; lvs-snat patched the kernel for that (spec, "The rps framework").  snatgw's
+session table is one table shared by all CPUs, so any CPU may handle any packet, and the
+kernel's own RPS is enough: `queues/rx-N/rps_cpus` of a device names the CPUs its packets are
+handed to (by flow hash) before `__netif_receive_skb_core`, where the TC ingress programs (bpf)
+and netfilter's conntrack and nat (nft) run.
+
+``rps_cpus off`` (default) leaves the devices as they are; ``all`` or a CPU list (``0-3,6``)
+writes that mask to every rx queue of every inside and outside device; the mask each queue had
+before is kept and written back when the daemon stops, when a reload turns the setting off or a
+device leaves the config.  A device recreated under its name (another ifindex) gets the mask
+again from the hook check.
+
+Safety: the daemon writes only the sysfs of its own network namespace.  /sys shows the devices
+of the namespace whose sysfs is mounted there, which is not the daemon's when it was started by
+`nsenter --net` (or any setns) without a /sys of its own: those files may be the host's
+devices.  Before any write ``foreign_sysfs`` compares the devices /sys/class/net lists (name and
+ifindex, every one) with those of this namespace (if_nameindex, netlink); any difference and
+nothing is written, a warning is logged once and `status` says why.
+
+The decisions (``decide``) are pure; ``RpsManager`` reads and writes sysfs around them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Callable
+
+SYSFS = "/sys"
+MAX_CPUS = 4096  # CPU numbers 0..4095: a bound on the masks written (the setting refuses more)
+CHUNK_BITS = 32  # the kernel prints masks in comma-separated groups of 32 bits
+
+
+# --------------------------------------------------------------------------- CPU lists, masks
+
+
+def parse_cpulist(text: str) -> frozenset[int]:
+    """The kernel's cpulist syntax (``0-3,6``) -> CPU numbers; ValueError saying what is wrong
+    (an empty item, a reversed range, a CPU >= MAX_CPUS, not a number)."""
+    if not text:
+        raise ValueError("expected a CPU list such as 0-3,6, got nothing")
+    cpus: set[int] = set()
+    for item in text.split(","):
+        if not item:
+            raise ValueError(f"expected a CPU list such as 0-3,6, got an empty item in {text!r}")
+        lo, sep, hi = item.partition("-")
+        if not (lo.isascii() and lo.isdigit()) or (sep and not (hi.isascii() and hi.isdigit())):
+            raise ValueError(f"expected a CPU number or a range LOW-HIGH, got {item!r}")
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if b < a:
+            raise ValueError(f"expected a range LOW-HIGH with LOW <= HIGH, got {item!r}")
+        if b >= MAX_CPUS:
+            raise ValueError(f"CPU {b}: CPU numbers go from 0 to {MAX_CPUS - 1}")
+        cpus.update(range(a, b + 1))
+    return frozenset(cpus)
+
+
+def format_cpulist(cpus) -> str:
+    """CPU numbers as the kernel's cpulist (``0-3,6``); "" for none."""
+    out, run = [], []
+    for c in sorted(cpus):
+        if run and c == run[-1] + 1:
+            run.append(c)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+        run = [c]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+    return ",".join(out)
+
+
+def format_mask(cpus, nbits: int | None = None) -> str:
+    """CPU numbers as a cpumask the way the kernel prints one (``%*pb``): hex, in groups of 32
+    bits separated by commas, most significant first; the first group has the digits that
+    ``nbits`` bits need (``nbits``: the number of possible CPUs; default: the highest CPU + 1),
+    the others eight.  {0, 1} on 2 CPUs: "3"; {0} on 33: "0,00000001"; all of 64: "ffffffff,ffffffff"."""
+    value = 0
+    for c in cpus:
+        value |= 1 << c
+    nbits = max(nbits or 0, value.bit_length(), 1)
+    groups, first = [], nbits % CHUNK_BITS or CHUNK_BITS
+    top = (nbits + CHUNK_BITS - 1) // CHUNK_BITS
+    for i in range(top - 1, -1, -1):
+        chunk = (value >> (i * CHUNK_BITS)) & 0xFFFFFFFF
+        width = (first + 3) // 4 if i == top - 1 else 8
+        groups.append(f"{chunk:0{width}x}")
+    return ",".join(groups)
+
+
+def parse_mask(text: str) -> int:
+    """A mask as the kernel prints it ("ff,ffffffff", "0") -> its bits; ValueError if not one."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty mask")
+    value = 0
+    for group in text.split(","):
+        value = (value << CHUNK_BITS) | int(group, 16)
+    return value
+
+
+def mask_cpus(value: int) -> frozenset[int]:
+    return frozenset(i for i in range(value.bit_length()) if value >> i & 1)
+
+
+def read_cpulist_file(path: str) -> frozenset[int]:
+    with open(path) as f:
+        return parse_cpulist(f.read().strip())
+
+
+def online_cpus(sysfs: str = SYSFS) -> frozenset[int]:
+    """The CPUs online now (/sys/devices/system/cpu/online: the same in every namespace)."""
+    return read_cpulist_file(os.path.join(sysfs, "devices/system/cpu/online"))
+
+
+def possible_cpus(sysfs: str = SYSFS) -> int:
+    """The number of CPU ids the kernel has (nr_cpu_ids: the width of the masks it prints)."""
+    try:
+        return max(read_cpulist_file(os.path.join(sysfs, "devices/system/cpu/possible"))) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+def wanted_cpus(setting: str, online: frozenset[int]) -> tuple[frozenset[int] | None, str | None]:
+    """The CPUs a setting asks for now: (None, None) for off; for a list, those of it online
+    (a CPU taken offline since the config was read is left out, with why)."""
+    if setting == "off":
+        return None, None
+    if setting == "all":
+        return online, None
+    asked = parse_cpulist(setting)
+    got = asked & online
+    if not got:
+        return None, f"none of CPUs {setting} is online (online: {format_cpulist(online)})"
+    if got != asked:
+        return got, f"CPUs {format_cpulist(asked - got)} of {setting} are not online: left out"
+    return got, None
+
+
+# --------------------------------------------------------------------------- decisions (no I/O)
+
+
+@dataclass(frozen=True)
+class DeviceNow:
+    """A device as read now: its ifindex and each rx queue's mask (the kernel's text)."""
+
+    ifindex: int
+    queues: dict[str, str]  # "rx-0" -> "3"
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a device's queues had before we wrote them (put back at the end)."""
+
+    ifindex: int
+    masks: dict[str, str]  # "rx-0" -> the kernel's text then
+
+
+@dataclass
+class Plan:
+    writes: list[tuple[str, str, str]] = field(default_factory=list)  # (device, queue, mask text)
+    saved: dict[str, Saved] = field(default_factory=dict)  # what is kept after the writes
+    events: list[str] = field(default_factory=list)  # what was done, for the log (info)
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return parse_mask(a) == parse_mask(b)
+    except ValueError:
+        return False
+
+
+def decide(want: str | None, devices: tuple[str, ...], now: dict[str, DeviceNow | None],
+           saved: dict[str, Saved]) -> Plan:
+    """What to write.  ``want``: the mask to write (None: off, put back what was saved);
+    ``devices``: the inside and outside devices of the config; ``now``: each of them (and each
+    saved one) as read now, None when absent; ``saved``: what was saved before.
+
+    A saved device that left the config, or every one when ``want`` is None, gets its masks
+    back when it is still the same device (same ifindex); a device gone or recreated meanwhile
+    has nothing to put back (not an error).  A configured device gets ``want`` on every queue
+    whose mask differs; its masks before are saved the first time (a recreated device's,
+    again: the old ones belonged to the device that went; a queue added since, its own)."""
+    plan = Plan()
+    keep = set(devices) if want is not None else set()
+    for name, sv in saved.items():
+        if name in keep:
+            continue
+        cur = now.get(name)
+        if cur is None or cur.ifindex != sv.ifindex:
+            plan.events.append(f"{name}: gone or recreated since, nothing to put back")
+            continue
+        back = [(q, m) for q, m in sorted(sv.masks.items()) if q in cur.queues and not _same(cur.queues[q], m)]
+        plan.writes += [(name, q, m) for q, m in back]
+        if back:
+            plan.events.append(f"{name}: put back " + ", ".join(f"{q} {m}" for q, m in back))
+    if want is None:
+        return plan
+    for name in devices:
+        cur = now.get(name)
+        sv = saved.get(name)
+        if cur is None:
+            if sv is not None:  # absent now: what it had is kept in case it is the same again
+                plan.saved[name] = sv
+            continue
+        if sv is None or sv.ifindex != cur.ifindex:
+            if sv is not None:
+                plan.events.append(f"{name}: recreated (ifindex {sv.ifindex} -> {cur.ifindex})")
+            sv = Saved(cur.ifindex, dict(cur.queues))
+        else:
+            sv = Saved(sv.ifindex, {**{q: m for q, m in cur.queues.items() if q not in sv.masks}, **sv.masks})
+        plan.saved[name] = sv
+        todo = [q for q in sorted(cur.queues, key=_queue_order) if not _same(cur.queues[q], want)]
+        plan.writes += [(name, q, want) for q in todo]
+        if todo:
+            plan.events.append(f"{name}: rps_cpus {want} on {', '.join(todo)}")
+    return plan
+
+
+def _queue_order(q: str) -> tuple[int, str]:
+    n = q.rpartition("-")[2]
+    return (int(n), q) if n.isdigit() else (1 << 30, q)
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+FOREIGN_HINT = ("run the daemon with its namespace's own sysfs on /sys: `ip netns exec NS snatgw run ...` "
+                "(nft backend), or for bpf, which needs the host's bpffs kept, docs/operations.md \"Receive "
+                "packet steering\"")
+
+
+class RpsManager:
+    """The `rps_cpus` setting applied to the config's devices (thin I/O around ``decide``):
+    ``sync(settings)`` at start and on each reload, ``check()`` from the hook check (a device
+    recreated), ``restore()`` when the daemon stops.  Never raises: what fails is logged and
+    shown by ``as_dict`` (status).  ``sysfs``, ``nameindex`` and ``nametoindex`` are the tests'
+    (a fake sysfs in a tmpdir)."""
+
+    def __init__(self, log=None, sysfs: str = SYSFS,
+                 nameindex: Callable[[], list] = socket.if_nameindex,
+                 nametoindex: Callable[[str], int] = socket.if_nametoindex):
+        self.log, self.sysfs = log, sysfs
+        self.nameindex, self.nametoindex = nameindex, nametoindex
+        self.saved: dict[str, Saved] = {}
+        self.setting = "off"
+        self.devices: tuple[str, ...] = ()
+        self.mask: str | None = None  # the mask being applied (None: off)
+        self.note: str | None = None  # why the mask is not what the setting says (CPUs offline)
+        self.refused: str | None = None  # why nothing is written (sysfs of another namespace)
+        self.errors: dict[str, str] = {}  # device -> why its mask is not applied
+        self.seen: dict[str, int | None] = {}  # device -> ifindex at the last sync (None: absent)
+
+    # ------------------------------------------------------------------ reading
+    def _net(self, *parts: str) -> str:
+        return os.path.join(self.sysfs, "class/net", *parts)
+
+    def _read(self, name: str) -> DeviceNow | None:
+        try:
+            with open(self._net(name, "ifindex")) as f:
+                idx = int(f.read().strip())
+            queues = {}
+            for q in os.listdir(self._net(name, "queues")):
+                if q.startswith("rx-"):
+                    try:
+                        with open(self._net(name, "queues", q, "rps_cpus")) as f:
+                            queues[q] = f.read().strip()
+                    except FileNotFoundError:
+                        continue  # a kernel without CONFIG_RPS
+            return DeviceNow(idx, queues)
+        except (OSError, ValueError):
+            return None
+
+    def _ifindex(self, name: str) -> int | None:
+        try:
+            return self.nametoindex(name)
+        except OSError:
+            return None
+
+    def foreign_sysfs(self) -> str | None:
+        """Why sysfs/class/net is not this network namespace's (None: it is): every device it
+        lists, with its ifindex, must be one of this namespace (if_nameindex: netlink), and the
+        other way round."""
+        try:
+            mine = {name: int(idx) for idx, name in self.nameindex()}
+        except OSError as e:
+            return f"cannot list this namespace's devices: {e}"
+        shown: dict[str, int] = {}
+        try:
+            for name in os.listdir(self._net()):
+                try:
+                    with open(self._net(name, "ifindex")) as f:
+                        shown[name] = int(f.read().strip())
+                except (OSError, ValueError):
+                    shown[name] = -1
+        except OSError as e:
+            return f"cannot list {self._net()}: {e.strerror or e}"
+        if shown == mine:
+            return None
+        diff = sorted(set(shown.items()) ^ set(mine.items()))
+        ex = ", ".join(f"{n} (ifindex {i})" for n, i in diff[:3])
+        return (f"{self._net()} shows the devices of another network namespace (they differ from this "
+                f"one's: {ex}{', ...' if len(diff) > 3 else ''}): rps_cpus is not applied, nothing is written; "
+                + FOREIGN_HINT)
+
+    # ------------------------------------------------------------------ applying
+    def sync(self, settings) -> list[str]:
+        """Apply ``settings.rps_cpus`` to ``settings``' inside and outside devices (start and
+        reload), putting back what a device that left (or every one, for off) had; returns the
+        events (also logged at info)."""
+        self.setting = getattr(settings, "rps_cpus", "off")
+        self.devices = tuple(settings.inside) + tuple(settings.outside)
+        self.note, want = None, None
+        if self.setting != "off":
+            try:
+                cpus, self.note = wanted_cpus(self.setting, online_cpus(self.sysfs))
+            except (OSError, ValueError) as e:
+                cpus, self.note = None, f"cannot read the online CPUs: {e}"
+            if self.note and self.log:
+                self.log.warning("rps_cpus", warning=self.note)
+            want = format_mask(cpus, possible_cpus(self.sysfs)) if cpus else None
+        self.mask = want
+        return self._run(want)
+
+    def _run(self, want: str | None) -> list[str]:
+        if want is None and not self.saved:  # off: no read, no write
+            self.errors, self.refused, self.seen = {}, None, {}
+            return []
+        names = set(self.devices) | set(self.saved)
+        self.seen = {n: self._ifindex(n) for n in self.devices}
+        why = self.foreign_sysfs()
+        if why is not None:
+            if why != self.refused and self.log:
+                self.log.warning("rps_not_applied", error=why)
+            self.refused = why
+            return []
+        self.refused = None
+        now = {n: self._read(n) for n in names}
+        # a device whose sysfs ifindex is not the one of its name here (renamed between the two
+        # reads) is treated as absent: written never
+        now = {n: (d if d is not None and d.ifindex == self._ifindex(n) else None) for n, d in now.items()}
+        plan = decide(want, self.devices, now, self.saved)
+        errors: dict[str, str] = {}
+        for dev, q, mask in plan.writes:
+            try:
+                with open(self._net(dev, "queues", q, "rps_cpus"), "w") as f:
+                    f.write(mask + "\n")
+            except OSError as e:
+                errors[dev] = f"{q}: cannot write rps_cpus {mask}: {e.strerror or e}"
+                if self.log:
+                    self.log.warning("rps_write_failed", device=dev, queue=q, mask=mask, error=e.strerror or str(e))
+        self.saved = plan.saved
+        for n in self.devices:
+            d = now.get(n)
+            if d is None and want is not None:
+                errors.setdefault(n, "device absent")
+            elif d is not None and want is not None and not d.queues:
+                errors.setdefault(n, "no rx queue with rps_cpus (a kernel without CONFIG_RPS?)")
+        self.errors = errors
+        for ev in plan.events:
+            if self.log:
+                self.log.info("rps_cpus", change=ev)
+        return plan.events
+
+    def check(self) -> list[str]:
+        """The hook check's part: a configured device whose ifindex changed since the last sync
+        (recreated under its name; or one that came back) gets the mask again.  Cheap when
+        nothing changed: one if_nametoindex per device."""
+        if self.mask is None and not self.saved:
+            return []
+        if all(self._ifindex(n) == idx for n, idx in self.seen.items()):
+            return []
+        return self._run(self.mask)
+
+    def restore(self) -> list[str]:
+        """Put back every saved mask (the daemon stops); never raises."""
+        try:
+            self.mask = None
+            return self._run(None)
+        except Exception as e:  # noqa: BLE001 - a stop goes on
+            if self.log:
+                self.log.warning("rps_restore_failed", error=repr(e))
+            return []
+
+    # ------------------------------------------------------------------ status
+    def as_dict(self) -> dict:
+        """For `status`: the setting, the mask written, and per device each queue's mask as read
+        now with the one it had before (or why it has none of ours)."""
+        devices = {}
+        if self.setting != "off" or self.saved:
+            for n in self.devices:
+                d = self._read(n) if self.refused is None else None
+                sv = self.saved.get(n)
+                devices[n] = {"queues": dict(sorted(d.queues.items(), key=lambda kv: _queue_order(kv[0])))
+                              if d else {}, "previous": dict(sv.masks) if sv else {},
+                              "error": self.errors.get(n) if self.refused is None else "not applied"}
+        return {"setting": self.setting, "mask": self.mask, "note": self.note, "refused": self.refused,
+                "devices": devices}
+
+
+__all__ = ["RpsManager", "decide", "parse_cpulist", "format_cpulist", "format_mask", "parse_mask", "online_cpus",
+           "MAX_CPUS"]

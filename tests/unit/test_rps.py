@@ -1,0 +1,296 @@
+"""`rps_cpus` (daemon/rps.py): the setting's parse and its errors, the masks as the kernel prints
+them, the decisions of what to write and put back, and the writer on a fake sysfs: what it
+writes, what it puts back, and that it writes nothing where /sys is another namespace's."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from snatgw.config.parse import parse_text, render_config
+from snatgw.daemon import rps
+from snatgw.daemon.rps import DeviceNow, RpsManager, Saved, decide, format_mask, parse_mask
+from snatgw.errors import ConfigError
+
+RULES = "virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n"
+
+
+@pytest.fixture(autouse=True)
+def two_cpus(monkeypatch):
+    """CPUs 0 and 1 online, whatever machine runs the tests."""
+    monkeypatch.setattr(rps, "online_cpus", lambda sysfs=rps.SYSFS: frozenset({0, 1}))
+
+
+def conf(value: str) -> str:
+    return f"snatgw {{\n    inside in0\n    rps_cpus {value}\n}}\n" + RULES
+
+
+def err(value: str) -> str:
+    with pytest.raises(ConfigError) as ei:
+        parse_text(conf(value), "t.conf", [])
+    return str(ei.value)
+
+
+# --------------------------------------------------------------------------- the setting
+
+
+@pytest.mark.parametrize("value, canonical", [("off", "off"), ("all", "all"), ("0", "0"), ("1,0", "0-1"),
+                                              ("0-1", "0-1"), ("1", "1")])
+def test_rps_cpus_values_parse_and_render_back(value, canonical):
+    """off, all and a CPU list (made canonical) parse, and the rendered config parses back the same."""
+    cfg = parse_text(conf(value), "t.conf", [])
+    assert cfg.settings.rps_cpus == canonical
+    assert parse_text(render_config(cfg), "r.conf", []).settings == cfg.settings
+    assert ("rps_cpus" in render_config(cfg)) == (canonical != "off")
+
+
+def test_rps_cpus_default_is_off():
+    assert parse_text(RULES, "t.conf", []).settings.rps_cpus == "off"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("some", "t.conf:3: rps_cpus: expected off, all or a CPU list such as 0-3,6, got 'some'"),
+    ("2", "t.conf:3: rps_cpus: CPU 2 of '2' is not online (online: 0-1)"),
+    ("0-3", "t.conf:3: rps_cpus: CPU 2-3 of '0-3' are not online (online: 0-1)"),
+    ("3-1", "t.conf:3: rps_cpus: expected a range LOW-HIGH with LOW <= HIGH, got '3-1'"),
+    ("0,,1", "t.conf:3: rps_cpus: expected a CPU list such as 0-3,6, got an empty item in '0,,1'"),
+    ("0,", "t.conf:3: rps_cpus: expected a CPU list such as 0-3,6, got an empty item in '0,'"),
+    ("4096", "t.conf:3: rps_cpus: CPU 4096: CPU numbers go from 0 to 4095"),
+    ("0-99999", "t.conf:3: rps_cpus: CPU 99999: CPU numbers go from 0 to 4095"),
+    ("0-x", "t.conf:3: rps_cpus: expected a CPU number or a range LOW-HIGH, got '0-x'"),
+    ("ALL", "t.conf:3: rps_cpus: expected off, all or a CPU list such as 0-3,6, got 'ALL'"),
+])
+def test_rps_cpus_bad_input_names_file_line_field_and_what_was_expected(value, message):
+    assert err(value) == message
+
+
+def test_rps_cpus_without_a_value_is_an_error():
+    with pytest.raises(ConfigError) as ei:
+        parse_text("snatgw {\n    rps_cpus\n}\n" + RULES, "t.conf", [])
+    assert str(ei.value) == "t.conf:2: rps_cpus: expected a value on the same line, got 0 words"
+
+
+# --------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("cpus, nbits, text", [
+    ({0}, 1, "1"),
+    ({0, 1}, 2, "3"),
+    ({1}, 2, "2"),
+    (set(range(33)), 33, "1,ffffffff"),
+    ({0}, 33, "0,00000001"),
+    ({32}, 33, "1,00000000"),
+    (set(range(64)), 64, "ffffffff,ffffffff"),
+    ({0, 63}, 64, "80000000,00000001"),
+    ({0}, 8, "01"),  # the kernel pads to the digits nr_cpu_ids needs
+])
+def test_masks_are_formatted_as_the_kernel_prints_them(cpus, nbits, text):
+    assert format_mask(cpus, nbits) == text
+    assert rps.mask_cpus(parse_mask(text)) == frozenset(cpus)
+
+
+def test_cpulists_format_canonically():
+    assert rps.format_cpulist({0, 1, 2, 3, 6}) == "0-3,6"
+    assert rps.format_cpulist({5}) == "5"
+    assert rps.parse_cpulist("0-3,6") == frozenset({0, 1, 2, 3, 6})
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def test_decide_writes_the_mask_and_saves_what_each_queue_had():
+    now = {"in0": DeviceNow(5, {"rx-0": "1", "rx-1": "0"}), "up0": DeviceNow(6, {"rx-0": "3"})}
+    plan = decide("3", ("in0", "up0"), now, {})
+    assert plan.writes == [("in0", "rx-0", "3"), ("in0", "rx-1", "3")]  # up0 has it already
+    assert plan.saved == {"in0": Saved(5, {"rx-0": "1", "rx-1": "0"}), "up0": Saved(6, {"rx-0": "3"})}
+
+
+def test_decide_off_puts_back_what_was_saved_and_forgets_it():
+    saved = {"in0": Saved(5, {"rx-0": "1"})}
+    plan = decide(None, ("in0",), {"in0": DeviceNow(5, {"rx-0": "3"})}, saved)
+    assert plan.writes == [("in0", "rx-0", "1")] and plan.saved == {}
+
+
+def test_decide_a_changed_mask_keeps_the_first_saved_masks():
+    """A reload from all to CPU 1: the new mask is written; what is put back at the end is what
+    the device had before the daemon, not the daemon's first mask."""
+    saved = {"in0": Saved(5, {"rx-0": "1"})}
+    plan = decide("2", ("in0",), {"in0": DeviceNow(5, {"rx-0": "3"})}, saved)
+    assert plan.writes == [("in0", "rx-0", "2")] and plan.saved == saved
+
+
+def test_decide_a_device_that_left_the_config_gets_its_masks_back():
+    saved = {"in0": Saved(5, {"rx-0": "1"}), "in1": Saved(7, {"rx-0": "0"})}
+    now = {"in0": DeviceNow(5, {"rx-0": "3"}), "in1": DeviceNow(7, {"rx-0": "3"})}
+    plan = decide("3", ("in0",), now, saved)
+    assert plan.writes == [("in1", "rx-0", "0")] and set(plan.saved) == {"in0"}
+
+
+def test_decide_gone_or_recreated_devices_have_nothing_put_back():
+    """A device removed meanwhile is not an error; a recreated one (another ifindex) is a new
+    device: its own masks are what is saved, and it gets the mask."""
+    saved = {"in0": Saved(5, {"rx-0": "1"}), "in1": Saved(7, {"rx-0": "1"})}
+    now = {"in0": None, "in1": DeviceNow(9, {"rx-0": "0"})}
+    assert decide(None, ("in0", "in1"), now, saved).writes == []
+    plan = decide("3", ("in0", "in1"), now, saved)
+    assert plan.writes == [("in1", "rx-0", "3")]
+    assert plan.saved == {"in0": Saved(5, {"rx-0": "1"}), "in1": Saved(9, {"rx-0": "0"})}
+
+
+def test_decide_compares_masks_by_value():
+    """The kernel prints "00000003" or "0,00000003" on wider machines: the same mask as "3"."""
+    plan = decide("3", ("in0",), {"in0": DeviceNow(5, {"rx-0": "0,00000003"})}, {})
+    assert plan.writes == []
+
+
+# --------------------------------------------------------------------------- the writer, on a fake sysfs
+
+
+class FakeNet:
+    """A sysfs tree in a tmpdir: class/net/<dev>/{ifindex,queues/rx-N/rps_cpus}, and the CPUs;
+    ``links`` is this namespace as netlink would list it."""
+
+    def __init__(self, root, devices: dict[str, tuple[int, int]]):
+        self.root = str(root)
+        os.makedirs(os.path.join(self.root, "devices/system/cpu"))
+        for f in ("online", "possible"):
+            with open(os.path.join(self.root, "devices/system/cpu", f), "w") as fh:
+                fh.write("0-1\n")
+        self.links = {}
+        for name, (idx, nq) in devices.items():
+            self.add(name, idx, nq)
+
+    def add(self, name: str, idx: int, nq: int = 1, mask: str = "0") -> None:
+        d = os.path.join(self.root, "class/net", name)
+        os.makedirs(os.path.join(d, "queues", "tx-0"), exist_ok=True)
+        with open(os.path.join(d, "ifindex"), "w") as f:
+            f.write(f"{idx}\n")
+        for q in range(nq):
+            os.makedirs(os.path.join(d, "queues", f"rx-{q}"), exist_ok=True)
+            with open(os.path.join(d, "queues", f"rx-{q}", "rps_cpus"), "w") as f:
+                f.write(mask + "\n")
+        self.links[name] = idx
+
+    def mask(self, name: str, q: int = 0) -> str:
+        with open(os.path.join(self.root, "class/net", name, "queues", f"rx-{q}", "rps_cpus")) as f:
+            return f.read().strip()
+
+    def set(self, name: str, mask: str, q: int = 0) -> None:
+        with open(os.path.join(self.root, "class/net", name, "queues", f"rx-{q}", "rps_cpus"), "w") as f:
+            f.write(mask + "\n")
+
+    def manager(self, log=None, links=None) -> RpsManager:
+        def nametoindex(n):
+            if n not in (links if links is not None else self.links):
+                raise OSError(19, "No such device")
+            return (links if links is not None else self.links)[n]
+
+        return RpsManager(log, sysfs=self.root,
+                          nameindex=lambda: [(i, n) for n, i in (links if links is not None else self.links).items()],
+                          nametoindex=nametoindex)
+
+
+class Settings:
+    def __init__(self, rps_cpus="all", inside=("in0",), outside=("up0",)):
+        self.rps_cpus, self.inside, self.outside = rps_cpus, inside, outside
+
+
+class RecLog:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, event, **f):
+        self.lines.append(("info", event, f))
+
+    def warning(self, event, **f):
+        self.lines.append(("warning", event, f))
+
+
+def test_manager_writes_every_rx_queue_and_puts_back_the_masks_before(tmp_path):
+    net = FakeNet(tmp_path, {"lo": (1, 1), "in0": (5, 2), "up0": (6, 1)})
+    net.set("in0", "2", 1)  # a distinct non-zero mask before: restore is not "reset to 0"
+    m = net.manager()
+    m.sync(Settings("all"))
+    assert (net.mask("in0", 0), net.mask("in0", 1), net.mask("up0"), net.mask("lo")) == ("3", "3", "3", "0")
+    st = m.as_dict()
+    assert st["mask"] == "3" and st["refused"] is None
+    assert st["devices"]["in0"] == {"queues": {"rx-0": "3", "rx-1": "3"}, "previous": {"rx-0": "0", "rx-1": "2"},
+                                    "error": None}
+    m.sync(Settings("1"))  # a reload changing it
+    assert (net.mask("in0", 0), net.mask("in0", 1)) == ("2", "2")
+    m.restore()
+    assert (net.mask("in0", 0), net.mask("in0", 1), net.mask("up0")) == ("0", "2", "0")
+
+
+def test_manager_off_reads_and_writes_nothing(tmp_path):
+    net = FakeNet(tmp_path, {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
+    net.set("in0", "1")
+    m = net.manager(links={"bogus": 1})  # would be refused as foreign: off never looks
+    m.sync(Settings("off"))
+    m.restore()
+    assert net.mask("in0") == "1" and m.as_dict() == {"setting": "off", "mask": None, "note": None,
+                                                       "refused": None, "devices": {}}
+
+
+def test_manager_reload_to_off_and_device_leaving_put_back(tmp_path):
+    net = FakeNet(tmp_path, {"lo": (1, 1), "in0": (5, 1), "in1": (7, 1), "up0": (6, 1)})
+    net.set("in1", "1")
+    m = net.manager()
+    m.sync(Settings("all", inside=("in0", "in1")))
+    assert net.mask("in1") == "3"
+    m.sync(Settings("all", inside=("in0",)))  # in1 left the config
+    assert (net.mask("in1"), net.mask("in0")) == ("1", "3")
+    m.sync(Settings("off"))
+    assert (net.mask("in0"), net.mask("up0")) == ("0", "0") and m.saved == {}
+
+
+def test_manager_hook_check_gives_a_recreated_device_the_mask_and_logs_it(tmp_path):
+    net = FakeNet(tmp_path, {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
+    log = RecLog()
+    m = net.manager(log)
+    m.sync(Settings("all"))
+    assert m.check() == []  # nothing changed: nothing read
+    net.add("in0", 9)  # recreated: a new ifindex, the kernel's default mask
+    assert net.mask("in0") == "0"
+    events = m.check()
+    assert net.mask("in0") == "3"
+    assert any("recreated (ifindex 5 -> 9)" in e for e in events)
+    assert ("info", "rps_cpus", {"change": "in0: recreated (ifindex 5 -> 9)"}) in log.lines
+    m.restore()
+    assert net.mask("in0") == "0"
+
+
+def test_manager_writes_nothing_where_sysfs_is_another_namespace(tmp_path):
+    """/sys mounted for another namespace (the daemon started by nsenter --net): its devices
+    differ from this namespace's; nothing is written, one warning, status says why."""
+    net = FakeNet(tmp_path, {"lo": (1, 1), "eth0": (2, 1), "in0": (5, 1), "up0": (6, 1)})
+    net.set("in0", "1")
+    log = RecLog()
+    here = {"lo": 1, "in0": 5, "up0": 6}  # no eth0 in this namespace: same names otherwise
+    m = net.manager(log, links=here)
+    m.sync(Settings("all"))
+    m.sync(Settings("all"))
+    assert (net.mask("in0"), net.mask("up0"), net.mask("eth0")) == ("1", "0", "0")
+    warned = [x for x in log.lines if x[0] == "warning"]
+    assert len(warned) == 1 and warned[0][1] == "rps_not_applied"
+    st = m.as_dict()
+    assert "shows the devices of another network namespace" in st["refused"] and "eth0 (ifindex 2)" in st["refused"]
+    assert st["devices"]["in0"]["error"] == "not applied"
+    m.restore()
+    assert net.mask("in0") == "1"
+
+
+def test_manager_same_names_other_ifindex_is_another_namespace(tmp_path):
+    net = FakeNet(tmp_path, {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
+    m = net.manager(links={"lo": 1, "in0": 15, "up0": 16})
+    m.sync(Settings("all"))
+    assert m.refused and net.mask("in0") == "0"
+
+
+def test_manager_cpus_gone_offline_are_left_out_with_a_note(tmp_path, monkeypatch):
+    net = FakeNet(tmp_path, {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
+    monkeypatch.setattr(rps, "online_cpus", lambda sysfs=rps.SYSFS: frozenset({0}))
+    m = net.manager()
+    m.sync(Settings("0-1"))
+    assert net.mask("in0") == "1" and "CPUs 1 of 0-1 are not online" in m.as_dict()["note"]
