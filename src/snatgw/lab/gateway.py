@@ -16,7 +16,7 @@ import time
 from typing import Iterable
 
 from ..rules import Rule, RuleSet
-from .netns import LabError, nsenter, run
+from .netns import LabError, nsenter, run, with_own_sysfs
 
 #: module each backend's datapath lives in (written by other parts of snatgw)
 BACKEND_MODULES = {
@@ -83,8 +83,10 @@ def _gw_addrs(lab) -> list[dict]:
 
 
 def start_gateway(lab, config_path: str, backend: str = "bpf", timeout: float = 30.0,
-                  extra: Iterable[str] = ()) -> subprocess.Popen:
-    """Run `snatgw run` in <P>-gw and wait for its `ready` line; LabError with its log if not."""
+                  extra: Iterable[str] = (), own_sysfs: bool = False) -> subprocess.Popen:
+    """Run `snatgw run` in <P>-gw and wait for its `ready` line; LabError with its log if not.
+    ``own_sysfs``: with <P>-gw's own sysfs on /sys (netns.with_own_sysfs: `rps_cpus` writes
+    there; with nsenter --net alone /sys is the host's, which the daemon refuses to write)."""
     if lab.gateway_proc is not None and lab.gateway_proc.poll() is None:
         raise LabError(f"a gateway runs already in {lab.ns('gw')} (pid {lab.gateway_proc.pid})")
     os.makedirs(os.path.dirname(lab.socket_path), mode=0o700, exist_ok=True)
@@ -101,6 +103,8 @@ def start_gateway(lab, config_path: str, backend: str = "bpf", timeout: float = 
     log = open(log_path, "a")
     log.write(f"--- {time.strftime('%H:%M:%S')} {' '.join(argv)}\n")
     log.flush()
+    if own_sysfs:
+        argv = with_own_sysfs(*argv)
     proc = subprocess.Popen(nsenter(lab.ns("gw"), *argv), stdout=subprocess.PIPE, stderr=log,
                             text=True, bufsize=1)
     log.close()

@@ -44,6 +44,21 @@ def nsenter(ns: str | None, *cmd: str) -> list[str]:
     return argv if ns is None else ["nsenter", f"--net={ns_path(ns)}", "--"] + argv
 
 
+#: a private mount namespace whose /sys is the current network namespace's sysfs, with the
+#: host's bpffs kept at /sys/fs/bpf (pins stay shared; `ip netns exec` mounts a /sys without it)
+OWN_SYSFS_SCRIPT = ('d=$(mktemp -d /run/snatgw-sysfs.XXXXXX) && mount --bind /sys/fs/bpf "$d" && '
+                    'mount -t sysfs sysfs /sys && mount --move "$d" /sys/fs/bpf && rmdir "$d" && exec "$@"')
+
+
+def with_own_sysfs(*cmd: str) -> list[str]:
+    """argv that runs ``cmd`` (already in its network namespace: after nsenter) with that
+    namespace's own sysfs on /sys and the host's bpffs at /sys/fs/bpf, in a mount namespace of
+    its own (slave: the host's later mounts still reach it; nothing of it reaches the host).
+    ``cmd`` is exec'ed: its pid is the one started."""
+    return ["unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", OWN_SYSFS_SCRIPT, "sh",
+            *map(str, cmd)]
+
+
 def run(argv: list[str], check: bool = True, timeout: float = 30.0,
         input: str | None = None) -> subprocess.CompletedProcess:
     """Run argv, capture text output; with ``check`` a failure raises LabError with stderr."""

@@ -358,11 +358,12 @@ class Lab:
 
     # ------------------------------------------------------------------ gateway and traffic
 
-    def start_gateway(self, config_path: str, backend: str = "bpf", timeout: float = 30.0, extra=()):
+    def start_gateway(self, config_path: str, backend: str = "bpf", timeout: float = 30.0, extra=(),
+                      own_sysfs: bool = False):
         """`snatgw run CONFIG --backend B` in <P>-gw; returns once it printed `ready`."""
         from .gateway import start_gateway
 
-        return start_gateway(self, config_path, backend, timeout, extra)
+        return start_gateway(self, config_path, backend, timeout, extra, own_sysfs)
 
     def stop_gateway(self, timeout: float = 10.0):
         from .gateway import stop_gateway
