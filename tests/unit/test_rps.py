@@ -294,3 +294,53 @@ def test_manager_cpus_gone_offline_are_left_out_with_a_note(tmp_path, monkeypatc
     m = net.manager()
     m.sync(Settings("0-1"))
     assert net.mask("in0") == "1" and "CPUs 1 of 0-1 are not online" in m.as_dict()["note"]
+
+
+# --------------------------------------------------------------------------- the service's wiring
+
+
+def test_service_applies_on_start_reload_and_hook_check_and_puts_back_on_stop(tmp_path):
+    """The daemon's service owns the manager: start writes, a reload changing the setting
+    writes, the hook check follows a recreated device, stop puts back (fake backend, fake sysfs)."""
+    import io
+
+    from snatgw.daemon.log import Log
+    from snatgw.daemon.service import Service
+    from snatgw.datapath.fake import FakeBackend
+
+    net = FakeNet(tmp_path / "sys", {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
+    net.set("in0", "2")
+    def text(value: str) -> str:
+        return f"snatgw {{\n inside in0\n outside up0\n rps_cpus {value}\n}}\n" + RULES
+
+    cfg = parse_text(text("all"), "t.conf", [])
+    out = io.StringIO()
+    svc = Service(cfg, FakeBackend(cfg.settings), Log(stream=out))
+    svc.rps = net.manager(svc.log)
+    svc.start()
+    assert (net.mask("in0"), net.mask("up0")) == ("3", "3")
+    assert svc.status()["rps"]["devices"]["in0"]["previous"] == {"rx-0": "2"}
+    svc.reload(text=text("0"))
+    assert net.mask("in0") == "1"
+    net.add("up0", 16)
+    svc.check_hooks()
+    assert net.mask("up0") == "1"
+    assert "event=rps_cpus" in out.getvalue() and "recreated (ifindex 6 -> 16)" in out.getvalue()
+    svc.stop()
+    assert (net.mask("in0"), net.mask("up0")) == ("2", "0")
+
+
+def test_status_and_stats_text():
+    from snatgw.cli.commands.stats import per_cpu_line, summarize
+    from snatgw.cli.commands.status import rps_text
+
+    assert per_cpu_line([588, 612]) == "packets per CPU: cpu0 588 (49%), cpu1 612 (51%)"
+    assert summarize({"per_cpu": [1, 2]}, [])["per_cpu"] == [1, 2]
+    assert "per_cpu" not in summarize({}, [])
+    assert rps_text({"setting": "off", "mask": None, "note": None, "refused": None, "devices": {}}) == \
+        "rps_cpus: off (the devices' receive packet steering is left as it is)"
+    text = rps_text({"setting": "all", "mask": "3", "note": None, "refused": None,
+                     "devices": {"lan40": {"queues": {"rx-0": "3"}, "previous": {"rx-0": "1"}, "error": None}}})
+    assert text.splitlines()[0] == "rps_cpus: all (mask 3)" and "rx-0=3" in text and "rx-0=1" in text
+    assert "NOT APPLIED: why" in rps_text({"setting": "all", "mask": "3", "note": None, "refused": "why",
+                                           "devices": {}})
