@@ -60,6 +60,8 @@ def test_rps_cpus_default_is_off():
     ("0-99999", "t.conf:3: rps_cpus: CPU 99999: CPU numbers go from 0 to 4095"),
     ("0-x", "t.conf:3: rps_cpus: expected a CPU number or a range LOW-HIGH, got '0-x'"),
     ("ALL", "t.conf:3: rps_cpus: expected off, all or a CPU list such as 0-3,6, got 'ALL'"),
+    ("0-1" + "x" * 70, "t.conf:3: rps_cpus: expected off, all or a CPU list such as 0-3,6, got a word of 73 "
+                       "characters that is not config text (not shown)"),
 ])
 def test_rps_cpus_bad_input_names_file_line_field_and_what_was_expected(value, message):
     assert err(value) == message

@@ -758,7 +758,7 @@ def parse_rps_cpus(text: str) -> str:
 
     if text in ("off", "all"):
         return text
-    if not text[:1].isdigit():
+    if not text[:1].isdigit() or not _SHOWABLE.match(text):  # (what is not config text is never quoted)
         raise ValueError(f"expected off, all or a CPU list such as 0-3,6, got {shown(text)}")
     cpus = rps.parse_cpulist(text)
     try:
