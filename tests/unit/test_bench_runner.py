@@ -11,16 +11,18 @@ class Recorder:
 
     def __init__(self):
         self.events: list[tuple] = []
+        self.topo_kw: list[dict] = []  # the keywords each topology was made with
         self._made = iter(range(100_000))
 
     def serial(self) -> int:
         return next(self._made)
 
     @contextmanager
-    def topology(self):
+    def topology(self, **kw):
         """runner.topo.Topology's stand-in: a numbered namespace trio, gone even on failure."""
         t = type("Topo", (), {})()
         t.n = self.serial()
+        self.topo_kw.append(kw)
         self.events.append(("topo", t.n))
         try:
             yield t
@@ -175,3 +177,52 @@ def test_a_daemon_that_fails_to_start_is_n_a_for_its_round_tried_next_round_give
     gone = [r["reason"] for r in suite.records if r["config"] == "snatgw-nft" and r["round"] == 3]
     assert all("given up" in w for w in gone)
     assert len(suite.records) == 2 * 4 * len(scens)
+
+
+def test_rps_sets_the_same_mask_on_every_configurations_gateway(monkeypatch):
+    """`--rps`: every topology (drop, forward, nft-kernel and snatgw alike, every phase) is made
+    with the run's mask, so that a comparison stays fair; without it none gets one."""
+    from snatgw.bench import topo
+    from snatgw.cli.commands import bench as cli
+    from snatgw.errors import SnatgwError
+
+    for rps, want in (("3", "3"), (None, None)):
+        rec = Recorder()
+
+        class FakeGateway:
+            start_seconds = 0.1
+            proc = None
+
+            def __init__(self, name, t, **kw):
+                self.name = name
+
+            def start(self):
+                pass
+
+            def stop(self):
+                pass
+
+        monkeypatch.setattr(runner.topo, "Topology", rec.topology)
+        monkeypatch.setattr(runner, "Gateway", FakeGateway)
+        monkeypatch.setattr(runner, "availability", lambda cfg: None)
+        monkeypatch.setattr(runner.sc, "measure", lambda s, t, gw, d: {"value": 1.0, "metric": "pps"})
+        monkeypatch.setattr(runner.sc, "udp", lambda t, gw, kind, d: {"value": 1.0, "metric": "pps"})
+        cfgs = ("drop", "forward", "nft-kernel", "snatgw-bpf")
+        suite = runner.Suite(runner.Params(rounds=1, scenarios=("udp-1flow", "rules"), configs=cfgs, rps=rps,
+                                           rule_counts=(1,)), echo=lambda *a: None)
+        suite.packet_phase()
+        suite.rules_phase()
+        assert {r["config"] for r in suite.records} == set(cfgs)
+        assert len(rec.topo_kw) == len(suite.records) and all(kw == {"rps": want} for kw in rec.topo_kw)
+    script = topo.rps_script("3")
+    assert "/sys/class/net/in0/queues/rx-*" in script and "/sys/class/net/up0/queues/rx-*" in script
+    assert "echo 3 > $q/rps_cpus || exit 1" in script
+    monkeypatch.setattr("snatgw.daemon.rps.online_cpus", lambda sysfs=None: frozenset({0, 1}))
+    monkeypatch.setattr("snatgw.daemon.rps.possible_cpus", lambda sysfs=None: 2)
+    assert (cli.rps_mask(None), cli.rps_mask("off"), cli.rps_mask("all"), cli.rps_mask("1")) == (None, None, "3", "2")
+    try:
+        cli.rps_mask("5")
+    except SnatgwError as e:
+        assert str(e) == "--rps: CPU 5 of '5' is not online (online: 0-1)"
+    else:
+        raise AssertionError("--rps 5 accepted on 2 CPUs")

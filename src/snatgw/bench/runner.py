@@ -41,6 +41,10 @@ class Params:
     control_rules: int = 10000
     max_sessions: int = 1 << 20  # table size for the packet scenarios (new flows must fit)
     out_dir: str = "bench/results"
+    #: `--rps`: the mask (hex, daemon/rps.format_mask) every topology writes to the gateway's
+    #: in0 and up0 rx queues, the same for every configuration; None: receive packet steering
+    #: left as the kernel has it (off)
+    rps: str | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -104,6 +108,10 @@ class Suite:
                               "records": self.records, "unavailable": self.na}
 
     # ------------------------------------------------------------------ helpers
+    def _topology(self):
+        """A fresh topology, with the run's receive packet steering on the gateway's devices."""
+        return topo.Topology(rps=self.p.rps)
+
     def _rec(self, scenario: str, config: str, rnd: int, **fields) -> dict:
         rec = {"scenario": scenario, "config": config, "round": rnd, "status": "ok"} | fields
         self.records.append(rec)
@@ -164,7 +172,7 @@ class Suite:
 
     def _packet_one(self, s: str, cfg: str, r: int) -> None:
         """One scenario of one configuration, on its own gateway in its own namespaces."""
-        with topo.Topology() as t:
+        with self._topology() as t:
             gw = self._gateway_or_na(cfg, t, r, max_sessions=self.p.max_sessions)
             if gw is None:
                 self._rec(s, cfg, r, status="n/a", reason=self.why, value=None)
@@ -189,7 +197,7 @@ class Suite:
             units = [(1, "drop")] + [(n, c) for n in self.p.rule_counts for c in cfgs]
             for n, cfg in units[:1] + rotated(tuple(units[1:]), r):
                 scen = f"rules-{n}"
-                with topo.Topology() as t:
+                with self._topology() as t:
                     gw = self._gateway_or_na(cfg, t, r, nrules=n, max_sessions=self.p.max_sessions)
                     if gw is None:
                         self._rec(scen, cfg, r, status="n/a", reason=self.why, value=None, rules=n)
@@ -219,7 +227,7 @@ class Suite:
         for cfg in [c for c in ("snatgw-bpf", "snatgw-nft") if c in self.p.configs]:
             entry: dict = {}
             out["by_config"][cfg] = entry
-            with topo.Topology() as t:
+            with self._topology() as t:
                 mem0 = sc.meminfo()
                 gw = self._gateway_or_na(cfg, t, max_sessions=n)
                 if gw is None:
@@ -265,7 +273,7 @@ class Suite:
             self.echo(f"  {cfg}: {entry.get('status')} sessions={entry.get('sessions')} "
                       f"memlock={entry.get('memlock_bytes')} MiB/1M={entry.get('mib_per_1m_sessions')}")
             # drop baseline of the same pattern, for the lookup cost
-        with topo.Topology() as t:
+        with self._topology() as t:
             gw = Gateway("drop", t)
             with gw:
                 conf = traffic.trafgen_conf(t.gw_in_mac, seq_hosts=hosts, seq_ports=4096, dport=f"dinc(9, {8 + hosts})")
@@ -282,7 +290,7 @@ class Suite:
         for cfg in [c for c in ("snatgw-bpf", "snatgw-nft") if c in self.p.configs]:
             entry: dict = {}
             out["by_config"][cfg] = entry
-            with topo.Topology() as t:
+            with self._topology() as t:
                 gw = self._gateway_or_na(cfg, t, nrules=n, max_sessions=1 << 16)
                 if gw is None:
                     entry.update(status="n/a", reason=self.why)

@@ -41,9 +41,20 @@ def ns_argv(ns: str, cmd: list[str]) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{ns}"] + cmd
 
 
+def rps_script(mask: str, devices=(GW_IN, GW_UP)) -> str:
+    """A shell script (run by `ip netns exec` in the gateway: its namespace's sysfs) that writes
+    ``mask`` to every rx queue's rps_cpus of ``devices`` and fails when one does not take it."""
+    return "; ".join(f"for q in /sys/class/net/{d}/queues/rx-*; do echo {mask} > $q/rps_cpus || exit 1; done"
+                     for d in devices)
+
+
 @dataclass
 class Topology:
     prefix: str = ""
+    #: receive packet steering of the gateway's in0 and up0 (`snatgw bench --rps`): the mask
+    #: written to every rx queue right after the topology is made, before any gateway starts, so
+    #: every configuration (drop, forward, nft-kernel, snatgw) runs with the same; None: untouched
+    rps: str | None = None
 
     def __post_init__(self):
         if not self.prefix:
@@ -96,6 +107,8 @@ class Topology:
         run(["ip", "-n", g, "neigh", "replace", GW_IN_ADDR, "lladdr", self.gw_in_mac, "dev", GEN_IF, "nud", "permanent"])
         for a in [GW_UP_ADDR] + [f"198.19.1.{i}" for i in range(100, 111)]:
             run(["ip", "-n", s, "neigh", "replace", a, "lladdr", gw_up_mac, "dev", SINK_IF, "nud", "permanent"])
+        if self.rps:
+            run(["sh", "-c", rps_script(self.rps)], ns=w)
 
     def down(self) -> None:
         for ns in reversed(self.created):

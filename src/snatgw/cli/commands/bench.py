@@ -33,6 +33,25 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions", type=int, metavar="N",
                    help="snatgw's session table size in the packet scenarios (default 1048576, --quick 262144)")
     p.add_argument("--out", default="bench/results", help="results directory (default bench/results)")
+    p.add_argument("--rps", metavar="CPUS",
+                   help="receive packet steering on the gateway's in0 and up0 for every configuration: all or "
+                        "a CPU list (0-3,6); default off")
+
+
+def rps_mask(value: str | None) -> str | None:
+    """``--rps``: None (off), or the mask of ``all`` or a CPU list of online CPUs, as the
+    daemon's `rps_cpus` takes them; SnatgwError saying what is wrong."""
+    from ...config.parse import parse_rps_cpus
+    from ...daemon import rps
+
+    if value is None or value == "off":
+        return None
+    try:
+        setting = parse_rps_cpus(value)
+    except ValueError as e:
+        raise SnatgwError(f"--rps: {e}") from None
+    cpus, _ = rps.wanted_cpus(setting, rps.online_cpus())
+    return rps.format_mask(cpus, rps.possible_cpus())
 
 
 def run(args) -> int:
@@ -50,7 +69,7 @@ def run(args) -> int:
     if args.max_sessions is not None and not 1024 <= args.max_sessions <= 1 << 24:
         raise SnatgwError(f"--max-sessions: expected 1024..16777216, got {args.max_sessions}")
     params = Params.make(args.quick, rounds=args.rounds, duration=args.duration, out_dir=args.out,
-                         max_sessions=args.max_sessions,
+                         max_sessions=args.max_sessions, rps=rps_mask(args.rps),
                          scenarios=tuple(args.scenario) if args.scenario else None,
                          configs=tuple(c for c in CONFIGS if c in args.config) if args.config else None)
     results = Suite(params, echo=lambda s: print(s, flush=True)).run()
