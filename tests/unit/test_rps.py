@@ -346,3 +346,17 @@ def test_status_and_stats_text():
     assert text.splitlines()[0] == "rps_cpus: all (mask 3)" and "rx-0=3" in text and "rx-0=1" in text
     assert "NOT APPLIED: why" in rps_text({"setting": "all", "mask": "3", "note": None, "refused": "why",
                                            "devices": {}})
+
+
+def test_manager_never_raises(tmp_path):
+    """A failure no branch foresaw is logged (rps_failed): a start, reload or stop goes on."""
+    net = FakeNet(tmp_path, {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
+    log = RecLog()
+    m = net.manager(log)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    m.nameindex = broken
+    assert m.sync(Settings("all")) == [] and m.restore() == []
+    assert [x[1] for x in log.lines] == ["rps_failed"]  # (restore: nothing was saved, nothing to do)

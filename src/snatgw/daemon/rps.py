@@ -324,7 +324,17 @@ class RpsManager:
                 self.log.warning("rps_cpus", warning=self.note)
             want = format_mask(cpus, possible_cpus(self.sysfs)) if cpus else None
         self.mask = want
-        return self._run(want)
+        return self._guarded(want)
+
+    def _guarded(self, want: str | None) -> list[str]:
+        """_run, whose failure (a bug, an error no branch foresaw) is logged, never raised: a
+        start, reload, hook check or stop never fails for the steering."""
+        try:
+            return self._run(want)
+        except Exception as e:  # noqa: BLE001 - a performance setting must not cost the datapath
+            if self.log:
+                self.log.warning("rps_failed", error=repr(e))
+            return []
 
     def _run(self, want: str | None) -> list[str]:
         if want is None and not self.saved:  # off: no read, no write
@@ -374,17 +384,12 @@ class RpsManager:
             return []
         if all(self._ifindex(n) == idx for n, idx in self.seen.items()):
             return []
-        return self._run(self.mask)
+        return self._guarded(self.mask)
 
     def restore(self) -> list[str]:
         """Put back every saved mask (the daemon stops); never raises."""
-        try:
-            self.mask = None
-            return self._run(None)
-        except Exception as e:  # noqa: BLE001 - a stop goes on
-            if self.log:
-                self.log.warning("rps_restore_failed", error=repr(e))
-            return []
+        self.mask = None
+        return self._guarded(None)
 
     # ------------------------------------------------------------------ status
     def as_dict(self) -> dict:
