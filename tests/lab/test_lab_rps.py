@@ -1,8 +1,9 @@
 """`rps_cpus` live (daemon/rps.py): a gateway with its namespace's own sysfs writes the mask to
 every rx queue of its devices, and the datapath's per-CPU counters show the spread: a sender
 pinned to CPU 0 has (nearly) every packet handled on CPU 0 without receive packet steering, on
-both CPUs with it; a reload to off and a stop put back the masks the devices had (a distinct
-non-zero one, so that a restore is not mistaken for a reset to 0).  A gateway started by
+both CPUs with it; a device recreated under its name gets the mask again from the hook check;
+a reload to off and a stop put back the masks the devices had (a distinct non-zero one, so
+that a restore is not mistaken for a reset to 0).  A gateway started by
 nsenter --net alone, whose /sys is the host's, writes nothing and says so in status.  The
 host's own devices' masks are read before and after: never written."""
 
@@ -13,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -134,12 +136,22 @@ def test_rps_cpus_spreads_a_one_queue_device_over_both_cpus_and_puts_the_masks_b
     assert st["devices"]["lan40"] == {"queues": {"rx-0": "3"}, "previous": {"rx-0": "1"}, "error": None}
     cp = run(snatgw_argv("stats", "--socket", lab.socket_path))
     assert "packets per CPU: cpu0 " in cp.stdout and ", cpu1 " in cp.stdout
-    lab.reload_gateway(write_conf(lab, "off"))  # a reload to off puts them back
-    assert gw_masks(lab) == dict.fromkeys(DEVICES, "1")
+    # lan50 made again under its name (as a VLAN or PPP device is): the hook check writes it again
+    lab.recreate_link("lan50")
+    deadline = time.monotonic() + 5
+    while gw_masks(lab)["lan50"] != "3" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gw_masks(lab)["lan50"] == "3"
+    with open(os.path.join(lab.workdir, "gateway.log")) as f:
+        assert "lan50: recreated (ifindex" in f.read()
+    # a reload to off puts them back (the new lan50's own mask was the kernel's 0)
+    before = {**dict.fromkeys(DEVICES, "1"), "lan50": "0"}
+    lab.reload_gateway(write_conf(lab, "off"))
+    assert gw_masks(lab) == before
     lab.reload_gateway(write_conf(lab, "all"))
     assert gw_masks(lab) == dict.fromkeys(DEVICES, "3")
     lab.stop_gateway()  # and so does a stop
-    assert gw_masks(lab) == dict.fromkeys(DEVICES, "1")
+    assert gw_masks(lab) == before
     assert host_masks() == host
 
 
