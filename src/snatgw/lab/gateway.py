@@ -118,7 +118,7 @@ def start_gateway(lab, config_path: str, backend: str = "bpf", timeout: float = 
         if left <= 0:
             stop_gateway(lab)
             raise LabError(f"snatgw run ({backend}) printed no 'ready' within {timeout:g} s; "
-                           f"stdout: {seen[-5:]}; log {log_path}:\n{_tail(log_path)}")
+                           f"stdout: {seen[-5:]}; log {log_path}:\n{log_tail(log_path)}")
         r, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
         if r:
             line = proc.stdout.readline()
@@ -132,7 +132,7 @@ def start_gateway(lab, config_path: str, backend: str = "bpf", timeout: float = 
             lab.gateway_pid = None
             lab.save()
             raise LabError(f"snatgw run ({backend}) exited with {proc.returncode} before 'ready'; "
-                           f"log {log_path}:\n{_tail(log_path)}")
+                           f"log {log_path}:\n{log_tail(log_path)}")
     # keep draining stdout so the daemon never blocks on a full pipe
     import threading
 
@@ -150,7 +150,8 @@ def _drain(stream, log_path: str) -> None:
         pass
 
 
-def _tail(path: str, n: int = 15) -> str:
+def log_tail(path: str, n: int = 15) -> str:
+    """The last ``n`` lines of a log file, for an error message."""
     try:
         with open(path) as f:
             return "".join(f.readlines()[-n:])

@@ -34,8 +34,8 @@ import subprocess
 import threading
 import time
 
-from .gateway import snatgw_argv
-from .netns import LabError, list_netns, nsenter, run
+from .gateway import log_tail, snatgw_argv
+from .netns import LabError, NodeCommands, list_netns, run
 
 NODES = ("in", "lan", "gwa", "gwb", "net")
 GATEWAYS = ("gwa", "gwb")
@@ -129,7 +129,7 @@ def conntrackd_text(example: str, node: str, workdir: str) -> str:
     return text
 
 
-class HaPair:
+class HaPair(NodeCommands):
     """The two-gateway topology; ``HaPair.up()`` builds it under a fresh prefix sgha<hex>."""
 
     def __init__(self, prefix: str):
@@ -144,18 +144,6 @@ class HaPair:
         return f"{self.prefix}-{node}"
 
     # ------------------------------------------------------------------ commands
-
-    def run(self, node: str, *cmd: str, check: bool = True, timeout: float = 30.0,
-            input: str | None = None) -> subprocess.CompletedProcess:
-        return run(nsenter(self.ns(node), *cmd), check=check, timeout=timeout, input=input)
-
-    def ip(self, node: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return run(["ip", "-n", self.ns(node), *args], check=check)
-
-    def popen(self, node: str, *cmd: str, **kw) -> subprocess.Popen:
-        p = subprocess.Popen(nsenter(self.ns(node), *cmd), **kw)
-        self.procs.append(p)
-        return p
 
     # ------------------------------------------------------------------ life cycle
 
@@ -206,17 +194,7 @@ class HaPair:
     def down(self) -> None:
         """Stop every process started here and any other left in the namespaces, delete the
         namespaces and the work dir.  Safe on a half-built pair and twice."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + 5
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs.clear()
+        self.stop_procs(5)
         for node in NODES:
             ns = self.ns(node)
             if os.path.exists(f"/run/netns/{ns}"):
@@ -275,7 +253,7 @@ class HaPair:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or p.poll() is not None:
-                raise LabError(f"snatgw run in {gw} not ready (exit {p.poll()}): {_tail(log_path)}")
+                raise LabError(f"snatgw run in {gw} not ready (exit {p.poll()}): {log_tail(log_path)}")
             r, _, _ = select.select([p.stdout], [], [], min(left, 0.5))
             if r:
                 line = p.stdout.readline()
@@ -302,7 +280,7 @@ class HaPair:
         while self.ctd(gw, "-s", check=False).returncode != 0:
             if time.monotonic() > deadline:
                 log = os.path.join(self.workdir, f"{gw}-conntrackd.log")
-                raise LabError(f"conntrackd in {gw} does not answer: {_tail(log)}")
+                raise LabError(f"conntrackd in {gw} does not answer: {log_tail(log)}")
             time.sleep(0.05)
         return conf
 
@@ -343,7 +321,7 @@ class HaPair:
         while not self.holds_vip(gw):
             if time.monotonic() - t0 > timeout:
                 raise LabError(f"{gw} did not become MASTER within {timeout:g} s: "
-                               f"{_tail(os.path.join(self.workdir, gw + '-keepalived.log'))}")
+                               f"{log_tail(os.path.join(self.workdir, gw + '-keepalived.log'))}")
             time.sleep(0.02)
         return time.monotonic() - t0
 
@@ -354,10 +332,3 @@ class HaPair:
         for arg in ("-c", "-f", "-R", "-B"):
             self.ctd(gw, arg)
 
-
-def _tail(path: str, n: int = 15) -> str:
-    try:
-        with open(path) as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return "(no log)"

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 
 from ..errors import EXIT_BACKEND, EXIT_BAD_INPUT, SnatgwError
 
@@ -72,6 +73,40 @@ def run(argv: list[str], check: bool = True, timeout: float = 30.0,
         msg = (cp.stderr or cp.stdout).strip()
         raise LabError(f"{' '.join(argv)}: exit {cp.returncode}: {msg}")
     return cp
+
+
+class NodeCommands:
+    """Commands in a node's network namespace and the stop of the processes started there: for
+    any set of namespaces that has ``ns(node)`` and a ``procs`` list (the lab, the HA pair)."""
+
+    def run(self, node: str, *cmd: str, check: bool = True, timeout: float = 30.0,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        """Run ``cmd`` in ``node``'s network namespace; text output captured."""
+        return run(nsenter(self.ns(node), *cmd), check=check, timeout=timeout, input=input)
+
+    def ip(self, node: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return run(["ip", "-n", self.ns(node), *args], check=check)
+
+    def popen(self, node: str, *cmd: str, **kw) -> subprocess.Popen:
+        """Start ``cmd`` in ``node``; stop_procs() (down()) stops it."""
+        p = subprocess.Popen(nsenter(self.ns(node), *cmd), **kw)
+        self.procs.append(p)
+        return p
+
+    def stop_procs(self, grace: float) -> None:
+        """SIGTERM every process popen() started that still runs, SIGKILL those still there
+        ``grace`` seconds later; the list is emptied."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
 
 
 def _setns(fd: int) -> None:

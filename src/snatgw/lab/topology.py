@@ -13,13 +13,12 @@ import re
 import secrets
 import shutil
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 
 from ..rules import Route
-from .netns import LabError, list_netns, ns_path, nsenter, run
+from .netns import LabError, NodeCommands, list_netns, ns_path, run
 
 STATE_DIR = "/run/snatgw/lab"
 SOCKET_DIR = "/run/snatgw"
@@ -96,7 +95,7 @@ def state_path(name: str) -> str:
 
 
 @dataclass
-class Lab:
+class Lab(NodeCommands):
     name: str
     prefix: str
     created: float = field(default_factory=time.time)
@@ -129,20 +128,6 @@ class Lab:
         return os.path.join(STATE_DIR, self.prefix)
 
     # ------------------------------------------------------------------ commands
-
-    def run(self, node: str, *cmd: str, check: bool = True, timeout: float = 30.0,
-            input: str | None = None) -> subprocess.CompletedProcess:
-        """Run ``cmd`` in ``node``'s network namespace; text output captured."""
-        return run(nsenter(self.ns(node), *cmd), check=check, timeout=timeout, input=input)
-
-    def ip(self, node: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return run(["ip", "-n", self.ns(node), *args], check=check)
-
-    def popen(self, node: str, *cmd: str, **kw) -> subprocess.Popen:
-        """Start ``cmd`` in ``node``; the lab stops it on down()."""
-        p = subprocess.Popen(nsenter(self.ns(node), *cmd), **kw)
-        self.procs.append(p)
-        return p
 
     def route(self, dst, src=None) -> Route:
         """The gateway's FIB answer for ``dst`` (egress device, next hop), from the kernel."""
@@ -313,17 +298,7 @@ class Lab:
             stop_gateway(self)
         except LabError:
             pass
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + 3
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs.clear()
+        self.stop_procs(3)
         hand_started = self.daemon_pids()  # a gateway started by hand: let it exit cleanly
         for pid in hand_started:
             os.kill(pid, signal.SIGTERM)
