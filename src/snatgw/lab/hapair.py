@@ -167,29 +167,7 @@ class HaPair(NodeCommands):
 
     def _build(self) -> None:
         os.makedirs(self.workdir, exist_ok=True)
-        for node in NODES:
-            run(["ip", "netns", "add", self.ns(node)])
-            self.ip(node, "link", "set", "lo", "up")
-            for key, val in SYSCTLS.items():
-                self.run(node, "sysctl", "-q", "-w", f"{key}={val}")
-        for a, aif, b, bif in LINKS:
-            self.ip(a, "link", "add", "name", aif, "type", "veth", "peer", "name", bif, "netns", self.ns(b))
-        for node, ports in BRIDGES.items():
-            self.ip(node, "link", "add", "name", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0")
-            for p in ports:
-                self.ip(node, "link", "set", "dev", p, "master", "br0")
-            self.ip(node, "link", "set", "dev", "br0", "up")
-        for node, addrs in ADDRS.items():
-            for ifname, cidr in addrs:
-                self.ip(node, "addr", "add", cidr, "dev", ifname)
-        for a, aif, b, bif in LINKS:
-            self.ip(a, "link", "set", "dev", aif, "up")
-            self.ip(b, "link", "set", "dev", bif, "up")
-        for gw in GATEWAYS:
-            self.run(gw, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        for node, routes in ROUTES.items():
-            for r in routes:
-                self.ip(node, "route", "add", *r.split())
+        self.build(NODES, SYSCTLS, LINKS, ADDRS, GATEWAYS, ROUTES, bridges=BRIDGES)
 
     def down(self) -> None:
         """Stop every process started here and any other left in the namespaces, delete the

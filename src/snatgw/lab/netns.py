@@ -93,6 +93,37 @@ class NodeCommands:
         self.procs.append(p)
         return p
 
+    def build(self, nodes, sysctls: dict, links, addrs: dict, routers, routes: dict, bridges: dict | None = None) -> None:
+        """Make the namespaces ``nodes`` (loopback up, ``sysctls`` in each), the veth pairs
+        ``links`` ((node, ifname, node, ifname), made inside the namespaces: nothing ever
+        appears in the host's), the ``bridges`` ({node: member ports}, each a br0 without STP),
+        the addresses ``addrs`` ({node: [(ifname, cidr)]}), every link up, forwarding on in
+        ``routers`` and the ``routes`` ({node: ["DST via GW", ...]})."""
+        for node in nodes:
+            run(["ip", "netns", "add", self.ns(node)])
+            self.ip(node, "link", "set", "lo", "up")
+            for key, val in sysctls.items():
+                self.run(node, "sysctl", "-q", "-w", f"{key}={val}")
+        for a, aif, b, bif in links:
+            # ("name"/"dev" keywords always: "up" and "down" are interface names here)
+            self.ip(a, "link", "add", "name", aif, "type", "veth", "peer", "name", bif, "netns", self.ns(b))
+        for node, ports in (bridges or {}).items():
+            self.ip(node, "link", "add", "name", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0")
+            for p in ports:
+                self.ip(node, "link", "set", "dev", p, "master", "br0")
+            self.ip(node, "link", "set", "dev", "br0", "up")
+        for node, node_addrs in addrs.items():
+            for ifname, cidr in node_addrs:
+                self.ip(node, "addr", "add", cidr, "dev", ifname)
+        for a, aif, b, bif in links:
+            self.ip(a, "link", "set", "dev", aif, "up")
+            self.ip(b, "link", "set", "dev", bif, "up")
+        for node in routers:
+            self.run(node, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        for node, node_routes in routes.items():
+            for r in node_routes:
+                self.ip(node, "route", "add", *r.split())
+
     def stop_procs(self, grace: float) -> None:
         """SIGTERM every process popen() started that still runs, SIGKILL those still there
         ``grace`` seconds later; the list is emptied."""

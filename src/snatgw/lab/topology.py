@@ -202,26 +202,7 @@ class Lab(NodeCommands):
 
     def _build(self) -> None:
         os.makedirs(self.workdir, exist_ok=True)
-        for node in NODES:
-            run(["ip", "netns", "add", self.ns(node)])
-            self.ip(node, "link", "set", "lo", "up")
-            for key, val in SYSCTLS.items():
-                self.run(node, "sysctl", "-q", "-w", f"{key}={val}")
-        for a, aif, b, bif in LINKS:
-            # created inside the namespaces: nothing ever appears in the host's namespace
-            # ("name"/"dev" keywords always: "up" and "down" are interface names here)
-            self.ip(a, "link", "add", "name", aif, "type", "veth", "peer", "name", bif, "netns", self.ns(b))
-        for node in NODES:
-            for ifname, cidr in ADDRS[node]:
-                self.ip(node, "addr", "add", cidr, "dev", ifname)
-        for a, aif, b, bif in LINKS:
-            self.ip(a, "link", "set", "dev", aif, "up")
-            self.ip(b, "link", "set", "dev", bif, "up")
-        for node in ROUTERS:
-            self.run(node, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        for node, routes in ROUTES.items():
-            for r in routes:
-                self.ip(node, "route", "add", *r.split())
+        self.build(NODES, SYSCTLS, LINKS, {node: ADDRS[node] for node in NODES}, ROUTERS, ROUTES)
         # in `net`, mark each packet with the ifindex it arrived on; TCP copies a SYN's mark to
         # the accepted socket, so the TCP server can tell which ISP a connection came through
         self.run("net", "sysctl", "-q", "-w", "net.ipv4.tcp_fwmark_accept=1")
