@@ -287,18 +287,13 @@ def test_a_recreated_inside_device_keeps_its_role(gw, pin_dir, mini_obj):  # noq
     is internal, never translated).  An inside device recreated (another ifindex, same name) got
     its programs back from the hook check but no role until a reload: traffic routed between
     inside networks through it looked outbound.  The hook check writes the roles again."""
-    import struct
-
-    def roles(b):
-        return {struct.unpack("<I", k)[0]: struct.unpack("<I", v)[0] for k, v in b.maps.ifaces.items()}
-
     with netns(gw):
         cfg = config(pin_dir)
         b = BpfBackend(cfg.settings, obj_path=mini_obj)
         b.start(cfg)
         try:
             old = socket.if_nametoindex("lan40")
-            assert roles(b)[old] == L.IFACE_INSIDE
+            assert b.maps.iface_roles()[old] == L.IFACE_INSIDE
             sh("ip", "link", "del", "lan40")
             sh("ip", "link", "add", "lan40", "type", "veth", "peer", "name", "lan40p")
             sh("ip", "addr", "add", "198.18.40.1/24", "dev", "lan40")
@@ -307,7 +302,7 @@ def test_a_recreated_inside_device_keeps_its_role(gw, pin_dir, mini_obj):  # noq
             assert new != old
             assert any("lan40" in x for x in b.check_hooks())
             assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is not None
-            got = roles(b)
+            got = b.maps.iface_roles()
             assert got[new] == L.IFACE_INSIDE and old not in got
             assert got[socket.if_nametoindex("eth1")] == L.IFACE_OUTSIDE
         finally:
@@ -407,11 +402,6 @@ def test_a_device_renamed_away_loses_programs_and_role_and_keeps_its_sessions(gw
     lan40 it moved lanold's sessions there, away from the hosts behind lanold that the
     kernel still routes their replies to.  Now the hook check takes program and role off
     lanold, attaches to the new lan40, and leaves the sessions where they were."""
-    import struct
-
-    def roles(b):
-        return {struct.unpack("<I", k)[0]: struct.unpack("<I", v)[0] for k, v in b.maps.ifaces.items()}
-
     with netns(gw):
         cfg = config(pin_dir)
         b = BpfBackend(cfg.settings, obj_path=mini_obj)
@@ -427,14 +417,14 @@ def test_a_device_renamed_away_loses_programs_and_role_and_keeps_its_sessions(gw
             sh("ip", "link", "set", "lanold", "up")
             assert b.check_hooks() == []
             assert attached_prog_id("lanold", B.BPF_TC_INGRESS) is None
-            assert old not in roles(b)
+            assert old not in b.maps.iface_roles()
             sh("ip", "link", "add", "lan40", "type", "veth", "peer", "name", "lan40p")
             sh("ip", "link", "set", "lan40", "up")
             new = socket.if_nametoindex("lan40")
             assert any("lan40" in x for x in b.check_hooks())
             assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is not None
             assert attached_prog_id("lanold", B.BPF_TC_INGRESS) is None
-            assert roles(b)[new] == L.IFACE_INSIDE and old not in roles(b)
+            assert b.maps.iface_roles()[new] == L.IFACE_INSIDE and old not in b.maps.iface_roles()
             assert L.CT_ENTRY.unpack(b.maps.ct.get(in_key))["ifindex"] == old
             assert L.CT_ENTRY.unpack(b.maps.ct.get(out_key))["iif"] == old & 0xFFFF
         finally:

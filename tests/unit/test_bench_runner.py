@@ -30,6 +30,22 @@ class Recorder:
             self.events.append(("topo-gone", t.n))
 
 
+class FakeGateway:
+    """runner.Gateway's stand-in: it starts and stops, and measures nothing itself."""
+
+    start_seconds = 0.1
+    proc = None
+
+    def __init__(self, name, t, **kw):
+        self.name, self.t = name, t
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
 def test_every_packet_scenario_runs_on_its_own_gateway_in_fresh_namespaces(monkeypatch):
     """A scenario must not meet the sessions the one before it left (snatgw's table, the
     kernel's conntrack): each gets a topology and a gateway of its own, stopped after it."""
@@ -134,20 +150,11 @@ def test_a_daemon_that_fails_to_start_is_n_a_for_its_round_tried_next_round_give
     fail_in = {"snatgw-bpf": {0, 2}, "snatgw-nft": {0, 1}}
     rnd = {"now": 0}
 
-    class FakeGateway:
-        start_seconds = 0.1
-        proc = None
-
-        def __init__(self, name, t, **kw):
-            self.name = name
-
+    class FailingGateway(FakeGateway):
         def start(self):
             starts.append((self.name, rnd["now"]))
             if rnd["now"] in fail_in.get(self.name, ()):
                 raise runner.Unavailable(f"{self.name} would not start")
-
-        def stop(self):
-            pass
 
     orig = runner.Suite._packet_one
 
@@ -156,7 +163,7 @@ def test_a_daemon_that_fails_to_start_is_n_a_for_its_round_tried_next_round_give
         return orig(self, s, cfg, r)
 
     monkeypatch.setattr(runner.topo, "Topology", rec.topology)
-    monkeypatch.setattr(runner, "Gateway", FakeGateway)
+    monkeypatch.setattr(runner, "Gateway", FailingGateway)
     monkeypatch.setattr(runner, "availability", lambda cfg: None)
     monkeypatch.setattr(runner.sc, "measure", lambda s, t, gw, d: {"value": 1.0, "metric": "pps"})
     monkeypatch.setattr(runner.Suite, "_packet_one", packet_one)
@@ -188,19 +195,6 @@ def test_rps_sets_the_same_mask_on_every_configurations_gateway(monkeypatch):
 
     for rps, want in (("3", "3"), (None, None)):
         rec = Recorder()
-
-        class FakeGateway:
-            start_seconds = 0.1
-            proc = None
-
-            def __init__(self, name, t, **kw):
-                self.name = name
-
-            def start(self):
-                pass
-
-            def stop(self):
-                pass
 
         monkeypatch.setattr(runner.topo, "Topology", rec.topology)
         monkeypatch.setattr(runner, "Gateway", FakeGateway)
