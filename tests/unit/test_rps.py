@@ -283,6 +283,31 @@ def test_manager_writes_nothing_where_sysfs_is_another_namespace(tmp_path):
     assert net.mask("in0") == "1"
 
 
+def test_manager_a_device_made_between_the_two_listings_is_not_another_namespace(tmp_path):
+    """netlink and /sys/class/net are listed one after the other: a device created (or gone)
+    between them (a PPP session's device, a container's veth) made them differ once, and that
+    start refused rps_cpus for good (the hook check looks again only when a configured device's
+    ifindex changes) and flagged the gateway unhealthy; at a stop, its masks stayed ours."""
+    net = FakeNet(tmp_path, {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
+    log, racing = RecLog(), {"on": True}
+
+    def nameindex():  # netlink's dump taken just before ppp0 (device n) appeared in /sys
+        links = [(i, n) for n, i in net.links.items()]
+        if racing["on"]:
+            racing["on"] = False
+            net.add(f"ppp{len(net.links)}", 10 + len(net.links))
+        return links
+
+    m = net.manager(log)
+    m.nameindex = nameindex
+    m.sync(Settings("all"))
+    assert m.refused is None and (net.mask("in0"), net.mask("up0")) == ("3", "3")
+    assert not [x for x in log.lines if x[0] == "warning"]
+    racing["on"] = True  # the same at the stop
+    m.restore()
+    assert m.refused is None and (net.mask("in0"), net.mask("up0")) == ("0", "0")
+
+
 def test_manager_same_names_other_ifindex_is_another_namespace(tmp_path):
     net = FakeNet(tmp_path, {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
     m = net.manager(links={"lo": 1, "in0": 15, "up0": 16})

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 SYSFS = "/sys"
 MAX_CPUS = 4096  # CPU numbers 0..4095: a bound on the masks written (the setting refuses more)
 CHUNK_BITS = 32  # the kernel prints masks in comma-separated groups of 32 bits
+FOREIGN_READS = 3  # sysfs and netlink compared up to this many times before they differ (foreign_sysfs)
+FOREIGN_PAUSE = 0.01  # seconds between two of those reads (a device being made or removed settles)
 
 
 # --------------------------------------------------------------------------- CPU lists, masks
@@ -284,11 +287,25 @@ class RpsManager:
     def foreign_sysfs(self) -> str | None:
         """Why sysfs/class/net is not this network namespace's (None: it is): every device it
         lists, with its ifindex, must be one of this namespace (if_nameindex: netlink), and the
-        other way round."""
+        other way round.  The two listings are not one snapshot: a device created, deleted or
+        renamed between them (a PPP or VLAN device made again, a container's veth) differs
+        once, so a difference is read again (FOREIGN_READS times) before it counts: another
+        namespace's devices differ every time."""
+        for attempt in range(FOREIGN_READS):
+            if attempt:
+                time.sleep(FOREIGN_PAUSE)
+            why, diff = self._compare_sysfs()
+            if why is None or not diff:
+                return why
+        return why
+
+    def _compare_sysfs(self) -> tuple[str | None, bool]:
+        """One comparison for foreign_sysfs: (why not ours or None, whether it was a difference
+        of the listings, worth reading again, rather than a failure to list)."""
         try:
             mine = {name: int(idx) for idx, name in self.nameindex()}
         except OSError as e:
-            return f"cannot list this namespace's devices: {e}"
+            return f"cannot list this namespace's devices: {e}", False
         shown: dict[str, int] = {}
         try:
             for name in os.listdir(self._net()):
@@ -298,14 +315,14 @@ class RpsManager:
                 except (OSError, ValueError):
                     shown[name] = -1
         except OSError as e:
-            return f"cannot list {self._net()}: {e.strerror or e}"
+            return f"cannot list {self._net()}: {e.strerror or e}", False
         if shown == mine:
-            return None
+            return None, False
         diff = sorted(set(shown.items()) ^ set(mine.items()))
         ex = ", ".join(f"{n} (ifindex {i})" for n, i in diff[:3])
         return (f"{self._net()} shows the devices of another network namespace (they differ from this "
                 f"one's: {ex}{', ...' if len(diff) > 3 else ''}): rps_cpus is not applied, nothing is written; "
-                + FOREIGN_HINT)
+                + FOREIGN_HINT), True
 
     # ------------------------------------------------------------------ applying
     def sync(self, settings) -> list[str]:
