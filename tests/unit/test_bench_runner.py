@@ -220,3 +220,29 @@ def test_rps_sets_the_same_mask_on_every_configurations_gateway(monkeypatch):
         assert str(e) == "--rps: CPU 5 of '5' is not online (online: 0-1)"
     else:
         raise AssertionError("--rps 5 accepted on 2 CPUs")
+
+
+def test_a_phase_outside_the_rounds_tries_a_daemon_that_failed_in_one_round(monkeypatch):
+    """The session-table and control phases run once, after the packet rounds, and took the
+    round number's default 0: a daemon that failed to start in the first packet round (and
+    started in every later one) was n/a there without a start, "tried again the next" round
+    that never came.  Outside the rounds only the two-bad-rounds rule gives a daemon up."""
+    rec = Recorder()
+    starts: list[str] = []
+
+    class FirstStartFails(FakeGateway):
+        def start(self):
+            starts.append(self.name)
+            if len(starts) == 1:
+                raise runner.Unavailable(f"{self.name} would not start")
+
+    monkeypatch.setattr(runner, "Gateway", FirstStartFails)
+    monkeypatch.setattr(runner, "availability", lambda cfg: None)
+    suite = runner.Suite(runner.Params(rounds=2, configs=("snatgw-bpf",)), echo=lambda *a: None)
+    with rec.topology() as t:
+        assert suite._gateway_or_na("snatgw-bpf", t, 0) is None  # packet round 0: failed
+    with rec.topology() as t:
+        assert suite._gateway_or_na("snatgw-bpf", t, 1) is not None  # round 1: started
+    with rec.topology() as t:  # the session-table phase's call (sessions_phase)
+        assert suite._gateway_or_na("snatgw-bpf", t, max_sessions=1 << 20) is not None, suite.why
+    assert len(starts) == 3

@@ -121,16 +121,18 @@ class Suite:
                      else f"{rec['status']} ({rec.get('reason')})"))
         return rec
 
-    def _gateway_or_na(self, cfg: str, t: topo.Topology, rnd: int = 0, nrules: int = 1, **kw) -> Gateway | None:
+    def _gateway_or_na(self, cfg: str, t: topo.Topology, rnd: int | None = None, nrules: int = 1,
+                       **kw) -> Gateway | None:  # fmt: skip
         """A started gateway, or None with the reason in self.why.  A configuration that cannot
         be imported is n/a for the whole run.  One whose daemon failed to start is n/a for the
         rest of that round (each scenario has a gateway of its own: a daemon that cannot start
         would otherwise cost a start timeout per scenario), tried again the next round, and
         given up (for that rule count) once it failed in two rounds, as when a round shared one
-        gateway."""
+        gateway.  ``rnd`` None: a phase that runs once, outside the rounds (session table,
+        control plane): tried unless given up; a failure there counts as one bad round."""
         key = cfg if nrules == 1 else f"{cfg} ({nrules:,} rules)"
         failed = self.failures.get(key, set())
-        if cfg in self.missing or len(failed) >= 2 or rnd in failed:
+        if cfg in self.missing or len(failed) >= 2 or (rnd is not None and rnd in failed):
             self.why = self.missing.get(cfg) or self.na.get(key, "failed to start")
             if len(failed) >= 2 and cfg not in self.missing:
                 self.why += " (failed to start in two rounds: given up)"
