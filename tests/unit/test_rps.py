@@ -308,6 +308,21 @@ def test_manager_a_device_made_between_the_two_listings_is_not_another_namespace
     assert m.refused is None and (net.mask("in0"), net.mask("up0")) == ("0", "0")
 
 
+def test_manager_bonding_masters_is_no_device(tmp_path):
+    """With the bonding driver loaded, every namespace's /sys/class/net holds a file
+    bonding_masters (bond_net_init: per namespace), which no netlink listing has: it read as a
+    device with no ifindex and every gateway on such a host refused rps_cpus as another
+    namespace's sysfs (and called itself unhealthy)."""
+    net = FakeNet(tmp_path, {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
+    with open(os.path.join(net.root, "class/net/bonding_masters"), "w") as f:
+        f.write("\n")
+    m = net.manager()
+    m.sync(Settings("all"))
+    assert m.refused is None and (net.mask("in0"), net.mask("up0")) == ("3", "3")
+    m.restore()
+    assert (net.mask("in0"), net.mask("up0")) == ("0", "0")
+
+
 def test_manager_same_names_other_ifindex_is_another_namespace(tmp_path):
     net = FakeNet(tmp_path, {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
     m = net.manager(links={"lo": 1, "in0": 15, "up0": 16})

@@ -287,7 +287,8 @@ class RpsManager:
     def foreign_sysfs(self) -> str | None:
         """Why sysfs/class/net is not this network namespace's (None: it is): every device it
         lists, with its ifindex, must be one of this namespace (if_nameindex: netlink), and the
-        other way round.  The two listings are not one snapshot: a device created, deleted or
+        other way round (its devices: the entries that are directories; the bonding driver adds a
+        file, bonding_masters, to every namespace's).  The two listings are not one snapshot: a device created, deleted or
         renamed between them (a PPP or VLAN device made again, a container's veth) differs
         once, so a difference is read again (FOREIGN_READS times) before it counts: another
         namespace's devices differ every time."""
@@ -309,6 +310,8 @@ class RpsManager:
         shown: dict[str, int] = {}
         try:
             for name in os.listdir(self._net()):
+                if not os.path.isdir(self._net(name)):  # a file of the class, no device: bonding_masters
+                    continue
                 try:
                     with open(self._net(name, "ifindex")) as f:
                         shown[name] = int(f.read().strip())
