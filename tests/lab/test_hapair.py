@@ -204,14 +204,17 @@ class Outcome:
     b_conns: list  # B's `snatgw conns` of the server's TCP port after it
     commit: float  # primary-backup.sh's `primary` steps on B (s); with keepalived: until B held the VIP
     dropped: int  # frames the leak watchers lost (nonzero: their answer is unsure)
+    b_timed: dict = field(default_factory=dict)  # B's entry once ``sysctl_on_b`` was applied (and lines went by)
 
 
 def failover(pair: HaPair, backend: str = "nft", sync: bool = True, kernel_snat: bool = False,
-             wait: float = 6.0, keepalived: bool = False) -> Outcome:
+             wait: float = 6.0, keepalived: bool = False, sysctl_on_b: str | None = None) -> Outcome:
     """Build the pair's daemons, run the flows through A, crash A, move the VIP and pool to B
     (and commit conntrackd's cache there), watch what survives.  ``keepalived``: keepalived on
     both gateways moves them and runs primary-backup.sh (conntrackd's steps); else the test does
-    both by hand, in keepalived's order (the addresses, then the commit)."""
+    both by hand, in keepalived's order (the addresses, then the commit).  ``sysctl_on_b``: a
+    sysctl file applied on B after the failover, B's entry read again once a few more lines went
+    by (while the connection runs: closed, its entry would age by a FIN state's timeout)."""
     example = _example()
     for gw in ("gwa", "gwb"):
         if kernel_snat:  # the reference: kernel nftables SNAT, no snatgw
@@ -248,6 +251,11 @@ def failover(pair: HaPair, backend: str = "nft", sync: bool = True, kernel_snat:
         continued = flows.wait_tcp(time.monotonic(), 10, wait)
         b_entry = _ct_entry(pair, "gwb")
         b_conns = _conns(pair, "gwb") if not kernel_snat else []
+        b_timed = {}
+        if sysctl_on_b:  # each packet of the connection sets its entry's timeout again
+            pair.run("gwb", "sysctl", "-q", "-p", sysctl_on_b)
+            flows.wait_tcp(time.monotonic(), 3, 5)
+            b_timed = _ct_entry(pair, "gwb")
         # a new connection after the failover
         new = ns_socket(pair.ns("in"), socket.AF_INET, socket.SOCK_STREAM)
         new.settimeout(3)
@@ -276,7 +284,7 @@ def failover(pair: HaPair, backend: str = "nft", sync: bool = True, kernel_snat:
             seen += w.seen
             dropped += w.dropped
     return Outcome(continued, tcp_error, server_error, list(flows.tcp_peers), udp_before, udp_after, new_peer,
-                   leaks, seen, max(gaps, default=0.0), a_entry, b_entry, b_conns, t_commit, dropped)
+                   leaks, seen, max(gaps, default=0.0), a_entry, b_entry, b_conns, t_commit, dropped, b_timed)
 
 
 def _ct_entry(pair: HaPair, gw: str) -> dict:
@@ -313,7 +321,7 @@ def _timeout(entry: dict) -> int:
 def test_nft_backend_with_conntrackd_keeps_tcp_and_its_mapping_across_a_failover(pair):
     """keepalived moves the VIP and the pool and runs conntrackd's primary-backup.sh (pointed at
     the test's files: the edit the docs ask for) as notify_master/backup/fault."""
-    o = failover(pair, keepalived=True)
+    o = failover(pair, keepalived=True, sysctl_on_b=SYSCTL_EXAMPLE)
     assert o.tcp_continued and not o.tcp_error and not o.server_error, o
     assert o.gap < 3, o.gap
     # the server's socket accepted the connection from the pool before the failover and still
@@ -333,11 +341,11 @@ def test_nft_backend_with_conntrackd_keeps_tcp_and_its_mapping_across_a_failover
     assert o.new_tcp_peer is not None and o.new_tcp_peer[0] in POOL, o
     assert o.leaks == [] and o.seen > 0 and o.dropped == 0, o.leaks
     # snatgw's timeout policy is not carried: the committed entry ages by the kernel's sysctls
-    # (ESTABLISHED 432000 s here) until examples/sysctl-ha.conf makes them snatgw's
+    # (ESTABLISHED 432000 s here) until examples/sysctl-ha.conf makes them snatgw's (applied on B
+    # while the connection runs: read after the flows closed, a FIN state's timeout passed this
+    # without the file)
     assert _timeout(o.a_entry) <= 7440 < _timeout(o.b_entry), (o.a_entry, o.b_entry)
-    pair.run("gwb", "sysctl", "-q", "-p", SYSCTL_EXAMPLE)
-    time.sleep(0.3)  # a few more lines: each packet sets the entry's timeout again
-    assert _timeout(_ct_entry(pair, "gwb")) <= 7440
+    assert o.b_timed and "ESTABLISHED" in o.b_timed["line"] and _timeout(o.b_timed) <= 7440, o.b_timed
 
 
 def test_without_conntrackd_the_same_failover_breaks_the_tcp_connection(pair):
