@@ -236,7 +236,8 @@ def failover(pair: HaPair, backend: str = "nft", sync: bool = True, kernel_snat:
     try:
         flows.start()
         assert flows.wait_tcp(0, 10, 5), f"no TCP through A: {flows.tcp_error}"
-        time.sleep(0.3)  # conntrackd's events reach B's external cache
+        if sync and not _wait_external(pair, "gwb", 5):  # conntrackd's events reached B's external cache
+            raise AssertionError(f"B's conntrackd never held the connection: {pair.ctd('gwb', '-e', check=False).stdout}")
         a_entry = _ct_entry(pair, "gwa")
         pair.crash("gwa")
         t_fail = t_commit = time.monotonic()  # from here nothing passes A
@@ -285,6 +286,20 @@ def failover(pair: HaPair, backend: str = "nft", sync: bool = True, kernel_snat:
             dropped += w.dropped
     return Outcome(continued, tcp_error, server_error, list(flows.tcp_peers), udp_before, udp_after, new_peer,
                    leaks, seen, max(gaps, default=0.0), a_entry, b_entry, b_conns, t_commit, dropped, b_timed)
+
+
+def _wait_external(pair: HaPair, gw: str, timeout: float) -> bool:
+    """True once ``gw``'s conntrackd holds the TCP connection in its external cache (the other
+    gateway's entries), within ``timeout`` s: a fixed pause could end before its event got there
+    on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = pair.ctd(gw, "-e", check=False).stdout
+        if any(f"dport={TCP_PORT} " in line and f"src={HOST} " in line for line in out.splitlines()):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _ct_entry(pair: HaPair, gw: str) -> dict:
