@@ -173,6 +173,12 @@ def parse_oif(text: str, where: str | None = None) -> str:
                         "look-alike letter?", "oif", where)  # ... would match nothing, silently
     if not name or len(name) >= IFNAMSIZ or any(c in name for c in "/ \t"):
         raise RuleError(f"expected an interface name of 1..15 characters, got {name!r}", "oif", where)
+    if name in (".", "..") or ":" in name or any(c.isspace() for c in name):
+        # the kernel's dev_valid_name refuses these: no device has such a name (eth0:1 is an
+        # address label of eth0, not a device)
+        raise RuleError(f"expected an interface name, got {name!r}: no device can be named so (the kernel "
+                        "refuses . and .., ':' and white space; an address label such as eth0:1 is not a device)",
+                        "oif", where)  # fmt: skip
     return name
 
 

@@ -195,3 +195,14 @@ def test_run_checks_the_interface_names_it_is_given_on_the_command_line():
         overrides_from(p.parse_args(["x.conf", "--outside", "e" * 16]))
     assert overrides_from(p.parse_args(["x.conf", "--inside", "lan40", "--outside", "eth1"])) == \
         {"inside": ("lan40",), "outside": ("eth1",)}
+
+
+@pytest.mark.parametrize("name", [".", "..", "eth0:1"])
+def test_an_interface_name_no_device_can_have_is_refused_with_why(name):
+    """The kernel refuses `.`, `..` and names with ':' or white space (dev_valid_name); the
+    config took them and a start then said only that no such device exists (an `oif eth0:1`,
+    an address label, names no device)."""
+    with pytest.raises(ConfigError, match="no device can be named so") as ei:
+        parse_text("snatgw {\n inside lan40\n}\nvirtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 "
+                   f"oif {name} snat_ip 198.19.2.71 }}\n}}\n", "t.conf", [])
+    assert str(ei.value).startswith("t.conf:5: oif: ")
