@@ -2,6 +2,7 @@
 compiler): rules installed, programs attached, a new_gw edit moves live sessions to the other
 uplink by the kernel's route, keep_state hands sessions to the next start, nothing left."""
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -53,6 +54,19 @@ def config(pin_dir, new_gw=None):  # noqa: F811
     ])  # fmt: skip
     s = Settings(inside=("lan40",), outside=("eth1", "eth2"), pin_dir=pin_dir, max_sessions=64)
     return GatewayConfig(rules, s)
+
+
+@contextlib.contextmanager
+def started(gw, pin_dir, mini_obj):  # noqa: F811
+    """A BpfBackend started on ``config(pin_dir)`` in ``gw``, stopped (nothing kept) after."""
+    with netns(gw):
+        cfg = config(pin_dir)
+        b = BpfBackend(cfg.settings, obj_path=mini_obj)
+        b.start(cfg)
+        try:
+            yield b
+        finally:
+            b.stop()
 
 
 @pytest.mark.bpf
@@ -287,26 +301,20 @@ def test_a_recreated_inside_device_keeps_its_role(gw, pin_dir, mini_obj):  # noq
     is internal, never translated).  An inside device recreated (another ifindex, same name) got
     its programs back from the hook check but no role until a reload: traffic routed between
     inside networks through it looked outbound.  The hook check writes the roles again."""
-    with netns(gw):
-        cfg = config(pin_dir)
-        b = BpfBackend(cfg.settings, obj_path=mini_obj)
-        b.start(cfg)
-        try:
-            old = socket.if_nametoindex("lan40")
-            assert b.maps.iface_roles()[old] == L.IFACE_INSIDE
-            sh("ip", "link", "del", "lan40")
-            sh("ip", "link", "add", "lan40", "type", "veth", "peer", "name", "lan40p")
-            sh("ip", "addr", "add", "198.18.40.1/24", "dev", "lan40")
-            sh("ip", "link", "set", "lan40", "up")
-            new = socket.if_nametoindex("lan40")
-            assert new != old
-            assert any("lan40" in x for x in b.check_hooks())
-            assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is not None
-            got = b.maps.iface_roles()
-            assert got[new] == L.IFACE_INSIDE and old not in got
-            assert got[socket.if_nametoindex("eth1")] == L.IFACE_OUTSIDE
-        finally:
-            b.stop()
+    with started(gw, pin_dir, mini_obj) as b:
+        old = socket.if_nametoindex("lan40")
+        assert b.maps.iface_roles()[old] == L.IFACE_INSIDE
+        sh("ip", "link", "del", "lan40")
+        sh("ip", "link", "add", "lan40", "type", "veth", "peer", "name", "lan40p")
+        sh("ip", "addr", "add", "198.18.40.1/24", "dev", "lan40")
+        sh("ip", "link", "set", "lan40", "up")
+        new = socket.if_nametoindex("lan40")
+        assert new != old
+        assert any("lan40" in x for x in b.check_hooks())
+        assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is not None
+        got = b.maps.iface_roles()
+        assert got[new] == L.IFACE_INSIDE and old not in got
+        assert got[socket.if_nametoindex("eth1")] == L.IFACE_OUTSIDE
 
 
 @pytest.mark.bpf
@@ -319,22 +327,16 @@ def test_an_address_added_to_an_inside_device_is_guarded_after_the_next_check(gw
     def inside_addrs(b):
         return {str(IP(k)) for k, _ in b.maps.inside_addrs.items()}
 
-    with netns(gw):
-        cfg = config(pin_dir)
-        b = BpfBackend(cfg.settings, obj_path=mini_obj)
-        b.start(cfg)
-        try:
-            assert inside_addrs(b) == {"198.18.40.1"}
-            sh("ip", "addr", "add", "198.18.41.1/24", "dev", "lan40")
-            b._gw_check_at = float("-inf")  # (it looks every ROUTE_BACK_RECHECK seconds)
-            b.check_hooks()
-            assert inside_addrs(b) == {"198.18.40.1", "198.18.41.1"}
-            sh("ip", "addr", "del", "198.18.41.1/24", "dev", "lan40")
-            b._gw_check_at = float("-inf")
-            b.check_hooks()
-            assert inside_addrs(b) == {"198.18.40.1"}
-        finally:
-            b.stop()
+    with started(gw, pin_dir, mini_obj) as b:
+        assert inside_addrs(b) == {"198.18.40.1"}
+        sh("ip", "addr", "add", "198.18.41.1/24", "dev", "lan40")
+        b._gw_check_at = float("-inf")  # (it looks every ROUTE_BACK_RECHECK seconds)
+        b.check_hooks()
+        assert inside_addrs(b) == {"198.18.40.1", "198.18.41.1"}
+        sh("ip", "addr", "del", "198.18.41.1/24", "dev", "lan40")
+        b._gw_check_at = float("-inf")
+        b.check_hooks()
+        assert inside_addrs(b) == {"198.18.40.1"}
 
 
 @pytest.mark.bpf
@@ -364,34 +366,28 @@ def test_sessions_follow_devices_recreated_with_another_ifindex(gw, pin_dir, min
         sh("ip", "addr", "add", addr, "dev", dev)
         sh("ip", "link", "set", dev, "up")
 
-    with netns(gw):
-        cfg = config(pin_dir)
-        b = BpfBackend(cfg.settings, obj_path=mini_obj)
-        b.start(cfg)
-        try:
-            lan40, eth1, eth2 = (socket.if_nametoindex(d) for d in ("lan40", "eth1", "eth2"))
-            o1, i1 = pair(b, 1, eth1, lan40)
-            o2, i2 = pair(b, 2, eth2, lan40)
-            # an endpoint-independent mapping: its ENDPOINT entry's iif is where the sessions it
-            # admits are delivered; an OWNER entry's iif field is not a device
-            eim = b.maps.maps[L.MAP_EIM]
-            ek = L.EIM_KEY.pack(addr=int(IP("198.18.40.10")), port=40001, proto=L.IPPROTO_UDP, dir=L.EIM_DIR_ENDPOINT)
-            ok = L.EIM_KEY.pack(addr=int(IP("198.19.2.71")), port=5001, proto=L.IPPROTO_UDP, dir=L.EIM_DIR_OWNER)
-            eim.put(ek, L.EIM_ENTRY.pack(addr=int(IP("198.19.2.71")), port=5001, iif=lan40, last_seen=1))
-            eim.put(ok, L.EIM_ENTRY.pack(addr=int(IP("198.18.40.10")), port=40001, iif=lan40, last_seen=1))
-            recreate("eth1", "198.19.2.2/24")
-            recreate("lan40", "198.18.40.1/24")
-            eth1b, lan40b = socket.if_nametoindex("eth1"), socket.if_nametoindex("lan40")
-            assert eth1b != eth1 and lan40b != lan40
-            assert b.check_hooks()  # attached again
-            assert (entry(b, o1)["ifindex"], entry(b, o1)["iif"]) == (eth1b, lan40b & 0xFFFF)
-            assert (entry(b, o2)["ifindex"], entry(b, o2)["iif"]) == (eth2, lan40b & 0xFFFF)
-            for k in (i1, i2):
-                assert (entry(b, k)["ifindex"], entry(b, k)["iif"]) == (lan40b, lan40 & 0xFFFF)
-            assert L.EIM_ENTRY.unpack(eim.get(ek))["iif"] == lan40b
-            assert L.EIM_ENTRY.unpack(eim.get(ok))["iif"] == lan40
-        finally:
-            b.stop()
+    with started(gw, pin_dir, mini_obj) as b:
+        lan40, eth1, eth2 = (socket.if_nametoindex(d) for d in ("lan40", "eth1", "eth2"))
+        o1, i1 = pair(b, 1, eth1, lan40)
+        o2, i2 = pair(b, 2, eth2, lan40)
+        # an endpoint-independent mapping: its ENDPOINT entry's iif is where the sessions it
+        # admits are delivered; an OWNER entry's iif field is not a device
+        eim = b.maps.maps[L.MAP_EIM]
+        ek = L.EIM_KEY.pack(addr=int(IP("198.18.40.10")), port=40001, proto=L.IPPROTO_UDP, dir=L.EIM_DIR_ENDPOINT)
+        ok = L.EIM_KEY.pack(addr=int(IP("198.19.2.71")), port=5001, proto=L.IPPROTO_UDP, dir=L.EIM_DIR_OWNER)
+        eim.put(ek, L.EIM_ENTRY.pack(addr=int(IP("198.19.2.71")), port=5001, iif=lan40, last_seen=1))
+        eim.put(ok, L.EIM_ENTRY.pack(addr=int(IP("198.18.40.10")), port=40001, iif=lan40, last_seen=1))
+        recreate("eth1", "198.19.2.2/24")
+        recreate("lan40", "198.18.40.1/24")
+        eth1b, lan40b = socket.if_nametoindex("eth1"), socket.if_nametoindex("lan40")
+        assert eth1b != eth1 and lan40b != lan40
+        assert b.check_hooks()  # attached again
+        assert (entry(b, o1)["ifindex"], entry(b, o1)["iif"]) == (eth1b, lan40b & 0xFFFF)
+        assert (entry(b, o2)["ifindex"], entry(b, o2)["iif"]) == (eth2, lan40b & 0xFFFF)
+        for k in (i1, i2):
+            assert (entry(b, k)["ifindex"], entry(b, k)["iif"]) == (lan40b, lan40 & 0xFFFF)
+        assert L.EIM_ENTRY.unpack(eim.get(ek))["iif"] == lan40b
+        assert L.EIM_ENTRY.unpack(eim.get(ok))["iif"] == lan40
 
 
 @pytest.mark.bpf
@@ -402,33 +398,27 @@ def test_a_device_renamed_away_loses_programs_and_role_and_keeps_its_sessions(gw
     lan40 it moved lanold's sessions there, away from the hosts behind lanold that the
     kernel still routes their replies to.  Now the hook check takes program and role off
     lanold, attaches to the new lan40, and leaves the sessions where they were."""
-    with netns(gw):
-        cfg = config(pin_dir)
-        b = BpfBackend(cfg.settings, obj_path=mini_obj)
-        b.start(cfg)
-        try:
-            old = socket.if_nametoindex("lan40")
-            out_key, in_key = add_session(b.maps.ct, 1)
-            for k, field, v in ((in_key, "ifindex", old), (out_key, "iif", old & 0xFFFF)):  # one behind lan40
-                e = dict(L.CT_ENTRY.unpack(b.maps.ct.get(k)), **{field: v})
-                b.maps.ct.put(k, L.CT_ENTRY.pack(**e))
-            sh("ip", "link", "set", "lan40", "down")
-            sh("ip", "link", "set", "lan40", "name", "lanold")
-            sh("ip", "link", "set", "lanold", "up")
-            assert b.check_hooks() == []
-            assert attached_prog_id("lanold", B.BPF_TC_INGRESS) is None
-            assert old not in b.maps.iface_roles()
-            sh("ip", "link", "add", "lan40", "type", "veth", "peer", "name", "lan40p")
-            sh("ip", "link", "set", "lan40", "up")
-            new = socket.if_nametoindex("lan40")
-            assert any("lan40" in x for x in b.check_hooks())
-            assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is not None
-            assert attached_prog_id("lanold", B.BPF_TC_INGRESS) is None
-            assert b.maps.iface_roles()[new] == L.IFACE_INSIDE and old not in b.maps.iface_roles()
-            assert L.CT_ENTRY.unpack(b.maps.ct.get(in_key))["ifindex"] == old
-            assert L.CT_ENTRY.unpack(b.maps.ct.get(out_key))["iif"] == old & 0xFFFF
-        finally:
-            b.stop()
+    with started(gw, pin_dir, mini_obj) as b:
+        old = socket.if_nametoindex("lan40")
+        out_key, in_key = add_session(b.maps.ct, 1)
+        for k, field, v in ((in_key, "ifindex", old), (out_key, "iif", old & 0xFFFF)):  # one behind lan40
+            e = dict(L.CT_ENTRY.unpack(b.maps.ct.get(k)), **{field: v})
+            b.maps.ct.put(k, L.CT_ENTRY.pack(**e))
+        sh("ip", "link", "set", "lan40", "down")
+        sh("ip", "link", "set", "lan40", "name", "lanold")
+        sh("ip", "link", "set", "lanold", "up")
+        assert b.check_hooks() == []
+        assert attached_prog_id("lanold", B.BPF_TC_INGRESS) is None
+        assert old not in b.maps.iface_roles()
+        sh("ip", "link", "add", "lan40", "type", "veth", "peer", "name", "lan40p")
+        sh("ip", "link", "set", "lan40", "up")
+        new = socket.if_nametoindex("lan40")
+        assert any("lan40" in x for x in b.check_hooks())
+        assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is not None
+        assert attached_prog_id("lanold", B.BPF_TC_INGRESS) is None
+        assert b.maps.iface_roles()[new] == L.IFACE_INSIDE and old not in b.maps.iface_roles()
+        assert L.CT_ENTRY.unpack(b.maps.ct.get(in_key))["ifindex"] == old
+        assert L.CT_ENTRY.unpack(b.maps.ct.get(out_key))["iif"] == old & 0xFFFF
 
 
 @pytest.mark.bpf
