@@ -489,7 +489,7 @@ class BpfBackend:
         if L.MAP_CT not in self.loader.reused or L.MAP_IFACES not in self.loader.reused:
             return {}
         try:
-            held = {int.from_bytes(k, "little"): int.from_bytes(v, "little") for k, v in self.maps.ifaces.items()}
+            held = self.maps.iface_roles()
             exist = {idx for idx, _ in socket.if_nameindex()}
             now = {n: ifindex(n) for n in tuple(s.inside) + tuple(s.outside)}
         except (BackendError, B.LibbpfError, OSError) as e:
