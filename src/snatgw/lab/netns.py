@@ -46,9 +46,11 @@ def nsenter(ns: str | None, *cmd: str) -> list[str]:
 
 
 #: a private mount namespace whose /sys is the current network namespace's sysfs, with the
-#: host's bpffs kept at /sys/fs/bpf (pins stay shared; `ip netns exec` mounts a /sys without it)
-OWN_SYSFS_SCRIPT = ('d=$(mktemp -d /run/snatgw-sysfs.XXXXXX) && mount --bind /sys/fs/bpf "$d" && '
-                    'mount -t sysfs sysfs /sys && mount --move "$d" /sys/fs/bpf && rmdir "$d" && exec "$@"')
+#: host's bpffs kept at /sys/fs/bpf (pins stay shared; `ip netns exec` mounts a /sys without it);
+#: the parking directory in /run (the host's tmpfs) goes whether the mounts work or not
+OWN_SYSFS_SCRIPT = ('d=$(mktemp -d /run/snatgw-sysfs.XXXXXX) || exit 1; '
+                    'if mount --bind /sys/fs/bpf "$d" && mount -t sysfs sysfs /sys && mount --move "$d" /sys/fs/bpf; '
+                    'then rmdir "$d"; exec "$@"; fi; umount "$d" 2>/dev/null; rmdir "$d"; exit 1')
 
 
 def with_own_sysfs(*cmd: str) -> list[str]:
