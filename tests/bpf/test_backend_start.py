@@ -677,6 +677,39 @@ def test_new_gw_policy_routing_follows_its_egress_when_the_route_moves(gw, pin_d
 
 
 @pytest.mark.bpf
+def test_the_new_gw_recheck_resolves_each_new_gw_once_per_pass(gw, pin_dir, mini_obj):  # noqa: F811
+    """The hook check's look at where each new_gw is reached asks the kernel once per new_gw
+    (an `ip route get` and an `ip link show` each): a pass that found it moved resolved every
+    new_gw a second time to install the policy routing, which could also install another
+    answer than the one it compared and logged."""
+    from snatgw.datapath.bpf.backend import route_egress
+
+    asked: list = []
+
+    def resolver(addr):
+        asked.append(addr)
+        return route_egress(addr)
+
+    with netns(gw):
+        cfg = config(pin_dir, new_gw=IP("198.19.3.1"))
+        b = BpfBackend(cfg.settings, obj_path=mini_obj, resolver=resolver)
+        b.start(cfg)
+        try:
+            def check():
+                asked.clear()
+                b._gw_check_at = float("-inf")  # (it looks every ROUTE_BACK_RECHECK seconds)
+                b.check_hooks()
+                return [a for a in asked if a == IP("198.19.3.1")]
+
+            assert check() == [IP("198.19.3.1")]  # nothing moved
+            sh("ip", "route", "add", "198.19.3.1/32", "via", "198.19.2.1", "dev", "eth1")
+            assert check() == [IP("198.19.3.1")]  # moved: installed from that one answer
+            assert list(b.maps.gw_marks_now()) == [(socket.if_nametoindex("eth1"), int(IP("198.19.2.1")))]
+        finally:
+            b.stop()
+
+
+@pytest.mark.bpf
 def test_new_gw_routing_ip_refuses_is_left_out_with_a_warning(gw, pin_dir, mini_obj, monkeypatch, caplog):  # noqa: F811
     """`ip` refusing a new_gw egress's route leaves that egress unmarked (the kernel's route,
     as before) with a warning naming it; the start itself goes on."""

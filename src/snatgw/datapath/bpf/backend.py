@@ -582,14 +582,19 @@ class BpfBackend:
         if gone:
             log.info("bpf backend: new_gw policy routing removed: %s", "; ".join(gone))
 
-    def _install_gw_routes(self, config: GatewayConfig):
+    def _install_gw_routes(self, config: GatewayConfig, resolved: tuple | None = None):
         """The policy routing of each distinct egress of the new_gw rules (gwroutes): numbered
         (fibrules.gw_numbers, keeping the last install's numbers), routes and ip rules
         installed; returns ((ifindex, next hop) -> number, the GwRoutes).  A new_gw without a
         route now is left out (its flows are not translated: PASS_NO_ROUTE), and so is one whose
         routing `ip` refuses (no mark: its packets handed to the kernel take the kernel's route,
-        as before), each with a warning: a reload or start does not fail for them."""
-        egresses = [(idx, nh, dev) for idx, nh, dev in self._gw_egresses(config, warn=True).values() if idx]
+        as before), each with a warning: a reload or start does not fail for them.
+        ``resolved``: _gw_egresses' answer when the caller has it (the hook check: each new_gw
+        is asked once per pass, and what is installed is what it compared)."""
+        found, missing = self._gw_egresses(config) if resolved is None else resolved
+        for where, addr, e in missing:
+            log.warning("bpf backend: %s: new_gw %s: no policy routing for it: %s", where, addr, e)
+        egresses = [(idx, nh, dev) for idx, nh, dev in found.values() if idx]
         self._gw_resolved = frozenset((idx, nh) for idx, nh, _ in egresses)
         devs = {(idx, nh): dev for idx, nh, dev in egresses}
         prev = self._gw_numbers
@@ -604,11 +609,13 @@ class BpfBackend:
             routes.remove(g)
         return numbers, routes
 
-    def _gw_egresses(self, config: GatewayConfig, warn: bool = False) -> dict:
-        """new_gw address -> (ifindex, next hop, device) as the kernel reaches it now, each
-        address resolved once; (0, None, None) where it has no route (with a warning when
-        ``warn``: such a new_gw's flows are not translated, PASS_NO_ROUTE)."""
+    def _gw_egresses(self, config: GatewayConfig) -> tuple[dict, list]:
+        """(new_gw address -> (ifindex, next hop, device) as the kernel reaches it now, each
+        address resolved once, (0, None, None) where it has no route; and those without one as
+        (rule's place, address, why), for _install_gw_routes's warnings: such a new_gw's flows
+        are not translated, PASS_NO_ROUTE)."""
         out: dict = {}
+        missing: list = []
         for r in config.rules:
             if r.new_gw is None or r.new_gw in out:
                 continue
@@ -617,10 +624,8 @@ class BpfBackend:
                 out[r.new_gw] = (idx, nh, socket.if_indextoname(idx))
             except (BackendError, OSError) as e:
                 out[r.new_gw] = (0, None, None)
-                if warn:
-                    log.warning("bpf backend: %s: new_gw %s: no policy routing for it: %s", r.where or "rule",
-                                r.new_gw, e)  # fmt: skip
-        return out
+                missing.append((r.where or "rule", r.new_gw, e))
+        return out, missing
 
     def _recheck_gw_egresses(self) -> None:
         """The hook check's part: where the kernel reaches each new_gw now.  When that moved
@@ -633,11 +638,12 @@ class BpfBackend:
         if self.config is None or not any(r.new_gw is not None for r in self.config.rules):
             return
         try:
-            now = frozenset((idx, nh) for idx, nh, _ in self._gw_egresses(self.config).values() if idx)
+            resolved = self._gw_egresses(self.config)  # (once per pass: the install takes this answer)
+            now = frozenset((idx, nh) for idx, nh, _ in resolved[0].values() if idx)
             if now == self._gw_resolved:
                 return
             was = self._gw_resolved
-            gw, gw_routes = self._install_gw_routes(self.config)
+            gw, gw_routes = self._install_gw_routes(self.config, resolved)
             self._use_gw_routes(gw, gw_routes)
         except (BackendError, OSError) as e:
             log.warning("bpf backend: cannot install the new_gw policy routing again: %s", e)
