@@ -67,6 +67,48 @@ def test_rps_cpus_bad_input_names_file_line_field_and_what_was_expected(value, m
     assert err(value) == message
 
 
+def test_check_warns_of_cpus_not_online_here_and_run_and_reload_refuse_them(tmp_path, capsys):
+    """`snatgw check` is often run on another machine (CI, a laptop) than the gateway: CPUs
+    not online there are a warning naming which and why, and the file passes; the daemon's
+    parse (`run`, a reload: load_config) still refuses them with file, line and field.  Until
+    30 Nov 2026 check refused a file meant for a gateway with more CPUs than the checker."""
+    from snatgw.cli.main import main
+    from snatgw.daemon.service import load_config
+
+    path = tmp_path / "c.conf"
+    path.write_text(conf("0-3"))
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}:3: rps_cpus: CPU 2-3 of '0-3' are not online on this machine (online: 0-1)" in out
+    assert "`snatgw run` and a reload refuse them where they are not online" in out
+    assert "rps_cpus          0-3" in out or "rps_cpus 0-3" in " ".join(out.split())
+    with pytest.raises(ConfigError) as ei:
+        load_config(str(path))
+    assert str(ei.value) == f"{path}:3: rps_cpus: CPU 2-3 of '0-3' are not online (online: 0-1)"
+    with pytest.raises(ConfigError) as ei:
+        load_config(text=conf("0-3"), filename="<control>")
+    assert str(ei.value) == "<control>:3: rps_cpus: CPU 2-3 of '0-3' are not online (online: 0-1)"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("3-1", "rps_cpus: expected a range LOW-HIGH with LOW <= HIGH, got '3-1'"),
+    ("4096", "rps_cpus: CPU 4096: CPU numbers go from 0 to 4095"),
+    ("some", "rps_cpus: expected off, all or a CPU list such as 0-3,6, got 'some'"),
+])
+def test_check_still_refuses_a_cpu_list_that_is_wrong_anywhere(value, message, tmp_path, capsys):
+    path = tmp_path / "c.conf"
+    path.write_text(conf(value))
+    with pytest.raises(ConfigError) as ei:
+        main_check(str(path))
+    assert str(ei.value) == f"{path}:3: {message}"
+
+
+def main_check(path: str) -> int:
+    from snatgw.cli.commands import check
+
+    return check.run(check.argparse.Namespace(file=path, json=False))
+
+
 def test_rps_cpus_without_a_value_is_an_error():
     with pytest.raises(ConfigError) as ei:
         parse_text("snatgw {\n    rps_cpus\n}\n" + RULES, "t.conf", [])

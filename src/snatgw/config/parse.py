@@ -195,6 +195,10 @@ def tokenize(text: str) -> list[Token]:
 class _Cursor:
     """Walks the tokens; knows the file name for "file:line" messages."""
 
+    #: the CPUs of `rps_cpus` must be online on this machine (the daemon: `run`, a reload); off
+    #: for `snatgw check`, which may run on another machine than the gateway: a warning there
+    cpus_here = True
+
     def __init__(self, tokens: list[Token], filename: str, text: str | None = None):
         self.toks = tokens
         self.i = 0
@@ -316,8 +320,8 @@ def read_config(path: str | Path) -> str:
         raise ConfigError(f"not UTF-8 text ({e.reason} at byte {e.start})", None, path) from None
 
 
-def parse_file(path: str | Path, warnings: list[str] | None = None) -> GatewayConfig:
-    return parse_text(read_config(path), str(path), warnings)
+def parse_file(path: str | Path, warnings: list[str] | None = None, cpus_here: bool = True) -> GatewayConfig:
+    return parse_text(read_config(path), str(path), warnings, cpus_here)
 
 
 def require_rules(cfg: GatewayConfig) -> GatewayConfig:
@@ -332,23 +336,27 @@ def require_rules(cfg: GatewayConfig) -> GatewayConfig:
     return cfg
 
 
-def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None = None) -> GatewayConfig:
-    """Parse config text.  Warnings (skipped blocks) go to ``warnings`` when given, else to the log."""
+def parse_text(text: str, filename: str = "<string>", warnings: list[str] | None = None,
+               cpus_here: bool = True) -> GatewayConfig:
+    """Parse config text.  Warnings (skipped blocks) go to ``warnings`` when given, else to the log.
+    ``cpus_here``: an `rps_cpus` CPU that is not online on this machine is an error (the daemon);
+    False (`snatgw check`, perhaps on another machine than the gateway): a warning."""
     # no cyclic garbage collection while parsing: a 10,000-rule file makes ~150,000 tuples that
     # live until the end of the parse, which set off full collections of the daemon's whole heap
     # in the middle of a reload; what the parse leaves is freed by reference counts
     was = gc.isenabled()
     gc.disable()
     try:
-        return _parse_text(text, filename, warnings)
+        return _parse_text(text, filename, warnings, cpus_here)
     finally:
         if was:
             gc.enable()
 
 
-def _parse_text(text: str, filename: str, warnings: list[str] | None) -> GatewayConfig:
+def _parse_text(text: str, filename: str, warnings: list[str] | None, cpus_here: bool = True) -> GatewayConfig:
     warn = warnings.append if warnings is not None else log.warning
     cur = _Cursor(tokenize(text), filename, text)
+    cur.cpus_here = cpus_here
     rules: list[Rule] = []
     links: list[Link] = []
     settings = Settings()
@@ -661,6 +669,11 @@ def _parse_settings(cur: _Cursor, opener: Token, warn=log.warning) -> Settings:
             low = timeout_floor_warning(args[0].text, s.timeout(TIMEOUT_NAMES[args[0].text]))
             if low:
                 warn(f"{cur.where(t.line)}: timeout {args[0].text}: {low}")
+        elif t.text == "rps_cpus" and not cur.cpus_here:
+            off = rps_cpus_offline(args[0].text, "on this machine")
+            if off:
+                warn(f"{cur.where(t.line)}: rps_cpus: {off}: `snatgw check` lets it pass, as it may run on another "
+                     "machine than the gateway; `snatgw run` and a reload refuse them where they are not online")
     both = [i for i in s.outside if i in s.inside]
     if both:
         line = max(given["inside"].line, given["outside"].line)
@@ -744,16 +757,17 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         return replace(s, audit_log_keep=_int(cur, t, v, 0, AUDIT_LOG_MAX_KEEP))
     if k == "rps_cpus":
         try:
-            return replace(s, rps_cpus=parse_rps_cpus(v.text))
+            return replace(s, rps_cpus=parse_rps_cpus(v.text, online_here=cur.cpus_here))
         except ValueError as e:
             raise cur.error(v.line, k, str(e)) from None
     assert k == "pin_dir"
     return replace(s, pin_dir=_path(cur, t, v))
 
 
-def parse_rps_cpus(text: str) -> str:
-    """``rps_cpus``: off, all, or a CPU list of CPUs online now (kernel cpulist syntax, made
-    canonical: "3,0-1" -> "0-1,3"); ValueError saying what is wrong."""
+def parse_rps_cpus(text: str, online_here: bool = True) -> str:
+    """``rps_cpus``: off, all, or a CPU list (kernel cpulist syntax, made canonical: "3,0-1" ->
+    "0-1,3") of CPUs online now (``online_here``; not checked without it: rps_cpus_offline);
+    ValueError saying what is wrong."""
     from ..daemon import rps
 
     if text in ("off", "all"):
@@ -761,15 +775,31 @@ def parse_rps_cpus(text: str) -> str:
     if not text[:1].isdigit() or not _SHOWABLE.match(text):  # (what is not config text is never quoted)
         raise ValueError(f"expected off, all or a CPU list such as 0-3,6, got {shown(text)}")
     cpus = rps.parse_cpulist(text)
+    if online_here:
+        off = rps_cpus_offline(text)
+        if off:
+            raise ValueError(off)
+    return rps.format_cpulist(cpus)
+
+
+def rps_cpus_offline(text: str, where: str = "") -> str | None:
+    """Why the CPU list ``text`` (valid: parse_rps_cpus) names CPUs that are not online on this
+    machine, or cannot be checked here; None when all are (and for off and all).  ``where``:
+    words after "not online" ("on this machine")."""
+    from ..daemon import rps
+
+    if text in ("off", "all"):
+        return None
+    cpus = rps.parse_cpulist(text)
     try:
         online = rps.online_cpus()
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the online CPUs to check {shown(text)}: {e}") from None
+        return f"cannot read the online CPUs to check {shown(text)}: {e}"
     off = cpus - online
     if off:
-        raise ValueError(f"CPU {rps.format_cpulist(off)} of {shown(text)} {'is' if len(off) == 1 else 'are'} "
-                         f"not online (online: {rps.format_cpulist(online)})")
-    return rps.format_cpulist(cpus)
+        return (f"CPU {rps.format_cpulist(off)} of {shown(text)} {'is' if len(off) == 1 else 'are'} "
+                f"not online{' ' + where if where else ''} (online: {rps.format_cpulist(online)})")
+    return None
 
 
 _SIZE = re.compile(r"([0-9]{1,15})([KMG]?)\Z")
