@@ -114,6 +114,8 @@ def bpf_gateway(lab):
     finally:
         lab.stop_gateway()
         set_gw_masks(lab, "0")
+        for path in rps_state_files(lab):  # (a test failing between a kill and the next stop)
+            os.unlink(path)
 
 
 def test_rps_cpus_spreads_a_one_queue_device_over_both_cpus_and_puts_the_masks_back(bpf_gateway, sink):
@@ -153,6 +155,35 @@ def test_rps_cpus_spreads_a_one_queue_device_over_both_cpus_and_puts_the_masks_b
     lab.stop_gateway()  # and so does a stop
     assert gw_masks(lab) == before
     assert host_masks() == host
+
+
+def rps_state_files(lab) -> list[str]:
+    """The gateway namespace's rps_cpus state files (next to its owner lock: named by the
+    namespace's device and inode)."""
+    st = os.stat(f"/run/netns/{lab.ns('gw')}")
+    return glob.glob(f"/run/snatgw/owner/*-{st.st_dev:x}-{st.st_ino}.rps")
+
+
+def test_a_daemon_killed_leaves_the_masks_before_to_the_next_one(bpf_gateway):
+    """SIGKILL (the OOM killer, a crash) leaves the killed daemon's mask written; the next
+    daemon reads the masks before from the state file and its stop puts back the very first
+    ones (until 30 Nov 2026 it took the killed one's 3 for the devices' own and put that back:
+    the operator's mask was lost for good).  The file is gone after the stop."""
+    from snatgw.lab.gateway import kill_gateway
+
+    lab = bpf_gateway
+    set_gw_masks(lab, "1")
+    conf = write_conf(lab, "all")
+    lab.start_gateway(conf, "bpf", own_sysfs=True)
+    assert gw_masks(lab) == dict.fromkeys(DEVICES, "3")
+    assert len(rps_state_files(lab)) == 1
+    kill_gateway(lab)
+    assert gw_masks(lab) == dict.fromkeys(DEVICES, "3")
+    lab.start_gateway(conf, "bpf", own_sysfs=True)
+    assert status(lab)["rps"]["devices"]["eth2"]["previous"] == {"rx-0": "1"}
+    lab.stop_gateway()
+    assert gw_masks(lab) == dict.fromkeys(DEVICES, "1")
+    assert rps_state_files(lab) == []
 
 
 def test_rps_cpus_writes_nothing_when_sys_is_another_namespaces(bpf_gateway):

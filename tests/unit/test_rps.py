@@ -4,6 +4,7 @@ writes, what it puts back, and that it writes nothing where /sys is another name
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -224,7 +225,7 @@ class FakeNet:
         with open(os.path.join(self.root, "class/net", name, "queues", f"rx-{q}", "rps_cpus"), "w") as f:
             f.write(mask + "\n")
 
-    def manager(self, log=None, links=None) -> RpsManager:
+    def manager(self, log=None, links=None, state=None) -> RpsManager:
         def nametoindex(n):
             if n not in (links if links is not None else self.links):
                 raise OSError(19, "No such device")
@@ -232,7 +233,7 @@ class FakeNet:
 
         return RpsManager(log, sysfs=self.root,
                           nameindex=lambda: [(i, n) for n, i in (links if links is not None else self.links).items()],
-                          nametoindex=nametoindex)
+                          nametoindex=nametoindex, state=state)
 
 
 class Settings:
@@ -274,7 +275,8 @@ def test_manager_off_reads_and_writes_nothing(tmp_path):
     m.sync(Settings("off"))
     m.restore()
     assert net.mask("in0") == "1" and m.as_dict() == {"setting": "off", "mask": None, "note": None,
-                                                       "refused": None, "devices": {}}
+                                                       "refused": None, "devices": {}, "state": None,
+                                                       "state_error": None}
 
 
 def test_manager_reload_to_off_and_device_leaving_put_back(tmp_path):
@@ -378,6 +380,95 @@ def test_manager_cpus_gone_offline_are_left_out_with_a_note(tmp_path, monkeypatc
     m = net.manager()
     m.sync(Settings("0-1"))
     assert net.mask("in0") == "1" and "CPUs 1 of 0-1 are not online" in m.as_dict()["note"]
+
+
+# --------------------------------------------------------------------------- the state file
+
+
+def test_a_killed_daemons_successor_puts_back_the_masks_before_the_first(tmp_path):
+    """The masks before are in the state file before the first write: a daemon killed (no
+    restore) leaves its mask, and the next one, reading the file, puts back the operator's
+    (not the killed one's mask, which it took for the device's own until 30 Nov 2026); the
+    file goes once nothing is held."""
+    net = FakeNet(tmp_path / "sys", {"lo": (1, 1), "in0": (5, 2), "up0": (6, 1)})
+    net.set("in0", "2", 1)
+    state = str(tmp_path / "owner.rps")
+    first = net.manager(state=state)
+    first.sync(Settings("all"))
+    assert (net.mask("in0", 0), net.mask("in0", 1), net.mask("up0")) == ("3", "3", "3")
+    assert os.path.exists(state) and not os.path.exists(state + ".tmp")
+    del first  # SIGKILL: no restore
+    log = RecLog()
+    second = net.manager(log, state=state)
+    second.sync(Settings("all"))
+    assert second.as_dict()["devices"]["in0"]["previous"] == {"rx-0": "0", "rx-1": "2"}
+    assert any(x[1] == "rps_state" and x[2]["devices"] == "in0,up0" for x in log.lines)
+    second.restore()
+    assert (net.mask("in0", 0), net.mask("in0", 1), net.mask("up0")) == ("0", "2", "0")
+    assert not os.path.exists(state)
+
+
+def test_the_state_file_follows_a_device_leaving_and_off_after_a_kill(tmp_path):
+    """A device that leaves the config goes from the file once its masks are back; a daemon
+    started with `off` after a killed one puts back what the file holds."""
+    net = FakeNet(tmp_path / "sys", {"lo": (1, 1), "in0": (5, 1), "in1": (7, 1), "up0": (6, 1)})
+    net.set("in1", "1")
+    state = str(tmp_path / "owner.rps")
+    m = net.manager(state=state)
+    m.sync(Settings("all", inside=("in0", "in1")))
+    m.sync(Settings("all", inside=("in0",)))
+    with open(state) as f:
+        assert set(json.load(f)["devices"]) == {"in0", "up0"}
+    assert net.mask("in1") == "1"
+    net.manager(state=state).sync(Settings("off"))  # (m killed)
+    assert (net.mask("in0"), net.mask("up0"), net.mask("in1")) == ("0", "0", "1")
+    assert not os.path.exists(state)
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"{not json", "Expecting property name"),
+    (b'{"version": 9, "devices": {}}', "not an rps_cpus state file of version 1"),
+    (b'{"version": 1, "devices": {"in0": {"ifindex": 5, "masks": {"rx-0": "zz"}}}}', "invalid literal"),
+    (b'{"version": 1, "devices": {"../x": {"ifindex": 5, "masks": {}}}}', "is not a device name"),
+    (b'{"version": 1, "devices": {"in0": {"ifindex": 5, "masks": {"tx-0": "1"}}}}', "expected a queue rx-N"),
+    (b'{"version": 1, "netns": 1, "devices": {"in0": {"ifindex": 5, "masks": {"rx-0": "1"}}}}',
+     "written in another network namespace (cookie 1;"),
+    (b" " * (rps.STATE_MAX_BYTES + 1), "larger than the 1048576 bytes"),
+])
+def test_a_state_file_that_is_not_one_is_named_in_a_warning_and_ignored(tmp_path, content, why):
+    """Corrupt, another version, a bad name or mask, another namespace's (one gone, whose inode
+    number this one reuses: the cookie differs), too big: a warning naming the file and why,
+    the masks found are taken as the devices' own, and the file is replaced at the write."""
+    net = FakeNet(tmp_path / "sys", {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
+    net.set("in0", "1")
+    state = str(tmp_path / "owner.rps")
+    with open(state, "wb") as f:
+        f.write(content)
+    log = RecLog()
+    m = net.manager(log, state=state)
+    m.sync(Settings("all"))
+    warned = [x for x in log.lines if x[0] == "warning"]
+    assert len(warned) == 1 and warned[0][1] == "rps_state_ignored", log.lines
+    assert warned[0][2]["file"] == state and why in warned[0][2]["error"]
+    assert m.as_dict()["devices"]["in0"]["previous"] == {"rx-0": "1"}
+    with open(state) as f:
+        assert json.load(f)["devices"]["in0"] == {"ifindex": 5, "masks": {"rx-0": "1"}}
+    m.restore()
+    assert net.mask("in0") == "1" and not os.path.exists(state)
+
+
+def test_a_state_file_that_cannot_be_written_is_said_once_and_the_masks_still_applied(tmp_path):
+    net = FakeNet(tmp_path / "sys", {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
+    log = RecLog()
+    m = net.manager(log, state=str(tmp_path / "missing" / "owner.rps"))
+    m.sync(Settings("all"))
+    m.sync(Settings("1"))
+    assert net.mask("in0") == "2"
+    warned = [x for x in log.lines if x[0] == "warning"]
+    assert [x[1] for x in warned] == ["rps_state_failed"] and "No such file" in warned[0][2]["error"]
+    assert "missing/owner.rps" in m.as_dict()["state_error"]
+    m.restore()
+    assert net.mask("in0") == "0"
 
 
 # --------------------------------------------------------------------------- the service's wiring

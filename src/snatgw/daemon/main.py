@@ -226,7 +226,8 @@ def _run(args, early: startsignals.StartSignals) -> int:
             ensure_bpffs(settings.pin_dir)
             pins = PinDirLock(settings.pin_dir, made=not existed)  # made: removed at exit when empty
         backend = make_backend(settings.backend, settings)
-        service = Service(config, backend, log, config_path=args.config, overrides=overrides)
+        service = Service(config, backend, log, config_path=args.config, overrides=overrides,
+                          rps_state=owner.state_path("rps") if owner is not None else None)
         server = ControlServer(settings.control_socket, service.dispatch, inline=service.handle, log=log)
     except (SnatgwError, OSError) as e:
         log.error("start_failed", error=str(e))

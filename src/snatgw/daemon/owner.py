@@ -268,6 +268,12 @@ class NamespaceOwner:
             self.close()
             raise
 
+    def state_path(self, kind: str) -> str:
+        """A run-time state file of this daemon's namespace, next to its owner lock (the same
+        name, ``.<kind>`` for ``.lock``): only the lock's holder writes it; it outlives a daemon
+        killed, for the next one (the `rps_cpus` masks before: daemon/rps.py)."""
+        return self.lock_path.removesuffix(".lock") + "." + kind
+
     def _take_lock(self) -> bool:
         """Lock the file at lock_path: True when it is ours and still the one at that path (the
         holder removes it when it stops, so a lock on a file just unlinked is no lock)."""

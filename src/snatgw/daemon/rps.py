@@ -13,6 +13,14 @@ before is kept and written back when the daemon stops, when a reload turns the s
 device leaves the config.  A device recreated under its name (another ifindex) gets the mask
 again from the hook check.
 
+The masks before are also kept in a state file (``state``: the daemon's is next to its owner
+lock, /run/snatgw/owner/<name>-<netns>.rps), written before the first mask write and removed
+when nothing is held any more: a daemon killed (SIGKILL, the OOM killer, a crash) leaves its
+masks written, and the next daemon reads there what the queues had before the first one, rather
+than taking the killed one's mask for the device's own (until 30 Nov 2026 the operator's mask
+was then lost for good).  A file that is not one (corrupt, too big, another namespace's) is
+named in a warning and ignored.
+
 Safety: the daemon writes only the sysfs of its own network namespace.  /sys shows the devices
 of the namespace whose sysfs is mounted there, which is not the daemon's when it was started by
 `nsenter --net` (or any setns) without a /sys of its own: those files may be the host's
@@ -25,8 +33,13 @@ The decisions (``decide``) are pure; ``RpsManager`` reads and writes sysfs aroun
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import socket
+import stat
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,6 +49,13 @@ MAX_CPUS = 4096  # CPU numbers 0..4095: a bound on the masks written (the settin
 CHUNK_BITS = 32  # the kernel prints masks in comma-separated groups of 32 bits
 FOREIGN_READS = 3  # sysfs and netlink compared up to this many times before they differ (foreign_sysfs)
 FOREIGN_PAUSE = 0.01  # seconds between two of those reads (a device being made or removed settles)
+STATE_VERSION = 1  # the state file's format
+STATE_MAX_BYTES = 1 << 20  # a larger state file is not ours: not read (a bound on a start's work)
+STATE_MAX_DEVICES = 1024  # devices a state file may name
+STATE_MAX_QUEUES = 4096  # rx queues a device of it may have (the kernel's own bound is lower)
+STATE_MAX_MASK = 1200  # characters of one mask: 4096 CPUs are 128 groups of 8 hex digits and commas
+SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>, Linux 5.14; not in Python's socket module
+_QUEUE = re.compile(r"rx-[0-9]{1,5}\Z")
 
 
 # --------------------------------------------------------------------------- CPU lists, masks
@@ -229,8 +249,107 @@ def _queue_order(q: str) -> tuple[int, str]:
     return (int(n), q) if n.isdigit() else (1 << 30, q)
 
 
+# --------------------------------------------------------------------------- the state file
+
+
+def netns_cookie() -> int | None:
+    """This network namespace's cookie (SO_NETNS_COOKIE: unique while the host runs, never
+    reused, unlike the namespace's inode number, which names the state file and which a namespace
+    made later may get again); None where the kernel has none (before 5.14)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            return struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+    except OSError:
+        return None
+
+
+def _saved_of(data, cookie: int | None) -> dict[str, Saved]:
+    """The masks a state file's JSON holds; ValueError saying why it is not a state file of
+    this namespace."""
+    if not isinstance(data, dict) or data.get("version") != STATE_VERSION or not isinstance(data.get("devices"), dict):
+        raise ValueError(f"not an rps_cpus state file of version {STATE_VERSION}")
+    theirs = data.get("netns")
+    if cookie is not None and theirs is not None and theirs != cookie:
+        raise ValueError(f"written in another network namespace (cookie {theirs}; this one's is {cookie}): one gone "
+                         "since, whose inode number this one has")
+    devices = data["devices"]
+    if len(devices) > STATE_MAX_DEVICES:
+        raise ValueError(f"{len(devices)} devices: more than the {STATE_MAX_DEVICES} a state file may name")
+    out = {}
+    for name, d in devices.items():
+        if not (isinstance(name, str) and 0 < len(name) < 16 and "/" not in name and name not in (".", "..")):
+            raise ValueError(f"{name!r:.40} is not a device name")
+        if not isinstance(d, dict) or type(d.get("ifindex")) is not int or d["ifindex"] <= 0 \
+                or not isinstance(d.get("masks"), dict) or len(d["masks"]) > STATE_MAX_QUEUES:
+            raise ValueError(f"{name}: expected an ifindex and at most {STATE_MAX_QUEUES} masks")
+        for q, m in d["masks"].items():
+            if not (isinstance(q, str) and _QUEUE.match(q) and isinstance(m, str) and len(m) <= STATE_MAX_MASK):
+                raise ValueError(f"{name}: {q!r:.40}: expected a queue rx-N and its mask")
+            parse_mask(m)  # (ValueError: not a mask)
+        out[name] = Saved(d["ifindex"], dict(d["masks"]))
+    return out
+
+
+def read_state(path: str, cookie: int | None) -> tuple[dict[str, Saved], str | None]:
+    """The masks before that a state file holds, and None; or ({}, why it is ignored): not a
+    regular file, another user's or writable by others, larger than STATE_MAX_BYTES, not one
+    (corrupt, another version), another network namespace's.  No file: ({}, None)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return {}, None
+    except OSError as e:
+        return {}, f"cannot open it: {e.strerror or e}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return {}, "not a regular file"
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            return {}, f"owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}: not the daemon's"
+        raw = os.read(fd, STATE_MAX_BYTES + 1)
+        if len(raw) > STATE_MAX_BYTES:
+            return {}, f"larger than the {STATE_MAX_BYTES} bytes a state file may have"
+        try:
+            return _saved_of(json.loads(raw), cookie), None
+        except (ValueError, RecursionError) as e:  # (json's errors are ValueErrors)
+            return {}, str(e)
+    except OSError as e:
+        return {}, f"cannot read it: {e.strerror or e}"
+    finally:
+        os.close(fd)
+
+
+def write_state(path: str, saved: dict[str, Saved], cookie: int | None) -> None:
+    """``saved`` into the state file at ``path``, atomically (a temporary file beside it, then
+    renamed over it: a daemon killed meanwhile leaves the old file or the new, never half of
+    one); OSError or ValueError (larger than STATE_MAX_BYTES) when it cannot be."""
+    data = json.dumps({"version": STATE_VERSION, "netns": cookie, "pid": os.getpid(),
+                       "devices": {n: {"ifindex": sv.ifindex, "masks": sv.masks} for n, sv in sorted(saved.items())}},
+                      separators=(",", ":")).encode() + b"\n"
+    if len(data) > STATE_MAX_BYTES:
+        raise ValueError(f"{len(data)} bytes: more than the {STATE_MAX_BYTES} a state file may have")
+    tmp = path + ".tmp"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # (one a daemon killed in the middle left)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 # --------------------------------------------------------------------------- the writer
 
+
+_NOT_OURS = object()  # RpsManager._recorded of a state file that was ignored
 
 FOREIGN_HINT = ("run the daemon with its namespace's own sysfs on /sys: `ip netns exec NS snatgw run ...` "
                 "(nft backend), or for bpf, which needs the host's bpffs kept, docs/operations.md \"Receive "
@@ -241,14 +360,22 @@ class RpsManager:
     """The `rps_cpus` setting applied to the config's devices (thin I/O around ``decide``):
     ``sync(settings)`` at start and on each reload, ``check()`` from the hook check (a device
     recreated), ``restore()`` when the daemon stops.  Never raises: what fails is logged and
-    shown by ``as_dict`` (status).  ``sysfs``, ``nameindex`` and ``nametoindex`` are the tests'
-    (a fake sysfs in a tmpdir)."""
+    shown by ``as_dict`` (status).  ``state``: the state file of the masks before (None: kept
+    in memory only; the daemon gives one when it holds its namespace's owner lock, which makes
+    it the file's only writer).  ``sysfs``, ``nameindex`` and ``nametoindex`` are the tests' (a
+    fake sysfs in a tmpdir)."""
 
     def __init__(self, log=None, sysfs: str = SYSFS,
                  nameindex: Callable[[], list] = socket.if_nameindex,
-                 nametoindex: Callable[[str], int] = socket.if_nametoindex):
+                 nametoindex: Callable[[str], int] = socket.if_nametoindex,
+                 state: str | None = None):
         self.log, self.sysfs = log, sysfs
         self.nameindex, self.nametoindex = nameindex, nametoindex
+        self.state = state
+        self.cookie = netns_cookie() if state else None
+        #: what the state file holds (None: not read yet; _NOT_OURS: a file ignored)
+        self._recorded: dict[str, Saved] | object | None = None
+        self.state_error: str | None = None  # why the state file cannot be written now (status)
         self.saved: dict[str, Saved] = {}
         self.setting = "off"
         self.devices: tuple[str, ...] = ()
@@ -356,7 +483,46 @@ class RpsManager:
                 self.log.warning("rps_failed", error=repr(e))
             return []
 
+    def _load(self) -> None:
+        """The state file's masks before, once (the first sync): a daemon before this one that
+        did not stop (killed) left them there; they are what its devices' queues get back.  A
+        file that is not one is named in a warning and ignored (replaced at the next write)."""
+        saved, why = read_state(self.state, self.cookie)
+        if why is not None:
+            if self.log:
+                self.log.warning("rps_state_ignored", file=self.state, error=why)
+            self._recorded = _NOT_OURS  # (never equal to what we keep: the next record replaces it)
+            return
+        self._recorded = dict(saved)
+        self.saved = {**saved, **self.saved}
+        if saved and self.log:
+            self.log.info("rps_state", file=self.state, devices=",".join(sorted(saved)),
+                          msg="the masks before of a daemon that did not stop (killed?): put back as it would have")
+
+    def _record(self, saved: dict[str, Saved]) -> None:
+        """The state file holding ``saved`` (removed when empty), if it does not already; a
+        failure is logged once and shown in status, and the masks are still written (kept in
+        memory only then, as before 30 Nov 2026: a performance setting does not fail for it)."""
+        if self.state is None or saved == self._recorded:
+            return
+        try:
+            if saved:
+                write_state(self.state, saved, self.cookie)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.state)
+        except (OSError, ValueError) as e:
+            why = f"cannot {'write' if saved else 'remove'} {self.state}: {getattr(e, 'strerror', None) or e}"
+            if why != self.state_error and self.log:
+                self.log.warning("rps_state_failed", error=why,
+                                 msg="the masks before are kept in memory only: a daemon killed leaves its own")
+            self.state_error = why
+            return
+        self._recorded, self.state_error = dict(saved), None
+
     def _run(self, want: str | None) -> list[str]:
+        if self.state is not None and self._recorded is None:
+            self._load()
         if want is None and not self.saved:  # off: no read, no write
             self.errors, self.refused, self.seen = {}, None, {}
             return []
@@ -374,6 +540,9 @@ class RpsManager:
         # reads) is treated as absent: written never
         now = {n: (d if d is not None and d.ifindex == self._ifindex(n) else None) for n, d in now.items()}
         plan = decide(want, self.devices, now, self.saved)
+        # the state file first: what we put back stays there until it is back, what we are
+        # about to change is there before we change it
+        self._record({**self.saved, **plan.saved})
         errors: dict[str, str] = {}
         for dev, q, mask in plan.writes:
             try:
@@ -384,6 +553,7 @@ class RpsManager:
                 if self.log:
                     self.log.warning("rps_write_failed", device=dev, queue=q, mask=mask, error=e.strerror or str(e))
         self.saved = plan.saved
+        self._record(self.saved)
         for n in self.devices:
             d = now.get(n)
             if d is None and want is not None:
@@ -424,7 +594,7 @@ class RpsManager:
                               if d else {}, "previous": dict(sv.masks) if sv else {},
                               "error": self.errors.get(n) if self.refused is None else "not applied"}
         return {"setting": self.setting, "mask": self.mask, "note": self.note, "refused": self.refused,
-                "devices": devices}
+                "devices": devices, "state": self.state, "state_error": self.state_error}
 
 
 __all__ = ["RpsManager", "decide", "parse_cpulist", "format_cpulist", "format_mask", "parse_mask", "online_cpus",

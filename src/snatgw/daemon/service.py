@@ -89,7 +89,7 @@ def _error(e: BaseException) -> dict:
 class Service:
     def __init__(self, config: GatewayConfig, backend, log: Log | None = None,
                  config_path: str | None = None, overrides: dict | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, rps_state: str | None = None):
         self.config = config
         self.table = AdmTable.from_ruleset(config.rules)
         self.backend = backend
@@ -110,8 +110,9 @@ class Service:
         self._refusal_seen: set[tuple] = set()  # the markers the last look found (bounded by the map)
         self.addresses = AddressManager(self.log)
         #: receive packet steering of the devices (`rps_cpus`): a device setting of both
-        #: backends, applied after the backend's start and each apply, put back at stop
-        self.rps = RpsManager(self.log)
+        #: backends, applied after the backend's start and each apply, put back at stop; the
+        #: masks before also in ``rps_state`` (a file: what a daemon killed leaves to the next)
+        self.rps = RpsManager(self.log, state=rps_state)
         self.last_apply: dict | None = None  # the last reload or adm batch: when, what, result
         self.failed_links: set[str] = set()  # links whose rules run on their backups (LinkMonitor)
         self.applies = {"ok": 0, "failed": 0}  # reloads, adm batches, failovers by result (metrics)

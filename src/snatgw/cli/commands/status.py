@@ -110,6 +110,8 @@ def rps_text(rps: dict) -> str:
         head += f"; {rps['note']}"
     if rps.get("refused"):
         return head + f"\n  NOT APPLIED: {rps['refused']}"
+    if rps.get("state_error"):  # (a daemon killed now would leave its masks for the devices' own)
+        head += f"\n  masks before in memory only: {rps['state_error']}"
     rows = []
     for name, d in rps.get("devices", {}).items():
         queues = " ".join(f"{q}={m}" for q, m in d["queues"].items()) or "-"
