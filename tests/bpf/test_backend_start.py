@@ -422,6 +422,50 @@ def test_a_device_renamed_away_loses_programs_and_role_and_keeps_its_sessions(gw
 
 
 @pytest.mark.bpf
+def test_a_failed_removal_from_a_device_renamed_away_is_logged_once_and_counted(gw, pin_dir, mini_obj, monkeypatch,  # noqa: F811
+                                                                                 caplog):
+    """Our programs cannot be taken off a device renamed away (a tc detach refused): the hook
+    check tries again every tick, and said so every tick, for each hook (an uplink has two);
+    now once per device and kind of failure until that changes (the removal succeeding, the
+    device gone, an attach), each try counted in status."""
+    import errno
+    import logging
+
+    def refuse(ifindex, point, handle, priority):
+        raise B.LibbpfError(f"bpf_tc_detach ifindex {ifindex}", errno.EPERM)
+
+    def said():
+        return [r.getMessage() for r in caplog.records if "renamed from eth2" in r.getMessage()]
+
+    with netns(gw):
+        cfg = config(pin_dir)
+        b = BpfBackend(cfg.settings, obj_path=mini_obj)
+        b.start(cfg)
+        real = B.tc_detach
+        try:
+            sh("ip", "link", "set", "eth2", "down")
+            sh("ip", "link", "set", "eth2", "name", "ethold")
+            sh("ip", "link", "set", "ethold", "up")
+            monkeypatch.setattr(B, "tc_detach", refuse)
+            caplog.set_level(logging.INFO, logger="snatgw")
+            for _ in range(4):
+                b.check_hooks()
+            assert len(said()) == 1 and "cannot remove" in said()[0] and "EPERM" in said()[0], said()
+            st = b.status_extra()["renamed_detach"]
+            assert st["failed"] == 8 and list(st["failing"]) == ["ethold"]  # 4 ticks, 2 hooks
+            assert attached_prog_id("ethold", B.BPF_TC_INGRESS) is not None
+            monkeypatch.setattr(B, "tc_detach", real)  # the removal succeeds: said, and nothing fails now
+            b.check_hooks()
+            assert attached_prog_id("ethold", B.BPF_TC_INGRESS) is None
+            assert attached_prog_id("ethold", B.BPF_TC_EGRESS) is None
+            assert len(said()) == 3 and all("removed" in m for m in said()[1:])
+            assert b.status_extra()["renamed_detach"] == {"failed": 8, "failing": {}}
+        finally:
+            monkeypatch.setattr(B, "tc_detach", real)
+            b.stop()
+
+
+@pytest.mark.bpf
 @pytest.mark.nft
 def test_stats_read_the_leak_guards_drops_without_an_nft_process(gw, pin_dir, mini_obj, monkeypatch):  # noqa: F811
     """The leak guard table's drops count in DROP_LEAK (netfilter's postrouting comes before

@@ -106,6 +106,18 @@ def test_the_route_back_is_shown_and_is_no_problem(running, links, capsys, monke
     assert rc == 0 and "route back: reused from the reverse-path check" in out
 
 
+def test_failed_removals_from_a_device_renamed_away_are_counted_in_status(running, links, capsys, monkeypatch):
+    """bpf's hook check logs such a failure once per device and kind; status carries the count
+    and what fails now (text and -j)."""
+    monkeypatch.setattr(running.backend, "status_extra", lambda: {"renamed_detach": {
+        "failed": 12, "failing": {"ethold": "bpf_tc_detach ifindex 4: Operation not permitted"}}}, raising=False)
+    rc, out = status(running, capsys)
+    assert ("  renamed    12 failed tries to take our programs off devices renamed away; failing now: ethold: "
+            "bpf_tc_detach ifindex 4: Operation not permitted") in out
+    rc, out = status(running, capsys, "-j")
+    assert json.loads(out)["renamed_detach"]["failed"] == 12
+
+
 def test_an_unreadable_datapath_is_a_problem(running, links, capsys, monkeypatch):
     """backend.health() failing is itself reported (the request still answers)."""
     monkeypatch.setattr(running.backend, "chaos", {"health": 0})

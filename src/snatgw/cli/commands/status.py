@@ -58,6 +58,11 @@ def render_text(r: dict) -> str:
     if reads.get("failed"):  # nftables' named counters: stats answer the last figures read
         out.append(f"  counters   {reads['failed']} failed reads of nft's named counters since start"
                    + (f"; failing now: {reads['last_error']}" if reads.get("last_error") else ""))
+    rd = r.get("renamed_detach") or {}
+    if rd.get("failed"):  # bpf: our programs on a device renamed away, not taken off (logged once)
+        failing = "; ".join(f"{n}: {why}" for n, why in rd.get("failing", {}).items())
+        out.append(f"  renamed    {rd['failed']} failed tries to take our programs off devices renamed away"
+                   + (f"; failing now: {failing}" if failing else ""))
     dp = r["datapath"]
     if "error" in dp:
         out += ["", f"datapath: {dp['error']}"]

@@ -1015,6 +1015,11 @@ class BpfBackend:
                            "last_cut": r.cut if r else None},  # cut short: its figures are partial
                 "recounts": dict(self.recounts),
                 "counter_reads": self.counter_reads.as_dict(),  # the leak guard's, failed reads
+                # our programs on devices renamed away that the hook check could not take off:
+                # every failed try, and the devices failing now (logged once per device and kind)
+                "renamed_detach": {"failed": self.loader.leave_failures if self.loader else 0,
+                                   "failing": {n: msg for _, n, msg in self.loader.leave_failed.values()}
+                                   if self.loader else {}},
                 # a walk (sweep, flush or recount) running now: for how long; None: none
                 "walk_running_seconds": None if since is None else round(max(0.0, _clock() - since), 3)}  # fmt: skip
 

@@ -183,6 +183,12 @@ class Loader:
         self.attachments: list[Attachment] = []
         #: the devices the last check() found renamed away and took our programs off
         self.left: list[str] = []
+        #: our hooks on devices renamed away that check() could not take our programs off:
+        #: (ifindex, point) -> (the failure's kind, device name, message); logged once per
+        #: device and kind until that changes (the removal succeeding, the device gone, an
+        #: attach: start, reload), every failed try counted in ``leave_failures`` (status)
+        self.leave_failed: dict[tuple[int, int], tuple[str, str, str]] = {}
+        self.leave_failures = 0
         #: what the last load() changed in the pin dir, until commit(): pins it created where
         #: none was, and the maps whose pins it replaced (another layout: path -> an fd of the
         #: old map), so that rollback() can put the pin dir back as it found it
@@ -357,6 +363,7 @@ class Loader:
                         B.tc_detach(a.ifindex, a.point, TC_HANDLE, TC_PRIORITY)
             raise
         self.attachments = [a for a, _ in done]
+        self.leave_failed = {}  # (the renamed devices' hooks are no longer ours to follow: said again if still failing)
         keep = {(a.ifindex, a.point) for a in self.attachments}
         for what in detach_ours(keep=keep):
             log.info("removed %s (no longer inside/outside)", what)
@@ -391,6 +398,8 @@ class Loader:
             fixed.append(b)
             restored.append(str(b))
         self.attachments = fixed
+        hooks = {(a.ifindex, a.point) for a in fixed}  # (a failure on a hook no longer tried is not failing now)
+        self.leave_failed = {k: v for k, v in self.leave_failed.items() if k in hooks}
         return restored
 
     def _leave_renamed(self, a: Attachment) -> None:
@@ -400,19 +409,29 @@ class Loader:
         config does not name) until a restart.  Only our program on that very hook, and not on
         a device that took another of our names: an ifindex that now names an unrelated device
         is left alone.  Logged; never raises."""
+        hook = (a.ifindex, a.point)
         try:
             name = socket.if_indextoname(a.ifindex)
         except OSError:
+            self.leave_failed.pop(hook, None)
             return  # gone with its device
         try:
             if name in {x.ifname for x in self.attachments} or _query(a.ifindex, a.point) != a.prog_id:
+                self.leave_failed.pop(hook, None)
                 return  # (a device of ours under another of our names, two swapped: check() attaches it)
             B.tc_detach(a.ifindex, a.point, TC_HANDLE, TC_PRIORITY)
             if a.created_hook and _hook_empty(name):
                 B.tc_hook_destroy(a.ifindex, B.BPF_TC_INGRESS | B.BPF_TC_EGRESS)
         except (BackendError, B.LibbpfError) as e:
-            log.warning("cannot remove %s from %s (renamed from %s): %s", a.prog, name, a.ifname, e)
+            # tried again every tick: said once per device and kind of failure, not every tick
+            self.leave_failures += 1
+            kind = errno.errorcode.get(getattr(e, "errno", None) or 0, type(e).__name__)
+            if (kind, name) not in {(k, n) for (idx, _), (k, n, _) in self.leave_failed.items() if idx == a.ifindex}:
+                log.warning("cannot remove %s from %s (renamed from %s): %s (said once while it fails so; the hook "
+                            "check tries again every tick, `snatgw status` counts the tries)", a.prog, name, a.ifname, e)
+            self.leave_failed[hook] = (kind, name, str(e))
             return
+        self.leave_failed.pop(hook, None)
         log.warning("removed %s from %s %s: renamed from %s, it is no longer inside/outside",
                     a.prog, name, "ingress" if a.point == B.BPF_TC_INGRESS else "egress", a.ifname)  # fmt: skip
         self.left.append(name)
