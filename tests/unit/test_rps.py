@@ -382,6 +382,30 @@ def test_manager_cpus_gone_offline_are_left_out_with_a_note(tmp_path, monkeypatc
     assert net.mask("in0") == "1" and "CPUs 1 of 0-1 are not online" in m.as_dict()["note"]
 
 
+def test_sysfs_found_ours_is_not_walked_again_while_it_is_the_same_mount(tmp_path, monkeypatch):
+    """Every device of /sys/class/net was read (and compared with netlink) at each apply,
+    under the service lock: ~125-175 ms with 2,000 devices.  Once it is found this namespace's,
+    /sys/class/net is held open (sysfs has one superblock per network namespace; held, its
+    device number is not reused): while the path is that very directory it is not walked
+    again; another directory there is walked (and refused if it is another namespace's)."""
+    net = FakeNet(tmp_path / "a", {"lo": (1, 1), "in0": (5, 1), "up0": (6, 1)})
+    m = net.manager()
+    m.sync(Settings("all"))
+    assert m.refused is None and net.mask("in0") == "3"
+    walks = []
+    real = m._compare_sysfs
+    monkeypatch.setattr(m, "_compare_sysfs", lambda: walks.append(1) or real())
+    m.sync(Settings("1"))
+    assert walks == [] and net.mask("in0") == "2"
+    other = FakeNet(tmp_path / "b", {"lo": (1, 1), "eth0": (2, 1), "in0": (5, 1), "up0": (6, 1)})
+    m.sysfs = other.root  # (another mount on /sys: another directory)
+    m.sync(Settings("all"))
+    assert walks and m.refused and other.mask("in0") == "0"
+    m.sysfs = net.root
+    m.restore()
+    assert net.mask("in0") == "0"
+
+
 # --------------------------------------------------------------------------- the state file
 
 
