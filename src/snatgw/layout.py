@@ -62,6 +62,7 @@ class Reason(enum.IntEnum):
     DROP_SPOOFED = 26  # on an inside device, a source not routed back there, or a local/pool one
     PASS_IP_OPTIONS = 27  # a source route (LSRR/SSRR) or IP options that do not parse: the kernel judges it
     DROP_ICMP_NOT_FROM_HOST = 28  # an inside error about a reply, not from its host: any kind for an on-link host, else port/protocol unreachable, reassembly time exceeded
+    PASS_NOT_FOR_US = 29  # a frame not sent to the device's own MAC (another host's: a flood, promiscuous mode; or a broadcast/multicast one): the kernel's, which forwards only frames sent to the device
     # 44-51: applications (issue 12)
     XLATE_IN_TTL = 44  # reply whose TTL runs out: translated, to the kernel (time exceeded to the remote)
     XLATE_IN_FRAG_NEEDED = 45  # reply over the inside MTU with DF: translated, to the kernel (frag-needed)

@@ -13,7 +13,7 @@ from snatgw.datapath.bpf.testrun import MIN_TESTABLE_IPV4
 from snatgw import layout as L
 from snatgw.layout import CT_DIR_OUT, Reason, Verdict
 
-from tests.cases.corpus import SCENARIOS
+from tests.cases.corpus import OTHER_MAC, SCENARIOS
 
 pytestmark = pytest.mark.bpf
 
@@ -115,10 +115,10 @@ def _run_steps(sc, prog, engine, added: list) -> None:
             for r in [r for r in extra if r not in added]:
                 added.append(r)
                 _route(prog.net, "add", r)
-        res = engine.process(step.packet, step.side, step.ingress, step.when(i))
+        res = engine.process(step.packet, step.side, step.ingress, step.when(i), for_us=step.for_us)
         if len(step.packet) < MIN_TESTABLE_IPV4:
             continue  # the kernel's test-run refuses it (EINVAL); see testrun.Untestable
-        run = prog.run(step.side, step.packet, step.ingress, now=step.when(i))
+        run = prog.run(step.side, step.packet, step.ingress, now=step.when(i), dst_mac=None if step.for_us else OTHER_MAC)
         compare_step(i, step, res, run)
         if run.verdict is not None:
             judged[res.reason] += 1

@@ -314,3 +314,29 @@ def test_refuse_icmp_is_rate_limited_like_the_model(make_prog):
         got.append(run.verdict)
     assert got[1 : REFUSE_ICMP_PER_SEC + 1] == [Verdict.REDIRECT] * REFUSE_ICMP_PER_SEC
     assert got[REFUSE_ICMP_PER_SEC + 1 : -1] == [Verdict.DROP] * 20 and got[-1] == Verdict.REDIRECT
+
+
+@pytest.mark.parametrize("dst_mac", [bytes.fromhex("020000c0ffee"), bytes.fromhex("ffffffffffff"),
+                                     bytes.fromhex("01005e000001")], ids=["other-host", "broadcast", "multicast"])
+def test_a_frame_not_sent_to_the_device_is_left_to_the_kernel(prog, dst_mac):
+    """Step 1a: an IPv4 frame to another host's MAC, or an L2 broadcast or multicast, on either
+    side: PASS_NOT_FOR_US, untouched, no session (the kernel drops another host's frames and
+    forwards none of them); the model says the same.  Not IPv4 stays PASS_NOT_IPV4."""
+    from snatgw.datapath.bpf import libbpf as B
+
+    engine = Engine(ruleset(REF_RULES), REF_SETTINGS, StaticRouter.ref())
+    cases = [("inside", udp(A, R1, 40000, 53), "lan40"), ("inside", tcp(A, R1, 40001, 80, flags="S"), "lan40"),
+             ("outside", udp(R1, "198.19.2.5", 53, 40000), "eth1")]
+    for side, pkt, dev in cases:
+        r = prog.run(side, pkt, dev, dst_mac=dst_mac)
+        m = engine.process(pkt, side, dev, 0.0, for_us=False)
+        assert (r.retval, r.verdict, r.reason, r.packet) == (TC_ACT_OK, Verdict.PASS, Reason.PASS_NOT_FOR_US, pkt)
+        assert (m.verdict, m.reason) == (Verdict.PASS, Reason.PASS_NOT_FOR_US)
+    assert prog.ct() == {} and len(engine.table) == 0
+    assert prog.reasons() == {Reason.PASS_NOT_FOR_US: 3}
+    frame = dst_mac + bytes.fromhex("0200000000010806") + bytes(28)  # ARP: not IPv4 first
+    with prog.net.enter():
+        ret, _, _, _ = B.test_run(prog.fds["inside"], frame, prog.ctx("lan40"))
+    assert ret == TC_ACT_OK and prog.reasons()[Reason.PASS_NOT_IPV4] == 1
+    r = prog.run("inside", udp(A, R1, 40000, 53), "lan40")  # the same flow sent to the device
+    assert r.reason == Reason.XLATE_NEW

@@ -9,7 +9,7 @@ import pytest
 from snatgw import layout as L
 from snatgw.datapath.bpf import libbpf as B
 
-from tests.cases.corpus import REF_RULES, REF_SETTINGS, SCENARIOS, ruleset
+from tests.cases.corpus import OTHER_MAC, REF_RULES, REF_SETTINGS, SCENARIOS, ruleset
 
 pytestmark = pytest.mark.bpf
 
@@ -26,7 +26,7 @@ def test_a_reset_object_holds_what_a_fresh_one_holds(refnet):
             used.apply(sc.make_rules(), replace(sc.make_settings(), audit_log=AUDIT.audit_log))
             for i, step in enumerate(sc.steps):
                 if len(step.packet) >= MIN_TESTABLE_IPV4:
-                    used.run(step.side, step.packet, step.ingress, now=float(i))
+                    used.run(step.side, step.packet, step.ingress, now=float(i), dst_mac=None if step.for_us else OTHER_MAC)
         used.apply(ruleset(REF_RULES), AUDIT)
         dirty = {n for n, v in used.snapshot().items() if v != want.get(n)}
         # the state a scenario leaves behind: so this test can see reset() forget some

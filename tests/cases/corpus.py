@@ -73,6 +73,8 @@ class Step(NamedTuple):
     at: float | None = None  # the clock in s (None: the step's index, as most steps run)
     #: skb->mark the packet leaves with (a new_gw egress's, handed to the kernel: GW_MARK_BASE + n)
     mark: int = 0
+    #: False: its frame is sent to another host's MAC, not the device's (step 1a; BPF: OTHER_MAC)
+    for_us: bool = True
 
     def when(self, i: int) -> float:
         return float(i) if self.at is None else self.at
@@ -121,6 +123,10 @@ def inside(pkt: bytes, v: Verdict, r: Reason, dev: str = "lan40", at: float | No
 
 def outside(pkt: bytes, v: Verdict, r: Reason, dev: str = "eth1", at: float | None = None) -> Step:
     return Step("outside", dev, pkt, v, r, at)
+
+
+#: the destination MAC of a step that is not for us (Step.for_us False): no device has it
+OTHER_MAC = bytes.fromhex("020000c0ffee")
 
 
 def egress(pkt: bytes, v: Verdict, r: Reason, dev: str = "eth1") -> Step:
@@ -1148,6 +1154,18 @@ def _eim_scenarios(add) -> None:
         inside(udp(C, NAT, 41002, 7), PASS, R.PASS_LOCAL, dev="lan50"),
         outside(udp(R1, NAT, 3478, pa), RED, R.XLATE_IN),
     ], rules=eim_rules())  # fmt: skip
+    na, np_ = snat_of(RULE_SDH, A, R1, 7100)
+    add("frames_not_for_us", "Step 1a: a frame sent to another host's MAC (a bridge's flood, a "
+        "promiscuous device) is left to the kernel untouched from either side (PASS_NOT_FOR_US; the "
+        "kernel drops it): no session is made, a live one neither translates it nor is refreshed; "
+        "the same packets sent to the device translate as ever.", [
+        inside(udp(A, R1, 7100, 53), PASS, R.PASS_NOT_FOR_US)._replace(for_us=False),
+        inside(udp(A, R1, 7100, 53), RED, R.XLATE_NEW),
+        inside(udp(A, R1, 7100, 53), PASS, R.PASS_NOT_FOR_US)._replace(for_us=False),
+        outside(udp(R1, na, 53, np_), PASS, R.PASS_NOT_FOR_US)._replace(for_us=False),
+        outside(udp(R1, na, 53, np_), RED, R.XLATE_IN),
+        outside(udp(R1, A, 53, 7100), PASS, R.PASS_NOT_FOR_US)._replace(for_us=False),
+    ])  # fmt: skip
     p_dflt = snat_of(RULE_SDH, B, R1, 40000, nth=0)[1]
     add("port_preserve", "port_preserve yes: A:40000 keeps its port; B:40000 to the same remote "
         "finds it taken and gets the usual first candidate; port 1024 (outside the range) gets "

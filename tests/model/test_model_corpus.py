@@ -38,7 +38,7 @@ def test_scenario_steps_meet_expectations(sc: Scenario):
     for i, st in enumerate(sc.steps):
         sc.rerouted(engine, i)
         before = sum(engine.reasons.values())
-        res = engine.process(st.packet, st.side, st.ingress, st.when(i))
+        res = engine.process(st.packet, st.side, st.ingress, st.when(i), for_us=st.for_us)
         v = parse(st.packet)
         is_err = not isinstance(v, Reason) and v.frag == 0 and v.is_icmp_error
         # every packet counts one reason; egress counts only the ICMP errors it judges and leaks

@@ -496,7 +496,7 @@ def test_port_search_counts_step_by_step():
     e = sc.make_engine()
     got = []
     for i, st in enumerate(sc.steps):
-        e.process(st.packet, st.side, st.ingress, st.when(i))
+        e.process(st.packet, st.side, st.ingress, st.when(i), for_us=st.for_us)
         got.append(_alloc(e))
     assert got == [(1, 1), (2, 3), (3, 6), (4, 9), (4, 9), (5, 10)]
     assert (e.spill.hits, e.spill.written) == (1, 1)

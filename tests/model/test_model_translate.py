@@ -205,7 +205,7 @@ def test_checksum_corner_scenario_outputs():
 
     sc = next(s for s in SCENARIOS if s.name == "checksum_corners")
     e = sc.make_engine()
-    outs = [e.process(st.packet, st.side, st.ingress, st.when(i)).packet for i, st in enumerate(sc.steps)]
+    outs = [e.process(st.packet, st.side, st.ingress, st.when(i), for_us=st.for_us).packet for i, st in enumerate(sc.steps)]
     assert outs[0][26:28] == outs[1][26:28] == b"\xff\xff"
     assert outs[2][36:38] == b"\x00\x00"
     assert outs[3] == outs[4]

@@ -144,10 +144,13 @@ class Engine:
 
     # ------------------------------------------------------------------ entry
 
-    def process(self, pkt: bytes, side: str, ingress: str, now: float) -> Result:
+    def process(self, pkt: bytes, side: str, ingress: str, now: float, for_us: bool = True) -> Result:
         """Run one packet through the program of ``side`` ("inside" | "outside" | "egress" |
         "recirc": a held fragment coming back from the recirculation device);
-        ``ingress``: the device it arrived on (egress: the device it leaves by).  Every packet
+        ``ingress``: the device it arrived on (egress: the device it leaves by); ``for_us``
+        False: its frame was not sent to that device's MAC (another host's, a broadcast or a
+        multicast: the skb's pkt_type is not PACKET_HOST), which the inside and outside
+        programs leave to the kernel untouched (PASS_NOT_FOR_US, step 1a).  Every packet
         counts one reason in ``reasons``, except egress packets that are not ICMP errors: they
         pass uncounted (Result reason PASS_ICMP_OTHER), as the BPF egress program does."""
         if side not in SIDES:
@@ -163,6 +166,8 @@ class Engine:
                 res = Result(Verdict.DROP, Reason.DROP_FRAG_UNKNOWN, pkt)
             else:
                 res = self._later_fragment(pkt, v, now)
+        elif not for_us and v is not Reason.PASS_NOT_IPV4:  # step 1a: the kernel forwards only frames sent to the device
+            res = Result(Verdict.PASS, Reason.PASS_NOT_FOR_US, pkt)
         elif isinstance(v, Reason):
             res = Result(_verdict_of(v), v, pkt)
         elif v.opts_kernel:  # step 2b: a source route, or options that do not parse

@@ -42,7 +42,8 @@ PROGS = {"inside": "snat_inside", "outside": "snat_outside", "egress": "snat_egr
 CLOCK_BASE = 1000  # s added to a test's clock (0 means "the real clock" to the programs)
 SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff) on 6.x; only ifindex fields are set
 _OFF_MARK, _OFF_INGRESS_IFINDEX, _OFF_IFINDEX, _OFF_GSO_SEGS, _OFF_GSO_SIZE = 8, 36, 40, 164, 176
-ETH = bytes.fromhex("020000000002" "020000000001" "0800")  # dst, src, IPv4
+REF_MAC = "02:00:00:00:00:02"  # every REF device's MAC: test-run frames are sent to it
+ETH = bytes.fromhex(REF_MAC.replace(":", "") + "020000000001" "0800")  # dst, src, IPv4
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 _NONE = 0xFFFFFFFF  # dbg sentinel: the program emitted nothing (egress: not ours)
 #: BPF_PROG_TEST_RUN refuses (EINVAL) an IPv4 frame with fewer than 20 bytes after Ethernet,
@@ -76,6 +77,9 @@ class RefNet:
                 # veth pairs (this kernel has no dummy driver); the peer stays in the namespace
                 _ip(*n, "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p")
                 _ip(*n, "link", "set", f"{dev}p", "up")
+                # the frames test-run makes are sent to this MAC (ETH): a frame to another MAC is
+                # another host's (PASS_NOT_FOR_US)
+                _ip(*n, "link", "set", dev, "address", REF_MAC)
                 _ip(*n, "link", "set", dev, "up")
                 for a in addrs:
                     _ip(*n, "addr", "add", a, "dev", dev)
@@ -271,11 +275,12 @@ class ProgHarness:
         return bytes(c)
 
     def run(self, side: str, ipv4: bytes, ingress: str, gso_size: int = 0, now: float | None = None,
-            ifindex: int | None = None) -> Run:
+            ifindex: int | None = None, dst_mac: bytes | None = None) -> Run:
         """Run ``ipv4`` (no Ethernet header) through ``side`` as if it arrived on ``ingress``
         (egress: the device it leaves by); ``gso_size``: as a GRO aggregate of such segments;
         ``now``: the programs' clock in seconds (+ CLOCK_BASE, SNAT_TEST builds), else the real one;
-        ``ifindex``: the skb's ifindex instead of ``ingress``'s (a device the test net has not)."""
+        ``ifindex``: the skb's ifindex instead of ``ingress``'s (a device the test net has not);
+        ``dst_mac``: the frame's destination MAC instead of the devices' own (REF_MAC)."""
         if len(ipv4) < MIN_TESTABLE_IPV4:
             raise Untestable(f"test-run refuses IPv4 frames shorter than {MIN_TESTABLE_IPV4} bytes")
         if self.clock is not None:
@@ -283,7 +288,8 @@ class ProgHarness:
         if self.dbg is not None:
             self.dbg.put(0, struct.pack("<IIII", _NONE, _NONE, 0, 0))
         with self.net.enter():
-            ret, out, ctx_out, _ = B.test_run(self.fds[side], ETH + bytes(ipv4), self.ctx(ingress, gso_size, ifindex))
+            eth = ETH if dst_mac is None else dst_mac + ETH[6:]
+            ret, out, ctx_out, _ = B.test_run(self.fds[side], eth + bytes(ipv4), self.ctx(ingress, gso_size, ifindex))
         mark = struct.unpack_from("<I", ctx_out, _OFF_MARK)[0] if ctx_out else 0
         verdict = reason = oif = nh = None
         if self.dbg is not None:

@@ -910,6 +910,8 @@ static __noinline int frag_pass_mark(const struct pkt *p, __u32 reason)
 	return 0;
 }
 
+#define PACKET_HOST_ 0 /* linux/if_packet.h: a frame sent to the device's own MAC */
+
 static __always_inline int snat_entry(struct __sk_buff *skb, int outside)
 {
 	struct snat_res v = {};
@@ -917,7 +919,14 @@ static __always_inline int snat_entry(struct __sk_buff *skb, int outside)
 	int r;
 
 	r = parse_v4_pulled(skb, &p);
-	if (r >= 0) {
+	if (r != REASON_PASS_NOT_IPV4 && skb->pkt_type != PACKET_HOST_) {
+		/* step 1a: an IPv4 frame not sent to this device's MAC (another host's, flooded by a
+		 * bridge or seen in promiscuous mode; or an L2 broadcast or multicast): the kernel's,
+		 * which drops another host's frames and forwards none of them (ip_forward forwards
+		 * only PACKET_HOST).  Translated here, a gateway beside the one a frame was meant
+		 * for would send a copy of the flow out under its own mapping. */
+		verdict_set(&v, VERDICT_PASS, REASON_PASS_NOT_FOR_US);
+	} else if (r >= 0) {
 		verdict_set(&v, r == REASON_DROP_MALFORMED ? VERDICT_DROP : VERDICT_PASS, r);
 	} else if (p.opts_kernel) { /* step 2b: a source route, or options that do not parse */
 		verdict_set(&v, VERDICT_PASS, REASON_PASS_IP_OPTIONS);
