@@ -9,6 +9,7 @@ import pytest
 
 from snatgw import layout as L
 from snatgw.datapath.bpf.backend import _with_flag, iif_collisions
+from snatgw.datapath.bpf.testrun import REF_MAC
 from snatgw.layout import Reason
 
 from tests.cases.corpus import REF_RULES, REF_SETTINGS, ruleset
@@ -23,7 +24,8 @@ def test_a_clashing_device_is_vouched_for_only_without_the_flag(make_prog):
     assert prog.run("inside", pkt, "lan40").reason == Reason.XLATE_NEW
     clash = prog.net.ifindex["lan40"] + 0x10000  # same low 16 bits, another device
     ip = ["ip", "-n", prog.net.name, "link"]
-    subprocess.run(ip + ["add", "sgtclash0", "index", str(clash), "type", "veth", "peer", "name", "sgtclash1"], check=True)
+    subprocess.run(ip + ["add", "sgtclash0", "index", str(clash), "address", REF_MAC, "type", "veth", "peer", "name",
+                         "sgtclash1"], check=True)  # (test-run's frames go to REF_MAC: else not for us)
     try:
         _clash(prog, pkt, clash)
     finally:
