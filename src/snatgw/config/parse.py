@@ -28,6 +28,10 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         audit_log_max_size 100M               # rotate the file at this size (K, M, G)
         audit_log_keep 5                      # rotated files kept
         rps_cpus off|all|0-3,6                # receive packet steering of the devices (daemon/rps.py)
+        sync_peer 192.0.2.2                   # session sync with the HA peer (bpf; daemon/sync.py)
+        sync_local 192.0.2.1                  # our address on the sync link
+        sync_port 3781                        # UDP
+        sync_key /etc/snatgw/sync.key         # shared secret (>= 32 bytes, mode 0600)
     }
     virtual_server fwmark 1 {                 # the SNAT service
         snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh }
@@ -64,8 +68,8 @@ from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_
 from ..rules import FILTERINGS, MAPPINGS, non_ascii_named, parse_choice, parse_on_exhausted, parse_oif, parse_yes_no
 from . import MAX_CONFIG_BYTES, MAX_SOCKET_PATH
 from .links import INTERVAL_RANGE, LINK_KEYWORDS, MAX_TARGETS, Link
-from .schema import (AUDIT_LOG_MAX_KEEP, BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, TIMEOUT_BY_STATE, TIMEOUT_NAMES,
-                     GatewayConfig, Settings)
+from .schema import (AUDIT_LOG_MAX_KEEP, BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, SYNC_KEY_MIN, SYNC_PORT,
+                     TIMEOUT_BY_STATE, TIMEOUT_NAMES, GatewayConfig, Settings)
 from .schema import timeout_floor_warning
 
 log = logging.getLogger("snatgw.config")
@@ -79,6 +83,7 @@ SETTINGS_KEYWORDS = (
     "max_sessions_per_host", "refuse_icmp", "port_preserve", "unmatched", "inbound", "backend", "timeout", "gc_interval",
     "control_socket", "pin_dir", "snat_addresses", "allow_empty", "metrics_listen",
     "audit_log", "audit_log_max_size", "audit_log_keep", "rps_cpus",
+    "sync_peer", "sync_local", "sync_port", "sync_key",
 )  # fmt: skip
 #: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
 KEEPALIVED_VS_OPTIONS = frozenset(
@@ -680,8 +685,57 @@ def _parse_settings(cur: _Cursor, opener: Token, warn=log.warning) -> Settings:
         raise cur.error(line, "outside" if line == given["outside"].line else "inside",
                         f"interface {both[0]} is listed both inside (line {given['inside'].line}) "
                         f"and outside (line {given['outside'].line})")  # fmt: skip
+    _check_sync(cur, s, given, opener)
     where = tuple((k, cur.where(given[k].line)) for k in ("inside", "outside") if k in given)
     return replace(s, where=where) if where else s
+
+
+SYNC_NEEDED = ("sync_peer", "sync_local", "sync_key")  # sync_port has a default
+
+
+def _check_sync(cur: _Cursor, s: Settings, given: dict[str, Token], opener: Token) -> None:
+    """Session sync is all (peer, local address, key; the port optional) or nothing, and a
+    bpf backend's only (nft: conntrackd)."""
+    have = [k for k in (*SYNC_NEEDED, "sync_port") if k in given]
+    if not have:
+        return
+    missing = [k for k in SYNC_NEEDED if k not in given]
+    first = given[have[0]]
+    if missing:
+        raise cur.error(first.line, have[0], f"session sync needs {', '.join(missing)} as well "
+                                             f"(sync_peer, sync_local and sync_key go together)")  # fmt: skip
+    if s.backend == "nft":
+        raise cur.error(first.line, have[0], "session sync is the bpf backend's; with backend nft use conntrackd "
+                                             "(docs/operations.md \"Stateful failover (nft backend)\")")  # fmt: skip
+    if s.sync_peer == s.sync_local:
+        raise cur.error(given["sync_peer"].line, "sync_peer", f"the peer's address is sync_local's own ({s.sync_peer})")
+
+
+def read_sync_key(path: str) -> bytes:
+    """The shared secret of ``sync_key``: the file's bytes, white space stripped, >= SYNC_KEY_MIN
+    of them; refused when group or others may read or write it (as ssh refuses a private key)
+    or when it is not a regular file.  ValueError saying what is wrong."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ValueError(f"{path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                             f"chmod 600 it")  # fmt: skip
+        data = os.read(fd, 4097)
+    finally:
+        os.close(fd)
+    if len(data) > 4096:
+        raise ValueError(f"{path} holds more than 4096 bytes: expected a key, not {len(data)}+ bytes")
+    key = data.strip()
+    if len(key) < SYNC_KEY_MIN:
+        raise ValueError(f"{path} holds {len(key)} bytes after stripping white space; a key needs at least "
+                         f"{SYNC_KEY_MIN} (e.g. `head -c 32 /dev/urandom | base64 > {path}`)")
+    return key
 
 
 def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Settings:
@@ -760,6 +814,23 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
             return replace(s, rps_cpus=parse_rps_cpus(v.text, online_here=cur.cpus_here))
         except ValueError as e:
             raise cur.error(v.line, k, str(e)) from None
+    if k in ("sync_peer", "sync_local"):
+        try:
+            addr = parse_addr(v.text, k)
+        except RuleError:
+            raise cur.error(v.line, k, f"expected an IPv4 address A.B.C.D, got {shown(v.text)}") from None
+        if addr.is_multicast or addr.is_unspecified or int(addr) == 0xFFFFFFFF:
+            raise cur.error(v.line, k, f"expected a unicast address, got {shown(v.text)}")
+        return replace(s, **{k: str(addr)})
+    if k == "sync_port":
+        return replace(s, sync_port=_int(cur, t, v, 1, 65535))
+    if k == "sync_key":
+        path = _path(cur, t, v)
+        try:
+            read_sync_key(path)
+        except ValueError as e:
+            raise cur.error(v.line, k, str(e)) from None
+        return replace(s, sync_key=path)
     assert k == "pin_dir"
     return replace(s, pin_dir=_path(cur, t, v))
 
@@ -887,6 +958,10 @@ def settings_as_dict(s: Settings) -> dict:
         "audit_log_max_size": s.audit_log_max_size,
         "audit_log_keep": s.audit_log_keep,
         "rps_cpus": s.rps_cpus,
+        "sync_peer": s.sync_peer,
+        "sync_local": s.sync_local,
+        "sync_port": s.sync_port,
+        "sync_key": s.sync_key,
     }
 
 
@@ -906,6 +981,8 @@ def render_settings(s: Settings, full: bool = False) -> list[str]:
             continue
         if (not full and d[k] == base[k]) or d[k] is None:
             continue
+        if k.startswith("sync_") and s.sync_peer is None:
+            continue  # (sync_port alone is an error)
         if k in ("inside", "outside"):
             if d[k]:
                 lines.append(f"{k} {' '.join(d[k])}")

@@ -13,6 +13,8 @@ AUDIT_LOG_KEEP = 5  # default audit_log_keep
 AUDIT_LOG_MAX_KEEP = 1000
 SNAT_ADDRESS_MODES = ("external", "manage")
 ON_EXHAUSTED = ("spill", "drop")
+SYNC_PORT = 3781  # default sync_port (UDP)
+SYNC_KEY_MIN = 32  # bytes of the shared secret, white space stripped
 
 #: timeout keywords of the settings block -> state
 TIMEOUT_NAMES: dict[str, CtState] = {
@@ -93,6 +95,12 @@ class Settings:
     #: receive packet steering of the inside and outside devices (daemon/rps.py): "off" (the
     #: devices are left as they are), "all" (every online CPU) or a cpulist ("0-3,6", canonical)
     rps_cpus: str = "off"
+    #: session sync of the bpf backend (daemon/sync.py): the peer's address on the sync link,
+    #: ours (bound and sent from), the UDP port and the file of the shared secret; all None: off
+    sync_peer: str | None = None
+    sync_local: str | None = None
+    sync_port: int = SYNC_PORT
+    sync_key: str | None = None
     #: where `inside`/`outside` were given ((keyword, "file:line"), ...), for errors about a
     #: device named there (the daemon's "file:line: inside: interface 'x' does not exist")
     where: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)

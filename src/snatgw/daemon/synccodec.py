@@ -1,0 +1,179 @@
+"""The session sync protocol's wire format (sans-I/O: bytes in, bytes out; daemon/sync.py does
+the sockets).  One UDP datagram (<= MAX_DATAGRAM bytes)::
+
+    header   magic "SGWS" | version u8 | 0 u8 | count u16 | boot id u64 | sequence u64   (24 bytes)
+    records  count x 32 bytes (below)
+    mac      HMAC-SHA256(key, header + records), first 16 bytes
+
+all big-endian.  A record is one session::
+
+    op u8 (1 update, 2 end) | proto u8 | TCP state u8 (layout.CtState) | flags u8 (CT_F_*)
+    inside addr | remote addr | SNAT addr (4 bytes each)
+    inside port | remote port | SNAT port | 0 (u16 each)
+    rule_id u32 | age u32 (ms since the session's last packet, as the sender's table says)
+
+The boot id is random per sender (a daemon's sync instance); the sequence starts at 1 and
+grows by one per datagram.  The receiver (Decoder) drops and counts by reason: ``short`` (less
+than a header and a MAC), ``bad_magic``, ``bad_version``, ``too_many`` (count above
+MAX_RECORDS), ``malformed`` (length does not match count), ``bad_mac``, ``replay`` (a sequence
+seen already, or older than the reordering WINDOW below the highest seen for that boot id).
+Records of a datagram that passes with an op or protocol it does not know are skipped and
+counted (``bad_record``).  Decoder.decode never raises, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import os
+import struct
+from typing import NamedTuple
+
+from .. import layout as L
+
+MAGIC = b"SGWS"
+VERSION = 1
+MAX_DATAGRAM = 1400
+HEADER = struct.Struct(">4sBBHQQ")
+RECORD = struct.Struct(">BBBB4s4s4sHHHHII")
+MAC_LEN = 16
+MAX_RECORDS = (MAX_DATAGRAM - HEADER.size - MAC_LEN) // RECORD.size  # 42
+OP_UPDATE, OP_END = 1, 2
+PROTOS = frozenset((L.IPPROTO_TCP, L.IPPROTO_UDP, L.IPPROTO_ICMP))
+WINDOW = 64  # sequences below the highest seen that may still come (reordering)
+BOOTS_KEPT = 8  # sender boot ids the replay check remembers (the oldest forgotten first)
+AGE_MAX = 0xFFFFFFFF
+REASONS = ("short", "bad_magic", "bad_version", "too_many", "malformed", "bad_mac", "replay")
+
+assert HEADER.size == 24 and RECORD.size == 32 and MAX_RECORDS == 42
+
+
+class Record(NamedTuple):
+    """One session as carried (addresses as 4 raw bytes in wire order, ports as numbers)."""
+
+    op: int
+    proto: int
+    state: int
+    flags: int
+    inside: bytes
+    iport: int
+    remote: bytes
+    rport: int
+    nat: bytes
+    nport: int
+    rule_id: int
+    age_ms: int
+
+    def pack(self) -> bytes:
+        return RECORD.pack(self.op, self.proto, self.state, self.flags, self.inside, self.remote, self.nat,
+                           self.iport, self.rport, self.nport, 0, self.rule_id, min(AGE_MAX, max(0, self.age_ms)))
+
+
+def unpack_record(raw: bytes, off: int) -> Record:
+    op, proto, state, flags, inside, remote, nat, iport, rport, nport, _, rule_id, age = RECORD.unpack_from(raw, off)
+    return Record(op, proto, state, flags, inside, iport, remote, rport, nat, nport, rule_id, age)
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()[:MAC_LEN]
+
+
+def new_boot_id() -> int:
+    return int.from_bytes(os.urandom(8), "big") or 1
+
+
+class Encoder:
+    """Records -> datagrams of at most MAX_RECORDS records each, numbered from 1."""
+
+    def __init__(self, key: bytes, boot_id: int | None = None):
+        self.key = key
+        self.boot_id = new_boot_id() if boot_id is None else boot_id
+        self.seq = 0
+
+    def datagram(self, packed: list[bytes]) -> bytes:
+        """One datagram of already packed records (at most MAX_RECORDS)."""
+        assert 0 < len(packed) <= MAX_RECORDS
+        self.seq += 1
+        body = HEADER.pack(MAGIC, VERSION, 0, len(packed), self.boot_id, self.seq) + b"".join(packed)
+        return body + mac(self.key, body)
+
+    def encode(self, records: list[Record]) -> list[bytes]:
+        packed = [r.pack() for r in records]
+        return [self.datagram(packed[i : i + MAX_RECORDS]) for i in range(0, len(packed), MAX_RECORDS)]
+
+
+class Decoder:
+    """Datagrams -> records, with the MAC and replay checks; counts every drop by reason."""
+
+    def __init__(self, key: bytes):
+        self.key = key
+        self.drops = dict.fromkeys(REASONS, 0)
+        self.bad_records = 0
+        self.datagrams = 0  # valid datagrams
+        self.records = 0  # records of valid datagrams (bad ones included)
+        #: boot id -> (highest sequence, bitmap of the WINDOW sequences up to it: bit i = highest - i seen)
+        self._seen: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
+
+    def _drop(self, why: str) -> list[Record]:
+        self.drops[why] += 1
+        return []
+
+    def decode(self, data: bytes) -> list[Record]:
+        """The records of a valid datagram; [] (counted) for anything else.  Never raises."""
+        try:
+            return self._decode(bytes(data))
+        except Exception:  # noqa: BLE001 - defence in depth: no input may stop the receiver
+            return self._drop("malformed")
+
+    def _decode(self, data: bytes) -> list[Record]:
+        if len(data) < HEADER.size + MAC_LEN:
+            return self._drop("short")
+        magic, version, _, count, boot, seq = HEADER.unpack_from(data, 0)
+        if magic != MAGIC:
+            return self._drop("bad_magic")
+        if version != VERSION:
+            return self._drop("bad_version")
+        if count > MAX_RECORDS:
+            return self._drop("too_many")
+        if count == 0 or len(data) != HEADER.size + count * RECORD.size + MAC_LEN:
+            return self._drop("malformed")
+        body = data[:-MAC_LEN]
+        if not hmac.compare_digest(mac(self.key, body), data[-MAC_LEN:]):
+            return self._drop("bad_mac")
+        if not self._fresh(boot, seq):
+            return self._drop("replay")
+        self.datagrams += 1
+        self.records += count
+        out = []
+        for i in range(count):
+            r = unpack_record(data, HEADER.size + i * RECORD.size)
+            if r.op not in (OP_UPDATE, OP_END) or r.proto not in PROTOS:
+                self.bad_records += 1
+                continue
+            out.append(r)
+        return out
+
+    def _fresh(self, boot: int, seq: int) -> bool:
+        """Whether (boot, seq) is new, and if so remember it."""
+        if seq == 0:
+            return False
+        top, bits = self._seen.get(boot, (0, 0))
+        if seq > top:
+            shift = seq - top
+            bits = ((bits << shift) | 1) & ((1 << WINDOW) - 1) if shift < WINDOW else 1
+            top = seq
+        else:
+            back = top - seq
+            if back >= WINDOW or bits >> back & 1:
+                return False
+            bits |= 1 << back
+        self._seen[boot] = (top, bits)
+        self._seen.move_to_end(boot)
+        while len(self._seen) > BOOTS_KEPT:
+            self._seen.popitem(last=False)
+        return True
+
+    def stats(self) -> dict:
+        return {"datagrams": self.datagrams, "records": self.records, "bad_records": self.bad_records,
+                "drops": dict(self.drops)}  # fmt: skip
