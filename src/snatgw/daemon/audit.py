@@ -287,6 +287,8 @@ class AuditReader:
         self._qlock = threading.Lock()
         self.lost_queue = 0  # control-plane records dropped (queue full)
         self.received = 0  # records read from the datapath
+        #: the session sync's intake of the ring's raw records (daemon/sync.py; bpf), or None
+        self.tap = None
 
     def attach(self, loop) -> None:
         self.loop = loop
@@ -351,7 +353,7 @@ class AuditReader:
                     self._paused = False
                     self.loop.add_reader(self.source.fileno(), self.drain)
                 if hasattr(self.source, "drain_lines"):  # bpf: records straight to lines
-                    lines = self.source.drain_lines(BATCH, iso, self.audit.backend or "bpf")
+                    lines = self.source.drain_lines(BATCH, iso, self.audit.backend or "bpf", tap=self.tap)
                 else:
                     lines = [format_record(r, self.audit.backend) for r in self.source.drain(BATCH)]
                 self.received += len(lines)

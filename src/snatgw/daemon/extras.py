@@ -12,10 +12,21 @@ a scrape ``worker.submit(metrics.scrape)``.
 
 from __future__ import annotations
 
+import os
+
 from ..config.parse import parse_listen
 from .links import LinkMonitor
 from .metrics import MetricsServer
 from .probe import NetlinkWatch
+
+
+def _key_stamp(path: str | None):
+    """A reload re-reads the key when its file changed (a new secret, same path)."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return st and (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class Extras:
@@ -28,6 +39,8 @@ class Extras:
         self._listen = None
         self.audit = None  # daemon.audit.AuditReader while `audit_log` is set
         self._audit_key = None
+        self.sync = None  # daemon.sync.SyncService while sync_peer is set
+        self._sync_key = None
         self.netlink: NetlinkWatch | None = None
         self._judging = self._judge_again = False
 
@@ -71,7 +84,49 @@ class Extras:
                     self.log.error("metrics_listen_failed", address=listen, error=str(e))
                     self.metrics = None
             self._listen = listen
-        self._refresh_audit(cfg.settings)
+        s = cfg.settings
+        audit_key = (s.audit_log, s.audit_log_max_size, s.audit_log_keep) if s.audit_log else None
+        if self.sync is not None and audit_key != self._audit_key:
+            self.sync.own_ring(False)  # one reader of the datapath's ring at a time
+        self._refresh_audit(s)
+        self._refresh_sync(s)
+
+    def _refresh_sync(self, s) -> None:
+        """Session sync on, off or re-bound (settings changed); then who reads the ring: the
+        audit log's reader hands its records over, else the sync reads it itself."""
+        key = (s.sync_peer, s.sync_local, s.sync_port, s.sync_key, _key_stamp(s.sync_key)) if s.sync_peer else None
+        if key != self._sync_key:
+            self._stop_sync()
+            if key is not None:
+                from .sync import SyncService
+
+                try:
+                    self.sync = SyncService(s, self.service.backend, self.log, self.worker)
+                    self.sync.attach(self.loop)
+                except Exception as e:  # noqa: BLE001 - the daemon runs on; status shows sync off and why
+                    self.log.error("sync_failed", peer=s.sync_peer, local=s.sync_local, error=str(e))
+                    if self.sync is not None:
+                        self.sync.close()
+                    self.sync = None
+                    self.service.sync_error = str(e)
+                else:
+                    self.service.sync_error = None
+            self.service.sync = self.sync
+            self._sync_key = key
+        if self.sync is not None:
+            if self.audit is not None and self.audit.source is not None:
+                self.sync.own_ring(False)
+                self.audit.tap = self.sync.on_ring
+            else:
+                self.sync.own_ring(True)
+
+    def _stop_sync(self) -> None:
+        if self.audit is not None:
+            self.audit.tap = None
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
+            self.service.sync = None
 
     def _refresh_audit(self, s) -> None:
         key = (s.audit_log, s.audit_log_max_size, s.audit_log_keep) if s.audit_log else None
@@ -135,6 +190,7 @@ class Extras:
             self.service.link_monitor = None
 
     def close(self) -> None:
+        self._stop_sync()
         self._stop_audit()
         self._stop_monitor()
         if self.netlink is not None:

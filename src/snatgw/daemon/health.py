@@ -84,6 +84,9 @@ def report(service, link_reader=None) -> dict:
         found.append(f"rps_cpus {rps.setting}: not applied: {rps.refused}")
     if s.audit_log and getattr(service, "audit", None) is None:
         found.append(f"audit log {s.audit_log}: configured but not running (see the daemon's log)")
+    if s.sync_peer and getattr(service, "sync", None) is None:
+        why = getattr(service, "sync_error", None)
+        found.append(f"session sync with {s.sync_peer}: configured but not running" + (f": {why}" if why else ""))
     counts = dict(service.log.counts) if hasattr(service.log, "counts") else {}
     return {
         **service.status(),

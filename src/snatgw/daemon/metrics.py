@@ -39,6 +39,8 @@ Metric families (all prefixed ``snatgw_``):
                                             full / conntrack events overrun), lost_write, lost_queue,
                                             lost_writer
   audit_write_errors_total, audit_rotations_total   (only while `audit_log` is set)
+  sync_datagrams_total{direction}, sync_records_total{result}, sync_drops_total{reason},
+  sync_seconds_since_peer                   the session sync (only while sync_peer is set)
 """
 
 from __future__ import annotations
@@ -112,6 +114,30 @@ class ServiceCollector:
         yield from self._work(s)
         yield from self._links(s)
         yield from self._audit(s)
+        yield from self._sync(s)
+
+    def _sync(self, s):
+        if getattr(s, "sync", None) is None:
+            return
+        y = s.sync.stats()
+        dg = _c("sync_datagrams", "session sync datagrams by direction (received: valid ones)", ("direction",))
+        dg.add_metric(["sent"], y["sent_datagrams"])
+        dg.add_metric(["received"], y["received_datagrams"])
+        yield dg
+        rec = _c("sync_records", "session sync records: sent, received, and what the installer made of them",
+                 ("result",))  # fmt: skip
+        for k in ("sent_records", "received_records", "installed", "refreshed", "ended", "rejected", "conflicts",
+                  "table_full", "no_route", "stale_end"):  # fmt: skip
+            rec.add_metric([k.removesuffix("_records")], y[k])
+        yield rec
+        dr = _c("sync_drops", "session sync datagrams and records dropped, by reason", ("reason",))
+        for k, v in y["drops"].items():
+            dr.add_metric([k], v)
+        dr.add_metric(["foreign"], y["foreign"])
+        yield dr
+        last = _g("sync_seconds_since_peer", "seconds since the last valid datagram from the peer (-1: never)")
+        last.add_metric([], -1 if y["seconds_since_peer"] is None else y["seconds_since_peer"])
+        yield last
 
     def _audit(self, s):
         if getattr(s, "audit", None) is None:

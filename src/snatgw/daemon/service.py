@@ -119,6 +119,8 @@ class Service:
         self.gc_stats = {"sweeps": 0, "removed": 0, "seconds": 0.0}  # expiry work (metrics)
         self.link_monitor = None  # set by the daemon when the config has links
         self.audit = None  # the daemon's audit log reader (daemon/audit.py) while `audit_log` is set
+        self.sync = None  # the session sync (daemon/sync.py) while sync_peer is set
+        self.sync_error: str | None = None  # why the sync configured could not start
         self.on_reload: Callable[[], None] | None = None  # called after each successful reload
 
     # ------------------------------------------------------------------ lifecycle
@@ -344,7 +346,7 @@ class Service:
             "pin_dir": s.pin_dir, "control_socket": s.control_socket, "max_sessions": s.max_sessions,
             "gc_interval": s.gc_interval, "hooks_restored": self.hooks_restored, "errors": self.errors,
             "last_reload": self.last_reload, "timeouts": timeouts_by_name(s.timeouts),
-            "audit": self.audit_stats(), "rps": self.rps.as_dict(),
+            "audit": self.audit_stats(), "sync": self.sync_stats(), "rps": self.rps.as_dict(),
             **getattr(self.backend, "status_extra", dict)(),
         }
 
@@ -353,6 +355,15 @@ class Service:
         if self.audit is None:
             return {"enabled": False, "target": self.config.settings.audit_log}
         return self.audit.stats()
+
+    def sync_stats(self) -> dict:
+        """The session sync's counters (daemon/sync.py), or {"enabled": False} (and why, when
+        it is configured but could not start)."""
+        if self.sync is None:
+            s = self.config.settings
+            return {"enabled": False, "peer": f"{s.sync_peer}:{s.sync_port}" if s.sync_peer else None,
+                    "error": self.sync_error if s.sync_peer else None}  # fmt: skip
+        return self.sync.stats()
 
     def rules(self) -> dict:
         """The running rules (with failed links' rules on their backups), priority and
@@ -502,6 +513,7 @@ class Service:
                 with self.lock:
                     st = self.backend.stats().as_dict()
                     st["audit"] = self.audit_stats()
+                    st["sync"] = self.sync_stats()
                     alloc, rate = st.get("pressure", {}).get("allocator"), self.rate()
                     if alloc is not None and rate.get("allocator") is not None:  # over the last interval
                         alloc["last_interval"] = {"seconds": round(rate["interval"], 3), **rate["allocator"]}

@@ -88,6 +88,11 @@ NOTIFY_SCRIPT = "/usr/share/doc/conntrackd/examples/sync/primary-backup.sh"
 VRID = 60
 
 
+def config_text(backend: str = "nft", extra: str = "") -> str:
+    """CONFIG for ``backend`` with ``extra`` settings lines (the session sync's)."""
+    return CONFIG.replace("    backend nft\n", f"    backend {backend}\n{extra}", 1)
+
+
 def notify_script_text(shipped: str, conf: str, lock: str) -> str:
     """primary-backup.sh with its two settings pointed at ``conf`` and ``lock`` (the edit
     docs/operations.md asks for), nothing else changed."""
@@ -216,11 +221,14 @@ class HaPair(NodeCommands):
 
     # ------------------------------------------------------------------ daemons
 
-    def start_snatgw(self, gw: str, backend: str = "nft", timeout: float = 30.0) -> subprocess.Popen:
-        """`snatgw run` of CONFIG in ``gw``; returns once it printed `ready`."""
+    def start_snatgw(self, gw: str, backend: str = "nft", timeout: float = 30.0, sync: bool = False,
+                     peer: str | None = None) -> subprocess.Popen:
+        """`snatgw run` of CONFIG in ``gw``; returns once it printed `ready`.  ``sync``: with the
+        bpf backend's session sync over sync0 toward the other gateway (or ``peer``), the key
+        in the work dir (sync_key_path)."""
         conf = os.path.join(self.workdir, f"{gw}.conf")
         with open(conf, "w") as f:
-            f.write(CONFIG)
+            f.write(config_text(backend, self.sync_settings(gw, peer) if sync else ""))
         log_path = os.path.join(self.workdir, f"{gw}-snatgw.log")
         argv = snatgw_argv("run", conf, "--backend", backend, "--pin-dir", self.pin_dir(gw),
                            "--socket", self.socket(gw))
@@ -239,6 +247,20 @@ class HaPair(NodeCommands):
                     break
         threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()  # keep the pipe drained
         return p
+
+    def sync_key_path(self) -> str:
+        """The pair's shared sync key (made at the first call, mode 0600)."""
+        path = os.path.join(self.workdir, "sync.key")
+        if not os.path.exists(path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+        return path
+
+    def sync_settings(self, gw: str, peer: str | None = None) -> str:
+        """The settings lines of ``gw``'s session sync over sync0."""
+        other = peer or SYNC["gwb" if gw == "gwa" else "gwa"]
+        return f"    sync_peer {other}\n    sync_local {SYNC[gw]}\n    sync_key {self.sync_key_path()}\n"
 
     def pin_dir(self, gw: str) -> str:
         """The bpf backend's pin directory of ``gw`` (removed by ``down``)."""
@@ -267,17 +289,21 @@ class HaPair(NodeCommands):
         return self.run(gw, "conntrackd", "-C", os.path.join(self.workdir, f"{gw}-conntrackd.conf"), *args,
                         check=check, timeout=10)
 
-    def start_keepalived(self, gw: str) -> None:
+    def start_keepalived(self, gw: str, conntrackd: bool = True) -> None:
         """keepalived --vrrp in ``gw`` (foreground; pid files and log in the work dir, no
         syslog) with keepalived_text, notifying a copy of primary-backup.sh pointed at ``gw``'s
-        conntrackd (start_conntrackd first)."""
+        conntrackd (start_conntrackd first); without ``conntrackd`` a script that does nothing."""
         wd = self.workdir
-        with open(NOTIFY_SCRIPT) as f:
-            shipped = f.read()
         script = os.path.join(wd, f"{gw}-primary-backup.sh")
+        if conntrackd:
+            with open(NOTIFY_SCRIPT) as f:
+                shipped = f.read()
+            text = notify_script_text(shipped, os.path.join(wd, f"{gw}-conntrackd.conf"),
+                                      os.path.join(wd, f"{gw}-conntrackd.lock"))
+        else:  # the bpf backend's sync needs no step at a failover: both gateways always send and take
+            text = "#!/bin/sh\nexit 0\n"
         with open(script, "w") as f:
-            f.write(notify_script_text(shipped, os.path.join(wd, f"{gw}-conntrackd.conf"),
-                                       os.path.join(wd, f"{gw}-conntrackd.lock")))
+            f.write(text)
         os.chmod(script, 0o755)
         conf = os.path.join(wd, f"{gw}-keepalived.conf")
         with open(conf, "w") as f:

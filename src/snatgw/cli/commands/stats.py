@@ -43,6 +43,8 @@ def summarize(stats: dict, rules: list[dict], all_reasons: bool = False) -> dict
         out["pressure"] = stats["pressure"]
     if stats.get("audit"):
         out["audit"] = stats["audit"]
+    if stats.get("sync"):
+        out["sync"] = stats["sync"]
     if stats.get("per_cpu"):
         out["per_cpu"] = [int(n) for n in stats["per_cpu"]]
     return out
@@ -128,4 +130,8 @@ def run(args) -> int:
         print(f"\naudit log {a['target']}: {a['records']} records, lost: {a.get('lost_datapath') or 0} "
               f"(datapath: ring full / events overrun), {a.get('lost_write', 0)} (write failures), "
               f"{a.get('lost_queue', 0)} (queue); {a.get('write_errors', 0)} write errors")
+    if (s.get("sync") or {}).get("enabled"):
+        from .status import sync_text
+
+        print("\n" + sync_text(s["sync"]))
     return 0

@@ -100,9 +100,27 @@ def render_text(r: dict) -> str:
         out += ["", f"audit log: {a['target']}: {a['records']} records written, {lost}; "
                     f"{a.get('write_errors', 0)} write errors, {a.get('rotations', 0)} rotations"
                 + (f"; last error: {a['last_error']}" if a.get("last_error") else "")]
+    if (r.get("sync") or {}).get("enabled"):
+        out += ["", sync_text(r["sync"])]
     if r["problems"]:
         out += ["", "problems:"] + [f"  - {p}" for p in r["problems"]]
     return "\n".join(out)
+
+
+def sync_text(y: dict) -> str:
+    """The session sync's lines (status and stats)."""
+    last = y.get("seconds_since_peer")
+    drops = ", ".join(f"{k} {v}" for k, v in y.get("drops", {}).items() if v) or "none"
+    return "\n".join([
+        f"session sync with {y['peer']} (from {y['local']}): last valid datagram "
+        + (f"{last:.1f}s ago" if last is not None else "never"),
+        f"  sent: {y['sent_datagrams']} datagrams, {y['sent_records']} records (new/ended {y['ring_records']}, "
+        f"refresh {y['walk_records']} in {y['walks']} walks); queued {y['send_queue']}",
+        f"  received: {y['received_datagrams']} datagrams, {y['received_records']} records: installed "
+        f"{y['installed']}, refreshed {y['refreshed']}, ended {y['ended']}, rejected {y['rejected']}, conflicts "
+        f"{y['conflicts']}, table full {y['table_full']}, no route {y['no_route']}",
+        f"  dropped: {drops}" + (f"; last error: {y['last_error']}" if y.get("last_error") else ""),
+    ])  # fmt: skip
 
 
 def rps_text(rps: dict) -> str:

@@ -116,11 +116,20 @@ class AuditRing:
         off = clock_offset()
         return [decode(r, off) for r in self.ring.drain(limit)]
 
-    def drain_lines(self, limit: int, fmt_time, backend: str = "bpf") -> list[str]:
-        """drain() as log lines (the daemon's path: no dict per record)."""
+    def drain_lines(self, limit: int, fmt_time, backend: str = "bpf", tap=None) -> list[str]:
+        """drain() as log lines (the daemon's path: no dict per record); ``tap`` (the session
+        sync's intake) gets the raw records too."""
+        raws = self.ring.drain(limit)
+        if tap is not None and raws:
+            tap(raws)
         off = clock_offset()
-        lines = (line(raw, off, fmt_time, backend) for raw in self.ring.drain(limit))
+        lines = (line(raw, off, fmt_time, backend) for raw in raws)
         return [ln for ln in lines if ln is not None]
+
+    def drain_raw(self, limit: int) -> list[bytes]:
+        """A bounded batch of raw struct audit_rec (the session sync reads the ring this way
+        while no audit log is written)."""
+        return self.ring.drain(limit)
 
     def counts(self) -> dict[str, int]:
         """{"written": records the datapath put in the ring, "lost": dropped, the ring full}."""

@@ -24,7 +24,7 @@ from ...errors import BackendError
 from ...fibrules import PolicyRule, describe, gw_numbers, route_back_blocker
 from ...rules import leak_guard_passes
 from ..backend import LastRead, RuleCounters, Session, Stats, pressure_summary
-from . import guard, gwroutes
+from . import guard, gwroutes, synctable
 from . import libbpf as B
 from .loader import Loader, ifindex
 from .maps import CT_KEY, DatapathMaps, monotonic_ns
@@ -235,6 +235,7 @@ class BpfBackend:
         #: reused from the reverse-path check, CFG_F_BACK_FROM_RPF set); "not judged yet" at first
         self.route_back_blocker: str | None = "not judged yet"
         self._route_back_at = float("-inf")  # _clock() of the last judgement
+        self._sync_routes: synctable.RouteCache | None = None  # the session sync's routes (synctable)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -342,28 +343,9 @@ class BpfBackend:
                 continue
             proto = L.IPPROTO_TCP if x.proto == "tcp" else L.IPPROTO_UDP
             state = L.CtState.ESTABLISHED if x.proto == "tcp" else L.CtState.UDP
-            out_key = L.CT_KEY.pack(saddr=int(ip), daddr=int(rip), sport=port, dport=rport, proto=proto,
-                                    dir=L.CT_DIR_OUT)  # fmt: skip
-            in_key = L.CT_KEY.pack(saddr=int(rip), daddr=int(nip), sport=rport, dport=nport, proto=proto,
-                                   dir=L.CT_DIR_IN)  # fmt: skip
-            # the IN entry as the datapath makes it: the route back's next hop and MTU (an MTU of 0
-            # made every reply "over the MTU": handed to the kernel and counted as frag needed)
-            in_val = L.CT_ENTRY.pack(peer=out_key, rw_addr=int(ip), rw_port=port, ifindex=in_eg[0],
-                                     nexthop=int(in_eg[1]), rule_id=rule.rule_id, mtu=min(in_eg[2], 0xFFFF),
-                                     last_seen=now)  # fmt: skip
-            out_val = L.CT_ENTRY.pack(peer=in_key, rw_addr=int(nip), rw_port=nport, state=int(state),
-                                      flags=L.CT_F_NEW_GW if rule.new_gw else 0, ifindex=out_eg[0],
-                                      nexthop=int(out_eg[1]), rule_id=rule.rule_id, mtu=min(out_eg[2], 0xFFFF),
-                                      last_seen=now)  # fmt: skip
-            try:
-                self.maps.ct.put(in_key, in_val, flags=B.BPF_NOEXIST)
-            except BackendError:
-                continue  # the SNAT side is taken already
-            try:
-                self.maps.ct.put(out_key, out_val, flags=B.BPF_NOEXIST)
-            except BackendError:
-                self.maps.ct.delete(in_key)
-                continue
+            vals = synctable.pair_values(rule, ip, port, rip, rport, nip, nport, proto, state, 0, out_eg, in_eg, now)
+            if synctable.write_pair(self.maps.ct, *vals) is not None:
+                continue  # the SNAT side is taken already (or the table is full)
             n += 1
         return n
 
@@ -842,6 +824,24 @@ class BpfBackend:
         if sink is not None and ended:
             sink(ended)
         return moved, removed
+
+    # ------------------------------------------------------------- session sync
+
+    def sync_pairs(self):
+        """Live pairs for the sync's refresh walk: a generator reading the table one batch at a
+        time (the daemon takes a bounded number per worker job)."""
+        return self._m().iter_pairs(with_in=True)
+
+    def sync_install(self, records: list, counts: dict) -> int:
+        """The peer's sync records into the table (synctable.install; worker thread); the next
+        GC tick sweeps, which recounts the live counts, when pairs were written or removed."""
+        self._writable()
+        if self._sync_routes is None:
+            self._sync_routes = synctable.RouteCache(self.resolver)
+        n = synctable.install(self, records, self._sync_routes, counts)
+        if n:
+            self._next_sweep = 0.0
+        return n
 
     # ------------------------------------------------------------- audit log
 

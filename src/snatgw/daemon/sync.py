@@ -1,0 +1,288 @@
+"""Session sync of the bpf backend (docs/operations.md "Stateful failover (bpf backend)"): both
+gateways of a keepalived pair send what their session table holds to the other over UDP on a
+dedicated link, and install what they receive, so that the one that takes the VIP and the pool
+carries the other's connections on with the same SNAT address and port.  The wire format is
+synccodec's; the table's side (records of our pairs, installing the peer's) is
+datapath/bpf/synctable.py.
+
+Settings (`snatgw { }` block): ``sync_peer ADDR``, ``sync_local ADDR``, ``sync_port N``
+(3781), ``sync_key FILE``.
+
+I/O structure (daemon/loop.py):
+- the UDP socket, bound to sync_local:sync_port, is a reader of the loop: each callback reads at
+  most RECV_BATCH datagrams, drops those not from sync_peer:sync_port (``foreign``), decodes
+  and checks them (synccodec.Decoder) and queues their records (at most RECV_QUEUE_MAX; more are
+  dropped and counted ``recv_queue``); one worker job at a time installs at most INSTALL_BATCH
+  of them (BpfBackend.sync_install), then the next;
+- what to send: the datapath's create and end records (the snat_audit ring, turned on by the
+  sync even without audit_log: read by the audit log's reader, which hands them over, or here
+  while no audit log is written) and the refresh walk: every REFRESH seconds the whole table,
+  WALK_CHUNK pairs per worker job, each job only once the send queue has room for it (never
+  the whole table at once; a walk of a million sessions takes as long as the link needs).
+  Records wait in the send queue (SEND_QUEUE_MAX; more from the ring are dropped and counted
+  ``send_queue``); every FLUSH_EVERY seconds at most FLUSH_DATAGRAMS datagrams leave.  A full
+  socket buffer keeps the rest for the next flush.
+
+A gateway with no traffic simply has nothing new to send; both send and receive whichever of
+them is MASTER: nothing is switched at a failover.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import socket
+import time
+
+from ..config.parse import read_sync_key
+from ..datapath.bpf.maps import monotonic_ns
+from ..datapath.bpf.synctable import COUNTS, audit_record, pair_record
+from . import synccodec as C
+
+RECV_BATCH = 64  # datagrams one reader callback takes
+RECV_QUEUE_MAX = 65536  # records waiting for the worker
+INSTALL_BATCH = 4096  # records one worker job installs
+SEND_QUEUE_MAX = 65536  # records waiting to be sent
+FLUSH_EVERY = 0.1  # seconds between two sends of what is queued (the ~100 ms of a new session)
+FLUSH_DATAGRAMS = 256  # datagrams one flush sends at most (~10,000 records: 100,000 a second)
+REFRESH = 10.0  # seconds between the starts of two refresh walks
+WALK_CHUNK = 2048  # pairs one worker job of the walk reads
+RING_BATCH = 4096  # ring records one read takes while the sync reads the ring itself
+SOCK_BUF = 4 << 20  # socket buffers asked for (the kernel caps them at rmem_max/wmem_max)
+
+
+class SyncService:
+    """The sync of one set of settings (a reload that changes them makes a new one)."""
+
+    def __init__(self, settings, backend, log, worker, clock=time.monotonic):
+        self.settings, self.backend, self.log, self.worker, self.clock = settings, backend, log, worker, clock
+        self.peer = (settings.sync_peer, settings.sync_port)
+        key = read_sync_key(settings.sync_key)
+        self.encoder, self.decoder = C.Encoder(key), C.Decoder(key)
+        self.sock: socket.socket | None = None
+        self.loop = None
+        self.timers: list = []
+        self.ring = None  # our own reader of the snat_audit ring (while no audit log reads it)
+        self._send: collections.deque[bytes] = collections.deque()  # packed records
+        self._recv: collections.deque = collections.deque()  # decoded records
+        self._installing = False
+        self._walk = None  # the refresh walk's generator (advanced on the worker only)
+        self._walk_busy = False
+        self._closed = False
+        self.counts = dict.fromkeys(("sent_datagrams", "sent_records", "send_errors", "walks", "walk_records",
+                                     "ring_records", "received_datagrams", "received_records", "foreign",
+                                     "install_errors"), 0)  # fmt: skip
+        self.drops = {"send_queue": 0, "recv_queue": 0}
+        self.installed = dict.fromkeys(COUNTS, 0)  # what the worker made of the peer's records
+        self.last_valid: float | None = None  # clock() of the last valid datagram from the peer
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def attach(self, loop) -> None:
+        self.loop = loop
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+                except OSError:
+                    pass
+            s.bind((self.settings.sync_local, self.settings.sync_port))
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+        loop.add_reader(s, self._on_readable)
+        self.timers = [loop.every(FLUSH_EVERY, self._flush), loop.every(REFRESH, self._start_walk, first=0.5)]
+        self.log.info("sync", peer=f"{self.peer[0]}:{self.peer[1]}", local=f"{self.settings.sync_local}:"
+                      f"{self.settings.sync_port}", boot_id=f"{self.encoder.boot_id:016x}")  # fmt: skip
+
+    def own_ring(self, on: bool) -> None:
+        """Read the datapath's ring here (``on``: no audit log reads it) or not."""
+        if on and self.ring is None and self.loop is not None and not self._closed:
+            make = getattr(self.backend, "audit_source", None)
+            if make is None:
+                return
+            try:
+                self.ring = make()
+            except Exception as e:  # noqa: BLE001 - the refresh walk still carries everything, later
+                self.log.error("sync_ring_failed", error=str(e))
+                self.ring = None
+                return
+            self.loop.add_reader(self.ring.fileno(), self._drain_ring)
+        elif not on and self.ring is not None:
+            self._drain_ring()
+            self.loop.remove(self.ring.fileno())
+            self.ring.close()
+            self.ring = None
+
+    def close(self) -> None:
+        self._closed = True
+        self.own_ring(False)
+        for t in self.timers:
+            t.cancel()
+        self.timers = []
+        if self.sock is not None:
+            try:
+                self._flush()
+            except Exception:  # noqa: BLE001 - the last records are lost, nothing else
+                pass
+            self.loop.remove(self.sock)
+            self.sock.close()
+            self.sock = None
+
+    # ------------------------------------------------------------------ sending
+
+    def _queue(self, packed: list[bytes], counted: str) -> int:
+        room = SEND_QUEUE_MAX - len(self._send)
+        if room < len(packed):
+            self.drops["send_queue"] += len(packed) - max(room, 0)
+            packed = packed[: max(room, 0)]
+        self._send.extend(packed)
+        self.counts[counted] += len(packed)
+        return len(packed)
+
+    def on_ring(self, raws: list[bytes]) -> None:
+        """The datapath's create/end records (loop thread): queued to be sent."""
+        now = monotonic_ns()
+        packed = [r.pack() for r in (audit_record(raw, now) for raw in raws) if r is not None]
+        if packed:
+            self._queue(packed, "ring_records")
+
+    def _drain_ring(self) -> None:
+        if self.ring is not None:
+            self.on_ring(self.ring.drain_raw(RING_BATCH))
+
+    def _flush(self) -> None:
+        """Send what is queued (loop thread; bounded per call)."""
+        if self.sock is None:
+            return
+        q = self._send
+        for _ in range(FLUSH_DATAGRAMS):
+            if not q:
+                break
+            n = min(len(q), C.MAX_RECORDS)
+            gram = self.encoder.datagram([q[i] for i in range(n)])
+            try:
+                self.sock.sendto(gram, self.peer)
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.ENOBUFS):
+                    break  # the records stay for the next flush (their number is spent: a gap, no harm)
+                self.counts["send_errors"] += 1  # the peer unreachable: these records are lost
+                self.last_error = f"send: {e.strerror or e}"
+            else:
+                self.counts["sent_datagrams"] += 1
+                self.counts["sent_records"] += n
+            for _ in range(n):
+                q.popleft()
+        self._next_walk_chunk()
+
+    # ------------------------------------------------------------------ the refresh walk
+
+    def _start_walk(self) -> None:
+        if self._walk is None and not self._walk_busy and not self._closed:
+            self._walk_busy = True
+            self.worker.submit(self._walk_open, self._walked, bounded=False)
+
+    def _walk_open(self):
+        """The walk's generator (worker); its chunks are read once the send queue has room."""
+        self._walk = self.backend.sync_pairs()
+        return [], False
+
+    def _walk_step(self):
+        """(packed records of the next WALK_CHUNK pairs, whether the walk is done); worker."""
+        now = monotonic_ns()
+        out = []
+        done = True
+        for p in self._walk:
+            r = pair_record(p, now)
+            if r is not None:
+                out.append(r.pack())
+            if len(out) >= WALK_CHUNK:
+                done = False
+                break
+        return out, done
+
+    def _walked(self, result, error) -> None:
+        self._walk_busy = False
+        if error is not None:
+            self.last_error = f"walk: {error}"
+            self.log.error("sync_walk_failed", error=str(error))
+            self._walk = None
+            return
+        packed, done = result
+        self._queue(packed, "walk_records")
+        if done:
+            self._walk = None
+            self.counts["walks"] += 1
+        else:
+            self._next_walk_chunk()
+
+    def _next_walk_chunk(self) -> None:
+        """The walk's next job, once the send queue has room for its records."""
+        if self._walk is None or self._walk_busy or self._closed:
+            return
+        if SEND_QUEUE_MAX - len(self._send) < WALK_CHUNK:
+            return  # the next flush looks again
+        self._walk_busy = True
+        self.worker.submit(self._walk_step, self._walked, bounded=False)
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_readable(self) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                data, src = self.sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # an ICMP error of an earlier send (ECONNREFUSED): nothing to read
+                self.last_error = f"recv: {e.strerror or e}"
+                continue
+            if src != self.peer:
+                self.counts["foreign"] += 1
+                continue
+            before = self.decoder.datagrams
+            recs = self.decoder.decode(data)
+            if self.decoder.datagrams == before:
+                continue  # dropped (counted by the decoder)
+            self.counts["received_datagrams"] = self.decoder.datagrams
+            self.last_valid = self.clock()
+            self.counts["received_records"] += len(recs)
+            room = RECV_QUEUE_MAX - len(self._recv)
+            if room < len(recs):
+                self.drops["recv_queue"] += len(recs) - max(room, 0)
+                recs = recs[: max(room, 0)]
+            self._recv.extend(recs)
+        self._install_next()
+
+    def _install_next(self) -> None:
+        if self._installing or not self._recv or self._closed:
+            return
+        batch = [self._recv.popleft() for _ in range(min(INSTALL_BATCH, len(self._recv)))]
+        self._installing = True
+        self.worker.submit(lambda: self.backend.sync_install(batch, self.installed), self._installed, bounded=False)
+
+    def _installed(self, _result, error) -> None:
+        self._installing = False
+        if error is not None:
+            self.counts["install_errors"] += 1
+            self.last_error = f"install: {error}"
+            self.log.error("sync_install_failed", error=str(error))
+        self._install_next()
+
+    # ------------------------------------------------------------------ status
+
+    def stats(self) -> dict:
+        """For status, stats and metrics (any thread: plain counters)."""
+        last = None if self.last_valid is None else round(self.clock() - self.last_valid, 3)
+        return {
+            "enabled": True, "peer": f"{self.peer[0]}:{self.peer[1]}",
+            "local": f"{self.settings.sync_local}:{self.settings.sync_port}",
+            "boot_id": f"{self.encoder.boot_id:016x}", **self.counts, **self.installed,
+            "bad_records": self.decoder.bad_records,
+            "drops": {**self.decoder.drops, **self.drops},
+            "send_queue": len(self._send), "recv_queue": len(self._recv), "walking": self._walk is not None,
+            "seconds_since_peer": last, "last_error": self.last_error,
+        }  # fmt: skip

@@ -1,0 +1,248 @@
+"""The bpf backend's side of the session sync (daemon/sync.py; docs/operations.md "Stateful
+failover (bpf backend)"): its sessions as sync records (the refresh walk, the audit ring's
+create and end records), and the peer's records installed into snat_ct.
+
+Installing a record is what an nft -> bpf switch does for a carried session
+(``BpfBackend.insert_sessions`` and this module share ``pair_values``): the egress the kernel
+would give the flow now (the backend's resolver: the rule's new_gw or the remote; MTU; the
+route back to the inside host and its device for ``iif``), IN then OUT with BPF_NOEXIST, never
+half a pair.  Before that the record must fit a local rule exactly (``judge``): its rule_id
+exists here, the SNAT address is in that rule's pool as installed now and its port in
+port_range, the inside address in the rule's ``from`` and the remote in its ``to``, a TCP
+state for TCP and the UDP state for UDP; anything else is ``rejected``.  A key holder can
+therefore only make sessions a local rule could have made for an inside host's flow.
+
+A pair with the same mapping takes the newer last_seen (the peer's age on our clock), and the
+peer's TCP state when the peer saw the later packet; a key held by another mapping stays as it
+is (``conflicts``).  An end removes the pair with the same mapping unless we saw a packet of it
+after the peer's last one (the peer is the stale side: it came back after a failover).  The
+live counts are the expiry sweep's to recount: the backend sweeps at its next GC tick after an
+install or removal (as after its other control-plane writes).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import time
+from socket import inet_ntoa
+
+from ... import layout as L
+from ...daemon.synccodec import OP_END, OP_UPDATE, Record
+from ...errors import BackendError
+from . import libbpf as B
+from .maps import CT_ENTRY, SessionPair, monotonic_ns
+
+ROUTE_TTL = 5.0  # seconds a resolved route is reused by installs (the kernel is asked again after)
+ROUTES_KEPT = 4096  # routes the cache holds at most (cleared when full)
+END_SLACK_NS = 1_000_000_000  # an end is refused when we saw the session this much after the peer
+SYNCED = (L.IPPROTO_TCP, L.IPPROTO_UDP)  # ICMP queries are short-lived and start again
+TCP_STATES = frozenset(int(s) for s in L.CtState if s not in (L.CtState.UDP, L.CtState.ICMP))
+#: flags a synced session keeps: its mapping's endpoint-independent sharing, hairpinning and a
+#: walk's stamp are the sender's (the peer's pair is a plain one, its mapping the same)
+KEPT_FLAGS = L.CT_F_REPLIED
+COUNTS = ("installed", "refreshed", "ended", "rejected", "conflicts", "table_full", "no_route", "stale_end",
+          "end_unknown")
+
+_OFF = L.CT_ENTRY.offsets()
+_KOFF = L.CT_KEY.offsets()
+
+
+def pair_values(rule, ip, port, rip, rport, nip, nport, proto, state, flags, out_eg, in_eg, last_seen):
+    """(OUT key, OUT entry, IN key, IN entry) of a session the control plane writes, as the
+    datapath makes them: the OUT entry's egress ``out_eg`` and inside device (``iif``: the
+    route back's device), the IN entry's route back ``in_eg`` (its MTU too: an MTU of 0 made
+    every reply "over the MTU": handed to the kernel and counted as frag needed)."""
+    out_key = L.CT_KEY.pack(saddr=int(ip), daddr=int(rip), sport=port, dport=rport, proto=proto, dir=L.CT_DIR_OUT)
+    in_key = L.CT_KEY.pack(saddr=int(rip), daddr=int(nip), sport=rport, dport=nport, proto=proto, dir=L.CT_DIR_IN)
+    in_val = L.CT_ENTRY.pack(peer=out_key, rw_addr=int(ip), rw_port=port, ifindex=in_eg[0], nexthop=int(in_eg[1]),
+                             rule_id=rule.rule_id, mtu=min(in_eg[2], 0xFFFF), last_seen=last_seen)  # fmt: skip
+    out_val = L.CT_ENTRY.pack(peer=in_key, rw_addr=int(nip), rw_port=nport, state=int(state),
+                              flags=flags | (L.CT_F_NEW_GW if rule.new_gw else 0), ifindex=out_eg[0],
+                              nexthop=int(out_eg[1]), rule_id=rule.rule_id, mtu=min(out_eg[2], 0xFFFF),
+                              iif=in_eg[0] & 0xFFFF, last_seen=last_seen)  # fmt: skip
+    return out_key, out_val, in_key, in_val
+
+
+def write_pair(ct, out_key, out_val, in_key, in_val) -> str | None:
+    """IN then OUT with BPF_NOEXIST (the datapath's order); never half a pair.  None when
+    written, else why not: "taken" (a key exists) or "table_full"."""
+    try:
+        ct.put(in_key, in_val, flags=B.BPF_NOEXIST)
+    except B.LibbpfError as e:
+        return "taken" if e.errno == errno.EEXIST else "table_full"
+    try:
+        ct.put(out_key, out_val, flags=B.BPF_NOEXIST)
+    except B.LibbpfError as e:
+        ct.delete(in_key)
+        return "taken" if e.errno == errno.EEXIST else "table_full"
+    return None
+
+
+class RouteCache:
+    """The backend's resolver, each answer kept ROUTE_TTL seconds (a burst of records toward
+    one remote asks the kernel once); a failure is remembered as None for as long."""
+
+    def __init__(self, resolver, clock=time.monotonic):
+        self.resolver, self.clock = resolver, clock
+        self._routes: dict = {}
+
+    def __call__(self, addr):
+        now = self.clock()
+        hit = self._routes.get(addr)
+        if hit is not None and now - hit[0] < ROUTE_TTL:
+            return hit[1]
+        try:
+            eg = self.resolver(addr)
+        except (BackendError, OSError, ValueError):
+            eg = None
+        if len(self._routes) >= ROUTES_KEPT:
+            self._routes.clear()
+        self._routes[addr] = (now, eg)
+        return eg
+
+
+# --------------------------------------------------------------------------- our sessions -> records
+
+
+def pair_record(p: SessionPair, now_ns: int) -> Record | None:
+    """A live pair as an update record (None: not synced: ICMP, a hairpin session)."""
+    k, e = p.out_key, p.out_raw
+    proto = k[_KOFF["proto"]]
+    flags = e[_OFF["flags"]]
+    if proto not in SYNCED or flags & L.CT_F_HAIRPIN:
+        return None
+    sport = int.from_bytes(k[_KOFF["sport"] : _KOFF["sport"] + 2], "big")
+    dport = int.from_bytes(k[_KOFF["dport"] : _KOFF["dport"] + 2], "big")
+    rw_port = int.from_bytes(e[_OFF["rw_port"] : _OFF["rw_port"] + 2], "big")
+    age = max(0, now_ns - p.last_seen) // 1_000_000
+    return Record(OP_UPDATE, proto, e[_OFF["state"]], flags, bytes(k[0:4]), sport, bytes(k[4:8]), dport,
+                  bytes(e[_OFF["rw_addr"] : _OFF["rw_addr"] + 4]), rw_port,
+                  int.from_bytes(e[_OFF["rule_id"] : _OFF["rule_id"] + 4], "little"), age)  # fmt: skip
+
+
+_AUD = L.AUDIT_REC.offsets()
+
+
+def audit_record(raw: bytes, now_ns: int) -> Record | None:
+    """One struct audit_rec of the snat_audit ring as a record (create: update; end: end);
+    None for what is not synced."""
+    kind, proto = raw[_AUD["kind"]], raw[_AUD["proto"]]
+    if proto not in SYNCED or kind not in (L.AUDIT_NEW, L.AUDIT_END):
+        return None
+    last = int.from_bytes(raw[_AUD["last_seen"] : _AUD["last_seen"] + 8], "little")
+    return Record(OP_UPDATE if kind == L.AUDIT_NEW else OP_END, proto, raw[_AUD["state"]], 0,
+                  bytes(raw[_AUD["inside"] : _AUD["inside"] + 4]),
+                  int.from_bytes(raw[_AUD["inside_port"] : _AUD["inside_port"] + 2], "big"),
+                  bytes(raw[_AUD["remote"] : _AUD["remote"] + 4]),
+                  int.from_bytes(raw[_AUD["remote_port"] : _AUD["remote_port"] + 2], "big"),
+                  bytes(raw[_AUD["nat"] : _AUD["nat"] + 4]),
+                  int.from_bytes(raw[_AUD["nat_port"] : _AUD["nat_port"] + 2], "big"),
+                  int.from_bytes(raw[_AUD["rule_id"] : _AUD["rule_id"] + 4], "little"),
+                  max(0, now_ns - last) // 1_000_000)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- records -> our table
+
+
+def judge(r: Record, rules: dict, pools: dict, settings) -> tuple | None:
+    """(rule, inside, remote, SNAT address) when a local rule could have made ``r``'s session,
+    else None (rejected)."""
+    rule = rules.get(r.rule_id)
+    if rule is None:
+        return None
+    ip, rip, nip = (ipaddress.IPv4Address(a) for a in (r.inside, r.remote, r.nat))
+    pool = pools.get(r.rule_id, rule.pool)
+    if nip not in pool or ip not in rule.src or rip not in rule.dst:
+        return None
+    if not settings.port_min <= r.nport <= settings.port_max or not r.iport or not r.rport:
+        return None
+    if (r.proto == L.IPPROTO_TCP) != (r.state in TCP_STATES) or (r.proto == L.IPPROTO_UDP and r.state != L.CtState.UDP):
+        return None
+    if any(rip in p for p in pools.values()):  # a hairpin session (the remote is one of ours): not carried
+        return None
+    return rule, ip, rip, nip
+
+
+def install(backend, records: list[Record], routes: RouteCache, counts: dict) -> int:
+    """Apply the peer's ``records`` to ``backend``'s table (worker thread); adds to ``counts``
+    (COUNTS); returns how many pairs were written or removed (the live counts want a sweep)."""
+    cfg = backend.config
+    if cfg is None or backend.maps is None or backend.readonly:
+        counts["rejected"] += len(records)
+        return 0
+    ct = backend.maps.ct
+    rules = {r.rule_id: r for r in cfg.rules}
+    pools = dict(backend._pools or {})
+    settings = cfg.settings
+    now = monotonic_ns()
+    changed = 0
+    live = None
+    for r in records:
+        got = judge(r, rules, pools, settings)
+        if got is None:
+            counts["rejected"] += 1
+            continue
+        rule, ip, rip, nip = got
+        peer_seen = now - r.age_ms * 1_000_000
+        out_key = L.CT_KEY.pack(saddr=int(ip), daddr=int(rip), sport=r.iport, dport=r.rport, proto=r.proto,
+                                dir=L.CT_DIR_OUT)  # fmt: skip
+        in_key = L.CT_KEY.pack(saddr=int(rip), daddr=int(nip), sport=r.rport, dport=r.nport, proto=r.proto,
+                               dir=L.CT_DIR_IN)  # fmt: skip
+        out_raw = ct.get(out_key)
+        if out_raw is not None:
+            p = SessionPair(out_key, out_raw, out_raw[: L.CT_KEY.size], None)
+            if p.in_key != in_key:  # the flow has another mapping here
+                counts["conflicts"] += 1
+                continue
+            p = backend.maps.reread(p) or p
+            mine = p.last_seen
+            if r.op == OP_END:
+                if mine > peer_seen + END_SLACK_NS:
+                    counts["stale_end"] += 1
+                    continue
+                backend.maps.delete_pair(p)
+                counts["ended"] += 1
+                changed += 1
+                continue
+            if peer_seen > mine:
+                ch = {"last_seen": peer_seen}
+                if r.proto == L.IPPROTO_TCP:
+                    ch["state"] = r.state
+                backend.maps.update_out(p, **ch)
+            counts["refreshed"] += 1
+            continue
+        if r.op == OP_END:
+            counts["end_unknown"] += 1  # nothing of it here
+            continue
+        in_raw = ct.get(in_key)
+        if in_raw is not None:  # the SNAT address and port toward that remote are another flow's
+            counts["conflicts"] += 1
+            continue
+        if live is None:
+            live = backend.maps.live_total()
+        if live >= settings.max_sessions:
+            counts["table_full"] += 1
+            continue
+        out_eg, in_eg = routes(rule.new_gw or rip), routes(ip)
+        if out_eg is None or in_eg is None:
+            counts["no_route"] += 1
+            continue
+        vals = pair_values(rule, ip, r.iport, rip, r.rport, nip, r.nport, r.proto, r.state, r.flags & KEPT_FLAGS,
+                           out_eg, in_eg, peer_seen)  # fmt: skip
+        why = write_pair(ct, *vals)
+        if why == "taken":
+            counts["conflicts"] += 1
+        elif why == "table_full":
+            counts["table_full"] += 1
+        else:
+            counts["installed"] += 1
+            live += 1
+            changed += 1
+    return changed
+
+
+def describe(r: Record) -> str:
+    """A record for a log line."""
+    return (f"{'end' if r.op == OP_END else 'update'} proto {r.proto} {inet_ntoa(r.inside)}:{r.iport} -> "
+            f"{inet_ntoa(r.remote)}:{r.rport} as {inet_ntoa(r.nat)}:{r.nport} rule {r.rule_id}")

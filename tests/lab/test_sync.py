@@ -1,0 +1,215 @@
+"""The bpf backend's session sync on one gateway (daemon/sync.py, datapath/bpf/synctable.py):
+gateway A of snatgw.lab.hapair's pair runs `snatgw run` with sync toward B's sync0 address,
+where the test plays the peer with a UDP socket of its own and the pair's key.  A synced
+session carries the real datapath's traffic both ways with its mapping; records no local rule
+allows (SNAT address outside the pool, a rule that does not exist), another mapping's ports
+(a conflict) and datagrams under another key change nothing and are counted; a flood leaves
+the daemon answering."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+
+import pytest
+
+from snatgw.config.parse import parse_text, read_sync_key
+from snatgw.daemon import synccodec as C
+from snatgw.lab.gateway import snatgw_argv
+from snatgw.lab.hapair import HOST, POOL, SERVER, SYNC, HaPair, config_text
+from snatgw.lab.netns import ns_socket
+from snatgw.layout import IPPROTO_TCP, IPPROTO_UDP, CtState
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+
+PORT = 3781
+RULE_ID = next(iter(parse_text(config_text("bpf")).rules)).rule_id
+REMOTE_PORT = 7100
+
+
+def quad(a: str) -> bytes:
+    return socket.inet_aton(a)
+
+
+def udp_rec(iport: int, nport: int, nat: str = POOL[0], inside: str = HOST, rule_id: int = RULE_ID,
+            op: int = C.OP_UPDATE, age_ms: int = 100) -> C.Record:
+    return C.Record(op, IPPROTO_UDP, int(CtState.UDP), 0, quad(inside), iport, quad(SERVER), REMOTE_PORT, quad(nat),
+                    nport, rule_id, age_ms)  # fmt: skip
+
+
+class Gw:
+    def __init__(self, pair: HaPair):
+        self.pair = pair
+        self.enc = C.Encoder(read_sync_key(pair.sync_key_path()))
+        self.sock = ns_socket(pair.ns("gwb"), socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((SYNC["gwb"], PORT))
+
+    def send(self, recs, enc=None) -> None:
+        for g in (enc or self.enc).encode(recs):
+            self.sock.sendto(g, (SYNC["gwa"], PORT))
+
+    def call(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(snatgw_argv(*args, "--socket", self.pair.socket("gwa")), capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+
+    def sync(self) -> dict:
+        p = self.call("stats", "-j")
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)["sync"]
+
+    def wait(self, pred, timeout: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            y = self.sync()
+            if pred(y) or time.monotonic() > deadline:
+                return y
+            time.sleep(0.05)
+
+    def conns(self) -> list[dict]:
+        p = self.call("conns", "-j")
+        return [json.loads(x) for x in p.stdout.splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def gw():
+    pair = HaPair.up()
+    try:
+        pair.start_snatgw("gwa", "bpf", sync=True)
+        pair.take_over("gwa")
+        g = Gw(pair)
+        yield g
+        g.sock.close()
+    finally:
+        pair.down()
+
+
+def inside_sock(pair, port: int) -> socket.socket:
+    s = ns_socket(pair.ns("in"), socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((HOST, port))
+    s.settimeout(1.0)
+    return s
+
+
+def server_sock(pair) -> socket.socket:
+    s = ns_socket(pair.ns("net"), socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((SERVER, REMOTE_PORT))
+    s.settimeout(1.0)
+    return s
+
+
+def got(s: socket.socket):
+    try:
+        return s.recvfrom(2048)
+    except socket.timeout:
+        return None
+
+
+def test_a_synced_session_carries_the_flow_both_ways_with_its_mapping(gw):
+    """The record's session is in A's table (conns); the server's packet to the synced SNAT
+    address and port reaches the inside host, and the host's next packet leaves with it."""
+    pair = gw.pair
+    before = gw.sync()
+    gw.send([udp_rec(40100, 6000)])
+    y = gw.wait(lambda y: y["installed"] > before["installed"])
+    assert y["installed"] == before["installed"] + 1 and y["seconds_since_peer"] is not None, y
+    mine = [c for c in gw.conns() if c["inside"] == f"{HOST}:40100"]
+    assert [(c["nat"], c["remote"], c["proto"]) for c in mine] == [(f"{POOL[0]}:6000", f"{SERVER}:{REMOTE_PORT}",
+                                                                      "udp")], mine  # fmt: skip
+    with inside_sock(pair, 40100) as cli, server_sock(pair) as srv:
+        srv.sendto(b"down", (POOL[0], 6000))
+        assert got(cli) == (b"down", (SERVER, REMOTE_PORT))
+        cli.sendto(b"up", (SERVER, REMOTE_PORT))
+        assert got(srv) == (b"up", (POOL[0], 6000))
+    assert len([c for c in gw.conns() if c["inside"] == f"{HOST}:40100"]) == 1  # no new session
+
+
+def test_records_no_local_rule_allows_open_nothing(gw):
+    """A SNAT address outside the rule's pool (A's own uplink address), an inside host outside
+    its `from`, a rule A does not have: rejected; packets to those mappings are dropped."""
+    pair = gw.pair
+    before = gw.sync()
+    bad = [udp_rec(40300, 6002, nat="198.19.20.2"),  # gwa's wan0 address: not in the pool
+           udp_rec(40301, 6003, inside="198.18.61.10"),  # outside `from 198.18.60.0/24`
+           udp_rec(40302, 6004, rule_id=RULE_ID ^ 1)]  # fmt: skip
+    gw.send(bad)
+    y = gw.wait(lambda y: y["rejected"] >= before["rejected"] + 3)
+    assert y["rejected"] == before["rejected"] + 3 and y["installed"] == before["installed"], y
+    assert not [c for c in gw.conns() if c["inside"].endswith((":40300", ":40301", ":40302"))]
+    with inside_sock(pair, 40300) as a, inside_sock(pair, 40302) as c, server_sock(pair) as srv:
+        srv.sendto(b"in?", ("198.19.20.2", 6002))
+        srv.sendto(b"in?", (POOL[0], 6004))
+        assert got(a) is None and got(c) is None
+
+
+def test_a_wrong_key_changes_nothing_and_is_counted(gw):
+    before = gw.sync()
+    gw.send([udp_rec(40400, 6010)], enc=C.Encoder(b"another key of 32 bytes or more!!"))
+    y = gw.wait(lambda y: y["drops"]["bad_mac"] > before["drops"]["bad_mac"])
+    assert y["drops"]["bad_mac"] == before["drops"]["bad_mac"] + 1, y
+    assert y["installed"] == before["installed"] and y["received_datagrams"] == before["received_datagrams"]
+    assert not [c for c in gw.conns() if c["inside"].endswith(":40400")]
+
+
+def test_a_record_for_a_mapping_another_session_holds_is_a_conflict_and_the_local_one_stays(gw):
+    """A key holder's record for the remote and SNAT port of a live session (another inside
+    port): counted, the session's replies still go to its own host port."""
+    pair = gw.pair
+    gw.send([udp_rec(40500, 6020)])
+    before = gw.wait(lambda y: any(c["inside"].endswith(":40500") for c in gw.conns()))
+    gw.send([udp_rec(40501, 6020), udp_rec(40500, 6021)])  # the SNAT port, then the flow, another's
+    y = gw.wait(lambda y: y["conflicts"] >= before["conflicts"] + 2)
+    assert y["conflicts"] == before["conflicts"] + 2, y
+    mine = [(c["inside"], c["nat"]) for c in gw.conns() if c["inside"].endswith((":40500", ":40501"))]
+    assert mine == [(f"{HOST}:40500", f"{POOL[0]}:6020")], mine
+    with inside_sock(pair, 40500) as cli, inside_sock(pair, 40501) as other, server_sock(pair) as srv:
+        srv.sendto(b"down", (POOL[0], 6020))
+        assert got(cli) == (b"down", (SERVER, REMOTE_PORT)) and got(other) is None
+
+
+def test_an_end_removes_the_session_a_tcp_update_moves_its_state(gw):
+    """An update of a live TCP session the peer saw later brings its state; an end removes it."""
+    rec = C.Record(C.OP_UPDATE, IPPROTO_TCP, int(CtState.SYN_RECV), 0, quad(HOST), 40600, quad(SERVER), 7000,
+                   quad(POOL[1]), 6030, RULE_ID, 5000)  # fmt: skip
+    gw.send([rec])
+    gw.wait(lambda y: any(c["inside"].endswith(":40600") for c in gw.conns()))
+    assert [c["state"] for c in gw.conns() if c["inside"].endswith(":40600")] == ["SYN_RECV"]
+    gw.send([rec._replace(state=int(CtState.ESTABLISHED), age_ms=0)])
+    deadline = time.monotonic() + 5
+    while [c["state"] for c in gw.conns() if c["inside"].endswith(":40600")] != ["ESTABLISHED"]:
+        assert time.monotonic() < deadline, gw.conns()
+        time.sleep(0.05)
+    gw.send([rec._replace(op=C.OP_END, age_ms=0)])
+    while any(c["inside"].endswith(":40600") for c in gw.conns()):
+        assert time.monotonic() < deadline + 5, gw.conns()
+        time.sleep(0.05)
+
+
+def test_a_flood_of_valid_records_is_bounded_and_status_still_answers(gw):
+    """~130,000 records (valid MAC, fresh sequences) as fast as the socket takes them: the
+    daemon answers `status` within a second meanwhile and its queues stay within their bounds."""
+    recs = [udp_rec(1024 + i % 60000, 5000 + i % 60000, rule_id=RULE_ID ^ 2) for i in range(42 * 3000)]
+    grams = gw.enc.encode(recs)
+    t0 = time.monotonic()
+    worst = 0.0
+    for i, g in enumerate(grams):
+        try:
+            gw.sock.sendto(g, (SYNC["gwa"], PORT))
+        except OSError:
+            pass
+        if i % 500 == 0:
+            t = time.monotonic()
+            p = gw.call("status", "-j", timeout=10)
+            worst = max(worst, time.monotonic() - t)
+            assert p.returncode in (0, 1), p.stderr
+            y = json.loads(p.stdout)["sync"]
+            assert y["recv_queue"] <= 65536 and y["send_queue"] <= 65536, y
+    y = gw.wait(lambda y: y["recv_queue"] == 0, timeout=30)
+    assert worst < 2.0, worst
+    assert y["recv_queue"] == 0 and y["received_records"] >= 42 * 100, y
+    # every record received was judged or dropped at the queue: none installed (no such rule)
+    assert y["rejected"] + y["drops"]["recv_queue"] + y["installed"] + y["conflicts"] + y["refreshed"] \
+        + y["ended"] + y["table_full"] + y["no_route"] + y["stale_end"] + y["end_unknown"] == y["received_records"], y
+    assert time.monotonic() - t0 < 60
