@@ -208,26 +208,30 @@ class Outcome:
 
 
 def failover(pair: HaPair, backend: str = "nft", sync: bool = True, kernel_snat: bool = False,
-             wait: float = 6.0, keepalived: bool = False, sysctl_on_b: str | None = None) -> Outcome:
+             wait: float = 6.0, keepalived: bool = False, sysctl_on_b: str | None = None,
+             bpf_sync: bool = False) -> Outcome:
     """Build the pair's daemons, run the flows through A, crash A, move the VIP and pool to B
     (and commit conntrackd's cache there), watch what survives.  ``keepalived``: keepalived on
     both gateways moves them and runs primary-backup.sh (conntrackd's steps); else the test does
     both by hand, in keepalived's order (the addresses, then the commit).  ``sysctl_on_b``: a
     sysctl file applied on B after the failover, B's entry read again once a few more lines went
-    by (while the connection runs: closed, its entry would age by a FIN state's timeout)."""
+    by (while the connection runs: closed, its entry would age by a FIN state's timeout).
+    ``bpf_sync``: snatgw's own session sync over sync0 (the bpf backend's; no conntrackd, and
+    keepalived's notify script does nothing): B must list the connection before A crashes."""
     example = _example()
+    sync = sync and not bpf_sync  # (conntrackd)
     for gw in ("gwa", "gwb"):
         if kernel_snat:  # the reference: kernel nftables SNAT, no snatgw
             pair.run(gw, "nft", "-f", "-", input=(
                 "table ip ref {\n chain post {\n  type nat hook postrouting priority srcnat;\n"
                 f'  oifname "wan0" ip saddr {INSIDE_NET} snat to {POOL[0]}-{POOL[-1]}\n }}\n}}\n'))
         else:
-            pair.start_snatgw(gw, backend)
+            pair.start_snatgw(gw, backend, sync=bpf_sync)
         if sync:
             pair.start_conntrackd(gw, example)
     if keepalived:
         for gw in ("gwa", "gwb"):
-            pair.start_keepalived(gw)
+            pair.start_keepalived(gw, conntrackd=sync)
         pair.wait_vip("gwa")
     else:
         pair.take_over("gwa")
@@ -238,6 +242,8 @@ def failover(pair: HaPair, backend: str = "nft", sync: bool = True, kernel_snat:
         assert flows.wait_tcp(0, 10, 5), f"no TCP through A: {flows.tcp_error}"
         if sync and not _wait_external(pair, "gwb", 5):  # conntrackd's events reached B's external cache
             raise AssertionError(f"B's conntrackd never held the connection: {pair.ctd('gwb', '-e', check=False).stdout}")
+        if bpf_sync and not _wait_conns(pair, "gwb", 5):  # A's record of it reached B's table
+            raise AssertionError(f"B's snatgw never held the connection: {_conns(pair, 'gwb')}")
         a_entry = _ct_entry(pair, "gwa")
         pair.crash("gwa")
         t_fail = t_commit = time.monotonic()  # from here nothing passes A
@@ -300,6 +306,16 @@ def _wait_external(pair: HaPair, gw: str, timeout: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+
+
+def _wait_conns(pair: HaPair, gw: str, timeout: float) -> bool:
+    """True once ``gw``'s daemon lists the TCP connection (within ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while not _conns(pair, gw):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _ct_entry(pair: HaPair, gw: str) -> dict:
@@ -383,9 +399,26 @@ def test_reference_kernel_nftables_snat_with_conntrackd(pair):
     assert o.udp_after == o.udp_before and o.leaks == [] and o.seen > 0 and o.dropped == 0, o
 
 
-def test_bpf_backend_is_not_synchronised(pair):
-    """docs/operations.md: the bpf backend keeps its own session table, which nothing carries
-    to the peer: the TCP connection stalls (B's datapath drops a non-SYN segment it has no
+def test_bpf_backend_with_session_sync_keeps_tcp_and_its_mapping_across_a_failover(pair):
+    """snatgw's own session sync (sync_peer/sync_local/sync_key over sync0, docs/operations.md
+    "Stateful failover (bpf backend)") with real keepalived moving the VIP and the pool: B's
+    table holds A's sessions before the crash, so the TCP connection goes on through B from the
+    same SNAT address and port, and so does the UDP flow; nothing private leaks meanwhile."""
+    o = failover(pair, backend="bpf", bpf_sync=True, keepalived=True)
+    assert o.tcp_continued and not o.tcp_error and not o.server_error, o
+    assert o.gap < 3, o.gap
+    assert len(o.tcp_peers) == 2 and o.tcp_peers[0][0] in POOL, o.tcp_peers  # (the second: the new one)
+    assert [(c["rule"], c["nat"], c["state"]) for c in o.b_conns] == [
+        ("#1", f"{o.tcp_peers[0][0]}:{o.tcp_peers[0][1]}", "ESTABLISHED")], o.b_conns
+    assert len(o.udp_before) == 1 and o.udp_after == o.udp_before, (o.udp_before, o.udp_after)
+    assert next(iter(o.udp_before))[0] in POOL
+    assert o.new_tcp_peer is not None and o.new_tcp_peer[0] in POOL, o
+    assert o.leaks == [] and o.seen > 0 and o.dropped == 0, o.leaks
+
+
+def test_bpf_backend_without_session_sync_breaks_the_tcp_connection(pair):
+    """The test above can fail: without sync the bpf backend's table is its own, nothing carries
+    it to the peer: the TCP connection stalls (B's datapath drops a non-SYN segment it has no
     session for), the UDP flow goes on under the mapping B makes afresh."""
     o = failover(pair, backend="bpf", sync=False, wait=3)
     assert not o.tcp_continued, o

@@ -213,3 +213,76 @@ def test_a_flood_of_valid_records_is_bounded_and_status_still_answers(gw):
     assert y["rejected"] + y["drops"]["recv_queue"] + y["installed"] + y["conflicts"] + y["refreshed"] \
         + y["ended"] + y["table_full"] + y["no_route"] + y["stale_end"] + y["end_unknown"] == y["received_records"], y
     assert time.monotonic() - t0 < 60
+
+
+def test_a_sends_its_own_sessions_new_at_once_and_whole_when_the_peer_starts(gw):
+    """A real TCP connection through A: its create record (from the datapath's ring) reaches
+    the peer within a second with the mapping the server saw; a datagram from a peer that
+    started (a new boot id) makes A send its whole table at once, the connection now in
+    ESTABLISHED (the refresh carries state changes)."""
+    pair = gw.pair
+    dec = C.Decoder(read_sync_key(pair.sync_key_path()))
+    gw.sock.setblocking(False)
+
+    def receive(pred, timeout: float) -> C.Record | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data = gw.sock.recv(2048)
+            except BlockingIOError:
+                time.sleep(0.02)
+                continue
+            for r in dec.decode(data):
+                if pred(r):
+                    return r
+        return None
+
+    receive(lambda r: False, 0.3)  # what A sent before
+    srv = ns_socket(pair.ns("net"), socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((SERVER, 7200))
+    srv.listen(1)
+    cli = ns_socket(pair.ns("in"), socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        cli.settimeout(3)
+        cli.bind((HOST, 40700))
+        cli.connect((SERVER, 7200))
+        conn, peer = srv.accept()
+        cli.sendall(b"x")
+        assert conn.recv(1) == b"x"
+        mine = lambda r: r.proto == IPPROTO_TCP and r.iport == 40700 and r.rport == 7200  # noqa: E731
+        new = receive(lambda r: mine(r) and r.op == C.OP_UPDATE, 2.0)
+        assert new is not None and (socket.inet_ntoa(new.nat), new.nport) == peer and new.rule_id == RULE_ID, new
+        gw.send([udp_rec(40701, 6040, op=C.OP_END)], enc=C.Encoder(read_sync_key(pair.sync_key_path())))
+        walked = receive(lambda r: mine(r) and r.state == CtState.ESTABLISHED, 3.0)
+        assert walked is not None and (socket.inet_ntoa(walked.nat), walked.nport) == peer, walked
+        assert walked.age_ms < 3000
+        conn.close()
+    finally:
+        cli.close()
+        srv.close()
+        gw.sock.setblocking(True)
+
+
+def test_a_reload_rebinds_the_sync_and_turns_it_off(gw):
+    """A reload with another sync_port re-binds (a new boot id; the old port no longer
+    answers); one without the settings turns the sync off; the first config back turns it on."""
+    pair = gw.pair
+    conf = f"{pair.workdir}/gwa.conf"
+    with open(conf) as f:
+        text = f.read()
+    other = f"{pair.workdir}/gwa-other.conf"
+    try:
+        with open(other, "w") as f:
+            f.write(text.replace(f"sync_local {SYNC['gwa']}\n", f"sync_local {SYNC['gwa']}\n    sync_port 3782\n"))
+        was = gw.sync()
+        assert gw.call("reload", other).returncode == 0
+        now = gw.sync()
+        assert now["local"] == f"{SYNC['gwa']}:3782" and now["boot_id"] != was["boot_id"], now
+        with open(other, "w") as f:
+            f.write(config_text("bpf"))
+        assert gw.call("reload", other).returncode == 0
+        assert gw.sync() == {"enabled": False, "peer": None, "error": None}
+    finally:
+        assert gw.call("reload", conf).returncode == 0
+    assert gw.sync()["local"] == f"{SYNC['gwa']}:{PORT}"

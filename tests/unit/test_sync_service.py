@@ -107,7 +107,9 @@ def test_a_flood_beyond_the_receive_queue_is_dropped_and_counted(svc, monkeypatc
     st = y.stats()
     # 420 queued, of which the worker's first job took 100; the other 420 dropped
     assert (st["received_records"], st["recv_queue"], st["drops"]["recv_queue"]) == (840, 320, 420), st
-    assert len(worker.jobs) == 1
+    # the peer's first datagram (a new boot id) started a walk of ours, then the install job
+    assert [done.__name__ for _, done in worker.jobs] == ["_walked", "_installed"]
+    assert y.stats()["peer_boots"] == 1
     worker.run()
     st = y.stats()
     assert st["installed"] + st["drops"]["recv_queue"] == 42 * 20 and st["recv_queue"] == 0, st

@@ -19,6 +19,7 @@ I/O structure (daemon/loop.py):
   while no audit log is written) and the refresh walk: every REFRESH seconds the whole table,
   WALK_CHUNK pairs per worker job, each job only once the send queue has room for it (never
   the whole table at once; a walk of a million sessions takes as long as the link needs).
+  A peer that starts (its first datagram under a new boot id) makes a walk start at once.
   Records wait in the send queue (SEND_QUEUE_MAX; more from the ring are dropped and counted
   ``send_queue``); every FLUSH_EVERY seconds at most FLUSH_DATAGRAMS datagrams leave.  A full
   socket buffer keeps the rest for the next flush.
@@ -56,6 +57,9 @@ class SyncService:
 
     def __init__(self, settings, backend, log, worker, clock=time.monotonic):
         self.settings, self.backend, self.log, self.worker, self.clock = settings, backend, log, worker, clock
+        if not hasattr(backend, "sync_install"):  # (`run --backend nft` over a file with sync settings)
+            raise ValueError(f"session sync is the bpf backend's, not {getattr(backend, 'name', '?')}'s; "
+                             "with the nft backend use conntrackd")  # fmt: skip
         self.peer = (settings.sync_peer, settings.sync_port)
         key = read_sync_key(settings.sync_key)
         self.encoder, self.decoder = C.Encoder(key), C.Decoder(key)
@@ -68,9 +72,10 @@ class SyncService:
         self._installing = False
         self._walk = None  # the refresh walk's generator (advanced on the worker only)
         self._walk_busy = False
+        self._walk_again = False  # a peer started during a walk: one more after it
         self._closed = False
         self.counts = dict.fromkeys(("sent_datagrams", "sent_records", "send_errors", "walks", "walk_records",
-                                     "ring_records", "received_datagrams", "received_records", "foreign",
+                                     "ring_records", "received_datagrams", "received_records", "foreign", "peer_boots",
                                      "install_errors"), 0)  # fmt: skip
         self.drops = {"send_queue": 0, "recv_queue": 0}
         self.installed = dict.fromkeys(COUNTS, 0)  # what the worker made of the peer's records
@@ -181,8 +186,12 @@ class SyncService:
 
     # ------------------------------------------------------------------ the refresh walk
 
-    def _start_walk(self) -> None:
-        if self._walk is None and not self._walk_busy and not self._closed:
+    def _start_walk(self, again: bool = False) -> None:
+        """A refresh walk now; ``again``: also when one runs (it may have passed sessions
+        already): one more after it."""
+        if self._walk is not None or self._walk_busy:
+            self._walk_again = self._walk_again or again
+        elif not self._closed:
             self._walk_busy = True
             self.worker.submit(self._walk_open, self._walked, bounded=False)
 
@@ -196,11 +205,13 @@ class SyncService:
         now = monotonic_ns()
         out = []
         done = True
+        seen = 0
         for p in self._walk:
             r = pair_record(p, now)
             if r is not None:
                 out.append(r.pack())
-            if len(out) >= WALK_CHUNK:
+            seen += 1
+            if seen >= WALK_CHUNK:  # (pairs read, synced or not: ICMP ones cost a read too)
                 done = False
                 break
         return out, done
@@ -217,6 +228,9 @@ class SyncService:
         if done:
             self._walk = None
             self.counts["walks"] += 1
+            if self._walk_again:
+                self._walk_again = False
+                self._start_walk()
         else:
             self._next_walk_chunk()
 
@@ -249,6 +263,9 @@ class SyncService:
                 continue  # dropped (counted by the decoder)
             self.counts["received_datagrams"] = self.decoder.datagrams
             self.last_valid = self.clock()
+            if self.decoder.new_boot:  # the peer (re)started: our whole table now, not at the next refresh
+                self.counts["peer_boots"] += 1
+                self._start_walk(again=True)
             self.counts["received_records"] += len(recs)
             room = RECV_QUEUE_MAX - len(self._recv)
             if room < len(recs):

@@ -114,6 +114,8 @@ class Decoder:
         self.records = 0  # records of valid datagrams (bad ones included)
         #: boot id -> (highest sequence, bitmap of the WINDOW sequences up to it: bit i = highest - i seen)
         self._seen: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
+        #: the last valid datagram was the first of its boot id (a peer that started: it wants our table)
+        self.new_boot = False
 
     def _drop(self, why: str) -> list[Record]:
         self.drops[why] += 1
@@ -158,6 +160,7 @@ class Decoder:
         """Whether (boot, seq) is new, and if so remember it."""
         if seq == 0:
             return False
+        self.new_boot = boot not in self._seen
         top, bits = self._seen.get(boot, (0, 0))
         if seq > top:
             shift = seq - top
