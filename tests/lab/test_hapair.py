@@ -24,7 +24,8 @@ from snatgw.datapath.nft.render import NFT_TCP_STATES
 from snatgw.lab import leakwatch
 from snatgw.layout import CtState
 from snatgw.lab.gateway import snatgw_argv
-from snatgw.lab.hapair import HOST, INSIDE_NET, POOL, SERVER, HaPair, conntrackd_text, keepalived_text
+from snatgw.lab.hapair import (HOST, INSIDE_NET, POOL, SERVER, HaPair, config_text, conntrackd_text,
+                               keepalived_text, sync_lines)
 from snatgw.lab.netns import ns_socket
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -32,6 +33,7 @@ pytestmark = [pytest.mark.root, pytest.mark.lab]
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 EXAMPLE = os.path.join(ROOT, "examples", "conntrackd.conf")
 SYSCTL_EXAMPLE = os.path.join(ROOT, "examples", "sysctl-ha.conf")
+BPF_EXAMPLE = os.path.join(ROOT, "examples", "snatgw-ha-bpf.conf")
 TCP_PORT, UDP_PORT, UDP_SPORT = 7000, 7001, 40001
 TICK = 0.05
 
@@ -444,6 +446,12 @@ def test_the_example_files_are_what_the_docs_show():
     assert "IPv4_address 198.18.99.1 " in a and "IPv4_Destination_Address 198.18.99.2 " in a
     assert "IPv4_address 198.18.99.2 " in b and "IPv4_Destination_Address 198.18.99.1 " in b
     assert "LockFile /w/gwb-conntrackd.lock" in b and "/var/" not in b
+    # the bpf pair's snatgw.conf the docs show is gateway A's config in the bpf sync run (its key aside)
+    with open(BPF_EXAMPLE) as f:
+        text = f.read()
+    assert "```\n" + text + "```\n" in doc, f"{BPF_EXAMPLE} is not in docs/operations.md as it is"
+    assert "".join(x for x in text.splitlines(True) if not x.startswith("#")) == config_text(
+        "bpf", sync_lines("gwa", "/etc/snatgw/sync.key"))
     # the notify lines the docs show are the ones the test's keepalived runs (with its script)
     block = doc.split("**keepalived**", 1)[1].split("```\n")[1]
     ka = keepalived_text("gwb", "/etc/conntrackd/primary-backup.sh")

@@ -109,6 +109,41 @@ def test_audit_log_families_appear_only_while_it_runs(running):
         running.service.audit = None
 
 
+def test_sync_families_appear_only_while_it_runs_and_status_text_shows_them(running):
+    """No sync families without sync_peer; with it datagrams, records by result, drops by
+    reason and the peer's silence; `snatgw status` prints the same counters."""
+    from snatgw.cli.commands.status import sync_text
+    from snatgw.datapath.bpf.synctable import COUNTS
+
+    f = families(running.service)
+    assert not any(n.startswith("snatgw_sync") for n in f)
+    assert running.service.status()["sync"] == {"enabled": False, "peer": None, "error": None}
+    st = {"enabled": True, "peer": "192.0.2.2:3781", "local": "192.0.2.1:3781", "boot_id": "00ff",
+          "sent_datagrams": 7, "sent_records": 100, "send_errors": 0, "walks": 2, "walk_records": 60,
+          "ring_records": 40, "received_datagrams": 5, "received_records": 90, "foreign": 1, "peer_boots": 1,
+          "install_errors": 0, **dict.fromkeys(COUNTS, 0), "installed": 80, "rejected": 10, "bad_records": 0,
+          "drops": {"bad_mac": 3, "replay": 0, "recv_queue": 0}, "send_queue": 0, "recv_queue": 0,
+          "walking": False, "seconds_since_peer": 1.5, "last_error": None}  # fmt: skip
+
+    class Sync:
+        def stats(self):
+            return st
+
+    running.service.sync = Sync()
+    try:
+        f = families(running.service)
+        assert samples(f["snatgw_sync_datagrams"], direction="sent")[0].value == 7
+        assert samples(f["snatgw_sync_records"], result="installed")[0].value == 80
+        assert samples(f["snatgw_sync_records"], result="rejected")[0].value == 10
+        assert samples(f["snatgw_sync_drops"], reason="bad_mac")[0].value == 3
+        assert samples(f["snatgw_sync_drops"], reason="foreign")[0].value == 1
+        assert samples(f["snatgw_sync_seconds_since_peer"])[0].value == 1.5
+        text = sync_text(running.service.status()["sync"])
+        assert "session sync with 192.0.2.2:3781" in text and "installed 80" in text and "bad_mac 3" in text
+    finally:
+        running.service.sync = None
+
+
 def test_per_host_figures_say_how_fresh_they_are(running):
     """No host limit: the busiest host's sessions are the last sweep's (absent age before the
     first, then its age); the count of hosts and the busiest one's sessions follow the recount."""

@@ -93,6 +93,13 @@ def config_text(backend: str = "nft", extra: str = "") -> str:
     return CONFIG.replace("    backend nft\n", f"    backend {backend}\n{extra}", 1)
 
 
+def sync_lines(gw: str, key: str, peer: str | None = None) -> str:
+    """The settings lines of ``gw``'s session sync over sync0 with the key file ``key``
+    (examples/snatgw-ha-bpf.conf is gateway A's config with them)."""
+    other = peer or SYNC["gwb" if gw == "gwa" else "gwa"]
+    return f"    sync_peer {other}\n    sync_local {SYNC[gw]}\n    sync_key {key}\n"
+
+
 def notify_script_text(shipped: str, conf: str, lock: str) -> str:
     """primary-backup.sh with its two settings pointed at ``conf`` and ``lock`` (the edit
     docs/operations.md asks for), nothing else changed."""
@@ -259,8 +266,7 @@ class HaPair(NodeCommands):
 
     def sync_settings(self, gw: str, peer: str | None = None) -> str:
         """The settings lines of ``gw``'s session sync over sync0."""
-        other = peer or SYNC["gwb" if gw == "gwa" else "gwa"]
-        return f"    sync_peer {other}\n    sync_local {SYNC[gw]}\n    sync_key {self.sync_key_path()}\n"
+        return sync_lines(gw, self.sync_key_path(), peer)
 
     def pin_dir(self, gw: str) -> str:
         """The bpf backend's pin directory of ``gw`` (removed by ``down``)."""
