@@ -286,3 +286,49 @@ def test_a_reload_rebinds_the_sync_and_turns_it_off(gw):
     finally:
         assert gw.call("reload", conf).returncode == 0
     assert gw.sync()["local"] == f"{SYNC['gwa']}:{PORT}"
+
+
+def test_with_an_audit_log_its_reader_hands_the_records_over(gw):
+    """With audit_log set the audit log's reader reads the datapath's ring (one reader at a
+    time) and hands each record to the sync too: a new flow is in the file and at the peer."""
+    pair = gw.pair
+    conf = f"{pair.workdir}/gwa.conf"
+    with open(conf) as f:
+        text = f.read()
+    audited = f"{pair.workdir}/gwa-audit.conf"
+    log = f"{pair.workdir}/audit.jsonl"
+    dec = C.Decoder(read_sync_key(pair.sync_key_path()))
+    gw.sock.setblocking(False)
+    try:
+        with open(audited, "w") as f:
+            f.write(text.replace("    sync_peer", f"    audit_log {log}\n    sync_peer", 1))
+        assert gw.call("reload", audited).returncode == 0
+        was = gw.sync()
+        assert gw.sync()["local"] == was["local"]  # (the sync kept running: same settings)
+        while True:
+            try:
+                gw.sock.recv(2048)
+            except BlockingIOError:
+                break
+        with inside_sock(pair, 40800) as cli, server_sock(pair) as srv:
+            cli.sendto(b"up", (SERVER, REMOTE_PORT))
+            seen = got(srv)
+            assert seen is not None and seen[1][0] in POOL, seen
+        deadline = time.monotonic() + 3
+        rec = None
+        while rec is None and time.monotonic() < deadline:
+            try:
+                rec = next((r for r in dec.decode(gw.sock.recv(2048)) if r.iport == 40800), None)
+            except BlockingIOError:
+                time.sleep(0.02)
+        assert rec is not None and (socket.inet_ntoa(rec.nat), rec.nport) == seen[1], rec
+        lines = []
+        while not lines and time.monotonic() < deadline + 3:  # (written on the daemon's writer thread)
+            with open(log) as f:
+                lines = [json.loads(x) for x in f if '"inside_port": 40800' in x]
+            time.sleep(0.02)
+        assert [(x["event"], x["nat_addr"], x["nat_port"]) for x in lines] == [("create", *seen[1])], lines
+        assert json.loads(gw.call("status", "-j").stdout)["audit"]["enabled"] is True
+    finally:
+        gw.sock.setblocking(True)
+        assert gw.call("reload", conf).returncode == 0

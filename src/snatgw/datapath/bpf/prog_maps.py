@@ -58,7 +58,8 @@ def compile_cfg(nrules: int, settings: Settings, eim: bool = False, host_count: 
         nrules=nrules, flags=(L.CFG_F_UNMATCHED_DROP if settings.unmatched_drop else 0)
         | (L.CFG_F_REFUSE_ICMP if settings.refuse_icmp else 0)
         | (L.CFG_F_INBOUND_ROUTED if settings.inbound_routed else 0) | (L.CFG_F_EIM if eim else 0)
-        | (L.CFG_F_AUDIT if settings.audit_log or settings.sync_peer else 0) | (L.CFG_F_HOST_COUNT if host_count else 0),
+        | (L.CFG_F_AUDIT if settings.audit_log or settings.sync_peer else 0)  # (the session sync reads the ring too)
+        | (L.CFG_F_HOST_COUNT if host_count else 0),
         port_min=settings.port_min, port_max=settings.port_max,
         port_tries=min(max(int(settings.port_tries), 0), L.PORT_TRIES_MAX),  # the C bounds it too
     )  # fmt: skip
