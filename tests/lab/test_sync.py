@@ -332,3 +332,29 @@ def test_with_an_audit_log_its_reader_hands_the_records_over(gw):
     finally:
         gw.sock.setblocking(True)
         assert gw.call("reload", conf).returncode == 0
+
+
+def test_a_sync_that_cannot_bind_is_a_problem_and_is_tried_again(gw):
+    """sync_local not (yet) an address of the gateway: status names the problem and the error;
+    once the address is there, the next try (a reload here; a timer otherwise) starts it."""
+    pair = gw.pair
+    conf = f"{pair.workdir}/gwa.conf"
+    with open(conf) as f:
+        text = f.read()
+    later = f"{pair.workdir}/gwa-later.conf"
+    try:
+        with open(later, "w") as f:
+            f.write(text.replace(f"sync_local {SYNC['gwa']}", "sync_local 198.18.99.5"))
+        assert gw.call("reload", later).returncode == 0
+        p = gw.call("status", "-j")
+        st = json.loads(p.stdout)
+        assert p.returncode == 1 and st["sync"]["enabled"] is False, st["sync"]
+        assert any("session sync with 198.18.99.2: configured but not running" in x and "assign" in x
+                   for x in st["problems"]), st["problems"]  # fmt: skip
+        pair.ip("gwa", "addr", "add", "198.18.99.5/32", "dev", "sync0")
+        assert gw.call("reload", later).returncode == 0
+        assert gw.sync()["local"] == "198.18.99.5:3781"
+    finally:
+        pair.ip("gwa", "addr", "del", "198.18.99.5/32", "dev", "sync0", check=False)
+        assert gw.call("reload", conf).returncode == 0
+    assert gw.sync()["local"] == f"{SYNC['gwa']}:{PORT}"

@@ -29,6 +29,9 @@ def _key_stamp(path: str | None):
     return st and (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+SYNC_RETRY = 10.0  # seconds before a session sync that could not start (bind) is tried again
+
+
 class Extras:
     def __init__(self, service, loop, worker, log, writer=None):
         self.service, self.loop, self.worker, self.log = service, loop, worker, log
@@ -41,6 +44,8 @@ class Extras:
         self._audit_key = None
         self.sync = None  # daemon.sync.SyncService while sync_peer is set
         self._sync_key = None
+        self._sync_retry = None  # Timer of the next try of a sync that failed to start
+        self._closed = False
         self.netlink: NetlinkWatch | None = None
         self._judging = self._judge_again = False
 
@@ -104,11 +109,14 @@ class Extras:
                     self.sync = SyncService(s, self.service.backend, self.log, self.worker)
                     self.sync.attach(self.loop)
                 except Exception as e:  # noqa: BLE001 - the daemon runs on; status shows sync off and why
-                    self.log.error("sync_failed", peer=s.sync_peer, local=s.sync_local, error=str(e))
+                    self.log.error("sync_failed", peer=s.sync_peer, local=s.sync_local, error=str(e),
+                                   retry=SYNC_RETRY)  # fmt: skip
                     if self.sync is not None:
                         self.sync.close()
                     self.sync = None
                     self.service.sync_error = str(e)
+                    key = None  # tried again (sync_local may not be up yet): in SYNC_RETRY s, or at a reload
+                    self._sync_retry = self.loop.call_later(SYNC_RETRY, self._retry_sync)
                 else:
                     self.service.sync_error = None
             self.service.sync = self.sync
@@ -120,7 +128,15 @@ class Extras:
             else:
                 self.sync.own_ring(True)
 
+    def _retry_sync(self) -> None:
+        self._sync_retry = None
+        if self.sync is None and not self._closed:
+            self._refresh_sync(self.service.config.settings)
+
     def _stop_sync(self) -> None:
+        if self._sync_retry is not None:
+            self._sync_retry.cancel()
+            self._sync_retry = None
         if self.audit is not None:
             self.audit.tap = None
         if self.sync is not None:
@@ -190,6 +206,7 @@ class Extras:
             self.service.link_monitor = None
 
     def close(self) -> None:
+        self._closed = True
         self._stop_sync()
         self._stop_audit()
         self._stop_monitor()
