@@ -258,7 +258,7 @@ def failover(pair: HaPair, backend: str = "nft", sync: bool = True, kernel_snat:
                 pair.become_primary("gwb")
         t_commit = time.monotonic() - t_commit
         continued = flows.wait_tcp(time.monotonic(), 10, wait)
-        b_entry = _ct_entry(pair, "gwb")
+        b_entry = _ct_entry_acked(pair, "gwb")
         b_conns = _conns(pair, "gwb") if not kernel_snat else []
         b_timed = {}
         if sysctl_on_b:  # each packet of the connection sets its entry's timeout again
@@ -329,6 +329,23 @@ def _ct_entry(pair: HaPair, gw: str) -> dict:
         # the first src/dst/sport/dport are the original direction's; dict() keeps the last (reply)
         return {"nat": f.get("dst"), "nat_port": f.get("dport"), "mark": f.get("mark"), "line": line}
     return {}
+
+
+UNACK_TIMEOUT = 300  # net.netfilter.nf_conntrack_tcp_timeout_unacknowledged (the kernel's default)
+
+
+def _ct_entry_acked(pair: HaPair, gw: str, tries: int = 40) -> dict:
+    """_ct_entry once no data of the connection waits for its ACK: while a line is in flight
+    the kernel ages an ESTABLISHED entry by the unacknowledged-data timeout (300 s), whatever
+    the established one (B's entry read 299 or 300 s in about one of ten runs, and the check of
+    its timeout failed); read again, 25 ms apart, up to ``tries`` times."""
+    entry = _ct_entry(pair, gw)
+    for _ in range(tries):
+        if not entry or _timeout(entry) < UNACK_TIMEOUT - 5 or _timeout(entry) > UNACK_TIMEOUT:
+            break
+        time.sleep(0.025)
+        entry = _ct_entry(pair, gw)
+    return entry
 
 
 def _conns(pair: HaPair, gw: str) -> list[dict]:
