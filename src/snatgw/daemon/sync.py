@@ -89,11 +89,15 @@ class SyncService:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
-                except OSError:
-                    pass
+            # a walk's bursts (FLUSH_DATAGRAMS of ~1.4 KB) must fit the peer's buffer: the FORCE
+            # options (root) pass net.core.rmem_max/wmem_max (208 KB by default), else the caps
+            for force, opt in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+                for o in (force, opt):
+                    try:
+                        s.setsockopt(socket.SOL_SOCKET, o, SOCK_BUF)
+                        break
+                    except OSError:
+                        continue
             s.bind((self.settings.sync_local, self.settings.sync_port))
         except OSError:
             s.close()
