@@ -186,6 +186,32 @@ def test_a_daemon_killed_leaves_the_masks_before_to_the_next_one(bpf_gateway):
     assert rps_state_files(lab) == []
 
 
+def test_purge_puts_back_the_masks_a_killed_daemon_left(bpf_gateway):
+    """`snatgw purge` after SIGKILL: run with the host's /sys (nsenter --net alone) it writes
+    nothing, says why and keeps the state file; with the namespace's own /sys (`ip netns exec`)
+    every queue gets its first mask back and the file goes (until 30 Nov 2026 purge left the
+    killed daemon's mask, and the file for the next daemon)."""
+    from snatgw.lab.gateway import kill_gateway
+
+    lab = bpf_gateway
+    host = host_masks()
+    set_gw_masks(lab, "1")
+    lab.start_gateway(write_conf(lab, "all"), "bpf", own_sysfs=True)
+    assert gw_masks(lab) == dict.fromkeys(DEVICES, "3")
+    kill_gateway(lab)
+    argv = snatgw_argv("purge", "--pin-dir", lab.pin_dir, "--socket", lab.socket_path)
+    cp = run(nsenter(lab.ns("gw"), *argv), check=False)
+    assert cp.returncode == 0, cp.stderr
+    assert "are not put back" in cp.stderr and "another network namespace" in cp.stderr, cp.stderr
+    assert gw_masks(lab) == dict.fromkeys(DEVICES, "3") and len(rps_state_files(lab)) == 1
+    cp = run(["ip", "netns", "exec", lab.ns("gw"), *argv], check=False)
+    assert cp.returncode == 0, cp.stderr
+    assert gw_masks(lab) == dict.fromkeys(DEVICES, "1")
+    assert "removed rps_cpus of eth1: put back rx-0 1" in cp.stdout, cp.stdout
+    assert rps_state_files(lab) == []
+    assert host_masks() == host
+
+
 def test_rps_cpus_writes_nothing_when_sys_is_another_namespaces(bpf_gateway):
     """Started by nsenter --net alone, the daemon's /sys is the host's: nothing is written
     (neither the host's devices nor the gateway's), status says why and calls it a problem."""

@@ -42,6 +42,12 @@ def lock_path(name: str = OWNER_NAME, lock_dir: str = OWNER_LOCK_DIR) -> str:
     return os.path.join(lock_dir, f"{name.replace('/', '_')}-{_netns_id()}.lock")
 
 
+def state_path(kind: str, name: str = OWNER_NAME, lock_dir: str = OWNER_LOCK_DIR) -> str:
+    """This namespace's run-time state file of ``kind`` next to its owner lock (Owner.state_path
+    of the daemon that holds it; `snatgw purge` reads it after a daemon killed)."""
+    return lock_path(name, lock_dir).removesuffix(".lock") + "." + kind
+
+
 def _lock_dir_ok(lock_dir: str) -> None:
     """Create ``lock_dir`` (0700) or check it: ours or root's, writable by nobody else."""
     try:

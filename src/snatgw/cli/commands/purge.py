@@ -1,12 +1,14 @@
 """`snatgw purge`: remove every trace of both backends in this network namespace (nft table,
 our ip rules/routes and conntrack entries, our TC filters on every device, the pin directory,
-the namespace's owner lock file a daemon killed with SIGKILL left in /run/snatgw/owner),
+the namespace's owner lock file a daemon killed with SIGKILL left in /run/snatgw/owner, and the
+`rps_cpus` masks such a daemon left written: put back from its state file),
 refusing while a daemon owns the namespace (daemon/owner.py) or answers on the control socket,
 unless --force.
 """
 
 from __future__ import annotations
 
+import os
 import socket as _socket
 import sys
 
@@ -23,7 +25,8 @@ prefs/tables 31000-31999) and its conntrack entries; the bpf backend's TC filter
 priority 0x534e only) on every device, its new_gw ip rules and routes (proto 201,
 prefs/tables 30000-30999), and the pinned maps in the pin directory (the sessions); both
 backends' leak guard, `table ip snatgw_guard`; and the namespace's owner lock file
-(/run/snatgw/owner) when no daemon holds it.
+(/run/snatgw/owner) when no daemon holds it, with the receive packet steering masks a killed
+daemon left written (`rps_cpus`): each queue gets back the mask its state file says it had.
 This is how the datapath is removed on purpose: a daemon that exits (SIGTERM, `systemctl stop` or
 restart, an upgrade) leaves it translating for the next one.  Refuses (exit 4) while a daemon owns
 this network namespace or answers on the control socket: stop it first (--force purges anyway;
@@ -51,6 +54,30 @@ def _settings(args) -> Settings:
     return load_config(args.config, require_rules=False).settings
 
 
+def _restore_rps() -> list[str]:
+    """The `rps_cpus` masks a daemon killed left written: every queue its state file names gets
+    back the mask it had (daemon/rps.py, the daemon's own stop), then the file goes.  A /sys that
+    is not this namespace's is written nothing and the file kept (said), as by the daemon."""
+    from ...daemon.owner import state_path
+    from ...daemon.rps import RpsManager
+
+    path = state_path("rps")
+    if not os.path.exists(path):
+        return []
+    m = RpsManager(state=path)
+    events = m.restore()
+    if m.refused is not None:
+        print(f"snatgw purge: note: the rps_cpus masks in {path} are not put back: {m.refused} "
+              "(run purge with this namespace's /sys, e.g. `ip netns exec NS snatgw purge`)", file=sys.stderr)
+        return []
+    if m.state_error is not None:
+        print(f"snatgw purge: note: {m.state_error}", file=sys.stderr)
+    done = [f"rps_cpus of {ev}" for ev in events]
+    if not os.path.exists(path):
+        done.append(f"rps_cpus state file {path}")
+    return done
+
+
 def run(args) -> int:
     settings = _settings(args)
     sock = args.socket or (settings.control_socket if args.config else resolve_socket(None))
@@ -76,6 +103,8 @@ def run(args) -> int:
 
     pin_dir = args.pin_dir or settings.pin_dir
     removed = purge(pin_dir)
+    if owner is None:  # (a daemon that owns the namespace, with --force, keeps its own masks)
+        removed += _restore_rps()
     stale = remove_stale_lock()  # a daemon killed with SIGKILL left it (one file per namespace)
     if stale:
         removed.append(f"owner lock {stale}")
