@@ -340,3 +340,20 @@ def test_a_frame_not_sent_to_the_device_is_left_to_the_kernel(prog, dst_mac):
     assert ret == TC_ACT_OK and prog.reasons()[Reason.PASS_NOT_IPV4] == 1
     r = prog.run("inside", udp(A, R1, 40000, 53), "lan40")  # the same flow sent to the device
     assert r.reason == Reason.XLATE_NEW
+
+
+def test_a_frame_to_a_vrrp_virtual_mac_is_the_gateways(prog):
+    """keepalived's use_vmac: the hosts send to 00:00:5e:00:01:{VRID}, which the device the
+    programs are on counts as another host's (its macvlan device takes the frame only after
+    TC); step 1a takes it as sent to the gateway and translates it.  00:00:5e:00:02:.. (VRRP
+    for IPv6) and a neighbour of it stay another host's (frame_for_us, the model's)."""
+    from snatgw.datapath.bpf.testrun import REF_MAC
+    from snatgw.model.engine import frame_for_us
+
+    own = bytes.fromhex(REF_MAC.replace(":", ""))
+    for i, (mac, ours) in enumerate([("00005e000128", True), ("00005e0001ff", True), ("00005e000228", False),
+                                     ("00005e010128", False), ("01005e000128", False)]):
+        dst = bytes.fromhex(mac)
+        assert frame_for_us(dst, own) == ours, mac
+        r = prog.run("inside", udp(A, R1, 42000 + i, 53), "lan40", dst_mac=dst)
+        assert r.reason == (Reason.XLATE_NEW if ours else Reason.PASS_NOT_FOR_US), mac

@@ -94,6 +94,16 @@ def _multi_or_broadcast(addr: int) -> bool:
     return addr >> 28 == 0xE or addr == 0xFFFFFFFF
 
 
+def frame_for_us(dst_mac: bytes, device_mac: bytes) -> bool:
+    """Step 1a: whether the programs take a frame to ``dst_mac`` arriving on a device whose MAC
+    is ``device_mac`` as sent to the gateway: its own MAC, or a VRRP virtual MAC (RFC 5798 7.3,
+    00-00-5E-00-01-{VRID}: keepalived's use_vmac), never another host's, a broadcast or a
+    multicast one (the kernel forwards none of those)."""
+    if dst_mac == device_mac:
+        return True
+    return not dst_mac[0] & 1 and dst_mac[:5] == b"\x00\x00\x5e\x00\x01"
+
+
 def _verdict_of(reason: Reason) -> Verdict:
     return Verdict.DROP if reason.name.startswith("DROP_") else Verdict.PASS
 
@@ -149,8 +159,9 @@ class Engine:
         "recirc": a held fragment coming back from the recirculation device);
         ``ingress``: the device it arrived on (egress: the device it leaves by); ``for_us``
         False: its frame was not sent to that device's MAC (another host's, a broadcast or a
-        multicast: the skb's pkt_type is not PACKET_HOST), which the inside and outside
-        programs leave to the kernel untouched (PASS_NOT_FOR_US, step 1a).  Every packet
+        multicast: the skb's pkt_type is not PACKET_HOST) nor to a VRRP virtual MAC
+        (``frame_for_us``), which the inside and outside programs leave to the kernel untouched
+        (PASS_NOT_FOR_US, step 1a).  Every packet
         counts one reason in ``reasons``, except egress packets that are not ICMP errors: they
         pass uncounted (Result reason PASS_ICMP_OTHER), as the BPF egress program does."""
         if side not in SIDES:

@@ -911,6 +911,21 @@ static __noinline int frag_pass_mark(const struct pkt *p, __u32 reason)
 }
 
 #define PACKET_HOST_ 0 /* linux/if_packet.h: a frame sent to the device's own MAC */
+#define PACKET_OTHERHOST_ 3 /* linux/if_packet.h: a frame sent to another host's MAC */
+
+/* Step 1a: 1 when the frame was sent to this device: to its own MAC, or to a VRRP virtual MAC
+ * (RFC 5798 7.3: 00-00-5E-00-01-{VRID}; keepalived's use_vmac puts the VIP on a macvlan device
+ * with it, which takes such frames from this one only after TC: the gateway's own frames). */
+static __always_inline int frame_for_us(struct __sk_buff *skb)
+{
+	__u8 *d = (void *)(long)skb->data;
+
+	if (skb->pkt_type == PACKET_HOST_)
+		return 1;
+	if (skb->pkt_type != PACKET_OTHERHOST_ || (void *)(d + 6) > (void *)(long)skb->data_end)
+		return 0; /* an L2 broadcast or multicast */
+	return d[0] == 0 && d[1] == 0 && d[2] == 0x5e && d[3] == 0 && d[4] == 1;
+}
 
 static __always_inline int snat_entry(struct __sk_buff *skb, int outside)
 {
@@ -919,7 +934,7 @@ static __always_inline int snat_entry(struct __sk_buff *skb, int outside)
 	int r;
 
 	r = parse_v4_pulled(skb, &p);
-	if (r != REASON_PASS_NOT_IPV4 && skb->pkt_type != PACKET_HOST_) {
+	if (r != REASON_PASS_NOT_IPV4 && !frame_for_us(skb)) {
 		/* step 1a: an IPv4 frame not sent to this device's MAC (another host's, flooded by a
 		 * bridge or seen in promiscuous mode; or an L2 broadcast or multicast): the kernel's,
 		 * which drops another host's frames and forwards none of them (ip_forward forwards
