@@ -144,6 +144,26 @@ def test_records_no_local_rule_allows_open_nothing(gw):
         assert got(a) is None and got(c) is None
 
 
+def test_records_whose_routes_no_local_rule_would_translate_open_nothing(gw):
+    """The rule (`from 198.18.60.0/24 oif wan0`) holds their addresses, but the datapath would
+    not translate their flows: a remote routed out sync0 (the rule wants oif wan0), a remote
+    routed out the inside device lan0 (between inside hosts: never translated), an inside host
+    whose route back leaves by the uplink (no inside device vouches for it): rejected."""
+    pair = gw.pair
+    before = gw.sync()
+    pair.ip("gwa", "route", "add", "198.18.60.50/32", "via", "198.19.20.1", "dev", "wan0")
+    try:
+        bad = [udp_rec(40310, 6012)._replace(remote=quad(SYNC["gwb"])),  # out sync0, not oif wan0
+               udp_rec(40311, 6013)._replace(remote=quad("198.18.60.20")),  # out lan0: inside
+               udp_rec(40312, 6014, inside="198.18.60.50")]  # its route back is wan0's  # fmt: skip
+        gw.send(bad)
+        y = gw.wait(lambda y: y["rejected"] + y["installed"] >= before["rejected"] + before["installed"] + 3)
+    finally:
+        pair.ip("gwa", "route", "del", "198.18.60.50/32", check=False)
+    assert y["rejected"] == before["rejected"] + 3 and y["installed"] == before["installed"], y
+    assert not [c for c in gw.conns() if c["inside"].endswith((":40310", ":40311", ":40312"))]
+
+
 def test_a_wrong_key_changes_nothing_and_is_counted(gw):
     before = gw.sync()
     gw.send([udp_rec(40400, 6010)], enc=C.Encoder(b"another key of 32 bytes or more!!"))

@@ -9,7 +9,10 @@ route back to the inside host and its device for ``iif``), IN then OUT with BPF_
 half a pair.  Before that the record must fit a local rule exactly (``judge``): its rule_id
 exists here, the SNAT address is in that rule's pool as installed now and its port in
 port_range, the inside address in the rule's ``from`` and the remote in its ``to``, a TCP
-state for TCP and the UDP state for UDP; anything else is ``rejected``.  A key holder can
+state for TCP and the UDP state for UDP; and before a pair is written, its routes must be
+those under which the datapath would give the flow that rule (``routed_as_rule``: the remote
+not behind an inside device, the rule the first to match with the route's oif and next hop,
+the inside host behind an inside device); anything else is ``rejected``.  A key holder can
 therefore only make sessions a local rule could have made for an inside host's flow.
 
 A pair with the same mapping takes the newer last_seen (the peer's age on our clock), and the
@@ -24,12 +27,14 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
 import time
 from socket import inet_ntoa
 
 from ... import layout as L
 from ...daemon.synccodec import OP_END, OP_UPDATE, Record
 from ...errors import BackendError
+from ...rules import Route
 from . import libbpf as B
 from .maps import CT_ENTRY, SessionPair, monotonic_ns
 
@@ -164,6 +169,23 @@ def judge(r: Record, rules: dict, pools: dict, settings) -> tuple | None:
     return rule, ip, rip, nip
 
 
+def routed_as_rule(rule, rules, ip, rip, rt, in_eg, roles: dict) -> bool:
+    """Whether the datapath would give a new flow ``ip`` -> ``rip`` to ``rule`` on this gateway
+    as its routes are now (snat_v4_new): the route to the remote (``rt``) leaves by a device
+    that is not an inside one (between inside networks nothing is translated), ``rule`` is the
+    first rule to match with that route's device and next hop (its oif and gw), and the route
+    back to the inside host (``in_eg``) leaves by an inside device (the one whose reverse path
+    would vouch for the source: the OUT entry's ``iif``)."""
+    if roles.get(rt[0]) == L.IFACE_INSIDE or roles.get(in_eg[0]) != L.IFACE_INSIDE:
+        return False
+    try:
+        oif = socket.if_indextoname(rt[0])
+    except OSError:
+        return False
+    first = rules.match(ip, rip, Route(oif, ipaddress.IPv4Address(rt[1])))
+    return first is not None and first.rule_id == rule.rule_id
+
+
 def install(backend, records: list[Record], routes: RouteCache, counts: dict) -> int:
     """Apply the peer's ``records`` to ``backend``'s table (worker thread); adds to ``counts``
     (COUNTS); returns how many pairs were written or removed (the live counts want a sweep)."""
@@ -177,7 +199,7 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict) ->
     settings = cfg.settings
     now = monotonic_ns()
     changed = 0
-    live = None
+    live = roles = None
     for r in records:
         got = judge(r, rules, pools, settings)
         if got is None:
@@ -224,9 +246,15 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict) ->
         if live >= settings.max_sessions:
             counts["table_full"] += 1
             continue
-        out_eg, in_eg = routes(rule.new_gw or rip), routes(ip)
-        if out_eg is None or in_eg is None:
+        rt, in_eg = routes(rip), routes(ip)
+        out_eg = routes(rule.new_gw) if rule.new_gw else rt
+        if rt is None or out_eg is None or in_eg is None:
             counts["no_route"] += 1
+            continue
+        if roles is None:
+            roles = backend.maps.iface_roles()
+        if not routed_as_rule(rule, cfg.rules, ip, rip, rt, in_eg, roles):
+            counts["rejected"] += 1
             continue
         vals = pair_values(rule, ip, r.iport, rip, r.rport, nip, r.nport, r.proto, r.state, r.flags & KEPT_FLAGS,
                            out_eg, in_eg, peer_seen)  # fmt: skip
