@@ -164,6 +164,19 @@ def test_records_whose_routes_no_local_rule_would_translate_open_nothing(gw):
     assert not [c for c in gw.conns() if c["inside"].endswith((":40310", ":40311", ":40312"))]
 
 
+def test_a_record_older_than_this_gateways_clock_is_installed_and_does_not_stop_the_batch(gw):
+    """A session the peer last saw longer ago than this gateway's CLOCK_MONOTONIC began (a
+    standby booted minutes ago, the peer's flow idle for longer; here the age's maximum, 49.7
+    days): its last packet time has no negative value to take; the records after it in the
+    batch are installed all the same.  (On a host up for 49.7 days or more the age is not older
+    than the clock and this passes before the fix too.)"""
+    before = gw.sync()
+    gw.send([udp_rec(40320, 6016, age_ms=C.AGE_MAX), udp_rec(40321, 6017)])
+    y = gw.wait(lambda y: y["installed"] >= before["installed"] + 2 or y["install_errors"] > before["install_errors"])
+    assert y["install_errors"] == before["install_errors"] and y["installed"] == before["installed"] + 2, y
+    assert [c["nat"] for c in gw.conns() if c["inside"] == f"{HOST}:40321"] == [f"{POOL[0]}:6017"]
+
+
 def test_a_wrong_key_changes_nothing_and_is_counted(gw):
     before = gw.sync()
     gw.send([udp_rec(40400, 6010)], enc=C.Encoder(b"another key of 32 bytes or more!!"))

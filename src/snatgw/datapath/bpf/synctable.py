@@ -206,7 +206,9 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict) ->
             counts["rejected"] += 1
             continue
         rule, ip, rip, nip = got
-        peer_seen = now - r.age_ms * 1_000_000
+        # (a session idle for longer than our CLOCK_MONOTONIC has run, a standby booted minutes
+        # ago: its last packet at our clock's start, not a negative time the entry cannot hold)
+        peer_seen = max(1, now - r.age_ms * 1_000_000)
         out_key = L.CT_KEY.pack(saddr=int(ip), daddr=int(rip), sport=r.iport, dport=r.rport, proto=r.proto,
                                 dir=L.CT_DIR_OUT)  # fmt: skip
         in_key = L.CT_KEY.pack(saddr=int(rip), daddr=int(nip), sport=r.rport, dport=r.nport, proto=r.proto,
