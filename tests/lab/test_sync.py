@@ -186,6 +186,23 @@ def test_a_wrong_key_changes_nothing_and_is_counted(gw):
     assert not [c for c in gw.conns() if c["inside"].endswith(":40400")]
 
 
+def test_a_datagram_not_from_the_peers_address_and_port_is_dropped_and_status_text_says_so(gw):
+    """A valid datagram from sync_peer's address but another port (a peer whose sync_port
+    differs): nothing installed; `status` (text, as an operator reads it, and --json) counts it
+    as foreign, as the metrics do."""
+    pair = gw.pair
+    before = gw.sync()
+    with ns_socket(pair.ns("gwb"), socket.AF_INET, socket.SOCK_DGRAM) as other:
+        other.bind((SYNC["gwb"], PORT + 18))
+        for g in gw.enc.encode([udp_rec(40450, 6018)]):
+            other.sendto(g, (SYNC["gwa"], PORT))
+        y = gw.wait(lambda y: y["foreign"] > before["foreign"])
+    assert y["foreign"] == before["foreign"] + 1 and y["installed"] == before["installed"], y
+    text = gw.call("status").stdout
+    assert f"foreign {y['foreign']}" in text, text
+    assert not [c for c in gw.conns() if c["inside"].endswith(":40450")]
+
+
 def test_a_record_for_a_mapping_another_session_holds_is_a_conflict_and_the_local_one_stays(gw):
     """A key holder's record for the remote and SNAT port of a live session (another inside
     port): counted, the session's replies still go to its own host port."""

@@ -127,7 +127,7 @@ class ServiceCollector:
         rec = _c("sync_records", "session sync records: sent, received, and what the installer made of them",
                  ("result",))  # fmt: skip
         for k in ("sent_records", "received_records", "installed", "refreshed", "ended", "rejected", "conflicts",
-                  "table_full", "no_route", "stale_end"):  # fmt: skip
+                  "table_full", "no_route", "stale_end", "end_unknown"):  # fmt: skip
             rec.add_metric([k.removesuffix("_records")], y[k])
         yield rec
         dr = _c("sync_drops", "session sync datagrams and records dropped, by reason", ("reason",))

@@ -110,7 +110,9 @@ def render_text(r: dict) -> str:
 def sync_text(y: dict) -> str:
     """The session sync's lines (status and stats)."""
     last = y.get("seconds_since_peer")
-    drops = ", ".join(f"{k} {v}" for k, v in y.get("drops", {}).items() if v) or "none"
+    # (foreign: not from sync_peer:sync_port, counted apart from the decoder's drops; as the metrics show it)
+    dropped = {**y.get("drops", {}), "foreign": y.get("foreign", 0)}
+    drops = ", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "none"
     return "\n".join([
         f"session sync with {y['peer']} (from {y['local']}): last valid datagram "
         + (f"{last:.1f}s ago" if last is not None else "never"),
@@ -118,7 +120,8 @@ def sync_text(y: dict) -> str:
         f"refresh {y['walk_records']} in {y['walks']} walks); queued {y['send_queue']}",
         f"  received: {y['received_datagrams']} datagrams, {y['received_records']} records: installed "
         f"{y['installed']}, refreshed {y['refreshed']}, ended {y['ended']}, rejected {y['rejected']}, conflicts "
-        f"{y['conflicts']}, table full {y['table_full']}, no route {y['no_route']}",
+        f"{y['conflicts']}, table full {y['table_full']}, no route {y['no_route']}, stale end "
+        f"{y.get('stale_end', 0)}, end unknown {y.get('end_unknown', 0)}, bad {y.get('bad_records', 0)}",
         f"  dropped: {drops}" + (f"; last error: {y['last_error']}" if y.get("last_error") else ""),
     ])  # fmt: skip
 
