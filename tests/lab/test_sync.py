@@ -338,6 +338,42 @@ def test_a_reload_rebinds_the_sync_and_turns_it_off(gw):
     assert gw.sync()["local"] == f"{SYNC['gwa']}:{PORT}"
 
 
+def test_a_sync_that_starts_with_an_empty_table_says_so_to_the_peer_at_once(gw):
+    """A gateway back from a reboot holds no session, so it had nothing to send and its peer
+    learnt of its new boot id (which makes the peer send its whole table) only at the peer's
+    next refresh, up to 10 s after: on a failback the returning MASTER dropped the flows it
+    took over meanwhile.  A sync that starts (here: a reload that re-binds it, the table
+    flushed) sends the peer a datagram of no records under its new boot id within a second."""
+    pair = gw.pair
+    conf = f"{pair.workdir}/gwa.conf"
+    with open(conf) as f:
+        text = f.read()
+    other = f"{pair.workdir}/gwa-hello.conf"
+    dec = C.Decoder(read_sync_key(pair.sync_key_path()))
+    with ns_socket(pair.ns("gwb"), socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind((SYNC["gwb"], PORT + 1))
+        peer.settimeout(0.2)
+        try:
+            with open(other, "w") as f:
+                f.write(text.replace(f"sync_local {SYNC['gwa']}\n",
+                                     f"sync_local {SYNC['gwa']}\n    sync_port {PORT + 1}\n"))
+            assert gw.call("flush", "--all").returncode == 0
+            assert gw.call("reload", other).returncode == 0
+            boot = int(gw.sync()["boot_id"], 16)
+            deadline = time.monotonic() + 1.5
+            heard = None
+            while heard is None and time.monotonic() < deadline:
+                try:
+                    data = peer.recv(2048)
+                except socket.timeout:
+                    continue
+                if dec.decode(data) == [] and dec.new_boot and C.HEADER.unpack_from(data)[4] == boot:
+                    heard = data
+            assert heard is not None, dec.stats()
+        finally:
+            assert gw.call("reload", conf).returncode == 0
+
+
 def test_with_an_audit_log_its_reader_hands_the_records_over(gw):
     """With audit_log set the audit log's reader reads the datapath's ring (one reader at a
     time) and hands each record to the sync too: a new flow is in the file and at the peer."""

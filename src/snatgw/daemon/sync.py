@@ -104,9 +104,22 @@ class SyncService:
             raise
         self.sock = s
         loop.add_reader(s, self._on_readable)
+        self._hello()
         self.timers = [loop.every(FLUSH_EVERY, self._flush), loop.every(REFRESH, self._start_walk, first=0.5)]
         self.log.info("sync", peer=f"{self.peer[0]}:{self.peer[1]}", local=f"{self.settings.sync_local}:"
                       f"{self.settings.sync_port}", boot_id=f"{self.encoder.boot_id:016x}")  # fmt: skip
+
+    def _hello(self) -> None:
+        """A datagram of no records under our new boot id: the peer sends its whole table at once
+        (a gateway back from a reboot holds nothing, so it would have nothing to send, and the
+        peer would learn of it only at its next refresh, up to REFRESH seconds later)."""
+        try:
+            self.sock.sendto(self.encoder.datagram([]), self.peer)
+        except OSError as e:  # the peer not there yet: it says hello itself when it starts
+            self.counts["send_errors"] += 1
+            self.last_error = f"send: {e.strerror or e}"
+        else:
+            self.counts["sent_datagrams"] += 1
 
     def own_ring(self, on: bool) -> None:
         """Read the datapath's ring here (``on``: no audit log reads it) or not."""

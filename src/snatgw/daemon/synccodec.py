@@ -13,7 +13,9 @@ all big-endian.  A record is one session::
     rule_id u32 | age u32 (ms since the session's last packet, as the sender's table says)
 
 The boot id is random per sender (a daemon's sync instance); the sequence starts at 1 and
-grows by one per datagram.  The receiver (Decoder) drops and counts by reason: ``short`` (less
+grows by one per datagram.  A datagram of no records is a sender's hello: it sends one when it
+starts, so that the peer sees the new boot id (and sends its whole table) even when the sender
+has nothing to send, as after a reboot.  The receiver (Decoder) drops and counts by reason: ``short`` (less
 than a header and a MAC), ``bad_magic``, ``bad_version``, ``too_many`` (count above
 MAX_RECORDS), ``malformed`` (length does not match count), ``bad_mac``, ``replay`` (a sequence
 seen already, or older than the reordering WINDOW below the highest seen for that boot id).
@@ -92,8 +94,9 @@ class Encoder:
         self.seq = 0
 
     def datagram(self, packed: list[bytes]) -> bytes:
-        """One datagram of already packed records (at most MAX_RECORDS)."""
-        assert 0 < len(packed) <= MAX_RECORDS
+        """One datagram of already packed records (at most MAX_RECORDS; none: the hello a
+        sender sends when it starts, so that the peer learns its new boot id at once)."""
+        assert 0 <= len(packed) <= MAX_RECORDS
         self.seq += 1
         body = HEADER.pack(MAGIC, VERSION, 0, len(packed), self.boot_id, self.seq) + b"".join(packed)
         return body + mac(self.key, body)
@@ -138,7 +141,7 @@ class Decoder:
             return self._drop("bad_version")
         if count > MAX_RECORDS:
             return self._drop("too_many")
-        if count == 0 or len(data) != HEADER.size + count * RECORD.size + MAC_LEN:
+        if len(data) != HEADER.size + count * RECORD.size + MAC_LEN:  # (count 0: a hello)
             return self._drop("malformed")
         body = data[:-MAC_LEN]
         if not hmac.compare_digest(mac(self.key, body), data[-MAC_LEN:]):
