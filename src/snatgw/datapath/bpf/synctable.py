@@ -11,7 +11,7 @@ exists here, the SNAT address is in that rule's pool as installed now and its po
 port_range, the inside address in the rule's ``from`` and the remote in its ``to``, a TCP
 state for TCP and the UDP state for UDP; and before a pair is written, its routes must be
 those under which the datapath would give the flow that rule (``routed_as_rule``: the remote
-not behind an inside device, the rule the first to match with the route's oif and next hop,
+not behind an inside device, the rule's oif and gw those of the route to it,
 the inside host behind an inside device); anything else is ``rejected``.  A key holder can
 therefore only make sessions a local rule could have made for an inside host's flow.
 
@@ -169,21 +169,21 @@ def judge(r: Record, rules: dict, pools: dict, settings) -> tuple | None:
     return rule, ip, rip, nip
 
 
-def routed_as_rule(rule, rules, ip, rip, rt, in_eg, roles: dict) -> bool:
-    """Whether the datapath would give a new flow ``ip`` -> ``rip`` to ``rule`` on this gateway
+def routed_as_rule(rule, ip, rip, rt, in_eg, roles: dict) -> bool:
+    """Whether the datapath could give a new flow ``ip`` -> ``rip`` to ``rule`` on this gateway
     as its routes are now (snat_v4_new): the route to the remote (``rt``) leaves by a device
-    that is not an inside one (between inside networks nothing is translated), ``rule`` is the
-    first rule to match with that route's device and next hop (its oif and gw), and the route
-    back to the inside host (``in_eg``) leaves by an inside device (the one whose reverse path
-    would vouch for the source: the OUT entry's ``iif``)."""
+    that is not an inside one (between inside networks nothing is translated), ``rule`` matches
+    with that route's device and next hop (its oif and gw), and the route back to the inside
+    host (``in_eg``) leaves by an inside device (the one whose reverse path would vouch for the
+    source: the OUT entry's ``iif``).  (Whether an earlier rule would match first is not asked:
+    one Rule.match per record, not one per rule.)"""
     if roles.get(rt[0]) == L.IFACE_INSIDE or roles.get(in_eg[0]) != L.IFACE_INSIDE:
         return False
     try:
         oif = socket.if_indextoname(rt[0])
     except OSError:
         return False
-    first = rules.match(ip, rip, Route(oif, ipaddress.IPv4Address(rt[1])))
-    return first is not None and first.rule_id == rule.rule_id
+    return rule.match(ip, rip, Route(oif, ipaddress.IPv4Address(rt[1]))) is None
 
 
 def install(backend, records: list[Record], routes: RouteCache, counts: dict) -> int:
@@ -255,7 +255,7 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict) ->
             continue
         if roles is None:
             roles = backend.maps.iface_roles()
-        if not routed_as_rule(rule, cfg.rules, ip, rip, rt, in_eg, roles):
+        if not routed_as_rule(rule, ip, rip, rt, in_eg, roles):
             counts["rejected"] += 1
             continue
         vals = pair_values(rule, ip, r.iport, rip, r.rport, nip, r.nport, r.proto, r.state, r.flags & KEPT_FLAGS,
