@@ -265,6 +265,30 @@ def test_a_flood_of_valid_records_is_bounded_and_status_still_answers(gw):
     assert time.monotonic() - t0 < 60
 
 
+def test_valid_records_toward_many_remotes_do_not_hold_the_worker(gw):
+    """1,200 records a local rule allows, each toward another remote: each new remote's route
+    is asked of the kernel (`ip route get`, a few ms), so one install job of them took seconds,
+    and every control request (status, conns, a reload) waited behind it on the worker.  An
+    install job now stops after INSTALL_SECONDS and the rest waits for the next one: status
+    answers within a second meanwhile, and every record is installed in the end."""
+    inside = "198.18.60.77"
+    recs = [udp_rec(20000 + i, 20000 + i, inside=inside)._replace(remote=quad(f"198.18.{200 + i // 250}.{1 + i % 250}"))
+            for i in range(1200)]  # fmt: skip
+    before = gw.sync()
+    try:
+        gw.send(recs)
+        time.sleep(0.3)  # (the first job is running)
+        t = time.monotonic()
+        p = gw.call("status", "-j", timeout=30)
+        took = time.monotonic() - t
+        assert p.returncode in (0, 1), p.stderr
+        y = gw.wait(lambda y: y["installed"] >= before["installed"] + 1200, timeout=30)
+        assert took < 1.0, took
+        assert y["installed"] == before["installed"] + 1200 and y["install_errors"] == before["install_errors"], y
+    finally:
+        assert gw.call("flush", "--inside", inside).returncode == 0
+
+
 def test_a_sends_its_own_sessions_new_at_once_and_whole_when_the_peer_starts(gw):
     """A real TCP connection through A: its create record (from the datapath's ring) reaches
     the peer within a second with the mapping the server saw; a datagram from a peer that

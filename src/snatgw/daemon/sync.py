@@ -13,7 +13,8 @@ I/O structure (daemon/loop.py):
   most RECV_BATCH datagrams, drops those not from sync_peer:sync_port (``foreign``), decodes
   and checks them (synccodec.Decoder) and queues their records (at most RECV_QUEUE_MAX; more are
   dropped and counted ``recv_queue``); one worker job at a time installs at most INSTALL_BATCH
-  of them (BpfBackend.sync_install), then the next;
+  of them for at most INSTALL_SECONDS (BpfBackend.sync_install; the rest goes back to the
+  queue's front, so that control requests waiting for the worker run between), then the next;
 - what to send: the datapath's create and end records (the snat_audit ring, turned on by the
   sync even without audit_log: read by the audit log's reader, which hands them over, or here
   while no audit log is written) and the refresh walk: every REFRESH seconds the whole table,
@@ -43,6 +44,7 @@ from . import synccodec as C
 RECV_BATCH = 64  # datagrams one reader callback takes
 RECV_QUEUE_MAX = 65536  # records waiting for the worker
 INSTALL_BATCH = 4096  # records one worker job installs
+INSTALL_SECONDS = 0.1  # at most: the rest of its batch goes back to the queue's front (new routes cost `ip` runs)
 SEND_QUEUE_MAX = 65536  # records waiting to be sent
 FLUSH_EVERY = 0.1  # seconds between two sends of what is queued (the ~100 ms of a new session)
 FLUSH_DATAGRAMS = 256  # datagrams one flush sends at most (~10,000 records: 100,000 a second)
@@ -69,7 +71,7 @@ class SyncService:
         self.ring = None  # our own reader of the snat_audit ring (while no audit log reads it)
         self._send: collections.deque[bytes] = collections.deque()  # packed records
         self._recv: collections.deque = collections.deque()  # decoded records
-        self._installing = False
+        self._installing = 0  # records of the install job running (they count toward RECV_QUEUE_MAX)
         self._walk = None  # the refresh walk's generator (advanced on the worker only)
         self._walk_busy = False
         self._walk_again = False  # a peer started during a walk: one more after it
@@ -284,7 +286,7 @@ class SyncService:
                 self.counts["peer_boots"] += 1
                 self._start_walk(again=True)
             self.counts["received_records"] += len(recs)
-            room = RECV_QUEUE_MAX - len(self._recv)
+            room = RECV_QUEUE_MAX - len(self._recv) - self._installing
             if room < len(recs):
                 self.drops["recv_queue"] += len(recs) - max(room, 0)
                 recs = recs[: max(room, 0)]
@@ -295,11 +297,16 @@ class SyncService:
         if self._installing or not self._recv or self._closed:
             return
         batch = [self._recv.popleft() for _ in range(min(INSTALL_BATCH, len(self._recv)))]
-        self._installing = True
-        self.worker.submit(lambda: self.backend.sync_install(batch, self.installed), self._installed, bounded=False)
+        self._installing = len(batch)
+        self.worker.submit(lambda: self.backend.sync_install(batch, self.installed, INSTALL_SECONDS), self._installed,
+                           bounded=False)  # fmt: skip
 
-    def _installed(self, _result, error) -> None:
-        self._installing = False
+    def _installed(self, rest, error) -> None:
+        """An install job ended: what it had no time for goes first next (other jobs, a control
+        request, ran between)."""
+        self._installing = 0
+        if error is None and rest and not self._closed:
+            self._recv.extendleft(reversed(rest))
         if error is not None:
             self.counts["install_errors"] += 1
             self.last_error = f"install: {error}"

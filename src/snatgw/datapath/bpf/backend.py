@@ -832,16 +832,17 @@ class BpfBackend:
         time (the daemon takes a bounded number per worker job)."""
         return self._m().iter_pairs(with_in=True)
 
-    def sync_install(self, records: list, counts: dict) -> int:
-        """The peer's sync records into the table (synctable.install; worker thread); the next
-        GC tick sweeps, which recounts the live counts, when pairs were written or removed."""
+    def sync_install(self, records: list, counts: dict, seconds: float | None = None) -> list:
+        """The peer's sync records into the table (synctable.install; worker thread), for at
+        most ``seconds``; returns the records there was no time for.  The next GC tick sweeps,
+        which recounts the live counts, when pairs were written or removed."""
         self._writable()
         if self._sync_routes is None:
             self._sync_routes = synctable.RouteCache(self.resolver)
-        n = synctable.install(self, records, self._sync_routes, counts)
+        n, taken = synctable.install(self, records, self._sync_routes, counts, seconds)
         if n:
             self._next_sweep = 0.0
-        return n
+        return records[taken:]
 
     # ------------------------------------------------------------- audit log
 

@@ -186,13 +186,18 @@ def routed_as_rule(rule, ip, rip, rt, in_eg, roles: dict) -> bool:
     return rule.match(ip, rip, Route(oif, ipaddress.IPv4Address(rt[1]))) is None
 
 
-def install(backend, records: list[Record], routes: RouteCache, counts: dict) -> int:
+def install(backend, records: list[Record], routes: RouteCache, counts: dict,
+            seconds: float | None = None) -> tuple[int, int]:
     """Apply the peer's ``records`` to ``backend``'s table (worker thread); adds to ``counts``
-    (COUNTS); returns how many pairs were written or removed (the live counts want a sweep)."""
+    (COUNTS); returns (how many pairs were written or removed: the live counts want a sweep,
+    how many records were taken).  With ``seconds`` it stops once that long has passed (each
+    new route is an `ip route get`: a burst toward many remotes would hold the worker, which
+    every control request waits for), leaving the rest to the caller."""
     cfg = backend.config
     if cfg is None or backend.maps is None or backend.readonly:
         counts["rejected"] += len(records)
-        return 0
+        return 0, len(records)
+    stop = None if seconds is None else time.monotonic() + seconds
     ct = backend.maps.ct
     rules = {r.rule_id: r for r in cfg.rules}
     pools = dict(backend._pools or {})
@@ -200,7 +205,11 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict) ->
     now = monotonic_ns()
     changed = 0
     live = roles = None
+    taken = 0
     for r in records:
+        if stop is not None and taken and time.monotonic() >= stop:
+            break
+        taken += 1
         got = judge(r, rules, pools, settings)
         if got is None:
             counts["rejected"] += 1
@@ -269,7 +278,7 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict) ->
             counts["installed"] += 1
             live += 1
             changed += 1
-    return changed
+    return changed, taken
 
 
 def describe(r: Record) -> str:
