@@ -9,7 +9,7 @@ import time
 from snatgw.config.parse import parse_text
 from snatgw.daemon import synccodec as C
 from snatgw.datapath.bpf import synctable as T
-from snatgw.layout import IPPROTO_UDP, CtState
+from snatgw.layout import IPPROTO_ICMP, IPPROTO_UDP, CtState
 
 N = 10_000
 
@@ -44,3 +44,17 @@ def test_judge_with_10000_rules_is_one_look_up_a_record_not_a_scan_of_every_pool
         assert T.judge(rec(f"203.0.113.{i % 250 + 1}"), rules, pools, cfg.settings) is not None
     took = time.perf_counter() - t
     assert took < 0.3, f"{took:.2f} s for 300 records"
+
+
+def test_judge_rejects_what_is_not_carried():
+    """ICMP queries are not carried (docs/operations.md): the peer never sends them, and a record
+    of one (a key holder's, another version's) is rejected like any record no rule allows."""
+    cfg = _config()
+    rules = {r.rule_id: r for r in cfg.rules}
+    pools = {r.rule_id: r.pool for r in cfg.rules}
+    rule = next(iter(cfg.rules))
+    base = C.Record(C.OP_UPDATE, IPPROTO_UDP, int(CtState.UDP), 0, socket.inet_aton("10.0.0.9"), 40000,
+                    socket.inet_aton("203.0.113.10"), 53, socket.inet_aton(str(rule.pool.first)), 6000, rule.rule_id, 0)
+    assert T.judge(base, rules, pools, cfg.settings) is not None
+    icmp = base._replace(proto=IPPROTO_ICMP, state=int(CtState.ICMP))
+    assert T.judge(icmp, rules, pools, cfg.settings) is None

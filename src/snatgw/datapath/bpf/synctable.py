@@ -185,7 +185,7 @@ def judge(r: Record, rules: dict, pools: dict, settings) -> tuple | None:
     """(rule, inside, remote, SNAT address) when a local rule could have made ``r``'s session,
     else None (rejected)."""
     rule = rules.get(r.rule_id)
-    if rule is None:
+    if rule is None or r.proto not in SYNCED:  # ICMP queries are not carried (short-lived, made again)
         return None
     ip, rip, nip = (ipaddress.IPv4Address(a) for a in (r.inside, r.remote, r.nat))
     pool = pools.get(r.rule_id, rule.pool)
