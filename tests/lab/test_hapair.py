@@ -368,6 +368,18 @@ def _timeout(entry: dict) -> int:
     return int(entry["line"].split()[2])
 
 
+def assert_b_carries_the_flows(o) -> None:
+    """What a stateful failover promises, whichever carries the sessions: B's daemon lists the
+    TCP connection under its rule with A's SNAT address and port, the UDP flow keeps its
+    mapping, a new connection after the failover works, and nothing private leaked."""
+    assert [(c["rule"], c["nat"], c["state"]) for c in o.b_conns] == [
+        ("#1", f"{o.tcp_peers[0][0]}:{o.tcp_peers[0][1]}", "ESTABLISHED")], o.b_conns
+    assert len(o.udp_before) == 1 and o.udp_after == o.udp_before, (o.udp_before, o.udp_after)
+    assert next(iter(o.udp_before))[0] in POOL
+    assert o.new_tcp_peer is not None and o.new_tcp_peer[0] in POOL, o
+    assert o.leaks == [] and o.seen > 0 and o.dropped == 0, o.leaks
+
+
 def test_nft_backend_with_conntrackd_keeps_tcp_and_its_mapping_across_a_failover(pair):
     """keepalived moves the VIP and the pool and runs conntrackd's primary-backup.sh (pointed at
     the test's files: the edit the docs ask for) as notify_master/backup/fault."""
@@ -383,13 +395,7 @@ def test_nft_backend_with_conntrackd_keeps_tcp_and_its_mapping_across_a_failover
         o.a_entry["nat"], o.a_entry["nat_port"], o.a_entry["mark"]) == (
         o.tcp_peers[0][0], str(o.tcp_peers[0][1]), o.a_entry["mark"]), o
     assert int(o.a_entry["mark"]) & 0xFC00, o.a_entry  # a device id is there to carry
-    # B's daemon names the carried session's rule and SNAT address
-    assert [(c["rule"], c["nat"], c["state"]) for c in o.b_conns] == [
-        ("#1", f"{o.tcp_peers[0][0]}:{o.tcp_peers[0][1]}", "ESTABLISHED")], o.b_conns
-    assert len(o.udp_before) == 1 and o.udp_after == o.udp_before, (o.udp_before, o.udp_after)
-    assert next(iter(o.udp_before))[0] in POOL
-    assert o.new_tcp_peer is not None and o.new_tcp_peer[0] in POOL, o
-    assert o.leaks == [] and o.seen > 0 and o.dropped == 0, o.leaks
+    assert_b_carries_the_flows(o)
     # snatgw's timeout policy is not carried: the committed entry ages by the kernel's sysctls
     # (ESTABLISHED 432000 s here) until examples/sysctl-ha.conf makes them snatgw's (applied on B
     # while the connection runs: read after the flows closed, a FIN state's timeout passed this
@@ -427,12 +433,7 @@ def test_bpf_backend_with_session_sync_keeps_tcp_and_its_mapping_across_a_failov
     assert o.tcp_continued and not o.tcp_error and not o.server_error, o
     assert o.gap < 3, o.gap
     assert len(o.tcp_peers) == 2 and o.tcp_peers[0][0] in POOL, o.tcp_peers  # (the second: the new one)
-    assert [(c["rule"], c["nat"], c["state"]) for c in o.b_conns] == [
-        ("#1", f"{o.tcp_peers[0][0]}:{o.tcp_peers[0][1]}", "ESTABLISHED")], o.b_conns
-    assert len(o.udp_before) == 1 and o.udp_after == o.udp_before, (o.udp_before, o.udp_after)
-    assert next(iter(o.udp_before))[0] in POOL
-    assert o.new_tcp_peer is not None and o.new_tcp_peer[0] in POOL, o
-    assert o.leaks == [] and o.seen > 0 and o.dropped == 0, o.leaks
+    assert_b_carries_the_flows(o)
 
 
 def test_bpf_backend_without_session_sync_breaks_the_tcp_connection(pair):
