@@ -42,10 +42,11 @@ def lock_path(name: str = OWNER_NAME, lock_dir: str = OWNER_LOCK_DIR) -> str:
     return os.path.join(lock_dir, f"{name.replace('/', '_')}-{_netns_id()}.lock")
 
 
-def state_path(kind: str, name: str = OWNER_NAME, lock_dir: str = OWNER_LOCK_DIR) -> str:
-    """This namespace's run-time state file of ``kind`` next to its owner lock (Owner.state_path
-    of the daemon that holds it; `snatgw purge` reads it after a daemon killed)."""
-    return lock_path(name, lock_dir).removesuffix(".lock") + "." + kind
+def state_path(kind: str, name: str = OWNER_NAME, lock_dir: str = OWNER_LOCK_DIR, lock: str | None = None) -> str:
+    """This namespace's run-time state file of ``kind`` next to its owner lock (``lock``: that
+    lock's path, the daemon's; `snatgw purge` reads the file after a daemon killed): the same
+    name, ``.<kind>`` for ``.lock``."""
+    return (lock or lock_path(name, lock_dir)).removesuffix(".lock") + "." + kind
 
 
 def _lock_dir_ok(lock_dir: str) -> None:
@@ -278,7 +279,7 @@ class NamespaceOwner:
         """A run-time state file of this daemon's namespace, next to its owner lock (the same
         name, ``.<kind>`` for ``.lock``): only the lock's holder writes it; it outlives a daemon
         killed, for the next one (the `rps_cpus` masks before: daemon/rps.py)."""
-        return self.lock_path.removesuffix(".lock") + "." + kind
+        return state_path(kind, lock=self.lock_path)
 
     def _take_lock(self) -> bool:
         """Lock the file at lock_path: True when it is ours and still the one at that path (the
