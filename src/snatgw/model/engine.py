@@ -99,9 +99,7 @@ def frame_for_us(dst_mac: bytes, device_mac: bytes) -> bool:
     is ``device_mac`` as sent to the gateway: its own MAC, or a VRRP virtual MAC (RFC 5798 7.3,
     00-00-5E-00-01-{VRID}: keepalived's use_vmac), never another host's, a broadcast or a
     multicast one (the kernel forwards none of those)."""
-    if dst_mac == device_mac:
-        return True
-    return not dst_mac[0] & 1 and dst_mac[:5] == b"\x00\x00\x5e\x00\x01"
+    return dst_mac == device_mac or dst_mac[:5] == b"\x00\x00\x5e\x00\x01"  # (a unicast prefix)
 
 
 def _verdict_of(reason: Reason) -> Verdict:
@@ -177,7 +175,7 @@ class Engine:
                 res = Result(Verdict.DROP, Reason.DROP_FRAG_UNKNOWN, pkt)
             else:
                 res = self._later_fragment(pkt, v, now)
-        elif not for_us and v is not Reason.PASS_NOT_IPV4:  # step 1a: the kernel forwards only frames sent to the device
+        elif not for_us and v is not Reason.PASS_NOT_IPV4:  # step 1a: the kernel forwards only frames to the device
             res = Result(Verdict.PASS, Reason.PASS_NOT_FOR_US, pkt)
         elif isinstance(v, Reason):
             res = Result(_verdict_of(v), v, pkt)
