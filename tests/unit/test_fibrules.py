@@ -3,6 +3,8 @@ whether a new session's route back may be the reverse-path check's), rules in, a
 
 from snatgw.fibrules import PolicyRule, describe, route_back_blocker
 
+from tests.unit.daemon_fakes import Loop, Worker
+
 DEFAULT = [PolicyRule(0, table=255), PolicyRule(32766, table=254), PolicyRule(32767, table=253)]
 FWD = {"lo": True, "eth1": True, "lan40": True}
 
@@ -51,17 +53,6 @@ def test_a_device_with_forwarding_off_makes_it_looked_up():
     assert route_back_blocker(DEFAULT + [PolicyRule(9, iif="x")], {"eth2": False}).startswith("iif rule")
 
 
-class _Worker:
-    """The daemon's worker as Extras uses it: jobs kept, run by the test."""
-
-    def __init__(self):
-        self.jobs = []
-
-    def submit(self, fn, done=None, bounded=True):
-        self.jobs.append((fn, done))
-        return True
-
-
 def test_rule_events_judge_again_one_job_at_a_time():
     """The daemon's extras: a burst of IPv4 rule events while a judgement runs makes one more
     judgement after it (it may have read the old rules), never a queue of them."""
@@ -74,7 +65,7 @@ def test_rule_events_judge_again_one_job_at_a_time():
         def refresh_route_back(self):
             Service.judged += 1
 
-    w = _Worker()
+    w = Worker()
     ex = Extras(Service(), loop=None, worker=w, log=Log())
     for _ in range(5):  # a burst: one job, one more owed
         ex._judge_route_back()
@@ -98,16 +89,6 @@ def test_attach_judges_again_once_the_socket_listens(monkeypatch):
     from snatgw.daemon.extras import Extras
     from snatgw.daemon.log import Log
 
-    class Loop:
-        def __init__(self):
-            self.readers = {}
-
-        def add_reader(self, f, cb):
-            self.readers[f] = cb
-
-        def remove(self, f):
-            self.readers.pop(f, None)
-
     class Service:
         judged = 0
 
@@ -115,7 +96,7 @@ def test_attach_judges_again_once_the_socket_listens(monkeypatch):
             Service.judged += 1
 
     monkeypatch.setattr(Extras, "refresh", lambda self: None)  # no links, no metrics listener
-    w, loop = _Worker(), Loop()
+    w, loop = Worker(), Loop()
     ex = Extras(Service(), loop=loop, worker=w, log=Log())
     ex.attach()
     try:

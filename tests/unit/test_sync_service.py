@@ -15,43 +15,7 @@ from snatgw.daemon import sync as S
 from snatgw.daemon import synccodec as C
 from snatgw.daemon.log import Log
 
-
-class Timer:
-    def cancel(self):
-        pass
-
-
-class Loop:
-    def __init__(self):
-        self.readers = {}
-
-    def add_reader(self, f, cb):
-        self.readers[f] = cb
-
-    def remove(self, f):
-        self.readers.pop(f, None)
-
-    def every(self, interval, cb, first=None):
-        return Timer()
-
-    def call_soon_threadsafe(self, cb):
-        cb()
-
-
-class Worker:
-    def __init__(self):
-        self.jobs = []
-
-    def submit(self, fn, done=None, bounded=True):
-        self.jobs.append((fn, done))
-        return True
-
-    def run(self):
-        while self.jobs:
-            fn, done = self.jobs.pop(0)
-            r = fn()
-            if done:
-                done(r, None)
+from tests.unit.daemon_fakes import Loop, Worker
 
 
 class Backend:
