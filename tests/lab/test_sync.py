@@ -54,6 +54,20 @@ class Gw:
         return subprocess.run(snatgw_argv(*args, "--socket", self.pair.socket("gwa")), capture_output=True, text=True,
                               timeout=timeout)  # fmt: skip
 
+    @property
+    def conf(self) -> str:
+        """gwa's config as the pair wrote it."""
+        return f"{self.pair.workdir}/gwa.conf"
+
+    def variant(self, name: str, old: str, new: str, count: int = -1) -> str:
+        """gwa's config with ``old`` made ``new``, written as gwa-<name>.conf: its path."""
+        with open(self.conf) as f:
+            text = f.read()
+        path = f"{self.pair.workdir}/gwa-{name}.conf"
+        with open(path, "w") as f:
+            f.write(text.replace(old, new, count))
+        return path
+
     def sync(self) -> dict:
         p = self.call("stats", "-j")
         assert p.returncode == 0, p.stderr
@@ -341,14 +355,9 @@ def test_a_sends_its_own_sessions_new_at_once_and_whole_when_the_peer_starts(gw)
 def test_a_reload_rebinds_the_sync_and_turns_it_off(gw):
     """A reload with another sync_port re-binds (a new boot id; the old port no longer
     answers); one without the settings turns the sync off; the first config back turns it on."""
-    pair = gw.pair
-    conf = f"{pair.workdir}/gwa.conf"
-    with open(conf) as f:
-        text = f.read()
-    other = f"{pair.workdir}/gwa-other.conf"
+    conf = gw.conf
+    other = gw.variant("other", f"sync_local {SYNC['gwa']}\n", f"sync_local {SYNC['gwa']}\n    sync_port 3782\n")
     try:
-        with open(other, "w") as f:
-            f.write(text.replace(f"sync_local {SYNC['gwa']}\n", f"sync_local {SYNC['gwa']}\n    sync_port 3782\n"))
         was = gw.sync()
         assert gw.call("reload", other).returncode == 0
         now = gw.sync()
@@ -368,19 +377,13 @@ def test_a_sync_that_starts_with_an_empty_table_says_so_to_the_peer_at_once(gw):
     next refresh, up to 10 s after: on a failback the returning MASTER dropped the flows it
     took over meanwhile.  A sync that starts (here: a reload that re-binds it, the table
     flushed) sends the peer a datagram of no records under its new boot id within a second."""
-    pair = gw.pair
-    conf = f"{pair.workdir}/gwa.conf"
-    with open(conf) as f:
-        text = f.read()
-    other = f"{pair.workdir}/gwa-hello.conf"
+    pair, conf = gw.pair, gw.conf
+    other = gw.variant("hello", f"sync_local {SYNC['gwa']}\n", f"sync_local {SYNC['gwa']}\n    sync_port {PORT + 1}\n")
     dec = C.Decoder(read_sync_key(pair.sync_key_path()))
     with ns_socket(pair.ns("gwb"), socket.AF_INET, socket.SOCK_DGRAM) as peer:
         peer.bind((SYNC["gwb"], PORT + 1))
         peer.settimeout(0.2)
         try:
-            with open(other, "w") as f:
-                f.write(text.replace(f"sync_local {SYNC['gwa']}\n",
-                                     f"sync_local {SYNC['gwa']}\n    sync_port {PORT + 1}\n"))
             assert gw.call("flush", "--all").returncode == 0
             assert gw.call("reload", other).returncode == 0
             boot = int(gw.sync()["boot_id"], 16)
@@ -401,17 +404,12 @@ def test_a_sync_that_starts_with_an_empty_table_says_so_to_the_peer_at_once(gw):
 def test_with_an_audit_log_its_reader_hands_the_records_over(gw):
     """With audit_log set the audit log's reader reads the datapath's ring (one reader at a
     time) and hands each record to the sync too: a new flow is in the file and at the peer."""
-    pair = gw.pair
-    conf = f"{pair.workdir}/gwa.conf"
-    with open(conf) as f:
-        text = f.read()
-    audited = f"{pair.workdir}/gwa-audit.conf"
+    pair, conf = gw.pair, gw.conf
     log = f"{pair.workdir}/audit.jsonl"
+    audited = gw.variant("audit", "    sync_peer", f"    audit_log {log}\n    sync_peer", 1)
     dec = C.Decoder(read_sync_key(pair.sync_key_path()))
     gw.sock.setblocking(False)
     try:
-        with open(audited, "w") as f:
-            f.write(text.replace("    sync_peer", f"    audit_log {log}\n    sync_peer", 1))
         assert gw.call("reload", audited).returncode == 0
         was = gw.sync()
         assert gw.sync()["local"] == was["local"]  # (the sync kept running: same settings)
@@ -447,14 +445,9 @@ def test_with_an_audit_log_its_reader_hands_the_records_over(gw):
 def test_a_sync_that_cannot_bind_is_a_problem_and_is_tried_again(gw):
     """sync_local not (yet) an address of the gateway: status names the problem and the error;
     once the address is there, the next try (a reload here; a timer otherwise) starts it."""
-    pair = gw.pair
-    conf = f"{pair.workdir}/gwa.conf"
-    with open(conf) as f:
-        text = f.read()
-    later = f"{pair.workdir}/gwa-later.conf"
+    pair, conf = gw.pair, gw.conf
+    later = gw.variant("later", f"sync_local {SYNC['gwa']}", "sync_local 198.18.99.5")
     try:
-        with open(later, "w") as f:
-            f.write(text.replace(f"sync_local {SYNC['gwa']}", "sync_local 198.18.99.5"))
         assert gw.call("reload", later).returncode == 0
         p = gw.call("status", "-j")
         st = json.loads(p.stdout)
