@@ -159,11 +159,15 @@ class SyncService:
 
     # ------------------------------------------------------------------ sending
 
+    def _fit(self, items: list, room: int, drop: str) -> list:
+        """The first ``room`` of ``items`` (a queue's bound); the rest dropped, counted as ``drop``."""
+        if room < len(items):
+            self.drops[drop] += len(items) - max(room, 0)
+            items = items[: max(room, 0)]
+        return items
+
     def _queue(self, packed: list[bytes], counted: str) -> int:
-        room = SEND_QUEUE_MAX - len(self._send)
-        if room < len(packed):
-            self.drops["send_queue"] += len(packed) - max(room, 0)
-            packed = packed[: max(room, 0)]
+        packed = self._fit(packed, SEND_QUEUE_MAX - len(self._send), "send_queue")
         self._send.extend(packed)
         self.counts[counted] += len(packed)
         return len(packed)
@@ -286,11 +290,7 @@ class SyncService:
                 self.counts["peer_boots"] += 1
                 self._start_walk(again=True)
             self.counts["received_records"] += len(recs)
-            room = RECV_QUEUE_MAX - len(self._recv) - self._installing
-            if room < len(recs):
-                self.drops["recv_queue"] += len(recs) - max(room, 0)
-                recs = recs[: max(room, 0)]
-            self._recv.extend(recs)
+            self._recv.extend(self._fit(recs, RECV_QUEUE_MAX - len(self._recv) - self._installing, "recv_queue"))
         self._install_next()
 
     def _install_next(self) -> None:
