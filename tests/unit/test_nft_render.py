@@ -14,7 +14,7 @@ from snatgw.config.parse import parse_text
 from snatgw.config.schema import Settings
 from snatgw.datapath.nft import render as R
 from snatgw.errors import BackendError
-from snatgw.layout import Algo
+from snatgw.layout import REFUSE_ICMP_PER_SEC, Algo
 from snatgw.rules import Pool, Rule, RuleSet, parse_net
 
 GOLDEN = Path(__file__).resolve().parents[1] / "nft" / "golden"
@@ -253,3 +253,26 @@ def test_inside_device_ids_are_stable_distinct_and_kept_out_of_every_rule_match(
     assert 'counter name "no_session" drop comment "about a connection of another inside device"' in text
     bare = R.to_text(_plan(REF.replace("inside lan40 lan50", "")))  # no inside devices: no ids
     assert "jump mark_dev" not in bare and "jump err_dev" not in bare and "ct mark set ct mark or" not in bare
+
+
+def test_refuse_icmp_answers_a_host_over_its_limit_with_host_unreachable_rate_limited():
+    """max_sessions_per_host with refuse_icmp yes: the host-limit rule counts and jumps to
+    refuse_host, which rejects with ICMP host unreachable at most REFUSE_ICMP_PER_SEC a second
+    and drops beyond that; without refuse_icmp the host-limit rule drops and refuse_host is
+    empty.  Text and JSON say the same."""
+    conf = ("snatgw {\n inside lan40\n max_sessions_per_host 60\n%s}\n"
+            "virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n")
+    on, off = (R.plan(c.rules, c.settings) for c in (parse_text(conf % " refuse_icmp yes\n"), parse_text(conf % "")))
+    def stmts(r):
+        return " ".join(x[0] for x in r.pieces)
+
+    limit = [stmts(r) for r in on.rules if "host_limit" in r.text]
+    assert len(limit) == 1 and limit[0].endswith('counter name "host_limit" jump refuse_host'), limit
+    assert [stmts(r) for r in on.rules if r.chain == "refuse_host"] == [
+        f"limit rate {REFUSE_ICMP_PER_SEC}/second reject with icmp type host-unreachable", "drop"]
+    js = [c["add"]["rule"] for c in R.to_json(on)["nftables"] if "add" in c and "rule" in c["add"]]
+    assert [j["expr"] for j in js if j["chain"] == "refuse_host"] == [
+        [{"limit": {"rate": REFUSE_ICMP_PER_SEC, "per": "second"}}, {"reject": {"type": "icmp", "expr": "host-unreachable"}}],
+        [{"drop": None}]]  # fmt: skip
+    assert [stmts(r) for r in off.rules if "host_limit" in r.text][0].endswith('counter name "host_limit" drop')
+    assert not [r for r in off.rules if r.chain == "refuse_host"]

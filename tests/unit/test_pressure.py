@@ -273,17 +273,17 @@ virtual_server fwmark 1 {
 
 
 def test_check_says_which_pressure_settings_the_nft_backend_ignores():
-    """backend nft: an asked-for spill (global or the rule's), refuse_icmp yes and a port_tries
-    of one's own are warned about (the kernel's nf_nat does none of them); the defaults, drop,
-    and the same settings on the bpf backend give no warning."""
+    """backend nft: an asked-for spill (global or the rule's) and a port_tries of one's own are
+    warned about (the kernel's nf_nat does neither); refuse_icmp yes is built there (the
+    refuse_host chain) and not warned about; the defaults, drop, and the same settings on the
+    bpf backend give no warning."""
     from snatgw.cli.commands.check import config_warnings
     from snatgw.config.parse import parse_text
 
     w = config_warnings(parse_text(NFT_CONF % ("  on_exhausted spill\n  refuse_icmp yes\n  port_tries 16\n",
                                                "on_exhausted spill "), "n.conf"))  # fmt: skip
     assert [x.split(" is ignored")[0] for x in w] == [
-        "n.conf: on_exhausted: spill", "n.conf:10: on_exhausted: spill", "n.conf: refuse_icmp: yes",
-        "n.conf: port_tries: 16"]
+        "n.conf: on_exhausted: spill", "n.conf:10: on_exhausted: spill", "n.conf: port_tries: 16"]
     assert config_warnings(parse_text(NFT_CONF % ("  on_exhausted drop\n  port_tries 128\n", ""), "n.conf")) == []
     bpf = NFT_CONF.replace("backend nft", "backend bpf")
     assert config_warnings(parse_text(bpf % ("  on_exhausted spill\n  refuse_icmp yes\n  port_tries 16\n",

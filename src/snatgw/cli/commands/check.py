@@ -92,9 +92,6 @@ def nft_pressure_warnings(cfg: GatewayConfig) -> list[str]:
              "and never tries another address of the pool (docs/nftables.md, \"Port pressure\")")
     out = [f"{src}: on_exhausted: {spill}"] if s.on_exhausted == "spill" else []
     out += [f"{r.where}: on_exhausted: {spill}" for r in cfg.rules.defined if r.on_exhausted == "spill"]
-    if s.refuse_icmp:
-        out.append(f"{src}: refuse_icmp: yes is ignored with backend nft: a host over its "
-                   "max_sessions_per_host is dropped without an ICMP error (docs/nftables.md)")
     if s.port_tries != PORT_TRIES:
         out.append(f"{src}: port_tries: {s.port_tries} is ignored with backend nft: the kernel's nf_nat "
                    "runs its own search, about 240 tries (docs/nftables.md)")

@@ -24,6 +24,8 @@ How the rule set works (docs/nftables.md has the long form and what differs from
             a port/protocol unreachable or reassembly time exceeded from inside RELATED to a
             connection of ours whose original source is not the error's source is dropped
             (err_host, counter `not_from_host`, by the set `same_host`: S_SAME).
+            A new flow over its host's max_sessions_per_host is dropped (counter `host_limit`),
+            or with refuse_icmp answered with ICMP host unreachable, rate-limited (refuse_host).
   nat_out   postrouting/srcnat: `ct mark M` -> `snat to POOL[:PORTS]` (algo mapped, below).
   leak_guard postrouting, priority 200 (after NAT): a packet leaving an uplink whose source is
             still in a rule's `from` net and not a local address is dropped (counter `leak`),
@@ -39,7 +41,7 @@ from ipaddress import IPv4Address, IPv4Network, collapse_addresses
 
 from ...config.schema import Settings, rule_host_limit
 from ...errors import BackendError
-from ...layout import ICMP_HOST_ONLY_ERRORS, Algo, CtState
+from ...layout import ICMP_HOST_ONLY_ERRORS, REFUSE_ICMP_PER_SEC, Algo, CtState
 from ...rules import ANY_NET, Rule, RuleSet, pool_sources
 
 FAMILY = "ip"
@@ -351,6 +353,22 @@ def v(verdict: str) -> tuple:
     return verdict, {verdict: None}
 
 
+def v_jump(chain: str) -> tuple:
+    return f"jump {chain}", {"jump": {"target": chain}}
+
+
+def s_limit_per_second(rate: int) -> tuple:
+    """`limit rate N/second`: matches while the token bucket (N a second, nft's default burst
+    of 5) has a token."""
+    return f"limit rate {rate}/second", {"limit": {"rate": rate, "per": "second"}}
+
+
+def s_reject_host_unreachable() -> tuple:
+    """ICMP destination unreachable, code 1 (host unreachable), to the packet's source: the kernel
+    builds it (nf_send_unreach), routed back with the gateway's address toward that host."""
+    return "reject with icmp type host-unreachable", {"reject": {"type": "icmp", "expr": "host-unreachable"}}
+
+
 def s_snat(rule: Rule, ports: tuple[int, int] | None) -> tuple:
     """The SNAT statement for the rule's pool and algo (ALGO_NOTES says how faithful it is)."""
     pool = rule.pool
@@ -467,6 +485,7 @@ def _chain_defs() -> list[tuple[str, dict | None]]:
         ("mark_dev", base | {"name": "mark_dev"}),
         ("err_dev", base | {"name": "err_dev"}),
         ("err_host", base | {"name": "err_host"}),
+        ("refuse_host", base | {"name": "refuse_host"}),
         ("nat_out", base | {"name": "nat_out", "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}),
         ("leak_guard", base | {"name": "leak_guard", "type": "filter", "hook": "postrouting", "prio": 200,
                                "policy": "accept"}),
@@ -640,8 +659,17 @@ def plan(rules: RuleSet, settings: Settings, gw_dev: dict | None = None) -> Plan
             if (host_set(limit), "ipv4_addr") not in sets:
                 sets.append((host_set(limit), "ipv4_addr"))
             add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark(mark_of(slots[r.identity])),
-                            s_ct_count_over(host_set(limit), K_SADDR, limit),
-                            s_counter(C_HOST_LIMIT), v("drop")], f"max_sessions_per_host {limit}")  # fmt: skip
+                            s_ct_count_over(host_set(limit), K_SADDR, limit), s_counter(C_HOST_LIMIT),
+                            v_jump("refuse_host") if settings.refuse_icmp else v("drop")],
+                f"max_sessions_per_host {limit}")  # fmt: skip
+    if settings.refuse_icmp:
+        # refuse_icmp yes (RFC 6888 REQ-11): the refused packet is answered with ICMP host
+        # unreachable, at most REFUSE_ICMP_PER_SEC a second over all hosts as on bpf (a token
+        # bucket here, a calendar second there), and dropped beyond that; the kernel's own ICMP
+        # rate limits (net.ipv4.icmp_ratelimit, per destination host) apply on top
+        add("refuse_host", [s_limit_per_second(REFUSE_ICMP_PER_SEC), s_reject_host_unreachable()],
+            "refuse_icmp: a host over its max_sessions_per_host hears host unreachable")  # fmt: skip
+        add("refuse_host", [v("drop")], "refuse_icmp: over the rate, dropped in silence")
     if settings.inside:  # a new flow of ours remembers its inside device (once: its id bits are 0)
         add("forward", [m_ct_state("new"), m_ct_original(), m_ct_mark_ours(), m_ct_dev(0)] + inside +
             [("jump mark_dev", {"jump": {"target": "mark_dev"}})])  # fmt: skip
