@@ -533,6 +533,16 @@ class RuleSet:
                 return r
         return None
 
+    def first(self, src: IPv4Address, dst: IPv4Address, route: Route | None) -> Rule | None:
+        """match()'s answer (the datapath's: the first rule in priority order whose conditions
+        hold) by an index built once per RuleSet, not a walk of every rule before it: one dict
+        look-up per distinct (from, to) prefix-length pair, then the few rules of that pair of
+        nets (a peer's sync records ask it for each record; 10,000 rules were 40 ms a record)."""
+        idx = self.__dict__.get("_first")
+        if idx is None:
+            idx = self.__dict__["_first"] = _FirstMatch(self.rules)
+        return idx.match(src, dst, route)
+
     def explain(self, src, dst, route) -> tuple[Rule | None, list[tuple[Rule, str]]]:
         """The matching rule and, for every rule before it and after, why it did not win."""
         winner = None
@@ -569,6 +579,35 @@ class RuleSet:
         for r in self.rules:
             if r.identity == identity:
                 return r
+        return None
+
+
+class _FirstMatch:
+    """RuleSet.first()'s index.  The priority order sorts by `from` prefix length, then `to`
+    prefix length, then route conditions and definition: so the rules of one (from length, to
+    length) pair are contiguous, the pairs in priority order, and within a pair the rules of one
+    (from net, to net) keep their order.  A flow's first match is therefore the first rule whose
+    route conditions hold among those of its masked (from, to) nets, in the first pair that has
+    one."""
+
+    def __init__(self, rules: tuple[Rule, ...]):
+        self.pairs: list[tuple[int, int, dict[tuple[int, int], list[Rule]]]] = []
+        for r in rules:
+            slen, dlen = r.src.prefixlen, r.dst.prefixlen
+            if not self.pairs or self.pairs[-1][:2] != (slen, dlen):
+                self.pairs.append((slen, dlen, {}))
+            key = (int(r.src.network_address), int(r.dst.network_address))
+            self.pairs[-1][2].setdefault(key, []).append(r)
+
+    def match(self, src: IPv4Address, dst: IPv4Address, route: Route | None) -> Rule | None:
+        s, d = int(src), int(dst)
+        for slen, dlen, nets in self.pairs:
+            got = nets.get((s & (0xFFFFFFFF << (32 - slen)) & 0xFFFFFFFF, d & (0xFFFFFFFF << (32 - dlen)) & 0xFFFFFFFF))
+            if got is None:
+                continue
+            for r in got:
+                if r.match(src, dst, route) is None:
+                    return r
         return None
 
 

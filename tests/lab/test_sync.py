@@ -171,11 +171,140 @@ def test_records_whose_routes_no_local_rule_would_translate_open_nothing(gw):
                udp_rec(40311, 6013)._replace(remote=quad("198.18.60.20")),  # out lan0: inside
                udp_rec(40312, 6014, inside="198.18.60.50")]  # its route back is wan0's  # fmt: skip
         gw.send(bad)
-        y = gw.wait(lambda y: y["rejected"] + y["installed"] >= before["rejected"] + before["installed"] + 3)
+        judged = ("rejected", "installed", "no_rule")
+        y = gw.wait(lambda y: sum(y[k] for k in judged) >= sum(before[k] for k in judged) + 3)
     finally:
         pair.ip("gwa", "route", "del", "198.18.60.50/32", check=False)
-    assert y["rejected"] == before["rejected"] + 3 and y["installed"] == before["installed"], y
+    # (the remote out sync0: no rule here matches the flow with its route)
+    assert y["rejected"] == before["rejected"] + 2 and y["no_rule"] == before["no_rule"] + 1, y
+    assert y["installed"] == before["installed"], y
     assert not [c for c in gw.conns() if c["inside"].endswith((":40310", ":40311", ":40312"))]
+
+
+RULE_LINE = f"snat_rule {{ from 198.18.60.0/24  oif wan0  snat_ip {POOL[0]}-{POOL[-1]}  algo sdh }}"
+
+
+def test_a_record_whose_flow_an_earlier_rule_would_take_is_refused(gw):
+    """With a more specific rule before the record's (`from 198.18.60.0/25`, its own pool),
+    this gateway's datapath would give a flow of an inside host in that /25 to it, not to the
+    record's rule: the record is refused (other_rule), its mapping opens nothing; a host
+    outside the /25 is still the record's rule's, installed."""
+    pair, conf = gw.pair, gw.conf
+    assert RULE_LINE in open(conf).read()
+    earlier = gw.variant("earlier", RULE_LINE, f"snat_rule {{ from 198.18.60.0/25  oif wan0  snat_ip {POOL[1]} }}\n"
+                         f"  {RULE_LINE}")  # fmt: skip
+    try:
+        assert gw.call("reload", earlier).returncode == 0
+        before = gw.sync()
+        gw.send([udp_rec(40330, 6050), udp_rec(40331, 6051, inside="198.18.60.200")])
+        y = gw.wait(lambda y: y["other_rule"] + y["installed"] >= before["other_rule"] + before["installed"] + 2)
+        assert y["other_rule"] == before["other_rule"] + 1 and y["installed"] == before["installed"] + 1, y
+        assert [c["inside"] for c in gw.conns() if c["inside"].endswith((":40330", ":40331"))] == [
+            "198.18.60.200:40331"]
+        with inside_sock(pair, 40330) as cli, server_sock(pair) as srv:
+            srv.sendto(b"in?", (POOL[0], 6050))
+            assert got(cli) is None
+    finally:
+        assert gw.call("reload", conf).returncode == 0
+        gw.call("flush", "--inside", "198.18.60.200")
+
+
+def test_records_past_an_inside_hosts_limit_are_not_installed(gw):
+    """max_sessions_per_host 2 on the rule: of three records for one inside host (none of its
+    sessions live), two are installed and the third is refused (host_limit), as is a fourth in
+    a later datagram; the host's own new flow is then refused by the datapath (at its limit)."""
+    pair, conf = gw.pair, gw.conf
+    limited = gw.variant("limit", "algo sdh }", "algo sdh  max_sessions_per_host 2 }")
+    try:
+        assert gw.call("reload", limited).returncode == 0
+        assert gw.call("flush", "--inside", HOST).returncode == 0
+        before = gw.sync()
+        gw.send([udp_rec(40340 + i, 6060 + i) for i in range(3)])
+        y = gw.wait(lambda y: y["host_limit"] + y["installed"] >= before["host_limit"] + before["installed"] + 3)
+        assert y["installed"] == before["installed"] + 2 and y["host_limit"] == before["host_limit"] + 1, y
+        gw.send([udp_rec(40343, 6063)])
+        y = gw.wait(lambda y: y["host_limit"] + y["installed"] >= before["host_limit"] + before["installed"] + 4)
+        assert y["installed"] == before["installed"] + 2 and y["host_limit"] == before["host_limit"] + 2, y
+        assert sorted(c["inside"] for c in gw.conns() if c["inside"].startswith(f"{HOST}:")) == [
+            f"{HOST}:40340", f"{HOST}:40341"]
+        with inside_sock(pair, 40349) as cli, server_sock(pair) as srv:
+            cli.sendto(b"up", (SERVER, REMOTE_PORT))
+            assert got(srv) is None
+    finally:
+        assert gw.call("reload", conf).returncode == 0
+        gw.call("flush", "--inside", HOST)
+
+
+def test_with_an_audit_log_a_synced_session_is_logged_marked_and_so_is_its_end(gw):
+    """audit_log on: a session installed from the peer's record is a create line there with
+    "synced": true (the other fields as any create's); its end by a flush is an end line as any
+    other's; one the peer's end record removes is an end line with why peer_end, synced."""
+    pair, conf = gw.pair, gw.conf
+    log = f"{pair.workdir}/audit-synced.jsonl"
+    audited = gw.variant("audit-synced", "    sync_peer", f"    audit_log {log}\n    sync_peer", 1)
+    a, b = "198.18.60.41", "198.18.60.42"
+
+    def lines(pred, n: int) -> list[dict]:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with open(log) as f:
+                    got = [json.loads(x) for x in f if x.strip()]
+            except FileNotFoundError:
+                got = []
+            got = [x for x in got if pred(x)]
+            if len(got) >= n or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    try:
+        assert gw.call("reload", audited).returncode == 0
+        gw.send([udp_rec(40350, 6070, inside=a), udp_rec(40351, 6071, inside=b)])
+        made = lines(lambda x: x["event"] == "create" and x["inside_addr"] in (a, b), 2)
+        assert sorted((x["inside_addr"], x["nat_port"], x["rule_id"], x.get("synced")) for x in made) == [
+            (a, 6070, RULE_ID, True), (b, 6071, RULE_ID, True)], made
+        assert list(made[0]) == ["time", "event", "proto", "inside_addr", "inside_port", "nat_addr", "nat_port",
+                                 "remote_addr", "remote_port", "rule_id", "backend", "synced"], made[0]
+        assert gw.call("flush", "--inside", a).returncode == 0
+        gw.send([udp_rec(40351, 6071, inside=b, op=C.OP_END, age_ms=0)])
+        ended = lines(lambda x: x["event"] == "end" and x["inside_addr"] in (a, b), 2)
+        assert sorted((x["inside_addr"], x["why"], x.get("synced")) for x in ended) == [
+            (a, "flush", None), (b, "peer_end", True)], ended
+    finally:
+        assert gw.call("reload", conf).returncode == 0
+
+
+def test_sessions_a_rule_change_removes_are_sent_to_the_peer_as_ends(gw):
+    """A reload that takes an address out of the rule's pool removes the sessions on it (their
+    next packet makes a fresh one): the peer is sent an end record for each, as for a flush or
+    an expiry, or it would keep them until they expire there."""
+    pair, conf = gw.pair, gw.conf
+    dec = C.Decoder(read_sync_key(pair.sync_key_path()))
+    narrowed = gw.variant("narrow", f"snat_ip {POOL[0]}-{POOL[-1]}", f"snat_ip {POOL[0]}")
+    gw.send([udp_rec(40360, 6080, nat=POOL[1], inside="198.18.60.43")])
+    gw.wait(lambda y: any(c["inside"] == "198.18.60.43:40360" for c in gw.conns()))
+    gw.sock.setblocking(False)
+    try:
+        while True:  # what A sent before
+            try:
+                gw.sock.recv(2048)
+            except BlockingIOError:
+                break
+        assert gw.call("reload", narrowed).returncode == 0
+        assert not [c for c in gw.conns() if c["inside"] == "198.18.60.43:40360"]
+        deadline = time.monotonic() + 3
+        end = None
+        while end is None and time.monotonic() < deadline:
+            try:
+                data = gw.sock.recv(2048)
+            except BlockingIOError:
+                time.sleep(0.02)
+                continue
+            end = next((r for r in dec.decode(data) if r.iport == 40360 and r.op == C.OP_END), None)
+        assert end is not None and (socket.inet_ntoa(end.nat), end.nport, end.rule_id) == (POOL[1], 6080, RULE_ID), end
+    finally:
+        gw.sock.setblocking(True)
+        assert gw.call("reload", conf).returncode == 0
 
 
 def test_a_record_older_than_this_gateways_clock_is_installed_and_does_not_stop_the_batch(gw):
@@ -275,7 +404,8 @@ def test_a_flood_of_valid_records_is_bounded_and_status_still_answers(gw):
     assert y["recv_queue"] == 0 and y["received_records"] >= 42 * 100, y
     # every record received was judged or dropped at the queue: none installed (no such rule)
     assert y["rejected"] + y["drops"]["recv_queue"] + y["installed"] + y["conflicts"] + y["refreshed"] \
-        + y["ended"] + y["table_full"] + y["no_route"] + y["stale_end"] + y["end_unknown"] == y["received_records"], y
+        + y["ended"] + y["table_full"] + y["no_route"] + y["stale_end"] + y["end_unknown"] + y["other_rule"] \
+        + y["no_rule"] + y["host_limit"] == y["received_records"], y
     assert time.monotonic() - t0 < 60
 
 

@@ -22,7 +22,9 @@ queue (QUEUE_MAX records; more are dropped and counted), the file (max_size, the
 logged at most once per ERROR_LOG_INTERVAL; the daemon never stops for it.
 
 A line (keys always in this order; ``why``, ``state``, ``last_seen`` only on ``end``; packets and
-bytes where the datapath counts them, nft with nf_conntrack_acct)::
+bytes where the datapath counts them, nft with nf_conntrack_acct; ``"synced": true`` last, only
+on the create of a session installed from the peer's session sync records and on the end of one
+that the peer's end record removed, ``why`` "peer_end")::
 
     {"time": "2026-11-29T10:42:07.512Z", "event": "create", "proto": "udp",
      "inside_addr": "198.18.40.10", "inside_port": 40000, "nat_addr": "198.51.100.7",
@@ -49,7 +51,7 @@ SYSLOG_PRI = 3 * 8 + 6  # facility daemon, severity info
 #: key order of a line
 FIELDS = ("time", "event", "proto", "inside_addr", "inside_port", "nat_addr", "nat_port", "remote_addr",
           "remote_port", "rule_id", "why", "state", "last_seen", "packets", "bytes", "rpackets", "rbytes",
-          "backend")  # fmt: skip
+          "backend", "synced")  # fmt: skip
 
 
 _iso_sec: list = [None, ""]  # the last second formatted (strftime is the dearest part of a line)

@@ -127,8 +127,9 @@ class ServiceCollector:
         rec = _c("sync_records", "session sync records: sent, received, and what the installer made of them",
                  ("result",))  # fmt: skip
         for k in ("sent_records", "received_records", "installed", "refreshed", "ended", "rejected", "conflicts",
-                  "table_full", "no_route", "stale_end", "end_unknown"):  # fmt: skip
-            rec.add_metric([k.removesuffix("_records")], y[k])
+                  "table_full", "no_route", "stale_end", "end_unknown", "other_rule", "no_rule",
+                  "host_limit"):  # fmt: skip
+            rec.add_metric([k.removesuffix("_records")], y.get(k, 0))
         yield rec
         dr = _c("sync_drops", "session sync datagrams and records dropped, by reason", ("reason",))
         for k, v in y["drops"].items():

@@ -107,6 +107,8 @@ class SyncService:
         self.sock = s
         loop.add_reader(s, self._on_readable)
         self._hello()
+        if hasattr(self.backend, "sync_sink"):  # sessions a rule change removes: ends for the peer
+            self.backend.sync_sink = self.on_ended
         self.timers = [loop.every(FLUSH_EVERY, self._flush), loop.every(REFRESH, self._start_walk, first=0.5)]
         self.log.info("sync", peer=f"{self.peer[0]}:{self.peer[1]}", local=f"{self.settings.sync_local}:"
                       f"{self.settings.sync_port}", boot_id=f"{self.encoder.boot_id:016x}")  # fmt: skip
@@ -144,6 +146,8 @@ class SyncService:
 
     def close(self) -> None:
         self._closed = True
+        if getattr(self.backend, "sync_sink", None) == self.on_ended:
+            self.backend.sync_sink = None
         self.own_ring(False)
         for t in self.timers:
             t.cancel()
@@ -178,6 +182,13 @@ class SyncService:
         packed = [r.pack() for r in (audit_record(raw, now) for raw in raws) if r is not None]
         if packed:
             self._queue(packed, "ring_records")
+
+    def on_ended(self, recs: list) -> None:
+        """End records of sessions the control plane removed (a rule change; any thread):
+        queued to be sent on the loop, as the datapath's own ends are."""
+        packed = [r.pack() for r in recs]
+        if packed and self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: self._closed or self._queue(packed, "ring_records"))
 
     def _drain_ring(self) -> None:
         if self.ring is not None:

@@ -119,7 +119,8 @@ def sync_text(y: dict) -> str:
         f"  sent: {y['sent_datagrams']} datagrams, {y['sent_records']} records (new/ended {y['ring_records']}, "
         f"refresh {y['walk_records']} in {y['walks']} walks); queued {y['send_queue']}",
         f"  received: {y['received_datagrams']} datagrams, {y['received_records']} records: installed "
-        f"{y['installed']}, refreshed {y['refreshed']}, ended {y['ended']}, rejected {y['rejected']}, conflicts "
+        f"{y['installed']}, refreshed {y['refreshed']}, ended {y['ended']}, rejected {y['rejected']}, earlier rule "
+        f"{y.get('other_rule', 0)}, no rule {y.get('no_rule', 0)}, host limit {y.get('host_limit', 0)}, conflicts "
         f"{y['conflicts']}, table full {y['table_full']}, no route {y['no_route']}, stale end "
         f"{y.get('stale_end', 0)}, end unknown {y.get('end_unknown', 0)}, bad {y.get('bad_records', 0)}",
         f"  dropped: {drops}" + (f"; last error: {y['last_error']}" if y.get("last_error") else ""),

@@ -224,6 +224,9 @@ class BpfBackend:
         #: the audit log's intake for sessions the control plane removes itself (rule changes):
         #: set by the daemon (daemon/audit.py), called with lists of record dicts
         self.audit_sink: Callable[[list[dict]], None] | None = None
+        #: the session sync's intake of the same removals, as end records for the peer (the
+        #: datapath's own ends reach it through the audit ring): set by daemon/sync.py
+        self.sync_sink: Callable[[list], None] | None = None
         #: why a new session's route back is looked up (fibrules.route_back_blocker; None:
         #: reused from the reverse-path check, CFG_F_BACK_FROM_RPF set); "not judged yet" at first
         self.route_back_blocker: str | None = "not judged yet"
@@ -776,6 +779,9 @@ class BpfBackend:
         moved = removed = 0
         sink = self.audit_sink  # set while the daemon writes an audit log
         ended: list[dict] = []
+        to_peer = self.sync_sink  # set while a session sync runs: the peer removes them too
+        ends: list = []
+        now = monotonic_ns()
 
         def remove(p) -> None:
             self.maps.delete_pair(p)
@@ -784,6 +790,13 @@ class BpfBackend:
                 if len(ended) >= 4096:
                     sink(ended[:])
                     ended.clear()
+            if to_peer is not None:
+                rec = synctable.end_record(p, now)
+                if rec is not None:
+                    ends.append(rec)
+                if len(ends) >= 4096:
+                    to_peer(ends[:])
+                    ends.clear()
 
         for p in pairs:
             rid = p.rule_id
@@ -816,6 +829,8 @@ class BpfBackend:
                 moved += 1
         if sink is not None and ended:
             sink(ended)
+        if to_peer is not None and ends:
+            to_peer(ends)
         return moved, removed
 
     # ------------------------------------------------------------- session sync

@@ -11,16 +11,20 @@ exists here, the SNAT address is in that rule's pool as installed now and its po
 port_range, the inside address in the rule's ``from`` and the remote in its ``to``, a TCP
 state for TCP and the UDP state for UDP; and before a pair is written, its routes must be
 those under which the datapath would give the flow that rule (``routed_as_rule``: the remote
-not behind an inside device, the rule's oif and gw those of the route to it,
-the inside host behind an inside device); anything else is ``rejected``.  A key holder can
-therefore only make sessions a local rule could have made for an inside host's flow.
+not behind an inside device, the inside host behind an inside device; anything else is
+``rejected``; and the rule the datapath would choose with the route to the remote, the first
+in priority order, is the record's: else ``other_rule`` or ``no_rule``), and its inside host
+below the rule's max_sessions_per_host (``host_limit``).  A key holder can therefore only make
+sessions a local rule could have made for an inside host's flow.
 
 A pair with the same mapping takes the newer last_seen (the peer's age on our clock), and the
 peer's TCP state when the peer saw the later packet; a key held by another mapping stays as it
 is (``conflicts``).  An end removes the pair with the same mapping unless we saw a packet of it
 after the peer's last one (the peer is the stale side: it came back after a failover).  The
 live counts are the expiry sweep's to recount: the backend sweeps at its next GC tick after an
-install or removal (as after its other control-plane writes).
+install or removal (as after its other control-plane writes); an inside host's count is added
+to at once while the datapath counts hosts (``HostCounts``).  With an audit log, a session
+installed is logged as a create marked ``synced``, one a peer's end removes as an end.
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ from socket import inet_ntoa
 
 from ... import layout as L
 from ...daemon.synccodec import OP_END, OP_UPDATE, Record
+from ...config.schema import rule_host_limit
 from ...errors import BackendError
 from ...rules import Route
 from . import libbpf as B
+from .audit import pair_record as audit_end
+from .audit import proto_name
 from .maps import CT_ENTRY, SessionPair, monotonic_ns
 
 ROUTE_TTL = 5.0  # seconds a resolved route is reused by installs (the kernel is asked again after)
@@ -47,8 +54,15 @@ TCP_STATES = frozenset(int(s) for s in L.CtState if s not in (L.CtState.UDP, L.C
 #: flags a synced session keeps: its mapping's endpoint-independent sharing, hairpinning and a
 #: walk's stamp are the sender's (the peer's pair is a plain one, its mapping the same)
 KEPT_FLAGS = L.CT_F_REPLIED
+#: what the installer made of the peer's records; of the refused ones, rejected (no local rule
+#: allows the record: rule, pool, ports, state, hairpin, the devices its routes leave by),
+#: other_rule (an earlier rule here would take the flow), no_rule (with the routes here no rule
+#: would: the record's oif or gw are not the route's), host_limit (its inside host is at the
+#: rule's max_sessions_per_host), table_full, no_route, conflicts
 COUNTS = ("installed", "refreshed", "ended", "rejected", "conflicts", "table_full", "no_route", "stale_end",
-          "end_unknown")
+          "end_unknown", "other_rule", "no_rule", "host_limit")
+#: the audit log's ``why`` of a session the peer's end record removed
+END_PEER = "peer_end"
 
 _OFF = L.CT_ENTRY.offsets()
 _KOFF = L.CT_KEY.offsets()
@@ -200,21 +214,73 @@ def judge(r: Record, rules: dict, pools: dict, settings) -> tuple | None:
     return rule, ip, rip, nip
 
 
-def routed_as_rule(rule, ip, rip, rt, in_eg, roles: dict) -> bool:
-    """Whether the datapath could give a new flow ``ip`` -> ``rip`` to ``rule`` on this gateway
-    as its routes are now (snat_v4_new): the route to the remote (``rt``) leaves by a device
-    that is not an inside one (between inside networks nothing is translated), ``rule`` matches
-    with that route's device and next hop (its oif and gw), and the route back to the inside
-    host (``in_eg``) leaves by an inside device (the one whose reverse path would vouch for the
-    source: the OUT entry's ``iif``).  (Whether an earlier rule would match first is not asked:
-    one Rule.match per record, not one per rule.)"""
+def routed_as_rule(rule, ruleset, ip, rip, rt, in_eg, roles: dict) -> str | None:
+    """None when the datapath would give a new flow ``ip`` -> ``rip`` to ``rule`` on this
+    gateway as its routes are now (snat_v4_new), else the COUNTS key of why not: the route to
+    the remote (``rt``) must leave by a device that is not an inside one (between inside
+    networks nothing is translated) and the route back to the inside host (``in_eg``) by an
+    inside device (the one whose reverse path would vouch for the source: the OUT entry's
+    ``iif``): else "rejected"; and the first rule of ``ruleset`` in priority order that matches
+    with the route's device and next hop (rules_match4: from, to, oif, gw) must be ``rule``:
+    "other_rule" when an earlier one does, "no_rule" when none does (``RuleSet.first``: an
+    index, not a walk of the rules before it)."""
     if roles.get(rt[0]) == L.IFACE_INSIDE or roles.get(in_eg[0]) != L.IFACE_INSIDE:
-        return False
+        return "rejected"
     try:
         oif = socket.if_indextoname(rt[0])
     except OSError:
-        return False
-    return rule.match(ip, rip, Route(oif, ipaddress.IPv4Address(rt[1]))) is None
+        return "rejected"
+    first = ruleset.first(ip, rip, Route(oif, ipaddress.IPv4Address(rt[1])))
+    if first is None:
+        return "no_rule"
+    return None if first.rule_id == rule.rule_id else "other_rule"
+
+
+class HostCounts:
+    """The inside hosts' live sessions (snat_host_sess) as the datapath judges a host limit
+    (snat_v4_new_mapping: refused when at ``max_sessions_per_host``), read once per host per
+    install job and followed through its installs; each install adds one to the map too while
+    the datapath counts hosts (CFG_F_HOST_COUNT), as its own new session does, so a later job or
+    the host's next new flow sees it before the next sweep recounts (a read, then a write: a
+    session the datapath adds for that host between them is missing until that sweep)."""
+
+    def __init__(self, maps, counting: bool):
+        self.map, self.counting = maps.maps[L.MAP_HOST_SESS], counting
+        self._n: dict[bytes, list[int]] = {}  # inside address (wire order) -> [sessions, refusals]
+
+    def _get(self, host: bytes) -> list[int]:
+        got = self._n.get(host)
+        if got is None:
+            raw = self.map.get(host)
+            c = L.LIVE_COUNT.unpack(raw) if raw is not None else {"sessions": 0, "refusals": 0}
+            got = self._n[host] = [c["sessions"], c["refusals"]]
+        return got
+
+    def full(self, host: bytes, limit: int) -> bool:
+        return bool(limit) and self._get(host)[0] >= limit
+
+    def add(self, host: bytes) -> None:
+        c = self._get(host)
+        c[0] += 1
+        if self.counting:
+            try:
+                self.map.put(host, L.LIVE_COUNT.pack(sessions=c[0], refusals=c[1]))
+            except B.LibbpfError:  # the map full: the sweep counts it
+                pass
+
+
+def audit_create(r: Record, rule_id: int) -> dict:
+    """The audit log's create record of a session installed from the peer (``synced``)."""
+    return {"event": "create", "time": time.time(), "proto": proto_name(r.proto), "inside_addr": inet_ntoa(r.inside),
+            "inside_port": r.iport, "nat_addr": inet_ntoa(r.nat), "nat_port": r.nport,
+            "remote_addr": inet_ntoa(r.remote), "remote_port": r.rport, "rule_id": rule_id, "synced": True}  # fmt: skip
+
+
+def end_record(p: SessionPair, now_ns: int) -> Record | None:
+    """The end record of a session the control plane removed (a rule change), for the peer;
+    None for what is not synced."""
+    r = pair_record(p, now_ns)
+    return None if r is None else r._replace(op=OP_END, flags=0)
 
 
 def install(backend, records: list[Record], routes: RouteCache, counts: dict,
@@ -222,8 +288,10 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
     """Apply the peer's ``records`` to ``backend``'s table (worker thread); adds to ``counts``
     (COUNTS); returns (how many pairs were written or removed: the live counts want a sweep,
     how many records were taken).  With ``seconds`` it stops once that long has passed (each
-    new route is an `ip route get`: a burst toward many remotes would hold the worker, which
-    every control request waits for), leaving the rest to the caller."""
+    new route is asked of the kernel: a burst toward many remotes would hold the worker, which
+    every control request waits for), leaving the rest to the caller.  With an audit log
+    (``backend.audit_sink``) each session installed is written there as a create marked
+    ``synced``, each one an end record removed as an end (why END_PEER)."""
     cfg = backend.config
     if cfg is None or backend.maps is None or backend.readonly:
         counts["rejected"] += len(records)
@@ -235,8 +303,10 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
     settings = cfg.settings
     now = monotonic_ns()
     changed = 0
-    live = roles = None
+    live = roles = hosts = None
     taken = 0
+    sink = getattr(backend, "audit_sink", None)  # set while the daemon writes an audit log
+    audited: list[dict] = []
     for r in records:
         if stop is not None and taken and time.monotonic() >= stop:
             break
@@ -267,6 +337,10 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
                     continue
                 backend.maps.delete_pair(p)
                 counts["ended"] += 1
+                if sink is not None:
+                    rec = audit_end(p.out_key, p.out, 0)
+                    rec.update(why=END_PEER, synced=True)
+                    audited.append(rec)
                 changed += 1
                 continue
             if peer_seen > mine:
@@ -295,8 +369,14 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
             continue
         if roles is None:
             roles = backend.maps.iface_roles()
-        if not routed_as_rule(rule, ip, rip, rt, in_eg, roles):
-            counts["rejected"] += 1
+        why = routed_as_rule(rule, cfg.rules, ip, rip, rt, in_eg, roles)
+        if why is not None:
+            counts[why] += 1
+            continue
+        if hosts is None:
+            hosts = HostCounts(backend.maps, backend.host_counting())
+        if hosts.full(r.inside, rule_host_limit(rule, settings)):
+            counts["host_limit"] += 1
             continue
         vals = pair_values(rule, ip, r.iport, rip, r.rport, nip, r.nport, r.proto, r.state, r.flags & KEPT_FLAGS,
                            out_eg, in_eg, peer_seen)  # fmt: skip
@@ -309,6 +389,11 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
             counts["installed"] += 1
             live += 1
             changed += 1
+            hosts.add(r.inside)
+            if sink is not None:
+                audited.append(audit_create(r, rule.rule_id))
+    if audited:
+        sink(audited)
     return changed, taken
 
 
