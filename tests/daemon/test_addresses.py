@@ -103,3 +103,44 @@ def test_daemon_adds_pool_addresses_and_removes_those_a_reload_drops(tmp_path):
             proc.terminate()
             proc.wait(timeout=10)
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_a_missing_uplink_with_manage_is_named_with_its_config_line(tmp_path):
+    """`outside eth1 eth9` (eth9 no device here) with `snat_addresses manage`: the start exits 3
+    and a reload is refused, both naming file:line: outside, as without manage (`ip`'s own
+    'Device "eth9" does not exist.' named no file, line nor setting, and the start exited 2);
+    the refused reload leaves the daemon and the pool addresses as they were."""
+    ns = f"sgam{os.getpid():x}"
+    sock = tmp_path / "c.sock"
+    good, bad = tmp_path / "gw.conf", tmp_path / "bad.conf"
+    text = CONF.format(sock=sock, pool="198.19.2.71")
+    good.write_text(text)
+    bad.write_text(text.replace("outside eth1 eth2", "outside eth1 eth9"))
+    cli = ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "snatgw.cli.main"]
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    proc = None
+    try:
+        for dev, addr in (("eth1", "198.19.2.2/24"), ("eth2", "198.19.3.2/24"), ("lan40", "198.18.40.1/24")):
+            subprocess.run(["ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", dev + "p"], check=True)
+            subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+        p = subprocess.run([*cli, "run", str(bad), "--backend", "fake"], capture_output=True, text=True, timeout=30)
+        assert p.returncode == 3, p.stderr
+        assert f"{bad}:2: outside: interface 'eth9' does not exist in this network namespace" in p.stderr
+        assert _ns_addrs(ns, "eth1") == {"198.19.2.2/24"}  # nothing added
+        proc = subprocess.Popen([*cli, "run", str(good), "--backend", "fake"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        assert "ready" in line, proc.stderr.read()
+        p = subprocess.run([*cli, "reload", str(bad), "--socket", str(sock)], capture_output=True, text=True,
+                           timeout=30)
+        assert p.returncode != 0
+        assert f"{bad}:2: outside: interface 'eth9' does not exist in this network namespace" in p.stderr
+        assert "198.19.2.71/32" in _ns_addrs(ns, "eth1") and proc.poll() is None
+        st = subprocess.run([*cli, "status", "--json", "--socket", str(sock)], capture_output=True, text=True)
+        assert json.loads(st.stdout)["config"] == str(good)
+    finally:
+        if proc and proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        subprocess.run(["ip", "netns", "del", ns], check=False)

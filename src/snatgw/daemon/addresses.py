@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import subprocess
 
-from ..errors import SnatgwError
+from ..errors import MissingDeviceError, SnatgwError
 
 MAX_MANAGED = 4096  # more pool addresses than this are the operator's job (routes, proxy ARP)
 
@@ -29,9 +30,15 @@ def _ip(*args: str) -> str:
 
 
 def current(ifaces) -> dict[str, list[ipaddress.IPv4Interface]]:
-    """IPv4 addresses of each interface, as the kernel has them."""
+    """IPv4 addresses of each interface, as the kernel has them.  A device that is not in this
+    network namespace is a MissingDeviceError (the service says where the config names it), not
+    `ip`'s own "Device ... does not exist" with no file, line or setting."""
     out = {}
     for name in ifaces:
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            raise MissingDeviceError(name) from None
         info = json.loads(_ip("-j", "-4", "addr", "show", "dev", name) or "[]")
         out[name] = [ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}")
                      for i in info for a in i.get("addr_info", [])]

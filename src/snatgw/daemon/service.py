@@ -126,8 +126,8 @@ class Service:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         with self.lock:
-            self.addresses.sync(self.config)
             try:
+                self.addresses.sync(self.config)  # (manage: reads the uplinks' addresses first)
                 self.backend.start(self.config)
             except MissingDeviceError as e:
                 self.addresses.release()
@@ -167,8 +167,8 @@ class Service:
     def _commit(self, new: GatewayConfig, table: AdmTable, event: str, **fields) -> None:
         """Apply ``new`` to the backend; only when that succeeds does it become current."""
         running = self.effective(new)  # with the rules of failed links on their backups
-        self.addresses.sync(running)  # first: a plan error (no uplink for an address) changes nothing
         try:
+            self.addresses.sync(running)  # first: a plan error (no uplink for an address) changes nothing
             self.backend.apply(running)
         except MissingDeviceError as e:
             raise locate_device(running.settings, e) from None
