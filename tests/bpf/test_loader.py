@@ -424,3 +424,36 @@ def test_a_failed_pin_leaves_the_pinned_maps_it_would_have_replaced(pin_dir, min
         assert b.load().ct.get(ct_key(2)) is not None
     finally:
         b.stop(keep_state=True)
+
+
+@pytest.mark.bpf
+def test_a_pin_dir_not_on_bpffs_is_refused_naming_the_setting(tmp_path):
+    """`pin_dir /tmp/...` (not on bpffs, where alone maps can be pinned): `snatgw run` exits 3
+    with file:line: pin_dir and what is expected, and makes no directory there; before, the
+    directory was made and the first pin failed with `bpf_obj_pin ...: Operation not permitted
+    (errno 1: EPERM)`, naming no setting."""
+    import sys
+
+    pins = tmp_path / "pins"
+    conf = tmp_path / "gw.conf"
+    conf.write_text(f"snatgw {{\n  inside lan40\n  outside eth1\n  pin_dir {pins}\n"
+                    f"  control_socket {tmp_path / 'c.sock'}\n}}\n"
+                    "virtual_server fwmark 1 {\n  snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n")
+    ns = f"sgpd{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for dev in ("lan40", "eth1"):
+            subprocess.run(["ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", dev + "p"], check=True)
+        p = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "snatgw.cli.main",
+                            "run", str(conf), "--backend", "bpf"], capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert p.returncode == 3, p.stderr
+    assert f"{conf}:4: pin_dir: {pins} is on a " in p.stderr and "expected a directory on a bpf filesystem" in p.stderr
+    assert not pins.exists()
+    from snatgw.datapath.bpf.loader import ensure_bpffs, fs_type
+
+    assert fs_type(L.PIN_DIR) == "bpf" and fs_type(str(tmp_path)) not in ("bpf", None)
+    with pytest.raises(BackendError, match=r"expected a directory on a bpf filesystem"):
+        ensure_bpffs(str(pins))
+    assert not pins.exists()

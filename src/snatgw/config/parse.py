@@ -686,7 +686,7 @@ def _parse_settings(cur: _Cursor, opener: Token, warn=log.warning) -> Settings:
                         f"interface {both[0]} is listed both inside (line {given['inside'].line}) "
                         f"and outside (line {given['outside'].line})")  # fmt: skip
     _check_sync(cur, s, given, opener)
-    where = tuple((k, cur.where(given[k].line)) for k in ("inside", "outside") if k in given)
+    where = tuple((k, cur.where(given[k].line)) for k in ("inside", "outside", "pin_dir") if k in given)
     return replace(s, where=where) if where else s
 
 

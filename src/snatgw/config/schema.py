@@ -101,8 +101,8 @@ class Settings:
     sync_local: str | None = None
     sync_port: int = SYNC_PORT
     sync_key: str | None = None
-    #: where `inside`/`outside` were given ((keyword, "file:line"), ...), for errors about a
-    #: device named there (the daemon's "file:line: inside: interface 'x' does not exist")
+    #: where `inside`/`outside`/`pin_dir` were given ((keyword, "file:line"), ...), for errors about
+    #: a device or directory named there (the daemon's "file:line: inside: interface 'x' does not exist")
     where: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     def timeout(self, state: int) -> int:

@@ -223,7 +223,12 @@ def _run(args, early: startsignals.StartSignals) -> int:
             from ..datapath.bpf.loader import ensure_bpffs
 
             existed = os.path.isdir(settings.pin_dir)
-            ensure_bpffs(settings.pin_dir)
+            try:
+                ensure_bpffs(settings.pin_dir)
+            except SnatgwError as e:  # where pin_dir was given: file:line: pin_dir (or --pin-dir)
+                at = dict(settings.where).get("pin_dir")
+                said = f"{at}: pin_dir" if at else "--pin-dir" if "pin_dir" in overrides else "pin_dir (default)"
+                raise type(e)(f"{said}: {e}") from None
             pins = PinDirLock(settings.pin_dir, made=not existed)  # made: removed at exit when empty
         backend = make_backend(settings.backend, settings)
         service = Service(config, backend, log, config_path=args.config, overrides=overrides,

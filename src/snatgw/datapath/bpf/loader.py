@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -53,6 +54,10 @@ def ensure_bpffs(pin_dir: str) -> None:
         r = subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], capture_output=True, text=True)
         if r.returncode != 0:
             raise BackendError(f"cannot mount bpffs at {BPFFS}: {r.stderr.strip()}")
+    fs = fs_type(pin_dir)
+    if fs != "bpf":  # the kernel pins maps on bpffs only: EPERM at the first pin, naming no setting
+        raise BackendError(f"{pin_dir} is on a {fs or 'unknown'} filesystem; expected a directory on a bpf "
+                           f"filesystem (bpffs), such as {BPFFS}/snatgw (maps are pinned only there)")
     try:
         os.makedirs(pin_dir, mode=0o700, exist_ok=True)
     except OSError as e:
@@ -79,6 +84,21 @@ def check_pin_dir(pin_dir: str) -> None:
     if st.st_mode & 0o022:
         raise BackendError(f"{pin_dir}: the pin directory has mode {stat.S_IMODE(st.st_mode):04o}, "
                            "writable by others; refusing to trust it: chmod 0700 it (or remove it)")
+
+
+def fs_type(path: str) -> str | None:
+    """The type of the filesystem ``path`` is (or would be made) on: that of the last mount of
+    /proc/self/mounts whose mount point is the longest prefix of its real path."""
+    real, best, kind = os.path.realpath(path), -1, None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1])  # a space is \040
+            if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= best:
+                best, kind = len(mp), fields[2]
+    return kind
 
 
 def _is_bpffs(path: str) -> bool:
