@@ -454,3 +454,28 @@ def test_an_adm_rule_with_an_oif_typo_is_added_and_warned_of(running, capsys):
     assert main(["adm", "--socket", running.sock, "-K", "-f", "1", "-F", "198.18.61.0/24", "--oif", "eth1",
                  "-U", "198.19.2.71"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_settings_the_nft_backend_ignores_are_said_at_start_and_reload(tmp_path, capsys):
+    """`port_tries 16` and `on_exhausted spill` under the nft backend (the file's `backend nft`,
+    or `snatgw run --backend nft`, which `check` of the file cannot know): the start logs that
+    they are ignored, and a reload says so in its answer, as `check` does; before, only an oif
+    typo was said and the daemon took them silently."""
+    from snatgw.cli.main import main
+
+    text = LAB.read_text().replace("backend bpf", "backend nft\n    port_tries 16\n    on_exhausted spill")
+    assert text != LAB.read_text()
+    conf = tmp_path / "nft.conf"
+    conf.write_text(text)
+    r = Running(tmp_path, conf)
+    try:
+        said = [line for line in r.log.lines if "config_warning" in line]
+        assert any("port_tries: 16 is ignored with backend nft" in line for line in said), r.log.lines
+        assert any("on_exhausted: spill is ignored with backend nft" in line for line in said)
+        assert main(["reload", "--socket", r.sock]) == 0
+        err = capsys.readouterr().err
+        assert "snatgw reload: warning: " in err and "port_tries: 16 is ignored with backend nft" in err
+        r.conf.write_text(LAB.read_text().replace("backend bpf", "backend nft"))
+        assert r.req(op="reload")["warnings"] == []
+    finally:
+        r.close()

@@ -143,11 +143,13 @@ class Service:
 
     def config_warnings(self) -> list[str]:
         """Log what `snatgw check` warns of about devices (an oif that is no uplink: a typo
-        whose rule matches nothing), so that a start or reload does not take it silently; kept
-        in ``warnings`` (the reload request's answer prints them)."""
-        from ..cli.commands.check import oif_warnings
+        whose rule matches nothing) and about settings the running backend ignores (nft:
+        `port_tries`, `on_exhausted spill`; also when `--backend nft` chose it,
+        which `check` of the file cannot know), so that a start or reload does not take them
+        silently; kept in ``warnings`` (the reload request's answer prints them)."""
+        from ..cli.commands.check import nft_pressure_warnings, oif_warnings
 
-        found = self.warnings = oif_warnings(self.config)
+        found = self.warnings = oif_warnings(self.config) + nft_pressure_warnings(self.config)
         for w in found[:10]:
             self.log.warning("config_warning", warning=w)
         if len(found) > 10:
