@@ -457,3 +457,39 @@ def test_a_pin_dir_not_on_bpffs_is_refused_naming_the_setting(tmp_path):
     with pytest.raises(BackendError, match=r"expected a directory on a bpf filesystem"):
         ensure_bpffs(str(pins))
     assert not pins.exists()
+
+
+@pytest.mark.bpf
+def test_a_daemon_whose_pins_die_with_it_says_so(tmp_path):
+    """`ip netns exec NS snatgw run` (the usual way into a namespace) gives the daemon a mount
+    namespace of its own whose /sys has no bpffs: the daemon mounts one there, and its pinned
+    sessions go when it exits, so the next daemon adopts none (a restart under traffic drops
+    every connection, measured: a ping's session was gone after a SIGTERM and start, with
+    nsenter --net it was kept). It warns at start, naming nsenter; before, it said nothing."""
+    import signal
+    import sys
+
+    ns = f"sgpp{uuid.uuid4().hex[:8]}"
+    conf = tmp_path / "gw.conf"
+    pin = f"{L.PIN_DIR}-{ns}"
+    conf.write_text(f"snatgw {{\n  inside lan40\n  outside eth1\n  pin_dir {pin}\n"
+                    f"  control_socket {tmp_path / 'c.sock'}\n}}\n"
+                    "virtual_server fwmark 1 {\n  snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n")
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    proc = None
+    try:
+        for dev in ("lan40", "eth1"):
+            subprocess.run(["ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", dev + "p"], check=True)
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "snatgw.cli.main", "run", str(conf),
+                                 "--backend", "bpf"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=30)[1]
+        assert "ready" in line, err
+        assert "event=pins_private" in err and "nsenter --net=/run/netns/NS" in err, err
+        assert not os.path.exists(pin)  # the host's bpffs never had them
+    finally:
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -220,11 +220,18 @@ def _run(args, early: startsignals.StartSignals) -> int:
                             note="held by a process of another user, not a snatgw daemon: the owner lock "
                                  f"{owner.lock_path} decides; find it with `ss -xlp | grep {owner.name}`")
         if settings.backend == "bpf":  # and per pin directory (a bpffs may be shared by namespaces)
-            from ..datapath.bpf.loader import ensure_bpffs
+            from ..datapath.bpf.loader import BPFFS, ensure_bpffs, private_mount_ns
 
             existed = os.path.isdir(settings.pin_dir)
             try:
-                ensure_bpffs(settings.pin_dir)
+                if ensure_bpffs(settings.pin_dir) and private_mount_ns():
+                    log.warning("pins_private", bpffs=BPFFS, pin_dir=settings.pin_dir,
+                                msg="no bpffs was mounted at /sys/fs/bpf in this mount namespace, which is not the "
+                                    "host's (`ip netns exec` makes one for each command, with a /sys of its own): "
+                                    "the bpffs mounted here, and the pinned sessions, go with it, so a restart "
+                                    "cannot adopt them and every session is lost, and `snatgw purge`, `conns` "
+                                    "without the daemon do not see them; start the daemon with "
+                                    "`nsenter --net=/run/netns/NS snatgw run ...` (the host's /sys/fs/bpf kept)")
             except SnatgwError as e:  # where pin_dir was given: file:line: pin_dir (or --pin-dir)
                 at = dict(settings.where).get("pin_dir")
                 said = f"{at}: pin_dir" if at else "--pin-dir" if "pin_dir" in overrides else "pin_dir (default)"

@@ -47,13 +47,16 @@ def ifindex(name: str) -> int:
 # --------------------------------------------------------------------------- bpffs and pins
 
 
-def ensure_bpffs(pin_dir: str) -> None:
-    """Mount bpffs at /sys/fs/bpf when it is absent (pins live there), then create pin_dir."""
+def ensure_bpffs(pin_dir: str) -> bool:
+    """Mount bpffs at /sys/fs/bpf when it is absent (pins live there), then create pin_dir.
+    True when it mounted one (see private_mount_ns)."""
+    mounted = False
     if pin_dir.startswith(BPFFS + "/") and not _is_bpffs(BPFFS):
         log.info("mounting bpffs at %s", BPFFS)
         r = subprocess.run(["mount", "-t", "bpf", "bpf", BPFFS], capture_output=True, text=True)
         if r.returncode != 0:
             raise BackendError(f"cannot mount bpffs at {BPFFS}: {r.stderr.strip()}")
+        mounted = True
     fs = fs_type(pin_dir)
     if fs != "bpf":  # the kernel pins maps on bpffs only: EPERM at the first pin, naming no setting
         raise BackendError(f"{pin_dir} is on a {fs or 'unknown'} filesystem; expected a directory on a bpf "
@@ -63,6 +66,25 @@ def ensure_bpffs(pin_dir: str) -> None:
     except OSError as e:
         raise BackendError(f"{pin_dir}: cannot create the pin directory: {e.strerror}") from None
     check_pin_dir(pin_dir)
+    return mounted
+
+
+def private_mount_ns() -> bool:
+    """Whether this process's mount namespace is not init's or not its parent's (`ip netns exec`
+    makes one per command, with a /sys of its own and no bpffs on it, and execs the command in
+    it): a bpffs mounted here, and the pins in it, are seen by no other process and go when the
+    namespace does.  (init's may not be readable, in a container: the parent's then tells.)"""
+    try:
+        mine = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return False
+    for pid in (1, os.getppid()):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/mnt") != mine:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def check_pin_dir(pin_dir: str) -> None:
