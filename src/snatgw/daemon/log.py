@@ -9,6 +9,7 @@ the event loop or the worker; lines beyond the writer's bound are dropped and co
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -86,3 +87,37 @@ class Log:
     def debug(self, event: str, **fields) -> None:
         if self.debug_enabled:
             self.emit("debug", event, **fields)
+
+
+class LibraryLines(logging.Handler):
+    """The warnings the config parser and the backends give Python's ``logging`` (a skipped
+    keepalived block, `net.ipv4.ip_forward is 0`, the other backend's leftovers removed), as the
+    daemon's own lines: ``event=config_warning`` (snatgw.config) or ``event=datapath_warning``
+    (``datapath_error``), the text in ``warning`` (``error``).  Without it Python printed them as bare text on
+    stderr, so a `--log-json` log had lines that were not JSON, and `status` did not count them."""
+
+    def __init__(self, log: Log):
+        super().__init__(logging.WARNING)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = "error" if record.levelno >= logging.ERROR else "warning"
+            kind = "config" if record.name.startswith("snatgw.config") else "datapath"
+            self.log.emit(level, f"{kind}_{level}", **{level: record.getMessage()})
+        except Exception:  # noqa: BLE001 - logging must never kill the daemon
+            self.handleError(record)
+
+    @classmethod
+    def install(cls, log: Log) -> "LibraryLines":
+        """Route the ``snatgw`` loggers to ``log`` (instead of Python's bare last-resort lines)."""
+        cls.remove()
+        handler = cls(log)
+        logging.getLogger("snatgw").addHandler(handler)
+        return handler
+
+    @classmethod
+    def remove(cls) -> None:
+        lib = logging.getLogger("snatgw")
+        for h in [h for h in lib.handlers if isinstance(h, cls)]:
+            lib.removeHandler(h)

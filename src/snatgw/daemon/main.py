@@ -34,7 +34,7 @@ import time
 from ..errors import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, RuleError, SnatgwError
 from ..rules import parse_oif
 from .control import ControlServer
-from .log import Log
+from .log import LibraryLines, Log
 
 from . import startsignals
 from .loop import EventLoop, Worker
@@ -179,6 +179,7 @@ def run(args) -> int:
         return _run(args, early)
     finally:
         early.release()
+        LibraryLines.remove()
 
 
 def _close_held(*held) -> None:
@@ -199,6 +200,7 @@ def _stopped_in_start(log: Log, signum: int, backend: str) -> int:
 
 def _run(args, early: startsignals.StartSignals) -> int:
     log = Log(json_lines=args.log_json, debug=args.debug)
+    LibraryLines.install(log)  # the parser's and backends' warnings as this log's lines
     try:
         overrides = overrides_from(args)
         config = load_config(args.config, overrides=overrides)
