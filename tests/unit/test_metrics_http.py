@@ -181,3 +181,42 @@ def test_silent_connections_do_not_shut_the_scraper_out(monkeypatch):
         finally:
             for c in silent:
                 c.close()
+
+
+def test_a_metrics_port_in_use_is_a_problem_in_status_until_a_reload_gets_it(tmpdir_short):
+    """`metrics_listen` on a port another socket holds: the daemon runs without metrics (as
+    before), but `status` is unhealthy and says why (before: healthy, the only trace an error
+    line in the log, so nothing but a missing scrape told); a reload once the port is free
+    listens and the problem goes."""
+    from snatgw.cli.main import main
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    conf = tmpdir_short / "snatgw.conf"
+    conf.write_text(LAB.read_text().replace("backend bpf", f"backend bpf\n    metrics_listen 127.0.0.1:{port}"))
+    sock = str(tmpdir_short / "s" / "ctl.sock")
+    p = subprocess.Popen([sys.executable, "-m", "snatgw.cli.main", "run", str(conf), "--backend", "fake", "--socket", sock],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in p.stdout.readline()
+        def said() -> list[str]:  # (the fake backend's devices are missing here: problems too)
+            return [x for x in request(sock, {"op": "health"})["problems"] if x.startswith("metrics_listen")]
+
+        assert said() == [f"metrics_listen 127.0.0.1:{port}: configured but not listening: Address already in use "
+                          "(a reload tries again)"]
+        holder.close()
+        assert request(sock, {"op": "reload"})["ok"]
+        end = time.monotonic() + 10
+        while said() and time.monotonic() < end:
+            time.sleep(0.1)
+        assert said() == []
+        assert get(port)[0] == 200
+    finally:
+        holder.close()
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -77,10 +77,11 @@ class Extras:
                 self.service.link_monitor = self.monitor
             self._links = cfg.links
         listen = cfg.settings.metrics_listen
-        if listen != self._listen:
+        if listen != self._listen or (listen and self.metrics is None):  # (a failed listen: tried again)
             if self.metrics is not None:
                 self.metrics.close()
                 self.metrics = None
+            self.service.metrics_error = None
             if listen:
                 try:
                     self.metrics = MetricsServer(*parse_listen(listen), self.service, self.log)
@@ -88,6 +89,7 @@ class Extras:
                 except OSError as e:  # address in use, not local: the daemon runs on without it
                     self.log.error("metrics_listen_failed", address=listen, error=str(e))
                     self.metrics = None
+                    self.service.metrics_error = e.strerror or str(e)  # a problem in `status` until fixed
             self._listen = listen
         s = cfg.settings
         audit_key = (s.audit_log, s.audit_log_max_size, s.audit_log_keep) if s.audit_log else None

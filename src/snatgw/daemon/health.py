@@ -10,7 +10,8 @@ Problems, each one line naming what and where:
   - the session table is at least FILL_ALARM full (new flows will soon be refused);
   - a probed link (config `link`) is failed or recovering: its rules run on the backup;
   - the backend cannot be read at all;
-  - `rps_cpus` is set but nothing was written (/sys shows another network namespace).
+  - `rps_cpus` is set but nothing was written (/sys shows another network namespace);
+  - the audit log, the session sync or the metrics listener is configured but not running.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ def report(service, link_reader=None) -> dict:
         found.append(f"rps_cpus {rps.setting}: not applied: {rps.refused}")
     if s.audit_log and getattr(service, "audit", None) is None:
         found.append(f"audit log {s.audit_log}: configured but not running (see the daemon's log)")
+    if s.metrics_listen and getattr(service, "metrics_error", None):
+        found.append(f"metrics_listen {s.metrics_listen}: configured but not listening: {service.metrics_error} "
+                     "(a reload tries again)")
     if s.sync_peer and getattr(service, "sync", None) is None:
         why = getattr(service, "sync_error", None)
         found.append(f"session sync with {s.sync_peer}: configured but not running" + (f": {why}" if why else ""))

@@ -121,6 +121,7 @@ class Service:
         self.audit = None  # the daemon's audit log reader (daemon/audit.py) while `audit_log` is set
         self.sync = None  # the session sync (daemon/sync.py) while sync_peer is set
         self.sync_error: str | None = None  # why the sync configured could not start
+        self.metrics_error: str | None = None  # why metrics_listen could not listen (daemon.extras)
         self.on_reload: Callable[[], None] | None = None  # called after each successful reload
 
     # ------------------------------------------------------------------ lifecycle
