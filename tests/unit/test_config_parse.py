@@ -452,3 +452,18 @@ def test_parsing_leaves_the_garbage_collector_as_it_found_it():
         assert not gc.isenabled()  # one that was off stays off
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("layout", ["one line", "own lines"])
+@pytest.mark.parametrize("word, value", [("port_tries", "16"), ("refuse_icmp", "yes"), ("max_sessions", "9")])
+def test_a_snatgw_setting_in_a_snat_rule_is_named_as_such(layout, word, value):
+    """`snat_rule { from A snat_ip B port_tries 16 }`: the error names port_tries, the word that
+    has no place there, and says it is a snatgw { } setting, on one line as on its own; on one
+    line it used to blame snat_ip ("snat_ip: expected one value, got also 'port_tries'")."""
+    sep = " " if layout == "one line" else "\n  "
+    e = err("virtual_server fwmark 1 {\n  snat_rule {" + sep + "from 198.18.40.0/24" + sep
+            + "snat_ip 198.19.2.71" + sep + f"{word} {value}" + sep + "}\n}\n")
+    assert e.field == word
+    assert e.where == ("t.conf:2" if layout == "one line" else "t.conf:5")
+    assert "unknown snat_rule keyword" in e.message
+    assert f"({word} is a setting of the snatgw {{ }} block, for every rule, not of one rule)" in e.message

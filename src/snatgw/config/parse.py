@@ -474,8 +474,17 @@ def _next_keyword(cur: _Cursor, opener: Token, block: str, keywords) -> Token | 
         raise cur.error(opener.line, block, f"block opened here is not closed before line {t.line} "
                         "(missing '}')")
     if t.text not in keywords:
-        raise unknown_word(cur, t, f"unknown {block} keyword; expected one of {', '.join(keywords)}", keywords)
+        raise unknown_word(cur, t, _unknown_in(block, t.text, keywords), keywords)
     return t
+
+
+def _unknown_in(block: str, word: str, keywords) -> str:
+    """"unknown BLOCK keyword; expected one of ...", saying so when the word is a snatgw { }
+    setting given in a rule (`port_tries`, `refuse_icmp`: settings of every rule)."""
+    msg = f"unknown {block} keyword; expected one of {', '.join(keywords)}"
+    if block == "snat_rule" and word in SETTINGS_KEYWORDS:
+        msg += f" ({word} is a setting of the snatgw {{ }} block, for every rule, not of one rule)"
+    return msg
 
 
 def _parse_rule(cur: _Cursor, opener: Token) -> Rule:
@@ -494,10 +503,11 @@ def _parse_rule(cur: _Cursor, opener: Token) -> Rule:
             raise cur.error(t.line, t.text, "expected a value on the same line")
         nxt = toks[i + 1] if i + 1 < len(toks) else None
         if nxt is not None and not nxt.eol and nxt.text not in "{}" and nxt.text not in RULE_KEYWORDS:
-            if not nxt.text.isascii() or difflib.get_close_matches(nxt.text, RULE_KEYWORDS, n=1, cutoff=0.75):
-                # a misspelt keyword (a look-alike letter) after a value, not a second value
-                raise unknown_word(cur, nxt, f"unknown snat_rule keyword; expected one of "
-                                   f"{', '.join(RULE_KEYWORDS)}", RULE_KEYWORDS)
+            if (nxt.text in SETTINGS_KEYWORDS or not nxt.text.isascii()
+                    or difflib.get_close_matches(nxt.text, RULE_KEYWORDS, n=1, cutoff=0.75)):
+                # a misspelt keyword (a look-alike letter), or a snatgw { } setting (`port_tries`,
+                # `refuse_icmp`: no rule has them), after a value: not a second value of it
+                raise unknown_word(cur, nxt, _unknown_in("snat_rule", nxt.text, RULE_KEYWORDS), RULE_KEYWORDS)
             raise cur.error(t.line, t.text, f"expected one value, got also {shown(nxt.text)}")
         cur.i = i + 1
         vals[t.text] = v
