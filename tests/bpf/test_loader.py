@@ -493,3 +493,26 @@ def test_a_daemon_whose_pins_die_with_it_says_so(tmp_path):
             proc.kill()
             proc.wait()
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+@pytest.mark.bpf
+def test_purge_says_when_it_cannot_see_the_pins(tmp_path):
+    """`ip netns exec NS snatgw purge` (its /sys has no bpffs): the pinned maps of a daemon
+    started with nsenter are not seen, so purge says so and names nsenter, instead of listing
+    what it removed as if that were all (the session table stayed pinned, unsaid); with
+    nsenter, no such note."""
+    import sys
+
+    ns = f"sgpu{uuid.uuid4().hex[:8]}"
+    argv = [sys.executable, "-m", "snatgw.cli.main", "purge", "--socket", str(tmp_path / "c.sock")]
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        hidden = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=60)
+        seen = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", *argv], capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert hidden.returncode == 0 and seen.returncode == 0, (hidden.stderr, seen.stderr)
+    assert f"the pin directory {L.PIN_DIR} is on no bpf filesystem here" in hidden.stderr, hidden.stderr
+    assert "nsenter --net=/run/netns/NS snatgw purge" in hidden.stderr
+    assert "pin directory" not in seen.stderr, seen.stderr

@@ -78,6 +78,18 @@ def _restore_rps() -> list[str]:
     return done
 
 
+def _say_unseen_pins(pin_dir: str) -> None:
+    """A pin dir on no bpffs here (`ip netns exec` gives each command a /sys without the host's
+    bpffs): the daemon's pins, if any, are where this purge cannot see them; say so, or it would
+    report the datapath removed while the session table stays pinned."""
+    from ...datapath.bpf.loader import fs_type
+
+    if fs_type(pin_dir) != "bpf":
+        print(f"snatgw purge: note: the pin directory {pin_dir} is on no bpf filesystem here (a /sys without "
+              "the host's bpffs, as `ip netns exec` mounts): pinned maps of a daemon are not seen, nor removed; "
+              "run `nsenter --net=/run/netns/NS snatgw purge` for them", file=sys.stderr)
+
+
 def run(args) -> int:
     settings = _settings(args)
     sock = args.socket or (settings.control_socket if args.config else resolve_socket(None))
@@ -102,6 +114,7 @@ def run(args) -> int:
     from ...datapath.cleanup import purge
 
     pin_dir = args.pin_dir or settings.pin_dir
+    _say_unseen_pins(pin_dir)
     removed = purge(pin_dir)
     if owner is None:  # (a daemon that owns the namespace, with --force, keeps its own masks)
         removed += _restore_rps()
