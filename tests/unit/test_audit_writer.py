@@ -310,3 +310,19 @@ def test_an_audit_file_nobody_reads_stalls_the_writer_not_the_loop(tmp_path):
                     time.sleep(0.01)
             os.close(fd)
         assert writer.close(10)
+
+
+def test_the_audit_file_is_never_written_through_a_symlink(tmp_path):
+    """The file is opened again after a rotation and whenever the one at its path changed: a
+    symlink put there meanwhile (toward a file the daemon, root, may write) is a write error,
+    counted, and the file it points to is left as it was; before, the lines were appended to it."""
+    path, victim = tmp_path / "audit.jsonl", tmp_path / "victim"
+    victim.write_text("root:x:0:0\n")
+    sink = A.FileSink(str(path), max_size=1 << 20, keep=1)
+    assert sink.write(['{"n": 1}']) == 1
+    path.unlink()
+    path.symlink_to(victim)
+    with pytest.raises(A.WriteError):
+        sink.write(['{"n": 2}'])
+    sink.close()
+    assert victim.read_text() == "root:x:0:0\n"

@@ -99,7 +99,10 @@ class FileSink:
 
     def _open(self) -> None:
         if self.fd is None:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            # never through a symlink: the daemon is root, and the path is opened again after
+            # every rotation and whenever the file there changed (`check` refuses one at the start)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                              0o640)
             self.size = os.fstat(self.fd).st_size
 
     def _rotate(self) -> None:
