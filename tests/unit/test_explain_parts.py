@@ -171,3 +171,27 @@ def test_invalid_config_exits_2(capsys):
     rc = main(["explain", str(EXAMPLES / "seed.conf"), "--src", "192.168.40.10:1", "--dst", "203.0.113.10:53",
                "--oif", "eth1", "--gw", "198.19.2.1"])  # fmt: skip
     assert rc == 2 and "duplicate rule" in capsys.readouterr().err
+
+
+def test_a_verdict_taken_before_the_rules_says_so(capsys):
+    """A packet routed out of an inside device (PASS_INTERNAL): rule 3 says MATCH in the listing
+    while the verdict takes no rule; a note says the verdict came first and why (before, nothing
+    told the two apart: `matched` false beside a candidate with `match` true)."""
+    rc, d = run_json(capsys, str(EXAMPLES / "lab.conf"), "--offline", "--src", "198.18.40.10:40000", "--dst",
+                     "198.18.50.10:80", "--oif", "lan50", "--gw", "198.18.50.10")  # fmt: skip
+    assert rc == 1 and d["matched"] is False and d["reason"] == "PASS_INTERNAL"
+    assert [x["priority"] for x in d["candidates"] if x["match"]] == [3]
+    assert [n for n in d["notes"] if n.startswith("PASS_INTERNAL: decided before the rules are asked: the route "
+                                                  "leaves by an inside device")]
+
+
+def test_route_from_kernel_without_the_inside_device_says_the_routes_are_not_the_gateways(capsys, tmp_path):
+    """`--route-from-kernel` where the config's inside device does not exist (explain run on the
+    host, not in the gateway's namespace): the source is not routed back there (DROP_SPOOFED),
+    and the first note says the routes are this host's."""
+    conf = tmp_path / "c.conf"
+    conf.write_text((EXAMPLES / "lab.conf").read_text().replace("inside lan40 lan50", "inside sgnodev0"))
+    rc, d = run_json(capsys, str(conf), "--offline", "--src", "198.18.40.10:40000", "--dst", "203.0.113.10:80",
+                     "--route-from-kernel")
+    assert d["reason"] == "DROP_SPOOFED" and rc == 1
+    assert d["notes"][0].startswith("sgnodev0 is no device of this network namespace: the routes are this host's")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import struct
 import subprocess
 from dataclasses import dataclass, field
@@ -44,6 +45,15 @@ ICMP_ECHO = 8
 
 
 #: the model answers as the bpf datapath; with the nft backend the kernel's nf_nat picks
+#: why a packet some rule matches takes no rule (docs/datapath.md, steps 2a and 7)
+BEFORE_RULES = {
+    Reason.DROP_SPOOFED: ("its source {src} is not routed back via {iif}, the device it arrives on, or is a "
+                          "gateway or pool address (the reverse-path check, step 2a; --iif names the device)"),
+    Reason.PASS_INTERNAL: "the route leaves by an inside device: traffic between inside networks is never translated",
+    Reason.PASS_LOCAL: "it is for the gateway itself, or multicast or broadcast: the kernel's",
+    Reason.PASS_NO_ROUTE: "the routing table has no route for it: the kernel answers",
+}
+
 NFT_NOTE = ("backend nft: the kernel's nf_nat picks the SNAT address within the pool and the port "
             "(no spill-over, no spill memo, no port_tries): the address, port and spill lines above are "
             "the bpf datapath's (docs/nftables.md)")
@@ -359,6 +369,10 @@ def explain_packet(cfg, pkt: bytes, router, ingress: str, live: list[dict] | Non
     oif = res.oif if res.oif is not None else fib.oif
     nexthop = res.nexthop if res.nexthop is not None else fib.gw
     notes = list(getattr(router, "notes", []))
+    if rule is None and winner is not None:  # the listing says MATCH, the verdict no rule: say why
+        before = BEFORE_RULES.get(reason, "a step before the rule match")
+        notes.append(f"{reason.name}: decided before the rules are asked: {before.format(src=s.src, iif=ingress)}; "
+                     "the listing above shows the rule a packet past that step would take")
     if rule is not None and (winner is None or rule.identity != winner.identity):  # a bug, if ever
         notes.append(f"the model chose {rule.describe()!r}, unlike the rule listing above")
     translated = snat = None
@@ -625,6 +639,10 @@ def run(args: argparse.Namespace) -> int:
         sessions, truncated = relevant_sessions(table_of, pkt, cfg)
         memos = call(table_of, {"op": "spill_memos", "remote": str(dst)}).get("memos") or []
     d = explain_packet(cfg, pkt, router, ingress, sessions, memos)
+    if (isinstance(router, KernelRouter) and d["reason"] == Reason.DROP_SPOOFED.name
+            and not any(n == ingress for _, n in socket.if_nameindex())):  # the likely why of that drop
+        d["notes"].insert(0, f"{ingress} is no device of this network namespace: the routes are this host's, not "
+                             "the gateway's (run explain there: nsenter --net=/run/netns/NS snatgw explain ...)")
     if truncated:
         d["notes"].append(f"the daemon listed at most {truncated:,} of the sessions toward {dst}: the port search "
                           "was judged against those, so a port it names may be taken")
