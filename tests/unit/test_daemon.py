@@ -479,3 +479,26 @@ def test_settings_the_nft_backend_ignores_are_said_at_start_and_reload(tmp_path,
         assert r.req(op="reload")["warnings"] == []
     finally:
         r.close()
+
+
+def test_a_daemon_without_interfaces_says_it_translates_nothing(tmp_path):
+    """No `inside`/`outside` in the file and none given to `snatgw run`: the daemon starts (a
+    later reload may give them) but logs what `check` warns of, and `status` is unhealthy with
+    the reason; before, it said ready, logged nothing and status said healthy while no program
+    was on any device."""
+    import re
+
+    text = re.sub(r"\n    (inside|outside) [^\n]*", "", LAB.read_text())
+    assert "inside lan40" not in text and "outside eth1" not in text
+    conf = tmp_path / "bare.conf"
+    conf.write_text(text)
+    r = Running(tmp_path, conf)
+    try:
+        assert any("config_warning" in line and "no inside or outside interfaces" in line for line in r.log.lines)
+        problems = r.req(op="health")["problems"]
+        assert problems[0].startswith("no inside or outside interfaces: nothing is translated"), problems
+        r.conf.write_text(LAB.read_text())
+        assert r.req(op="reload")["ok"]
+        assert not [p for p in r.req(op="health")["problems"] if "nothing is translated" in p]
+    finally:
+        r.close()

@@ -11,7 +11,8 @@ Problems, each one line naming what and where:
   - a probed link (config `link`) is failed or recovering: its rules run on the backup;
   - the backend cannot be read at all;
   - `rps_cpus` is set but nothing was written (/sys shows another network namespace);
-  - the audit log, the session sync or the metrics listener is configured but not running.
+  - the audit log, the session sync or the metrics listener is configured but not running;
+  - no inside or no outside interface is configured (nothing is translated).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def report(service, link_reader=None) -> dict:
     s = service.config.settings
     links = (link_reader or link_states)(tuple(s.inside) + tuple(s.outside))
     found = problems(dp, links, service.last_apply)
+    missing = [k for k in ("inside", "outside") if not getattr(s, k)]
+    if missing:  # the programs are on no device: nothing is translated
+        found.insert(0, f"no {' or '.join(missing)} interfaces: nothing is translated (give them in the snatgw "
+                        f"{{ }} block, then reload, or to `snatgw run --{missing[0]} IF`)")
     probes = service.link_monitor.as_dict() if getattr(service, "link_monitor", None) else {}
     for name, lk in probes.items():
         if lk["on_backup"]:

@@ -144,13 +144,15 @@ class Service:
 
     def config_warnings(self) -> list[str]:
         """Log what `snatgw check` warns of about devices (an oif that is no uplink: a typo
-        whose rule matches nothing) and about settings the running backend ignores (nft:
+        whose rule matches nothing; no inside or outside interface at all: nothing is
+        translated) and about settings the running backend ignores (nft:
         `port_tries`, `on_exhausted spill`; also when `--backend nft` chose it,
         which `check` of the file cannot know), so that a start or reload does not take them
         silently; kept in ``warnings`` (the reload request's answer prints them)."""
-        from ..cli.commands.check import nft_pressure_warnings, oif_warnings
+        from ..cli.commands.check import interface_warnings, nft_pressure_warnings, oif_warnings
 
-        found = self.warnings = oif_warnings(self.config) + nft_pressure_warnings(self.config)
+        found = self.warnings = (interface_warnings(self.config) + oif_warnings(self.config)
+                                 + nft_pressure_warnings(self.config))
         for w in found[:10]:
             self.log.warning("config_warning", warning=w)
         if len(found) > 10:

@@ -72,13 +72,21 @@ def config_warnings(cfg: GatewayConfig) -> list[str]:
                    "`snatgw run` with it refuses this config (the nft backend takes it)")
     out += nat_behaviour_warnings(cfg)
     out += nft_pressure_warnings(cfg)
-    missing = [k for k in ("inside", "outside") if not getattr(s, k)]
-    if missing:
-        out.append(f"{cfg.source}: no {' or '.join(missing)} interfaces in a snatgw {{ }} block: "
-                   f"give them there or to `snatgw run --{missing[0]} IF`")
+    out += interface_warnings(cfg)
     if not len(cfg.rules):
         out.append(f"{cfg.source}: no snat_rule: nothing will be translated")
     return out
+
+
+def interface_warnings(cfg: GatewayConfig) -> list[str]:
+    """No inside or no outside interfaces: nothing is translated (the daemon says it too, after
+    `snatgw run --inside/--outside`, and `status` calls it a problem)."""
+    s = cfg.settings
+    missing = [k for k in ("inside", "outside") if not getattr(s, k)]
+    if not missing:
+        return []
+    return [f"{cfg.source}: no {' or '.join(missing)} interfaces in a snatgw {{ }} block: "
+            f"give them there or to `snatgw run --{missing[0]} IF`"]
 
 
 def nft_pressure_warnings(cfg: GatewayConfig) -> list[str]:
