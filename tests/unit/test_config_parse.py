@@ -467,3 +467,18 @@ def test_a_snatgw_setting_in_a_snat_rule_is_named_as_such(layout, word, value):
     assert e.where == ("t.conf:2" if layout == "one line" else "t.conf:5")
     assert "unknown snat_rule keyword" in e.message
     assert f"({word} is a setting of the snatgw {{ }} block, for every rule, not of one rule)" in e.message
+
+
+@pytest.mark.parametrize("head", ["virtual_server fwmark 2", "virtual_server fwmark 0x1", "virtual_server 192.0.2.1 80"])
+def test_a_snat_rule_in_another_virtual_server_is_an_error(head):
+    """Rules in a virtual_server that is not `fwmark 1` (a typo, `fwmark 0x1`): refused at the
+    rule's line, naming the block; before, the block was skipped with a warning and its rules
+    with it (alone: the error said only "no snat_rule", naming no line)."""
+    e = err(f"{head} {{\n  snat_rule {{ from 198.18.40.0/24 snat_ip 198.19.2.71 }}\n}}\n"
+            "virtual_server fwmark 1 {\n  snat_rule { from 198.18.50.0/24 snat_ip 198.19.2.72 }\n}\n")
+    assert (e.where, e.field) == ("t.conf:2", "snat_rule")
+    assert f"in '{head}' (line 1): only `virtual_server fwmark 1` holds the SNAT rules" in e.message
+    w: list[str] = []  # keepalived's own virtual servers, without snat_rule, are still skipped
+    cfg = parse_text(f"{head} {{\n  lb_algo rr\n}}\nvirtual_server fwmark 1 {{\n"
+                     "  snat_rule { from 198.18.50.0/24 snat_ip 198.19.2.72 }\n}\n", "t.conf", w)
+    assert len(cfg.rules) == 1 and w == [f"t.conf:1: skipped keepalived block '{head}' (not the SNAT service)"]

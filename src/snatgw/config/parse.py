@@ -393,7 +393,14 @@ def _parse_text(text: str, filename: str, warnings: list[str] | None, cpus_here:
         else:
             label = " ".join([t.text] + [a.text for a in args])
             if cur.maybe_block():
+                start = cur.i
                 cur.skip_block(t)
+                if t.text == "virtual_server":  # rules there would be skipped: refused, not warned of
+                    rule = next((x for x in cur.toks[start:cur.i] if x.text == "snat_rule"), None)
+                    if rule is not None:
+                        raise cur.error(rule.line, "snat_rule", f"in '{label}' (line {t.line}): only "
+                                        "`virtual_server fwmark 1` holds the SNAT rules (lvs-snat's switch); "
+                                        "this block is keepalived's and would be skipped with its rules")
                 warn(f"{cur.where(t.line)}: skipped keepalived block '{label}' (not the SNAT service)")
             else:
                 warn(f"{cur.where(t.line)}: skipped keepalived line '{label}'")
