@@ -364,6 +364,7 @@ def _parse_text(text: str, filename: str, warnings: list[str] | None, cpus_here:
     cur.cpus_here = cpus_here
     rules: list[Rule] = []
     links: list[Link] = []
+    vmac: list[str] = []
     settings = Settings()
     seen: dict[str, Token] = {}
     while (t := cur.next()) is not None:
@@ -401,6 +402,8 @@ def _parse_text(text: str, filename: str, warnings: list[str] | None, cpus_here:
                         raise cur.error(rule.line, "snat_rule", f"in '{label}' (line {t.line}): only "
                                         "`virtual_server fwmark 1` holds the SNAT rules (lvs-snat's switch); "
                                         "this block is keepalived's and would be skipped with its rules")
+                elif t.text == "vrrp_instance" and any(x.text == "use_vmac" for x in cur.toks[start:cur.i]):
+                    vmac.append(cur.where(t.line))
                 warn(f"{cur.where(t.line)}: skipped keepalived block '{label}' (not the SNAT service)")
             else:
                 warn(f"{cur.where(t.line)}: skipped keepalived line '{label}'")
@@ -415,7 +418,7 @@ def _parse_text(text: str, filename: str, warnings: list[str] | None, cpus_here:
             why = nft_refuses(r)
             if why:
                 raise ConfigError(why, "filtering", r.where)
-    return GatewayConfig(rules=ruleset, settings=settings, source=filename, links=tuple(links))
+    return GatewayConfig(rules=ruleset, settings=settings, source=filename, links=tuple(links), use_vmac=tuple(vmac))
 
 
 def nft_refuses(rule: Rule) -> str | None:

@@ -139,3 +139,6 @@ class GatewayConfig:
     settings: Settings = field(default_factory=Settings)
     source: str | None = None  # file name it came from
     links: tuple = ()  # snatgw.config.links.Link: probed next hops and their backups
+    #: "file:line" of the skipped keepalived `vrrp_instance` blocks that say `use_vmac` (the nft
+    #: backend does not handle it: check and the daemon warn)
+    use_vmac: tuple[str, ...] = field(default=(), compare=False)

@@ -103,6 +103,10 @@ def nft_pressure_warnings(cfg: GatewayConfig) -> list[str]:
     if s.port_tries != PORT_TRIES:
         out.append(f"{src}: port_tries: {s.port_tries} is ignored with backend nft: the kernel's nf_nat "
                    "runs its own search, about 240 tries (docs/nftables.md)")
+    out += [f"{where}: vrrp_instance: use_vmac is not handled by backend nft: the hosts' packets arrive on the "
+            "macvlan device, which is no inside device, and are not translated (the leak guard drops them); run "
+            "keepalived without use_vmac, or use backend bpf (docs/operations.md, \"Beside keepalived\")"
+            for where in getattr(cfg, "use_vmac", ())]
     return out
 
 
