@@ -85,3 +85,27 @@ def test_a_unicast_route_is_answered_as_ip_route_get_does(ns, addr):
 def test_what_has_no_unicast_route_is_an_error(ns, addr, words):
     got = in_ns(route_get, ipaddress.IPv4Address(addr))
     assert isinstance(got, BackendError) and str(got).startswith(words), got
+
+
+def test_a_device_gone_between_the_route_and_its_mtu_is_no_route(ns, monkeypatch):
+    """The route names a device that is deleted before its MTU is asked: an error (route_egress
+    by `ip` failed there too: if_nametoindex of the name), not its stale ifindex with a default
+    MTU, which would make a session whose packets go nowhere."""
+    import snatgw.datapath.routeget as rg
+
+    sh("ip", "-n", NS, "link", "add", "gone0", "type", "veth", "peer", "name", "gone1")
+    try:
+        sh("ip", "-n", NS, "link", "set", "gone1", "up")
+        sh("ip", "-n", NS, "link", "set", "gone0", "up")
+        sh("ip", "-n", NS, "route", "add", "198.18.9.0/24", "dev", "gone0")
+        real = rg.link_request
+
+        def gone_first(ifindex, seq=2):
+            subprocess.run(["ip", "-n", NS, "link", "del", "gone0"], check=True)
+            return real(ifindex, seq)
+
+        monkeypatch.setattr(rg, "link_request", gone_first)
+        got = in_ns(route_get, ipaddress.IPv4Address("198.18.9.9"))
+        assert isinstance(got, BackendError) and str(got).startswith("no route to 198.18.9.9: "), got
+    finally:
+        subprocess.run(["ip", "-n", NS, "link", "del", "gone0"], capture_output=True)

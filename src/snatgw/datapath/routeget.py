@@ -11,7 +11,8 @@ was made in, and callers switch namespaces per thread).
 
 A destination with no route (ENETUNREACH, EHOSTUNREACH, ...) or a route that is not unicast
 (local, blackhole, unreachable, prohibit: no device to send by) is a BackendError, worded as
-route_egress's was.
+route_egress's was; so is a route whose device is gone by the second request (`ip` answered
+with its name, and if_nametoindex failed: an egress of a stale ifindex would drop the session).
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def route_get(addr: ipaddress.IPv4Address) -> tuple[int, ipaddress.IPv4Address, 
             raise BackendError(f"no route to {addr}: {e.strerror or e}") from None
         try:
             mtu = parse_mtu(*_answer(sock, link_request(oif), RTM_NEWLINK, "link get"))
-        except OSError:  # the device went meanwhile: as `ip link show` failing did
+        except OSError as e:
+            if e.errno == errno.ENODEV:  # the device went meanwhile: no egress (the route's ifindex is stale)
+                raise BackendError(f"no route to {addr}: its device (ifindex {oif}) is gone") from None
             mtu = DEFAULT_MTU
         return oif, nexthop, int(mtu)
     finally:
