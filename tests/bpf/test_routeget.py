@@ -43,6 +43,16 @@ def ns():
         sh(*ip, "route", "add", "203.0.113.0/24", "via", "198.18.6.1", "mtu", "1300")
         sh(*ip, "route", "add", "blackhole", "192.0.2.0/24")
         sh(*ip, "route", "add", "unreachable", "198.51.100.0/24")
+        # an inside device, its hosts forwarded: 198.18.7.10 by a policy rule out up1, the
+        # others by a multipath default route's hash of both addresses
+        sh(*ip, "link", "add", "in0", "type", "veth", "peer", "name", "xi")
+        for dev in ("in0", "xi"):
+            sh(*ip, "link", "set", dev, "up")
+        sh(*ip, "addr", "add", "198.18.7.2/24", "dev", "in0")
+        sh("ip", "netns", "exec", NS, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        sh(*ip, "rule", "add", "pref", "100", "from", "198.18.7.10", "lookup", "77")
+        sh(*ip, "route", "add", "table", "77", "default", "via", "198.18.6.1")
+        sh(*ip, "route", "add", "198.19.0.0/16", "nexthop", "via", "198.18.5.1", "nexthop", "via", "198.18.6.1")
         yield NS
     finally:
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)
@@ -85,6 +95,34 @@ def test_a_unicast_route_is_answered_as_ip_route_get_does(ns, addr):
 def test_what_has_no_unicast_route_is_an_error(ns, addr, words):
     got = in_ns(route_get, ipaddress.IPv4Address(addr))
     assert isinstance(got, BackendError) and str(got).startswith(words), got
+
+
+def by_ip_from(addr: str, src: str, iif: str):
+    """What `ip -j route get ADDR from SRC iif DEV` answers (a forwarded packet's route)."""
+    r = json.loads(sh("ip", "-n", NS, "-j", "route", "get", addr, "from", src, "iif", iif))[0]
+    link = json.loads(sh("ip", "-n", NS, "-j", "link", "show", "dev", r["dev"]))[0]
+    return int(link["ifindex"]), ipaddress.IPv4Address(r.get("gateway") or addr), int(link["mtu"])
+
+
+def test_a_forwarded_hosts_route_is_asked_with_its_source_and_input_device(ns):
+    """The datapath routes a new flow as forwarded from the inside host (bpf_fib_lookup from it,
+    on its inside device): a policy rule on the source and a multipath route's hash give another
+    uplink than the gateway's own route to the remote; with src and iif the answer is `ip route
+    get ... from ... iif ...`'s, and for the rule's host it is up1 where the gateway's own is up0."""
+    in0, up0, up1 = (int(json.loads(sh("ip", "-n", NS, "-j", "link", "show", "dev", d))[0]["ifindex"])
+                     for d in ("in0", "up0", "up1"))
+    host, remote = ipaddress.IPv4Address("198.18.7.10"), ipaddress.IPv4Address("198.18.200.1")
+    assert in_ns(route_get, remote)[0] == up0
+    want = (up1, ipaddress.IPv4Address("198.18.6.1"), 1500)
+    assert in_ns(route_get, remote, host, in0) == by_ip_from(str(remote), str(host), "in0") == want
+    assert in_ns(route_egress, remote, host, in0) == want
+    remote, seen = ipaddress.IPv4Address("198.19.1.1"), set()
+    for h in range(20, 60):  # the multipath route: the hash of (host, remote) picks the uplink
+        src = ipaddress.IPv4Address(f"198.18.7.{h}")
+        got = in_ns(route_get, remote, src, in0)
+        assert got == by_ip_from(str(remote), str(src), "in0"), src
+        seen.add(got[0])
+    assert seen == {up0, up1}
 
 
 def test_a_device_gone_between_the_route_and_its_mtu_is_no_route(ns, monkeypatch):

@@ -181,6 +181,38 @@ def test_records_whose_routes_no_local_rule_would_translate_open_nothing(gw):
     assert not [c for c in gw.conns() if c["inside"].endswith((":40310", ":40311", ":40312"))]
 
 
+def test_a_records_routes_are_the_inside_hosts_own_not_the_gateways(gw):
+    """The datapath routes a new flow as forwarded from the inside host on its inside device, so
+    a policy rule on the source sends it another way than the gateway's own route to the remote:
+    a host whose rule leads out sync0 (`oif wan0` does not match: no session) is refused
+    (no_rule), not installed out wan0; a host whose rule leads out wan0 toward a remote the main
+    table sends out sync0 is installed.  (The sync asked the gateway's own route: both wrong.)"""
+    pair = gw.pair
+    before = gw.sync()
+    setup = [("rule", "add", "pref", "100", "from", "198.18.60.30", "lookup", "77"),
+             ("route", "add", "table", "77", "default", "via", SYNC["gwb"], "dev", "sync0"),
+             ("rule", "add", "pref", "101", "from", "198.18.60.31", "lookup", "78"),
+             ("route", "add", "table", "78", "default", "via", "198.19.20.1", "dev", "wan0"),
+             ("route", "add", "203.0.113.77/32", "via", SYNC["gwb"], "dev", "sync0")]  # fmt: skip
+    try:
+        for argv in setup:
+            pair.ip("gwa", *argv)
+        gw.send([udp_rec(40320, 6020, inside="198.18.60.30"),
+                 udp_rec(40321, 6021, inside="198.18.60.31")._replace(remote=quad("203.0.113.77"))])
+        judged = ("rejected", "installed", "no_rule", "other_rule", "no_route")
+        y = gw.wait(lambda y: sum(y[k] for k in judged) >= sum(before[k] for k in judged) + 2)
+        assert y["no_rule"] == before["no_rule"] + 1 and y["installed"] == before["installed"] + 1, y
+        assert [(c["inside"], c["remote"]) for c in gw.conns() if c["inside"].endswith((":40320", ":40321"))] == [
+            ("198.18.60.31:40321", f"203.0.113.77:{REMOTE_PORT}")]
+    finally:
+        pair.ip("gwa", "rule", "del", "pref", "100", check=False)
+        pair.ip("gwa", "rule", "del", "pref", "101", check=False)
+        pair.ip("gwa", "route", "flush", "table", "77", check=False)
+        pair.ip("gwa", "route", "flush", "table", "78", check=False)
+        pair.ip("gwa", "route", "del", "203.0.113.77/32", check=False)
+        gw.call("flush", "--inside", "198.18.60.31")
+
+
 RULE_LINE = f"snat_rule {{ from 198.18.60.0/24  oif wan0  snat_ip {POOL[0]}-{POOL[-1]}  algo sdh }}"
 
 

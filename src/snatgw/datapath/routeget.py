@@ -9,6 +9,12 @@ was made in, and callers switch namespaces per thread).
 
     route_get(IPv4Address("203.0.113.10"))  # (ifindex, next hop, mtu); next hop = addr on-link
 
+With ``src`` and ``iif`` it is `ip route get ADDR from SRC iif DEV`: the route a packet from
+``src`` arriving on device ``iif`` is forwarded by, as the datapath asks for a new flow
+(bpf_fib_lookup from the inside host on its inside device): policy rules on the source (`ip rule
+from`) and a multipath route's choice (hashed on both addresses) give another uplink than the
+gateway's own route to ``addr``.
+
 A destination with no route (ENETUNREACH, EHOSTUNREACH, ...) or a route that is not unicast
 (local, blackhole, unreachable, prohibit: no device to send by) is a BackendError, worded as
 route_egress's was; so is a route whose device is gone by the second request (`ip` answered
@@ -28,7 +34,7 @@ from ..errors import BackendError
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWROUTE, RTM_GETROUTE = 16, 18, 24, 26
 NLM_F_REQUEST = 0x1
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
+RTA_DST, RTA_SRC, RTA_IIF, RTA_OIF, RTA_GATEWAY = 1, 2, 3, 4, 5
 IFLA_MTU = 4
 RTN_UNICAST = 1
 RTN_NAMES = {0: "unspec", 1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
@@ -54,9 +60,16 @@ def _attrs(buf: bytes, off: int, end: int):
         off += (ln + 3) & ~3
 
 
-def route_request(addr: ipaddress.IPv4Address, seq: int = 1) -> bytes:
-    """RTM_GETROUTE for ``addr`` (/32), as `ip route get` asks."""
-    body = _RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, 0) + _NLA.pack(8, RTA_DST) + addr.packed
+def route_request(addr: ipaddress.IPv4Address, seq: int = 1, src: ipaddress.IPv4Address | None = None,
+                  iif: int = 0) -> bytes:
+    """RTM_GETROUTE for ``addr`` (/32), as `ip route get` asks (`from SRC iif DEV` with ``src``
+    and ``iif``: an input route lookup)."""
+    body = _RTMSG.pack(socket.AF_INET, 32, 32 if src is not None else 0, 0, 0, 0, 0, 0, 0)
+    body += _NLA.pack(8, RTA_DST) + addr.packed
+    if src is not None:
+        body += _NLA.pack(8, RTA_SRC) + ipaddress.IPv4Address(src).packed
+    if iif:
+        body += _NLA.pack(8, RTA_IIF) + _U32.pack(iif)
     return _NLH.pack(_NLH.size + len(body), RTM_GETROUTE, NLM_F_REQUEST, seq, 0) + body
 
 
@@ -111,9 +124,11 @@ def parse_mtu(buf: bytes, off: int, end: int) -> int:
     return DEFAULT_MTU
 
 
-def route_get(addr: ipaddress.IPv4Address) -> tuple[int, ipaddress.IPv4Address, int]:
+def route_get(addr: ipaddress.IPv4Address, src: ipaddress.IPv4Address | None = None,
+              iif: int = 0) -> tuple[int, ipaddress.IPv4Address, int]:
     """(egress ifindex, next hop, the device's MTU) of the route to ``addr`` in the calling
-    thread's network namespace (the next hop is ``addr`` itself on-link)."""
+    thread's network namespace (the next hop is ``addr`` itself on-link); with ``src`` and
+    ``iif``, of the route a packet from ``src`` arriving on ``iif`` is forwarded by."""
     addr = ipaddress.IPv4Address(addr)
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
@@ -123,7 +138,8 @@ def route_get(addr: ipaddress.IPv4Address) -> tuple[int, ipaddress.IPv4Address, 
         sock.settimeout(10)
         sock.bind((0, 0))
         try:
-            oif, nexthop = parse_route(*_answer(sock, route_request(addr), RTM_NEWROUTE, "route get"), addr)
+            answer = _answer(sock, route_request(addr, 1, src, iif), RTM_NEWROUTE, "route get")
+            oif, nexthop = parse_route(*answer, addr)
         except OSError as e:
             raise BackendError(f"no route to {addr}: {e.strerror or e}") from None
         try:

@@ -57,8 +57,9 @@ PRESSURE_FILL = 0.9
 CHUNKED = True
 FULL_EVERY = 16  # every 16th sweep also checks each entry's other half (half pairs, orphans)
 
-#: resolver(addr) -> (ifindex, next hop, mtu) of the route to addr (next hop = addr on-link)
-Resolver = Callable[[ipaddress.IPv4Address], "tuple[int, ipaddress.IPv4Address, int]"]
+#: resolver(addr) -> (ifindex, next hop, mtu) of the route to addr (next hop = addr on-link); the
+#: session sync also asks resolver(addr, src, iif): the route a packet from src arriving on iif takes
+Resolver = Callable[..., "tuple[int, ipaddress.IPv4Address, int]"]
 #: owners(outside device names) -> {address: ifindexes of those devices holding it}
 Owners = Callable[[tuple], "dict[ipaddress.IPv4Address, set[int]]"]
 
@@ -70,11 +71,13 @@ def _ifindex_or_absent(name: str) -> int:
         return NO_DEVICE
 
 
-def route_egress(addr: ipaddress.IPv4Address) -> tuple[int, ipaddress.IPv4Address, int]:
+def route_egress(addr: ipaddress.IPv4Address, src: ipaddress.IPv4Address | None = None,
+                 iif: int = 0) -> tuple[int, ipaddress.IPv4Address, int]:
     """How ``addr`` is reached in this namespace (the kernel's `ip route get` answer and its
     device's MTU), through rtnetlink (datapath/routeget.py; it was two `ip` processes, a few ms,
-    a route: the session sync asks one per new remote)."""
-    return route_get(addr)
+    a route: the session sync asks one per new remote); with ``src`` and ``iif``, how a packet
+    from ``src`` arriving on ``iif`` is forwarded there (the datapath's question for a new flow)."""
+    return route_get(addr, src, iif)
 
 
 def _egresses_text(egresses) -> str:

@@ -101,24 +101,27 @@ def write_pair(ct, out_key, out_val, in_key, in_val) -> str | None:
 
 class RouteCache:
     """The backend's resolver, each answer kept ROUTE_TTL seconds (a burst of records toward
-    one remote asks the kernel once); a failure is remembered as None for as long."""
+    one remote from one inside host asks the kernel once); a failure is remembered as None for
+    as long.  With ``src`` and ``iif`` the route is the one a packet from ``src`` arriving on
+    ``iif`` is forwarded by (the datapath's own lookup for a new flow)."""
 
     def __init__(self, resolver, clock=time.monotonic):
         self.resolver, self.clock = resolver, clock
         self._routes: dict = {}
 
-    def __call__(self, addr):
+    def __call__(self, addr, src=None, iif: int = 0):
         now = self.clock()
-        hit = self._routes.get(addr)
+        key = (addr, src, iif)
+        hit = self._routes.get(key)
         if hit is not None and now - hit[0] < ROUTE_TTL:
             return hit[1]
         try:
-            eg = self.resolver(addr)
+            eg = self.resolver(addr) if src is None else self.resolver(addr, src, iif)
         except (BackendError, OSError, ValueError):
             eg = None
         if len(self._routes) >= ROUTES_KEPT:
             self._routes.clear()
-        self._routes[addr] = (now, eg)
+        self._routes[key] = (now, eg)
         return eg
 
 
@@ -362,8 +365,14 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
         if live >= settings.max_sessions:
             counts["table_full"] += 1
             continue
-        rt, in_eg = routes(rip), routes(ip)
-        out_eg = routes(rule.new_gw) if rule.new_gw else rt
+        # the routes of the inside host's flow as the datapath looks them up (snat_v4_new: from the
+        # host, arriving on its inside device; the gateway's own route to the remote is another
+        # under a policy rule on the source or a multipath route: another uplink)
+        in_eg = routes(ip)
+        rt = out_eg = None
+        if in_eg is not None:
+            rt = routes(rip, ip, in_eg[0])
+            out_eg = routes(rule.new_gw, ip, in_eg[0]) if rule.new_gw else rt
         if rt is None or out_eg is None or in_eg is None:
             counts["no_route"] += 1
             continue
