@@ -158,6 +158,16 @@ def test_a_bad_key_file_is_refused(tmp_path, data, mode, words):
     assert (e.where, e.field) == ("t.conf:4", "sync_key") and words in e.message, str(e)
 
 
+def test_a_key_file_not_owned_by_the_daemons_user_is_refused(tmp_path):
+    """As ssh refuses a key another user owns (who may chmod it, or replace what it holds)."""
+    k = key_file(tmp_path)
+    os.chown(k, os.geteuid() + 1234, -1)
+    e = err(conf(tmp_path, f"sync_peer 192.0.2.2\nsync_local 192.0.2.1\nsync_key {k}\n"))
+    assert (e.where, e.field) == ("t.conf:4", "sync_key"), str(e)
+    assert f"owned by uid {os.geteuid() + 1234}, not by uid {os.geteuid()}" in e.message, str(e)
+    assert "chown" in e.message, str(e)
+
+
 def test_a_missing_key_file_is_refused(tmp_path):
     e = err(conf(tmp_path, f"sync_peer 192.0.2.2\nsync_local 192.0.2.1\nsync_key {tmp_path}/none\n"))
     assert (e.where, e.field) == ("t.conf:4", "sync_key") and "cannot read" in e.message, str(e)

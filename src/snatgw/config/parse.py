@@ -31,7 +31,7 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         sync_peer 192.0.2.2                   # session sync with the HA peer (bpf; daemon/sync.py)
         sync_local 192.0.2.1                  # our address on the sync link
         sync_port 3781                        # UDP
-        sync_key /etc/snatgw/sync.key         # shared secret (>= 32 bytes, mode 0600)
+        sync_key /etc/snatgw/sync.key         # shared secret (>= 32 bytes, mode 0600, owned by root)
     }
     virtual_server fwmark 1 {                 # the SNAT service
         snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh }
@@ -733,8 +733,9 @@ def _check_sync(cur: _Cursor, s: Settings, given: dict[str, Token], opener: Toke
 
 def read_sync_key(path: str) -> bytes:
     """The shared secret of ``sync_key``: the file's bytes, white space stripped, >= SYNC_KEY_MIN
-    of them; refused when group or others may read or write it (as ssh refuses a private key)
-    or when it is not a regular file.  ValueError saying what is wrong."""
+    of them; refused when group or others may read or write it or when it is not owned by the
+    user reading it (the daemon's: root), as ssh refuses a private key, or when it is not a
+    regular file.  ValueError saying what is wrong."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
@@ -743,6 +744,9 @@ def read_sync_key(path: str) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise ValueError(f"{path} is owned by uid {st.st_uid}, not by uid {os.geteuid()} (the daemon's user) "
+                             f"that reads it; chown {os.geteuid()} it")  # fmt: skip
         if st.st_mode & 0o077:
             raise ValueError(f"{path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
                              f"chmod 600 it")  # fmt: skip
