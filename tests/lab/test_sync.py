@@ -4,7 +4,8 @@ where the test plays the peer with a UDP socket of its own and the pair's key.  
 session carries the real datapath's traffic both ways with its mapping; records no local rule
 allows (SNAT address outside the pool, a rule that does not exist), another mapping's ports
 (a conflict) and datagrams under another key change nothing and are counted; a flood leaves
-the daemon answering."""
+the daemon answering.  The test's datagrams echo A's boot id (as a peer that heard A does);
+datagrams recorded before A restarted are refused; a silent peer is a problem in status."""
 
 from __future__ import annotations
 
@@ -46,9 +47,17 @@ class Gw:
         self.sock = ns_socket(pair.ns("gwb"), socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((SYNC["gwb"], PORT))
 
-    def send(self, recs, enc=None) -> None:
-        for g in (enc or self.enc).encode(recs):
+    def send(self, recs, enc=None) -> list[bytes]:
+        """``recs`` in datagrams echoing A's boot id as it is now (what was sent: the datagrams)."""
+        enc = enc or self.enc
+        enc.echo = self.boot()
+        grams = enc.encode(recs) if recs else [enc.datagram([])]  # (none: a heartbeat)
+        for g in grams:
             self.sock.sendto(g, (SYNC["gwa"], PORT))
+        return grams
+
+    def boot(self) -> int:
+        return int(self.sync()["boot_id"], 16)
 
     def call(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(snatgw_argv(*args, "--socket", self.pair.socket("gwa")), capture_output=True, text=True,
@@ -84,6 +93,9 @@ class Gw:
     def conns(self) -> list[dict]:
         p = self.call("conns", "-j")
         return [json.loads(x) for x in p.stdout.splitlines() if x.strip()]
+
+    def problems(self) -> list[str]:
+        return [x for x in json.loads(self.call("status", "-j").stdout)["problems"] if "session sync" in x]
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +323,7 @@ def test_sessions_a_rule_change_removes_are_sent_to_the_peer_as_ends(gw):
     next packet makes a fresh one): the peer is sent an end record for each, as for a flush or
     an expiry, or it would keep them until they expire there."""
     pair, conf = gw.pair, gw.conf
-    dec = C.Decoder(read_sync_key(pair.sync_key_path()))
+    dec = C.Decoder(read_sync_key(pair.sync_key_path()), own=gw.enc.boot_id)  # (A echoes us: we sent below)
     narrowed = gw.variant("narrow", f"snat_ip {POOL[0]}-{POOL[-1]}", f"snat_ip {POOL[0]}")
     gw.send([udp_rec(40360, 6080, nat=POOL[1], inside="198.18.60.43")])
     gw.wait(lambda y: any(c["inside"] == "198.18.60.43:40360" for c in gw.conns()))
@@ -416,6 +428,7 @@ def test_a_flood_of_valid_records_is_bounded_and_status_still_answers(gw):
     """~130,000 records (valid MAC, fresh sequences) as fast as the socket takes them: the
     daemon answers `status` within a second meanwhile and its queues stay within their bounds."""
     recs = [udp_rec(1024 + i % 60000, 5000 + i % 60000, rule_id=RULE_ID ^ 2) for i in range(42 * 3000)]
+    gw.enc.echo = gw.boot()
     grams = gw.enc.encode(recs)
     t0 = time.monotonic()
     worst = 0.0
@@ -471,7 +484,8 @@ def test_a_sends_its_own_sessions_new_at_once_and_whole_when_the_peer_starts(gw)
     started (a new boot id) makes A send its whole table at once, the connection now in
     ESTABLISHED (the refresh carries state changes)."""
     pair = gw.pair
-    dec = C.Decoder(read_sync_key(pair.sync_key_path()))
+    dec = C.Decoder(read_sync_key(pair.sync_key_path()), own=gw.enc.boot_id)
+    gw.send([])  # (A echoes our boot id from now on)
     gw.sock.setblocking(False)
 
     def receive(pred, timeout: float) -> C.Record | None:
@@ -503,7 +517,9 @@ def test_a_sends_its_own_sessions_new_at_once_and_whole_when_the_peer_starts(gw)
         mine = lambda r: r.proto == IPPROTO_TCP and r.iport == 40700 and r.rport == 7200  # noqa: E731
         new = receive(lambda r: mine(r) and r.op == C.OP_UPDATE, 2.0)
         assert new is not None and (socket.inet_ntoa(new.nat), new.nport) == peer and new.rule_id == RULE_ID, new
-        gw.send([udp_rec(40701, 6040, op=C.OP_END)], enc=C.Encoder(read_sync_key(pair.sync_key_path())))
+        gw.enc = C.Encoder(read_sync_key(pair.sync_key_path()))  # the peer restarted: A echoes its new boot id
+        dec = C.Decoder(read_sync_key(pair.sync_key_path()), own=gw.enc.boot_id)
+        gw.send([udp_rec(40701, 6040, op=C.OP_END)])
         walked = receive(lambda r: mine(r) and r.state == CtState.ESTABLISHED, 3.0)
         assert walked is not None and (socket.inet_ntoa(walked.nat), walked.nport) == peer, walked
         assert walked.age_ms < 3000
@@ -541,7 +557,7 @@ def test_a_sync_that_starts_with_an_empty_table_says_so_to_the_peer_at_once(gw):
     flushed) sends the peer a datagram of no records under its new boot id within a second."""
     pair, conf = gw.pair, gw.conf
     other = gw.variant("hello", f"sync_local {SYNC['gwa']}\n", f"sync_local {SYNC['gwa']}\n    sync_port {PORT + 1}\n")
-    dec = C.Decoder(read_sync_key(pair.sync_key_path()))
+    dec = C.Decoder(read_sync_key(pair.sync_key_path()), own=0)  # (a hello echoes 0: it heard no peer yet)
     with ns_socket(pair.ns("gwb"), socket.AF_INET, socket.SOCK_DGRAM) as peer:
         peer.bind((SYNC["gwb"], PORT + 1))
         peer.settimeout(0.2)
@@ -556,7 +572,7 @@ def test_a_sync_that_starts_with_an_empty_table_says_so_to_the_peer_at_once(gw):
                     data = peer.recv(2048)
                 except socket.timeout:
                     continue
-                if dec.decode(data) == [] and dec.new_boot and C.HEADER.unpack_from(data)[4] == boot:
+                if dec.decode(data) == [] and dec.datagrams and C.HEADER.unpack_from(data)[4] == boot:
                     heard = data
             assert heard is not None, dec.stats()
         finally:
@@ -569,7 +585,8 @@ def test_with_an_audit_log_its_reader_hands_the_records_over(gw):
     pair, conf = gw.pair, gw.conf
     log = f"{pair.workdir}/audit.jsonl"
     audited = gw.variant("audit", "    sync_peer", f"    audit_log {log}\n    sync_peer", 1)
-    dec = C.Decoder(read_sync_key(pair.sync_key_path()))
+    dec = C.Decoder(read_sync_key(pair.sync_key_path()), own=gw.enc.boot_id)
+    gw.send([])  # (A echoes our boot id)
     gw.sock.setblocking(False)
     try:
         assert gw.call("reload", audited).returncode == 0
@@ -623,3 +640,63 @@ def test_a_sync_that_cannot_bind_is_a_problem_and_is_tried_again(gw):
         pair.ip("gwa", "addr", "del", "198.18.99.5/32", "dev", "sync0", check=False)
         assert gw.call("reload", conf).returncode == 0
     assert gw.sync()["local"] == f"{SYNC['gwa']}:{PORT}"
+
+
+def test_datagrams_recorded_before_the_daemon_restarted_remove_no_session(gw):
+    """What the sync link carried (here an END of a live session, and the update before it) is
+    recorded; the daemon restarts (a new sync boot id; the pinned table keeps its sessions);
+    the recording replayed from the peer's address: each datagram is counted stale, the session
+    stays.  Before the echo of the receiver's boot id (wire version 1) the END removed it."""
+    pair = gw.pair
+    upd = udp_rec(40900, 6090)
+    recorded = gw.send([upd])
+    gw.wait(lambda y: any(c["inside"].endswith(":40900") for c in gw.conns()))
+    recorded += gw.send([upd._replace(op=C.OP_END, age_ms=0)])
+    deadline = time.monotonic() + 5
+    while any(c["inside"].endswith(":40900") for c in gw.conns()):
+        assert time.monotonic() < deadline, gw.conns()
+        time.sleep(0.05)
+    gw.send([upd])  # the session again (a later update of the peer's)
+    gw.wait(lambda y: any(c["inside"].endswith(":40900") for c in gw.conns()))
+    was = gw.boot()
+    p = pair.snatgw["gwa"]
+    p.terminate()
+    p.wait(10)
+    pair.start_snatgw("gwa", "bpf", sync=True)
+    before = gw.sync()
+    assert int(before["boot_id"], 16) != was and [c["nat"] for c in gw.conns() if c["inside"].endswith(":40900")] \
+        == [f"{POOL[0]}:6090"], before  # fmt: skip
+    for g in recorded:
+        gw.sock.sendto(g, (SYNC["gwa"], PORT))
+    y = gw.wait(lambda y: y["drops"]["stale"] >= before["drops"]["stale"] + 2)
+    assert y["drops"]["stale"] == before["drops"]["stale"] + 2, y
+    assert (y["received_records"], y["ended"], y["installed"]) == (before["received_records"], 0, 0), y
+    assert [c["nat"] for c in gw.conns() if c["inside"].endswith(":40900")] == [f"{POOL[0]}:6090"]
+    gw.send([upd._replace(op=C.OP_END, age_ms=0)])  # the live peer's END (echoing the new boot id) still counts
+    y = gw.wait(lambda y: y["ended"] >= 1)
+    assert y["ended"] == 1 and not any(c["inside"].endswith(":40900") for c in gw.conns()), y
+
+
+def test_a_silent_peer_is_a_status_problem_until_it_speaks(gw):
+    """sync_interval 0.2: with no valid datagram from the peer for more than 3 intervals status
+    names the problem (exit 1, text and --json); the peer's heartbeat clears it; silence again
+    brings it back."""
+    conf = gw.conf
+    fast = gw.variant("fast", f"sync_local {SYNC['gwa']}\n", f"sync_local {SYNC['gwa']}\n    sync_interval 0.2\n")
+    try:
+        assert gw.call("reload", fast).returncode == 0
+        assert gw.sync()["interval"] == 0.2
+        time.sleep(0.7)
+        p = gw.call("status")
+        assert p.returncode == 1 and "no valid datagram from the peer since this sync started" in p.stdout, p.stdout
+        assert "sync_interval 0.2 s" in p.stdout and "heartbeat every 0.2s" in p.stdout, p.stdout
+        gw.send([])
+        deadline = time.monotonic() + 2
+        while gw.problems():
+            assert time.monotonic() < deadline, gw.problems()
+            time.sleep(0.02)
+        time.sleep(0.7)
+        silent = gw.problems()
+        assert len(silent) == 1 and "no valid datagram from the peer for " in silent[0], silent
+    finally:
+        assert gw.call("reload", conf).returncode == 0

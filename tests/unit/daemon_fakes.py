@@ -1,20 +1,26 @@
 """Stand-ins for the daemon's event loop and worker (daemon/loop.py) where a unit test drives
-what registers with them (Extras, SyncService) by hand: readers kept, timers never fire, jobs
-kept until the test runs them."""
+what registers with them (Extras, SyncService) by hand: readers kept, timers kept (fired by the
+test: ``fire``), jobs kept until the test runs them."""
 
 from __future__ import annotations
 
 
 class Timer:
+    def __init__(self, interval=None, cb=None, first=None):
+        self.interval, self.cb, self.first = interval, cb, first
+        self.cancelled = False
+
     def cancel(self):
-        pass
+        self.cancelled = True
 
 
 class Loop:
-    """EventLoop's registration calls: readers kept by file, timers inert, call_soon at once."""
+    """EventLoop's registration calls: readers kept by file, timers kept (they fire only when the
+    test says so), call_soon at once."""
 
     def __init__(self):
         self.readers = {}
+        self.timers = []
 
     def add_reader(self, f, cb):
         self.readers[f] = cb
@@ -23,7 +29,17 @@ class Loop:
         self.readers.pop(f, None)
 
     def every(self, interval, cb, first=None):
-        return Timer()
+        t = Timer(interval, cb, first)
+        self.timers.append(t)
+        return t
+
+    def fire(self, cb) -> int:
+        """Run the live timers calling ``cb`` (a bound method compares equal to another of the
+        same object's); how many."""
+        hits = [t for t in self.timers if t.cb == cb and not t.cancelled]
+        for t in hits:
+            t.cb()
+        return len(hits)
 
     def call_soon_threadsafe(self, cb):
         cb()

@@ -1,6 +1,7 @@
 """The session sync protocol's codec (daemon/synccodec.py) and its settings: round trip, MAC,
-replay window, a fuzz of mutated datagrams (never an exception, every drop counted), and the
-config's errors with file, line and field."""
+replay window, the echo of the receiver's boot id (what was recorded before it started is
+refused), another protocol version, a fuzz of mutated datagrams (never an exception, every drop
+counted), and the config's errors with file, line and field."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from snatgw.daemon import synccodec as C
 from snatgw.errors import ConfigError
 
 KEY = b"k" * 32
+OWN = 0x0123456789ABCDEF  # the receiving decoder's boot id, which the encoders here echo
 
 
 def rec(i: int = 0, op: int = C.OP_UPDATE) -> C.Record:
@@ -22,10 +24,10 @@ def rec(i: int = 0, op: int = C.OP_UPDATE) -> C.Record:
 
 
 def test_round_trip_in_datagrams_of_at_most_1400_bytes():
-    enc, dec = C.Encoder(KEY), C.Decoder(KEY)
+    enc, dec = C.Encoder(KEY, echo=OWN), C.Decoder(KEY, OWN)
     recs = [rec(i, C.OP_END if i % 3 else C.OP_UPDATE) for i in range(100)]
     grams = enc.encode(recs)
-    assert [len(g) for g in grams] == [24 + 42 * 32 + 16] * 2 + [24 + 16 * 32 + 16]
+    assert [len(g) for g in grams] == [32 + 42 * 32 + 16] * 2 + [32 + 16 * 32 + 16]
     assert max(len(g) for g in grams) <= C.MAX_DATAGRAM
     got = [r for g in grams for r in dec.decode(g)]
     assert got == recs
@@ -33,13 +35,13 @@ def test_round_trip_in_datagrams_of_at_most_1400_bytes():
 
 
 def test_a_wrong_key_is_a_bad_mac_and_gives_nothing():
-    g = C.Encoder(b"x" * 32).encode([rec()])[0]
-    dec = C.Decoder(KEY)
+    g = C.Encoder(b"x" * 32, echo=OWN).encode([rec()])[0]
+    dec = C.Decoder(KEY, OWN)
     assert dec.decode(g) == [] and dec.drops["bad_mac"] == 1
 
 
 def test_replay_is_refused_reordering_within_the_window_is_not():
-    enc, dec = C.Encoder(KEY), C.Decoder(KEY)
+    enc, dec = C.Encoder(KEY, echo=OWN), C.Decoder(KEY, OWN)
     grams = [enc.encode([rec(i)])[0] for i in range(100)]
     assert dec.decode(grams[10])  # seq 11
     assert dec.decode(grams[5])  # older, within the window: late, not a replay
@@ -49,29 +51,109 @@ def test_replay_is_refused_reordering_within_the_window_is_not():
     assert dec.decode(grams[99 - C.WINDOW + 1])  # the oldest still in it
     assert dec.drops["replay"] == 2
     # another sender (a restarted peer: new boot id) starts at 1 again
-    assert C.Decoder(KEY).decode(C.Encoder(KEY).encode([rec()])[0])
-    assert dec.decode(C.Encoder(KEY).encode([rec()])[0])
+    assert C.Decoder(KEY, OWN).decode(C.Encoder(KEY, echo=OWN).encode([rec()])[0])
+    assert dec.decode(C.Encoder(KEY, echo=OWN).encode([rec()])[0])
+
+
+def test_datagrams_recorded_before_the_receiver_restarted_are_stale_and_give_nothing():
+    """A replay of what the link carried before the receiver restarted (or rebuilt its sync: a
+    new boot id), an END among it: every datagram is counted ``stale`` and gives no record,
+    whatever its sequence; the sender's boot id is learnt (our next datagram echoes it)."""
+    enc, old = C.Encoder(KEY), C.Decoder(KEY, own=1111)
+    enc.echo = old.own
+    recorded = [enc.encode([rec(i, C.OP_END)])[0] for i in range(5)]
+    assert [len(old.decode(g)) for g in recorded] == [1] * 5  # taken while the receiver ran
+    new = C.Decoder(KEY, own=2222)  # the receiver restarted
+    assert [new.decode(g) for g in recorded] == [[]] * 5
+    assert new.drops == {r: 5 * (r == "stale") for r in C.REASONS} and new.datagrams == new.records == 0
+    assert new.peer == enc.boot_id and new.confirmed == 0
+    enc.echo = new.own  # the sender heard the new boot id: its next datagram counts
+    assert new.decode(enc.encode([rec(9)])[0]) == [rec(9)] and new.confirmed == enc.boot_id
+    assert all(new.decode(g) == [] for g in recorded) and new.drops["replay"] == 5  # (their sequences: seen)
+
+
+def test_two_sides_agree_within_a_round_trip_and_a_replayed_old_hello_changes_nothing():
+    """Start-up as sync.py runs it: each side's hello echoes 0 (stale at the other, which learns
+    the boot id and answers with a hello echoing it); then records pass both ways.  The peer
+    restarts: its new hello is stale, the answer echoes the new boot id.  A replayed hello of
+    the peer's previous boot (retired once the new one is confirmed) is a replay: it does not
+    make the receiver echo the dead boot id, which would starve the live peer of records."""
+
+    class Side:
+        def __init__(self):
+            self.enc = C.Encoder(KEY)
+            self.dec = C.Decoder(KEY, self.enc.boot_id)
+
+        def hear(self, g: bytes, answer: list) -> list:
+            out = self.dec.decode(g)
+            if self.dec.peer_changed:
+                self.enc.echo = self.dec.peer
+                answer.append(self.enc.datagram([]))
+            return out
+
+    a, b = Side(), Side()
+    to_b, to_a = [a.enc.datagram([])], []  # a's hello (b's hello was lost: a was not up yet)
+    assert b.hear(to_b.pop(), to_a) == [] and b.dec.drops["stale"] == 1 and len(to_a) == 1
+    assert a.hear(to_a.pop(), to_b) == [] and a.dec.drops["stale"] == 0 and a.dec.confirmed == b.enc.boot_id
+    assert b.hear(a.enc.encode([rec(1)])[0], to_a) == [rec(1)] and not to_a  # (a's answering hello, lost)
+    assert a.hear(b.enc.encode([rec(2)])[0], to_b) == [rec(2)]
+    old_hello = a.enc.datagram([])  # (an attacker records it)
+    was = a.enc.boot_id
+    a2 = Side()  # a restarts
+    assert b.hear(a2.enc.datagram([]), to_a) == [] and b.dec.peer == a2.enc.boot_id and len(to_a) == 1
+    assert a2.hear(to_a.pop(), to_b) == [] and a2.dec.confirmed == b.enc.boot_id
+    assert b.hear(a2.enc.encode([rec(4)])[0], to_a) == [rec(4)] and b.dec.confirmed == a2.enc.boot_id
+    drops = dict(b.dec.drops)
+    assert b.hear(old_hello, to_a) == [] and b.dec.drops["replay"] == drops["replay"] + 1
+    assert b.dec.peer == a2.enc.boot_id != was and not to_a
+    assert b.hear(a2.enc.encode([rec(5)])[0], []) == [rec(5)]
+
+
+def test_the_confirmed_boots_window_outlives_many_other_boot_ids():
+    """Hellos of many other boot ids (replays of old ones: valid MAC, never confirmed) push out
+    only unconfirmed windows: the confirmed peer's datagrams, replayed after them, stay refused."""
+    enc, dec = C.Encoder(KEY, echo=OWN), C.Decoder(KEY, OWN)
+    grams = enc.encode([rec(i) for i in range(3 * 42)])
+    assert all(dec.decode(g) for g in grams)
+    for _ in range(3 * C.BOOTS_KEPT):
+        assert dec.decode(C.Encoder(KEY).datagram([])) == []  # echo 0: stale
+    assert all(dec.decode(g) == [] for g in grams) and dec.drops["replay"] == 3
+
+
+def test_a_datagram_of_the_old_version_is_bad_version_and_remembered_until_a_valid_one():
+    """Version 1 (24-byte header, no echo): counted ``bad_version``, its version kept for status
+    (the peer speaks another version) until a valid datagram comes."""
+    import hashlib
+    import hmac
+    import struct
+
+    body = struct.pack(">4sBBHQQ", b"SGWS", 1, 0, 1, 77, 1) + rec().pack()
+    v1 = body + hmac.new(KEY, body, hashlib.sha256).digest()[:16]
+    dec = C.Decoder(KEY, OWN)
+    assert dec.decode(v1) == [] and dec.drops["bad_version"] == 1 and dec.other_version == 1
+    assert dec.decode(v1[:10]) == [] and dec.drops["bad_version"] == 2  # (even short: the version comes first)
+    assert dec.decode(C.Encoder(KEY, echo=OWN).encode([rec()])[0]) == [rec()] and dec.other_version is None
 
 
 @pytest.mark.parametrize(("mutate", "reason"), [
     (lambda g: g[:30], "short"),
     (lambda g: b"XXXX" + g[4:], "bad_magic"),
-    (lambda g: g[:4] + b"\x02" + g[5:], "bad_version"),
+    (lambda g: g[:4] + b"\x01" + g[5:], "bad_version"),
     (lambda g: g[:6] + (43).to_bytes(2, "big") + g[8:], "too_many"),
     (lambda g: g[:6] + (2).to_bytes(2, "big") + g[8:], "malformed"),
     (lambda g: g[:-1] + bytes([g[-1] ^ 1]), "bad_mac"),
 ])  # fmt: skip
 def test_each_drop_reason(mutate, reason):
-    dec = C.Decoder(KEY)
-    assert dec.decode(mutate(C.Encoder(KEY).encode([rec()])[0])) == []
+    dec = C.Decoder(KEY, OWN)
+    assert dec.decode(mutate(C.Encoder(KEY, echo=OWN).encode([rec()])[0])) == []
     assert dec.drops == {r: int(r == reason) for r in C.REASONS}
 
 
 def test_unknown_op_or_protocol_records_are_skipped_and_counted():
     bad = rec()._replace(op=9)
     bad2 = rec()._replace(proto=47)
-    dec = C.Decoder(KEY)
-    assert dec.decode(C.Encoder(KEY).encode([bad, rec(1), bad2])[0]) == [rec(1)]
+    dec = C.Decoder(KEY, OWN)
+    assert dec.decode(C.Encoder(KEY, echo=OWN).encode([bad, rec(1), bad2])[0]) == [rec(1)]
     assert dec.bad_records == 2
 
 
@@ -79,9 +161,9 @@ def test_fuzz_never_raises_and_every_datagram_is_counted_once():
     """Random bytes, truncations and bit flips of a valid datagram: no exception, nothing
     but the valid original decodes, each input counted as accepted or dropped once."""
     rnd = random.Random(1234)
-    enc = C.Encoder(KEY)
+    enc = C.Encoder(KEY, echo=OWN)
     good = enc.encode([rec(i) for i in range(10)])[0]
-    dec = C.Decoder(KEY)
+    dec = C.Decoder(KEY, OWN)
     inputs = [os.urandom(rnd.randrange(0, 1500)) for _ in range(2000)]
     inputs += [good[: rnd.randrange(0, len(good))] for _ in range(1000)]
     for _ in range(3000):
@@ -89,7 +171,7 @@ def test_fuzz_never_raises_and_every_datagram_is_counted_once():
         for _ in range(rnd.randrange(1, 4)):
             b[rnd.randrange(len(b))] ^= 1 << rnd.randrange(8)
         inputs.append(bytes(b))
-    inputs += [good[:24] + os.urandom(rnd.randrange(0, 1400)) for _ in range(1000)]
+    inputs += [good[:32] + os.urandom(rnd.randrange(0, 1400)) for _ in range(1000)]
     for x in inputs:
         assert dec.decode(x) == []
     assert dec.datagrams == 0 and sum(dec.drops.values()) == len(inputs)
@@ -120,16 +202,28 @@ def err(text: str) -> ConfigError:
 
 def test_sync_settings_parse_and_render_back(tmp_path):
     k = key_file(tmp_path)
-    cfg = parse_text(conf(tmp_path, f"sync_peer 192.0.2.2\nsync_local 192.0.2.1\nsync_port 4000\nsync_key {k}\n"))
+    cfg = parse_text(conf(tmp_path, f"sync_peer 192.0.2.2\nsync_local 192.0.2.1\nsync_port 4000\nsync_key {k}\n"
+                                    "sync_interval 0.5 sync_refresh 30\n"))
     s = cfg.settings
     assert (s.sync_peer, s.sync_local, s.sync_port, s.sync_key) == ("192.0.2.2", "192.0.2.1", 4000, k)
+    assert (s.sync_interval, s.sync_refresh) == (0.5, 30.0)
+    assert "sync_interval 0.5\n" in render_config(cfg) and "sync_refresh 30\n" in render_config(cfg)
     assert parse_text(render_config(cfg)).settings == s
-    assert parse_text(conf(tmp_path, "")).settings.sync_peer is None  # off by default
+    dflt = parse_text(conf(tmp_path, "")).settings
+    assert dflt.sync_peer is None and (dflt.sync_interval, dflt.sync_refresh) == (1.0, 10.0)  # off by default
 
 
 @pytest.mark.parametrize(("body", "line", "field", "words"), [
     ("sync_peer 192.0.2.2\nsync_key KEY\n", 2, "sync_peer", "needs sync_local"),
     ("sync_port 4000\n", 2, "sync_port", "needs sync_peer, sync_local, sync_key"),
+    ("sync_interval 2\n", 2, "sync_interval", "needs sync_peer, sync_local, sync_key"),
+    ("sync_peer 192.0.2.2\nsync_local 192.0.2.1\nsync_key KEY\nsync_interval 0.05\n", 5, "sync_interval",
+     "a number from 0.1 to 60, got '0.05'"),
+    ("sync_peer 192.0.2.2\nsync_local 192.0.2.1\nsync_key KEY\nsync_interval 61\n", 5, "sync_interval", "0.1 to 60"),
+    ("sync_peer 192.0.2.2\nsync_local 192.0.2.1\nsync_key KEY\nsync_interval nan\n", 5, "sync_interval", "0.1 to 60"),
+    ("sync_peer 192.0.2.2\nsync_local 192.0.2.1\nsync_key KEY\nsync_refresh 0.5\n", 5, "sync_refresh",
+     "a number from 1 to 3600, got '0.5'"),
+    ("sync_peer 192.0.2.2\nsync_local 192.0.2.1\nsync_key KEY\nsync_refresh 1e9\n", 5, "sync_refresh", "1 to 3600"),
     ("sync_peer 192.0.2.2\nsync_local 192.0.2.1\n", 2, "sync_peer", "needs sync_key"),
     ("sync_peer 192.0.2.300\n", 2, "sync_peer", "IPv4 address"),
     ("sync_local 224.0.0.1\n", 2, "sync_local", "unicast"),

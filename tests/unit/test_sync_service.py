@@ -1,7 +1,9 @@
 """daemon/sync.py's queues on loopback with a backend of its own: a flood of valid datagrams
 beyond the receive queue's bound is dropped and counted (the worker is not there to drain it),
 the ring's records beyond the send queue's bound too, and the refresh walk never queues more
-than the send queue has room for."""
+than the send queue has room for.  Freshness: datagrams recorded before the sync restarted are
+refused and counted, nothing installed; the heartbeat's timer; a silent peer (or one of another
+protocol version) is a problem, until a valid datagram comes."""
 
 from __future__ import annotations
 
@@ -41,27 +43,55 @@ class Backend:
             yield SessionPair(k, v, b"", None)
 
 
-@pytest.fixture
-def svc(tmp_path):
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def service(tmp_path, port: int, **kw):
     key = tmp_path / "k"
     key.write_bytes(b"x" * 32)
     os.chmod(key, 0o600)
+    s = Settings(sync_peer="127.0.0.2", sync_local="127.0.0.1", sync_port=port, sync_key=str(key), **kw)
+    loop, worker, clock = Loop(), Worker(), Clock()
+    y = S.SyncService(s, Backend(), Log(), worker, clock=clock)
+    y.attach(loop)
+    y.loop_, y.clock_ = loop, clock  # (the test's handles on them)
+    return y, worker
+
+
+@pytest.fixture
+def svc(tmp_path):
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.bind(("127.0.0.2", 0))
-    port = probe.getsockname()[1]
-    s = Settings(sync_peer="127.0.0.2", sync_local="127.0.0.1", sync_port=port, sync_key=str(key))
-    loop, worker = Loop(), Worker()
-    y = S.SyncService(s, Backend(), Log(), worker)
-    y.attach(loop)
+    y, worker = service(tmp_path, probe.getsockname()[1])
     yield y, probe, worker
     y.close()
     probe.close()
 
 
+def peer_encoder(y) -> C.Encoder:
+    """The test peer's encoder, echoing the service's boot id (as a peer that heard its hello)."""
+    return C.Encoder(b"x" * 32, echo=y.encoder.boot_id)
+
+
+def received(sock: socket.socket) -> list[bytes]:
+    sock.setblocking(False)
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(2048))
+        except BlockingIOError:
+            return out
+
+
 def test_a_flood_beyond_the_receive_queue_is_dropped_and_counted(svc, monkeypatch):
     y, peer, worker = svc
     monkeypatch.setattr(S, "RECV_QUEUE_MAX", 420)
-    enc = C.Encoder(b"x" * 32)
+    enc = peer_encoder(y)
     rec = C.Record(1, 17, 0, 0, b"\xc6\x12\x00\x01", 1, b"\xcb\x00\x71\x0a", 53, b"\xc6\x33\x64\x07", 5000, 1, 0)
     for g in enc.encode([rec] * (42 * 20)):
         peer.sendto(g, ("127.0.0.1", y.settings.sync_port))
@@ -85,7 +115,7 @@ def test_datagrams_from_another_address_or_key_are_dropped_before_anything(svc):
     other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     other.bind(("127.0.0.3", 0))
     rec = C.Record(1, 17, 0, 0, b"\x01\x02\x03\x04", 1, b"\x01\x02\x03\x05", 53, b"\x01\x02\x03\x06", 5000, 1, 0)
-    other.sendto(C.Encoder(b"x" * 32).encode([rec])[0], ("127.0.0.1", y.settings.sync_port))
+    other.sendto(peer_encoder(y).encode([rec])[0], ("127.0.0.1", y.settings.sync_port))
     peer.sendto(C.Encoder(b"y" * 32).encode([rec])[0], ("127.0.0.1", y.settings.sync_port))
     peer.sendto(b"junk", ("127.0.0.1", y.settings.sync_port))
     y._on_readable()
@@ -113,7 +143,7 @@ def test_the_send_queue_is_bounded_and_the_walk_waits_for_room(svc, monkeypatch)
     worker.run()  # the walk's first chunk finds no room: nothing queued, nothing dropped
     assert y.stats()["send_queue"] == 5000 and y.stats()["drops"]["send_queue"] == 1000
     got = 0
-    dec = C.Decoder(b"x" * 32)
+    dec = C.Decoder(b"x" * 32, own=0)  # (what the service echoes: it heard no peer)
     peer.setblocking(False)
 
     def receive() -> int:
@@ -133,3 +163,119 @@ def test_the_send_queue_is_bounded_and_the_walk_waits_for_room(svc, monkeypatch)
     assert st["walks"] == 1 and st["walk_records"] == 20000 and st["drops"]["send_queue"] == 1000, st
     assert st["sent_records"] == 25000 and st["sent_datagrams"] >= (25000 + 41) // 42, st
     assert got == 25000 and not any(dec.drops.values())
+
+
+def test_datagrams_recorded_before_the_sync_restarted_install_nothing(tmp_path):
+    """The peer's datagrams (an END of a session among them) as the link carried them to a sync
+    that has since restarted (a daemon restart or a reload: a new boot id): replayed, each is
+    counted stale, nothing reaches the table, and the peer is not counted as heard (it stays a
+    problem); the replay does tell the new sync the peer's boot id, so it says hello at once,
+    echoing it.  Before the echo (wire version 1) the new sync took them all."""
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.2", 0))
+    port = peer.getsockname()[1]
+    to = ("127.0.0.1", port)
+    end = C.Record(C.OP_END, 17, 0, 0, b"\xc6\x12\x00\x01", 1, b"\xcb\x00\x71\x0a", 53, b"\xc6\x33\x64\x07", 5000, 1, 0)
+    y, worker = service(tmp_path, port)
+    try:
+        enc = peer_encoder(y)
+        recorded = enc.encode([end]) + enc.encode([end._replace(iport=2)])
+        for g in recorded:
+            peer.sendto(g, to)
+        y._on_readable()
+        worker.run()
+        assert len(y.backend.got) == 2  # (the first sync took them)
+    finally:
+        y.close()
+    received(peer)
+    y, worker = service(tmp_path, port)  # restarted: another boot id
+    try:
+        hello = received(peer)
+        assert len(hello) == 1 and C.HEADER.unpack_from(hello[0])[6] == 0  # (its hello: it heard nobody yet)
+        for g in recorded:
+            peer.sendto(g, to)
+        y._on_readable()
+        worker.run()
+        st = y.stats()
+        assert y.backend.got == [] and st["received_records"] == 0 and st["received_datagrams"] == 0, st
+        assert st["drops"]["stale"] == 2 and st["seconds_since_peer"] is None, st
+        assert st["peer_boot_id"] == f"{enc.boot_id:016x}"
+        answer = received(peer)  # hello at once, echoing the peer's boot id
+        assert len(answer) == 1 and C.HEADER.unpack_from(answer[0])[6] == enc.boot_id
+        y.clock_.now += 3.5
+        assert any("no valid datagram from the peer since this sync started 3.5 s ago" in p
+                   and "2 stale ones meanwhile" in p for p in y.problems()), y.problems()  # fmt: skip
+        enc.echo = y.encoder.boot_id  # the peer heard it: its records count again
+        peer.sendto(enc.encode([end._replace(iport=3)])[0], to)
+        y._on_readable()
+        worker.run()
+        assert [r.iport for r in y.backend.got] == [3] and y.problems() == []
+    finally:
+        y.close()
+        peer.close()
+
+
+def test_a_heartbeat_leaves_every_sync_interval_and_a_silent_peer_is_a_problem(tmp_path):
+    """The heartbeat timer runs every sync_interval (the first one interval after the hello)
+    and sends a datagram of no records whatever else is queued; the refresh walk's timer runs
+    every sync_refresh.  A peer heard last more than 3 intervals ago is a problem; its next
+    valid datagram clears it."""
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.2", 0))
+    y, worker = service(tmp_path, peer.getsockname()[1], sync_interval=0.5, sync_refresh=7.0)
+    try:
+        loop, clock = y.loop_, y.clock_
+        beats = [t for t in loop.timers if t.cb == y._hello]
+        assert [(t.interval, t.first) for t in beats] == [(0.5, 0.5)]
+        assert [(t.interval, t.first) for t in loop.timers if t.cb == y._start_walk] == [(7.0, 0.5)]
+        assert len(received(peer)) == 1  # the hello
+        for _ in range(3):
+            assert loop.fire(y._hello) == 1
+        grams = received(peer)
+        assert [C.HEADER.unpack_from(g)[3] for g in grams] == [0, 0, 0], grams  # no records
+        assert len({C.HEADER.unpack_from(g)[5] for g in grams}) == 3  # each its own sequence
+        dec = C.Decoder(b"x" * 32, own=0)
+        assert all(dec.decode(g) == [] for g in grams) and dec.datagrams == 3  # valid (they echo 0: nobody heard)
+        enc = peer_encoder(y)
+        peer.sendto(enc.datagram([]), ("127.0.0.1", y.settings.sync_port))  # the peer's heartbeat
+        y._on_readable()
+        assert y.problems() == [] and y.stats()["seconds_since_peer"] == 0
+        clock.now += 1.5  # 3 intervals: not yet
+        assert y.problems() == []
+        clock.now += 0.1
+        assert y.problems() == ["session sync with 127.0.0.2: no valid datagram from the peer for 1.6 s "
+                                "(sync_interval 0.5 s: it sends one at least that often)"], y.problems()  # fmt: skip
+        peer.sendto(enc.datagram([]), ("127.0.0.1", y.settings.sync_port))
+        y._on_readable()
+        assert y.problems() == []
+        y.close()
+        assert all(t.cancelled for t in loop.timers)
+    finally:
+        y.close()
+        peer.close()
+
+
+def test_a_peer_of_another_protocol_version_is_a_problem_status_names(tmp_path):
+    """A version 1 datagram (24-byte header, no echo) from the peer: bad_version, and status
+    says the peer speaks another version, until one of ours comes."""
+    import hashlib
+    import hmac
+    import struct
+
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.2", 0))
+    y, worker = service(tmp_path, peer.getsockname()[1])
+    try:
+        body = struct.pack(">4sBBHQQ", b"SGWS", 1, 0, 0, 77, 1)
+        peer.sendto(body + hmac.new(b"x" * 32, body, hashlib.sha256).digest()[:16], ("127.0.0.1", y.settings.sync_port))
+        y._on_readable()
+        st = y.stats()
+        assert st["drops"]["bad_version"] == 1 and (st["peer_version"], st["version"]) == (1, 2), st
+        assert any("speaks sync protocol version 1, this gateway 2" in p and "upgrade both" in p
+                   for p in y.problems()), y.problems()  # fmt: skip
+        peer.sendto(peer_encoder(y).datagram([]), ("127.0.0.1", y.settings.sync_port))
+        y._on_readable()
+        assert y.stats()["peer_version"] is None and y.problems() == []
+    finally:
+        y.close()
+        peer.close()

@@ -32,6 +32,8 @@ a line; `{` may open on the same line or the next; `;` separates like a line end
         sync_local 192.0.2.1                  # our address on the sync link
         sync_port 3781                        # UDP
         sync_key /etc/snatgw/sync.key         # shared secret (>= 32 bytes, mode 0600, owned by root)
+        sync_interval 1                       # seconds between heartbeats (0.1..60)
+        sync_refresh 10                       # seconds between two sends of the whole table (1..3600)
     }
     virtual_server fwmark 1 {                 # the SNAT service
         snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.71-198.19.2.73 algo sdh }
@@ -68,8 +70,8 @@ from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_
 from ..rules import FILTERINGS, MAPPINGS, non_ascii_named, parse_choice, parse_on_exhausted, parse_oif, parse_yes_no
 from . import MAX_CONFIG_BYTES, MAX_SOCKET_PATH
 from .links import INTERVAL_RANGE, LINK_KEYWORDS, MAX_TARGETS, Link
-from .schema import (AUDIT_LOG_MAX_KEEP, BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, SYNC_KEY_MIN, SYNC_PORT,
-                     TIMEOUT_BY_STATE, TIMEOUT_NAMES, GatewayConfig, Settings)
+from .schema import (AUDIT_LOG_MAX_KEEP, BACKENDS, ON_EXHAUSTED, SNAT_ADDRESS_MODES, SYNC_INTERVAL_RANGE, SYNC_KEY_MIN,
+                     SYNC_PORT, SYNC_REFRESH_RANGE, TIMEOUT_BY_STATE, TIMEOUT_NAMES, GatewayConfig, Settings)
 from .schema import timeout_floor_warning
 
 log = logging.getLogger("snatgw.config")
@@ -83,7 +85,7 @@ SETTINGS_KEYWORDS = (
     "max_sessions_per_host", "refuse_icmp", "port_preserve", "unmatched", "inbound", "backend", "timeout", "gc_interval",
     "control_socket", "pin_dir", "snat_addresses", "allow_empty", "metrics_listen",
     "audit_log", "audit_log_max_size", "audit_log_keep", "rps_cpus",
-    "sync_peer", "sync_local", "sync_port", "sync_key",
+    "sync_peer", "sync_local", "sync_port", "sync_key", "sync_interval", "sync_refresh",
 )  # fmt: skip
 #: keepalived virtual_server options that mean nothing to snatgw (skipped with a warning)
 KEEPALIVED_VS_OPTIONS = frozenset(
@@ -710,13 +712,14 @@ def _parse_settings(cur: _Cursor, opener: Token, warn=log.warning) -> Settings:
     return replace(s, where=where) if where else s
 
 
-SYNC_NEEDED = ("sync_peer", "sync_local", "sync_key")  # sync_port has a default
+SYNC_NEEDED = ("sync_peer", "sync_local", "sync_key")  # the others have defaults
+SYNC_OPTIONAL = ("sync_port", "sync_interval", "sync_refresh")
 
 
 def _check_sync(cur: _Cursor, s: Settings, given: dict[str, Token], opener: Token) -> None:
     """Session sync is all (peer, local address, key; the port optional) or nothing, and a
     bpf backend's only (nft: conntrackd)."""
-    have = [k for k in (*SYNC_NEEDED, "sync_port") if k in given]
+    have = [k for k in (*SYNC_NEEDED, *SYNC_OPTIONAL) if k in given]
     if not have:
         return
     missing = [k for k in SYNC_NEEDED if k not in given]
@@ -762,6 +765,14 @@ def read_sync_key(path: str) -> bytes:
     return key
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds as written (ASCII only: float() reads '١٢' as 12.0); NaN if not one."""
+    try:
+        return float(text) if _ASCII_SECONDS.match(text) else math.nan
+    except ValueError:
+        return math.nan
+
+
 def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Settings:
     k, v = t.text, args[0] if args else None
     if k in ("inside", "outside"):
@@ -795,13 +806,16 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         name = _choice(cur, t, v, tuple(TIMEOUT_NAMES))
         return s.with_timeouts(**{name: _int(cur, t, args[1], 1, 1 << 31)})
     if k == "gc_interval":
-        try:  # ASCII only: float() reads '١٢' as 12.0
-            secs = float(v.text) if _ASCII_SECONDS.match(v.text) else math.nan
-        except ValueError:
-            secs = math.nan
+        secs = _seconds(v.text)
         if not (math.isfinite(secs) and 0 < secs <= 3600):
             raise cur.error(v.line, k, f"expected seconds, a number > 0 and <= 3600, got {shown(v.text)}")
         return replace(s, gc_interval=secs)
+    if k in ("sync_interval", "sync_refresh"):
+        lo, hi = SYNC_INTERVAL_RANGE if k == "sync_interval" else SYNC_REFRESH_RANGE
+        secs = _seconds(v.text)
+        if not (math.isfinite(secs) and lo <= secs <= hi):
+            raise cur.error(v.line, k, f"expected seconds, a number from {lo:g} to {hi:g}, got {shown(v.text)}")
+        return replace(s, **{k: secs})
     if k == "control_socket":
         path = _path(cur, t, v)
         if len(path.encode()) > MAX_SOCKET_PATH:  # the daemon's bind would fail: "AF_UNIX path too long"
@@ -986,6 +1000,8 @@ def settings_as_dict(s: Settings) -> dict:
         "sync_local": s.sync_local,
         "sync_port": s.sync_port,
         "sync_key": s.sync_key,
+        "sync_interval": s.sync_interval,
+        "sync_refresh": s.sync_refresh,
     }
 
 
@@ -1010,8 +1026,8 @@ def render_settings(s: Settings, full: bool = False) -> list[str]:
         if k in ("inside", "outside"):
             if d[k]:
                 lines.append(f"{k} {' '.join(d[k])}")
-        elif k == "gc_interval":
-            lines.append(f"{k} {_fmt_num(s.gc_interval)}")
+        elif k in ("gc_interval", "sync_interval", "sync_refresh"):
+            lines.append(f"{k} {_fmt_num(d[k])}")
         else:
             lines.append(f"{k} {d[k]}")
     return lines

@@ -15,6 +15,10 @@ SNAT_ADDRESS_MODES = ("external", "manage")
 ON_EXHAUSTED = ("spill", "drop")
 SYNC_PORT = 3781  # default sync_port (UDP)
 SYNC_KEY_MIN = 32  # bytes of the shared secret, white space stripped
+SYNC_INTERVAL = 1.0  # default sync_interval (s): a heartbeat at least this often
+SYNC_INTERVAL_RANGE = (0.1, 60.0)
+SYNC_REFRESH = 10.0  # default sync_refresh (s): the whole table sent again this often
+SYNC_REFRESH_RANGE = (1.0, 3600.0)
 
 #: timeout keywords of the settings block -> state
 TIMEOUT_NAMES: dict[str, CtState] = {
@@ -101,6 +105,10 @@ class Settings:
     sync_local: str | None = None
     sync_port: int = SYNC_PORT
     sync_key: str | None = None
+    #: seconds between two heartbeats (the peer is silent after 3 of them without a datagram)
+    #: and between the starts of two refresh walks (the whole table sent again)
+    sync_interval: float = SYNC_INTERVAL
+    sync_refresh: float = SYNC_REFRESH
     #: where `inside`/`outside`/`pin_dir` were given ((keyword, "file:line"), ...), for errors about
     #: a device or directory named there (the daemon's "file:line: inside: interface 'x' does not exist")
     where: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)

@@ -101,7 +101,8 @@ class Extras:
     def _refresh_sync(self, s) -> None:
         """Session sync on, off or re-bound (settings changed); then who reads the ring: the
         audit log's reader hands its records over, else the sync reads it itself."""
-        key = (s.sync_peer, s.sync_local, s.sync_port, s.sync_key, _key_stamp(s.sync_key)) if s.sync_peer else None
+        key = (s.sync_peer, s.sync_local, s.sync_port, s.sync_key, _key_stamp(s.sync_key), s.sync_interval,
+               s.sync_refresh) if s.sync_peer else None  # fmt: skip
         if key != self._sync_key:
             self._stop_sync()
             if key is not None:

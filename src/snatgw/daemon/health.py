@@ -96,6 +96,8 @@ def report(service, link_reader=None) -> dict:
     if s.sync_peer and getattr(service, "sync", None) is None:
         why = getattr(service, "sync_error", None)
         found.append(f"session sync with {s.sync_peer}: configured but not running" + (f": {why}" if why else ""))
+    elif getattr(service, "sync", None) is not None:
+        found += service.sync.problems()  # a silent peer, or one of another protocol version
     counts = dict(service.log.counts) if hasattr(service.log, "counts") else {}
     return {
         **service.status(),

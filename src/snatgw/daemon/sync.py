@@ -6,21 +6,31 @@ synccodec's; the table's side (records of our pairs, installing the peer's) is
 datapath/bpf/synctable.py.
 
 Settings (`snatgw { }` block): ``sync_peer ADDR``, ``sync_local ADDR``, ``sync_port N``
-(3781), ``sync_key FILE``.
+(3781), ``sync_key FILE``, ``sync_interval SECONDS`` (1: a heartbeat at least this often; the
+peer is a problem in status after SILENT_INTERVALS of them without a valid datagram),
+``sync_refresh SECONDS`` (10: the refresh walk's period).
+
+Freshness (synccodec's docstring): records are taken only from datagrams that echo our boot id,
+so what was recorded on the link before this sync started is refused (``stale``).  A datagram
+that tells us a boot id of the peer's we did not echo (a peer that started) makes us say hello
+(a heartbeat echoing it) at once and send our whole table: the records sent meanwhile echoed
+another boot id and the peer dropped them.
 
 I/O structure (daemon/loop.py):
 - the UDP socket, bound to sync_local:sync_port, is a reader of the loop: each callback reads at
   most RECV_BATCH datagrams, drops those not from sync_peer:sync_port (``foreign``), decodes
-  and checks them (synccodec.Decoder) and queues their records (at most RECV_QUEUE_MAX; more are
-  dropped and counted ``recv_queue``); one worker job at a time installs at most INSTALL_BATCH
+  and checks them (synccodec.Decoder; the peer's boot id it learns is what our datagrams echo)
+  and queues their records (at most RECV_QUEUE_MAX; more are dropped and counted
+  ``recv_queue``); one worker job at a time installs at most INSTALL_BATCH
   of them for at most INSTALL_SECONDS (BpfBackend.sync_install; the rest goes back to the
   queue's front, so that control requests waiting for the worker run between), then the next;
 - what to send: the datapath's create and end records (the snat_audit ring, turned on by the
   sync even without audit_log: read by the audit log's reader, which hands them over, or here
-  while no audit log is written) and the refresh walk: every REFRESH seconds the whole table,
+  while no audit log is written) and the refresh walk: every sync_refresh seconds the whole table,
   WALK_CHUNK pairs per worker job, each job only once the send queue has room for it (never
   the whole table at once; a walk of a million sessions takes as long as the link needs).
   A peer that starts (its first datagram under a new boot id) makes a walk start at once.
+  A heartbeat (a datagram of no records) leaves every sync_interval whatever else is sent.
   Records wait in the send queue (SEND_QUEUE_MAX; more from the ring are dropped and counted
   ``send_queue``); every FLUSH_EVERY seconds at most FLUSH_DATAGRAMS datagrams leave.  A full
   socket buffer keeps the rest for the next flush.
@@ -48,7 +58,7 @@ INSTALL_SECONDS = 0.1  # at most: the rest of its batch goes back to the queue's
 SEND_QUEUE_MAX = 65536  # records waiting to be sent
 FLUSH_EVERY = 0.1  # seconds between two sends of what is queued (the ~100 ms of a new session)
 FLUSH_DATAGRAMS = 256  # datagrams one flush sends at most (~10,000 records: 100,000 a second)
-REFRESH = 10.0  # seconds between the starts of two refresh walks
+SILENT_INTERVALS = 3  # sync_intervals without a valid datagram from the peer: a problem in status
 WALK_CHUNK = 2048  # pairs one worker job of the walk reads
 RING_BATCH = 4096  # ring records one read takes while the sync reads the ring itself
 SOCK_BUF = 4 << 20  # socket buffers asked for (the kernel caps them at rmem_max/wmem_max)
@@ -64,7 +74,8 @@ class SyncService:
                              "with the nft backend use conntrackd")  # fmt: skip
         self.peer = (settings.sync_peer, settings.sync_port)
         key = read_sync_key(settings.sync_key)
-        self.encoder, self.decoder = C.Encoder(key), C.Decoder(key)
+        self.encoder = C.Encoder(key)
+        self.decoder = C.Decoder(key, own=self.encoder.boot_id)
         self.sock: socket.socket | None = None
         self.loop = None
         self.timers: list = []
@@ -82,6 +93,8 @@ class SyncService:
         self.drops = {"send_queue": 0, "recv_queue": 0}
         self.installed = dict.fromkeys(COUNTS, 0)  # what the worker made of the peer's records
         self.last_valid: float | None = None  # clock() of the last valid datagram from the peer
+        self.started: float | None = None  # clock() at attach
+        self._stale_at_valid = 0  # the decoder's stale count at the last valid datagram
         self.last_error: str | None = None
 
     # ------------------------------------------------------------------ life cycle
@@ -105,18 +118,25 @@ class SyncService:
             s.close()
             raise
         self.sock = s
+        self.started = self.clock()
         loop.add_reader(s, self._on_readable)
         self._hello()
         if hasattr(self.backend, "sync_sink"):  # sessions a rule change removes: ends for the peer
             self.backend.sync_sink = self.on_ended
-        self.timers = [loop.every(FLUSH_EVERY, self._flush), loop.every(REFRESH, self._start_walk, first=0.5)]
+        iv = self.settings.sync_interval
+        self.timers = [loop.every(FLUSH_EVERY, self._flush), loop.every(iv, self._hello, first=iv),
+                       loop.every(self.settings.sync_refresh, self._start_walk, first=0.5)]
         self.log.info("sync", peer=f"{self.peer[0]}:{self.peer[1]}", local=f"{self.settings.sync_local}:"
                       f"{self.settings.sync_port}", boot_id=f"{self.encoder.boot_id:016x}")  # fmt: skip
 
     def _hello(self) -> None:
-        """A datagram of no records under our new boot id: the peer sends its whole table at once
-        (a gateway back from a reboot holds nothing, so it would have nothing to send, and the
-        peer would learn of it only at its next refresh, up to REFRESH seconds later)."""
+        """A datagram of no records: at the start, under our new boot id, so that the peer sends
+        its whole table at once (a gateway back from a reboot holds nothing, so it would have
+        nothing to send, and the peer would learn of it only at its next refresh); then every
+        sync_interval (a heartbeat: the peer sees we are there), and at once when the peer's boot
+        id changes (it takes our records only once it hears us echo its new one)."""
+        if self.sock is None:
+            return
         try:
             self.sock.sendto(self.encoder.datagram([]), self.peer)
         except OSError as e:  # the peer not there yet: it says hello itself when it starts
@@ -293,13 +313,16 @@ class SyncService:
                 continue
             before = self.decoder.datagrams
             recs = self.decoder.decode(data)
+            if self.decoder.peer_changed:  # the peer (re)started: it hears our hello, then our whole table
+                self.encoder.echo = self.decoder.peer
+                self.counts["peer_boots"] += 1
+                self._hello()
+                self._start_walk(again=True)
             if self.decoder.datagrams == before:
-                continue  # dropped (counted by the decoder)
+                continue  # dropped (counted by the decoder; a stale one's records too)
             self.counts["received_datagrams"] = self.decoder.datagrams
             self.last_valid = self.clock()
-            if self.decoder.new_boot:  # the peer (re)started: our whole table now, not at the next refresh
-                self.counts["peer_boots"] += 1
-                self._start_walk(again=True)
+            self._stale_at_valid = self.decoder.drops["stale"]
             self.counts["received_records"] += len(recs)
             self._recv.extend(self._fit(recs, RECV_QUEUE_MAX - len(self._recv) - self._installing, "recv_queue"))
         self._install_next()
@@ -326,6 +349,29 @@ class SyncService:
 
     # ------------------------------------------------------------------ status
 
+    def silent_for(self) -> float | None:
+        """Seconds without a valid datagram from the peer (since we started when none came
+        yet); None before attach."""
+        since = self.last_valid if self.last_valid is not None else self.started
+        return None if since is None else self.clock() - since
+
+    def problems(self) -> list[str]:
+        """What status reports as problems: a peer of another protocol version, a silent peer."""
+        out = []
+        who = f"session sync with {self.peer[0]}"
+        other = self.decoder.other_version
+        if other is not None:
+            out.append(f"{who}: the peer speaks sync protocol version {other}, this gateway {C.VERSION}: nothing "
+                       "it sends is taken (upgrade both gateways to the same snatgw)")  # fmt: skip
+        silent, iv = self.silent_for(), self.settings.sync_interval
+        if silent is not None and silent > SILENT_INTERVALS * iv:
+            stale = self.decoder.drops["stale"] - self._stale_at_valid
+            since = f"since this sync started {silent:.1f} s ago" if self.last_valid is None else f"for {silent:.1f} s"
+            out.append(f"{who}: no valid datagram from the peer {since} (sync_interval {iv:g} s: it sends one at "
+                       "least that often)" + (f"; {stale} stale ones meanwhile (not echoing our boot id: does the "
+                                              "peer hear us?)" if stale else ""))  # fmt: skip
+        return out
+
     def stats(self) -> dict:
         """For status, stats and metrics (any thread: plain counters)."""
         last = None if self.last_valid is None else round(self.clock() - self.last_valid, 3)
@@ -337,4 +383,7 @@ class SyncService:
             "drops": {**self.decoder.drops, **self.drops},
             "send_queue": len(self._send), "recv_queue": len(self._recv), "walking": self._walk is not None,
             "seconds_since_peer": last, "last_error": self.last_error,
+            "interval": self.settings.sync_interval, "refresh": self.settings.sync_refresh,
+            "peer_boot_id": f"{self.decoder.peer:016x}" if self.decoder.peer else None,
+            "peer_version": self.decoder.other_version, "version": C.VERSION,
         }  # fmt: skip

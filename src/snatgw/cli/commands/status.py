@@ -115,7 +115,10 @@ def sync_text(y: dict) -> str:
     drops = ", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "none"
     return "\n".join([
         f"session sync with {y['peer']} (from {y['local']}): last valid datagram "
-        + (f"{last:.1f}s ago" if last is not None else "never"),
+        + (f"{last:.1f}s ago" if last is not None else "never")
+        + (f" (heartbeat every {y['interval']:g}s, refresh every {y['refresh']:g}s)" if "interval" in y else "")
+        + (f"; the peer speaks protocol version {y['peer_version']}, this gateway {y['version']}: upgrade both"
+           if y.get("peer_version") is not None else ""),
         f"  sent: {y['sent_datagrams']} datagrams, {y['sent_records']} records (new/ended {y['ring_records']}, "
         f"refresh {y['walk_records']} in {y['walks']} walks); queued {y['send_queue']}",
         f"  received: {y['received_datagrams']} datagrams, {y['received_records']} records: installed "
