@@ -75,9 +75,11 @@ def test_datagrams_recorded_before_the_receiver_restarted_are_stale_and_give_not
 def test_two_sides_agree_within_a_round_trip_and_a_replayed_old_hello_changes_nothing():
     """Start-up as sync.py runs it: each side's hello echoes 0 (stale at the other, which learns
     the boot id and answers with a hello echoing it); then records pass both ways.  The peer
-    restarts: its new hello is stale, the answer echoes the new boot id.  A replayed hello of
-    the peer's previous boot (retired once the new one is confirmed) is a replay: it does not
-    make the receiver echo the dead boot id, which would starve the live peer of records."""
+    restarts: its new hello is stale and changes nothing at b (b has a confirmed peer); b's next
+    heartbeat (echoing the old boot id) teaches a2 b's boot id, a2's answer echoes it and is
+    confirmed.  A replayed hello of the peer's previous boot (retired once the new one is
+    confirmed) is a replay: it does not make the receiver echo the dead boot id, which would
+    starve the live peer of records."""
 
     class Side:
         def __init__(self):
@@ -100,13 +102,35 @@ def test_two_sides_agree_within_a_round_trip_and_a_replayed_old_hello_changes_no
     old_hello = a.enc.datagram([])  # (an attacker records it)
     was = a.enc.boot_id
     a2 = Side()  # a restarts
-    assert b.hear(a2.enc.datagram([]), to_a) == [] and b.dec.peer == a2.enc.boot_id and len(to_a) == 1
+    assert b.hear(a2.enc.datagram([]), to_a) == [] and b.dec.peer == was and not to_a
+    to_b.clear()  # (what went to the old a)
+    assert a2.hear(b.enc.datagram([]), to_b) == [] and a2.dec.peer == b.enc.boot_id and len(to_b) == 1
+    assert b.hear(to_b.pop(), to_a) == [] and b.dec.confirmed == b.dec.peer == a2.enc.boot_id
+    assert b.dec.confirmed_changed and len(to_a) == 1  # b's hello echoing a2 (and its whole table)
     assert a2.hear(to_a.pop(), to_b) == [] and a2.dec.confirmed == b.enc.boot_id
-    assert b.hear(a2.enc.encode([rec(4)])[0], to_a) == [rec(4)] and b.dec.confirmed == a2.enc.boot_id
+    assert b.hear(a2.enc.encode([rec(4)])[0], to_a) == [rec(4)]
     drops = dict(b.dec.drops)
     assert b.hear(old_hello, to_a) == [] and b.dec.drops["replay"] == drops["replay"] + 1
     assert b.dec.peer == a2.enc.boot_id != was and not to_a
     assert b.hear(a2.enc.encode([rec(5)])[0], []) == [rec(5)]
+
+
+def test_a_replayed_datagram_of_a_boot_never_heard_changes_nothing_once_the_peer_is_confirmed():
+    """A datagram recorded from an older boot of the peer, before this receiver started (so never
+    heard, never retired): once the live peer is confirmed it is ``stale`` and changes nothing.
+    Before, it made the receiver echo the dead boot id (the live peer then dropped all it sent,
+    until its next heartbeat) and walk its whole table, once per replayed sequence."""
+    old_peer = C.Encoder(KEY, echo=1111)  # the peer's previous boot, toward our previous boot
+    recorded = [old_peer.datagram([]) for _ in range(3)] + old_peer.encode([rec(1, C.OP_END)])
+    live, dec = C.Encoder(KEY), C.Decoder(KEY, own=2222)
+    assert dec.decode(live.datagram([])) == [] and dec.peer == live.boot_id  # our start: learnt
+    live.echo = dec.own
+    assert dec.decode(live.encode([rec(2)])[0]) == [rec(2)] and dec.confirmed == live.boot_id
+    for g in recorded:
+        assert dec.decode(g) == [] and not dec.peer_changed and not dec.confirmed_changed
+        assert dec.peer == dec.confirmed == live.boot_id
+    assert dec.drops["stale"] == 1 + len(recorded)
+    assert dec.decode(live.encode([rec(3)])[0]) == [rec(3)]
 
 
 def test_the_confirmed_boots_window_outlives_many_other_boot_ids():

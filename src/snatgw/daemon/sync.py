@@ -11,10 +11,14 @@ peer is a problem in status after SILENT_INTERVALS of them without a valid datag
 ``sync_refresh SECONDS`` (10: the refresh walk's period).
 
 Freshness (synccodec's docstring): records are taken only from datagrams that echo our boot id,
-so what was recorded on the link before this sync started is refused (``stale``).  A datagram
-that tells us a boot id of the peer's we did not echo (a peer that started) makes us say hello
-(a heartbeat echoing it) at once and send our whole table: the records sent meanwhile echoed
-another boot id and the peer dropped them.
+so what was recorded on the link before this sync started is refused (``stale``).  When what
+we echo changes (the peer's boot id learnt at our start, or confirmed later) we say hello (a
+heartbeat echoing it) at once; when a boot id of the peer's is confirmed (its datagram echoes
+ours: a peer that started, or our own start) we send our whole table: the records sent
+meanwhile echoed another boot id and the peer dropped them.  A peer that restarts while we run
+learns our boot id from our next datagram (at the latest the next heartbeat) and is confirmed
+once it echoes it (synccodec: a stale datagram no longer changes what we echo once a boot id is
+confirmed, so a replayed one cannot).
 
 I/O structure (daemon/loop.py):
 - the UDP socket, bound to sync_local:sync_port, is a reader of the loop: each callback reads at
@@ -29,7 +33,7 @@ I/O structure (daemon/loop.py):
   while no audit log is written) and the refresh walk: every sync_refresh seconds the whole table,
   WALK_CHUNK pairs per worker job, each job only once the send queue has room for it (never
   the whole table at once; a walk of a million sessions takes as long as the link needs).
-  A peer that starts (its first datagram under a new boot id) makes a walk start at once.
+  A peer's boot id confirmed (a peer that started and hears us) makes a walk start at once.
   A heartbeat (a datagram of no records) leaves every sync_interval whatever else is sent.
   Records wait in the send queue (SEND_QUEUE_MAX; more from the ring are dropped and counted
   ``send_queue``); every FLUSH_EVERY seconds at most FLUSH_DATAGRAMS datagrams leave.  A full
@@ -313,10 +317,11 @@ class SyncService:
                 continue
             before = self.decoder.datagrams
             recs = self.decoder.decode(data)
-            if self.decoder.peer_changed:  # the peer (re)started: it hears our hello, then our whole table
+            if self.decoder.peer_changed:  # our datagrams echo the peer's boot id as heard: say so at once
                 self.encoder.echo = self.decoder.peer
-                self.counts["peer_boots"] += 1
                 self._hello()
+            if self.decoder.confirmed_changed:  # the peer (re)started and hears us: our whole table
+                self.counts["peer_boots"] += 1
                 self._start_walk(again=True)
             if self.decoder.datagrams == before:
                 continue  # dropped (counted by the decoder; a stale one's records too)

@@ -26,7 +26,11 @@ are counted ``stale`` and their records dropped, but they tell the receiver the 
 id (``peer``), which its next datagram echoes; the sender takes that one and echoes back.  A
 datagram that echoes the receiver's boot id confirms its sender's boot id; the receiver then
 retires every other boot id it heard (a replayed hello of an older boot of the peer is a
-``replay`` from then on, and cannot make it echo the wrong boot id again).
+``replay`` from then on).  Once a boot id is confirmed, a stale datagram no longer changes what
+the receiver echoes: a replay of an old boot it never heard (recorded before it started) would
+make it echo a dead boot id, and the live peer would drop everything it sends.  A peer that
+restarts has nothing confirmed: it learns the receiver's boot id from the receiver's next
+datagram (a heartbeat at the latest), echoes it, and is confirmed by that.
 
 The receiver (Decoder) drops and counts by reason: ``short`` (less than a header and a MAC),
 ``bad_magic``, ``bad_version`` (another protocol version: ``other_version`` holds it),
@@ -139,9 +143,11 @@ class Decoder:
         self.peer = 0
         #: the boot id of the peer confirmed last (a datagram of it echoed ours); its window is never forgotten
         self.confirmed = 0
-        #: the last decode changed ``peer`` (a peer that started: it wants our whole table, and
-        #: what we sent it meanwhile echoed another boot id and was dropped there)
+        #: the last decode changed ``peer`` (our next datagram echoes it: say hello at once)
         self.peer_changed = False
+        #: the last decode confirmed a boot id of the peer's (a peer that started, or our own start:
+        #: it wants our whole table, and what we sent it meanwhile echoed another boot id)
+        self.confirmed_changed = False
         #: the version of the last datagram of another protocol version (None: none since the last valid one)
         self.other_version: int | None = None
         #: boot id -> (highest sequence, bitmap of the WINDOW sequences up to it: bit i = highest - i seen)
@@ -154,7 +160,7 @@ class Decoder:
 
     def decode(self, data: bytes) -> list[Record]:
         """The records of a valid datagram; [] (counted) for anything else.  Never raises."""
-        self.peer_changed = False
+        self.peer_changed = self.confirmed_changed = False
         try:
             return self._decode(bytes(data))
         except Exception:  # noqa: BLE001 - defence in depth: no input may stop the receiver
@@ -180,11 +186,18 @@ class Decoder:
             return self._drop("bad_mac")
         if boot in self._retired or not self._fresh(boot, seq):
             return self._drop("replay")
-        self.peer_changed = boot != self.peer
-        self.peer = boot
         if echo != self.own:  # sent before the peer heard us, or recorded before we started
+            # learnt only while no boot id of the peer is confirmed (our start): after that, a
+            # replayed datagram of an old boot we never heard would make us echo a dead boot id
+            # and the live peer drop all we send; a peer that restarts learns ours from our next
+            # datagram (it has nothing confirmed) and confirms itself by echoing it
+            if not self.confirmed and boot != self.peer:
+                self.peer, self.peer_changed = boot, True
             return self._drop("stale")
-        if boot != self.confirmed:  # the peer's boot id now: every other one we heard is retired
+        if boot != self.peer:
+            self.peer, self.peer_changed = boot, True
+        self.confirmed_changed = boot != self.confirmed
+        if self.confirmed_changed:  # the peer's boot id now: every other one we heard is retired
             for b in self._seen:
                 if b != boot:
                     self._retired[b] = None
