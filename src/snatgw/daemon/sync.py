@@ -58,7 +58,7 @@ from . import synccodec as C
 RECV_BATCH = 64  # datagrams one reader callback takes
 RECV_QUEUE_MAX = 65536  # records waiting for the worker
 INSTALL_BATCH = 4096  # records one worker job installs
-INSTALL_SECONDS = 0.1  # at most: the rest of its batch goes back to the queue's front (new routes cost `ip` runs)
+INSTALL_SECONDS = 0.1  # at most: the rest of its batch goes back to the queue's front (each new (inside host, remote) pair costs two rtnetlink requests)
 SEND_QUEUE_MAX = 65536  # records waiting to be sent
 FLUSH_EVERY = 0.1  # seconds between two sends of what is queued (the ~100 ms of a new session)
 FLUSH_DATAGRAMS = 256  # datagrams one flush sends at most (~10,000 records: 100,000 a second)
