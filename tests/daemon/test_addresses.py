@@ -69,6 +69,14 @@ def _ns_addrs(ns, dev):
     return {f"{a['local']}/{a['prefixlen']}" for i in json.loads(out) for a in i["addr_info"]}
 
 
+def _make_devices(ns: str) -> None:
+    """The config's devices in ``ns``: eth1, eth2 and lan40 (veths) with their addresses, up."""
+    for dev, addr in (("eth1", "198.19.2.2/24"), ("eth2", "198.19.3.2/24"), ("lan40", "198.18.40.1/24")):
+        subprocess.run(["ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", dev + "p"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+
+
 def test_daemon_adds_pool_addresses_and_removes_those_a_reload_drops(tmp_path):
     """Start adds every pool address as /32; a reload with a smaller pool removes the rest."""
     ns = f"sgad{os.getpid():x}"
@@ -78,10 +86,7 @@ def test_daemon_adds_pool_addresses_and_removes_those_a_reload_drops(tmp_path):
     subprocess.run(["ip", "netns", "add", ns], check=True)
     proc = None
     try:
-        for dev, addr in (("eth1", "198.19.2.2/24"), ("eth2", "198.19.3.2/24"), ("lan40", "198.18.40.1/24")):
-            subprocess.run(["ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", dev + "p"], check=True)
-            subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev], check=True)
-            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+        _make_devices(ns)
         proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "snatgw.cli.main",
                                  "run", str(conf), "--backend", "fake"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -120,10 +125,7 @@ def test_a_missing_uplink_with_manage_is_named_with_its_config_line(tmp_path):
     subprocess.run(["ip", "netns", "add", ns], check=True)
     proc = None
     try:
-        for dev, addr in (("eth1", "198.19.2.2/24"), ("eth2", "198.19.3.2/24"), ("lan40", "198.18.40.1/24")):
-            subprocess.run(["ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", dev + "p"], check=True)
-            subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", dev], check=True)
-            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+        _make_devices(ns)
         p = subprocess.run([*cli, "run", str(bad), "--backend", "fake"], capture_output=True, text=True, timeout=30)
         assert p.returncode == 3, p.stderr
         assert f"{bad}:2: outside: interface 'eth9' does not exist in this network namespace" in p.stderr

@@ -33,23 +33,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def daemon(tmpdir_short):
-    port = free_port()
-    conf = tmpdir_short / "snatgw.conf"
+@contextlib.contextmanager
+def metrics_daemon(tmpdir, port: int):
+    """A fake-backend daemon of the lab config with `metrics_listen 127.0.0.1:PORT`, ready:
+    (process, config path, control socket); stopped (SIGTERM) whatever happens."""
+    conf = tmpdir / "snatgw.conf"
     conf.write_text(LAB.read_text().replace("backend bpf", f"backend bpf\n    metrics_listen 127.0.0.1:{port}"))
-    sock = str(tmpdir_short / "s" / "ctl.sock")
+    sock = str(tmpdir / "s" / "ctl.sock")
     p = subprocess.Popen([sys.executable, "-m", "snatgw.cli.main", "run", str(conf), "--backend", "fake", "--socket", sock],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "ready" in p.stdout.readline()
-        yield p, port, conf, sock
+        yield p, conf, sock
     finally:
         p.send_signal(signal.SIGTERM)
         try:
             p.wait(timeout=20)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+@pytest.fixture
+def daemon(tmpdir_short):
+    port = free_port()
+    with metrics_daemon(tmpdir_short, port) as (p, conf, sock):
+        yield p, port, conf, sock
 
 
 def get(port: int, path: str = "/metrics") -> tuple[int, str, str]:
@@ -188,19 +196,14 @@ def test_a_metrics_port_in_use_is_a_problem_in_status_until_a_reload_gets_it(tmp
     before), but `status` is unhealthy and says why (before: healthy, the only trace an error
     line in the log, so nothing but a missing scrape told); a reload once the port is free
     listens and the problem goes."""
-    from snatgw.cli.main import main
-
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen()
     port = holder.getsockname()[1]
-    conf = tmpdir_short / "snatgw.conf"
-    conf.write_text(LAB.read_text().replace("backend bpf", f"backend bpf\n    metrics_listen 127.0.0.1:{port}"))
-    sock = str(tmpdir_short / "s" / "ctl.sock")
-    p = subprocess.Popen([sys.executable, "-m", "snatgw.cli.main", "run", str(conf), "--backend", "fake", "--socket", sock],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert "ready" in p.stdout.readline()
+    with contextlib.ExitStack() as stack:
+        stack.callback(holder.close)
+        _, _, sock = stack.enter_context(metrics_daemon(tmpdir_short, port))
+
         def said() -> list[str]:  # (the fake backend's devices are missing here: problems too)
             return [x for x in request(sock, {"op": "health"})["problems"] if x.startswith("metrics_listen")]
 
@@ -213,10 +216,3 @@ def test_a_metrics_port_in_use_is_a_problem_in_status_until_a_reload_gets_it(tmp
             time.sleep(0.1)
         assert said() == []
         assert get(port)[0] == 200
-    finally:
-        holder.close()
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
