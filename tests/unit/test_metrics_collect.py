@@ -17,6 +17,13 @@ def samples(fam, **labels) -> list:
     return [s for s in fam.samples if all(s.labels.get(k) == v for k, v in labels.items())]
 
 
+def assert_values(f: dict, *rows) -> None:
+    """Each (family, labels, value): the first sample of that family with those labels has it."""
+    for name, labels, value in rows:
+        got = samples(f[name], **labels)[0].value
+        assert got == value, (name, labels, got, value)
+
+
 def test_scrape_parses_and_labels_rules_by_stable_id_and_identity(running):
     """Per-rule counters carry rule_id and the from/to/gw/oif text; reasons their names."""
     a = running.syn()
@@ -98,12 +105,10 @@ def test_audit_log_families_appear_only_while_it_runs(running):
 
     running.service.audit = Reader()
     try:
-        f = families(running.service)
-        assert samples(f["snatgw_audit_records"], result="written")[0].value == 12
-        assert samples(f["snatgw_audit_records"], result="lost_datapath")[0].value == 5
-        assert samples(f["snatgw_audit_records"], result="lost_write")[0].value == 2
-        assert samples(f["snatgw_audit_write_errors"])[0].value == 1
-        assert samples(f["snatgw_audit_rotations"])[0].value == 3
+        assert_values(families(running.service), ("snatgw_audit_records", {"result": "written"}, 12),
+                      ("snatgw_audit_records", {"result": "lost_datapath"}, 5),
+                      ("snatgw_audit_records", {"result": "lost_write"}, 2),
+                      ("snatgw_audit_write_errors", {}, 1), ("snatgw_audit_rotations", {}, 3))  # fmt: skip
         assert running.service.status()["audit"]["lost_datapath"] == 5
     finally:
         running.service.audit = None
@@ -131,13 +136,11 @@ def test_sync_families_appear_only_while_it_runs_and_status_text_shows_them(runn
 
     running.service.sync = Sync()
     try:
-        f = families(running.service)
-        assert samples(f["snatgw_sync_datagrams"], direction="sent")[0].value == 7
-        assert samples(f["snatgw_sync_records"], result="installed")[0].value == 80
-        assert samples(f["snatgw_sync_records"], result="rejected")[0].value == 10
-        assert samples(f["snatgw_sync_drops"], reason="bad_mac")[0].value == 3
-        assert samples(f["snatgw_sync_drops"], reason="foreign")[0].value == 1
-        assert samples(f["snatgw_sync_seconds_since_peer"])[0].value == 1.5
+        assert_values(families(running.service), ("snatgw_sync_datagrams", {"direction": "sent"}, 7),
+                      ("snatgw_sync_records", {"result": "installed"}, 80),
+                      ("snatgw_sync_records", {"result": "rejected"}, 10),
+                      ("snatgw_sync_drops", {"reason": "bad_mac"}, 3), ("snatgw_sync_drops", {"reason": "foreign"}, 1),
+                      ("snatgw_sync_seconds_since_peer", {}, 1.5))  # fmt: skip
         text = sync_text(running.service.status()["sync"])
         assert "session sync with 192.0.2.2:3781" in text and "installed 80" in text and "bad_mac 3" in text
     finally:
