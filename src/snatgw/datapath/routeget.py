@@ -30,6 +30,7 @@ import socket
 import struct
 
 from ..errors import BackendError
+from .nftnl import _NLH, _attr, _attrs  # the project's netlink header and attribute codec
 
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWROUTE, RTM_GETROUTE = 16, 18, 24, 26
 NLM_F_REQUEST = 0x1
@@ -39,25 +40,12 @@ IFLA_MTU = 4
 RTN_UNICAST = 1
 RTN_NAMES = {0: "unspec", 1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
              7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat", 11: "xresolve"}  # fmt: skip
-NLA_TYPE_MASK = 0x3FFF
 RECV = 1 << 16
 DEFAULT_MTU = 1500  # a device whose MTU cannot be read (gone meanwhile): route_egress's default too
 
-_NLH = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 _IFINFO = struct.Struct("=BxHiII")  # family, type, index, flags, change
-_NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
-
-
-def _attrs(buf: bytes, off: int, end: int):
-    """(type, payload start, payload end) of each attribute in buf[off:end]."""
-    while off + 4 <= end:
-        ln, typ = _NLA.unpack_from(buf, off)
-        if ln < 4:
-            break
-        yield typ & NLA_TYPE_MASK, off + 4, min(off + ln, end)
-        off += (ln + 3) & ~3
 
 
 def route_request(addr: ipaddress.IPv4Address, seq: int = 1, src: ipaddress.IPv4Address | None = None,
@@ -65,11 +53,11 @@ def route_request(addr: ipaddress.IPv4Address, seq: int = 1, src: ipaddress.IPv4
     """RTM_GETROUTE for ``addr`` (/32), as `ip route get` asks (`from SRC iif DEV` with ``src``
     and ``iif``: an input route lookup)."""
     body = _RTMSG.pack(socket.AF_INET, 32, 32 if src is not None else 0, 0, 0, 0, 0, 0, 0)
-    body += _NLA.pack(8, RTA_DST) + addr.packed
+    body += _attr(RTA_DST, addr.packed)
     if src is not None:
-        body += _NLA.pack(8, RTA_SRC) + ipaddress.IPv4Address(src).packed
+        body += _attr(RTA_SRC, ipaddress.IPv4Address(src).packed)
     if iif:
-        body += _NLA.pack(8, RTA_IIF) + _U32.pack(iif)
+        body += _attr(RTA_IIF, _U32.pack(iif))
     return _NLH.pack(_NLH.size + len(body), RTM_GETROUTE, NLM_F_REQUEST, seq, 0) + body
 
 

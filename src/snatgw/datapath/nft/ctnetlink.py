@@ -24,13 +24,13 @@ from ipaddress import IPv4Address
 from typing import Iterator
 
 from ...errors import BackendError
+from ..nftnl import _attr, _attrs  # the project's netlink attribute codec
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_GET = 1
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLA_TYPE_MASK = 0x3FFF
 
 # enum ctattr_type
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO = 1, 2, 3, 4
@@ -47,19 +47,8 @@ TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 132: "sctp", 136: "udplite"}
 
 _NLH = struct.Struct("=IHHII")
-_NLA = struct.Struct("=HH")
 _NFGEN = struct.Struct("=BBH")
 RECV = 1 << 20  # bytes per recv(): the dump is read this much at a time
-
-
-def _attrs(buf: bytes, off: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, payload start, payload end) of each netlink attribute in buf[off:end]."""
-    while off + 4 <= end:
-        ln, typ = _NLA.unpack_from(buf, off)
-        if ln < 4:
-            return
-        yield typ & NLA_TYPE_MASK, off + 4, off + ln
-        off += (ln + 3) & ~3
 
 
 def _tuple(buf: bytes, off: int, end: int, d: dict, prefix: str) -> None:
@@ -159,8 +148,8 @@ class Conntrack:
         self.seq += 1
         body = _NFGEN.pack(socket.AF_INET, 0, 0)
         if mark is not None:
-            body += _NLA.pack(8, CTA_MARK) + struct.pack(">I", mark)
-            body += _NLA.pack(8, CTA_MARK_MASK) + struct.pack(">I", mask if mask is not None else 0xFFFFFFFF)
+            body += _attr(CTA_MARK, struct.pack(">I", mark))
+            body += _attr(CTA_MARK_MASK, struct.pack(">I", mask if mask is not None else 0xFFFFFFFF))
         msg = _NLH.pack(_NLH.size + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
                         NLM_F_REQUEST | NLM_F_DUMP, self.seq, 0) + body  # fmt: skip
         self.sock.send(msg)
