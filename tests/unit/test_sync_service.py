@@ -279,3 +279,75 @@ def test_a_peer_of_another_protocol_version_is_a_problem_status_names(tmp_path):
     finally:
         y.close()
         peer.close()
+
+
+def test_a_reload_that_rebuilds_the_sync_hands_its_queue_and_wire_state_to_the_new_one(tmp_path, monkeypatch):
+    """Through Extras (a reload: sync_interval changed, same peer and key): the peer (the test's
+    socket with an encoder and a decoder, as a gateway's) and the sync confirm each other; the
+    datapath's ends are queued, more than one flush sends; the reload replaces the service, and
+    the new one ends more.  Every end reaches the peer and is taken: the new service goes on
+    with the old one's boot id (which the peer confirmed) and its queue.  The old service sent
+    one flush at close and dropped the rest, and the new one's datagrams echoed no boot id of
+    the peer's (a new boot id, not confirmed yet): stale at the peer, their ends dropped."""
+    import types
+
+    import snatgw.layout as L
+    from snatgw.daemon.extras import Extras
+
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: the test reads after each flush
+    peer.bind(("127.0.0.2", 0))
+    port = peer.getsockname()[1]
+    key = tmp_path / "k"
+    key.write_bytes(b"x" * 32)
+    os.chmod(key, 0o600)
+
+    def settings(interval: float) -> Settings:
+        return Settings(sync_peer="127.0.0.2", sync_local="127.0.0.1", sync_port=port, sync_key=str(key),
+                        sync_interval=interval)  # fmt: skip
+
+    svc = types.SimpleNamespace(backend=Backend(), sync=None, sync_error=None)
+    ex = Extras(svc, Loop(), Worker(), Log())
+    penc = C.Encoder(b"x" * 32)
+    pdec = C.Decoder(b"x" * 32, own=penc.boot_id)
+    ends = 0
+
+    def hear() -> None:
+        nonlocal ends
+        for g in received(peer):
+            ends += sum(r.op == C.OP_END for r in pdec.decode(g))
+
+    try:
+        ex._refresh_sync(settings(1.0))
+        y = ex.sync
+        hear()  # its hello (stale here: it echoes 0; the peer learns its boot id)
+        penc.echo = pdec.peer
+        peer.sendto(penc.datagram([]), ("127.0.0.1", port))  # the peer's heartbeat, echoing it
+        y._on_readable()  # confirmed: its answer echoes the peer's boot id
+        hear()
+        assert pdec.confirmed == y.encoder.boot_id and pdec.datagrams >= 1, pdec.stats()
+        monkeypatch.setattr(S, "INSTALL_BATCH", 10)
+        rec = C.Record(1, 17, 0, 0, b"\xc6\x12\x00\x01", 1, b"\xcb\x00\x71\x0a", 53, b"\xc6\x33\x64\x07", 5000, 1, 0)
+        peer.sendto(penc.encode([rec] * 42)[0], ("127.0.0.1", port))
+        y._on_readable()  # 10 in an install job the worker has not run yet, 32 waiting
+        assert y.stats()["recv_queue"] == 32
+        raw = bytearray(L.AUDIT_REC.size)
+        raw[L.AUDIT_REC.offsets()["kind"]] = L.AUDIT_END
+        raw[L.AUDIT_REC.offsets()["proto"]] = 17
+        first = C.MAX_RECORDS * S.FLUSH_DATAGRAMS + 500  # more than one flush
+        y.on_ring([bytes(raw)] * first)
+        ex._refresh_sync(settings(2.0))  # the reload
+        z = ex.sync
+        assert z is not y and z.settings.sync_interval == 2.0 and svc.sync is z
+        hear()
+        ex.worker.run()  # the old job ends: its rest and the 32 are the new service's to install
+        assert len(svc.backend.got) == 42 and z.stats()["installed"] == 42, z.stats()
+        z.on_ring([bytes(raw)] * 100)  # ended after the reload
+        for _ in range(10):
+            z._flush()
+            hear()
+        assert ends == first + 100, (ends, pdec.stats())
+        assert z.stats()["boot_id"] == f"{y.encoder.boot_id:016x}" and pdec.drops["stale"] == 1, pdec.stats()
+    finally:
+        ex._stop_sync()
+        peer.close()

@@ -104,12 +104,17 @@ class Extras:
         key = (s.sync_peer, s.sync_local, s.sync_port, s.sync_key, _key_stamp(s.sync_key), s.sync_interval,
                s.sync_refresh) if s.sync_peer else None  # fmt: skip
         if key != self._sync_key:
+            old = self.sync
+            self.sync = self.service.sync = None
             self._stop_sync()
             if key is not None:
                 from .sync import SyncService
 
                 try:
                     self.sync = SyncService(s, self.service.backend, self.log, self.worker)
+                    if old is not None:  # it stops; the same peer and key: the new one takes its queues
+                        old.hand_over(self.sync)
+                        old = None
                     self.sync.attach(self.loop)
                 except Exception as e:  # noqa: BLE001 - the daemon runs on; status shows sync off and why
                     self.log.error("sync_failed", peer=s.sync_peer, local=s.sync_local, error=str(e),
@@ -122,6 +127,8 @@ class Extras:
                     self._sync_retry = self.loop.call_later(SYNC_RETRY, self._retry_sync)
                 else:
                     self.service.sync_error = None
+            if old is not None:  # (turned off, or the new one could not be made)
+                old.close()
             self.service.sync = self.sync
             self._sync_key = key
         if self.sync is not None:

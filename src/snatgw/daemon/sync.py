@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import hmac
 import socket
 import time
 
@@ -69,7 +70,8 @@ SOCK_BUF = 4 << 20  # socket buffers asked for (the kernel caps them at rmem_max
 
 
 class SyncService:
-    """The sync of one set of settings (a reload that changes them makes a new one)."""
+    """The sync of one set of settings (a reload that changes them makes a new one, which goes
+    on with this one's wire state and queues when the peer and key are the same: hand_over)."""
 
     def __init__(self, settings, backend, log, worker, clock=time.monotonic):
         self.settings, self.backend, self.log, self.worker, self.clock = settings, backend, log, worker, clock
@@ -78,6 +80,7 @@ class SyncService:
                              "with the nft backend use conntrackd")  # fmt: skip
         self.peer = (settings.sync_peer, settings.sync_port)
         key = read_sync_key(settings.sync_key)
+        self._key = key
         self.encoder = C.Encoder(key)
         self.decoder = C.Decoder(key, own=self.encoder.boot_id)
         self.sock: socket.socket | None = None
@@ -91,6 +94,7 @@ class SyncService:
         self._walk_busy = False
         self._walk_again = False  # a peer started during a walk: one more after it
         self._closed = False
+        self._heir: SyncService | None = None  # the service a reload handed our queues to
         self.counts = dict.fromkeys(("sent_datagrams", "sent_records", "send_errors", "walks", "walk_records",
                                      "ring_records", "received_datagrams", "received_records", "foreign", "peer_boots",
                                      "install_errors"), 0)  # fmt: skip
@@ -130,8 +134,33 @@ class SyncService:
         iv = self.settings.sync_interval
         self.timers = [loop.every(FLUSH_EVERY, self._flush), loop.every(iv, self._hello, first=iv),
                        loop.every(self.settings.sync_refresh, self._start_walk, first=0.5)]
+        self._install_next()  # (what a service this one took over from had queued)
         self.log.info("sync", peer=f"{self.peer[0]}:{self.peer[1]}", local=f"{self.settings.sync_local}:"
                       f"{self.settings.sync_port}", boot_id=f"{self.encoder.boot_id:016x}")  # fmt: skip
+
+    def hand_over(self, heir: SyncService) -> bool:
+        """A reload replaces this service by ``heir`` (not attached yet): this one stops (its
+        ring drained into the send queue) and, when ``heir`` talks to the same peer under the
+        same key (only sync_local, sync_interval or sync_refresh changed), ``heir`` goes on
+        with its wire state and queues: the boot id, sequence and echo (the peer confirmed
+        them: what heir sends is taken at once), the decoder's windows, what waits to be sent
+        (the ends among it: a new boot id's records are dropped by the peer until it is
+        confirmed, a round trip and up to a heartbeat later, and the peer kept those sessions
+        until they expired there) and what waits to be installed (an install job running
+        hands its rest over when it ends), the counters and when the peer was last heard.
+        Else this one flushes all it can before its socket goes (a new peer or key: a new
+        boot id, as at a start).  Returns whether ``heir`` took over."""
+        same = heir.peer == self.peer and hmac.compare_digest(heir._key, self._key)
+        self.close(heir if same else None)
+        return same
+
+    def _adopt(self, old: SyncService) -> None:
+        self.encoder, self.decoder = old.encoder, old.decoder
+        self._send, old._send = old._send, collections.deque()
+        self._recv, old._recv = old._recv, collections.deque()
+        self._installing = old._installing  # (its rest comes back through old._installed)
+        self.counts, self.drops, self.installed = old.counts, old.drops, old.installed
+        self.last_valid, self._stale_at_valid, self.last_error = old.last_valid, old._stale_at_valid, old.last_error
 
     def _hello(self) -> None:
         """A datagram of no records: at the start, under our new boot id, so that the peer sends
@@ -168,17 +197,23 @@ class SyncService:
             self.ring.close()
             self.ring = None
 
-    def close(self) -> None:
+    def close(self, heir: SyncService | None = None) -> None:
+        """Stop; ``heir`` (hand_over): it takes the queues, else what is queued is flushed as
+        far as the socket takes it (at most the whole queue)."""
+        self.own_ring(False)  # (its last records into the queue first)
         self._closed = True
         if getattr(self.backend, "sync_sink", None) == self.on_ended:
             self.backend.sync_sink = None
-        self.own_ring(False)
         for t in self.timers:
             t.cancel()
         self.timers = []
+        if heir is not None and self._heir is None:
+            self._heir = heir
+            heir._adopt(self)
         if self.sock is not None:
             try:
-                self._flush()
+                while self._send and self._flush():  # (closed: no walk chunk follows)
+                    pass
             except Exception:  # noqa: BLE001 - the last records are lost, nothing else
                 pass
             self.loop.remove(self.sock)
@@ -212,16 +247,22 @@ class SyncService:
         queued to be sent on the loop, as the datapath's own ends are."""
         packed = [r.pack() for r in recs]
         if packed and self.loop is not None:
-            self.loop.call_soon_threadsafe(lambda: self._closed or self._queue(packed, "ring_records"))
+            self.loop.call_soon_threadsafe(lambda: self._queue_ends(packed))
+
+    def _queue_ends(self, packed: list[bytes]) -> None:
+        to = self._heir if self._closed else self  # (a reload replaced this service meanwhile)
+        if to is not None and not to._closed:
+            to._queue(packed, "ring_records")
 
     def _drain_ring(self) -> None:
         if self.ring is not None:
             self.on_ring(self.ring.drain_raw(RING_BATCH))
 
-    def _flush(self) -> None:
-        """Send what is queued (loop thread; bounded per call)."""
+    def _flush(self) -> bool:
+        """Send what is queued (loop thread; bounded per call); False when the socket's buffer
+        is full (the rest stays for the next flush)."""
         if self.sock is None:
-            return
+            return False
         q = self._send
         for _ in range(FLUSH_DATAGRAMS):
             if not q:
@@ -232,7 +273,8 @@ class SyncService:
                 self.sock.sendto(gram, self.peer)
             except OSError as e:
                 if e.errno in (errno.EAGAIN, errno.ENOBUFS):
-                    break  # the records stay for the next flush (their number is spent: a gap, no harm)
+                    self._next_walk_chunk()
+                    return False  # the records stay for the next flush (their number is spent: a gap, no harm)
                 self.counts["send_errors"] += 1  # the peer unreachable: these records are lost
                 self.last_error = f"send: {e.strerror or e}"
             else:
@@ -241,6 +283,7 @@ class SyncService:
             for _ in range(n):
                 q.popleft()
         self._next_walk_chunk()
+        return True
 
     # ------------------------------------------------------------------ the refresh walk
 
@@ -342,7 +385,10 @@ class SyncService:
 
     def _installed(self, rest, error) -> None:
         """An install job ended: what it had no time for goes first next (other jobs, a control
-        request, ran between)."""
+        request, ran between); to the service a reload handed our queues to, if one did."""
+        if self._closed and self._heir is not None:
+            self._heir._installed(rest, error)
+            return
         self._installing = 0
         if error is None and rest and not self._closed:
             self._recv.extendleft(reversed(rest))

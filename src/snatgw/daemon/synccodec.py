@@ -16,7 +16,8 @@ The boot id is random per sender (a daemon's sync instance); the sequence starts
 grows by one per datagram.  The echo is the boot id the sender last heard from its peer (0:
 none yet).  A receiver takes records only from datagrams that echo its own current boot id:
 whatever was recorded on the link before it started (a restart, or a reload that rebuilt the
-sync: a new boot id) is useless, without the two clocks having to agree; within one boot the
+sync for another peer or key: a new boot id; one that keeps both keeps the encoder and decoder,
+daemon/sync.py hand_over) is useless, without the two clocks having to agree; within one boot the
 sequence window below refuses what it saw.  A datagram of no records is a hello or a
 heartbeat: a sender sends one when it starts (so that the peer learns its new boot id, echoes
 it, and sends its whole table at once) and then every sync_interval.
