@@ -850,7 +850,11 @@ class BpfBackend:
         self._writable()
         if self._sync_routes is None:
             self._sync_routes = synctable.RouteCache(self.resolver)
-        n, taken = synctable.install(self, records, self._sync_routes, counts, seconds)
+        try:
+            n, taken = synctable.install(self, records, self._sync_routes, counts, seconds)
+        except BaseException:
+            self._next_sweep = 0.0  # (a batch that failed part way may have written or removed pairs)
+            raise
         if n:
             self._next_sweep = 0.0
         return records[taken:]

@@ -24,7 +24,8 @@ after the peer's last one (the peer is the stale side: it came back after a fail
 live counts are the expiry sweep's to recount: the backend sweeps at its next GC tick after an
 install or removal (as after its other control-plane writes); an inside host's count is added
 to at once while the datapath counts hosts (``HostCounts``).  With an audit log, a session
-installed is logged as a create marked ``synced``, one a peer's end removes as an end.
+installed is logged as a create marked ``synced``, one a peer's end removes as an end: each
+line as its change is made, so a batch that fails part way logs what it did and no more.
 """
 
 from __future__ import annotations
@@ -300,6 +301,23 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
         counts["rejected"] += len(records)
         return 0, len(records)
     stop = None if seconds is None else time.monotonic() + seconds
+    sink = getattr(backend, "audit_sink", None)  # set while the daemon writes an audit log
+    audited: list[dict] = []
+    try:
+        changed, taken = _install(backend, records, routes, counts, stop, audited if sink is not None else None)
+    finally:
+        if audited:  # (a batch that fails part way: the sessions it installed or removed are logged)
+            sink(audited)
+    return changed, taken
+
+
+def _host_counts(backend) -> HostCounts:
+    return HostCounts(backend.maps, backend.host_counting())
+
+
+def _install(backend, records, routes, counts, stop, audited) -> tuple[int, int]:
+    """install()'s loop; ``audited`` (None: no audit log) gets each line as its change is made."""
+    cfg = backend.config
     ct = backend.maps.ct
     rules = {r.rule_id: r for r in cfg.rules}
     pools = backend._pools or {}  # (replaced whole when it changes, never edited: kept as is, indexed once)
@@ -308,8 +326,6 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
     changed = 0
     live = roles = hosts = None
     taken = 0
-    sink = getattr(backend, "audit_sink", None)  # set while the daemon writes an audit log
-    audited: list[dict] = []
     for r in records:
         if stop is not None and taken and time.monotonic() >= stop:
             break
@@ -340,7 +356,7 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
                     continue
                 backend.maps.delete_pair(p)
                 counts["ended"] += 1
-                if sink is not None:
+                if audited is not None:
                     rec = audit_end(p.out_key, p.out, 0)
                     rec.update(why=END_PEER, synced=True)
                     audited.append(rec)
@@ -383,7 +399,7 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
             counts[why] += 1
             continue
         if hosts is None:
-            hosts = HostCounts(backend.maps, backend.host_counting())
+            hosts = _host_counts(backend)
         if hosts.full(r.inside, rule_host_limit(rule, settings)):
             counts["host_limit"] += 1
             continue
@@ -399,10 +415,8 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
             live += 1
             changed += 1
             hosts.add(r.inside)
-            if sink is not None:
+            if audited is not None:
                 audited.append(audit_create(r, rule.rule_id))
-    if audited:
-        sink(audited)
     return changed, taken
 
 
