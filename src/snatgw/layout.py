@@ -673,6 +673,11 @@ SWEEP_ARGS = _declare(Struct("sweep_args", "what one walk of snat_ct by the swee
     ("pad2", "__u32", "zero"),
 )))  # fmt: skip
 
+SWEEP_HOST_ADD = _declare(Struct("sweep_host_add", "the context of one run of snat_host_add (sweep.bpf.c): sessions the control plane made for an inside host", (
+    ("host", "__be32", "the inside address (snat_host_sess's key)"),
+    ("sessions", "__u32", "added to its count's sessions, atomically (the entry made when missing)"),
+)))  # fmt: skip
+
 SWEEP_RES = _declare(Struct("sweep_res", "what the last walk did (sweep.bpf.c)", (
     ("visited", "__u64", "entries visited (both directions)"),
     ("removed", "__u64", "sessions removed (pairs)"),

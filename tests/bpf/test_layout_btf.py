@@ -23,7 +23,7 @@ def btf_types(obj_path) -> dict[int, dict]:
 
 
 #: structs only the sweep program (prog/sweep.bpf.c) uses; the sweep object has every struct
-SWEEP_ONLY = frozenset({"sweep_args", "sweep_res"})
+SWEEP_ONLY = frozenset({"sweep_args", "sweep_res", "sweep_host_add"})
 
 
 @pytest.fixture(scope="module", params=["stand-in", "datapath", "sweep"])

@@ -91,3 +91,25 @@ def test_a_batch_that_fails_part_way_logs_the_sessions_it_installed_and_only_tho
     assert counts["installed"] == 1
     assert [(x["inside_port"], x["remote_addr"], x.get("synced")) for x in lines] == [(40001, "203.0.113.11", True)]
     assert len(backend.maps.ct) == 2  # that one pair
+
+
+def test_an_install_adds_to_its_hosts_count_without_losing_the_datapaths_increment(sync):
+    """Two records of one host in one job; between them the datapath makes a session for that
+    host (its atomic +1 on the host's live count, emulated here in the route lookup of the
+    second record).  The install's own +1s are atomic adds: the count is the datapath's one
+    plus the two installed.  The count was read once and written back whole (read, +1,
+    write): the datapath's increment was lost, the host under-counted until the next sweep."""
+    backend, routes, lines = sync
+    hosts = backend.maps.maps[L.MAP_HOST_SESS]
+
+    def datapath_new_flow(addr):
+        if addr == "203.0.113.22":
+            c = L.LIVE_COUNT.unpack(hosts.get(ipaddress.IPv4Address(HOST).packed))
+            hosts.put(ipaddress.IPv4Address(HOST).packed, L.LIVE_COUNT.pack(sessions=c["sessions"] + 1,
+                                                                            refusals=c["refusals"]))  # fmt: skip
+
+    routes.hook = datapath_new_flow
+    counts = dict.fromkeys(T.COUNTS, 0)
+    assert backend.sync_install([rec(40011, "203.0.113.21"), rec(40012, "203.0.113.22")], counts) == []
+    assert counts["installed"] == 2
+    assert host_sessions(backend) == 3

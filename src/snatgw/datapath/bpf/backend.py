@@ -202,6 +202,7 @@ class BpfBackend:
         self.pressure_sweeps = 0  # sweeps the pacing would have skipped but pressure ran
         self.holder: FragmentHolder | None = None  # holds fragments that come before their first
         self._sweeper: Sweeper | None = None
+        self._sweeper_lock = threading.Lock()  # loaded once: the gc thread's sweep, the worker's sync installs
         self._sweeps = 0
         self._t_normal: float | None = None  # duration of the last sweep that was not full
         self.chunked = CHUNKED
@@ -943,9 +944,10 @@ class BpfBackend:
 
     def sweeper(self) -> Sweeper:
         """The sweep program over this datapath's maps (loaded on first use)."""
-        if self._sweeper is None:
-            self._sweeper = Sweeper(self._m())
-        return self._sweeper
+        with self._sweeper_lock:
+            if self._sweeper is None:
+                self._sweeper = Sweeper(self._m())
+            return self._sweeper
 
     def expire(self, now: float | None = None) -> int:
         """Remove sessions idle longer than their state's timeout, both keys together (OUT

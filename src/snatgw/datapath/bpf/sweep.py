@@ -10,6 +10,8 @@ keys read by batch lookups (milliseconds each; measured costs: docs/operations.m
   the live counts.
 - ``flush(filter)``: remove the selected pairs (no filter: every entry), recount.
 - ``recount()``: remove nothing, recount the live counts (a host limit turned on by reload).
+- ``host_add(host, n)``: n sessions the control plane made added to an inside host's live count
+  by an atomic add (its own program, snat_host_add: it may run beside a walk, on another thread).
 
 A chunked walk given ``stop`` (a callable) asks it before each chunk and, when it says so, ends
 there with SWEEP_ABORT instead of SWEEP_END (``SweepResult.cut``): what the chunks visited did
@@ -32,6 +34,7 @@ from ..backend import SessionFilter
 from . import libbpf as B
 
 PROG = "snat_sweep"
+HOST_ADD = "snat_host_add"
 _U64 = struct.Struct("<Q")
 _KEYS_HDR = struct.Struct("<II")  # struct sweep_keys: n, pad
 
@@ -96,6 +99,7 @@ class Sweeper:
                     obj.reuse_fd(name, m.fd)
             obj.load()
             self.prog_fd = obj.prog_fd(PROG)
+            self.host_add_fd = obj.prog_fd(HOST_ADD)
         except BaseException:
             obj.close()
             raise
@@ -180,6 +184,16 @@ class Sweeper:
 
     def flush(self, flt: SessionFilter = ALL, chunked: bool = False) -> SweepResult:
         return self._run(chunked, mode=L.SWEEP_FLUSH, **filter_args(flt))
+
+    def host_add(self, host: bytes, n: int = 1) -> bool:
+        """Add ``n`` sessions to the live count of the inside host ``host`` (4 bytes, wire
+        order) as the datapath adds its own: atomically (a read and a write lost a datapath
+        increment between them).  False when the count map is full (the next walk counts them)."""
+        if self.obj is None:
+            raise BackendError("the sweep program is closed")
+        ctx = L.SWEEP_HOST_ADD.pack(host=bytes(host), sessions=n)
+        rc, _ = B.run_syscall(self.host_add_fd, ctx)
+        return rc == 0
 
     def recount(self, chunked: bool = False) -> SweepResult:
         """The live counts (rule, SNAT address, inside host) counted again from the OUT

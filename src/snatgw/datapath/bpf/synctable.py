@@ -243,34 +243,32 @@ def routed_as_rule(rule, ruleset, ip, rip, rt, in_eg, roles: dict) -> str | None
 class HostCounts:
     """The inside hosts' live sessions (snat_host_sess) as the datapath judges a host limit
     (snat_v4_new_mapping: refused when at ``max_sessions_per_host``), read once per host per
-    install job and followed through its installs; each install adds one to the map too while
-    the datapath counts hosts (CFG_F_HOST_COUNT), as its own new session does, so a later job or
-    the host's next new flow sees it before the next sweep recounts (a read, then a write: a
-    session the datapath adds for that host between them is missing until that sweep)."""
+    install job and followed through its installs.  Each install adds one to the map
+    too while the datapath counts hosts (CFG_F_HOST_COUNT), as its own new session does: an
+    atomic add (``add``: the sweep object's snat_host_add), so a later job or the host's next
+    new flow sees it before the next sweep recounts, and a session the datapath makes for that
+    host meanwhile keeps its own +1 (a read and a write lost it).  What the job judges is its
+    read: the datapath's new sessions for that host during the job are not in it (a job lasts
+    at most INSTALL_SECONDS; the datapath's own check is as close, a read before its add)."""
 
-    def __init__(self, maps, counting: bool):
-        self.map, self.counting = maps.maps[L.MAP_HOST_SESS], counting
-        self._n: dict[bytes, list[int]] = {}  # inside address (wire order) -> [sessions, refusals]
+    def __init__(self, maps, counting: bool, add=None):
+        self.map, self.counting, self._add = maps.maps[L.MAP_HOST_SESS], counting, add
+        self._n: dict[bytes, int] = {}  # inside address (wire order) -> sessions
 
-    def _get(self, host: bytes) -> list[int]:
+    def _get(self, host: bytes) -> int:
         got = self._n.get(host)
         if got is None:
             raw = self.map.get(host)
-            c = L.LIVE_COUNT.unpack(raw) if raw is not None else {"sessions": 0, "refusals": 0}
-            got = self._n[host] = [c["sessions"], c["refusals"]]
+            got = self._n[host] = L.LIVE_COUNT.unpack(raw)["sessions"] if raw is not None else 0
         return got
 
     def full(self, host: bytes, limit: int) -> bool:
-        return bool(limit) and self._get(host)[0] >= limit
+        return bool(limit) and self._get(host) >= limit
 
     def add(self, host: bytes) -> None:
-        c = self._get(host)
-        c[0] += 1
-        if self.counting:
-            try:
-                self.map.put(host, L.LIVE_COUNT.pack(sessions=c[0], refusals=c[1]))
-            except B.LibbpfError:  # the map full: the sweep counts it
-                pass
+        self._n[host] = self._get(host) + 1
+        if self.counting and self._add is not None:
+            self._add(host, 1)  # (the map full: the sweep counts it)
 
 
 def audit_create(r: Record, rule_id: int) -> dict:
@@ -312,7 +310,8 @@ def install(backend, records: list[Record], routes: RouteCache, counts: dict,
 
 
 def _host_counts(backend) -> HostCounts:
-    return HostCounts(backend.maps, backend.host_counting())
+    counting = backend.host_counting()
+    return HostCounts(backend.maps, counting, backend.sweeper().host_add if counting else None)
 
 
 def _install(backend, records, routes, counts, stop, audited) -> tuple[int, int]:

@@ -602,3 +602,30 @@ int snat_sweep(void *ctx)
 	walk_end(&w);
 	return 0;
 }
+
+/* The control plane's sessions (a peer's records installed by the session sync) counted for
+ * their inside host as the datapath counts its own (stats.h live_add): ctx->sessions added to
+ * the host's count by an atomic add, the entry made (NOEXIST) when missing.  A read and a
+ * write from user space lost a datapath increment made between them.  Its own program and
+ * context (no map of the walk's): it runs beside a walk on another thread; a walk counting then
+ * may count such a session twice until the next walk (as a datapath session whose number it
+ * read before the walk published its own): high, never low.  Returns 0, 1 when the map is full. */
+SEC("syscall")
+int snat_host_add(struct sweep_host_add *ctx)
+{
+	__be32 host = ctx->host;
+	__u32 n = ctx->sessions;
+	struct live_count *c = bpf_map_lookup_elem(&snat_host_sess, &host);
+
+	if (!c) {
+		struct live_count init = { .sessions = n };
+
+		if (bpf_map_update_elem(&snat_host_sess, &host, &init, BPF_NOEXIST) == 0)
+			return 0;
+		c = bpf_map_lookup_elem(&snat_host_sess, &host); /* the datapath made it first */
+		if (!c)
+			return 1;
+	}
+	__sync_fetch_and_add(&c->sessions, n);
+	return 0;
+}

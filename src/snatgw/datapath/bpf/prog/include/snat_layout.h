@@ -398,6 +398,13 @@ struct sweep_args {
 };
 _Static_assert(sizeof(struct sweep_args) == 64, "sweep_args size");
 
+/* the context of one run of snat_host_add (sweep.bpf.c): sessions the control plane made for an inside host */
+struct sweep_host_add {
+	__be32 host; /* the inside address (snat_host_sess's key) */
+	__u32 sessions; /* added to its count's sessions, atomically (the entry made when missing) */
+};
+_Static_assert(sizeof(struct sweep_host_add) == 8, "sweep_host_add size");
+
 /* what the last walk did (sweep.bpf.c) */
 struct sweep_res {
 	__u64 visited; /* entries visited (both directions) */
