@@ -113,3 +113,19 @@ def test_an_install_adds_to_its_hosts_count_without_losing_the_datapaths_increme
     assert backend.sync_install([rec(40011, "203.0.113.21"), rec(40012, "203.0.113.22")], counts) == []
     assert counts["installed"] == 2
     assert host_sessions(backend) == 3
+
+
+def test_a_peers_end_makes_room_for_its_hosts_next_record_in_the_same_job(sync):
+    """The host is at its limit (3 sessions, counted); the peer's end of one of them, then a
+    new session of the same host, in one job: the end removes its pair and lowers the host's
+    count as the job judges it, so the new one fits and is installed.  The count the job
+    followed was not lowered by an end: refused as host_limit."""
+    backend, routes, lines = sync
+    counts = dict.fromkeys(T.COUNTS, 0)
+    assert backend.sync_install([rec(40020 + i, f"203.0.113.{30 + i}") for i in range(3)], counts) == []
+    assert counts["installed"] == 3 and host_sessions(backend) == 3
+    counts = dict.fromkeys(T.COUNTS, 0)
+    end = rec(40020, "203.0.113.30", op=C.OP_END)
+    assert backend.sync_install([end, rec(40029, "203.0.113.39")], counts) == []
+    assert (counts["ended"], counts["installed"], counts["host_limit"]) == (1, 1, 0), counts
+    assert len(backend.maps.ct) == 6

@@ -139,10 +139,11 @@ class _Map:
         return self.d.get(k)
 
 
-def test_host_counts_follow_the_installs_and_add_them_while_the_datapath_counts():
+def test_host_counts_follow_the_installs_and_ends_and_add_installs_while_the_datapath_counts():
     """A host at its limit is full; each install adds one, to the map too (by ``add``: the sweep
     object's atomic add; the datapath's count, which a later job and the host's next new flow
-    read) while CFG_F_HOST_COUNT is on."""
+    read) while CFG_F_HOST_COUNT is on; an end lowers the job's count only (the sweep recounts
+    the map)."""
     m = _Map({"10.0.0.1": 1})
     maps = type("M", (), {"maps": {L.MAP_HOST_SESS: m}})()
     added = []
@@ -152,5 +153,7 @@ def test_host_counts_follow_the_installs_and_add_them_while_the_datapath_counts(
     h.add(one)
     assert h.full(one, 2) and not h.full(one, 0) and not h.full(one, 3)
     assert added == [(one, 1)]
+    h.ended(one)
+    assert not h.full(one, 2) and added == [(one, 1)]
     T.HostCounts(maps, counting=False, add=lambda host, n: added.append((host, n))).add(two)
     assert added == [(one, 1)]

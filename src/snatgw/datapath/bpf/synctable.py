@@ -243,11 +243,14 @@ def routed_as_rule(rule, ruleset, ip, rip, rt, in_eg, roles: dict) -> str | None
 class HostCounts:
     """The inside hosts' live sessions (snat_host_sess) as the datapath judges a host limit
     (snat_v4_new_mapping: refused when at ``max_sessions_per_host``), read once per host per
-    install job and followed through its installs.  Each install adds one to the map
+    install job and followed through its installs and ends.  Each install adds one to the map
     too while the datapath counts hosts (CFG_F_HOST_COUNT), as its own new session does: an
     atomic add (``add``: the sweep object's snat_host_add), so a later job or the host's next
     new flow sees it before the next sweep recounts, and a session the datapath makes for that
-    host meanwhile keeps its own +1 (a read and a write lost it).  What the job judges is its
+    host meanwhile keeps its own +1 (a read and a write lost it).  An end lowers the job's
+    count only: the map keeps the removed session until the sweep the removal schedules (the
+    next GC tick) recounts it (a decrement racing with a walk's snapshot would leave the count
+    low, and a host over its limit; high only refuses early).  What the job judges is its
     read: the datapath's new sessions for that host during the job are not in it (a job lasts
     at most INSTALL_SECONDS; the datapath's own check is as close, a read before its add)."""
 
@@ -269,6 +272,14 @@ class HostCounts:
         self._n[host] = self._get(host) + 1
         if self.counting and self._add is not None:
             self._add(host, 1)  # (the map full: the sweep counts it)
+
+    def read(self, host: bytes) -> None:
+        """Read the host's count now, before one of its sessions is removed (``ended``)."""
+        self._get(host)
+
+    def ended(self, host: bytes) -> None:
+        """One of the host's sessions removed (a peer's end): one less for this job."""
+        self._n[host] = max(0, self._get(host) - 1)
 
 
 def audit_create(r: Record, rule_id: int) -> dict:
@@ -353,8 +364,12 @@ def _install(backend, records, routes, counts, stop, audited) -> tuple[int, int]
                 if mine > peer_seen + END_SLACK_NS:
                     counts["stale_end"] += 1
                     continue
+                if hosts is None:
+                    hosts = _host_counts(backend)
+                hosts.read(r.inside)  # (its count with the session, as the map has it until the sweep)
                 backend.maps.delete_pair(p)
                 counts["ended"] += 1
+                hosts.ended(r.inside)  # a record of that host later in this job fits its room
                 if audited is not None:
                     rec = audit_end(p.out_key, p.out, 0)
                     rec.update(why=END_PEER, synced=True)
