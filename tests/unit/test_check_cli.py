@@ -114,11 +114,15 @@ def test_oif_outside_the_uplinks_is_warned(tmp_path, capsys):
 
 
 def test_missing_interfaces_are_warned(tmp_path, capsys):
-    """A config without inside/outside interfaces is valid but warned (run needs them)."""
-    f = write(tmp_path, "snatgw { inside lan40 }\nvirtual_server fwmark 1 {\n"
+    """A config without inside/outside interfaces is valid but warned (run needs them), at the
+    snatgw block's line; without a block, the file is named."""
+    f = write(tmp_path, "\nsnatgw { inside lan40 }\nvirtual_server fwmark 1 {\n"
                         " snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n")  # fmt: skip
     assert main(["check", f]) == 0
-    assert "no outside interfaces in a snatgw { } block" in capsys.readouterr().out
+    assert f"{f}:2: no outside interfaces in a snatgw {{ }} block" in capsys.readouterr().out
+    f = write(tmp_path, "virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n")
+    assert main(["check", f]) == 0
+    assert f"{f}: no inside or outside interfaces in a snatgw {{ }} block" in capsys.readouterr().out
 
 
 def test_skipped_keepalived_blocks_are_listed_as_warnings(tmp_path, capsys):

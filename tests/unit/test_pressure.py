@@ -283,7 +283,7 @@ def test_check_says_which_pressure_settings_the_nft_backend_ignores():
     w = config_warnings(parse_text(NFT_CONF % ("  on_exhausted spill\n  refuse_icmp yes\n  port_tries 16\n",
                                                "on_exhausted spill "), "n.conf"))  # fmt: skip
     assert [x.split(" is ignored")[0] for x in w] == [
-        "n.conf: on_exhausted: spill", "n.conf:10: on_exhausted: spill", "n.conf: port_tries: 16"]
+        "n.conf:5: on_exhausted: spill", "n.conf:10: on_exhausted: spill", "n.conf:7: port_tries: 16"]
     assert config_warnings(parse_text(NFT_CONF % ("  on_exhausted drop\n  port_tries 128\n", ""), "n.conf")) == []
     bpf = NFT_CONF.replace("backend nft", "backend bpf")
     assert config_warnings(parse_text(bpf % ("  on_exhausted spill\n  refuse_icmp yes\n  port_tries 16\n",

@@ -708,8 +708,9 @@ def _parse_settings(cur: _Cursor, opener: Token, warn=log.warning) -> Settings:
                         f"interface {both[0]} is listed both inside (line {given['inside'].line}) "
                         f"and outside (line {given['outside'].line})")  # fmt: skip
     _check_sync(cur, s, given, opener)
-    where = tuple((k, cur.where(given[k].line)) for k in ("inside", "outside", "pin_dir") if k in given)
-    return replace(s, where=where) if where else s
+    # every setting's line (and the block's own), for errors and warnings about one: "file:line: port_tries: ..."
+    where = (("snatgw", cur.where(opener.line)), *((k, cur.where(g.line)) for k, g in given.items()))
+    return replace(s, where=where)
 
 
 SYNC_NEEDED = ("sync_peer", "sync_local", "sync_key")  # the others have defaults

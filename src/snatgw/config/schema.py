@@ -109,8 +109,9 @@ class Settings:
     #: and between the starts of two refresh walks (the whole table sent again)
     sync_interval: float = SYNC_INTERVAL
     sync_refresh: float = SYNC_REFRESH
-    #: where `inside`/`outside`/`pin_dir` were given ((keyword, "file:line"), ...), for errors about
-    #: a device or directory named there (the daemon's "file:line: inside: interface 'x' does not exist")
+    #: where each setting was given ((keyword, "file:line"), ...; "snatgw": the block, "timeout udp":
+    #: a timeout), for errors and warnings about one (the daemon's "file:line: inside: interface 'x'
+    #: does not exist", check's "file:line: port_tries: 16 is ignored with backend nft")
     where: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     def timeout(self, state: int) -> int:

@@ -85,23 +85,29 @@ def interface_warnings(cfg: GatewayConfig) -> list[str]:
     missing = [k for k in ("inside", "outside") if not getattr(s, k)]
     if not missing:
         return []
-    return [f"{cfg.source}: no {' or '.join(missing)} interfaces in a snatgw {{ }} block: "
+    block = setting_at(cfg, "snatgw")  # the block's line when there is one, else the file
+    return [f"{block}: no {' or '.join(missing)} interfaces in a snatgw {{ }} block: "
             f"give them there or to `snatgw run --{missing[0]} IF`"]
+
+
+def setting_at(cfg: GatewayConfig, key: str) -> str:
+    """"file:line" of the snatgw block's setting ``key`` (or of the block: "snatgw"), the file
+    (or "config") when it was not written there (a default, or --inside)."""
+    return dict(cfg.settings.where).get(key) or cfg.source or "config"
 
 
 def nft_pressure_warnings(cfg: GatewayConfig) -> list[str]:
     """Port-pressure settings the nft backend cannot honour (docs/nftables.md, "Port pressure"):
-    said, not silently ignored.  Global settings carry no line: the file is named."""
+    said, not silently ignored, at the setting's line."""
     s = cfg.settings
     if s.backend != "nft":
         return []
-    src = cfg.source or "config"
     spill = ("spill is ignored with backend nft: the kernel's nf_nat fixes the address by its hash "
              "and never tries another address of the pool (docs/nftables.md, \"Port pressure\")")
-    out = [f"{src}: on_exhausted: {spill}"] if s.on_exhausted == "spill" else []
+    out = [f"{setting_at(cfg, 'on_exhausted')}: on_exhausted: {spill}"] if s.on_exhausted == "spill" else []
     out += [f"{r.where}: on_exhausted: {spill}" for r in cfg.rules.defined if r.on_exhausted == "spill"]
     if s.port_tries != PORT_TRIES:
-        out.append(f"{src}: port_tries: {s.port_tries} is ignored with backend nft: the kernel's nf_nat "
+        out.append(f"{setting_at(cfg, 'port_tries')}: port_tries: {s.port_tries} is ignored with backend nft: the kernel's nf_nat "
                    "runs its own search, about 240 tries (docs/nftables.md)")
     out += [f"{where}: vrrp_instance: use_vmac is not handled by backend nft: the hosts' packets arrive on the "
             "macvlan device, which is no inside device, and are not translated (the leak guard drops them); run "
