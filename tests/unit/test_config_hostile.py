@@ -59,6 +59,23 @@ def test_check_prints_an_error_not_a_traceback_for_superscript_digits(tmp_path):
     assert "sup.conf:2: max_sessions: expected an integer" in p.stderr
 
 
+def test_a_windows_editors_file_is_read(tmp_path):
+    """A file saved by a Windows editor (a UTF-8 byte order mark, CR LF line ends) reads as the
+    same file without them, its lines numbered alike; a BOM anywhere else is still a stray
+    character, named."""
+    text = "snatgw {\n inside lan40\n outside eth1\n}\n" + RULE
+    plain, win = tmp_path / "plain.conf", tmp_path / "win.conf"
+    plain.write_bytes(text.encode())
+    win.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    a, b = parse_file(plain), parse_file(win)
+    assert a.settings == b.settings and a.settings.inside == ("lan40",)
+    assert [r.where.rsplit(":", 1)[1] for r in b.rules] == [r.where.rsplit(":", 1)[1] for r in a.rules] == ["6"]
+    win.write_bytes(text.replace(" inside", "\ufeff inside").encode())
+    with pytest.raises(ConfigError, match="U[+]FEFF") as ei:
+        parse_file(win)
+    assert ei.value.where == f"{win}:2"
+
+
 def test_dev_zero_is_refused_before_reading():
     with pytest.raises(ConfigError, match="not a regular file"):
         parse_file("/dev/zero")

@@ -290,7 +290,8 @@ class _Cursor:
 
 
 def read_config(path: str | Path) -> str:
-    """The text of a config file: a regular file of at most MAX_CONFIG_BYTES in UTF-8.  A FIFO,
+    """The text of a config file: a regular file of at most MAX_CONFIG_BYTES in UTF-8 (a byte
+    order mark at its start is dropped, CR LF line ends are line ends).  A FIFO,
     a device (/dev/zero), a directory or a huge file is refused before anything is read (opened
     with O_NONBLOCK, so a FIFO without writer cannot hang the daemon)."""
     path = str(path)
@@ -321,8 +322,8 @@ def read_config(path: str | Path) -> str:
     finally:
         os.close(fd)
     data = b"".join(chunks)
-    try:
-        return data.decode("utf-8")
+    try:  # utf-8-sig: a byte order mark at the start (Windows editors write one) is dropped, not a word
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text ({e.reason} at byte {e.start})", None, path) from None
 
