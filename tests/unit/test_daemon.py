@@ -354,6 +354,27 @@ def test_run_with_an_invalid_config_exits_2_without_a_socket(tmpdir_short):
     assert not os.path.exists(sock)
 
 
+def test_run_with_an_audit_log_in_proc_exits_2_naming_the_line(tmpdir_short):
+    """`audit_log /proc/version`: a regular file to stat, but none the daemon can append to; the
+    start is refused at the setting's line, as `check` refuses it."""
+    conf = tmpdir_short / "audit.conf"
+    conf.write_text("snatgw {\n audit_log /proc/version\n}\n"
+                    "virtual_server fwmark 1 {\n snat_rule { from 198.18.0.0/16 snat_ip 198.19.2.71 }\n}\n")
+    sock = str(tmpdir_short / "ctl.sock")
+    p = _spawn(conf, sock, "--log-json")
+    try:
+        out, err = p.communicate(timeout=10)
+    finally:  # (a daemon that started is not left behind)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 2 and "ready" not in out
+    rec = json.loads(err.strip().splitlines()[-1])
+    assert rec["event"] == "config_invalid" and rec["error"].startswith(f"{conf}:2: audit_log: /proc/version is on "
+                                                                        "the kernel's proc file system"), rec
+    assert not os.path.exists(sock)
+
+
 def test_chaos_can_fail_only_the_nth_call(tmpdir_short):
     """FakeBackend chaos 'apply:2': the first reload applies, the second fails, the third applies."""
     r = Running(tmpdir_short, chaos="apply:2")

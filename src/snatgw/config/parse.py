@@ -928,10 +928,33 @@ def parse_size(text: str) -> int:
     return n
 
 
+#: statfs(2) magic numbers of the kernel's pseudo file systems: their "files" are the kernel's
+#: views (/proc/version is a regular file there), never a log the daemon can create and append to
+PSEUDO_FS = {0x9FA0: "proc", 0x62656572: "sysfs", 0x27E0EB: "cgroup", 0x63677270: "cgroup2", 0xCAFE4A11: "bpf",
+             0x64626720: "debugfs", 0x74726163: "tracefs", 0x73636673: "securityfs", 0x6165676C: "pstore",
+             0x62656570: "configfs", 0xDE5E81E4: "efivarfs", 0xF97CFF8C: "selinuxfs", 0x1CD1: "devpts",
+             0x19800202: "mqueue", 0x65735543: "fusectl", 0x6E736673: "nsfs", 0x42494E4D: "binfmt_misc"}
+
+
+def fs_magic(path: str) -> int | None:
+    """statfs(2)'s f_type of the file system holding ``path`` (None when it cannot be had)."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first word
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.statfs(os.fsencode(path), buf) != 0:
+            return None
+    except (OSError, AttributeError, ValueError):
+        return None
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
 def check_audit_path(path: str) -> None:
-    """An audit log file the daemon can write: its directory exists (and is a directory), the
-    path is not a directory or something other than a regular file, and (as whoever checks)
-    is writable.  ValueError saying what is wrong."""
+    """An audit log file the daemon can create and append to: its directory exists (and is a
+    directory) on a file system that holds files (not /proc, /sys, a bpffs ...), the path is
+    not a directory or something other than a regular file, and (as whoever checks) is
+    writable.  ValueError saying what is wrong."""
     d = os.path.dirname(path) or "/"
     try:
         st = os.stat(d)
@@ -939,6 +962,11 @@ def check_audit_path(path: str) -> None:
         raise ValueError(f"directory {d} of {path}: {e.strerror} (create it first)") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ValueError(f"{d} (the directory of {path}) is not a directory")
+    for at in (path, d) if os.path.lexists(path) else (d,):
+        fs = PSEUDO_FS.get(fs_magic(at))
+        if fs:
+            raise ValueError(f"{path} is on the kernel's {fs} file system, where no log file can be created or "
+                             "appended to; name a file on a disk, e.g. /var/log/snatgw/audit.jsonl")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -946,7 +974,12 @@ def check_audit_path(path: str) -> None:
     except OSError as e:
         raise ValueError(f"{path}: {e.strerror}") from None
     if st is not None and not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path} exists and is not a regular file (a directory or a symlink?)")
+        kind = next((k for test, k in ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"),
+                                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+                     if test(st.st_mode)), "not a regular file")  # fmt: skip
+        raise ValueError(f"{path} exists and is {kind}; the audit log is a regular file the daemon creates and "
+                         "appends to")
     if not os.access(path if st is not None else d, os.W_OK):
         raise ValueError(f"{path if st is not None else d} is not writable (as uid {os.geteuid()})")
 
