@@ -804,9 +804,18 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         return replace(s, inbound_routed=_choice(cur, t, v, ("drop", "routed")) == "routed")
     if k == "backend":
         return replace(s, backend=_choice(cur, t, v, BACKENDS))
-    if k == "timeout":
-        name = _choice(cur, t, v, tuple(TIMEOUT_NAMES))
-        return s.with_timeouts(**{name: _int(cur, t, args[1], 1, 1 << 31)})
+    if k == "timeout":  # an error names the state whose value is wrong: "timeout udp: expected seconds ..."
+        if v.text not in TIMEOUT_NAMES:
+            # a shortened name (tcp_est) is the one it begins, else the closest spelling
+            close = [n for n in TIMEOUT_NAMES if n.startswith(v.text)] if _SHOWABLE.match(v.text) else []
+            close = close if len(close) == 1 else difflib.get_close_matches(v.text, TIMEOUT_NAMES, 1, 0.6)
+            raise cur.error(v.line, k, f"unknown state {shown(v.text)}; expected one of {', '.join(TIMEOUT_NAMES)}"
+                                       + (f"; did you mean {close[0]!r}?" if close else ""))  # fmt: skip
+        secs = args[1]
+        if not _ASCII_INT.match(secs.text) or not 1 <= int(secs.text) <= 1 << 31:
+            raise ConfigError(f"expected seconds, an integer 1..{1 << 31}, got {shown(secs.text)}",
+                              f"timeout {v.text}", cur.where(secs.line))
+        return s.with_timeouts(**{v.text: int(secs.text)})
     if k == "gc_interval":
         secs = _seconds(v.text)
         if not (math.isfinite(secs) and 0 < secs <= 3600):
