@@ -119,6 +119,34 @@ def test_attach_puts_each_program_on_its_hook_and_detach_removes_only_ours(ns, p
 
 
 @pytest.mark.bpf
+def test_purge_removes_the_hook_snatgw_made_and_keeps_one_with_other_filters(ns, pin_dir, mini_obj):
+    """A daemon exited (keep_state: filters and pins stay); `snatgw purge` (cleanup.remove_bpf)
+    then takes our filters off, and with them the clsact qdisc of in0, which the loader made and
+    no other filter is on (it was left there, empty); out0's, with someone else's filter, stays."""
+    from snatgw.datapath.cleanup import remove_bpf
+
+    with netns(ns):
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "out0", "clsact")
+        sh("ip", "netns", "exec", ns, "tc", "filter", "add", "dev", "out0", "ingress", "prio", "7",
+           "bpf", "obj", mini_obj, "sec", "tc", "da")  # fmt: skip
+        ld = Loader(pin_dir, max_sessions=64, obj_path=mini_obj)
+        ld.load()
+        try:
+            ld.attach(["in0"], ["out0"])
+            assert {a.ifname: a.created_hook for a in ld.attachments} == {"in0": True, "out0": False}
+        finally:
+            ld.stop(keep_state=True)
+        assert has_clsact(ns, "in0") and attached_prog_id("in0", B.BPF_TC_INGRESS) is not None
+        removed = remove_bpf(pin_dir)
+    assert "clsact qdisc on in0 (snatgw's, now empty)" in removed, removed
+    assert not any("out0 (snatgw" in r for r in removed), removed
+    assert not has_clsact(ns, "in0"), "the hook snatgw made is gone with its filter"
+    assert has_clsact(ns, "out0")
+    assert [f.get("pref") for f in tc_filters(ns, "out0", "ingress") if f.get("options")] == [7]
+    assert not os.path.exists(pin_dir)
+
+
+@pytest.mark.bpf
 def test_expected_kernel_errors_stay_out_of_the_log_and_others_reach_it(ns, pin_dir, mini_obj, caplog):
     """A start on hooks that exist (a qdisc someone made, a restart) and queries of filters that
     are not there get an error text from the kernel that libbpf prints as a warning: expected

@@ -38,7 +38,9 @@ def remove_bpf(pin_dir: str | None, netns: str | None = None, devices=None) -> l
     from .bpf import gwroutes
 
     with enter(netns) if netns else contextlib.nullcontext():
+        carrying = _carrying_ours(devices)
         removed = detach_ours(devices)
+        removed += _remove_emptied_hooks(carrying)
         removed += gwroutes.remove()  # its new_gw policy routing (after the detach: unmarked now)
     if pin_dir and os.path.isdir(pin_dir):
         before = set(os.listdir(pin_dir))
@@ -46,6 +48,44 @@ def remove_bpf(pin_dir: str | None, netns: str | None = None, devices=None) -> l
         gone = before - (set(os.listdir(pin_dir)) if os.path.isdir(pin_dir) else set())
         if gone or not os.path.isdir(pin_dir):
             removed.append(f"pinned maps in {pin_dir} ({len(gone)} pins)")
+    return removed
+
+
+def _carrying_ours(devices) -> dict[str, int]:
+    """{name: ifindex} of the devices (default: every one here) with our TC filter on either
+    clsact point."""
+    import socket
+
+    from .bpf import libbpf as B
+    from .bpf.loader import attached_prog_id
+
+    found = socket.if_nameindex() if devices is None else []
+    for name in dict.fromkeys(devices or ()):
+        with contextlib.suppress(OSError):
+            found.append((socket.if_nametoindex(name), name))
+    out = {}
+    for idx, name in found:
+        with contextlib.suppress(BackendError, OSError):
+            if any(attached_prog_id(name, p) is not None for p in (B.BPF_TC_INGRESS, B.BPF_TC_EGRESS)):
+                out[name] = idx
+    return out
+
+
+def _remove_emptied_hooks(carrying: dict[str, int]) -> list[str]:
+    """The clsact qdisc of each device that carried our filter, once no filter is left on it:
+    the loader's rule (a hook that carried our filter is one snatgw made, loader.Attachment's
+    created_hook), as the daemon's own stop removes it.  A hook with another filter stays."""
+    from .bpf import libbpf as B
+    from .bpf.loader import _hook_empty
+
+    removed = []
+    for name, idx in carrying.items():
+        if _hook_empty(name):
+            try:
+                B.tc_hook_destroy(idx, B.BPF_TC_INGRESS | B.BPF_TC_EGRESS)
+            except BackendError:
+                continue
+            removed.append(f"clsact qdisc on {name} (snatgw's, now empty)")
     return removed
 
 

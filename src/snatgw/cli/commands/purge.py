@@ -22,7 +22,8 @@ HELP = "remove every trace of snatgw's datapaths in this network namespace (no d
 DESCRIPTION = """Remove what a stopped (SIGTERM) or killed daemon of either backend left in this
 network namespace: the nft backend's `table ip snatgw`, its ip rules and routes (proto 201,
 prefs/tables 31000-31999) and its conntrack entries; the bpf backend's TC filters (handle and
-priority 0x534e only) on every device, its new_gw ip rules and routes (proto 201,
+priority 0x534e only) on every device, and a device's clsact qdisc that carried one once
+no other filter is on it, its new_gw ip rules and routes (proto 201,
 prefs/tables 30000-30999), and the pinned maps in the pin directory (the sessions); both
 backends' leak guard, `table ip snatgw_guard`; and the namespace's owner lock file
 (/run/snatgw/owner) when no daemon holds it, with the receive packet steering masks a killed
