@@ -544,3 +544,43 @@ def test_purge_says_when_it_cannot_see_the_pins(tmp_path):
     assert f"the pin directory {L.PIN_DIR} is on no bpf filesystem here" in hidden.stderr, hidden.stderr
     assert "nsenter --net=/run/netns/NS snatgw purge" in hidden.stderr
     assert "pin directory" not in seen.stderr, seen.stderr
+
+
+@pytest.mark.bpf
+def test_the_documented_netns_command_gives_both(capsys):
+    """docs/operations.md's one command for a gateway in a namespace ("In a network namespace"),
+    run as written with its last words a probe instead of snatgw: the command sees the host's
+    bpffs at /sys/fs/bpf (the pins outlive it) and the namespace's own devices under /sys (what
+    `rps_cpus` writes and purge puts back), neither of which a plain `ip netns exec` or
+    `nsenter --net` gives both of; nothing of it stays mounted or parked on the host.  The purge
+    notes and the rps hint name that command's section."""
+    import re
+    import shlex
+
+    from snatgw.cli.commands import purge
+    from snatgw.daemon.rps import FOREIGN_HINT
+
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "operations.md")).read()
+    cmd = re.search(r"<!-- netns-command -->\n```\n(.*?)\n```", docs, re.S).group(1)
+    assert cmd.endswith(" sh snatgw run /etc/snatgw/snatgw.conf") and cmd.count("\n") == 0
+    ns = f"sgnc{uuid.uuid4().hex[:8]}"
+    probe = "stat -f -c %T /sys/fs/bpf; ls /sys/class/net"
+    argv = shlex.split(cmd.replace("/run/netns/NS", f"/run/netns/{ns}").removesuffix(
+        "snatgw run /etc/snatgw/snatgw.conf") + "sh -c " + shlex.quote(probe))
+    parked = set(os.listdir("/run"))
+    sh("ip", "netns", "add", ns)
+    try:
+        sh("ip", "-n", ns, "link", "add", "sgnc0", "type", "veth", "peer", "name", "sgnc1")
+        both = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        plain = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", probe], capture_output=True, text=True,
+                               timeout=30)  # fmt: skip
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.split() == ["bpf_fs", "lo", "sgnc0", "sgnc1"], both.stdout
+    assert plain.stdout.split()[0] != "bpf_fs"  # (what the section says of `ip netns exec`)
+    assert {d for d in set(os.listdir("/run")) - parked if d.startswith("snatgw-sysfs.")} == set()
+    assert 'docs/operations.md "In a network namespace"' in FOREIGN_HINT
+    purge._say_unseen_pins("/tmp")  # (no bpffs there)
+    assert 'docs/operations.md "In a network namespace"' in capsys.readouterr().err
+

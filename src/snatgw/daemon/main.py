@@ -233,7 +233,9 @@ def _run(args, early: startsignals.StartSignals) -> int:
                                     "the bpffs mounted here, and the pinned sessions, go with it, so a restart "
                                     "cannot adopt them and every session is lost, and `snatgw purge`, `conns` "
                                     "without the daemon do not see them; start the daemon with "
-                                    "`nsenter --net=/run/netns/NS snatgw run ...` (the host's /sys/fs/bpf kept)")
+                                    "`nsenter --net=/run/netns/NS snatgw run ...` (the host's /sys/fs/bpf kept; "
+                                    "with rps_cpus, which needs this namespace's /sys as well: the one command of "
+                                    "docs/operations.md \"In a network namespace\")")
             except SnatgwError as e:  # where pin_dir was given: file:line: pin_dir (or --pin-dir)
                 at = dict(settings.where).get("pin_dir")
                 said = f"{at}: pin_dir" if at else "--pin-dir" if "pin_dir" in overrides else "pin_dir (default)"

@@ -352,8 +352,8 @@ def write_state(path: str, saved: dict[str, Saved], cookie: int | None) -> None:
 _NOT_OURS = object()  # RpsManager._recorded of a state file that was ignored
 
 FOREIGN_HINT = ("run the daemon with its namespace's own sysfs on /sys: `ip netns exec NS snatgw run ...` "
-                "(nft backend), or for bpf, which needs the host's bpffs kept, docs/operations.md \"Receive "
-                "packet steering\"")
+                "(nft backend), or for bpf, which needs the host's bpffs kept, the one command of "
+                "docs/operations.md \"In a network namespace\"")
 
 
 class RpsManager:

@@ -32,7 +32,9 @@ This is how the datapath is removed on purpose: a daemon that exits (SIGTERM, `s
 restart, an upgrade) leaves it translating for the next one.  Refuses (exit 4) while a daemon owns
 this network namespace or answers on the control socket: stop it first (--force purges anyway;
 a running daemon then puts its hooks back at its next tick).
-Run it in the gateway's namespace: `nsenter --net=/run/netns/NS snatgw purge ...`."""
+Run it in the gateway's namespace: `nsenter --net=/run/netns/NS snatgw purge ...` (with
+`rps_cpus` masks to put back: docs/operations.md "In a network namespace", whose one command
+gives both the host's bpffs and the namespace's /sys)."""
 
 
 def register(p) -> None:
@@ -69,7 +71,8 @@ def _restore_rps() -> list[str]:
     events = m.restore()
     if m.refused is not None:
         print(f"snatgw purge: note: the rps_cpus masks in {path} are not put back: {m.refused} "
-              "(run purge with this namespace's /sys, e.g. `ip netns exec NS snatgw purge`)", file=sys.stderr)
+              "(run purge with this namespace's own /sys and the host's bpffs: the one command of "
+              "docs/operations.md \"In a network namespace\")", file=sys.stderr)
         return []
     if m.state_error is not None:
         print(f"snatgw purge: note: {m.state_error}", file=sys.stderr)
@@ -88,7 +91,8 @@ def _say_unseen_pins(pin_dir: str) -> None:
     if fs_type(pin_dir) != "bpf":
         print(f"snatgw purge: note: the pin directory {pin_dir} is on no bpf filesystem here (a /sys without "
               "the host's bpffs, as `ip netns exec` mounts): pinned maps of a daemon are not seen, nor removed; "
-              "run `nsenter --net=/run/netns/NS snatgw purge` for them", file=sys.stderr)
+              "run `nsenter --net=/run/netns/NS snatgw purge` for them (with rps_cpus masks of a killed daemon to "
+              "put back as well: the one command of docs/operations.md \"In a network namespace\")", file=sys.stderr)
 
 
 def run(args) -> int:
