@@ -142,6 +142,29 @@ def test_refusals_are_logged_once_per_host_and_address_per_interval(pressed):
     assert len(refused_lines(pressed)) == 3 and "flows=3" in refused_lines(pressed)[-1]
 
 
+def test_the_summary_line_counts_the_flows_of_the_pairs_it_stands_for(pressed):
+    """More (host, address) pairs than REFUSAL_LOG_LINES in an interval: the lines past the cap
+    are one summary line, which says how many flows those pairs had refused, so that the lines
+    of the interval add up to every flow refused in it (the summary said only how many pairs,
+    and the log undercounted the refusals it suppressed)."""
+    from snatgw.daemon.service import REFUSAL_LOG_LINES
+
+    for sp in (1, 2, 3):  # the three addresses' one port toward 203.0.113.10:53
+        send(pressed, "198.18.40.10", sp)
+    n = REFUSAL_LOG_LINES + 7
+    for h in range(n):  # each host: two refused flows
+        send(pressed, f"198.18.40.{100 + h}", 1000)
+        send(pressed, f"198.18.40.{100 + h}", 1001)
+    pressed.service.gc()
+    lines = [line for line in pressed.log.lines if "event=refused " in line]
+    more = [line for line in pressed.log.lines if "event=refused_more" in line]
+    flows = sum(int(line.split("flows=")[1].split()[0]) for line in lines + more)
+    assert len(more) == 1 and len(lines) == REFUSAL_LOG_LINES, more
+    pairs = {line.split("host=")[1].split()[0] for line in lines}
+    assert "pairs=7" in more[0] and "flows=14" in more[0] and len(pairs) == REFUSAL_LOG_LINES
+    assert flows == 2 * n
+
+
 def test_explain_says_which_address_and_why_and_reads_the_live_table(pressed, tmpdir_short):
     """explain names the sdh choice and the spill order; with --live it judges the search
     against the running sessions: the chosen address is full, the flow would spill to .73."""

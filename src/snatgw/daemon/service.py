@@ -332,9 +332,11 @@ class Service:
                 continue
             p = pairs.setdefault((m["host"], m["addr"]), [0, m["reason"]])
             p[0] += 1
-        for i, ((host, addr), (flows, reason)) in enumerate(sorted(pairs.items(), key=lambda kv: -kv[1][0])):
-            if i == REFUSAL_LOG_LINES:
-                self.log.warning("refused_more", pairs=len(pairs) - i, interval=REFUSAL_LOG_INTERVAL)
+        ranked = sorted(pairs.items(), key=lambda kv: -kv[1][0])
+        for i, ((host, addr), (flows, reason)) in enumerate(ranked):
+            if i == REFUSAL_LOG_LINES:  # the rest in one line, their flows counted: the lines add up to all
+                self.log.warning("refused_more", pairs=len(pairs) - i, flows=sum(f for _, (f, _) in ranked[i:]),
+                                 interval=REFUSAL_LOG_INTERVAL)  # fmt: skip
                 break
             self.log.warning("refused", host=host, snat_addr=addr, flows=flows, reason=reason,
                              interval=REFUSAL_LOG_INTERVAL)  # fmt: skip
