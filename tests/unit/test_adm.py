@@ -98,6 +98,33 @@ def test_bad_arguments_are_one_line_usage_errors_with_exit_2(line, needle):
     assert ei.value.exit_code == 2
 
 
+@pytest.mark.parametrize("line, what, instead", [
+    ("-a -f 1 -r 10.0.0.1 -m", "-a (add a real server)", "a rule is added with -K"),
+    ("-e -f 1 -r 10.0.0.1 -w 2", "-e (edit a real server)", "edited with -k"),
+    ("-d -f 1 -r 10.0.0.1", "-d (delete a real server)", "deleted with -H"),
+    ("--add-server -f 1 --real-server 10.0.0.1", "--add-server (add a real server)", "-K"),
+    ("--set 900 120 300", "--set (IPVS's connection timeouts)", "timeout NAME SECONDS"),
+    ("-L --timeout", "--timeout (list IPVS's timeouts)", "snatgw check CONFIG"),
+    ("--start-daemon master --mcast-interface eth0", "--start-daemon (IPVS's connection sync daemon)", "sync_peer"),
+    ("-L --daemon", "--daemon (list the sync daemon)", "conntrackd"),
+    ("-L -n --thresholds", "--thresholds", "max_sessions_per_host"),
+    ("-L -n --persistent-conn", "--persistent-conn", "algo sh"),
+    ("-L -n --sort", "--sort", "precedence order"),
+    ("-A -f 1 -s snat_sched -o", "-o (one-packet scheduling)", "every new flow"),
+    ("-A -f 1 -s snat_sched -M 255.255.255.0", "-M (persistence netmask)", "no persistent services"),
+    ("-v", "-v (print the version)", "snatgw --version"),
+    ("-A -6 -f 1 -s snat_sched", "-6 (an IPv6 fwmark service)", "IPv4 only"),
+])  # fmt: skip
+def test_ipvsadm_options_snatgw_cannot_do_are_named_with_what_to_do(line, what, instead):
+    """An option ipvsadm accepts and snatgw cannot do is said to be ipvsadm's, with what it is
+    and snatgw's way (exit 2, one line), not 'option -a not recognized' as a typo would be."""
+    with pytest.raises(AdmUsageError) as ei:
+        cmd(line)
+    msg = str(ei.value)
+    assert msg.startswith(what) and "is ipvsadm's, not snatgw's: " in msg and instead in msg, msg
+    assert "not recognized" not in msg and "\n" not in msg and ei.value.exit_code == 2
+
+
 def test_a_flag_without_a_value_may_be_given_twice():
     """Only commands and value options given twice are refused (above): `-n -n` is harmless."""
     assert cmd("-K -f 1 -F 198.18.40.0/24 -T 203.0.113.0/24 -U 198.19.2.71 -n -n").src.prefixlen == 24

@@ -124,6 +124,10 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
     try:
         opts, rest = getopt.gnu_getopt(list(argv), _SHORT, _LONG)
     except getopt.GetoptError as e:
+        said = _IPVSADM_ONLY.get(e.opt)
+        if said is not None:  # ipvsadm's own, not a typo: what it is, and snatgw's way to do it
+            dash = "-" if len(e.opt) == 1 else "--"
+            raise AdmUsageError(f"{dash}{e.opt} ({said[0]}) is ipvsadm's, not snatgw's: {said[1]}") from None
         raise AdmUsageError(f"{e.msg} (see snatgw adm --help)") from None
     if rest:
         raise AdmUsageError(f"unexpected argument {rest[0]!r} (see snatgw adm --help)")
@@ -198,6 +202,41 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
     _check(cmd, given)
     return cmd
 
+
+_REAL = "real servers mean nothing to SNAT: a rule is added with -K, edited with -k and deleted with -H"
+_SYNC = ("snatgw syncs its sessions itself: sync_peer, sync_local and sync_key in the snatgw { } block "
+         "(bpf backend; nft: conntrackd), docs/operations.md \"Stateful failover\"")
+_THRESH = "a real server's connection thresholds: snatgw has none (max_sessions_per_host limits an inside host)"
+#: options ipvsadm (and the patched one) accepts that snatgw cannot do (getopt's name, no dashes) ->
+#: (what it is, what to do instead): said as such, not as an unknown option, as if a typo
+_IPVSADM_ONLY = {
+    "a": ("add a real server", _REAL), "add-server": ("add a real server", _REAL),
+    "e": ("edit a real server", _REAL), "edit-server": ("edit a real server", _REAL),
+    "d": ("delete a real server", _REAL), "delete-server": ("delete a real server", _REAL),
+    "r": ("a real server's address", _REAL), "real-server": ("a real server's address", _REAL),
+    "w": ("a real server's weight", _REAL), "weight": ("a real server's weight", _REAL),
+    "u-threshold": ("upper threshold", _THRESH),
+    "y": ("lower threshold", _THRESH), "l-threshold": ("lower threshold", _THRESH),
+    "thresholds": ("the listing's threshold columns", _THRESH),
+    "set": ("IPVS's connection timeouts", "the timeouts are `timeout NAME SECONDS` lines in the config's "
+            "snatgw { } block (timeout tcp_established 7440, timeout udp 300), applied by a reload"),
+    "timeout": ("list IPVS's timeouts", "`snatgw check CONFIG` lists the timeouts in force (settings, "
+                "timeouts), `snatgw status -j` the running config's"),
+    "start-daemon": ("IPVS's connection sync daemon", _SYNC), "stop-daemon": ("IPVS's connection sync daemon", _SYNC),
+    "daemon": ("list the sync daemon", _SYNC), "syncid": ("the sync daemon's id", _SYNC),
+    "mcast-interface": ("the sync daemon's interface", _SYNC),
+    "persistent-conn": ("the listing's persistence columns", "snatgw has no persistent services; algo sh "
+                        "keeps an inside host on one SNAT address"),
+    "M": ("persistence netmask", "snatgw has no persistent services; algo sh keeps an inside host on one address"),
+    "netmask": ("persistence netmask", "snatgw has no persistent services; algo sh keeps an inside host on one "
+                "address"),
+    "sort": ("sort the listing", "`-L` lists the rules in precedence order, the order a new flow tries them"),
+    "o": ("one-packet scheduling", "every new flow gets a session (a UDP flow's replies need it)"),
+    "ops": ("one-packet scheduling", "every new flow gets a session (a UDP flow's replies need it)"),
+    "pe": ("a persistence engine", "snatgw has no persistent services"),
+    "6": ("an IPv6 fwmark service", "snatgw translates IPv4 only"),
+    "v": ("print the version", "`snatgw --version`"), "version": ("print the version", "`snatgw --version`"),
+}  # fmt: skip
 
 #: options that take a value, by the name an error gives them (short and long spelling are one)
 _VALUE_OPTS = {o: name for name in ("-f/--fwmark-service", "-s/--scheduler", "-F/--from", "-T/--to",
