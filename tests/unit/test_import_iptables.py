@@ -197,3 +197,27 @@ def test_input_without_any_snat_rule_is_flagged_and_exits_1(tmp_path, capsys, te
     assert main(["import-iptables", _file(tmp_path, text)]) == 1
     cap = capsys.readouterr()
     assert "0 rule(s) carried over" in cap.err and "no SNAT or MASQUERADE rule" in cap.err
+
+
+def test_a_windows_saved_dump_is_read_and_a_device_or_fifo_is_refused_unread(tmp_path, capsys):
+    """A dump saved by a Windows editor (a byte order mark before `*nat`, CR LF) is carried over
+    as the plain one: the mark made `*nat` no table line, and the rule was refused as one of
+    table filter.  /dev/zero and a FIFO without writer are refused before anything is read (the
+    import read /dev/zero until memory ran out), exit 2, as a directory is."""
+    import os
+    import threading
+
+    dump = "*nat\r\n-A POSTROUTING -s 198.18.40.0/24 -o eth1 -j SNAT --to-source 198.19.2.71\r\nCOMMIT\r\n"
+    p = tmp_path / "win.txt"
+    p.write_bytes(b"\xef\xbb\xbf" + dump.encode())
+    assert main(["import-iptables", str(p)]) == 0
+    assert "snat_rule { from 198.18.40.0/24  oif eth1  snat_ip 198.19.2.71  algo sdh }" in capsys.readouterr().out
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo), str(tmp_path)):
+        rc: list = []
+        t = threading.Thread(target=lambda: rc.append(main(["import-iptables", path])), daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive() and rc == [2], path
+        assert f"{path}: not a regular file; an iptables-save file is a text file" in capsys.readouterr().err

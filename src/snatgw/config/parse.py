@@ -289,24 +289,25 @@ class _Cursor:
 # --------------------------------------------------------------------------- parsing
 
 
-def read_config(path: str | Path) -> str:
+def read_config(path: str | Path, what: str = "a config") -> str:
     """The text of a config file: a regular file of at most MAX_CONFIG_BYTES in UTF-8 (a byte
-    order mark at its start is dropped, CR LF line ends are line ends).  A FIFO,
+    order mark at its start is dropped, CR LF line ends are line ends; ``what``: the file's kind,
+    for the errors).  A FIFO,
     a device (/dev/zero), a directory or a huge file is refused before anything is read (opened
     with O_NONBLOCK, so a FIFO without writer cannot hang the daemon)."""
     path = str(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
-        raise ConfigError(f"cannot read config: {e.strerror or e}", None, path) from None
+        raise ConfigError(f"cannot read {what.split()[-1]}: {e.strerror or e}", None, path) from None
     except ValueError as e:  # a NUL in the path (a control request's `path`): no file has such a name
-        raise ConfigError(f"cannot read config: {e}", None, repr(path)) from None
+        raise ConfigError(f"cannot read {what.split()[-1]}: {e}", None, repr(path)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError("not a regular file; a config is a text file", None, path)
+            raise ConfigError(f"not a regular file; {what} is a text file", None, path)
         if st.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{st.st_size} bytes: larger than the {MAX_CONFIG_BYTES} bytes a config may "
+            raise ConfigError(f"{st.st_size} bytes: larger than the {MAX_CONFIG_BYTES} bytes {what} may "
                               "have", None, path)
         chunks, size = [], 0
         while True:  # the file may grow while it is read: never read more than the bound
@@ -316,9 +317,9 @@ def read_config(path: str | Path) -> str:
             chunks.append(chunk)
             size += len(chunk)
             if size > MAX_CONFIG_BYTES:
-                raise ConfigError(f"larger than the {MAX_CONFIG_BYTES} bytes a config may have", None, path)
+                raise ConfigError(f"larger than the {MAX_CONFIG_BYTES} bytes {what} may have", None, path)
     except OSError as e:
-        raise ConfigError(f"cannot read config: {e.strerror or e}", None, path) from None
+        raise ConfigError(f"cannot read {what.split()[-1]}: {e.strerror or e}", None, path) from None
     finally:
         os.close(fd)
     data = b"".join(chunks)

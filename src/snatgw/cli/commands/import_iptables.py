@@ -8,7 +8,8 @@ import argparse
 import sys
 from ipaddress import IPv4Address
 
-from ...errors import EXIT_BAD_INPUT, EXIT_OK, SnatgwError
+from ...config.parse import read_config
+from ...errors import EXIT_BAD_INPUT, EXIT_OK, ConfigError, SnatgwError
 from ...migrate import import_iptables, render_imported
 
 HELP = "convert iptables SNAT rules (iptables-save or command lines) into a snatgw config"
@@ -47,12 +48,15 @@ def run(args: argparse.Namespace) -> int:
     masq = _masq(args.masq_addr)
     try:
         if args.file == "-":
-            text, source = sys.stdin.read(), "<stdin>"
-        else:
-            with open(args.file, encoding="utf-8") as f:
-                text, source = f.read(), args.file
+            text, source = sys.stdin.read().removeprefix("\ufeff"), "<stdin>"
+        else:  # as a config is read: a regular file, bounded (/dev/zero or a FIFO is refused, not read
+            # until memory runs out), UTF-8 with a byte order mark dropped (a Windows editor's `*nat`)
+            text, source = read_config(args.file, "an iptables-save file"), args.file
     except (OSError, UnicodeDecodeError) as e:
         print(f"snatgw import-iptables: {args.file}: cannot read: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ConfigError as e:
+        print(f"snatgw import-iptables: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     imp = import_iptables(text, source, masq)
     sys.stdout.write(render_imported(imp, source))
