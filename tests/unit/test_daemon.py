@@ -422,6 +422,49 @@ def test_the_systemd_unit_ships_in_the_package_and_runs_the_daemon():
     assert "Type=notify" in lines
 
 
+def test_the_units_reload_fails_on_a_broken_file_and_signals_nothing(tmpdir_short):
+    """The unit's ExecReload lines, run as systemd runs them (in order, the first failure ends
+    the reload and fails `systemctl reload`): a broken file fails at `snatgw check` (exit 2, the
+    line named) and the daemon is not signalled; a good one is checked, then applied by SIGHUP.
+    With the bare `kill -HUP`, `systemctl reload` said success while the daemon kept the old
+    rules and only its log said why."""
+    import shlex
+    from importlib.resources import files
+
+    unit = files("snatgw").joinpath("packaging/snatgw.service").read_text()
+    steps = [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecReload=")]
+    conf = tmpdir_short / "snatgw.conf"
+    shutil.copy(LAB, conf)
+    sock = str(tmpdir_short / "ctl.sock")
+    p = _spawn(conf, sock)
+
+    def reload() -> subprocess.CompletedProcess | None:
+        for step in steps:
+            argv = shlex.split(step.replace("$MAINPID", str(p.pid)).replace("/etc/snatgw/snatgw.conf", str(conf)))
+            if argv[0] == "/usr/local/sbin/snatgw":
+                argv[:1] = [sys.executable, "-m", "snatgw.cli.main"]
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            if r.returncode != 0:
+                return r
+        return None
+
+    try:
+        assert "ready" in p.stdout.readline()
+        conf.write_text(LAB.read_text().replace("algo sdh", "algo fast", 1))
+        failed = reload()
+        assert failed is not None and failed.returncode == 2 and f"{conf}:" in failed.stderr and "algo" in failed.stderr
+        time.sleep(0.3)
+        st = request(sock, {"op": "status"})
+        assert st["last_error"] is None and st["reloads"] == 0  # never signalled
+        shutil.copy(FAILOVER, conf)
+        assert reload() is None
+        _wait(lambda: request(sock, {"op": "status"})["reloads"] == 1, "reload")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_a_missing_device_on_reload_is_named_with_its_config_line(running, monkeypatch):
     """The backend's "interface 'lan5O' does not exist" comes back as file:line: inside: ...
     (as every other config error), exit 3, the old config kept."""
