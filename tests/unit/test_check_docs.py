@@ -53,3 +53,22 @@ def test_docs_have_examples_of_both_verbs():
     cmds = [c for c, _ in examples()]
     assert any(c.startswith("snatgw check") for c in cmds) and any(c.startswith("snatgw explain") for c in cmds)
     assert os.path.exists(DOC)
+
+
+def test_the_keepalived_drop_in_replaces_every_command_of_the_unit():
+    """docs/operations.md's drop-in for running the unit on the combined keepalived.conf clears
+    and gives again every Exec line of the shipped unit, each with the keepalived file where the
+    unit names /etc/snatgw/snatgw.conf: a drop-in that missed one (the reload's check) would
+    check or reload the old file while the daemon ran the new one."""
+    from importlib.resources import files
+
+    unit = files("snatgw").joinpath("packaging/snatgw.service").read_text().splitlines()
+    ops = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    drop = re.search(r"<!-- keepalived-dropin -->\n```\n(.*?)```", ops, re.S).group(1).splitlines()
+    assert drop[0] == "[Service]"
+    keys = dict.fromkeys(line.split("=", 1)[0] for line in unit if line.startswith("Exec"))
+    want = ["[Service]"]
+    for k in keys:
+        want += [f"{k}="] + [line.replace("/etc/snatgw/snatgw.conf", "/etc/keepalived/keepalived.conf")
+                             for line in unit if line.startswith(f"{k}=")]
+    assert drop == want
