@@ -67,3 +67,17 @@ def test_an_ip_that_fails_to_list_gives_nothing_and_removes_nothing():
     ip = Ip(rc=1)
     assert BPF.rules(ip) == {} and BPF.tables(ip) == {}
     assert BPF.remove(ip) == [] and ip.calls == []
+
+
+def test_a_missing_ip_is_named_with_its_package(monkeypatch, tmp_path):
+    """No `ip` on PATH (a minimal host, a unit with a trimmed PATH): the bpf backend's start
+    says which program is missing and what installs it, as for clang and nft, not the bare
+    "ip -j -4 rule show: [Errno 2] No such file or directory: 'ip'"."""
+    import pytest
+
+    from snatgw.datapath.bpf import gwroutes
+    from snatgw.errors import BackendError
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(BackendError, match=r"^ip not found: .* needs iproute2; install it \(scripts/setup.sh\)"):
+        gwroutes.our_rules()

@@ -55,6 +55,9 @@ class GwRoute:
 def _ip(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     try:
         r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+    except FileNotFoundError:  # (as clang and nft are named when missing)
+        raise BackendError("ip not found: the bpf backend's new_gw routing needs iproute2; install it "
+                           "(scripts/setup.sh)") from None
     except (OSError, subprocess.TimeoutExpired) as e:
         raise BackendError(f"ip {' '.join(args)}: {e}") from None
     if check and r.returncode != 0:
