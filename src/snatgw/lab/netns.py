@@ -28,6 +28,12 @@ class LabError(SnatgwError):
     exit_code = EXIT_BACKEND
 
 
+class LabUsageError(LabError):
+    """A bad --name or --prefix: a bad argument (exit 2), not a lab that failed (exit 3)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 class NoSuchLab(LabError):
     """A lab named on the command line is not up: a bad argument (exit 2, as every other one),
     not a lab that failed (exit 3)."""

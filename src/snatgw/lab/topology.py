@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 
 from ..rules import Route
-from .netns import LabError, NodeCommands, list_netns, ns_path, run
+from .netns import LabError, LabUsageError, NodeCommands, list_netns, ns_path, run
 
 STATE_DIR = "/run/snatgw/lab"
 SOCKET_DIR = "/run/snatgw"
@@ -177,11 +177,11 @@ class Lab(NodeCommands):
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces)")
         if not NAME_RE.match(name):
-            raise LabError(f"--name: expected 1..32 of [A-Za-z0-9_.-], got {name!r}")
+            raise LabUsageError(f"--name: expected 1..32 of [A-Za-z0-9_.-], got {name!r}")
         if prefix is None:
             prefix = "sg" + secrets.token_hex(2)
         if not PREFIX_RE.match(prefix) or not prefix.startswith("sg"):
-            raise LabError(f"--prefix: expected 'sg' then 1..10 of [a-z0-9] (e.g. sg1a2b), got {prefix!r}")
+            raise LabUsageError(f"--prefix: expected 'sg' then 1..10 of [a-z0-9] (e.g. sg1a2b), got {prefix!r}")
         old = cls.load(name)
         if old is not None and old.exists():
             raise LabError(f"lab {name!r} is up already (prefix {old.prefix}); `snatgw lab down --name {name}`")

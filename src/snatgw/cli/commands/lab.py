@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 
+from ...errors import SnatgwError
 from ...lab.netns import NoSuchLab, nsenter
 from ...lab.topology import NODES, Lab, down_all, leftover_prefixes, list_labs
 
@@ -36,7 +38,9 @@ def register(p) -> None:
     ex = sub.add_parser("exec", help="run a command in a lab node's network namespace")
     ex.add_argument("--name", default="default")
     ex.add_argument("node", choices=NODES)
-    ex.add_argument("cmd", nargs="+", help="command (put -- before it)")
+    # the rest of the line, its options included (`gw ip -br a`: argparse took -br for one of
+    # snatgw's and failed with the top-level usage); a `--` before it is dropped
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="command (a -- before it is optional)")
 
 
 def _need(name: str) -> Lab:
@@ -101,8 +105,10 @@ def run(args) -> int:
             _print_status(s)
         return 0
     if args.lab_verb == "exec":
-        lab = _need(args.name)
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            raise SnatgwError(f"exec: no command to run in {args.node} (snatgw lab exec NODE -- CMD...)")
+        lab = _need(args.name)
         argv = nsenter(lab.ns(args.node), *cmd)
         sys.stdout.flush()
         os.execvp(argv[0], argv)
