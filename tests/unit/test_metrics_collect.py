@@ -222,3 +222,26 @@ def test_a_flush_takes_the_flushed_sessions_out_of_the_rules_live_count(running)
     assert samples(families(running.service)["snatgw_rule_sessions"], rule_id=str(a.rule.rule_id))[0].value == 1
     running.req(op="flush")
     assert samples(families(running.service)["snatgw_rule_sessions"], rule_id=str(a.rule.rule_id))[0].value == 0
+
+
+def test_every_family_is_in_the_docs_table_and_reloads_say_failovers(running):
+    """Each family the collector can export (every _g/_c of daemon/metrics.py, sync and audit
+    included, which a scrape shows only while they run) has a row in docs/operations.md's
+    metrics table: the sync's four were only in the bpf failover section, so an operator
+    reading the table did not know them.  reloads_total's help says failovers count there, as
+    the table does."""
+    import re
+    from pathlib import Path
+
+    import snatgw.daemon.metrics as M
+
+    root = Path(__file__).resolve().parents[2]
+    src = Path(M.__file__).read_text()
+    names = set(re.findall(r'_[gc]\(\s*"([a-z_]+)"', src))
+    ops = (root / "docs" / "operations.md").read_text()
+    table = ops[ops.index("## Prometheus metrics"):ops.index("### Alerts")]
+    rows = "\n".join(line for line in table.splitlines() if line.startswith("| `"))
+    missing = [n for n in sorted(names) if f"`{n}`" not in rows and f"`{n}_total`" not in rows]
+    assert not missing and len(names) > 30, missing
+    help_ = {f.name: f.documentation for f in text_string_to_metric_families(scrape(running.service).decode())}
+    assert "failover" in help_["snatgw_reloads"] and "failover" in help_["snatgw_last_reload_success"]

@@ -260,15 +260,15 @@ class ServiceCollector:
             m = _c(f"gc_{'sessions_removed' if key == 'removed' else key}", doc)
             m.add_metric([], gc.get(key, 0))
             yield m
-        rl = _c("reloads", "reloads and adm batches by result", ("result",))
+        rl = _c("reloads", "reloads, adm batches and link failovers/failbacks by result", ("result",))
         ok = getattr(s, "applies", {"ok": 0, "failed": 0})
         for result in ("ok", "failed"):
             rl.add_metric([result], ok.get(result, 0))
         yield rl
         la = s.last_apply
-        last = _g("last_reload_success", "1 when the last reload/adm batch worked (1 before any)")
+        last = _g("last_reload_success", "1 when the last reload/adm batch/failover worked (1 before any)")
         last.add_metric([], 1 if la is None or la["ok"] else 0)
-        when = _g("last_reload_timestamp_seconds", "when the last reload/adm batch ran (0: none)")
+        when = _g("last_reload_timestamp_seconds", "when the last reload/adm batch/failover ran (0: none)")
         when.add_metric([], la["at"] if la else 0)
         yield from (last, when)
         ev = _c("log_events", "log events since start by level", ("level",))
