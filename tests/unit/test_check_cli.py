@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from snatgw.cli.main import main
@@ -211,3 +212,31 @@ def test_use_vmac_with_backend_nft_is_warned_of(tmp_path):
     assert said and said[0].startswith(f"ka.conf:{head}: vrrp_instance: use_vmac is not handled by backend nft")
     assert not [w for w in config_warnings(replace(cfg, settings=replace(cfg.settings, backend="bpf")))
                 if "use_vmac" in w]
+
+
+def test_a_config_others_can_write_is_warned(tmp_path, capsys):
+    """The daemon (root) runs what the file says, audit_log paths included: a file writable by
+    group or others, owned by another user, or in a directory others may write is valid but
+    warned of (it passed silently); mode 0644 owned by root in a 0755 directory is not."""
+    d = tmp_path / "etc"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    f = write(d, "snatgw { inside lan40 outside eth1 }\nvirtual_server fwmark 1 {\n"
+                 " snat_rule { from 198.18.40.0/24 oif eth1 snat_ip 198.19.2.71 }\n}\n")  # fmt: skip
+    os.chmod(f, 0o644)
+    assert main(["check", f]) == 0
+    assert "warnings:\n  none" in capsys.readouterr().out
+    os.chmod(f, 0o666)
+    assert main(["check", f]) == 0
+    assert f"{f}: is writable by group and others (mode 0666): " in capsys.readouterr().out
+    os.chmod(f, 0o644)
+    os.chown(f, 65534, -1)
+    assert main(["check", f]) == 0
+    assert f"{f}: is owned by uid 65534, not by uid 0 (the daemon's user)" in capsys.readouterr().out
+    os.chown(f, 0, -1)
+    d.chmod(0o777)
+    assert main(["check", f]) == 0
+    assert f"{f}: its directory {d} is writable by group and others (mode 0777)" in capsys.readouterr().out
+    d.chmod(0o1777)  # sticky (/tmp): others cannot replace root's file
+    assert main(["check", f]) == 0
+    assert "warnings:\n  none" in capsys.readouterr().out

@@ -330,7 +330,34 @@ def read_config(path: str | Path, what: str = "a config") -> str:
 
 
 def parse_file(path: str | Path, warnings: list[str] | None = None, cpus_here: bool = True) -> GatewayConfig:
-    return parse_text(read_config(path), str(path), warnings, cpus_here)
+    text = read_config(path)
+    loose = file_access_warning(str(path))
+    if loose:
+        (warnings.append if warnings is not None else log.warning)(loose)
+    return parse_text(text, str(path), warnings, cpus_here)
+
+
+def file_access_warning(path: str) -> str | None:
+    """Why others than the daemon's user (root) could change the config at ``path``: the file
+    writable by group or others, owned by another user, or in a directory others may write
+    (without the sticky bit, which keeps them from replacing it).  Whoever can write it sets
+    the rules and the files the daemon writes as root (audit_log).  None when only root can."""
+    me = os.geteuid()
+    d = os.path.dirname(os.path.abspath(path))
+    for at, what in ((path, ""), (d, f"its directory {d} ")):
+        try:
+            st = os.stat(at)
+        except OSError:
+            return None
+        if st.st_uid not in (0, me):
+            return (f"{path}: {what}is owned by uid {st.st_uid}, not by uid {me} (the daemon's user): its owner "
+                    "sets the rules and the files the daemon writes (audit_log); chown it to root")
+        w = st.st_mode & 0o022
+        if w and not (what and st.st_mode & stat.S_ISVTX):
+            who = "group and others" if w == 0o022 else "group" if w == 0o020 else "others"
+            return (f"{path}: {what}is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}): whoever can write "
+                    "it sets the rules and the files the daemon writes (audit_log); chmod go-w it")
+    return None
 
 
 def require_rules(cfg: GatewayConfig) -> GatewayConfig:
