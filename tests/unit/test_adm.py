@@ -125,6 +125,19 @@ def test_ipvsadm_options_snatgw_cannot_do_are_named_with_what_to_do(line, what, 
     assert "not recognized" not in msg and "\n" not in msg and ei.value.exit_code == 2
 
 
+def test_restore_reads_a_windows_saved_file():
+    """`-S` output edited in a Windows editor (a byte order mark, CR LF) restores as the plain
+    one: the mark was read as part of '-A', 'line 1: unexpected argument'."""
+    from snatgw.config.adm import parse_restore
+
+    plain = ("-A -f 1 -s snat_sched\n-K -f 1 -F 198.18.40.0/24 -T 0.0.0.0/0 -W 198.19.2.1 "
+             "-U 198.19.2.71-198.19.2.73 -O random -N 0.0.0.0 --oif eth1\n")
+    win = "\ufeff" + plain.replace("\n", "\r\n")
+    assert [(c.op, c.identity, c.pool) for c in parse_restore(win)] == \
+        [(c.op, c.identity, c.pool) for c in parse_restore(plain)]  # fmt: skip
+    assert len(parse_restore(win)) == 2
+
+
 def test_a_flag_without_a_value_may_be_given_twice():
     """Only commands and value options given twice are refused (above): `-n -n` is harmless."""
     assert cmd("-K -f 1 -F 198.18.40.0/24 -T 203.0.113.0/24 -U 198.19.2.71 -n -n").src.prefixlen == 24

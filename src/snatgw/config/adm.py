@@ -266,9 +266,10 @@ def _check(cmd: AdmCommand, given: set[str]) -> None:
 
 
 def parse_restore(text: str) -> list[AdmCommand]:
-    """`-R` input: one command per line (as `-S` writes them); blank and # lines skipped."""
+    """`-R` input: one command per line (as `-S` writes them); blank and # lines skipped; a
+    byte order mark at the start (a file saved by a Windows editor) is no part of the first."""
     cmds = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
