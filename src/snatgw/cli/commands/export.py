@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ...config.parse import parse_file
 from ...errors import EXIT_OK
@@ -57,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
     p = R.plan(cfg.rules, cfg.settings)
     if args.format == "nft-json":  # nft 1.0.6 drops ct timeout policies given in JSON: see render
         print(json.dumps(R.to_json(p), indent=1))
+        if p.timeouts or p.sets:  # said, on stderr (stdout is the JSON): the batch alone is not the table
+            print("snatgw export: note: nft 1.0.6 (Debian 12) reads this JSON with its ct timeout policies "
+                  "dropped (the objects load empty: the kernel's timeouts, not the snatgw block's) and its "
+                  "sets without the dynamic flag (a second load fails: File exists); the backend creates those "
+                  "objects from text first. `snatgw export --format nft` loads as is, and its notes apply here "
+                  "too", file=sys.stderr)
         return EXIT_OK
     notes = notes_for(cfg) + list(p.notes)
     print(f"# snatgw export {cfg.source}: load with `nft -f FILE` (replaces table ip snatgw atomically)")
