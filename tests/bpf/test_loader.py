@@ -119,10 +119,14 @@ def test_attach_puts_each_program_on_its_hook_and_detach_removes_only_ours(ns, p
 
 
 @pytest.mark.bpf
-def test_purge_removes_the_hook_snatgw_made_and_keeps_one_with_other_filters(ns, pin_dir, mini_obj):
+@pytest.mark.parametrize("tc", [True, False], ids=["tc", "no-tc"])
+def test_purge_removes_the_hook_snatgw_made_and_keeps_one_with_other_filters(ns, pin_dir, mini_obj, tc, tmp_path,
+                                                                             monkeypatch):
     """A daemon exited (keep_state: filters and pins stay); `snatgw purge` (cleanup.remove_bpf)
     then takes our filters off, and with them the clsact qdisc of in0, which the loader made and
-    no other filter is on (it was left there, empty); out0's, with someone else's filter, stays."""
+    no other filter is on (it was left there, empty); out0's, with someone else's filter, stays.
+    Without `tc` on PATH (nothing lists the other filters) both qdiscs stay, and purge still
+    removes our filters and pins."""
     from snatgw.datapath.cleanup import remove_bpf
 
     with netns(ns):
@@ -137,7 +141,16 @@ def test_purge_removes_the_hook_snatgw_made_and_keeps_one_with_other_filters(ns,
         finally:
             ld.stop(keep_state=True)
         assert has_clsact(ns, "in0") and attached_prog_id("in0", B.BPF_TC_INGRESS) is not None
+        if not tc:
+            (tmp_path / "ip").symlink_to(shutil.which("ip"))  # (the new_gw routing's cleanup needs it)
+            monkeypatch.setenv("PATH", str(tmp_path))
         removed = remove_bpf(pin_dir)
+        monkeypatch.undo()
+        assert attached_prog_id("in0", B.BPF_TC_INGRESS) is None
+    if not tc:
+        assert has_clsact(ns, "in0") and not any("clsact" in r for r in removed), removed
+        assert not os.path.exists(pin_dir)
+        return
     assert "clsact qdisc on in0 (snatgw's, now empty)" in removed, removed
     assert not any("out0 (snatgw" in r for r in removed), removed
     assert not has_clsact(ns, "in0"), "the hook snatgw made is gone with its filter"

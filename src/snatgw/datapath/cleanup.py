@@ -80,7 +80,11 @@ def _remove_emptied_hooks(carrying: dict[str, int]) -> list[str]:
 
     removed = []
     for name, idx in carrying.items():
-        if _hook_empty(name):
+        try:
+            empty = _hook_empty(name)
+        except OSError:  # no `tc` to list the other filters: the qdisc stays, as with another filter
+            continue
+        if empty:
             try:
                 B.tc_hook_destroy(idx, B.BPF_TC_INGRESS | B.BPF_TC_EGRESS)
             except BackendError:
