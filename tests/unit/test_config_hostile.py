@@ -124,6 +124,19 @@ def test_a_config_without_rules_is_refused(text):
     assert ei.value.where == "empty.conf"
 
 
+def test_no_rules_with_a_skipped_include_names_the_include():
+    """A keepalived.conf whose rules are in an included file: snatgw skips `include` (a warning
+    the error hides), so the refusal names the include line and says it is not followed; it
+    asked only whether the file was empty or truncated."""
+    cfg = parse_text("snatgw {\n inside lan40\n}\ninclude /etc/keepalived/snat.conf\n", "k.conf", [])
+    with pytest.raises(ConfigError) as ei:
+        require_rules(cfg)
+    assert "an `include` names (k.conf:4): snatgw does not follow include" in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        require_rules(parse_text("snatgw {\n inside lan40\n}\n", "k.conf", []))
+    assert "include" not in str(ei.value)
+
+
 def test_allow_empty_yes_runs_without_rules_on_purpose():
     cfg = require_rules(parse_text("snatgw {\n allow_empty yes\n}\n", "e.conf"))
     assert len(cfg.rules) == 0 and cfg.settings.allow_empty

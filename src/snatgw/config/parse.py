@@ -365,9 +365,11 @@ def require_rules(cfg: GatewayConfig) -> GatewayConfig:
     that it has none (`allow_empty yes` in the snatgw block).  An empty or truncated file
     would otherwise turn NAT off for everyone."""
     if len(cfg.rules) == 0 and not cfg.settings.allow_empty:
+        inc = (f"; the rules may be in a file that an `include` names ({', '.join(cfg.includes)}): snatgw does "
+               "not follow include, so give it that file or put the rules here") if cfg.includes else ""
         raise ConfigError(
             "no snat_rule: a config without rules would turn NAT off (an empty or truncated file?); "
-            "write `allow_empty yes` in the snatgw block to run without rules on purpose",
+            f"write `allow_empty yes` in the snatgw block to run without rules on purpose{inc}",
             "snat_rule", cfg.source or "<config>")
     return cfg
 
@@ -396,6 +398,7 @@ def _parse_text(text: str, filename: str, warnings: list[str] | None, cpus_here:
     rules: list[Rule] = []
     links: list[Link] = []
     vmac: list[str] = []
+    includes: list[str] = []
     settings = Settings()
     seen: dict[str, Token] = {}
     while (t := cur.next()) is not None:
@@ -437,6 +440,8 @@ def _parse_text(text: str, filename: str, warnings: list[str] | None, cpus_here:
                     vmac.append(cur.where(t.line))
                 warn(f"{cur.where(t.line)}: skipped keepalived block '{label}' (not the SNAT service)")
             else:
+                if t.text == "include":
+                    includes.append(cur.where(t.line))
                 warn(f"{cur.where(t.line)}: skipped keepalived line '{label}'")
     try:
         ruleset = RuleSet(rules)
@@ -449,7 +454,8 @@ def _parse_text(text: str, filename: str, warnings: list[str] | None, cpus_here:
             why = nft_refuses(r)
             if why:
                 raise ConfigError(why, "filtering", r.where)
-    return GatewayConfig(rules=ruleset, settings=settings, source=filename, links=tuple(links), use_vmac=tuple(vmac))
+    return GatewayConfig(rules=ruleset, settings=settings, source=filename, links=tuple(links), use_vmac=tuple(vmac),
+                         includes=tuple(includes))
 
 
 def nft_refuses(rule: Rule) -> str | None:

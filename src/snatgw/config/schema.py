@@ -151,3 +151,5 @@ class GatewayConfig:
     #: "file:line" of the skipped keepalived `vrrp_instance` blocks that say `use_vmac` (the nft
     #: backend does not handle it: check and the daemon warn)
     use_vmac: tuple[str, ...] = field(default=(), compare=False)
+    #: "file:line" of the keepalived `include` lines skipped (snatgw does not follow them)
+    includes: tuple[str, ...] = field(default=(), compare=False)
