@@ -107,8 +107,8 @@ def nft_pressure_warnings(cfg: GatewayConfig) -> list[str]:
     out = [f"{setting_at(cfg, 'on_exhausted')}: on_exhausted: {spill}"] if s.on_exhausted == "spill" else []
     out += [f"{r.where}: on_exhausted: {spill}" for r in cfg.rules.defined if r.on_exhausted == "spill"]
     if s.port_tries != PORT_TRIES:
-        out.append(f"{setting_at(cfg, 'port_tries')}: port_tries: {s.port_tries} is ignored with backend nft: the kernel's nf_nat "
-                   "runs its own search, about 240 tries (docs/nftables.md)")
+        out.append(f"{setting_at(cfg, 'port_tries')}: port_tries: {s.port_tries} is ignored with backend nft: "
+                   "the kernel's nf_nat runs its own search, about 240 tries (docs/nftables.md)")
     out += [f"{where}: vrrp_instance: use_vmac is not handled by backend nft: the hosts' packets arrive on the "
             "macvlan device, which is no inside device, and are not translated (the leak guard drops them); run "
             "keepalived without use_vmac, or use backend bpf (docs/operations.md, \"Beside keepalived\")"
