@@ -260,6 +260,27 @@ def test_bad_settings_are_clear_errors_with_file_and_line(tmp_path, line, needle
     assert msg.startswith("t.conf:2: ") and needle in msg, msg
 
 
+def test_an_audit_log_others_could_read_or_replace_is_refused(tmp_path):
+    """Records say who used which address when: a file there owned by another user (made in
+    advance by whoever could, to read them), or a directory anyone may write without the
+    sticky bit (the log or its rotations replaced), is refused at the setting's line; both
+    passed.  A sticky directory such as /tmp, and a file owned by root, pass."""
+    d = tmp_path / "logs"
+    d.mkdir()
+    f = d / "audit.jsonl"
+    f.write_text("")
+    os.chown(f, 65534, -1)
+    with pytest.raises(ConfigError, match=r"^t.conf:2: audit_log: .*audit.jsonl is owned by uid 65534, not by root"):
+        parse_text(conf(f"audit_log {f}"), "t.conf")
+    os.chown(f, 0, -1)
+    assert parse_text(conf(f"audit_log {f}"), "t.conf").settings.audit_log == str(f)
+    d.chmod(0o777)
+    with pytest.raises(ConfigError, match=r"is writable by others \(mode 0777\) without the sticky bit"):
+        parse_text(conf(f"audit_log {f}"), "t.conf")
+    d.chmod(0o1777)
+    assert parse_text(conf(f"audit_log {f}"), "t.conf").settings.audit_log == str(f)
+
+
 # --------------------------------------------------------------------------- the writer thread
 
 

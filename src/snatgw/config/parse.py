@@ -995,8 +995,9 @@ def fs_magic(path: str) -> int | None:
 
 def check_audit_path(path: str) -> None:
     """An audit log file the daemon can create and append to: its directory exists (and is a
-    directory) on a file system that holds files (not /proc, /sys, a bpffs ...), the path is
-    not a directory or something other than a regular file, and (as whoever checks) is
+    directory, not writable by others unless sticky) on a file system that holds files (not
+    /proc, /sys, a bpffs ...), the path is not a directory or something other than a regular
+    file, not owned by another user than root (or whoever checks), and (as whoever checks) is
     writable.  ValueError saying what is wrong."""
     d = os.path.dirname(path) or "/"
     try:
@@ -1005,6 +1006,10 @@ def check_audit_path(path: str) -> None:
         raise ValueError(f"directory {d} of {path}: {e.strerror} (create it first)") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ValueError(f"{d} (the directory of {path}) is not a directory")
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise ValueError(f"{d} (the directory of {path}) is writable by others (mode {stat.S_IMODE(st.st_mode):04o}) "
+                         "without the sticky bit: anyone could replace the log or its rotated files; "
+                         "chmod o-w it, or use /var/log/snatgw")
     for at in (path, d) if os.path.lexists(path) else (d,):
         fs = PSEUDO_FS.get(fs_magic(at))
         if fs:
@@ -1023,6 +1028,9 @@ def check_audit_path(path: str) -> None:
                      if test(st.st_mode)), "not a regular file")  # fmt: skip
         raise ValueError(f"{path} exists and is {kind}; the audit log is a regular file the daemon creates and "
                          "appends to")
+    if st is not None and st.st_uid not in (0, os.geteuid()):
+        raise ValueError(f"{path} is owned by uid {st.st_uid}, not by root: its owner reads every record (who used "
+                         "which address and port when) and may truncate it; remove it or chown it to root")
     if not os.access(path if st is not None else d, os.W_OK):
         raise ValueError(f"{path if st is not None else d} is not writable (as uid {os.geteuid()})")
 
