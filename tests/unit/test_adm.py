@@ -114,6 +114,10 @@ def test_bad_arguments_are_one_line_usage_errors_with_exit_2(line, needle):
     ("-A -f 1 -s snat_sched -M 255.255.255.0", "-M (persistence netmask)", "no persistent services"),
     ("-v", "-v (print the version)", "snatgw --version"),
     ("-A -6 -f 1 -s snat_sched", "-6 (an IPv6 fwmark service)", "IPv4 only"),
+    ("-A --sctp-service 192.0.2.1:80 -s rr", "--sctp-service (an SCTP virtual service)", "only the SNAT service"),
+    ("--start-daemon master --mcast-group 224.0.0.81", "--start-daemon", "sync_peer"),
+    ("-e -f 1 -r 10.0.0.1 --tun-type gue", "-e (edit a real server)", "-k"),
+    ("-L -n --tun-info", "--tun-info (the listing's tunnel columns)", "only source-NATs"),
 ])  # fmt: skip
 def test_ipvsadm_options_snatgw_cannot_do_are_named_with_what_to_do(line, what, instead):
     """An option ipvsadm accepts and snatgw cannot do is said to be ipvsadm's, with what it is

@@ -235,6 +235,13 @@ _IPVSADM_ONLY = {
     "ops": ("one-packet scheduling", "every new flow gets a session (a UDP flow's replies need it)"),
     "pe": ("a persistence engine", "snatgw has no persistent services"),
     "6": ("an IPv6 fwmark service", "snatgw translates IPv4 only"),
+    "ipv6": ("an IPv6 fwmark service", "snatgw translates IPv4 only"),
+    "sctp-service": ("an SCTP virtual service", f"only the SNAT service -f 1 -s {SCHEDULER} is supported"),
+    "sync-maxlen": ("the sync daemon's datagram size", _SYNC), "mcast-group": ("the sync daemon's group", _SYNC),
+    "mcast-port": ("the sync daemon's port", _SYNC), "mcast-ttl": ("the sync daemon's TTL", _SYNC),
+    "tun-info": ("the listing's tunnel columns", "snatgw only source-NATs (the original's fullnat, -b)"),
+    **{t: ("a real server's tunnel", "snatgw only source-NATs (the original's fullnat, -b)")
+       for t in ("tun-type", "tun-port", "tun-nocsum", "tun-csum", "tun-remcsum")},
     "v": ("print the version", "`snatgw --version`"), "version": ("print the version", "`snatgw --version`"),
 }  # fmt: skip
 
