@@ -165,6 +165,28 @@ def test_the_summary_line_counts_the_flows_of_the_pairs_it_stands_for(pressed):
     assert flows == 2 * n
 
 
+def test_a_pair_refused_for_two_reasons_names_both_with_their_counts(tmpdir_short):
+    """One host, one address, two refusals in an interval: a port search that found the pool
+    full, then the host's limit. The line names both reasons with their flows; it gave the
+    first marker's reason for all (flows=2 reason=DROP_PORT_EXHAUSTED)."""
+    from test_daemon import LAB, Running
+
+    conf = tmpdir_short / "mixed.conf"
+    conf.write_text(LAB.read_text().replace(ONE_PORT, "port_range 6000\n  max_sessions_per_host 4"))
+    r = Running(tmpdir_short, conf=conf)
+    try:
+        got = [send(r, "198.18.40.10", sp).reason.name for sp in (1, 2, 3, 4)]
+        got.append(send(r, "198.18.40.10", 5, dst="203.0.113.11").reason.name)
+        got.append(send(r, "198.18.40.10", 6).reason.name)
+        assert got[3:] == ["DROP_PORT_EXHAUSTED", "XLATE_NEW", "DROP_HOST_LIMIT"]
+        r.service.gc()
+        (line,) = refused_lines(r)
+        assert "flows=2 reason=DROP_HOST_LIMIT,DROP_PORT_EXHAUSTED " in line, line
+        assert "reasons=DROP_HOST_LIMIT:1,DROP_PORT_EXHAUSTED:1" in line, line
+    finally:
+        r.close()
+
+
 def test_explain_says_which_address_and_why_and_reads_the_live_table(pressed, tmpdir_short):
     """explain names the sdh choice and the spill order; with --live it judges the search
     against the running sessions: the chosen address is full, the flow would spill to .73."""

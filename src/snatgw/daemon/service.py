@@ -326,20 +326,25 @@ class Service:
             self.log.warning("refusals_failed", error=str(e))
             return
         seen = {(m["host"], m["remote"], m["sport"], m["dport"], m["proto"], m["at"]) for m in markers}
-        pairs: dict[tuple[str, str], list] = {}
+        pairs: dict[tuple[str, str], list] = {}  # (host, addr) -> [flows, {reason: flows}]
         for m in markers:  # new since the last look: not there then, or refused again (new time)
             if (m["host"], m["remote"], m["sport"], m["dport"], m["proto"], m["at"]) in self._refusal_seen:
                 continue
-            p = pairs.setdefault((m["host"], m["addr"]), [0, m["reason"]])
+            p = pairs.setdefault((m["host"], m["addr"]), [0, {}])
             p[0] += 1
+            p[1][m["reason"]] = p[1].get(m["reason"], 0) + 1
         ranked = sorted(pairs.items(), key=lambda kv: -kv[1][0])
-        for i, ((host, addr), (flows, reason)) in enumerate(ranked):
+        for i, ((host, addr), (flows, reasons)) in enumerate(ranked):
             if i == REFUSAL_LOG_LINES:  # the rest in one line, their flows counted: the lines add up to all
                 self.log.warning("refused_more", pairs=len(pairs) - i, flows=sum(f for _, (f, _) in ranked[i:]),
                                  interval=REFUSAL_LOG_INTERVAL)  # fmt: skip
                 break
-            self.log.warning("refused", host=host, snat_addr=addr, flows=flows, reason=reason,
-                             interval=REFUSAL_LOG_INTERVAL)  # fmt: skip
+            # a pair's flows refused for several reasons (a port search that failed, then the host's
+            # limit) name each with its count: the first marker's reason stood for all of them
+            by = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+            more = {"reasons": ",".join(f"{r}:{n}" for r, n in by)} if len(by) > 1 else {}
+            self.log.warning("refused", host=host, snat_addr=addr, flows=flows, reason=",".join(r for r, _ in by),
+                             **more, interval=REFUSAL_LOG_INTERVAL)  # fmt: skip
         self._refusal_seen = seen
 
     # ------------------------------------------------------------------ queries
