@@ -351,3 +351,106 @@ def test_a_reload_that_rebuilds_the_sync_hands_its_queue_and_wire_state_to_the_n
     finally:
         ex._stop_sync()
         peer.close()
+
+
+def _extras_pair(tmp_path):
+    """(Extras over the test's loop and worker, settings(interval, local), the peer's socket, its
+    encoder and decoder): the sync and the peer confirmed each other (as two gateways running)."""
+    import types
+
+    from snatgw.daemon.extras import Extras
+
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+    peer.bind(("127.0.0.2", 0))
+    port = peer.getsockname()[1]
+    key = tmp_path / "k"
+    key.write_bytes(b"x" * 32)
+    os.chmod(key, 0o600)
+
+    def settings(interval: float, local: str = "127.0.0.1") -> Settings:
+        return Settings(sync_peer="127.0.0.2", sync_local=local, sync_port=port, sync_key=str(key),
+                        sync_interval=interval)  # fmt: skip
+
+    svc = types.SimpleNamespace(backend=Backend(), sync=None, sync_error=None)
+    ex = Extras(svc, Loop(), Worker(), Log())
+    penc = C.Encoder(b"x" * 32)
+    pdec = C.Decoder(b"x" * 32, own=penc.boot_id)
+    ex._refresh_sync(settings(1.0))
+    for g in received(peer):  # its hello (stale here: it echoes 0; the peer learns its boot id)
+        pdec.decode(g)
+    penc.echo = pdec.peer
+    peer.sendto(penc.datagram([]), ("127.0.0.1", port))
+    ex.sync._on_readable()  # confirmed both ways
+    for g in received(peer):
+        pdec.decode(g)
+    assert pdec.confirmed == ex.sync.encoder.boot_id
+    return ex, settings, peer, port, penc, pdec
+
+
+REC = C.Record(1, 17, 0, 0, b"\xc6\x12\x00\x01", 1, b"\xcb\x00\x71\x0a", 53, b"\xc6\x33\x64\x07", 5000, 1, 0)
+
+
+@pytest.mark.parametrize("local", ["127.0.0.1", "127.0.0.3"])
+def test_what_the_peer_sent_before_a_reload_and_the_sync_had_not_read_is_taken_by_the_new_service(tmp_path, local):
+    """The peer's datagrams wait in the sync's socket (the loop has not read them yet) when a
+    reload rebuilds the sync with the same peer and key: the new service takes them all (the
+    same sync_local: the socket itself goes over; another: the old one's is read empty first).
+    The old socket was closed with them in its buffer: the peer's records (ends among them)
+    were lost, and it does not send them again."""
+    ex, settings, peer, port, penc, _ = _extras_pair(tmp_path)
+    try:
+        y = ex.sync
+        for _ in range(5):
+            peer.sendto(penc.encode([REC] * 10)[0], ("127.0.0.1", port))
+        ex._refresh_sync(settings(2.0, local))  # the reload, before the loop read them
+        z = ex.sync
+        assert z is not y and z.settings.sync_local == local
+        z._on_readable()
+        ex.worker.run()
+        assert z.stats()["received_records"] == 50 and len(ex.service.backend.got) == 50, z.stats()
+    finally:
+        ex._stop_sync()
+        peer.close()
+
+
+def test_a_reload_to_a_sync_local_that_cannot_be_bound_leaves_the_old_service_to_flush_its_queue(tmp_path):
+    """A reload to another sync_local not on this host (the same peer and key): the new service
+    cannot bind, so it takes nothing, and the old one sends what it had queued before its
+    socket goes, as a reload to another peer does.  The queue went to the new service before
+    its bind failed, and nothing sent it: the ends were lost."""
+    from tests.unit.daemon_fakes import Timer
+
+    ex, settings, peer, port, _, pdec = _extras_pair(tmp_path)
+    ex.loop.call_later = lambda delay, cb: Timer(delay, cb)  # (the retry: not run here)
+    try:
+        y = ex.sync
+        y.on_ended([REC._replace(op=C.OP_END)] * 100)
+        ex._refresh_sync(settings(1.0, "192.0.2.1"))  # (EADDRNOTAVAIL: sync off, retried later)
+        assert ex.sync is None and ex.service.sync_error
+        ends = sum(r.op == C.OP_END for g in received(peer) for r in pdec.decode(g))
+        assert ends == 100, pdec.stats()
+    finally:
+        ex._stop_sync()
+        peer.close()
+
+
+def test_an_end_queued_before_two_quick_reloads_reaches_the_service_after_both(tmp_path):
+    """Ends of sessions a rule change removed are queued through the loop (on_ended, any
+    thread); two reloads rebuild the sync before the loop runs that: the end goes to the last
+    service.  It followed one reload only, and was dropped at the second (closed) one."""
+    ex, settings, peer, _, _, _ = _extras_pair(tmp_path)
+    later = []
+    ex.loop.call_soon_threadsafe = later.append
+    try:
+        y = ex.sync
+        y.on_ended([REC._replace(op=C.OP_END)] * 3)
+        ex._refresh_sync(settings(2.0))
+        ex._refresh_sync(settings(3.0))
+        z = ex.sync
+        assert z.settings.sync_interval == 3.0 and len(later) == 1
+        later.pop()()
+        assert z.stats()["send_queue"] == 3, z.stats()
+    finally:
+        ex._stop_sync()
+        peer.close()

@@ -109,6 +109,22 @@ class SyncService:
 
     def attach(self, loop) -> None:
         self.loop = loop
+        if self.sock is None:  # (else the socket of the service this one took over from, or bound by hand_over)
+            self._bind()
+        self.started = self.clock()
+        loop.add_reader(self.sock, self._on_readable)
+        self._hello()
+        if hasattr(self.backend, "sync_sink"):  # sessions a rule change removes: ends for the peer
+            self.backend.sync_sink = self.on_ended
+        iv = self.settings.sync_interval
+        self.timers = [loop.every(FLUSH_EVERY, self._flush), loop.every(iv, self._hello, first=iv),
+                       loop.every(self.settings.sync_refresh, self._start_walk, first=0.5)]
+        self._install_next()  # (what a service this one took over from had queued)
+        self.log.info("sync", peer=f"{self.peer[0]}:{self.peer[1]}", local=f"{self.settings.sync_local}:"
+                      f"{self.settings.sync_port}", boot_id=f"{self.encoder.boot_id:016x}")  # fmt: skip
+
+    def _bind(self) -> None:
+        """Our socket, bound to sync_local:sync_port (``sock``)."""
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -126,17 +142,6 @@ class SyncService:
             s.close()
             raise
         self.sock = s
-        self.started = self.clock()
-        loop.add_reader(s, self._on_readable)
-        self._hello()
-        if hasattr(self.backend, "sync_sink"):  # sessions a rule change removes: ends for the peer
-            self.backend.sync_sink = self.on_ended
-        iv = self.settings.sync_interval
-        self.timers = [loop.every(FLUSH_EVERY, self._flush), loop.every(iv, self._hello, first=iv),
-                       loop.every(self.settings.sync_refresh, self._start_walk, first=0.5)]
-        self._install_next()  # (what a service this one took over from had queued)
-        self.log.info("sync", peer=f"{self.peer[0]}:{self.peer[1]}", local=f"{self.settings.sync_local}:"
-                      f"{self.settings.sync_port}", boot_id=f"{self.encoder.boot_id:016x}")  # fmt: skip
 
     def hand_over(self, heir: SyncService) -> bool:
         """A reload replaces this service by ``heir`` (not attached yet): this one stops (its
@@ -148,13 +153,30 @@ class SyncService:
         confirmed, a round trip and up to a heartbeat later, and the peer kept those sessions
         until they expired there) and what waits to be installed (an install job running
         hands its rest over when it ends), the counters and when the peer was last heard.
+        The socket goes over too while sync_local is the same (what the peer sent and we had
+        not read yet stays in its buffer, and no datagram of the peer's arrives at no socket
+        between a close and a bind); another sync_local: ``heir`` binds its own first (when it
+        cannot, it takes nothing: this one flushes, as below, and the error is raised) and
+        what waits in this one's socket is read into the queues before it closes.
         Else this one flushes all it can before its socket goes (a new peer or key: a new
         boot id, as at a start).  Returns whether ``heir`` took over."""
         same = heir.peer == self.peer and hmac.compare_digest(heir._key, self._key)
+        if same and heir.settings.sync_local != self.settings.sync_local and heir.sock is None:
+            try:
+                heir._bind()
+            except BaseException:
+                self.close()
+                raise
         self.close(heir if same else None)
         return same
 
     def _adopt(self, old: SyncService) -> None:
+        if old.sock is not None:
+            if self.sock is None:  # (the same sync_local)
+                old.loop.remove(old.sock)
+                self.sock, old.sock = old.sock, None
+            else:
+                old._on_readable(drain=True)  # (into the queues taken below; closed: nothing installed here)
         self.encoder, self.decoder = old.encoder, old.decoder
         self._send, old._send = old._send, collections.deque()
         self._recv, old._recv = old._recv, collections.deque()
@@ -216,7 +238,8 @@ class SyncService:
                     pass
             except Exception:  # noqa: BLE001 - the last records are lost, nothing else
                 pass
-            self.loop.remove(self.sock)
+            if self.loop is not None:
+                self.loop.remove(self.sock)
             self.sock.close()
             self.sock = None
 
@@ -250,8 +273,10 @@ class SyncService:
             self.loop.call_soon_threadsafe(lambda: self._queue_ends(packed))
 
     def _queue_ends(self, packed: list[bytes]) -> None:
-        to = self._heir if self._closed else self  # (a reload replaced this service meanwhile)
-        if to is not None and not to._closed:
+        to = self
+        while to is not None and to._closed:  # a reload replaced this service meanwhile (or more than one)
+            to = to._heir
+        if to is not None:
             to._queue(packed, "ring_records")
 
     def _drain_ring(self) -> None:
@@ -319,6 +344,9 @@ class SyncService:
 
     def _walked(self, result, error) -> None:
         self._walk_busy = False
+        if self._closed:  # (a reload replaced this service: the new one walks itself; nothing sends our queue)
+            self._walk = None
+            return
         if error is not None:
             self.last_error = f"walk: {error}"
             self.log.error("sync_walk_failed", error=str(error))
@@ -346,7 +374,17 @@ class SyncService:
 
     # ------------------------------------------------------------------ receiving
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, drain: bool = False) -> None:
+        """What the peer sent: at most RECV_BATCH datagrams; ``drain``: all the socket holds
+        (a close that hands over: at most its receive buffer)."""
+        for _ in range(RECV_QUEUE_MAX // RECV_BATCH if drain else 1):  # (bounded: a peer flooding still ends it)
+            if self._read_batch() < RECV_BATCH:
+                break
+        self._install_next()
+
+    def _read_batch(self) -> int:
+        """Up to RECV_BATCH datagrams read and queued; how many were read."""
+        got = 0
         for _ in range(RECV_BATCH):
             try:
                 data, src = self.sock.recvfrom(2048)
@@ -354,7 +392,9 @@ class SyncService:
                 break
             except OSError as e:  # an ICMP error of an earlier send (ECONNREFUSED): nothing to read
                 self.last_error = f"recv: {e.strerror or e}"
+                got += 1
                 continue
+            got += 1
             if src != self.peer:
                 self.counts["foreign"] += 1
                 continue
@@ -373,7 +413,7 @@ class SyncService:
             self._stale_at_valid = self.decoder.drops["stale"]
             self.counts["received_records"] += len(recs)
             self._recv.extend(self._fit(recs, RECV_QUEUE_MAX - len(self._recv) - self._installing, "recv_queue"))
-        self._install_next()
+        return got
 
     def _install_next(self) -> None:
         if self._installing or not self._recv or self._closed:
