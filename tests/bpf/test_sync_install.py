@@ -93,6 +93,26 @@ def test_a_batch_that_fails_part_way_logs_the_sessions_it_installed_and_only_tho
     assert len(backend.maps.ct) == 2  # that one pair
 
 
+def test_a_session_installed_whose_hosts_count_cannot_be_added_to_is_logged(sync, monkeypatch):
+    """The host count's atomic add (snat_host_add's run) fails after the first record's pair
+    went into the table (the job fails, the daemon counts an install error): that session is
+    in the table, so its create line is in the audit log.  The line was made after the add:
+    lost, though the session is there."""
+    from snatgw.datapath.bpf.sweep import Sweeper
+
+    backend, routes, lines = sync
+
+    def add(self, host, n=1):
+        raise OSError("injected")
+
+    monkeypatch.setattr(Sweeper, "host_add", add)
+    counts = dict.fromkeys(T.COUNTS, 0)
+    with pytest.raises(OSError):
+        backend.sync_install([rec(40051, "203.0.113.51"), rec(40052, "203.0.113.52")], counts)
+    assert len(backend.maps.ct) == 2  # the first one's pair
+    assert [(x["inside_port"], x["remote_addr"]) for x in lines] == [(40051, "203.0.113.51")]
+
+
 def test_an_install_adds_to_its_hosts_count_without_losing_the_datapaths_increment(sync):
     """Two records of one host in one job; between them the datapath makes a session for that
     host (its atomic +1 on the host's live count, emulated here in the route lookup of the

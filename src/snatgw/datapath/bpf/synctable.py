@@ -428,9 +428,9 @@ def _install(backend, records, routes, counts, stop, audited) -> tuple[int, int]
             counts["installed"] += 1
             live += 1
             changed += 1
-            hosts.add(r.inside)
-            if audited is not None:
+            if audited is not None:  # (before the count's add: a failure there leaves the session in the table)
                 audited.append(audit_create(r, rule.rule_id))
+            hosts.add(r.inside)
     return changed, taken
 
 
