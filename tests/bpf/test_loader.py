@@ -252,20 +252,28 @@ def test_session_written_by_first_load_is_seen_by_second(pin_dir, mini_obj):
 
 
 @pytest.mark.bpf
-def test_pinned_map_of_other_size_is_refused_with_clear_error(pin_dir, mini_obj):
-    """max_sessions differing from the pinned snat_ct: error names map, field and values; pins kept."""
+def test_pinned_session_table_of_another_entry_layout_is_refused_with_clear_error(pin_dir, mini_obj):
+    """A pinned snat_ct whose entries no conversion covers (another value size; another size
+    alone, a changed max_sessions, is carried over: test_carry.py): the error names the map,
+    the field and the values; the pins are kept."""
     a = Loader(pin_dir, 64, mini_obj)
     a.load().ct.put(ct_key(2), bytes(L.CT_ENTRY.size))
     a.stop(keep_state=True)
+    path = os.path.join(pin_dir, L.MAP_CT)
+    _pin_foreign(path, "hash", L.CT_KEY.size, L.CT_ENTRY.size + 8, 128)
+    fd = B.obj_get(path)
+    want = B.map_info(fd).id
+    os.close(fd)
     with pytest.raises(BackendError) as e:
         Loader(pin_dir, 100, mini_obj).load()
     msg = str(e.value)
-    assert "snat_ct" in msg and "max_entries is 128, expected 200" in msg and pin_dir in msg
-    c = Loader(pin_dir, 64, mini_obj)  # nothing was changed by the refused load
+    assert "snat_ct" in msg and f"value_size is {L.CT_ENTRY.size + 8}, expected {L.CT_ENTRY.size}" in msg
+    assert "max_entries is 128, expected 200" in msg and pin_dir in msg
+    fd = B.obj_get(path)  # nothing was changed by the refused load
     try:
-        assert c.load().ct.get(ct_key(2)) is not None
+        assert B.map_info(fd).id == want
     finally:
-        c.stop()
+        os.close(fd)
 
 
 @pytest.mark.bpf
@@ -376,8 +384,8 @@ def _pin_foreign(path: str, typ: str, key: int, value: int, entries: int) -> Non
 def test_pinned_maps_of_another_layout_are_replaced_and_sessions_kept(pin_dir, mini_obj, caplog):
     """An upgrade (or a rollback) whose layout lengthens a counter array, widens a rule or
     resizes a cache: a restart keeping state replaces those maps (each warned, saying what goes
-    with it) and adopts the sessions as before.  A state map of another size is still refused,
-    and so is the audit ring."""
+    with it) and adopts the sessions as before.  A session table in a layout no conversion covers
+    (another key) is still refused (another size alone is carried over: test_carry.py)."""
     a = Loader(pin_dir, 64, mini_obj)
     a.load().ct.put(ct_key(2), bytes(L.CT_ENTRY.size))
     a.stop(keep_state=True)
@@ -412,13 +420,11 @@ def test_pinned_maps_of_another_layout_are_replaced_and_sessions_kept(pin_dir, m
         assert "refusal markers forgotten" in caplog.text
     finally:
         b.stop(keep_state=True)
-    os.unlink(os.path.join(pin_dir, L.MAP_CT))  # a state map of another layout: refused, kept
-    with B.BpfObject.open(mini_obj) as o:
-        o.set_max_entries(L.MAP_CT, 7)
-        o.load()
-        o.map(L.MAP_CT).pin(os.path.join(pin_dir, L.MAP_CT))
-    with pytest.raises(BackendError, match="snat_ct.*max_entries is 7"):
+    # a state map of another key: refused, kept
+    _pin_foreign(os.path.join(pin_dir, L.MAP_CT), "hash", L.CT_KEY.size + 4, L.CT_ENTRY.size, 128)
+    with pytest.raises(BackendError, match=f"snat_ct.*key_size is {L.CT_KEY.size + 4}"):
         Loader(pin_dir, 64, mini_obj).load()
+    assert os.path.exists(os.path.join(pin_dir, L.MAP_CT))
 
 
 @pytest.mark.bpf

@@ -137,6 +137,14 @@ class Service:
                 self.addresses.release()  # the addresses this start added; those there before stay
                 raise
             self.rps.sync(self.config.settings)  # never raises: what fails is logged and in status
+            resized = getattr(self.backend, "resized", None)
+            if resized:  # bpf: the session table carried over to another max_sessions
+                ct = resized["maps"].get("snat_ct") or {}
+                later = [ct.get("after_attach") or {}, ct.get("after_grace") or {}]
+                self.log.info("table_resized", sessions_from=resized["from"], sessions_to=resized["to"],
+                              copied_first=ct.get("first"), copied_after_attach=later[0].get("copied"),
+                              copied_after_grace=later[1].get("copied"), no_room=sum(p.get("full", 0) for p in later),
+                              seconds=resized["seconds"])  # fmt: skip
             self.log.info("started", backend=self.backend.name, rules=len(self.config.rules),
                           config=self.config_path, inside=",".join(self.config.settings.inside) or None,
                           outside=",".join(self.config.settings.outside) or None)

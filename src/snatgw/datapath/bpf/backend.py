@@ -236,6 +236,9 @@ class BpfBackend:
         self.route_back_blocker: str | None = "not judged yet"
         self._route_back_at = float("-inf")  # _clock() of the last judgement
         self._sync_routes: synctable.RouteCache | None = None  # the session sync's routes (synctable)
+        #: what the start did carrying the table over to another max_sessions (loader.finish_carry):
+        #: sizes, entries copied per pass, time; None when it adopted the table as it was
+        self.resized: dict | None = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -269,18 +272,21 @@ class BpfBackend:
                 if n and self.host_counting():  # a host limit judges them from the first packet
                     self.recount()
             self.loader.attach(list(s.inside), list(s.outside), L.RECIRC_DEV if recirc else None)
+            self.resized = self._finish_carry()
             set_accept_local(s.inside)
             warn_without_forwarding()
         except BaseException:
             # adopted sessions and programs belong to whoever made them: keep them running,
-            # with the pins as they were (the maps this start pinned or replaced put back)
-            if not self.loader.reused:
+            # with the pins as they were (the maps this start pinned or replaced put back; a
+            # table being carried over: the programs it replaced too)
+            adopted = self.loader.adopted
+            if not adopted:
                 guard.remove()
                 self._remove_gw_routes()  # (nothing of ours marks packets: no datapath was adopted)
             else:
                 self._unwatched()
                 self.loader.rollback()
-            self.loader.stop(keep_state=bool(self.loader.reused))
+            self.loader.stop(keep_state=adopted)
             if self.holder is not None:
                 self.holder.stop()
                 self.holder = None
@@ -291,6 +297,18 @@ class BpfBackend:
         # last: an nft datapath left here keeps translating until ours is attached (a packet
         # meets both for a moment: ours translates first, nft sees a pool source and passes it)
         self._remove_nft()
+
+    def _finish_carry(self) -> dict | None:
+        """The session table carried over to this start's size (loader.finish_carry), logged
+        with its figures; None when the table was adopted as it was (or made)."""
+        done = self.loader.finish_carry()
+        if done is None:
+            return None
+        ct = done["maps"].get(L.MAP_CT, {})
+        log.info("bpf backend: session table resized from %s to %s sessions in %.3f s: %s", done.get("sessions_from"),
+                 done.get("sessions_to"), done["seconds"], ct)  # fmt: skip
+        return {"from": done.get("sessions_from"), "to": done.get("sessions_to"), "seconds": done["seconds"],
+                "grace_seconds": done["grace_seconds"], "maps": done["maps"]}  # fmt: skip
 
     def _nft_sessions(self) -> list[Session]:
         """The sessions of an nft datapath running in this namespace (none: []); never raises."""
@@ -366,8 +384,11 @@ class BpfBackend:
         new = config.settings
         for f in ("pin_dir", "max_sessions"):
             if getattr(old, f) != getattr(new, f):
-                raise BackendError(f"settings: {f} changed ({getattr(old, f)} -> {getattr(new, f)}): "
-                                   f"takes effect only on a restart of the datapath")  # fmt: skip
+                how = ("a reload cannot resize the session table: restart the daemon (SIGTERM, then start "
+                       "it again), which carries the sessions over to a table of the new size while the "
+                       "datapath keeps translating" if f == "max_sessions"
+                       else "takes effect only on a restart of the datapath")  # fmt: skip
+                raise BackendError(f"settings: {f} changed ({getattr(old, f)} -> {getattr(new, f)}): {how}")
         self._install(config)  # validates (compile) before touching anything
         self._write_ifaces(new)  # also when unchanged: a device may have been recreated
         self.refresh_route_back()
@@ -468,7 +489,8 @@ class BpfBackend:
         not hold.  More than one of a role on either side cannot be told apart: logged, and
         those sessions end when they expire (they were black-holed either way).  A device
         renamed away still exists: its sessions stay where they are.  Never raises."""
-        if L.MAP_CT not in self.loader.reused or L.MAP_IFACES not in self.loader.reused:
+        ct = L.MAP_CT in self.loader.reused or L.MAP_CT in self.loader.carrying
+        if not ct or L.MAP_IFACES not in self.loader.reused:
             return {}
         try:
             held = self.maps.iface_roles()
@@ -1032,6 +1054,8 @@ class BpfBackend:
                            "last_live": r.live if r else None,
                            "last_cut": r.cut if r else None},  # cut short: its figures are partial
                 "recounts": dict(self.recounts),
+                # the table carried over to another max_sessions by this daemon's start
+                "table_resized": self.resized,
                 "counter_reads": self.counter_reads.as_dict(),  # the leak guard's, failed reads
                 # our programs on devices renamed away that the hook check could not take off:
                 # every failed try, and the devices failing now (logged once per device and kind)

@@ -198,6 +198,7 @@ _SIGS = {
     "ring_buffer__free": (None, [_P]),
     "libbpf_num_possible_cpus": (C.c_int, []),
     "bpf_enable_stats": (C.c_int, [C.c_int]),
+    "bpf_prog_get_fd_by_id": (C.c_int, [C.c_uint32]),
 }
 
 _lib: C.CDLL | None = None
@@ -277,6 +278,12 @@ def obj_get(path: str, readonly: bool = False) -> int:
         opts = ObjGetOpts(sz=C.sizeof(ObjGetOpts), file_flags=BPF_F_RDONLY)
         return _check(lib().bpf_obj_get_opts(path.encode(), C.byref(opts)), f"bpf_obj_get {path}")
     return _check(lib().bpf_obj_get(path.encode()), f"bpf_obj_get {path}")
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """An fd of the loaded program ``prog_id`` (it lives as long as the fd does); the caller
+    closes it."""
+    return _check(lib().bpf_prog_get_fd_by_id(prog_id), f"bpf_prog_get_fd_by_id {prog_id}")
 
 
 @dataclass(frozen=True)

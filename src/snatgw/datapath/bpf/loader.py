@@ -14,14 +14,16 @@ import re
 import socket
 import stat
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ... import layout as L
 from ...errors import BackendError, MissingDeviceError
 from ..netns import enter as netns  # noqa: F401  (tests and testrun use it from here)
+from . import carry
 from . import libbpf as B
-from .maps import DatapathMaps, map_specs
+from .maps import DatapathMaps, map_specs, monotonic_ns
 
 log = logging.getLogger("snatgw.bpf.loader")
 
@@ -149,7 +151,10 @@ def unpin(pin_dir: str) -> None:
 #: invariant 4).  The value says what goes with the old map.  The config maps lose nothing:
 #: start() writes every one of them before any program is attached, and the programs attached
 #: until then keep the old maps.  Sessions and the maps that must agree with them (snat_ct,
-#: snat_eim, the live counts) and the audit ring are never replaced: another layout is refused.
+#: snat_eim, the live counts) and the audit ring are never replaced: the sessions and their mappings
+#: are carried over to new maps when a conversion covers their other layout (carry.CARRIED: today
+#: another size, a changed max_sessions), any other layout is refused, as are the live counts' and
+#: the audit ring's.
 REPLACEABLE: dict[str, str] = {
     **dict.fromkeys((L.MAP_REASONS, L.MAP_ALLOC_CNT, L.MAP_AUDIT_CNT, L.MAP_RULE_STATS),
                     "its counts start again from zero"),
@@ -176,6 +181,38 @@ def _replaced(spec, info: B.MapInfo) -> str | None:
             spec.type, spec.key_size, spec.value_size, spec.max_entries):
         return None
     return REPLACEABLE[spec.name]
+
+
+def _carried(spec, info: B.MapInfo) -> bool:
+    """Whether pinned map ``info`` of another layout than ``spec``'s is carried over to a new
+    one (carry.CARRIED covers its difference) rather than adopted or refused."""
+    how = carry.CARRIED.get(spec.name)
+    if how is None or (info.type, info.key_size, info.value_size, info.max_entries) == (
+            spec.type, spec.key_size, spec.value_size, spec.max_entries):
+        return False
+    return how.covers(info, spec)
+
+
+def _room(name: str, old: B.Map, spec, path: str) -> tuple[int, int]:
+    """(entries, sessions) of pinned map ``old`` that is to be carried over to ``spec``'s; a
+    BackendError when they do not fit in it (the start is refused, nothing is changed)."""
+    if name == L.MAP_CT:
+        n, sessions = carry.sessions_of(old)
+        per, what = 2, "entries (2 a session)"
+    else:
+        n = sessions = old.count()
+        per, what = L.EIM_PER_SESSION, f"endpoint-independent mappings ({L.EIM_PER_SESSION} a session)"
+    if n > spec.max_entries:
+        need = -(-n // per)
+        raise BackendError(
+            f"{path}: the running datapath's table holds {n} {what}"
+            + (f", {sessions} live sessions" if name == L.MAP_CT else "")
+            + f"; max_sessions {spec.max_entries // per} makes room for {spec.max_entries} only. Nothing was "
+            f"changed (the running datapath goes on translating with its table of {old.max_entries // per} "
+            f"sessions). Flush sessions (`snatgw flush`), wait for them to expire, or give max_sessions "
+            f"{need} or more"
+        )
+    return n, sessions
 
 
 # --------------------------------------------------------------------------- attachments
@@ -236,6 +273,22 @@ class Loader:
         #: old map), so that rollback() can put the pin dir back as it found it
         self.created: list[str] = []
         self.displaced: dict[str, int] = {}
+        #: the pinned maps of another layout being carried over (carry.py): name -> the old map;
+        #: their new ones pinned under REPLACED_SUFFIX until finish_carry() renames them
+        self.carrying: dict[str, B.Map] = {}
+        self._staged: dict[str, tuple[str, str]] = {}  # name -> (staging pin, final pin)
+        self._since = 0  # monotonic_ns() when the first copy began (carry.copy_new)
+        self._carry_t0 = 0.0
+        #: while carrying: our filters as they were before attach() replaced any,
+        #: (ifindex, point) -> (prog id, an fd of that program), for rollback() to put back
+        self._before: dict[tuple[int, int], tuple[int, int]] | None = None
+        #: what the last finish_carry() did (for the log and status), else None
+        self.carried: dict | None = None
+
+    @property
+    def adopted(self) -> bool:
+        """The start found a running datapath's maps: adopted as they are, or carried over."""
+        return bool(self.reused or self.carrying)
 
     # ------------------------------------------------------------- load
 
@@ -271,6 +324,15 @@ class Loader:
                     fd = B.obj_get(path)
                     pinned_fds.append(fd)
                     info = B.map_info(fd)
+                    if _carried(spec, info):
+                        old = B.Map.from_fd(os.dup(fd), owned=True)
+                        self.carrying[name] = old
+                        n, sessions = _room(name, old, spec, path)
+                        log.info("%s: pinned with %d entries, this start's holds %d: carried over to a new map "
+                                 "(%d entries)", path, info.max_entries, spec.max_entries, n)  # fmt: skip
+                        replaced.append(path)
+                        self.displaced[path] = os.dup(fd)  # rollback() pins it back
+                        continue
                     lost = _replaced(spec, info)
                     if lost:
                         log.warning("%s: pinned in another layout (%s), this snatgw's is %s: a new one replaces "
@@ -293,16 +355,25 @@ class Loader:
                         path, final = path + REPLACED_SUFFIX, path
                         with contextlib.suppress(FileNotFoundError):  # a crashed start's
                             os.unlink(path)
-                        staged.append((path, final))
+                        if name in self.carrying:  # renamed once the programs use it (finish_carry)
+                            self._staged[name] = (path, final)
+                        else:
+                            staged.append((path, final))
                     B.obj_pin(obj.map_fd(name), path)
                     made.append(path)
             for path, final in staged:
                 os.replace(path, final)  # bpffs renames in place: the name is never missing
                 made.remove(path)
+            if self.carrying:  # every entry over, before anything of this start uses the new maps
+                self._carry_t0 = time.monotonic()
+                self._since = monotonic_ns()
+                self.carried = {"first": {n: carry.copy_all(self.carrying[n], obj.map(n), carry.CARRIED[n])
+                                          for n in carry.ORDER if n in self.carrying}}  # fmt: skip
         except BaseException:
             obj.close()
             self.reused = []
             self._close_displaced()
+            self._close_carrying()
             for path in made:  # leave what was there before, and nothing half-made
                 with contextlib.suppress(OSError):
                     os.unlink(path)
@@ -315,20 +386,130 @@ class Loader:
         self.obj = obj
         self.created = list(made)
         self.maps = DatapathMaps({n: obj.map(n) for n in specs})
+        # while the old table is carried over, what the start removes goes from both (a later
+        # pass copies what the new table lacks)
+        self.maps.shadow_ct = self.carrying.get(L.MAP_CT)
         if self.reused:
             log.info("adopted pinned maps from %s: %s", self.pin_dir, ", ".join(self.reused))
         return self.maps
 
     def commit(self) -> None:
         """The start that loaded succeeded: its pins are the datapath's now (rollback() no more)."""
+        if self.carrying:
+            raise BackendError("commit before finish_carry: the old table is still pinned")
         self.created = []
         self._close_displaced()
+        self._close_before()
+
+    # ------------------------------------------------------------- carrying the table over
+
+    def finish_carry(self, grace: float = carry.GRACE_SECONDS) -> dict | None:
+        """After attach(), when load() is carrying maps over (another max_sessions): copy what
+        the old maps gained since the first copy (the old programs went on making sessions on
+        the hooks not yet replaced), wait ``grace`` (carry.GRACE_SECONDS: runs of the old
+        programs begun before their replace end), copy once more, then rename the new pins
+        over the old ones; the old maps go with their last fd (commit()).  Returns what it did
+        (also ``carried``): per map the old and new size and the entries each pass copied, and
+        the seconds since the first copy began; None when nothing was carried."""
+        if not self.carrying:
+            return None
+        if self.obj is None or not self.attachments:
+            raise BackendError("finish_carry before attach")
+        passes: list[dict] = []
+        since = self._since
+        for i in range(2):
+            if i:
+                time.sleep(grace)
+            began = monotonic_ns()
+            got = {}
+            for name in carry.ORDER:
+                if name in self.carrying:
+                    r = carry.copy_new(self.carrying[name], self.obj.map(name), carry.CARRIED[name], since)
+                    got[name] = {"looked": r.looked, "copied": r.copied, "full": r.full}
+            passes.append(got)
+            since = began
+        for name in carry.ORDER:
+            if name in self._staged:
+                staging, final = self._staged.pop(name)
+                os.replace(staging, final)  # in place: the name is never missing
+                self.created.remove(staging)
+        sizes = {name: (old.max_entries, self.obj.map(name).max_entries) for name, old in self.carrying.items()}
+        first = self.carried["first"] if self.carried else {}
+        self.carried = {
+            "maps": {name: {"from": a, "to": b, "first": first.get(name, 0),
+                            "after_attach": passes[0].get(name), "after_grace": passes[1].get(name)}
+                     for name, (a, b) in sizes.items()},
+            "grace_seconds": grace,
+            "seconds": round(time.monotonic() - self._carry_t0, 4),
+        }  # fmt: skip
+        if L.MAP_CT in sizes:
+            self.carried["sessions_from"], self.carried["sessions_to"] = (n // 2 for n in sizes[L.MAP_CT])
+        self._close_carrying()
+        if self.maps is not None:
+            self.maps.shadow_ct = None
+        return self.carried
+
+    def _close_carrying(self) -> None:
+        for m in self.carrying.values():
+            m.close()
+        self.carrying = {}
+        self._staged = {}
+        if self.maps is not None:
+            self.maps.shadow_ct = None
+
+    def _close_before(self) -> None:
+        for _, fd in (self._before or {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._before = None
+
+    def _snapshot_hooks(self) -> None:
+        """Our filters in this namespace and an fd of each one's program (attach(), carrying:
+        rollback() puts them back)."""
+        before: dict[tuple[int, int], tuple[int, int]] = {}
+        try:
+            for idx, _ in socket.if_nameindex():
+                for point in (B.BPF_TC_INGRESS, B.BPF_TC_EGRESS):
+                    pid = _query(idx, point)
+                    if pid is not None:
+                        before[(idx, point)] = (pid, B.prog_fd_by_id(pid))
+        except BaseException:
+            for _, fd in before.values():
+                os.close(fd)
+            raise
+        self._before = before
+
+    def _restore_programs(self) -> None:
+        """Put the programs of _snapshot_hooks back on their hooks, and take ours off the hooks
+        that had none: a start that fails while carrying the table over leaves the datapath on
+        the old table whole, never split over two.  Never raises (logged)."""
+        for (idx, point), (pid, fd) in self._before.items():
+            try:
+                if _query(idx, point) != pid:
+                    B.tc_hook_create(idx, B.BPF_TC_INGRESS)
+                    B.tc_attach(idx, point, fd, TC_HANDLE, TC_PRIORITY, replace=True)
+                    log.info("put back the running datapath's program (id %d) on ifindex %d %s", pid, idx,
+                             "ingress" if point == B.BPF_TC_INGRESS else "egress")  # fmt: skip
+            except (BackendError, OSError) as e:
+                log.warning("cannot put the running datapath's program (id %d) back on ifindex %d: %s", pid, idx, e)
+        try:
+            for what in detach_ours(keep=set(self._before)):
+                log.info("removed %s (put on by the failed start)", what)
+        except (BackendError, OSError) as e:
+            log.warning("cannot remove the programs the failed start attached: %s", e)
+        self.attachments = []
 
     def rollback(self) -> None:
         """Undo what load() changed in the pin dir (a start that fails after it, adopting a
         running datapath): the pins it created are removed, the ones it replaced point at the
         old maps again (the maps the programs still attached use).  Pins of adopted maps are
-        never touched.  Never raises: what cannot be put back is logged."""
+        never touched.  Carrying the table over (another max_sessions), the programs attach()
+        replaced are put back first, and the new table's pins go: the datapath is the old one,
+        whole.  Never raises: what cannot be put back is logged."""
+        if self._before is not None:
+            self._restore_programs()
+        self._close_carrying()
+        self._close_before()
         for path in self.created:
             with contextlib.suppress(FileNotFoundError):
                 try:
@@ -385,6 +566,8 @@ class Loader:
             plan.append((recirc, B.BPF_TC_INGRESS, PROG_RECIRC))
         idx = {name: ifindex(name) for name, _, _ in plan}  # every device first: fail early
         fds = {p: self.obj.prog_fd(p) for p in {p for _, _, p in plan}}
+        if self.carrying and self._before is None:
+            self._snapshot_hooks()
         created: dict[str, bool] = {a.ifname: a.created_hook for a in self.attachments}
         done: list[tuple[Attachment, bool]] = []  # (attachment, replaced an existing filter)
         try:
@@ -506,6 +689,8 @@ class Loader:
                 self.detach()
         finally:
             self._close_displaced()
+            self._close_carrying()
+            self._close_before()
             if self.obj is not None:
                 self.obj.close()
                 self.obj, self.maps = None, None

@@ -68,8 +68,8 @@ class MapSpec:
         if diffs:
             raise BackendError(
                 f"{where}: pinned map {self.name} does not match this snatgw: {'; '.join(diffs)} "
-                f"(a different max_sessions or an older layout?). Stop the old datapath without "
-                f"keeping state, or remove {os.path.dirname(where) or where}, then start again"
+                f"(another snatgw version's layout, which this one cannot carry over). Stop the old datapath "
+                f"without keeping state, or remove {os.path.dirname(where) or where}, then start again"
             )
 
 
@@ -269,6 +269,9 @@ class DatapathMaps:
         self.rule_slots = maps[L.MAP_RULE_SLOTS]
         self.gw_marks = maps[L.MAP_GW_MARKS]
         self._from_nets_written: dict[bytes, int] | None = None  # write_from_nets' last, whole
+        #: the table being carried over to ``ct`` at a start (loader, carry.py): a pair removed
+        #: from ``ct`` goes from it too, so the copy after attach does not bring it back
+        self.shadow_ct: B.Map | None = None
 
     @classmethod
     def open_pinned(cls, pin_dir: str, readonly: bool = True) -> "DatapathMaps":
@@ -370,10 +373,11 @@ class DatapathMaps:
     def delete_pair(self, p: SessionPair) -> None:
         """Delete a session: OUT first (a racing outbound packet then makes a new session,
         whose port search skips the still-present IN key), then IN if it is still ours."""
-        self.ct.delete(p.out_key)
-        raw = self.ct.get(p.in_key)
-        if raw is not None and raw[_PEER] == p.out_key:
-            self.ct.delete(p.in_key)
+        for ct in (self.ct, self.shadow_ct) if self.shadow_ct is not None else (self.ct,):
+            ct.delete(p.out_key)
+            raw = ct.get(p.in_key)
+            if raw is not None and raw[_PEER] == p.out_key:
+                ct.delete(p.in_key)
 
     def follow_devices(self, moved: dict[int, int], inside_moved: dict[int, int], chunk: int = 4096) -> int:
         """Sessions of devices recreated with another ifindex follow them: an entry whose device
