@@ -26,8 +26,8 @@ import pytest
 from snatgw.daemon.control import request
 from snatgw.lab.clients import TcpSession
 from snatgw.lab.demo import REF_RULES, config_text
-from snatgw.lab.gateway import kill_gateway, no_gateway, purge_gateway, snatgw_argv, write_ref_config
-from snatgw.lab.netns import ns_socket, nsenter
+from snatgw.lab.gateway import kill_gateway, no_gateway, purge_gateway, snatgw_argv, snatgw_json, write_ref_config
+from snatgw.lab.netns import LabError, ns_socket, nsenter
 
 from snatgw.lab import leakwatch
 from snatgw.lab.topology import Lab
@@ -382,3 +382,56 @@ def test_upgrade_and_rollback_under_traffic_keep_the_connection(clean, conf, bac
     assert r["broke"] is None and len(r["nat_addresses"]) == 1, r
     if backend == "bpf":
         assert r["lost_pings"] == 0, r
+
+
+def _sized(lab, conf: str, max_sessions: int) -> str:
+    """``conf`` with ``max_sessions`` set, as a file of its own in the lab's work dir."""
+    with open(conf) as f:
+        text = f.read().replace("snatgw {\n", f"snatgw {{\n    max_sessions {max_sessions}\n", 1)
+    path = os.path.join(lab.workdir, f"dark-{max_sessions}.conf")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+@pytest.mark.lab
+def test_a_restart_with_another_max_sessions_carries_the_sessions_over(clean, conf):
+    """bpf: restarts raising max_sessions (1024 -> 4096) and lowering it with the sessions fitting
+    (4096 -> 2048) under traffic: the table is carried over each time (`status` says from what
+    to what, the log has event=table_resized), the TCP connection carries on with its SNAT
+    address, no ping is lost, no private source goes out, and `conns` and `stats` agree on the
+    sessions.  Lowering it below the live sessions (max_sessions 1: room for 2 entries) is
+    refused, saying why, and the running datapath goes on translating."""
+    lab = clean
+    lab.start_gateway(_sized(lab, conf, 1024), "bpf")
+    tr = Traffic(lab)
+    for before, after in ((1024, 4096), (4096, 2048)):
+        assert lab.stop_gateway() == 0
+        lab.start_gateway(_sized(lab, conf, after), "bpf")
+        st = request(lab.socket_path, {"op": "status"})
+        resized = st.get("table_resized") or st.get("datapath", {}).get("table_resized")
+        assert resized and (resized["from"], resized["to"]) == (before, after), st
+        assert resized["maps"]["snat_ct"]["first"] >= 4, resized  # the ping's and the connection's pairs
+    assert lab.stop_gateway() == 0
+    with pytest.raises(LabError, match="before 'ready'"):  # max_sessions 1: the running table does not fit
+        lab.start_gateway(_sized(lab, conf, 1), "bpf", timeout=20)
+    with open(os.path.join(lab.workdir, "gateway.log")) as f:
+        log = f.read()
+    assert re.search(r"max_sessions 1 makes room for 2 only\. Nothing was changed \(the running datapath goes "
+                     r"on translating with its table of 2048 sessions\)", log), log[-3000:]
+    time.sleep(scaled(5) / 10)  # no daemon: the datapath of 2048 goes on
+    lab.start_gateway(_sized(lab, conf, 2048), "bpf")  # adopted as it is
+    conns = (snatgw_json(lab, "conns") or {}).get("sessions", [])
+    stats = json.loads(subprocess.run(snatgw_argv("stats", "--socket", lab.socket_path, "--json"),
+                                      capture_output=True, text=True, timeout=30).stdout)
+    r = tr.stop("bpf max_sessions 1024 -> 4096 -> 2048, then 1 refused")
+    assert r["private_sources_out"] == 0, r
+    assert r["broke"] is None and len(r["nat_addresses"]) == 1, r
+    assert r["lost_pings"] == 0, r
+    resizes = [line for line in log.splitlines() if "event=table_resized" in line]
+    print("\n".join(resizes))
+    assert len(resizes) == 2 and "sessions_from=1024" in resizes[0] and "sessions_to=2048" in resizes[1], resizes
+    protos = sorted(s["proto"] for s in conns)
+    assert "tcp" in protos and "icmp" in protos, conns
+    assert stats["sessions"] == len(conns), (stats["sessions"], conns)
+    assert stats["pressure"]["table"]["max_sessions"] == 2048

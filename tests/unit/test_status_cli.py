@@ -177,3 +177,15 @@ def test_an_array_map_shows_no_fill(running, links, capsys, monkeypatch):
     rc, out = status(running, capsys)
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  snat_")}
     assert rc == 0 and rows["snat_rules"] == ["16384", "16384", "-"] and rows["snat_eim"] == ["3", "100", "3.0%"]
+
+
+def test_a_start_that_resized_the_table_says_so(running, links, capsys, monkeypatch):
+    """bpf: a start with another max_sessions carried the table over (``table_resized`` of the
+    backend's status): `status` says from what to what, and what it copied."""
+    resized = {"from": 1024, "to": 4096, "seconds": 0.41, "grace_seconds": 0.05,
+               "maps": {"snat_ct": {"from": 2048, "to": 8192, "first": 40, "after_attach": {"copied": 2},
+                                    "after_grace": {"copied": 0}}}}  # fmt: skip
+    monkeypatch.setattr(running.backend, "status_extra", lambda: {"table_resized": resized}, raising=False)
+    rc, out = status(running, capsys)
+    assert rc == 0 and ("session table resized at start from 1024 to 4096 sessions: 40 entries copied, then 2 "
+                        "made meanwhile, in 0.41 s") in out, out

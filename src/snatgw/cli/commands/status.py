@@ -78,6 +78,12 @@ def render_text(r: dict) -> str:
                  else "-"] for m in dp["maps"]]  # fmt: skip
         out.append(table(rows, ("map", "entries", "max", "fill"), "  "))
         out += ["", f"sessions: {dp['sessions']} of {dp['max_sessions']}"]
+        rs = r.get("table_resized")
+        if rs:  # bpf: this daemon's start carried the table over to another max_sessions
+            ct = (rs.get("maps") or {}).get("snat_ct") or {}
+            later = sum((ct.get(p) or {}).get("copied", 0) for p in ("after_attach", "after_grace"))
+            out.append(f"session table resized at start from {rs['from']} to {rs['to']} sessions: "
+                       f"{ct.get('first', 0)} entries copied, then {later} made meanwhile, in {rs['seconds']} s")
         if dp.get("route_back"):  # bpf: a new session's route back (docs/datapath.md step 13)
             out.append(f"route back: {dp['route_back']['text']}")
     out += ["", "links:"]
