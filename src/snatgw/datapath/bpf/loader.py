@@ -287,8 +287,9 @@ class Loader:
 
     @property
     def adopted(self) -> bool:
-        """The start found a running datapath's maps: adopted as they are, or carried over."""
-        return bool(self.reused or self.carrying)
+        """The start found a running datapath's maps: adopted as they are, or carried over (being
+        carried, or carried by finish_carry() already: until commit() the old ones are kept)."""
+        return bool(self.reused or self.carrying or self.carried)
 
     # ------------------------------------------------------------- load
 
@@ -327,9 +328,9 @@ class Loader:
                     if _carried(spec, info):
                         old = B.Map.from_fd(os.dup(fd), owned=True)
                         self.carrying[name] = old
-                        n, sessions = _room(name, old, spec, path)
-                        log.info("%s: pinned with %d entries, this start's holds %d: carried over to a new map "
-                                 "(%d entries)", path, info.max_entries, spec.max_entries, n)  # fmt: skip
+                        n, _ = _room(name, old, spec, path)
+                        log.info("%s: pinned with room for %d entries, this start's for %d: its %d entries are "
+                                 "carried over to a new map", path, info.max_entries, spec.max_entries, n)  # fmt: skip
                         replaced.append(path)
                         self.displaced[path] = os.dup(fd)  # rollback() pins it back
                         continue
@@ -413,7 +414,7 @@ class Loader:
         the seconds since the first copy began; None when nothing was carried."""
         if not self.carrying:
             return None
-        if self.obj is None or not self.attachments:
+        if self.obj is None or self._before is None:  # (attach() takes the hooks' programs first)
             raise BackendError("finish_carry before attach")
         passes: list[dict] = []
         since = self._since
