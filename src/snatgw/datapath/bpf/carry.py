@@ -9,9 +9,11 @@ attached; the old programs, still attached, go on making sessions in the old map
 Once the new programs are on every hook it copies what the old maps gained (``copy_new``),
 waits for the runs of the old programs that began before their last replace (MIGRATE_GRACE),
 copies once more, and renames the new pins over the old ones.  A later pass copies only what
-the new map lacks: a session the new programs made or changed meanwhile wins, and an entry
-seen by an earlier pass (copied, or removed since by the start) is not looked at again (only
-entries used since that pass began can be new: ``since_ns``).  Memory: one chunk.
+the new map lacks: a session the new programs made or changed meanwhile wins.  It looks only
+at the entries used (made or refreshed) since the pass before it began (``since_ns``): an
+older one was in the old map through that whole pass, which saw it.  A session the start
+removed goes from the old map too (DatapathMaps.shadow_ct), so no pass brings it back.
+Memory: one chunk.
 """
 
 from __future__ import annotations
