@@ -318,6 +318,31 @@ def test_with_an_audit_log_a_synced_session_is_logged_marked_and_so_is_its_end(g
         assert gw.call("reload", conf).returncode == 0
 
 
+def _drain(sock) -> None:
+    """Read what the gateway sent so far (a non-blocking socket) and drop it."""
+    while True:
+        try:
+            sock.recv(2048)
+        except BlockingIOError:
+            return
+
+
+def _end_from(sock, dec, iport: int, timeout: float = 3.0):
+    """The first end record of inside port ``iport`` the gateway sends within ``timeout`` s
+    (a non-blocking socket), or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(2048)
+        except BlockingIOError:
+            time.sleep(0.02)
+            continue
+        end = next((r for r in dec.decode(data) if r.iport == iport and r.op == C.OP_END), None)
+        if end is not None:
+            return end
+    return None
+
+
 def test_sessions_a_rule_change_removes_are_sent_to_the_peer_as_ends(gw):
     """A reload that takes an address out of the rule's pool removes the sessions on it (their
     next packet makes a fresh one): the peer is sent an end record for each, as for a flush or
@@ -329,22 +354,10 @@ def test_sessions_a_rule_change_removes_are_sent_to_the_peer_as_ends(gw):
     gw.wait(lambda y: any(c["inside"] == "198.18.60.43:40360" for c in gw.conns()))
     gw.sock.setblocking(False)
     try:
-        while True:  # what A sent before
-            try:
-                gw.sock.recv(2048)
-            except BlockingIOError:
-                break
+        _drain(gw.sock)  # what A sent before
         assert gw.call("reload", narrowed).returncode == 0
         assert not [c for c in gw.conns() if c["inside"] == "198.18.60.43:40360"]
-        deadline = time.monotonic() + 3
-        end = None
-        while end is None and time.monotonic() < deadline:
-            try:
-                data = gw.sock.recv(2048)
-            except BlockingIOError:
-                time.sleep(0.02)
-                continue
-            end = next((r for r in dec.decode(data) if r.iport == 40360 and r.op == C.OP_END), None)
+        end = _end_from(gw.sock, dec, 40360)
         assert end is not None and (socket.inet_ntoa(end.nat), end.nport, end.rule_id) == (POOL[1], 6080, RULE_ID), end
     finally:
         gw.sock.setblocking(True)
@@ -365,23 +378,11 @@ def test_an_end_right_after_a_reload_that_rebuilds_the_sync_reaches_the_peer(gw)
     was = gw.boot()
     gw.sock.setblocking(False)
     try:
-        while True:  # what A sent before
-            try:
-                gw.sock.recv(2048)
-            except BlockingIOError:
-                break
+        _drain(gw.sock)  # what A sent before
         assert gw.call("reload", slower).returncode == 0
         assert gw.sync()["interval"] == 5
         assert gw.call("flush", "--inside", "198.18.60.44").returncode == 0
-        deadline = time.monotonic() + 3
-        end = None
-        while end is None and time.monotonic() < deadline:
-            try:
-                data = gw.sock.recv(2048)
-            except BlockingIOError:
-                time.sleep(0.02)
-                continue
-            end = next((r for r in dec.decode(data) if r.iport == 40370 and r.op == C.OP_END), None)
+        end = _end_from(gw.sock, dec, 40370)
         assert end is not None and (socket.inet_ntoa(end.nat), end.nport) == (POOL[0], 6085), dec.stats()
         assert gw.boot() == was  # (the peer sees no restart: no walk on either side)
     finally:
