@@ -74,15 +74,18 @@ def test_copy_passes_bring_what_the_old_table_gained_and_keep_what_the_new_one_c
                 gained = add_session(old_ct, 20, out_seen=now, in_seen=now)  # made by an old program
                 gained_eim = eim_put(old_eim, 20, now)
                 changed_out, _ = keys[1]
-                mine = bytearray(m.ct.get(changed_out))  # the new program's refresh of session 1
+                mine = bytearray(m.ct.get(changed_out))  # the new program's refresh of session 1 (below)
                 mine[L.CT_ENTRY.offsets()["state"]] = int(L.CtState.FIN_WAIT)
-                m.ct.put(changed_out, bytes(mine))
                 b.maps.delete_pair(next(p for p in m.iter_pairs() if p.out_key == keys[2][0]))  # the start's
                 assert old_ct.get(keys[2][0]) is None  # ... gone from the old table too
                 refreshed = bytearray(old_ct.get(changed_out))  # and the old one's use of it
                 refreshed[L.CT_ENTRY.offsets()["last_seen"] : L.CT_ENTRY.offsets()["last_seen"] + 8] = (
                     now.to_bytes(8, "little"))
                 old_ct.put(changed_out, bytes(refreshed))
+                # ... and the new program's use after it (its packet's state and time)
+                mine[L.CT_ENTRY.offsets()["last_seen"] : L.CT_ENTRY.offsets()["last_seen"] + 8] = (
+                    (now + 1).to_bytes(8, "little"))
+                m.ct.put(changed_out, bytes(mine))
                 b.attach(["in0"], ["out0"])
                 # a program run begun before the last replace makes one more, which the last pass takes
                 late = add_session(old_ct, 30, out_seen=monotonic_ns(), in_seen=monotonic_ns())
@@ -123,6 +126,52 @@ def test_copy_passes_bring_what_the_old_table_gained_and_keep_what_the_new_one_c
         finally:
             b.stop()
     assert not os.path.exists(pin_dir)
+
+
+@pytest.mark.bpf
+def test_what_the_old_programs_changed_after_the_first_copy_is_carried_over(ns, pin_dir, mini_obj):  # noqa: F811
+    """After the first copy and before their hooks are replaced, the old programs change
+    sessions the copy took: one connection is reset (its OUT entry CLOSE, used now), another's
+    reply refreshes its IN entry only, and a mapping is used.  After the carry the new table
+    has their state and times (the new programs had not used them since): CLOSE (10 s), not the
+    copy's ESTABLISHED (7440 s: the closed connection held its port and its host's room for two
+    hours).  The passes copied only what the new table lacked: they looked at those entries
+    and left them as the first copy had them."""
+    seen = monotonic_ns() - 600 * 10**9
+    keys, eims = _old_table(pin_dir, mini_obj, 4, seen)
+    with netns(ns):
+        b = Loader(pin_dir, 128, mini_obj)
+        try:
+            m = b.load()
+            old_ct = B.Map.open_pinned(os.path.join(pin_dir, L.MAP_CT))
+            old_eim = B.Map.open_pinned(os.path.join(pin_dir, L.MAP_EIM))
+            seen_at = L.CT_ENTRY.offsets()["last_seen"]
+            try:
+                now = monotonic_ns()
+                reset = bytearray(old_ct.get(keys[0][0]))
+                reset[L.CT_ENTRY.offsets()["state"]] = int(L.CtState.CLOSE)
+                reset[seen_at : seen_at + 8] = now.to_bytes(8, "little")
+                old_ct.put(keys[0][0], bytes(reset))
+                reply = bytearray(old_ct.get(keys[1][1]))
+                reply[seen_at : seen_at + 8] = now.to_bytes(8, "little")
+                old_ct.put(keys[1][1], bytes(reply))
+                eim_put(old_eim, 2, now)  # (the same mapping, used now)
+            finally:
+                old_ct.close()
+                old_eim.close()
+            b.attach(["in0"], ["out0"])
+            done = b.finish_carry(grace=0.01)
+            out0 = L.CT_ENTRY.unpack(m.ct.get(keys[0][0]))
+            assert (out0["state"], out0["last_seen"]) == (int(L.CtState.CLOSE), now), done
+            assert L.CT_ENTRY.unpack(m.ct.get(keys[1][1]))["last_seen"] == now
+            assert L.CT_ENTRY.unpack(m.ct.get(keys[1][0]))["last_seen"] == seen  # (its OUT entry as it was)
+            assert L.EIM_ENTRY.unpack(m.maps[L.MAP_EIM].get(eims[2]))["last_seen"] == now
+            assert done["maps"][L.MAP_CT]["after_attach"]["updated"] == 4, done
+            assert done["maps"][L.MAP_EIM]["after_attach"]["updated"] == 1, done
+            assert L.CT_ENTRY.unpack(m.ct.get(keys[3][0]))["last_seen"] == seen  # untouched
+            b.commit()
+        finally:
+            b.stop()
 
 
 @pytest.mark.bpf

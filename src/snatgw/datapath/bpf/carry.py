@@ -110,9 +110,10 @@ def copy_all(old: B.Map, new: B.Map, how: Carried, chunk: int = 4096) -> int:
 
 @dataclass
 class PassResult:
-    looked: int = 0  # entries used since the pass's ``since_ns`` (looked up in the new map)
+    looked: int = 0  # entries (snat_ct: sessions) used since the pass's ``since_ns`` (looked up in the new map)
     copied: int = 0  # entries copied (a session: 2)
     full: int = 0  # entries the new map had no room for
+    updated: int = 0  # entries the old programs changed after the new map's copy of them was made (a session: 2)
 
 
 def _put_new(new: B.Map, key: bytes, value: bytes) -> int:
@@ -128,37 +129,72 @@ def _put_new(new: B.Map, key: bytes, value: bytes) -> int:
     return 1
 
 
+def _put_over(new: B.Map, key: bytes, value: bytes) -> bool:
+    """Put with BPF_EXIST: False when the key is gone meanwhile."""
+    try:
+        new.put(key, value, B.BPF_EXIST)
+    except B.LibbpfError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
 def copy_new(old: B.Map, new: B.Map, how: Carried, since_ns: int, chunk: int = 4096) -> PassResult:
     """The entries of ``old`` used (made or refreshed) since ``since_ns`` (the programs' clock,
-    CLOCK_MONOTONIC) that ``new`` lacks, converted and put with BPF_NOEXIST: what the new map
-    holds wins (a session the new programs made or changed).  An older entry was in ``old``
-    through a whole earlier pass, which saw it.  snat_ct: by pairs, the IN entry first (its
-    key holds the SNAT port, as the datapath takes it), then the OUT entry; a pair whose IN
-    entry is missing or another session's is left (a half pair, which the sweep removes); when
-    the OUT key went in meanwhile, the IN entry just written goes again."""
+    CLOCK_MONOTONIC), converted: those ``new`` lacks are put with BPF_NOEXIST (what the new map
+    holds is never overwritten by a copy: a session the new programs made); those it holds as an
+    earlier pass copied them but the old programs used later than anything in ``new`` says
+    (their last packet's state and time: a connection closed or refreshed on a hook not replaced
+    yet) are put over it, the same mapping only (a session the new programs changed since is
+    later, and wins).  An older entry was in ``old`` through a whole earlier pass, which saw
+    it.  snat_ct: by pairs (an IN entry used since, its OUT entry not: the pair too), the
+    IN entry first (its key holds the SNAT port, as the datapath takes it), then the OUT entry;
+    a pair whose IN entry is missing or another session's is left (a half pair, which the
+    sweep removes); when the OUT key went in meanwhile, the IN entry just written goes again."""
     res = PassResult()
     since = max(0, since_ns - CLOCK_SLACK_NS)
     off = how.seen_off
+
+    def seen(v: bytes) -> int:
+        return _U64.unpack_from(v, off)[0]
+
     for part in old._batches(chunk):
         for k, v in part:
-            if _U64.unpack_from(v, off)[0] < since:
-                continue
-            if how.paired and k[_DIR] != L.CT_DIR_OUT:
-                continue  # (with its OUT entry)
-            res.looked += 1
-            ck, cv = how.convert(k, v)
-            if new.get(ck) is not None:
+            if seen(v) < since:
                 continue
             if not how.paired:
-                got = _put_new(new, ck, cv)
-                res.copied += got > 0
-                res.full += got < 0
+                res.looked += 1
+                ck, cv = how.convert(k, v)
+                now = new.get(ck)
+                if now is None:
+                    got = _put_new(new, ck, cv)
+                    res.copied += got > 0
+                    res.full += got < 0
+                elif seen(cv) > seen(now) and now[:off] == cv[:off] and _put_over(new, ck, cv):
+                    res.updated += 1
                 continue
-            in_key = v[_PEER]
-            inn = old.get(in_key)
-            if inn is None or inn[_PEER] != k:
+            if k[_DIR] == L.CT_DIR_OUT:
+                out_k, out_v, in_k = k, v, v[_PEER]
+                inn = old.get(in_k)
+            else:  # used since, its OUT entry perhaps not (a reply's packet): the pair, once
+                out_k, in_k, inn = v[_PEER], k, v
+                out_v = old.get(out_k)
+                if out_v is None or seen(out_v) >= since:
+                    continue  # (a half pair; or its OUT entry's turn)
+            if inn is None or inn[_PEER] != out_k or out_v[_PEER] != in_k:
                 continue
-            cik, civ = how.convert(in_key, inn)
+            res.looked += 1
+            ck, cv = how.convert(out_k, out_v)
+            cik, civ = how.convert(in_k, inn)
+            now = new.get(ck)
+            if now is not None:
+                now_in = new.get(cik) if now[_PEER] == cik else None
+                if now_in is None or now_in[_PEER] != ck or max(seen(cv), seen(civ)) <= max(seen(now), seen(now_in)):
+                    continue  # another mapping, or the new programs used it since: theirs
+                if _put_over(new, cik, civ) and _put_over(new, ck, cv):
+                    res.updated += 2
+                continue
             got = _put_new(new, cik, civ)
             if got <= 0:
                 res.full += 2 * (got < 0)

@@ -426,7 +426,7 @@ class Loader:
             for name in carry.ORDER:
                 if name in self.carrying:
                     r = carry.copy_new(self.carrying[name], self.obj.map(name), carry.CARRIED[name], since)
-                    got[name] = {"looked": r.looked, "copied": r.copied, "full": r.full}
+                    got[name] = {"looked": r.looked, "copied": r.copied, "full": r.full, "updated": r.updated}
             passes.append(got)
             since = began
         for name in carry.ORDER:
