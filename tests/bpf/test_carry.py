@@ -175,6 +175,29 @@ def test_what_the_old_programs_changed_after_the_first_copy_is_carried_over(ns, 
 
 
 @pytest.mark.bpf
+def test_a_first_copy_that_fails_leaves_every_pin_as_it_was(pin_dir, mini_obj, monkeypatch):  # noqa: F811
+    """A start that carries the table over (64 -> 128) and replaces a counter map of another
+    layout (an upgrade) fails in its first copy (the table grew past the new size meanwhile,
+    a batch write refused): every pin is the map it was, the replaced counter map's too (the
+    running programs count into it).  The counter map's new one was renamed over it before
+    the copy, and the failure left it there: `stats` read a map nothing counted into."""
+    from test_loader import _pin_foreign
+
+    _old_table(pin_dir, mini_obj, 4, monotonic_ns())
+    _pin_foreign(os.path.join(pin_dir, L.MAP_ALLOC_CNT), "percpu_array", 4, 8, 2)
+    before = _pin_ids(pin_dir)
+
+    def copy_all(*a, **kw):
+        raise BackendError("snat_ct: more entries than the new map's (injected)")
+
+    monkeypatch.setattr(carry, "copy_all", copy_all)
+    with pytest.raises(BackendError, match="injected"):
+        Loader(pin_dir, 128, mini_obj).load()
+    assert _pin_ids(pin_dir) == before
+    assert not any(p.endswith(REPLACED_SUFFIX) for p in _pins(pin_dir))
+
+
+@pytest.mark.bpf
 def test_shrinking_below_the_live_sessions_is_refused_and_changes_nothing(pin_dir, mini_obj):  # noqa: F811
     """10 sessions (20 entries) and max_sessions 8 (16 entries): refused, saying how many there
     are, what the new size holds and what to do; the pins are the same maps.  max_sessions 10

@@ -362,14 +362,15 @@ class Loader:
                             staged.append((path, final))
                     B.obj_pin(obj.map_fd(name), path)
                     made.append(path)
-            for path, final in staged:
-                os.replace(path, final)  # bpffs renames in place: the name is never missing
-                made.remove(path)
-            if self.carrying:  # every entry over, before anything of this start uses the new maps
+            if self.carrying:  # every entry over, before anything of this start uses the new maps (and
+                # before the renames below: a copy that fails leaves the pins as they were)
                 self._carry_t0 = time.monotonic()
                 self._since = monotonic_ns()
                 self.carried = {"first": {n: carry.copy_all(self.carrying[n], obj.map(n), carry.CARRIED[n])
                                           for n in carry.ORDER if n in self.carrying}}  # fmt: skip
+            for path, final in staged:
+                os.replace(path, final)  # bpffs renames in place: the name is never missing
+                made.remove(path)
         except BaseException:
             obj.close()
             self.reused = []
