@@ -174,6 +174,57 @@ def test_what_the_old_programs_changed_after_the_first_copy_is_carried_over(ns, 
             b.stop()
 
 
+class Killed(BaseException):
+    """The daemon killed (kill -9, the OOM killer) at that point: nothing of the start's cleanup runs."""
+
+
+@pytest.mark.bpf
+def test_a_start_killed_during_the_copies_after_attach_loses_no_session(ns, pin_dir, mini_obj,  # noqa: F811
+                                                                        monkeypatch):  # fmt: skip
+    """64 -> 128: after attach the new programs make a session in the new table, and an old
+    program made one in the old table after the first copy; the daemon is killed in the first
+    pass after attach (its fds close, its pins and programs stay: emulated).  The next start
+    (128 too) has both sessions, and leaves no pin of the carry behind.  The new table was
+    renamed over the old one only after the passes: the next start carried the old table
+    again, and the new programs' session was lost (its connection broken at that start's
+    attach)."""
+    from snatgw.datapath.bpf import loader as loader_mod
+
+    left_suffix = getattr(loader_mod, "CARRIED_SUFFIX", "_carried_from")
+    seen = monotonic_ns() - 600 * 10**9
+    keys, _ = _old_table(pin_dir, mini_obj, 4, seen)
+    with netns(ns):
+        b = Loader(pin_dir, 128, mini_obj)
+        m = b.load()
+        old_ct = B.Map.open_pinned(os.path.join(pin_dir, L.MAP_CT))
+        try:
+            theirs = add_session(old_ct, 20, out_seen=monotonic_ns(), in_seen=monotonic_ns())  # an old program's
+        finally:
+            old_ct.close()
+        b.attach(["in0"], ["out0"])
+        ours = add_session(m.ct, 30, out_seen=monotonic_ns(), in_seen=monotonic_ns())  # a new program's
+
+        def killed(*a, **kw):
+            raise Killed()
+
+        monkeypatch.setattr(carry, "copy_new", killed)
+        with pytest.raises(Killed):
+            b.finish_carry(grace=0.01)
+        monkeypatch.undo()
+        b.stop(keep_state=True)  # (what the process's end does: its fds close, nothing else)
+        c = Loader(pin_dir, 128, mini_obj)
+        try:
+            mc = c.load()
+            for o, i in (*keys, theirs, ours):
+                assert mc.ct.get(o) is not None and mc.ct.get(i) is not None, (o, _pins(pin_dir))
+            c.attach(["in0"], ["out0"])
+            c.finish_carry()
+            c.commit()
+            assert not any(p.endswith((REPLACED_SUFFIX, left_suffix)) for p in _pins(pin_dir)), _pins(pin_dir)
+        finally:
+            c.stop()
+
+
 @pytest.mark.bpf
 def test_a_first_copy_that_fails_leaves_every_pin_as_it_was(pin_dir, mini_obj, monkeypatch):  # noqa: F811
     """A start that carries the table over (64 -> 128) and replaces a counter map of another

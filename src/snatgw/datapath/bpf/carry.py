@@ -6,10 +6,12 @@ window").
 The loader pins the new maps beside the old (REPLACED_SUFFIX) and copies every entry over
 (``copy_all``: batch reads and batch writes, ``chunk`` entries at a time) before its programs are
 attached; the old programs, still attached, go on making sessions in the old maps meanwhile.
-Once the new programs are on every hook it copies what the old maps gained (``copy_new``),
-waits for the runs of the old programs that began before their last replace (MIGRATE_GRACE),
-copies once more, and renames the new pins over the old ones.  A later pass copies only what
-the new map lacks: a session the new programs made or changed meanwhile wins.  It looks only
+Once the new programs are on every hook it renames the new pins over the old ones (the old
+maps pinned beside them until the copies are done: loader.CARRIED_SUFFIX), copies what the old
+maps gained (``copy_new``), waits for the runs of the old programs that began before their last
+replace (MIGRATE_GRACE), and copies once more.  A later pass copies what the new map lacks, and
+what the old programs used later than the new map says (a session the new programs made or
+used meanwhile wins).  It looks only
 at the entries used (made or refreshed) since the pass before it began (``since_ns``): an
 older one was in the old map through that whole pass, which saw it.  A session the start
 removed goes from the old map too (DatapathMaps.shadow_ct), so no pass brings it back.

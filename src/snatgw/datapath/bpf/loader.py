@@ -133,12 +133,16 @@ def _is_bpffs(path: str) -> bool:
 #: the name suffix a replacing map is pinned under until it is renamed over the old pin (bpffs
 #: refuses a '.' in a name)
 REPLACED_SUFFIX = "_replacing"
+#: the old map of a table being carried over, pinned beside the new one from the rename until
+#: the copies after it are done (finish_carry): a daemon killed meanwhile leaves it, and the
+#: next start copies what it holds that the new table lacks (Loader._recover_carried)
+CARRIED_SUFFIX = "_carried_from"
 
 
 def unpin(pin_dir: str) -> None:
     """Remove our pins and the directory (only our map names; anything else stays)."""
     for name in map_specs():
-        for pin in (name, name + REPLACED_SUFFIX):  # the second: a start that died replacing it
+        for pin in (name, name + REPLACED_SUFFIX, name + CARRIED_SUFFIX):  # the others: a start that died replacing it
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(pin_dir, pin))
     with contextlib.suppress(FileNotFoundError, OSError):
@@ -277,6 +281,8 @@ class Loader:
         #: their new ones pinned under REPLACED_SUFFIX until finish_carry() renames them
         self.carrying: dict[str, B.Map] = {}
         self._staged: dict[str, tuple[str, str]] = {}  # name -> (staging pin, final pin)
+        self._left: list[str] = []  # the old maps' CARRIED_SUFFIX pins while finish_carry copies
+        self._recovered: list[str] = []  # a killed start's CARRIED_SUFFIX pins copied here: removed at commit()
         self._since = 0  # monotonic_ns() when the first copy began (carry.copy_new)
         self._carry_t0 = 0.0
         #: while carrying: our filters as they were before attach() replaced any,
@@ -368,6 +374,7 @@ class Loader:
                 self._since = monotonic_ns()
                 self.carried = {"first": {n: carry.copy_all(self.carrying[n], obj.map(n), carry.CARRIED[n])
                                           for n in carry.ORDER if n in self.carrying}}  # fmt: skip
+            self._recover_carried(obj)
             for path, final in staged:
                 os.replace(path, final)  # bpffs renames in place: the name is never missing
                 made.remove(path)
@@ -399,6 +406,10 @@ class Loader:
         """The start that loaded succeeded: its pins are the datapath's now (rollback() no more)."""
         if self.carrying:
             raise BackendError("commit before finish_carry: the old table is still pinned")
+        for path in self._recovered:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._recovered = []
         self.created = []
         self._close_displaced()
         self._close_before()
@@ -409,14 +420,30 @@ class Loader:
         """After attach(), when load() is carrying maps over (another max_sessions): copy what
         the old maps gained since the first copy (the old programs went on making sessions on
         the hooks not yet replaced), wait ``grace`` (carry.GRACE_SECONDS: runs of the old
-        programs begun before their replace end), copy once more, then rename the new pins
-        over the old ones; the old maps go with their last fd (commit()).  Returns what it did
+        programs begun before their replace end), copy once more.  The new pins take the old
+        names first (every hook uses the new maps), the old maps pinned beside them
+        (CARRIED_SUFFIX) until the copies are done: a daemon killed meanwhile loses neither
+        table (the next start copies that one in: _recover_carried); the old maps go with
+        their last fd (commit()).  Returns what it did
         (also ``carried``): per map the old and new size and the entries each pass copied, and
         the seconds since the first copy began; None when nothing was carried."""
         if not self.carrying:
             return None
         if self.obj is None or self._before is None:  # (attach() takes the hooks' programs first)
             raise BackendError("finish_carry before attach")
+        # every hook runs the new programs: their maps take the names now, the old ones pinned
+        # beside them until the copies are done (a daemon killed during them: the next start
+        # has the sessions the new programs made, and copies what the old ones gained)
+        for name in carry.ORDER:
+            if name in self._staged:
+                staging, final = self._staged.pop(name)
+                left = final + CARRIED_SUFFIX
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(left)
+                B.obj_pin(self.carrying[name].fd, left)
+                self._left.append(left)
+                os.replace(staging, final)  # in place: the name is never missing
+                self.created.remove(staging)
         passes: list[dict] = []
         since = self._since
         for i in range(2):
@@ -430,11 +457,7 @@ class Loader:
                     got[name] = {"looked": r.looked, "copied": r.copied, "full": r.full, "updated": r.updated}
             passes.append(got)
             since = began
-        for name in carry.ORDER:
-            if name in self._staged:
-                staging, final = self._staged.pop(name)
-                os.replace(staging, final)  # in place: the name is never missing
-                self.created.remove(staging)
+        self._unpin_left()
         sizes = {name: (old.max_entries, self.obj.map(name).max_entries) for name, old in self.carrying.items()}
         first = self.carried["first"] if self.carried else {}
         self.carried = {
@@ -450,6 +473,41 @@ class Loader:
         if self.maps is not None:
             self.maps.shadow_ct = None
         return self.carried
+
+    def _unpin_left(self) -> None:
+        for path in self._left:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._left = []
+
+    def _recover_carried(self, obj) -> None:
+        """A start killed while it copied a carried table after its rename left the old map
+        pinned beside the new (CARRIED_SUFFIX): what it holds that this start's map lacks (or
+        holds older) is copied in (carry.copy_new over every entry), before anything of this
+        start runs; the pin goes at commit().  Logged; a failure leaves the pin (tried again
+        at the next start) and the start goes on."""
+        for name in carry.ORDER:
+            path = os.path.join(self.pin_dir, name + CARRIED_SUFFIX)
+            if not os.path.exists(path):
+                continue
+            try:
+                left = B.Map.open_pinned(path)
+                try:
+                    new = obj.map(name)
+                    if (left.key_size, left.value_size) != (new.key_size, new.value_size):
+                        log.warning("%s: left by a start killed carrying the table over, in another layout: removed, "
+                                    "not copied", path)  # fmt: skip
+                    else:
+                        r = carry.copy_new(left, new, carry.CARRIED[name], 0)
+                        log.warning("%s: left by a start killed while it carried the table over: %d entries copied, "
+                                    "%d updated, %d without room", path, r.copied, r.updated, r.full)  # fmt: skip
+                finally:
+                    left.close()
+            except (BackendError, OSError) as e:
+                log.warning("%s: left by a start killed while it carried the table over, cannot be copied: %s "
+                            "(tried again at the next start)", path, e)
+                continue
+            self._recovered.append(path)
 
     def _close_carrying(self) -> None:
         for m in self.carrying.values():
@@ -510,6 +568,8 @@ class Loader:
         whole.  Never raises: what cannot be put back is logged."""
         if self._before is not None:
             self._restore_programs()
+        self._unpin_left()  # (the old maps go back under their names below)
+        self._recovered = []  # (kept for the next start)
         self._close_carrying()
         self._close_before()
         for path in self.created:
