@@ -161,6 +161,19 @@ def copy_new(old: B.Map, new: B.Map, how: Carried, since_ns: int, chunk: int = 4
     def seen(v: bytes) -> int:
         return _U64.unpack_from(v, off)[0]
 
+    def update_pair(out_k: bytes, out_v: bytes, in_k: bytes, in_v: bytes) -> None:
+        """The old pair over the new map's when it is the same mapping and the old one's last
+        use is the later (lookups only here: the old programs' later use is the rare case)."""
+        ck, cv = how.convert(out_k, out_v)
+        cik, civ = how.convert(in_k, in_v)
+        now, now_in = new.get(ck), new.get(cik)
+        if now is None or now_in is None or now[_PEER] != cik or now_in[_PEER] != ck:
+            return  # another mapping (the new programs'), or half gone: theirs
+        if max(seen(cv), seen(civ)) <= max(seen(now), seen(now_in)):
+            return  # the new programs used it since
+        if _put_over(new, cik, civ) and _put_over(new, ck, cv):
+            res.updated += 2
+
     for part in old._batches(chunk):
         for k, v in part:
             if seen(v) < since:
@@ -176,27 +189,28 @@ def copy_new(old: B.Map, new: B.Map, how: Carried, since_ns: int, chunk: int = 4
                 elif seen(cv) > seen(now) and now[:off] == cv[:off] and _put_over(new, ck, cv):
                     res.updated += 1
                 continue
-            if k[_DIR] == L.CT_DIR_OUT:
-                out_k, out_v, in_k = k, v, v[_PEER]
-                inn = old.get(in_k)
-            else:  # used since, its OUT entry perhaps not (a reply's packet): the pair, once
-                out_k, in_k, inn = v[_PEER], k, v
-                out_v = old.get(out_k)
-                if out_v is None or seen(out_v) >= since:
-                    continue  # (a half pair; or its OUT entry's turn)
-            if inn is None or inn[_PEER] != out_k or out_v[_PEER] != in_k:
-                continue
+            if k[_DIR] != L.CT_DIR_OUT:  # a reply's use: its pair, when the new map has this entry older
+                now_in = new.get(how.convert(k, v)[0])
+                if now_in is not None and seen(now_in) < seen(v):
+                    out_v = old.get(v[_PEER])
+                    if out_v is not None and out_v[_PEER] == k:
+                        res.looked += 1
+                        update_pair(v[_PEER], out_v, k, v)
+                continue  # (a pair the new map lacks: with its OUT entry)
             res.looked += 1
-            ck, cv = how.convert(out_k, out_v)
-            cik, civ = how.convert(in_k, inn)
+            ck, cv = how.convert(k, v)
             now = new.get(ck)
+            in_key = v[_PEER]
             if now is not None:
-                now_in = new.get(cik) if now[_PEER] == cik else None
-                if now_in is None or now_in[_PEER] != ck or max(seen(cv), seen(civ)) <= max(seen(now), seen(now_in)):
-                    continue  # another mapping, or the new programs used it since: theirs
-                if _put_over(new, cik, civ) and _put_over(new, ck, cv):
-                    res.updated += 2
+                if seen(now) < seen(v):
+                    inn = old.get(in_key)
+                    if inn is not None and inn[_PEER] == k:
+                        update_pair(k, v, in_key, inn)
                 continue
+            inn = old.get(in_key)
+            if inn is None or inn[_PEER] != k:
+                continue
+            cik, civ = how.convert(in_key, inn)
             got = _put_new(new, cik, civ)
             if got <= 0:
                 res.full += 2 * (got < 0)
