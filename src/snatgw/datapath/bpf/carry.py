@@ -21,13 +21,13 @@ Memory: one chunk.
 from __future__ import annotations
 
 import errno
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ... import layout as L
 from ...errors import BackendError
 from . import libbpf as B
+from .maps import _DIR_OFF, _PEER, _U64, peer_entry
 
 #: entry (key, value) -> the new layout's (key, value); identity while only the size changes
 Convert = Callable[[bytes, bytes], tuple[bytes, bytes]]
@@ -74,9 +74,6 @@ CLOCK_SLACK_NS = 1_000_000_000
 #: run made is copied by the pass after the wait
 GRACE_SECONDS = 0.05
 
-_DIR = L.CT_KEY.offsets()["dir"]
-_PEER = slice(0, L.CT_KEY.size)
-_U64 = struct.Struct("<Q")
 
 
 def sessions_of(m: B.Map, chunk: int = 4096) -> tuple[int, int]:
@@ -85,7 +82,7 @@ def sessions_of(m: B.Map, chunk: int = 4096) -> tuple[int, int]:
     for nn, raw_k in m.key_batches(chunk):
         n += nn
         ks = L.CT_KEY.size
-        out += sum(1 for i in range(nn) if raw_k[i * ks + _DIR] == L.CT_DIR_OUT)
+        out += sum(1 for i in range(nn) if raw_k[i * ks + _DIR_OFF] == L.CT_DIR_OUT)
     return n, out
 
 
@@ -189,11 +186,11 @@ def copy_new(old: B.Map, new: B.Map, how: Carried, since_ns: int, chunk: int = 4
                 elif seen(cv) > seen(now) and now[:off] == cv[:off] and _put_over(new, ck, cv):
                     res.updated += 1
                 continue
-            if k[_DIR] != L.CT_DIR_OUT:  # a reply's use: its pair, when the new map has this entry older
+            if k[_DIR_OFF] != L.CT_DIR_OUT:  # a reply's use: its pair, when the new map has this entry older
                 now_in = new.get(how.convert(k, v)[0])
                 if now_in is not None and seen(now_in) < seen(v):
-                    out_v = old.get(v[_PEER])
-                    if out_v is not None and out_v[_PEER] == k:
+                    out_v = peer_entry(old, k, v)
+                    if out_v is not None:
                         res.looked += 1
                         update_pair(v[_PEER], out_v, k, v)
                 continue  # (a pair the new map lacks: with its OUT entry)
@@ -203,12 +200,12 @@ def copy_new(old: B.Map, new: B.Map, how: Carried, since_ns: int, chunk: int = 4
             in_key = v[_PEER]
             if now is not None:
                 if seen(now) < seen(v):
-                    inn = old.get(in_key)
-                    if inn is not None and inn[_PEER] == k:
+                    inn = peer_entry(old, k, v)
+                    if inn is not None:
                         update_pair(k, v, in_key, inn)
                 continue
-            inn = old.get(in_key)
-            if inn is None or inn[_PEER] != k:
+            inn = peer_entry(old, k, v)
+            if inn is None:
                 continue
             cik, civ = how.convert(in_key, inn)
             got = _put_new(new, cik, civ)

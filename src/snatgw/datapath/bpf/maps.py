@@ -126,6 +126,15 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
 
+def peer_entry(ct: B.Map, key: bytes, value: bytes) -> bytes | None:
+    """The session table's entry of the other direction of ``key``'s, looked up by the peer key
+    in ``value``, when it points back at ``key``; None for a half pair (the other entry gone,
+    or that key now another session's)."""
+    other = ct.get(value[_PEER])
+    return other if other is not None and other[_PEER] == key else None
+
+
+
 def entry_peer(raw: bytes) -> bytes:
     return raw[_PEER]
 
@@ -333,8 +342,8 @@ class DatapathMaps:
                 in_key = v[_PEER]
                 inn = None
                 if with_in:
-                    inn = self.ct.get(in_key)
-                    if inn is None or inn[_PEER] != k:
+                    inn = peer_entry(self.ct, k, v)
+                    if inn is None:
                         continue
                 yield SessionPair(k, v, in_key, inn)
 
