@@ -54,19 +54,13 @@ def remove_bpf(pin_dir: str | None, netns: str | None = None, devices=None) -> l
 def _carrying_ours(devices) -> dict[str, int]:
     """{name: ifindex} of the devices (default: every one here) with our TC filter on either
     clsact point."""
-    import socket
-
     from .bpf import libbpf as B
-    from .bpf.loader import attached_prog_id
+    from .bpf.loader import _query, devices_here
 
-    found = socket.if_nameindex() if devices is None else []
-    for name in dict.fromkeys(devices or ()):
-        with contextlib.suppress(OSError):
-            found.append((socket.if_nametoindex(name), name))
     out = {}
-    for idx, name in found:
+    for idx, name in devices_here(devices):
         with contextlib.suppress(BackendError, OSError):
-            if any(attached_prog_id(name, p) is not None for p in (B.BPF_TC_INGRESS, B.BPF_TC_EGRESS)):
+            if any(_query(idx, p) is not None for p in (B.BPF_TC_INGRESS, B.BPF_TC_EGRESS)):
                 out[name] = idx
     return out
 

@@ -770,21 +770,26 @@ def _query(idx: int, point: int) -> int | None:
         raise BackendError(f"cannot query TC filters on ifindex {idx}: {e}") from None
 
 
+def devices_here(devices: list[str] | tuple[str, ...] | None = None) -> list[tuple[int, str]]:
+    """(ifindex, name) of ``devices`` (default: every device of this network namespace), in
+    their order, once each; a name no device has (gone) is left out."""
+    if devices is None:
+        return socket.if_nameindex()
+    found = []
+    for name in dict.fromkeys(devices):
+        with contextlib.suppress(OSError):
+            found.append((socket.if_nametoindex(name), name))
+    return found
+
+
 def detach_ours(devices: list[str] | tuple[str, ...] | None = None,
                 keep: set[tuple[int, int]] = frozenset()) -> list[str]:
     """Remove our TC filters (handle/priority TC_HANDLE/TC_PRIORITY only, e.g. left by a bpf
     daemon that was killed) from ``devices`` (default: every device of this network namespace)
     on both clsact points, except the (ifindex, point) hooks in ``keep``; other filters and the
     qdiscs stay.  Returns what was removed."""
-    if devices is None:
-        found = socket.if_nameindex()
-    else:
-        found = []
-        for name in dict.fromkeys(devices):
-            with contextlib.suppress(OSError):
-                found.append((socket.if_nametoindex(name), name))
     removed = []
-    for idx, name in found:
+    for idx, name in devices_here(devices):
         for point, where in ((B.BPF_TC_INGRESS, "ingress"), (B.BPF_TC_EGRESS, "egress")):
             if (idx, point) in keep:
                 continue
