@@ -341,7 +341,9 @@ EXPLAIN = ["--proto", "udp", "--src", "198.18.40.10:40000", "--dst", "203.0.113.
 
 def test_explain_says_the_kernel_picks_with_backend_nft(tmpdir_short, running):
     """explain answers as the bpf datapath; for a config with backend nft, and with --live
-    against a daemon running the nft backend, it says that nf_nat picks instead."""
+    against a daemon running the nft backend, it says that nf_nat picks instead; also without
+    --live when the daemon running the (bpf) file runs it with the nft backend (`run --backend
+    nft`, as the lab does): the note used to be missing there, the bpf answer standing alone."""
     from snatgw.cli.commands.explain import NFT_NOTE
 
     nft = tmpdir_short / "n.conf"
@@ -354,6 +356,8 @@ def test_explain_says_the_kernel_picks_with_backend_nft(tmpdir_short, running):
     assert NFT_NOTE not in json.loads(run_cli(live))["notes"]  # the fake backend: the model's own
     running.backend.name = "nft"  # what `status` reports of the daemon's backend
     assert NFT_NOTE in json.loads(run_cli(live))["notes"]
+    implicit = json.loads(run_cli(["explain", str(running.conf), "--socket", running.sock, *EXPLAIN]))["notes"]
+    assert implicit[0].startswith("judged against the running gateway's table") and NFT_NOTE in implicit
 
 
 def test_unlisted_pressure_says_why_and_exports_no_host_count():

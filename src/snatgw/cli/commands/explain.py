@@ -525,26 +525,28 @@ def live_notes(diff: dict, sock: str, path: str) -> list[str]:
     return notes
 
 
-def daemon_running(sock: str | None, config: str) -> tuple[str | None, str | None]:
-    """Without --live: (the control socket, a note) when a daemon answers there and runs
-    ``config`` itself (its table is what a flow would meet now), else (None, a note or None).
-    Never an error: no daemon is the common case."""
+def daemon_running(sock: str | None, config: str) -> tuple[str | None, str | None, str | None]:
+    """Without --live: (the control socket, a note, its backend) when a daemon answers there and
+    runs ``config`` itself (its table is what a flow would meet now; its backend may be another
+    than the file's, `run --backend`), else (None, a note or None, None).  Never an error: no
+    daemon is the common case."""
     from ...daemon.client import call, resolve_socket
     from ...errors import DaemonError
 
     sock = resolve_socket(sock)
     if not os.path.exists(sock):
-        return None, None
+        return None, None, None
     try:
         status = call(sock, {"op": "status"}, timeout=5.0)
     except (DaemonError, SnatgwError, OSError, ValueError):
-        return None, None
+        return None, None, None
     running = status.get("config")
     if not running or os.path.realpath(running) != os.path.realpath(config):
         return None, (f"a daemon on {sock} runs {running or 'another config'}: judged against an empty "
-                      "table (--live judges against its)")
+                      "table (--live judges against its)"), None
     return sock, (f"judged against the running gateway's table ({sock}, which runs this file); the rules are "
-                  "the file's (--live uses the daemon's, with `adm` changes; --offline an empty table)")
+                  "the file's (--live uses the daemon's, with `adm` changes; --offline an empty table)"), \
+        status.get("backend")
 
 
 def relevant_sessions(sock: str, pkt: bytes, cfg) -> tuple[list[dict], int]:
@@ -613,7 +615,8 @@ def run(args: argparse.Namespace) -> int:
     table_of = live["socket"] if live is not None else None
     auto_note = None
     if live is None and not args.offline:  # a daemon running this very file: its table counts
-        table_of, auto_note = daemon_running(args.socket, args.config)
+        # the daemon's backend, not the file's, says who picks (a `run --backend nft` of a bpf file)
+        table_of, auto_note, backend = daemon_running(args.socket, args.config)
     if args.route_from_kernel:
         if args.oif or args.gw or args.new_gw_oif:
             raise BadInput("--route-from-kernel replaces --oif/--gw/--new-gw-oif; give one or the other")
