@@ -89,3 +89,40 @@ def test_port_search_counts_step_by_step_as_the_model(make_prog):
         assert a == model_alloc_counts(e), f"step {i}"
         got.append((a["port_searches"], a["port_search_tries"]))
     assert got == [(1, 1), (2, 3), (3, 6), (4, 9), (4, 9), (5, 10)]
+
+
+def test_an_apply_forgets_the_refusal_markers_and_memos_as_the_model(make_prog):
+    """A reload that raises the host limit, or turns spill on: the flows refused just before
+    are judged again by the new settings at their next packet, in the programs as in the model
+    (the apply empties snat_refused and snat_spill_memo).  Before, their markers dropped them
+    as DROP_REFUSED_RECENTLY for up to REFUSED_SECS after the reload, and the memo kept the
+    full address skipped."""
+    from snatgw.model import Engine, StaticRouter
+
+    rules = RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": "198.19.2.71-198.19.2.72",
+                                     "algo": "sh"})])  # sh: drop by default
+    s = replace(REF_SETTINGS, port_min=5000, port_max=5001, max_sessions_per_host=3)
+    prog, e = make_prog(rules, s), Engine(rules, s, StaticRouter.ref())
+
+    def send(sport, now):
+        pkt = udp(A, R1, sport, 53)
+        want, run = e.process(pkt, "inside", "lan40", now), prog.run("inside", pkt, "lan40", now=now)
+        assert (run.reason, run.packet) == (want.reason, want.packet), f"sport {sport} at {now}"
+        return run.reason
+
+    # two ports on the sh address, then the port search refuses (sh: drop); the limit of 3 is
+    # for after the reload, when the spilled third flow makes the host's third session
+    got = [send(sp, now) for sp, now in ((1001, 10.0), (1002, 10.125), (1003, 10.25))]
+    assert got == [Reason.XLATE_NEW, Reason.XLATE_NEW, Reason.DROP_PORT_EXHAUSTED]
+    assert send(1003, 10.5) == Reason.DROP_REFUSED_RECENTLY
+    assert prog.spill_memos() == model_spill_memos(e) != {}
+    spill = replace(s, on_exhausted="spill")  # the reload: spill turned on
+    e.apply(rules, spill)
+    prog.apply(rules, spill)
+    assert prog.spill_memos() == model_spill_memos(e) == {} and prog.maps[L.MAP_REFUSED].keys() == []
+    assert send(1003, 10.625) == Reason.XLATE_NEW  # spilled to .72 at once, not dropped until 12.25
+    assert [send(1004, 10.75), send(1004, 10.875)] == [Reason.DROP_HOST_LIMIT, Reason.DROP_REFUSED_RECENTLY]
+    raised = replace(spill, max_sessions_per_host=10)  # the reload: the limit raised
+    e.apply(rules, raised)
+    prog.apply(rules, raised)
+    assert send(1004, 11.0) == Reason.XLATE_NEW

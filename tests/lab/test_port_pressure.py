@@ -192,7 +192,8 @@ def test_refused_flows_cost_one_lookup_on_bpf_and_a_search_again_on_nft(gateway,
 
 def test_host_limit_stops_one_host_not_the_next_behind_the_same_address(gateway, pressure_lab):
     """One SNAT address, max_sessions_per_host 60: A's 150 flows make 60 sessions and 90
-    refusals (DROP_HOST_LIMIT); B behind the same address still gets flows, end to end.  Expiry
+    refusals (DROP_HOST_LIMIT); B behind the same address still gets flows, end to end; a
+    reload to 200 lets A's refused flows in at their next packet.  Expiry
     sweeps run during the burst (gc_interval 0.1): a session made while a walk counts is counted
     once (the walk's number, docs/datapath.md "Expiry in the bpf backend"); before that, a sweep
     there counted it twice and refused A's 60th flow (59 sessions, 91 refusals)."""
@@ -206,6 +207,15 @@ def test_host_limit_stops_one_host_not_the_next_behind_the_same_address(gateway,
     if lab.backend == "bpf":  # a limit: the datapath counts each host's sessions as they are made
         assert st["pressure"]["hosts_counted"] == "live"
         assert {"host": A, "sessions": 60, "refusals": 90} in st["pressure"]["hosts"]
+    # a reload raising the limit: A's refused flows are judged by it at their next packet (bpf:
+    # the apply forgets the refusal markers, which dropped them as DROP_REFUSED_RECENTLY for 2 s)
+    path = os.path.join(lab.workdir, "pressure.conf")
+    with open(path, "w") as f:
+        f.write(conf("max_sessions_per_host 200\n gc_interval 0.1", f"snat_ip {POOL[0]}"))
+    lab.reload_gateway(path)
+    burst(lab, A, range(42060, 42150))
+    st = settle(lab, lambda s: reason(s, "XLATE_NEW") >= 155)
+    assert (len(sessions_of(lab, A)), reason(st, "DROP_REFUSED_RECENTLY")) == (150, 0)
 
 
 def test_established_flows_of_others_keep_working_during_a_flood(gateway, pressure_lab):

@@ -94,6 +94,30 @@ def test_with_a_host_limit_the_hosts_sessions_are_counted_live(tmpdir_short):
         r.close()
 
 
+def test_a_reload_that_raises_the_limit_lets_a_refused_flow_in_and_its_refusal_is_logged(tmpdir_short):
+    """A flow refused by the host limit, then a reload raising it: the flow's next packet is
+    judged by the new limit (its refusal marker went with the old rules; it used to be dropped
+    as DROP_REFUSED_RECENTLY for 2 s more), and the refusal the reload forgot is still logged."""
+    from test_daemon import LAB, Running
+
+    conf = tmpdir_short / "limit.conf"
+    conf.write_text(LAB.read_text().replace(ONE_PORT, "port_range 6000\n  max_sessions_per_host 2"))
+    r = Running(tmpdir_short, conf=conf)
+    try:
+        r.service.gc()  # the first refusal look: the interval starts
+        got = [send(r, "198.18.40.10", sp).reason.name for sp in (1, 2, 3, 3)]
+        assert got == ["XLATE_NEW", "XLATE_NEW", "DROP_HOST_LIMIT", "DROP_REFUSED_RECENTLY"]
+        r.conf.write_text(r.conf.read_text().replace("max_sessions_per_host 2", "max_sessions_per_host 5"))
+        assert r.req(op="reload")["ok"]
+        assert send(r, "198.18.40.10", 3).reason.name == "XLATE_NEW"
+        r.clock.t += REFUSAL_LOG_INTERVAL
+        r.service.gc()
+        (line,) = refused_lines(r)
+        assert "host=198.18.40.10" in line and "flows=1 " in line and "reason=DROP_HOST_LIMIT" in line
+    finally:
+        r.close()
+
+
 def test_hosts_are_listed_busiest_first_and_cut_to_the_top(pressed):
     """Twelve hosts: stats list the ten with the most sessions, busiest first, and the total."""
     for i in range(12):
@@ -371,4 +395,5 @@ def test_unlisted_pressure_says_why_and_exports_no_host_count():
     text = "\n".join(render_pressure(p))
     assert "(no lists per SNAT address and inside host: 30000 sessions: because)" in text
     assert "session table: 30000 of 100000 (30.0% full)" in text
+
 

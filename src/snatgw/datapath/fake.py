@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Callable, Iterable
 
 from ..errors import BackendError
+from ..layout import MAX_REFUSED
 from .backend import RuleCounters, Stats, pressure_summary
 
 
@@ -44,6 +45,7 @@ class FakeBackend:
         self.config = None
         self.applied: list = []  # every config successfully applied, in order (tests inspect it)
         self.stopped: bool | None = None  # None: running; else the keep_state it stopped with
+        self._forgotten: list[dict] = []  # refusal markers an apply forgot, for the next refusals()
 
     # -- fault injection
     def _enter(self, op: str) -> None:
@@ -72,7 +74,10 @@ class FakeBackend:
 
     def apply(self, config) -> None:
         self._enter("apply")
-        self._need().apply(config.rules, config.settings)
+        eng = self._need()
+        markers = self._markers(eng)  # the apply forgets them (Engine.apply): kept for refusals()
+        eng.apply(config.rules, config.settings)
+        self._forgotten = (self._forgotten + markers)[-MAX_REFUSED:]
         self.config = config
         self.applied.append(config)
 
@@ -102,10 +107,16 @@ class FakeBackend:
         return Stats(reasons=reasons, rules=rules, sessions=n, pressure=pressure)
 
     def refusals(self) -> list[dict]:
-        """The model's refusal markers, as the bpf backend lists them (``at`` in ns)."""
+        """The model's refusal markers, as the bpf backend lists them (``at`` in ns), after
+        those an apply forgot since the last call (as the bpf backend keeps them)."""
+        forgotten, self._forgotten = self._forgotten, []
+        return forgotten + self._markers(self._need())
+
+    @staticmethod
+    def _markers(eng) -> list[dict]:
         return [{"host": str(k.saddr), "remote": str(k.daddr), "sport": k.sport, "dport": k.dport,
                  "proto": k.proto, "addr": str(m.addr), "at": int(m.at * 1e9), "reason": m.reason.name}
-                for k, m in self._need().refused.items()]  # fmt: skip
+                for k, m in eng.refused.items()]  # fmt: skip
 
     def spill_memos(self, remote: str | None = None) -> list[dict]:
         """The model's spill memos, as the bpf backend lists them (``age_ms`` by this clock)."""

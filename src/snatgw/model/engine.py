@@ -809,7 +809,12 @@ class Engine:
         session whose SNAT address is no longer in its rule's pool, or that moves to an
         outside device other than the one holding its address, is removed (spec "Rule changes
         and live sessions", turn 2): the flow's next packet starts a session with the rule's
-        current pool and link.  Returns how many sessions were removed."""
+        current pool and link.  The refusal markers and spill memos are forgotten: they were
+        judged under the old rules and settings (a limit raised, spill turned on, a wider port
+        range), and a refused flow's next packet is judged again by the new ones instead of
+        being dropped as DROP_REFUSED_RECENTLY for up to REFUSED_SECS (bpf: the backend's
+        apply empties snat_refused and snat_spill_memo after writing the rules).  Returns how
+        many sessions were removed."""
         old = {r.rule_id: r for r in self.rules}
         new = {r.rule_id: r for r in rules}
         owner = self._address_owners()
@@ -837,6 +842,8 @@ class Engine:
             self.table.max_sessions = settings.max_sessions
             self.eim.capacity = EIM_PER_SESSION * settings.max_sessions
         self._rules_changed()
+        self.refused.clear()
+        self.spill.memos.clear()
         if self.host_counting and not was:
             # a host limit turned on: the counts are recounted before any limit judges them
             # (bpf: CFG_F_HOST_COUNT set, the sweep's SWEEP_RECOUNT walk, then the rules)

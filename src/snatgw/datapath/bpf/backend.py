@@ -197,6 +197,7 @@ class BpfBackend:
         #: refused included): the hook check resolves them again and reinstalls when they moved
         self._gw_resolved: frozenset = frozenset()
         self.last_follow = (0, 0)  # (moved, removed) sessions of the last rule install
+        self._forgotten_refusals: list[dict] = []  # markers an apply emptied, for the next refusals()
         self._next_sweep = 0.0  # time.monotonic() before which expire() skips its sweep
         self._table_full_seen = 0  # DROP_TABLE_FULL when _pressure() last looked
         self.pressure_sweeps = 0  # sweeps the pacing would have skipped but pressure ran
@@ -390,6 +391,7 @@ class BpfBackend:
                        else "takes effect only on a restart of the datapath")  # fmt: skip
                 raise BackendError(f"settings: {f} changed ({getattr(old, f)} -> {getattr(new, f)}): {how}")
         self._install(config)  # validates (compile) before touching anything
+        self._forget_judgements()
         self._write_ifaces(new)  # also when unchanged: a device may have been recreated
         self.refresh_route_back()
         if any(t < dict(old.timeouts).get(k, t) for k, t in new.timeouts):
@@ -1105,8 +1107,24 @@ class BpfBackend:
                      per_cpu=tuple(m.packets_per_cpu()))
 
     def refusals(self) -> list[dict]:
-        """The refusal markers (DatapathMaps.refusal_markers): recently refused new flows."""
-        return self._m().refusal_markers()
+        """The refusal markers (DatapathMaps.refusal_markers): recently refused new flows, after
+        those an apply emptied since the last call (so the refusal log still counts them)."""
+        forgotten, self._forgotten_refusals = self._forgotten_refusals, []
+        return forgotten + self._m().refusal_markers()
+
+    def _forget_judgements(self) -> None:
+        """After an apply's rules are written: the refusal markers and spill memos go (they
+        were judged under the rules and settings it replaced: a host limit raised, spill turned
+        on, a wider port range or more tries would otherwise leave a refused flow dropped as
+        DROP_REFUSED_RECENTLY for up to REFUSED_SECS, an address skipped for up to
+        SPILL_MEMO_MS); the model's Engine.apply does the same.  Never raises: what stays only
+        expires as before (logged)."""
+        try:
+            gone = self.maps.forget_judgements()
+        except (BackendError, B.LibbpfError, OSError) as e:
+            log.warning("bpf backend: refusal markers and spill memos kept after the apply: %s", e)
+            return
+        self._forgotten_refusals = (self._forgotten_refusals + gone)[-L.MAX_REFUSED:]
 
     def spill_memos(self, remote: str | None = None) -> list[dict]:
         """The spill memos (DatapathMaps.spill_memos): addresses found full toward a remote."""

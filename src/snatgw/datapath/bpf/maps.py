@@ -524,15 +524,23 @@ class DatapathMaps:
     def refusal_markers(self) -> list[dict]:
         """The refusal markers: host, remote, ports, proto, the chosen SNAT address, reason
         name and ``at`` (ns, the programs' clock)."""
-        out = []
-        for k, v in self.maps[L.MAP_REFUSED].items():
-            key, m = CT_KEY.unpack(k), L.REFUSAL.unpack(v)
-            out.append({"host": _ip(key["saddr"]), "remote": _ip(key["daddr"]), "sport": key["sport"],
-                        "dport": key["dport"], "proto": _PROTO_NAMES.get(key["proto"], str(key["proto"])),
-                        "addr": _ip(m["addr"]), "at": m["at"],
-                        "reason": L.Reason(m["reason"]).name if m["reason"] in L.Reason._value2member_map_
-                        else str(m["reason"])})  # fmt: skip
-        return out
+        return _markers(self.maps[L.MAP_REFUSED].items())
+
+    def forget_judgements(self) -> list[dict]:
+        """Empty the refusal markers and the spill memos (an apply: they were judged under the
+        rules and settings it replaces); returns the markers as refusal_markers lists them, for
+        the refusal log.  Bounded by the two LRUs' sizes (MAX_REFUSED, MAX_SPILL_MEMO): one
+        batch read, then a delete per entry (a marker made meanwhile stays: it was judged by the
+        new rules, which are written before this runs)."""
+        m = self.maps[L.MAP_REFUSED]
+        items = list(m.items_batch())
+        for k, _ in items:
+            m.delete(k)
+        memo = self.maps.get(L.MAP_SPILL_MEMO)
+        if memo is not None:
+            for k in memo.keys():
+                memo.delete(k)
+        return _markers(items)
 
     def spill_memos(self, remote: str | None = None) -> list[dict]:
         """The spill memos (toward ``remote`` only, if given): remote address, SNAT address,
@@ -705,3 +713,16 @@ def write_gw_marks(m, marks: dict[tuple[int, int], int]) -> None:
     for k in list(m.keys()):
         if k not in keys:
             m.delete(k)
+
+
+def _markers(items) -> list[dict]:
+    """refusal markers' (key, value) pairs as DatapathMaps.refusal_markers lists them."""
+    out = []
+    for k, v in items:
+        key, m = CT_KEY.unpack(k), L.REFUSAL.unpack(v)
+        out.append({"host": _ip(key["saddr"]), "remote": _ip(key["daddr"]), "sport": key["sport"],
+                    "dport": key["dport"], "proto": _PROTO_NAMES.get(key["proto"], str(key["proto"])),
+                    "addr": _ip(m["addr"]), "at": m["at"],
+                    "reason": L.Reason(m["reason"]).name if m["reason"] in L.Reason._value2member_map_
+                    else str(m["reason"])})  # fmt: skip
+    return out

@@ -234,6 +234,11 @@ class ProgHarness:
         if renumber:
             self._gw_numbers = None
         self._write_gw_marks(rules)
+        # as the backend's apply after its rules (Engine.apply): judgements of the old rules go
+        for name in (L.MAP_REFUSED, L.MAP_SPILL_MEMO):
+            if name in self.maps:
+                for k in list(self.maps[name].keys()):
+                    self.maps[name].delete(k)
 
     def _write_gw_marks(self, rules: RuleSet) -> None:
         """snat_gw_marks as the backend writes it: each new_gw rule's egress (the REF
