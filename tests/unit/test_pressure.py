@@ -397,3 +397,21 @@ def test_unlisted_pressure_says_why_and_exports_no_host_count():
     assert "session table: 30000 of 100000 (30.0% full)" in text
 
 
+
+def test_refusals_the_datapath_cannot_attribute_are_shown_unknown_not_zero():
+    """nft: the kernel does not say whose flow it refused, so the per-address and per-host
+    refusals are null in the json and '-' in the text, with a line saying why and where they
+    are counted (they were 0 beside DROP_PORT_EXHAUSTED and DROP_HOST_LIMIT counts of them)."""
+    from snatgw.cli.commands.stats import REFUSALS_UNKNOWN, render_pressure
+    from snatgw.datapath.backend import pressure_summary
+
+    p = pressure_summary({"198.18.40.10": (3, 0), "198.18.40.11": (5, 0)}, {"198.19.2.71": (8, 0)}, 8, 100,
+                         refusals_known=False)  # fmt: skip
+    assert p["refusals_known"] is False
+    assert p["addresses"] == [{"addr": "198.19.2.71", "sessions": 8, "refusals": None}]
+    assert [h["host"] for h in p["hosts"]] == ["198.18.40.11", "198.18.40.10"]
+    lines = render_pressure(p)
+    assert ["198.19.2.71", "8", "-"] in [line.split() for line in lines[2].splitlines()]
+    assert REFUSALS_UNKNOWN in lines
+    known = pressure_summary({"198.18.40.10": (3, 1)}, {"198.19.2.71": (3, 1)}, 3, 100)
+    assert "refusals_known" not in known and REFUSALS_UNKNOWN not in render_pressure(known)

@@ -134,7 +134,8 @@ class Stats:
 
 def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int, top: int = 10,
                      hosts_live: bool = True, hosts_age: float | None = None,
-                     allocator: dict | None = None, unlisted: str | None = None) -> dict:
+                     allocator: dict | None = None, unlisted: str | None = None,
+                     refusals_known: bool = True) -> dict:
     """Port pressure as `stats` shows it: the table's fill, sessions and refusals per SNAT
     address (every one), the ``top`` inside hosts by sessions (then refusals).  ``hosts`` and
     ``addrs``: address text -> (sessions, refusals), as the live-count maps hold them.
@@ -148,18 +149,22 @@ def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int,
     this): no "allocator" key, never zeros.  ``unlisted``: why there are no per-host and
     per-address lists this time (nft above PRESSURE_LIST_MAX sessions): said as "unlisted",
     with no "hosts_total" and "hosts_counted" None, so that no one reads empty lists as no
-    pressure."""
+    pressure.  ``refusals_known`` False (nft: the kernel does not say whose flow it refused):
+    every row's "refusals" is None and "refusals_known" False, never a made-up 0 beside the
+    reasons' counts of the same refusals."""
     def rows(d: dict, name: str) -> list[dict]:
-        return [{name: k, "sessions": int(s), "refusals": int(r)} for k, (s, r) in d.items()]
+        return [{name: k, "sessions": int(s), "refusals": int(r) if refusals_known else None}
+                for k, (s, r) in d.items()]  # fmt: skip
 
     table = {"sessions": sessions, "max_sessions": max_sessions,
              "fill": round(sessions / max_sessions, 4) if max_sessions else None}
     alloc = {"allocator": allocator_summary(allocator)} if allocator is not None else {}
     if unlisted:
         return {"table": table, "addresses": [], "hosts": [], "hosts_counted": None, "unlisted": unlisted, **alloc}
-    hs = sorted(rows(hosts, "host"), key=lambda r: (-r["sessions"], -r["refusals"], r["host"]))
+    hs = sorted(rows(hosts, "host"), key=lambda r: (-r["sessions"], -(r["refusals"] or 0), r["host"]))
     return {
         "table": table,
+        **({} if refusals_known else {"refusals_known": False}),
         "addresses": sorted(rows(addrs, "addr"), key=lambda r: tuple(int(x) for x in r["addr"].split("."))),
         "hosts": hs[:top],
         "hosts_total": len(hs),

@@ -64,16 +64,21 @@ def render_pressure(p: dict) -> list[str]:
     out = [f"session table: {t.get('sessions', 0)} of {t.get('max_sessions', '?')}{fill}", ""]
     if p.get("unlisted"):
         out += [f"(no lists per SNAT address and inside host: {p['unlisted']})", ""]
+    def refused(n) -> str | int:
+        return "-" if n is None else n
+
     if p.get("addresses"):
-        out += [table([[a["addr"], a["sessions"], a["refusals"]] for a in p["addresses"]],
+        out += [table([[a["addr"], a["sessions"], refused(a["refusals"])] for a in p["addresses"]],
                       ("SNAT address", "sessions", "refusals")), ""]  # fmt: skip
     if p.get("hosts"):
-        out.append(table([[h["host"], h["sessions"], h["refusals"]] for h in p["hosts"]],
+        out.append(table([[h["host"], h["sessions"], refused(h["refusals"])] for h in p["hosts"]],
                          (f"inside host (top {len(p['hosts'])} of {p.get('hosts_total', len(p['hosts']))})",
                           "sessions", "refusals")))  # fmt: skip
         if p.get("hosts_counted") == "sweep":
             out.append(hosts_as_of(p.get("hosts_age_seconds")))
         out.append("")
+    if p.get("refusals_known") is False and (p.get("addresses") or p.get("hosts")):
+        out += [REFUSALS_UNKNOWN, ""]
     a = p.get("allocator")
     if a is not None and "port_searches" in a:
         out.append(port_search_line(a))
@@ -82,6 +87,11 @@ def render_pressure(p: dict) -> list[str]:
                 f"(the address was found full toward that remote < {SPILL_MEMO_MS / 1000:g} s before); "
                 f"{a.get('spill_memos_written', 0)} full searches found no free port", ""]
     return out
+
+
+#: under the lists when the datapath cannot say whose flow it refused (nft)
+REFUSALS_UNKNOWN = ("(refusals per SNAT address and inside host: not known with the nft backend, the kernel does "
+                    "not say whose flow it refused; DROP_PORT_EXHAUSTED and DROP_HOST_LIMIT count them all)")
 
 
 def port_search_line(a: dict) -> str:

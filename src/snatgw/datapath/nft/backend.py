@@ -838,7 +838,8 @@ class NftBackend:
         unlisted = None if tally.listed else (
             f"{total} sessions: nft lists them per inside host and SNAT address only up to "
             f"{PRESSURE_LIST_MAX} (a conntrack listing per count; docs/nftables.md)")
-        pressure = pressure_summary(hosts, addrs, total, self.settings.max_sessions, unlisted=unlisted)
+        pressure = pressure_summary(hosts, addrs, total, self.settings.max_sessions, unlisted=unlisted,
+                                    refusals_known=False)
         return Stats(reasons=reasons, rules=rules, sessions=total, pressure=pressure)
 
     def flush(self, rule_id: int | None = None, inside: IPv4Address | None = None,
