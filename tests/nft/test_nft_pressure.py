@@ -107,3 +107,25 @@ def test_reload_keeps_counting_against_the_limits(lab, backend):
         burst(lab, A, range(34100, 34105))
         st = settle(b, lambda s: s.reasons["DROP_HOST_LIMIT"] >= 5, timeout=2.0)
     assert st.reasons["DROP_HOST_LIMIT"] == 5
+
+
+def test_a_reload_that_changes_the_host_limit_says_the_kernel_counts_it_afresh(lab, backend, caplog):
+    """Another max_sessions_per_host value is another ct count set, which knows none of the
+    hosts' live sessions: the reload warns, naming the rule and both values, and the host's
+    flows are counted from the reload on, as docs/nftables.md says (A at 15 of 15, the limit
+    raised to 20: 10 more flows are made, not 5).  An unchanged value warns of nothing."""
+    import logging
+
+    from snatgw.config.parse import parse_text
+
+    with backend(conf("max_sessions_per_host 15")) as b:
+        burst(lab, A, range(35000, 35020))
+        settle(b, lambda s: s.reasons["DROP_HOST_LIMIT"] >= 5)
+        with caplog.at_level(logging.WARNING, logger="snatgw.nft"):
+            b.apply(b._config)
+            assert "max_sessions_per_host changed" not in caplog.text
+            b.apply(parse_text(conf("max_sessions_per_host 20"), "r.conf"))
+        assert "max_sessions_per_host changed (r.conf:7: 15 -> 20)" in caplog.text, caplog.text
+        burst(lab, A, range(35100, 35110))
+        st = settle(b, lambda s: s.reasons["XLATE_NEW"] >= 25, timeout=2.0)
+    assert (st.reasons["XLATE_NEW"], st.reasons["DROP_HOST_LIMIT"]) == (25, 5)

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from ...config.schema import GatewayConfig, Settings
+from ...config.schema import GatewayConfig, Settings, rule_host_limit
 from ...errors import BackendError, MissingDeviceError
 from ...layout import CtState
 from ...rules import RuleSet
@@ -122,6 +122,27 @@ def parse_conntrack(text: str) -> list[dict]:
         except ValueError:
             d["mark"] = 0
         out.append(d)
+    return out
+
+
+def limits_counted_afresh(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """The rules an apply gives another max_sessions_per_host (not 0): their hosts are counted
+    in that value's own `ct count` set (render.host_set), which knows only the connections it
+    saw added, so their live sessions do not count toward the new limit (a host at 60 of 60,
+    the limit raised to 100, may open 100 more; lowered to 30, 30 more) until they end.  The
+    kernel cannot be given them (an element's count is what passed it; the old set's elements
+    keep their old limit), so this is said, once per apply, as a warning; returned for tests."""
+    was = {r.rule_id: rule_host_limit(r, old.settings) for r in old.rules}
+    out = []
+    for r in new.rules:
+        n = rule_host_limit(r, new.settings)
+        if n and r.rule_id in was and was[r.rule_id] != n:
+            out.append(f"{r.where or r.identity_text()}: {was[r.rule_id]} -> {n}")
+    if out:
+        log.warning("nft backend: max_sessions_per_host changed (%s): the kernel counts each limit value in its "
+                    "own ct count set, so the hosts' live sessions do not count toward the new value until they "
+                    "end: a host may open up to that many new flows on top of them (`snatgw flush --rule` counts "
+                    "from zero; docs/nftables.md)", "; ".join(out))  # fmt: skip
     return out
 
 
@@ -328,6 +349,8 @@ class NftBackend:
         wanted = {e.table for e, _ in routes}
         self._remove_routing(keep=wanted)
         old = self._config
+        if old is not None:
+            limits_counted_afresh(old, config)
         self._config, self._plan, self.settings = config, p, settings
         self._by_mark = {m: r.rule_id for m, r in p.rule_by_mark(rules).items()}
         self.last_removed = self._follow(old.rules if old else None, rules, settings.outside)
