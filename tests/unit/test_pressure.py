@@ -349,14 +349,44 @@ def test_check_says_which_pressure_settings_the_nft_backend_ignores():
     from snatgw.cli.commands.check import config_warnings
     from snatgw.config.parse import parse_text
 
-    w = config_warnings(parse_text(NFT_CONF % ("  on_exhausted spill\n  refuse_icmp yes\n  port_tries 16\n",
-                                               "on_exhausted spill "), "n.conf"))  # fmt: skip
+    limited = "  on_exhausted spill\n  refuse_icmp yes\n  port_tries 16\n  max_sessions_per_host 10\n"
+    w = config_warnings(parse_text(NFT_CONF % (limited, "on_exhausted spill "), "n.conf"))
     assert [x.split(" is ignored")[0] for x in w] == [
-        "n.conf:5: on_exhausted: spill", "n.conf:10: on_exhausted: spill", "n.conf:7: port_tries: 16"]
+        "n.conf:5: on_exhausted: spill", "n.conf:11: on_exhausted: spill", "n.conf:7: port_tries: 16"]
     assert config_warnings(parse_text(NFT_CONF % ("  on_exhausted drop\n  port_tries 128\n", ""), "n.conf")) == []
     bpf = NFT_CONF.replace("backend nft", "backend bpf")
-    assert config_warnings(parse_text(bpf % ("  on_exhausted spill\n  refuse_icmp yes\n  port_tries 16\n",
-                                             "on_exhausted spill "), "b.conf")) == []  # fmt: skip
+    assert config_warnings(parse_text(bpf % (limited, "on_exhausted spill "), "b.conf")) == []
+
+
+def test_check_warns_of_pressure_settings_that_do_nothing_or_unpair_sh():
+    """refuse_icmp yes with no host limit in any rule (it answers only the limit's refusals), a
+    host limit above max_sessions (the table is full first), and an `algo sh` rule that spills
+    (its own setting or the block's: sh's one address per host given up) are warned about at
+    their lines; sh with drop (the default, or the rule's own over the block's spill), a limit
+    at most max_sessions and a one-address sh pool are not."""
+    from snatgw.cli.commands.check import config_warnings
+    from snatgw.config.parse import parse_text
+
+    bpf = NFT_CONF.replace("backend nft", "backend bpf")
+
+    def warned(settings: str, rule: str = "") -> list[str]:
+        return [" ".join(w.split()[:2]) for w in config_warnings(parse_text(bpf % (settings, rule), "b.conf"))]
+
+    assert warned("  refuse_icmp yes\n") == ["b.conf:5: refuse_icmp:"]
+    assert warned("  refuse_icmp yes\n  max_sessions_per_host 5\n", "max_sessions_per_host 0 ") == [
+        "b.conf:5: refuse_icmp:"]
+    assert warned("  refuse_icmp yes\n", "max_sessions_per_host 5 ") == []
+    assert warned("  max_sessions 100\n  max_sessions_per_host 101\n") == ["b.conf:6: max_sessions_per_host:"]
+    assert warned("  max_sessions 100\n", "max_sessions_per_host 200 ") == ["b.conf:8: max_sessions_per_host:"]
+    assert warned("  max_sessions 100\n  max_sessions_per_host 100\n") == []
+    assert warned("", "algo sh on_exhausted spill ") == ["b.conf:7: algo"]
+    assert warned("  on_exhausted spill\n", "algo sh ") == ["b.conf:8: algo"]
+    assert "snatgw { } block (b.conf:5)" in config_warnings(parse_text(bpf % ("  on_exhausted spill\n", "algo sh "),
+                                                                        "b.conf"))[0]  # fmt: skip
+    assert warned("  on_exhausted spill\n", "algo sh on_exhausted drop ") == []
+    assert warned("", "algo sh ") == []
+    one = (bpf % ("", "algo sh on_exhausted spill ")).replace("198.19.2.71-198.19.2.73", "198.19.2.71")
+    assert config_warnings(parse_text(one, "b.conf")) == []
 
 
 EXPLAIN = ["--proto", "udp", "--src", "198.18.40.10:40000", "--dst", "203.0.113.10:53", "--oif", "eth1",

@@ -9,7 +9,7 @@ from ipaddress import IPv4Network
 
 from ...config.links import link_rules
 from ...config.parse import parse_file, require_rules, settings_as_dict
-from ...config.schema import GatewayConfig
+from ...config.schema import GatewayConfig, rule_host_limit, rule_spill
 from ...errors import EXIT_OK, ConfigError
 from ...layout import MAX_RULES, PORT_TRIES
 from ..render import dump_json, kv_table, rule_json, rule_table
@@ -72,6 +72,7 @@ def config_warnings(cfg: GatewayConfig) -> list[str]:
                    "`snatgw run` with it refuses this config (the nft backend takes it)")
     out += nat_behaviour_warnings(cfg)
     out += nft_pressure_warnings(cfg)
+    out += pressure_setting_warnings(cfg)
     out += interface_warnings(cfg)
     if not len(cfg.rules):
         out.append(f"{cfg.source}: no snat_rule: nothing will be translated")
@@ -113,6 +114,35 @@ def nft_pressure_warnings(cfg: GatewayConfig) -> list[str]:
             "macvlan device, which is no inside device, and are not translated (the leak guard drops them); run "
             "keepalived without use_vmac, or use backend bpf (docs/operations.md, \"Beside keepalived\")"
             for where in getattr(cfg, "use_vmac", ())]
+    return out
+
+
+def pressure_setting_warnings(cfg: GatewayConfig) -> list[str]:
+    """Port-pressure settings that do nothing, or more than the rule's algorithm promised:
+    refuse_icmp without any host limit, a host limit the session table can never let a host
+    reach, and an `algo sh` rule that spills (its one public address per inside host, RFC 6888
+    REQ-2, given up when that address is full toward a server; the default for sh is drop)."""
+    s = cfg.settings
+    out = []
+    limits = {r.where: rule_host_limit(r, s) for r in cfg.rules.defined}
+    if s.refuse_icmp and not any(limits.values()):
+        out.append(f"{setting_at(cfg, 'refuse_icmp')}: refuse_icmp: yes does nothing: it answers a flow refused by "
+                   "max_sessions_per_host, and no rule has one (port exhaustion is refused in silence)")
+    over = sorted({n for n in limits.values() if n > s.max_sessions})
+    for n in over:
+        where = ([setting_at(cfg, "max_sessions_per_host")] if s.max_sessions_per_host == n else []) + \
+            [r.where for r in cfg.rules.defined if r.max_sessions_per_host == n]
+        out.append(f"{', '.join(w or '?' for w in where)}: max_sessions_per_host: {n} is never reached: the "
+                   f"session table (max_sessions {s.max_sessions}) is full first (DROP_TABLE_FULL for every host)")
+    if s.backend != "nft":  # (nft never spills: nft_pressure_warnings says so)
+        for r in cfg.rules.defined:
+            if r.algo.name == "SH" and r.pool.size > 1 and rule_spill(r, s):
+                how = "its own on_exhausted spill" if r.on_exhausted else \
+                    f"on_exhausted spill of the snatgw {{ }} block ({setting_at(cfg, 'on_exhausted')})"
+                out.append(f"{r.where}: algo sh with {how}: an inside host whose address is full toward a server "
+                           "gets another address of the pool for those flows, no longer one public address per "
+                           "host (RFC 6888 REQ-2, paired; sh's default is drop: give the rule on_exhausted drop "
+                           "to keep it)")
     return out
 
 
