@@ -164,3 +164,29 @@ def test_explain_says_when_the_daemon_cut_the_listing(tmpdir_short, capsys, monk
         assert any(n.startswith("the daemon listed at most 1 of the sessions toward 203.0.113.10") for n in d["notes"])
     finally:
         r.close()
+
+
+def test_a_refused_verdict_says_the_flow_is_remembered_and_for_how_long(tmpdir_short, capsys):
+    """A flow explain finds refused (here: its host at max_sessions_per_host 2 in the live
+    table) is told what its next packets meet: the refusal marker's REFUSED_SECS, then a new
+    judgement; a translated flow is told nothing of it."""
+    from scapy.all import IP, UDP
+    from test_daemon import LAB, Running
+
+    conf = tmpdir_short / "limit.conf"
+    conf.write_text(LAB.read_text().replace("port_range 5000-65535", "port_range 6000-6001\n  max_sessions_per_host 2"))
+    r = Running(tmpdir_short, conf=conf)
+    try:
+        for sp in (1, 2):
+            r.backend.process(bytes(IP(src="198.18.40.10", dst="203.0.113.10") / UDP(sport=sp, dport=80)),
+                              "inside", "lan40")  # fmt: skip
+        udp = [*ARGS, "--proto", "udp", "--socket", r.sock]
+        assert main(["explain", "--live", *udp]) == 0
+        out = capsys.readouterr().out
+        assert "DROP (DROP_HOST_LIMIT)" in out
+        assert "refused: a refusal marker remembers the flow for 2 s (bpf)" in out
+        assert main(["explain", "--live", *udp[:1], "198.18.40.11:40000", *udp[2:]]) == 0
+        out = capsys.readouterr().out
+        assert "XLATE_NEW" in out and "refusal marker" not in out
+    finally:
+        r.close()

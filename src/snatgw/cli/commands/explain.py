@@ -17,7 +17,7 @@ from ipaddress import IPv4Address
 
 from ...config.parse import parse_file
 from ...errors import EXIT_NO_MATCH, EXIT_OK, SnatgwError
-from ...layout import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, SPILL_MEMO_MS, Reason, Verdict
+from ...layout import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REFUSED_SECS, SPILL_MEMO_MS, Reason, Verdict
 from ...rules import Route, Rule, RuleSet, parse_addr, parse_oif
 from ..render import dump_json, table
 
@@ -439,6 +439,10 @@ def render_text(d: dict) -> str:
                        f"{SPILL_MEMO_MS / 1000:g} s: meanwhile only its first candidate is tried)")
         if a["max_sessions_per_host"]:
             out.append(f"           at most {a['max_sessions_per_host']} sessions per inside host")
+        if d["reason"] in (Reason.DROP_PORT_EXHAUSTED.name, Reason.DROP_HOST_LIMIT.name):
+            out.append(f"           refused: a refusal marker remembers the flow for {REFUSED_SECS} s (bpf): its later "
+                       f"packets meanwhile are dropped as DROP_REFUSED_RECENTLY without a search (a reload "
+                       f"forgets the markers); after that it is judged again")
         if a.get("port_preserve"):
             out.append(f"           port_preserve yes: port {p['src'].rpartition(':')[2]} itself is tried first "
                        "(when in the port range)")
