@@ -128,8 +128,9 @@ def parse_conntrack(text: str) -> list[dict]:
 def limits_counted_afresh(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     """The rules an apply gives another max_sessions_per_host (not 0): their hosts are counted
     in that value's own `ct count` set (render.host_set), which knows only the connections it
-    saw added, so their live sessions do not count toward the new limit (a host at 60 of 60,
-    the limit raised to 100, may open 100 more; lowered to 30, 30 more) until they end.  The
+    saw added (new flows, and unanswered ones at their next packet, which conntrack still
+    calls new), so their answered sessions do not count toward the new limit (a host at 60 of
+    60, the limit raised to 100, may open 100 more; lowered to 30, 30 more) until they end.  The
     kernel cannot be given them (an element's count is what passed it; the old set's elements
     keep their old limit), so this is said, once per apply, as a warning; returned for tests."""
     was = {r.rule_id: rule_host_limit(r, old.settings) for r in old.rules}
@@ -140,7 +141,7 @@ def limits_counted_afresh(old: GatewayConfig, new: GatewayConfig) -> list[str]:
             out.append(f"{r.where or r.identity_text()}: {was[r.rule_id]} -> {n}")
     if out:
         log.warning("nft backend: max_sessions_per_host changed (%s): the kernel counts each limit value in its "
-                    "own ct count set, so the hosts' live sessions do not count toward the new value until they "
+                    "own ct count set, so the hosts' answered sessions do not count toward the new value until they "
                     "end: a host may open up to that many new flows on top of them (`snatgw flush --rule` counts "
                     "from zero; docs/nftables.md)", "; ".join(out))  # fmt: skip
     return out
