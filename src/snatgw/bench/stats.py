@@ -3,12 +3,18 @@ cost per packet against the drop baseline of the same round, and ratios between 
 
 A record is a dict: scenario, config, round, status ("ok" | "n/a" | "error"), metric, value,
 and for packet metrics cpu_ns (CPU time per packet, all CPUs).  Costs are paired per round
-(config round r minus drop round r) because rounds are interleaved: a slow spell of the
-machine hits both sides of the subtraction.
+(config round r minus drop round r) because rounds are interleaved, in the hope that a slow
+spell of the machine hits both sides of the subtraction.  On the project's VM it does not:
+over turn 18's five runs (15 rounds a scenario) a configuration's paired cost spread as much
+as its raw 1e9/pps (3a, snatgw-bpf: standard deviation 515 against 562 ns; forward's cost, the
+same work every round, 323-2,659 ns in 3c): each 3-second run has its own luck.  So a ratio
+of medians over three rounds moves by tens of percent between runs; ``isolated_interval``
+says by how much, from the rounds of the run itself.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -145,3 +151,35 @@ def speedup_isolated(summary: dict, scenario: str, cfg: str, ref: str, field: st
     if c is None or r is None or c <= 0:
         return None
     return r / c
+
+
+def isolated_interval(records: list[dict], scenario: str, cfg: str, ref: str, level: float = 0.9,
+                      resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """How far speedup_isolated's ratio of the medians could move with other rounds like these:
+    the percentile bootstrap over rounds (each resampled round keeps its drop, cfg and ref
+    runs together, as the estimator pairs them), ``level`` of the resamples' ratios inside
+    (lo, hi).  None with fewer than three complete rounds: two rounds say nothing about their
+    spread.  A fixed seed: the same records give the same interval (reports are compared)."""
+    ok = {(r["config"], r["round"]): r for r in _ok(records) if r["scenario"] == scenario}
+    base = baseline_scenario(scenario)
+    drops = {r["round"]: r for r in _ok(records) if r["scenario"] == base and r["config"] == "drop"}
+    rounds = []
+    for rnd in sorted({r for _, r in ok}):
+        a, b, d = ok.get((cfg, rnd)), ok.get((ref, rnd)), drops.get(rnd)
+        if a and b and d and a.get("metric", "pps") in PACKET_METRICS:
+            rounds.append((cost_ns(a["value"], d["value"]), cost_ns(b["value"], d["value"])))
+    if len(rounds) < 3:
+        return None
+    rng = random.Random(seed)
+    got = []
+    for _ in range(resamples):
+        pick = [rounds[rng.randrange(len(rounds))] for _ in rounds]
+        c = statistics.median(x for x, _ in pick)
+        r = statistics.median(y for _, y in pick)
+        if c > 0 and r > 0:
+            got.append(r / c)
+    if len(got) < resamples // 2:  # most resamples measured noise (costs at or below zero)
+        return None
+    got.sort()
+    tail = (1 - level) / 2
+    return got[int(tail * (len(got) - 1))], got[int((1 - tail) * (len(got) - 1))]
