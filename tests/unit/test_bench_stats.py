@@ -89,11 +89,13 @@ def test_nft_counters_are_read_in_rule_order():
 
 
 def test_proc_stat_delta_gives_seconds_per_cpu():
-    """100 ticks of softirq on cpu0 is one second of softirq and of busy time."""
+    """100 ticks of softirq on cpu0 is one second of softirq and of busy time; 50 ticks of
+    steal on cpu1 half a second of steal, counted busy (the CPU was not idle for the guest)."""
     a = traffic.parse_proc_stat("cpu 1 2 3 4\ncpu0 10 0 20 100 0 0 5 0 0 0\ncpu1 0 0 0 0 0 0 0 0 0 0\n")
-    b = traffic.parse_proc_stat("cpu 1 2 3 4\ncpu0 10 0 20 200 0 0 105 0 0 0\ncpu1 0 0 0 0 0 0 0 0 0 0\n")
+    b = traffic.parse_proc_stat("cpu 1 2 3 4\ncpu0 10 0 20 200 0 0 105 0 0 0\ncpu1 0 0 0 0 0 0 0 50 0 0\n")
     d = traffic.cpu_delta(a, b)
-    assert d["cpu0"]["softirq"] == 1.0 and d["cpu0"]["busy"] == 1.0 and d["cpu1"]["busy"] == 0.0
+    assert d["cpu0"]["softirq"] == 1.0 and d["cpu0"]["busy"] == 1.0 and d["cpu0"]["steal"] == 0.0
+    assert d["cpu1"]["steal"] == 0.5 and d["cpu1"]["busy"] == 0.5
 
 
 @pytest.mark.parametrize("n", [1, 2, 100])
