@@ -28,7 +28,7 @@ from ..routeget import route_get
 from . import guard, gwroutes, synctable
 from . import libbpf as B
 from .loader import Loader, ifindex
-from .maps import CT_KEY, DatapathMaps, monotonic_ns
+from .maps import CT_KEY, DatapathMaps, last_markers, markers_of, monotonic_ns
 from .recirc import FragmentHolder
 from .sweep import ALL, SessionFilter, Sweeper, SweepResult
 from .audit import AuditRing, pair_record
@@ -197,7 +197,8 @@ class BpfBackend:
         #: refused included): the hook check resolves them again and reinstalls when they moved
         self._gw_resolved: frozenset = frozenset()
         self.last_follow = (0, 0)  # (moved, removed) sessions of the last rule install
-        self._forgotten_refusals: list[dict] = []  # markers an apply emptied, for the next refusals()
+        #: markers an apply emptied, for the next refusals(): forget_judgements' packed batches
+        self._forgotten_refusals: list[tuple[int, bytes, bytes]] = []
         self._next_sweep = 0.0  # time.monotonic() before which expire() skips its sweep
         self._table_full_seen = 0  # DROP_TABLE_FULL when _pressure() last looked
         self.pressure_sweeps = 0  # sweeps the pacing would have skipped but pressure ran
@@ -1110,7 +1111,7 @@ class BpfBackend:
         """The refusal markers (DatapathMaps.refusal_markers): recently refused new flows, after
         those an apply emptied since the last call (so the refusal log still counts them)."""
         forgotten, self._forgotten_refusals = self._forgotten_refusals, []
-        return forgotten + self._m().refusal_markers()
+        return markers_of(forgotten) + self._m().refusal_markers()
 
     def _forget_judgements(self) -> None:
         """After an apply's rules are written: the refusal markers and spill memos go (they
@@ -1124,7 +1125,7 @@ class BpfBackend:
         except (BackendError, B.LibbpfError, OSError) as e:
             log.warning("bpf backend: refusal markers and spill memos kept after the apply: %s", e)
             return
-        self._forgotten_refusals = (self._forgotten_refusals + gone)[-L.MAX_REFUSED:]
+        self._forgotten_refusals = last_markers(self._forgotten_refusals + gone, L.MAX_REFUSED)
 
     def spill_memos(self, remote: str | None = None) -> list[dict]:
         """The spill memos (DatapathMaps.spill_memos): addresses found full toward a remote."""

@@ -28,6 +28,7 @@ Stable API (other modules and the bpf-C tests rely on it; only add to it):
     m.key_batches(chunk)                    # (n, packed keys) per batch lookup
     m.items()                               # get_next_key walk + lookups
     m.items_batch(chunk=4096)               # bpf_map_lookup_batch, falls back to items()
+    m.pop_batches(chunk=4096)               # bpf_map_lookup_and_delete_batch: (n, keys, values)
     m.to_dict()                             # the whole map as {key: value} (batch)
     m.put_batch(keys, values, n)            # bpf_map_update_batch: n packed keys and values
     m.pin(path)
@@ -184,6 +185,7 @@ _SIGS = {
     "bpf_map_get_next_key": (C.c_int, [C.c_int, _P, _P]),
     "bpf_map_lookup_batch": (C.c_int, [C.c_int, _P, _P, _P, _P, C.POINTER(C.c_uint32), _P]),
     "bpf_map_update_batch": (C.c_int, [C.c_int, _P, _P, C.POINTER(C.c_uint32), _P]),
+    "bpf_map_lookup_and_delete_batch": (C.c_int, [C.c_int, _P, _P, _P, _P, C.POINTER(C.c_uint32), _P]),
     "bpf_prog_test_run_opts": (C.c_int, [C.c_int, _P]),
     "bpf_tc_hook_create": (C.c_int, [_P]),
     "bpf_tc_hook_destroy": (C.c_int, [_P]),
@@ -449,8 +451,18 @@ class Map:
             out.update(part)
         return out
 
-    def _raw_batches(self, chunk: int, fallback: bool = False) -> Iterator[tuple[int, bytes, bytes] | None]:
-        """The bpf_map_lookup_batch cursor walk: (n, n packed keys, n packed values) per call.
+    def pop_batches(self, chunk: int = 4096) -> Iterator[tuple[int, bytes, bytes] | None]:
+        """Empty a hash map by bpf_map_lookup_and_delete_batch: (n, n packed keys, n packed
+        values) per call, each entry returned exactly as it was deleted (one system call per
+        chunk, not one per entry; an entry the programs add meanwhile to a bucket already
+        passed stays).  A kernel that refuses it on the first call yields None once: the
+        caller empties the map another way (items_batch and a delete per entry)."""
+        return self._raw_batches(chunk, fallback=True, delete=True)
+
+    def _raw_batches(self, chunk: int, fallback: bool = False,
+                     delete: bool = False) -> Iterator[tuple[int, bytes, bytes] | None]:
+        """The bpf_map_lookup_batch cursor walk (``delete``: bpf_map_lookup_and_delete_batch):
+        (n, n packed keys, n packed values) per call.
         With ``fallback``, a kernel that refuses batch lookups on the first call yields None
         once (the caller reads the map another way); otherwise every error raises.  A hash
         bucket is returned whole or not at all: one with more entries than ``chunk`` fails
@@ -459,9 +471,11 @@ class Map:
         vals = C.create_string_buffer(self._vlen * chunk)
         inb, outb = None, C.create_string_buffer(max(self.key_size, 8))
         opts = MapBatchOpts(sz=C.sizeof(MapBatchOpts))
+        call = lib().bpf_map_lookup_and_delete_batch if delete else lib().bpf_map_lookup_batch
+        what = "batch lookup and delete" if delete else "batch lookup"
         while True:
             n = C.c_uint32(chunk)
-            ret = lib().bpf_map_lookup_batch(self.fd, inb, outb, keys, vals, C.byref(n), C.byref(opts))
+            ret = call(self.fd, inb, outb, keys, vals, C.byref(n), C.byref(opts))
             err = -ret if ret < 0 else 0
             if err == _errno.ENOSPC and not n.value and chunk < max(self.info.max_entries, 1):
                 chunk = min(chunk * 2, max(self.info.max_entries, 1))  # the cursor stays: that bucket again
@@ -472,7 +486,7 @@ class Map:
                 if fallback and inb is None and err in (_errno.EINVAL, _errno.ENOTSUP, 524):  # 524: ENOTSUPP
                     yield None
                     return
-                _check(ret, f"batch lookup in map {self.name}")
+                _check(ret, f"{what} in map {self.name}")
             if n.value:
                 yield n.value, C.string_at(keys, n.value * self.key_size), C.string_at(vals, n.value * self._vlen)
             if err == _errno.ENOENT:
