@@ -444,4 +444,10 @@ def test_refusals_the_datapath_cannot_attribute_are_shown_unknown_not_zero():
     assert ["198.19.2.71", "8", "-"] in [line.split() for line in lines[2].splitlines()]
     assert REFUSALS_UNKNOWN in lines
     known = pressure_summary({"198.18.40.10": (3, 1)}, {"198.19.2.71": (3, 1)}, 3, 100)
-    assert "refusals_known" not in known and REFUSALS_UNKNOWN not in render_pressure(known)
+    assert known["refusals_known"] is True and REFUSALS_UNKNOWN not in render_pressure(known)
+    # the key is in every answer, bpf's and nft's, listed or not: a json consumer reads it
+    # without a default, and an nft answer above the listing bound still says its refusals
+    # would be unknown (it was absent there, and from every bpf answer)
+    unlisted = pressure_summary({}, {}, 9000, 10000, unlisted="too many", refusals_known=False)
+    assert unlisted["refusals_known"] is False
+    assert pressure_summary({}, {}, 9000, 10000, unlisted="too many")["refusals_known"] is True

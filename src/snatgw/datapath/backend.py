@@ -151,7 +151,8 @@ def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int,
     with no "hosts_total" and "hosts_counted" None, so that no one reads empty lists as no
     pressure.  ``refusals_known`` False (nft: the kernel does not say whose flow it refused):
     every row's "refusals" is None and "refusals_known" False, never a made-up 0 beside the
-    reasons' counts of the same refusals."""
+    reasons' counts of the same refusals; "refusals_known" is in every answer (True: bpf, the
+    model), listed or not."""
     def rows(d: dict, name: str) -> list[dict]:
         return [{name: k, "sessions": int(s), "refusals": int(r) if refusals_known else None}
                 for k, (s, r) in d.items()]  # fmt: skip
@@ -160,11 +161,12 @@ def pressure_summary(hosts: dict, addrs: dict, sessions: int, max_sessions: int,
              "fill": round(sessions / max_sessions, 4) if max_sessions else None}
     alloc = {"allocator": allocator_summary(allocator)} if allocator is not None else {}
     if unlisted:
-        return {"table": table, "addresses": [], "hosts": [], "hosts_counted": None, "unlisted": unlisted, **alloc}
+        return {"table": table, "refusals_known": refusals_known, "addresses": [], "hosts": [], "hosts_counted": None,
+                "unlisted": unlisted, **alloc}  # fmt: skip
     hs = sorted(rows(hosts, "host"), key=lambda r: (-r["sessions"], -(r["refusals"] or 0), r["host"]))
     return {
         "table": table,
-        **({} if refusals_known else {"refusals_known": False}),
+        "refusals_known": refusals_known,  # in every answer: a json consumer needs no default
         "addresses": sorted(rows(addrs, "addr"), key=lambda r: tuple(int(x) for x in r["addr"].split("."))),
         "hosts": hs[:top],
         "hosts_total": len(hs),
