@@ -10,14 +10,21 @@
 # (`make test PYTEST_ARGS=...`, a selection, runs one pytest: the Makefile.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
+PY=${SNATGW_TEST_PYTHON:-.venv/bin/python}  # (tests/unit/test_test_script.py runs a stand-in)
 
 log=$(mktemp /tmp/snatgw-test-XXXXXX.log)
 t0=$(date +%s)
+# The other tiers in a process group of their own (set -m for this one job): without job
+# control a background job starts with SIGINT ignored, so a Ctrl-C left it running and the
+# trap's SIGTERM then killed it with no teardown (its namespaces, pins and daemons stayed).
+# Now the terminal's Ctrl-C and a timeout's SIGTERM to the group reach the lab run only, and
+# the trap hands the other run one SIGINT: pytest's KeyboardInterrupt, which tears down.
+set -m
 "$PY" -m pytest -q tests --ignore=tests/lab >"$log" 2>&1 &
 other=$!
-# a CI run stopped (Ctrl-C, timeout) stops both
-trap 'kill "$other" 2>/dev/null; wait "$other" 2>/dev/null; cat "$log"; rm -f "$log"; exit 130' INT TERM
+set +m
+# a CI run stopped (Ctrl-C, timeout) stops both, each after its teardown
+trap 'kill -INT "$other" 2>/dev/null; wait "$other" 2>/dev/null; cat "$log"; rm -f "$log"; exit 130' INT TERM
 
 echo "== tests/lab (the other tiers run beside it; their output follows)"
 "$PY" -m pytest -q tests/lab
