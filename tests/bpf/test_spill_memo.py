@@ -2,7 +2,6 @@
 while a memo is young (the accuracy it costs, and what it never costs), a memo left by a
 predecessor program honoured (the gate), and the counters."""
 
-import time
 from dataclasses import replace
 from ipaddress import IPv4Address
 
@@ -160,11 +159,8 @@ def test_an_apply_empties_full_marker_and_memo_maps_in_batches_and_hands_every_m
     deletes = []
     monkeypatch.setattr(B.Map, "delete", lambda self, k: deletes.append(k) or True)
     fill(L.MAX_REFUSED, 0)
-    t = time.perf_counter()
     b._forget_judgements()
-    took = time.perf_counter() - t
-    assert (ref.count(), memo.count(), len(deletes)) == (0, 0, 0)
-    assert took < 0.5, f"emptying the full maps took {took:.3f} s"
+    assert (ref.count(), memo.count(), len(deletes)) == (0, 0, 0)  # batches, no delete per entry
     fill(10, L.MAX_REFUSED)  # a second apply before the log looks: its 10 after the first's last
     b._forget_judgements()
     got = b.refusals()

@@ -43,11 +43,13 @@ def test_judge_with_10000_rules_is_one_look_up_a_record_not_a_scan_of_every_pool
         assert T.judge(rec(hairpin), rules, pools, cfg.settings) is None, hairpin
     assert T.judge(rec("198.19.40.1"), rules, pools, cfg.settings) is not None  # past the last pool
     assert T.judge(rec("203.0.113.10", nport=80), rules, pools, cfg.settings) is None  # not in port_range
+    # a bound far from both (judged here ~8 us a record, the scan 5 ms): the two pytest runs of
+    # `make test` side by side must not make a CPU's slow moment look like a scan
     t = time.perf_counter()
-    for i in range(300):
+    for i in range(3000):
         assert T.judge(rec(f"203.0.113.{i % 250 + 1}"), rules, pools, cfg.settings) is not None
     took = time.perf_counter() - t
-    assert took < 0.3, f"{took:.2f} s for 300 records"
+    assert took < 3.0, f"{took:.2f} s for 3,000 records (a scan of every pool: ~15 s)"
 
 
 def test_judge_rejects_what_is_not_carried():
@@ -106,7 +108,8 @@ def test_first_with_10000_rules_is_an_index_not_a_walk():
         src = ipaddress.IPv4Address(f"10.{(i * 7) // 256 % 40}.{(i * 7) % 256}.9")
         assert cfg.rules.first(src, ipaddress.IPv4Address("203.0.113.10"), route).src.network_address == \
             ipaddress.IPv4Address(f"10.{(i * 7) // 256 % 40}.{(i * 7) % 256}.0")
-    assert time.perf_counter() - t < 0.5
+    took = time.perf_counter() - t
+    assert took < 4.0, f"{took:.2f} s for 1,000 (here ~25 ms; a walk of the rules: ~40 s)"
 
 
 def test_routed_as_rule_wants_the_rule_the_datapath_would_choose():
