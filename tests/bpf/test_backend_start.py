@@ -90,7 +90,14 @@ def test_start_apply_failover_and_restart_keep_sessions(gw, pin_dir, mini_obj): 
             assert read_sysctl("lan40", "accept_local") == "1"
             assert read_sysctl("eth1", "accept_local") == "0"  # uplinks are left alone
             out_key, in_key = add_session(b.maps.ct, 1, rule_id=rid, out_seen=0, in_seen=0)
+            # a refusal marker: an apply that changes nothing it was judged by keeps it (every
+            # apply emptied it: one more port search per recently refused flow); a failover empties it
+            refused = b.maps.maps[L.MAP_REFUSED]
+            refused.put(bytes(L.CT_KEY.size), L.REFUSAL.pack(at=1, addr=0xC6130247, reason=int(L.Reason.DROP_HOST_LIMIT)))
+            b.apply(config(pin_dir))
+            assert refused.count() == 1 and len(b.refusals()) == 1
             b.apply(config(pin_dir, new_gw=IP("198.19.3.1")))  # failover to the second uplink
+            assert refused.count() == 0 and len(b.refusals()) == 1  # (the log still counts it, once)
             e = L.CT_ENTRY.unpack(b.maps.ct.get(out_key))
             assert e["ifindex"] == int(open_ifindex("eth2")) and e["nexthop"] == int(IP("198.19.3.1"))
             assert e["flags"] & L.CT_F_NEW_GW

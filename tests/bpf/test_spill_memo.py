@@ -94,7 +94,8 @@ def test_port_search_counts_step_by_step_as_the_model(make_prog):
 def test_an_apply_forgets_the_refusal_markers_and_memos_as_the_model(make_prog):
     """A reload that raises the host limit, or turns spill on: the flows refused just before
     are judged again by the new settings at their next packet, in the programs as in the model
-    (the apply empties snat_refused and snat_spill_memo).  Before, their markers dropped them
+    (the apply empties snat_refused and snat_spill_memo); one that changes nothing they were
+    judged by keeps them, in both.  Before, their markers dropped them
     as DROP_REFUSED_RECENTLY for up to REFUSED_SECS after the reload, and the memo kept the
     full address skipped."""
     from snatgw.model import Engine, StaticRouter
@@ -116,6 +117,11 @@ def test_an_apply_forgets_the_refusal_markers_and_memos_as_the_model(make_prog):
     assert got == [Reason.XLATE_NEW, Reason.XLATE_NEW, Reason.DROP_PORT_EXHAUSTED]
     assert send(1003, 10.5) == Reason.DROP_REFUSED_RECENTLY
     assert prog.spill_memos() == model_spill_memos(e) != {}
+    same = replace(s.with_timeouts(udp=45), refuse_icmp=True)  # the reload: nothing a judgement reads
+    e.apply(rules, same)
+    prog.apply(rules, same)  # keeps both (every apply emptied them: one more search per refused flow)
+    assert prog.spill_memos() == model_spill_memos(e) != {} and len(prog.maps[L.MAP_REFUSED].keys()) == 1
+    assert send(1003, 10.5625) == Reason.DROP_REFUSED_RECENTLY
     spill = replace(s, on_exhausted="spill")  # the reload: spill turned on
     e.apply(rules, spill)
     prog.apply(rules, spill)

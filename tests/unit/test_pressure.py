@@ -451,3 +451,82 @@ def test_refusals_the_datapath_cannot_attribute_are_shown_unknown_not_zero():
     unlisted = pressure_summary({}, {}, 9000, 10000, unlisted="too many", refusals_known=False)
     assert unlisted["refusals_known"] is False
     assert pressure_summary({}, {}, 9000, 10000, unlisted="too many")["refusals_known"] is True
+
+
+def test_a_reload_that_changes_nothing_keeps_the_refusal_markers_and_memos(tmpdir_short):
+    """A reload of the same rules and settings (a comment added, a timeout changed: nothing a
+    refusal was judged by) keeps the refusal markers and spill memos: the refused flow's next
+    packet meets its marker, not a port search again (every reload emptied them, so failover
+    flapping during a flood searched again for each recently refused flow); a reload that
+    widens the port range still empties them, and the flow is made."""
+    from test_daemon import LAB, Running
+
+    conf = tmpdir_short / "two-ports.conf"
+    text = LAB.read_text().replace(ONE_PORT, "port_range 6000-6001")
+    conf.write_text(text)
+    r = Running(tmpdir_short, conf=conf)
+    try:
+        got = [send(r, "198.18.40.10", sp).reason.name for sp in range(1, 8)]
+        assert got == ["XLATE_NEW"] * 6 + ["DROP_PORT_EXHAUSTED"]  # two ports on each of 3 addresses
+        memos = r.backend.spill_memos()
+        assert memos and len(r.backend.refusals()) == 1
+        r.conf.write_text("# nothing a refusal was judged by\n" + text.replace("snatgw {", "snatgw {\n  timeout udp 45", 1))
+        assert r.req(op="reload")["ok"]
+        assert send(r, "198.18.40.10", 7).reason.name == "DROP_REFUSED_RECENTLY"
+        assert [m["addr"] for m in r.backend.spill_memos()] == [m["addr"] for m in memos]
+        r.conf.write_text(text.replace("port_range 6000-6001", "port_range 6000-6002"))
+        assert r.req(op="reload")["ok"]
+        assert r.backend.spill_memos() == [] and send(r, "198.18.40.10", 7).reason.name == "XLATE_NEW"
+    finally:
+        r.close()
+
+
+def _judged_pair(rules, s):
+    """(the model's judged_under, the bpf backend's from the bytes it would write)."""
+    from snatgw.config.schema import judged_under
+    from snatgw.datapath.bpf import prog_maps
+
+    _cfg, slots = prog_maps.compile_rules(rules, s, {"eth1": 3, "eth2": 4}.get)
+    return judged_under(rules, s), prog_maps.judged_under(slots, s)
+
+
+def test_the_model_and_the_bpf_backend_keep_the_markers_for_the_same_applies():
+    """Differential over the applies that matter: the model (schema.judged_under) and the bpf
+    backend (prog_maps.judged_under over the compiled slots) keep the refusal markers and spill
+    memos for the same ones, and empty them for the same ones: each input the allocator or the
+    host limit reads (rules as compiled, their pools, on_exhausted, port_tries, the port range,
+    max_sessions_per_host, the devices' roles) and a link's failover (its rules' egress and
+    pool); refuse_icmp, the timeouts and audit_log are read by no judgement."""
+    from dataclasses import replace
+
+    from snatgw.config.links import failover
+    from snatgw.config.parse import parse_text
+    from test_links import LAB, LINK
+
+    cfg = parse_text(LAB + LINK, "c.conf")
+    rules, s = cfg.rules, cfg.settings
+    same_rules_moved = parse_text("# a comment moves every line\n" + LAB + LINK, "d.conf").rules
+    r0 = rules.rules[0]
+    per_rule_limit = type(rules)([replace(r, max_sessions_per_host=0) for r in rules])
+    keeps = {
+        "nothing": (rules, s),
+        "rules' lines moved": (same_rules_moved, s),
+        "refuse_icmp": (rules, replace(s, refuse_icmp=not s.refuse_icmp)),
+        "a timeout": (rules, s.with_timeouts(udp=45)),
+        "audit_log": (rules, replace(s, audit_log="/tmp/x.log")),
+        "the global limit 0 given per rule": (per_rule_limit, s),
+    }
+    empties = {
+        "the host limit": (rules, replace(s, max_sessions_per_host=10)),
+        "on_exhausted": (rules, replace(s, on_exhausted="drop")),
+        "port_tries": (rules, replace(s, port_tries=s.port_tries + 1)),
+        "the port range": (rules, replace(s, port_min=s.port_min + 1)),
+        "a pool": (type(rules)([replace(r0, pool=type(r0.pool)(r0.pool.first, r0.pool.first)), *rules.rules[1:]]), s),
+        "the rules' order": (type(rules)(list(rules.rules)[::-1]), s),
+        "the inside devices": (rules, replace(s, inside=s.inside[:1])),
+        "link isp1 failed over": (failover(rules, cfg.links, {"isp1"}), s),
+    }
+    model, bpf = _judged_pair(rules, s)
+    for name, (rs, st) in {**keeps, **empties}.items():
+        m, b = _judged_pair(rs, st)
+        assert (m == model, b == bpf) == ((True, True) if name in keeps else (False, False)), name

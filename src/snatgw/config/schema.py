@@ -142,6 +142,25 @@ def rule_host_limit(rule: Rule, settings: Settings) -> int:
     return settings.max_sessions_per_host if rule.max_sessions_per_host is None else rule.max_sessions_per_host
 
 
+def judged_under(rules: RuleSet, settings: Settings) -> tuple:
+    """What a refusal marker and a spill memo were judged under, in the model's terms: an
+    apply keeps them while this is unchanged (a reload that changes nothing, or only what no
+    judgement reads) and empties them otherwise.  Each rule in priority order as the datapath
+    matches and allocates by it (compile_rule's fields: its match, pool, algo, mapping and
+    filtering, and on_exhausted, port_preserve and max_sessions_per_host as in effect), the port
+    range and port_tries (the search), and the devices' roles (a flow toward an inside device
+    is never translated, and the marker is met before that is asked).  Not refuse_icmp (it
+    answers a host limit's refusal and never the marker's drop: a marked flow is dropped
+    unanswered with it on or off), the timeouts (the search meets the sessions the table holds
+    now, whatever their age), nor what only counts or logs (audit_log, the sync).  The bpf
+    backend compares the same from the bytes it writes (prog_maps.judged_under)."""
+    return (tuple((r.src, r.dst, r.gw, r.new_gw, r.oif, int(r.pool.first), int(r.pool.last), r.rule_id, r.algo,
+                   r.eim, r.filter_mode, rule_spill(r, settings), rule_preserve(r, settings),
+                   rule_host_limit(r, settings)) for r in rules),
+            settings.port_min, settings.port_max, settings.port_tries,
+            frozenset(settings.inside), frozenset(settings.outside))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     rules: RuleSet

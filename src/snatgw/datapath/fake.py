@@ -75,9 +75,10 @@ class FakeBackend:
     def apply(self, config) -> None:
         self._enter("apply")
         eng = self._need()
-        markers = self._markers(eng)  # the apply forgets them (Engine.apply): kept for refusals()
+        markers = self._markers(eng)  # an apply may forget them (Engine.apply): kept for refusals()
         eng.apply(config.rules, config.settings)
-        self._forgotten = (self._forgotten + markers)[-MAX_REFUSED:]
+        if not eng.refused:  # (forgotten, or none there)
+            self._forgotten = (self._forgotten + markers)[-MAX_REFUSED:]
         self.config = config
         self.applied.append(config)
 

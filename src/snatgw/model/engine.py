@@ -15,7 +15,7 @@ from ..layout import ADDR_TRIES, CT_F_NEW_GW, CT_F_REPLIED, ICMP_QUERY_REPLIES, 
 from ..layout import ICMP_HOST_ONLY_ERRORS, IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
 from ..layout import FRAG_HOLD, MAX_REFUSED, RECIRC_DEV, REFUSE_ICMP_PER_SEC, REFUSED_SECS, Verdict
-from ..config.schema import rule_host_limit, rule_preserve, rule_spill
+from ..config.schema import judged_under, rule_host_limit, rule_preserve, rule_spill
 from ..layout import CT_F_EIM, CT_F_HAIRPIN, EIM_GRACE, EIM_PER_SESSION, FROM_NET_POOL, GW_MARK_BASE
 from ..fibrules import gw_numbers
 from ..rules import Route, Rule, RuleSet, leak_guard_nets, port_candidates, port_seed, select_index, spill_order
@@ -136,6 +136,7 @@ class Engine:
         self.counted_at: float | None = None  # `now` of the last expire() (its recount)
         self.refused: dict[CtKey, Refusal] = {}
         self.spill = SpillMemos()  # the spill memo (snat_spill_memo) and its counters
+        self._judged = judged_under(rules, settings)  # what those two were judged under (apply)
         self._icmp_sec: int | None = None  # refuse_icmp's rate limit: this second, and how many
         self._icmp_count = 0
 
@@ -809,12 +810,14 @@ class Engine:
         session whose SNAT address is no longer in its rule's pool, or that moves to an
         outside device other than the one holding its address, is removed (spec "Rule changes
         and live sessions", turn 2): the flow's next packet starts a session with the rule's
-        current pool and link.  The refusal markers and spill memos are forgotten: they were
-        judged under the old rules and settings (a limit raised, spill turned on, a wider port
-        range), and a refused flow's next packet is judged again by the new ones instead of
-        being dropped as DROP_REFUSED_RECENTLY for up to REFUSED_SECS (bpf: the backend's
-        apply empties snat_refused and snat_spill_memo after writing the rules).  Returns how
-        many sessions were removed."""
+        current pool and link.  The refusal markers and spill memos are forgotten when what
+        they were judged under changed (schema.judged_under: a limit raised, spill turned on, a
+        wider port range, a link's rules failed over), and a refused flow's next packet is
+        judged again by the new rules instead of being dropped as DROP_REFUSED_RECENTLY for up
+        to REFUSED_SECS; an apply that changes none of it keeps them, so a reload changing
+        nothing costs no port search again (bpf: the backend's apply empties snat_refused and
+        snat_spill_memo after writing the rules, on the same condition).  Returns how many
+        sessions were removed."""
         old = {r.rule_id: r for r in self.rules}
         new = {r.rule_id: r for r in rules}
         owner = self._address_owners()
@@ -842,8 +845,11 @@ class Engine:
             self.table.max_sessions = settings.max_sessions
             self.eim.capacity = EIM_PER_SESSION * settings.max_sessions
         self._rules_changed()
-        self.refused.clear()
-        self.spill.memos.clear()
+        judged = judged_under(rules, self.settings)
+        if judged != self._judged:
+            self.refused.clear()
+            self.spill.memos.clear()
+        self._judged = judged
         if self.host_counting and not was:
             # a host limit turned on: the counts are recounted before any limit judges them
             # (bpf: CFG_F_HOST_COUNT set, the sweep's SWEEP_RECOUNT walk, then the rules)

@@ -199,6 +199,9 @@ class BpfBackend:
         self.last_follow = (0, 0)  # (moved, removed) sessions of the last rule install
         #: markers an apply emptied, for the next refusals(): forget_judgements' packed batches
         self._forgotten_refusals: list[tuple[int, bytes, bytes]] = []
+        #: what the refusal markers and spill memos of the installed rules were judged under
+        #: (prog_maps.judged_under), set by each install: an apply empties them when it changed
+        self._judged: tuple | None = None
         self._next_sweep = 0.0  # time.monotonic() before which expire() skips its sweep
         self._table_full_seen = 0  # DROP_TABLE_FULL when _pressure() last looked
         self.pressure_sweeps = 0  # sweeps the pacing would have skipped but pressure ran
@@ -391,8 +394,10 @@ class BpfBackend:
                        "datapath keeps translating" if f == "max_sessions"
                        else "takes effect only on a restart of the datapath")  # fmt: skip
                 raise BackendError(f"settings: {f} changed ({getattr(old, f)} -> {getattr(new, f)}): {how}")
+        judged = self._judged
         self._install(config)  # validates (compile) before touching anything
-        self._forget_judgements()
+        if self._judged != judged:  # (a reload changing nothing keeps them: no search again)
+            self._forget_judgements()
         self._write_ifaces(new)  # also when unchanged: a device may have been recreated
         self.refresh_route_back()
         if any(t < dict(old.timeouts).get(k, t) for k, t in new.timeouts):
@@ -543,7 +548,7 @@ class BpfBackend:
     # ------------------------------------------------------------- rules
 
     def _install(self, config: GatewayConfig) -> None:
-        from .prog_maps import compile_from_nets, compile_rules  # bpf-C's compiler of rules to map bytes
+        from .prog_maps import compile_from_nets, compile_rules, judged_under  # bpf-C's compiler of rules to map bytes
 
         cfg, rules = compile_rules(config.rules, config.settings, _ifindex_or_absent)
         # CFG_F_IIF_AMBIGUOUS stays as it is: _write_ifaces, which always follows (before any
@@ -579,6 +584,7 @@ class BpfBackend:
         # the marks once sessions have followed their rules to the new egresses; then the
         # routing no egress uses any more goes
         self._use_gw_routes(gw, gw_routes)
+        self._judged = judged_under(rules, config.settings)
 
     def _use_gw_routes(self, gw: dict, gw_routes: list) -> None:
         """Point snat_gw_marks at the installed egresses' marks, then remove the policy routing
@@ -1114,12 +1120,13 @@ class BpfBackend:
         return markers_of(forgotten) + self._m().refusal_markers()
 
     def _forget_judgements(self) -> None:
-        """After an apply's rules are written: the refusal markers and spill memos go (they
-        were judged under the rules and settings it replaced: a host limit raised, spill turned
-        on, a wider port range or more tries would otherwise leave a refused flow dropped as
-        DROP_REFUSED_RECENTLY for up to REFUSED_SECS, an address skipped for up to
-        SPILL_MEMO_MS); the model's Engine.apply does the same.  Never raises: what stays only
-        expires as before (logged)."""
+        """After an apply's rules are written, when what the datapath judges by changed
+        (prog_maps.judged_under): the refusal markers and spill memos go (they were judged
+        under the rules and settings it replaced: a host limit raised, spill turned on, a wider
+        port range or more tries, a link's rules failed over would otherwise leave a refused
+        flow dropped as DROP_REFUSED_RECENTLY for up to REFUSED_SECS, an address skipped for up
+        to SPILL_MEMO_MS); the model's Engine.apply does the same.  Never raises: what stays
+        only expires as before (logged)."""
         try:
             gone = self.maps.forget_judgements()
         except (BackendError, B.LibbpfError, OSError) as e:

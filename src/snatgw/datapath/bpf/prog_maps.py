@@ -84,6 +84,18 @@ def compile_rules(
     return compile_cfg(len(rules), settings, any(r.eim for r in ruleset), host_counting(ruleset, settings)), rules
 
 
+def judged_under(slots: list[bytes], settings: Settings) -> tuple:
+    """What a refusal marker and a spill memo were judged under, from what the datapath reads:
+    the rule slots as written (matching, pool, algo, flags, host limit: every field of
+    snat_rules), the port range and port_tries of snat_config (the search; not its other flags:
+    refuse_icmp answers a refusal and never the marker's drop, the rest only count, log or
+    concern flows no rule refused), and the devices' roles (snat_ifaces).  The backend's apply
+    empties snat_refused and snat_spill_memo only when this changed (schema.judged_under is the
+    model's same comparison)."""
+    return (tuple(slots), settings.port_min, settings.port_max, settings.port_tries,
+            frozenset(settings.inside), frozenset(settings.outside))  # fmt: skip
+
+
 def host_counting(ruleset: RuleSet, settings: Settings) -> bool:
     """CFG_F_HOST_COUNT: some rule has a max_sessions_per_host in effect (its own or the
     global), so the datapath must count each inside host's sessions as they are made."""

@@ -23,7 +23,7 @@ from . import build
 from . import libbpf as B
 from .loader import ifindex as _ifindex
 from .loader import netns
-from .prog_maps import compile_from_nets, compile_rules
+from .prog_maps import compile_from_nets, compile_rules, judged_under
 
 REF_ADDRS = {
     "lan40": ["198.18.40.1/24"],
@@ -143,6 +143,7 @@ class ProgHarness:
         # global variables (.data, .bss: e.g. snat.bpf.c's refused_last = 1) as loaded, for reset()
         self._globals = {n: m.to_dict() for n, m in self._all_maps() if n.endswith((".data", ".bss"))}
         self._gw_numbers: dict | None = None  # new_gw egress -> number, as last written
+        self._judged: tuple | None = None  # what the markers and memos were judged under (apply)
         self._write_devices()
         self.dbg = self.obj.map("snat_dbg") if "SNAT_TEST" in self.defines else None
         self.clock = self.obj.map("snat_clock") if "SNAT_TEST" in self.defines else None
@@ -189,6 +190,7 @@ class ProgHarness:
                 for k in m.keys():
                     m.delete(k)
         self._gw_numbers = None  # (the model's numbering starts again too)
+        self._judged = None
         self._write_devices()
 
     def snapshot(self) -> dict[str, dict[bytes, bytes]]:
@@ -235,10 +237,13 @@ class ProgHarness:
             self._gw_numbers = None
         self._write_gw_marks(rules)
         # as the backend's apply after its rules (Engine.apply): judgements of the old rules go
-        for name in (L.MAP_REFUSED, L.MAP_SPILL_MEMO):
-            if name in self.maps:
-                for k in list(self.maps[name].keys()):
-                    self.maps[name].delete(k)
+        # when what they were judged under changed
+        judged, self._judged = self._judged, judged_under(slots, settings)
+        if judged != self._judged:
+            for name in (L.MAP_REFUSED, L.MAP_SPILL_MEMO):
+                if name in self.maps:
+                    for k in list(self.maps[name].keys()):
+                        self.maps[name].delete(k)
 
     def _write_gw_marks(self, rules: RuleSet) -> None:
         """snat_gw_marks as the backend writes it: each new_gw rule's egress (the REF
