@@ -123,9 +123,11 @@ def test_a_reload_that_changes_the_host_limit_says_the_kernel_counts_it_afresh(l
         settle(b, lambda s: s.reasons["DROP_HOST_LIMIT"] >= 5)
         with caplog.at_level(logging.WARNING, logger="snatgw.nft"):
             b.apply(b._config)
-            assert "max_sessions_per_host changed" not in caplog.text
+            assert "max_sessions_per_host changed" not in caplog.text and b.apply_warnings == []
             b.apply(parse_text(conf("max_sessions_per_host 20"), "r.conf"))
         assert "max_sessions_per_host changed (r.conf:7: 15 -> 20)" in caplog.text, caplog.text
+        (w,) = b.apply_warnings  # for the reload's answer (`snatgw reload` prints it)
+        assert w.startswith("max_sessions_per_host changed (r.conf:7: 15 -> 20): the kernel counts") and w in caplog.text
         burst(lab, A, range(35100, 35110))
         st = settle(b, lambda s: s.reasons["XLATE_NEW"] >= 25, timeout=2.0)
     assert (st.reasons["XLATE_NEW"], st.reasons["DROP_HOST_LIMIT"]) == (25, 5)

@@ -566,3 +566,31 @@ def test_a_daemon_without_interfaces_says_it_translates_nothing(tmp_path):
         assert not [p for p in r.req(op="health")["problems"] if "nothing is translated" in p]
     finally:
         r.close()
+
+
+def test_a_reload_says_what_the_backends_apply_warns_of(running, capsys, monkeypatch):
+    """The nft backend's warning that a changed max_sessions_per_host is counted afresh
+    (limits_counted_afresh, set as apply_warnings) is in the reload's answer and on `snatgw
+    reload`'s stderr, as check's warnings are: it reached only the daemon's log.  A reload that
+    changes no limit says nothing of it."""
+    from snatgw.cli.main import main
+    from snatgw.datapath.nft.backend import limits_counted_afresh
+
+    b, apply = running.backend, running.backend.apply
+
+    def as_nft(config):  # the fake backend, warning as NftBackend.apply does
+        old = b.config
+        apply(config)
+        b.apply_warnings = limits_counted_afresh(old, config) if old is not None else []
+
+    monkeypatch.setattr(b, "apply", as_nft)
+    text = running.conf.read_text()
+    running.conf.write_text(text.replace("port_range 5000-65535", "port_range 5000-65535\n  max_sessions_per_host 20"))
+    assert running.req(op="reload")["ok"]
+    running.conf.write_text(text.replace("port_range 5000-65535", "port_range 5000-65535\n  max_sessions_per_host 30"))
+    assert main(["reload", "--socket", running.sock]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("reloaded: 3 rules")
+    assert "snatgw reload: warning: max_sessions_per_host changed (" in err and ": 20 -> 30" in err, err
+    assert "ct count set" in err
+    assert running.req(op="reload")["warnings"] == []  # the same limit: nothing to say

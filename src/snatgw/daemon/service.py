@@ -150,6 +150,13 @@ class Service:
                           outside=",".join(self.config.settings.outside) or None)
             self.config_warnings()
 
+    def backend_warnings(self) -> list[str]:
+        """What the backend's last apply warned of beyond the config (``apply_warnings``: nft's
+        host limits counted afresh), logged by the backend; the reload's and adm's answers
+        carry them, as `snatgw reload` and `snatgw adm` print their warnings."""
+        got = getattr(self.backend, "apply_warnings", None)
+        return [str(w) for w in got] if isinstance(got, (list, tuple)) else []
+
     def config_warnings(self) -> list[str]:
         """Log what `snatgw check` warns of about devices (an oif that is no uplink: a typo
         whose rule matches nothing; no inside or outside interface at all: nothing is
@@ -231,7 +238,9 @@ class Service:
             self.reloads += 1
             self.last_error = None
             self.config_warnings()
-            self.warnings = ignored + self.warnings  # the reload's answer: what it did not do first
+            # the reload's answer: what it did not do first, then what the backend's apply warns
+            # of (nft: a host limit counted afresh), then the config's warnings
+            self.warnings = ignored + self.backend_warnings() + self.warnings
             if self.on_reload is not None:
                 self.on_reload()
             self.last_reload = {"ok": True, "error": None, "at": time.time()}
@@ -567,6 +576,7 @@ class Service:
                             "matches nothing through it" for o in oifs[:10] if outside]
                 for w in warnings:
                     self.log.warning("config_warning", warning=w)
+                warnings = self.backend_warnings() + warnings
                 return {"ok": True, "rules": len(table.rules), "service": table.service, "warnings": warnings}
             raise AdmUsageError(f"unknown request op {op!r}; expected one of status, health, reload, rules, "
                                 "sessions, stats, rate, flush, zero, adm")

@@ -132,19 +132,22 @@ def limits_counted_afresh(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     calls new), so their answered sessions do not count toward the new limit (a host at 60 of
     60, the limit raised to 100, may open 100 more; lowered to 30, 30 more) until they end.  The
     kernel cannot be given them (an element's count is what passed it; the old set's elements
-    keep their old limit), so this is said, once per apply, as a warning; returned for tests."""
+    keep their old limit), so this is said, once per apply, as a warning: in the log and in
+    the reload's answer (NftBackend.apply_warnings); returns the warning's text, if any."""
     was = {r.rule_id: rule_host_limit(r, old.settings) for r in old.rules}
     out = []
     for r in new.rules:
         n = rule_host_limit(r, new.settings)
         if n and r.rule_id in was and was[r.rule_id] != n:
             out.append(f"{r.where or r.identity_text()}: {was[r.rule_id]} -> {n}")
-    if out:
-        log.warning("nft backend: max_sessions_per_host changed (%s): the kernel counts each limit value in its "
-                    "own ct count set, so the hosts' answered sessions do not count toward the new value until they "
-                    "end: a host may open up to that many new flows on top of them (`snatgw flush --rule` counts "
-                    "from zero; docs/nftables.md)", "; ".join(out))  # fmt: skip
-    return out
+    if not out:
+        return []
+    text = ("max_sessions_per_host changed ({}): the kernel counts each limit value in its own ct count set, so the "
+            "hosts' answered sessions do not count toward the new value until they end: a host may open up to that "
+            "many new flows on top of them (`snatgw flush --rule` counts from zero; docs/nftables.md)"
+            ).format("; ".join(out))  # fmt: skip
+    log.warning("nft backend: %s", text)
+    return [text]
 
 
 class NftBackend:
@@ -156,6 +159,9 @@ class NftBackend:
         self._full: bool | None = None  # whether render.S_FULL refuses new flows now
         self.netns = netns
         self._config: GatewayConfig | None = None
+        #: what the last apply warns of beyond the config itself (the daemon puts it in the
+        #: reload's answer, as `snatgw reload` prints: limits_counted_afresh)
+        self.apply_warnings: list[str] = []
         self._plan: R.Plan | None = None
         self._by_mark: dict[int, int] = {}  # ct mark -> rule_id
         self._objects: dict[str, tuple[str, ...]] | None = None  # named objects our last transaction left
@@ -350,8 +356,7 @@ class NftBackend:
         wanted = {e.table for e, _ in routes}
         self._remove_routing(keep=wanted)
         old = self._config
-        if old is not None:
-            limits_counted_afresh(old, config)
+        self.apply_warnings = limits_counted_afresh(old, config) if old is not None else []
         self._config, self._plan, self.settings = config, p, settings
         self._by_mark = {m: r.rule_id for m, r in p.rule_by_mark(rules).items()}
         self.last_removed = self._follow(old.rules if old else None, rules, settings.outside)
