@@ -184,9 +184,45 @@ def test_a_refused_verdict_says_the_flow_is_remembered_and_for_how_long(tmpdir_s
         assert main(["explain", "--live", *udp]) == 0
         out = capsys.readouterr().out
         assert "DROP (DROP_HOST_LIMIT)" in out
-        assert "refused: a refusal marker remembers the flow for 2 s (bpf)" in out
+        assert "refused: a refusal marker remembers the flow for 2 s: its later packets" in out
         assert main(["explain", "--live", *udp[:1], "198.18.40.11:40000", *udp[2:]]) == 0
         out = capsys.readouterr().out
         assert "XLATE_NEW" in out and "refusal marker" not in out
+    finally:
+        r.close()
+
+
+def test_the_refusal_note_is_a_json_field_and_says_what_nft_does_instead(tmpdir_short, capsys):
+    """`explain --json` of a refused flow has ``refusal`` (null for a translated one): the bpf
+    datapath's marker, its seconds and the reason the later packets get; with the nft backend
+    running no marker (nft keeps none: each later packet is judged again, the same reason),
+    and the text says so instead of the bpf marker labelled '(bpf)'."""
+    from scapy.all import IP, UDP
+    from test_daemon import LAB, Running
+
+    conf = tmpdir_short / "limit.conf"
+    conf.write_text(LAB.read_text().replace("port_range 5000-65535", "port_range 6000-6001\n  max_sessions_per_host 2"))
+    r = Running(tmpdir_short, conf=conf)
+    try:
+        for sp in (1, 2):
+            r.backend.process(bytes(IP(src="198.18.40.10", dst="203.0.113.10") / UDP(sport=sp, dport=80)),
+                              "inside", "lan40")  # fmt: skip
+        udp = ["explain", "--live", *ARGS, "--proto", "udp", "--socket", r.sock]
+        assert main([*udp, "-j"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["reason"] == "DROP_HOST_LIMIT"
+        assert {k: v for k, v in d["refusal"].items() if k != "note"} == {
+            "backend": "bpf", "marker": True, "marker_s": 2, "later_packets": "DROP_REFUSED_RECENTLY"}
+        assert main([*udp[:3], "198.18.40.11:40000", *udp[4:], "-j"]) == 0
+        assert json.loads(capsys.readouterr().out)["refusal"] is None  # translated
+        r.backend.name = "nft"  # the daemon runs the nft backend: explain takes its word
+        assert main([*udp, "-j"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert {k: v for k, v in d["refusal"].items() if k != "note"} == {
+            "backend": "nft", "marker": False, "marker_s": None, "later_packets": "DROP_HOST_LIMIT"}
+        assert main(udp) == 0
+        out = capsys.readouterr().out
+        assert "refused: backend nft keeps no refusal marker: each later packet of the flow is judged again" in out
+        assert "(bpf)" not in out and "DROP_REFUSED_RECENTLY" not in out
     finally:
         r.close()

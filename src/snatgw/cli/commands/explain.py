@@ -59,6 +59,29 @@ NFT_NOTE = ("backend nft: the kernel's nf_nat picks the SNAT address within the 
             "the bpf datapath's (docs/nftables.md)")
 
 
+def refusal_of(reason: Reason, backend: str | None) -> dict | None:
+    """What a refused flow's later packets meet (explain's ``refusal``; None unless the verdict
+    is DROP_PORT_EXHAUSTED or DROP_HOST_LIMIT): ``marker`` (with ``marker_s``, how long it
+    holds), ``later_packets`` (the reason they get meanwhile) and the ``note`` text shows.
+    bpf: its refusal marker drops them as DROP_REFUSED_RECENTLY without a search for
+    REFUSED_SECS, then they are judged again.  nft keeps no marker: each later packet is judged
+    again (nf_nat searches for a port again, or the host's `ct count` is asked again), refused
+    as long as the pool or the limit is full."""
+    if reason not in (Reason.DROP_PORT_EXHAUSTED, Reason.DROP_HOST_LIMIT):
+        return None
+    if backend == "nft":
+        again = ("nf_nat searches the pool for a port again" if reason == Reason.DROP_PORT_EXHAUSTED
+                 else "the host's sessions are counted against the limit again (ct count)")  # fmt: skip
+        return {"backend": "nft", "marker": False, "marker_s": None, "later_packets": reason.name,
+                "note": f"refused: backend nft keeps no refusal marker: each later packet of the flow is judged "
+                        f"again ({again}) and refused as {reason.name} while that lasts"}  # fmt: skip
+    return {"backend": "bpf", "marker": True, "marker_s": REFUSED_SECS,
+            "later_packets": Reason.DROP_REFUSED_RECENTLY.name,
+            "note": f"refused: a refusal marker remembers the flow for {REFUSED_SECS} s: its later packets meanwhile "
+                    "are dropped as DROP_REFUSED_RECENTLY without a search (a reload changing the rules, port_range, "
+                    "port_tries or the devices forgets the markers); after that it is judged again"}  # fmt: skip
+
+
 class BadInput(SnatgwError):
     """A bad command-line value (exit 2)."""
 
@@ -355,10 +378,11 @@ def _short(w: str, why: list) -> str:
 
 
 def explain_packet(cfg, pkt: bytes, router, ingress: str, live: list[dict] | None = None,
-                   memos: list[dict] | None = None) -> dict:
+                   memos: list[dict] | None = None, backend: str | None = None) -> dict:
     """The explanation of one inside packet as a JSON-ready dict (see `snatgw explain --help`);
     ``live``: the running gateway's sessions, to judge the port search against; ``memos``:
-    its spill memos (op spill_memos), which may send the flow on to the next address."""
+    its spill memos (op spill_memos), which may send the flow on to the next address;
+    ``backend``: the one that runs (the daemon's, else the file's), for ``refusal``."""
     s = summarize(pkt)
     fib = router.lookup(s.dst, s.src)
     route = Route(fib.oif, fib.gw) if fib.kind == "forward" else None
@@ -400,6 +424,7 @@ def explain_packet(cfg, pkt: bytes, router, ingress: str, live: list[dict] | Non
         "address": None if rule is None else {**address_choice(cfg, rule, s),
                                               "spill_memo": [{"addr": a, "age_s": round(t, 3)} for a, t in memo_skips]},
         "live_sessions": None if live is None else len(live),
+        "refusal": refusal_of(reason, backend or cfg.settings.backend),
         "notes": notes,
     }  # fmt: skip
 
@@ -439,10 +464,8 @@ def render_text(d: dict) -> str:
                        f"{SPILL_MEMO_MS / 1000:g} s: meanwhile only its first candidate is tried)")
         if a["max_sessions_per_host"]:
             out.append(f"           at most {a['max_sessions_per_host']} sessions per inside host")
-        if d["reason"] in (Reason.DROP_PORT_EXHAUSTED.name, Reason.DROP_HOST_LIMIT.name):
-            out.append(f"           refused: a refusal marker remembers the flow for {REFUSED_SECS} s (bpf): its later "
-                       f"packets meanwhile are dropped as DROP_REFUSED_RECENTLY without a search (a reload "
-                       f"forgets the markers); after that it is judged again")
+        if d.get("refusal"):
+            out.append(f"           {d['refusal']['note']}")
         if a.get("port_preserve"):
             out.append(f"           port_preserve yes: port {p['src'].rpartition(':')[2]} itself is tried first "
                        "(when in the port range)")
@@ -645,7 +668,7 @@ def run(args: argparse.Namespace) -> int:
 
         sessions, truncated = relevant_sessions(table_of, pkt, cfg)
         memos = call(table_of, {"op": "spill_memos", "remote": str(dst)}).get("memos") or []
-    d = explain_packet(cfg, pkt, router, ingress, sessions, memos)
+    d = explain_packet(cfg, pkt, router, ingress, sessions, memos, backend)
     if (isinstance(router, KernelRouter) and d["reason"] == Reason.DROP_SPOOFED.name
             and not any(n == ingress for _, n in socket.if_nameindex())):  # the likely why of that drop
         d["notes"].insert(0, f"{ingress} is no device of this network namespace: the routes are this host's, not "
