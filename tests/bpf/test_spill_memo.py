@@ -140,7 +140,7 @@ def test_an_apply_empties_full_marker_and_memo_maps_in_batches_and_hands_every_m
     packed until the refusal log looks (refusals(): each one once, a second apply's after the
     first's, one map's worth at most).  Before, a delete per entry and the markers' per-entry
     unpack took 1.4-1.9 s of a reload here (the daemon's lock held: no adm, no stats); now
-    ~30 ms (the bound below leaves a margin for a loaded machine)."""
+    ~30 ms."""
     from snatgw.datapath.bpf import libbpf as B
     from snatgw.datapath.bpf.backend import BpfBackend
     from snatgw.datapath.bpf.maps import DatapathMaps
@@ -158,22 +158,27 @@ def test_an_apply_empties_full_marker_and_memo_maps_in_batches_and_hands_every_m
         memo.put_batch(b"".join(L.SPILL_KEY.pack(remote=i, addr=0xC6130247, rport=53, proto=17)
                                 for i in range(L.MAX_SPILL_MEMO)), bytes(memo.value_size) * L.MAX_SPILL_MEMO,
                        L.MAX_SPILL_MEMO)  # fmt: skip
-        assert (ref.count(), memo.count()) == (n, L.MAX_SPILL_MEMO)
+        # an LRU map may evict before it is full (free entries held on another CPU's list), so
+        # "full" is what it holds: nearly all, counted (tests/bpf alone held 65,408 and 16,256)
+        held = ref.count(), memo.count()
+        assert held[0] >= 0.95 * n and held[1] >= 0.95 * L.MAX_SPILL_MEMO, held
+        return held[0]
 
     b = BpfBackend()
     b.maps = DatapathMaps(prog.maps)
     deletes = []
     monkeypatch.setattr(B.Map, "delete", lambda self, k: deletes.append(k) or True)
-    fill(L.MAX_REFUSED, 0)
+    first = fill(L.MAX_REFUSED, 0)
     b._forget_judgements()
     assert (ref.count(), memo.count(), len(deletes)) == (0, 0, 0)  # batches, no delete per entry
-    fill(10, L.MAX_REFUSED)  # a second apply before the log looks: its 10 after the first's last
+    second = fill(10, L.MAX_REFUSED)  # a second apply before the log looks: its 10 after the first's last
     b._forget_judgements()
     got = b.refusals()
-    ats = {m["at"] for m in got}  # one map's worth kept, the first's in hash order, then the second's
-    assert len(got) == len(ats) == L.MAX_REFUSED and set(range(L.MAX_REFUSED, L.MAX_REFUSED + 10)) <= ats
-    m = next(m for m in got if m["at"] == 11) if 11 in ats else next(m for m in got if m["at"] == 13)
-    at = m["at"]
+    ats = {m["at"] for m in got}  # one map's worth kept at most, the first's in hash order, then the second's
+    assert len(got) == len(ats) == min(first + second, L.MAX_REFUSED)
+    assert set(range(L.MAX_REFUSED, L.MAX_REFUSED + 10)) <= ats
+    at = min(a for a in ats if a % 2 and a < 256)  # one of the first apply's, a host-limit refusal
+    m = next(m for m in got if m["at"] == at)
     assert m == {"host": f"198.18.0.{at}", "remote": "198.51.100.2", "sport": 1000 + at, "dport": 53, "proto": "udp",
                  "addr": "198.19.2.71", "at": at, "reason": "DROP_HOST_LIMIT"}  # fmt: skip
     assert b.refusals() == []  # handed once: the log counts each emptied marker once
