@@ -166,10 +166,9 @@ def test_explain_says_when_the_daemon_cut_the_listing(tmpdir_short, capsys, monk
         r.close()
 
 
-def test_a_refused_verdict_says_the_flow_is_remembered_and_for_how_long(tmpdir_short, capsys):
-    """A flow explain finds refused (here: its host at max_sessions_per_host 2 in the live
-    table) is told what its next packets meet: the refusal marker's REFUSED_SECS, then a new
-    judgement; a translated flow is told nothing of it."""
+def _host_at_its_limit(tmpdir_short):
+    """A daemon (fake backend) whose live table holds two sessions of 198.18.40.10, at its
+    max_sessions_per_host 2 with ports 6000-6001: that host's next flow is refused."""
     from scapy.all import IP, UDP
     from test_daemon import LAB, Running
 
@@ -180,6 +179,18 @@ def test_a_refused_verdict_says_the_flow_is_remembered_and_for_how_long(tmpdir_s
         for sp in (1, 2):
             r.backend.process(bytes(IP(src="198.18.40.10", dst="203.0.113.10") / UDP(sport=sp, dport=80)),
                               "inside", "lan40")  # fmt: skip
+    except BaseException:
+        r.close()
+        raise
+    return r
+
+
+def test_a_refused_verdict_says_the_flow_is_remembered_and_for_how_long(tmpdir_short, capsys):
+    """A flow explain finds refused (here: its host at max_sessions_per_host 2 in the live
+    table) is told what its next packets meet: the refusal marker's REFUSED_SECS, then a new
+    judgement; a translated flow is told nothing of it."""
+    r = _host_at_its_limit(tmpdir_short)
+    try:
         udp = [*ARGS, "--proto", "udp", "--socket", r.sock]
         assert main(["explain", "--live", *udp]) == 0
         out = capsys.readouterr().out
@@ -197,16 +208,8 @@ def test_the_refusal_note_is_a_json_field_and_says_what_nft_does_instead(tmpdir_
     datapath's marker, its seconds and the reason the later packets get; with the nft backend
     running no marker (nft keeps none: each later packet is judged again, the same reason),
     and the text says so instead of the bpf marker labelled '(bpf)'."""
-    from scapy.all import IP, UDP
-    from test_daemon import LAB, Running
-
-    conf = tmpdir_short / "limit.conf"
-    conf.write_text(LAB.read_text().replace("port_range 5000-65535", "port_range 6000-6001\n  max_sessions_per_host 2"))
-    r = Running(tmpdir_short, conf=conf)
+    r = _host_at_its_limit(tmpdir_short)
     try:
-        for sp in (1, 2):
-            r.backend.process(bytes(IP(src="198.18.40.10", dst="203.0.113.10") / UDP(sport=sp, dport=80)),
-                              "inside", "lan40")  # fmt: skip
         udp = ["explain", "--live", *ARGS, "--proto", "udp", "--socket", r.sock]
         assert main([*udp, "-j"]) == 0
         d = json.loads(capsys.readouterr().out)
