@@ -113,15 +113,23 @@ def paired_isolated(records: list[dict], scenario: str, cfg: str, ref: str) -> l
     A round where either configuration cost nothing or less than its drop run (it outran the
     delivery it is measured against: the round measured noise) gives (round, None), never a
     ratio of zero or below."""
+    return [(rnd, cb / ca if ca > 0 and cb > 0 else None) for rnd, ca, cb in round_costs(records, scenario, cfg, ref)]
+
+
+def round_costs(records: list[dict], scenario: str, cfg: str, ref: str) -> list[tuple[int, float, float]]:
+    """(round, cost(cfg), cost(ref)) for every round of ``scenario`` in which both ran, each
+    against its round's drop run (baseline_scenario's, as summarize pairs them)."""
     ok = {(r["config"], r["round"]): r for r in _ok(records) if r["scenario"] == scenario}
+    base = baseline_scenario(scenario)
+    drops = {r["round"]: r for r in _ok(records) if r["scenario"] == base and r["config"] == "drop"}
     out = []
     for rnd in sorted({r for c, r in ok if c == cfg}):
-        a, b, d = ok.get((cfg, rnd)), ok.get((ref, rnd)), ok.get(("drop", rnd))
+        a, b, d = ok.get((cfg, rnd)), ok.get((ref, rnd)), drops.get(rnd)
         if not (a and b and d) or a.get("metric", "pps") not in PACKET_METRICS:
             continue
         ca, cb = cost_ns(a["value"], d["value"]), cost_ns(b["value"], d["value"])
         if ca is not None and cb is not None:
-            out.append((rnd, cb / ca if ca > 0 and cb > 0 else None))
+            out.append((rnd, ca, cb))
     return out
 
 
@@ -160,14 +168,7 @@ def isolated_interval(records: list[dict], scenario: str, cfg: str, ref: str, le
     runs together, as the estimator pairs them), ``level`` of the resamples' ratios inside
     (lo, hi).  None with fewer than three complete rounds: two rounds say nothing about their
     spread.  A fixed seed: the same records give the same interval (reports are compared)."""
-    ok = {(r["config"], r["round"]): r for r in _ok(records) if r["scenario"] == scenario}
-    base = baseline_scenario(scenario)
-    drops = {r["round"]: r for r in _ok(records) if r["scenario"] == base and r["config"] == "drop"}
-    rounds = []
-    for rnd in sorted({r for _, r in ok}):
-        a, b, d = ok.get((cfg, rnd)), ok.get((ref, rnd)), drops.get(rnd)
-        if a and b and d and a.get("metric", "pps") in PACKET_METRICS:
-            rounds.append((cost_ns(a["value"], d["value"]), cost_ns(b["value"], d["value"])))
+    rounds = [(ca, cb) for _, ca, cb in round_costs(records, scenario, cfg, ref)]
     if len(rounds) < 3:
         return None
     rng = random.Random(seed)
