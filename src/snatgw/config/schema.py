@@ -156,8 +156,14 @@ def judged_under(rules: RuleSet, settings: Settings) -> tuple:
     backend compares the same from the bytes it writes (prog_maps.judged_under)."""
     return (tuple((r.src, r.dst, r.gw, r.new_gw, r.oif, int(r.pool.first), int(r.pool.last), r.rule_id, r.algo,
                    r.eim, r.filter_mode, rule_spill(r, settings), rule_preserve(r, settings),
-                   rule_host_limit(r, settings)) for r in rules),
-            settings.port_min, settings.port_max, settings.port_tries,
+                   rule_host_limit(r, settings)) for r in rules),) + judged_settings(settings)  # fmt: skip
+
+
+def judged_settings(settings: Settings) -> tuple:
+    """The settings a refusal marker and a spill memo were judged under, the same for the model
+    and the bpf backend (judged_under, prog_maps.judged_under): the port range and port_tries
+    (the search) and the devices' roles."""
+    return (settings.port_min, settings.port_max, settings.port_tries,
             frozenset(settings.inside), frozenset(settings.outside))  # fmt: skip
 
 

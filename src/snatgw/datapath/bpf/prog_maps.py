@@ -10,7 +10,7 @@ from ipaddress import IPv4Address
 from typing import Callable
 
 from ... import layout as L
-from ...config.schema import Settings, rule_host_limit, rule_preserve, rule_spill
+from ...config.schema import Settings, judged_settings, rule_host_limit, rule_preserve, rule_spill
 from ...errors import BackendError
 from ...rules import Rule, RuleSet, leak_guard_nets
 
@@ -92,8 +92,7 @@ def judged_under(slots: list[bytes], settings: Settings) -> tuple:
     concern flows no rule refused), and the devices' roles (snat_ifaces).  The backend's apply
     empties snat_refused and snat_spill_memo only when this changed (schema.judged_under is the
     model's same comparison)."""
-    return (tuple(slots), settings.port_min, settings.port_max, settings.port_tries,
-            frozenset(settings.inside), frozenset(settings.outside))  # fmt: skip
+    return (tuple(slots),) + judged_settings(settings)
 
 
 def host_counting(ruleset: RuleSet, settings: Settings) -> bool:
