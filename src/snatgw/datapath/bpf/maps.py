@@ -536,22 +536,7 @@ class DatapathMaps:
         entry took ~0.35 s and unpacking them ~0.8 s of a reload with both maps full, now ~30 ms
         in all); a marker made meanwhile in a bucket already passed stays: it was judged by
         the new rules, written before this runs."""
-        markers: list[tuple[int, bytes, bytes]] = []
-        for name in (L.MAP_REFUSED, L.MAP_SPILL_MEMO):
-            m = self.maps.get(name)
-            if m is None:
-                continue
-            got: list[tuple[int, bytes, bytes]] = []
-            for part in m.pop_batches():
-                if part is None:  # a kernel without the batch call: a read, then a delete per entry
-                    got = [(1, k, v) for k, v in m.items_batch()]
-                    for _, k, _ in got:
-                        m.delete(k)
-                    break
-                got.append(part)
-            if name == L.MAP_REFUSED:
-                markers = got
-        return markers
+        return forget_judgements(self.maps)
 
     def spill_memos(self, remote: str | None = None) -> list[dict]:
         """The spill memos (toward ``remote`` only, if given): remote address, SNAT address,
@@ -724,6 +709,26 @@ def write_gw_marks(m, marks: dict[tuple[int, int], int]) -> None:
     for k in list(m.keys()):
         if k not in keys:
             m.delete(k)
+
+
+def forget_judgements(maps: dict) -> list[tuple[int, bytes, bytes]]:
+    """DatapathMaps.forget_judgements over a dict of maps by name (the test harness's too)."""
+    markers: list[tuple[int, bytes, bytes]] = []
+    for name in (L.MAP_REFUSED, L.MAP_SPILL_MEMO):
+        m = maps.get(name)
+        if m is None:
+            continue
+        got: list[tuple[int, bytes, bytes]] = []
+        for part in m.pop_batches():
+            if part is None:  # a kernel without the batch call: a read, then a delete per entry
+                got = [(1, k, v) for k, v in m.items_batch()]
+                for _, k, _ in got:
+                    m.delete(k)
+                break
+            got.append(part)
+        if name == L.MAP_REFUSED:
+            markers = got
+    return markers
 
 
 def _markers(items) -> list[dict]:

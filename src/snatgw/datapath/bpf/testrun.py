@@ -18,7 +18,7 @@ from ... import layout as L
 from ...config.schema import Settings
 from ...errors import BackendError
 from ...rules import RuleSet
-from .maps import write_gw_marks, write_rule_slots
+from .maps import forget_judgements, write_gw_marks, write_rule_slots
 from . import build
 from . import libbpf as B
 from .loader import ifindex as _ifindex
@@ -240,10 +240,7 @@ class ProgHarness:
         # when what they were judged under changed
         judged, self._judged = self._judged, judged_under(slots, settings)
         if judged != self._judged:
-            for name in (L.MAP_REFUSED, L.MAP_SPILL_MEMO):
-                if name in self.maps:
-                    for k in list(self.maps[name].keys()):
-                        self.maps[name].delete(k)
+            forget_judgements(self.maps)
 
     def _write_gw_marks(self, rules: RuleSet) -> None:
         """snat_gw_marks as the backend writes it: each new_gw rule's egress (the REF
