@@ -594,3 +594,38 @@ def test_a_reload_says_what_the_backends_apply_warns_of(running, capsys, monkeyp
     assert "snatgw reload: warning: max_sessions_per_host changed (" in err and ": 20 -> 30" in err, err
     assert "ct count set" in err
     assert running.req(op="reload")["warnings"] == []  # the same limit: nothing to say
+
+
+def test_a_reload_by_signal_keeps_the_backends_warning_for_status(running, capsys, monkeypatch):
+    """A reload by SIGHUP (the daemon's handler: Service.reload via "signal") has no answer:
+    the nft backend's warning of a changed host limit is kept in status' last_reload, with
+    how the reload came, and `snatgw status` prints it; the next reload that warns of nothing
+    replaces it.  On main only the log had it."""
+    from snatgw.cli.main import main
+    from snatgw.datapath.nft.backend import limits_counted_afresh
+
+    b, apply = running.backend, running.backend.apply
+
+    def as_nft(config):  # the fake backend, warning as NftBackend.apply does
+        old = b.config
+        apply(config)
+        b.apply_warnings = limits_counted_afresh(old, config) if old is not None else []
+
+    monkeypatch.setattr(b, "apply", as_nft)
+    text = running.conf.read_text()
+    running.conf.write_text(text.replace("port_range 5000-65535", "port_range 5000-65535\n  max_sessions_per_host 20"))
+    running.service.reload(via="signal")
+    running.conf.write_text(text.replace("port_range 5000-65535", "port_range 5000-65535\n  max_sessions_per_host 30"))
+    running.service.reload(via="signal")
+    lr = running.req(op="status")["last_reload"]
+    (w,) = lr["warnings"]
+    assert (lr["via"], lr["ok"], lr["warnings_total"]) == ("signal", True, 1)
+    assert w.startswith("max_sessions_per_host changed (") and ": 20 -> 30" in w
+    main(["status", "--socket", running.sock])
+    assert f"             warning: {w}\n" in capsys.readouterr().out
+    running.service.reload(via="signal")  # the same limit: nothing to say
+    assert running.req(op="status")["last_reload"]["warnings"] == []
+    # bounded: the first 10 warnings kept, each cut at 1,000 characters, the count of all
+    lr = running.service.reload_record("signal", "x.conf", None, ["w" * 5000] * 15)
+    assert lr["warnings_total"] == 15 and len(lr["warnings"]) == 10
+    assert {len(x) for x in lr["warnings"]} == {1000} and lr["warnings"][0].endswith("...")

@@ -371,10 +371,15 @@ def _fields(dgram: bytes) -> dict:
 
 
 @pytest.mark.parametrize("bad", ["", "snatgw {\n max_sessions ²\n}\n", None])
-def test_a_failed_sighup_reload_is_reported_to_systemd(tmpdir_short, bad):
+def test_a_failed_sighup_reload_is_reported_to_systemd(tmpdir_short, bad, capsys):
     """RELOADING=1 (with MONOTONIC_USEC), then READY=1 with STATUS=reload failed: ... (sd_notify(3)),
     the daemon alive on its old rules; a good reload then says READY=1 with a running STATUS.
-    Cases: an empty file, superscript digits, /dev/zero."""
+    Cases: an empty file, superscript digits, /dev/zero.  `snatgw status` (json and text) shows
+    how each reload came and went, as the signal has no answer: the start, the signal's refusal
+    with its error, the signal's good reload with its warning (an oif typo), a control socket
+    reload; on main the record had no how and no warnings, which reached only the log."""
+    from snatgw.cli.main import main
+
     conf = tmpdir_short / "snatgw.conf"
     shutil.copy(LAB, conf)
     note = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -382,8 +387,18 @@ def test_a_failed_sighup_reload_is_reported_to_systemd(tmpdir_short, bad):
     note.settimeout(10)
     sock = str(tmpdir_short / "ctl.sock")
     p = _spawn(conf, sock, str(tmpdir_short / "notify"))
+
+    def status() -> tuple[dict, str]:
+        main(["status", "--socket", sock, "-j"])  # (exit 1: the lab's devices are not here)
+        d = json.loads(capsys.readouterr().out)["last_reload"]
+        main(["status", "--socket", sock])
+        return d, capsys.readouterr().out
+
     try:
         assert _fields(note.recv(1000))["READY"] == "1"
+        lr, out = status()
+        assert (lr["via"], lr["ok"], lr["rules"], lr["warnings"], lr["config"]) == ("start", True, 3, [], str(conf))
+        assert f"  last reload none: started at " in out and f"with {conf}: applied, 3 rules, no warnings" in out
         if bad is None:
             conf.unlink()
             conf.symlink_to("/dev/zero")
@@ -397,12 +412,26 @@ def test_a_failed_sighup_reload_is_reported_to_systemd(tmpdir_short, bad):
         assert "previous config (3 rules)" in done["STATUS"]
         st = request(sock, {"op": "status"})
         assert st["rules"] == 3 and st["last_reload"]["ok"] is False
+        lr, out = status()
+        assert (lr["via"], lr["ok"], lr["rules"], lr["warnings"]) == ("signal", False, 3, [])
+        assert lr["error"] and lr["error"] in done["STATUS"]
+        assert f"  last reload by signal (SIGHUP, systemctl reload) at " in out
+        assert f": REFUSED: {lr['error']} (the previous config runs, 3 rules)" in out
         conf.unlink()
-        shutil.copy(LAB, conf)
+        conf.write_text(LAB.read_text().replace("oif eth2", "oif eht2"))  # applied, with check's warning
         p.send_signal(signal.SIGHUP)
         assert _fields(note.recv(1000))["RELOADING"] == "1"
         ok = _fields(note.recv(1000))
         assert ok["READY"] == "1" and ok["STATUS"].startswith("running: 3 rules")
+        lr, out = status()
+        (w,) = lr["warnings"]
+        assert (lr["via"], lr["ok"], lr["error"], lr["warnings_total"]) == ("signal", True, None, 1)
+        assert w.startswith(f"{conf}:16: oif: eht2 is not among the outside interfaces"), w
+        assert ": applied, 3 rules, 1 warning\n" in out and f"             warning: {w}\n" in out
+        assert request(sock, {"op": "reload"})["ok"]
+        lr, out = status()
+        assert (lr["via"], lr["ok"], lr["warnings"]) == ("control", True, [w])
+        assert f"  last reload by control socket (snatgw reload) at " in out
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=10) == 0
         assert "Traceback" not in p.stderr.read()

@@ -142,7 +142,8 @@ class Daemon:
         self.reload_running = True
         sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
                   _status_line("reloading"))  # fmt: skip
-        self.worker.submit(self.service.reload, self.on_reloaded, bounded=False)
+        # via "signal": no answer carries its warnings; status' last_reload shows them
+        self.worker.submit(lambda: self.service.reload(via="signal"), self.on_reloaded, bounded=False)
 
     def on_reloaded(self, _result, error: BaseException | None) -> None:
         self.reload_running = False

@@ -37,6 +37,10 @@ MAX_SESSIONS_REPLY = 100_000
 SESSIONS_CHUNK = 2048
 REFUSAL_LOG_INTERVAL = 10.0  # seconds: each (inside host, SNAT address) with refusals is logged once
 REFUSAL_LOG_LINES = 50  # at most this many such lines per interval, then one summary line
+#: the last reload's record (status' ``last_reload``) keeps this many of its warnings, each cut at
+#: RELOAD_WARNING_CHARS (nft's warning of changed host limits names every rule changed)
+RELOAD_WARNINGS_KEPT = 10
+RELOAD_WARNING_CHARS = 1000
 
 
 def load_config(path: str | None = None, text: str | None = None, overrides: dict | None = None,
@@ -105,7 +109,8 @@ class Service:
         self._samples: list[tuple[float, dict]] = []  # (time, stats dict), at most two
         self.hooks_restored = 0  # datapath hooks put back after someone removed them
         self.errors = 0  # failed GC ticks and hook checks since start
-        self.last_reload: dict | None = None  # {"ok": bool, "error": str|None, "at": unix time}
+        #: the start or the last reload (reload_record): when, how, its result and warnings
+        self.last_reload: dict | None = None
         self._refusals_at: float | None = None  # when refusals were last looked at
         self._refusal_seen: set[tuple] = set()  # the markers the last look found (bounded by the map)
         self.addresses = AddressManager(self.log)
@@ -149,6 +154,7 @@ class Service:
                           config=self.config_path, inside=",".join(self.config.settings.inside) or None,
                           outside=",".join(self.config.settings.outside) or None)
             self.config_warnings()
+            self.last_reload = self.reload_record("start", self.config_path, None, self.warnings)
 
     def backend_warnings(self) -> list[str]:
         """What the backend's last apply warned of beyond the config (``apply_warnings``: nft's
@@ -209,30 +215,46 @@ class Service:
                         "restart the daemon to change it")
         return (replace(new, settings=replace(new.settings, **fixed)) if fixed else new), said
 
-    def reload(self, path: str | None = None, text: str | None = None) -> GatewayConfig:
+    def reload_record(self, via: str, config: str | None, error: str | None, warnings: list[str]) -> dict:
+        """What `snatgw status` shows of the start or the last reload (``last_reload``): when
+        (``at``, unix time), ``via`` (start, signal: SIGHUP or `systemctl reload`, control: the
+        reload request of `snatgw reload`), the ``config`` read, ``ok`` and the ``error`` of a
+        refused one (the previous config runs), the ``rules`` running after it and its
+        ``warnings``, the first RELOAD_WARNINGS_KEPT of ``warnings_total`` (each cut at
+        RELOAD_WARNING_CHARS): a reload by signal has no answer to carry them, so the log and
+        this record are where an operator finds them.  Bounded: one record, replaced by the
+        next."""
+        kept = [w if len(w) <= RELOAD_WARNING_CHARS else w[: RELOAD_WARNING_CHARS - 3] + "..."
+                for w in warnings[:RELOAD_WARNINGS_KEPT]]  # fmt: skip
+        return {"ok": error is None, "error": error, "at": time.time(), "via": via, "config": config,
+                "rules": len(self.config.rules), "warnings": kept, "warnings_total": len(warnings)}
+
+    def reload(self, path: str | None = None, text: str | None = None, via: str = "control") -> GatewayConfig:
         """Re-read the config (its file, another file, or text) and apply it atomically.
-        Any error (parse, validation, backend) is logged and raised; the old config stays."""
+        Any error (parse, validation, backend) is logged and raised; the old config stays.
+        ``via``: how it came, for ``last_reload``: "control" (the reload request), "signal"
+        (the daemon's SIGHUP handler says so)."""
         with self.lock:
             src = path or self.config_path
+            what = src if text is None else "<control>"
             try:
                 new = load_config(None if text is not None else src, text, self.overrides,
                                   filename="<control>" if text is not None else None)
                 new, ignored = self._keep_fixed(new)
-                self._commit(new, AdmTable.from_ruleset(new.rules), "reloaded",
-                             config=src if text is None else "<control>")
+                self._commit(new, AdmTable.from_ruleset(new.rules), "reloaded", config=what)
             except SnatgwError as e:
                 self.last_error = str(e)
-                self.last_reload = {"ok": False, "error": str(e), "at": time.time()}
-                self._applied("reload", src if text is None else "<control>", str(e))
+                self.last_reload = self.reload_record(via, what, str(e), [])
+                self._applied("reload", what, str(e))
                 self.log.error("reload_failed", error=str(e), kept_rules=len(self.config.rules))
                 raise
             except Exception as e:  # a bug below must cost the reload, never the daemon
                 self.last_error = f"internal error: {e!r}"
-                self.last_reload = {"ok": False, "error": self.last_error, "at": time.time()}
-                self._applied("reload", src if text is None else "<control>", self.last_error)
+                self.last_reload = self.reload_record(via, what, self.last_error, [])
+                self._applied("reload", what, self.last_error)
                 self.log.error("reload_failed", error=self.last_error, kept_rules=len(self.config.rules))
                 raise BackendError(self.last_error) from None
-            self._applied("reload", src if text is None else "<control>", None)
+            self._applied("reload", what, None)
             if path and text is None:
                 self.config_path = str(Path(path).resolve())
             self.reloads += 1
@@ -243,7 +265,7 @@ class Service:
             self.warnings = ignored + self.backend_warnings() + self.warnings
             if self.on_reload is not None:
                 self.on_reload()
-            self.last_reload = {"ok": True, "error": None, "at": time.time()}
+            self.last_reload = self.reload_record(via, what, None, self.warnings)
             return new
 
     def adm(self, argvs: list[list[str]], restore: bool = False) -> AdmTable:
@@ -513,7 +535,7 @@ class Service:
                 with self.lock:
                     return {"ok": True, **report(self)}
             if op == "reload":
-                new = self.reload(path=req.get("path"), text=req.get("text"))
+                new = self.reload(path=req.get("path"), text=req.get("text"), via="control")
                 return {"ok": True, "rules": len(new.rules), "warnings": self.warnings[:10]}
             if op == "rules":
                 with self.lock:

@@ -14,7 +14,9 @@ HELP = "the running gateway's health: hooks, maps, sessions, last reload, links 
 DESCRIPTION = """\
 Ask the running daemon how the gateway is: its programs and the hook each is attached to (still
 attached?), its maps and how full they are, sessions against max_sessions, the last reload or
-`snatgw adm` batch and whether it worked, the state of every inside and outside device, and
+`snatgw adm` batch and whether it worked, the last reload (or the start) with how it came
+(signal: SIGHUP or `systemctl reload`, which print nothing; control: `snatgw reload`), its
+error or its warnings, the state of every inside and outside device, and
 the error events logged since start.
 
 Exit status, for monitoring (e.g. a Nagios/Icinga check or a systemd timer):
@@ -52,6 +54,7 @@ def render_text(r: dict) -> str:
         out.append(f"  last apply {la['kind']} {la['what'] or ''} at {when}: {result}".replace("  at", " at"))
     else:
         out.append(f"  last apply none since start ({r['reloads']} reloads)")
+    out += reload_text(r.get("last_reload"))
     out.append(f"  log        {r['errors']} errors, {r['warnings']} warnings since start"
                + (f"; last error: {r['last_error_event'].get('event')}" if r.get("last_error_event") else ""))
     reads = r.get("counter_reads") or {}
@@ -111,6 +114,34 @@ def render_text(r: dict) -> str:
     if r["problems"]:
         out += ["", "problems:"] + [f"  - {p}" for p in r["problems"]]
     return "\n".join(out)
+
+
+#: how a reload came (Service.reload_record's ``via``), as status says it
+RELOAD_VIA_TEXT = {"signal": "signal (SIGHUP, systemctl reload)", "control": "control socket (snatgw reload)"}
+
+
+def reload_text(lr: dict | None) -> list[str]:
+    """The start's or the last reload's lines: when, how, applied or refused (with the error),
+    then its warnings, one a line (a reload by signal has no other place that shows them but
+    the log).  Nothing from a daemon before 1 Dec 2026 (no ``via``)."""
+    if not lr or "via" not in lr:
+        return []
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(lr["at"]))
+    how = RELOAD_VIA_TEXT.get(lr["via"], lr["via"])
+    if lr["ok"]:
+        n = lr.get("warnings_total", 0)
+        result = f"applied, {lr['rules']} rules" + (f", {n} warning{'s' * (n != 1)}" if n else ", no warnings")
+    else:
+        result = f"REFUSED: {lr['error']} (the previous config runs, {lr['rules']} rules)"
+    if lr["via"] == "start":
+        out = [f"  last reload none: started at {when} with {lr.get('config') or '-'}: {result}"]
+    else:
+        out = [f"  last reload by {how} at {when}, {lr.get('config') or '-'}: {result}"]
+    out += [f"             warning: {w}" for w in lr.get("warnings") or ()]
+    more = lr.get("warnings_total", 0) - len(lr.get("warnings") or ())
+    if more > 0:
+        out.append(f"             ... and {more} more (snatgw check lists the config's)")
+    return out
 
 
 def sync_text(y: dict) -> str:
