@@ -27,6 +27,7 @@ from snatgw.lab import clients as C
 from snatgw.lab import leakwatch
 from snatgw.lab.gateway import snatgw_json
 from snatgw.lab.netns import ns_socket
+from snatgw.layout import REFUSED_SECS
 
 pytestmark = [pytest.mark.lab, pytest.mark.root]
 
@@ -167,7 +168,8 @@ def test_a_host_that_fills_its_address_spills_over_or_is_refused(gateway, pressu
 
 def test_refused_flows_cost_one_lookup_on_bpf_and_a_search_again_on_nft(gateway, pressure_lab):
     """on_exhausted drop, 50 ports: 60 flows sent twice.  bpf: 10 refused after a search, their
-    second packets hit the refusal marker (DROP_REFUSED_RECENTLY); nft: every packet of a
+    second packets hit the refusal marker (DROP_REFUSED_RECENTLY), and `explain --live` of a
+    flow refused then names its marker until it is REFUSED_SECS old; nft: every packet of a
     refused flow is a new conntrack entry that searches again (20 exhausted)."""
     lab = gateway(conf("port_range 6000-6049\n on_exhausted drop", f"snat_ip {POOL[0]}-{POOL[-1]}"))
     burst(lab, A, range(41000, 41060), rounds=2)
@@ -177,13 +179,28 @@ def test_refused_flows_cost_one_lookup_on_bpf_and_a_search_again_on_nft(gateway,
             50, 10, 10)
         (addr,) = [a for a in st["pressure"]["addresses"] if a["sessions"]]
         assert (addr["sessions"], addr["refusals"]) == (50, 10)
+        # explain --live reads a flow's refusal marker in snat_refused: refused just now, its
+        # packets are dropped until the marker is REFUSED_SECS old (asked again at the end)
+        burst(lab, A, [41100])
+        settle(lab, lambda s: reason(s, "DROP_PORT_EXHAUSTED") >= 11)
+        refused_by = time.monotonic()  # (the marker was written before this)
+        ask = ("explain", "--live", "--proto", "udp", "--src", f"{A}:41100", "--dst", f"{S1}:9", "--oif", "eth1",
+               "--gw", "198.19.2.1")
+        d = snatgw_json(lab, *ask)
+        m = d and d["refusal_marker"]
+        assert m and (m["reason"], m["met"], m["packets"]) == ("DROP_PORT_EXHAUSTED", True, "DROP_REFUSED_RECENTLY"), d
+        assert 0 <= m["age_s"] < REFUSED_SECS and m["addr"] == addr["addr"] and d["reason"] == "DROP_PORT_EXHAUSTED", d
         # no host limit: the host's refusals count at once, its sessions by the sweep's recount
         # (gc_interval 1 s), and stats say so, with the age once the sweep has returned (the GC
         # thread's walk publishes the counts a moment before the daemon notes its time)
         st = settle(lab, lambda s: s["pressure"]["hosts"][0]["sessions"] == 50
                     and s["pressure"].get("hosts_age_seconds") is not None)  # fmt: skip
-        assert st["pressure"]["hosts"] == [{"host": A, "sessions": 50, "refusals": 10}]
+        assert st["pressure"]["hosts"] == [{"host": A, "sessions": 50, "refusals": 11}]  # (41100's too)
         assert st["pressure"]["hosts_counted"] == "sweep" and st["pressure"]["hosts_age_seconds"] >= 0
+        # the marker REFUSED_SECS old: passed by, and explain says nothing of it
+        time.sleep(max(0.0, refused_by + REFUSED_SECS + 0.05 - time.monotonic()))
+        d = snatgw_json(lab, *ask)
+        assert d and d["refusal_marker"] is None and d["reason"] == "DROP_PORT_EXHAUSTED", d
     else:
         st = settle(lab, lambda s: reason(s, "DROP_PORT_EXHAUSTED") >= 20)
         assert (reason(st, "XLATE_NEW"), reason(st, "DROP_PORT_EXHAUSTED")) == (50, 20)

@@ -229,3 +229,50 @@ def test_the_refusal_note_is_a_json_field_and_says_what_nft_does_instead(tmpdir_
         assert "(bpf)" not in out and "DROP_REFUSED_RECENTLY" not in out
     finally:
         r.close()
+
+
+def test_live_explain_reads_the_flows_refusal_marker_until_it_ages_out(tmpdir_short, capsys):
+    """The flow was refused a moment ago (its host at its limit): --live says its packets are
+    dropped now as DROP_REFUSED_RECENTLY by its marker, why it was refused, how long ago and
+    how long the marker has left (json ``refusal_marker``); REFUSED_SECS later the marker is
+    passed by and explain says what it said before (null, no line); a flow with no marker and
+    a daemon on nft get null too.  On main explain never asked for the marker."""
+    from scapy.all import IP, UDP
+
+    r = _host_at_its_limit(tmpdir_short)
+    try:
+        flow = bytes(IP(src="198.18.40.10", dst="203.0.113.10") / UDP(sport=40000, dport=80))
+        assert r.backend.process(flow, "inside", "lan40").reason.name == "DROP_HOST_LIMIT"
+        r.clock.t += 0.5
+        udp = ["explain", "--live", *ARGS, "--proto", "udp", "--socket", r.sock]
+        assert main([*udp, "-j"]) == 0  # (the judgement's exit: a rule matched)
+        d = json.loads(capsys.readouterr().out)
+        m = d["refusal_marker"]
+        assert {k: v for k, v in m.items() if k != "note"} == {
+            "reason": "DROP_HOST_LIMIT", "addr": m["addr"], "age_s": 0.5, "left_s": 1.5, "marker_s": 2, "met": True,
+            "packets": "DROP_REFUSED_RECENTLY"}
+        assert m["addr"].startswith("198.19.2.7") and d["reason"] == "DROP_HOST_LIMIT"
+        assert main(udp) == 0
+        out = capsys.readouterr().out
+        assert "\nnow:       DROP (DROP_REFUSED_RECENTLY) for 1.5 s more: its refusal marker\n" in out
+        assert (f"refusal marker: the flow was refused (DROP_HOST_LIMIT, its host at its limit) at {m['addr']} 0.5 s "
+                "ago: its packets are dropped as DROP_REFUSED_RECENTLY without a search until the marker ages out "
+                "in 1.5 s (it lives 2 s)") in out
+        other = [*udp[:3], "198.18.40.10:40001", *udp[4:]]  # the same host, another flow: no marker
+        assert main([*other, "-j"]) == 0 and json.loads(capsys.readouterr().out)["refusal_marker"] is None
+        r.clock.t += 1.5  # REFUSED_SECS after the refusal: passed by
+        assert main([*udp, "-j"]) == 0
+        assert json.loads(capsys.readouterr().out)["refusal_marker"] is None
+        assert main(udp) == 0
+        out = capsys.readouterr().out
+        assert "now:" not in out and "refusal marker:" not in out and "DROP (DROP_HOST_LIMIT)" in out
+        r.clock.t -= 1.0  # young again, but the daemon runs nft, which keeps no marker (no refusal_marker)
+        assert r.req(op="refusal_marker", host="198.18.40.10", sport=40000, remote="203.0.113.10", dport=80,
+                     proto=17)["marker"]["reason"] == "DROP_HOST_LIMIT"
+        r.backend.name, r.backend.refusal_marker = "nft", None
+        assert main([*udp, "-j"]) == 0
+        assert json.loads(capsys.readouterr().out)["refusal_marker"] is None
+        bad = r.req(op="refusal_marker", host="198.18.40.10", sport=70000, remote="203.0.113.10", dport=80, proto=17)
+        assert not bad["ok"] and "0..65535" in bad["error"]
+    finally:
+        r.close()

@@ -560,6 +560,15 @@ class Service:
                 with self.lock:
                     memos = get(str(remote) if remote is not None else None) if get else []
                 return {"ok": True, "memos": memos}
+            if op == "refusal_marker":  # explain --live: the flow's refusal marker, if young (bpf)
+                host, remote = (str(parse_addr(str(req[k]), k)) for k in ("host", "remote"))
+                sport, dport, proto = (int(req[k]) for k in ("sport", "dport", "proto"))
+                if not (0 <= sport <= 65535 and 0 <= dport <= 65535 and proto in (1, 6, 17)):
+                    raise AdmUsageError("refusal_marker: sport and dport are 0..65535, proto 1, 6 or 17")
+                get = getattr(self.backend, "refusal_marker", None)
+                with self.lock:
+                    marker = get(host, sport, remote, dport, proto) if get else None
+                return {"ok": True, "marker": marker, "markers": get is not None}
             if op == "stats":
                 with self.lock:
                     st = self.backend.stats().as_dict()
@@ -601,7 +610,7 @@ class Service:
                 warnings = self.backend_warnings() + warnings
                 return {"ok": True, "rules": len(table.rules), "service": table.service, "warnings": warnings}
             raise AdmUsageError(f"unknown request op {op!r}; expected one of status, health, reload, rules, "
-                                "sessions, stats, rate, flush, zero, adm")
+                                "sessions, spill_memos, refusal_marker, stats, rate, flush, zero, adm")
         except Exception as e:  # noqa: BLE001 - the daemon must survive any single request
             return self._failure(op, e)
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Callable, Iterable
 
 from ..errors import BackendError
-from ..layout import MAX_REFUSED
+from ..layout import MAX_REFUSED, REFUSED_SECS
 from .backend import RuleCounters, Stats, pressure_summary
 
 
@@ -118,6 +118,18 @@ class FakeBackend:
         return [{"host": str(k.saddr), "remote": str(k.daddr), "sport": k.sport, "dport": k.dport,
                  "proto": k.proto, "addr": str(m.addr), "at": int(m.at * 1e9), "reason": m.reason.name}
                 for k, m in eng.refused.items()]  # fmt: skip
+
+    def refusal_marker(self, host: str, sport: int, remote: str, dport: int, proto: int) -> dict | None:
+        """The model's refusal marker of one flow's OUT key, as the bpf backend answers it
+        (None once it is REFUSED_SECS old: the model passes it by then)."""
+        from ipaddress import IPv4Address
+
+        from ..model.conntrack import out_key
+
+        m = self._need().refused.get(out_key(IPv4Address(host), IPv4Address(remote), sport, dport, proto))
+        if m is None or self.clock() - m.at >= REFUSED_SECS:
+            return None
+        return {"reason": m.reason.name, "addr": str(m.addr), "age_ms": max(0, int((self.clock() - m.at) * 1000))}
 
     def spill_memos(self, remote: str | None = None) -> list[dict]:
         """The model's spill memos, as the bpf backend lists them (``age_ms`` by this clock)."""

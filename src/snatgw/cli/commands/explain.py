@@ -35,7 +35,9 @@ the daemon runs) and how; settings still come from CONFIG.
 The port search is judged against the running gateway's table (its sessions toward the
 destination, the source's sessions, its spill memos) with --live, and also without it when a
 daemon answers on the control socket (--socket, $SNATGW_SOCKET or the default) and runs CONFIG
-itself; --offline judges against an empty table whatever runs.
+itself; --offline judges against an empty table whatever runs.  With that table (bpf) the
+flow's refusal marker is read too: refused less than 2 s ago, its packets are dropped now as
+DROP_REFUSED_RECENTLY whatever the judgement says, and a line after the verdict says so.
 Exit status: 0 a rule matched, 1 no rule matched, 2 bad input, 4 no daemon (--live).
 """
 
@@ -80,6 +82,66 @@ def refusal_of(reason: Reason, backend: str | None) -> dict | None:
             "note": f"refused: a refusal marker remembers the flow for {REFUSED_SECS} s: its later packets meanwhile "
                     "are dropped as DROP_REFUSED_RECENTLY without a search (a reload changing the rules, port_range, "
                     "port_tries or the devices forgets the markers); after that it is judged again"}  # fmt: skip
+
+
+REFUSAL_WHY = {Reason.DROP_PORT_EXHAUSTED.name: "no free port", Reason.DROP_HOST_LIMIT.name: "its host at its limit"}
+
+
+def marker_of(got: dict | None, own_session: bool) -> dict | None:
+    """explain's ``refusal_marker``: the running gateway's refusal marker under the flow's OUT
+    key (control op refusal_marker: bpf, None when there is none or it is REFUSED_SECS old;
+    nft keeps none), as ``reason`` it was refused for, ``addr`` (the SNAT address tried last),
+    ``age_s``, ``left_s`` until it ages out, ``met`` (False: the flow has a session, which its
+    packets take first) and the ``note`` text shows.  Meanwhile its packets are dropped as
+    DROP_REFUSED_RECENTLY without a search, whatever explain judges; then judged again."""
+    if not got:
+        return None
+    try:
+        age = max(0.0, int(got["age_ms"]) / 1000)
+        reason, addr = str(got["reason"]), str(got["addr"])
+    except (KeyError, TypeError, ValueError):
+        return None  # a malformed answer: no marker to speak of
+    left = max(0.0, REFUSED_SECS - age)
+    why = f"{reason}, {REFUSAL_WHY[reason]}" if reason in REFUSAL_WHY else reason
+    if own_session:
+        note = (f"refusal marker: the flow was refused ({why}) at {addr} {age:.1f} s ago, but it has a session now, "
+                "which its packets take first: the marker is not met")
+    else:
+        note = (f"refusal marker: the flow was refused ({why}) at {addr} {age:.1f} s ago: its packets are dropped as "
+                f"DROP_REFUSED_RECENTLY without a search until the marker ages out in {left:.1f} s (it lives "
+                f"{REFUSED_SECS} s), then judged again (as above, if nothing changes)")
+    return {"reason": reason, "addr": addr, "age_s": round(age, 3), "left_s": round(left, 3),
+            "marker_s": REFUSED_SECS, "met": not own_session,
+            "packets": None if own_session else Reason.DROP_REFUSED_RECENTLY.name, "note": note}
+
+
+def own_session(sessions: list[dict] | None, s: "Summary") -> bool:
+    """Whether the live ``sessions`` (Session.as_dict) hold the flow of ``s`` itself."""
+    proto = {v: k for k, v in PROTOS.items()}.get(s.proto)
+    for x in sessions or ():
+        try:
+            (src, sport), (dst, dport) = _endpoint(x["inside"]), _endpoint(x["remote"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if x.get("proto") == proto and (src, sport, dst) == (s.src, s.sport, s.dst) and (
+                s.proto == IPPROTO_ICMP or dport == s.dport):
+            return True
+    return False
+
+
+def live_marker(sock: str, pkt: bytes) -> dict | None:
+    """The daemon's answer to refusal_marker for the packet's OUT key (None from a daemon that
+    does not know the op: one from before 1 Dec 2026)."""
+    from ...daemon.client import RemoteError, call
+
+    s = summarize(pkt)
+    try:
+        return call(sock, {"op": "refusal_marker", "host": str(s.src), "sport": s.sport, "remote": str(s.dst),
+                           "dport": 0 if s.proto == IPPROTO_ICMP else s.dport, "proto": s.proto}).get("marker")
+    except RemoteError as e:
+        if "unknown request op" in str(e):
+            return None
+        raise
 
 
 class BadInput(SnatgwError):
@@ -378,11 +440,12 @@ def _short(w: str, why: list) -> str:
 
 
 def explain_packet(cfg, pkt: bytes, router, ingress: str, live: list[dict] | None = None,
-                   memos: list[dict] | None = None, backend: str | None = None) -> dict:
+                   memos: list[dict] | None = None, backend: str | None = None, marker: dict | None = None) -> dict:
     """The explanation of one inside packet as a JSON-ready dict (see `snatgw explain --help`);
     ``live``: the running gateway's sessions, to judge the port search against; ``memos``:
     its spill memos (op spill_memos), which may send the flow on to the next address;
-    ``backend``: the one that runs (the daemon's, else the file's), for ``refusal``."""
+    ``backend``: the one that runs (the daemon's, else the file's), for ``refusal``;
+    ``marker``: the running gateway's refusal marker of the flow (op refusal_marker)."""
     s = summarize(pkt)
     fib = router.lookup(s.dst, s.src)
     route = Route(fib.oif, fib.gw) if fib.kind == "forward" else None
@@ -425,6 +488,7 @@ def explain_packet(cfg, pkt: bytes, router, ingress: str, live: list[dict] | Non
                                               "spill_memo": [{"addr": a, "age_s": round(t, 3)} for a, t in memo_skips]},
         "live_sessions": None if live is None else len(live),
         "refusal": refusal_of(reason, backend or cfg.settings.backend),
+        "refusal_marker": marker_of(marker, own_session(live, s)),
         "notes": notes,
     }  # fmt: skip
 
@@ -444,6 +508,11 @@ def render_text(d: dict) -> str:
     else:
         out.append("rule:      none matched")
     out.append(f"verdict:   {d['verdict']} ({d['reason']})")
+    rm = d.get("refusal_marker")
+    if rm and rm["met"]:  # what the flow's packets meet now, before any judgement
+        out.append(f"now:       DROP ({rm['packets']}) for {rm['left_s']:.1f} s more: its refusal marker")
+    if rm:
+        out.append(f"           {rm['note']}")
     a = d.get("address")
     if a:
         src = "the live table" if d.get("live_sessions") is not None else "an empty table"
@@ -661,14 +730,15 @@ def run(args: argparse.Namespace) -> int:
         back = router.lookup(src, dst)
         if back.kind == "forward" and back.oif in cfg.settings.inside:
             ingress = back.oif
-    sessions = memos = None
+    sessions = memos = marker = None
     truncated = False
     if table_of is not None:  # the search judged against the daemon's sessions and spill memos too
         from ...daemon.client import call
 
         sessions, truncated = relevant_sessions(table_of, pkt, cfg)
         memos = call(table_of, {"op": "spill_memos", "remote": str(dst)}).get("memos") or []
-    d = explain_packet(cfg, pkt, router, ingress, sessions, memos, backend)
+        marker = live_marker(table_of, pkt)
+    d = explain_packet(cfg, pkt, router, ingress, sessions, memos, backend, marker)
     if (isinstance(router, KernelRouter) and d["reason"] == Reason.DROP_SPOOFED.name
             and not any(n == ingress for _, n in socket.if_nameindex())):  # the likely why of that drop
         d["notes"].insert(0, f"{ingress} is no device of this network namespace: the routes are this host's, not "

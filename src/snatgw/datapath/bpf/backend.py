@@ -1138,6 +1138,24 @@ class BpfBackend:
         """The spill memos (DatapathMaps.spill_memos): addresses found full toward a remote."""
         return self._m().spill_memos(remote)
 
+    def refusal_marker(self, host: str, sport: int, remote: str, dport: int, proto: int) -> dict | None:
+        """The refusal marker under one flow's OUT key (``dport`` 0 for an ICMP echo), None
+        when there is none or it is no longer younger than REFUSED_SECS (step 6 passes it by):
+        ``reason`` (DROP_PORT_EXHAUSTED, DROP_HOST_LIMIT), ``addr`` (the SNAT address tried
+        last) and ``age_ms`` (the programs' coarse clock against CLOCK_MONOTONIC now, which it
+        trails by at most a jiffy: at least 0).  One lookup (explain --live)."""
+        m = self._m().maps.get(L.MAP_REFUSED)
+        key = CT_KEY.pack(saddr=int(ipaddress.IPv4Address(host)), daddr=int(ipaddress.IPv4Address(remote)),
+                          sport=sport, dport=dport, proto=proto, dir=L.CT_DIR_OUT)  # fmt: skip
+        raw = m.get(key) if m is not None else None
+        if raw is None:
+            return None
+        (got,) = markers_of([(1, key, raw)])
+        age_ms = max(0, (monotonic_ns() - got["at"]) // 1_000_000)
+        if age_ms >= L.REFUSED_SECS * 1000:
+            return None
+        return {"reason": got["reason"], "addr": got["addr"], "age_ms": age_ms}
+
     def counters(self) -> Stats:
         """stats() without the session count (the daemon samples these for rates), with the
         allocator's counters (its port searches' rate and length: Service.rate)."""
