@@ -143,7 +143,7 @@ def test_an_apply_empties_full_marker_and_memo_maps_in_batches_and_hands_every_m
     ~30 ms."""
     from snatgw.datapath.bpf import libbpf as B
     from snatgw.datapath.bpf.backend import BpfBackend
-    from snatgw.datapath.bpf.maps import DatapathMaps
+    from snatgw.datapath.bpf.maps import DatapathMaps, markers_of
 
     rules = RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": "198.19.2.71-198.19.2.72"})])
     prog = make_prog(rules, REF_SETTINGS)
@@ -169,7 +169,11 @@ def test_an_apply_empties_full_marker_and_memo_maps_in_batches_and_hands_every_m
     deletes = []
     monkeypatch.setattr(B.Map, "delete", lambda self, k: deletes.append(k) or True)
     first = fill(L.MAX_REFUSED, 0)
+    # refusal_markers reads the map in raw batches: the same answer as a pair per marker (its
+    # old read), on the full map and on the empty one
+    assert b.maps.refusal_markers() == markers_of([(1, k, v) for k, v in ref.items_batch()])
     b._forget_judgements()
+    assert b.maps.refusal_markers() == []
     assert (ref.count(), memo.count(), len(deletes)) == (0, 0, 0)  # batches, no delete per entry
     second = fill(10, L.MAX_REFUSED)  # a second apply before the log looks: its 10 after the first's last
     b._forget_judgements()
@@ -182,3 +186,59 @@ def test_an_apply_empties_full_marker_and_memo_maps_in_batches_and_hands_every_m
     assert m == {"host": f"198.18.0.{at}", "remote": "198.51.100.2", "sport": 1000 + at, "dport": 53, "proto": "udp",
                  "addr": "198.19.2.71", "at": at, "reason": "DROP_HOST_LIMIT"}  # fmt: skip
     assert b.refusals() == []  # handed once: the log counts each emptied marker once
+
+
+def _put_markers(ref, n, first):
+    """``n`` refusal markers in map ``ref``, ``at`` first .. first + n - 1 (one host each)."""
+    keys = b"".join(L.CT_KEY.pack(saddr=0xC6120000 + first + i, daddr=0xC6336402, sport=1000 + i % 50000, dport=53,
+                                  proto=17) for i in range(n))  # fmt: skip
+    vals = b"".join(L.REFUSAL.pack(at=first + i, addr=0xC6130247, reason=int(Reason.DROP_PORT_EXHAUSTED))
+                    for i in range(n))  # fmt: skip
+    ref.put_batch(keys, vals, n)
+
+
+def test_a_batch_call_failing_partway_still_hands_every_deleted_marker_to_the_log(make_prog, monkeypatch, caplog):
+    """The batch call emptying the markers fails after two batches (a fake pop_batches over the
+    real one, 1,000 entries a call): the markers those batches deleted still reach the refusal
+    log, and the rest are emptied entry by entry (the map empty, each marker handed once).
+    With the deletes entry by entry failing too, the failure is logged, the deleted ones are
+    still handed and the rest stay in the map (listed from there, expiring as before).  Before,
+    the markers the batches had deleted were lost with a warning and the rest kept."""
+    import errno
+
+    from snatgw.datapath.bpf import libbpf as B
+    from snatgw.datapath.bpf.backend import BpfBackend
+    from snatgw.datapath.bpf.maps import DatapathMaps
+
+    rules = RuleSet([Rule.from_dict({"from": "198.18.40.0/24", "snat_ip": "198.19.2.71-198.19.2.72"})])
+    prog = make_prog(rules, REF_SETTINGS)
+    ref, memo = prog.maps[L.MAP_REFUSED], prog.maps[L.MAP_SPILL_MEMO]
+    real = B.Map.pop_batches
+
+    def failing(self, chunk=4096):
+        parts = real(self, 1000)
+        for _ in range(2):
+            part = next(parts, None)
+            if part is None:
+                return
+            yield part
+        raise B.LibbpfError(f"batch lookup and delete in map {self.name}", errno.EFAULT)
+
+    monkeypatch.setattr(B.Map, "pop_batches", failing)
+    b = BpfBackend()
+    b.maps = DatapathMaps(prog.maps)
+    _put_markers(ref, 3000, 0)
+    memo.put(L.SPILL_KEY.pack(remote=1, addr=0xC6130247, rport=53, proto=17), bytes(memo.value_size))
+    b._forget_judgements()
+    assert (ref.count(), memo.count()) == (0, 0)
+    assert sorted(m["at"] for m in b.refusals()) == list(range(3000)) and b.refusals() == []
+    assert "the rest entry by entry" in caplog.text
+
+    def refuse(self, key):
+        raise B.LibbpfError(f"delete in map {self.name}", errno.EPERM)
+
+    monkeypatch.setattr(B.Map, "delete", refuse)
+    _put_markers(ref, 3000, 3000)
+    b._forget_judgements()  # never raises
+    assert 0 < ref.count() < 3000 and "kept after the apply" in caplog.text
+    assert sorted(m["at"] for m in b.refusals()) == list(range(3000, 6000))  # the deleted ones, then the map's

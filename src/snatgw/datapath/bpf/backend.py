@@ -28,7 +28,7 @@ from ..routeget import route_get
 from . import guard, gwroutes, synctable
 from . import libbpf as B
 from .loader import Loader, ifindex
-from .maps import CT_KEY, DatapathMaps, last_markers, markers_of, monotonic_ns
+from .maps import CT_KEY, DatapathMaps, ForgetFailed, last_markers, markers_of, monotonic_ns
 from .recirc import FragmentHolder
 from .sweep import ALL, SessionFilter, Sweeper, SweepResult
 from .audit import AuditRing, pair_record
@@ -1126,9 +1126,14 @@ class BpfBackend:
         port range or more tries, a link's rules failed over would otherwise leave a refused
         flow dropped as DROP_REFUSED_RECENTLY for up to REFUSED_SECS, an address skipped for up
         to SPILL_MEMO_MS); the model's Engine.apply does the same.  Never raises: what stays
-        only expires as before (logged)."""
+        only expires as before (logged), and the markers deleted before a failure still reach
+        the refusal log (they were lost with the failure's warning)."""
         try:
             gone = self.maps.forget_judgements()
+        except ForgetFailed as e:
+            log.warning("bpf backend: refusal markers or spill memos kept after the apply (they expire as "
+                        "before): %s", e)  # fmt: skip
+            gone = e.markers
         except (BackendError, B.LibbpfError, OSError) as e:
             log.warning("bpf backend: refusal markers and spill memos kept after the apply: %s", e)
             return

@@ -29,6 +29,7 @@ Stable API (other modules and the bpf-C tests rely on it; only add to it):
     m.items()                               # get_next_key walk + lookups
     m.items_batch(chunk=4096)               # bpf_map_lookup_batch, falls back to items()
     m.pop_batches(chunk=4096)               # bpf_map_lookup_and_delete_batch: (n, keys, values)
+    m.raw_batches(chunk=4096)               # bpf_map_lookup_batch: (n, keys, values), falls back to items()
     m.to_dict()                             # the whole map as {key: value} (batch)
     m.put_batch(keys, values, n)            # bpf_map_update_batch: n packed keys and values
     m.pin(path)
@@ -450,6 +451,16 @@ class Map:
         for part in self._batches(chunk):
             out.update(part)
         return out
+
+    def raw_batches(self, chunk: int = 4096) -> Iterator[tuple[int, bytes, bytes]]:
+        """The whole map as (n, n packed keys, n packed values) per bpf_map_lookup_batch call,
+        for a reader that unpacks a batch at once (no per-entry bytes object); a kernel without
+        the batch call: (1, key, value) per entry of items()."""
+        for part in self._raw_batches(chunk, fallback=True):
+            if part is None:
+                yield from ((1, k, v) for k, v in self.items())
+                return
+            yield part
 
     def pop_batches(self, chunk: int = 4096) -> Iterator[tuple[int, bytes, bytes] | None]:
         """Empty a hash map by bpf_map_lookup_and_delete_batch: (n, n packed keys, n packed

@@ -6,6 +6,7 @@ the rules and config so that a reload never shows a half-written rule set for lo
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import struct
 import time
@@ -18,6 +19,8 @@ from ... import layout as L
 from ...errors import BackendError
 from ..backend import RuleCounters, Session
 from . import libbpf as B
+
+log = logging.getLogger("snatgw.bpf")
 
 _PROTO_NAMES = {L.IPPROTO_TCP: "tcp", L.IPPROTO_UDP: "udp", L.IPPROTO_ICMP: "icmp"}
 
@@ -523,8 +526,10 @@ class DatapathMaps:
 
     def refusal_markers(self) -> list[dict]:
         """The refusal markers: host, remote, ports, proto, the chosen SNAT address, reason
-        name and ``at`` (ns, the programs' clock)."""
-        return _markers(self.maps[L.MAP_REFUSED].items_batch())
+        name and ``at`` (ns, the programs' clock).  Read in raw batches (a system call per
+        4,096, each batch unpacked at once by markers_of; bounded: the LRU holds MAX_REFUSED):
+        it made a (key, value) pair per marker and a batch of one of each."""
+        return markers_of(self.maps[L.MAP_REFUSED].raw_batches())
 
     def forget_judgements(self) -> list[tuple[int, bytes, bytes]]:
         """Empty the refusal markers and the spill memos (an apply: they were judged under the
@@ -711,29 +716,65 @@ def write_gw_marks(m, marks: dict[tuple[int, int], int]) -> None:
             m.delete(k)
 
 
+class ForgetFailed(BackendError):
+    """forget_judgements could not empty a map, by batch nor entry by entry: ``markers`` holds
+    the refusal markers it deleted before that (for the refusal log all the same)."""
+
+    def __init__(self, msg: str, markers: list[tuple[int, bytes, bytes]]):
+        super().__init__(msg)
+        self.markers = markers
+
+
+def _pop_all(m) -> list[tuple[int, bytes, bytes]]:
+    """Empty map ``m``, its entries as deleted in forget_judgements' batches: by
+    bpf_map_lookup_and_delete_batch; a kernel without it, or a batch call failing partway
+    (the entries of the batches before it are deleted and in hand), empties the rest entry by
+    entry (a read, then a delete each: bounded by the LRU's size), so nothing deleted is lost
+    and nothing is left for a failure alone.  A failure there too raises ForgetFailed with the
+    entries deleted until then."""
+    got: list[tuple[int, bytes, bytes]] = []
+    why = None
+    try:
+        for part in m.pop_batches():
+            if part is None:  # a kernel without the batch call
+                break
+            got.append(part)
+        else:
+            return got
+    except (B.LibbpfError, OSError) as e:
+        why = e
+        log.warning("%s: emptying by batch failed after %d entries (%s): the rest entry by entry", m.name,
+                    sum(n for n, _, _ in got), e)  # fmt: skip
+    try:
+        for k, v in m.items():
+            if m.delete(k):
+                got.append((1, k, v))
+    except (B.LibbpfError, OSError) as e:
+        raise ForgetFailed(f"{m.name}: cannot be emptied{f' by batch ({why}) nor' if why else ''} entry by "
+                           f"entry: {e}", got) from None  # fmt: skip
+    return got
+
+
 def forget_judgements(maps: dict) -> list[tuple[int, bytes, bytes]]:
-    """DatapathMaps.forget_judgements over a dict of maps by name (the test harness's too)."""
+    """DatapathMaps.forget_judgements over a dict of maps by name (the test harness's too).
+    Each map is emptied as far as it can be (_pop_all); one that cannot be raises ForgetFailed
+    once both were tried, with every refusal marker deleted until then."""
     markers: list[tuple[int, bytes, bytes]] = []
+    failed = []
     for name in (L.MAP_REFUSED, L.MAP_SPILL_MEMO):
         m = maps.get(name)
         if m is None:
             continue
-        got: list[tuple[int, bytes, bytes]] = []
-        for part in m.pop_batches():
-            if part is None:  # a kernel without the batch call: a read, then a delete per entry
-                got = [(1, k, v) for k, v in m.items_batch()]
-                for _, k, _ in got:
-                    m.delete(k)
-                break
-            got.append(part)
+        try:
+            got = _pop_all(m)
+        except ForgetFailed as e:
+            got = e.markers
+            failed.append(str(e))
         if name == L.MAP_REFUSED:
             markers = got
+    if failed:
+        raise ForgetFailed("; ".join(failed), markers)
     return markers
-
-
-def _markers(items) -> list[dict]:
-    """refusal markers' (key, value) pairs as DatapathMaps.refusal_markers lists them."""
-    return markers_of([(1, k, v) for k, v in items])
 
 
 def last_markers(parts: list[tuple[int, bytes, bytes]], n: int) -> list[tuple[int, bytes, bytes]]:
