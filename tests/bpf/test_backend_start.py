@@ -7,6 +7,7 @@ import ipaddress
 import os
 import socket
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -101,16 +102,32 @@ def test_start_apply_failover_and_restart_keep_sessions(gw, pin_dir, mini_obj): 
             e = L.CT_ENTRY.unpack(b.maps.ct.get(out_key))
             assert e["ifindex"] == int(open_ifindex("eth2")) and e["nexthop"] == int(IP("198.19.3.1"))
             assert e["flags"] & L.CT_F_NEW_GW
+            marker = L.REFUSAL.pack(at=2, addr=0xC6130247, reason=int(L.Reason.DROP_HOST_LIMIT))
+            refused.put(bytes(L.CT_KEY.size), marker)
         finally:
             b.stop(keep_state=True)
         assert attached_prog_id("lan40", B.BPF_TC_INGRESS) is not None  # still translating
-        b2 = BpfBackend(cfg.settings, obj_path=mini_obj)
-        b2.start(config(pin_dir, new_gw=IP("198.19.3.1")))
-        try:
-            assert b2.maps.ct.get(out_key) is not None and b2.maps.ct.get(in_key) is not None
-            assert [s.rule_id for s in b2.sessions()] == [rid]
-        finally:
-            b2.stop()
+        # a restart adopting the pins: with the config its predecessor ran, the marker stays (a
+        # graceful restart does not search every refused flow again); with a setting a refusal
+        # is judged by changed, it goes, as with a reload (it stayed: DROP_REFUSED_RECENTLY for
+        # up to 2 s more); with snat_ifaces made anew (a predecessor's unknown), it goes too
+        same = config(pin_dir, new_gw=IP("198.19.3.1"))
+        wider = GatewayConfig(same.rules, replace(same.settings, port_min=same.settings.port_min - 1000))
+        steps = [("the same config", same, True), ("a wider port range", wider, False), ("the same again", wider, True),
+                 ("snat_ifaces made anew", wider, False)]  # fmt: skip
+        for n, (what, conf, kept) in enumerate(steps):
+            if what == "snat_ifaces made anew":
+                os.unlink(os.path.join(pin_dir, L.MAP_IFACES))
+            b2 = BpfBackend(cfg.settings, obj_path=mini_obj)
+            b2.start(conf)
+            try:
+                refused = b2.maps.maps[L.MAP_REFUSED]
+                assert b2.maps.ct.get(out_key) is not None and b2.maps.ct.get(in_key) is not None
+                assert [s.rule_id for s in b2.sessions()] == [rid]
+                assert (refused.count(), [m["at"] for m in b2.refusals()]) == (int(kept), [2]), what
+                refused.put(bytes(L.CT_KEY.size), marker)
+            finally:
+                b2.stop(keep_state=n < len(steps) - 1)
     assert not os.path.exists(pin_dir)
 
 

@@ -262,6 +262,7 @@ class BpfBackend:
         self.maps = self.loader.load()
         self.settings = s
         try:
+            judged = self._pinned_judgement()  # (before this start writes its rules and roles)
             self._install(config)
             self.holder = FragmentHolder()
             recirc = self.holder.start()
@@ -269,6 +270,11 @@ class BpfBackend:
             self._write_ifaces(s)
             if recreated:  # before attach: the new device's first packets find their sessions
                 self._follow_devices(recreated)
+            if judged is None or judged != self._pinned_judgement(adopted_only=False):
+                self._forget_judgements()  # the predecessor's markers and memos: as a reload would
+                if self.loader.adopted:
+                    log.info("bpf backend: the adopted refusal markers and spill memos were judged under other "
+                             "rules, settings or devices (or that is unknown): forgotten")  # fmt: skip
             self.refresh_route_back()
             carried = self._nft_sessions()
             if carried:  # before attach: from the first packet on, ours carry on with nft's mappings
@@ -302,6 +308,27 @@ class BpfBackend:
         # last: an nft datapath left here keeps translating until ours is attached (a packet
         # meets both for a moment: ours translates first, nft sees a pool source and passes it)
         self._remove_nft()
+
+    def _pinned_judgement(self, adopted_only: bool = True) -> tuple | None:
+        """What the refusal markers and spill memos in the maps were judged under, from the
+        bytes there (prog_maps.judged_in_maps: rule slots, snat_config, snat_ifaces).  At a
+        start, before it writes anything (``adopted_only``), the predecessor's: None when the
+        start made or replaced (another layout) any of those three maps, or cannot read them,
+        so its markers and memos are forgotten (the safe side: one more search each).  The
+        start compares it with its own, after writing: a restart with the same config (and
+        devices) keeps them, as a reload that changes nothing does; one with a host limit
+        raised, spill turned on or a wider port range forgets them (they stayed, dropping a
+        refused flow as DROP_REFUSED_RECENTLY for up to REFUSED_SECS after the start)."""
+        from .prog_maps import judged_in_maps
+
+        if adopted_only and not {L.MAP_RULES, L.MAP_CONFIG, L.MAP_IFACES} <= set(self.loader.reused):
+            return None
+        try:
+            cfg, slots = self.maps.current_rules()
+            return judged_in_maps(cfg, slots, self.maps.iface_roles())
+        except (BackendError, B.LibbpfError, OSError) as e:
+            log.warning("bpf backend: cannot read what the adopted refusal markers were judged under: %s", e)
+            return None
 
     def _finish_carry(self) -> dict | None:
         """The session table carried over to this start's size (loader.finish_carry), logged

@@ -95,6 +95,18 @@ def judged_under(slots: list[bytes], settings: Settings) -> tuple:
     return (tuple(slots),) + judged_settings(settings)
 
 
+def judged_in_maps(cfg: bytes, slots: list[bytes], roles: dict[int, int]) -> tuple:
+    """What the refusal markers and spill memos of a datapath were judged under, as its maps
+    hold it: the rule slots, snat_config's port range and port_tries, and the devices' roles
+    of snat_ifaces by ifindex (the fragment holder's device left out: each start makes it
+    anew).  A start that adopts the pinned maps compares its predecessor's (read before it
+    writes its own) with its own (after): judged_under from the bytes, with the devices as the
+    datapath knows them, so a device recreated while no daemon ran counts as changed."""
+    c = L.SNAT_CFG.unpack(cfg)
+    return (tuple(slots), c["port_min"], c["port_max"], c["port_tries"],
+            frozenset((i, r) for i, r in roles.items() if i != L.RECIRC_KEY))  # fmt: skip
+
+
 def host_counting(ruleset: RuleSet, settings: Settings) -> bool:
     """CFG_F_HOST_COUNT: some rule has a max_sessions_per_host in effect (its own or the
     global), so the datapath must count each inside host's sessions as they are made."""
