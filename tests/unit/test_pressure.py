@@ -481,13 +481,18 @@ def test_a_reload_that_changes_nothing_keeps_the_refusal_markers_and_memos(tmpdi
         r.close()
 
 
-def _judged_pair(rules, s):
+#: the devices' ifindexes the two comparisons are handed (the backend: if_nametoindex; the
+#: model: its router's)
+IFX = {"lan40": 2, "lan50": 3, "eth1": 4, "eth2": 5}
+
+
+def _judged_pair(rules, s, ifx=IFX):
     """(the model's judged_under, the bpf backend's from the bytes it would write)."""
     from snatgw.config.schema import judged_under
     from snatgw.datapath.bpf import prog_maps
 
-    _cfg, slots = prog_maps.compile_rules(rules, s, {"eth1": 3, "eth2": 4}.get)
-    return judged_under(rules, s), prog_maps.judged_under(slots, s)
+    _cfg, slots = prog_maps.compile_rules(rules, s, ifx.get)
+    return judged_under(rules, s, ifx.get), prog_maps.judged_under(slots, s, ifx.get)
 
 
 def test_the_model_and_the_bpf_backend_keep_the_markers_for_the_same_applies():
@@ -496,11 +501,19 @@ def test_the_model_and_the_bpf_backend_keep_the_markers_for_the_same_applies():
     memos for the same ones, and empty them for the same ones: each input the allocator or the
     host limit reads (rules as compiled, their pools, on_exhausted, port_tries, the port range,
     max_sessions_per_host, the devices' roles) and a link's failover (its rules' egress and
-    pool); refuse_icmp, the timeouts and audit_log are read by no judgement."""
+    pool); refuse_icmp, the timeouts and audit_log are read by no judgement.  A device
+    recreated under its name (another ifindex: a rule's oif, an inside device) empties them in
+    both: the backend's slot holds the oif's ifindex, and the model compared names only, so it
+    kept them where the backend forgot (the choice: such a device lost its routes; forgetting
+    costs one more search, a wrong marker refuses a flow for up to 2 s).  The model's Engine
+    does so through its router's ifindexes."""
     from dataclasses import replace
 
     from snatgw.config.links import failover
     from snatgw.config.parse import parse_text
+    from snatgw.model import Engine, StaticRouter
+    from snatgw.layout import Reason
+    from snatgw.model.engine import Refusal
     from test_links import LAB, LINK
 
     cfg = parse_text(LAB + LINK, "c.conf")
@@ -515,6 +528,7 @@ def test_the_model_and_the_bpf_backend_keep_the_markers_for_the_same_applies():
         "a timeout": (rules, s.with_timeouts(udp=45)),
         "audit_log": (rules, replace(s, audit_log="/tmp/x.log")),
         "the global limit 0 given per rule": (per_rule_limit, s),
+        "a device none names recreated": (rules, s, {**IFX, "eth3": 9}),
     }
     empties = {
         "the host limit": (rules, replace(s, max_sessions_per_host=10)),
@@ -525,8 +539,19 @@ def test_the_model_and_the_bpf_backend_keep_the_markers_for_the_same_applies():
         "the rules' order": (type(rules)(list(rules.rules)[::-1]), s),
         "the inside devices": (rules, replace(s, inside=s.inside[:1])),
         "link isp1 failed over": (failover(rules, cfg.links, {"isp1"}), s),
+        "a rule's oif recreated (another ifindex)": (rules, s, {**IFX, "eth1": 9}),
+        "an inside device recreated": (rules, s, {**IFX, "lan50": 9}),
     }
     model, bpf = _judged_pair(rules, s)
-    for name, (rs, st) in {**keeps, **empties}.items():
-        m, b = _judged_pair(rs, st)
+    for name, (rs, st, *ifx) in {**keeps, **empties}.items():
+        m, b = _judged_pair(rs, st, *ifx)
         assert (m == model, b == bpf) == ((True, True) if name in keeps else (False, False)), name
+    # the model's apply: its router's ifindexes, a device recreated there empties its markers
+    router = StaticRouter.ref()
+    e = Engine(rules, s, router)
+    e.refused["a flow"] = Refusal(1.0, r0.pool.first, Reason.DROP_PORT_EXHAUSTED)
+    e.apply(rules, s)
+    assert list(e.refused) == ["a flow"]
+    router.recreate("eth1")
+    e.apply(rules, s)
+    assert e.refused == {}

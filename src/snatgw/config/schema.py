@@ -142,7 +142,7 @@ def rule_host_limit(rule: Rule, settings: Settings) -> int:
     return settings.max_sessions_per_host if rule.max_sessions_per_host is None else rule.max_sessions_per_host
 
 
-def judged_under(rules: RuleSet, settings: Settings) -> tuple:
+def judged_under(rules: RuleSet, settings: Settings, ifindex_of=None) -> tuple:
     """What a refusal marker and a spill memo were judged under, in the model's terms: an
     apply keeps them while this is unchanged (a reload that changes nothing, or only what no
     judgement reads) and empties them otherwise.  Each rule in priority order as the datapath
@@ -153,18 +153,33 @@ def judged_under(rules: RuleSet, settings: Settings) -> tuple:
     answers a host limit's refusal and never the marker's drop: a marked flow is dropped
     unanswered with it on or off), the timeouts (the search meets the sessions the table holds
     now, whatever their age), nor what only counts or logs (audit_log, the sync).  The bpf
-    backend compares the same from the bytes it writes (prog_maps.judged_under)."""
-    return (tuple((r.src, r.dst, r.gw, r.new_gw, r.oif, int(r.pool.first), int(r.pool.last), r.rule_id, r.algo,
-                   r.eim, r.filter_mode, rule_spill(r, settings), rule_preserve(r, settings),
-                   rule_host_limit(r, settings)) for r in rules),) + judged_settings(settings)  # fmt: skip
+    backend compares the same from the bytes it writes (prog_maps.judged_under).
+
+    A device (a rule's oif, an inside or outside device) is its name and, with
+    ``ifindex_of(name)`` (the model's router.ifindex, the bpf backend's if_nametoindex), its
+    ifindex: a device recreated under its name is another device, as the datapath's slots
+    and roles see it (they hold ifindexes), so the markers go.  It has lost its routes, and
+    flows judged while the rules named the old one may be routed and matched otherwise now:
+    forgetting a marker costs one more search, keeping a wrong one refuses a flow for up to
+    REFUSED_SECS (until 1 Dec 2026 the model compared names only and kept them)."""
+    return (tuple((r.src, r.dst, r.gw, r.new_gw, device(r.oif, ifindex_of), int(r.pool.first), int(r.pool.last),
+                   r.rule_id, r.algo, r.eim, r.filter_mode, rule_spill(r, settings), rule_preserve(r, settings),
+                   rule_host_limit(r, settings)) for r in rules),) + judged_settings(settings, ifindex_of)  # fmt: skip
 
 
-def judged_settings(settings: Settings) -> tuple:
+def device(name: str | None, ifindex_of=None):
+    """A device as judged_under compares it: its name, with its ifindex when ``ifindex_of``
+    is given (None stays None: no oif)."""
+    return name if name is None or ifindex_of is None else (name, ifindex_of(name))
+
+
+def judged_settings(settings: Settings, ifindex_of=None) -> tuple:
     """The settings a refusal marker and a spill memo were judged under, the same for the model
     and the bpf backend (judged_under, prog_maps.judged_under): the port range and port_tries
-    (the search) and the devices' roles."""
+    (the search) and the devices' roles (by name and, with ``ifindex_of``, ifindex)."""
     return (settings.port_min, settings.port_max, settings.port_tries,
-            frozenset(settings.inside), frozenset(settings.outside))  # fmt: skip
+            frozenset(device(n, ifindex_of) for n in settings.inside),
+            frozenset(device(n, ifindex_of) for n in settings.outside))  # fmt: skip
 
 
 @dataclass(frozen=True)

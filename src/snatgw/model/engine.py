@@ -136,7 +136,10 @@ class Engine:
         self.counted_at: float | None = None  # `now` of the last expire() (its recount)
         self.refused: dict[CtKey, Refusal] = {}
         self.spill = SpillMemos()  # the spill memo (snat_spill_memo) and its counters
-        self._judged = judged_under(rules, settings)  # what those two were judged under (apply)
+        #: the devices' ifindexes, when the router knows them (StaticRouter.ifindex): judged_under
+        #: compares a device by name and ifindex, as the bpf backend's slots and roles hold it
+        self._ifindex_of = getattr(router, "ifindex", None)
+        self._judged = judged_under(rules, settings, self._ifindex_of)  # what those two were judged under (apply)
         self._icmp_sec: int | None = None  # refuse_icmp's rate limit: this second, and how many
         self._icmp_count = 0
 
@@ -845,7 +848,7 @@ class Engine:
             self.table.max_sessions = settings.max_sessions
             self.eim.capacity = EIM_PER_SESSION * settings.max_sessions
         self._rules_changed()
-        judged = judged_under(rules, self.settings)
+        judged = judged_under(rules, self.settings, self._ifindex_of)
         if judged != self._judged:
             self.refused.clear()
             self.spill.memos.clear()

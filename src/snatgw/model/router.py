@@ -44,6 +44,20 @@ class StaticRouter:
         # longest prefix first; among equals the first given wins (stable sort)
         self.table = sorted(table, key=lambda r: -r[0].prefixlen)
         self.devices = tuple(addresses)
+        #: each device's ifindex (numbered from 2 in the order given, lo being 1); recreate()
+        #: gives a device another, as the kernel does to one deleted and made again
+        names = dict.fromkeys([*addresses, *(d for _, d, _ in routes if d not in NO_ROUTE_DEVS)])
+        self.ifindexes: dict[str, int] = {d: i for i, d in enumerate(names, start=2)}
+
+    def ifindex(self, dev: str) -> int:
+        """``dev``'s ifindex (0: no such device)."""
+        return self.ifindexes.get(dev, 0)
+
+    def recreate(self, dev: str) -> int:
+        """``dev`` deleted and made again under its name: a new ifindex (the next unused, as
+        the kernel gives); its routes and addresses are as they were (a test puts them back)."""
+        self.ifindexes[dev] = max(self.ifindexes.values(), default=1) + 1
+        return self.ifindexes[dev]
 
     def dev_mtu(self, dev: str | None) -> int:
         return self.mtu.get(dev, 1500) if dev else 1500

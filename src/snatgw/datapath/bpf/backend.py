@@ -611,7 +611,7 @@ class BpfBackend:
         # the marks once sessions have followed their rules to the new egresses; then the
         # routing no egress uses any more goes
         self._use_gw_routes(gw, gw_routes)
-        self._judged = judged_under(rules, config.settings)
+        self._judged = judged_under(rules, config.settings, _ifindex_or_absent)
 
     def _use_gw_routes(self, gw: dict, gw_routes: list) -> None:
         """Point snat_gw_marks at the installed egresses' marks, then remove the policy routing

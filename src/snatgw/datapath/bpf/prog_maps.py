@@ -84,15 +84,16 @@ def compile_rules(
     return compile_cfg(len(rules), settings, any(r.eim for r in ruleset), host_counting(ruleset, settings)), rules
 
 
-def judged_under(slots: list[bytes], settings: Settings) -> tuple:
+def judged_under(slots: list[bytes], settings: Settings, ifindex_of: Callable[[str], int] | None = None) -> tuple:
     """What a refusal marker and a spill memo were judged under, from what the datapath reads:
     the rule slots as written (matching, pool, algo, flags, host limit: every field of
     snat_rules), the port range and port_tries of snat_config (the search; not its other flags:
     refuse_icmp answers a refusal and never the marker's drop, the rest only count, log or
-    concern flows no rule refused), and the devices' roles (snat_ifaces).  The backend's apply
-    empties snat_refused and snat_spill_memo only when this changed (schema.judged_under is the
-    model's same comparison)."""
-    return (tuple(slots),) + judged_settings(settings)
+    concern flows no rule refused), and the devices' roles (snat_ifaces: each device by name
+    and, with ``ifindex_of``, ifindex, as a slot's oif is).  The backend's apply empties
+    snat_refused and snat_spill_memo only when this changed (schema.judged_under is the model's
+    same comparison)."""
+    return (tuple(slots),) + judged_settings(settings, ifindex_of)
 
 
 def judged_in_maps(cfg: bytes, slots: list[bytes], roles: dict[int, int]) -> tuple:

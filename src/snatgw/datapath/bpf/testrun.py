@@ -238,7 +238,7 @@ class ProgHarness:
         self._write_gw_marks(rules)
         # as the backend's apply after its rules (Engine.apply): judgements of the old rules go
         # when what they were judged under changed
-        judged, self._judged = self._judged, judged_under(slots, settings)
+        judged, self._judged = self._judged, judged_under(slots, settings, lambda n: self.net.ifindex.get(n, 0))
         if judged != self._judged:
             forget_judgements(self.maps)
 
