@@ -80,8 +80,8 @@ def refusal_of(reason: Reason, backend: str | None) -> dict | None:
     return {"backend": "bpf", "marker": True, "marker_s": REFUSED_SECS,
             "later_packets": Reason.DROP_REFUSED_RECENTLY.name,
             "note": f"refused: a refusal marker remembers the flow for {REFUSED_SECS} s: its later packets meanwhile "
-                    "are dropped as DROP_REFUSED_RECENTLY without a search (a reload changing the rules, port_range, "
-                    "port_tries or the devices forgets the markers); after that it is judged again"}  # fmt: skip
+                    "are dropped as DROP_REFUSED_RECENTLY without a search (a reload or restart changing the "
+                    "rules, port_range, port_tries or the devices forgets the markers); after that it is judged again"}  # fmt: skip
 
 
 REFUSAL_WHY = {Reason.DROP_PORT_EXHAUSTED.name: "no free port", Reason.DROP_HOST_LIMIT.name: "its host at its limit"}
