@@ -50,6 +50,27 @@ def sorted_parts(script: str, comm: str = "trafgen") -> tuple[int, collections.C
     return n, parts
 
 
+def by_caller(script: str, comm: str = "trafgen") -> tuple[collections.Counter, collections.Counter]:
+    """The session table's hash map operations by the BPF program that called them
+    ("lookup_nulls_elem_raw < bpf_prog_..._snat_inside") and the hot leaves' offsets
+    ("lookup_nulls_elem_raw+0x21"): which load a sample waited on (the script needs symoff)."""
+    calls, offsets = collections.Counter(), collections.Counter()
+    for block in script.split("\n\n"):
+        lines = [x for x in block.strip().split("\n") if x.strip()]
+        if not lines or lines[0].split()[0] != comm:
+            continue
+        full = [(x.split(None, 1) + ["?"])[1].split(" (")[0] for x in lines[1:]] or ["?"]
+        frames = [f.split("+")[0] for f in full]
+        if "htab" not in frames[0] and "lookup_nulls" not in frames[0]:
+            continue
+        offsets[full[0]] += 1
+        prog = next((f for f in frames if f.startswith("bpf_prog_")), "?")
+        op = next((f for f in frames if f in ("htab_map_update_elem", "__htab_map_lookup_elem",
+                                                 "htab_map_delete_elem")), frames[0])  # fmt: skip
+        calls[f"{op} < {prog.split('_', 3)[-1]}"] += 1
+    return calls, offsets
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenario", default="udp-newflows-spread")
@@ -70,12 +91,20 @@ def main() -> int:
     result = max((f for f in os.listdir(a.out) if f.endswith(".json")), key=lambda f: os.path.getmtime(os.path.join(a.out, f)))
     with open(os.path.join(a.out, result)) as f:
         pps = next(r["value"] for r in json.load(f)["records"] if r.get("config") == a.config and r.get("value"))
-    script = subprocess.run(["perf", "script", "-i", data, "-F", "comm,ip,sym"], capture_output=True, text=True).stdout
+    script = subprocess.run(["perf", "script", "-i", data, "-F", "comm,ip,sym,symoff"], capture_output=True,
+                            text=True).stdout  # fmt: skip
     n, parts = sorted_parts(script)
     per_pkt = 1e9 / pps
     print(f"{a.scenario} {a.config}: {pps:,.0f} pps, {per_pkt:,.0f} ns a packet for the whole pipeline; {n} samples")
     for part, k in parts.most_common():
         print(f"  {part:36s} {100 * k / n:5.1f}%  ~{per_pkt * k / n:6,.0f} ns")
+    calls, offsets = by_caller(script)
+    print("session table operations by caller (leaf samples):")
+    for what, k in calls.most_common(8):
+        print(f"  {what:60s} {100 * k / n:5.1f}%  ~{per_pkt * k / n:6,.0f} ns")
+    print("their hottest instructions (the load a sample waited on):")
+    for what, k in offsets.most_common(6):
+        print(f"  {what:40s} {k} samples")
     return 0
 
 
