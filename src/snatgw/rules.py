@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import re
 import socket
 import unicodedata
 import zlib
@@ -64,6 +65,19 @@ def _kept(kept: dict, text: str, parse):
     return got
 
 
+#: config text, as config/parse.py's _SHOWABLE: an error quotes only such a word and describes
+#: any other (a line of /etc/shadow, a 2 MB word), as docs/config.md says; the error of a reload
+#: goes into its answer, the log and every `status` answer after it
+_CONFIG_TEXT = re.compile(r"[A-Za-z0-9_.:/,+@%\[\]-]{1,64}\Z")
+
+
+def _quoted(text: str) -> str:
+    """``text`` as an error names it: quoted when it is config text, else described."""
+    if not text or _CONFIG_TEXT.match(text):
+        return repr(text)
+    return f"a word of {len(text)} characters that is not config text (not shown)"
+
+
 def parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Network:
     """``A.B.C.D[/len]`` -> network.  No ``/len`` means a host (/32); host bits are an error."""
     return _kept(_NETS, text, lambda: _parse_net(text, field_name, where))
@@ -72,13 +86,13 @@ def parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Netwo
 def _parse_net(text: str, field_name: str, where: str | None = None) -> IPv4Network:
     text = text.strip()
     if ":" in text:
-        raise RuleError(f"IPv6 is not supported: {text!r}", field_name, where)
+        raise RuleError(f"IPv6 is not supported: {_quoted(text)}", field_name, where)
     addr, _, plen = text.partition("/")
     q = _quad(addr)
     try:
         ip = IPv4Address(q if q is not None else addr)
     except ValueError:
-        raise RuleError(f"expected an IPv4 address A.B.C.D[/len], got {text!r}", field_name, where) from None
+        raise RuleError(f"expected an IPv4 address A.B.C.D[/len], got {_quoted(text)}", field_name, where) from None
     if plen:
         digits = plen.lstrip("0") or "0"  # leading zeros as int() reads them, without its digit limit
         if not (plen.isascii() and plen.isdigit()) or len(digits) > 2 or int(digits) > 32:  # not '²', '١٢'
@@ -104,7 +118,7 @@ def parse_addr(text: str, field_name: str, where: str | None = None) -> IPv4Addr
     try:
         return IPv4Address(text)
     except ValueError:
-        raise RuleError(f"expected an IPv4 address A.B.C.D, got {text!r}", field_name, where) from None
+        raise RuleError(f"expected an IPv4 address A.B.C.D, got {_quoted(text)}", field_name, where) from None
 
 
 UNSET = IPv4Address(0)
@@ -122,7 +136,7 @@ def parse_algo(text: str, where: str | None = None) -> Algo:
         return Algo[text.strip().upper()]
     except KeyError:
         raise RuleError(
-            f"unknown ip select algo {text.strip()!r}, should be one of [sh, sdh, random]", "algo", where
+            f"unknown ip select algo {_quoted(text.strip())}, should be one of [sh, sdh, random]", "algo", where
         ) from None
 
 

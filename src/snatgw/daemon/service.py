@@ -90,6 +90,11 @@ def _error(e: BaseException) -> dict:
             "exit": getattr(e, "exit_code", EXIT_BAD_INPUT)}
 
 
+def _cut(text: str) -> str:
+    """``text`` as the reload record keeps it: at most RELOAD_WARNING_CHARS characters."""
+    return text if len(text) <= RELOAD_WARNING_CHARS else text[: RELOAD_WARNING_CHARS - 3] + "..."
+
+
 class Service:
     def __init__(self, config: GatewayConfig, backend, log: Log | None = None,
                  config_path: str | None = None, overrides: dict | None = None,
@@ -221,12 +226,13 @@ class Service:
         reload request of `snatgw reload`), the ``config`` read, ``ok`` and the ``error`` of a
         refused one (the previous config runs), the ``rules`` running after it and its
         ``warnings``, the first RELOAD_WARNINGS_KEPT of ``warnings_total`` (each cut at
-        RELOAD_WARNING_CHARS): a reload by signal has no answer to carry them, so the log and
+        RELOAD_WARNING_CHARS, as the error is: a config's error may quote much of it, and
+        every status answer carries the record): a reload by signal has no answer to carry them, so the log and
         this record are where an operator finds them.  Bounded: one record, replaced by the
         next."""
-        kept = [w if len(w) <= RELOAD_WARNING_CHARS else w[: RELOAD_WARNING_CHARS - 3] + "..."
-                for w in warnings[:RELOAD_WARNINGS_KEPT]]  # fmt: skip
-        return {"ok": error is None, "error": error, "at": time.time(), "via": via, "config": config,
+        kept = [_cut(w) for w in warnings[:RELOAD_WARNINGS_KEPT]]
+        return {"ok": error is None, "error": None if error is None else _cut(error), "at": time.time(), "via": via,
+                "config": config,
                 "rules": len(self.config.rules), "warnings": kept, "warnings_total": len(warnings)}
 
     def reload(self, path: str | None = None, text: str | None = None, via: str = "control") -> GatewayConfig:
