@@ -655,3 +655,21 @@ def test_a_refused_reloads_error_is_bounded_in_status(running):
     lr = running.service.reload_record("control", "<control>", "e" * 5000, [])
     assert len(lr["error"]) == RELOAD_WARNING_CHARS and lr["error"].endswith("...") and not lr["ok"]
 
+
+def test_the_refusal_marker_request_takes_whole_numbers_only(running):
+    """The refusal_marker op's sport, dport and proto: a JSON integer or its digits; a boolean
+    (``true``: 1, ICMP), a fraction (6.9: 6) or a list is refused with the field named, and a
+    long non-address is described, not echoed.  On main int() took true and 6.9, answering the
+    lookup of another flow's key as this one's."""
+    base = dict(op="refusal_marker", host="198.18.40.10", sport=40000, remote="203.0.113.10", dport=80, proto=17)
+    assert running.req(**base) == {"ok": True, "marker": None, "markers": True}
+    assert running.req(**{**base, "sport": "40000"})["ok"]
+    for field, bad in (("proto", True), ("sport", 6.9), ("proto", 6.5), ("dport", [80]), ("dport", "8O"),
+                       ("sport", "9" * 5000)):  # fmt: skip
+        resp = running.req(**{**base, field: bad})
+        assert not resp["ok"] and resp["code"] == "EINVAL" and resp["error"].startswith(f"{field}: expected a whole"), (
+            field, bad, resp)
+        assert len(resp["error"]) < 200
+    resp = running.req(**{**base, "remote": "x" * 100_000})
+    assert not resp["ok"] and "a word of 100000 characters that is not config text" in resp["error"]
+    assert len(resp["error"]) < 200

@@ -95,6 +95,19 @@ def _cut(text: str) -> str:
     return text if len(text) <= RELOAD_WARNING_CHARS else text[: RELOAD_WARNING_CHARS - 3] + "..."
 
 
+def _whole(req: dict, key: str) -> int:
+    """A request's whole-number field: a JSON integer or its decimal digits, never a boolean
+    or a fraction (int() took ``true`` as 1, the ICMP protocol, and 6.9 as 6: a lookup of
+    another flow answered as this one's)."""
+    v = req[key]
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 5:
+        return int(v)
+    raise AdmUsageError(f"{key}: expected a whole number, got {type(v).__name__} "
+                        + (repr(v) if isinstance(v, (bool, float)) or len(repr(v)) <= 32 else "(not shown)"))
+
+
 class Service:
     def __init__(self, config: GatewayConfig, backend, log: Log | None = None,
                  config_path: str | None = None, overrides: dict | None = None,
@@ -568,7 +581,7 @@ class Service:
                 return {"ok": True, "memos": memos}
             if op == "refusal_marker":  # explain --live: the flow's refusal marker, if young (bpf)
                 host, remote = (str(parse_addr(str(req[k]), k)) for k in ("host", "remote"))
-                sport, dport, proto = (int(req[k]) for k in ("sport", "dport", "proto"))
+                sport, dport, proto = (_whole(req, k) for k in ("sport", "dport", "proto"))
                 if not (0 <= sport <= 65535 and 0 <= dport <= 65535 and proto in (1, 6, 17)):
                     raise AdmUsageError("refusal_marker: sport and dport are 0..65535, proto 1, 6 or 17")
                 get = getattr(self.backend, "refusal_marker", None)
