@@ -673,3 +673,27 @@ def test_the_refusal_marker_request_takes_whole_numbers_only(running):
     resp = running.req(**{**base, "remote": "x" * 100_000})
     assert not resp["ok"] and "a word of 100000 characters that is not config text" in resp["error"]
     assert len(resp["error"]) < 200
+
+
+def test_snatgw_reload_says_how_many_warnings_it_did_not_print(running, capsys):
+    """A reload whose config warns 12 times: the answer carries the first 10 and
+    ``warnings_total`` (as status' last_reload), and `snatgw reload` prints the 10, then how
+    many more; a warning longer than RELOAD_WARNING_CHARS comes cut.  On main the answer had
+    10 and nothing said there were 12."""
+    from snatgw.cli.main import main
+    from snatgw.daemon.service import RELOAD_WARNING_CHARS
+
+    typos = "".join(f"  snat_rule {{ from 198.18.{60 + i}.0/24 gw 198.19.2.1 oif eth{i + 5}x snat_ip 198.19.2.71 }}\n"
+                    for i in range(12))  # fmt: skip
+    text = running.conf.read_text()
+    running.conf.write_text(text.replace("virtual_server fwmark 1 {\n", "virtual_server fwmark 1 {\n" + typos, 1))
+    resp = running.req(op="reload")
+    assert (len(resp["warnings"]), resp["warnings_total"]) == (10, 12), resp
+    assert main(["reload", "--socket", running.sock]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 11 and "oif: eth14x is not among the outside interfaces" in err[9], err
+    assert err[10] == "snatgw reload: warning: ... and 2 more (snatgw check lists the config's)"
+    running.conf.write_text(text)
+    running.backend.apply_warnings = ["w" * 5000]  # (the fake's apply leaves it: as nft's long one)
+    resp = running.req(op="reload")
+    assert resp["warnings_total"] == 1 and len(resp["warnings"][0]) == RELOAD_WARNING_CHARS

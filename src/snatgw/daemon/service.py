@@ -555,7 +555,10 @@ class Service:
                     return {"ok": True, **report(self)}
             if op == "reload":
                 new = self.reload(path=req.get("path"), text=req.get("text"), via="control")
-                return {"ok": True, "rules": len(new.rules), "warnings": self.warnings[:10]}
+                # its warnings as status keeps them: the first 10, each cut, and how many in all
+                lr = self.last_reload or {}
+                return {"ok": True, "rules": len(new.rules), "warnings": lr.get("warnings", []),
+                        "warnings_total": lr.get("warnings_total", 0)}
             if op == "rules":
                 with self.lock:
                     return {"ok": True, **self.rules()}

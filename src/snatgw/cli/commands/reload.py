@@ -21,6 +21,10 @@ def run(args) -> int:
         req["path"] = os.path.abspath(args.config)
     resp = call(resolve_socket(args.socket), req)
     print(f"reloaded: {resp['rules']} rules")
-    for w in resp.get("warnings") or ():  # what `snatgw check` warns of, e.g. an oif typo
+    shown = resp.get("warnings") or ()
+    for w in shown:  # what `snatgw check` warns of, e.g. an oif typo
         print(f"snatgw reload: warning: {w}", file=sys.stderr)
+    more = (resp.get("warnings_total") or 0) - len(shown)  # (a daemon before 1 Dec 2026 does not say)
+    if more > 0:
+        print(f"snatgw reload: warning: ... and {more} more (snatgw check lists the config's)", file=sys.stderr)
     return 0
