@@ -697,3 +697,16 @@ def test_snatgw_reload_says_how_many_warnings_it_did_not_print(running, capsys):
     running.backend.apply_warnings = ["w" * 5000]  # (the fake's apply leaves it: as nft's long one)
     resp = running.req(op="reload")
     assert resp["warnings_total"] == 1 and len(resp["warnings"][0]) == RELOAD_WARNING_CHARS
+
+
+def test_flush_takes_a_whole_rule_number_only(running):
+    """The flush request's priority and rule_id: a boolean or a fraction is refused and
+    nothing is flushed.  On main int() took ``true`` as rule #1 and 2.7 as #2, whose sessions
+    went."""
+    running.syn(), running.udp()
+    before = len(running.req(op="sessions")["sessions"])
+    for field, bad in (("priority", True), ("priority", 2.7), ("rule_id", 1.5), ("rule_id", False)):
+        resp = running.req(op="flush", **{field: bad})
+        assert not resp["ok"] and resp["code"] == "EINVAL" and resp["error"].startswith(f"{field}: expected a whole")
+    assert len(running.req(op="sessions")["sessions"]) == before == 2
+    assert running.req(op="flush", priority=2)["flushed"] == 1

@@ -95,14 +95,14 @@ def _cut(text: str) -> str:
     return text if len(text) <= RELOAD_WARNING_CHARS else text[: RELOAD_WARNING_CHARS - 3] + "..."
 
 
-def _whole(req: dict, key: str) -> int:
-    """A request's whole-number field: a JSON integer or its decimal digits, never a boolean
-    or a fraction (int() took ``true`` as 1, the ICMP protocol, and 6.9 as 6: a lookup of
-    another flow answered as this one's)."""
+def _whole(req: dict, key: str, digits: int = 5) -> int:
+    """A request's whole-number field: a JSON integer or its decimal digits (at most
+    ``digits``), never a boolean or a fraction (int() took ``true`` as 1, the ICMP protocol or
+    rule #1 to flush, and 6.9 as 6: a lookup of another flow answered as this one's)."""
     v = req[key]
     if isinstance(v, int) and not isinstance(v, bool):
         return v
-    if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 5:
+    if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= digits:
         return int(v)
     raise AdmUsageError(f"{key}: expected a whole number, got {type(v).__name__} "
                         + (repr(v) if isinstance(v, (bool, float)) or len(repr(v)) <= 32 else "(not shown)"))
@@ -507,12 +507,12 @@ class Service:
         ``priority`` (the running listing's #), ``inside``, ``nat`` (addresses); none: all."""
         out: dict = {}
         if req.get("priority") is not None:
-            n, rules = int(req["priority"]), self.config.rules.rules
+            n, rules = _whole(req, "priority"), self.config.rules.rules
             if not 1 <= n <= len(rules):
                 raise AdmUsageError(f"no rule #{n} (the running config has {len(rules)} rules)")
             out["rule_id"] = rules[n - 1].rule_id
         elif req.get("rule_id") is not None:
-            out["rule_id"] = int(req["rule_id"])
+            out["rule_id"] = _whole(req, "rule_id", digits=10)
         for k in ("inside", "nat"):
             if req.get(k) is not None:
                 out[k] = parse_addr(str(req[k]), k)
