@@ -667,8 +667,8 @@ def test_the_refusal_marker_request_takes_whole_numbers_only(running):
     for field, bad in (("proto", True), ("sport", 6.9), ("proto", 6.5), ("dport", [80]), ("dport", "8O"),
                        ("sport", "9" * 5000)):  # fmt: skip
         resp = running.req(**{**base, field: bad})
-        assert not resp["ok"] and resp["code"] == "EINVAL" and resp["error"].startswith(f"{field}: expected a whole"), (
-            field, bad, resp)
+        assert not resp["ok"] and resp["code"] == "EINVAL", (field, bad, resp)
+        assert resp["error"].startswith(f"bad request: {field}: expected a whole"), (field, bad, resp)
         assert len(resp["error"]) < 200
     resp = running.req(**{**base, "remote": "x" * 100_000})
     assert not resp["ok"] and "a word of 100000 characters that is not config text" in resp["error"]
@@ -707,6 +707,7 @@ def test_flush_takes_a_whole_rule_number_only(running):
     before = len(running.req(op="sessions")["sessions"])
     for field, bad in (("priority", True), ("priority", 2.7), ("rule_id", 1.5), ("rule_id", False)):
         resp = running.req(op="flush", **{field: bad})
-        assert not resp["ok"] and resp["code"] == "EINVAL" and resp["error"].startswith(f"{field}: expected a whole")
+        assert not resp["ok"] and resp["code"] == "EINVAL", (field, bad, resp)
+        assert resp["error"].startswith(f"bad request: {field}: expected a whole"), (field, bad, resp)
     assert len(running.req(op="sessions")["sessions"]) == before == 2
     assert running.req(op="flush", priority=2)["flushed"] == 1

@@ -104,7 +104,7 @@ def _whole(req: dict, key: str, digits: int = 5) -> int:
         return v
     if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= digits:
         return int(v)
-    raise AdmUsageError(f"{key}: expected a whole number, got {type(v).__name__} "
+    raise AdmUsageError(f"bad request: {key}: expected a whole number, got {type(v).__name__} "
                         + (repr(v) if isinstance(v, (bool, float)) or len(repr(v)) <= 32 else "(not shown)"))
 
 
