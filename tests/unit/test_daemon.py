@@ -568,23 +568,29 @@ def test_a_daemon_without_interfaces_says_it_translates_nothing(tmp_path):
         r.close()
 
 
+def _warning_as_nft(running, monkeypatch) -> str:
+    """Make the running daemon's fake backend warn as NftBackend.apply does of a changed
+    max_sessions_per_host (limits_counted_afresh, as apply_warnings); the config's text."""
+    from snatgw.datapath.nft.backend import limits_counted_afresh
+
+    b, apply = running.backend, running.backend.apply
+
+    def as_nft(config):
+        old = b.config
+        apply(config)
+        b.apply_warnings = limits_counted_afresh(old, config) if old is not None else []
+
+    monkeypatch.setattr(b, "apply", as_nft)
+    return running.conf.read_text()
+
+
 def test_a_reload_says_what_the_backends_apply_warns_of(running, capsys, monkeypatch):
     """The nft backend's warning that a changed max_sessions_per_host is counted afresh
     (limits_counted_afresh, set as apply_warnings) is in the reload's answer and on `snatgw
     reload`'s stderr, as check's warnings are: it reached only the daemon's log.  A reload that
     changes no limit says nothing of it."""
     from snatgw.cli.main import main
-    from snatgw.datapath.nft.backend import limits_counted_afresh
-
-    b, apply = running.backend, running.backend.apply
-
-    def as_nft(config):  # the fake backend, warning as NftBackend.apply does
-        old = b.config
-        apply(config)
-        b.apply_warnings = limits_counted_afresh(old, config) if old is not None else []
-
-    monkeypatch.setattr(b, "apply", as_nft)
-    text = running.conf.read_text()
+    text = _warning_as_nft(running, monkeypatch)
     running.conf.write_text(text.replace("port_range 5000-65535", "port_range 5000-65535\n  max_sessions_per_host 20"))
     assert running.req(op="reload")["ok"]
     running.conf.write_text(text.replace("port_range 5000-65535", "port_range 5000-65535\n  max_sessions_per_host 30"))
@@ -602,17 +608,7 @@ def test_a_reload_by_signal_keeps_the_backends_warning_for_status(running, capsy
     how the reload came, and `snatgw status` prints it; the next reload that warns of nothing
     replaces it.  On main only the log had it."""
     from snatgw.cli.main import main
-    from snatgw.datapath.nft.backend import limits_counted_afresh
-
-    b, apply = running.backend, running.backend.apply
-
-    def as_nft(config):  # the fake backend, warning as NftBackend.apply does
-        old = b.config
-        apply(config)
-        b.apply_warnings = limits_counted_afresh(old, config) if old is not None else []
-
-    monkeypatch.setattr(b, "apply", as_nft)
-    text = running.conf.read_text()
+    text = _warning_as_nft(running, monkeypatch)
     running.conf.write_text(text.replace("port_range 5000-65535", "port_range 5000-65535\n  max_sessions_per_host 20"))
     running.service.reload(via="signal")
     running.conf.write_text(text.replace("port_range 5000-65535", "port_range 5000-65535\n  max_sessions_per_host 30"))
