@@ -239,14 +239,13 @@ class Service:
         reload request of `snatgw reload`), the ``config`` read, ``ok`` and the ``error`` of a
         refused one (the previous config runs), the ``rules`` running after it and its
         ``warnings``, the first RELOAD_WARNINGS_KEPT of ``warnings_total`` (each cut at
-        RELOAD_WARNING_CHARS, as the error is: a config's error may quote much of it, and
-        every status answer carries the record): a reload by signal has no answer to carry them, so the log and
-        this record are where an operator finds them.  Bounded: one record, replaced by the
-        next."""
+        RELOAD_WARNING_CHARS, as the error is: a config's error may quote much of it, and every
+        status answer carries the record).  A reload by signal has no answer to carry them, so
+        the log and this record are where an operator finds them.  Bounded: one record,
+        replaced by the next."""
         kept = [_cut(w) for w in warnings[:RELOAD_WARNINGS_KEPT]]
         return {"ok": error is None, "error": None if error is None else _cut(error), "at": time.time(), "via": via,
-                "config": config,
-                "rules": len(self.config.rules), "warnings": kept, "warnings_total": len(warnings)}
+                "config": config, "rules": len(self.config.rules), "warnings": kept, "warnings_total": len(warnings)}
 
     def reload(self, path: str | None = None, text: str | None = None, via: str = "control") -> GatewayConfig:
         """Re-read the config (its file, another file, or text) and apply it atomically.

@@ -14,8 +14,8 @@ HELP = "the running gateway's health: hooks, maps, sessions, last reload, links 
 DESCRIPTION = """\
 Ask the running daemon how the gateway is: its programs and the hook each is attached to (still
 attached?), its maps and how full they are, sessions against max_sessions, the last reload or
-`snatgw adm` batch and whether it worked, the last reload (or the start) with how it came
-(signal: SIGHUP or `systemctl reload`, which print nothing; control: `snatgw reload`), its
+`snatgw adm` batch and whether it worked, and of the last reload (or the start) also how it
+came (signal: SIGHUP or `systemctl reload`, which print nothing; control: `snatgw reload`), its
 error or its warnings, the state of every inside and outside device, and
 the error events logged since start.
 
