@@ -118,6 +118,18 @@ def test_bad_arguments_are_one_line_usage_errors_with_exit_2(line, needle):
     ("--start-daemon master --mcast-group 224.0.0.81", "--start-daemon", "sync_peer"),
     ("-e -f 1 -r 10.0.0.1 --tun-type gue", "-e (edit a real server)", "-k"),
     ("-L -n --tun-info", "--tun-info (the listing's tunnel columns)", "only source-NATs"),
+    # ipvsadm(8)'s -x/-y are a real server's thresholds, with a value: `-x 100` was read as
+    # --exact (snatgw's -x then) and a stray '100'
+    ("-L -n -x 100", "-x (--u-threshold, a real server's upper connection threshold)",
+     "no connection thresholds"),
+    ("-L -x", "-x (--u-threshold", "exact counters are --exact, which has no short form"),
+    ("-L -n -y 10", "-y (--l-threshold, a real server's lower connection threshold)", "no real servers"),
+    ("-L --u-threshold 100", "--u-threshold (a real server's upper connection threshold)", "no real servers"),
+    ("-L --l-threshold=10", "--l-threshold (a real server's lower connection threshold)", "no real servers"),
+    ("-A -f 1 -s snat_sched --sched-flags sh-port", "--sched-flags (stock ipvsadm's scheduler flags",
+     "snat_sched has no flags"),
+    ("-A -f 1 -s snat_sched --synproxy enable", "--synproxy (the patched ipvsadm's SYN proxy switch)",
+     "never uses the SYN proxy"),
 ])  # fmt: skip
 def test_ipvsadm_options_snatgw_cannot_do_are_named_with_what_to_do(line, what, instead):
     """An option ipvsadm accepts and snatgw cannot do is said to be ipvsadm's, with what it is
@@ -127,6 +139,52 @@ def test_ipvsadm_options_snatgw_cannot_do_are_named_with_what_to_do(line, what, 
     msg = str(ei.value)
     assert msg.startswith(what) and "is ipvsadm's, not snatgw's: " in msg and instead in msg, msg
     assert "not recognized" not in msg and "\n" not in msg and ei.value.exit_code == 2
+
+
+def test_exact_is_long_only_as_in_ipvsadm():
+    """--exact (ipvsadm's, long only) expands the counters; -x is never taken for it: ipvsadm's
+    -x is --u-threshold N, so a script's `-x 100` must not list with exact counters (it did, had
+    the 100 not stood alone) nor fail as a stray word."""
+    assert cmd("-L -n --stats --exact").exact
+    assert not cmd("-L -n --stats").exact
+    for line in ("-L -n --stats -x", "-Lnx", "-L -n -x 100"):
+        with pytest.raises(AdmUsageError, match=r"^-x \(--u-threshold") as ei:
+            cmd(line)
+        assert "unexpected argument" not in str(ei.value) and ei.value.exit_code == 2
+
+
+@pytest.mark.parametrize("line, needle", [
+    # a value ipvsadm would read after a flag that snatgw (and the patched ipvsadm) takes bare
+    ("-A -f 1 -s snat_sched -b sh-fallback", "-b is the patched ipvsadm's --fullnat and takes no value; "
+     "stock ipvsadm's -b is --sched-flags FLAGS"),
+    ("-L -n -j enable", "-j is snatgw's --json and takes no value; the patched ipvsadm's -j is --synproxy"),
+    # ipvsadm's -p takes its timeout optionally: a bare -p is persistence, refused as -p 300 is
+    ("-A -f 1 -s snat_sched -p", "-p: only the SNAT service -f 1 -s snat_sched is supported"),
+    ("-A -f 1 -s snat_sched -p 300", "-p: only the SNAT service -f 1 -s snat_sched is supported"),
+])  # fmt: skip
+def test_ipvsadm_values_of_other_meanings_are_explained(line, needle):
+    with pytest.raises(AdmUsageError) as ei:
+        cmd(line)
+    assert needle in str(ei.value) and "\n" not in str(ei.value) and ei.value.exit_code == 2
+
+
+def test_a_stray_word_after_any_other_flag_gets_no_such_hint():
+    with pytest.raises(AdmUsageError) as ei:
+        cmd("-L -n sh-fallback -b")
+    assert str(ei.value) == "unexpected argument 'sh-fallback' (see snatgw adm --help)"
+
+
+def test_completion_offers_only_options_adm_takes():
+    """Bash completion's adm words are options parse_args declares (it offered -x for --exact)."""
+    from snatgw.cli.completion import ADM_OPTS
+    from snatgw.config import adm
+
+    for o in ADM_OPTS.split():
+        if o.startswith("--"):
+            assert o[2:] in adm._LONG or o[2:] + "=" in adm._LONG, o
+        else:
+            assert len(o) == 2 and o[1] in adm._SHORT.replace(":", ""), o
+    assert "-x" not in ADM_OPTS.split()
 
 
 def test_restore_reads_a_windows_saved_file():

@@ -5,7 +5,7 @@ rule table those commands edit (AdmTable: service on/off + rules in definition o
     -D -f 1                                     disable it (drops every rule)
     -K|-k -f 1 -F NET [-T NET] [-W GW] [--oif IF] [-N NEWGW] -U A[-B] [-O sh|sdh|random]
     -H -f 1 -F NET [-T NET] [-W GW] [--oif IF]  (-U/-O/-N accepted and ignored)
-    -L -n [-c] [--stats|--rate] [-x]            list rules (precedence order) / sessions / counters
+    -L -n [-c] [--stats|--rate] [--exact]       list rules (precedence order) / sessions / counters
     -S [-n]   -R   -C   -Z   -h
     (-R replaces the rules with the batch it reads; see AdmTable.apply_all)
 
@@ -59,7 +59,10 @@ _COMMANDS = {
 }  # fmt: skip
 MUTATING = frozenset({"add-service", "edit-service", "delete-service", "add", "edit", "delete", "clear"})
 
-_SHORT = "AEDKkHLlZSRChncxbmgijF:T:W:N:U:O:f:s:t:u:p:"
+#: ipvsadm's letters where they mean the same; where ipvsadm(8) gives a letter another meaning,
+#: snatgw does not take it for something else (-x is ipvsadm's --u-threshold N, not --exact, which
+#: has no short form there: `-x 100` was read as --exact and a stray word): see _IPVSADM_ONLY
+_SHORT = "AEDKkHLlZSRChncbmgijF:T:W:N:U:O:f:s:t:u:p:"
 _LONG = [
     "add-service", "edit-service", "delete-service", "add-snat", "edit-snat", "delete-snat",
     "list", "zero", "save", "restore", "clear", "help",
@@ -124,13 +127,15 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
     try:
         opts, rest = getopt.gnu_getopt(list(argv), _SHORT, _LONG)
     except getopt.GetoptError as e:
+        dash = "-" if len(e.opt) == 1 else "--"
         said = _IPVSADM_ONLY.get(e.opt)
         if said is not None:  # ipvsadm's own, not a typo: what it is, and snatgw's way to do it
-            dash = "-" if len(e.opt) == 1 else "--"
             raise AdmUsageError(f"{dash}{e.opt} ({said[0]}) is ipvsadm's, not snatgw's: {said[1]}") from None
-        raise AdmUsageError(f"{e.msg} (see snatgw adm --help)") from None
+        refused = _refused(dash + e.opt)  # e.g. `-p` without its (in ipvsadm optional) timeout
+        raise AdmUsageError(refused or f"{e.msg} (see snatgw adm --help)") from None
     if rest:
-        raise AdmUsageError(f"unexpected argument {rest[0]!r} (see snatgw adm --help)")
+        hint = _stray_hint(argv, rest[0])
+        raise AdmUsageError(f"unexpected argument {rest[0]!r}{hint} (see snatgw adm --help)")
     ops = {_COMMANDS[o] for o, _ in opts if o in _COMMANDS}
     if sum(o in _COMMANDS for o, _ in opts) > 1:  # ipvsadm: -K -K is refused too
         raise AdmUsageError("multiple commands specified")
@@ -178,18 +183,14 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
                 kw["stats"] = True
             elif o == "--rate":
                 kw["rate"] = True
-            elif o in ("-x", "--exact"):
+            elif o == "--exact":
                 kw["exact"] = True
             elif o in ("-j", "--json"):
                 kw["json"] = True
             elif o == "--socket":
                 kw["socket"] = v
-            elif o in ("-m", "--masquerading", "-g", "--gatewaying", "-i", "--ipip"):
-                raise AdmUsageError(f"{o}: snatgw only source-NATs (the original's fullnat, -b)")
-            elif o in ("-t", "--tcp-service", "-u", "--udp-service", "-p", "--persistent"):
-                raise AdmUsageError(f"{o}: only the SNAT service -f 1 -s {SCHEDULER} is supported")
-            else:  # pragma: no cover - getopt only returns declared options
-                raise AdmUsageError(f"unknown option {o}")
+            else:
+                raise AdmUsageError(_refused(o) or f"unknown option {o}")
     except RuleError as e:
         raise AdmUsageError(f"illegal {e.field or 'argument'}: {e.message}") from None
     if ops:
@@ -203,10 +204,36 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
     return cmd
 
 
+def _refused(o: str) -> str | None:
+    """Options declared so that their value is not read as a stray word, and refused."""
+    if o in ("-m", "--masquerading", "-g", "--gatewaying", "-i", "--ipip"):
+        return f"{o}: snatgw only source-NATs (the original's fullnat, -b)"
+    if o in ("-t", "--tcp-service", "-u", "--udp-service", "-p", "--persistent"):
+        return f"{o}: only the SNAT service -f 1 -s {SCHEDULER} is supported"
+    return None
+
+
+#: flags of snatgw (and the patched ipvsadm) that another ipvsadm gives a value: the word after
+#: them is that value, not a stray argument, and the error says so
+_VALUE_ELSEWHERE = {
+    "-b": "-b is the patched ipvsadm's --fullnat and takes no value; stock ipvsadm's -b is "
+          "--sched-flags FLAGS, which snat_sched has none of",
+    "-j": "-j is snatgw's --json and takes no value; the patched ipvsadm's -j is --synproxy "
+          "enable|disable, which the SNAT service never uses",
+}  # fmt: skip
+
+
+def _stray_hint(argv, word: str) -> str:
+    """': ' + why ``word`` came to stand alone, when the word before it is one of _VALUE_ELSEWHERE."""
+    flags = [f for f, a in zip(argv, argv[1:]) if a == word and f in _VALUE_ELSEWHERE]
+    return f": {_VALUE_ELSEWHERE[flags[0]]}" if flags else ""
+
+
 _REAL = "real servers mean nothing to SNAT: a rule is added with -K, edited with -k and deleted with -H"
 _SYNC = ("snatgw syncs its sessions itself: sync_peer, sync_local and sync_key in the snatgw { } block "
          "(bpf backend; nft: conntrackd), docs/operations.md \"Stateful failover\"")
-_THRESH = "a real server's connection thresholds: snatgw has none (max_sessions_per_host limits an inside host)"
+_THRESH = ("a SNAT service has no real servers, so no connection thresholds (max_sessions_per_host in the "
+           "config limits an inside host's sessions)")
 #: options ipvsadm (and the patched one) accepts that snatgw cannot do (getopt's name, no dashes) ->
 #: (what it is, what to do instead): said as such, not as an unknown option, as if a typo
 _IPVSADM_ONLY = {
@@ -215,8 +242,11 @@ _IPVSADM_ONLY = {
     "d": ("delete a real server", _REAL), "delete-server": ("delete a real server", _REAL),
     "r": ("a real server's address", _REAL), "real-server": ("a real server's address", _REAL),
     "w": ("a real server's weight", _REAL), "weight": ("a real server's weight", _REAL),
-    "u-threshold": ("upper threshold", _THRESH),
-    "y": ("lower threshold", _THRESH), "l-threshold": ("lower threshold", _THRESH),
+    "x": ("--u-threshold, a real server's upper connection threshold",
+          _THRESH + "; exact counters are --exact, which has no short form (as in ipvsadm)"),
+    "u-threshold": ("a real server's upper connection threshold", _THRESH),
+    "y": ("--l-threshold, a real server's lower connection threshold", _THRESH),
+    "l-threshold": ("a real server's lower connection threshold", _THRESH),
     "thresholds": ("the listing's threshold columns", _THRESH),
     "set": ("IPVS's connection timeouts", "the timeouts are `timeout NAME SECONDS` lines in the config's "
             "snatgw { } block (timeout tcp_established 7440, timeout udp 300), applied by a reload"),
@@ -234,6 +264,9 @@ _IPVSADM_ONLY = {
     "o": ("one-packet scheduling", "every new flow gets a session (a UDP flow's replies need it)"),
     "ops": ("one-packet scheduling", "every new flow gets a session (a UDP flow's replies need it)"),
     "pe": ("a persistence engine", "snatgw has no persistent services"),
+    "sched-flags": ("stock ipvsadm's scheduler flags, -b there",
+                    f"{SCHEDULER} has no flags; snatgw's -b is the patched ipvsadm's --fullnat"),
+    "synproxy": ("the patched ipvsadm's SYN proxy switch", "the SNAT service never uses the SYN proxy"),
     "6": ("an IPv6 fwmark service", "snatgw translates IPv4 only"),
     "ipv6": ("an IPv6 fwmark service", "snatgw translates IPv4 only"),
     "sctp-service": ("an SCTP virtual service", f"only the SNAT service -f 1 -s {SCHEDULER} is supported"),
