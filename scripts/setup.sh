@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 # what the datapath needs at run time (scripts/install.sh installs only these on a host)
 RUNTIME_PKGS="clang llvm libbpf-dev libbpf1 bpftool nftables iproute2 linux-libc-dev python3-venv conntrack"
 APT_PKGS="$RUNTIME_PKGS iperf3 netsniff-ng tcpdump iputils-ping ethtool keepalived conntrackd systemd groff-base"
+# iptables (Debian 12: the nft flavour): tests/nft/test_iptables_export.py loads `snatgw export --format
+# iptables` with the real iptables-restore, in a namespace of its own (never the host's tables)
+APT_PKGS="$APT_PKGS iptables"
 # the third-party applications of tests/lab/test_apps.py (issue 12), run only in lab namespaces
 APT_PKGS="$APT_PKGS curl openssh-server openssh-client dnsmasq-base bind9-dnsutils traceroute mtr-tiny iputils-tracepath netcat-openbsd hping3 coturn stun-client stun-server"
 [ "${SETUP_RUNTIME_ONLY:-0}" = 1 ] && APT_PKGS=$RUNTIME_PKGS
