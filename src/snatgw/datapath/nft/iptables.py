@@ -17,12 +17,32 @@ from . import render as R
 OURS = f"0x{R.MARK_TAG:08x}/0x{R.MARK_MASK:08x}"
 
 
+def _word(text: str) -> str:
+    """One iptables-restore word: a device name may hold '"' (the kernel allows any character but
+    '/', ':' and white space), which iptables-restore takes for a quote: `-o a"b` loaded as the
+    device 'ab -j DROP' with the rest of the line.  Quoted, with '"' and '\\' escaped, as
+    iptables-restore reads them back."""
+    if '"' not in text and "\\" not in text:
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _wildcard_note(what: str, name: str) -> list[str]:
+    """iptables reads a trailing '+' of a device name as "any name starting so": no line can
+    name the device `eth+` alone (nft's oifname "eth+" does)."""
+    if not name.endswith("+"):
+        return []
+    which = f" whose name starts with {name[:-1]}" if name[:-1] else ""
+    return [f"{what}: iptables reads the trailing + of {name} as a wildcard: it matches every device"
+            f"{which}, not {name} alone"]
+
+
 def _conds(rule: Rule, with_oif: bool = True) -> list[str]:
     out = ["-s", str(rule.src)]
     if rule.dst != ANY_NET:
         out += ["-d", str(rule.dst)]
     if with_oif and rule.oif:
-        out += ["-o", rule.oif]
+        out += ["-o", _word(rule.oif)]
     return out
 
 
@@ -55,6 +75,8 @@ def render_iptables(rules: RuleSet, settings: Settings) -> tuple[str, list[str]]
         return " ".join(str(x) for x in parts if x != "")
 
     for r in rules:
+        if r.oif:
+            notes += _wildcard_note(r.describe(), r.oif)
         if r.gw:
             notes.append(f"{r.describe()}: iptables cannot match the next hop; `gw {r.gw}` is left out"
                          + ("" if r.oif else " (the rule matches any route)"))
@@ -66,7 +88,9 @@ def render_iptables(rules: RuleSet, settings: Settings) -> tuple[str, list[str]]
               "-A PREROUTING -j SNATGW_STEER", "-A FORWARD -j SNATGW_MATCH",
               f"-A SNATGW_STEER -m conntrack --ctdir ORIGINAL -m connmark --mark {OURS} -j CONNMARK --restore-mark"]
     last = max((i for i, r in enumerate(rules.rules) if r.new_gw), default=-1)
-    iif = [f"-i {i}" for i in inside][:1] if len(inside) == 1 else []
+    iif = [f"-i {_word(i)}" for i in inside][:1] if len(inside) == 1 else []
+    if len(inside) == 1:
+        notes += _wildcard_note("inside", inside[0])
     if len(inside) > 1:
         notes.append("several inside interfaces: iptables lines cannot list them; not restricted by -i")
     new_only = f"-m conntrack --ctstate NEW -m connmark ! --mark {OURS}"
