@@ -157,13 +157,26 @@ def test_cli_lab_up_status_exec_down():
         assert nodes["gw"]["addresses"]["eth2"] == ["198.19.3.2/24"]
         ex = _snatgw("lab", "exec", "--name", name, "in50", "--", "ip", "-br", "addr", "show", "dev", "eth0")
         assert "198.18.50.11/24" in ex.stdout
-        again = _snatgw("lab", "up", "--name", name)
-        assert again.returncode != 0 and prefix in again.stderr
+        # up again: the lab is up, nothing done, exit 0 (it was exit 3, as a build that failed)
+        for extra in ((), ("--prefix", prefix)):
+            again = _snatgw("lab", "up", "--name", name, *extra)
+            assert again.returncode == 0, again.stderr
+            assert again.stdout.startswith(f"lab {name} is up already: prefix {prefix}, namespaces "
+                                           f"{prefix}-in40")
+        # conflicts, exit 2, each named: this name with another prefix, this prefix for another name
+        other = f"sgd{os.getpid() % 0xFFFF:04x}"
+        clash = _snatgw("lab", "up", "--name", name, "--prefix", other)
+        assert clash.returncode == 2 and f"is up already with prefix {prefix}, not {other}" in clash.stderr
+        taken = _snatgw("lab", "up", "--name", name + "-2", "--prefix", prefix)
+        assert taken.returncode == 2 and f"exist already: lab '{name}' has it" in taken.stderr, taken.stderr
+        assert not [n for n in list_netns() if n.startswith(other + "-")]
+        assert json.loads(_snatgw("lab", "status", "--name", name, "--json").stdout)[0]["prefix"] == prefix
         down = _snatgw("lab", "down", "--name", name)
         assert down.returncode == 0, down.stderr
         assert not [n for n in list_netns() if n.startswith(prefix + "-")]
     finally:
         Lab(name=name, prefix=prefix).down()
+        Lab(name=name, prefix=f"sgd{os.getpid() % 0xFFFF:04x}").down()  # had a refusal built it after all
 
 
 def test_gateway_that_fails_to_start_is_reported_with_its_log_and_leaves_nothing(lab, tmp_path):

@@ -171,23 +171,53 @@ class Lab(NodeCommands):
 
     # ------------------------------------------------------------------ life cycle
 
+    @staticmethod
+    def check_args(name: str, prefix: str | None) -> None:
+        """A bad --name or --prefix: LabUsageError (exit 2)."""
+        if not NAME_RE.match(name):
+            raise LabUsageError(f"--name: expected 1..32 of [A-Za-z0-9_.-], got {name!r}")
+        if prefix is not None and (not PREFIX_RE.match(prefix) or not prefix.startswith("sg")):
+            raise LabUsageError(f"--prefix: expected 'sg' then 1..10 of [a-z0-9] (e.g. sg1a2b), "
+                                f"got {prefix!r}")
+
+    @classmethod
+    def running(cls, name: str, prefix: str | None = None) -> "Lab | None":
+        """The lab `up --name NAME [--prefix PREFIX]` asks for, if it is up already (every
+        namespace there), so that asking again is no failure; None if no lab of that name is up.
+        Up with another prefix: LabUsageError (exit 2) naming both; up with namespaces gone:
+        LabError (exit 3) naming them (a broken lab, which `lab down --name` clears)."""
+        cls.check_args(name, prefix)
+        old = cls.load(name)
+        if old is None or not old.exists():
+            return None
+        if prefix is not None and prefix != old.prefix:
+            raise LabUsageError(f"lab {name!r} is up already with prefix {old.prefix}, not {prefix}: "
+                                f"`snatgw lab down --name {name}` first, or another --name")
+        have = set(list_netns())
+        gone = [old.ns(n) for n in NODES if old.ns(n) not in have]
+        if gone:
+            raise LabError(f"lab {name!r} (prefix {old.prefix}) is up but broken: namespaces "
+                           f"{', '.join(gone)} are gone; `snatgw lab down --name {name}`, then up again")
+        return old
+
     @classmethod
     def up(cls, name: str = "default", prefix: str | None = None, keep: bool = False) -> "Lab":
         """Build the lab.  Refuses a name that is up already or a prefix whose namespaces exist."""
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces)")
-        if not NAME_RE.match(name):
-            raise LabUsageError(f"--name: expected 1..32 of [A-Za-z0-9_.-], got {name!r}")
+        cls.check_args(name, prefix)
         if prefix is None:
             prefix = "sg" + secrets.token_hex(2)
-        if not PREFIX_RE.match(prefix) or not prefix.startswith("sg"):
-            raise LabUsageError(f"--prefix: expected 'sg' then 1..10 of [a-z0-9] (e.g. sg1a2b), got {prefix!r}")
         old = cls.load(name)
         if old is not None and old.exists():
             raise LabError(f"lab {name!r} is up already (prefix {old.prefix}); `snatgw lab down --name {name}`")
         taken = [n for n in list_netns() if n.startswith(prefix + "-")]
-        if taken:
-            raise LabError(f"prefix {prefix}: namespaces exist already: {', '.join(taken)}")
+        if taken:  # another lab's, or a leftover: the --prefix asked for is taken (exit 2)
+            owner = [lab.name for lab in list_labs() if lab.prefix == prefix and lab.name != name]
+            whose = (f"lab {owner[0]!r} has it (`snatgw lab status --name {owner[0]}`)" if owner else
+                     "a leftover of no lab (`snatgw lab down --all` removes it, with every lab)")
+            raise LabUsageError(f"--prefix {prefix}: namespaces {', '.join(taken)} exist already: {whose}; "
+                                "choose another --prefix, or leave it out (a free one is picked)")
         lab = cls(name=name, prefix=prefix, keep=keep)
         _live.add(lab)
         try:

@@ -16,7 +16,8 @@ DESCRIPTION = """\
 The lab: namespaces <P>-in40 <P>-in50 (inside hosts), <P>-gw (the gateway), <P>-isp1 <P>-isp2
 (ISP routers) and <P>-net (servers 203.0.113.10, 198.51.100.10).  State: /run/snatgw/lab/NAME.json.
 
-  snatgw lab up [--name N] [--prefix P]
+  snatgw lab up [--name N] [--prefix P]        (N up already: exit 0, nothing done; N up with
+                                                another prefix, or P another lab's: exit 2)
   snatgw lab status [--name N] [--json]
   snatgw lab exec [--name N] NODE -- CMD...      (nodes: in40 in50 gw isp1 isp2 net)
   snatgw lab down [--name N | --all]
@@ -70,6 +71,13 @@ def _down_hint() -> str:
 
 def run(args) -> int:
     if args.lab_verb == "up":
+        # the lab asked for is up already: done, as `ip link set X up` of a link that is up
+        # (it exited 3, "the lab failed", and scripts had to tell that from a failed build)
+        lab = Lab.running(args.name, args.prefix)
+        if lab is not None:
+            print(f"lab {lab.name} is up already: prefix {lab.prefix}, namespaces "
+                  + " ".join(lab.ns(n) for n in NODES) + " (nothing done)")
+            return 0
         lab = Lab.up(args.name, args.prefix, keep=True)
         print(f"lab {lab.name} up: prefix {lab.prefix}, namespaces "
               + " ".join(lab.ns(n) for n in NODES))
