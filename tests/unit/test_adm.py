@@ -122,7 +122,7 @@ def test_bad_arguments_are_one_line_usage_errors_with_exit_2(line, needle):
     # --exact (snatgw's -x then) and a stray '100'
     ("-L -n -x 100", "-x (--u-threshold, a real server's upper connection threshold)",
      "no connection thresholds"),
-    ("-L -x", "-x (--u-threshold", "exact counters are --exact, which has no short form"),
+    ("-L -x", "-x (--u-threshold", "exact counters are --exact (-X, capital, as in ipvsadm)"),
     ("-L -n -y 10", "-y (--l-threshold, a real server's lower connection threshold)", "no real servers"),
     ("-L --u-threshold 100", "--u-threshold (a real server's upper connection threshold)", "no real servers"),
     ("-L --l-threshold=10", "--l-threshold (a real server's lower connection threshold)", "no real servers"),
@@ -141,11 +141,12 @@ def test_ipvsadm_options_snatgw_cannot_do_are_named_with_what_to_do(line, what, 
     assert "not recognized" not in msg and "\n" not in msg and ei.value.exit_code == 2
 
 
-def test_exact_is_long_only_as_in_ipvsadm():
-    """--exact (ipvsadm's, long only) expands the counters; -x is never taken for it: ipvsadm's
-    -x is --u-threshold N, so a script's `-x 100` must not list with exact counters (it did, had
-    the 100 not stood alone) nor fail as a stray word."""
-    assert cmd("-L -n --stats --exact").exact
+def test_exact_is_capital_x_as_in_ipvsadm():
+    """--exact expands the counters, and so does -X (ipvsadm's option table gives --exact 'X',
+    stock 1.31 and patched alike); -x is never taken for it: ipvsadm's -x is --u-threshold N, so
+    a script's `-x 100` must not list with exact counters (it did, had the 100 not stood alone)
+    nor fail as a stray word."""
+    assert cmd("-L -n --stats --exact").exact and cmd("-L -n --stats -X").exact and cmd("-LnX").exact
     assert not cmd("-L -n --stats").exact
     for line in ("-L -n --stats -x", "-Lnx", "-L -n -x 100"):
         with pytest.raises(AdmUsageError, match=r"^-x \(--u-threshold") as ei:

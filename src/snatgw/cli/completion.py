@@ -11,7 +11,7 @@ import sys
 
 from .main import VERBS, build_parser
 
-ADM_OPTS = ("-A -D -K -k -H -L -l -S -R -C -Z -h -f -s -F -T -W -N -U -O -n -c -b -j "
+ADM_OPTS = ("-A -D -K -k -H -L -l -S -R -C -Z -h -f -s -F -T -W -N -U -O -n -c -X -b -j "
             "--oif --stats --rate --json --socket --exact --numeric --connection")
 
 

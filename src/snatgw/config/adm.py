@@ -5,7 +5,7 @@ rule table those commands edit (AdmTable: service on/off + rules in definition o
     -D -f 1                                     disable it (drops every rule)
     -K|-k -f 1 -F NET [-T NET] [-W GW] [--oif IF] [-N NEWGW] -U A[-B] [-O sh|sdh|random]
     -H -f 1 -F NET [-T NET] [-W GW] [--oif IF]  (-U/-O/-N accepted and ignored)
-    -L -n [-c] [--stats|--rate] [--exact]       list rules (precedence order) / sessions / counters
+    -L -n [-c] [--stats|--rate] [-X|--exact]    list rules (precedence order) / sessions / counters
     -S [-n]   -R   -C   -Z   -h
     (-R replaces the rules with the batch it reads; see AdmTable.apply_all)
 
@@ -59,10 +59,11 @@ _COMMANDS = {
 }  # fmt: skip
 MUTATING = frozenset({"add-service", "edit-service", "delete-service", "add", "edit", "delete", "clear"})
 
-#: ipvsadm's letters where they mean the same; where ipvsadm(8) gives a letter another meaning,
-#: snatgw does not take it for something else (-x is ipvsadm's --u-threshold N, not --exact, which
-#: has no short form there: `-x 100` was read as --exact and a stray word): see _IPVSADM_ONLY
-_SHORT = "AEDKkHLlZSRChncbmgijF:T:W:N:U:O:f:s:t:u:p:"
+#: ipvsadm's letters where they mean the same; where ipvsadm gives a letter another meaning,
+#: snatgw does not take it for something else: -x is ipvsadm's --u-threshold N, and --exact is -X
+#: there (in its option table, both the stock 1.31 and the patched one, though ipvsadm(8) shows
+#: no short form); snatgw read -x as --exact, so `-x 100` was --exact and a stray word
+_SHORT = "AEDKkHLlZSRChncXbmgijF:T:W:N:U:O:f:s:t:u:p:"
 _LONG = [
     "add-service", "edit-service", "delete-service", "add-snat", "edit-snat", "delete-snat",
     "list", "zero", "save", "restore", "clear", "help",
@@ -183,7 +184,7 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
                 kw["stats"] = True
             elif o == "--rate":
                 kw["rate"] = True
-            elif o == "--exact":
+            elif o in ("-X", "--exact"):
                 kw["exact"] = True
             elif o in ("-j", "--json"):
                 kw["json"] = True
@@ -243,7 +244,7 @@ _IPVSADM_ONLY = {
     "r": ("a real server's address", _REAL), "real-server": ("a real server's address", _REAL),
     "w": ("a real server's weight", _REAL), "weight": ("a real server's weight", _REAL),
     "x": ("--u-threshold, a real server's upper connection threshold",
-          _THRESH + "; exact counters are --exact, which has no short form (as in ipvsadm)"),
+          _THRESH + "; exact counters are --exact (-X, capital, as in ipvsadm)"),
     "u-threshold": ("a real server's upper connection threshold", _THRESH),
     "y": ("--l-threshold, a real server's lower connection threshold", _THRESH),
     "l-threshold": ("a real server's lower connection threshold", _THRESH),

@@ -29,7 +29,7 @@ Usage:
                   [-O algo] [--oif dev] [-N new-gw] [-b]
   snatgw adm -H -f 1 -F src-address/mask [-T dest-address/mask] [-W gw] [--oif dev]
                   [-U minip-maxip] [-O algo] [-N new-gw]     (-U -O -N are ignored)
-  snatgw adm -L|l [-n] [-c] [--stats|--rate] [--exact] [-j|--json]
+  snatgw adm -L|l [-n] [-c] [--stats|--rate] [-X|--exact] [-j|--json]
   snatgw adm -S [-n]          save: -A then one -K per rule, in definition order
   snatgw adm -R               restore from stdin: replaces the rules with -S output (all or none)
   snatgw adm -C               clear (the service and its rules)
@@ -49,8 +49,8 @@ Options:
   --snat-ip -U a[-b]         SNAT address pool
   --algo -O sh|sdh|random    address selection (default sdh)
   --numeric -n  --connection -c  --stats  --rate  --fullnat -b (accepted)
-  --exact                    counters in full, not K/M/G (no short form, as in ipvsadm,
-                             whose -x is a real server's upper threshold)
+  --exact -X                 counters in full, not K/M/G (-X capital, as in ipvsadm, whose
+                             -x is a real server's upper threshold)
   --json -j                  listings only: the daemon's answer as one JSON object
   --socket PATH              control socket (default $SNATGW_SOCKET or /run/snatgw/control.sock)
 Rules are listed in snatgw's precedence order (most specific first), not sorted by gw."""
