@@ -276,3 +276,29 @@ def test_refuse_icmp_answers_a_host_over_its_limit_with_host_unreachable_rate_li
         [{"drop": None}]]  # fmt: skip
     assert [stmts(r) for r in off.rules if "host_limit" in r.text][0].endswith('counter name "host_limit" drop')
     assert not [r for r in off.rules if r.chain == "refuse_host"]
+
+
+def test_the_warning_of_changed_host_limits_names_ten_rules_and_counts_the_rest(caplog):
+    """A reload that changes max_sessions_per_host for 10,000 rules: the nft backend's warning
+    (limits_counted_afresh: the log line and the reload's answer) names the first 10 rules and
+    says how many more, as the daemon's other warnings do; on main it named all 10,000 in one
+    line (~280 kB).  Up to 10 changed rules are all named, with no "more"."""
+    import logging
+    from dataclasses import replace
+
+    from snatgw.datapath.nft.backend import limits_counted_afresh
+
+    rules = [f"  snat_rule {{ from 10.{i >> 8}.{i & 255}.0/24  oif eth1  snat_ip 198.19.2.71 }}"
+             for i in range(10_000)]  # fmt: skip
+    text = "snatgw {\n  outside eth1\n  max_sessions_per_host 20\n}\nvirtual_server fwmark 1 {\n%s\n}\n"
+    old = parse_text(text % "\n".join(rules), "big.conf")
+    new = replace(old, settings=replace(old.settings, max_sessions_per_host=30))
+    with caplog.at_level(logging.WARNING, logger="snatgw.nft"):
+        (w,) = limits_counted_afresh(old, new)
+    assert len(w) < 2000, len(w)
+    assert w.startswith("max_sessions_per_host changed (big.conf:6: 20 -> 30; big.conf:7: 20 -> 30; ")
+    assert "big.conf:15: 20 -> 30; ... and 9990 more): the kernel counts" in w and "big.conf:16:" not in w
+    assert w in caplog.text and len(caplog.text) < 2000
+    few = replace(old, rules=RuleSet(list(old.rules.defined)[:10]))
+    (w,) = limits_counted_afresh(few, replace(few, settings=new.settings))
+    assert "big.conf:15: 20 -> 30): the kernel counts" in w and "more" not in w

@@ -46,6 +46,9 @@ GC_DUTY = 3
 #: stats() lists up to this many, which is COUNT_FRESH_MAX (the tick only counts, so its count
 #: stays seconds old at most)
 PRESSURE_LIST_MAX = COUNT_FRESH_MAX
+#: the warning of changed host limits names this many rules, then how many more (the daemon's
+#: other warnings are bounded so: a reload changing 10,000 rules' limits made it megabytes)
+LIMITS_NAMED = 10
 
 
 def _session_counters(d: dict) -> dict:
@@ -133,7 +136,8 @@ def limits_counted_afresh(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     60, the limit raised to 100, may open 100 more; lowered to 30, 30 more) until they end.  The
     kernel cannot be given them (an element's count is what passed it; the old set's elements
     keep their old limit), so this is said, once per apply, as a warning: in the log and in
-    the reload's answer (NftBackend.apply_warnings); returns the warning's text, if any."""
+    the reload's answer (NftBackend.apply_warnings), naming the first LIMITS_NAMED rules and
+    how many more; returns the warning's text, if any."""
     was = {r.rule_id: rule_host_limit(r, old.settings) for r in old.rules}
     out = []
     for r in new.rules:
@@ -142,10 +146,12 @@ def limits_counted_afresh(old: GatewayConfig, new: GatewayConfig) -> list[str]:
             out.append(f"{r.where or r.identity_text()}: {was[r.rule_id]} -> {n}")
     if not out:
         return []
+    named = "; ".join(out[:LIMITS_NAMED]) + (f"; ... and {len(out) - LIMITS_NAMED} more" if len(out) > LIMITS_NAMED
+                                             else "")  # fmt: skip
     text = ("max_sessions_per_host changed ({}): the kernel counts each limit value in its own ct count set, so the "
             "hosts' answered sessions do not count toward the new value until they end: a host may open up to that "
             "many new flows on top of them (`snatgw flush --rule` counts from zero; docs/nftables.md)"
-            ).format("; ".join(out))  # fmt: skip
+            ).format(named)  # fmt: skip
     log.warning("nft backend: %s", text)
     return [text]
 
