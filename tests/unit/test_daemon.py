@@ -671,6 +671,43 @@ def test_the_refusal_marker_request_takes_whole_numbers_only(running):
     assert len(resp["error"]) < 200
 
 
+def test_the_session_request_finds_one_flows_session_by_its_5_tuple(running, monkeypatch):
+    """Op session (explain --live): the session under one flow's OUT key, or null; the flow is
+    validated as refusal_marker's (whole numbers, ports 0..65535, proto 1, 6 or 17, addresses),
+    each bad field an EINVAL naming it, a missing one named too.  A backend without a lookup
+    of its own (session_of) is answered from its listing, the same.  An ICMP echo is named by
+    its identifier as sport and dport 0."""
+    assert running.syn().reason.name == "XLATE_NEW"
+    base = dict(op="session", host="198.18.40.10", sport=40000, remote="203.0.113.10", dport=80, proto=6)
+    got = running.req(**base)
+    assert got["ok"] and got["session"]["inside"] == "198.18.40.10:40000", got
+    assert got["session"]["remote"] == "203.0.113.10:80" and got["session"]["proto"] == "tcp"
+    for other in ({"sport": 40001}, {"dport": 81}, {"proto": 17}, {"remote": "203.0.113.11"}):
+        assert running.req(**{**base, **other}) == {"ok": True, "session": None}, other
+    with monkeypatch.context() as m:  # a backend without the lookup: the listing's walk
+        m.delattr(type(running.backend), "session_of")
+        assert not hasattr(running.backend, "session_of")
+        assert running.req(**base)["session"] == got["session"]
+        assert running.req(**{**base, "sport": 40001})["session"] is None
+    from scapy.all import ICMP, IP
+
+    running.backend.process(bytes(IP(src="198.18.40.10", dst="203.0.113.10") / ICMP(id=777)), "inside", "lan40")
+    echo = running.req(**{**base, "sport": 777, "dport": 0, "proto": 1})["session"]
+    assert echo["proto"] == "icmp" and echo["inside"] == "198.18.40.10:777", echo
+    for field, bad, says in (("sport", 70000, "sport: expected 0..65535, got 70000"),
+                             ("dport", -1, "dport: expected 0..65535, got -1"),
+                             ("proto", 47, "proto: expected 1 (icmp), 6 (tcp) or 17 (udp), got 47"),
+                             ("proto", True, "bad request: proto: expected a whole number"),
+                             ("sport", 2.7, "bad request: sport: expected a whole number"),
+                             ("host", "198.18.40", "session: host: "),
+                             ("remote", None, "session: remote: missing")):  # fmt: skip
+        resp = running.req(**{**base, field: bad})
+        assert not resp["ok"] and resp["code"] == "EINVAL", (field, bad, resp)
+        assert says in resp["error"] and len(resp["error"]) < 200, (field, bad, resp)
+    resp = running.req(**{**base, "sport": 70000})
+    assert resp["error"] == "session: sport: expected 0..65535, got 70000"
+
+
 def test_snatgw_reload_says_how_many_warnings_it_did_not_print(running, capsys):
     """A reload whose config warns 12 times: the answer carries the first 10 and
     ``warnings_total`` (as status' last_reload), and `snatgw reload` prints the 10, then how

@@ -276,3 +276,93 @@ def test_live_explain_reads_the_flows_refusal_marker_until_it_ages_out(tmpdir_sh
         assert not bad["ok"] and "0..65535" in bad["error"]
     finally:
         r.close()
+
+
+def _own_session_past_the_cut(tmpdir_short, monkeypatch):
+    """A daemon (fake backend) whose reply limit is 3 (MAX_SESSIONS_REPLY, injected) and whose
+    table holds 6 sessions toward 203.0.113.10:80 from 198.18.40.11, then the flow's own
+    (198.18.40.10:40000, udp): listed in that order, the own session is past the cut.  Returns
+    (daemon, the own session's SNAT address and port)."""
+    from scapy.all import IP, UDP
+    from snatgw.daemon import service
+    from test_daemon import Running
+
+    monkeypatch.setattr(service, "MAX_SESSIONS_REPLY", 3)
+    r = Running(tmpdir_short)
+    try:
+        for sp in range(1, 7):
+            r.backend.process(bytes(IP(src="198.18.40.11", dst="203.0.113.10") / UDP(sport=sp, dport=80)),
+                              "inside", "lan40")  # fmt: skip
+        own = r.backend.process(bytes(IP(src="198.18.40.10", dst="203.0.113.10") / UDP(sport=40000, dport=80)),
+                                "inside", "lan40")  # fmt: skip
+        assert own.reason.name == "XLATE_NEW"
+        listed = r.req(op="sessions", filter={"remote": "203.0.113.10/32", "proto": 17, "remote_port": 80})
+        assert listed["truncated"] and "198.18.40.10:40000" not in {x["inside"] for x in listed["sessions"]}
+    except BaseException:
+        r.close()
+        raise
+    return r, (str(own.nat[0]), int(own.nat[1]))
+
+
+def test_live_explain_finds_the_flows_own_session_past_the_listings_cut(tmpdir_short, capsys, monkeypatch):
+    """The listing toward the destination is cut at the daemon's reply limit before the flow's
+    own session: explain looks that session up by the flow's 5-tuple (op session) and judges
+    the packet as the session's (XLATE_OUT at its SNAT address and port), and the note on the
+    cut says the own session was looked up.  On main it was judged as a new flow (XLATE_NEW)."""
+    r, (addr, port) = _own_session_past_the_cut(tmpdir_short, monkeypatch)
+    try:
+        udp = ["explain", "--live", *ARGS, "--proto", "udp", "--socket", r.sock]
+        assert main([*udp, "-j"]) == 1  # no rule is asked: the session decides
+        d = json.loads(capsys.readouterr().out)
+        assert (d["reason"], d["snat"]) == ("XLATE_OUT", {"addr": addr, "port": port}), d
+        assert any(n.startswith("XLATE_OUT: decided before the rules are asked: the flow has a session in the "
+                                "running table (looked up by its 5-tuple)") for n in d["notes"]), d["notes"]
+        assert d["live_sessions"] == 4  # the 3 listed and the own session
+        (cut,) = [n for n in d["notes"] if n.startswith("the daemon listed at most 3 of the sessions")]
+        assert "the flow's own session was looked up by its 5-tuple: it has one" in cut
+        other = [*udp[:3], "198.18.40.10:40001", *udp[4:]]  # no session of its own: a new flow
+        assert main([*other, "-j"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["reason"] == "XLATE_NEW" and d["live_sessions"] == 3
+        assert any("the flow's own session was looked up by its 5-tuple: it has none" in n for n in d["notes"])
+    finally:
+        r.close()
+
+
+def test_a_refusal_marker_is_not_met_by_a_flow_whose_session_is_past_the_cut(tmpdir_short, capsys, monkeypatch):
+    """A flow with a refusal marker and a session (its packets take the session first): with
+    the session past the listing's cut explain still says the marker is not met (no 'now:
+    DROP' line).  On main explain took the flow as sessionless: 'now: DROP
+    (DROP_REFUSED_RECENTLY)', what its packets do not meet."""
+    r, _ = _own_session_past_the_cut(tmpdir_short, monkeypatch)
+    try:
+        r.backend.refusal_marker = lambda *a: {"reason": "DROP_PORT_EXHAUSTED", "addr": "198.19.2.72", "age_ms": 500}
+        udp = ["explain", "--live", *ARGS, "--proto", "udp", "--socket", r.sock]
+        assert main([*udp, "-j"]) == 1  # no rule is asked: the session decides
+        m = json.loads(capsys.readouterr().out)["refusal_marker"]
+        assert (m["met"], m["packets"]) == (False, None)
+        assert main(udp) == 1
+        out = capsys.readouterr().out
+        assert "now:" not in out and "but it has a session now, which its packets take first" in out
+    finally:
+        r.close()
+
+
+def test_live_explain_with_an_older_daemon_that_cannot_look_the_session_up(tmpdir_short, capsys, monkeypatch):
+    """A daemon from before op session answers it 'unknown request op': explain works as it did,
+    judging against the listing (here the own session is past its cut: a new flow), and the
+    note on the cut says the own session may be among those not listed."""
+    r, _ = _own_session_past_the_cut(tmpdir_short, monkeypatch)
+    try:
+        dispatch = r.server.dispatch
+        old = {"ok": False, "code": "EINVAL", "exit": 2,
+               "error": "unknown request op 'session'; expected one of status, health, reload, rules, sessions, "
+                        "spill_memos, refusal_marker, stats, rate, flush, zero, adm"}  # fmt: skip
+        r.server.dispatch = r.server.inline = lambda req: old if req.get("op") == "session" else dispatch(req)
+        assert main(["explain", "--live", *ARGS, "--proto", "udp", "--socket", r.sock, "-j"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["reason"] == "XLATE_NEW" and d["live_sessions"] == 3
+        (cut,) = [n for n in d["notes"] if n.startswith("the daemon listed at most 3 of the sessions")]
+        assert "the flow's own session may be among those not listed" in cut
+    finally:
+        r.close()

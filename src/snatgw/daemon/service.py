@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from dataclasses import replace
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Callable
 
@@ -106,6 +107,28 @@ def _whole(req: dict, key: str, digits: int = 5) -> int:
         return int(v)
     raise AdmUsageError(f"bad request: {key}: expected a whole number, got {type(v).__name__} "
                         + (repr(v) if isinstance(v, (bool, float)) or len(repr(v)) <= 32 else "(not shown)"))
+
+
+def _flow(req: dict, op: str) -> tuple[str, int, str, int, int]:
+    """A request's flow as the session table's OUT key names it: ``host`` (the inside source),
+    ``sport``, ``remote``, ``dport`` (0 for an ICMP echo, whose identifier is ``sport``) and
+    ``proto`` (1, 6 or 17); anything else is an EINVAL naming the field (ops refusal_marker
+    and session: explain --live asks them of one flow)."""
+    missing = [k for k in ("host", "sport", "remote", "dport", "proto") if req.get(k) is None]
+    if missing:
+        raise AdmUsageError(f"{op}: {', '.join(missing)}: missing (host, sport, remote, dport and proto name "
+                            "the flow)")
+    try:
+        host, remote = (str(parse_addr(str(req[k]), k)) for k in ("host", "remote"))
+    except SnatgwError as e:
+        raise AdmUsageError(f"{op}: {e}") from None
+    sport, dport, proto = (_whole(req, k) for k in ("sport", "dport", "proto"))
+    for k, v in (("sport", sport), ("dport", dport)):
+        if not 0 <= v <= 65535:
+            raise AdmUsageError(f"{op}: {k}: expected 0..65535, got {v}")
+    if proto not in (1, 6, 17):
+        raise AdmUsageError(f"{op}: proto: expected 1 (icmp), 6 (tcp) or 17 (udp), got {proto}")
+    return host, sport, remote, dport, proto
 
 
 class Service:
@@ -501,6 +524,19 @@ class Service:
                                 "tries_per_search": tries_per_search(dtr, ds)}
         return out
 
+    def session_of(self, host: str, sport: int, remote: str, dport: int, proto: int):
+        """The session of one flow by its OUT key (op session), or None: the backend's own
+        lookup (bpf: one lookup in the session table; nft: conntrack by the tuple), else the
+        sessions listed toward the remote from the host, searched for the source port."""
+        get = getattr(self.backend, "session_of", None)
+        if get is not None:
+            return get(host, sport, remote, dport, proto)
+        flt = SessionFilter(inside=IPv4Network(f"{host}/32"), remote=IPv4Network(f"{remote}/32"), proto=proto,
+                            remote_port=None if proto == 1 else dport)  # fmt: skip
+        every = self.backend.iter_sessions(flt) if hasattr(self.backend, "iter_sessions") else \
+            (x for x in self.backend.sessions() if flt.match(x))
+        return next((x for x in every if x.inside.rpartition(":")[2] == str(sport)), None)
+
     def flush_filters(self, req: dict) -> dict:
         """The flush request's filters as backend.flush() keywords: ``rule_id`` (stable id) or
         ``priority`` (the running listing's #), ``inside``, ``nat`` (addresses); none: all."""
@@ -582,14 +618,16 @@ class Service:
                     memos = get(str(remote) if remote is not None else None) if get else []
                 return {"ok": True, "memos": memos}
             if op == "refusal_marker":  # explain --live: the flow's refusal marker, if young (bpf)
-                host, remote = (str(parse_addr(str(req[k]), k)) for k in ("host", "remote"))
-                sport, dport, proto = (_whole(req, k) for k in ("sport", "dport", "proto"))
-                if not (0 <= sport <= 65535 and 0 <= dport <= 65535 and proto in (1, 6, 17)):
-                    raise AdmUsageError("refusal_marker: sport and dport are 0..65535, proto 1, 6 or 17")
+                host, sport, remote, dport, proto = _flow(req, op)
                 get = getattr(self.backend, "refusal_marker", None)
                 with self.lock:
                     marker = get(host, sport, remote, dport, proto) if get else None
                 return {"ok": True, "marker": marker, "markers": get is not None}
+            if op == "session":  # explain --live: the flow's own session, whatever a listing's cut
+                flow = _flow(req, op)
+                with self.lock:
+                    found = self.session_of(*flow)
+                return {"ok": True, "session": None if found is None else found.as_dict()}
             if op == "stats":
                 with self.lock:
                     st = self.backend.stats().as_dict()
@@ -631,7 +669,8 @@ class Service:
                 warnings = self.backend_warnings() + warnings
                 return {"ok": True, "rules": len(table.rules), "service": table.service, "warnings": warnings}
             raise AdmUsageError(f"unknown request op {op!r}; expected one of status, health, reload, rules, "
-                                "sessions, spill_memos, refusal_marker, stats, rate, flush, zero, adm")
+                                "sessions, session, spill_memos, refusal_marker, stats, rate, flush, zero, "
+                                "adm")
         except Exception as e:  # noqa: BLE001 - the daemon must survive any single request
             return self._failure(op, e)
 

@@ -131,6 +131,17 @@ class FakeBackend:
             return None
         return {"reason": m.reason.name, "addr": str(m.addr), "age_ms": max(0, int((self.clock() - m.at) * 1000))}
 
+    def session_of(self, host: str, sport: int, remote: str, dport: int, proto: int):
+        """The model's session under one flow's OUT key (``dport`` 0 for an ICMP echo), as the
+        bpf backend answers it; None when there is none."""
+        from ipaddress import IPv4Address
+
+        from ..model.conntrack import out_key
+
+        self._enter("sessions")
+        return self._need().session_of(out_key(IPv4Address(host), IPv4Address(remote), sport, dport, proto),
+                                       self.clock())  # fmt: skip
+
     def spill_memos(self, remote: str | None = None) -> list[dict]:
         """The model's spill memos, as the bpf backend lists them (``age_ms`` by this clock)."""
         now = self.clock()

@@ -15,6 +15,7 @@ from ..layout import ADDR_TRIES, CT_F_NEW_GW, CT_F_REPLIED, ICMP_QUERY_REPLIES, 
 from ..layout import ICMP_HOST_ONLY_ERRORS, IPPROTO_ICMP, IPPROTO_TCP
 from ..layout import FRAG_PASS_REASONS, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, CtState, Reason
 from ..layout import FRAG_HOLD, MAX_REFUSED, RECIRC_DEV, REFUSE_ICMP_PER_SEC, REFUSED_SECS, Verdict
+from ..layout import CT_DIR_OUT
 from ..config.schema import judged_under, rule_host_limit, rule_preserve, rule_spill
 from ..layout import CT_F_EIM, CT_F_HAIRPIN, EIM_GRACE, EIM_PER_SESSION, FROM_NET_POOL, GW_MARK_BASE
 from ..fibrules import gw_numbers
@@ -944,15 +945,24 @@ class Engine:
         return len(gone)
 
     def sessions(self, now: float) -> list[Session]:
-        out = []
-        for p in self.table.pairs():
-            idle = now - max(p.out.last_seen, p.inn.last_seen)
-            k = p.out_key
-            out.append(Session(
-                proto=PROTO_NAMES.get(k.proto, str(k.proto)),
-                inside=f"{k.saddr}:{k.sport}", remote=f"{k.daddr}:{k.dport}",
-                nat=f"{p.out.rw_addr}:{p.out.rw_port}", state=CtState(p.out.state).name,
-                idle=idle, expires=self.settings.timeout(p.out.state) - idle, rule_id=p.out.rule_id,
-            ))  # fmt: skip
-            # no per-session packets/bytes (as struct ct_entry, memory): the rule counters count them
-        return out
+        return [self._session(p, now) for p in self.table.pairs()]
+
+    def session_of(self, key: CtKey, now: float) -> Session | None:
+        """The session whose OUT key is ``key`` (one lookup, as the bpf backend's
+        session_of), None when there is none or only half of one (as sessions() lists)."""
+        out = self.table.lookup(key)
+        inn = self.table.lookup(out.peer) if out is not None and key.dir == CT_DIR_OUT else None
+        if inn is None or inn.peer != key:
+            return None
+        return self._session(CtPair(key, out, out.peer, inn), now)
+
+    def _session(self, p: CtPair, now: float) -> Session:
+        idle = now - max(p.out.last_seen, p.inn.last_seen)
+        k = p.out_key
+        # no per-session packets/bytes (as struct ct_entry, memory): the rule counters count them
+        return Session(
+            proto=PROTO_NAMES.get(k.proto, str(k.proto)),
+            inside=f"{k.saddr}:{k.sport}", remote=f"{k.daddr}:{k.dport}",
+            nat=f"{p.out.rw_addr}:{p.out.rw_port}", state=CtState(p.out.state).name,
+            idle=idle, expires=self.settings.timeout(p.out.state) - idle, rule_id=p.out.rule_id,
+        )  # fmt: skip

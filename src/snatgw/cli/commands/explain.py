@@ -33,7 +33,8 @@ With --live the rules come from the running daemon (what it translates with now,
 the daemon runs) and how; settings still come from CONFIG.
 
 The port search is judged against the running gateway's table (its sessions toward the
-destination, the source's sessions, its spill memos) with --live, and also without it when a
+destination, the source's sessions, the flow's own session looked up by itself, its spill
+memos) with --live, and also without it when a
 daemon answers on the control socket (--socket, $SNATGW_SOCKET or the default) and runs CONFIG
 itself; --offline judges against an empty table whatever runs.  With that table (bpf) the
 flow's refusal marker is read too: refused less than 2 s ago, its packets are dropped now as
@@ -54,6 +55,8 @@ BEFORE_RULES = {
     Reason.PASS_INTERNAL: "the route leaves by an inside device: traffic between inside networks is never translated",
     Reason.PASS_LOCAL: "it is for the gateway itself, or multicast or broadcast: the kernel's",
     Reason.PASS_NO_ROUTE: "the routing table has no route for it: the kernel answers",
+    Reason.XLATE_OUT: ("the flow has a session in the running table (looked up by its 5-tuple): its packets "
+                       "take the session's SNAT address and port, whatever the rules say now"),
 }
 
 NFT_NOTE = ("backend nft: the kernel's nf_nat picks the SNAT address within the pool and the port "
@@ -129,19 +132,40 @@ def own_session(sessions: list[dict] | None, s: "Summary") -> bool:
     return False
 
 
+def flow_request(op: str, pkt: bytes) -> dict:
+    """A request naming the packet's flow by its OUT key (ops refusal_marker and session)."""
+    s = summarize(pkt)
+    return {"op": op, "host": str(s.src), "sport": s.sport, "remote": str(s.dst),
+            "dport": 0 if s.proto == IPPROTO_ICMP else s.dport, "proto": s.proto}
+
+
 def live_marker(sock: str, pkt: bytes) -> dict | None:
     """The daemon's answer to refusal_marker for the packet's OUT key (None from a daemon that
     does not know the op: one from before 1 Dec 2026)."""
     from ...daemon.client import RemoteError, call
 
-    s = summarize(pkt)
     try:
-        return call(sock, {"op": "refusal_marker", "host": str(s.src), "sport": s.sport, "remote": str(s.dst),
-                           "dport": 0 if s.proto == IPPROTO_ICMP else s.dport, "proto": s.proto}).get("marker")
+        return call(sock, flow_request("refusal_marker", pkt)).get("marker")
     except RemoteError as e:
         if "unknown request op" in str(e):
             return None
         raise
+
+
+def live_session(sock: str, pkt: bytes) -> tuple[bool, dict | None]:
+    """The flow's own session, looked up by its OUT key (op session: bpf one lookup in the
+    session table, nft conntrack by the tuple), whatever a listing's cut: (True, the session
+    or None), or (False, None) from a daemon that does not know the op (one from before
+    1 Dec 2026, which only lists)."""
+    from ...daemon.client import RemoteError, call
+
+    try:
+        got = call(sock, flow_request("session", pkt)).get("session")
+    except RemoteError as e:
+        if "unknown request op" in str(e):
+            return False, None
+        raise
+    return True, got if isinstance(got, dict) else None
 
 
 class BadInput(SnatgwError):
@@ -645,11 +669,14 @@ def daemon_running(sock: str | None, config: str) -> tuple[str | None, str | Non
         status.get("backend")
 
 
-def relevant_sessions(sock: str, pkt: bytes, cfg) -> tuple[list[dict], int]:
+def relevant_sessions(sock: str, pkt: bytes, cfg) -> tuple[list[dict], int, bool | None]:
     """The running sessions that decide the port search of ``pkt`` (those toward its remote
     endpoint: their ports are taken there) and the host limit (the source's own sessions, as
-    many as the largest limit), fetched filtered so a table of a million costs what matters;
-    and the daemon's reply limit when the remote's listing was cut at it (else 0)."""
+    many as the largest limit), fetched filtered so a table of a million costs what matters,
+    with the flow's own session looked up by itself (live_session: a listing cut at the
+    daemon's reply limit may leave it out, and the flow would be judged as new); the daemon's
+    reply limit when the remote's listing was cut at it (else 0); and whether the flow has a
+    session of its own (None: a daemon that cannot look it up, only the listings tell)."""
     from ...config.schema import rule_host_limit
     from ...daemon.client import call
 
@@ -664,11 +691,15 @@ def relevant_sessions(sock: str, pkt: bytes, cfg) -> tuple[list[dict], int]:
     if limit:  # enough of the source's sessions to know whether it is at its limit
         listed = listed + call(sock, {"op": "sessions", "filter": {"inside": f"{s.src}/32"},
                                       "limit": limit})["sessions"]  # fmt: skip
-    # a session toward the remote from the source is in both listings: once (the first)
+    looked, own = live_session(sock, pkt)
+    if own is not None:
+        listed.append(own)
+    # a session toward the remote from the source is in both listings (and the own one in a
+    # third): once (the first)
     got: dict = {}
     for x in listed:
         got.setdefault((x.get("inside"), x.get("remote"), x.get("nat"), x.get("proto")), x)
-    return list(got.values()), cut
+    return list(got.values()), cut, (own is not None) if looked else None
 
 
 def build_from_args(args: argparse.Namespace) -> tuple[bytes, IPv4Address]:
@@ -730,12 +761,12 @@ def run(args: argparse.Namespace) -> int:
         back = router.lookup(src, dst)
         if back.kind == "forward" and back.oif in cfg.settings.inside:
             ingress = back.oif
-    sessions = memos = marker = None
-    truncated = False
+    sessions = memos = marker = has_own = None
+    truncated = 0
     if table_of is not None:  # the search judged against the daemon's sessions and spill memos too
         from ...daemon.client import call
 
-        sessions, truncated = relevant_sessions(table_of, pkt, cfg)
+        sessions, truncated, has_own = relevant_sessions(table_of, pkt, cfg)
         memos = call(table_of, {"op": "spill_memos", "remote": str(dst)}).get("memos") or []
         marker = live_marker(table_of, pkt)
     d = explain_packet(cfg, pkt, router, ingress, sessions, memos, backend, marker)
@@ -744,8 +775,11 @@ def run(args: argparse.Namespace) -> int:
         d["notes"].insert(0, f"{ingress} is no device of this network namespace: the routes are this host's, not "
                              "the gateway's (run explain there: nsenter --net=/run/netns/NS snatgw explain ...)")
     if truncated:
+        own = ("the flow's own session may be among those not listed, and the flow judged as new then (this "
+               "daemon cannot look it up by itself: it predates the session request)" if has_own is None else
+               f"the flow's own session was looked up by its 5-tuple: it has {'one' if has_own else 'none'}")
         d["notes"].append(f"the daemon listed at most {truncated:,} of the sessions toward {dst}: the port search "
-                          "was judged against those, so a port it names may be taken")
+                          f"was judged against those, so a port it names may be taken; {own}")
     if auto_note:
         d["notes"].insert(0, auto_note)
     if (backend or cfg.settings.backend) == "nft" and d.get("snat"):

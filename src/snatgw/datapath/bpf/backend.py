@@ -29,6 +29,7 @@ from . import guard, gwroutes, synctable
 from . import libbpf as B
 from .loader import Loader, ifindex
 from .maps import CT_KEY, DatapathMaps, ForgetFailed, last_markers, markers_of, monotonic_ns
+from .maps import SessionPair, entry_peer, peer_entry
 from .recirc import FragmentHolder
 from .sweep import ALL, SessionFilter, Sweeper, SweepResult
 from .audit import AuditRing, pair_record
@@ -1187,6 +1188,22 @@ class BpfBackend:
         if age_ms >= L.REFUSED_SECS * 1000:
             return None
         return {"reason": got["reason"], "addr": got["addr"], "age_ms": age_ms}
+
+    def session_of(self, host: str, sport: int, remote: str, dport: int, proto: int) -> Session | None:
+        """The session under one flow's OUT key (``dport`` 0 for an ICMP echo), as
+        iter_sessions lists it; None when there is none (or half of one, which listings leave
+        out).  One lookup in the session table and one of its peer (explain --live: a listing
+        cut at the reply limit may not hold the flow's own session)."""
+        m = self._m()
+        key = CT_KEY.pack(saddr=int(ipaddress.IPv4Address(host)), daddr=int(ipaddress.IPv4Address(remote)),
+                          sport=sport, dport=dport, proto=proto, dir=L.CT_DIR_OUT)  # fmt: skip
+        out = m.ct.get(key)
+        inn = peer_entry(m.ct, key, out) if out is not None else None
+        if inn is None:
+            return None
+        timeout = self._timeouts_ns()
+        pair = SessionPair(key, out, entry_peer(out), inn)
+        return pair.to_session(lambda st: timeout[st] / 1e9, monotonic_ns())
 
     def counters(self) -> Stats:
         """stats() without the session count (the daemon samples these for rates), with the

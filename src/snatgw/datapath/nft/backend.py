@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 from ...config.schema import GatewayConfig, Settings, rule_host_limit
 from ...errors import BackendError, MissingDeviceError
@@ -28,7 +28,7 @@ from .. import nftnl
 from ..netns import nsenter
 from ..policyroutes import PolicyRange
 from . import render as R
-from .ctnetlink import Conntrack
+from .ctnetlink import PROTO_NAMES, Conntrack
 
 log = logging.getLogger("snatgw.nft")
 #: seconds between two looks of the hook check at the new_gw policy routing (`ip` runs)
@@ -146,8 +146,8 @@ def limits_counted_afresh(old: GatewayConfig, new: GatewayConfig) -> list[str]:
             out.append(f"{r.where or r.identity_text()}: {was[r.rule_id]} -> {n}")
     if not out:
         return []
-    named = "; ".join(out[:LIMITS_NAMED]) + (f"; ... and {len(out) - LIMITS_NAMED} more" if len(out) > LIMITS_NAMED
-                                             else "")  # fmt: skip
+    more = len(out) - LIMITS_NAMED
+    named = "; ".join(out[:LIMITS_NAMED]) + (f"; ... and {more} more" if more > 0 else "")
     text = ("max_sessions_per_host changed ({}): the kernel counts each limit value in its own ct count set, so the "
             "hosts' answered sessions do not count toward the new value until they end: a host may open up to that "
             "many new flows on top of them (`snatgw flush --rule` counts from zero; docs/nftables.md)"
@@ -773,15 +773,19 @@ class NftBackend:
             **_session_counters(d),
         )  # fmt: skip
 
-    def iter_sessions(self, flt: SessionFilter | None = None, limit: int | None = None):
-        """snatgw's sessions from conntrack, one netlink buffer at a time; a rule filter goes
-        to the kernel as the rule's mark, the others are applied while streaming."""
-        flt = flt or SessionFilter()
+    def _session_timeouts(self) -> dict[str, int]:
         timeouts = self._timeouts()
         # what render.timeout_objects set on our flows (and _set_icmp_timeout on the namespace)
         for _, st in R.NFT_TCP_STATES:
             timeouts[st.name] = self.settings.timeout(st)
         timeouts["UDP"] = timeouts["UDP_UNREPLIED"] = self.settings.timeout(CtState.UDP)
+        return timeouts
+
+    def iter_sessions(self, flt: SessionFilter | None = None, limit: int | None = None):
+        """snatgw's sessions from conntrack, one netlink buffer at a time; a rule filter goes
+        to the kernel as the rule's mark, the others are applied while streaming."""
+        flt = flt or SessionFilter()
+        timeouts = self._session_timeouts()
         marks = (R.MARK_TAG, R.MARK_MASK)
         if flt.rule_id is not None:
             mine = [m for m, rid in self._by_mark.items() if rid == flt.rule_id]
@@ -799,6 +803,29 @@ class NftBackend:
 
     def sessions(self) -> list[Session]:
         return list(self.iter_sessions())
+
+    def session_of(self, host: str, sport: int, remote: str, dport: int, proto: int) -> Session | None:
+        """snatgw's session of one flow, by its original tuple (``dport`` 0 for an ICMP echo,
+        whose identifier is ``sport``): conntrack looks it up in its hash (ctnetlink get, as
+        `conntrack -G`), so explain --live finds it whatever a listing's cut; None when
+        conntrack has no such flow or it is not snatgw's (its mark).  Without ctnetlink, the
+        listing's walk toward the remote from the host."""
+        want = {"src": host, "sport": str(sport), "dst": remote, "proto": PROTO_NAMES.get(proto, str(proto))}
+        if proto != 1:
+            want["dport"] = str(dport)
+        try:
+            ct = Conntrack(self.netns)
+        except BackendError as e:
+            log.warning("nft backend: %s; looking the session up in the listing", e)
+            flt = SessionFilter(inside=IPv4Network(f"{host}/32"), remote=IPv4Network(f"{remote}/32"), proto=proto,
+                                remote_port=None if proto == 1 else dport)  # fmt: skip
+            return next((x for x in self.iter_sessions(flt) if x.inside == f"{host}:{sport}"), None)
+        with ct:
+            d = ct.get(host, sport, remote, dport, proto)
+        # (a flow's reply tuple finds its entry too: only the original direction is the flow)
+        if d is None or d["mark"] & R.MARK_MASK != R.MARK_TAG or any(d.get(k) != v for k, v in want.items()):
+            return None
+        return self._session(d, self._session_timeouts())
 
     def status_extra(self) -> dict:
         """What a reader of conntrack in another process needs to name sessions' rules (the

@@ -16,6 +16,7 @@ state filters of `snatgw conns` are applied here, while streaming.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -38,6 +39,9 @@ CTA_TIMEOUT, CTA_MARK, CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY, CTA_MARK_MASK = 7,
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT, CTA_PROTO_ICMP_ID = 1, 2, 3, 4
+CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE = 5, 6
+NLA_F_NESTED = 0x8000
+ICMP_ECHO = 8
 CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
 CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES = 1, 2
 IPS_ASSURED = 1 << 2
@@ -182,6 +186,44 @@ class Conntrack:
         """IPv4 conntrack entries (``mark & mask == mark`` when given, filtered in the kernel)."""
         for buf, a, b in self._messages(mark, mask):
             yield parse_entry(buf, a, b)
+
+    def get(self, src: str, sport: int, dst: str, dport: int, proto: int) -> dict | None:
+        """The entry whose original tuple is (src, sport, dst, dport, proto), one
+        IPCTNL_MSG_CT_GET without NLM_F_DUMP (`conntrack -G`): the kernel looks it up in its
+        hash; None when there is none.  ICMP: an echo request's, ``sport`` its identifier
+        (``dport`` unused)."""
+        be16 = struct.Struct(">H").pack
+        ip = _attr(CTA_IP_V4_SRC, IPv4Address(src).packed) + _attr(CTA_IP_V4_DST, IPv4Address(dst).packed)
+        l4 = _attr(CTA_PROTO_NUM, bytes([proto]))
+        if proto == 1:
+            l4 += (_attr(CTA_PROTO_ICMP_ID, be16(sport)) + _attr(CTA_PROTO_ICMP_TYPE, bytes([ICMP_ECHO]))
+                   + _attr(CTA_PROTO_ICMP_CODE, b"\0"))  # fmt: skip
+        else:
+            l4 += _attr(CTA_PROTO_SRC_PORT, be16(sport)) + _attr(CTA_PROTO_DST_PORT, be16(dport))
+        tup = _attr(CTA_TUPLE_IP | NLA_F_NESTED, ip) + _attr(CTA_TUPLE_PROTO | NLA_F_NESTED, l4)
+        body = _NFGEN.pack(socket.AF_INET, 0, 0) + _attr(CTA_TUPLE_ORIG | NLA_F_NESTED, tup)
+        self.seq += 1
+        self.sock.send(_NLH.pack(_NLH.size + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
+                                 NLM_F_REQUEST, self.seq, 0) + body)  # fmt: skip
+        while True:
+            try:
+                buf = self.sock.recv(RECV)
+            except OSError as e:
+                raise BackendError(f"ctnetlink get: {e.strerror}") from None
+            off = 0
+            while off + _NLH.size <= len(buf):
+                ln, typ, _flags, seq, _pid = _NLH.unpack_from(buf, off)
+                if ln < _NLH.size:
+                    break
+                if seq == self.seq:
+                    if typ == NLMSG_ERROR:
+                        err = -struct.unpack_from("=i", buf, off + _NLH.size)[0]
+                        if err in (0, errno.ENOENT):
+                            return None
+                        raise BackendError(f"ctnetlink get: {os.strerror(err)}")
+                    if typ >> 8 == NFNL_SUBSYS_CTNETLINK:
+                        return parse_entry(buf, off + _NLH.size + _NFGEN.size, off + ln)
+                off += (ln + 3) & ~3
 
     def count_by_mark(self, mark: int | None = None, mask: int | None = None) -> dict[int, int]:
         """{ct mark: entries} of the dump (only each entry's mark is read)."""
