@@ -13,6 +13,7 @@ test's translated traffic."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import sys
@@ -296,3 +297,39 @@ def test_a_host_over_its_limit_hears_host_unreachable_on_both_backends(gateway, 
         lab.run("gw", "ethtool", "-K", "lan40", "tx", "on")
     assert (err["errno"], err["type"], err["code"]) == ("EHOSTUNREACH", 3, 1), err
     assert refused.value.errno == errno.EHOSTUNREACH, refused.value
+
+
+def test_the_session_request_finds_a_flows_own_session_on_both_backends(gateway, pressure_lab):
+    """Op session (explain --live's lookup of the flow's own session, whatever a listing's cut)
+    on the real tables: bpf one lookup in snat_ct, nft conntrack by the original tuple.  Each
+    of A's 50 UDP flows (and an echo request) is found as the listing has it; a flow never
+    sent, and the reply direction of one that was (a tuple conntrack also finds), are null; and
+    explain --live judges a sent flow as its session's (XLATE_OUT at its address and port)."""
+    lab = gateway(conf("port_range 6000-6999", f"snat_ip {POOL[0]}-{POOL[-1]}"))
+    burst(lab, A, range(42000, 42050))
+    settle(lab, lambda s: reason(s, "XLATE_NEW") >= 50)
+    listed = {s["inside"]: s for s in sessions_of(lab, A)}
+    assert len(listed) == 50
+    ask = {"op": "session", "host": A, "remote": S1, "dport": 9, "proto": 17}
+    for sport in (42000, 42031, 42049):
+        got = call(lab.socket_path, {**ask, "sport": sport})["session"]
+        want = listed[f"{A}:{sport}"]
+        assert {k: got[k] for k in ("proto", "inside", "remote", "nat", "rule_id")} == {
+            k: want[k] for k in ("proto", "inside", "remote", "nat", "rule_id")}, (got, want)
+    assert call(lab.socket_path, {**ask, "sport": 42050})["session"] is None
+    nat, nport = listed[f"{A}:42007"]["nat"].rsplit(":", 1)
+    back = {"op": "session", "host": S1, "sport": 9, "remote": nat, "dport": int(nport), "proto": 17}
+    assert call(lab.socket_path, back)["session"] is None  # the reply direction: no flow of its own
+    echo = C.ping(lab, "in40", S1, src=A, ident=4242)
+    assert echo["reply"], echo
+    got = call(lab.socket_path, {**ask, "sport": 4242, "dport": 0, "proto": 1})["session"]
+    assert got and got["proto"] == "icmp" and got["inside"] == f"{A}:4242", got
+    with open(os.path.join(lab.workdir, "gateway.log")) as f:  # nft: conntrack answered, not the walk
+        assert "looking the session up in the listing" not in f.read()
+    from snatgw.lab.gateway import run, snatgw_argv
+
+    cp = run(snatgw_argv("explain", "--socket", lab.socket_path, "--json", "--live", "--proto", "udp", "--src",
+                         f"{A}:42007", "--dst", f"{S1}:9", "--oif", "eth1", "--gw", "198.19.2.1"), check=False)
+    assert cp.returncode == 1, cp  # no rule is asked: the session decides
+    d = json.loads(cp.stdout)
+    assert d["reason"] == "XLATE_OUT" and d["snat"] == {"addr": nat, "port": int(nport)}, d
