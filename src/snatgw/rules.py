@@ -193,6 +193,12 @@ def parse_oif(text: str, where: str | None = None) -> str:
         raise RuleError(f"expected an interface name, got {name!r}: no device can be named so (the kernel "
                         "refuses . and .., ':' and white space; an address label such as eth0:1 is not a device)",
                         "oif", where)  # fmt: skip
+    if any(c in name for c in '*"\\'):
+        # the kernel takes these, but nft reads a trailing '*' as a wildcard (`oif eth*` matches
+        # every eth device on nft and none on bpf), and '"' and the backslash as quoting
+        raise RuleError(f"expected an interface name without '*', '\"' or a backslash, got {name!r}: nft reads "
+                        "'*' as a wildcard and '\"' and the backslash as quoting, so the name would mean other "
+                        "devices on nft than on bpf; rename the device", "oif", where)  # fmt: skip
     return name
 
 

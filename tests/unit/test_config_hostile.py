@@ -237,3 +237,22 @@ def test_an_interface_name_no_device_can_have_is_refused_with_why(name):
         parse_text("snatgw {\n inside lan40\n}\nvirtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 "
                    f"oif {name} snat_ip 198.19.2.71 }}\n}}\n", "t.conf", [])
     assert str(ei.value).startswith("t.conf:5: oif: ")
+
+
+@pytest.mark.parametrize("name", ["eth*", 'a"b', "a\\b"])
+def test_an_interface_name_nft_would_read_as_a_wildcard_or_quoting_is_refused(name):
+    """The kernel allows '*', '"' and '\\' in a device name, but nft reads a trailing '*' as a
+    wildcard (`oifname "eth*"` compares the prefix "eth": every eth device on nft, none on bpf)
+    and '"' and '\\' as quoting (the nft text export then failed to load): refused by name, in a
+    config file, an `adm --oif` and the daemon's --inside/--outside alike."""
+    from snatgw.config.adm import parse_args
+    from snatgw.errors import SnatgwError
+
+    with pytest.raises(ConfigError, match="without '\\*', '\"' or a backslash") as ei:
+        parse_text("snatgw {\n inside lan40\n}\nvirtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 "
+                   f"oif {name} snat_ip 198.19.2.71 }}\n}}\n", "t.conf", [])
+    assert str(ei.value).startswith("t.conf:5: oif: ") and "wildcard" in str(ei.value)
+    with pytest.raises(SnatgwError, match="nft reads"):
+        parse_args(["-K", "--oif", name])
+    with pytest.raises(ConfigError, match="inside: expected an interface name without"):
+        parse_text(f"snatgw {{\n inside {name}\n}}\n", "t.conf", [])
