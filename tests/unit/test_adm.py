@@ -76,7 +76,13 @@ def test_default_algo_is_sdh_and_zero_gw_means_none():
     ("-A -t 198.19.2.2:80 -s snat_sched", "only the SNAT service"),
     ("-K -L -f 1", "multiple commands"),
     ("-L --oif eth1", "illegal option --oif"),
-    ("-Q", "not recognized"),
+    ("-q", "not recognized"),
+    # the patched ipvsadm's FULLNAT local addresses: named, with the pool as snatgw's way
+    ("-P -f 1 -z 198.19.2.71", "-P (the patched ipvsadm's FULLNAT local-address add)"),
+    ("-Q -f 1 -z 198.19.2.71", "local-address delete"),
+    ("-G", "-G (the patched ipvsadm's FULLNAT local-address listing) is ipvsadm's"),
+    ("--get-laddr", "-U/--snat-ip"),
+    ("-L -z 198.19.2.71", "-z (the patched ipvsadm's FULLNAT local-address option)"),
     ("", "no command"),
     ("-L extra", "unexpected argument"),
     # a command or a value given twice is refused, not the last one taken (as ipvsadm):

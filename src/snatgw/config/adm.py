@@ -235,6 +235,8 @@ _SYNC = ("snatgw syncs its sessions itself: sync_peer, sync_local and sync_key i
          "(bpf backend; nft: conntrackd), docs/operations.md \"Stateful failover\"")
 _THRESH = ("a SNAT service has no real servers, so no connection thresholds (max_sessions_per_host in the "
            "config limits an inside host's sessions)")
+_LADDR = ("a SNAT rule's public addresses are its pool, given with the rule: -U/--snat-ip A[-B] "
+          "(snat_ip in the config); -L lists them with each rule, `snatgw stats` each address's sessions")
 #: options ipvsadm (and the patched one) accepts that snatgw cannot do (getopt's name, no dashes) ->
 #: (what it is, what to do instead): said as such, not as an unknown option, as if a typo
 _IPVSADM_ONLY = {
@@ -277,6 +279,11 @@ _IPVSADM_ONLY = {
     **{t: ("a real server's tunnel", "snatgw only source-NATs (the original's fullnat, -b)")
        for t in ("tun-type", "tun-port", "tun-nocsum", "tun-csum", "tun-remcsum")},
     "v": ("print the version", "`snatgw --version`"), "version": ("print the version", "`snatgw --version`"),
+    # the patched ipvsadm's FULLNAT local addresses, which a SNAT rule's pool replaces
+    **{o: ("the patched ipvsadm's FULLNAT local-address " + what, _LADDR)
+       for what, names in (("add", ("P", "add-laddr")), ("delete", ("Q", "del-laddr")),
+                           ("listing", ("G", "get-laddr")), ("option", ("z", "laddr")))
+       for o in names},
 }  # fmt: skip
 
 #: options that take a value, by the name an error gives them (short and long spelling are one)
