@@ -103,7 +103,7 @@ def parse_rule_tokens(tok: list[str], where: str, masq_addr: dict[str, IPv4Addre
     pos = None
     if cmd in ("-I", "--insert"):
         pos = 0
-        if rest and rest[0].isdigit():
+        if rest and rest[0].isascii() and rest[0].isdigit():  # not '²' (int() raised), '١' (read 1)
             pos = int(rest[0]) - 1
             rest = rest[1:]
     if chain != "POSTROUTING":

@@ -62,9 +62,11 @@ def test_endpoints_parse(text, required, expect):
     assert ex.parse_endpoint(text, "--src", required) == expect
 
 
-@pytest.mark.parametrize("text", ["198.18.40.10", "198.18.40.10:70000", "198.18.40.10:x", "198.18.40:80", "::1:80"])
+@pytest.mark.parametrize("text", ["198.18.40.10", "198.18.40.10:70000", "198.18.40.10:x", "198.18.40:80", "::1:80",
+                                  "198.18.40.10:\u00b2", "198.18.40.10:\u0661\u0662"])
 def test_bad_endpoints_are_refused(text):
-    """A missing or out-of-range port or a bad address is an error naming the option."""
+    """A missing or out-of-range port or a bad address is an error naming the option; a port in
+    non-ASCII digits too ('²' was a traceback, '١٢' port 12)."""
     with pytest.raises(Exception) as ei:
         ex.parse_endpoint(text, "--src", True)
     assert "--src" in str(ei.value)

@@ -161,6 +161,16 @@ def test_insert_goes_first_and_duplicates_are_not_carried():
     assert len(imp.flagged) == 1 and "iptables matches first" in imp.flagged[0][1]
 
 
+@pytest.mark.parametrize("pos", ["\u00b2", "\u0661"])
+def test_an_insert_position_in_non_ascii_digits_is_flagged_not_a_traceback_nor_read(pos):
+    """`-I POSTROUTING ²`: str.isdigit() let int() raise (a traceback); `-I POSTROUTING ١`
+    was read as position 1. Neither is a position: the line is flagged, naming the word."""
+    imp = import_iptables(f"iptables -t nat -I POSTROUTING {pos} -s 198.18.40.0/24 -j SNAT "
+                          "--to-source 198.19.2.71\n", "x")
+    assert not list(imp.rules)
+    assert len(imp.flagged) == 1 and f"{pos}: option not supported" in imp.flagged[0][1]
+
+
 def test_order_difference_is_a_warning():
     """A broad rule before a specific one: iptables takes the broad one, snatgw would not - warn."""
     text = ("-t nat -A POSTROUTING -s 198.18.0.0/16 -j SNAT --to-source 198.19.2.71\n"

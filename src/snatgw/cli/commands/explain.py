@@ -183,7 +183,7 @@ def parse_endpoint(text: str, opt: str, port_required: bool) -> tuple[IPv4Addres
     addr = parse_addr(host, opt)
     if not sep:
         return addr, 0
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # not '²' (a traceback) nor '١٢'
         raise BadInput(f"{opt}: port must be 0..65535, got {port!r}")
     return addr, int(port)
 
