@@ -143,7 +143,7 @@ def parse_algo(text: str, where: str | None = None) -> Algo:
 def parse_on_exhausted(text: str, where: str | None = None) -> str:
     t = text.strip()
     if t not in ("spill", "drop"):
-        raise RuleError(f"expected spill or drop, got {t!r}", "on_exhausted", where)
+        raise RuleError(f"expected spill or drop, got {_quoted(t)}", "on_exhausted", where)
     return t
 
 
@@ -154,7 +154,7 @@ FILTERINGS = ("address-port-dependent", "address-dependent", "endpoint-independe
 def parse_choice(text: str, field_name: str, choices: tuple[str, ...], where: str | None = None) -> str:
     t = text.strip()
     if t not in choices:
-        raise RuleError(f"expected {' or '.join(choices)}, got {t!r}", field_name, where)
+        raise RuleError(f"expected {' or '.join(choices)}, got {_quoted(t)}", field_name, where)
     return t
 
 
@@ -167,8 +167,11 @@ HOST_LIMIT_MAX = (1 << 32) - 1
 
 def parse_host_limit(text: str, where: str | None = None, field_name: str = "max_sessions_per_host") -> int:
     t = text.strip()
-    if not t.isdigit() or int(t) > HOST_LIMIT_MAX:
-        raise RuleError(f"expected an integer 0..{HOST_LIMIT_MAX} (0 = no limit), got {t!r}", field_name, where)
+    # ASCII digits only: str.isdigit() is true for '²' (int() then raised a traceback) and '١٢'
+    # (int() read 12)
+    if not (t.isascii() and t.isdigit()) or int(t) > HOST_LIMIT_MAX:
+        raise RuleError(f"expected an integer 0..{HOST_LIMIT_MAX} (0 = no limit), got {_quoted(t)}",
+                        field_name, where)
     return int(t)
 
 
@@ -186,11 +189,11 @@ def parse_oif(text: str, where: str | None = None) -> str:
         raise RuleError(f"expected an interface name in ASCII, got {got}: {non_ascii_named(name)}: a "
                         "look-alike letter?", "oif", where)  # ... would match nothing, silently
     if not name or len(name) >= IFNAMSIZ or any(c in name for c in "/ \t"):
-        raise RuleError(f"expected an interface name of 1..15 characters, got {name!r}", "oif", where)
+        raise RuleError(f"expected an interface name of 1..15 characters, got {_quoted(name)}", "oif", where)
     if name in (".", "..") or ":" in name or any(c.isspace() for c in name):
         # the kernel's dev_valid_name refuses these: no device has such a name (eth0:1 is an
         # address label of eth0, not a device)
-        raise RuleError(f"expected an interface name, got {name!r}: no device can be named so (the kernel "
+        raise RuleError(f"expected an interface name, got {_quoted(name)}: no device can be named so (the kernel "
                         "refuses . and .., ':' and white space; an address label such as eth0:1 is not a device)",
                         "oif", where)  # fmt: skip
     if any(c in name for c in '*"\\'):

@@ -256,3 +256,63 @@ def test_an_interface_name_nft_would_read_as_a_wildcard_or_quoting_is_refused(na
         parse_args(["-K", "--oif", name])
     with pytest.raises(ConfigError, match="inside: expected an interface name without"):
         parse_text(f"snatgw {{\n inside {name}\n}}\n", "t.conf", [])
+
+
+SECRET = "root:$y$j9T$TopSecretHash0123:19700"  # not config text ($): described, never echoed
+LINK = ("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 gw 198.19.2.1 snat_ip 198.19.2.71 }\n}\n"
+        "link isp1 {\n gw 198.19.2.1\n probe 203.0.113.10\n backup_gw 198.19.3.1\n {}\n}\n")
+
+
+def _rule(words: str) -> str:
+    return "virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 " + words + " }\n}\n"
+
+
+@pytest.mark.parametrize("word", [SECRET, "x" * 300])
+@pytest.mark.parametrize("text,line,field", [
+    (_rule("on_exhausted {}"), 2, "on_exhausted"),
+    (_rule("mapping {}"), 2, "mapping"),
+    (_rule("filtering {}"), 2, "filtering"),
+    (_rule("port_preserve {}"), 2, "port_preserve"),
+    (_rule("max_sessions_per_host {}"), 2, "max_sessions_per_host"),
+    (_rule("oif {}"), 2, "oif"),
+    (LINK.replace("{}", "interval {}"), 8, "interval"),
+    (LINK.replace("{}", "fall {}"), 8, "fall"),
+    (LINK.replace("{}", "hold {}"), 8, "hold"),
+    (LINK.replace("{}", "source 198.19.2.2 {}"), 8, "source"),
+    ("snatgw {\n metrics_listen 127.0.0.1:{}\n}\n" + RULE, 2, "metrics_listen"),
+    ("snatgw {\n metrics_listen {}:9469\n}\n" + RULE, 2, "metrics_listen"),
+])  # fmt: skip
+def test_no_value_error_echoes_a_word_that_is_not_config_text(text, line, field, word):
+    """Every value's error describes a word that is not config text instead of quoting it, as
+    docs/config.md says of them all: these quoted it whole (a 2 MB one went into the reload's
+    answer, the log and every `status` after it), from on_exhausted to a link's numbers."""
+    e = err(text.replace("{}", word))
+    assert e.where == f"t.conf:{line}" and e.field == field, str(e)
+    assert word not in str(e) and "TopSecret" not in str(e) and "x" * 65 not in str(e)
+    assert "characters that is not config text (not shown)" in str(e)
+
+
+@pytest.mark.parametrize("digits", ["\u00b2", "\u0661\u0662", "\uff11\uff12"])
+@pytest.mark.parametrize("text,line,field", [
+    (_rule("max_sessions_per_host {}"), 2, "max_sessions_per_host"),
+    (LINK.replace("{}", "interval {}"), 8, "interval"),
+    (LINK.replace("{}", "fall {}"), 8, "fall"),
+    (LINK.replace("{}", "rise {}"), 8, "rise"),
+    (LINK.replace("{}", "hold {}"), 8, "hold"),
+    ("snatgw {\n metrics_listen 127.0.0.1:9{}\n}\n" + RULE, 2, "metrics_listen"),
+])  # fmt: skip
+def test_non_ascii_digits_of_a_rule_a_link_or_the_metrics_port_are_config_errors(text, line, field, digits):
+    """As the snatgw { } settings' numbers (above): a rule's `max_sessions_per_host ²` was a
+    traceback from `snatgw check`, and `١٢` there, a link's `fall ١٢` or `hold ١٢`, and
+    `metrics_listen 127.0.0.1:9١٢` were taken as 12 and port 912."""
+    e = err(text.replace("{}", digits))
+    assert e.where == f"t.conf:{line}" and e.field == field, str(e)
+
+
+def test_check_of_a_rules_host_limit_in_superscript_digits_is_an_error_not_a_traceback(tmp_path):
+    conf = tmp_path / "sup.conf"
+    conf.write_text(_rule("max_sessions_per_host 2\u00b2"), encoding="utf-8")
+    p = subprocess.run([sys.executable, "-m", "snatgw.cli.main", "check", str(conf)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "sup.conf:2: max_sessions_per_host: expected an integer 0..4294967295" in p.stderr

@@ -615,7 +615,7 @@ def _parse_link(cur: _Cursor, opener: Token, args: list[Token], links: list[Link
         if not words:
             raise cur.error(t.line, t.text, "expected a value on the same line")
         if t.text != "probe" and len(words) > 1:
-            raise cur.error(t.line, t.text, f"expected one value, got also {words[1].text!r}")
+            raise cur.error(t.line, t.text, f"expected one value, got also {shown(words[1].text)}")
         if len(words) > MAX_TARGETS:
             raise cur.error(t.line, t.text, f"at most {MAX_TARGETS} probe targets, got {len(words)}")
         vals[t.text] = [t] + words
@@ -628,13 +628,12 @@ def _parse_link(cur: _Cursor, opener: Token, args: list[Token], links: list[Link
 
     def num(k: str, lo: float, hi: float, integer: bool) -> float:
         v = one(k)
-        try:
-            x = int(v.text) if integer and v.text.isdigit() else float(v.text)
-        except ValueError:
-            x = math.nan
-        if not (math.isfinite(x) and lo <= x <= hi) or (integer and not v.text.isdigit()):
+        # ASCII digits only, as every other number of the file: float() reads '١٢' as 12.0 and
+        # str.isdigit() is true for it (`fall ١٢` was a fall of 12)
+        x = int(v.text) if integer and _ASCII_INT.match(v.text) else _seconds(v.text)
+        if not (math.isfinite(x) and lo <= x <= hi) or (integer and not _ASCII_INT.match(v.text)):
             kind = "an integer" if integer else "seconds, a number"
-            raise cur.error(v.line, k, f"expected {kind} from {_fmt_num(lo)} to {_fmt_num(hi)}, got {v.text!r}")
+            raise cur.error(v.line, k, f"expected {kind} from {_fmt_num(lo)} to {_fmt_num(hi)}, got {shown(v.text)}")
         return x
 
     try:
@@ -1038,10 +1037,11 @@ def check_audit_path(path: str) -> None:
 def parse_listen(text: str) -> tuple[str, int]:
     """``metrics_listen``'s ``ADDR:PORT`` -> (addr, port); ValueError saying what is wrong."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"expected ADDR:PORT with a port 1..65535, got {text!r}")
+    # the port in ASCII digits: str.isdigit() is true for '٩٠٠٠' (int() reads 9000) and '²'
+    if not sep or not _ASCII_INT.match(port) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"expected ADDR:PORT with a port 1..65535, got {shown(text)}")
     if _quad_ok(host) is False:
-        raise ValueError(f"expected an IPv4 address A.B.C.D before ':', got {host!r}")
+        raise ValueError(f"expected an IPv4 address A.B.C.D before ':', got {shown(host) if host else 'nothing'}")
     return host, int(port)
 
 
