@@ -151,6 +151,30 @@ def test_explain_judges_against_the_table_of_a_daemon_running_the_file(tmpdir_sh
         r.close()
 
 
+def test_explain_finds_the_daemon_on_the_control_socket_its_config_names(tmpdir_short, capsys, monkeypatch):
+    """A daemon run from a file with `control_socket PATH` answers there: explain CONFIG asked only
+    the default socket (--live exited 4, "no snatgw daemon on /run/snatgw/control.sock", and
+    without --live the running table went unread). --socket and $SNATGW_SOCKET still win."""
+    from test_daemon import LAB, Running
+
+    monkeypatch.delenv("SNATGW_SOCKET", raising=False)
+    sock = tmpdir_short / "run" / "ctl.sock"  # where Running serves
+    named = tmpdir_short / "named.conf"
+    named.write_text(LAB.read_text().replace("snatgw {", f"snatgw {{\n    control_socket {sock}", 1))
+    r = Running(tmpdir_short, named)
+    try:
+        assert main(["explain", "--live", str(r.conf), *ARGS, "-j"]) == 0
+        assert json.loads(capsys.readouterr().out)["live"]["socket"] == str(sock)
+        assert main(["explain", str(r.conf), *ARGS, "-j"]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["notes"][0].startswith(f"judged against the running gateway's table ({sock}")
+        monkeypatch.setenv("SNATGW_SOCKET", str(tmpdir_short / "no.sock"))
+        assert main(["explain", "--live", str(r.conf), *ARGS]) == 4
+        assert "no.sock" in capsys.readouterr().err
+    finally:
+        r.close()
+
+
 def test_explain_says_when_the_daemon_cut_the_listing(tmpdir_short, capsys, monkeypatch):
     """A listing cut at the daemon's reply limit is named in a note, not taken as the table."""
     from snatgw.daemon import service

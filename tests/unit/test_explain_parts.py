@@ -160,6 +160,11 @@ def test_no_rule_matches_exits_1(capsys):
           "198.19.2.1"], "no destination port"),
         (["--src", "198.18.40.10:1", "--dst", "203.0.113.10:80", "--oif", "eth1", "--gw", "198.19.2.1",
           "--ttl", "300"], "--ttl"),
+        # a device the inside program is not on: it translated as if it were (REDIRECT, exit 0)
+        (["--src", "198.18.40.10:1", "--dst", "203.0.113.10:80", "--oif", "eth1", "--gw", "198.19.2.1",
+          "--iif", "eth1"], "--iif 'eth1': not an inside interface (lan40 lan50)"),
+        (["--src", "198.18.40.10:1", "--dst", "203.0.113.10:80", "--oif", "eth1", "--gw", "198.19.2.1",
+          "--iif", "lan41"], "--iif 'lan41': not an inside interface"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_with_message(capsys, argv, words):

@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from ...config.parse import parse_file
+from ...config.parse import parse_file, shown
 from ...errors import EXIT_NO_MATCH, EXIT_OK, SnatgwError
 from ...layout import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, REFUSED_SECS, SPILL_MEMO_MS, Reason, Verdict
 from ...rules import Route, Rule, RuleSet, parse_addr, parse_oif
@@ -34,9 +34,9 @@ the daemon runs) and how; settings still come from CONFIG.
 
 The port search is judged against the running gateway's table (its sessions toward the
 destination, the source's sessions, the flow's own session looked up by itself, its spill
-memos) with --live, and also without it when a
-daemon answers on the control socket (--socket, $SNATGW_SOCKET or the default) and runs CONFIG
-itself; --offline judges against an empty table whatever runs.  With that table (bpf) the
+memos) with --live, and also without it when a daemon answers on the control socket (--socket,
+$SNATGW_SOCKET or CONFIG's control_socket) and runs CONFIG itself; --offline judges against an
+empty table whatever runs.  With that table (bpf) the
 flow's refusal marker is read too: refused less than 2 s ago, its packets are dropped now as
 DROP_REFUSED_RECENTLY whatever the judgement says, and a line after the verdict says so.
 Exit status: 0 a rule matched, 1 no rule matched, 2 bad input, 4 no daemon (--live).
@@ -602,7 +602,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--live", action="store_true", help="use the running daemon's rules (and compare them with CONFIG)")
     p.add_argument("--offline", action="store_true",
                    help="judge the port search against an empty table even when a daemon runs CONFIG")
-    p.add_argument("--socket", metavar="PATH", help="the daemon's control socket (default $SNATGW_SOCKET or the settings')")
+    p.add_argument("--socket", metavar="PATH",
+                   help="the daemon's control socket (default $SNATGW_SOCKET, else CONFIG's control_socket)")
     p.add_argument("-j", "--json", action="store_true", help="print one JSON object")
 
 
@@ -643,6 +644,15 @@ def live_notes(diff: dict, sock: str, path: str) -> list[str]:
     notes += [f"  file only:    {t}" for t in diff["only_file"]]
     notes += [f"  changed:      {c['where']}: file {c['file']!r}, running {c['running']!r}" for c in diff["changed"]]
     return notes
+
+
+def _config_socket(cfg) -> str | None:
+    """The control socket CONFIG names, when $SNATGW_SOCKET does not name one: a daemon run
+    from a file with `control_socket /run/snatgw/isp.sock` answers there, and explain looked
+    only at the default (--live: "no snatgw daemon on /run/snatgw/control.sock")."""
+    from ...daemon.client import ENV_SOCKET
+
+    return None if cfg is None or os.environ.get(ENV_SOCKET) else cfg.settings.control_socket
 
 
 def daemon_running(sock: str | None, config: str) -> tuple[str | None, str | None, str | None]:
@@ -723,12 +733,13 @@ def run(args: argparse.Namespace) -> int:
 
         from ...daemon.client import resolve_socket
 
-        sock = resolve_socket(args.socket)
+        given = parse_file(args.config) if args.config else None
+        sock = resolve_socket(args.socket or _config_socket(given))
         rules, status = running_rules(sock)
         path = args.config or status.get("config")
         if not path:
             raise BadInput("--live: the daemon names no config file; give CONFIG")
-        cfg = parse_file(path)
+        cfg = given or parse_file(path)
         diff = rule_diff(cfg.rules, rules)
         live = {"socket": sock, "config": path, **diff}
         cfg = replace(cfg, rules=rules)
@@ -743,7 +754,7 @@ def run(args: argparse.Namespace) -> int:
     auto_note = None
     if live is None and not args.offline:  # a daemon running this very file: its table counts
         # the daemon's backend, not the file's, says who picks (a `run --backend nft` of a bpf file)
-        table_of, auto_note, backend = daemon_running(args.socket, args.config)
+        table_of, auto_note, backend = daemon_running(args.socket or _config_socket(cfg), args.config)
     if args.route_from_kernel:
         if args.oif or args.gw or args.new_gw_oif:
             raise BadInput("--route-from-kernel replaces --oif/--gw/--new-gw-oif; give one or the other")
@@ -753,6 +764,13 @@ def run(args: argparse.Namespace) -> int:
             raise BadInput("give the route of DST as --oif IFACE --gw IP (or --route-from-kernel)")
         other = parse_oif(args.new_gw_oif, "--new-gw-oif") if args.new_gw_oif else None
         router = GivenRouter(dst, parse_oif(args.oif, "--oif"), parse_addr(args.gw, "--gw"), other)
+    inside = tuple(status.get("inside") or ()) if live is not None else cfg.settings.inside
+    if args.iif and inside and args.iif not in inside:
+        # the inside program runs on those devices only: the model would translate a packet the
+        # datapath never sees there (until 1 Dec 2026 explain said REDIRECT for it)
+        raise BadInput(f"--iif {shown(args.iif)}: not an inside interface ({' '.join(inside)}): snatgw translates "
+                       "only what arrives on those; a packet from another device is routed untranslated, and "
+                       "the egress guard drops it at an uplink when its source is in a rule's from (DROP_LEAK)")
     ingress = args.iif or (cfg.settings.inside[0] if cfg.settings.inside else "lan0")
     src = IPv4Address(pkt[12:16])
     if isinstance(router, GivenRouter):
