@@ -188,14 +188,14 @@ def parse_oif(text: str, where: str | None = None) -> str:
         got = ascii(name) if len(name) <= 32 and name.isprintable() else f"a word of {len(name)} characters"
         raise RuleError(f"expected an interface name in ASCII, got {got}: {non_ascii_named(name)}: a "
                         "look-alike letter?", "oif", where)  # ... would match nothing, silently
-    if not name or len(name) >= IFNAMSIZ or any(c in name for c in "/ \t"):
+    if not name or len(name) >= IFNAMSIZ:
         raise RuleError(f"expected an interface name of 1..15 characters, got {_quoted(name)}", "oif", where)
-    if name in (".", "..") or ":" in name or any(c.isspace() for c in name):
+    if name in (".", "..") or any(c in name for c in "/:") or any(c.isspace() for c in name):
         # the kernel's dev_valid_name refuses these: no device has such a name (eth0:1 is an
-        # address label of eth0, not a device)
+        # address label of eth0, not a device); 'a b' or 'a/b' were told "1..15 characters"
         raise RuleError(f"expected an interface name, got {_quoted(name)}: no device can be named so (the kernel "
-                        "refuses . and .., ':' and white space; an address label such as eth0:1 is not a device)",
-                        "oif", where)  # fmt: skip
+                        "refuses . and .., '/', ':' and white space; an address label such as eth0:1 is not a "
+                        "device)", "oif", where)  # fmt: skip
     if any(c in name for c in '*"\\'):
         # the kernel takes these, but nft reads a trailing '*' as a wildcard (`oif eth*` matches
         # every eth device on nft and none on bpf), and '"' and the backslash as quoting

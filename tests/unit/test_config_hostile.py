@@ -258,6 +258,17 @@ def test_an_interface_name_nft_would_read_as_a_wildcard_or_quoting_is_refused(na
         parse_text(f"snatgw {{\n inside {name}\n}}\n", "t.conf", [])
 
 
+@pytest.mark.parametrize("name", ["a b", "lan/40", "eth\t1"])
+def test_a_short_name_with_a_slash_or_a_space_is_told_why_not_its_length(name):
+    """`snatgw adm --oif 'a b'` (or run --inside, explain --oif) was told "expected an interface
+    name of 1..15 characters" of a 3-character name; the kernel's reason is what is wrong."""
+    from snatgw.rules import RuleError, parse_oif
+
+    with pytest.raises(RuleError, match="no device can be named so") as ei:
+        parse_oif(name)
+    assert "1..15 characters" not in str(ei.value)
+
+
 SECRET = "root:$y$j9T$TopSecretHash0123:19700"  # not config text ($): described, never echoed
 LINK = ("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 gw 198.19.2.1 snat_ip 198.19.2.71 }\n}\n"
         "link isp1 {\n gw 198.19.2.1\n probe 203.0.113.10\n backup_gw 198.19.3.1\n {}\n}\n")
