@@ -190,6 +190,32 @@ def test_pools_no_reply_can_reach_and_too_many_rules_for_bpf_are_warned(tmp_path
     assert any("5 rules: the bpf backend holds at most 4" in x for x in w)
 
 
+def test_a_pool_holding_a_next_hop_or_an_inside_address_is_warned(tmp_path, capsys):
+    """`snat_ip 198.19.2.1` beside `gw 198.19.2.1` (the router's address for the pool's .100:
+    the gateway would take it) and a pool inside a rule's `from` (that inside host cannot send:
+    DROP_SPOOFED) were valid without a word; a link's backup pool and backup_gw too. The lab's
+    pools, and a catch-all `from 0.0.0.0/0`, say nothing."""
+    f = write(tmp_path, "snatgw {\n inside lan40\n outside eth1 eth2\n}\nvirtual_server fwmark 1 {\n"
+              "  snat_rule { from 198.18.40.0/24 gw 198.19.2.1 oif eth1 snat_ip 198.19.2.1 }\n"
+              "  snat_rule { from 198.18.0.0/16 new_gw 198.19.3.1 snat_ip 198.18.99.5-198.18.99.6 }\n"
+              "  snat_rule { from 0.0.0.0/0 snat_ip 198.19.2.71 }\n}\n"
+              "link isp2 {\n gw 198.19.3.1\n probe 203.0.113.10\n backup_gw 198.19.2.9\n"
+              " backup_snat_ip 198.19.2.8-198.19.2.9\n}\n")
+    assert main(["check", f, "-j"]) == 0
+    w = json.loads(capsys.readouterr().out)["warnings"]
+    hop = [x for x in w if "a next hop" in x]
+    inside = [x for x in w if "has addresses of from" in x]
+    assert hop[0] == (f"{f}:6: snat_ip: 198.19.2.1 holds 198.19.2.1, a next hop ({f}:6): the gateway would take "
+                      "its router's address and answer ARP for it; every flow through it breaks")
+    assert hop[1].startswith(f"link isp2 ({f}:10): backup_snat_ip: 198.19.2.8-198.19.2.9 holds 198.19.2.9")
+    assert len(hop) == 2
+    assert inside == [f"{f}:7: snat_ip: 198.18.99.5-198.18.99.6 has addresses of from 198.18.0.0/16 ({f}:7): an "
+                      "inside network's address as a public one: the inside host that has it cannot send (its "
+                      "every packet is dropped as DROP_SPOOFED, a pool address coming from inside)"]
+    assert main(["check", str(EXAMPLES / "lab.conf"), "-j"]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == []
+
+
 def test_use_vmac_with_backend_nft_is_warned_of(tmp_path):
     """A combined keepalived file whose vrrp_instance says `use_vmac`, run with backend nft
     (which does not handle it: docs/operations.md): check warns, naming the instance's line (the
@@ -240,3 +266,19 @@ def test_a_config_others_can_write_is_warned(tmp_path, capsys):
     d.chmod(0o1777)  # sticky (/tmp): others cannot replace root's file
     assert main(["check", f]) == 0
     assert "warnings:\n  none" in capsys.readouterr().out
+
+
+def test_a_pool_wider_than_an_inside_net_is_warned_and_many_rules_stay_cheap(tmp_path):
+    """The inside net may start inside the pool (a pool of 10.0.0.0/8's addresses, from
+    10.1.2.0/24), and 20,000 /32 sources under one pool are asked in one bisection each."""
+    from snatgw.cli.commands.check import pool_overlap_warnings
+    from snatgw.config.parse import parse_text
+
+    cfg = parse_text("virtual_server fwmark 1 {\n snat_rule { from 10.1.2.0/24 snat_ip 10.0.0.0-10.255.255.255 }\n}\n",
+                     "w.conf", [])
+    (w,) = pool_overlap_warnings(cfg)
+    assert w.startswith("w.conf:2: snat_ip: 10.0.0.0-10.255.255.255 has addresses of from 10.1.2.0/24 (w.conf:2)")
+    rules = "".join(f" snat_rule {{ from 10.{i >> 8}.{i & 255}.7 snat_ip 192.0.2.{i % 200 + 1} }}\n"
+                    for i in range(20000))
+    cfg = parse_text("virtual_server fwmark 1 {\n" + rules + "}\n", "m.conf", [])
+    assert pool_overlap_warnings(cfg) == []

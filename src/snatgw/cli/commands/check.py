@@ -5,7 +5,7 @@ valid, 2 when not (the error, file:line: field: message, on stderr)."""
 from __future__ import annotations
 
 import argparse
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from ...config.links import link_rules
 from ...config.parse import parse_file, require_rules, settings_as_dict
@@ -67,6 +67,7 @@ def config_warnings(cfg: GatewayConfig) -> list[str]:
             if int(r.pool.first) <= int(net.broadcast_address) and int(net.network_address) <= int(r.pool.last):
                 out.append(f"{r.where}: snat_ip: {r.pool.short()} has {what} addresses ({net}): a packet from "
                            "one is not routed on the internet and no reply comes back to it")
+    out += pool_overlap_warnings(cfg)
     if s.backend == "bpf" and len(cfg.rules) > MAX_RULES:
         out.append(f"{cfg.source}: {len(cfg.rules)} rules: the bpf backend holds at most {MAX_RULES}; "
                    "`snatgw run` with it refuses this config (the nft backend takes it)")
@@ -76,6 +77,60 @@ def config_warnings(cfg: GatewayConfig) -> list[str]:
     out += interface_warnings(cfg)
     if not len(cfg.rules):
         out.append(f"{cfg.source}: no snat_rule: nothing will be translated")
+    return out
+
+
+def pool_overlap_warnings(cfg: GatewayConfig) -> list[str]:
+    """A pool (a rule's snat_ip or a link's backup_snat_ip) that holds a next hop (a gw, new_gw
+    or backup_gw: the gateway would hold, and answer ARP for, its ISP's router's address), or an
+    address of a rule's `from` (an inside host's address used as a public one: the inside
+    program drops that host's every packet as DROP_SPOOFED, a pool address coming from inside).
+    A typo, most likely (`snat_ip 192.0.2.1` for the router's `.100`). Catch-all sources
+    (`from 0.0.0.0/0`) name no inside network and are left out. Each distinct pool is asked in
+    O(log n): check scales with the rule count (docs/config.md)."""
+    from bisect import bisect_left
+
+    hops: dict[int, str] = {}  # next hop -> where it is named first
+    for r in cfg.rules.defined:
+        for h in (r.gw, r.new_gw):
+            if h is not None:
+                hops.setdefault(int(h), f"{r.where}")
+    for lk in cfg.links:
+        for h in (lk.gw, lk.backup_gw):
+            hops.setdefault(int(h), f"link {lk.name} ({lk.where})")
+    hop_keys = sorted(hops)
+    nets: dict[tuple[int, int], object] = {}  # (network, prefix length) -> the first rule with that from
+    for r in cfg.rules.defined:
+        if r.src.prefixlen:
+            nets.setdefault((int(r.src.network_address), r.src.prefixlen), r)
+    starts = sorted(n for n, _ in nets)
+    first_at = {}
+    for n, plen in sorted(nets, key=lambda k: (k[0], -k[1])):
+        first_at.setdefault(n, (n, plen))
+    pools = {}
+    for r in cfg.rules.defined:
+        pools.setdefault((int(r.pool.first), int(r.pool.last)), (r.where, r.pool, "snat_ip"))
+    for lk in cfg.links:
+        if lk.backup_pool is not None:
+            pools.setdefault((int(lk.backup_pool.first), int(lk.backup_pool.last)),
+                             (f"link {lk.name} ({lk.where})", lk.backup_pool, "backup_snat_ip"))
+    out = []
+    for (a, b), (where, pool, field) in pools.items():
+        i = bisect_left(hop_keys, a)
+        if i < len(hop_keys) and hop_keys[i] <= b:
+            h = hop_keys[i]
+            out.append(f"{where}: {field}: {pool.short()} holds {IPv4Address(h)}, a next hop ({hops[h]}): the "
+                       "gateway would take its router's address and answer ARP for it; every flow through it breaks")
+        hit = next((nets[(a & ~((1 << (32 - plen)) - 1) & 0xFFFFFFFF, plen)] for plen in range(1, 33)
+                    if (a & ~((1 << (32 - plen)) - 1) & 0xFFFFFFFF, plen) in nets), None)  # a net holding a
+        if hit is None:
+            j = bisect_left(starts, a)
+            if j < len(starts) and starts[j] <= b:  # a net starting inside the pool
+                hit = nets[first_at[starts[j]]]
+        if hit is not None:
+            out.append(f"{where}: {field}: {pool.short()} has addresses of from {hit.src} ({hit.where}): an inside "
+                       "network's address as a public one: the inside host that has it cannot send (its every "
+                       "packet is dropped as DROP_SPOOFED, a pool address coming from inside)")
     return out
 
 
