@@ -228,6 +228,49 @@ def test_run_checks_the_interface_names_it_is_given_on_the_command_line():
         {"inside": ("lan40",), "outside": ("eth1",)}
 
 
+@pytest.mark.parametrize("argv,error", [
+    (["--gc-interval", "nan"], "--gc-interval: expected seconds, a number > 0 and <= 3600 (as gc_interval), got nan"),
+    (["--gc-interval", "inf"], "--gc-interval: expected seconds, a number > 0 and <= 3600 (as gc_interval), got inf"),
+    (["--gc-interval", "7200"], "got 7200"),
+    (["--gc-interval", "0"], "got 0"),
+    (["--socket", "ctl.sock"], "--socket: expected an absolute path, got 'ctl.sock'"),
+    (["--inside", "lan40", "--inside", "lan40"], "--inside: interface lan40 given twice"),
+])  # fmt: skip
+def test_run_checks_its_other_overrides_as_the_config_checks_the_settings(argv, error):
+    """`snatgw run --gc-interval nan` (or inf, or 7200) started a daemon: nan > 0 is false
+    but so is nan <= 0, and the config's gc_interval refuses all three; a relative --socket
+    and an interface given twice were taken too."""
+    import argparse
+
+    from snatgw.daemon.main import overrides_from, register
+    from snatgw.errors import SnatgwError
+
+    p = argparse.ArgumentParser()
+    register(p)
+    with pytest.raises(SnatgwError) as ei:
+        overrides_from(p.parse_args(["x.conf", *argv]))
+    assert error in str(ei.value)
+
+
+@pytest.mark.parametrize("over,where", [
+    ({"inside": ("eth1",)}, "interface eth1 is listed both inside (--inside) and outside (t.conf:3)"),
+    ({"inside": ("lan40",), "outside": ("lan40",)}, "interface lan40 is listed both inside (--inside) and "
+                                                    "outside (--outside)"),
+])  # fmt: skip
+def test_run_refuses_an_interface_both_inside_and_outside_through_its_flags(tmp_path, over, where):
+    """`run --inside eth1` with the file's `outside eth1` (or --inside X --outside X) started
+    with both programs on one device, which the config itself refuses."""
+    from snatgw.daemon.service import load_config
+    from snatgw.errors import SnatgwError
+
+    conf = tmp_path / "t.conf"
+    conf.write_text("snatgw {\n inside lan40\n outside eth1 eth2\n}\n" + RULE)
+    with pytest.raises(SnatgwError, match="listed both") as ei:
+        load_config(str(conf), overrides=over)
+    assert str(ei.value) == where.replace("t.conf", str(conf))
+    assert load_config(str(conf), overrides={"inside": ("lan50",)}).settings.inside == ("lan50",)
+
+
 @pytest.mark.parametrize("name", [".", "..", "eth0:1"])
 def test_an_interface_name_no_device_can_have_is_refused_with_why(name):
     """The kernel refuses `.`, `..` and names with ':' or white space (dev_valid_name); the

@@ -800,6 +800,9 @@ def read_sync_key(path: str) -> bytes:
     return key
 
 
+GC_INTERVAL_MAX = 3600  # seconds: gc_interval's bound (`snatgw run --gc-interval` too)
+
+
 def _seconds(text: str) -> float:
     """A number of seconds as written (ASCII only: float() reads '١٢' as 12.0); NaN if not one."""
     try:
@@ -851,8 +854,8 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         return s.with_timeouts(**{v.text: int(secs.text)})
     if k == "gc_interval":
         secs = _seconds(v.text)
-        if not (math.isfinite(secs) and 0 < secs <= 3600):
-            raise cur.error(v.line, k, f"expected seconds, a number > 0 and <= 3600, got {shown(v.text)}")
+        if not (math.isfinite(secs) and 0 < secs <= GC_INTERVAL_MAX):
+            raise cur.error(v.line, k, f"expected seconds, a number > 0 and <= {GC_INTERVAL_MAX}, got {shown(v.text)}")
         return replace(s, gc_interval=secs)
     if k in ("sync_interval", "sync_refresh"):
         lo, hi = SYNC_INTERVAL_RANGE if k == "sync_interval" else SYNC_REFRESH_RANGE

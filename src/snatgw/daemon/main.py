@@ -25,6 +25,7 @@ datapath's start, once that ends, without `ready`.  The logic lives in service.p
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -63,19 +64,31 @@ def overrides_from(args) -> dict:
     o: dict = {}
     if args.backend:
         o["backend"] = args.backend
-    for k in ("inside", "outside"):  # checked as the config's names are (ASCII, 1..15 characters)
+    # each checked as the config's setting is (until 1 Dec 2026 only the names' spelling and
+    # gc_interval > 0 were: --gc-interval nan or inf started a daemon whose sweeps never ran,
+    # and --inside eth1 --outside eth1 one with both programs on eth1)
+    for k in ("inside", "outside"):  # (ASCII, 1..15 characters, once each)
         if getattr(args, k):
             try:
-                o[k] = tuple(parse_oif(n) for n in getattr(args, k))
+                names = tuple(parse_oif(n) for n in getattr(args, k))
             except RuleError as e:
                 raise SnatgwError(f"--{k}: {e.message}") from None
+            twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if twice is not None:
+                raise SnatgwError(f"--{k}: interface {twice} given twice")
+            o[k] = names
     if args.pin_dir:
         o["pin_dir"] = args.pin_dir
     if args.socket:
+        if not args.socket.startswith("/"):  # control_socket's rule: the CLI and systemd (cwd /) find it
+            raise SnatgwError(f"--socket: expected an absolute path, got {args.socket!r}")
         o["control_socket"] = args.socket
     if args.gc_interval is not None:
-        if args.gc_interval <= 0:
-            raise SnatgwError(f"--gc-interval: expected a positive number of seconds, got {args.gc_interval}")
+        from ..config.parse import GC_INTERVAL_MAX
+
+        if not (math.isfinite(args.gc_interval) and 0 < args.gc_interval <= GC_INTERVAL_MAX):
+            raise SnatgwError(f"--gc-interval: expected seconds, a number > 0 and <= {GC_INTERVAL_MAX} (as "
+                              f"gc_interval), got {args.gc_interval:g}")
         o["gc_interval"] = args.gc_interval
     return o
 

@@ -65,8 +65,16 @@ def load_config(path: str | None = None, text: str | None = None, overrides: dic
         except OSError as e:
             raise SnatgwError(f"{path}: cannot read config: {e.strerror or e}") from None
     if overrides:
+        at = dict(cfg.settings.where)
         where = tuple((k, at) for k, at in cfg.settings.where if k not in overrides)  # --inside: no line
         cfg = replace(cfg, settings=replace(cfg.settings, **overrides, where=where))
+        both = [i for i in cfg.settings.outside if i in cfg.settings.inside]
+        if both:  # as the config refuses it: both programs on one device (until 1 Dec 2026 --inside took it)
+            def given(k: str) -> str:
+                return f"--{k}" if k in overrides else (at.get(k) or k)
+
+            raise SnatgwError(f"interface {both[0]} is listed both inside ({given('inside')}) and outside "
+                              f"({given('outside')})")
     return _require(cfg) if require_rules else cfg
 
 
