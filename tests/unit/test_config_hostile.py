@@ -370,3 +370,16 @@ def test_check_of_a_rules_host_limit_in_superscript_digits_is_an_error_not_a_tra
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "sup.conf:2: max_sessions_per_host: expected an integer 0..4294967295" in p.stderr
+
+
+def test_runs_help_says_what_the_fake_backend_is():
+    """`run --backend {bpf,nft,fake}` offered fake as a datapath like the others; it is the
+    tests' Python model and translates nothing on the machine."""
+    import argparse
+
+    from snatgw.daemon.main import register
+
+    p = argparse.ArgumentParser()
+    register(p)
+    (backend,) = [a for a in p._actions if a.dest == "backend"]
+    assert "fake: the Python model, for tests" in backend.help and "translated" in backend.help

@@ -48,7 +48,9 @@ DEFAULT_CONFIG = "/etc/snatgw/snatgw.conf"
 
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
-    p.add_argument("--backend", choices=("bpf", "nft", "fake"), help="datapath (default: the config's, else bpf)")
+    p.add_argument("--backend", choices=("bpf", "nft", "fake"),
+                   help="datapath (default: the config's, else bpf; fake: the Python model, for tests: no packet "
+                        "of the machine is translated)")
     p.add_argument("--inside", action="append", metavar="IF", help="inside interface (repeat; overrides config)")
     p.add_argument("--outside", action="append", metavar="IF", help="outside interface (repeat; overrides config)")
     p.add_argument("--pin-dir", metavar="DIR", help="bpffs directory for pinned maps")
