@@ -383,3 +383,24 @@ def test_runs_help_says_what_the_fake_backend_is():
     register(p)
     (backend,) = [a for a in p._actions if a.dest == "backend"]
     assert "fake: the Python model, for tests" in backend.help and "translated" in backend.help
+
+
+@pytest.mark.parametrize("argv", [
+    ["-L", SECRET],
+    ["-K", "-f", "1", "-F", "198.18.40.0/24", "-U", "198.19.2.71", "x" * 300],
+    ["-A", "-f", SECRET, "-s", "snat_sched"],
+    ["-A", "-f", "1", "-s", SECRET],
+    ["--" + "x" * 300],
+])  # fmt: skip
+def test_adm_never_echoes_an_argument_that_is_not_config_text(argv):
+    """The daemon's `adm` op answers with parse_args' error: an extra argument, -f's or -s's
+    value and an unknown long option were quoted whole (a line of /etc/shadow piped to
+    `adm -R`, a 2 MB word sent to the socket); they are described as the config's are."""
+    with pytest.raises(AdmUsageError) as ei:
+        parse_args(argv)
+    msg = str(ei.value)
+    assert "TopSecret" not in msg and "x" * 65 not in msg and "that is not config text (not shown)" in msg
+    with pytest.raises(AdmUsageError, match=r"^-f 2: only fwmark 1 is the SNAT service"):
+        parse_args(["-A", "-f", "2", "-s", "snat_sched"])
+    with pytest.raises(AdmUsageError, match=r"^unexpected argument 'extra'"):
+        parse_args(["-L", "extra"])

@@ -24,6 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 from ..errors import DaemonError, RuleError, SnatgwError
 from ..layout import MAX_RULES, Algo
 from ..rules import ANY_NET, Pool, Rule, RuleSet, parse_addr, parse_algo, parse_net, parse_oif
+from ..rules import _quoted as quoted  # config text quoted, any other word described (docs/config.md)
 
 SCHEDULER = "snat_sched"
 FWMARK = 1
@@ -119,6 +120,11 @@ MAX_ARGS = 64
 MAX_COMMANDS = 4 * MAX_RULES
 
 
+def _word(v: str) -> str:
+    """An argument as an error names it: as given when it is config text, else described."""
+    return v if quoted(v).startswith("'") else quoted(v)
+
+
 def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
     """ipvsadm argv (without the program name) -> AdmCommand, or AdmUsageError."""
     if len(argv) > MAX_ARGS:
@@ -133,10 +139,11 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
         if said is not None:  # ipvsadm's own, not a typo: what it is, and snatgw's way to do it
             raise AdmUsageError(f"{dash}{e.opt} ({said[0]}) is ipvsadm's, not snatgw's: {said[1]}") from None
         refused = _refused(dash + e.opt)  # e.g. `-p` without its (in ipvsadm optional) timeout
-        raise AdmUsageError(refused or f"{e.msg} (see snatgw adm --help)") from None
-    if rest:
+        msg = e.msg if quoted(e.opt).startswith("'") else f"option {quoted(e.opt)} not recognized"
+        raise AdmUsageError(refused or f"{msg} (see snatgw adm --help)") from None
+    if rest:  # (the daemon's answer to its `adm` op carries it: a 2 MB word or a line of /etc/shadow, described)
         hint = _stray_hint(argv, rest[0])
-        raise AdmUsageError(f"unexpected argument {rest[0]!r}{hint} (see snatgw adm --help)")
+        raise AdmUsageError(f"unexpected argument {quoted(rest[0])}{hint} (see snatgw adm --help)")
     ops = {_COMMANDS[o] for o, _ in opts if o in _COMMANDS}
     if sum(o in _COMMANDS for o, _ in opts) > 1:  # ipvsadm: -K -K is refused too
         raise AdmUsageError("multiple commands specified")
@@ -156,11 +163,11 @@ def parse_args(argv: list[str] | tuple[str, ...]) -> AdmCommand:
             given.add(o)
             if o in ("-f", "--fwmark-service"):
                 if not (v.strip().isascii() and v.strip().isdigit()) or int(v) != FWMARK:
-                    raise AdmUsageError(f"-f {v}: only fwmark 1 is the SNAT service (use -f 1)")
+                    raise AdmUsageError(f"-f {_word(v)}: only fwmark 1 is the SNAT service (use -f 1)")
                 kw["fwmark"] = FWMARK
             elif o in ("-s", "--scheduler"):
                 if v != SCHEDULER:
-                    raise AdmUsageError(f"-s {v}: the SNAT service's scheduler is {SCHEDULER}")
+                    raise AdmUsageError(f"-s {_word(v)}: the SNAT service's scheduler is {SCHEDULER}")
                 kw["scheduler"] = v
             elif o in ("-F", "--from"):
                 kw["src"] = parse_net(v, "-F/--from")
