@@ -336,9 +336,14 @@ def test_live_explain_finds_the_flows_own_session_past_the_listings_cut(tmpdir_s
     r, (addr, port) = _own_session_past_the_cut(tmpdir_short, monkeypatch)
     try:
         udp = ["explain", "--live", *ARGS, "--proto", "udp", "--socket", r.sock]
-        assert main([*udp, "-j"]) == 1  # no rule is asked: the session decides
+        assert main([*udp, "-j"]) == 0  # no rule is asked, the session translates it (exit 1 until 1 Dec 2026)
         d = json.loads(capsys.readouterr().out)
         assert (d["reason"], d["snat"]) == ("XLATE_OUT", {"addr": addr, "port": port}), d
+        assert not d["matched"] and d["session"]["nat"] == f"{addr}:{port}" and d["session"]["state"] == "UDP"
+        assert d["session"]["rule"]["where"] and d["session"]["rule_id"]  # the rule it was made under
+        assert main(udp) == 0
+        assert f"rule:      none asked: the flow's live session ({addr}:{port}, UDP) decides; made under " in \
+            capsys.readouterr().out
         assert any(n.startswith("XLATE_OUT: decided before the rules are asked: the flow has a session in the "
                                 "running table (looked up by its 5-tuple)") for n in d["notes"]), d["notes"]
         assert d["live_sessions"] == 4  # the 3 listed and the own session
@@ -362,10 +367,10 @@ def test_a_refusal_marker_is_not_met_by_a_flow_whose_session_is_past_the_cut(tmp
     try:
         r.backend.refusal_marker = lambda *a: {"reason": "DROP_PORT_EXHAUSTED", "addr": "198.19.2.72", "age_ms": 500}
         udp = ["explain", "--live", *ARGS, "--proto", "udp", "--socket", r.sock]
-        assert main([*udp, "-j"]) == 1  # no rule is asked: the session decides
+        assert main([*udp, "-j"]) == 0  # no rule is asked: the session translates it
         m = json.loads(capsys.readouterr().out)["refusal_marker"]
         assert (m["met"], m["packets"]) == (False, None)
-        assert main(udp) == 1
+        assert main(udp) == 0
         out = capsys.readouterr().out
         assert "now:" not in out and "but it has a session now, which its packets take first" in out
     finally:

@@ -17,7 +17,7 @@ FILES = (
     ("/sys/fs/bpf/snatgw", "the bpf backend's pinned maps: sessions survive a daemon restart"),
     ("/var/cache/snatgw", "compiled BPF objects (XDG_CACHE_HOME=/var/cache in the systemd unit)"),
 )
-EXIT = (("0", "success (explain: a rule matched; status: healthy)"),
+EXIT = (("0", "success (explain: a rule matched, or the flow's live session translates it; status: healthy)"),
         ("1", "explain: no rule matched; status: unhealthy (the problems are printed); import-iptables: "
               "something was not carried over; demo: a flow was not as the model predicts"),
         ("2", "bad arguments or an invalid configuration: nothing was changed"),

@@ -39,7 +39,8 @@ $SNATGW_SOCKET or CONFIG's control_socket) and runs CONFIG itself; --offline jud
 empty table whatever runs.  With that table (bpf) the
 flow's refusal marker is read too: refused less than 2 s ago, its packets are dropped now as
 DROP_REFUSED_RECENTLY whatever the judgement says, and a line after the verdict says so.
-Exit status: 0 a rule matched, 1 no rule matched, 2 bad input, 4 no daemon (--live).
+Exit status: 0 a rule matched (or the flow's live session translates it), 1 no rule matched,
+2 bad input, 4 no daemon (--live).
 """
 
 PROTOS = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP, "icmp": IPPROTO_ICMP}
@@ -118,8 +119,8 @@ def marker_of(got: dict | None, own_session: bool) -> dict | None:
             "packets": None if own_session else Reason.DROP_REFUSED_RECENTLY.name, "note": note}
 
 
-def own_session(sessions: list[dict] | None, s: "Summary") -> bool:
-    """Whether the live ``sessions`` (Session.as_dict) hold the flow of ``s`` itself."""
+def own_session(sessions: list[dict] | None, s: "Summary") -> dict | None:
+    """The flow of ``s`` itself among the live ``sessions`` (Session.as_dict), else None."""
     proto = {v: k for k, v in PROTOS.items()}.get(s.proto)
     for x in sessions or ():
         try:
@@ -128,8 +129,19 @@ def own_session(sessions: list[dict] | None, s: "Summary") -> bool:
             continue
         if x.get("proto") == proto and (src, sport, dst) == (s.src, s.sport, s.dst) and (
                 s.proto == IPPROTO_ICMP or dport == s.dport):
-            return True
-    return False
+            return x
+    return None
+
+
+def session_of(cfg, own: dict | None, reason: Reason) -> dict | None:
+    """explain's ``session``: the flow's own live session when it decides the verdict
+    (XLATE_OUT): its SNAT address and port and the rule it was made under (by rule id; null
+    when a reload has removed that rule since), else None."""
+    if own is None or reason != Reason.XLATE_OUT:
+        return None
+    rule = next((r for r in cfg.rules if r.rule_id == own.get("rule_id")), None)
+    return {"nat": own.get("nat"), "state": own.get("state"), "rule_id": own.get("rule_id"),
+            "rule": None if rule is None else {"rule": rule.describe(), "where": rule.where}}  # fmt: skip
 
 
 def flow_request(op: str, pkt: bytes) -> dict:
@@ -487,6 +499,7 @@ def explain_packet(cfg, pkt: bytes, router, ingress: str, live: list[dict] | Non
     if rule is not None and (winner is None or rule.identity != winner.identity):  # a bug, if ever
         notes.append(f"the model chose {rule.describe()!r}, unlike the rule listing above")
     translated = snat = None
+    own = own_session(live, s)
     if verdict in (Verdict.REDIRECT, Verdict.PASS_TRANSLATED):
         o = summarize(res.packet)
         translated = dict(zip(("src", "dst"), o.ends()), ttl=o.ttl)
@@ -512,7 +525,8 @@ def explain_packet(cfg, pkt: bytes, router, ingress: str, live: list[dict] | Non
                                               "spill_memo": [{"addr": a, "age_s": round(t, 3)} for a, t in memo_skips]},
         "live_sessions": None if live is None else len(live),
         "refusal": refusal_of(reason, backend or cfg.settings.backend),
-        "refusal_marker": marker_of(marker, own_session(live, s)),
+        "refusal_marker": marker_of(marker, own is not None),
+        "session": session_of(cfg, own, reason),
         "notes": notes,
     }  # fmt: skip
 
@@ -529,6 +543,11 @@ def render_text(d: dict) -> str:
     out.append("")
     if d["rule"]:
         out.append(f"rule:      {d['rule']['where']}  (snat_ip {d['rule']['snat_ip']} algo {d['rule']['algo']})")
+    elif d.get("session"):
+        made = d["session"]["rule"]
+        out.append(f"rule:      none asked: the flow's live session ({d['session']['nat']}, {d['session']['state']}) "
+                   "decides; made under " + (f"{made['where']} ({made['rule']})" if made else
+                                             f"rule id {d['session']['rule_id']}, no longer in the config"))
     else:
         out.append("rule:      none matched")
     out.append(f"verdict:   {d['verdict']} ({d['reason']})")
@@ -806,4 +825,4 @@ def run(args: argparse.Namespace) -> int:
         d["live"] = live
         d["notes"] = live_notes(live, live["socket"], live["config"]) + d["notes"]
     print(dump_json(d) if args.json else render_text(d))
-    return EXIT_OK if d["matched"] else EXIT_NO_MATCH
+    return EXIT_OK if d["matched"] or d["session"] else EXIT_NO_MATCH
