@@ -8,6 +8,7 @@ never interleave.  main.py does the I/O: sockets, signals, printing.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -108,13 +109,67 @@ def _whole(req: dict, key: str, digits: int = 5) -> int:
     """A request's whole-number field: a JSON integer or its decimal digits (at most
     ``digits``), never a boolean or a fraction (int() took ``true`` as 1, the ICMP protocol or
     rule #1 to flush, and 6.9 as 6: a lookup of another flow answered as this one's)."""
-    v = req[key]
+    v = req.get(key)
     if isinstance(v, int) and not isinstance(v, bool):
         return v
     if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= digits:
         return int(v)
-    raise AdmUsageError(f"bad request: {key}: expected a whole number, got {type(v).__name__} "
-                        + (repr(v) if isinstance(v, (bool, float)) or len(repr(v)) <= 32 else "(not shown)"))
+    raise AdmUsageError(f"bad request: {key}: expected a whole number, got "
+                        + ("nothing" if key not in req else _shown(v)))
+
+
+#: the fields each request op takes (besides ``op``); any other is refused, as a misspelt
+#: filter of a flush (``{"op": "flush", "rule": 3}``) flushed every session
+REQUEST_FIELDS = {
+    "status": (), "health": (), "reload": ("path", "text"), "rules": (), "sessions": ("filter", "limit"),
+    "session": ("host", "sport", "remote", "dport", "proto"), "spill_memos": ("remote",),
+    "refusal_marker": ("host", "sport", "remote", "dport", "proto"),
+    "stats": (), "rate": (), "flush": ("priority", "rule_id", "inside", "nat"), "zero": (),
+    "adm": ("commands", "restore"),
+}  # fmt: skip
+
+
+def _shown(v) -> str:
+    """A request value in an error: its JSON text when short, else its JSON type."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError):  # (json.loads makes none such; be sure anyway)
+        text = repr(v)
+    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(v), type(v).__name__)  # fmt: skip
+    return text if len(text) <= 40 else f"{kind} (not shown)"
+
+
+def _text(req: dict, key: str, op: str, required: bool = False) -> str | None:
+    """A request's string field (None when absent or null, unless ``required``)."""
+    v = req.get(key)
+    if v is None and not required:
+        return None
+    if not isinstance(v, str) or not v:
+        raise AdmUsageError(f"bad request: {op}: {key}: expected a non-empty string, got "
+                            + ("nothing" if key not in req else _shown(v)))
+    return v
+
+
+def check_request(req) -> str:
+    """The request's op, once its shape is right: a JSON object whose ``op`` is one of
+    REQUEST_FIELDS and whose other fields that op takes; else AdmUsageError (a bad request,
+    exit 2), before anything is read or changed."""
+    if not isinstance(req, dict):
+        raise AdmUsageError(f'bad request: expected a JSON object {{"op": ...}}, got {_shown(req)}')
+    op = req.get("op")
+    if not isinstance(op, str) or op not in REQUEST_FIELDS:
+        ops = ", ".join(REQUEST_FIELDS)
+        if "op" not in req:
+            raise AdmUsageError(f'bad request: no "op"; expected one of {ops}')
+        raise AdmUsageError(f"unknown request op {op!r}; expected one of {ops}" if isinstance(op, str) else
+                            f"bad request: op: expected a string naming the request, got {_shown(op)}")
+    extra = sorted(str(k) for k in req if k != "op" and k not in REQUEST_FIELDS[op])
+    if extra:
+        takes = ", ".join(REQUEST_FIELDS[op]) or "no other field"
+        raise AdmUsageError(f"bad request: {op}: unknown field(s) {', '.join(map(repr, extra[:5]))}"
+                            f"{' ...' if len(extra) > 5 else ''}; it takes {takes}")
+    return op
 
 
 def _flow(req: dict, op: str) -> tuple[str, int, str, int, int]:
@@ -126,8 +181,9 @@ def _flow(req: dict, op: str) -> tuple[str, int, str, int, int]:
     if missing:
         raise AdmUsageError(f"{op}: {', '.join(missing)}: missing (host, sport, remote, dport and proto name "
                             "the flow)")
+    texts = [_text(req, k, op, required=True) for k in ("host", "remote")]  # (a number is no address)
     try:
-        host, remote = (str(parse_addr(str(req[k]), k)) for k in ("host", "remote"))
+        host, remote = (str(parse_addr(t, k)) for t, k in zip(texts, ("host", "remote")))
     except SnatgwError as e:
         raise AdmUsageError(f"{op}: {e}") from None
     sport, dport, proto = (_whole(req, k) for k in ("sport", "dport", "proto"))
@@ -558,7 +614,7 @@ class Service:
             out["rule_id"] = _whole(req, "rule_id", digits=10)
         for k in ("inside", "nat"):
             if req.get(k) is not None:
-                out[k] = parse_addr(str(req[k]), k)
+                out[k] = parse_addr(_text(req, k, "flush"), k)
         return out
 
     # ------------------------------------------------------------------ control requests
@@ -589,6 +645,7 @@ class Service:
         """One control request -> one response; never raises."""
         op = req.get("op") if isinstance(req, dict) else None
         try:
+            op = check_request(req)
             if op == "status":
                 return {"ok": True, **self.status()}
             if op == "health":
@@ -597,7 +654,12 @@ class Service:
                 with self.lock:
                     return {"ok": True, **report(self)}
             if op == "reload":
-                new = self.reload(path=req.get("path"), text=req.get("text"), via="control")
+                path, text = _text(req, "path", op), req.get("text")
+                if text is not None and not isinstance(text, str):
+                    raise AdmUsageError(f"bad request: reload: text: expected a string, got {_shown(text)}")
+                if path is not None and text is not None:
+                    raise AdmUsageError("bad request: reload: give path or text, not both")
+                new = self.reload(path=path, text=text, via="control")
                 # its warnings as status keeps them: the first 10, each cut, and how many in all
                 lr = self.last_reload or {}
                 return {"ok": True, "rules": len(new.rules), "warnings": lr.get("warnings", []),
@@ -610,8 +672,10 @@ class Service:
                 # serves the other backends (and old clients), filtered and limited here, in
                 # pieces of SESSIONS_CHUNK (dispatch: a Partial per piece; handle: all at once)
                 flt = SessionFilter.from_dict(req.get("filter"))
-                limit = req.get("limit")
-                limit = MAX_SESSIONS_REPLY if limit is None else min(max(0, int(limit)), MAX_SESSIONS_REPLY)
+                limit = MAX_SESSIONS_REPLY if req.get("limit") is None else _whole(req, "limit", digits=9)
+                if limit < 0:
+                    raise AdmUsageError(f"bad request: limit: expected a whole number 0 or more, got {limit}")
+                limit = min(limit, MAX_SESSIONS_REPLY)
                 listing = _Listing(self, flt, limit)
                 first = self._guarded(op, listing.step)
                 if pieces:
@@ -620,10 +684,11 @@ class Service:
                     first = first.step()
                 return first
             if op == "spill_memos":  # explain --live: addresses found full toward a remote (bpf)
-                remote = req.get("remote")
+                remote = _text(req, "remote", op)
+                remote = None if remote is None else str(parse_addr(remote, "remote"))
                 get = getattr(self.backend, "spill_memos", None)
                 with self.lock:
-                    memos = get(str(remote) if remote is not None else None) if get else []
+                    memos = get(remote) if get else []
                 return {"ok": True, "memos": memos}
             if op == "refusal_marker":  # explain --live: the flow's refusal marker, if young (bpf)
                 host, sport, remote, dport, proto = _flow(req, op)
@@ -661,12 +726,22 @@ class Service:
                 self.log.info("zeroed")
                 return {"ok": True}
             if op == "adm":
-                cmds = req.get("commands")
+                cmds, restore = req.get("commands"), req.get("restore", False)
                 if not isinstance(cmds, list) or not all(isinstance(c, list) for c in cmds):
                     raise AdmUsageError("adm: 'commands' must be a list of argv lists")
                 if len(cmds) > MAX_COMMANDS:
                     raise AdmUsageError(f"adm: {len(cmds)} commands; a batch has at most {MAX_COMMANDS}")
-                table = self.adm(cmds, restore=bool(req.get("restore", False)))
+                odd = next((a for c in cmds for a in c if not isinstance(a, str)), "")
+                if not isinstance(odd, str):  # (adm.parse_args says only "arguments must be strings")
+                    raise AdmUsageError("bad request: adm: commands: arguments must be strings, got "
+                                        + _shown(odd))
+                if not isinstance(restore, bool):  # "no" was true: the batch replaced every rule
+                    raise AdmUsageError("bad request: adm: restore: expected true or false, got "
+                                        + _shown(restore))
+                if restore and not cmds:  # `snatgw adm -R` sends none for an empty input: -C clears
+                    raise AdmUsageError("bad request: adm: a restore of no commands would remove every rule; "
+                                        "send [\"-C\"] to clear them")
+                table = self.adm(cmds, restore=restore)
                 outside = self.config.settings.outside
                 named = (parse_args(c) for c in cmds if any(str(a).startswith("--oif") for a in c))
                 oifs = sorted({c.oif for c in named if c.oif and c.op in ("add", "edit")} - set(outside))
@@ -676,9 +751,7 @@ class Service:
                     self.log.warning("config_warning", warning=w)
                 warnings = self.backend_warnings() + warnings
                 return {"ok": True, "rules": len(table.rules), "service": table.service, "warnings": warnings}
-            raise AdmUsageError(f"unknown request op {op!r}; expected one of status, health, reload, rules, "
-                                "sessions, session, spill_memos, refusal_marker, stats, rate, flush, zero, "
-                                "adm")
+            raise AssertionError(f"op {op!r} in REQUEST_FIELDS but not handled")  # (check_request)
         except Exception as e:  # noqa: BLE001 - the daemon must survive any single request
             return self._failure(op, e)
 

@@ -7,6 +7,8 @@ and never parse text: they receive a ``GatewayConfig`` (rules already validated 
 
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -44,6 +46,15 @@ class Session:
 _PROTOS = {"tcp": 6, "udp": 17, "icmp": 1}
 
 
+def _shown(v) -> str:
+    """A request's value in an error: its JSON text when short, else its JSON type."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 40 else f"{type(v).__name__} (not shown)"
+
+
 @dataclass(frozen=True)
 class SessionFilter:
     """Which sessions a listing or a flush selects: every field given must match.  The bpf
@@ -69,18 +80,37 @@ class SessionFilter:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SessionFilter":
-        d = dict(d or {})
+        """``as_dict``'s output back; anything else is a ValueError naming the field: addresses
+        are strings, numbers JSON integers or their digits (int() took true as proto 1, 6.9 as
+        6 and the integer 3232245770 as the address 192.168.40.10)."""
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise ValueError(f"filter: expected an object of {', '.join(cls.__dataclass_fields__)}, "
+                             f"got {type(d).__name__}")
+        d = dict(d)
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown session filter field(s): {', '.join(sorted(unknown))}")
-        for k in ("inside", "remote"):
-            if d.get(k) is not None:
-                d[k] = IPv4Network(d[k], strict=False)
-        if d.get("nat") is not None:
-            d["nat"] = IPv4Address(d["nat"])
+            raise ValueError(f"unknown session filter field(s): {', '.join(sorted(map(str, unknown)))}")
+        for k in ("inside", "remote", "nat"):
+            v = d.get(k)
+            if v is None:
+                continue
+            try:
+                if not isinstance(v, str):
+                    raise ValueError
+                d[k] = IPv4Address(v.strip()) if k == "nat" else IPv4Network(v.strip(), strict=False)
+            except ValueError:
+                what = "an IPv4 address A.B.C.D" if k == "nat" else "an IPv4 network A.B.C.D[/N]"
+                raise ValueError(f"filter: {k}: expected {what}, got {_shown(v)}") from None
         for k in ("rule_id", "remote_port", "proto", "state"):
-            if d.get(k) is not None:
-                d[k] = int(d[k])
+            v = d.get(k)
+            if v is None:
+                continue
+            if isinstance(v, str) and v.isascii() and v.isdigit() and len(v) <= 10:
+                v = d[k] = int(v)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 32:
+                raise ValueError(f"filter: {k}: expected a whole number 0..4294967295, got {_shown(v)}")
         return cls(**d)
 
     def match(self, s: "Session") -> bool:
