@@ -11,10 +11,13 @@ is answered on the loop itself, so it answers even while a long reload runs.  A 
 answer a loop.Partial (a `sessions` listing of up to 100,000): each further piece is queued
 behind the requests waiting then, so other clients are answered between its pieces.  Bounds: a
 request line of at most MAX_REQUEST bytes, MAX_BUFFERED bytes over all connections,
-MAX_CLIENTS connections (accepting pauses beyond), IDLE_TIMEOUT seconds without progress
-closes a connection.  When accept() fails for lack of file descriptors (EMFILE at the unit's
-LimitNOFILE) the listener is paused for ACCEPT_PAUSE seconds instead of spinning on a socket
-that stays readable.
+MAX_CLIENTS connections (beyond, the longest-silent client not waiting for an answer is closed
+for a newcomer, else accepting pauses), IDLE_TIMEOUT seconds without progress
+closes a connection, and at most MAX_LISTINGS long answers (a listing of more than one piece)
+are being built or wait to be written at once: another is answered EBUSY (twenty clients that
+asked for 100,000 sessions each and read nothing held 1.3 GB).  When accept() fails for lack
+of file descriptors (EMFILE at the unit's LimitNOFILE) the listener is paused for ACCEPT_PAUSE
+seconds instead of spinning on a socket that stays readable.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ MAX_REQUEST = 2 * MAX_CONFIG_BYTES + 65536  # bytes of one request line (a reloa
 MAX_BUFFERED = 2 * MAX_REQUEST  # bytes of unanswered requests over all connections
 MAX_CLIENTS = 256
 BACKLOG = 128
+MAX_LISTINGS = 2  # long answers (Partial) being built or written at once; ~120 MB each at 100,000 sessions
 IDLE_TIMEOUT = 10.0  # seconds a client may stay silent (or not read its answer)
 ACCEPT_PAUSE = 0.5  # seconds the listener rests after EMFILE/ENFILE
 INLINE_OPS = ("status",)  # answered on the loop thread, never queued behind a long job
@@ -143,7 +147,7 @@ def _error(msg: str, code: str = "EINVAL", exit_code: int = 2) -> dict:
 
 
 class _Conn:
-    __slots__ = ("sock", "rbuf", "wbuf", "last", "busy", "close_after")
+    __slots__ = ("sock", "rbuf", "wbuf", "last", "busy", "close_after", "long")
 
     def __init__(self, sock: socket.socket, now: float):
         self.sock = sock
@@ -152,6 +156,7 @@ class _Conn:
         self.last = now
         self.busy = False  # a request of this connection is with the worker
         self.close_after = False  # close once wbuf is written
+        self.long = False  # its answer is a long one (Partial), being built or written: MAX_LISTINGS
 
 
 class ControlServer:
@@ -202,8 +207,9 @@ class ControlServer:
         self._paused = False  # resting after EMFILE: only the timer resumes
         self._own_thread: threading.Thread | None = None
         self._idle_timer = None
+        self.longs = 0  # connections whose long answer is being built or written
         self.counters = {"accepted": 0, "answered": 0, "busy": 0, "timeouts": 0, "too_large": 0,
-                         "accept_paused": 0}  # fmt: skip
+                         "accept_paused": 0, "long_busy": 0, "evicted": 0}  # fmt: skip
         self._last_pause_log = 0.0
 
     # ------------------------------------------------------------------ wiring
@@ -229,7 +235,7 @@ class ControlServer:
     # ------------------------------------------------------------------ accept
     def _accept(self) -> None:
         for _ in range(64):  # a bounded batch per wake-up; the loop comes back if more wait
-            if len(self.conns) >= MAX_CLIENTS:
+            if len(self.conns) >= MAX_CLIENTS and not self._evict():
                 self._listen(False)  # resumed by _close when a client leaves
                 return
             try:
@@ -248,6 +254,18 @@ class ControlServer:
             self.conns[s.fileno()] = c
             self.counters["accepted"] += 1
             self.loop.add_reader(s, lambda c=c: self._read(c))
+
+    def _evict(self) -> bool:
+        """At MAX_CLIENTS: close the longest-silent client whose request is not with the worker
+        (as the metrics listener does), so a newcomer is served; 300 clients that connected and
+        sent nothing held every other one off for IDLE_TIMEOUT.  False: every client waits for
+        an answer (accepting pauses until one leaves)."""
+        idle = [c for c in self.conns.values() if not c.busy]
+        if not idle:
+            return False
+        self.counters["evicted"] += 1
+        self._close(min(idle, key=lambda c: c.last))
+        return True
 
     def _pause(self, e: OSError) -> None:
         """No fd for accept(): rest the listener (the pending connection stays in the backlog)
@@ -363,6 +381,17 @@ class ControlServer:
             return _error(f"internal error: {e!r}", "ERROR", 4)
 
     def _done(self, c: _Conn, resp, err) -> None:
+        if err is None and isinstance(resp, Partial) and not c.long and c.sock.fileno() >= 0:
+            if self.longs >= MAX_LISTINGS:  # its first piece: the answer would be long, and others are
+                resp.close()
+                c.busy = False
+                self.counters["long_busy"] += 1
+                self._answer(c, _error(f"the daemon is busy ({self.longs} long answers, e.g. session "
+                                       "listings, are being built or sent); retry", "EBUSY", 4))
+                self._resume(c)
+                return
+            c.long = True
+            self.longs += 1
         if err is None and isinstance(resp, Partial):  # a long answer: its next piece, behind the others
             if c.sock.fileno() >= 0 and self.worker.submit(
                     lambda p=resp: self._safe(lambda _r: p.step(), None),
@@ -370,11 +399,13 @@ class ControlServer:
                 return
             resp.close()  # the client left, or the daemon stops
             c.busy = False
+            self._unlong(c)
             return
         c.busy = False
         if err is not None:
             resp = _error(f"internal error: {err!r}", "ERROR", 4)
         if c.sock.fileno() < 0:
+            self._unlong(c)
             return  # the client left meanwhile
         c.last = self.loop.clock()
         self._answer(c, resp)
@@ -411,10 +442,17 @@ class ControlServer:
             self._close(c)
             return False
         self.loop.remove_writer(c.sock)
+        self._unlong(c)
         if c.close_after:
             self._close(c)
             return False
         return True
+
+    def _unlong(self, c: _Conn) -> None:
+        """``c``'s long answer is written (or will never be): it no longer counts."""
+        if c.long and not c.busy and not c.wbuf:
+            c.long = False
+            self.longs -= 1
 
     def _writable(self, c: _Conn) -> None:
         if self._write(c):
@@ -436,6 +474,8 @@ class ControlServer:
             c.sock.close()
         self.buffered -= len(c.rbuf)
         c.rbuf.clear()
+        c.wbuf.clear()  # its answer, owed to no one now
+        self._unlong(c)
         if not self.accepting and not self._paused and not self._closed() and len(self.conns) < MAX_CLIENTS:
             self._listen(True)
 
