@@ -10,12 +10,15 @@ N-th call of that operation (1-based).
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import replace
 from typing import Callable, Iterable
 
 from ..errors import BackendError
 from ..layout import MAX_REFUSED, REFUSED_SECS
 from .backend import RuleCounters, Stats, pressure_summary
+
+APPLIED_KEPT = 16  # configs FakeBackend.applied keeps (the last ones)
 
 
 def parse_chaos(spec: str | Iterable[str] | None) -> dict[str, int]:
@@ -43,7 +46,9 @@ class FakeBackend:
         self.calls: dict[str, int] = {}
         self.engine = None
         self.config = None
-        self.applied: list = []  # every config successfully applied, in order (tests inspect it)
+        # the configs applied last, in order (tests inspect it); bounded: a daemon on the fake backend
+        # grew 6.8 KB a reload, each config kept for good
+        self.applied: deque = deque(maxlen=APPLIED_KEPT)
         self.stopped: bool | None = None  # None: running; else the keep_state it stopped with
         self._forgotten: list[dict] = []  # refusal markers an apply forgot, for the next refusals()
 
