@@ -232,10 +232,12 @@ VALID = {
     "sessions": {"filter": {"inside": "198.18.40.0/24", "proto": 17}, "limit": 10},
     "spill_memos": {"remote": "203.0.113.10"},
     "refusal_marker": {"host": "198.18.40.10", "sport": 40000, "remote": "203.0.113.10", "dport": 80, "proto": 6},
+    "session": {"host": "198.18.40.10", "sport": 40000, "remote": "203.0.113.10", "dport": 80, "proto": 6},
     "flush": {"priority": 1, "rule_id": None, "inside": "198.18.40.99", "nat": "198.19.2.71"},
     "adm": {"commands": [["-Z"]], "restore": False},
 }
 NO_FIELDS = ("status", "health", "rules", "stats", "rate", "zero")
+FLOW_OPS = ("refusal_marker", "session")  # all five fields required
 FILTER_FIELDS = ("inside", "remote", "nat", "rule_id", "remote_port", "proto", "state")
 
 
@@ -265,7 +267,7 @@ def _wrong(rng, op: str, field: str):
     while True:
         v = _junk(rng)
         if field in ("path", "remote", "host", "inside", "nat"):
-            if v is None and not (op == "refusal_marker" and rng.random() < 0.5):
+            if v is None and not (op in FLOW_OPS and rng.random() < 0.5):
                 continue  # null: absent (optional fields)
             if isinstance(v, str) and (field == "path" and v != "" or
                                        field != "path" and v.strip() and v.strip()[0].isdigit() and
@@ -277,7 +279,7 @@ def _wrong(rng, op: str, field: str):
                 continue
             return v
         if field in ("sport", "dport", "proto", "priority", "rule_id", "limit"):
-            if v is None and op != "refusal_marker":
+            if v is None and op not in FLOW_OPS:
                 continue
             if isinstance(v, int) and not isinstance(v, bool) and not (field == "limit" and v < 0):
                 continue
@@ -322,11 +324,9 @@ def hostile_request(rng):
     for f, v in VALID[op].items():
         if v is not None and f != field and not (op == "flush" and f in ("priority", "rule_id")):
             req[f] = v
-    if op == "refusal_marker" and rng.random() < 0.2:
+    if op in FLOW_OPS and rng.random() < 0.2:
         return req, field  # missing
     req[field] = _wrong(rng, op, field)
-    if op == "refusal_marker" and req[field] is None:
-        return req, field
     return req, field
 
 

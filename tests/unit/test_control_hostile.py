@@ -340,7 +340,9 @@ def test_malformed_requests_of_every_op_are_refused_by_name_and_change_nothing(t
     ({"op": "sessions", "filter": [["proto", 6]]}, "bad request: filter: expected an object of rule_id, inside"),
     ({"op": "sessions", "filter": {"inside": 3232245770}}, "bad request: filter: inside: expected an IPv4 network"),
     ({"op": "refusal_marker", "sport": 1, "dport": 2, "proto": 6, "remote": "203.0.113.10"},
-     "bad request: refusal_marker: host: expected a non-empty string, got nothing"),
+     "refusal_marker: host: missing"),
+    ({"op": "session", "host": 3232245770, "sport": 1, "dport": 2, "proto": 6, "remote": "203.0.113.10"},
+     "bad request: session: host: expected a non-empty string, got 3232245770"),
     ({"op": ["status"]}, 'bad request: op: expected a string naming the request, got ["status"]'),
     (["status"], 'bad request: expected a JSON object {"op": ...}, got ["status"]'),
 ])  # fmt: skip
