@@ -404,3 +404,17 @@ def test_adm_never_echoes_an_argument_that_is_not_config_text(argv):
         parse_args(["-A", "-f", "2", "-s", "snat_sched"])
     with pytest.raises(AdmUsageError, match=r"^unexpected argument 'extra'"):
         parse_args(["-L", "extra"])
+
+
+@pytest.mark.parametrize("text,line,field", [
+    ("snatgw }\n" + RULE, 1, "snatgw"),
+    ("virtual_server fwmark 1 }\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n", 1, "virtual_server"),
+    (RULE + "link isp1 }\n", 4, "link"),
+    ("virtual_server fwmark 1 {\n snat_rule }\n", 2, "snat_rule"),
+])  # fmt: skip
+def test_a_brace_where_the_block_should_open_is_named(text, line, field):
+    """`link isp1 }` (a '{' typed as '}') said "got a word of 1 characters that is not config
+    text (not shown)": a brace is config text."""
+    e = err(text)
+    assert e.where == f"t.conf:{line}" and e.field == field
+    assert e.message == "expected '{' to open the block, got '}'"

@@ -116,7 +116,7 @@ def shown(text: str) -> str:
     """``text`` quoted when it is printable config text, else a description of it.  Config
     text but for a non-ASCII character (a look-alike letter: 'nfт'): quoted with it escaped,
     and named."""
-    if _SHOWABLE.match(text):
+    if _SHOWABLE.match(text) or text in ("{", "}"):  # a brace is a token of its own: `link isp1 }`
         return repr(text)
     if len(text) <= 64 and text.isprintable() and _SHOWABLE.match(
             "".join(c if ord(c) < 128 else "x" for c in text)):
