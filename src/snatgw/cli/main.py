@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from ..errors import SnatgwError
+from ..errors import EXIT_DAEMON, SnatgwError
 
 TYPE_CHECKING = False  # typing's, without importing typing (~15 ms): `snatgw run` takes its signals first
 if TYPE_CHECKING:
@@ -65,8 +65,30 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: what reading an answer of unexpected form raises (a field missing, a string for a list)
+_ANSWER_ERRORS = (KeyError, TypeError, AttributeError, ValueError, IndexError)
+
+
+def unreadable_answer(verb: str, e: Exception) -> int | None:
+    """When a daemon answered this command and reading its answer failed: one line naming the
+    socket and what was wrong, exit 4 (the daemon's answer was not usable), instead of a
+    traceback; None when no daemon answered (the error is ours: raised as it is)."""
+    from ..daemon.control import ANSWERED
+
+    if not ANSWERED:
+        return None
+    what = f"{type(e).__name__}: {e}"[:200]
+    print(f"snatgw {verb}: the daemon on {ANSWERED[-1]} answered in a form this snatgw cannot read ({what}): "
+          "another snatgw version's (one running on since an upgrade: restart it), or no snatgw daemon",
+          file=sys.stderr)
+    return EXIT_DAEMON
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    control = sys.modules.get("snatgw.daemon.control")  # (not imported here: `run` takes its signals first)
+    if control is not None:
+        control.ANSWERED.clear()  # this command's answers only (tests call main() again and again)
     if argv and argv[0] in ("run", "demo"):  # before their imports (~0.15 s): a SIGTERM then is handled
         from ..daemon import startsignals
 
@@ -83,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # as below: the reader closed the pipe; silence the exit flush
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
+        except _ANSWER_ERRORS as e:
+            rc = unreadable_answer("adm", e)
+            if rc is None:
+                raise
+            return rc
     parser = build_parser(argv[0] if argv and argv[0] in VERBS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -99,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         # output piped into `head` and closed: not an error of ours; silence the flush at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except _ANSWER_ERRORS as e:
+        rc = unreadable_answer(args.verb, e)
+        if rc is None:
+            raise
+        return rc
 
 
 if __name__ == "__main__":

@@ -92,9 +92,20 @@ def request(path: str, req: dict, timeout: float = 30.0) -> dict:
     if not buf:
         raise DaemonError(f"the daemon on {path} closed the connection without an answer")
     try:
-        return json.loads(buf)
+        resp = json.loads(buf)
     except ValueError:
         raise DaemonError(f"the daemon on {path} answered something that is not JSON") from None
+    if not isinstance(resp, dict):
+        raise DaemonError(f"the daemon on {path} answered something that is not a JSON object")
+    ANSWERED.append(path)
+    return resp
+
+
+#: the sockets whose daemon answered in this process (most recent last): a CLI verb that then
+#: fails reading the answer (a field missing or of another type: a daemon of another snatgw
+#: version, running on after an upgrade until its restart) says so instead of a traceback
+#: (cli.main.unreadable_answer)
+ANSWERED: list[str] = []
 
 
 def _live(path: str) -> str | None:
