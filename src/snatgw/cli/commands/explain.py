@@ -333,12 +333,31 @@ def ip_route_get(dst: IPv4Address, src: IPv4Address | None, iif: str | None) -> 
         return None, f"{' '.join(cmd)}: unreadable output {p.stdout[:80]!r}"
 
 
+#: SIOCGIFMTU, and struct ifreq's size (a name of 16 bytes, then a union of 24)
+_SIOCGIFMTU, _IFREQ = 0x8921, struct.Struct("16si20x")
+
+
 def dev_mtu(dev: str | None) -> int:
+    """``dev``'s MTU in this network namespace (an ioctl on a socket, which belongs to it), 1500
+    when there is none: /sys/class/net is the mount namespace's sysfs, which is the host's under
+    `nsenter --net` (the way explain's note tells to run it), so it gave the host's device of the
+    same name's MTU, or none."""
+    import fcntl
+
     try:
-        with open(f"/sys/class/net/{dev}/mtu") as f:
-            return int(f.read())
-    except (OSError, ValueError, TypeError):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            return _IFREQ.unpack(fcntl.ioctl(s, _SIOCGIFMTU, _IFREQ.pack(dev.encode(), 0)))[1]
+    except (OSError, AttributeError, ValueError, struct.error):
         return 1500
+
+
+def dev_exists(dev: str) -> bool:
+    """Whether this network namespace has a device ``dev`` (not /sys/class/net: see dev_mtu)."""
+    try:
+        socket.if_nametoindex(dev)
+        return True
+    except OSError:
+        return False
 
 
 @dataclass
@@ -359,7 +378,7 @@ class KernelRouter:
         return self.cache[key]
 
     def _lookup(self, dst: IPv4Address, src):
-        iifs = [i for i in self.inside if os.path.exists(f"/sys/class/net/{i}")][:1]
+        iifs = [i for i in self.inside if dev_exists(i)][:1]
         tries = [(src, i) for i in iifs] + [(src, None)] if src is not None else []
         errors = []
         for s, iif in tries + [(None, None)]:
