@@ -224,6 +224,9 @@ class Pool:
         if not text:
             raise RuleError("empty pool: expected A or A-B", "snat_ip", where)
         lo, sep, hi = text.partition("-")
+        if sep and not (lo.strip() and hi.strip()):  # `192.0.2.1-`: "expected an IPv4 address, got ''" said less
+            raise RuleError(f"expected A or A-B, got {_quoted(text)}: an address is missing on one side of "
+                            "'-'", "snat_ip", where)
         first = parse_addr(lo, "snat_ip", where)
         last = parse_addr(hi, "snat_ip", where) if sep else first
         if int(last) < int(first):

@@ -282,3 +282,15 @@ def test_a_pool_wider_than_an_inside_net_is_warned_and_many_rules_stay_cheap(tmp
                     for i in range(20000))
     cfg = parse_text("virtual_server fwmark 1 {\n" + rules + "}\n", "m.conf", [])
     assert pool_overlap_warnings(cfg) == []
+
+
+def test_a_one_port_range_is_warned_of(tmp_path, capsys):
+    """`port_range 5000` (read as "from 5000") is the range 5000-5000: valid, and now said."""
+    f = write(tmp_path, "snatgw {\n inside lan40\n outside eth1\n port_range 5000\n}\n"
+              "virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71 }\n}\n")
+    assert main(["check", f, "-j"]) == 0
+    w = json.loads(capsys.readouterr().out)["warnings"]
+    assert [x for x in w if "port_range" in x] == [
+        f"{f}:4: port_range: 5000 is one port: a SNAT address then has one port for each remote address and "
+        "port, so a second flow toward the same server needs another address of the pool or is refused (write "
+        "MIN-MAX for a range, e.g. 5000-65535)"]

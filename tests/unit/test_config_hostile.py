@@ -418,3 +418,20 @@ def test_a_brace_where_the_block_should_open_is_named(text, line, field):
     e = err(text)
     assert e.where == f"t.conf:{line}" and e.field == field
     assert e.message == "expected '{' to open the block, got '}'"
+
+
+@pytest.mark.parametrize("text,field,value", [
+    ("snatgw {\n port_range 5000-\n}\n" + RULE, "port_range", "'5000-'"),
+    ("snatgw {\n port_range -6000\n}\n" + RULE, "port_range", "'-6000'"),
+    ("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip 198.19.2.71- }\n}\n", "snat_ip",
+     "'198.19.2.71-'"),
+    ("virtual_server fwmark 1 {\n snat_rule { from 198.18.40.0/24 snat_ip -198.19.2.71 }\n}\n", "snat_ip",
+     "'-198.19.2.71'"),
+])  # fmt: skip
+def test_a_range_with_a_side_missing_is_named_whole(text, field, value):
+    """`port_range 5000-` said "got a word of 0 characters that is not config text (not shown)",
+    and `snat_ip 198.19.2.71-` "got ''": the value as written, and what is missing."""
+    e = err(text)
+    assert e.where == "t.conf:2" and e.field == field
+    assert f"got {value}: " in e.message and "missing on one side of '-'" in e.message
+    assert P.shown("") == "nothing"

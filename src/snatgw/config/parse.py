@@ -118,6 +118,8 @@ def shown(text: str) -> str:
     and named."""
     if _SHOWABLE.match(text) or text in ("{", "}"):  # a brace is a token of its own: `link isp1 }`
         return repr(text)
+    if not text:  # (not "a word of 0 characters that is not config text")
+        return "nothing"
     if len(text) <= 64 and text.isprintable() and _SHOWABLE.match(
             "".join(c if ord(c) < 128 else "x" for c in text)):
         return f"{ascii(text)} ({non_ascii_named(text)}: a look-alike letter?)"
@@ -817,6 +819,9 @@ def _apply_setting(cur: _Cursor, s: Settings, t: Token, args: list[Token]) -> Se
         return replace(s, **{k: _ifaces(cur, t, args)})
     if k == "port_range":
         lo, sep, hi = v.text.partition("-")
+        if sep and not (lo and hi):  # `5000-`: its empty side was "a word of 0 characters"
+            raise cur.error(v.line, k, f"expected MIN-MAX or one port N, got {shown(v.text)}: a number is missing "
+                                       "on one side of '-'")
         a = _int(cur, t, Token(lo, v.line), 1, 65535)
         b = _int(cur, t, Token(hi, v.line), 1, 65535) if sep else a
         if b < a:

@@ -179,6 +179,10 @@ def pressure_setting_warnings(cfg: GatewayConfig) -> list[str]:
     REQ-2, given up when that address is full toward a server; the default for sh is drop)."""
     s = cfg.settings
     out = []
+    if s.port_min == s.port_max:  # `port_range 5000` read as "from 5000": one port, not a range
+        out.append(f"{setting_at(cfg, 'port_range')}: port_range: {s.port_min} is one port: a SNAT address then has one "
+                   "port for each remote address and port, so a second flow toward the same server needs another "
+                   f"address of the pool or is refused (write MIN-MAX for a range, e.g. {s.port_min}-65535)")
     limits = {r.where: rule_host_limit(r, s) for r in cfg.rules.defined}
     if s.refuse_icmp and not any(limits.values()):
         out.append(f"{setting_at(cfg, 'refuse_icmp')}: refuse_icmp: yes does nothing: it answers a flow refused by "
