@@ -72,6 +72,15 @@ def test_conns_bad_filter_is_a_clear_error(running, capsys):
         assert msg in capsys.readouterr().err
 
 
+def test_an_empty_address_filter_is_an_error_not_every_session(running, capsys):
+    """`conns --inside "$HOST"` with HOST unset listed every session, as if no filter were given."""
+    running.syn(), running.udp()
+    for opt, what in (("--inside", "address or net"), ("--nat", "address"), ("--remote", "address or net")):
+        assert cli(["conns", "--socket", running.sock, opt, ""]) == 2
+        cap = capsys.readouterr()
+        assert cap.err == f"snatgw conns: {opt}: expected an {what}, got nothing\n" and cap.out == ""
+
+
 def test_stats_json_counts_per_rule_with_its_text_and_per_reason(running, capsys):
     """stats --json: packets/bytes/sessions (made) and live per rule in priority order, reasons
     by Reason name."""

@@ -112,6 +112,9 @@ def filter_of(args, rules: list[dict]) -> SessionFilter:
             except KeyError:
                 raise BadFilter(f"--state: expected one of {', '.join(s.name for s in CtState)}, "
                                 f"got {args.state!r}") from None  # fmt: skip
+        for opt in ("inside", "nat", "remote"):  # `--inside ""` (an unset shell variable) listed every session
+            if getattr(args, opt, None) == "":
+                raise BadFilter(f"--{opt}: expected an address{' or net' if opt != 'nat' else ''}, got nothing")
         if args.rport is not None and not 0 <= args.rport <= 65535:
             raise BadFilter(f"--rport: expected a port 0-65535, got {args.rport}")
         return SessionFilter(
