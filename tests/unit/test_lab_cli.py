@@ -22,6 +22,13 @@ NOLAB = "op18-no-such-lab"
     (["lab", "exec", "--name", NOLAB, "gw", "--", "ip", "-br", "a"], f"no lab named '{NOLAB}' is up"),
     (["lab", "exec", "--name", NOLAB, "gw"], "exec: no command to run in gw"),
     (["lab", "exec", "--name", NOLAB, "gw", "--"], "exec: no command to run in gw"),
+    # the other verbs check --name as up does: `status --name ../x` read /run/snatgw/x.json and
+    # answered "no lab named '../x' is up; `snatgw lab up --name ../x`" (which up refuses);
+    # `status --name ''` listed every lab
+    (["lab", "status", "--name", "../x"], "--name: expected 1..32 of [A-Za-z0-9_.-], got '../x'"),
+    (["lab", "status", "--name", ""], "--name: expected 1..32 of [A-Za-z0-9_.-], got ''"),
+    (["lab", "down", "--name", "a/b"], "--name: expected 1..32 of [A-Za-z0-9_.-], got 'a/b'"),
+    (["lab", "exec", "--name", "../../etc/x", "gw", "true"], "--name: expected 1..32"),
 ])  # fmt: skip
 def test_lab_argument_errors_exit_2_saying_what(argv, needle, capsys):
     assert main(argv) == 2

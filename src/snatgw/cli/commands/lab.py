@@ -45,6 +45,7 @@ def register(p) -> None:
 
 
 def _need(name: str) -> Lab:
+    Lab.check_args(name, None)  # (`--name ../x` read /run/snatgw/x.json and offered `lab up --name ../x`)
     lab = Lab.load(name)
     if lab is None or not lab.exists():
         raise NoSuchLab(f"no lab named {name!r} is up; `snatgw lab up --name {name}`")
@@ -89,6 +90,7 @@ def run(args) -> int:
             print("removed: " + (" ".join(done) if done else "nothing (no lab was up)"))
             return 0
         name = args.name or "default"
+        Lab.check_args(name, None)
         lab = Lab.load(name)
         if lab is None:
             raise NoSuchLab(f"no lab named {name!r}" + _down_hint())
@@ -97,7 +99,7 @@ def run(args) -> int:
         return 0
     if args.lab_verb == "status":
         unreadable: list[str] = []
-        labs = [_need(args.name)] if args.name else list_labs(unreadable)
+        labs = [_need(args.name)] if args.name is not None else list_labs(unreadable)
         for path in unreadable:
             print(f"snatgw: {path}: unreadable lab state, left out (`snatgw lab down --all` removes it)",
                   file=sys.stderr)
