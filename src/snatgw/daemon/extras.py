@@ -12,6 +12,8 @@ a scrape ``worker.submit(metrics.scrape)``.
 
 from __future__ import annotations
 
+import threading
+
 import os
 
 from ..config.parse import parse_listen
@@ -61,7 +63,21 @@ class Extras:
             self.netlink = None
         self.refresh()
         # a reload (SIGHUP or control op, on the worker) may change links or metrics_listen
-        self.service.on_reload = lambda: self.loop.call_soon_threadsafe(self.refresh)
+        self.service.on_reload = self._refresh_soon
+
+    def _refresh_soon(self) -> threading.Event:
+        """refresh() on the loop; the event is set once it ran (the reload's answer waits for it
+        a moment, so a metrics_listen that cannot listen is in the answer, not only the log)."""
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.refresh()
+            finally:
+                done.set()
+
+        self.loop.call_soon_threadsafe(run)
+        return done
 
     def refresh(self) -> None:
         cfg = self.service.config

@@ -43,6 +43,8 @@ REFUSAL_LOG_LINES = 50  # at most this many such lines per interval, then one su
 #: RELOAD_WARNING_CHARS (nft's warning of changed host limits names every rule changed)
 RELOAD_WARNINGS_KEPT = 10
 RELOAD_WARNING_CHARS = 1000
+#: seconds the reload op's answer waits for the listeners' refresh on the daemon's loop
+REFRESH_WAIT = 3.0
 
 
 def load_config(path: str | None = None, text: str | None = None, overrides: dict | None = None,
@@ -232,7 +234,10 @@ class Service:
         self.sync = None  # the session sync (daemon/sync.py) while sync_peer is set
         self.sync_error: str | None = None  # why the sync configured could not start
         self.metrics_error: str | None = None  # why metrics_listen could not listen (daemon.extras)
-        self.on_reload: Callable[[], None] | None = None  # called after each successful reload
+        # called after each successful reload: schedules the listeners' refresh, and returns
+        # an Event set once it ran (the control op's answer waits for it, REFRESH_WAIT at most)
+        self.on_reload: Callable[[], threading.Event | None] | None = None
+        self.refreshed: threading.Event | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -368,8 +373,7 @@ class Service:
             # the reload's answer: what it did not do first, then what the backend's apply warns
             # of (nft: a host limit counted afresh), then the config's warnings
             self.warnings = ignored + self.backend_warnings() + self.warnings
-            if self.on_reload is not None:
-                self.on_reload()
+            self.refreshed = self.on_reload() if self.on_reload is not None else None
             self.last_reload = self.reload_record(via, what, None, self.warnings)
             return new
 
@@ -662,8 +666,16 @@ class Service:
                 new = self.reload(path=path, text=text, via="control")
                 # its warnings as status keeps them: the first 10, each cut, and how many in all
                 lr = self.last_reload or {}
-                return {"ok": True, "rules": len(new.rules), "warnings": lr.get("warnings", []),
-                        "warnings_total": lr.get("warnings_total", 0)}
+                warnings, total = list(lr.get("warnings", [])), lr.get("warnings_total", 0)
+                # the daemon's listeners follow the reload on its loop (daemon.extras): wait for
+                # them a moment (the lock is free) and say a metrics_listen that could not listen,
+                # which the answer never said ("reloaded", exit 0; only the log and status knew)
+                done, listen = getattr(self, "refreshed", None), new.settings.metrics_listen
+                if done is not None and done.wait(REFRESH_WAIT) and listen and self.metrics_error:
+                    warnings.append(f"metrics_listen {listen}: not listening: {self.metrics_error}; the daemon runs "
+                                    "on without it, a problem in `snatgw status` until a reload gets it")
+                    total += 1
+                return {"ok": True, "rules": len(new.rules), "warnings": warnings, "warnings_total": total}
             if op == "rules":
                 with self.lock:
                     return {"ok": True, **self.rules()}
