@@ -257,6 +257,11 @@ PORT_STRIDES = (
 )
 MAX_RULES = 16384  # rule slots in the BPF rules array
 MAX_SESSIONS = 262144  # default session table size (each session = 2 map entries)
+#: the largest max_sessions the bpf backend can make: a kernel hash map has at most
+#: U32_MAX / 16 bytes of buckets, 2^27 of them (a power of two), and the session table holds
+#: 2 entries a session (so does the mapping table); above it the map's creation fails (E2BIG,
+#: or EINVAL once 2 x max_sessions no longer fits in 32 bits)
+MAX_BPF_SESSIONS = 1 << 26
 MAX_FRAGS = 8192  # remembered first fragments
 MAX_IFACES = 64  # entries of the interface-role map
 MAX_HOSTS = 65536  # entries of snat_host_sess (inside hosts with live sessions)

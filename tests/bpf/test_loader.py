@@ -603,3 +603,20 @@ def test_the_documented_netns_command_gives_both(capsys):
     purge._say_unseen_pins("/tmp")  # (no bpffs there)
     assert 'docs/operations.md "In a network namespace"' in capsys.readouterr().err
 
+
+
+def test_a_max_sessions_past_the_kernels_hash_map_limit_is_refused_by_name(pin_dir, mini_obj, monkeypatch):
+    """max_sessions 2,000,000,000 failed the start with libbpf's "bpf_object__load: EINVAL" (2 x
+    max_sessions wrapped in 32 bits), 134,217,728 with "E2BIG": now the loader names the limit
+    before libbpf runs.  The limit is the kernel's: one session past it, let through, meets E2BIG
+    (the bucket array's size check comes before any allocation)."""
+    from snatgw.datapath.bpf.libbpf import LibbpfError
+
+    over = L.MAX_BPF_SESSIONS + 1
+    with pytest.raises(BackendError, match="max_sessions 67,108,865: the bpf backend's session table holds at "
+                                           "most 67,108,864"):
+        Loader(pin_dir, over, mini_obj).load()
+    assert not os.listdir(pin_dir) if os.path.isdir(pin_dir) else True
+    monkeypatch.setattr(L, "MAX_BPF_SESSIONS", 1 << 27)
+    with pytest.raises(LibbpfError, match="E2BIG"):
+        Loader(pin_dir, over, mini_obj).load()

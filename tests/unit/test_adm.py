@@ -288,6 +288,17 @@ def test_restore_skips_comments_and_names_the_bad_line():
         parse_restore("-L -n\n")
 
 
+def test_a_restore_longer_than_one_batch_names_its_line():
+    """The daemon refused such a batch as "adm: N commands", printed "snatgw adm: adm: ..."
+    after the whole input was read and sent; now the line that is one too many is named."""
+    from snatgw.config.adm import MAX_COMMANDS
+
+    line = "-K -f 1 -F 198.18.0.0/16 -U 198.19.2.1\n"
+    assert len(parse_restore(line * MAX_COMMANDS)) == MAX_COMMANDS
+    with pytest.raises(AdmUsageError, match=f"line {MAX_COMMANDS + 2}: command {MAX_COMMANDS + 1}; a restore"):
+        parse_restore("# saved\n" + line * (MAX_COMMANDS + 1))
+
+
 # ---------------------------------------------------------------- save -> restore round trip
 
 _octet = st.integers(0, 255)

@@ -294,3 +294,28 @@ def test_a_one_port_range_is_warned_of(tmp_path, capsys):
         f"{f}:4: port_range: 5000 is one port: a SNAT address then has one port for each remote address and "
         "port, so a second flow toward the same server needs another address of the pool or is refused (write "
         "MIN-MAX for a range, e.g. 5000-65535)"]
+
+
+def test_a_bpf_table_larger_than_the_machine_is_warned_of(tmp_path, capsys):
+    """`max_sessions 2000000000` (a typo's extra zeros) passed check in silence; with bpf its
+    maps are preallocated at start. Measured against this machine's MemTotal; nft allocates
+    as sessions come, so it is not warned."""
+    from snatgw.cli.commands.check import mem_total, table_memory_warnings
+    from snatgw.config.parse import parse_text
+
+    text = ("snatgw {{\n inside lan40\n outside eth1\n max_sessions {n}\n backend {b}\n}}\n"
+            "virtual_server fwmark 1 {{\n snat_rule {{ from 198.18.40.0/24 snat_ip 198.19.2.71 }}\n}}\n")
+    big = parse_text(text.format(n=60_000_000, b="bpf"), "m.conf", [])
+    (w,) = table_memory_warnings(big, total=24 << 30)
+    assert w.startswith("m.conf:4: max_sessions: 60,000,000 sessions take about 17.8 GiB of kernel memory")
+    assert "over half of this machine's 24.0 GiB" in w
+    assert "more than this machine's 8.0 GiB" in table_memory_warnings(big, total=8 << 30)[0]
+    (w,) = table_memory_warnings(parse_text(text.format(n=2_000_000_000, b="bpf"), "m.conf", []), total=1 << 40)
+    assert w.startswith("m.conf:4: max_sessions: 2,000,000,000 sessions: the bpf backend holds at most 67,108,864")
+    assert table_memory_warnings(parse_text(text.format(n=262144, b="bpf"), "m.conf", []), total=24 << 30) == []
+    assert table_memory_warnings(parse_text(text.format(n=2_000_000_000, b="nft"), "m.conf", []), total=1 << 30) == []
+    assert mem_total() and mem_total(str(tmp_path / "none")) is None
+    f = write(tmp_path, text.format(n=2_000_000_000, b="bpf"))
+    assert main(["check", f, "-j"]) == 0
+    assert any("max_sessions: 2,000,000,000 sessions: the bpf backend" in x
+               for x in json.loads(capsys.readouterr().out)["warnings"])

@@ -216,6 +216,30 @@ def test_after_an_ebusy_answer_the_connection_serves_its_next_request(daemon, mo
     s.close()
 
 
+def test_the_cli_retries_ebusy_for_a_bounded_time(daemon, monkeypatch):
+    """EBUSY means the request was not carried out: the CLI's call retries it with backoff
+    (the operator's `snatgw stats` during a flood of listings got "busy" at once), and gives
+    up after BUSY_RETRY_FOR seconds, saying how often it tried."""
+    from snatgw.daemon import client
+
+    server, _, _, sock = daemon
+    monkeypatch.setattr(server.worker, "bound", 0)
+    threading.Timer(0.3, lambda: setattr(server.worker, "bound", 64)).start()
+    t0 = time.monotonic()
+    assert client.call(sock, {"op": "stats"}, timeout=10)["ok"]
+    assert 0.25 < time.monotonic() - t0 < 3
+    assert server.counters["busy"] >= 2
+
+    monkeypatch.setattr(server.worker, "bound", 0)
+    monkeypatch.setattr(client, "BUSY_RETRY_FOR", 1.0)
+    t0 = time.monotonic()
+    with pytest.raises(client.RemoteError) as e:
+        client.call(sock, {"op": "stats"}, timeout=10)
+    took = time.monotonic() - t0
+    assert e.value.code == "EBUSY" and "busy" in str(e.value) and "times in 1 s" in str(e.value)
+    assert 0.5 < took < 2.5, took
+
+
 def test_emfile_pauses_the_listener_instead_of_spinning(tmpdir_short):
     """At the fd limit accept() fails with EMFILE and the connection stays in the backlog, so
     the socket stays readable: the old loop spun at 100% CPU.  Now the listener rests and the

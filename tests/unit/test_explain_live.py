@@ -395,3 +395,22 @@ def test_live_explain_with_an_older_daemon_that_cannot_look_the_session_up(tmpdi
         assert "the flow's own session may be among those not listed" in cut
     finally:
         r.close()
+
+
+def test_live_explain_says_which_links_are_down(running, capsys):
+    """While link isp1 is down its rules run on the backup: --live answered with the backup's
+    next hop and listed the rule as "changed" with no word of why; now it names the link."""
+    from snatgw.config.parse import parse_text
+    from test_links import LAB, LINK
+
+    running.conf.write_text(LAB + LINK)
+    running.service.config = parse_text(LAB + LINK, str(running.conf))
+    assert running.service.set_link("isp1", True, "test")
+    rc, d = explain_live(running, capsys)
+    assert rc == 0 and d["live"]["links_on_backup"] == ["isp1"] and d["live"]["differs"]
+    assert any(n.startswith("  link isp1 is down: its rules run on their backup") for n in d["notes"])
+    assert main(["explain", "--live", "--socket", running.sock, *ARGS]) == 0
+    assert "link isp1 is down" in capsys.readouterr().out
+    assert running.service.set_link("isp1", False, "back")
+    rc, d = explain_live(running, capsys)
+    assert d["live"]["links_on_backup"] == [] and not any("is down" in n for n in d["notes"])

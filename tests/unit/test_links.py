@@ -49,6 +49,8 @@ def test_link_block_parses_with_defaults_and_values():
      3, "max ip smaller than min ip"),
     ("link isp1 {\n gw 198.19.2.1 probe 1.1.1.1 2.2.2.2 3.3.3.3 4.4.4.4 5.5.5.5 6.6.6.6 7.7.7.7 8.8.8.8 9.9.9.9\n}",
      2, "at most 8 probe targets"),
+    ("link isp1 {\n gw 198.19.2.1 backup_gw 198.19.3.1\n probe 203.0.113.10 198.51.100.10 203.0.113.10\n}", 3,
+     "probe: 203.0.113.10 is named twice"),
     ("link isp1 {\n gw 198.19.2.1 probe 203.0.113.10 backup_gw 198.19.3.1\n weight 3\n}", 3, "unknown link keyword"),
     ("link { gw 198.19.2.1 }", 1, "expected one name"),
     ("link isp1 { gw 198.19.2.1 probe 203.0.113.10 backup_gw 198.19.3.1 }\n"

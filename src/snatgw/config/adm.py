@@ -337,6 +337,9 @@ def parse_restore(text: str) -> list[AdmCommand]:
             raise AdmUsageError(f"line {n}: {e}") from None
         if cmd.op not in MUTATING:
             raise AdmUsageError(f"line {n}: {cmd.op} cannot be restored (only -A -D -K -k -H -C)")
+        if len(cmds) == MAX_COMMANDS:  # the daemon takes one batch of at most this many
+            raise AdmUsageError(f"line {n}: command {len(cmds) + 1}; a restore is one batch of at most "
+                                f"{MAX_COMMANDS} commands ({MAX_RULES} rules)")
         cmds.append(cmd)
     return cmds
 

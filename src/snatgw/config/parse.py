@@ -656,6 +656,12 @@ def _parse_link(cur: _Cursor, opener: Token, args: list[Token], links: list[Link
         )  # fmt: skip
     except RuleError as e:
         raise ConfigError(e.message, e.field, e.where) from None
+    seen_probe: set = set()
+    for v, a in zip(vals["probe"][1:], probe):  # a target named twice is a typo for another one
+        if a in seen_probe:
+            raise cur.error(v.line, "probe", f"{a} is named twice; name each target once (a reply from "
+                            "any one keeps the link up: a repeated one adds nothing, another was meant)")
+        seen_probe.add(a)
     if backup == gw:
         raise cur.error(one("backup_gw").line, "backup_gw", f"is the link's own gw {gw}: a backup must be another next hop")
     for other in links:

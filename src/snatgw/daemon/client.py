@@ -6,6 +6,7 @@ sessions and counters from the bpf backend's pinned maps.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 
 from ..config.schema import Settings, timeouts_of_answer
@@ -29,8 +30,28 @@ def resolve_socket(path: str | None = None) -> str:
     return path or os.environ.get(ENV_SOCKET) or Settings().control_socket
 
 
+#: seconds a CLI call goes on retrying an EBUSY answer (the daemon's bounds: a full worker
+#: queue, too much request data pending, two long listings being sent).  EBUSY means the
+#: request was not carried out (a listing refused after its first piece is read-only), so a
+#: retry is always safe; it is bounded so that a daemon kept busy on purpose still gets an
+#: answer to the operator within seconds.
+BUSY_RETRY_FOR = 5.0
+BUSY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)  # then 0.8 s each
+
+
 def call(path: str, req: dict, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + min(timeout, BUSY_RETRY_FOR)
+    tries = 1
     resp = request(path, req, timeout)
+    while resp.get("code") == "EBUSY" and not resp.get("ok"):
+        delay = BUSY_DELAYS[min(tries - 1, len(BUSY_DELAYS) - 1)]
+        if time.monotonic() + delay > deadline:
+            resp = dict(resp, error=f"{resp.get('error', 'the daemon is busy')} (tried {tries} times "
+                                    f"in {min(timeout, BUSY_RETRY_FOR):g} s)")
+            break
+        time.sleep(delay)
+        tries += 1
+        resp = request(path, req, timeout)
     if not resp.get("ok"):
         raise RemoteError(resp.get("error", "the daemon refused the request"), resp.get("code", "ERROR"),
                           int(resp.get("exit", 4)))

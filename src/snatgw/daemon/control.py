@@ -46,6 +46,25 @@ ACCEPT_PAUSE = 0.5  # seconds the listener rests after EMFILE/ENFILE
 INLINE_OPS = ("status",)  # answered on the loop thread, never queued behind a long job
 
 
+def _libc_trim():
+    """glibc's malloc_trim, or None (another libc): gives the heap's free pages back."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+#: after the last long answer is written, the worker returns the memory the listing freed to
+#: the kernel: without it RSS settled 100-230 MiB above the start after big listings (glibc keeps
+#: freed arena pages for the next ones); None where the libc has no malloc_trim
+TRIM = _libc_trim()
+
+
 class NoDaemon(DaemonError):
     """Nothing listens on the control socket."""
 
@@ -220,7 +239,7 @@ class ControlServer:
         self._idle_timer = None
         self.longs = 0  # connections whose long answer is being built or written
         self.counters = {"accepted": 0, "answered": 0, "busy": 0, "timeouts": 0, "too_large": 0,
-                         "accept_paused": 0, "long_busy": 0, "evicted": 0}  # fmt: skip
+                         "accept_paused": 0, "long_busy": 0, "evicted": 0, "trims": 0}  # fmt: skip
         self._last_pause_log = 0.0
 
     # ------------------------------------------------------------------ wiring
@@ -464,6 +483,9 @@ class ControlServer:
         if c.long and not c.busy and not c.wbuf:
             c.long = False
             self.longs -= 1
+            if self.longs == 0 and TRIM is not None:  # off the loop: a trim of ~1 GB takes ms
+                self.worker.submit(lambda: TRIM(0), None, bounded=False)
+                self.counters["trims"] += 1
 
     def _writable(self, c: _Conn) -> None:
         if self._write(c):

@@ -740,9 +740,10 @@ class Service:
             if op == "adm":
                 cmds, restore = req.get("commands"), req.get("restore", False)
                 if not isinstance(cmds, list) or not all(isinstance(c, list) for c in cmds):
-                    raise AdmUsageError("adm: 'commands' must be a list of argv lists")
+                    raise AdmUsageError("bad request: adm: commands: expected a list of argv lists")
                 if len(cmds) > MAX_COMMANDS:
-                    raise AdmUsageError(f"adm: {len(cmds)} commands; a batch has at most {MAX_COMMANDS}")
+                    raise AdmUsageError(f"bad request: adm: commands: {len(cmds)} of them; a batch has at most "
+                                        f"{MAX_COMMANDS}")
                 odd = next((a for c in cmds for a in c if not isinstance(a, str)), "")
                 if not isinstance(odd, str):  # (adm.parse_args says only "arguments must be strings")
                     raise AdmUsageError("bad request: adm: commands: arguments must be strings, got "

@@ -11,7 +11,7 @@ from ...config.links import link_rules
 from ...config.parse import parse_file, require_rules, settings_as_dict
 from ...config.schema import GatewayConfig, rule_host_limit, rule_spill
 from ...errors import EXIT_OK, ConfigError
-from ...layout import MAX_RULES, PORT_TRIES
+from ...layout import MAX_BPF_SESSIONS, MAX_RULES, PORT_TRIES
 from ..render import dump_json, kv_table, rule_json, rule_table
 
 HELP = "validate a config file and show its rules in priority order"
@@ -172,6 +172,45 @@ def nft_pressure_warnings(cfg: GatewayConfig) -> list[str]:
     return out
 
 
+#: kernel memory the bpf backend's maps take per session of max_sessions (measured: 1M sessions
+#: in 303 MiB of map memory, README "Performance"; the hash maps are preallocated at start)
+BPF_BYTES_PER_SESSION = 318
+
+
+def mem_total(path: str = "/proc/meminfo") -> int | None:
+    """This machine's memory in bytes, None when unknown."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def table_memory_warnings(cfg: GatewayConfig, total: int | None = None) -> list[str]:
+    """A bpf session table sized past half of this machine's memory: its maps are preallocated
+    when `snatgw run` starts, so such a max_sessions fails the start, or takes the memory the
+    host needs (a typo's extra zeros, most likely).  nft allocates conntrack entries as they
+    come (max_sessions is a ceiling compared with their count): no warning there."""
+    s = cfg.settings
+    total = mem_total() if total is None else total
+    if s.backend == "nft":
+        return []
+    if s.max_sessions > MAX_BPF_SESSIONS:
+        return [f"{setting_at(cfg, 'max_sessions')}: max_sessions: {s.max_sessions:,} sessions: the bpf backend "
+                f"holds at most {MAX_BPF_SESSIONS:,} (a kernel hash map's limit); `snatgw run` with it refuses "
+                "this config (the nft backend takes it)"]
+    need = s.max_sessions * BPF_BYTES_PER_SESSION
+    if not total or need <= total // 2:
+        return []
+    return [f"{setting_at(cfg, 'max_sessions')}: max_sessions: {s.max_sessions:,} sessions take about "
+            f"{need / (1 << 30):.1f} GiB of kernel memory with the bpf backend (~{BPF_BYTES_PER_SESSION} bytes "
+            f"each, allocated at start), {'more than' if need > total else 'over half of'} this machine's "
+            f"{total / (1 << 30):.1f} GiB: `snatgw run` may fail to create the table or starve the host"]
+
+
 def pressure_setting_warnings(cfg: GatewayConfig) -> list[str]:
     """Port-pressure settings that do nothing, or more than the rule's algorithm promised:
     refuse_icmp without any host limit, a host limit the session table can never let a host
@@ -193,6 +232,7 @@ def pressure_setting_warnings(cfg: GatewayConfig) -> list[str]:
             [r.where for r in cfg.rules.defined if r.max_sessions_per_host == n]
         out.append(f"{', '.join(w or '?' for w in where)}: max_sessions_per_host: {n} is never reached: the "
                    f"session table (max_sessions {s.max_sessions}) is full first (DROP_TABLE_FULL for every host)")
+    out += table_memory_warnings(cfg)
     if s.backend != "nft":  # (nft never spills: nft_pressure_warnings says so)
         for r in cfg.rules.defined:
             if r.algo.name == "SH" and r.pool.size > 1 and rule_spill(r, s):

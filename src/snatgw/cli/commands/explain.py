@@ -653,9 +653,11 @@ def running_rules(sock: str) -> tuple[RuleSet, dict]:
     status (the config file it runs)."""
     from ...daemon.client import call
 
-    defined = call(sock, {"op": "rules"})["defined"]
+    resp = call(sock, {"op": "rules"})
     status = call(sock, {"op": "status"})
-    return RuleSet(Rule.from_dict(d, where=d.get("where") or "daemon") for d in defined), status
+    # the links whose rules run on their backups now (failover): said beside the rule diff
+    status = dict(status, links_on_backup=list(resp.get("links_on_backup") or ()))
+    return RuleSet(Rule.from_dict(d, where=d.get("where") or "daemon") for d in resp["defined"]), status
 
 
 def rule_diff(file_rules: RuleSet, live: RuleSet) -> dict:
@@ -675,9 +677,12 @@ def rule_diff(file_rules: RuleSet, live: RuleSet) -> dict:
 
 
 def live_notes(diff: dict, sock: str, path: str) -> list[str]:
+    down = diff.get("links_on_backup") or []
+    failed = [f"  link {n} is down: its rules run on their backup (new_gw backup_gw, and backup_snat_ip "
+              "if given) until it is up again" for n in down]
     if not diff["differs"]:
-        return [f"rules of the running daemon ({sock}), the same as {path}"]
-    notes = [f"rules of the running daemon ({sock}), which DIFFER from {path}:"]
+        return [f"rules of the running daemon ({sock}), the same as {path}"] + failed
+    notes = [f"rules of the running daemon ({sock}), which DIFFER from {path}:"] + failed
     notes += [f"  running only: {t}" for t in diff["only_running"]]
     notes += [f"  file only:    {t}" for t in diff["only_file"]]
     notes += [f"  changed:      {c['where']}: file {c['file']!r}, running {c['running']!r}" for c in diff["changed"]]
@@ -779,7 +784,7 @@ def run(args: argparse.Namespace) -> int:
             raise BadInput("--live: the daemon names no config file; give CONFIG")
         cfg = given or parse_file(path)
         diff = rule_diff(cfg.rules, rules)
-        live = {"socket": sock, "config": path, **diff}
+        live = {"socket": sock, "config": path, **diff, "links_on_backup": status["links_on_backup"]}
         cfg = replace(cfg, rules=rules)
         backend = status.get("backend")
     elif not args.config:

@@ -313,6 +313,10 @@ class Loader:
         type and sizes), the others are created and pinned.  Nothing is attached yet."""
         if self.max_sessions < 1:
             raise BackendError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.max_sessions > L.MAX_BPF_SESSIONS:  # libbpf said only "bpf_object__load: EINVAL"
+            raise BackendError(f"max_sessions {self.max_sessions:,}: the bpf backend's session table holds at "
+                               f"most {L.MAX_BPF_SESSIONS:,} (a kernel hash map's limit, two entries a "
+                               "session); give a smaller max_sessions, or use backend nft")
         specs = map_specs(self.max_sessions)
         ensure_bpffs(self.pin_dir)
         obj = B.BpfObject.open(self._object_path())
