@@ -196,6 +196,24 @@ def running(tmpdir: Path, sessions: int = 0, metrics: bool = False, conf_text: s
         p.stdout.close()
 
 
+def send_oversized(sock: str, fill: bytes = b"x", timeout: float = 20.0) -> bytes:
+    """Send one request line longer than control.MAX_REQUEST (1 MiB chunks of ``fill``) and
+    return the answer line the daemon writes before it closes the connection."""
+    from snatgw.daemon import control as C
+
+    s = connect(sock, timeout=timeout)
+    chunk = fill * (1 << 20)
+    try:
+        for _ in range(C.MAX_REQUEST // len(chunk) + 2):
+            s.sendall(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    try:
+        return s.makefile("rb").readline()
+    finally:
+        s.close()
+
+
 def connect(sock: str, timeout: float = 10.0) -> socket.socket:
     """A connected client; a full listen backlog (EAGAIN) is retried until ``timeout``, as
     control.request() does."""

@@ -15,27 +15,14 @@ import time
 
 import pytest
 
-from daemonproc import (MIB, SEVENTY, SIXTY, Poller, connect, fds, fuzz, hup_storm, rules_text, running, settled_on,
-                        write)
+from daemonproc import (MIB, SEVENTY, SIXTY, Poller, connect, fds, fuzz, hup_storm, rules_text, running,
+                        send_oversized, settled_on, write)
 from snatgw.daemon import control as C
 from snatgw.daemon.control import request
 
 from .conftest import scaled
 
 pytestmark = [pytest.mark.attack]
-
-
-@pytest.fixture
-def tmpdir_short():
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    d = tempfile.mkdtemp(prefix="sgf")  # AF_UNIX paths must stay short
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_a_long_sighup_storm_keeps_answering_and_its_memory(tmpdir_short):
@@ -97,15 +84,7 @@ def test_a_flood_of_every_kind_of_client_at_once(tmpdir_short):
 
         def oversized():
             try:
-                s = connect(d.sock, timeout=25)
-                chunk = b"y" * (1 << 20)
-                try:
-                    for _ in range(C.MAX_REQUEST // len(chunk) + 2):
-                        s.sendall(chunk)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-                line = s.makefile("rb").readline()
-                s.close()
+                line = send_oversized(d.sock, b"y", timeout=25)
                 results.append(b"longer than" in line or b"EBUSY" in line or line)
             except Exception as e:  # noqa: BLE001
                 results.append(repr(e))

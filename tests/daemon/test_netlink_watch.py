@@ -4,10 +4,8 @@ the link monitor's carrier changes and the route-back judgement's rule and forwa
 together, so a burst of rule events can push out a carrier event; the read after the loss asks
 the kernel for the tracked devices' state and reports what changed."""
 
-import os
 import socket
 import subprocess
-import uuid
 
 import pytest
 
@@ -21,14 +19,12 @@ def _ip(*args):
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
+NS_TAG = "nlw"  # empty_netns's names: sgnlw<pid><random>
+
+
 @pytest.fixture
-def ns():
-    name = f"sgt{os.getpid():x}{uuid.uuid4().hex[:4]}-nlw"
-    _ip("netns", "add", name)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def ns(empty_netns):
+    return empty_netns
 
 
 def test_a_carrier_event_lost_to_a_rule_burst_is_recovered(ns):

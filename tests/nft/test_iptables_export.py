@@ -9,7 +9,6 @@ matches itself; `canon` undoes exactly those)."""
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -105,14 +104,12 @@ def _run(ns: str, *argv: str, stdin: str | None = None) -> subprocess.CompletedP
                           timeout=60)  # fmt: skip
 
 
+NS_TAG = "ipt"  # empty_netns's names: sgipt<pid><random>
+
+
 @pytest.fixture
-def ns():
-    name = f"sgipt{os.getpid():x}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def ns(empty_netns):
+    return empty_netns
 
 
 def _export(tmp_path, capsys, text: str = CONFIG) -> str:

@@ -4,7 +4,6 @@ other tables hold (a docker or k8s ruleset beside ours), and still sees our tabl
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
@@ -23,14 +22,12 @@ def _nft(ns: str, text: str) -> None:
     assert p.returncode == 0, p.stderr
 
 
+NS_TAG = "nl"  # empty_netns's names: sgnl<pid><random>
+
+
 @pytest.fixture
-def ns():
-    name = f"sgnl{os.getpid():x}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def ns(empty_netns):
+    return empty_netns
 
 
 class _Counting:

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from daemonproc import (LAB, MIB, SEVENTY, SIXTY, Poller, connect, fds, fuzz, hup_storm, rules_text, running,
-                        settled_on, wait_for, write)
+                        send_oversized, settled_on, wait_for, write)
 from snatgw.daemon import control as C
 from snatgw.daemon import metrics as M
 from snatgw.daemon.control import request
@@ -149,15 +149,7 @@ def test_a_request_line_of_many_megabytes_is_refused_and_given_back(tmpdir_short
     with running(tmpdir_short) as d:
         rss0 = d.rss()
         with Poller(d.sock) as poll:
-            big = connect(d.sock, timeout=20)
-            chunk = b"x" * (1 << 20)
-            try:
-                for _ in range(C.MAX_REQUEST // len(chunk) + 2):
-                    big.sendall(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            too_long = json.loads(big.makefile("rb").readline())
-            big.close()
+            too_long = json.loads(send_oversized(d.sock))
             junk = connect(d.sock, timeout=20)
             junk.sendall(b"[" + b"1," * (10 << 20) + b"\n")
             not_json = json.loads(junk.makefile("rb").readline())

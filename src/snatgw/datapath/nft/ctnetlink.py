@@ -158,29 +158,35 @@ class Conntrack:
                         NLM_F_REQUEST | NLM_F_DUMP, self.seq, 0) + body  # fmt: skip
         self.sock.send(msg)
 
-    def _messages(self, mark, mask) -> Iterator[tuple[bytes, int, int]]:
-        """(buffer, body start, body end) of each conntrack entry of the dump."""
-        self._request(mark, mask)
+    def _replies(self, what: str) -> Iterator[tuple[int, bytes, int, int]]:
+        """(type, buffer, payload start, end) of each message answering the last request (its
+        sequence number), until a malformed header; ``what`` names the request in errors."""
         while True:
             try:
                 buf = self.sock.recv(RECV)
             except OSError as e:
-                raise BackendError(f"ctnetlink dump: {e.strerror}") from None
+                raise BackendError(f"ctnetlink {what}: {e.strerror}") from None
             off = 0
             while off + _NLH.size <= len(buf):
                 ln, typ, _flags, seq, _pid = _NLH.unpack_from(buf, off)
                 if ln < _NLH.size:
                     return
                 if seq == self.seq:
-                    if typ == NLMSG_DONE:
-                        return
-                    if typ == NLMSG_ERROR:
-                        err = -struct.unpack_from("=i", buf, off + _NLH.size)[0]
-                        if err:
-                            raise BackendError(f"ctnetlink dump: {os.strerror(err)}")
-                        return
-                    yield buf, off + _NLH.size + _NFGEN.size, off + ln
+                    yield typ, buf, off + _NLH.size, off + ln
                 off += (ln + 3) & ~3
+
+    def _messages(self, mark, mask) -> Iterator[tuple[bytes, int, int]]:
+        """(buffer, body start, body end) of each conntrack entry of the dump."""
+        self._request(mark, mask)
+        for typ, buf, a, b in self._replies("dump"):
+            if typ == NLMSG_DONE:
+                return
+            if typ == NLMSG_ERROR:
+                err = -struct.unpack_from("=i", buf, a)[0]
+                if err:
+                    raise BackendError(f"ctnetlink dump: {os.strerror(err)}")
+                return
+            yield buf, a + _NFGEN.size, b
 
     def dump(self, mark: int | None = None, mask: int | None = None) -> Iterator[dict]:
         """IPv4 conntrack entries (``mark & mask == mark`` when given, filtered in the kernel)."""
@@ -205,25 +211,15 @@ class Conntrack:
         self.seq += 1
         self.sock.send(_NLH.pack(_NLH.size + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
                                  NLM_F_REQUEST, self.seq, 0) + body)  # fmt: skip
-        while True:
-            try:
-                buf = self.sock.recv(RECV)
-            except OSError as e:
-                raise BackendError(f"ctnetlink get: {e.strerror}") from None
-            off = 0
-            while off + _NLH.size <= len(buf):
-                ln, typ, _flags, seq, _pid = _NLH.unpack_from(buf, off)
-                if ln < _NLH.size:
-                    break
-                if seq == self.seq:
-                    if typ == NLMSG_ERROR:
-                        err = -struct.unpack_from("=i", buf, off + _NLH.size)[0]
-                        if err in (0, errno.ENOENT):
-                            return None
-                        raise BackendError(f"ctnetlink get: {os.strerror(err)}")
-                    if typ >> 8 == NFNL_SUBSYS_CTNETLINK:
-                        return parse_entry(buf, off + _NLH.size + _NFGEN.size, off + ln)
-                off += (ln + 3) & ~3
+        for typ, buf, a, b in self._replies("get"):
+            if typ == NLMSG_ERROR:
+                err = -struct.unpack_from("=i", buf, a)[0]
+                if err in (0, errno.ENOENT):
+                    return None
+                raise BackendError(f"ctnetlink get: {os.strerror(err)}")
+            if typ >> 8 == NFNL_SUBSYS_CTNETLINK:
+                return parse_entry(buf, a + _NFGEN.size, b)
+        return None
 
     def count_by_mark(self, mark: int | None = None, mask: int | None = None) -> dict[int, int]:
         """{ct mark: entries} of the dump (only each entry's mark is read)."""
