@@ -1,5 +1,7 @@
 """The benchmark report (pure rendering): tables, ratios, targets met / not met / n/a."""
 
+import json
+
 from snatgw.bench import report, stats
 
 
@@ -271,3 +273,41 @@ def test_issue_11s_targets_are_judged_by_the_interval_not_by_which_side_one_rati
     assert verdict([(3600, 3000), (3900, 3000), (4200, 3000)])[1] == "not met"
     assert verdict([(6600, 3000), (6600, 3000)])[1] == "met (by the ratio alone: too few rounds for an interval)"
     assert name not in verdicts(results())  # no such scenario run: no row
+
+
+def test_pool_reproduces_the_readmes_pooled_figures(capsys):
+    """`snatgw bench --pool` over the two runs kept in docs/bench gives the README's pooled row
+    (18 rounds: 3a 1.37x [1.33-1.41] not met, 3a' 1.92x [1.87-2.01] not settled, 3c 1.72x met);
+    the rounds of each run are renumbered, so a round's three runs stay together."""
+    from pathlib import Path
+
+    from snatgw.cli.main import main
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "bench"
+    files = [str(docs / "20261201T105834Z.json"), str(docs / "20261201T144614Z.json")]
+    assert main(["bench", "--pool", *files, "--json"]) == 0
+    rows = {r["scenario"]: r for r in json.loads(capsys.readouterr().out)["targets"]}
+    got = {k: (r["rounds"], f"{r['ratio']:.2f}", f"{r['interval'][0]:.2f}-{r['interval'][1]:.2f}",
+               r["verdict"].split(" (")[0]) for k, r in rows.items()}
+    assert got == {"udp-newflows": (18, "1.37", "1.33-1.41", "not met"),
+                   "udp-newflows-spread": (18, "1.92", "1.87-2.01", "not settled"),
+                   "udp-portpressure": (18, "1.72", "1.64-1.76", "met")}
+    assert main(["bench", "--pool", files[0]]) == 0
+    assert "3a new UDP flows" in capsys.readouterr().out
+
+
+def test_pool_refuses_what_is_not_a_results_file(tmp_path, capsys):
+    """A file that is not JSON, not a results object, or has no comparable round: exit 2,
+    the file and what was expected named."""
+    from snatgw.cli.main import main
+
+    cases = {"a.json": "not json", "b.json": '{"records": [1, 2]}', "c.json": '{"records": []}'}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+    assert main(["bench", "--pool", str(tmp_path / "a.json")]) == 2
+    assert "a.json: not JSON" in capsys.readouterr().err
+    assert main(["bench", "--pool", str(tmp_path / "b.json")]) == 2
+    assert "b.json: not a results file of `snatgw bench`" in capsys.readouterr().err
+    assert main(["bench", "--pool", str(tmp_path / "c.json")]) == 2
+    assert "no round of these files has both nft-kernel and snatgw-bpf" in capsys.readouterr().err
+    assert main(["bench", "--json"]) == 2 and "--json goes with --pool" in capsys.readouterr().err

@@ -5,6 +5,8 @@ session-table scale and control plane.  Unavailable configurations show as "n/a 
 
 from __future__ import annotations
 
+import statistics
+
 from . import stats as st
 
 PKT = ("udp-1flow", "udp-10kflows", "udp-newflows")  # the issue's scenarios 1-3 (targets)
@@ -78,6 +80,51 @@ def judge_interval(ratio: float | None, iv: tuple[float, float] | None, target: 
     if iv[1] < target:
         return "not met"
     return f"not settled ({target:g}× inside the interval; ratio {'above' if ratio >= target else 'below'})"
+
+
+def pool_records(runs: list[tuple[str, object]]) -> list[dict]:
+    """The records of several runs' results (``(name, parsed JSON)`` each) as one run's: the
+    rounds of each run renumbered after the previous run's, so a round keeps its own drop,
+    nft-kernel and snatgw-bpf runs together (as round_costs pairs them).  ValueError naming
+    the run that is not a results file of `snatgw bench`."""
+    out: list[dict] = []
+    offset = 0
+    for name, data in runs:
+        recs = data.get("records") if isinstance(data, dict) else None
+        if not isinstance(recs, list) or not all(isinstance(r, dict) for r in recs):
+            raise ValueError(f"{name}: not a results file of `snatgw bench` (expected an object with a "
+                             "'records' list, as bench/results/<timestamp>.json)")
+        last = -1
+        for r in recs:  # a packet round's record; others (sessions, control, ...) are not pooled
+            rnd, value = r.get("round"), r.get("value")
+            if not (isinstance(rnd, int) and not isinstance(rnd, bool) and rnd >= 0
+                    and isinstance(r.get("scenario"), str) and isinstance(r.get("config"), str)
+                    and (value is None or isinstance(value, (int, float)) and not isinstance(value, bool))):
+                continue
+            last = max(last, rnd)
+            out.append(dict(r, round=rnd + offset))
+        offset += last + 1
+    return out
+
+
+def pooled_targets(records: list[dict]) -> list[dict]:
+    """Issue 11's new-flow targets over pooled rounds (pool_records): per scenario the rounds
+    used, the costs' medians, the ratio, its 90% interval and the verdict, as a report judges
+    one run's."""
+    rows = []
+    for scen, target in NEWFLOW_TARGETS:
+        rc = st.round_costs(records, scen, "snatgw-bpf", "nft-kernel")
+        if not rc:
+            continue
+        bpf = statistics.median(c for _, c, _ in rc)
+        nft = statistics.median(c for _, _, c in rc)
+        ratio = nft / bpf if bpf > 0 and nft > 0 else None
+        iv = st.isolated_interval(records, scen, "snatgw-bpf", "nft-kernel")
+        rows.append({"scenario": scen, "title": TITLES[scen].split(" (")[0], "target": target, "rounds": len(rc),
+                     "nft_kernel_ns": round(nft), "snatgw_bpf_ns": round(bpf), "ratio": ratio,
+                     "interval": None if iv is None else list(iv),
+                     "verdict": judge_interval(ratio, iv, target)})
+    return rows
 
 
 def targets(summary: dict, results: dict) -> list[tuple[str, str, str]]:

@@ -33,6 +33,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sessions", type=int, metavar="N",
                    help="snatgw's session table size in the packet scenarios (default 1048576, --quick 262144)")
     p.add_argument("--out", default="bench/results", help="results directory (default bench/results)")
+    p.add_argument("--pool", nargs="+", metavar="RESULTS.json",
+                   help="measure nothing: pool the rounds of these results files (runs of the same code on "
+                        "one machine) and judge issue 11's new-flow targets over them (text; with --json, JSON)")
+    p.add_argument("--json", action="store_true", help="with --pool: print one JSON object")
     p.add_argument("--rps", metavar="CPUS",
                    help="receive packet steering on the gateway's in0 and up0 for every configuration: all or "
                         "a CPU list (0-3,6); default off")
@@ -54,9 +58,49 @@ def rps_mask(value: str | None) -> str | None:
     return rps.format_mask(cpus, rps.possible_cpus())
 
 
+def pool(paths: list[str], as_json: bool) -> int:
+    """`bench --pool`: issue 11's targets over the rounds of several results files."""
+    import json
+
+    from ...bench.report import pool_records, pooled_targets
+
+    runs = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                runs.append((path, json.load(f)))
+        except OSError as e:
+            raise SnatgwError(f"--pool: {path}: {e.strerror}") from None
+        except ValueError as e:
+            raise SnatgwError(f"--pool: {path}: not JSON: {e}") from None
+    try:
+        rows = pooled_targets(pool_records(runs))
+    except ValueError as e:
+        raise SnatgwError(f"--pool: {e}") from None
+    if not rows:
+        raise SnatgwError("--pool: no round of these files has both nft-kernel and snatgw-bpf in 3a, 3a' or 3c "
+                          "(run `snatgw bench --scenario udp-newflows ... --config drop --config nft-kernel "
+                          "--config snatgw-bpf`)")
+    if as_json:
+        print(json.dumps({"files": paths, "targets": rows}, indent=2))
+        return 0
+    print(f"issue 11's new-flow targets over the pooled rounds of {len(paths)} run(s), gateway-isolated "
+          "nft-kernel / snatgw-bpf:")
+    for r in rows:
+        iv = "—" if r["interval"] is None else f"[{r['interval'][0]:.2f}-{r['interval'][1]:.2f}]"
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        print(f"  {r['title']:<40} >= {r['target']:g}x: {ratio} {iv} over {r['rounds']} rounds; "
+              f"nft-kernel {r['nft_kernel_ns']:,} / snatgw-bpf {r['snatgw_bpf_ns']:,} ns: {r['verdict']}")
+    return 0
+
+
 def run(args) -> int:
     from ...bench.runner import Params, Suite, write_results
 
+    if args.pool:
+        return pool(args.pool, args.json)
+    if args.json:
+        raise SnatgwError("--json goes with --pool (a run writes its JSON to --out)")
     if os.geteuid() != 0:
         raise SnatgwError("bench needs root: it creates network namespaces and loads nftables/BPF")
     for tool in ("ip", "nft", "trafgen", "iperf3", "taskset", "nsenter"):
