@@ -36,7 +36,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", nargs="+", metavar="RESULTS.json",
                    help="measure nothing: pool the rounds of these results files (runs of the same code on "
                         "one machine) and judge issue 11's new-flow targets over them (text; with --json, JSON)")
-    p.add_argument("--json", action="store_true", help="with --pool: print one JSON object")
+    p.add_argument("-j", "--json", action="store_true", help="with --pool: print one JSON object")
     p.add_argument("--rps", metavar="CPUS",
                    help="receive packet steering on the gateway's in0 and up0 for every configuration: all or "
                         "a CPU list (0-3,6); default off")
